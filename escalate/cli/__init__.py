@@ -1,0 +1,170 @@
+"""The ``escalate`` command: parse, call one library method, render, map errors to exits.
+
+Errors are mapped in one place (:func:`respond`): an :class:`EscalateError` becomes one
+line on stderr (and one JSON object on stdout with ``--json``) and its exit code.
+Usage errors from the parser become one line and exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import typer
+from typer.core import TyperGroup
+
+from escalate._version import __version__
+from escalate.errors import EscalateError, InputError
+
+Result = dict[str, Any]
+
+
+class _OneLineErrors(TyperGroup):
+    """Report parser errors as one line (``escalate: error: …``) and exit 2."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args=args, prog_name=prog_name or "escalate", complete_var=complete_var,
+                                standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        except typer.TyperException as exc:
+            hint = ""
+            context = getattr(exc, "ctx", None)
+            if context is not None:
+                hint = f"; see '{context.command_path} --help'"
+            print(f"escalate: error: {exc.format_message()}{hint}", file=sys.stderr)
+            sys.exit(2)
+        except typer.Abort:
+            print("escalate: aborted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="escalate",
+    help="Keep the money of concurrent work honest: reserve, raise and release slices of a "
+    "run's budget; refusals halt or escalate to a person.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# ------------------------------------------------------------------ shared options
+
+RunsDirOption = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", envvar="ESCALATE_RUNS_DIR", show_envvar=True,
+                 help="Runs root folder [default: ./runs]."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
+LockTimeoutOption = Annotated[
+    str | None,
+    typer.Option("--lock-timeout", envvar="ESCALATE_LOCK_TIMEOUT", show_envvar=True,
+                 help="Longest wait for the run's lock, e.g. 30s or 2m [default: 30s]."),
+]
+ByOption = Annotated[
+    str | None,
+    typer.Option("--by", envvar="ESCALATE_ACTOR", show_envvar=True,
+                 help="Who is acting, recorded in every event [default: the OS user]."),
+]
+NotifyOption = Annotated[
+    str | None,
+    typer.Option("--notify-cmd", envvar="ESCALATE_NOTIFY_CMD", show_envvar=True,
+                 help="Shell command run with each new escalation's JSON on stdin, after the lock "
+                 "is released."),
+]
+
+
+def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
+                 notify_cmd: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
+    from escalate.service import default_runs_dir, parse_seconds
+
+    options: dict[str, Any] = {"runs_dir": runs_dir or default_runs_dir()}
+    if lock_timeout is not None:
+        options["lock_timeout"] = parse_seconds(lock_timeout, what="lock timeout")
+    if by is not None:
+        options["actor"] = by
+    if notify_cmd is not None:
+        options["notify_cmd"] = notify_cmd
+    return options
+
+
+def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
+             notify_cmd: str | None = None) -> Any:
+    """The :class:`escalate.Ledger` for an existing run."""
+    from escalate.service import Ledger
+
+    options = open_options(runs_dir, lock_timeout, by, notify_cmd)
+    return Ledger.open(options.pop("runs_dir"), run, **options)
+
+
+# ------------------------------------------------------------------ output
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+def fail(error: EscalateError, json_out: bool) -> NoReturn:
+    """Report ``error`` (one stderr line; JSON on stdout with ``--json``) and exit with its code."""
+    if json_out:
+        print_json(error.to_json())
+    print(f"escalate: {error.message}", file=sys.stderr)
+    raise typer.Exit(error.exit_code)
+
+
+def respond(json_out: bool, action: Callable[[], Any], human: Callable[[Any], None]) -> Any:
+    """Run ``action``; render its result for people or as JSON; map every error to its exit."""
+    try:
+        result = action()
+    except EscalateError as error:
+        fail(error, json_out)
+    except OSError as exc:
+        fail(EscalateError(f"cannot access {exc.filename or 'a file'}: {exc.strerror or exc}; "
+                           "check the path and its permissions", code="io_error"), json_out)
+    if json_out:
+        print_json(result)
+    else:
+        human(result)
+    return result
+
+
+def echo_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def bad_input(message: str, json_out: bool, code: str = "invalid_input") -> NoReturn:
+    fail(InputError(message, code=code), json_out)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        echo_line(f"escalate {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Keep the money of concurrent work honest."""
+
+
+def main() -> None:
+    """Entry point of the ``escalate`` console script."""
+    app()
+
+
+# The command modules register themselves on ``app``; they import from this module, so
+# they are imported last.
+from escalate.cli import escalation_cmds, ledger_cmds, runs_cmds  # noqa: E402, F401

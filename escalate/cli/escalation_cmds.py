@@ -1,0 +1,159 @@
+"""The approver's commands: approve, pause, cancel, wait, the inbox, and sweep."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from escalate.cli import (
+    ByOption,
+    JsonOption,
+    LockTimeoutOption,
+    RunsDirOption,
+    app,
+    echo_line,
+    open_options,
+    open_run,
+    respond,
+)
+from escalate.errors import EscalateError
+
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
+EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False)]
+
+
+def _said(result: dict[str, Any]) -> None:
+    if result["status"] == "exists":
+        echo_line(f"{result['escalation_id']}: already resolved {result['mode']} by {result['by']}; "
+                  "nothing changed")
+        return
+    extra = ""
+    if result["status"] == "approved":
+        extension = result.get("extension_micros", 0)
+        from escalate.money import format_usd as usd
+
+        extra = f": {usd(result['reserved_micros'])} reserved for {result['task']}" + (
+            f", cap extended by {usd(extension)}" if extension else "")
+    echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
+
+
+def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Any, lock_timeout: Any, by: Any,
+             json_out: bool) -> None:
+    method = {"extend": "approve", "pause": "pause", "cancel": "cancel"}[mode]
+    respond(json_out,
+            lambda: getattr(open_run(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
+
+
+@app.command()
+def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
+            lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+            json_out: JsonOption = False) -> None:
+    """Approve an escalation: extend the cap as needed and reserve for its task, in one write."""
+    _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+
+
+@app.command()
+def pause(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
+          lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+          json_out: JsonOption = False) -> None:
+    """Pause an escalation: its task is parked and may ask again later."""
+    _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+
+
+@app.command()
+def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
+           lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+           json_out: JsonOption = False) -> None:
+    """Cancel an escalation: its task is halted for good."""
+    _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+
+
+@app.command()
+def wait(
+    run: RunArg,
+    escalation_id: EscalationArg,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Give up after this long, e.g. 10m "
+                                                "(exit 4) [default: wait until resolved].")] = None,
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Block until an escalation is resolved: exit 0 approved, 3 cancelled, 4 paused or still open."""
+
+    def action() -> dict[str, Any]:
+        from escalate.service import parse_seconds
+
+        seconds = None if timeout is None else parse_seconds(timeout, what="timeout")
+        return open_run(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)  # type: ignore[no-any-return]
+
+    respond(json_out, action, _said)
+
+
+@app.command()
+def escalations(
+    run: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    only_open: Annotated[bool, typer.Option("--open", help="Only escalations waiting for a person.")] = False,
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
+
+    def action() -> list[dict[str, Any]]:
+        from escalate.service import Ledger, iter_run_ids
+
+        root = open_options(runs_dir, None)["runs_dir"]
+        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        rows = []
+        for run_id in run_ids:
+            state = Ledger.open(root, run_id).state()
+            for item in state.escalations.values():
+                if only_open and item.state != "open":
+                    continue
+                rows.append({"run": run_id, **item.to_json()})
+        rows.sort(key=lambda row: row["opened_at"], reverse=True)
+        return rows
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        from escalate.render import console, escalation_table
+
+        console().print(escalation_table(rows, title="open escalations" if only_open else "escalations"))
+
+    respond(json_out, action, human)
+
+
+@app.command()
+def sweep(
+    run: Annotated[str | None, typer.Argument(help="Run id [default: every run].")] = None,
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Pause (by timeout) every open escalation past its expiry; for a cron job."""
+
+    def action() -> dict[str, Any]:
+        from escalate.service import Ledger, iter_run_ids
+
+        options = open_options(runs_dir, lock_timeout)
+        root = options.pop("runs_dir")
+        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        expired: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        for run_id in run_ids:
+            ledger = Ledger.open(root, run_id, **options)
+            before = {e.id for e in ledger.state().open_escalations.values()}
+            try:
+                ledger.sweep()
+            except EscalateError as error:
+                if run is not None:
+                    raise
+                failures.append({"run": run_id, **error.to_json()})
+                continue
+            after = {e.id for e in ledger.state().open_escalations.values()}
+            expired += [{"run": run_id, "escalation_id": e} for e in sorted(before - after)]
+        return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
+
+    respond(json_out, action, lambda r: echo_line(
+        f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
+        + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
+        + "".join(f"\n  {f['run']}: {f['message']}" for f in r["failures"])))

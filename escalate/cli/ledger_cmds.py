@@ -1,0 +1,107 @@
+"""The hot commands shell scripts call: reserve, increase, release."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from escalate.cli import (
+    ByOption,
+    JsonOption,
+    LockTimeoutOption,
+    NotifyOption,
+    RunsDirOption,
+    app,
+    echo_line,
+    open_run,
+    respond,
+)
+from escalate.errors import Pending
+from escalate.money import format_usd as usd
+
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
+TaskArg = Annotated[str, typer.Argument(help="Task id (single-use).", show_default=False)]
+
+
+def _say(result: dict[str, Any]) -> None:
+    status = result["status"]
+    task = result.get("task", "")
+    remaining = usd(result["remaining_micros"]) if "remaining_micros" in result else "?"
+    if status == "exists":
+        echo_line(f"{task}: already done, nothing changed (remaining {remaining})")
+    elif status == "released":
+        echo_line(f"released {task}: {usd(result['actual_micros'])} actual of "
+                  f"{usd(result['reserved_micros'])} reserved (remaining {remaining})")
+    elif status == "approved":
+        echo_line(f"{task}: approved by {result.get('by')}, {usd(result['reserved_micros'])} reserved")
+    else:
+        echo_line(f"{status} {task}: {usd(result['reserved_micros'])} (remaining {remaining})")
+
+
+@app.command()
+def reserve(
+    run: RunArg,
+    task: TaskArg,
+    estimate: Annotated[str, typer.Option("--estimate", "-e", help="USD to reserve, e.g. 2.50.",
+                                          show_default=False)],
+    wait: Annotated[bool, typer.Option("--wait", help="If escalated, block until a person resolves it.")]
+    = False,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="With --wait: give up after this "
+                                                "long (e.g. 10m); exit 4.")] = None,
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    by: ByOption = None,
+    notify_cmd: NotifyOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Reserve a slice of the run's budget for TASK before spending it."""
+
+    def action() -> dict[str, Any]:
+        from escalate.service import parse_seconds
+
+        wait_s = None if timeout is None else parse_seconds(timeout, what="timeout")
+        ledger = open_run(run, runs_dir, lock_timeout, by, notify_cmd)
+        try:
+            return ledger.reserve(task, estimate)  # type: ignore[no-any-return]
+        except Pending as pending:
+            if not wait:
+                raise
+            return ledger.wait(pending.facts["escalation_id"], timeout_s=wait_s)  # type: ignore[no-any-return]
+
+    respond(json_out, action, _say)
+
+
+@app.command()
+def increase(
+    run: RunArg,
+    task: TaskArg,
+    to: Annotated[str, typer.Option("--to", help="The new absolute reservation in USD.",
+                                    show_default=False)],
+    reason: Annotated[str, typer.Option("--reason", help="Why it needs more (recorded).")] = "",
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    by: ByOption = None,
+    notify_cmd: NotifyOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Raise TASK's reservation to an absolute amount mid-flight."""
+    respond(json_out,
+            lambda: open_run(run, runs_dir, lock_timeout, by, notify_cmd).increase(task, to, reason=reason),
+            _say)
+
+
+@app.command()
+def release(
+    run: RunArg,
+    task: TaskArg,
+    actual: Annotated[str, typer.Option("--actual", "-a", help="What TASK actually cost in USD.",
+                                        show_default=False)],
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    by: ByOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Settle TASK's reservation with its actual cost (may exceed the reservation)."""
+    respond(json_out, lambda: open_run(run, runs_dir, lock_timeout, by).release(task, actual), _say)
+

@@ -1,0 +1,220 @@
+"""``escalate runs …``: create, list, show, verify and re-configure runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from escalate.cli import (
+    ByOption,
+    JsonOption,
+    LockTimeoutOption,
+    RunsDirOption,
+    app,
+    echo_line,
+    open_options,
+    open_run,
+    respond,
+)
+from escalate.errors import CorruptLedger
+from escalate.money import format_usd as usd
+
+runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
+ModeOption = Annotated[str | None, typer.Option("--escalation",
+                                                help="What a refusal does: off (halt), shadow "
+                                                "(halt, and record would-be escalations) or "
+                                                "enforce (ask a person).")]
+ThresholdOption = Annotated[str | None, typer.Option(
+    "--approval-threshold", help="In enforce mode, reservations above this USD amount need a person.")]
+EscalationTimeoutOption = Annotated[str | None, typer.Option(
+    "--escalation-timeout", help="An open escalation is paused by timeout after this long, e.g. 30m, "
+    "1h [default: 1h].")]
+MaxExtensionOption = Annotated[str | None, typer.Option(
+    "--max-extension", help="Most USD that approvals may add to the cap in total [default: 0].")]
+
+
+@runs_app.command("init")
+def init(
+    run: RunArg,
+    cap: Annotated[str, typer.Option("--cap", help="The run's budget in USD.", show_default=False)],
+    task_cap: Annotated[str | None, typer.Option("--task-cap", help="Most one task may reserve "
+                                                 "[default: the run cap].")] = None,
+    escalation: ModeOption = None,
+    approval_threshold: ThresholdOption = None,
+    escalation_timeout: EscalationTimeoutOption = None,
+    max_extension: MaxExtensionOption = None,
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    by: ByOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Create RUN with a budget cap (the same settings again is a no-op)."""
+
+    def action() -> dict[str, Any]:
+        from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger, parse_seconds
+
+        options = open_options(runs_dir, lock_timeout, by)
+        timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
+                     else parse_seconds(escalation_timeout, what="escalation timeout"))
+        ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
+                             escalation=escalation or "off", approval_threshold=approval_threshold,
+                             escalation_timeout_s=int(timeout_s), max_extension=max_extension or "0",
+                             **options)
+        return ledger.state().totals()
+
+    respond(json_out, action, lambda r: echo_line(
+        f"run {r['run']}: cap {usd(r['cap_micros'])}, task cap {usd(r['task_cap_micros'])}, "
+        f"escalation {r['escalation']['mode']}"))
+
+
+@runs_app.command("set")
+def set_policy(
+    run: RunArg,
+    escalation: ModeOption = None,
+    approval_threshold: ThresholdOption = None,
+    no_threshold: Annotated[bool, typer.Option("--no-approval-threshold",
+                                               help="Remove the approval threshold.")] = False,
+    escalation_timeout: EscalationTimeoutOption = None,
+    max_extension: MaxExtensionOption = None,
+    runs_dir: RunsDirOption = None,
+    lock_timeout: LockTimeoutOption = None,
+    by: ByOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Change RUN's escalation policy (recorded as a policy_changed event)."""
+
+    def action() -> dict[str, Any]:
+        from escalate.service import parse_seconds
+
+        changes: dict[str, Any] = {}
+        if escalation is not None:
+            changes["escalation"] = escalation
+        if approval_threshold is not None:
+            changes["approval_threshold"] = approval_threshold
+        if no_threshold:
+            changes["approval_threshold"] = None
+        if escalation_timeout is not None:
+            changes["escalation_timeout_s"] = parse_seconds(escalation_timeout, what="escalation timeout")
+        if max_extension is not None:
+            changes["max_extension"] = max_extension
+        return open_run(run, runs_dir, lock_timeout, by).set_policy(**changes)  # type: ignore[no-any-return]
+
+    respond(json_out, action, lambda r: echo_line(
+        f"run {r['run']}: escalation policy {'unchanged' if r['status'] == 'exists' else 'changed'} "
+        f"({r['escalation']['mode']})"))
+
+
+@runs_app.command("list")
+def list_runs(
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List every run with its cap, committed and remaining money, newest first."""
+
+    def action() -> list[dict[str, Any]]:
+        from escalate.service import Ledger, iter_run_ids
+
+        root = open_options(runs_dir, None)["runs_dir"]
+        rows = []
+        for run_id in iter_run_ids(root):
+            try:
+                state = Ledger.open(root, run_id).state()
+            except CorruptLedger as error:
+                rows.append({"run": run_id, "error": error.code, "message": error.message,
+                             "opened_at": ""})
+                continue
+            row = state.totals()
+            row.update(opened_at=state.opened_at, state=_run_state(state))
+            rows.append(row)
+        rows.sort(key=lambda row: row["opened_at"], reverse=True)
+        return rows
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        from escalate.render import console, runs_table
+
+        console().print(runs_table(rows))
+
+    respond(json_out, action, human)
+
+
+def _run_state(state: Any) -> str:
+    if state.open_escalations:
+        return "escalation open"
+    if state.remaining_micros < 0:
+        return "over cap"
+    if state.halts:
+        return "halted tasks"
+    return "active" if state.reserved_micros else "idle"
+
+
+@runs_app.command("show")
+def show(
+    run: RunArg,
+    all_tasks: Annotated[bool, typer.Option("--all", help="List every task, not only the latest.")] = False,
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show RUN's totals, a usage bar, every task with its state, and escalations."""
+
+    def action() -> Any:
+        from escalate.render import run_view
+
+        snapshot = open_run(run, runs_dir, None).snapshot()
+        view = run_view(snapshot.state)
+        view["warnings"] = _warnings(snapshot)
+        return view if json_out else snapshot
+
+    def human(snapshot: Any) -> None:
+        from escalate.render import show_run
+
+        show_run(snapshot.state, all_tasks=all_tasks, warnings=_warnings(snapshot))
+
+    respond(json_out, action, human)
+
+
+def _warnings(snapshot: Any) -> list[str]:
+    warnings = []
+    if snapshot.problem is not None:
+        warnings.append(f"{snapshot.problem.message} (shown up to the line before)")
+    if snapshot.torn_bytes:
+        warnings.append(f"the log ends in {snapshot.torn_bytes} bytes of an unfinished line; "
+                        "the next write sets them aside")
+    return warnings
+
+
+@runs_app.command("verify")
+def verify(
+    run: RunArg,
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Check every line, the seq run, the prev chain and the ledger rules of RUN."""
+    from escalate.errors import CorruptLedger as Corrupt
+
+    def action() -> dict[str, Any]:
+        report = open_run(run, runs_dir, None).verify()
+        result = {"run": run, "ok": not report.problems, "lines": report.lines,
+                  "events": report.state.seq, "torn_bytes": report.torn_bytes,
+                  "problems": [{"line": line, "problem": text} for line, text in report.problems]}
+        if report.problems:
+            if not json_out:
+                for line, text in report.problems:
+                    print(f"line {line}: {text}", file=sys.stderr)
+            first_line, first_text = report.problems[0]
+            raise Corrupt(
+                f"run {run}: {len(report.problems)} problem(s), first at line {first_line}: "
+                f"{first_text}", **{k: v for k, v in result.items() if k != "run"})
+        return result
+
+    def human(result: dict[str, Any]) -> None:
+        torn = f"; {result['torn_bytes']} torn bytes at the end (set aside by the next write)" \
+            if result["torn_bytes"] else ""
+        echo_line(f"OK {result['run']}: {result['lines']} lines, seq 1..{result['events']}, "
+                  f"prev chain intact, ledger rules hold{torn}")
+
+    respond(json_out, action, human)

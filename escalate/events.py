@@ -1,0 +1,90 @@
+"""Event lines (schema v1): the envelope, the hash chain, timestamps and encoding.
+
+An event is a plain ``dict`` on the hot path (orjson keeps insertion order, so every
+line starts ``{"v":1,"seq":…,"ts":…,"type":…,"prev":…,"actor":…``). The pydantic models
+in :mod:`escalate.schema` describe the same shapes for validation and documentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
+
+import orjson
+
+SCHEMA_VERSION = 1
+EVENT_TYPES = (
+    "run_opened",
+    "budget_reserved",
+    "budget_increased",
+    "released",
+    "halt",
+    "escalation",
+    "escalation_resolved",
+    "recovery",
+    "policy_changed",
+)
+
+Event = dict[str, Any]
+
+_READ_CHUNK = 1 << 20
+
+
+def line_hash(line: bytes) -> str:
+    """The chain link: first 16 hex characters of SHA-256 over a line without its newline."""
+    return hashlib.sha256(line).hexdigest()[:16]
+
+
+def format_ts(moment: datetime) -> str:
+    """``2026-11-23T14:00:00.123456Z``: fixed width, UTC, so timestamps sort as text."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """Inverse of :func:`format_ts`; raises ``ValueError`` on anything else."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def add_seconds(ts: str, seconds: int) -> str:
+    """``ts`` plus ``seconds``, in the same format."""
+    return format_ts(parse_ts(ts) + timedelta(seconds=seconds))
+
+
+def seal(
+    payloads: Iterable[Event], *, seq: int, prev: str, ts: str, actor: str
+) -> list[tuple[Event, bytes, str]]:
+    """Wrap payloads in envelopes that continue the chain after (``seq``, ``prev``).
+
+    Returns ``(event, line_without_newline, line_hash)`` for each, in order.
+    """
+    sealed: list[tuple[Event, bytes, str]] = []
+    for payload in payloads:
+        seq += 1
+        event: Event = {"v": SCHEMA_VERSION, "seq": seq, "ts": ts, "type": payload["type"],
+                        "prev": prev, "actor": actor}
+        event.update((key, value) for key, value in payload.items() if key != "type")
+        line = orjson.dumps(event)
+        prev = line_hash(line)
+        sealed.append((event, line, prev))
+    return sealed
+
+
+def iter_lines(stream: BinaryIO, offset: int) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(line_without_newline, end_offset)`` for each complete line from ``offset``.
+
+    A final piece without a newline is not yielded: it is a torn tail, and the caller
+    finds it as the bytes between the last ``end_offset`` and the end of the file.
+    Reads in chunks so memory does not grow with the log.
+    """
+    stream.seek(offset)
+    pending = b""
+    position = offset
+    while chunk := stream.read(_READ_CHUNK):
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            position += len(line) + 1
+            yield line, position

@@ -1,0 +1,727 @@
+"""The ledger: a pure fold of events into state, and the rules that decide requests.
+
+No I/O here. :func:`apply` folds one event and fails closed (raises :class:`RuleViolation`)
+on anything a correct writer could not have produced. The ``decide_*`` functions take a
+state and a request and return a :class:`Decision`: the events to append, the answer,
+and the error to raise *after* those events are durable (a halt is written, then reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
+from escalate.events import SCHEMA_VERSION, Event, add_seconds
+from escalate.money import format_usd as usd
+
+MODES = ("off", "shadow", "enforce")
+RESOLUTIONS = ("extend", "pause", "cancel")
+
+
+class RuleViolation(Exception):
+    """An event that no correct writer produces; the reader names its line."""
+
+
+@dataclass(slots=True)
+class Policy:
+    """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""
+
+    mode: str = "off"
+    approval_threshold_micros: int | None = None
+    timeout_s: int | None = 3600
+    max_extension_micros: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "approval_threshold_micros": self.approval_threshold_micros,
+            "timeout_s": self.timeout_s,
+            "max_extension_micros": self.max_extension_micros,
+        }
+
+
+@dataclass(slots=True)
+class Task:
+    """One task id's life. ``holding`` says whether ``reserved_micros`` is in flight."""
+
+    state: str  # reserved | released | halted | escalated | paused
+    reserved_micros: int = 0
+    holding: bool = False
+    actual_micros: int | None = None
+    halt_reason: str | None = None
+    escalation_id: str | None = None
+
+    def to_json(self, task_id: str) -> dict[str, Any]:
+        return {
+            "task": task_id,
+            "state": self.state,
+            "reserved_micros": self.reserved_micros if self.holding else 0,
+            "actual_micros": self.actual_micros,
+            "halt_reason": self.halt_reason,
+            "escalation_id": self.escalation_id,
+        }
+
+
+@dataclass(slots=True)
+class Escalation:
+    """A request put in front of a person (or, with ``shadow``, only recorded)."""
+
+    id: str
+    task: str
+    kind: str  # reserve | increase
+    from_micros: int
+    requested_micros: int  # the absolute reservation asked for
+    remaining_micros: int
+    reason: str  # run_cap | threshold
+    offered: list[str]
+    expires_at: str | None
+    shadow: bool
+    opened_at: str
+    state: str = "open"  # open | resolved
+    mode: str | None = None
+    by: str | None = None
+    resolved_at: str | None = None
+    extension_micros: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task,
+            "kind": self.kind,
+            "from_micros": self.from_micros,
+            "requested_micros": self.requested_micros,
+            "remaining_micros": self.remaining_micros,
+            "reason": self.reason,
+            "offered": list(self.offered),
+            "opened_at": self.opened_at,
+            "expires_at": self.expires_at,
+            "shadow": self.shadow,
+            "state": self.state,
+            "mode": self.mode,
+            "by": self.by,
+            "resolved_at": self.resolved_at,
+            "extension_micros": self.extension_micros,
+        }
+
+
+@dataclass(slots=True)
+class RunState:
+    """Totals and per-task facts folded from one run's log."""
+
+    run_id: str
+    run_cap_micros: int
+    task_cap_micros: int
+    policy: Policy
+    opened_at: str
+    tasks: MutableMapping[str, Task] = field(default_factory=dict)
+    escalations: dict[str, Escalation] = field(default_factory=dict)
+    open_escalations: dict[str, Escalation] = field(default_factory=dict)
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    extended_micros: int = 0
+    seq: int = 0
+    last_hash: str = ""
+    last_ts: str = ""
+    halts: int = 0
+    recoveries: int = 0
+
+    @property
+    def cap_micros(self) -> int:
+        return self.run_cap_micros + self.extended_micros
+
+    @property
+    def committed_micros(self) -> int:
+        return self.spent_micros + self.reserved_micros
+
+    @property
+    def remaining_micros(self) -> int:
+        return self.cap_micros - self.committed_micros
+
+    def totals(self) -> dict[str, Any]:
+        """The run's money, exact, as ``runs show --json`` reports it."""
+        return {
+            "run": self.run_id,
+            "cap_micros": self.cap_micros,
+            "run_cap_micros": self.run_cap_micros,
+            "task_cap_micros": self.task_cap_micros,
+            "spent_micros": self.spent_micros,
+            "reserved_micros": self.reserved_micros,
+            "committed_micros": self.committed_micros,
+            "remaining_micros": self.remaining_micros,
+            "extended_micros": self.extended_micros,
+            "events": self.seq,
+            "halts": self.halts,
+            "escalation": self.policy.to_json(),
+        }
+
+
+# --------------------------------------------------------------------------- the fold
+
+
+def _int(event: Mapping[str, Any], key: str, *, nullable: bool = False) -> Any:
+    value = event.get(key)
+    if value is None and nullable:
+        return None
+    if type(value) is not int or value < 0:
+        raise RuleViolation(f"field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(event: Mapping[str, Any], key: str) -> str:
+    value = event.get(key)
+    if not isinstance(value, str) or not value:
+        raise RuleViolation(f"field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _policy(raw: Any) -> Policy:
+    if not isinstance(raw, dict):
+        raise RuleViolation("field 'escalation' must be an object")
+    mode = raw.get("mode")
+    if mode not in MODES:
+        raise RuleViolation(f"unknown escalation mode {mode!r}")
+    return Policy(
+        mode=mode,
+        approval_threshold_micros=_int(raw, "approval_threshold_micros", nullable=True),
+        timeout_s=_int(raw, "timeout_s", nullable=True),
+        max_extension_micros=_int(raw, "max_extension_micros"),
+    )
+
+
+def open_run(event: Mapping[str, Any], this_hash: str) -> RunState:
+    """Start a state from the first line of a log, which must be ``run_opened``."""
+    if event.get("v") != SCHEMA_VERSION:
+        raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
+    if event.get("type") != "run_opened":
+        raise RuleViolation(f"the first event must be run_opened, got {event.get('type')!r}")
+    if event.get("seq") != 1 or event.get("prev") != "":
+        raise RuleViolation("run_opened must have seq 1 and an empty prev")
+    run_cap = _int(event, "run_cap_micros")
+    task_cap = _int(event, "task_cap_micros")
+    state = RunState(
+        run_id=_str(event, "run"),
+        run_cap_micros=run_cap,
+        task_cap_micros=task_cap,
+        policy=_policy(event.get("escalation")),
+        opened_at=_str(event, "ts"),
+        seq=1,
+        last_hash=this_hash,
+        last_ts=event["ts"],
+    )
+    return state
+
+
+def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
+    """Fold one event (after the first) into ``state``; raise :class:`RuleViolation` if it is
+    not what a correct writer appends next."""
+    if event.get("v") != SCHEMA_VERSION:
+        raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
+    seq = event.get("seq")
+    if seq != state.seq + 1:
+        raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
+    if event.get("prev") != state.last_hash:
+        raise RuleViolation(
+            f"prev {event.get('prev')!r} does not match the previous line's hash "
+            f"{state.last_hash!r} (a line was edited, removed or inserted)"
+        )
+    apply_payload(state, event)
+    state.seq = seq
+    state.last_hash = this_hash
+    state.last_ts = event.get("ts", state.last_ts)
+
+
+def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
+    """Fold an event's payload, without the envelope checks of :func:`apply`."""
+    kind = event.get("type")
+    handler = _APPLY.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        raise RuleViolation(f"unknown event type {kind!r}")
+    handler(state, event)
+
+
+def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
+    task_id = _str(event, "task")
+    amount = _int(event, "amount_micros")
+    task = state.tasks.get(task_id)
+    if task is not None:
+        if task.holding:
+            raise RuleViolation(f"duplicate reservation of task {task_id!r}")
+        if task.state in ("halted", "released"):
+            raise RuleViolation(f"reservation of task {task_id!r} after it was {task.state}")
+        if task.escalation_id in state.open_escalations:
+            raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
+    _check_fits(state, task_id, amount, amount)
+    state.tasks[task_id] = Task(state="reserved", reserved_micros=amount, holding=True,
+                                escalation_id=task.escalation_id if task else None)
+    state.reserved_micros += amount
+
+
+def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
+    task_id = _str(event, "task")
+    before, after = _int(event, "from_micros"), _int(event, "to_micros")
+    task = state.tasks.get(task_id)
+    if task is None or not task.holding or task.state == "released":
+        raise RuleViolation(f"increase of task {task_id!r}, which holds no reservation")
+    if task.state == "halted":
+        raise RuleViolation(f"increase of task {task_id!r} after it was halted")
+    if task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
+    if before != task.reserved_micros or after <= before:
+        raise RuleViolation(
+            f"increase of task {task_id!r} from {before} to {after}, "
+            f"but it holds {task.reserved_micros}"
+        )
+    _check_fits(state, task_id, after, after - before)
+    task.state = "reserved"
+    task.reserved_micros = after
+    state.reserved_micros += after - before
+
+
+def _check_fits(state: RunState, task_id: str, total: int, delta: int) -> None:
+    if total > state.task_cap_micros:
+        raise RuleViolation(f"task {task_id!r} reserved {total}, over the task cap {state.task_cap_micros}")
+    if delta > state.remaining_micros:
+        raise RuleViolation(
+            f"task {task_id!r} took {delta} with only {state.remaining_micros} remaining (over the cap)"
+        )
+
+
+def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
+    task_id = _str(event, "task")
+    reserved, actual = _int(event, "reserved_micros"), _int(event, "actual_micros")
+    task = state.tasks.get(task_id)
+    if task is None or not task.holding:
+        raise RuleViolation(f"release of task {task_id!r}, which holds no reservation")
+    if reserved != task.reserved_micros:
+        raise RuleViolation(
+            f"release of task {task_id!r} names {reserved} reserved, but it holds {task.reserved_micros}"
+        )
+    if task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
+    state.reserved_micros -= reserved
+    state.spent_micros += actual
+    # Only what the single-use and idempotency rules need is kept for a settled task.
+    state.tasks[task_id] = Task(state="released", reserved_micros=reserved, actual_micros=actual,
+                                halt_reason=task.halt_reason)
+
+
+def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
+    task_id = _str(event, "task")
+    _int(event, "requested_micros")
+    reason = event.get("reason")
+    if reason not in ("run_cap", "task_cap", "cancelled"):
+        raise RuleViolation(f"unknown halt reason {reason!r}")
+    task = state.tasks.get(task_id)
+    if task is not None and task.state in ("halted", "released"):
+        raise RuleViolation(f"halt of task {task_id!r}, which is already {task.state}")
+    if task is not None and task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"halt of task {task_id!r} while its escalation is open")
+    if task is None:
+        state.tasks[task_id] = Task(state="halted", halt_reason=reason)
+    else:
+        task.state = "halted"
+        task.halt_reason = reason
+    state.halts += 1
+
+
+def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
+    escalation_id = _str(event, "id")
+    task_id = _str(event, "task")
+    if escalation_id in state.escalations:
+        raise RuleViolation(f"escalation id {escalation_id!r} used twice")
+    shadow = event.get("shadow")
+    if not isinstance(shadow, bool):
+        raise RuleViolation("field 'shadow' must be true or false")
+    offered = event.get("offered")
+    if not isinstance(offered, list) or not set(offered) <= set(RESOLUTIONS):
+        raise RuleViolation(f"field 'offered' must list modes from {RESOLUTIONS}")
+    task = state.tasks.get(task_id)
+    kind = event.get("kind", "increase" if task is not None and task.holding else "reserve")
+    escalation = Escalation(
+        id=escalation_id,
+        task=task_id,
+        kind=kind,
+        from_micros=_int(event, "from_micros") if "from_micros" in event else 0,
+        requested_micros=_int(event, "requested_micros"),
+        remaining_micros=event.get("remaining_micros", 0),
+        reason=str(event.get("reason", "")),
+        offered=offered,
+        expires_at=event.get("expires_at"),
+        shadow=shadow,
+        opened_at=str(event.get("ts", "")),
+    )
+    state.escalations[escalation_id] = escalation
+    if shadow:
+        escalation.state = "resolved"
+        return
+    if task is not None and (task.state in ("halted", "released")
+                             or task.escalation_id in state.open_escalations):
+        raise RuleViolation(f"escalation of task {task_id!r}, which is {task.state}")
+    state.open_escalations[escalation_id] = escalation
+    if task is None:
+        state.tasks[task_id] = Task(state="escalated", escalation_id=escalation_id)
+    else:
+        task.state = "escalated"
+        task.escalation_id = escalation_id
+
+
+def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
+    escalation_id = _str(event, "id")
+    escalation = state.open_escalations.pop(escalation_id, None)
+    if escalation is None:
+        raise RuleViolation(f"resolution of escalation {escalation_id!r}, which is not open")
+    mode = event.get("mode")
+    if mode not in RESOLUTIONS:
+        raise RuleViolation(f"unknown resolution mode {mode!r}")
+    extension = _int(event, "extension_micros")
+    if extension and mode != "extend":
+        raise RuleViolation(f"a {mode} resolution cannot grant an extension")
+    if state.extended_micros + extension > state.policy.max_extension_micros:
+        raise RuleViolation(
+            f"extension {extension} takes the run past its max extension "
+            f"{state.policy.max_extension_micros}"
+        )
+    escalation.state = "resolved"
+    escalation.mode = mode
+    escalation.by = _str(event, "by")
+    escalation.resolved_at = str(event.get("ts", ""))
+    escalation.extension_micros = extension
+    state.extended_micros += extension
+    task = state.tasks[escalation.task]
+    # extend: the reservation line that follows moves the task on; pause parks it;
+    # cancel is followed by its halt.
+    task.state = "paused" if mode == "pause" else ("reserved" if task.holding else "escalated")
+
+
+def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
+    _int(event, "torn_bytes")
+    _str(event, "saved_to")
+    state.recoveries += 1
+
+
+def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
+    state.policy = _policy(event.get("escalation"))
+
+
+def _apply_opened_again(state: RunState, event: Mapping[str, Any]) -> None:
+    raise RuleViolation("run_opened may only be the first line")
+
+
+_APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
+    "run_opened": _apply_opened_again,
+    "budget_reserved": _apply_reserved,
+    "budget_increased": _apply_increased,
+    "released": _apply_released,
+    "halt": _apply_halt,
+    "escalation": _apply_escalation,
+    "escalation_resolved": _apply_resolved,
+    "recovery": _apply_recovery,
+    "policy_changed": _apply_policy,
+}
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a request does: events to append (payloads with ``type``), the answer, and an
+    error to raise once those events are durable."""
+
+    events: list[Event] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: EscalateError | None = None
+
+
+def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: Policy) -> Event:
+    """The first line of a run."""
+    return {
+        "type": "run_opened",
+        "run": run_id,
+        "run_cap_micros": run_cap,
+        "task_cap_micros": run_cap if task_cap is None else task_cap,
+        "escalation": policy.to_json(),
+    }
+
+
+def expire(state: RunState, now: str) -> list[Event]:
+    """Resolutions (``pause`` by ``timeout``) for open escalations past ``expires_at``."""
+    return [
+        {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
+         "extension_micros": 0}
+        for e in state.open_escalations.values()
+        if e.expires_at is not None and e.expires_at <= now
+    ]
+
+
+def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Decision:
+    """Reserve ``amount`` for a new task id (or answer a repeat of the same call)."""
+    task = state.tasks.get(task_id)
+    if task is not None:
+        if task.state == "released":
+            return _fail(Conflict(
+                f"task {task_id} was already released ({usd(task.actual_micros or 0)} actual); "
+                "task ids are single-use — reserve under a new task id",
+                task=task_id, state="released", actual_micros=task.actual_micros))
+        if task.state == "halted":
+            return _fail(_halted(task_id, task))
+        if task.holding and task.escalation_id not in state.open_escalations:
+            if task.reserved_micros == amount:
+                return Decision(result=_task_result(state, task_id, "exists"))
+            return _fail(Conflict(
+                f"task {task_id} already holds {usd(task.reserved_micros, exact=True)}, "
+                f"not {usd(amount, exact=True)}; use 'escalate increase' to raise it",
+                task=task_id, state=task.state, reserved_micros=task.reserved_micros,
+                requested_micros=amount))
+        open_escalation = state.open_escalations.get(task.escalation_id or "")
+        if open_escalation is not None:
+            return _repeat_while_open(state, open_escalation, "reserve", amount)
+    return _evaluate(state, task_id, "reserve", 0, amount, "", now)
+
+
+def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str) -> Decision:
+    """Raise a task's reservation to the absolute amount ``to``."""
+    task = state.tasks.get(task_id)
+    if task is not None and task.state == "halted":
+        return _fail(_halted(task_id, task))
+    if task is not None and task.state == "released":
+        return _fail(Conflict(
+            f"task {task_id} was already released; a released task cannot be increased",
+            task=task_id, state="released", actual_micros=task.actual_micros))
+    open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
+    if open_escalation is not None and open_escalation.kind == "increase":
+        return _repeat_while_open(state, open_escalation, "increase", to)
+    if task is None or not task.holding:
+        state_word = task.state if task else "unknown"
+        return _fail(Conflict(
+            f"task {task_id} holds no reservation (state: {state_word}); reserve it first",
+            task=task_id, state=state_word))
+    if to < task.reserved_micros:
+        return _fail(Conflict(
+            f"task {task_id} holds {usd(task.reserved_micros, exact=True)}; an increase to "
+            f"{usd(to, exact=True)} would lower it (--to is the new absolute amount)",
+            task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
+    if to == task.reserved_micros:
+        return Decision(result=_task_result(state, task_id, "exists"))
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now)
+
+
+def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
+    """Settle a task's reservation with what it actually cost (never refused for size)."""
+    task = state.tasks.get(task_id)
+    if task is not None and task.state == "released":
+        if task.actual_micros == actual:
+            return Decision(result=_task_result(state, task_id, "exists"))
+        return _fail(Conflict(
+            f"task {task_id} was already released with {usd(task.actual_micros or 0, exact=True)} "
+            f"actual, not {usd(actual, exact=True)}",
+            task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
+    if task is None or not task.holding:
+        state_word = task.state if task else "unknown"
+        return _fail(Conflict(
+            f"task {task_id} holds no reservation to release (state: {state_word})",
+            task=task_id, state=state_word))
+    if task.escalation_id in state.open_escalations:
+        return _fail(Conflict(
+            f"task {task_id} has open escalation {task.escalation_id}; resolve it first "
+            f"(escalate pause|cancel RUN {task.escalation_id})",
+            task=task_id, state=task.state, escalation_id=task.escalation_id))
+    event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+             "actual_micros": actual}
+    result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+              "actual_micros": actual,
+              "remaining_micros": state.remaining_micros + task.reserved_micros - actual}
+    return Decision(events=[event], result=result)
+
+
+def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
+    """approve (``extend``), pause or cancel an open escalation; first resolution wins."""
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None:
+        return _fail(InputError(
+            f"no escalation {escalation_id} in run {state.run_id}; list them with "
+            f"'escalate escalations --run {state.run_id}'",
+            code="unknown_escalation", escalation_id=escalation_id))
+    if escalation.shadow:
+        return _fail(Conflict(
+            f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
+            escalation_id=escalation_id, state="resolved", mode=None))
+    if escalation.state == "resolved":
+        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
+                 "by": escalation.by, "resolved_at": escalation.resolved_at}
+        if escalation.mode == mode and escalation.by == by:
+            return Decision(result={"status": "exists", **facts, "task": escalation.task})
+        return _fail(Conflict(
+            f"escalation {escalation_id} was already resolved: {escalation.mode} by "
+            f"{escalation.by} at {escalation.resolved_at}; the first resolution wins", **facts))
+    resolved: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+                       "extension_micros": 0}
+    task = state.tasks[escalation.task]
+    facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
+    if mode == "pause":
+        return Decision(events=[resolved], result={"status": "paused", **facts})
+    if mode == "cancel":
+        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
+                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
+        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
+    # extend: re-check the ceiling now; the reservation goes in the same write.
+    before = task.reserved_micros if task.holding else 0
+    delta = escalation.requested_micros - before
+    if escalation.requested_micros > state.task_cap_micros:
+        return _fail(Refused(
+            f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
+            f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
+    needed = max(0, delta - state.remaining_micros)
+    left = state.policy.max_extension_micros - state.extended_micros
+    if needed > left:
+        return _fail(Refused(
+            f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
+            f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
+            "--max-extension with 'escalate runs set'",
+            code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
+    resolved["extension_micros"] = needed
+    if escalation.kind == "increase" and task.holding:
+        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
+                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
+    else:
+        grant = {"type": "budget_reserved", "task": escalation.task,
+                 "amount_micros": escalation.requested_micros}
+    return Decision(events=[resolved, grant],
+                    result={"status": "approved", "extension_micros": needed,
+                            "reserved_micros": escalation.requested_micros, **facts})
+
+
+def decide_policy(state: RunState, policy: Policy) -> Decision:
+    """Change the run's escalation policy (recorded as ``policy_changed``)."""
+    if policy == state.policy:
+        return Decision(result={"status": "exists", "escalation": policy.to_json()})
+    if policy.max_extension_micros < state.extended_micros:
+        return _fail(Conflict(
+            f"max extension {usd(policy.max_extension_micros)} is below the "
+            f"{usd(state.extended_micros)} already granted", extended_micros=state.extended_micros))
+    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
+                    result={"status": "changed", "escalation": policy.to_json()})
+
+
+def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
+              now: str) -> Decision:
+    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
+    delta = to - before
+    remaining = state.remaining_micros
+    if to > state.task_cap_micros:
+        halt = {"type": "halt", "task": task_id, "requested_micros": to,
+                "remaining_micros": remaining, "reason": "task_cap"}
+        return Decision(events=[halt], error=Refused(
+            f"halted {task_id}: {usd(to, exact=True)} is over the task cap "
+            f"{usd(state.task_cap_micros, exact=True)}; the task is halted for good",
+            code="over_task_cap", task=task_id, requested_micros=to,
+            task_cap_micros=state.task_cap_micros, remaining_micros=remaining))
+    policy = state.policy
+    over_remaining = delta > remaining
+    over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
+    events: list[Event] = []
+    if policy.mode != "off" and (over_remaining or over_threshold):
+        escalation = _escalation_event(state, task_id, kind, before, to, remaining, over_remaining,
+                                       shadow=policy.mode == "shadow", now=now)
+        events.append(escalation)
+        if policy.mode == "enforce":
+            return Decision(events=events, error=_pending(escalation, new=True))
+    if over_remaining:
+        events.append({"type": "halt", "task": task_id, "requested_micros": to,
+                       "remaining_micros": remaining, "reason": "run_cap"})
+        hint = " — release it to settle what it holds" if kind == "increase" else ""
+        return Decision(events=events, error=Refused(
+            f"halted {task_id}: asked for {usd(delta, exact=True)} with {usd(remaining, exact=True)} "
+            f"left of the {usd(state.cap_micros)} cap; the task is halted for good{hint}",
+            code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
+            cap_micros=state.cap_micros))
+    if kind == "reserve":
+        events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
+        status = "reserved"
+    else:
+        events.append({"type": "budget_increased", "task": task_id, "from_micros": before,
+                       "to_micros": to, "reason": reason})
+        status = "increased"
+    return Decision(events=events, result={
+        "status": status, "task": task_id, "reserved_micros": to,
+        "remaining_micros": remaining - delta,
+        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})})
+
+
+def _escalation_event(state: RunState, task_id: str, kind: str, before: int, to: int,
+                      remaining: int, over_remaining: bool, *, shadow: bool, now: str) -> Event:
+    needed = max(0, to - before - remaining)
+    left = state.policy.max_extension_micros - state.extended_micros
+    offered = ["extend", "pause", "cancel"] if needed <= left else ["pause", "cancel"]
+    timeout = state.policy.timeout_s
+    event: Event = {
+        "type": "escalation",
+        # An escalation is always the first event of its decision, so its id names the line
+        # it is written on and is unique in the run.
+        "id": f"esc-{state.seq + 1}",
+        "task": task_id,
+        "kind": kind,
+        "from_micros": before,
+        "requested_micros": to,
+        "remaining_micros": remaining,
+        "reason": "run_cap" if over_remaining else "threshold",
+        "offered": offered,
+        "needed_extension_micros": needed,
+        "expires_at": None if shadow or timeout is None else add_seconds(now, timeout),
+        "shadow": shadow,
+    }
+    if needed > left:
+        event["note"] = (f"extend not offered: needs {usd(needed)} but only {usd(max(left, 0))} "
+                         "of the max extension is left")
+    return event
+
+
+def _pending(escalation: Event | Escalation, *, new: bool) -> Pending:
+    data = escalation if isinstance(escalation, dict) else escalation.to_json()
+    note = data.get("note") or ""
+    verb = "escalated" if new else "still waiting on"
+    return Pending(
+        f"{verb} {data['task']}: {usd(data['requested_micros'], exact=True)} needs a person "
+        f"({'over the remaining budget' if data['reason'] == 'run_cap' else 'over the approval threshold'}); "
+        f"escalation {data['id']} offers {'/'.join(data['offered'])}"
+        + (f" ({note})" if note else "")
+        + f" — run 'escalate wait RUN {data['id']}' or ask an approver",
+        code="escalation_open", escalation_id=data["id"], task=data["task"],
+        requested_micros=data["requested_micros"], remaining_micros=data["remaining_micros"],
+        offered=list(data["offered"]), expires_at=data["expires_at"])
+
+
+def _repeat_while_open(state: RunState, escalation: Escalation, kind: str, amount: int) -> Decision:
+    if escalation.kind == kind and escalation.requested_micros == amount:
+        return _fail(_pending(escalation, new=False))
+    return _fail(Conflict(
+        f"task {escalation.task} has open escalation {escalation.id} for "
+        f"{usd(escalation.requested_micros, exact=True)}, not {usd(amount, exact=True)}; "
+        "wait for its resolution", task=escalation.task, escalation_id=escalation.id,
+        requested_micros=amount, escalated_micros=escalation.requested_micros))
+
+
+def _halted(task_id: str, task: Task) -> Refused:
+    code = "cancelled" if task.halt_reason == "cancelled" else "halted"
+    hint = " — release it to settle what it holds" if task.holding else ""
+    return Refused(f"task {task_id} was halted ({task.halt_reason}) and is terminal; "
+                   f"use a new task id{hint}", code=code, task=task_id, state="halted",
+                   reason=task.halt_reason)
+
+
+def _fail(error: EscalateError) -> Decision:
+    return Decision(error=error)
+
+
+def _task_result(state: RunState, task_id: str, status: str) -> dict[str, Any]:
+    task = state.tasks[task_id]
+    return {"status": status, "task": task_id, "reserved_micros": task.reserved_micros,
+            "actual_micros": task.actual_micros, "remaining_micros": state.remaining_micros}
+
+
+def iter_tasks(state: RunState) -> Iterator[dict[str, Any]]:
+    """Every task as ``runs show --json`` lists it."""
+    for task_id, task in state.tasks.items():
+        yield task.to_json(task_id)

@@ -1,0 +1,102 @@
+"""Money as integer micros (1 USD = 1,000,000), parsed exactly from decimal text.
+
+No float is ever produced or accepted: text is split into its integer and fraction
+digits and combined with integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from escalate.errors import InvalidAmount
+
+MICROS_PER_USD = 1_000_000
+# 1e9 USD keeps every micro value below 2**53, exact for JSON readers that use doubles.
+MAX_USD = 1_000_000_000
+MAX_MICROS = MAX_USD * MICROS_PER_USD
+
+Amount = str | Decimal | int
+
+_USD_TEXT = re.compile(r"\$?([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+
+
+def parse_micros(value: Amount, *, what: str = "amount") -> int:
+    """Return ``value`` in integer micros, or raise :class:`InvalidAmount`.
+
+    ``str`` is decimal USD text (``2.5``, ``$0.000001``); ``Decimal`` is USD; ``int`` is
+    already micros. Negative values, more than 6 decimals and more than 1e9 USD are refused.
+    """
+    if isinstance(value, bool):
+        raise InvalidAmount(f"invalid {what} {value!r}: expected USD text like 2.50", value=repr(value))
+    if isinstance(value, int):
+        micros = value
+    elif isinstance(value, Decimal):
+        micros = _decimal_to_micros(value, what)
+    elif isinstance(value, str):
+        micros = _text_to_micros(value, what)
+    else:
+        raise InvalidAmount(
+            f"invalid {what} of type {type(value).__name__}: expected USD text, Decimal or int micros",
+            value=repr(value),
+        )
+    if micros < 0:
+        raise InvalidAmount(f"invalid {what} {value!r}: must not be negative", value=str(value))
+    if micros > MAX_MICROS:
+        raise InvalidAmount(
+            f"invalid {what} {value!r}: above the limit of {MAX_USD:,} USD", value=str(value)
+        )
+    return micros
+
+
+def _text_to_micros(text: str, what: str) -> int:
+    if text.strip().startswith("-"):
+        raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative", value=text[:40])
+    match = _USD_TEXT.fullmatch(text.strip(" \t"))
+    whole = match.group(1) if match else ""
+    fraction = match.group(2) if match else None
+    # Refuse "", "$", "." and a trailing "2." as well as anything the pattern does not match.
+    if match is None or not whole and not fraction or fraction == "":
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise InvalidAmount(
+            f"invalid {what} {shown!r}: expected USD like 2.50, 0.000001 or $12 "
+            "(digits, an optional '.' and up to 6 decimals)",
+            value=shown,
+        )
+    if fraction is not None and len(fraction) > 6:
+        raise InvalidAmount(
+            f"invalid {what} {text!r}: more than 6 decimals (the smallest unit is 0.000001)",
+            value=text,
+        )
+    if len(whole) > 16:  # far above the limit; avoids building huge ints from hostile input
+        raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD", value=text[:40])
+    return int(whole or "0") * MICROS_PER_USD + int((fraction or "").ljust(6, "0"))
+
+
+def _decimal_to_micros(value: Decimal, what: str) -> int:
+    if not value.is_finite():
+        raise InvalidAmount(f"invalid {what} {value}: not a finite number", value=str(value))
+    scaled = value.scaleb(6)
+    if scaled != scaled.to_integral_value():
+        raise InvalidAmount(
+            f"invalid {what} {value}: more than 6 decimals (the smallest unit is 0.000001)",
+            value=str(value),
+        )
+    if abs(value) > MAX_USD:
+        raise InvalidAmount(f"invalid {what} {value}: above the limit of {MAX_USD:,} USD", value=str(value))
+    return int(scaled)
+
+
+def format_usd(micros: int, *, exact: bool = False) -> str:
+    """``4500000`` → ``$4.50`` for people; ``exact`` keeps every micro (``$4.500001``)."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), MICROS_PER_USD)
+    if exact:
+        digits = f"{fraction:06d}".rstrip("0")
+        return f"{sign}${whole:,}" + (f".{digits.ljust(2, '0')}" if digits else ".00")
+    cents, rest = divmod(fraction, 10_000)
+    if rest >= 5_000:  # round half up on the absolute value, for display only
+        cents += 1
+    if cents == 100:
+        whole, cents = whole + 1, 0
+    return f"{sign}${whole:,}.{cents:02d}"
