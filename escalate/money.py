@@ -56,7 +56,7 @@ def _text_to_micros(text: str, what: str) -> int:
     whole = match.group(1) if match else ""
     fraction = match.group(2) if match else None
     # Refuse "", "$", "." and a trailing "2." as well as anything the pattern does not match.
-    if match is None or not whole and not fraction or fraction == "":
+    if match is None or (not whole and not fraction) or fraction == "":
         shown = text if len(text) <= 40 else text[:37] + "..."
         raise InvalidAmount(
             f"invalid {what} {shown!r}: expected USD like 2.50, 0.000001 or $12 "
@@ -69,7 +69,8 @@ def _text_to_micros(text: str, what: str) -> int:
             value=text,
         )
     if len(whole) > 16:  # far above the limit; avoids building huge ints from hostile input
-        raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD", value=text[:40])
+        raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD",
+                            value=text[:40])
     return int(whole or "0") * MICROS_PER_USD + int((fraction or "").ljust(6, "0"))
 
 

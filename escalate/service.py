@@ -7,6 +7,7 @@ after the events that record them are durable.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import subprocess
@@ -150,10 +151,8 @@ def _resync(state: RunState, event: dict[str, Any] | None, this_hash: str) -> No
     """After a bad line in tolerant mode: keep what the payload says if it folds, and
     continue the chain from this line so one bad line is reported once."""
     if event is not None:
-        try:
+        with contextlib.suppress(RuleViolation, KeyError, TypeError):
             ledger.apply_payload(state, event)
-        except (RuleViolation, KeyError, TypeError):
-            pass
         seq = event.get("seq")
         state.seq = seq if type(seq) is int else state.seq + 1
     else:
@@ -418,7 +417,8 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                          code="invalid_mode", value=mode)
     return Policy(
         mode=mode,
-        approval_threshold_micros=None if threshold is None else parse_micros(threshold, what="approval threshold"),
+        approval_threshold_micros=(None if threshold is None
+                                   else parse_micros(threshold, what="approval threshold")),
         timeout_s=None if timeout_s is None else int(timeout_s),
         max_extension_micros=parse_micros(max_extension, what="max extension"),
     )

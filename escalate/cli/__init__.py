@@ -36,7 +36,7 @@ class _OneLineErrors(TyperGroup):
             context = getattr(exc, "ctx", None)
             if context is not None:
                 hint = f"; see '{context.command_path} --help'"
-            print(f"escalate: error: {exc.format_message()}{hint}", file=sys.stderr)
+            print(f"escalate: error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)
             sys.exit(2)
         except typer.Abort:
             print("escalate: aborted", file=sys.stderr)
