@@ -1,0 +1,5 @@
+"""``python -m escalate`` runs the CLI."""
+
+from escalate.cli import main
+
+main()
