@@ -137,7 +137,9 @@ class RunState:
 
     @property
     def remaining_micros(self) -> int:
-        return self.cap_micros - self.committed_micros
+        # Spelled out rather than through the two properties above: the fold checks it on
+        # every reservation.
+        return self.run_cap_micros + self.extended_micros - self.spent_micros - self.reserved_micros
 
     def totals(self) -> dict[str, Any]:
         """The run's money, exact, as ``runs show --json`` reports it."""
@@ -226,7 +228,12 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
             f"prev {event.get('prev')!r} does not match the previous line's hash "
             f"{state.last_hash!r} (a line was edited, removed or inserted)"
         )
-    apply_payload(state, event)
+    # apply_payload, inlined: this runs once per line of every replay.
+    kind = event.get("type")
+    handler = _APPLY.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        raise RuleViolation(f"unknown event type {kind!r}")
+    handler(state, event)
     state.seq = seq
     state.last_hash = this_hash
     state.last_ts = event.get("ts", state.last_ts)
@@ -302,9 +309,12 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
     state.reserved_micros -= reserved
     state.spent_micros += actual
-    # Only what the single-use and idempotency rules need is kept for a settled task.
-    state.tasks[task_id] = Task(state="released", reserved_micros=reserved, actual_micros=actual,
-                                halt_reason=task.halt_reason)
+    # Only what the single-use and idempotency rules need is kept for a settled task
+    # (settled in place: no new object per release).
+    task.state = "released"
+    task.holding = False
+    task.actual_micros = actual
+    task.escalation_id = None
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
@@ -488,7 +498,8 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
         return _fail(_halted(task_id, task))
     if task is not None and task.state == "released":
         return _fail(Conflict(
-            f"task {task_id} was already released; a released task cannot be increased",
+            f"task {task_id} was already released; a released task cannot be increased — "
+            "reserve under a new task id",
             task=task_id, state="released", actual_micros=task.actual_micros))
     open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
     if open_escalation is not None and open_escalation.kind == "increase":
@@ -516,12 +527,13 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
             return Decision(result=_task_result(state, task_id, "exists"))
         return _fail(Conflict(
             f"task {task_id} was already released with {usd(task.actual_micros or 0, exact=True)} "
-            f"actual, not {usd(actual, exact=True)}",
+            f"actual, not {usd(actual, exact=True)}; the first release stands — check the task id",
             task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
         return _fail(Conflict(
-            f"task {task_id} holds no reservation to release (state: {state_word})",
+            f"task {task_id} holds no reservation to release (state: {state_word}); reserve it first, "
+            f"or check the task id with 'escalate runs show {state.run_id}'",
             task=task_id, state=state_word))
     if task.escalation_id in state.open_escalations:
         return _fail(Conflict(
@@ -553,9 +565,12 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
                  "by": escalation.by, "resolved_at": escalation.resolved_at}
         if escalation.mode == mode and escalation.by == by:
             return Decision(result={"status": "exists", **facts, "task": escalation.task})
+        expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
+                   if escalation.by == "timeout" else "")
         return _fail(Conflict(
             f"escalation {escalation_id} was already resolved: {escalation.mode} by "
-            f"{escalation.by} at {escalation.resolved_at}; the first resolution wins", **facts))
+            f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
+            "nothing to do", **facts))
     resolved: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
                        "extension_micros": 0}
     task = state.tasks[escalation.task]
@@ -600,7 +615,8 @@ def decide_policy(state: RunState, policy: Policy) -> Decision:
     if policy.max_extension_micros < state.extended_micros:
         return _fail(Conflict(
             f"max extension {usd(policy.max_extension_micros)} is below the "
-            f"{usd(state.extended_micros)} already granted", extended_micros=state.extended_micros))
+            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
+            f"{usd(state.extended_micros, exact=True)}", extended_micros=state.extended_micros))
     return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
                     result={"status": "changed", "escalation": policy.to_json()})
 
@@ -610,12 +626,14 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
     delta = to - before
     remaining = state.remaining_micros
+    settle = " — release it to settle what it holds" if kind == "increase" else ""
     if to > state.task_cap_micros:
         halt = {"type": "halt", "task": task_id, "requested_micros": to,
                 "remaining_micros": remaining, "reason": "task_cap"}
         return Decision(events=[halt], error=Refused(
             f"halted {task_id}: {usd(to, exact=True)} is over the task cap "
-            f"{usd(state.task_cap_micros, exact=True)}; the task is halted for good",
+            f"{usd(state.task_cap_micros, exact=True)}; the task is halted for good"
+            + (settle or f" — ask for at most {usd(state.task_cap_micros, exact=True)} under a new task id"),
             code="over_task_cap", task=task_id, requested_micros=to,
             task_cap_micros=state.task_cap_micros, remaining_micros=remaining))
     policy = state.policy
@@ -627,16 +645,17 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
                                        shadow=policy.mode == "shadow", now=now)
         events.append(escalation)
         if policy.mode == "enforce":
-            return Decision(events=events, error=_pending(escalation, new=True))
+            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
     if over_remaining:
         events.append({"type": "halt", "task": task_id, "requested_micros": to,
                        "remaining_micros": remaining, "reason": "run_cap"})
-        hint = " — release it to settle what it holds" if kind == "increase" else ""
         return Decision(events=events, error=Refused(
             f"halted {task_id}: asked for {usd(delta, exact=True)} with {usd(remaining, exact=True)} "
-            f"left of the {usd(state.cap_micros)} cap; the task is halted for good{hint}",
+            f"left of the {usd(state.cap_micros)} cap; the task is halted for good"
+            + (settle or " — ask for less under a new task id"),
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
-            cap_micros=state.cap_micros))
+            cap_micros=state.cap_micros,
+            **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
     if kind == "reserve":
         events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
         status = "reserved"
@@ -678,7 +697,7 @@ def _escalation_event(state: RunState, task_id: str, kind: str, before: int, to:
     return event
 
 
-def _pending(escalation: Event | Escalation, *, new: bool) -> Pending:
+def _pending(run_id: str, escalation: Event | Escalation, *, new: bool) -> Pending:
     data = escalation if isinstance(escalation, dict) else escalation.to_json()
     note = data.get("note") or ""
     verb = "escalated" if new else "still waiting on"
@@ -687,7 +706,7 @@ def _pending(escalation: Event | Escalation, *, new: bool) -> Pending:
         f"({'over the remaining budget' if data['reason'] == 'run_cap' else 'over the approval threshold'}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
-        + f" — run 'escalate wait RUN {data['id']}' or ask an approver",
+        + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",
         code="escalation_open", escalation_id=data["id"], task=data["task"],
         requested_micros=data["requested_micros"], remaining_micros=data["remaining_micros"],
         offered=list(data["offered"]), expires_at=data["expires_at"])
@@ -695,7 +714,7 @@ def _pending(escalation: Event | Escalation, *, new: bool) -> Pending:
 
 def _repeat_while_open(state: RunState, escalation: Escalation, kind: str, amount: int) -> Decision:
     if escalation.kind == kind and escalation.requested_micros == amount:
-        return _fail(_pending(escalation, new=False))
+        return _fail(_pending(state.run_id, escalation, new=False))
     return _fail(Conflict(
         f"task {escalation.task} has open escalation {escalation.id} for "
         f"{usd(escalation.requested_micros, exact=True)}, not {usd(amount, exact=True)}; "

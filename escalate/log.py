@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -34,9 +34,10 @@ class LogBackend(Protocol):
     def locked(self) -> AbstractContextManager[None]: ...
     def reader(self) -> BinaryIO: ...
     def size(self) -> int: ...
-    def append(self, data: bytes) -> None: ...
-    def set_aside(self, offset: int) -> tuple[int, str]: ...
-    def create(self, first_line: bytes) -> bool: ...
+    def append(self, data: bytes, *, torn_from: int | None = None) -> None: ...
+    def side_file_name(self, offset: int) -> str: ...
+    def set_aside(self, offset: int, name: str) -> int: ...
+    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes]) -> bool: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,6 +55,21 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _write_over(fd: int, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` and cut the file after it, then fsync.
+
+    What was there is a torn tail (no newline), so at every moment in between the file
+    is complete lines plus at most a torn tail: a crash part-way leaves nothing that a
+    replay misreads, only a shorter torn tail for the next writer.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    os.ftruncate(fd, offset)
+    os.fsync(fd)
+
+
 class FileLog:
     """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar."""
 
@@ -64,11 +80,15 @@ class FileLog:
         self.lock_timeout = lock_timeout
 
     def _check_not_symlink(self) -> None:
-        for path in (self.run_dir, self.path):
+        # A link could lead a write (or the lock's O_CREAT) outside the runs root.
+        for path in (self.run_dir, self.path, self.lock_path):
             if path.is_symlink():
                 raise InputError(
-                    f"{path} is a symbolic link; escalate only uses real run folders and logs "
-                    "(replace the link with the folder it points to)", code="symlink", path=str(path))
+                    f"{path} is a symbolic link; escalate only uses real run folders, logs and lock "
+                    "files (replace the link with what it points to)", code="symlink", path=str(path))
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise InputError(f"{self.run_dir} is not a folder; move it away or pick another run id",
+                             code="not_a_run", path=str(self.run_dir))
 
     def exists(self) -> bool:
         """True when the run has a log with at least its first line."""
@@ -115,51 +135,71 @@ class FileLog:
     def size(self) -> int:
         return self.path.stat().st_size
 
-    def append(self, data: bytes) -> None:
-        """Append whole lines with one write, then fsync. The caller holds the lock."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def append(self, data: bytes, *, torn_from: int | None = None) -> None:
+        """Append whole lines with one write, then fsync. The caller holds the lock.
 
-    def set_aside(self, offset: int) -> tuple[int, str]:
-        """Move the bytes after ``offset`` (a torn tail) to a side file, then truncate.
-
-        Returns ``(torn_bytes, side_file_name)``. The side file is durable before the
-        log is shortened, so a crash in between loses nothing. The caller holds the lock.
+        ``torn_from``: the log ends in a torn tail from there, already copied by
+        :meth:`set_aside`; the lines are written over it, never after it.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
-        try:
-            torn = os.pread(fd, os.fstat(fd).st_size - offset, offset)
-            name = self._write_side_file(offset, torn)
-            os.ftruncate(fd, offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return len(torn), name
-
-    def _write_side_file(self, offset: int, torn: bytes) -> str:
-        for attempt in range(1000):
-            name = f"{TORN_PREFIX}{offset}" + (f".{attempt}" if attempt else "")
+        if torn_from is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
-                fd = os.open(self.run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                             0o644)
-            except FileExistsError:
-                continue
-            try:
-                _write_all(fd, torn)
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(self.run_dir)
-            return name
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            _write_over(fd, torn_from, data)
+        finally:
+            os.close(fd)
+
+    def side_file_name(self, offset: int) -> str:
+        """A free name in the run folder for the torn tail that starts at ``offset``.
+
+        ``events.ndjson.torn-<offset>``, with ``.1``, ``.2`` … when a torn tail was already
+        set aside at the same offset (a recovery write that was itself torn). The caller
+        holds the lock, so the name stays free until :meth:`set_aside` creates it.
+        """
+        for attempt in range(1000):
+            name = f"{TORN_PREFIX}{offset}" + (f".{attempt}" if attempt else "")
+            if not os.path.lexists(self.run_dir / name):
+                return name
         raise OSError(errno.EEXIST, "too many side files for one offset", str(self.run_dir))
 
-    def create(self, first_line: bytes) -> bool:
-        """Create the run folder and write its first line; False if the run already exists."""
+    def set_aside(self, offset: int, name: str) -> int:
+        """Copy the bytes after ``offset`` (a torn tail) into the new side file ``name`` and
+        make it durable; returns how many. The caller holds the lock and then calls
+        ``append(lines, torn_from=offset)``, which writes over those bytes.
+
+        The copy is durable before the log changes, so a crash in between loses nothing
+        (it leaves a side file no ``recovery`` event names, holding bytes the log still has).
+        """
+        with self.reader() as stream:
+            stream.seek(offset)
+            torn = stream.read()
+        self._write_side_file(name, torn)
+        return len(torn)
+
+    def _write_side_file(self, name: str, torn: bytes) -> None:
+        fd = os.open(self.run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            _write_all(fd, torn)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.run_dir)
+
+    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes]) -> bool:
+        """Create the run folder and write its first line; False if the run already exists.
+
+        A crash during an earlier create can leave a first line without its newline: those
+        bytes are set aside like any torn tail, and ``recovery(torn_bytes, saved_to)`` gives
+        the line written right after the new first line, in the same write.
+        """
         runs_root = self.run_dir.parent
+        self._check_not_symlink()
         runs_root.mkdir(parents=True, exist_ok=True)
         try:
             self.run_dir.mkdir()
@@ -168,13 +208,22 @@ class FileLog:
             pass
         with self.locked():
             if self.exists():
-                return False
+                if self._has_complete_line():
+                    return False
+                name = self.side_file_name(0)
+                first_line += recovery(self.set_aside(0, name), name)
             # An empty log is what a crash during creation leaves: it is safe to write into.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                _write_all(fd, first_line)
-                os.fsync(fd)
+                _write_over(fd, 0, first_line)
             finally:
                 os.close(fd)
             _fsync_dir(self.run_dir)
         return True
+
+    def _has_complete_line(self) -> bool:
+        with self.reader() as stream:
+            while chunk := stream.read(1 << 16):
+                if b"\n" in chunk:
+                    return True
+        return False

@@ -7,7 +7,7 @@ digits and combined with integer arithmetic.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, localcontext
 
 from escalate.errors import InvalidAmount
 
@@ -15,6 +15,7 @@ MICROS_PER_USD = 1_000_000
 # 1e9 USD keeps every micro value below 2**53, exact for JSON readers that use doubles.
 MAX_USD = 1_000_000_000
 MAX_MICROS = MAX_USD * MICROS_PER_USD
+_ONE_MICRO_USD = Decimal("0.000001")
 
 Amount = str | Decimal | int
 
@@ -41,17 +42,19 @@ def parse_micros(value: Amount, *, what: str = "amount") -> int:
             value=repr(value),
         )
     if micros < 0:
-        raise InvalidAmount(f"invalid {what} {value!r}: must not be negative", value=str(value))
+        raise InvalidAmount(f"invalid {what} {value!r}: must not be negative; give 0 or more",
+                            value=str(value))
     if micros > MAX_MICROS:
         raise InvalidAmount(
-            f"invalid {what} {value!r}: above the limit of {MAX_USD:,} USD", value=str(value)
+            f"invalid {what} {value!r}: above the limit of {MAX_USD:,} USD; give less", value=str(value)
         )
     return micros
 
 
 def _text_to_micros(text: str, what: str) -> int:
     if text.strip().startswith("-"):
-        raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative", value=text[:40])
+        raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative; give 0 or more",
+                            value=text[:40])
     match = _USD_TEXT.fullmatch(text.strip(" \t"))
     whole = match.group(1) if match else ""
     fraction = match.group(2) if match else None
@@ -65,27 +68,36 @@ def _text_to_micros(text: str, what: str) -> int:
         )
     if fraction is not None and len(fraction) > 6:
         raise InvalidAmount(
-            f"invalid {what} {text!r}: more than 6 decimals (the smallest unit is 0.000001)",
+            f"invalid {what} {text!r}: more than 6 decimals; round to 6 (0.000001 is the smallest unit)",
             value=text,
         )
+    whole = whole.lstrip("0")  # leading zeros carry no value and must not trip the length guard
     if len(whole) > 16:  # far above the limit; avoids building huge ints from hostile input
-        raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD",
+        raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD; give less",
                             value=text[:40])
     return int(whole or "0") * MICROS_PER_USD + int((fraction or "").ljust(6, "0"))
 
 
 def _decimal_to_micros(value: Decimal, what: str) -> int:
     if not value.is_finite():
-        raise InvalidAmount(f"invalid {what} {value}: not a finite number", value=str(value))
-    scaled = value.scaleb(6)
-    if scaled != scaled.to_integral_value():
+        raise InvalidAmount(f"invalid {what} {value}: not a finite number; give USD like 2.50",
+                            value=str(value))
+    if value < 0:
+        raise InvalidAmount(f"invalid {what} {value}: must not be negative; give 0 or more", value=str(value))
+    if value > MAX_USD:
+        raise InvalidAmount(f"invalid {what} {value}: above the limit of {MAX_USD:,} USD; give less",
+                            value=str(value))
+    # Quantize in a context that traps rounding: the default 28-digit context would silently
+    # round away a 7th decimal behind many digits, or turn 1E-999999999 into 0.
+    try:
+        with localcontext(Context(prec=40, traps=[Inexact])):
+            exact = value.quantize(_ONE_MICRO_USD)
+    except Inexact:
         raise InvalidAmount(
-            f"invalid {what} {value}: more than 6 decimals (the smallest unit is 0.000001)",
+            f"invalid {what} {value}: more than 6 decimals; round to 6 (0.000001 is the smallest unit)",
             value=str(value),
-        )
-    if abs(value) > MAX_USD:
-        raise InvalidAmount(f"invalid {what} {value}: above the limit of {MAX_USD:,} USD", value=str(value))
-    return int(scaled)
+        ) from None
+    return int(exact.scaleb(6))
 
 
 def format_usd(micros: int, *, exact: bool = False) -> str:

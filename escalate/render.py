@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from escalate.events import parse_ts
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
 
@@ -55,9 +57,14 @@ def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
 
 def show_run(state: RunState, *, all_tasks: bool = False, warnings: Iterable[str] = ()) -> None:
     """``runs show`` for people: the totals with a usage bar, then tasks and escalations."""
-    out = console()
     for warning in warnings:
         console(stderr=True).print(Text(f"warning: {warning}", style="yellow"))
+    console().print(run_panel(state, all_tasks=all_tasks))
+
+
+def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
+    """The run for people as one renderable (``runs show``, and redrawn by ``runs watch``)."""
+    parts: list[RenderableType] = []
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column(justify="right")
@@ -73,8 +80,10 @@ def show_run(state: RunState, *, all_tasks: bool = False, warnings: Iterable[str
     summary.add_row("escalation", state.policy.mode
                     + (f", threshold {usd(state.policy.approval_threshold_micros)}"
                        if state.policy.approval_threshold_micros is not None else ""))
+    summary.add_row("escalations", f"{len(state.open_escalations)} open, "
+                    f"{sum(e.shadow for e in state.escalations.values())} shadow (would have fired)")
     summary.add_row("events", str(state.seq))
-    out.print(summary)
+    parts.append(summary)
 
     items = list(state.tasks.items())
     shown = items if all_tasks else items[-TASK_ROWS:]
@@ -91,48 +100,114 @@ def show_run(state: RunState, *, all_tasks: bool = False, warnings: Iterable[str
                       usd(task.reserved_micros) if task.holding or task.state == "released" else "-",
                       "-" if task.actual_micros is None else usd(task.actual_micros), note or "")
     if items:
-        out.print(table)
+        parts.append(table)
     if len(shown) < len(items):
-        out.print(f"… {len(items) - len(shown)} earlier tasks not shown (use --all or --json)")
+        parts.append(Text(f"… {len(items) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
     if escalations:
-        out.print(escalation_table(
+        parts.append(escalation_table(
             [{"run": state.run_id, **e.to_json()} for e in escalations], title="escalations",
             with_run=False))
+    return Group(*parts)
 
 
-def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool = True) -> Table:
-    """Escalations for an approver: what is asked, what is left, and what can be done."""
+def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
+    """``runs show --events N`` and ``runs watch``: one row per event, oldest first."""
+    from escalate.report import describe_event
+
+    rows = list(events)
+    table = Table(title=f"last {len(rows)} events", title_justify="left")
+    for column in ("seq", "time", "actor", "event"):
+        table.add_column(column, justify="right" if column == "seq" else "left")
+    styles = {"halt": "red", "escalation": "yellow", "escalation_resolved": "yellow", "recovery": "magenta"}
+    for event in rows:
+        table.add_row(str(event.get("seq", "?")), _short_ts(event.get("ts")), str(event.get("actor", "")),
+                      Text(describe_event(event), style=styles.get(str(event.get("type")), "")))
+    return table
+
+
+def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool = True,
+                     now: datetime | None = None) -> Table:
+    """Escalations for an approver: what is asked, what is left, how old, when it times out,
+    and what can be done (``now`` is for tests; it defaults to the clock)."""
+    moment = now or datetime.now(UTC)
     table = Table(title=f"{title} ({len(rows)})", title_justify="left")
-    for column in (["run"] if with_run else []) + ["id", "task", "asked", "remaining", "state",
-                                                    "offered / outcome", "opened", "expires"]:
-        table.add_column(column, justify="right" if column in ("asked", "remaining") else "left")
+    for column in (["run"] if with_run else []) + ["id", "task", "amount", "remaining", "state", "age",
+                                                    "expires", "offered"]:
+        table.add_column(column, justify="right" if column in ("amount", "remaining") else "left",
+                         overflow="fold")
     for row in rows:
+        waiting = row["state"] == "open" and not row["shadow"]
         if row["shadow"]:
-            state, outcome = Text("shadow", style="dim"), "would have fired"
+            state = Text("shadow", style="dim")
         elif row["state"] == "open":
-            state, outcome = Text("open", style="yellow bold"), "/".join(row["offered"])
+            state = Text("open", style="yellow bold")
         else:
-            state = Text("resolved")
-            outcome = f"{row['mode']} by {row['by']}"
-        cells = [row["id"], row["task"], usd(row["requested_micros"]), usd(row["remaining_micros"]),
-                 state, outcome, _short_ts(row["opened_at"]), _short_ts(row["expires_at"])]
+            state = Text(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
+        cells = [row["id"], row["task"], usd(row["requested_micros"]), usd(row["remaining_micros"]), state,
+                 _duration(_seconds_between(row["opened_at"], moment)), _expires(row, moment),
+                 "/".join(row["offered"]) if waiting else "-"]
         table.add_row(*([row["run"]] if with_run else []), *cells)
     return table
 
 
+_RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled"}
+
+
+def _seconds_between(ts: str, moment: datetime) -> float:
+    return (moment - parse_ts(ts)).total_seconds()
+
+
+def _expires(row: dict[str, Any], moment: datetime) -> Text | str:
+    """``in 48m`` for an open escalation; ``overdue 3m`` once past it (the next command that
+    touches the run, or a sweep, pauses it); ``-`` when nobody needs to act."""
+    if row["shadow"] or row["state"] != "open":
+        return "-"
+    if row["expires_at"] is None:
+        return "never"
+    left = -_seconds_between(row["expires_at"], moment)
+    if left > 0:
+        return f"in {_duration(left)}"
+    return Text(f"overdue {_duration(-left)}", style="red")
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h``: two units at most, rounded down."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m"
+    if whole < 86400:
+        hours, minutes = divmod(whole // 60, 60)
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    days, hours = divmod(whole // 3600, 24)
+    return f"{days}d{hours:02d}h" if hours else f"{days}d"
+
+
 def runs_table(rows: list[dict[str, Any]]) -> Table:
-    """``runs list``: one row per run, newest first."""
-    table = Table(title=f"runs ({len(rows)})", title_justify="left")
+    """``runs list``: one row per run, newest first; narrow enough for 80 columns."""
+    from rich import box
+
+    table = Table(title=f"runs ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False)
     for column in ("run", "cap", "committed", "remaining", "used", "state", "opened"):
-        table.add_column(column, justify="right" if column in ("cap", "committed", "remaining") else "left")
+        money = column in ("cap", "committed", "remaining", "used")
+        table.add_column(column, justify="right" if money else "left", no_wrap=money,
+                         min_width={"run": min(16, max((len(row["run"]) for row in rows), default=3)),
+                                    "state": 6, "opened": 10}.get(column))
+    state_styles = {"over cap": "red", "escalation open": "yellow", "halted tasks": "red"}
     for row in rows:
         if "error" in row:
-            table.add_row(row["run"], "-", "-", "-", "", Text(row["error"], style="red"), "")
+            table.add_row(row["run"], "-", "-", "-", "-", Text(row["error"], style="red"), "-")
             continue
-        table.add_row(row["run"], usd(row["cap_micros"]), usd(row["committed_micros"]),
-                      usd(row["remaining_micros"]), usage_bar(row["committed_micros"], row["cap_micros"], 12),
-                      row["state"], _short_ts(row["opened_at"]))
+        cap, committed = row["cap_micros"], row["committed_micros"]
+        share = committed / cap if cap > 0 else 1.0
+        used = Text(f"{share * 100:.0f}%",
+                    style="green" if share < 0.8 else ("yellow" if share < 1 else "red"))
+        table.add_row(row["run"], usd(cap), usd(committed), usd(row["remaining_micros"]), used,
+                      Text(row["state"], style=state_styles.get(row["state"], "")),
+                      _short_ts(row["opened_at"])[:16])
     return table
 
 

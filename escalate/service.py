@@ -7,9 +7,13 @@ after the events that record them are durable.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import gc
 import getpass
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 
 from escalate import ledger
+from escalate.cache import CacheInvalid, Checkpoint
 from escalate.errors import (
     Conflict,
     CorruptLedger,
@@ -39,7 +44,7 @@ from escalate.money import Amount, parse_micros
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
-NOTIFY_TIMEOUT_S = 10.0
+DEFAULT_NOTIFY_TIMEOUT_S = 10.0
 _WAIT_POLL_S = 0.05
 
 Clock = Callable[[], datetime]
@@ -58,6 +63,12 @@ def default_lock_timeout() -> float:
     """``$ESCALATE_LOCK_TIMEOUT`` (seconds) or 30."""
     raw = os.environ.get("ESCALATE_LOCK_TIMEOUT")
     return DEFAULT_LOCK_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_LOCK_TIMEOUT")
+
+
+def default_notify_timeout() -> float:
+    """``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …) or 10."""
+    raw = os.environ.get("ESCALATE_NOTIFY_TIMEOUT")
+    return DEFAULT_NOTIFY_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_NOTIFY_TIMEOUT")
 
 
 def default_actor() -> str:
@@ -103,20 +114,52 @@ class Replayed:
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
     lines: int = 0
+    last_line_start: int = 0
+    from_checkpoint: bool = False
 
 
-def replay(log: LogBackend, run_id: str, *, tolerant: bool = False) -> Replayed:
-    """Fold the whole log. Strict: stop at the first problem (``problem``); tolerant: note
-    every problem and go on (``problems``), for ``runs verify``."""
-    state: RunState | None = None
-    offset = 0
-    line_no = 0
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _gc_paused(fold: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fold`` with the cyclic garbage collector paused. A fold allocates one long-lived,
+    cycle-free object per task, and every full collection would walk all of them again
+    (about a third of the time of a million-event replay); reference counting still frees
+    everything."""
+
+    @functools.wraps(fold)
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fold(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
+def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
+           start: Replayed | None = None) -> Replayed:
+    """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
+    the first problem (``problem``); tolerant: note every problem and go on (``problems``),
+    for ``runs verify``."""
+    state: RunState | None = start.state if start else None
+    offset = start.offset if start else 0
+    last_line_start = start.last_line_start if start else 0
+    line_no = start.lines if start else 0
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = []
+    complete_end = offset
     with log.reader() as stream:
-        for line, end in iter_lines(stream, 0):
+        for line, end in iter_lines(stream, offset):
             line_no += 1
+            complete_end = end
             this_hash = line_hash(line)
+            event: Any = None
             try:
                 event = orjson.loads(line)
                 if not isinstance(event, dict):
@@ -127,6 +170,9 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False) -> Replayed:
                     ledger.apply(state, event, this_hash)
             except (orjson.JSONDecodeError, RuleViolation) as exc:
                 reason = f"unparsable JSON ({exc})" if isinstance(exc, orjson.JSONDecodeError) else str(exc)
+                if isinstance(exc, RuleViolation) and state is not None and _only_chain_broken(state, event):
+                    reason += (f": line {line_no - 1} was changed after this line was written, or "
+                               "a line was removed or inserted before this one")
                 if not tolerant or state is None:
                     problem = CorruptLedger(
                         f"{log_path(log)} line {line_no}: {reason}; writes are refused — "
@@ -136,27 +182,40 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False) -> Replayed:
                     break
                 problems.append((line_no, reason))
                 _resync(state, event if isinstance(event, dict) else None, this_hash)
-            offset = end
+            last_line_start, offset = offset, end
+        # After a problem, count the lines that were not folded, so that only bytes after
+        # the last newline are reported as a torn tail.
+        for _, end in iter_lines(stream, complete_end) if problem is not None else ():
+            line_no += 1
+            complete_end = end
         size = stream.seek(0, os.SEEK_END)
     if state is None:
         if problem is not None:
             raise problem
-        raise UnknownRun(f"run {run_id} has no complete first line; create it with 'escalate runs init'",
-                         run=run_id)
-    return Replayed(state=state, offset=offset, torn_bytes=size - offset, problem=problem,
-                    problems=problems, lines=line_no)
+        raise UnknownRun(
+            f"run {run_id} has no complete first line ({size} bytes of an unfinished one, left by "
+            f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
+            "to set them aside and create it", run=run_id, torn_bytes=size)
+    return Replayed(state=state, offset=offset, torn_bytes=size - complete_end, problem=problem,
+                    problems=problems, lines=line_no, last_line_start=last_line_start)
+
+
+def _only_chain_broken(state: RunState, event: Any) -> bool:
+    """True when a line has the expected seq but not the previous line's hash."""
+    return isinstance(event, dict) and event.get("v") == 1 and event.get("seq") == state.seq + 1 \
+        and event.get("prev") != state.last_hash
 
 
 def _resync(state: RunState, event: dict[str, Any] | None, this_hash: str) -> None:
     """After a bad line in tolerant mode: keep what the payload says if it folds, and
-    continue the chain from this line so one bad line is reported once."""
-    if event is not None:
-        with contextlib.suppress(RuleViolation, KeyError, TypeError):
-            ledger.apply_payload(state, event)
-        seq = event.get("seq")
-        state.seq = seq if type(seq) is int else state.seq + 1
-    else:
-        state.seq += 1
+    continue the chain from this line so one bad line is reported once. A line that is no
+    event at all is passed over, as if inserted: a line it replaced shows up as a seq gap."""
+    if event is None:
+        return
+    with contextlib.suppress(RuleViolation, KeyError, TypeError):
+        ledger.apply_payload(state, event)
+    seq = event.get("seq")
+    state.seq = seq if type(seq) is int else state.seq + 1
     state.last_hash = this_hash
 
 
@@ -176,17 +235,22 @@ class Ledger:
         actor: str | None = None,
         clock: Clock | None = None,
         notify_cmd: str | None = None,
+        notify_timeout: float | None = None,
     ) -> None:
         self.run_id = check_id(run_id, what="run id")
         self.runs_dir = Path(runs_dir)
         timeout = default_lock_timeout() if lock_timeout is None else lock_timeout
         if not timeout >= 0:
-            raise InputError(f"invalid lock timeout {timeout!r}: must be 0 or more seconds",
+            raise InputError(f"invalid lock timeout {timeout!r}: give 0 or more seconds",
                              code="invalid_duration")
         self.actor = _check_actor(actor or default_actor())
         self.clock = clock or _utc_now
         self.notify_cmd = notify_cmd if notify_cmd is not None else os.environ.get("ESCALATE_NOTIFY_CMD")
-        self.log: LogBackend = FileLog(self.runs_dir / self.run_id, lock_timeout=timeout)
+        # Read up front, so a bad value is an input error before anything is written.
+        self.notify_timeout = default_notify_timeout() if notify_timeout is None else notify_timeout
+        self.log = FileLog(self.runs_dir / self.run_id, lock_timeout=timeout)
+        # The checkpoint is a file beside the log: a speed-up the file backend offers.
+        self.checkpoint: Checkpoint | None = Checkpoint(self.runs_dir / self.run_id)
 
     # ------------------------------------------------------------------ opening
 
@@ -208,14 +272,24 @@ class Ledger:
         run = cls(runs_dir, run_id, **options)
         run_cap = parse_micros(cap, what="cap")
         if run_cap == 0:
-            raise InputError("invalid cap 0: a run needs a cap above zero", code="invalid_amount")
+            raise InputError("invalid cap 0: a run needs a cap above zero; give --cap", code="invalid_amount")
         task_cap_micros = None if task_cap is None else parse_micros(task_cap, what="task cap")
         if task_cap_micros is not None and task_cap_micros > run_cap:
-            raise InputError("invalid task cap: it is above the run cap", code="invalid_amount")
+            raise InputError("invalid task cap: it is above the run cap; lower --task-cap or raise --cap",
+                             code="invalid_amount")
         policy = make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
         payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
-        [(_, line, _)] = seal([payload], seq=0, prev="", ts=format_ts(run.clock()), actor=run.actor)
-        if run.log.create(line + b"\n"):
+        now = format_ts(run.clock())
+        [(_, line, first_hash)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
+
+        def recovery(torn_bytes: int, saved_to: str) -> bytes:
+            # run_opened must stay the first line, so a torn first line is recorded right after it.
+            [(_, recovery_line, _)] = seal([{"type": "recovery", "torn_bytes": torn_bytes,
+                                             "saved_to": saved_to}],
+                                           seq=1, prev=first_hash, ts=now, actor=run.actor)
+            return recovery_line + b"\n"
+
+        if run.log.create(line + b"\n", recovery):
             return run
         existing = run._replay().state
         wanted = (run_cap, payload["task_cap_micros"], policy)
@@ -249,6 +323,9 @@ class Ledger:
         """Raise ``task``'s reservation to the absolute amount ``to``."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
+        if len(reason) > 1000 or not reason.isprintable():
+            raise InputError(f"invalid reason {reason[:40]!r}: use up to 1000 printable characters",
+                             code="invalid_reason", value=reason[:40])
         return self._mutate(lambda state, now: ledger.decide_increase(state, task_id, micros, reason, now))
 
     def release(self, task: str, actual: Amount) -> dict[str, Any]:
@@ -282,33 +359,48 @@ class Ledger:
         return self._mutate(decide)
 
     def sweep(self) -> dict[str, Any]:
-        """Resolve expired escalations (``pause`` by ``timeout``); a no-op otherwise."""
-        result = self._mutate(lambda state, now: Decision(result={"status": "swept"}))
-        return result
+        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids."""
+        # The expiry itself happens in _mutate, before any decision; telling which
+        # resolutions this write added takes the set that was open before it.
+        was_open = set(self.state().open_escalations)
+
+        def decide(state: RunState, now: str) -> Decision:
+            expired = [e.id for e in state.escalations.values()
+                       if e.id in was_open and e.by == "timeout" and e.resolved_at == now]
+            return Decision(result={"status": "swept", "expired": expired})
+        return self._mutate(decide)
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         """Block until the escalation is resolved, without holding the lock.
 
         Returns on approval; raises :class:`Refused` on cancel and :class:`Pending` on
-        pause or when ``timeout_s`` passes first.
+        pause (a timeout's too) or when ``timeout_s`` passes first.
         """
         check_id(escalation_id, what="escalation id")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
+        expires_at: str | None = None
         while True:
             size = self.log.size()
             if size != last_size:
                 last_size = size
-                state = self.state()
-                escalation = state.escalations.get(escalation_id)
+                escalation = self.state().escalations.get(escalation_id)
                 if escalation is None:
-                    raise InputError(f"no escalation {escalation_id} in run {self.run_id}",
+                    raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them "
+                                     f"with 'escalate escalations --run {self.run_id}'",
                                      code="unknown_escalation", escalation_id=escalation_id)
+                if escalation.shadow:
+                    raise Conflict(f"escalation {escalation_id} was recorded in shadow mode and needs "
+                                   "nobody; there is nothing to wait for", escalation_id=escalation_id,
+                                   state="resolved", mode=None)
                 if escalation.state == "resolved":
                     return _outcome(self.run_id, escalation)
-                if escalation.expires_at is not None and escalation.expires_at <= format_ts(self.clock()):
-                    self.sweep()
-                    continue
+                expires_at = escalation.expires_at
+            # Expiry follows the clock, not the log: nobody else may ever write to this run again.
+            if expires_at is not None and expires_at <= format_ts(self.clock()):
+                expires_at = None
+                self.sweep()
+                continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise Pending(
                     f"escalation {escalation_id} is still open after {timeout_s:g}s; "
@@ -333,12 +425,55 @@ class Ledger:
         """Fold every line, noting each problem with its line (``runs verify``)."""
         return replay(self.log, self.run_id, tolerant=True)
 
+    def events(self, *, last: int | None = None, after_offset: int = 0) -> tuple[list[Event], int]:
+        """The log's complete lines as events (the ``last`` ones only, if given), read from
+        byte ``after_offset`` without the lock; returns them with the offset to read on from.
+        An unparsable line is skipped here: ``runs verify`` is the place that names it."""
+        if not self.log.exists():
+            raise UnknownRun(f"no run {self.run_id} under {self.runs_dir}; check the run id "
+                             "with 'escalate runs list'", run=self.run_id)
+        kept: collections.deque[bytes] = collections.deque(maxlen=last)
+        offset = after_offset
+        with self.log.reader() as stream:
+            for line, end in iter_lines(stream, after_offset):
+                kept.append(line)
+                offset = end
+        parsed = []
+        for line in kept:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                event = orjson.loads(line)
+                if isinstance(event, dict):
+                    parsed.append(event)
+        return parsed, offset
+
     # ------------------------------------------------------------------ internals
 
-    def _replay(self) -> Replayed:
+    def _replay(self, *, writable: bool = False) -> Replayed:
+        """Fold the log, from the checkpoint when it still matches the log (then only the
+        lines after it are read). Only a writer holding the lock may build the checkpoint."""
         if not self.log.exists():
-            raise UnknownRun(f"no run {self.run_id} under {self.runs_dir}", run=self.run_id)
-        return replay(self.log, self.run_id)
+            raise UnknownRun(f"no run {self.run_id} under {self.runs_dir}; check the run id with "
+                             "'escalate runs list'", run=self.run_id)
+        start = None
+        if self.checkpoint is not None:
+            loaded = self.checkpoint.load(self.log.path, writable=writable)
+            if loaded is not None:
+                state, offset, last_line_start, lines = loaded
+                start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
+                                 last_line_start=last_line_start)
+        replayed = replay(self.log, self.run_id, start=start)
+        replayed.from_checkpoint = start is not None
+        if start is not None and replayed.problem is not None:
+            # A problem is only ever reported from the log itself, never from the cache.
+            replayed = replay(self.log, self.run_id)
+        return replayed
+
+    def _save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
+        if self.checkpoint is None:
+            return
+        offset = replayed.offset + sum(map(len, lines))
+        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+        self.checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines), self.log.path)
 
     def _resolve(self, escalation_id: str, mode: str, by: str | None) -> dict[str, Any]:
         check_id(escalation_id, what="escalation id")
@@ -346,17 +481,29 @@ class Ledger:
         return self._mutate(lambda state, now: ledger.decide_resolution(state, escalation_id, mode, resolver))
 
     def _mutate(self, decide: Callable[[RunState, str], Decision]) -> dict[str, Any]:
+        try:
+            return self._mutate_once(decide)
+        except CacheInvalid:
+            # A cache row failed its checksum before anything was written: forget the cache
+            # and decide again from the log alone.
+            assert self.checkpoint is not None
+            self.checkpoint.discard()
+            return self._mutate_once(decide)
+
+    def _mutate_once(self, decide: Callable[[RunState, str], Decision]) -> dict[str, Any]:
         notify: list[Event] = []
         with self.log.locked():
-            replayed = self._replay()
+            replayed = self._replay(writable=True)
             if replayed.problem is not None:
                 raise replayed.problem
             state = replayed.state
             now = format_ts(self.clock())
             lines: list[bytes] = []
-            if replayed.torn_bytes:
-                torn, saved_to = self.log.set_aside(replayed.offset)
-                lines += self._seal(state, [{"type": "recovery", "torn_bytes": torn,
+            # A torn tail is recorded first and only moved aside when this write happens, so
+            # a command refused below leaves the log as it found it.
+            saved_to = self.log.side_file_name(replayed.offset) if replayed.torn_bytes else ""
+            if saved_to:
+                lines += self._seal(state, [{"type": "recovery", "torn_bytes": replayed.torn_bytes,
                                              "saved_to": saved_to}], now)
             lines += self._seal(state, ledger.expire(state, now), now)
             decision = decide(state, now)
@@ -364,8 +511,11 @@ class Ledger:
                 raise decision.error  # bad input changes nothing on disk
             first_seq = state.seq + 1
             lines += self._seal(state, decision.events, now)
+            if saved_to:
+                self.log.set_aside(replayed.offset, saved_to)
             if lines:
-                self.log.append(b"".join(lines))
+                self.log.append(b"".join(lines), torn_from=replayed.offset if saved_to else None)
+            self._save_checkpoint(replayed, state, lines)
             notify = [e for e in decision.events if e["type"] == "escalation" and not e["shadow"]]
         for event in notify:
             self._notify({"run": self.run_id, "seq": first_seq, **event})
@@ -383,31 +533,42 @@ class Ledger:
             try:
                 ledger.apply(state, event, this_hash)
             except RuleViolation as exc:  # a bug: refuse to write it
-                raise EscalateError(f"internal error: refusing to write an invalid event ({exc})") from exc
+                raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
+                                    "nothing was written — please report this bug") from exc
             lines.append(line + b"\n")
         return lines
 
     def _notify(self, event: Event) -> None:
-        """Run the notify hook with the event on stdin; failure only warns."""
+        """Run the notify hook with the event on stdin; failure or a hang only warns.
+
+        The hook runs in its own process group so that a timeout kills everything it
+        started: a grandchild holding the pipes open would otherwise keep us waiting.
+        """
         if not self.notify_cmd:
             return
         try:
-            completed = subprocess.run(self.notify_cmd, shell=True, input=orjson.dumps(event),
-                                       capture_output=True, timeout=NOTIFY_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            print(f"escalate: warning: notify command timed out after {NOTIFY_TIMEOUT_S:g}s; "
-                  "the ledger is unchanged", file=sys.stderr)
-            return
+            hook = subprocess.Popen(self.notify_cmd, shell=True, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True)
         except OSError as exc:
-            print(f"escalate: warning: notify command failed to start ({exc}); the ledger is "
-                  "unchanged", file=sys.stderr)
+            _warn(f"notify command failed to start ({exc})")
             return
-        if completed.returncode != 0:
-            detail = completed.stderr.decode(errors="replace").strip().splitlines()
-            print(f"escalate: warning: notify command exited {completed.returncode}"
-                  + (f" ({detail[-1][:200]})" if detail else "") + "; the ledger is unchanged",
-                  file=sys.stderr)
+        try:
+            _, stderr = hook.communicate(orjson.dumps(event), timeout=self.notify_timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hook.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                hook.communicate(timeout=1)
+            _warn(f"notify command timed out after {self.notify_timeout:g}s and was killed")
+            return
+        if hook.returncode != 0:
+            detail = stderr.decode(errors="replace").strip().splitlines()
+            _warn(f"notify command exited {hook.returncode}" + (f" ({detail[-1][:200]})" if detail else ""))
 
+
+def _warn(problem: str) -> None:
+    print(f"escalate: warning: {problem}; the ledger is unchanged", file=sys.stderr)
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount) -> Policy:
@@ -432,9 +593,10 @@ def _outcome(run_id: str, escalation: ledger.Escalation) -> dict[str, Any]:
                 "extension_micros": escalation.extension_micros, **facts}
     if escalation.mode == "cancel":
         raise Refused(f"escalation {escalation.id} was cancelled by {escalation.by}; task "
-                      f"{escalation.task} is halted for good", code="cancelled", **facts)
+                      f"{escalation.task} is halted for good — use a new task id", code="cancelled",
+                      **facts)
     raise Pending(f"escalation {escalation.id} was paused by {escalation.by}; task "
-                  f"{escalation.task} may ask again later", code="paused", **facts)
+                  f"{escalation.task} may ask again later with the same reserve", code="paused", **facts)
 
 
 # ---------------------------------------------------------------------- many runs

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,3 +80,109 @@ def snapshot_tree(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------- lock holder
+
+_FORK = multiprocessing.get_context("fork")
+
+
+def _hold_flock(lock_path: str, conn: Any) -> None:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    conn.send("held")
+    conn.recv()  # hold until the test says so (or the pipe closes, or this process is killed)
+
+
+@contextmanager
+def _holding(lock_path: Path) -> Iterator[Any]:
+    # A pipe, not a multiprocessing.Event: setting an Event waits on its sleepers, and a
+    # holder killed while waiting would never answer.
+    ours, theirs = _FORK.Pipe()
+    holder = _FORK.Process(target=_hold_flock, args=(str(lock_path), theirs), daemon=True)
+    holder.start()
+    theirs.close()
+    try:
+        assert ours.poll(60) and ours.recv() == "held", "the lock holder never took the lock"
+        yield holder
+    finally:
+        if holder.is_alive():
+            with suppress(OSError):
+                ours.send("done")
+        ours.close()
+        holder.join(60)
+        if holder.is_alive():
+            holder.kill()
+            holder.join()
+
+
+@pytest.fixture
+def lock_holder() -> Callable[[Path], AbstractContextManager[Any]]:
+    """``with lock_holder(run_dir / "events.ndjson.lock") as proc:`` — another OS process
+    holds the run's flock until the block ends (or ``proc`` is killed)."""
+    return _holding
+
+
+# ---------------------------------------------------------------------- independent audit
+
+
+@dataclass
+class Audit:
+    """What :func:`audit_log` found: the events and totals, folded without escalate's code."""
+
+    events: list[dict[str, Any]]
+    cap_micros: int
+    spent_micros: int
+    held: dict[str, int]
+    types: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def reserved_micros(self) -> int:
+        return sum(self.held.values())
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event["type"] == kind]
+
+
+def audit_log(path: Path) -> Audit:
+    """Check a log line by line with the stdlib only: every line ends in a newline, seq is
+    1..N, the prev chain holds, and after every reservation the committed money is within
+    the cap at that prefix of the log. Returns the fold."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the log ends in a torn line"
+    events: list[dict[str, Any]] = []
+    prev = ""
+    cap = spent = 0
+    held: dict[str, int] = {}
+    for number, line in enumerate(data[:-1].split(b"\n"), start=1):
+        event = json.loads(line)
+        assert event["seq"] == number, f"line {number} has seq {event['seq']}"
+        assert event["prev"] == prev, f"line {number} breaks the prev chain"
+        prev = hashlib.sha256(line).hexdigest()[:16]
+        kind = event["type"]
+        if kind == "run_opened":
+            assert number == 1
+            cap = event["run_cap_micros"]
+        elif kind == "budget_reserved":
+            assert event["task"] not in held, f"line {number}: duplicate reservation"
+            held[event["task"]] = event["amount_micros"]
+        elif kind == "budget_increased":
+            assert held[event["task"]] == event["from_micros"] < event["to_micros"]
+            held[event["task"]] = event["to_micros"]
+        elif kind == "released":
+            assert held.pop(event["task"]) == event["reserved_micros"]
+            spent += event["actual_micros"]
+        elif kind == "escalation_resolved":
+            cap += event["extension_micros"]
+        if kind in ("budget_reserved", "budget_increased"):
+            assert spent + sum(held.values()) <= cap, f"line {number}: the cap is exceeded"
+        events.append(event)
+    return Audit(events=events, cap_micros=cap, spent_micros=spent, held=held,
+                 types=Counter(event["type"] for event in events))
+
+
+@pytest.fixture
+def audit() -> Callable[[Path], Audit]:
+    """:func:`audit_log` as a fixture."""
+    return audit_log
+

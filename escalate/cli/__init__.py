@@ -36,7 +36,11 @@ class _OneLineErrors(TyperGroup):
             context = getattr(exc, "ctx", None)
             if context is not None:
                 hint = f"; see '{context.command_path} --help'"
-            print(f"escalate: error: {exc.format_message().rstrip('.')}{hint}", file=sys.stderr)
+            message = f"{exc.format_message().rstrip('.')}{hint}"
+            # --json promises one JSON object on stdout for errors too, usage errors included.
+            if "--json" in (sys.argv[1:] if args is None else args):
+                print_json({"error": "usage", "message": message, "exit_code": 2})
+            print(f"escalate: error: {message}", file=sys.stderr)
             sys.exit(2)
         except typer.Abort:
             print("escalate: aborted", file=sys.stderr)
@@ -167,4 +171,11 @@ def main() -> None:
 
 # The command modules register themselves on ``app``; they import from this module, so
 # they are imported last.
-from escalate.cli import escalation_cmds, ledger_cmds, runs_cmds  # noqa: E402, F401
+from escalate.cli import (  # noqa: E402, F401
+    escalation_cmds,
+    gate_cmds,
+    ledger_cmds,
+    runs_cmds,
+    schema_cmds,
+    watch_cmds,
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -106,7 +107,14 @@ def escalations(
         run_ids = [run] if run is not None else list(iter_run_ids(root))
         rows = []
         for run_id in run_ids:
-            state = Ledger.open(root, run_id).state()
+            try:
+                state = Ledger.open(root, run_id).state()
+            except EscalateError as error:
+                if run is not None:
+                    raise
+                # One broken run must not hide every other run's escalations from the approver.
+                print(f"escalate: warning: skipped {run_id}: {error.message}", file=sys.stderr)
+                continue
             for item in state.escalations.values():
                 if only_open and item.state != "open":
                     continue
@@ -140,17 +148,14 @@ def sweep(
         expired: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for run_id in run_ids:
-            ledger = Ledger.open(root, run_id, **options)
-            before = {e.id for e in ledger.state().open_escalations.values()}
             try:
-                ledger.sweep()
+                swept = Ledger.open(root, run_id, **options).sweep()
             except EscalateError as error:
                 if run is not None:
                     raise
                 failures.append({"run": run_id, **error.to_json()})
                 continue
-            after = {e.id for e in ledger.state().open_escalations.values()}
-            expired += [{"run": run_id, "escalation_id": e} for e in sorted(before - after)]
+            expired += [{"run": run_id, "escalation_id": e} for e in swept["expired"]]
         return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
 
     respond(json_out, action, lambda r: echo_line(

@@ -36,7 +36,9 @@ def _say(result: dict[str, Any]) -> None:
     elif status == "approved":
         echo_line(f"{task}: approved by {result.get('by')}, {usd(result['reserved_micros'])} reserved")
     else:
-        echo_line(f"{status} {task}: {usd(result['reserved_micros'])} (remaining {remaining})")
+        shadow = result.get("shadow_escalation_id")
+        echo_line(f"{status} {task}: {usd(result['reserved_micros'])} (remaining {remaining})"
+                  + (f"; would have escalated (shadow {shadow})" if shadow else ""))
 
 
 @app.command()

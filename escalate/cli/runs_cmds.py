@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from typing import Annotated, Any
 
@@ -13,12 +14,13 @@ from escalate.cli import (
     LockTimeoutOption,
     RunsDirOption,
     app,
+    bad_input,
     echo_line,
     open_options,
     open_run,
     respond,
 )
-from escalate.errors import CorruptLedger
+from escalate.errors import EscalateError
 from escalate.money import format_usd as usd
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
@@ -124,20 +126,23 @@ def list_runs(
         for run_id in iter_run_ids(root):
             try:
                 state = Ledger.open(root, run_id).state()
-            except CorruptLedger as error:
+            except EscalateError as error:  # one unreadable run must not hide the others
                 rows.append({"run": run_id, "error": error.code, "message": error.message,
                              "opened_at": ""})
                 continue
             row = state.totals()
             row.update(opened_at=state.opened_at, state=_run_state(state))
             rows.append(row)
-        rows.sort(key=lambda row: row["opened_at"], reverse=True)
+        rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
         return rows
 
     def human(rows: list[dict[str, Any]]) -> None:
         from escalate.render import console, runs_table
 
         console().print(runs_table(rows))
+        for row in rows:
+            if "error" in row:
+                print(f"escalate: warning: {row['message']}", file=sys.stderr)
 
     respond(json_out, action, human)
 
@@ -152,29 +157,60 @@ def _run_state(state: Any) -> str:
     return "active" if state.reserved_micros else "idle"
 
 
+class ShowFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
 @runs_app.command("show")
 def show(
     run: RunArg,
+    output_format: Annotated[ShowFormat | None, typer.Option(
+        "--format", "-f", help="table for people, json for scripts (same as --json), markdown for "
+        "reports [default: table].", show_default=False)] = None,
+    events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
+                                        help="Also show the last N events as a timeline.")] = 0,
     all_tasks: Annotated[bool, typer.Option("--all", help="List every task, not only the latest.")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Show RUN's totals, a usage bar, every task with its state, and escalations."""
+    if json_out and output_format not in (None, ShowFormat.json):
+        bad_input(f"--json and --format {output_format.value} disagree; give one of them", json_out)
+    chosen = ShowFormat.json if json_out else (output_format or ShowFormat.table)
+    as_json = chosen is ShowFormat.json
 
     def action() -> Any:
+        ledger = open_run(run, runs_dir, None)
+        snapshot = ledger.snapshot()
+        recent = ledger.events(last=events)[0] if events else []
+        if not as_json:
+            return snapshot, recent
         from escalate.render import run_view
 
-        snapshot = open_run(run, runs_dir, None).snapshot()
         view = run_view(snapshot.state)
         view["warnings"] = _warnings(snapshot)
-        return view if json_out else snapshot
+        if events:
+            view["recent_events"] = recent
+        return view
 
-    def human(snapshot: Any) -> None:
-        from escalate.render import show_run
+    def human(shown: Any) -> None:
+        snapshot, recent = shown
+        if chosen is ShowFormat.markdown:
+            from escalate.report import run_markdown
+
+            for warning in _warnings(snapshot):
+                print(f"escalate: warning: {warning}", file=sys.stderr)
+            sys.stdout.write(run_markdown(snapshot.state, events=recent))
+            return
+        from escalate.render import console, show_run, timeline_table
 
         show_run(snapshot.state, all_tasks=all_tasks, warnings=_warnings(snapshot))
+        if recent:
+            console().print(timeline_table(recent))
 
-    respond(json_out, action, human)
+    respond(as_json, action, human)
 
 
 def _warnings(snapshot: Any) -> list[str]:
@@ -197,17 +233,29 @@ def verify(
     from escalate.errors import CorruptLedger as Corrupt
 
     def action() -> dict[str, Any]:
-        report = open_run(run, runs_dir, None).verify()
-        result = {"run": run, "ok": not report.problems, "lines": report.lines,
-                  "events": report.state.seq, "torn_bytes": report.torn_bytes,
-                  "problems": [{"line": line, "problem": text} for line, text in report.problems]}
-        if report.problems:
+        ledger = open_run(run, runs_dir, None)
+        try:
+            report = ledger.verify()
+        except Corrupt as error:  # the first line itself is bad: there is nothing to fold
+            report = None
+            problems = [(error.facts["line"], error.facts["problem"])]
+        else:
+            problems = report.problems
+        result: dict[str, Any] = {
+            "run": run, "ok": not problems, "lines": report.lines if report else None,
+            "events": report.state.seq if report else 0,
+            "torn_bytes": report.torn_bytes if report else None,
+            # The last line's hash: no later line vouches for it, so keep it elsewhere to
+            # notice an edit of the last line later (see docs/reliability.md).
+            "head": {"seq": report.state.seq, "hash": report.state.last_hash} if report else None,
+            "problems": [{"line": line, "problem": text} for line, text in problems]}
+        if problems:
             if not json_out:
-                for line, text in report.problems:
+                for line, text in problems:
                     print(f"line {line}: {text}", file=sys.stderr)
-            first_line, first_text = report.problems[0]
+            first_line, first_text = problems[0]
             raise Corrupt(
-                f"run {run}: {len(report.problems)} problem(s), first at line {first_line}: "
+                f"run {run}: {len(problems)} problem(s), first at line {first_line}: "
                 f"{first_text}", **{k: v for k, v in result.items() if k != "run"})
         return result
 

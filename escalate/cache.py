@@ -1,0 +1,309 @@
+"""A derived, disposable checkpoint of a run's fold, so a command costs the same at a
+million events as at a thousand.
+
+``events.ndjson.cache.sqlite`` beside the log holds the fold as of a byte offset: the
+small run-wide state as one blob, and tasks and escalations as rows looked up by id (a
+command reads only the rows it touches). It is keyed by the offset, the start and the
+hash of the last folded line: before use, that line is read back from the log and hashed,
+so a log that was truncated, replaced or rewritten at that point is noticed and the cache
+is rebuilt from the log. Blob and rows carry CRCs; a cache that is missing, stale,
+truncated or garbage changes no answer, only speed. The log stays the only truth.
+
+Only a writer holding the run's lock saves the cache; readers use it read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import zlib
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+from escalate.events import line_hash
+from escalate.ledger import Escalation, Policy, RunState, Task
+
+CACHE_NAME = "events.ndjson.cache.sqlite"
+FORMAT = 1
+
+V = TypeVar("V")
+
+
+class CacheInvalid(Exception):
+    """The cache does not match the log (or is damaged): fold from the log instead."""
+
+
+def _checked(key: str, data: bytes, crc: int) -> bytes:
+    if zlib.crc32(key.encode() + data) != crc:
+        raise CacheInvalid(f"row {key!r} fails its checksum")
+    return data
+
+
+def _encode_task(task: Task) -> bytes:
+    return orjson.dumps([task.state, task.reserved_micros, task.holding, task.actual_micros,
+                         task.halt_reason, task.escalation_id])
+
+
+def _decode_task(data: bytes) -> Task:
+    state, reserved, holding, actual, halt_reason, escalation_id = orjson.loads(data)
+    return Task(state=state, reserved_micros=reserved, holding=holding, actual_micros=actual,
+                halt_reason=halt_reason, escalation_id=escalation_id)
+
+
+def _encode_escalation(escalation: Escalation) -> bytes:
+    return orjson.dumps(escalation.to_json())
+
+
+def _decode_escalation(data: bytes) -> Escalation:
+    return Escalation(**orjson.loads(data))
+
+
+_CODECS: dict[str, tuple[Any, Any]] = {
+    "tasks": (_encode_task, _decode_task),
+    "escalations": (_encode_escalation, _decode_escalation),
+}
+
+
+class Rows(MutableMapping[str, V], Generic[V]):
+    """A table of the cache as a mapping, with this command's reads and writes in memory.
+
+    Every row read is kept, because the fold changes objects in place; :meth:`dirty`
+    hands them back to be written.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, table: str) -> None:
+        self._connection = connection
+        self._table = table
+        self._encode, self._decode = _CODECS[table]
+        self._touched: dict[str, V] = {}
+        self._known_missing: set[str] = set()
+        self._new: set[str] = set()
+
+    def __getitem__(self, key: str) -> V:
+        if key in self._touched:
+            return self._touched[key]
+        if key in self._known_missing:
+            raise KeyError(key)
+        row = self._connection.execute(
+            f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self._known_missing.add(key)
+            raise KeyError(key)
+        value: V = self._decode(_checked(key, row[0], row[1]))
+        self._touched[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: V) -> None:
+        if key not in self._touched and (key in self._known_missing or not self._stored(key)):
+            self._new.add(key)
+        self._known_missing.discard(key)
+        self._touched[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("the ledger never forgets a task or an escalation")
+
+    def __iter__(self) -> Iterator[str]:
+        for key, _ in self.items():
+            yield key
+
+    def __len__(self) -> int:
+        stored = self._connection.execute(f"SELECT count(*) FROM {self._table}").fetchone()[0]
+        return int(stored) + len(self._new)
+
+    def _stored(self, key: str) -> bool:
+        return self._connection.execute(
+            f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)).fetchone() is not None
+
+    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
+        """All rows in the order they were first written, with this command's changes."""
+        seen = set()
+        for key, data, crc in self._connection.execute(
+                f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
+            seen.add(key)
+            value = self._touched.get(key)
+            yield key, value if value is not None else self._decode(_checked(key, data, crc))
+        for key, value in self._touched.items():
+            if key not in seen:
+                yield key, value
+
+    def values(self) -> Iterator[V]:  # type: ignore[override]
+        for _, value in self.items():
+            yield value
+
+    def materialize(self) -> dict[str, V]:
+        """Every row, checked, as a plain dict (for readers, inside their snapshot)."""
+        return dict(self.items())
+
+    def dirty(self) -> Iterator[tuple[str, bytes]]:
+        for key, value in self._touched.items():
+            yield key, self._encode(value)
+
+
+def _run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
+              identity: list[int]) -> bytes:
+    return orjson.dumps({
+        "format": FORMAT, "identity": identity, "offset": offset,
+        "last_line_start": last_line_start, "lines": lines,
+        "run_id": state.run_id, "run_cap_micros": state.run_cap_micros,
+        "task_cap_micros": state.task_cap_micros, "policy": state.policy.to_json(),
+        "opened_at": state.opened_at, "spent_micros": state.spent_micros,
+        "reserved_micros": state.reserved_micros, "extended_micros": state.extended_micros,
+        "seq": state.seq, "last_hash": state.last_hash, "last_ts": state.last_ts,
+        "halts": state.halts, "recoveries": state.recoveries,
+        "open_escalations": sorted(state.open_escalations),
+    })
+
+
+class Checkpoint:
+    """The cache file of one run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / CACHE_NAME
+
+    def _connect(self, *, writable: bool, create: bool = False) -> sqlite3.Connection:
+        mode = "rwc" if create else ("rw" if writable else "ro")
+        connection = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True,
+                                     isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA busy_timeout = 5000")
+        if create:
+            # WAL (recorded in the file) lets a reader keep one consistent snapshot while a
+            # writer commits, and keeps a transaction all-or-nothing if a process dies.
+            connection.execute("PRAGMA journal_mode = WAL")
+        if writable:
+            connection.execute("PRAGMA synchronous = OFF")  # disposable: never worth an fsync
+        else:
+            # Every lazy row read of this state comes from the same snapshot as its totals.
+            connection.execute("BEGIN")
+        return connection
+
+    def load(self, log_path: Path, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+        """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
+        at its offset, else ``None``.
+
+        A writer's state reads rows lazily (a row that fails its checksum then raises
+        :class:`CacheInvalid` mid-command, before anything is written, and the command is
+        redone from the log); a reader's state is read whole, and checked, right here.
+        """
+        if not self.path.exists():
+            return None
+        try:
+            connection = self._connect(writable=writable)
+        except sqlite3.Error:
+            return None
+        try:
+            loaded = self._load(connection, log_path, writable)
+            if not writable:
+                state = loaded[0]
+                assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
+                state.tasks = state.tasks.materialize()
+                state.escalations = state.escalations.materialize()
+                state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
+                connection.close()
+            return loaded
+        except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
+                OSError):
+            connection.close()
+            return None
+
+    def _load(self, connection: sqlite3.Connection, log_path: Path,
+              writable: bool) -> tuple[RunState, int, int, int]:
+        row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
+        if row is None:
+            raise CacheInvalid("empty")
+        blob = orjson.loads(_checked("run", row[0], row[1]))
+        if blob["format"] != FORMAT:
+            raise CacheInvalid("another format")
+        offset, start = blob["offset"], blob["last_line_start"]
+        _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
+                      appended_ok=not writable)
+        state = RunState(
+            run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
+            task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
+            opened_at=blob["opened_at"], tasks=Rows[Task](connection, "tasks"),
+            spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
+            extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
+            last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
+        escalations = Rows[Escalation](connection, "escalations")
+        state.escalations = escalations  # type: ignore[assignment]
+        state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
+        return state, offset, start, blob["lines"]
+
+    def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
+             log_path: Path) -> None:
+        """Write the fold as of ``offset`` (the caller holds the run's lock). A failure
+        only costs speed, so it is swallowed after removing the damaged file."""
+        try:
+            self._save(state, offset, last_line_start, lines, log_path)
+        except (sqlite3.Error, OSError):
+            self.discard()
+
+    def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
+              log_path: Path) -> None:
+        tasks, escalations = state.tasks, state.escalations
+        incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
+        connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
+        if connection is None:
+            self.discard()
+            connection = self._connect(writable=True, create=True)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            if not incremental:
+                for table in ("tasks", "escalations"):
+                    connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
+                                       "NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL)")
+                connection.execute("CREATE TABLE run (key TEXT PRIMARY KEY, data BLOB, crc INTEGER)")
+            rows: dict[str, Any] = {
+                "tasks": tasks.dirty() if isinstance(tasks, Rows) else
+                ((key, _encode_task(task)) for key, task in tasks.items()),
+                "escalations": escalations.dirty() if isinstance(escalations, Rows) else
+                ((key, _encode_escalation(e)) for key, e in escalations.items()),
+            }
+            for table, pairs in rows.items():
+                connection.executemany(
+                    f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
+                    ((key, data, zlib.crc32(key.encode() + data)) for key, data in pairs))
+            stat = os.stat(log_path)
+            identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+            blob = _run_blob(state, offset, last_line_start, lines, identity)
+            connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
+                               (blob, zlib.crc32(b"run" + blob)))
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+    def discard(self) -> None:
+        """Remove the cache (and SQLite's side files); the next writer rebuilds it."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+
+
+def _check_log_at(log_path: Path, identity: list[int], start: int, offset: int, expected: str,
+                  *, appended_ok: bool) -> None:
+    """The log is the file the cache was saved beside, untouched since (same size and times),
+    and its line ``[start, offset)`` still hashes to ``expected``.
+
+    A log that grew since is accepted only for reading (``appended_ok``): readers fold the
+    new lines while a writer is between its append and its cache save. A writer that finds
+    the log changed behind the cache rebuilds from the log, so an edit in place before the
+    checkpoint can never be written after.
+    """
+    fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        stat = os.fstat(fd)
+        dev, ino, size, mtime_ns, ctime_ns = identity
+        if [stat.st_dev, stat.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+            raise CacheInvalid("the log is another file")
+        untouched = stat.st_size == size and [stat.st_mtime_ns, stat.st_ctime_ns] == [mtime_ns, ctime_ns]
+        if not untouched and not (appended_ok and stat.st_size > size):
+            raise CacheInvalid("the log changed since the cache was saved")
+        line = os.pread(fd, offset - start, start)
+    finally:
+        os.close(fd)
+    if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
+        raise CacheInvalid("the log's line at the cached offset is not the one folded")

@@ -1,0 +1,29 @@
+"""``escalate schema``: the JSON Schema of one event line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from escalate.cli import JsonOption, app, respond
+
+
+@app.command()
+def schema(json_out: JsonOption = False) -> None:
+    """Print the JSON Schema of the event format (one line of events.ndjson).
+
+    The output is JSON either way; --json is accepted like everywhere.
+    """
+
+    def action() -> dict[str, Any]:
+        from escalate.schema import json_schema
+
+        return json_schema()
+
+    def human(result: dict[str, Any]) -> None:
+        import orjson
+
+        from escalate.cli import echo_line
+
+        echo_line(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+    respond(json_out, action, human)

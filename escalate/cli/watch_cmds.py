@@ -1,0 +1,102 @@
+"""``escalate runs watch RUN``: follow a run as other processes append to it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from escalate.cli import JsonOption, RunsDirOption, echo_line, fail, open_run, print_json
+from escalate.cli.runs_cmds import RunArg, runs_app
+from escalate.errors import EscalateError
+
+
+@runs_app.command("watch")
+def watch(
+    run: RunArg,
+    events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
+                                        help="How many recent events to show.")] = 10,
+    interval: Annotated[str, typer.Option("--interval", help="How often to look for new events, "
+                                          "e.g. 200ms or 2s.")] = "500ms",
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Stop after this long, e.g. 10m "
+                                                "[default: until Ctrl-C].")] = None,
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Redraw RUN as other processes append to it, until Ctrl-C.
+
+    On a terminal the run and its last N events are redrawn in place. Piped, the last
+    N events and then each new one are printed one per line as they arrive (with
+    --json: one JSON object per event line).
+    """
+    try:
+        from escalate.render import console
+        from escalate.service import parse_seconds
+
+        pause = max(parse_seconds(interval, what="interval"), 0.01)
+        deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, what="timeout")
+        ledger = open_run(run, runs_dir, None)
+        out = console()
+        try:
+            if out.is_terminal and not json_out:
+                _redraw(ledger, out, events, pause, deadline)
+            else:
+                _follow(ledger, events, pause, deadline, json_out)
+        except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+            return
+    except EscalateError as error:
+        fail(error, json_out)
+
+
+def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | None) -> None:
+    """Redraw the run whenever its log grows (rich Live)."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from escalate.render import run_panel, timeline_table
+
+    def view() -> Group:
+        snapshot = ledger.snapshot()
+        # The header goes first: Live crops what does not fit the terminal from the bottom.
+        parts: list[Any] = [Text(f"watching {ledger.run_id} — Ctrl-C to stop", style="dim")]
+        if snapshot.problem is not None:
+            parts.append(Text(f"warning: {snapshot.problem.message}", style="yellow"))
+        parts.append(run_panel(snapshot.state))
+        if last:
+            parts.append(timeline_table(ledger.events(last=last)[0]))
+        return Group(*parts)
+
+    size = ledger.log.size()
+    with Live(view(), console=out, auto_refresh=False, redirect_stdout=False,
+              redirect_stderr=False) as live:
+        while not _past(deadline):
+            time.sleep(pause)
+            now_size = ledger.log.size()
+            if now_size != size:
+                size = now_size
+                live.update(view(), refresh=True)
+
+
+def _follow(ledger: Any, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
+    """Print the last ``last`` events, then each event as it is appended (like ``tail -f``)."""
+    from escalate.report import timeline_line
+
+    batch, offset = ledger.events(last=last)
+    while True:
+        for event in batch:
+            if json_out:
+                print_json(event)
+            else:
+                echo_line(timeline_line(event))
+        sys.stdout.flush()
+        if _past(deadline):
+            return
+        time.sleep(pause)
+        batch, offset = ledger.events(after_offset=offset)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

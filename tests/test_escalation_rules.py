@@ -1,0 +1,486 @@
+"""Escalation rules through the library: the fire rule and offered modes as a decision table,
+de-dup, first resolution wins, pause/cancel, increases, and timeouts on an injected clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from escalate import Conflict, EscalateError, InputError, Ledger, Pending, Refused
+from tests.conftest import FakeClock, snapshot_tree
+
+USD = 1_000_000
+
+
+def events(runs_dir: Path, run: str = "r") -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in (runs_dir / run / "events.ndjson").read_bytes().splitlines()]
+
+
+def ledger_files(runs_dir: Path) -> dict[str, bytes]:
+    """The logs and their side files: what "nothing appended" is about (a cache may change)."""
+    return {name: data for name, data in snapshot_tree(runs_dir).items()
+            if name.endswith("/events.ndjson") or "/events.ndjson.torn-" in name}
+
+
+def make_run(runs_dir: Path, clock: FakeClock, **policy: Any) -> Ledger:
+    settings: dict[str, Any] = {"cap": "10", "task_cap": "8", "escalation": "enforce",
+                                "escalation_timeout_s": 1800}
+    settings.update(policy)
+    return Ledger.init(runs_dir, "r", clock=clock, **settings)
+
+
+def outcome(call: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(exit code, result or error facts) of a library call."""
+    try:
+        return 0, call()
+    except EscalateError as error:
+        return error.exit_code, {"error": error.code, "message": error.message, **error.facts}
+
+
+# --------------------------------------------------------------------------- the decision table
+
+
+@dataclass(frozen=True)
+class Case:
+    """A run (cap $10, task cap $8) with ``policy``, ``setup`` applied, then one request."""
+
+    policy: dict[str, Any]
+    setup: tuple[tuple[str, ...], ...]  # ("reserve", task, usd) | ("approve", escalation id)
+    request: tuple[str, str, str]  # ("reserve" | "increase", task, usd)
+    exit_code: int
+    appended: tuple[str, ...]  # event types the request appends
+    escalation: dict[str, Any] = field(default_factory=dict)  # expected fields of its escalation
+
+
+CASES = {
+    # off: refusals halt; a threshold means nothing.
+    "off under remaining": Case({"escalation": "off"}, (), ("reserve", "t", "5"), 0, ("budget_reserved",)),
+    "off ignores threshold": Case({"escalation": "off", "approval_threshold": "2"}, (),
+                                  ("reserve", "t", "5"), 0, ("budget_reserved",)),
+    "off over remaining halts": Case({"escalation": "off"}, (("reserve", "f", "6"),),
+                                     ("reserve", "t", "5"), 3, ("halt",)),
+    "off over task cap halts": Case({"escalation": "off"}, (), ("reserve", "t", "8.000001"), 3, ("halt",)),
+    # enforce: amount > min(remaining, threshold) escalates.
+    "at threshold passes": Case({"approval_threshold": "2"}, (), ("reserve", "t", "2"), 0,
+                                ("budget_reserved",)),
+    "one micro over threshold": Case(
+        {"approval_threshold": "2"}, (), ("reserve", "t", "2.000001"), 4, ("escalation",),
+        {"reason": "threshold", "offered": ["extend", "pause", "cancel"], "needed_extension_micros": 0,
+         "remaining_micros": 10 * USD, "requested_micros": 2_000_001}),
+    "threshold offers extend with no max extension": Case(
+        {"approval_threshold": "2", "max_extension": "0"}, (), ("reserve", "t", "3"), 4, ("escalation",),
+        {"reason": "threshold", "offered": ["extend", "pause", "cancel"]}),
+    "exactly remaining fits": Case({}, (("reserve", "f", "6"),), ("reserve", "t", "4"), 0,
+                                   ("budget_reserved",)),
+    "over remaining, extension fits": Case(
+        {"max_extension": "2"}, (("reserve", "f", "6"),), ("reserve", "t", "5"), 4, ("escalation",),
+        {"reason": "run_cap", "offered": ["extend", "pause", "cancel"], "needed_extension_micros": USD,
+         "remaining_micros": 4 * USD}),
+    "over remaining, no extension allowed": Case(
+        {"max_extension": "0"}, (("reserve", "f", "6"),), ("reserve", "t", "5"), 4, ("escalation",),
+        {"reason": "run_cap", "offered": ["pause", "cancel"], "needed_extension_micros": USD}),
+    "over remaining, extension ceiling reached": Case(
+        {"max_extension": "2"},
+        (("reserve", "f", "7"), ("reserve", "x", "5"), ("approve", "esc-3")),  # grants the whole $2
+        ("reserve", "t", "0.5"), 4, ("escalation",),
+        {"reason": "run_cap", "offered": ["pause", "cancel"], "remaining_micros": 0}),
+    "over both: the cap is the reason": Case(
+        {"approval_threshold": "3", "max_extension": "5"}, (("reserve", "f", "3"), ("reserve", "g", "3")),
+        ("reserve", "t", "5"), 4, ("escalation",), {"reason": "run_cap"}),
+    "over the task cap halts even in enforce": Case(
+        {"approval_threshold": "1", "max_extension": "5"}, (), ("reserve", "t", "9"), 3, ("halt",)),
+    # increase: the delta against remaining, the new absolute amount against the threshold.
+    "increase over threshold by its new amount": Case(
+        {"approval_threshold": "5"}, (("reserve", "t", "4"),), ("increase", "t", "6"), 4, ("escalation",),
+        {"reason": "threshold", "kind": "increase", "from_micros": 4 * USD, "requested_micros": 6 * USD}),
+    "increase whose delta fits exactly": Case(
+        {}, (("reserve", "f", "5"), ("reserve", "t", "4")), ("increase", "t", "5"), 0,
+        ("budget_increased",)),
+    "increase whose delta is over remaining": Case(
+        {"max_extension": "1"}, (("reserve", "f", "5"), ("reserve", "t", "4")), ("increase", "t", "5.5"), 4,
+        ("escalation",),
+        {"reason": "run_cap", "kind": "increase", "needed_extension_micros": 500_000,
+         "remaining_micros": USD, "offered": ["extend", "pause", "cancel"]}),
+    "increase over the task cap halts": Case(
+        {"approval_threshold": "1"}, (("reserve", "t", "1"),), ("increase", "t", "8.5"), 3, ("halt",)),
+    # shadow: behaves as off, records would-fire.
+    "shadow records a threshold fire and reserves": Case(
+        {"escalation": "shadow", "approval_threshold": "2"}, (), ("reserve", "t", "3"), 0,
+        ("escalation", "budget_reserved"), {"shadow": True, "reason": "threshold", "expires_at": None}),
+    "shadow records an over-remaining fire and halts": Case(
+        {"escalation": "shadow"}, (("reserve", "f", "6"),), ("reserve", "t", "5"), 3,
+        ("escalation", "halt"), {"shadow": True, "reason": "run_cap"}),
+    "shadow under both records nothing": Case(
+        {"escalation": "shadow", "approval_threshold": "5"}, (), ("reserve", "t", "5"), 0,
+        ("budget_reserved",)),
+    "shadow over the task cap only halts": Case(
+        {"escalation": "shadow", "approval_threshold": "1"}, (), ("reserve", "t", "9"), 3, ("halt",)),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fire_rule_and_offered_modes(runs_dir: Path, clock: FakeClock, case: Case) -> None:
+    run = make_run(runs_dir, clock, **case.policy)
+    for step in case.setup:
+        if step[0] == "approve":
+            run.approve(step[1], by="setup")
+            continue
+        exit_code, _ = outcome(lambda step=step: getattr(run, step[0])(step[1], step[2]))  # type: ignore[misc]
+        assert exit_code in (0, 4)
+    before = len(events(runs_dir))
+
+    verb, task, amount = case.request
+    exit_code, answer = outcome(lambda: getattr(run, verb)(task, amount))
+
+    appended = events(runs_dir)[before:]
+    assert exit_code == case.exit_code, answer
+    assert tuple(e["type"] for e in appended) == case.appended
+    fired = [e for e in appended if e["type"] == "escalation"]
+    if not case.escalation:
+        assert not fired
+        return
+    [escalation] = fired
+    for key, value in case.escalation.items():
+        assert escalation[key] == value, key
+    assert escalation["task"] == task
+    if escalation["shadow"]:
+        assert run.state().escalations[escalation["id"]].state == "resolved"  # needs nobody
+        assert answer.get("shadow_escalation_id") == escalation["id"]
+    else:
+        assert answer["escalation_id"] == escalation["id"]
+        assert answer["offered"] == escalation["offered"]
+        assert escalation["expires_at"] == "2026-11-23T14:30:00.000000Z"
+        if escalation["offered"] == ["pause", "cancel"]:
+            assert "extend not offered" in answer["message"]
+            assert "max extension" in escalation["note"]
+
+
+# --------------------------------------------------------------------------- de-dup
+
+
+def test_repeat_while_open_returns_the_same_escalation(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending) as first:
+        run.reserve("t", "3")
+    tree = ledger_files(runs_dir)
+    for _ in range(3):
+        with pytest.raises(Pending) as again:
+            run.reserve("t", "3")
+        assert again.value.facts["escalation_id"] == first.value.facts["escalation_id"]
+        assert again.value.exit_code == 4
+        assert "still waiting" in again.value.message
+    assert ledger_files(runs_dir) == tree
+    # A different amount while it is open is a conflict, not a second escalation.
+    with pytest.raises(Conflict, match=r"open escalation esc-2 for \$3\.00"):
+        run.reserve("t", "4")
+    assert ledger_files(runs_dir) == tree
+
+
+# --------------------------------------------------------------------------- resolutions
+
+
+def test_approve_reserves_in_the_same_write(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, max_extension="3")
+    run.reserve("f", "8")
+    with pytest.raises(Pending):
+        run.reserve("t", "4")  # $2 left: needs a $2 extension
+    result = run.approve("esc-3", by="alice")
+    assert result["status"] == "approved"
+    assert result["extension_micros"] == 2 * USD
+    resolved, reserved = events(runs_dir)[-2:]
+    assert (resolved["type"], resolved["mode"], resolved["by"], resolved["extension_micros"]) == \
+        ("escalation_resolved", "extend", "alice", 2 * USD)
+    assert (reserved["type"], reserved["task"], reserved["amount_micros"]) == \
+        ("budget_reserved", "t", 4 * USD)
+    assert reserved["seq"] == resolved["seq"] + 1 and reserved["ts"] == resolved["ts"]
+    state = run.state()
+    assert (state.cap_micros, state.remaining_micros, state.tasks["t"].state) == (12 * USD, 0, "reserved")
+
+
+def test_approve_rechecks_the_ceiling(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="3", max_extension="1")
+    with pytest.raises(Pending) as escalated:
+        run.reserve("t", "4")  # threshold only: needs no extension when it opens
+    assert escalated.value.facts["offered"] == ["extend", "pause", "cancel"]
+    run.reserve("a", "3")
+    run.reserve("b", "3")  # $4 left, still fits
+    run.reserve("c", "2")  # $2 left: approving $4 now needs $2 > the $1 max extension
+    tree = ledger_files(runs_dir)
+    with pytest.raises(Refused, match=r"needs an extension of \$2\.00 but only \$1\.00") as refused:
+        run.approve("esc-2", by="alice")
+    assert refused.value.code == "extension_limit"
+    assert ledger_files(runs_dir) == tree
+    assert run.state().escalations["esc-2"].state == "open"
+    # Raising the ceiling (an event) makes the same approval fit.
+    assert run.set_policy(max_extension="2")["status"] == "changed"
+    assert run.approve("esc-2", by="alice")["extension_micros"] == 2 * USD
+    assert run.state().remaining_micros == 0
+
+
+def test_first_resolution_wins(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    clock.advance(60)
+    run.approve("esc-2", by="alice")
+    tree = ledger_files(runs_dir)
+    for mode, by in [("pause", "bob"), ("cancel", "bob"), ("approve", "bob"), ("pause", "alice")]:
+        with pytest.raises(Conflict) as lost:
+            getattr(run, mode)("esc-2", by=by)
+        assert lost.value.exit_code == 5
+        assert "extend by alice at 2026-11-23T14:01:00.000000Z" in lost.value.message
+        assert (lost.value.facts["by"], lost.value.facts["mode"]) == ("alice", "extend")
+    # The winner repeating itself is success with nothing appended.
+    again = run.approve("esc-2", by="alice")
+    assert (again["status"], again["by"]) == ("exists", "alice")
+    assert ledger_files(runs_dir) == tree
+    assert sum(e["type"] == "escalation_resolved" for e in events(runs_dir)) == 1
+
+
+def test_pause_parks_the_task_and_a_new_reserve_escalates_again(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    assert run.pause("esc-2", by="alice")["status"] == "paused"
+    assert run.state().tasks["t"].state == "paused"
+    with pytest.raises(Pending) as again:
+        run.reserve("t", "3")
+    assert again.value.facts["escalation_id"] == "esc-4"
+    state = run.state()
+    assert (state.escalations["esc-2"].mode, state.escalations["esc-4"].state) == ("pause", "open")
+    # A paused task may also come back smaller and pass unseen.
+    run.cancel("esc-4", by="alice")
+    with pytest.raises(Refused):
+        run.reserve("t", "1")
+
+
+def test_cancel_is_terminal(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    assert run.cancel("esc-2", by="alice")["status"] == "cancelled"
+    halt = events(runs_dir)[-1]
+    assert (halt["type"], halt["task"], halt["reason"]) == ("halt", "t", "cancelled")
+    tree = ledger_files(runs_dir)
+    for verb, amount in [("reserve", "3"), ("reserve", "1"), ("increase", "4")]:
+        with pytest.raises(Refused) as refused:
+            getattr(run, verb)("t", amount)
+        assert (refused.value.code, refused.value.exit_code) == ("cancelled", 3)
+    assert ledger_files(runs_dir) == tree
+
+
+def test_increase_escalation_approved(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="5")
+    run.reserve("t", "4")
+    with pytest.raises(Pending) as escalated:
+        run.increase("t", "6", reason="long diff")
+    assert run.state().tasks["t"].state == "escalated"
+    assert run.state().reserved_micros == 4 * USD  # the held reservation stays while it waits
+    with pytest.raises(Conflict, match="resolve it first"):
+        run.release("t", "1")
+    run.approve(escalated.value.facts["escalation_id"], by="alice")
+    increased = events(runs_dir)[-1]
+    assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
+        ("budget_increased", 4 * USD, 6 * USD)
+    assert run.state().tasks["t"].state == "reserved"
+
+
+def test_increase_escalation_cancelled_can_still_release(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock)
+    run.reserve("f", "5")
+    run.reserve("t", "4")
+    with pytest.raises(Pending) as escalated:
+        run.increase("t", "6")
+    run.cancel(escalated.value.facts["escalation_id"], by="alice")
+    state = run.state()
+    assert (state.tasks["t"].state, state.reserved_micros) == ("halted", 9 * USD)
+    with pytest.raises(Refused, match="release it to settle"):
+        run.increase("t", "7")
+    assert run.release("t", "3.5")["status"] == "released"
+    state = run.state()
+    assert (state.spent_micros, state.reserved_micros, state.remaining_micros) == \
+        (3_500_000, 5 * USD, 1_500_000)
+
+
+def test_paused_increase_keeps_its_reservation_and_may_ask_again(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="5")
+    run.reserve("t", "4")
+    with pytest.raises(Pending):
+        run.increase("t", "6")
+    run.pause("esc-3", by="alice")
+    assert run.state().tasks["t"].reserved_micros == 4 * USD
+    with pytest.raises(Pending) as again:
+        run.increase("t", "6")
+    assert again.value.facts["escalation_id"] == "esc-5"
+
+
+def test_resolving_unknown_or_shadow_escalations(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, escalation="shadow", approval_threshold="2")
+    shadow_id = run.reserve("t", "3")["shadow_escalation_id"]
+    tree = ledger_files(runs_dir)
+    with pytest.raises(InputError, match="no escalation esc-99"):
+        run.approve("esc-99")
+    with pytest.raises(Conflict, match="shadow mode"):
+        run.approve(shadow_id)
+    with pytest.raises(Conflict, match="shadow mode"):
+        run.wait(shadow_id, timeout_s=0)
+    assert ledger_files(runs_dir) == tree
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+def test_expiry_is_resolved_by_the_next_mutating_command(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")  # 30 minutes to decide
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    clock.advance(30 * 60 - 1)
+    with pytest.raises(Pending) as still:
+        run.reserve("t", "3")  # de-dup, one second before expiry
+    assert still.value.facts["escalation_id"] == "esc-2"
+    clock.advance(1)
+    # Reads never write: the expired escalation shows open until a command touches the run.
+    tree = ledger_files(runs_dir)
+    assert run.state().escalations["esc-2"].state == "open"
+    assert ledger_files(runs_dir) == tree
+
+    run.reserve("other", "1")
+    expired, reserved = events(runs_dir)[-2:]
+    assert (expired["type"], expired["id"], expired["mode"], expired["by"]) == \
+        ("escalation_resolved", "esc-2", "pause", "timeout")
+    assert (reserved["type"], reserved["task"]) == ("budget_reserved", "other")
+    assert run.state().tasks["t"].state == "paused"
+
+    with pytest.raises(Conflict) as late:
+        run.approve("esc-2", by="alice")
+    assert "pause by timeout" in late.value.message and "expired at 2026-11-23T14:30:00" in late.value.message
+    assert late.value.exit_code == 5
+
+
+def test_an_expired_escalation_cannot_be_approved(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    clock.advance(3600)
+    with pytest.raises(Conflict, match="already resolved: pause by timeout") as late:
+        run.approve("esc-2", by="alice")
+    assert late.value.facts["by"] == "timeout"
+    # The approve itself wrote the timeout (it is the next command), and no reservation.
+    assert [e["type"] for e in events(runs_dir)][-1] == "escalation_resolved"
+    assert run.state().reserved_micros == 0
+    # The paused task may ask again and gets a fresh escalation with a fresh expiry.
+    with pytest.raises(Pending) as again:
+        run.reserve("t", "3")
+    assert again.value.facts["expires_at"] == "2026-11-23T15:30:00.000000Z"
+
+
+def test_sweep_pauses_only_what_expired(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("early", "3")
+    clock.advance(20 * 60)
+    with pytest.raises(Pending):
+        run.reserve("late", "3")
+    tree = ledger_files(runs_dir)
+    assert run.sweep()["expired"] == []
+    assert ledger_files(runs_dir) == tree  # nothing expired: nothing written
+
+    clock.advance(10 * 60)
+    assert run.sweep()["expired"] == ["esc-2"]
+    assert run.sweep()["expired"] == []  # the same instant again: already done
+    clock.advance(20 * 60)
+    assert run.sweep()["expired"] == ["esc-3"]
+    state = run.state()
+    assert not state.open_escalations
+    assert {e.by for e in state.escalations.values()} == {"timeout"}
+
+
+def test_no_timeout_means_no_expiry(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2", escalation_timeout_s=None)
+    with pytest.raises(Pending) as escalated:
+        run.reserve("t", "3")
+    assert escalated.value.facts["expires_at"] is None
+    clock.advance(365 * 86400)
+    assert run.sweep()["expired"] == []
+
+
+def test_wait_notices_expiry_without_any_other_writer(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+
+    def ten_minutes_per_look() -> datetime:
+        clock.advance(600)
+        return clock()
+
+    waiter = Ledger.open(runs_dir, "r", clock=ten_minutes_per_look)
+    # Nothing else writes; the waiter's own clock passes expires_at and it sweeps.
+    with pytest.raises(Pending) as paused:
+        waiter.wait("esc-2", timeout_s=10)
+    assert (paused.value.code, paused.value.facts["by"]) == ("paused", "timeout")
+    assert run.state().escalations["esc-2"].by == "timeout"
+
+
+def test_wait_outcomes_in_process(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approval_threshold="2")
+    for task in ("a", "b", "c", "d"):
+        with pytest.raises(Pending):
+            run.reserve(task, "3")
+    run.approve("esc-2", by="alice")
+    run.cancel("esc-3", by="alice")
+    run.pause("esc-4", by="alice")
+    assert run.wait("esc-2", timeout_s=0)["status"] == "approved"
+    with pytest.raises(Refused) as cancelled:
+        run.wait("esc-3", timeout_s=0)
+    with pytest.raises(Pending) as paused:
+        run.wait("esc-4", timeout_s=0)
+    with pytest.raises(Pending) as still_open:
+        run.wait("esc-5", timeout_s=0)
+    assert (cancelled.value.code, paused.value.code, still_open.value.code) == \
+        ("cancelled", "paused", "escalation_open")
+
+
+def test_set_policy_is_an_event_and_applies_from_then_on(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, escalation="off")
+    assert run.reserve("a", "3")["status"] == "reserved"
+    assert run.set_policy(escalation="enforce", approval_threshold="2")["status"] == "changed"
+    changed = events(runs_dir)[-1]
+    assert changed["type"] == "policy_changed"
+    assert changed["escalation"] == {"mode": "enforce", "approval_threshold_micros": 2 * USD,
+                                     "timeout_s": 1800, "max_extension_micros": 0}
+    tree = ledger_files(runs_dir)
+    assert run.set_policy(escalation="enforce")["status"] == "exists"
+    assert ledger_files(runs_dir) == tree
+    with pytest.raises(Pending):
+        run.reserve("b", "3")
+    run.set_policy(approval_threshold=None)
+    assert run.state().policy.approval_threshold_micros is None
+    assert run.reserve("c", "3")["status"] == "reserved"
+    with pytest.raises(InputError, match="invalid escalation mode"):
+        run.set_policy(escalation="sometimes")
+
+
+def test_lowering_max_extension_below_what_was_granted_conflicts(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, max_extension="2")
+    run.reserve("f", "8")
+    run.reserve("g", "1")
+    with pytest.raises(Pending):
+        run.reserve("t", "2")
+    run.approve("esc-4", by="alice")
+    with pytest.raises(Conflict, match=r"below the \$1\.00 already granted"):
+        run.set_policy(max_extension="0.5")
+
+
+def test_init_records_the_policy(runs_dir: Path) -> None:
+    Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2.5",
+                escalation_timeout_s=900, max_extension="4",
+                clock=FakeClock(datetime(2026, 1, 1, tzinfo=UTC)))
+    opened = events(runs_dir)[0]
+    assert opened["escalation"] == {"mode": "enforce", "approval_threshold_micros": 2_500_000,
+                                    "timeout_s": 900, "max_extension_micros": 4 * USD}

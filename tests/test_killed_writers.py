@@ -1,0 +1,209 @@
+"""Killed writers: real processes hammer one run while a killer SIGKILLs them at random
+moments, and torn lines are left in the log between kills (as a crash mid-write does).
+
+Afterwards the log verifies (after the next writer's recovery), the run was never over
+its cap at any prefix of the log, and every event a writer was told was written is there.
+Each writer appends what it was told to its own fsynced side-channel file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+# No pytest import up here: this file is also each writer's program, and a writer that
+# starts faster is killed more often in the same time.
+from escalate import Ledger
+from escalate.log import LOG_NAME, FileLog
+
+WRITERS = 5
+KILLING_S = 15.0
+SEED = 20261123
+CAP_MICROS = 40_000_000
+
+
+def _writer(root: str, acks: str, seed: int) -> None:
+    """Reserve and release forever; record each acknowledged event before the next call."""
+    from escalate.errors import Refused
+
+    run = Ledger.open(root, "r", actor=f"w{seed}", lock_timeout=60)
+    rng = random.Random(seed)
+    fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.write("ready\n")  # the killer's barrier: this writer is loaded and about to write
+    sys.stdout.flush()
+
+    def ack(text: str) -> None:
+        os.write(fd, text.encode() + b"\n")
+        os.fsync(fd)
+
+    for n in range(10**9):
+        task = f"p{os.getpid()}-{n}"
+        amount = rng.randint(1, 400_000)
+        try:
+            run.reserve(task, amount)
+        except Refused:
+            ack(f"halt {task}")
+            continue
+        ack(f"budget_reserved {task}")
+        if rng.random() < 0.7:
+            run.release(task, rng.randint(0, amount))  # never over the reservation
+            ack(f"released {task}")
+
+
+def _spawn(root: Path, acks: Path, seed: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, str(root), str(acks), str(seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    assert stream is not None
+    return stream
+
+
+def _tear(root: Path, rng: random.Random) -> int:
+    """Leave a torn line, as a writer that died mid-write would (under the lock)."""
+    log = FileLog(root / "r", lock_timeout=60)
+    with log.locked():
+        last = orjson.loads((root / "r" / LOG_NAME).read_bytes().rsplit(b"\n", 2)[-2]) \
+            if log.size() else {"seq": 0}
+        line = orjson.dumps({"v": 1, "seq": last["seq"] + 1, "ts": "2026-11-23T14:00:00.000000Z",
+                             "type": "budget_reserved", "prev": "0" * 16, "actor": "torn",
+                             "task": "torn", "amount_micros": 1})
+        torn = line[:rng.randint(1, len(line))]
+        with (root / "r" / LOG_NAME).open("ab") as handle:
+            handle.write(torn)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return len(torn)
+
+
+def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None:
+    import pytest
+
+    root = tmp_path / "runs"
+    Ledger.init(root, "r", cap=CAP_MICROS, task_cap=400_000, actor="tester")
+    rng = random.Random(SEED)
+    acks = [tmp_path / f"acks-{slot}" for slot in range(WRITERS)]
+    writers = [_spawn(root, acks[slot], rng.randrange(2**32)) for slot in range(WRITERS)]
+    ready = [False] * WRITERS
+    kills = tears = 0
+    deadline = time.monotonic() + KILLING_S
+    try:
+        while time.monotonic() < deadline:
+            # A random moment for the next kill; meanwhile note writers that finished
+            # starting. Only a ready writer (past its imports, in its loop) is killed.
+            kill_at = time.monotonic() + rng.uniform(0.0, 0.3)
+            while (wait := kill_at - time.monotonic()) > 0:
+                starting = {_pipe(writers[slot].stdout): slot for slot in range(WRITERS) if not ready[slot]}
+                readable, _, _ = select.select(list(starting), [], [], wait)
+                for pipe in readable:
+                    slot = starting[pipe]
+                    if pipe.readline() != b"ready\n":
+                        pytest.fail(f"writer failed: {_pipe(writers[slot].stderr).read().decode()[-2000:]}")
+                    ready[slot] = True
+            candidates = [slot for slot in range(WRITERS) if ready[slot]]
+            if not candidates:
+                continue
+            slot = rng.choice(candidates)
+            if writers[slot].poll() is not None:
+                pytest.fail(f"writer exited by itself: {_pipe(writers[slot].stderr).read().decode()[-2000:]}")
+            writers[slot].send_signal(signal.SIGKILL)
+            writers[slot].wait()
+            kills += 1
+            if rng.random() < 0.3:
+                _tear(root, rng)
+                tears += 1
+            writers[slot] = _spawn(root, acks[slot], rng.randrange(2**32))
+            ready[slot] = False
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+    print(f"{kills} writers killed, {tears} torn lines left, in {KILLING_S:g}s")
+    assert kills >= 30
+
+    # The next writer recovers whatever tail the last kill or tear left.
+    run = Ledger.open(root, "r", actor="tester")
+    run.sweep()
+    report = run.verify()
+    assert report.problems == [] and report.torn_bytes == 0
+
+    events = [orjson.loads(line) for line in (root / "r" / LOG_NAME).read_bytes().splitlines()]
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+
+    # A fold written here from DESIGN §5: committed = spent + in-flight, never above the cap.
+    holding: dict[str, int] = {}
+    spent = 0
+    for event in events:
+        if event["type"] == "budget_reserved":
+            holding[event["task"]] = event["amount_micros"]
+        elif event["type"] == "released":
+            spent += event["actual_micros"]
+            del holding[event["task"]]
+        assert spent + sum(holding.values()) <= CAP_MICROS, event["seq"]
+
+    # Every event a writer was told was written is in the log.
+    written = {(event["type"], event.get("task")) for event in events}
+    acknowledged = {tuple(line.split(" ")) for path in acks if path.exists()
+                    for line in path.read_text().splitlines()}
+    assert len(acknowledged) > 100
+    assert acknowledged <= written, sorted(acknowledged - written)[:5]
+
+    # Every torn tail was set aside byte for byte and recorded.
+    recoveries = [event for event in events if event["type"] == "recovery"]
+    print(f"{len(acknowledged)} acknowledged events, {len(events)} lines, {len(recoveries)} recoveries")
+    assert recoveries or not tears
+    for event in recoveries:
+        assert (root / "r" / event["saved_to"]).stat().st_size == event["torn_bytes"]
+    # The lock file was never removed: everyone locked the same inode.
+    assert (root / "r" / f"{LOG_NAME}.lock").exists()
+
+
+HOLDER = """
+import sys
+from escalate.log import FileLog
+with FileLog(__import__("pathlib").Path(sys.argv[1]), lock_timeout=5).locked():
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_killed_lock_holder_never_blocks_and_a_live_one_times_out(tmp_path: Path) -> None:
+    from escalate.errors import LockTimeout
+
+    root = tmp_path / "runs"
+    run = Ledger.init(root, "r", cap="5", actor="tester")
+    lock_file = root / "r" / f"{LOG_NAME}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root / "r")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert _pipe(holder.stdout).readline() == b"holding\n"  # barrier: the lock is held
+        waiting = Ledger.open(root, "r", actor="tester", lock_timeout=0.2)
+        try:
+            waiting.reserve("t", "1")
+            raise AssertionError("the lock was not exclusive")
+        except LockTimeout as timeout:
+            assert timeout.exit_code == 7 and str(lock_file) in timeout.message
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel dropped the dead holder's flock; the same lock file is used again.
+    inode = lock_file.stat().st_ino
+    assert Ledger.open(root, "r", actor="tester", lock_timeout=5).reserve("t", "1")["status"] == "reserved"
+    assert lock_file.stat().st_ino == inode
+    assert run.verify().problems == []
+
+
+if __name__ == "__main__":
+    _writer(sys.argv[1], sys.argv[2], int(sys.argv[3]))
