@@ -163,6 +163,26 @@ class Checkpoint:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / CACHE_NAME
+        # A writer keeps its connection for its next command: opening one costs more than
+        # the rest of the cache's work. It is only used under the run's lock, and dropped
+        # after a fork or when the file at the path is no longer the one it opened.
+        self._writer: sqlite3.Connection | None = None
+        self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        stat = os.stat(self.path)
+        key = (os.getpid(), stat.st_dev, stat.st_ino)
+        if self._writer is None or self._writer_for != key:
+            self._drop_writer()
+            self._writer = self._connect(writable=True)
+            self._writer_for = key
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None and self._writer_for[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+        self._writer = None
 
     def _connect(self, *, writable: bool, create: bool = False) -> sqlite3.Connection:
         mode = "rwc" if create else ("rw" if writable else "ro")
@@ -188,11 +208,9 @@ class Checkpoint:
         :class:`CacheInvalid` mid-command, before anything is written, and the command is
         redone from the log); a reader's state is read whole, and checked, right here.
         """
-        if not self.path.exists():
-            return None
         try:
-            connection = self._connect(writable=writable)
-        except sqlite3.Error:
+            connection = self._writer_connection() if writable else self._connect(writable=False)
+        except (sqlite3.Error, OSError):
             return None
         try:
             loaded = self._load(connection, log_path, writable)
@@ -206,7 +224,10 @@ class Checkpoint:
             return loaded
         except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 OSError):
-            connection.close()
+            if writable:
+                self._drop_writer()
+            else:
+                connection.close()
             return None
 
     def _load(self, connection: sqlite3.Connection, log_path: Path,
@@ -239,6 +260,9 @@ class Checkpoint:
         try:
             self._save(state, offset, last_line_start, lines, log_path)
         except (sqlite3.Error, OSError):
+            if self._writer is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._writer.rollback()
             self.discard()
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
@@ -249,35 +273,35 @@ class Checkpoint:
         if connection is None:
             self.discard()
             connection = self._connect(writable=True, create=True)
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            if not incremental:
-                for table in ("tasks", "escalations"):
-                    connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
-                                       "NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL)")
-                connection.execute("CREATE TABLE run (key TEXT PRIMARY KEY, data BLOB, crc INTEGER)")
-            rows: dict[str, Any] = {
-                "tasks": tasks.dirty() if isinstance(tasks, Rows) else
-                ((key, _encode_task(task)) for key, task in tasks.items()),
-                "escalations": escalations.dirty() if isinstance(escalations, Rows) else
-                ((key, _encode_escalation(e)) for key, e in escalations.items()),
-            }
-            for table, pairs in rows.items():
-                connection.executemany(
-                    f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
-                    ((key, data, zlib.crc32(key.encode() + data)) for key, data in pairs))
-            stat = os.stat(log_path)
-            identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-            blob = _run_blob(state, offset, last_line_start, lines, identity)
-            connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
-                               (blob, zlib.crc32(b"run" + blob)))
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
+            stat = os.stat(self.path)
+            self._writer, self._writer_for = connection, (os.getpid(), stat.st_dev, stat.st_ino)
+        connection.execute("BEGIN IMMEDIATE")
+        if not incremental:
+            for table in ("tasks", "escalations"):
+                connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
+                                   "NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL)")
+            connection.execute("CREATE TABLE run (key TEXT PRIMARY KEY, data BLOB, crc INTEGER)")
+        rows: dict[str, Any] = {
+            "tasks": tasks.dirty() if isinstance(tasks, Rows) else
+            ((key, _encode_task(task)) for key, task in tasks.items()),
+            "escalations": escalations.dirty() if isinstance(escalations, Rows) else
+            ((key, _encode_escalation(e)) for key, e in escalations.items()),
+        }
+        for table, pairs in rows.items():
+            connection.executemany(
+                f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
+                ((key, data, zlib.crc32(key.encode() + data)) for key, data in pairs))
+        stat = os.stat(log_path)
+        identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+        blob = _run_blob(state, offset, last_line_start, lines, identity)
+        connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
+                           (blob, zlib.crc32(b"run" + blob)))
+        connection.execute("COMMIT")
 
     def discard(self) -> None:
         """Remove the cache (and SQLite's side files); the next writer rebuilds it."""
+        self._drop_writer()
         for suffix in ("", "-wal", "-shm", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")

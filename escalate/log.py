@@ -8,7 +8,10 @@ of machines) can be added without touching the ledger rules.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -21,10 +24,56 @@ LOG_NAME = "events.ndjson"
 LOCK_SUFFIX = ".lock"
 TORN_PREFIX = LOG_NAME + ".torn-"
 
-# Lock waits poll a non-blocking flock. Starting small and backing off keeps the handover
-# between processes near the cost of an fsync instead of a fixed coarse interval.
-_FIRST_POLL_S = 0.0002
-_MAX_POLL_S = 0.005
+# Where a timer signal cannot bound a blocking flock (not the main thread, or the program
+# uses SIGALRM itself), the wait polls a non-blocking flock, backing off from 0.1 to 2 ms.
+_FIRST_POLL_S = 0.0001
+_MAX_POLL_S = 0.002
+
+
+class _LockWaitExpired(Exception):
+    """Raised by the timer signal to end a blocking flock wait."""
+
+
+def _expire_lock_wait(signum: int, frame: object) -> None:
+    raise _LockWaitExpired
+
+
+def _timer_is_ours() -> bool:
+    """A blocking flock bounded by SIGALRM is only safe where nothing else uses the timer."""
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+            and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
+
+
+def _lock_blocking(fd: int, timeout: float) -> bool:
+    """Wait in the kernel's queue: the lock is handed over the moment its holder lets go."""
+    previous = signal.signal(signal.SIGALRM, _expire_lock_wait)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _LockWaitExpired:
+        return False  # (if it fired just after the flock, closing the fd lets go again)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return True
+
+
+def _lock_polling(fd: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = _FIRST_POLL_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            time.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, _MAX_POLL_S)
 
 
 class LogBackend(Protocol):
@@ -35,6 +84,7 @@ class LogBackend(Protocol):
     def reader(self) -> BinaryIO: ...
     def size(self) -> int: ...
     def append(self, data: bytes, *, torn_from: int | None = None) -> None: ...
+    def sync(self) -> None: ...
     def side_file_name(self, offset: int) -> str: ...
     def set_aside(self, offset: int, name: str) -> int: ...
     def create(self, first_line: bytes, recovery: Callable[[int, str], bytes]) -> bool: ...
@@ -100,35 +150,27 @@ class FileLog:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the run's exclusive lock (an OS flock the kernel drops if this process dies)."""
-        from filelock import UnixFileLock
-
+        """Hold the run's exclusive lock: an OS ``flock`` on the sidecar file, which the
+        kernel drops if this process dies. The lock file is never deleted or replaced."""
         self._check_not_symlink()
-        lock = UnixFileLock(str(self.lock_path), thread_local=False, fallback_to_soft=False,
-                            preserve_lock_file=True)
-        deadline = time.monotonic() + self.lock_timeout
-        pause = _FIRST_POLL_S
-        while True:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
             try:
-                lock.acquire(blocking=False)
-                break
-            except TimeoutError:
-                now = time.monotonic()
-                if now >= deadline:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                wait = _lock_blocking if self.lock_timeout > 0 and _timer_is_ours() else _lock_polling
+                if not wait(fd, self.lock_timeout):
                     raise LockTimeout(
                         f"lock {self.lock_path} is held by another process after "
                         f"{self.lock_timeout:g}s; retry, or raise --lock-timeout",
                         lock_file=str(self.lock_path), timeout_s=self.lock_timeout) from None
-                time.sleep(min(pause, deadline - now))
-                pause = min(pause * 2, _MAX_POLL_S)
-        try:
             yield
         finally:
-            lock.release()
+            os.close(fd)  # closing the descriptor releases the flock
 
     def reader(self) -> BinaryIO:
-        """The log opened for reading (never following a symlink)."""
-        self._check_not_symlink()
+        """The log opened for reading (never following a symlink; callers have checked the
+        run folder with :meth:`exists` or :meth:`locked`)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         return os.fdopen(fd, "rb", buffering=0)
 
@@ -136,7 +178,8 @@ class FileLog:
         return self.path.stat().st_size
 
     def append(self, data: bytes, *, torn_from: int | None = None) -> None:
-        """Append whole lines with one write, then fsync. The caller holds the lock.
+        """Append whole lines with one write. The caller holds the lock, and calls
+        :meth:`sync` before it reports anything.
 
         ``torn_from``: the log ends in a torn tail from there, already copied by
         :meth:`set_aside`; the lines are written over it, never after it.
@@ -145,13 +188,22 @@ class FileLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
                 _write_all(fd, data)
-                os.fsync(fd)
             finally:
                 os.close(fd)
             return
         fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             _write_over(fd, torn_from, data)
+        finally:
+            os.close(fd)
+
+    def sync(self) -> None:
+        """fsync the log: every line written so far, by this process or any before it, is
+        durable when this returns. Called after the lock is released, so the fsyncs of
+        processes queued on the lock overlap instead of following one another."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
 

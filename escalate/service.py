@@ -116,6 +116,7 @@ class Replayed:
     lines: int = 0
     last_line_start: int = 0
     from_checkpoint: bool = False
+    checkpoint_current: bool = False  # the checkpoint already holds everything folded
 
 
 _P = ParamSpec("_P")
@@ -463,6 +464,7 @@ class Ledger:
                                  last_line_start=last_line_start)
         replayed = replay(self.log, self.run_id, start=start)
         replayed.from_checkpoint = start is not None
+        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
         if start is not None and replayed.problem is not None:
             # A problem is only ever reported from the log itself, never from the cache.
             replayed = replay(self.log, self.run_id)
@@ -515,8 +517,12 @@ class Ledger:
                 self.log.set_aside(replayed.offset, saved_to)
             if lines:
                 self.log.append(b"".join(lines), torn_from=replayed.offset if saved_to else None)
-            self._save_checkpoint(replayed, state, lines)
+            if lines or not replayed.checkpoint_current:
+                self._save_checkpoint(replayed, state, lines)
             notify = [e for e in decision.events if e["type"] == "escalation" and not e["shadow"]]
+        # Durable before anything is reported: this fsync covers our lines and every line
+        # before them (an answer like "exists" may rest on another process's write).
+        self.log.sync()
         for event in notify:
             self._notify({"run": self.run_id, "seq": first_seq, **event})
         if decision.error is not None:
