@@ -49,9 +49,9 @@ def _encode_task(task: Task) -> bytes:
 
 
 def _decode_task(data: bytes) -> Task:
-    state, reserved, holding, actual, halt_reason, escalation_id = orjson.loads(data)
-    return Task(state=state, reserved_micros=reserved, holding=holding, actual_micros=actual,
-                halt_reason=halt_reason, escalation_id=escalation_id)
+    # The fields in their declared order: state, reserved, holding, actual, halt reason,
+    # escalation id (as _encode_task writes them).
+    return Task(*orjson.loads(data))
 
 
 def _encode_escalation(escalation: Escalation) -> bytes:
@@ -81,7 +81,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
         self._encode, self._decode = _CODECS[table]
         self._touched: dict[str, V] = {}
         self._known_missing: set[str] = set()
-        self._new: set[str] = set()
+        self._new: dict[str, None] = {}  # keys this command added, in order
 
     def __getitem__(self, key: str) -> V:
         if key in self._touched:
@@ -99,7 +99,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
 
     def __setitem__(self, key: str, value: V) -> None:
         if key not in self._touched and (key in self._known_missing or not self._stored(key)):
-            self._new.add(key)
+            self._new[key] = None
         self._known_missing.discard(key)
         self._touched[key] = value
 
@@ -120,15 +120,15 @@ class Rows(MutableMapping[str, V], Generic[V]):
 
     def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
         """All rows in the order they were first written, with this command's changes."""
-        seen = set()
-        for key, data, crc in self._connection.execute(
-                f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
-            seen.add(key)
-            value = self._touched.get(key)
-            yield key, value if value is not None else self._decode(_checked(key, data, crc))
-        for key, value in self._touched.items():
-            if key not in seen:
-                yield key, value
+        touched, decode = self._touched, self._decode
+        rows = self._connection.execute(f"SELECT key, data, crc FROM {self._table} ORDER BY n")
+        for key, data, crc in rows:
+            if key in touched:
+                yield key, touched[key]
+            else:
+                yield key, decode(_checked(key, data, crc))
+        for key in self._new:
+            yield key, touched[key]
 
     def values(self) -> Iterator[V]:  # type: ignore[override]
         for _, value in self.items():
