@@ -34,7 +34,9 @@ _READ_CHUNK = 1 << 20
 
 def line_hash(line: bytes) -> str:
     """The chain link: first 16 hex characters of SHA-256 over a line without its newline."""
-    return hashlib.sha256(line).hexdigest()[:16]
+    # The hex of the first 8 bytes, not the first 16 of the full hex: the same text, made
+    # for a quarter of the cost (this runs once per line of every replay).
+    return hashlib.sha256(line).digest()[:8].hex()
 
 
 def format_ts(moment: datetime) -> str:
@@ -78,13 +80,26 @@ def iter_lines(stream: BinaryIO, offset: int) -> Iterator[tuple[bytes, int]]:
     finds it as the bytes between the last ``end_offset`` and the end of the file.
     Reads in chunks so memory does not grow with the log.
     """
+    for lines, start in iter_line_batches(stream, offset):
+        end = start
+        for line in lines:
+            end += len(line) + 1
+            yield line, end
+
+
+def iter_line_batches(stream: BinaryIO, offset: int) -> Iterator[tuple[list[bytes], int]]:
+    """Like :func:`iter_lines`, a chunk at a time: yield ``(lines_without_newline, start)``,
+    where ``start`` is the offset of the first of them, for a caller that does not need
+    every line's end (a full replay: no per-line generator step or offset sum).
+    """
     stream.seek(offset)
     pending = b""
     position = offset
     while chunk := stream.read(_READ_CHUNK):
         pending += chunk
         lines = pending.split(b"\n")
+        consumed = len(pending)
         pending = lines.pop()
-        for line in lines:
-            position += len(line) + 1
-            yield line, position
+        if lines:
+            yield lines, position
+        position += consumed - len(pending)

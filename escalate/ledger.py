@@ -218,25 +218,30 @@ def open_run(event: Mapping[str, Any], this_hash: str) -> RunState:
 def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     """Fold one event (after the first) into ``state``; raise :class:`RuleViolation` if it is
     not what a correct writer appends next."""
-    if event.get("v") != SCHEMA_VERSION:
-        raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
-    seq = event.get("seq")
+    # This runs once per line of every replay: subscripts on the fast path (a missing key
+    # reads as None, as ``get`` would), one dict lookup to dispatch, no helper calls.
+    try:
+        version, seq, prev, kind, ts = event["v"], event["seq"], event["prev"], event["type"], event["ts"]
+    except KeyError:
+        version, seq, prev, kind = event.get("v"), event.get("seq"), event.get("prev"), event.get("type")
+        ts = event.get("ts", state.last_ts)
+    if version != SCHEMA_VERSION:
+        raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
     if seq != state.seq + 1:
         raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
-    if event.get("prev") != state.last_hash:
+    if prev != state.last_hash:
         raise RuleViolation(
-            f"prev {event.get('prev')!r} does not match the previous line's hash "
+            f"prev {prev!r} does not match the previous line's hash "
             f"{state.last_hash!r} (a line was edited, removed or inserted)"
         )
-    # apply_payload, inlined: this runs once per line of every replay.
-    kind = event.get("type")
-    handler = _APPLY.get(kind) if isinstance(kind, str) else None
-    if handler is None:
-        raise RuleViolation(f"unknown event type {kind!r}")
+    try:
+        handler = _APPLY[kind]
+    except (KeyError, TypeError):  # TypeError: an unhashable type, such as a list
+        raise RuleViolation(f"unknown event type {kind!r}") from None
     handler(state, event)
     state.seq = seq
     state.last_hash = this_hash
-    state.last_ts = event.get("ts", state.last_ts)
+    state.last_ts = ts
 
 
 def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
@@ -248,56 +253,98 @@ def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
     handler(state, event)
 
 
+# The payload handlers check their fields inline (``type(x) is int``), in the order the
+# messages name them; these build the messages.
+
+
+def _not_int(key: str, value: Any) -> RuleViolation:
+    return RuleViolation(f"field {key!r} must be a non-negative integer, got {value!r}")
+
+
+def _not_str(key: str, value: Any) -> RuleViolation:
+    return RuleViolation(f"field {key!r} must be a non-empty string, got {value!r}")
+
+
 def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
-    task_id = _str(event, "task")
-    amount = _int(event, "amount_micros")
-    task = state.tasks.get(task_id)
+    try:
+        task_id, amount = event["task"], event["amount_micros"]
+    except KeyError:
+        task_id, amount = event.get("task"), event.get("amount_micros")
+    if type(task_id) is not str or not task_id:
+        raise _not_str("task", task_id)
+    if type(amount) is not int or amount < 0:
+        raise _not_int("amount_micros", amount)
+    tasks = state.tasks
+    task = tasks.get(task_id)
+    escalation_id = None
     if task is not None:
         if task.holding:
             raise RuleViolation(f"duplicate reservation of task {task_id!r}")
         if task.state in ("halted", "released"):
             raise RuleViolation(f"reservation of task {task_id!r} after it was {task.state}")
-        if task.escalation_id in state.open_escalations:
+        escalation_id = task.escalation_id
+        if escalation_id in state.open_escalations:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
-    _check_fits(state, task_id, amount, amount)
-    state.tasks[task_id] = Task(state="reserved", reserved_micros=amount, holding=True,
-                                escalation_id=task.escalation_id if task else None)
+    remaining = state.run_cap_micros + state.extended_micros - state.spent_micros - state.reserved_micros
+    if amount > state.task_cap_micros or amount > remaining:
+        _over(state, task_id, amount, amount)
+    tasks[task_id] = Task("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
 
 
 def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
-    task_id = _str(event, "task")
-    before, after = _int(event, "from_micros"), _int(event, "to_micros")
+    try:
+        task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
+    except KeyError:
+        task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
+    if type(task_id) is not str or not task_id:
+        raise _not_str("task", task_id)
+    if type(before) is not int or before < 0:
+        raise _not_int("from_micros", before)
+    if type(after) is not int or after < 0:
+        raise _not_int("to_micros", after)
     task = state.tasks.get(task_id)
     if task is None or not task.holding or task.state == "released":
         raise RuleViolation(f"increase of task {task_id!r}, which holds no reservation")
     if task.state == "halted":
         raise RuleViolation(f"increase of task {task_id!r} after it was halted")
-    if task.escalation_id in state.open_escalations:
+    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
         raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
     if before != task.reserved_micros or after <= before:
         raise RuleViolation(
             f"increase of task {task_id!r} from {before} to {after}, "
             f"but it holds {task.reserved_micros}"
         )
-    _check_fits(state, task_id, after, after - before)
+    delta = after - before
+    remaining = state.run_cap_micros + state.extended_micros - state.spent_micros - state.reserved_micros
+    if after > state.task_cap_micros or delta > remaining:
+        _over(state, task_id, after, delta)
     task.state = "reserved"
     task.reserved_micros = after
-    state.reserved_micros += after - before
+    state.reserved_micros += delta
 
 
-def _check_fits(state: RunState, task_id: str, total: int, delta: int) -> None:
+def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
+    """Raise for a reservation of ``total`` (``delta`` of it new) that does not fit."""
     if total > state.task_cap_micros:
         raise RuleViolation(f"task {task_id!r} reserved {total}, over the task cap {state.task_cap_micros}")
-    if delta > state.remaining_micros:
-        raise RuleViolation(
-            f"task {task_id!r} took {delta} with only {state.remaining_micros} remaining (over the cap)"
-        )
+    raise RuleViolation(
+        f"task {task_id!r} took {delta} with only {state.remaining_micros} remaining (over the cap)"
+    )
 
 
 def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
-    task_id = _str(event, "task")
-    reserved, actual = _int(event, "reserved_micros"), _int(event, "actual_micros")
+    try:
+        task_id, reserved, actual = event["task"], event["reserved_micros"], event["actual_micros"]
+    except KeyError:
+        task_id, reserved = event.get("task"), event.get("reserved_micros")
+        actual = event.get("actual_micros")
+    if type(task_id) is not str or not task_id:
+        raise _not_str("task", task_id)
+    if type(reserved) is not int or reserved < 0:
+        raise _not_int("reserved_micros", reserved)
+    if type(actual) is not int or actual < 0:
+        raise _not_int("actual_micros", actual)
     task = state.tasks.get(task_id)
     if task is None or not task.holding:
         raise RuleViolation(f"release of task {task_id!r}, which holds no reservation")
@@ -305,7 +352,7 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation(
             f"release of task {task_id!r} names {reserved} reserved, but it holds {task.reserved_micros}"
         )
-    if task.escalation_id in state.open_escalations:
+    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
     state.reserved_micros -= reserved
     state.spent_micros += actual
@@ -314,7 +361,8 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     task.state = "released"
     task.holding = False
     task.actual_micros = actual
-    task.escalation_id = None
+    if task.escalation_id is not None:
+        task.escalation_id = None
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:

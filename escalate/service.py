@@ -12,6 +12,7 @@ import contextlib
 import functools
 import gc
 import getpass
+import hashlib
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from escalate.errors import (
     Refused,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, iter_lines, line_hash, seal
+from escalate.events import Event, format_ts, iter_line_batches, iter_lines, seal
 from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.log import LOG_NAME, FileLog, LogBackend
@@ -155,35 +156,45 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = []
     complete_end = offset
+    # The hot loop: a chunk of lines at a time, names bound locally, line_hash inlined (it is
+    # the same text); offsets are worked out per chunk, and per line only where one stops.
+    loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
     with log.reader() as stream:
-        for line, end in iter_lines(stream, offset):
-            line_no += 1
-            complete_end = end
-            this_hash = line_hash(line)
-            event: Any = None
-            try:
-                event = orjson.loads(line)
-                if not isinstance(event, dict):
-                    raise RuleViolation("the line is not a JSON object")
-                if state is None:
-                    state = ledger.open_run(event, this_hash)
-                else:
-                    ledger.apply(state, event, this_hash)
-            except (orjson.JSONDecodeError, RuleViolation) as exc:
-                reason = f"unparsable JSON ({exc})" if isinstance(exc, orjson.JSONDecodeError) else str(exc)
-                if isinstance(exc, RuleViolation) and state is not None and _only_chain_broken(state, event):
-                    reason += (f": line {line_no - 1} was changed after this line was written, or "
-                               "a line was removed or inserted before this one")
-                if not tolerant or state is None:
-                    problem = CorruptLedger(
-                        f"{log_path(log)} line {line_no}: {reason}; writes are refused — "
-                        f"inspect with 'escalate runs verify {run_id}'",
-                        run=run_id, line=line_no, problem=reason)
+        for lines, batch_start in iter_line_batches(stream, offset):
+            first_line_no = line_no
+            for line in lines:
+                line_no += 1
+                this_hash = sha256(line).digest()[:8].hex()
+                event: Any = None
+                try:
+                    event = loads(line)
+                    if type(event) is not dict:
+                        raise RuleViolation("the line is not a JSON object")
+                    if state is None:
+                        state = ledger.open_run(event, this_hash)
+                    else:
+                        apply(state, event, this_hash)
+                except (json_error, RuleViolation) as exc:
+                    reason = f"unparsable JSON ({exc})" if isinstance(exc, json_error) else str(exc)
+                    if isinstance(exc, RuleViolation) and state is not None \
+                            and _only_chain_broken(state, event):
+                        reason += (f": line {line_no - 1} was changed after this line was written, or "
+                                   "a line was removed or inserted before this one")
                     problems.append((line_no, reason))
-                    break
-                problems.append((line_no, reason))
-                _resync(state, event if isinstance(event, dict) else None, this_hash)
-            last_line_start, offset = offset, end
+                    if not tolerant or state is None:
+                        problem = CorruptLedger(
+                            f"{log_path(log)} line {line_no}: {reason}; writes are refused — "
+                            f"inspect with 'escalate runs verify {run_id}'",
+                            run=run_id, line=line_no, problem=reason)
+                        break
+                    _resync(state, event if type(event) is dict else None, this_hash)
+            folded = lines[:line_no - first_line_no - (problem is not None)]
+            if folded:
+                offset = batch_start + sum(map(len, folded)) + len(folded)
+                last_line_start = offset - len(folded[-1]) - 1
+            complete_end = offset + (len(lines[len(folded)]) + 1 if problem is not None else 0)
+            if problem is not None:
+                break
         # After a problem, count the lines that were not folded, so that only bytes after
         # the last newline are reported as a torn tail.
         for _, end in iter_lines(stream, complete_end) if problem is not None else ():

@@ -76,10 +76,17 @@ def clock() -> FakeClock:
 
 
 def snapshot_tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` with its bytes, to assert that nothing changed."""
+    """Every file under ``root`` with its bytes, to assert that nothing changed.
+
+    The checkpoint cache (``events.ndjson.cache.sqlite`` and SQLite's ``-wal``/``-shm``
+    beside it) is left out: DESIGN §2 makes it derived and disposable, and SQLite may fold
+    its journal into the file whenever a connection closes. The log, the lock and every
+    other file must stay byte for byte.
+    """
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".cache.sqlite" not in p.name}
 
 
 # ---------------------------------------------------------------------- lock holder

@@ -34,18 +34,14 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def populated(template: Path, runs_dir: Path) -> Path:
-    shutil.copytree(template, runs_dir)
+    shutil.copytree(template, runs_dir, ignore=shutil.ignore_patterns("*.cache.sqlite*"))
     return runs_dir
 
 
 def everything(root: Path) -> tuple[dict[str, bytes], list[str]]:
-    """Every file's bytes and every folder under ``root``: nothing may appear or change.
-
-    Derived cache files are left out: DESIGN §2 makes them disposable (they change no
-    answer), and a command may refresh them. The log, its lock and every folder may not.
-    """
-    files = {name: data for name, data in snapshot_tree(root).items() if ".cache" not in Path(name).name}
-    return files, sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
+    """Every file's bytes (but the disposable cache, see ``snapshot_tree``) and every
+    folder under ``root``: nothing may appear or change."""
+    return snapshot_tree(root), sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
 
 
 LONG_ID = "a" * 129
@@ -101,6 +97,12 @@ FAILURES = [
     pytest.param(["reserve", RUN, "new", "--estimate", "1", "--lock-timeout", "-1"], 2,
                  id="negative-lock-timeout"),
     pytest.param(["reserve", RUN, "new", "--estimate", "1", "--by", "bad\tname"], 2, id="unprintable-actor"),
+    # An explicitly empty --by is refused, not replaced by ESCALATE_ACTOR (set here) or the OS user.
+    pytest.param(["reserve", RUN, "new", "--estimate", "1", "--by", ""], 2, id="empty-actor-reserve"),
+    pytest.param(["increase", RUN, "held", "--to", "3", "--by="], 2, id="empty-actor-increase"),
+    pytest.param(["release", RUN, "held", "--actual", "1", "--by", ""], 2, id="empty-actor-release"),
+    pytest.param(["runs", "init", "fresh", "--cap", "1", "--by", ""], 2, id="empty-actor-init"),
+    pytest.param(["approve", RUN, "esc-1", "--by", ""], 2, id="empty-actor-approve"),
     # ---- conflicts append nothing (exit 5)
     pytest.param(["reserve", RUN, "held", "--estimate", "3"], 5, id="reserve-different-amount"),
     pytest.param(["increase", RUN, "held", "--to", "1"], 5, id="increase-lower"),
@@ -183,3 +185,12 @@ def test_a_128_character_id_is_fine(cli: Any, populated: Path) -> None:
     assert cli("reserve", RUN, longest, "--estimate", "0.5").exit_code == 0
     assert cli("runs", "init", longest, "--cap", "1").exit_code == 0
     assert (populated / longest / "events.ndjson").is_file()
+
+
+def test_an_empty_by_names_the_problem(cli: Any, populated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = cli("reserve", RUN, "new", "--estimate", "1", "--by", "", "--json")
+    assert (result.exit_code, result.json()["error"]) == (2, "invalid_actor")
+    assert "--by is empty" in result.stderr
+    # An empty ESCALATE_ACTOR counts as unset, like every option's variable.
+    monkeypatch.setenv("ESCALATE_ACTOR", "")
+    assert cli("reserve", RUN, "new", "--estimate", "1").exit_code == 0
