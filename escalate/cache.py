@@ -28,7 +28,7 @@ from escalate.events import line_hash
 from escalate.ledger import Escalation, Policy, RunState, Task
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
-FORMAT = 1
+FORMAT = 2
 
 V = TypeVar("V")
 
@@ -38,23 +38,24 @@ class CacheInvalid(Exception):
 
 
 def _checked(key: str, data: bytes, crc: int) -> bytes:
-    if zlib.crc32(key.encode() + data) != crc:
+    if zlib.crc32(data, zlib.crc32(key.encode())) != crc:
         raise CacheInvalid(f"row {key!r} fails its checksum")
     return data
 
 
-def _encode_task(task: Task) -> bytes:
-    return orjson.dumps([task.state, task.reserved_micros, task.holding, task.actual_micros,
-                         task.halt_reason, task.escalation_id])
+# A row holds the object exactly as ``runs show --json`` lists it, so a reader can hand a
+# whole table to the JSON output without rebuilding an object per row.
+
+
+def _encode_task(key: str, task: Task) -> bytes:
+    return orjson.dumps(task.to_json(key))
 
 
 def _decode_task(data: bytes) -> Task:
-    # The fields in their declared order: state, reserved, holding, actual, halt reason,
-    # escalation id (as _encode_task writes them).
-    return Task(*orjson.loads(data))
+    return Task.from_json(orjson.loads(data))
 
 
-def _encode_escalation(escalation: Escalation) -> bytes:
+def _encode_escalation(key: str, escalation: Escalation) -> bytes:
     return orjson.dumps(escalation.to_json())
 
 
@@ -134,13 +135,70 @@ class Rows(MutableMapping[str, V], Generic[V]):
         for _, value in self.items():
             yield value
 
-    def materialize(self) -> dict[str, V]:
-        """Every row, checked, as a plain dict (for readers, inside their snapshot)."""
-        return dict(self.items())
+    def snapshot(self) -> Snapshot[V]:
+        """Every row, checked, read now (for readers, inside their read transaction)."""
+        rows = self._connection.execute(f"SELECT key, data, crc FROM {self._table} ORDER BY n").fetchall()
+        crc32 = zlib.crc32
+        for key, data, crc in rows:  # _checked, inlined: this runs once per task of the run
+            if crc32(data, crc32(key.encode())) != crc:
+                raise CacheInvalid(f"row {key!r} fails its checksum")
+        return Snapshot([row[0] for row in rows], [row[1] for row in rows], self._table)
 
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         for key, value in self._touched.items():
-            yield key, self._encode(value)
+            yield key, self._encode(key, value)
+
+
+class Snapshot(MutableMapping[str, V], Generic[V]):
+    """A reader's table: every row checked and in memory, each decoded only when used.
+
+    :meth:`json_array` gives the whole table as the JSON array ``runs show --json``
+    prints, straight from the stored rows for those nobody decoded.
+    """
+
+    def __init__(self, keys: list[str], stored: list[bytes], table: str) -> None:
+        self._keys, self._stored = keys, stored
+        self._encode, self._decode = _CODECS[table]
+        self._position: dict[str, int] | None = None  # built on the first lookup by key
+        self._live: dict[str, V] = {}  # decoded (and maybe changed since) or added
+        self._added: list[str] = []
+
+    def _index(self) -> dict[str, int]:
+        if self._position is None:
+            self._position = {key: number for number, key in enumerate(self._keys)}
+        return self._position
+
+    def __getitem__(self, key: str) -> V:
+        if key in self._live:
+            return self._live[key]
+        value: V = self._decode(self._stored[self._index()[key]])
+        self._live[key] = value
+        return value
+
+    def __setitem__(self, key: str, value: V) -> None:
+        if key not in self._live and key not in self._index():
+            self._added.append(key)
+        self._live[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("the ledger never forgets a task or an escalation")
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._keys
+        yield from self._added
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._added)
+
+    def json_array(self) -> bytes:
+        """``[{…}, …]`` in first-seen order."""
+        live, encode = self._live, self._encode
+        if not live:
+            return b"[" + b",".join(self._stored) + b"]"
+        parts = [encode(key, live[key]) if key in live else data
+                 for key, data in zip(self._keys, self._stored, strict=True)]
+        parts += [encode(key, live[key]) for key in self._added]
+        return b"[" + b",".join(parts) + b"]"
 
 
 def _run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
@@ -217,8 +275,8 @@ class Checkpoint:
             if not writable:
                 state = loaded[0]
                 assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
-                state.tasks = state.tasks.materialize()
-                state.escalations = state.escalations.materialize()
+                state.tasks = state.tasks.snapshot()
+                state.escalations = state.escalations.snapshot()
                 state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
                 connection.close()
             return loaded
@@ -283,9 +341,9 @@ class Checkpoint:
             connection.execute("CREATE TABLE run (key TEXT PRIMARY KEY, data BLOB, crc INTEGER)")
         rows: dict[str, Any] = {
             "tasks": tasks.dirty() if isinstance(tasks, Rows) else
-            ((key, _encode_task(task)) for key, task in tasks.items()),
+            ((key, _encode_task(key, task)) for key, task in tasks.items()),
             "escalations": escalations.dirty() if isinstance(escalations, Rows) else
-            ((key, _encode_escalation(e)) for key, e in escalations.items()),
+            ((key, _encode_escalation(key, e)) for key, e in escalations.items()),
         }
         for table, pairs in rows.items():
             connection.executemany(

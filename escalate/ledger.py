@@ -54,14 +54,26 @@ class Task:
     escalation_id: str | None = None
 
     def to_json(self, task_id: str) -> dict[str, Any]:
+        """The task as ``runs show --json`` lists it (and as the checkpoint stores it).
+
+        ``reserved_micros`` is what the task holds or, once settled, what it had reserved;
+        ``holding`` says whether that money still counts as reserved.
+        """
         return {
             "task": task_id,
             "state": self.state,
-            "reserved_micros": self.reserved_micros if self.holding else 0,
+            "reserved_micros": self.reserved_micros,
+            "holding": self.holding,
             "actual_micros": self.actual_micros,
             "halt_reason": self.halt_reason,
             "escalation_id": self.escalation_id,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Inverse of :meth:`to_json`."""
+        return cls(data["state"], data["reserved_micros"], data["holding"], data["actual_micros"],
+                   data["halt_reason"], data["escalation_id"])
 
 
 @dataclass(slots=True)

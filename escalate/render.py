@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -43,13 +44,19 @@ def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:
 
 def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
     """``runs show --json``: the totals, every task and every escalation, in exact micros."""
-    tasks = [task.to_json(task_id) for task_id, task in state.tasks.items()]
+    stored = getattr(state.tasks, "json_array", None)
+    if all_tasks and stored is not None:
+        # A reader's snapshot of the checkpoint hands over its rows as they are stored.
+        tasks: Any = orjson.Fragment(stored())
+    else:
+        tasks = [task.to_json(task_id) for task_id, task in state.tasks.items()]
+        tasks = tasks if all_tasks else tasks[-TASK_ROWS:]
     escalations = [e.to_json() for e in state.escalations.values()]
     view = state.totals()
     view.update({
         "shadow_escalations": sum(1 for e in state.escalations.values() if e.shadow),
         "open_escalations": len(state.open_escalations),
-        "tasks": tasks if all_tasks else tasks[-TASK_ROWS:],
+        "tasks": tasks,
         "escalations": escalations,
     })
     return view
@@ -85,9 +92,10 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
     summary.add_row("events", str(state.seq))
     parts.append(summary)
 
-    items = list(state.tasks.items())
-    shown = items if all_tasks else items[-TASK_ROWS:]
-    table = Table(title=f"tasks ({len(items)})", title_justify="left")
+    task_ids = list(state.tasks)  # ids only: a task is decoded when its row is shown
+    shown = [(task_id, state.tasks[task_id])
+             for task_id in (task_ids if all_tasks else task_ids[-TASK_ROWS:])]
+    table = Table(title=f"tasks ({len(task_ids)})", title_justify="left")
     table.add_column("task")
     table.add_column("state")
     table.add_column("reserved", justify="right")
@@ -99,10 +107,10 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
         table.add_row(task_id, Text(task.state, style=styles.get(task.state, "")),
                       usd(task.reserved_micros) if task.holding or task.state == "released" else "-",
                       "-" if task.actual_micros is None else usd(task.actual_micros), note or "")
-    if items:
+    if task_ids:
         parts.append(table)
-    if len(shown) < len(items):
-        parts.append(Text(f"… {len(items) - len(shown)} earlier tasks not shown (use --all or --json)"))
+    if len(shown) < len(task_ids):
+        parts.append(Text(f"… {len(task_ids) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
     if escalations:
         parts.append(escalation_table(

@@ -30,7 +30,7 @@ expect 3 escalate reserve "$RUN" big-refactor --estimate 5
 
 step "Another asks for \$1.50 with \$0.40 left: it escalates to a person"
 expect 4 escalate reserve "$RUN" docs-pass --estimate 1.50
-ESC=$(escalate escalations --run "$RUN" --open --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+ESC=$(escalate escalations --run "$RUN" --open --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["escalations"][0]["id"])')
 show escalate escalations --run "$RUN" --open
 
 step "The task waits in the background while alice approves $ESC"

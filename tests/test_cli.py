@@ -182,10 +182,13 @@ def test_runs_show_json_has_the_documented_keys(cli: Any, run10: str) -> None:
     for task in tasks.values():
         assert task.keys() >= TASK_KEYS
         assert task["state"] in {"reserved", "released", "halted", "escalated", "paused"}
-    assert {name: (t["state"], t["reserved_micros"], t["actual_micros"]) for name, t in tasks.items()} == {
-        "held": ("reserved", 1_500_000, None),
-        "done": ("released", 0, 1_250_000),
-        "big": ("halted", 0, None),
+    # reserved_micros is what a task holds or, once settled, what it had reserved; holding
+    # says whether it still counts as reserved.
+    assert {name: (t["state"], t["reserved_micros"], t["holding"], t["actual_micros"])
+            for name, t in tasks.items()} == {
+        "held": ("reserved", 1_500_000, True, None),
+        "done": ("released", 2_000_000, False, 1_250_000),
+        "big": ("halted", 0, False, None),
     }
 
 
@@ -207,14 +210,14 @@ def test_runs_show_human(cli: Any, run10: str) -> None:
 def test_runs_list_human_and_json(cli: Any, runs_dir: Path) -> None:
     empty = cli("runs", "list", "--json")
     assert empty.exit_code == 0
-    assert orjson.loads(empty.stdout) == []
+    assert orjson.loads(empty.stdout) == {"runs": []}
     cli("runs", "init", "one", "--cap", "1")
     cli("runs", "init", "two", "--cap", "2")
     cli("reserve", "two", "t", "--estimate", "0.5")
     listed = cli("runs", "list", "--json")
     assert listed.exit_code == 0
     assert len(listed.stdout.splitlines()) == 1
-    rows = {row["run"]: row for row in orjson.loads(listed.stdout)}
+    rows = {row["run"]: row for row in orjson.loads(listed.stdout)["runs"]}
     assert set(rows) == {"one", "two"}
     assert (rows["two"]["cap_micros"], rows["two"]["committed_micros"], rows["two"]["remaining_micros"]) == (
         2_000_000, 500_000, 1_500_000)

@@ -145,14 +145,16 @@ import sys
 for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to', '2'],
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
-print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate')
+print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate',
+                        'escalate.cli.runs_cmds', 'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
 
 
 @pytest.mark.parametrize(("setup", "call", "loaded"), [
     # The CLI: rich, pydantic and our schema stay unloaded (typer is pinned below 0.29,
-    # which would build a pydantic adapter for every option on every call).
+    # which would build a pydantic adapter for every option on every call), and so do the
+    # other commands' modules: a hot command builds an app of its own module only.
     ("from escalate.cli import main",
      "sys.argv = ['escalate', *argv]\n    try:\n        main()\n    except SystemExit:\n        pass",
      []),

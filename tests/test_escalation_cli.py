@@ -237,15 +237,15 @@ def test_inbox(cli: Any, runs_dir: Path) -> None:
 
     everything = cli("escalations", "--json")
     assert everything.exit_code == 0
-    rows = everything.json()
+    rows = everything.json()["escalations"]
     assert {(r["run"], r["id"], r["task"], r["state"], r["mode"], r["by"]) for r in rows} == {
         ("alpha", "esc-2", "a1", "resolved", "extend", "alice"),
         ("alpha", "esc-3", "a2", "open", None, None),
         ("beta", "esc-2", "b1", "open", None, None),
     }
-    open_only = cli("escalations", "--open", "--json").json()
+    open_only = cli("escalations", "--open", "--json").json()["escalations"]
     assert sorted((r["run"], r["id"]) for r in open_only) == [("alpha", "esc-3"), ("beta", "esc-2")]
-    assert [r["task"] for r in cli("escalations", "--run", "beta", "--json").json()] == ["b1"]
+    assert [r["task"] for r in cli("escalations", "--run", "beta", "--json").json()["escalations"]] == ["b1"]
 
     table = cli("escalations", "--open")
     assert table.exit_code == 0
@@ -258,7 +258,7 @@ def test_inbox(cli: Any, runs_dir: Path) -> None:
     assert "open escalations (2)" in table.stdout
 
     assert cli("escalations", "--run", "nope").exit_code == 2
-    assert cli("escalations", "--runs-dir", str(runs_dir / "empty"), "--json").json() == []
+    assert cli("escalations", "--runs-dir", str(runs_dir / "empty"), "--json").json() == {"escalations": []}
 
 
 def test_inbox_skips_a_broken_run_with_a_warning(cli: Any, runs_dir: Path) -> None:
@@ -269,7 +269,7 @@ def test_inbox_skips_a_broken_run_with_a_warning(cli: Any, runs_dir: Path) -> No
     log.write_bytes(log.read_bytes() + b"not json\n" + b'{"v":1}\n')
     result = cli("escalations", "--json")
     assert result.exit_code == 0
-    assert [r["run"] for r in result.json()] == ["good"]
+    assert [r["run"] for r in result.json()["escalations"]] == ["good"]
     assert "warning: skipped bad" in result.stderr
     assert cli("escalations", "--run", "bad").exit_code == 6
 
@@ -348,7 +348,7 @@ def test_sweep_cli(cli: Any, runs_dir: Path) -> None:
     every = cli("sweep")
     assert every.exit_code == 0
     assert every.stdout.splitlines() == ["swept 3 run(s): 1 escalation(s) paused by timeout", "  b esc-2"]
-    assert cli("escalations", "--open", "--json").json()[0]["run"] == "c"
+    assert cli("escalations", "--open", "--json").json()["escalations"][0]["run"] == "c"
     before = log_bytes(runs_dir)
     assert cli("sweep", "--json").json()["expired"] == []
     assert log_bytes(runs_dir) == before

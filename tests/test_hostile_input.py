@@ -98,7 +98,7 @@ def test_symlinked_run_folders_logs_and_locks_are_refused(cli: Any, runs_dir: Pa
     assert not (outside / "created-by-lock").exists()
     listed = cli("runs", "list", "--json")
     assert listed.exit_code == 0
-    assert {row["run"]: row.get("error") for row in listed.json()} == {
+    assert {row["run"]: row.get("error") for row in listed.json()["runs"]} == {
         "lock-link": "symlink", "log-link": "symlink"}  # a linked folder is not listed at all
     assert (snapshot_tree(runs_dir.parent), snapshot_tree(outside)) == before
 

@@ -94,7 +94,7 @@ def test_list_newest_first(runs_dir: Path, cli: Any) -> None:
     new_clock.advance(3600)
     Ledger.init(runs_dir, "zz-old", cap="5", clock=old_clock).reserve("t", "5")
     Ledger.init(runs_dir, "aa-new", cap="20", clock=new_clock)
-    rows = cli("runs", "list", "--json").json()
+    rows = cli("runs", "list", "--json").json()["runs"]
     assert [row["run"] for row in rows] == ["aa-new", "zz-old"]
     assert [(r["cap_micros"], r["committed_micros"], r["remaining_micros"], r["state"]) for r in rows] == [
         (20_000_000, 0, 20_000_000, "idle"), (5_000_000, 5_000_000, 0, "active")]

@@ -215,7 +215,7 @@ def test_readers_report_the_torn_tail(cli: Any, runs_dir: Path) -> None:
     assert shown.json()["reserved_micros"] == 1_000_000
     assert any("19 bytes of an unfinished line" in w for w in shown.json()["warnings"])
     listed = cli("runs", "list", "--json")
-    assert listed.exit_code == 0 and listed.json()[0]["reserved_micros"] == 1_000_000
+    assert listed.exit_code == 0 and listed.json()["runs"][0]["reserved_micros"] == 1_000_000
     verified = cli("runs", "verify", "r", "--json")
     assert verified.exit_code == 0 and verified.json()["torn_bytes"] == 19
     assert _log_files(runs_dir) == before

@@ -3,14 +3,19 @@
 Errors are mapped in one place (:func:`respond`): an :class:`EscalateError` becomes one
 line on stderr (and one JSON object on stdout with ``--json``) and its exit code.
 Usage errors from the parser become one line and exit 2 as well.
+
+The command modules each add their commands to an app with ``register(app)``. ``escalate
+reserve`` (and the other hot commands) builds an app from the one module that defines it,
+so a shell loop does not pay for building every command; everything else, and ``app``
+here, is the full app.
 """
 
-from __future__ import annotations
-
+import functools
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -48,19 +53,6 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = typer.Typer(
-    cls=_OneLineErrors,
-    name="escalate",
-    help="Keep the money of concurrent work honest: reserve, raise and release slices of a "
-    "run's budget; refusals halt or escalate to a person.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
 # ------------------------------------------------------------------ shared options
 
 RunsDirOption = Annotated[
@@ -96,6 +88,11 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     if lock_timeout is not None:
         options["lock_timeout"] = parse_seconds(lock_timeout, what="lock timeout")
     if by is not None:
+        # Only an explicit --by "" gets here (click ignores an empty ESCALATE_ACTOR); falling
+        # back to the OS user would record someone the caller did not name.
+        if not by:
+            raise InputError("--by is empty: name who is acting, or leave --by out to use "
+                             "ESCALATE_ACTOR or the OS user", code="invalid_actor")
         options["actor"] = by
     if notify_cmd is not None:
         options["notify_cmd"] = notify_cmd
@@ -156,7 +153,6 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                           help="Show the version and exit.")] = False,
@@ -164,18 +160,49 @@ def _root(
     """Keep the money of concurrent work honest."""
 
 
+# In the order ``escalate --help`` lists them.
+COMMAND_MODULES = ("escalation_cmds", "gate_cmds", "ledger_cmds", "schema_cmds", "runs_cmds")
+# The commands shell scripts call in loops, and the one module each needs.
+_HOT_COMMANDS = {"reserve": "ledger_cmds", "increase": "ledger_cmds", "release": "ledger_cmds"}
+
+
+def build_app(modules: Sequence[str] = COMMAND_MODULES) -> typer.Typer:
+    """The ``escalate`` app with the commands of ``modules`` (module names in this package)."""
+    app = typer.Typer(
+        cls=_OneLineErrors,
+        name="escalate",
+        help="Keep the money of concurrent work honest: reserve, raise and release slices of a "
+        "run's budget; refusals halt or escalate to a person.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for module in modules:
+        importlib.import_module(f"{__name__}.{module}").register(app)
+    return app
+
+
+@functools.cache
+def full_app() -> typer.Typer:
+    """The app with every command, built once (``from escalate.cli import app`` gives it)."""
+    return build_app()
+
+
+if TYPE_CHECKING:
+    app: typer.Typer
+
+
+def __getattr__(name: str) -> Any:
+    # ``app`` is built on first use, so the hot commands never build the full app.
+    if name == "app":
+        return full_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def main() -> None:
     """Entry point of the ``escalate`` console script."""
-    app()
-
-
-# The command modules register themselves on ``app``; they import from this module, so
-# they are imported last.
-from escalate.cli import (  # noqa: E402, F401
-    escalation_cmds,
-    gate_cmds,
-    ledger_cmds,
-    runs_cmds,
-    schema_cmds,
-    watch_cmds,
-)
+    hot_module = _HOT_COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
+    (full_app() if hot_module is None else build_app([hot_module]))()

@@ -12,7 +12,6 @@ from escalate.cli import (
     JsonOption,
     LockTimeoutOption,
     RunsDirOption,
-    app,
     echo_line,
     open_options,
     open_run,
@@ -46,7 +45,6 @@ def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Any, lock_timeou
             lambda: getattr(open_run(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
 
 
-@app.command()
 def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
             lock_timeout: LockTimeoutOption = None, by: ByOption = None,
             json_out: JsonOption = False) -> None:
@@ -54,7 +52,6 @@ def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption =
     _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out)
 
 
-@app.command()
 def pause(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
           lock_timeout: LockTimeoutOption = None, by: ByOption = None,
           json_out: JsonOption = False) -> None:
@@ -62,7 +59,6 @@ def pause(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = N
     _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out)
 
 
-@app.command()
 def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
            lock_timeout: LockTimeoutOption = None, by: ByOption = None,
            json_out: JsonOption = False) -> None:
@@ -70,7 +66,6 @@ def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = 
     _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out)
 
 
-@app.command()
 def wait(
     run: RunArg,
     escalation_id: EscalationArg,
@@ -91,7 +86,6 @@ def wait(
     respond(json_out, action, _said)
 
 
-@app.command()
 def escalations(
     run: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
     only_open: Annotated[bool, typer.Option("--open", help="Only escalations waiting for a person.")] = False,
@@ -100,7 +94,7 @@ def escalations(
 ) -> None:
     """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
 
-    def action() -> list[dict[str, Any]]:
+    def action() -> dict[str, list[dict[str, Any]]]:
         from escalate.service import Ledger, iter_run_ids
 
         root = open_options(runs_dir, None)["runs_dir"]
@@ -120,17 +114,17 @@ def escalations(
                     continue
                 rows.append({"run": run_id, **item.to_json()})
         rows.sort(key=lambda row: row["opened_at"], reverse=True)
-        return rows
+        return {"escalations": rows}
 
-    def human(rows: list[dict[str, Any]]) -> None:
+    def human(result: dict[str, list[dict[str, Any]]]) -> None:
         from escalate.render import console, escalation_table
 
-        console().print(escalation_table(rows, title="open escalations" if only_open else "escalations"))
+        console().print(escalation_table(result["escalations"],
+                                         title="open escalations" if only_open else "escalations"))
 
     respond(json_out, action, human)
 
 
-@app.command()
 def sweep(
     run: Annotated[str | None, typer.Argument(help="Run id [default: every run].")] = None,
     runs_dir: RunsDirOption = None,
@@ -162,3 +156,9 @@ def sweep(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
         + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
         + "".join(f"\n  {f['run']}: {f['message']}" for f in r["failures"])))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the approver's commands to ``app``."""
+    for command in (approve, pause, cancel, wait, escalations, sweep):
+        app.command()(command)

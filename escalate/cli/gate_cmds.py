@@ -8,13 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, app, echo_line, open_run, respond
+from escalate.cli import JsonOption, RunsDirOption, echo_line, open_run, respond
 from escalate.errors import EscalateError, Refused
 
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
 
 
-@app.command()
 def gate(
     run: RunArg,
     max_spent: Annotated[str | None, typer.Option(
@@ -83,3 +82,8 @@ def _annotate(stream: Any, level: str, message: str) -> None:
     """One GitHub Actions workflow command, with its data escaped as the runner expects."""
     escaped = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
     stream.write(f"::{level} title=escalate gate::{escaped}\n")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``gate`` command to ``app``."""
+    app.command()(gate)

@@ -1,7 +1,5 @@
 """The hot commands shell scripts call: reserve, increase, release."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
@@ -12,7 +10,6 @@ from escalate.cli import (
     LockTimeoutOption,
     NotifyOption,
     RunsDirOption,
-    app,
     echo_line,
     open_run,
     respond,
@@ -41,7 +38,6 @@ def _say(result: dict[str, Any]) -> None:
                   + (f"; would have escalated (shadow {shadow})" if shadow else ""))
 
 
-@app.command()
 def reserve(
     run: RunArg,
     task: TaskArg,
@@ -74,7 +70,6 @@ def reserve(
     respond(json_out, action, _say)
 
 
-@app.command()
 def increase(
     run: RunArg,
     task: TaskArg,
@@ -93,7 +88,6 @@ def increase(
             _say)
 
 
-@app.command()
 def release(
     run: RunArg,
     task: TaskArg,
@@ -107,3 +101,8 @@ def release(
     """Settle TASK's reservation with its actual cost (may exceed the reservation)."""
     respond(json_out, lambda: open_run(run, runs_dir, lock_timeout, by).release(task, actual), _say)
 
+
+def register(app: typer.Typer) -> None:
+    """Add the ``reserve``, ``increase`` and ``release`` commands to ``app``."""
+    for command in (reserve, increase, release):
+        app.command()(command)

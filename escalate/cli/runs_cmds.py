@@ -13,7 +13,6 @@ from escalate.cli import (
     JsonOption,
     LockTimeoutOption,
     RunsDirOption,
-    app,
     bad_input,
     echo_line,
     open_options,
@@ -24,7 +23,6 @@ from escalate.errors import EscalateError
 from escalate.money import format_usd as usd
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
-app.add_typer(runs_app, name="runs")
 
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
 ModeOption = Annotated[str | None, typer.Option("--escalation",
@@ -118,7 +116,7 @@ def list_runs(
 ) -> None:
     """List every run with its cap, committed and remaining money, newest first."""
 
-    def action() -> list[dict[str, Any]]:
+    def action() -> dict[str, list[dict[str, Any]]]:
         from escalate.service import Ledger, iter_run_ids
 
         root = open_options(runs_dir, None)["runs_dir"]
@@ -134,11 +132,12 @@ def list_runs(
             row.update(opened_at=state.opened_at, state=_run_state(state))
             rows.append(row)
         rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
-        return rows
+        return {"runs": rows}
 
-    def human(rows: list[dict[str, Any]]) -> None:
+    def human(result: dict[str, list[dict[str, Any]]]) -> None:
         from escalate.render import console, runs_table
 
+        rows = result["runs"]
         console().print(runs_table(rows))
         for row in rows:
             if "error" in row:
@@ -266,3 +265,12 @@ def verify(
                   f"prev chain intact, ledger rules hold{torn}")
 
     respond(json_out, action, human)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``runs`` group to ``app``."""
+    app.add_typer(runs_app, name="runs")
+
+
+# ``runs watch`` lives in its own module and adds itself to runs_app.
+from escalate.cli import watch_cmds  # noqa: E402, F401

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from escalate.cli import JsonOption, app, respond
+import typer
+
+from escalate.cli import JsonOption, respond
 
 
-@app.command()
 def schema(json_out: JsonOption = False) -> None:
     """Print the JSON Schema of the event format (one line of events.ndjson).
 
@@ -27,3 +28,8 @@ def schema(json_out: JsonOption = False) -> None:
         echo_line(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
     respond(json_out, action, human)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``schema`` command to ``app``."""
+    app.command()(schema)
