@@ -193,8 +193,15 @@ class Snapshot(MutableMapping[str, V], Generic[V]):
     def json_array(self) -> bytes:
         """``[{…}, …]`` in first-seen order."""
         live, encode = self._live, self._encode
-        if not live:
-            return b"[" + b",".join(self._stored) + b"]"
+        if not live and self._stored:
+            # One join over the rows as stored, the brackets riding on the first and last.
+            ends = self._stored[0], self._stored[-1]
+            self._stored[0] = b"[" + self._stored[0]
+            self._stored[-1] = self._stored[-1] + b"]"
+            try:
+                return b",".join(self._stored)
+            finally:
+                self._stored[0], self._stored[-1] = ends
         parts = [encode(key, live[key]) if key in live else data
                  for key, data in zip(self._keys, self._stored, strict=True)]
         parts += [encode(key, live[key]) for key in self._added]

@@ -112,7 +112,14 @@ def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str 
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE)
+    stdout = getattr(sys.stdout, "buffer", None)
+    if stdout is None:  # a text-only stream, as some test harnesses give
+        sys.stdout.write(data.decode())
+        return
+    sys.stdout.flush()  # keep order with anything already written as text
+    stdout.write(data)
+    stdout.flush()
 
 
 def fail(error: EscalateError, json_out: bool) -> NoReturn:
