@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,6 @@ class Settings:
     contention_cycles: int
     contention_rounds: int
     budget_s: float
-    poll_settings: list[tuple[float, float]] = field(default_factory=list)
 
 
 def interleaved(cases: dict[str, Callable[[], float]], rounds: int, budget_s: float,
@@ -463,12 +462,8 @@ def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, 
     _progress(rows[-1])
 
 
-def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, poll: tuple[float, float] | None,
-                       barrier: Any, results: Any) -> None:
-    if poll is not None:
-        from escalate import log
-
-        log._FIRST_POLL_S, log._MAX_POLL_S = poll  # the poll experiment only
+def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, barrier: Any,
+                       results: Any) -> None:
     handle = Ledger.open(runs_dir, run_id, actor=f"worker-{worker}")
     barrier.wait()
     started = time.monotonic()
@@ -479,7 +474,7 @@ def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, pol
     results.put((started, time.monotonic()))
 
 
-def contention_round(workers: int, cycles: int, poll: tuple[float, float] | None, tag: str) -> float:
+def contention_round(workers: int, cycles: int, tag: str) -> float:
     """``workers`` processes doing reserve/release cycles on one fresh run: fsynced ops/s.
 
     Afterwards the run must verify clean with exact totals.
@@ -492,7 +487,7 @@ def contention_round(workers: int, cycles: int, poll: tuple[float, float] | None
     barrier = context.Barrier(workers)
     results = context.Queue()
     processes = [context.Process(target=_contention_worker,
-                                 args=(str(runs_dir), run_id, n, cycles, poll, barrier, results))
+                                 args=(str(runs_dir), run_id, n, cycles, barrier, results))
                  for n in range(workers)]
     for process in processes:
         process.start()
@@ -515,15 +510,7 @@ def contention_round(workers: int, cycles: int, poll: tuple[float, float] | None
 
 def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> None:
     """Target 4: fsynced reserve-or-release operations per second with 8 processes on one run."""
-    polls: list[tuple[float, float] | None] = [None, *settings.poll_settings]
-    cases: dict[str, Callable[[], float]] = {}
-
-    def case(poll: tuple[float, float] | None, name: str) -> Callable[[], float]:
-        return lambda: contention_round(workers, settings.contention_cycles, poll, name)
-
-    for poll in polls:
-        name = "current" if poll is None else f"{poll[0] * 1000:g}-{poll[1] * 1000:g}ms"
-        cases[name] = case(poll, name)
+    cases = {"current": lambda: contention_round(workers, settings.contention_cycles, "current")}
     # Each case returns ops/s here, not seconds: the median is taken all the same.
     samples = interleaved(cases, settings.contention_rounds, settings.budget_s, min_rounds=1)
     rate = median(samples["current"])
@@ -532,11 +519,7 @@ def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> 
                     f"{rate:,.0f} ops/s (n={len(samples['current'])})", "≥ 1,500 ops/s",
                     verdict(rate >= 1_500)))
     _progress(rows[-1])
-    for name in list(cases)[1:]:
-        other = median(samples[name])
-        rows.append(Row(f"4 contention with lock poll {name} (first-max)", f"{other:,.0f} ops/s",
-                        f"{other / rate:.2f} × current", "info"))
-        _progress(rows[-1])
+
 
 
 def target_show(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
@@ -604,9 +587,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="smoke test: runs of 1k and 20k events, few repeats")
     parser.add_argument("--sizes", help="comma-separated run sizes in events, e.g. 1k,100k,1M "
                         "(the smallest and largest are compared)")
-    parser.add_argument("--poll", action="append", default=[], metavar="FIRST:MAX",
-                        help="also measure contention with this lock poll backoff in seconds, "
-                        "e.g. 0.0001:0.001 (repeatable)")
     parser.add_argument("--only", help="comma-separated targets to run (1-5); default all")
     parser.add_argument("--child-verify", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -629,7 +609,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         contention_cycles=10 if quick else 60,
         contention_rounds=1 if quick else 3,
         budget_s=20 if quick else 75,
-        poll_settings=[(float(a), float(b)) for a, b in (p.split(":") for p in args.poll)],
     )
     if len(settings.sizes) < 2:
         print("bench: give at least two sizes to compare", file=sys.stderr)
