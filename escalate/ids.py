@@ -16,10 +16,23 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 def check_id(value: str, *, what: str = "id") -> str:
     """Return ``value`` unchanged if it is a valid id, else raise :class:`InvalidId`."""
     if not isinstance(value, str) or _ID.fullmatch(value) is None or ".." in value:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        shown = _shown(value)
         raise InvalidId(
             f"invalid {what} {shown}: use 1-128 ASCII letters, digits and . _ : - "
             "starting with a letter or digit (no '..', '/' or spaces)",
             value=shown,
         )
     return value
+
+
+def _shown(value: object) -> str:
+    """``value`` quoted, at most 60 characters: a long id is cut inside its quotes (``'aaa...'``)."""
+    shown = repr(value)
+    if len(shown) <= 60:
+        return shown
+    if not isinstance(value, str):
+        return shown[:57] + "..."
+    cut = value[:56]
+    while len(repr(cut + "...")) > 60:  # escapes make a character's repr longer than one
+        cut = cut[:-1]
+    return repr(cut + "...")

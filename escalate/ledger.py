@@ -591,9 +591,16 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
             task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
+        open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
+        if open_escalation is not None:
+            hint = (f"it is waiting on escalation {open_escalation.id}: wait for it with "
+                    f"'escalate wait {state.run_id} {open_escalation.id}'")
+        elif task is None:
+            hint = f"reserve it first, or check the task id with 'escalate runs show {state.run_id}'"
+        else:
+            hint = "nothing was reserved for it, so there is nothing to release"
         return _fail(Conflict(
-            f"task {task_id} holds no reservation to release (state: {state_word}); reserve it first, "
-            f"or check the task id with 'escalate runs show {state.run_id}'",
+            f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
     if task.escalation_id in state.open_escalations:
         return _fail(Conflict(

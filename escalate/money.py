@@ -20,6 +20,12 @@ _ONE_MICRO_USD = Decimal("0.000001")
 Amount = str | Decimal | int
 
 _USD_TEXT = re.compile(r"\$?([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+# "1,000", "$12,500.50", "1 000", "1_000", "1'000": groups of three behind one separator.
+_GROUPED = re.compile(r"\$?[0-9]{1,3}([,_' ])[0-9]{3}(?:\1[0-9]{3})*(?:\.[0-9]*)?", re.ASCII)
+# "-0", "-0.00", "-$0" and "-" alone name no negative value: refused as malformed, not as negative.
+_MINUS_NOTHING = re.compile(r"-\$?0*\.?0*", re.ASCII)
+# Where the library's name for an amount differs from the option that gives it.
+_OPTION_OF = {"new amount": "--to"}
 
 
 def parse_micros(value: Amount, *, what: str = "amount") -> int:
@@ -52,15 +58,26 @@ def parse_micros(value: Amount, *, what: str = "amount") -> int:
 
 
 def _text_to_micros(text: str, what: str) -> int:
-    if text.strip().startswith("-"):
+    stripped = text.strip()
+    if stripped.startswith("--"):
+        # A missing value makes the parser take the next option as the amount.
+        shown = _shown(text)
+        raise InvalidAmount(f"invalid {what} {shown!r}: that is an option, not an amount — give a value "
+                            f"after {_option_of(what)}", value=shown)
+    if stripped.startswith("-") and not _MINUS_NOTHING.fullmatch(stripped):
         raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative; give 0 or more",
                             value=text[:40])
+    if _GROUPED.fullmatch(text.strip(" \t")):
+        shown = _shown(text)
+        raise InvalidAmount(
+            f"invalid {what} {shown!r}: remove the thousands separator, e.g. "
+            f"{re.sub(r'[^0-9$.]', '', text)}", value=shown)
     match = _USD_TEXT.fullmatch(text.strip(" \t"))
     whole = match.group(1) if match else ""
     fraction = match.group(2) if match else None
-    # Refuse "", "$", "." and a trailing "2." as well as anything the pattern does not match.
-    if match is None or (not whole and not fraction) or fraction == "":
-        shown = text if len(text) <= 40 else text[:37] + "..."
+    # Refuse "", "$", "." and "-0" as well as anything the pattern does not match; "5." and ".5" pass.
+    if match is None or (not whole and not fraction):
+        shown = _shown(text)
         raise InvalidAmount(
             f"invalid {what} {shown!r}: expected USD like 2.50, 0.000001 or $12 "
             "(digits, an optional '.' and up to 6 decimals)",
@@ -76,6 +93,17 @@ def _text_to_micros(text: str, what: str) -> int:
         raise InvalidAmount(f"invalid {what} {text[:40]!r}: above the limit of {MAX_USD:,} USD; give less",
                             value=text[:40])
     return int(whole or "0") * MICROS_PER_USD + int((fraction or "").ljust(6, "0"))
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _option_of(what: str) -> str:
+    """The CLI option that gives ``what`` (``estimate`` → ``--estimate``)."""
+    if what.startswith("--"):
+        return what
+    return _OPTION_OF.get(what, "--" + what.replace(" ", "-"))
 
 
 def _decimal_to_micros(value: Decimal, what: str) -> int:

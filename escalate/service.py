@@ -42,6 +42,7 @@ from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.log import LOG_NAME, FileLog, LogBackend
 from escalate.money import Amount, parse_micros
+from escalate.money import format_usd as usd
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
@@ -282,6 +283,9 @@ class Ledger:
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict)."""
         run = cls(runs_dir, run_id, **options)
+        if run.runs_dir.exists() and not run.runs_dir.is_dir():
+            raise InputError(f"the runs folder {run.runs_dir} is a file; give a folder with --runs-dir "
+                             "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(run.runs_dir))
         run_cap = parse_micros(cap, what="cap")
         if run_cap == 0:
             raise InputError("invalid cap 0: a run needs a cap above zero; give --cap", code="invalid_amount")
@@ -308,10 +312,13 @@ class Ledger:
         have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
         if wanted == have:
             return run
+        differences = _setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
+        only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
         raise Conflict(
-            f"run {run.run_id} already exists with different settings (cap "
-            f"{existing.run_cap_micros} micros); pick a new run id",
-            run=run.run_id, cap_micros=existing.run_cap_micros)
+            f"run {run.run_id} already exists with {'; '.join(differences)}; pick a new run id"
+            + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
+            run=run.run_id, cap_micros=existing.run_cap_micros,
+            task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
 
     @classmethod
     def open(cls, runs_dir: str | os.PathLike[str], run_id: str, **options: Any) -> Ledger:
@@ -319,8 +326,8 @@ class Ledger:
         run = cls(runs_dir, run_id, **options)
         if not run.log.exists():
             raise UnknownRun(
-                f"no run {run_id} under {run.runs_dir}; create it with "
-                f"'escalate runs init {run_id} --cap USD' or check --runs-dir", run=run_id)
+                f"no run {run_id} under {run.runs_dir}; see 'escalate runs list' (or check "
+                f"--runs-dir), or create it with 'escalate runs init {run_id} --cap USD'", run=run_id)
         return run
 
     # ------------------------------------------------------------------ commands
@@ -474,6 +481,8 @@ class Ledger:
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
         replayed = replay(self.log, self.run_id, start=start)
+        # A run is what its folder is called (a copied run folder is that copy).
+        replayed.state.run_id = self.run_id
         replayed.from_checkpoint = start is not None
         replayed.checkpoint_current = start is not None and replayed.lines == start.lines
         if start is not None and replayed.problem is not None:
@@ -587,12 +596,29 @@ class Ledger:
 def _warn(problem: str) -> None:
     print(f"escalate: warning: {problem}; the ledger is unchanged", file=sys.stderr)
 
+def _setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:
+    """What ``runs init`` asked for that the existing run does not have, in words."""
+    differences = []
+    if existing.run_cap_micros != run_cap:
+        differences.append(f"cap {usd(existing.run_cap_micros)}, not {usd(run_cap)}")
+    if existing.task_cap_micros != task_cap:
+        differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
+    have, want = existing.policy.to_json(), policy.to_json()
+    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
+                    for key in have if have[key] != want[key]]
+    return differences
+
+
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
     if mode not in ledger.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
+    if timeout_s is not None and int(timeout_s) < 1:
+        # An escalation that expires as it opens could never be approved.
+        raise InputError(f"invalid escalation timeout {timeout_s:g}s: give at least 1s, e.g. 30m or 1h",
+                         code="invalid_duration", value=str(timeout_s))
     return Policy(
         mode=mode,
         approval_threshold_micros=(None if threshold is None

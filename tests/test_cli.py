@@ -208,6 +208,7 @@ def test_runs_show_human(cli: Any, run10: str) -> None:
 
 
 def test_runs_list_human_and_json(cli: Any, runs_dir: Path) -> None:
+    runs_dir.mkdir()
     empty = cli("runs", "list", "--json")
     assert empty.exit_code == 0
     assert orjson.loads(empty.stdout) == {"runs": []}

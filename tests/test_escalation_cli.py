@@ -258,7 +258,10 @@ def test_inbox(cli: Any, runs_dir: Path) -> None:
     assert "open escalations (2)" in table.stdout
 
     assert cli("escalations", "--run", "nope").exit_code == 2
+    (runs_dir / "empty").mkdir()
     assert cli("escalations", "--runs-dir", str(runs_dir / "empty"), "--json").json() == {"escalations": []}
+    missing = cli("escalations", "--runs-dir", str(runs_dir / "missing"), "--json")
+    assert (missing.exit_code, missing.json()["error"]) == (2, "no_runs_dir")
 
 
 def test_inbox_skips_a_broken_run_with_a_warning(cli: Any, runs_dir: Path) -> None:

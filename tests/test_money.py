@@ -30,6 +30,8 @@ micros_values = st.integers(min_value=0, max_value=MAX_MICROS)
         ("$0.000001", 1),
         ("$12", 12_000_000),
         (".5", 500_000),
+        ("5.", 5_000_000),  # a trailing dot, like a leading one, is plain decimal text
+        ("$2.", 2_000_000),
         ("$4.50", 4_500_000),
         ("0.1", 100_000),
         ("0.2", 200_000),
@@ -143,7 +145,6 @@ REFUSED_TEXT = [
     pytest.param(" ", id="blank"),
     pytest.param("$", id="dollar-only"),
     pytest.param(".", id="dot-only"),
-    pytest.param("2.", id="trailing-dot"),
     pytest.param("NaN", id="nan"),
     pytest.param("nan", id="nan-lower"),
     pytest.param("inf", id="inf"),
@@ -187,6 +188,35 @@ def test_refused_text(text: str) -> None:
     assert error.message.startswith("invalid estimate ")
     assert "\n" not in error.message
     assert error.to_json()["error"] == "invalid_amount"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        pytest.param("--json", "'--json': that is an option, not an amount — give a value after --estimate",
+                     id="next-option"),
+        pytest.param("-0", "'-0': expected USD like 2.50", id="minus-zero-is-malformed-not-negative"),
+        pytest.param("-0.00", "'-0.00': expected USD like 2.50", id="minus-zero-decimals"),
+        pytest.param("-1", "'-1': must not be negative", id="negative"),
+        pytest.param("1,000", "'1,000': remove the thousands separator, e.g. 1000", id="comma"),
+        pytest.param("$12,500.50", "remove the thousands separator, e.g. $12500.50", id="comma-dollars"),
+        pytest.param("1_000", "remove the thousands separator", id="underscore"),
+        pytest.param("1,5", "'1,5': expected USD like 2.50", id="decimal-comma-is-not-grouping"),
+    ],
+)
+def test_refusal_says_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        parse_micros(text, what="estimate")
+    assert says in caught.value.message
+    assert caught.value.code == "invalid_amount"
+
+
+@pytest.mark.parametrize(("what", "option"), [("new amount", "--to"), ("max extension", "--max-extension"),
+                                              ("--max-spent", "--max-spent")])
+def test_option_message_names_the_option(what: str, option: str) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        parse_micros("--json", what=what)
+    assert caught.value.message.endswith(f"give a value after {option}")
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) vendors click here
 from typer.core import TyperGroup
 
 from escalate._version import __version__
@@ -36,12 +37,15 @@ class _OneLineErrors(TyperGroup):
         try:
             code = super().main(args=args, prog_name=prog_name or "escalate", complete_var=complete_var,
                                 standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        except NoArgsIsHelpError as exc:
+            # Bare ``escalate`` or ``escalate runs`` asks for the help: it is not an error.
+            sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
+            sys.exit(0)
         except typer.TyperException as exc:
-            hint = ""
+            message = exc.format_message().rstrip().rstrip(".")
             context = getattr(exc, "ctx", None)
-            if context is not None:
-                hint = f"; see '{context.command_path} --help'"
-            message = f"{exc.format_message().rstrip('.')}{hint}"
+            if context is not None and "\n" not in message:  # a hint glued to a block reads wrong
+                message += f"; see '{context.command_path} --help'"
             # --json promises one JSON object on stdout for errors too, usage errors included.
             if "--json" in (sys.argv[1:] if args is None else args):
                 print_json({"error": "usage", "message": message, "exit_code": 2})
@@ -97,6 +101,15 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     if notify_cmd is not None:
         options["notify_cmd"] = notify_cmd
     return options
+
+
+def require_runs_root(root: Path) -> Path:
+    """``root`` if it is a folder; for the commands that look at every run, a missing root is
+    more likely a wrong --runs-dir than a place with no runs, so it is an input error."""
+    if not root.is_dir():
+        raise InputError(f"no runs folder at {root}; create a run with 'escalate runs init RUN --cap USD' "
+                         "or check --runs-dir / ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
+    return root
 
 
 def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,

@@ -15,6 +15,7 @@ from escalate.cli import (
     echo_line,
     open_options,
     open_run,
+    require_runs_root,
     respond,
 )
 from escalate.errors import EscalateError
@@ -98,7 +99,7 @@ def escalations(
         from escalate.service import Ledger, iter_run_ids
 
         root = open_options(runs_dir, None)["runs_dir"]
-        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        run_ids = [run] if run is not None else list(iter_run_ids(require_runs_root(root)))
         rows = []
         for run_id in run_ids:
             try:
@@ -138,7 +139,7 @@ def sweep(
 
         options = open_options(runs_dir, lock_timeout)
         root = options.pop("runs_dir")
-        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        run_ids = [run] if run is not None else list(iter_run_ids(require_runs_root(root)))
         expired: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for run_id in run_ids:
@@ -152,10 +153,16 @@ def sweep(
             expired += [{"run": run_id, "escalation_id": e} for e in swept["expired"]]
         return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
 
-    respond(json_out, action, lambda r: echo_line(
+    result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
-        + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
-        + "".join(f"\n  {f['run']}: {f['message']}" for f in r["failures"])))
+        + (f", {len(r['failures'])} run(s) failed" if r["failures"] else "")
+        + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])))
+    # A cron job must notice a run it could not sweep: each failure on stderr, and the exit
+    # code of the first (the other runs were still swept).
+    for failure in result["failures"]:
+        print(f"escalate: {failure['run']}: {failure['message']}", file=sys.stderr)
+    if result["failures"]:
+        raise typer.Exit(result["failures"][0]["exit_code"])
 
 
 def register(app: typer.Typer) -> None:

@@ -1,5 +1,6 @@
 """The hot commands shell scripts call: reserve, increase, release."""
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -10,6 +11,7 @@ from escalate.cli import (
     LockTimeoutOption,
     NotifyOption,
     RunsDirOption,
+    bad_input,
     echo_line,
     open_run,
     respond,
@@ -54,6 +56,9 @@ def reserve(
     json_out: JsonOption = False,
 ) -> None:
     """Reserve a slice of the run's budget for TASK before spending it."""
+    if timeout is not None and not wait:
+        bad_input("--timeout only applies with --wait; add --wait to block until a person decides",
+                  json_out, code="usage")
 
     def action() -> dict[str, Any]:
         from escalate.service import parse_seconds
@@ -65,7 +70,13 @@ def reserve(
         except Pending as pending:
             if not wait:
                 raise
-            return ledger.wait(pending.facts["escalation_id"], timeout_s=wait_s)  # type: ignore[no-any-return]
+            # Blocking in silence looks like a hang: say what it waits for, as without --wait,
+            # with the advice after the last dash ("run 'escalate wait' …") made true for --wait.
+            escalation_id = pending.facts["escalation_id"]
+            said = pending.message.rpartition(" — ")[0] or pending.message
+            print(f"escalate: {said} — waiting for a person (escalate approve {run} {escalation_id})",
+                  file=sys.stderr, flush=True)
+            return ledger.wait(escalation_id, timeout_s=wait_s)  # type: ignore[no-any-return]
 
     respond(json_out, action, _say)
 

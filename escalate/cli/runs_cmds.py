@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +18,7 @@ from escalate.cli import (
     echo_line,
     open_options,
     open_run,
+    require_runs_root,
     respond,
 )
 from escalate.errors import EscalateError
@@ -75,18 +77,34 @@ def init(
 @runs_app.command("set")
 def set_policy(
     run: RunArg,
-    escalation: ModeOption = None,
-    approval_threshold: ThresholdOption = None,
+    escalation: Annotated[str | None, typer.Option(
+        "--escalation", help="New refusal mode: off, shadow or enforce [default: unchanged].",
+        show_default=False)] = None,
+    approval_threshold: Annotated[str | None, typer.Option(
+        "--approval-threshold", help="New USD amount above which reservations need a person in "
+        "enforce mode [default: unchanged].", show_default=False)] = None,
     no_threshold: Annotated[bool, typer.Option("--no-approval-threshold",
                                                help="Remove the approval threshold.")] = False,
-    escalation_timeout: EscalationTimeoutOption = None,
-    max_extension: MaxExtensionOption = None,
+    escalation_timeout: Annotated[str | None, typer.Option(
+        "--escalation-timeout", help="New time after which an open escalation is paused, e.g. 30m "
+        "[default: unchanged].", show_default=False)] = None,
+    max_extension: Annotated[str | None, typer.Option(
+        "--max-extension", help="New most USD that approvals may add to the cap in total "
+        "[default: unchanged].", show_default=False)] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Change RUN's escalation policy (recorded as a policy_changed event)."""
+    if approval_threshold is not None and no_threshold:
+        bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
+                  json_out, code="usage")
+    if (escalation, approval_threshold, escalation_timeout, max_extension) == (None,) * 4 \
+            and not no_threshold:
+        bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
+                  "--escalation-timeout or --max-extension", json_out, code="usage")
+    before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:
         from escalate.service import parse_seconds
@@ -102,11 +120,41 @@ def set_policy(
             changes["escalation_timeout_s"] = parse_seconds(escalation_timeout, what="escalation timeout")
         if max_extension is not None:
             changes["max_extension"] = max_extension
-        return open_run(run, runs_dir, lock_timeout, by).set_policy(**changes)  # type: ignore[no-any-return]
+        ledger = open_run(run, runs_dir, lock_timeout, by)
+        if not json_out:
+            before.update(ledger.state().policy.to_json())
+        return ledger.set_policy(**changes)  # type: ignore[no-any-return]
 
-    respond(json_out, action, lambda r: echo_line(
-        f"run {r['run']}: escalation policy {'unchanged' if r['status'] == 'exists' else 'changed'} "
-        f"({r['escalation']['mode']})"))
+    def human(result: dict[str, Any]) -> None:
+        after = result["escalation"]
+        changed = [f"{label} {show(before[key])} → {show(after[key])}"
+                   for key, (label, show) in _POLICY_FIELDS.items()
+                   if key in before and before[key] != after[key]]
+        if result["status"] == "exists" or not changed:
+            echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
+        else:
+            echo_line(f"run {result['run']}: {', '.join(changed)}")
+
+    respond(json_out, action, human)
+
+
+def _timeout_text(seconds: int | None) -> str:
+    """Exact, unlike the rounded durations of the tables: ``90s``, ``30m``, ``1h``, ``2d``."""
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+_POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "mode": ("escalation", str),
+    "approval_threshold_micros": ("approval threshold",
+                                  lambda micros: "none" if micros is None else usd(micros, exact=True)),
+    "timeout_s": ("escalation timeout", _timeout_text),
+    "max_extension_micros": ("max extension", lambda micros: usd(micros, exact=True)),
+}
 
 
 @runs_app.command("list")
@@ -119,7 +167,7 @@ def list_runs(
     def action() -> dict[str, list[dict[str, Any]]]:
         from escalate.service import Ledger, iter_run_ids
 
-        root = open_options(runs_dir, None)["runs_dir"]
+        root = require_runs_root(open_options(runs_dir, None)["runs_dir"])
         rows = []
         for run_id in iter_run_ids(root):
             try:
@@ -190,6 +238,8 @@ def show(
 
         view = run_view(snapshot.state)
         view["warnings"] = _warnings(snapshot)
+        # False when the log is corrupt and the totals stop at the line before the problem.
+        view["complete"] = snapshot.problem is None
         if events:
             view["recent_events"] = recent
         return view
