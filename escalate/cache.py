@@ -28,7 +28,7 @@ from escalate.events import line_hash
 from escalate.ledger import Escalation, Policy, RunState, Task
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
-FORMAT = 2
+FORMAT = 3
 
 V = TypeVar("V")
 
@@ -38,34 +38,43 @@ class CacheInvalid(Exception):
 
 
 def _checked(key: str, data: bytes, crc: int) -> bytes:
-    if zlib.crc32(data, zlib.crc32(key.encode())) != crc:
+    if zlib.crc32(data) != crc:
         raise CacheInvalid(f"row {key!r} fails its checksum")
     return data
 
 
 # A row holds the object exactly as ``runs show --json`` lists it, so a reader can hand a
-# whole table to the JSON output without rebuilding an object per row.
+# whole table to the JSON output without rebuilding an object per row. The row's own id
+# is its first field (covered by the row's CRC); the key column only indexes it, and a
+# row found under a key that is not its own id is damage.
 
 
 def _encode_task(key: str, task: Task) -> bytes:
     return orjson.dumps(task.to_json(key))
 
 
-def _decode_task(data: bytes) -> Task:
-    return Task.from_json(orjson.loads(data))
+def _decode_task(key: str, data: bytes) -> Task:
+    fields = orjson.loads(data)
+    if fields.get("task") != key:
+        raise CacheInvalid(f"row {key!r} holds task {fields.get('task')!r}")
+    return Task.from_json(fields)
 
 
 def _encode_escalation(key: str, escalation: Escalation) -> bytes:
     return orjson.dumps(escalation.to_json())
 
 
-def _decode_escalation(data: bytes) -> Escalation:
-    return Escalation(**orjson.loads(data))
+def _decode_escalation(key: str, data: bytes) -> Escalation:
+    fields = orjson.loads(data)
+    if fields.get("id") != key:
+        raise CacheInvalid(f"row {key!r} holds escalation {fields.get('id')!r}")
+    return Escalation(**fields)
 
 
-_CODECS: dict[str, tuple[Any, Any]] = {
-    "tasks": (_encode_task, _decode_task),
-    "escalations": (_encode_escalation, _decode_escalation),
+# Per table: (encode, decode, how a stored row starts, before its id).
+_CODECS: dict[str, tuple[Any, Any, bytes]] = {
+    "tasks": (_encode_task, _decode_task, b'{"task":"'),
+    "escalations": (_encode_escalation, _decode_escalation, b'{"id":"'),
 }
 
 
@@ -79,7 +88,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
     def __init__(self, connection: sqlite3.Connection, table: str) -> None:
         self._connection = connection
         self._table = table
-        self._encode, self._decode = _CODECS[table]
+        self._encode, self._decode, _ = _CODECS[table]
         self._touched: dict[str, V] = {}
         self._known_missing: set[str] = set()
         self._new: dict[str, None] = {}  # keys this command added, in order
@@ -94,7 +103,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
         if row is None:
             self._known_missing.add(key)
             raise KeyError(key)
-        value: V = self._decode(_checked(key, row[0], row[1]))
+        value: V = self._decode(key, _checked(key, row[0], row[1]))
         self._touched[key] = value
         return value
 
@@ -127,7 +136,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
             if key in touched:
                 yield key, touched[key]
             else:
-                yield key, decode(_checked(key, data, crc))
+                yield key, decode(key, _checked(key, data, crc))
         for key in self._new:
             yield key, touched[key]
 
@@ -137,12 +146,12 @@ class Rows(MutableMapping[str, V], Generic[V]):
 
     def snapshot(self) -> Snapshot[V]:
         """Every row, checked, read now (for readers, inside their read transaction)."""
-        rows = self._connection.execute(f"SELECT key, data, crc FROM {self._table} ORDER BY n").fetchall()
-        crc32 = zlib.crc32
-        for key, data, crc in rows:  # _checked, inlined: this runs once per task of the run
-            if crc32(data, crc32(key.encode())) != crc:
-                raise CacheInvalid(f"row {key!r} fails its checksum")
-        return Snapshot([row[0] for row in rows], [row[1] for row in rows], self._table)
+        rows = self._connection.execute(f"SELECT data, crc FROM {self._table} ORDER BY n").fetchall()
+        crc32, prefix = zlib.crc32, _CODECS[self._table][2]
+        for number, (data, crc) in enumerate(rows):  # _checked, inlined: once per task of the run
+            if crc32(data) != crc or not data.startswith(prefix):
+                raise CacheInvalid(f"row {number + 1} of {self._table} fails its checksum")
+        return Snapshot([row[0] for row in rows], self._table)
 
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         for key, value in self._touched.items():
@@ -156,12 +165,21 @@ class Snapshot(MutableMapping[str, V], Generic[V]):
     prints, straight from the stored rows for those nobody decoded.
     """
 
-    def __init__(self, keys: list[str], stored: list[bytes], table: str) -> None:
-        self._keys, self._stored = keys, stored
-        self._encode, self._decode = _CODECS[table]
+    def __init__(self, stored: list[bytes], table: str) -> None:
+        self._stored = stored
+        self._encode, self._decode, self._prefix = _CODECS[table]
+        self._ids: list[str] | None = None  # read from the rows on first need
         self._position: dict[str, int] | None = None  # built on the first lookup by key
         self._live: dict[str, V] = {}  # decoded (and maybe changed since) or added
         self._added: list[str] = []
+
+    @property
+    def _keys(self) -> list[str]:
+        if self._ids is None:
+            # Each row starts with its id: {"task":"<id>", … (ids never hold a quote).
+            start = len(self._prefix)
+            self._ids = [data[start:data.index(b'"', start)].decode() for data in self._stored]
+        return self._ids
 
     def _index(self) -> dict[str, int]:
         if self._position is None:
@@ -171,7 +189,7 @@ class Snapshot(MutableMapping[str, V], Generic[V]):
     def __getitem__(self, key: str) -> V:
         if key in self._live:
             return self._live[key]
-        value: V = self._decode(self._stored[self._index()[key]])
+        value: V = self._decode(key, self._stored[self._index()[key]])
         self._live[key] = value
         return value
 
@@ -356,12 +374,12 @@ class Checkpoint:
             connection.executemany(
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
-                ((key, data, zlib.crc32(key.encode() + data)) for key, data in pairs))
+                ((key, data, zlib.crc32(data)) for key, data in pairs))
         stat = os.stat(log_path)
         identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
         blob = _run_blob(state, offset, last_line_start, lines, identity)
         connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
-                           (blob, zlib.crc32(b"run" + blob)))
+                           (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
 
     def discard(self) -> None:

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,15 +131,20 @@ class FileLog:
         self.lock_timeout = lock_timeout
 
     def _check_not_symlink(self) -> None:
-        # A link could lead a write (or the lock's O_CREAT) outside the runs root.
+        # A link could lead a write (or the lock's O_CREAT) outside the runs root. One lstat
+        # a path: this runs on every command.
         for path in (self.run_dir, self.path, self.lock_path):
-            if path.is_symlink():
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISLNK(mode):
                 raise InputError(
                     f"{path} is a symbolic link; escalate only uses real run folders, logs and lock "
                     "files (replace the link with what it points to)", code="symlink", path=str(path))
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise InputError(f"{self.run_dir} is not a folder; move it away or pick another run id",
-                             code="not_a_run", path=str(self.run_dir))
+            if path == self.run_dir and not stat.S_ISDIR(mode):
+                raise InputError(f"{self.run_dir} is not a folder; move it away or pick another run id",
+                                 code="not_a_run", path=str(self.run_dir))
 
     def exists(self) -> bool:
         """True when the run has a log with at least its first line."""

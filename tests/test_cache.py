@@ -108,6 +108,14 @@ def _flip_row(cache: Path) -> None:
                            (b'["reserved",2000000,true,null,null,null]',))
 
 
+def _swap_rows(cache: Path) -> None:
+    # Two rows that each pass their checksum, filed under each other's ids.
+    with sqlite3.connect(cache) as connection:
+        connection.execute("UPDATE tasks SET key = CASE key WHEN 'a' THEN '~' ELSE key END")
+        connection.execute("UPDATE tasks SET key = 'a' WHERE key = 'b'")
+        connection.execute("UPDATE tasks SET key = 'b' WHERE key = '~'")
+
+
 DAMAGES: dict[str, Callable[[Path], None]] = {
     "deleted": _delete,
     "truncated": _truncate,
@@ -115,6 +123,7 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "garbage file": _garbage_file,
     "empty file": _empty,
     "row edited": _flip_row,
+    "rows swapped": _swap_rows,
 }
 
 
