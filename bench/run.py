@@ -3,7 +3,7 @@
 Only the standard library and escalate's own dependencies. Every comparison is measured
 side by side in one run (A B B A …, alternating the order) and reported as medians, so a
 busy machine slows both sides alike. Built runs are cached under ``bench/out/built``;
-each benchmark works on fresh copies under ``bench/out/work``, so the built runs stay
+each benchmark works on fresh copies under ``bench/out/copies``, so the built runs stay
 pristine and re-runs are quick. The table is printed and written to
 ``bench/out/results.md``.
 
@@ -226,7 +226,7 @@ def verify_built(run: BuiltRun) -> None:
 
 def work_copy(run: BuiltRun, name: str) -> BuiltRun:
     """A fresh copy of a built run's log (no derived cache) to benchmark on."""
-    runs_dir = OUT_DIR / "work" / name
+    runs_dir = OUT_DIR / "copies" / name
     shutil.rmtree(runs_dir, ignore_errors=True)
     (runs_dir / run.run_id).mkdir(parents=True)
     shutil.copyfile(run.log_path, runs_dir / run.run_id / "events.ndjson")
@@ -479,7 +479,7 @@ def contention_round(workers: int, cycles: int, tag: str) -> float:
 
     Afterwards the run must verify clean with exact totals.
     """
-    runs_dir = OUT_DIR / "work" / "contention"
+    runs_dir = OUT_DIR / "copies" / "contention"
     run_id = f"contention-{tag}"
     shutil.rmtree(runs_dir / run_id, ignore_errors=True)
     Ledger.init(runs_dir, run_id, cap="1000000", actor=ACTOR)

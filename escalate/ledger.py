@@ -8,7 +8,7 @@ and the error to raise *after* those events are durable (a halt is written, then
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -806,8 +806,3 @@ def _task_result(state: RunState, task_id: str, status: str) -> dict[str, Any]:
     return {"status": status, "task": task_id, "reserved_micros": task.reserved_micros,
             "actual_micros": task.actual_micros, "remaining_micros": state.remaining_micros}
 
-
-def iter_tasks(state: RunState) -> Iterator[dict[str, Any]]:
-    """Every task as ``runs show --json`` lists it."""
-    for task_id, task in state.tasks.items():
-        yield task.to_json(task_id)
