@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from rich.console import Console, Group, RenderableType
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -29,6 +30,34 @@ def console(*, stderr: bool = False) -> Console:
     """A console that honours ``NO_COLOR`` and drops colour when output is not a terminal."""
     return Console(file=sys.stderr if stderr else sys.stdout, highlight=False,
                    no_color="NO_COLOR" in os.environ, soft_wrap=False)
+
+
+LARGE_LOG_BYTES = 64 << 20
+
+
+class ReplayProgress:
+    """A progress bar on stderr while a large log is replayed; only on a terminal, and gone
+    when the replay ends. Pass it as :attr:`escalate.Ledger.progress`."""
+
+    def __init__(self, out: Console | None = None, threshold: int = LARGE_LOG_BYTES) -> None:
+        self._console = out or console(stderr=True)
+        self._threshold = threshold
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            if total < self._threshold or done >= total or not self._console.is_terminal:
+                return
+            self._bar = Progress(TextColumn("reading the log"), BarColumn(), DownloadColumn(),
+                                 TimeRemainingColumn(), console=self._console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("replay", total=total)
+        assert self._task is not None
+        self._bar.update(self._task, completed=done)
+        if done >= total:
+            self._bar.stop()
+            self._bar = None
 
 
 def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:

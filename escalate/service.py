@@ -144,9 +144,12 @@ def _gc_paused(fold: Callable[_P, _R]) -> Callable[_P, _R]:
     return paused
 
 
+Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
+
+
 @_gc_paused
 def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
-           start: Replayed | None = None) -> Replayed:
+           start: Replayed | None = None, progress: Progress | None = None) -> Replayed:
     """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
     the first problem (``problem``); tolerant: note every problem and go on (``problems``),
     for ``runs verify``."""
@@ -161,6 +164,7 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
     # the same text); offsets are worked out per chunk, and per line only where one stops.
     loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
     with log.reader() as stream:
+        total = os.fstat(stream.fileno()).st_size if progress is not None else 0
         for lines, batch_start in iter_line_batches(stream, offset):
             first_line_no = line_no
             for line in lines:
@@ -196,6 +200,10 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             complete_end = offset + (len(lines[len(folded)]) + 1 if problem is not None else 0)
             if problem is not None:
                 break
+            if progress is not None:
+                progress(offset, total)
+        if progress is not None:
+            progress(total, total)  # done (also when a problem stopped the fold early)
         # After a problem, count the lines that were not folded, so that only bytes after
         # the last newline are reported as a torn tail.
         for _, end in iter_lines(stream, complete_end) if problem is not None else ():
@@ -262,6 +270,8 @@ class Ledger:
         # Read up front, so a bad value is an input error before anything is written.
         self.notify_timeout = default_notify_timeout() if notify_timeout is None else notify_timeout
         self.log = FileLog(self.runs_dir / self.run_id, lock_timeout=timeout)
+        # Called as a replay reads the log (the CLI shows a bar for a large one).
+        self.progress: Progress | None = None
         # The checkpoint is a file beside the log: a speed-up the file backend offers.
         self.checkpoint: Checkpoint | None = Checkpoint(self.runs_dir / self.run_id)
 
@@ -442,7 +452,7 @@ class Ledger:
 
     def verify(self) -> Replayed:
         """Fold every line, noting each problem with its line (``runs verify``)."""
-        return replay(self.log, self.run_id, tolerant=True)
+        return replay(self.log, self.run_id, tolerant=True, progress=self.progress)
 
     def events(self, *, last: int | None = None, after_offset: int = 0) -> tuple[list[Event], int]:
         """The log's complete lines as events (the ``last`` ones only, if given), read from
@@ -480,14 +490,14 @@ class Ledger:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
-        replayed = replay(self.log, self.run_id, start=start)
+        replayed = replay(self.log, self.run_id, start=start, progress=self.progress)
         # A run is what its folder is called (a copied run folder is that copy).
         replayed.state.run_id = self.run_id
         replayed.from_checkpoint = start is not None
         replayed.checkpoint_current = start is not None and replayed.lines == start.lines
         if start is not None and replayed.problem is not None:
             # A problem is only ever reported from the log itself, never from the cache.
-            replayed = replay(self.log, self.run_id)
+            replayed = replay(self.log, self.run_id, progress=self.progress)
         return replayed
 
     def _save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:

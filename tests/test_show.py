@@ -219,3 +219,41 @@ def test_errors_say_what_to_do_next(run: Ledger, cli: Any, args: list[str], next
     lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
     assert next_step in lines[0]
+
+
+def test_a_large_replay_shows_a_progress_bar_on_a_terminal_only(
+        runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from escalate import events
+    from escalate.render import ReplayProgress
+    from escalate.service import Ledger as Run
+
+    monkeypatch.setattr(events, "_READ_CHUNK", 4096)  # many reads, as a large log would take
+
+    run = Run.init(runs_dir, "big", cap="1000")
+    for number in range(300):
+        run.reserve(f"t{number}", "1")
+    size = (runs_dir / "big" / "events.ndjson").stat().st_size
+    calls: list[tuple[int, int]] = []
+    run.progress = lambda done, total: calls.append((done, total))
+    run.verify()
+    assert calls[-1] == (size, size)
+    assert all(total == size for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+    terminal = io.StringIO()
+    run.progress = ReplayProgress(Console(file=terminal, force_terminal=True, width=80), threshold=1)
+    run.verify()
+    assert "reading the log" in terminal.getvalue()
+
+    piped = io.StringIO()
+    run.progress = ReplayProgress(Console(file=piped, force_terminal=False, width=80), threshold=1)
+    run.verify()
+    assert piped.getvalue() == ""
+    small = io.StringIO()
+    run.progress = ReplayProgress(Console(file=small, force_terminal=True, width=80), threshold=size + 1)
+    run.verify()
+    assert small.getvalue() == ""

@@ -113,12 +113,18 @@ def require_runs_root(root: Path) -> Path:
 
 
 def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
-             notify_cmd: str | None = None) -> Any:
-    """The :class:`escalate.Ledger` for an existing run."""
+             notify_cmd: str | None = None, *, progress: bool = False) -> Any:
+    """The :class:`escalate.Ledger` for an existing run; ``progress``: a reading command
+    that shows a bar on a terminal while it replays a large log."""
     from escalate.service import Ledger
 
     options = open_options(runs_dir, lock_timeout, by, notify_cmd)
-    return Ledger.open(options.pop("runs_dir"), run, **options)
+    ledger = Ledger.open(options.pop("runs_dir"), run, **options)
+    if progress:
+        from escalate.render import ReplayProgress
+
+        ledger.progress = ReplayProgress()
+    return ledger
 
 
 # ------------------------------------------------------------------ output

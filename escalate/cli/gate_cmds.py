@@ -42,7 +42,7 @@ def gate(
 
         try:
             limit = None if max_spent is None else parse_micros(max_spent, what="--max-spent")
-            state = open_run(run, runs_dir, None).state()
+            state = open_run(run, runs_dir, None, progress=True).state()
             verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
                                allow_open_escalations=allow_open_escalations)
         except EscalateError as error:

@@ -229,7 +229,7 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
-        ledger = open_run(run, runs_dir, None)
+        ledger = open_run(run, runs_dir, None, progress=True)
         snapshot = ledger.snapshot()
         recent = ledger.events(last=events)[0] if events else []
         if not as_json:
@@ -282,7 +282,7 @@ def verify(
     from escalate.errors import CorruptLedger as Corrupt
 
     def action() -> dict[str, Any]:
-        ledger = open_run(run, runs_dir, None)
+        ledger = open_run(run, runs_dir, None, progress=True)
         try:
             report = ledger.verify()
         except Corrupt as error:  # the first line itself is bad: there is nothing to fold
