@@ -71,3 +71,30 @@ def test_a_zero_timeout_tries_once(runs_dir: Path, lock_holder: Any) -> None:
     Ledger.init(runs_dir, "r", cap="10")
     with lock_holder(runs_dir / "r" / "events.ndjson.lock"), pytest.raises(LockTimeout):
         Ledger.open(runs_dir, "r", lock_timeout=0).reserve("t", "1")
+
+
+def test_threads_sharing_one_ledger_take_turns(runs_dir: Path) -> None:
+    from escalate import Refused
+
+    run = Ledger.init(runs_dir, "r", cap="50")
+    start = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def worker(number: int) -> None:
+        start.wait()
+        for task in range(25):
+            try:
+                outcomes.append(run.reserve(f"w{number}-{task}", "1")["status"])
+            except Refused:
+                outcomes.append("halted")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(set(outcomes)) == ["halted", "reserved"]
+    assert outcomes.count("reserved") == 50 and outcomes.count("halted") == 50
+    report = Ledger.open(runs_dir, "r").verify()
+    assert report.problems == [] and report.lines == 101
+    assert report.state.reserved_micros == 50_000_000
