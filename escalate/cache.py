@@ -9,7 +9,18 @@ so a log that was truncated, replaced or rewritten at that point is noticed and 
 is rebuilt from the log. Blob and rows carry CRCs; a cache that is missing, stale,
 truncated or garbage changes no answer, only speed. The log stays the only truth.
 
-Only a writer holding the run's lock saves the cache; readers use it read-only.
+Only a writer holding the run's lock saves or removes the cache; readers use it read-only.
+Any error from the cache — a failed CRC, a damaged SQLite page, a file that cannot be
+opened, written or removed, a path that is not a plain file — means: bypass the cache and
+fold the log. Nothing the cache does after an append can change a command's answer.
+
+What the key cannot see is an edit in place *before* the cached offset combined with an
+append after it: the log grew, so its size and times changed as an append changes them,
+and the last folded line is intact. Writers refuse any log that changed behind the cache
+(they rebuild from the whole log, and find the edit); readers accept a grown log, so a
+reader through the cache does not see such an edit — ``runs verify`` and ``gate`` never
+use the cache. Catching it here would mean re-reading every byte before the offset,
+which is the cost of the fold the cache exists to avoid.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
+import threading
 import zlib
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -29,6 +42,8 @@ from escalate.ledger import Escalation, Policy, RunState, Task
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
 FORMAT = 3
+# SQLite opens these beside the database by name.
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 V = TypeVar("V")
 
@@ -85,8 +100,10 @@ class Rows(MutableMapping[str, V], Generic[V]):
     hands them back to be written.
     """
 
-    def __init__(self, connection: sqlite3.Connection, table: str) -> None:
+    def __init__(self, connection: sqlite3.Connection, table: str,
+                 guard: threading.RLock) -> None:
         self._connection = connection
+        self._guard = guard
         self._table = table
         self._encode, self._decode, _ = _CODECS[table]
         self._touched: dict[str, V] = {}
@@ -98,8 +115,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
             return self._touched[key]
         if key in self._known_missing:
             raise KeyError(key)
-        row = self._connection.execute(
-            f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,)).fetchone()
+        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
         if row is None:
             self._known_missing.add(key)
             raise KeyError(key)
@@ -121,18 +137,28 @@ class Rows(MutableMapping[str, V], Generic[V]):
             yield key
 
     def __len__(self) -> int:
-        stored = self._connection.execute(f"SELECT count(*) FROM {self._table}").fetchone()[0]
-        return int(stored) + len(self._new)
+        return int(self._fetch_all(f"SELECT count(*) FROM {self._table}")[0][0]) + len(self._new)
 
     def _stored(self, key: str) -> bool:
-        return self._connection.execute(
-            f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)).fetchone() is not None
+        return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
+
+    def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
+        """Run one query on the shared connection, under the guard that keeps a thread from
+        closing it meanwhile; a damaged file (any SQLite error) is :class:`CacheInvalid`."""
+        with self._guard:
+            try:
+                return self._connection.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise CacheInvalid(f"the cache cannot be read ({exc})") from exc
+
+    def _fetch(self, sql: str, parameters: tuple[str, ...]) -> Any:
+        rows = self._fetch_all(sql, parameters)
+        return rows[0] if rows else None
 
     def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
         """All rows in the order they were first written, with this command's changes."""
         touched, decode = self._touched, self._decode
-        rows = self._connection.execute(f"SELECT key, data, crc FROM {self._table} ORDER BY n")
-        for key, data, crc in rows:
+        for key, data, crc in self._fetch_all(f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
             if key in touched:
                 yield key, touched[key]
             else:
@@ -146,7 +172,7 @@ class Rows(MutableMapping[str, V], Generic[V]):
 
     def snapshot(self) -> Snapshot[V]:
         """Every row, checked, read now (for readers, inside their read transaction)."""
-        rows = self._connection.execute(f"SELECT data, crc FROM {self._table} ORDER BY n").fetchall()
+        rows = self._fetch_all(f"SELECT data, crc FROM {self._table} ORDER BY n")
         crc32, prefix = zlib.crc32, _CODECS[self._table][2]
         for number, (data, crc) in enumerate(rows):  # _checked, inlined: once per task of the run
             if crc32(data) != crc or not data.startswith(prefix):
@@ -251,10 +277,25 @@ class Checkpoint:
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
+        # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
+        # one thread from closing the kept connection while another runs a statement on it
+        # (which crashes inside SQLite), whatever the lock does.
+        self._guard = threading.RLock()
+
+    def _plain_file(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the cache file, once it and SQLite's side files beside it
+        (where present) are checked to be plain files with one link each. SQLite opens them
+        by name and follows links, which could lead its writes out of the run folder; a
+        folder or a device is no cache either. :class:`CacheInvalid` otherwise."""
+        identity = _plain(self.path)
+        for suffix in _SIDE_SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                _plain(Path(f"{self.path}{suffix}"))
+        return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
-        stat = os.stat(self.path)
-        key = (os.getpid(), stat.st_dev, stat.st_ino)
+        dev, ino = self._plain_file()
+        key = (os.getpid(), dev, ino)
         if self._writer is None or self._writer_for != key:
             self._drop_writer()
             self._writer = self._connect(writable=True)
@@ -268,50 +309,69 @@ class Checkpoint:
         self._writer = None
 
     def _connect(self, *, writable: bool, create: bool = False) -> sqlite3.Connection:
-        mode = "rwc" if create else ("rw" if writable else "ro")
-        connection = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True,
+        connection = sqlite3.connect(f"file:{self.path}?mode={'rw' if writable else 'ro'}", uri=True,
                                      isolation_level=None, check_same_thread=False)
-        connection.execute("PRAGMA busy_timeout = 5000")
-        if create:
-            # WAL (recorded in the file) lets a reader keep one consistent snapshot while a
-            # writer commits, and keeps a transaction all-or-nothing if a process dies.
-            connection.execute("PRAGMA journal_mode = WAL")
-        if writable:
-            connection.execute("PRAGMA synchronous = OFF")  # disposable: never worth an fsync
-        else:
-            # Every lazy row read of this state comes from the same snapshot as its totals.
-            connection.execute("BEGIN")
+        try:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            if create:
+                # WAL (recorded in the file) lets a reader keep one consistent snapshot while a
+                # writer commits, and keeps a transaction all-or-nothing if a process dies.
+                connection.execute("PRAGMA journal_mode = WAL")
+            if writable:
+                connection.execute("PRAGMA synchronous = OFF")  # disposable: never worth an fsync
+            else:
+                # Every lazy row read of this state comes from the same snapshot as its totals.
+                connection.execute("BEGIN")
+        except sqlite3.Error:
+            connection.close()
+            raise
         return connection
+
+    def _create(self) -> sqlite3.Connection:
+        """A new, empty cache file made here (never through a link), kept as the writer's."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        os.close(fd)
+        dev, ino = self._plain_file()
+        self._writer = self._connect(writable=True, create=True)  # SQLite takes an empty file as new
+        self._writer_for = (os.getpid(), dev, ino)
+        return self._writer
 
     def load(self, log_path: Path, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
         at its offset, else ``None``.
 
-        A writer's state reads rows lazily (a row that fails its checksum then raises
-        :class:`CacheInvalid` mid-command, before anything is written, and the command is
-        redone from the log); a reader's state is read whole, and checked, right here.
+        A writer's state reads rows lazily (a row that fails its checksum, or a read that
+        SQLite fails, then raises :class:`CacheInvalid` mid-command, before anything is
+        written, and the command is redone from the log); a reader's state is read whole,
+        and checked, right here.
         """
+        if writable:
+            with self._guard:
+                try:
+                    return self._load(self._writer_connection(), log_path, writable)
+                except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
+                        ValueError, OSError):
+                    self._drop_writer()
+                    return None
         try:
-            connection = self._writer_connection() if writable else self._connect(writable=False)
-        except (sqlite3.Error, OSError):
+            self._plain_file()
+            connection = self._connect(writable=False)
+        except (CacheInvalid, sqlite3.Error, OSError):
             return None
         try:
             loaded = self._load(connection, log_path, writable)
-            if not writable:
-                state = loaded[0]
-                assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
-                state.tasks = state.tasks.snapshot()
-                state.escalations = state.escalations.snapshot()
-                state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
-                connection.close()
+            state = loaded[0]
+            assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
+            state.tasks = state.tasks.snapshot()
+            state.escalations = state.escalations.snapshot()
+            state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
             return loaded
         except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 OSError):
-            if writable:
-                self._drop_writer()
-            else:
-                connection.close()
             return None
+        finally:
+            connection.close()
 
     def _load(self, connection: sqlite3.Connection, log_path: Path,
               writable: bool) -> tuple[RunState, int, int, int]:
@@ -324,29 +384,33 @@ class Checkpoint:
         offset, start = blob["offset"], blob["last_line_start"]
         _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
+        # A reader's rows need no guard: its connection is its own.
+        guard = self._guard if writable else threading.RLock()
         state = RunState(
             run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
             task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
-            opened_at=blob["opened_at"], tasks=Rows[Task](connection, "tasks"),
+            opened_at=blob["opened_at"], tasks=Rows[Task](connection, "tasks", guard),
             spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
             extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
             last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
-        escalations = Rows[Escalation](connection, "escalations")
+        escalations = Rows[Escalation](connection, "escalations", guard)
         state.escalations = escalations  # type: ignore[assignment]
         state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
              log_path: Path) -> None:
-        """Write the fold as of ``offset`` (the caller holds the run's lock). A failure
-        only costs speed, so it is swallowed after removing the damaged file."""
-        try:
-            self._save(state, offset, last_line_start, lines, log_path)
-        except (sqlite3.Error, OSError):
-            if self._writer is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._writer.rollback()
-            self.discard()
+        """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
+        the append and before its fsync, and the cache only ever costs speed: any failure is
+        swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
+        with self._guard:
+            try:
+                self._save(state, offset, last_line_start, lines, log_path)
+            except Exception:  # nothing here may change the answer or skip the fsync
+                if self._writer is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._writer.rollback()
+                self.discard()
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
               log_path: Path) -> None:
@@ -355,9 +419,7 @@ class Checkpoint:
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
         if connection is None:
             self.discard()
-            connection = self._connect(writable=True, create=True)
-            stat = os.stat(self.path)
-            self._writer, self._writer_for = connection, (os.getpid(), stat.st_dev, stat.st_ino)
+            connection = self._create()
         connection.execute("BEGIN IMMEDIATE")
         if not incremental:
             for table in ("tasks", "escalations"):
@@ -375,19 +437,30 @@ class Checkpoint:
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
                 ((key, data, zlib.crc32(data)) for key, data in pairs))
-        stat = os.stat(log_path)
-        identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+        log_info = os.stat(log_path)
+        identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
+                    log_info.st_ctime_ns]
         blob = _run_blob(state, offset, last_line_start, lines, identity)
         connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
                            (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
 
     def discard(self) -> None:
-        """Remove the cache (and SQLite's side files); the next writer rebuilds it."""
-        self._drop_writer()
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}{suffix}")
+        """Remove the cache (and SQLite's side files); the next writer rebuilds it. What
+        cannot be removed (a folder, another user's file) is left, and bypassed."""
+        with self._guard:
+            self._drop_writer()
+            for suffix in ("", *_SIDE_SUFFIXES):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.path}{suffix}")
+
+
+def _plain(path: Path) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``path`` if it is a plain file with one link (not followed)."""
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise CacheInvalid(f"{path} is not a plain file with one link")
+    return info.st_dev, info.st_ino
 
 
 def _check_log_at(log_path: Path, identity: list[int], start: int, offset: int, expected: str,
@@ -402,12 +475,12 @@ def _check_log_at(log_path: Path, identity: list[int], start: int, offset: int, 
     """
     fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        stat = os.fstat(fd)
+        info = os.fstat(fd)
         dev, ino, size, mtime_ns, ctime_ns = identity
-        if [stat.st_dev, stat.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+        if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
             raise CacheInvalid("the log is another file")
-        untouched = stat.st_size == size and [stat.st_mtime_ns, stat.st_ctime_ns] == [mtime_ns, ctime_ns]
-        if not untouched and not (appended_ok and stat.st_size > size):
+        untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
+        if not untouched and not (appended_ok and info.st_size > size):
             raise CacheInvalid("the log changed since the cache was saved")
         line = os.pread(fd, offset - start, start)
     finally:

@@ -477,14 +477,15 @@ class Ledger:
 
     # ------------------------------------------------------------------ internals
 
-    def _replay(self, *, writable: bool = False) -> Replayed:
+    def _replay(self, *, writable: bool = False, use_cache: bool = True) -> Replayed:
         """Fold the log, from the checkpoint when it still matches the log (then only the
-        lines after it are read). Only a writer holding the lock may build the checkpoint."""
+        lines after it are read) and ``use_cache``. Only a writer holding the lock may build
+        the checkpoint."""
         if not self.log.exists():
             raise UnknownRun(f"no run {self.run_id} under {self.runs_dir}; check the run id with "
                              "'escalate runs list'", run=self.run_id)
         start = None
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and use_cache:
             loaded = self.checkpoint.load(self.log.path, writable=writable)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
@@ -516,16 +517,16 @@ class Ledger:
         try:
             return self._mutate_once(decide)
         except CacheInvalid:
-            # A cache row failed its checksum before anything was written: forget the cache
-            # and decide again from the log alone.
-            assert self.checkpoint is not None
-            self.checkpoint.discard()
-            return self._mutate_once(decide)
+            # A cache row failed its checksum, or SQLite a read, before anything was written:
+            # decide again from the log alone. That write replaces the cache under the lock
+            # (removing it here, unlocked, would pull it from under another thread's command).
+            return self._mutate_once(decide, use_cache=False)
 
-    def _mutate_once(self, decide: Callable[[RunState, str], Decision]) -> dict[str, Any]:
+    def _mutate_once(self, decide: Callable[[RunState, str], Decision], *,
+                     use_cache: bool = True) -> dict[str, Any]:
         notify: list[Event] = []
         with self.log.locked():
-            replayed = self._replay(writable=True)
+            replayed = self._replay(writable=True, use_cache=use_cache)
             if replayed.problem is not None:
                 raise replayed.problem
             state = replayed.state

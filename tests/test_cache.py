@@ -3,9 +3,12 @@ the one a replay of the log alone gives, byte for byte in the log too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,22 @@ def _swap_rows(cache: Path) -> None:
         connection.execute("UPDATE tasks SET key = 'b' WHERE key = '~'")
 
 
+def _zero_page(table: str) -> Callable[[Path], None]:
+    """Zero the first page of ``table`` (or index): SQLite then fails every read through it."""
+
+    def damage(cache: Path) -> None:
+        with contextlib.closing(sqlite3.connect(cache)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            [root] = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                                        (table,)).fetchone()
+        with open(cache, "r+b") as handle:
+            handle.seek((root - 1) * page_size)
+            handle.write(bytes(page_size))
+
+    return damage
+
+
 DAMAGES: dict[str, Callable[[Path], None]] = {
     "deleted": _delete,
     "truncated": _truncate,
@@ -124,6 +143,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "empty file": _empty,
     "row edited": _flip_row,
     "rows swapped": _swap_rows,
+    "zeroed task table page": _zero_page("tasks"),
+    "zeroed task index page": _zero_page("sqlite_autoindex_tasks_1"),
 }
 
 
@@ -242,3 +263,148 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     assert "a" in tasks and "nope" not in tasks
     tasks["new"] = tasks["a"]
     assert len(tasks) == len(_view(run)["tasks"]) + 1
+
+
+# ---------------------------------------------------------------------- a cache that cannot be used
+
+
+def _outside_file(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not escalate's\n")
+    return outside
+
+
+def _cache_is_folder(cache: Path, tmp_path: Path) -> None:
+    cache.mkdir()
+
+
+def _cache_links_outside(cache: Path, tmp_path: Path) -> None:
+    cache.symlink_to(_outside_file(tmp_path))
+
+
+def _wal_links_outside(cache: Path, tmp_path: Path) -> None:
+    Path(f"{cache}-wal").symlink_to(_outside_file(tmp_path))
+
+
+def _cache_hard_linked(cache: Path, tmp_path: Path) -> None:
+    os.link(_outside_file(tmp_path), cache)
+
+
+UNUSABLE: dict[str, Callable[[Path, Path], None]] = {
+    "cache is a folder": _cache_is_folder,
+    "cache is a symlink": _cache_links_outside,
+    "-wal is a symlink": _wal_links_outside,
+    "cache is hard-linked": _cache_hard_linked,
+}
+
+
+def _remove_cache(run_dir: Path) -> None:
+    for name in (CACHE_NAME, f"{CACHE_NAME}-wal", f"{CACHE_NAME}-shm"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("unusable", list(UNUSABLE))
+def test_a_cache_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, unusable: str) -> None:
+    assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
+    assert cli("reserve", "r", "a", "--estimate", "1").exit_code == 0
+    run_dir = runs_dir / "r"
+    _remove_cache(run_dir)
+    UNUSABLE[unusable](run_dir / CACHE_NAME, tmp_path)
+    log = run_dir / LOG_NAME
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for attempt in range(2):  # the write, then its retry: both succeed
+        synced.clear()
+        done = cli("reserve", "r", "b", "--estimate", "2", "--json")
+        assert done.exit_code == 0, done.stdout + done.stderr
+        assert done.json()["status"] == ("reserved", "exists")[attempt]
+        assert log.stat().st_ino in synced  # the append was made durable before the answer
+    done = cli("release", "r", "a", "--actual", "1", "--json")
+    assert done.exit_code == 0 and done.json()["status"] == "released"
+    assert cli("runs", "verify", "r").exit_code == 0
+    assert len(log.read_bytes().splitlines()) == 4
+    if (tmp_path / "outside").exists():
+        assert (tmp_path / "outside").read_bytes() == b"not escalate's\n"  # never written through
+
+
+def test_an_immutable_cache_is_bypassed(cli: Any, runs_dir: Path) -> None:
+    # What a second user meets in a shared run folder: a cache it can neither write nor remove.
+    assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
+    assert cli("reserve", "r", "a", "--estimate", "1").exit_code == 0
+    cache = runs_dir / "r" / CACHE_NAME
+    if subprocess.run(["chattr", "+i", str(cache)], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for attempt in range(2):
+            done = cli("reserve", "r", "b", "--estimate", "2", "--json")
+            assert done.exit_code == 0, done.stdout + done.stderr
+            assert done.json()["status"] == ("reserved", "exists")[attempt]
+        assert cli("runs", "show", "r", "--json").json()["reserved_micros"] == 3_000_000
+    finally:
+        subprocess.run(["chattr", "-i", str(cache)], check=True)
+    assert cli("runs", "verify", "r").exit_code == 0
+
+
+# ---------------------------------------------------------------------- threads
+
+
+THREADS_CHILD = """
+import sqlite3, sys, threading
+from pathlib import Path
+from escalate import Ledger
+from escalate.cache import CACHE_NAME
+
+root = Path(sys.argv[1])
+TASKS, THREADS = 160, 4
+Ledger.init(root, "r", cap="1000", actor="tester")
+setup = Ledger.open(root, "r", actor="tester")
+for number in range(TASKS):
+    setup.reserve(f"t{number}", "1")
+shared = Ledger.open(root, "r", actor="tester")
+
+
+def break_every_row() -> None:
+    # Under the run's lock, as a writer would: every task row now fails its CRC.
+    with Ledger.open(root, "r").log.locked(), sqlite3.connect(root / "r" / CACHE_NAME) as cache:
+        cache.execute("UPDATE tasks SET crc = crc + 1")
+
+
+start = threading.Barrier(THREADS)
+outcomes: list[str] = []
+
+
+def worker(first: int) -> None:
+    start.wait()
+    for number in range(first, TASKS, THREADS):
+        try:
+            outcomes.append(shared.release(f"t{number}", "0.5")["status"])
+        except Exception as error:
+            outcomes.append(repr(error))
+        break_every_row()
+
+
+break_every_row()
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(sorted(set(outcomes)), len(outcomes))
+"""
+
+
+def test_threads_sharing_a_ledger_survive_a_damaged_cache(tmp_path: Path) -> None:
+    # Run in a child: the failure this guards against is a crash inside SQLite (SIGSEGV).
+    done = subprocess.run([sys.executable, "-c", THREADS_CHILD, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["['released']", "160"]
+    report = Ledger.open(tmp_path, "r").verify()
+    assert report.problems == [] and report.state.spent_micros == 80_000_000
