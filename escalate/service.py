@@ -446,6 +446,16 @@ class Ledger:
             raise replayed.problem
         return replayed.state
 
+    def verified_state(self) -> RunState:
+        """The run's state from a strict fold of the whole log with every check, never from
+        the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
+        For verdicts such as a CI gate: the cache's key cannot see an edit in place before
+        its checkpoint when lines were appended after it (see :mod:`escalate.cache`)."""
+        replayed = self._replay(use_cache=False)
+        if replayed.problem is not None:
+            raise replayed.problem
+        return replayed.state
+
     def snapshot(self) -> Replayed:
         """The state with what a reader should be warned about (a torn tail, corruption)."""
         return self._replay()

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
 from escalate.cache import CACHE_NAME, Rows
+from escalate.events import line_hash, seal
 from escalate.log import LOG_NAME
 from tests.conftest import FakeClock
 
@@ -408,3 +410,30 @@ def test_threads_sharing_a_ledger_survive_a_damaged_cache(tmp_path: Path) -> Non
     assert done.stdout.split() == ["['released']", "160"]
     report = Ledger.open(tmp_path, "r").verify()
     assert report.problems == [] and report.state.spent_micros == 80_000_000
+
+
+# ---------------------------------------------------------------------- the gate
+
+
+def test_the_gate_never_passes_a_log_verify_fails(cli: Any, runs_dir: Path) -> None:
+    # An edit in place before the cached offset, plus a correctly chained line after it: the
+    # log grew, so a reader through the cache folds only the new line and sees no problem.
+    assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
+    for task in ("a", "b", "c"):
+        assert cli("reserve", "r", task, "--estimate", "1").exit_code == 0
+    log = runs_dir / "r" / LOG_NAME
+    lines = log.read_bytes().splitlines()
+    edited = lines[2].replace(b'"amount_micros":1000000', b'"amount_micros":9000000')
+    assert len(edited) == len(lines[2]) and edited != lines[2]
+    last = orjson.loads(lines[-1])
+    [(_, appended, _)] = seal([{"type": "budget_reserved", "task": "d", "amount_micros": 1}],
+                              seq=last["seq"], prev=line_hash(lines[-1]), ts=last["ts"], actor="x")
+    with log.open("r+b") as handle:
+        handle.seek(sum(len(line) + 1 for line in lines[:2]))
+        handle.write(edited)
+        handle.seek(0, os.SEEK_END)
+        handle.write(appended + b"\n")
+    assert cli("runs", "verify", "r").exit_code == 6
+    gate = cli("gate", "r", "--json")
+    assert gate.exit_code == 6, gate.stdout
+    assert gate.json()["error"] == "corrupt_ledger" and gate.json()["line"] == 4
