@@ -270,28 +270,30 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- a cache that cannot be used
 
 
-def _outside_file(tmp_path: Path) -> Path:
-    outside = tmp_path / "outside"
-    outside.write_bytes(b"not escalate's\n")
-    return outside
-
-
-def _cache_is_folder(cache: Path, tmp_path: Path) -> None:
+def _cache_is_folder(cache: Path, outside: Path) -> None:
+    for name in (cache, Path(f"{cache}-wal"), Path(f"{cache}-shm")):
+        name.unlink(missing_ok=True)
     cache.mkdir()
 
 
-def _cache_links_outside(cache: Path, tmp_path: Path) -> None:
-    cache.symlink_to(_outside_file(tmp_path))
+def _cache_links_outside(cache: Path, outside: Path) -> None:
+    # A valid cache, moved out of the run folder: SQLite would follow the link and use it.
+    cache.rename(outside)
+    cache.symlink_to(outside)
 
 
-def _wal_links_outside(cache: Path, tmp_path: Path) -> None:
-    Path(f"{cache}-wal").symlink_to(_outside_file(tmp_path))
+def _wal_links_outside(cache: Path, outside: Path) -> None:
+    outside.write_bytes(b"not escalate's\n")
+    Path(f"{cache}-wal").unlink(missing_ok=True)  # empty since the checkpoint
+    Path(f"{cache}-wal").symlink_to(outside)
 
 
-def _cache_hard_linked(cache: Path, tmp_path: Path) -> None:
-    os.link(_outside_file(tmp_path), cache)
+def _cache_hard_linked(cache: Path, outside: Path) -> None:
+    os.link(cache, outside)
 
 
+# Each leaves the cache in a state SQLite could use, at the cost of writing outside the run
+# folder, or that it cannot use at all.
 UNUSABLE: dict[str, Callable[[Path, Path], None]] = {
     "cache is a folder": _cache_is_folder,
     "cache is a symlink": _cache_links_outside,
@@ -300,19 +302,17 @@ UNUSABLE: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
-def _remove_cache(run_dir: Path) -> None:
-    for name in (CACHE_NAME, f"{CACHE_NAME}-wal", f"{CACHE_NAME}-shm"):
-        (run_dir / name).unlink(missing_ok=True)
-
-
 @pytest.mark.parametrize("unusable", list(UNUSABLE))
 def test_a_cache_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, unusable: str) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     assert cli("reserve", "r", "a", "--estimate", "1").exit_code == 0
     run_dir = runs_dir / "r"
-    _remove_cache(run_dir)
-    UNUSABLE[unusable](run_dir / CACHE_NAME, tmp_path)
+    with contextlib.closing(sqlite3.connect(run_dir / CACHE_NAME)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the cache is one file now
+    outside = tmp_path / "outside"
+    UNUSABLE[unusable](run_dir / CACHE_NAME, outside)
+    outside_before = outside.read_bytes() if outside.exists() else None
     log = run_dir / LOG_NAME
     synced: list[int] = []
     real_fsync = os.fsync
@@ -332,8 +332,8 @@ def test_a_cache_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_p
     assert done.exit_code == 0 and done.json()["status"] == "released"
     assert cli("runs", "verify", "r").exit_code == 0
     assert len(log.read_bytes().splitlines()) == 4
-    if (tmp_path / "outside").exists():
-        assert (tmp_path / "outside").read_bytes() == b"not escalate's\n"  # never written through
+    if outside_before is not None:
+        assert outside.read_bytes() == outside_before  # never written through a link
 
 
 def test_an_immutable_cache_is_bypassed(cli: Any, runs_dir: Path) -> None:
