@@ -149,10 +149,16 @@ Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
 
 @_gc_paused
 def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
-           start: Replayed | None = None, progress: Progress | None = None) -> Replayed:
+           start: Replayed | None = None, progress: Progress | None = None,
+           stop_after: int | None = None) -> Replayed:
     """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
     the first problem (``problem``); tolerant: note every problem and go on (``problems``),
-    for ``runs verify``."""
+    for ``runs verify``.
+
+    A write of several lines is atomic as a unit (:func:`~escalate.events.seal`, grouped):
+    when the complete lines end inside one, the fold is redone up to the line before it
+    (``stop_after``, a line count) and its bytes count as the torn tail.
+    """
     state: RunState | None = start.state if start else None
     offset = start.offset if start else 0
     last_line_start = start.last_line_start if start else 0
@@ -160,12 +166,15 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = []
     complete_end = offset
+    group_due = 0  # lines still due in the open multi-line write, which began on group_first
+    group_first = 0
     # The hot loop: a chunk of lines at a time, names bound locally, line_hash inlined (it is
     # the same text); offsets are worked out per chunk, and per line only where one stops.
     loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
     with log.reader() as stream:
         total = os.fstat(stream.fileno()).st_size if progress is not None else 0
-        for lines, batch_start in iter_line_batches(stream, offset):
+        for batch, batch_start in iter_line_batches(stream, offset):
+            lines = batch if stop_after is None else batch[:stop_after - line_no]
             first_line_no = line_no
             for line in lines:
                 line_no += 1
@@ -175,6 +184,9 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                     event = loads(line)
                     if type(event) is not dict:
                         raise RuleViolation("the line is not a JSON object")
+                    if group_due or "more" in event:
+                        group_first = group_first if group_due else line_no
+                        group_due = _group_due(event, group_due, group_first)
                     if state is None:
                         state = ledger.open_run(event, this_hash)
                     else:
@@ -193,12 +205,13 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                             run=run_id, line=line_no, problem=reason)
                         break
                     _resync(state, event if type(event) is dict else None, this_hash)
+                    group_due = 0  # one bad marker is reported once, not on every line after it
             folded = lines[:line_no - first_line_no - (problem is not None)]
             if folded:
                 offset = batch_start + sum(map(len, folded)) + len(folded)
                 last_line_start = offset - len(folded[-1]) - 1
             complete_end = offset + (len(lines[len(folded)]) + 1 if problem is not None else 0)
-            if problem is not None:
+            if problem is not None or line_no == stop_after:
                 break
             if progress is not None:
                 progress(offset, total)
@@ -210,6 +223,12 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             line_no += 1
             complete_end = end
         size = stream.seek(0, os.SEEK_END)
+    if group_due and problem is None:
+        # Rare (a cut write, or one still being written): fold again without the group
+        # rather than buffer every group's lines in the hot loop.
+        before = group_first - 1
+        return replay(log, run_id, tolerant=tolerant, stop_after=before,
+                      start=start if start is not None and start.lines <= before else None)
     if state is None:
         if problem is not None:
             raise problem
@@ -219,6 +238,18 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             "to set them aside and create it", run=run_id, torn_bytes=size)
     return Replayed(state=state, offset=offset, torn_bytes=size - complete_end, problem=problem,
                     problems=problems, lines=line_no, last_line_start=last_line_start)
+
+
+def _group_due(event: dict[str, Any], due: int, first: int) -> int:
+    """The lines still due in a multi-line write after ``event``: its ``more`` marker, which
+    must be what the write's earlier lines announced (``due`` − 1, counting down to none)."""
+    more = event.get("more", 0)
+    if type(more) is not int or more < 0:
+        raise RuleViolation(f"field 'more' must be a non-negative integer, got {more!r}")
+    if due and more != due - 1:
+        raise RuleViolation(f"the write that began on line {first} needs {due - 1} more line(s) "
+                            f"after this one, but this line says {more}")
+    return more
 
 
 def _only_chain_broken(state: RunState, event: Any) -> bool:
@@ -306,16 +337,16 @@ class Ledger:
         policy = make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
         payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
-        [(_, line, first_hash)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
+        [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
 
         def recovery(torn_bytes: int, saved_to: str) -> bytes:
-            # run_opened must stay the first line, so a torn first line is recorded right after it.
-            [(_, recovery_line, _)] = seal([{"type": "recovery", "torn_bytes": torn_bytes,
-                                             "saved_to": saved_to}],
-                                           seq=1, prev=first_hash, ts=now, actor=run.actor)
-            return recovery_line + b"\n"
+            # run_opened must stay the first line, so a torn first line is recorded right after
+            # it, in one group: a cut between the two leaves no run, only a torn tail.
+            sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
+                          seq=0, prev="", ts=now, actor=run.actor, grouped=True)
+            return b"".join(line + b"\n" for _, line, _ in sealed)
 
-        if run.log.create(line + b"\n", recovery):
+        if run.log.create(line + b"\n", recovery, run._has_first_line):
             return run
         existing = run._replay().state
         wanted = (run_cap, payload["task_cap_micros"], policy)
@@ -500,6 +531,13 @@ class Ledger:
             replayed = replay(self.log, self.run_id, progress=self.progress)
         return replayed
 
+    def _has_first_line(self) -> bool:
+        """True when the log holds a complete first write (a run exists, perhaps corrupt)."""
+        with contextlib.suppress(UnknownRun):
+            replay(self.log, self.run_id, stop_after=1)
+            return True
+        return False
+
     def _save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         if self.checkpoint is None:
             return
@@ -530,19 +568,29 @@ class Ledger:
                 raise replayed.problem
             state = replayed.state
             now = format_ts(self.clock())
-            lines: list[bytes] = []
+            seq, prev = state.seq, state.last_hash
             # A torn tail is recorded first and only moved aside when this write happens, so
             # a command refused below leaves the log as it found it.
             saved_to = self.log.side_file_name(replayed.offset) if replayed.torn_bytes else ""
+            payloads: list[Event] = []
             if saved_to:
-                lines += self._seal(state, [{"type": "recovery", "torn_bytes": replayed.torn_bytes,
-                                             "saved_to": saved_to}], now)
-            lines += self._seal(state, ledger.expire(state, now), now)
+                payloads.append({"type": "recovery", "torn_bytes": replayed.torn_bytes,
+                                 "saved_to": saved_to})
+            payloads += ledger.expire(state, now)
+            lines = self._seal(state, payloads, now)
             decision = decide(state, now)
             if isinstance(decision.error, InputError):
                 raise decision.error  # bad input changes nothing on disk
             first_seq = state.seq + 1
             lines += self._seal(state, decision.events, now)
+            if len(lines) > 1:
+                # Everything one command writes is one group: a reader counts all of it or
+                # none (a grant never without its reservation). Sealed again with the
+                # markers, which changes only the hashes of the new lines.
+                sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
+                              actor=self.actor, grouped=True)
+                lines = [line + b"\n" for _, line, _ in sealed]
+                state.last_hash = sealed[-1][2]
             if saved_to:
                 self.log.set_aside(replayed.offset, saved_to)
             if lines:
