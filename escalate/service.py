@@ -445,6 +445,10 @@ class Ledger:
             if size != last_size:
                 last_size = size
                 escalation = self.state().escalations.get(escalation_id)
+                if escalation is None or escalation.shadow or escalation.state == "resolved":
+                    # An answer rests only on durable bytes: the writer of what was read may
+                    # not have synced yet, and this fsync covers every byte written before it.
+                    self.log.sync()
                 if escalation is None:
                     raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them "
                                      f"with 'escalate escalations --run {self.run_id}'",
