@@ -115,6 +115,7 @@ class Replayed:
     torn_bytes: int
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)  # tolerant replays only
     lines: int = 0
     last_line_start: int = 0
     from_checkpoint: bool = False
@@ -165,6 +166,7 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
     line_no = start.lines if start else 0
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = []
+    warnings: list[tuple[int, str]] = []
     complete_end = offset
     group_due = 0  # lines still due in the open multi-line write, which began on group_first
     group_first = 0
@@ -190,6 +192,8 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                     if state is None:
                         state = ledger.open_run(event, this_hash)
                     else:
+                        if tolerant:
+                            _note_clock(state, event, line_no, warnings)
                         apply(state, event, this_hash)
                 except (json_error, RuleViolation) as exc:
                     reason = f"unparsable JSON ({exc})" if isinstance(exc, json_error) else str(exc)
@@ -237,7 +241,8 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
             "to set them aside and create it", run=run_id, torn_bytes=size)
     return Replayed(state=state, offset=offset, torn_bytes=size - complete_end, problem=problem,
-                    problems=problems, lines=line_no, last_line_start=last_line_start)
+                    problems=problems, warnings=warnings, lines=line_no,
+                    last_line_start=last_line_start)
 
 
 def _group_due(event: dict[str, Any], due: int, first: int) -> int:
@@ -250,6 +255,17 @@ def _group_due(event: dict[str, Any], due: int, first: int) -> int:
         raise RuleViolation(f"the write that began on line {first} needs {due - 1} more line(s) "
                             f"after this one, but this line says {more}")
     return more
+
+
+def _note_clock(state: RunState, event: dict[str, Any], line_no: int,
+                warnings: list[tuple[int, str]]) -> None:
+    """Warn of a timestamp earlier than the line before it. Not corruption: the ledger's
+    rules do not depend on timestamps, and logs written before writers floored them at the
+    last line's may hold a clock that went back; refusing those would fail runs for nothing."""
+    ts = event.get("ts")
+    if type(ts) is str and type(state.last_ts) is str and ts < state.last_ts:
+        warnings.append((line_no, f"timestamp {ts} is earlier than the line before it "
+                                  f"({state.last_ts}): a writer's clock was behind"))
 
 
 def _only_chain_broken(state: RunState, event: Any) -> bool:
@@ -425,8 +441,9 @@ class Ledger:
         was_open = set(self.state().open_escalations)
 
         def decide(state: RunState, now: str) -> Decision:
+            # (the expiries are stamped with the write's time, now the state's last)
             expired = [e.id for e in state.escalations.values()
-                       if e.id in was_open and e.by == "timeout" and e.resolved_at == now]
+                       if e.id in was_open and e.by == "timeout" and e.resolved_at == state.last_ts]
             return Decision(result={"status": "swept", "expired": expired})
         return self._mutate(decide)
 
@@ -439,12 +456,13 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
-        expires_at: str | None = None
+        waiting: tuple[ledger.Escalation, Policy] | None = None
         while True:
             size = self.log.size()
             if size != last_size:
                 last_size = size
-                escalation = self.state().escalations.get(escalation_id)
+                state = self.state()
+                escalation = state.escalations.get(escalation_id)
                 if escalation is None or escalation.shadow or escalation.state == "resolved":
                     # An answer rests only on durable bytes: the writer of what was read may
                     # not have synced yet, and this fsync covers every byte written before it.
@@ -459,10 +477,10 @@ class Ledger:
                                    state="resolved", mode=None)
                 if escalation.state == "resolved":
                     return _outcome(self.run_id, escalation)
-                expires_at = escalation.expires_at
+                waiting = (escalation, state.policy)
             # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-            if expires_at is not None and expires_at <= format_ts(self.clock()):
-                expires_at = None
+            if waiting is not None and ledger.is_expired(*waiting, format_ts(self.clock())):
+                waiting = None
                 self.sweep()
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -571,7 +589,10 @@ class Ledger:
             if replayed.problem is not None:
                 raise replayed.problem
             state = replayed.state
-            now = format_ts(self.clock())
+            # Deadlines follow this writer's clock; the lines' timestamps never go back: the
+            # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
+            clock_now = format_ts(self.clock())
+            now = max(clock_now, state.last_ts) if type(state.last_ts) is str else clock_now
             seq, prev = state.seq, state.last_hash
             # A torn tail is recorded first and only moved aside when this write happens, so
             # a command refused below leaves the log as it found it.
@@ -580,9 +601,9 @@ class Ledger:
             if saved_to:
                 payloads.append({"type": "recovery", "torn_bytes": replayed.torn_bytes,
                                  "saved_to": saved_to})
-            payloads += ledger.expire(state, now)
+            payloads += ledger.expire(state, clock_now)
             lines = self._seal(state, payloads, now)
-            decision = decide(state, now)
+            decision = decide(state, clock_now)
             if isinstance(decision.error, InputError):
                 raise decision.error  # bad input changes nothing on disk
             first_seq = state.seq + 1
