@@ -55,17 +55,23 @@ def add_seconds(ts: str, seconds: int) -> str:
 
 
 def seal(
-    payloads: Iterable[Event], *, seq: int, prev: str, ts: str, actor: str
+    payloads: Iterable[Event], *, seq: int, prev: str, ts: str, actor: str, grouped: bool = False
 ) -> list[tuple[Event, bytes, str]]:
     """Wrap payloads in envelopes that continue the chain after (``seq``, ``prev``).
 
+    ``grouped``: the lines are one write, atomic as a unit: every line but the last carries
+    ``"more": K``, the number of lines of the same write that follow it, so a reader can
+    tell a write cut after its first lines from a complete one (a lone line carries none).
     Returns ``(event, line_without_newline, line_hash)`` for each, in order.
     """
+    payloads = list(payloads)
     sealed: list[tuple[Event, bytes, str]] = []
-    for payload in payloads:
+    for index, payload in enumerate(payloads):
         seq += 1
         event: Event = {"v": SCHEMA_VERSION, "seq": seq, "ts": ts, "type": payload["type"],
                         "prev": prev, "actor": actor}
+        if grouped and index < len(payloads) - 1:
+            event["more"] = len(payloads) - 1 - index
         event.update((key, value) for key, value in payload.items() if key != "type")
         line = orjson.dumps(event)
         prev = line_hash(line)

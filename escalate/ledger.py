@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
-from escalate.events import SCHEMA_VERSION, Event, add_seconds
+from escalate.events import SCHEMA_VERSION, Event, add_seconds, parse_ts
 from escalate.money import format_usd as usd
 
 MODES = ("off", "shadow", "enforce")
@@ -517,13 +517,32 @@ def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: 
 
 
 def expire(state: RunState, now: str) -> list[Event]:
-    """Resolutions (``pause`` by ``timeout``) for open escalations past ``expires_at``."""
+    """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
+    by ``now``, the writer's own clock."""
     return [
         {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
          "extension_micros": 0}
         for e in state.open_escalations.values()
-        if e.expires_at is not None and e.expires_at <= now
+        if is_expired(e, state.policy, now)
     ]
+
+
+def is_expired(escalation: Escalation, policy: Policy, now: str) -> bool:
+    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
+    when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
+    ran ahead sets such a deadline, and it must not keep the escalation open for as long as
+    it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
+    deadline = escalation.expires_at
+    if deadline is None:
+        return False
+    if deadline <= now:
+        return True
+    try:
+        due = parse_ts(deadline)
+        timeout = max(policy.timeout_s or 0, (due - parse_ts(escalation.opened_at)).total_seconds())
+        return (due - parse_ts(now)).total_seconds() > 2 * timeout
+    except ValueError:  # a timestamp no escalate wrote: only the deadline itself counts
+        return False
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Decision:

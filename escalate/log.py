@@ -88,7 +88,8 @@ class LogBackend(Protocol):
     def sync(self) -> None: ...
     def side_file_name(self, offset: int) -> str: ...
     def set_aside(self, offset: int, name: str) -> int: ...
-    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes]) -> bool: ...
+    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
+               has_run: Callable[[], bool]) -> bool: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,6 +105,18 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _write_or_roll_back(fd: int, start: int, write: Callable[[], None]) -> None:
+    """Run ``write`` (which writes from ``start``); if it fails part-way (a full disk, an I/O
+    error), cut the file back to ``start`` and make that durable before re-raising, so a
+    failed write leaves no part of itself for a reader to count."""
+    try:
+        write()
+    except BaseException:
+        os.ftruncate(fd, start)
+        os.fsync(fd)
+        raise
 
 
 def _write_over(fd: int, offset: int, data: bytes) -> None:
@@ -189,17 +202,21 @@ class FileLog:
 
         ``torn_from``: the log ends in a torn tail from there, already copied by
         :meth:`set_aside`; the lines are written over it, never after it.
+
+        A write that fails part-way is rolled back (the log is cut back to where it started;
+        over a torn tail, to ``torn_from``: its bytes are in the side file) before the error
+        is raised.
         """
         if torn_from is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
-                _write_all(fd, data)
+                _write_or_roll_back(fd, os.fstat(fd).st_size, lambda: _write_all(fd, data))
             finally:
                 os.close(fd)
             return
         fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            _write_over(fd, torn_from, data)
+            _write_or_roll_back(fd, torn_from, lambda: _write_over(fd, torn_from, data))
         finally:
             os.close(fd)
 
@@ -249,12 +266,14 @@ class FileLog:
             os.close(fd)
         _fsync_dir(self.run_dir)
 
-    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes]) -> bool:
-        """Create the run folder and write its first line; False if the run already exists.
+    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
+               has_run: Callable[[], bool]) -> bool:
+        """Create the run folder and write its first line; False if the run already exists
+        (``has_run()``, asked under the lock: the log holds a complete first write).
 
-        A crash during an earlier create can leave a first line without its newline: those
-        bytes are set aside like any torn tail, and ``recovery(torn_bytes, saved_to)`` gives
-        the line written right after the new first line, in the same write.
+        A crash during an earlier create can leave an unfinished first write: those bytes are
+        set aside like any torn tail, and ``recovery(torn_bytes, saved_to)`` gives the lines
+        written instead of ``first_line`` (the first line and its ``recovery``), in one write.
         """
         runs_root = self.run_dir.parent
         self._check_not_symlink()
@@ -266,22 +285,15 @@ class FileLog:
             pass
         with self.locked():
             if self.exists():
-                if self._has_complete_line():
+                if has_run():
                     return False
                 name = self.side_file_name(0)
-                first_line += recovery(self.set_aside(0, name), name)
+                first_line = recovery(self.set_aside(0, name), name)
             # An empty log is what a crash during creation leaves: it is safe to write into.
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                _write_over(fd, 0, first_line)
+                _write_or_roll_back(fd, 0, lambda: _write_over(fd, 0, first_line))
             finally:
                 os.close(fd)
             _fsync_dir(self.run_dir)
         return True
-
-    def _has_complete_line(self) -> bool:
-        with self.reader() as stream:
-            while chunk := stream.read(1 << 16):
-                if b"\n" in chunk:
-                    return True
-        return False

@@ -47,6 +47,10 @@ class _Envelope(_Model):
         "newline; empty on the first line.")
     actor: Annotated[str, Field(min_length=1, max_length=128)] = Field(
         description="--by, else $ESCALATE_ACTOR, else the OS user.")
+    more: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="On every line of a multi-line write but its last: how many "
+        "lines of the same write follow. A log whose complete lines end inside such a write "
+        "ends in a torn tail from the write's first line.")
 
 
 class RunOpened(_Envelope):

@@ -115,6 +115,7 @@ class Replayed:
     torn_bytes: int
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)  # tolerant replays only
     lines: int = 0
     last_line_start: int = 0
     from_checkpoint: bool = False
@@ -149,23 +150,33 @@ Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
 
 @_gc_paused
 def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
-           start: Replayed | None = None, progress: Progress | None = None) -> Replayed:
+           start: Replayed | None = None, progress: Progress | None = None,
+           stop_after: int | None = None) -> Replayed:
     """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
     the first problem (``problem``); tolerant: note every problem and go on (``problems``),
-    for ``runs verify``."""
+    for ``runs verify``.
+
+    A write of several lines is atomic as a unit (:func:`~escalate.events.seal`, grouped):
+    when the complete lines end inside one, the fold is redone up to the line before it
+    (``stop_after``, a line count) and its bytes count as the torn tail.
+    """
     state: RunState | None = start.state if start else None
     offset = start.offset if start else 0
     last_line_start = start.last_line_start if start else 0
     line_no = start.lines if start else 0
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = []
+    warnings: list[tuple[int, str]] = []
     complete_end = offset
+    group_due = 0  # lines still due in the open multi-line write, which began on group_first
+    group_first = 0
     # The hot loop: a chunk of lines at a time, names bound locally, line_hash inlined (it is
     # the same text); offsets are worked out per chunk, and per line only where one stops.
     loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
     with log.reader() as stream:
         total = os.fstat(stream.fileno()).st_size if progress is not None else 0
-        for lines, batch_start in iter_line_batches(stream, offset):
+        for batch, batch_start in iter_line_batches(stream, offset):
+            lines = batch if stop_after is None else batch[:stop_after - line_no]
             first_line_no = line_no
             for line in lines:
                 line_no += 1
@@ -175,9 +186,14 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                     event = loads(line)
                     if type(event) is not dict:
                         raise RuleViolation("the line is not a JSON object")
+                    if group_due or "more" in event:
+                        group_first = group_first if group_due else line_no
+                        group_due = _group_due(event, group_due, group_first)
                     if state is None:
                         state = ledger.open_run(event, this_hash)
                     else:
+                        if tolerant:
+                            _note_clock(state, event, line_no, warnings)
                         apply(state, event, this_hash)
                 except (json_error, RuleViolation) as exc:
                     reason = f"unparsable JSON ({exc})" if isinstance(exc, json_error) else str(exc)
@@ -193,12 +209,13 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                             run=run_id, line=line_no, problem=reason)
                         break
                     _resync(state, event if type(event) is dict else None, this_hash)
+                    group_due = 0  # one bad marker is reported once, not on every line after it
             folded = lines[:line_no - first_line_no - (problem is not None)]
             if folded:
                 offset = batch_start + sum(map(len, folded)) + len(folded)
                 last_line_start = offset - len(folded[-1]) - 1
             complete_end = offset + (len(lines[len(folded)]) + 1 if problem is not None else 0)
-            if problem is not None:
+            if problem is not None or line_no == stop_after:
                 break
             if progress is not None:
                 progress(offset, total)
@@ -210,6 +227,12 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             line_no += 1
             complete_end = end
         size = stream.seek(0, os.SEEK_END)
+    if group_due and problem is None:
+        # Rare (a cut write, or one still being written): fold again without the group
+        # rather than buffer every group's lines in the hot loop.
+        before = group_first - 1
+        return replay(log, run_id, tolerant=tolerant, stop_after=before,
+                      start=start if start is not None and start.lines <= before else None)
     if state is None:
         if problem is not None:
             raise problem
@@ -218,7 +241,31 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
             f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
             "to set them aside and create it", run=run_id, torn_bytes=size)
     return Replayed(state=state, offset=offset, torn_bytes=size - complete_end, problem=problem,
-                    problems=problems, lines=line_no, last_line_start=last_line_start)
+                    problems=problems, warnings=warnings, lines=line_no,
+                    last_line_start=last_line_start)
+
+
+def _group_due(event: dict[str, Any], due: int, first: int) -> int:
+    """The lines still due in a multi-line write after ``event``: its ``more`` marker, which
+    must be what the write's earlier lines announced (``due`` − 1, counting down to none)."""
+    more = event.get("more", 0)
+    if type(more) is not int or more < 0:
+        raise RuleViolation(f"field 'more' must be a non-negative integer, got {more!r}")
+    if due and more != due - 1:
+        raise RuleViolation(f"the write that began on line {first} needs {due - 1} more line(s) "
+                            f"after this one, but this line says {more}")
+    return more
+
+
+def _note_clock(state: RunState, event: dict[str, Any], line_no: int,
+                warnings: list[tuple[int, str]]) -> None:
+    """Warn of a timestamp earlier than the line before it. Not corruption: the ledger's
+    rules do not depend on timestamps, and logs written before writers floored them at the
+    last line's may hold a clock that went back; refusing those would fail runs for nothing."""
+    ts = event.get("ts")
+    if type(ts) is str and type(state.last_ts) is str and ts < state.last_ts:
+        warnings.append((line_no, f"timestamp {ts} is earlier than the line before it "
+                                  f"({state.last_ts}): a writer's clock was behind"))
 
 
 def _only_chain_broken(state: RunState, event: Any) -> bool:
@@ -306,16 +353,16 @@ class Ledger:
         policy = make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
         payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
-        [(_, line, first_hash)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
+        [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
 
         def recovery(torn_bytes: int, saved_to: str) -> bytes:
-            # run_opened must stay the first line, so a torn first line is recorded right after it.
-            [(_, recovery_line, _)] = seal([{"type": "recovery", "torn_bytes": torn_bytes,
-                                             "saved_to": saved_to}],
-                                           seq=1, prev=first_hash, ts=now, actor=run.actor)
-            return recovery_line + b"\n"
+            # run_opened must stay the first line, so a torn first line is recorded right after
+            # it, in one group: a cut between the two leaves no run, only a torn tail.
+            sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
+                          seq=0, prev="", ts=now, actor=run.actor, grouped=True)
+            return b"".join(line + b"\n" for _, line, _ in sealed)
 
-        if run.log.create(line + b"\n", recovery):
+        if run.log.create(line + b"\n", recovery, run._has_first_line):
             return run
         existing = run._replay().state
         wanted = (run_cap, payload["task_cap_micros"], policy)
@@ -394,8 +441,9 @@ class Ledger:
         was_open = set(self.state().open_escalations)
 
         def decide(state: RunState, now: str) -> Decision:
+            # (the expiries are stamped with the write's time, now the state's last)
             expired = [e.id for e in state.escalations.values()
-                       if e.id in was_open and e.by == "timeout" and e.resolved_at == now]
+                       if e.id in was_open and e.by == "timeout" and e.resolved_at == state.last_ts]
             return Decision(result={"status": "swept", "expired": expired})
         return self._mutate(decide)
 
@@ -408,12 +456,17 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
-        expires_at: str | None = None
+        waiting: tuple[ledger.Escalation, Policy] | None = None
         while True:
             size = self.log.size()
             if size != last_size:
                 last_size = size
-                escalation = self.state().escalations.get(escalation_id)
+                state = self.state()
+                escalation = state.escalations.get(escalation_id)
+                if escalation is None or escalation.shadow or escalation.state == "resolved":
+                    # An answer rests only on durable bytes: the writer of what was read may
+                    # not have synced yet, and this fsync covers every byte written before it.
+                    self.log.sync()
                 if escalation is None:
                     raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them "
                                      f"with 'escalate escalations --run {self.run_id}'",
@@ -424,10 +477,10 @@ class Ledger:
                                    state="resolved", mode=None)
                 if escalation.state == "resolved":
                     return _outcome(self.run_id, escalation)
-                expires_at = escalation.expires_at
+                waiting = (escalation, state.policy)
             # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-            if expires_at is not None and expires_at <= format_ts(self.clock()):
-                expires_at = None
+            if waiting is not None and ledger.is_expired(*waiting, format_ts(self.clock())):
+                waiting = None
                 self.sweep()
                 continue
             if deadline is not None and time.monotonic() >= deadline:
@@ -511,6 +564,13 @@ class Ledger:
             replayed = replay(self.log, self.run_id, progress=self.progress)
         return replayed
 
+    def _has_first_line(self) -> bool:
+        """True when the log holds a complete first write (a run exists, perhaps corrupt)."""
+        with contextlib.suppress(UnknownRun):
+            replay(self.log, self.run_id, stop_after=1)
+            return True
+        return False
+
     def _save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         if self.checkpoint is None:
             return
@@ -540,20 +600,33 @@ class Ledger:
             if replayed.problem is not None:
                 raise replayed.problem
             state = replayed.state
-            now = format_ts(self.clock())
-            lines: list[bytes] = []
+            # Deadlines follow this writer's clock; the lines' timestamps never go back: the
+            # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
+            clock_now = format_ts(self.clock())
+            now = max(clock_now, state.last_ts) if type(state.last_ts) is str else clock_now
+            seq, prev = state.seq, state.last_hash
             # A torn tail is recorded first and only moved aside when this write happens, so
             # a command refused below leaves the log as it found it.
             saved_to = self.log.side_file_name(replayed.offset) if replayed.torn_bytes else ""
+            payloads: list[Event] = []
             if saved_to:
-                lines += self._seal(state, [{"type": "recovery", "torn_bytes": replayed.torn_bytes,
-                                             "saved_to": saved_to}], now)
-            lines += self._seal(state, ledger.expire(state, now), now)
-            decision = decide(state, now)
+                payloads.append({"type": "recovery", "torn_bytes": replayed.torn_bytes,
+                                 "saved_to": saved_to})
+            payloads += ledger.expire(state, clock_now)
+            lines = self._seal(state, payloads, now)
+            decision = decide(state, clock_now)
             if isinstance(decision.error, InputError):
                 raise decision.error  # bad input changes nothing on disk
             first_seq = state.seq + 1
             lines += self._seal(state, decision.events, now)
+            if len(lines) > 1:
+                # Everything one command writes is one group: a reader counts all of it or
+                # none (a grant never without its reservation). Sealed again with the
+                # markers, which changes only the hashes of the new lines.
+                sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
+                              actor=self.actor, grouped=True)
+                lines = [line + b"\n" for _, line, _ in sealed]
+                state.last_hash = sealed[-1][2]
             if saved_to:
                 self.log.set_aside(replayed.offset, saved_to)
             if lines:

@@ -297,7 +297,12 @@ def verify(
             # The last line's hash: no later line vouches for it, so keep it elsewhere to
             # notice an edit of the last line later (see docs/reliability.md).
             "head": {"seq": report.state.seq, "hash": report.state.last_hash} if report else None,
-            "problems": [{"line": line, "problem": text} for line, text in problems]}
+            "problems": [{"line": line, "problem": text} for line, text in problems],
+            "warnings": [{"line": line, "warning": text}
+                         for line, text in (report.warnings if report else [])]}
+        if not json_out:
+            for line, text in report.warnings if report else []:
+                print(f"line {line}: warning: {text}", file=sys.stderr)
         if problems:
             if not json_out:
                 for line, text in problems:
