@@ -33,6 +33,7 @@ from escalate.errors import (
     CorruptLedger,
     EscalateError,
     InputError,
+    LockTimeout,
     Pending,
     Refused,
     UnknownRun,
@@ -515,7 +516,11 @@ class Ledger:
 
     def verify(self) -> Replayed:
         """Fold every line, noting each problem with its line (``runs verify``)."""
-        return replay(self.log, self.run_id, tolerant=True, progress=self.progress)
+        def fold() -> Replayed:
+            return replay(self.log, self.run_id, tolerant=True, progress=self.progress)
+
+        replayed = fold()
+        return self._confirmed(replayed, fold) if replayed.problems else replayed
 
     def events(self, *, last: int | None = None, after_offset: int = 0) -> tuple[list[Event], int]:
         """The log's complete lines as events (the ``last`` ones only, if given), read from
@@ -543,7 +548,25 @@ class Ledger:
     def _replay(self, *, writable: bool = False, use_cache: bool = True) -> Replayed:
         """Fold the log, from the checkpoint when it still matches the log (then only the
         lines after it are read) and ``use_cache``. Only a writer holding the lock may build
-        the checkpoint."""
+        the checkpoint; a reader's problem is confirmed under the lock."""
+        replayed = self._fold(writable=writable, use_cache=use_cache)
+        if writable or replayed.problem is None:
+            return replayed
+        return self._confirmed(replayed, lambda: self._fold(writable=False, use_cache=use_cache))
+
+    def _confirmed(self, replayed: Replayed, fold: Callable[[], Replayed]) -> Replayed:
+        """A problem that a reader without the lock finds may be a writer's recovery seen
+        half-way: a torn tail written over between two of its reads glues the old torn bytes
+        to the end of the new lines. It is reported only if a fold under the run's lock
+        finds it too. Where the lock cannot be had (read-only media, a lock held past the
+        timeout) the first reading stands."""
+        try:
+            with self.log.locked():
+                return fold()
+        except (LockTimeout, OSError):
+            return replayed
+
+    def _fold(self, *, writable: bool, use_cache: bool) -> Replayed:
         if not self.log.exists():
             raise UnknownRun(f"no run {self.run_id} under {self.runs_dir}; check the run id with "
                              "'escalate runs list'", run=self.run_id)

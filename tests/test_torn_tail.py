@@ -219,3 +219,71 @@ def test_readers_report_the_torn_tail(cli: Any, runs_dir: Path) -> None:
     verified = cli("runs", "verify", "r", "--json")
     assert verified.exit_code == 0 and verified.json()["torn_bytes"] == 19
     assert _log_files(runs_dir) == before
+
+
+class _ReadThenRecover:
+    """A log stream whose first read is followed, before the second, by another process's
+    write over the torn tail just read (``escalate reserve`` recovering it) — a reader
+    without the lock sees the old torn bytes glued to the end of the new lines."""
+
+    def __init__(self, stream: Any, recover: Any) -> None:
+        self.stream, self.recover, self.reads = stream, recover, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.reads += 1
+        if self.reads == 1:
+            self.recover()
+        return bytes(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def __enter__(self) -> _ReadThenRecover:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
+@pytest.mark.parametrize("reader", ["state", "snapshot", "verify"])
+def test_a_reader_never_reports_a_recovery_it_saw_half_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    import subprocess
+    import sys
+
+    from escalate.log import FileLog
+
+    root = tmp_path / "runs"
+    run = Ledger.init(root, "r", cap="10", actor="tester")
+    run.reserve("a", "1")
+    log = root / "r" / LOG_NAME
+    with log.open("ab") as handle:  # a writer's crash mid-line
+        handle.write(b'{"v":1,"seq":3,"ts":"2026-11-23T14:00:00.000000Z","type":"budget_reserved"')
+
+    def recover() -> None:
+        subprocess.run([sys.executable, "-m", "escalate", "reserve", "r", "b", "--estimate", "2",
+                        "--runs-dir", str(root)], check=True, capture_output=True)
+
+    opened = FileLog.reader
+    streams: list[_ReadThenRecover] = []
+
+    def reader_then_recovery(self: FileLog) -> Any:
+        stream = opened(self)
+        if streams:
+            return stream
+        streams.append(_ReadThenRecover(stream, recover))
+        return streams[0]
+
+    monkeypatch.setattr(FileLog, "reader", reader_then_recovery)
+    fresh = Ledger.open(root, "r", actor="tester")
+    fresh.checkpoint = None  # read the whole log, as a first reader does
+    if reader == "state":
+        state = fresh.state()
+    else:
+        replayed = getattr(fresh, reader)()
+        assert replayed.problem is None and replayed.problems == []
+        state = replayed.state
+    assert streams and streams[0].reads >= 2, "the race was not staged"
+    # Either the state before the recovery or after it; never a corrupt ledger.
+    assert set(state.tasks) in ({"a"}, {"a", "b"})

@@ -1,0 +1,231 @@
+"""A kill storm: writers and an approver share task ids on one enforce-mode run while a
+killer SIGKILLs them at random moments, and between kills leaves torn lines, torn
+multi-line writes and a damaged checkpoint cache behind.
+
+Afterwards, folded by the independent audit in ``tests/conftest.py`` (not escalate's
+code): the log verifies, committed money never passed the cap plus granted extensions at
+any prefix, and every event a process was told was written is there.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+# No pytest import up here: this file is also each writer's program.
+from escalate import Ledger
+from escalate.errors import Conflict, Pending, Refused
+from escalate.log import LOG_NAME, FileLog
+
+WORKERS = 5
+KILLING_S = 20.0
+SEED = 20261201
+SHARED_TASKS = 300
+CACHE_NAME = LOG_NAME + ".cache.sqlite"
+
+
+def _ack_file(path: str) -> int:
+    """The process's fsynced record of what it was told; then tell the killer it is ready."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    return fd
+
+
+def _ack(fd: int, kind: str, key: str) -> None:
+    os.write(fd, f"{kind} {key}\n".encode())
+    os.fsync(fd)
+
+
+def _worker(root: str, acks: str, seed: int) -> None:
+    """Reserve shared task ids and release some of them; record every acknowledged event."""
+    run = Ledger.open(root, "r", actor=f"w{seed}", lock_timeout=60)
+    rng = random.Random(seed)
+    fd = _ack_file(acks)
+    while True:
+        task = f"t{rng.randrange(SHARED_TASKS)}"
+        amount = f"0.{rng.randint(1, 40):02d}"
+        try:
+            result = run.reserve(task, amount)
+        except Refused:
+            _ack(fd, "halt", task)
+            continue
+        except Pending as pending:
+            if pending.code == "escalation_open":
+                _ack(fd, "escalation", task)
+            continue
+        except Conflict:
+            continue  # another process holds this id with another amount, or settled it
+        _ack(fd, "budget_reserved", task)
+        if result["status"] == "reserved" and rng.random() < 0.7:
+            try:
+                run.release(task, f"0.{rng.randint(0, int(amount[2:])):02d}")
+            except Conflict:
+                continue  # another holder of the same id released it first
+            _ack(fd, "released", task)
+
+
+def _approver(root: str, acks: str, seed: int) -> None:
+    """Approve open escalations as they appear (pause those the max extension cannot take)."""
+    run = Ledger.open(root, "r", actor="approver", lock_timeout=60)
+    fd = _ack_file(acks)
+    while True:
+        for escalation_id in list(run.state().open_escalations):
+            try:
+                try:
+                    run.approve(escalation_id, by="approver")
+                except Refused:  # over what the max extension has left
+                    run.pause(escalation_id, by="approver")
+            except Conflict:
+                continue  # resolved meanwhile (our own earlier try, killed before its ack)
+            _ack(fd, "escalation_resolved", escalation_id)
+
+
+def _spawn(role: str, root: Path, acks: Path, seed: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, role, str(root), str(acks), str(seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
+    assert stream is not None
+    return stream
+
+
+def _last_event(path: Path) -> tuple[dict[str, object], bytes]:
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n")]
+    line = complete.rsplit(b"\n", 1)[-1]
+    return orjson.loads(line), line
+
+
+def _tear(root: Path, rng: random.Random) -> None:
+    """Leave what a writer killed mid-write leaves: a cut line, or a cut multi-line write
+    (a whole, correctly chained first line announcing one more, and part of the second)."""
+    import hashlib
+
+    log_path = root / "r" / LOG_NAME
+    with FileLog(root / "r", lock_timeout=60).locked():
+        data = log_path.read_bytes()
+        if not data.endswith(b"\n"):
+            return  # a torn tail is already there; a writer would have recovered it first
+        last, line = _last_event(log_path)
+        seq = int(str(last["seq"]))
+        # Halts over the task cap: lines a writer could really have written at this point.
+        remaining = Ledger.open(root, "r").state().remaining_micros
+        envelope = {"v": 1, "ts": last["ts"], "type": "halt", "actor": "torn"}
+        payload = {"requested_micros": 500_000, "remaining_micros": remaining, "reason": "task_cap"}
+        first = orjson.dumps({**envelope, "seq": seq + 1, "prev": hashlib.sha256(line).hexdigest()[:16],
+                              "more": 1, "task": f"torn{seq}", **payload})
+        second = orjson.dumps({**envelope, "seq": seq + 2, "prev": hashlib.sha256(first).hexdigest()[:16],
+                               "task": f"torn{seq}b", **payload})
+        torn = (first + b"\n" + second[:rng.randint(0, len(second))] if rng.random() < 0.5
+                else second[:rng.randint(1, len(second))])
+        with log_path.open("ab") as handle:
+            handle.write(torn)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _damage_cache(root: Path, rng: random.Random) -> None:
+    """Delete, truncate or scribble over the disposable checkpoint (under the run's lock)."""
+    cache = root / "r" / CACHE_NAME
+    with FileLog(root / "r", lock_timeout=60).locked():
+        if not cache.exists():
+            return
+        how = rng.choice(["delete", "truncate", "scribble"])
+        if how == "delete":
+            cache.unlink()
+            return
+        with cache.open("r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if how == "truncate":
+                handle.truncate(rng.randrange(size))
+            else:
+                handle.seek(rng.randrange(size))
+                handle.write(os.urandom(rng.randint(1, 4096)))
+
+
+def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
+    import pytest
+
+    from tests.conftest import audit_log
+
+    root = tmp_path / "runs"
+    Ledger.init(root, "r", cap="30", task_cap="0.40", escalation="enforce", approval_threshold="0.30",
+                max_extension="5", escalation_timeout_s=3600, actor="tester")
+    rng = random.Random(SEED)
+    roles = ["worker"] * WORKERS + ["approver"]
+    acks = [tmp_path / f"acks-{slot}" for slot in range(len(roles))]
+    procs = [_spawn(roles[slot], root, acks[slot], rng.randrange(2**32)) for slot in range(len(roles))]
+    ready = [False] * len(roles)
+    kills = tears = damages = 0
+    deadline = time.monotonic() + KILLING_S
+    try:
+        while time.monotonic() < deadline:
+            kill_at = time.monotonic() + rng.uniform(0.0, 0.3)
+            while (wait := kill_at - time.monotonic()) > 0:
+                starting = {_pipe(procs[slot].stdout): slot for slot in range(len(roles)) if not ready[slot]}
+                readable, _, _ = select.select(list(starting), [], [], wait)
+                for pipe in readable:
+                    slot = starting[pipe]
+                    if pipe.readline() != b"ready\n":
+                        pytest.fail(f"{roles[slot]} failed: {_pipe(procs[slot].stderr).read().decode()[-2000:]}")
+                    ready[slot] = True
+            candidates = [slot for slot in range(len(roles)) if ready[slot]]
+            if not candidates:
+                continue
+            slot = rng.choice(candidates)
+            if procs[slot].poll() is not None:
+                pytest.fail(f"{roles[slot]} exited by itself: {_pipe(procs[slot].stderr).read().decode()[-3000:]}")
+            procs[slot].send_signal(signal.SIGKILL)
+            procs[slot].wait()
+            kills += 1
+            if rng.random() < 0.3:
+                _tear(root, rng)
+                tears += 1
+            if rng.random() < 0.2:
+                _damage_cache(root, rng)
+                damages += 1
+            procs[slot] = _spawn(roles[slot], root, acks[slot], rng.randrange(2**32))
+            ready[slot] = False
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    print(f"{kills} processes killed, {tears} torn writes, {damages} cache damages in {KILLING_S:g}s")
+    assert kills >= 30 and tears >= 5 and damages >= 3
+
+    run = Ledger.open(root, "r", actor="tester")
+    run.sweep()  # the next writer sets aside whatever the last kill or tear left
+    report = run.verify()
+    assert report.problems == [] and report.torn_bytes == 0
+
+    audit = audit_log(root / "r" / LOG_NAME)  # seq 1..N, the chain, the cap at every prefix
+    assert not any(str(event.get("task", "")).startswith("torn") for event in audit.events), \
+        "a line of an unfinished write was counted"
+    keys = {(event["type"], event["id"] if event["type"] == "escalation_resolved" else event.get("task"))
+            for event in audit.events}
+    acknowledged = {tuple(line.split(" ")) for path in acks if path.exists()
+                    for line in path.read_text().splitlines()}
+    print(f"{len(acknowledged)} acknowledged events, {len(audit.events)} lines, "
+          f"{audit.types['escalation_resolved']} resolutions, {audit.types['recovery']} recoveries")
+    assert len(acknowledged) > 100 and audit.types["escalation_resolved"] > 0
+    assert acknowledged <= keys, sorted(acknowledged - keys)[:5]
+    for event in audit.of_type("recovery"):
+        assert (root / "r" / event["saved_to"]).stat().st_size == event["torn_bytes"]
+    # The state escalate reports agrees with the independent fold.
+    state = run.state()
+    assert (state.spent_micros, state.reserved_micros) == (audit.spent_micros, audit.reserved_micros)
+
+
+if __name__ == "__main__":
+    {"worker": _worker, "approver": _approver}[sys.argv[1]](sys.argv[2], sys.argv[3], int(sys.argv[4]))
