@@ -100,6 +100,10 @@ def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
     return stream
 
 
+def _stderr(proc: subprocess.Popen[bytes]) -> str:
+    return _pipe(proc.stderr).read().decode()[-3000:]
+
+
 def _last_event(path: Path) -> tuple[dict[str, object], bytes]:
     data = path.read_bytes()
     complete = data[:data.rfind(b"\n")]
@@ -178,14 +182,14 @@ def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
                 for pipe in readable:
                     slot = starting[pipe]
                     if pipe.readline() != b"ready\n":
-                        pytest.fail(f"{roles[slot]} failed: {_pipe(procs[slot].stderr).read().decode()[-2000:]}")
+                        pytest.fail(f"{roles[slot]} failed: {_stderr(procs[slot])}")
                     ready[slot] = True
             candidates = [slot for slot in range(len(roles)) if ready[slot]]
             if not candidates:
                 continue
             slot = rng.choice(candidates)
             if procs[slot].poll() is not None:
-                pytest.fail(f"{roles[slot]} exited by itself: {_pipe(procs[slot].stderr).read().decode()[-3000:]}")
+                pytest.fail(f"{roles[slot]} exited by itself: {_stderr(procs[slot])}")
             procs[slot].send_signal(signal.SIGKILL)
             procs[slot].wait()
             kills += 1
