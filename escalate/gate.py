@@ -21,7 +21,7 @@ NEAR_LIMIT_SHARE = 0.8
 class Finding:
     """One reason a gate failed, or one warning: a stable code and a sentence for people."""
 
-    code: str  # over_max_spent | over_max_committed | halted | escalation_open | near_limit
+    code: str  # over_max_spent | over_max_committed | halted | escalation_open | near_limit | held
     message: str
 
     def to_json(self) -> dict[str, str]:
@@ -65,13 +65,15 @@ def evaluate(
     max_spent_micros: int | None = None,
     allow_halts: bool = False,
     allow_open_escalations: bool = False,
+    fail_on_held: bool = False,
 ) -> Verdict:
     """Decide whether ``state`` passes the gate.
 
     Fails when spent, or committed (spent plus what is still reserved), is over
     ``max_spent_micros`` (default: the run's cap including granted extensions); when a
     task was halted (unless ``allow_halts``); when an escalation is open (unless
-    ``allow_open_escalations``). Exactly at the limit passes.
+    ``allow_open_escalations``). Exactly at the limit passes. Reservations still held warn
+    (a job that crashed before its release leaks its hold), or fail with ``fail_on_held``.
     """
     limit = state.cap_micros if max_spent_micros is None else max_spent_micros
     limit_name = "the cap" if max_spent_micros is None else "--max-spent"
@@ -102,6 +104,16 @@ def evaluate(
                           + ", ".join(f"{e.id} for {e.task}" for e in open_escalations[:5])
                           + (", …" if len(open_escalations) > 5 else "") + ")")
         (warnings if allow_open_escalations else failures).append(finding)
+
+    held = [(task_id, task.reserved_micros) for task_id, task in state.tasks.items() if task.holding]
+    if held:
+        finding = Finding("held", f"{_count(len(held), 'task')} still "
+                          + ("holds" if len(held) == 1 else "hold") + f" {usd(state.reserved_micros)} ("
+                          + ", ".join(f"{task}: {usd(amount)}" for task, amount in held[:5])
+                          + (", …" if len(held) > 5 else "") + "); a job that ended without its release "
+                          f"leaks its hold — release it with 'escalate release {state.run_id} TASK "
+                          "--actual USD'")
+        (failures if fail_on_held else warnings).append(finding)
 
     return Verdict(run=state.run_id, max_spent_micros=limit, spent_micros=state.spent_micros,
                    committed_micros=state.committed_micros, failures=tuple(failures),

@@ -624,7 +624,7 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
     if task.escalation_id in state.open_escalations:
         return _fail(Conflict(
             f"task {task_id} has open escalation {task.escalation_id}; resolve it first "
-            f"(escalate pause|cancel RUN {task.escalation_id})",
+            f"(escalate pause|cancel {state.run_id} {task.escalation_id})",
             task=task_id, state=task.state, escalation_id=task.escalation_id))
     event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}

@@ -6,14 +6,15 @@ load rich.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -27,9 +28,34 @@ BAR_WIDTH = 30
 
 
 def console(*, stderr: bool = False) -> Console:
-    """A console that honours ``NO_COLOR`` and drops colour when output is not a terminal."""
-    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False,
-                   no_color="NO_COLOR" in os.environ, soft_wrap=False)
+    """A console that drops colour when output is not a terminal. Rich reads ``NO_COLOR``
+    itself, as the convention says: set and not empty turns colour off."""
+    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=False)
+
+
+def print_whole(renderable: RenderableType, out: Console | None = None) -> None:
+    """Print tables without breaking a word: every column is at least as wide as its longest
+    word (header included), and where that is wider than the console (80 columns in a pipe or
+    a CI log) the lines are printed longer rather than an id or a header split or cut."""
+    out = out or console()
+    needed = Measurement.get(out, out.options.update_width(_UNBOUNDED), renderable).minimum
+    out.width = max(out.width, needed)
+    out.print(renderable, crop=False)
+
+
+_UNBOUNDED = 100_000
+
+
+def whole_words(table: Table) -> Table:
+    """``table`` with each column's ``min_width`` raised to its longest word, header included;
+    a column of one-word cells (ids, amounts) never wraps, so rich narrows the others first."""
+    for column in table.columns:
+        cells = [(cell.plain if isinstance(cell, Text) else str(cell)).split()
+                 for cell in (column.header, *column.cells)]
+        longest = max((cell_len(word) for words in cells for word in words), default=0)
+        column.min_width = max(column.min_width or 0, longest)
+        column.no_wrap = column.no_wrap or all(len(words) <= 1 for words in cells)
+    return table
 
 
 LARGE_LOG_BYTES = 64 << 20
@@ -91,11 +117,9 @@ def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
     return view
 
 
-def show_run(state: RunState, *, all_tasks: bool = False, warnings: Iterable[str] = ()) -> None:
+def show_run(state: RunState, *, all_tasks: bool = False) -> None:
     """``runs show`` for people: the totals with a usage bar, then tasks and escalations."""
-    for warning in warnings:
-        console(stderr=True).print(Text(f"warning: {warning}", style="yellow"))
-    console().print(run_panel(state, all_tasks=all_tasks))
+    print_whole(run_panel(state, all_tasks=all_tasks))
 
 
 def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
@@ -119,7 +143,7 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
     summary.add_row("escalations", f"{len(state.open_escalations)} open, "
                     f"{sum(e.shadow for e in state.escalations.values())} shadow (would have fired)")
     summary.add_row("events", str(state.seq))
-    parts.append(summary)
+    parts.append(whole_words(summary))
 
     task_ids = list(state.tasks)  # ids only: a task is decoded when its row is shown
     shown = [(task_id, state.tasks[task_id])
@@ -137,7 +161,7 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
                       usd(task.reserved_micros) if task.holding or task.state == "released" else "-",
                       "-" if task.actual_micros is None else usd(task.actual_micros), note or "")
     if task_ids:
-        parts.append(table)
+        parts.append(whole_words(table))
     if len(shown) < len(task_ids):
         parts.append(Text(f"… {len(task_ids) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
@@ -160,7 +184,7 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
     for event in rows:
         table.add_row(str(event.get("seq", "?")), _short_ts(event.get("ts")), str(event.get("actor", "")),
                       Text(describe_event(event), style=styles.get(str(event.get("type")), "")))
-    return table
+    return whole_words(table)
 
 
 def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool = True,
@@ -185,7 +209,7 @@ def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool =
                  _duration(_seconds_between(row["opened_at"], moment)), _expires(row, moment),
                  "/".join(row["offered"]) if waiting else "-"]
         table.add_row(*([row["run"]] if with_run else []), *cells)
-    return table
+    return whole_words(table)
 
 
 _RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled"}
@@ -223,16 +247,14 @@ def _duration(seconds: float) -> str:
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:
-    """``runs list``: one row per run, newest first; narrow enough for 80 columns."""
+    """``runs list``: one row per run, newest first; compact, to fit 80 columns where it can."""
     from rich import box
 
     table = Table(title=f"runs ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False)
     for column in ("run", "cap", "committed", "remaining", "used", "state", "opened"):
         money = column in ("cap", "committed", "remaining", "used")
-        table.add_column(column, justify="right" if money else "left", no_wrap=money,
-                         min_width={"run": min(16, max((len(row["run"]) for row in rows), default=3)),
-                                    "state": 6, "opened": 10}.get(column))
+        table.add_column(column, justify="right" if money else "left", no_wrap=money)
     state_styles = {"over cap": "red", "escalation open": "yellow", "halted tasks": "red"}
     for row in rows:
         if "error" in row:
@@ -245,7 +267,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(row["run"], usd(cap), usd(committed), usd(row["remaining_micros"]), used,
                       Text(row["state"], style=state_styles.get(row["state"], "")),
                       _short_ts(row["opened_at"])[:16])
-    return table
+    return whole_words(table)
 
 
 def _short_ts(ts: str | None) -> str:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -344,9 +345,11 @@ class Ledger:
         if run.runs_dir.exists() and not run.runs_dir.is_dir():
             raise InputError(f"the runs folder {run.runs_dir} is a file; give a folder with --runs-dir "
                              "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(run.runs_dir))
-        run_cap = parse_micros(cap, what="cap")
+        # Zero is refused too, so a negative cap gets the same advice, not "give 0 or more".
+        run_cap = 0 if _below_zero(cap) else parse_micros(cap, what="cap")
         if run_cap == 0:
-            raise InputError("invalid cap 0: a run needs a cap above zero; give --cap", code="invalid_amount")
+            raise InputError(f"invalid cap {str(cap)[:40]!r}: must be more than 0; give --cap, e.g. --cap 10",
+                             code="invalid_amount")
         task_cap_micros = None if task_cap is None else parse_micros(task_cap, what="task cap")
         if task_cap_micros is not None and task_cap_micros > run_cap:
             raise InputError("invalid task cap: it is above the run cap; lower --task-cap or raise --cap",
@@ -760,6 +763,17 @@ def _outcome(run_id: str, escalation: ledger.Escalation) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- many runs
+
+
+def _below_zero(amount: Amount) -> bool:
+    """Whether ``amount`` reads as a negative number: ``"-5"``, ``Decimal(-5)``, ``-5``; an
+    option taken for a value (``"--json"``) is not one."""
+    if isinstance(amount, str):
+        text = amount.strip()
+        return text.startswith("-") and not text.startswith("--")
+    if isinstance(amount, Decimal):
+        return amount.is_signed() and not amount.is_nan()
+    return isinstance(amount, int) and not isinstance(amount, bool) and amount < 0
 
 
 def iter_run_ids(runs_dir: str | os.PathLike[str]) -> Iterator[str]:

@@ -4,6 +4,7 @@ as the guide says it does."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -124,3 +125,17 @@ def test_over_budget_the_gate_fails_with_the_documented_annotation(tmp_path: Pat
     annotation = fenced_text_blocks()[1]
     assert output.splitlines()[0] == annotation
     assert "## escalate gate ❌ failed: run `ci-1234-1`" in summary.read_text(encoding="utf-8")
+
+
+def test_a_failed_job_still_releases_its_reservation(tmp_path: Path) -> None:
+    # review.sh dies before it can say what it spent: the always() step releases the estimate.
+    results, _ = run_workflow(tmp_path, review_cost="; exit 1", fix_cost="2.40")
+    assert [job for job, code, _ in results if code != 0] == ["review"]  # the work step only
+    job, code, output = results[-1]
+    assert (job, code) == ("gate", 0)
+    assert "still hold" not in output
+    log = tmp_path / "workspace" / "runs" / "ci-1234-1" / "events.ndjson"
+    released = {(event["task"], event["actual_micros"])
+                for event in map(json.loads, log.read_text(encoding="utf-8").splitlines())
+                if event["type"] == "released"}
+    assert released == {("review", 4_000_000), ("fix", 2_400_000)}

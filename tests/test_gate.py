@@ -155,6 +155,8 @@ def test_github_annotations_and_summary(runs_dir: Path, cli: Any, clock: Any, tm
     assert result.stdout.splitlines() == [
         "::error title=escalate gate::run r: 1 task halted (deploy: task_cap)",
         "::error title=escalate gate::run r: 1 escalation open (esc-5 for review)",
+        "::warning title=escalate gate::run r: 1 task still holds $3.00 (test: $3.00); a job that ended "
+        "without its release leaks its hold — release it with 'escalate release r TASK --actual USD'",
     ]
     text = summary.read_text(encoding="utf-8")
     assert text.startswith("earlier step\n")  # appended, never overwritten

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import orjson
 import typer
+from typer._click.core import Context as ClickContext
 from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) vendors click here
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from escalate._version import __version__
 from escalate.errors import EscalateError, InputError
@@ -57,11 +58,30 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _PlainUsage(TyperCommand):
+    """Usage lines as people write them, ``RUN TASK``: typer wraps required arguments in
+    braces, which read like a shell brace expansion."""
+
+    def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
+                for piece in super().collect_usage_pieces(ctx)]
+
+
+def _use_plain_usage(app: typer.Typer) -> None:
+    """Give every command of ``app`` and of its groups the :class:`_PlainUsage` class."""
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):  # typer's default, not a class chosen on purpose
+            command.cls = _PlainUsage
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            _use_plain_usage(group.typer_instance)
+
+
 # ------------------------------------------------------------------ shared options
 
 RunsDirOption = Annotated[
     Path | None,
-    typer.Option("--runs-dir", envvar="ESCALATE_RUNS_DIR", show_envvar=True,
+    typer.Option("--runs-dir", envvar="ESCALATE_RUNS_DIR", show_envvar=True, metavar="PATH",
                  help="Runs root folder [default: ./runs]."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
@@ -72,12 +92,12 @@ LockTimeoutOption = Annotated[
 ]
 ByOption = Annotated[
     str | None,
-    typer.Option("--by", envvar="ESCALATE_ACTOR", show_envvar=True,
+    typer.Option("--by", envvar="ESCALATE_ACTOR", show_envvar=True, metavar="NAME",
                  help="Who is acting, recorded in every event [default: the OS user]."),
 ]
 NotifyOption = Annotated[
     str | None,
-    typer.Option("--notify-cmd", envvar="ESCALATE_NOTIFY_CMD", show_envvar=True,
+    typer.Option("--notify-cmd", envvar="ESCALATE_NOTIFY_CMD", show_envvar=True, metavar="CMD",
                  help="Shell command run with each new escalation's JSON on stdin, after the lock "
                  "is released."),
 ]
@@ -103,12 +123,12 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     return options
 
 
-def require_runs_root(root: Path) -> Path:
-    """``root`` if it is a folder; for the commands that look at every run, a missing root is
-    more likely a wrong --runs-dir than a place with no runs, so it is an input error."""
-    if not root.is_dir():
-        raise InputError(f"no runs folder at {root}; create a run with 'escalate runs init RUN --cap USD' "
-                         "or check --runs-dir / ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
+def check_runs_root(root: Path) -> Path:
+    """``root`` for the commands that look at every run. A missing root is a place with no
+    runs yet (an empty answer, as on a fresh checkout); a file there is a wrong --runs-dir."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
+                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
     return root
 
 
@@ -208,6 +228,7 @@ def build_app(modules: Sequence[str] = COMMAND_MODULES) -> typer.Typer:
     app.callback()(_root)
     for module in modules:
         importlib.import_module(f"{__name__}.{module}").register(app)
+    _use_plain_usage(app)
     return app
 
 

@@ -12,16 +12,17 @@ from escalate.cli import (
     JsonOption,
     LockTimeoutOption,
     RunsDirOption,
+    check_runs_root,
     echo_line,
     open_options,
     open_run,
-    require_runs_root,
     respond,
 )
 from escalate.errors import EscalateError
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
-EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
+EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
+                                              metavar="ESCALATION_ID")]
 
 
 def _said(result: dict[str, Any]) -> None:
@@ -88,7 +89,7 @@ def wait(
 
 
 def escalations(
-    run: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Only this run.", metavar="RUN")] = None,
     only_open: Annotated[bool, typer.Option("--open", help="Only escalations waiting for a person.")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
@@ -99,7 +100,7 @@ def escalations(
         from escalate.service import Ledger, iter_run_ids
 
         root = open_options(runs_dir, None)["runs_dir"]
-        run_ids = [run] if run is not None else list(iter_run_ids(require_runs_root(root)))
+        run_ids = [run] if run is not None else list(iter_run_ids(check_runs_root(root)))
         rows = []
         for run_id in run_ids:
             try:
@@ -118,16 +119,16 @@ def escalations(
         return {"escalations": rows}
 
     def human(result: dict[str, list[dict[str, Any]]]) -> None:
-        from escalate.render import console, escalation_table
+        from escalate.render import escalation_table, print_whole
 
-        console().print(escalation_table(result["escalations"],
-                                         title="open escalations" if only_open else "escalations"))
+        print_whole(escalation_table(result["escalations"],
+                                     title="open escalations" if only_open else "escalations"))
 
     respond(json_out, action, human)
 
 
 def sweep(
-    run: Annotated[str | None, typer.Argument(help="Run id [default: every run].")] = None,
+    run: Annotated[str | None, typer.Argument(help="Run id [default: every run].", metavar="[RUN]")] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     json_out: JsonOption = False,
@@ -139,7 +140,7 @@ def sweep(
 
         options = open_options(runs_dir, lock_timeout)
         root = options.pop("runs_dir")
-        run_ids = [run] if run is not None else list(iter_run_ids(require_runs_root(root)))
+        run_ids = [run] if run is not None else list(iter_run_ids(check_runs_root(root)))
         expired: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for run_id in run_ids:

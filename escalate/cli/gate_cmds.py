@@ -11,23 +11,28 @@ import typer
 from escalate.cli import JsonOption, RunsDirOption, echo_line, open_run, respond
 from escalate.errors import EscalateError, Refused
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 
 
 def gate(
     run: RunArg,
     max_spent: Annotated[str | None, typer.Option(
-        "--max-spent", help="Fail when spent or committed is over this USD amount "
+        "--max-spent", metavar="USD", help="Fail when spent or committed is over this USD amount "
         "[default: the run's cap, extensions included].")] = None,
     allow_halts: Annotated[bool, typer.Option("--allow-halts",
                                               help="Do not fail on halted tasks (warn instead).")] = False,
     allow_open_escalations: Annotated[bool, typer.Option(
         "--allow-open-escalations", help="Do not fail on escalations still waiting for a person "
         "(warn instead).")] = False,
+    fail_on_held: Annotated[bool, typer.Option(
+        "--fail-on-held", help="Fail when tasks still hold reservations (a job that crashed "
+        "before its release) [default: warn].")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Fail (exit 3) when RUN is over budget, has a halt or an open escalation; for CI.
+
+    Reservations still held are a warning (or, with --fail-on-held, a failure).
 
     On GitHub Actions (GITHUB_ACTIONS=true) it prints ::error:: and ::warning::
     annotations; when GITHUB_STEP_SUMMARY is set it appends a Markdown summary there.
@@ -45,7 +50,7 @@ def gate(
             # A verdict: fold the whole log with every check, never trusting the cache.
             state = open_run(run, runs_dir, None, progress=True).verified_state()
             verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
-                               allow_open_escalations=allow_open_escalations)
+                               allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         except EscalateError as error:
             if github:
                 _annotate(annotations, "error", f"budget gate could not check run {run}: {error.message}")

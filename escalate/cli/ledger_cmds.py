@@ -19,8 +19,8 @@ from escalate.cli import (
 from escalate.errors import Pending
 from escalate.money import format_usd as usd
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
-TaskArg = Annotated[str, typer.Argument(help="Task id (single-use).", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
+TaskArg = Annotated[str, typer.Argument(help="Task id (single-use).", show_default=False, metavar="TASK")]
 
 
 def _say(result: dict[str, Any]) -> None:
@@ -28,7 +28,13 @@ def _say(result: dict[str, Any]) -> None:
     task = result.get("task", "")
     remaining = usd(result["remaining_micros"]) if "remaining_micros" in result else "?"
     if status == "exists":
-        echo_line(f"{task}: already done, nothing changed (remaining {remaining})")
+        # A repeat of an in-flight reserve or increase finds the money held; of a release, spent.
+        if result.get("actual_micros") is None:
+            echo_line(f"{task}: already reserved, nothing changed ({usd(result['reserved_micros'])} "
+                      f"reserved, remaining {remaining})")
+        else:
+            echo_line(f"{task}: already released with {usd(result['actual_micros'])} actual, nothing "
+                      f"changed (remaining {remaining})")
     elif status == "released":
         echo_line(f"released {task}: {usd(result['actual_micros'])} actual of "
                   f"{usd(result['reserved_micros'])} reserved (remaining {remaining})")
@@ -43,8 +49,8 @@ def _say(result: dict[str, Any]) -> None:
 def reserve(
     run: RunArg,
     task: TaskArg,
-    estimate: Annotated[str, typer.Option("--estimate", "-e", help="USD to reserve, e.g. 2.50.",
-                                          show_default=False)],
+    estimate: Annotated[str, typer.Option("--estimate", "-e", metavar="USD", show_default=False,
+                                          help="USD to reserve, e.g. 2.50.")],
     wait: Annotated[bool, typer.Option("--wait", help="If escalated, block until a person resolves it.")]
     = False,
     timeout: Annotated[str | None, typer.Option("--timeout", help="With --wait: give up after this "
@@ -84,9 +90,10 @@ def reserve(
 def increase(
     run: RunArg,
     task: TaskArg,
-    to: Annotated[str, typer.Option("--to", help="The new absolute reservation in USD.",
+    to: Annotated[str, typer.Option("--to", metavar="USD", help="The new absolute reservation in USD.",
                                     show_default=False)],
-    reason: Annotated[str, typer.Option("--reason", help="Why it needs more (recorded).")] = "",
+    reason: Annotated[str, typer.Option("--reason", metavar="TEXT",
+                                        help="Why it needs more (recorded).")] = "",
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -102,8 +109,8 @@ def increase(
 def release(
     run: RunArg,
     task: TaskArg,
-    actual: Annotated[str, typer.Option("--actual", "-a", help="What TASK actually cost in USD.",
-                                        show_default=False)],
+    actual: Annotated[str, typer.Option("--actual", "-a", metavar="USD", show_default=False,
+                                        help="What TASK actually cost in USD.")],
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,

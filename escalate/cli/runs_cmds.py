@@ -15,10 +15,10 @@ from escalate.cli import (
     LockTimeoutOption,
     RunsDirOption,
     bad_input,
+    check_runs_root,
     echo_line,
     open_options,
     open_run,
-    require_runs_root,
     respond,
 )
 from escalate.errors import EscalateError
@@ -26,26 +26,29 @@ from escalate.money import format_usd as usd
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False)]
-ModeOption = Annotated[str | None, typer.Option("--escalation",
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
+ModeOption = Annotated[str | None, typer.Option("--escalation", metavar="MODE",
                                                 help="What a refusal does: off (halt), shadow "
                                                 "(halt, and record would-be escalations) or "
                                                 "enforce (ask a person).")]
 ThresholdOption = Annotated[str | None, typer.Option(
-    "--approval-threshold", help="In enforce mode, reservations above this USD amount need a person.")]
+    "--approval-threshold", metavar="USD",
+    help="In enforce mode, reservations above this USD amount need a person.")]
 EscalationTimeoutOption = Annotated[str | None, typer.Option(
     "--escalation-timeout", help="An open escalation is paused by timeout after this long, e.g. 30m, "
     "1h [default: 1h].")]
 MaxExtensionOption = Annotated[str | None, typer.Option(
-    "--max-extension", help="Most USD that approvals may add to the cap in total [default: 0].")]
+    "--max-extension", metavar="USD",
+    help="Most USD that approvals may add to the cap in total [default: 0].")]
 
 
 @runs_app.command("init")
 def init(
     run: RunArg,
-    cap: Annotated[str, typer.Option("--cap", help="The run's budget in USD.", show_default=False)],
-    task_cap: Annotated[str | None, typer.Option("--task-cap", help="Most one task may reserve "
-                                                 "[default: the run cap].")] = None,
+    cap: Annotated[str, typer.Option("--cap", metavar="USD", help="The run's budget in USD.",
+                                     show_default=False)],
+    task_cap: Annotated[str | None, typer.Option("--task-cap", metavar="USD", help="Most one task may "
+                                                 "reserve [default: the run cap].")] = None,
     escalation: ModeOption = None,
     approval_threshold: ThresholdOption = None,
     escalation_timeout: EscalationTimeoutOption = None,
@@ -56,6 +59,10 @@ def init(
     json_out: JsonOption = False,
 ) -> None:
     """Create RUN with a budget cap (the same settings again is a no-op)."""
+    if approval_threshold is not None and (escalation or "off") == "off":
+        # Kept (a later 'runs set --escalation enforce' uses it), but nothing reads it now.
+        print("escalate: warning: --approval-threshold has no effect while escalation is off; "
+              "add --escalation enforce (or shadow) to use it", file=sys.stderr)
 
     def action() -> dict[str, Any]:
         from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger, parse_seconds
@@ -167,7 +174,7 @@ def list_runs(
     def action() -> dict[str, list[dict[str, Any]]]:
         from escalate.service import Ledger, iter_run_ids
 
-        root = require_runs_root(open_options(runs_dir, None)["runs_dir"])
+        root = check_runs_root(open_options(runs_dir, None)["runs_dir"])
         rows = []
         for run_id in iter_run_ids(root):
             try:
@@ -183,10 +190,10 @@ def list_runs(
         return {"runs": rows}
 
     def human(result: dict[str, list[dict[str, Any]]]) -> None:
-        from escalate.render import console, runs_table
+        from escalate.render import print_whole, runs_table
 
         rows = result["runs"]
-        console().print(runs_table(rows))
+        print_whole(runs_table(rows))
         for row in rows:
             if "error" in row:
                 print(f"escalate: warning: {row['message']}", file=sys.stderr)
@@ -246,18 +253,19 @@ def show(
 
     def human(shown: Any) -> None:
         snapshot, recent = shown
+        # One plain line each, as every warning: rich would wrap a long one at 80 columns.
+        for warning in _warnings(snapshot):
+            print(f"escalate: warning: {warning}", file=sys.stderr)
         if chosen is ShowFormat.markdown:
             from escalate.report import run_markdown
 
-            for warning in _warnings(snapshot):
-                print(f"escalate: warning: {warning}", file=sys.stderr)
             sys.stdout.write(run_markdown(snapshot.state, events=recent))
             return
-        from escalate.render import console, show_run, timeline_table
+        from escalate.render import print_whole, show_run, timeline_table
 
-        show_run(snapshot.state, all_tasks=all_tasks, warnings=_warnings(snapshot))
+        show_run(snapshot.state, all_tasks=all_tasks)
         if recent:
-            console().print(timeline_table(recent))
+            print_whole(timeline_table(recent))
 
     respond(as_json, action, human)
 
@@ -265,7 +273,8 @@ def show(
 def _warnings(snapshot: Any) -> list[str]:
     warnings = []
     if snapshot.problem is not None:
-        warnings.append(f"{snapshot.problem.message} (shown up to the line before)")
+        # The totals are those of the lines folded before the problem was found.
+        warnings.append(f"{snapshot.problem.message} (totals as of line {snapshot.state.seq})")
     if snapshot.torn_bytes:
         warnings.append(f"the log ends in {snapshot.torn_bytes} bytes of an unfinished line; "
                         "the next write sets them aside")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Annotated, Any
@@ -39,6 +40,9 @@ def watch(
         deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, what="timeout")
         ledger = open_run(run, runs_dir, None)
         out = console()
+        # SIGTERM unwinds like Ctrl-C (exit 143, as a killed process): the live view gets to
+        # give the terminal its cursor back.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
             if out.is_terminal and not json_out:
                 _redraw(ledger, out, events, pause, deadline)
@@ -48,6 +52,10 @@ def watch(
             return
     except EscalateError as error:
         fail(error, json_out)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | None) -> None:
@@ -70,14 +78,17 @@ def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | No
         return Group(*parts)
 
     size = ledger.log.size()
-    with Live(view(), console=out, auto_refresh=False, redirect_stdout=False,
-              redirect_stderr=False) as live:
+    live = Live(view(), console=out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+    try:  # not `with`: a signal during start() must still give the cursor back
+        live.start(refresh=True)
         while not _past(deadline):
             time.sleep(pause)
             now_size = ledger.log.size()
             if now_size != size:
                 size = now_size
                 live.update(view(), refresh=True)
+    finally:
+        live.stop()
 
 
 def _follow(ledger: Any, last: int, pause: float, deadline: float | None, json_out: bool) -> None:

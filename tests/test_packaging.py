@@ -1,0 +1,63 @@
+"""The repository as a newcomer meets it: the package name, the install lines, the pinned
+dev tools, and a bare ``pytest`` from the root."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+DISTRIBUTION = "escalate-ledger"
+
+
+def test_the_distribution_has_a_name_of_its_own() -> None:
+    # `escalate` on the package index is someone else's project with its own `escalate` command.
+    assert PROJECT["name"] == DISTRIBUTION
+    assert PROJECT["scripts"] == {"escalate": "escalate.cli:main"}
+
+
+def test_every_install_line_installs_this_project() -> None:
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    targets = {}
+    for document in documents:
+        for line_number, line in enumerate(document.read_text(encoding="utf-8").splitlines(), start=1):
+            for match in re.finditer(r"\b(?:pipx|pip) install ([^\s`]+)", line):
+                targets[f"{document.name}:{line_number}"] = match.group(1)
+    assert targets, "no install line found"
+    wrong = {where: target for where, target in targets.items()
+             if target.strip("'\"").split("[")[0] not in (DISTRIBUTION, ".")}
+    assert wrong == {}
+
+
+def test_the_dev_tools_are_pinned_to_what_lint_runs_with() -> None:
+    pins = dict(re.fullmatch(r"([\w-]+)==([\w.]+)", requirement).groups()  # type: ignore[union-attr]
+                for requirement in PROJECT["optional-dependencies"]["dev"]
+                if requirement.startswith(("ruff", "mypy")))
+    assert pins == {"ruff": version("ruff"), "mypy": version("mypy")}
+
+
+def test_a_bare_pytest_from_the_root_collects_the_suite(tmp_path: Path) -> None:
+    # `pytest`, not `python -m pytest`: the script does not put the working folder on
+    # sys.path. Nor does a regular install, which puts only the package there; the editable
+    # install in .venv adds the whole checkout and would hide a test importing `tests.…`. So
+    # this runs pytest's entry point as its script does, with the package "installed" alone.
+    installed = tmp_path / "site-packages"
+    installed.mkdir()
+    (installed / "escalate").symlink_to(ROOT / "escalate")
+    as_the_script = (
+        "import sys; from pathlib import Path; "
+        f"sys.path[:] = [{str(installed)!r}] + [p for p in sys.path if p and Path(p).resolve() != "
+        f"Path({str(ROOT)!r})]; import pytest; sys.exit(pytest.console_main())")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-P", "-c", as_the_script, "--collect-only", "-q",
+                           "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^\d+ tests collected", done.stdout, re.M), done.stdout[-3000:]
+    assert "test_packaging.py::test_a_bare_pytest_from_the_root_collects_the_suite" in done.stdout
