@@ -174,10 +174,12 @@ class FileLog:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            if exc.errno == errno.ELOOP:  # (O_NOFOLLOW met a link)
+                raise _symlink_error(self.run_dir) from None
+            if exc.errno != errno.ENOTDIR:
                 raise storage_error(exc, self.run_dir) from exc
             mode = os.lstat(self.run_dir.name, dir_fd=root_fd).st_mode
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(mode):  # (with O_DIRECTORY, Linux reports a link as ENOTDIR)
                 raise _symlink_error(self.run_dir) from None
             raise InputError(f"{self.run_dir} is {_kind(mode)}, not a run folder; move it away or pick "
                              "another run id", code="not_a_run", path=str(self.run_dir)) from None
@@ -193,10 +195,12 @@ class FileLog:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            if exc.errno == errno.ELOOP:  # (O_NOFOLLOW met a link)
+                raise _symlink_error(path) from None
+            if exc.errno not in (errno.EISDIR, errno.ENXIO):
                 raise storage_error(exc, path) from exc
             mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-            raise (_symlink_error(path) if stat.S_ISLNK(mode) else self._not_a_file(path, mode)) from None
+            raise self._not_a_file(path, mode) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
