@@ -386,7 +386,8 @@ class Checkpoint:
         """Remove the cache (and SQLite's side files); the next writer rebuilds it."""
         self._drop_writer()
         for suffix in ("", "-wal", "-shm", "-journal"):
-            with contextlib.suppress(FileNotFoundError):
+            # (Also on read-only media, where nothing can be removed and nothing is needed.)
+            with contextlib.suppress(OSError):
                 os.unlink(f"{self.path}{suffix}")
 
 
