@@ -19,11 +19,13 @@ from filelock import lock_descriptor
 
 from escalate.errors import LockTimeout
 
-# The wait backs off from 0.1 ms to 1 ms: a holder keeps the lock for about half a
-# millisecond, so a waiter wakes about as often as the lock can change hands, and eight
-# waiters on two cores still leave the holder the CPU (bench target 4 measured 0.5 to 5 ms).
-FIRST_POLL_S = 0.0001
-MAX_POLL_S = 0.001
+# The wait backs off from 50 µs to 0.5 ms: a holder keeps the lock for about half a
+# millisecond, so a waiter looks about as often as the lock can change hands, while eight
+# waiters on two cores still leave the holder most of the CPU. (Measured with bench target 4
+# against 20 µs–0.2 ms, 0.1–1 ms and 0.1–2 ms: all within the machine's noise, this a little
+# ahead; see docs/performance.md.)
+FIRST_POLL_S = 0.00005
+MAX_POLL_S = 0.0005
 
 
 def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
