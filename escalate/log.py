@@ -170,19 +170,23 @@ class FileLog:
         # The runs root is the user's choice and may be a link; the run folder may not.
         root_fd = self._open_runs_root()
         try:
-            return os.open(self.run_dir.name, _DIR_FLAGS | _NOFOLLOW, dir_fd=root_fd)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # (O_NOFOLLOW met a link)
-                raise _symlink_error(self.run_dir) from None
-            if exc.errno != errno.ENOTDIR:
-                raise storage_error(exc, self.run_dir) from exc
-            mode = os.lstat(self.run_dir.name, dir_fd=root_fd).st_mode
-            if stat.S_ISLNK(mode):  # (with O_DIRECTORY, Linux reports a link as ENOTDIR)
-                raise _symlink_error(self.run_dir) from None
-            raise InputError(f"{self.run_dir} is {_kind(mode)}, not a run folder; move it away or pick "
-                             "another run id", code="not_a_run", path=str(self.run_dir)) from None
+            for _ in range(3):  # (the entry may change between the open and the lstat)
+                try:
+                    return os.open(self.run_dir.name, _DIR_FLAGS | _NOFOLLOW, dir_fd=root_fd)
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise storage_error(exc, self.run_dir) from exc
+                    # With O_DIRECTORY, Linux reports a link as ENOTDIR rather than ELOOP.
+                    mode = os.lstat(self.run_dir.name, dir_fd=root_fd).st_mode
+                    if stat.S_ISLNK(mode):
+                        raise _symlink_error(self.run_dir) from None
+                    if not stat.S_ISDIR(mode):
+                        raise InputError(f"{self.run_dir} is {_kind(mode)}, not a run folder; move it "
+                                         "away or pick another run id", code="not_a_run",
+                                         path=str(self.run_dir)) from None
+            raise _symlink_error(self.run_dir)  # a folder and a link, turn about, while looked at
         finally:
             os.close(root_fd)
 
