@@ -467,11 +467,19 @@ def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, bar
     handle = Ledger.open(runs_dir, run_id, actor=f"worker-{worker}")
     barrier.wait()
     started = time.monotonic()
+    worst_wait = worst_op = 0.0
     for cycle in range(cycles):
         task = f"w{worker}-{cycle}"
-        handle.reserve(task, "1.00")
-        handle.release(task, "0.75")
-    results.put((started, time.monotonic()))
+        for operation, amount in ((handle.reserve, "1.00"), (handle.release, "0.75")):
+            began = time.perf_counter()
+            operation(task, amount)
+            worst_op = max(worst_op, time.perf_counter() - began)
+            worst_wait = max(worst_wait, getattr(handle.log, "lock_wait_s", 0.0))
+    results.put((started, time.monotonic(), worst_wait, worst_op))
+
+
+# The longest lock wait and the longest single operation seen by any contention worker.
+_CONTENTION_WORST: list[tuple[float, float]] = []
 
 
 def contention_round(workers: int, cycles: int, tag: str) -> float:
@@ -491,12 +499,13 @@ def contention_round(workers: int, cycles: int, tag: str) -> float:
                  for n in range(workers)]
     for process in processes:
         process.start()
-    spans: list[tuple[float, float]] = [results.get(timeout=600) for _ in processes]
+    spans: list[tuple[float, float, float, float]] = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"a contention worker exited {process.exitcode}")
-    elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+    elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
+    _CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
     report = Ledger.open(runs_dir, run_id).verify()
     totals = report.state.totals()
     ops = workers * cycles * 2
@@ -518,6 +527,11 @@ def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> 
                     "cycles each, one run",
                     f"{rate:,.0f} ops/s (n={len(samples['current'])})", "≥ 1,500 ops/s",
                     verdict(rate >= 1_500)))
+    _progress(rows[-1])
+    worst_wait = max(wait for wait, _ in _CONTENTION_WORST)
+    worst_op = max(op for _, op in _CONTENTION_WORST)
+    rows.append(Row(f"4 worst lock wait / worst single operation in those rounds ({workers} processes)",
+                    f"{fmt_s(worst_wait)} / {fmt_s(worst_op)}", "—", "info"))
     _progress(rows[-1])
 
 
@@ -616,6 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = set((args.only or "1,2,3,4,5").split(","))
     built_root = OUT_DIR / "built"
     print(f"escalate bench on {machine()}", flush=True)
+    rows: list[Row] = []
+    if only <= {"4"}:  # contention makes its own runs
+        target_contention(settings, rows)
+        return _finish(rows, argv, started)
     runs: dict[int, BuiltRun] = {}
     for size in settings.sizes:
         t0 = time.monotonic()
@@ -624,7 +642,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify_built(runs[settings.sizes[0]])
     few = build_run(built_root, settings.sizes[-1], shape="few-tasks")
     work = {size: work_copy(run, f"mixed-{size_label(size)}") for size, run in runs.items()}
-    rows: list[Row] = []
     if "3" in only:
         target_replay(work, work_copy(few, f"few-{size_label(settings.sizes[-1])}"), settings, rows)
     if "1" in only:
@@ -635,6 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_contention(settings, rows)
     if "5" in only:
         target_show(work[settings.sizes[-1]], settings, rows)
+    return _finish(rows, argv, started)
+
+
+def _finish(rows: list[Row], argv: Sequence[str] | None, started: float) -> int:
+    """Print the table, write ``bench/out/results.md``; 1 if a target failed."""
     took = time.monotonic() - started
     command = "make bench" if argv is None and len(sys.argv) == 1 else \
         "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         LockTimeout,
         Pending,
         Refused,
+        StoreUnavailable,
         UnknownRun,
     )
     from escalate.service import Ledger
@@ -36,6 +37,7 @@ __all__ = [
     "LockTimeout",
     "Pending",
     "Refused",
+    "StoreUnavailable",
     "UnknownRun",
     "__version__",
 ]

@@ -6,6 +6,7 @@ objects, so a scheduler calling in-process sees exactly what a shell script sees
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -82,3 +83,39 @@ class LockTimeout(EscalateError, TimeoutError):
 
     exit_code = 7
     default_code = "lock_timeout"
+
+
+class StoreUnavailable(EscalateError):
+    """The store cannot do what was asked: a full disk, a read-only file system, an I/O
+    error, no permission (exit 8). Nothing was recorded that a retry could double: repeating
+    the same command once the cause is fixed is safe."""
+
+    exit_code = 8
+    default_code = "store_unavailable"
+
+
+# errno → (stable code, what it means, what to do next)
+_STORAGE_CAUSES: dict[int, tuple[str, str, str]] = {
+    errno.ENOSPC: ("disk_full", "the disk is full", "free some space"),
+    errno.EDQUOT: ("disk_full", "the disk quota is used up", "free some space or raise the quota"),
+    errno.EROFS: ("read_only", "the file system is read-only",
+                  "use a writable --runs-dir (reading commands still work here)"),
+    errno.EIO: ("io_error", "an I/O error", "check the disk and the system log"),
+    errno.EACCES: ("permission_denied", "permission denied", "check who owns the folder and its mode"),
+    errno.EPERM: ("permission_denied", "not permitted", "check who owns the folder and its mode"),
+}
+
+
+def storage_error(exc: OSError, path: object) -> EscalateError:
+    """The error to report for ``exc``, raised while using the file ``path``: it names the
+    file and the cause. Causes in the environment are :class:`StoreUnavailable` (exit 8)."""
+    cause = _STORAGE_CAUSES.get(exc.errno or 0)
+    if cause is None:
+        reason = exc.strerror or str(exc)
+        return StoreUnavailable(f"cannot use {path}: {reason}; check the path, the disk and its "
+                                "permissions, then retry", code="io_error", path=str(path),
+                                errno=exc.errno)
+    code, meaning, next_step = cause
+    return StoreUnavailable(f"cannot use {path}: {meaning}; {next_step}, then retry "
+                            "(repeating the same command is safe)", code=code, path=str(path),
+                            errno=exc.errno)

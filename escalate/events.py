@@ -97,15 +97,39 @@ def iter_line_batches(stream: BinaryIO, offset: int) -> Iterator[tuple[list[byte
     """Like :func:`iter_lines`, a chunk at a time: yield ``(lines_without_newline, start)``,
     where ``start`` is the offset of the first of them, for a caller that does not need
     every line's end (a full replay: no per-line generator step or offset sum).
+
+    Linear time, and memory of a chunk plus the longest complete line: only the bytes of
+    one chunk are split at a time, and a piece with no newline in the next chunk is not
+    kept while it grows — its end is looked for first, then the line is read in one go
+    (a torn tail, which has no end, is never held at all).
     """
     stream.seek(offset)
-    pending = b""
-    position = offset
+    start = offset  # where the first line not yet yielded begins
+    pending = b""  # its bytes read so far: less than one chunk
     while chunk := stream.read(_READ_CHUNK):
-        pending += chunk
-        lines = pending.split(b"\n")
-        consumed = len(pending)
-        pending = lines.pop()
-        if lines:
-            yield lines, position
-        position += consumed - len(pending)
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            end = _next_newline(stream, start + len(pending) + len(chunk))
+            if end is None:
+                return  # a torn tail
+            stream.seek(start)
+            line = stream.read(end - start)
+            stream.seek(end + 1)
+            yield [line], start
+            start, pending = end + 1, b""
+            continue
+        lines = (pending + chunk[:cut]).split(b"\n") if pending else chunk[:cut].split(b"\n")
+        yield lines, start
+        start += len(pending) + cut + 1
+        pending = chunk[cut + 1:]
+
+
+def _next_newline(stream: BinaryIO, position: int) -> int | None:
+    """The offset of the first newline at or after ``position`` (where ``stream`` is), or
+    None at the end of the file; reads on a chunk at a time, keeping none of them."""
+    while chunk := stream.read(_READ_CHUNK):
+        found = chunk.find(b"\n")
+        if found >= 0:
+            return position + found
+        position += len(chunk)
+    return None

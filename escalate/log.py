@@ -8,78 +8,36 @@ of machines) can be added without touching the ledger rules.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import signal
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from escalate.errors import InputError, LockTimeout
+from escalate.errors import EscalateError, InputError, StoreUnavailable, storage_error
 
 LOG_NAME = "events.ndjson"
 LOCK_SUFFIX = ".lock"
+LOCK_NAME = LOG_NAME + LOCK_SUFFIX
 TORN_PREFIX = LOG_NAME + ".torn-"
 
-# Where a timer signal cannot bound a blocking flock (not the main thread, or the program
-# uses SIGALRM itself), the wait polls a non-blocking flock, backing off from 0.1 to 2 ms.
-_FIRST_POLL_S = 0.0001
-_MAX_POLL_S = 0.002
-
-
-class _LockWaitExpired(Exception):
-    """Raised by the timer signal to end a blocking flock wait."""
-
-
-def _expire_lock_wait(signum: int, frame: object) -> None:
-    raise _LockWaitExpired
-
-
-def _timer_is_ours() -> bool:
-    """A blocking flock bounded by SIGALRM is only safe where nothing else uses the timer."""
-    return (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
-            and signal.getitimer(signal.ITIMER_REAL)[0] == 0)
-
-
-def _lock_blocking(fd: int, timeout: float) -> bool:
-    """Wait in the kernel's queue: the lock is handed over the moment its holder lets go."""
-    previous = signal.signal(signal.SIGALRM, _expire_lock_wait)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _LockWaitExpired:
-        return False  # (if it fired just after the flock, closing the fd lets go again)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-    return True
-
-
-def _lock_polling(fd: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    pause = _FIRST_POLL_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            now = time.monotonic()
-            if now >= deadline:
-                return False
-            time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, _MAX_POLL_S)
+# Every file is opened relative to the run folder's handle and never through a symbolic
+# link; O_NONBLOCK keeps a FIFO planted as the log from blocking the open (a regular file
+# ignores it), O_NOCTTY keeps a terminal device from becoming ours.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FILE_FLAGS = (_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_NONBLOCK", 0))
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_DIRECTORY", 0)
+_COPY_CHUNK = 1 << 20
+_MAX_SIDE_FILES = 1000
 
 
 class LogBackend(Protocol):
     """What the service needs from a run's storage."""
 
+    def resolved(self) -> AbstractContextManager[None]: ...
     def exists(self) -> bool: ...
     def locked(self) -> AbstractContextManager[None]: ...
     def reader(self) -> BinaryIO: ...
@@ -90,14 +48,6 @@ class LogBackend(Protocol):
     def set_aside(self, offset: int, name: str) -> int: ...
     def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
                has_run: Callable[[], bool]) -> bool: ...
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -134,67 +84,220 @@ def _write_over(fd: int, offset: int, data: bytes) -> None:
     os.fsync(fd)
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _symlink_error(path: Path) -> InputError:
+    return InputError(f"{path} is a symbolic link; escalate only uses real run folders, logs and lock "
+                      "files (replace the link with what it points to)", code="symlink", path=str(path))
+
+
 class FileLog:
-    """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar."""
+    """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar.
+
+    Within :meth:`resolved` (one command), the run folder is opened once, without following
+    a symbolic link, and every file is opened relative to that handle: swapping the folder
+    or a path above it for a link cannot move a lock, a read or a write to another folder.
+    """
 
     def __init__(self, run_dir: Path, *, lock_timeout: float) -> None:
         self.run_dir = run_dir
         self.path = run_dir / LOG_NAME
-        self.lock_path = run_dir / (LOG_NAME + LOCK_SUFFIX)
+        self.lock_path = run_dir / LOCK_NAME
         self.lock_timeout = lock_timeout
+        self.lock_wait_s = 0.0  # how long the last lock took to get (the benchmark reads it)
+        self._command = threading.local()  # each thread's resolved run folder
 
-    def _check_not_symlink(self) -> None:
-        # A link could lead a write (or the lock's O_CREAT) outside the runs root. One lstat
-        # a path: this runs on every command.
-        for path in (self.run_dir, self.path, self.lock_path):
+    # ------------------------------------------------------------------ the run folder
+
+    @property
+    def dir_fd(self) -> int | None:
+        """The run folder's handle for this command (inside :meth:`resolved`), else None.
+        A file beside the log (the cache) is opened relative to it, like the log."""
+        fd: int | None = getattr(self._command, "fd", None)
+        return fd
+
+    @contextmanager
+    def resolved(self) -> Iterator[None]:
+        """Resolve the run folder once for everything inside (one command); nests. A run
+        folder that does not exist yet is resolved by whatever first needs it."""
+        if getattr(self._command, "depth", 0):
+            self._command.depth += 1
             try:
-                mode = os.lstat(path).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if stat.S_ISLNK(mode):
+                yield
+            finally:
+                self._command.depth -= 1
+            return
+        try:
+            self._command.fd = self._open_run_dir()
+        except FileNotFoundError:
+            self._command.fd = None
+        self._command.depth = 1
+        try:
+            yield
+        finally:
+            self._command.depth = 0
+            fd, self._command.fd = self._command.fd, None
+            if fd is not None:
+                os.close(fd)
+
+    @contextmanager
+    def _folder(self) -> Iterator[int]:
+        """The run folder's handle: this command's, else one opened for this call only.
+        ``FileNotFoundError`` when there is no such folder."""
+        if self.dir_fd is not None:
+            yield self.dir_fd
+            return
+        fd = self._open_run_dir()
+        if getattr(self._command, "depth", 0):
+            self._command.fd = fd  # the folder appeared during the command: keep this one
+            yield fd
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_runs_root(self) -> int:
+        root = self.run_dir.parent
+        try:
+            return os.open(root, _DIR_FLAGS)
+        except NotADirectoryError:
+            raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
+                             "ESCALATE_RUNS_DIR", code="not_a_folder", path=str(root)) from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, root) from exc
+
+    def _open_run_dir(self) -> int:
+        # The runs root is the user's choice and may be a link; the run folder may not.
+        root_fd = self._open_runs_root()
+        try:
+            for _ in range(3):  # (the entry may change between the open and the lstat)
+                try:
+                    return os.open(self.run_dir.name, _DIR_FLAGS | _NOFOLLOW, dir_fd=root_fd)
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise storage_error(exc, self.run_dir) from exc
+                    # With O_DIRECTORY, Linux reports a link as ENOTDIR rather than ELOOP.
+                    mode = os.lstat(self.run_dir.name, dir_fd=root_fd).st_mode
+                    if stat.S_ISLNK(mode):
+                        raise _symlink_error(self.run_dir) from None
+                    if not stat.S_ISDIR(mode):
+                        raise InputError(f"{self.run_dir} is {_kind(mode)}, not a run folder; move it "
+                                         "away or pick another run id", code="not_a_run",
+                                         path=str(self.run_dir)) from None
+            raise _symlink_error(self.run_dir)  # a folder and a link, turn about, while looked at
+        finally:
+            os.close(root_fd)
+
+    def _open(self, dir_fd: int, name: str, flags: int, *, writing: bool) -> int:
+        """Open ``name`` in the run folder: a regular file, never a link; a file a writer
+        uses must have no second hard link (a write through it would change another file)."""
+        path = self.run_dir / name
+        try:
+            fd = os.open(name, flags | _FILE_FLAGS, 0o644, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # (O_NOFOLLOW met a link)
+                raise _symlink_error(path) from None
+            if exc.errno not in (errno.EISDIR, errno.ENXIO):
+                raise storage_error(exc, path) from exc
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            raise self._not_a_file(path, mode) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise self._not_a_file(path, info.st_mode)
+            if writing and info.st_nlink > 1:
                 raise InputError(
-                    f"{path} is a symbolic link; escalate only uses real run folders, logs and lock "
-                    "files (replace the link with what it points to)", code="symlink", path=str(path))
-            if path == self.run_dir and not stat.S_ISDIR(mode):
-                raise InputError(f"{self.run_dir} is not a folder; move it away or pick another run id",
-                                 code="not_a_run", path=str(self.run_dir))
+                    f"{path} has {info.st_nlink} hard links; escalate refuses to write a log or lock file "
+                    "that is also another file — replace it with a copy of itself", code="hard_link",
+                    path=str(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _not_a_file(path: Path, mode: int) -> InputError:
+        return InputError(f"{path} is {_kind(mode)}; escalate only uses regular files in a run folder "
+                          "(move it away)", code="not_a_file", path=str(path))
+
+    # ------------------------------------------------------------------ the interface
 
     def exists(self) -> bool:
         """True when the run has a log with at least its first line."""
-        self._check_not_symlink()
         try:
-            return self.path.stat().st_size > 0
+            with self._folder() as dir_fd:
+                # A linked lock file is refused by readers too, so it is found at once.
+                with suppress(FileNotFoundError):
+                    if stat.S_ISLNK(os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                        raise _symlink_error(self.lock_path)
+                info = os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise storage_error(exc, self.path) from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise _symlink_error(self.path)
+        if not stat.S_ISREG(info.st_mode):
+            raise self._not_a_file(self.path, info.st_mode)
+        return info.st_size > 0
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the run's exclusive lock: an OS ``flock`` on the sidecar file, which the
-        kernel drops if this process dies. The lock file is never deleted or replaced."""
-        self._check_not_symlink()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
+        """Hold the run's exclusive lock (:mod:`escalate.lock`) on the sidecar file, which
+        is never deleted or replaced. On read-only media the sidecar is locked read-only (a
+        command that only answers still works; a write then fails as ``read_only``)."""
+        from escalate import lock
+
+        with self.resolved(), self._folder() as dir_fd:
+            fd = self._open_lock(dir_fd)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                wait = _lock_blocking if self.lock_timeout > 0 and _timer_is_ours() else _lock_polling
-                if not wait(fd, self.lock_timeout):
-                    raise LockTimeout(
-                        f"lock {self.lock_path} is held by another process after "
-                        f"{self.lock_timeout:g}s; retry, or raise --lock-timeout",
-                        lock_file=str(self.lock_path), timeout_s=self.lock_timeout) from None
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the flock
+                if fd is not None:
+                    self.lock_wait_s = lock.acquire(fd, self.lock_timeout, lock_file=str(self.lock_path))
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # closing the descriptor releases the lock
+
+    def _open_lock(self, dir_fd: int) -> int | None:
+        try:
+            return self._open(dir_fd, LOCK_NAME, os.O_RDWR | os.O_CREAT, writing=True)
+        except StoreUnavailable as error:
+            if error.code != "read_only":
+                raise
+        try:
+            return self._open(dir_fd, LOCK_NAME, os.O_RDONLY, writing=True)
+        except FileNotFoundError:
+            return None  # nothing can be written here, so there is nothing to exclude
 
     def reader(self) -> BinaryIO:
-        """The log opened for reading (never following a symlink; callers have checked the
-        run folder with :meth:`exists` or :meth:`locked`)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        """The log opened for reading (a regular file, never through a link)."""
+        with self._folder() as dir_fd:
+            fd = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False)
         return os.fdopen(fd, "rb", buffering=0)
 
     def size(self) -> int:
-        return self.path.stat().st_size
+        try:
+            with self._folder() as dir_fd:
+                return os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False).st_size
+        except OSError as exc:
+            raise storage_error(exc, self.path) from exc
 
     def append(self, data: bytes, *, torn_from: int | None = None) -> None:
         """Append whole lines with one write. The caller holds the lock, and calls
@@ -207,64 +310,94 @@ class FileLog:
         over a torn tail, to ``torn_from``: its bytes are in the side file) before the error
         is raised.
         """
-        if torn_from is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with self._folder() as dir_fd, self._naming(self.path):
+            if torn_from is None:
+                fd = self._open(dir_fd, LOG_NAME, os.O_WRONLY | os.O_APPEND, writing=True)
+                try:
+                    _write_or_roll_back(fd, os.fstat(fd).st_size, lambda: _write_all(fd, data))
+                finally:
+                    os.close(fd)
+                return
+            fd = self._open(dir_fd, LOG_NAME, os.O_WRONLY, writing=True)
             try:
-                _write_or_roll_back(fd, os.fstat(fd).st_size, lambda: _write_all(fd, data))
+                _write_or_roll_back(fd, torn_from, lambda: _write_over(fd, torn_from, data))
             finally:
                 os.close(fd)
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            _write_or_roll_back(fd, torn_from, lambda: _write_over(fd, torn_from, data))
-        finally:
-            os.close(fd)
 
     def sync(self) -> None:
         """fsync the log: every line written so far, by this process or any before it, is
         durable when this returns. Called after the lock is released, so the fsyncs of
         processes queued on the lock overlap instead of following one another."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        with self._folder() as dir_fd, self._naming(self.path):
+            fd = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    @contextmanager
+    def _naming(path: Path) -> Iterator[None]:
+        """Report an ``OSError`` as the error that names ``path`` and the cause."""
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            yield
+        except EscalateError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, path) from exc
 
     def side_file_name(self, offset: int) -> str:
-        """A free name in the run folder for the torn tail that starts at ``offset``.
+        """A name in the run folder for the torn tail that starts at ``offset``.
 
         ``events.ndjson.torn-<offset>``, with ``.1``, ``.2`` … when a torn tail was already
-        set aside at the same offset (a recovery write that was itself torn). The caller
-        holds the lock, so the name stays free until :meth:`set_aside` creates it.
+        set aside at the same offset (a recovery write that was itself torn). An empty file
+        of that name (left by a copy that failed, e.g. on a full disk) is reused: no
+        ``recovery`` event can name it, since the event is written only after the copy is
+        durable. The caller holds the lock, so the name stays free until :meth:`set_aside`.
         """
-        for attempt in range(1000):
-            name = f"{TORN_PREFIX}{offset}" + (f".{attempt}" if attempt else "")
-            if not os.path.lexists(self.run_dir / name):
-                return name
-        raise OSError(errno.EEXIST, "too many side files for one offset", str(self.run_dir))
+        with self._folder() as dir_fd, self._naming(self.run_dir):
+            for attempt in range(_MAX_SIDE_FILES):
+                name = f"{TORN_PREFIX}{offset}" + (f".{attempt}" if attempt else "")
+                try:
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return name
+                if stat.S_ISREG(info.st_mode) and info.st_size == 0 and info.st_nlink == 1:
+                    return name
+        raise StoreUnavailable(f"{self.run_dir} holds {_MAX_SIDE_FILES} torn-tail copies for offset "
+                               f"{offset}; move them away, then retry", code="too_many_side_files",
+                               path=str(self.run_dir))
 
     def set_aside(self, offset: int, name: str) -> int:
-        """Copy the bytes after ``offset`` (a torn tail) into the new side file ``name`` and
+        """Copy the bytes after ``offset`` (a torn tail) into the side file ``name`` and
         make it durable; returns how many. The caller holds the lock and then calls
         ``append(lines, torn_from=offset)``, which writes over those bytes.
 
         The copy is durable before the log changes, so a crash in between loses nothing
         (it leaves a side file no ``recovery`` event names, holding bytes the log still has).
+        It goes a chunk at a time: memory stays small however long the tail.
         """
-        with self.reader() as stream:
-            stream.seek(offset)
-            torn = stream.read()
-        self._write_side_file(name, torn)
-        return len(torn)
-
-    def _write_side_file(self, name: str, torn: bytes) -> None:
-        fd = os.open(self.run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            _write_all(fd, torn)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.run_dir)
+        with self._folder() as dir_fd, self.reader() as stream, self._naming(self.run_dir / name):
+            side = self._open(dir_fd, name, os.O_WRONLY | os.O_CREAT, writing=True)
+            if os.fstat(side).st_size:  # side_file_name gave a free or empty name
+                os.close(side)
+                raise FileExistsError(errno.EEXIST, "a side file of that name is not empty", name)
+            copied = 0
+            try:
+                stream.seek(offset)
+                while chunk := stream.read(_COPY_CHUNK):
+                    _write_all(side, chunk)
+                    copied += len(chunk)
+                os.fsync(side)
+                os.fsync(dir_fd)
+            except BaseException:
+                # Leave no partial copy behind: an empty file is reused by the next writer.
+                with suppress(OSError):
+                    os.ftruncate(side, 0)
+                raise
+            finally:
+                os.close(side)
+        return copied
 
     def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
                has_run: Callable[[], bool]) -> bool:
@@ -276,24 +409,39 @@ class FileLog:
         written instead of ``first_line`` (the first line and its ``recovery``), in one write.
         """
         runs_root = self.run_dir.parent
-        self._check_not_symlink()
-        runs_root.mkdir(parents=True, exist_ok=True)
         try:
-            self.run_dir.mkdir()
-            _fsync_dir(runs_root)
+            runs_root.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            pass
-        with self.locked():
+            raise InputError(f"the runs folder {runs_root} is a file; give a folder with --runs-dir or "
+                             "ESCALATE_RUNS_DIR", code="not_a_folder", path=str(runs_root)) from None
+        except OSError as exc:
+            raise storage_error(exc, runs_root) from exc
+        root_fd = self._open_runs_root()
+        try:
+            with self._naming(self.run_dir), suppress(FileExistsError):
+                os.mkdir(self.run_dir.name, 0o777, dir_fd=root_fd)
+                os.fsync(root_fd)
+        finally:
+            os.close(root_fd)
+        with self.resolved():
+            if self.exists() and has_run():
+                return False  # (also: a linked log or lock is refused before a lock file is made)
+            return self._create_locked(first_line, recovery, has_run)
+
+    def _create_locked(self, first_line: bytes, recovery: Callable[[int, str], bytes],
+                       has_run: Callable[[], bool]) -> bool:
+        with self.locked(), self._folder() as dir_fd:
             if self.exists():
                 if has_run():
                     return False
                 name = self.side_file_name(0)
                 first_line = recovery(self.set_aside(0, name), name)
             # An empty log is what a crash during creation leaves: it is safe to write into.
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            try:
-                _write_or_roll_back(fd, 0, lambda: _write_over(fd, 0, first_line))
-            finally:
-                os.close(fd)
-            _fsync_dir(self.run_dir)
+            with self._naming(self.path):
+                fd = self._open(dir_fd, LOG_NAME, os.O_WRONLY | os.O_CREAT, writing=True)
+                try:
+                    _write_or_roll_back(fd, 0, lambda: _write_over(fd, 0, first_line))
+                finally:
+                    os.close(fd)
+                os.fsync(dir_fd)
         return True

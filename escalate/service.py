@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import gc
 import getpass
 import hashlib
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 
@@ -37,6 +36,7 @@ from escalate.errors import (
     LockTimeout,
     Pending,
     Refused,
+    StoreUnavailable,
     UnknownRun,
 )
 from escalate.events import Event, format_ts, iter_line_batches, iter_lines, seal
@@ -128,29 +128,21 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _gc_paused(fold: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run ``fold`` with the cyclic garbage collector paused. A fold allocates one long-lived,
-    cycle-free object per task, and every full collection would walk all of them again
-    (about a third of the time of a million-event replay); reference counting still frees
-    everything."""
+def _in_one_folder(method: Callable[Concatenate[Ledger, _P], _R]) -> Callable[Concatenate[Ledger, _P], _R]:
+    """Resolve the run folder once for the whole call: a folder swapped for a link
+    half-way cannot split a command across two folders."""
 
-    @functools.wraps(fold)
-    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fold(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
+    @functools.wraps(method)
+    def resolved(self: Ledger, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.log.resolved():
+            return method(self, *args, **kwargs)
 
-    return paused
+    return resolved
 
 
 Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
 
 
-@_gc_paused
 def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
            start: Replayed | None = None, progress: Progress | None = None,
            stop_after: int | None = None) -> Replayed:
@@ -548,6 +540,7 @@ class Ledger:
 
     # ------------------------------------------------------------------ internals
 
+    @_in_one_folder
     def _replay(self, *, writable: bool = False, use_cache: bool = True) -> Replayed:
         """Fold the log, from the checkpoint when it still matches the log (then only the
         lines after it are read) and ``use_cache``. Only a writer holding the lock may build
@@ -566,7 +559,7 @@ class Ledger:
         try:
             with self.log.locked():
                 return fold()
-        except (LockTimeout, OSError):
+        except (LockTimeout, StoreUnavailable, OSError):
             return replayed
 
     def _fold(self, *, writable: bool, use_cache: bool) -> Replayed:
@@ -609,6 +602,7 @@ class Ledger:
         resolver = _check_actor(by or self.actor)
         return self._mutate(lambda state, now: ledger.decide_resolution(state, escalation_id, mode, resolver))
 
+    @_in_one_folder
     def _mutate(self, decide: Callable[[RunState, str], Decision]) -> dict[str, Any]:
         try:
             return self._mutate_once(decide)

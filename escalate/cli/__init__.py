@@ -24,7 +24,7 @@ from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) ven
 from typer.core import TyperCommand, TyperGroup
 
 from escalate._version import __version__
-from escalate.errors import EscalateError, InputError
+from escalate.errors import EscalateError, InputError, storage_error
 
 Result = dict[str, Any]
 
@@ -176,8 +176,8 @@ def respond(json_out: bool, action: Callable[[], Any], human: Callable[[Any], No
     except EscalateError as error:
         fail(error, json_out)
     except OSError as exc:
-        fail(EscalateError(f"cannot access {exc.filename or 'a file'}: {exc.strerror or exc}; "
-                           "check the path and its permissions", code="io_error"), json_out)
+        # The log layer names its files itself; this catches any other file a command touches.
+        fail(storage_error(exc, exc.filename if isinstance(exc.filename, str) else "a file"), json_out)
     if json_out:
         print_json(result)
     else:

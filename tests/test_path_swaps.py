@@ -1,0 +1,133 @@
+"""A run folder swapped for a symbolic link while writers run: nothing lands outside the
+runs root, and every reservation reported done is in the real log.
+
+Each command resolves the run folder once (no link followed) and opens the log, the lock
+and any side file relative to that handle, so a lock taken in one folder and an append
+made in another cannot happen.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from escalate import EscalateError, Ledger
+
+FORK = multiprocessing.get_context("fork")
+WRITERS = 4
+ATTEMPTS = 400  # the swapper goes on until the writers have made this many
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _writer(runs_dir: Path, worker: int, start: Any, stop: Any, attempts: Any, results: Any) -> None:
+    done: list[str] = []
+    refused: set[str] = set()
+    start.wait()
+    attempt = 0
+    while not stop.is_set():
+        task = f"w{worker}-{attempt}"
+        attempt += 1
+        with attempts.get_lock():
+            attempts.value += 1
+        try:
+            run = Ledger.open(runs_dir, "r", lock_timeout=60)
+            # The checkpoint cache opens its file by path until it is wired to the run
+            # folder's handle (FileLog.dir_fd); this test is about the log and the lock.
+            run.checkpoint = None
+            run.reserve(task, "0.01")
+        except EscalateError as error:
+            refused.add(error.code)
+            continue
+        except Exception as error:  # reported to the test, which fails on it
+            refused.add(type(error).__name__)
+            continue
+        done.append(task)
+    results.put((done, sorted(refused)))
+
+
+def _swapper(runs_dir: Path, decoy: Path, start: Any, stop: Any, attempts: Any) -> None:
+    """Swap the run folder for a link to ``decoy`` and back, one step each time a writer
+    starts another attempt, so that commands run in every phase and across every step."""
+    run, moved = runs_dir / "r", runs_dir / "r.moved"
+    steps = [lambda: os.rename(run, moved), lambda: os.symlink(decoy, run, target_is_directory=True),
+             lambda: os.unlink(run), lambda: os.rename(moved, run)]
+    start.wait()
+    try:
+        seen = 0
+        while seen < ATTEMPTS:
+            for step in steps:
+                while attempts.value == seen:
+                    os.sched_yield()
+                seen = attempts.value
+                step()
+    finally:
+        stop.set()
+
+
+def test_swapping_the_run_folder_for_a_link_never_writes_outside(tmp_path: Path, audit: Any) -> None:
+    runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
+    Ledger.init(runs_dir, "r", cap="100000", actor="tester").reserve("first", "1")
+    outside.mkdir()
+    decoy = outside / "r"
+    shutil.copytree(runs_dir / "r", decoy)  # a valid run a link-follower would write into
+    for cache in decoy.glob("*.cache.sqlite*"):
+        cache.unlink()
+    (runs_dir / "r" / "events.ndjson.cache.sqlite").unlink(missing_ok=True)
+    before_outside = _tree(outside)
+
+    start, stop, results = FORK.Barrier(WRITERS + 1), FORK.Event(), FORK.Queue()
+    attempts = FORK.Value("i", 0)
+    writers = [FORK.Process(target=_writer, args=(runs_dir, n, start, stop, attempts, results))
+               for n in range(WRITERS)]
+    swapper = FORK.Process(target=_swapper, args=(runs_dir, decoy, start, stop, attempts))
+    for process in [*writers, swapper]:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in writers]
+    for process in [*writers, swapper]:
+        process.join(60)
+        assert process.exitcode == 0
+
+    assert _tree(outside) == before_outside  # not a byte, not a lock or side file, outside
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["r"]
+    done = [task for tasks, _ in outcomes for task in tasks]
+    assert done, "no writer got a reservation through"
+    fold = audit(runs_dir / "r" / "events.ndjson")
+    reserved = [event["task"] for event in fold.of_type("budget_reserved")]
+    assert sorted(reserved) == sorted(["first", *done])  # every exit-0 reservation, once
+    refusals = {code for _, codes in outcomes for code in codes}
+    assert refusals <= {"symlink", "unknown_run"}, refusals
+    assert Ledger.open(runs_dir, "r").verify().problems == []
+
+
+def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkeypatch: Any) -> None:
+    """The run folder is swapped for a link to a decoy run at the worst moment: after the
+    lock is taken and the log read, before the append (in ``decide``). The append and the
+    fsync still go to the folder whose lock was taken."""
+    from escalate import ledger
+
+    runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
+    run = Ledger.init(runs_dir, "r", cap="100", actor="tester")
+    run.checkpoint = None  # (see _writer)
+    run.reserve("first", "1")
+    outside.mkdir()
+    decoy = outside / "r"
+    shutil.copytree(runs_dir / "r", decoy)
+    before_outside = _tree(outside)
+    decide_reserve = ledger.decide_reserve
+
+    def swap_then_decide(*args: Any) -> Any:
+        os.rename(runs_dir / "r", runs_dir / "r.moved")
+        os.symlink(decoy, runs_dir / "r", target_is_directory=True)
+        return decide_reserve(*args)
+
+    monkeypatch.setattr(ledger, "decide_reserve", swap_then_decide)
+    assert run.reserve("second", "1")["status"] == "reserved"
+    assert _tree(outside) == before_outside
+    moved = runs_dir / "r.moved" / "events.ndjson"
+    assert [line.count(b'"task":"second"') for line in moved.read_bytes().splitlines()][-1] == 1
