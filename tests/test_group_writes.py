@@ -118,7 +118,7 @@ def test_a_short_write_is_rolled_back_by_its_writer(tmp_path: Path, clock: FakeC
         [sys.executable, "-c", _SHORT_WRITE, "approve", "r", escalation_id, "--by", "boss",
          "--runs-dir", str(tmp_path)], check=False, capture_output=True,
         env={**os.environ, "NO_COLOR": "1"})
-    assert approver.returncode != 0 and b"No space left" in approver.stderr
+    assert approver.returncode == 8 and b"the disk is full" in approver.stderr
     assert log.read_bytes() == before  # nothing of the half write is left
     assert run.snapshot().torn_bytes == 0
     assert _outcome(run.wait, escalation_id, timeout_s=0) == (4, "escalation_open")

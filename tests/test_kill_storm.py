@@ -146,11 +146,11 @@ def _damage_cache(root: Path, rng: random.Random) -> None:
         if not cache.exists():
             return
         how = rng.choice(["delete", "truncate", "scribble"])
-        if how == "delete":
+        size = cache.stat().st_size
+        if how == "delete" or size == 0:
             cache.unlink()
             return
         with cache.open("r+b") as handle:
-            size = handle.seek(0, os.SEEK_END)
             if how == "truncate":
                 handle.truncate(rng.randrange(size))
             else:
