@@ -28,6 +28,15 @@ import orjson
 
 from escalate import ledger
 from escalate.cache import CacheInvalid, Checkpoint
+from escalate.durations import (
+    MAX_ESCALATION_TIMEOUT_S,
+    MAX_LOCK_TIMEOUT_S,
+    MAX_NOTIFY_TIMEOUT_S,
+    MAX_WAIT_S,
+    check_duration,
+    format_duration,
+    parse_duration,
+)
 from escalate.errors import (
     Conflict,
     CorruptLedger,
@@ -62,15 +71,19 @@ def default_runs_dir() -> Path:
 
 
 def default_lock_timeout() -> float:
-    """``$ESCALATE_LOCK_TIMEOUT`` (seconds) or 30."""
-    raw = os.environ.get("ESCALATE_LOCK_TIMEOUT")
-    return DEFAULT_LOCK_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_LOCK_TIMEOUT")
+    """``$ESCALATE_LOCK_TIMEOUT`` (seconds, or 500ms, 2m …; at most 1d) or 30."""
+    return _duration_from_env("ESCALATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, MAX_LOCK_TIMEOUT_S)
 
 
 def default_notify_timeout() -> float:
-    """``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …) or 10."""
-    raw = os.environ.get("ESCALATE_NOTIFY_TIMEOUT")
-    return DEFAULT_NOTIFY_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_NOTIFY_TIMEOUT")
+    """``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …; at most 1h) or 10."""
+    return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S)
+
+
+def _duration_from_env(name: str, default: float, maximum: float) -> float:
+    # An empty variable counts as unset, as the CLI's other environment variables do.
+    raw = os.environ.get(name)
+    return parse_duration(raw, what=name, maximum=maximum) if raw else default
 
 
 def default_actor() -> str:
@@ -82,21 +95,6 @@ def default_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return f"uid-{os.getuid()}"
-
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_seconds(text: str, *, what: str = "duration") -> float:
-    """``90``, ``1.5s``, ``30m``, ``1h``, ``2d``, ``250ms`` → seconds (non-negative, finite)."""
-    raw = text.strip().lower()
-    unit = next((u for u in ("ms", "s", "m", "h", "d") if raw.endswith(u)), "")
-    number = raw[: len(raw) - len(unit)] if unit else raw
-    if not number or not all(c.isdigit() or c == "." for c in number) or number.count(".") > 1 \
-            or not number.isascii() or number == ".":
-        raise InputError(f"invalid {what} {text!r}: use a number of seconds or 30s, 15m, 1h, 2d",
-                         code="invalid_duration", value=text)
-    return float(number) * _UNITS[unit or "s"]
 
 
 def _check_actor(actor: str) -> str:
@@ -260,15 +258,14 @@ class Ledger:
     ) -> None:
         self.run_id = check_id(run_id, what="run id")
         self.runs_dir = Path(runs_dir)
-        timeout = default_lock_timeout() if lock_timeout is None else lock_timeout
-        if not timeout >= 0:
-            raise InputError(f"invalid lock timeout {timeout!r}: give 0 or more seconds",
-                             code="invalid_duration")
+        timeout = default_lock_timeout() if lock_timeout is None else \
+            check_duration(lock_timeout, what="lock timeout", maximum=MAX_LOCK_TIMEOUT_S)
         self.actor = _check_actor(actor or default_actor())
         self.clock = clock or _utc_now
         self.notify_cmd = notify_cmd if notify_cmd is not None else os.environ.get("ESCALATE_NOTIFY_CMD")
         # Read up front, so a bad value is an input error before anything is written.
-        self.notify_timeout = default_notify_timeout() if notify_timeout is None else notify_timeout
+        self.notify_timeout = default_notify_timeout() if notify_timeout is None else \
+            check_duration(notify_timeout, what="notify timeout", maximum=MAX_NOTIFY_TIMEOUT_S)
         self.log = FileLog(self.runs_dir / self.run_id, lock_timeout=timeout)
         # Called as a replay reads the log (the CLI shows a bar for a large one).
         self.progress: Progress | None = None
@@ -287,11 +284,14 @@ class Ledger:
         task_cap: Amount | None = None,
         escalation: str = "off",
         approval_threshold: Amount | None = None,
-        escalation_timeout_s: int | None = DEFAULT_ESCALATION_TIMEOUT_S,
+        escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = 0,
         **options: Any,
     ) -> Ledger:
-        """Create a run (idempotent: the same settings again is fine; different ones conflict)."""
+        """Create a run (idempotent: the same settings again is fine; different ones conflict).
+
+        ``escalation_timeout_s`` is whole seconds, 1 to 365 days, or ``None`` for never.
+        """
         run = cls(runs_dir, run_id, **options)
         if run.runs_dir.exists() and not run.runs_dir.is_dir():
             raise InputError(f"the runs folder {run.runs_dir} is a file; give a folder with --runs-dir "
@@ -406,6 +406,8 @@ class Ledger:
         pause (a timeout's too) or when ``timeout_s`` passes first.
         """
         check_id(escalation_id, what="escalation id")
+        if timeout_s is not None:
+            check_duration(timeout_s, what="wait timeout", maximum=MAX_WAIT_S)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
         expires_at: str | None = None
@@ -432,7 +434,7 @@ class Ledger:
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise Pending(
-                    f"escalation {escalation_id} is still open after {timeout_s:g}s; "
+                    f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
                     f"wait again or ask an approver to run 'escalate approve {self.run_id} {escalation_id}'",
                     code="escalation_open", escalation_id=escalation_id, run=self.run_id)
             time.sleep(_WAIT_POLL_S)
@@ -596,7 +598,7 @@ class Ledger:
                 os.killpg(hook.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 hook.communicate(timeout=1)
-            _warn(f"notify command timed out after {self.notify_timeout:g}s and was killed")
+            _warn(f"notify command timed out after {format_duration(self.notify_timeout)} and was killed")
             return
         if hook.returncode != 0:
             detail = stderr.decode(errors="replace").strip().splitlines()
@@ -625,10 +627,14 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
     if mode not in ledger.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
-    if timeout_s is not None and int(timeout_s) < 1:
-        # An escalation that expires as it opens could never be approved.
-        raise InputError(f"invalid escalation timeout {timeout_s:g}s: give at least 1s, e.g. 30m or 1h",
-                         code="invalid_duration", value=str(timeout_s))
+    if timeout_s is not None:
+        # An escalation that expires as it opens could never be approved; one past the
+        # maximum would have no expiry date to write.
+        check_duration(timeout_s, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
+        if timeout_s != int(timeout_s):
+            raise InputError(f"invalid escalation timeout {format_duration(timeout_s)}: give whole "
+                             "seconds, e.g. 90s, 30m or 1h", code="invalid_duration",
+                             value=format_duration(timeout_s))
     return Policy(
         mode=mode,
         approval_threshold_micros=(None if threshold is None
