@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Refused,
         UnknownRun,
     )
+    from escalate.money import Micros
     from escalate.service import Ledger
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidId",
     "Ledger",
     "LockTimeout",
+    "Micros",
     "Pending",
     "Refused",
     "UnknownRun",
@@ -46,6 +48,10 @@ def __getattr__(name: str) -> Any:
         from escalate.service import Ledger
 
         return Ledger
+    if name == "Micros":
+        from escalate.money import Micros
+
+        return Micros
     if name in __all__:
         from escalate import errors
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import functools
 import gc
 import getpass
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import orjson
 
@@ -50,7 +51,7 @@ from escalate.events import Event, format_ts, iter_line_batches, iter_lines, sea
 from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.log import LOG_NAME, FileLog, LogBackend
-from escalate.money import Amount, parse_micros
+from escalate.money import Amount, Micros, parse_micros
 from escalate.money import format_usd as usd
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
@@ -59,6 +60,16 @@ DEFAULT_NOTIFY_TIMEOUT_S = 10.0
 _WAIT_POLL_S = 0.05
 
 Clock = Callable[[], datetime]
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`: ``set_policy`` leaves such a setting as it is
+    (``None`` already means "none" for some of them)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 def _utc_now() -> datetime:
@@ -285,12 +296,13 @@ class Ledger:
         escalation: str = "off",
         approval_threshold: Amount | None = None,
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
-        max_extension: Amount = 0,
+        max_extension: Amount = "0",
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
 
-        ``escalation_timeout_s`` is whole seconds, 1 to 365 days, or ``None`` for never.
+        Amounts are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
+        whole seconds, 1 to 365 days, or ``None`` for never.
         """
         run = cls(runs_dir, run_id, **options)
         if run.runs_dir.exists() and not run.runs_dir.is_dir():
@@ -375,15 +387,26 @@ class Ledger:
         """End the task for good (``halt`` with reason ``cancelled``)."""
         return self._resolve(escalation_id, "cancel", by)
 
-    def set_policy(self, **changes: Any) -> dict[str, Any]:
-        """Change the escalation policy; unnamed settings keep their current value."""
+    def set_policy(
+        self,
+        *,
+        escalation: str | Unchanged = UNCHANGED,
+        approval_threshold: Amount | Unchanged | None = UNCHANGED,
+        escalation_timeout_s: float | Unchanged | None = UNCHANGED,
+        max_extension: Amount | Unchanged = UNCHANGED,
+    ) -> dict[str, Any]:
+        """Change the escalation policy; settings left out keep their current value
+        (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
+        makes escalations never time out)."""
         def decide(state: RunState, now: str) -> Decision:
             current = state.policy
+            threshold = current.approval_threshold_micros
             policy = make_policy(
-                changes.get("escalation", current.mode),
-                changes.get("approval_threshold", current.approval_threshold_micros),
-                changes.get("escalation_timeout_s", current.timeout_s),
-                changes.get("max_extension", current.max_extension_micros))
+                current.mode if escalation is UNCHANGED else escalation,
+                (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
+                else approval_threshold,
+                current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
+                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension)
             return ledger.decide_policy(state, policy)
         return self._mutate(decide)
 
