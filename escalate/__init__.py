@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         StoreUnavailable,
         UnknownRun,
     )
+    from escalate.money import Micros
     from escalate.service import Ledger
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidId",
     "Ledger",
     "LockTimeout",
+    "Micros",
     "Pending",
     "Refused",
     "StoreUnavailable",
@@ -48,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from escalate.service import Ledger
 
         return Ledger
+    if name == "Micros":
+        from escalate.money import Micros
+
+        return Micros
     if name in __all__:
         from escalate import errors
 

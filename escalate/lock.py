@@ -17,6 +17,7 @@ import time
 
 from filelock import lock_descriptor
 
+from escalate.durations import format_duration
 from escalate.errors import LockTimeout
 
 # The wait backs off from 50 µs to 0.5 ms: a holder keeps the lock for about half a
@@ -42,5 +43,5 @@ def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
         pause = min(pause * 2, MAX_POLL_S)
         if lock_descriptor(fd, blocking=False):
             return time.monotonic() - started
-    raise LockTimeout(f"lock {lock_file} is held by another process after {timeout_s:g}s; retry, "
+    raise LockTimeout(f"lock {lock_file} is held by another process after {format_duration(timeout_s)}; retry, "
                       "or raise --lock-timeout", lock_file=lock_file, timeout_s=timeout_s)

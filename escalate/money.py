@@ -17,7 +17,30 @@ MAX_USD = 1_000_000_000
 MAX_MICROS = MAX_USD * MICROS_PER_USD
 _ONE_MICRO_USD = Decimal("0.000001")
 
-Amount = str | Decimal | int
+
+class Micros(int):
+    """An amount in integer micros, said explicitly: ``Micros(2_500_000)`` is $2.50.
+
+    A bare ``int`` is refused as an amount (``cap=10`` must never quietly mean ten micros),
+    so micros need a type that the parser can tell from ``int`` at run time; a subclass of
+    ``int`` (not a wrapper) keeps it usable wherever the micros it holds are an ``int``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, micros: int) -> Micros:
+        # int("5") or int(2.7) would turn text or a float into micros by accident.
+        if type(micros) is not int and not isinstance(micros, Micros):
+            raise InvalidAmount(f"Micros takes an int count of micros, not {type(micros).__name__} "
+                                f"{micros!r}; give USD as str or Decimal instead",
+                                value=repr(micros)[:40])
+        return super().__new__(cls, micros)
+
+    def __repr__(self) -> str:
+        return f"Micros({int(self)})"
+
+
+Amount = str | Decimal | Micros
 
 _USD_TEXT = re.compile(r"\$?([0-9]*)(?:\.([0-9]*))?", re.ASCII)
 # "1,000", "$12,500.50", "1 000", "1_000", "1'000": groups of three behind one separator.
@@ -31,21 +54,23 @@ _OPTION_OF = {"new amount": "--to"}
 def parse_micros(value: Amount, *, what: str = "amount") -> int:
     """Return ``value`` in integer micros, or raise :class:`InvalidAmount`.
 
-    ``str`` is decimal USD text (``2.5``, ``$0.000001``); ``Decimal`` is USD; ``int`` is
-    already micros. Negative values, more than 6 decimals and more than 1e9 USD are refused.
+    ``str`` is decimal USD text (``2.5``, ``$0.000001``); ``Decimal`` is USD; :class:`Micros`
+    is already micros. A bare ``int``, ``float`` or ``bool`` is refused: it does not say
+    whether it means USD or micros. Negative values, more than 6 decimals and more than
+    1e9 USD are refused.
     """
-    if isinstance(value, bool):
-        raise InvalidAmount(f"invalid {what} {value!r}: expected USD text like 2.50", value=repr(value))
-    if isinstance(value, int):
-        micros = value
+    if isinstance(value, Micros):
+        micros = int(value)
     elif isinstance(value, Decimal):
         micros = _decimal_to_micros(value, what)
     elif isinstance(value, str):
         micros = _text_to_micros(value, what)
     else:
+        shown = repr(value)[:40]
         raise InvalidAmount(
-            f"invalid {what} of type {type(value).__name__}: expected USD text, Decimal or int micros",
-            value=repr(value),
+            f"invalid {what} {shown} of type {type(value).__name__}: give USD as str or Decimal "
+            f"(e.g. \"2.50\" or Decimal(\"2.50\")), or micros as escalate.Micros(2_500_000)",
+            value=shown,
         )
     if micros < 0:
         raise InvalidAmount(f"invalid {what} {value!r}: must not be negative; give 0 or more",

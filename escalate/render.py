@@ -19,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 from rich.text import Text
 
+from escalate.durations import format_duration
 from escalate.events import parse_ts
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
@@ -206,7 +207,8 @@ def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool =
         else:
             state = Text(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
         cells = [row["id"], row["task"], usd(row["requested_micros"]), usd(row["remaining_micros"]), state,
-                 _duration(_seconds_between(row["opened_at"], moment)), _expires(row, moment),
+                 format_duration(_seconds_between(row["opened_at"], moment), exact=False),
+                 _expires(row, moment),
                  "/".join(row["offered"]) if waiting else "-"]
         table.add_row(*([row["run"]] if with_run else []), *cells)
     return whole_words(table)
@@ -228,22 +230,8 @@ def _expires(row: dict[str, Any], moment: datetime) -> Text | str:
         return "never"
     left = -_seconds_between(row["expires_at"], moment)
     if left > 0:
-        return f"in {_duration(left)}"
-    return Text(f"overdue {_duration(-left)}", style="red")
-
-
-def _duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``3h05m``, ``2d04h``: two units at most, rounded down."""
-    whole = max(0, int(seconds))
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m"
-    if whole < 86400:
-        hours, minutes = divmod(whole // 60, 60)
-        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
-    days, hours = divmod(whole // 3600, 24)
-    return f"{days}d{hours:02d}h" if hours else f"{days}d"
+        return f"in {format_duration(left, exact=False)}"
+    return Text(f"overdue {format_duration(-left, exact=False)}", style="red")
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:

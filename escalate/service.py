@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import functools
 import getpass
 import hashlib
@@ -22,12 +23,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import orjson
 
 from escalate import ledger
 from escalate.cache import CacheInvalid, Checkpoint
+from escalate.durations import (
+    MAX_ESCALATION_TIMEOUT_S,
+    MAX_LOCK_TIMEOUT_S,
+    MAX_NOTIFY_TIMEOUT_S,
+    MAX_WAIT_S,
+    check_duration,
+    format_duration,
+    parse_duration,
+)
 from escalate.errors import (
     Conflict,
     CorruptLedger,
@@ -43,7 +53,7 @@ from escalate.events import Event, format_ts, iter_line_batches, iter_lines, sea
 from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.log import LOG_NAME, FileLog, LogBackend
-from escalate.money import Amount, parse_micros
+from escalate.money import Amount, Micros, parse_micros
 from escalate.money import format_usd as usd
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
@@ -52,6 +62,16 @@ DEFAULT_NOTIFY_TIMEOUT_S = 10.0
 _WAIT_POLL_S = 0.05
 
 Clock = Callable[[], datetime]
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`: ``set_policy`` leaves such a setting as it is
+    (``None`` already means "none" for some of them)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 def _utc_now() -> datetime:
@@ -64,15 +84,19 @@ def default_runs_dir() -> Path:
 
 
 def default_lock_timeout() -> float:
-    """``$ESCALATE_LOCK_TIMEOUT`` (seconds) or 30."""
-    raw = os.environ.get("ESCALATE_LOCK_TIMEOUT")
-    return DEFAULT_LOCK_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_LOCK_TIMEOUT")
+    """``$ESCALATE_LOCK_TIMEOUT`` (seconds, or 500ms, 2m …; at most 1d) or 30."""
+    return _duration_from_env("ESCALATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, MAX_LOCK_TIMEOUT_S)
 
 
 def default_notify_timeout() -> float:
-    """``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …) or 10."""
-    raw = os.environ.get("ESCALATE_NOTIFY_TIMEOUT")
-    return DEFAULT_NOTIFY_TIMEOUT_S if raw is None else parse_seconds(raw, what="ESCALATE_NOTIFY_TIMEOUT")
+    """``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …; at most 1h) or 10."""
+    return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S)
+
+
+def _duration_from_env(name: str, default: float, maximum: float) -> float:
+    # An empty variable counts as unset, as the CLI's other environment variables do.
+    raw = os.environ.get(name)
+    return parse_duration(raw, what=name, maximum=maximum) if raw else default
 
 
 def default_actor() -> str:
@@ -84,21 +108,6 @@ def default_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return f"uid-{os.getuid()}"
-
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_seconds(text: str, *, what: str = "duration") -> float:
-    """``90``, ``1.5s``, ``30m``, ``1h``, ``2d``, ``250ms`` → seconds (non-negative, finite)."""
-    raw = text.strip().lower()
-    unit = next((u for u in ("ms", "s", "m", "h", "d") if raw.endswith(u)), "")
-    number = raw[: len(raw) - len(unit)] if unit else raw
-    if not number or not all(c.isdigit() or c == "." for c in number) or number.count(".") > 1 \
-            or not number.isascii() or number == ".":
-        raise InputError(f"invalid {what} {text!r}: use a number of seconds or 30s, 15m, 1h, 2d",
-                         code="invalid_duration", value=text)
-    return float(number) * _UNITS[unit or "s"]
 
 
 def _check_actor(actor: str) -> str:
@@ -301,15 +310,14 @@ class Ledger:
     ) -> None:
         self.run_id = check_id(run_id, what="run id")
         self.runs_dir = Path(runs_dir)
-        timeout = default_lock_timeout() if lock_timeout is None else lock_timeout
-        if not timeout >= 0:
-            raise InputError(f"invalid lock timeout {timeout!r}: give 0 or more seconds",
-                             code="invalid_duration")
+        timeout = default_lock_timeout() if lock_timeout is None else \
+            check_duration(lock_timeout, what="lock timeout", maximum=MAX_LOCK_TIMEOUT_S)
         self.actor = _check_actor(actor or default_actor())
         self.clock = clock or _utc_now
         self.notify_cmd = notify_cmd if notify_cmd is not None else os.environ.get("ESCALATE_NOTIFY_CMD")
         # Read up front, so a bad value is an input error before anything is written.
-        self.notify_timeout = default_notify_timeout() if notify_timeout is None else notify_timeout
+        self.notify_timeout = default_notify_timeout() if notify_timeout is None else \
+            check_duration(notify_timeout, what="notify timeout", maximum=MAX_NOTIFY_TIMEOUT_S)
         self.log = FileLog(self.runs_dir / self.run_id, lock_timeout=timeout)
         # Called as a replay reads the log (the CLI shows a bar for a large one).
         self.progress: Progress | None = None
@@ -328,11 +336,15 @@ class Ledger:
         task_cap: Amount | None = None,
         escalation: str = "off",
         approval_threshold: Amount | None = None,
-        escalation_timeout_s: int | None = DEFAULT_ESCALATION_TIMEOUT_S,
-        max_extension: Amount = 0,
+        escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
+        max_extension: Amount = "0",
         **options: Any,
     ) -> Ledger:
-        """Create a run (idempotent: the same settings again is fine; different ones conflict)."""
+        """Create a run (idempotent: the same settings again is fine; different ones conflict).
+
+        Amounts are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
+        whole seconds, 1 to 365 days, or ``None`` for never.
+        """
         run = cls(runs_dir, run_id, **options)
         if run.runs_dir.exists() and not run.runs_dir.is_dir():
             raise InputError(f"the runs folder {run.runs_dir} is a file; give a folder with --runs-dir "
@@ -418,15 +430,26 @@ class Ledger:
         """End the task for good (``halt`` with reason ``cancelled``)."""
         return self._resolve(escalation_id, "cancel", by)
 
-    def set_policy(self, **changes: Any) -> dict[str, Any]:
-        """Change the escalation policy; unnamed settings keep their current value."""
+    def set_policy(
+        self,
+        *,
+        escalation: str | Unchanged = UNCHANGED,
+        approval_threshold: Amount | Unchanged | None = UNCHANGED,
+        escalation_timeout_s: float | Unchanged | None = UNCHANGED,
+        max_extension: Amount | Unchanged = UNCHANGED,
+    ) -> dict[str, Any]:
+        """Change the escalation policy; settings left out keep their current value
+        (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
+        makes escalations never time out)."""
         def decide(state: RunState, now: str) -> Decision:
             current = state.policy
+            threshold = current.approval_threshold_micros
             policy = make_policy(
-                changes.get("escalation", current.mode),
-                changes.get("approval_threshold", current.approval_threshold_micros),
-                changes.get("escalation_timeout_s", current.timeout_s),
-                changes.get("max_extension", current.max_extension_micros))
+                current.mode if escalation is UNCHANGED else escalation,
+                (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
+                else approval_threshold,
+                current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
+                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension)
             return ledger.decide_policy(state, policy)
         return self._mutate(decide)
 
@@ -450,6 +473,8 @@ class Ledger:
         pause (a timeout's too) or when ``timeout_s`` passes first.
         """
         check_id(escalation_id, what="escalation id")
+        if timeout_s is not None:
+            check_duration(timeout_s, what="wait timeout", maximum=MAX_WAIT_S)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
         waiting: tuple[ledger.Escalation, Policy] | None = None
@@ -481,7 +506,7 @@ class Ledger:
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise Pending(
-                    f"escalation {escalation_id} is still open after {timeout_s:g}s; "
+                    f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
                     f"wait again or ask an approver to run 'escalate approve {self.run_id} {escalation_id}'",
                     code="escalation_open", escalation_id=escalation_id, run=self.run_id)
             time.sleep(_WAIT_POLL_S)
@@ -700,7 +725,7 @@ class Ledger:
                 os.killpg(hook.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 hook.communicate(timeout=1)
-            _warn(f"notify command timed out after {self.notify_timeout:g}s and was killed")
+            _warn(f"notify command timed out after {format_duration(self.notify_timeout)} and was killed")
             return
         if hook.returncode != 0:
             detail = stderr.decode(errors="replace").strip().splitlines()
@@ -729,10 +754,14 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
     if mode not in ledger.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
-    if timeout_s is not None and int(timeout_s) < 1:
-        # An escalation that expires as it opens could never be approved.
-        raise InputError(f"invalid escalation timeout {timeout_s:g}s: give at least 1s, e.g. 30m or 1h",
-                         code="invalid_duration", value=str(timeout_s))
+    if timeout_s is not None:
+        # An escalation that expires as it opens could never be approved; one past the
+        # maximum would have no expiry date to write.
+        check_duration(timeout_s, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
+        if timeout_s != int(timeout_s):
+            raise InputError(f"invalid escalation timeout {format_duration(timeout_s)}: give whole "
+                             "seconds, e.g. 90s, 30m or 1h", code="invalid_duration",
+                             value=format_duration(timeout_s))
     return Policy(
         mode=mode,
         approval_threshold_micros=(None if threshold is None
@@ -767,7 +796,7 @@ def _below_zero(amount: Amount) -> bool:
         return text.startswith("-") and not text.startswith("--")
     if isinstance(amount, Decimal):
         return amount.is_signed() and not amount.is_nan()
-    return isinstance(amount, int) and not isinstance(amount, bool) and amount < 0
+    return isinstance(amount, Micros) and amount < 0
 
 
 def iter_run_ids(runs_dir: str | os.PathLike[str]) -> Iterator[str]:

@@ -22,7 +22,7 @@ import orjson
 
 # No pytest import up here: this file is also each writer's program, and a writer that
 # starts faster is killed more often in the same time.
-from escalate import Ledger
+from escalate import Ledger, Micros
 from escalate.log import LOG_NAME, FileLog
 
 WRITERS = 5
@@ -49,13 +49,13 @@ def _writer(root: str, acks: str, seed: int) -> None:
         task = f"p{os.getpid()}-{n}"
         amount = rng.randint(1, 400_000)
         try:
-            run.reserve(task, amount)
+            run.reserve(task, Micros(amount))
         except Refused:
             ack(f"halt {task}")
             continue
         ack(f"budget_reserved {task}")
         if rng.random() < 0.7:
-            run.release(task, rng.randint(0, amount))  # never over the reservation
+            run.release(task, Micros(rng.randint(0, amount)))  # never over the reservation
             ack(f"released {task}")
 
 
@@ -90,7 +90,7 @@ def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None
     import pytest
 
     root = tmp_path / "runs"
-    Ledger.init(root, "r", cap=CAP_MICROS, task_cap=400_000, actor="tester")
+    Ledger.init(root, "r", cap=Micros(CAP_MICROS), task_cap=Micros(400_000), actor="tester")
     rng = random.Random(SEED)
     acks = [tmp_path / f"acks-{slot}" for slot in range(WRITERS)]
     writers = [_spawn(root, acks[slot], rng.randrange(2**32)) for slot in range(WRITERS)]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from escalate import Conflict, EscalateError, Ledger, Refused
+from escalate import Conflict, EscalateError, Ledger, Micros, Refused
 from escalate.money import MICROS_PER_USD
 
 RUN = "machine"
@@ -39,7 +39,7 @@ def as_amount(micros: int, form: str) -> Any:
         return "$" + text
     if form == "decimal":
         return Decimal(text)
-    return micros
+    return Micros(micros)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from escalate import InvalidAmount, Ledger, Refused
+from escalate import InvalidAmount, Ledger, Micros, Refused
 from escalate.money import MAX_MICROS, MICROS_PER_USD, format_usd, parse_micros
 
 micros_values = st.integers(min_value=0, max_value=MAX_MICROS)
@@ -57,12 +57,12 @@ def test_text_parses_to_exact_micros(text: str, micros: int) -> None:
         (Decimal("-0"), 0),
         (Decimal("1000000000"), MAX_MICROS),
         (Decimal("1." + "0" * 60), 1_000_000),  # more digits than the default context holds
-        (0, 0),
-        (7, 7),  # int is already micros
-        (MAX_MICROS, MAX_MICROS),
+        (Micros(0), 0),
+        (Micros(7), 7),  # Micros is already micros
+        (Micros(MAX_MICROS), MAX_MICROS),
     ],
 )
-def test_decimal_and_int_parse_to_exact_micros(value: Any, micros: int) -> None:
+def test_decimal_and_micros_parse_to_exact_micros(value: Any, micros: int) -> None:
     assert parse_micros(value) == micros
 
 
@@ -232,8 +232,9 @@ def test_option_message_names_the_option(what: str, option: str) -> None:
         pytest.param(Decimal("0.0000001"), id="decimal-seven-decimals"),
         pytest.param(Decimal("1E-999999999"), id="decimal-tiny"),
         pytest.param(Decimal("0.1" + "0" * 30 + "1"), id="decimal-7th-decimal-behind-30-digits"),
-        pytest.param(-1, id="int-negative"),
-        pytest.param(MAX_MICROS + 1, id="int-above-1e9"),
+        pytest.param(Micros(-1), id="micros-negative"),
+        pytest.param(Micros(MAX_MICROS + 1), id="micros-above-1e9"),
+        pytest.param(7, id="bare-int"),
         pytest.param(True, id="bool-true"),
         pytest.param(False, id="bool-false"),
         pytest.param(0.1, id="float"),

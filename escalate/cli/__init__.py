@@ -87,8 +87,11 @@ RunsDirOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
 LockTimeoutOption = Annotated[
     str | None,
-    typer.Option("--lock-timeout", envvar="ESCALATE_LOCK_TIMEOUT", show_envvar=True,
-                 help="Longest wait for the run's lock, e.g. 30s or 2m [default: 30s]."),
+    # No envvar= here: the library reads ESCALATE_LOCK_TIMEOUT itself, so that a bad value is
+    # reported under the variable's name, not as if --lock-timeout had been given.
+    typer.Option("--lock-timeout",
+                 help="Longest wait for the run's lock, e.g. 30s or 2m, at most 1d [env var: "
+                 "ESCALATE_LOCK_TIMEOUT] [default: 30s]."),
 ]
 ByOption = Annotated[
     str | None,
@@ -106,11 +109,13 @@ NotifyOption = Annotated[
 def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
                  notify_cmd: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
-    from escalate.service import default_runs_dir, parse_seconds
+    from escalate.durations import MAX_LOCK_TIMEOUT_S, parse_duration
+    from escalate.service import default_runs_dir
 
     options: dict[str, Any] = {"runs_dir": runs_dir or default_runs_dir()}
     if lock_timeout is not None:
-        options["lock_timeout"] = parse_seconds(lock_timeout, what="lock timeout")
+        options["lock_timeout"] = parse_duration(lock_timeout, what="lock timeout",
+                                                 maximum=MAX_LOCK_TIMEOUT_S)
     if by is not None:
         # Only an explicit --by "" gets here (click ignores an empty ESCALATE_ACTOR); falling
         # back to the OS user would record someone the caller did not name.

@@ -71,8 +71,9 @@ def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = 
 def wait(
     run: RunArg,
     escalation_id: EscalationArg,
-    timeout: Annotated[str | None, typer.Option("--timeout", help="Give up after this long, e.g. 10m "
-                                                "(exit 4) [default: wait until resolved].")] = None,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Give up after this long, e.g. 10m, "
+                                                "at most 365d (exit 4) [default: wait until "
+                                                "resolved].")] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     json_out: JsonOption = False,
@@ -80,9 +81,9 @@ def wait(
     """Block until an escalation is resolved: exit 0 approved, 3 cancelled, 4 paused or still open."""
 
     def action() -> dict[str, Any]:
-        from escalate.service import parse_seconds
+        from escalate.durations import MAX_WAIT_S, parse_duration
 
-        seconds = None if timeout is None else parse_seconds(timeout, what="timeout")
+        seconds = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         return open_run(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)  # type: ignore[no-any-return]
 
     respond(json_out, action, _said)

@@ -54,7 +54,7 @@ def reserve(
     wait: Annotated[bool, typer.Option("--wait", help="If escalated, block until a person resolves it.")]
     = False,
     timeout: Annotated[str | None, typer.Option("--timeout", help="With --wait: give up after this "
-                                                "long (e.g. 10m); exit 4.")] = None,
+                                                "long (e.g. 10m, at most 365d); exit 4.")] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -67,9 +67,9 @@ def reserve(
                   json_out, code="usage")
 
     def action() -> dict[str, Any]:
-        from escalate.service import parse_seconds
+        from escalate.durations import MAX_WAIT_S, parse_duration
 
-        wait_s = None if timeout is None else parse_seconds(timeout, what="timeout")
+        wait_s = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         ledger = open_run(run, runs_dir, lock_timeout, by, notify_cmd)
         try:
             return ledger.reserve(task, estimate)  # type: ignore[no-any-return]

@@ -36,7 +36,7 @@ ThresholdOption = Annotated[str | None, typer.Option(
     help="In enforce mode, reservations above this USD amount need a person.")]
 EscalationTimeoutOption = Annotated[str | None, typer.Option(
     "--escalation-timeout", help="An open escalation is paused by timeout after this long, e.g. 30m, "
-    "1h [default: 1h].")]
+    "1h; 1s to 365d [default: 1h].")]
 MaxExtensionOption = Annotated[str | None, typer.Option(
     "--max-extension", metavar="USD",
     help="Most USD that approvals may add to the cap in total [default: 0].")]
@@ -65,14 +65,14 @@ def init(
               "add --escalation enforce (or shadow) to use it", file=sys.stderr)
 
     def action() -> dict[str, Any]:
-        from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger, parse_seconds
+        from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger
 
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
-                     else parse_seconds(escalation_timeout, what="escalation timeout"))
+                     else _escalation_timeout(escalation_timeout))
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
-                             escalation_timeout_s=int(timeout_s), max_extension=max_extension or "0",
+                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              **options)
         return ledger.state().totals()
 
@@ -93,8 +93,8 @@ def set_policy(
     no_threshold: Annotated[bool, typer.Option("--no-approval-threshold",
                                                help="Remove the approval threshold.")] = False,
     escalation_timeout: Annotated[str | None, typer.Option(
-        "--escalation-timeout", help="New time after which an open escalation is paused, e.g. 30m "
-        "[default: unchanged].", show_default=False)] = None,
+        "--escalation-timeout", help="New time after which an open escalation is paused, e.g. 30m; "
+        "1s to 365d [default: unchanged].", show_default=False)] = None,
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", help="New most USD that approvals may add to the cap in total "
         "[default: unchanged].", show_default=False)] = None,
@@ -114,8 +114,6 @@ def set_policy(
     before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:
-        from escalate.service import parse_seconds
-
         changes: dict[str, Any] = {}
         if escalation is not None:
             changes["escalation"] = escalation
@@ -124,7 +122,7 @@ def set_policy(
         if no_threshold:
             changes["approval_threshold"] = None
         if escalation_timeout is not None:
-            changes["escalation_timeout_s"] = parse_seconds(escalation_timeout, what="escalation timeout")
+            changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         if max_extension is not None:
             changes["max_extension"] = max_extension
         ledger = open_run(run, runs_dir, lock_timeout, by)
@@ -145,14 +143,17 @@ def set_policy(
     respond(json_out, action, human)
 
 
+def _escalation_timeout(text: str) -> float:
+    from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
+
+    return parse_duration(text, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
+
+
 def _timeout_text(seconds: int | None) -> str:
     """Exact, unlike the rounded durations of the tables: ``90s``, ``30m``, ``1h``, ``2d``."""
-    if seconds is None:
-        return "never"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    from escalate.durations import format_duration
+
+    return "never" if seconds is None else format_duration(seconds)
 
 
 _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {

@@ -20,9 +20,9 @@ def watch(
     events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
                                         help="How many recent events to show.")] = 10,
     interval: Annotated[str, typer.Option("--interval", help="How often to look for new events, "
-                                          "e.g. 200ms or 2s.")] = "500ms",
-    timeout: Annotated[str | None, typer.Option("--timeout", help="Stop after this long, e.g. 10m "
-                                                "[default: until Ctrl-C].")] = None,
+                                          "e.g. 200ms or 2s, at most 1h.")] = "500ms",
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Stop after this long, e.g. 10m, "
+                                                "at most 365d [default: until Ctrl-C].")] = None,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -33,11 +33,12 @@ def watch(
     --json: one JSON object per event line).
     """
     try:
+        from escalate.durations import MAX_INTERVAL_S, MAX_WAIT_S, parse_duration
         from escalate.render import console
-        from escalate.service import parse_seconds
 
-        pause = max(parse_seconds(interval, what="interval"), 0.01)
-        deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, what="timeout")
+        pause = max(parse_duration(interval, what="interval", maximum=MAX_INTERVAL_S), 0.01)
+        deadline = None if timeout is None else \
+            time.monotonic() + parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         ledger = open_run(run, runs_dir, None)
         out = console()
         # SIGTERM unwinds like Ctrl-C (exit 143, as a killed process): the live view gets to

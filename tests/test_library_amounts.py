@@ -1,0 +1,85 @@
+"""The library takes USD as str or Decimal, or micros said explicitly: never a bare int or float."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import escalate
+from escalate import InvalidAmount, Ledger, Micros
+from tests.conftest import snapshot_tree
+
+
+@pytest.mark.parametrize("cap", [10, 10.0, True, 2**70])
+def test_init_refuses_a_bare_number_and_names_both_forms(runs_dir: Path, cap: Any) -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        Ledger.init(runs_dir, "r", cap=cap)
+    message = caught.value.message
+    assert message.startswith("invalid cap ") and type(cap).__name__ in message
+    assert "str or Decimal" in message and "escalate.Micros(" in message
+    assert caught.value.exit_code == 2
+    assert not (runs_dir / "r").exists()
+
+
+@pytest.mark.parametrize("call", [
+    lambda run: run.reserve("t", 5),
+    lambda run: run.reserve("t", 2.5),
+    lambda run: run.reserve("t", False),
+    lambda run: run.increase("held", 3),
+    lambda run: run.release("held", 1),
+    lambda run: run.set_policy(max_extension=5),
+    lambda run: run.set_policy(approval_threshold=1.5),
+])
+def test_commands_refuse_a_bare_number_and_write_nothing(runs_dir: Path, call: Any) -> None:
+    run = Ledger.init(runs_dir, "r", cap="10")
+    run.reserve("held", "2")
+    before = snapshot_tree(runs_dir)
+    with pytest.raises(InvalidAmount, match=r"give USD as str or Decimal .*escalate\.Micros\("):
+        call(run)
+    assert snapshot_tree(runs_dir) == before
+
+
+def test_micros_are_taken_as_micros(runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap=Micros(10_000_000), max_extension=Micros(1))
+    same = Ledger.init(runs_dir, "r", cap=Decimal("10"), max_extension="0.000001")
+    assert same.state().totals() == run.state().totals()
+    assert run.reserve("t", Micros(2_500_000))["remaining_micros"] == 7_500_000
+    assert run.release("t", escalate.Micros(1))["remaining_micros"] == 9_999_999
+
+
+@pytest.mark.parametrize("value", ["5", 2.5, True, Decimal(5), None])
+def test_micros_takes_only_an_int(value: Any) -> None:
+    # Micros("5") would otherwise be int("5"): text or a float turned into micros by accident.
+    with pytest.raises(InvalidAmount, match="Micros takes an int count of micros"):
+        Micros(value)
+
+
+def test_micros_is_an_int_that_says_what_it_is() -> None:
+    assert Micros(2_500_000) == 2_500_000 and isinstance(Micros(7), int)
+    assert repr(Micros(7)) == "Micros(7)"
+    assert Micros(Micros(7)) == 7
+
+
+def test_set_policy_refuses_an_unknown_setting(runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce")
+    before = snapshot_tree(runs_dir)
+    with pytest.raises(TypeError, match="max_extention"):
+        run.set_policy(max_extention="5")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        run.set_policy("shadow")  # type: ignore[misc]
+    assert snapshot_tree(runs_dir) == before
+
+
+def test_set_policy_changes_only_what_it_names(runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2",
+                      escalation_timeout_s=600, max_extension="3")
+    assert run.set_policy()["status"] == "exists"
+    run.set_policy(max_extension="5")
+    assert run.state().policy.to_json() == {"mode": "enforce", "approval_threshold_micros": 2_000_000,
+                                            "timeout_s": 600, "max_extension_micros": 5_000_000}
+    run.set_policy(approval_threshold=None, escalation_timeout_s=None, escalation="shadow")
+    assert run.state().policy.to_json() == {"mode": "shadow", "approval_threshold_micros": None,
+                                            "timeout_s": None, "max_extension_micros": 5_000_000}
