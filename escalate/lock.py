@@ -43,5 +43,6 @@ def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
         pause = min(pause * 2, MAX_POLL_S)
         if lock_descriptor(fd, blocking=False):
             return time.monotonic() - started
-    raise LockTimeout(f"lock {lock_file} is held by another process after {format_duration(timeout_s)}; retry, "
-                      "or raise --lock-timeout", lock_file=lock_file, timeout_s=timeout_s)
+    raise LockTimeout(f"lock {lock_file} is held by another process after "
+                      f"{format_duration(timeout_s)}; retry, or raise --lock-timeout",
+                      lock_file=lock_file, timeout_s=timeout_s)

@@ -200,8 +200,11 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                         apply(state, event, this_hash)
                 except (json_error, RuleViolation) as exc:
                     reason = f"unparsable JSON ({exc})" if isinstance(exc, json_error) else str(exc)
+                    # A broken chain vouches for nothing from the line before it on.
+                    first_suspect = line_no
                     if isinstance(exc, RuleViolation) and state is not None \
                             and _only_chain_broken(state, event):
+                        first_suspect = line_no - 1
                         reason += (f": line {line_no - 1} was changed after this line was written, or "
                                    "a line was removed or inserted before this one")
                     problems.append((line_no, reason))
@@ -209,7 +212,7 @@ def replay(log: LogBackend, run_id: str, *, tolerant: bool = False,
                         problem = CorruptLedger(
                             f"{log_path(log)} line {line_no}: {reason}; writes are refused — "
                             f"inspect with 'escalate runs verify {run_id}'",
-                            run=run_id, line=line_no, problem=reason)
+                            run=run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
                         break
                     _resync(state, event if type(event) is dict else None, this_hash)
                     group_due = 0  # one bad marker is reported once, not on every line after it
@@ -599,13 +602,19 @@ class Ledger:
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
         replayed = replay(self.log, self.run_id, start=start, progress=self.progress)
-        # A run is what its folder is called (a copied run folder is that copy).
-        replayed.state.run_id = self.run_id
         replayed.from_checkpoint = start is not None
         replayed.checkpoint_current = start is not None and replayed.lines == start.lines
         if start is not None and replayed.problem is not None:
             # A problem is only ever reported from the log itself, never from the cache.
             replayed = replay(self.log, self.run_id, progress=self.progress)
+        if replayed.problem is not None and not writable:
+            # What a reader shows stops before the first line the problem casts doubt on
+            # (with a broken chain, the line before the one that names it).
+            trusted = replayed.problem.facts["first_suspect_line"] - 1
+            if 0 < trusted < replayed.state.seq:
+                replayed.state = replay(self.log, self.run_id, stop_after=trusted).state
+        # A run is what its folder is called (a copied run folder is that copy).
+        replayed.state.run_id = self.run_id
         return replayed
 
     def _has_first_line(self) -> bool:

@@ -214,6 +214,21 @@ def test_a_damaged_log_is_one_warning_line_with_the_totals_it_shows(cli: Any, ru
     assert cli("runs", "show", "r", "--json").json()["events"] == 3
 
 
+def test_totals_stop_before_a_line_the_broken_chain_casts_doubt_on(cli: Any, runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap="10")
+    for task in ("a", "b", "c"):
+        run.reserve(task, "1")
+    log = runs_dir / "r" / "events.ndjson"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"amount_micros":1000000', b'"amount_micros":9000000')  # b's line
+    log.write_bytes(b"".join(lines))
+    result = cli("runs", "show", "r", "--json")
+    # Line 4 names the break; line 3 (the edited one) is not counted: only a's $1 is.
+    assert result.json()["reserved_micros"] == 1_000_000 and result.json()["events"] == 2
+    [warning] = cli("runs", "show", "r").stderr.splitlines()
+    assert " line 4: " in warning and warning.endswith("(totals as of line 2)")
+
+
 # ------------------------------------------------------------------ gate and held reservations
 
 
