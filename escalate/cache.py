@@ -31,7 +31,7 @@ import sqlite3
 import stat
 import threading
 import zlib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -39,6 +39,7 @@ import orjson
 
 from escalate.events import line_hash
 from escalate.ledger import Escalation, Policy, RunState, Task
+from escalate.log import via_folder
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
 FORMAT = 3
@@ -270,8 +271,12 @@ def _run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
 class Checkpoint:
     """The cache file of one run."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / CACHE_NAME
+    def __init__(self, run_dir: Path, folder: Callable[[], int | None] = lambda: None) -> None:
+        self._run_dir = run_dir
+        # The run folder's handle for the current command: every open by name goes through
+        # it (see escalate.log.via_folder), never through a path that may have been swapped.
+        self._folder = folder
+        self._writer_dir: int | None = None  # the handle the kept connection's path goes through
         # A writer keeps its connection for its next command: opening one costs more than
         # the rest of the cache's work. It is only used under the run's lock, and dropped
         # after a fork or when the file at the path is no longer the one it opened.
@@ -281,6 +286,11 @@ class Checkpoint:
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
         self._guard = threading.RLock()
+
+    @property
+    def path(self) -> Path:
+        """The cache file in this command's run folder."""
+        return via_folder(self._folder(), self._run_dir, CACHE_NAME)
 
     def _plain_file(self) -> tuple[int, int]:
         """``(st_dev, st_ino)`` of the cache file, once it and SQLite's side files beside it
@@ -298,18 +308,36 @@ class Checkpoint:
         key = (os.getpid(), dev, ino)
         if self._writer is None or self._writer_for != key:
             self._drop_writer()
-            self._writer = self._connect(writable=True)
+            self._writer = self._connect_writer()
             self._writer_for = key
         return self._writer
+
+    def _connect_writer(self, *, create: bool = False) -> sqlite3.Connection:
+        """The connection a writer keeps across commands. SQLite reopens and removes its side
+        files by the name it was given, so that name goes through a handle of the run folder
+        kept as long as the connection (the command's own is closed when it ends)."""
+        folder = self._folder()
+        kept = os.dup(folder) if folder is not None else None
+        try:
+            connection = self._connect(via_folder(kept, self._run_dir, CACHE_NAME), writable=True,
+                                       create=create)
+        except BaseException:
+            if kept is not None:
+                os.close(kept)
+            raise
+        self._writer_dir = kept
+        return connection
 
     def _drop_writer(self) -> None:
         if self._writer is not None and self._writer_for[0] == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 self._writer.close()
-        self._writer = None
+            if self._writer_dir is not None:
+                os.close(self._writer_dir)
+        self._writer, self._writer_dir = None, None
 
-    def _connect(self, *, writable: bool, create: bool = False) -> sqlite3.Connection:
-        connection = sqlite3.connect(f"file:{self.path}?mode={'rw' if writable else 'ro'}", uri=True,
+    def _connect(self, path: Path, *, writable: bool, create: bool = False) -> sqlite3.Connection:
+        connection = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True,
                                      isolation_level=None, check_same_thread=False)
         try:
             connection.execute("PRAGMA busy_timeout = 5000")
@@ -333,7 +361,7 @@ class Checkpoint:
                      0o644)
         os.close(fd)
         dev, ino = self._plain_file()
-        self._writer = self._connect(writable=True, create=True)  # SQLite takes an empty file as new
+        self._writer = self._connect_writer(create=True)  # SQLite takes an empty file as new
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
@@ -356,7 +384,7 @@ class Checkpoint:
                     return None
         try:
             self._plain_file()
-            connection = self._connect(writable=False)
+            connection = self._connect(self.path, writable=False)
         except (CacheInvalid, sqlite3.Error, OSError):
             return None
         try:

@@ -101,6 +101,23 @@ def _symlink_error(path: Path) -> InputError:
                       "files (replace the link with what it points to)", code="symlink", path=str(path))
 
 
+_PROC_FD = Path("/proc/self/fd")
+_HAS_PROC_FD: list[bool] = []  # asked once per process
+
+
+def via_folder(dir_fd: int | None, run_dir: Path, name: str) -> Path:
+    """A path to ``name`` in the run folder held open as ``dir_fd``, for code that can only
+    open by name (SQLite): through ``/proc/self/fd/<dir_fd>/`` where the system offers it, so
+    that a run folder swapped for a link after the command resolved it leads nowhere else.
+    Without a handle, or without ``/proc``, the plain path."""
+    if dir_fd is not None:
+        if not _HAS_PROC_FD:
+            _HAS_PROC_FD.append(_PROC_FD.is_dir())
+        if _HAS_PROC_FD[0]:
+            return _PROC_FD / str(dir_fd) / name
+    return run_dir / name
+
+
 class FileLog:
     """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar.
 
@@ -125,6 +142,10 @@ class FileLog:
         A file beside the log (the cache) is opened relative to it, like the log."""
         fd: int | None = getattr(self._command, "fd", None)
         return fd
+
+    def bound_path(self, name: str) -> Path:
+        """``name`` in this command's run folder, for opens by name (:func:`via_folder`)."""
+        return via_folder(self.dir_fd, self.run_dir, name)
 
     @contextmanager
     def resolved(self) -> Iterator[None]:

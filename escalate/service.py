@@ -325,7 +325,7 @@ class Ledger:
         # Called as a replay reads the log (the CLI shows a bar for a large one).
         self.progress: Progress | None = None
         # The checkpoint is a file beside the log: a speed-up the file backend offers.
-        self.checkpoint: Checkpoint | None = Checkpoint(self.runs_dir / self.run_id)
+        self.checkpoint: Checkpoint | None = Checkpoint(self.runs_dir / self.run_id, lambda: self.log.dir_fd)
 
     # ------------------------------------------------------------------ opening
 
@@ -596,7 +596,7 @@ class Ledger:
                              "'escalate runs list'", run=self.run_id)
         start = None
         if self.checkpoint is not None and use_cache:
-            loaded = self.checkpoint.load(self.log.path, writable=writable)
+            loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
@@ -629,7 +629,8 @@ class Ledger:
             return
         offset = replayed.offset + sum(map(len, lines))
         last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
-        self.checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines), self.log.path)
+        self.checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
+                             self.log.bound_path(LOG_NAME))
 
     def _resolve(self, escalation_id: str, mode: str, by: str | None) -> dict[str, Any]:
         check_id(escalation_id, what="escalation id")

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from escalate import EscalateError, Ledger
 
 FORK = multiprocessing.get_context("fork")
@@ -37,9 +39,6 @@ def _writer(runs_dir: Path, worker: int, start: Any, stop: Any, attempts: Any, r
             attempts.value += 1
         try:
             run = Ledger.open(runs_dir, "r", lock_timeout=60)
-            # The checkpoint cache opens its file by path until it is wired to the run
-            # folder's handle (FileLog.dir_fd); this test is about the log and the lock.
-            run.checkpoint = None
             run.reserve(task, "0.01")
         except EscalateError as error:
             refused.add(error.code)
@@ -105,19 +104,25 @@ def test_swapping_the_run_folder_for_a_link_never_writes_outside(tmp_path: Path,
     assert Ledger.open(runs_dir, "r").verify().problems == []
 
 
-def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("cache", ["kept", "rebuilt"])
+def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkeypatch: Any,
+                                                          cache: str) -> None:
     """The run folder is swapped for a link to a decoy run at the worst moment: after the
-    lock is taken and the log read, before the append (in ``decide``). The append and the
-    fsync still go to the folder whose lock was taken."""
+    lock is taken and the log read, before the append (in ``decide``). The append, the
+    fsync and the cache (kept from the last command, or made anew) still go to the folder
+    whose lock was taken."""
     from escalate import ledger
 
     runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
     run = Ledger.init(runs_dir, "r", cap="100", actor="tester")
-    run.checkpoint = None  # (see _writer)
     run.reserve("first", "1")
     outside.mkdir()
     decoy = outside / "r"
     shutil.copytree(runs_dir / "r", decoy)
+    if cache == "rebuilt":
+        for path in (runs_dir / "r").glob("*.cache.sqlite*"):
+            path.unlink()
+        run = Ledger.open(runs_dir, "r", actor="tester")
     before_outside = _tree(outside)
     decide_reserve = ledger.decide_reserve
 
