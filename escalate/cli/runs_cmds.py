@@ -151,9 +151,9 @@ def _timeout_text(seconds: int | None) -> str:
 _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "mode": ("escalation", str),
     "approval_threshold_micros": ("approval threshold",
-                                  lambda micros: "none" if micros is None else usd(micros, exact=True)),
+                                  lambda micros: "none" if micros is None else usd(micros)),
     "timeout_s": ("escalation timeout", _timeout_text),
-    "max_extension_micros": ("max extension", lambda micros: usd(micros, exact=True)),
+    "max_extension_micros": ("max extension", usd),
 }
 
 
@@ -290,6 +290,13 @@ def verify(
             problems = [(error.facts["line"], error.facts["problem"])]
         else:
             problems = report.problems
+        # Fields the fold does not use are checked too: every line against the event schema.
+        from escalate.schema import line_problems
+
+        with ledger.log.reader() as stream:
+            found = dict(problems)
+            problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
+                                            if line not in found)])
         result: dict[str, Any] = {
             "run": run, "ok": not problems, "lines": report.lines if report else None,
             "events": report.state.seq if report else 0,
