@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from escalate.events import parse_ts
+from escalate.gate import percent
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
 from escalate.report import printable
@@ -68,7 +69,7 @@ def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:
     style = "green" if share < 0.8 else ("yellow" if share < 1 else "red")
     bar = Text("█" * filled, style=style)
     bar.append("░" * (width - filled), style="dim")
-    bar.append(f" {share * 100:.0f}%")
+    bar.append(f" {percent(used, cap)}")
     return bar
 
 
@@ -242,7 +243,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
             continue
         cap, committed = row["cap_micros"], row["committed_micros"]
         share = committed / cap if cap > 0 else 1.0
-        used = Text(f"{share * 100:.0f}%",
+        used = Text(percent(committed, cap),
                     style="green" if share < 0.8 else ("yellow" if share < 1 else "red"))
         table.add_row(_plain(row["run"]), usd(cap), usd(committed), usd(row["remaining_micros"]), used,
                       Text(row["state"], style=state_styles.get(row["state"], "")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from escalate.gate import Verdict, halted_tasks, top_tasks
+from escalate.gate import Verdict, halted_tasks, percent, top_tasks
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
 
@@ -39,7 +39,7 @@ def text_bar(used: int, cap: int, width: int = BAR_WIDTH) -> str:
     """``██████░░░░ 60%``: how much of ``cap`` is used, in plain characters."""
     share = used / cap if cap > 0 else 1.0
     filled = max(0, min(width, round(share * width)))
-    return "█" * filled + "░" * (width - filled) + f" {share * 100:.0f}%"
+    return "█" * filled + "░" * (width - filled) + f" {percent(used, cap)}"
 
 
 def describe_event(event: Mapping[str, Any]) -> str:
