@@ -309,13 +309,15 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
         handler = _APPLY[kind]
     except (KeyError, TypeError):  # TypeError: an unhashable type, such as a list
         raise RuleViolation(f"unknown event type {shown_value(kind)}") from None
-    # Lines written together share their timestamp and actor: check only what changed.
-    if ts != state.last_ts or actor != state.last_actor:
-        state.last_ts = _timestamp(event, "ts")
+    # Consecutive lines mostly share their actor: check it only when it changes. A line's
+    # ts is checked where the fold keeps it (run_opened, escalation, escalation_resolved);
+    # on other lines nothing reads it, and runs verify checks it against the schema.
+    if actor != state.last_actor:
         state.last_actor = _str(event, "actor")
     handler(state, event)
     state.seq = seq
     state.last_hash = this_hash
+    state.last_ts = ts
 
 
 def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
@@ -375,13 +377,15 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
         task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
     except KeyError:
         task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
-    if type(task_id) is not str:
-        raise _not_task(task_id)
-    if type(before) is not int or before < 0:
+    # Signs need no check here: ``from`` must equal what the task holds and ``to`` exceed it.
+    if type(before) is not int:
         raise _not_int("from_micros", before)
-    if type(after) is not int or after < 0:
+    if type(after) is not int:
         raise _not_int("to_micros", after)
-    task = state.tasks.get(task_id)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise _not_task(task_id) from None
     if task is None or not task.holding or task.state == "released":
         raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
     if task.state == "halted":
@@ -417,13 +421,15 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     except KeyError:
         task_id, reserved = event.get("task"), event.get("reserved_micros")
         actual = event.get("actual_micros")
-    if type(task_id) is not str:
-        raise _not_task(task_id)
-    if type(reserved) is not int or reserved < 0:
+    # ``reserved`` must equal what the task holds, so only its type needs a check.
+    if type(reserved) is not int:
         raise _not_int("reserved_micros", reserved)
     if type(actual) is not int or not 0 <= actual <= MAX_MICROS:
         raise _not_int("actual_micros", actual)
-    task = state.tasks.get(task_id)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise _not_task(task_id) from None
     if task is None or not task.holding:
         raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
     if reserved != task.reserved_micros:
@@ -488,7 +494,7 @@ def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         offered=offered,
         expires_at=_timestamp(event, "expires_at", nullable=True),
         shadow=shadow,
-        opened_at=event["ts"],
+        opened_at=_timestamp(event, "ts"),
     )
     state.escalations[escalation_id] = escalation
     if shadow:
@@ -531,7 +537,7 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     escalation.state = "resolved"
     escalation.mode = mode
     escalation.by = by
-    escalation.resolved_at = event["ts"]
+    escalation.resolved_at = _timestamp(event, "ts")
     escalation.extension_micros = extension
     state.extended_micros += extension
     # extend: the reservation line that follows moves the task on; pause parks it;

@@ -52,8 +52,8 @@ TERMINAL_TRICKS = "\x1b[2J\x1b]0;owned\x07\r"  # clear screen, window title, bel
 FOLD_EDITS: dict[str, tuple[int, str, Any]] = {
     "expires_at is a number": (4, "expires_at", 5),
     "expires_at is not a date": (4, "expires_at", "2026-02-30T00:00:00.000000Z"),
-    "ts is a number": (3, "ts", 12345),
-    "ts in another format": (3, "ts", "2026-11-23 14:00:00"),
+    "escalation ts is a number": (4, "ts", 12345),
+    "resolution ts in another format": (5, "ts", "2026-11-23 14:00:00"),
     "escalation kind steal": (4, "kind", "steal"),
     "escalation reason unknown": (4, "reason", "because"),
     "escalation remaining is text": (4, "remaining_micros", "lots"),
@@ -79,6 +79,9 @@ FOLD_EDITS: dict[str, tuple[int, str, Any]] = {
 SCHEMA_EDITS: dict[str, tuple[int, str, Any]] = {
     "increase reason with escapes": (8, "reason", "more" + TERMINAL_TRICKS),
     "needed extension is text": (4, "needed_extension_micros", "many"),
+    # The fold keeps no reservation's ts, so writers go on; verify names the line.
+    "reservation ts is a number": (3, "ts", 12345),
+    "reservation ts with escapes": (3, "ts", "2026-11-23T14:00:00" + TERMINAL_TRICKS),
 }
 
 
