@@ -89,7 +89,7 @@ def evaluate(
             f"{usd(state.reserved_micros)}) is over {limit_name} {usd(limit)}")))
     elif limit > 0 and state.committed_micros >= limit * NEAR_LIMIT_SHARE:
         warnings.append(Finding("near_limit", f"committed {usd(state.committed_micros)} is "
-                                f"{_percent(state.committed_micros, limit)} of {limit_name} {usd(limit)}"))
+                                f"{percent(state.committed_micros, limit)} of {limit_name} {usd(limit)}"))
 
     halted = halted_tasks(state)
     if halted:
@@ -138,7 +138,9 @@ def top_tasks(state: RunState, limit: int = 10) -> list[tuple[str, int, str]]:
     return sorted(costs, key=lambda row: -row[1])[:limit]
 
 
-def _percent(part: int, whole: int) -> str:
+def percent(part: int, whole: int) -> str:
+    """``part`` as a whole percentage of ``whole``, rounded down (99.96 % of a cap is not
+    100 %), in integer arithmetic; every bar and message shows this one."""
     return f"{part * 100 // whole}%" if whole > 0 else "100%"
 
 

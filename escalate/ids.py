@@ -7,16 +7,17 @@ runs root: no separators, no ``..``, no leading dot, no control or non-ASCII cha
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from escalate.errors import InvalidId
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
 
 
 def check_id(value: str, *, what: str = "id") -> str:
     """Return ``value`` unchanged if it is a valid id, else raise :class:`InvalidId`."""
-    if not isinstance(value, str) or _ID.fullmatch(value) is None or ".." in value:
-        shown = _shown(value)
+    if not valid_id(value):
+        shown = shown_value(value)
         raise InvalidId(
             f"invalid {what} {shown}: use 1-128 ASCII letters, digits and . _ : - "
             "starting with a letter or digit (no '..', '/' or spaces)",
@@ -25,7 +26,12 @@ def check_id(value: str, *, what: str = "id") -> str:
     return value
 
 
-def _shown(value: object) -> str:
+def valid_id(value: object) -> TypeGuard[str]:
+    """True if ``value`` is a str that follows the id rule (the ledger checks ids in logs)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None and ".." not in value
+
+
+def shown_value(value: object) -> str:
     """``value`` quoted, at most 60 characters: a long id is cut inside its quotes (``'aaa...'``)."""
     shown = repr(value)
     if len(shown) <= 60:

@@ -8,16 +8,28 @@ and the error to raise *after* those events are durable (a halt is written, then
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
 from escalate.events import SCHEMA_VERSION, Event, add_seconds, parse_ts
+from escalate.ids import ID_PATTERN, shown_value, valid_id
+from escalate.money import MAX_MICROS
 from escalate.money import format_usd as usd
 
 MODES = ("off", "shadow", "enforce")
 RESOLUTIONS = ("extend", "pause", "cancel")
+HALT_REASONS = ("run_cap", "task_cap", "cancelled")
+ESCALATION_KINDS = ("reserve", "increase")
+ESCALATION_REASONS = ("run_cap", "threshold")
+# An escalation's expiry must stay a date (datetime ends in year 9999): 1000 years is plenty.
+MAX_TIMEOUT_S = 1000 * 366 * 86400
+MAX_ACTOR_LENGTH = 128
+# The exact text format_ts writes; parse_ts then rejects a 13th month or a 30 February.
+_id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII)
 
 
 class RuleViolation(Exception):
@@ -138,6 +150,8 @@ class RunState:
     last_ts: str = ""
     halts: int = 0
     recoveries: int = 0
+    # The last actor the fold checked: the next line by the same actor needs no new check.
+    last_actor: str | None = None
 
     @property
     def cap_micros(self) -> int:
@@ -174,19 +188,59 @@ class RunState:
 # --------------------------------------------------------------------------- the fold
 
 
-def _int(event: Mapping[str, Any], key: str, *, nullable: bool = False) -> Any:
+def _int(event: Mapping[str, Any], key: str, *, nullable: bool = False, limit: int = MAX_MICROS) -> Any:
     value = event.get(key)
     if value is None and nullable:
         return None
-    if type(value) is not int or value < 0:
-        raise RuleViolation(f"field {key!r} must be a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= limit:
+        raise _not_int(key, value, limit)
     return value
 
 
-def _str(event: Mapping[str, Any], key: str) -> str:
+def _signed(event: Mapping[str, Any], key: str) -> int:
+    """A signed amount (``remaining_micros`` is negative after an over-run release)."""
+    value = event.get(key, 0)
+    if type(value) is not int:
+        raise RuleViolation(f"field {key!r} must be an integer amount in micros, got {shown_value(value)}")
+    return value
+
+
+def _str(event: Mapping[str, Any], key: str, *, limit: int = MAX_ACTOR_LENGTH) -> str:
+    """A printable string of 1 to ``limit`` characters (names, file names): shown to people."""
     value = event.get(key)
-    if not isinstance(value, str) or not value:
-        raise RuleViolation(f"field {key!r} must be a non-empty string, got {value!r}")
+    if type(value) is not str or not 0 < len(value) <= limit or not value.isprintable():
+        raise RuleViolation(f"field {key!r} must be 1-{limit} printable characters, got {shown_value(value)}")
+    return value
+
+
+def _id(event: Mapping[str, Any], key: str) -> str:
+    """A run, task or escalation id, by the rule of :mod:`escalate.ids`."""
+    value = event.get(key)
+    if not valid_id(value):
+        raise RuleViolation(f"field {key!r} must be an id (1-128 of A-Z a-z 0-9 . _ : -, no '..'), "
+                            f"got {shown_value(value)}")
+    return value
+
+
+def _timestamp(event: Mapping[str, Any], key: str, *, nullable: bool = False) -> Any:
+    """A timestamp exactly as :func:`escalate.events.format_ts` writes it."""
+    value = event.get(key)
+    if value is None and nullable:
+        return None
+    if type(value) is str and _TIMESTAMP.fullmatch(value):
+        try:
+            parse_ts(value)
+            return value
+        except ValueError:
+            pass
+    raise RuleViolation(f"field {key!r} must be a UTC timestamp like 2026-11-23T14:00:00.123456Z, "
+                        f"got {shown_value(value)}")
+
+
+def _choice(event: Mapping[str, Any], key: str, choices: tuple[str, ...], default: Any = None) -> Any:
+    value = event.get(key, default)
+    if type(value) is not str or value not in choices:
+        raise RuleViolation(f"field {key!r} must be one of {', '.join(choices)}, got {shown_value(value)}")
     return value
 
 
@@ -194,12 +248,12 @@ def _policy(raw: Any) -> Policy:
     if not isinstance(raw, dict):
         raise RuleViolation("field 'escalation' must be an object")
     mode = raw.get("mode")
-    if mode not in MODES:
-        raise RuleViolation(f"unknown escalation mode {mode!r}")
+    if type(mode) is not str or mode not in MODES:
+        raise RuleViolation(f"unknown escalation mode {shown_value(mode)}")
     return Policy(
         mode=mode,
         approval_threshold_micros=_int(raw, "approval_threshold_micros", nullable=True),
-        timeout_s=_int(raw, "timeout_s", nullable=True),
+        timeout_s=_int(raw, "timeout_s", nullable=True, limit=MAX_TIMEOUT_S),
         max_extension_micros=_int(raw, "max_extension_micros"),
     )
 
@@ -214,15 +268,19 @@ def open_run(event: Mapping[str, Any], this_hash: str) -> RunState:
         raise RuleViolation("run_opened must have seq 1 and an empty prev")
     run_cap = _int(event, "run_cap_micros")
     task_cap = _int(event, "task_cap_micros")
+    if task_cap > run_cap:
+        raise RuleViolation(f"task cap {task_cap} is above the run cap {run_cap}")
+    ts = _timestamp(event, "ts")
     state = RunState(
-        run_id=_str(event, "run"),
+        run_id=_id(event, "run"),
         run_cap_micros=run_cap,
         task_cap_micros=task_cap,
         policy=_policy(event.get("escalation")),
-        opened_at=_str(event, "ts"),
+        opened_at=ts,
         seq=1,
         last_hash=this_hash,
-        last_ts=event["ts"],
+        last_ts=ts,
+        last_actor=_str(event, "actor"),
     )
     return state
 
@@ -233,10 +291,11 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     # This runs once per line of every replay: subscripts on the fast path (a missing key
     # reads as None, as ``get`` would), one dict lookup to dispatch, no helper calls.
     try:
-        version, seq, prev, kind, ts = event["v"], event["seq"], event["prev"], event["type"], event["ts"]
+        version, seq, prev, kind, ts, actor = (event["v"], event["seq"], event["prev"], event["type"],
+                                               event["ts"], event["actor"])
     except KeyError:
         version, seq, prev, kind = event.get("v"), event.get("seq"), event.get("prev"), event.get("type")
-        ts = event.get("ts", state.last_ts)
+        ts, actor = event.get("ts"), event.get("actor")
     if version != SCHEMA_VERSION:
         raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
     if seq != state.seq + 1:
@@ -249,7 +308,12 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     try:
         handler = _APPLY[kind]
     except (KeyError, TypeError):  # TypeError: an unhashable type, such as a list
-        raise RuleViolation(f"unknown event type {kind!r}") from None
+        raise RuleViolation(f"unknown event type {shown_value(kind)}") from None
+    # Consecutive lines mostly share their actor: check it only when it changes. A line's
+    # ts is checked where the fold keeps it (run_opened, escalation, escalation_resolved);
+    # on other lines nothing reads it, and runs verify checks it against the schema.
+    if actor != state.last_actor:
+        state.last_actor = _str(event, "actor")
     handler(state, event)
     state.seq = seq
     state.last_hash = this_hash
@@ -269,12 +333,14 @@ def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
 # messages name them; these build the messages.
 
 
-def _not_int(key: str, value: Any) -> RuleViolation:
-    return RuleViolation(f"field {key!r} must be a non-negative integer, got {value!r}")
+def _not_int(key: str, value: Any, limit: int = MAX_MICROS) -> RuleViolation:
+    return RuleViolation(f"field {key!r} must be a non-negative integer of at most {limit}, "
+                         f"got {shown_value(value)}")
 
 
-def _not_str(key: str, value: Any) -> RuleViolation:
-    return RuleViolation(f"field {key!r} must be a non-empty string, got {value!r}")
+def _not_task(task_id: Any) -> RuleViolation:
+    return RuleViolation("field 'task' must be an id (1-128 of A-Z a-z 0-9 . _ : -, no '..'), "
+                         f"got {shown_value(task_id)}")
 
 
 def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
@@ -282,8 +348,8 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
         task_id, amount = event["task"], event["amount_micros"]
     except KeyError:
         task_id, amount = event.get("task"), event.get("amount_micros")
-    if type(task_id) is not str or not task_id:
-        raise _not_str("task", task_id)
+    if type(task_id) is not str:
+        raise _not_task(task_id)
     if type(amount) is not int or amount < 0:
         raise _not_int("amount_micros", amount)
     tasks = state.tasks
@@ -297,6 +363,8 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
         escalation_id = task.escalation_id
         if escalation_id in state.open_escalations:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
+    elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
+        raise _not_task(task_id)
     remaining = state.run_cap_micros + state.extended_micros - state.spent_micros - state.reserved_micros
     if amount > state.task_cap_micros or amount > remaining:
         _over(state, task_id, amount, amount)
@@ -309,15 +377,17 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
         task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
     except KeyError:
         task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
-    if type(task_id) is not str or not task_id:
-        raise _not_str("task", task_id)
-    if type(before) is not int or before < 0:
+    # Signs need no check here: ``from`` must equal what the task holds and ``to`` exceed it.
+    if type(before) is not int:
         raise _not_int("from_micros", before)
-    if type(after) is not int or after < 0:
+    if type(after) is not int:
         raise _not_int("to_micros", after)
-    task = state.tasks.get(task_id)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise _not_task(task_id) from None
     if task is None or not task.holding or task.state == "released":
-        raise RuleViolation(f"increase of task {task_id!r}, which holds no reservation")
+        raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
     if task.state == "halted":
         raise RuleViolation(f"increase of task {task_id!r} after it was halted")
     if task.escalation_id is not None and task.escalation_id in state.open_escalations:
@@ -351,15 +421,17 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     except KeyError:
         task_id, reserved = event.get("task"), event.get("reserved_micros")
         actual = event.get("actual_micros")
-    if type(task_id) is not str or not task_id:
-        raise _not_str("task", task_id)
-    if type(reserved) is not int or reserved < 0:
+    # ``reserved`` must equal what the task holds, so only its type needs a check.
+    if type(reserved) is not int:
         raise _not_int("reserved_micros", reserved)
-    if type(actual) is not int or actual < 0:
+    if type(actual) is not int or not 0 <= actual <= MAX_MICROS:
         raise _not_int("actual_micros", actual)
-    task = state.tasks.get(task_id)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise _not_task(task_id) from None
     if task is None or not task.holding:
-        raise RuleViolation(f"release of task {task_id!r}, which holds no reservation")
+        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
     if reserved != task.reserved_micros:
         raise RuleViolation(
             f"release of task {task_id!r} names {reserved} reserved, but it holds {task.reserved_micros}"
@@ -378,11 +450,10 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
-    task_id = _str(event, "task")
+    task_id = _id(event, "task")
     _int(event, "requested_micros")
-    reason = event.get("reason")
-    if reason not in ("run_cap", "task_cap", "cancelled"):
-        raise RuleViolation(f"unknown halt reason {reason!r}")
+    _signed(event, "remaining_micros")
+    reason = _choice(event, "reason", HALT_REASONS)
     task = state.tasks.get(task_id)
     if task is not None and task.state in ("halted", "released"):
         raise RuleViolation(f"halt of task {task_id!r}, which is already {task.state}")
@@ -397,30 +468,33 @@ def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
 
 
 def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
-    escalation_id = _str(event, "id")
-    task_id = _str(event, "task")
+    escalation_id = _id(event, "id")
+    task_id = _id(event, "task")
     if escalation_id in state.escalations:
         raise RuleViolation(f"escalation id {escalation_id!r} used twice")
     shadow = event.get("shadow")
     if not isinstance(shadow, bool):
         raise RuleViolation("field 'shadow' must be true or false")
     offered = event.get("offered")
-    if not isinstance(offered, list) or not set(offered) <= set(RESOLUTIONS):
-        raise RuleViolation(f"field 'offered' must list modes from {RESOLUTIONS}")
+    if not isinstance(offered, list) or not all(type(mode) is str and mode in RESOLUTIONS
+                                                for mode in offered):
+        raise RuleViolation(f"field 'offered' must list modes from {', '.join(RESOLUTIONS)}")
     task = state.tasks.get(task_id)
-    kind = event.get("kind", "increase" if task is not None and task.holding else "reserve")
+    # Logs written before escalations named their kind: what the task held tells.
+    kind = _choice(event, "kind", ESCALATION_KINDS,
+                   "increase" if task is not None and task.holding else "reserve")
     escalation = Escalation(
         id=escalation_id,
         task=task_id,
         kind=kind,
         from_micros=_int(event, "from_micros") if "from_micros" in event else 0,
         requested_micros=_int(event, "requested_micros"),
-        remaining_micros=event.get("remaining_micros", 0),
-        reason=str(event.get("reason", "")),
+        remaining_micros=_signed(event, "remaining_micros"),
+        reason=_choice(event, "reason", ESCALATION_REASONS),
         offered=offered,
-        expires_at=event.get("expires_at"),
+        expires_at=_timestamp(event, "expires_at", nullable=True),
         shadow=shadow,
-        opened_at=str(event.get("ts", "")),
+        opened_at=_timestamp(event, "ts"),
     )
     state.escalations[escalation_id] = escalation
     if shadow:
@@ -438,16 +512,23 @@ def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
 
 
 def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
-    escalation_id = _str(event, "id")
+    escalation_id = _id(event, "id")
     escalation = state.open_escalations.pop(escalation_id, None)
     if escalation is None:
         raise RuleViolation(f"resolution of escalation {escalation_id!r}, which is not open")
-    mode = event.get("mode")
-    if mode not in RESOLUTIONS:
-        raise RuleViolation(f"unknown resolution mode {mode!r}")
+    mode = _choice(event, "mode", RESOLUTIONS)
     extension = _int(event, "extension_micros")
+    by = _str(event, "by")
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
+    task = state.tasks[escalation.task]
+    # An approval extends the cap by what the request needs beyond the remaining budget
+    # now (decide_resolution), never more: more would be free money for other tasks.
+    held = task.reserved_micros if task.holding else 0
+    needed = max(0, escalation.requested_micros - held - state.remaining_micros)
+    if extension > needed:
+        raise RuleViolation(f"extension {extension} is more than the {needed} that escalation "
+                            f"{escalation_id} needed")
     if state.extended_micros + extension > state.policy.max_extension_micros:
         raise RuleViolation(
             f"extension {extension} takes the run past its max extension "
@@ -455,19 +536,18 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         )
     escalation.state = "resolved"
     escalation.mode = mode
-    escalation.by = _str(event, "by")
-    escalation.resolved_at = str(event.get("ts", ""))
+    escalation.by = by
+    escalation.resolved_at = _timestamp(event, "ts")
     escalation.extension_micros = extension
     state.extended_micros += extension
-    task = state.tasks[escalation.task]
     # extend: the reservation line that follows moves the task on; pause parks it;
     # cancel is followed by its halt.
     task.state = "paused" if mode == "pause" else ("reserved" if task.holding else "escalated")
 
 
 def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
-    _int(event, "torn_bytes")
-    _str(event, "saved_to")
+    _int(event, "torn_bytes", limit=2**63)
+    _str(event, "saved_to", limit=255)
     state.recoveries += 1
 
 
@@ -560,8 +640,8 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Deci
             if task.reserved_micros == amount:
                 return Decision(result=_task_result(state, task_id, "exists"))
             return _fail(Conflict(
-                f"task {task_id} already holds {usd(task.reserved_micros, exact=True)}, "
-                f"not {usd(amount, exact=True)}; use 'escalate increase' to raise it",
+                f"task {task_id} already holds {usd(task.reserved_micros)}, "
+                f"not {usd(amount)}; use 'escalate increase' to raise it",
                 task=task_id, state=task.state, reserved_micros=task.reserved_micros,
                 requested_micros=amount))
         open_escalation = state.open_escalations.get(task.escalation_id or "")
@@ -590,8 +670,8 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
             task=task_id, state=state_word))
     if to < task.reserved_micros:
         return _fail(Conflict(
-            f"task {task_id} holds {usd(task.reserved_micros, exact=True)}; an increase to "
-            f"{usd(to, exact=True)} would lower it (--to is the new absolute amount)",
+            f"task {task_id} holds {usd(task.reserved_micros)}; an increase to "
+            f"{usd(to)} would lower it (--to is the new absolute amount)",
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
     if to == task.reserved_micros:
         return Decision(result=_task_result(state, task_id, "exists"))
@@ -605,8 +685,8 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
         if task.actual_micros == actual:
             return Decision(result=_task_result(state, task_id, "exists"))
         return _fail(Conflict(
-            f"task {task_id} was already released with {usd(task.actual_micros or 0, exact=True)} "
-            f"actual, not {usd(actual, exact=True)}; the first release stands — check the task id",
+            f"task {task_id} was already released with {usd(task.actual_micros or 0)} "
+            f"actual, not {usd(actual)}; the first release stands — check the task id",
             task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
@@ -702,7 +782,7 @@ def decide_policy(state: RunState, policy: Policy) -> Decision:
         return _fail(Conflict(
             f"max extension {usd(policy.max_extension_micros)} is below the "
             f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
-            f"{usd(state.extended_micros, exact=True)}", extended_micros=state.extended_micros))
+            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
     return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
                     result={"status": "changed", "escalation": policy.to_json()})
 
@@ -717,9 +797,9 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         halt = {"type": "halt", "task": task_id, "requested_micros": to,
                 "remaining_micros": remaining, "reason": "task_cap"}
         return Decision(events=[halt], error=Refused(
-            f"halted {task_id}: {usd(to, exact=True)} is over the task cap "
-            f"{usd(state.task_cap_micros, exact=True)}; the task is halted for good"
-            + (settle or f" — ask for at most {usd(state.task_cap_micros, exact=True)} under a new task id"),
+            f"halted {task_id}: {usd(to)} is over the task cap "
+            f"{usd(state.task_cap_micros)}; the task is halted for good"
+            + (settle or f" — ask for at most {usd(state.task_cap_micros)} under a new task id"),
             code="over_task_cap", task=task_id, requested_micros=to,
             task_cap_micros=state.task_cap_micros, remaining_micros=remaining))
     policy = state.policy
@@ -736,7 +816,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         events.append({"type": "halt", "task": task_id, "requested_micros": to,
                        "remaining_micros": remaining, "reason": "run_cap"})
         return Decision(events=events, error=Refused(
-            f"halted {task_id}: asked for {usd(delta, exact=True)} with {usd(remaining, exact=True)} "
+            f"halted {task_id}: asked for {usd(delta)} with {usd(remaining)} "
             f"left of the {usd(state.cap_micros)} cap; the task is halted for good"
             + (settle or " — ask for less under a new task id"),
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
@@ -788,7 +868,7 @@ def _pending(run_id: str, escalation: Event | Escalation, *, new: bool) -> Pendi
     note = data.get("note") or ""
     verb = "escalated" if new else "still waiting on"
     return Pending(
-        f"{verb} {data['task']}: {usd(data['requested_micros'], exact=True)} needs a person "
+        f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
         f"({'over the remaining budget' if data['reason'] == 'run_cap' else 'over the approval threshold'}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
@@ -803,7 +883,7 @@ def _repeat_while_open(state: RunState, escalation: Escalation, kind: str, amoun
         return _fail(_pending(state.run_id, escalation, new=False))
     return _fail(Conflict(
         f"task {escalation.task} has open escalation {escalation.id} for "
-        f"{usd(escalation.requested_micros, exact=True)}, not {usd(amount, exact=True)}; "
+        f"{usd(escalation.requested_micros)}, not {usd(amount)}; "
         "wait for its resolution", task=escalation.task, escalation_id=escalation.id,
         requested_micros=amount, escalated_micros=escalation.requested_micros))
 

@@ -153,16 +153,13 @@ def _decimal_to_micros(value: Decimal, what: str) -> int:
     return int(exact.scaleb(6))
 
 
-def format_usd(micros: int, *, exact: bool = False) -> str:
-    """``4500000`` → ``$4.50`` for people; ``exact`` keeps every micro (``$4.500001``)."""
+def format_usd(micros: int) -> str:
+    """Money for people, exact: ``$4.50``, ``$1.004``, ``-$0.004``, ``$5.000001``.
+
+    Two decimals when the amount is whole cents, and as many as it has (up to six) when it
+    is not: a person never sees a rounded amount (``$1.00`` actual of a ``$1.00`` cap that
+    was really ``$1.004``), and never ``-$0.00``.
+    """
     sign = "-" if micros < 0 else ""
     whole, fraction = divmod(abs(micros), MICROS_PER_USD)
-    if exact:
-        digits = f"{fraction:06d}".rstrip("0")
-        return f"{sign}${whole:,}" + (f".{digits.ljust(2, '0')}" if digits else ".00")
-    cents, rest = divmod(fraction, 10_000)
-    if rest >= 5_000:  # round half up on the absolute value, for display only
-        cents += 1
-    if cents == 100:
-        whole, cents = whole + 1, 0
-    return f"{sign}${whole:,}.{cents:02d}"
+    return f"{sign}${whole:,}." + f"{fraction:06d}".rstrip("0").ljust(2, "0")

@@ -21,8 +21,10 @@ from rich.text import Text
 
 from escalate.durations import format_duration
 from escalate.events import parse_ts
+from escalate.gate import percent
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
+from escalate.report import printable
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -94,7 +96,7 @@ def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:
     style = "green" if share < 0.8 else ("yellow" if share < 1 else "red")
     bar = Text("█" * filled, style=style)
     bar.append("░" * (width - filled), style="dim")
-    bar.append(f" {share * 100:.0f}%")
+    bar.append(f" {percent(used, cap)}")
     return bar
 
 
@@ -129,7 +131,7 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column(justify="right")
-    summary.add_row("run", state.run_id)
+    summary.add_row("run", _plain(state.run_id))
     summary.add_row("cap", usd(state.cap_micros)
                     + (f" (incl. {usd(state.extended_micros)} extension)" if state.extended_micros else ""))
     summary.add_row("spent", usd(state.spent_micros))
@@ -158,9 +160,9 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
     styles = {"released": "", "reserved": "cyan", "halted": "red", "escalated": "yellow", "paused": "yellow"}
     for task_id, task in shown:
         note = task.halt_reason or (task.escalation_id if task.state in ("escalated", "paused") else "")
-        table.add_row(task_id, Text(task.state, style=styles.get(task.state, "")),
+        table.add_row(_plain(task_id), Text(task.state, style=styles.get(task.state, "")),
                       usd(task.reserved_micros) if task.holding or task.state == "released" else "-",
-                      "-" if task.actual_micros is None else usd(task.actual_micros), note or "")
+                      "-" if task.actual_micros is None else usd(task.actual_micros), _plain(note or ""))
     if task_ids:
         parts.append(whole_words(table))
     if len(shown) < len(task_ids):
@@ -183,7 +185,8 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
         table.add_column(column, justify="right" if column == "seq" else "left")
     styles = {"halt": "red", "escalation": "yellow", "escalation_resolved": "yellow", "recovery": "magenta"}
     for event in rows:
-        table.add_row(str(event.get("seq", "?")), _short_ts(event.get("ts")), str(event.get("actor", "")),
+        table.add_row(_plain(event.get("seq", "?")), Text(_short_ts(event.get("ts"))),
+                      _plain(event.get("actor", "")),
                       Text(describe_event(event), style=styles.get(str(event.get("type")), "")))
     return whole_words(table)
 
@@ -205,12 +208,12 @@ def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool =
         elif row["state"] == "open":
             state = Text("open", style="yellow bold")
         else:
-            state = Text(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
-        cells = [row["id"], row["task"], usd(row["requested_micros"]), usd(row["remaining_micros"]), state,
-                 format_duration(_seconds_between(row["opened_at"], moment), exact=False),
-                 _expires(row, moment),
-                 "/".join(row["offered"]) if waiting else "-"]
-        table.add_row(*([row["run"]] if with_run else []), *cells)
+            state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
+        cells: list[RenderableType] = [
+            _plain(row["id"]), _plain(row["task"]), usd(row["requested_micros"]),
+            usd(row["remaining_micros"]), state,
+            format_duration(_seconds_between(row["opened_at"], moment), exact=False), _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
+        table.add_row(*([_plain(row["run"])] if with_run else []), *cells)
     return whole_words(table)
 
 
@@ -246,17 +249,22 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
     state_styles = {"over cap": "red", "escalation open": "yellow", "halted tasks": "red"}
     for row in rows:
         if "error" in row:
-            table.add_row(row["run"], "-", "-", "-", "-", Text(row["error"], style="red"), "-")
+            table.add_row(_plain(row["run"]), "-", "-", "-", "-", Text(row["error"], style="red"), "-")
             continue
         cap, committed = row["cap_micros"], row["committed_micros"]
         share = committed / cap if cap > 0 else 1.0
-        used = Text(f"{share * 100:.0f}%",
+        used = Text(percent(committed, cap),
                     style="green" if share < 0.8 else ("yellow" if share < 1 else "red"))
-        table.add_row(row["run"], usd(cap), usd(committed), usd(row["remaining_micros"]), used,
+        table.add_row(_plain(row["run"]), usd(cap), usd(committed), usd(row["remaining_micros"]), used,
                       Text(row["state"], style=state_styles.get(row["state"], "")),
                       _short_ts(row["opened_at"])[:16])
     return whole_words(table)
 
 
-def _short_ts(ts: str | None) -> str:
-    return "-" if not ts else ts[:19].replace("T", " ")
+def _short_ts(ts: object) -> str:
+    return "-" if not ts else printable(str(ts)[:19].replace("T", " "))
+
+
+def _plain(value: object) -> Text:
+    """A value from a log as a cell: printable, and never read as rich markup."""
+    return Text(printable(value))

@@ -9,73 +9,111 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from escalate.gate import Verdict, halted_tasks, top_tasks
+from escalate.gate import Verdict, halted_tasks, percent, top_tasks
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
 
 TOP_TASKS = 10
 BAR_WIDTH = 20
+# A value from a log is shown to people cut to this many characters.
+SHOWN_CHARS = 200
+# Markdown and HTML syntax: escaped in every value a summary shows, so a name or reason from
+# the log cannot render as emphasis, a link, an image, a tag, math or a new table cell
+# (with "[" escaped, "(", "!" and ")" make no link; "#" and "+" only act at a line start).
+_MARKDOWN_SYNTAX = str.maketrans({char: "\\" + char for char in "\\`*_[]<>|~&$"})
+
+
+def printable(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as text that is safe on a terminal: control and other non-printable
+    characters shown as escapes (``\\x1b``, ``\\n``, ``\\u202e``), cut to ``limit`` characters."""
+    text = value if type(value) is str else str(value)
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                       for char in text)
+    return text
 
 
 def text_bar(used: int, cap: int, width: int = BAR_WIDTH) -> str:
     """``██████░░░░ 60%``: how much of ``cap`` is used, in plain characters."""
     share = used / cap if cap > 0 else 1.0
     filled = max(0, min(width, round(share * width)))
-    return "█" * filled + "░" * (width - filled) + f" {share * 100:.0f}%"
+    return "█" * filled + "░" * (width - filled) + f" {percent(used, cap)}"
 
 
 def describe_event(event: Mapping[str, Any]) -> str:
-    """What one event says, for a timeline: ``reserved t1: $2.50``."""
+    """What one event says, for a timeline: ``reserved t1: $2.50``. Any event, even a
+    damaged one, gives a printable line."""
     kind = event.get("type")
-    task = event.get("task", "")
+    task = _text(event, "task")
     if kind == "run_opened":
-        return (f"opened run {event.get('run')}: cap {_usd(event, 'run_cap_micros')}, task cap "
-                f"{_usd(event, 'task_cap_micros')}, escalation {event.get('escalation', {}).get('mode')}")
+        return (f"opened run {_text(event, 'run')}: cap {_usd(event, 'run_cap_micros')}, task cap "
+                f"{_usd(event, 'task_cap_micros')}, escalation {_text(_object(event, 'escalation'), 'mode')}")
     if kind == "budget_reserved":
         return f"reserved {task}: {_usd(event, 'amount_micros')}"
     if kind == "budget_increased":
-        why = f" ({event['reason']})" if event.get("reason") else ""
+        why = f" ({_text(event, 'reason')})" if event.get("reason") else ""
         return f"increased {task}: {_usd(event, 'from_micros')} → {_usd(event, 'to_micros')}{why}"
     if kind == "released":
         return (f"released {task}: {_usd(event, 'actual_micros')} actual of "
                 f"{_usd(event, 'reserved_micros')} reserved")
     if kind == "halt":
-        return (f"halted {task} ({event.get('reason')}): asked {_usd(event, 'requested_micros')} "
+        return (f"halted {task} ({_text(event, 'reason')}): asked {_usd(event, 'requested_micros')} "
                 f"with {_usd(event, 'remaining_micros')} remaining")
     if kind == "escalation":
         if event.get("shadow"):
-            return (f"shadow escalation {event.get('id')} for {task}: {_usd(event, 'requested_micros')} "
-                    "would have needed a person")
-        return (f"escalation {event.get('id')} for {task}: asked {_usd(event, 'requested_micros')} with "
-                f"{_usd(event, 'remaining_micros')} remaining; offers {'/'.join(event.get('offered', []))}")
+            return (f"shadow escalation {_text(event, 'id')} for {task}: "
+                    f"{_usd(event, 'requested_micros')} would have needed a person")
+        offered = event.get("offered")
+        offers = "/".join(map(str, offered)) if isinstance(offered, list) else offered
+        return (f"escalation {_text(event, 'id')} for {task}: asked {_usd(event, 'requested_micros')} "
+                f"with {_usd(event, 'remaining_micros')} remaining; offers {printable(offers)}")
     if kind == "escalation_resolved":
-        extension = event.get("extension_micros") or 0
-        return (f"escalation {event.get('id')} resolved: {event.get('mode')} by {event.get('by')}"
-                + (f", cap extended by {usd(extension)}" if extension else ""))
+        extension = event.get("extension_micros")
+        return (f"escalation {_text(event, 'id')} resolved: {_text(event, 'mode')} by {_text(event, 'by')}"
+                + (f", cap extended by {_usd(event, 'extension_micros')}" if extension else ""))
     if kind == "recovery":
-        return f"recovered a torn tail: {event.get('torn_bytes')} bytes set aside in {event.get('saved_to')}"
+        return (f"recovered a torn tail: {_text(event, 'torn_bytes')} bytes set aside in "
+                f"{_text(event, 'saved_to')}")
     if kind == "policy_changed":
-        policy = event.get("escalation", {})
+        policy = _object(event, "escalation")
         threshold = policy.get("approval_threshold_micros")
-        return (f"escalation policy changed: {policy.get('mode')}"
-                + (f", threshold {usd(threshold)}" if threshold is not None else ""))
-    return f"{kind} (unknown to this version)"
+        return (f"escalation policy changed: {_text(policy, 'mode')}"
+                + ("" if threshold is None else f", threshold {_usd(policy, 'approval_threshold_micros')}"))
+    return f"{printable(kind)} (unknown to this version)"
 
 
 def timeline_line(event: Mapping[str, Any]) -> str:
     """``#3  2026-11-23 14:00:00  alice  reserved t1: $2.50``: one event on one line."""
-    return (f"#{event.get('seq', '?')}  {str(event.get('ts', ''))[:19].replace('T', ' ')}  "
-            f"{event.get('actor', '')}  {describe_event(event)}")
+    return (f"#{_text(event, 'seq')}  {printable(str(event.get('ts', ''))[:19].replace('T', ' '))}  "
+            f"{_text(event, 'actor')}  {describe_event(event)}")
+
+
+def _text(event: Mapping[str, Any], key: str) -> str:
+    return printable(event.get(key, ""))
+
+
+def _object(event: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = event.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _usd(event: Mapping[str, Any], key: str) -> str:
     value = event.get(key)
-    return usd(value) if isinstance(value, int) else "?"
+    return usd(value) if type(value) is int else "?"
 
 
 def _cell(value: object) -> str:
-    """A Markdown table cell: pipes escaped, no line breaks."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """A value from the log as Markdown text (also a table cell): printable, and every
+    Markdown or HTML character escaped, so it shows as written and does nothing else."""
+    return printable(value).translate(_MARKDOWN_SYNTAX)
+
+
+def _code(value: object) -> str:
+    """A value as a Markdown code span (ids): nothing inside is markup, but a backtick would
+    end it and a pipe would end the table cell."""
+    return "`" + printable(value).replace("`", "'").replace("|", "\\|") + "`"
 
 
 def run_markdown(state: RunState, *, verdict: Verdict | None = None,
@@ -84,10 +122,10 @@ def run_markdown(state: RunState, *, verdict: Verdict | None = None,
     (optionally) the gate's verdict and the last events."""
     lines: list[str] = []
     if verdict is None:
-        lines.append(f"## escalate run `{state.run_id}`")
+        lines.append(f"## escalate run {_code(state.run_id)}")
     else:
         outcome = "✅ passed" if verdict.passed else "❌ failed"
-        lines.append(f"## escalate gate {outcome}: run `{state.run_id}`")
+        lines.append(f"## escalate gate {outcome}: run {_code(state.run_id)}")
         lines.append("")
         lines.extend(f"- **failed:** {_cell(f.message)}"
                      for f in verdict.failures)
@@ -111,12 +149,12 @@ def run_markdown(state: RunState, *, verdict: Verdict | None = None,
     if top:
         lines += ["", f"### Top tasks by cost ({len(top)} of {len(state.tasks)})", "",
                   "| task | state | cost |", "|---|---|---:|"]
-        lines += [f"| `{task}` | {task_state} | {usd(cost)} |" for task, cost, task_state in top]
+        lines += [f"| {_code(task)} | {task_state} | {usd(cost)} |" for task, cost, task_state in top]
 
     halted = halted_tasks(state)
     if halted:
         lines += ["", f"### Halts ({len(halted)})", "", "| task | reason |", "|---|---|"]
-        lines += [f"| `{task}` | {reason} |" for task, reason in halted]
+        lines += [f"| {_code(task)} | {_cell(reason)} |" for task, reason in halted]
 
     escalations = list(state.escalations.values())
     if escalations:
@@ -126,13 +164,14 @@ def run_markdown(state: RunState, *, verdict: Verdict | None = None,
             if e.shadow:
                 status, outcome = "shadow", "would have fired"
             elif e.state == "open":
-                status, outcome = "**open**", "offers " + "/".join(e.offered)
+                status, outcome = "**open**", "offers " + _cell("/".join(e.offered))
             else:
-                status, outcome = "resolved", f"{e.mode} by {_cell(e.by)}"
-            lines.append(f"| {e.id} | `{e.task}` | {usd(e.requested_micros)} | {status} | {outcome} |")
+                status, outcome = "resolved", f"{_cell(e.mode)} by {_cell(e.by)}"
+            lines.append(f"| {_cell(e.id)} | {_code(e.task)} | {usd(e.requested_micros)} | {status} "
+                         f"| {outcome} |")
 
     if events:
         lines += ["", f"### Last {len(events)} events", ""]
-        lines += [f"{event.get('seq')}. `{str(event.get('ts', ''))[:19].replace('T', ' ')}` "
+        lines += [f"{_cell(event.get('seq'))}. {_code(str(event.get('ts', ''))[:19].replace('T', ' '))} "
                   f"{_cell(event.get('actor', ''))}: {_cell(describe_event(event))}" for event in events]
     return "\n".join(lines) + "\n"

@@ -79,13 +79,24 @@ def test_float_sum_that_floats_get_wrong_is_exact() -> None:
 @example(1)
 @example(999_999)
 @example(1_000_000)
+@example(1_004_000)
 @example(MAX_MICROS)
-def test_exact_format_round_trips(micros: int) -> None:
-    text = format_usd(micros, exact=True)
+def test_format_round_trips_exactly(micros: int) -> None:
+    text = format_usd(micros)
     assert text.startswith("$")
-    # The exact form groups thousands for people; the parser refuses separators (DESIGN §3),
-    # so the round trip drops them.
+    # Thousands are grouped for people; the parser refuses separators (DESIGN §3), so the
+    # round trip drops them. Nothing else is lost: no amount is rounded for display.
     assert parse_micros(text.replace(",", "")) == micros
+    decimals = text.split(".")[1]
+    # Two decimals for whole cents, else exactly the digits the amount has.
+    assert len(decimals) == (2 if micros % 10_000 == 0 else len(f"{micros % 1_000_000:06d}".rstrip("0")))
+
+
+@given(st.integers(-MAX_MICROS, -1))
+def test_negative_amounts_are_exact_and_never_negative_zero(micros: int) -> None:
+    text = format_usd(micros)
+    assert text.startswith("-$") and text != "-$0.00"
+    assert parse_micros(text[1:].replace(",", "")) == -micros
 
 
 @given(micros_values)
@@ -109,33 +120,23 @@ def test_any_short_decimal_text_is_exact(whole: int, fraction: str, leading_zero
         assert parse_micros(text) == expected
 
 
-@given(micros_values)
-def test_display_format_rounds_half_up_to_cents(micros: int) -> None:
-    text = format_usd(micros)
-    whole_text, cents_text = text.lstrip("$").replace(",", "").split(".")
-    assert len(cents_text) == 2
-    shown_cents = int(whole_text) * 100 + int(cents_text)
-    exact_cents_x10000 = micros  # micros / 10_000 cents
-    assert abs(shown_cents * 10_000 - exact_cents_x10000) <= 5_000
-    assert (shown_cents * 10_000 - exact_cents_x10000) != -5_000  # half rounds up, never down
-
-
 @pytest.mark.parametrize(
-    ("micros", "people", "exact"),
+    ("micros", "people"),
     [
-        (0, "$0.00", "$0.00"),
-        (4_500_000, "$4.50", "$4.50"),
-        (4_500_001, "$4.50", "$4.500001"),
-        (4_995_000, "$5.00", "$4.995"),
-        (4_994_999, "$4.99", "$4.994999"),
-        (-400_000, "-$0.40", "-$0.40"),
-        (-1, "-$0.00", "-$0.000001"),
-        (1_234_567_890_000, "$1,234,567.89", "$1,234,567.89"),
+        (0, "$0.00"),
+        (4_500_000, "$4.50"),
+        (4_500_001, "$4.500001"),
+        (4_995_000, "$4.995"),
+        (1_004_000, "$1.004"),
+        (5_000_001, "$5.000001"),
+        (-4_000, "-$0.004"),
+        (-400_000, "-$0.40"),
+        (-1, "-$0.000001"),
+        (1_234_567_890_000, "$1,234,567.89"),
     ],
 )
-def test_format_usd_examples(micros: int, people: str, exact: str) -> None:
+def test_format_usd_examples(micros: int, people: str) -> None:
     assert format_usd(micros) == people
-    assert format_usd(micros, exact=True) == exact
 
 
 # ------------------------------------------------------------------ refused forms (DESIGN §3)

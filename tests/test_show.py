@@ -70,8 +70,9 @@ def test_markdown_format(run: Ledger, cli: Any) -> None:
     assert "| remaining | $4.25 |" in lines
     assert "| `c` | reserved | $3.00 |" in lines
     assert "### Last 2 events" in lines
-    assert lines[-2:] == ["5. `2026-11-23 14:02:00` tester: released b: $2.25 actual of $2.00 reserved",
-                          "6. `2026-11-23 14:03:00` tester: reserved c: $3.00"]
+    # Values from the log are Markdown-escaped ("\\$" shows as "$", and can open no math).
+    assert lines[-2:] == ["5. `2026-11-23 14:02:00` tester: released b: \\$2.25 actual of \\$2.00 reserved",
+                          "6. `2026-11-23 14:03:00` tester: reserved c: \\$3.00"]
 
 
 def test_events_timeline(run: Ledger, cli: Any) -> None:

@@ -23,6 +23,7 @@ from escalate.cli import (
 )
 from escalate.errors import EscalateError
 from escalate.money import format_usd as usd
+from escalate.report import printable
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
@@ -159,9 +160,9 @@ def _timeout_text(seconds: int | None) -> str:
 _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "mode": ("escalation", str),
     "approval_threshold_micros": ("approval threshold",
-                                  lambda micros: "none" if micros is None else usd(micros, exact=True)),
+                                  lambda micros: "none" if micros is None else usd(micros)),
     "timeout_s": ("escalation timeout", _timeout_text),
-    "max_extension_micros": ("max extension", lambda micros: usd(micros, exact=True)),
+    "max_extension_micros": ("max extension", usd),
 }
 
 
@@ -197,7 +198,7 @@ def list_runs(
         print_whole(runs_table(rows))
         for row in rows:
             if "error" in row:
-                print(f"escalate: warning: {row['message']}", file=sys.stderr)
+                print(f"escalate: warning: {printable(row['message'], limit=1000)}", file=sys.stderr)
 
     respond(json_out, action, human)
 
@@ -256,7 +257,7 @@ def show(
         snapshot, recent = shown
         # One plain line each, as every warning: rich would wrap a long one at 80 columns.
         for warning in _warnings(snapshot):
-            print(f"escalate: warning: {warning}", file=sys.stderr)
+            print(f"escalate: warning: {printable(warning, limit=1000)}", file=sys.stderr)
         if chosen is ShowFormat.markdown:
             from escalate.report import run_markdown
 
@@ -300,6 +301,13 @@ def verify(
             problems = [(error.facts["line"], error.facts["problem"])]
         else:
             problems = report.problems
+        # Fields the fold does not use are checked too: every line against the event schema.
+        from escalate.schema import line_problems
+
+        with ledger.log.reader() as stream:
+            found = dict(problems)
+            problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
+                                            if line not in found)])
         result: dict[str, Any] = {
             "run": run, "ok": not problems, "lines": report.lines if report else None,
             "events": report.state.seq if report else 0,
@@ -312,7 +320,7 @@ def verify(
                          for line, text in (report.warnings if report else [])]}
         if not json_out:
             for line, text in report.warnings if report else []:
-                print(f"line {line}: warning: {text}", file=sys.stderr)
+                print(f"line {line}: warning: {printable(text, limit=1000)}", file=sys.stderr)
         if problems:
             if not json_out:
                 for line, text in problems:
