@@ -212,7 +212,8 @@ def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool =
         cells: list[RenderableType] = [
             _plain(row["id"]), _plain(row["task"]), usd(row["requested_micros"]),
             usd(row["remaining_micros"]), state,
-            format_duration(_seconds_between(row["opened_at"], moment), exact=False), _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
+            format_duration(_seconds_between(row["opened_at"], moment), exact=False),
+            _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
         table.add_row(*([_plain(row["run"])] if with_run else []), *cells)
     return whole_words(table)
 
