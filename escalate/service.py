@@ -49,7 +49,7 @@ from escalate.errors import (
     StoreUnavailable,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, iter_line_batches, iter_lines, seal
+from escalate.events import Event, format_ts, iter_line_batches, iter_lines, parse_ts, seal
 from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.log import LOG_NAME, FileLog, LogBackend
@@ -658,7 +658,7 @@ class Ledger:
             # Deadlines follow this writer's clock; the lines' timestamps never go back: the
             # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
             clock_now = format_ts(self.clock())
-            now = max(clock_now, state.last_ts) if type(state.last_ts) is str else clock_now
+            now = max(clock_now, self._floor_ts(state))
             seq, prev = state.seq, state.last_hash
             # A torn tail is recorded first and only moved aside when this write happens, so
             # a command refused below leaves the log as it found it.
@@ -698,6 +698,21 @@ class Ledger:
             decision.error.facts.setdefault("run", self.run_id)
             raise decision.error
         return {"run": self.run_id, **decision.result}
+
+    def _floor_ts(self, state: RunState) -> str:
+        """The last line's ``ts``, which the next line's may not go below. The fold checks a
+        ``ts`` only where it keeps one for itself; this one it now uses, so it must be a
+        timestamp exactly as escalate writes them (checked once per command, not per line)."""
+        try:
+            if format_ts(parse_ts(state.last_ts)) == state.last_ts:
+                return state.last_ts
+        except (TypeError, ValueError, AttributeError):
+            pass
+        raise CorruptLedger(
+            f"{log_path(self.log)} line {state.seq}: field 'ts' must be a UTC timestamp like "
+            f"2026-11-23T14:00:00.123456Z; writes are refused — inspect with "
+            f"'escalate runs verify {self.run_id}'", run=self.run_id, line=state.seq,
+            problem="invalid ts", first_suspect_line=state.seq)
 
     def _seal(self, state: RunState, payloads: Iterable[Event], now: str) -> list[bytes]:
         """Envelope the payloads after ``state`` and fold them in, so nothing is written that

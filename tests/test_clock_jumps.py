@@ -105,3 +105,23 @@ def test_verify_warns_of_a_clock_that_went_back_and_writes_go_on(
     human = cli("runs", "verify", "r")
     assert human.exit_code == 0 and "line 3: warning: timestamp" in human.stderr
     assert run.reserve("c", "1")["status"] == "reserved"
+
+
+@pytest.mark.parametrize("ts", ["zzzz", 12345, "2026-11-23 14:00:00", None])
+def test_a_last_line_whose_ts_is_no_timestamp_is_refused_not_used_as_a_floor(
+        tmp_path: Path, clock: FakeClock, ts: Any) -> None:
+    from escalate import CorruptLedger
+
+    run = _run(tmp_path, clock)
+    run.reserve("a", "0.5")
+    log = tmp_path / "r" / LOG_NAME
+    lines = log.read_bytes().splitlines()
+    last = orjson.loads(lines[-1])
+    last["ts"] = ts  # the last line: no later line's prev vouches for it
+    lines[-1] = orjson.dumps(last)
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    before = log.read_bytes()
+    with pytest.raises(CorruptLedger) as refused:
+        run.reserve("b", "0.5")
+    assert refused.value.exit_code == 6 and "line 2" in refused.value.message
+    assert log.read_bytes() == before
