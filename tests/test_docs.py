@@ -146,7 +146,8 @@ for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to'
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
 print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate',
-                        'escalate.cli.runs_cmds', 'escalate.cli.escalation_cmds')
+                        'escalate.report', 'escalate.runs', 'escalate.cli.runs_cmds',
+                        'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
 

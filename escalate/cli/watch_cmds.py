@@ -1,4 +1,5 @@
-"""``escalate runs watch RUN``: follow a run as other processes append to it."""
+"""``escalate runs watch RUN``: follow a run as other processes append to it (``runs_cmds``
+adds it to the ``runs`` group)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, echo_line, fail, open_run, print_json
-from escalate.cli.runs_cmds import RunArg, runs_app
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_run, print_json
 from escalate.errors import EscalateError
 
 
-@runs_app.command("watch")
 def watch(
     run: RunArg,
     events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
