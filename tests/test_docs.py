@@ -199,5 +199,5 @@ def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.Monke
     # Each print in the guide states its output in a trailing comment.
     promised = [line.split("# ", 1)[1].strip() for block in blocks for line in block.splitlines()
                 if "print(" in line and "# " in line]
-    assert len(promised) == 5
+    assert len(promised) == 8
     assert printed == promised

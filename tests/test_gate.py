@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from escalate import Ledger
-from escalate.gate import evaluate, github_annotation
+from escalate.gate import check_gate, evaluate, github_annotation
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -197,6 +197,7 @@ def test_golden_summary_is_current(runs_dir: Path, clock: Any) -> None:
 
     state = busy_run(runs_dir, clock).state()
     text = run_markdown(state, verdict=evaluate(state)) + "\n"
+    assert check_gate(state).summary_markdown + "\n" == text  # what the gate command writes
     golden = GOLDEN / "gate_summary_failed.md"
     if os.environ.get("ESCALATE_UPDATE_GOLDEN"):
         golden.write_text(text, encoding="utf-8")
