@@ -185,6 +185,17 @@ def test_version_is_defined_in_one_place(cli: Any) -> None:
     assert cli("--version").stdout == f"escalate {__version__}\n"
 
 
+def test_every_declared_marker_is_used() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = [entry.split(":")[0] for entry in project["tool"]["pytest"]["ini_options"]["markers"]]
+    tests = "".join(path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("test_*.py"))
+    for marker in declared:
+        assert re.search(rf"\bmark\.{marker}\b", tests), f"the {marker} marker is declared but not used"
+
+
 def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import re
