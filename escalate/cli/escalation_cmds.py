@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -41,8 +42,8 @@ def _said(result: dict[str, Any]) -> None:
     echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
 
 
-def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Any, lock_timeout: Any, by: Any,
-             json_out: bool) -> None:
+def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,
+             by: str | None, json_out: bool) -> None:
     method = {"extend": "approve", "pause": "pause", "cancel": "cancel"}[mode]
     respond(json_out,
             lambda: getattr(open_run(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)

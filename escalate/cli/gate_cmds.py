@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
 from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, open_run, respond
 from escalate.errors import EscalateError, Refused
+
+if TYPE_CHECKING:
+    from escalate.gate import GateResult
 
 
 def gate(
@@ -53,13 +56,7 @@ def gate(
                 print(github_annotation("error", f"budget gate could not check run {run}: "
                                         f"{error.message}"), file=annotations)
             raise
-        if github:
-            for annotation in checked.annotations:
-                print(annotation.command, file=annotations)
-        summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary_path:
-            with open(summary_path, "a", encoding="utf-8") as summary:
-                summary.write(checked.summary_markdown + "\n")
+        _show_on_github(checked, annotations if github else None)
         result = checked.to_json()
         if not checked.passed:
             raise Refused(f"gate failed for run {run}: {checked.verdict.reason()}; see "
@@ -76,6 +73,17 @@ def gate(
             print(f"escalate: warning: {warning['message']}", file=sys.stderr)
 
     respond(json_out, action, human)
+
+
+def _show_on_github(checked: GateResult, annotations: TextIO | None) -> None:
+    """The annotations (to ``annotations``, on GitHub Actions) and the step summary (when the
+    runner names a file for it)."""
+    for annotation in checked.annotations if annotations is not None else ():
+        print(annotation.command, file=annotations)
+    summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as summary:
+            summary.write(checked.summary_markdown + "\n")
 
 
 def register(app: typer.Typer) -> None:

@@ -252,6 +252,7 @@ def show(
 
 
 def _warnings(snapshot: Any) -> list[str]:
+    """What a reader of ``snapshot`` (``Ledger.snapshot()``) is warned about."""
     warnings = []
     if snapshot.problem is not None:
         # The totals are those of the lines folded before the problem was found.

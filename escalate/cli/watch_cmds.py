@@ -6,12 +6,17 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_run, print_json
 from escalate.errors import EscalateError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from escalate.service import Ledger
 
 
 def watch(
@@ -58,7 +63,7 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | None) -> None:
+def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: float | None) -> None:
     """Redraw the run whenever its log grows (rich Live)."""
     from rich.console import Group
     from rich.live import Live
@@ -91,7 +96,7 @@ def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | No
         live.stop()
 
 
-def _follow(ledger: Any, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
+def _follow(ledger: Ledger, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
     """Print the last ``last`` events, then each event as it is appended (like ``tail -f``)."""
     from escalate.report import timeline_line
 
