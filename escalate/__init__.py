@@ -1,6 +1,7 @@
 """escalate: keep the money of concurrent work honest.
 
-``from escalate import Ledger`` gives the library; the ``escalate`` command is a thin
+``from escalate import Ledger`` gives the library (and ``check_gate``, ``list_runs``, ``inbox``,
+``sweep_all``, ``verify_report`` for CI and for many runs); the ``escalate`` command is a thin
 layer over it. Names load lazily so the CLI's hot commands import only what they use.
 """
 
@@ -24,13 +25,16 @@ if TYPE_CHECKING:
         StoreUnavailable,
         UnknownRun,
     )
+    from escalate.gate import GateResult, check_gate
     from escalate.money import Micros
+    from escalate.runs import inbox, list_runs, sweep_all, verify_report
     from escalate.service import Ledger
 
 __all__ = [
     "Conflict",
     "CorruptLedger",
     "EscalateError",
+    "GateResult",
     "InputError",
     "InvalidAmount",
     "InvalidId",
@@ -42,20 +46,22 @@ __all__ = [
     "StoreUnavailable",
     "UnknownRun",
     "__version__",
+    "check_gate",
+    "inbox",
+    "list_runs",
+    "sweep_all",
+    "verify_report",
 ]
+
+# Where each lazily loaded name lives (the errors are in escalate.errors).
+_HOMES = {"Ledger": "escalate.service", "Micros": "escalate.money", "GateResult": "escalate.gate",
+          "check_gate": "escalate.gate", "inbox": "escalate.runs", "list_runs": "escalate.runs",
+          "sweep_all": "escalate.runs", "verify_report": "escalate.runs"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Ledger":
-        from escalate.service import Ledger
-
-        return Ledger
-    if name == "Micros":
-        from escalate.money import Micros
-
-        return Micros
     if name in __all__:
-        from escalate import errors
+        import importlib
 
-        return getattr(errors, name)
+        return getattr(importlib.import_module(_HOMES.get(name, "escalate.errors")), name)
     raise AttributeError(f"module 'escalate' has no attribute {name!r}")

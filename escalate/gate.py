@@ -1,20 +1,44 @@
-"""The CI budget gate: pure decisions over a folded run (no I/O, no CLI).
+"""The CI budget gate as a library call: the verdict, its GitHub annotations and step summary.
 
-:func:`evaluate` takes a :class:`~escalate.ledger.RunState` and the gate's options and
-returns a :class:`Verdict`: pass or fail, the reasons it failed, and warnings worth
-showing even when it passes (an allowed halt, a run close to its limit).
+:func:`evaluate` is the pure decision over a folded :class:`~escalate.ledger.RunState`: pass
+or fail, the reasons it failed, and warnings worth showing even when it passes (an allowed
+halt, a run close to its limit). :func:`check_gate` is what ``escalate gate`` calls: it folds
+a run strictly and returns a :class:`GateResult` that also carries the annotations and the
+Markdown summary as data. Where they go (stdout, ``GITHUB_STEP_SUMMARY``) is the caller's
+business: nothing here reads the environment or writes a file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from escalate.ledger import RunState
+from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
+from escalate.report import halted_tasks, percent, run_markdown, usage_level
 
-# At or above this share of the limit a passing gate still warns.
-NEAR_LIMIT_SHARE = 0.8
+if TYPE_CHECKING:
+    from escalate.service import Ledger
+
+# How many tasks or escalations a finding names before it says "…".
+NAMED = 5
+
+
+class FindingJson(TypedDict):
+    code: str
+    message: str
+
+
+class VerdictJson(TypedDict):
+    run: str
+    passed: bool
+    max_spent_micros: int
+    spent_micros: int
+    committed_micros: int
+    failures: list[FindingJson]
+    warnings: list[FindingJson]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +48,7 @@ class Finding:
     code: str  # over_max_spent | over_max_committed | halted | escalation_open | near_limit | held
     message: str
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> FindingJson:
         return {"code": self.code, "message": self.message}
 
 
@@ -47,7 +71,7 @@ class Verdict:
         """The failures as one line (empty when the gate passes)."""
         return "; ".join(finding.message for finding in self.failures)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> VerdictJson:
         return {
             "run": self.run,
             "passed": self.passed,
@@ -57,6 +81,86 @@ class Verdict:
             "failures": [finding.to_json() for finding in self.failures],
             "warnings": [finding.to_json() for finding in self.warnings],
         }
+
+
+def github_annotation(level: Literal["error", "warning"], message: str) -> str:
+    """``message`` as one GitHub Actions workflow command (``::error title=…::…``), its data
+    escaped as the runner expects: a newline in a value from the log cannot start a command."""
+    escaped = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return f"::{level} title=escalate gate::{escaped}"
+
+
+@dataclass(frozen=True, slots=True)
+class Annotation:
+    """One GitHub annotation as data: its level and its message (not yet escaped)."""
+
+    level: Literal["error", "warning"]
+    message: str
+
+    @property
+    def command(self) -> str:
+        """The workflow command line a runner reads (see :func:`github_annotation`)."""
+        return github_annotation(self.level, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    """A gate's verdict over a run, with what CI shows of it."""
+
+    state: RunState
+    verdict: Verdict
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.passed
+
+    @property
+    def failures(self) -> tuple[Finding, ...]:
+        return self.verdict.failures
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return self.verdict.warnings
+
+    @property
+    def annotations(self) -> tuple[Annotation, ...]:
+        """An error per failure, then a warning per warning, each naming the run."""
+        run = self.state.run_id
+        return (tuple(Annotation("error", f"run {run}: {f.message}") for f in self.failures)
+                + tuple(Annotation("warning", f"run {run}: {f.message}") for f in self.warnings))
+
+    @property
+    def summary_markdown(self) -> str:
+        """The step summary: the verdict, the totals, top tasks, halts and escalations."""
+        return run_markdown(self.state, verdict=self.verdict)
+
+    def totals(self) -> dict[str, Any]:
+        """The run's money, as ``runs show --json`` reports it."""
+        return self.state.totals()
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``escalate gate --json`` prints: the totals and the verdict."""
+        return {**self.totals(), **self.verdict.to_json()}
+
+
+def check_gate(
+    source: Ledger | RunState,
+    *,
+    max_spent: Amount | None = None,
+    allow_halts: bool = False,
+    allow_open_escalations: bool = False,
+    fail_on_held: bool = False,
+) -> GateResult:
+    """Run the CI gate over ``source``: a :class:`~escalate.Ledger` is folded strictly first
+    (every check, never the cache: :meth:`~escalate.Ledger.verified_state`), a ``RunState``
+    is taken as it is. ``max_spent`` is an amount (USD ``str``/``Decimal`` or ``Micros``).
+    Raises what reading the run raises (``UnknownRun``, ``CorruptLedger`` …); a failed gate
+    is not an error here: see :attr:`GateResult.passed`."""
+    limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
+    state = source if isinstance(source, RunState) else source.verified_state()
+    verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
+                       allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
+    return GateResult(state, verdict)
 
 
 def evaluate(
@@ -87,32 +191,29 @@ def evaluate(
         failures.append(Finding("over_max_committed", (
             f"committed {usd(state.committed_micros)} (spent {usd(state.spent_micros)} + reserved "
             f"{usd(state.reserved_micros)}) is over {limit_name} {usd(limit)}")))
-    elif limit > 0 and state.committed_micros >= limit * NEAR_LIMIT_SHARE:
+    elif limit > 0 and usage_level(state.committed_micros, limit) != "low":
         warnings.append(Finding("near_limit", f"committed {usd(state.committed_micros)} is "
                                 f"{percent(state.committed_micros, limit)} of {limit_name} {usd(limit)}"))
 
     halted = halted_tasks(state)
     if halted:
         finding = Finding("halted", f"{_count(len(halted), 'task')} halted ("
-                          + ", ".join(f"{task}: {reason}" for task, reason in halted[:5])
-                          + (", …" if len(halted) > 5 else "") + ")")
+                          + _named(f"{task}: {reason}" for task, reason in halted) + ")")
         (warnings if allow_halts else failures).append(finding)
 
     open_escalations = list(state.open_escalations.values())
     if open_escalations:
         finding = Finding("escalation_open", f"{_count(len(open_escalations), 'escalation')} open ("
-                          + ", ".join(f"{e.id} for {e.task}" for e in open_escalations[:5])
-                          + (", …" if len(open_escalations) > 5 else "") + ")")
+                          + _named(f"{e.id} for {e.task}" for e in open_escalations) + ")")
         (warnings if allow_open_escalations else failures).append(finding)
 
     held = [(task_id, task.reserved_micros) for task_id, task in state.tasks.items() if task.holding]
     if held:
         finding = Finding("held", f"{_count(len(held), 'task')} still "
                           + ("holds" if len(held) == 1 else "hold") + f" {usd(state.reserved_micros)} ("
-                          + ", ".join(f"{task}: {usd(amount)}" for task, amount in held[:5])
-                          + (", …" if len(held) > 5 else "") + "); a job that ended without its release "
-                          f"leaks its hold — release it with 'escalate release {state.run_id} TASK "
-                          "--actual USD'")
+                          + _named(f"{task}: {usd(amount)}" for task, amount in held)
+                          + "); a job that ended without its release leaks its hold — release it "
+                          f"with 'escalate release {state.run_id} TASK --actual USD'")
         (failures if fail_on_held else warnings).append(finding)
 
     return Verdict(run=state.run_id, max_spent_micros=limit, spent_micros=state.spent_micros,
@@ -120,28 +221,10 @@ def evaluate(
                    warnings=tuple(warnings))
 
 
-def halted_tasks(state: RunState) -> list[tuple[str, str]]:
-    """``(task, halt reason)`` for every task that was halted, in log order."""
-    return [(task_id, task.halt_reason or "") for task_id, task in state.tasks.items()
-            if task.halt_reason is not None]
-
-
-def top_tasks(state: RunState, limit: int = 10) -> list[tuple[str, int, str]]:
-    """The most expensive tasks: ``(task, cost, state)``, where cost is the actual cost of a
-    released task and what an in-flight task holds; ties keep log order."""
-    costs = []
-    for task_id, task in state.tasks.items():
-        if task.actual_micros is not None:
-            costs.append((task_id, task.actual_micros, task.state))
-        elif task.holding:
-            costs.append((task_id, task.reserved_micros, task.state))
-    return sorted(costs, key=lambda row: -row[1])[:limit]
-
-
-def percent(part: int, whole: int) -> str:
-    """``part`` as a whole percentage of ``whole``, rounded down (99.96 % of a cap is not
-    100 %), in integer arithmetic; every bar and message shows this one."""
-    return f"{part * 100 // whole}%" if whole > 0 else "100%"
+def _named(items: Iterable[str]) -> str:
+    """The first :data:`NAMED` of ``items``, comma-separated, with ``…`` when there are more."""
+    listed = list(items)
+    return ", ".join(listed[:NAMED]) + (", …" if len(listed) > NAMED else "")
 
 
 def _count(number: int, noun: str) -> str:

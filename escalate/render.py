@@ -7,7 +7,7 @@ load rich.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,10 +21,9 @@ from rich.text import Text
 
 from escalate.durations import format_duration
 from escalate.events import parse_ts
-from escalate.gate import percent
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
-from escalate.report import printable
+from escalate.report import bar_cells, percent, printable, usage_level
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -89,12 +88,13 @@ class ReplayProgress:
             self._bar = None
 
 
+_USAGE_STYLES = {"low": "green", "near": "yellow", "full": "red"}
+
+
 def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:
     """``███████░░░ 70%`` — green below 80 %, yellow below 100 %, red at or over the cap."""
-    share = used / cap if cap > 0 else 1.0
-    filled = min(width, round(share * width))
-    style = "green" if share < 0.8 else ("yellow" if share < 1 else "red")
-    bar = Text("█" * filled, style=style)
+    filled = bar_cells(used, cap, width)
+    bar = Text("█" * filled, style=_USAGE_STYLES[usage_level(used, cap)])
     bar.append("░" * (width - filled), style="dim")
     bar.append(f" {percent(used, cap)}")
     return bar
@@ -191,7 +191,7 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
     return whole_words(table)
 
 
-def escalation_table(rows: list[dict[str, Any]], *, title: str, with_run: bool = True,
+def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run: bool = True,
                      now: datetime | None = None) -> Table:
     """Escalations for an approver: what is asked, what is left, how old, when it times out,
     and what can be done (``now`` is for tests; it defaults to the clock)."""
@@ -225,7 +225,7 @@ def _seconds_between(ts: str, moment: datetime) -> float:
     return (moment - parse_ts(ts)).total_seconds()
 
 
-def _expires(row: dict[str, Any], moment: datetime) -> Text | str:
+def _expires(row: Mapping[str, Any], moment: datetime) -> Text | str:
     """``in 48m`` for an open escalation; ``overdue 3m`` once past it (the next command that
     touches the run, or a sweep, pauses it); ``-`` when nobody needs to act."""
     if row["shadow"] or row["state"] != "open":
@@ -238,7 +238,7 @@ def _expires(row: dict[str, Any], moment: datetime) -> Text | str:
     return Text(f"overdue {format_duration(-left, exact=False)}", style="red")
 
 
-def runs_table(rows: list[dict[str, Any]]) -> Table:
+def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """``runs list``: one row per run, newest first; compact, to fit 80 columns where it can."""
     from rich import box
 
@@ -253,9 +253,7 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
             table.add_row(_plain(row["run"]), "-", "-", "-", "-", Text(row["error"], style="red"), "-")
             continue
         cap, committed = row["cap_micros"], row["committed_micros"]
-        share = committed / cap if cap > 0 else 1.0
-        used = Text(percent(committed, cap),
-                    style="green" if share < 0.8 else ("yellow" if share < 1 else "red"))
+        used = Text(percent(committed, cap), style=_USAGE_STYLES[usage_level(committed, cap)])
         table.add_row(_plain(row["run"]), usd(cap), usd(committed), usd(row["remaining_micros"]), used,
                       Text(row["state"], style=state_styles.get(row["state"], "")),
                       _short_ts(row["opened_at"])[:16])

@@ -1,4 +1,5 @@
-"""Plain-text reports of a run: the Markdown summary and one readable line per event.
+"""Plain-text reports of a run: the Markdown summary, one readable line per event, and how
+full a run is (the percentage, the bar, the 80 % level every colour and warning uses).
 
 No rich here: the CI gate writes its step summary without loading a terminal renderer,
 and ``runs show --format markdown`` prints the same document.
@@ -7,11 +8,13 @@ and ``runs show --format markdown`` prints the same document.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from escalate.gate import Verdict, halted_tasks, percent, top_tasks
 from escalate.ledger import RunState
 from escalate.money import format_usd as usd
+
+if TYPE_CHECKING:
+    from escalate.gate import Verdict
 
 TOP_TASKS = 10
 BAR_WIDTH = 20
@@ -35,11 +38,52 @@ def printable(value: object, limit: int = SHOWN_CHARS) -> str:
     return text
 
 
+UsageLevel = Literal["low", "near", "full"]
+
+
+def usage_level(used: int, cap: int) -> UsageLevel:
+    """How close ``used`` is to ``cap``: ``near`` from 80 %, ``full`` at or over it (a cap of
+    zero is full). Every bar's colour and the gate's near-limit warning read this one."""
+    if cap <= 0 or used >= cap:
+        return "full"
+    # 80 % in integer arithmetic: micros are never compared through a float.
+    return "near" if used * 5 >= cap * 4 else "low"
+
+
+def percent(part: int, whole: int) -> str:
+    """``part`` as a whole percentage of ``whole``, rounded down (99.96 % of a cap is not
+    100 %), in integer arithmetic; every bar and message shows this one."""
+    return f"{part * 100 // whole}%" if whole > 0 else "100%"
+
+
+def bar_cells(used: int, cap: int, width: int) -> int:
+    """How many of a bar's ``width`` cells ``used`` of ``cap`` fills (all of them when full)."""
+    share = used / cap if cap > 0 else 1.0
+    return max(0, min(width, round(share * width)))
+
+
 def text_bar(used: int, cap: int, width: int = BAR_WIDTH) -> str:
     """``██████░░░░ 60%``: how much of ``cap`` is used, in plain characters."""
-    share = used / cap if cap > 0 else 1.0
-    filled = max(0, min(width, round(share * width)))
+    filled = bar_cells(used, cap, width)
     return "█" * filled + "░" * (width - filled) + f" {percent(used, cap)}"
+
+
+def halted_tasks(state: RunState) -> list[tuple[str, str]]:
+    """``(task, halt reason)`` for every task that was halted, in log order."""
+    return [(task_id, task.halt_reason or "") for task_id, task in state.tasks.items()
+            if task.halt_reason is not None]
+
+
+def top_tasks(state: RunState, limit: int = 10) -> list[tuple[str, int, str]]:
+    """The most expensive tasks: ``(task, cost, state)``, where cost is the actual cost of a
+    released task and what an in-flight task holds; ties keep log order."""
+    costs = []
+    for task_id, task in state.tasks.items():
+        if task.actual_micros is not None:
+            costs.append((task_id, task.actual_micros, task.state))
+        elif task.holding:
+            costs.append((task_id, task.reserved_micros, task.state))
+    return sorted(costs, key=lambda row: -row[1])[:limit]
 
 
 def describe_event(event: Mapping[str, Any]) -> str:

@@ -133,7 +133,8 @@ def test_bad_input_changes_nothing(cli: Any, populated: Path, args: list[str], e
     [line] = result.stderr.splitlines()
     assert line.startswith("escalate: ")
     if json_out and args[-1] != "--estimate":  # there "--json" is taken as the missing value
-        # One JSON object on stdout, errors included, usage errors too (DESIGN §9).
+        # One JSON object on stdout, errors included, usage errors too
+        # (docs/getting-started.md, docs/exit-codes.md).
         assert len(result.stdout.splitlines()) == 1
         payload = result.json()
         assert payload["exit_code"] == exit_code

@@ -174,7 +174,7 @@ def test_racing_runs_init_creates_one_run(runs_dir: Path, audit: Any) -> None:
 
 def _reserve_increase_release(worker: int, barrier: Any, root: Path, per_worker: int) -> Counter[str]:
     """Each task: reserve $1, raise it to $3, release it at $2 actual (also after a halted
-    increase, as DESIGN §5 allows)."""
+    increase: a release is never refused, docs/concepts.md)."""
     run = Ledger.open(root, "flow", actor=f"worker-{worker}", lock_timeout=60)
     seen: Counter[str] = Counter()
     barrier.wait(RESULT_TIMEOUT_S)

@@ -146,7 +146,8 @@ for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to'
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
 print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate',
-                        'escalate.cli.runs_cmds', 'escalate.cli.escalation_cmds')
+                        'escalate.report', 'escalate.runs', 'escalate.cli.runs_cmds',
+                        'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
 
@@ -184,6 +185,17 @@ def test_version_is_defined_in_one_place(cli: Any) -> None:
     assert cli("--version").stdout == f"escalate {__version__}\n"
 
 
+def test_every_declared_marker_is_used() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    declared = [entry.split(":")[0] for entry in project["tool"]["pytest"]["ini_options"]["markers"]]
+    tests = "".join(path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("test_*.py"))
+    for marker in declared:
+        assert re.search(rf"\bmark\.{marker}\b", tests), f"the {marker} marker is declared but not used"
+
+
 def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import re
@@ -198,5 +210,5 @@ def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.Monke
     # Each print in the guide states its output in a trailing comment.
     promised = [line.split("# ", 1)[1].strip() for block in blocks for line in block.splitlines()
                 if "print(" in line and "# " in line]
-    assert len(promised) == 5
+    assert len(promised) == 8
     assert printed == promised

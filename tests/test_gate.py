@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from escalate import Ledger
-from escalate.cli.gate_cmds import _annotate
-from escalate.gate import evaluate
+from escalate.gate import check_gate, evaluate, github_annotation
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -188,15 +187,8 @@ def test_no_annotations_off_github(runs_dir: Path, cli: Any, clock: Any) -> None
 
 
 def test_annotation_data_is_escaped() -> None:
-    class Sink:
-        text = ""
-
-        def write(self, data: str) -> None:
-            self.text += data
-
-    sink = Sink()
-    _annotate(sink, "warning", "100% used\nsecond line")
-    assert sink.text == "::warning title=escalate gate::100%25 used%0Asecond line\n"
+    line = github_annotation("warning", "100% used\nsecond line")
+    assert line == "::warning title=escalate gate::100%25 used%0Asecond line"
 
 
 def test_golden_summary_is_current(runs_dir: Path, clock: Any) -> None:
@@ -205,6 +197,7 @@ def test_golden_summary_is_current(runs_dir: Path, clock: Any) -> None:
 
     state = busy_run(runs_dir, clock).state()
     text = run_markdown(state, verdict=evaluate(state)) + "\n"
+    assert check_gate(state).summary_markdown + "\n" == text  # what the gate command writes
     golden = GOLDEN / "gate_summary_failed.md"
     if os.environ.get("ESCALATE_UPDATE_GOLDEN"):
         golden.write_text(text, encoding="utf-8")

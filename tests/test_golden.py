@@ -180,7 +180,7 @@ def test_a_writer_continues_a_golden_log(golden: tuple[str, str, Path]) -> None:
     assert (GOLDEN / f"{name}.ndjson").read_bytes() == original  # the golden itself is untouched
 
 
-CONTRACT = {  # DESIGN §4: the envelope and each type's payload fields
+CONTRACT = {  # docs/events.md: the envelope and each type's payload fields
     "run_opened": ("run_cap_micros", "task_cap_micros", "escalation"),
     "budget_reserved": ("task", "amount_micros"),
     "budget_increased": ("task", "from_micros", "to_micros", "reason"),

@@ -1,4 +1,5 @@
-"""A write of several lines is atomic as a unit (DESIGN §6: an approval is ONE append).
+"""A write of several lines is atomic as a unit (docs/events.md, "Writes of several lines":
+an approval is ONE append).
 
 Every line of one write but the last carries ``"more": K``. A log whose complete lines end
 inside such a write is a torn tail from the write's first line: readers count none of it,

@@ -26,6 +26,12 @@ from escalate import Ledger
 from escalate.errors import Conflict, Pending, Refused
 from escalate.log import LOG_NAME, FileLog
 
+if __name__ != "__main__":  # under pytest, not as a writer
+    import pytest
+
+    # Seconds of killing writers: `pytest -m "not slow"` leaves it out of a quick run.
+    pytestmark = pytest.mark.slow
+
 WORKERS = 5
 KILLING_S = 20.0
 SEED = 20261201

@@ -25,6 +25,12 @@ import orjson
 from escalate import Ledger, Micros
 from escalate.log import LOG_NAME, FileLog
 
+if __name__ != "__main__":  # under pytest, not as a writer
+    import pytest
+
+    # Seconds of killing writers: `pytest -m "not slow"` leaves it out of a quick run.
+    pytestmark = pytest.mark.slow
+
 WRITERS = 5
 KILLING_S = 15.0
 SEED = 20261123
@@ -140,7 +146,8 @@ def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None
     events = [orjson.loads(line) for line in (root / "r" / LOG_NAME).read_bytes().splitlines()]
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
 
-    # A fold written here from DESIGN §5: committed = spent + in-flight, never above the cap.
+    # A fold written here from docs/concepts.md ("Totals and caps"): committed = spent +
+    # in-flight, never above the cap.
     holding: dict[str, int] = {}
     spent = 0
     for event in events:

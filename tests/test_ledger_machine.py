@@ -1,6 +1,6 @@
 """A hypothesis state machine: random reserve/increase/release calls against the library,
-checked after every step against a tiny reference model written here from DESIGN §5
-(not from escalate/ledger.py)."""
+checked after every step against a tiny reference model written here from docs/concepts.md
+("Reservations", "Totals and caps"; not from escalate/ledger.py)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class ModelTask:
 
 
 class Model:
-    """DESIGN §5 in as few lines as possible; outcomes are 'ok', 'exists' or an error class."""
+    """The rules of docs/concepts.md in as few lines as possible; outcomes are 'ok', 'exists'
+    or an error class."""
 
     def __init__(self, cap: int, task_cap: int) -> None:
         self.cap = cap

@@ -84,7 +84,8 @@ def test_float_sum_that_floats_get_wrong_is_exact() -> None:
 def test_format_round_trips_exactly(micros: int) -> None:
     text = format_usd(micros)
     assert text.startswith("$")
-    # Thousands are grouped for people; the parser refuses separators (DESIGN §3), so the
+    # Thousands are grouped for people; the parser refuses separators (docs/library.md,
+    # "Amounts and durations"), so the
     # round trip drops them. Nothing else is lost: no amount is rounded for display.
     assert parse_micros(text.replace(",", "")) == micros
     decimals = text.split(".")[1]
@@ -139,7 +140,8 @@ def test_format_usd_examples(micros: int, people: str) -> None:
     assert format_usd(micros) == people
 
 
-# ------------------------------------------------------------------ refused forms (DESIGN §3)
+# ------------------------------------------------------------------ refused forms
+# (docs/library.md, "Amounts and durations")
 
 REFUSED_TEXT = [
     pytest.param("", id="empty"),

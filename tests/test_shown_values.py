@@ -3,7 +3,6 @@ cannot inject Markdown, HTML or a GitHub workflow command."""
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Any
@@ -81,8 +80,7 @@ def test_a_markdown_cell_shows_its_value_and_nothing_else(value: str) -> None:
 
 
 def test_an_annotation_cannot_be_forged() -> None:
-    from escalate.cli.gate_cmds import _annotate
+    from escalate.gate import github_annotation
 
-    out = io.StringIO()
-    _annotate(out, "error", "run r: 100% over\n::error::forged\r%0A")
-    assert out.getvalue() == "::error title=escalate gate::run r: 100%25 over%0A::error::forged%0D%250A\n"
+    line = github_annotation("error", "run r: 100% over\n::error::forged\r%0A")
+    assert line == "::error title=escalate gate::run r: 100%25 over%0A::error::forged%0D%250A"

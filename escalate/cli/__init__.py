@@ -26,8 +26,6 @@ from typer.core import TyperCommand, TyperGroup
 from escalate._version import __version__
 from escalate.errors import EscalateError, InputError, storage_error
 
-Result = dict[str, Any]
-
 
 class _OneLineErrors(TyperGroup):
     """Report parser errors as one line (``escalate: error: …``) and exit 2."""
@@ -104,6 +102,7 @@ NotifyOption = Annotated[
                  help="Shell command run with each new escalation's JSON on stdin, after the lock "
                  "is released."),
 ]
+RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 
 
 def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
@@ -126,15 +125,6 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     if notify_cmd is not None:
         options["notify_cmd"] = notify_cmd
     return options
-
-
-def check_runs_root(root: Path) -> Path:
-    """``root`` for the commands that look at every run. A missing root is a place with no
-    runs yet (an empty answer, as on a fresh checkout); a file there is a wrong --runs-dir."""
-    if root.exists() and not root.is_dir():
-        raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
-                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
-    return root
 
 
 def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,

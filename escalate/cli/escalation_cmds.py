@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -11,16 +12,17 @@ from escalate.cli import (
     ByOption,
     JsonOption,
     LockTimeoutOption,
+    RunArg,
     RunsDirOption,
-    check_runs_root,
     echo_line,
     open_options,
     open_run,
     respond,
 )
-from escalate.errors import EscalateError
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
+if TYPE_CHECKING:
+    from escalate.runs import InboxRow, SweepReport
+
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
 
@@ -40,8 +42,8 @@ def _said(result: dict[str, Any]) -> None:
     echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
 
 
-def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Any, lock_timeout: Any, by: Any,
-             json_out: bool) -> None:
+def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,
+             by: str | None, json_out: bool) -> None:
     method = {"extend": "approve", "pause": "pause", "cancel": "cancel"}[mode]
     respond(json_out,
             lambda: getattr(open_run(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
@@ -97,29 +99,16 @@ def escalations(
 ) -> None:
     """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
 
-    def action() -> dict[str, list[dict[str, Any]]]:
-        from escalate.service import Ledger, iter_run_ids
+    def action() -> dict[str, list[InboxRow]]:
+        from escalate.runs import inbox
 
-        root = open_options(runs_dir, None)["runs_dir"]
-        run_ids = [run] if run is not None else list(iter_run_ids(check_runs_root(root)))
-        rows = []
-        for run_id in run_ids:
-            try:
-                state = Ledger.open(root, run_id).state()
-            except EscalateError as error:
-                if run is not None:
-                    raise
-                # One broken run must not hide every other run's escalations from the approver.
-                print(f"escalate: warning: skipped {run_id}: {error.message}", file=sys.stderr)
-                continue
-            for item in state.escalations.values():
-                if only_open and item.state != "open":
-                    continue
-                rows.append({"run": run_id, **item.to_json()})
-        rows.sort(key=lambda row: row["opened_at"], reverse=True)
-        return {"escalations": rows}
+        found = inbox(open_options(runs_dir, None)["runs_dir"], run=run, open_only=only_open)
+        # One broken run must not hide every other run's escalations from the approver.
+        for skipped in found["skipped"]:
+            print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
+        return {"escalations": found["escalations"]}
 
-    def human(result: dict[str, list[dict[str, Any]]]) -> None:
+    def human(result: dict[str, list[InboxRow]]) -> None:
         from escalate.render import escalation_table, print_whole
 
         print_whole(escalation_table(result["escalations"],
@@ -136,24 +125,11 @@ def sweep(
 ) -> None:
     """Pause (by timeout) every open escalation past its expiry; for a cron job."""
 
-    def action() -> dict[str, Any]:
-        from escalate.service import Ledger, iter_run_ids
+    def action() -> SweepReport:
+        from escalate.runs import sweep_all
 
         options = open_options(runs_dir, lock_timeout)
-        root = options.pop("runs_dir")
-        run_ids = [run] if run is not None else list(iter_run_ids(check_runs_root(root)))
-        expired: list[dict[str, Any]] = []
-        failures: list[dict[str, Any]] = []
-        for run_id in run_ids:
-            try:
-                swept = Ledger.open(root, run_id, **options).sweep()
-            except EscalateError as error:
-                if run is not None:
-                    raise
-                failures.append({"run": run_id, **error.to_json()})
-                continue
-            expired += [{"run": run_id, "escalation_id": e} for e in swept["expired"]]
-        return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
+        return sweep_all(options.pop("runs_dir"), run=run, **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"

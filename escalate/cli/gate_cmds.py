@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, echo_line, open_run, respond
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, open_run, respond
 from escalate.errors import EscalateError, Refused
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
+if TYPE_CHECKING:
+    from escalate.gate import GateResult
 
 
 def gate(
@@ -42,33 +43,23 @@ def gate(
     annotations = sys.stderr if json_out else sys.stdout
 
     def action() -> dict[str, Any]:
-        from escalate.gate import evaluate
-        from escalate.money import parse_micros
+        from escalate.gate import check_gate, github_annotation
+        from escalate.money import Micros, parse_micros
 
         try:
-            limit = None if max_spent is None else parse_micros(max_spent, what="--max-spent")
-            # A verdict: fold the whole log with every check, never trusting the cache.
-            state = open_run(run, runs_dir, None, progress=True).verified_state()
-            verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
-                               allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
+            limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
+            checked = check_gate(open_run(run, runs_dir, None, progress=True), max_spent=limit,
+                                 allow_halts=allow_halts, allow_open_escalations=allow_open_escalations,
+                                 fail_on_held=fail_on_held)
         except EscalateError as error:
             if github:
-                _annotate(annotations, "error", f"budget gate could not check run {run}: {error.message}")
+                print(github_annotation("error", f"budget gate could not check run {run}: "
+                                        f"{error.message}"), file=annotations)
             raise
-        if github:
-            for finding in verdict.failures:
-                _annotate(annotations, "error", f"run {run}: {finding.message}")
-            for finding in verdict.warnings:
-                _annotate(annotations, "warning", f"run {run}: {finding.message}")
-        summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary_path:
-            from escalate.report import run_markdown
-
-            with open(summary_path, "a", encoding="utf-8") as summary:
-                summary.write(run_markdown(state, verdict=verdict) + "\n")
-        result = {**state.totals(), **verdict.to_json()}
-        if not verdict.passed:
-            raise Refused(f"gate failed for run {run}: {verdict.reason()}; see "
+        _show_on_github(checked, annotations if github else None)
+        result = checked.to_json()
+        if not checked.passed:
+            raise Refused(f"gate failed for run {run}: {checked.verdict.reason()}; see "
                           f"'escalate runs show {run}' for the tasks", code="gate_failed",
                           **{key: value for key, value in result.items() if key != "run"})
         return result
@@ -84,10 +75,15 @@ def gate(
     respond(json_out, action, human)
 
 
-def _annotate(stream: Any, level: str, message: str) -> None:
-    """One GitHub Actions workflow command, with its data escaped as the runner expects."""
-    escaped = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    stream.write(f"::{level} title=escalate gate::{escaped}\n")
+def _show_on_github(checked: GateResult, annotations: TextIO | None) -> None:
+    """The annotations (to ``annotations``, on GitHub Actions) and the step summary (when the
+    runner names a file for it)."""
+    for annotation in checked.annotations if annotations is not None else ():
+        print(annotation.command, file=annotations)
+    summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as summary:
+            summary.write(checked.summary_markdown + "\n")
 
 
 def register(app: typer.Typer) -> None:

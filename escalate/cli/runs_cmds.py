@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,21 +13,23 @@ from escalate.cli import (
     ByOption,
     JsonOption,
     LockTimeoutOption,
+    RunArg,
     RunsDirOption,
     bad_input,
-    check_runs_root,
     echo_line,
     open_options,
     open_run,
     respond,
 )
-from escalate.errors import EscalateError
+from escalate.cli.watch_cmds import watch
 from escalate.money import format_usd as usd
 from escalate.report import printable
 
+if TYPE_CHECKING:
+    from escalate.runs import BrokenRun, RunRow, VerifyReport
+
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
-RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 ModeOption = Annotated[str | None, typer.Option("--escalation", metavar="MODE",
                                                 help="What a refusal does: off (halt), shadow "
                                                 "(halt, and record would-be escalations) or "
@@ -173,25 +175,12 @@ def list_runs(
 ) -> None:
     """List every run with its cap, committed and remaining money, newest first."""
 
-    def action() -> dict[str, list[dict[str, Any]]]:
-        from escalate.service import Ledger, iter_run_ids
+    def action() -> dict[str, list[RunRow | BrokenRun]]:
+        from escalate.runs import list_runs as rows_of
 
-        root = check_runs_root(open_options(runs_dir, None)["runs_dir"])
-        rows = []
-        for run_id in iter_run_ids(root):
-            try:
-                state = Ledger.open(root, run_id).state()
-            except EscalateError as error:  # one unreadable run must not hide the others
-                rows.append({"run": run_id, "error": error.code, "message": error.message,
-                             "opened_at": ""})
-                continue
-            row = state.totals()
-            row.update(opened_at=state.opened_at, state=_run_state(state))
-            rows.append(row)
-        rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
-        return {"runs": rows}
+        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"])}
 
-    def human(result: dict[str, list[dict[str, Any]]]) -> None:
+    def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:
         from escalate.render import print_whole, runs_table
 
         rows = result["runs"]
@@ -201,16 +190,6 @@ def list_runs(
                 print(f"escalate: warning: {printable(row['message'], limit=1000)}", file=sys.stderr)
 
     respond(json_out, action, human)
-
-
-def _run_state(state: Any) -> str:
-    if state.open_escalations:
-        return "escalation open"
-    if state.remaining_micros < 0:
-        return "over cap"
-    if state.halts:
-        return "halted tasks"
-    return "active" if state.reserved_micros else "idle"
 
 
 class ShowFormat(enum.StrEnum):
@@ -273,6 +252,7 @@ def show(
 
 
 def _warnings(snapshot: Any) -> list[str]:
+    """What a reader of ``snapshot`` (``Ledger.snapshot()``) is warned about."""
     warnings = []
     if snapshot.problem is not None:
         # The totals are those of the lines folded before the problem was found.
@@ -290,48 +270,27 @@ def verify(
     json_out: JsonOption = False,
 ) -> None:
     """Check every line, the seq run, the prev chain and the ledger rules of RUN."""
-    from escalate.errors import CorruptLedger as Corrupt
 
-    def action() -> dict[str, Any]:
-        ledger = open_run(run, runs_dir, None, progress=True)
-        try:
-            report = ledger.verify()
-        except Corrupt as error:  # the first line itself is bad: there is nothing to fold
-            report = None
-            problems = [(error.facts["line"], error.facts["problem"])]
-        else:
-            problems = report.problems
-        # Fields the fold does not use are checked too: every line against the event schema.
-        from escalate.schema import line_problems
+    def action() -> VerifyReport:
+        from escalate.errors import CorruptLedger
+        from escalate.runs import verify_report
 
-        with ledger.log.reader() as stream:
-            found = dict(problems)
-            problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
-                                            if line not in found)])
-        result: dict[str, Any] = {
-            "run": run, "ok": not problems, "lines": report.lines if report else None,
-            "events": report.state.seq if report else 0,
-            "torn_bytes": report.torn_bytes if report else None,
-            # The last line's hash: no later line vouches for it, so keep it elsewhere to
-            # notice an edit of the last line later (see docs/reliability.md).
-            "head": {"seq": report.state.seq, "hash": report.state.last_hash} if report else None,
-            "problems": [{"line": line, "problem": text} for line, text in problems],
-            "warnings": [{"line": line, "warning": text}
-                         for line, text in (report.warnings if report else [])]}
+        report = verify_report(open_run(run, runs_dir, None, progress=True))
         if not json_out:
-            for line, text in report.warnings if report else []:
-                print(f"line {line}: warning: {printable(text, limit=1000)}", file=sys.stderr)
-        if problems:
-            if not json_out:
-                for line, text in problems:
-                    print(f"line {line}: {text}", file=sys.stderr)
-            first_line, first_text = problems[0]
-            raise Corrupt(
-                f"run {run}: {len(problems)} problem(s), first at line {first_line}: "
-                f"{first_text}", **{k: v for k, v in result.items() if k != "run"})
-        return result
+            for warning in report["warnings"]:
+                print(f"line {warning['line']}: warning: {printable(warning['warning'], limit=1000)}",
+                      file=sys.stderr)
+            for problem in report["problems"]:
+                print(f"line {problem['line']}: {problem['problem']}", file=sys.stderr)
+        if report["problems"]:
+            first = report["problems"][0]
+            facts: dict[str, Any] = {k: v for k, v in report.items() if k != "run"}
+            raise CorruptLedger(
+                f"run {run}: {len(report['problems'])} problem(s), first at line {first['line']}: "
+                f"{first['problem']}", **facts)
+        return report
 
-    def human(result: dict[str, Any]) -> None:
+    def human(result: VerifyReport) -> None:
         torn = f"; {result['torn_bytes']} torn bytes at the end (set aside by the next write)" \
             if result["torn_bytes"] else ""
         echo_line(f"OK {result['run']}: {result['lines']} lines, seq 1..{result['events']}, "
@@ -340,10 +299,11 @@ def verify(
     respond(json_out, action, human)
 
 
+# ``runs watch`` lives in its own module (it alone needs signals and a live view).
+runs_app.command("watch")(watch)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``runs`` group to ``app``."""
     app.add_typer(runs_app, name="runs")
 
-
-# ``runs watch`` lives in its own module and adds itself to runs_app.
-from escalate.cli import watch_cmds  # noqa: E402, F401

@@ -1,20 +1,24 @@
-"""``escalate runs watch RUN``: follow a run as other processes append to it."""
+"""``escalate runs watch RUN``: follow a run as other processes append to it (``runs_cmds``
+adds it to the ``runs`` group)."""
 
 from __future__ import annotations
 
 import signal
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, echo_line, fail, open_run, print_json
-from escalate.cli.runs_cmds import RunArg, runs_app
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_run, print_json
 from escalate.errors import EscalateError
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-@runs_app.command("watch")
+    from escalate.service import Ledger
+
+
 def watch(
     run: RunArg,
     events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
@@ -59,7 +63,7 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | None) -> None:
+def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: float | None) -> None:
     """Redraw the run whenever its log grows (rich Live)."""
     from rich.console import Group
     from rich.live import Live
@@ -92,7 +96,7 @@ def _redraw(ledger: Any, out: Any, last: int, pause: float, deadline: float | No
         live.stop()
 
 
-def _follow(ledger: Any, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
+def _follow(ledger: Ledger, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
     """Print the last ``last`` events, then each event as it is appended (like ``tail -f``)."""
     from escalate.report import timeline_line
 
