@@ -57,9 +57,11 @@ def percent(part: int, whole: int) -> str:
 
 
 def bar_cells(used: int, cap: int, width: int) -> int:
-    """How many of a bar's ``width`` cells ``used`` of ``cap`` fills (all of them when full)."""
-    share = used / cap if cap > 0 else 1.0
-    return max(0, min(width, round(share * width)))
+    """How many of a bar's ``width`` cells ``used`` of ``cap`` fills, rounded down like
+    :func:`percent` (only a full cap fills every cell), in integer arithmetic."""
+    if cap <= 0:
+        return width
+    return max(0, min(width, used * width // cap))
 
 
 def text_bar(used: int, cap: int, width: int = BAR_WIDTH) -> str:

@@ -252,3 +252,20 @@ def test_gate_warns_on_held_reservations_and_fails_with_fail_on_held(
     run.release("crashed-job", "0.5")
     clean = cli("gate", "r", "--fail-on-held")
     assert (clean.exit_code, clean.stderr) == (0, "")
+
+
+def test_a_step_summary_that_cannot_be_written_changes_no_verdict(
+        runs_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    Ledger.init(runs_dir, "r", cap="10")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "no-such-folder" / "summary.md"))
+    passed = cli("gate", "r")
+    assert passed.exit_code == 0 and passed.stdout.startswith("gate passed for run r")
+    assert "escalate: warning: could not append the step summary to GITHUB_STEP_SUMMARY" in passed.stderr
+
+
+def test_a_bar_is_full_only_when_the_cap_is() -> None:
+    from escalate.report import text_bar
+
+    almost = text_bar(54_250_000, 54_450_000)  # 99.6 %
+    assert almost.endswith(" 99%") and "░" in almost
+    assert "░" not in text_bar(5, 5) and text_bar(0, 5).startswith("░")

@@ -82,8 +82,13 @@ def _show_on_github(checked: GateResult, annotations: TextIO | None) -> None:
         print(annotation.command, file=annotations)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_path:
-        with open(summary_path, "a", encoding="utf-8") as summary:
-            summary.write(checked.summary_markdown + "\n")
+        # The summary is a courtesy of the runner's page: failing to write it changes no verdict.
+        try:
+            with open(summary_path, "a", encoding="utf-8") as summary:
+                summary.write(checked.summary_markdown + "\n")
+        except OSError as exc:
+            print(f"escalate: warning: could not append the step summary to GITHUB_STEP_SUMMARY "
+                  f"({summary_path}: {exc.strerror or exc}); the verdict stands", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
