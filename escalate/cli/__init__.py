@@ -87,7 +87,7 @@ LockTimeoutOption = Annotated[
     str | None,
     # No envvar= here: the library reads ESCALATE_LOCK_TIMEOUT itself, so that a bad value is
     # reported under the variable's name, not as if --lock-timeout had been given.
-    typer.Option("--lock-timeout",
+    typer.Option("--lock-timeout", metavar="DURATION",
                  help="Longest wait for the run's lock, e.g. 30s or 2m, at most 1d [env var: "
                  "ESCALATE_LOCK_TIMEOUT] [default: 30s]."),
 ]
