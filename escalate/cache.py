@@ -40,6 +40,7 @@ import orjson
 from escalate.events import line_hash
 from escalate.ledger import Escalation, Policy, RunState, Task
 from escalate.log import via_folder
+from escalate.store import CacheInvalid
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
 FORMAT = 3
@@ -47,10 +48,6 @@ FORMAT = 3
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 V = TypeVar("V")
-
-
-class CacheInvalid(Exception):
-    """The cache does not match the log (or is damaged): fold from the log instead."""
 
 
 def _checked(key: str, data: bytes, crc: int) -> bytes:

@@ -1,8 +1,7 @@
 """A run's append-only log on disk: the sidecar lock, reading, appending, torn tails.
 
-This module knows bytes, locks and fsync, and nothing about money. :class:`LogBackend`
-is the interface the service uses, so a second backend (a server database for fleets
-of machines) can be added without touching the ledger rules.
+This module knows bytes, locks and fsync, and nothing about money. It is a part of the
+file store (:mod:`escalate.file_store`), which puts it behind the storage seam.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from escalate.errors import EscalateError, InputError, StoreUnavailable, storage_error
 
@@ -32,22 +31,6 @@ _FILE_FLAGS = (_NOFOLLOW | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY",
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_DIRECTORY", 0)
 _COPY_CHUNK = 1 << 20
 _MAX_SIDE_FILES = 1000
-
-
-class LogBackend(Protocol):
-    """What the service needs from a run's storage."""
-
-    def resolved(self) -> AbstractContextManager[None]: ...
-    def exists(self) -> bool: ...
-    def locked(self) -> AbstractContextManager[None]: ...
-    def reader(self) -> BinaryIO: ...
-    def size(self) -> int: ...
-    def append(self, data: bytes, *, torn_from: int | None = None) -> None: ...
-    def sync(self) -> None: ...
-    def side_file_name(self, offset: int) -> str: ...
-    def set_aside(self, offset: int, name: str) -> int: ...
-    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
-               has_run: Callable[[], bool]) -> bool: ...
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -133,6 +116,11 @@ class FileLog:
         self.lock_timeout = lock_timeout
         self.lock_wait_s = 0.0  # how long the last lock took to get (the benchmark reads it)
         self._command = threading.local()  # each thread's resolved run folder
+
+    @property
+    def where(self) -> str:
+        """The log's path, as messages name it."""
+        return str(self.path)
 
     # ------------------------------------------------------------------ the run folder
 

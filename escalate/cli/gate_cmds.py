@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, echo_line, open_run, respond
+from escalate.cli import JsonOption, RunsDirOption, echo_line, open_ledger, respond
 from escalate.errors import EscalateError, Refused
 
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
@@ -48,7 +48,7 @@ def gate(
         try:
             limit = None if max_spent is None else parse_micros(max_spent, what="--max-spent")
             # A verdict: fold the whole log with every check, never trusting the cache.
-            state = open_run(run, runs_dir, None, progress=True).verified_state()
+            state = open_ledger(run, runs_dir, None, progress=True).verified_state()
             verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
                                allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         except EscalateError as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import typer
@@ -17,8 +17,8 @@ from escalate.cli import (
     bad_input,
     check_runs_root,
     echo_line,
+    open_ledger,
     open_options,
-    open_run,
     respond,
 )
 from escalate.errors import EscalateError
@@ -66,7 +66,8 @@ def init(
               "add --escalation enforce (or shadow) to use it", file=sys.stderr)
 
     def action() -> dict[str, Any]:
-        from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger
+        from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
+        from escalate.service import Ledger
 
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
@@ -114,7 +115,7 @@ def set_policy(
                   "--escalation-timeout or --max-extension", json_out, code="usage")
     before: dict[str, Any] = {}
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         changes: dict[str, Any] = {}
         if escalation is not None:
             changes["escalation"] = escalation
@@ -126,10 +127,10 @@ def set_policy(
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         if max_extension is not None:
             changes["max_extension"] = max_extension
-        ledger = open_run(run, runs_dir, lock_timeout, by)
+        ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
-        return ledger.set_policy(**changes)  # type: ignore[no-any-return]
+        return ledger.set_policy(**changes)
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
@@ -238,8 +239,8 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
-        ledger = open_run(run, runs_dir, None, progress=True)
-        snapshot = ledger.snapshot()
+        ledger = open_ledger(run, runs_dir, None, progress=True)
+        snapshot = ledger.replayed()
         recent = ledger.events(last=events)[0] if events else []
         if not as_json:
             return snapshot, recent
@@ -293,18 +294,18 @@ def verify(
     from escalate.errors import CorruptLedger as Corrupt
 
     def action() -> dict[str, Any]:
-        ledger = open_run(run, runs_dir, None, progress=True)
+        ledger = open_ledger(run, runs_dir, None, progress=True)
+        report = None
         try:
             report = ledger.verify()
         except Corrupt as error:  # the first line itself is bad: there is nothing to fold
-            report = None
             problems = [(error.facts["line"], error.facts["problem"])]
         else:
             problems = report.problems
         # Fields the fold does not use are checked too: every line against the event schema.
         from escalate.schema import line_problems
 
-        with ledger.log.reader() as stream:
+        with ledger.read_log() as stream:
             found = dict(problems)
             problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
                                             if line not in found)])
