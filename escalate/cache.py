@@ -168,21 +168,21 @@ class Rows(MutableMapping[str, V], Generic[V]):
         for _, value in self.items():
             yield value
 
-    def snapshot(self) -> Snapshot[V]:
+    def read_all(self) -> LoadedRows[V]:
         """Every row, checked, read now (for readers, inside their read transaction)."""
         rows = self._fetch_all(f"SELECT data, crc FROM {self._table} ORDER BY n")
         crc32, prefix = zlib.crc32, _CODECS[self._table][2]
         for number, (data, crc) in enumerate(rows):  # _checked, inlined: once per task of the run
             if crc32(data) != crc or not data.startswith(prefix):
                 raise CacheInvalid(f"row {number + 1} of {self._table} fails its checksum")
-        return Snapshot([row[0] for row in rows], self._table)
+        return LoadedRows([row[0] for row in rows], self._table)
 
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         for key, value in self._touched.items():
             yield key, self._encode(key, value)
 
 
-class Snapshot(MutableMapping[str, V], Generic[V]):
+class LoadedRows(MutableMapping[str, V], Generic[V]):
     """A reader's table: every row checked and in memory, each decoded only when used.
 
     :meth:`json_array` gives the whole table as the JSON array ``runs show --json``
@@ -388,8 +388,8 @@ class Checkpoint:
             loaded = self._load(connection, log_path, writable)
             state = loaded[0]
             assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
-            state.tasks = state.tasks.snapshot()
-            state.escalations = state.escalations.snapshot()
+            state.tasks = state.tasks.read_all()
+            state.escalations = state.escalations.read_all()
             state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
             return loaded
         except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
@@ -419,7 +419,7 @@ class Checkpoint:
             extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
             last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
         escalations = Rows[Escalation](connection, "escalations", guard)
-        state.escalations = escalations  # type: ignore[assignment]
+        state.escalations = escalations
         state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
         return state, offset, start, blob["lines"]
 
