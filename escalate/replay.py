@@ -67,65 +67,23 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
     when the complete lines end inside one, the fold is redone up to the line before it
     (``stop_after``, a line count) and its bytes count as the torn tail.
     """
-    state: RunState | None = start.state if start else None
+    fold = _Fold(run_id, log.where, tolerant, start.state if start else None,
+                 start.lines if start else 0)
     offset = start.offset if start else 0
     last_line_start = start.last_line_start if start else 0
-    line_no = start.lines if start else 0
-    problem: CorruptLedger | None = None
-    problems: list[tuple[int, str]] = []
-    warnings: list[tuple[int, str]] = []
     complete_end = offset
-    group_due = 0  # lines still due in the open multi-line write, which began on group_first
-    group_first = 0
-    # The hot loop: a chunk of lines at a time, names bound locally, line_hash inlined (it is
-    # the same text); offsets are worked out per chunk, and per line only where one stops.
-    loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
     with log.reader() as stream:
         total = os.fstat(stream.fileno()).st_size if progress is not None else 0
+        # A chunk of lines at a time: offsets are worked out per chunk, and per line only
+        # where the fold stops.
         for batch, batch_start in iter_line_batches(stream, offset):
-            lines = batch if stop_after is None else batch[:stop_after - line_no]
-            first_line_no = line_no
-            for line in lines:
-                line_no += 1
-                this_hash = sha256(line).digest()[:8].hex()
-                event: Any = None
-                try:
-                    event = loads(line)
-                    if type(event) is not dict:
-                        raise RuleViolation("the line is not a JSON object")
-                    if group_due or "more" in event:
-                        group_first = group_first if group_due else line_no
-                        group_due = _group_due(event, group_due, group_first)
-                    if state is None:
-                        state = ledger.open_run(event, this_hash)
-                    else:
-                        if tolerant:
-                            _note_clock(state, event, line_no, warnings)
-                        apply(state, event, this_hash)
-                except (json_error, RuleViolation) as exc:
-                    reason = f"unparsable JSON ({exc})" if isinstance(exc, json_error) else str(exc)
-                    # A broken chain vouches for nothing from the line before it on.
-                    first_suspect = line_no
-                    if isinstance(exc, RuleViolation) and state is not None \
-                            and _only_chain_broken(state, event):
-                        first_suspect = line_no - 1
-                        reason += (f": line {line_no - 1} was changed after this line was written, or "
-                                   "a line was removed or inserted before this one")
-                    problems.append((line_no, reason))
-                    if not tolerant or state is None:
-                        problem = CorruptLedger(
-                            f"{log.where} line {line_no}: {reason}; writes are refused — "
-                            f"inspect with 'escalate runs verify {run_id}'",
-                            run=run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
-                        break
-                    _resync(state, event if type(event) is dict else None, this_hash)
-                    group_due = 0  # one bad marker is reported once, not on every line after it
-            folded = lines[:line_no - first_line_no - (problem is not None)]
+            lines = batch if stop_after is None else batch[:stop_after - fold.line_no]
+            folded = lines[:fold.lines(lines)]
             if folded:
                 offset = batch_start + sum(map(len, folded)) + len(folded)
                 last_line_start = offset - len(folded[-1]) - 1
-            complete_end = offset + (len(lines[len(folded)]) + 1 if problem is not None else 0)
-            if problem is not None or line_no == stop_after:
+            complete_end = offset + (len(lines[len(folded)]) + 1 if fold.problem is not None else 0)
+            if fold.problem is not None or fold.line_no == stop_after:
                 break
             if progress is not None:
                 progress(offset, total)
@@ -133,26 +91,102 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
             progress(total, total)  # done (also when a problem stopped the fold early)
         # After a problem, count the lines that were not folded, so that only bytes after
         # the last newline are reported as a torn tail.
-        for _, end in iter_lines(stream, complete_end) if problem is not None else ():
-            line_no += 1
+        for _, end in iter_lines(stream, complete_end) if fold.problem is not None else ():
+            fold.line_no += 1
             complete_end = end
         size = stream.seek(0, os.SEEK_END)
-    if group_due and problem is None:
+    if fold.group_due and fold.problem is None:
         # Rare (a cut write, or one still being written): fold again without the group
         # rather than buffer every group's lines in the hot loop.
-        before = group_first - 1
+        before = fold.group_first - 1
         return replay(log, run_id, tolerant=tolerant, stop_after=before,
                       start=start if start is not None and start.lines <= before else None)
-    if state is None:
-        if problem is not None:
-            raise problem
+    if fold.state is None:
+        if fold.problem is not None:
+            raise fold.problem
         raise UnknownRun(
             f"run {run_id} has no complete first line ({size} bytes of an unfinished one, left by "
             f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
             "to set them aside and create it", run=run_id, torn_bytes=size)
-    return Replayed(state=state, offset=offset, torn_bytes=size - complete_end, problem=problem,
-                    problems=problems, warnings=warnings, lines=line_no,
-                    last_line_start=last_line_start)
+    return Replayed(state=fold.state, offset=offset, torn_bytes=size - complete_end,
+                    problem=fold.problem, problems=fold.problems, warnings=fold.warnings,
+                    lines=fold.line_no, last_line_start=last_line_start)
+
+
+@dataclass(slots=True)
+class _Fold:
+    """A fold in progress: what the hot loop carries from one chunk of lines to the next."""
+
+    run_id: str
+    where: str
+    tolerant: bool
+    state: RunState | None
+    line_no: int  # lines folded so far
+    group_due: int = 0  # lines still due in the open multi-line write, which began on group_first
+    group_first: int = 0
+    problem: CorruptLedger | None = None
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+
+    def lines(self, lines: list[bytes]) -> int:
+        """Fold ``lines`` (complete, without their newlines); returns how many were folded:
+        all, or those before the line that stopped a strict fold (:attr:`problem`)."""
+        # The hot loop: names bound locally, line_hash inlined (it is the same text), the
+        # tolerant fold's clock check inlined.
+        loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
+        state, line_no, tolerant = self.state, self.line_no, self.tolerant
+        group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
+        first_line_no = line_no
+        for line in lines:
+            line_no += 1
+            this_hash = sha256(line).digest()[:8].hex()
+            event: Any = None
+            try:
+                event = loads(line)
+                if type(event) is not dict:
+                    raise RuleViolation("the line is not a JSON object")
+                if group_due or "more" in event:
+                    group_first = group_first if group_due else line_no
+                    group_due = _group_due(event, group_due, group_first)
+                if state is None:
+                    state = ledger.open_run(event, this_hash)
+                    continue
+                if tolerant:
+                    ts, last_ts = event.get("ts"), state.last_ts
+                    if type(ts) is str and type(last_ts) is str and ts < last_ts:
+                        warnings.append((line_no, _clock_warning(ts, last_ts)))
+                apply(state, event, this_hash)
+            except (json_error, RuleViolation) as exc:
+                if self._stops(exc, state, event, line_no, this_hash):
+                    line_no -= 1
+                    break
+                group_due = 0  # one bad marker is reported once, not on every line after it
+        self.state, self.line_no, self.group_due, self.group_first = state, line_no, group_due, group_first
+        if self.problem is not None:
+            self.line_no += 1  # the line that stopped the fold is counted, not folded
+        return line_no - first_line_no
+
+    def _stops(self, exc: Exception, state: RunState | None, event: Any, line_no: int,
+               this_hash: str) -> bool:
+        """Note the problem ``exc`` on line ``line_no``; True when it stops the fold (strict,
+        or no first line yet), else the fold goes on past the line (tolerant)."""
+        is_json_error = isinstance(exc, orjson.JSONDecodeError)
+        reason = f"unparsable JSON ({exc})" if is_json_error else str(exc)
+        # A broken chain vouches for nothing from the line before it on.
+        first_suspect = line_no
+        if not is_json_error and state is not None and _only_chain_broken(state, event):
+            first_suspect = line_no - 1
+            reason += (f": line {line_no - 1} was changed after this line was written, or "
+                       "a line was removed or inserted before this one")
+        self.problems.append((line_no, reason))
+        if not self.tolerant or state is None:
+            self.problem = CorruptLedger(
+                f"{self.where} line {line_no}: {reason}; writes are refused — "
+                f"inspect with 'escalate runs verify {self.run_id}'",
+                run=self.run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
+            return True
+        _resync(state, event if type(event) is dict else None, this_hash)
+        return False
 
 
 def _group_due(event: dict[str, Any], due: int, first: int) -> int:
@@ -167,15 +201,13 @@ def _group_due(event: dict[str, Any], due: int, first: int) -> int:
     return more
 
 
-def _note_clock(state: RunState, event: dict[str, Any], line_no: int,
-                warnings: list[tuple[int, str]]) -> None:
-    """Warn of a timestamp earlier than the line before it. Not corruption: the ledger's
-    rules do not depend on timestamps, and logs written before writers floored them at the
-    last line's may hold a clock that went back; refusing those would fail runs for nothing."""
-    ts = event.get("ts")
-    if type(ts) is str and type(state.last_ts) is str and ts < state.last_ts:
-        warnings.append((line_no, f"timestamp {ts} is earlier than the line before it "
-                                  f"({state.last_ts}): a writer's clock was behind"))
+def _clock_warning(ts: str, last_ts: str) -> str:
+    """The warning for a timestamp earlier than the line before it. Not corruption: the
+    ledger's rules do not depend on timestamps, and logs written before writers floored them
+    at the last line's may hold a clock that went back; refusing those would fail runs for
+    nothing."""
+    return (f"timestamp {ts} is earlier than the line before it ({last_ts}): a writer's clock "
+            "was behind")
 
 
 def _only_chain_broken(state: RunState, event: Any) -> bool:
