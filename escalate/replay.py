@@ -9,6 +9,7 @@ run on every store.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -227,3 +228,21 @@ def _resync(state: RunState, event: dict[str, Any] | None, this_hash: str) -> No
     seq = event.get("seq")
     state.seq = seq if type(seq) is int else state.seq + 1
     state.last_hash = this_hash
+
+
+def read_events(stream: BinaryIO, *, last: int | None, after_offset: int) -> tuple[list[Any], int]:
+    """The complete lines of ``stream`` from byte ``after_offset`` as events (the ``last``
+    ones only, if given), with the offset to read on from. Nothing is checked: an unparsable
+    line is skipped here, and ``runs verify`` is the place that names it."""
+    kept: collections.deque[bytes] = collections.deque(maxlen=last)
+    offset = after_offset
+    for line, end in iter_lines(stream, after_offset):
+        kept.append(line)
+        offset = end
+    parsed = []
+    for line in kept:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            event = orjson.loads(line)
+            if isinstance(event, dict):
+                parsed.append(event)
+    return parsed, offset

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, NotRequired, TypedDict
 
+from escalate.errors import Pending, Refused
+from escalate.ledger import Escalation
+
 
 class TaskResult(TypedDict):
     """``reserve``, ``increase`` and ``release``: the task's money after the command.
@@ -51,3 +54,20 @@ class SweepResult(TypedDict):
     run: str
     status: Literal["swept"]
     expired: list[str]
+
+
+def resolution_outcome(run_id: str, escalation: Escalation) -> ResolutionResult:
+    """What ``wait`` answers for a resolved escalation: the approval, or the refusal to raise."""
+    facts = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
+             "mode": escalation.mode, "by": escalation.by, "resolved_at": escalation.resolved_at}
+    if escalation.mode == "extend":
+        return {"status": "approved", "reserved_micros": escalation.requested_micros,
+                "extension_micros": escalation.extension_micros, "run": run_id,
+                "escalation_id": escalation.id, "task": escalation.task, "mode": escalation.mode,
+                "by": escalation.by, "resolved_at": escalation.resolved_at}
+    if escalation.mode == "cancel":
+        raise Refused(f"escalation {escalation.id} was cancelled by {escalation.by}; task "
+                      f"{escalation.task} is halted for good — use a new task id", code="cancelled",
+                      **facts)
+    raise Pending(f"escalation {escalation.id} was paused by {escalation.by}; task "
+                  f"{escalation.task} may ask again later with the same reserve", code="paused", **facts)

@@ -10,36 +10,29 @@ durable.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import enum
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from decimal import Decimal
 from typing import Any, BinaryIO, Final, cast
-
-import orjson
 
 from escalate import config, ledger
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, Clock
-from escalate.durations import MAX_ESCALATION_TIMEOUT_S, MAX_WAIT_S, check_duration, format_duration
+from escalate.durations import MAX_WAIT_S, check_duration, format_duration
 from escalate.errors import (
     Conflict,
     EscalateError,
     InputError,
     Pending,
-    Refused,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, iter_lines, seal
+from escalate.events import Event, format_ts, seal
 from escalate.ids import check_id
 from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.money import Amount, Micros, parse_micros
-from escalate.money import format_usd as usd
 from escalate.notify import run_hook
-from escalate.replay import Progress, Replayed
-from escalate.results import PolicyResult, ResolutionResult, SweepResult, TaskResult
+from escalate.replay import Progress, Replayed, read_events
+from escalate.results import PolicyResult, ResolutionResult, SweepResult, TaskResult, resolution_outcome
 from escalate.store import CacheInvalid, LedgerStore, Store, open_store
 
 _WAIT_POLL_S = 0.05
@@ -116,16 +109,8 @@ class Ledger:
         """
         run = cls(runs_dir, run_id, **options)
         run.runs.check_usable()
-        # Zero is refused too, so a negative cap gets the same advice, not "give 0 or more".
-        run_cap = 0 if _below_zero(cap) else parse_micros(cap, what="cap")
-        if run_cap == 0:
-            raise InputError(f"invalid cap {str(cap)[:40]!r}: must be more than 0; give --cap, e.g. --cap 10",
-                             code="invalid_amount")
-        task_cap_micros = None if task_cap is None else parse_micros(task_cap, what="task cap")
-        if task_cap_micros is not None and task_cap_micros > run_cap:
-            raise InputError("invalid task cap: it is above the run cap; lower --task-cap or raise --cap",
-                             code="invalid_amount")
-        policy = make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
+        run_cap, task_cap_micros = config.run_caps(cap, task_cap)
+        policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
         payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
         [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
@@ -144,7 +129,7 @@ class Ledger:
         have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
         if wanted == have:
             return run
-        differences = _setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
+        differences = config.setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
         only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
         raise Conflict(
             f"run {run.run_id} already exists with {'; '.join(differences)}; pick a new run id"
@@ -215,7 +200,7 @@ class Ledger:
         def decide(state: RunState, now: str, expired: list[str]) -> Decision:
             current = state.policy
             threshold = current.approval_threshold_micros
-            policy = make_policy(
+            policy = config.make_policy(
                 current.mode if escalation is UNCHANGED else escalation,
                 (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
                 else approval_threshold,
@@ -261,7 +246,7 @@ class Ledger:
                                    "nobody; there is nothing to wait for", escalation_id=escalation_id,
                                    state="resolved", mode=None)
                 if escalation.state == "resolved":
-                    return _outcome(self.run_id, escalation)
+                    return resolution_outcome(self.run_id, escalation)
                 waiting = (escalation, state.policy)
             # Expiry follows the clock, not the log: nobody else may ever write to this run again.
             if waiting is not None and ledger.is_expired(*waiting, format_ts(self.clock())):
@@ -319,19 +304,8 @@ class Ledger:
         if not self.store.exists():
             raise UnknownRun(f"no run {self.run_id} under {self.runs.where}; check the run id "
                              "with 'escalate runs list'", run=self.run_id)
-        kept: collections.deque[bytes] = collections.deque(maxlen=last)
-        offset = after_offset
         with self.store.reader() as stream:
-            for line, end in iter_lines(stream, after_offset):
-                kept.append(line)
-                offset = end
-        parsed = []
-        for line in kept:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                event = orjson.loads(line)
-                if isinstance(event, dict):
-                    parsed.append(event)
-        return parsed, offset
+            return read_events(stream, last=last, after_offset=after_offset)
 
     # ------------------------------------------------------------------ writing
 
@@ -416,70 +390,7 @@ class Ledger:
                          timeout_s=self.notify_timeout)
 
 
-def _setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:
-    """What ``runs init`` asked for that the existing run does not have, in words."""
-    differences = []
-    if existing.run_cap_micros != run_cap:
-        differences.append(f"cap {usd(existing.run_cap_micros)}, not {usd(run_cap)}")
-    if existing.task_cap_micros != task_cap:
-        differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
-    have, want = existing.policy.to_json(), policy.to_json()
-    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
-                    for key in have if have[key] != want[key]]
-    return differences
-
-
-def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount) -> Policy:
-    """Validate the escalation settings of ``runs init`` / ``runs set``."""
-    if mode not in ledger.MODES:
-        raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
-                         code="invalid_mode", value=mode)
-    if timeout_s is not None:
-        # An escalation that expires as it opens could never be approved; one past the
-        # maximum would have no expiry date to write.
-        check_duration(timeout_s, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
-        if timeout_s != int(timeout_s):
-            raise InputError(f"invalid escalation timeout {format_duration(timeout_s)}: give whole "
-                             "seconds, e.g. 90s, 30m or 1h", code="invalid_duration",
-                             value=format_duration(timeout_s))
-    return Policy(
-        mode=mode,
-        approval_threshold_micros=(None if threshold is None
-                                   else parse_micros(threshold, what="approval threshold")),
-        timeout_s=None if timeout_s is None else int(timeout_s),
-        max_extension_micros=parse_micros(max_extension, what="max extension"),
-    )
-
-
-def _outcome(run_id: str, escalation: ledger.Escalation) -> ResolutionResult:
-    facts = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
-             "mode": escalation.mode, "by": escalation.by, "resolved_at": escalation.resolved_at}
-    if escalation.mode == "extend":
-        return {"status": "approved", "reserved_micros": escalation.requested_micros,
-                "extension_micros": escalation.extension_micros, "run": run_id,
-                "escalation_id": escalation.id, "task": escalation.task, "mode": escalation.mode,
-                "by": escalation.by, "resolved_at": escalation.resolved_at}
-    if escalation.mode == "cancel":
-        raise Refused(f"escalation {escalation.id} was cancelled by {escalation.by}; task "
-                      f"{escalation.task} is halted for good — use a new task id", code="cancelled",
-                      **facts)
-    raise Pending(f"escalation {escalation.id} was paused by {escalation.by}; task "
-                  f"{escalation.task} may ask again later with the same reserve", code="paused", **facts)
-
-
 # ---------------------------------------------------------------------- many runs
-
-
-def _below_zero(amount: Amount) -> bool:
-    """Whether ``amount`` reads as a negative number: ``"-5"``, ``Decimal(-5)``, ``-5``; an
-    option taken for a value (``"--json"``) is not one."""
-    if isinstance(amount, str):
-        text = amount.strip()
-        return text.startswith("-") and not text.startswith("--")
-    if isinstance(amount, Decimal):
-        return amount.is_signed() and not amount.is_nan()
-    return isinstance(amount, Micros) and amount < 0
 
 
 def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
