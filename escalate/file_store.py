@@ -77,11 +77,11 @@ class FileLedger:
 
     @contextmanager
     def transaction(self, *, use_cache: bool = True) -> Iterator[FileTransaction]:
-        with self.log.resolved(), self.log.locked():
+        with self._present(), self.log.resolved(), self.log.locked():
             yield FileTransaction(self, use_cache=use_cache)
 
     def read(self, *, use_cache: bool = True) -> Replayed:
-        with self.log.resolved():
+        with self._present(), self.log.resolved():
             replayed = self._fold(writable=False, use_cache=use_cache)
             if replayed.problem is None:
                 return replayed
@@ -91,7 +91,8 @@ class FileLedger:
         def fold() -> Replayed:
             return replay(self.log, self.run_id, tolerant=True, progress=self.progress)
 
-        replayed = fold()
+        with self._present():
+            replayed = fold()
         return self._confirmed(replayed, fold) if replayed.problems else replayed
 
     def reader(self) -> BinaryIO:
@@ -104,6 +105,19 @@ class FileLedger:
         self.log.sync()
 
     # ------------------------------------------------------------------ internals
+
+    def _unknown(self) -> UnknownRun:
+        return UnknownRun(f"no run {self.run_id} under {self.where}; check the run id with "
+                          "'escalate runs list'", run=self.run_id)
+
+    @contextmanager
+    def _present(self) -> Iterator[None]:
+        """A run folder or log that disappears during a command (moved away, or swapped for
+        a link and back) is no run, as if it had never been there: nothing was written."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise self._unknown() from None
 
     def _confirmed(self, replayed: Replayed, fold: Callable[[], Replayed]) -> Replayed:
         """A problem that a reader without the lock finds may be a writer's recovery seen
@@ -122,8 +136,7 @@ class FileLedger:
         lines after it are read) and ``use_cache``. Only a writer holding the lock may build
         the checkpoint."""
         if not self.log.exists():
-            raise UnknownRun(f"no run {self.run_id} under {self.where}; check the run id with "
-                             "'escalate runs list'", run=self.run_id)
+            raise self._unknown()
         start = None
         if self.checkpoint is not None and use_cache:
             loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)

@@ -274,7 +274,8 @@ def test_rows_keep_first_seen_order_and_count(tmp_path: Path) -> None:
 def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
-    loaded = run.store.checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if run.store.checkpoint else None
+    checkpoint = run.store.checkpoint
+    loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
     assert loaded is not None
     tasks = loaded[0].tasks
     assert isinstance(tasks, Rows)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from escalate import InputError, Ledger, LockTimeout, Pending
+from escalate import InputError, Ledger, LockTimeout, Pending, UnknownRun
 from escalate.log import LOG_NAME, FileLog
 from tests.conftest import FakeClock
 
@@ -89,3 +89,14 @@ def test_sweep_reports_only_the_expiries_it_wrote(tmp_path: Path) -> None:
     expired = run.sweep()["expired"]
     ours = [orjson.loads(line) for line in log.read_bytes().splitlines()[written_by_other[0]:]]
     assert expired == [event["id"] for event in ours if event["type"] == "escalation_resolved"]
+
+
+@pytest.mark.parametrize("command", ["reserve", "state", "verify"])
+def test_a_run_folder_moved_away_after_opening_is_an_unknown_run(tmp_path: Path, command: str) -> None:
+    Ledger.init(tmp_path, "r", cap="10", actor="tester").reserve("a", "1")
+    run = Ledger.open(tmp_path, "r", actor="tester")
+    (tmp_path / "r").rename(tmp_path / "r.moved")
+    calls = {"reserve": lambda: run.reserve("b", "1"), "state": run.state, "verify": run.verify}
+    with pytest.raises(UnknownRun, match="no run r under"):
+        calls[command]()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.moved"]
