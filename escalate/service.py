@@ -73,8 +73,8 @@ class Ledger:
         self.clock = clock or config.utc_now
         self.notify_cmd = config.notify_cmd(notify_cmd)
         self.notify_timeout = config.notify_timeout(notify_timeout)
-        self.runs = open_store(runs_dir)
-        self.store: LedgerStore = self.runs.ledger(self.run_id, lock_timeout=timeout)
+        self.runs_store = open_store(runs_dir)
+        self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
 
     @property
     def progress(self) -> Progress | None:
@@ -108,7 +108,7 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never.
         """
         run = cls(runs_dir, run_id, **options)
-        run.runs.check_usable()
+        run.runs_store.check_usable()
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
         payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
@@ -144,7 +144,7 @@ class Ledger:
         run = cls(runs_dir, run_id, **options)
         if not run.store.exists():
             raise UnknownRun(
-                f"no run {run_id} under {run.runs.where}; see 'escalate runs list' (or check "
+                f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--runs-dir), or create it with 'escalate runs init {run_id} --cap USD'", run=run_id)
         return run
 
@@ -302,7 +302,7 @@ class Ledger:
         byte ``after_offset`` without the lock; returns them with the offset to read on from.
         An unparsable line is skipped here: ``runs verify`` is the place that names it."""
         if not self.store.exists():
-            raise UnknownRun(f"no run {self.run_id} under {self.runs.where}; check the run id "
+            raise UnknownRun(f"no run {self.run_id} under {self.runs_store.where}; check the run id "
                              "with 'escalate runs list'", run=self.run_id)
         with self.store.reader() as stream:
             return read_events(stream, last=last, after_offset=after_offset)
