@@ -73,6 +73,7 @@ class Ledger:
         self.clock = clock or config.utc_now
         self.notify_cmd = config.notify_cmd(notify_cmd)
         self.notify_timeout = config.notify_timeout(notify_timeout)
+        # The store holding every run (a runs folder), and this run in it.
         self.runs_store = open_store(runs_dir)
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
 
