@@ -474,7 +474,7 @@ def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, bar
             began = time.perf_counter()
             operation(task, amount)
             worst_op = max(worst_op, time.perf_counter() - began)
-            worst_wait = max(worst_wait, getattr(handle.log, "lock_wait_s", 0.0))
+            worst_wait = max(worst_wait, getattr(getattr(handle.store, "log", None), "lock_wait_s", 0.0))
     results.put((started, time.monotonic(), worst_wait, worst_op))
 
 

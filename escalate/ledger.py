@@ -140,7 +140,7 @@ class RunState:
     policy: Policy
     opened_at: str
     tasks: MutableMapping[str, Task] = field(default_factory=dict)
-    escalations: dict[str, Escalation] = field(default_factory=dict)
+    escalations: MutableMapping[str, Escalation] = field(default_factory=dict)
     open_escalations: dict[str, Escalation] = field(default_factory=dict)
     spent_micros: int = 0
     reserved_micros: int = 0

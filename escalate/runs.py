@@ -226,7 +226,7 @@ def verify_report(ledger: Ledger) -> VerifyReport:
     # (pydantic, loaded only here).
     from escalate.schema import line_problems
 
-    with ledger.log.reader() as stream:
+    with ledger.read_log() as stream:
         found = dict(problems)
         problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
                                         if line not in found)])

@@ -195,7 +195,7 @@ def test_a_log_appended_behind_the_caches_back_is_folded(tmp_path: Path) -> None
     assert _view(_ledger(tmp_path, clock)) == _view(_ledger(truth_root, FakeClock(clock.now)))
     # Another writer that keeps no cache appends; the cache is now behind the log.
     other = _ledger(tmp_path, clock)
-    other.checkpoint = None
+    other.store.checkpoint = None
     other.reserve("from-elsewhere", "0.10")
     view = _view(_ledger(tmp_path, clock))
     assert view["tasks"]["from-elsewhere"]["state"] == "reserved"
@@ -228,15 +228,32 @@ def test_a_truncated_log_is_noticed(tmp_path: Path) -> None:
     assert run.reserve("a", "1")["status"] == "reserved"
 
 
+def _read_through_checkpoint(run: Ledger) -> tuple[Any, bool]:
+    """A reader's fold of ``run``, and whether it started from the checkpoint."""
+    checkpoint = run.store.checkpoint
+    load, loaded = checkpoint.load, []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        found = load(*args, **kwargs)
+        loaded.append(found is not None)
+        return found
+
+    checkpoint.load = recorded
+    try:
+        return run.replayed(), any(loaded)
+    finally:
+        del checkpoint.load
+
+
 def test_readers_use_the_cache_and_never_write_it(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
     cache = tmp_path / "r" / CACHE_NAME
     before = cache.read_bytes()
-    assert run.snapshot().from_checkpoint  # the read came from the checkpoint
+    assert _read_through_checkpoint(run)[1]  # the read came from the checkpoint
     assert cache.read_bytes() == before
     cache.unlink()
-    assert not run.snapshot().from_checkpoint  # a read without it replays the log ...
+    assert not _read_through_checkpoint(run)[1]  # a read without it replays the log ...
     assert not cache.exists()  # ... and does not build it; the next writer does
     run.reserve("next", "0.01")
     assert cache.exists()
@@ -246,10 +263,10 @@ def test_rows_keep_first_seen_order_and_count(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
     _play(run, MORE)
-    from_cache = run.snapshot()
-    assert from_cache.from_checkpoint
+    from_cache, through_checkpoint = _read_through_checkpoint(run)
+    assert through_checkpoint
     (tmp_path / "r" / CACHE_NAME).unlink()
-    from_log = run.snapshot()
+    from_log = run.replayed()
     assert list(from_cache.state.tasks) == list(from_log.state.tasks)
     assert from_cache.state.totals() == from_log.state.totals()
 
@@ -257,7 +274,8 @@ def test_rows_keep_first_seen_order_and_count(tmp_path: Path) -> None:
 def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
-    loaded = run.checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if run.checkpoint else None
+    checkpoint = run.store.checkpoint
+    loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
     assert loaded is not None
     tasks = loaded[0].tasks
     assert isinstance(tasks, Rows)
@@ -374,7 +392,7 @@ shared = Ledger.open(root, "r", actor="tester")
 
 def break_every_row() -> None:
     # Under the run's lock, as a writer would: every task row now fails its CRC.
-    with Ledger.open(root, "r").log.locked(), sqlite3.connect(root / "r" / CACHE_NAME) as cache:
+    with Ledger.open(root, "r").store.log.locked(), sqlite3.connect(root / "r" / CACHE_NAME) as cache:
         cache.execute("UPDATE tasks SET crc = crc + 1")
 
 

@@ -183,7 +183,7 @@ def test_read_commands_show_the_state_before_the_bad_line(cli: Any, runs_dir: Pa
     # Lines 1-4: a holds 1, b holds 3 — and the 5 complete lines after are not a "torn tail".
     assert shown["reserved_micros"] == 4_000_000
     assert not any("unfinished line" in warning for warning in shown["warnings"])
-    assert Ledger.open(runs_dir, "r").snapshot().torn_bytes == 0
+    assert Ledger.open(runs_dir, "r").replayed().torn_bytes == 0
 
 
 def test_verify_ok_reports_counts_and_head(cli: Any, runs_dir: Path, clock: FakeClock) -> None:

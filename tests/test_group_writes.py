@@ -76,7 +76,7 @@ def test_an_approval_cut_after_its_first_line_grants_nothing(tmp_path: Path, clo
         run = Ledger.open(root, "r", clock=clock, actor="tester")
 
         # Readers count none of the write: no grant, no extension, the whole write is torn.
-        snapshot = run.snapshot()
+        snapshot = run.replayed()
         assert snapshot.problem is None and snapshot.torn_bytes == cut - len(before), cut
         assert (snapshot.state.extended_micros, snapshot.state.remaining_micros) == (0, 4 * USD)
         assert run.verify().problems == [] and run.verify().torn_bytes == cut - len(before)
@@ -121,7 +121,7 @@ def test_a_short_write_is_rolled_back_by_its_writer(tmp_path: Path, clock: FakeC
         env={**os.environ, "NO_COLOR": "1"})
     assert approver.returncode == 8 and b"the disk is full" in approver.stderr
     assert log.read_bytes() == before  # nothing of the half write is left
-    assert run.snapshot().torn_bytes == 0
+    assert run.replayed().torn_bytes == 0
     assert _outcome(run.wait, escalation_id, timeout_s=0) == (4, "escalation_open")
     assert run.approve(escalation_id, by="boss")["status"] == "approved"
     assert run.verify().problems == []

@@ -18,7 +18,7 @@ import pytest
 from escalate import Ledger
 from escalate.errors import CorruptLedger, InputError, Refused, UnknownRun
 from escalate.log import LOG_NAME
-from escalate.service import replay
+from escalate.replay import replay
 from tests.conftest import FakeClock, snapshot_tree
 
 
@@ -68,7 +68,7 @@ def test_every_cut_of_the_last_line_is_recovered(tmp_path: Path, clock: FakeCloc
 
         # Every reader ignores the torn tail.
         assert _money(run) == expected, cut
-        snapshot = run.snapshot()
+        snapshot = run.replayed()
         assert snapshot.problem is None and snapshot.torn_bytes == len(torn)
         assert run.verify().problems == []
 
@@ -199,9 +199,9 @@ def test_torn_tail_after_a_corrupt_line_is_left_alone(runs_dir: Path) -> None:
     with pytest.raises(CorruptLedger, match="line 3"):
         run.reserve("b", "0.5")
     assert _log_files(runs_dir) == before
-    snapshot = run.snapshot()
+    snapshot = run.replayed()
     assert snapshot.problem is not None and snapshot.torn_bytes == 10
-    assert replay(run.log, "r", tolerant=True).lines == 3
+    assert replay(run.store.log, "r", tolerant=True).lines == 3
 
 
 def test_readers_report_the_torn_tail(cli: Any, runs_dir: Path) -> None:
@@ -246,7 +246,7 @@ class _ReadThenRecover:
         self.stream.close()
 
 
-@pytest.mark.parametrize("reader", ["state", "snapshot", "verify"])
+@pytest.mark.parametrize("reader", ["state", "replayed", "verify"])
 def test_a_reader_never_reports_a_recovery_it_saw_half_way(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     import subprocess
@@ -277,7 +277,7 @@ def test_a_reader_never_reports_a_recovery_it_saw_half_way(
 
     monkeypatch.setattr(FileLog, "reader", reader_then_recovery)
     fresh = Ledger.open(root, "r", actor="tester")
-    fresh.checkpoint = None  # read the whole log, as a first reader does
+    fresh.store.checkpoint = None  # read the whole log, as a first reader does
     if reader == "state":
         state = fresh.state()
     else:

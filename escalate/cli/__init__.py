@@ -79,28 +79,30 @@ def _use_plain_usage(app: typer.Typer) -> None:
 
 RunsDirOption = Annotated[
     Path | None,
-    typer.Option("--runs-dir", envvar="ESCALATE_RUNS_DIR", show_envvar=True, metavar="PATH",
-                 help="Runs root folder [default: ./runs]."),
+    # No envvar= on these options: escalate.config reads each variable, in one place.
+    typer.Option("--runs-dir", metavar="PATH",
+                 help="Runs root folder [default: ./runs].  [env var: ESCALATE_RUNS_DIR]"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
 LockTimeoutOption = Annotated[
     str | None,
-    # No envvar= here: the library reads ESCALATE_LOCK_TIMEOUT itself, so that a bad value is
-    # reported under the variable's name, not as if --lock-timeout had been given.
+    # The library reads ESCALATE_LOCK_TIMEOUT itself, so that a bad value is reported under
+    # the variable's name, not as if --lock-timeout had been given.
     typer.Option("--lock-timeout", metavar="DURATION",
                  help="Longest wait for the run's lock, e.g. 30s or 2m, at most 1d [env var: "
                  "ESCALATE_LOCK_TIMEOUT] [default: 30s]."),
 ]
 ByOption = Annotated[
     str | None,
-    typer.Option("--by", envvar="ESCALATE_ACTOR", show_envvar=True, metavar="NAME",
-                 help="Who is acting, recorded in every event [default: the OS user]."),
+    typer.Option("--by", metavar="NAME",
+                 help="Who is acting, recorded in every event [default: the OS user].  [env var: "
+                 "ESCALATE_ACTOR]"),
 ]
 NotifyOption = Annotated[
     str | None,
-    typer.Option("--notify-cmd", envvar="ESCALATE_NOTIFY_CMD", show_envvar=True, metavar="CMD",
+    typer.Option("--notify-cmd", metavar="CMD",
                  help="Shell command run with each new escalation's JSON on stdin, after the lock "
-                 "is released."),
+                 "is released.  [env var: ESCALATE_NOTIFY_CMD]"),
 ]
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 
@@ -108,16 +110,16 @@ RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metav
 def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
                  notify_cmd: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
+    from escalate.config import default_runs_dir
     from escalate.durations import MAX_LOCK_TIMEOUT_S, parse_duration
-    from escalate.service import default_runs_dir
 
     options: dict[str, Any] = {"runs_dir": runs_dir or default_runs_dir()}
     if lock_timeout is not None:
         options["lock_timeout"] = parse_duration(lock_timeout, what="lock timeout",
                                                  maximum=MAX_LOCK_TIMEOUT_S)
     if by is not None:
-        # Only an explicit --by "" gets here (click ignores an empty ESCALATE_ACTOR); falling
-        # back to the OS user would record someone the caller did not name.
+        # Only an explicit --by "" gets here (the library reads ESCALATE_ACTOR); falling back
+        # to ESCALATE_ACTOR or the OS user would record someone the caller did not name.
         if not by:
             raise InputError("--by is empty: name who is acting, or leave --by out to use "
                              "ESCALATE_ACTOR or the OS user", code="invalid_actor")
@@ -127,8 +129,8 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     return options
 
 
-def open_run(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
-             notify_cmd: str | None = None, *, progress: bool = False) -> Any:
+def open_ledger(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
+                notify_cmd: str | None = None, *, progress: bool = False) -> "Ledger":
     """The :class:`escalate.Ledger` for an existing run; ``progress``: a reading command
     that shows a bar on a terminal while it replays a large log."""
     from escalate.service import Ledger
@@ -234,6 +236,8 @@ def full_app() -> typer.Typer:
 
 
 if TYPE_CHECKING:
+    from escalate.service import Ledger
+
     app: typer.Typer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,8 +16,8 @@ from escalate.cli import (
     RunArg,
     RunsDirOption,
     echo_line,
+    open_ledger,
     open_options,
-    open_run,
     respond,
 )
 
@@ -46,7 +47,7 @@ def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, loc
              by: str | None, json_out: bool) -> None:
     method = {"extend": "approve", "pause": "pause", "cancel": "cancel"}[mode]
     respond(json_out,
-            lambda: getattr(open_run(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
+            lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
 
 
 def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
@@ -83,11 +84,11 @@ def wait(
 ) -> None:
     """Block until an escalation is resolved: exit 0 approved, 3 cancelled, 4 paused or still open."""
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         from escalate.durations import MAX_WAIT_S, parse_duration
 
         seconds = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
-        return open_run(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)  # type: ignore[no-any-return]
+        return open_ledger(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)
 
     respond(json_out, action, _said)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, open_run, respond
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, open_ledger, respond
 from escalate.errors import EscalateError, Refused
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def gate(
 
         try:
             limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
-            checked = check_gate(open_run(run, runs_dir, None, progress=True), max_spent=limit,
+            checked = check_gate(open_ledger(run, runs_dir, None, progress=True), max_spent=limit,
                                  allow_halts=allow_halts, allow_open_escalations=allow_open_escalations,
                                  fail_on_held=fail_on_held)
         except EscalateError as error:

@@ -1,6 +1,7 @@
 """The hot commands shell scripts call: reserve, increase, release."""
 
 import sys
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +14,7 @@ from escalate.cli import (
     RunsDirOption,
     bad_input,
     echo_line,
-    open_run,
+    open_ledger,
     respond,
 )
 from escalate.errors import Pending
@@ -67,13 +68,13 @@ def reserve(
         bad_input("--timeout only applies with --wait; add --wait to block until a person decides",
                   json_out, code="usage")
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         from escalate.durations import MAX_WAIT_S, parse_duration
 
         wait_s = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
-        ledger = open_run(run, runs_dir, lock_timeout, by, notify_cmd)
+        ledger = open_ledger(run, runs_dir, lock_timeout, by, notify_cmd)
         try:
-            return ledger.reserve(task, estimate)  # type: ignore[no-any-return]
+            return ledger.reserve(task, estimate)
         except Pending as pending:
             if not wait:
                 raise
@@ -83,7 +84,7 @@ def reserve(
             said = pending.message.rpartition(" — ")[0] or pending.message
             print(f"escalate: {said} — waiting for a person (escalate approve {run} {escalation_id})",
                   file=sys.stderr, flush=True)
-            return ledger.wait(escalation_id, timeout_s=wait_s)  # type: ignore[no-any-return]
+            return ledger.wait(escalation_id, timeout_s=wait_s)
 
     respond(json_out, action, _say)
 
@@ -103,7 +104,8 @@ def increase(
 ) -> None:
     """Raise TASK's reservation to an absolute amount mid-flight."""
     respond(json_out,
-            lambda: open_run(run, runs_dir, lock_timeout, by, notify_cmd).increase(task, to, reason=reason),
+            lambda: open_ledger(run, runs_dir, lock_timeout, by, notify_cmd).increase(task, to,
+                                                                                   reason=reason),
             _say)
 
 
@@ -118,7 +120,7 @@ def release(
     json_out: JsonOption = False,
 ) -> None:
     """Settle TASK's reservation with its actual cost (may exceed the reservation)."""
-    respond(json_out, lambda: open_run(run, runs_dir, lock_timeout, by).release(task, actual), _say)
+    respond(json_out, lambda: open_ledger(run, runs_dir, lock_timeout, by).release(task, actual), _say)
 
 
 def register(app: typer.Typer) -> None:

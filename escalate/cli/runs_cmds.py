@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -17,8 +17,8 @@ from escalate.cli import (
     RunsDirOption,
     bad_input,
     echo_line,
+    open_ledger,
     open_options,
-    open_run,
     respond,
 )
 from escalate.cli.watch_cmds import watch
@@ -69,7 +69,8 @@ def init(
               "add --escalation enforce (or shadow) to use it", file=sys.stderr)
 
     def action() -> dict[str, Any]:
-        from escalate.service import DEFAULT_ESCALATION_TIMEOUT_S, Ledger
+        from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
+        from escalate.service import Ledger
 
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
@@ -119,7 +120,7 @@ def set_policy(
                   "--escalation-timeout or --max-extension", json_out, code="usage")
     before: dict[str, Any] = {}
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         changes: dict[str, Any] = {}
         if escalation is not None:
             changes["escalation"] = escalation
@@ -131,10 +132,10 @@ def set_policy(
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         if max_extension is not None:
             changes["max_extension"] = max_extension
-        ledger = open_run(run, runs_dir, lock_timeout, by)
+        ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
-        return ledger.set_policy(**changes)  # type: ignore[no-any-return]
+        return ledger.set_policy(**changes)
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
@@ -220,8 +221,8 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
-        ledger = open_run(run, runs_dir, None, progress=True)
-        snapshot = ledger.snapshot()
+        ledger = open_ledger(run, runs_dir, None, progress=True)
+        snapshot = ledger.replayed()
         recent = ledger.events(last=events)[0] if events else []
         if not as_json:
             return snapshot, recent
@@ -255,7 +256,7 @@ def show(
 
 
 def _warnings(snapshot: Any) -> list[str]:
-    """What a reader of ``snapshot`` (``Ledger.snapshot()``) is warned about."""
+    """What a reader of ``snapshot`` (``Ledger.replayed()``) is warned about."""
     warnings = []
     if snapshot.problem is not None:
         # The totals are those of the lines folded before the problem was found.
@@ -278,7 +279,7 @@ def verify(
         from escalate.errors import CorruptLedger
         from escalate.runs import verify_report
 
-        report = verify_report(open_run(run, runs_dir, None, progress=True))
+        report = verify_report(open_ledger(run, runs_dir, None, progress=True))
         if not json_out:
             for warning in report["warnings"]:
                 print(f"line {warning['line']}: warning: {printable(warning['warning'], limit=1000)}",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_run, print_json
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_ledger, print_json
 from escalate.errors import EscalateError
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def watch(
         pause = max(parse_duration(interval, what="interval", maximum=MAX_INTERVAL_S), 0.01)
         deadline = None if timeout is None else \
             time.monotonic() + parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
-        ledger = open_run(run, runs_dir, None)
+        ledger = open_ledger(run, runs_dir, None)
         out = console()
         # SIGTERM unwinds like Ctrl-C (exit 143, as a killed process): the live view gets to
         # give the terminal its cursor back.
@@ -74,7 +74,7 @@ def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: flo
     from escalate.render import run_panel, timeline_table
 
     def view() -> Group:
-        snapshot = ledger.snapshot()
+        snapshot = ledger.replayed()
         # The header goes first: Live crops what does not fit the terminal from the bottom.
         parts: list[Any] = [Text(f"watching {ledger.run_id} — Ctrl-C to stop", style="dim")]
         if snapshot.problem is not None:
@@ -84,13 +84,13 @@ def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: flo
             parts.append(timeline_table(ledger.events(last=last)[0]))
         return Group(*parts)
 
-    size = ledger.log.size()
+    size = ledger.log_size()
     live = Live(view(), console=out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
     try:  # not `with`: a signal during start() must still give the cursor back
         live.start(refresh=True)
         while not _past(deadline):
             time.sleep(pause)
-            now_size = ledger.log.size()
+            now_size = ledger.log_size()
             if now_size != size:
                 size = now_size
                 live.update(view(), refresh=True)

@@ -1,0 +1,160 @@
+"""Settings: the environment and its defaults (each variable read in one place), and the
+checks of a run's settings.
+
+The CLI passes what was given on the command line and ``None`` otherwise; the library
+resolves ``None`` here, so a bad value in a variable is reported under its own name and
+a Python caller gets the same defaults as the ``escalate`` command.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from escalate import ledger
+from escalate.durations import (
+    MAX_ESCALATION_TIMEOUT_S,
+    MAX_LOCK_TIMEOUT_S,
+    MAX_NOTIFY_TIMEOUT_S,
+    check_duration,
+    format_duration,
+    parse_duration,
+)
+from escalate.errors import InputError
+from escalate.ledger import Policy, RunState
+from escalate.money import Amount, Micros, parse_micros
+from escalate.money import format_usd as usd
+
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+DEFAULT_ESCALATION_TIMEOUT_S = 3600
+DEFAULT_NOTIFY_TIMEOUT_S = 10.0
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+def default_runs_dir() -> Path:
+    """``$ESCALATE_RUNS_DIR`` or ``./runs``."""
+    return Path(os.environ.get("ESCALATE_RUNS_DIR") or "runs")
+
+
+def lock_timeout(given: float | None) -> float:
+    """``given`` (checked), else ``$ESCALATE_LOCK_TIMEOUT`` (seconds, or 500ms, 2m …; at most
+    1d), else 30."""
+    if given is not None:
+        return check_duration(given, what="lock timeout", maximum=MAX_LOCK_TIMEOUT_S)
+    return _duration_from_env("ESCALATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S, MAX_LOCK_TIMEOUT_S)
+
+
+def notify_timeout(given: float | None) -> float:
+    """``given`` (checked), else ``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …; at
+    most 1h), else 10."""
+    if given is not None:
+        return check_duration(given, what="notify timeout", maximum=MAX_NOTIFY_TIMEOUT_S)
+    return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S)
+
+
+def _duration_from_env(name: str, default: float, maximum: float) -> float:
+    # An empty variable counts as unset, as the CLI's other environment variables do.
+    raw = os.environ.get(name)
+    return parse_duration(raw, what=name, maximum=maximum) if raw else default
+
+
+def notify_cmd(given: str | None) -> str | None:
+    """``given``, else ``$ESCALATE_NOTIFY_CMD`` (empty: none)."""
+    return given if given is not None else (os.environ.get("ESCALATE_NOTIFY_CMD") or None)
+
+
+def actor(given: str | None) -> str:
+    """``given`` (checked), else ``$ESCALATE_ACTOR``, else the OS user."""
+    return check_actor(given or _default_actor())
+
+
+def _default_actor() -> str:
+    name = os.environ.get("ESCALATE_ACTOR")
+    if name:
+        return name
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid-{os.getuid()}"
+
+
+def check_actor(name: str) -> str:
+    """``name`` if it can be recorded as who acted; :class:`InputError` otherwise."""
+    if not name or len(name) > 128 or not name.isprintable():
+        raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters",
+                         code="invalid_actor", value=name[:40])
+    return name
+
+
+# ---------------------------------------------------------------------- a run's settings
+
+
+def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
+    """``(run cap, task cap or None)`` in micros, checked (``runs init``)."""
+    # Zero is refused too, so a negative cap gets the same advice, not "give 0 or more".
+    run_cap = 0 if _below_zero(cap) else parse_micros(cap, what="cap")
+    if run_cap == 0:
+        raise InputError(f"invalid cap {str(cap)[:40]!r}: must be more than 0; give --cap, e.g. --cap 10",
+                         code="invalid_amount")
+    task_cap_micros = None if task_cap is None else parse_micros(task_cap, what="task cap")
+    if task_cap_micros is not None and task_cap_micros > run_cap:
+        raise InputError("invalid task cap: it is above the run cap; lower --task-cap or raise --cap",
+                         code="invalid_amount")
+    return run_cap, task_cap_micros
+
+
+def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
+                max_extension: Amount) -> Policy:
+    """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    if mode not in ledger.MODES:
+        raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
+                         code="invalid_mode", value=mode)
+    if timeout_s is not None:
+        # An escalation that expires as it opens could never be approved; one past the
+        # maximum would have no expiry date to write.
+        check_duration(timeout_s, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
+        if timeout_s != int(timeout_s):
+            raise InputError(f"invalid escalation timeout {format_duration(timeout_s)}: give whole "
+                             "seconds, e.g. 90s, 30m or 1h", code="invalid_duration",
+                             value=format_duration(timeout_s))
+    return Policy(
+        mode=mode,
+        approval_threshold_micros=(None if threshold is None
+                                   else parse_micros(threshold, what="approval threshold")),
+        timeout_s=None if timeout_s is None else int(timeout_s),
+        max_extension_micros=parse_micros(max_extension, what="max extension"),
+    )
+
+
+def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:
+    """What ``runs init`` asked for that the existing run does not have, in words."""
+    differences = []
+    if existing.run_cap_micros != run_cap:
+        differences.append(f"cap {usd(existing.run_cap_micros)}, not {usd(run_cap)}")
+    if existing.task_cap_micros != task_cap:
+        differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
+    have, want = existing.policy.to_json(), policy.to_json()
+    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
+                    for key in have if have[key] != want[key]]
+    return differences
+
+
+def _below_zero(amount: Amount) -> bool:
+    """Whether ``amount`` reads as a negative number: ``"-5"``, ``Decimal(-5)``, ``-5``; an
+    option taken for a value (``"--json"``) is not one."""
+    if isinstance(amount, str):
+        text = amount.strip()
+        return text.startswith("-") and not text.startswith("--")
+    if isinstance(amount, Decimal):
+        return amount.is_signed() and not amount.is_nan()
+    return isinstance(amount, Micros) and amount < 0

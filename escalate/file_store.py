@@ -1,0 +1,203 @@
+"""The file store: a runs folder with one folder per run (the default store).
+
+``RUNS/<run>/events.ndjson`` is the log (:class:`~escalate.log.FileLog`: the sidecar lock,
+crash-safe appends, torn tails), ``events.ndjson.cache.sqlite`` beside it the checkpoint
+(:class:`~escalate.cache.Checkpoint`). This module puts them behind the seam of
+:mod:`escalate.store`; every guarantee is theirs, listed in ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from escalate.cache import Checkpoint
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.events import Event
+from escalate.ledger import RunState
+from escalate.log import LOG_NAME, FileLog
+from escalate.replay import Progress, Replayed, replay
+from escalate.store import RecoveredFirstLines
+
+
+class FileStore:
+    """A runs root folder (:class:`escalate.store.Store`)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def where(self) -> str:
+        return str(self.root)
+
+    def check_usable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
+                             "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+
+    def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
+        return FileLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def run_ids(self) -> Iterator[str]:
+        """The ids of runs here (folders with a log), sorted."""
+        if not self.root.is_dir():
+            return
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and not entry.is_symlink() and (entry / LOG_NAME).is_file():
+                yield entry.name
+
+
+class FileLedger:
+    """One run folder (:class:`escalate.store.LedgerStore`)."""
+
+    def __init__(self, store: FileStore, run_id: str, *, lock_timeout: float) -> None:
+        self.run_id = run_id
+        self.progress: Progress | None = None
+        self._store = store
+        self.log = FileLog(store.root / run_id, lock_timeout=lock_timeout)
+        # A file beside the log, opened through the run folder's handle as the log is.
+        self.checkpoint: Checkpoint | None = Checkpoint(store.root / run_id, lambda: self.log.dir_fd)
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def command(self) -> contextlib.AbstractContextManager[None]:
+        return self.log.resolved()
+
+    def exists(self) -> bool:
+        return self.log.exists()
+
+    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+        return self.log.create(first_lines, recovered, self._has_first_line)
+
+    @contextmanager
+    def transaction(self, *, use_cache: bool = True) -> Iterator[FileTransaction]:
+        with self._present(), self.log.resolved(), self.log.locked():
+            yield FileTransaction(self, use_cache=use_cache)
+
+    def read(self, *, use_cache: bool = True) -> Replayed:
+        with self._present(), self.log.resolved():
+            replayed = self._fold(writable=False, use_cache=use_cache)
+            if replayed.problem is None:
+                return replayed
+            return self._confirmed(replayed, lambda: self._fold(writable=False, use_cache=use_cache))
+
+    def verify(self) -> Replayed:
+        def fold() -> Replayed:
+            return replay(self.log, self.run_id, tolerant=True, progress=self.progress)
+
+        with self._present():
+            replayed = fold()
+        return self._confirmed(replayed, fold) if replayed.problems else replayed
+
+    def reader(self) -> BinaryIO:
+        return self.log.reader()
+
+    def size(self) -> int:
+        return self.log.size()
+
+    def sync(self) -> None:
+        self.log.sync()
+
+    # ------------------------------------------------------------------ internals
+
+    def _unknown(self) -> UnknownRun:
+        return UnknownRun(f"no run {self.run_id} under {self.where}; check the run id with "
+                          "'escalate runs list'", run=self.run_id)
+
+    @contextmanager
+    def _present(self) -> Iterator[None]:
+        """A run folder or log that disappears during a command (moved away, or swapped for
+        a link and back) is no run, as if it had never been there: nothing was written."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise self._unknown() from None
+
+    def _confirmed(self, replayed: Replayed, fold: Callable[[], Replayed]) -> Replayed:
+        """A problem that a reader without the lock finds may be a writer's recovery seen
+        half-way: a torn tail written over between two of its reads glues the old torn bytes
+        to the end of the new lines. It is reported only if a fold under the run's lock
+        finds it too. Where the lock cannot be had (read-only media, a lock held past the
+        timeout) the first reading stands."""
+        try:
+            with self.log.locked():
+                return fold()
+        except (LockTimeout, StoreUnavailable, OSError):
+            return replayed
+
+    def _fold(self, *, writable: bool, use_cache: bool) -> Replayed:
+        """Fold the log, from the checkpoint when it still matches the log (then only the
+        lines after it are read) and ``use_cache``. Only a writer holding the lock may build
+        the checkpoint."""
+        if not self.log.exists():
+            raise self._unknown()
+        start = None
+        if self.checkpoint is not None and use_cache:
+            loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)
+            if loaded is not None:
+                state, offset, last_line_start, lines = loaded
+                start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
+                                 last_line_start=last_line_start)
+        replayed = replay(self.log, self.run_id, start=start, progress=self.progress)
+        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+        if start is not None and replayed.problem is not None:
+            # A problem is only ever reported from the log itself, never from the cache.
+            replayed = replay(self.log, self.run_id, progress=self.progress)
+        if replayed.problem is not None and not writable:
+            # What a reader shows stops before the first line the problem casts doubt on
+            # (with a broken chain, the line before the one that names it).
+            trusted = replayed.problem.facts["first_suspect_line"] - 1
+            if 0 < trusted < replayed.state.seq:
+                replayed.state = replay(self.log, self.run_id, stop_after=trusted).state
+        # A run is what its folder is called (a copied run folder is that copy).
+        replayed.state.run_id = self.run_id
+        return replayed
+
+    def _has_first_line(self) -> bool:
+        """True when the log holds a complete first write (a run exists, perhaps corrupt)."""
+        with contextlib.suppress(UnknownRun):
+            replay(self.log, self.run_id, stop_after=1)
+            return True
+        return False
+
+
+class FileTransaction:
+    """A command's critical section: the run's lock is held (:class:`escalate.store.Transaction`)."""
+
+    def __init__(self, ledger: FileLedger, *, use_cache: bool) -> None:
+        self._ledger = ledger
+        self._use_cache = use_cache
+        self._saved_to = ""
+
+    def load(self) -> Replayed:
+        return self._ledger._fold(writable=True, use_cache=self._use_cache)
+
+    def recovery(self, replayed: Replayed) -> Event | None:
+        # A torn tail is recorded first and only moved aside when this write happens, so
+        # a command refused after this leaves the log as it found it.
+        if not replayed.torn_bytes:
+            return None
+        self._saved_to = self._ledger.log.side_file_name(replayed.offset)
+        return {"type": "recovery", "torn_bytes": replayed.torn_bytes, "saved_to": self._saved_to}
+
+    def append(self, replayed: Replayed, lines: list[bytes]) -> None:
+        log = self._ledger.log
+        if self._saved_to:
+            log.set_aside(replayed.offset, self._saved_to)
+        if lines:
+            log.append(b"".join(lines), torn_from=replayed.offset if self._saved_to else None)
+
+    def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
+        checkpoint = self._ledger.checkpoint
+        if checkpoint is None or not (lines or not replayed.checkpoint_current):
+            return
+        offset = replayed.offset + sum(map(len, lines))
+        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+        checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
+                        self._ledger.log.bound_path(LOG_NAME))

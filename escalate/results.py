@@ -1,0 +1,73 @@
+"""What :class:`escalate.Ledger`'s commands return: one JSON-ready dict per answer.
+
+Every amount is integer micros. The same dicts are what ``--json`` prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+from escalate.errors import Pending, Refused
+from escalate.ledger import Escalation
+
+
+class TaskResult(TypedDict):
+    """``reserve``, ``increase`` and ``release``: the task's money after the command.
+    ``status`` is what happened (``reserved``, ``increased``, ``released``, ``exists``
+    for a repeat, or ``escalated``/``halted`` in shadow mode, which only records)."""
+
+    run: str
+    status: str
+    task: str
+    reserved_micros: int
+    remaining_micros: int
+    actual_micros: NotRequired[int | None]
+    shadow_escalation_id: NotRequired[str]
+
+
+class ResolutionResult(TypedDict):
+    """``approve``, ``pause`` and ``cancel`` (and ``wait`` on an approval)."""
+
+    run: str
+    status: str  # approved, paused, cancelled, or exists for the same resolution again
+    escalation_id: str
+    task: str
+    mode: str | None
+    by: str | None
+    resolved_at: NotRequired[str | None]
+    state: NotRequired[str]
+    reserved_micros: NotRequired[int]
+    extension_micros: NotRequired[int]
+
+
+class PolicyResult(TypedDict):
+    """``set_policy``: the escalation policy now in force."""
+
+    run: str
+    status: Literal["changed", "exists"]
+    escalation: dict[str, Any]
+
+
+class SweepResult(TypedDict):
+    """``sweep``: the escalations this call expired (paused by ``timeout``)."""
+
+    run: str
+    status: Literal["swept"]
+    expired: list[str]
+
+
+def resolution_outcome(run_id: str, escalation: Escalation) -> ResolutionResult:
+    """What ``wait`` answers for a resolved escalation: the approval, or the refusal to raise."""
+    facts = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
+             "mode": escalation.mode, "by": escalation.by, "resolved_at": escalation.resolved_at}
+    if escalation.mode == "extend":
+        return {"status": "approved", "reserved_micros": escalation.requested_micros,
+                "extension_micros": escalation.extension_micros, "run": run_id,
+                "escalation_id": escalation.id, "task": escalation.task, "mode": escalation.mode,
+                "by": escalation.by, "resolved_at": escalation.resolved_at}
+    if escalation.mode == "cancel":
+        raise Refused(f"escalation {escalation.id} was cancelled by {escalation.by}; task "
+                      f"{escalation.task} is halted for good — use a new task id", code="cancelled",
+                      **facts)
+    raise Pending(f"escalation {escalation.id} was paused by {escalation.by}; task "
+                  f"{escalation.task} may ask again later with the same reserve", code="paused", **facts)

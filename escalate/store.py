@@ -1,0 +1,159 @@
+"""The storage seam: what the ledger needs from a store, and :func:`open_store`.
+
+A store holds ledgers (runs). :class:`~escalate.service.Ledger` decides with pure code and
+asks its :class:`LedgerStore` for three things only:
+
+- a critical section (:meth:`LedgerStore.transaction`): load the checkpointed state and
+  the lines after it, append this command's lines atomically, save the checkpoint —
+  with no other writer in between;
+- lock-free reading: the fold of the run as a reader sees it, every line checked
+  (:meth:`LedgerStore.read`, :meth:`LedgerStore.verify`), and the raw lines
+  (:meth:`LedgerStore.reader`) for ``runs watch``, ``--events`` and an export;
+- durability (:meth:`LedgerStore.sync`): acknowledged means durable.
+
+The lines are the NDJSON bytes the file store writes, in every store, and they are
+folded by the same :func:`escalate.replay.replay`. The file store
+(:mod:`escalate.file_store`) is the first implementation; a second store is a new
+module that implements these protocols and a branch in :func:`open_store`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import BinaryIO, Protocol
+
+from escalate.errors import InputError
+from escalate.events import Event
+from escalate.ledger import RunState
+from escalate.replay import Progress, Replayed
+
+# ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
+_POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
+
+
+class CacheInvalid(Exception):
+    """A checkpoint turned out not to match the lines (or to be damaged) part-way through a
+    command, before anything was written: the command is decided again without it."""
+
+
+class Transaction(Protocol):
+    """One command's critical section on one ledger: no other writer runs in between."""
+
+    def load(self) -> Replayed:
+        """The state as of the last complete write: the checkpoint plus the lines after
+        it. A problem (a bad line) is in :attr:`Replayed.problem`, never raised here."""
+        ...
+
+    def recovery(self, replayed: Replayed) -> Event | None:
+        """The ``recovery`` payload to record before this command's events when the store
+        found what a crashed writer left (the file store: a torn tail), else ``None``."""
+        ...
+
+    def append(self, replayed: Replayed, lines: list[bytes]) -> None:
+        """Write ``lines`` (each ending in a newline) after ``replayed``, all or nothing,
+        first setting aside what :meth:`recovery` recorded."""
+        ...
+
+    def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
+        """Keep ``state`` (``replayed`` plus ``lines``) as the checkpoint the next command
+        starts from. It only ever saves time: a failure here changes no answer."""
+        ...
+
+
+class LedgerStore(Protocol):
+    """One ledger (a run) in a store."""
+
+    run_id: str
+    # Called as a fold reads the lines (the CLI shows a bar for a large run).
+    progress: Progress | None
+
+    @property
+    def where(self) -> str:
+        """What to call the store in a message (the file store: the runs folder)."""
+        ...
+
+    def command(self) -> AbstractContextManager[None]:
+        """Everything inside is one command on one ledger (the file store resolves the run
+        folder once, so a folder swapped half-way cannot split a command); nests."""
+        ...
+
+    def exists(self) -> bool:
+        """True when the ledger holds at least its first line."""
+        ...
+
+    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+        """Write a new ledger's first lines; False if the ledger already exists."""
+        ...
+
+    def transaction(self, *, use_cache: bool = True) -> AbstractContextManager[Transaction]:
+        """The critical section of one command (``use_cache=False``: load without the
+        checkpoint, after :class:`CacheInvalid`)."""
+        ...
+
+    def read(self, *, use_cache: bool = True) -> Replayed:
+        """The fold as a reader sees it, without the writers' lock. A problem is reported
+        only if a fold under the lock confirms it, and the state then stops before the
+        first line it casts doubt on. ``use_cache=False``: every line, never a checkpoint."""
+        ...
+
+    def verify(self) -> Replayed:
+        """A tolerant fold of every line that notes each problem (``runs verify``)."""
+        ...
+
+    def reader(self) -> BinaryIO:
+        """The raw lines from byte 0, read without the lock; the caller closes it."""
+        ...
+
+    def size(self) -> int:
+        """The bytes of lines stored so far: it grows with every write."""
+        ...
+
+    def sync(self) -> None:
+        """Make every line written so far durable (called after the critical section)."""
+        ...
+
+
+class RecoveredFirstLines(Protocol):
+    def __call__(self, torn_bytes: int, saved_to: str) -> bytes:
+        """The first lines to write instead, recording ``torn_bytes`` set aside in
+        ``saved_to`` (what a crash during an earlier create left)."""
+        ...
+
+
+class Store(Protocol):
+    """Where ledgers live: a runs folder, or (later) a database."""
+
+    @property
+    def where(self) -> str:
+        """What to call the store in a message."""
+        ...
+
+    def check_usable(self) -> None:
+        """:class:`InputError` if new ledgers cannot be made here (a file as the folder)."""
+        ...
+
+    def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:
+        """The ledger ``run_id`` (which may not exist yet)."""
+        ...
+
+    def run_ids(self) -> Iterator[str]:
+        """The ids of the ledgers in the store, sorted."""
+        ...
+
+
+def open_store(location: str | os.PathLike[str] | Store) -> Store:
+    """The store at ``location``: a folder path is a file store (a runs root);
+    a ``postgresql://`` URL is refused until that store exists."""
+    if not isinstance(location, (str, os.PathLike)):
+        return location
+    text = os.fspath(location)
+    if _POSTGRES_URL.match(text):
+        raise InputError("the PostgreSQL store is not built yet: give a runs folder with "
+                         "--runs-dir or ESCALATE_RUNS_DIR", code="store_not_supported",
+                         store=text.split("@")[-1][:80])
+    from escalate.file_store import FileStore
+
+    return FileStore(text)

@@ -1,0 +1,102 @@
+"""The storage seam: a store is chosen from a path or URL, and the ledger reaches its run
+only through it (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from escalate import InputError, Ledger, LockTimeout, Pending, UnknownRun
+from escalate.log import LOG_NAME, FileLog
+from tests.conftest import FakeClock
+
+POSTGRES = "postgresql://ledger:secret@db.example:5432/escalate"
+
+
+@pytest.mark.parametrize("url", [POSTGRES, "postgres://db/escalate"])
+def test_a_postgres_url_is_refused_until_that_store_exists(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: Ledger.init(url, "r", cap="1", actor="tester"),
+                 lambda: Ledger.open(url, "r", actor="tester")):
+        with pytest.raises(InputError, match="PostgreSQL store is not built yet") as refused:
+            call()
+        assert refused.value.exit_code == 2 and refused.value.code == "store_not_supported"
+        assert "secret" not in str(refused.value.to_json())  # a password is never echoed
+    assert list(tmp_path.iterdir()) == []  # nothing made on disk (no "postgresql:" folder)
+
+
+def test_the_cli_refuses_a_postgres_url_as_bad_input(
+        cli: Any, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ESCALATE_RUNS_DIR", POSTGRES)
+    result = cli("runs", "init", "r", "--cap", "1", "--json")
+    assert result.exit_code == 2
+    assert result.json()["error"] == "store_not_supported"
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("escalate: the PostgreSQL store")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _escalated(runs_dir: Path, clock: FakeClock) -> Ledger:
+    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2",
+                      escalation_timeout_s=1800, actor="tester", clock=clock)
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+    return run
+
+
+def test_sweep_reads_the_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    run = _escalated(tmp_path, clock)
+    clock.advance(3600)
+    opened = FileLog.reader
+    reads: list[Path] = []
+
+    def counted(self: FileLog) -> Any:
+        reads.append(self.path)
+        return opened(self)
+
+    monkeypatch.setattr(FileLog, "reader", counted)
+    assert run.sweep()["expired"] == ["esc-2"]
+    assert len(reads) == 1  # one fold, under the lock, decides and tells what it expired
+
+
+def test_sweep_reports_only_the_expiries_it_wrote(tmp_path: Path) -> None:
+    """Another writer whose clock is ahead expires the escalation while this sweep reads:
+    it carries that write's timestamp, but this sweep did not expire it."""
+    clock = FakeClock()
+    run = _escalated(tmp_path, clock)
+    ahead = Ledger.open(tmp_path, "r", actor="other", lock_timeout=0, clock=FakeClock(clock.now))
+    assert isinstance(ahead.clock, FakeClock)
+    ahead.clock.advance(3600)
+    log = tmp_path / "r" / LOG_NAME
+    written_by_other: list[int] = []
+
+    def meanwhile(done: int, total: int) -> None:
+        if written_by_other:
+            return
+        try:
+            ahead.sweep()
+        except LockTimeout:  # this sweep holds the lock: the other writer must wait
+            written_by_other.append(len(log.read_bytes().splitlines()))
+            return
+        written_by_other.append(len(log.read_bytes().splitlines()))
+
+    run.progress = meanwhile
+    expired = run.sweep()["expired"]
+    ours = [orjson.loads(line) for line in log.read_bytes().splitlines()[written_by_other[0]:]]
+    assert expired == [event["id"] for event in ours if event["type"] == "escalation_resolved"]
+
+
+@pytest.mark.parametrize("command", ["reserve", "state", "verify"])
+def test_a_run_folder_moved_away_after_opening_is_an_unknown_run(tmp_path: Path, command: str) -> None:
+    Ledger.init(tmp_path, "r", cap="10", actor="tester").reserve("a", "1")
+    run = Ledger.open(tmp_path, "r", actor="tester")
+    (tmp_path / "r").rename(tmp_path / "r.moved")
+    calls = {"reserve": lambda: run.reserve("b", "1"), "state": run.state, "verify": run.verify}
+    with pytest.raises(UnknownRun, match="no run r under"):
+        calls[command]()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.moved"]
