@@ -357,8 +357,18 @@ class Ledger:
                               actor=self.actor, grouped=True)
                 lines = [line + b"\n" for _, line, _ in sealed]
                 state.last_hash = sealed[-1][2]
+            if recovery is not None and not expiries and not decision.events:
+                # Only the torn tail would be written: an answer that needs no write (an
+                # idempotent repeat, a refusal already on record) leaves it for the next
+                # writer, so it works on a full disk or read-only media too. The state folded
+                # the recovery, so it is no checkpoint either.
+                return self._answer(first_seq, decision)
             transaction.append(replayed, lines)
             transaction.save_checkpoint(replayed, state, lines)
+        return self._answer(first_seq, decision)
+
+    def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
+        """Report a decision once everything it rests on is durable."""
         # Durable before anything is reported: this sync covers our lines and every line
         # before them (an answer like "exists" may rest on another process's write).
         self.store.sync()

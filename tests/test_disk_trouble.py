@@ -116,6 +116,32 @@ def test_on_a_read_only_mount_reading_answers_work_and_a_write_is_exit_8_read_on
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
 
 
+def test_a_torn_tail_on_a_read_only_mount_still_lets_repeats_answer(small_disk: Path) -> None:
+    """A repeat needs no write: it answers and leaves the torn tail for the next writer."""
+    runs_dir = small_disk / "runs"
+    run = Ledger.init(runs_dir, "r", cap="10", actor="tester")
+    run.reserve("t1", "1")
+    run.reserve("t2", "1")
+    run.release("t2", "0.5")
+    log = runs_dir / "r" / LOG_NAME
+    with log.open("ab") as handle:
+        handle.write(b'{"v":1,"seq')  # a writer's crash mid-line
+    before = log.read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        for args in (("reserve", "r", "t1", "--estimate", "1"), ("release", "r", "t2", "--actual", "0.5")):
+            repeat = _escalate(runs_dir, *args)
+            assert repeat.returncode == 0, repeat.stderr
+            assert orjson.loads(repeat.stdout)["status"] == "exists"
+        write = _escalate(runs_dir, "reserve", "r", "t3", "--estimate", "1")
+        assert write.returncode == 8 and orjson.loads(write.stdout)["error"] == "read_only"
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert log.read_bytes() == before
+    assert Ledger.open(runs_dir, "r").reserve("t3", "1")["status"] == "reserved"  # recovers it now
+    assert Ledger.open(runs_dir, "r").verify().problems == []
+
+
 _EIO_ON_WRITE = """
 import errno, os, sys
 def failing_write(fd, data):
