@@ -62,7 +62,7 @@ def drive_every_event_type(runs_dir: Path) -> None:
     def escalated(task: str, amount: str) -> str:
         with pytest.raises(Pending) as pending:
             run.reserve(task, amount)
-        return str(pending.value.facts["escalation_id"])
+        return str(pending.value.escalation_id)
 
     run.reserve("t1", "2")
     run.increase("t1", "2.5", reason="long diff")

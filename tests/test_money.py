@@ -292,7 +292,7 @@ def test_float_boundary_library(runs_dir: Path) -> None:
     with pytest.raises(Refused) as caught:
         run.reserve("c", "0.000001")
     assert caught.value.code == "over_budget"
-    assert caught.value.facts["remaining_micros"] == 0
+    assert caught.value.remaining_micros == 0
     state = run.state()
     assert state.committed_micros == 300_000
     assert state.tasks["c"].state == "halted"

@@ -298,7 +298,7 @@ def verify(
             report = ledger.verify()
         except Corrupt as error:  # the first line itself is bad: there is nothing to fold
             report = None
-            problems = [(error.facts["line"], error.facts["problem"])]
+            problems = [(error.line, error.problem)]
         else:
             problems = report.problems
         # Fields the fold does not use are checked too: every line against the event schema.
