@@ -200,3 +200,27 @@ def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.Monke
                 if "print(" in line and "# " in line]
     assert len(promised) == 5
     assert printed == promised
+
+
+def test_the_event_tables_in_the_docs_are_generated_from_the_definitions() -> None:
+    from escalate.schema import MARKDOWN_BEGIN, MARKDOWN_END, markdown_tables
+
+    text = (ROOT / "docs" / "events.md").read_text()
+    committed = text[text.index(MARKDOWN_BEGIN):text.index(MARKDOWN_END) + len(MARKDOWN_END)] + "\n"
+    assert committed == markdown_tables(), "paste the output of python -m escalate.schema --markdown"
+
+
+def test_the_constants_and_the_schema_come_from_the_payload_definitions() -> None:
+    from typing import get_args, get_type_hints
+
+    from escalate import events, ids, schema
+
+    kinds = tuple(get_args(get_type_hints(payload)["type"])[0] for payload in events.PAYLOADS)
+    assert kinds == events.EVENT_TYPES
+    assert [model.__name__ for model in schema.MODELS] == [payload.__name__ for payload in events.PAYLOADS]
+    for model, payload in zip(schema.MODELS, events.PAYLOADS, strict=True):
+        assert set(model.model_fields) == set(get_type_hints(events.Envelope)) | set(get_type_hints(payload))
+    definitions = schema.json_schema()["$defs"]
+    assert definitions["Halt"]["properties"]["reason"]["enum"] == list(events.HALT_REASONS)
+    assert definitions["EscalationPolicy"]["properties"]["mode"]["enum"] == list(events.MODES)
+    assert definitions["Escalation"]["properties"]["id"]["pattern"] == f"^{ids.ID_PATTERN.pattern}$"
