@@ -422,7 +422,7 @@ class Checkpoint:
             extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
             last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
         escalations = Rows[Escalation](connection, "escalations", guard)
-        state.escalations = escalations  # type: ignore[assignment]
+        state.escalations = escalations
         state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
         return state, offset, start, blob["lines"]
 
