@@ -1,5 +1,6 @@
-"""The budget rules, as pure arithmetic on integer micros: what fits, what remains, what
-extension a request needs. The decisions (:mod:`escalate.decide`) ask them before they
+"""The budget rules, as pure arithmetic on integer micros: what fits, what extension a
+request needs. What remains is :attr:`escalate.state.RunState.remaining_micros`, the one
+place it is computed. The decisions (:mod:`escalate.decide`) ask them before they
 write; the fold (:mod:`escalate.fold`) asks them again for every line it reads, as a
 safety net, so a rule is written once and both sides agree by construction.
 """
@@ -9,11 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 Cap = Literal["task_cap", "run_cap"]
-
-
-def remaining_micros(cap_micros: int, spent_micros: int, reserved_micros: int) -> int:
-    """What is left of the cap (extensions included): negative once releases ran over it."""
-    return cap_micros - spent_micros - reserved_micros
 
 
 def over_cap(total_micros: int, new_micros: int, task_cap_micros: int, remaining: int) -> Cap | None:
