@@ -45,6 +45,9 @@ class InputError(EscalateError, ValueError):
 
 class InvalidAmount(InputError):
     default_code = "invalid_amount"
+    # The name of the amount (``new amount``) when an option stood where its value belongs:
+    # the CLI names the option that gives it. Not a fact: the CLI's message carries it.
+    option_missing_for: str | None = None
 
 
 class InvalidId(InputError):
