@@ -1,13 +1,12 @@
-"""Event lines (schema v1): the typed definition of every event, the envelope, the hash
-chain, timestamps and encoding.
+"""Event lines (schema v1): the envelope, the hash chain, timestamps and encoding, and the
+constants of the format.
 
-The TypedDicts below are the one definition of the format: the constants (modes,
-resolutions, reasons, event types), the JSON Schema and pydantic validation
-(:mod:`escalate.schema`) and the table in ``docs/events.md`` are derived from them. An
-event is still a plain ``dict`` on the hot path (orjson keeps insertion order, so every
-line starts ``{"v":1,"seq":…,"ts":…,"type":…,"prev":…,"actor":…``); the TypedDicts only
-type it, and the markers in their ``Annotated`` fields (:class:`Check`, :class:`Doc`) say
-which rule a value follows, so this module needs no pydantic.
+The one definition of every event's fields is in :mod:`escalate.payloads` (TypedDicts,
+kept off the hot path: building them costs more than the rest of this module); the value
+sets below (modes, resolutions, reasons, event types) are the ``Literal`` types those
+definitions use, and the tuples are derived from them. An event is a plain ``dict`` on the
+hot path (orjson keeps insertion order, so every line starts
+``{"v":1,"seq":…,"ts":…,"type":…,"prev":…,"actor":…``).
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import Enum
-from typing import Annotated, Any, BinaryIO, Literal, NotRequired, TypedDict, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
 import orjson
 
@@ -34,38 +31,6 @@ HASH_PATTERN = re.compile(r"([0-9a-f]{16})?", re.ASCII)
 
 Event = dict[str, Any]  # one parsed line, as the reader sees it: nothing checked yet
 
-
-class Check(Enum):
-    """The rule a field's value follows; :mod:`escalate.schema` turns each into a constraint."""
-
-    MICROS = "USD in integer micros (1 USD = 1,000,000)."
-    SIGNED_MICROS = "Micros; negative once releases ran over the cap."
-    ID = "A run, task or escalation id (no '..')."
-    TIMESTAMP = "UTC, microseconds, fixed width: sorts as text."
-    NAME = "A person or process: printable, no control characters."
-    SEQ = "1, 2, 3 … with no gaps."
-    HASH = ("First 16 hex characters of SHA-256 over the previous line without its newline; "
-            "empty on the first line.")
-    MORE = "A count of lines, at least 1."
-    TIMEOUT = "Seconds, at most 1000 years."
-    BYTES = "A count of bytes."
-    TEXT = "Printable text."
-    REASON = "Printable text, at most 1000 characters."
-    FILE_NAME = "A file name: printable, 1-255 characters."
-
-
-@dataclass(frozen=True, slots=True)
-class Doc:
-    """What a field means, where its :class:`Check` does not say it all."""
-
-    text: str
-
-
-MicrosInt = Annotated[int, Check.MICROS]
-SignedMicrosInt = Annotated[int, Check.SIGNED_MICROS]
-IdStr = Annotated[str, Check.ID]
-TimestampStr = Annotated[str, Check.TIMESTAMP]
-NameStr = Annotated[str, Check.NAME]
 
 Mode = Literal["off", "shadow", "enforce"]
 # How a person answers an escalation. ``extend`` grants the request (extending the cap when
@@ -84,128 +49,6 @@ ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
-
-class EscalationPolicy(TypedDict):
-    """A run's escalation settings (``run_opened.escalation``, ``policy_changed.escalation``)."""
-
-    mode: Mode
-    approval_threshold_micros: Annotated[MicrosInt | None, Doc("null: no threshold.")]
-    timeout_s: Annotated[Annotated[int, Check.TIMEOUT] | None, Doc("null: escalations never time out.")]
-    max_extension_micros: MicrosInt
-
-
-class Envelope(TypedDict):
-    """The fields every line starts with, in this order."""
-
-    v: Annotated[Literal[1], Doc(f"Schema version ({SCHEMA_VERSION}).")]
-    seq: Annotated[int, Check.SEQ]
-    ts: TimestampStr
-    prev: Annotated[str, Check.HASH]
-    actor: Annotated[str, Check.NAME, Doc("--by, else $ESCALATE_ACTOR, else the OS user.")]
-    more: NotRequired[Annotated[Annotated[int, Check.MORE], Doc(
-        "On every line of a multi-line write but its last: how many lines of the same write "
-        "follow. A log whose complete lines end inside such a write ends in a torn tail from the "
-        "write's first line.")]]
-
-
-class RunOpened(TypedDict):
-    """The first line of every run."""
-
-    type: Literal["run_opened"]
-    run: IdStr
-    run_cap_micros: MicrosInt
-    task_cap_micros: MicrosInt
-    escalation: EscalationPolicy
-
-
-class BudgetReserved(TypedDict):
-    """A reservation is in flight."""
-
-    type: Literal["budget_reserved"]
-    task: IdStr
-    amount_micros: MicrosInt
-
-
-class BudgetIncreased(TypedDict):
-    """A task's reservation was raised to an absolute new amount."""
-
-    type: Literal["budget_increased"]
-    task: IdStr
-    from_micros: MicrosInt
-    to_micros: MicrosInt
-    reason: Annotated[str, Check.REASON]
-
-
-class Released(TypedDict):
-    """A reservation was settled with the task's actual cost."""
-
-    type: Literal["released"]
-    task: IdStr
-    reserved_micros: MicrosInt
-    actual_micros: MicrosInt
-
-
-class Halt(TypedDict):
-    """A task was refused for good."""
-
-    type: Literal["halt"]
-    task: IdStr
-    requested_micros: MicrosInt
-    remaining_micros: SignedMicrosInt
-    reason: HaltReason
-
-
-class Escalation(TypedDict):
-    """A request waits for a person (or, with ``shadow``, is only recorded)."""
-
-    type: Literal["escalation"]
-    id: IdStr
-    task: IdStr
-    kind: NotRequired[Annotated[EscalationKind, Doc("Whether a reserve or an increase asked.")]]
-    from_micros: NotRequired[Annotated[MicrosInt, Doc("What the task held before.")]]
-    requested_micros: Annotated[MicrosInt, Doc("The absolute reservation asked for.")]
-    remaining_micros: SignedMicrosInt
-    reason: EscalationReason
-    offered: list[Resolution]
-    needed_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
-        "The cap extension an approval needs (0 when only the threshold fired).")]]
-    expires_at: Annotated[TimestampStr | None, Doc("null: never expires (or shadow).")]
-    shadow: bool
-    note: NotRequired[Annotated[Annotated[str, Check.TEXT],
-                                Doc("Why extend is not offered, when it is not.")]]
-
-
-class EscalationResolved(TypedDict):
-    """The first resolution of an escalation (``by: "timeout"`` on expiry)."""
-
-    type: Literal["escalation_resolved"]
-    id: IdStr
-    mode: Resolution
-    by: NameStr
-    extension_micros: MicrosInt
-
-
-class Recovery(TypedDict):
-    """A torn tail (a final line without a newline) was moved to a side file."""
-
-    type: Literal["recovery"]
-    torn_bytes: Annotated[int, Check.BYTES]
-    saved_to: Annotated[str, Check.FILE_NAME]
-
-
-class PolicyChanged(TypedDict):
-    """The run's escalation policy changed (``escalate runs set``)."""
-
-    type: Literal["policy_changed"]
-    escalation: EscalationPolicy
-
-
-Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
-           | EscalationResolved | Recovery | PolicyChanged)
-# Every payload definition, in EVENT_TYPES order (a test holds the two together).
-PAYLOADS: tuple[type[Mapping[str, Any]], ...] = (
-    RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged)
 
 _READ_CHUNK = 1 << 20
 

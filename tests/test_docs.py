@@ -145,7 +145,8 @@ import sys
 for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to', '2'],
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
-print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate',
+print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.payloads',
+                        'escalate.gate',
                         'escalate.cli.runs_cmds', 'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
@@ -213,13 +214,14 @@ def test_the_event_tables_in_the_docs_are_generated_from_the_definitions() -> No
 def test_the_constants_and_the_schema_come_from_the_payload_definitions() -> None:
     from typing import get_args, get_type_hints
 
-    from escalate import events, ids, schema
+    from escalate import events, ids, payloads, schema
 
-    kinds = tuple(get_args(get_type_hints(payload)["type"])[0] for payload in events.PAYLOADS)
+    kinds = tuple(get_args(get_type_hints(payload)["type"])[0] for payload in payloads.PAYLOADS)
     assert kinds == events.EVENT_TYPES
-    assert [model.__name__ for model in schema.MODELS] == [payload.__name__ for payload in events.PAYLOADS]
-    for model, payload in zip(schema.MODELS, events.PAYLOADS, strict=True):
-        assert set(model.model_fields) == set(get_type_hints(events.Envelope)) | set(get_type_hints(payload))
+    assert [model.__name__ for model in schema.MODELS] == [payload.__name__ for payload in payloads.PAYLOADS]
+    envelope = set(get_type_hints(payloads.Envelope))
+    for model, payload in zip(schema.MODELS, payloads.PAYLOADS, strict=True):
+        assert set(model.model_fields) == envelope | set(get_type_hints(payload))
     definitions = schema.json_schema()["$defs"]
     assert definitions["Halt"]["properties"]["reason"]["enum"] == list(events.HALT_REASONS)
     assert definitions["EscalationPolicy"]["properties"]["mode"]["enum"] == list(events.MODES)
