@@ -161,7 +161,8 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
-    """approve (``extend``), pause or cancel an open escalation; first resolution wins."""
+    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation;
+    the first resolution wins."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return _fail(InputError(

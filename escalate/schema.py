@@ -1,7 +1,10 @@
-"""The event format (schema v1) as frozen pydantic models, and its JSON Schema.
+"""The event format (schema v1) as frozen pydantic models, its JSON Schema, and the tables
+of ``docs/events.md`` — all derived from the TypedDicts of :mod:`escalate.payloads`.
 
 The hot path writes plain dicts (:mod:`escalate.events`); these models describe the same
 lines for ``escalate schema``, for validation in tests, and for anyone who reads a log.
+A new field or event type is written once, in :mod:`escalate.payloads`; a new kind of
+value once more here, in ``_CHECKS`` (what its :class:`~escalate.payloads.Check` means).
 Only ``escalate schema`` and ``runs verify`` import this module, so pydantic never loads on
 ``reserve``/``increase``/``release``. Readers ignore fields they do not know, so every
 model allows extra fields.
