@@ -14,7 +14,9 @@ class EscalateError(Exception):
     """Base of every error escalate reports on purpose.
 
     ``code`` is a stable machine word (``over_budget``, ``conflict`` …), ``exit_code``
-    the CLI's exit status, ``facts`` the values a caller needs to decide what to do.
+    the CLI's exit status, ``facts`` the values a caller needs to decide what to do. Every
+    fact is also an attribute (``error.task``, as filelock's ``Timeout.lock_file``); the
+    subclasses declare the ones they carry, so a caller reads them typed.
     """
 
     exit_code: ClassVar[int] = 1
@@ -25,6 +27,8 @@ class EscalateError(Exception):
         self.message = message
         self.code = code or self.default_code
         self.facts: dict[str, Any] = facts
+        for name, value in facts.items():
+            setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
         """The error as the one JSON object the CLI prints with ``--json``."""
@@ -36,10 +40,14 @@ class InputError(EscalateError, ValueError):
 
     exit_code = 2
     default_code = "invalid_input"
+    value: str | None = None  # the bad input, quoted and cut to a readable length
 
 
 class InvalidAmount(InputError):
     default_code = "invalid_amount"
+    # The name of the amount (``new amount``) when an option stood where its value belongs:
+    # the CLI names the option that gives it. Not a fact: the CLI's message carries it.
+    option_missing_for: str | None = None
 
 
 class InvalidId(InputError):
@@ -55,6 +63,12 @@ class Refused(EscalateError):
 
     exit_code = 3
     default_code = "refused"
+    task: str | None = None
+    requested_micros: int | None = None
+    remaining_micros: int | None = None
+    task_cap_micros: int | None = None
+    cap_micros: int | None = None
+    escalation_id: str | None = None
 
 
 class Pending(EscalateError):
@@ -62,6 +76,13 @@ class Pending(EscalateError):
 
     exit_code = 4
     default_code = "escalation_open"
+    escalation_id: str  # always: the escalation to wait for
+    task: str | None = None
+    by: str | None = None  # who paused it (``timeout`` on expiry)
+    requested_micros: int | None = None
+    remaining_micros: int | None = None
+    offered: list[str] | None = None
+    expires_at: str | None = None
 
 
 class Conflict(EscalateError):
@@ -69,6 +90,11 @@ class Conflict(EscalateError):
 
     exit_code = 5
     default_code = "conflict"
+    task: str | None = None
+    state: str | None = None  # the task's or the escalation's state that forbids the request
+    escalation_id: str | None = None
+    mode: str | None = None
+    by: str | None = None
 
 
 class CorruptLedger(EscalateError):
@@ -76,6 +102,9 @@ class CorruptLedger(EscalateError):
 
     exit_code = 6
     default_code = "corrupt_ledger"
+    line: int  # the first line that breaks a rule (1-based)
+    problem: str
+    first_suspect_line: int  # the first line the problem casts doubt on
 
 
 class LockTimeout(EscalateError, TimeoutError):
@@ -83,6 +112,8 @@ class LockTimeout(EscalateError, TimeoutError):
 
     exit_code = 7
     default_code = "lock_timeout"
+    lock_file: str
+    timeout_s: float
 
 
 class StoreUnavailable(EscalateError):
@@ -92,6 +123,8 @@ class StoreUnavailable(EscalateError):
 
     exit_code = 8
     default_code = "store_unavailable"
+    path: str
+    errno: int | None
 
 
 # errno → (stable code, what it means, what to do next)

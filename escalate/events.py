@@ -1,33 +1,54 @@
-"""Event lines (schema v1): the envelope, the hash chain, timestamps and encoding.
+"""Event lines (schema v1): the envelope, the hash chain, timestamps and encoding, and the
+constants of the format.
 
-An event is a plain ``dict`` on the hot path (orjson keeps insertion order, so every
-line starts ``{"v":1,"seq":…,"ts":…,"type":…,"prev":…,"actor":…``). The pydantic models
-in :mod:`escalate.schema` describe the same shapes for validation and documentation.
+The one definition of every event's fields is in :mod:`escalate.payloads` (TypedDicts,
+kept off the hot path: building them costs more than the rest of this module); the value
+sets below (modes, resolutions, reasons, event types) are the ``Literal`` types those
+definitions use, and the tuples are derived from them. An event is a plain ``dict`` on the
+hot path (orjson keeps insertion order, so every line starts
+``{"v":1,"seq":…,"ts":…,"type":…,"prev":…,"actor":…``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, get_args
 
 import orjson
 
 SCHEMA_VERSION = 1
-EVENT_TYPES = (
-    "run_opened",
-    "budget_reserved",
-    "budget_increased",
-    "released",
-    "halt",
-    "escalation",
-    "escalation_resolved",
-    "recovery",
-    "policy_changed",
-)
+# An escalation's expiry must stay a date (datetime ends in year 9999): 1000 years is plenty.
+MAX_TIMEOUT_S = 1000 * 366 * 86400
+MAX_ACTOR_LENGTH = 128
+MAX_REASON_LENGTH = 1000
+MAX_FILE_NAME_LENGTH = 255
+# The exact text format_ts writes; parse_ts then rejects a 13th month or a 30 February.
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII)
+HASH_PATTERN = re.compile(r"([0-9a-f]{16})?", re.ASCII)
 
-Event = dict[str, Any]
+Event = dict[str, Any]  # one parsed line, as the reader sees it: nothing checked yet
+
+
+Mode = Literal["off", "shadow", "enforce"]
+# How a person answers an escalation. ``extend`` grants the request (extending the cap when
+# it needs it): the command is ``approve``, its result status ``approved``.
+Resolution = Literal["extend", "pause", "cancel"]
+HaltReason = Literal["run_cap", "task_cap", "cancelled"]
+EscalationKind = Literal["reserve", "increase"]
+EscalationReason = Literal["run_cap", "threshold"]
+EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
+                    "escalation_resolved", "recovery", "policy_changed"]
+
+MODES: tuple[Mode, ...] = get_args(Mode)
+RESOLUTIONS: tuple[Resolution, ...] = get_args(Resolution)
+HALT_REASONS: tuple[HaltReason, ...] = get_args(HaltReason)
+ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
+ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
+
 
 _READ_CHUNK = 1 << 20
 
@@ -55,7 +76,7 @@ def add_seconds(ts: str, seconds: int) -> str:
 
 
 def seal(
-    payloads: Iterable[Event], *, seq: int, prev: str, ts: str, actor: str, grouped: bool = False
+    payloads: Iterable[Mapping[str, Any]], *, seq: int, prev: str, ts: str, actor: str, grouped: bool = False
 ) -> list[tuple[Event, bytes, str]]:
     """Wrap payloads in envelopes that continue the chain after (``seq``, ``prev``).
 

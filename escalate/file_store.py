@@ -152,7 +152,7 @@ class FileLedger:
         if replayed.problem is not None and not writable:
             # What a reader shows stops before the first line the problem casts doubt on
             # (with a broken chain, the line before the one that names it).
-            trusted = replayed.problem.facts["first_suspect_line"] - 1
+            trusted = replayed.problem.first_suspect_line - 1
             if 0 < trusted < replayed.state.seq:
                 replayed.state = replay(self.log, self.run_id, stop_after=trusted).state
         # A run is what its folder is called (a copied run folder is that copy).

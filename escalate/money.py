@@ -47,8 +47,6 @@ _USD_TEXT = re.compile(r"\$?([0-9]*)(?:\.([0-9]*))?", re.ASCII)
 _GROUPED = re.compile(r"\$?[0-9]{1,3}([,_' ])[0-9]{3}(?:\1[0-9]{3})*(?:\.[0-9]*)?", re.ASCII)
 # "-0", "-0.00", "-$0" and "-" alone name no negative value: refused as malformed, not as negative.
 _MINUS_NOTHING = re.compile(r"-\$?0*\.?0*", re.ASCII)
-# Where the library's name for an amount differs from the option that gives it.
-_OPTION_OF = {"new amount": "--to"}
 
 
 def parse_micros(value: Amount, *, what: str = "amount") -> int:
@@ -85,10 +83,15 @@ def parse_micros(value: Amount, *, what: str = "amount") -> int:
 def _text_to_micros(text: str, what: str) -> int:
     stripped = text.strip()
     if stripped.startswith("--"):
-        # A missing value makes the parser take the next option as the amount.
+        # A missing value makes the parser take the next option as the amount. Which option
+        # gives the amount is the caller's to say: ``what`` when it names one (``--max-spent``),
+        # else the CLI adds it (from ``option_missing_for``).
         shown = _shown(text)
-        raise InvalidAmount(f"invalid {what} {shown!r}: that is an option, not an amount — give a value "
-                            f"after {_option_of(what)}", value=shown)
+        after = f" after {what}" if what.startswith("--") else ""
+        error = InvalidAmount(f"invalid {what} {shown!r}: that is an option, not an amount — give a "
+                              f"value{after}", value=shown)
+        error.option_missing_for = None if after else what
+        raise error
     if stripped.startswith("-") and not _MINUS_NOTHING.fullmatch(stripped):
         raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative; give 0 or more",
                             value=text[:40])
@@ -122,13 +125,6 @@ def _text_to_micros(text: str, what: str) -> int:
 
 def _shown(text: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _option_of(what: str) -> str:
-    """The CLI option that gives ``what`` (``estimate`` → ``--estimate``)."""
-    if what.startswith("--"):
-        return what
-    return _OPTION_OF.get(what, "--" + what.replace(" ", "-"))
 
 
 def _decimal_to_micros(value: Decimal, what: str) -> int:

@@ -79,7 +79,7 @@ def halted_tasks(state: RunState) -> list[tuple[str, str]]:
 def top_tasks(state: RunState, limit: int = 10) -> list[tuple[str, int, str]]:
     """The most expensive tasks: ``(task, cost, state)``, where cost is the actual cost of a
     released task and what an in-flight task holds; ties keep log order."""
-    costs = []
+    costs: list[tuple[str, int, str]] = []
     for task_id, task in state.tasks.items():
         if task.actual_micros is not None:
             costs.append((task_id, task.actual_micros, task.state))

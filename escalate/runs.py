@@ -218,7 +218,7 @@ def verify_report(ledger: Ledger) -> VerifyReport:
         replayed = ledger.verify()
     except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
         report = None
-        problems = [(error.facts["line"], error.facts["problem"])]
+        problems = [(error.line, error.problem)]
     else:
         report = replayed
         problems = replayed.problems

@@ -1,7 +1,10 @@
-"""The event format (schema v1) as frozen pydantic models, and its JSON Schema.
+"""The event format (schema v1) as frozen pydantic models, its JSON Schema, and the tables
+of ``docs/events.md`` — all derived from the TypedDicts of :mod:`escalate.payloads`.
 
 The hot path writes plain dicts (:mod:`escalate.events`); these models describe the same
 lines for ``escalate schema``, for validation in tests, and for anyone who reads a log.
+A new field or event type is written once, in :mod:`escalate.payloads`; a new kind of
+value once more here, in ``_CHECKS`` (what its :class:`~escalate.payloads.Check` means).
 Only ``escalate schema`` and ``runs verify`` import this module, so pydantic never loads on
 ``reserve``/``increase``/``release``. Readers ignore fields they do not know, so every
 model allows extra fields.
@@ -9,8 +12,10 @@ model allows extra fields.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal, NotRequired, Union, get_args, get_origin, get_type_hints
 
 import orjson
 from pydantic import (
@@ -20,12 +25,24 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    create_model,
     model_validator,
 )
 
-from escalate.events import SCHEMA_VERSION, iter_lines, parse_ts
-from escalate.ledger import MAX_ACTOR_LENGTH, MAX_TIMEOUT_S
+from escalate import events, payloads
+from escalate.events import (
+    MAX_ACTOR_LENGTH,
+    MAX_FILE_NAME_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_TIMEOUT_S,
+    SCHEMA_VERSION,
+    iter_lines,
+    parse_ts,
+)
+from escalate.ids import ID_PATTERN
 from escalate.money import MAX_MICROS
+from escalate.payloads import PAYLOADS, Check, Doc
+from escalate.rules import task_cap_fits
 
 
 def _printable(value: str) -> str:
@@ -45,160 +62,95 @@ def _real_moment(value: str) -> str:
     return value
 
 
-Micros = Annotated[int, Field(ge=0, le=MAX_MICROS, description="USD in integer micros (1 USD = 1,000,000).")]
-SignedMicros = Annotated[int, Field(description="Micros; negative once releases ran over the cap.")]
-Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
-                          description="A run, task or escalation id (no '..')."), AfterValidator(_no_dot_dot)]
-Timestamp = Annotated[str, Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
-                                         r"\.[0-9]{6}Z$",
-                                 description="UTC, microseconds, fixed width: sorts as text."),
-                      AfterValidator(_real_moment)]
-Name = Annotated[str, Field(min_length=1, max_length=MAX_ACTOR_LENGTH,
-                            description="A person or process: printable, no control characters."),
-                 AfterValidator(_printable)]
-Resolution = Literal["extend", "pause", "cancel"]
+Printable = AfterValidator(_printable)
+# What each rule of :mod:`escalate.events` means for pydantic: the one place that says it.
+_CHECKS: dict[Check, Any] = {
+    Check.MICROS: Annotated[int, Field(ge=0, le=MAX_MICROS, description=Check.MICROS.value)],
+    Check.SIGNED_MICROS: Annotated[int, Field(description=Check.SIGNED_MICROS.value)],
+    Check.ID: Annotated[str, Field(pattern=f"^{ID_PATTERN.pattern}$", description=Check.ID.value),
+                        AfterValidator(_no_dot_dot)],
+    Check.TIMESTAMP: Annotated[str, Field(pattern=f"^{events.TIMESTAMP_PATTERN.pattern}$",
+                                          description=Check.TIMESTAMP.value), AfterValidator(_real_moment)],
+    Check.NAME: Annotated[str, Field(min_length=1, max_length=MAX_ACTOR_LENGTH, description=Check.NAME.value),
+                          Printable],
+    Check.SEQ: Annotated[int, Field(ge=1, description=Check.SEQ.value)],
+    Check.HASH: Annotated[str, Field(pattern=f"^{events.HASH_PATTERN.pattern}$",
+                                     description=Check.HASH.value)],
+    Check.MORE: Annotated[int, Field(ge=1)],
+    Check.TIMEOUT: Annotated[int, Field(ge=0, le=MAX_TIMEOUT_S)],
+    Check.BYTES: Annotated[int, Field(ge=0)],
+    Check.TEXT: Annotated[str, Printable],
+    Check.REASON: Annotated[str, Field(max_length=MAX_REASON_LENGTH), Printable],
+    Check.FILE_NAME: Annotated[str, Field(min_length=1, max_length=MAX_FILE_NAME_LENGTH), Printable],
+}
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow", strict=True)
 
 
-class EscalationPolicy(_Model):
-    """A run's escalation settings (``run_opened.escalation``, ``policy_changed.escalation``)."""
-
-    mode: Literal["off", "shadow", "enforce"]
-    approval_threshold_micros: Micros | None = Field(description="null: no threshold.")
-    timeout_s: Annotated[int, Field(ge=0, le=MAX_TIMEOUT_S)] | None = Field(
-        description="null: escalations never time out.")
-    max_extension_micros: Micros
-
-
-class _Envelope(_Model):
-    v: Literal[1] = Field(description=f"Schema version ({SCHEMA_VERSION}).")
-    seq: Annotated[int, Field(ge=1)] = Field(description="1, 2, 3 … with no gaps.")
-    ts: Timestamp
-    prev: Annotated[str, Field(pattern=r"^([0-9a-f]{16})?$")] = Field(
-        description="First 16 hex characters of SHA-256 over the previous line without its "
-        "newline; empty on the first line.")
-    actor: Name = Field(description="--by, else $ESCALATE_ACTOR, else the OS user.")
-    more: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="On every line of a multi-line write but its last: how many "
-        "lines of the same write follow. A log whose complete lines end inside such a write "
-        "ends in a torn tail from the write's first line.")
+def _pydantic_type(hint: Any) -> Any:
+    """``hint`` from a TypedDict of :mod:`escalate.events`, with its markers made constraints."""
+    if get_origin(hint) is Annotated:
+        base, *marks = get_args(hint)
+        checks = [mark for mark in marks if isinstance(mark, Check)]
+        return _CHECKS[checks[0]] if checks else _pydantic_type(base)
+    if get_origin(hint) in (Union, types.UnionType):
+        return Union[tuple(_pydantic_type(arg) for arg in get_args(hint))]  # noqa: UP007
+    if get_origin(hint) is list:
+        return list[_pydantic_type(get_args(hint)[0])]  # type: ignore[misc]
+    if isinstance(hint, type) and hint in _MODELS_OF:
+        return _MODELS_OF[hint]
+    return hint
 
 
-class RunOpened(_Envelope):
-    """The first line of every run."""
+def _field(hint: Any) -> tuple[Any, Any]:
+    """``(type, FieldInfo)`` for one TypedDict field: a ``NotRequired`` one reads as null."""
+    optional = get_origin(hint) is NotRequired
+    if optional:
+        hint = get_args(hint)[0]
+    doc = None
+    if get_origin(hint) is Annotated:
+        doc = next((mark.text for mark in get_args(hint)[1:] if isinstance(mark, Doc)), None)
+    shape = _pydantic_type(hint)
+    # A description only when there is one: None would hide the one the rule's type has.
+    if optional:
+        return shape | None, (Field(None, description=doc) if doc else Field(None))
+    return shape, (Field(description=doc) if doc else Field())
 
-    type: Literal["run_opened"]
-    run: Id
-    run_cap_micros: Micros
-    task_cap_micros: Micros
-    escalation: EscalationPolicy
 
+def _model(definition: type, base: type[_Model]) -> type[_Model]:
+    hints = get_type_hints(definition, include_extras=True)
+    fields: dict[str, Any] = {name: _field(hint) for name, hint in hints.items()
+                              if name not in base.model_fields}
+    model: type[_Model] = create_model(definition.__name__, __base__=base, __doc__=definition.__doc__,
+                                       __module__=__name__, **fields)
+    return model
+
+
+_MODELS_OF: dict[type, type[_Model]] = {}
+EscalationPolicy = _MODELS_OF[payloads.EscalationPolicy] = _model(payloads.EscalationPolicy, _Model)
+_Envelope = _model(payloads.Envelope, _Model)
+
+
+class _RunOpenedRule(_Envelope):  # type: ignore[valid-type,misc]
     @model_validator(mode="after")
-    def _task_cap_within_run_cap(self) -> RunOpened:
-        if self.task_cap_micros > self.run_cap_micros:
+    def _task_cap_within_run_cap(self) -> Any:
+        if not task_cap_fits(self.task_cap_micros, self.run_cap_micros):
             raise ValueError("task_cap_micros must not be above run_cap_micros")
         return self
 
 
-class BudgetReserved(_Envelope):
-    """A reservation is in flight."""
+# The pydantic model of each event, named as its TypedDict (``escalate schema`` names them).
+MODELS: tuple[type[_Model], ...] = tuple(
+    _model(payload, _RunOpenedRule if payload is payloads.RunOpened else _Envelope) for payload in PAYLOADS)
 
-    type: Literal["budget_reserved"]
-    task: Id
-    amount_micros: Micros
+EventModel = Annotated[Union[MODELS], Field(discriminator="type")]  # type: ignore[valid-type] # noqa: UP007
 
-
-class BudgetIncreased(_Envelope):
-    """A task's reservation was raised to an absolute new amount."""
-
-    type: Literal["budget_increased"]
-    task: Id
-    from_micros: Micros
-    to_micros: Micros
-    reason: Annotated[str, Field(max_length=1000), AfterValidator(_printable)]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(EventModel)
 
 
-class Released(_Envelope):
-    """A reservation was settled with the task's actual cost."""
-
-    type: Literal["released"]
-    task: Id
-    reserved_micros: Micros
-    actual_micros: Micros
-
-
-class Halt(_Envelope):
-    """A task was refused for good."""
-
-    type: Literal["halt"]
-    task: Id
-    requested_micros: Micros
-    remaining_micros: SignedMicros
-    reason: Literal["run_cap", "task_cap", "cancelled"]
-
-
-class Escalation(_Envelope):
-    """A request waits for a person (or, with ``shadow``, is only recorded)."""
-
-    type: Literal["escalation"]
-    id: Id
-    task: Id
-    kind: Literal["reserve", "increase"] | None = Field(
-        default=None, description="Whether a reserve or an increase asked.")
-    from_micros: Micros | None = Field(default=None, description="What the task held before.")
-    requested_micros: Micros = Field(description="The absolute reservation asked for.")
-    remaining_micros: SignedMicros
-    reason: Literal["run_cap", "threshold"]
-    offered: list[Resolution]
-    needed_extension_micros: Micros | None = Field(
-        default=None, description="The cap extension an approval needs (0 when only the threshold fired).")
-    expires_at: Timestamp | None = Field(description="null: never expires (or shadow).")
-    shadow: bool
-    note: Annotated[str, AfterValidator(_printable)] | None = Field(
-        default=None, description="Why extend is not offered, when it is not.")
-
-
-class EscalationResolved(_Envelope):
-    """The first resolution of an escalation (``by: "timeout"`` on expiry)."""
-
-    type: Literal["escalation_resolved"]
-    id: Id
-    mode: Resolution
-    by: Name
-    extension_micros: Micros
-
-
-class Recovery(_Envelope):
-    """A torn tail (a final line without a newline) was moved to a side file."""
-
-    type: Literal["recovery"]
-    torn_bytes: Annotated[int, Field(ge=0)]
-    saved_to: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_printable)]
-
-
-class PolicyChanged(_Envelope):
-    """The run's escalation policy changed (``escalate runs set``)."""
-
-    type: Literal["policy_changed"]
-    escalation: EscalationPolicy
-
-
-MODELS: tuple[type[_Envelope], ...] = (RunOpened, BudgetReserved, BudgetIncreased, Released, Halt,
-                                       Escalation, EscalationResolved, Recovery, PolicyChanged)
-
-Event = Annotated[
-    RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation | EscalationResolved
-    | Recovery | PolicyChanged,
-    Field(discriminator="type"),
-]
-
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
-
-
-def validate_event(event: dict[str, Any]) -> _Envelope:
+def validate_event(event: dict[str, Any]) -> _Model:
     """Parse one event line's object; raises :class:`pydantic.ValidationError` if it is not
     a valid v1 event."""
     return _ADAPTER.validate_python(event)  # type: ignore[no-any-return]
@@ -238,3 +190,79 @@ def _first_error(error: ValidationError) -> str:
     count = error.error_count()
     more = f" (and {count - 1} more)" if count > 1 else ""
     return f"does not match the event schema: field {where!r}: {first['msg']}{more}"
+
+
+# ---------------------------------------------------------------- docs/events.md tables
+
+MARKDOWN_BEGIN = "<!-- generated by `python -m escalate.schema --markdown` from escalate/payloads.py -->"
+MARKDOWN_END = "<!-- end of generated tables -->"
+
+
+def markdown_tables() -> str:
+    """The envelope and event-type tables of ``docs/events.md``, from the TypedDicts of
+    :mod:`escalate.payloads` (a test fails when the committed tables differ)."""
+    rows = ["| field | meaning |", "|---|---|"]
+    for name, hint in get_type_hints(payloads.Envelope, include_extras=True).items():
+        rows.append(f"| `{name}` | {_meaning(hint)} |")
+    rows += ["", "## Types", "", "| type | payload | meaning |", "|---|---|---|"]
+    for payload in PAYLOADS:
+        hints = get_type_hints(payload, include_extras=True)
+        kind = get_args(hints.pop("type"))[0]
+        fields = ", ".join(_payload_field(name, hint) for name, hint in hints.items())
+        rows.append(f"| `{kind}` | {fields} | {(payload.__doc__ or '').strip()} |")
+    return "\n".join([MARKDOWN_BEGIN, "", *rows, "", MARKDOWN_END]) + "\n"
+
+
+def _meaning(hint: Any) -> str:
+    """A field's meaning: its :class:`~escalate.events.Doc`, else what its rule says."""
+    marks = _marks(hint)
+    docs = [mark.text for mark in marks if isinstance(mark, Doc)]
+    checks = [mark.value for mark in marks if isinstance(mark, Check)]
+    return " ".join(docs or checks) or "—"
+
+
+def _marks(hint: Any) -> list[Any]:
+    if get_origin(hint) is NotRequired:
+        return _marks(get_args(hint)[0])
+    if get_origin(hint) is Annotated:
+        base, *marks = get_args(hint)
+        return marks + _marks(base)
+    if get_origin(hint) in (Union, types.UnionType):
+        return [mark for arg in get_args(hint) for mark in _marks(arg)]
+    return []
+
+
+def _payload_field(name: str, hint: Any) -> str:
+    """``name`` with its choices (a Literal) or its object's fields, and when it may be absent."""
+    optional = get_origin(hint) is NotRequired
+    shape = _bare(hint)
+    if get_origin(shape) is list:
+        shape = _bare(get_args(shape)[0])
+    text = f"`{name}`"
+    if get_origin(shape) is Literal:
+        text += " (" + "/".join(f"`{choice}`" for choice in get_args(shape)) + ")"
+    elif isinstance(shape, type) and shape in _MODELS_OF:
+        text += ": `{" + ", ".join(get_type_hints(shape)) + "}`"
+    return text + (" (optional)" if optional else "")
+
+
+def _bare(hint: Any) -> Any:
+    """``hint`` without NotRequired, Annotated and None."""
+    if get_origin(hint) in (NotRequired, Annotated):
+        return _bare(get_args(hint)[0])
+    if get_origin(hint) in (Union, types.UnionType):
+        return _bare(next(arg for arg in get_args(hint) if arg is not type(None)))
+    return hint
+
+
+def main(argv: list[str]) -> int:
+    """``python -m escalate.schema [--markdown]``: the JSON Schema, or the docs tables."""
+    if argv == ["--markdown"]:
+        print(markdown_tables(), end="")
+    else:
+        print(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -31,7 +31,7 @@ def _run(root: Path, clock: FakeClock) -> Ledger:
 def _escalate(run: Ledger, task: str) -> str:
     with pytest.raises(EscalateError) as pending:
         run.reserve(task, "2")
-    return str(pending.value.facts["escalation_id"])
+    return str(pending.value.escalation_id)
 
 
 def test_timestamps_never_go_back(tmp_path: Path, clock: FakeClock) -> None:

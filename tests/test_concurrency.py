@@ -277,7 +277,7 @@ def test_a_held_lock_times_out_then_is_freed_when_its_holder_dies(
         with pytest.raises(LockTimeout) as caught:
             Ledger.open(runs_dir, "locked", lock_timeout=0.2).reserve("t", "1")
         assert caught.value.exit_code == 7
-        assert caught.value.facts["lock_file"] == str(lock_file)
+        assert caught.value.lock_file == str(lock_file)
         assert str(lock_file) in caught.value.message
 
         env = {**os.environ, "ESCALATE_RUNS_DIR": str(runs_dir)}

@@ -162,7 +162,7 @@ def test_damage_is_found_and_refused(case: str, cli: Any, runs_dir: Path, clock:
     for write in WRITERS:
         with pytest.raises(CorruptLedger, match=f"line {bad_line}: ") as refusal:
             write(run)
-        assert refusal.value.exit_code == 6 and refusal.value.facts["line"] == bad_line
+        assert refusal.value.exit_code == 6 and refusal.value.line == bad_line
     assert log.read_bytes() == damaged
     assert not list((runs_dir / "r").glob("*.torn-*"))
 
@@ -233,7 +233,7 @@ def test_any_byte_changed_before_the_last_line_is_found(data: st.DataObject, tmp
     try:
         assert run.verify().problems
     except CorruptLedger as error:  # the first line: nothing can be folded at all
-        assert error.facts["line"] == 1
+        assert error.line == 1
     with pytest.raises(CorruptLedger):
         run.reserve("new", "0.1")
     assert (root / "r" / LOG_NAME).read_bytes() == damaged

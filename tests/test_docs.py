@@ -62,7 +62,7 @@ def drive_every_event_type(runs_dir: Path) -> None:
     def escalated(task: str, amount: str) -> str:
         with pytest.raises(Pending) as pending:
             run.reserve(task, amount)
-        return str(pending.value.facts["escalation_id"])
+        return str(pending.value.escalation_id)
 
     run.reserve("t1", "2")
     run.increase("t1", "2.5", reason="long diff")
@@ -145,8 +145,8 @@ import sys
 for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to', '2'],
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
-print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.gate',
-                        'escalate.report', 'escalate.runs', 'escalate.cli.runs_cmds',
+print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.payloads',
+                        'escalate.gate', 'escalate.report', 'escalate.runs', 'escalate.cli.runs_cmds',
                         'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
@@ -212,3 +212,28 @@ def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.Monke
                 if "print(" in line and "# " in line]
     assert len(promised) == 8
     assert printed == promised
+
+
+def test_the_event_tables_in_the_docs_are_generated_from_the_definitions() -> None:
+    from escalate.schema import MARKDOWN_BEGIN, MARKDOWN_END, markdown_tables
+
+    text = (ROOT / "docs" / "events.md").read_text()
+    committed = text[text.index(MARKDOWN_BEGIN):text.index(MARKDOWN_END) + len(MARKDOWN_END)] + "\n"
+    assert committed == markdown_tables(), "paste the output of python -m escalate.schema --markdown"
+
+
+def test_the_constants_and_the_schema_come_from_the_payload_definitions() -> None:
+    from typing import get_args, get_type_hints
+
+    from escalate import events, ids, payloads, schema
+
+    kinds = tuple(get_args(get_type_hints(payload)["type"])[0] for payload in payloads.PAYLOADS)
+    assert kinds == events.EVENT_TYPES
+    assert [model.__name__ for model in schema.MODELS] == [payload.__name__ for payload in payloads.PAYLOADS]
+    envelope = set(get_type_hints(payloads.Envelope))
+    for model, payload in zip(schema.MODELS, payloads.PAYLOADS, strict=True):
+        assert set(model.model_fields) == envelope | set(get_type_hints(payload))
+    definitions = schema.json_schema()["$defs"]
+    assert definitions["Halt"]["properties"]["reason"]["enum"] == list(events.HALT_REASONS)
+    assert definitions["EscalationPolicy"]["properties"]["mode"]["enum"] == list(events.MODES)
+    assert definitions["Escalation"]["properties"]["id"]["pattern"] == f"^{ids.ID_PATTERN.pattern}$"

@@ -55,7 +55,7 @@ def test_wait_answers_only_after_the_approval_is_synced(tmp_path: Path) -> None:
     run.reserve("a", "6")
     with pytest.raises(EscalateError) as pending:
         run.reserve("t1", "7")
-    escalation_id = str(pending.value.facts["escalation_id"])
+    escalation_id = str(pending.value.escalation_id)
 
     approver = _escalate(_SLOW_FSYNC, "approve", "r", escalation_id, "--by", "boss",
                          "--runs-dir", str(tmp_path), stdin=subprocess.PIPE)

@@ -181,7 +181,7 @@ def test_waiters_in_other_processes_get_the_outcome(runs_dir: Path) -> None:
     for task in ("a", "b"):
         with pytest.raises(Pending) as escalated:
             run.reserve(task, "2")
-        opened[task] = escalated.value.facts["escalation_id"]
+        opened[task] = escalated.value.escalation_id
     waiters = {task: _escalate("wait", "w", opened[task], "--timeout", "60s") for task in opened}
     # These two open their own escalation and then block on it.
     waiters["d"] = _escalate("reserve", "w", "d", "--estimate", "2", "--wait", "--timeout", "60s")

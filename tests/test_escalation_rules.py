@@ -172,7 +172,7 @@ def test_repeat_while_open_returns_the_same_escalation(runs_dir: Path, clock: Fa
     for _ in range(3):
         with pytest.raises(Pending) as again:
             run.reserve("t", "3")
-        assert again.value.facts["escalation_id"] == first.value.facts["escalation_id"]
+        assert again.value.escalation_id == first.value.escalation_id
         assert again.value.exit_code == 4
         assert "still waiting" in again.value.message
     assert ledger_files(runs_dir) == tree
@@ -207,7 +207,7 @@ def test_approve_rechecks_the_ceiling(runs_dir: Path, clock: FakeClock) -> None:
     run = make_run(runs_dir, clock, approval_threshold="3", max_extension="1")
     with pytest.raises(Pending) as escalated:
         run.reserve("t", "4")  # threshold only: needs no extension when it opens
-    assert escalated.value.facts["offered"] == ["extend", "pause", "cancel"]
+    assert escalated.value.offered == ["extend", "pause", "cancel"]
     run.reserve("a", "3")
     run.reserve("b", "3")  # $4 left, still fits
     run.reserve("c", "2")  # $2 left: approving $4 now needs $2 > the $1 max extension
@@ -235,7 +235,7 @@ def test_first_resolution_wins(runs_dir: Path, clock: FakeClock) -> None:
             getattr(run, mode)("esc-2", by=by)
         assert lost.value.exit_code == 5
         assert "extend by alice at 2026-11-23T14:01:00.000000Z" in lost.value.message
-        assert (lost.value.facts["by"], lost.value.facts["mode"]) == ("alice", "extend")
+        assert (lost.value.by, lost.value.mode) == ("alice", "extend")
     # The winner repeating itself is success with nothing appended.
     again = run.approve("esc-2", by="alice")
     assert (again["status"], again["by"]) == ("exists", "alice")
@@ -251,7 +251,7 @@ def test_pause_parks_the_task_and_a_new_reserve_escalates_again(runs_dir: Path, 
     assert run.state().tasks["t"].state == "paused"
     with pytest.raises(Pending) as again:
         run.reserve("t", "3")
-    assert again.value.facts["escalation_id"] == "esc-4"
+    assert again.value.escalation_id == "esc-4"
     state = run.state()
     assert (state.escalations["esc-2"].mode, state.escalations["esc-4"].state) == ("pause", "open")
     # A paused task may also come back smaller and pass unseen.
@@ -284,7 +284,7 @@ def test_increase_escalation_approved(runs_dir: Path, clock: FakeClock) -> None:
     assert run.state().reserved_micros == 4 * USD  # the held reservation stays while it waits
     with pytest.raises(Conflict, match="resolve it first"):
         run.release("t", "1")
-    run.approve(escalated.value.facts["escalation_id"], by="alice")
+    run.approve(escalated.value.escalation_id, by="alice")
     increased = events(runs_dir)[-1]
     assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
         ("budget_increased", 4 * USD, 6 * USD)
@@ -297,7 +297,7 @@ def test_increase_escalation_cancelled_can_still_release(runs_dir: Path, clock: 
     run.reserve("t", "4")
     with pytest.raises(Pending) as escalated:
         run.increase("t", "6")
-    run.cancel(escalated.value.facts["escalation_id"], by="alice")
+    run.cancel(escalated.value.escalation_id, by="alice")
     state = run.state()
     assert (state.tasks["t"].state, state.reserved_micros) == ("halted", 9 * USD)
     with pytest.raises(Refused, match="release it to settle"):
@@ -317,7 +317,7 @@ def test_paused_increase_keeps_its_reservation_and_may_ask_again(runs_dir: Path,
     assert run.state().tasks["t"].reserved_micros == 4 * USD
     with pytest.raises(Pending) as again:
         run.increase("t", "6")
-    assert again.value.facts["escalation_id"] == "esc-5"
+    assert again.value.escalation_id == "esc-5"
 
 
 def test_resolving_unknown_or_shadow_escalations(runs_dir: Path, clock: FakeClock) -> None:
@@ -343,7 +343,7 @@ def test_expiry_is_resolved_by_the_next_mutating_command(runs_dir: Path, clock: 
     clock.advance(30 * 60 - 1)
     with pytest.raises(Pending) as still:
         run.reserve("t", "3")  # de-dup, one second before expiry
-    assert still.value.facts["escalation_id"] == "esc-2"
+    assert still.value.escalation_id == "esc-2"
     clock.advance(1)
     # Reads never write: the expired escalation shows open until a command touches the run.
     tree = ledger_files(runs_dir)
@@ -370,14 +370,14 @@ def test_an_expired_escalation_cannot_be_approved(runs_dir: Path, clock: FakeClo
     clock.advance(3600)
     with pytest.raises(Conflict, match="already resolved: pause by timeout") as late:
         run.approve("esc-2", by="alice")
-    assert late.value.facts["by"] == "timeout"
+    assert late.value.by == "timeout"
     # The approve itself wrote the timeout (it is the next command), and no reservation.
     assert [e["type"] for e in events(runs_dir)][-1] == "escalation_resolved"
     assert run.state().reserved_micros == 0
     # The paused task may ask again and gets a fresh escalation with a fresh expiry.
     with pytest.raises(Pending) as again:
         run.reserve("t", "3")
-    assert again.value.facts["expires_at"] == "2026-11-23T15:30:00.000000Z"
+    assert again.value.expires_at == "2026-11-23T15:30:00.000000Z"
 
 
 def test_sweep_pauses_only_what_expired(runs_dir: Path, clock: FakeClock) -> None:
@@ -405,7 +405,7 @@ def test_no_timeout_means_no_expiry(runs_dir: Path, clock: FakeClock) -> None:
     run = make_run(runs_dir, clock, approval_threshold="2", escalation_timeout_s=None)
     with pytest.raises(Pending) as escalated:
         run.reserve("t", "3")
-    assert escalated.value.facts["expires_at"] is None
+    assert escalated.value.expires_at is None
     clock.advance(365 * 86400)
     assert run.sweep()["expired"] == []
 
@@ -423,7 +423,7 @@ def test_wait_notices_expiry_without_any_other_writer(runs_dir: Path, clock: Fak
     # Nothing else writes; the waiter's own clock passes expires_at and it sweeps.
     with pytest.raises(Pending) as paused:
         waiter.wait("esc-2", timeout_s=10)
-    assert (paused.value.code, paused.value.facts["by"]) == ("paused", "timeout")
+    assert (paused.value.code, paused.value.by) == ("paused", "timeout")
     assert run.state().escalations["esc-2"].by == "timeout"
 
 

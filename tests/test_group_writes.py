@@ -37,7 +37,7 @@ def _escalated_run(root: Path, clock: FakeClock) -> tuple[Ledger, str]:
     run.reserve("a", "6")
     with pytest.raises(EscalateError) as pending:
         run.reserve("t1", "7")
-    return run, str(pending.value.facts["escalation_id"])
+    return run, str(pending.value.escalation_id)
 
 
 def _outcome(call: Any, *args: Any, **kwargs: Any) -> tuple[int, Any]:

@@ -154,7 +154,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 method(task_id, as_amount(micros, form))
             assert type(caught.value) is expected, caught.value.message
             assert caught.value.exit_code == {Refused: 3, Conflict: 5}[expected]
-            assert caught.value.facts["task"] == task_id
+            assert caught.value.task == task_id
         if op in ("reserve", "increase") and expected == "ok":
             # The heart of it: a successful reservation never takes committed past the cap.
             state = self.run.state()

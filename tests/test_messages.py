@@ -36,7 +36,7 @@ def test_release_of_a_task_that_never_held_money_says_so(runs_dir: Path) -> None
         run.reserve("asks", "1.5")
     with pytest.raises(Conflict) as caught:
         run.release("asks", "1")
-    escalation_id = pending.value.facts["escalation_id"]
+    escalation_id = pending.value.escalation_id
     assert f"escalate wait r {escalation_id}" in caught.value.message
 
 

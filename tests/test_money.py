@@ -196,7 +196,7 @@ def test_refused_text(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        pytest.param("--json", "'--json': that is an option, not an amount — give a value after --estimate",
+        pytest.param("--json", "'--json': that is an option, not an amount — give a value",
                      id="next-option"),
         pytest.param("-0", "'-0': expected USD like 2.50", id="minus-zero-is-malformed-not-negative"),
         pytest.param("-0.00", "'-0.00': expected USD like 2.50", id="minus-zero-decimals"),
@@ -214,12 +214,24 @@ def test_refusal_says_what_is_wrong(text: str, says: str) -> None:
     assert caught.value.code == "invalid_amount"
 
 
-@pytest.mark.parametrize(("what", "option"), [("new amount", "--to"), ("max extension", "--max-extension"),
-                                              ("--max-spent", "--max-spent")])
-def test_option_message_names_the_option(what: str, option: str) -> None:
+@pytest.mark.parametrize(("argv", "option"), [
+    (("increase", "r", "t", "--to", "--json"), "--to"),
+    (("runs", "set", "r", "--max-extension", "--json"), "--max-extension"),
+    (("gate", "r", "--max-spent", "--json"), "--max-spent"),
+])
+def test_option_message_names_the_option(argv: tuple[str, ...], option: str, cli: Any,
+                                         runs_dir: Path) -> None:
+    assert cli("runs", "init", "r", "--cap", "5").exit_code == 0
+    result = cli(*argv)
+    assert result.exit_code == 2
+    assert result.stderr.endswith(f"give a value after {option}\n"), result.stderr
+
+
+def test_the_library_names_the_amount_not_a_cli_option() -> None:
     with pytest.raises(InvalidAmount) as caught:
-        parse_micros("--json", what=what)
-    assert caught.value.message.endswith(f"give a value after {option}")
+        parse_micros("--json", what="new amount")
+    assert caught.value.message.endswith("not an amount — give a value")
+    assert caught.value.option_missing_for == "new amount"
 
 
 @pytest.mark.parametrize(
@@ -294,7 +306,7 @@ def test_float_boundary_library(runs_dir: Path) -> None:
     with pytest.raises(Refused) as caught:
         run.reserve("c", "0.000001")
     assert caught.value.code == "over_budget"
-    assert caught.value.facts["remaining_micros"] == 0
+    assert caught.value.remaining_micros == 0
     state = run.state()
     assert state.committed_micros == 300_000
     assert state.tasks["c"].state == "halted"

@@ -146,7 +146,7 @@ def test_library_hook_and_timeout_options(runs_dir: Path, clock: FakeClock, tmp_
                       notify_cmd=f"cat > {shlex.quote(str(received))}", notify_timeout=5)
     with pytest.raises(Pending) as escalated:
         run.reserve("t", "3")
-    assert orjson.loads(received.read_bytes())["id"] == escalated.value.facts["escalation_id"]
+    assert orjson.loads(received.read_bytes())["id"] == escalated.value.escalation_id
     slow = Ledger.open(runs_dir, "r", clock=clock, notify_cmd="sleep 20", notify_timeout=0.2)
     with pytest.raises(Pending):
         slow.reserve("u", "3")

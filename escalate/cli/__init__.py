@@ -24,7 +24,7 @@ from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) ven
 from typer.core import TyperCommand, TyperGroup
 
 from escalate._version import __version__
-from escalate.errors import EscalateError, InputError, storage_error
+from escalate.errors import EscalateError, InputError, InvalidAmount, storage_error
 
 
 class _OneLineErrors(TyperGroup):
@@ -160,10 +160,22 @@ def print_json(value: Any) -> None:
 
 def fail(error: EscalateError, json_out: bool) -> NoReturn:
     """Report ``error`` (one stderr line; JSON on stdout with ``--json``) and exit with its code."""
+    if isinstance(error, InvalidAmount) and error.option_missing_for:
+        error = _naming_the_option(error, error.option_missing_for)
     if json_out:
         print_json(error.to_json())
     print(f"escalate: {error.message}", file=sys.stderr)
     raise typer.Exit(error.exit_code)
+
+
+# The library names an amount ("new amount"); the option that gives it is the CLI's word.
+_OPTION_OF = {"new amount": "--to"}
+
+
+def _naming_the_option(error: InvalidAmount, what: str) -> InvalidAmount:
+    """``error`` with the option that gives the amount ``what`` named, as the user typed it."""
+    option = _OPTION_OF.get(what, "--" + what.replace(" ", "-"))
+    return InvalidAmount(f"{error.message} after {option}", code=error.code, **error.facts)
 
 
 def respond(json_out: bool, action: Callable[[], Any], human: Callable[[Any], None]) -> Any:

@@ -80,7 +80,7 @@ def reserve(
                 raise
             # Blocking in silence looks like a hang: say what it waits for, as without --wait,
             # with the advice after the last dash ("run 'escalate wait' …") made true for --wait.
-            escalation_id = pending.facts["escalation_id"]
+            escalation_id = pending.escalation_id
             said = pending.message.rpartition(" — ")[0] or pending.message
             print(f"escalate: {said} — waiting for a person (escalate approve {run} {escalation_id})",
                   file=sys.stderr, flush=True)

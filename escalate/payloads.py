@@ -1,0 +1,181 @@
+"""The typed definition of every event (schema v1): one TypedDict per event type, the
+single source of the format. The JSON Schema and pydantic validation (:mod:`escalate.schema`),
+the tables in ``docs/events.md`` and the constants of :mod:`escalate.events` derive from
+these definitions, and tests hold them together.
+
+The markers in the ``Annotated`` fields say which rule a value follows (:class:`Check`) and
+what a field means where the rule does not say it all (:class:`Doc`), so this module needs
+no pydantic. Only the schema imports it at run time (building TypedDicts costs a
+millisecond or two, which the hot commands do not pay); the rest imports it for types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
+
+from escalate.events import (
+    SCHEMA_VERSION,
+    EscalationKind,
+    EscalationReason,
+    HaltReason,
+    Mode,
+    Resolution,
+)
+
+
+class Check(Enum):
+    """The rule a field's value follows; :mod:`escalate.schema` turns each into a constraint."""
+
+    MICROS = "USD in integer micros (1 USD = 1,000,000)."
+    SIGNED_MICROS = "Micros; negative once releases ran over the cap."
+    ID = "A run, task or escalation id (no '..')."
+    TIMESTAMP = "UTC, microseconds, fixed width: sorts as text."
+    NAME = "A person or process: printable, no control characters."
+    SEQ = "1, 2, 3 … with no gaps."
+    HASH = ("First 16 hex characters of SHA-256 over the previous line without its newline; "
+            "empty on the first line.")
+    MORE = "A count of lines, at least 1."
+    TIMEOUT = "Seconds, at most 1000 years."
+    BYTES = "A count of bytes."
+    TEXT = "Printable text."
+    REASON = "Printable text, at most 1000 characters."
+    FILE_NAME = "A file name: printable, 1-255 characters."
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """What a field means, where its :class:`Check` does not say it all."""
+
+    text: str
+
+
+MicrosInt = Annotated[int, Check.MICROS]
+SignedMicrosInt = Annotated[int, Check.SIGNED_MICROS]
+IdStr = Annotated[str, Check.ID]
+TimestampStr = Annotated[str, Check.TIMESTAMP]
+NameStr = Annotated[str, Check.NAME]
+
+class EscalationPolicy(TypedDict):
+    """A run's escalation settings (``run_opened.escalation``, ``policy_changed.escalation``)."""
+
+    mode: Mode
+    approval_threshold_micros: Annotated[MicrosInt | None, Doc("null: no threshold.")]
+    timeout_s: Annotated[Annotated[int, Check.TIMEOUT] | None, Doc("null: escalations never time out.")]
+    max_extension_micros: MicrosInt
+
+
+class Envelope(TypedDict):
+    """The fields every line starts with, in this order."""
+
+    v: Annotated[Literal[1], Doc(f"Schema version ({SCHEMA_VERSION}).")]
+    seq: Annotated[int, Check.SEQ]
+    ts: TimestampStr
+    prev: Annotated[str, Check.HASH]
+    actor: Annotated[str, Check.NAME, Doc("--by, else $ESCALATE_ACTOR, else the OS user.")]
+    more: NotRequired[Annotated[Annotated[int, Check.MORE], Doc(
+        "On every line of a multi-line write but its last: how many lines of the same write "
+        "follow. A log whose complete lines end inside such a write ends in a torn tail from the "
+        "write's first line.")]]
+
+
+class RunOpened(TypedDict):
+    """The first line of every run."""
+
+    type: Literal["run_opened"]
+    run: IdStr
+    run_cap_micros: MicrosInt
+    task_cap_micros: MicrosInt
+    escalation: EscalationPolicy
+
+
+class BudgetReserved(TypedDict):
+    """A reservation is in flight."""
+
+    type: Literal["budget_reserved"]
+    task: IdStr
+    amount_micros: MicrosInt
+
+
+class BudgetIncreased(TypedDict):
+    """A task's reservation was raised to an absolute new amount."""
+
+    type: Literal["budget_increased"]
+    task: IdStr
+    from_micros: MicrosInt
+    to_micros: MicrosInt
+    reason: Annotated[str, Check.REASON]
+
+
+class Released(TypedDict):
+    """A reservation was settled with the task's actual cost."""
+
+    type: Literal["released"]
+    task: IdStr
+    reserved_micros: MicrosInt
+    actual_micros: MicrosInt
+
+
+class Halt(TypedDict):
+    """A task was refused for good."""
+
+    type: Literal["halt"]
+    task: IdStr
+    requested_micros: MicrosInt
+    remaining_micros: SignedMicrosInt
+    reason: HaltReason
+
+
+class Escalation(TypedDict):
+    """A request waits for a person (or, with ``shadow``, is only recorded)."""
+
+    type: Literal["escalation"]
+    id: IdStr
+    task: IdStr
+    kind: NotRequired[Annotated[EscalationKind, Doc("Whether a reserve or an increase asked.")]]
+    from_micros: NotRequired[Annotated[MicrosInt, Doc("What the task held before.")]]
+    requested_micros: Annotated[MicrosInt, Doc("The absolute reservation asked for.")]
+    remaining_micros: SignedMicrosInt
+    reason: EscalationReason
+    offered: list[Resolution]
+    needed_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
+        "The cap extension an approval needs (0 when only the threshold fired).")]]
+    expires_at: Annotated[TimestampStr | None, Doc("null: never expires (or shadow).")]
+    shadow: bool
+    note: NotRequired[Annotated[Annotated[str, Check.TEXT],
+                                Doc("Why extend is not offered, when it is not.")]]
+
+
+class EscalationResolved(TypedDict):
+    """The first resolution of an escalation (``by: "timeout"`` on expiry)."""
+
+    type: Literal["escalation_resolved"]
+    id: IdStr
+    mode: Resolution
+    by: NameStr
+    extension_micros: MicrosInt
+
+
+class Recovery(TypedDict):
+    """A torn tail (a final line without a newline) was moved to a side file."""
+
+    type: Literal["recovery"]
+    torn_bytes: Annotated[int, Check.BYTES]
+    saved_to: Annotated[str, Check.FILE_NAME]
+
+
+class PolicyChanged(TypedDict):
+    """The run's escalation policy changed (``escalate runs set``)."""
+
+    type: Literal["policy_changed"]
+    escalation: EscalationPolicy
+
+
+Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
+           | EscalationResolved | Recovery | PolicyChanged)
+# Every payload definition, in EVENT_TYPES order (a test holds the two together).
+PAYLOADS: tuple[type[Any], ...] = (
+    RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
+    Recovery, PolicyChanged)
+

@@ -1,0 +1,37 @@
+"""The budget rules, as pure arithmetic on integer micros: what fits, what extension a
+request needs. What remains is :attr:`escalate.state.RunState.remaining_micros`, the one
+place it is computed. The decisions (:mod:`escalate.decide`) ask them before they
+write; the fold (:mod:`escalate.fold`) asks them again for every line it reads, as a
+safety net, so a rule is written once and both sides agree by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Cap = Literal["task_cap", "run_cap"]
+
+
+def over_cap(total_micros: int, new_micros: int, task_cap_micros: int, remaining: int) -> Cap | None:
+    """The cap a reservation of ``total_micros`` breaks (``new_micros`` of it not yet held),
+    or None when it fits. The task cap is named first: no extension lifts it."""
+    if total_micros > task_cap_micros:
+        return "task_cap"
+    if new_micros > remaining:
+        return "run_cap"
+    return None
+
+
+def needed_extension(new_micros: int, remaining: int) -> int:
+    """How far the cap must be extended for ``new_micros`` more to fit: 0 when it fits."""
+    return max(0, new_micros - remaining)
+
+
+def extension_left(max_extension_micros: int, extended_micros: int) -> int:
+    """What the run's max extension still allows (negative if a policy lowered it)."""
+    return max_extension_micros - extended_micros
+
+
+def task_cap_fits(task_cap_micros: int, run_cap_micros: int) -> bool:
+    """A run's task cap is never above its run cap."""
+    return task_cap_micros <= run_cap_micros

@@ -1,0 +1,177 @@
+"""The state a run's log folds into: its totals, its tasks and its escalations.
+
+Plain slotted dataclasses, no I/O: :mod:`escalate.fold` builds them line by line, the
+decisions (:mod:`escalate.decide`) read them, the checkpoint (:mod:`escalate.cache`)
+stores them. Task and escalation states are written to JSON as the strings below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from escalate.events import EscalationKind, EscalationReason, HaltReason, Mode, Resolution
+
+# reserved: holds money; released: settled; halted: refused for good; escalated: waits on
+# a person; paused: a person paused its escalation (it may ask again).
+TaskState = Literal["reserved", "released", "halted", "escalated", "paused"]
+EscalationStatus = Literal["open", "resolved"]
+
+class RuleViolation(Exception):
+    """An event that no correct writer produces; the reader names its line."""
+
+
+@dataclass(slots=True)
+class Policy:
+    """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""
+
+    mode: Mode = "off"
+    approval_threshold_micros: int | None = None
+    timeout_s: int | None = 3600
+    max_extension_micros: int = 0
+
+    # dict, not the EscalationPolicy TypedDict: callers compare two policies key by key.
+    def to_json(self) -> dict[str, Any]:
+        """The policy as ``run_opened`` and ``policy_changed`` write it."""
+        return {
+            "mode": self.mode,
+            "approval_threshold_micros": self.approval_threshold_micros,
+            "timeout_s": self.timeout_s,
+            "max_extension_micros": self.max_extension_micros,
+        }
+
+
+@dataclass(slots=True)
+class Task:
+    """One task id's life. ``holding`` says whether ``reserved_micros`` is in flight."""
+
+    state: TaskState
+    reserved_micros: int = 0
+    holding: bool = False
+    actual_micros: int | None = None
+    halt_reason: HaltReason | None = None
+    escalation_id: str | None = None
+
+    def to_json(self, task_id: str) -> dict[str, Any]:
+        """The task as ``runs show --json`` lists it (and as the checkpoint stores it).
+
+        ``reserved_micros`` is what the task holds or, once settled, what it had reserved;
+        ``holding`` says whether that money still counts as reserved.
+        """
+        return {
+            "task": task_id,
+            "state": self.state,
+            "reserved_micros": self.reserved_micros,
+            "holding": self.holding,
+            "actual_micros": self.actual_micros,
+            "halt_reason": self.halt_reason,
+            "escalation_id": self.escalation_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Inverse of :meth:`to_json`."""
+        return cls(data["state"], data["reserved_micros"], data["holding"], data["actual_micros"],
+                   data["halt_reason"], data["escalation_id"])
+
+
+@dataclass(slots=True)
+class EscalationState:
+    """A request put in front of a person (or, with ``shadow``, only recorded)."""
+
+    id: str
+    task: str
+    kind: EscalationKind
+    from_micros: int
+    requested_micros: int  # the absolute reservation asked for
+    remaining_micros: int
+    reason: EscalationReason
+    offered: list[Resolution]
+    expires_at: str | None
+    shadow: bool
+    opened_at: str
+    state: EscalationStatus = "open"
+    mode: Resolution | None = None
+    by: str | None = None
+    resolved_at: str | None = None
+    extension_micros: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task,
+            "kind": self.kind,
+            "from_micros": self.from_micros,
+            "requested_micros": self.requested_micros,
+            "remaining_micros": self.remaining_micros,
+            "reason": self.reason,
+            "offered": list(self.offered),
+            "opened_at": self.opened_at,
+            "expires_at": self.expires_at,
+            "shadow": self.shadow,
+            "state": self.state,
+            "mode": self.mode,
+            "by": self.by,
+            "resolved_at": self.resolved_at,
+            "extension_micros": self.extension_micros,
+        }
+
+
+@dataclass(slots=True)
+class RunState:
+    """Totals and per-task facts folded from one run's log."""
+
+    run_id: str
+    run_cap_micros: int
+    task_cap_micros: int
+    policy: Policy
+    opened_at: str
+    tasks: MutableMapping[str, Task] = field(default_factory=dict)
+    # Every escalation, by id: a mapping, so the checkpoint can hand in one read from SQLite.
+    escalations: MutableMapping[str, EscalationState] = field(default_factory=dict)
+    open_escalations: dict[str, EscalationState] = field(default_factory=dict)
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    extended_micros: int = 0
+    seq: int = 0
+    last_hash: str = ""
+    last_ts: str = ""
+    halts: int = 0
+    recoveries: int = 0
+    # The last actor the fold checked: the next line by the same actor needs no new check.
+    last_actor: str | None = None
+
+    @property
+    def cap_micros(self) -> int:
+        return self.run_cap_micros + self.extended_micros
+
+    @property
+    def committed_micros(self) -> int:
+        return self.spent_micros + self.reserved_micros
+
+    @property
+    def remaining_micros(self) -> int:
+        """What is left of the cap, extensions included (negative after an over-run): the
+        one place it is computed. Spelled out rather than through the two properties above:
+        the fold reads it on every reservation."""
+        return self.run_cap_micros + self.extended_micros - self.spent_micros - self.reserved_micros
+
+    def totals(self) -> dict[str, Any]:
+        """The run's money, exact, as ``runs show --json`` reports it."""
+        return {
+            "run": self.run_id,
+            "cap_micros": self.cap_micros,
+            "run_cap_micros": self.run_cap_micros,
+            "task_cap_micros": self.task_cap_micros,
+            "spent_micros": self.spent_micros,
+            "reserved_micros": self.reserved_micros,
+            "committed_micros": self.committed_micros,
+            "remaining_micros": self.remaining_micros,
+            "extended_micros": self.extended_micros,
+            "events": self.seq,
+            "halts": self.halts,
+            "escalation": self.policy.to_json(),
+        }
+
+

@@ -1,0 +1,33 @@
+"""Errors carry their facts as named attributes, and print them the same in JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from escalate import Ledger
+from escalate.errors import Conflict, EscalateError, LockTimeout, Pending, Refused
+
+
+def test_every_fact_is_a_named_attribute_and_stays_in_the_json() -> None:
+    error = Conflict("task t was released", task="t", state="released", actual_micros=5)
+    assert (error.task, error.state, error.actual_micros) == ("t", "released", 5)  # type: ignore[attr-defined]
+    assert error.to_json() == {"error": "conflict", "message": "task t was released", "exit_code": 5,
+                               "task": "t", "state": "released", "actual_micros": 5}
+    # A fact the class declares but this error does not carry reads as None.
+    assert error.escalation_id is None
+    assert LockTimeout("held", lock_file="/x.lock", timeout_s=2.5).lock_file == "/x.lock"
+
+
+def test_library_refusals_name_their_facts(runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap="5", task_cap="4", escalation="enforce",
+                      approval_threshold="3")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t1", "3.5")
+    assert pending.value.escalation_id == "esc-2"
+    assert (pending.value.task, pending.value.requested_micros) == ("t1", 3_500_000)
+    with pytest.raises(Refused) as refused:
+        run.reserve("t2", "4.5")
+    assert (refused.value.code, refused.value.task_cap_micros) == ("over_task_cap", 4_000_000)
+    assert isinstance(refused.value, EscalateError)
