@@ -33,10 +33,10 @@ from typing import Any
 
 import orjson
 
-from escalate import ledger
+from escalate import decide
 from escalate.events import Event, format_ts, seal
-from escalate.ledger import Policy
 from escalate.service import Ledger
+from escalate.state import Policy
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -188,7 +188,7 @@ def build_run(root: Path, events: int, *, shape: str = "mixed", seed: int = 5) -
     shutil.rmtree(runs_dir, ignore_errors=True)
     log_path.parent.mkdir(parents=True)
     expected = Expected(events=events)
-    opened = ledger.run_opened_payload(RUN_ID, RUN_CAP_MICROS, TASK_CAP_MICROS, Policy())
+    opened = decide.run_opened_payload(RUN_ID, RUN_CAP_MICROS, TASK_CAP_MICROS, Policy())
     payloads = _SHAPES[shape](events - 1, random.Random(seed), expected)
     seq, prev, moment = 0, "", _START
     with log_path.open("wb") as out:

@@ -39,8 +39,8 @@ import orjson
 
 from escalate.cache_rows import Rows, checked, encode_escalation, encode_task
 from escalate.events import line_hash
-from escalate.ledger import Escalation, Policy, RunState, Task
 from escalate.run_folder import via_folder
+from escalate.state import EscalationState, Policy, RunState, Task
 from escalate.store import CacheInvalid
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
@@ -216,7 +216,7 @@ class Checkpoint:
             spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
             extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
             last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
-        escalations = Rows[Escalation](connection, "escalations", guard)
+        escalations = Rows[EscalationState](connection, "escalations", guard)
         state.escalations = escalations
         state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
         return state, offset, start, blob["lines"]

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
-from escalate.ledger import Escalation, Task
+from escalate.state import EscalationState, Task
 from escalate.store import CacheInvalid
 
 V = TypeVar("V")
@@ -44,15 +44,15 @@ def _decode_task(key: str, data: bytes) -> Task:
     return Task.from_json(fields)
 
 
-def encode_escalation(key: str, escalation: Escalation) -> bytes:
+def encode_escalation(key: str, escalation: EscalationState) -> bytes:
     return orjson.dumps(escalation.to_json())
 
 
-def _decode_escalation(key: str, data: bytes) -> Escalation:
+def _decode_escalation(key: str, data: bytes) -> EscalationState:
     fields = orjson.loads(data)
     if fields.get("id") != key:
         raise CacheInvalid(f"row {key!r} holds escalation {fields.get('id')!r}")
-    return Escalation(**fields)
+    return EscalationState(**fields)
 
 
 # Per table: (encode, decode, how a stored row starts, before its id).

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from escalate import ledger
+from escalate import events
 from escalate.durations import (
     MAX_ESCALATION_TIMEOUT_S,
     MAX_LOCK_TIMEOUT_S,
@@ -25,9 +25,9 @@ from escalate.durations import (
     parse_duration,
 )
 from escalate.errors import InputError
-from escalate.ledger import Policy, RunState
 from escalate.money import Amount, Micros, parse_micros
 from escalate.money import format_usd as usd
+from escalate.state import Policy, RunState
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
@@ -116,7 +116,7 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
-    if mode not in ledger.MODES:
+    if mode not in events.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
     if timeout_s is not None:

@@ -18,9 +18,9 @@ from typing import BinaryIO
 from escalate.cache import Checkpoint
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
 from escalate.events import Event
-from escalate.ledger import RunState
 from escalate.log import LOG_NAME, FileLog
 from escalate.replay import Progress, Replayed, replay
+from escalate.state import RunState
 from escalate.store import RecoveredFirstLines
 
 

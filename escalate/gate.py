@@ -1,6 +1,6 @@
 """The CI budget gate as a library call: the verdict, its GitHub annotations and step summary.
 
-:func:`evaluate` is the pure decision over a folded :class:`~escalate.ledger.RunState`: pass
+:func:`evaluate` is the pure decision over a folded :class:`~escalate.state.RunState`: pass
 or fail, the reasons it failed, and warnings worth showing even when it passes (an allowed
 halt, a run close to its limit). :func:`check_gate` is what ``escalate gate`` calls: it folds
 a run strictly and returns a :class:`GateResult` that also carries the annotations and the
@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from escalate.ledger import RunState
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.report import halted_tasks, percent, run_markdown, usage_level
+from escalate.state import RunState
 
 if TYPE_CHECKING:
     from escalate.service import Ledger

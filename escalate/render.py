@@ -21,9 +21,9 @@ from rich.text import Text
 
 from escalate.durations import format_duration
 from escalate.events import parse_ts
-from escalate.ledger import RunState
 from escalate.money import format_usd as usd
 from escalate.report import bar_cells, percent, printable, usage_level
+from escalate.state import RunState
 
 TASK_ROWS = 50
 BAR_WIDTH = 30

@@ -1,7 +1,7 @@
 """The replay engine: fold a ledger's lines into its state, checking every line.
 
 Each line is parsed, its envelope and chain checked and its event folded by
-:func:`escalate.ledger.apply`; a write of several lines counts whole or not at all
+:func:`escalate.fold.apply`; a write of several lines counts whole or not at all
 (the ``more`` markers); what follows the last complete line is a torn tail. A store
 hands the engine its lines as a byte stream (:class:`LineSource`), so the same checks
 run on every store.
@@ -19,10 +19,10 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
-from escalate import ledger
+from escalate import fold
 from escalate.errors import CorruptLedger, UnknownRun
 from escalate.events import iter_line_batches, iter_lines
-from escalate.ledger import RuleViolation, RunState
+from escalate.state import RuleViolation, RunState
 
 
 class LineSource(Protocol):
@@ -134,7 +134,7 @@ class _Fold:
         all, or those before the line that stopped a strict fold (:attr:`problem`)."""
         # The hot loop: names bound locally, line_hash inlined (it is the same text), the
         # tolerant fold's clock check inlined.
-        loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, ledger.apply
+        loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, fold.apply
         state, line_no, tolerant = self.state, self.line_no, self.tolerant
         group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
         first_line_no = line_no
@@ -150,7 +150,7 @@ class _Fold:
                     group_first = group_first if group_due else line_no
                     group_due = _group_due(event, group_due, group_first)
                 if state is None:
-                    state = ledger.open_run(event, this_hash)
+                    state = fold.initial_state(event, this_hash)
                     continue
                 if tolerant:
                     ts, last_ts = event.get("ts"), state.last_ts
@@ -224,7 +224,7 @@ def _resync(state: RunState, event: dict[str, Any] | None, this_hash: str) -> No
     if event is None:
         return
     with contextlib.suppress(RuleViolation, KeyError, TypeError):
-        ledger.apply_payload(state, event)
+        fold.apply_payload(state, event)
     seq = event.get("seq")
     state.seq = seq if type(seq) is int else state.seq + 1
     state.last_hash = this_hash

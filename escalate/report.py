@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from escalate.ledger import RunState
 from escalate.money import format_usd as usd
+from escalate.state import RunState
 
 if TYPE_CHECKING:
     from escalate.gate import Verdict

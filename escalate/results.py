@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Literal, NotRequired, TypedDict
 
 from escalate.errors import Pending, Refused
-from escalate.ledger import Escalation
+from escalate.state import EscalationState
 
 
 class TaskResult(TypedDict):
@@ -56,7 +56,7 @@ class SweepResult(TypedDict):
     expired: list[str]
 
 
-def resolution_outcome(run_id: str, escalation: Escalation) -> ResolutionResult:
+def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:
     """What ``wait`` answers for a resolved escalation: the approval, or the refusal to raise."""
     facts = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
              "mode": escalation.mode, "by": escalation.by, "resolved_at": escalation.resolved_at}

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
 from escalate.errors import CorruptLedger, EscalateError, InputError
-from escalate.ledger import RunState
 from escalate.service import Ledger, iter_run_ids
+from escalate.state import RunState
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle"]
 

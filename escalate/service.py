@@ -2,7 +2,7 @@
 
 :class:`Ledger` is what ``from escalate import Ledger`` gives a Python scheduler, and
 what the CLI calls. It only orchestrates: the settings come from :mod:`escalate.config`,
-the rules and decisions from :mod:`escalate.ledger`, the lines and the lock from a store
+the rules from :mod:`escalate.fold` and :mod:`escalate.decide`, the lines and the lock from a store
 (:mod:`escalate.store`), the hook from :mod:`escalate.notify`. Refusals raise
 :class:`~escalate.errors.EscalateError` subclasses after the events that record them are
 durable.
@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Final, cast
 
-from escalate import config, ledger
+from escalate import config
+from escalate import decide as decisions
+from escalate import fold as folding
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, Clock
+from escalate.decide import Decision
 from escalate.durations import MAX_WAIT_S, check_duration, format_duration
 from escalate.errors import (
     Conflict,
@@ -29,11 +32,11 @@ from escalate.errors import (
 )
 from escalate.events import Event, format_ts, parse_ts, seal
 from escalate.ids import check_id
-from escalate.ledger import Decision, Policy, RuleViolation, RunState
 from escalate.money import Amount, Micros, parse_micros
 from escalate.notify import run_hook
 from escalate.replay import Progress, Replayed, read_events
 from escalate.results import PolicyResult, ResolutionResult, SweepResult, TaskResult, resolution_outcome
+from escalate.state import EscalationState, Policy, RuleViolation, RunState
 from escalate.store import CacheInvalid, LedgerStore, Store, open_store
 
 _WAIT_POLL_S = 0.05
@@ -113,7 +116,7 @@ class Ledger:
         run.runs_store.check_usable()
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
-        payload = ledger.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+        payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
         [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
 
@@ -157,7 +160,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: ledger.decide_reserve(state, task_id, micros, now)))
+            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now)))
 
     def increase(self, task: str, to: Amount, *, reason: str = "") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``."""
@@ -167,14 +170,14 @@ class Ledger:
             raise InputError(f"invalid reason {reason[:40]!r}: use up to 1000 printable characters",
                              code="invalid_reason", value=reason[:40])
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: ledger.decide_increase(state, task_id, micros, reason, now)))
+            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation)."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: ledger.decide_release(state, task_id, micros)))
+            lambda state, now, _: decisions.decide_release(state, task_id, micros)))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
@@ -208,7 +211,7 @@ class Ledger:
                 else approval_threshold,
                 current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
                 Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension)
-            return ledger.decide_policy(state, policy)
+            return decisions.decide_policy(state, policy)
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self) -> SweepResult:
@@ -228,7 +231,7 @@ class Ledger:
             check_duration(timeout_s, what="wait timeout", maximum=MAX_WAIT_S)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_size = -1
-        waiting: tuple[ledger.Escalation, Policy] | None = None
+        waiting: tuple[EscalationState, Policy] | None = None
         while True:
             size = self.store.size()
             if size != last_size:
@@ -251,7 +254,7 @@ class Ledger:
                     return resolution_outcome(self.run_id, escalation)
                 waiting = (escalation, state.policy)
             # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-            if waiting is not None and ledger.is_expired(*waiting, format_ts(self.clock())):
+            if waiting is not None and decisions.is_expired(*waiting, format_ts(self.clock())):
                 waiting = None
                 self.sweep()
                 continue
@@ -315,7 +318,7 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
         return cast(ResolutionResult, self._mutate(
-            lambda state, now, _: ledger.decide_resolution(state, escalation_id, mode, resolver)))
+            lambda state, now, _: decisions.decide_resolution(state, escalation_id, mode, resolver)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         with self.store.command():
@@ -341,7 +344,7 @@ class Ledger:
             seq, prev = state.seq, state.last_hash
             recovery = transaction.recovery(replayed)
             payloads: list[Event] = [recovery] if recovery is not None else []
-            expiries = ledger.expire(state, clock_now)
+            expiries = decisions.expire(state, clock_now)
             payloads += expiries
             lines = self._seal(state, payloads, now)
             decision = decide(state, clock_now, [event["id"] for event in expiries])
@@ -400,7 +403,7 @@ class Ledger:
         for event, line, this_hash in seal(payloads, seq=state.seq, prev=state.last_hash, ts=now,
                                            actor=self.actor):
             try:
-                ledger.apply(state, event, this_hash)
+                folding.apply(state, event, this_hash)
             except RuleViolation as exc:  # a bug: refuse to write it
                 raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
                                     "nothing was written — please report this bug") from exc

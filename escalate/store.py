@@ -27,8 +27,8 @@ from typing import BinaryIO, Protocol
 
 from escalate.errors import InputError
 from escalate.events import Event
-from escalate.ledger import RunState
 from escalate.replay import Progress, Replayed
+from escalate.state import RunState
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)

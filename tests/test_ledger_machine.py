@@ -1,6 +1,6 @@
 """A hypothesis state machine: random reserve/increase/release calls against the library,
 checked after every step against a tiny reference model written here from docs/concepts.md
-("Reservations", "Totals and caps"; not from escalate/ledger.py)."""
+("Reservations", "Totals and caps"; not from escalate/fold.py or escalate/decide.py)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
     lock is taken and the log read, before the append (in ``decide``). The append, the
     fsync and the cache (kept from the last command, or made anew) still go to the folder
     whose lock was taken."""
-    from escalate import ledger
+    from escalate import decide
 
     runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
     run = Ledger.init(runs_dir, "r", cap="100", actor="tester")
@@ -124,14 +124,14 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
             path.unlink()
         run = Ledger.open(runs_dir, "r", actor="tester")
     before_outside = _tree(outside)
-    decide_reserve = ledger.decide_reserve
+    decide_reserve = decide.decide_reserve
 
     def swap_then_decide(*args: Any) -> Any:
         os.rename(runs_dir / "r", runs_dir / "r.moved")
         os.symlink(decoy, runs_dir / "r", target_is_directory=True)
         return decide_reserve(*args)
 
-    monkeypatch.setattr(ledger, "decide_reserve", swap_then_decide)
+    monkeypatch.setattr(decide, "decide_reserve", swap_then_decide)
     assert run.reserve("second", "1")["status"] == "reserved"
     assert _tree(outside) == before_outside
     moved = runs_dir / "r.moved" / "events.ndjson"

@@ -25,7 +25,7 @@ from escalate import (
     verify_report,
 )
 from escalate.gate import evaluate
-from escalate.ledger import Policy, RunState
+from escalate.state import Policy, RunState
 from tests.conftest import FakeClock
 
 
