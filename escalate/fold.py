@@ -104,11 +104,11 @@ def _policy(raw: Any) -> Policy:
 
 def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
     """Start a state from the first line of a log, which must be ``run_opened``."""
-    if event.get("v") != SCHEMA_VERSION:
+    if event.get("v") != SCHEMA_VERSION or type(event.get("v")) is not int:
         raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
     if event.get("type") != "run_opened":
         raise RuleViolation(f"the first event must be run_opened, got {event.get('type')!r}")
-    if event.get("seq") != 1 or event.get("prev") != "":
+    if event.get("seq") != 1 or type(event.get("seq")) is not int or event.get("prev") != "":
         raise RuleViolation("run_opened must have seq 1 and an empty prev")
     run_cap = _int(event, "run_cap_micros")
     task_cap = _int(event, "task_cap_micros")
@@ -140,9 +140,10 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     except KeyError:
         version, seq, prev, kind = event.get("v"), event.get("seq"), event.get("prev"), event.get("type")
         ts, actor = event.get("ts"), event.get("actor")
-    if version != SCHEMA_VERSION:
+    # ``type(...) is int`` too: 1.0 and True compare equal to 1, and would be copied forward.
+    if version != SCHEMA_VERSION or type(version) is not int:
         raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
-    if seq != state.seq + 1:
+    if seq != state.seq + 1 or type(seq) is not int:
         raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
     if prev != state.last_hash:
         raise RuleViolation(

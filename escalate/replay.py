@@ -194,8 +194,8 @@ def _group_due(event: dict[str, Any], due: int, first: int) -> int:
     """The lines still due in a multi-line write after ``event``: its ``more`` marker, which
     must be what the write's earlier lines announced (``due`` − 1, counting down to none)."""
     more = event.get("more", 0)
-    if type(more) is not int or more < 0:
-        raise RuleViolation(f"field 'more' must be a non-negative integer, got {more!r}")
+    if type(more) is not int or more < ("more" in event):  # written only as 1 or more
+        raise RuleViolation(f"field 'more' must be a positive integer, got {more!r}")
     if due and more != due - 1:
         raise RuleViolation(f"the write that began on line {first} needs {due - 1} more line(s) "
                             f"after this one, but this line says {more}")

@@ -282,6 +282,16 @@ class Ledger:
         replayed = self.store.read(use_cache=False)
         if replayed.problem is not None:
             raise replayed.problem
+        # Fields the fold does not use are judged too, as runs verify judges them: a verdict
+        # never passes a log that verify fails (pydantic, loaded only here).
+        from escalate.schema import line_problems
+
+        with self.read_log() as stream:
+            for line, problem in line_problems(stream):
+                raise CorruptLedger(
+                    f"{self.store.where} line {line}: {problem}; inspect with "
+                    f"'escalate runs verify {self.run_id}'", run=self.run_id, line=line,
+                    problem=problem, first_suspect_line=line)
         return replayed.state
 
     def replayed(self) -> Replayed:

@@ -173,3 +173,37 @@ def test_a_shown_value_is_cut_and_escaped() -> None:
     assert len(printable("x" * 100_000)) == 200
     assert printable("plain") == "plain"
 
+
+
+@pytest.mark.parametrize("edit", [
+    {"seq": 2.0}, {"v": True}, {"more": 0}, {"ts": "zzzz"}, {"ts": "2026-12-01T99:00:00.000000Z"},
+])
+def test_a_last_line_a_writer_never_writes_is_refused_by_writers_and_the_gate(
+        cli: Any, runs_dir: Path, edit: dict[str, Any]) -> None:
+    """The last line, which no later line vouches for, edited so that it still compares
+    equal or looks like a timestamp: a writer must not copy it forward, nor a gate pass it."""
+    run = Ledger.init(runs_dir, "r", cap="10")
+    run.reserve("a", "1")
+    log = runs_dir / "r" / "events.ndjson"
+    lines = log.read_bytes().splitlines()
+    last = orjson.loads(lines[-1])
+    last.update(edit)
+    lines[-1] = orjson.dumps(last)
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    before = log.read_bytes()
+    assert cli("reserve", "r", "b", "--estimate", "1").exit_code == 6
+    assert cli("gate", "r").exit_code == 6
+    assert cli("runs", "verify", "r").exit_code == 6
+    assert log.read_bytes() == before
+
+
+def test_the_gate_fails_what_only_the_schema_sees(cli: Any, runs_dir: Path) -> None:
+    run = Ledger.init(runs_dir, "r", cap="10")
+    run.reserve("a", "1")
+    run.increase("a", "2", reason="fine")
+    log = runs_dir / "r" / "events.ndjson"
+    log.write_bytes(log.read_bytes().replace(b'"reason":"fine"', b'"reason":"\\u001b[2Jx"'))  # same line count
+    lines = log.read_bytes().splitlines()
+    assert len(lines) == 3  # the edited line is the last: the chain still holds
+    assert cli("gate", "r").exit_code == 6
+    assert cli("runs", "verify", "r").exit_code == 6
