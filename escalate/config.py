@@ -90,6 +90,9 @@ def _default_actor() -> str:
 
 def check_actor(name: str) -> str:
     """``name`` if it can be recorded as who acted; :class:`InputError` otherwise."""
+    if not isinstance(name, str):
+        raise InputError(f"invalid actor {name!r}: give a name as text (1-128 printable characters)",
+                         code="invalid_actor", value=repr(name)[:40])
     if not name or len(name) > 128 or not name.isprintable():
         raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters",
                          code="invalid_actor", value=name[:40])

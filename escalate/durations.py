@@ -54,12 +54,13 @@ def check_duration(seconds: float, *, what: str, maximum: float, minimum: float 
                    shown: str | None = None) -> float:
     """``seconds`` if it is a finite number within ``minimum`` … ``maximum``, else
     :class:`InputError`. The library's numeric arguments come through here, parsed text too."""
-    shown = shown if shown is not None else f"{seconds!r}s"
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+    number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+    shown = shown if shown is not None else f"{seconds!r}" + ("s" if number else "")
+    if not number:
         raise _invalid(what, shown, f"expected seconds as a number, not {type(seconds).__name__}")
-    if not math.isfinite(seconds):
+    if isinstance(seconds, float) and not math.isfinite(seconds):
         raise _invalid(what, shown, f"use {_EXAMPLES}")
-    if seconds > maximum:
+    if seconds > maximum:  # (an int too large for a float is compared exactly here)
         raise _invalid(what, shown, _over(maximum))
     if seconds < minimum:
         raise _invalid(what, shown, f"give at least {format_duration(minimum)}" if minimum else

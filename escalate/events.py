@@ -71,8 +71,12 @@ def parse_ts(text: str) -> datetime:
 
 
 def add_seconds(ts: str, seconds: int) -> str:
-    """``ts`` plus ``seconds``, in the same format."""
-    return format_ts(parse_ts(ts) + timedelta(seconds=seconds))
+    """``ts`` plus ``seconds``, in the same format; past the last moment a timestamp can
+    name (year 9999), that moment."""
+    try:
+        return format_ts(parse_ts(ts) + timedelta(seconds=seconds))
+    except OverflowError:
+        return "9999-12-31T23:59:59.999999Z"
 
 
 def seal(

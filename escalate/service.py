@@ -166,7 +166,8 @@ class Ledger:
         """Raise ``task``'s reservation to the absolute amount ``to``."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        if len(reason) > 1000 or not reason.isprintable():
+        if not isinstance(reason, str) or len(reason) > 1000 or not reason.isprintable():
+            reason = reason if isinstance(reason, str) else repr(reason)
             raise InputError(f"invalid reason {reason[:40]!r}: use up to 1000 printable characters",
                              code="invalid_reason", value=reason[:40])
         return cast(TaskResult, self._mutate(

@@ -83,3 +83,34 @@ def test_set_policy_changes_only_what_it_names(runs_dir: Path) -> None:
     run.set_policy(approval_threshold=None, escalation_timeout_s=None, escalation="shadow")
     assert run.state().policy.to_json() == {"mode": "shadow", "approval_threshold_micros": None,
                                             "timeout_s": None, "max_extension_micros": 5_000_000}
+
+
+@pytest.mark.parametrize("call", [
+    lambda root: Ledger.open(root, "r", actor=5),  # type: ignore[arg-type]
+    lambda root: Ledger.open(root, "r").approve("esc-2", by=7),  # type: ignore[arg-type]
+    lambda root: Ledger.open(root, "r").increase("t", "2", reason=None),  # type: ignore[arg-type]
+    lambda root: Ledger.open(root, "r", lock_timeout=10**400),
+    lambda root: Ledger.open(root, "r", lock_timeout=True),
+])
+def test_wrong_types_in_the_library_are_input_errors_not_crashes(runs_dir: Path, call: Any) -> None:
+    from escalate import InputError
+
+    Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1").reserve("t", "1")
+    before = (runs_dir / "r" / "events.ndjson").read_bytes()
+    with pytest.raises(InputError) as refused:
+        call(runs_dir)
+    assert refused.value.exit_code == 2 and "Trues" not in refused.value.message
+    assert (runs_dir / "r" / "events.ndjson").read_bytes() == before
+
+
+def test_a_clock_at_the_end_of_time_still_escalates(runs_dir: Path) -> None:
+    from datetime import UTC, datetime
+
+    from escalate import Pending
+
+    late = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1",
+                       clock=lambda: datetime(9999, 12, 31, 23, 30, tzinfo=UTC))
+    with pytest.raises(Pending) as pending:
+        late.reserve("t", "5")
+    escalation = late.state().escalations[pending.value.escalation_id]
+    assert escalation.expires_at == "9999-12-31T23:59:59.999999Z"
