@@ -79,6 +79,9 @@ class Ledger:
         self.notify_timeout = config.notify_timeout(notify_timeout)
         # The store holding every run (a runs folder), and this run in it.
         self.runs_store = open_store(runs_dir)
+        # Set by :meth:`init`: whether this call created the run, or found it with the same
+        # settings (two pipelines that picked the same run id should be able to tell).
+        self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
 
     @property
@@ -128,12 +131,13 @@ class Ledger:
             return b"".join(line + b"\n" for _, line, _ in sealed)
 
         if run.store.create(line + b"\n", recovery):
+            run.created = True
             return run
         existing = run.store.read().state
         wanted = (run_cap, payload["task_cap_micros"], policy)
         have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
         if wanted == have:
-            return run
+            return run  # (``created`` stays False: a script can tell a reused run id)
         differences = config.setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
         only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
         raise Conflict(

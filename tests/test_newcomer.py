@@ -269,3 +269,15 @@ def test_a_bar_is_full_only_when_the_cap_is() -> None:
     almost = text_bar(54_250_000, 54_450_000)  # 99.6 %
     assert almost.endswith(" 99%") and "░" in almost
     assert "░" not in text_bar(5, 5) and text_bar(0, 5).startswith("░")
+
+
+def test_runs_init_again_says_the_run_exists_and_what_it_holds(cli: Any) -> None:
+    first = cli("runs", "init", "nightly", "--cap", "25", "--json")
+    assert first.exit_code == 0 and first.json()["status"] == "created"
+    cli("reserve", "nightly", "t", "--estimate", "2")
+    cli("release", "nightly", "t", "--actual", "1.5")
+    again = cli("runs", "init", "nightly", "--cap", "25")
+    assert again.exit_code == 0
+    assert again.stdout == ("run nightly already exists with these settings ($1.50 spent, "
+                            "$23.50 remaining); nothing changed\n")
+    assert cli("runs", "init", "nightly", "--cap", "25", "--json").json()["status"] == "exists"

@@ -79,11 +79,17 @@ def init(
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              **options)
-        return ledger.state().totals()
+        return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
 
-    respond(json_out, action, lambda r: echo_line(
-        f"run {r['run']}: cap {usd(r['cap_micros'])}, task cap {usd(r['task_cap_micros'])}, "
-        f"escalation {r['escalation']['mode']}"))
+    def human(r: Mapping[str, Any]) -> None:
+        if r["status"] == "exists":
+            echo_line(f"run {r['run']} already exists with these settings ({usd(r['spent_micros'])} spent, "
+                      f"{usd(r['remaining_micros'])} remaining); nothing changed")
+            return
+        echo_line(f"run {r['run']}: cap {usd(r['run_cap_micros'])}, task cap "
+                  f"{usd(r['task_cap_micros'])}, escalation {r['escalation']['mode']}")
+
+    respond(json_out, action, human)
 
 
 @runs_app.command("set")
