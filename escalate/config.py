@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from escalate import events
 from escalate.durations import (
@@ -147,9 +148,21 @@ def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy:
     if existing.task_cap_micros != task_cap:
         differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
     have, want = existing.policy.to_json(), policy.to_json()
-    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
-                    for key in have if have[key] != want[key]]
+    differences += [f"{key.removesuffix('_micros').removesuffix('_s').replace('_', ' ')} "
+                    f"{_setting(key, have.get(key))}, not {_setting(key, want.get(key))}"
+                    for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
     return differences
+
+
+def _setting(key: str, value: Any) -> str:
+    """A policy value as people read it: money in USD, durations as 30m, none for unset."""
+    if value is None:
+        return "none"
+    if key.endswith("_micros") and type(value) is int:
+        return usd(value)
+    if key.endswith("_s") and type(value) is int:
+        return format_duration(value)
+    return str(value)
 
 
 def _below_zero(amount: Amount) -> bool:

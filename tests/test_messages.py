@@ -19,8 +19,12 @@ def test_init_again_names_the_setting_that_differs(runs_dir: Path) -> None:
     assert "cap $10.00, not" not in caught.value.message.replace("task cap", "")
     with pytest.raises(Conflict) as caught:
         Ledger.init(runs_dir, "r", cap="10", escalation="enforce")
-    assert "mode 'off', not 'enforce'" in caught.value.message
+    assert "mode off, not enforce" in caught.value.message
     assert "escalate runs set" in caught.value.message
+    with pytest.raises(Conflict) as caught:  # money and durations read as people write them
+        Ledger.init(runs_dir, "r", cap="10", max_extension="5", escalation_timeout_s=1800)
+    assert "max extension $0.00, not $5.00" in caught.value.message
+    assert "timeout 1h, not 30m" in caught.value.message
 
 
 def test_release_of_a_task_that_never_held_money_says_so(runs_dir: Path) -> None:
