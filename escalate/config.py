@@ -96,7 +96,22 @@ def check_actor(name: str) -> str:
     if not name or len(name) > 128 or not name.isprintable():
         raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters",
                          code="invalid_actor", value=name[:40])
+    if name == events.TIMEOUT_ACTOR:
+        # Expiry resolves as "timeout": a person acting under that name could fake one.
+        raise InputError(f"invalid actor {name!r}: the name is reserved for expiry; act under "
+                         "your own name (--by or $ESCALATE_ACTOR)", code="reserved_actor", value=name)
     return name
+
+
+def check_approvers(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The approvers of ``runs init``/``runs set --approvers a,b``: each name checked as an
+    actor, duplicates dropped, order kept; empty means anyone may approve."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    if not isinstance(names, (list, tuple)):
+        raise InputError(f"invalid approvers {names!r}: give names, e.g. --approvers alice,bob",
+                         code="invalid_actor", value=repr(names)[:40])
+    return tuple(dict.fromkeys(check_actor(name) for name in names))
 
 
 # ---------------------------------------------------------------------- a run's settings
@@ -117,7 +132,7 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount) -> Policy:
+                max_extension: Amount, approvers: str | list[str] | tuple[str, ...] = ()) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
     if mode not in events.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
@@ -136,6 +151,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                                    else parse_micros(threshold, what="approval threshold")),
         timeout_s=None if timeout_s is None else int(timeout_s),
         max_extension_micros=parse_micros(max_extension, what="max extension"),
+        approvers=check_approvers(approvers),
     )
 
 
@@ -147,8 +163,9 @@ def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy:
     if existing.task_cap_micros != task_cap:
         differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
     have, want = existing.policy.to_json(), policy.to_json()
-    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
-                    for key in have if have[key] != want[key]]
+    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have.get(key)!r}, "
+                    f"not {want.get(key)!r}"
+                    for key in dict.fromkeys([*have, *want]) if have.get(key) != want.get(key)]
     return differences
 
 
