@@ -221,8 +221,7 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
                 code="not_the_requester", **facts)
         return None
     approvers = state.policy.approvers
-    who = (f"approvers of run {state.run_id}: {', '.join(approvers)}" if approvers
-           else "anyone but the requester")
+    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
     if by == escalation.requested_by:
         return Refused(
             f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "

@@ -151,8 +151,7 @@ class Escalation(TypedDict):
 
 
 class EscalationResolved(TypedDict):
-    """The first resolution of an escalation (``by: "timeout"`` on expiry; ``mode: "withdraw"``
-    when its requester took it back or a release settled its task)."""
+    """The first resolution of an escalation (``by: "timeout"`` on expiry; ``withdraw``: taken back)."""
 
     type: Literal["escalation_resolved"]
     id: IdStr

@@ -356,3 +356,37 @@ def test_sweep_cli(cli: Any, runs_dir: Path) -> None:
     assert cli("sweep", "--json").json()["expired"] == []
     assert log_bytes(runs_dir) == before
     assert cli("sweep", "nope").exit_code == 2
+
+
+def test_approvers_from_the_command_line(cli: Any, runs_dir: Path) -> None:
+    enforce(cli, "r", "--approvers", "alice,bob")
+    esc = escalate_task(cli, "t")
+    refused = cli("approve", "r", esc, "--by", "carol", "--json")
+    assert (refused.exit_code, refused.json()["error"], refused.json()["approvers"]) == \
+        (3, "not_an_approver", ["alice", "bob"])
+    assert refused.stderr.startswith("escalate: cannot resolve") and "alice, bob" in refused.stderr
+    timeout = cli("pause", "r", esc, "--by", "timeout", "--json")
+    assert (timeout.exit_code, timeout.json()["error"]) == (2, "reserved_actor")
+    changed = cli("runs", "set", "r", "--approvers", "carol", "--by", "lead")
+    assert changed.stdout.strip() == "run r: approvers alice, bob → carol"
+    cleared = cli("runs", "set", "r", "--approvers", "", "--by", "lead")
+    assert cleared.stdout.strip() == "run r: approvers carol → anyone"
+    assert cli("approve", "r", esc, "--by", "dave").exit_code == 0
+
+
+def test_withdraw_and_release_from_the_command_line(cli: Any, runs_dir: Path) -> None:
+    enforce(cli)
+    esc = escalate_task(cli, "t")
+    assert cli("withdraw", "r", esc, "--by", "alice", "--json").json()["error"] == "not_the_requester"
+    withdrawn = cli("withdraw", "r", esc)
+    assert (withdrawn.exit_code, withdrawn.stdout.strip()) == (0, f"{esc} withdrawn by tester")
+    assert cli("reserve", "r", "u", "--estimate", "1").exit_code == 0
+    raised = cli("increase", "r", "u", "--to", "3", "--json")
+    assert raised.exit_code == 4
+    released = cli("release", "r", "u", "--actual", "2", "--json")
+    assert (released.exit_code, released.json()["withdrawn_escalation_id"]) == \
+        (0, raised.json()["escalation_id"])
+    assert cli("reserve", "r", "v", "--estimate", "1").exit_code == 0
+    esc_v = cli("increase", "r", "v", "--to", "3", "--json").json()["escalation_id"]
+    settled = cli("release", "r", "v", "--actual", "1")
+    assert settled.stdout.strip().endswith(f"; its escalation {esc_v} is withdrawn")

@@ -156,7 +156,7 @@ def set_policy(
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
-        changed = [f"{label} {show(before[key])} → {show(after[key])}"
+        changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
                    for key, (label, show) in _POLICY_FIELDS.items()
                    if before and before.get(key) != after.get(key)]
         if result["status"] == "exists" or not changed:
