@@ -44,7 +44,7 @@ from escalate.state import EscalationState, Policy, RunState, Task
 from escalate.store import CacheInvalid
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
-FORMAT = 3
+FORMAT = 4
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 

@@ -97,7 +97,22 @@ def check_actor(name: str) -> str:
     if not name or len(name) > 128 or not name.isprintable():
         raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters",
                          code="invalid_actor", value=name[:40])
+    if name == events.TIMEOUT_ACTOR:
+        # Expiry resolves as "timeout": a person acting under that name could fake one.
+        raise InputError(f"invalid actor {name!r}: the name is reserved for expiry; act under "
+                         "your own name (--by or $ESCALATE_ACTOR)", code="reserved_actor", value=name)
     return name
+
+
+def check_approvers(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The approvers of ``runs init``/``runs set --approvers a,b``: each name checked as an
+    actor, duplicates dropped, order kept; empty means anyone may approve."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    if not isinstance(names, (list, tuple)):
+        raise InputError(f"invalid approvers {names!r}: give names, e.g. --approvers alice,bob",
+                         code="invalid_actor", value=repr(names)[:40])
+    return tuple(dict.fromkeys(check_actor(name) for name in names))
 
 
 # ---------------------------------------------------------------------- a run's settings
@@ -118,7 +133,7 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount) -> Policy:
+                max_extension: Amount, approvers: str | list[str] | tuple[str, ...] = ()) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
     if mode not in events.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
@@ -137,6 +152,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                                    else parse_micros(threshold, what="approval threshold")),
         timeout_s=None if timeout_s is None else int(timeout_s),
         max_extension_micros=parse_micros(max_extension, what="max extension"),
+        approvers=check_approvers(approvers),
     )
 
 
@@ -150,7 +166,7 @@ def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy:
     have, want = existing.policy.to_json(), policy.to_json()
     differences += [f"{key.removesuffix('_micros').removesuffix('_s').replace('_', ' ')} "
                     f"{_setting(key, have.get(key))}, not {_setting(key, want.get(key))}"
-                    for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
+                    for key in dict.fromkeys([*have, *want]) if have.get(key) != want.get(key)]
     return differences
 
 
@@ -162,6 +178,8 @@ def _setting(key: str, value: Any) -> str:
         return usd(value)
     if key.endswith("_s") and type(value) is int:
         return format_duration(value)
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
     return str(value)
 
 

@@ -124,8 +124,10 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
     return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now)
 
 
-def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
-    """Settle a task's reservation with what it actually cost (never refused for size)."""
+def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
+    """Settle a task's reservation with what it actually cost (never refused for size).
+    An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the same
+    write: the money is spent, and nobody waits on a person to record it."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
@@ -139,7 +141,8 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
         open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
         if open_escalation is not None:
             hint = (f"it is waiting on escalation {open_escalation.id}: wait for it with "
-                    f"'escalate wait {state.run_id} {open_escalation.id}'")
+                    f"'escalate wait {state.run_id} {open_escalation.id}', or take the request "
+                    f"back with 'escalate withdraw {state.run_id} {open_escalation.id}'")
         elif task is None:
             hint = f"reserve it first, or check the task id with 'escalate runs show {state.run_id}'"
         else:
@@ -147,22 +150,28 @@ def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
         return _fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
+    withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
-        return _fail(Conflict(
-            f"task {task_id} has open escalation {task.escalation_id}; resolve it first "
-            f"(escalate pause|cancel {state.run_id} {task.escalation_id})",
-            task=task_id, state=task.state, escalation_id=task.escalation_id))
+        withdrawn = [_resolved_event(task.escalation_id, "withdraw", by)]
     event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}
     result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
               "actual_micros": actual,
               "remaining_micros": state.remaining_micros + task.reserved_micros - actual}
-    return Decision(events=[event], result=result)
+    if withdrawn:
+        result["withdrawn_escalation_id"] = task.escalation_id
+    return Decision(events=[*withdrawn, event], result=result)
+
+
+def _resolved_event(escalation_id: str, mode: str, by: str) -> Event:
+    return {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+            "extension_micros": 0}
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
-    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation;
-    the first resolution wins."""
+    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
+    or withdraw it (its requester only); the first resolution wins. Only the run's approvers
+    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return _fail(InputError(
@@ -173,6 +182,9 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
         return _fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
+    refusal = _not_allowed(state, escalation, mode, by)
+    if refusal is not None:
+        return _fail(refusal)
     if escalation.state == "resolved":
         facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
                  "by": escalation.by, "resolved_at": escalation.resolved_at}
@@ -184,16 +196,45 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
             f"escalation {escalation_id} was already resolved: {escalation.mode} by "
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
-    resolved: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
-                       "extension_micros": 0}
+    resolved = _resolved_event(escalation_id, mode, by)
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
-    if mode == "pause":
-        return Decision(events=[resolved], result={"status": "paused", **facts})
+    if mode in ("pause", "withdraw"):
+        status = "paused" if mode == "pause" else "withdrawn"
+        return Decision(events=[resolved], result={"status": status, **facts})
     if mode == "cancel":
         halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
                 "remaining_micros": state.remaining_micros, "reason": "cancelled"}
         return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
     return _grant(state, escalation, resolved, facts)
+
+
+def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
+    """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
+    first-resolution-wins answer: who won tells nothing to someone who may not resolve."""
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+             "requested_by": escalation.requested_by}
+    if mode == "withdraw":
+        if escalation.requested_by is not None and by != escalation.requested_by:
+            return Refused(
+                f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
+                f"withdraw it (a release of task {escalation.task} settles it too)",
+                code="not_the_requester", **facts)
+        return None
+    approvers = state.policy.approvers
+    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
+    if by == escalation.requested_by:
+        return Refused(
+            f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
+            f"escalation ({who}); ask an approver, or take it back with "
+            f"'escalate withdraw {state.run_id} {escalation.id}'",
+            code="self_approval", approvers=list(approvers), **facts)
+    if approvers and by not in approvers:
+        return Refused(
+            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
+            f"({who}); ask one of them, or change the list with 'escalate runs set "
+            f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
+            **facts)
+    return None
 
 
 def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any]) -> Decision:

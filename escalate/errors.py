@@ -69,6 +69,10 @@ class Refused(EscalateError):
     task_cap_micros: int | None = None
     cap_micros: int | None = None
     escalation_id: str | None = None
+    # not_an_approver, self_approval, not_the_requester: who tried, who asked, who may.
+    by: str | None = None
+    requested_by: str | None = None
+    approvers: list[str] | None = None
 
 
 class Pending(EscalateError):

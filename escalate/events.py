@@ -36,6 +36,9 @@ Mode = Literal["off", "shadow", "enforce"]
 # How a person answers an escalation. ``extend`` grants the request (extending the cap when
 # it needs it): the command is ``approve``, its result status ``approved``.
 Resolution = Literal["extend", "pause", "cancel"]
+# How an escalation ended: a person's resolution, or ``withdraw`` (its task's own side took
+# the request back: ``escalate withdraw``, or a release that settles the task).
+ResolvedMode = Literal["extend", "pause", "cancel", "withdraw"]
 HaltReason = Literal["run_cap", "task_cap", "cancelled"]
 EscalationKind = Literal["reserve", "increase"]
 EscalationReason = Literal["run_cap", "threshold"]
@@ -44,6 +47,9 @@ EventType = Literal["run_opened", "budget_reserved", "budget_increased", "releas
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 RESOLUTIONS: tuple[Resolution, ...] = get_args(Resolution)
+RESOLVED_MODES: tuple[ResolvedMode, ...] = get_args(ResolvedMode)
+# The actor name expiry writes as ``by``: no person or process may act under it.
+TIMEOUT_ACTOR = "timeout"
 HALT_REASONS: tuple[HaltReason, ...] = get_args(HaltReason)
 ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)

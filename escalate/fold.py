@@ -19,6 +19,7 @@ from escalate.events import (
     MAX_TIMEOUT_S,
     MODES,
     RESOLUTIONS,
+    RESOLVED_MODES,
     SCHEMA_VERSION,
     TIMESTAMP_PATTERN,
     parse_ts,
@@ -99,7 +100,16 @@ def _policy(raw: Any) -> Policy:
         approval_threshold_micros=_int(raw, "approval_threshold_micros", nullable=True),
         timeout_s=_int(raw, "timeout_s", nullable=True, limit=MAX_TIMEOUT_S),
         max_extension_micros=_int(raw, "max_extension_micros"),
+        approvers=_approvers(raw),
     )
+
+
+def _approvers(raw: dict[str, Any]) -> tuple[str, ...]:
+    """``escalation.approvers``: absent or a list of actor names (empty: anyone)."""
+    names = raw.get("approvers", [])
+    if type(names) is not list:
+        raise RuleViolation(f"field 'approvers' must be a list of names, got {shown_value(names)}")
+    return tuple(_str({"approvers": name}, "approvers") for name in names)
 
 
 def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
@@ -338,6 +348,7 @@ def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         expires_at=_timestamp(event, "expires_at", nullable=True),
         shadow=shadow,
         opened_at=_timestamp(event, "ts"),
+        requested_by=event.get("actor"),  # checked by apply, as every line's actor
     )
     state.escalations[escalation_id] = escalation
     if shadow:
@@ -359,7 +370,7 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     escalation = state.open_escalations.pop(escalation_id, None)
     if escalation is None:
         raise RuleViolation(f"resolution of escalation {escalation_id!r}, which is not open")
-    mode = _choice(event, "mode", RESOLUTIONS)
+    mode = _choice(event, "mode", RESOLVED_MODES)
     extension = _int(event, "extension_micros")
     by = _str(event, "by")
     if extension and mode != "extend":
@@ -384,8 +395,12 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     escalation.extension_micros = extension
     state.extended_micros += extension
     # extend: the reservation line that follows moves the task on; pause parks it;
-    # cancel is followed by its halt.
-    task.state = "paused" if mode == "pause" else ("reserved" if task.holding else "escalated")
+    # cancel is followed by its halt. withdraw: the task keeps what it holds (a release may
+    # follow) or, asking for a first reservation, holds nothing and may ask again.
+    if mode == "pause" or (mode == "withdraw" and not task.holding):
+        task.state = "paused"
+    else:
+        task.state = "reserved" if task.holding else "escalated"
 
 
 def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:

@@ -22,6 +22,7 @@ from escalate.events import (
     HaltReason,
     Mode,
     Resolution,
+    ResolvedMode,
 )
 
 
@@ -64,6 +65,8 @@ class EscalationPolicy(TypedDict):
     approval_threshold_micros: Annotated[MicrosInt | None, Doc("null: no threshold.")]
     timeout_s: Annotated[Annotated[int, Check.TIMEOUT] | None, Doc("null: escalations never time out.")]
     max_extension_micros: MicrosInt
+    approvers: NotRequired[Annotated[list[NameStr], Doc(
+        "Who may approve, pause or cancel; absent or empty: anyone (never the requester).")]]
 
 
 class Envelope(TypedDict):
@@ -148,11 +151,11 @@ class Escalation(TypedDict):
 
 
 class EscalationResolved(TypedDict):
-    """The first resolution of an escalation (``by: "timeout"`` on expiry)."""
+    """The first resolution of an escalation (``by: "timeout"`` on expiry; ``withdraw``: taken back)."""
 
     type: Literal["escalation_resolved"]
     id: IdStr
-    mode: Resolution
+    mode: ResolvedMode
     by: NameStr
     extension_micros: MicrosInt
 

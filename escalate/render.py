@@ -218,7 +218,7 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
     return whole_words(table)
 
 
-_RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled"}
+_RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled", "withdraw": "withdrawn"}
 
 
 def _seconds_between(ts: str, moment: datetime) -> float:

@@ -23,13 +23,14 @@ class TaskResult(TypedDict):
     remaining_micros: int
     actual_micros: NotRequired[int | None]
     shadow_escalation_id: NotRequired[str]
+    withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
 
 
 class ResolutionResult(TypedDict):
-    """``approve``, ``pause`` and ``cancel`` (and ``wait`` on an approval)."""
+    """``approve``, ``pause``, ``cancel`` and ``withdraw`` (and ``wait`` on an approval)."""
 
     run: str
-    status: str  # approved, paused, cancelled, or exists for the same resolution again
+    status: str  # approved, paused, cancelled, withdrawn, or exists for the same resolution again
     escalation_id: str
     task: str
     mode: str | None
@@ -69,5 +70,9 @@ def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionRe
         raise Refused(f"escalation {escalation.id} was cancelled by {escalation.by}; task "
                       f"{escalation.task} is halted for good — use a new task id", code="cancelled",
                       **facts)
+    if escalation.mode == "withdraw":
+        raise Pending(f"escalation {escalation.id} was withdrawn by {escalation.by}; task "
+                      f"{escalation.task} keeps what it held (a release settled it, or it may ask "
+                      "again)", code="withdrawn", **facts)
     raise Pending(f"escalation {escalation.id} was paused by {escalation.by}; task "
                   f"{escalation.task} may ask again later with the same reserve", code="paused", **facts)

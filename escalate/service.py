@@ -108,17 +108,20 @@ class Ledger:
         approval_threshold: Amount | None = None,
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
+        approvers: str | list[str] | tuple[str, ...] = (),
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
 
         Amounts are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
-        whole seconds, 1 to 365 days, or ``None`` for never.
+        whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
+        may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester).
         """
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
-        policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension)
+        policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
+                                    approvers)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
         [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
@@ -178,11 +181,12 @@ class Ledger:
             lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
-        """Settle ``task`` with what it actually cost (may exceed the reservation)."""
+        """Settle ``task`` with what it actually cost (may exceed the reservation); an open
+        escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_release(state, task_id, micros)))
+            lambda state, now, _: decisions.decide_release(state, task_id, micros, self.actor)))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
@@ -196,6 +200,10 @@ class Ledger:
         """End the task for good (``halt`` with reason ``cancelled``)."""
         return self._resolve(escalation_id, "cancel", by)
 
+    def withdraw(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
+        """Take back an open escalation (its requester only); the task keeps what it holds."""
+        return self._resolve(escalation_id, "withdraw", by)
+
     def set_policy(
         self,
         *,
@@ -203,10 +211,11 @@ class Ledger:
         approval_threshold: Amount | Unchanged | None = UNCHANGED,
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
+        approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
-        makes escalations never time out)."""
+        makes escalations never time out, ``approvers=()`` lets anyone approve)."""
         def decide(state: RunState, now: str, expired: list[str]) -> Decision:
             current = state.policy
             threshold = current.approval_threshold_micros
@@ -215,7 +224,8 @@ class Ledger:
                 (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
                 else approval_threshold,
                 current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
-                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension)
+                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
+                current.approvers if approvers is UNCHANGED else approvers)
             return decisions.decide_policy(state, policy)
         return cast(PolicyResult, self._mutate(decide))
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from escalate.events import EscalationKind, EscalationReason, HaltReason, Mode, Resolution
+from escalate.events import EscalationKind, EscalationReason, HaltReason, Mode, Resolution, ResolvedMode
 
 # reserved: holds money; released: settled; halted: refused for good; escalated: waits on
 # a person; paused: a person paused its escalation (it may ask again).
@@ -30,16 +30,27 @@ class Policy:
     approval_threshold_micros: int | None = None
     timeout_s: int | None = 3600
     max_extension_micros: int = 0
+    # Who may approve, pause or cancel; empty: anyone but the requester.
+    approvers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A tuple whatever came in (the checkpoint hands in a JSON list): policies compare equal
+        # by value in ``runs init``'s idempotency check.
+        self.approvers = tuple(self.approvers)
 
     # dict, not the EscalationPolicy TypedDict: callers compare two policies key by key.
     def to_json(self) -> dict[str, Any]:
-        """The policy as ``run_opened`` and ``policy_changed`` write it."""
-        return {
+        """The policy as ``run_opened`` and ``policy_changed`` write it; ``approvers`` only when
+        set, so a policy without them writes the same bytes as before they existed."""
+        data: dict[str, Any] = {
             "mode": self.mode,
             "approval_threshold_micros": self.approval_threshold_micros,
             "timeout_s": self.timeout_s,
             "max_extension_micros": self.max_extension_micros,
         }
+        if self.approvers:
+            data["approvers"] = list(self.approvers)
+        return data
 
 
 @dataclass(slots=True)
@@ -91,8 +102,10 @@ class EscalationState:
     expires_at: str | None
     shadow: bool
     opened_at: str
+    # The actor of the escalation's line: who may withdraw it, and who may never resolve it.
+    requested_by: str | None = None
     state: EscalationStatus = "open"
-    mode: Resolution | None = None
+    mode: ResolvedMode | None = None
     by: str | None = None
     resolved_at: str | None = None
     extension_micros: int = 0
@@ -108,6 +121,7 @@ class EscalationState:
             "reason": self.reason,
             "offered": list(self.offered),
             "opened_at": self.opened_at,
+            "requested_by": self.requested_by,
             "expires_at": self.expires_at,
             "shadow": self.shadow,
             "state": self.state,

@@ -135,7 +135,7 @@ def test_increase_that_escalates_names_the_escalation(cli: Any, runs_dir: Path) 
     result = cli("increase", "r", "t", "--to", "2.5", "--reason", "long diff", "--json")
     assert result.exit_code == 4
     assert result.json()["escalation_id"] == "esc-3"
-    approved = cli("approve", "r", "esc-3", "--json")
+    approved = cli("approve", "r", "esc-3", "--by", "alice", "--json")
     assert approved.json()["status"] == "approved"
     increased = log_lines(runs_dir)[-1]
     assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
@@ -184,14 +184,14 @@ def test_approve_over_the_remaining_ceiling(cli: Any, runs_dir: Path) -> None:
     esc = escalate_task(cli, "t", "3.5")  # needs $0.50 of the $1 ceiling
     assert cli("reserve", "r", "other", "--estimate", "1").exit_code == 0  # now it needs $1.50
     before = log_bytes(runs_dir)
-    refused = cli("approve", "r", esc, "--json")
+    refused = cli("approve", "r", esc, "--by", "alice", "--json")
     assert (refused.exit_code, refused.json()["error"]) == (3, "extension_limit")
     assert "runs set" in refused.json()["message"]
     assert log_bytes(runs_dir) == before
     assert cli("runs", "set", "r", "--max-extension", "1.5").exit_code == 0
-    approved = cli("approve", "r", esc)
+    approved = cli("approve", "r", esc, "--by", "alice")
     assert approved.exit_code == 0
-    assert approved.stdout.strip() == f"{esc} approved by tester: $3.50 reserved for t, cap extended by $1.50"
+    assert approved.stdout.strip() == f"{esc} approved by alice: $3.50 reserved for t, cap extended by $1.50"
 
 
 def test_wait_exit_codes(cli: Any, runs_dir: Path) -> None:
@@ -221,7 +221,7 @@ def test_reserve_wait_with_timeout_gives_up_with_exit_4(cli: Any, runs_dir: Path
     assert result.exit_code == 4
     assert (result.json()["error"], result.json()["escalation_id"]) == ("escalation_open", "esc-2")
     # Waiting again meets the same escalation (de-dup), and an approval releases it at once.
-    cli("approve", "r", "esc-2")
+    cli("approve", "r", "esc-2", "--by", "alice")
     again = cli("reserve", "r", "t", "--estimate", "3", "--wait", "--timeout", "0", "--json")
     assert again.exit_code == 0
     assert again.json()["status"] == "exists"
@@ -356,3 +356,37 @@ def test_sweep_cli(cli: Any, runs_dir: Path) -> None:
     assert cli("sweep", "--json").json()["expired"] == []
     assert log_bytes(runs_dir) == before
     assert cli("sweep", "nope").exit_code == 2
+
+
+def test_approvers_from_the_command_line(cli: Any, runs_dir: Path) -> None:
+    enforce(cli, "r", "--approvers", "alice,bob")
+    esc = escalate_task(cli, "t")
+    refused = cli("approve", "r", esc, "--by", "carol", "--json")
+    assert (refused.exit_code, refused.json()["error"], refused.json()["approvers"]) == \
+        (3, "not_an_approver", ["alice", "bob"])
+    assert refused.stderr.startswith("escalate: cannot resolve") and "alice, bob" in refused.stderr
+    timeout = cli("pause", "r", esc, "--by", "timeout", "--json")
+    assert (timeout.exit_code, timeout.json()["error"]) == (2, "reserved_actor")
+    changed = cli("runs", "set", "r", "--approvers", "carol", "--by", "lead")
+    assert changed.stdout.strip() == "run r: approvers alice, bob → carol"
+    cleared = cli("runs", "set", "r", "--approvers", "", "--by", "lead")
+    assert cleared.stdout.strip() == "run r: approvers carol → anyone"
+    assert cli("approve", "r", esc, "--by", "dave").exit_code == 0
+
+
+def test_withdraw_and_release_from_the_command_line(cli: Any, runs_dir: Path) -> None:
+    enforce(cli)
+    esc = escalate_task(cli, "t")
+    assert cli("withdraw", "r", esc, "--by", "alice", "--json").json()["error"] == "not_the_requester"
+    withdrawn = cli("withdraw", "r", esc)
+    assert (withdrawn.exit_code, withdrawn.stdout.strip()) == (0, f"{esc} withdrawn by tester")
+    assert cli("reserve", "r", "u", "--estimate", "1").exit_code == 0
+    raised = cli("increase", "r", "u", "--to", "3", "--json")
+    assert raised.exit_code == 4
+    released = cli("release", "r", "u", "--actual", "2", "--json")
+    assert (released.exit_code, released.json()["withdrawn_escalation_id"]) == \
+        (0, raised.json()["escalation_id"])
+    assert cli("reserve", "r", "v", "--estimate", "1").exit_code == 0
+    esc_v = cli("increase", "r", "v", "--to", "3", "--json").json()["escalation_id"]
+    settled = cli("release", "r", "v", "--actual", "1")
+    assert settled.stdout.strip().endswith(f"; its escalation {esc_v} is withdrawn")

@@ -54,7 +54,7 @@ def _warm_cli(tmp_path_factory: pytest.TempPathFactory) -> None:
     run = Ledger.init(root, "w", cap="1", escalation="enforce", approval_threshold="0.5")
     with pytest.raises(Pending):
         run.reserve("t", "1")
-    assert _run_cli(["approve", "w", "esc-2", "--runs-dir", str(root), "--json"])[0] == 0
+    assert _run_cli(["approve", "w", "esc-2", "--runs-dir", str(root), "--by", "alice", "--json"])[0] == 0
 
 
 def run_together(commands: list[list[str]]) -> list[tuple[list[str], int, dict[str, Any]]]:
@@ -157,6 +157,47 @@ def test_approve_races_other_reserves(runs_dir: Path, round_no: int) -> None:
     state = run.state()
     assert state.committed_micros <= state.cap_micros <= 13 * USD
     assert not run.verify().problems
+
+
+def test_release_races_approve_on_the_same_escalation(runs_dir: Path) -> None:
+    """The worker settles while an approver approves its waiting increase: either the release
+    withdraws the escalation (and the approval loses), or the approval wins and the release
+    settles the raised reservation — never both, never neither."""
+    outcomes_seen = set()
+    for round_no in range(30):
+        run_id = f"settle-{round_no}"
+        run = Ledger.init(runs_dir, run_id, cap="10", escalation="enforce", approval_threshold="5",
+                          approvers="alice", actor="wk")
+        run.reserve("t", "4")
+        with pytest.raises(Pending):
+            run.increase("t", "6")
+        release = ["release", run_id, "t", "--actual", "5", "--by", "wk", "--json", "--lock-timeout", "30s"]
+        approve = ["approve", run_id, "esc-3", "--by", "alice", "--json", "--lock-timeout", "30s"]
+        commands = [release, approve] if round_no % 2 else [approve, release]
+
+        results = {args[0]: (code, body) for args, code, body in run_together(commands)}
+
+        lines = log_lines(runs_dir, run_id)
+        [resolved] = [e for e in lines if e["type"] == "escalation_resolved"]
+        [released] = [e for e in lines if e["type"] == "released"]
+        assert results["release"][0] == 0, results
+        if resolved["mode"] == "withdraw":
+            assert (resolved["by"], released["seq"], released["reserved_micros"]) == \
+                ("wk", resolved["seq"] + 1, 4 * USD)
+            assert not any(e["type"] == "budget_increased" for e in lines)
+            assert results["approve"][0] == 5 and "withdraw by wk" in results["approve"][1]["message"]
+            assert results["release"][1]["withdrawn_escalation_id"] == "esc-3"
+        else:
+            assert (resolved["mode"], resolved["by"]) == ("extend", "alice")
+            assert [e["type"] for e in lines[resolved["seq"]:]] == ["budget_increased", "released"]
+            assert released["reserved_micros"] == 6 * USD
+            assert results["approve"][0] == 0 and "withdrawn_escalation_id" not in results["release"][1]
+        outcomes_seen.add(resolved["mode"])
+        state = run.state()
+        assert (state.tasks["t"].state, state.spent_micros, state.reserved_micros) == ("released", 5 * USD, 0)
+        assert not run.verify().problems
+    # Not asserted: which side wins is up to the scheduler; both are correct.
+    print("outcomes seen:", sorted(outcomes_seen))
 
 
 def _escalate(*args: str) -> subprocess.Popen[bytes]:

@@ -3,6 +3,7 @@ de-dup, first resolution wins, pause/cancel, increases, and timeouts on an injec
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,6 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from escalate import Conflict, EscalateError, InputError, Ledger, Pending, Refused
 from tests.conftest import FakeClock, snapshot_tree
@@ -282,8 +285,6 @@ def test_increase_escalation_approved(runs_dir: Path, clock: FakeClock) -> None:
         run.increase("t", "6", reason="long diff")
     assert run.state().tasks["t"].state == "escalated"
     assert run.state().reserved_micros == 4 * USD  # the held reservation stays while it waits
-    with pytest.raises(Conflict, match="resolve it first"):
-        run.release("t", "1")
     run.approve(escalated.value.escalation_id, by="alice")
     increased = events(runs_dir)[-1]
     assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
@@ -484,3 +485,241 @@ def test_init_records_the_policy(runs_dir: Path) -> None:
     opened = events(runs_dir)[0]
     assert opened["escalation"] == {"mode": "enforce", "approval_threshold_micros": 2_500_000,
                                     "timeout_s": 900, "max_extension_micros": 4 * USD}
+
+
+# --------------------------------------------------------------------------- who may resolve
+
+
+@dataclass(frozen=True)
+class WhoCase:
+    """A run with ``approvers``; ``requester`` escalates task t (esc-2); ``resolver`` then
+    resolves it as ``verb``."""
+
+    approvers: str
+    requester: str
+    resolver: str
+    verb: str  # approve | pause | cancel | withdraw
+    exit_code: int
+    code: str  # the error code, or the result status
+
+
+WHO_CASES = {
+    "anyone: another actor approves": WhoCase("", "wk", "alice", "approve", 0, "approved"),
+    "anyone: the requester may not approve": WhoCase("", "wk", "wk", "approve", 3, "self_approval"),
+    "anyone: the requester may not pause": WhoCase("", "wk", "wk", "pause", 3, "self_approval"),
+    "anyone: the requester may not cancel": WhoCase("", "wk", "wk", "cancel", 3, "self_approval"),
+    "listed approver approves": WhoCase("alice,bob", "wk", "bob", "approve", 0, "approved"),
+    "listed approver pauses": WhoCase("alice,bob", "wk", "alice", "pause", 0, "paused"),
+    "listed approver cancels": WhoCase("alice,bob", "wk", "alice", "cancel", 0, "cancelled"),
+    "unlisted actor may not approve": WhoCase("alice,bob", "wk", "carol", "approve", 3, "not_an_approver"),
+    "unlisted actor may not pause": WhoCase("alice,bob", "wk", "carol", "pause", 3, "not_an_approver"),
+    "unlisted actor may not cancel": WhoCase("alice,bob", "wk", "carol", "cancel", 3, "not_an_approver"),
+    "unlisted requester: self approval": WhoCase("alice,bob", "wk", "wk", "approve", 3, "self_approval"),
+    "listed requester may not approve its own": WhoCase("alice,bob", "alice", "alice", "approve", 3,
+                                                        "self_approval"),
+    "listed requester's escalation, another approver": WhoCase("alice,bob", "alice", "bob", "approve", 0,
+                                                               "approved"),
+    "timeout is reserved (anyone)": WhoCase("", "wk", "timeout", "approve", 2, "reserved_actor"),
+    "timeout is reserved (pause)": WhoCase("alice", "wk", "timeout", "pause", 2, "reserved_actor"),
+    "the requester withdraws": WhoCase("alice", "wk", "wk", "withdraw", 0, "withdrawn"),
+    "an approver may not withdraw": WhoCase("alice", "wk", "alice", "withdraw", 3, "not_the_requester"),
+    "timeout may not withdraw": WhoCase("", "wk", "timeout", "withdraw", 2, "reserved_actor"),
+}
+
+
+@pytest.mark.parametrize("case", WHO_CASES.values(), ids=WHO_CASES.keys())
+def test_who_may_resolve(runs_dir: Path, clock: FakeClock, case: WhoCase) -> None:
+    make_run(runs_dir, clock, approval_threshold="2", approvers=case.approvers)
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor=case.requester)
+    with pytest.raises(Pending):
+        worker.reserve("t", "3")
+    tree = ledger_files(runs_dir)
+
+    code, body = outcome(lambda: getattr(worker, case.verb)("esc-2", by=case.resolver))
+
+    assert (code, body.get("error", body.get("status"))) == (case.exit_code, case.code), body
+    if code:
+        assert ledger_files(runs_dir) == tree  # nothing written
+        assert worker.state().escalations["esc-2"].state == "open"
+    if code == 3:
+        # Who tried, who asked and who may are facts; the message says who may approve.
+        assert (body["by"], body["requested_by"]) == (case.resolver, case.requester)
+        who = ", ".join(case.approvers.split(",")) if case.approvers else "anyone but the requester"
+        if case.verb == "withdraw":
+            who = f"only {case.requester}, who asked"
+        assert who in body["message"]
+    if code == 0:
+        last = [e for e in events(runs_dir) if e["type"] == "escalation_resolved"]
+        assert [(e["by"], e["actor"]) for e in last] == [(case.resolver, case.requester)]
+
+
+def test_a_non_approver_is_refused_before_being_told_who_won(runs_dir: Path, clock: FakeClock) -> None:
+    make_run(runs_dir, clock, approval_threshold="2", approvers="alice")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    with pytest.raises(Pending):
+        worker.reserve("t", "3")
+    worker.approve("esc-2", by="alice")
+    with pytest.raises(Refused) as refused:
+        worker.pause("esc-2", by="mallory")
+    assert (refused.value.code, refused.value.approvers) == ("not_an_approver", ["alice"])
+
+
+def test_timeout_is_refused_as_any_actor(runs_dir: Path, clock: FakeClock) -> None:
+    with pytest.raises(InputError) as refused:
+        Ledger.init(runs_dir, "r", cap="1", actor="timeout")
+    assert (refused.value.code, refused.value.exit_code) == ("reserved_actor", 2)
+    with pytest.raises(InputError, match="reserved for expiry"):
+        Ledger.init(runs_dir, "r", cap="1", approvers=["alice", "timeout"])
+    assert not (runs_dir / "r").exists()
+
+
+def test_approvers_are_part_of_the_policy(runs_dir: Path, clock: FakeClock) -> None:
+    run = make_run(runs_dir, clock, approvers="alice, bob,alice")
+    assert events(runs_dir)[0]["escalation"]["approvers"] == ["alice", "bob"]
+    assert run.state().policy.approvers == ("alice", "bob")
+    # The same settings again are the same run; other approvers are other settings.
+    assert not make_run(runs_dir, clock, approvers=["alice", "bob"]).created
+    with pytest.raises(Conflict, match=r"approvers \['alice', 'bob'\], not \['carol'\]"):
+        make_run(runs_dir, clock, approvers="carol")
+    with pytest.raises(Conflict, match=r"approvers \['alice', 'bob'\], not None"):
+        make_run(runs_dir, clock)
+    # runs set changes them; an empty list lets anyone (but the requester) approve.
+    assert run.set_policy(approvers="carol")["escalation"]["approvers"] == ["carol"]
+    assert run.set_policy(escalation_timeout_s=60)["escalation"]["approvers"] == ["carol"]
+    cleared = run.set_policy(approvers="")
+    assert "approvers" not in cleared["escalation"]
+    assert "approvers" not in events(runs_dir)[-1]["escalation"]
+    assert run.state().policy.approvers == ()
+
+
+def test_a_policy_without_approvers_writes_the_same_bytes(runs_dir: Path, clock: FakeClock) -> None:
+    """Logs from before approvers existed replay, and new runs without them look the same."""
+    make_run(runs_dir, clock)
+    assert list(events(runs_dir)[0]["escalation"]) == ["mode", "approval_threshold_micros", "timeout_s",
+                                                       "max_extension_micros"]
+
+
+@pytest.mark.parametrize("approvers", [
+    "alice", ["alice", 7], ["alice", ""], ["a" * 129], ["bell\x07"], {"alice": 1}])
+def test_the_fold_checks_the_approvers_it_reads(approvers: Any) -> None:
+    from escalate.fold import initial_state
+    from escalate.state import RuleViolation
+
+    line = {"v": 1, "seq": 1, "ts": "2026-11-23T14:00:00.000000Z", "type": "run_opened", "prev": "",
+            "actor": "a", "run": "r", "run_cap_micros": 1, "task_cap_micros": 1,
+            "escalation": {"mode": "enforce", "approval_threshold_micros": None, "timeout_s": None,
+                           "max_extension_micros": 0, "approvers": approvers}}
+    with pytest.raises(RuleViolation, match="approvers"):
+        initial_state(line, "")
+
+
+def test_the_checkpoint_keeps_the_requester(runs_dir: Path, clock: FakeClock) -> None:
+    make_run(runs_dir, clock, approval_threshold="2")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    with pytest.raises(Pending):
+        worker.reserve("t", "3")
+    worker.reserve("u", "1")  # a write that loads, and saves, the checkpoint
+    assert (runs_dir / "r" / "events.ndjson.cache.sqlite").exists()
+    assert worker.state().escalations["esc-2"].requested_by == "wk"
+    assert worker.replayed().state.escalations["esc-2"].to_json()["requested_by"] == "wk"
+    with pytest.raises(Refused, match="may not resolve their own"):
+        worker.approve("esc-2")
+
+
+RESOLVERS = st.sampled_from(["wk", "carol", "mallory", "Alice", "alice "])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["approve", "pause", "cancel"]), RESOLVERS,
+                          st.sampled_from(["esc-2", "esc-3"])), min_size=1, max_size=8))
+def test_no_resolution_by_a_non_approver_ever_writes(attempts: list[tuple[str, str, str]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        runs_dir = Path(folder)
+        clock = FakeClock(datetime(2026, 11, 23, 14, tzinfo=UTC))
+        make_run(runs_dir, clock, approval_threshold="2", approvers="alice,bob")
+        worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+        for task in ("t", "u"):
+            with pytest.raises(Pending):
+                worker.reserve(task, "3")
+        log = (runs_dir / "r" / "events.ndjson").read_bytes()
+        for verb, resolver, escalation_id in attempts:
+            resolve = getattr(worker, verb)
+            code, body = outcome(lambda: resolve(escalation_id, by=resolver))  # noqa: B023 (called at once)
+            assert (code, body["error"]) in ((3, "not_an_approver"), (3, "self_approval")), body
+            assert (runs_dir / "r" / "events.ndjson").read_bytes() == log
+
+
+# --------------------------------------------------------------------------- a finished task settles
+
+
+def test_release_settles_a_task_whose_increase_waits(runs_dir: Path, clock: FakeClock) -> None:
+    make_run(runs_dir, clock, approval_threshold="5", approvers="alice")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    worker.reserve("t", "4")
+    with pytest.raises(Pending):
+        worker.increase("t", "6")
+    released = worker.release("t", "5.5")
+    assert (released["status"], released["withdrawn_escalation_id"]) == ("released", "esc-3")
+    resolved, settled = events(runs_dir)[-2:]
+    assert (resolved["type"], resolved["mode"], resolved["by"], resolved["extension_micros"]) == \
+        ("escalation_resolved", "withdraw", "wk", 0)
+    assert (settled["type"], settled["reserved_micros"], settled["actual_micros"]) == \
+        ("released", 4 * USD, 5_500_000)
+    # One write: the same timestamp, and the first line announces the second.
+    assert (resolved["ts"], resolved["more"], settled["seq"]) == (settled["ts"], 1, resolved["seq"] + 1)
+    state = worker.state()
+    escalation = state.escalations["esc-3"]
+    assert (escalation.state, escalation.mode, escalation.by) == ("resolved", "withdraw", "wk")
+    assert (state.tasks["t"].state, state.spent_micros, state.reserved_micros) == ("released", 5_500_000, 0)
+    assert not worker.verify().problems
+    # The approver comes too late; waiting tells what happened.
+    with pytest.raises(Conflict, match="already resolved: withdraw by wk"):
+        worker.approve("esc-3", by="alice")
+    with pytest.raises(Pending) as waited:
+        worker.wait("esc-3", timeout_s=0)
+    assert waited.value.code == "withdrawn"
+
+
+def test_a_reserve_escalation_is_withdrawn_by_its_requester(runs_dir: Path, clock: FakeClock) -> None:
+    make_run(runs_dir, clock, approval_threshold="2")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    with pytest.raises(Pending):
+        worker.reserve("t", "3")
+    # Nothing is held, so there is nothing to release: the message says how to take it back.
+    with pytest.raises(Conflict, match="escalate withdraw r esc-2"):
+        worker.release("t", "1")
+    withdrawn = worker.withdraw("esc-2")
+    assert (withdrawn["status"], withdrawn["by"], withdrawn["mode"]) == ("withdrawn", "wk", "withdraw")
+    assert worker.withdraw("esc-2")["status"] == "exists"  # the same again changes nothing
+    state = worker.state()
+    assert (state.tasks["t"].state, state.tasks["t"].holding, state.reserved_micros) == ("paused", False, 0)
+    assert state.escalations["esc-2"].to_json()["mode"] == "withdraw"
+    assert worker.reserve("t", "1")["status"] == "reserved"  # it may ask again, smaller
+    assert not worker.verify().problems
+
+
+def test_withdrawing_an_increase_keeps_what_the_task_holds(runs_dir: Path, clock: FakeClock) -> None:
+    make_run(runs_dir, clock, approval_threshold="5")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    worker.reserve("t", "4")
+    with pytest.raises(Pending):
+        worker.increase("t", "6")
+    worker.withdraw("esc-3")
+    state = worker.state()
+    assert (state.tasks["t"].state, state.tasks["t"].holding, state.reserved_micros) == \
+        ("reserved", True, 4 * USD)
+    assert worker.release("t", "4")["status"] == "released"
+
+
+def test_the_fold_refuses_a_withdraw_that_grants(runs_dir: Path, clock: FakeClock) -> None:
+    from escalate.fold import apply_payload
+    from escalate.state import RuleViolation
+
+    make_run(runs_dir, clock, approval_threshold="2", max_extension="5")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    with pytest.raises(Pending):
+        worker.reserve("t", "3")
+    state = worker.state()
+    with pytest.raises(RuleViolation, match="withdraw resolution cannot grant"):
+        apply_payload(state, {"type": "escalation_resolved", "id": "esc-2", "mode": "withdraw",
+                              "by": "wk", "extension_micros": 1})

@@ -52,11 +52,11 @@ def test_no_runs_folder_yet_is_an_empty_answer(cli: Any, runs_dir: Path, command
 def test_the_hint_names_the_real_run(cli: Any) -> None:
     assert cli("runs", "init", "nightly", "--cap", "10", "--escalation", "enforce",
                "--approval-threshold", "1").exit_code == 0
-    assert cli("reserve", "nightly", "t", "--estimate", "1").exit_code == 0
-    assert cli("increase", "nightly", "t", "--to", "2").exit_code == 4
-    result = cli("release", "nightly", "t", "--actual", "1")
+    assert cli("reserve", "nightly", "t", "--estimate", "2").exit_code == 4
+    result = cli("release", "nightly", "t", "--actual", "1")  # nothing held yet
     assert result.exit_code == 5
-    assert "(escalate pause|cancel nightly esc-3)" in result.stderr
+    assert "'escalate wait nightly esc-2'" in result.stderr
+    assert "'escalate withdraw nightly esc-2'" in result.stderr
     assert " RUN " not in result.stderr
 
 

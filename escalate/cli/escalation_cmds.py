@@ -45,7 +45,7 @@ def _said(result: dict[str, Any]) -> None:
 
 def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,
              by: str | None, json_out: bool) -> None:
-    method = {"extend": "approve", "pause": "pause", "cancel": "cancel"}[mode]
+    method = {"extend": "approve", "pause": "pause", "cancel": "cancel", "withdraw": "withdraw"}[mode]
     respond(json_out,
             lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
 
@@ -71,6 +71,13 @@ def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = 
     _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out)
 
 
+def withdraw(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
+             lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+             json_out: JsonOption = False) -> None:
+    """Take back your own escalation: the task keeps what it holds and may ask again."""
+    _resolve("withdraw", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+
+
 def wait(
     run: RunArg,
     escalation_id: EscalationArg,
@@ -82,7 +89,8 @@ def wait(
     lock_timeout: LockTimeoutOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Block until an escalation is resolved: exit 0 approved, 3 cancelled, 4 paused or still open."""
+    """Block until an escalation is resolved: exit 0 approved, 3 cancelled, 4 paused, withdrawn or
+    still open."""
 
     def action() -> Mapping[str, Any]:
         from escalate.durations import MAX_WAIT_S, parse_duration
@@ -147,5 +155,5 @@ def sweep(
 
 def register(app: typer.Typer) -> None:
     """Add the approver's commands to ``app``."""
-    for command in (approve, pause, cancel, wait, escalations, sweep):
+    for command in (approve, pause, cancel, withdraw, wait, escalations, sweep):
         app.command()(command)

@@ -37,8 +37,10 @@ def _say(result: dict[str, Any]) -> None:
             echo_line(f"{task}: already released with {usd(result['actual_micros'])} actual, nothing "
                       f"changed (remaining {remaining})")
     elif status == "released":
+        withdrawn = result.get("withdrawn_escalation_id")
         echo_line(f"released {task}: {usd(result['actual_micros'])} actual of "
-                  f"{usd(result['reserved_micros'])} reserved (remaining {remaining})")
+                  f"{usd(result['reserved_micros'])} reserved (remaining {remaining})"
+                  + (f"; its escalation {withdrawn} is withdrawn" if withdrawn else ""))
     elif status == "approved":
         echo_line(f"{task}: approved by {result.get('by')}, {usd(result['reserved_micros'])} reserved")
     else:

@@ -44,6 +44,10 @@ EscalationTimeoutOption = Annotated[str | None, typer.Option(
 MaxExtensionOption = Annotated[str | None, typer.Option(
     "--max-extension", metavar="USD",
     help="Most USD that approvals may add to the cap in total [default: 0].")]
+ApproversOption = Annotated[str | None, typer.Option(
+    "--approvers", metavar="NAMES",
+    help="Comma-separated names that may approve, pause or cancel escalations; never the "
+    "requester [default: anyone].")]
 
 
 @runs_app.command("init")
@@ -57,6 +61,7 @@ def init(
     approval_threshold: ThresholdOption = None,
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
+    approvers: ApproversOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -78,7 +83,7 @@ def init(
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                             **options)
+                             approvers=approvers or (), **options)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
 
     def human(r: Mapping[str, Any]) -> None:
@@ -111,6 +116,10 @@ def set_policy(
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD that approvals may add to the cap in total "
         "[default: unchanged].", show_default=False)] = None,
+    approvers: Annotated[str | None, typer.Option(
+        "--approvers", metavar="NAMES", help="New comma-separated names that may approve, pause or "
+        "cancel escalations; \"\" lets anyone but the requester [default: unchanged].",
+        show_default=False)] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -120,10 +129,10 @@ def set_policy(
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
                   json_out, code="usage")
-    if (escalation, approval_threshold, escalation_timeout, max_extension) == (None,) * 4 \
+    if (escalation, approval_threshold, escalation_timeout, max_extension, approvers) == (None,) * 5 \
             and not no_threshold:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout or --max-extension", json_out, code="usage")
+                  "--escalation-timeout, --max-extension or --approvers", json_out, code="usage")
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -138,6 +147,8 @@ def set_policy(
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         if max_extension is not None:
             changes["max_extension"] = max_extension
+        if approvers is not None:
+            changes["approvers"] = approvers
         ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
@@ -145,9 +156,9 @@ def set_policy(
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
-        changed = [f"{label} {show(before[key])} → {show(after[key])}"
+        changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
                    for key, (label, show) in _POLICY_FIELDS.items()
-                   if key in before and before[key] != after[key]]
+                   if before and before.get(key) != after.get(key)]
         if result["status"] == "exists" or not changed:
             echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
         else:
@@ -175,6 +186,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
                                   lambda micros: "none" if micros is None else usd(micros)),
     "timeout_s": ("escalation timeout", _timeout_text),
     "max_extension_micros": ("max extension", usd),
+    "approvers": ("approvers", lambda names: ", ".join(names or ()) or "anyone"),
 }
 
 
