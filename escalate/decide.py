@@ -71,8 +71,10 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
         return False
 
 
-def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Decision:
-    """Reserve ``amount`` for a new task id (or answer a repeat of the same call)."""
+def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
+                   priority: str = "normal") -> Decision:
+    """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
+    and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
     if task is not None:
         if task.state == "released":
@@ -93,10 +95,11 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Deci
         open_escalation = state.open_escalations.get(task.escalation_id or "")
         if open_escalation is not None:
             return _repeat_while_open(state, open_escalation, "reserve", amount)
-    return _evaluate(state, task_id, "reserve", 0, amount, "", now)
+    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority)
 
 
-def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str) -> Decision:
+def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
+                    priority: str = "normal") -> Decision:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
@@ -121,7 +124,7 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
     if to == task.reserved_micros:
         return Decision(result=_task_result(state, task_id, "exists"))
-    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now)
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority)
 
 
 def decide_release(state: RunState, task_id: str, actual: int) -> Decision:
@@ -241,7 +244,7 @@ def decide_policy(state: RunState, policy: Policy) -> Decision:
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str) -> Decision:
+              now: str, priority: str) -> Decision:
     """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
     delta = to - before
     remaining = state.remaining_micros
@@ -263,6 +266,8 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     if policy.mode != "off" and (over_remaining or over_threshold):
         escalation = _escalation_event(state, task_id, kind, before, to, remaining, over_remaining,
                                        shadow=policy.mode == "shadow", now=now)
+        escalation["request_reason"] = reason
+        escalation["priority"] = priority
         events.append(escalation)
         if policy.mode == "enforce":
             return Decision(events=events, error=_pending(state.run_id, escalation, new=True))

@@ -30,7 +30,7 @@ from escalate.errors import (
     Pending,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, parse_ts, seal
+from escalate.events import MAX_REASON_LENGTH, PRIORITIES, Event, format_ts, parse_ts, seal
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
 from escalate.notify import run_hook
@@ -159,23 +159,23 @@ class Ledger:
 
     # ------------------------------------------------------------------ commands
 
-    def reserve(self, task: str, amount: Amount) -> TaskResult:
-        """Reserve ``amount`` for ``task`` before spending it."""
+    def reserve(self, task: str, amount: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
+        """Reserve ``amount`` for ``task`` before spending it; ``reason`` and ``priority``
+        (low, normal, high, urgent) are shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
+        _check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now)))
+            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now, reason, priority)))
 
-    def increase(self, task: str, to: Amount, *, reason: str = "") -> TaskResult:
-        """Raise ``task``'s reservation to the absolute amount ``to``."""
+    def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
+        """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
+        and with ``priority`` shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        if not isinstance(reason, str) or len(reason) > 1000 or not reason.isprintable():
-            reason = reason if isinstance(reason, str) else repr(reason)
-            raise InputError(f"invalid reason {reason[:40]!r}: use up to 1000 printable characters",
-                             code="invalid_reason", value=reason[:40])
+        _check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now)))
+            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now, priority)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation)."""
@@ -431,8 +431,20 @@ class Ledger:
             return
         for event in events:
             if event["type"] == "escalation" and not event["shadow"]:
-                run_hook(self.notify_cmd, {"run": self.run_id, "seq": first_seq, **event},
+                run_hook(self.notify_cmd,
+                         {"run": self.run_id, "seq": first_seq, "requester": self.actor, **event},
                          timeout_s=self.notify_timeout)
+
+
+def _check_request(reason: Any, priority: Any) -> None:
+    """What a requester tells an approver: a printable reason and a known priority."""
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not reason.isprintable():
+        shown = reason if isinstance(reason, str) else repr(reason)
+        raise InputError(f"invalid reason {shown[:40]!r}: use up to {MAX_REASON_LENGTH} printable characters",
+                         code="invalid_reason", value=shown[:40])
+    if priority not in PRIORITIES:
+        raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of {', '.join(PRIORITIES)}",
+                         code="invalid_priority", value=str(priority)[:40])
 
 
 # ---------------------------------------------------------------------- many runs
