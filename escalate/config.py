@@ -117,8 +117,16 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount) -> Policy:
+                max_extension: Amount, renotify_every_s: float | None = None) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    if renotify_every_s is not None:
+        # At least a minute: sweep runs from cron, and a reminder a second is spam.
+        check_duration(renotify_every_s, what="renotify interval", minimum=60,
+                       maximum=MAX_ESCALATION_TIMEOUT_S)
+        if renotify_every_s != int(renotify_every_s):
+            raise InputError(f"invalid renotify interval {format_duration(renotify_every_s)}: give whole "
+                             "seconds, e.g. 15m or 1h", code="invalid_duration",
+                             value=format_duration(renotify_every_s))
     if mode not in events.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
@@ -136,6 +144,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                                    else parse_micros(threshold, what="approval threshold")),
         timeout_s=None if timeout_s is None else int(timeout_s),
         max_extension_micros=parse_micros(max_extension, what="max extension"),
+        renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
     )
 
 
@@ -147,8 +156,8 @@ def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy:
     if existing.task_cap_micros != task_cap:
         differences.append(f"task cap {usd(existing.task_cap_micros)}, not {usd(task_cap)}")
     have, want = existing.policy.to_json(), policy.to_json()
-    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have[key]!r}, not {want[key]!r}"
-                    for key in have if have[key] != want[key]]
+    differences += [f"{key.removesuffix('_micros').replace('_', ' ')} {have.get(key)!r}, "
+                    f"not {want.get(key)!r}" for key in {**have, **want} if have.get(key) != want.get(key)]
     return differences
 
 

@@ -108,10 +108,21 @@ class SweepFailure(TypedDict):
     exit_code: int
 
 
+class SweptNotice(TypedDict):
+    """A notice :func:`sweep_all` sent again: ``attempt`` is ``None`` if not recorded."""
+
+    run: str
+    escalation_id: str
+    attempt: int | None
+    ok: bool
+    detail: str
+
+
 class SweepReport(TypedDict):
     status: Literal["swept"]
     runs: int
     expired: list[SweptEscalation]
+    notified: list[SweptNotice]
     failures: list[SweepFailure]
 
 
@@ -206,11 +217,13 @@ def inbox(runs_dir: str | os.PathLike[str], *, run: str | None = None, open_only
 
 
 def sweep_all(runs_dir: str | os.PathLike[str], *, run: str | None = None, **options: Any) -> SweepReport:
-    """Pause by timeout every expired escalation in every run (or in ``run`` only);
-    ``options`` are :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
+    """Pause by timeout every expired escalation in every run (or in ``run`` only), and
+    send again the notices that are due (:meth:`Ledger.sweep`); ``options`` are
+    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
     the others are still swept; with ``run`` its error is raised."""
     run_ids = [run] if run is not None else list(iter_run_ids(runs_root(runs_dir)))
     expired: list[SweptEscalation] = []
+    notified: list[SweptNotice] = []
     failures: list[SweepFailure] = []
     for run_id in run_ids:
         try:
@@ -221,7 +234,9 @@ def sweep_all(runs_dir: str | os.PathLike[str], *, run: str | None = None, **opt
             failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
             continue
         expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
-    return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
+        notified += [{"run": run_id, **notice} for notice in swept["notified"]]
+    return {"status": "swept", "runs": len(run_ids), "expired": expired, "notified": notified,
+            "failures": failures}
 
 
 def verify_report(ledger: Ledger) -> VerifyReport:

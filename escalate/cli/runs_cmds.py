@@ -44,6 +44,10 @@ EscalationTimeoutOption = Annotated[str | None, typer.Option(
 MaxExtensionOption = Annotated[str | None, typer.Option(
     "--max-extension", metavar="USD",
     help="Most USD that approvals may add to the cap in total [default: 0].")]
+RenotifyOption = Annotated[str | None, typer.Option(
+    "--renotify-every", metavar="DURATION",
+    help="'escalate sweep' sends an open escalation's notice again this often, e.g. 30m; "
+    "1m to 365d [default: never].", show_default=False)]
 
 
 @runs_app.command("init")
@@ -57,6 +61,7 @@ def init(
     approval_threshold: ThresholdOption = None,
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
+    renotify_every: RenotifyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -78,6 +83,7 @@ def init(
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
+                             renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              **options)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
 
@@ -111,6 +117,9 @@ def set_policy(
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD that approvals may add to the cap in total "
         "[default: unchanged].", show_default=False)] = None,
+    renotify_every: RenotifyOption = None,
+    no_renotify: Annotated[bool, typer.Option("--no-renotify",
+                                              help="Stop sending open escalations' notices again.")] = False,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -120,10 +129,13 @@ def set_policy(
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
                   json_out, code="usage")
-    if (escalation, approval_threshold, escalation_timeout, max_extension) == (None,) * 4 \
-            and not no_threshold:
+    if renotify_every is not None and no_renotify:
+        bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
+    if (escalation, approval_threshold, escalation_timeout, max_extension, renotify_every) == (None,) * 5 \
+            and not no_threshold and not no_renotify:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout or --max-extension", json_out, code="usage")
+                  "--escalation-timeout, --max-extension, --renotify-every or --no-renotify", json_out,
+                  code="usage")
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -138,6 +150,10 @@ def set_policy(
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         if max_extension is not None:
             changes["max_extension"] = max_extension
+        if renotify_every is not None:
+            changes["renotify_every_s"] = _renotify(renotify_every)
+        if no_renotify:
+            changes["renotify_every_s"] = None
         ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
@@ -145,9 +161,9 @@ def set_policy(
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
-        changed = [f"{label} {show(before[key])} → {show(after[key])}"
+        changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
                    for key, (label, show) in _POLICY_FIELDS.items()
-                   if key in before and before[key] != after[key]]
+                   if before and before.get(key) != after.get(key)]
         if result["status"] == "exists" or not changed:
             echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
         else:
@@ -160,6 +176,12 @@ def _escalation_timeout(text: str) -> float:
     from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
 
     return parse_duration(text, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
+
+
+def _renotify(text: str) -> float:
+    from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
+
+    return parse_duration(text, what="renotify interval", minimum=60, maximum=MAX_ESCALATION_TIMEOUT_S)
 
 
 def _timeout_text(seconds: int | None) -> str:
@@ -175,6 +197,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
                                   lambda micros: "none" if micros is None else usd(micros)),
     "timeout_s": ("escalation timeout", _timeout_text),
     "max_extension_micros": ("max extension", usd),
+    "renotify_every_s": ("renotify every", _timeout_text),
 }
 
 
