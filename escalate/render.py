@@ -198,10 +198,11 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
     moment = now or datetime.now(UTC)
     table = Table(title=f"{title} ({len(rows)})", title_justify="left")
     for column in (["run"] if with_run else []) + ["id", "task", "priority", "amount", "needed", "remaining",
-                                                    "asked by", "reason", "state", "age", "expires",
-                                                    "offered"]:
+                                                    "from", "reason", "state", "age", "expires", "offered"]:
+        # Short values never wrap; names and the reason fold when the terminal is narrow.
         table.add_column(column, justify="right" if column in ("amount", "needed", "remaining") else "left",
-                         overflow="fold")
+                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason"),
+                         min_width=10 if column == "reason" else None)
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
         if row["shadow"]:

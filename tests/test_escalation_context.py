@@ -94,7 +94,7 @@ def test_inbox_lists_the_most_urgent_first_with_what_the_approver_needs(tmp_path
     lines = [line for line in table.splitlines() if "t-" in line]
     assert [next(word for word in line.split() if word.startswith("t-")) for line in lines] == \
         ["t-urgent", "t-high", "t-normal", "t-low", "t-done"]
-    for heading in ("priority", "needed", "asked by", "reason", "age", "expires", "offered"):
+    for heading in ("priority", "needed", "from", "reason", "age", "expires", "offered"):
         assert heading in table
     assert "$5.000001" in lines[0] and "prod is down" in lines[0] and "oncall" in lines[0]
     assert "urgent" in lines[0] and "extend/pause/cancel" in lines[0]
