@@ -154,3 +154,4 @@ def test_old_escalation_lines_replay_with_defaults(tmp_path: Path) -> None:
     [escalation] = Ledger.open(runs, "r").verified_state().escalations.values()
     assert (escalation.priority, escalation.request_reason, escalation.needed_extension_micros) == \
         ("normal", "", 2_000_000)
+
