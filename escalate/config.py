@@ -133,8 +133,17 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount, approvers: str | list[str] | tuple[str, ...] = ()) -> Policy:
+                max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
+                renotify_every_s: float | None = None) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    if renotify_every_s is not None:
+        # At least a minute: sweep runs from cron, and a reminder a second is spam.
+        check_duration(renotify_every_s, what="renotify interval", minimum=60,
+                       maximum=MAX_ESCALATION_TIMEOUT_S)
+        if renotify_every_s != int(renotify_every_s):
+            raise InputError(f"invalid renotify interval {format_duration(renotify_every_s)}: give whole "
+                             "seconds, e.g. 15m or 1h", code="invalid_duration",
+                             value=format_duration(renotify_every_s))
     if mode not in events.MODES:
         raise InputError(f"invalid escalation mode {mode!r}: use off, shadow or enforce",
                          code="invalid_mode", value=mode)
@@ -153,6 +162,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         timeout_s=None if timeout_s is None else int(timeout_s),
         max_extension_micros=parse_micros(max_extension, what="max extension"),
         approvers=check_approvers(approvers),
+        renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
-from escalate.events import Event, add_seconds, parse_ts
+from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds, parse_ts
 from escalate.money import format_usd as usd
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState, Task
@@ -71,8 +71,56 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
         return False
 
 
-def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Decision:
-    """Reserve ``amount`` for a new task id (or answer a repeat of the same call)."""
+# Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
+RETRY_FIRST_S = 60
+RETRY_MAX_S = 3600
+
+
+def retry_delay_s(failures: int) -> int:
+    """How long after its ``failures``-th failed delivery a notice is sent again."""
+    return min(RETRY_FIRST_S << min(max(failures - 1, 0), 16), RETRY_MAX_S)
+
+
+def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
+    """Whether ``sweep`` should send an open escalation's notice again by ``now``: after a
+    failed attempt when its backoff has passed; after a delivered one every
+    ``renotify_every_s`` (when the policy sets it); never attempted (no hook was set, or
+    its writer died first) a minute after it opened, so a request being delivered right
+    now is not sent twice."""
+    if escalation.shadow or escalation.state != "open":
+        return False
+    if escalation.notified_at is None:
+        last, delay = escalation.opened_at, RETRY_FIRST_S
+    elif escalation.notified_ok:
+        if policy.renotify_every_s is None:
+            return False
+        last, delay = escalation.notified_at, policy.renotify_every_s
+    else:
+        last, delay = escalation.notified_at, retry_delay_s(escalation.notify_attempts)
+    try:
+        return add_seconds(last, delay) <= now
+    except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
+        return True
+
+
+def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision:
+    """Record one delivery attempt of an escalation's notice, after the hook ran; it
+    changes no money and no escalation state."""
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None or escalation.shadow:
+        return Decision(result={"status": "unknown"})
+    attempt = escalation.notify_attempts + 1
+    return Decision(
+        events=[{"type": "escalation_notified", "id": escalation_id, "attempt": attempt, "ok": ok,
+                 "detail": detail[:MAX_DETAIL_LENGTH]}],
+        result={"status": "recorded", "escalation_id": escalation_id, "attempt": attempt, "ok": ok,
+                "detail": detail[:MAX_DETAIL_LENGTH]})
+
+
+def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
+                   priority: str = "normal") -> Decision:
+    """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
+    and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
     if task is not None:
         if task.state == "released":
@@ -93,10 +141,11 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str) -> Deci
         open_escalation = state.open_escalations.get(task.escalation_id or "")
         if open_escalation is not None:
             return _repeat_while_open(state, open_escalation, "reserve", amount)
-    return _evaluate(state, task_id, "reserve", 0, amount, "", now)
+    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority)
 
 
-def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str) -> Decision:
+def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
+                    priority: str = "normal") -> Decision:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
@@ -121,7 +170,7 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
     if to == task.reserved_micros:
         return Decision(result=_task_result(state, task_id, "exists"))
-    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now)
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority)
 
 
 def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
@@ -282,7 +331,7 @@ def decide_policy(state: RunState, policy: Policy) -> Decision:
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str) -> Decision:
+              now: str, priority: str) -> Decision:
     """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
     delta = to - before
     remaining = state.remaining_micros
@@ -304,6 +353,8 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     if policy.mode != "off" and (over_remaining or over_threshold):
         escalation = _escalation_event(state, task_id, kind, before, to, remaining, over_remaining,
                                        shadow=policy.mode == "shadow", now=now)
+        escalation["request_reason"] = reason
+        escalation["priority"] = priority
         events.append(escalation)
         if policy.mode == "enforce":
             return Decision(events=events, error=_pending(state.run_id, escalation, new=True))

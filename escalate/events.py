@@ -25,6 +25,7 @@ MAX_TIMEOUT_S = 1000 * 366 * 86400
 MAX_ACTOR_LENGTH = 128
 MAX_REASON_LENGTH = 1000
 MAX_FILE_NAME_LENGTH = 255
+MAX_DETAIL_LENGTH = 200  # escalation_notified.detail: an exit status or a timeout, never output
 # The exact text format_ts writes; parse_ts then rejects a 13th month or a 30 February.
 TIMESTAMP_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII)
 HASH_PATTERN = re.compile(r"([0-9a-f]{16})?", re.ASCII)
@@ -42,8 +43,10 @@ ResolvedMode = Literal["extend", "pause", "cancel", "withdraw"]
 HaltReason = Literal["run_cap", "task_cap", "cancelled"]
 EscalationKind = Literal["reserve", "increase"]
 EscalationReason = Literal["run_cap", "threshold"]
+# How urgent the requester says an escalation is; the inbox lists the most urgent first.
+Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
-                    "escalation_resolved", "recovery", "policy_changed"]
+                    "escalation_resolved", "recovery", "policy_changed", "escalation_notified"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 RESOLUTIONS: tuple[Resolution, ...] = get_args(Resolution)
@@ -53,6 +56,7 @@ TIMEOUT_ACTOR = "timeout"
 HALT_REASONS: tuple[HaltReason, ...] = get_args(HaltReason)
 ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 

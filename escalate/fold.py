@@ -15,9 +15,12 @@ from escalate.events import (
     ESCALATION_REASONS,
     HALT_REASONS,
     MAX_ACTOR_LENGTH,
+    MAX_DETAIL_LENGTH,
     MAX_FILE_NAME_LENGTH,
+    MAX_REASON_LENGTH,
     MAX_TIMEOUT_S,
     MODES,
+    PRIORITIES,
     RESOLUTIONS,
     RESOLVED_MODES,
     SCHEMA_VERSION,
@@ -82,6 +85,15 @@ def _timestamp(event: Mapping[str, Any], key: str, *, nullable: bool = False) ->
                         f"got {shown_value(value)}")
 
 
+def _text(event: Mapping[str, Any], key: str, *, limit: int) -> str:
+    """Printable text of at most ``limit`` characters, empty when absent (a reason)."""
+    value = event.get(key, "")
+    if type(value) is not str or len(value) > limit or not value.isprintable():
+        raise RuleViolation(f"field {key!r} must be at most {limit} printable characters, "
+                            f"got {shown_value(value)}")
+    return value
+
+
 def _choice(event: Mapping[str, Any], key: str, choices: tuple[str, ...], default: Any = None) -> Any:
     value = event.get(key, default)
     if type(value) is not str or value not in choices:
@@ -101,6 +113,8 @@ def _policy(raw: Any) -> Policy:
         timeout_s=_int(raw, "timeout_s", nullable=True, limit=MAX_TIMEOUT_S),
         max_extension_micros=_int(raw, "max_extension_micros"),
         approvers=_approvers(raw),
+        # Absent in runs made before it existed, and in runs that never re-deliver.
+        renotify_every_s=_int(raw, "renotify_every_s", nullable=True, limit=MAX_TIMEOUT_S),
     )
 
 
@@ -336,19 +350,27 @@ def _apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
     # Logs written before escalations named their kind: what the task held tells.
     kind = _choice(event, "kind", ESCALATION_KINDS,
                    "increase" if task is not None and task.holding else "reserve")
+    from_micros = _int(event, "from_micros") if "from_micros" in event else 0
+    requested = _int(event, "requested_micros")
+    remaining = _signed(event, "remaining_micros")
     escalation = EscalationState(
         id=escalation_id,
         task=task_id,
         kind=kind,
-        from_micros=_int(event, "from_micros") if "from_micros" in event else 0,
-        requested_micros=_int(event, "requested_micros"),
-        remaining_micros=_signed(event, "remaining_micros"),
+        from_micros=from_micros,
+        requested_micros=requested,
+        remaining_micros=remaining,
         reason=_choice(event, "reason", ESCALATION_REASONS),
         offered=offered,
         expires_at=_timestamp(event, "expires_at", nullable=True),
         shadow=shadow,
         opened_at=_timestamp(event, "ts"),
         requested_by=event.get("actor"),  # checked by apply, as every line's actor
+        request_reason=_text(event, "request_reason", limit=MAX_REASON_LENGTH),
+        priority=_choice(event, "priority", PRIORITIES, "normal"),
+        # Older lines did not record it: the snapshot they did record tells.
+        needed_extension_micros=(_int(event, "needed_extension_micros") if "needed_extension_micros" in event
+                                 else needed_extension(requested - from_micros, remaining)),
     )
     state.escalations[escalation_id] = escalation
     if shadow:
@@ -403,6 +425,26 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "reserved" if task.holding else "escalated"
 
 
+def _apply_notified(state: RunState, event: Mapping[str, Any]) -> None:
+    # A delivery record changes no money and no escalation state: only what a sweep needs to
+    # decide whether to deliver again. Attempts are counted in order, one by one.
+    escalation_id = _id(event, "id")
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None or escalation.shadow:
+        raise RuleViolation(f"delivery of escalation {escalation_id!r}, which needs nobody or does not exist")
+    attempt = _int(event, "attempt", limit=escalation.notify_attempts + 1)
+    if attempt != escalation.notify_attempts + 1:
+        raise RuleViolation(f"delivery attempt {attempt} of {escalation_id!r} after attempt "
+                            f"{escalation.notify_attempts}")
+    ok = event.get("ok")
+    if not isinstance(ok, bool):
+        raise RuleViolation("field 'ok' must be true or false")
+    _text(event, "detail", limit=MAX_DETAIL_LENGTH)
+    escalation.notify_attempts = attempt
+    escalation.notified_at = _timestamp(event, "ts")
+    escalation.notified_ok = ok
+
+
 def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
     _int(event, "torn_bytes", limit=2**63)
     _str(event, "saved_to", limit=MAX_FILE_NAME_LENGTH)
@@ -427,6 +469,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "escalation_resolved": _apply_resolved,
     "recovery": _apply_recovery,
     "policy_changed": _apply_policy,
+    "escalation_notified": _apply_notified,
 }
 
 

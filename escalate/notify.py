@@ -1,7 +1,8 @@
 """The notify hook: a shell command run with a new escalation's JSON on stdin.
 
 It runs after the lock is released and after the write is durable; whatever it does —
-fail, hang, print — only warns: the ledger is already unchanged by it.
+fail, hang, print — only warns: the decision is already made and answered. The service
+records each attempt afterwards (``escalation_notified``) from what this returns.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import orjson
 from escalate.durations import format_duration
 
 
-def run_hook(command: str, event: Mapping[str, Any], *, timeout_s: float) -> None:
+def run_hook(command: str, event: Mapping[str, Any], *, timeout_s: float) -> tuple[bool, str]:
     """Run ``command`` with ``event`` as JSON on stdin; failure or a hang only warns.
+
+    Returns whether it succeeded and what happened (``exit 0``, ``exit 7``, ``timed out
+    after 10s``, ``failed to start``), for the ``escalation_notified`` record: never the
+    hook's output, which may hold anything (a webhook URL with its token).
 
     The hook runs in its own process group so that a timeout kills everything it
     started: a grandchild holding the pipes open would otherwise keep us waiting.
@@ -31,7 +36,7 @@ def run_hook(command: str, event: Mapping[str, Any], *, timeout_s: float) -> Non
                                 start_new_session=True)
     except OSError as exc:
         _warn(f"notify command failed to start ({exc})")
-        return
+        return False, "failed to start"
     try:
         _, stderr = hook.communicate(orjson.dumps(event), timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -39,12 +44,15 @@ def run_hook(command: str, event: Mapping[str, Any], *, timeout_s: float) -> Non
             os.killpg(hook.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             hook.communicate(timeout=1)
-        _warn(f"notify command timed out after {format_duration(timeout_s)} and was killed")
-        return
+        detail = f"timed out after {format_duration(timeout_s)}"
+        _warn(f"notify command {detail} and was killed")
+        return False, detail
     if hook.returncode != 0:
-        detail = stderr.decode(errors="replace").strip().splitlines()
-        _warn(f"notify command exited {hook.returncode}" + (f" ({detail[-1][:200]})" if detail else ""))
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        _warn(f"notify command exited {hook.returncode}" + (f" ({lines[-1][:200]})" if lines else ""))
+    return hook.returncode == 0, f"exit {hook.returncode}"
 
 
 def _warn(problem: str) -> None:
-    print(f"escalate: warning: {problem}; the ledger is unchanged", file=sys.stderr)
+    print(f"escalate: warning: {problem}; the decision stands (the attempt is recorded, and "
+          "'escalate sweep' delivers it again)", file=sys.stderr)

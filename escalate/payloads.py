@@ -21,6 +21,7 @@ from escalate.events import (
     EscalationReason,
     HaltReason,
     Mode,
+    Priority,
     Resolution,
     ResolvedMode,
 )
@@ -43,6 +44,7 @@ class Check(Enum):
     TEXT = "Printable text."
     REASON = "Printable text, at most 1000 characters."
     FILE_NAME = "A file name: printable, 1-255 characters."
+    DETAIL = "Printable text, at most 200 characters."
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,8 @@ class EscalationPolicy(TypedDict):
     max_extension_micros: MicrosInt
     approvers: NotRequired[Annotated[list[NameStr], Doc(
         "Who may approve, pause or cancel; absent or empty: anyone (never the requester).")]]
+    renotify_every_s: NotRequired[Annotated[Annotated[int, Check.TIMEOUT], Doc(
+        "Re-deliver an open escalation's notice this often (escalate sweep); absent: never.")]]
 
 
 class Envelope(TypedDict):
@@ -148,6 +152,9 @@ class Escalation(TypedDict):
     shadow: bool
     note: NotRequired[Annotated[Annotated[str, Check.TEXT],
                                 Doc("Why extend is not offered, when it is not.")]]
+    request_reason: NotRequired[Annotated[Annotated[str, Check.REASON], Doc(
+        "Why the requester needs it (--reason); empty when none was given.")]]
+    priority: NotRequired[Annotated[Priority, Doc("How urgent the requester says it is (--priority).")]]
 
 
 class EscalationResolved(TypedDict):
@@ -175,10 +182,22 @@ class PolicyChanged(TypedDict):
     escalation: EscalationPolicy
 
 
+class EscalationNotified(TypedDict):
+    """One delivery attempt of an escalation's notify hook, recorded after it ran."""
+
+    type: Literal["escalation_notified"]
+    id: IdStr
+    attempt: Annotated[Annotated[int, Check.MORE], Doc("1 for the first delivery, then 2, 3 …")]
+    ok: Annotated[bool, Doc("Whether the hook exited 0 within its timeout.")]
+    detail: Annotated[Annotated[str, Check.DETAIL], Doc(
+        "What happened: 'exit 0', 'exit 7', 'timed out after 10s', 'failed to start' (never the "
+        "hook's output).")]
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
-           | EscalationResolved | Recovery | PolicyChanged)
+           | EscalationResolved | Recovery | PolicyChanged | EscalationNotified)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged)
+    Recovery, PolicyChanged, EscalationNotified)
 

@@ -197,10 +197,12 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
     and what can be done (``now`` is for tests; it defaults to the clock)."""
     moment = now or datetime.now(UTC)
     table = Table(title=f"{title} ({len(rows)})", title_justify="left")
-    for column in (["run"] if with_run else []) + ["id", "task", "amount", "remaining", "state", "age",
-                                                    "expires", "offered"]:
-        table.add_column(column, justify="right" if column in ("amount", "remaining") else "left",
-                         overflow="fold")
+    for column in (["run"] if with_run else []) + ["id", "task", "priority", "amount", "needed", "remaining",
+                                                    "from", "reason", "state", "age", "expires", "offered"]:
+        # Short values never wrap; names and the reason fold when the terminal is narrow.
+        table.add_column(column, justify="right" if column in ("amount", "needed", "remaining") else "left",
+                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason"),
+                         min_width=10 if column == "reason" else None)
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
         if row["shadow"]:
@@ -209,9 +211,13 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
             state = Text("open", style="yellow bold")
         else:
             state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
+        priority = row.get("priority", "normal")
         cells: list[RenderableType] = [
-            _plain(row["id"]), _plain(row["task"]), usd(row["requested_micros"]),
-            usd(row["remaining_micros"]), state,
+            _plain(row["id"]), _plain(row["task"]),
+            Text(priority, style=_PRIORITY_STYLES.get(priority, "") if waiting else ""),
+            usd(row["requested_micros"]), usd(row.get("needed_extension_micros", 0)),
+            usd(row["remaining_micros"]), _plain(row.get("requested_by") or "-"),
+            _plain(row.get("request_reason") or "-"), state,
             format_duration(_seconds_between(row["opened_at"], moment), exact=False),
             _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
         table.add_row(*([_plain(row["run"])] if with_run else []), *cells)
@@ -219,6 +225,7 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
 
 
 _RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled", "withdraw": "withdrawn"}
+_PRIORITY_STYLES = {"urgent": "red bold", "high": "yellow", "low": "dim"}
 
 
 def _seconds_between(ts: str, moment: datetime) -> float:

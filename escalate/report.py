@@ -127,6 +127,9 @@ def describe_event(event: Mapping[str, Any]) -> str:
         threshold = policy.get("approval_threshold_micros")
         return (f"escalation policy changed: {_text(policy, 'mode')}"
                 + ("" if threshold is None else f", threshold {_usd(policy, 'approval_threshold_micros')}"))
+    if kind == "escalation_notified":
+        return (f"escalation {_text(event, 'id')} notice {_text(event, 'attempt')}: "
+                f"{'delivered' if event.get('ok') is True else 'failed'} ({_text(event, 'detail')})")
     return f"{printable(kind)} (unknown to this version)"
 
 

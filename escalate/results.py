@@ -49,12 +49,23 @@ class PolicyResult(TypedDict):
     escalation: dict[str, Any]
 
 
+class DeliveryResult(TypedDict):
+    """One notify attempt: ``attempt`` is ``None`` when it could not be recorded."""
+
+    escalation_id: str
+    attempt: int | None
+    ok: bool
+    detail: str
+
+
 class SweepResult(TypedDict):
-    """``sweep``: the escalations this call expired (paused by ``timeout``)."""
+    """``sweep``: the escalations this call expired (paused by ``timeout``) and the notices
+    it sent again."""
 
     run: str
     status: Literal["swept"]
     expired: list[str]
+    notified: list[DeliveryResult]
 
 
 def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
 from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger, iter_run_ids
 from escalate.state import RunState
 
@@ -70,6 +71,13 @@ class InboxRow(TypedDict):
     by: str | None
     resolved_at: str | None
     extension_micros: int
+    requested_by: str | None
+    request_reason: str
+    priority: str
+    needed_extension_micros: int
+    notify_attempts: int
+    notified_at: str | None
+    notified_ok: bool | None
 
 
 class SkippedRun(TypedDict):
@@ -79,7 +87,7 @@ class SkippedRun(TypedDict):
 
 
 class Inbox(TypedDict):
-    """The approver's inbox: escalations newest first, and the runs that could not be read."""
+    """The approver's inbox: escalations most urgent first, and the runs that could not be read."""
 
     escalations: list[InboxRow]
     skipped: list[SkippedRun]
@@ -100,10 +108,21 @@ class SweepFailure(TypedDict):
     exit_code: int
 
 
+class SweptNotice(TypedDict):
+    """A notice :func:`sweep_all` sent again: ``attempt`` is ``None`` if not recorded."""
+
+    run: str
+    escalation_id: str
+    attempt: int | None
+    ok: bool
+    detail: str
+
+
 class SweepReport(TypedDict):
     status: Literal["swept"]
     runs: int
     expired: list[SweptEscalation]
+    notified: list[SweptNotice]
     failures: list[SweepFailure]
 
 
@@ -173,8 +192,9 @@ def run_word(state: RunState) -> RunWord:
 
 
 def inbox(runs_dir: str | os.PathLike[str], *, run: str | None = None, open_only: bool = False) -> Inbox:
-    """Escalations across runs (or of ``run`` only), newest first; ``open_only`` keeps those
-    waiting for a person. An unreadable run is skipped and listed, unless it is ``run``."""
+    """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
+    then by priority, then newest first; ``open_only`` keeps those waiting for a person.
+    An unreadable run is skipped and listed, unless it is ``run``."""
     run_ids = [run] if run is not None else list(iter_run_ids(runs_root(runs_dir)))
     rows: list[InboxRow] = []
     skipped: list[SkippedRun] = []
@@ -188,16 +208,22 @@ def inbox(runs_dir: str | os.PathLike[str], *, run: str | None = None, open_only
             continue
         rows += [cast(InboxRow, {"run": run_id, **item.to_json()})
                  for item in state.escalations.values() if not open_only or item.state == "open"]
+    # Most urgent first: what waits for a person before what is settled, then by priority,
+    # then newest first (two stable sorts).
     rows.sort(key=lambda row: row["opened_at"], reverse=True)
+    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
+        cast(Priority, row["priority"]))))
     return {"escalations": rows, "skipped": skipped}
 
 
 def sweep_all(runs_dir: str | os.PathLike[str], *, run: str | None = None, **options: Any) -> SweepReport:
-    """Pause by timeout every expired escalation in every run (or in ``run`` only);
-    ``options`` are :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
+    """Pause by timeout every expired escalation in every run (or in ``run`` only), and
+    send again the notices that are due (:meth:`Ledger.sweep`); ``options`` are
+    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
     the others are still swept; with ``run`` its error is raised."""
     run_ids = [run] if run is not None else list(iter_run_ids(runs_root(runs_dir)))
     expired: list[SweptEscalation] = []
+    notified: list[SweptNotice] = []
     failures: list[SweepFailure] = []
     for run_id in run_ids:
         try:
@@ -208,7 +234,9 @@ def sweep_all(runs_dir: str | os.PathLike[str], *, run: str | None = None, **opt
             failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
             continue
         expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
-    return {"status": "swept", "runs": len(run_ids), "expired": expired, "failures": failures}
+        notified += [{"run": run_id, **notice} for notice in swept["notified"]]
+    return {"status": "swept", "runs": len(run_ids), "expired": expired, "notified": notified,
+            "failures": failures}
 
 
 def verify_report(ledger: Ledger) -> VerifyReport:

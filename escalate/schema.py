@@ -82,6 +82,7 @@ _CHECKS: dict[Check, Any] = {
     Check.TEXT: Annotated[str, Printable],
     Check.REASON: Annotated[str, Field(max_length=MAX_REASON_LENGTH), Printable],
     Check.FILE_NAME: Annotated[str, Field(min_length=1, max_length=MAX_FILE_NAME_LENGTH), Printable],
+    Check.DETAIL: Annotated[str, Field(max_length=events.MAX_DETAIL_LENGTH), Printable],
 }
 
 

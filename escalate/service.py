@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Final, cast
@@ -30,12 +31,19 @@ from escalate.errors import (
     Pending,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, parse_ts, seal
+from escalate.events import MAX_REASON_LENGTH, PRIORITIES, Event, format_ts, parse_ts, seal
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
 from escalate.notify import run_hook
 from escalate.replay import Progress, Replayed, read_events
-from escalate.results import PolicyResult, ResolutionResult, SweepResult, TaskResult, resolution_outcome
+from escalate.results import (
+    DeliveryResult,
+    PolicyResult,
+    ResolutionResult,
+    SweepResult,
+    TaskResult,
+    resolution_outcome,
+)
 from escalate.state import EscalationState, Policy, RuleViolation, RunState
 from escalate.store import CacheInvalid, LedgerStore, Store, open_store
 
@@ -109,19 +117,22 @@ class Ledger:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
+        renotify_every_s: float | None = None,
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
 
         Amounts are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
-        may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester).
+        may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
+        ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
+        reminds of an open escalation.
         """
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers)
+                                    approvers=approvers, renotify_every_s=renotify_every_s)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         now = format_ts(run.clock())
         [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
@@ -162,23 +173,23 @@ class Ledger:
 
     # ------------------------------------------------------------------ commands
 
-    def reserve(self, task: str, amount: Amount) -> TaskResult:
-        """Reserve ``amount`` for ``task`` before spending it."""
+    def reserve(self, task: str, amount: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
+        """Reserve ``amount`` for ``task`` before spending it; ``reason`` and ``priority``
+        (low, normal, high, urgent) are shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
+        _check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now)))
+            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now, reason, priority)))
 
-    def increase(self, task: str, to: Amount, *, reason: str = "") -> TaskResult:
-        """Raise ``task``'s reservation to the absolute amount ``to``."""
+    def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
+        """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
+        and with ``priority`` shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        if not isinstance(reason, str) or len(reason) > 1000 or not reason.isprintable():
-            reason = reason if isinstance(reason, str) else repr(reason)
-            raise InputError(f"invalid reason {reason[:40]!r}: use up to 1000 printable characters",
-                             code="invalid_reason", value=reason[:40])
+        _check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now)))
+            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now, priority)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
@@ -212,10 +223,12 @@ class Ledger:
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+        renotify_every_s: float | Unchanged | None = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
-        makes escalations never time out, ``approvers=()`` lets anyone approve)."""
+        makes escalations never time out, ``approvers=()`` lets anyone approve,
+        ``renotify_every_s=None`` stops reminders)."""
         def decide(state: RunState, now: str, expired: list[str]) -> Decision:
             current = state.policy
             threshold = current.approval_threshold_micros
@@ -225,15 +238,32 @@ class Ledger:
                 else approval_threshold,
                 current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
                 Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
-                current.approvers if approvers is UNCHANGED else approvers)
+                approvers=current.approvers if approvers is UNCHANGED else approvers,
+                renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
+                                  else renotify_every_s))
             return decisions.decide_policy(state, policy)
         return cast(PolicyResult, self._mutate(decide))
 
-    def sweep(self) -> SweepResult:
-        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids."""
-        # Every write expires what is due before it decides; a sweep is a write that only that.
-        return cast(SweepResult, self._mutate(
-            lambda state, now, expired: Decision(result={"status": "swept", "expired": expired})))
+    def sweep(self, *, redeliver: bool = True) -> SweepResult:
+        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids.
+
+        With a notify hook, then send again the notice of each open escalation that is due
+        (:func:`escalate.decide.delivery_due`: a failed delivery after its backoff, or every
+        ``renotify_every_s``); ``notified`` lists those attempts."""
+        due: list[EscalationState] = []
+
+        def decide(state: RunState, now: str, expired: list[str]) -> Decision:
+            # Every write expires what is due before it decides; a sweep is a write that only
+            # that, and it notes (under the lock) which notices are due again.
+            due.clear()
+            if redeliver and self.notify_cmd:
+                due.extend(e for e in state.open_escalations.values()
+                           if decisions.delivery_due(e, state.policy, now))
+            return Decision(result={"status": "swept", "expired": expired})
+
+        result = cast(SweepResult, self._mutate(decide))
+        result["notified"] = [self._deliver(self._notice(escalation), escalation.id) for escalation in due]
+        return result
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
         """Block until the escalation is resolved, without holding the lock.
@@ -271,7 +301,7 @@ class Ledger:
             # Expiry follows the clock, not the log: nobody else may ever write to this run again.
             if waiting is not None and decisions.is_expired(*waiting, format_ts(self.clock())):
                 waiting = None
-                self.sweep()
+                self.sweep(redeliver=False)
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 raise Pending(
@@ -436,13 +466,51 @@ class Ledger:
         return lines
 
     def _notify(self, first_seq: int, events: list[Event]) -> None:
-        """Run the notify hook for each escalation a person must answer."""
+        """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
         for event in events:
             if event["type"] == "escalation" and not event["shadow"]:
-                run_hook(self.notify_cmd, {"run": self.run_id, "seq": first_seq, **event},
-                         timeout_s=self.notify_timeout)
+                self._deliver({"run": self.run_id, "seq": first_seq, "requested_by": self.actor, "attempt": 1,
+                               **event}, event["id"])
+
+    def _notice(self, escalation: EscalationState) -> dict[str, Any]:
+        """An open escalation's notice sent again, with the fields of its ``escalation``
+        line (its ``seq`` is in its id) and the attempt this is."""
+        fields = escalation.to_json()
+        return {"run": self.run_id, "seq": int(escalation.id.rpartition("-")[2] or 0),
+                "requested_by": escalation.requested_by, "attempt": escalation.notify_attempts + 1,
+                "type": "escalation",
+                **{key: fields[key] for key in (
+                    "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
+                    "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
+                    "priority")}}
+
+    def _deliver(self, notice: dict[str, Any], escalation_id: str) -> DeliveryResult:
+        """Run the hook, then record the attempt as ``escalation_notified`` in a second,
+        separate write. The decision it follows is already durable and answered, so a
+        failure to record is only a warning: it never reaches the caller or its exit code."""
+        ok, detail = run_hook(self.notify_cmd or "", notice, timeout_s=self.notify_timeout)
+        try:
+            recorded = self._mutate(
+                lambda state, now, _: decisions.decide_notified(state, escalation_id, ok, detail))
+        except Exception as exc:  # anything at all: the answer it follows stands regardless
+            print(f"escalate: warning: the notify attempt for {escalation_id} was not recorded ({exc}); "
+                  "the decision stands", file=sys.stderr)
+            return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
+        return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
+                "detail": detail}
+
+
+def _check_request(reason: Any, priority: Any) -> None:
+    """What a requester tells an approver: a printable reason and a known priority."""
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not reason.isprintable():
+        shown = reason if isinstance(reason, str) else repr(reason)
+        raise InputError(f"invalid reason {shown[:40]!r}: use up to {MAX_REASON_LENGTH} printable characters",
+                         code="invalid_reason", value=shown[:40])
+    if priority not in PRIORITIES:
+        raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of {', '.join(PRIORITIES)}",
+                         code="invalid_priority", value=str(priority)[:40])
 
 
 # ---------------------------------------------------------------------- many runs

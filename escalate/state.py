@@ -11,7 +11,15 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from escalate.events import EscalationKind, EscalationReason, HaltReason, Mode, Resolution, ResolvedMode
+from escalate.events import (
+    EscalationKind,
+    EscalationReason,
+    HaltReason,
+    Mode,
+    Priority,
+    Resolution,
+    ResolvedMode,
+)
 
 # reserved: holds money; released: settled; halted: refused for good; escalated: waits on
 # a person; paused: a person paused its escalation (it may ask again).
@@ -30,6 +38,7 @@ class Policy:
     approval_threshold_micros: int | None = None
     timeout_s: int | None = 3600
     max_extension_micros: int = 0
+    renotify_every_s: int | None = None  # None: an open escalation's notice is sent once
     # Who may approve, pause or cancel; empty: anyone but the requester.
     approvers: tuple[str, ...] = ()
 
@@ -50,6 +59,9 @@ class Policy:
         }
         if self.approvers:
             data["approvers"] = list(self.approvers)
+        # Written only when set, so runs without it write (and compare) as they always did.
+        if self.renotify_every_s is not None:
+            data["renotify_every_s"] = self.renotify_every_s
         return data
 
 
@@ -109,6 +121,15 @@ class EscalationState:
     by: str | None = None
     resolved_at: str | None = None
     extension_micros: int = 0
+    # What the approver is shown besides who asked: why and how urgently, and the cap
+    # extension an approval needs. Older lines have no reason or priority: "", normal.
+    request_reason: str = ""
+    priority: Priority = "normal"
+    needed_extension_micros: int = 0
+    # Delivery of its notice (escalation_notified): what sweep needs to re-deliver it.
+    notify_attempts: int = 0
+    notified_at: str | None = None
+    notified_ok: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -129,6 +150,12 @@ class EscalationState:
             "by": self.by,
             "resolved_at": self.resolved_at,
             "extension_micros": self.extension_micros,
+            "request_reason": self.request_reason,
+            "priority": self.priority,
+            "needed_extension_micros": self.needed_extension_micros,
+            "notify_attempts": self.notify_attempts,
+            "notified_at": self.notified_at,
+            "notified_ok": self.notified_ok,
         }
 
 

@@ -80,6 +80,10 @@ def drive_every_event_type(runs_dir: Path) -> None:
     with (runs_dir / "all" / "events.ndjson").open("ab") as log:
         log.write(b'{"v":1,"seq"')  # a torn tail: the next write sets it aside
     run.reserve("t8", "0.1")
+    hooked = Ledger.init(runs_dir, "hooked", cap="1", escalation="enforce", approval_threshold="0.5",
+                         renotify_every_s=600, clock=clock, notify_cmd="exit 3")
+    with pytest.raises(Pending):
+        hooked.reserve("big", "0.75", reason="needs a GPU", priority="urgent")  # a failed notice on record
     off = Ledger.init(runs_dir, "off", cap="1", clock=clock)
     off.reserve("x", "1")
     off.release("x", "1.5")
@@ -104,11 +108,14 @@ def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> Non
                 resolutions.add((event["mode"], event["by"]))
             if event["type"] == "halt":
                 halt_reasons.add(event["reason"])
-            extras |= {key for key in ("note", "kind", "needed_extension_micros") if key in event}
+            extras |= {key for key in ("note", "kind", "needed_extension_micros", "request_reason",
+                                       "priority") if key in event}
+            extras |= {key for key in ("renotify_every_s",) if key in event.get("escalation", {})}
     assert set(seen) == set(EVENT_TYPES)
     assert {("extend", "lead"), ("pause", "lead"), ("cancel", "lead"), ("pause", "timeout")} <= resolutions
     assert halt_reasons == {"run_cap", "task_cap", "cancelled"}
-    assert extras == {"note", "kind", "needed_extension_micros"}
+    assert extras == {"note", "kind", "needed_extension_micros", "request_reason", "priority",
+                      "renotify_every_s"}
     schema = json_schema()
     assert schema["$schema"].endswith("2020-12/schema")
     assert {m.__name__ for m in MODELS} <= set(schema["$defs"])

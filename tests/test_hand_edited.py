@@ -57,6 +57,9 @@ FOLD_EDITS: dict[str, tuple[int, str, Any]] = {
     "escalation kind steal": (4, "kind", "steal"),
     "escalation reason unknown": (4, "reason", "because"),
     "escalation remaining is text": (4, "remaining_micros", "lots"),
+    "needed extension is text": (4, "needed_extension_micros", "many"),
+    "priority unknown": (4, "priority", "asap"),
+    "request reason with escapes": (4, "request_reason", "fix" + TERMINAL_TRICKS),
     "offered holds a list": (4, "offered", [["extend"]]),
     "actor is a number": (3, "actor", 7),
     "actor with terminal escapes": (3, "actor", "eve" + TERMINAL_TRICKS),
@@ -78,7 +81,6 @@ FOLD_EDITS: dict[str, tuple[int, str, Any]] = {
 # Fields the fold does not use: writers go on, runs verify names them, nobody sees raw bytes.
 SCHEMA_EDITS: dict[str, tuple[int, str, Any]] = {
     "increase reason with escapes": (8, "reason", "more" + TERMINAL_TRICKS),
-    "needed extension is text": (4, "needed_extension_micros", "many"),
     # The fold keeps no reservation's ts, so writers go on; verify names the line.
     "reservation ts is a number": (3, "ts", 12345),
     "reservation ts with escapes": (3, "ts", "2026-11-23T14:00:00" + TERMINAL_TRICKS),

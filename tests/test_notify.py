@@ -43,7 +43,7 @@ def test_hook_receives_the_escalation_event(cli: Any, runs_dir: Path, tmp_path: 
     assert escalated.exit_code == 4
     assert escalated.stderr.count("\n") == 1 and "warning" not in escalated.stderr
     event = orjson.loads(received.read_bytes())
-    written = log_lines(runs_dir)[-1]
+    written = next(line for line in log_lines(runs_dir) if line["type"] == "escalation")
     assert event["run"] == "r"
     for key in ("seq", "type", "id", "task", "requested_micros", "remaining_micros", "offered",
                 "expires_at", "shadow", "reason"):
@@ -87,8 +87,8 @@ def test_hook_runs_after_the_lock_is_released(cli: Any, runs_dir: Path) -> None:
     result = cli("reserve", "r", "t", "--estimate", "3", "--notify-cmd", hook)
     assert result.exit_code == 4, result.stderr
     assert "warning" not in result.stderr
-    resolved = log_lines(runs_dir)[-2]
-    assert (resolved["type"], resolved["by"]) == ("escalation_resolved", "hook")
+    [resolved] = [line for line in log_lines(runs_dir) if line["type"] == "escalation_resolved"]
+    assert resolved["by"] == "hook"
 
 
 @pytest.mark.parametrize(
@@ -109,8 +109,12 @@ def test_failing_hook_only_warns(cli: Any, runs_dir: Path, hook: str, warning: s
     assert result.json()["escalation_id"] == "esc-2"
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1
-    assert warning in warnings[0] and "the ledger is unchanged" in warnings[0]
-    assert payloads(runs_dir) == payloads(runs_dir, "quiet")
+    assert warning in warnings[0] and "the decision stands" in warnings[0]
+    # The same decision as without a hook, then the failed attempt on record.
+    *decided, notified = payloads(runs_dir)
+    assert decided == payloads(runs_dir, "quiet")
+    assert (notified["type"], notified["id"], notified["attempt"], notified["ok"]) == \
+        ("escalation_notified", "esc-2", 1, False)
 
 
 def test_hanging_hook_is_bounded_and_killed(cli: Any, runs_dir: Path, tmp_path: Path,
@@ -126,8 +130,10 @@ def test_hanging_hook_is_bounded_and_killed(cli: Any, runs_dir: Path, tmp_path: 
     elapsed = time.monotonic() - started
     assert result.exit_code == 4
     assert elapsed < 5, elapsed
-    assert "notify command timed out after 0.3s and was killed; the ledger is unchanged" in result.stderr
-    assert [e["type"] for e in log_lines(runs_dir)] == ["run_opened", "escalation"]
+    assert "notify command timed out after 0.3s and was killed; the decision stands" in result.stderr
+    assert [e["type"] for e in log_lines(runs_dir)] == ["run_opened", "escalation", "escalation_notified"]
+    notified = log_lines(runs_dir)[-1]
+    assert (notified["ok"], notified["detail"]) == (False, "timed out after 0.3s")
     assert _gone_or_zombie(int(pid_file.read_text()))
 
 

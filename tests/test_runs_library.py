@@ -67,7 +67,7 @@ def test_each_call_returns_what_its_command_prints(runs_dir: Path, cli: Any, clo
     clock.advance(120)
     swept = sweep_all(runs_dir, clock=clock)
     assert swept == {"status": "swept", "runs": 2, "expired": [{"run": "a", "escalation_id": "esc-2"}],
-                     "failures": []}
+                     "notified": [], "failures": []}
     assert inbox(runs_dir, open_only=True)["escalations"] == []
 
 

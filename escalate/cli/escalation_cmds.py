@@ -13,6 +13,7 @@ from escalate.cli import (
     ByOption,
     JsonOption,
     LockTimeoutOption,
+    NotifyOption,
     RunArg,
     RunsDirOption,
     echo_line,
@@ -131,20 +132,25 @@ def sweep(
     run: Annotated[str | None, typer.Argument(help="Run id [default: every run].", metavar="[RUN]")] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
+    notify_cmd: NotifyOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Pause (by timeout) every open escalation past its expiry; for a cron job."""
+    """Pause (by timeout) every open escalation past its expiry, and send again the notices
+    that failed (with backoff) or are due by --renotify-every; for a cron job."""
 
     def action() -> SweepReport:
         from escalate.runs import sweep_all
 
-        options = open_options(runs_dir, lock_timeout)
+        options = open_options(runs_dir, lock_timeout, None, notify_cmd)
         return sweep_all(options.pop("runs_dir"), run=run, **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
+        + (f", {len(r['notified'])} notice(s) sent again" if r["notified"] else "")
         + (f", {len(r['failures'])} run(s) failed" if r["failures"] else "")
-        + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])))
+        + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
+        + "".join(f"\n  {n['run']} {n['escalation_id']} notice {n['attempt'] or '?'}: "
+                  f"{'delivered' if n['ok'] else 'failed'} ({n['detail']})" for n in r["notified"])))
     # A cron job must notice a run it could not sweep: each failure on stderr, and the exit
     # code of the first (the other runs were still swept).
     for failure in result["failures"]:

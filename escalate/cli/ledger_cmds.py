@@ -22,6 +22,11 @@ from escalate.money import format_usd as usd
 
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 TaskArg = Annotated[str, typer.Argument(help="Task id (single-use).", show_default=False, metavar="TASK")]
+ReasonOption = Annotated[str, typer.Option("--reason", metavar="TEXT",
+                                           help="Why it needs this (recorded; shown to an approver).")]
+PriorityOption = Annotated[str, typer.Option("--priority", metavar="LEVEL",
+                                             help="low, normal, high or urgent: how soon an approver "
+                                                  "should look, if it escalates.")]
 
 
 def _say(result: dict[str, Any]) -> None:
@@ -59,6 +64,8 @@ def reserve(
     timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
         help="With --wait: give up after this "
                                                 "long (e.g. 10m, at most 365d); exit 4.")] = None,
+    reason: ReasonOption = "",
+    priority: PriorityOption = "normal",
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -76,7 +83,7 @@ def reserve(
         wait_s = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         ledger = open_ledger(run, runs_dir, lock_timeout, by, notify_cmd)
         try:
-            return ledger.reserve(task, estimate)
+            return ledger.reserve(task, estimate, reason=reason, priority=priority)
         except Pending as pending:
             if not wait:
                 raise
@@ -96,8 +103,8 @@ def increase(
     task: TaskArg,
     to: Annotated[str, typer.Option("--to", metavar="USD", help="The new absolute reservation in USD.",
                                     show_default=False)],
-    reason: Annotated[str, typer.Option("--reason", metavar="TEXT",
-                                        help="Why it needs more (recorded).")] = "",
+    reason: ReasonOption = "",
+    priority: PriorityOption = "normal",
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -106,8 +113,8 @@ def increase(
 ) -> None:
     """Raise TASK's reservation to an absolute amount mid-flight."""
     respond(json_out,
-            lambda: open_ledger(run, runs_dir, lock_timeout, by, notify_cmd).increase(task, to,
-                                                                                   reason=reason),
+            lambda: open_ledger(run, runs_dir, lock_timeout, by, notify_cmd).increase(
+                task, to, reason=reason, priority=priority),
             _say)
 
 

@@ -48,6 +48,10 @@ ApproversOption = Annotated[str | None, typer.Option(
     "--approvers", metavar="NAMES",
     help="Comma-separated names that may approve, pause or cancel escalations; never the "
     "requester [default: anyone].")]
+RenotifyOption = Annotated[str | None, typer.Option(
+    "--renotify-every", metavar="DURATION",
+    help="'escalate sweep' sends an open escalation's notice again this often, e.g. 30m; "
+    "1m to 365d [default: never].", show_default=False)]
 
 
 @runs_app.command("init")
@@ -62,6 +66,7 @@ def init(
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
+    renotify_every: RenotifyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -83,7 +88,9 @@ def init(
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                             approvers=approvers or (), **options)
+                             approvers=approvers or (),
+                             renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
+                             **options)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
 
     def human(r: Mapping[str, Any]) -> None:
@@ -120,6 +127,9 @@ def set_policy(
         "--approvers", metavar="NAMES", help="New comma-separated names that may approve, pause or "
         "cancel escalations; \"\" lets anyone but the requester [default: unchanged].",
         show_default=False)] = None,
+    renotify_every: RenotifyOption = None,
+    no_renotify: Annotated[bool, typer.Option("--no-renotify",
+                                              help="Stop sending open escalations' notices again.")] = False,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -129,10 +139,13 @@ def set_policy(
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
                   json_out, code="usage")
-    if (escalation, approval_threshold, escalation_timeout, max_extension, approvers) == (None,) * 5 \
-            and not no_threshold:
+    if renotify_every is not None and no_renotify:
+        bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
+    if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
+            renotify_every) == (None,) * 6 and not no_threshold and not no_renotify:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout, --max-extension or --approvers", json_out, code="usage")
+                  "--escalation-timeout, --max-extension, --approvers, --renotify-every or "
+                  "--no-renotify", json_out, code="usage")
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -149,6 +162,10 @@ def set_policy(
             changes["max_extension"] = max_extension
         if approvers is not None:
             changes["approvers"] = approvers
+        if renotify_every is not None:
+            changes["renotify_every_s"] = _renotify(renotify_every)
+        if no_renotify:
+            changes["renotify_every_s"] = None
         ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
@@ -173,6 +190,12 @@ def _escalation_timeout(text: str) -> float:
     return parse_duration(text, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
 
 
+def _renotify(text: str) -> float:
+    from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
+
+    return parse_duration(text, what="renotify interval", minimum=60, maximum=MAX_ESCALATION_TIMEOUT_S)
+
+
 def _timeout_text(seconds: int | None) -> str:
     """Exact, unlike the rounded durations of the tables: ``90s``, ``30m``, ``1h``, ``2d``."""
     from escalate.durations import format_duration
@@ -187,6 +210,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "timeout_s": ("escalation timeout", _timeout_text),
     "max_extension_micros": ("max extension", usd),
     "approvers": ("approvers", lambda names: ", ".join(names or ()) or "anyone"),
+    "renotify_every_s": ("renotify every", _timeout_text),
 }
 
 

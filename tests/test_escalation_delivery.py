@@ -1,0 +1,172 @@
+"""Delivery you can rely on: every notify attempt is recorded after the fact as
+``escalation_notified`` (never the hook's output), a failed or hanging hook is re-delivered
+by ``sweep`` with backoff (driven by a fake clock: no sleeping), reminders follow
+``--renotify-every``, and recording never changes a decision or an exit code."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from escalate import Ledger, Pending
+from escalate.decide import retry_delay_s
+from tests.conftest import FakeClock
+
+
+def escalate(runs_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """One real ``python -m escalate`` process."""
+    environment = {key: value for key, value in os.environ.items() if key != "ESCALATE_NOTIFY_CMD"}
+    environment.update({"ESCALATE_RUNS_DIR": str(runs_dir), "ESCALATE_ACTOR": "ci-bot", "NO_COLOR": "1",
+                        **env})
+    return subprocess.run([sys.executable, "-m", "escalate", *args], capture_output=True, text=True,
+                          env=environment, timeout=60, check=False)
+
+
+def log(runs_dir: Path, run: str = "r") -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in (runs_dir / run / "events.ndjson").read_bytes().splitlines()]
+
+
+def notices(runs_dir: Path, run: str = "r") -> list[tuple[int, bool, str]]:
+    return [(e["attempt"], e["ok"], e["detail"]) for e in log(runs_dir, run)
+            if e["type"] == "escalation_notified"]
+
+
+def init_cli(runs_dir: Path) -> None:
+    assert escalate(runs_dir, "runs", "init", "r", "--cap", "10", "--escalation", "enforce",
+                    "--approval-threshold", "2").returncode == 0
+
+
+@pytest.mark.parametrize(("hook", "detail"), [
+    ("cat > /dev/null; echo SECRET-TOKEN; echo SECRET-TOKEN >&2; exit 7", "exit 7"),
+    ("cat > /dev/null; echo SECRET-TOKEN; sleep 30 & wait", "timed out after 0.3s"),
+    ("echo SECRET-TOKEN; cat > /dev/null", "exit 0"),
+], ids=["failing", "hanging", "delivered"])
+def test_each_attempt_is_recorded_without_the_hooks_output(tmp_path: Path, hook: str, detail: str) -> None:
+    runs = tmp_path / "runs"
+    init_cli(runs)
+    asked = escalate(runs, "reserve", "r", "t", "--estimate", "3", "--notify-cmd", hook, "--json",
+                     ESCALATE_NOTIFY_TIMEOUT="300ms")
+    assert asked.returncode == 4  # the decision's exit code, whatever the hook did
+    assert orjson.loads(asked.stdout)["escalation_id"] == "esc-2"
+    assert notices(runs) == [(1, detail == "exit 0", detail)]
+    assert b"SECRET-TOKEN" not in (runs / "r" / "events.ndjson").read_bytes()
+    assert escalate(runs, "runs", "verify", "r").returncode == 0
+    [escalation] = orjson.loads(escalate(runs, "escalations", "--json").stdout)["escalations"]
+    assert (escalation["notify_attempts"], escalation["notified_ok"], escalation["state"]) == \
+        (1, detail == "exit 0", "open")
+
+
+def test_a_recording_that_fails_only_warns(tmp_path: Path) -> None:
+    """The hook leaves another process holding the run's lock: the attempt cannot be
+    recorded within the lock timeout, and the command still answers as decided."""
+    runs = tmp_path / "runs"
+    init_cli(runs)
+    lock, held, release = runs / "r" / "events.ndjson.lock", tmp_path / "held", tmp_path / "release"
+    holder = (f"import fcntl, os, time; f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+              f"open({str(held)!r}, 'w').close()\n"
+              f"while not os.path.exists({str(release)!r}): time.sleep(0.01)")
+    hook = (f"cat > /dev/null; {shlex.quote(sys.executable)} -c {shlex.quote(holder)} >/dev/null 2>&1 & "
+            f"while [ ! -e {shlex.quote(str(held))} ]; do sleep 0.01; done")
+    try:
+        asked = escalate(runs, "reserve", "r", "t", "--estimate", "3", "--notify-cmd", hook, "--json",
+                         "--lock-timeout", "0.3")
+    finally:
+        release.touch()
+    assert asked.returncode == 4, asked.stderr
+    assert orjson.loads(asked.stdout)["error"] == "escalation_open"
+    assert "warning: the notify attempt for esc-2 was not recorded" in asked.stderr
+    assert notices(runs) == []
+    assert [e["type"] for e in log(runs)] == ["run_opened", "escalation"]
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [retry_delay_s(n) for n in range(1, 10)] == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+    assert retry_delay_s(10_000) == 3600
+
+
+def test_sweep_redelivers_failed_notices_with_backoff_then_reminds(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    clock = FakeClock()
+    # The hook fails twice, then works: a counter file counts its calls.
+    calls, received = tmp_path / "calls", tmp_path / "received"
+    hook = (f"cat >> {shlex.quote(str(received))}; echo >> {shlex.quote(str(received))}; "
+            f"echo x >> {shlex.quote(str(calls))}; [ $(wc -l < {shlex.quote(str(calls))}) -ge 3 ]")
+    run = Ledger.init(runs, "r", cap="10", escalation="enforce", approval_threshold="2",
+                      escalation_timeout_s=7 * 86_400, clock=clock, notify_cmd=hook, actor="ci-bot")
+    with pytest.raises(Pending):
+        run.reserve("t", "3", reason="flaky shard", priority="high")
+    assert notices(runs) == [(1, False, "exit 1")]
+
+    def sweep_after(seconds: float) -> list[tuple[str, int | None, bool]]:
+        clock.advance(seconds)
+        return [(n["escalation_id"], n["attempt"], n["ok"]) for n in run.sweep()["notified"]]
+
+    assert sweep_after(59) == []                     # 1 min after the first failure …
+    assert sweep_after(1) == [("esc-2", 2, False)]   # … it is sent again, and fails again
+    assert sweep_after(119) == []                    # then 2 min later
+    assert sweep_after(1) == [("esc-2", 3, True)]
+    assert sweep_after(86_000) == []                 # delivered: no reminders by default
+    sent = [orjson.loads(line) for line in received.read_bytes().splitlines()]
+    assert [(n["attempt"], n["id"], n["request_reason"], n["priority"], n["requested_by"]) for n in sent] == \
+        [(a, "esc-2", "flaky shard", "high", "ci-bot") for a in (1, 2, 3)]
+    assert sent[1]["seq"] == 2 and sent[1]["needed_extension_micros"] == 0
+
+    run.set_policy(renotify_every_s=600)
+    assert sweep_after(0) == [("esc-2", 4, True)]    # the last delivery is long past 10 min
+    assert sweep_after(599) == []
+    assert sweep_after(1) == [("esc-2", 5, True)]
+    run.approve("esc-2", by="alice")
+    assert sweep_after(3600) == []                   # resolved: nothing is sent any more
+    assert [a for a, _, _ in notices(runs)] == [1, 2, 3, 4, 5]
+    # Only escalation_notified lines were added by delivery: the money is as approved.
+    assert run.state().tasks["t"].reserved_micros == 3_000_000
+
+
+def test_cli_sweep_redelivers_what_failed(tmp_path: Path) -> None:
+    """A real ``escalate sweep`` process re-delivers a notice that failed an hour ago (the
+    log written with a clock an hour behind) and reports it."""
+    runs = tmp_path / "runs"
+    received = tmp_path / "received"
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=1))
+    run = Ledger.init(runs, "r", cap="10", escalation="enforce", approval_threshold="2", clock=clock,
+                      notify_cmd="exit 9", escalation_timeout_s=86_400)
+    with pytest.raises(Pending):
+        run.reserve("t", "3", priority="urgent")
+    swept = escalate(runs, "sweep", "--json", ESCALATE_NOTIFY_CMD=f"cat > {shlex.quote(str(received))}")
+    assert swept.returncode == 0, swept.stderr
+    report = orjson.loads(swept.stdout)
+    assert report["notified"] == [{"run": "r", "escalation_id": "esc-2", "attempt": 2, "ok": True,
+                                   "detail": "exit 0"}]
+    assert orjson.loads(received.read_bytes())["priority"] == "urgent"
+    assert notices(runs) == [(1, False, "exit 9"), (2, True, "exit 0")]
+    again = escalate(runs, "sweep", ESCALATE_NOTIFY_CMD="true")
+    assert again.returncode == 0 and "sent again" not in again.stdout
+
+
+def test_renotify_every_is_a_bounded_policy_setting(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    created = escalate(runs, "runs", "init", "r", "--cap", "5", "--escalation", "enforce",
+                       "--renotify-every", "30m", "--json")
+    assert created.returncode == 0 and orjson.loads(created.stdout)["escalation"]["renotify_every_s"] == 1800
+    # The same settings again is idempotent; a different interval is a conflict.
+    same = escalate(runs, "runs", "init", "r", "--cap", "5", "--escalation", "enforce",
+                    "--renotify-every", "30m")
+    assert same.returncode == 0 and "already exists" in same.stdout
+    other = escalate(runs, "runs", "init", "r", "--cap", "5", "--escalation", "enforce")
+    assert other.returncode == 5 and "renotify every" in other.stderr
+    before = (runs / "r" / "events.ndjson").read_bytes()
+    for bad in ("10s", "400d", "soon"):
+        refused = escalate(runs, "runs", "set", "r", "--renotify-every", bad)
+        assert refused.returncode == 2 and refused.stderr.startswith("escalate: "), bad
+    assert (runs / "r" / "events.ndjson").read_bytes() == before
+    changed = escalate(runs, "runs", "set", "r", "--no-renotify")
+    assert changed.returncode == 0 and "renotify every 30m → never" in changed.stdout
+    assert "renotify_every_s" not in log(runs)[-1]["escalation"]
