@@ -35,7 +35,7 @@ def message(event: dict[str, Any]) -> str:
     run, escalation_id = event["run"], event["id"]
     asked = event["requested_micros"]
     lines = [
-        f"[{event.get('priority', 'normal')}] {run}: {event.get('requester') or 'someone'} asks "
+        f"[{event.get('priority', 'normal')}] {run}: {event.get('requested_by') or 'someone'} asks "
         f"{usd(asked)} for task {event['task']} ({event.get('kind', 'reserve')}); "
         f"{usd(event['remaining_micros'])} left"
         + (f", needs a {usd(event['needed_extension_micros'])} extension"
