@@ -12,13 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import select
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO
 
 import orjson
 
@@ -102,13 +98,6 @@ def _spawn(role: str, root: Path, acks: Path, seed: int) -> subprocess.Popen[byt
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
-    assert stream is not None
-    return stream
-
-
-def _stderr(proc: subprocess.Popen[bytes]) -> str:
-    return _pipe(proc.stderr).read().decode()[-3000:]
 
 
 def _last_event(path: Path) -> tuple[dict[str, object], bytes]:
@@ -166,9 +155,8 @@ def _damage_cache(root: Path, rng: random.Random) -> None:
 
 
 def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
-    import pytest
-
     from tests.conftest import audit_log
+    from tests.killing import kill_storm
 
     root = tmp_path / "runs"
     Ledger.init(root, "r", cap="30", task_cap="0.40", escalation="enforce", approval_threshold="0.30",
@@ -176,42 +164,19 @@ def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     roles = ["worker"] * WORKERS + ["approver"]
     acks = [tmp_path / f"acks-{slot}" for slot in range(len(roles))]
-    procs = [_spawn(roles[slot], root, acks[slot], rng.randrange(2**32)) for slot in range(len(roles))]
-    ready = [False] * len(roles)
-    kills = tears = damages = 0
-    deadline = time.monotonic() + KILLING_S
-    try:
-        while time.monotonic() < deadline:
-            kill_at = time.monotonic() + rng.uniform(0.0, 0.3)
-            while (wait := kill_at - time.monotonic()) > 0:
-                starting = {_pipe(procs[slot].stdout): slot for slot in range(len(roles)) if not ready[slot]}
-                readable, _, _ = select.select(list(starting), [], [], wait)
-                for pipe in readable:
-                    slot = starting[pipe]
-                    if pipe.readline() != b"ready\n":
-                        pytest.fail(f"{roles[slot]} failed: {_stderr(procs[slot])}")
-                    ready[slot] = True
-            candidates = [slot for slot in range(len(roles)) if ready[slot]]
-            if not candidates:
-                continue
-            slot = rng.choice(candidates)
-            if procs[slot].poll() is not None:
-                pytest.fail(f"{roles[slot]} exited by itself: {_stderr(procs[slot])}")
-            procs[slot].send_signal(signal.SIGKILL)
-            procs[slot].wait()
-            kills += 1
-            if rng.random() < 0.3:
-                _tear(root, rng)
-                tears += 1
-            if rng.random() < 0.2:
-                _damage_cache(root, rng)
-                damages += 1
-            procs[slot] = _spawn(roles[slot], root, acks[slot], rng.randrange(2**32))
-            ready[slot] = False
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+    tears = damages = 0
+
+    def damage() -> None:
+        nonlocal tears, damages
+        if rng.random() < 0.3:
+            _tear(root, rng)
+            tears += 1
+        if rng.random() < 0.2:
+            _damage_cache(root, rng)
+            damages += 1
+
+    kills = kill_storm(lambda slot: _spawn(roles[slot], root, acks[slot], rng.randrange(2**32)),
+                       len(roles), KILLING_S, rng, damage)
     print(f"{kills} processes killed, {tears} torn writes, {damages} cache damages in {KILLING_S:g}s")
     assert kills >= 30 and tears >= 5 and damages >= 3
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import IO
 
@@ -94,47 +92,22 @@ def _tear(root: Path, rng: random.Random) -> int:
 
 
 def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None:
-    import pytest
+    from tests.killing import kill_storm
 
     root = tmp_path / "runs"
     Ledger.init(root, "r", cap=Micros(CAP_MICROS), task_cap=Micros(400_000), actor="tester")
     rng = random.Random(SEED)
     acks = [tmp_path / f"acks-{slot}" for slot in range(WRITERS)]
-    writers = [_spawn(root, acks[slot], rng.randrange(2**32)) for slot in range(WRITERS)]
-    ready = [False] * WRITERS
-    kills = tears = 0
-    deadline = time.monotonic() + KILLING_S
-    try:
-        while time.monotonic() < deadline:
-            # A random moment for the next kill; meanwhile note writers that finished
-            # starting. Only a ready writer (past its imports, in its loop) is killed.
-            kill_at = time.monotonic() + rng.uniform(0.0, 0.3)
-            while (wait := kill_at - time.monotonic()) > 0:
-                starting = {_pipe(writers[slot].stdout): slot for slot in range(WRITERS) if not ready[slot]}
-                readable, _, _ = select.select(list(starting), [], [], wait)
-                for pipe in readable:
-                    slot = starting[pipe]
-                    if pipe.readline() != b"ready\n":
-                        pytest.fail(f"writer failed: {_pipe(writers[slot].stderr).read().decode()[-2000:]}")
-                    ready[slot] = True
-            candidates = [slot for slot in range(WRITERS) if ready[slot]]
-            if not candidates:
-                continue
-            slot = rng.choice(candidates)
-            if writers[slot].poll() is not None:
-                pytest.fail(f"writer exited by itself: {_pipe(writers[slot].stderr).read().decode()[-2000:]}")
-            writers[slot].send_signal(signal.SIGKILL)
-            writers[slot].wait()
-            kills += 1
-            if rng.random() < 0.3:
-                _tear(root, rng)
-                tears += 1
-            writers[slot] = _spawn(root, acks[slot], rng.randrange(2**32))
-            ready[slot] = False
-    finally:
-        for writer in writers:
-            writer.kill()
-            writer.wait()
+    tears = 0
+
+    def tear() -> None:
+        nonlocal tears
+        if rng.random() < 0.3:
+            _tear(root, rng)
+            tears += 1
+
+    kills = kill_storm(lambda slot: _spawn(root, acks[slot], rng.randrange(2**32)), WRITERS, KILLING_S,
+                       rng, tear)
     print(f"{kills} writers killed, {tears} torn lines left, in {KILLING_S:g}s")
     assert kills >= 30
 
