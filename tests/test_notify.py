@@ -97,8 +97,13 @@ def test_hook_runs_after_the_lock_is_released(cli: Any, runs_dir: Path) -> None:
         ("cat > /dev/null; echo 'webhook said 502' >&2; exit 7",
          "notify command exited 7 (webhook said 502)"),
         ("/nonexistent/notify-hook", "notify command exited 127"),
+        # 64 MiB on stderr: read from a file's end, never held in memory or blocking a pipe.
+        ("head -c 67108864 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'the last words' >&2; exit 3",
+         "notify command exited 3 (the last words)"),
+        # Terminal escapes from a hook are shown escaped, never sent to the terminal.
+        ("printf '\\033]0;pwned\\007\\033[2Jbad\\n' >&2; exit 7", "notify command exited 7 (\\x1b]0;pwned"),
     ],
-    ids=["non-zero exit", "missing command"],
+    ids=["non-zero exit", "missing command", "a flood on stderr", "escapes on stderr"],
 )
 def test_failing_hook_only_warns(cli: Any, runs_dir: Path, hook: str, warning: str) -> None:
     init(cli, "quiet")
