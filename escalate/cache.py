@@ -44,9 +44,9 @@ from escalate.state import EscalationState, Policy, RunState, Task
 from escalate.store import CacheInvalid
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
-# 4: escalations keep their requester, reason, priority, needed extension and delivery; a
-# checkpoint of an older format lacks them, so it is rebuilt from the log.
-FORMAT = 4
+# 5: escalations keep their requester, reason, priority, needed extension and delivery (with
+# the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
+FORMAT = 5
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 

@@ -94,10 +94,11 @@ def check_actor(name: str) -> str:
     if not isinstance(name, str):
         raise InputError(f"invalid actor {name!r}: give a name as text (1-128 printable characters)",
                          code="invalid_actor", value=repr(name)[:40])
-    if not name or len(name) > 128 or not name.isprintable():
-        raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters",
-                         code="invalid_actor", value=name[:40])
-    if name == events.TIMEOUT_ACTOR:
+    if not name or len(name) > 128 or not name.isprintable() or name != name.strip():
+        # (No space at either end: "bob " would pass for bob to a person, not to a check.)
+        raise InputError(f"invalid actor {name[:40]!r}: use 1-128 printable characters, no space "
+                         "at either end", code="invalid_actor", value=name[:40])
+    if name.casefold() == events.TIMEOUT_ACTOR:
         # Expiry resolves as "timeout": a person acting under that name could fake one.
         raise InputError(f"invalid actor {name!r}: the name is reserved for expiry; act under "
                          "your own name (--by or $ESCALATE_ACTOR)", code="reserved_actor", value=name)

@@ -96,7 +96,8 @@ def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
             return False
         last, delay = escalation.notified_at, policy.renotify_every_s
     else:
-        last, delay = escalation.notified_at, retry_delay_s(escalation.notify_attempts)
+        # Counted from the last delivery: reminders that went through are no failures.
+        last, delay = escalation.notified_at, retry_delay_s(escalation.failed_in_a_row)
     try:
         return add_seconds(last, delay) <= now
     except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
@@ -259,14 +260,17 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
 
 def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
-    first-resolution-wins answer: who won tells nothing to someone who may not resolve."""
+    first-resolution-wins answer: who won tells nothing to someone who may not resolve.
+    ``by`` is who resolves (a library caller may resolve for a person under its own actor);
+    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
              "requested_by": escalation.requested_by}
     if mode == "withdraw":
         if escalation.requested_by is not None and by != escalation.requested_by:
             return Refused(
                 f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
-                f"withdraw it (a release of task {escalation.task} settles it too)",
+                f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
+                                  if escalation.kind == "increase" else ""),
                 code="not_the_requester", **facts)
         return None
     approvers = state.policy.approvers

@@ -443,6 +443,7 @@ def _apply_notified(state: RunState, event: Mapping[str, Any]) -> None:
     escalation.notify_attempts = attempt
     escalation.notified_at = _timestamp(event, "ts")
     escalation.notified_ok = ok
+    escalation.failed_in_a_row = 0 if ok else escalation.failed_in_a_row + 1
 
 
 def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:

@@ -130,6 +130,7 @@ class EscalationState:
     notify_attempts: int = 0
     notified_at: str | None = None
     notified_ok: bool | None = None
+    failed_in_a_row: int = 0  # failed attempts since the last delivery: the retry backoff
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,6 +157,7 @@ class EscalationState:
             "notify_attempts": self.notify_attempts,
             "notified_at": self.notified_at,
             "notified_ok": self.notified_ok,
+            "failed_in_a_row": self.failed_in_a_row,
         }
 
 

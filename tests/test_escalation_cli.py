@@ -390,3 +390,14 @@ def test_withdraw_and_release_from_the_command_line(cli: Any, runs_dir: Path) ->
     esc_v = cli("increase", "r", "v", "--to", "3", "--json").json()["escalation_id"]
     settled = cli("release", "r", "v", "--actual", "1")
     assert settled.stdout.strip().endswith(f"; its escalation {esc_v} is withdrawn")
+
+
+@pytest.mark.parametrize("name", ["timeout ", "Timeout", "TIMEOUT", " alice", "alice "])
+def test_names_that_pass_for_another_are_refused(cli: Any, runs_dir: Path, name: str) -> None:
+    """A trailing space or another case must not pass for expiry, or for an approver."""
+    cli("runs", "init", "r", "--cap", "10", "--escalation", "enforce", "--approval-threshold", "1")
+    assert cli("reserve", "r", "t", "--estimate", "2", "--by", "wk").exit_code == 4
+    log = (runs_dir / "r" / "events.ndjson").read_bytes()
+    refused = cli("pause", "r", "esc-2", "--by", name, "--json")
+    assert refused.exit_code == 2 and refused.json()["error"] in ("invalid_actor", "reserved_actor")
+    assert (runs_dir / "r" / "events.ndjson").read_bytes() == log

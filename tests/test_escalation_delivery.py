@@ -170,3 +170,28 @@ def test_renotify_every_is_a_bounded_policy_setting(tmp_path: Path) -> None:
     changed = escalate(runs, "runs", "set", "r", "--no-renotify")
     assert changed.returncode == 0 and "renotify every 30m → never" in changed.stdout
     assert "renotify_every_s" not in log(runs)[-1]["escalation"]
+
+
+def test_a_failure_after_delivered_reminders_is_retried_in_a_minute(tmp_path: Path) -> None:
+    """The backoff counts the failures since the last delivery, not every attempt."""
+    runs, flag = tmp_path / "runs", tmp_path / "webhook-up"
+    flag.touch()
+    clock = FakeClock()
+    run = Ledger.init(runs, "r", cap="10", escalation="enforce", approval_threshold="2",
+                      escalation_timeout_s=7 * 86_400, clock=clock, actor="ci-bot",
+                      notify_cmd=f"cat > /dev/null; [ -e {shlex.quote(str(flag))} ]")
+    run.set_policy(renotify_every_s=60)
+    with pytest.raises(Pending):
+        run.reserve("t", "3")
+
+    def sweep_after(seconds: float) -> list[tuple[int | None, bool]]:
+        clock.advance(seconds)
+        return [(n["attempt"], n["ok"]) for n in run.sweep()["notified"]]
+
+    assert [sweep_after(60) for _ in range(3)] == [[(2, True)], [(3, True)], [(4, True)]]
+    flag.unlink()  # the webhook goes down
+    assert sweep_after(60) == [(5, False)]
+    assert sweep_after(59) == []
+    assert sweep_after(1) == [(6, False)]   # one minute after the first failure in a row
+    assert sweep_after(119) == []
+    assert sweep_after(1) == [(7, False)]   # then two

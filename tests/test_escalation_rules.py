@@ -645,7 +645,9 @@ def test_no_resolution_by_a_non_approver_ever_writes(attempts: list[tuple[str, s
         for verb, resolver, escalation_id in attempts:
             resolve = getattr(worker, verb)
             code, body = outcome(lambda: resolve(escalation_id, by=resolver))  # noqa: B023 (called at once)
-            assert (code, body["error"]) in ((3, "not_an_approver"), (3, "self_approval")), body
+            # (a name with a space at either end is no name at all: bad input, exit 2)
+            assert (code, body["error"]) in ((3, "not_an_approver"), (3, "self_approval"),
+                                             (2, "invalid_actor")), body
             assert (runs_dir / "r" / "events.ndjson").read_bytes() == log
 
 
