@@ -37,6 +37,9 @@ DEFAULT_NOTIFY_TIMEOUT_S = 10.0
 Clock = Callable[[], datetime]
 
 
+MIN_NOTIFY_TIMEOUT_S = 0.1
+
+
 def utc_now() -> datetime:
     """The default clock."""
     return datetime.now(UTC)
@@ -58,15 +61,18 @@ def lock_timeout(given: float | None) -> float:
 def notify_timeout(given: float | None) -> float:
     """``given`` (checked), else ``$ESCALATE_NOTIFY_TIMEOUT`` (seconds, or 500ms, 30s …; at
     most 1h), else 10."""
+    # At least a tenth of a second: a hook killed as it starts only records failures.
     if given is not None:
-        return check_duration(given, what="notify timeout", maximum=MAX_NOTIFY_TIMEOUT_S)
-    return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S)
+        return check_duration(given, what="notify timeout", maximum=MAX_NOTIFY_TIMEOUT_S,
+                              minimum=MIN_NOTIFY_TIMEOUT_S)
+    return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S,
+                              minimum=MIN_NOTIFY_TIMEOUT_S)
 
 
-def _duration_from_env(name: str, default: float, maximum: float) -> float:
+def _duration_from_env(name: str, default: float, maximum: float, minimum: float = 0) -> float:
     # An empty variable counts as unset, as the CLI's other environment variables do.
     raw = os.environ.get(name)
-    return parse_duration(raw, what=name, maximum=maximum) if raw else default
+    return parse_duration(raw, what=name, maximum=maximum, minimum=minimum) if raw else default
 
 
 def notify_cmd(given: str | None) -> str | None:

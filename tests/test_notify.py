@@ -164,11 +164,12 @@ def test_library_hook_and_timeout_options(runs_dir: Path, clock: FakeClock, tmp_
     assert "timed out after 0.2s" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("timeout", ["soon", "0", "50ms"])
 def test_bad_notify_timeout_is_refused_before_writing(cli: Any, runs_dir: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch, timeout: str) -> None:
     init(cli)
     before = (runs_dir / "r" / "events.ndjson").read_bytes()
-    monkeypatch.setenv("ESCALATE_NOTIFY_TIMEOUT", "soon")
+    monkeypatch.setenv("ESCALATE_NOTIFY_TIMEOUT", timeout)  # (0 would kill every hook as it starts)
     result = cli("reserve", "r", "t", "--estimate", "3", "--notify-cmd", "true")
     assert result.exit_code == 2
     assert "ESCALATE_NOTIFY_TIMEOUT" in result.stderr
