@@ -321,10 +321,17 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
                             "reserved_micros": escalation.requested_micros, **facts})
 
 
-def decide_policy(state: RunState, policy: Policy) -> Decision:
-    """Change the run's escalation policy (recorded as ``policy_changed``)."""
+def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
+    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
+    its approvers, only they may change it: otherwise anyone could add themselves."""
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json()})
+    approvers = state.policy.approvers
+    if approvers and by not in approvers:
+        return _fail(Refused(
+            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
+            f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
+            code="not_an_approver", by=by, approvers=list(approvers)))
     if policy.max_extension_micros < state.extended_micros:
         return _fail(Conflict(
             f"max extension {usd(policy.max_extension_micros)} is below the "

@@ -241,7 +241,7 @@ class Ledger:
                 approvers=current.approvers if approvers is UNCHANGED else approvers,
                 renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
                                   else renotify_every_s))
-            return decisions.decide_policy(state, policy)
+            return decisions.decide_policy(state, policy, self.actor)
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self, *, redeliver: bool = True) -> SweepResult:

@@ -367,9 +367,11 @@ def test_approvers_from_the_command_line(cli: Any, runs_dir: Path) -> None:
     assert refused.stderr.startswith("escalate: cannot resolve") and "alice, bob" in refused.stderr
     timeout = cli("pause", "r", esc, "--by", "timeout", "--json")
     assert (timeout.exit_code, timeout.json()["error"]) == (2, "reserved_actor")
-    changed = cli("runs", "set", "r", "--approvers", "carol", "--by", "lead")
+    # Only an approver changes the list (nobody adds themselves).
+    assert cli("runs", "set", "r", "--approvers", "lead,alice", "--by", "lead").exit_code == 3
+    changed = cli("runs", "set", "r", "--approvers", "carol", "--by", "alice")
     assert changed.stdout.strip() == "run r: approvers alice, bob → carol"
-    cleared = cli("runs", "set", "r", "--approvers", "", "--by", "lead")
+    cleared = cli("runs", "set", "r", "--approvers", "", "--by", "carol")
     assert cleared.stdout.strip() == "run r: approvers carol → anyone"
     assert cli("approve", "r", esc, "--by", "dave").exit_code == 0
 

@@ -583,8 +583,16 @@ def test_approvers_are_part_of_the_policy(runs_dir: Path, clock: FakeClock) -> N
         make_run(runs_dir, clock, approvers="carol")
     with pytest.raises(Conflict, match=r"approvers alice, bob, not none"):
         make_run(runs_dir, clock)
-    # runs set changes them; an empty list lets anyone (but the requester) approve.
+    # Only an approver may change the policy once there are approvers: nobody adds themselves.
+    log = (runs_dir / "r" / "events.ndjson").read_bytes()
+    with pytest.raises(Refused, match="not one of its approvers") as refused:
+        Ledger.open(runs_dir, "r", actor="mallory").set_policy(approvers="mallory,alice")
+    assert refused.value.code == "not_an_approver"
+    assert (runs_dir / "r" / "events.ndjson").read_bytes() == log
+    # An approver changes them; an empty list lets anyone (but the requester) approve.
+    run = Ledger.open(runs_dir, "r", actor="alice", clock=clock)
     assert run.set_policy(approvers="carol")["escalation"]["approvers"] == ["carol"]
+    run = Ledger.open(runs_dir, "r", actor="carol", clock=clock)
     assert run.set_policy(escalation_timeout_s=60)["escalation"]["approvers"] == ["carol"]
     cleared = run.set_policy(approvers="")
     assert "approvers" not in cleared["escalation"]
