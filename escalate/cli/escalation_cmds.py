@@ -82,10 +82,10 @@ def withdraw(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption 
 def wait(
     run: RunArg,
     escalation_id: EscalationArg,
-    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
-        help="Give up after this long, e.g. 10m, "
-                                                "at most 365d (exit 4) [default: wait until "
-                                                "resolved].")] = None,
+    timeout: Annotated[str | None, typer.Option(
+        "--timeout", metavar="DURATION",
+        help="Give up after this long, e.g. 10m, at most 365d (exit 4) [default: wait until "
+        "resolved].")] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     json_out: JsonOption = False,

@@ -61,9 +61,9 @@ def reserve(
                                           help="USD to reserve, e.g. 2.50.")],
     wait: Annotated[bool, typer.Option("--wait", help="If escalated, block until a person resolves it.")]
     = False,
-    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
-        help="With --wait: give up after this "
-                                                "long (e.g. 10m, at most 365d); exit 4.")] = None,
+    timeout: Annotated[str | None, typer.Option(
+        "--timeout", metavar="DURATION",
+        help="With --wait: give up after this long (e.g. 10m, at most 365d); exit 4.")] = None,
     reason: ReasonOption = "",
     priority: PriorityOption = "normal",
     runs_dir: RunsDirOption = None,

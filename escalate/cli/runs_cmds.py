@@ -39,8 +39,8 @@ ThresholdOption = Annotated[str | None, typer.Option(
     help="In enforce mode, reservations above this USD amount need a person.")]
 EscalationTimeoutOption = Annotated[str | None, typer.Option(
     "--escalation-timeout", metavar="DURATION",
-        help="An open escalation is paused by timeout after this long, e.g. 30m, "
-    "1h; 1s to 365d [default: 1h].")]
+    help="An open escalation is paused by timeout after this long, e.g. 30m, 1h; 1s to 365d "
+    "[default: 1h].")]
 MaxExtensionOption = Annotated[str | None, typer.Option(
     "--max-extension", metavar="USD",
     help="Most USD that approvals may add to the cap in total [default: 0].")]
@@ -112,14 +112,14 @@ def set_policy(
         show_default=False)] = None,
     approval_threshold: Annotated[str | None, typer.Option(
         "--approval-threshold", metavar="USD",
-            help="New USD amount above which reservations need a person in "
-        "enforce mode [default: unchanged].", show_default=False)] = None,
+        help="New USD amount above which reservations need a person in enforce mode "
+        "[default: unchanged].", show_default=False)] = None,
     no_threshold: Annotated[bool, typer.Option("--no-approval-threshold",
                                                help="Remove the approval threshold.")] = False,
     escalation_timeout: Annotated[str | None, typer.Option(
         "--escalation-timeout", metavar="DURATION",
-            help="New time after which an open escalation is paused, e.g. 30m; "
-        "1s to 365d [default: unchanged].", show_default=False)] = None,
+        help="New time after which an open escalation is paused, e.g. 30m; 1s to 365d "
+        "[default: unchanged].", show_default=False)] = None,
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD that approvals may add to the cap in total "
         "[default: unchanged].", show_default=False)] = None,

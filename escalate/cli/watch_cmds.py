@@ -23,12 +23,12 @@ def watch(
     run: RunArg,
     events: Annotated[int, typer.Option("--events", "-n", min=0, metavar="N",
                                         help="How many recent events to show.")] = 10,
-    interval: Annotated[str, typer.Option("--interval", metavar="DURATION",
-        help="How often to look for new events, "
-                                          "e.g. 200ms or 2s, at most 1h.")] = "500ms",
-    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DURATION",
-        help="Stop after this long, e.g. 10m, "
-                                                "at most 365d [default: until Ctrl-C].")] = None,
+    interval: Annotated[str, typer.Option(
+        "--interval", metavar="DURATION",
+        help="How often to look for new events, e.g. 200ms or 2s, at most 1h.")] = "500ms",
+    timeout: Annotated[str | None, typer.Option(
+        "--timeout", metavar="DURATION",
+        help="Stop after this long, e.g. 10m, at most 365d [default: until Ctrl-C].")] = None,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
