@@ -1,12 +1,10 @@
-"""The decisions: a state and a request in, a :class:`Decision` out.
+"""The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
 
+Reserve, increase and release (with the escalations a refusal opens), expiry and delivery
+records; resolving an escalation and changing the policy are in :mod:`escalate.resolve`.
 No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
 error to raise *after* those events are durable (a halt is written, then reported). What
 fits and what an extension needs come from :mod:`escalate.rules`, as in the fold.
-
-One action, three words: a person *approves* an escalation (the command), which writes
-the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
-In code names it is a *grant*.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
+from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds, parse_ts
 from escalate.money import format_usd as usd
 from escalate.rules import extension_left, needed_extension, over_cap
@@ -125,16 +123,16 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
     task = state.tasks.get(task_id)
     if task is not None:
         if task.state == "released":
-            return _fail(Conflict(
+            return fail(Conflict(
                 f"task {task_id} was already released ({usd(task.actual_micros or 0)} actual); "
                 "task ids are single-use — reserve under a new task id",
                 task=task_id, state="released", actual_micros=task.actual_micros))
         if task.state == "halted":
-            return _fail(_halted(task_id, task))
+            return fail(_halted(task_id, task))
         if task.holding and task.escalation_id not in state.open_escalations:
             if task.reserved_micros == amount:
                 return Decision(result=_task_result(state, task_id, "exists"))
-            return _fail(Conflict(
+            return fail(Conflict(
                 f"task {task_id} already holds {usd(task.reserved_micros)}, "
                 f"not {usd(amount)}; use 'escalate increase' to raise it",
                 task=task_id, state=task.state, reserved_micros=task.reserved_micros,
@@ -150,9 +148,9 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
-        return _fail(_halted(task_id, task))
+        return fail(_halted(task_id, task))
     if task is not None and task.state == "released":
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} was already released; a released task cannot be increased — "
             "reserve under a new task id",
             task=task_id, state="released", actual_micros=task.actual_micros))
@@ -161,11 +159,11 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
         return _repeat_while_open(state, open_escalation, "increase", to)
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds no reservation (state: {state_word}); reserve it first",
             task=task_id, state=state_word))
     if to < task.reserved_micros:
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds {usd(task.reserved_micros)}; an increase to "
             f"{usd(to)} would lower it (--to is the new absolute amount)",
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
@@ -182,7 +180,7 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
             return Decision(result=_task_result(state, task_id, "exists"))
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} was already released with {usd(task.actual_micros or 0)} "
             f"actual, not {usd(actual)}; the first release stands — check the task id",
             task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
@@ -197,12 +195,12 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
             hint = f"reserve it first, or check the task id with 'escalate runs show {state.run_id}'"
         else:
             hint = "nothing was reserved for it, so there is nothing to release"
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
     withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
-        withdrawn = [_resolved_event(task.escalation_id, "withdraw", by)]
+        withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
     event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}
     result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
@@ -213,132 +211,10 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     return Decision(events=[*withdrawn, event], result=result)
 
 
-def _resolved_event(escalation_id: str, mode: str, by: str) -> Event:
+def resolved_event(escalation_id: str, mode: str, by: str) -> Event:
+    """An ``escalation_resolved`` line that grants nothing."""
     return {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
             "extension_micros": 0}
-
-
-def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
-    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
-    or withdraw it (its requester only); the first resolution wins. Only the run's approvers
-    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
-    escalation = state.escalations.get(escalation_id)
-    if escalation is None:
-        return _fail(InputError(
-            f"no escalation {escalation_id} in run {state.run_id}; list them with "
-            f"'escalate escalations --run {state.run_id}'",
-            code="unknown_escalation", escalation_id=escalation_id))
-    if escalation.shadow:
-        return _fail(Conflict(
-            f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
-            escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by)
-    if refusal is not None:
-        return _fail(refusal)
-    if escalation.state == "resolved":
-        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
-                 "by": escalation.by, "resolved_at": escalation.resolved_at}
-        if escalation.mode == mode and escalation.by == by:
-            return Decision(result={"status": "exists", **facts, "task": escalation.task})
-        expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
-                   if escalation.by == "timeout" else "")
-        return _fail(Conflict(
-            f"escalation {escalation_id} was already resolved: {escalation.mode} by "
-            f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
-            "nothing to do", **facts))
-    resolved = _resolved_event(escalation_id, mode, by)
-    facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
-    if mode in ("pause", "withdraw"):
-        status = "paused" if mode == "pause" else "withdrawn"
-        return Decision(events=[resolved], result={"status": status, **facts})
-    if mode == "cancel":
-        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
-                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
-        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
-    return _grant(state, escalation, resolved, facts)
-
-
-def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
-    """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
-    first-resolution-wins answer: who won tells nothing to someone who may not resolve.
-    ``by`` is who resolves (a library caller may resolve for a person under its own actor);
-    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
-             "requested_by": escalation.requested_by}
-    if mode == "withdraw":
-        if escalation.requested_by is not None and by != escalation.requested_by:
-            return Refused(
-                f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
-                f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
-                                  if escalation.kind == "increase" else ""),
-                code="not_the_requester", **facts)
-        return None
-    approvers = state.policy.approvers
-    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
-    if by == escalation.requested_by:
-        return Refused(
-            f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
-            f"escalation ({who}); ask an approver, or take it back with "
-            f"'escalate withdraw {state.run_id} {escalation.id}'",
-            code="self_approval", approvers=list(approvers), **facts)
-    if approvers and by not in approvers:
-        return Refused(
-            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
-            f"({who}); ask one of them, or change the list with 'escalate runs set "
-            f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
-            **facts)
-    return None
-
-
-def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any]) -> Decision:
-    """``extend``: re-check the ceiling now; the reservation goes in the same write."""
-    task = state.tasks[escalation.task]
-    escalation_id = escalation.id
-    before = task.reserved_micros if task.holding else 0
-    delta = escalation.requested_micros - before
-    remaining = state.remaining_micros
-    if over_cap(escalation.requested_micros, delta, state.task_cap_micros, remaining) == "task_cap":
-        return _fail(Refused(
-            f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
-            f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
-    needed = needed_extension(delta, remaining)
-    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
-    if needed > left:
-        return _fail(Refused(
-            f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
-            f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
-            "--max-extension with 'escalate runs set'",
-            code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
-    resolved["extension_micros"] = needed
-    if escalation.kind == "increase" and task.holding:
-        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
-                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
-    else:
-        grant = {"type": "budget_reserved", "task": escalation.task,
-                 "amount_micros": escalation.requested_micros}
-    return Decision(events=[resolved, grant],
-                    result={"status": "approved", "extension_micros": needed,
-                            "reserved_micros": escalation.requested_micros, **facts})
-
-
-def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
-    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
-    its approvers, only they may change it: otherwise anyone could add themselves."""
-    if policy == state.policy:
-        return Decision(result={"status": "exists", "escalation": policy.to_json()})
-    approvers = state.policy.approvers
-    if approvers and by not in approvers:
-        return _fail(Refused(
-            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
-            f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
-            code="not_an_approver", by=by, approvers=list(approvers)))
-    if policy.max_extension_micros < state.extended_micros:
-        return _fail(Conflict(
-            f"max extension {usd(policy.max_extension_micros)} is below the "
-            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
-            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
-    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
-                    result={"status": "changed", "escalation": policy.to_json()})
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
@@ -437,8 +313,8 @@ def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> 
 
 def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int) -> Decision:
     if escalation.kind == kind and escalation.requested_micros == amount:
-        return _fail(_pending(state.run_id, escalation, new=False))
-    return _fail(Conflict(
+        return fail(_pending(state.run_id, escalation, new=False))
+    return fail(Conflict(
         f"task {escalation.task} has open escalation {escalation.id} for "
         f"{usd(escalation.requested_micros)}, not {usd(amount)}; "
         "wait for its resolution", task=escalation.task, escalation_id=escalation.id,
@@ -453,7 +329,8 @@ def _halted(task_id: str, task: Task) -> Refused:
                    reason=task.halt_reason)
 
 
-def _fail(error: EscalateError) -> Decision:
+def fail(error: EscalateError) -> Decision:
+    """A decision that writes nothing and raises ``error``."""
     return Decision(error=error)
 
 

@@ -10,31 +10,27 @@ durable.
 
 from __future__ import annotations
 
-import enum
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO, Final, cast
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
 
-from escalate import config
+from escalate import config, resolve
 from escalate import decide as decisions
-from escalate import fold as folding
-from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, Clock
+from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
+from escalate.delivery import deliver, new_notices, notice_again
 from escalate.durations import MAX_WAIT_S, check_duration, format_duration
 from escalate.errors import (
     Conflict,
     CorruptLedger,
-    EscalateError,
     InputError,
     Pending,
     UnknownRun,
 )
-from escalate.events import MAX_REASON_LENGTH, PRIORITIES, Event, format_ts, parse_ts, seal
+from escalate.events import Event, format_ts, seal
 from escalate.ids import check_id
-from escalate.money import Amount, Micros, parse_micros
-from escalate.notify import run_hook
+from escalate.money import Amount, parse_micros
 from escalate.replay import Progress, Replayed, read_events
 from escalate.results import (
     DeliveryResult,
@@ -44,23 +40,11 @@ from escalate.results import (
     TaskResult,
     resolution_outcome,
 )
-from escalate.state import EscalationState, Policy, RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore, Store, open_store
+from escalate.state import EscalationState, Policy, RunState
+from escalate.store import LedgerStore, Store, open_store
+from escalate.write import Decide, write
 
 _WAIT_POLL_S = 0.05
-
-# A decision from the state, the write's time and the escalations this write expires.
-Decide = Callable[[RunState, str, list[str]], Decision]
-
-
-class Unchanged(enum.Enum):
-    """The type of :data:`UNCHANGED`: ``set_policy`` leaves such a setting as it is
-    (``None`` already means "none" for some of them)."""
-
-    UNCHANGED = "unchanged"
-
-
-UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 class Ledger:
@@ -178,7 +162,7 @@ class Ledger:
         (low, normal, high, urgent) are shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
-        _check_request(reason, priority)
+        config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
             lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now, reason, priority)))
 
@@ -187,7 +171,7 @@ class Ledger:
         and with ``priority`` shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        _check_request(reason, priority)
+        config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
             lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now, priority)))
 
@@ -230,18 +214,11 @@ class Ledger:
         makes escalations never time out, ``approvers=()`` lets anyone approve,
         ``renotify_every_s=None`` stops reminders)."""
         def decide(state: RunState, now: str, expired: list[str]) -> Decision:
-            current = state.policy
-            threshold = current.approval_threshold_micros
-            policy = config.make_policy(
-                current.mode if escalation is UNCHANGED else escalation,
-                (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
-                else approval_threshold,
-                current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
-                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
-                approvers=current.approvers if approvers is UNCHANGED else approvers,
-                renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
-                                  else renotify_every_s))
-            return decisions.decide_policy(state, policy, self.actor)
+            policy = config.merge_policy(
+                state.policy, escalation=escalation, approval_threshold=approval_threshold,
+                escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
+                approvers=approvers, renotify_every_s=renotify_every_s)
+            return resolve.decide_policy(state, policy, self.actor)
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self, *, redeliver: bool = True) -> SweepResult:
@@ -262,7 +239,7 @@ class Ledger:
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
-        result["notified"] = [self._deliver(self._notice(escalation), escalation.id) for escalation in due]
+        result["notified"] = [self._deliver(notice_again(self.run_id, escalation)) for escalation in due]
         return result
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
@@ -373,57 +350,13 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
         return cast(ResolutionResult, self._mutate(
-            lambda state, now, _: decisions.decide_resolution(state, escalation_id, mode, resolver)))
+            lambda state, now, _: resolve.decide_resolution(state, escalation_id, mode, resolver)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
+        # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
-            try:
-                return self._mutate_once(decide, use_cache=True)
-            except CacheInvalid:
-                # A cache row failed its checksum, or SQLite a read, before anything was
-                # written: decide again from the log alone. That write replaces the cache under
-                # the lock (removing it here, unlocked, would pull it from under another
-                # thread's command).
-                return self._mutate_once(decide, use_cache=False)
-
-    def _mutate_once(self, decide: Decide, *, use_cache: bool) -> dict[str, Any]:
-        with self.store.transaction(use_cache=use_cache) as transaction:
-            replayed = transaction.load()
-            if replayed.problem is not None:
-                raise replayed.problem
-            state = replayed.state
-            # Deadlines follow this writer's clock; the lines' timestamps never go back: the
-            # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
-            clock_now = format_ts(self.clock())
-            now = max(clock_now, self._floor_ts(state))
-            seq, prev = state.seq, state.last_hash
-            recovery = transaction.recovery(replayed)
-            payloads: list[Event] = [recovery] if recovery is not None else []
-            expiries = decisions.expire(state, clock_now)
-            payloads += expiries
-            lines = self._seal(state, payloads, now)
-            decision = decide(state, clock_now, [event["id"] for event in expiries])
-            if isinstance(decision.error, InputError):
-                raise decision.error  # bad input changes nothing on disk
-            first_seq = state.seq + 1
-            lines += self._seal(state, decision.events, now)
-            if len(lines) > 1:
-                # Everything one command writes is one group: a reader counts all of it or
-                # none (a grant never without its reservation). Sealed again with the
-                # markers, which changes only the hashes of the new lines.
-                sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
-                              actor=self.actor, grouped=True)
-                lines = [line + b"\n" for _, line, _ in sealed]
-                state.last_hash = sealed[-1][2]
-            if recovery is not None and not expiries and not decision.events:
-                # Only the torn tail would be written: an answer that needs no write (an
-                # idempotent repeat, a refusal already on record) leaves it for the next
-                # writer, so it works on a full disk or read-only media too. The state folded
-                # the recovery, so it is no checkpoint either.
-                return self._answer(first_seq, decision)
-            transaction.append(replayed, lines)
-            transaction.save_checkpoint(replayed, state, lines)
-        return self._answer(first_seq, decision)
+            first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
+            return self._answer(first_seq, decision)
 
     def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
         """Report a decision once everything it rests on is durable."""
@@ -436,81 +369,18 @@ class Ledger:
             raise decision.error
         return {"run": self.run_id, **decision.result}
 
-    def _floor_ts(self, state: RunState) -> str:
-        """The last line's ``ts``, which the next line's may not go below. The fold checks a
-        ``ts`` only where it keeps one for itself; this one it now uses, so it must be a
-        timestamp exactly as escalate writes them (checked once per command, not per line)."""
-        try:
-            if format_ts(parse_ts(state.last_ts)) == state.last_ts:
-                return state.last_ts
-        except (TypeError, ValueError, AttributeError):
-            pass
-        raise CorruptLedger(
-            f"{self.store.where} line {state.seq}: field 'ts' must be a UTC timestamp like "
-            f"2026-11-23T14:00:00.123456Z; writes are refused — inspect with "
-            f"'escalate runs verify {self.run_id}'", run=self.run_id, line=state.seq,
-            problem="invalid ts", first_suspect_line=state.seq)
-
-    def _seal(self, state: RunState, payloads: Iterable[Event], now: str) -> list[bytes]:
-        """Envelope the payloads after ``state`` and fold them in, so nothing is written that
-        a replay would refuse."""
-        lines = []
-        for event, line, this_hash in seal(payloads, seq=state.seq, prev=state.last_hash, ts=now,
-                                           actor=self.actor):
-            try:
-                folding.apply(state, event, this_hash)
-            except RuleViolation as exc:  # a bug: refuse to write it
-                raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
-                                    "nothing was written — please report this bug") from exc
-            lines.append(line + b"\n")
-        return lines
-
     def _notify(self, first_seq: int, events: list[Event]) -> None:
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
-        for event in events:
-            if event["type"] == "escalation" and not event["shadow"]:
-                self._deliver({"run": self.run_id, "seq": first_seq, "requested_by": self.actor, "attempt": 1,
-                               **event}, event["id"])
+        for notice in new_notices(self.run_id, first_seq, self.actor, events):
+            self._deliver(notice)
 
-    def _notice(self, escalation: EscalationState) -> dict[str, Any]:
-        """An open escalation's notice sent again, with the fields of its ``escalation``
-        line (its ``seq`` is in its id) and the attempt this is."""
-        fields = escalation.to_json()
-        return {"run": self.run_id, "seq": int(escalation.id.rpartition("-")[2] or 0),
-                "requested_by": escalation.requested_by, "attempt": escalation.notify_attempts + 1,
-                "type": "escalation",
-                **{key: fields[key] for key in (
-                    "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
-                    "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
-                    "priority")}}
-
-    def _deliver(self, notice: dict[str, Any], escalation_id: str) -> DeliveryResult:
-        """Run the hook, then record the attempt as ``escalation_notified`` in a second,
-        separate write. The decision it follows is already durable and answered, so a
-        failure to record is only a warning: it never reaches the caller or its exit code."""
-        ok, detail = run_hook(self.notify_cmd or "", notice, timeout_s=self.notify_timeout)
-        try:
-            recorded = self._mutate(
-                lambda state, now, _: decisions.decide_notified(state, escalation_id, ok, detail))
-        except Exception as exc:  # anything at all: the answer it follows stands regardless
-            print(f"escalate: warning: the notify attempt for {escalation_id} was not recorded ({exc}); "
-                  "the decision stands", file=sys.stderr)
-            return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
-        return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
-                "detail": detail}
-
-
-def _check_request(reason: Any, priority: Any) -> None:
-    """What a requester tells an approver: a printable reason and a known priority."""
-    if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not reason.isprintable():
-        shown = reason if isinstance(reason, str) else repr(reason)
-        raise InputError(f"invalid reason {shown[:40]!r}: use up to {MAX_REASON_LENGTH} printable characters",
-                         code="invalid_reason", value=shown[:40])
-    if priority not in PRIORITIES:
-        raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of {', '.join(PRIORITIES)}",
-                         code="invalid_priority", value=str(priority)[:40])
+    def _deliver(self, notice: dict[str, Any]) -> DeliveryResult:
+        """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
+        escalation_id = notice["id"]
+        return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
+            lambda state, now, _: decisions.decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs

@@ -1,0 +1,142 @@
+"""The decisions of a person: resolving an escalation (grant, pause, cancel, withdraw) and
+changing a run's escalation policy. Pure, as :mod:`escalate.decide`, whose
+:class:`~escalate.decide.Decision` they return.
+
+One action, three words: a person *approves* an escalation (the command), which writes
+the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
+In code names it is a *grant*.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from escalate.decide import Decision, fail, resolved_event
+from escalate.errors import Conflict, InputError, Refused
+from escalate.events import Event
+from escalate.money import format_usd as usd
+from escalate.rules import extension_left, needed_extension, over_cap
+from escalate.state import EscalationState, Policy, RunState
+
+
+def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
+    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
+    or withdraw it (its requester only); the first resolution wins. Only the run's approvers
+    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None:
+        return fail(InputError(
+            f"no escalation {escalation_id} in run {state.run_id}; list them with "
+            f"'escalate escalations --run {state.run_id}'",
+            code="unknown_escalation", escalation_id=escalation_id))
+    if escalation.shadow:
+        return fail(Conflict(
+            f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
+            escalation_id=escalation_id, state="resolved", mode=None))
+    refusal = _not_allowed(state, escalation, mode, by)
+    if refusal is not None:
+        return fail(refusal)
+    if escalation.state == "resolved":
+        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
+                 "by": escalation.by, "resolved_at": escalation.resolved_at}
+        if escalation.mode == mode and escalation.by == by:
+            return Decision(result={"status": "exists", **facts, "task": escalation.task})
+        expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
+                   if escalation.by == "timeout" else "")
+        return fail(Conflict(
+            f"escalation {escalation_id} was already resolved: {escalation.mode} by "
+            f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
+            "nothing to do", **facts))
+    resolved = resolved_event(escalation_id, mode, by)
+    facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
+    if mode in ("pause", "withdraw"):
+        status = "paused" if mode == "pause" else "withdrawn"
+        return Decision(events=[resolved], result={"status": status, **facts})
+    if mode == "cancel":
+        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
+                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
+        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
+    return _grant(state, escalation, resolved, facts)
+
+
+def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
+    """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
+    first-resolution-wins answer: who won tells nothing to someone who may not resolve.
+    ``by`` is who resolves (a library caller may resolve for a person under its own actor);
+    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+             "requested_by": escalation.requested_by}
+    if mode == "withdraw":
+        if escalation.requested_by is not None and by != escalation.requested_by:
+            return Refused(
+                f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
+                f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
+                                  if escalation.kind == "increase" else ""),
+                code="not_the_requester", **facts)
+        return None
+    approvers = state.policy.approvers
+    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
+    if by == escalation.requested_by:
+        return Refused(
+            f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
+            f"escalation ({who}); ask an approver, or take it back with "
+            f"'escalate withdraw {state.run_id} {escalation.id}'",
+            code="self_approval", approvers=list(approvers), **facts)
+    if approvers and by not in approvers:
+        return Refused(
+            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
+            f"({who}); ask one of them, or change the list with 'escalate runs set "
+            f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
+            **facts)
+    return None
+
+
+def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any]) -> Decision:
+    """``extend``: re-check the ceiling now; the reservation goes in the same write."""
+    task = state.tasks[escalation.task]
+    escalation_id = escalation.id
+    before = task.reserved_micros if task.holding else 0
+    delta = escalation.requested_micros - before
+    remaining = state.remaining_micros
+    if over_cap(escalation.requested_micros, delta, state.task_cap_micros, remaining) == "task_cap":
+        return fail(Refused(
+            f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
+            f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
+    needed = needed_extension(delta, remaining)
+    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
+    if needed > left:
+        return fail(Refused(
+            f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
+            f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
+            "--max-extension with 'escalate runs set'",
+            code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
+    resolved["extension_micros"] = needed
+    if escalation.kind == "increase" and task.holding:
+        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
+                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
+    else:
+        grant = {"type": "budget_reserved", "task": escalation.task,
+                 "amount_micros": escalation.requested_micros}
+    return Decision(events=[resolved, grant],
+                    result={"status": "approved", "extension_micros": needed,
+                            "reserved_micros": escalation.requested_micros, **facts})
+
+
+def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
+    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
+    its approvers, only they may change it: otherwise anyone could add themselves."""
+    if policy == state.policy:
+        return Decision(result={"status": "exists", "escalation": policy.to_json()})
+    approvers = state.policy.approvers
+    if approvers and by not in approvers:
+        return fail(Refused(
+            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
+            f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
+            code="not_an_approver", by=by, approvers=list(approvers)))
+    if policy.max_extension_micros < state.extended_micros:
+        return fail(Conflict(
+            f"max extension {usd(policy.max_extension_micros)} is below the "
+            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
+            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
+    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
+                    result={"status": "changed", "escalation": policy.to_json()})
