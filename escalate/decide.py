@@ -15,6 +15,7 @@ from typing import Any
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds, parse_ts
 from escalate.money import format_usd as usd
+from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState, Task
 
@@ -117,7 +118,7 @@ def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) 
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
-                   priority: str = "normal") -> Decision:
+                   priority: str = "normal", pool: PoolView | None = None) -> Decision:
     """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
     and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
@@ -140,11 +141,11 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
         open_escalation = state.open_escalations.get(task.escalation_id or "")
         if open_escalation is not None:
             return _repeat_while_open(state, open_escalation, "reserve", amount)
-    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority)
+    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority, pool)
 
 
 def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
-                    priority: str = "normal") -> Decision:
+                    priority: str = "normal", pool: PoolView | None = None) -> Decision:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
@@ -169,7 +170,7 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
     if to == task.reserved_micros:
         return Decision(result=_task_result(state, task_id, "exists"))
-    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority)
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
 def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
@@ -218,8 +219,9 @@ def resolved_event(escalation_id: str, mode: str, by: str) -> Event:
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str, priority: str) -> Decision:
-    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
+              now: str, priority: str, pool: PoolView | None = None) -> Decision:
+    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held):
+    the run's first, then, for a member run, its pool's."""
     delta = to - before
     remaining = state.remaining_micros
     cap = over_cap(to, delta, state.task_cap_micros, remaining)
@@ -237,11 +239,12 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     over_remaining = cap == "run_cap"
     over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
     events: list[Event] = []
+    request = Request(task_id, kind, before, to, reason, priority, now)
     if policy.mode != "off" and (over_remaining or over_threshold):
-        escalation = _escalation_event(state, task_id, kind, before, to, remaining, over_remaining,
-                                       shadow=policy.mode == "shadow", now=now)
-        escalation["request_reason"] = reason
-        escalation["priority"] = priority
+        needed = needed_extension(delta, remaining)
+        left = extension_left(policy.max_extension_micros, state.extended_micros)
+        escalation = _escalation_event(state, request, remaining,
+                                       "run_cap" if over_remaining else "threshold", needed, left, policy)
         events.append(escalation)
         if policy.mode == "enforce":
             return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
@@ -255,6 +258,10 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
             cap_micros=state.cap_micros,
             **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+    if pool is not None:
+        refused = _pool_refusal(state, pool, request, events)
+        if refused is not None:
+            return refused
     if kind == "reserve":
         events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
         status = "reserved"
@@ -262,38 +269,99 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         events.append({"type": "budget_increased", "task": task_id, "from_micros": before,
                        "to_micros": to, "reason": reason})
         status = "increased"
+    extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
+    if pool is not None:
+        extra["pool_remaining_micros"] = pool.remaining(pool.period_of(task_id)) - delta
     return Decision(events=events, result={
         "status": status, "task": task_id, "reserved_micros": to,
-        "remaining_micros": remaining - delta,
-        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})})
+        "remaining_micros": remaining - delta, **extra})
 
 
-def _escalation_event(state: RunState, task_id: str, kind: str, before: int, to: int,
-                      remaining: int, over_remaining: bool, *, shadow: bool, now: str) -> Event:
-    needed = needed_extension(to - before, remaining)
-    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
+
+    task: str
+    kind: str
+    before: int
+    to: int
+    reason: str
+    priority: str
+    now: str
+
+
+def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: list[Event]) -> Decision | None:
+    """The pool's checks, once the run's passed: over what is left of the pool in the task's
+    period, or over the pool's approval threshold, the pool's policy decides (reason
+    ``pool_cap``). None: it fits. One escalation per write: a run's shadow one comes first."""
+    key = pool.period_of(request.task)
+    left = pool.remaining(key)
+    delta = request.to - request.before
+    policy = pool.policy
+    over = delta > left
+    threshold = policy.approval_threshold_micros
+    over_threshold = threshold is not None and request.to > threshold
+    if policy.mode != "off" and (over or over_threshold) and not events:
+        needed, grantable = pool.grantable(request.task, delta)
+        escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy)
+        escalation["pool"] = pool.pool_id
+        events.append(escalation)
+        if policy.mode == "enforce":
+            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+    if not over:
+        return None
+    events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
+                   "remaining_micros": left, "reason": "pool_cap"})
+    settle = (" — release it to settle what it holds" if request.kind == "increase"
+              else " — ask for less under a new task id")
+    return Decision(events=events, error=Refused(
+        f"halted {request.task}: asked for {usd(delta)} with {usd(left)} left of pool {pool.pool_id}'s "
+        f"{usd(pool.cap_in(key))} cap in {period_name(pool.period, key)}; the task is halted for "
+        f"good{settle}",
+        code="over_pool_budget", task=request.task, requested_micros=request.to, remaining_micros=left,
+        pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key),
+        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+
+
+def period_name(period: str, key: str) -> str:
+    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
+    return "all time" if period == "none" else f"the {period} {key}"
+
+
+def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,
+                      left: int, policy: Policy) -> Event:
+    """The ``escalation`` line for ``request``: the extension it needs, what of the max
+    extension is ``left``, and the deadline of the ``policy`` that governs it."""
+    shadow = policy.mode == "shadow"
     offered = ["extend", "pause", "cancel"] if needed <= left else ["pause", "cancel"]
-    timeout = state.policy.timeout_s
+    timeout = policy.timeout_s
     event: Event = {
         "type": "escalation",
         # An escalation is always the first event of its decision, so its id names the line
         # it is written on and is unique in the run.
         "id": f"esc-{state.seq + 1}",
-        "task": task_id,
-        "kind": kind,
-        "from_micros": before,
-        "requested_micros": to,
+        "task": request.task,
+        "kind": request.kind,
+        "from_micros": request.before,
+        "requested_micros": request.to,
         "remaining_micros": remaining,
-        "reason": "run_cap" if over_remaining else "threshold",
+        "reason": reason,
         "offered": offered,
         "needed_extension_micros": needed,
-        "expires_at": None if shadow or timeout is None else add_seconds(now, timeout),
+        "expires_at": None if shadow or timeout is None else add_seconds(request.now, timeout),
         "shadow": shadow,
     }
     if needed > left:
         event["note"] = (f"extend not offered: needs {usd(needed)} but only {usd(max(left, 0))} "
-                         "of the max extension is left")
+                         "of the max extension is left"
+                         + (" in this period" if reason == "pool_cap" else ""))
+    event["request_reason"] = request.reason
+    event["priority"] = request.priority
     return event
+
+
+_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold",
+        "pool_cap": "over the pool's remaining budget or its approval threshold"}
 
 
 def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> Pending:
@@ -302,7 +370,7 @@ def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> 
     verb = "escalated" if new else "still waiting on"
     return Pending(
         f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
-        f"({'over the remaining budget' if data['reason'] == 'run_cap' else 'over the approval threshold'}); "
+        f"({_WHY.get(data['reason'], data['reason'])}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
         + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",

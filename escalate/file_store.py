@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
 from escalate.replay import Progress, Replayed, replay
 from escalate.state import RunState
 from escalate.store import RecoveredFirstLines
+
+# A pool's derived totals (escalate.store.Transaction.derived), beside its log.
+DERIVED_NAME = "events.ndjson.derived.sqlite"
 
 
 class FileStore:
@@ -201,3 +205,48 @@ class FileTransaction:
         last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
         checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
                         self._ledger.log.bound_path(LOG_NAME))
+
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes]:
+        wanted = list(keys)
+        try:
+            with contextlib.closing(self._derived_db()) as db:
+                marks = ",".join("?" * len(wanted))
+                rows = db.execute(f"SELECT key, value FROM derived WHERE key IN ({marks})", wanted).fetchall()
+        except (sqlite3.Error, OSError):
+            return {}  # missing or damaged: the pool rebuilds it
+        return {key: bytes(value) for key, value in rows}
+
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> None:
+        try:
+            with contextlib.closing(self._derived_db()) as db, db:
+                if replace:
+                    db.execute("DELETE FROM derived")
+                db.executemany("DELETE FROM derived WHERE key = ?",
+                               [(key,) for key, value in values.items() if value is None])
+                db.executemany("INSERT OR REPLACE INTO derived (key, value) VALUES (?, ?)",
+                               [(key, value) for key, value in values.items() if value is not None])
+        except (sqlite3.Error, OSError):
+            self._discard_derived()
+
+    def _derived_db(self) -> sqlite3.Connection:
+        """The pool's derived store. Not synced (it is rebuilt after a crash of the machine:
+        see escalate.pool_book); a killed writer's transaction is rolled back by SQLite's
+        journal, so what is read back is always one writer's whole save."""
+        db = sqlite3.connect(self._ledger.log.bound_path(DERIVED_NAME), isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS derived (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            db.isolation_level = "DEFERRED"
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _discard_derived(self) -> None:
+        path = self._ledger.log.bound_path(DERIVED_NAME)
+        for name in (path, Path(f"{path}-journal")):
+            try:
+                name.unlink(missing_ok=True)
+            except OSError as exc:
+                raise storage_error(exc, self._ledger.log.run_dir / DERIVED_NAME) from exc

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from escalate.decide import Decision, fail, resolved_event
+from escalate.decide import Decision, fail, period_name, resolved_event
 from escalate.errors import Conflict, InputError, Refused
 from escalate.events import Event
 from escalate.money import format_usd as usd
+from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState
 
 
-def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
+def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
+                      pool: PoolView | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
-    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
+    (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
+    or cancel, and never the requester."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(InputError(
@@ -33,7 +36,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
         return fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by)
+    refusal = _not_allowed(state, escalation, mode, by, pool)
     if refusal is not None:
         return fail(refusal)
     if escalation.state == "resolved":
@@ -56,10 +59,11 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
         halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
                 "remaining_micros": state.remaining_micros, "reason": "cancelled"}
         return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
-    return _grant(state, escalation, resolved, facts)
+    return _grant(state, escalation, resolved, facts, pool)
 
 
-def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
+def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
+                 pool: PoolView | None) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
     first-resolution-wins answer: who won tells nothing to someone who may not resolve.
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
@@ -74,7 +78,9 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
                                   if escalation.kind == "increase" else ""),
                 code="not_the_requester", **facts)
         return None
-    approvers = state.policy.approvers
+    by_pool = pool is not None and escalation.reason == "pool_cap"
+    approvers = pool.policy.approvers if pool is not None and by_pool else state.policy.approvers
+    kind, ledger_id = ("pool", pool.pool_id) if pool is not None and by_pool else ("run", state.run_id)
     who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
     if by == escalation.requested_by:
         return Refused(
@@ -84,15 +90,18 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             code="self_approval", approvers=list(approvers), **facts)
     if approvers and by not in approvers:
         return Refused(
-            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
-            f"({who}); ask one of them, or change the list with 'escalate runs set "
-            f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
+            f"cannot resolve {escalation.id}: {by} is not an approver of {kind} {ledger_id} "
+            f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
+            f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
     return None
 
 
-def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any]) -> Decision:
-    """``extend``: re-check the ceiling now; the reservation goes in the same write."""
+def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
+           pool: PoolView | None) -> Decision:
+    """``extend``: re-check the ceilings now; the reservation goes in the same write. A
+    ``pool_cap`` escalation extends the pool (for this period), any other the run; a member
+    run's grant must fit its pool too."""
     task = state.tasks[escalation.task]
     escalation_id = escalation.id
     before = task.reserved_micros if task.holding else 0
@@ -104,12 +113,21 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
             f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
     needed = needed_extension(delta, remaining)
     left = extension_left(state.policy.max_extension_micros, state.extended_micros)
+    if escalation.reason == "pool_cap":
+        left = 0  # the pool is extended, never the run: the run must still have room
     if needed > left:
         return fail(Refused(
             f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
             f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
             "--max-extension with 'escalate runs set'",
             code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
+    if pool is not None:
+        refused = _pool_grant(pool, escalation, delta, resolved, facts)
+        if refused is not None:
+            return refused
+    elif escalation.reason == "pool_cap":
+        return fail(Refused(f"cannot approve {escalation_id}: its run is in no pool to extend; pause or "
+                            "cancel it", code="extension_limit", **facts))
     resolved["extension_micros"] = needed
     if escalation.kind == "increase" and task.holding:
         grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
@@ -119,7 +137,30 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
                  "amount_micros": escalation.requested_micros}
     return Decision(events=[resolved, grant],
                     result={"status": "approved", "extension_micros": needed,
-                            "reserved_micros": escalation.requested_micros, **facts})
+                            "reserved_micros": escalation.requested_micros, **facts,
+                            **({"pool_extension_micros": resolved["pool_extension_micros"]}
+                               if "pool_extension_micros" in resolved else {})})
+
+
+def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
+                facts: dict[str, Any]) -> Decision | None:
+    """A grant on a member run: it must fit the pool in the task's period; approving a
+    ``pool_cap`` escalation may extend the pool by what this period's max extension has left."""
+    needed, left = pool.grantable(escalation.task, delta)
+    if escalation.reason != "pool_cap":
+        left = 0  # a run's escalation extends the run only
+    key = pool.period_of(escalation.task)
+    if needed > left:
+        return fail(Refused(
+            f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(pool.remaining(key))} left in "
+            f"{period_name(pool.period, key)} and it needs an extension of {usd(needed)}, but only "
+            f"{usd(max(left, 0))} of the pool's max extension is left for it; pause or cancel it, or "
+            f"raise --max-extension with 'escalate pools set {pool.pool_id}'",
+            code="extension_limit", needed_micros=needed, extension_left_micros=left, pool=pool.pool_id,
+            period=key, **facts))
+    if needed:
+        resolved["pool_extension_micros"] = needed
+    return None
 
 
 def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
-from escalate import config, resolve
+from escalate import config, pool_book, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
@@ -30,7 +30,8 @@ from escalate.errors import (
 )
 from escalate.events import Event, format_ts, seal
 from escalate.ids import check_id
-from escalate.money import Amount, parse_micros
+from escalate.money import Amount, Micros, parse_micros
+from escalate.pool_state import PoolView
 from escalate.replay import Progress, Replayed, read_events
 from escalate.results import (
     DeliveryResult,
@@ -64,7 +65,7 @@ class Ledger:
         self.run_id = check_id(run_id, what="run id")
         # Every setting is read up front, so a bad value is an input error before anything
         # is written.
-        timeout = config.lock_timeout(lock_timeout)
+        self.lock_timeout = timeout = config.lock_timeout(lock_timeout)
         self.actor = config.actor(actor)
         self.clock = clock or config.utc_now
         self.notify_cmd = config.notify_cmd(notify_cmd)
@@ -75,6 +76,17 @@ class Ledger:
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
+        self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
+
+    def pool_id(self) -> str | None:
+        """The pool the run belongs to (None: none), read once from its first line;
+        :class:`InputError` (exit 2) when the id is a pool's."""
+        if self._pool is None:
+            first = pool_book.first_event(self.store)
+            if first is not None and first.get("type") == "pool_opened":
+                raise pool_book.is_a_pool(self.run_id)
+            self._pool = (pool_book.pool_of(first),)
+        return self._pool[0]
 
     @property
     def progress(self) -> Progress | None:
@@ -94,7 +106,7 @@ class Ledger:
         runs_dir: str | os.PathLike[str] | Store,
         run_id: str,
         *,
-        cap: Amount,
+        cap: Amount | None = None,
         task_cap: Amount | None = None,
         escalation: str = "off",
         approval_threshold: Amount | None = None,
@@ -102,6 +114,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
+        pool: str | None = None,
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
@@ -110,14 +123,23 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation.
+        reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
+        defaults to the pool's).
         """
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
+        joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
+        if cap is None:
+            if joining is None or joining.pool is None:
+                raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
+                                 code="invalid_amount")
+            cap = Micros(joining.pool.cap_micros)
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+        if joining is not None:
+            payload["pool"] = joining.run_id
         now = format_ts(run.clock())
         [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
 
@@ -128,10 +150,24 @@ class Ledger:
                           seq=0, prev="", ts=now, actor=run.actor, grouped=True)
             return b"".join(line + b"\n" for _, line, _ in sealed)
 
-        if run.store.create(line + b"\n", recovery):
-            run.created = True
+        if joining is None or run.store.exists():
+            # (An existing run is never joined: it is the same init again, or a conflict.)
+            run.created = run.store.create(line + b"\n", recovery)
+        else:
+            run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                         clock=run.clock, lock_timeout=run.lock_timeout,
+                                         create=lambda: run.store.create(line + b"\n", recovery))
+        if run.created:
             return run
         existing = run.store.read().state
+        if existing.pool is not None:
+            raise pool_book.is_a_pool(run.run_id)
+        if run.pool_id() != payload.get("pool"):
+            have_pool = run.pool_id()
+            raise Conflict(f"run {run.run_id} already exists "
+                           + (f"in pool {have_pool}" if have_pool else "in no pool")
+                           + "; a run never joins or leaves a pool after it is created — pick a new run id",
+                           run=run.run_id, pool=have_pool)
         wanted = (run_cap, payload["task_cap_micros"], policy)
         have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
         if wanted == have:
@@ -153,6 +189,7 @@ class Ledger:
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--runs-dir), or create it with 'escalate runs init {run_id} --cap USD'", run=run_id)
+        run.pool_id()
         return run
 
     # ------------------------------------------------------------------ commands
@@ -164,7 +201,8 @@ class Ledger:
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now, reason, priority)))
+            lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
+                                                                 priority, pool)))
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
@@ -173,7 +211,8 @@ class Ledger:
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now, priority)))
+            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
+                                                                  priority, pool)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
@@ -181,7 +220,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_release(state, task_id, micros, self.actor)))
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor)))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
@@ -213,7 +252,7 @@ class Ledger:
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
         ``renotify_every_s=None`` stops reminders)."""
-        def decide(state: RunState, now: str, expired: list[str]) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
             policy = config.merge_policy(
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
@@ -229,7 +268,7 @@ class Ledger:
         ``renotify_every_s``); ``notified`` lists those attempts."""
         due: list[EscalationState] = []
 
-        def decide(state: RunState, now: str, expired: list[str]) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
             # Every write expires what is due before it decides; a sweep is a write that only
             # that, and it notes (under the lock) which notices are due again.
             due.clear()
@@ -350,12 +389,19 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
         return cast(ResolutionResult, self._mutate(
-            lambda state, now, _: resolve.decide_resolution(state, escalation_id, mode, resolver)))
+            lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
+                                                                  pool)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
-            first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
+            pool_id = self.pool_id()
+            if pool_id is None:
+                first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
+            else:
+                first_seq, decision = pool_book.write_member(
+                    self.runs_store, pool_id, self.store, decide, actor=self.actor, clock=self.clock,
+                    lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)
 
     def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
@@ -380,12 +426,14 @@ class Ledger:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
-            lambda state, now, _: decisions.decide_notified(state, escalation_id, ok, detail)))
+            lambda state, now, _, pool: decisions.decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs
 
 
 def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
-    """The ids of the runs in a store (a runs folder: folders with a log), sorted."""
-    return open_store(runs_dir).run_ids()
+    """The ids of the runs in a store (a runs folder: folders with a log), sorted; a pool's
+    ledger is no run."""
+    store = open_store(runs_dir)
+    return (ledger_id for ledger_id, kind in pool_book.ledger_kinds(store) if kind != "pool_opened")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
@@ -60,6 +60,22 @@ class Transaction(Protocol):
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         """Keep ``state`` (``replayed`` plus ``lines``) as the checkpoint the next command
         starts from. It only ever saves time: a failure here changes no answer."""
+        ...
+
+    # A pool keeps its derived totals beside its log: a small key → bytes map that only
+    # writers holding the pool's critical section read and write. It is disposable: the
+    # pool module validates what it reads and rebuilds it from the member runs' logs.
+
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values stored under ``keys`` (a key never saved, or any failure to read —
+        a missing or damaged store — leaves it out: the caller rebuilds)."""
+        ...
+
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> None:
+        """Store ``values`` (``None`` deletes the key) all or nothing; ``replace``: drop every
+        other key first. No sync is needed. If they cannot be stored, everything stored is
+        discarded (the next :meth:`derived` finds nothing); if even that fails, raise
+        :class:`~escalate.errors.StoreUnavailable`: a stale value must never be read back."""
         ...
 
 

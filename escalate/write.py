@@ -11,6 +11,7 @@ returns the decision; making it durable and answering it is the caller's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from escalate import decide as decisions
 from escalate import fold as folding
@@ -18,33 +19,65 @@ from escalate.config import Clock
 from escalate.decide import Decision
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import Event, format_ts, parse_ts, seal
+from escalate.pool_state import PoolView
+from escalate.replay import Replayed
 from escalate.state import RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore
+from escalate.store import CacheInvalid, LedgerStore, Transaction
 
-# A decision from the state, the write's time and the escalations this write expires.
-Decide = Callable[[RunState, str, list[str]], Decision]
+# A decision from the state, the write's time, the escalations this write expires and,
+# for a run in a pool, what it knows of the pool.
+Decide = Callable[[RunState, str, list[str], PoolView | None], Decision]
 
 
-def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock) -> tuple[int, Decision]:
+class Inside(Protocol):
+    """What else happens inside a write's critical section (a pool's books follow a write to
+    a member run, or to the pool's own log: :mod:`escalate.pool_book`)."""
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        """The ledger was loaded, nothing decided yet."""
+        ...
+
+    def view(self, now: str) -> PoolView | None:
+        """What the decision knows of the pool, for a write at ``now``."""
+        ...
+
+    def before_append(self) -> None:
+        """Lines are about to be appended."""
+        ...
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        """Last, still inside: ``events`` were appended at ``now`` (none, when nothing was
+        written), the log's complete lines end at ``offset``, ``state`` is after them."""
+        ...
+
+
+def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
+          inside: Inside | None = None) -> tuple[int, Decision]:
     """Decide and append in one critical section of ``store``; returns the seq of the first
-    line the decision wrote (or would have) and the decision. Not yet synced."""
+    line the decision wrote (or would have) and the decision. Not yet synced.
+    ``checkpoint=False``: never use or keep the store's checkpoint (a pool's log, whose
+    state it does not hold)."""
     with store.command():
         try:
-            return _write_once(store, decide, actor, clock, use_cache=True)
+            return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
+                               inside=inside)
         except CacheInvalid:
             # A cache row failed its checksum, or SQLite a read, before anything was
             # written: decide again from the log alone. That write replaces the cache under
             # the lock (removing it here, unlocked, would pull it from under another
             # thread's command).
-            return _write_once(store, decide, actor, clock, use_cache=False)
+            return _write_once(store, decide, actor, clock, use_cache=False, checkpoint=checkpoint,
+                               inside=inside)
 
 
 def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
-                use_cache: bool) -> tuple[int, Decision]:
+                use_cache: bool, checkpoint: bool, inside: Inside | None) -> tuple[int, Decision]:
     with store.transaction(use_cache=use_cache) as transaction:
         replayed = transaction.load()
         if replayed.problem is not None:
             raise replayed.problem
+        if inside is not None:
+            inside.loaded(transaction, replayed)
         state = replayed.state
         # Deadlines follow this writer's clock; the lines' timestamps never go back: the
         # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
@@ -56,7 +89,8 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
         expiries = decisions.expire(state, clock_now)
         payloads += expiries
         lines = seal_into(state, payloads, now, actor)
-        decision = decide(state, clock_now, [event["id"] for event in expiries])
+        decision = decide(state, clock_now, [event["id"] for event in expiries],
+                          None if inside is None else inside.view(now))
         if isinstance(decision.error, InputError):
             raise decision.error  # bad input changes nothing on disk
         first_seq = state.seq + 1
@@ -74,9 +108,17 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
             # idempotent repeat, a refusal already on record) leaves it for the next
             # writer, so it works on a full disk or read-only media too. The state folded
             # the recovery, so it is no checkpoint either.
+            if inside is not None:
+                inside.finish([], now, replayed.offset, state)
             return first_seq, decision
+        if lines and inside is not None:
+            inside.before_append()
         transaction.append(replayed, lines)
-        transaction.save_checkpoint(replayed, state, lines)
+        if inside is not None:
+            inside.finish(payloads + decision.events if lines else [], now,
+                          replayed.offset + sum(map(len, lines)), state)
+        if checkpoint:
+            transaction.save_checkpoint(replayed, state, lines)
     return first_seq, decision
 
 

@@ -57,8 +57,9 @@ RenotifyOption = Annotated[str | None, typer.Option(
 @runs_app.command("init")
 def init(
     run: RunArg,
-    cap: Annotated[str, typer.Option("--cap", metavar="USD", help="The run's budget in USD.",
-                                     show_default=False)],
+    cap: Annotated[str | None, typer.Option(
+        "--cap", metavar="USD", help="The run's budget in USD (required, unless --pool gives it).",
+        show_default=False)] = None,
     task_cap: Annotated[str | None, typer.Option("--task-cap", metavar="USD", help="Most one task may "
                                                  "reserve [default: the run cap].")] = None,
     escalation: ModeOption = None,
@@ -67,6 +68,9 @@ def init(
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
     renotify_every: RenotifyOption = None,
+    pool: Annotated[str | None, typer.Option(
+        "--pool", metavar="POOL", help="Join POOL for good: every reservation must also fit the pool; "
+        "--cap defaults to the pool's cap.", show_default=False)] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -90,8 +94,9 @@ def init(
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              approvers=approvers or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
-                             **options)
-        return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
+                             pool=pool, **options)
+        return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",
+                **({"pool": pool} if pool is not None else {})}
 
     def human(r: Mapping[str, Any]) -> None:
         if r["status"] == "exists":
@@ -99,7 +104,8 @@ def init(
                       f"{usd(r['remaining_micros'])} remaining); nothing changed")
             return
         echo_line(f"run {r['run']}: cap {usd(r['run_cap_micros'])}, task cap "
-                  f"{usd(r['task_cap_micros'])}, escalation {r['escalation']['mode']}")
+                  f"{usd(r['task_cap_micros'])}, escalation {r['escalation']['mode']}"
+                  + (f", in pool {r['pool']}" if "pool" in r else ""))
 
     respond(json_out, action, human)
 

@@ -1,0 +1,402 @@
+"""A pool's books: its money per period, derived from its member runs, kept beside the pool's
+log for the writers, and checked on every write to a member run.
+
+Every write to a member run holds the pool's critical section, then the run's (always that
+order). Under the pool's, the writer opens the :class:`PoolBook`: the pool's settings and
+its totals per period, kept in the store's derived values (``Transaction.derived``) so a
+write reads a few small values instead of folding every member. The book is disposable
+and never trusted blindly:
+
+- it names the format, the machine's boot and the pool log's size it was built at; any
+  difference (a pool write it missed, a machine crash that lost unsynced values) means a
+  rebuild from the logs of every member;
+- before a writer appends to a member run it records the run as its *intent*; after the
+  append it folds the new lines into the book and clears the intent, in one save. A writer
+  killed in between leaves the intent: the next writer refolds that run from its log;
+- each member's entry names the byte offset of its log it was folded to; the writer of a
+  run whose entry is behind refolds that run first.
+
+So a stale book never lets a reservation past the pool's cap (``tests/test_pools_faults.py``).
+Money stays in the run logs; a task counts in the period of its first reservation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from escalate.config import Clock
+from escalate.decide import Decision
+from escalate.errors import EscalateError, InputError, UnknownRun
+from escalate.events import Event, iter_lines
+from escalate.ids import check_id, valid_id
+from escalate.periods import period_key
+from escalate.pool_state import PeriodTotals, PoolFacts, PoolView
+from escalate.replay import Replayed
+from escalate.state import Policy, RunState
+from escalate.store import LedgerStore, Store, Transaction
+from escalate.write import Decide, write
+
+FORMAT = 1
+_FIRST_LINE_MAX = 1 << 16
+
+
+def first_event(store: LedgerStore) -> dict[str, Any] | None:
+    """The ledger's first line (``run_opened`` or ``pool_opened``), or None when it has none
+    yet. It never changes, so what kind of ledger this is, and a run's pool, are read here."""
+    with store.reader() as stream:
+        head = stream.read(_FIRST_LINE_MAX)
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return None
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def ledger_kinds(store: Store) -> Iterator[tuple[str, str | None]]:
+    """Each ledger's id in ``store`` with the type of its first line (``run_opened``,
+    ``pool_opened``; None when it cannot be read: a run that lists as broken), sorted."""
+    for ledger_id in store.run_ids():
+        try:
+            first = first_event(store.ledger(ledger_id, lock_timeout=0))
+        except (OSError, EscalateError):
+            first = None
+        yield ledger_id, None if first is None else first.get("type")
+
+
+def is_a_pool(ledger_id: str) -> InputError:
+    """The error for a run command given a pool's id."""
+    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
+                      "or give a run id", code="is_a_pool", run=ledger_id)
+
+
+def read_pool(runs: Store, pool_id: str, lock_timeout: float) -> RunState:
+    """The pool ``pool_id``'s log folded (settings and members, read without the lock);
+    :class:`InputError` (exit 2) when there is no such pool, or it is a run."""
+    check_id(pool_id, what="pool id")
+    store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    if not store.exists():
+        raise InputError(f"no pool {pool_id} under {runs.where}; see 'escalate pools list', or create "
+                         f"it with 'escalate pools init {pool_id} --cap USD'", code="unknown_pool",
+                         pool=pool_id)
+    replayed = store.read(use_cache=False)
+    if replayed.problem is not None:
+        raise replayed.problem
+    _facts(replayed.state)
+    return replayed.state
+
+
+def pool_of(event: dict[str, Any] | None) -> str | None:
+    """The pool a run's first line names (None: no pool)."""
+    pool = None if event is None else event.get("pool")
+    return pool if valid_id(pool) else None
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot of the machine: values kept unsynced do not outlive it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
+            return source.read().strip()
+    except OSError:
+        return "unknown"
+
+
+@dataclass(slots=True)
+class Member:
+    """One run's money in its pool, by period, as of byte ``offset`` of its log: the tasks
+    it holds (with their period) and each period's totals."""
+
+    offset: int = 0
+    holding: dict[str, list[Any]] = field(default_factory=dict)  # task -> [period, amount]
+    periods: dict[str, PeriodTotals] = field(default_factory=dict)
+
+    def fold(self, event: Event, key_at: Callable[[str], str], deltas: dict[str, PeriodTotals]) -> None:
+        """Fold one line already checked by the run's own fold, noting each change in
+        ``deltas`` too (what the pool's totals must add)."""
+        kind = event["type"]
+        if kind == "budget_reserved":
+            key, amount = key_at(event["ts"]), event["amount_micros"]
+            self.holding[event["task"]] = [key, amount]
+            self._change(deltas, key, reserved=amount)
+        elif kind == "budget_increased":
+            held = self.holding[event["task"]]
+            self._change(deltas, held[0], reserved=event["to_micros"] - held[1])
+            held[1] = event["to_micros"]
+        elif kind == "released":
+            key, amount = self.holding.pop(event["task"])
+            self._change(deltas, key, reserved=-amount, spent=event["actual_micros"])
+        elif kind == "escalation_resolved" and event.get("pool_extension_micros"):
+            self._change(deltas, key_at(event["ts"]), extended=event["pool_extension_micros"])
+
+    def _change(self, deltas: dict[str, PeriodTotals], key: str, *, reserved: int = 0, spent: int = 0,
+                extended: int = 0) -> None:
+        change = PeriodTotals(reserved, spent, extended)
+        self.periods.setdefault(key, PeriodTotals()).add(change)
+        deltas.setdefault(key, PeriodTotals()).add(change)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"offset": self.offset, "holding": self.holding,
+                             "periods": {key: totals.to_list() for key, totals in self.periods.items()}})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Member:
+        raw = orjson.loads(data)
+        return cls(raw["offset"], raw["holding"],
+                   {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()})
+
+
+def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
+                stop: int | None = None) -> Member:
+    """A member's entry folded from its log: complete writes only (a write cut part-way, or
+    a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A run
+    that does not name the pool in its first line counts nothing (a join whose ``runs
+    init`` found the id taken)."""
+    member, ignored = Member(), {}  # type: ignore[var-annotated]
+    if not store.exists() or pool_of(first_event(store)) != pool_id:
+        return member  # joined, not created yet, or not this pool's
+    group: list[Event] = []
+    with store.reader() as stream:
+        for line, end in iter_lines(stream, 0):
+            if stop is not None and end > stop:
+                break
+            try:
+                event = orjson.loads(line)
+                group.append(event)
+                if event.get("more"):
+                    continue  # more lines of the same write follow
+                for each in group:
+                    member.fold(each, key_at, ignored)
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                break  # a damaged log: its run refuses every write until it is repaired
+            group = []
+            member.offset = end
+    return member
+
+
+class PoolBook:
+    """A pool's settings and totals per period, opened by a writer holding the pool's
+    critical section (:func:`open_book`)."""
+
+    def __init__(self, transaction: Transaction, runs: Store, pool_id: str, meta: dict[str, Any],
+                 lock_timeout: float) -> None:
+        self.transaction = transaction
+        self.runs = runs
+        self.pool_id = pool_id
+        self.meta = meta
+        self.lock_timeout = lock_timeout
+        self.members: dict[str, Member] = {}
+        self.policy = Policy(**meta["policy"])
+
+    def key_at(self, ts: str) -> str:
+        """The key of the period the moment ``ts`` falls in."""
+        return period_key(self.meta["period"], self.meta["tz"], ts)
+
+    def member(self, run_id: str) -> Member:
+        if run_id not in self.members:
+            data = self.transaction.derived([f"member:{run_id}"]).get(f"member:{run_id}")
+            self.members[run_id] = Member() if data is None else Member.from_bytes(data)
+        return self.members[run_id]
+
+    def totals(self, keys: Iterable[str]) -> dict[str, PeriodTotals]:
+        wanted = sorted(set(keys))
+        found = self.transaction.derived([f"period:{key}" for key in wanted])
+        return {key: PeriodTotals.from_list(orjson.loads(found[f"period:{key}"]))
+                for key in wanted if f"period:{key}" in found}
+
+    def view(self, run_id: str, now: str) -> PoolView:
+        """What a decision on member ``run_id`` at ``now`` knows of the pool."""
+        member = self.member(run_id)
+        current = self.key_at(now)
+        task_periods = {task: held[0] for task, held in member.holding.items()}
+        return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
+                        period=self.meta["period"], current=current,
+                        totals=self.totals([current, *task_periods.values()]), task_periods=task_periods)
+
+    def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
+        """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
+        ``more`` values, in one save."""
+        old = self.member(run_id)
+        deltas: dict[str, PeriodTotals] = {}
+        for key, totals in member.periods.items():
+            deltas.setdefault(key, PeriodTotals()).add(totals)
+        for key, totals in old.periods.items():
+            deltas.setdefault(key, PeriodTotals()).add(totals, -1)
+        self.members[run_id] = member
+        self.save_changes(run_id, deltas, **more)
+
+    def save_changes(self, run_id: str, deltas: dict[str, PeriodTotals], **more: bytes | None) -> None:
+        current = self.totals(deltas)
+        for key, delta in deltas.items():
+            current.setdefault(key, PeriodTotals()).add(delta)
+        values: dict[str, bytes | None] = {f"period:{key}": orjson.dumps(totals.to_list())
+                                           for key, totals in current.items()}
+        values[f"member:{run_id}"] = self.members[run_id].to_bytes()
+        values.update(more)
+        self.transaction.save_derived(values)
+
+    def fold_log(self, run_id: str, stop: int | None = None) -> Member:
+        store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
+        return fold_member(store, self.pool_id, self.key_at, stop=stop)
+
+
+def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
+              loaded: RunState | None = None) -> PoolBook:
+    """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
+    values = transaction.derived(["meta", "intent"])
+    meta = orjson.loads(values["meta"]) if "meta" in values else None
+    if (meta is None or meta.get("format") != FORMAT or meta.get("boot") != boot_id()
+            or meta.get("log_size") != pool_store.size()):
+        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+    book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
+    intent = values.get("intent")
+    if intent is not None:  # a writer was killed between a member's append and the book
+        run_id = intent.decode()
+        book.replace(run_id, book.fold_log(run_id), intent=None)
+    return book
+
+
+def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float,
+             loaded: RunState | None) -> PoolBook:
+    """Fold the pool's log and every member's, and save them as the whole book."""
+    state = loaded
+    if state is None:
+        replayed = transaction.load()
+        if replayed.problem is not None:
+            raise replayed.problem
+        state = replayed.state
+    facts = _facts(state)
+    meta = _meta(state, facts, pool_store.size())
+    book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
+    book.members = {run_id: book.fold_log(run_id) for run_id in facts.members}
+    totals: dict[str, PeriodTotals] = {}
+    for member in book.members.values():
+        for key, period in member.periods.items():
+            totals.setdefault(key, PeriodTotals()).add(period)
+    values = {f"member:{run_id}": member.to_bytes() for run_id, member in book.members.items()}
+    values.update({f"period:{key}": orjson.dumps(period.to_list()) for key, period in totals.items()})
+    values["meta"] = orjson.dumps(meta)
+    transaction.save_derived(values, replace=True)
+    return book
+
+
+def _facts(state: RunState) -> PoolFacts:
+    if state.pool is None:
+        raise InputError(f"{state.run_id} is a run, not a pool; see 'escalate pools list'",
+                         code="not_a_pool", pool=state.run_id)
+    return state.pool
+
+
+def _meta(state: RunState, facts: PoolFacts, log_size: int) -> dict[str, Any]:
+    return {"format": FORMAT, "boot": boot_id(), "log_size": log_size, "cap": facts.cap_micros,
+            "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
+
+
+class MemberWrite:
+    """A write to a member run, inside the pool's critical section (:class:`escalate.write.Inside`)."""
+
+    def __init__(self, book: PoolBook, run_id: str) -> None:
+        self.book = book
+        self.run_id = run_id
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        if self.book.member(self.run_id).offset != replayed.offset:
+            # The entry is behind the log (a new member, or a book rebuilt around a torn
+            # tail): fold the run to where this write starts.
+            self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
+
+    def view(self, now: str) -> PoolView:
+        return self.book.view(self.run_id, now)
+
+    def before_append(self) -> None:
+        self.book.transaction.save_derived({"intent": self.run_id.encode()})
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        if not events:
+            return
+        member, deltas = self.book.member(self.run_id), {}  # type: ignore[var-annotated]
+        for event in events:
+            member.fold({**event, "ts": now}, self.book.key_at, deltas)
+        member.offset = offset
+        self.book.save_changes(self.run_id, deltas, intent=None)
+
+
+class PoolLogWrite:
+    """A write to the pool's own log (a run joins, the policy changes): the book follows it
+    in the same critical section; ``then`` runs last, still inside (a joining run is
+    created there, so the pool counts it from its first line)."""
+
+    def __init__(self, runs: Store, pool_store: LedgerStore, lock_timeout: float,
+                 then: Callable[[], None] | None = None) -> None:
+        self.runs, self.pool_store, self.lock_timeout, self.then = runs, pool_store, lock_timeout, then
+        self.book: PoolBook | None = None
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        _facts(replayed.state)  # a run's id given as a pool's
+        self.book = open_book(transaction, self.pool_store, self.runs, lock_timeout=self.lock_timeout,
+                              loaded=replayed.state)
+
+    def view(self, now: str) -> None:
+        return None
+
+    def before_append(self) -> None:
+        pass  # the book's log size tells a missed write of the pool's own log
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        book = self.book
+        if book is not None and events:
+            book.meta = _meta(state, _facts(state), offset)
+            joined = {event["run"]: book.fold_log(event["run"]) for event in events
+                      if event["type"] == "run_joined"}
+            book.members.update(joined)
+            values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
+                                               for run_id, member in joined.items()}
+            values["meta"] = orjson.dumps(book.meta)
+            book.transaction.save_derived(values)
+        if self.then is not None:
+            self.then()
+
+
+def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Decide, *, actor: str,
+                 clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+    """A write to a member run: the pool's critical section, then the run's."""
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    if not pool_store.exists():
+        raise UnknownRun(f"run {run_store.run_id} belongs to pool {pool_id}, which is gone from "
+                         f"{runs.where}; restore the pool's folder", run=run_store.run_id, pool=pool_id)
+    with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
+        book = open_book(transaction, pool_store, runs, lock_timeout=lock_timeout)
+        return write(run_store, decide, actor=actor, clock=clock, inside=MemberWrite(book, run_store.run_id))
+
+
+def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
+         lock_timeout: float, create: Callable[[], bool]) -> bool:
+    """Join ``run_store``'s run to the pool and ``create`` it, in the pool's critical section:
+    ``run_joined`` first, so a crash in between leaves a harmless join (the run is created
+    by the retry), never a member the pool does not count. Returns what ``create`` did."""
+    from escalate.pool_decide import decide_join
+
+    created: list[bool] = []
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    with pool_store.command():
+        _, decision = write_pool(runs, pool_store,
+                                 lambda state, now, _, pool: decide_join(state, run_store.run_id),
+                                 actor=actor, clock=clock, lock_timeout=lock_timeout,
+                                 then=lambda: created.append(create()))
+    if decision.error is not None:
+        raise decision.error
+    return created[0]
+
+
+def write_pool(runs: Store, pool_store: LedgerStore, decide: Decide, *, actor: str, clock: Clock,
+               lock_timeout: float, then: Callable[[], None] | None = None) -> tuple[int, Decision]:
+    """A write to the pool's own log, its book kept with it."""
+    return write(pool_store, decide, actor=actor, clock=clock, checkpoint=False,
+                 inside=PoolLogWrite(runs, pool_store, lock_timeout, then))
