@@ -26,7 +26,7 @@ from escalate.durations import (
     format_duration,
     parse_duration,
 )
-from escalate.errors import InputError
+from escalate.errors import Conflict, InputError
 from escalate.money import Amount, Micros, parse_micros
 from escalate.money import format_usd as usd
 from escalate.state import Policy, RunState
@@ -216,6 +216,26 @@ def merge_policy(
         approvers=current.approvers if approvers is UNCHANGED else approvers,
         renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
                           else renotify_every_s))
+
+
+def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,
+                   wanted_pool: str | None) -> None:
+    """``runs init`` of an existing run: :class:`Conflict` unless it has these settings."""
+    run_id = existing.run_id
+    if pool != wanted_pool:
+        raise Conflict(f"run {run_id} already exists " + (f"in pool {pool}" if pool else "in no pool")
+                       + "; a run never joins or leaves a pool after it is created — pick a new run id",
+                       run=run_id, pool=pool)
+    wanted = (run_cap, task_cap, policy)
+    if wanted == (existing.run_cap_micros, existing.task_cap_micros, existing.policy):
+        return
+    differences = setting_differences(existing, run_cap, task_cap, policy)
+    only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
+    raise Conflict(
+        f"run {run_id} already exists with {'; '.join(differences)}; pick a new run id"
+        + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
+        run=run_id, cap_micros=existing.run_cap_micros,
+        task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
 
 
 def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:

@@ -1,7 +1,8 @@
 """The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
 
-Reserve, increase and release (with the escalations a refusal opens), expiry and delivery
-records; resolving an escalation and changing the policy are in :mod:`escalate.resolve`.
+Reserve, increase and release (with the escalations a refusal opens), for a member run its
+pool's checks too, and delivery records; resolving an escalation (and expiry) and changing
+the policy are in :mod:`escalate.resolve`.
 No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
 error to raise *after* those events are durable (a halt is written, then reported). What
 fits and what an extension needs come from :mod:`escalate.rules`, as in the fold.
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from escalate.errors import Conflict, EscalateError, Pending, Refused
-from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds, parse_ts
+from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.money import format_usd as usd
 from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
@@ -39,35 +40,6 @@ def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: 
         "task_cap_micros": run_cap if task_cap is None else task_cap,
         "escalation": policy.to_json(),
     }
-
-
-def expire(state: RunState, now: str) -> list[Event]:
-    """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
-    by ``now``, the writer's own clock."""
-    return [
-        {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
-         "extension_micros": 0}
-        for e in state.open_escalations.values()
-        if is_expired(e, state.policy, now)
-    ]
-
-
-def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
-    when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
-    ran ahead sets such a deadline, and it must not keep the escalation open for as long as
-    it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
-    deadline = escalation.expires_at
-    if deadline is None:
-        return False
-    if deadline <= now:
-        return True
-    try:
-        due = parse_ts(deadline)
-        timeout = max(policy.timeout_s or 0, (due - parse_ts(escalation.opened_at)).total_seconds())
-        return (due - parse_ts(now)).total_seconds() > 2 * timeout
-    except ValueError:  # a timestamp no escalate wrote: only the deadline itself counts
-        return False
 
 
 # Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.

@@ -16,14 +16,15 @@ from typing import Any, TypedDict
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.errors import Conflict, InputError
-from escalate.events import format_ts, seal
+from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
 from escalate.periods import bounds, check_period, key_of_date, period_key, zone
-from escalate.pool_book import Member, fold_member
+from escalate.pool_member import Member, fold_member
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
 from escalate.store import LedgerStore, Store, open_store
+from escalate.write import first_lines
 
 
 class PoolRun(TypedDict):
@@ -94,15 +95,8 @@ class Pool:
                                     approvers=approvers)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
-        now = format_ts(pool.clock())
-        [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=pool.actor)
-
-        def recovery(torn_bytes: int, saved_to: str) -> bytes:
-            sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
-                          seq=0, prev="", ts=now, actor=pool.actor, grouped=True)
-            return b"".join(sealed_line + b"\n" for _, sealed_line, _ in sealed)
-
-        if pool.store.create(line + b"\n", recovery):
+        line, recovery = first_lines(payload, format_ts(pool.clock()), pool.actor)
+        if pool.store.create(line, recovery):
             pool.created = True
             return pool
         existing = pool.state()

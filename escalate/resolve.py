@@ -1,6 +1,6 @@
-"""The decisions of a person: resolving an escalation (grant, pause, cancel, withdraw) and
-changing a run's escalation policy. Pure, as :mod:`escalate.decide`, whose
-:class:`~escalate.decide.Decision` they return.
+"""The decisions of a person: resolving an escalation (grant, pause, cancel, withdraw; and
+the pause by ``timeout`` when nobody did in time) and changing a run's escalation policy.
+Pure, as :mod:`escalate.decide`, whose :class:`~escalate.decide.Decision` they return.
 
 One action, three words: a person *approves* an escalation (the command), which writes
 the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
@@ -13,11 +13,40 @@ from typing import Any
 
 from escalate.decide import Decision, fail, period_name, resolved_event
 from escalate.errors import Conflict, InputError, Refused
-from escalate.events import Event
+from escalate.events import Event, parse_ts
 from escalate.money import format_usd as usd
 from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState
+
+
+def expire(state: RunState, now: str) -> list[Event]:
+    """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
+    by ``now``, the writer's own clock."""
+    return [
+        {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
+         "extension_micros": 0}
+        for e in state.open_escalations.values()
+        if is_expired(e, state.policy, now)
+    ]
+
+
+def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
+    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
+    when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
+    ran ahead sets such a deadline, and it must not keep the escalation open for as long as
+    it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
+    deadline = escalation.expires_at
+    if deadline is None:
+        return False
+    if deadline <= now:
+        return True
+    try:
+        due = parse_ts(deadline)
+        timeout = max(policy.timeout_s or 0, (due - parse_ts(escalation.opened_at)).total_seconds())
+        return (due - parse_ts(now)).total_seconds() > 2 * timeout
+    except ValueError:  # a timestamp no escalate wrote: only the deadline itself counts
+        return False
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,

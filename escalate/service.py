@@ -11,24 +11,20 @@ durable.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, cast
 
-from escalate import config, pool_book, resolve
+from escalate import config, pool_book, pool_member, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
 from escalate.delivery import deliver, new_notices, notice_again
-from escalate.durations import MAX_WAIT_S, check_duration, format_duration
 from escalate.errors import (
-    Conflict,
     CorruptLedger,
     InputError,
-    Pending,
     UnknownRun,
 )
-from escalate.events import Event, format_ts, seal
+from escalate.events import Event, format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
 from escalate.pool_state import PoolView
@@ -39,11 +35,10 @@ from escalate.results import (
     ResolutionResult,
     SweepResult,
     TaskResult,
-    resolution_outcome,
 )
 from escalate.state import EscalationState, Policy, RunState
 from escalate.store import LedgerStore, Store, open_store
-from escalate.write import Decide, write
+from escalate.write import Decide, first_lines, write
 
 _WAIT_POLL_S = 0.05
 
@@ -82,10 +77,10 @@ class Ledger:
         """The pool the run belongs to (None: none), read once from its first line;
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
-            first = pool_book.first_event(self.store)
+            first = pool_member.first_event(self.store)
             if first is not None and first.get("type") == "pool_opened":
                 raise pool_book.is_a_pool(self.run_id)
-            self._pool = (pool_book.pool_of(first),)
+            self._pool = (pool_member.pool_of(first),)
         return self._pool[0]
 
     @property
@@ -140,45 +135,26 @@ class Ledger:
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
-        now = format_ts(run.clock())
-        [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
-
-        def recovery(torn_bytes: int, saved_to: str) -> bytes:
-            # run_opened must stay the first line, so a torn first line is recorded right after
-            # it, in one group: a cut between the two leaves no run, only a torn tail.
-            sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
-                          seq=0, prev="", ts=now, actor=run.actor, grouped=True)
-            return b"".join(line + b"\n" for _, line, _ in sealed)
-
+        line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
         if joining is None or run.store.exists():
             # (An existing run is never joined: it is the same init again, or a conflict.)
-            run.created = run.store.create(line + b"\n", recovery)
+            run.created = run.store.create(line, recovery)
         else:
             run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
                                          clock=run.clock, lock_timeout=run.lock_timeout,
-                                         create=lambda: run.store.create(line + b"\n", recovery))
-        if run.created:
-            return run
-        existing = run.store.read().state
+                                         create=lambda: run.store.create(line, recovery))
+        if not run.created:
+            run._check_same(run_cap, payload, policy)
+        return run
+
+    def _check_same(self, run_cap: int, payload: Event, policy: Policy) -> None:
+        """``init`` of an existing run: the same settings are fine (``created`` stays False,
+        so a script can tell a reused run id); others conflict."""
+        existing = self.store.read().state
         if existing.pool is not None:
-            raise pool_book.is_a_pool(run.run_id)
-        if run.pool_id() != payload.get("pool"):
-            have_pool = run.pool_id()
-            raise Conflict(f"run {run.run_id} already exists "
-                           + (f"in pool {have_pool}" if have_pool else "in no pool")
-                           + "; a run never joins or leaves a pool after it is created — pick a new run id",
-                           run=run.run_id, pool=have_pool)
-        wanted = (run_cap, payload["task_cap_micros"], policy)
-        have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
-        if wanted == have:
-            return run  # (``created`` stays False: a script can tell a reused run id)
-        differences = config.setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
-        only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
-        raise Conflict(
-            f"run {run.run_id} already exists with {'; '.join(differences)}; pick a new run id"
-            + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
-            run=run.run_id, cap_micros=existing.run_cap_micros,
-            task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
+            raise pool_book.is_a_pool(self.run_id)
+        config.check_same_run(existing, self.pool_id(), run_cap, payload["task_cap_micros"], policy,
+                              payload.get("pool"))
 
     @classmethod
     def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, **options: Any) -> Ledger:
@@ -287,44 +263,9 @@ class Ledger:
         Returns on approval; raises :class:`Refused` on cancel and :class:`Pending` on
         pause (a timeout's too) or when ``timeout_s`` passes first.
         """
-        check_id(escalation_id, what="escalation id")
-        if timeout_s is not None:
-            check_duration(timeout_s, what="wait timeout", maximum=MAX_WAIT_S)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_size = -1
-        waiting: tuple[EscalationState, Policy] | None = None
-        while True:
-            size = self.store.size()
-            if size != last_size:
-                last_size = size
-                state = self.state()
-                escalation = state.escalations.get(escalation_id)
-                if escalation is None or escalation.shadow or escalation.state == "resolved":
-                    # An answer rests only on durable bytes: the writer of what was read may
-                    # not have synced yet, and this fsync covers every byte written before it.
-                    self.store.sync()
-                if escalation is None:
-                    raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them "
-                                     f"with 'escalate escalations --run {self.run_id}'",
-                                     code="unknown_escalation", escalation_id=escalation_id)
-                if escalation.shadow:
-                    raise Conflict(f"escalation {escalation_id} was recorded in shadow mode and needs "
-                                   "nobody; there is nothing to wait for", escalation_id=escalation_id,
-                                   state="resolved", mode=None)
-                if escalation.state == "resolved":
-                    return resolution_outcome(self.run_id, escalation)
-                waiting = (escalation, state.policy)
-            # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-            if waiting is not None and decisions.is_expired(*waiting, format_ts(self.clock())):
-                waiting = None
-                self.sweep(redeliver=False)
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Pending(
-                    f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
-                    f"wait again or ask an approver to run 'escalate approve {self.run_id} {escalation_id}'",
-                    code="escalation_open", escalation_id=escalation_id, run=self.run_id)
-            time.sleep(_WAIT_POLL_S)
+        from escalate.waiting import wait_for
+
+        return wait_for(self, escalation_id, timeout_s)
 
     # ------------------------------------------------------------------ reading
 

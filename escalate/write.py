@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from escalate import decide as decisions
 from escalate import fold as folding
+from escalate import resolve
 from escalate.config import Clock
 from escalate.decide import Decision
 from escalate.errors import CorruptLedger, EscalateError, InputError
@@ -22,7 +22,7 @@ from escalate.events import Event, format_ts, parse_ts, seal
 from escalate.pool_state import PoolView
 from escalate.replay import Replayed
 from escalate.state import RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore, Transaction
+from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
 
 # A decision from the state, the write's time, the escalations this write expires and,
 # for a run in a pool, what it knows of the pool.
@@ -86,7 +86,7 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
         seq, prev = state.seq, state.last_hash
         recovery = transaction.recovery(replayed)
         payloads: list[Event] = [recovery] if recovery is not None else []
-        expiries = decisions.expire(state, clock_now)
+        expiries = resolve.expire(state, clock_now)
         payloads += expiries
         lines = seal_into(state, payloads, now, actor)
         decision = decide(state, clock_now, [event["id"] for event in expiries],
@@ -120,6 +120,21 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
         if checkpoint:
             transaction.save_checkpoint(replayed, state, lines)
     return first_seq, decision
+
+
+def first_lines(payload: Event, now: str, actor: str) -> tuple[bytes, RecoveredFirstLines]:
+    """A new ledger's first line (``run_opened``, ``pool_opened``), and the lines to write
+    instead where a crashed create left a torn first line (``LedgerStore.create``)."""
+    [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=actor)
+
+    def recovery(torn_bytes: int, saved_to: str) -> bytes:
+        # The opening line must stay the first line, so a torn first line is recorded right
+        # after it, in one group: a cut between the two leaves no ledger, only a torn tail.
+        sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
+                      seq=0, prev="", ts=now, actor=actor, grouped=True)
+        return b"".join(sealed_line + b"\n" for _, sealed_line, _ in sealed)
+
+    return line + b"\n", recovery
 
 
 def floor_ts(store: LedgerStore, state: RunState) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
@@ -50,22 +51,11 @@ def gate(
     annotations = sys.stderr if json_out else sys.stdout
 
     def action() -> dict[str, Any]:
-        from escalate.gate import check_gate, github_annotation
-        from escalate.money import Micros, parse_micros
+        from escalate.gate import github_annotation
 
         try:
-            limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
-            options: dict[str, Any] = {"max_spent": limit, "allow_halts": allow_halts,
-                                       "allow_open_escalations": allow_open_escalations,
-                                       "fail_on_held": fail_on_held}
-            if pool is not None:
-                from escalate.gate import check_pool_gate
-                from escalate.pools import Pool
-
-                runs = open_options(runs_dir, None)["runs_dir"]
-                checked = check_pool_gate(Pool.open(runs, pool), **options)
-            else:
-                checked = check_gate(open_ledger(run or "", runs_dir, None, progress=True), **options)
+            checked = _check(run, pool, runs_dir, max_spent, allow_halts=allow_halts,
+                             allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         except EscalateError as error:
             if github:
                 print(github_annotation("error", f"budget gate could not check {name}: "
@@ -89,6 +79,21 @@ def gate(
             print(f"escalate: warning: {warning['message']}", file=sys.stderr)
 
     respond(json_out, action, human)
+
+
+def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: str | None,
+           **options: bool) -> GateResult:
+    """The gate's verdict over the run, or over the pool (library calls of escalate.gate)."""
+    from escalate.gate import check_gate, check_pool_gate
+    from escalate.money import Micros, parse_micros
+
+    limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
+    if pool is not None:
+        from escalate.pools import Pool
+
+        return check_pool_gate(Pool.open(open_options(runs_dir, None)["runs_dir"], pool), max_spent=limit,
+                               **options)
+    return check_gate(open_ledger(run or "", runs_dir, None, progress=True), max_spent=limit, **options)
 
 
 def _show_on_github(checked: GateResult, annotations: TextIO | None) -> None:
