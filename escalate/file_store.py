@@ -206,17 +206,17 @@ class FileTransaction:
         checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
                         self._ledger.log.bound_path(LOG_NAME))
 
-    def derived(self, keys: Iterable[str]) -> dict[str, bytes]:
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
         wanted = list(keys)
         try:
             with contextlib.closing(self._derived_db()) as db:
                 marks = ",".join("?" * len(wanted))
                 rows = db.execute(f"SELECT key, value FROM derived WHERE key IN ({marks})", wanted).fetchall()
         except (sqlite3.Error, OSError):
-            return {}  # missing or damaged: the pool rebuilds it
+            return None  # damaged: the pool rebuilds it
         return {key: bytes(value) for key, value in rows}
 
-    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> None:
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> bool:
         try:
             with contextlib.closing(self._derived_db()) as db, db:
                 if replace:
@@ -227,6 +227,8 @@ class FileTransaction:
                                [(key, value) for key, value in values.items() if value is not None])
         except (sqlite3.Error, OSError):
             self._discard_derived()
+            return False
+        return True
 
     def _derived_db(self) -> sqlite3.Connection:
         """The pool's derived store. Not synced (it is rebuilt after a crash of the machine:

@@ -99,6 +99,10 @@ class PoolBook:
         self.meta = meta
         self.lock_timeout = lock_timeout
         self.members: dict[str, Member] = {}
+        self.periods: dict[str, PeriodTotals] = {}  # the totals read or changed so far
+        # Complete: every member and period is in memory (after a rebuild); what is missing
+        # is then zero. Otherwise what is missing is read from the store.
+        self.complete = False
         self.policy = Policy(**meta["policy"])
 
     def key_at(self, ts: str) -> str:
@@ -107,15 +111,30 @@ class PoolBook:
 
     def member(self, run_id: str) -> Member:
         if run_id not in self.members:
-            data = self.transaction.derived([f"member:{run_id}"]).get(f"member:{run_id}")
+            found = self._read([f"member:{run_id}"])
+            data = found.get(f"member:{run_id}")
             self.members[run_id] = Member() if data is None else Member.from_bytes(data)
         return self.members[run_id]
 
     def totals(self, keys: Iterable[str]) -> dict[str, PeriodTotals]:
-        wanted = sorted(set(keys))
-        found = self.transaction.derived([f"period:{key}" for key in wanted])
-        return {key: PeriodTotals.from_list(orjson.loads(found[f"period:{key}"]))
-                for key in wanted if f"period:{key}" in found}
+        missing = sorted(set(keys) - set(self.periods))
+        if missing:
+            found = self._read([f"period:{key}" for key in missing])
+            for key in missing:
+                if f"period:{key}" in found:
+                    self.periods[key] = PeriodTotals.from_list(orjson.loads(found[f"period:{key}"]))
+        return {key: self.periods[key] for key in keys if key in self.periods}
+
+    def _read(self, keys: list[str]) -> dict[str, bytes]:
+        """Values from the store; nothing once the book is complete in memory. A store that
+        cannot be read now is no answer of zero: the book is then filled from the logs."""
+        if self.complete:
+            return {}
+        found = self.transaction.derived(keys)
+        if found is None:
+            self.fill(self.transaction.load().state)
+            return {}
+        return found
 
     def view(self, run_id: str, now: str) -> PoolView:
         """What a decision on member ``run_id`` at ``now`` knows of the pool."""
@@ -139,14 +158,31 @@ class PoolBook:
         self.save_changes(run_id, deltas, **more)
 
     def save_changes(self, run_id: str, deltas: dict[str, PeriodTotals], **more: bytes | None) -> None:
-        current = self.totals(deltas)
+        """Add ``deltas`` to the totals, and save them with ``run_id``'s entry and ``more``."""
+        self.totals(deltas)
         for key, delta in deltas.items():
-            current.setdefault(key, PeriodTotals()).add(delta)
-        values: dict[str, bytes | None] = {f"period:{key}": orjson.dumps(totals.to_list())
-                                           for key, totals in current.items()}
+            self.periods.setdefault(key, PeriodTotals()).add(delta)
+        values: dict[str, bytes | None] = {f"period:{key}": orjson.dumps(self.periods[key].to_list())
+                                           for key in deltas}
         values[f"member:{run_id}"] = self.members[run_id].to_bytes()
         values.update(more)
-        self.transaction.save_derived(values)
+        self.save(values)
+
+    def save(self, values: dict[str, bytes | None], *, replace: bool = False) -> None:
+        """Save ``values``; if the store could not keep them (it then holds nothing), the
+        book lives on in memory, complete, for the rest of this write: nothing is read back
+        from a store that lost what was saved."""
+        if not self.transaction.save_derived(values, replace=replace) and not self.complete:
+            self.fill(self.transaction.load().state)
+
+    def fill(self, state: RunState) -> None:
+        """Every member folded from its log, and the totals summed: the whole book in memory."""
+        self.members = {run_id: self.fold_log(run_id) for run_id in facts_of(state).members}
+        self.periods = {}
+        for member in self.members.values():
+            for key, period in member.periods.items():
+                self.periods.setdefault(key, PeriodTotals()).add(period)
+        self.complete = True
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:
         store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
@@ -156,7 +192,7 @@ class PoolBook:
 def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
               loaded: RunState | None = None) -> PoolBook:
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
-    values = transaction.derived(["meta", "intent"])
+    values = transaction.derived(["meta", "intent"]) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
     if (meta is None or meta.get("format") != FORMAT or meta.get("boot") != boot_id()
             or meta.get("log_size") != pool_store.size()):
@@ -181,15 +217,12 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
     facts = facts_of(state)
     meta = _meta(state, facts, pool_store.size())
     book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
-    book.members = {run_id: book.fold_log(run_id) for run_id in facts.members}
-    totals: dict[str, PeriodTotals] = {}
-    for member in book.members.values():
-        for key, period in member.periods.items():
-            totals.setdefault(key, PeriodTotals()).add(period)
-    values = {f"member:{run_id}": member.to_bytes() for run_id, member in book.members.items()}
-    values.update({f"period:{key}": orjson.dumps(period.to_list()) for key, period in totals.items()})
+    book.fill(state)
+    values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
+                                       for run_id, member in book.members.items()}
+    values.update({f"period:{key}": orjson.dumps(period.to_list()) for key, period in book.periods.items()})
     values["meta"] = orjson.dumps(meta)
-    transaction.save_derived(values, replace=True)
+    book.save(values, replace=True)
     return book
 
 
@@ -215,7 +248,7 @@ class MemberWrite:
         return self.book.view(self.run_id, now)
 
     def before_append(self) -> None:
-        self.book.transaction.save_derived({"intent": self.run_id.encode()})
+        self.book.save({"intent": self.run_id.encode()})
 
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         if not events:
@@ -258,7 +291,7 @@ class PoolLogWrite:
             values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
                                                for run_id, member in joined.items()}
             values["meta"] = orjson.dumps(book.meta)
-            book.transaction.save_derived(values)
+            book.save(values)
         if self.then is not None:
             self.then()
 

@@ -66,16 +66,17 @@ class Transaction(Protocol):
     # writers holding the pool's critical section read and write. It is disposable: the
     # pool module validates what it reads and rebuilds it from the member runs' logs.
 
-    def derived(self, keys: Iterable[str]) -> dict[str, bytes]:
-        """The values stored under ``keys`` (a key never saved, or any failure to read —
-        a missing or damaged store — leaves it out: the caller rebuilds)."""
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
+        """The values stored under ``keys`` (a key never saved is left out); None when they
+        cannot be read (a damaged store): the caller rebuilds them from the logs."""
         ...
 
-    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> None:
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> bool:
         """Store ``values`` (``None`` deletes the key) all or nothing; ``replace``: drop every
-        other key first. No sync is needed. If they cannot be stored, everything stored is
-        discarded (the next :meth:`derived` finds nothing); if even that fails, raise
-        :class:`~escalate.errors.StoreUnavailable`: a stale value must never be read back."""
+        other key first. No sync is needed. True when stored; if they cannot be stored,
+        everything stored is discarded (the next :meth:`derived` finds nothing) and False is
+        returned; if even that fails, raise :class:`~escalate.errors.StoreUnavailable`: a
+        stale value must never be read back."""
         ...
 
 
