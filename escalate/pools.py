@@ -178,14 +178,15 @@ class Pool:
         reservations are refused until there is room again."""
         from escalate.pool_decide import decide_pool_policy
 
-        self.state()  # a clear error for a run's id or no pool, before the lock
+        changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
+                                   "escalation_timeout_s": escalation_timeout_s,
+                                   "max_extension": max_extension, "approvers": approvers}
+        # Checked before the lock too: a bad value is refused with nothing opened for writing.
+        config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
-            policy = config.merge_policy(state.policy, escalation=escalation,
-                                         approval_threshold=approval_threshold,
-                                         escalation_timeout_s=escalation_timeout_s,
-                                         max_extension=max_extension, approvers=approvers)
+            policy = config.merge_policy(state.policy, **changes)
             return decide_pool_policy(state, policy, cap_micros, self.actor)
 
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,

@@ -129,10 +129,16 @@ def test_lowering_the_cap_below_what_is_committed_refuses_new_money(runs_dir: Pa
     assert Pool.open(runs_dir, "team").facts.cap_micros == 5_000_000
 
 
+def _files(runs_dir: Path) -> dict[str, bytes]:
+    """Every file but the caches: the run checkpoints and the pool's books (SQLite's index
+    of its write-ahead log changes as it is read) are derived and disposable."""
+    return {name: data for name, data in snapshot_tree(runs_dir).items() if ".derived.sqlite" not in name}
+
+
 def test_ids_of_pools_and_runs_never_cross(runs_dir: Path, evening: FakeClock, cli: Any) -> None:
     _pool(runs_dir, evening)
     _run(runs_dir, evening, "a")
-    before = snapshot_tree(runs_dir)
+    before = _files(runs_dir)
     for args in (["runs", "show", "team"], ["reserve", "team", "t", "--estimate", "1"],
                  ["runs", "verify", "team"], ["runs", "set", "team", "--escalation", "enforce"],
                  ["runs", "init", "team", "--cap", "5"], ["pools", "show", "a"],
@@ -141,12 +147,15 @@ def test_ids_of_pools_and_runs_never_cross(runs_dir: Path, evening: FakeClock, c
                  ["runs", "init", "b", "--pool", "nobody"], ["runs", "init", "b"],
                  ["pools", "init", "p", "--cap", "5", "--tz", "Mars/Olympus"],
                  ["pools", "init", "p", "--cap", "5", "--period", "fortnight"],
-                 ["pools", "show", "team", "--period", "2026-13-01"]):
+                 ["pools", "show", "team", "--period", "2026-13-01"], ["pools", "set", "team"],
+                 ["pools", "set", "team", "--cap", "0"], ["pools", "set", "team", "--escalation", "maybe"],
+                 ["pools", "set", "team", "--max-extension", "-1"], ["pools", "init", "p", "--cap", "1e3"],
+                 ["pools", "init", "../p", "--cap", "5"]):
         result = cli(*args, "--json")
         assert result.exit_code == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("escalate: ")
         assert "error" in result.json()
-    assert snapshot_tree(runs_dir) == before
+    assert _files(runs_dir) == before
     assert [row["run"] for row in cli("runs", "list", "--json").json()["runs"]] == ["a"]
     assert [row["pool"] for row in cli("pools", "list", "--json").json()["pools"]] == ["team"]
 
@@ -266,3 +275,16 @@ def test_a_bad_zone_or_period_is_an_input_error_in_the_library(runs_dir: Path) -
     with pytest.raises(InputError):
         Pool.init(runs_dir, "p", cap="1", period="hourly")
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_shadow_pools_record_what_would_have_asked_a_person(runs_dir: Path, evening: FakeClock,
+                                                            audit: Any) -> None:
+    _pool(runs_dir, evening, escalation="shadow", approval_threshold="3")
+    run = _run(runs_dir, evening, "a", cap="100")
+    assert run.reserve("medium", "4")["shadow_escalation_id"] == "esc-2"  # over the threshold: recorded
+    with pytest.raises(Refused) as refused:
+        run.reserve("big", "7")  # over the pool: recorded, then halted
+    assert refused.value.code == "over_pool_budget" and "shadow_escalation_id" in refused.value.facts
+    escalations = audit(runs_dir / "a" / "events.ndjson").of_type("escalation")
+    assert [(e["reason"], e["shadow"], e["pool"]) for e in escalations] == [("pool_cap", True, "team")] * 2
+    assert escalations[1]["needed_extension_micros"] == 1_000_000
