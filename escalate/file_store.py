@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
 from escalate.replay import Progress, Replayed, replay
@@ -38,6 +38,17 @@ class FileStore:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
                              "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+
+    def prepare(self) -> int:
+        """Create the runs folder (1) if it is not there yet (0)."""
+        self.check_usable()
+        if self.root.is_dir():
+            return 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, self.root) from exc
+        return 1
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
         return FileLedger(self, run_id, lock_timeout=lock_timeout)

@@ -109,7 +109,7 @@ class PgStore:
         for (run_id,) in rows:
             yield run_id
 
-    def init_schema(self) -> int:
+    def prepare(self) -> int:
         """Create or upgrade the tables (``escalate store init``); the steps applied."""
         with self.connection(schema=False) as connection:
             applied = ensure_schema(connection)
@@ -174,6 +174,8 @@ def _describe(info: dict[str, Any]) -> str:
     host = str(info.get("host") or "localhost").split(",")[0]
     port = str(info.get("port") or "").split(",")[0]
     database = info.get("dbname") or info.get("user") or ""
+    if host.startswith("/"):  # a Unix socket's folder, written as libpq's URLs write it
+        return f"postgresql:///{database}?host={host}"
     return f"postgresql://{host}{':' + port if port else ''}/{database}"
 
 

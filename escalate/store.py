@@ -125,7 +125,7 @@ class RecoveredFirstLines(Protocol):
 
 
 class Store(Protocol):
-    """Where ledgers live: a runs folder, or (later) a database."""
+    """Where ledgers live: a runs folder, or a database."""
 
     @property
     def where(self) -> str:
@@ -134,6 +134,11 @@ class Store(Protocol):
 
     def check_usable(self) -> None:
         """:class:`InputError` if new ledgers cannot be made here (a file as the folder)."""
+        ...
+
+    def prepare(self) -> int:
+        """Create or upgrade what the store needs (``escalate store init``; idempotent):
+        the number of steps applied, 0 when there was nothing to do."""
         ...
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:
