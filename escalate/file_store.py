@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,17 @@ class FileLedger:
 
     def sync(self) -> None:
         self.log.sync()
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Poll the log's size (a file tells nobody it grew)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.size() != seen_size:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
 
     # ------------------------------------------------------------------ internals
 

@@ -116,6 +116,12 @@ class LedgerStore(Protocol):
         """Make every line written so far durable (called after the critical section)."""
         ...
 
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Block until :meth:`size` may differ from ``seen_size``, at most ``timeout_s``:
+        True when it changed. A store that can only poll checks every ``poll_s``; one that
+        is told of changes (PostgreSQL's LISTEN/NOTIFY) wakes when told."""
+        ...
+
 
 class RecoveredFirstLines(Protocol):
     def __call__(self, torn_bytes: int, saved_to: str) -> bytes:
