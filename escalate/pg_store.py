@@ -303,6 +303,12 @@ class PgLedger:
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
 
+    def role(self) -> str:
+        """The database role this connection acts as (``current_user``)."""
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT current_user").fetchone()
+        return str(row[0]) if row is not None else ""
+
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling)."""
         with self._store.listening() as connection:
