@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -91,7 +92,11 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         if self._url is not None:
-            info = conninfo_to_dict(self._url)
+            try:
+                info = conninfo_to_dict(self._url)
+            except psycopg.ProgrammingError as exc:
+                raise InputError(f"invalid store URL ({_first_line(exc)}); write it as "
+                                 "postgresql://user@host:port/database", code="invalid_store") from None
             self._password = str(info.get("password") or "")
             self._where = _describe(info)
         elif self._given is not None:
@@ -186,7 +191,7 @@ class PgStore:
     def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
                     advice: str = "") -> StoreUnavailable:
         """exit 8, one line: where, why, and that a retry is safe."""
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = _first_line(exc)
         if self._password:
             cause = cause.replace(self._password, "***")
         next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
@@ -203,6 +208,13 @@ def _connect(url: str) -> Connection:
     if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
         return psycopg.connect(url, autocommit=True)
     return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+def _first_line(exc: Exception) -> str:
+    """What psycopg says, in one line, the password of any URL in it (``://user:password@``)
+    blanked."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def _describe(info: dict[str, Any]) -> str:

@@ -356,3 +356,27 @@ def test_an_approval_records_the_database_role_and_approvers_are_roles(roles: di
                   if event["type"] == "escalation_resolved"]
     assert resolved["role"] == "escalate_approver_t" and resolved["by"] == "Alice Example"
     assert Ledger.open(roles["worker"], "r").verify().problems == []
+
+
+# ---------------------------------------------------------------------- choosing the store
+
+
+@pytest.mark.parametrize("url", ["postgresql://ledger:hunter2@/db?bogus=1",
+                                 "postgresql://ledger:hunter2@[::1/db"])
+def test_an_invalid_url_is_bad_input_without_the_password(url: str) -> None:
+    result = _escalate("runs", "list", "--store", url, "--json")
+    assert result.returncode == 2 and orjson.loads(result.stdout)["error"] == "invalid_store"
+    assert result.stderr.count("\n") == 1 and "hunter2" not in result.stdout + result.stderr
+
+
+def test_two_places_for_the_runs_are_refused(tmp_path: Path) -> None:
+    both = _escalate("runs", "list", "--store", str(tmp_path / "a"), "--runs-dir", str(tmp_path / "b"))
+    assert both.returncode == 2 and "--store and --runs-dir" in both.stderr
+    variables = _escalate("runs", "list", env={"ESCALATE_STORE": str(tmp_path / "a"),
+                                               "ESCALATE_RUNS_DIR": str(tmp_path / "b")})
+    assert variables.returncode == 2 and "unset one" in variables.stderr
+    Ledger.init(tmp_path / "a", "r", cap="1", actor="tester")
+    listed = _escalate("runs", "list", "--json", env={"ESCALATE_STORE": str(tmp_path / "a"),
+                                                      "ESCALATE_RUNS_DIR": ""})
+    assert [row["run"] for row in orjson.loads(listed.stdout)["runs"]] == ["r"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "a"]  # nothing made anywhere else
