@@ -380,3 +380,50 @@ def test_two_places_for_the_runs_are_refused(tmp_path: Path) -> None:
                                                       "ESCALATE_RUNS_DIR": ""})
     assert [row["run"] for row in orjson.loads(listed.stdout)["runs"]] == ["r"]
     assert list(tmp_path.iterdir()) == [tmp_path / "a"]  # nothing made anywhere else
+
+
+# ---------------------------------------------------------------------- cost per command
+
+
+def test_a_command_reads_and_writes_only_the_rows_it_touches(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="1000", actor="tester")
+    for number in range(60):
+        run.reserve(f"t{number}", "1")
+    queries: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def counted(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        queries.append(query.decode() if isinstance(query, bytes) else str(query))
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    run.release("t7", "0.5")
+    reads = [query for query in queries if "FROM escalate_tasks" in query]
+    assert len(reads) == 1 and "key = %s" in reads[0]  # one task, looked up by key
+    [commit] = [query for query in queries if query.endswith("COMMIT")]
+    assert commit.count("'t7'") == 1 and "'t8'" not in commit  # one task row written
+    assert not any("FROM escalate_events" in query for query in queries)  # the checkpoint is current
+
+
+def test_wait_wakes_on_the_commit_without_polling(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="10", escalation="enforce", approval_threshold="1",
+                      actor="alice")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "2")
+    sizes: list[int] = []
+    size = run.store.size
+    monkeypatch.setattr(run.store, "size", lambda: sizes.append(1) or size())
+    approver = _FORK.Process(target=_approve_later, args=(pg_url, pending.value.escalation_id))
+    approver.start()
+    assert run.wait(pending.value.escalation_id, timeout_s=30)["status"] == "approved"
+    approver.join(RESULT_TIMEOUT_S)
+    # Polling every 50 ms would look dozens of times in the 1.5 s before the approval.
+    assert len(sizes) <= 6
+
+
+def _approve_later(url: str, escalation_id: str) -> None:
+    import time
+
+    time.sleep(1.5)  # the waiter is blocked on its LISTEN by then; how long is what is measured
+    Ledger.open(url, "r", actor="bob").approve(escalation_id)
