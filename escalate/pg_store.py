@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 # "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
 STEP_HOOK: Callable[[str], None] | None = None
 
+# How much longer than its own wait a waiter asks commits to notify: a waiter that waits
+# again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
+_LISTEN_AHEAD_S = 60
 # Rows fetched per query when lines are streamed.
 _BATCH = 2000
 
@@ -279,7 +282,6 @@ class PgLedger:
             if made is None:
                 return False
             insert_first_lines(connection, self.run_id, lines)
-            connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.run_id))
         return True
 
     @contextmanager
@@ -296,7 +298,8 @@ class PgLedger:
                 row = last_row(connection, f"{'BEGIN; ' if connection.autocommit else ''}"
                                 "SET LOCAL standard_conforming_strings = on; "
                                 f"SET LOCAL lock_timeout = '{lock_timeout}'; "
-                                "SELECT size, lines, checkpoint, checkpoint_lines FROM escalate_ledgers "
+                                "SELECT size, lines, checkpoint, checkpoint_lines, "
+                                "listened_until > now() FROM escalate_ledgers "
                                 f"WHERE ledger = {text_literal(self.run_id)} FOR UPDATE")
                 if row is None or not row[1]:
                     raise self._unknown()
@@ -349,11 +352,23 @@ class PgLedger:
         return str(row[0]) if row is not None else ""
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
-        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling)."""
+        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).
+
+        A commit notifies only while the ledger's ``listened_until`` is ahead: a notice
+        makes concurrent commits queue on one lock of the server, so runs nobody waits on
+        do without. A waiter moves it ahead (a write, about once a minute) after it listens
+        and before it looks at the size, so every commit it does not see is notified.
+        """
         with self._store.listening() as connection:
-            # Listening first, then looking: a commit after this look is notified.
-            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
-                                     (self.run_id,)).fetchone()
+            row = connection.execute(
+                "SELECT size, listened_until > now() + make_interval(secs => %s) FROM escalate_ledgers "
+                "WHERE ledger = %s", (timeout_s, self.run_id)).fetchone()
+            if row is not None and not row[1]:
+                # (The row lock waits for a writer that did not see the old value to commit:
+                # the size returned includes its lines.)
+                row = connection.execute(
+                    "UPDATE escalate_ledgers SET listened_until = now() + make_interval(secs => %s) "
+                    "WHERE ledger = %s RETURNING size", (timeout_s + _LISTEN_AHEAD_S, self.run_id)).fetchone()
             if (int(row[0]) if row is not None else 0) != seen_size:
                 return True
             return any(notice.payload == self.run_id
@@ -385,7 +400,7 @@ class PgLedger:
              use_cache: bool) -> Replayed:
         """Fold the ledger from its checkpoint (then only the lines after it are read), or
         from its first line when there is none, ``use_cache`` is off or it cannot be read."""
-        size, _, checkpoint, checkpoint_lines = row
+        size, _, checkpoint, checkpoint_lines = row[:4]
         lines = self._lines(connection, size)
         start = self._checkpoint(connection, checkpoint, checkpoint_lines, writable) \
             if use_cache and checkpoint is not None else None

@@ -109,7 +109,7 @@ class PgTransaction:
                 f", checkpoint = {bytes_literal(blob)}, checkpoint_lines = {count}"
             self._writes.append(f"UPDATE escalate_ledgers SET size = {self._size}, lines = {self._lines}"
                                 f"{checkpoint} WHERE ledger = {self._ledger_text}")
-        if self._appended:
+        if self._appended and self._row[4]:  # someone waits (PgLedger.wait_for_change)
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         self._connection.execute("; ".join([*self._writes, "COMMIT"]).encode())

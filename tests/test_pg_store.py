@@ -107,13 +107,28 @@ def test_the_checkpoint_follows_every_write_and_a_lost_one_is_rebuilt(pg_url: st
 
 
 def test_the_schema_is_made_once_and_again_changes_nothing(pg_url: str) -> None:
-    assert PgStore(pg_url).prepare() == 1
+    assert PgStore(pg_url).prepare() == 2
     assert PgStore(pg_url).prepare() == 0
     with psycopg.connect(pg_url) as connection:
         versions = connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall()
-    assert versions == [(0,), (1,)]
+    assert versions == [(0,), (1,), (2,)]
     result = _escalate("store", "init", "--store", pg_url, "--json")
     assert result.returncode == 0 and orjson.loads(result.stdout)["status"] == "current"
+
+
+def test_an_older_schema_is_upgraded_on_first_use(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from escalate import pg_schema
+
+    steps = pg_schema._STEPS
+    monkeypatch.setattr(pg_schema, "_STEPS", steps[:1])
+    monkeypatch.setattr(pg_schema, "SCHEMA_VERSION", 1)
+    Ledger.init(pg_url, "r", cap="10", actor="tester")  # made in tables of version 1
+    monkeypatch.setattr(pg_schema, "_STEPS", steps)
+    monkeypatch.setattr(pg_schema, "SCHEMA_VERSION", len(steps))
+    assert Ledger.open(pg_url, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 9_000_000
+    with psycopg.connect(pg_url) as connection:
+        assert connection.execute("SELECT max(version) FROM escalate_schema_version").fetchone() \
+            == (len(steps),)
 
 
 def _first_use(url: str, number: int, barrier: Any) -> None:
@@ -131,7 +146,7 @@ def test_eight_processes_using_an_empty_database_at_once_make_the_schema_once(pg
     assert [worker.exitcode for worker in workers] == [0] * 8
     with psycopg.connect(pg_url) as connection:
         assert connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall() \
-            == [(0,), (1,)]
+            == [(0,), (1,), (2,)]
     assert list(PgStore(pg_url).run_ids()) == [f"r{number}" for number in range(8)]
 
 
@@ -403,6 +418,7 @@ def test_a_command_reads_and_writes_only_the_rows_it_touches(
     assert len(reads) == 1 and "key = %s" in reads[0]  # one task, looked up by key
     [commit] = [query for query in queries if query.endswith("COMMIT")]
     assert commit.count("'t7'") == 1 and "'t8'" not in commit  # one task row written
+    assert "pg_notify" not in commit  # nobody waits on this run: no notice to queue commits on
     assert not any("FROM escalate_events" in query for query in queries)  # the checkpoint is current
 
 
