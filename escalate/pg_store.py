@@ -64,7 +64,6 @@ _LISTEN_AHEAD_S = 60
 _BATCH = 2000
 
 
-
 class ConnectionPool(Protocol):
     """Any pool that lends connections with ``with pool.connection() as conn`` (such as
     ``psycopg_pool.ConnectionPool``)."""
@@ -154,14 +153,20 @@ class PgStore:
             with lent as connection:
                 if self._pool is not None and not self._described:
                     self._where, self._described = _describe(connection.info.get_parameters()), True
-                if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                if _in_transaction(connection):
                     raise InputError("the PostgreSQL connection given to escalate is inside a "
                                      "transaction: commit or roll it back first (escalate commits "
                                      "each command itself)", code="connection_busy")
-                if schema and not self._schema_ready:
-                    ensure_schema(connection)
-                    self._schema_ready = True
-                yield connection
+                try:
+                    if schema and not self._schema_ready:
+                        ensure_schema(connection)
+                        self._schema_ready = True
+                    yield connection
+                finally:
+                    # Outside autocommit mode, psycopg opened a transaction for a read: end it,
+                    # so the connection is as idle as it was given.
+                    if not connection.autocommit and not connection.broken and _in_transaction(connection):
+                        connection.rollback()
 
     @contextmanager
     def listening(self) -> Iterator[Connection]:
@@ -170,11 +175,15 @@ class PgStore:
         lasts."""
         if self._url is None:
             with self.connection() as connection:
+                # Notices arrive between transactions only: the wait runs in autocommit mode.
+                autocommit, connection.autocommit = connection.autocommit, True
                 connection.execute(f"LISTEN {CHANNEL}")
                 try:
                     yield connection
                 finally:
-                    connection.execute(f"UNLISTEN {CHANNEL}")
+                    if not connection.broken:
+                        connection.execute(f"UNLISTEN {CHANNEL}")
+                        connection.autocommit = autocommit
             return
         with self._listener_guard, self.translated():
             if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
@@ -228,6 +237,10 @@ def _connect(url: str) -> Connection:
     if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
         return psycopg.connect(url, autocommit=True)
     return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+def _in_transaction(connection: Connection) -> bool:
+    return connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
 
 def _first_line(exc: Exception) -> str:

@@ -60,9 +60,18 @@ def test_a_reserve_and_release_round_trip(pg_url: str) -> None:
     assert again.verify().problems == []
 
 
-def test_an_open_connection_and_a_pool_are_stores(pg_url: str) -> None:
-    with psycopg.connect(pg_url, autocommit=True) as connection:
-        Ledger.init(connection, "r", cap="10", actor="tester").reserve("a", "1")
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_an_open_connection_and_a_pool_are_stores(pg_url: str, autocommit: bool) -> None:
+    with psycopg.connect(pg_url, autocommit=autocommit) as connection:
+        run = Ledger.init(connection, "r", cap="10", escalation="enforce", approval_threshold="5",
+                          actor="tester")
+        run.reserve("a", "1")
+        assert run.state().reserved_micros == 1_000_000 and len(run.events()[0]) == 2
+        with pytest.raises(Pending) as pending:
+            run.reserve("big", "6")
+        Ledger.open(connection, "r", actor="boss").approve(pending.value.escalation_id)
+        assert run.wait(pending.value.escalation_id, timeout_s=10)["status"] == "approved"
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
     class Pool:  # what psycopg_pool offers: connections lent by a context manager
         def __init__(self) -> None:
@@ -73,7 +82,7 @@ def test_an_open_connection_and_a_pool_are_stores(pg_url: str) -> None:
             return psycopg.connect(pg_url)
 
     pool = Pool()
-    assert Ledger.open(pool, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 8_000_000
+    assert Ledger.open(pool, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 2_000_000
     assert pool.lent >= 2
 
 
