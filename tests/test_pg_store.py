@@ -452,3 +452,18 @@ def _approve_later(url: str, escalation_id: str) -> None:
 
     time.sleep(1.5)  # the waiter is blocked on its LISTEN by then; how long is what is measured
     Ledger.open(url, "r", actor="bob").approve(escalation_id)
+
+
+def test_runs_watch_prints_a_commit_as_it_happens_not_at_its_interval(pg_url: str) -> None:
+    Ledger.init(pg_url, "r", cap="10", actor="tester")
+    watch = subprocess.Popen([sys.executable, "-m", "escalate", "runs", "watch", "r", "--store", pg_url,
+                              "-n", "1", "--interval", "1h", "--timeout", "60s", "--json"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        assert orjson.loads(watch.stdout.readline())["type"] == "run_opened"
+        Ledger.open(pg_url, "r", actor="tester").reserve("t", "1")
+        assert orjson.loads(watch.stdout.readline())["task"] == "t"  # long before an hour
+    finally:
+        watch.kill()
+        watch.wait()
