@@ -184,10 +184,14 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     return Decision(events=[*withdrawn, event], result=result)
 
 
-def resolved_event(escalation_id: str, mode: str, by: str) -> Event:
-    """An ``escalation_resolved`` line that grants nothing."""
-    return {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
-            "extension_micros": 0}
+def resolved_event(escalation_id: str, mode: str, by: str, role: str | None = None) -> Event:
+    """An ``escalation_resolved`` line that grants nothing (``role``: the database role
+    acting, on the PostgreSQL store)."""
+    event: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+                    "extension_micros": 0}
+    if role is not None:
+        event["role"] = role
+    return event
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,

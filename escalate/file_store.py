@@ -9,8 +9,10 @@ crash-safe appends, torn tails), ``events.ndjson.cache.sqlite`` beside it the ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +45,17 @@ class FileStore:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
                              "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+
+    def prepare(self) -> int:
+        """Create the runs folder (1) if it is not there yet (0)."""
+        self.check_usable()
+        if self.root.is_dir():
+            return 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, self.root) from exc
+        return 1
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
         return FileLedger(self, run_id, lock_timeout=lock_timeout)
@@ -112,6 +125,21 @@ class FileLedger:
 
     def sync(self) -> None:
         self.log.sync()
+
+    def role(self) -> None:
+        """A runs folder authenticates nobody: names are claimed (docs/escalation.md)."""
+        return None
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Poll the log's size (a file tells nobody it grew)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.size() != seen_size:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
 
     # ------------------------------------------------------------------ internals
 
@@ -211,6 +239,9 @@ class FileTransaction:
         last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
         checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
                         self._ledger.log.bound_path(LOG_NAME))
+
+    def derived_epoch(self) -> str:
+        return _boot_id()  # not synced: values do not outlive this boot of the machine
 
     def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
         wanted = list(keys)
@@ -313,3 +344,13 @@ class _KeptConnection:
 
 
 _DERIVED = _KeptConnection()
+
+
+@functools.cache
+def _boot_id() -> str:
+    """This boot of the machine."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
+            return source.read().strip()
+    except OSError:
+        return "unknown"

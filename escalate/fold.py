@@ -427,6 +427,8 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     mode = _choice(event, "mode", RESOLVED_MODES)
     extension = _int(event, "extension_micros")
     by = _str(event, "by")
+    if "role" in event:
+        _str(event, "role")
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
@@ -489,6 +491,8 @@ def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
 
 
 def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
+    if "role" in event:
+        _str(event, "role")
     state.policy = _policy(event.get("escalation"))
     if "cap_micros" in event:
         if state.pool is None:

@@ -173,6 +173,9 @@ class EscalationResolved(TypedDict):
     extension_micros: MicrosInt
     pool_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
         "Approving a pool_cap escalation: the pool's extension, for the period it is granted in.")]]
+    role: NotRequired[Annotated[NameStr, Doc(
+        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
+        "cannot choose); approver lists there name roles. Absent on the file store.")]]
 
 
 class Recovery(TypedDict):
@@ -189,6 +192,9 @@ class PolicyChanged(TypedDict):
     type: Literal["policy_changed"]
     escalation: EscalationPolicy
     cap_micros: NotRequired[Annotated[MicrosInt, Doc("A pool's new cap (pools only).")]]
+    role: NotRequired[Annotated[NameStr, Doc(
+        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
+        "cannot choose); approver lists there name roles. Absent on the file store.")]]
 
 
 class EscalationNotified(TypedDict):

@@ -22,7 +22,6 @@ Money stays in the run logs; a task counts in the period of its first reservatio
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,7 +40,7 @@ from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction
 from escalate.write import Decide, write
 
-FORMAT = 1
+FORMAT = 2
 
 
 def ledger_kinds(store: Store) -> Iterator[tuple[str, str | None]]:
@@ -75,16 +74,6 @@ def read_pool(runs: Store, pool_id: str, lock_timeout: float) -> RunState:
         raise replayed.problem
     facts_of(replayed.state)
     return replayed.state
-
-
-@functools.cache
-def boot_id() -> str:
-    """This boot of the machine: values kept unsynced do not outlive it."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
-            return source.read().strip()
-    except OSError:
-        return "unknown"
 
 
 class PoolBook:
@@ -194,7 +183,7 @@ def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
     values = transaction.derived(["meta", "intent"]) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
-    if (meta is None or meta.get("format") != FORMAT or meta.get("boot") != boot_id()
+    if (meta is None or meta.get("format") != FORMAT or meta.get("epoch") != transaction.derived_epoch()
             or meta.get("log_size") != pool_store.size()):
         return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
     book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
@@ -215,7 +204,7 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
             raise replayed.problem
         state = replayed.state
     facts = facts_of(state)
-    meta = _meta(state, facts, pool_store.size())
+    meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch())
     book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
     book.fill(state)
     values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
@@ -226,8 +215,8 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
     return book
 
 
-def _meta(state: RunState, facts: PoolFacts, log_size: int) -> dict[str, Any]:
-    return {"format": FORMAT, "boot": boot_id(), "log_size": log_size, "cap": facts.cap_micros,
+def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str) -> dict[str, Any]:
+    return {"format": FORMAT, "epoch": epoch, "log_size": log_size, "cap": facts.cap_micros,
             "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
 
 
@@ -284,7 +273,7 @@ class PoolLogWrite:
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         book = self.book
         if book is not None and events:
-            book.meta = _meta(state, facts_of(state), offset)
+            book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch())
             joined = {event["run"]: book.fold_log(event["run"]) for event in events
                       if event["type"] == "run_joined"}
             book.members.update(joined)

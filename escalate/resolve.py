@@ -50,11 +50,12 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
-                      pool: PoolView | None = None) -> Decision:
+                      pool: PoolView | None = None, role: str | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
-    or cancel, and never the requester."""
+    or cancel, and never the requester. ``role``: the database role acting (PostgreSQL
+    store), recorded, and the name an approver list is checked against."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(InputError(
@@ -65,7 +66,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
         return fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by, pool)
+    refusal = _not_allowed(state, escalation, mode, by, pool, role)
     if refusal is not None:
         return fail(refusal)
     if escalation.state == "resolved":
@@ -79,7 +80,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
             f"escalation {escalation_id} was already resolved: {escalation.mode} by "
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
-    resolved = resolved_event(escalation_id, mode, by)
+    resolved = resolved_event(escalation_id, mode, by, role)
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
@@ -92,7 +93,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
 
 
 def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
-                 pool: PoolView | None) -> Refused | None:
+                 pool: PoolView | None, role: str | None) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
     first-resolution-wins answer: who won tells nothing to someone who may not resolve.
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
@@ -117,9 +118,9 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"escalation ({who}); ask an approver, or take it back with "
             f"'escalate withdraw {state.run_id} {escalation.id}'",
             code="self_approval", approvers=list(approvers), **facts)
-    if approvers and by not in approvers:
+    if approvers and (role or by) not in approvers:
         return Refused(
-            f"cannot resolve {escalation.id}: {by} is not an approver of {kind} {ledger_id} "
+            f"cannot resolve {escalation.id}: {role or by} is not an approver of {kind} {ledger_id} "
             f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
             f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
@@ -192,15 +193,17 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
     return None
 
 
-def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
+def decide_policy(state: RunState, policy: Policy, by: str | None = None,
+                  role: str | None = None) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
-    its approvers, only they may change it: otherwise anyone could add themselves."""
+    its approvers, only they may change it: otherwise anyone could add themselves (``role``:
+    the database role acting, recorded, and checked instead of ``by``)."""
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json()})
     approvers = state.policy.approvers
-    if approvers and by not in approvers:
+    if approvers and (role or by) not in approvers:
         return fail(Refused(
-            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
+            f"cannot change the escalation policy of run {state.run_id}: {role or by} is not one of its "
             f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
             code="not_an_approver", by=by, approvers=list(approvers)))
     if policy.max_extension_micros < state.extended_micros:
@@ -208,5 +211,7 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Dec
             f"max extension {usd(policy.max_extension_micros)} is below the "
             f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
             f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
-    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
-                    result={"status": "changed", "escalation": policy.to_json()})
+    changed: Event = {"type": "policy_changed", "escalation": policy.to_json()}
+    if role is not None:
+        changed["role"] = role
+    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})

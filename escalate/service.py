@@ -233,7 +233,8 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s)
-            return resolve.decide_policy(state, policy, self.actor)
+            return resolve.decide_policy(state, policy, self.actor, role)
+        role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self, *, redeliver: bool = True) -> SweepResult:
@@ -309,6 +310,12 @@ class Ledger:
         """The bytes in the log so far: it grows with every write (``runs watch`` polls it)."""
         return self.store.size()
 
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float = 0.05) -> bool:
+        """Block until :meth:`log_size` may differ from ``seen_size``, at most ``timeout_s``
+        (``runs watch``): the PostgreSQL store wakes on its notice, the file store polls
+        every ``poll_s``. True when it changed."""
+        return self.store.wait_for_change(seen_size, timeout_s, poll_s=poll_s)
+
     def read_log(self) -> BinaryIO:
         """The log's bytes, read without the lock, for checks of every line (``runs
         verify``'s schema check); the caller closes it."""
@@ -329,9 +336,10 @@ class Ledger:
     def _resolve(self, escalation_id: str, mode: str, by: str | None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
+        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool)))
+                                                                  pool, role)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.

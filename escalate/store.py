@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from escalate.errors import InputError
 from escalate.events import Event
@@ -32,6 +32,7 @@ from escalate.state import RunState
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
+_POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 
 
 class CacheInvalid(Exception):
@@ -69,6 +70,12 @@ class Transaction(Protocol):
     def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
         """The values stored under ``keys`` (a key never saved is left out); None when they
         cannot be read (a damaged store): the caller rebuilds them from the logs."""
+        ...
+
+    def derived_epoch(self) -> str:
+        """What the derived values were saved under: it changes when they may have been lost
+        without a trace (the file store does not sync them: this boot of the machine), and
+        values saved under another epoch are not trusted."""
         ...
 
     def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> bool:
@@ -132,6 +139,17 @@ class LedgerStore(Protocol):
         """Make every line written so far durable (called after the critical section)."""
         ...
 
+    def role(self) -> str | None:
+        """Who is acting as the store itself knows it (PostgreSQL: ``current_user``, which
+        a client cannot choose), or None where nobody is authenticated (a runs folder)."""
+        ...
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Block until :meth:`size` may differ from ``seen_size``, at most ``timeout_s``:
+        True when it changed. A store that can only poll checks every ``poll_s``; one that
+        is told of changes (PostgreSQL's LISTEN/NOTIFY) wakes when told."""
+        ...
+
 
 class RecoveredFirstLines(Protocol):
     def __call__(self, torn_bytes: int, saved_to: str) -> bytes:
@@ -141,7 +159,7 @@ class RecoveredFirstLines(Protocol):
 
 
 class Store(Protocol):
-    """Where ledgers live: a runs folder, or (later) a database."""
+    """Where ledgers live: a runs folder, or a database."""
 
     @property
     def where(self) -> str:
@@ -150,6 +168,11 @@ class Store(Protocol):
 
     def check_usable(self) -> None:
         """:class:`InputError` if new ledgers cannot be made here (a file as the folder)."""
+        ...
+
+    def prepare(self) -> int:
+        """Create or upgrade what the store needs (``escalate store init``; idempotent):
+        the number of steps applied, 0 when there was nothing to do."""
         ...
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:
@@ -161,16 +184,34 @@ class Store(Protocol):
         ...
 
 
-def open_store(location: str | os.PathLike[str] | Store) -> Store:
-    """The store at ``location``: a folder path is a file store (a runs root);
-    a ``postgresql://`` URL is refused until that store exists."""
+def is_store_url(location: str) -> bool:
+    """True when ``location`` names a database store, not a runs folder."""
+    return bool(_POSTGRES_URL.match(location))
+
+
+def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
+    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
+    psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
+    path is a file store (a runs root); a store is itself."""
     if not isinstance(location, (str, os.PathLike)):
-        return location
+        if hasattr(location, "ledger") and hasattr(location, "run_ids"):
+            return cast(Store, location)
+        from escalate.pg_store import PgStore
+
+        return PgStore(cast(Any, location))
     text = os.fspath(location)
     if _POSTGRES_URL.match(text):
-        raise InputError("the PostgreSQL store is not built yet: give a runs folder with "
-                         "--runs-dir or ESCALATE_RUNS_DIR", code="store_not_supported",
-                         store=text.split("@")[-1][:80])
+        if not _POSTGRES_URL_WHOLE.match(text):
+            # ``Path("postgresql://h/db")`` is "postgresql:/h/db": the URL was lost on the way.
+            raise InputError(f"invalid store URL {text.split('@')[-1][:80]!r}: give it with --store "
+                             "or ESCALATE_STORE, as postgresql://user@host/database",
+                             code="invalid_store")
+        try:
+            from escalate.pg_store import PgStore
+        except ImportError:
+            raise InputError("the PostgreSQL store needs psycopg: pip install "
+                             "'escalate-ledger[postgres]'", code="store_not_supported") from None
+        return PgStore(text)
     from escalate.file_store import FileStore
 
     return FileStore(text)

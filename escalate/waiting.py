@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from escalate.service import Ledger
 
 _WAIT_POLL_S = 0.05
+# How long a wait sleeps at most before it looks at the clock again (expiry follows it).
+_WAIT_WAKE_S = 1.0
 
 
 def wait_for(ledger: Ledger, escalation_id: str, timeout_s: float | None) -> ResolutionResult:
@@ -60,4 +62,5 @@ def wait_for(ledger: Ledger, escalation_id: str, timeout_s: float | None) -> Res
                 f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
                 f"wait again or ask an approver to run 'escalate approve {ledger.run_id} {escalation_id}'",
                 code="escalation_open", escalation_id=escalation_id, run=ledger.run_id)
-        time.sleep(_WAIT_POLL_S)
+        wake = _WAIT_WAKE_S if deadline is None else min(_WAIT_WAKE_S, deadline - time.monotonic())
+        ledger.store.wait_for_change(last_size, max(wake, 0.0), poll_s=_WAIT_POLL_S)

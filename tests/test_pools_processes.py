@@ -28,18 +28,28 @@ RUNS = ["r0", "r1", "r2", "r3"]
 POOL_CAP = 40_000_000
 
 
-def _make_pool(root: Path) -> None:
+def make_pool(root: Path | str) -> None:
     Pool.init(root, "pool", cap="40", actor="tester")
     for run in RUNS:
         Ledger.init(root, run, pool="pool", cap="100", actor="tester")
 
 
-def merged_history(root: Path) -> list[dict[str, Any]]:
+def run_logs(root: Path | str) -> dict[str, bytes]:
+    """Each member run's log: read from its folder, or (a store URL) through the library."""
+    if isinstance(root, Path):
+        return {run: (root / run / "events.ndjson").read_bytes() for run in RUNS}
+    logs = {}
+    for run in RUNS:
+        with Ledger.open(root, run).read_log() as stream:
+            logs[run] = stream.read()
+    return logs
+
+
+def merged_history(root: Path | str) -> list[dict[str, Any]]:
     """Every line of the member runs, in the order they were written (one writer at a time
     holds the pool, and each line's time is at least its run's last)."""
     events = []
-    for run in RUNS:
-        data = (root / run / "events.ndjson").read_bytes()
+    for run, data in run_logs(root).items():
         for line in data[:data.rfind(b"\n") + 1].splitlines():  # not a torn tail a kill left
             event = json.loads(line)
             event["run"] = run
@@ -47,7 +57,7 @@ def merged_history(root: Path) -> list[dict[str, Any]]:
     return sorted(events, key=lambda event: (event["ts"], event["run"], event["seq"]))
 
 
-def audit_pool(root: Path, cap: int = POOL_CAP) -> tuple[int, int]:
+def audit_pool(root: Path | str, cap: int = POOL_CAP) -> tuple[int, int]:
     """An independent fold of the merged history (stdlib only): after every reservation the
     pool's committed money is within its cap. Returns (spent, reserved)."""
     held: dict[tuple[str, str], int] = {}
@@ -68,13 +78,13 @@ def audit_pool(root: Path, cap: int = POOL_CAP) -> tuple[int, int]:
     return spent, sum(held.values())
 
 
-def _worker(root: Path, worker: int, start: Any, results: Any) -> None:
-    rng = random.Random(worker)
-    run = Ledger.open(root, RUNS[worker % len(RUNS)], lock_timeout=60, actor=f"w{worker}")
+def worker(root: Path | str, number: int, start: Any, results: Any) -> None:
+    rng = random.Random(number)
+    run = Ledger.open(root, RUNS[number % len(RUNS)], lock_timeout=60, actor=f"w{number}")
     start.wait()
     done = refused = 0
     for step in range(40):
-        task = f"w{worker}-{step}"
+        task = f"w{number}-{step}"
         try:
             tenths = rng.randint(1, 20)
             run.reserve(task, str(tenths / 10))
@@ -90,9 +100,9 @@ def _worker(root: Path, worker: int, start: Any, results: Any) -> None:
 
 def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    _make_pool(root)
+    make_pool(root)
     start, results = FORK.Barrier(8), FORK.Queue()
-    workers = [FORK.Process(target=_worker, args=(root, n, start, results)) for n in range(8)]
+    workers = [FORK.Process(target=worker, args=(root, n, start, results)) for n in range(8)]
     for process in workers:
         process.start()
     outcomes = [results.get(timeout=300) for _ in workers]
@@ -121,7 +131,7 @@ def _killed_after_the_append(root: Path) -> None:
 
 def test_a_writer_killed_before_the_books_are_saved_leaves_no_hole(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    _make_pool(root)
+    make_pool(root)
     for run in RUNS:
         Ledger.open(root, run).reserve("warm", "0")  # the books exist and are current
     killed = FORK.Process(target=_killed_after_the_append, args=(root,))
@@ -138,7 +148,7 @@ def test_a_writer_killed_before_the_books_are_saved_leaves_no_hole(tmp_path: Pat
 
 def test_deleting_the_books_changes_no_answer(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    _make_pool(root)
+    make_pool(root)
     Ledger.open(root, "r0").reserve("a", "37")
     for path in (root / "pool").glob("events.ndjson.derived.sqlite*"):
         path.unlink()
@@ -157,7 +167,7 @@ def test_killed_writers_leave_pool_and_runs_consistent(tmp_path: Path) -> None:
     from tests.killing import kill_storm
 
     root = tmp_path / "runs"
-    _make_pool(root)
+    make_pool(root)
     rng = random.Random(13)
     kills = kill_storm(lambda slot: _spawn(root, rng.randrange(2**32)), 4, 6.0, rng, lambda: None)
     assert kills >= 8

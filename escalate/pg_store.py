@@ -1,0 +1,505 @@
+"""The PostgreSQL store: ledgers as rows of a database server many machines share.
+
+Behind the seam of :mod:`escalate.store`, as the file store is. Each command is one
+database transaction: ``SET LOCAL lock_timeout``, the ledger's row locked with ``SELECT …
+FOR UPDATE`` (no advisory lock), the checkpoint and the lines after it loaded, the new
+lines inserted, the checkpoint updated, a ``pg_notify`` for waiters, commit. Acknowledged
+means committed, so :meth:`PgLedger.sync` has nothing left to do. The tables are described
+in :mod:`escalate.pg_schema`; the lines are the file store's NDJSON bytes, folded by the
+same :func:`escalate.replay.replay`.
+
+psycopg 3 is imported only here (and in the modules beside this one), when a store of this
+kind is opened: the file store's start-up does not change.
+
+Failures: a lock wait over the timeout is :class:`~escalate.errors.LockTimeout` (exit 7);
+no connection, a refused login, a connection lost before the commit was confirmed are
+:class:`~escalate.errors.StoreUnavailable` (exit 8), naming the host and the database,
+never the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+
+import orjson
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from escalate.cache import FORMAT, state_from_blob
+from escalate.cache_rows import LoadedRows
+from escalate.durations import format_duration
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.pg_rows import LineStream, PgRows
+from escalate.pg_schema import ensure_schema
+from escalate.pg_transaction import (
+    CHANNEL,
+    Connection,
+    PgTransaction,
+    insert_first_lines,
+    last_row,
+    rollback,
+    text_literal,
+)
+from escalate.replay import Progress, Replayed, replay
+from escalate.state import EscalationState, Task
+from escalate.store import CacheInvalid, RecoveredFirstLines
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+# Called with each step of a writing command's transaction ("connected", "locked", "loaded",
+# "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
+STEP_HOOK: Callable[[str], None] | None = None
+
+# How much longer than its own wait a waiter asks commits to notify: a waiter that waits
+# again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
+_LISTEN_AHEAD_S = 60
+# Rows fetched per query when lines are streamed.
+_BATCH = 2000
+# The savepoint of a transaction opened inside another one of the same store.
+_NESTED = "escalate_nested"
+
+
+class ConnectionPool(Protocol):
+    """Any pool that lends connections with ``with pool.connection() as conn`` (such as
+    ``psycopg_pool.ConnectionPool``)."""
+
+    def connection(self) -> AbstractContextManager[Connection]: ...
+
+
+def _step(name: str) -> None:
+    if STEP_HOOK is not None:
+        STEP_HOOK(name)
+
+
+class PgStore:
+    """A PostgreSQL database holding ledgers (:class:`escalate.store.Store`), reached by a
+    URL (one connection, kept for the life of the store in this process), an open
+    connection, or a pool."""
+
+    def __init__(self, source: str | Connection | ConnectionPool) -> None:
+        self._url = source if isinstance(source, str) else None
+        self._given = source if isinstance(source, psycopg.Connection) else None
+        self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
+        self._kept: Connection | None = None
+        self._kept_pid = 0
+        self._listener: Connection | None = None  # LISTENs, for waits (a URL's store only)
+        self._listener_pid = 0
+        self._listener_guard = threading.Lock()
+        self._schema_ready = False
+        # Threads sharing one connection take turns: a transaction is the connection's.
+        self._guard = threading.RLock()
+        # The connection of the transaction open in this process (a pool's, while a member
+        # run is written): a nested transaction joins it, so both commit together.
+        self._active: Connection | None = None
+        self._password = ""
+        self._where = "a PostgreSQL database"
+        self._described = False  # a pool's database is named by its first connection
+        if self._url is not None:
+            try:
+                info = conninfo_to_dict(self._url)
+            except psycopg.ProgrammingError as exc:
+                raise InputError(f"invalid store URL ({_first_line(exc)}); write it as "
+                                 "postgresql://user@host:port/database", code="invalid_store") from None
+            self._password = str(info.get("password") or "")
+            self._where = _describe(info)
+        elif self._given is not None:
+            self._where = _describe(self._given.info.get_parameters())
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def close(self) -> None:
+        """Close the connections this store opened itself (from a URL; in this process)."""
+        for connection, pid in ((self._kept, self._kept_pid), (self._listener, self._listener_pid)):
+            if connection is not None and pid == os.getpid():
+                connection.close()
+        self._kept = self._listener = None
+
+    def __del__(self) -> None:
+        # A Ledger opened from a URL owns its store: its connections end with it.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def check_usable(self) -> None:
+        with self.connection():
+            pass
+
+    def ledger(self, run_id: str, *, lock_timeout: float) -> PgLedger:
+        return PgLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def run_ids(self) -> Iterator[str]:
+        with self.connection() as connection:
+            rows = connection.execute("SELECT ledger FROM escalate_ledgers WHERE lines > 0 "
+                                      "ORDER BY ledger").fetchall()
+        for (run_id,) in rows:
+            yield run_id
+
+    def prepare(self) -> int:
+        """Create or upgrade the tables (``escalate store init``); the steps applied."""
+        with self.connection(schema=False) as connection:
+            applied = ensure_schema(connection)
+            self._schema_ready = True
+            return applied
+
+    @contextmanager
+    def connection(self, *, schema: bool = True) -> Iterator[Connection]:
+        """A connection outside any transaction, the schema in place (``schema``); every
+        psycopg error inside is reported as escalate's."""
+        with self._guard, self.translated():
+            if self._active is not None:  # inside this store's open transaction: join it
+                yield self._active
+                return
+            lent = self._pool.connection() if self._pool is not None else nullcontext(self._own())
+            with lent as connection:
+                if self._pool is not None and not self._described:
+                    self._where, self._described = _describe(connection.info.get_parameters()), True
+                if _in_transaction(connection):
+                    raise InputError("the PostgreSQL connection given to escalate is inside a "
+                                     "transaction: commit or roll it back first (escalate commits "
+                                     "each command itself)", code="connection_busy")
+                try:
+                    if schema and not self._schema_ready:
+                        ensure_schema(connection)
+                        self._schema_ready = True
+                    yield connection
+                finally:
+                    # Outside autocommit mode, psycopg opened a transaction for a read: end it,
+                    # so the connection is as idle as it was given.
+                    if not connection.autocommit and not connection.broken and _in_transaction(connection):
+                        connection.rollback()
+
+    @contextmanager
+    def listening(self) -> Iterator[Connection]:
+        """A connection that listens on :data:`CHANNEL`: one kept for it when the store was
+        given a URL, else a connection of the pool (or the one given) for as long as this
+        lasts."""
+        if self._url is None:
+            with self.connection() as connection:
+                # Notices arrive between transactions only: the wait runs in autocommit mode.
+                autocommit, connection.autocommit = connection.autocommit, True
+                connection.execute(f"LISTEN {CHANNEL}")
+                try:
+                    yield connection
+                finally:
+                    if not connection.broken:
+                        connection.execute(f"UNLISTEN {CHANNEL}")
+                        connection.autocommit = autocommit
+            return
+        with self._listener_guard, self.translated():
+            if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
+                self._listener = _connect(self._url)
+                self._listener_pid = os.getpid()
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            yield self._listener
+
+    def _own(self) -> Connection:
+        """The connection this store keeps (a new one after a fork, or after it broke)."""
+        if self._given is not None:
+            return self._given
+        if self._kept is None or self._kept.closed or self._kept_pid != os.getpid():
+            assert self._url is not None
+            self._kept = _connect(self._url)
+            self._kept_pid = os.getpid()
+        return self._kept
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        """psycopg's errors as escalate's: the connection is gone or refused → exit 8."""
+        try:
+            yield
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise self.unavailable(exc, code="permission_denied",
+                                   advice="grant the role its rights (see docs/scale-out.md)") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if self._kept is not None and self._kept.broken:
+                self._kept = None
+            if self._listener is not None and self._listener.broken:
+                self._listener = None
+            raise self.unavailable(exc) from None
+
+    def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
+                    advice: str = "") -> StoreUnavailable:
+        """exit 8, one line: where, why, and that a retry is safe."""
+        cause = _first_line(exc)
+        if self._password:
+            cause = cause.replace(self._password, "***")
+        next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
+        return StoreUnavailable(
+            f"the PostgreSQL store {self.where} is unavailable ({cause}); the outcome of this "
+            f"command may be unknown: {next_step} — repeating the same command is safe",
+            code=code, path=self.where, errno=None)
+
+
+def _connect(url: str) -> Connection:
+    """A new connection in autocommit mode (each command opens its own transaction). It
+    waits 10 s at most to connect unless the URL or ``PGCONNECT_TIMEOUT`` says otherwise
+    (libpq's own default is to wait for ever)."""
+    if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
+        return psycopg.connect(url, autocommit=True)
+    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+def _in_transaction(connection: Connection) -> bool:
+    return connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
+def _first_line(exc: Exception) -> str:
+    """What psycopg says, in one line, the password of any URL in it (``://user:password@``)
+    blanked."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """``postgresql://host:port/database``, never the user's password."""
+    host = str(info.get("host") or "localhost").split(",")[0]
+    port = str(info.get("port") or "").split(",")[0]
+    database = info.get("dbname") or info.get("user") or ""
+    if host.startswith("/"):  # a Unix socket's folder, written as libpq's URLs write it
+        return f"postgresql:///{database}?host={host}"
+    return f"postgresql://{host}{':' + port if port else ''}/{database}"
+
+
+class PgLedger:
+    """One ledger's rows (:class:`escalate.store.LedgerStore`)."""
+
+    def __init__(self, store: PgStore, run_id: str, *, lock_timeout: float) -> None:
+        self.run_id = run_id
+        # A progress bar reads the size of a file; these lines are fetched by query.
+        self.progress: Progress | None = None
+        self._store = store
+        self.lock_timeout = lock_timeout
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def command(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def exists(self) -> bool:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT lines FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return row is not None and row[0] > 0
+
+    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+        """Insert the ledger's row and its first lines; False if it exists. (``recovered``
+        is for a torn first write, which a transaction never leaves.)"""
+        lines = first_lines.splitlines(keepends=True)
+        with self._store.connection() as connection, connection.transaction():
+            made = connection.execute(
+                "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
+                "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
+                (self.run_id, len(first_lines), len(lines))).fetchone()
+            if made is None:
+                return False
+            insert_first_lines(connection, self.run_id, lines)
+        return True
+
+    @contextmanager
+    def transaction(self, *, use_cache: bool = True) -> Iterator[PgTransaction]:
+        """One round trip opens the transaction, bounds the lock wait and locks the row; the
+        rows the fold asks for are read; one more sends every write and the commit. Opened
+        inside another ledger's transaction of this store (a member run inside its pool's),
+        it is a savepoint of that one: both commit together, or neither."""
+        store = self._store
+        with store.connection() as connection:
+            outer = store._active is None
+            _step("connected")
+            # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
+            lock_timeout = f"{max(1, round(self.lock_timeout * 1000))}ms"
+            # (A connection that is not in autocommit mode opens the transaction itself.)
+            begin = ("BEGIN; " if connection.autocommit else "") if outer else f"SAVEPOINT {_NESTED}; "
+            try:
+                # Literals are written with standard_conforming_strings on: see _text.
+                row = last_row(connection, f"{begin}SET LOCAL standard_conforming_strings = on; "
+                                f"SET LOCAL lock_timeout = '{lock_timeout}'; "
+                                "SELECT size, lines, checkpoint, checkpoint_lines, "
+                                "listened_until > now() FROM escalate_ledgers "
+                                f"WHERE ledger = {text_literal(self.run_id)} FOR UPDATE")
+                if row is None or not row[1]:
+                    raise self._unknown()
+                _step("locked")
+                transaction = PgTransaction(self, connection, row, use_cache=use_cache, step=_step,
+                                            savepoint=None if outer else _NESTED)
+                if outer:
+                    store._active = connection
+                try:
+                    yield transaction
+                finally:
+                    if outer:
+                        store._active = None
+                transaction.commit()
+            except psycopg.errors.LockNotAvailable:
+                self._undo(connection, outer)
+                raise LockTimeout(
+                    f"run {self.run_id} is locked by another command on {self.where} after "
+                    f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
+                    lock_file=f"{self.where} ledger {self.run_id}",
+                    timeout_s=self.lock_timeout) from None
+            except BaseException:
+                self._undo(connection, outer)
+                raise
+            _step("committed" if outer else "released")
+
+    @staticmethod
+    def _undo(connection: Connection, outer: bool) -> None:
+        """Roll back a transaction that will not commit, or a nested one's savepoint."""
+        if outer:
+            rollback(connection)
+        elif not connection.broken and not connection.closed:
+            with contextlib.suppress(psycopg.Error):
+                connection.execute(f"ROLLBACK TO SAVEPOINT {_NESTED}")
+
+    def read(self, *, use_cache: bool = True) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return self.fold(connection, row, writable=False, use_cache=use_cache)
+
+    def verify(self) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return replay(self._lines(connection, row[0]), self.run_id, tolerant=True)
+
+    def reader(self) -> BinaryIO:
+        size = self.size()
+
+        def fetch(after: int, up_to: int) -> list[tuple[bytes, int]]:
+            with self._store.connection() as connection:
+                return _fetch_lines(connection, self.run_id, after, up_to)
+
+        return cast(BinaryIO, LineStream(fetch, size))
+
+    def size(self) -> int:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def sync(self) -> None:
+        """Nothing to do: the commit made the lines durable before the command answered."""
+
+    def role(self) -> str:
+        """The database role this connection acts as (``current_user``)."""
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT current_user").fetchone()
+        return str(row[0]) if row is not None else ""
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).
+
+        A commit notifies only while the ledger's ``listened_until`` is ahead: a notice
+        makes concurrent commits queue on one lock of the server, so runs nobody waits on
+        do without. A waiter moves it ahead (a write, about once a minute) after it listens
+        and before it looks at the size, so every commit it does not see is notified.
+        """
+        with self._store.listening() as connection:
+            row = connection.execute(
+                "SELECT size, listened_until > now() + make_interval(secs => %s) FROM escalate_ledgers "
+                "WHERE ledger = %s", (timeout_s, self.run_id)).fetchone()
+            if row is not None and not row[1]:
+                # (The row lock waits for a writer that did not see the old value to commit:
+                # the size returned includes its lines.)
+                row = connection.execute(
+                    "UPDATE escalate_ledgers SET listened_until = now() + make_interval(secs => %s) "
+                    "WHERE ledger = %s RETURNING size", (timeout_s + _LISTEN_AHEAD_S, self.run_id)).fetchone()
+            if (int(row[0]) if row is not None else 0) != seen_size:
+                return True
+            return any(notice.payload == self.run_id
+                       for notice in connection.notifies(timeout=timeout_s))
+
+    # ------------------------------------------------------------------ internals
+
+    def _unknown(self) -> UnknownRun:
+        return UnknownRun(f"no run {self.run_id} in {self.where}; check the run id with "
+                          "'escalate runs list'", run=self.run_id)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[tuple[Connection, tuple[Any, ...]]]:
+        """A read-only transaction that sees one moment: the checkpoint, the lines and the
+        rows agree however many queries it takes."""
+        with self._store.connection() as connection, \
+                nullcontext() if self._store._active is not None else connection.transaction():
+            if self._store._active is None:  # (inside a write, its transaction is the moment)
+                connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = connection.execute("SELECT size, lines, checkpoint, checkpoint_lines FROM "
+                                     "escalate_ledgers WHERE ledger = %s", (self.run_id,)).fetchone()
+            if row is None or not row[1]:
+                raise self._unknown()
+            yield connection, row
+
+    def _lines(self, connection: Connection, size: int) -> _Lines:
+        return _Lines(self.where, lambda: LineStream(
+            lambda after, up_to: _fetch_lines(connection, self.run_id, after, up_to), size))
+
+    def fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
+             use_cache: bool) -> Replayed:
+        """Fold the ledger from its checkpoint (then only the lines after it are read), or
+        from its first line when there is none, ``use_cache`` is off or it cannot be read."""
+        size, _, checkpoint, checkpoint_lines = row[:4]
+        lines = self._lines(connection, size)
+        start = self._checkpoint(connection, checkpoint, checkpoint_lines, writable) \
+            if use_cache and checkpoint is not None else None
+        replayed = replay(lines, self.run_id, start=start)
+        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+        if start is not None and replayed.problem is not None:
+            # A problem is only ever reported from the lines themselves, never the checkpoint.
+            replayed = replay(lines, self.run_id)
+        if replayed.problem is not None and not writable:
+            # What a reader shows stops before the first line the problem casts doubt on.
+            trusted = replayed.problem.first_suspect_line - 1
+            if 0 < trusted < replayed.state.seq:
+                replayed.state = replay(lines, self.run_id, stop_after=trusted).state
+        replayed.state.run_id = self.run_id
+        return replayed
+
+    def _checkpoint(self, connection: Connection, checkpoint: bytes, checkpoint_lines: int,
+                    writable: bool) -> Replayed | None:
+        """The checkpoint as a start for :func:`replay`, or None when it cannot be used. A
+        writer's tasks and escalations are read as the fold asks for them; a reader's all
+        at once, in its snapshot."""
+        def query(sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+            return connection.execute(sql.encode(), parameters).fetchall()
+
+        try:
+            blob = orjson.loads(checkpoint)
+            if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
+                return None
+            tasks: Any
+            escalations: Any
+            if writable:
+                tasks = PgRows[Task](query, "tasks", self.run_id)
+                escalations = PgRows[EscalationState](query, "escalations", self.run_id)
+            else:
+                tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(
+                    f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
+                    (self.run_id,))], table) for table in ("tasks", "escalations"))
+            state = state_from_blob(blob, tasks, escalations)
+        except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
+                        last_line_start=blob["last_line_start"])
+
+
+class _Lines:
+    """A ledger's lines as :func:`replay` reads them (:class:`escalate.replay.LineSource`)."""
+
+    def __init__(self, where: str, open_stream: Callable[[], LineStream]) -> None:
+        self.where = where
+        self._open = open_stream
+
+    def reader(self) -> BinaryIO:
+        return cast(BinaryIO, self._open())
+
+
+def _fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) -> list[tuple[bytes, int]]:
+    return connection.execute(
+        "SELECT line, end_offset FROM escalate_events WHERE ledger = %s AND end_offset > %s "
+        "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, _BATCH)).fetchall()

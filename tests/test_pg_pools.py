@@ -1,0 +1,98 @@
+"""Pools on the PostgreSQL store (docs/pools.md, docs/scale-out.md): the same rules through
+the same seam, and a write to a member run commits in one database transaction with the
+pool's books, so a writer killed half-way leaves neither."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import psycopg
+import pytest
+
+from escalate import Ledger
+from escalate.errors import Pending, Refused
+from escalate.pools import Pool
+from tests.pg_server import pg_url
+from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, make_pool, worker
+
+__all__ = ["pg_url"]  # the fixture, imported for the tests below
+
+FORK = multiprocessing.get_context("fork")
+
+
+def test_a_member_run_must_fit_its_pool(pg_url: str) -> None:
+    Pool.init(pg_url, "team", cap="200", period="day", tz="Europe/Berlin", max_extension="50",
+              escalation="enforce")
+    api = Ledger.init(pg_url, "api", pool="team", cap="150", actor="ci")
+    web = Ledger.init(pg_url, "web", pool="team", cap="150", actor="ci")
+    assert api.reserve("build", "120")["pool_remaining_micros"] == 80_000_000
+    with pytest.raises(Pending) as asked:
+        web.reserve("build", "100")
+    assert web.state().escalations[asked.value.escalation_id].reason == "pool_cap"
+    shown = Pool.open(pg_url, "team").show()
+    assert (shown["reserved_micros"], shown["remaining_micros"]) == (120_000_000, 80_000_000)
+    assert sorted(row["run"] for row in shown["runs"]) == ["api", "web"]
+    api.release("build", "110")
+    assert Pool.open(pg_url, "team").show()["spent_micros"] == 110_000_000
+
+
+def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(pg_url: str) -> None:
+    make_pool(pg_url)
+    start, results = FORK.Barrier(8), FORK.Queue()
+    workers = [FORK.Process(target=worker, args=(pg_url, n, start, results)) for n in range(8)]
+    for process in workers:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in workers]
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    assert sum(done for done, _ in outcomes) > 20 and sum(refused for _, refused in outcomes) > 20
+    spent, reserved = audit_pool(pg_url)
+    shown = Pool.open(pg_url, "pool").show()
+    assert (shown["spent_micros"], shown["reserved_micros"]) == (spent, reserved)
+    for run in RUNS:
+        assert Ledger.open(pg_url, run).verify().problems == []
+
+
+def _killed_after_the_append(url: str) -> None:
+    """Reserve on r0 and die after the run's lines went to the server, before the pool's
+    books are saved and anything is committed."""
+    from escalate import pool_book
+
+    def die(self: Any, events: list[Any], *args: Any) -> None:
+        if events:
+            os._exit(9)
+
+    pool_book.MemberWrite.finish = die  # type: ignore[method-assign]
+    Ledger.open(url, "r0", actor="doomed").reserve("doomed", "30")
+
+
+def test_a_writer_killed_inside_the_pool_commits_nothing(pg_url: str) -> None:
+    make_pool(pg_url)
+    for run in RUNS:
+        Ledger.open(pg_url, run).reserve("warm", "0")  # the books exist and are current
+    killed = FORK.Process(target=_killed_after_the_append, args=(pg_url,))
+    killed.start()
+    killed.join(60)
+    assert killed.exitcode == 9
+    with Ledger.open(pg_url, "r0").read_log() as stream:
+        assert b'"task":"doomed"' not in stream.read()  # the run's lines died with the pool's
+    assert Ledger.open(pg_url, "r2").reserve("all", "40")["pool_remaining_micros"] == 0
+    with pytest.raises(Refused):
+        Ledger.open(pg_url, "r3").reserve("more", "0.01")
+    assert audit_pool(pg_url) == (0, POOL_CAP)
+
+
+def test_the_books_are_rows_that_commit_with_the_write(pg_url: str) -> None:
+    make_pool(pg_url)
+    Ledger.open(pg_url, "r0").reserve("a", "37")
+    with psycopg.connect(pg_url, autocommit=True) as connection:
+        keys = {key for (key,) in connection.execute(
+            "SELECT key FROM escalate_derived WHERE ledger = 'pool'").fetchall()}
+        assert "member:r0" in keys
+        connection.execute("DELETE FROM escalate_derived")  # disposable: rebuilt from the logs
+    with pytest.raises(Refused):
+        Ledger.open(pg_url, "r1").reserve("b", "3.01")
+    assert Ledger.open(pg_url, "r1").reserve("c", "3")["pool_remaining_micros"] == 0
