@@ -554,6 +554,61 @@ def target_show(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
     _progress(rows[-1])
 
 
+# ---------------------------------------------------------------------- pools
+
+POOL_ID = "bench-pool"
+
+
+def build_pool(root: Path, members: int) -> Path:
+    """A pool of ``members`` runs (made through the library: each joins under the pool's
+    lock), plus a run without a pool; kept and reused like the built runs."""
+    from escalate.pools import Pool
+
+    runs_dir = root / f"pool-{size_label(members)}"
+    if (runs_dir / ".complete").exists():
+        return runs_dir
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    Pool.init(runs_dir, POOL_ID, cap="1000000000", actor=ACTOR)
+    for number in range(members):
+        Ledger.init(runs_dir, f"member-{number}", pool=POOL_ID, cap="1000000", actor=ACTOR)
+    Ledger.init(runs_dir, "plain", cap="1000000", actor=ACTOR)
+    (runs_dir / ".complete").touch()
+    return runs_dir
+
+
+def target_pool(settings: Settings, rows: list[Row], members: int) -> None:
+    """Target 6: a reserve on a run of a pool of ``members`` runs costs at most twice a
+    reserve on a run without a pool (the release after each is not timed)."""
+    built = build_pool(OUT_DIR / "built", members)
+    runs_dir = OUT_DIR / "copies" / built.name
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    shutil.copytree(built, runs_dir)
+    ids = TaskIds("pool")
+
+    def reserve(run_id: str) -> Callable[[], float]:
+        handle = Ledger.open(runs_dir, run_id, actor=ACTOR)
+        handle.reserve(ids(), "0")  # warms the run's checkpoint (and the pool's books)
+
+        def timed() -> float:
+            task = ids()
+            started = time.perf_counter()
+            handle.reserve(task, "1.00")
+            elapsed = time.perf_counter() - started
+            handle.release(task, "0.90")
+            return elapsed
+
+        return timed
+
+    cases = {"plain": reserve("plain"), "pool": reserve(f"member-{members // 2}")}
+    samples = interleaved(cases, settings.rounds * 4, settings.budget_s)
+    plain, pooled = median(samples["plain"]), median(samples["pool"])
+    ratio = pooled / plain
+    rows.append(Row(f"6 pool: reserve on a run of a {size_label(members)}-run pool vs a run without a pool",
+                    f"{fmt_s(pooled)} vs {fmt_s(plain)} (n={len(samples['pool'])})",
+                    f"{ratio:.2f} (≤ 2)", verdict(ratio <= 2)))
+    _progress(rows[-1])
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -601,7 +656,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="smoke test: runs of 1k and 20k events, few repeats")
     parser.add_argument("--sizes", help="comma-separated run sizes in events, e.g. 1k,100k,1M "
                         "(the smallest and largest are compared)")
-    parser.add_argument("--only", help="comma-separated targets to run (1-5); default all")
+    parser.add_argument("--only", help="comma-separated targets to run (1-6); default all")
     parser.add_argument("--child-verify", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -627,12 +682,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(settings.sizes) < 2:
         print("bench: give at least two sizes to compare", file=sys.stderr)
         return 2
-    only = set((args.only or "1,2,3,4,5").split(","))
+    only = set((args.only or "1,2,3,4,5,6").split(","))
     built_root = OUT_DIR / "built"
     print(f"escalate bench on {machine()}", flush=True)
     rows: list[Row] = []
-    if only <= {"4"}:  # contention makes its own runs
-        target_contention(settings, rows)
+    if only <= {"4", "6"}:  # contention and pools make their own runs
+        if "4" in only:
+            target_contention(settings, rows)
+        if "6" in only:
+            target_pool(settings, rows, 100 if quick else 1_000)
         return _finish(rows, argv, started)
     runs: dict[int, BuiltRun] = {}
     for size in settings.sizes:
@@ -652,6 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_contention(settings, rows)
     if "5" in only:
         target_show(work[settings.sizes[-1]], settings, rows)
+    if "6" in only:
+        target_pool(settings, rows, 100 if quick else 1_000)
     return _finish(rows, argv, started)
 
 

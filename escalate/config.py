@@ -8,13 +8,14 @@ a Python caller gets the same defaults as the ``escalate`` command.
 
 from __future__ import annotations
 
+import enum
 import getpass
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from escalate import events
 from escalate.durations import (
@@ -25,7 +26,7 @@ from escalate.durations import (
     format_duration,
     parse_duration,
 )
-from escalate.errors import InputError
+from escalate.errors import Conflict, InputError
 from escalate.money import Amount, Micros, parse_micros
 from escalate.money import format_usd as usd
 from escalate.state import Policy, RunState
@@ -122,7 +123,28 @@ def check_approvers(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(dict.fromkeys(check_actor(name) for name in names))
 
 
+def check_request(reason: Any, priority: Any) -> None:
+    """What a requester tells an approver: a printable reason and a known priority."""
+    if not isinstance(reason, str) or len(reason) > events.MAX_REASON_LENGTH or not reason.isprintable():
+        shown = reason if isinstance(reason, str) else repr(reason)
+        raise InputError(f"invalid reason {shown[:40]!r}: use up to {events.MAX_REASON_LENGTH} printable "
+                         "characters", code="invalid_reason", value=shown[:40])
+    if priority not in events.PRIORITIES:
+        raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of "
+                         f"{', '.join(events.PRIORITIES)}", code="invalid_priority", value=str(priority)[:40])
+
+
 # ---------------------------------------------------------------------- a run's settings
+
+
+class Unchanged(enum.Enum):
+    """The type of :data:`UNCHANGED`: ``set_policy`` leaves such a setting as it is
+    (``None`` already means "none" for some of them)."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
@@ -171,6 +193,49 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         approvers=check_approvers(approvers),
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
     )
+
+
+def merge_policy(
+    current: Policy,
+    *,
+    escalation: str | Unchanged = UNCHANGED,
+    approval_threshold: Amount | Unchanged | None = UNCHANGED,
+    escalation_timeout_s: float | Unchanged | None = UNCHANGED,
+    max_extension: Amount | Unchanged = UNCHANGED,
+    approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+    renotify_every_s: float | Unchanged | None = UNCHANGED,
+) -> Policy:
+    """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
+    threshold = current.approval_threshold_micros
+    return make_policy(
+        current.mode if escalation is UNCHANGED else escalation,
+        (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
+        else approval_threshold,
+        current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
+        Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
+        approvers=current.approvers if approvers is UNCHANGED else approvers,
+        renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
+                          else renotify_every_s))
+
+
+def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,
+                   wanted_pool: str | None) -> None:
+    """``runs init`` of an existing run: :class:`Conflict` unless it has these settings."""
+    run_id = existing.run_id
+    if pool != wanted_pool:
+        raise Conflict(f"run {run_id} already exists " + (f"in pool {pool}" if pool else "in no pool")
+                       + "; a run never joins or leaves a pool after it is created — pick a new run id",
+                       run=run_id, pool=pool)
+    wanted = (run_cap, task_cap, policy)
+    if wanted == (existing.run_cap_micros, existing.task_cap_micros, existing.policy):
+        return
+    differences = setting_differences(existing, run_cap, task_cap, policy)
+    only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
+    raise Conflict(
+        f"run {run_id} already exists with {'; '.join(differences)}; pick a new run id"
+        + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
+        run=run_id, cap_micros=existing.run_cap_micros,
+        task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
 
 
 def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:

@@ -1,12 +1,11 @@
-"""The decisions: a state and a request in, a :class:`Decision` out.
+"""The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
 
+Reserve, increase and release (with the escalations a refusal opens), for a member run its
+pool's checks too, and delivery records; resolving an escalation (and expiry) and changing
+the policy are in :mod:`escalate.resolve`.
 No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
 error to raise *after* those events are durable (a halt is written, then reported). What
 fits and what an extension needs come from :mod:`escalate.rules`, as in the fold.
-
-One action, three words: a person *approves* an escalation (the command), which writes
-the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
-In code names it is a *grant*.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from escalate.errors import Conflict, EscalateError, InputError, Pending, Refused
-from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds, parse_ts
+from escalate.errors import Conflict, EscalateError, Pending, Refused
+from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.money import format_usd as usd
+from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState, Task
 
@@ -40,35 +40,6 @@ def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: 
         "task_cap_micros": run_cap if task_cap is None else task_cap,
         "escalation": policy.to_json(),
     }
-
-
-def expire(state: RunState, now: str) -> list[Event]:
-    """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
-    by ``now``, the writer's own clock."""
-    return [
-        {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
-         "extension_micros": 0}
-        for e in state.open_escalations.values()
-        if is_expired(e, state.policy, now)
-    ]
-
-
-def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
-    when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
-    ran ahead sets such a deadline, and it must not keep the escalation open for as long as
-    it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
-    deadline = escalation.expires_at
-    if deadline is None:
-        return False
-    if deadline <= now:
-        return True
-    try:
-        due = parse_ts(deadline)
-        timeout = max(policy.timeout_s or 0, (due - parse_ts(escalation.opened_at)).total_seconds())
-        return (due - parse_ts(now)).total_seconds() > 2 * timeout
-    except ValueError:  # a timestamp no escalate wrote: only the deadline itself counts
-        return False
 
 
 # Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
@@ -119,22 +90,22 @@ def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) 
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
-                   priority: str = "normal") -> Decision:
+                   priority: str = "normal", pool: PoolView | None = None) -> Decision:
     """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
     and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
     if task is not None:
         if task.state == "released":
-            return _fail(Conflict(
+            return fail(Conflict(
                 f"task {task_id} was already released ({usd(task.actual_micros or 0)} actual); "
                 "task ids are single-use — reserve under a new task id",
                 task=task_id, state="released", actual_micros=task.actual_micros))
         if task.state == "halted":
-            return _fail(_halted(task_id, task))
+            return fail(_halted(task_id, task))
         if task.holding and task.escalation_id not in state.open_escalations:
             if task.reserved_micros == amount:
                 return Decision(result=_task_result(state, task_id, "exists"))
-            return _fail(Conflict(
+            return fail(Conflict(
                 f"task {task_id} already holds {usd(task.reserved_micros)}, "
                 f"not {usd(amount)}; use 'escalate increase' to raise it",
                 task=task_id, state=task.state, reserved_micros=task.reserved_micros,
@@ -142,17 +113,17 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
         open_escalation = state.open_escalations.get(task.escalation_id or "")
         if open_escalation is not None:
             return _repeat_while_open(state, open_escalation, "reserve", amount)
-    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority)
+    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority, pool)
 
 
 def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
-                    priority: str = "normal") -> Decision:
+                    priority: str = "normal", pool: PoolView | None = None) -> Decision:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
-        return _fail(_halted(task_id, task))
+        return fail(_halted(task_id, task))
     if task is not None and task.state == "released":
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} was already released; a released task cannot be increased — "
             "reserve under a new task id",
             task=task_id, state="released", actual_micros=task.actual_micros))
@@ -161,17 +132,17 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
         return _repeat_while_open(state, open_escalation, "increase", to)
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds no reservation (state: {state_word}); reserve it first",
             task=task_id, state=state_word))
     if to < task.reserved_micros:
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds {usd(task.reserved_micros)}; an increase to "
             f"{usd(to)} would lower it (--to is the new absolute amount)",
             task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
     if to == task.reserved_micros:
         return Decision(result=_task_result(state, task_id, "exists"))
-    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority)
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
 def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
@@ -182,7 +153,7 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
             return Decision(result=_task_result(state, task_id, "exists"))
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} was already released with {usd(task.actual_micros or 0)} "
             f"actual, not {usd(actual)}; the first release stands — check the task id",
             task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
@@ -197,12 +168,12 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
             hint = f"reserve it first, or check the task id with 'escalate runs show {state.run_id}'"
         else:
             hint = "nothing was reserved for it, so there is nothing to release"
-        return _fail(Conflict(
+        return fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
     withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
-        withdrawn = [_resolved_event(task.escalation_id, "withdraw", by)]
+        withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
     event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}
     result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
@@ -213,137 +184,16 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     return Decision(events=[*withdrawn, event], result=result)
 
 
-def _resolved_event(escalation_id: str, mode: str, by: str) -> Event:
+def resolved_event(escalation_id: str, mode: str, by: str) -> Event:
+    """An ``escalation_resolved`` line that grants nothing."""
     return {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
             "extension_micros": 0}
 
 
-def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
-    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
-    or withdraw it (its requester only); the first resolution wins. Only the run's approvers
-    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
-    escalation = state.escalations.get(escalation_id)
-    if escalation is None:
-        return _fail(InputError(
-            f"no escalation {escalation_id} in run {state.run_id}; list them with "
-            f"'escalate escalations --run {state.run_id}'",
-            code="unknown_escalation", escalation_id=escalation_id))
-    if escalation.shadow:
-        return _fail(Conflict(
-            f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
-            escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by)
-    if refusal is not None:
-        return _fail(refusal)
-    if escalation.state == "resolved":
-        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
-                 "by": escalation.by, "resolved_at": escalation.resolved_at}
-        if escalation.mode == mode and escalation.by == by:
-            return Decision(result={"status": "exists", **facts, "task": escalation.task})
-        expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
-                   if escalation.by == "timeout" else "")
-        return _fail(Conflict(
-            f"escalation {escalation_id} was already resolved: {escalation.mode} by "
-            f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
-            "nothing to do", **facts))
-    resolved = _resolved_event(escalation_id, mode, by)
-    facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
-    if mode in ("pause", "withdraw"):
-        status = "paused" if mode == "pause" else "withdrawn"
-        return Decision(events=[resolved], result={"status": status, **facts})
-    if mode == "cancel":
-        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
-                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
-        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
-    return _grant(state, escalation, resolved, facts)
-
-
-def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
-    """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
-    first-resolution-wins answer: who won tells nothing to someone who may not resolve.
-    ``by`` is who resolves (a library caller may resolve for a person under its own actor);
-    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
-             "requested_by": escalation.requested_by}
-    if mode == "withdraw":
-        if escalation.requested_by is not None and by != escalation.requested_by:
-            return Refused(
-                f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
-                f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
-                                  if escalation.kind == "increase" else ""),
-                code="not_the_requester", **facts)
-        return None
-    approvers = state.policy.approvers
-    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
-    if by == escalation.requested_by:
-        return Refused(
-            f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
-            f"escalation ({who}); ask an approver, or take it back with "
-            f"'escalate withdraw {state.run_id} {escalation.id}'",
-            code="self_approval", approvers=list(approvers), **facts)
-    if approvers and by not in approvers:
-        return Refused(
-            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
-            f"({who}); ask one of them, or change the list with 'escalate runs set "
-            f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
-            **facts)
-    return None
-
-
-def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any]) -> Decision:
-    """``extend``: re-check the ceiling now; the reservation goes in the same write."""
-    task = state.tasks[escalation.task]
-    escalation_id = escalation.id
-    before = task.reserved_micros if task.holding else 0
-    delta = escalation.requested_micros - before
-    remaining = state.remaining_micros
-    if over_cap(escalation.requested_micros, delta, state.task_cap_micros, remaining) == "task_cap":
-        return _fail(Refused(
-            f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
-            f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
-    needed = needed_extension(delta, remaining)
-    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
-    if needed > left:
-        return _fail(Refused(
-            f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
-            f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
-            "--max-extension with 'escalate runs set'",
-            code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
-    resolved["extension_micros"] = needed
-    if escalation.kind == "increase" and task.holding:
-        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
-                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
-    else:
-        grant = {"type": "budget_reserved", "task": escalation.task,
-                 "amount_micros": escalation.requested_micros}
-    return Decision(events=[resolved, grant],
-                    result={"status": "approved", "extension_micros": needed,
-                            "reserved_micros": escalation.requested_micros, **facts})
-
-
-def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
-    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
-    its approvers, only they may change it: otherwise anyone could add themselves."""
-    if policy == state.policy:
-        return Decision(result={"status": "exists", "escalation": policy.to_json()})
-    approvers = state.policy.approvers
-    if approvers and by not in approvers:
-        return _fail(Refused(
-            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
-            f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
-            code="not_an_approver", by=by, approvers=list(approvers)))
-    if policy.max_extension_micros < state.extended_micros:
-        return _fail(Conflict(
-            f"max extension {usd(policy.max_extension_micros)} is below the "
-            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
-            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
-    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
-                    result={"status": "changed", "escalation": policy.to_json()})
-
-
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str, priority: str) -> Decision:
-    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held)."""
+              now: str, priority: str, pool: PoolView | None = None) -> Decision:
+    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held):
+    the run's first, then, for a member run, its pool's."""
     delta = to - before
     remaining = state.remaining_micros
     cap = over_cap(to, delta, state.task_cap_micros, remaining)
@@ -361,11 +211,12 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     over_remaining = cap == "run_cap"
     over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
     events: list[Event] = []
+    request = Request(task_id, kind, before, to, reason, priority, now)
     if policy.mode != "off" and (over_remaining or over_threshold):
-        escalation = _escalation_event(state, task_id, kind, before, to, remaining, over_remaining,
-                                       shadow=policy.mode == "shadow", now=now)
-        escalation["request_reason"] = reason
-        escalation["priority"] = priority
+        needed = needed_extension(delta, remaining)
+        left = extension_left(policy.max_extension_micros, state.extended_micros)
+        escalation = _escalation_event(state, request, remaining,
+                                       "run_cap" if over_remaining else "threshold", needed, left, policy)
         events.append(escalation)
         if policy.mode == "enforce":
             return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
@@ -379,6 +230,10 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
             cap_micros=state.cap_micros,
             **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+    if pool is not None:
+        refused = _pool_refusal(state, pool, request, events)
+        if refused is not None:
+            return refused
     if kind == "reserve":
         events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
         status = "reserved"
@@ -386,38 +241,99 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         events.append({"type": "budget_increased", "task": task_id, "from_micros": before,
                        "to_micros": to, "reason": reason})
         status = "increased"
+    extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
+    if pool is not None:
+        extra["pool_remaining_micros"] = pool.remaining(pool.period_of(task_id)) - delta
     return Decision(events=events, result={
         "status": status, "task": task_id, "reserved_micros": to,
-        "remaining_micros": remaining - delta,
-        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})})
+        "remaining_micros": remaining - delta, **extra})
 
 
-def _escalation_event(state: RunState, task_id: str, kind: str, before: int, to: int,
-                      remaining: int, over_remaining: bool, *, shadow: bool, now: str) -> Event:
-    needed = needed_extension(to - before, remaining)
-    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
+
+    task: str
+    kind: str
+    before: int
+    to: int
+    reason: str
+    priority: str
+    now: str
+
+
+def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: list[Event]) -> Decision | None:
+    """The pool's checks, once the run's passed: over what is left of the pool in the task's
+    period, or over the pool's approval threshold, the pool's policy decides (reason
+    ``pool_cap``). None: it fits. One escalation per write: a run's shadow one comes first."""
+    key = pool.period_of(request.task)
+    left = pool.remaining(key)
+    delta = request.to - request.before
+    policy = pool.policy
+    over = delta > left
+    threshold = policy.approval_threshold_micros
+    over_threshold = threshold is not None and request.to > threshold
+    if policy.mode != "off" and (over or over_threshold) and not events:
+        needed, grantable = pool.grantable(request.task, delta)
+        escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy)
+        escalation["pool"] = pool.pool_id
+        events.append(escalation)
+        if policy.mode == "enforce":
+            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+    if not over:
+        return None
+    events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
+                   "remaining_micros": left, "reason": "pool_cap"})
+    settle = (" — release it to settle what it holds" if request.kind == "increase"
+              else " — ask for less under a new task id")
+    return Decision(events=events, error=Refused(
+        f"halted {request.task}: asked for {usd(delta)} with {usd(left)} left of pool {pool.pool_id}'s "
+        f"{usd(pool.cap_in(key))} cap in {period_name(pool.period, key)}; the task is halted for "
+        f"good{settle}",
+        code="over_pool_budget", task=request.task, requested_micros=request.to, remaining_micros=left,
+        pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key),
+        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+
+
+def period_name(period: str, key: str) -> str:
+    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
+    return "all time" if period == "none" else f"the {period} {key}"
+
+
+def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,
+                      left: int, policy: Policy) -> Event:
+    """The ``escalation`` line for ``request``: the extension it needs, what of the max
+    extension is ``left``, and the deadline of the ``policy`` that governs it."""
+    shadow = policy.mode == "shadow"
     offered = ["extend", "pause", "cancel"] if needed <= left else ["pause", "cancel"]
-    timeout = state.policy.timeout_s
+    timeout = policy.timeout_s
     event: Event = {
         "type": "escalation",
         # An escalation is always the first event of its decision, so its id names the line
         # it is written on and is unique in the run.
         "id": f"esc-{state.seq + 1}",
-        "task": task_id,
-        "kind": kind,
-        "from_micros": before,
-        "requested_micros": to,
+        "task": request.task,
+        "kind": request.kind,
+        "from_micros": request.before,
+        "requested_micros": request.to,
         "remaining_micros": remaining,
-        "reason": "run_cap" if over_remaining else "threshold",
+        "reason": reason,
         "offered": offered,
         "needed_extension_micros": needed,
-        "expires_at": None if shadow or timeout is None else add_seconds(now, timeout),
+        "expires_at": None if shadow or timeout is None else add_seconds(request.now, timeout),
         "shadow": shadow,
     }
     if needed > left:
         event["note"] = (f"extend not offered: needs {usd(needed)} but only {usd(max(left, 0))} "
-                         "of the max extension is left")
+                         "of the max extension is left"
+                         + (" in this period" if reason == "pool_cap" else ""))
+    event["request_reason"] = request.reason
+    event["priority"] = request.priority
     return event
+
+
+_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold",
+        "pool_cap": "over the pool's remaining budget or its approval threshold"}
 
 
 def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> Pending:
@@ -426,7 +342,7 @@ def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> 
     verb = "escalated" if new else "still waiting on"
     return Pending(
         f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
-        f"({'over the remaining budget' if data['reason'] == 'run_cap' else 'over the approval threshold'}); "
+        f"({_WHY.get(data['reason'], data['reason'])}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
         + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",
@@ -437,8 +353,8 @@ def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> 
 
 def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int) -> Decision:
     if escalation.kind == kind and escalation.requested_micros == amount:
-        return _fail(_pending(state.run_id, escalation, new=False))
-    return _fail(Conflict(
+        return fail(_pending(state.run_id, escalation, new=False))
+    return fail(Conflict(
         f"task {escalation.task} has open escalation {escalation.id} for "
         f"{usd(escalation.requested_micros)}, not {usd(amount)}; "
         "wait for its resolution", task=escalation.task, escalation_id=escalation.id,
@@ -453,7 +369,8 @@ def _halted(task_id: str, task: Task) -> Refused:
                    reason=task.halt_reason)
 
 
-def _fail(error: EscalateError) -> Decision:
+def fail(error: EscalateError) -> Decision:
+    """A decision that writes nothing and raises ``error``."""
     return Decision(error=error)
 
 

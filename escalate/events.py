@@ -40,13 +40,17 @@ Resolution = Literal["extend", "pause", "cancel"]
 # How an escalation ended: a person's resolution, or ``withdraw`` (its task's own side took
 # the request back: ``escalate withdraw``, or a release that settles the task).
 ResolvedMode = Literal["extend", "pause", "cancel", "withdraw"]
-HaltReason = Literal["run_cap", "task_cap", "cancelled"]
+HaltReason = Literal["run_cap", "task_cap", "cancelled", "pool_cap"]
 EscalationKind = Literal["reserve", "increase"]
-EscalationReason = Literal["run_cap", "threshold"]
+# pool_cap: the pool's policy decides it (over the pool's remaining, or its threshold).
+EscalationReason = Literal["run_cap", "threshold", "pool_cap"]
 # How urgent the requester says an escalation is; the inbox lists the most urgent first.
 Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
-                    "escalation_resolved", "recovery", "policy_changed", "escalation_notified"]
+                    "escalation_resolved", "recovery", "policy_changed", "escalation_notified",
+                    "pool_opened", "run_joined"]
+# How a pool's cap repeats: never, per calendar day, ISO week or month in the pool's zone.
+Period = Literal["none", "day", "week", "month"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 RESOLUTIONS: tuple[Resolution, ...] = get_args(Resolution)
@@ -58,6 +62,7 @@ ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
+PERIODS: tuple[Period, ...] = get_args(Period)
 
 
 _READ_CHUNK = 1 << 20

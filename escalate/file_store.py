@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
 from escalate.replay import Progress, Replayed, replay
+from escalate.run_folder import via_folder
 from escalate.state import RunState
 from escalate.store import RecoveredFirstLines
+
+# A pool's derived totals (escalate.store.Transaction.derived), beside its log.
+DERIVED_NAME = "events.ndjson.derived.sqlite"
 
 
 class FileStore:
@@ -78,7 +83,11 @@ class FileLedger:
     @contextmanager
     def transaction(self, *, use_cache: bool = True) -> Iterator[FileTransaction]:
         with self._present(), self.log.resolved(), self.log.locked():
-            yield FileTransaction(self, use_cache=use_cache)
+            transaction = FileTransaction(self, use_cache=use_cache)
+            try:
+                yield transaction
+            finally:
+                transaction.close()
 
     def read(self, *, use_cache: bool = True) -> Replayed:
         with self._present(), self.log.resolved():
@@ -174,6 +183,7 @@ class FileTransaction:
         self._ledger = ledger
         self._use_cache = use_cache
         self._saved_to = ""
+        self._db: sqlite3.Connection | None = None  # the derived values, opened on first use
 
     def load(self) -> Replayed:
         return self._ledger._fold(writable=True, use_cache=self._use_cache)
@@ -201,3 +211,105 @@ class FileTransaction:
         last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
         checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
                         self._ledger.log.bound_path(LOG_NAME))
+
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
+        wanted = list(keys)
+        try:
+            marks = ",".join("?" * len(wanted))
+            rows = self._derived_db().execute(f"SELECT key, value FROM derived WHERE key IN ({marks})",
+                                              wanted).fetchall()
+        except (sqlite3.Error, OSError):
+            return None  # damaged: the pool rebuilds it
+        return {key: bytes(value) for key, value in rows}
+
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> bool:
+        try:
+            with self._derived_db() as db:
+                if replace:
+                    db.execute("DELETE FROM derived")
+                deleted = [(key,) for key, value in values.items() if value is None]
+                if deleted:
+                    db.executemany("DELETE FROM derived WHERE key = ?", deleted)
+                db.executemany("INSERT OR REPLACE INTO derived (key, value) VALUES (?, ?)",
+                               [(key, value) for key, value in values.items() if value is not None])
+        except (sqlite3.Error, OSError):
+            self._db = None
+            self._discard_derived()
+            return False
+        return True
+
+    def close(self) -> None:
+        """End of the critical section (the connection is kept for the next one)."""
+        self._db = None
+
+    def _derived_db(self) -> sqlite3.Connection:
+        """The pool's derived store (see escalate.pool_book). Not synced: it is rebuilt after
+        a crash of the machine; a killed writer's save is rolled back by SQLite's log, so
+        what is read back is always one writer's whole save. The connection is kept for the
+        process's next critical section on the same file (opening one costs more than the
+        rest of a write)."""
+        if self._db is None:
+            self._db = _DERIVED.connection(self._ledger.log)
+        return self._db
+
+    def _discard_derived(self) -> None:
+        _DERIVED.drop()
+        path = self._ledger.log.bound_path(DERIVED_NAME)
+        for name in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+            try:
+                name.unlink(missing_ok=True)
+            except OSError as exc:
+                raise storage_error(exc, self._ledger.log.run_dir / DERIVED_NAME) from exc
+
+
+class _KeptConnection:
+    """The derived store's connection kept across a process's critical sections: one
+    file at a time, dropped after a fork or when the file at the path is another one. Its
+    path goes through a handle of the pool's folder kept with it (as the run checkpoint's)."""
+
+    def __init__(self) -> None:
+        self._db: sqlite3.Connection | None = None
+        self._key: tuple[int, ...] = (0,)
+        self._folder: int | None = None
+
+    def connection(self, log: FileLog) -> sqlite3.Connection:
+        folder = log.dir_fd
+        try:
+            info = os.stat(DERIVED_NAME, dir_fd=folder, follow_symlinks=False) if folder is not None \
+                else os.stat(log.run_dir / DERIVED_NAME, follow_symlinks=False)
+            # The change time too: a file removed and made again may get the same inode.
+            key: tuple[int, ...] = (os.getpid(), info.st_dev, info.st_ino, info.st_ctime_ns)
+        except FileNotFoundError:
+            key = (os.getpid(),)
+        if self._db is not None and key == self._key:
+            return self._db
+        self.drop()
+        kept = os.dup(folder) if folder is not None else None
+        try:
+            db = sqlite3.connect(via_folder(kept, log.run_dir, DERIVED_NAME), isolation_level=None,
+                                 check_same_thread=False)
+            # A write-ahead log: no journal file made and removed per save, which would also
+            # weigh on the fsync of the run's log that follows on the same file system.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS derived (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            db.isolation_level = "DEFERRED"
+            info = os.stat(via_folder(kept, log.run_dir, DERIVED_NAME))
+        except BaseException:
+            if kept is not None:
+                os.close(kept)
+            raise
+        self._db, self._folder = db, kept
+        self._key = (os.getpid(), info.st_dev, info.st_ino, info.st_ctime_ns)
+        return db
+
+    def drop(self) -> None:
+        if self._db is not None and self._key[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        if self._folder is not None and self._key[0] == os.getpid():
+            os.close(self._folder)
+        self._db, self._folder, self._key = None, None, (0,)
+
+
+_DERIVED = _KeptConnection()

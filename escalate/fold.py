@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from escalate.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, SCHEMA_VERSION
+from escalate.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, PERIODS, SCHEMA_VERSION
 from escalate.fold_escalations import apply_escalation, apply_notified, apply_resolved
 from escalate.fold_fields import (
     choice_field,
@@ -27,6 +27,7 @@ from escalate.fold_fields import (
 )
 from escalate.ids import ID_PATTERN, shown_value
 from escalate.money import MAX_MICROS
+from escalate.pool_state import PoolFacts
 from escalate.rules import over_cap, task_cap_fits
 from escalate.state import RuleViolation, RunState, Task
 
@@ -37,10 +38,12 @@ def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
     """Start a state from the first line of a log, which must be ``run_opened``."""
     if event.get("v") != SCHEMA_VERSION or type(event.get("v")) is not int:
         raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
-    if event.get("type") != "run_opened":
+    if event.get("type") not in ("run_opened", "pool_opened"):
         raise RuleViolation(f"the first event must be run_opened, got {event.get('type')!r}")
     if event.get("seq") != 1 or type(event.get("seq")) is not int or event.get("prev") != "":
-        raise RuleViolation("run_opened must have seq 1 and an empty prev")
+        raise RuleViolation(f"{event['type']} must have seq 1 and an empty prev")
+    if event["type"] == "pool_opened":
+        return _pool_opened(event, this_hash)
     run_cap = int_field(event, "run_cap_micros")
     task_cap = int_field(event, "task_cap_micros")
     if not task_cap_fits(task_cap, run_cap):
@@ -58,6 +61,34 @@ def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
         last_actor=name_field(event, "actor"),
     )
     return state
+
+
+def _pool_opened(event: Mapping[str, Any], this_hash: str) -> RunState:
+    """A pool's first line. Its state holds no money (caps 0: a reservation in a pool's log
+    cannot fold); its settings are in ``pool``."""
+    from escalate.periods import zone
+
+    tz = event.get("tz")
+    try:
+        zone(tz)  # checks any value
+    except ValueError:
+        raise RuleViolation(f"field 'tz' must be a known time zone, got {shown_value(tz)}") from None
+    ts = ts_field(event, "ts")
+    return RunState(
+        run_id=id_field(event, "pool"), run_cap_micros=0, task_cap_micros=0,
+        policy=policy_field(event.get("escalation")), opened_at=ts, seq=1, last_hash=this_hash, last_ts=ts,
+        last_actor=name_field(event, "actor"),
+        pool=PoolFacts(cap_micros=int_field(event, "cap_micros"),
+                       period=choice_field(event, "period", PERIODS), tz=str(tz)))
+
+
+def _apply_joined(state: RunState, event: Mapping[str, Any]) -> None:
+    run_id = id_field(event, "run")
+    if state.pool is None:
+        raise RuleViolation("run_joined may only be in a pool's log")
+    if run_id in state.pool.members:
+        raise RuleViolation(f"run {run_id!r} joined twice")
+    state.pool.members.append(run_id)
 
 
 def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
@@ -235,10 +266,14 @@ def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
 
 def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
     state.policy = policy_field(event.get("escalation"))
+    if "cap_micros" in event:
+        if state.pool is None:
+            raise RuleViolation("field 'cap_micros' may only change a pool's cap")
+        state.pool.cap_micros = int_field(event, "cap_micros")
 
 
 def _apply_opened_again(state: RunState, event: Mapping[str, Any]) -> None:
-    raise RuleViolation("run_opened may only be the first line")
+    raise RuleViolation(f"{event.get('type')} may only be the first line")
 
 
 _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
@@ -252,6 +287,8 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "recovery": _apply_recovery,
     "policy_changed": _apply_policy,
     "escalation_notified": apply_notified,
+    "pool_opened": _apply_opened_again,
+    "run_joined": _apply_joined,
 }
 
 

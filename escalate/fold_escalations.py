@@ -98,6 +98,10 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     by = name_field(event, "by")
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
+    # The pool's extension: its bound is the pool's to check (it needs the other runs).
+    if "pool_extension_micros" in event and int_field(event, "pool_extension_micros") and (
+            mode != "extend" or escalation.reason != "pool_cap"):
+        raise RuleViolation("only approving a pool_cap escalation can extend a pool")
     task = state.tasks[escalation.task]
     # An approval extends the cap by what the request needs beyond the remaining budget
     # now (decide_resolution), never more: more would be free money for other tasks.

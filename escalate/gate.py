@@ -14,12 +14,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+from escalate.errors import UnknownRun
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.report import halted_tasks, percent, run_markdown, usage_level
 from escalate.state import RunState
 
 if TYPE_CHECKING:
+    from escalate.pools import Pool
     from escalate.service import Ledger
 
 # How many tasks or escalations a finding names before it says "…".
@@ -109,6 +111,7 @@ class GateResult:
 
     state: RunState
     verdict: Verdict
+    noun: str = "run"  # pool: ``state`` is the pool's period (check_pool_gate)
 
     @property
     def passed(self) -> bool:
@@ -124,15 +127,15 @@ class GateResult:
 
     @property
     def annotations(self) -> tuple[Annotation, ...]:
-        """An error per failure, then a warning per warning, each naming the run."""
-        run = self.state.run_id
-        return (tuple(Annotation("error", f"run {run}: {f.message}") for f in self.failures)
-                + tuple(Annotation("warning", f"run {run}: {f.message}") for f in self.warnings))
+        """An error per failure, then a warning per warning, each naming the run (or pool)."""
+        name = f"{self.noun} {self.state.run_id}"
+        return (tuple(Annotation("error", f"{name}: {f.message}") for f in self.failures)
+                + tuple(Annotation("warning", f"{name}: {f.message}") for f in self.warnings))
 
     @property
     def summary_markdown(self) -> str:
         """The step summary: the verdict, the totals, top tasks, halts and escalations."""
-        return run_markdown(self.state, verdict=self.verdict)
+        return run_markdown(self.state, verdict=self.verdict, noun=self.noun)
 
     def totals(self) -> dict[str, Any]:
         """The run's money, as ``runs show --json`` reports it."""
@@ -140,6 +143,9 @@ class GateResult:
 
     def to_json(self) -> dict[str, Any]:
         """What ``escalate gate --json`` prints: the totals and the verdict."""
+        if self.noun == "pool":
+            return {"pool": self.state.run_id, **{k: v for k, v in self.totals().items() if k != "run"},
+                    **self.verdict.to_json()}
         return {**self.totals(), **self.verdict.to_json()}
 
 
@@ -161,6 +167,42 @@ def check_gate(
     verdict = evaluate(state, max_spent_micros=limit, allow_halts=allow_halts,
                        allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
     return GateResult(state, verdict)
+
+
+def check_pool_gate(
+    pool: Pool,
+    *,
+    max_spent: Amount | None = None,
+    allow_halts: bool = False,
+    allow_open_escalations: bool = False,
+    fail_on_held: bool = False,
+) -> GateResult:
+    """The CI gate over a pool: its money in the period now (spent or committed over
+    ``max_spent``, default the pool's cap in the period, fails), and every member run's own
+    gate (each folded strictly), its findings named by run."""
+    from escalate.service import Ledger
+
+    limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
+    report = pool.show()
+    state = RunState(run_id=pool.pool_id, run_cap_micros=report["pool_cap_micros"],
+                     task_cap_micros=report["pool_cap_micros"], policy=pool.state().policy,
+                     opened_at="", spent_micros=report["spent_micros"],
+                     reserved_micros=report["reserved_micros"], extended_micros=report["extended_micros"])
+    money = evaluate(state, max_spent_micros=limit)
+    failures, warnings = list(money.failures), list(money.warnings)
+    for member in report["runs"]:
+        try:
+            run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
+        except UnknownRun:
+            continue  # joined, never created (its runs init was cut short)
+        verdict = evaluate(run.verified_state(), allow_halts=allow_halts,
+                           allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
+        failures += [Finding(f.code, f"run {member['run']}: {f.message}") for f in verdict.failures]
+        warnings += [Finding(f.code, f"run {member['run']}: {f.message}") for f in verdict.warnings]
+    verdict = Verdict(run=pool.pool_id, max_spent_micros=money.max_spent_micros,
+                      spent_micros=state.spent_micros, committed_micros=state.committed_micros,
+                      failures=tuple(failures), warnings=tuple(warnings))
+    return GateResult(state, verdict, noun="pool")
 
 
 def evaluate(

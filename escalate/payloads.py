@@ -21,6 +21,7 @@ from escalate.events import (
     EscalationReason,
     HaltReason,
     Mode,
+    Period,
     Priority,
     Resolution,
     ResolvedMode,
@@ -45,6 +46,7 @@ class Check(Enum):
     REASON = "Printable text, at most 1000 characters."
     FILE_NAME = "A file name: printable, 1-255 characters."
     DETAIL = "Printable text, at most 200 characters."
+    ZONE = "An IANA time zone name, such as UTC or Europe/Berlin."
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class RunOpened(TypedDict):
     run_cap_micros: MicrosInt
     task_cap_micros: MicrosInt
     escalation: EscalationPolicy
+    pool: NotRequired[Annotated[IdStr, Doc(
+        "The pool the run belongs to, for good (its run_joined line comes first).")]]
 
 
 class BudgetReserved(TypedDict):
@@ -155,6 +159,8 @@ class Escalation(TypedDict):
     request_reason: NotRequired[Annotated[Annotated[str, Check.REASON], Doc(
         "Why the requester needs it (--reason); empty when none was given.")]]
     priority: NotRequired[Annotated[Priority, Doc("How urgent the requester says it is (--priority).")]]
+    pool: NotRequired[Annotated[IdStr, Doc(
+        "reason pool_cap: the pool whose policy decides it (its approvers, its max extension).")]]
 
 
 class EscalationResolved(TypedDict):
@@ -165,6 +171,8 @@ class EscalationResolved(TypedDict):
     mode: ResolvedMode
     by: NameStr
     extension_micros: MicrosInt
+    pool_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
+        "Approving a pool_cap escalation: the pool's extension, for the period it is granted in.")]]
 
 
 class Recovery(TypedDict):
@@ -176,10 +184,11 @@ class Recovery(TypedDict):
 
 
 class PolicyChanged(TypedDict):
-    """The run's escalation policy changed (``escalate runs set``)."""
+    """The run's (or pool's) escalation policy changed (``escalate runs set``, ``pools set``)."""
 
     type: Literal["policy_changed"]
     escalation: EscalationPolicy
+    cap_micros: NotRequired[Annotated[MicrosInt, Doc("A pool's new cap (pools only).")]]
 
 
 class EscalationNotified(TypedDict):
@@ -194,10 +203,30 @@ class EscalationNotified(TypedDict):
         "hook's output).")]
 
 
+class PoolOpened(TypedDict):
+    """The first line of every pool: one cap over its member runs, per period."""
+
+    type: Literal["pool_opened"]
+    pool: IdStr
+    cap_micros: MicrosInt
+    period: Annotated[Period, Doc("none, or the calendar day, ISO week or month the cap repeats by.")]
+    tz: Annotated[Annotated[str, Check.ZONE], Doc("Where a period starts and ends.")]
+    escalation: Annotated[EscalationPolicy, Doc(
+        "As a run's; max_extension_micros is per period, timeout and approvers apply to pool_cap "
+        "escalations.")]
+
+
+class RunJoined(TypedDict):
+    """A run joined the pool (written before the run's own first line); it never leaves."""
+
+    type: Literal["run_joined"]
+    run: IdStr
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
-           | EscalationResolved | Recovery | PolicyChanged | EscalationNotified)
+           | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged, EscalationNotified)
+    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined)
 

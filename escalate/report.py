@@ -15,6 +15,7 @@ from escalate.state import RunState
 
 if TYPE_CHECKING:
     from escalate.gate import Verdict
+    from escalate.pools import PoolReport
 
 TOP_TASKS = 10
 BAR_WIDTH = 20
@@ -165,16 +166,42 @@ def _code(value: object) -> str:
     return "`" + printable(value).replace("`", "'").replace("|", "\\|") + "`"
 
 
+def pool_period_line(report: PoolReport) -> str:
+    """Which period a pool report shows, and when the next one starts."""
+    if report["period_kind"] == "none":
+        return "no period (the cap covers all time)"
+    when = "the current" if report["current"] else "an earlier"
+    return (f"{when} {report['period_kind']} {report['period']} ({report['tz']}), from "
+            f"{report['period_start']}; the next starts {report['period_end']}")
+
+
+def pool_markdown(report: PoolReport) -> str:
+    """A pool's period as Markdown: which period, the totals with a usage bar, each run."""
+    lines = [f"## escalate pool {_code(report['pool'])}", "", pool_period_line(report), "",
+             "| | USD |", "|---|---:|", f"| cap | {usd(report['cap_micros'])} |"]
+    if report["extended_micros"]:
+        lines.append(f"| of which extensions | {usd(report['extended_micros'])} |")
+    lines += [f"| spent | {usd(report['spent_micros'])} |",
+              f"| reserved | {usd(report['reserved_micros'])} |",
+              f"| committed | {usd(report['committed_micros'])} |",
+              f"| remaining | {usd(report['remaining_micros'])} |",
+              "", f"`{text_bar(report['committed_micros'], report['cap_micros'])}` of the cap committed",
+              "", f"### Runs ({len(report['runs'])})", "", "| run | committed |", "|---|---:|"]
+    lines += [f"| {_code(row['run'])} | {usd(row['committed_micros'])} |" for row in report["runs"]]
+    return "\n".join(lines) + "\n"
+
+
 def run_markdown(state: RunState, *, verdict: Verdict | None = None,
-                 events: Sequence[Mapping[str, Any]] = ()) -> str:
+                 events: Sequence[Mapping[str, Any]] = (), noun: str = "run") -> str:
     """A run as Markdown: totals, a usage bar, top tasks by cost, halts, escalations, and
-    (optionally) the gate's verdict and the last events."""
+    (optionally) the gate's verdict and the last events. ``noun``: what ``state`` is (a
+    pool's gate shows the pool's period as a state)."""
     lines: list[str] = []
     if verdict is None:
-        lines.append(f"## escalate run {_code(state.run_id)}")
+        lines.append(f"## escalate {noun} {_code(state.run_id)}")
     else:
         outcome = "✅ passed" if verdict.passed else "❌ failed"
-        lines.append(f"## escalate gate {outcome}: run {_code(state.run_id)}")
+        lines.append(f"## escalate gate {outcome}: {noun} {_code(state.run_id)}")
         lines.append("")
         lines.extend(f"- **failed:** {_cell(f.message)}"
                      for f in verdict.failures)

@@ -24,6 +24,7 @@ class TaskResult(TypedDict):
     actual_micros: NotRequired[int | None]
     shadow_escalation_id: NotRequired[str]
     withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
+    pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in the task's period
 
 
 class ResolutionResult(TypedDict):
@@ -39,6 +40,7 @@ class ResolutionResult(TypedDict):
     state: NotRequired[str]
     reserved_micros: NotRequired[int]
     extension_micros: NotRequired[int]
+    pool_extension_micros: NotRequired[int]  # approving a pool_cap escalation
 
 
 class PolicyResult(TypedDict):

@@ -51,6 +51,13 @@ def _printable(value: str) -> str:
     return value
 
 
+def _known_zone(value: str) -> str:
+    from escalate.periods import zone
+
+    zone(value)  # an InputError (a ValueError) names an unknown zone
+    return value
+
+
 def _no_dot_dot(value: str) -> str:
     if ".." in value:
         raise ValueError("an id must not contain '..'")
@@ -83,6 +90,8 @@ _CHECKS: dict[Check, Any] = {
     Check.REASON: Annotated[str, Field(max_length=MAX_REASON_LENGTH), Printable],
     Check.FILE_NAME: Annotated[str, Field(min_length=1, max_length=MAX_FILE_NAME_LENGTH), Printable],
     Check.DETAIL: Annotated[str, Field(max_length=events.MAX_DETAIL_LENGTH), Printable],
+    Check.ZONE: Annotated[str, Field(min_length=1, max_length=MAX_FILE_NAME_LENGTH), Printable,
+                          AfterValidator(_known_zone)],
 }
 
 

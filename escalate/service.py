@@ -10,31 +10,24 @@ durable.
 
 from __future__ import annotations
 
-import enum
 import os
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO, Final, cast
+from collections.abc import Iterator
+from typing import Any, BinaryIO, cast
 
-from escalate import config
+from escalate import config, pool_book, pool_member, resolve
 from escalate import decide as decisions
-from escalate import fold as folding
-from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, Clock
+from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
-from escalate.durations import MAX_WAIT_S, check_duration, format_duration
+from escalate.delivery import deliver, new_notices, notice_again
 from escalate.errors import (
-    Conflict,
     CorruptLedger,
-    EscalateError,
     InputError,
-    Pending,
     UnknownRun,
 )
-from escalate.events import MAX_REASON_LENGTH, PRIORITIES, Event, format_ts, parse_ts, seal
+from escalate.events import Event, format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
-from escalate.notify import run_hook
+from escalate.pool_state import PoolView
 from escalate.replay import Progress, Replayed, read_events
 from escalate.results import (
     DeliveryResult,
@@ -42,25 +35,12 @@ from escalate.results import (
     ResolutionResult,
     SweepResult,
     TaskResult,
-    resolution_outcome,
 )
-from escalate.state import EscalationState, Policy, RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore, Store, open_store
+from escalate.state import EscalationState, Policy, RunState
+from escalate.store import LedgerStore, Store, open_store
+from escalate.write import Decide, first_lines, write
 
 _WAIT_POLL_S = 0.05
-
-# A decision from the state, the write's time and the escalations this write expires.
-Decide = Callable[[RunState, str, list[str]], Decision]
-
-
-class Unchanged(enum.Enum):
-    """The type of :data:`UNCHANGED`: ``set_policy`` leaves such a setting as it is
-    (``None`` already means "none" for some of them)."""
-
-    UNCHANGED = "unchanged"
-
-
-UNCHANGED: Final = Unchanged.UNCHANGED
 
 
 class Ledger:
@@ -80,7 +60,7 @@ class Ledger:
         self.run_id = check_id(run_id, what="run id")
         # Every setting is read up front, so a bad value is an input error before anything
         # is written.
-        timeout = config.lock_timeout(lock_timeout)
+        self.lock_timeout = timeout = config.lock_timeout(lock_timeout)
         self.actor = config.actor(actor)
         self.clock = clock or config.utc_now
         self.notify_cmd = config.notify_cmd(notify_cmd)
@@ -91,6 +71,17 @@ class Ledger:
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
+        self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
+
+    def pool_id(self) -> str | None:
+        """The pool the run belongs to (None: none), read once from its first line;
+        :class:`InputError` (exit 2) when the id is a pool's."""
+        if self._pool is None:
+            first = pool_member.first_event(self.store)
+            if first is not None and first.get("type") == "pool_opened":
+                raise pool_book.is_a_pool(self.run_id)
+            self._pool = (pool_member.pool_of(first),)
+        return self._pool[0]
 
     @property
     def progress(self) -> Progress | None:
@@ -110,7 +101,7 @@ class Ledger:
         runs_dir: str | os.PathLike[str] | Store,
         run_id: str,
         *,
-        cap: Amount,
+        cap: Amount | None = None,
         task_cap: Amount | None = None,
         escalation: str = "off",
         approval_threshold: Amount | None = None,
@@ -118,6 +109,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
+        pool: str | None = None,
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
@@ -126,39 +118,43 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation.
+        reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
+        defaults to the pool's).
         """
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
+        joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
+        if cap is None:
+            if joining is None or joining.pool is None:
+                raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
+                                 code="invalid_amount")
+            cap = Micros(joining.pool.cap_micros)
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
-        now = format_ts(run.clock())
-        [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=run.actor)
+        if joining is not None:
+            payload["pool"] = joining.run_id
+        line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
+        if joining is None or run.store.exists():
+            # (An existing run is never joined: it is the same init again, or a conflict.)
+            run.created = run.store.create(line, recovery)
+        else:
+            run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                         clock=run.clock, lock_timeout=run.lock_timeout,
+                                         create=lambda: run.store.create(line, recovery))
+        if not run.created:
+            run._check_same(run_cap, payload, policy)
+        return run
 
-        def recovery(torn_bytes: int, saved_to: str) -> bytes:
-            # run_opened must stay the first line, so a torn first line is recorded right after
-            # it, in one group: a cut between the two leaves no run, only a torn tail.
-            sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
-                          seq=0, prev="", ts=now, actor=run.actor, grouped=True)
-            return b"".join(line + b"\n" for _, line, _ in sealed)
-
-        if run.store.create(line + b"\n", recovery):
-            run.created = True
-            return run
-        existing = run.store.read().state
-        wanted = (run_cap, payload["task_cap_micros"], policy)
-        have = (existing.run_cap_micros, existing.task_cap_micros, existing.policy)
-        if wanted == have:
-            return run  # (``created`` stays False: a script can tell a reused run id)
-        differences = config.setting_differences(existing, run_cap, payload["task_cap_micros"], policy)
-        only_policy = (existing.run_cap_micros, existing.task_cap_micros) == wanted[:2]
-        raise Conflict(
-            f"run {run.run_id} already exists with {'; '.join(differences)}; pick a new run id"
-            + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
-            run=run.run_id, cap_micros=existing.run_cap_micros,
-            task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
+    def _check_same(self, run_cap: int, payload: Event, policy: Policy) -> None:
+        """``init`` of an existing run: the same settings are fine (``created`` stays False,
+        so a script can tell a reused run id); others conflict."""
+        existing = self.store.read().state
+        if existing.pool is not None:
+            raise pool_book.is_a_pool(self.run_id)
+        config.check_same_run(existing, self.pool_id(), run_cap, payload["task_cap_micros"], policy,
+                              payload.get("pool"))
 
     @classmethod
     def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, **options: Any) -> Ledger:
@@ -169,6 +165,7 @@ class Ledger:
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--runs-dir), or create it with 'escalate runs init {run_id} --cap USD'", run=run_id)
+        run.pool_id()
         return run
 
     # ------------------------------------------------------------------ commands
@@ -178,18 +175,20 @@ class Ledger:
         (low, normal, high, urgent) are shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
-        _check_request(reason, priority)
+        config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_reserve(state, task_id, micros, now, reason, priority)))
+            lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
+                                                                 priority, pool)))
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
         and with ``priority`` shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        _check_request(reason, priority)
+        config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_increase(state, task_id, micros, reason, now, priority)))
+            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
+                                                                  priority, pool)))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
@@ -197,7 +196,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _: decisions.decide_release(state, task_id, micros, self.actor)))
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor)))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
@@ -229,19 +228,12 @@ class Ledger:
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
         ``renotify_every_s=None`` stops reminders)."""
-        def decide(state: RunState, now: str, expired: list[str]) -> Decision:
-            current = state.policy
-            threshold = current.approval_threshold_micros
-            policy = config.make_policy(
-                current.mode if escalation is UNCHANGED else escalation,
-                (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
-                else approval_threshold,
-                current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
-                Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
-                approvers=current.approvers if approvers is UNCHANGED else approvers,
-                renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
-                                  else renotify_every_s))
-            return decisions.decide_policy(state, policy, self.actor)
+        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+            policy = config.merge_policy(
+                state.policy, escalation=escalation, approval_threshold=approval_threshold,
+                escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
+                approvers=approvers, renotify_every_s=renotify_every_s)
+            return resolve.decide_policy(state, policy, self.actor)
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self, *, redeliver: bool = True) -> SweepResult:
@@ -252,7 +244,7 @@ class Ledger:
         ``renotify_every_s``); ``notified`` lists those attempts."""
         due: list[EscalationState] = []
 
-        def decide(state: RunState, now: str, expired: list[str]) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
             # Every write expires what is due before it decides; a sweep is a write that only
             # that, and it notes (under the lock) which notices are due again.
             due.clear()
@@ -262,7 +254,7 @@ class Ledger:
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
-        result["notified"] = [self._deliver(self._notice(escalation), escalation.id) for escalation in due]
+        result["notified"] = [self._deliver(notice_again(self.run_id, escalation)) for escalation in due]
         return result
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
@@ -271,44 +263,9 @@ class Ledger:
         Returns on approval; raises :class:`Refused` on cancel and :class:`Pending` on
         pause (a timeout's too) or when ``timeout_s`` passes first.
         """
-        check_id(escalation_id, what="escalation id")
-        if timeout_s is not None:
-            check_duration(timeout_s, what="wait timeout", maximum=MAX_WAIT_S)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_size = -1
-        waiting: tuple[EscalationState, Policy] | None = None
-        while True:
-            size = self.store.size()
-            if size != last_size:
-                last_size = size
-                state = self.state()
-                escalation = state.escalations.get(escalation_id)
-                if escalation is None or escalation.shadow or escalation.state == "resolved":
-                    # An answer rests only on durable bytes: the writer of what was read may
-                    # not have synced yet, and this fsync covers every byte written before it.
-                    self.store.sync()
-                if escalation is None:
-                    raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them "
-                                     f"with 'escalate escalations --run {self.run_id}'",
-                                     code="unknown_escalation", escalation_id=escalation_id)
-                if escalation.shadow:
-                    raise Conflict(f"escalation {escalation_id} was recorded in shadow mode and needs "
-                                   "nobody; there is nothing to wait for", escalation_id=escalation_id,
-                                   state="resolved", mode=None)
-                if escalation.state == "resolved":
-                    return resolution_outcome(self.run_id, escalation)
-                waiting = (escalation, state.policy)
-            # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-            if waiting is not None and decisions.is_expired(*waiting, format_ts(self.clock())):
-                waiting = None
-                self.sweep(redeliver=False)
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Pending(
-                    f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
-                    f"wait again or ask an approver to run 'escalate approve {self.run_id} {escalation_id}'",
-                    code="escalation_open", escalation_id=escalation_id, run=self.run_id)
-            time.sleep(_WAIT_POLL_S)
+        from escalate.waiting import wait_for
+
+        return wait_for(self, escalation_id, timeout_s)
 
     # ------------------------------------------------------------------ reading
 
@@ -373,57 +330,20 @@ class Ledger:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
         return cast(ResolutionResult, self._mutate(
-            lambda state, now, _: decisions.decide_resolution(state, escalation_id, mode, resolver)))
+            lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
+                                                                  pool)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
+        # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
-            try:
-                return self._mutate_once(decide, use_cache=True)
-            except CacheInvalid:
-                # A cache row failed its checksum, or SQLite a read, before anything was
-                # written: decide again from the log alone. That write replaces the cache under
-                # the lock (removing it here, unlocked, would pull it from under another
-                # thread's command).
-                return self._mutate_once(decide, use_cache=False)
-
-    def _mutate_once(self, decide: Decide, *, use_cache: bool) -> dict[str, Any]:
-        with self.store.transaction(use_cache=use_cache) as transaction:
-            replayed = transaction.load()
-            if replayed.problem is not None:
-                raise replayed.problem
-            state = replayed.state
-            # Deadlines follow this writer's clock; the lines' timestamps never go back: the
-            # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
-            clock_now = format_ts(self.clock())
-            now = max(clock_now, self._floor_ts(state))
-            seq, prev = state.seq, state.last_hash
-            recovery = transaction.recovery(replayed)
-            payloads: list[Event] = [recovery] if recovery is not None else []
-            expiries = decisions.expire(state, clock_now)
-            payloads += expiries
-            lines = self._seal(state, payloads, now)
-            decision = decide(state, clock_now, [event["id"] for event in expiries])
-            if isinstance(decision.error, InputError):
-                raise decision.error  # bad input changes nothing on disk
-            first_seq = state.seq + 1
-            lines += self._seal(state, decision.events, now)
-            if len(lines) > 1:
-                # Everything one command writes is one group: a reader counts all of it or
-                # none (a grant never without its reservation). Sealed again with the
-                # markers, which changes only the hashes of the new lines.
-                sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
-                              actor=self.actor, grouped=True)
-                lines = [line + b"\n" for _, line, _ in sealed]
-                state.last_hash = sealed[-1][2]
-            if recovery is not None and not expiries and not decision.events:
-                # Only the torn tail would be written: an answer that needs no write (an
-                # idempotent repeat, a refusal already on record) leaves it for the next
-                # writer, so it works on a full disk or read-only media too. The state folded
-                # the recovery, so it is no checkpoint either.
-                return self._answer(first_seq, decision)
-            transaction.append(replayed, lines)
-            transaction.save_checkpoint(replayed, state, lines)
-        return self._answer(first_seq, decision)
+            pool_id = self.pool_id()
+            if pool_id is None:
+                first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
+            else:
+                first_seq, decision = pool_book.write_member(
+                    self.runs_store, pool_id, self.store, decide, actor=self.actor, clock=self.clock,
+                    lock_timeout=self.lock_timeout)
+            return self._answer(first_seq, decision)
 
     def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
         """Report a decision once everything it rests on is durable."""
@@ -436,86 +356,25 @@ class Ledger:
             raise decision.error
         return {"run": self.run_id, **decision.result}
 
-    def _floor_ts(self, state: RunState) -> str:
-        """The last line's ``ts``, which the next line's may not go below. The fold checks a
-        ``ts`` only where it keeps one for itself; this one it now uses, so it must be a
-        timestamp exactly as escalate writes them (checked once per command, not per line)."""
-        try:
-            if format_ts(parse_ts(state.last_ts)) == state.last_ts:
-                return state.last_ts
-        except (TypeError, ValueError, AttributeError):
-            pass
-        raise CorruptLedger(
-            f"{self.store.where} line {state.seq}: field 'ts' must be a UTC timestamp like "
-            f"2026-11-23T14:00:00.123456Z; writes are refused — inspect with "
-            f"'escalate runs verify {self.run_id}'", run=self.run_id, line=state.seq,
-            problem="invalid ts", first_suspect_line=state.seq)
-
-    def _seal(self, state: RunState, payloads: Iterable[Event], now: str) -> list[bytes]:
-        """Envelope the payloads after ``state`` and fold them in, so nothing is written that
-        a replay would refuse."""
-        lines = []
-        for event, line, this_hash in seal(payloads, seq=state.seq, prev=state.last_hash, ts=now,
-                                           actor=self.actor):
-            try:
-                folding.apply(state, event, this_hash)
-            except RuleViolation as exc:  # a bug: refuse to write it
-                raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
-                                    "nothing was written — please report this bug") from exc
-            lines.append(line + b"\n")
-        return lines
-
     def _notify(self, first_seq: int, events: list[Event]) -> None:
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
-        for event in events:
-            if event["type"] == "escalation" and not event["shadow"]:
-                self._deliver({"run": self.run_id, "seq": first_seq, "requested_by": self.actor, "attempt": 1,
-                               **event}, event["id"])
+        for notice in new_notices(self.run_id, first_seq, self.actor, events):
+            self._deliver(notice)
 
-    def _notice(self, escalation: EscalationState) -> dict[str, Any]:
-        """An open escalation's notice sent again, with the fields of its ``escalation``
-        line (its ``seq`` is in its id) and the attempt this is."""
-        fields = escalation.to_json()
-        return {"run": self.run_id, "seq": int(escalation.id.rpartition("-")[2] or 0),
-                "requested_by": escalation.requested_by, "attempt": escalation.notify_attempts + 1,
-                "type": "escalation",
-                **{key: fields[key] for key in (
-                    "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
-                    "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
-                    "priority")}}
-
-    def _deliver(self, notice: dict[str, Any], escalation_id: str) -> DeliveryResult:
-        """Run the hook, then record the attempt as ``escalation_notified`` in a second,
-        separate write. The decision it follows is already durable and answered, so a
-        failure to record is only a warning: it never reaches the caller or its exit code."""
-        ok, detail = run_hook(self.notify_cmd or "", notice, timeout_s=self.notify_timeout)
-        try:
-            recorded = self._mutate(
-                lambda state, now, _: decisions.decide_notified(state, escalation_id, ok, detail))
-        except Exception as exc:  # anything at all: the answer it follows stands regardless
-            print(f"escalate: warning: the notify attempt for {escalation_id} was not recorded ({exc}); "
-                  "the decision stands", file=sys.stderr)
-            return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
-        return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
-                "detail": detail}
-
-
-def _check_request(reason: Any, priority: Any) -> None:
-    """What a requester tells an approver: a printable reason and a known priority."""
-    if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH or not reason.isprintable():
-        shown = reason if isinstance(reason, str) else repr(reason)
-        raise InputError(f"invalid reason {shown[:40]!r}: use up to {MAX_REASON_LENGTH} printable characters",
-                         code="invalid_reason", value=shown[:40])
-    if priority not in PRIORITIES:
-        raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of {', '.join(PRIORITIES)}",
-                         code="invalid_priority", value=str(priority)[:40])
+    def _deliver(self, notice: dict[str, Any]) -> DeliveryResult:
+        """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
+        escalation_id = notice["id"]
+        return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
+            lambda state, now, _, pool: decisions.decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs
 
 
 def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
-    """The ids of the runs in a store (a runs folder: folders with a log), sorted."""
-    return open_store(runs_dir).run_ids()
+    """The ids of the runs in a store (a runs folder: folders with a log), sorted; a pool's
+    ledger is no run."""
+    store = open_store(runs_dir)
+    return (ledger_id for ledger_id, kind in pool_book.ledger_kinds(store) if kind != "pool_opened")

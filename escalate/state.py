@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from escalate.events import (
     EscalationKind,
@@ -20,6 +20,9 @@ from escalate.events import (
     Resolution,
     ResolvedMode,
 )
+
+if TYPE_CHECKING:
+    from escalate.pool_state import PoolFacts
 
 # reserved: holds money; released: settled; halted: refused for good; escalated: waits on
 # a person; paused: a person paused its escalation (it may ask again).
@@ -184,6 +187,8 @@ class RunState:
     recoveries: int = 0
     # The last actor the fold checked: the next line by the same actor needs no new check.
     last_actor: str | None = None
+    # A pool's log folds into a state too: its settings and members (no money: caps 0).
+    pool: PoolFacts | None = None
 
     @property
     def cap_micros(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
@@ -60,6 +60,23 @@ class Transaction(Protocol):
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         """Keep ``state`` (``replayed`` plus ``lines``) as the checkpoint the next command
         starts from. It only ever saves time: a failure here changes no answer."""
+        ...
+
+    # A pool keeps its derived totals beside its log: a small key → bytes map that only
+    # writers holding the pool's critical section read and write. It is disposable: the
+    # pool module validates what it reads and rebuilds it from the member runs' logs.
+
+    def derived(self, keys: Iterable[str]) -> dict[str, bytes] | None:
+        """The values stored under ``keys`` (a key never saved is left out); None when they
+        cannot be read (a damaged store): the caller rebuilds them from the logs."""
+        ...
+
+    def save_derived(self, values: Mapping[str, bytes | None], *, replace: bool = False) -> bool:
+        """Store ``values`` (``None`` deletes the key) all or nothing; ``replace``: drop every
+        other key first. No sync is needed. True when stored; if they cannot be stored,
+        everything stored is discarded (the next :meth:`derived` finds nothing) and False is
+        returned; if even that fails, raise :class:`~escalate.errors.StoreUnavailable`: a
+        stale value must never be read back."""
         ...
 
 

@@ -15,7 +15,6 @@ import pytest
 from escalate import Ledger, Pending, Refused
 from escalate.cli.reference import iter_commands, render
 from escalate.events import EVENT_TYPES
-from escalate.service import iter_run_ids
 from tests.conftest import FakeClock
 
 ROOT = Path(__file__).parent.parent
@@ -87,6 +86,23 @@ def drive_every_event_type(runs_dir: Path) -> None:
     off = Ledger.init(runs_dir, "off", cap="1", clock=clock)
     off.reserve("x", "1")
     off.release("x", "1.5")
+    # A pool (pool_opened, run_joined, its policy_changed with a cap) and a member run's
+    # pool_cap escalation approved with a pool extension, then a pool_cap halt.
+    from escalate.pools import Pool
+
+    pool = Pool.init(runs_dir, "pool", cap="2", period="day", tz="Europe/Berlin", escalation="enforce",
+                     max_extension="1", clock=clock)
+    member = Ledger.init(runs_dir, "member", pool="pool", cap="5", clock=clock)
+    member.approve(escalated_in(member, "p1", "2.5"), by="lead")
+    pool.set_policy(escalation="off", cap="2.5")
+    with pytest.raises(Refused):
+        member.reserve("p2", "1")
+
+
+def escalated_in(run: Ledger, task: str, amount: str) -> str:
+    with pytest.raises(Pending) as pending:
+        run.reserve(task, amount)
+    return str(pending.value.escalation_id)
 
 
 def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> None:
@@ -97,7 +113,7 @@ def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> Non
     resolutions, halt_reasons, extras = set(), set(), set()
     fields = {model.model_fields["type"].annotation.__args__[0]: set(model.model_fields)  # type: ignore[union-attr]
               for model in MODELS}
-    for run_id in iter_run_ids(runs_dir):
+    for run_id in sorted(path.name for path in runs_dir.iterdir()):  # runs and pools
         for line in (runs_dir / run_id / "events.ndjson").read_bytes().splitlines():
             event: dict[str, Any] = json.loads(line)
             validate_event(event)
@@ -109,13 +125,14 @@ def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> Non
             if event["type"] == "halt":
                 halt_reasons.add(event["reason"])
             extras |= {key for key in ("note", "kind", "needed_extension_micros", "request_reason",
-                                       "priority") if key in event}
+                                       "priority", "pool", "pool_extension_micros", "cap_micros")
+                       if key in event and event["type"] not in ("pool_opened", "run_joined")}
             extras |= {key for key in ("renotify_every_s",) if key in event.get("escalation", {})}
     assert set(seen) == set(EVENT_TYPES)
     assert {("extend", "lead"), ("pause", "lead"), ("cancel", "lead"), ("pause", "timeout")} <= resolutions
-    assert halt_reasons == {"run_cap", "task_cap", "cancelled"}
+    assert halt_reasons == {"run_cap", "task_cap", "cancelled", "pool_cap"}
     assert extras == {"note", "kind", "needed_extension_micros", "request_reason", "priority",
-                      "renotify_every_s"}
+                      "renotify_every_s", "pool", "pool_extension_micros", "cap_micros"}
     schema = json_schema()
     assert schema["$schema"].endswith("2020-12/schema")
     assert {m.__name__ for m in MODELS} <= set(schema["$defs"])

@@ -12,7 +12,7 @@ PACKAGE = Path(escalate.__file__).parent
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 # Over the limits until their split lands; an entry that is no longer over must go.
-AWAITING_SPLIT = {"decide.py", "service.py", "cli/runs_cmds.py:set_policy"}
+AWAITING_SPLIT = {"cli/gate_cmds.py:gate"}
 
 
 def _sizes() -> dict[str, int]:

@@ -80,7 +80,7 @@ def test_a_repeated_reserve_or_increase_says_already_reserved(cli: Any) -> None:
     (["release"], "Usage: escalate release [OPTIONS] RUN TASK", "-a, --actual USD"),
     (["approve"], "Usage: escalate approve [OPTIONS] RUN ESCALATION_ID", "--by NAME"),
     (["sweep"], "Usage: escalate sweep [OPTIONS] [RUN]", "--runs-dir PATH"),
-    (["gate"], "Usage: escalate gate [OPTIONS] RUN", "--max-spent USD"),
+    (["gate"], "Usage: escalate gate [OPTIONS] [RUN]", "--max-spent USD"),  # or --pool POOL
     (["runs", "init"], "Usage: escalate runs init [OPTIONS] RUN", "--cap USD"),
     (["runs", "show"], "Usage: escalate runs show [OPTIONS] RUN", "--runs-dir PATH"),
 ])

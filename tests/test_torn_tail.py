@@ -275,8 +275,9 @@ def test_a_reader_never_reports_a_recovery_it_saw_half_way(
         streams.append(_ReadThenRecover(stream, recover))
         return streams[0]
 
-    monkeypatch.setattr(FileLog, "reader", reader_then_recovery)
+    # Opened first: opening reads the run's first line (is it a pool's?), not the log.
     fresh = Ledger.open(root, "r", actor="tester")
+    monkeypatch.setattr(FileLog, "reader", reader_then_recovery)
     fresh.store.checkpoint = None  # read the whole log, as a first reader does
     if reader == "state":
         state = fresh.state()

@@ -39,8 +39,10 @@ def _said(result: dict[str, Any]) -> None:
         extension = result.get("extension_micros", 0)
         from escalate.money import format_usd as usd
 
+        pool_extension = result.get("pool_extension_micros", 0)
         extra = f": {usd(result['reserved_micros'])} reserved for {result['task']}" + (
-            f", cap extended by {usd(extension)}" if extension else "")
+            f", cap extended by {usd(extension)}" if extension else "") + (
+            f", the pool extended by {usd(pool_extension)} for this period" if pool_extension else "")
     echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, open_ledger, respond
+from escalate.cli import JsonOption, RunsDirOption, bad_input, echo_line, open_ledger, open_options, respond
 from escalate.errors import EscalateError, Refused
 
 if TYPE_CHECKING:
@@ -16,7 +17,11 @@ if TYPE_CHECKING:
 
 
 def gate(
-    run: RunArg,
+    run: Annotated[str | None, typer.Argument(help="Run id (or give --pool).", show_default=False,
+                                              metavar="RUN")] = None,
+    pool: Annotated[str | None, typer.Option(
+        "--pool", metavar="POOL", help="Gate a pool instead: its money in the period now, and each "
+        "member run's own gate.", show_default=False)] = None,
     max_spent: Annotated[str | None, typer.Option(
         "--max-spent", metavar="USD", help="Fail when spent or committed is over this USD amount "
         "[default: the run's cap, extensions included].")] = None,
@@ -31,48 +36,64 @@ def gate(
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Fail (exit 3) when RUN is over budget, has a halt or an open escalation; for CI.
+    """Fail (exit 3) when RUN (or --pool POOL) is over budget, has a halt or an open escalation; for CI.
 
     Reservations still held are a warning (or, with --fail-on-held, a failure).
 
     On GitHub Actions (GITHUB_ACTIONS=true) it prints ::error:: and ::warning::
     annotations; when GITHUB_STEP_SUMMARY is set it appends a Markdown summary there.
     """
+    if (run is None) == (pool is None):
+        bad_input("give a run id or --pool POOL (one of them)", json_out, code="usage")
+    name = f"run {run}" if pool is None else f"pool {pool}"
     github = os.environ.get("GITHUB_ACTIONS") == "true"
     # Annotations go where the runner reads them without spoiling --json's one object.
     annotations = sys.stderr if json_out else sys.stdout
 
     def action() -> dict[str, Any]:
-        from escalate.gate import check_gate, github_annotation
-        from escalate.money import Micros, parse_micros
+        from escalate.gate import github_annotation
 
         try:
-            limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
-            checked = check_gate(open_ledger(run, runs_dir, None, progress=True), max_spent=limit,
-                                 allow_halts=allow_halts, allow_open_escalations=allow_open_escalations,
-                                 fail_on_held=fail_on_held)
+            checked = _check(run, pool, runs_dir, max_spent, allow_halts=allow_halts,
+                             allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         except EscalateError as error:
             if github:
-                print(github_annotation("error", f"budget gate could not check run {run}: "
+                print(github_annotation("error", f"budget gate could not check {name}: "
                                         f"{error.message}"), file=annotations)
             raise
         _show_on_github(checked, annotations if github else None)
         result = checked.to_json()
         if not checked.passed:
-            raise Refused(f"gate failed for run {run}: {checked.verdict.reason()}; see "
-                          f"'escalate runs show {run}' for the tasks", code="gate_failed",
-                          **{key: value for key, value in result.items() if key != "run"})
+            see = f"'escalate runs show {run}'" if pool is None else f"'escalate pools show {pool}'"
+            raise Refused(f"gate failed for {name}: {checked.verdict.reason()}; see {see} for the tasks",
+                          code="gate_failed",
+                          **{key: value for key, value in result.items() if key not in ("run", "pool")})
         return result
 
     def human(result: dict[str, Any]) -> None:
         from escalate.money import format_usd as usd
 
-        echo_line(f"gate passed for run {result['run']}: committed {usd(result['committed_micros'])} "
+        echo_line(f"gate passed for {name}: committed {usd(result['committed_micros'])} "
                   f"(spent {usd(result['spent_micros'])}) of {usd(result['max_spent_micros'])}")
         for warning in result["warnings"]:
             print(f"escalate: warning: {warning['message']}", file=sys.stderr)
 
     respond(json_out, action, human)
+
+
+def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: str | None,
+           **options: bool) -> GateResult:
+    """The gate's verdict over the run, or over the pool (library calls of escalate.gate)."""
+    from escalate.gate import check_gate, check_pool_gate
+    from escalate.money import Micros, parse_micros
+
+    limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
+    if pool is not None:
+        from escalate.pools import Pool
+
+        return check_pool_gate(Pool.open(open_options(runs_dir, None)["runs_dir"], pool), max_spent=limit,
+                               **options)
+    return check_gate(open_ledger(run or "", runs_dir, None, progress=True), max_spent=limit, **options)
 
 
 def _show_on_github(checked: GateResult, annotations: TextIO | None) -> None:

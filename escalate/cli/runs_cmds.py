@@ -57,8 +57,9 @@ RenotifyOption = Annotated[str | None, typer.Option(
 @runs_app.command("init")
 def init(
     run: RunArg,
-    cap: Annotated[str, typer.Option("--cap", metavar="USD", help="The run's budget in USD.",
-                                     show_default=False)],
+    cap: Annotated[str | None, typer.Option(
+        "--cap", metavar="USD", help="The run's budget in USD (required, unless --pool gives it).",
+        show_default=False)] = None,
     task_cap: Annotated[str | None, typer.Option("--task-cap", metavar="USD", help="Most one task may "
                                                  "reserve [default: the run cap].")] = None,
     escalation: ModeOption = None,
@@ -67,6 +68,9 @@ def init(
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
     renotify_every: RenotifyOption = None,
+    pool: Annotated[str | None, typer.Option(
+        "--pool", metavar="POOL", help="Join POOL for good: every reservation must also fit the pool; "
+        "--cap defaults to the pool's cap.", show_default=False)] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -90,8 +94,9 @@ def init(
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              approvers=approvers or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
-                             **options)
-        return {**ledger.state().totals(), "status": "created" if ledger.created else "exists"}
+                             pool=pool, **options)
+        return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",
+                **({"pool": pool} if pool is not None else {})}
 
     def human(r: Mapping[str, Any]) -> None:
         if r["status"] == "exists":
@@ -99,7 +104,8 @@ def init(
                       f"{usd(r['remaining_micros'])} remaining); nothing changed")
             return
         echo_line(f"run {r['run']}: cap {usd(r['run_cap_micros'])}, task cap "
-                  f"{usd(r['task_cap_micros'])}, escalation {r['escalation']['mode']}")
+                  f"{usd(r['task_cap_micros'])}, escalation {r['escalation']['mode']}"
+                  + (f", in pool {r['pool']}" if "pool" in r else ""))
 
     respond(json_out, action, human)
 
@@ -136,40 +142,17 @@ def set_policy(
     json_out: JsonOption = False,
 ) -> None:
     """Change RUN's escalation policy (recorded as a policy_changed event)."""
-    if approval_threshold is not None and no_threshold:
-        bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
-                  json_out, code="usage")
-    if renotify_every is not None and no_renotify:
-        bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
-    if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
-            renotify_every) == (None,) * 6 and not no_threshold and not no_renotify:
-        bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout, --max-extension, --approvers, --renotify-every or "
-                  "--no-renotify", json_out, code="usage")
+    changes = policy_changes(json_out, escalation=escalation, approval_threshold=approval_threshold,
+                             no_threshold=no_threshold, escalation_timeout=escalation_timeout,
+                             max_extension=max_extension, approvers=approvers,
+                             renotify_every=renotify_every, no_renotify=no_renotify)
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
-        changes: dict[str, Any] = {}
-        if escalation is not None:
-            changes["escalation"] = escalation
-        if approval_threshold is not None:
-            changes["approval_threshold"] = approval_threshold
-        if no_threshold:
-            changes["approval_threshold"] = None
-        if escalation_timeout is not None:
-            changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
-        if max_extension is not None:
-            changes["max_extension"] = max_extension
-        if approvers is not None:
-            changes["approvers"] = approvers
-        if renotify_every is not None:
-            changes["renotify_every_s"] = _renotify(renotify_every)
-        if no_renotify:
-            changes["renotify_every_s"] = None
         ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
-        return ledger.set_policy(**changes)
+        return ledger.set_policy(**changes())
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]
@@ -182,6 +165,43 @@ def set_policy(
             echo_line(f"run {result['run']}: {', '.join(changed)}")
 
     respond(json_out, action, human)
+
+
+def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold: str | None,
+                   no_threshold: bool, escalation_timeout: str | None, max_extension: str | None,
+                   approvers: str | None, renotify_every: str | None,
+                   no_renotify: bool) -> Callable[[], dict[str, Any]]:
+    """The options of ``runs set`` checked for usage (exit 2 before anything is opened),
+    and a call that turns them into ``set_policy``'s keyword arguments (durations parsed
+    then, inside the command, so a bad one is reported as its error)."""
+    if approval_threshold is not None and no_threshold:
+        bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
+                  json_out, code="usage")
+    if renotify_every is not None and no_renotify:
+        bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
+    if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
+            renotify_every) == (None,) * 6 and not no_threshold and not no_renotify:
+        bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
+                  "--escalation-timeout, --max-extension, --approvers, --renotify-every or "
+                  "--no-renotify", json_out, code="usage")
+
+    def changes() -> dict[str, Any]:
+        given: dict[str, Any] = {}
+        if escalation is not None:
+            given["escalation"] = escalation
+        if approval_threshold is not None or no_threshold:
+            given["approval_threshold"] = approval_threshold
+        if escalation_timeout is not None:
+            given["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
+        if max_extension is not None:
+            given["max_extension"] = max_extension
+        if approvers is not None:
+            given["approvers"] = approvers
+        if renotify_every is not None or no_renotify:
+            given["renotify_every_s"] = None if renotify_every is None else _renotify(renotify_every)
+        return given
+
+    return changes
 
 
 def _escalation_timeout(text: str) -> float:

@@ -1,0 +1,57 @@
+"""Delivering escalations to people: the notices the notify hook is sent, and each attempt
+recorded afterwards as ``escalation_notified``.
+
+A notice is sent after the decision it follows is durable and answered; recording the
+attempt is a second, separate write (:class:`escalate.service.Ledger` passes it in as
+``record``), so nothing here can change a decision or an exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from escalate.events import Event
+from escalate.notify import run_hook
+from escalate.results import DeliveryResult
+from escalate.state import EscalationState
+
+# Records one attempt (ok, detail) of an escalation's notice; returns the recorded result.
+Record = Callable[[bool, str], Mapping[str, Any]]
+
+
+def new_notices(run_id: str, first_seq: int, actor: str, events: list[Event]) -> Iterator[dict[str, Any]]:
+    """The notice of each escalation in a write that a person must answer."""
+    for event in events:
+        if event["type"] == "escalation" and not event["shadow"]:
+            yield {"run": run_id, "seq": first_seq, "requested_by": actor, "attempt": 1, **event}
+
+
+def notice_again(run_id: str, escalation: EscalationState) -> dict[str, Any]:
+    """An open escalation's notice sent again, with the fields of its ``escalation``
+    line (its ``seq`` is in its id) and the attempt this is."""
+    fields = escalation.to_json()
+    return {"run": run_id, "seq": int(escalation.id.rpartition("-")[2] or 0),
+            "requested_by": escalation.requested_by, "attempt": escalation.notify_attempts + 1,
+            "type": "escalation",
+            **{key: fields[key] for key in (
+                "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
+                "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
+                "priority")}}
+
+
+def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: Record) -> DeliveryResult:
+    """Run the hook, then record the attempt with ``record``. The decision it follows is
+    already durable and answered, so a failure to record is only a warning: it never
+    reaches the caller or its exit code."""
+    escalation_id = notice["id"]
+    ok, detail = run_hook(notify_cmd, notice, timeout_s=timeout_s)
+    try:
+        recorded = record(ok, detail)
+    except Exception as exc:  # anything at all: the answer it follows stands regardless
+        print(f"escalate: warning: the notify attempt for {escalation_id} was not recorded ({exc}); "
+              "the decision stands", file=sys.stderr)
+        return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
+    return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
+            "detail": detail}

@@ -1,0 +1,334 @@
+"""A pool's books: its money per period, derived from its member runs, kept beside the pool's
+log for the writers, and checked on every write to a member run.
+
+Every write to a member run holds the pool's critical section, then the run's (always that
+order). Under the pool's, the writer opens the :class:`PoolBook`: the pool's settings and
+its totals per period, kept in the store's derived values (``Transaction.derived``) so a
+write reads a few small values instead of folding every member. The book is disposable
+and never trusted blindly:
+
+- it names the format, the machine's boot and the pool log's size it was built at; any
+  difference (a pool write it missed, a machine crash that lost unsynced values) means a
+  rebuild from the logs of every member;
+- before a writer appends to a member run it records the run as its *intent*; after the
+  append it folds the new lines into the book and clears the intent, in one save. A writer
+  killed in between leaves the intent: the next writer refolds that run from its log;
+- each member's entry names the byte offset of its log it was folded to; the writer of a
+  run whose entry is behind refolds that run first.
+
+So a stale book never lets a reservation past the pool's cap (``tests/test_pools_faults.py``).
+Money stays in the run logs; a task counts in the period of its first reservation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import orjson
+
+from escalate.config import Clock
+from escalate.decide import Decision
+from escalate.errors import EscalateError, InputError, UnknownRun
+from escalate.events import Event
+from escalate.ids import check_id
+from escalate.periods import period_key
+from escalate.pool_member import Member, facts_of, first_event, fold_member
+from escalate.pool_state import PeriodTotals, PoolFacts, PoolView
+from escalate.replay import Replayed
+from escalate.state import Policy, RunState
+from escalate.store import LedgerStore, Store, Transaction
+from escalate.write import Decide, write
+
+FORMAT = 1
+
+
+def ledger_kinds(store: Store) -> Iterator[tuple[str, str | None]]:
+    """Each ledger's id in ``store`` with the type of its first line (``run_opened``,
+    ``pool_opened``; None when it cannot be read: a run that lists as broken), sorted."""
+    for ledger_id in store.run_ids():
+        try:
+            first = first_event(store.ledger(ledger_id, lock_timeout=0))
+        except (OSError, EscalateError):
+            first = None
+        yield ledger_id, None if first is None else first.get("type")
+
+
+def is_a_pool(ledger_id: str) -> InputError:
+    """The error for a run command given a pool's id."""
+    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
+                      "or give a run id", code="is_a_pool", run=ledger_id)
+
+
+def read_pool(runs: Store, pool_id: str, lock_timeout: float) -> RunState:
+    """The pool ``pool_id``'s log folded (settings and members, read without the lock);
+    :class:`InputError` (exit 2) when there is no such pool, or it is a run."""
+    check_id(pool_id, what="pool id")
+    store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    if not store.exists():
+        raise InputError(f"no pool {pool_id} under {runs.where}; see 'escalate pools list', or create "
+                         f"it with 'escalate pools init {pool_id} --cap USD'", code="unknown_pool",
+                         pool=pool_id)
+    replayed = store.read(use_cache=False)
+    if replayed.problem is not None:
+        raise replayed.problem
+    facts_of(replayed.state)
+    return replayed.state
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot of the machine: values kept unsynced do not outlive it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
+            return source.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class PoolBook:
+    """A pool's settings and totals per period, opened by a writer holding the pool's
+    critical section (:func:`open_book`)."""
+
+    def __init__(self, transaction: Transaction, runs: Store, pool_id: str, meta: dict[str, Any],
+                 lock_timeout: float) -> None:
+        self.transaction = transaction
+        self.runs = runs
+        self.pool_id = pool_id
+        self.meta = meta
+        self.lock_timeout = lock_timeout
+        self.members: dict[str, Member] = {}
+        self.periods: dict[str, PeriodTotals] = {}  # the totals read or changed so far
+        # Complete: every member and period is in memory (after a rebuild); what is missing
+        # is then zero. Otherwise what is missing is read from the store.
+        self.complete = False
+        self.policy = Policy(**meta["policy"])
+
+    def key_at(self, ts: str) -> str:
+        """The key of the period the moment ``ts`` falls in."""
+        return period_key(self.meta["period"], self.meta["tz"], ts)
+
+    def member(self, run_id: str) -> Member:
+        if run_id not in self.members:
+            found = self._read([f"member:{run_id}"])
+            data = found.get(f"member:{run_id}")
+            self.members[run_id] = Member() if data is None else Member.from_bytes(data)
+        return self.members[run_id]
+
+    def totals(self, keys: Iterable[str]) -> dict[str, PeriodTotals]:
+        missing = sorted(set(keys) - set(self.periods))
+        if missing:
+            found = self._read([f"period:{key}" for key in missing])
+            for key in missing:
+                if f"period:{key}" in found:
+                    self.periods[key] = PeriodTotals.from_list(orjson.loads(found[f"period:{key}"]))
+        return {key: self.periods[key] for key in keys if key in self.periods}
+
+    def _read(self, keys: list[str]) -> dict[str, bytes]:
+        """Values from the store; nothing once the book is complete in memory. A store that
+        cannot be read now is no answer of zero: the book is then filled from the logs."""
+        if self.complete:
+            return {}
+        found = self.transaction.derived(keys)
+        if found is None:
+            self.fill(self.transaction.load().state)
+            return {}
+        return found
+
+    def view(self, run_id: str, now: str) -> PoolView:
+        """What a decision on member ``run_id`` at ``now`` knows of the pool."""
+        member = self.member(run_id)
+        current = self.key_at(now)
+        task_periods = {task: held[0] for task, held in member.holding.items()}
+        return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
+                        period=self.meta["period"], current=current,
+                        totals=self.totals([current, *task_periods.values()]), task_periods=task_periods)
+
+    def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
+        """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
+        ``more`` values, in one save."""
+        old = self.member(run_id)
+        deltas: dict[str, PeriodTotals] = {}
+        for key, totals in member.periods.items():
+            deltas.setdefault(key, PeriodTotals()).add(totals)
+        for key, totals in old.periods.items():
+            deltas.setdefault(key, PeriodTotals()).add(totals, -1)
+        self.members[run_id] = member
+        self.save_changes(run_id, deltas, **more)
+
+    def save_changes(self, run_id: str, deltas: dict[str, PeriodTotals], **more: bytes | None) -> None:
+        """Add ``deltas`` to the totals, and save them with ``run_id``'s entry and ``more``."""
+        self.totals(deltas)
+        for key, delta in deltas.items():
+            self.periods.setdefault(key, PeriodTotals()).add(delta)
+        values: dict[str, bytes | None] = {f"period:{key}": orjson.dumps(self.periods[key].to_list())
+                                           for key in deltas}
+        values[f"member:{run_id}"] = self.members[run_id].to_bytes()
+        values.update(more)
+        self.save(values)
+
+    def save(self, values: dict[str, bytes | None], *, replace: bool = False) -> None:
+        """Save ``values``; if the store could not keep them (it then holds nothing), the
+        book lives on in memory, complete, for the rest of this write: nothing is read back
+        from a store that lost what was saved."""
+        if not self.transaction.save_derived(values, replace=replace) and not self.complete:
+            self.fill(self.transaction.load().state)
+
+    def fill(self, state: RunState) -> None:
+        """Every member folded from its log, and the totals summed: the whole book in memory."""
+        self.members = {run_id: self.fold_log(run_id) for run_id in facts_of(state).members}
+        self.periods = {}
+        for member in self.members.values():
+            for key, period in member.periods.items():
+                self.periods.setdefault(key, PeriodTotals()).add(period)
+        self.complete = True
+
+    def fold_log(self, run_id: str, stop: int | None = None) -> Member:
+        store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
+        return fold_member(store, self.pool_id, self.key_at, stop=stop)
+
+
+def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
+              loaded: RunState | None = None) -> PoolBook:
+    """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
+    values = transaction.derived(["meta", "intent"]) or {}
+    meta = orjson.loads(values["meta"]) if "meta" in values else None
+    if (meta is None or meta.get("format") != FORMAT or meta.get("boot") != boot_id()
+            or meta.get("log_size") != pool_store.size()):
+        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+    book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
+    intent = values.get("intent")
+    if intent is not None:  # a writer was killed between a member's append and the book
+        run_id = intent.decode()
+        book.replace(run_id, book.fold_log(run_id), intent=None)
+    return book
+
+
+def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float,
+             loaded: RunState | None) -> PoolBook:
+    """Fold the pool's log and every member's, and save them as the whole book."""
+    state = loaded
+    if state is None:
+        replayed = transaction.load()
+        if replayed.problem is not None:
+            raise replayed.problem
+        state = replayed.state
+    facts = facts_of(state)
+    meta = _meta(state, facts, pool_store.size())
+    book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
+    book.fill(state)
+    values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
+                                       for run_id, member in book.members.items()}
+    values.update({f"period:{key}": orjson.dumps(period.to_list()) for key, period in book.periods.items()})
+    values["meta"] = orjson.dumps(meta)
+    book.save(values, replace=True)
+    return book
+
+
+def _meta(state: RunState, facts: PoolFacts, log_size: int) -> dict[str, Any]:
+    return {"format": FORMAT, "boot": boot_id(), "log_size": log_size, "cap": facts.cap_micros,
+            "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
+
+
+class MemberWrite:
+    """A write to a member run, inside the pool's critical section (:class:`escalate.write.Inside`)."""
+
+    def __init__(self, book: PoolBook, run_id: str) -> None:
+        self.book = book
+        self.run_id = run_id
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        if self.book.member(self.run_id).offset != replayed.offset:
+            # The entry is behind the log (a new member, or a book rebuilt around a torn
+            # tail): fold the run to where this write starts.
+            self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
+
+    def view(self, now: str) -> PoolView:
+        return self.book.view(self.run_id, now)
+
+    def before_append(self) -> None:
+        self.book.save({"intent": self.run_id.encode()})
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        if not events:
+            return
+        member, deltas = self.book.member(self.run_id), {}  # type: ignore[var-annotated]
+        for event in events:
+            member.fold({**event, "ts": now}, self.book.key_at, deltas)
+        member.offset = offset
+        self.book.save_changes(self.run_id, deltas, intent=None)
+
+
+class PoolLogWrite:
+    """A write to the pool's own log (a run joins, the policy changes): the book follows it
+    in the same critical section; ``then`` runs last, still inside (a joining run is
+    created there, so the pool counts it from its first line)."""
+
+    def __init__(self, runs: Store, pool_store: LedgerStore, lock_timeout: float,
+                 then: Callable[[], None] | None = None) -> None:
+        self.runs, self.pool_store, self.lock_timeout, self.then = runs, pool_store, lock_timeout, then
+        self.book: PoolBook | None = None
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        facts_of(replayed.state)  # a run's id given as a pool's
+        self.book = open_book(transaction, self.pool_store, self.runs, lock_timeout=self.lock_timeout,
+                              loaded=replayed.state)
+
+    def view(self, now: str) -> None:
+        return None
+
+    def before_append(self) -> None:
+        pass  # the book's log size tells a missed write of the pool's own log
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        book = self.book
+        if book is not None and events:
+            book.meta = _meta(state, facts_of(state), offset)
+            joined = {event["run"]: book.fold_log(event["run"]) for event in events
+                      if event["type"] == "run_joined"}
+            book.members.update(joined)
+            values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
+                                               for run_id, member in joined.items()}
+            values["meta"] = orjson.dumps(book.meta)
+            book.save(values)
+        if self.then is not None:
+            self.then()
+
+
+def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Decide, *, actor: str,
+                 clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+    """A write to a member run: the pool's critical section, then the run's."""
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    if not pool_store.exists():
+        raise UnknownRun(f"run {run_store.run_id} belongs to pool {pool_id}, which is gone from "
+                         f"{runs.where}; restore the pool's folder", run=run_store.run_id, pool=pool_id)
+    with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
+        book = open_book(transaction, pool_store, runs, lock_timeout=lock_timeout)
+        return write(run_store, decide, actor=actor, clock=clock, inside=MemberWrite(book, run_store.run_id))
+
+
+def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
+         lock_timeout: float, create: Callable[[], bool]) -> bool:
+    """Join ``run_store``'s run to the pool and ``create`` it, in the pool's critical section:
+    ``run_joined`` first, so a crash in between leaves a harmless join (the run is created
+    by the retry), never a member the pool does not count. Returns what ``create`` did."""
+    from escalate.pool_decide import decide_join
+
+    created: list[bool] = []
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    with pool_store.command():
+        _, decision = write_pool(runs, pool_store,
+                                 lambda state, now, _, pool: decide_join(state, run_store.run_id),
+                                 actor=actor, clock=clock, lock_timeout=lock_timeout,
+                                 then=lambda: created.append(create()))
+    if decision.error is not None:
+        raise decision.error
+    return created[0]
+
+
+def write_pool(runs: Store, pool_store: LedgerStore, decide: Decide, *, actor: str, clock: Clock,
+               lock_timeout: float, then: Callable[[], None] | None = None) -> tuple[int, Decision]:
+    """A write to the pool's own log, its book kept with it."""
+    return write(pool_store, decide, actor=actor, clock=clock, checkpoint=False,
+                 inside=PoolLogWrite(runs, pool_store, lock_timeout, then))

@@ -1,0 +1,44 @@
+"""The decisions on a pool's own log: a run joins, the policy or the cap changes. Pure, as
+:mod:`escalate.decide`; the money of a pool is decided with its member runs' writes."""
+
+from __future__ import annotations
+
+from escalate.decide import Decision, fail
+from escalate.errors import InputError, Refused
+from escalate.state import Policy, RunState
+
+
+def not_a_pool(state: RunState) -> InputError:
+    return InputError(f"{state.run_id} is a run, not a pool; see 'escalate pools list', or use "
+                      f"'escalate runs show {state.run_id}'", code="not_a_pool", pool=state.run_id)
+
+
+def decide_join(state: RunState, run_id: str) -> Decision:
+    """``run_joined`` for a new member (a repeat writes nothing: a retried ``runs init``)."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if run_id in state.pool.members:
+        return Decision(result={"status": "exists"})
+    return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
+
+
+def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str) -> Decision:
+    """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
+    A cap below what is committed is allowed: new reservations are refused until releases
+    or the next period make room. Once the pool names approvers, only they may change it."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    cap = state.pool.cap_micros if cap_micros is None else cap_micros
+    result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
+    if policy == state.policy and cap == state.pool.cap_micros:
+        return Decision(result=result)
+    approvers = state.policy.approvers
+    if approvers and by not in approvers:
+        return fail(Refused(
+            f"cannot change pool {state.run_id}: {by} is not one of its approvers "
+            f"({', '.join(approvers)}); ask one of them to run 'escalate pools set'",
+            code="not_an_approver", by=by, approvers=list(approvers)))
+    event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
+    if cap != state.pool.cap_micros:
+        event["cap_micros"] = cap
+    return Decision(events=[event], result={**result, "status": "changed"})

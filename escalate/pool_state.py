@@ -1,0 +1,97 @@
+"""What a pool is, as data: its settings and members (folded from its log), its money per
+period (derived from its member runs), and the view of both a decision takes.
+
+No I/O here. A pool's log folds into a :class:`~escalate.state.RunState` whose ``pool``
+is a :class:`PoolFacts` (so the replay engine, the stores and ``verify`` serve pools as
+they serve runs); its money lives only in the member runs' logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from escalate.events import Period
+from escalate.rules import needed_extension
+from escalate.state import Policy
+
+
+@dataclass(slots=True)
+class PoolFacts:
+    """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``."""
+
+    cap_micros: int
+    period: Period
+    tz: str
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PeriodTotals:
+    """The pool's money in one period, summed over its members: what their tasks that
+    began in the period hold and spent, and the pool extensions granted in it."""
+
+    reserved_micros: int = 0
+    spent_micros: int = 0
+    extended_micros: int = 0
+
+    @property
+    def committed_micros(self) -> int:
+        return self.reserved_micros + self.spent_micros
+
+    def add(self, other: PeriodTotals, sign: int = 1) -> None:
+        self.reserved_micros += sign * other.reserved_micros
+        self.spent_micros += sign * other.spent_micros
+        self.extended_micros += sign * other.extended_micros
+
+    def to_list(self) -> list[int]:
+        return [self.reserved_micros, self.spent_micros, self.extended_micros]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> PeriodTotals:
+        reserved, spent, extended = values
+        return cls(reserved, spent, extended)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """What a decision on a member run knows of its pool: the settings, the period the
+    write falls in, the totals of the periods it may touch, and the periods of the tasks
+    this run holds (a task counts in the period of its first reservation)."""
+
+    pool_id: str
+    cap_micros: int
+    policy: Policy
+    period: Period
+    current: str  # the key of the period this write falls in
+    totals: Mapping[str, PeriodTotals]
+    task_periods: Mapping[str, str]
+
+    def period_of(self, task_id: str) -> str:
+        """The period ``task_id`` counts in: that of its first reservation, else this one."""
+        return self.task_periods.get(task_id, self.current)
+
+    def of(self, key: str) -> PeriodTotals:
+        return self.totals.get(key) or PeriodTotals()
+
+    def cap_in(self, key: str) -> int:
+        """The pool's cap in period ``key``, its extensions granted then included."""
+        return self.cap_micros + self.of(key).extended_micros
+
+    def remaining(self, key: str) -> int:
+        """What is left of the pool in period ``key`` (negative after an over-run, or a cap
+        lowered below what is committed)."""
+        return self.cap_in(key) - self.of(key).committed_micros
+
+    def extension_left(self) -> int:
+        """What the max extension still allows in this period (negative if lowered)."""
+        return self.policy.max_extension_micros - self.of(self.current).extended_micros
+
+    def grantable(self, task_id: str, delta: int) -> tuple[int, int]:
+        """``(needed, left)``: the pool extension ``delta`` more for ``task_id`` needs, and
+        what may still be granted. Only a task of this period can be helped: an extension
+        counts in the period it is granted in."""
+        key = self.period_of(task_id)
+        needed = needed_extension(delta, self.remaining(key))
+        left = self.extension_left() if key == self.current else 0
+        return needed, left

@@ -1,0 +1,168 @@
+"""The write engine: one command's critical section on one ledger, ``lock → fold → decide →
+append``.
+
+:func:`write` takes the store's transaction, loads the fold, expires what is due, asks a
+pure ``decide`` function, seals the new lines and folds them again (nothing is written
+that a replay would refuse), appends them all or nothing and keeps the checkpoint. It
+returns the decision; making it durable and answering it is the caller's
+(:class:`escalate.service.Ledger`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from escalate import fold as folding
+from escalate import resolve
+from escalate.config import Clock
+from escalate.decide import Decision
+from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.events import Event, format_ts, parse_ts, seal
+from escalate.pool_state import PoolView
+from escalate.replay import Replayed
+from escalate.state import RuleViolation, RunState
+from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
+
+# A decision from the state, the write's time, the escalations this write expires and,
+# for a run in a pool, what it knows of the pool.
+Decide = Callable[[RunState, str, list[str], PoolView | None], Decision]
+
+
+class Inside(Protocol):
+    """What else happens inside a write's critical section (a pool's books follow a write to
+    a member run, or to the pool's own log: :mod:`escalate.pool_book`)."""
+
+    def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        """The ledger was loaded, nothing decided yet."""
+        ...
+
+    def view(self, now: str) -> PoolView | None:
+        """What the decision knows of the pool, for a write at ``now``."""
+        ...
+
+    def before_append(self) -> None:
+        """Lines are about to be appended."""
+        ...
+
+    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+        """Last, still inside: ``events`` were appended at ``now`` (none, when nothing was
+        written), the log's complete lines end at ``offset``, ``state`` is after them."""
+        ...
+
+
+def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
+          inside: Inside | None = None) -> tuple[int, Decision]:
+    """Decide and append in one critical section of ``store``; returns the seq of the first
+    line the decision wrote (or would have) and the decision. Not yet synced.
+    ``checkpoint=False``: never use or keep the store's checkpoint (a pool's log, whose
+    state it does not hold)."""
+    with store.command():
+        try:
+            return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
+                               inside=inside)
+        except CacheInvalid:
+            # A cache row failed its checksum, or SQLite a read, before anything was
+            # written: decide again from the log alone. That write replaces the cache under
+            # the lock (removing it here, unlocked, would pull it from under another
+            # thread's command).
+            return _write_once(store, decide, actor, clock, use_cache=False, checkpoint=checkpoint,
+                               inside=inside)
+
+
+def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
+                use_cache: bool, checkpoint: bool, inside: Inside | None) -> tuple[int, Decision]:
+    with store.transaction(use_cache=use_cache) as transaction:
+        replayed = transaction.load()
+        if replayed.problem is not None:
+            raise replayed.problem
+        if inside is not None:
+            inside.loaded(transaction, replayed)
+        state = replayed.state
+        # Deadlines follow this writer's clock; the lines' timestamps never go back: the
+        # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
+        clock_now = format_ts(clock())
+        now = max(clock_now, floor_ts(store, state))
+        seq, prev = state.seq, state.last_hash
+        recovery = transaction.recovery(replayed)
+        payloads: list[Event] = [recovery] if recovery is not None else []
+        expiries = resolve.expire(state, clock_now)
+        payloads += expiries
+        lines = seal_into(state, payloads, now, actor)
+        decision = decide(state, clock_now, [event["id"] for event in expiries],
+                          None if inside is None else inside.view(now))
+        if isinstance(decision.error, InputError):
+            raise decision.error  # bad input changes nothing on disk
+        first_seq = state.seq + 1
+        lines += seal_into(state, decision.events, now, actor)
+        if len(lines) > 1:
+            # Everything one command writes is one group: a reader counts all of it or
+            # none (a grant never without its reservation). Sealed again with the
+            # markers, which changes only the hashes of the new lines.
+            sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
+                          actor=actor, grouped=True)
+            lines = [line + b"\n" for _, line, _ in sealed]
+            state.last_hash = sealed[-1][2]
+        if recovery is not None and not expiries and not decision.events:
+            # Only the torn tail would be written: an answer that needs no write (an
+            # idempotent repeat, a refusal already on record) leaves it for the next
+            # writer, so it works on a full disk or read-only media too. The state folded
+            # the recovery, so it is no checkpoint either.
+            if inside is not None:
+                inside.finish([], now, replayed.offset, state)
+            return first_seq, decision
+        if lines and inside is not None:
+            inside.before_append()
+        transaction.append(replayed, lines)
+        if inside is not None:
+            inside.finish(payloads + decision.events if lines else [], now,
+                          replayed.offset + sum(map(len, lines)), state)
+        if checkpoint:
+            transaction.save_checkpoint(replayed, state, lines)
+    return first_seq, decision
+
+
+def first_lines(payload: Event, now: str, actor: str) -> tuple[bytes, RecoveredFirstLines]:
+    """A new ledger's first line (``run_opened``, ``pool_opened``), and the lines to write
+    instead where a crashed create left a torn first line (``LedgerStore.create``)."""
+    [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=actor)
+
+    def recovery(torn_bytes: int, saved_to: str) -> bytes:
+        # The opening line must stay the first line, so a torn first line is recorded right
+        # after it, in one group: a cut between the two leaves no ledger, only a torn tail.
+        sealed = seal([payload, {"type": "recovery", "torn_bytes": torn_bytes, "saved_to": saved_to}],
+                      seq=0, prev="", ts=now, actor=actor, grouped=True)
+        return b"".join(sealed_line + b"\n" for _, sealed_line, _ in sealed)
+
+    return line + b"\n", recovery
+
+
+def floor_ts(store: LedgerStore, state: RunState) -> str:
+    """The last line's ``ts``, which the next line's may not go below. The fold checks a
+    ``ts`` only where it keeps one for itself; this one it now uses, so it must be a
+    timestamp exactly as escalate writes them (checked once per command, not per line)."""
+    try:
+        if format_ts(parse_ts(state.last_ts)) == state.last_ts:
+            return state.last_ts
+    except (TypeError, ValueError, AttributeError):
+        pass
+    raise CorruptLedger(
+        f"{store.where} line {state.seq}: field 'ts' must be a UTC timestamp like "
+        f"2026-11-23T14:00:00.123456Z; writes are refused — inspect with "
+        f"'escalate runs verify {state.run_id}'", run=state.run_id, line=state.seq,
+        problem="invalid ts", first_suspect_line=state.seq)
+
+
+def seal_into(state: RunState, payloads: Iterable[Event], now: str, actor: str) -> list[bytes]:
+    """Envelope the payloads after ``state`` and fold them in, so nothing is written that
+    a replay would refuse."""
+    lines = []
+    for event, line, this_hash in seal(payloads, seq=state.seq, prev=state.last_hash, ts=now,
+                                       actor=actor):
+        try:
+            folding.apply(state, event, this_hash)
+        except RuleViolation as exc:  # a bug: refuse to write it
+            raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
+                                "nothing was written — please report this bug") from exc
+        lines.append(line + b"\n")
+    return lines
