@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from escalate.cache import FORMAT, state_from_blob
-from escalate.cache_rows import LoadedRows
 from escalate.durations import format_duration
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.pg_rows import LineStream, PgRows
+from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction
+from escalate.pg_fold import fetch_lines, fold, lines_of
+from escalate.pg_rows import LineStream
 from escalate.pg_schema import ensure_schema
 from escalate.pg_transaction import (
     CHANNEL,
@@ -47,8 +45,7 @@ from escalate.pg_transaction import (
     text_literal,
 )
 from escalate.replay import Progress, Replayed, replay
-from escalate.state import EscalationState, Task
-from escalate.store import CacheInvalid, RecoveredFirstLines
+from escalate.store import RecoveredFirstLines
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -60,17 +57,8 @@ STEP_HOOK: Callable[[str], None] | None = None
 # How much longer than its own wait a waiter asks commits to notify: a waiter that waits
 # again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
 _LISTEN_AHEAD_S = 60
-# Rows fetched per query when lines are streamed.
-_BATCH = 2000
 # The savepoint of a transaction opened inside another one of the same store.
 _NESTED = "escalate_nested"
-
-
-class ConnectionPool(Protocol):
-    """Any pool that lends connections with ``with pool.connection() as conn`` (such as
-    ``psycopg_pool.ConnectionPool``)."""
-
-    def connection(self) -> AbstractContextManager[Connection]: ...
 
 
 def _step(name: str) -> None:
@@ -105,12 +93,12 @@ class PgStore:
             try:
                 info = conninfo_to_dict(self._url)
             except psycopg.ProgrammingError as exc:
-                raise InputError(f"invalid store URL ({_first_line(exc)}); write it as "
+                raise InputError(f"invalid store URL ({first_line(exc)}); write it as "
                                  "postgresql://user@host:port/database", code="invalid_store") from None
             self._password = str(info.get("password") or "")
-            self._where = _describe(info)
+            self._where = describe(info)
         elif self._given is not None:
-            self._where = _describe(self._given.info.get_parameters())
+            self._where = describe(self._given.info.get_parameters())
 
     @property
     def where(self) -> str:
@@ -160,8 +148,8 @@ class PgStore:
             lent = self._pool.connection() if self._pool is not None else nullcontext(self._own())
             with lent as connection:
                 if self._pool is not None and not self._described:
-                    self._where, self._described = _describe(connection.info.get_parameters()), True
-                if _in_transaction(connection):
+                    self._where, self._described = describe(connection.info.get_parameters()), True
+                if in_transaction(connection):
                     raise InputError("the PostgreSQL connection given to escalate is inside a "
                                      "transaction: commit or roll it back first (escalate commits "
                                      "each command itself)", code="connection_busy")
@@ -173,7 +161,7 @@ class PgStore:
                 finally:
                     # Outside autocommit mode, psycopg opened a transaction for a read: end it,
                     # so the connection is as idle as it was given.
-                    if not connection.autocommit and not connection.broken and _in_transaction(connection):
+                    if not connection.autocommit and not connection.broken and in_transaction(connection):
                         connection.rollback()
 
     @contextmanager
@@ -195,7 +183,7 @@ class PgStore:
             return
         with self._listener_guard, self.translated():
             if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
-                self._listener = _connect(self._url)
+                self._listener = connect(self._url)
                 self._listener_pid = os.getpid()
                 self._listener.execute(f"LISTEN {CHANNEL}")
             yield self._listener
@@ -206,7 +194,7 @@ class PgStore:
             return self._given
         if self._kept is None or self._kept.closed or self._kept_pid != os.getpid():
             assert self._url is not None
-            self._kept = _connect(self._url)
+            self._kept = connect(self._url)
             self._kept_pid = os.getpid()
         return self._kept
 
@@ -228,7 +216,7 @@ class PgStore:
     def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
                     advice: str = "") -> StoreUnavailable:
         """exit 8, one line: where, why, and that a retry is safe."""
-        cause = _first_line(exc)
+        cause = first_line(exc)
         if self._password:
             cause = cause.replace(self._password, "***")
         next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
@@ -236,36 +224,6 @@ class PgStore:
             f"the PostgreSQL store {self.where} is unavailable ({cause}); the outcome of this "
             f"command may be unknown: {next_step} — repeating the same command is safe",
             code=code, path=self.where, errno=None)
-
-
-def _connect(url: str) -> Connection:
-    """A new connection in autocommit mode (each command opens its own transaction). It
-    waits 10 s at most to connect unless the URL or ``PGCONNECT_TIMEOUT`` says otherwise
-    (libpq's own default is to wait for ever)."""
-    if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
-        return psycopg.connect(url, autocommit=True)
-    return psycopg.connect(url, autocommit=True, connect_timeout=10)
-
-
-def _in_transaction(connection: Connection) -> bool:
-    return connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-
-
-def _first_line(exc: Exception) -> str:
-    """What psycopg says, in one line, the password of any URL in it (``://user:password@``)
-    blanked."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
-def _describe(info: dict[str, Any]) -> str:
-    """``postgresql://host:port/database``, never the user's password."""
-    host = str(info.get("host") or "localhost").split(",")[0]
-    port = str(info.get("port") or "").split(",")[0]
-    database = info.get("dbname") or info.get("user") or ""
-    if host.startswith("/"):  # a Unix socket's folder, written as libpq's URLs write it
-        return f"postgresql:///{database}?host={host}"
-    return f"postgresql://{host}{':' + port if port else ''}/{database}"
 
 
 class PgLedger:
@@ -366,14 +324,14 @@ class PgLedger:
 
     def verify(self) -> Replayed:
         with self._snapshot() as (connection, row):
-            return replay(self._lines(connection, row[0]), self.run_id, tolerant=True)
+            return replay(lines_of(connection, self.run_id, self.where, row[0]), self.run_id, tolerant=True)
 
     def reader(self) -> BinaryIO:
         size = self.size()
 
         def fetch(after: int, up_to: int) -> list[tuple[bytes, int]]:
             with self._store.connection() as connection:
-                return _fetch_lines(connection, self.run_id, after, up_to)
+                return fetch_lines(connection, self.run_id, after, up_to)
 
         return cast(BinaryIO, LineStream(fetch, size))
 
@@ -435,71 +393,7 @@ class PgLedger:
                 raise self._unknown()
             yield connection, row
 
-    def _lines(self, connection: Connection, size: int) -> _Lines:
-        return _Lines(self.where, lambda: LineStream(
-            lambda after, up_to: _fetch_lines(connection, self.run_id, after, up_to), size))
-
     def fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
              use_cache: bool) -> Replayed:
-        """Fold the ledger from its checkpoint (then only the lines after it are read), or
-        from its first line when there is none, ``use_cache`` is off or it cannot be read."""
-        size, _, checkpoint, checkpoint_lines = row[:4]
-        lines = self._lines(connection, size)
-        start = self._checkpoint(connection, checkpoint, checkpoint_lines, writable) \
-            if use_cache and checkpoint is not None else None
-        replayed = replay(lines, self.run_id, start=start)
-        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
-        if start is not None and replayed.problem is not None:
-            # A problem is only ever reported from the lines themselves, never the checkpoint.
-            replayed = replay(lines, self.run_id)
-        if replayed.problem is not None and not writable:
-            # What a reader shows stops before the first line the problem casts doubt on.
-            trusted = replayed.problem.first_suspect_line - 1
-            if 0 < trusted < replayed.state.seq:
-                replayed.state = replay(lines, self.run_id, stop_after=trusted).state
-        replayed.state.run_id = self.run_id
-        return replayed
-
-    def _checkpoint(self, connection: Connection, checkpoint: bytes, checkpoint_lines: int,
-                    writable: bool) -> Replayed | None:
-        """The checkpoint as a start for :func:`replay`, or None when it cannot be used. A
-        writer's tasks and escalations are read as the fold asks for them; a reader's all
-        at once, in its snapshot."""
-        def query(sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-            return connection.execute(sql.encode(), parameters).fetchall()
-
-        try:
-            blob = orjson.loads(checkpoint)
-            if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
-                return None
-            tasks: Any
-            escalations: Any
-            if writable:
-                tasks = PgRows[Task](query, "tasks", self.run_id)
-                escalations = PgRows[EscalationState](query, "escalations", self.run_id)
-            else:
-                tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(
-                    f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
-                    (self.run_id,))], table) for table in ("tasks", "escalations"))
-            state = state_from_blob(blob, tasks, escalations)
-        except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
-        return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
-                        last_line_start=blob["last_line_start"])
-
-
-class _Lines:
-    """A ledger's lines as :func:`replay` reads them (:class:`escalate.replay.LineSource`)."""
-
-    def __init__(self, where: str, open_stream: Callable[[], LineStream]) -> None:
-        self.where = where
-        self._open = open_stream
-
-    def reader(self) -> BinaryIO:
-        return cast(BinaryIO, self._open())
-
-
-def _fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) -> list[tuple[bytes, int]]:
-    return connection.execute(
-        "SELECT line, end_offset FROM escalate_events WHERE ledger = %s AND end_offset > %s "
-        "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, _BATCH)).fetchall()
+        """The ledger folded in ``connection``'s transaction (:func:`escalate.pg_fold.fold`)."""
+        return fold(connection, self.run_id, self.where, row, writable=writable, use_cache=use_cache)

@@ -46,39 +46,45 @@ def gate(
     if (run is None) == (pool is None):
         bad_input("give a run id or --pool POOL (one of them)", json_out, code="usage")
     name = f"run {run}" if pool is None else f"pool {pool}"
+    allow = {"allow_halts": allow_halts, "allow_open_escalations": allow_open_escalations,
+             "fail_on_held": fail_on_held}
+    respond(json_out, lambda: _verdict(run, pool, name, runs_dir, max_spent, json_out, **allow),
+            lambda result: _human(name, result))
+
+
+def _verdict(run: str | None, pool: str | None, name: str, runs_dir: Path | None,
+             max_spent: str | None, json_out: bool, **allow: bool) -> dict[str, Any]:
+    """The gate's result, or :class:`Refused` when it fails; on GitHub Actions, annotations
+    and the step summary as well."""
+    from escalate.gate import github_annotation
+
     github = os.environ.get("GITHUB_ACTIONS") == "true"
     # Annotations go where the runner reads them without spoiling --json's one object.
     annotations = sys.stderr if json_out else sys.stdout
+    try:
+        checked = _check(run, pool, runs_dir, max_spent, **allow)
+    except EscalateError as error:
+        if github:
+            print(github_annotation("error", f"budget gate could not check {name}: "
+                                    f"{error.message}"), file=annotations)
+        raise
+    _show_on_github(checked, annotations if github else None)
+    result = checked.to_json()
+    if not checked.passed:
+        see = f"'escalate runs show {run}'" if pool is None else f"'escalate pools show {pool}'"
+        raise Refused(f"gate failed for {name}: {checked.verdict.reason()}; see {see} for the tasks",
+                      code="gate_failed",
+                      **{key: value for key, value in result.items() if key not in ("run", "pool")})
+    return result
 
-    def action() -> dict[str, Any]:
-        from escalate.gate import github_annotation
 
-        try:
-            checked = _check(run, pool, runs_dir, max_spent, allow_halts=allow_halts,
-                             allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
-        except EscalateError as error:
-            if github:
-                print(github_annotation("error", f"budget gate could not check {name}: "
-                                        f"{error.message}"), file=annotations)
-            raise
-        _show_on_github(checked, annotations if github else None)
-        result = checked.to_json()
-        if not checked.passed:
-            see = f"'escalate runs show {run}'" if pool is None else f"'escalate pools show {pool}'"
-            raise Refused(f"gate failed for {name}: {checked.verdict.reason()}; see {see} for the tasks",
-                          code="gate_failed",
-                          **{key: value for key, value in result.items() if key not in ("run", "pool")})
-        return result
+def _human(name: str, result: dict[str, Any]) -> None:
+    from escalate.money import format_usd as usd
 
-    def human(result: dict[str, Any]) -> None:
-        from escalate.money import format_usd as usd
-
-        echo_line(f"gate passed for {name}: committed {usd(result['committed_micros'])} "
-                  f"(spent {usd(result['spent_micros'])}) of {usd(result['max_spent_micros'])}")
-        for warning in result["warnings"]:
-            print(f"escalate: warning: {warning['message']}", file=sys.stderr)
-
-    respond(json_out, action, human)
+    echo_line(f"gate passed for {name}: committed {usd(result['committed_micros'])} "
+              f"(spent {usd(result['spent_micros'])}) of {usd(result['max_spent_micros'])}")
+    for warning in result["warnings"]:
+        print(f"escalate: warning: {warning['message']}", file=sys.stderr)
 
 
 def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: str | None,
