@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from escalate.pg_transaction import Connection
 
@@ -21,13 +21,28 @@ class ConnectionPool(Protocol):
     def connection(self) -> AbstractContextManager[Connection]: ...
 
 
+# Without these, a server that vanishes from the network (a partition, a dead host) leaves
+# a command waiting on TCP's own timeouts, for many minutes. (libpq option: value; the
+# environment variable that, when set, is left to say it instead.)
+_DEFAULTS = {
+    "connect_timeout": ("10", "PGCONNECT_TIMEOUT"),  # libpq waits for ever to connect
+    "keepalives": ("1", None),
+    "keepalives_idle": ("30", None),
+    "keepalives_interval": ("10", None),
+    "keepalives_count": ("3", None),
+    "tcp_user_timeout": ("60000", None),  # ms an unacknowledged write may wait
+}
+
+
 def connect(url: str) -> Connection:
-    """A new connection in autocommit mode (each command opens its own transaction). It
-    waits 10 s at most to connect unless the URL or ``PGCONNECT_TIMEOUT`` says otherwise
-    (libpq's own default is to wait for ever)."""
-    if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
-        return psycopg.connect(url, autocommit=True)
-    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+    """A new connection in autocommit mode (each command opens its own transaction), with
+    bounded waits: 10 s to connect, and a server gone silent noticed within about a minute
+    (TCP keepalives, ``tcp_user_timeout``), unless the URL (or ``PGCONNECT_TIMEOUT``) says
+    otherwise."""
+    given = conninfo_to_dict(url)
+    options = {name: value for name, (value, variable) in _DEFAULTS.items()
+               if name not in given and not (variable and os.environ.get(variable))}
+    return psycopg.connect(make_conninfo(url, **options), autocommit=True)
 
 
 def in_transaction(connection: Connection) -> bool:

@@ -468,3 +468,16 @@ def test_runs_watch_prints_a_commit_as_it_happens_not_at_its_interval(pg_url: st
     finally:
         watch.kill()
         watch.wait()
+
+
+def test_a_server_gone_silent_is_noticed_unless_the_url_says_otherwise(pg_url: str) -> None:
+    from escalate.pg_connect import connect
+
+    def options(url: str) -> dict[str, bytes | None]:
+        with connect(url) as connection:
+            return {option.keyword.decode(): option.val for option in connection.pgconn.info}
+
+    chosen = options(pg_url)
+    assert (chosen["connect_timeout"], chosen["keepalives_idle"], chosen["tcp_user_timeout"]) \
+        == (b"10", b"30", b"60000")
+    assert options(f"{pg_url}{'&' if '?' in pg_url else '?'}keepalives_idle=5")["keepalives_idle"] == b"5"
