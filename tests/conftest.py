@@ -114,6 +114,16 @@ def log_bytes(store: Location, run_id: str) -> bytes:
         return stream.read()
 
 
+def has_run(store: Location, run_id: str) -> bool:
+    """Whether the store holds anything of ``run_id``: in a runs folder, even an empty folder
+    counts (stricter than ``runs list``, which needs a log)."""
+    if isinstance(store, Path):
+        return (store / run_id).exists()
+    from escalate.service import iter_run_ids
+
+    return run_id in iter_run_ids(store)
+
+
 def snapshot_store(store: Location) -> dict[str, bytes]:
     """What a test compares to show that nothing changed: every file of a runs folder
     (:func:`snapshot_tree`), or every run's log in a database."""
