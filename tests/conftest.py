@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
-from tests.pg_server import ThrowawayServer
+from tests.pg_throwaway import ThrowawayServer
 
 
 @pytest.fixture
