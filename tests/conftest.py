@@ -229,6 +229,42 @@ def lock_holder() -> Callable[[Path], AbstractContextManager[Any]]:
     return _holding
 
 
+# ---------------------------------------------------------------------- races
+
+WORKERS = 8
+RESULT_TIMEOUT_S = 120
+
+
+def race_processes(target: Any, *args: Any, workers: int = WORKERS) -> list[Any]:
+    """Run ``target(worker, barrier, *args)`` in ``workers`` processes that start together;
+    return what each one put on the queue, in worker order."""
+    barrier = _FORK.Barrier(workers)
+    results = _FORK.Queue()
+
+    def run(worker: int) -> None:
+        try:
+            results.put((worker, target(worker, barrier, *args)))
+        except BaseException as exc:
+            results.put((worker, exc))
+            raise
+
+    processes = [_FORK.Process(target=run, args=(worker,)) for worker in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        collected = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(RESULT_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+    for worker, outcome in collected.items():
+        if isinstance(outcome, BaseException):
+            raise AssertionError(f"worker {worker} failed: {outcome!r}") from outcome
+    assert [process.exitcode for process in processes] == [0] * workers
+    return [collected[worker] for worker in range(workers)]
+
+
 # ---------------------------------------------------------------------- independent audit
 
 
