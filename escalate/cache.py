@@ -31,7 +31,7 @@ import sqlite3
 import stat
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,9 @@ FORMAT = 5
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
-def _run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
-              identity: list[int]) -> bytes:
+def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
+             identity: list[int]) -> bytes:
+    """The run-wide part of a checkpoint (the PostgreSQL store keeps the same blob)."""
     return orjson.dumps({
         "format": FORMAT, "identity": identity, "offset": offset,
         "last_line_start": last_line_start, "lines": lines,
@@ -211,16 +212,8 @@ class Checkpoint:
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = RunState(
-            run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
-            task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
-            opened_at=blob["opened_at"], tasks=Rows[Task](connection, "tasks", guard),
-            spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
-            extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
-            last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
-        escalations = Rows[EscalationState](connection, "escalations", guard)
-        state.escalations = escalations
-        state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
+        state = state_from_blob(blob, Rows[Task](connection, "tasks", guard),
+                                Rows[EscalationState](connection, "escalations", guard))
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
@@ -265,7 +258,7 @@ class Checkpoint:
         log_info = os.stat(log_path)
         identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
                     log_info.st_ctime_ns]
-        blob = _run_blob(state, offset, last_line_start, lines, identity)
+        blob = run_blob(state, offset, last_line_start, lines, identity)
         connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
                            (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
@@ -278,6 +271,22 @@ class Checkpoint:
             for suffix in ("", *_SIDE_SUFFIXES):
                 with contextlib.suppress(OSError):
                     os.unlink(f"{self.path}{suffix}")
+
+
+def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
+                    escalations: MutableMapping[str, EscalationState]) -> RunState:
+    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
+    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+    state = RunState(
+        run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
+        task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
+        opened_at=blob["opened_at"], tasks=tasks,
+        spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
+        extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
+        last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
+    state.escalations = escalations
+    state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
+    return state
 
 
 def _plain(path: Path) -> tuple[int, int]:

@@ -50,6 +50,19 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("ESCALATE_RUNS_DIR") or "runs")
 
 
+def default_store() -> str | Path:
+    """``$ESCALATE_STORE`` (a ``postgresql://`` URL or a runs folder), else
+    :func:`default_runs_dir`. Both variables set is an error: which one holds the money
+    would be a guess."""
+    store = os.environ.get("ESCALATE_STORE")
+    if not store:
+        return default_runs_dir()
+    if os.environ.get("ESCALATE_RUNS_DIR"):
+        raise InputError("ESCALATE_STORE and ESCALATE_RUNS_DIR are both set: unset one (a runs "
+                         "folder can be given as ESCALATE_STORE too)", code="ambiguous_store")
+    return store
+
+
 def lock_timeout(given: float | None) -> float:
     """``given`` (checked), else ``$ESCALATE_LOCK_TIMEOUT`` (seconds, or 500ms, 2m …; at most
     1d), else 30."""

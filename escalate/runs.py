@@ -16,6 +16,7 @@ from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger, iter_run_ids
 from escalate.state import RunState
+from escalate.store import Store, is_store_url, open_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle"]
 
@@ -154,8 +155,11 @@ class VerifyReport(TypedDict):
     warnings: list[LineWarning]
 
 
-def runs_root(runs_dir: str | os.PathLike[str]) -> Path:
-    """``runs_dir`` for the calls that look at every run; a file there is a wrong folder."""
+def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
+    """``runs_dir`` for the calls that look at every run; a file there is a wrong folder.
+    A store URL is opened once, so every run is read through one connection."""
+    if not isinstance(runs_dir, (str, os.PathLike)) or is_store_url(os.fspath(runs_dir)):
+        return open_store(runs_dir)
     root = Path(runs_dir)
     if root.exists() and not root.is_dir():
         raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
@@ -163,7 +167,7 @@ def runs_root(runs_dir: str | os.PathLike[str]) -> Path:
     return root
 
 
-def list_runs(runs_dir: str | os.PathLike[str]) -> list[RunRow | BrokenRun]:
+def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenRun]:
     """Every run under ``runs_dir`` with its totals and state, newest first; a run that
     cannot be read is a :class:`BrokenRun` row."""
     root = runs_root(runs_dir)
@@ -191,16 +195,18 @@ def run_word(state: RunState) -> RunWord:
     return "active" if state.reserved_micros else "idle"
 
 
-def inbox(runs_dir: str | os.PathLike[str], *, run: str | None = None, open_only: bool = False) -> Inbox:
+def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
+          open_only: bool = False) -> Inbox:
     """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
     then by priority, then newest first; ``open_only`` keeps those waiting for a person.
     An unreadable run is skipped and listed, unless it is ``run``."""
-    run_ids = [run] if run is not None else list(iter_run_ids(runs_root(runs_dir)))
+    root = runs_root(runs_dir)
+    run_ids = [run] if run is not None else list(iter_run_ids(root))
     rows: list[InboxRow] = []
     skipped: list[SkippedRun] = []
     for run_id in run_ids:
         try:
-            state = Ledger.open(runs_dir, run_id).state()
+            state = Ledger.open(root, run_id).state()
         except EscalateError as error:
             if run is not None:
                 raise
@@ -216,18 +222,20 @@ def inbox(runs_dir: str | os.PathLike[str], *, run: str | None = None, open_only
     return {"escalations": rows, "skipped": skipped}
 
 
-def sweep_all(runs_dir: str | os.PathLike[str], *, run: str | None = None, **options: Any) -> SweepReport:
+def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
+              **options: Any) -> SweepReport:
     """Pause by timeout every expired escalation in every run (or in ``run`` only), and
     send again the notices that are due (:meth:`Ledger.sweep`); ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
     the others are still swept; with ``run`` its error is raised."""
-    run_ids = [run] if run is not None else list(iter_run_ids(runs_root(runs_dir)))
+    root = runs_root(runs_dir)
+    run_ids = [run] if run is not None else list(iter_run_ids(root))
     expired: list[SweptEscalation] = []
     notified: list[SweptNotice] = []
     failures: list[SweepFailure] = []
     for run_id in run_ids:
         try:
-            swept = Ledger.open(runs_dir, run_id, **options).sweep()
+            swept = Ledger.open(root, run_id, **options).sweep()
         except EscalateError as error:
             if run is not None:
                 raise

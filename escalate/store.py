@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from escalate.errors import InputError
 from escalate.events import Event
@@ -32,6 +32,7 @@ from escalate.state import RunState
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
+_POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 
 
 class CacheInvalid(Exception):
@@ -144,16 +145,34 @@ class Store(Protocol):
         ...
 
 
-def open_store(location: str | os.PathLike[str] | Store) -> Store:
-    """The store at ``location``: a folder path is a file store (a runs root);
-    a ``postgresql://`` URL is refused until that store exists."""
+def is_store_url(location: str) -> bool:
+    """True when ``location`` names a database store, not a runs folder."""
+    return bool(_POSTGRES_URL.match(location))
+
+
+def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
+    """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
+    psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
+    path is a file store (a runs root); a store is itself."""
     if not isinstance(location, (str, os.PathLike)):
-        return location
+        if hasattr(location, "ledger") and hasattr(location, "run_ids"):
+            return cast(Store, location)
+        from escalate.pg_store import PgStore
+
+        return PgStore(cast(Any, location))
     text = os.fspath(location)
     if _POSTGRES_URL.match(text):
-        raise InputError("the PostgreSQL store is not built yet: give a runs folder with "
-                         "--runs-dir or ESCALATE_RUNS_DIR", code="store_not_supported",
-                         store=text.split("@")[-1][:80])
+        if not _POSTGRES_URL_WHOLE.match(text):
+            # ``Path("postgresql://h/db")`` is "postgresql:/h/db": the URL was lost on the way.
+            raise InputError(f"invalid store URL {text.split('@')[-1][:80]!r}: give it with --store "
+                             "or ESCALATE_STORE, as postgresql://user@host/database",
+                             code="invalid_store")
+        try:
+            from escalate.pg_store import PgStore
+        except ImportError:
+            raise InputError("the PostgreSQL store needs psycopg: pip install "
+                             "'escalate-ledger[postgres]'", code="store_not_supported") from None
+        return PgStore(text)
     from escalate.file_store import FileStore
 
     return FileStore(text)

@@ -9,34 +9,36 @@ from typing import Any
 import orjson
 import pytest
 
-from escalate import InputError, Ledger, LockTimeout, Pending, UnknownRun
+from escalate import Ledger, LockTimeout, Pending, StoreUnavailable, UnknownRun
 from escalate.log import LOG_NAME, FileLog
 from tests.conftest import FakeClock
 
-POSTGRES = "postgresql://ledger:secret@db.example:5432/escalate"
+# Nothing listens on port 1: the connection is refused at once.
+POSTGRES = "postgresql://ledger:secret@127.0.0.1:1/escalate"
 
 
-@pytest.mark.parametrize("url", [POSTGRES, "postgres://db/escalate"])
-def test_a_postgres_url_is_refused_until_that_store_exists(
+@pytest.mark.parametrize("url", [POSTGRES, "postgres://ledger:secret@127.0.0.1:1/escalate"])
+def test_a_postgres_url_is_the_postgres_store_and_an_unreachable_one_is_exit_8(
         url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     for call in (lambda: Ledger.init(url, "r", cap="1", actor="tester"),
                  lambda: Ledger.open(url, "r", actor="tester")):
-        with pytest.raises(InputError, match="PostgreSQL store is not built yet") as refused:
+        with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1/escalate is unavailable") as refused:
             call()
-        assert refused.value.exit_code == 2 and refused.value.code == "store_not_supported"
+        assert refused.value.exit_code == 8 and refused.value.code == "store_unavailable"
         assert "secret" not in str(refused.value.to_json())  # a password is never echoed
     assert list(tmp_path.iterdir()) == []  # nothing made on disk (no "postgresql:" folder)
 
 
-def test_the_cli_refuses_a_postgres_url_as_bad_input(
+def test_the_cli_reports_an_unreachable_store_in_one_line(
         cli: Any, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ESCALATE_RUNS_DIR", POSTGRES)
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    monkeypatch.setenv("ESCALATE_STORE", POSTGRES)
     result = cli("runs", "init", "r", "--cap", "1", "--json")
-    assert result.exit_code == 2
-    assert result.json()["error"] == "store_not_supported"
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("escalate: the PostgreSQL store")
+    assert result.exit_code == 8
+    assert result.json()["error"] == "store_unavailable"
+    assert result.stderr.count("\n") == 1 and "retry" in result.stderr and "secret" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

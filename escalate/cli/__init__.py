@@ -21,7 +21,8 @@ import orjson
 import typer
 from typer._click.core import Context as ClickContext
 from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) vendors click here
-from typer.core import TyperCommand, TyperGroup
+from typer._click.globals import get_current_context
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from escalate._version import __version__
 from escalate.errors import EscalateError, InputError, InvalidAmount, storage_error
@@ -58,7 +59,14 @@ class _OneLineErrors(TyperGroup):
 
 class _PlainUsage(TyperCommand):
     """Usage lines as people write them, ``RUN TASK``: typer wraps required arguments in
-    braces, which read like a shell brace expansion."""
+    braces, which read like a shell brace expansion. Every command that takes ``--runs-dir``
+    also gets ``--store`` here, in one place (see :func:`given_store`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        names = [param.name for param in self.params]
+        if "runs_dir" in names:
+            self.params.insert(names.index("runs_dir"), _store_option())
 
     def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
@@ -83,6 +91,27 @@ RunsDirOption = Annotated[
     typer.Option("--runs-dir", metavar="PATH",
                  help="Runs root folder [default: ./runs].  [env var: ESCALATE_RUNS_DIR]"),
 ]
+_STORE_KEY = "escalate.store"
+
+
+def _store_option() -> TyperOption:
+    # Not a parameter of each command function: the value waits in the context for
+    # open_options, the one place every command's store is chosen.
+    def keep(context: ClickContext, _param: Any, value: str | None) -> None:
+        context.meta[_STORE_KEY] = value
+
+    return TyperOption(param_decls=["--store"], type=str, default=None, expose_value=False,
+                       callback=keep, metavar="URL|PATH",
+                       help="Where runs live: a postgresql:// URL or a runs folder (instead of "
+                       "--runs-dir).  [env var: ESCALATE_STORE]")
+
+
+def given_store() -> str | None:
+    """The ``--store`` given to the command running now, if any."""
+    context = get_current_context(silent=True)
+    return context.meta.get(_STORE_KEY) if context is not None else None
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
 LockTimeoutOption = Annotated[
     str | None,
@@ -110,10 +139,14 @@ RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metav
 def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
                  notify_cmd: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
-    from escalate.config import default_runs_dir
+    from escalate.config import default_store
     from escalate.durations import MAX_LOCK_TIMEOUT_S, parse_duration
 
-    options: dict[str, Any] = {"runs_dir": runs_dir or default_runs_dir()}
+    store = given_store()
+    if store is not None and runs_dir is not None:
+        raise InputError("--store and --runs-dir both say where runs live: give one",
+                         code="usage")
+    options: dict[str, Any] = {"runs_dir": store or runs_dir or default_store()}
     if lock_timeout is not None:
         options["lock_timeout"] = parse_duration(lock_timeout, what="lock timeout",
                                                  maximum=MAX_LOCK_TIMEOUT_S)

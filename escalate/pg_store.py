@@ -1,0 +1,449 @@
+"""The PostgreSQL store: ledgers as rows of a database server many machines share.
+
+Behind the seam of :mod:`escalate.store`, as the file store is. Each command is one
+database transaction: ``SET LOCAL lock_timeout``, the ledger's row locked with ``SELECT …
+FOR UPDATE`` (no advisory lock), the checkpoint and the lines after it loaded, the new
+lines inserted, the checkpoint updated, a ``pg_notify`` for waiters, commit. Acknowledged
+means committed, so :meth:`PgLedger.sync` has nothing left to do. The tables are described
+in :mod:`escalate.pg_schema`; the lines are the file store's NDJSON bytes, folded by the
+same :func:`escalate.replay.replay`.
+
+psycopg 3 is imported only here (and in the modules beside this one), when a store of this
+kind is opened: the file store's start-up does not change.
+
+Failures: a lock wait over the timeout is :class:`~escalate.errors.LockTimeout` (exit 7);
+no connection, a refused login, a connection lost before the commit was confirmed are
+:class:`~escalate.errors.StoreUnavailable` (exit 8), naming the host and the database,
+never the password.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+
+import orjson
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from escalate.cache import FORMAT, run_blob, state_from_blob
+from escalate.cache_rows import LoadedRows, encode_escalation, encode_task
+from escalate.durations import format_duration
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.events import Event
+from escalate.pg_rows import LineStream, PgRows
+from escalate.pg_schema import ensure_schema
+from escalate.replay import Progress, Replayed, replay
+from escalate.state import EscalationState, RunState, Task
+from escalate.store import CacheInvalid, RecoveredFirstLines
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+# Called with each step of a writing command's transaction ("connected", "locked", "loaded",
+# "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
+STEP_HOOK: Callable[[str], None] | None = None
+
+# The channel every commit notifies, with the ledger's id as payload (run ids are longer
+# than a channel name may be).
+CHANNEL = "escalate_changes"
+# Rows fetched per query when lines are streamed.
+_BATCH = 2000
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class ConnectionPool(Protocol):
+    """Any pool that lends connections with ``with pool.connection() as conn`` (such as
+    ``psycopg_pool.ConnectionPool``)."""
+
+    def connection(self) -> AbstractContextManager[Connection]: ...
+
+
+def _step(name: str) -> None:
+    if STEP_HOOK is not None:
+        STEP_HOOK(name)
+
+
+class PgStore:
+    """A PostgreSQL database holding ledgers (:class:`escalate.store.Store`), reached by a
+    URL (one connection, kept for the life of the store in this process), an open
+    connection, or a pool."""
+
+    def __init__(self, source: str | Connection | ConnectionPool) -> None:
+        self._url = source if isinstance(source, str) else None
+        self._given = source if isinstance(source, psycopg.Connection) else None
+        self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
+        self._kept: Connection | None = None
+        self._kept_pid = 0
+        self._schema_ready = False
+        # Threads sharing one connection take turns: a transaction is the connection's.
+        self._guard = threading.RLock()
+        self._password = ""
+        self._where = "a PostgreSQL database"
+        if self._url is not None:
+            info = conninfo_to_dict(self._url)
+            self._password = str(info.get("password") or "")
+            self._where = _describe(info)
+        elif self._given is not None:
+            self._where = _describe(self._given.info.get_parameters())
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def check_usable(self) -> None:
+        with self.connection():
+            pass
+
+    def ledger(self, run_id: str, *, lock_timeout: float) -> PgLedger:
+        return PgLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def run_ids(self) -> Iterator[str]:
+        with self.connection() as connection:
+            rows = connection.execute("SELECT ledger FROM escalate_ledgers WHERE lines > 0 "
+                                      "ORDER BY ledger").fetchall()
+        for (run_id,) in rows:
+            yield run_id
+
+    def init_schema(self) -> int:
+        """Create or upgrade the tables (``escalate store init``); the steps applied."""
+        with self.connection(schema=False) as connection:
+            applied = ensure_schema(connection)
+            self._schema_ready = True
+            return applied
+
+    @contextmanager
+    def connection(self, *, schema: bool = True) -> Iterator[Connection]:
+        """A connection outside any transaction, the schema in place (``schema``); every
+        psycopg error inside is reported as escalate's."""
+        with self._guard, self.translated():
+            lent = self._pool.connection() if self._pool is not None else nullcontext(self._own())
+            with lent as connection:
+                if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    raise InputError("the PostgreSQL connection given to escalate is inside a "
+                                     "transaction: commit or roll it back first (escalate commits "
+                                     "each command itself)", code="connection_busy")
+                if schema and not self._schema_ready:
+                    ensure_schema(connection)
+                    self._schema_ready = True
+                yield connection
+
+    def _own(self) -> Connection:
+        """The connection this store keeps (a new one after a fork, or after it broke)."""
+        if self._given is not None:
+            return self._given
+        if self._kept is None or self._kept.closed or self._kept_pid != os.getpid():
+            assert self._url is not None
+            self._kept = psycopg.connect(self._url, autocommit=True,
+                                         connect_timeout=int(os.environ.get("PGCONNECT_TIMEOUT") or 10))
+            self._kept_pid = os.getpid()
+        return self._kept
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        """psycopg's errors as escalate's: the connection is gone or refused → exit 8."""
+        try:
+            yield
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise self.unavailable(exc, code="permission_denied",
+                                   advice="grant the role its rights (see docs/scale-out.md)") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if self._kept is not None and self._kept.broken:
+                self._kept = None
+            raise self.unavailable(exc) from None
+
+    def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
+                    advice: str = "") -> StoreUnavailable:
+        """exit 8, one line: where, why, and that a retry is safe."""
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if self._password:
+            cause = cause.replace(self._password, "***")
+        next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
+        return StoreUnavailable(
+            f"the PostgreSQL store {self.where} is unavailable ({cause}); the outcome of this "
+            f"command may be unknown: {next_step} — repeating the same command is safe",
+            code=code, path=self.where, errno=None)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """``postgresql://host:port/database``, never the user's password."""
+    host = str(info.get("host") or "localhost").split(",")[0]
+    port = str(info.get("port") or "").split(",")[0]
+    database = info.get("dbname") or info.get("user") or ""
+    return f"postgresql://{host}{':' + port if port else ''}/{database}"
+
+
+class PgLedger:
+    """One ledger's rows (:class:`escalate.store.LedgerStore`)."""
+
+    def __init__(self, store: PgStore, run_id: str, *, lock_timeout: float) -> None:
+        self.run_id = run_id
+        # A progress bar reads the size of a file; these lines are fetched by query.
+        self.progress: Progress | None = None
+        self._store = store
+        self.lock_timeout = lock_timeout
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def command(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def exists(self) -> bool:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT lines FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return row is not None and row[0] > 0
+
+    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+        """Insert the ledger's row and its first lines; False if it exists. (``recovered``
+        is for a torn first write, which a transaction never leaves.)"""
+        lines = first_lines.splitlines(keepends=True)
+        with self._store.connection() as connection, connection.transaction():
+            made = connection.execute(
+                "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
+                "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
+                (self.run_id, len(first_lines), len(lines))).fetchone()
+            if made is None:
+                return False
+            _insert_lines(connection, self.run_id, lines, after_seq=0, after_offset=0)
+            connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.run_id))
+        return True
+
+    @contextmanager
+    def transaction(self, *, use_cache: bool = True) -> Iterator[PgTransaction]:
+        with self._store.connection() as connection:
+            _step("connected")
+            with connection.transaction():
+                # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
+                connection.execute("SELECT set_config('lock_timeout', %s, true)",
+                                   (f"{max(1, round(self.lock_timeout * 1000))}ms",))
+                try:
+                    row = connection.execute(
+                        "SELECT size, lines, checkpoint, checkpoint_lines FROM escalate_ledgers "
+                        "WHERE ledger = %s FOR UPDATE", (self.run_id,)).fetchone()
+                except psycopg.errors.LockNotAvailable:
+                    raise LockTimeout(
+                        f"run {self.run_id} is locked by another command on {self.where} after "
+                        f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
+                        lock_file=f"{self.where} ledger {self.run_id}",
+                        timeout_s=self.lock_timeout) from None
+                if row is None or not row[1]:
+                    raise self._unknown()
+                _step("locked")
+                transaction = PgTransaction(self, connection, row, use_cache=use_cache)
+                yield transaction
+                transaction.finish()
+                _step("before_commit")
+            _step("committed")
+
+    def read(self, *, use_cache: bool = True) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return self._fold(connection, row, writable=False, use_cache=use_cache)
+
+    def verify(self) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return replay(self._lines(connection, row[0]), self.run_id, tolerant=True)
+
+    def reader(self) -> BinaryIO:
+        size = self.size()
+
+        def fetch(after: int, up_to: int) -> list[tuple[bytes, int]]:
+            with self._store.connection() as connection:
+                return _fetch_lines(connection, self.run_id, after, up_to)
+
+        return cast(BinaryIO, LineStream(fetch, size))
+
+    def size(self) -> int:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def sync(self) -> None:
+        """Nothing to do: the commit made the lines durable before the command answered."""
+
+    # ------------------------------------------------------------------ internals
+
+    def _unknown(self) -> UnknownRun:
+        return UnknownRun(f"no run {self.run_id} in {self.where}; check the run id with "
+                          "'escalate runs list'", run=self.run_id)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[tuple[Connection, tuple[Any, ...]]]:
+        """A read-only transaction that sees one moment: the checkpoint, the lines and the
+        rows agree however many queries it takes."""
+        with self._store.connection() as connection, connection.transaction():
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = connection.execute("SELECT size, lines, checkpoint, checkpoint_lines FROM "
+                                     "escalate_ledgers WHERE ledger = %s", (self.run_id,)).fetchone()
+            if row is None or not row[1]:
+                raise self._unknown()
+            yield connection, row
+
+    def _lines(self, connection: Connection, size: int) -> _Lines:
+        return _Lines(self.where, lambda: LineStream(
+            lambda after, up_to: _fetch_lines(connection, self.run_id, after, up_to), size))
+
+    def _fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
+              use_cache: bool) -> Replayed:
+        """Fold the ledger from its checkpoint (then only the lines after it are read), or
+        from its first line when there is none, ``use_cache`` is off or it cannot be read."""
+        size, _, checkpoint, checkpoint_lines = row
+        lines = self._lines(connection, size)
+        start = self._checkpoint(connection, checkpoint, checkpoint_lines, writable) \
+            if use_cache and checkpoint is not None else None
+        replayed = replay(lines, self.run_id, start=start)
+        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+        if start is not None and replayed.problem is not None:
+            # A problem is only ever reported from the lines themselves, never the checkpoint.
+            replayed = replay(lines, self.run_id)
+        if replayed.problem is not None and not writable:
+            # What a reader shows stops before the first line the problem casts doubt on.
+            trusted = replayed.problem.first_suspect_line - 1
+            if 0 < trusted < replayed.state.seq:
+                replayed.state = replay(lines, self.run_id, stop_after=trusted).state
+        replayed.state.run_id = self.run_id
+        return replayed
+
+    def _checkpoint(self, connection: Connection, checkpoint: bytes, checkpoint_lines: int,
+                    writable: bool) -> Replayed | None:
+        """The checkpoint as a start for :func:`replay`, or None when it cannot be used. A
+        writer's tasks and escalations are read as the fold asks for them; a reader's all
+        at once, in its snapshot."""
+        def query(sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+            return connection.execute(sql.encode(), parameters).fetchall()
+
+        try:
+            blob = orjson.loads(checkpoint)
+            if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
+                return None
+            tasks: Any
+            escalations: Any
+            if writable:
+                tasks = PgRows[Task](query, "tasks", self.run_id)
+                escalations = PgRows[EscalationState](query, "escalations", self.run_id)
+            else:
+                tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(
+                    f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
+                    (self.run_id,))], table) for table in ("tasks", "escalations"))
+            state = state_from_blob(blob, tasks, escalations)
+            if not writable:
+                state.open_escalations = {key: escalations[key] for key in state.open_escalations}
+        except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
+                        last_line_start=blob["last_line_start"])
+
+
+class _Lines:
+    """A ledger's lines as :func:`replay` reads them (:class:`escalate.replay.LineSource`)."""
+
+    def __init__(self, where: str, open_stream: Callable[[], LineStream]) -> None:
+        self.where = where
+        self._open = open_stream
+
+    def reader(self) -> BinaryIO:
+        return cast(BinaryIO, self._open())
+
+
+def _fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) -> list[tuple[bytes, int]]:
+    return connection.execute(
+        "SELECT line, end_offset FROM escalate_events WHERE ledger = %s AND end_offset > %s "
+        "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, _BATCH)).fetchall()
+
+
+def _insert_lines(connection: Connection, run_id: str, lines: list[bytes], *, after_seq: int,
+                  after_offset: int) -> tuple[int, int]:
+    """Insert ``lines`` after line ``after_seq`` ending at ``after_offset``; returns the
+    new (lines, size)."""
+    rows = []
+    seq, offset = after_seq, after_offset
+    for line in lines:
+        seq += 1
+        offset += len(line)
+        rows.append((run_id, seq, offset, line))
+    with connection.cursor() as cursor:
+        if len(rows) > 100:  # an import: COPY is many times faster than one insert per line
+            with cursor.copy("COPY escalate_events (ledger, seq, end_offset, line) FROM STDIN") as copy:
+                for values in rows:
+                    copy.write_row(values)
+        else:
+            cursor.executemany("INSERT INTO escalate_events (ledger, seq, end_offset, line) "
+                               "VALUES (%s, %s, %s, %s)", rows)
+    return seq, offset
+
+
+class PgTransaction:
+    """A command's transaction, the ledger's row locked (:class:`escalate.store.Transaction`)."""
+
+    def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
+                 use_cache: bool) -> None:
+        self._ledger = ledger
+        self._connection = connection
+        self._row = row
+        self._use_cache = use_cache
+        self._size, self._lines = int(row[0]), int(row[1])
+        self._appended = False
+        self._checkpoint: tuple[bytes, int] | None = None
+
+    def load(self) -> Replayed:
+        replayed = self._ledger._fold(self._connection, self._row, writable=True,
+                                      use_cache=self._use_cache)
+        _step("loaded")
+        return replayed
+
+    def recovery(self, replayed: Replayed) -> Event | None:
+        return None  # a transaction leaves no torn tail behind
+
+    def append(self, replayed: Replayed, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        self._lines, self._size = _insert_lines(self._connection, self._ledger.run_id, lines,
+                                                after_seq=replayed.lines, after_offset=replayed.offset)
+        self._appended = True
+        _step("appended")
+
+    def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
+        if not (lines or not replayed.checkpoint_current):
+            return
+        connection, run_id = self._connection, self._ledger.run_id
+        tasks, escalations = state.tasks, state.escalations
+        rows: dict[str, Iterator[tuple[str, bytes]]]
+        if isinstance(tasks, PgRows) and isinstance(escalations, PgRows):
+            rows = {"tasks": tasks.dirty(), "escalations": escalations.dirty()}
+        else:  # a fold from the first line: the rows are written anew
+            for table in ("tasks", "escalations"):
+                connection.execute(f"DELETE FROM escalate_{table} WHERE ledger = %s".encode(), (run_id,))
+            rows = {"tasks": ((key, encode_task(key, task)) for key, task in tasks.items()),
+                    "escalations": ((key, encode_escalation(key, escalation))
+                                    for key, escalation in escalations.items())}
+        with connection.cursor() as cursor:
+            for table, pairs in rows.items():
+                cursor.executemany(
+                    f"INSERT INTO escalate_{table} (ledger, key, data) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (ledger, key) DO UPDATE SET data = excluded.data".encode(),
+                    [(run_id, key, data) for key, data in pairs])
+        offset = replayed.offset + sum(map(len, lines))
+        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+        count = replayed.lines + len(lines)
+        self._checkpoint = (run_blob(state, offset, last_line_start, count, []), count)
+        _step("checkpointed")
+
+    def finish(self) -> None:
+        """The ledger's row: what is stored now, the checkpoint, and a notice to waiters."""
+        if not self._appended and self._checkpoint is None:
+            return
+        blob, count = self._checkpoint if self._checkpoint is not None else (None, None)
+        self._connection.execute(
+            "UPDATE escalate_ledgers SET size = %s, lines = %s, "
+            "checkpoint = coalesce(%s, checkpoint), checkpoint_lines = coalesce(%s, checkpoint_lines) "
+            "WHERE ledger = %s", (self._size, self._lines, blob, count, self._ledger.run_id))
+        if self._appended:
+            self._connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._ledger.run_id))
+
