@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
+from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
 from escalate.replay import Progress, Replayed, replay
@@ -38,6 +39,17 @@ class FileStore:
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
                              "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+
+    def prepare(self) -> int:
+        """Create the runs folder (1) if it is not there yet (0)."""
+        self.check_usable()
+        if self.root.is_dir():
+            return 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, self.root) from exc
+        return 1
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
         return FileLedger(self, run_id, lock_timeout=lock_timeout)
@@ -103,6 +115,17 @@ class FileLedger:
 
     def sync(self) -> None:
         self.log.sync()
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Poll the log's size (a file tells nobody it grew)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.size() != seen_size:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
 
     # ------------------------------------------------------------------ internals
 

@@ -79,6 +79,9 @@ class PgStore:
         self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
         self._kept: Connection | None = None
         self._kept_pid = 0
+        self._listener: Connection | None = None  # LISTENs, for waits (a URL's store only)
+        self._listener_pid = 0
+        self._listener_guard = threading.Lock()
         self._schema_ready = False
         # Threads sharing one connection take turns: a transaction is the connection's.
         self._guard = threading.RLock()
@@ -109,7 +112,7 @@ class PgStore:
         for (run_id,) in rows:
             yield run_id
 
-    def init_schema(self) -> int:
+    def prepare(self) -> int:
         """Create or upgrade the tables (``escalate store init``); the steps applied."""
         with self.connection(schema=False) as connection:
             applied = ensure_schema(connection)
@@ -132,14 +135,33 @@ class PgStore:
                     self._schema_ready = True
                 yield connection
 
+    @contextmanager
+    def listening(self) -> Iterator[Connection]:
+        """A connection that listens on :data:`CHANNEL`: one kept for it when the store was
+        given a URL, else a connection of the pool (or the one given) for as long as this
+        lasts."""
+        if self._url is None:
+            with self.connection() as connection:
+                connection.execute(f"LISTEN {CHANNEL}")
+                try:
+                    yield connection
+                finally:
+                    connection.execute(f"UNLISTEN {CHANNEL}")
+            return
+        with self._listener_guard, self.translated():
+            if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
+                self._listener = _connect(self._url)
+                self._listener_pid = os.getpid()
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            yield self._listener
+
     def _own(self) -> Connection:
         """The connection this store keeps (a new one after a fork, or after it broke)."""
         if self._given is not None:
             return self._given
         if self._kept is None or self._kept.closed or self._kept_pid != os.getpid():
             assert self._url is not None
-            self._kept = psycopg.connect(self._url, autocommit=True,
-                                         connect_timeout=int(os.environ.get("PGCONNECT_TIMEOUT") or 10))
+            self._kept = _connect(self._url)
             self._kept_pid = os.getpid()
         return self._kept
 
@@ -154,6 +176,8 @@ class PgStore:
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             if self._kept is not None and self._kept.broken:
                 self._kept = None
+            if self._listener is not None and self._listener.broken:
+                self._listener = None
             raise self.unavailable(exc) from None
 
     def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
@@ -169,11 +193,22 @@ class PgStore:
             code=code, path=self.where, errno=None)
 
 
+def _connect(url: str) -> Connection:
+    """A new connection in autocommit mode (each command opens its own transaction). It
+    waits 10 s at most to connect unless the URL or ``PGCONNECT_TIMEOUT`` says otherwise
+    (libpq's own default is to wait for ever)."""
+    if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
+        return psycopg.connect(url, autocommit=True)
+    return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
 def _describe(info: dict[str, Any]) -> str:
     """``postgresql://host:port/database``, never the user's password."""
     host = str(info.get("host") or "localhost").split(",")[0]
     port = str(info.get("port") or "").split(",")[0]
     database = info.get("dbname") or info.get("user") or ""
+    if host.startswith("/"):  # a Unix socket's folder, written as libpq's URLs write it
+        return f"postgresql:///{database}?host={host}"
     return f"postgresql://{host}{':' + port if port else ''}/{database}"
 
 
@@ -267,6 +302,17 @@ class PgLedger:
 
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling)."""
+        with self._store.listening() as connection:
+            # Listening first, then looking: a commit after this look is notified.
+            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+            if (int(row[0]) if row is not None else 0) != seen_size:
+                return True
+            return any(notice.payload == self.run_id
+                       for notice in connection.notifies(timeout=timeout_s))
 
     # ------------------------------------------------------------------ internals
 

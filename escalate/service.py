@@ -48,6 +48,8 @@ from escalate.state import EscalationState, Policy, RuleViolation, RunState
 from escalate.store import CacheInvalid, LedgerStore, Store, open_store
 
 _WAIT_POLL_S = 0.05
+# How long a wait sleeps at most before it looks at the clock again (expiry follows it).
+_WAIT_WAKE_S = 1.0
 
 # A decision from the state, the write's time and the escalations this write expires.
 Decide = Callable[[RunState, str, list[str]], Decision]
@@ -308,7 +310,8 @@ class Ledger:
                     f"escalation {escalation_id} is still open after {format_duration(timeout_s or 0)}; "
                     f"wait again or ask an approver to run 'escalate approve {self.run_id} {escalation_id}'",
                     code="escalation_open", escalation_id=escalation_id, run=self.run_id)
-            time.sleep(_WAIT_POLL_S)
+            wake = _WAIT_WAKE_S if deadline is None else min(_WAIT_WAKE_S, deadline - time.monotonic())
+            self.store.wait_for_change(last_size, max(wake, 0.0), poll_s=_WAIT_POLL_S)
 
     # ------------------------------------------------------------------ reading
 
@@ -351,6 +354,12 @@ class Ledger:
     def log_size(self) -> int:
         """The bytes in the log so far: it grows with every write (``runs watch`` polls it)."""
         return self.store.size()
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float = _WAIT_POLL_S) -> bool:
+        """Block until :meth:`log_size` may differ from ``seen_size``, at most ``timeout_s``
+        (``runs watch``): the PostgreSQL store wakes on its notice, the file store polls
+        every ``poll_s``. True when it changed."""
+        return self.store.wait_for_change(seen_size, timeout_s, poll_s=poll_s)
 
     def read_log(self) -> BinaryIO:
         """The log's bytes, read without the lock, for checks of every line (``runs

@@ -116,6 +116,12 @@ class LedgerStore(Protocol):
         """Make every line written so far durable (called after the critical section)."""
         ...
 
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Block until :meth:`size` may differ from ``seen_size``, at most ``timeout_s``:
+        True when it changed. A store that can only poll checks every ``poll_s``; one that
+        is told of changes (PostgreSQL's LISTEN/NOTIFY) wakes when told."""
+        ...
+
 
 class RecoveredFirstLines(Protocol):
     def __call__(self, torn_bytes: int, saved_to: str) -> bytes:
@@ -125,7 +131,7 @@ class RecoveredFirstLines(Protocol):
 
 
 class Store(Protocol):
-    """Where ledgers live: a runs folder, or (later) a database."""
+    """Where ledgers live: a runs folder, or a database."""
 
     @property
     def where(self) -> str:
@@ -134,6 +140,11 @@ class Store(Protocol):
 
     def check_usable(self) -> None:
         """:class:`InputError` if new ledgers cannot be made here (a file as the folder)."""
+        ...
+
+    def prepare(self) -> int:
+        """Create or upgrade what the store needs (``escalate store init``; idempotent):
+        the number of steps applied, 0 when there was nothing to do."""
         ...
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:

@@ -27,8 +27,8 @@ def test_a_reserve_and_release_round_trip(pg_url: str) -> None:
 
 def test_the_schema_is_made_once_and_again_changes_nothing(pg_url: str) -> None:
     store = PgStore(pg_url)
-    assert store.init_schema() == 1
-    assert PgStore(pg_url).init_schema() == 0
+    assert store.prepare() == 1
+    assert PgStore(pg_url).prepare() == 0
     with psycopg.connect(pg_url) as connection:
         versions = connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall()
     assert versions == [(0,), (1,)]

@@ -106,21 +106,16 @@ def test_list_newest_first(runs_dir: Path, cli: Any) -> None:
 
 
 def _append_later(runs_dir: Path, delay: float, monkeypatch: pytest.MonkeyPatch) -> threading.Thread:
-    """Append one reservation ``delay`` seconds after the watch first sleeps (its first
-    output is out by then), from another thread, as another process would."""
-    from escalate.cli import watch_cmds
-
+    """Append one reservation ``delay`` seconds after the watch first waits for a change
+    (its first output is out by then), from another thread, as another process would."""
     started = threading.Event()
+    wait_for_change = Ledger.wait_for_change
 
-    class Clock:
-        monotonic = staticmethod(time.monotonic)
+    def waiting(self: Ledger, *args: Any, **kwargs: Any) -> bool:
+        started.set()
+        return wait_for_change(self, *args, **kwargs)
 
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            started.set()
-            time.sleep(seconds)
-
-    monkeypatch.setattr(watch_cmds, "time", Clock)
+    monkeypatch.setattr(Ledger, "wait_for_change", waiting)
 
     def append() -> None:
         started.wait(10)

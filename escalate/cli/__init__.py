@@ -249,7 +249,7 @@ def _root(
 
 
 # In the order ``escalate --help`` lists them.
-COMMAND_MODULES = ("escalation_cmds", "gate_cmds", "ledger_cmds", "schema_cmds", "runs_cmds")
+COMMAND_MODULES = ("escalation_cmds", "gate_cmds", "ledger_cmds", "schema_cmds", "runs_cmds", "store_cmds")
 # The commands shell scripts call in loops, and the one module each needs.
 _HOT_COMMANDS = {"reserve": "ledger_cmds", "increase": "ledger_cmds", "release": "ledger_cmds"}
 

@@ -21,6 +21,7 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.money import format_usd as usd
 from escalate.report import printable
@@ -347,6 +348,7 @@ def verify(
 
 # ``runs watch`` lives in its own module (it alone needs signals and a live view).
 runs_app.command("watch")(watch)
+add_runs_commands(runs_app)  # runs export, runs import
 
 
 def register(app: typer.Typer) -> None:

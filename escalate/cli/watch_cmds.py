@@ -25,7 +25,8 @@ def watch(
                                         help="How many recent events to show.")] = 10,
     interval: Annotated[str, typer.Option(
         "--interval", metavar="DURATION",
-        help="How often to look for new events, e.g. 200ms or 2s, at most 1h.")] = "500ms",
+        help="How often to look for new events in a runs folder, e.g. 200ms or 2s, at most 1h "
+        "(a PostgreSQL store tells of them as they commit).")] = "500ms",
     timeout: Annotated[str | None, typer.Option(
         "--timeout", metavar="DURATION",
         help="Stop after this long, e.g. 10m, at most 365d [default: until Ctrl-C].")] = None,
@@ -89,7 +90,7 @@ def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: flo
     try:  # not `with`: a signal during start() must still give the cursor back
         live.start(refresh=True)
         while not _past(deadline):
-            time.sleep(pause)
+            ledger.wait_for_change(size, _left(deadline), poll_s=pause)
             now_size = ledger.log_size()
             if now_size != size:
                 size = now_size
@@ -102,6 +103,7 @@ def _follow(ledger: Ledger, last: int, pause: float, deadline: float | None, jso
     """Print the last ``last`` events, then each event as it is appended (like ``tail -f``)."""
     from escalate.report import timeline_line
 
+    size = ledger.log_size()
     batch, offset = ledger.events(last=last)
     while True:
         for event in batch:
@@ -112,9 +114,15 @@ def _follow(ledger: Ledger, last: int, pause: float, deadline: float | None, jso
         sys.stdout.flush()
         if _past(deadline):
             return
-        time.sleep(pause)
+        ledger.wait_for_change(size, _left(deadline), poll_s=pause)
+        size = ledger.log_size()
         batch, offset = ledger.events(after_offset=offset)
 
 
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _left(deadline: float | None) -> float:
+    """How long to wait for a change before looking at the deadline again."""
+    return 60.0 if deadline is None else max(0.0, deadline - time.monotonic())

@@ -1,0 +1,85 @@
+"""``escalate store init``, ``escalate runs export`` and ``escalate runs import``: preparing
+a store, and moving runs between stores (:mod:`escalate.transfer`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from escalate.cli import JsonOption, RunArg, RunsDirOption, echo_line, fail, open_options, respond
+from escalate.errors import EscalateError, InputError, storage_error
+
+store_app = typer.Typer(help="Prepare a store (a runs folder or a PostgreSQL database).",
+                        no_args_is_help=True)
+
+
+@store_app.command("init")
+def store_init(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
+    """Create or upgrade the store's tables (PostgreSQL) or its folder; safe to repeat."""
+    from escalate.transfer import init_store
+
+    def say(result: Any) -> None:
+        done = f"{result['steps_applied']} step(s) applied" if result["steps_applied"] else "up to date"
+        echo_line(f"store {result['store']}: {done}")
+
+    respond(json_out, lambda: init_store(open_options(runs_dir, None)["runs_dir"]), say)
+
+
+def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
+    """Print RUN's log as NDJSON, byte for byte a file store's log ('runs verify' passes on it);
+    --json applies to errors only."""
+    from escalate.transfer import export_lines
+
+    out = sys.stdout.buffer
+    try:
+        for chunk in export_lines(open_options(runs_dir, None)["runs_dir"], run):
+            out.write(chunk)
+        out.flush()
+    except EscalateError as error:
+        fail(error, json_out)
+    except BrokenPipeError:  # `escalate runs export r | head`: the reader had enough
+        sys.stderr.close()
+
+
+def import_run(
+    run: RunArg,
+    file: Annotated[str, typer.Argument(help="An NDJSON log (from 'runs export', or a run's "
+                                        "events.ndjson); - reads stdin.", show_default=False,
+                                        metavar="FILE")],
+    runs_dir: RunsDirOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Create RUN from a log after checking every line as 'runs verify' does; a damaged log
+    or an existing run changes nothing."""
+    from escalate.transfer import import_log
+
+    def load() -> Any:
+        try:
+            data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"no file {file}: give the log to import (or - for stdin)",
+                             code="no_such_file", path=file) from None
+        except IsADirectoryError:
+            raise InputError(f"{file} is a folder: give the run's events.ndjson inside it",
+                             code="no_such_file", path=file) from None
+        except OSError as exc:
+            raise storage_error(exc, file) from exc
+        return import_log(open_options(runs_dir, None)["runs_dir"], run, data,
+                          source="stdin" if file == "-" else file)
+
+    respond(json_out, load, lambda result: echo_line(
+        f"imported run {result['run']}: {result['lines']} lines ({result['bytes']} bytes)"))
+
+
+def add_runs_commands(runs_app: typer.Typer) -> None:
+    """``runs export`` and ``runs import`` in the ``runs`` group."""
+    runs_app.command("export")(export_run)
+    runs_app.command("import")(import_run)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``store`` group to ``app``."""
+    app.add_typer(store_app, name="store")
