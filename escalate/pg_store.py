@@ -19,6 +19,7 @@ never the password.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -52,6 +53,9 @@ STEP_HOOK: Callable[[str], None] | None = None
 CHANNEL = "escalate_changes"
 # Rows fetched per query when lines are streamed.
 _BATCH = 2000
+# psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
+# handler Python prints it on stderr, a second line beside the one-line exit 8.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 Connection = psycopg.Connection[tuple[Any, ...]]
 
