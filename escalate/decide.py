@@ -213,15 +213,21 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
     return Decision(events=[*withdrawn, event], result=result)
 
 
-def _resolved_event(escalation_id: str, mode: str, by: str) -> Event:
-    return {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
-            "extension_micros": 0}
+def _resolved_event(escalation_id: str, mode: str, by: str, role: str | None = None) -> Event:
+    event: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+                    "extension_micros": 0}
+    if role is not None:
+        event["role"] = role
+    return event
 
 
-def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -> Decision:
+def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
+                      role: str | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
-    (anyone, when it names none) may grant, pause or cancel, and never the requester."""
+    (anyone, when it names none) may grant, pause or cancel, and never the requester.
+    ``role``: the database role acting (PostgreSQL store), recorded, and the name an
+    approver list is checked against."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return _fail(InputError(
@@ -232,7 +238,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
         return _fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by)
+    refusal = _not_allowed(state, escalation, mode, by, role)
     if refusal is not None:
         return _fail(refusal)
     if escalation.state == "resolved":
@@ -246,7 +252,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
             f"escalation {escalation_id} was already resolved: {escalation.mode} by "
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
-    resolved = _resolved_event(escalation_id, mode, by)
+    resolved = _resolved_event(escalation_id, mode, by, role)
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
@@ -258,7 +264,8 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str) -
     return _grant(state, escalation, resolved, facts)
 
 
-def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str) -> Refused | None:
+def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
+                 role: str | None) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
     first-resolution-wins answer: who won tells nothing to someone who may not resolve.
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
@@ -281,9 +288,9 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"escalation ({who}); ask an approver, or take it back with "
             f"'escalate withdraw {state.run_id} {escalation.id}'",
             code="self_approval", approvers=list(approvers), **facts)
-    if approvers and by not in approvers:
+    if approvers and (role or by) not in approvers:
         return Refused(
-            f"cannot resolve {escalation.id}: {by} is not an approver of run {state.run_id} "
+            f"cannot resolve {escalation.id}: {role or by} is not an approver of run {state.run_id} "
             f"({who}); ask one of them, or change the list with 'escalate runs set "
             f"{state.run_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
@@ -321,15 +328,17 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
                             "reserved_micros": escalation.requested_micros, **facts})
 
 
-def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Decision:
+def decide_policy(state: RunState, policy: Policy, by: str | None = None,
+                  role: str | None = None) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
-    its approvers, only they may change it: otherwise anyone could add themselves."""
+    its approvers, only they may change it: otherwise anyone could add themselves (``role``:
+    the database role acting, recorded, and checked instead of ``by``)."""
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json()})
     approvers = state.policy.approvers
-    if approvers and by not in approvers:
+    if approvers and (role or by) not in approvers:
         return _fail(Refused(
-            f"cannot change the escalation policy of run {state.run_id}: {by} is not one of its "
+            f"cannot change the escalation policy of run {state.run_id}: {role or by} is not one of its "
             f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
             code="not_an_approver", by=by, approvers=list(approvers)))
     if policy.max_extension_micros < state.extended_micros:
@@ -337,8 +346,10 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None) -> Dec
             f"max extension {usd(policy.max_extension_micros)} is below the "
             f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
             f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
-    return Decision(events=[{"type": "policy_changed", "escalation": policy.to_json()}],
-                    result={"status": "changed", "escalation": policy.to_json()})
+    changed: Event = {"type": "policy_changed", "escalation": policy.to_json()}
+    if role is not None:
+        changed["role"] = role
+    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,

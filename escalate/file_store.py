@@ -116,6 +116,10 @@ class FileLedger:
     def sync(self) -> None:
         self.log.sync()
 
+    def role(self) -> None:
+        """A runs folder authenticates nobody: names are claimed (docs/escalation.md)."""
+        return None
+
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Poll the log's size (a file tells nobody it grew)."""
         deadline = time.monotonic() + timeout_s

@@ -395,6 +395,8 @@ def _apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     mode = _choice(event, "mode", RESOLVED_MODES)
     extension = _int(event, "extension_micros")
     by = _str(event, "by")
+    if "role" in event:
+        _str(event, "role")
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     task = state.tasks[escalation.task]
@@ -453,6 +455,8 @@ def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
 
 
 def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
+    if "role" in event:
+        _str(event, "role")
     state.policy = _policy(event.get("escalation"))
 
 

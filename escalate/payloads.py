@@ -165,6 +165,9 @@ class EscalationResolved(TypedDict):
     mode: ResolvedMode
     by: NameStr
     extension_micros: MicrosInt
+    role: NotRequired[Annotated[NameStr, Doc(
+        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
+        "cannot choose); approver lists there name roles. Absent on the file store.")]]
 
 
 class Recovery(TypedDict):
@@ -180,6 +183,9 @@ class PolicyChanged(TypedDict):
 
     type: Literal["policy_changed"]
     escalation: EscalationPolicy
+    role: NotRequired[Annotated[NameStr, Doc(
+        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
+        "cannot choose); approver lists there name roles. Absent on the file store.")]]
 
 
 class EscalationNotified(TypedDict):

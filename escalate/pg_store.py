@@ -19,10 +19,12 @@ never the password.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
@@ -53,6 +55,8 @@ STEP_HOOK: Callable[[str], None] | None = None
 CHANNEL = "escalate_changes"
 # Rows fetched per query when lines are streamed.
 _BATCH = 2000
+# More rows than this written at once: an import or a rebuilt checkpoint.
+_MANY = 1000
 # psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
 # handler Python prints it on stderr, a second line beside the one-line exit 8.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
@@ -92,7 +96,11 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         if self._url is not None:
-            info = conninfo_to_dict(self._url)
+            try:
+                info = conninfo_to_dict(self._url)
+            except psycopg.ProgrammingError as exc:
+                raise InputError(f"invalid store URL ({_first_line(exc)}); write it as "
+                                 "postgresql://user@host:port/database", code="invalid_store") from None
             self._password = str(info.get("password") or "")
             self._where = _describe(info)
         elif self._given is not None:
@@ -187,7 +195,7 @@ class PgStore:
     def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
                     advice: str = "") -> StoreUnavailable:
         """exit 8, one line: where, why, and that a retry is safe."""
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = _first_line(exc)
         if self._password:
             cause = cause.replace(self._password, "***")
         next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
@@ -204,6 +212,13 @@ def _connect(url: str) -> Connection:
     if "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT"):
         return psycopg.connect(url, autocommit=True)
     return psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+
+def _first_line(exc: Exception) -> str:
+    """What psycopg says, in one line, the password of any URL in it (``://user:password@``)
+    blanked."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def _describe(info: dict[str, Any]) -> str:
@@ -250,35 +265,42 @@ class PgLedger:
                 (self.run_id, len(first_lines), len(lines))).fetchone()
             if made is None:
                 return False
-            _insert_lines(connection, self.run_id, lines, after_seq=0, after_offset=0)
+            _insert_first_lines(connection, self.run_id, lines)
             connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.run_id))
         return True
 
     @contextmanager
     def transaction(self, *, use_cache: bool = True) -> Iterator[PgTransaction]:
+        """One round trip opens the transaction, bounds the lock wait and locks the row; the
+        rows the fold asks for are read; one more sends every write and the commit."""
         with self._store.connection() as connection:
             _step("connected")
-            with connection.transaction():
-                # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
-                connection.execute("SELECT set_config('lock_timeout', %s, true)",
-                                   (f"{max(1, round(self.lock_timeout * 1000))}ms",))
-                try:
-                    row = connection.execute(
-                        "SELECT size, lines, checkpoint, checkpoint_lines FROM escalate_ledgers "
-                        "WHERE ledger = %s FOR UPDATE", (self.run_id,)).fetchone()
-                except psycopg.errors.LockNotAvailable:
-                    raise LockTimeout(
-                        f"run {self.run_id} is locked by another command on {self.where} after "
-                        f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
-                        lock_file=f"{self.where} ledger {self.run_id}",
-                        timeout_s=self.lock_timeout) from None
+            # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
+            lock_timeout = f"{max(1, round(self.lock_timeout * 1000))}ms"
+            try:
+                # (A connection that is not in autocommit mode opens the transaction itself.)
+                # Literals are written with standard_conforming_strings on: see _text.
+                row = _last_row(connection, f"{'BEGIN; ' if connection.autocommit else ''}"
+                                "SET LOCAL standard_conforming_strings = on; "
+                                f"SET LOCAL lock_timeout = '{lock_timeout}'; "
+                                "SELECT size, lines, checkpoint, checkpoint_lines FROM escalate_ledgers "
+                                f"WHERE ledger = {_text(self.run_id)} FOR UPDATE")
                 if row is None or not row[1]:
                     raise self._unknown()
                 _step("locked")
                 transaction = PgTransaction(self, connection, row, use_cache=use_cache)
                 yield transaction
-                transaction.finish()
-                _step("before_commit")
+                transaction.commit()
+            except psycopg.errors.LockNotAvailable:
+                _rollback(connection)
+                raise LockTimeout(
+                    f"run {self.run_id} is locked by another command on {self.where} after "
+                    f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
+                    lock_file=f"{self.where} ledger {self.run_id}",
+                    timeout_s=self.lock_timeout) from None
+            except BaseException:
+                _rollback(connection)
+                raise
             _step("committed")
 
     def read(self, *, use_cache: bool = True) -> Replayed:
@@ -306,6 +328,12 @@ class PgLedger:
 
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
+
+    def role(self) -> str:
+        """The database role this connection acts as (``current_user``)."""
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT current_user").fetchone()
+        return str(row[0]) if row is not None else ""
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling)."""
@@ -408,29 +436,24 @@ def _fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) ->
         "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, _BATCH)).fetchall()
 
 
-def _insert_lines(connection: Connection, run_id: str, lines: list[bytes], *, after_seq: int,
-                  after_offset: int) -> tuple[int, int]:
-    """Insert ``lines`` after line ``after_seq`` ending at ``after_offset``; returns the
-    new (lines, size)."""
-    rows = []
-    seq, offset = after_seq, after_offset
-    for line in lines:
-        seq += 1
-        offset += len(line)
-        rows.append((run_id, seq, offset, line))
-    with connection.cursor() as cursor:
-        if len(rows) > 100:  # an import: COPY is many times faster than one insert per line
-            with cursor.copy("COPY escalate_events (ledger, seq, end_offset, line) FROM STDIN") as copy:
-                for values in rows:
-                    copy.write_row(values)
-        else:
-            cursor.executemany("INSERT INTO escalate_events (ledger, seq, end_offset, line) "
-                               "VALUES (%s, %s, %s, %s)", rows)
-    return seq, offset
+def _insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
+    """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
+    without which the planner may take the big table for an empty one and scan it whole on
+    every command; a role that does not own the table skips that, with a notice)."""
+    with connection.cursor() as cursor, cursor.copy(
+            "COPY escalate_events (ledger, seq, end_offset, line) FROM STDIN") as copy:
+        offset = 0
+        for seq, line in enumerate(lines, start=1):
+            offset += len(line)
+            copy.write_row((run_id, seq, offset, line))
+    if len(lines) > _MANY:
+        connection.execute("ANALYZE escalate_events")
 
 
 class PgTransaction:
-    """A command's transaction, the ledger's row locked (:class:`escalate.store.Transaction`)."""
+    """A command's transaction, the ledger's row locked (:class:`escalate.store.Transaction`).
+    The writes wait in :attr:`_writes` and go out with the commit, in one round trip, as
+    literals (:func:`_text`, :func:`_bytes`; the values are ids, numbers and bytes)."""
 
     def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
                  use_cache: bool) -> None:
@@ -438,7 +461,9 @@ class PgTransaction:
         self._connection = connection
         self._row = row
         self._use_cache = use_cache
+        self._ledger_text = _text(ledger.run_id)
         self._size, self._lines = int(row[0]), int(row[1])
+        self._writes: list[str] = []
         self._appended = False
         self._checkpoint: tuple[bytes, int] | None = None
 
@@ -454,46 +479,84 @@ class PgTransaction:
     def append(self, replayed: Replayed, lines: list[bytes]) -> None:
         if not lines:
             return
-        self._lines, self._size = _insert_lines(self._connection, self._ledger.run_id, lines,
-                                                after_seq=replayed.lines, after_offset=replayed.offset)
+        rows = []
+        seq, offset = replayed.lines, replayed.offset
+        for line in lines:
+            seq += 1
+            offset += len(line)
+            rows.append(f"({self._ledger_text}, {seq}, {offset}, {_bytes(line)})")
+        self._writes.append(f"INSERT INTO escalate_events (ledger, seq, end_offset, line) VALUES "
+                            f"{', '.join(rows)}")
+        self._lines, self._size = seq, offset
         self._appended = True
         _step("appended")
 
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         if not (lines or not replayed.checkpoint_current):
             return
-        connection, run_id = self._connection, self._ledger.run_id
         tasks, escalations = state.tasks, state.escalations
-        rows: dict[str, Iterator[tuple[str, bytes]]]
+        rows: dict[str, Iterable[tuple[str, bytes]]]
         if isinstance(tasks, PgRows) and isinstance(escalations, PgRows):
             rows = {"tasks": tasks.dirty(), "escalations": escalations.dirty()}
         else:  # a fold from the first line: the rows are written anew
-            for table in ("tasks", "escalations"):
-                connection.execute(f"DELETE FROM escalate_{table} WHERE ledger = %s".encode(), (run_id,))
+            self._writes += [f"DELETE FROM escalate_{table} WHERE ledger = {self._ledger_text}"
+                             for table in ("tasks", "escalations")]
             rows = {"tasks": ((key, encode_task(key, task)) for key, task in tasks.items()),
                     "escalations": ((key, encode_escalation(key, escalation))
                                     for key, escalation in escalations.items())}
-        with connection.cursor() as cursor:
-            for table, pairs in rows.items():
-                cursor.executemany(
-                    f"INSERT INTO escalate_{table} (ledger, key, data) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (ledger, key) DO UPDATE SET data = excluded.data".encode(),
-                    [(run_id, key, data) for key, data in pairs])
+        for table, pairs in rows.items():
+            values = [f"({self._ledger_text}, {_text(key)}, {_bytes(data)})" for key, data in pairs]
+            for start in range(0, len(values), _MANY):
+                self._writes.append(f"INSERT INTO escalate_{table} (ledger, key, data) VALUES "
+                                    f"{', '.join(values[start:start + _MANY])} "
+                                    "ON CONFLICT (ledger, key) DO UPDATE SET data = excluded.data")
+            if len(values) > _MANY:
+                # Fresh statistics: with the old ones the planner may take the big table for an
+                # empty one and scan it whole, every command.
+                self._writes.append(f"ANALYZE escalate_{table}")
         offset = replayed.offset + sum(map(len, lines))
         last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
         count = replayed.lines + len(lines)
         self._checkpoint = (run_blob(state, offset, last_line_start, count, []), count)
         _step("checkpointed")
 
-    def finish(self) -> None:
-        """The ledger's row: what is stored now, the checkpoint, and a notice to waiters."""
-        if not self._appended and self._checkpoint is None:
-            return
-        blob, count = self._checkpoint if self._checkpoint is not None else (None, None)
-        self._connection.execute(
-            "UPDATE escalate_ledgers SET size = %s, lines = %s, "
-            "checkpoint = coalesce(%s, checkpoint), checkpoint_lines = coalesce(%s, checkpoint_lines) "
-            "WHERE ledger = %s", (self._size, self._lines, blob, count, self._ledger.run_id))
+    def commit(self) -> None:
+        """The writes, the ledger's row (what is stored now, the checkpoint), a notice to
+        waiters and the commit, sent together."""
+        if self._appended or self._checkpoint is not None:
+            checkpoint = "" if self._checkpoint is None else \
+                f", checkpoint = {_bytes(self._checkpoint[0])}, checkpoint_lines = {self._checkpoint[1]}"
+            self._writes.append(f"UPDATE escalate_ledgers SET size = {self._size}, lines = {self._lines}"
+                                f"{checkpoint} WHERE ledger = {self._ledger_text}")
         if self._appended:
-            self._connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._ledger.run_id))
+            self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
+        _step("before_commit")
+        self._connection.execute("; ".join([*self._writes, "COMMIT"]).encode())
 
+
+def _text(value: str) -> str:
+    """``value`` as an SQL text literal. The values are ids (escalate.ids: no quote, no
+    backslash), quotes doubled all the same; the transaction sets standard_conforming_strings,
+    so a backslash is no escape either."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _bytes(value: bytes) -> str:
+    """``value`` as a bytea literal (hex digits only)."""
+    return f"'\\x{value.hex()}'::bytea"
+
+
+def _last_row(connection: Connection, statements: str) -> tuple[Any, ...] | None:
+    """Run several statements in one round trip; the first row of the last that returns rows."""
+    with connection.cursor() as cursor:
+        cursor.execute(statements.encode())
+        while cursor.description is None and cursor.nextset():
+            pass
+        return cursor.fetchone() if cursor.description is not None else None
+
+
+def _rollback(connection: Connection) -> None:
+    """End a transaction that will not commit (a connection already lost has none to end)."""
+    if not connection.broken and not connection.closed:
+        with contextlib.suppress(psycopg.Error):
+            connection.rollback()

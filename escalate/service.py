@@ -243,7 +243,8 @@ class Ledger:
                 approvers=current.approvers if approvers is UNCHANGED else approvers,
                 renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
                                   else renotify_every_s))
-            return decisions.decide_policy(state, policy, self.actor)
+            return decisions.decide_policy(state, policy, self.actor, role)
+        role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
     def sweep(self, *, redeliver: bool = True) -> SweepResult:
@@ -381,8 +382,9 @@ class Ledger:
     def _resolve(self, escalation_id: str, mode: str, by: str | None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
+        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
         return cast(ResolutionResult, self._mutate(
-            lambda state, now, _: decisions.decide_resolution(state, escalation_id, mode, resolver)))
+            lambda state, now, _: decisions.decide_resolution(state, escalation_id, mode, resolver, role)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         with self.store.command():

@@ -116,6 +116,11 @@ class LedgerStore(Protocol):
         """Make every line written so far durable (called after the critical section)."""
         ...
 
+    def role(self) -> str | None:
+        """Who is acting as the store itself knows it (PostgreSQL: ``current_user``, which
+        a client cannot choose), or None where nobody is authenticated (a runs folder)."""
+        ...
+
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Block until :meth:`size` may differ from ``seen_size``, at most ``timeout_s``:
         True when it changed. A store that can only poll checks every ``poll_s``; one that

@@ -1,16 +1,51 @@
 """The PostgreSQL store on a real server (tests/pg_server.py): its schema, its refusals,
-its errors, and moving runs between stores."""
+its errors, who acted, and moving runs between stores."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
 import psycopg
 import pytest
 
-from escalate import Conflict, Ledger
+from escalate import Conflict, Ledger, Pending, Refused, StoreUnavailable
+from escalate import pg_store as pg_store_module
 from escalate.pg_store import PgStore
-from tests.pg_server import pg_url
+from escalate.transfer import export_lines, import_log
+from tests.conftest import FakeClock
+from tests.pg_server import admin, pg_url, server, url_of
 
 __all__ = ["pg_url"]  # the fixture, imported for the tests below
+
+_FORK = multiprocessing.get_context("fork")
+RESULT_TIMEOUT_S = 60
+
+
+def _escalate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "escalate", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})}, check=False)
+
+
+def _database(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def _count(url: str, table: str) -> int:
+    with psycopg.connect(url) as connection:
+        row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# ---------------------------------------------------------------------- the store
 
 
 def test_a_reserve_and_release_round_trip(pg_url: str) -> None:
@@ -25,10 +60,323 @@ def test_a_reserve_and_release_round_trip(pg_url: str) -> None:
     assert again.verify().problems == []
 
 
+def test_an_open_connection_and_a_pool_are_stores(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as connection:
+        Ledger.init(connection, "r", cap="10", actor="tester").reserve("a", "1")
+
+    class Pool:  # what psycopg_pool offers: connections lent by a context manager
+        def __init__(self) -> None:
+            self.lent = 0
+
+        def connection(self) -> Any:
+            self.lent += 1
+            return psycopg.connect(pg_url)
+
+    pool = Pool()
+    assert Ledger.open(pool, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 8_000_000
+    assert pool.lent >= 2
+
+
+def test_a_connection_inside_a_transaction_is_refused(pg_url: str) -> None:
+    with psycopg.connect(pg_url) as connection:
+        connection.execute("SELECT 1")  # opens a transaction (not autocommit)
+        with pytest.raises(Exception, match="inside a transaction") as refused:
+            Ledger.init(connection, "r", cap="10", actor="tester")
+        assert getattr(refused.value, "exit_code", None) == 2
+
+
+def test_the_checkpoint_follows_every_write_and_a_lost_one_is_rebuilt(pg_url: str) -> None:
+    run = Ledger.init(pg_url, "r", cap="100", actor="tester")
+    for number in range(5):
+        run.reserve(f"t{number}", "1")
+    run.release("t0", "0.5")
+    with psycopg.connect(pg_url) as connection:
+        lines, checkpoint_lines = connection.execute(
+            "SELECT lines, checkpoint_lines FROM escalate_ledgers").fetchone() or (0, 0)
+        assert lines == checkpoint_lines == 7
+        connection.execute("UPDATE escalate_ledgers SET checkpoint = NULL")
+        connection.execute("DELETE FROM escalate_tasks")
+    assert run.state().reserved_micros == 4_000_000  # folded from the lines alone
+    run.reserve("t9", "1")  # and the writer builds the checkpoint again
+    with psycopg.connect(pg_url) as connection:
+        assert connection.execute("SELECT count(*) FROM escalate_tasks").fetchone() == (6,)
+    assert run.state().reserved_micros == 5_000_000
+
+
+# ---------------------------------------------------------------------- the schema
+
+
 def test_the_schema_is_made_once_and_again_changes_nothing(pg_url: str) -> None:
-    store = PgStore(pg_url)
-    assert store.prepare() == 1
+    assert PgStore(pg_url).prepare() == 1
     assert PgStore(pg_url).prepare() == 0
     with psycopg.connect(pg_url) as connection:
         versions = connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall()
     assert versions == [(0,), (1,)]
+    result = _escalate("store", "init", "--store", pg_url, "--json")
+    assert result.returncode == 0 and orjson.loads(result.stdout)["status"] == "current"
+
+
+def _first_use(url: str, number: int, barrier: Any) -> None:
+    barrier.wait(RESULT_TIMEOUT_S)
+    Ledger.init(url, f"r{number}", cap="1", actor="tester")
+
+
+def test_eight_processes_using_an_empty_database_at_once_make_the_schema_once(pg_url: str) -> None:
+    barrier = _FORK.Barrier(8)
+    workers = [_FORK.Process(target=_first_use, args=(pg_url, number, barrier)) for number in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(RESULT_TIMEOUT_S)
+    assert [worker.exitcode for worker in workers] == [0] * 8
+    with psycopg.connect(pg_url) as connection:
+        assert connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall() \
+            == [(0,), (1,)]
+    assert list(PgStore(pg_url).run_ids()) == [f"r{number}" for number in range(8)]
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE escalate_events SET line = line || 'x'::bytea",
+    "DELETE FROM escalate_events",
+    "TRUNCATE escalate_events",
+])
+def test_the_events_table_refuses_rewriting_even_to_its_owner(pg_url: str, statement: str) -> None:
+    Ledger.init(pg_url, "r", cap="10", actor="tester").reserve("t", "1")
+    with psycopg.connect(pg_url) as connection:
+        before = connection.execute("SELECT seq, line FROM escalate_events ORDER BY seq").fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            connection.execute(statement)
+        connection.rollback()
+        assert connection.execute("SELECT seq, line FROM escalate_events ORDER BY seq").fetchall() == before
+
+
+# ---------------------------------------------------------------------- export and import
+
+
+def _same_history(location: Any, *, approve: bool = True) -> Ledger:
+    """The same commands at the same moments, as the same actor, on any store (an approval
+    records the database role on PostgreSQL: ``approve=False`` leaves it out)."""
+    clock = FakeClock()
+    run = Ledger.init(location, "r", cap="10", escalation="enforce", approval_threshold="3",
+                      actor="tester", clock=clock)
+    run.reserve("a", "2")
+    clock.advance(1)
+    with pytest.raises(Pending) as pending:
+        run.reserve("b", "4", reason="big diff", priority="high")
+    clock.advance(1)
+    run.release("a", "1.25")
+    if approve:
+        Ledger.open(location, "r", actor="boss", clock=clock).approve(pending.value.escalation_id)
+    return run
+
+
+def test_an_export_is_byte_for_byte_the_file_stores_log_and_verifies(pg_url: str, tmp_path: Path) -> None:
+    _same_history(tmp_path / "files", approve=False)
+    _same_history(pg_url, approve=False)
+    exported = b"".join(export_lines(pg_url, "r"))
+    assert exported == (tmp_path / "files" / "r" / "events.ndjson").read_bytes()
+    result = _escalate("runs", "export", "r", "--store", pg_url)
+    assert result.returncode == 0 and result.stdout.encode() == exported
+    import_log(tmp_path / "back", "r", exported)
+    verified = _escalate("runs", "verify", "r", "--runs-dir", str(tmp_path / "back"), "--json")
+    assert verified.returncode == 0 and orjson.loads(verified.stdout)["ok"] is True
+
+
+def test_an_import_moves_a_file_run_into_the_database(pg_url: str, tmp_path: Path) -> None:
+    _same_history(tmp_path)
+    log = tmp_path / "r" / "events.ndjson"
+    result = _escalate("runs", "import", "moved", str(log), "--store", pg_url, "--json")
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["lines"] == log.read_bytes().count(b"\n")
+    assert b"".join(export_lines(pg_url, "moved")) == log.read_bytes()
+    moved = Ledger.open(pg_url, "moved", actor="tester")
+    assert moved.state().totals() | {"run": "r"} == Ledger.open(tmp_path, "r").state().totals()
+    moved.reserve("c", "1")  # and it takes writes, from the checkpoint the import left
+    assert moved.verify().problems == []
+
+
+@pytest.mark.parametrize("damage", ["changed", "torn", "not json"])
+def test_an_import_refuses_a_damaged_log_and_writes_nothing(
+        pg_url: str, tmp_path: Path, damage: str) -> None:
+    _same_history(tmp_path)
+    lines = (tmp_path / "r" / "events.ndjson").read_bytes().splitlines(keepends=True)
+    if damage == "changed":  # an amount edited: the next line's prev no longer matches
+        lines[1] = lines[1].replace(b'"amount_micros":2000000', b'"amount_micros":1000000')
+    elif damage == "torn":
+        lines[-1] = lines[-1][:20]
+    else:
+        lines[2] = b"{oops\n"
+    bad = tmp_path / "bad.ndjson"
+    bad.write_bytes(b"".join(lines))
+    PgStore(pg_url).prepare()
+    result = _escalate("runs", "import", "r", str(bad), "--store", pg_url, "--json")
+    assert result.returncode == 2, result.stderr
+    assert orjson.loads(result.stdout)["error"] == "invalid_log"
+    assert result.stderr.count("\n") == 1 and "nothing was imported" in result.stderr
+    assert _count(pg_url, "escalate_ledgers") == _count(pg_url, "escalate_events") == 0
+
+
+def test_an_import_refuses_an_existing_run_and_changes_nothing(pg_url: str, tmp_path: Path) -> None:
+    _same_history(tmp_path)
+    Ledger.init(pg_url, "r", cap="5", actor="tester").reserve("x", "1")
+    before = b"".join(export_lines(pg_url, "r"))
+    result = _escalate("runs", "import", "r", str(tmp_path / "r" / "events.ndjson"), "--store", pg_url,
+                       "--json")
+    assert result.returncode == 5 and orjson.loads(result.stdout)["error"] == "run_exists"
+    assert b"".join(export_lines(pg_url, "r")) == before
+    assert _count(pg_url, "escalate_events") == 2
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def test_a_held_row_lock_is_a_lock_timeout(pg_url: str) -> None:
+    Ledger.init(pg_url, "r", cap="10", actor="tester")
+    with psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT * FROM escalate_ledgers WHERE ledger = 'r' FOR UPDATE")
+        result = _escalate("reserve", "r", "t", "--estimate", "1", "--store", pg_url,
+                           "--lock-timeout", "200ms", "--json")
+        assert result.returncode == 7, result.stderr
+        assert orjson.loads(result.stdout)["error"] == "lock_timeout"
+        assert result.stderr.count("\n") == 1 and "run r is locked" in result.stderr
+    assert _count(pg_url, "escalate_events") == 1  # nothing was written
+    assert _escalate("reserve", "r", "t", "--estimate", "1", "--store", pg_url).returncode == 0
+
+
+def test_no_server_is_exit_8_naming_host_and_database(tmp_path: Path) -> None:
+    # A socket folder where no server listens: as a server that is down.
+    url = f"postgresql://ledger:hunter2@/budgets?host={tmp_path}"
+    result = _escalate("reserve", "r", "t", "--estimate", "1", "--json", env={"ESCALATE_STORE": url})
+    assert result.returncode == 8
+    assert orjson.loads(result.stdout)["error"] == "store_unavailable"
+    line = result.stderr
+    assert line.count("\n") == 1 and f"host={tmp_path}" in line and "budgets" in line
+    assert "may be unknown" in line and "safe" in line and "hunter2" not in result.stdout + line
+
+
+@pytest.fixture
+def password_role(pg_url: str) -> Iterator[str]:
+    """A role that must log in with a password (the server trusts everyone else)."""
+    _, data = server()
+    if data is None:
+        pytest.skip("needs the embedded server, whose pg_hba.conf this test edits")
+    hba = data / "pg_hba.conf"
+    original = hba.read_text()
+    with admin() as connection:
+        connection.execute("DROP ROLE IF EXISTS escalate_pw")
+        connection.execute("CREATE ROLE escalate_pw LOGIN PASSWORD 'right-one'")
+        hba.write_text("local all escalate_pw scram-sha-256\nhost all escalate_pw all scram-sha-256\n"
+                       + original)
+        connection.execute("SELECT pg_reload_conf()")
+    try:
+        yield "escalate_pw"
+    finally:
+        hba.write_text(original)
+        with admin() as connection:
+            connection.execute("SELECT pg_reload_conf()")
+
+
+def test_a_wrong_password_is_exit_8_without_the_password(pg_url: str, password_role: str) -> None:
+    database = _database(pg_url)
+    url = url_of(database, user=password_role, password="wrong-secret")
+    result = _escalate("runs", "list", "--store", url, "--json")
+    assert result.returncode == 8, result.stderr
+    assert "password authentication failed" in result.stderr
+    assert result.stderr.count("\n") == 1 and database in result.stderr
+    assert "wrong-secret" not in result.stdout + result.stderr
+
+
+def test_the_step_hook_sees_every_step_of_a_write_in_order(pg_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="10", actor="tester")
+    steps: list[str] = []
+    monkeypatch.setattr(pg_store_module, "STEP_HOOK", steps.append)
+    run.reserve("t", "1")
+    assert steps == ["connected", "locked", "loaded", "appended", "checkpointed", "before_commit",
+                     "committed"]
+
+
+def test_a_connection_cut_before_the_commit_is_exit_8_and_a_retry_settles_it(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="10", actor="tester")
+
+    def cut(step: str) -> None:
+        if step == "before_commit":
+            with admin() as connection:
+                connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (_database(pg_url),))
+
+    monkeypatch.setattr(pg_store_module, "STEP_HOOK", cut)
+    with pytest.raises(StoreUnavailable, match="may be unknown"):
+        run.reserve("t", "1")
+    monkeypatch.setattr(pg_store_module, "STEP_HOOK", None)
+    assert run.reserve("t", "1")["remaining_micros"] == 9_000_000  # the retry: once, not twice
+    assert run.reserve("t", "1")["status"] == "exists"
+
+
+# ---------------------------------------------------------------------- who acted
+
+
+@pytest.fixture
+def roles(pg_url: str) -> Iterator[dict[str, str]]:
+    """A worker's and an approver's URL, each its own database role."""
+    database = _database(pg_url)
+    PgStore(pg_url).prepare()
+    names = {"worker": "escalate_worker_t", "approver": "escalate_approver_t"}
+    with admin() as connection:
+        for name in names.values():
+            connection.execute(f"DROP ROLE IF EXISTS {name}")
+            connection.execute(f"CREATE ROLE {name} LOGIN")
+    with psycopg.connect(pg_url, autocommit=True) as connection:
+        for name in names.values():
+            connection.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON escalate_ledgers, escalate_tasks, "
+                               f"escalate_escalations TO {name}")
+            connection.execute(f"GRANT SELECT, INSERT ON escalate_events, escalate_schema_version TO {name}")
+            connection.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {name}")
+    yield {role: url_of(database, user=name) for role, name in names.items()}
+    with admin() as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        for name in names.values():
+            connection.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_an_approval_records_the_database_role_and_approvers_are_roles(roles: dict[str, str]) -> None:
+    run = Ledger.init(roles["worker"], "r", cap="10", escalation="enforce", approval_threshold="1",
+                      approvers="escalate_approver_t", actor="ci-bot")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "2")
+    escalation_id = pending.value.escalation_id
+    # The worker's role is no approver, whatever name it gives.
+    with pytest.raises(Refused) as refused:
+        Ledger.open(roles["worker"], "r", actor="mallory").approve(escalation_id, by="escalate_approver_t")
+    assert refused.value.code == "not_an_approver"
+    approved = Ledger.open(roles["approver"], "r", actor="Alice Example").approve(escalation_id)
+    assert approved["status"] == "approved"
+    [resolved] = [event for event in Ledger.open(roles["worker"], "r").events()[0]
+                  if event["type"] == "escalation_resolved"]
+    assert resolved["role"] == "escalate_approver_t" and resolved["by"] == "Alice Example"
+    assert Ledger.open(roles["worker"], "r").verify().problems == []
+
+
+# ---------------------------------------------------------------------- choosing the store
+
+
+@pytest.mark.parametrize("url", ["postgresql://ledger:hunter2@/db?bogus=1",
+                                 "postgresql://ledger:hunter2@[::1/db"])
+def test_an_invalid_url_is_bad_input_without_the_password(url: str) -> None:
+    result = _escalate("runs", "list", "--store", url, "--json")
+    assert result.returncode == 2 and orjson.loads(result.stdout)["error"] == "invalid_store"
+    assert result.stderr.count("\n") == 1 and "hunter2" not in result.stdout + result.stderr
+
+
+def test_two_places_for_the_runs_are_refused(tmp_path: Path) -> None:
+    both = _escalate("runs", "list", "--store", str(tmp_path / "a"), "--runs-dir", str(tmp_path / "b"))
+    assert both.returncode == 2 and "--store and --runs-dir" in both.stderr
+    variables = _escalate("runs", "list", env={"ESCALATE_STORE": str(tmp_path / "a"),
+                                               "ESCALATE_RUNS_DIR": str(tmp_path / "b")})
+    assert variables.returncode == 2 and "unset one" in variables.stderr
+    Ledger.init(tmp_path / "a", "r", cap="1", actor="tester")
+    listed = _escalate("runs", "list", "--json", env={"ESCALATE_STORE": str(tmp_path / "a"),
+                                                      "ESCALATE_RUNS_DIR": ""})
+    assert [row["run"] for row in orjson.loads(listed.stdout)["runs"]] == ["r"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "a"]  # nothing made anywhere else
