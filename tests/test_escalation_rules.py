@@ -663,15 +663,17 @@ def test_no_resolution_by_a_non_approver_ever_writes(attempts: list[tuple[str, s
 # --------------------------------------------------------------------------- a finished task settles
 
 
-def test_release_settles_a_task_whose_increase_waits(store: Location, clock: FakeClock) -> None:
-    make_run(store, clock, approval_threshold="5", approvers="alice")
-    worker = Ledger.open(store, "r", clock=clock, actor="wk")
+def test_release_settles_a_task_whose_increase_waits(runs_dir: Path, clock: FakeClock) -> None:
+    # (File runs_dir only, as the other tests of approver lists: on PostgreSQL the list names
+    # database roles, tested in test_pg_store.py.)
+    make_run(runs_dir, clock, approval_threshold="5", approvers="alice")
+    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
     worker.reserve("t", "4")
     with pytest.raises(Pending):
         worker.increase("t", "6")
     released = worker.release("t", "5.5")
     assert (released["status"], released["withdrawn_escalation_id"]) == ("released", "esc-3")
-    resolved, settled = events(store)[-2:]
+    resolved, settled = events(runs_dir)[-2:]
     assert (resolved["type"], resolved["mode"], resolved["by"], resolved["extension_micros"]) == \
         ("escalation_resolved", "withdraw", "wk", 0)
     assert (settled["type"], settled["reserved_micros"], settled["actual_micros"]) == \
