@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from uuid import uuid4
 
 import orjson
@@ -49,49 +49,79 @@ STORES = ("file", "postgres")
 Location = Path | str
 
 
+class Databases:
+    """Fresh, empty places for ledgers on one server: each is a schema of its own in one
+    database of the session, reached through a URL that sets ``search_path`` to it. (A
+    database per test costs ten times as much: a schema isolates escalate's tables just as
+    well, and this is how a shared server can host many stores too.)"""
+
+    def __init__(self, server_url: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.database = f"escalate_test_{uuid4().hex[:12]}"
+        self._server_url = server_url
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        self._admin = psycopg.connect(with_database(server_url, self.database), autocommit=True)
+
+    @contextmanager
+    def fresh(self) -> Iterator[str]:
+        """The URL of a new empty schema, dropped afterwards with all it holds."""
+        from psycopg import sql
+
+        schema = f"t_{uuid4().hex[:16]}"
+        self._admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield with_database(self._server_url, self.database,
+                                options=f"-c search_path={schema}")
+        finally:
+            self._admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+    def close(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self._admin.close()
+        with psycopg.connect(self._server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(self.database)))
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """The URL of a PostgreSQL server for the whole session: ``ESCALATE_TEST_POSTGRES_URL``,
-    else a throwaway one started here and removed at the end. If it cannot start, every test
-    that needs it errors: a missing database never passes as a skip."""
+def pg_server() -> Iterator[Databases]:
+    """A PostgreSQL server for the whole session: ``ESCALATE_TEST_POSTGRES_URL``, else a
+    throwaway one started here and removed at the end. If it cannot start, every test that
+    needs it errors: a missing database never passes as a skip."""
     given = os.environ.get("ESCALATE_TEST_POSTGRES_URL")
     if given:
-        yield given
+        databases = Databases(given)
+        yield databases
+        databases.close()
         return
     server = ThrowawayServer()
     try:
         server.start()
-        yield server.url()
+        databases = Databases(server.url())
+        yield databases
+        databases.close()
     finally:
         server.remove()
 
 
-def with_database(url: str, database: str) -> str:
-    """``url`` pointing at ``database`` instead (user, host and options kept)."""
+def with_database(url: str, database: str, *, options: str | None = None) -> str:
+    """``url`` pointing at ``database`` instead (user, host and the rest kept), with libpq
+    ``options`` if given."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
-@contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new empty database on the server (its URL), dropped afterwards."""
-    import psycopg
-    from psycopg import sql
-
-    name = f"escalate_test_{uuid4().hex[:16]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    query = parse_qsl(parts.query)
+    if options is not None:
+        query = [*(item for item in query if item[0] != "options"), ("options", options)]
+    return urlunsplit(parts._replace(path="/" + database, query=urlencode(query, safe="/", quote_via=quote)))
 
 
 @pytest.fixture
-def pg_url(pg_server: str) -> Iterator[str]:
+def pg_url(pg_server: Databases) -> Iterator[str]:
     """A fresh empty database of its own for this test."""
-    with fresh_database(pg_server) as url:
+    with pg_server.fresh() as url:
         yield url
 
 

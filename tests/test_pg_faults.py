@@ -23,7 +23,7 @@ import orjson
 import psycopg
 import pytest
 
-from tests.conftest import audit_log, fresh_database, log_bytes
+from tests.conftest import audit_log, log_bytes
 from tests.pg_throwaway import ThrowawayServer
 
 DRIVER = Path(__file__).with_name("pg_fault_driver.py")
@@ -155,22 +155,23 @@ def crashable_server() -> Iterator[ThrowawayServer]:
 
 
 @pytest.fixture
-def crashable_url(crashable_server: ThrowawayServer, cli: Any,
-                  monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    with fresh_database(crashable_server.url()) as url:
-        monkeypatch.delenv("ESCALATE_RUNS_DIR")
-        monkeypatch.setenv("ESCALATE_STORE", url)
-        assert cli("runs", "init", "crash", "--cap", "100").exit_code == 0
-        yield url
+def crashable_url(crashable_server: ThrowawayServer, runs_dir: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> str:
+    """The server's own database (each test makes a run of its own there), where CLI calls
+    land too (after ``runs_dir`` set them up for a runs folder)."""
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    monkeypatch.setenv("ESCALATE_STORE", crashable_server.url())
+    return crashable_server.url()
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_a_server_crash_mid_run_answers_8_then_retries_settle(
         crashable_server: ThrowawayServer, crashable_url: str, cli: Any, step: str) -> None:
-    url, task = crashable_url, f"crash-{step}"
-    assert cli("reserve", "crash", "before", "--estimate", "1").exit_code == 0
-    driver = Driver(url, step, "crash", task)
-    before = log_bytes(url, "crash")
+    url, run_id, task = crashable_url, f"crash-{step}", "crashed"
+    assert cli("runs", "init", run_id, "--cap", "100").exit_code == 0
+    assert cli("reserve", run_id, "before", "--estimate", "1").exit_code == 0
+    driver = Driver(url, step, run_id, task)
+    before = log_bytes(url, run_id)
     crashable_server.stop("immediate")
     try:
         code, answer, stderr = driver.go_on()
@@ -180,16 +181,16 @@ def test_a_server_crash_mid_run_answers_8_then_retries_settle(
         else:
             assert code in (0, 8), stderr
         # While the server is down, every command answers 8 and says a retry is safe.
-        down = cli("reserve", "crash", task, "--estimate", "1", "--json")
+        down = cli("reserve", run_id, task, "--estimate", "1", "--json")
         assert (down.exit_code, down.json()["error"]) == (8, "store_unavailable")
     finally:
         crashable_server.start()
     # After the crash recovery: what was committed is there, nothing else is.
     if committed:
-        assert _reservations(url, "crash", task) == 1
+        assert _reservations(url, run_id, task) == 1
     else:
-        assert log_bytes(url, "crash") == before
-    _retry_settles(cli, "crash", task, first_committed=committed)
-    _retry_settles(cli, "crash", task, first_committed=True)
-    _assert_clean(cli, url, "crash")
-    assert audit_log(log_bytes(url, "crash")).types == Counter(run_opened=1, budget_reserved=2)
+        assert log_bytes(url, run_id) == before
+    _retry_settles(cli, run_id, task, first_committed=committed)
+    _retry_settles(cli, run_id, task, first_committed=True)
+    _assert_clean(cli, url, run_id)
+    assert audit_log(log_bytes(url, run_id)).types == Counter(run_opened=1, budget_reserved=2)
