@@ -10,7 +10,8 @@ Tables (every name starts with ``escalate_``):
 
 - ``escalate_ledgers``: one row per ledger (a run), the row a writer locks. ``size`` and
   ``lines`` count what is stored; ``checkpoint`` is the fold's run-wide part as of
-  ``checkpoint_lines`` lines (``NULL``: none yet), disposable like the file store's cache.
+  ``checkpoint_lines`` lines (``NULL``: none yet), disposable like the file store's cache;
+  ``listened_until``: commits send a notice until then (someone waits).
 - ``escalate_events``: ``(ledger, seq)`` → the exact NDJSON line bytes (with the newline)
   and ``end_offset``, where the line ends when the lines are read as one file. A trigger
   refuses ``UPDATE``, ``DELETE`` and ``TRUNCATE``.
@@ -68,6 +69,10 @@ _STEPS: tuple[str, ...] = (
         FOR EACH ROW EXECUTE FUNCTION escalate_refuse_rewrite();
     CREATE TRIGGER escalate_events_no_truncate BEFORE TRUNCATE ON escalate_events
         FOR EACH STATEMENT EXECUTE FUNCTION escalate_refuse_rewrite();
+    """,
+    # 2: until when a waiter listens for this ledger's commits (they notify only then).
+    """
+    ALTER TABLE escalate_ledgers ADD COLUMN listened_until timestamptz NOT NULL DEFAULT '-infinity';
     """,
 )
 

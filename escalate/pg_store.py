@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
@@ -32,15 +32,23 @@ import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from escalate.cache import FORMAT, run_blob, state_from_blob
-from escalate.cache_rows import LoadedRows, encode_escalation, encode_task
+from escalate.cache import FORMAT, state_from_blob
+from escalate.cache_rows import LoadedRows
 from escalate.durations import format_duration
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.events import Event
 from escalate.pg_rows import LineStream, PgRows
 from escalate.pg_schema import ensure_schema
+from escalate.pg_transaction import (
+    CHANNEL,
+    Connection,
+    PgTransaction,
+    insert_first_lines,
+    last_row,
+    rollback,
+    text_literal,
+)
 from escalate.replay import Progress, Replayed, replay
-from escalate.state import EscalationState, RunState, Task
+from escalate.state import EscalationState, Task
 from escalate.store import CacheInvalid, RecoveredFirstLines
 
 if TYPE_CHECKING:
@@ -50,18 +58,14 @@ if TYPE_CHECKING:
 # "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
 STEP_HOOK: Callable[[str], None] | None = None
 
-# The channel every commit notifies, with the ledger's id as payload (run ids are longer
-# than a channel name may be).
-CHANNEL = "escalate_changes"
+# How much longer than its own wait a waiter asks commits to notify: a waiter that waits
+# again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
+_LISTEN_AHEAD_S = 60
 # Rows fetched per query when lines are streamed.
 _BATCH = 2000
-# More rows than this written at once: an import or a rebuilt checkpoint.
-_MANY = 1000
 # psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
 # handler Python prints it on stderr, a second line beside the one-line exit 8.
 logging.getLogger("psycopg").addHandler(logging.NullHandler())
-
-Connection = psycopg.Connection[tuple[Any, ...]]
 
 
 class ConnectionPool(Protocol):
@@ -95,6 +99,7 @@ class PgStore:
         self._guard = threading.RLock()
         self._password = ""
         self._where = "a PostgreSQL database"
+        self._described = False  # a pool's database is named by its first connection
         if self._url is not None:
             try:
                 info = conninfo_to_dict(self._url)
@@ -109,6 +114,18 @@ class PgStore:
     @property
     def where(self) -> str:
         return self._where
+
+    def close(self) -> None:
+        """Close the connections this store opened itself (from a URL; in this process)."""
+        for connection, pid in ((self._kept, self._kept_pid), (self._listener, self._listener_pid)):
+            if connection is not None and pid == os.getpid():
+                connection.close()
+        self._kept = self._listener = None
+
+    def __del__(self) -> None:
+        # A Ledger opened from a URL owns its store: its connections end with it.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def check_usable(self) -> None:
         with self.connection():
@@ -138,14 +155,22 @@ class PgStore:
         with self._guard, self.translated():
             lent = self._pool.connection() if self._pool is not None else nullcontext(self._own())
             with lent as connection:
-                if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                if self._pool is not None and not self._described:
+                    self._where, self._described = _describe(connection.info.get_parameters()), True
+                if _in_transaction(connection):
                     raise InputError("the PostgreSQL connection given to escalate is inside a "
                                      "transaction: commit or roll it back first (escalate commits "
                                      "each command itself)", code="connection_busy")
-                if schema and not self._schema_ready:
-                    ensure_schema(connection)
-                    self._schema_ready = True
-                yield connection
+                try:
+                    if schema and not self._schema_ready:
+                        ensure_schema(connection)
+                        self._schema_ready = True
+                    yield connection
+                finally:
+                    # Outside autocommit mode, psycopg opened a transaction for a read: end it,
+                    # so the connection is as idle as it was given.
+                    if not connection.autocommit and not connection.broken and _in_transaction(connection):
+                        connection.rollback()
 
     @contextmanager
     def listening(self) -> Iterator[Connection]:
@@ -154,11 +179,15 @@ class PgStore:
         lasts."""
         if self._url is None:
             with self.connection() as connection:
+                # Notices arrive between transactions only: the wait runs in autocommit mode.
+                autocommit, connection.autocommit = connection.autocommit, True
                 connection.execute(f"LISTEN {CHANNEL}")
                 try:
                     yield connection
                 finally:
-                    connection.execute(f"UNLISTEN {CHANNEL}")
+                    if not connection.broken:
+                        connection.execute(f"UNLISTEN {CHANNEL}")
+                        connection.autocommit = autocommit
             return
         with self._listener_guard, self.translated():
             if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
@@ -214,6 +243,10 @@ def _connect(url: str) -> Connection:
     return psycopg.connect(url, autocommit=True, connect_timeout=10)
 
 
+def _in_transaction(connection: Connection) -> bool:
+    return connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+
 def _first_line(exc: Exception) -> str:
     """What psycopg says, in one line, the password of any URL in it (``://user:password@``)
     blanked."""
@@ -265,8 +298,7 @@ class PgLedger:
                 (self.run_id, len(first_lines), len(lines))).fetchone()
             if made is None:
                 return False
-            _insert_first_lines(connection, self.run_id, lines)
-            connection.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.run_id))
+            insert_first_lines(connection, self.run_id, lines)
         return True
 
     @contextmanager
@@ -280,32 +312,33 @@ class PgLedger:
             try:
                 # (A connection that is not in autocommit mode opens the transaction itself.)
                 # Literals are written with standard_conforming_strings on: see _text.
-                row = _last_row(connection, f"{'BEGIN; ' if connection.autocommit else ''}"
+                row = last_row(connection, f"{'BEGIN; ' if connection.autocommit else ''}"
                                 "SET LOCAL standard_conforming_strings = on; "
                                 f"SET LOCAL lock_timeout = '{lock_timeout}'; "
-                                "SELECT size, lines, checkpoint, checkpoint_lines FROM escalate_ledgers "
-                                f"WHERE ledger = {_text(self.run_id)} FOR UPDATE")
+                                "SELECT size, lines, checkpoint, checkpoint_lines, "
+                                "listened_until > now() FROM escalate_ledgers "
+                                f"WHERE ledger = {text_literal(self.run_id)} FOR UPDATE")
                 if row is None or not row[1]:
                     raise self._unknown()
                 _step("locked")
-                transaction = PgTransaction(self, connection, row, use_cache=use_cache)
+                transaction = PgTransaction(self, connection, row, use_cache=use_cache, step=_step)
                 yield transaction
                 transaction.commit()
             except psycopg.errors.LockNotAvailable:
-                _rollback(connection)
+                rollback(connection)
                 raise LockTimeout(
                     f"run {self.run_id} is locked by another command on {self.where} after "
                     f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
                     lock_file=f"{self.where} ledger {self.run_id}",
                     timeout_s=self.lock_timeout) from None
             except BaseException:
-                _rollback(connection)
+                rollback(connection)
                 raise
             _step("committed")
 
     def read(self, *, use_cache: bool = True) -> Replayed:
         with self._snapshot() as (connection, row):
-            return self._fold(connection, row, writable=False, use_cache=use_cache)
+            return self.fold(connection, row, writable=False, use_cache=use_cache)
 
     def verify(self) -> Replayed:
         with self._snapshot() as (connection, row):
@@ -336,11 +369,23 @@ class PgLedger:
         return str(row[0]) if row is not None else ""
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
-        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling)."""
+        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).
+
+        A commit notifies only while the ledger's ``listened_until`` is ahead: a notice
+        makes concurrent commits queue on one lock of the server, so runs nobody waits on
+        do without. A waiter moves it ahead (a write, about once a minute) after it listens
+        and before it looks at the size, so every commit it does not see is notified.
+        """
         with self._store.listening() as connection:
-            # Listening first, then looking: a commit after this look is notified.
-            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
-                                     (self.run_id,)).fetchone()
+            row = connection.execute(
+                "SELECT size, listened_until > now() + make_interval(secs => %s) FROM escalate_ledgers "
+                "WHERE ledger = %s", (timeout_s, self.run_id)).fetchone()
+            if row is not None and not row[1]:
+                # (The row lock waits for a writer that did not see the old value to commit:
+                # the size returned includes its lines.)
+                row = connection.execute(
+                    "UPDATE escalate_ledgers SET listened_until = now() + make_interval(secs => %s) "
+                    "WHERE ledger = %s RETURNING size", (timeout_s + _LISTEN_AHEAD_S, self.run_id)).fetchone()
             if (int(row[0]) if row is not None else 0) != seen_size:
                 return True
             return any(notice.payload == self.run_id
@@ -368,11 +413,11 @@ class PgLedger:
         return _Lines(self.where, lambda: LineStream(
             lambda after, up_to: _fetch_lines(connection, self.run_id, after, up_to), size))
 
-    def _fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
-              use_cache: bool) -> Replayed:
+    def fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
+             use_cache: bool) -> Replayed:
         """Fold the ledger from its checkpoint (then only the lines after it are read), or
         from its first line when there is none, ``use_cache`` is off or it cannot be read."""
-        size, _, checkpoint, checkpoint_lines = row
+        size, _, checkpoint, checkpoint_lines = row[:4]
         lines = self._lines(connection, size)
         start = self._checkpoint(connection, checkpoint, checkpoint_lines, writable) \
             if use_cache and checkpoint is not None else None
@@ -411,8 +456,6 @@ class PgLedger:
                     f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
                     (self.run_id,))], table) for table in ("tasks", "escalations"))
             state = state_from_blob(blob, tasks, escalations)
-            if not writable:
-                state.open_escalations = {key: escalations[key] for key in state.open_escalations}
         except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
         return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
@@ -434,129 +477,3 @@ def _fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) ->
     return connection.execute(
         "SELECT line, end_offset FROM escalate_events WHERE ledger = %s AND end_offset > %s "
         "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, _BATCH)).fetchall()
-
-
-def _insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
-    """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
-    without which the planner may take the big table for an empty one and scan it whole on
-    every command; a role that does not own the table skips that, with a notice)."""
-    with connection.cursor() as cursor, cursor.copy(
-            "COPY escalate_events (ledger, seq, end_offset, line) FROM STDIN") as copy:
-        offset = 0
-        for seq, line in enumerate(lines, start=1):
-            offset += len(line)
-            copy.write_row((run_id, seq, offset, line))
-    if len(lines) > _MANY:
-        connection.execute("ANALYZE escalate_events")
-
-
-class PgTransaction:
-    """A command's transaction, the ledger's row locked (:class:`escalate.store.Transaction`).
-    The writes wait in :attr:`_writes` and go out with the commit, in one round trip, as
-    literals (:func:`_text`, :func:`_bytes`; the values are ids, numbers and bytes)."""
-
-    def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
-                 use_cache: bool) -> None:
-        self._ledger = ledger
-        self._connection = connection
-        self._row = row
-        self._use_cache = use_cache
-        self._ledger_text = _text(ledger.run_id)
-        self._size, self._lines = int(row[0]), int(row[1])
-        self._writes: list[str] = []
-        self._appended = False
-        self._checkpoint: tuple[bytes, int] | None = None
-
-    def load(self) -> Replayed:
-        replayed = self._ledger._fold(self._connection, self._row, writable=True,
-                                      use_cache=self._use_cache)
-        _step("loaded")
-        return replayed
-
-    def recovery(self, replayed: Replayed) -> Event | None:
-        return None  # a transaction leaves no torn tail behind
-
-    def append(self, replayed: Replayed, lines: list[bytes]) -> None:
-        if not lines:
-            return
-        rows = []
-        seq, offset = replayed.lines, replayed.offset
-        for line in lines:
-            seq += 1
-            offset += len(line)
-            rows.append(f"({self._ledger_text}, {seq}, {offset}, {_bytes(line)})")
-        self._writes.append(f"INSERT INTO escalate_events (ledger, seq, end_offset, line) VALUES "
-                            f"{', '.join(rows)}")
-        self._lines, self._size = seq, offset
-        self._appended = True
-        _step("appended")
-
-    def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
-        if not (lines or not replayed.checkpoint_current):
-            return
-        tasks, escalations = state.tasks, state.escalations
-        rows: dict[str, Iterable[tuple[str, bytes]]]
-        if isinstance(tasks, PgRows) and isinstance(escalations, PgRows):
-            rows = {"tasks": tasks.dirty(), "escalations": escalations.dirty()}
-        else:  # a fold from the first line: the rows are written anew
-            self._writes += [f"DELETE FROM escalate_{table} WHERE ledger = {self._ledger_text}"
-                             for table in ("tasks", "escalations")]
-            rows = {"tasks": ((key, encode_task(key, task)) for key, task in tasks.items()),
-                    "escalations": ((key, encode_escalation(key, escalation))
-                                    for key, escalation in escalations.items())}
-        for table, pairs in rows.items():
-            values = [f"({self._ledger_text}, {_text(key)}, {_bytes(data)})" for key, data in pairs]
-            for start in range(0, len(values), _MANY):
-                self._writes.append(f"INSERT INTO escalate_{table} (ledger, key, data) VALUES "
-                                    f"{', '.join(values[start:start + _MANY])} "
-                                    "ON CONFLICT (ledger, key) DO UPDATE SET data = excluded.data")
-            if len(values) > _MANY:
-                # Fresh statistics: with the old ones the planner may take the big table for an
-                # empty one and scan it whole, every command.
-                self._writes.append(f"ANALYZE escalate_{table}")
-        offset = replayed.offset + sum(map(len, lines))
-        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
-        count = replayed.lines + len(lines)
-        self._checkpoint = (run_blob(state, offset, last_line_start, count, []), count)
-        _step("checkpointed")
-
-    def commit(self) -> None:
-        """The writes, the ledger's row (what is stored now, the checkpoint), a notice to
-        waiters and the commit, sent together."""
-        if self._appended or self._checkpoint is not None:
-            checkpoint = "" if self._checkpoint is None else \
-                f", checkpoint = {_bytes(self._checkpoint[0])}, checkpoint_lines = {self._checkpoint[1]}"
-            self._writes.append(f"UPDATE escalate_ledgers SET size = {self._size}, lines = {self._lines}"
-                                f"{checkpoint} WHERE ledger = {self._ledger_text}")
-        if self._appended:
-            self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
-        _step("before_commit")
-        self._connection.execute("; ".join([*self._writes, "COMMIT"]).encode())
-
-
-def _text(value: str) -> str:
-    """``value`` as an SQL text literal. The values are ids (escalate.ids: no quote, no
-    backslash), quotes doubled all the same; the transaction sets standard_conforming_strings,
-    so a backslash is no escape either."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _bytes(value: bytes) -> str:
-    """``value`` as a bytea literal (hex digits only)."""
-    return f"'\\x{value.hex()}'::bytea"
-
-
-def _last_row(connection: Connection, statements: str) -> tuple[Any, ...] | None:
-    """Run several statements in one round trip; the first row of the last that returns rows."""
-    with connection.cursor() as cursor:
-        cursor.execute(statements.encode())
-        while cursor.description is None and cursor.nextset():
-            pass
-        return cursor.fetchone() if cursor.description is not None else None
-
-
-def _rollback(connection: Connection) -> None:
-    """End a transaction that will not commit (a connection already lost has none to end)."""
-    if not connection.broken and not connection.closed:
-        with contextlib.suppress(psycopg.Error):
-            connection.rollback()

@@ -60,9 +60,18 @@ def test_a_reserve_and_release_round_trip(pg_url: str) -> None:
     assert again.verify().problems == []
 
 
-def test_an_open_connection_and_a_pool_are_stores(pg_url: str) -> None:
-    with psycopg.connect(pg_url, autocommit=True) as connection:
-        Ledger.init(connection, "r", cap="10", actor="tester").reserve("a", "1")
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_an_open_connection_and_a_pool_are_stores(pg_url: str, autocommit: bool) -> None:
+    with psycopg.connect(pg_url, autocommit=autocommit) as connection:
+        run = Ledger.init(connection, "r", cap="10", escalation="enforce", approval_threshold="5",
+                          actor="tester")
+        run.reserve("a", "1")
+        assert run.state().reserved_micros == 1_000_000 and len(run.events()[0]) == 2
+        with pytest.raises(Pending) as pending:
+            run.reserve("big", "6")
+        Ledger.open(connection, "r", actor="boss").approve(pending.value.escalation_id)
+        assert run.wait(pending.value.escalation_id, timeout_s=10)["status"] == "approved"
+        assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
     class Pool:  # what psycopg_pool offers: connections lent by a context manager
         def __init__(self) -> None:
@@ -73,7 +82,7 @@ def test_an_open_connection_and_a_pool_are_stores(pg_url: str) -> None:
             return psycopg.connect(pg_url)
 
     pool = Pool()
-    assert Ledger.open(pool, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 8_000_000
+    assert Ledger.open(pool, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 2_000_000
     assert pool.lent >= 2
 
 
@@ -107,13 +116,28 @@ def test_the_checkpoint_follows_every_write_and_a_lost_one_is_rebuilt(pg_url: st
 
 
 def test_the_schema_is_made_once_and_again_changes_nothing(pg_url: str) -> None:
-    assert PgStore(pg_url).prepare() == 1
+    assert PgStore(pg_url).prepare() == 2
     assert PgStore(pg_url).prepare() == 0
     with psycopg.connect(pg_url) as connection:
         versions = connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall()
-    assert versions == [(0,), (1,)]
+    assert versions == [(0,), (1,), (2,)]
     result = _escalate("store", "init", "--store", pg_url, "--json")
     assert result.returncode == 0 and orjson.loads(result.stdout)["status"] == "current"
+
+
+def test_an_older_schema_is_upgraded_on_first_use(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from escalate import pg_schema
+
+    steps = pg_schema._STEPS
+    monkeypatch.setattr(pg_schema, "_STEPS", steps[:1])
+    monkeypatch.setattr(pg_schema, "SCHEMA_VERSION", 1)
+    Ledger.init(pg_url, "r", cap="10", actor="tester")  # made in tables of version 1
+    monkeypatch.setattr(pg_schema, "_STEPS", steps)
+    monkeypatch.setattr(pg_schema, "SCHEMA_VERSION", len(steps))
+    assert Ledger.open(pg_url, "r", actor="tester").reserve("b", "1")["remaining_micros"] == 9_000_000
+    with psycopg.connect(pg_url) as connection:
+        assert connection.execute("SELECT max(version) FROM escalate_schema_version").fetchone() \
+            == (len(steps),)
 
 
 def _first_use(url: str, number: int, barrier: Any) -> None:
@@ -131,7 +155,7 @@ def test_eight_processes_using_an_empty_database_at_once_make_the_schema_once(pg
     assert [worker.exitcode for worker in workers] == [0] * 8
     with psycopg.connect(pg_url) as connection:
         assert connection.execute("SELECT version FROM escalate_schema_version ORDER BY 1").fetchall() \
-            == [(0,), (1,)]
+            == [(0,), (1,), (2,)]
     assert list(PgStore(pg_url).run_ids()) == [f"r{number}" for number in range(8)]
 
 
@@ -380,3 +404,66 @@ def test_two_places_for_the_runs_are_refused(tmp_path: Path) -> None:
                                                       "ESCALATE_RUNS_DIR": ""})
     assert [row["run"] for row in orjson.loads(listed.stdout)["runs"]] == ["r"]
     assert list(tmp_path.iterdir()) == [tmp_path / "a"]  # nothing made anywhere else
+
+
+# ---------------------------------------------------------------------- cost per command
+
+
+def test_a_command_reads_and_writes_only_the_rows_it_touches(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="1000", actor="tester")
+    for number in range(60):
+        run.reserve(f"t{number}", "1")
+    queries: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def counted(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        queries.append(query.decode() if isinstance(query, bytes) else str(query))
+        return execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    run.release("t7", "0.5")
+    reads = [query for query in queries if "FROM escalate_tasks" in query]
+    assert len(reads) == 1 and "key = %s" in reads[0]  # one task, looked up by key
+    [commit] = [query for query in queries if query.endswith("COMMIT")]
+    assert commit.count("'t7'") == 1 and "'t8'" not in commit  # one task row written
+    assert "pg_notify" not in commit  # nobody waits on this run: no notice to queue commits on
+    assert not any("FROM escalate_events" in query for query in queries)  # the checkpoint is current
+
+
+def test_wait_wakes_on_the_commit_without_polling(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = Ledger.init(pg_url, "r", cap="10", escalation="enforce", approval_threshold="1",
+                      actor="alice")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "2")
+    sizes: list[int] = []
+    size = run.store.size
+    monkeypatch.setattr(run.store, "size", lambda: sizes.append(1) or size())
+    approver = _FORK.Process(target=_approve_later, args=(pg_url, pending.value.escalation_id))
+    approver.start()
+    assert run.wait(pending.value.escalation_id, timeout_s=30)["status"] == "approved"
+    approver.join(RESULT_TIMEOUT_S)
+    # Polling every 50 ms would look dozens of times in the 1.5 s before the approval.
+    assert len(sizes) <= 6
+
+
+def _approve_later(url: str, escalation_id: str) -> None:
+    import time
+
+    time.sleep(1.5)  # the waiter is blocked on its LISTEN by then; how long is what is measured
+    Ledger.open(url, "r", actor="bob").approve(escalation_id)
+
+
+def test_runs_watch_prints_a_commit_as_it_happens_not_at_its_interval(pg_url: str) -> None:
+    Ledger.init(pg_url, "r", cap="10", actor="tester")
+    watch = subprocess.Popen([sys.executable, "-m", "escalate", "runs", "watch", "r", "--store", pg_url,
+                              "-n", "1", "--interval", "1h", "--timeout", "60s", "--json"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        assert orjson.loads(watch.stdout.readline())["type"] == "run_opened"
+        Ledger.open(pg_url, "r", actor="tester").reserve("t", "1")
+        assert orjson.loads(watch.stdout.readline())["task"] == "t"  # long before an hour
+    finally:
+        watch.kill()
+        watch.wait()

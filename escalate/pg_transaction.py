@@ -1,0 +1,157 @@
+"""The PostgreSQL store's writing side: a command's transaction (:class:`PgTransaction`),
+whose writes go out with the commit in one round trip as SQL literals, and a new ledger's
+first lines (:func:`insert_first_lines`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from escalate.cache import run_blob
+from escalate.cache_rows import encode_escalation, encode_task
+from escalate.events import Event
+from escalate.pg_rows import PgRows
+from escalate.replay import Replayed
+from escalate.state import RunState
+
+if TYPE_CHECKING:
+    from escalate.pg_store import PgLedger
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+# More rows than this written at once: an import or a rebuilt checkpoint.
+MANY = 1000
+# The channel every commit notifies, with the ledger's id as payload (run ids are longer
+# than a channel name may be).
+CHANNEL = "escalate_changes"
+
+
+class PgTransaction:
+    """A command's transaction, the ledger's row locked (:class:`escalate.store.Transaction`).
+    The writes wait in :attr:`_writes` and go out with the commit, in one round trip, as
+    literals (:func:`text_literal`, :func:`bytes_literal`; the values are ids, numbers and bytes)."""
+
+    def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
+                 use_cache: bool, step: Callable[[str], None]) -> None:
+        self._ledger = ledger
+        self._step = step  # pg_store.STEP_HOOK's caller
+        self._connection = connection
+        self._row = row
+        self._use_cache = use_cache
+        self._ledger_text = text_literal(ledger.run_id)
+        self._size, self._lines = int(row[0]), int(row[1])
+        self._writes: list[str] = []
+        self._appended = False
+        self._checkpoint: tuple[bytes, int] | None = None
+
+    def load(self) -> Replayed:
+        replayed = self._ledger.fold(self._connection, self._row, writable=True,
+                                      use_cache=self._use_cache)
+        self._step("loaded")
+        return replayed
+
+    def recovery(self, replayed: Replayed) -> Event | None:
+        return None  # a transaction leaves no torn tail behind
+
+    def append(self, replayed: Replayed, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        rows = []
+        seq, offset = replayed.lines, replayed.offset
+        for line in lines:
+            seq += 1
+            offset += len(line)
+            rows.append(f"({self._ledger_text}, {seq}, {offset}, {bytes_literal(line)})")
+        self._writes.append(f"INSERT INTO escalate_events (ledger, seq, end_offset, line) VALUES "
+                            f"{', '.join(rows)}")
+        self._lines, self._size = seq, offset
+        self._appended = True
+        self._step("appended")
+
+    def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
+        if not (lines or not replayed.checkpoint_current):
+            return
+        tasks, escalations = state.tasks, state.escalations
+        rows: dict[str, Iterable[tuple[str, bytes]]]
+        if isinstance(tasks, PgRows) and isinstance(escalations, PgRows):
+            rows = {"tasks": tasks.dirty(), "escalations": escalations.dirty()}
+        else:  # a fold from the first line: the rows are written anew
+            self._writes += [f"DELETE FROM escalate_{table} WHERE ledger = {self._ledger_text}"
+                             for table in ("tasks", "escalations")]
+            rows = {"tasks": ((key, encode_task(key, task)) for key, task in tasks.items()),
+                    "escalations": ((key, encode_escalation(key, escalation))
+                                    for key, escalation in escalations.items())}
+        for table, pairs in rows.items():
+            values = [f"({self._ledger_text}, {text_literal(key)}, {bytes_literal(data)})"
+                      for key, data in pairs]
+            for start in range(0, len(values), MANY):
+                self._writes.append(f"INSERT INTO escalate_{table} (ledger, key, data) VALUES "
+                                    f"{', '.join(values[start:start + MANY])} "
+                                    "ON CONFLICT (ledger, key) DO UPDATE SET data = excluded.data")
+            if len(values) > MANY:
+                # Fresh statistics: with the old ones the planner may take the big table for an
+                # empty one and scan it whole, every command.
+                self._writes.append(f"ANALYZE escalate_{table}")
+        offset = replayed.offset + sum(map(len, lines))
+        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+        count = replayed.lines + len(lines)
+        self._checkpoint = (run_blob(state, offset, last_line_start, count, []), count)
+        self._step("checkpointed")
+
+    def commit(self) -> None:
+        """The writes, the ledger's row (what is stored now, the checkpoint), a notice to
+        waiters and the commit, sent together."""
+        if self._appended or self._checkpoint is not None:
+            blob, count = self._checkpoint or (None, None)
+            checkpoint = "" if blob is None else \
+                f", checkpoint = {bytes_literal(blob)}, checkpoint_lines = {count}"
+            self._writes.append(f"UPDATE escalate_ledgers SET size = {self._size}, lines = {self._lines}"
+                                f"{checkpoint} WHERE ledger = {self._ledger_text}")
+        if self._appended and self._row[4]:  # someone waits (PgLedger.wait_for_change)
+            self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
+        self._step("before_commit")
+        self._connection.execute("; ".join([*self._writes, "COMMIT"]).encode())
+
+
+def text_literal(value: str) -> str:
+    """``value`` as an SQL text literal. The values are ids (escalate.ids: no quote, no
+    backslash), quotes doubled all the same; the transaction sets standard_conforming_strings,
+    so a backslash is no escape either."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def bytes_literal(value: bytes) -> str:
+    """``value`` as a bytea literal (hex digits only)."""
+    return f"'\\x{value.hex()}'::bytea"
+
+
+def last_row(connection: Connection, statements: str) -> tuple[Any, ...] | None:
+    """Run several statements in one round trip; the first row of the last that returns rows."""
+    with connection.cursor() as cursor:
+        cursor.execute(statements.encode())
+        while cursor.description is None and cursor.nextset():
+            pass
+        return cursor.fetchone() if cursor.description is not None else None
+
+
+def rollback(connection: Connection) -> None:
+    """End a transaction that will not commit (a connection already lost has none to end)."""
+    if not connection.broken and not connection.closed:
+        with contextlib.suppress(psycopg.Error):
+            connection.rollback()
+
+
+def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
+    """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
+    without which the planner may take the big table for an empty one and scan it whole on
+    every command; a role that does not own the table skips that, with a notice)."""
+    with connection.cursor() as cursor, cursor.copy(
+            "COPY escalate_events (ledger, seq, end_offset, line) FROM STDIN") as copy:
+        offset = 0
+        for seq, line in enumerate(lines, start=1):
+            offset += len(line)
+            copy.write_row((run_id, seq, offset, line))
+    if len(lines) > MANY:
+        connection.execute("ANALYZE escalate_events")
