@@ -462,9 +462,9 @@ def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, 
     _progress(rows[-1])
 
 
-def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, barrier: Any,
+def _contention_worker(where: str, run_id: str, worker: int, cycles: int, barrier: Any,
                        results: Any) -> None:
-    handle = Ledger.open(runs_dir, run_id, actor=f"worker-{worker}")
+    handle = Ledger.open(where, run_id, actor=f"worker-{worker}")
     barrier.wait()
     started = time.monotonic()
     worst_wait = worst_op = 0.0
@@ -482,20 +482,27 @@ def _contention_worker(runs_dir: str, run_id: str, worker: int, cycles: int, bar
 _CONTENTION_WORST: list[tuple[float, float]] = []
 
 
-def contention_round(workers: int, cycles: int, tag: str) -> float:
-    """``workers`` processes doing reserve/release cycles on one fresh run: fsynced ops/s.
+def contention_round(workers: int, cycles: int, tag: str, where: str | None = None, *,
+                     one_run: bool = True) -> float:
+    """``workers`` processes doing reserve/release cycles: durable ops/s. On one fresh run
+    (``one_run``), or each process on a run of its own; in a runs folder, or in the store
+    ``where`` (a ``postgresql://`` URL).
 
-    Afterwards the run must verify clean with exact totals.
+    Afterwards every run must verify clean with exact totals.
     """
-    runs_dir = OUT_DIR / "copies" / "contention"
-    run_id = f"contention-{tag}"
-    shutil.rmtree(runs_dir / run_id, ignore_errors=True)
-    Ledger.init(runs_dir, run_id, cap="1000000", actor=ACTOR)
+    if where is None:
+        where = str(OUT_DIR / "copies" / "contention")
+        shutil.rmtree(Path(where) / f"contention-{tag}", ignore_errors=True)
+        for worker in range(workers):
+            shutil.rmtree(Path(where) / f"contention-{tag}-{worker}", ignore_errors=True)
+    run_ids = [f"contention-{tag}" if one_run else f"contention-{tag}-{worker}" for worker in range(workers)]
+    for run_id in set(run_ids):
+        Ledger.init(where, run_id, cap="1000000", actor=ACTOR)
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(workers)
     results = context.Queue()
     processes = [context.Process(target=_contention_worker,
-                                 args=(str(runs_dir), run_id, n, cycles, barrier, results))
+                                 args=(where, run_ids[n], n, cycles, barrier, results))
                  for n in range(workers)]
     for process in processes:
         process.start()
@@ -506,15 +513,16 @@ def contention_round(workers: int, cycles: int, tag: str) -> float:
             raise RuntimeError(f"a contention worker exited {process.exitcode}")
     elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
     _CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
-    report = Ledger.open(runs_dir, run_id).verify()
-    totals = report.state.totals()
-    ops = workers * cycles * 2
-    want = (1 + ops, workers * cycles * 750_000, 0)
-    got = (totals["events"], totals["spent_micros"], totals["reserved_micros"])
-    if report.problems or got != want:
-        raise AssertionError(f"contention run {run_id}: problems {report.problems[:3]}, "
-                             f"(events, spent, reserved) {got}, expected {want}")
-    return ops / elapsed
+    for run_id in set(run_ids):
+        report = Ledger.open(where, run_id).verify()
+        totals = report.state.totals()
+        writers = run_ids.count(run_id)
+        want = (1 + writers * cycles * 2, writers * cycles * 750_000, 0)
+        got = (totals["events"], totals["spent_micros"], totals["reserved_micros"])
+        if report.problems or got != want:
+            raise AssertionError(f"contention run {run_id}: problems {report.problems[:3]}, "
+                                 f"(events, spent, reserved) {got}, expected {want}")
+    return workers * cycles * 2 / elapsed
 
 
 def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> None:
@@ -609,6 +617,140 @@ def target_pool(settings: Settings, rows: list[Row], members: int) -> None:
     _progress(rows[-1])
 
 
+# ---------------------------------------------------------------------- the PostgreSQL store
+
+
+class PgBench:
+    """A throwaway PostgreSQL server for the bench (as the tests start one, but durable: a
+    commit waits for its WAL to reach the disk, as the file store's fsync does), and fresh
+    databases on it."""
+
+    def __init__(self) -> None:
+        # The test helper is shared; the bench runs from a checkout (make bench).
+        sys.path.insert(0, str(BENCH_DIR.parent))
+        from tests.pg_throwaway import ThrowawayServer
+
+        self.server = ThrowawayServer(durable=True)
+        self.server.start()
+        self._count = 0
+
+    def database(self) -> str:
+        """The URL of a new, empty database."""
+        import psycopg
+
+        self._count += 1
+        name = f"bench_{self._count}"
+        with psycopg.connect(self.server.url(), autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}".encode())
+        return self.server.url(name)
+
+    def imported(self, run: BuiltRun) -> str:
+        """A new database holding a copy of the built run, loaded as ``runs import`` does
+        (every line checked, then one bulk insert): not a million commands."""
+        from escalate.transfer import import_log
+
+        url = self.database()
+        import_log(url, run.run_id, run.log_path.read_bytes(), actor=ACTOR)
+        return url
+
+    def close(self) -> None:
+        self.server.remove()
+
+
+def pg_library_cycle(url: str, run_id: str, ids: TaskIds) -> Callable[[], float]:
+    """One reserve + release through the library on the PostgreSQL store, timed."""
+    handle = Ledger.open(url, run_id, actor=ACTOR)
+
+    def cycle() -> float:
+        task = ids()
+        started = time.perf_counter()
+        handle.reserve(task, "1.00")
+        handle.release(task, "0.90")
+        return time.perf_counter() - started
+
+    return cycle
+
+
+def target_postgres(runs: dict[int, BuiltRun], settings: Settings, rows: list[Row]) -> None:
+    """Target 7 (issue 12): the PostgreSQL store beside the file store, in one run."""
+    pg = PgBench()
+    try:
+        _pg_flat_cost(pg, runs, settings, rows)
+        _pg_startup(pg, runs[min(runs)], settings, rows)
+        _pg_throughput(pg, settings, rows)
+    finally:
+        pg.close()
+
+
+def _pg_flat_cost(pg: PgBench, runs: dict[int, BuiltRun], settings: Settings, rows: list[Row]) -> None:
+    small, large = min(runs), max(runs)
+    ids = TaskIds("pg-flat")
+    cases: dict[str, Callable[[], float]] = {}
+    for size in (small, large):
+        t0 = time.monotonic()
+        url = pg.imported(runs[size])
+        print(f"  PostgreSQL: run of {size_label(size)} events imported in {time.monotonic() - t0:.1f} s",
+              flush=True)
+        cases[f"pg@{size_label(size)}"] = pg_library_cycle(url, runs[size].run_id, ids)
+        cases[f"file@{size_label(size)}"] = library_cycle(runs[size], ids)
+    for case in cases.values():
+        case()  # warm up: the first command builds the checkpoint
+    samples = interleaved(cases, settings.rounds, settings.budget_s)
+    for store in ("pg", "file"):
+        measured = median(samples[f"{store}@{size_label(large)}"])
+        base = median(samples[f"{store}@{size_label(small)}"])
+        is_target = store == "pg"
+        rows.append(Row(
+            f"7 {'PostgreSQL' if is_target else 'file store'} flat cost, library: reserve+release "
+            f"@{size_label(large)} vs @{size_label(small)}",
+            f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples[f'{store}@{size_label(large)}'])})",
+            f"{measured / base:.2f} (≤ 1.5)" if is_target else f"{measured / base:.2f}",
+            verdict(measured / base <= 1.5) if is_target else "info"))
+        _progress(rows[-1])
+
+
+def _pg_startup(pg: PgBench, run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
+    """``escalate reserve`` as a whole process on each store, side by side."""
+    url = pg.imported(run)
+    ids = TaskIds("pg-startup")
+    env = cli_env()
+
+    def reserve(*where: str) -> Callable[[], float]:
+        return lambda: timed_process([*escalate_cmd(), "reserve", run.run_id, ids(), "--estimate", "0.01",
+                                      *where], env=env)
+
+    cases = {"pg": reserve("--store", url), "file": reserve("--runs-dir", str(run.runs_dir))}
+    for case in cases.values():
+        case()
+    samples = interleaved(cases, settings.startup_rounds, settings.budget_s)
+    measured, base = median(samples["pg"]), median(samples["file"])
+    rows.append(Row(f"7 escalate reserve as a whole process @{size_label(run.expected.events)}: "
+                    "PostgreSQL vs file store",
+                    f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples['pg'])})",
+                    f"{measured / base:.2f} (≤ 1.5)", verdict(measured / base <= 1.5)))
+    _progress(rows[-1])
+
+
+def _pg_throughput(pg: PgBench, settings: Settings, rows: list[Row], workers: int = 8) -> None:
+    """8 processes through the library on one hot run, and on 8 runs at once: ops/s."""
+    url = pg.database()
+    tags = TaskIds("round")  # a fresh run (or runs) for every round
+
+    def rounds(where: str | None, one_run: bool) -> Callable[[], float]:
+        return lambda: contention_round(workers, settings.contention_cycles, tags(), where, one_run=one_run)
+
+    for one_run, what, floor in ((True, "one hot run", 500), (False, f"{workers} runs at once", 1_500)):
+        cases = {"pg": rounds(url, one_run), "file": rounds(None, one_run)}
+        # Each case returns ops/s here, not seconds: the median is taken all the same.
+        samples = interleaved(cases, settings.contention_rounds, settings.budget_s, min_rounds=1)
+        rate, beside = median(samples["pg"]), median(samples["file"])
+        rows.append(Row(f"7 PostgreSQL, {workers} processes through the library, {what} "
+                        f"({settings.contention_cycles} reserve+release cycles each)",
+                        f"{rate:,.0f} ops/s vs file store {beside:,.0f} ops/s (n={len(samples['pg'])})",
+                        f"≥ {floor:,} ops/s", verdict(rate >= floor)))
+        _progress(rows[-1])
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -656,7 +798,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="smoke test: runs of 1k and 20k events, few repeats")
     parser.add_argument("--sizes", help="comma-separated run sizes in events, e.g. 1k,100k,1M "
                         "(the smallest and largest are compared)")
-    parser.add_argument("--only", help="comma-separated targets to run (1-6); default all")
+    parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
+                        "PostgreSQL store beside the file store); default all")
     parser.add_argument("--child-verify", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -682,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(settings.sizes) < 2:
         print("bench: give at least two sizes to compare", file=sys.stderr)
         return 2
-    only = set((args.only or "1,2,3,4,5,6").split(","))
+    only = set((args.only or "1,2,3,4,5,6,7").split(","))
     built_root = OUT_DIR / "built"
     print(f"escalate bench on {machine()}", flush=True)
     rows: list[Row] = []
@@ -712,6 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_show(work[settings.sizes[-1]], settings, rows)
     if "6" in only:
         target_pool(settings, rows, 100 if quick else 1_000)
+    if "7" in only:
+        target_postgres(work, settings, rows)
     return _finish(rows, argv, started)
 
 

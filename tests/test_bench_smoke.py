@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 
 from escalate import Ledger
+from escalate.transfer import import_log
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
@@ -50,3 +51,18 @@ def test_a_built_run_is_reused_and_takes_new_writes(bench: ModuleType, tmp_path:
     ledger.reserve("after-build", "1.00")
     ledger.release("after-build", "0.50")
     assert ledger.state().seq == 1_002
+
+
+def test_the_postgresql_cases_run_and_check_their_runs(bench: ModuleType, pg_url: str,
+                                                       tmp_path: Path) -> None:
+    """Target 7's pieces on a small scale: a built run imported into the database takes a
+    reserve+release cycle, and the throughput rounds (one run, a run per process) verify
+    every run they wrote."""
+    run = bench.build_run(tmp_path, 1_000)
+    import_log(pg_url, run.run_id, run.log_path.read_bytes(), actor="tester")
+    cycle = bench.pg_library_cycle(pg_url, run.run_id, bench.TaskIds("smoke"))
+    assert cycle() > 0
+    assert Ledger.open(pg_url, run.run_id).state().seq == 1_002
+    assert bench.contention_round(2, 3, "smoke-one", pg_url) > 0
+    assert bench.contention_round(2, 3, "smoke-each", pg_url, one_run=False) > 0
+    assert Ledger.open(pg_url, "contention-smoke-each-1").state().seq == 1 + 3 * 2

@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.conftest import Location, log_bytes
+
 SHOW_KEYS = {"run", "cap_micros", "spent_micros", "reserved_micros", "committed_micros",
              "remaining_micros", "extended_micros", "tasks", "escalations"}
 TASK_KEYS = {"task", "state", "reserved_micros", "actual_micros"}
@@ -43,8 +45,10 @@ def log_of(runs_dir: Path, run: str) -> Path:
 
 
 @pytest.fixture
-def run10(cli: Any) -> str:
-    """A run with a $10 cap and a $5 task cap."""
+def run10(request: pytest.FixtureRequest, cli: Any) -> str:
+    """A run with a $10 cap and a $5 task cap (in the test's ``store`` if it takes one)."""
+    if "store" in request.fixturenames:
+        request.getfixturevalue("store")
     result = cli("runs", "init", "r", "--cap", "10", "--task-cap", "5")
     assert result.exit_code == 0, result.stderr
     return "r"
@@ -71,19 +75,19 @@ def test_runs_init_human_and_json(cli: Any, runs_dir: Path) -> None:
 
 
 def test_runs_init_same_settings_is_idempotent_and_different_ones_conflict(
-        cli: Any, runs_dir: Path) -> None:
+        cli: Any, store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
-    before = log_of(runs_dir, "r").read_bytes()
+    before = log_bytes(store, "r")
     again = cli("runs", "init", "r", "--cap", "10.000000", "--json")
     assert again.exit_code == 0
     assert one_json_object(again.stdout)["cap_micros"] == 10_000_000
     assert_error(cli("runs", "init", "r", "--cap", "11", "--json"), 5, "conflict")
-    assert log_of(runs_dir, "r").read_bytes() == before
+    assert log_bytes(store, "r") == before
 
 
-def test_runs_init_writes_a_valid_first_event(cli: Any, runs_dir: Path) -> None:
+def test_runs_init_writes_a_valid_first_event(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "7", "--by", "alice").exit_code == 0
-    [line] = log_of(runs_dir, "r").read_bytes().splitlines()
+    [line] = log_bytes(store, "r").splitlines()
     event = orjson.loads(line)
     assert {k: event[k] for k in ("v", "seq", "type", "prev", "actor", "run_cap_micros",
                                   "task_cap_micros")} == {
@@ -96,7 +100,7 @@ def test_runs_init_writes_a_valid_first_event(cli: Any, runs_dir: Path) -> None:
 # ---------------------------------------------------------------------- reserve / increase / release
 
 
-def test_reserve_increase_release_human(cli: Any, run10: str) -> None:
+def test_reserve_increase_release_human(cli: Any, store: Location, run10: str) -> None:
     reserved = cli("reserve", run10, "t1", "--estimate", "2.50")
     assert reserved.exit_code == 0 and reserved.stderr == ""
     assert "t1" in reserved.stdout and "$2.50" in reserved.stdout and "$7.50" in reserved.stdout
@@ -110,7 +114,7 @@ def test_reserve_increase_release_human(cli: Any, run10: str) -> None:
     assert "$3.25" in released.stdout and "$6.75" in released.stdout
 
 
-def test_reserve_increase_release_json(cli: Any, run10: str, runs_dir: Path) -> None:
+def test_reserve_increase_release_json(cli: Any, run10: str, store: Location) -> None:
     reserved = one_json_object(cli("reserve", run10, "t1", "-e", "2.5", "--json").stdout)
     assert reserved == {"run": run10, "status": "reserved", "task": "t1",
                         "reserved_micros": 2_500_000, "remaining_micros": 7_500_000}
@@ -121,30 +125,30 @@ def test_reserve_increase_release_json(cli: Any, run10: str, runs_dir: Path) -> 
     assert released["status"] == "released"
     assert (released["reserved_micros"], released["actual_micros"], released["remaining_micros"]) == (
         4_000_000, 3_250_000, 6_750_000)
-    types = [orjson.loads(line)["type"] for line in log_of(runs_dir, run10).read_bytes().splitlines()]
+    types = [orjson.loads(line)["type"] for line in log_bytes(store, run10).splitlines()]
     assert types == ["run_opened", "budget_reserved", "budget_increased", "released"]
-    increase_event = orjson.loads(log_of(runs_dir, run10).read_bytes().splitlines()[2])
+    increase_event = orjson.loads(log_bytes(store, run10).splitlines()[2])
     assert (increase_event["from_micros"], increase_event["to_micros"]) == (2_500_000, 4_000_000)
 
 
-def test_idempotent_repeats_exit_0_and_append_nothing(cli: Any, run10: str, runs_dir: Path) -> None:
+def test_idempotent_repeats_exit_0_and_append_nothing(cli: Any, run10: str, store: Location) -> None:
     assert cli("reserve", run10, "t", "--estimate", "1").exit_code == 0
     assert cli("increase", run10, "t", "--to", "2").exit_code == 0
-    before = log_of(runs_dir, run10).read_bytes()
+    before = log_bytes(store, run10)
     for args in (["reserve", run10, "t", "--estimate", "2"],  # the amount it now holds
                  ["increase", run10, "t", "--to", "2.000000"]):
         result = cli(*args, "--json")
         assert result.exit_code == 0
         assert one_json_object(result.stdout)["status"] == "exists"
-        assert log_of(runs_dir, run10).read_bytes() == before
+        assert log_bytes(store, run10) == before
     assert cli("release", run10, "t", "--actual", "1.5").exit_code == 0
-    before = log_of(runs_dir, run10).read_bytes()
+    before = log_bytes(store, run10)
     human = cli("release", run10, "t", "--actual", "1.50")
     assert human.exit_code == 0 and "nothing changed" in human.stdout
-    assert log_of(runs_dir, run10).read_bytes() == before
+    assert log_bytes(store, run10) == before
 
 
-def test_release_after_a_halted_increase_and_over_run(cli: Any, run10: str, runs_dir: Path) -> None:
+def test_release_after_a_halted_increase_and_over_run(cli: Any, run10: str, store: Location) -> None:
     assert cli("reserve", run10, "t", "--estimate", "4").exit_code == 0
     halted = assert_error(cli("increase", run10, "t", "--to", "6", "--json"), 3, "over_task_cap")
     assert halted["task"] == "t"
@@ -161,7 +165,7 @@ def test_release_after_a_halted_increase_and_over_run(cli: Any, run10: str, runs
 # ---------------------------------------------------------------------- runs show / runs list
 
 
-def test_runs_show_json_has_the_documented_keys(cli: Any, run10: str) -> None:
+def test_runs_show_json_has_the_documented_keys(cli: Any, store: Location, run10: str) -> None:
     cli("reserve", run10, "held", "--estimate", "1.5")
     cli("reserve", run10, "done", "--estimate", "2")
     cli("release", run10, "done", "--actual", "1.25")
@@ -192,7 +196,7 @@ def test_runs_show_json_has_the_documented_keys(cli: Any, run10: str) -> None:
     }
 
 
-def test_runs_show_human(cli: Any, run10: str) -> None:
+def test_runs_show_human(cli: Any, store: Location, run10: str) -> None:
     cli("reserve", run10, "held", "--estimate", "3")
     cli("reserve", run10, "done", "--estimate", "2")
     cli("release", run10, "done", "--actual", "2")
@@ -239,7 +243,7 @@ def test_runs_dir_option_beats_the_environment(cli: Any, tmp_path: Path, runs_di
 # ---------------------------------------------------------------------- every exit code
 
 
-def test_exit_2_bad_input(cli: Any, run10: str) -> None:
+def test_exit_2_bad_input(cli: Any, store: Location, run10: str) -> None:
     assert_error(cli("reserve", run10, "t", "--estimate", "1e2", "--json"), 2, "invalid_amount")
     assert_error(cli("reserve", run10, "../x", "--estimate", "1", "--json"), 2, "invalid_id")
     payload = assert_error(cli("reserve", "ghost", "t", "--estimate", "1", "--json"), 2, "unknown_run")
@@ -249,39 +253,39 @@ def test_exit_2_bad_input(cli: Any, run10: str) -> None:
     assert len(usage.stderr.splitlines()) == 1 and "--estimate" in usage.stderr
 
 
-def test_exit_3_refused(cli: Any, run10: str, runs_dir: Path) -> None:
+def test_exit_3_refused(cli: Any, run10: str, store: Location) -> None:
     assert cli("reserve", run10, "a", "--estimate", "5").exit_code == 0
     assert cli("reserve", run10, "b", "--estimate", "5").exit_code == 0
     payload = assert_error(cli("reserve", run10, "c", "--estimate", "0.01", "--json"), 3, "over_budget")
     assert (payload["task"], payload["requested_micros"], payload["remaining_micros"]) == ("c", 10_000, 0)
-    halt = orjson.loads(log_of(runs_dir, run10).read_bytes().splitlines()[-1])
+    halt = orjson.loads(log_bytes(store, run10).splitlines()[-1])
     assert (halt["type"], halt["task"], halt["reason"]) == ("halt", "c", "run_cap")
     # A halted task is terminal: asking again is exit 3 and appends nothing.
-    before = log_of(runs_dir, run10).read_bytes()
+    before = log_bytes(store, run10)
     again = cli("reserve", run10, "c", "--estimate", "0.01")
     assert again.exit_code == 3 and "halted" in again.stderr
-    assert log_of(runs_dir, run10).read_bytes() == before
+    assert log_bytes(store, run10) == before
 
 
-def test_exit_4_pending_escalation(cli: Any, runs_dir: Path) -> None:
+def test_exit_4_pending_escalation(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "e", "--cap", "10", "--escalation", "enforce").exit_code == 0
     assert cli("reserve", "e", "a", "--estimate", "8").exit_code == 0
     payload = assert_error(cli("reserve", "e", "b", "--estimate", "5", "--json"), 4, "escalation_open")
     escalation_id = payload["escalation_id"]
-    before = log_of(runs_dir, "e").read_bytes()
+    before = log_bytes(store, "e")
     # Asking again meets the same escalation and appends nothing.
     again = assert_error(cli("reserve", "e", "b", "--estimate", "5", "--json"), 4, "escalation_open")
     assert again["escalation_id"] == escalation_id
-    assert log_of(runs_dir, "e").read_bytes() == before
+    assert log_bytes(store, "e") == before
     show = one_json_object(cli("runs", "show", "e", "--json").stdout)
     [escalation] = show["escalations"]
     assert escalation.keys() >= ESCALATION_KEYS
     assert (escalation["id"], escalation["task"], escalation["state"]) == (escalation_id, "b", "open")
 
 
-def test_exit_5_conflicts(cli: Any, run10: str, runs_dir: Path) -> None:
+def test_exit_5_conflicts(cli: Any, run10: str, store: Location) -> None:
     cli("reserve", run10, "t", "--estimate", "2")
-    before = log_of(runs_dir, run10).read_bytes()
+    before = log_bytes(store, run10)
     different = assert_error(cli("reserve", run10, "t", "--estimate", "3", "--json"), 5, "conflict")
     assert "$2.00" in different["message"] and "$3.00" in different["message"]  # names both values
     lower = assert_error(cli("increase", run10, "t", "--to", "1", "--json"), 5, "conflict")
@@ -289,7 +293,7 @@ def test_exit_5_conflicts(cli: Any, run10: str, runs_dir: Path) -> None:
     nothing = assert_error(cli("release", run10, "never", "--actual", "1", "--json"), 5, "conflict")
     assert "unknown" in nothing["message"]
     assert_error(cli("increase", run10, "never", "--to", "1", "--json"), 5, "conflict")
-    assert log_of(runs_dir, run10).read_bytes() == before
+    assert log_bytes(store, run10) == before
     cli("release", run10, "t", "--actual", "1")
     reused = assert_error(cli("reserve", run10, "t", "--estimate", "2", "--json"), 5, "conflict")
     assert "released" in reused["message"]

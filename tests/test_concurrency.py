@@ -1,13 +1,13 @@
 """Real OS processes racing on one run, started together by a barrier.
 
-Every race is checked twice: by the library's own replay, and by an independent line-by-line
-audit (conftest.audit_log) that the cap holds at every prefix of the log, seq runs 1..N
-without a gap or duplicate, and the prev chain is intact.
+Every race runs on both stores (a runs folder, a PostgreSQL database) and is checked twice:
+by the library's own replay, and by an independent line-by-line audit (conftest.audit_log)
+that the cap holds at every prefix of the log, seq runs 1..N without a gap or duplicate, and
+the prev chain is intact.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -20,41 +20,9 @@ from typing import Any
 import pytest
 
 from escalate import Conflict, Ledger, LockTimeout, Refused
+from tests.conftest import RESULT_TIMEOUT_S, WORKERS, Location, log_bytes, race_processes
 
-FORK = multiprocessing.get_context("fork")
-WORKERS = 8
-RESULT_TIMEOUT_S = 120
 USD = 1_000_000
-
-
-def _race(target: Any, *args: Any, workers: int = WORKERS) -> list[Any]:
-    """Run ``target(worker, barrier, *args)`` in ``workers`` processes that start together;
-    return what each one put on the queue, in worker order."""
-    barrier = FORK.Barrier(workers)
-    results = FORK.Queue()
-
-    def run(worker: int) -> None:
-        try:
-            results.put((worker, target(worker, barrier, *args)))
-        except BaseException as exc:
-            results.put((worker, exc))
-            raise
-
-    processes = [FORK.Process(target=run, args=(worker,)) for worker in range(workers)]
-    for process in processes:
-        process.start()
-    try:
-        collected = dict(results.get(timeout=RESULT_TIMEOUT_S) for _ in processes)
-    finally:
-        for process in processes:
-            process.join(RESULT_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-    for worker, outcome in collected.items():
-        if isinstance(outcome, BaseException):
-            raise AssertionError(f"worker {worker} failed: {outcome!r}") from outcome
-    assert [process.exitcode for process in processes] == [0] * workers
-    return [collected[worker] for worker in range(workers)]
 
 
 def _outcome(call: Any) -> str:
@@ -69,21 +37,21 @@ def _outcome(call: Any) -> str:
 # ---------------------------------------------------------------------- reserves
 
 
-def _reserve_many(worker: int, barrier: Any, root: Path, per_worker: int) -> Counter[str]:
+def _reserve_many(worker: int, barrier: Any, root: Location, per_worker: int) -> Counter[str]:
     run = Ledger.open(root, "race", actor=f"worker-{worker}", lock_timeout=60)
     barrier.wait(RESULT_TIMEOUT_S)
     return Counter(_outcome(lambda i=i: run.reserve(f"w{worker}-t{i}", "1"))
                    for i in range(per_worker))
 
 
-def test_200_reserves_of_one_dollar_against_a_100_dollar_cap(runs_dir: Path, audit: Any) -> None:
-    Ledger.init(runs_dir, "race", cap="100")
-    outcomes = _race(_reserve_many, runs_dir, 200 // WORKERS)
+def test_200_reserves_of_one_dollar_against_a_100_dollar_cap(store: Location, audit: Any) -> None:
+    Ledger.init(store, "race", cap="100")
+    outcomes = race_processes(_reserve_many, store, 200 // WORKERS)
 
     total: Counter[str] = sum(outcomes, Counter())
     assert total == Counter(reserved=100, refused=100)
 
-    found = audit(runs_dir / "race" / "events.ndjson")  # cap checked at every prefix
+    found = audit(log_bytes(store, "race"))  # cap checked at every prefix
     assert found.types == Counter(run_opened=1, budget_reserved=100, halt=100)
     assert [event["seq"] for event in found.events] == list(range(1, 202))
     assert found.reserved_micros == 100 * USD
@@ -95,26 +63,26 @@ def test_200_reserves_of_one_dollar_against_a_100_dollar_cap(runs_dir: Path, aud
     # All eight processes wrote, so the race was real.
     assert {event["actor"] for event in found.events[1:]} == {f"worker-{w}" for w in range(WORKERS)}
 
-    state = Ledger.open(runs_dir, "race").state()
+    state = Ledger.open(store, "race").state()
     assert (state.reserved_micros, state.remaining_micros, state.halts, state.seq) == (100 * USD, 0, 100, 201)
 
 
-def _reserve_same_task(worker: int, barrier: Any, root: Path) -> str:
+def _reserve_same_task(worker: int, barrier: Any, root: Location) -> str:
     run = Ledger.open(root, "same", actor=f"worker-{worker}", lock_timeout=60)
     barrier.wait(RESULT_TIMEOUT_S)
     return _outcome(lambda: run.reserve("shared", "5"))
 
 
-def test_racing_the_same_reservation_appends_it_once(runs_dir: Path, audit: Any) -> None:
-    Ledger.init(runs_dir, "same", cap="10")
-    outcomes = _race(_reserve_same_task, runs_dir)
+def test_racing_the_same_reservation_appends_it_once(store: Location, audit: Any) -> None:
+    Ledger.init(store, "same", cap="10")
+    outcomes = race_processes(_reserve_same_task, store)
     assert Counter(outcomes) == Counter(reserved=1, exists=WORKERS - 1)
-    found = audit(runs_dir / "same" / "events.ndjson")
+    found = audit(log_bytes(store, "same"))
     assert found.types == Counter(run_opened=1, budget_reserved=1)
     assert found.held == {"shared": 5 * USD}
 
 
-def _write_or_read(worker: int, barrier: Any, root: Path, writers: int, per_writer: int) -> Any:
+def _write_or_read(worker: int, barrier: Any, root: Location, writers: int, per_writer: int) -> Any:
     """Workers below ``writers`` reserve; the others read the run without the lock until the
     last line is in, checking every state they see."""
     run = Ledger.open(root, "watched", actor=f"worker-{worker}", lock_timeout=60)
@@ -137,18 +105,18 @@ def _write_or_read(worker: int, barrier: Any, root: Path, writers: int, per_writ
     return reads
 
 
-def test_readers_never_see_a_broken_state_while_writers_race(runs_dir: Path, audit: Any) -> None:
+def test_readers_never_see_a_broken_state_while_writers_race(store: Location, audit: Any) -> None:
     writers, per_writer = 6, 30  # 180 reserves of $1 against a $90 cap
-    Ledger.init(runs_dir, "watched", cap="90")
-    outcomes = _race(_write_or_read, runs_dir, writers, per_writer)
+    Ledger.init(store, "watched", cap="90")
+    outcomes = race_processes(_write_or_read, store, writers, per_writer)
     total: Counter[str] = sum(outcomes[:writers], Counter())
     assert total == Counter(reserved=90, refused=90)
     assert all(reads >= 1 for reads in outcomes[writers:])
-    found = audit(runs_dir / "watched" / "events.ndjson")
+    found = audit(log_bytes(store, "watched"))
     assert found.types == Counter(run_opened=1, budget_reserved=90, halt=90)
 
 
-def _init_run(worker: int, barrier: Any, root: Path) -> str:
+def _init_run(worker: int, barrier: Any, root: Location) -> str:
     barrier.wait(RESULT_TIMEOUT_S)
     cap = "10" if worker % 2 == 0 else "20"
     try:
@@ -158,9 +126,9 @@ def _init_run(worker: int, barrier: Any, root: Path) -> str:
     return cap
 
 
-def test_racing_runs_init_creates_one_run(runs_dir: Path, audit: Any) -> None:
-    outcomes = _race(_init_run, runs_dir)
-    found = audit(runs_dir / "born" / "events.ndjson")
+def test_racing_runs_init_creates_one_run(store: Location, audit: Any) -> None:
+    outcomes = race_processes(_init_run, store)
+    found = audit(log_bytes(store, "born"))
     assert found.types == Counter(run_opened=1)
     winner_cap = found.cap_micros // USD
     # Everyone asking for the winner's settings succeeds (idempotent); the others conflict.
@@ -172,7 +140,7 @@ def test_racing_runs_init_creates_one_run(runs_dir: Path, audit: Any) -> None:
 # ---------------------------------------------------------------------- increases and releases
 
 
-def _reserve_increase_release(worker: int, barrier: Any, root: Path, per_worker: int) -> Counter[str]:
+def _reserve_increase_release(worker: int, barrier: Any, root: Location, per_worker: int) -> Counter[str]:
     """Each task: reserve $1, raise it to $3, release it at $2 actual (also after a halted
     increase: a release is never refused, docs/concepts.md)."""
     run = Ledger.open(root, "flow", actor=f"worker-{worker}", lock_timeout=60)
@@ -189,31 +157,31 @@ def _reserve_increase_release(worker: int, barrier: Any, root: Path, per_worker:
     return seen
 
 
-def test_racing_increases_and_releases_with_room_for_all(runs_dir: Path, audit: Any) -> None:
-    Ledger.init(runs_dir, "flow", cap="1000")
+def test_racing_increases_and_releases_with_room_for_all(store: Location, audit: Any) -> None:
+    Ledger.init(store, "flow", cap="1000")
     per_worker = 10
-    total: Counter[str] = sum(_race(_reserve_increase_release, runs_dir, per_worker), Counter())
+    total: Counter[str] = sum(race_processes(_reserve_increase_release, store, per_worker), Counter())
     tasks = WORKERS * per_worker
     assert total == Counter({"reserve:reserved": tasks, "increase:increased": tasks,
                              "release:released": tasks})
-    found = audit(runs_dir / "flow" / "events.ndjson")
+    found = audit(log_bytes(store, "flow"))
     assert found.types == Counter(run_opened=1, budget_reserved=tasks, budget_increased=tasks,
                                   released=tasks)
     assert len(found.events) == 1 + 3 * tasks
     assert found.spent_micros == 2 * USD * tasks
     assert found.held == {}
-    state = Ledger.open(runs_dir, "flow").state()
+    state = Ledger.open(store, "flow").state()
     assert (state.spent_micros, state.reserved_micros, state.remaining_micros) == (
         160 * USD, 0, 840 * USD)
 
 
-def test_racing_increases_and_releases_against_a_tight_cap(runs_dir: Path, audit: Any) -> None:
+def test_racing_increases_and_releases_against_a_tight_cap(store: Location, audit: Any) -> None:
     # 80 tasks would like $3 each at peak and settle at $2: a $100 cap cannot hold them all,
     # so some reserves and increases halt, and spending runs past the cap only by releases.
-    Ledger.init(runs_dir, "flow", cap="100")
+    Ledger.init(store, "flow", cap="100")
     per_worker = 10
-    total: Counter[str] = sum(_race(_reserve_increase_release, runs_dir, per_worker), Counter())
-    found = audit(runs_dir / "flow" / "events.ndjson")  # cap checked at every prefix
+    total: Counter[str] = sum(race_processes(_reserve_increase_release, store, per_worker), Counter())
+    found = audit(log_bytes(store, "flow"))  # cap checked at every prefix
     reserved_ok = total["reserve:reserved"]
     assert reserved_ok + total["reserve:refused"] == WORKERS * per_worker
     assert total["increase:increased"] + total["increase:refused"] == reserved_ok
@@ -226,13 +194,13 @@ def test_racing_increases_and_releases_against_a_tight_cap(runs_dir: Path, audit
     assert found.types["released"] == reserved_ok
     assert found.held == {}
     assert found.spent_micros == 2 * USD * reserved_ok
-    state = Ledger.open(runs_dir, "flow").state()
+    state = Ledger.open(store, "flow").state()
     assert state.spent_micros == found.spent_micros
     assert state.reserved_micros == 0
     assert state.seq == len(found.events)
 
 
-def _release_all(worker: int, barrier: Any, root: Path, task_count: int) -> dict[str, str]:
+def _release_all(worker: int, barrier: Any, root: Location, task_count: int) -> dict[str, str]:
     run = Ledger.open(root, "settle", actor=f"worker-{worker}", lock_timeout=60)
     order = [f"t{i}" for i in range(task_count)]
     random.Random(worker).shuffle(order)
@@ -241,14 +209,14 @@ def _release_all(worker: int, barrier: Any, root: Path, task_count: int) -> dict
     return {task: _outcome(lambda task=task: run.release(task, actual)) for task in order}
 
 
-def test_racing_repeated_releases_write_exactly_one_released_line(runs_dir: Path, audit: Any) -> None:
-    run = Ledger.init(runs_dir, "settle", cap="100")
+def test_racing_repeated_releases_write_exactly_one_released_line(store: Location, audit: Any) -> None:
+    run = Ledger.init(store, "settle", cap="100")
     task_count = 40
     for i in range(task_count):
         run.reserve(f"t{i}", "1")
-    outcomes = _race(_release_all, runs_dir, task_count)
+    outcomes = race_processes(_release_all, store, task_count)
 
-    found = audit(runs_dir / "settle" / "events.ndjson")
+    found = audit(log_bytes(store, "settle"))
     released = found.of_type("released")
     assert sorted(event["task"] for event in released) == sorted(f"t{i}" for i in range(task_count))
     for event in released:

@@ -13,15 +13,17 @@ from rich.console import Console
 
 from escalate import Ledger, Pending
 from escalate.render import escalation_table
-from tests.conftest import FakeClock, snapshot_tree
+from tests.conftest import FakeClock, Location, has_run, log_bytes, snapshot_store
 
 
-def log_lines(runs_dir: Path, run: str = "r") -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in (runs_dir / run / "events.ndjson").read_bytes().splitlines()]
+def log_lines(store: Location, run: str = "r") -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_bytes(store, run).splitlines()]
 
 
-def log_bytes(runs_dir: Path) -> dict[str, bytes]:
-    return {k: v for k, v in snapshot_tree(runs_dir).items() if k.endswith("/events.ndjson")}
+def logs(store: Location) -> dict[str, bytes]:
+    """Every run's log (in a runs folder: leaving out the caches and locks beside them)."""
+    return {k: v for k, v in snapshot_store(store).items()
+            if not isinstance(store, Path) or k.endswith("/events.ndjson")}
 
 
 def enforce(cli: Any, run: str = "r", *extra: str) -> None:
@@ -36,7 +38,7 @@ def escalate_task(cli: Any, task: str, amount: str = "3", run: str = "r") -> str
     return str(result.json()["escalation_id"])
 
 
-def test_runs_init_records_every_policy_option(cli: Any, runs_dir: Path) -> None:
+def test_runs_init_records_every_policy_option(cli: Any, store: Location) -> None:
     result = cli("runs", "init", "r", "--cap", "10", "--task-cap", "6", "--escalation", "enforce",
                  "--approval-threshold", "2.5", "--escalation-timeout", "30m", "--max-extension", "4",
                  "--json")
@@ -44,12 +46,12 @@ def test_runs_init_records_every_policy_option(cli: Any, runs_dir: Path) -> None
     policy = {"mode": "enforce", "approval_threshold_micros": 2_500_000, "timeout_s": 1800,
               "max_extension_micros": 4_000_000}
     assert result.json()["escalation"] == policy
-    opened = log_lines(runs_dir)[0]
+    opened = log_lines(store)[0]
     assert (opened["type"], opened["task_cap_micros"], opened["escalation"]) == \
         ("run_opened", 6_000_000, policy)
     human = cli("runs", "init", "d", "--cap", "1")
     assert human.stdout.strip() == "run d: cap $1.00, task cap $1.00, escalation off"
-    assert log_lines(runs_dir, "d")[0]["escalation"] == {
+    assert log_lines(store, "d")[0]["escalation"] == {
         "mode": "off", "approval_threshold_micros": None, "timeout_s": 3600, "max_extension_micros": 0}
 
 
@@ -62,14 +64,14 @@ def test_runs_init_records_every_policy_option(cli: Any, runs_dir: Path) -> None
         (("--max-extension", "1e3"), "max extension"),
     ],
 )
-def test_runs_init_rejects_bad_policy(cli: Any, runs_dir: Path, args: tuple[str, ...], message: str) -> None:
+def test_runs_init_rejects_bad_policy(cli: Any, store: Location, args: tuple[str, ...], message: str) -> None:
     result = cli("runs", "init", "r", "--cap", "10", *args, "--json")
     assert result.exit_code == 2
     assert message in result.json()["message"]
-    assert not (runs_dir / "r" / "events.ndjson").exists()
+    assert not has_run(store, "r")
 
 
-def test_runs_set_is_recorded_and_idempotent(cli: Any, runs_dir: Path) -> None:
+def test_runs_set_is_recorded_and_idempotent(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     changed = cli("runs", "set", "r", "--escalation", "shadow", "--approval-threshold", "1",
                   "--escalation-timeout", "2h", "--max-extension", "3", "--by", "lead", "--json")
@@ -77,13 +79,13 @@ def test_runs_set_is_recorded_and_idempotent(cli: Any, runs_dir: Path) -> None:
     policy = {"mode": "shadow", "approval_threshold_micros": 1_000_000, "timeout_s": 7200,
               "max_extension_micros": 3_000_000}
     assert changed.json() == {"run": "r", "status": "changed", "escalation": policy}
-    event = log_lines(runs_dir)[-1]
+    event = log_lines(store)[-1]
     assert (event["type"], event["actor"], event["escalation"]) == ("policy_changed", "lead", policy)
 
-    before = log_bytes(runs_dir)
+    before = logs(store)
     again = cli("runs", "set", "r", "--escalation", "shadow")
     assert again.exit_code == 0 and "unchanged" in again.stdout
-    assert log_bytes(runs_dir) == before
+    assert logs(store) == before
 
     cleared = cli("runs", "set", "r", "--no-approval-threshold", "--json")
     assert cleared.json()["escalation"]["approval_threshold_micros"] is None
@@ -93,7 +95,7 @@ def test_runs_set_is_recorded_and_idempotent(cli: Any, runs_dir: Path) -> None:
     assert cli("runs", "set", "nope", "--escalation", "off").exit_code == 2
 
 
-def test_runs_set_cannot_take_back_granted_extension(cli: Any, runs_dir: Path) -> None:
+def test_runs_set_cannot_take_back_granted_extension(cli: Any, store: Location) -> None:
     enforce(cli)
     assert cli("reserve", "r", "f", "--estimate", "2").exit_code == 0
     assert cli("reserve", "r", "g", "--estimate", "2").exit_code == 0
@@ -106,7 +108,7 @@ def test_runs_set_cannot_take_back_granted_extension(cli: Any, runs_dir: Path) -
     assert result.json()["error"] == "conflict"
 
 
-def test_reserve_that_escalates(cli: Any, runs_dir: Path) -> None:
+def test_reserve_that_escalates(cli: Any, store: Location) -> None:
     enforce(cli)
     result = cli("reserve", "r", "t", "--estimate", "3", "--json")
     assert result.exit_code == 4
@@ -120,7 +122,7 @@ def test_reserve_that_escalates(cli: Any, runs_dir: Path) -> None:
     assert "escalate wait r esc-2" in human.stderr
 
 
-def test_extend_not_offered_says_why(cli: Any, runs_dir: Path) -> None:
+def test_extend_not_offered_says_why(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "1", "--escalation", "enforce").exit_code == 0
     assert cli("reserve", "r", "f", "--estimate", "0.5").exit_code == 0
     result = cli("reserve", "r", "t", "--estimate", "1")
@@ -129,7 +131,7 @@ def test_extend_not_offered_says_why(cli: Any, runs_dir: Path) -> None:
     assert "extend not offered: needs $0.50 but only $0.00 of the max extension is left" in result.stderr
 
 
-def test_increase_that_escalates_names_the_escalation(cli: Any, runs_dir: Path) -> None:
+def test_increase_that_escalates_names_the_escalation(cli: Any, store: Location) -> None:
     enforce(cli)
     assert cli("reserve", "r", "t", "--estimate", "1").exit_code == 0
     result = cli("increase", "r", "t", "--to", "2.5", "--reason", "long diff", "--json")
@@ -137,12 +139,12 @@ def test_increase_that_escalates_names_the_escalation(cli: Any, runs_dir: Path) 
     assert result.json()["escalation_id"] == "esc-3"
     approved = cli("approve", "r", "esc-3", "--by", "alice", "--json")
     assert approved.json()["status"] == "approved"
-    increased = log_lines(runs_dir)[-1]
+    increased = log_lines(store)[-1]
     assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
         ("budget_increased", 1_000_000, 2_500_000)
 
 
-def test_approve_pause_cancel_json_and_text(cli: Any, runs_dir: Path) -> None:
+def test_approve_pause_cancel_json_and_text(cli: Any, store: Location) -> None:
     enforce(cli)
     ids = [escalate_task(cli, task) for task in ("a", "b", "c")]
     approved = cli("approve", "r", ids[0], "--by", "alice", "--json")
@@ -156,7 +158,7 @@ def test_approve_pause_cancel_json_and_text(cli: Any, runs_dir: Path) -> None:
     cancelled = cli("cancel", "r", ids[2], "--by", "carol", "--json")
     assert (cancelled.exit_code, cancelled.json()["status"], cancelled.json()["escalation_id"]) == \
         (0, "cancelled", ids[2])
-    assert log_lines(runs_dir)[-1]["reason"] == "cancelled"
+    assert log_lines(store)[-1]["reason"] == "cancelled"
     assert cli("reserve", "r", "c", "--estimate", "3").exit_code == 3
 
     # The second resolver loses, told who won, how and when; the winner may repeat itself.
@@ -166,10 +168,10 @@ def test_approve_pause_cancel_json_and_text(cli: Any, runs_dir: Path) -> None:
     assert (body["error"], body["escalation_id"], body["mode"], body["by"]) == \
         ("conflict", ids[0], "extend", "alice")
     assert f"extend by alice at {body['resolved_at']}" in body["message"]
-    before = log_bytes(runs_dir)
+    before = logs(store)
     repeat = cli("approve", "r", ids[0], "--by", "alice")
     assert repeat.exit_code == 0 and "already resolved extend by alice; nothing changed" in repeat.stdout
-    assert log_bytes(runs_dir) == before
+    assert logs(store) == before
 
     unknown = cli("approve", "r", "esc-99", "--json")
     assert (unknown.exit_code, unknown.json()["error"]) == (2, "unknown_escalation")
@@ -177,24 +179,24 @@ def test_approve_pause_cancel_json_and_text(cli: Any, runs_dir: Path) -> None:
     assert cli("approve", "nope", "esc-1").exit_code == 2
 
 
-def test_approve_over_the_remaining_ceiling(cli: Any, runs_dir: Path) -> None:
+def test_approve_over_the_remaining_ceiling(cli: Any, store: Location) -> None:
     init = cli("runs", "init", "r", "--cap", "4", "--escalation", "enforce", "--max-extension", "1")
     assert init.exit_code == 0
     assert cli("reserve", "r", "f", "--estimate", "1").exit_code == 0
     esc = escalate_task(cli, "t", "3.5")  # needs $0.50 of the $1 ceiling
     assert cli("reserve", "r", "other", "--estimate", "1").exit_code == 0  # now it needs $1.50
-    before = log_bytes(runs_dir)
+    before = logs(store)
     refused = cli("approve", "r", esc, "--by", "alice", "--json")
     assert (refused.exit_code, refused.json()["error"]) == (3, "extension_limit")
     assert "runs set" in refused.json()["message"]
-    assert log_bytes(runs_dir) == before
+    assert logs(store) == before
     assert cli("runs", "set", "r", "--max-extension", "1.5").exit_code == 0
     approved = cli("approve", "r", esc, "--by", "alice")
     assert approved.exit_code == 0
     assert approved.stdout.strip() == f"{esc} approved by alice: $3.50 reserved for t, cap extended by $1.50"
 
 
-def test_wait_exit_codes(cli: Any, runs_dir: Path) -> None:
+def test_wait_exit_codes(cli: Any, store: Location) -> None:
     enforce(cli)
     ids = [escalate_task(cli, task) for task in ("a", "b", "c", "d")]
     cli("approve", "r", ids[0], "--by", "alice")
@@ -215,7 +217,7 @@ def test_wait_exit_codes(cli: Any, runs_dir: Path) -> None:
     assert cli("wait", "r", ids[3], "--timeout", "later").exit_code == 2
 
 
-def test_reserve_wait_with_timeout_gives_up_with_exit_4(cli: Any, runs_dir: Path) -> None:
+def test_reserve_wait_with_timeout_gives_up_with_exit_4(cli: Any, store: Location) -> None:
     enforce(cli)
     result = cli("reserve", "r", "t", "--estimate", "3", "--wait", "--timeout", "0", "--json")
     assert result.exit_code == 4
@@ -305,7 +307,7 @@ def test_inbox_relative_times() -> None:
     assert "shadow" in lines[4]
 
 
-def test_runs_show_counts_escalations(cli: Any, runs_dir: Path) -> None:
+def test_runs_show_counts_escalations(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "10", "--escalation", "shadow",
                "--approval-threshold", "1").exit_code == 0
     shadow = cli("reserve", "r", "a", "--estimate", "2")
@@ -330,31 +332,31 @@ def test_runs_show_counts_escalations(cli: Any, runs_dir: Path) -> None:
     assert "esc-10" in human.stdout
 
 
-def test_sweep_cli(cli: Any, runs_dir: Path) -> None:
+def test_sweep_cli(cli: Any, store: Location) -> None:
     # Escalations opened an hour and a half ago with the default 1h timeout are overdue now.
     past = FakeClock(datetime.now(UTC) - timedelta(minutes=90))
     for run_id in ("a", "b"):
-        run = Ledger.init(runs_dir, run_id, cap="10", escalation="enforce", approval_threshold="1",
+        run = Ledger.init(store, run_id, cap="10", escalation="enforce", approval_threshold="1",
                           clock=past)
         with pytest.raises(Pending):
             run.reserve("t", "2")
-    fresh = Ledger.init(runs_dir, "c", cap="10", escalation="enforce", approval_threshold="1")
+    fresh = Ledger.init(store, "c", cap="10", escalation="enforce", approval_threshold="1")
     with pytest.raises(Pending):
         fresh.reserve("t", "2")
 
     one = cli("sweep", "a", "--json")
     assert one.exit_code == 0
     assert one.json()["expired"] == [{"run": "a", "escalation_id": "esc-2"}]
-    resolved = log_lines(runs_dir, "a")[-1]
+    resolved = log_lines(store, "a")[-1]
     assert (resolved["type"], resolved["mode"], resolved["by"]) == ("escalation_resolved", "pause", "timeout")
 
     every = cli("sweep")
     assert every.exit_code == 0
     assert every.stdout.splitlines() == ["swept 3 run(s): 1 escalation(s) paused by timeout", "  b esc-2"]
     assert cli("escalations", "--open", "--json").json()["escalations"][0]["run"] == "c"
-    before = log_bytes(runs_dir)
+    before = logs(store)
     assert cli("sweep", "--json").json()["expired"] == []
-    assert log_bytes(runs_dir) == before
+    assert logs(store) == before
     assert cli("sweep", "nope").exit_code == 2
 
 

@@ -1,5 +1,6 @@
 """Escalations under real concurrency: OS processes released together by a barrier race to
-resolve, to reserve against an approval, and wait in other processes for the outcome."""
+resolve, to reserve against an approval, and wait in other processes for the outcome (on
+both stores: on PostgreSQL the waiters wake on LISTEN/NOTIFY)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import pytest
 
 from escalate import Ledger, Pending
 from escalate.cli import app  # imported before the fork, so children do not pay for it
+from tests.conftest import Location, log_bytes
 
 USD = 1_000_000
 # fork: the children start at once, so the barrier, not interpreter start-up, decides who is first.
 CONTEXT = multiprocessing.get_context("fork")
 
 
-def log_lines(runs_dir: Path, run: str) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in (runs_dir / run / "events.ndjson").read_bytes().splitlines()]
+def log_lines(store: Location, run: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_bytes(store, run).splitlines()]
 
 
 def _run_cli(args: list[str]) -> tuple[int, dict[str, Any]]:
@@ -72,9 +74,9 @@ def run_together(commands: list[list[str]]) -> list[tuple[list[str], int, dict[s
 
 
 @pytest.mark.parametrize("round_no", range(3))
-def test_concurrent_resolutions_one_winner(runs_dir: Path, round_no: int) -> None:
+def test_concurrent_resolutions_one_winner(store: Location, round_no: int) -> None:
     run_id = f"race-{round_no}"
-    run = Ledger.init(runs_dir, run_id, cap="10", escalation="enforce", approval_threshold="2",
+    run = Ledger.init(store, run_id, cap="10", escalation="enforce", approval_threshold="2",
                       max_extension="1")
     with pytest.raises(Pending):
         run.reserve("t", "3")
@@ -97,7 +99,7 @@ def test_concurrent_resolutions_one_winner(runs_dir: Path, round_no: int) -> Non
         assert (body["error"], body["by"], body["mode"]) == ("conflict", winner_by, winner_mode)
         assert f"{winner_mode} by {winner_by} at {body['resolved_at']}" in body["message"]
 
-    lines = log_lines(runs_dir, run_id)
+    lines = log_lines(store, run_id)
     resolutions = [e for e in lines if e["type"] == "escalation_resolved"]
     assert len(resolutions) == 1
     assert (resolutions[0]["by"], resolutions[0]["mode"]) == (winner_by, winner_mode)
@@ -126,9 +128,9 @@ def _assert_never_over_cap(lines: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("round_no", range(3))
-def test_approve_races_other_reserves(runs_dir: Path, round_no: int) -> None:
+def test_approve_races_other_reserves(store: Location, round_no: int) -> None:
     run_id = f"squeeze-{round_no}"
-    run = Ledger.init(runs_dir, run_id, cap="10", escalation="enforce", approval_threshold="5",
+    run = Ledger.init(store, run_id, cap="10", escalation="enforce", approval_threshold="5",
                       max_extension="3")
     with pytest.raises(Pending):
         run.reserve("big", "6")  # over the threshold only: needs no extension yet
@@ -141,7 +143,7 @@ def test_approve_races_other_reserves(runs_dir: Path, round_no: int) -> None:
     [approved] = [o for o in outcomes if o[0] == approver]
     assert approved[1] == 0, approved
     assert (approved[2]["status"], approved[2]["reserved_micros"]) == ("approved", 6 * USD)
-    lines = log_lines(runs_dir, run_id)
+    lines = log_lines(store, run_id)
     [resolved] = [e for e in lines if e["type"] == "escalation_resolved" and e["id"] == "esc-2"]
     granted = lines[resolved["seq"]]  # the line right after it: the same write
     assert (granted["type"], granted["task"], granted["amount_micros"]) == ("budget_reserved", "big", 6 * USD)
@@ -216,8 +218,8 @@ def _until_escalated(run: Ledger, task: str, deadline_s: float = 60) -> str:
     raise AssertionError(f"task {task} never escalated")
 
 
-def test_waiters_in_other_processes_get_the_outcome(runs_dir: Path) -> None:
-    run = Ledger.init(runs_dir, "w", cap="10", escalation="enforce", approval_threshold="1")
+def test_waiters_in_other_processes_get_the_outcome(store: Location) -> None:
+    run = Ledger.init(store, "w", cap="10", escalation="enforce", approval_threshold="1")
     opened = {}
     for task in ("a", "b"):
         with pytest.raises(Pending) as escalated:

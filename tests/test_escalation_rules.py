@@ -16,26 +16,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from escalate import Conflict, EscalateError, InputError, Ledger, Pending, Refused
-from tests.conftest import FakeClock, snapshot_tree
+from tests.conftest import FakeClock, Location, has_run, log_bytes, snapshot_store
 
 USD = 1_000_000
 
 
-def events(runs_dir: Path, run: str = "r") -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in (runs_dir / run / "events.ndjson").read_bytes().splitlines()]
+def events(store: Location, run: str = "r") -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_bytes(store, run).splitlines()]
 
 
-def ledger_files(runs_dir: Path) -> dict[str, bytes]:
+def ledger_files(store: Location) -> dict[str, bytes]:
     """The logs and their side files: what "nothing appended" is about (a cache may change)."""
-    return {name: data for name, data in snapshot_tree(runs_dir).items()
-            if name.endswith("/events.ndjson") or "/events.ndjson.torn-" in name}
+    return {name: data for name, data in snapshot_store(store).items()
+            if not isinstance(store, Path) or name.endswith("/events.ndjson")
+            or "/events.ndjson.torn-" in name}
 
 
-def make_run(runs_dir: Path, clock: FakeClock, **policy: Any) -> Ledger:
+def make_run(store: Location, clock: FakeClock, **policy: Any) -> Ledger:
     settings: dict[str, Any] = {"cap": "10", "task_cap": "8", "escalation": "enforce",
                                 "escalation_timeout_s": 1800}
     settings.update(policy)
-    return Ledger.init(runs_dir, "r", clock=clock, **settings)
+    return Ledger.init(store, "r", clock=clock, **settings)
 
 
 def outcome(call: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
@@ -128,20 +129,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_fire_rule_and_offered_modes(runs_dir: Path, clock: FakeClock, case: Case) -> None:
-    run = make_run(runs_dir, clock, **case.policy)
+def test_fire_rule_and_offered_modes(store: Location, clock: FakeClock, case: Case) -> None:
+    run = make_run(store, clock, **case.policy)
     for step in case.setup:
         if step[0] == "approve":
             run.approve(step[1], by="setup")
             continue
         exit_code, _ = outcome(lambda step=step: getattr(run, step[0])(step[1], step[2]))  # type: ignore[misc]
         assert exit_code in (0, 4)
-    before = len(events(runs_dir))
+    before = len(events(store))
 
     verb, task, amount = case.request
     exit_code, answer = outcome(lambda: getattr(run, verb)(task, amount))
 
-    appended = events(runs_dir)[before:]
+    appended = events(store)[before:]
     assert exit_code == case.exit_code, answer
     assert tuple(e["type"] for e in appended) == case.appended
     fired = [e for e in appended if e["type"] == "escalation"]
@@ -167,36 +168,36 @@ def test_fire_rule_and_offered_modes(runs_dir: Path, clock: FakeClock, case: Cas
 # --------------------------------------------------------------------------- de-dup
 
 
-def test_repeat_while_open_returns_the_same_escalation(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_repeat_while_open_returns_the_same_escalation(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending) as first:
         run.reserve("t", "3")
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     for _ in range(3):
         with pytest.raises(Pending) as again:
             run.reserve("t", "3")
         assert again.value.escalation_id == first.value.escalation_id
         assert again.value.exit_code == 4
         assert "still waiting" in again.value.message
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
     # A different amount while it is open is a conflict, not a second escalation.
     with pytest.raises(Conflict, match=r"open escalation esc-2 for \$3\.00"):
         run.reserve("t", "4")
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
 
 
 # --------------------------------------------------------------------------- resolutions
 
 
-def test_approve_reserves_in_the_same_write(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, max_extension="3")
+def test_approve_reserves_in_the_same_write(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, max_extension="3")
     run.reserve("f", "8")
     with pytest.raises(Pending):
         run.reserve("t", "4")  # $2 left: needs a $2 extension
     result = run.approve("esc-3", by="alice")
     assert result["status"] == "approved"
     assert result["extension_micros"] == 2 * USD
-    resolved, reserved = events(runs_dir)[-2:]
+    resolved, reserved = events(store)[-2:]
     assert (resolved["type"], resolved["mode"], resolved["by"], resolved["extension_micros"]) == \
         ("escalation_resolved", "extend", "alice", 2 * USD)
     assert (reserved["type"], reserved["task"], reserved["amount_micros"]) == \
@@ -206,19 +207,19 @@ def test_approve_reserves_in_the_same_write(runs_dir: Path, clock: FakeClock) ->
     assert (state.cap_micros, state.remaining_micros, state.tasks["t"].state) == (12 * USD, 0, "reserved")
 
 
-def test_approve_rechecks_the_ceiling(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="3", max_extension="1")
+def test_approve_rechecks_the_ceiling(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="3", max_extension="1")
     with pytest.raises(Pending) as escalated:
         run.reserve("t", "4")  # threshold only: needs no extension when it opens
     assert escalated.value.offered == ["extend", "pause", "cancel"]
     run.reserve("a", "3")
     run.reserve("b", "3")  # $4 left, still fits
     run.reserve("c", "2")  # $2 left: approving $4 now needs $2 > the $1 max extension
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     with pytest.raises(Refused, match=r"needs an extension of \$2\.00 but only \$1\.00") as refused:
         run.approve("esc-2", by="alice")
     assert refused.value.code == "extension_limit"
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
     assert run.state().escalations["esc-2"].state == "open"
     # Raising the ceiling (an event) makes the same approval fit.
     assert run.set_policy(max_extension="2")["status"] == "changed"
@@ -226,13 +227,13 @@ def test_approve_rechecks_the_ceiling(runs_dir: Path, clock: FakeClock) -> None:
     assert run.state().remaining_micros == 0
 
 
-def test_first_resolution_wins(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_first_resolution_wins(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("t", "3")
     clock.advance(60)
     run.approve("esc-2", by="alice")
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     for mode, by in [("pause", "bob"), ("cancel", "bob"), ("approve", "bob"), ("pause", "alice")]:
         with pytest.raises(Conflict) as lost:
             getattr(run, mode)("esc-2", by=by)
@@ -242,12 +243,12 @@ def test_first_resolution_wins(runs_dir: Path, clock: FakeClock) -> None:
     # The winner repeating itself is success with nothing appended.
     again = run.approve("esc-2", by="alice")
     assert (again["status"], again["by"]) == ("exists", "alice")
-    assert ledger_files(runs_dir) == tree
-    assert sum(e["type"] == "escalation_resolved" for e in events(runs_dir)) == 1
+    assert ledger_files(store) == tree
+    assert sum(e["type"] == "escalation_resolved" for e in events(store)) == 1
 
 
-def test_pause_parks_the_task_and_a_new_reserve_escalates_again(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_pause_parks_the_task_and_a_new_reserve_escalates_again(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("t", "3")
     assert run.pause("esc-2", by="alice")["status"] == "paused"
@@ -263,37 +264,37 @@ def test_pause_parks_the_task_and_a_new_reserve_escalates_again(runs_dir: Path, 
         run.reserve("t", "1")
 
 
-def test_cancel_is_terminal(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_cancel_is_terminal(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("t", "3")
     assert run.cancel("esc-2", by="alice")["status"] == "cancelled"
-    halt = events(runs_dir)[-1]
+    halt = events(store)[-1]
     assert (halt["type"], halt["task"], halt["reason"]) == ("halt", "t", "cancelled")
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     for verb, amount in [("reserve", "3"), ("reserve", "1"), ("increase", "4")]:
         with pytest.raises(Refused) as refused:
             getattr(run, verb)("t", amount)
         assert (refused.value.code, refused.value.exit_code) == ("cancelled", 3)
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
 
 
-def test_increase_escalation_approved(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="5")
+def test_increase_escalation_approved(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="5")
     run.reserve("t", "4")
     with pytest.raises(Pending) as escalated:
         run.increase("t", "6", reason="long diff")
     assert run.state().tasks["t"].state == "escalated"
     assert run.state().reserved_micros == 4 * USD  # the held reservation stays while it waits
     run.approve(escalated.value.escalation_id, by="alice")
-    increased = events(runs_dir)[-1]
+    increased = events(store)[-1]
     assert (increased["type"], increased["from_micros"], increased["to_micros"]) == \
         ("budget_increased", 4 * USD, 6 * USD)
     assert run.state().tasks["t"].state == "reserved"
 
 
-def test_increase_escalation_cancelled_can_still_release(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock)
+def test_increase_escalation_cancelled_can_still_release(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock)
     run.reserve("f", "5")
     run.reserve("t", "4")
     with pytest.raises(Pending) as escalated:
@@ -309,8 +310,8 @@ def test_increase_escalation_cancelled_can_still_release(runs_dir: Path, clock: 
         (3_500_000, 5 * USD, 1_500_000)
 
 
-def test_paused_increase_keeps_its_reservation_and_may_ask_again(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="5")
+def test_paused_increase_keeps_its_reservation_and_may_ask_again(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="5")
     run.reserve("t", "4")
     with pytest.raises(Pending):
         run.increase("t", "6")
@@ -321,24 +322,24 @@ def test_paused_increase_keeps_its_reservation_and_may_ask_again(runs_dir: Path,
     assert again.value.escalation_id == "esc-5"
 
 
-def test_resolving_unknown_or_shadow_escalations(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, escalation="shadow", approval_threshold="2")
+def test_resolving_unknown_or_shadow_escalations(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, escalation="shadow", approval_threshold="2")
     shadow_id = run.reserve("t", "3")["shadow_escalation_id"]
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     with pytest.raises(InputError, match="no escalation esc-99"):
         run.approve("esc-99")
     with pytest.raises(Conflict, match="shadow mode"):
         run.approve(shadow_id)
     with pytest.raises(Conflict, match="shadow mode"):
         run.wait(shadow_id, timeout_s=0)
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
 
 
 # --------------------------------------------------------------------------- timeouts
 
 
-def test_expiry_is_resolved_by_the_next_mutating_command(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")  # 30 minutes to decide
+def test_expiry_is_resolved_by_the_next_mutating_command(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")  # 30 minutes to decide
     with pytest.raises(Pending):
         run.reserve("t", "3")
     clock.advance(30 * 60 - 1)
@@ -347,12 +348,12 @@ def test_expiry_is_resolved_by_the_next_mutating_command(runs_dir: Path, clock: 
     assert still.value.escalation_id == "esc-2"
     clock.advance(1)
     # Reads never write: the expired escalation shows open until a command touches the run.
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     assert run.state().escalations["esc-2"].state == "open"
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
 
     run.reserve("other", "1")
-    expired, reserved = events(runs_dir)[-2:]
+    expired, reserved = events(store)[-2:]
     assert (expired["type"], expired["id"], expired["mode"], expired["by"]) == \
         ("escalation_resolved", "esc-2", "pause", "timeout")
     assert (reserved["type"], reserved["task"]) == ("budget_reserved", "other")
@@ -364,8 +365,8 @@ def test_expiry_is_resolved_by_the_next_mutating_command(runs_dir: Path, clock: 
     assert late.value.exit_code == 5
 
 
-def test_an_expired_escalation_cannot_be_approved(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_an_expired_escalation_cannot_be_approved(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("t", "3")
     clock.advance(3600)
@@ -373,7 +374,7 @@ def test_an_expired_escalation_cannot_be_approved(runs_dir: Path, clock: FakeClo
         run.approve("esc-2", by="alice")
     assert late.value.by == "timeout"
     # The approve itself wrote the timeout (it is the next command), and no reservation.
-    assert [e["type"] for e in events(runs_dir)][-1] == "escalation_resolved"
+    assert [e["type"] for e in events(store)][-1] == "escalation_resolved"
     assert run.state().reserved_micros == 0
     # The paused task may ask again and gets a fresh escalation with a fresh expiry.
     with pytest.raises(Pending) as again:
@@ -381,16 +382,16 @@ def test_an_expired_escalation_cannot_be_approved(runs_dir: Path, clock: FakeClo
     assert again.value.expires_at == "2026-11-23T15:30:00.000000Z"
 
 
-def test_sweep_pauses_only_what_expired(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_sweep_pauses_only_what_expired(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("early", "3")
     clock.advance(20 * 60)
     with pytest.raises(Pending):
         run.reserve("late", "3")
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     assert run.sweep()["expired"] == []
-    assert ledger_files(runs_dir) == tree  # nothing expired: nothing written
+    assert ledger_files(store) == tree  # nothing expired: nothing written
 
     clock.advance(10 * 60)
     assert run.sweep()["expired"] == ["esc-2"]
@@ -402,8 +403,8 @@ def test_sweep_pauses_only_what_expired(runs_dir: Path, clock: FakeClock) -> Non
     assert {e.by for e in state.escalations.values()} == {"timeout"}
 
 
-def test_no_timeout_means_no_expiry(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2", escalation_timeout_s=None)
+def test_no_timeout_means_no_expiry(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2", escalation_timeout_s=None)
     with pytest.raises(Pending) as escalated:
         run.reserve("t", "3")
     assert escalated.value.expires_at is None
@@ -411,8 +412,8 @@ def test_no_timeout_means_no_expiry(runs_dir: Path, clock: FakeClock) -> None:
     assert run.sweep()["expired"] == []
 
 
-def test_wait_notices_expiry_without_any_other_writer(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_wait_notices_expiry_without_any_other_writer(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     with pytest.raises(Pending):
         run.reserve("t", "3")
 
@@ -420,7 +421,7 @@ def test_wait_notices_expiry_without_any_other_writer(runs_dir: Path, clock: Fak
         clock.advance(600)
         return clock()
 
-    waiter = Ledger.open(runs_dir, "r", clock=ten_minutes_per_look)
+    waiter = Ledger.open(store, "r", clock=ten_minutes_per_look)
     # Nothing else writes; the waiter's own clock passes expires_at and it sweeps.
     with pytest.raises(Pending) as paused:
         waiter.wait("esc-2", timeout_s=10)
@@ -428,8 +429,8 @@ def test_wait_notices_expiry_without_any_other_writer(runs_dir: Path, clock: Fak
     assert run.state().escalations["esc-2"].by == "timeout"
 
 
-def test_wait_outcomes_in_process(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, approval_threshold="2")
+def test_wait_outcomes_in_process(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, approval_threshold="2")
     for task in ("a", "b", "c", "d"):
         with pytest.raises(Pending):
             run.reserve(task, "3")
@@ -447,17 +448,17 @@ def test_wait_outcomes_in_process(runs_dir: Path, clock: FakeClock) -> None:
         ("cancelled", "paused", "escalation_open")
 
 
-def test_set_policy_is_an_event_and_applies_from_then_on(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, escalation="off")
+def test_set_policy_is_an_event_and_applies_from_then_on(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, escalation="off")
     assert run.reserve("a", "3")["status"] == "reserved"
     assert run.set_policy(escalation="enforce", approval_threshold="2")["status"] == "changed"
-    changed = events(runs_dir)[-1]
+    changed = events(store)[-1]
     assert changed["type"] == "policy_changed"
     assert changed["escalation"] == {"mode": "enforce", "approval_threshold_micros": 2 * USD,
                                      "timeout_s": 1800, "max_extension_micros": 0}
-    tree = ledger_files(runs_dir)
+    tree = ledger_files(store)
     assert run.set_policy(escalation="enforce")["status"] == "exists"
-    assert ledger_files(runs_dir) == tree
+    assert ledger_files(store) == tree
     with pytest.raises(Pending):
         run.reserve("b", "3")
     run.set_policy(approval_threshold=None)
@@ -467,8 +468,8 @@ def test_set_policy_is_an_event_and_applies_from_then_on(runs_dir: Path, clock: 
         run.set_policy(escalation="sometimes")
 
 
-def test_lowering_max_extension_below_what_was_granted_conflicts(runs_dir: Path, clock: FakeClock) -> None:
-    run = make_run(runs_dir, clock, max_extension="2")
+def test_lowering_max_extension_below_what_was_granted_conflicts(store: Location, clock: FakeClock) -> None:
+    run = make_run(store, clock, max_extension="2")
     run.reserve("f", "8")
     run.reserve("g", "1")
     with pytest.raises(Pending):
@@ -478,11 +479,11 @@ def test_lowering_max_extension_below_what_was_granted_conflicts(runs_dir: Path,
         run.set_policy(max_extension="0.5")
 
 
-def test_init_records_the_policy(runs_dir: Path) -> None:
-    Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2.5",
+def test_init_records_the_policy(store: Location) -> None:
+    Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="2.5",
                 escalation_timeout_s=900, max_extension="4",
                 clock=FakeClock(datetime(2026, 1, 1, tzinfo=UTC)))
-    opened = events(runs_dir)[0]
+    opened = events(store)[0]
     assert opened["escalation"] == {"mode": "enforce", "approval_threshold_micros": 2_500_000,
                                     "timeout_s": 900, "max_extension_micros": 4 * USD}
 
@@ -564,13 +565,13 @@ def test_a_non_approver_is_refused_before_being_told_who_won(runs_dir: Path, clo
     assert (refused.value.code, refused.value.approvers) == ("not_an_approver", ["alice"])
 
 
-def test_timeout_is_refused_as_any_actor(runs_dir: Path, clock: FakeClock) -> None:
+def test_timeout_is_refused_as_any_actor(store: Location, clock: FakeClock) -> None:
     with pytest.raises(InputError) as refused:
-        Ledger.init(runs_dir, "r", cap="1", actor="timeout")
+        Ledger.init(store, "r", cap="1", actor="timeout")
     assert (refused.value.code, refused.value.exit_code) == ("reserved_actor", 2)
     with pytest.raises(InputError, match="reserved for expiry"):
-        Ledger.init(runs_dir, "r", cap="1", approvers=["alice", "timeout"])
-    assert not (runs_dir / "r").exists()
+        Ledger.init(store, "r", cap="1", approvers=["alice", "timeout"])
+    assert not has_run(store, "r")
 
 
 def test_approvers_are_part_of_the_policy(runs_dir: Path, clock: FakeClock) -> None:
@@ -600,10 +601,10 @@ def test_approvers_are_part_of_the_policy(runs_dir: Path, clock: FakeClock) -> N
     assert run.state().policy.approvers == ()
 
 
-def test_a_policy_without_approvers_writes_the_same_bytes(runs_dir: Path, clock: FakeClock) -> None:
+def test_a_policy_without_approvers_writes_the_same_bytes(store: Location, clock: FakeClock) -> None:
     """Logs from before approvers existed replay, and new runs without them look the same."""
-    make_run(runs_dir, clock)
-    assert list(events(runs_dir)[0]["escalation"]) == ["mode", "approval_threshold_micros", "timeout_s",
+    make_run(store, clock)
+    assert list(events(store)[0]["escalation"]) == ["mode", "approval_threshold_micros", "timeout_s",
                                                        "max_extension_micros"]
 
 
@@ -663,6 +664,8 @@ def test_no_resolution_by_a_non_approver_ever_writes(attempts: list[tuple[str, s
 
 
 def test_release_settles_a_task_whose_increase_waits(runs_dir: Path, clock: FakeClock) -> None:
+    # (File runs_dir only, as the other tests of approver lists: on PostgreSQL the list names
+    # database roles, tested in test_pg_store.py.)
     make_run(runs_dir, clock, approval_threshold="5", approvers="alice")
     worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
     worker.reserve("t", "4")
@@ -690,9 +693,9 @@ def test_release_settles_a_task_whose_increase_waits(runs_dir: Path, clock: Fake
     assert waited.value.code == "withdrawn"
 
 
-def test_a_reserve_escalation_is_withdrawn_by_its_requester(runs_dir: Path, clock: FakeClock) -> None:
-    make_run(runs_dir, clock, approval_threshold="2")
-    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+def test_a_reserve_escalation_is_withdrawn_by_its_requester(store: Location, clock: FakeClock) -> None:
+    make_run(store, clock, approval_threshold="2")
+    worker = Ledger.open(store, "r", clock=clock, actor="wk")
     with pytest.raises(Pending):
         worker.reserve("t", "3")
     # Nothing is held, so there is nothing to release: the message says how to take it back.
@@ -708,9 +711,9 @@ def test_a_reserve_escalation_is_withdrawn_by_its_requester(runs_dir: Path, cloc
     assert not worker.verify().problems
 
 
-def test_withdrawing_an_increase_keeps_what_the_task_holds(runs_dir: Path, clock: FakeClock) -> None:
-    make_run(runs_dir, clock, approval_threshold="5")
-    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+def test_withdrawing_an_increase_keeps_what_the_task_holds(store: Location, clock: FakeClock) -> None:
+    make_run(store, clock, approval_threshold="5")
+    worker = Ledger.open(store, "r", clock=clock, actor="wk")
     worker.reserve("t", "4")
     with pytest.raises(Pending):
         worker.increase("t", "6")
@@ -721,12 +724,12 @@ def test_withdrawing_an_increase_keeps_what_the_task_holds(runs_dir: Path, clock
     assert worker.release("t", "4")["status"] == "released"
 
 
-def test_the_fold_refuses_a_withdraw_that_grants(runs_dir: Path, clock: FakeClock) -> None:
+def test_the_fold_refuses_a_withdraw_that_grants(store: Location, clock: FakeClock) -> None:
     from escalate.fold import apply_payload
     from escalate.state import RuleViolation
 
-    make_run(runs_dir, clock, approval_threshold="2", max_extension="5")
-    worker = Ledger.open(runs_dir, "r", clock=clock, actor="wk")
+    make_run(store, clock, approval_threshold="2", max_extension="5")
+    worker = Ledger.open(store, "r", clock=clock, actor="wk")
     with pytest.raises(Pending):
         worker.reserve("t", "3")
     state = worker.state()

@@ -10,6 +10,7 @@ import pytest
 
 from escalate import Ledger
 from escalate.gate import check_gate, evaluate, github_annotation
+from tests.conftest import Location
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -20,9 +21,9 @@ def _not_on_github(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
-def busy_run(runs_dir: Path, clock: Any) -> Ledger:
+def busy_run(store: Location, clock: Any) -> Ledger:
     """A run with a released task (over its estimate), one in flight, an open escalation and a halt."""
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="4",
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="4",
                       max_extension="5", clock=clock)
     run.reserve("build", "2")
     run.release("build", "2.5")
@@ -34,8 +35,8 @@ def busy_run(runs_dir: Path, clock: Any) -> Ledger:
     return run
 
 
-def test_within_budget_exits_0(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_within_budget_exits_0(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("t", "4")
     run.release("t", "3")
     result = cli("gate", "r")
@@ -44,8 +45,8 @@ def test_within_budget_exits_0(runs_dir: Path, cli: Any) -> None:
     assert result.stderr == ""
 
 
-def test_exactly_at_the_limit_passes_with_a_warning(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_exactly_at_the_limit_passes_with_a_warning(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("t", "10")
     run.release("t", "10")
     result = cli("gate", "r", "--json")
@@ -56,8 +57,8 @@ def test_exactly_at_the_limit_passes_with_a_warning(runs_dir: Path, cli: Any) ->
     assert [w["code"] for w in body["warnings"]] == ["near_limit"]
 
 
-def test_spent_over_the_cap_exits_3_with_one_line(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_spent_over_the_cap_exits_3_with_one_line(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("t", "9")
     run.release("t", "12.5")  # the money is gone: recorded, never refused
     result = cli("gate", "r")
@@ -69,8 +70,8 @@ def test_spent_over_the_cap_exits_3_with_one_line(runs_dir: Path, cli: Any) -> N
     assert lines[0].endswith("see 'escalate runs show r' for the tasks")
 
 
-def test_committed_over_max_spent_exits_3(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_committed_over_max_spent_exits_3(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("a", "2")
     run.release("a", "2")
     run.reserve("b", "4")
@@ -85,8 +86,8 @@ def test_committed_over_max_spent_exits_3(runs_dir: Path, cli: Any) -> None:
     assert "committed $6.00 (spent $2.00 + reserved $4.00) is over --max-spent $5.99" in result.stderr
 
 
-def test_max_spent_default_includes_extensions(runs_dir: Path, clock: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", max_extension="5", clock=clock)
+def test_max_spent_default_includes_extensions(store: Location, clock: Any) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", max_extension="5", clock=clock)
     run.reserve("a", "8")
     with pytest.raises(Exception, match="escalated"):
         run.reserve("b", "4")
@@ -97,8 +98,8 @@ def test_max_spent_default_includes_extensions(runs_dir: Path, clock: Any) -> No
     assert not evaluate(state, max_spent_micros=11_000_000).passed
 
 
-def test_halt_fails_unless_allowed(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_halt_fails_unless_allowed(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("small", "8")
     with pytest.raises(Exception, match="halted"):
         run.reserve("big", "5")
@@ -110,8 +111,8 @@ def test_halt_fails_unless_allowed(runs_dir: Path, cli: Any) -> None:
     assert "escalate: warning: 1 task halted (big: run_cap)" in allowed.stderr
 
 
-def test_cancelled_escalation_counts_as_a_halt(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1")
+def test_cancelled_escalation_counts_as_a_halt(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="1")
     with pytest.raises(Exception, match="escalated"):
         run.reserve("t", "2")
     run.cancel("esc-2", by="lead")
@@ -120,8 +121,8 @@ def test_cancelled_escalation_counts_as_a_halt(runs_dir: Path, cli: Any) -> None
     assert result.json()["failures"][0]["message"] == "1 task halted (t: cancelled)"
 
 
-def test_open_escalation_fails_unless_allowed(runs_dir: Path, cli: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1")
+def test_open_escalation_fails_unless_allowed(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="1")
     with pytest.raises(Exception, match="escalated"):
         run.reserve("t", "2")
     result = cli("gate", "r")
@@ -132,8 +133,8 @@ def test_open_escalation_fails_unless_allowed(runs_dir: Path, cli: Any) -> None:
     assert cli("gate", "r").exit_code == 0
 
 
-def test_bad_input_exits_2(runs_dir: Path, cli: Any) -> None:
-    Ledger.init(runs_dir, "r", cap="10")
+def test_bad_input_exits_2(store: Location, cli: Any) -> None:
+    Ledger.init(store, "r", cap="10")
     bad_amount = cli("gate", "r", "--max-spent", "ten")
     assert bad_amount.exit_code == 2
     assert "invalid --max-spent 'ten'" in bad_amount.stderr
@@ -142,9 +143,9 @@ def test_bad_input_exits_2(runs_dir: Path, cli: Any) -> None:
     assert unknown.json()["error"] == "unknown_run"
 
 
-def test_github_annotations_and_summary(runs_dir: Path, cli: Any, clock: Any, tmp_path: Path,
+def test_github_annotations_and_summary(store: Location, cli: Any, clock: Any, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    busy_run(runs_dir, clock)
+    busy_run(store, clock)
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n", encoding="utf-8")
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
@@ -171,15 +172,15 @@ def test_github_annotations_and_summary(runs_dir: Path, cli: Any, clock: Any, tm
     assert "## escalate gate ✅ passed: run `r`" in summary.read_text(encoding="utf-8")
 
 
-def test_error_is_annotated_on_github(runs_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_is_annotated_on_github(store: Location, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     result = cli("gate", "missing")
     assert result.exit_code == 2
     assert result.stdout.startswith("::error title=escalate gate::budget gate could not check run missing: ")
 
 
-def test_no_annotations_off_github(runs_dir: Path, cli: Any, clock: Any) -> None:
-    busy_run(runs_dir, clock)
+def test_no_annotations_off_github(store: Location, cli: Any, clock: Any) -> None:
+    busy_run(store, clock)
     result = cli("gate", "r")
     assert result.exit_code == 3
     assert "::error" not in result.stdout + result.stderr
@@ -191,11 +192,11 @@ def test_annotation_data_is_escaped() -> None:
     assert line == "::warning title=escalate gate::100%25 used%0Asecond line"
 
 
-def test_golden_summary_is_current(runs_dir: Path, clock: Any) -> None:
+def test_golden_summary_is_current(store: Location, clock: Any) -> None:
     """Regenerate with ESCALATE_UPDATE_GOLDEN=1 after an intended change of the summary."""
     from escalate.report import run_markdown
 
-    state = busy_run(runs_dir, clock).state()
+    state = busy_run(store, clock).state()
     text = run_markdown(state, verdict=evaluate(state)) + "\n"
     assert check_gate(state).summary_markdown + "\n" == text  # what the gate command writes
     golden = GOLDEN / "gate_summary_failed.md"

@@ -1,6 +1,7 @@
 """Golden run logs: fixed files under tests/golden that every version must keep replaying to
 the same totals. They were written once by the scripts below (with a FakeClock) and are
-committed as they are; the tests only ever copy them.
+committed as they are; the tests only ever copy them (into a runs folder, or with ``runs
+import`` into a PostgreSQL database: every test here runs on both stores).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, Location, log_bytes
 
 from escalate import Ledger, Refused
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def write_basic(root: Path) -> None:
+def write_basic(root: Location) -> None:
     """``ledger_basic``: reserve, increase and release inside the caps."""
     clock = FakeClock()
     run = Ledger.init(root, "golden-basic", cap="50", task_cap="20", actor="golden", clock=clock)
@@ -38,7 +39,7 @@ def write_basic(root: Path) -> None:
         step()
 
 
-def write_halts(root: Path) -> None:
+def write_halts(root: Location) -> None:
     """``ledger_halts``: halts on both caps, an exact-fit increase, a halted increase that is
     still released, and releases that over-run their reservations."""
     clock = FakeClock()
@@ -105,20 +106,26 @@ EXPECTED: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(params=sorted(GOLDENS))
-def golden(request: pytest.FixtureRequest, runs_dir: Path) -> tuple[str, str, Path]:
-    """(golden name, run id, a private copy of the golden log laid out as a run)."""
+def golden(request: pytest.FixtureRequest, store: Location, cli: Any) -> tuple[str, str, Location]:
+    """(golden name, run id, the store holding a private copy of the golden log as that run):
+    the file copied into a runs folder, or imported into a database as it is."""
     name = request.param
     run_id = GOLDENS[name][0]
-    copy = runs_dir / run_id / "events.ndjson"
-    copy.parent.mkdir(parents=True)
-    shutil.copyfile(GOLDEN / f"{name}.ndjson", copy)
-    return name, run_id, copy
+    if isinstance(store, Path):
+        copy = store / run_id / "events.ndjson"
+        copy.parent.mkdir(parents=True)
+        shutil.copyfile(GOLDEN / f"{name}.ndjson", copy)
+    else:
+        imported = cli("runs", "import", run_id, str(GOLDEN / f"{name}.ndjson"))
+        assert imported.exit_code == 0, imported.stderr
+    assert log_bytes(store, run_id) == (GOLDEN / f"{name}.ndjson").read_bytes()
+    return name, run_id, store
 
 
-def test_golden_replays_to_the_hand_checked_totals(golden: tuple[str, str, Path]) -> None:
-    name, run_id, copy = golden
+def test_golden_replays_to_the_hand_checked_totals(golden: tuple[str, str, Location]) -> None:
+    name, run_id, store = golden
     expected = EXPECTED[name]
-    state = Ledger.open(copy.parent.parent, run_id).state()
+    state = Ledger.open(store, run_id).state()
     totals = state.totals()
     for key in ("cap_micros", "task_cap_micros", "spent_micros", "reserved_micros", "committed_micros",
                 "remaining_micros", "extended_micros", "events", "halts"):
@@ -127,17 +134,17 @@ def test_golden_replays_to_the_hand_checked_totals(golden: tuple[str, str, Path]
             for task_id, task in state.tasks.items()} == expected["tasks"]
 
 
-def test_golden_passes_the_independent_audit(golden: tuple[str, str, Path], audit: Any) -> None:
-    name, _, copy = golden
+def test_golden_passes_the_independent_audit(golden: tuple[str, str, Location], audit: Any) -> None:
+    name, run_id, store = golden
     expected = EXPECTED[name]
-    found = audit(copy)
+    found = audit(log_bytes(store, run_id))
     assert len(found.events) == expected["events"]
     assert found.spent_micros == expected["spent_micros"]
     assert found.reserved_micros == expected["reserved_micros"]
     assert found.types["halt"] == expected["halts"]
 
 
-def test_golden_through_runs_show_json(golden: tuple[str, str, Path], cli: Any) -> None:
+def test_golden_through_runs_show_json(golden: tuple[str, str, Location], cli: Any) -> None:
     name, run_id, _ = golden
     expected = EXPECTED[name]
     result = cli("runs", "show", run_id, "--json")
@@ -161,16 +168,16 @@ def test_golden_halt_reasons() -> None:
     ]
 
 
-def test_a_writer_continues_a_golden_log(golden: tuple[str, str, Path]) -> None:
-    name, run_id, copy = golden
-    original = copy.read_bytes()
-    run = Ledger.open(copy.parent.parent, run_id, actor="later")
+def test_a_writer_continues_a_golden_log(golden: tuple[str, str, Location]) -> None:
+    name, run_id, store = golden
+    original = log_bytes(store, run_id)
+    run = Ledger.open(store, run_id, actor="later")
     if EXPECTED[name]["remaining_micros"] > 0:
         assert run.reserve("later", "0.5")["status"] == "reserved"
     else:
         with pytest.raises(Refused):
             run.reserve("later", "0.5")
-    data = copy.read_bytes()
+    data = log_bytes(store, run_id)
     assert data.startswith(original)  # nothing earlier is ever rewritten
     [new_line] = data[len(original):].splitlines()
     event = orjson.loads(new_line)
@@ -190,12 +197,12 @@ CONTRACT = {  # docs/events.md: the envelope and each type's payload fields
 
 
 @pytest.mark.parametrize("name", sorted(GOLDENS))
-def test_the_writer_still_writes_what_the_golden_says(name: str, tmp_path: Path) -> None:
+def test_the_writer_still_writes_what_the_golden_says(name: str, store: Location) -> None:
     """Re-running the script writes the same contract fields line by line (new fields may be
     added to events; none of the documented ones may change)."""
     run_id, write = GOLDENS[name]
-    write(tmp_path)
-    fresh = [orjson.loads(line) for line in (tmp_path / run_id / "events.ndjson").read_bytes().splitlines()]
+    write(store)
+    fresh = [orjson.loads(line) for line in log_bytes(store, run_id).splitlines()]
     kept = [orjson.loads(line) for line in (GOLDEN / f"{name}.ndjson").read_bytes().splitlines()]
     assert len(fresh) == len(kept)
     for new, old in zip(fresh, kept, strict=True):

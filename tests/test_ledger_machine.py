@@ -1,9 +1,11 @@
 """A hypothesis state machine: random reserve/increase/release calls against the library,
 checked after every step against a tiny reference model written here from docs/concepts.md
-("Reservations", "Totals and caps"; not from escalate/fold.py or escalate/decide.py)."""
+("Reservations", "Totals and caps"; not from escalate/fold.py or escalate/decide.py). It runs
+on both stores: a runs folder and a PostgreSQL database."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -12,15 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import audit_log
+from conftest import Location, audit_log, log_bytes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from escalate import Conflict, EscalateError, Ledger, Micros, Refused
 from escalate.money import MICROS_PER_USD
 
-RUN = "machine"
 TASKS = st.sampled_from([f"t{i}" for i in range(16)])
 # Amounts are drawn as eighths of the cap (up to 10/8: over the run and task caps) plus a
 # small jitter, so exact fits, one-micro misses and idempotent repeats all come up often.
@@ -118,8 +126,10 @@ class Model:
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, store: Location, run_id: str) -> None:
         super().__init__()
+        self.store = store
+        self.run_id = run_id
         self.root = Path(tempfile.mkdtemp(prefix="escalate-machine-"))
         self.model: Model | None = None
         self.run: Ledger | None = None
@@ -129,7 +139,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 task_cap_share=st.sampled_from([None, 1, 2, 3]), form=FORMS)
     def open_run(self, cap: int, task_cap_share: int | None, form: str) -> None:
         task_cap = cap if task_cap_share is None else cap * task_cap_share // 4
-        self.run = Ledger.init(self.root / "runs", RUN, cap=as_amount(cap, form),
+        self.run = Ledger.init(self.store, self.run_id, cap=as_amount(cap, form),
                                task_cap=None if task_cap_share is None else as_amount(task_cap, form),
                                actor="machine")
         self.model = Model(cap, task_cap)
@@ -228,16 +238,19 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         model = self.model
         live = self.run.state()
-        # Replay the log alone from scratch: a copy in an empty runs root has no cache to start from.
+        # Replay the log alone from scratch: a copy in an empty runs root has no cache to start
+        # from; the store's own fold of every line (never its checkpoint) must agree too.
+        log = log_bytes(self.store, self.run_id)
         scratch = self.root / "scratch"
         shutil.rmtree(scratch, ignore_errors=True)
-        (scratch / RUN).mkdir(parents=True)
-        shutil.copyfile(self.root / "runs" / RUN / "events.ndjson", scratch / RUN / "events.ndjson")
-        fresh = Ledger.open(scratch, RUN).state()
-        reopened = Ledger.open(self.root / "runs", RUN).state()
-        audited = audit_log(scratch / RUN / "events.ndjson")  # folded without escalate's code
+        (scratch / self.run_id).mkdir(parents=True)
+        (scratch / self.run_id / "events.ndjson").write_bytes(log)
+        fresh = Ledger.open(scratch, self.run_id).state()
+        reopened = Ledger.open(self.store, self.run_id).state()
+        every_line = Ledger.open(self.store, self.run_id).verified_state()
+        audited = audit_log(log)  # folded without escalate's code
         assert (audited.spent_micros, audited.reserved_micros) == (model.spent, model.reserved)
-        for state in (live, fresh, reopened):
+        for state in (live, fresh, reopened, every_line):
             assert state.spent_micros == model.spent
             assert state.reserved_micros == model.reserved
             assert state.cap_micros == model.cap
@@ -253,10 +266,16 @@ class LedgerMachine(RuleBasedStateMachine):
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-LedgerMachine.TestCase.settings = settings(
-    max_examples=50,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-test_ledger_machine = LedgerMachine.TestCase
+def test_ledger_machine(store: Location) -> None:
+    """Each example opens a run of its own in ``store`` (a runs folder, or a database)."""
+    numbers = itertools.count()
+
+    def machine() -> LedgerMachine:
+        return LedgerMachine(store, f"machine-{next(numbers)}")
+
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=50,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    ))

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import escalate
 from escalate import InvalidAmount, Ledger, Micros
-from tests.conftest import snapshot_tree
+from tests.conftest import Location, has_run, log_bytes, snapshot_store
 
 
 @pytest.mark.parametrize("cap", [10, 10.0, True, 2**70])
-def test_init_refuses_a_bare_number_and_names_both_forms(runs_dir: Path, cap: Any) -> None:
+def test_init_refuses_a_bare_number_and_names_both_forms(store: Location, cap: Any) -> None:
     with pytest.raises(InvalidAmount) as caught:
-        Ledger.init(runs_dir, "r", cap=cap)
+        Ledger.init(store, "r", cap=cap)
     message = caught.value.message
     assert message.startswith("invalid cap ") and type(cap).__name__ in message
     assert "str or Decimal" in message and "escalate.Micros(" in message
     assert caught.value.exit_code == 2
-    assert not (runs_dir / "r").exists()
+    assert not has_run(store, "r")
 
 
 @pytest.mark.parametrize("call", [
@@ -33,18 +32,18 @@ def test_init_refuses_a_bare_number_and_names_both_forms(runs_dir: Path, cap: An
     lambda run: run.set_policy(max_extension=5),
     lambda run: run.set_policy(approval_threshold=1.5),
 ])
-def test_commands_refuse_a_bare_number_and_write_nothing(runs_dir: Path, call: Any) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10")
+def test_commands_refuse_a_bare_number_and_write_nothing(store: Location, call: Any) -> None:
+    run = Ledger.init(store, "r", cap="10")
     run.reserve("held", "2")
-    before = snapshot_tree(runs_dir)
+    before = snapshot_store(store)
     with pytest.raises(InvalidAmount, match=r"give USD as str or Decimal .*escalate\.Micros\("):
         call(run)
-    assert snapshot_tree(runs_dir) == before
+    assert snapshot_store(store) == before
 
 
-def test_micros_are_taken_as_micros(runs_dir: Path) -> None:
-    run = Ledger.init(runs_dir, "r", cap=Micros(10_000_000), max_extension=Micros(1))
-    same = Ledger.init(runs_dir, "r", cap=Decimal("10"), max_extension="0.000001")
+def test_micros_are_taken_as_micros(store: Location) -> None:
+    run = Ledger.init(store, "r", cap=Micros(10_000_000), max_extension=Micros(1))
+    same = Ledger.init(store, "r", cap=Decimal("10"), max_extension="0.000001")
     assert same.state().totals() == run.state().totals()
     assert run.reserve("t", Micros(2_500_000))["remaining_micros"] == 7_500_000
     assert run.release("t", escalate.Micros(1))["remaining_micros"] == 9_999_999
@@ -63,18 +62,18 @@ def test_micros_is_an_int_that_says_what_it_is() -> None:
     assert Micros(Micros(7)) == 7
 
 
-def test_set_policy_refuses_an_unknown_setting(runs_dir: Path) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce")
-    before = snapshot_tree(runs_dir)
+def test_set_policy_refuses_an_unknown_setting(store: Location) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce")
+    before = snapshot_store(store)
     with pytest.raises(TypeError, match="max_extention"):
         run.set_policy(max_extention="5")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         run.set_policy("shadow")  # type: ignore[misc]
-    assert snapshot_tree(runs_dir) == before
+    assert snapshot_store(store) == before
 
 
-def test_set_policy_changes_only_what_it_names(runs_dir: Path) -> None:
-    run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2",
+def test_set_policy_changes_only_what_it_names(store: Location) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="2",
                       escalation_timeout_s=600, max_extension="3")
     assert run.set_policy()["status"] == "exists"
     run.set_policy(max_extension="5")
@@ -92,23 +91,23 @@ def test_set_policy_changes_only_what_it_names(runs_dir: Path) -> None:
     lambda root: Ledger.open(root, "r", lock_timeout=10**400),
     lambda root: Ledger.open(root, "r", lock_timeout=True),
 ])
-def test_wrong_types_in_the_library_are_input_errors_not_crashes(runs_dir: Path, call: Any) -> None:
+def test_wrong_types_in_the_library_are_input_errors_not_crashes(store: Location, call: Any) -> None:
     from escalate import InputError
 
-    Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1").reserve("t", "1")
-    before = (runs_dir / "r" / "events.ndjson").read_bytes()
+    Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="1").reserve("t", "1")
+    before = log_bytes(store, "r")
     with pytest.raises(InputError) as refused:
-        call(runs_dir)
+        call(store)
     assert refused.value.exit_code == 2 and "Trues" not in refused.value.message
-    assert (runs_dir / "r" / "events.ndjson").read_bytes() == before
+    assert log_bytes(store, "r") == before
 
 
-def test_a_clock_at_the_end_of_time_still_escalates(runs_dir: Path) -> None:
+def test_a_clock_at_the_end_of_time_still_escalates(store: Location) -> None:
     from datetime import UTC, datetime
 
     from escalate import Pending
 
-    late = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="1",
+    late = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="1",
                        clock=lambda: datetime(9999, 12, 31, 23, 30, tzinfo=UTC))
     with pytest.raises(Pending) as pending:
         late.reserve("t", "5")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 
 from escalate import InvalidAmount, Ledger, Micros, Refused
 from escalate.money import MAX_MICROS, MICROS_PER_USD, format_usd, parse_micros
+from tests.conftest import Location
 
 micros_values = st.integers(min_value=0, max_value=MAX_MICROS)
 
@@ -220,7 +220,7 @@ def test_refusal_says_what_is_wrong(text: str, says: str) -> None:
     (("gate", "r", "--max-spent", "--json"), "--max-spent"),
 ])
 def test_option_message_names_the_option(argv: tuple[str, ...], option: str, cli: Any,
-                                         runs_dir: Path) -> None:
+                                         store: Location) -> None:
     assert cli("runs", "init", "r", "--cap", "5").exit_code == 0
     result = cli(*argv)
     assert result.exit_code == 2
@@ -297,8 +297,8 @@ def test_arbitrary_text_parses_exactly_or_is_refused(text: str) -> None:
 # ------------------------------------------------------------------ the float boundary
 
 
-def test_float_boundary_library(runs_dir: Path) -> None:
-    run = Ledger.init(runs_dir, "floaty", cap="0.30")
+def test_float_boundary_library(store: Location) -> None:
+    run = Ledger.init(store, "floaty", cap="0.30")
     assert run.reserve("a", "0.10")["remaining_micros"] == 200_000
     assert run.reserve("b", "0.20")["remaining_micros"] == 0
     state = run.state()
@@ -312,7 +312,7 @@ def test_float_boundary_library(runs_dir: Path) -> None:
     assert state.tasks["c"].state == "halted"
 
 
-def test_float_boundary_cli(cli: Any) -> None:
+def test_float_boundary_cli(cli: Any, store: Location) -> None:
     assert cli("runs", "init", "floaty", "--cap", "0.30").exit_code == 0
     assert cli("reserve", "floaty", "a", "--estimate", "0.10").exit_code == 0
     assert cli("reserve", "floaty", "b", "--estimate", "0.20", "--json").json()["remaining_micros"] == 0
@@ -331,7 +331,7 @@ CLI_REFUSED = ["", "NaN", "inf", "-1", "1e3", "1,000", "0.0000001", "\u0661", "1
 
 @pytest.mark.parametrize("bad", CLI_REFUSED)
 @pytest.mark.parametrize("command", ["reserve", "increase", "release", "init"])
-def test_cli_refuses_bad_amount_with_one_line(cli: Any, bad: str, command: str) -> None:
+def test_cli_refuses_bad_amount_with_one_line(cli: Any, store: Location, bad: str, command: str) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     assert cli("reserve", "r", "held", "--estimate", "1").exit_code == 0
     args = {

@@ -1,6 +1,7 @@
 """The many-runs calls and the gate as a library (docs/library.md, "The gate and many runs"):
 each returns what its command prints with --json, and behaves as the command does on a
-missing or wrong runs folder and on a run that cannot be read."""
+missing or wrong runs folder and on a run that cannot be read (the calls and the gate on both
+stores; the damaged runs in a runs folder)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from escalate import (
 )
 from escalate.gate import evaluate
 from escalate.state import Policy, RunState
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, Location
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,7 @@ def _not_on_github(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
-def two_runs(runs_dir: Path, clock: FakeClock) -> tuple[Ledger, Ledger]:
+def two_runs(runs_dir: Location, clock: FakeClock) -> tuple[Ledger, Ledger]:
     """``a``: an open escalation and a halt; ``b``: opened later, one task in flight."""
     a = Ledger.init(runs_dir, "a", cap="10", escalation="enforce", approval_threshold="4",
                     escalation_timeout_s=60, clock=clock)
@@ -54,21 +55,21 @@ def break_log(runs_dir: Path, run: str) -> None:
     log.write_bytes(log.read_bytes() + b"not json\n" + b'{"v":1}\n')
 
 
-def test_each_call_returns_what_its_command_prints(runs_dir: Path, cli: Any, clock: FakeClock) -> None:
-    a, b = two_runs(runs_dir, clock)
-    assert list_runs(runs_dir) == cli("runs", "list", "--json").json()["runs"]
-    assert [row["run"] for row in list_runs(runs_dir)] == ["b", "a"]
-    found = inbox(runs_dir)
+def test_each_call_returns_what_its_command_prints(store: Location, cli: Any, clock: FakeClock) -> None:
+    a, b = two_runs(store, clock)
+    assert list_runs(store) == cli("runs", "list", "--json").json()["runs"]
+    assert [row["run"] for row in list_runs(store)] == ["b", "a"]
+    found = inbox(store)
     assert found["skipped"] == []
     assert found["escalations"] == cli("escalations", "--json").json()["escalations"]
     assert [row["task"] for row in found["escalations"]] == ["big"]
     assert verify_report(a) == cli("runs", "verify", "a", "--json").json()
     assert check_gate(b).to_json() == cli("gate", "b", "--json").json()
     clock.advance(120)
-    swept = sweep_all(runs_dir, clock=clock)
+    swept = sweep_all(store, clock=clock)
     assert swept == {"status": "swept", "runs": 2, "expired": [{"run": "a", "escalation_id": "esc-2"}],
                      "notified": [], "failures": []}
-    assert inbox(runs_dir, open_only=True)["escalations"] == []
+    assert inbox(store, open_only=True)["escalations"] == []
 
 
 @pytest.mark.parametrize("call", [list_runs, lambda root: inbox(root)["escalations"],
@@ -115,8 +116,8 @@ def test_verify_report_lists_every_problem_without_raising(runs_dir: Path, cli: 
         == {k: v for k, v in report.items() if k != "run"}
 
 
-def test_check_gate_gives_the_verdict_annotations_and_summary(runs_dir: Path, clock: FakeClock) -> None:
-    a, _ = two_runs(runs_dir, clock)
+def test_check_gate_gives_the_verdict_annotations_and_summary(store: Location, clock: FakeClock) -> None:
+    a, _ = two_runs(store, clock)
     checked = check_gate(a, max_spent="8")
     assert checked.passed is False
     assert [f.code for f in checked.failures] == ["halted", "escalation_open"]
