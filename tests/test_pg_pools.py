@@ -14,10 +14,7 @@ import pytest
 from escalate import Ledger
 from escalate.errors import Pending, Refused
 from escalate.pools import Pool
-from tests.pg_server import pg_url
 from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, make_pool, worker
-
-__all__ = ["pg_url"]  # the fixture, imported for the tests below
 
 FORK = multiprocessing.get_context("fork")
 
