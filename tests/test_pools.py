@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import FakeClock, snapshot_tree
+from conftest import FakeClock, Location, snapshot_tree
 
 from escalate import Ledger
 from escalate.errors import Conflict, InputError, Pending, Refused
@@ -23,20 +23,20 @@ def evening() -> FakeClock:
     return FakeClock(BERLIN_EVENING)
 
 
-def _pool(runs_dir: Path, clock: FakeClock, **settings: Any) -> Pool:
+def _pool(runs_dir: Location, clock: FakeClock, **settings: Any) -> Pool:
     options: dict[str, Any] = {"cap": "10", "period": "day", "tz": "Europe/Berlin", **settings}
     return Pool.init(runs_dir, "team", clock=clock, actor="owner", **options)
 
 
-def _run(runs_dir: Path, clock: FakeClock, run_id: str, **settings: Any) -> Ledger:
+def _run(runs_dir: Location, clock: FakeClock, run_id: str, **settings: Any) -> Ledger:
     return Ledger.init(runs_dir, run_id, pool="team", clock=clock, actor="worker", **settings)
 
 
-def test_the_worked_example_of_the_docs(runs_dir: Path, evening: FakeClock) -> None:
-    Pool.init(runs_dir, "team-a", cap="200", period="day", tz="Europe/Berlin", max_extension="50",
+def test_the_worked_example_of_the_docs(store: Location, evening: FakeClock) -> None:
+    Pool.init(store, "team-a", cap="200", period="day", tz="Europe/Berlin", max_extension="50",
               escalation="enforce", clock=evening)
-    api = Ledger.init(runs_dir, "nightly-api", pool="team-a", cap="150", clock=evening, actor="ci")
-    web = Ledger.init(runs_dir, "nightly-web", pool="team-a", cap="150", clock=evening, actor="ci")
+    api = Ledger.init(store, "nightly-api", pool="team-a", cap="150", clock=evening, actor="ci")
+    web = Ledger.init(store, "nightly-web", pool="team-a", cap="150", clock=evening, actor="ci")
     assert api.reserve("build", "120")["pool_remaining_micros"] == 80_000_000
     with pytest.raises(Pending) as first:
         web.reserve("e2e", "110")
@@ -52,7 +52,7 @@ def test_the_worked_example_of_the_docs(runs_dir: Path, evening: FakeClock) -> N
     assert refused.value.code == "extension_limit"
     assert "only $20.00 of the pool's max extension is left for it" in refused.value.message
     web.pause("esc-5", by="lead")
-    shown = Pool.open(runs_dir, "team-a", clock=evening).show()
+    shown = Pool.open(store, "team-a", clock=evening).show()
     assert (shown["period"], shown["cap_micros"]) == ("2026-11-30", 230_000_000)
     assert shown["extended_micros"] == 30_000_000
     assert (shown["committed_micros"], shown["remaining_micros"]) == (230_000_000, 0)
@@ -85,11 +85,11 @@ def test_the_pool_lock_is_taken_before_the_run_lock(runs_dir: Path, evening: Fak
     assert "team" in str(waited.value)
 
 
-def test_a_task_counts_in_the_period_of_its_first_reservation(runs_dir: Path) -> None:
+def test_a_task_counts_in_the_period_of_its_first_reservation(store: Location) -> None:
     # 23:59:59 in Berlin; released after midnight, the cost is yesterday's.
     clock = FakeClock(datetime(2026, 11, 30, 22, 59, 59, tzinfo=UTC))
-    pool = _pool(runs_dir, clock)
-    run = _run(runs_dir, clock, "a", cap="100")
+    pool = _pool(store, clock)
+    run = _run(store, clock, "a", cap="100")
     run.reserve("late", "7")
     clock.advance(2)  # 00:00:01 the next day
     run.increase("late", "9")  # still yesterday's: $1 was left there, $2 more fits
@@ -104,29 +104,29 @@ def test_a_task_counts_in_the_period_of_its_first_reservation(runs_dir: Path) ->
     assert (today["period"], today["reserved_micros"], today["spent_micros"]) == ("2026-12-01", 10_000_000, 0)
 
 
-def test_weeks_and_months_follow_the_calendar_of_the_zone(runs_dir: Path) -> None:
+def test_weeks_and_months_follow_the_calendar_of_the_zone(store: Location) -> None:
     clock = FakeClock(datetime(2026, 11, 29, 23, 30, tzinfo=UTC))  # Monday 00:30 in Berlin
-    week = Pool.init(runs_dir, "weekly", cap="5", period="week", tz="Europe/Berlin", clock=clock)
+    week = Pool.init(store, "weekly", cap="5", period="week", tz="Europe/Berlin", clock=clock)
     shown = week.show()
     assert (shown["period"], shown["period_start"]) == ("2026-W49", "2026-11-29T23:00:00.000000Z")
     assert week.show("2026-11-29")["period"] == "2026-W48"  # Sunday: the week before
-    month = Pool.init(runs_dir, "monthly", cap="5", period="month", tz="America/New_York", clock=clock)
+    month = Pool.init(store, "monthly", cap="5", period="month", tz="America/New_York", clock=clock)
     assert month.show()["period"] == "2026-11"  # still November 29 in New York
     assert month.show()["period_end"] == "2026-12-01T05:00:00.000000Z"
     assert month.show("2026-10")["period_start"] == "2026-10-01T04:00:00.000000Z"  # before DST ended
 
 
-def test_lowering_the_cap_below_what_is_committed_refuses_new_money(runs_dir: Path,
+def test_lowering_the_cap_below_what_is_committed_refuses_new_money(store: Location,
                                                                    evening: FakeClock) -> None:
-    pool = _pool(runs_dir, evening)
-    run = _run(runs_dir, evening, "a")
+    pool = _pool(store, evening)
+    run = _run(store, evening, "a")
     run.reserve("t1", "8")
     assert pool.set_policy(cap="5")["status"] == "changed"
     assert pool.show()["remaining_micros"] == -3_000_000
     with pytest.raises(Refused):
         run.reserve("t2", "0.01")
     run.release("t1", "8")  # settling is never refused
-    assert Pool.open(runs_dir, "team").facts.cap_micros == 5_000_000
+    assert Pool.open(store, "team").facts.cap_micros == 5_000_000
 
 
 def _files(runs_dir: Path) -> dict[str, bytes]:
@@ -160,16 +160,16 @@ def test_ids_of_pools_and_runs_never_cross(runs_dir: Path, evening: FakeClock, c
     assert [row["pool"] for row in cli("pools", "list", "--json").json()["pools"]] == ["team"]
 
 
-def test_a_run_never_joins_or_leaves_a_pool_after_it_is_created(runs_dir: Path, evening: FakeClock) -> None:
-    _pool(runs_dir, evening)
-    Ledger.init(runs_dir, "solo", cap="5", clock=evening)
-    _run(runs_dir, evening, "member", cap="5")
+def test_a_run_never_joins_or_leaves_a_pool_after_it_is_created(store: Location, evening: FakeClock) -> None:
+    _pool(store, evening)
+    Ledger.init(store, "solo", cap="5", clock=evening)
+    _run(store, evening, "member", cap="5")
     with pytest.raises(Conflict, match="never joins or leaves"):
-        _run(runs_dir, evening, "solo", cap="5")
+        _run(store, evening, "solo", cap="5")
     with pytest.raises(Conflict, match="in pool team"):
-        Ledger.init(runs_dir, "member", cap="5", clock=evening)
-    assert _run(runs_dir, evening, "member", cap="5").created is False  # the same init again
-    assert Pool.open(runs_dir, "team").facts.members == ["member"]
+        Ledger.init(store, "member", cap="5", clock=evening)
+    assert _run(store, evening, "member", cap="5").created is False  # the same init again
+    assert Pool.open(store, "team").facts.members == ["member"]
 
 
 def test_an_init_cut_between_the_join_and_the_run_is_completed_by_its_retry(
@@ -196,6 +196,7 @@ def test_an_init_cut_between_the_join_and_the_run_is_completed_by_its_retry(
 
 
 def test_pool_escalations_are_for_the_pools_approvers(runs_dir: Path, evening: FakeClock) -> None:
+    # File store only: on PostgreSQL approver lists name database roles (test_pg_store.py).
     _pool(runs_dir, evening, escalation="enforce", approvers="pool-lead", max_extension="5")
     run = _run(runs_dir, evening, "a", cap="100", approvers="run-lead")
     with pytest.raises(Pending) as asked:
@@ -206,10 +207,10 @@ def test_pool_escalations_are_for_the_pools_approvers(runs_dir: Path, evening: F
     assert run.approve(asked.value.escalation_id, by="pool-lead")["pool_extension_micros"] == 2_000_000
 
 
-def test_a_run_escalation_approved_must_fit_the_pool(runs_dir: Path, evening: FakeClock) -> None:
-    _pool(runs_dir, evening)
-    other = _run(runs_dir, evening, "other")
-    run = _run(runs_dir, evening, "a", cap="5", escalation="enforce", approval_threshold="1")
+def test_a_run_escalation_approved_must_fit_the_pool(store: Location, evening: FakeClock) -> None:
+    _pool(store, evening)
+    other = _run(store, evening, "other")
+    run = _run(store, evening, "a", cap="5", escalation="enforce", approval_threshold="1")
     with pytest.raises(Pending) as asked:
         run.reserve("big", "4")  # over the run's threshold: a run escalation
     other.reserve("t", "7")
@@ -237,9 +238,9 @@ def test_the_gate_for_a_pool(runs_dir: Path, evening: FakeClock, cli: Any, tmp_p
     assert cli("gate").exit_code == 2 and cli("gate", "a", "--pool", "team").exit_code == 2
 
 
-def test_show_json_keys_and_markdown(runs_dir: Path, evening: FakeClock, cli: Any) -> None:
-    _pool(runs_dir, evening, period="none")
-    _run(runs_dir, evening, "a").reserve("t", "2")
+def test_show_json_keys_and_markdown(store: Location, evening: FakeClock, cli: Any) -> None:
+    _pool(store, evening, period="none")
+    _run(store, evening, "a").reserve("t", "2")
     shown = cli("pools", "show", "team", "--json").json()
     assert {"pool", "period", "period_start", "period_end", "cap_micros", "extended_micros", "spent_micros",
             "reserved_micros", "committed_micros", "remaining_micros", "runs"} <= set(shown)

@@ -4,17 +4,22 @@ reference model written here: what fits, and the pool's totals per period."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from conftest import FakeClock
+from conftest import FakeClock, Location
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from escalate import Ledger
 from escalate.errors import Refused
@@ -46,9 +51,10 @@ class ModelTask:
 
 
 class PoolMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, store: Location, prefix: str) -> None:
         super().__init__()
-        self.root = Path(tempfile.mkdtemp(prefix="pool-machine-")) / "runs"
+        self.root = store
+        self.prefix = prefix  # each example's pool and runs have ids of their own
         self.clock = FakeClock(START.astimezone(UTC))
         self.tasks: dict[str, ModelTask] = {}
         self.spent: dict[str, int] = {}  # by period
@@ -58,12 +64,10 @@ class PoolMachine(RuleBasedStateMachine):
     @initialize(kind=st.sampled_from(["day", "week", "month"]), cap=st.integers(3, 12))
     def make(self, kind: str, cap: int) -> None:
         self.kind, self.cap = kind, cap * 1_000_000
-        self.pool = Pool.init(self.root, "pool", cap=str(cap), period=kind, tz=ZONE, clock=self.clock)
-        self.runs = {run: Ledger.init(self.root, run, pool="pool", cap="8", clock=self.clock)
-                     for run in ("r0", "r1")}
-
-    def teardown(self) -> None:
-        shutil.rmtree(self.root.parent, ignore_errors=True)
+        pool_id = f"{self.prefix}-pool"
+        self.pool = Pool.init(self.root, pool_id, cap=str(cap), period=kind, tz=ZONE, clock=self.clock)
+        self.runs = {run: Ledger.init(self.root, f"{self.prefix}-{run}", pool=pool_id, cap="8",
+                                      clock=self.clock) for run in ("r0", "r1")}
 
     def period_now(self) -> str:
         return model_period(self.kind, self.clock())
@@ -134,6 +138,9 @@ class PoolMachine(RuleBasedStateMachine):
             assert shown["spent_micros"] == self.spent.get(period, 0)
 
 
-PoolMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
-test_pools_follow_the_model = PoolMachine.TestCase
+def test_pools_follow_the_model(store: Location) -> None:
+    """Each example opens a pool and runs of its own in ``store`` (a runs folder, or a database)."""
+    numbers = itertools.count()
+    run_state_machine_as_test(lambda: PoolMachine(store, f"m{next(numbers)}"), settings=settings(
+        max_examples=40, stateful_step_count=25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow]))
