@@ -93,3 +93,48 @@ def test_the_books_are_rows_that_commit_with_the_write(pg_url: str) -> None:
     with pytest.raises(Refused):
         Ledger.open(pg_url, "r1").reserve("b", "3.01")
     assert Ledger.open(pg_url, "r1").reserve("c", "3")["pool_remaining_micros"] == 0
+
+
+def test_the_least_privilege_roles_of_the_docs_run_a_pool() -> None:
+    """docs/scale-out.md's grants, run as written: a worker role reserves in a pool and asks,
+    an approver role grants the pool's extension; the role is what the log records."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from escalate.pg_store import PgStore
+    from tests.pg_server import admin, fresh_database, url_of
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()
+    grants = docs.split("### Roles: least privilege", 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
+    url = fresh_database()
+    database = urlsplit(url).path.lstrip("/")
+    PgStore(url).prepare()  # 'escalate store init', as the owner
+    with admin() as connection:
+        for role in ("escalate_worker", "escalate_approver"):
+            connection.execute(f"DROP ROLE IF EXISTS {role}")
+    try:
+        with psycopg.connect(url, autocommit=True) as owner:
+            owner.execute(grants.replace("'…'", "'secret'").encode())
+        worker = url_of(database, user="escalate_worker")
+        approver = url_of(database, user="escalate_approver")
+        Pool.init(worker, "team", cap="10", escalation="enforce", approval_threshold="100",
+                  max_extension="5", approvers="escalate_approver", actor="ci")
+        run = Ledger.init(worker, "nightly", pool="team", cap="50", actor="ci")
+        run.reserve("a", "8")
+        with pytest.raises(Pending) as asked:
+            run.reserve("b", "4")
+        granted = Ledger.open(approver, "nightly", actor="lead").approve(asked.value.escalation_id)
+        assert granted["pool_extension_micros"] == 2_000_000
+        resolved = [line for line in Ledger.open(worker, "nightly").events()[0]
+                    if line["type"] == "escalation_resolved"]
+        assert [(line["by"], line.get("role")) for line in resolved] == [("lead", "escalate_approver")]
+        with pytest.raises(Pending) as again:
+            run.reserve("c", "3")
+        with pytest.raises(Refused) as refused:  # whatever name it gives, the worker's role is no approver
+            Ledger.open(worker, "nightly", actor="ci").approve(again.value.escalation_id, by="lead")
+        assert refused.value.code == "not_an_approver"
+    finally:
+        with admin() as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            for role in ("escalate_worker", "escalate_approver"):
+                connection.execute(f"DROP ROLE IF EXISTS {role}")
