@@ -22,10 +22,13 @@ def decide_join(state: RunState, run_id: str) -> Decision:
     return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
 
 
-def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str) -> Decision:
+def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
+                       role: str | None = None) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
-    or the next period make room. Once the pool names approvers, only they may change it."""
+    or the next period make room. Once the pool names approvers, only they may change it
+    (``role``: the database role acting, on PostgreSQL: recorded, and checked instead of
+    ``by``)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -33,12 +36,14 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     if policy == state.policy and cap == state.pool.cap_micros:
         return Decision(result=result)
     approvers = state.policy.approvers
-    if approvers and by not in approvers:
+    if approvers and (role or by) not in approvers:
         return fail(Refused(
-            f"cannot change pool {state.run_id}: {by} is not one of its approvers "
+            f"cannot change pool {state.run_id}: {role or by} is not one of its approvers "
             f"({', '.join(approvers)}); ask one of them to run 'escalate pools set'",
             code="not_an_approver", by=by, approvers=list(approvers)))
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
     if cap != state.pool.cap_micros:
         event["cap_micros"] = cap
+    if role is not None:
+        event["role"] = role
     return Decision(events=[event], result={**result, "status": "changed"})

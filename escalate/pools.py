@@ -187,7 +187,9 @@ class Pool:
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor)
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role)
+
+        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
 
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                            clock=self.clock, lock_timeout=self.lock_timeout)

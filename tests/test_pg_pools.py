@@ -8,6 +8,7 @@ import multiprocessing
 import os
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -133,6 +134,16 @@ def test_the_least_privilege_roles_of_the_docs_run_a_pool() -> None:
         with pytest.raises(Refused) as refused:  # whatever name it gives, the worker's role is no approver
             Ledger.open(worker, "nightly", actor="ci").approve(again.value.escalation_id, by="lead")
         assert refused.value.code == "not_an_approver"
+        # Changing the pool is the approvers' too, checked and recorded by role, not by name.
+        with pytest.raises(Refused) as not_theirs:
+            Pool.open(worker, "team", actor="escalate_approver").set_policy(cap="50")
+        assert not_theirs.value.code == "not_an_approver"
+        assert Pool.open(approver, "team", actor="lead").set_policy(cap="50")["status"] == "changed"
+        with psycopg.connect(url) as connection:
+            lines = [orjson.loads(line) for (line,) in connection.execute(
+                "SELECT line FROM escalate_events WHERE ledger = 'team' ORDER BY seq").fetchall()]
+        changes = [line.get("role") for line in lines if line["type"] == "policy_changed"]
+        assert changes == ["escalate_approver"]
     finally:
         with admin() as connection:
             connection.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
