@@ -33,6 +33,9 @@ from escalate.state import RunState
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
 _POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+# Any other ``scheme:/…`` is a URL escalate cannot open (a typo such as ``postgressql://``),
+# never a folder to create: a fleet would quietly stop sharing its budget.
+_OTHER_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 class CacheInvalid(Exception):
@@ -212,6 +215,10 @@ def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
             raise InputError("the PostgreSQL store needs psycopg: pip install "
                              "'escalate-ledger[postgres]'", code="store_not_supported") from None
         return PgStore(text)
+    if _OTHER_URL.match(text):
+        scheme = text.split(":", 1)[0]
+        raise InputError(f"unknown store {scheme}:// — give a runs folder, or a PostgreSQL URL "
+                         "(postgresql://user@host/database)", code="invalid_store", scheme=scheme[:40])
     from escalate.file_store import FileStore
 
     return FileStore(text)

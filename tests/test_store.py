@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from escalate import Ledger, LockTimeout, Pending, StoreUnavailable, UnknownRun
+from escalate import InputError, Ledger, LockTimeout, Pending, StoreUnavailable, UnknownRun
 from escalate.log import LOG_NAME, FileLog
 from tests.conftest import FakeClock
 
@@ -40,6 +40,21 @@ def test_the_cli_reports_an_unreachable_store_in_one_line(
     assert result.json()["error"] == "store_unavailable"
     assert result.stderr.count("\n") == 1 and "retry" in result.stderr and "secret" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["postgressql://worker@db.internal:5432/budgets", "postgresq://db/x",
+                                 "mysql://root@db/budgets", "file:///var/runs"])
+def test_a_url_of_another_kind_is_bad_input_never_a_folder(
+        url: str, cli: Any, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    for args in (("runs", "init", "nightly", "--cap", "50"), ("store", "init"), ("runs", "list")):
+        result = cli(*args, "--store", url, "--json")
+        assert result.exit_code == 2, (args, result.stdout)
+        assert result.json()["error"] == "invalid_store" and result.stderr.count("\n") == 1
+    with pytest.raises(InputError):
+        Ledger.init(url, "nightly", cap="1", actor="tester")
+    assert list(tmp_path.iterdir()) == []  # no folder named after the typo
 
 
 def _escalated(runs_dir: Path, clock: FakeClock) -> Ledger:
