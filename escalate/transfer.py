@@ -67,6 +67,7 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
     :class:`InputError` names the first problem and nothing is written. A run that
     exists already is a :class:`Conflict`. ``options`` are :class:`Ledger`'s."""
     check_id(run_id, what="run id")
+    _check_identity(source, run_id, data)
     problems = _log_problems(source, run_id, data)
     if problems:
         line, problem = problems[0]
@@ -83,7 +84,8 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
 
     if not ledger.store.create(data, refuse):
         raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
-                       "imported — import under a new run id", code="run_exists", run=run_id)
+                       "imported — remove it there first, or import into another store", code="run_exists",
+                       run=run_id)
     # The checkpoint, so the first command on a large run does not fold every line. It only
     # saves time: a failure here changes nothing the import did.
     with ledger.store.transaction() as transaction:
@@ -91,6 +93,35 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
         if replayed.problem is None:
             transaction.save_checkpoint(replayed, replayed.state, [])
     return {"run": run_id, "status": "imported", "lines": data.count(b"\n"), "bytes": len(data)}
+
+
+def _check_identity(source: str, run_id: str, data: bytes) -> None:
+    """A log is one run's, for good: its first line names the run, and a pool's member (or a
+    pool) is counted by the pool's books, so it cannot move on its own."""
+    import orjson
+
+    try:
+        first = orjson.loads(data[:data.find(b"\n")] if b"\n" in data else data)
+    except orjson.JSONDecodeError:
+        return  # the checks of every line name the problem
+    if not isinstance(first, dict):
+        return
+    if first.get("type") == "pool_opened":
+        raise InputError(f"{source} is the log of pool {first.get('pool')!s:.128}, not of a run; "
+                         "pools cannot be imported — create the pool with 'escalate pools init'",
+                         code="invalid_log", line=1, problem="a pool's log")
+    if first.get("type") != "run_opened":
+        return
+    named = first.get("run")
+    if isinstance(named, str) and named != run_id:
+        raise InputError(f"{source} is the log of run {named:.128}: import it as {named:.128} "
+                         f"(its lines name their run), not as {run_id}", code="invalid_log",
+                         line=1, problem="another run's log")
+    if "pool" in first:
+        raise InputError(f"{source} is the log of run {run_id}, a member of pool "
+                         f"{first['pool']!s:.128}: a pool's runs move only with their pool, and "
+                         "pools cannot be imported; nothing was imported", code="invalid_log",
+                         line=1, problem="a pool member's log")
 
 
 def _log_problems(source: str, run_id: str, data: bytes) -> list[tuple[int, str]]:
