@@ -96,8 +96,8 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
 
 
 def _check_identity(source: str, run_id: str, data: bytes) -> None:
-    """A log is one run's, for good: its first line names the run, and a pool's member (or a
-    pool) is counted by the pool's books, so it cannot move on its own."""
+    """A pool's member (or a pool) is counted by the pool's books, so it cannot move on its
+    own; a run without a pool may move under another id."""
     import orjson
 
     try:
@@ -112,13 +112,8 @@ def _check_identity(source: str, run_id: str, data: bytes) -> None:
                          code="invalid_log", line=1, problem="a pool's log")
     if first.get("type") != "run_opened":
         return
-    named = first.get("run")
-    if isinstance(named, str) and named != run_id:
-        raise InputError(f"{source} is the log of run {named:.128}: import it as {named:.128} "
-                         f"(its lines name their run), not as {run_id}", code="invalid_log",
-                         line=1, problem="another run's log")
     if "pool" in first:
-        raise InputError(f"{source} is the log of run {run_id}, a member of pool "
+        raise InputError(f"{source} is the log of run {first.get('run')!s:.128}, a member of pool "
                          f"{first['pool']!s:.128}: a pool's runs move only with their pool, and "
                          "pools cannot be imported; nothing was imported", code="invalid_log",
                          line=1, problem="a pool member's log")
