@@ -78,7 +78,9 @@ class Ledger:
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
             first = pool_member.first_event(self.store)
-            if first is not None and first.get("type") == "pool_opened":
+            if first is None:
+                return None  # no run yet (or a torn first write): read again next time
+            if first.get("type") == "pool_opened":
                 raise pool_book.is_a_pool(self.run_id)
             self._pool = (pool_member.pool_of(first),)
         return self._pool[0]
@@ -136,8 +138,9 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
-        if joining is None or run.store.exists():
-            # (An existing run is never joined: it is the same init again, or a conflict.)
+        if joining is None or pool_member.first_event(run.store) is not None:
+            # (An existing run is never joined: it is the same init again, or a conflict. A
+            # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)
         else:
             run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
@@ -345,6 +348,15 @@ class Ledger:
         # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
             pool_id = self.pool_id()
+            if self._pool is None:
+                # No run when its first line was read: never a write without its pool's lock.
+                # The store's fold says why (unknown, or a torn first write); a run created
+                # meanwhile has its first line now.
+                self.store.read()
+                pool_id = self.pool_id()
+                if self._pool is None:
+                    raise UnknownRun(f"no run {self.run_id} under {self.runs_store.where}; see "
+                                     "'escalate runs list'", run=self.run_id)
             if pool_id is None:
                 first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
             else:

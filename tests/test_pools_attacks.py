@@ -1,0 +1,56 @@
+"""Ways a run could slip out of its pool's count (docs/reliability.md, attacks), each
+closed: a run spends in its pool or not at all, on both stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Location
+
+from escalate import Ledger
+from escalate.errors import Refused, UnknownRun
+from escalate.pools import Pool
+
+
+def _full_pool(store: Location) -> None:
+    """Pool P of $10 with member A holding all of it."""
+    Pool.init(store, "P", cap="10", actor="tester")
+    Ledger.init(store, "A", pool="P", actor="tester").reserve("all", "10")
+
+
+def test_a_long_first_line_does_not_hide_the_pool(store: Location) -> None:
+    _full_pool(store)
+    approvers = [f"a{number:04d}" + "x" * 120 for number in range(600)]  # a first line of ~77 KB
+    run = Ledger.init(store, "B", pool="P", cap="100", approvers=approvers, actor="tester")
+    with pytest.raises(Refused) as refused:
+        run.reserve("t", "90")
+    assert refused.value.code == "over_pool_budget"
+    assert "B" in [row["run"] for row in Pool.open(store, "P").show()["runs"]]
+
+
+def test_a_ledger_made_before_its_run_exists_still_takes_the_pool(store: Location) -> None:
+    _full_pool(store)
+    early = Ledger(store, "R", actor="tester")  # a long-lived program holds it already
+    with pytest.raises(UnknownRun):
+        early.reserve("before", "1")
+    Ledger.init(store, "R", pool="P", cap="100", actor="tester")
+    with pytest.raises(Refused) as refused:
+        early.reserve("after", "90")
+    assert refused.value.code == "over_pool_budget"
+
+
+def test_runs_init_over_a_torn_first_write_joins_the_pool(runs_dir: Path) -> None:
+    _full_pool(runs_dir)
+    (runs_dir / "R").mkdir()
+    (runs_dir / "R" / "events.ndjson").write_bytes(b'{"v":1,"seq":1,"type":"run_op')  # a crash in init
+    run = Ledger.init(runs_dir, "R", pool="P", cap="100", actor="tester")
+    assert "R" in Pool.open(runs_dir, "P").facts.members
+    with pytest.raises(Refused) as refused:
+        run.reserve("t", "9")
+    assert refused.value.code == "over_pool_budget"
+
+
+def test_a_library_write_to_a_missing_run_is_an_unknown_run(store: Location) -> None:
+    with pytest.raises(UnknownRun):
+        Ledger(store, "missing", actor="tester").reserve("t", "1")
