@@ -3,6 +3,7 @@ a connection are named in a message (never with the password)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from contextlib import AbstractContextManager
@@ -20,6 +21,10 @@ class ConnectionPool(Protocol):
 
     def connection(self) -> AbstractContextManager[Connection]: ...
 
+
+# psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
+# handler Python prints it on stderr, a second line beside the one-line exit 8.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 # Without these, a server that vanishes from the network (a partition, a dead host) leaves
 # a command waiting on TCP's own timeouts, for many minutes. (libpq option: value; the

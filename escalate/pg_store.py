@@ -20,7 +20,6 @@ never the password.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -60,9 +59,6 @@ STEP_HOOK: Callable[[str], None] | None = None
 _LISTEN_AHEAD_S = 60
 # The savepoint of a transaction opened inside another one of the same store.
 _NESTED = "escalate_nested"
-# psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
-# handler Python prints it on stderr, a second line beside the one-line exit 8.
-logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 def _step(name: str) -> None:
