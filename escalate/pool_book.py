@@ -22,6 +22,7 @@ Money stays in the run logs; a task counts in the period of its first reservatio
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -40,7 +41,30 @@ from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction
 from escalate.write import Decide, write
 
-FORMAT = 2
+FORMAT = 3
+# Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
+# edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
+# rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
+# docs/reliability.md — the gate folds the logs themselves.)
+_DIGEST = 16
+
+
+def _seal(key: str, value: bytes) -> bytes:
+    return hashlib.blake2b(key.encode() + b"\0" + value, digest_size=_DIGEST).digest() + value
+
+
+def unsealed(found: dict[str, bytes] | None) -> dict[str, bytes] | None:
+    """The values of ``found`` without their digests; None (read as "cannot be read": the
+    books are rebuilt) when any of them does not match."""
+    if found is None:
+        return None
+    values = {}
+    for key, sealed in found.items():
+        value = sealed[_DIGEST:]
+        if len(sealed) < _DIGEST or _seal(key, value) != sealed:
+            return None
+        values[key] = value
+    return values
 
 
 def ledger_kinds(store: Store) -> Iterator[tuple[str, str | None]]:
@@ -119,7 +143,7 @@ class PoolBook:
         cannot be read now is no answer of zero: the book is then filled from the logs."""
         if self.complete:
             return {}
-        found = self.transaction.derived(keys)
+        found = unsealed(self.transaction.derived(keys))
         if found is None:
             self.fill(self.transaction.load().state)
             return {}
@@ -161,7 +185,8 @@ class PoolBook:
         """Save ``values``; if the store could not keep them (it then holds nothing), the
         book lives on in memory, complete, for the rest of this write: nothing is read back
         from a store that lost what was saved."""
-        if not self.transaction.save_derived(values, replace=replace) and not self.complete:
+        sealed = {key: None if value is None else _seal(key, value) for key, value in values.items()}
+        if not self.transaction.save_derived(sealed, replace=replace) and not self.complete:
             self.fill(self.transaction.load().state)
 
     def fill(self, state: RunState) -> None:
@@ -181,7 +206,7 @@ class PoolBook:
 def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
               loaded: RunState | None = None) -> PoolBook:
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
-    values = transaction.derived(["meta", "intent"]) or {}
+    values = unsealed(transaction.derived(["meta", "intent"])) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
     if (meta is None or meta.get("format") != FORMAT or meta.get("epoch") != transaction.derived_epoch()
             or meta.get("log_size") != pool_store.size()):

@@ -3,8 +3,13 @@ closed: a run spends in its pool or not at all, on both stores."""
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
+import psycopg
 import pytest
 from conftest import Location
 
@@ -54,3 +59,38 @@ def test_runs_init_over_a_torn_first_write_joins_the_pool(runs_dir: Path) -> Non
 def test_a_library_write_to_a_missing_run_is_an_unknown_run(store: Location) -> None:
     with pytest.raises(UnknownRun):
         Ledger(store, "missing", actor="tester").reserve("t", "1")
+
+
+def _edited(sealed: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """A value of the books with its JSON changed and whatever precedes the JSON kept."""
+    try:
+        meta, prefix = orjson.loads(sealed), b""
+    except orjson.JSONDecodeError:
+        meta, prefix = orjson.loads(sealed[16:]), sealed[:16]  # behind a 16-byte digest
+    edit(meta)
+    return prefix + orjson.dumps(meta)
+
+
+def _edit_books(store: Location, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Change the pool's meta in its books by hand, as valid JSON (any digest left as it was)."""
+    if isinstance(store, Path):
+        with sqlite3.connect(store / "P" / "events.ndjson.derived.sqlite") as db:
+            (sealed,) = db.execute("SELECT value FROM derived WHERE key = 'meta'").fetchone()
+            db.execute("UPDATE derived SET value = ? WHERE key = 'meta'", (_edited(bytes(sealed), edit),))
+        return
+    with psycopg.connect(store, autocommit=True) as connection:
+        (sealed,) = connection.execute(
+            "SELECT value FROM escalate_derived WHERE ledger = 'P' AND key = 'meta'").fetchone()
+        connection.execute("UPDATE escalate_derived SET value = %s WHERE ledger = 'P' AND key = 'meta'",
+                           (_edited(bytes(sealed), edit),))
+
+
+def test_books_edited_by_hand_are_rebuilt_not_trusted(store: Location) -> None:
+    Pool.init(store, "P", cap="10", actor="tester")
+    run = Ledger.init(store, "A", pool="P", cap="100", actor="tester")
+    run.reserve("t1", "8")
+    _edit_books(store, lambda meta: meta.update(cap=1_000_000_000))
+    with pytest.raises(Refused) as refused:
+        run.reserve("t2", "50")
+    assert refused.value.code == "over_pool_budget"
+    assert run.reserve("t3", "2")["pool_remaining_micros"] == 0
