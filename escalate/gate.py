@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from escalate.errors import UnknownRun
+from escalate.errors import InputError, UnknownRun
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.report import halted_tasks, percent, run_markdown, usage_level
@@ -195,6 +195,12 @@ def check_pool_gate(
             run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
         except UnknownRun:
             continue  # joined, never created (its runs init was cut short)
+        except InputError as error:
+            if error.code != "is_a_pool":
+                raise
+            continue  # a pool's id, joined in a race with its 'pools init': it holds no money
+        if run.pool_id() != pool.pool_id:
+            continue  # joined, but the id was another run's: its money is not this pool's
         verdict = evaluate(run.verified_state(), allow_halts=allow_halts,
                            allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         failures += [Finding(f.code, f"run {member['run']}: {f.message}") for f in verdict.failures]
