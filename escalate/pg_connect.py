@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from escalate.errors import InputError
 from escalate.pg_transaction import Connection
 
 
@@ -71,3 +72,17 @@ def describe(info: dict[str, Any]) -> str:
     return f"postgresql://{host}{':' + port if port else ''}/{database}"
 
 
+def parse_url(url: str) -> dict[str, Any]:
+    """The parts of a store URL; :class:`InputError` (exit 2) when it cannot be one. What
+    libpq says is quoted without the pieces of the URL it names: one may be the password."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        cause = re.sub(r'"[^"]*"', '"…"', first_line(exc))
+        raise InputError(f"invalid store URL ({cause}); write it as postgresql://user@host:port/database, "
+                         "with % in a password written as %25", code="invalid_store") from None
+    ports = str(info.get("port") or "").split(",")
+    if any(port and not port.isdigit() for port in ports):
+        raise InputError(f"invalid store URL (the port {info['port']!s:.40} is not a number); write it as "
+                         "postgresql://user@host:port/database", code="invalid_store")
+    return info

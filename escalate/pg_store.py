@@ -27,11 +27,10 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from escalate.durations import format_duration
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction
+from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction, parse_url
 from escalate.pg_fold import fetch_lines, fold, lines_of
 from escalate.pg_rows import LineStream
 from escalate.pg_schema import ensure_schema
@@ -90,11 +89,7 @@ class PgStore:
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
         if self._url is not None:
-            try:
-                info = conninfo_to_dict(self._url)
-            except psycopg.ProgrammingError as exc:
-                raise InputError(f"invalid store URL ({first_line(exc)}); write it as "
-                                 "postgresql://user@host:port/database", code="invalid_store") from None
+            info = parse_url(self._url)
             self._password = str(info.get("password") or "")
             self._where = describe(info)
         elif self._given is not None:

@@ -387,7 +387,9 @@ def test_an_approval_records_the_database_role_and_approvers_are_roles(roles: di
 
 
 @pytest.mark.parametrize("url", ["postgresql://ledger:hunter2@/db?bogus=1",
-                                 "postgresql://ledger:hunter2@[::1/db"])
+                                 "postgresql://ledger:hunter2@[::1/db",
+                                 "postgres://ledger:hunter2%PW@db/x",  # an unencoded %
+                                 "postgresql://ledger:hunter2@db:port/x"])
 def test_an_invalid_url_is_bad_input_without_the_password(url: str) -> None:
     result = _escalate("runs", "list", "--store", url, "--json")
     assert result.returncode == 2 and orjson.loads(result.stdout)["error"] == "invalid_store"
