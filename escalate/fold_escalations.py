@@ -65,6 +65,7 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         shadow=shadow,
         opened_at=ts_field(event, "ts"),
         requested_by=event.get("actor"),  # checked by apply, as every line's actor
+        requested_role=name_field(event, "role") if "role" in event else None,
         request_reason=text_field(event, "request_reason", limit=MAX_REASON_LENGTH),
         priority=choice_field(event, "priority", PRIORITIES, "normal"),
         # Older lines did not record it: the snapshot they did record tells.

@@ -161,6 +161,9 @@ class Escalation(TypedDict):
     priority: NotRequired[Annotated[Priority, Doc("How urgent the requester says it is (--priority).")]]
     pool: NotRequired[Annotated[IdStr, Doc(
         "reason pool_cap: the pool whose policy decides it (its approvers, its max extension).")]]
+    role: NotRequired[Annotated[NameStr, Doc(
+        "On the PostgreSQL store: the database role that asked (current_user); with an approver "
+        "list, that role may not resolve it. Absent on the file store.")]]
 
 
 class EscalationResolved(TypedDict):

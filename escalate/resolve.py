@@ -124,6 +124,13 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
             f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
+    if approvers and role is not None and role == escalation.requested_role:
+        # (Names are chosen by the client; the role is not. Without an approver list every
+        # role may approve, and one shared role must still be able to.)
+        return Refused(
+            f"cannot resolve {escalation.id}: the database role {role} asked for it and may not "
+            f"resolve its own escalation under another name ({who}); ask an approver with a "
+            f"role of their own", code="self_approval", approvers=list(approvers), **facts)
     return None
 
 

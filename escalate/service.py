@@ -38,7 +38,7 @@ from escalate.results import (
 )
 from escalate.state import EscalationState, Policy, RunState
 from escalate.store import LedgerStore, Store, open_store
-from escalate.write import Decide, first_lines, write
+from escalate.write import Decide, asked_by, first_lines, write
 
 _WAIT_POLL_S = 0.05
 
@@ -179,9 +179,9 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(
+        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
-                                                                 priority, pool)))
+                                                                 priority, pool))))
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
@@ -189,9 +189,9 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(
+        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
-                                                                  priority, pool)))
+                                                                  priority, pool))))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open

@@ -119,6 +119,8 @@ class EscalationState:
     opened_at: str
     # The actor of the escalation's line: who may withdraw it, and who may never resolve it.
     requested_by: str | None = None
+    # The database role that asked (PostgreSQL store; None on the file store).
+    requested_role: str | None = None
     state: EscalationStatus = "open"
     mode: ResolvedMode | None = None
     by: str | None = None
@@ -147,6 +149,7 @@ class EscalationState:
             "offered": list(self.offered),
             "opened_at": self.opened_at,
             "requested_by": self.requested_by,
+            **({"requested_role": self.requested_role} if self.requested_role is not None else {}),
             "expires_at": self.expires_at,
             "shadow": self.shadow,
             "state": self.state,

@@ -51,6 +51,23 @@ class Inside(Protocol):
         ...
 
 
+def asked_by(role: str | None, decide: Decide) -> Decide:
+    """``decide``, with the database role (PostgreSQL store) on the escalations it opens:
+    with an approver list, a role that asked may not approve its own request under another
+    ``--by`` name. (None, a runs folder: names only.)"""
+    if role is None:
+        return decide
+
+    def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+        decision = decide(state, now, expired, pool)
+        for event in decision.events:
+            if event["type"] == "escalation":
+                event["role"] = role
+        return decision
+
+    return with_role
+
+
 def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
           inside: Inside | None = None) -> tuple[int, Decision]:
     """Decide and append in one critical section of ``store``; returns the seq of the first

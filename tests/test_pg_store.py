@@ -383,6 +383,21 @@ def test_an_approval_records_the_database_role_and_approvers_are_roles(roles: di
     assert Ledger.open(roles["worker"], "r").verify().problems == []
 
 
+def test_an_approver_role_may_not_approve_what_it_asked_for_under_another_name(
+        roles: dict[str, str]) -> None:
+    lead = Ledger.init(roles["approver"], "r", cap="10", escalation="enforce", approval_threshold="1",
+                       approvers="escalate_approver_t", actor="lead")
+    with pytest.raises(Pending) as pending:
+        lead.reserve("t", "2")
+    [asked] = [event for event in lead.events()[0] if event["type"] == "escalation"]
+    assert asked["role"] == "escalate_approver_t"
+    with pytest.raises(Refused) as refused:
+        Ledger.open(roles["approver"], "r", actor="lead").approve(pending.value.escalation_id,
+                                                                   by="someone-else")
+    assert refused.value.code == "self_approval" and "database role" in refused.value.message
+    assert lead.verify().problems == []
+
+
 # ---------------------------------------------------------------------- choosing the store
 
 
