@@ -167,7 +167,8 @@ class Ledger:
         if not run.store.exists():
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
-                f"--runs-dir), or create it with 'escalate runs init {run_id} --cap USD'", run=run_id)
+                f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
+                run=run_id)
         run.pool_id()
         return run
 
