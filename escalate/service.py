@@ -19,11 +19,7 @@ from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
 from escalate.delivery import deliver, new_notices, notice_again
-from escalate.errors import (
-    CorruptLedger,
-    InputError,
-    UnknownRun,
-)
+from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
