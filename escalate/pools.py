@@ -19,7 +19,7 @@ from escalate.errors import Conflict, InputError
 from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
-from escalate.periods import bounds, check_period, key_of_date, period_key, zone
+from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.pool_member import Member, fold_member
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
@@ -90,7 +90,7 @@ class Pool:
         pool.runs_store.check_usable()
         cap_micros, _ = config.run_caps(cap, None)
         kind = check_period(period)
-        zone(tz)
+        check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
@@ -138,13 +138,18 @@ class Pool:
                                     self.pool_id, key_at) for run_id in facts.members}
 
     def show(self, period: str | None = None) -> PoolReport:
-        """The pool's money in the period now, or in the one holding ``period`` (a date such
-        as ``2026-11-30``, or a key such as ``2026-W48``)."""
+        """The pool's money in the period now, or in the earlier one holding ``period`` (a
+        date such as ``2026-11-30``, or the pool's key form such as ``2026-W48``); a period
+        not yet begun is :class:`InputError` (``invalid_period``)."""
         state = self.state()
         facts = state.pool
         assert facts is not None
         current = period_key(facts.period, facts.tz, format_ts(self.clock()))
         key = current if period is None else key_of_date(facts.period, period)
+        if key > current:  # keys sort as text; a period to come holds nothing yet
+            raise InputError(f"invalid period {period!r}: the {facts.period} {key} has not begun (the "
+                             f"current one is {current}); give a date up to today", code="invalid_period",
+                             value=period, current=current)
         members = self.members()
         totals = PeriodTotals()
         for member in members.values():

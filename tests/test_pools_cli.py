@@ -1,0 +1,92 @@
+"""Pools as a new user meets them on the command line (docs/pools.md): which periods
+``pools show --period`` takes, which zones a pool may follow, where a run's pool shows, the
+pool gate's own keys, and the messages that name what changed."""
+
+from __future__ import annotations
+
+import os
+import zoneinfo
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FakeClock, snapshot_tree
+
+from escalate import Ledger
+from escalate.errors import InputError
+from escalate.pools import Pool
+
+NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday, in ISO week 2026-W49
+
+
+def _one_line_error(result: Any, code: str) -> None:
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("escalate: ")
+    assert result.json()["error"] == code
+
+
+@pytest.mark.parametrize("period", ["0001-01-01", "9999-12-31", "0001-W01", "9999-12"])
+def test_a_period_at_the_ends_of_the_calendar_is_invalid_not_a_crash(runs_dir: Path, cli: Any,
+                                                                     period: str) -> None:
+    Pool.init(runs_dir, "days", cap="5", period="day", tz="Pacific/Kiritimati")
+    Pool.init(runs_dir, "months", cap="5", period="month", tz="America/Adak")
+    for pool in ("days", "months"):
+        _one_line_error(cli("pools", "show", pool, "--period", period, "--json"), "invalid_period")
+
+
+@pytest.mark.parametrize(("kind", "given", "key"), [
+    ("day", "2026-11-29", "2026-11-29"), ("week", "2026-11-29", "2026-W48"), ("week", "2026-W48", "2026-W48"),
+    ("month", "2026-10-31", "2026-10"), ("month", "2026-10", "2026-10"), ("none", "2026-11-29", "all")])
+def test_a_period_is_a_date_or_the_pools_own_key(runs_dir: Path, kind: str, given: str, key: str) -> None:
+    pool = Pool.init(runs_dir, "p", cap="5", period=kind, clock=FakeClock(NOON))
+    assert pool.show(given)["period"] == key
+
+
+@pytest.mark.parametrize(("kind", "given"), [
+    ("day", "2026-W48"), ("day", "2026-11"), ("day", "2026-1-5"), ("day", "20261129"), ("day", "2026-11-29 "),
+    ("week", "2026-11"), ("week", "2025-W53"), ("month", "2026-W48"), ("month", "2026-13"),
+    ("none", "2026-02-30"), ("none", "2026-W48"), ("day", "2026-02-30")])
+def test_any_other_form_of_period_is_refused_naming_the_forms(runs_dir: Path, kind: str, given: str) -> None:
+    pool = Pool.init(runs_dir, "p", cap="5", period=kind, clock=FakeClock(NOON))
+    with pytest.raises(InputError) as refused:
+        pool.show(given)
+    assert refused.value.code == "invalid_period" and "give a date such as 2026-11-30" in refused.value.message
+    assert ("a week such as" in refused.value.message) == (kind == "week")
+    assert ("a month such as" in refused.value.message) == (kind == "month")
+
+
+@pytest.mark.parametrize(("kind", "given"), [("day", "2026-12-01"), ("week", "2026-W50"),
+                                             ("week", "2026-12-07"), ("month", "2026-12")])
+def test_a_period_not_yet_begun_is_refused(runs_dir: Path, kind: str, given: str) -> None:
+    pool = Pool.init(runs_dir, "p", cap="5", period=kind, clock=FakeClock(NOON))
+    with pytest.raises(InputError, match="has not begun") as refused:
+        pool.show(given)
+    assert refused.value.code == "invalid_period"
+
+
+def test_a_zone_that_follows_the_machine_is_refused(runs_dir: Path, cli: Any) -> None:
+    before = snapshot_tree(runs_dir) if runs_dir.exists() else {}
+    _one_line_error(cli("pools", "init", "p", "--cap", "5", "--period", "day", "--tz", "localtime", "--json"),
+                    "invalid_zone")
+    assert (snapshot_tree(runs_dir) if runs_dir.exists() else {}) == before
+    assert cli("pools", "init", "p", "--cap", "5", "--period", "day", "--tz", "Etc/UTC").exit_code == 0
+
+
+def test_a_zone_name_linked_to_etc_localtime_is_refused(tmp_path: Path, runs_dir: Path) -> None:
+    # A zone folder where one more name is a link to the machine's zone, as localtime is.
+    folder = tmp_path / "zones"
+    (folder / "Europe").mkdir(parents=True)
+    system = next(Path(root) for root in zoneinfo.TZPATH if (Path(root) / "Europe" / "Berlin").exists())
+    (folder / "Europe" / "Berlin").write_bytes((system / "Europe" / "Berlin").read_bytes())
+    os.symlink(system / "Europe" / "Berlin", tmp_path / "machine-zone")  # stands for /etc/localtime
+    os.symlink(tmp_path / "machine-zone", folder / "Here")
+    os.symlink("Europe/Berlin", folder / "Germany")  # a link inside the folder is a fixed zone
+    zoneinfo.reset_tzpath([str(folder)])
+    try:
+        with pytest.raises(InputError, match="each machine") as refused:
+            Pool.init(runs_dir, "p", cap="5", period="day", tz="Here")
+        assert refused.value.code == "invalid_zone"
+        assert Pool.init(runs_dir, "p", cap="5", period="day", tz="Germany").facts.tz == "Germany"
+    finally:
+        zoneinfo.reset_tzpath()
