@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
@@ -25,6 +25,9 @@ from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
 from escalate.store import LedgerStore, Store, open_store
 from escalate.write import first_lines
+
+if TYPE_CHECKING:
+    from escalate.service import Ledger
 
 
 class PoolRun(TypedDict):
@@ -208,6 +211,23 @@ def _pool_cap(cap: Amount) -> int:
         raise InputError("invalid cap: a pool's cap must be more than 0; give --cap, e.g. --cap 200",
                          code="invalid_amount")
     return micros
+
+
+class RunPool(TypedDict):
+    """The pool of a run, as ``runs show --json`` reports it (both None: no pool)."""
+
+    pool: str | None
+    pool_remaining_micros: int | None  # what is left of the pool in the current period
+
+
+def pool_of_run(ledger: Ledger) -> RunPool:
+    """The pool ``ledger``'s run belongs to and what is left of it now: a run's own
+    ``remaining`` says nothing of the money its pool has left."""
+    pool_id = ledger.pool_id()
+    if pool_id is None:
+        return {"pool": None, "pool_remaining_micros": None}
+    pool = Pool.open(ledger.runs_store, pool_id, lock_timeout=ledger.lock_timeout, clock=ledger.clock)
+    return {"pool": pool_id, "pool_remaining_micros": pool.show()["remaining_micros"]}
 
 
 class PoolRow(TypedDict):

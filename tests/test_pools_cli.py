@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from conftest import FakeClock, snapshot_tree
+from typer.testing import CliRunner
 
 from escalate import Ledger
+from escalate.cli import app
 from escalate.errors import InputError
 from escalate.pools import Pool
 
@@ -51,7 +53,8 @@ def test_any_other_form_of_period_is_refused_naming_the_forms(runs_dir: Path, ki
     pool = Pool.init(runs_dir, "p", cap="5", period=kind, clock=FakeClock(NOON))
     with pytest.raises(InputError) as refused:
         pool.show(given)
-    assert refused.value.code == "invalid_period" and "give a date such as 2026-11-30" in refused.value.message
+    assert refused.value.code == "invalid_period"
+    assert "give a date such as 2026-11-30" in refused.value.message
     assert ("a week such as" in refused.value.message) == (kind == "week")
     assert ("a month such as" in refused.value.message) == (kind == "month")
 
@@ -90,3 +93,36 @@ def test_a_zone_name_linked_to_etc_localtime_is_refused(tmp_path: Path, runs_dir
         assert Pool.init(runs_dir, "p", cap="5", period="day", tz="Germany").facts.tz == "Germany"
     finally:
         zoneinfo.reset_tzpath()
+
+
+def test_runs_show_and_list_name_the_pool_and_what_it_has_left(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="10")
+    Ledger.init(runs_dir, "member", pool="team", cap="100").reserve("t", "6")
+    Ledger.init(runs_dir, "other", pool="team", cap="100")
+    Ledger.init(runs_dir, "solo", cap="7")
+    shown = cli("runs", "show", "other", "--json").json()
+    assert (shown["pool"], shown["pool_remaining_micros"], shown["remaining_micros"]) == (
+        "team", 4_000_000, 100_000_000)
+    alone = cli("runs", "show", "solo", "--json").json()
+    assert (alone["pool"], alone["pool_remaining_micros"]) == (None, None)
+    table = cli("runs", "show", "other").stdout
+    assert "pool remaining" in table and "$4.00" in table and "team" in table
+    assert "pool" not in cli("runs", "show", "solo").stdout
+    assert "| left in pool `team` | $4.00 |" in cli("runs", "show", "other", "-f", "markdown").stdout
+    listed = {row["run"]: row["pool"] for row in cli("runs", "list", "--json").json()["runs"]}
+    assert listed == {"member": "team", "other": "team", "solo": None}
+    header = next(line for line in cli("runs", "list").stdout.splitlines() if line.startswith("run "))
+    assert header.split()[:2] == ["run", "pool"]
+
+
+def test_the_inbox_names_the_reason_and_the_pool_of_an_escalation(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="5", escalation="enforce")
+    run = Ledger.init(runs_dir, "a", pool="team", cap="100", escalation="enforce", approval_threshold="50")
+    assert cli("reserve", "a", "big", "--estimate", "6", "--reason", "the e2e suite").exit_code == 4
+    assert cli("reserve", "a", "huge", "--estimate", "60").exit_code == 4  # the run's own threshold
+    rows = {row["task"]: row for row in cli("escalations", "--json").json()["escalations"]}
+    assert (rows["big"]["reason"], rows["big"]["pool"]) == ("pool_cap", "team")
+    assert (rows["huge"]["reason"], rows["huge"]["pool"]) == ("threshold", None)
+    wide = CliRunner().invoke(app, ["escalations"], env={"COLUMNS": "250"}).stdout
+    assert "pool_cap of pool team: the e2e suite" in wide and "│ threshold" in wide
+    assert run.state().open_escalations

@@ -284,14 +284,17 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
+        from escalate.pools import pool_of_run
+
         ledger = open_ledger(run, runs_dir, None, progress=True)
         snapshot = ledger.replayed()
         recent = ledger.events(last=events)[0] if events else []
+        pool = pool_of_run(ledger)
         if not as_json:
-            return snapshot, recent
+            return snapshot, recent, pool
         from escalate.render import run_view
 
-        view = run_view(snapshot.state)
+        view = {**run_view(snapshot.state), **pool}
         view["warnings"] = _warnings(snapshot)
         # False when the log is corrupt and the totals stop at the line before the problem.
         view["complete"] = snapshot.problem is None
@@ -300,18 +303,18 @@ def show(
         return view
 
     def human(shown: Any) -> None:
-        snapshot, recent = shown
+        snapshot, recent, pool = shown
         # One plain line each, as every warning: rich would wrap a long one at 80 columns.
         for warning in _warnings(snapshot):
             print(f"escalate: warning: {printable(warning, limit=1000)}", file=sys.stderr)
         if chosen is ShowFormat.markdown:
             from escalate.report import run_markdown
 
-            sys.stdout.write(run_markdown(snapshot.state, events=recent))
+            sys.stdout.write(run_markdown(snapshot.state, events=recent, pool=pool))
             return
         from escalate.render import print_whole, show_run, timeline_table
 
-        show_run(snapshot.state, all_tasks=all_tasks)
+        show_run(snapshot.state, all_tasks=all_tasks, pool=pool)
         if recent:
             print_whole(timeline_table(recent))
 
