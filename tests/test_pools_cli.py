@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
-from escalate.errors import InputError
+from escalate.errors import InputError, Refused
 from escalate.pools import Pool
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday, in ISO week 2026-W49
@@ -126,3 +126,33 @@ def test_the_inbox_names_the_reason_and_the_pool_of_an_escalation(runs_dir: Path
     wide = CliRunner().invoke(app, ["escalations"], env={"COLUMNS": "250"}).stdout
     assert "pool_cap of pool team: the e2e suite" in wide and "│ threshold" in wide
     assert run.state().open_escalations
+
+
+def test_the_pool_gate_has_keys_of_its_own_and_names_its_period(runs_dir: Path, cli: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    Pool.init(runs_dir, "team", cap="10", period="day", tz="Europe/Berlin")
+    Ledger.init(runs_dir, "a", pool="team", cap="100").reserve("t", "4")
+    passed = cli("gate", "--pool", "team", "--json").json()
+    day = Pool.open(runs_dir, "team").show()["period"]
+    assert {"run", "run_cap_micros", "task_cap_micros", "events", "halts"}.isdisjoint(passed)
+    assert {key: passed[key] for key in ("pool", "period", "cap_micros", "committed_micros", "passed")} == {
+        "pool": "team", "period": day, "cap_micros": 10_000_000, "committed_micros": 4_000_000,
+        "passed": True}
+    assert passed["period_start"] < passed["period_end"]
+    assert f"gate passed for pool team (day {day})" in cli("gate", "--pool", "team").stdout
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    with pytest.raises(Refused):
+        Ledger.init(runs_dir, "b", pool="team", cap="5").reserve("big", "6")  # over b's own cap: a halt
+    failed = cli("gate", "--pool", "team", "--json")
+    assert failed.exit_code == 3 and failed.json()["pool"] == "team" and "run" not in failed.json()
+    assert failed.stderr.strip().endswith("see 'escalate runs show b'")
+    assert f"pool team (day {day})" in failed.stderr
+    assert f"the current day {day}" in summary.read_text()
+
+
+def test_the_pool_gate_over_its_cap_points_at_pools_show(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="10")
+    Ledger.init(runs_dir, "a", pool="team", cap="100").reserve("t", "4")
+    failed = cli("gate", "--pool", "team", "--max-spent", "3")
+    assert failed.exit_code == 3 and failed.stderr.strip().endswith("see 'escalate pools show team'")
