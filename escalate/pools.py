@@ -19,6 +19,7 @@ from escalate.errors import Conflict, InputError
 from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
+from escalate.money import format_usd as usd
 from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.pool_member import Member, fold_member
 from escalate.pool_state import PeriodTotals, PoolFacts
@@ -107,7 +108,7 @@ class Pool:
         assert facts is not None  # state() refuses a run
         if (facts.cap_micros, facts.period, facts.tz, existing.policy) != (cap_micros, kind, tz, policy):
             raise Conflict(f"pool {pool.pool_id} already exists with other settings (cap "
-                           f"{facts.cap_micros} micros, period {facts.period}, tz {facts.tz}); pick a new "
+                           f"{usd(facts.cap_micros)}, period {facts.period}, tz {facts.tz}); pick a new "
                            f"pool id, or change its cap or policy with 'escalate pools set'",
                            pool=pool.pool_id, cap_micros=facts.cap_micros, period=facts.period, tz=facts.tz)
         return pool

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
-from escalate.errors import InputError, Refused
+from escalate.errors import InputError, Pending, Refused
 from escalate.pools import Pool
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday, in ISO week 2026-W49
@@ -156,3 +156,44 @@ def test_the_pool_gate_over_its_cap_points_at_pools_show(runs_dir: Path, cli: An
     Ledger.init(runs_dir, "a", pool="team", cap="100").reserve("t", "4")
     failed = cli("gate", "--pool", "team", "--max-spent", "3")
     assert failed.exit_code == 3 and failed.stderr.strip().endswith("see 'escalate pools show team'")
+
+
+def test_pools_init_conflicts_in_dollars_and_pools_set_names_what_changed(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="10", approval_threshold="4", escalation="enforce")
+    conflict = cli("pools", "init", "team", "--cap", "12")
+    assert conflict.exit_code == 5 and "cap $10.00" in conflict.stderr and "micros" not in conflict.stderr
+    changed = cli("pools", "set", "team", "--cap", "15", "--no-approval-threshold")
+    assert changed.exit_code == 0, changed.stderr
+    assert changed.stdout.strip() == "pool team: cap $10.00 → $15.00, approval threshold $4.00 → none"
+    assert Pool.open(runs_dir, "team").state().policy.approval_threshold_micros is None
+    assert "unchanged" in cli("pools", "set", "team", "--cap", "15").stdout
+    _one_line_error(cli("pools", "set", "team", "--approval-threshold", "2", "--no-approval-threshold",
+                        "--json"), "usage")
+
+
+def test_a_pool_escalation_says_which_limit_fired(runs_dir: Path) -> None:
+    Pool.init(runs_dir, "team", cap="10", escalation="enforce", approval_threshold="3")
+    run = Ledger.init(runs_dir, "a", pool="team", cap="100")
+    with pytest.raises(Pending, match=r"over the pool's approval threshold\)"):
+        run.reserve("t", "4")
+    with pytest.raises(Pending, match=r"over the pool's remaining budget: \$10.00 left\)"):
+        run.reserve("u", "11")
+
+
+def test_a_run_cap_above_the_pools_cap_warns(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="200")
+    over = cli("runs", "init", "r1", "--pool", "team", "--cap", "500")
+    assert over.exit_code == 0
+    assert "warning: run r1's cap $500.00 is above pool team's cap $200.00" in over.stderr
+    assert cli("runs", "init", "r2", "--pool", "team", "--cap", "50").stderr == ""
+    assert cli("runs", "init", "r3", "--pool", "team").stderr == ""
+
+
+def test_only_a_pools_approvers_may_change_it(runs_dir: Path, cli: Any) -> None:
+    Pool.init(runs_dir, "team", cap="10", approvers="lead")
+    log = runs_dir / "team" / "events.ndjson"
+    before = log.read_bytes()
+    refused = cli("pools", "set", "team", "--cap", "20", "--by", "intern", "--json")
+    assert refused.exit_code == 3 and refused.json()["error"] == "not_an_approver"
+    assert log.read_bytes() == before
+    assert cli("pools", "set", "team", "--cap", "20", "--by", "lead").exit_code == 0

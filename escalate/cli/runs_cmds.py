@@ -28,6 +28,7 @@ from escalate.report import printable
 
 if TYPE_CHECKING:
     from escalate.runs import BrokenRun, RunRow, VerifyReport
+    from escalate.service import Ledger
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
@@ -96,6 +97,8 @@ def init(
                              approvers=approvers or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              pool=pool, **options)
+        if pool is not None and cap is not None:
+            _warn_over_pool(ledger, pool)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",
                 **({"pool": pool} if pool is not None else {})}
 
@@ -109,6 +112,16 @@ def init(
                   + (f", in pool {r['pool']}" if "pool" in r else ""))
 
     respond(json_out, action, human)
+
+
+def _warn_over_pool(ledger: Ledger, pool_id: str) -> None:
+    """A run cap above its pool's cap is allowed, but the pool refuses first: say so."""
+    from escalate.pools import Pool
+
+    pool_cap, run_cap = Pool.open(ledger.runs_store, pool_id).facts.cap_micros, ledger.state().run_cap_micros
+    if run_cap > pool_cap:
+        print(f"escalate: warning: run {ledger.run_id}'s cap {usd(run_cap)} is above pool {pool_id}'s cap "
+              f"{usd(pool_cap)}; the pool refuses first (omit --cap to take the pool's)", file=sys.stderr)
 
 
 @runs_app.command("set")
