@@ -118,8 +118,9 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
 def show(
     pool: PoolArg,
     period: Annotated[str | None, typer.Option(
-        "--period", metavar="DATE", help="Show the period holding DATE (e.g. 2026-11-30) instead of "
-        "the current one.", show_default=False)] = None,
+        "--period", metavar="DATE", help="Show an earlier period: one holding DATE (e.g. 2026-11-30), "
+        "or the pool's own key (2026-W48 for a week pool, 2026-11 for a month pool).",
+        show_default=False)] = None,
     output_format: Annotated[ShowFormat | None, typer.Option(
         "--format", "-f", help="table for people, json for scripts (same as --json), markdown for "
         "reports [default: table].", show_default=False)] = None,
