@@ -10,6 +10,7 @@ fits and what an extension needs come from :mod:`escalate.rules`, as in the fold
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,8 +337,17 @@ def _escalation_event(state: RunState, request: Request, remaining: int, reason:
     return event
 
 
-_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold",
-        "pool_cap": "over the pool's remaining budget or its approval threshold"}
+_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold"}
+
+
+def _why(data: Mapping[str, Any]) -> str:
+    """Why a person is asked. A pool_cap escalation needs an extension only when it is over
+    what the pool has left; needing none, it fired on the pool's approval threshold."""
+    if data["reason"] == "pool_cap":
+        over = data.get("needed_extension_micros", 0) > 0
+        return (f"over the pool's remaining budget: {usd(data['remaining_micros'])} left" if over
+                else "over the pool's approval threshold")
+    return _WHY.get(data["reason"], str(data["reason"]))
 
 
 def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> Pending:
@@ -346,7 +356,7 @@ def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> 
     verb = "escalated" if new else "still waiting on"
     return Pending(
         f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
-        f"({_WHY.get(data['reason'], data['reason'])}); "
+        f"({_why(data)}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
         + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",

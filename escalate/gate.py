@@ -10,22 +10,27 @@ business: nothing here reads the environment or writes a file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from escalate.errors import InputError, UnknownRun
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
-from escalate.report import halted_tasks, percent, run_markdown, usage_level
+from escalate.report import halted_tasks, percent, pool_period_line, run_markdown, usage_level
 from escalate.state import RunState
 
 if TYPE_CHECKING:
-    from escalate.pools import Pool
+    from escalate.pools import Pool, PoolReport
     from escalate.service import Ledger
 
 # How many tasks or escalations a finding names before it says "…".
 NAMED = 5
+
+# What ``gate --pool --json`` reports of the pool's period (``pools show --json``'s keys).
+POOL_GATE_KEYS = ("pool", "period", "period_kind", "tz", "period_start", "period_end", "cap_micros",
+                  "pool_cap_micros", "extended_micros", "spent_micros", "reserved_micros",
+                  "committed_micros", "remaining_micros")
 
 
 class FindingJson(TypedDict):
@@ -85,6 +90,14 @@ class Verdict:
         }
 
 
+def gate_subject(noun: str, ledger_id: str, period: Mapping[str, Any] | None = None) -> str:
+    """``run r1``, ``pool team`` or, for a pool with periods, ``pool team (day 2026-11-30)``;
+    ``period``: a pool's ``pools show --json`` keys (or ``gate --pool --json``'s)."""
+    if period is None or period["period_kind"] == "none":
+        return f"{noun} {ledger_id}"
+    return f"{noun} {ledger_id} ({period['period_kind']} {period['period']})"
+
+
 def github_annotation(level: Literal["error", "warning"], message: str) -> str:
     """``message`` as one GitHub Actions workflow command (``::error title=…::…``), its data
     escaped as the runner expects: a newline in a value from the log cannot start a command."""
@@ -112,6 +125,9 @@ class GateResult:
     state: RunState
     verdict: Verdict
     noun: str = "run"  # pool: ``state`` is the pool's period (check_pool_gate)
+    period: PoolReport | None = None  # a pool's: the period the gate looked at
+    failed_runs: tuple[str, ...] = ()  # a pool's: the member runs with a failure of their own
+    over_pool: bool = False  # a pool's: its own money failed (not only a member's gate)
 
     @property
     def passed(self) -> bool:
@@ -126,16 +142,34 @@ class GateResult:
         return self.verdict.warnings
 
     @property
+    def name(self) -> str:
+        """What the gate looked at, for people (:func:`gate_subject`)."""
+        return gate_subject(self.noun, self.state.run_id, self.period)
+
+    def see(self) -> list[str]:
+        """The commands that show what failed: the run's ``runs show``; for a pool,
+        ``pools show`` when its money failed and each failing member's ``runs show``."""
+        if self.noun == "run":
+            return [f"escalate runs show {self.state.run_id}"]
+        return ([f"escalate pools show {self.state.run_id}"] if self.over_pool else []) + [
+            f"escalate runs show {run}" for run in self.failed_runs[:NAMED]]
+
+    @property
     def annotations(self) -> tuple[Annotation, ...]:
         """An error per failure, then a warning per warning, each naming the run (or pool)."""
-        name = f"{self.noun} {self.state.run_id}"
+        name = self.name
         return (tuple(Annotation("error", f"{name}: {f.message}") for f in self.failures)
                 + tuple(Annotation("warning", f"{name}: {f.message}") for f in self.warnings))
 
     @property
     def summary_markdown(self) -> str:
-        """The step summary: the verdict, the totals, top tasks, halts and escalations."""
-        return run_markdown(self.state, verdict=self.verdict, noun=self.noun)
+        """The step summary: the verdict, the totals, top tasks, halts and escalations (and
+        for a pool, which period)."""
+        summary = run_markdown(self.state, verdict=self.verdict, noun=self.noun)
+        if self.period is None:
+            return summary
+        heading, _, rest = summary.partition("\n")
+        return f"{heading}\n\n{pool_period_line(self.period)}\n{rest}"
 
     def totals(self) -> dict[str, Any]:
         """The run's money, as ``runs show --json`` reports it."""
@@ -143,9 +177,9 @@ class GateResult:
 
     def to_json(self) -> dict[str, Any]:
         """What ``escalate gate --json`` prints: the totals and the verdict."""
-        if self.noun == "pool":
-            return {"pool": self.state.run_id, **{k: v for k, v in self.totals().items() if k != "run"},
-                    **self.verdict.to_json()}
+        if self.period is not None:
+            verdict = {k: v for k, v in self.verdict.to_json().items() if k != "run"}
+            return {**{key: value for key, value in self.period.items() if key in POOL_GATE_KEYS}, **verdict}
         return {**self.totals(), **self.verdict.to_json()}
 
 
@@ -190,6 +224,7 @@ def check_pool_gate(
                      reserved_micros=report["reserved_micros"], extended_micros=report["extended_micros"])
     money = evaluate(state, max_spent_micros=limit)
     failures, warnings = list(money.failures), list(money.warnings)
+    failed_runs: list[str] = []
     for member in report["runs"]:
         try:
             run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
@@ -203,12 +238,14 @@ def check_pool_gate(
             continue  # joined, but the id was another run's: its money is not this pool's
         verdict = evaluate(run.verified_state(), allow_halts=allow_halts,
                            allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
+        failed_runs += [member["run"]] if verdict.failures else []
         failures += [Finding(f.code, f"run {member['run']}: {f.message}") for f in verdict.failures]
         warnings += [Finding(f.code, f"run {member['run']}: {f.message}") for f in verdict.warnings]
     verdict = Verdict(run=pool.pool_id, max_spent_micros=money.max_spent_micros,
                       spent_micros=state.spent_micros, committed_micros=state.committed_micros,
                       failures=tuple(failures), warnings=tuple(warnings))
-    return GateResult(state, verdict, noun="pool")
+    return GateResult(state, verdict, noun="pool", period=report, failed_runs=tuple(failed_runs),
+                      over_pool=bool(money.failures))
 
 
 def evaluate(

@@ -8,6 +8,9 @@ Pure: the zone database is read through :mod:`zoneinfo`, which caches each zone.
 from __future__ import annotations
 
 import functools
+import os
+import re
+import zoneinfo
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -29,6 +32,35 @@ def zone(name: str) -> ZoneInfo:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InputError(f"unknown time zone {name[:60]!r}: give an IANA name such as UTC or "
                          "Europe/Berlin", code="invalid_zone", value=name[:60]) from None
+
+
+def check_new_zone(name: str) -> ZoneInfo:
+    """The zone of a new pool: :func:`zone`, and refused (exit 2) when its meaning depends
+    on the machine (``localtime``, or a name the zone folder links to ``/etc/localtime``):
+    writers on two hosts would disagree about when a day starts."""
+    found = zone(name)
+    if name.lower() == "localtime" or _follows_the_machine(name):
+        raise InputError(f"time zone {name[:60]!r} means whatever zone each machine is set to; give "
+                         "an IANA name such as UTC or Europe/Berlin", code="invalid_zone", value=name[:60])
+    return found
+
+
+def _follows_the_machine(name: str) -> bool:
+    """Whether the file zoneinfo reads for ``name`` is (through symbolic links) one outside
+    the zone folders, such as ``/etc/localtime``."""
+    roots = [os.path.join(os.path.abspath(root), "") for root in zoneinfo.TZPATH]
+    for root in roots:
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            continue
+        for _ in range(40):  # a chain of links; a loop would not have existed above
+            if not os.path.islink(path):
+                return False
+            path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+            if not any(path.startswith(inside) for inside in roots):
+                return True
+        return True
+    return False
 
 
 def check_period(period: str) -> Period:
@@ -91,20 +123,53 @@ def _midnight(day: date, tz: str) -> str:
     return format_ts(datetime(day.year, day.month, day.day, tzinfo=zone(tz)).astimezone(UTC))
 
 
+# A period's days must have midnights that UTC timestamps can name (years 1 and 9999 cannot
+# hold a whole period in every zone); no reservation is older than 1970.
+FIRST_YEAR, LAST_YEAR = 1970, 9998
+
+_FORMS = {"none": "a date such as 2026-11-30", "day": "a date such as 2026-11-30",
+          "week": "a date such as 2026-11-30, or a week such as 2026-W48",
+          "month": "a date such as 2026-11-30, or a month such as 2026-11"}
+_KEY_FORMS = {"week": re.compile(r"(\d{4})-W(\d{2})"), "month": re.compile(r"(\d{4})-(\d{2})")}
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
 def key_of_date(period: str, text: str) -> str:
-    """The key of the period holding ``text``: a date inside it (``2026-11-30``) or the key
-    itself (``2026-W48``, ``2026-11``); :class:`InputError` otherwise."""
-    if period == "none":
-        return ALL
+    """The key of the period holding ``text``: a date inside it (``2026-11-30``, a real
+    calendar day) or the pool's own key form (``2026-W48`` for a week pool, ``2026-11`` for
+    a month pool); :class:`InputError` (``invalid_period``) for anything else."""
+    day = _parse_day(period, text)
+    if day is not None:
+        return key_of_day(period, day)
+    # key_of_day of the period's first day gives back the key only when the key is real
+    # (week 53 of a 52-week year, month 13 are refused).
+    if _KEY_FORMS.get(period, _DATE).fullmatch(text) and _year_ok(text):
+        try:
+            if key_of_day(period, first_day(period, text)) == text:
+                return text
+        except ValueError:
+            pass
+    raise _invalid(period, text)
+
+
+def _parse_day(period: str, text: str) -> date | None:
+    """``text`` as a calendar date (YYYY-MM-DD only); None when it has another form."""
+    if not isinstance(text, str) or not _DATE.fullmatch(text):
+        return None
     try:
-        return key_of_day(period, date.fromisoformat(text))
+        day = date.fromisoformat(text)
     except ValueError:
-        pass
-    try:
-        if key_of_day(period, first_day(period, text)) == text:
-            return text
-    except ValueError:
-        pass
-    example = {"day": "2026-11-30", "week": "2026-11-30 or 2026-W48", "month": "2026-11-30 or 2026-11"}
-    raise InputError(f"invalid period {text[:40]!r}: give a date inside it, e.g. {example[period]}",
-                     code="invalid_period", value=text[:40])
+        raise _invalid(period, text) from None
+    if not _year_ok(text):
+        raise _invalid(period, text)
+    return day
+
+
+def _year_ok(text: str) -> bool:
+    return FIRST_YEAR <= int(text[:4]) <= LAST_YEAR
+
+
+def _invalid(period: str, text: object) -> InputError:
+    value = str(text)[:40]
+    return InputError(f"invalid period {value!r}: give {_FORMS[period]} (years {FIRST_YEAR} to "
+                      f"{LAST_YEAR})", code="invalid_period", value=value)

@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
@@ -19,12 +19,16 @@ from escalate.errors import Conflict, InputError
 from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
-from escalate.periods import bounds, check_period, key_of_date, period_key, zone
+from escalate.money import format_usd as usd
+from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.pool_member import Member, fold_member
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
 from escalate.store import LedgerStore, Store, open_store
 from escalate.write import first_lines
+
+if TYPE_CHECKING:
+    from escalate.service import Ledger
 
 
 class PoolRun(TypedDict):
@@ -90,7 +94,7 @@ class Pool:
         pool.runs_store.check_usable()
         cap_micros, _ = config.run_caps(cap, None)
         kind = check_period(period)
-        zone(tz)
+        check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
@@ -104,7 +108,7 @@ class Pool:
         assert facts is not None  # state() refuses a run
         if (facts.cap_micros, facts.period, facts.tz, existing.policy) != (cap_micros, kind, tz, policy):
             raise Conflict(f"pool {pool.pool_id} already exists with other settings (cap "
-                           f"{facts.cap_micros} micros, period {facts.period}, tz {facts.tz}); pick a new "
+                           f"{usd(facts.cap_micros)}, period {facts.period}, tz {facts.tz}); pick a new "
                            f"pool id, or change its cap or policy with 'escalate pools set'",
                            pool=pool.pool_id, cap_micros=facts.cap_micros, period=facts.period, tz=facts.tz)
         return pool
@@ -138,13 +142,18 @@ class Pool:
                                     self.pool_id, key_at) for run_id in facts.members}
 
     def show(self, period: str | None = None) -> PoolReport:
-        """The pool's money in the period now, or in the one holding ``period`` (a date such
-        as ``2026-11-30``, or a key such as ``2026-W48``)."""
+        """The pool's money in the period now, or in the earlier one holding ``period`` (a
+        date such as ``2026-11-30``, or the pool's key form such as ``2026-W48``); a period
+        not yet begun is :class:`InputError` (``invalid_period``)."""
         state = self.state()
         facts = state.pool
         assert facts is not None
         current = period_key(facts.period, facts.tz, format_ts(self.clock()))
         key = current if period is None else key_of_date(facts.period, period)
+        if key > current:  # keys sort as text; a period to come holds nothing yet
+            raise InputError(f"invalid period {period!r}: the {facts.period} {key} has not begun (the "
+                             f"current one is {current}); give a date up to today", code="invalid_period",
+                             value=period, current=current)
         members = self.members()
         totals = PeriodTotals()
         for member in members.values():
@@ -205,6 +214,23 @@ def _pool_cap(cap: Amount) -> int:
         raise InputError("invalid cap: a pool's cap must be more than 0; give --cap, e.g. --cap 200",
                          code="invalid_amount")
     return micros
+
+
+class RunPool(TypedDict):
+    """The pool of a run, as ``runs show --json`` reports it (both None: no pool)."""
+
+    pool: str | None
+    pool_remaining_micros: int | None  # what is left of the pool in the current period
+
+
+def pool_of_run(ledger: Ledger) -> RunPool:
+    """The pool ``ledger``'s run belongs to and what is left of it now: a run's own
+    ``remaining`` says nothing of the money its pool has left."""
+    pool_id = ledger.pool_id()
+    if pool_id is None:
+        return {"pool": None, "pool_remaining_micros": None}
+    pool = Pool.open(ledger.runs_store, pool_id, lock_timeout=ledger.lock_timeout, clock=ledger.clock)
+    return {"pool": pool_id, "pool_remaining_micros": pool.show()["remaining_micros"]}
 
 
 class PoolRow(TypedDict):

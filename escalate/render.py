@@ -120,13 +120,14 @@ def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
     return view
 
 
-def show_run(state: RunState, *, all_tasks: bool = False) -> None:
+def show_run(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, Any] | None = None) -> None:
     """``runs show`` for people: the totals with a usage bar, then tasks and escalations."""
-    print_whole(run_panel(state, all_tasks=all_tasks))
+    print_whole(run_panel(state, all_tasks=all_tasks, pool=pool))
 
 
-def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
-    """The run for people as one renderable (``runs show``, and redrawn by ``runs watch``)."""
+def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, Any] | None = None) -> Group:
+    """The run for people as one renderable (``runs show``, and redrawn by ``runs watch``);
+    ``pool``: the run's pool and its money left (:func:`escalate.pools.pool_of_run`)."""
     parts: list[RenderableType] = []
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
@@ -140,6 +141,10 @@ def run_panel(state: RunState, *, all_tasks: bool = False) -> Group:
     remaining = Text(usd(state.remaining_micros), style="red" if state.remaining_micros < 0 else "")
     summary.add_row("remaining", remaining)
     summary.add_row("used", usage_bar(state.committed_micros, state.cap_micros))
+    if pool is not None and pool["pool"] is not None:
+        left = pool["pool_remaining_micros"]
+        summary.add_row("pool", _plain(pool["pool"]))
+        summary.add_row("pool remaining", Text(usd(left), style="red" if left < 0 else ""))
     summary.add_row("escalation", state.policy.mode
                     + (f", threshold {usd(state.policy.approval_threshold_micros)}"
                        if state.policy.approval_threshold_micros is not None else ""))
@@ -217,11 +222,18 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
             Text(priority, style=_PRIORITY_STYLES.get(priority, "") if waiting else ""),
             usd(row["requested_micros"]), usd(row.get("needed_extension_micros", 0)),
             usd(row["remaining_micros"]), _plain(row.get("requested_by") or "-"),
-            _plain(row.get("request_reason") or "-"), state,
+            _plain(_why(row)), state,
             format_duration(_seconds_between(row["opened_at"], moment), exact=False),
             _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
         table.add_row(*([_plain(row["run"])] if with_run else []), *cells)
     return whole_words(table)
+
+
+def _why(row: Mapping[str, Any]) -> str:
+    """The reason column: what fired (``pool_cap of pool team-a`` says whose approvers must
+    act), then the requester's reason."""
+    fired = str(row.get("reason") or "-") + (f" of pool {row['pool']}" if row.get("pool") else "")
+    return fired + (f": {row['request_reason']}" if row.get("request_reason") else "")
 
 
 _RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled", "withdraw": "withdrawn"}
@@ -251,17 +263,21 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
 
     table = Table(title=f"runs ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False)
-    for column in ("run", "cap", "committed", "remaining", "used", "state", "opened"):
+    # The pool column only where a run has one: 80 columns hold the others unwrapped.
+    pooled = any(row.get("pool") for row in rows)
+    for column in ("run", *(("pool",) if pooled else ()), "cap", "committed", "remaining", "used", "state",
+                   "opened"):
         money = column in ("cap", "committed", "remaining", "used")
         table.add_column(column, justify="right" if money else "left", no_wrap=money)
     state_styles = {"over cap": "red", "escalation open": "yellow", "halted tasks": "red"}
     for row in rows:
+        pool = [_plain(row.get("pool") or "-")] if pooled else []
         if "error" in row:
-            table.add_row(_plain(row["run"]), "-", "-", "-", "-", Text(row["error"], style="red"), "-")
+            table.add_row(_plain(row["run"]), *pool, "-", "-", "-", "-", Text(row["error"], style="red"), "-")
             continue
         cap, committed = row["cap_micros"], row["committed_micros"]
         used = Text(percent(committed, cap), style=_USAGE_STYLES[usage_level(committed, cap)])
-        table.add_row(_plain(row["run"]), usd(cap), usd(committed), usd(row["remaining_micros"]), used,
+        table.add_row(_plain(row["run"]), *pool, usd(cap), usd(committed), usd(row["remaining_micros"]), used,
                       Text(row["state"], style=state_styles.get(row["state"], "")),
                       _short_ts(row["opened_at"])[:16])
     return whole_words(table)

@@ -191,11 +191,28 @@ def pool_markdown(report: PoolReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _totals_table(state: RunState, verdict: Verdict | None, pool: Mapping[str, Any] | None) -> list[str]:
+    """The money of :func:`run_markdown` as a Markdown table."""
+    lines = ["", "| | USD |", "|---|---:|", f"| cap | {usd(state.cap_micros)} |"]
+    if state.extended_micros:
+        lines.append(f"| of which extensions | {usd(state.extended_micros)} |")
+    lines += [f"| spent | {usd(state.spent_micros)} |",
+              f"| reserved | {usd(state.reserved_micros)} |",
+              f"| committed | {usd(state.committed_micros)} |",
+              f"| remaining | {usd(state.remaining_micros)} |"]
+    if verdict is not None and verdict.max_spent_micros != state.cap_micros:
+        lines.append(f"| max spent (gate) | {usd(verdict.max_spent_micros)} |")
+    if pool is not None and pool["pool"] is not None:
+        lines.append(f"| left in pool {_code(pool['pool'])} | {usd(pool['pool_remaining_micros'])} |")
+    return lines
+
+
 def run_markdown(state: RunState, *, verdict: Verdict | None = None,
-                 events: Sequence[Mapping[str, Any]] = (), noun: str = "run") -> str:
+                 events: Sequence[Mapping[str, Any]] = (), noun: str = "run",
+                 pool: Mapping[str, Any] | None = None) -> str:
     """A run as Markdown: totals, a usage bar, top tasks by cost, halts, escalations, and
-    (optionally) the gate's verdict and the last events. ``noun``: what ``state`` is (a
-    pool's gate shows the pool's period as a state)."""
+    (optionally) the gate's verdict, the run's pool and the last events. ``noun``: what
+    ``state`` is (a pool's gate shows the pool's period as a state)."""
     lines: list[str] = []
     if verdict is None:
         lines.append(f"## escalate {noun} {_code(state.run_id)}")
@@ -209,16 +226,7 @@ def run_markdown(state: RunState, *, verdict: Verdict | None = None,
         if verdict.passed and not verdict.warnings:
             lines.append(f"- within budget: committed {usd(verdict.committed_micros)} of "
                          f"{usd(verdict.max_spent_micros)}")
-    lines += ["", "| | USD |", "|---|---:|",
-              f"| cap | {usd(state.cap_micros)} |"]
-    if state.extended_micros:
-        lines.append(f"| of which extensions | {usd(state.extended_micros)} |")
-    lines += [f"| spent | {usd(state.spent_micros)} |",
-              f"| reserved | {usd(state.reserved_micros)} |",
-              f"| committed | {usd(state.committed_micros)} |",
-              f"| remaining | {usd(state.remaining_micros)} |"]
-    if verdict is not None and verdict.max_spent_micros != state.cap_micros:
-        lines.append(f"| max spent (gate) | {usd(verdict.max_spent_micros)} |")
+    lines += _totals_table(state, verdict, pool)
     lines += ["", f"`{text_bar(state.committed_micros, state.cap_micros)}` of the cap committed"]
 
     top = top_tasks(state, TOP_TASKS)

@@ -40,6 +40,7 @@ class RunRow(TypedDict):
     escalation: dict[str, Any]
     opened_at: str
     state: RunWord
+    pool: str | None  # the pool the run belongs to (None: none)
 
 
 @final
@@ -79,6 +80,7 @@ class InboxRow(TypedDict):
     notify_attempts: int
     notified_at: str | None
     notified_ok: bool | None
+    pool: str | None  # reason pool_cap: the pool whose approvers decide it
 
 
 class SkippedRun(TypedDict):
@@ -174,12 +176,13 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
     rows: list[RunRow | BrokenRun] = []
     for run_id in iter_run_ids(root):
         try:
-            state = Ledger.open(root, run_id).state()
+            ledger = Ledger.open(root, run_id)
+            state = ledger.state()
         except EscalateError as error:
             rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
             continue
         rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
-                                  "state": run_word(state)}))
+                                  "state": run_word(state), "pool": ledger.pool_id()}))
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
     return rows
 
@@ -206,13 +209,17 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     skipped: list[SkippedRun] = []
     for run_id in run_ids:
         try:
-            state = Ledger.open(root, run_id).state()
+            ledger = Ledger.open(root, run_id)
+            state = ledger.state()
+            pool = ledger.pool_id()
         except EscalateError as error:
             if run is not None:
                 raise
             skipped.append({"run": run_id, "error": error.code, "message": error.message})
             continue
-        rows += [cast(InboxRow, {"run": run_id, **item.to_json()})
+        # A run belongs to one pool for good: its pool_cap escalations are that pool's.
+        rows += [cast(InboxRow, {"run": run_id, **item.to_json(),
+                                 "pool": pool if item.reason == "pool_cap" else None})
                  for item in state.escalations.values() if not open_only or item.state == "open"]
     # Most urgent first: what waits for a person before what is settled, then by priority,
     # then newest first (two stable sorts).

@@ -48,8 +48,7 @@ def gate(
     name = f"run {run}" if pool is None else f"pool {pool}"
     allow = {"allow_halts": allow_halts, "allow_open_escalations": allow_open_escalations,
              "fail_on_held": fail_on_held}
-    respond(json_out, lambda: _verdict(run, pool, name, runs_dir, max_spent, json_out, **allow),
-            lambda result: _human(name, result))
+    respond(json_out, lambda: _verdict(run, pool, name, runs_dir, max_spent, json_out, **allow), _human)
 
 
 def _verdict(run: str | None, pool: str | None, name: str, runs_dir: Path | None,
@@ -71,16 +70,19 @@ def _verdict(run: str | None, pool: str | None, name: str, runs_dir: Path | None
     _show_on_github(checked, annotations if github else None)
     result = checked.to_json()
     if not checked.passed:
-        see = f"'escalate runs show {run}'" if pool is None else f"'escalate pools show {pool}'"
-        raise Refused(f"gate failed for {name}: {checked.verdict.reason()}; see {see} for the tasks",
+        see = " and ".join(f"'{command}'" for command in checked.see())
+        see += " for the tasks" if pool is None else ""
+        raise Refused(f"gate failed for {checked.name}: {checked.verdict.reason()}; see {see}",
                       code="gate_failed",
-                      **{key: value for key, value in result.items() if key not in ("run", "pool")})
+                      **{key: value for key, value in result.items() if key != "run"})
     return result
 
 
-def _human(name: str, result: dict[str, Any]) -> None:
+def _human(result: dict[str, Any]) -> None:
+    from escalate.gate import gate_subject
     from escalate.money import format_usd as usd
 
+    name = gate_subject("pool", result["pool"], result) if "pool" in result else f"run {result['run']}"
     echo_line(f"gate passed for {name}: committed {usd(result['committed_micros'])} "
               f"(spent {usd(result['spent_micros'])}) of {usd(result['max_spent_micros'])}")
     for warning in result["warnings"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -18,6 +19,7 @@ from escalate.cli import (
     respond,
 )
 from escalate.cli.runs_cmds import (
+    _POLICY_FIELDS,
     ApproversOption,
     EscalationTimeoutOption,
     ModeOption,
@@ -116,8 +118,9 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
 def show(
     pool: PoolArg,
     period: Annotated[str | None, typer.Option(
-        "--period", metavar="DATE", help="Show the period holding DATE (e.g. 2026-11-30) instead of "
-        "the current one.", show_default=False)] = None,
+        "--period", metavar="DATE", help="Show an earlier period: one holding DATE (e.g. 2026-11-30), "
+        "or the pool's own key (2026-W48 for a week pool, 2026-11 for a month pool).",
+        show_default=False)] = None,
     output_format: Annotated[ShowFormat | None, typer.Option(
         "--format", "-f", help="table for people, json for scripts (same as --json), markdown for "
         "reports [default: table].", show_default=False)] = None,
@@ -160,6 +163,8 @@ def set_policy(
     approval_threshold: Annotated[str | None, typer.Option(
         "--approval-threshold", metavar="USD", help="New USD amount above which reservations need a "
         "person in enforce mode [default: unchanged].", show_default=False)] = None,
+    no_threshold: Annotated[bool, typer.Option("--no-approval-threshold",
+                                               help="Remove the approval threshold.")] = False,
     escalation_timeout: Annotated[str | None, typer.Option(
         "--escalation-timeout", metavar="DURATION", help="New time after which an open pool_cap "
         "escalation is paused [default: unchanged].", show_default=False)] = None,
@@ -178,19 +183,34 @@ def set_policy(
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
              "max_extension": max_extension, "approvers": approvers}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    if approval_threshold is not None and no_threshold:
+        bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
+                  json_out, code="usage")
+    if no_threshold:
+        changes["approval_threshold"] = None
     if not changes and escalation_timeout is None:
         bad_input("nothing to change; give --cap, --escalation, --approval-threshold, "
-                  "--escalation-timeout, --max-extension or --approvers", json_out, code="usage")
+                  "--no-approval-threshold, --escalation-timeout, --max-extension or --approvers", json_out,
+                  code="usage")
+    before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:
         if escalation_timeout is not None:
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
-        return _pool(pool, runs_dir, lock_timeout, by).set_policy(**changes)
+        target = _pool(pool, runs_dir, lock_timeout, by)
+        before.update(target.state().policy.to_json(), cap_micros=target.facts.cap_micros)
+        return target.set_policy(**changes)
 
     def human(result: dict[str, Any]) -> None:
-        verb = "unchanged" if result["status"] == "exists" else "changed"
-        echo_line(f"pool {result['pool']}: {verb} (cap {usd(result['cap_micros'])}, escalation "
-                  f"{result['escalation']['mode']})")
+        after = {**result["escalation"], "cap_micros": result["cap_micros"]}
+        fields: dict[str, tuple[str, Callable[[Any], str]]] = {"cap_micros": ("cap", usd), **_POLICY_FIELDS}
+        changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
+                   for key, (label, show) in fields.items() if before.get(key) != after.get(key)]
+        if result["status"] == "exists" or not changed:
+            echo_line(f"pool {result['pool']}: unchanged (cap {usd(result['cap_micros'])}, escalation "
+                      f"{result['escalation']['mode']})")
+        else:
+            echo_line(f"pool {result['pool']}: {', '.join(changed)}")
 
     respond(json_out, action, human)
 

@@ -28,6 +28,7 @@ from escalate.report import printable
 
 if TYPE_CHECKING:
     from escalate.runs import BrokenRun, RunRow, VerifyReport
+    from escalate.service import Ledger
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
@@ -96,6 +97,8 @@ def init(
                              approvers=approvers or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              pool=pool, **options)
+        if pool is not None and cap is not None:
+            _warn_over_pool(ledger, pool)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",
                 **({"pool": pool} if pool is not None else {})}
 
@@ -109,6 +112,16 @@ def init(
                   + (f", in pool {r['pool']}" if "pool" in r else ""))
 
     respond(json_out, action, human)
+
+
+def _warn_over_pool(ledger: Ledger, pool_id: str) -> None:
+    """A run cap above its pool's cap is allowed, but the pool refuses first: say so."""
+    from escalate.pools import Pool
+
+    pool_cap, run_cap = Pool.open(ledger.runs_store, pool_id).facts.cap_micros, ledger.state().run_cap_micros
+    if run_cap > pool_cap:
+        print(f"escalate: warning: run {ledger.run_id}'s cap {usd(run_cap)} is above pool {pool_id}'s cap "
+              f"{usd(pool_cap)}; the pool refuses first (omit --cap to take the pool's)", file=sys.stderr)
 
 
 @runs_app.command("set")
@@ -284,14 +297,17 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
+        from escalate.pools import pool_of_run
+
         ledger = open_ledger(run, runs_dir, None, progress=True)
         snapshot = ledger.replayed()
         recent = ledger.events(last=events)[0] if events else []
+        pool = pool_of_run(ledger)
         if not as_json:
-            return snapshot, recent
+            return snapshot, recent, pool
         from escalate.render import run_view
 
-        view = run_view(snapshot.state)
+        view = {**run_view(snapshot.state), **pool}
         view["warnings"] = _warnings(snapshot)
         # False when the log is corrupt and the totals stop at the line before the problem.
         view["complete"] = snapshot.problem is None
@@ -300,18 +316,18 @@ def show(
         return view
 
     def human(shown: Any) -> None:
-        snapshot, recent = shown
+        snapshot, recent, pool = shown
         # One plain line each, as every warning: rich would wrap a long one at 80 columns.
         for warning in _warnings(snapshot):
             print(f"escalate: warning: {printable(warning, limit=1000)}", file=sys.stderr)
         if chosen is ShowFormat.markdown:
             from escalate.report import run_markdown
 
-            sys.stdout.write(run_markdown(snapshot.state, events=recent))
+            sys.stdout.write(run_markdown(snapshot.state, events=recent, pool=pool))
             return
         from escalate.render import print_whole, show_run, timeline_table
 
-        show_run(snapshot.state, all_tasks=all_tasks)
+        show_run(snapshot.state, all_tasks=all_tasks, pool=pool)
         if recent:
             print_whole(timeline_table(recent))
 
