@@ -178,26 +178,28 @@ def test_the_events_table_refuses_rewriting_even_to_its_owner(pg_url: str, state
 # ---------------------------------------------------------------------- export and import
 
 
-def _same_history(location: Any, *, approve: bool = True) -> Ledger:
-    """The same commands at the same moments, as the same actor, on any store (an approval
-    records the database role on PostgreSQL: ``approve=False`` leaves it out)."""
+def _same_history(location: Any, *, escalate: bool = True) -> Ledger:
+    """The same commands at the same moments, as the same actor, on any store (an escalation
+    and its approval record the database role on PostgreSQL: ``escalate=False`` leaves both
+    out, so the two stores write the same bytes)."""
     clock = FakeClock()
     run = Ledger.init(location, "r", cap="10", escalation="enforce", approval_threshold="3",
                       actor="tester", clock=clock)
     run.reserve("a", "2")
     clock.advance(1)
-    with pytest.raises(Pending) as pending:
-        run.reserve("b", "4", reason="big diff", priority="high")
+    if escalate:
+        with pytest.raises(Pending) as pending:
+            run.reserve("b", "4", reason="big diff", priority="high")
     clock.advance(1)
     run.release("a", "1.25")
-    if approve:
+    if escalate:
         Ledger.open(location, "r", actor="boss", clock=clock).approve(pending.value.escalation_id)
     return run
 
 
 def test_an_export_is_byte_for_byte_the_file_stores_log_and_verifies(pg_url: str, tmp_path: Path) -> None:
-    _same_history(tmp_path / "files", approve=False)
-    _same_history(pg_url, approve=False)
+    _same_history(tmp_path / "files", escalate=False)
+    _same_history(pg_url, escalate=False)
     exported = b"".join(export_lines(pg_url, "r"))
     assert exported == (tmp_path / "files" / "r" / "events.ndjson").read_bytes()
     result = _escalate("runs", "export", "r", "--store", pg_url)
