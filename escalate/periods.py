@@ -87,7 +87,11 @@ def period_key(period: str, tz: str, ts: str) -> str:
     """The key of the period the moment ``ts`` (an event's UTC timestamp) falls in."""
     if period == "none":
         return ALL
-    return key_of_day(period, parse_ts(ts).astimezone(zone(tz)).date())
+    try:
+        day = parse_ts(ts).astimezone(zone(tz)).date()
+    except OverflowError:  # the last hours of year 9999 in a zone ahead of UTC: its last day
+        day = date.max
+    return key_of_day(period, day)
 
 
 def first_day(period: str, key: str) -> date:
@@ -116,7 +120,11 @@ def bounds(period: str, tz: str, key: str) -> tuple[str | None, str | None]:
     (local midnights); ``(None, None)`` for a pool without a period."""
     if period == "none":
         return None, None
-    return _midnight(first_day(period, key), tz), _midnight(next_first_day(period, key), tz)
+    try:
+        end = _midnight(next_first_day(period, key), tz)
+    except (OverflowError, ValueError):  # the last period a date can name: it ends with time
+        end = format_ts(datetime.max.replace(tzinfo=UTC))
+    return _midnight(first_day(period, key), tz), end
 
 
 def _midnight(day: date, tz: str) -> str:

@@ -115,3 +115,16 @@ def test_the_pool_gate_passes_over_joins_that_hold_no_money(store: Location, cli
     result = cli("gate", "--pool", "P", "--json")
     assert result.exit_code == 0, result.stderr
     assert Pool.open(store, "P").show()["committed_micros"] == 1_000_000
+
+
+@pytest.mark.parametrize("period", ["day", "week", "month"])
+def test_a_clock_at_the_end_of_time_in_a_zone_ahead_of_utc_still_answers(runs_dir: Path, period: str) -> None:
+    from datetime import UTC, datetime
+
+    from conftest import FakeClock
+
+    clock = FakeClock(datetime(9999, 12, 31, 23, 0, tzinfo=UTC))  # already year 10000 at +14
+    pool = Pool.init(runs_dir, "P", cap="10", period=period, tz="Pacific/Kiritimati", clock=clock)
+    run = Ledger.init(runs_dir, "r", pool="P", clock=clock, actor="tester")
+    assert run.reserve("a", "1")["pool_remaining_micros"] == 9_000_000
+    assert pool.show()["period_end"] == "9999-12-31T23:59:59.999999Z"  # the last moment a timestamp names
