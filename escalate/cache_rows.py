@@ -7,11 +7,12 @@ changed; a reader's :class:`LoadedRows` holds every row, checked, read in one go
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import zlib
-from collections.abc import Iterator, MutableMapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 
@@ -62,33 +63,43 @@ _CODECS: dict[str, tuple[Any, Any, bytes]] = {
 }
 
 
-class Rows(MutableMapping[str, V], Generic[V]):
-    """A table of the cache as a mapping, with this command's reads and writes in memory.
+class LazyRows(MutableMapping[str, V], Generic[V]):
+    """A checkpoint table as a mapping, with this command's reads and writes in memory: a
+    row is read when the fold asks for it and kept, because the fold changes objects in
+    place; :meth:`dirty` hands every row read or added back to be written. A store says
+    how its rows are read (the SQLite cache: :class:`Rows`; PostgreSQL: ``pg_rows.PgRows``)."""
 
-    Every row read is kept, because the fold changes objects in place; :meth:`dirty`
-    hands them back to be written.
-    """
-
-    def __init__(self, connection: sqlite3.Connection, table: str,
-                 guard: threading.RLock) -> None:
-        self._connection = connection
-        self._guard = guard
+    def __init__(self, table: str) -> None:
         self._table = table
         self._encode, self._decode, _ = _CODECS[table]
         self._touched: dict[str, V] = {}
         self._known_missing: set[str] = set()
         self._new: dict[str, None] = {}  # keys this command added, in order
 
+    def _read_one(self, key: str) -> V | None:
+        """The stored row ``key``, decoded and checked (None: no such row)."""
+        raise NotImplementedError
+
+    def _stored(self, key: str) -> bool:
+        """Whether the row ``key`` is stored."""
+        raise NotImplementedError
+
+    def _stored_count(self) -> int:
+        raise NotImplementedError
+
+    def _stored_rows(self) -> Iterator[tuple[str, Callable[[], V]]]:
+        """Every stored row's key, in the order first written, and how to decode it."""
+        raise NotImplementedError
+
     def __getitem__(self, key: str) -> V:
         if key in self._touched:
             return self._touched[key]
         if key in self._known_missing:
             raise KeyError(key)
-        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
-        if row is None:
+        value = self._read_one(key)
+        if value is None:
             self._known_missing.add(key)
             raise KeyError(key)
-        value: V = self._decode(key, checked(key, row[0], row[1]))
         self._touched[key] = value
         return value
 
@@ -106,10 +117,51 @@ class Rows(MutableMapping[str, V], Generic[V]):
             yield key
 
     def __len__(self) -> int:
-        return int(self._fetch_all(f"SELECT count(*) FROM {self._table}")[0][0]) + len(self._new)
+        return self._stored_count() + len(self._new)
+
+    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
+        """All rows in the order they were first written, with this command's changes."""
+        touched = self._touched
+        for key, decode in self._stored_rows():
+            yield key, touched[key] if key in touched else decode()
+        for key in self._new:
+            yield key, touched[key]
+
+    def values(self) -> Iterator[V]:  # type: ignore[override]
+        for _, value in self.items():
+            yield value
+
+    def dirty(self) -> Iterator[tuple[str, bytes]]:
+        """``(key, row)`` of every row read or added by this command."""
+        for key, value in self._touched.items():
+            yield key, self._encode(key, value)
+
+
+class Rows(LazyRows[V]):
+    """A table of the SQLite cache (every row checked against its CRC)."""
+
+    def __init__(self, connection: sqlite3.Connection, table: str,
+                 guard: threading.RLock) -> None:
+        super().__init__(table)
+        self._connection = connection
+        self._guard = guard
+
+    def _read_one(self, key: str) -> V | None:
+        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
+        return None if row is None else self._checked_row(key, row[0], row[1])
 
     def _stored(self, key: str) -> bool:
         return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
+
+    def _stored_count(self) -> int:
+        return int(self._fetch_all(f"SELECT count(*) FROM {self._table}")[0][0])
+
+    def _stored_rows(self) -> Iterator[tuple[str, Callable[[], V]]]:
+        for key, data, crc in self._fetch_all(f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
+            yield key, functools.partial(self._checked_row, key, data, crc)
+
+    def _checked_row(self, key: str, data: bytes, crc: int) -> V:
+        return cast(V, self._decode(key, checked(key, data, crc)))
 
     def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
         """Run one query on the shared connection, under the guard that keeps a thread from
@@ -124,21 +176,6 @@ class Rows(MutableMapping[str, V], Generic[V]):
         rows = self._fetch_all(sql, parameters)
         return rows[0] if rows else None
 
-    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
-        """All rows in the order they were first written, with this command's changes."""
-        touched, decode = self._touched, self._decode
-        for key, data, crc in self._fetch_all(f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
-            if key in touched:
-                yield key, touched[key]
-            else:
-                yield key, decode(key, checked(key, data, crc))
-        for key in self._new:
-            yield key, touched[key]
-
-    def values(self) -> Iterator[V]:  # type: ignore[override]
-        for _, value in self.items():
-            yield value
-
     def read_all(self) -> LoadedRows[V]:
         """Every row, checked, read now (for readers, inside their read transaction)."""
         rows = self._fetch_all(f"SELECT data, crc FROM {self._table} ORDER BY n")
@@ -147,10 +184,6 @@ class Rows(MutableMapping[str, V], Generic[V]):
             if crc32(data) != crc or not data.startswith(prefix):
                 raise CacheInvalid(f"row {number + 1} of {self._table} fails its checksum")
         return LoadedRows([row[0] for row in rows], self._table)
-
-    def dirty(self) -> Iterator[tuple[str, bytes]]:
-        for key, value in self._touched.items():
-            yield key, self._encode(key, value)
 
 
 class LoadedRows(MutableMapping[str, V], Generic[V]):

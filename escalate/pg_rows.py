@@ -5,12 +5,13 @@ seekable byte stream, with the offsets the file store's log would have.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from escalate.cache_rows import _CODECS
+from escalate.cache_rows import LazyRows
 from escalate.store import CacheInvalid
 
 V = TypeVar("V")
@@ -19,19 +20,14 @@ V = TypeVar("V")
 Query = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
 
 
-class PgRows(MutableMapping[str, V], Generic[V]):
-    """``escalate_tasks`` or ``escalate_escalations`` of one ledger as a mapping: a row is
-    read when the fold asks for it and kept, because the fold changes it in place;
-    :meth:`dirty` hands back every row read or added, to be written."""
+class PgRows(LazyRows[V]):
+    """``escalate_tasks`` or ``escalate_escalations`` of one ledger
+    (:class:`escalate.cache_rows.LazyRows`), read in the caller's transaction."""
 
     def __init__(self, query: Query, table: str, ledger: str) -> None:
+        super().__init__(table)
         self._query = query
-        self._table = table
         self._ledger = ledger
-        self._encode, self._decode, _ = _CODECS[table]
-        self._touched: dict[str, V] = {}
-        self._known_missing: set[str] = set()
-        self._new: dict[str, None] = {}  # keys this command added, in order
 
     def _rows(self, where: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self._query(f"SELECT key, data FROM escalate_{self._table} WHERE ledger = %s{where}",
@@ -44,52 +40,21 @@ class PgRows(MutableMapping[str, V], Generic[V]):
             raise CacheInvalid(f"row {key!r} of {self._table} cannot be read ({exc})") from exc
         return value
 
-    def __getitem__(self, key: str) -> V:
-        if key in self._touched:
-            return self._touched[key]
-        if key in self._known_missing:
-            raise KeyError(key)
+    def _read_one(self, key: str) -> V | None:
         rows = self._rows(" AND key = %s", (key,))
-        if not rows:
-            self._known_missing.add(key)
-            raise KeyError(key)
-        value = self._decoded(key, rows[0][1])
-        self._touched[key] = value
-        return value
+        return self._decoded(key, rows[0][1]) if rows else None
 
-    def __setitem__(self, key: str, value: V) -> None:
-        if key not in self._touched and (key in self._known_missing or key not in self):
-            self._new[key] = None
-        self._known_missing.discard(key)
-        self._touched[key] = value
+    def _stored(self, key: str) -> bool:
+        return bool(self._rows(" AND key = %s", (key,)))
 
-    def __delitem__(self, key: str) -> None:
-        raise TypeError("the ledger never forgets a task or an escalation")
-
-    def __iter__(self) -> Iterator[str]:
-        for key, _ in self.items():
-            yield key
-
-    def __len__(self) -> int:
+    def _stored_count(self) -> int:
         [(count,)] = self._query(f"SELECT count(*) FROM escalate_{self._table} WHERE ledger = %s",
                                  (self._ledger,))
-        return int(count) + len(self._new)
+        return int(count)
 
-    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
-        """All rows in the order they were first written, with this command's changes."""
+    def _stored_rows(self) -> Iterator[tuple[str, Callable[[], V]]]:
         for key, data in self._rows(" ORDER BY n"):
-            yield key, self._touched[key] if key in self._touched else self._decoded(key, data)
-        for key in self._new:
-            yield key, self._touched[key]
-
-    def values(self) -> Iterator[V]:  # type: ignore[override]
-        for _, value in self.items():
-            yield value
-
-    def dirty(self) -> Iterator[tuple[str, bytes]]:
-        """``(key, row)`` of every row read or added by this command."""
-        for key, value in self._touched.items():
-            yield key, self._encode(key, value)
+            yield key, functools.partial(self._decoded, key, data)
 
 
 # (after_offset, up_to) → [(line, end_offset), …] in order: the lines ending after
