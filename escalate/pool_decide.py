@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from escalate.decide import Decision, fail
-from escalate.errors import InputError, Refused
+from escalate.errors import InputError
+from escalate.resolve import policy_changer_refused
 from escalate.state import Policy, RunState
 
 
@@ -35,12 +36,9 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
     if policy == state.policy and cap == state.pool.cap_micros:
         return Decision(result=result)
-    approvers = state.policy.approvers
-    if approvers and (role or by) not in approvers:
-        return fail(Refused(
-            f"cannot change pool {state.run_id}: {role or by} is not one of its approvers "
-            f"({', '.join(approvers)}); ask one of them to run 'escalate pools set'",
-            code="not_an_approver", by=by, approvers=list(approvers)))
+    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
+    if refusal is not None:
+        return fail(refusal)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
     if cap != state.pool.cap_micros:
         event["cap_micros"] = cap

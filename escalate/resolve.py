@@ -200,6 +200,19 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
     return None
 
 
+def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
+                           command: str) -> Refused | None:
+    """Once a run (or a pool) names its approvers, only they may change its settings:
+    otherwise anyone could add themselves. ``role``, the database role acting (PostgreSQL),
+    is what is checked when there is one."""
+    approvers = state.policy.approvers
+    if approvers and (role or by) not in approvers:
+        return Refused(f"cannot change {what}: {role or by} is not one of its approvers "
+                       f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",
+                       code="not_an_approver", by=by, approvers=list(approvers))
+    return None
+
+
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
                   role: str | None = None) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
@@ -207,12 +220,10 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None,
     the database role acting, recorded, and checked instead of ``by``)."""
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json()})
-    approvers = state.policy.approvers
-    if approvers and (role or by) not in approvers:
-        return fail(Refused(
-            f"cannot change the escalation policy of run {state.run_id}: {role or by} is not one of its "
-            f"approvers ({', '.join(approvers)}); ask one of them to run 'escalate runs set'",
-            code="not_an_approver", by=by, approvers=list(approvers)))
+    refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
+                                     "runs set")
+    if refusal is not None:
+        return fail(refusal)
     if policy.max_extension_micros < state.extended_micros:
         return fail(Conflict(
             f"max extension {usd(policy.max_extension_micros)} is below the "
