@@ -15,7 +15,7 @@ import pytest
 from escalate import Ledger
 from escalate.errors import Pending, Refused
 from escalate.pools import Pool
-from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, make_pool, worker
+from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, make_pool
 
 FORK = multiprocessing.get_context("fork")
 
@@ -34,24 +34,6 @@ def test_a_member_run_must_fit_its_pool(pg_url: str) -> None:
     assert sorted(row["run"] for row in shown["runs"]) == ["api", "web"]
     api.release("build", "110")
     assert Pool.open(pg_url, "team").show()["spent_micros"] == 110_000_000
-
-
-def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(pg_url: str) -> None:
-    make_pool(pg_url)
-    start, results = FORK.Barrier(8), FORK.Queue()
-    workers = [FORK.Process(target=worker, args=(pg_url, n, start, results)) for n in range(8)]
-    for process in workers:
-        process.start()
-    outcomes = [results.get(timeout=300) for _ in workers]
-    for process in workers:
-        process.join(60)
-        assert process.exitcode == 0
-    assert sum(done for done, _ in outcomes) > 20 and sum(refused for _, refused in outcomes) > 20
-    spent, reserved = audit_pool(pg_url)
-    shown = Pool.open(pg_url, "pool").show()
-    assert (shown["spent_micros"], shown["reserved_micros"]) == (spent, reserved)
-    for run in RUNS:
-        assert Ledger.open(pg_url, run).verify().problems == []
 
 
 def _killed_after_the_append(url: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Location
 
 from escalate import Ledger
 from escalate.errors import EscalateError, Refused
@@ -98,8 +99,8 @@ def worker(root: Path | str, number: int, start: Any, results: Any) -> None:
     results.put((done, refused))
 
 
-def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(tmp_path: Path) -> None:
-    root = tmp_path / "runs"
+def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(store: Location) -> None:
+    root = store  # a runs folder, or a PostgreSQL database
     make_pool(root)
     start, results = FORK.Barrier(8), FORK.Queue()
     workers = [FORK.Process(target=worker, args=(root, n, start, results)) for n in range(8)]
