@@ -333,9 +333,10 @@ class TaskIds:
         return f"{self.prefix}-{self.count}"
 
 
-def library_cycle(run: BuiltRun, ids: TaskIds) -> Callable[[], float]:
-    """One reserve + release through the library, timed."""
-    handle = Ledger.open(run.runs_dir, run.run_id, actor=ACTOR)
+def library_cycle(location: Path | str, run_id: str, ids: TaskIds) -> Callable[[], float]:
+    """One reserve + release through the library, timed, on a run of a runs folder or of a
+    PostgreSQL database."""
+    handle = Ledger.open(location, run_id, actor=ACTOR)
 
     def cycle() -> float:
         task = ids()
@@ -365,7 +366,10 @@ def target_flat_cost(runs: dict[int, BuiltRun], settings: Settings, rows: list[R
     """Target 1: a reserve+release cycle costs about the same at every size."""
     sizes = sorted(runs)
     small, large = sizes[0], sizes[-1]
-    for how, make, rounds in (("library", library_cycle, settings.rounds),
+    def library(run: BuiltRun, ids: TaskIds) -> Callable[[], float]:
+        return library_cycle(run.runs_dir, run.run_id, ids)
+
+    for how, make, rounds in (("library", library, settings.rounds),
                               ("CLI", cli_cycle, settings.cli_rounds)):
         ids = TaskIds(f"flat-{how.lower()}")
         cases = {size: make(runs[size], ids) for size in sizes}
@@ -657,20 +661,6 @@ class PgBench:
         self.server.remove()
 
 
-def pg_library_cycle(url: str, run_id: str, ids: TaskIds) -> Callable[[], float]:
-    """One reserve + release through the library on the PostgreSQL store, timed."""
-    handle = Ledger.open(url, run_id, actor=ACTOR)
-
-    def cycle() -> float:
-        task = ids()
-        started = time.perf_counter()
-        handle.reserve(task, "1.00")
-        handle.release(task, "0.90")
-        return time.perf_counter() - started
-
-    return cycle
-
-
 def target_postgres(runs: dict[int, BuiltRun], settings: Settings, rows: list[Row]) -> None:
     """Target 7 (issue 12): the PostgreSQL store beside the file store, in one run."""
     pg = PgBench()
@@ -691,8 +681,8 @@ def _pg_flat_cost(pg: PgBench, runs: dict[int, BuiltRun], settings: Settings, ro
         url = pg.imported(runs[size])
         print(f"  PostgreSQL: run of {size_label(size)} events imported in {time.monotonic() - t0:.1f} s",
               flush=True)
-        cases[f"pg@{size_label(size)}"] = pg_library_cycle(url, runs[size].run_id, ids)
-        cases[f"file@{size_label(size)}"] = library_cycle(runs[size], ids)
+        cases[f"pg@{size_label(size)}"] = library_cycle(url, runs[size].run_id, ids)
+        cases[f"file@{size_label(size)}"] = library_cycle(runs[size].runs_dir, runs[size].run_id, ids)
     for case in cases.values():
         case()  # warm up: the first command builds the checkpoint
     samples = interleaved(cases, settings.rounds, settings.budget_s)
