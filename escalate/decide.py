@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.money import format_usd as usd
-from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState, Task
+
+if TYPE_CHECKING:
+    from escalate.pool_state import PoolView  # (a run without a pool never loads it)
 
 
 @dataclass(slots=True)

@@ -27,7 +27,6 @@ from escalate.fold_fields import (
 )
 from escalate.ids import ID_PATTERN, shown_value
 from escalate.money import MAX_MICROS
-from escalate.pool_state import PoolFacts
 from escalate.rules import over_cap, task_cap_fits
 from escalate.state import RuleViolation, RunState, Task
 
@@ -67,6 +66,7 @@ def _pool_opened(event: Mapping[str, Any], this_hash: str) -> RunState:
     """A pool's first line. Its state holds no money (caps 0: a reservation in a pool's log
     cannot fold); its settings are in ``pool``."""
     from escalate.periods import zone
+    from escalate.pool_state import PoolFacts  # (a run's fold never loads the pool modules)
 
     tz = event.get("tz")
     try:

@@ -34,11 +34,11 @@ from escalate.errors import EscalateError, InputError, UnknownRun
 from escalate.events import Event
 from escalate.ids import check_id
 from escalate.periods import period_key
-from escalate.pool_member import Member, facts_of, first_event, fold_member
+from escalate.pool_member import Member, facts_of, fold_member
 from escalate.pool_state import PeriodTotals, PoolFacts, PoolView
 from escalate.replay import Replayed
 from escalate.state import Policy, RunState
-from escalate.store import LedgerStore, Store, Transaction
+from escalate.store import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
 FORMAT = 3
@@ -76,12 +76,6 @@ def ledger_kinds(store: Store) -> Iterator[tuple[str, str | None]]:
         except (OSError, EscalateError):
             first = None
         yield ledger_id, None if first is None else first.get("type")
-
-
-def is_a_pool(ledger_id: str) -> InputError:
-    """The error for a run command given a pool's id."""
-    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
-                      "or give a run id", code="is_a_pool", run=ledger_id)
 
 
 def read_pool(runs: Store, pool_id: str, lock_timeout: float) -> RunState:

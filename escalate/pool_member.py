@@ -13,42 +13,11 @@ from typing import Any
 
 import orjson
 
-from escalate.errors import InputError, UnknownRun
+from escalate.errors import InputError
 from escalate.events import Event, iter_lines
-from escalate.ids import valid_id
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
-from escalate.store import LedgerStore
-
-_FIRST_LINE_CHUNK = 1 << 16
-
-
-def first_event(store: LedgerStore) -> dict[str, Any] | None:
-    """The ledger's first line (``run_opened`` or ``pool_opened``), or None when it has none
-    yet (no ledger, or only a torn first write). It never changes, so what kind of ledger
-    this is, and a run's pool, are read here — all of it, however long (a long approver
-    list must not hide the pool)."""
-    try:
-        with store.reader() as stream:
-            head = b""
-            while b"\n" not in head and (chunk := stream.read(_FIRST_LINE_CHUNK)):
-                head += chunk
-    except (FileNotFoundError, UnknownRun):
-        return None  # no such ledger: the command's own checks say so
-    line, newline, _ = head.partition(b"\n")
-    if not newline:
-        return None
-    try:
-        event = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def pool_of(event: dict[str, Any] | None) -> str | None:
-    """The pool a run's first line names (None: no pool)."""
-    pool = None if event is None else event.get("pool")
-    return pool if valid_id(pool) else None
+from escalate.store import LedgerStore, first_event, pool_of
 
 
 def facts_of(state: RunState) -> PoolFacts:

@@ -9,15 +9,17 @@ In code names it is a *grant*.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from escalate.decide import Decision, fail, period_name, resolved_event
 from escalate.errors import Conflict, InputError, Refused
 from escalate.events import Event, parse_ts
 from escalate.money import format_usd as usd
-from escalate.pool_state import PoolView
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState
+
+if TYPE_CHECKING:
+    from escalate.pool_state import PoolView  # (a run without a pool never loads it)
 
 
 def expire(state: RunState, now: str) -> list[Event]:

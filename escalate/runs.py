@@ -9,12 +9,13 @@ others: it is reported beside them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
-from escalate.service import Ledger, iter_run_ids
+from escalate.service import Ledger
 from escalate.state import RunState
 from escalate.store import Store, is_store_url, open_store
 
@@ -283,3 +284,12 @@ def verify_report(ledger: Ledger) -> VerifyReport:
         "problems": [{"line": line, "problem": text} for line, text in problems],
         "warnings": [{"line": line, "warning": text} for line, text in (report.warnings if report else [])],
     }
+
+
+def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
+    """The ids of the runs in a store (a runs folder: folders with a log), sorted; a pool's
+    ledger is no run."""
+    from escalate.pool_book import ledger_kinds
+
+    store = open_store(runs_dir)
+    return (ledger_id for ledger_id, kind in ledger_kinds(store) if kind != "pool_opened")

@@ -11,10 +11,9 @@ durable.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from escalate import config, pool_book, pool_member, resolve
+from escalate import config, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
@@ -23,7 +22,6 @@ from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, Micros, parse_micros
-from escalate.pool_state import PoolView
 from escalate.replay import Progress, Replayed, read_events
 from escalate.results import (
     DeliveryResult,
@@ -33,8 +31,11 @@ from escalate.results import (
     TaskResult,
 )
 from escalate.state import EscalationState, Policy, RunState
-from escalate.store import LedgerStore, Store, open_store
+from escalate.store import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
 from escalate.write import Decide, asked_by, first_lines, write
+
+if TYPE_CHECKING:
+    from escalate.pool_state import PoolView
 
 _WAIT_POLL_S = 0.05
 
@@ -73,12 +74,12 @@ class Ledger:
         """The pool the run belongs to (None: none), read once from its first line;
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
-            first = pool_member.first_event(self.store)
+            first = first_event(self.store)
             if first is None:
                 return None  # no run yet (or a torn first write): read again next time
             if first.get("type") == "pool_opened":
-                raise pool_book.is_a_pool(self.run_id)
-            self._pool = (pool_member.pool_of(first),)
+                raise is_a_pool(self.run_id)
+            self._pool = (pool_of(first),)
         return self._pool[0]
 
     @property
@@ -119,6 +120,8 @@ class Ledger:
         reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
         defaults to the pool's).
         """
+        from escalate import pool_book  # (a run without a pool never loads the pool modules)
+
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
         joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
@@ -134,7 +137,7 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
-        if joining is None or pool_member.first_event(run.store) is not None:
+        if joining is None or first_event(run.store) is not None:
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)
@@ -151,7 +154,7 @@ class Ledger:
         so a script can tell a reused run id); others conflict."""
         existing = self.store.read().state
         if existing.pool is not None:
-            raise pool_book.is_a_pool(self.run_id)
+            raise is_a_pool(self.run_id)
         config.check_same_run(existing, self.pool_id(), run_cap, payload["task_cap_micros"], policy,
                               payload.get("pool"))
 
@@ -357,6 +360,8 @@ class Ledger:
             if pool_id is None:
                 first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
             else:
+                from escalate import pool_book
+
                 first_seq, decision = pool_book.write_member(
                     self.runs_store, pool_id, self.store, decide, actor=self.actor, clock=self.clock,
                     lock_timeout=self.lock_timeout)
@@ -388,10 +393,3 @@ class Ledger:
 
 
 # ---------------------------------------------------------------------- many runs
-
-
-def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
-    """The ids of the runs in a store (a runs folder: folders with a log), sorted; a pool's
-    ledger is no run."""
-    store = open_store(runs_dir)
-    return (ledger_id for ledger_id, kind in pool_book.ledger_kinds(store) if kind != "pool_opened")

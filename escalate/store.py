@@ -25,8 +25,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO, Protocol, cast
 
-from escalate.errors import InputError
+import orjson
+
+from escalate.errors import InputError, UnknownRun
 from escalate.events import Event
+from escalate.ids import valid_id
 from escalate.replay import Progress, Replayed
 from escalate.state import RunState
 
@@ -222,3 +225,41 @@ def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
     from escalate.file_store import FileStore
 
     return FileStore(text)
+
+
+# A ledger's first line is read in chunks of this many bytes (it may be long).
+_FIRST_LINE_CHUNK = 1 << 16
+
+
+def first_event(store: LedgerStore) -> dict[str, Any] | None:
+    """The ledger's first line (``run_opened`` or ``pool_opened``), or None when it has none
+    yet (no ledger, or only a torn first write). It never changes, so what kind of ledger
+    this is, and a run's pool, are read here — all of it, however long (a long approver
+    list must not hide the pool)."""
+    try:
+        with store.reader() as stream:
+            head = b""
+            while b"\n" not in head and (chunk := stream.read(_FIRST_LINE_CHUNK)):
+                head += chunk
+    except (FileNotFoundError, UnknownRun):
+        return None  # no such ledger: the command's own checks say so
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return None
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def pool_of(event: dict[str, Any] | None) -> str | None:
+    """The pool a run's first line names (None: no pool)."""
+    pool = None if event is None else event.get("pool")
+    return pool if valid_id(pool) else None
+
+
+def is_a_pool(ledger_id: str) -> InputError:
+    """The error for a run command given a pool's id."""
+    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
+                      "or give a run id", code="is_a_pool", run=ledger_id)

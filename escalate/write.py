@@ -11,7 +11,7 @@ returns the decision; making it durable and answering it is the caller's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from escalate import fold as folding
 from escalate import resolve
@@ -19,14 +19,16 @@ from escalate.config import Clock
 from escalate.decide import Decision
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import Event, format_ts, parse_ts, seal
-from escalate.pool_state import PoolView
 from escalate.replay import Replayed
 from escalate.state import RuleViolation, RunState
 from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
 
+if TYPE_CHECKING:
+    from escalate.pool_state import PoolView  # (a run without a pool never loads it)
+
 # A decision from the state, the write's time, the escalations this write expires and,
 # for a run in a pool, what it knows of the pool.
-Decide = Callable[[RunState, str, list[str], PoolView | None], Decision]
+Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision]
 
 
 class Inside(Protocol):

@@ -139,7 +139,7 @@ def has_run(store: Location, run_id: str) -> bool:
     counts (stricter than ``runs list``, which needs a log)."""
     if isinstance(store, Path):
         return (store / run_id).exists()
-    from escalate.service import iter_run_ids
+    from escalate.runs import iter_run_ids
 
     return run_id in iter_run_ids(store)
 
@@ -149,7 +149,7 @@ def snapshot_store(store: Location) -> dict[str, bytes]:
     (:func:`snapshot_tree`), or every run's log in a database."""
     if isinstance(store, Path):
         return snapshot_tree(store)
-    from escalate.service import iter_run_ids
+    from escalate.runs import iter_run_ids
 
     return {run_id: log_bytes(store, run_id) for run_id in iter_run_ids(store)}
 
