@@ -263,23 +263,26 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
 
     table = Table(title=f"runs ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False)
-    # The pool column only where a run has one: 80 columns hold the others unwrapped.
+    # The pool column only where a run has one, and then (to hold 80 columns unwrapped) the
+    # day a run was opened without its time, and no "used" share: cap and committed say it.
     pooled = any(row.get("pool") for row in rows)
-    for column in ("run", *(("pool",) if pooled else ()), "cap", "committed", "remaining", "used", "state",
-                   "opened"):
+    columns = ("run", "pool", "cap", "committed", "remaining", "state", "opened") if pooled else \
+        ("run", "cap", "committed", "remaining", "used", "state", "opened")
+    for column in columns:
         money = column in ("cap", "committed", "remaining", "used")
         table.add_column(column, justify="right" if money else "left", no_wrap=money)
     state_styles = {"over cap": "red", "escalation open": "yellow", "halted tasks": "red"}
     for row in rows:
-        pool = [_plain(row.get("pool") or "-")] if pooled else []
         if "error" in row:
-            table.add_row(_plain(row["run"]), *pool, "-", "-", "-", "-", Text(row["error"], style="red"), "-")
+            cells: list[Any] = [Text(row["error"], style="red"), "-"]
+            table.add_row(_plain(row["run"]), *["-"] * (len(columns) - 3), *cells)
             continue
         cap, committed = row["cap_micros"], row["committed_micros"]
         used = Text(percent(committed, cap), style=_USAGE_STYLES[usage_level(committed, cap)])
-        table.add_row(_plain(row["run"]), *pool, usd(cap), usd(committed), usd(row["remaining_micros"]), used,
+        table.add_row(_plain(row["run"]), *([_plain(row.get("pool") or "-")] if pooled else []),
+                      usd(cap), usd(committed), usd(row["remaining_micros"]), *([] if pooled else [used]),
                       Text(row["state"], style=state_styles.get(row["state"], "")),
-                      _short_ts(row["opened_at"])[:16])
+                      _short_ts(row["opened_at"])[:10 if pooled else 16])
     return whole_words(table)
 
 

@@ -197,3 +197,15 @@ def test_only_a_pools_approvers_may_change_it(runs_dir: Path, cli: Any) -> None:
     assert refused.exit_code == 3 and refused.json()["error"] == "not_an_approver"
     assert log.read_bytes() == before
     assert cli("pools", "set", "team", "--cap", "20", "--by", "lead").exit_code == 0
+
+
+def test_runs_list_with_a_pool_column_still_fits_80_columns(runs_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    Pool.init(runs_dir, "team-a", cap="200", actor="tester")
+    Ledger.init(runs_dir, "nightly-api", pool="team-a", cap="150", actor="tester").reserve("t", "5")
+    Ledger.init(runs_dir, "plain", cap="10", actor="tester")
+    shown = CliRunner().invoke(app, ["runs", "list"], env={"COLUMNS": "80"}).stdout.splitlines()
+    assert max(len(line) for line in shown) <= 80
+    rows = [line for line in shown if line.startswith(("nightly-api", "plain"))]
+    assert len(rows) == 2 and len(shown) == 2 + 3  # title, header, rule: no wrapped cell
+    assert "team-a" in rows[0] + rows[1]
