@@ -46,7 +46,7 @@ from escalate.store import CacheInvalid
 CACHE_NAME = "events.ndjson.cache.sqlite"
 # 5: escalations keep their requester, reason, priority, needed extension and delivery (with
 # the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
-FORMAT = 5
+FORMAT = 6
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
@@ -62,7 +62,7 @@ def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
         "reserved_micros": state.reserved_micros, "extended_micros": state.extended_micros,
         "seq": state.seq, "last_hash": state.last_hash, "last_ts": state.last_ts,
         "halts": state.halts, "recoveries": state.recoveries,
-        "open_escalations": sorted(state.open_escalations),
+        "open_escalations": sorted(state.open_escalations), "member_of": state.member_of,
     })
 
 
@@ -283,7 +283,8 @@ def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
         opened_at=blob["opened_at"], tasks=tasks,
         spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
         extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
-        last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"])
+        last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"],
+        member_of=blob["member_of"])
     state.escalations = escalations
     state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
     return state

@@ -58,6 +58,7 @@ def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
         last_hash=this_hash,
         last_ts=ts,
         last_actor=name_field(event, "actor"),
+        member_of=id_field(event, "pool") if "pool" in event else None,
     )
     return state
 

@@ -87,10 +87,11 @@ def period_key(period: str, tz: str, ts: str) -> str:
     """The key of the period the moment ``ts`` (an event's UTC timestamp) falls in."""
     if period == "none":
         return ALL
+    moment = parse_ts(ts)
     try:
-        day = parse_ts(ts).astimezone(zone(tz)).date()
-    except OverflowError:  # the last hours of year 9999 in a zone ahead of UTC: its last day
-        day = date.max
+        day = moment.astimezone(zone(tz)).date()
+    except OverflowError:  # the calendar's first or last hours, in a zone that leaves it
+        day = date.min if moment.year == 1 else date.max
     return key_of_day(period, day)
 
 
@@ -124,7 +125,11 @@ def bounds(period: str, tz: str, key: str) -> tuple[str | None, str | None]:
         end = _midnight(next_first_day(period, key), tz)
     except (OverflowError, ValueError):  # the last period a date can name: it ends with time
         end = format_ts(datetime.max.replace(tzinfo=UTC))
-    return _midnight(first_day(period, key), tz), end
+    try:
+        start = _midnight(first_day(period, key), tz)
+    except (OverflowError, ValueError):  # the first period a date can name: it starts with time
+        start = format_ts(datetime.min.replace(tzinfo=UTC))
+    return start, end
 
 
 def _midnight(day: date, tz: str) -> str:

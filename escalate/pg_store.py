@@ -88,7 +88,6 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
-        self.acting_role: str | None = None  # current_user, once asked (PgLedger.role)
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -341,12 +340,12 @@ class PgLedger:
         """Nothing to do: the commit made the lines durable before the command answered."""
 
     def role(self) -> str:
-        """The database role this store acts as (``current_user``), asked once."""
-        if self._store.acting_role is None:
-            with self._store.connection() as connection:
-                row = connection.execute("SELECT current_user").fetchone()
-            self._store.acting_role = str(row[0]) if row is not None else ""
-        return self._store.acting_role
+        """The database role acting now (``current_user``), asked each time: one connection
+        may serve several people with ``SET ROLE``. Inside a command's transaction it is
+        asked in that transaction."""
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT current_user").fetchone()
+        return str(row[0]) if row is not None else ""
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).

@@ -30,7 +30,7 @@ import orjson
 
 from escalate.config import Clock
 from escalate.decide import Decision
-from escalate.errors import EscalateError, InputError, UnknownRun
+from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
 from escalate.events import Event
 from escalate.ids import check_id
 from escalate.periods import period_key
@@ -115,6 +115,14 @@ class PoolBook:
     def key_at(self, ts: str) -> str:
         """The key of the period the moment ``ts`` falls in."""
         return period_key(self.meta["period"], self.meta["tz"], ts)
+
+    def has_entry(self, run_id: str) -> bool:
+        """Whether the book counts ``run_id`` (every member joined has an entry)."""
+        if run_id not in self.members and not self.complete:
+            data = self._read([f"member:{run_id}"]).get(f"member:{run_id}")
+            if data is not None:
+                self.members[run_id] = Member.from_bytes(data)
+        return run_id in self.members
 
     def member(self, run_id: str) -> Member:
         if run_id not in self.members:
@@ -247,6 +255,13 @@ class MemberWrite:
         self.run_id = run_id
 
     def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
+        if not self.book.has_entry(self.run_id) and \
+                self.run_id not in facts_of(self.book.transaction.load().state).members:
+            raise CorruptLedger(
+                f"run {self.run_id} names pool {self.book.pool_id} in its first line, but the pool "
+                "does not list it (was a run folder renamed or copied?); give the folder its name "
+                "back — its writes are refused until then", run=self.run_id, line=1,
+                problem="a run its pool does not list", first_suspect_line=1)
         if self.book.member(self.run_id).offset != replayed.offset:
             # The entry is behind the log (a new member, or a book rebuilt around a torn
             # tail): fold the run to where this write starts.
@@ -313,7 +328,8 @@ def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Deci
                          f"{runs.where}; restore the pool's folder", run=run_store.run_id, pool=pool_id)
     with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
         book = open_book(transaction, pool_store, runs, lock_timeout=lock_timeout)
-        return write(run_store, decide, actor=actor, clock=clock, inside=MemberWrite(book, run_store.run_id))
+        return write(run_store, decide, actor=actor, clock=clock, inside=MemberWrite(book, run_store.run_id),
+                     member_of=pool_id)
 
 
 def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,

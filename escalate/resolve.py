@@ -103,7 +103,8 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
              "requested_by": escalation.requested_by}
     if mode == "withdraw":
-        if escalation.requested_by is not None and by != escalation.requested_by:
+        other_role = role is not None and escalation.requested_role not in (None, role)
+        if (escalation.requested_by is not None and by != escalation.requested_by) or other_role:
             return Refused(
                 f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
                 f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"

@@ -32,7 +32,7 @@ from escalate.results import (
 )
 from escalate.state import EscalationState, Policy, RunState
 from escalate.store import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
-from escalate.write import Decide, asked_by, first_lines, write
+from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write_run
 
 if TYPE_CHECKING:
     from escalate.pool_state import PoolView
@@ -179,7 +179,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return cast(TaskResult, self._mutate(asked_by(self.store,
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
                                                                  priority, pool))))
 
@@ -189,7 +189,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return cast(TaskResult, self._mutate(asked_by(self.store,
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
                                                                   priority, pool))))
 
@@ -357,14 +357,15 @@ class Ledger:
                 if self._pool is None:
                     raise UnknownRun(f"no run {self.run_id} under {self.runs_store.where}; see "
                                      "'escalate runs list'", run=self.run_id)
-            if pool_id is None:
-                first_seq, decision = write(self.store, decide, actor=self.actor, clock=self.clock)
-            else:
-                from escalate import pool_book
-
-                first_seq, decision = pool_book.write_member(
-                    self.runs_store, pool_id, self.store, decide, actor=self.actor, clock=self.clock,
-                    lock_timeout=self.lock_timeout)
+            try:
+                first_seq, decision = write_run(self.runs_store, pool_id, self.store, decide,
+                                                actor=self.actor, clock=self.clock,
+                                                lock_timeout=self.lock_timeout)
+            except MembershipChanged as changed:  # this Ledger read the run before it was made again
+                self._pool = (changed.pool,)
+                first_seq, decision = write_run(self.runs_store, changed.pool, self.store, decide,
+                                                actor=self.actor, clock=self.clock,
+                                                lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)
 
     def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:

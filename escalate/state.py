@@ -192,6 +192,8 @@ class RunState:
     last_actor: str | None = None
     # A pool's log folds into a state too: its settings and members (no money: caps 0).
     pool: PoolFacts | None = None
+    # The pool a run's first line names (None: none): a write checks it under the run's lock.
+    member_of: str | None = None
 
     @property
     def cap_micros(self) -> int:

@@ -17,11 +17,11 @@ from escalate import fold as folding
 from escalate import resolve
 from escalate.config import Clock
 from escalate.decide import Decision
-from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.events import Event, format_ts, parse_ts, seal
 from escalate.replay import Replayed
 from escalate.state import RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
+from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Store, Transaction
 
 if TYPE_CHECKING:
     from escalate.pool_state import PoolView  # (a run without a pool never loads it)
@@ -53,48 +53,75 @@ class Inside(Protocol):
         ...
 
 
-def asked_by(role: str | None, decide: Decide) -> Decide:
-    """``decide``, with the database role (PostgreSQL store) on the escalations it opens:
-    with an approver list, a role that asked may not approve its own request under another
-    ``--by`` name. (None, a runs folder: names only.)"""
-    if role is None:
-        return decide
-
+def asked_by(store: LedgerStore, decide: Decide) -> Decide:
+    """``decide``, with the database role (PostgreSQL store) on the escalations it opens,
+    asked inside the write: with an approver list, a role that asked may not approve its own
+    request under another ``--by`` name. (A runs folder has no role: names only.)"""
     def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
         decision = decide(state, now, expired, pool)
-        for event in decision.events:
-            if event["type"] == "escalation":
-                event["role"] = role
+        opened = [event for event in decision.events if event["type"] == "escalation"]
+        role = store.role() if opened else None
+        for event in opened if role is not None else []:
+            event["role"] = role
         return decision
 
     return with_role
 
 
+class MembershipChanged(Conflict):
+    """The run's first line, read under its lock, names another pool (or none) than the one
+    this write was dispatched under: nothing was written; dispatch again under ``pool``."""
+
+    pool: str | None
+
+    def __init__(self, run_id: str, pool: str | None) -> None:
+        super().__init__(f"run {run_id} changed while this command ran (its pool is now "
+                         f"{pool or 'none'}); nothing was written — retry the command",
+                         code="run_changed", run=run_id, pool=pool)
+
+
+def write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
+              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+    """A write to a run, under its pool's critical section first when it names one (the
+    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
+    if pool_id is None:
+        return write(store, decide, actor=actor, clock=clock)
+    from escalate.pool_book import write_member  # (a run without a pool never loads it)
+
+    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
+
+
 def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
-          inside: Inside | None = None) -> tuple[int, Decision]:
+          inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision]:
     """Decide and append in one critical section of ``store``; returns the seq of the first
     line the decision wrote (or would have) and the decision. Not yet synced.
     ``checkpoint=False``: never use or keep the store's checkpoint (a pool's log, whose
-    state it does not hold)."""
+    state it does not hold). ``member_of``: the pool whose lock the caller holds for this
+    run (:class:`MembershipChanged` when the run's first line names another)."""
     with store.command():
         try:
             return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
-                               inside=inside)
+                               inside=inside, member_of=member_of)
         except CacheInvalid:
             # A cache row failed its checksum, or SQLite a read, before anything was
             # written: decide again from the log alone. That write replaces the cache under
             # the lock (removing it here, unlocked, would pull it from under another
             # thread's command).
             return _write_once(store, decide, actor, clock, use_cache=False, checkpoint=checkpoint,
-                               inside=inside)
+                               inside=inside, member_of=member_of)
 
 
 def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
-                use_cache: bool, checkpoint: bool, inside: Inside | None) -> tuple[int, Decision]:
+                use_cache: bool, checkpoint: bool, inside: Inside | None,
+                member_of: str | None) -> tuple[int, Decision]:
     with store.transaction(use_cache=use_cache) as transaction:
         replayed = transaction.load()
         if replayed.problem is not None:
             raise replayed.problem
+        if replayed.state.pool is None and replayed.state.member_of != member_of:
+            # (A folder removed and made again in a pool while a Ledger held the old answer:
+            # never a write without the lock of the pool the run names.)
+            raise MembershipChanged(store.run_id, replayed.state.member_of)
         if inside is not None:
             inside.loaded(transaction, replayed)
         state = replayed.state

@@ -400,6 +400,34 @@ def test_an_approver_role_may_not_approve_what_it_asked_for_under_another_name(
     assert lead.verify().problems == []
 
 
+def test_the_role_is_asked_for_each_command_and_withdraw_checks_it(roles: dict[str, str],
+                                                                   pg_url: str) -> None:
+    """One connection serving several people with SET ROLE, as a service would: each command
+    acts as the role of that moment; another role cannot withdraw a request by naming its
+    requester."""
+    worker = Ledger.init(roles["worker"], "r", cap="10", escalation="enforce", approval_threshold="1",
+                         approvers="escalate_approver_t", actor="bot")
+    with pytest.raises(Pending) as first:
+        worker.reserve("t", "2")
+    with pytest.raises(Pending) as second:
+        worker.reserve("u", "3")
+    with psycopg.connect(pg_url, autocommit=True) as shared:
+        store = PgStore(shared)
+        shared.execute("SET ROLE escalate_approver_t")
+        Ledger.open(store, "r", actor="lead").state()  # a first request, as the approver
+        shared.execute("SET ROLE escalate_worker_t")
+        with pytest.raises(Refused) as refused:
+            Ledger.open(store, "r", actor="lead").approve(first.value.escalation_id, by="lead")
+        assert refused.value.code == "not_an_approver"
+        shared.execute("SET ROLE escalate_approver_t")
+        approved = Ledger.open(store, "r", actor="lead").approve(first.value.escalation_id)
+        assert approved["status"] == "approved"
+        with pytest.raises(Refused) as not_theirs:  # the approver's role, claiming the requester's name
+            Ledger.open(store, "r").withdraw(second.value.escalation_id, by="bot")
+        assert not_theirs.value.code == "not_the_requester"
+    assert worker.withdraw(second.value.escalation_id, by="bot")["status"] == "withdrawn"
+
+
 # ---------------------------------------------------------------------- choosing the store
 
 

@@ -128,3 +128,49 @@ def test_a_clock_at_the_end_of_time_in_a_zone_ahead_of_utc_still_answers(runs_di
     run = Ledger.init(runs_dir, "r", pool="P", clock=clock, actor="tester")
     assert run.reserve("a", "1")["pool_remaining_micros"] == 9_000_000
     assert pool.show()["period_end"] == "9999-12-31T23:59:59.999999Z"  # the last moment a timestamp names
+
+
+def test_a_ledger_kept_across_its_run_being_made_again_in_a_pool_takes_the_pool(runs_dir: Path) -> None:
+    import shutil
+
+    _full_pool(runs_dir)
+    Ledger.init(runs_dir, "X", cap="50", actor="tester")
+    early = Ledger.open(runs_dir, "X", actor="tester")  # it knows X as a run without a pool
+    early.reserve("before", "1")
+    shutil.rmtree(runs_dir / "X")
+    Ledger.init(runs_dir, "X", pool="P", cap="50", actor="tester")
+    with pytest.raises(Refused) as refused:
+        early.reserve("after", "5")
+    assert refused.value.code == "over_pool_budget"
+
+
+def test_a_member_folder_renamed_is_refused_not_left_out_of_its_pool(runs_dir: Path, cli: Any) -> None:
+    from escalate.errors import CorruptLedger
+
+    Pool.init(runs_dir, "P", cap="10", actor="tester")
+    Ledger.init(runs_dir, "M", pool="P", cap="10", actor="tester").reserve("a", "6")
+    (runs_dir / "M").rename(runs_dir / "N")
+    with pytest.raises(CorruptLedger) as refused:
+        Ledger.open(runs_dir, "N", actor="tester").reserve("b", "3")
+    assert "does not list it" in refused.value.message
+    for name in (runs_dir / "P").glob("events.ndjson.derived.sqlite*"):
+        name.unlink()  # a rebuild of the books changes nothing: N is still refused
+    result = cli("reserve", "N", "c", "--estimate", "1", "--json")
+    assert result.exit_code == 6 and result.json()["error"] == "corrupt_ledger"
+
+
+def test_a_clock_before_year_1000_leaves_the_run_usable(runs_dir: Path) -> None:
+    from datetime import UTC, datetime
+
+    from conftest import FakeClock
+
+    clock = FakeClock(datetime(2026, 11, 30, 12, 0, tzinfo=UTC))
+    run = Ledger.init(runs_dir, "r", cap="10", actor="tester", clock=clock)
+    clock.now = datetime(999, 5, 1, tzinfo=UTC)  # a clock gone wrong
+    run.reserve("a", "1")
+    clock.now = datetime(2026, 11, 30, 13, 0, tzinfo=UTC)
+    assert run.reserve("b", "1")["remaining_micros"] == 8_000_000  # the log still folds
+    assert Ledger.open(runs_dir, "r").verify().problems == []
+    old = FakeClock(datetime(1, 1, 1, 3, 0, tzinfo=UTC))  # before the calendar in New York
+    pool = Pool.init(runs_dir, "early", cap="5", period="day", tz="America/New_York", clock=old)
+    assert pool.show()["period"] == "0001-01-01"
