@@ -333,7 +333,7 @@ class TaskIds:
         return f"{self.prefix}-{self.count}"
 
 
-def library_cycle(location: Path | str, run_id: str, ids: TaskIds) -> Callable[[], float]:
+def ledger_cycle(location: Path | str, run_id: str, ids: TaskIds) -> Callable[[], float]:
     """One reserve + release through the library, timed, on a run of a runs folder or of a
     PostgreSQL database."""
     handle = Ledger.open(location, run_id, actor=ACTOR)
@@ -367,7 +367,7 @@ def target_flat_cost(runs: dict[int, BuiltRun], settings: Settings, rows: list[R
     sizes = sorted(runs)
     small, large = sizes[0], sizes[-1]
     def library(run: BuiltRun, ids: TaskIds) -> Callable[[], float]:
-        return library_cycle(run.runs_dir, run.run_id, ids)
+        return ledger_cycle(run.runs_dir, run.run_id, ids)
 
     for how, make, rounds in (("library", library, settings.rounds),
                               ("CLI", cli_cycle, settings.cli_rounds)):
@@ -681,8 +681,8 @@ def _pg_flat_cost(pg: PgBench, runs: dict[int, BuiltRun], settings: Settings, ro
         url = pg.imported(runs[size])
         print(f"  PostgreSQL: run of {size_label(size)} events imported in {time.monotonic() - t0:.1f} s",
               flush=True)
-        cases[f"pg@{size_label(size)}"] = library_cycle(url, runs[size].run_id, ids)
-        cases[f"file@{size_label(size)}"] = library_cycle(runs[size].runs_dir, runs[size].run_id, ids)
+        cases[f"pg@{size_label(size)}"] = ledger_cycle(url, runs[size].run_id, ids)
+        cases[f"file@{size_label(size)}"] = ledger_cycle(runs[size].runs_dir, runs[size].run_id, ids)
     for case in cases.values():
         case()  # warm up: the first command builds the checkpoint
     samples = interleaved(cases, settings.rounds, settings.budget_s)

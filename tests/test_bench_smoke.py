@@ -60,7 +60,7 @@ def test_the_postgresql_cases_run_and_check_their_runs(bench: ModuleType, pg_url
     every run they wrote."""
     run = bench.build_run(tmp_path, 1_000)
     import_log(pg_url, run.run_id, run.log_path.read_bytes(), actor="tester")
-    cycle = bench.library_cycle(pg_url, run.run_id, bench.TaskIds("smoke"))
+    cycle = bench.ledger_cycle(pg_url, run.run_id, bench.TaskIds("smoke"))
     assert cycle() > 0
     assert Ledger.open(pg_url, run.run_id).state().seq == 1_002
     assert bench.contention_round(2, 3, "smoke-one", pg_url) > 0
