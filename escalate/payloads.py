@@ -61,6 +61,10 @@ SignedMicrosInt = Annotated[int, Check.SIGNED_MICROS]
 IdStr = Annotated[str, Check.ID]
 TimestampStr = Annotated[str, Check.TIMESTAMP]
 NameStr = Annotated[str, Check.NAME]
+# Who wrote a resolution or a policy change, as the database knows it.
+WriterRole = Annotated[NameStr, Doc(
+    "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
+    "cannot choose); approver lists there name roles. Absent on the file store.")]
 
 class EscalationPolicy(TypedDict):
     """A run's escalation settings (``run_opened.escalation``, ``policy_changed.escalation``)."""
@@ -176,9 +180,7 @@ class EscalationResolved(TypedDict):
     extension_micros: MicrosInt
     pool_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
         "Approving a pool_cap escalation: the pool's extension, for the period it is granted in.")]]
-    role: NotRequired[Annotated[NameStr, Doc(
-        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
-        "cannot choose); approver lists there name roles. Absent on the file store.")]]
+    role: NotRequired[WriterRole]
 
 
 class Recovery(TypedDict):
@@ -195,9 +197,7 @@ class PolicyChanged(TypedDict):
     type: Literal["policy_changed"]
     escalation: EscalationPolicy
     cap_micros: NotRequired[Annotated[MicrosInt, Doc("A pool's new cap (pools only).")]]
-    role: NotRequired[Annotated[NameStr, Doc(
-        "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
-        "cannot choose); approver lists there name roles. Absent on the file store.")]]
+    role: NotRequired[WriterRole]
 
 
 class EscalationNotified(TypedDict):
