@@ -5,8 +5,6 @@ pool's books, so a writer killed half-way leaves neither."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-from typing import Any
 
 import orjson
 import psycopg
@@ -15,7 +13,7 @@ import pytest
 from escalate import Ledger
 from escalate.errors import Pending, Refused
 from escalate.pools import Pool
-from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, make_pool
+from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, killed_after_the_append, make_pool
 
 FORK = multiprocessing.get_context("fork")
 
@@ -36,24 +34,11 @@ def test_a_member_run_must_fit_its_pool(pg_url: str) -> None:
     assert Pool.open(pg_url, "team").show()["spent_micros"] == 110_000_000
 
 
-def _killed_after_the_append(url: str) -> None:
-    """Reserve on r0 and die after the run's lines went to the server, before the pool's
-    books are saved and anything is committed."""
-    from escalate import pool_book
-
-    def die(self: Any, events: list[Any], *args: Any) -> None:
-        if events:
-            os._exit(9)
-
-    pool_book.MemberWrite.finish = die  # type: ignore[method-assign]
-    Ledger.open(url, "r0", actor="doomed").reserve("doomed", "30")
-
-
 def test_a_writer_killed_inside_the_pool_commits_nothing(pg_url: str) -> None:
     make_pool(pg_url)
     for run in RUNS:
         Ledger.open(pg_url, run).reserve("warm", "0")  # the books exist and are current
-    killed = FORK.Process(target=_killed_after_the_append, args=(pg_url,))
+    killed = FORK.Process(target=killed_after_the_append, args=(pg_url,))
     killed.start()
     killed.join(60)
     assert killed.exitcode == 9

@@ -118,8 +118,9 @@ def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(store: Lo
         assert Ledger.open(root, run).verify().problems == []
 
 
-def _killed_after_the_append(root: Path) -> None:
-    """Reserve on r0, and die after the run's append, before the pool's books are saved."""
+def killed_after_the_append(root: Path | str) -> None:
+    """Reserve on r0, and die after the run's append, before the pool's books are saved
+    (on PostgreSQL: before anything is committed)."""
     from escalate import pool_book
 
     def die(self: Any, events: list[Any], *args: Any) -> None:
@@ -135,7 +136,7 @@ def test_a_writer_killed_before_the_books_are_saved_leaves_no_hole(tmp_path: Pat
     make_pool(root)
     for run in RUNS:
         Ledger.open(root, run).reserve("warm", "0")  # the books exist and are current
-    killed = FORK.Process(target=_killed_after_the_append, args=(root,))
+    killed = FORK.Process(target=killed_after_the_append, args=(root,))
     killed.start()
     killed.join(60)
     assert killed.exitcode == 9
