@@ -299,6 +299,15 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None) -> Row:
+    """Two medians compared, as a row: ``measured / base`` against ``limit`` (None: shown for
+    information only)."""
+    ratio = median(measured) / median(base)
+    return Row(target, f"{fmt_s(median(measured))} vs {fmt_s(median(base))} (n={len(measured)})",
+               f"{ratio:.2f}" + ("" if limit is None else f" (≤ {limit:g})"),
+               "info" if limit is None else verdict(ratio <= limit))
+
+
 def escalate_cmd() -> list[str]:
     """The installed ``escalate`` console script, as a shell script would call it."""
     script = Path(sys.executable).with_name("escalate")
@@ -376,16 +385,10 @@ def target_flat_cost(runs: dict[int, BuiltRun], settings: Settings, rows: list[R
         for case in cases.values():
             case()  # warm up: the first call after a copy may build a derived cache
         samples = interleaved({size_label(s): cases[s] for s in sizes}, rounds, settings.budget_s)
-        base = median(samples[size_label(small)])
         for size in sizes[1:]:
-            measured = median(samples[size_label(size)])
-            ratio = measured / base
-            is_target = size == large
-            rows.append(Row(
+            rows.append(ratio_row(
                 f"1 flat cost, {how}: reserve+release @{size_label(size)} vs @{size_label(small)}",
-                f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples[size_label(size)])})",
-                f"{ratio:.2f} (≤ 1.5)" if is_target else f"{ratio:.2f}",
-                verdict(ratio <= 1.5) if is_target else "info"))
+                samples[size_label(size)], samples[size_label(small)], 1.5 if size == large else None))
         _progress(rows[-1])
 
 
@@ -404,11 +407,9 @@ def target_startup(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
     escalate_reserve()
     samples = interleaved({"reserve": escalate_reserve, "imports": lambda: timed_process(imports, env=env)},
                           settings.startup_rounds, settings.budget_s)
-    measured, base = median(samples["reserve"]), median(samples["imports"])
-    rows.append(Row(f"2 start-up: escalate reserve @{size_label(run.expected.events)} vs "
-                    "python -c 'import typer, orjson, filelock'",
-                    f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples['reserve'])})",
-                    f"{measured / base:.2f} (≤ 1.3)", verdict(measured / base <= 1.3)))
+    rows.append(ratio_row(f"2 start-up: escalate reserve @{size_label(run.expected.events)} vs "
+                          "python -c 'import typer, orjson, filelock'",
+                          samples["reserve"], samples["imports"], 1.3))
     _progress(rows[-1])
 
 
@@ -613,11 +614,8 @@ def target_pool(settings: Settings, rows: list[Row], members: int) -> None:
 
     cases = {"plain": reserve("plain"), "pool": reserve(f"member-{members // 2}")}
     samples = interleaved(cases, settings.rounds * 4, settings.budget_s)
-    plain, pooled = median(samples["plain"]), median(samples["pool"])
-    ratio = pooled / plain
-    rows.append(Row(f"6 pool: reserve on a run of a {size_label(members)}-run pool vs a run without a pool",
-                    f"{fmt_s(pooled)} vs {fmt_s(plain)} (n={len(samples['pool'])})",
-                    f"{ratio:.2f} (≤ 2)", verdict(ratio <= 2)))
+    rows.append(ratio_row(f"6 pool: reserve on a run of a {size_label(members)}-run pool vs a run "
+                          "without a pool", samples["pool"], samples["plain"], 2))
     _progress(rows[-1])
 
 
@@ -687,15 +685,10 @@ def _pg_flat_cost(pg: PgBench, runs: dict[int, BuiltRun], settings: Settings, ro
         case()  # warm up: the first command builds the checkpoint
     samples = interleaved(cases, settings.rounds, settings.budget_s)
     for store in ("pg", "file"):
-        measured = median(samples[f"{store}@{size_label(large)}"])
-        base = median(samples[f"{store}@{size_label(small)}"])
-        is_target = store == "pg"
-        rows.append(Row(
-            f"7 {'PostgreSQL' if is_target else 'file store'} flat cost, library: reserve+release "
-            f"@{size_label(large)} vs @{size_label(small)}",
-            f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples[f'{store}@{size_label(large)}'])})",
-            f"{measured / base:.2f} (≤ 1.5)" if is_target else f"{measured / base:.2f}",
-            verdict(measured / base <= 1.5) if is_target else "info"))
+        rows.append(ratio_row(
+            f"7 {'PostgreSQL' if store == 'pg' else 'file store'} flat cost, library: reserve+release "
+            f"@{size_label(large)} vs @{size_label(small)}", samples[f"{store}@{size_label(large)}"],
+            samples[f"{store}@{size_label(small)}"], 1.5 if store == "pg" else None))
         _progress(rows[-1])
 
 
@@ -713,11 +706,8 @@ def _pg_startup(pg: PgBench, run: BuiltRun, settings: Settings, rows: list[Row])
     for case in cases.values():
         case()
     samples = interleaved(cases, settings.startup_rounds, settings.budget_s)
-    measured, base = median(samples["pg"]), median(samples["file"])
-    rows.append(Row(f"7 escalate reserve as a whole process @{size_label(run.expected.events)}: "
-                    "PostgreSQL vs file store",
-                    f"{fmt_s(measured)} vs {fmt_s(base)} (n={len(samples['pg'])})",
-                    f"{measured / base:.2f} (≤ 1.5)", verdict(measured / base <= 1.5)))
+    rows.append(ratio_row(f"7 escalate reserve as a whole process @{size_label(run.expected.events)}: "
+                          "PostgreSQL vs file store", samples["pg"], samples["file"], 1.5))
     _progress(rows[-1])
 
 
