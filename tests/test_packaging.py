@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -61,3 +64,32 @@ def test_a_bare_pytest_from_the_root_collects_the_suite(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert re.search(r"^\d+ tests collected", done.stdout, re.M), done.stdout[-3000:]
     assert "test_packaging.py::test_a_bare_pytest_from_the_root_collects_the_suite" in done.stdout
+
+
+@pytest.mark.parametrize("writes", ["runs/r/events.ndjson", None])
+def test_a_suite_that_writes_into_the_checkout_fails(tmp_path: Path, writes: str | None) -> None:
+    # A checkout of its own with the suite's guard (from tests/conftest.py) and one test,
+    # which writes a run into the checkout's runs/ as the default runs root would, or only
+    # under tmp_path (and __pycache__, ignored as in this repository): only the first fails.
+    checkout = tmp_path / "checkout"
+    (checkout / "checks").mkdir(parents=True)
+    shutil.copy(ROOT / ".gitignore", checkout / ".gitignore")
+    (checkout / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (checkout / "conftest.py").write_text("from tests.conftest import the_tree_stays_clean  # noqa: F401\n",
+                                          encoding="utf-8")
+    (checkout / "checks" / "test_one.py").write_text(
+        "from pathlib import Path\n\n\n"
+        "def test_one(tmp_path: Path) -> None:\n"
+        f"    for path in (tmp_path / 'runs/r/events.ndjson', Path({writes!r} or tmp_path / 'x')):\n"
+        "        path.parent.mkdir(parents=True, exist_ok=True)\n"
+        "        path.write_text('{}\\n')\n", encoding="utf-8")
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "checks"],
+                          cwd=checkout, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if writes is None:
+        assert done.returncode == 0, done.stdout[-3000:]
+    else:
+        assert done.returncode == 1, done.stdout[-3000:]
+        assert ("the tests changed the repository (write under tmp_path): ?? runs/r/events.ndjson"
+                in done.stdout), done.stdout[-3000:]
