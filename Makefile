@@ -20,7 +20,8 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider"
+	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

@@ -93,3 +93,22 @@ def test_a_suite_that_writes_into_the_checkout_fails(tmp_path: Path, writes: str
         assert done.returncode == 1, done.stdout[-3000:]
         assert ("the tests changed the repository (write under tmp_path): ?? runs/r/events.ndjson"
                 in done.stdout), done.stdout[-3000:]
+
+
+@pytest.mark.parametrize(("pytest_exit", "make_fails", "says"), [
+    (0, False, ""), (1, True, ""), (5, True, "make test: pytest collected no tests\n")])
+def test_make_test_shows_the_command_not_its_recipe(tmp_path: Path, pytest_exit: int, make_fails: bool,
+                                                    says: str) -> None:
+    # A stand-in python in place of .venv's (its set-up stamp already made): what `make test`
+    # prints around pytest, and how pytest's exit status becomes make's.
+    (tmp_path / "bin").mkdir()
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.write_text(f"#!/bin/sh\nexit {pytest_exit}\n", encoding="utf-8")
+    stand_in.chmod(0o755)
+    (tmp_path / "stamp").touch()
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "test", f"BIN={tmp_path}/bin",
+                           f"STAMP={tmp_path}/stamp"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout == f"{tmp_path}/bin/python -m pytest -q -p no:cacheprovider\n"
+    assert (done.returncode != 0) == make_fails
+    assert done.stderr.startswith(says)
+    assert "rc=" not in done.stderr
