@@ -264,6 +264,9 @@ def list_runs(
         from escalate.render import print_whole, runs_table
 
         rows = result["runs"]
+        if not rows:
+            echo_line("no runs; start one with 'escalate runs init RUN --cap USD'")
+            return
         print_whole(runs_table(rows))
         for row in rows:
             if "error" in row:
