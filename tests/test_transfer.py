@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Location, has_run, snapshot_store
+from conftest import Location, has_run, log_bytes, snapshot_store
 
 from escalate import Ledger
 from escalate.pools import Pool
@@ -51,3 +51,14 @@ def test_an_import_that_would_change_whose_money_it_is_is_refused(
 def test_a_run_without_a_pool_moves(store: Location, cli: Any, logs: dict[str, Path], run_id: str) -> None:
     assert cli("runs", "import", run_id, str(logs["plain"]), "--json").exit_code == 0
     assert Ledger.open(store, run_id).state().reserved_micros == 8_000_000
+
+
+def test_export_with_json_prints_the_log_and_only_an_error_as_json(store: Location, cli: Any) -> None:
+    Ledger.init(store, "r", cap="10", actor="tester").reserve("a", "1")
+    exported = cli("runs", "export", "r", "--json")
+    assert (exported.exit_code, exported.stdout) == (0, log_bytes(store, "r").decode())
+    missing = cli("runs", "export", "nope", "--json")
+    assert (missing.exit_code, missing.json()["error"]) == (2, "unknown_run")
+    usage = " ".join(cli("runs", "export", "--help").stdout.split())
+    assert "--json Print an error as one JSON object on stdout (the log is NDJSON either way)." in usage
+    assert "errors too" not in usage and "errors only" not in usage

@@ -28,9 +28,13 @@ def store_init(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     respond(json_out, lambda: init_store(open_options(runs_dir, None)["runs_dir"]), say)
 
 
-def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
-    """Print RUN's log as NDJSON, byte for byte a file store's log ('runs verify' passes on it);
-    --json applies to errors only."""
+# The log is NDJSON with or without --json: only an error becomes one JSON object.
+ExportJsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print an error as one JSON object on stdout (the log is NDJSON either way).")]
+
+
+def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: ExportJsonOption = False) -> None:
+    """Print RUN's log as NDJSON, byte for byte a file store's log ('runs verify' passes on it)."""
     from escalate.transfer import export_lines
 
     out = sys.stdout.buffer
