@@ -106,8 +106,9 @@ def test_make_test_shows_the_command_not_its_recipe(tmp_path: Path, pytest_exit:
     stand_in.write_text(f"#!/bin/sh\nexit {pytest_exit}\n", encoding="utf-8")
     stand_in.chmod(0o755)
     (tmp_path / "stamp").touch()
-    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "test", f"BIN={tmp_path}/bin",
-                           f"STAMP={tmp_path}/stamp"], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "test",
+                           f"BIN={tmp_path}/bin", f"STAMP={tmp_path}/stamp"],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout == f"{tmp_path}/bin/python -m pytest -q -p no:cacheprovider\n"
     assert (done.returncode != 0) == make_fails
     assert done.stderr.startswith(says)

@@ -1,0 +1,70 @@
+"""The sessions docs/escalation.md calls real output are replayed command by command in real
+processes: each prints what the guide shows (times and ages aside), so the guide cannot drift
+from the tables and messages people actually see."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "escalation.md"
+# What differs from one run to the next: instants, ages and times left.
+_TIMES = [(re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z"), "<time>"),
+          (re.compile(r"\b(?:in )?\d+[hms](?:\d+m)?\b"), "<age>")]
+
+
+def console_blocks(section: str) -> list[str]:
+    """The ``console`` blocks of the guide's section headed ``section``, in order."""
+    text = GUIDE.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```console\n(.*?)```", text, re.S)
+
+
+def steps(block: str) -> list[tuple[str, list[str]]]:
+    """``(command, lines it prints, ending in [exit N])`` for each ``$`` line of ``block``."""
+    found: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            found.append((line[2:], []))
+        else:
+            found[-1][1].append(line)
+    return found
+
+
+def _without_times(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        plain = line.rstrip()
+        for pattern, placeholder in _TIMES:
+            plain = pattern.sub(placeholder, plain)
+        out.append(plain)
+    return out
+
+
+def replay(blocks: list[str], runs_dir: Path) -> None:
+    """Run every command of ``blocks`` in order as the guide says (``COLUMNS=100``,
+    ``ESCALATE_ACTOR=ci``) and compare what it prints, stdout and stderr as a terminal
+    shows them, with the guide."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("ESCALATE_") and key not in ("NO_COLOR", "FORCE_COLOR")}
+    env.update(COLUMNS="100", ESCALATE_ACTOR="ci", ESCALATE_RUNS_DIR=str(runs_dir),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    for block in blocks:
+        for command, shown in steps(block):
+            done = subprocess.run(["bash", "-c", f"{command} 2>&1; echo \"[exit $?]\""], env=env,
+                                  cwd=runs_dir.parent, stdout=subprocess.PIPE, text=True, timeout=60,
+                                  check=False)
+            assert _without_times(done.stdout.splitlines()) == _without_times(shown), command
+
+
+@pytest.mark.parametrize(("section", "count"), [
+    ("The inbox", 1),
+    # The later blocks of the session wait in the background and for timeouts to pass.
+    ("A team's session", 2),
+])
+def test_the_guides_sessions_print_what_they_show(tmp_path: Path, section: str, count: int) -> None:
+    replay(console_blocks(section)[:count], tmp_path / "runs")
