@@ -5,13 +5,14 @@ pool gate's own keys, and the messages that name what changed."""
 from __future__ import annotations
 
 import os
+import re
 import zoneinfo
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeClock, snapshot_tree
+from conftest import FakeClock, Location, snapshot_tree
 from typer.testing import CliRunner
 
 from escalate import Ledger
@@ -209,3 +210,16 @@ def test_runs_list_with_a_pool_column_still_fits_80_columns(runs_dir: Path,
     rows = [line for line in shown if line.startswith(("nightly-api", "plain"))]
     assert len(rows) == 2 and len(shown) == 2 + 3  # title, header, rule: no wrapped cell
     assert "team-a" in rows[0] + rows[1]
+
+
+def test_a_non_approvers_pools_set_is_refused_unless_it_changes_nothing(store: Location, cli: Any) -> None:
+    Pool.init(store, "team", cap="10", approvers="lead", actor="tester")
+    events = Pool.open(store, "team").state().seq
+    changing = cli("pools", "set", "team", "--cap", "20", "--by", "intern")
+    assert changing.exit_code == 3
+    # The one refused is --by on a runs folder, the database role on PostgreSQL.
+    assert re.fullmatch(r"escalate: cannot change pool team: \w+ is not one of its approvers \(lead\); "
+                        r"ask one of them to run 'escalate pools set'\n", changing.stderr)
+    same = cli("pools", "set", "team", "--cap", "10", "--approvers", "lead", "--by", "intern")
+    assert (same.exit_code, same.stdout) == (0, "pool team: unchanged (cap $10.00, escalation off)\n")
+    assert Pool.open(store, "team").state().seq == events  # neither wrote a line
