@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -244,18 +244,28 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return row is not None and row[0] > 0
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
-        is for a torn first write, which a transaction never leaves.)"""
-        lines = first_lines.splitlines(keepends=True)
+        is for a torn first write, which a transaction never leaves.) A stream is read
+        twice, a chunk or a line at a time: for its size and lines, then into the table."""
+        lines: Iterable[bytes]
+        if isinstance(first_lines, bytes):
+            size, count = len(first_lines), first_lines.count(b"\n")
+            lines = first_lines.splitlines(keepends=True)
+        else:
+            start, size, count = first_lines.tell(), 0, 0
+            while chunk := first_lines.read(1 << 20):
+                size, count = size + len(chunk), count + chunk.count(b"\n")
+            first_lines.seek(start)
+            lines = first_lines  # (a binary stream iterates over its lines)
         with self._store.connection() as connection, connection.transaction():
             made = connection.execute(
                 "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
                 "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
-                (self.run_id, len(first_lines), len(lines))).fetchone()
+                (self.run_id, size, count)).fetchone()
             if made is None:
                 return False
-            insert_first_lines(connection, self.run_id, lines)
+            insert_first_lines(connection, self.run_id, lines, count)
         return True
 
     @contextmanager

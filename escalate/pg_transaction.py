@@ -174,7 +174,7 @@ def rollback(connection: Connection) -> None:
             connection.rollback()
 
 
-def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
+def insert_first_lines(connection: Connection, run_id: str, lines: Iterable[bytes], count: int) -> None:
     """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
     without which the planner may take the big table for an empty one and scan it whole on
     every command; a role that does not own the table skips that, with a notice)."""
@@ -184,5 +184,5 @@ def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) 
         for seq, line in enumerate(lines, start=1):
             offset += len(line)
             copy.write_row((run_id, seq, offset, line))
-    if len(lines) > MANY:
+    if count > MANY:
         connection.execute("ANALYZE escalate_events")
