@@ -9,10 +9,11 @@ attempt is a second, separate write (:class:`escalate.service.Ledger` passes it 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from escalate.events import Event
+from escalate.events import PRIORITIES, Event
 from escalate.notify import run_hook
 from escalate.results import DeliveryResult
 from escalate.state import EscalationState
@@ -55,3 +56,31 @@ def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: R
         return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
     return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
             "detail": detail}
+
+
+def deliver_all(notices: Sequence[dict[str, Any]], send: Callable[[dict[str, Any]], DeliveryResult], *,
+                parallel: int, deadline_s: float) -> list[DeliveryResult | None]:
+    """Send ``notices`` with ``send`` (which runs the hook and records the attempt), at most
+    ``parallel`` at a time, the most urgent first (each hook is a process of its own, so a
+    hanging one holds only its thread, for at most its timeout). A notice not started within
+    ``deadline_s`` is not attempted and nothing is recorded for it: it is still due at the
+    next sweep. Returns each notice's attempt, or None for one not attempted, in the given
+    order."""
+    if not notices:
+        return []
+    from concurrent.futures import ThreadPoolExecutor  # (only a sweep with notices due needs it)
+
+    deadline = time.monotonic() + deadline_s
+    ranked = sorted(range(len(notices)), key=lambda index: -_urgency(notices[index]))
+
+    def attempt(index: int) -> DeliveryResult | None:
+        return send(notices[index]) if time.monotonic() < deadline else None
+
+    with ThreadPoolExecutor(max_workers=min(parallel, len(notices))) as pool:
+        outcomes = dict(zip(ranked, pool.map(attempt, ranked), strict=True))
+    return [outcomes[index] for index in range(len(notices))]
+
+
+def _urgency(notice: Mapping[str, Any]) -> int:
+    priority = notice.get("priority")
+    return PRIORITIES.index(priority) if priority in PRIORITIES else PRIORITIES.index("normal")
