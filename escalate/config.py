@@ -22,7 +22,6 @@ from escalate.durations import (
     MAX_ESCALATION_TIMEOUT_S,
     MAX_LOCK_TIMEOUT_S,
     MAX_NOTIFY_TIMEOUT_S,
-    MAX_SWEEP_DEADLINE_S,
     check_duration,
     format_duration,
     parse_duration,
@@ -35,9 +34,6 @@ from escalate.state import Policy, RunState
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
 DEFAULT_NOTIFY_TIMEOUT_S = 10.0
-# A sweep sends notices this many at a time, and starts none after its deadline.
-DEFAULT_SWEEP_PARALLEL, MAX_SWEEP_PARALLEL = 4, 32
-DEFAULT_SWEEP_DEADLINE_S = 60.0
 
 Clock = Callable[[], datetime]
 
@@ -85,14 +81,6 @@ def notify_timeout(given: float | None) -> float:
                               minimum=MIN_NOTIFY_TIMEOUT_S)
     return _duration_from_env("ESCALATE_NOTIFY_TIMEOUT", DEFAULT_NOTIFY_TIMEOUT_S, MAX_NOTIFY_TIMEOUT_S,
                               minimum=MIN_NOTIFY_TIMEOUT_S)
-
-
-def sweep_limits(parallel: int, deadline_s: float) -> tuple[int, float]:
-    """``parallel`` (1 to 32 notices sent at a time) and ``deadline_s`` (at most 1h), checked."""
-    if type(parallel) is not int or not 1 <= parallel <= MAX_SWEEP_PARALLEL:
-        raise InputError(f"invalid --parallel {str(parallel)[:20]!r}: give a whole number from 1 to "
-                         f"{MAX_SWEEP_PARALLEL}", code="invalid_input", value=str(parallel)[:20])
-    return parallel, check_duration(deadline_s, what="sweep deadline", maximum=MAX_SWEEP_DEADLINE_S)
 
 
 def _duration_from_env(name: str, default: float, maximum: float, minimum: float = 0) -> float:

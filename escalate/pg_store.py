@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -40,6 +40,7 @@ from escalate.pg_transaction import (
     PgTransaction,
     insert_first_lines,
     last_row,
+    measured,
     rollback,
     text_literal,
 )
@@ -246,18 +247,8 @@ class PgLedger:
 
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
-        is for a torn first write, which a transaction never leaves.) A stream is read
-        twice, a chunk or a line at a time: for its size and lines, then into the table."""
-        lines: Iterable[bytes]
-        if isinstance(first_lines, bytes):
-            size, count = len(first_lines), first_lines.count(b"\n")
-            lines = first_lines.splitlines(keepends=True)
-        else:
-            start, size, count = first_lines.tell(), 0, 0
-            while chunk := first_lines.read(1 << 20):
-                size, count = size + len(chunk), count + chunk.count(b"\n")
-            first_lines.seek(start)
-            lines = first_lines  # (a binary stream iterates over its lines)
+        is for a torn first write, which a transaction never leaves.)"""
+        size, count, lines = measured(first_lines)
         with self._store.connection() as connection, connection.transaction():
             made = connection.execute(
                 "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
-from escalate import config
-from escalate.delivery import deliver_all
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
@@ -234,15 +233,13 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-              parallel: int = config.DEFAULT_SWEEP_PARALLEL,
-              deadline_s: float = config.DEFAULT_SWEEP_DEADLINE_S, **options: Any) -> SweepReport:
+              limits: SweepLimits = SWEEP_LIMITS, **options: Any) -> SweepReport:
     """Pause by timeout every expired escalation in every run (or in ``run`` only), then
-    send again the notices that are due, ``parallel`` at a time (:meth:`Ledger.sweep`):
-    every expiry is written before any hook runs. A notice not started within
-    ``deadline_s`` is listed in ``deferred`` and due at the next sweep. ``options`` are
+    send again the notices that are due within ``limits`` (:meth:`Ledger.sweep`): every
+    expiry is written before any hook runs, and a notice not started by the deadline is
+    listed in ``deferred`` and due at the next sweep. ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
     still swept; with ``run`` its error is raised."""
-    parallel, deadline_s = config.sweep_limits(parallel, deadline_s)
     root = runs_root(runs_dir)
     run_ids = [run] if run is not None else list(iter_run_ids(root))
     expired: list[SweptEscalation] = []
@@ -262,17 +259,11 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
         if notices:  # (only these ledgers are kept open until their notices are sent)
             ledgers[run_id] = ledger
             due += notices
-    outcomes = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice),
-                           parallel=parallel, deadline_s=deadline_s)
-    notified: list[SweptNotice] = []
-    deferred: list[SweptEscalation] = []
-    for notice, outcome in zip(due, outcomes, strict=True):
-        if outcome is None:
-            deferred.append({"run": notice["run"], "escalation_id": notice["id"]})
-        else:
-            notified.append({"run": notice["run"], **outcome})
-    return {"status": "swept", "runs": len(run_ids), "expired": expired, "notified": notified,
-            "deferred": deferred, "failures": failures}
+    sent, left = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice), limits)
+    return {"status": "swept", "runs": len(run_ids), "expired": expired,
+            "notified": [{"run": notice["run"], **outcome} for notice, outcome in sent],
+            "deferred": [{"run": notice["run"], "escalation_id": notice["id"]} for notice in left],
+            "failures": failures}
 
 
 def verify_report(ledger: Ledger) -> VerifyReport:

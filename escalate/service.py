@@ -17,7 +17,7 @@ from escalate import config, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
-from escalate.delivery import deliver, deliver_all, new_notices, notice_again
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver, deliver_all, new_notices, notice_again
 from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
@@ -240,26 +240,16 @@ class Ledger:
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
-    def sweep(self, *, redeliver: bool = True, parallel: int = config.DEFAULT_SWEEP_PARALLEL,
-              deadline_s: float = config.DEFAULT_SWEEP_DEADLINE_S) -> SweepResult:
-        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids.
-
-        With a notify hook, then send again the notice of each open escalation that is due
-        (:func:`escalate.decide.delivery_due`: a failed delivery after its backoff, or every
-        ``renotify_every_s``), ``parallel`` at a time; ``notified`` lists those attempts, and
-        ``deferred`` the ids of those not started within ``deadline_s`` (due at the next
-        sweep; :func:`escalate.delivery.deliver_all`)."""
-        parallel, deadline_s = config.sweep_limits(parallel, deadline_s)
+    def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
+        """Resolve expired escalations (``expired``), then send again each notice due within
+        ``limits`` (:func:`escalate.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
         result, due = self.expire(redeliver=redeliver)
-        outcomes = deliver_all(due, self.send_notice, parallel=parallel, deadline_s=deadline_s)
-        result["notified"] = [outcome for outcome in outcomes if outcome is not None]
-        result["deferred"] = [notice["id"] for notice, outcome in zip(due, outcomes, strict=True)
-                              if outcome is None]
+        sent, left = deliver_all(due, self.send_notice, limits)
+        result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
         return result
 
     def expire(self, *, redeliver: bool = True) -> tuple[SweepResult, list[dict[str, Any]]]:
-        """The first half of :meth:`sweep`, in one write: resolve expired escalations, and
-        note the notices due again (not sent: :meth:`send_notice` sends one)."""
+        """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
         due: list[EscalationState] = []
 
         def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:

@@ -147,15 +147,15 @@ def sweep(
     job."""
 
     def action() -> SweepReport:
+        from escalate.delivery import SweepLimits
         from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
         from escalate.runs import sweep_all
 
-        options = open_options(runs_dir, lock_timeout, None, notify_cmd)
-        if parallel is not None:
-            options["parallel"] = parallel
+        given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
         if deadline is not None:
-            options["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
-        return sweep_all(options.pop("runs_dir"), run=run, **options)
+            given["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
+        options = open_options(runs_dir, lock_timeout, None, notify_cmd)
+        return sweep_all(options.pop("runs_dir"), run=run, limits=SweepLimits(**given), **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
