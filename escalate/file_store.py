@@ -90,7 +90,7 @@ class FileLedger:
     def exists(self) -> bool:
         return self.log.exists()
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
     @contextmanager

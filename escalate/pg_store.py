@@ -40,6 +40,7 @@ from escalate.pg_transaction import (
     PgTransaction,
     insert_first_lines,
     last_row,
+    measured,
     rollback,
     text_literal,
 )
@@ -244,18 +245,18 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return row is not None and row[0] > 0
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
         is for a torn first write, which a transaction never leaves.)"""
-        lines = first_lines.splitlines(keepends=True)
+        size, count, lines = measured(first_lines)
         with self._store.connection() as connection, connection.transaction():
             made = connection.execute(
                 "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
                 "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
-                (self.run_id, len(first_lines), len(lines))).fetchone()
+                (self.run_id, size, count)).fetchone()
             if made is None:
                 return False
-            insert_first_lines(connection, self.run_id, lines)
+            insert_first_lines(connection, self.run_id, lines, count)
         return True
 
     @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 
@@ -174,7 +174,19 @@ def rollback(connection: Connection) -> None:
             connection.rollback()
 
 
-def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
+def measured(first_lines: bytes | BinaryIO) -> tuple[int, int, Iterable[bytes]]:
+    """The size, the number of lines and the lines of a new ledger's first write. A stream
+    (an import) is read twice, a chunk or a line at a time: to measure it, then the lines."""
+    if isinstance(first_lines, bytes):
+        return len(first_lines), first_lines.count(b"\n"), first_lines.splitlines(keepends=True)
+    start, size, count = first_lines.tell(), 0, 0
+    while chunk := first_lines.read(1 << 20):
+        size, count = size + len(chunk), count + chunk.count(b"\n")
+    first_lines.seek(start)
+    return size, count, first_lines  # (a binary stream iterates over its lines)
+
+
+def insert_first_lines(connection: Connection, run_id: str, lines: Iterable[bytes], count: int) -> None:
     """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
     without which the planner may take the big table for an empty one and scan it whole on
     every command; a role that does not own the table skips that, with a notice)."""
@@ -184,5 +196,5 @@ def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) 
         for seq, line in enumerate(lines, start=1):
             offset += len(line)
             copy.write_row((run_id, seq, offset, line))
-    if len(lines) > MANY:
+    if count > MANY:
         connection.execute("ANALYZE escalate_events")

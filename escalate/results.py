@@ -61,13 +61,15 @@ class DeliveryResult(TypedDict):
 
 
 class SweepResult(TypedDict):
-    """``sweep``: the escalations this call expired (paused by ``timeout``) and the notices
-    it sent again."""
+    """``sweep``: the escalations this call expired (paused by ``timeout``), the notices it
+    sent again, and the ids of those due that it left for the next sweep (its deadline
+    passed before they could start)."""
 
     run: str
     status: Literal["swept"]
     expired: list[str]
     notified: list[DeliveryResult]
+    deferred: list[str]
 
 
 def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
@@ -127,6 +128,7 @@ class SweepReport(TypedDict):
     runs: int
     expired: list[SweptEscalation]
     notified: list[SweptNotice]
+    deferred: list[SweptEscalation]  # due, but not started before the deadline
     failures: list[SweepFailure]
 
 
@@ -231,27 +233,36 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-              **options: Any) -> SweepReport:
-    """Pause by timeout every expired escalation in every run (or in ``run`` only), and
-    send again the notices that are due (:meth:`Ledger.sweep`); ``options`` are
-    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
-    the others are still swept; with ``run`` its error is raised."""
+              limits: SweepLimits = SWEEP_LIMITS, **options: Any) -> SweepReport:
+    """Pause by timeout every expired escalation in every run (or in ``run`` only), then
+    send again the notices that are due within ``limits`` (:meth:`Ledger.sweep`): every
+    expiry is written before any hook runs, and a notice not started by the deadline is
+    listed in ``deferred`` and due at the next sweep. ``options`` are
+    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
+    still swept; with ``run`` its error is raised."""
     root = runs_root(runs_dir)
     run_ids = [run] if run is not None else list(iter_run_ids(root))
     expired: list[SweptEscalation] = []
-    notified: list[SweptNotice] = []
+    due: list[dict[str, Any]] = []
+    ledgers: dict[str, Ledger] = {}
     failures: list[SweepFailure] = []
     for run_id in run_ids:
         try:
-            swept = Ledger.open(root, run_id, **options).sweep()
+            ledger = Ledger.open(root, run_id, **options)
+            swept, notices = ledger.expire()
         except EscalateError as error:
             if run is not None:
                 raise
             failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
             continue
         expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
-        notified += [{"run": run_id, **notice} for notice in swept["notified"]]
-    return {"status": "swept", "runs": len(run_ids), "expired": expired, "notified": notified,
+        if notices:  # (only these ledgers are kept open until their notices are sent)
+            ledgers[run_id] = ledger
+            due += notices
+    sent, left = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice), limits)
+    return {"status": "swept", "runs": len(run_ids), "expired": expired,
+            "notified": [{"run": notice["run"], **outcome} for notice, outcome in sent],
+            "deferred": [{"run": notice["run"], "escalation_id": notice["id"]} for notice in left],
             "failures": failures}
 
 

@@ -17,7 +17,7 @@ from escalate import config, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
-from escalate.delivery import deliver, new_notices, notice_again
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver, deliver_all, new_notices, notice_again
 from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
@@ -240,12 +240,16 @@ class Ledger:
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
-    def sweep(self, *, redeliver: bool = True) -> SweepResult:
-        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids.
+    def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
+        """Resolve expired escalations (``expired``), then send again each notice due within
+        ``limits`` (:func:`escalate.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
+        result, due = self.expire(redeliver=redeliver)
+        sent, left = deliver_all(due, self.send_notice, limits)
+        result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
+        return result
 
-        With a notify hook, then send again the notice of each open escalation that is due
-        (:func:`escalate.decide.delivery_due`: a failed delivery after its backoff, or every
-        ``renotify_every_s``); ``notified`` lists those attempts."""
+    def expire(self, *, redeliver: bool = True) -> tuple[SweepResult, list[dict[str, Any]]]:
+        """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
         due: list[EscalationState] = []
 
         def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
@@ -258,8 +262,8 @@ class Ledger:
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
-        result["notified"] = [self._deliver(notice_again(self.run_id, escalation)) for escalation in due]
-        return result
+        result["notified"], result["deferred"] = [], []
+        return result, [notice_again(self.run_id, escalation) for escalation in due]
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
         """Block until the escalation is resolved, without holding the lock.
@@ -384,9 +388,9 @@ class Ledger:
         if not self.notify_cmd:
             return
         for notice in new_notices(self.run_id, first_seq, self.actor, events):
-            self._deliver(notice)
+            self.send_notice(notice)
 
-    def _deliver(self, notice: dict[str, Any]) -> DeliveryResult:
+    def send_notice(self, notice: dict[str, Any]) -> DeliveryResult:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(

@@ -114,8 +114,10 @@ class LedgerStore(Protocol):
         """True when the ledger holds at least its first line."""
         ...
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
-        """Write a new ledger's first lines; False if the ledger already exists."""
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
+        """Write a new ledger's first lines; False if the ledger already exists. A stream
+        (an imported log, already verified) is read from where it is to its end, a chunk
+        at a time."""
         ...
 
     def transaction(self, *, use_cache: bool = True) -> AbstractContextManager[Transaction]:

@@ -135,20 +135,32 @@ def sweep(
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     notify_cmd: NotifyOption = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", metavar="N", help="Notify hooks run at "
+                                                 "once (1-32) [default: 4].")] = None,
+    deadline: Annotated[str | None, typer.Option("--deadline", metavar="D", help="Start no notice after "
+                                                 "this long (at most 1h); the rest are sent at the next "
+                                                 "sweep [default: 1m].")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Pause (by timeout) every open escalation past its expiry, and send again the notices
-    that failed (with backoff) or are due by --renotify-every; for a cron job."""
+    """Pause (by timeout) every open escalation past its expiry, then send again the notices
+    that failed (with backoff) or are due by --renotify-every, several at a time; for a cron
+    job."""
 
     def action() -> SweepReport:
+        from escalate.delivery import SweepLimits
+        from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
         from escalate.runs import sweep_all
 
+        given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
+        if deadline is not None:
+            given["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
         options = open_options(runs_dir, lock_timeout, None, notify_cmd)
-        return sweep_all(options.pop("runs_dir"), run=run, **options)
+        return sweep_all(options.pop("runs_dir"), run=run, limits=SweepLimits(**given), **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
         + (f", {len(r['notified'])} notice(s) sent again" if r["notified"] else "")
+        + (f", {len(r['deferred'])} left for the next sweep (--deadline)" if r["deferred"] else "")
         + (f", {len(r['failures'])} run(s) failed" if r["failures"] else "")
         + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
         + "".join(f"\n  {n['run']} {n['escalation_id']} notice {n['attempt'] or '?'}: "

@@ -4,7 +4,6 @@ a store, and moving runs between stores (:mod:`escalate.transfer`)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -51,8 +50,8 @@ def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: ExportJson
 def import_run(
     run: RunArg,
     file: Annotated[str, typer.Argument(help="An NDJSON log (from 'runs export', or a run's "
-                                        "events.ndjson); - reads stdin.", show_default=False,
-                                        metavar="FILE")],
+                                        "events.ndjson); - reads stdin (copied to a temporary "
+                                        "file in $TMPDIR).", show_default=False, metavar="FILE")],
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -61,8 +60,10 @@ def import_run(
     from escalate.transfer import import_log
 
     def load() -> Any:
+        if file == "-":
+            return import_log(open_options(runs_dir, None)["runs_dir"], run, sys.stdin.buffer, source="stdin")
         try:
-            data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+            data = open(file, "rb")  # noqa: SIM115 (closed below, after the import)
         except FileNotFoundError:
             raise InputError(f"no file {file}: give the log to import (or - for stdin)",
                              code="no_such_file", path=file) from None
@@ -71,8 +72,8 @@ def import_run(
                              code="no_such_file", path=file) from None
         except OSError as exc:
             raise storage_error(exc, file) from exc
-        return import_log(open_options(runs_dir, None)["runs_dir"], run, data,
-                          source="stdin" if file == "-" else file)
+        with data:
+            return import_log(open_options(runs_dir, None)["runs_dir"], run, data, source=file)
 
     respond(json_out, load, lambda result: echo_line(
         f"imported run {result['run']}: {result['lines']} lines ({result['bytes']} bytes)"))
