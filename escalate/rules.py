@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from escalate.money import MAX_TOTAL_MICROS
+
 Cap = Literal["task_cap", "run_cap"]
 
 
@@ -35,3 +37,11 @@ def extension_left(max_extension_micros: int, extended_micros: int) -> int:
 def task_cap_fits(task_cap_micros: int, run_cap_micros: int) -> bool:
     """A run's task cap is never above its run cap."""
     return task_cap_micros <= run_cap_micros
+
+
+def past_total_limit(total_micros: int) -> bool:
+    """Whether a total (what a run, or its pool in a period, has committed) would pass
+    :data:`~escalate.money.MAX_TOTAL_MICROS`. Only a release above its reservation can carry
+    one there: a reservation must fit a cap (at most the 1e9 USD run or pool cap plus at
+    most as much again in extensions), so what a cap bounds stays far below the limit."""
+    return total_micros > MAX_TOTAL_MICROS
