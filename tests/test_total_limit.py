@@ -129,3 +129,25 @@ def test_a_release_past_the_limit_of_its_pool_is_refused(store: Location, cli: A
     shown = cli("pools", "show", "P", "--json")
     assert shown.exit_code == 0 and shown.json()["committed_micros"] == MAX_TOTAL_MICROS
     assert cli("gate", "--pool", "P", "--json").exit_code == 3
+
+
+def test_a_pool_whose_runs_add_up_past_the_limit_is_corrupt(store: Location, cli: Any) -> None:
+    """Each run's log holds what its own fold allows, but together they hold more than the pool
+    ever let through: the pool's writes and reads refuse it, naming the pool."""
+    Pool.init(store, "P", cap=ONE_BILLION, actor="tester")
+    a, b = (_near_limit(store, run_id, released=0, held=5, pool="P") for run_id in "ab")
+    for run, released in ((a, 5), (b, 4)):
+        for number in range(released):
+            run.release(f"t{number}", ONE_BILLION)
+    _append_unchecked(b, {"type": "released", "task": "t4", "reserved_micros": 0,
+                          "actual_micros": MAX_MICROS})  # run b: 5 x $1B; the pool: 10 x $1B
+    assert b.verify().problems == []
+    before = {run_id: log_bytes(store, run_id) for run_id in "ab"}
+    for command in (("reserve", "b", "new", "--estimate", "0"), ("pools", "show", "P", "--json"),
+                    ("gate", "--pool", "P", "--json")):
+        answer = cli(*command)
+        assert answer.exit_code == 6, command
+        assert "pool P" in answer.stdout + answer.stderr and "past the limit" in answer.stdout + answer.stderr
+    with pytest.raises(CorruptLedger, match=r"pool P: its runs together committed \$10,000,000,000\.00 "):
+        b.reserve("new", "0")
+    assert {run_id: log_bytes(store, run_id) for run_id in "ab"} == before
