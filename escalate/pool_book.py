@@ -201,6 +201,8 @@ class PoolBook:
         for member in self.members.values():
             for key, period in member.periods.items():
                 self.periods.setdefault(key, PeriodTotals()).add(period)
+        for key, period in self.periods.items():  # before any of it is saved
+            check_total_limit(self.pool_id, key, period)
         self.complete = True
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:

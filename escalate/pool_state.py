@@ -59,7 +59,8 @@ class PeriodTotals:
 def check_total_limit(pool_id: str, key: str, totals: PeriodTotals) -> None:
     """Raise :class:`CorruptLedger` when what the pool's members committed in period ``key``
     adds up past the limit on totals: no write checked by escalate gets there (a release
-    past it is refused), so a member's log holds money that was never checked."""
+    past it is refused), so a member's log holds money that was never checked. (The total is
+    in the message only: past 2**64 no JSON number can carry it.)"""
     if past_total_limit(totals.committed_micros):
         period = "all time" if key == ALL else f"the period {key}"
         raise CorruptLedger(
@@ -67,8 +68,7 @@ def check_total_limit(pool_id: str, key: str, totals: PeriodTotals) -> None:
             f"{period}, past the limit of {format_usd(MAX_TOTAL_MICROS)} ({MAX_TOTAL_MICROS} micros) "
             "on every total, which no write through the pool lets happen: a run's log was edited or "
             "written outside the pool; writes are refused — restore the edited log", pool=pool_id,
-            period=key, problem="a pool's total past the limit", total_micros=totals.committed_micros,
-            limit_micros=MAX_TOTAL_MICROS)
+            period=key, problem="a pool's total past the limit", limit_micros=MAX_TOTAL_MICROS)
 
 
 @dataclass(frozen=True, slots=True)

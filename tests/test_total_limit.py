@@ -9,8 +9,10 @@ cap: the money is gone)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from escalate import Ledger, Micros
@@ -81,15 +83,14 @@ def test_nothing_crashes_at_the_limit(store: Location, cli: Any) -> None:
     assert cli("release", "r", "t11", "--actual", "0.000001", "--json").json()["error"] == "total_limit"
 
 
-def _append_unchecked(run: Ledger, payload: dict[str, Any]) -> None:
-    """Append one correctly chained line through the store, past the fold's checks: what a
-    buggy writer, an edit, or a version without the limit leaves."""
+def _append_unchecked(run: Ledger, *payloads: dict[str, Any]) -> None:
+    """Append correctly chained lines through the store, past the fold's checks (and outside
+    any pool's lock): what a buggy writer, an edit, or a version without the limit leaves."""
     with run.store.command(), run.store.transaction(use_cache=False) as transaction:
         replayed = transaction.load()
         state = replayed.state
-        [(_, line, _)] = seal([payload], seq=state.seq, prev=state.last_hash, ts=state.last_ts,
-                              actor="forger")
-        transaction.append(replayed, [line + b"\n"])
+        sealed = seal(payloads, seq=state.seq, prev=state.last_hash, ts=state.last_ts, actor="forger")
+        transaction.append(replayed, [line + b"\n" for _, line, _ in sealed])
 
 
 def test_a_log_past_the_limit_is_corrupt(store: Location, cli: Any) -> None:
@@ -151,3 +152,33 @@ def test_a_pool_whose_runs_add_up_past_the_limit_is_corrupt(store: Location, cli
     with pytest.raises(CorruptLedger, match=r"pool P: its runs together committed \$10,000,000,000\.00 "):
         b.reserve("new", "0")
     assert {run_id: log_bytes(store, run_id) for run_id in "ab"} == before
+
+
+def _drop_books(store: Location, pool_id: str) -> None:
+    """Delete a pool's books (disposable: the next writer rebuilds them from the logs)."""
+    if isinstance(store, Path):
+        for path in (store / pool_id).glob("events.ndjson.derived.sqlite*"):
+            path.unlink()
+        return
+    with psycopg.connect(store, autocommit=True) as connection:
+        connection.execute("DELETE FROM escalate_derived WHERE ledger = %s", (pool_id,))
+
+
+def test_a_pool_run_far_past_64_bits_is_no_crash(store: Location, cli: Any) -> None:
+    """The totals of the report: 18,500 tasks at $0 released at $1B each, in a log written
+    outside the pool, take a pool's money past what 64 bits hold; every command answers."""
+    Pool.init(store, "P", cap=ONE_BILLION, actor="tester")
+    Ledger.init(store, "a", cap=ONE_BILLION, pool="P", actor="tester").reserve("held", "0")
+    b = Ledger.init(store, "b", cap=ONE_BILLION, pool="P", actor="tester")
+    tasks = [f"t{number}" for number in range(18_500)]
+    _append_unchecked(b, *({"type": "budget_reserved", "task": task, "amount_micros": 0} for task in tasks),
+                      *({"type": "released", "task": task, "reserved_micros": 0, "actual_micros": MAX_MICROS}
+                        for task in tasks))
+    _drop_books(store, "P")  # the next writer rebuilds them from the logs
+    outcomes = {command: cli(*command.split()) for command in (
+        "release a held --actual 0", "pools set P --escalation shadow", "pools show P --json",
+        "gate --pool P --json", "runs show b --json")}
+    assert {command: answer.exit_code for command, answer in outcomes.items()} == dict.fromkeys(outcomes, 6)
+    assert not any("Traceback" in answer.stdout + answer.stderr for answer in outcomes.values())
+    listed = cli("runs", "list", "--json")
+    assert listed.exit_code == 0 and {row["run"] for row in listed.json()["runs"]} == {"a", "b"}
