@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from escalate.errors import Conflict, EscalateError, Pending, Refused, TotalLimit
+from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
-from escalate.money import MAX_TOTAL_MICROS
 from escalate.money import format_usd as usd
-from escalate.rules import extension_left, needed_extension, over_cap, past_total_limit
+from escalate.rules import extension_left, needed_extension, over_cap, release_refusal
 from escalate.state import EscalationState, Policy, RunState, Task
 
 if TYPE_CHECKING:
@@ -149,12 +148,10 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
     return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
-def decide_release(state: RunState, task_id: str, actual: int, by: str,
-                   pool: PoolView | None = None) -> Decision:
-    """Settle a task's reservation with what it actually cost (not refused for size, unless
-    it would carry the run's, or its pool's, committed total past the limit on every total:
-    :class:`TotalLimit`). An open escalation of the task is closed first, as ``withdraw`` by
-    ``by``, in the same write: the money is spent, and nobody waits on a person to record it."""
+def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: PoolView | None) -> Decision:
+    """Settle a task's reservation with what it actually cost (refused only past the limit on
+    totals). An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the
+    same write: the money is spent, and nobody waits on a person to record it."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
@@ -177,16 +174,8 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str,
         return fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
-    # What the release adds beyond the reservation is the only money no cap bounds.
-    committed = state.committed_micros - task.reserved_micros + actual
-    if past_total_limit(committed):
-        return fail(_past_limit(task_id, actual, f"run {state.run_id}", committed))
-    if pool is not None:
-        key = pool.period_of(task_id)
-        pooled = pool.of(key).committed_micros - task.reserved_micros + actual
-        if past_total_limit(pooled):
-            return fail(_past_limit(task_id, actual, f"pool {pool.pool_id} in "
-                                    f"{period_name(pool.period, key)}", pooled))
+    if (refused := release_refusal(state, task_id, task.reserved_micros, actual, pool)) is not None:
+        return fail(refused)
     withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
         withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
@@ -198,14 +187,6 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str,
     if withdrawn:
         result["withdrawn_escalation_id"] = task.escalation_id
     return Decision(events=[*withdrawn, event], result=result)
-
-
-def _past_limit(task_id: str, actual: int, whose: str, total: int) -> TotalLimit:
-    return TotalLimit(
-        f"refused to release {task_id} with {usd(actual)} actual: the committed total of {whose} "
-        f"would be {usd(total)}, past the limit of {usd(MAX_TOTAL_MICROS)} ({MAX_TOTAL_MICROS} "
-        "micros) on every total; nothing was written — check the actual amount",
-        task=task_id, total_micros=total, limit_micros=MAX_TOTAL_MICROS)
 
 
 def resolved_event(escalation_id: str, mode: str, by: str, role: str | None = None) -> Event:

@@ -68,7 +68,7 @@ def test_no_accepted_request_takes_a_total_past_the_limit(cap: int, holds: list[
         elif op == "increase":
             decision = decide_increase(state, task, amount, "", now)
         else:
-            decision = decide_release(state, task, amount, "p")
+            decision = decide_release(state, task, amount, "p", None)
         if isinstance(decision.error, TotalLimit):
             event("a release refused at the limit")
             assert op == "release" and decision.events == []
