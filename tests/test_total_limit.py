@@ -182,3 +182,24 @@ def test_a_pool_run_far_past_64_bits_is_no_crash(store: Location, cli: Any) -> N
     assert not any("Traceback" in answer.stdout + answer.stderr for answer in outcomes.values())
     listed = cli("runs", "list", "--json")
     assert listed.exit_code == 0 and {row["run"] for row in listed.json()["runs"]} == {"a", "b"}
+
+
+def test_a_checkpoint_past_the_limit_is_not_trusted(store: Location, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version without the limit folded, and saved as its checkpoint, a run past it: the
+    next writer folds the log instead, and finds the line."""
+    import escalate.fold
+    import escalate.rules
+
+    run = _near_limit(store, held=3)
+    line = run.state().seq + 1
+    with monkeypatch.context() as older:
+        for module in (escalate.fold, escalate.rules):  # as a version without the limit
+            older.setattr(module, "MAX_TOTAL_MICROS", 2**63 - 1)
+        run.release("t9", ONE_BILLION)
+        run.release("t10", "0")  # its checkpoint now holds the total past the limit
+    before = snapshot_store(store)
+    with pytest.raises(CorruptLedger) as corrupt:
+        run.release("t11", "0")
+    assert corrupt.value.line == line
+    assert {ledger: data for ledger, data in snapshot_store(store).items() if "cache" not in ledger} == \
+        {ledger: data for ledger, data in before.items() if "cache" not in ledger}
