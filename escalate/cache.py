@@ -39,6 +39,7 @@ import orjson
 
 from escalate.cache_rows import Rows, checked, encode_escalation, encode_task
 from escalate.events import line_hash
+from escalate.money import MAX_TOTAL_MICROS
 from escalate.run_folder import via_folder
 from escalate.state import EscalationState, Policy, RunState, Task
 from escalate.store import CacheInvalid
@@ -277,6 +278,9 @@ def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
                     escalations: MutableMapping[str, EscalationState]) -> RunState:
     """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
     ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+    if blob["spent_micros"] + blob["reserved_micros"] > MAX_TOTAL_MICROS:
+        # Saved by a version without the limit: the fold of the log names the line past it.
+        raise CacheInvalid("a checkpoint past the limit on totals")
     state = RunState(
         run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
         task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),

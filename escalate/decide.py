@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.money import format_usd as usd
-from escalate.rules import extension_left, needed_extension, over_cap
+from escalate.rules import extension_left, needed_extension, over_cap, release_refusal
 from escalate.state import EscalationState, Policy, RunState, Task
 
 if TYPE_CHECKING:
@@ -148,10 +148,10 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
     return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
-def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
-    """Settle a task's reservation with what it actually cost (never refused for size).
-    An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the same
-    write: the money is spent, and nobody waits on a person to record it."""
+def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: PoolView | None) -> Decision:
+    """Settle a task's reservation with what it actually cost (refused only past the limit on
+    totals). An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the
+    same write: the money is spent, and nobody waits on a person to record it."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
@@ -174,6 +174,8 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
         return fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
+    if (refused := release_refusal(state, task_id, task.reserved_micros, actual, pool)) is not None:
+        return fail(refused)
     withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
         withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]

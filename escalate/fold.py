@@ -26,7 +26,7 @@ from escalate.fold_fields import (
     ts_field,
 )
 from escalate.ids import ID_PATTERN, shown_value
-from escalate.money import MAX_MICROS
+from escalate.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.rules import over_cap, task_cap_fits
 from escalate.state import RuleViolation, RunState, Task
 
@@ -230,6 +230,12 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         )
     if task.escalation_id is not None and task.escalation_id in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
+    # rules.past_total_limit, inline: the one way a total grows that no cap bounds.
+    if state.spent_micros + state.reserved_micros - reserved + actual > MAX_TOTAL_MICROS:
+        raise RuleViolation(
+            f"release of task {task_id!r} takes what the run committed to "
+            f"{state.spent_micros + state.reserved_micros - reserved + actual}, past the limit of "
+            f"{MAX_TOTAL_MICROS} micros on every total")
     state.reserved_micros -= reserved
     state.spent_micros += actual
     # Only what the single-use and idempotency rules need is kept for a settled task

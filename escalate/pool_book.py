@@ -35,7 +35,7 @@ from escalate.events import Event
 from escalate.ids import check_id
 from escalate.periods import period_key
 from escalate.pool_member import Member, facts_of, fold_member
-from escalate.pool_state import PeriodTotals, PoolFacts, PoolView
+from escalate.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
 from escalate.replay import Replayed
 from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction, first_event
@@ -156,9 +156,12 @@ class PoolBook:
         member = self.member(run_id)
         current = self.key_at(now)
         task_periods = {task: held[0] for task, held in member.holding.items()}
+        totals = self.totals([current, *task_periods.values()])
+        for key, period in totals.items():
+            check_total_limit(self.pool_id, key, period)
         return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
-                        period=self.meta["period"], current=current,
-                        totals=self.totals([current, *task_periods.values()]), task_periods=task_periods)
+                        period=self.meta["period"], current=current, totals=totals,
+                        task_periods=task_periods)
 
     def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
         """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
@@ -198,6 +201,8 @@ class PoolBook:
         for member in self.members.values():
             for key, period in member.periods.items():
                 self.periods.setdefault(key, PeriodTotals()).add(period)
+        for key, period in self.periods.items():  # before any of it is saved
+            check_total_limit(self.pool_id, key, period)
         self.complete = True
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:

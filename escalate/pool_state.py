@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from escalate.errors import CorruptLedger
 from escalate.events import Period
-from escalate.rules import needed_extension
+from escalate.money import MAX_TOTAL_MICROS, format_usd
+from escalate.periods import ALL
+from escalate.rules import needed_extension, past_total_limit
 from escalate.state import Policy
 
 
@@ -51,6 +54,21 @@ class PeriodTotals:
     def from_list(cls, values: list[int]) -> PeriodTotals:
         reserved, spent, extended = values
         return cls(reserved, spent, extended)
+
+
+def check_total_limit(pool_id: str, key: str, totals: PeriodTotals) -> None:
+    """Raise :class:`CorruptLedger` when what the pool's members committed in period ``key``
+    adds up past the limit on totals: no write checked by escalate gets there (a release
+    past it is refused), so a member's log holds money that was never checked. (The total is
+    in the message only: past 2**64 no JSON number can carry it.)"""
+    if past_total_limit(totals.committed_micros):
+        period = "all time" if key == ALL else f"the period {key}"
+        raise CorruptLedger(
+            f"pool {pool_id}: its runs together committed {format_usd(totals.committed_micros)} in "
+            f"{period}, past the limit of {format_usd(MAX_TOTAL_MICROS)} ({MAX_TOTAL_MICROS} micros) "
+            "on every total, which no write through the pool lets happen: a run's log was edited or "
+            "written outside the pool; writes are refused — restore the edited log", pool=pool_id,
+            period=key, problem="a pool's total past the limit", limit_micros=MAX_TOTAL_MICROS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.pool_member import Member, fold_member
-from escalate.pool_state import PeriodTotals, PoolFacts
+from escalate.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.state import RunState
 from escalate.store import LedgerStore, Store, open_store
 from escalate.write import first_lines
@@ -158,6 +158,7 @@ class Pool:
         totals = PeriodTotals()
         for member in members.values():
             totals.add(member.periods.get(key) or PeriodTotals())
+        check_total_limit(self.pool_id, key, totals)
         start, end = bounds(facts.period, facts.tz, key)
         cap = facts.cap_micros + totals.extended_micros
         return {

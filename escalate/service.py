@@ -199,7 +199,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor)))
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
