@@ -111,6 +111,7 @@ class PoolBook:
         # is then zero. Otherwise what is missing is read from the store.
         self.complete = False
         self.policy = Policy(**meta["policy"])
+        self.intent: bytes | None = None  # the member a killed writer was appending to
 
     def key_at(self, ts: str) -> str:
         """The key of the period the moment ``ts`` falls in."""
@@ -208,16 +209,27 @@ class PoolBook:
 def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
               loaded: RunState | None = None) -> PoolBook:
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
+    book = _current_book(transaction, pool_store, runs, lock_timeout)
+    if book is None:
+        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+    intent = book.intent
+    if intent is not None:  # a writer was killed between a member's append and the book
+        run_id = intent.decode()
+        book.replace(run_id, book.fold_log(run_id), intent=None)
+        book.intent = None
+    return book
+
+
+def _current_book(transaction: Transaction, pool_store: LedgerStore, runs: Store,
+                  lock_timeout: float) -> PoolBook | None:
+    """The book as saved, if it was saved for the pool's log as it is now; else None."""
     values = unsealed(transaction.derived(["meta", "intent"])) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
     if (meta is None or meta.get("format") != FORMAT or meta.get("epoch") != transaction.derived_epoch()
             or meta.get("log_size") != pool_store.size()):
-        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+        return None
     book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
-    intent = values.get("intent")
-    if intent is not None:  # a writer was killed between a member's append and the book
-        run_id = intent.decode()
-        book.replace(run_id, book.fold_log(run_id), intent=None)
+    book.intent = values.get("intent")
     return book
 
 
@@ -295,8 +307,12 @@ class PoolLogWrite:
 
     def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
         facts_of(replayed.state)  # a run's id given as a pool's
-        self.book = open_book(transaction, self.pool_store, self.runs, lock_timeout=self.lock_timeout,
-                              loaded=replayed.state)
+        # Only a current book is kept up to date; one that needs a rebuild or a refold is
+        # left to the next member write (the log grows, so it cannot pass for current): the
+        # pool's own log is written without its members' logs, so a member that cannot be
+        # read never blocks a join (the retry of an init cut short) or a policy change.
+        book = _current_book(transaction, self.pool_store, self.runs, self.lock_timeout)
+        self.book = book if book is not None and book.intent is None else None
 
     def view(self, now: str) -> None:
         return None
@@ -308,8 +324,8 @@ class PoolLogWrite:
         book = self.book
         if book is not None and events:
             book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch())
-            joined = {event["run"]: book.fold_log(event["run"]) for event in events
-                      if event["type"] == "run_joined"}
+            # A run joins before it is created: it has no lines to count yet.
+            joined = {event["run"]: Member() for event in events if event["type"] == "run_joined"}
             book.members.update(joined)
             values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
                                                for run_id, member in joined.items()}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
-from escalate.errors import Conflict, InputError
+from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 class PoolRun(TypedDict):
     run: str
     committed_micros: int
+
+
+class UnreadableMember(TypedDict):
+    run: str
+    error: str  # member_unreadable
+    message: str  # what is wrong, and how to bring it back
+    line: int  # the line of its log that is damaged (1 when there is no log)
+    problem: str
 
 
 class PoolReport(TypedDict):
@@ -55,6 +63,9 @@ class PoolReport(TypedDict):
     remaining_micros: int
     escalation: dict[str, Any]
     runs: list[PoolRun]
+    # Members whose logs cannot be read: the totals above leave them out (a warning; money
+    # writes in the pool and gate --pool refuse until they are back).
+    unreadable: list[UnreadableMember]
 
 
 class Pool:
@@ -131,15 +142,25 @@ class Pool:
         assert facts is not None  # state() refuses a run
         return facts
 
-    def members(self) -> dict[str, Member]:
-        """Each member run's money by period, folded from its log (no lock, no cache)."""
+    def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
+        """Each member run's money by period, folded from its log (no lock, no cache), and
+        the members whose logs cannot be read (moved away, damaged: nothing of theirs is
+        counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
 
         def key_at(ts: str) -> str:
             return period_key(facts.period, facts.tz, ts)
 
-        return {run_id: fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                    self.pool_id, key_at) for run_id in facts.members}
+        members: dict[str, Member] = {}
+        unreadable: list[UnreadableMember] = []
+        for run_id in facts.members:
+            try:
+                members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
+                                              self.pool_id, key_at)
+            except CorruptLedger as error:
+                unreadable.append({"run": run_id, "error": error.code, "message": error.message,
+                                   "line": error.line, "problem": error.problem})
+        return members, unreadable
 
     def show(self, period: str | None = None) -> PoolReport:
         """The pool's money in the period now, or in the earlier one holding ``period`` (a
@@ -154,7 +175,7 @@ class Pool:
             raise InputError(f"invalid period {period!r}: the {facts.period} {key} has not begun (the "
                              f"current one is {current}); give a date up to today", code="invalid_period",
                              value=period, current=current)
-        members = self.members()
+        members, unreadable = self.members()
         totals = PeriodTotals()
         for member in members.values():
             totals.add(member.periods.get(key) or PeriodTotals())
@@ -170,6 +191,7 @@ class Pool:
             "runs": [{"run": run_id,
                       "committed_micros": (member.periods.get(key) or PeriodTotals()).committed_micros}
                      for run_id, member in members.items()],
+            "unreadable": unreadable,
         }
 
     def set_policy(

@@ -133,7 +133,12 @@ def show(
     chosen = ShowFormat.json if json_out else (output_format or ShowFormat.table)
 
     def action() -> PoolReport:
-        return _pool(pool, runs_dir).show(period)
+        report = _pool(pool, runs_dir).show(period)
+        # What can be read is shown; the totals leave out a member that cannot be, so say so.
+        for member in report["unreadable"]:
+            print(f"escalate: warning: the totals leave out run {member['run']}: {member['message']}",
+                  file=sys.stderr)
+        return report
 
     def human(report: PoolReport) -> None:
         from escalate.report import pool_markdown, pool_period_line, printable
