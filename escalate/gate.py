@@ -218,10 +218,10 @@ def check_pool_gate(
 
     limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
     report = pool.show()
-    for member in report["unreadable"]:  # its money is not in the totals: never a pass
-        raise CorruptLedger(member["message"], code=member["error"], run=member["run"], pool=pool.pool_id,
-                            line=member["line"], problem=member["problem"],
-                            first_suspect_line=member["line"])
+    for unreadable in report["unreadable"]:  # its money is not in the totals: never a pass
+        raise CorruptLedger(unreadable["message"], code=unreadable["error"], run=unreadable["run"],
+                            pool=pool.pool_id, line=unreadable["line"], problem=unreadable["problem"],
+                            first_suspect_line=unreadable["line"])
     state = RunState(run_id=pool.pool_id, run_cap_micros=report["pool_cap_micros"],
                      task_cap_micros=report["pool_cap_micros"], policy=pool.state().policy,
                      opened_at="", spent_micros=report["spent_micros"],

@@ -19,7 +19,7 @@ from escalate.service import Ledger
 from escalate.state import RunState
 from escalate.store import Store, is_store_url, open_store
 
-RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle"]
+RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
 
 @final  # no further keys: `"error" in row` tells the two kinds of row apart
@@ -39,6 +39,7 @@ class RunRow(TypedDict):
     events: int
     halts: int
     escalation: dict[str, Any]
+    archived: bool  # retired by 'runs archive': listed only with every_run
     opened_at: str
     state: RunWord
     pool: str | None  # the pool the run belongs to (None: none)
@@ -170,9 +171,10 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
     return root
 
 
-def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenRun]:
+def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
+              every_run: bool = False) -> list[RunRow | BrokenRun]:
     """Every run under ``runs_dir`` with its totals and state, newest first; a run that
-    cannot be read is a :class:`BrokenRun` row."""
+    cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     root = runs_root(runs_dir)
     rows: list[RunRow | BrokenRun] = []
     for run_id in iter_run_ids(root):
@@ -182,6 +184,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
         except EscalateError as error:
             rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
             continue
+        if state.archived and not every_run:
+            continue
         rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
                                   "state": run_word(state), "pool": ledger.pool_id()}))
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
@@ -190,6 +194,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
 
 def run_word(state: RunState) -> RunWord:
     """The one word ``runs list`` shows for a run, the most urgent first."""
+    if state.archived:  # finished for good: nothing open, nothing held
+        return "archived"
     if state.open_escalations:
         return "escalation open"
     if state.remaining_micros < 0:

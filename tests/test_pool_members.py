@@ -97,3 +97,55 @@ def test_a_cut_short_init_blocks_the_pool_until_it_is_run_again(store: Location)
     Ledger.init(store, "c", pool="P", actor="tester")  # the retry makes it: the pool counts it again
     Ledger.open(store, "a").release("all", "1")
     assert Ledger.open(store, "c").reserve("t", "9")["pool_remaining_micros"] == 0
+
+
+def test_an_archived_member_keeps_its_money_in_the_pool(store: Location, cli: Any) -> None:
+    run = _pool_of_a(store)
+    b = Ledger.init(store, "b", pool="P", actor="tester")
+    run.release("all", "7")
+    archived = cli("runs", "archive", "a", "--json")
+    assert archived.exit_code == 0, archived.stderr
+    assert archived.json()["status"] == "archived"
+    assert cli("runs", "archive", "a", "--json").json()["status"] == "exists"  # a repeat is fine
+    _rebuild_books(store)
+    with pytest.raises(Exception) as refused:
+        b.reserve("t", "3.01")  # a's $7 still counts, after the books were rebuilt too
+    assert getattr(refused.value, "code", "") == "over_pool_budget"
+    assert b.reserve("u", "3")["pool_remaining_micros"] == 0
+    assert Pool.open(store, "P").show()["runs"][0] == {"run": "a", "committed_micros": 7_000_000}
+    assert cli("gate", "--pool", "P", "--allow-halts").exit_code == 0
+    assert cli("runs", "verify", "a").exit_code == 0  # its log stays readable and verifiable
+    write = cli("reserve", "a", "late", "--estimate", "0", "--json")
+    assert write.exit_code == 5 and write.json()["error"] == "run_archived"
+    assert "run a is archived" in write.stderr
+
+
+def test_archive_refuses_a_run_that_is_not_finished(store: Location, cli: Any) -> None:
+    from conftest import snapshot_store
+
+    from escalate.errors import Pending
+
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="5", actor="tester")
+    run.reserve("held", "1")
+    with pytest.raises(Pending):
+        run.reserve("asks", "6")
+    before = snapshot_store(store)
+    refused = cli("runs", "archive", "r", "--json")
+    assert refused.exit_code == 5 and refused.json()["error"] == "not_finished"
+    assert "tasks holding reservations: held; open escalations: esc-" in refused.stderr
+    assert snapshot_store(store) == before
+    run.release("held", "1")
+    refused = cli("runs", "archive", "r", "--json")
+    assert refused.exit_code == 5 and refused.json()["escalations"] == ["esc-3"]
+    run.cancel("esc-3", by="lead")
+    assert cli("runs", "archive", "r").exit_code == 0
+
+
+def test_an_archived_run_leaves_runs_list_unless_all(store: Location, cli: Any) -> None:
+    Ledger.init(store, "done", cap="1", actor="tester").archive()
+    Ledger.init(store, "live", cap="1", actor="tester")
+    assert [row["run"] for row in cli("runs", "list", "--json").json()["runs"]] == ["live"]
+    every = {row["run"]: row for row in cli("runs", "list", "--all", "--json").json()["runs"]}
+    assert set(every) == {"done", "live"}
+    assert (every["done"]["archived"], every["done"]["state"]) == (True, "archived")
+    assert cli("runs", "show", "done", "--json").json()["archived"] is True
