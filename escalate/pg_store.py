@@ -336,6 +336,11 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return int(row[0]) if row is not None else 0
 
+    def stamp(self) -> str:
+        """Nothing beyond the size: the events table refuses UPDATE and DELETE (a trigger),
+        so stored lines never change in place."""
+        return ""
+
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
 

@@ -41,7 +41,8 @@ from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
-FORMAT = 3
+# 4: the pool log's stamp and last line's hash (an edit in place at the same size).
+FORMAT = 4
 # Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
 # edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
 # rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
@@ -222,13 +223,25 @@ def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,
 
 def _current_book(transaction: Transaction, pool_store: LedgerStore, runs: Store,
                   lock_timeout: float) -> PoolBook | None:
-    """The book as saved, if it was saved for the pool's log as it is now; else None."""
+    """The book as saved, if it was saved for the pool's log as it is now; else None. A log
+    of the same size whose stamp changed (or could not be told apart yet) may have been
+    edited in place: its whole chain is checked (:class:`CorruptLedger` naming the line)
+    and must end in the line the book was built to."""
     values = unsealed(transaction.derived(["meta", "intent"])) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
     if (meta is None or meta.get("format") != FORMAT or meta.get("epoch") != transaction.derived_epoch()
             or meta.get("log_size") != pool_store.size()):
         return None
     book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
+    stamp = pool_store.stamp()  # (before the log is read: a change after it shows next time)
+    if meta.get("stamp") is None or meta["stamp"] != stamp:
+        replayed = transaction.load()
+        if replayed.problem is not None:
+            raise replayed.problem
+        if replayed.state.last_hash != meta.get("head"):
+            return None
+        book.meta = {**meta, "stamp": stamp}
+        book.save({"meta": orjson.dumps(book.meta)})
     book.intent = values.get("intent")
     return book
 
@@ -236,6 +249,7 @@ def _current_book(transaction: Transaction, pool_store: LedgerStore, runs: Store
 def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float,
              loaded: RunState | None) -> PoolBook:
     """Fold the pool's log and every member's, and save them as the whole book."""
+    stamp = pool_store.stamp()  # (before the log is read: a change after it shows next time)
     state = loaded
     if state is None:
         replayed = transaction.load()
@@ -243,7 +257,7 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
             raise replayed.problem
         state = replayed.state
     facts = facts_of(state)
-    meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch())
+    meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch(), stamp)
     book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
     book.fill(state)
     values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
@@ -254,9 +268,9 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
     return book
 
 
-def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str) -> dict[str, Any]:
-    return {"format": FORMAT, "epoch": epoch, "log_size": log_size, "cap": facts.cap_micros,
-            "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
+def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str, stamp: str | None) -> dict[str, Any]:
+    return {"format": FORMAT, "epoch": epoch, "log_size": log_size, "stamp": stamp, "head": state.last_hash,
+            "cap": facts.cap_micros, "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
 
 
 class MemberWrite:
@@ -323,7 +337,8 @@ class PoolLogWrite:
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         book = self.book
         if book is not None and events:
-            book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch())
+            book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch(),
+                              self.pool_store.stamp())
             # A run joins before it is created: it has no lines to count yet.
             joined = {event["run"]: Member() for event in events if event["type"] == "run_joined"}
             book.members.update(joined)

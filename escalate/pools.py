@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
@@ -21,13 +21,14 @@ from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
-from escalate.pool_member import Member, fold_member
+from escalate.pool_member import Member, fold_member, member_unreadable
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
-from escalate.store import LedgerStore, Store, open_store
+from escalate.store import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.runs import LineProblem, LineWarning, LogHead, VerifyReport
     from escalate.service import Ledger
 
 
@@ -273,3 +274,50 @@ def list_pools(runs_dir: str | os.PathLike[str] | Store) -> list[PoolRow]:
             rows.append({"pool": ledger_id, "cap_micros": facts.cap_micros, "period": facts.period,
                          "tz": facts.tz, "runs": len(facts.members)})
     return rows
+
+
+class PoolVerifyReport(TypedDict):
+    """What ``pools verify --json`` prints: the pool's own log checked as ``runs verify``
+    checks a run's, and every member's; ``ok`` when none of them has a problem."""
+
+    pool: str
+    ok: bool
+    lines: int | None
+    events: int
+    torn_bytes: int | None
+    head: LogHead | None
+    problems: list[LineProblem]
+    warnings: list[LineWarning]
+    members: list[VerifyReport]  # each member's log, as runs verify reports it
+
+
+def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
+                lock_timeout: float | None = None) -> PoolVerifyReport:
+    """Check every line of the pool's log (the chain and the pool's rules) and of each member
+    named in it (a member with no log is a problem too). Problems are reported, not raised;
+    :class:`InputError` when there is no such pool, or it is a run."""
+    from escalate.runs import verify_report
+
+    runs = open_store(runs_dir)
+    timeout = config.lock_timeout(lock_timeout)
+    store = runs.ledger(check_id(pool_id, what="pool id"), lock_timeout=timeout)
+    first = first_event(store)
+    if first is None or first.get("type") != "pool_opened":
+        pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
+    own = verify_report(store)
+    members: list[VerifyReport] = []
+    # The members the pool's log names, as far as it folds (a damaged line is passed over).
+    facts = store.verify().state.pool if own["lines"] is not None else None
+    for run_id in facts.members if facts is not None else []:
+        member = runs.ledger(run_id, lock_timeout=timeout)
+        if first_event(member) is None:
+            problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
+                                        missing=True)
+            members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
+                            "head": None, "problems": [{"line": 1, "problem": problem.message}],
+                            "warnings": []})
+        else:
+            members.append(verify_report(member))
+    report = {key: value for key, value in own.items() if key != "run"}
+    return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
+                                   "ok": own["ok"] and all(member["ok"] for member in members)})

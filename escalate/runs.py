@@ -17,7 +17,7 @@ from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
 from escalate.state import RunState
-from escalate.store import Store, is_store_url, open_store
+from escalate.store import LedgerStore, Store, is_store_url, open_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
@@ -261,11 +261,13 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
             "failures": failures}
 
 
-def verify_report(ledger: Ledger) -> VerifyReport:
-    """Check every line of ``ledger``'s log: the JSON, the seq run, the prev chain, the
-    ledger rules and the event schema. Problems are reported, not raised."""
+def verify_report(ledger: Ledger | LedgerStore) -> VerifyReport:
+    """Check every line of ``ledger``'s log (a run's, or any ledger's in a store): the JSON,
+    the seq run, the prev chain, the ledger rules and the event schema. Problems are
+    reported, not raised."""
+    store = ledger.store if isinstance(ledger, Ledger) else ledger
     try:
-        replayed = ledger.verify()
+        replayed = store.verify()
     except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
         report = None
         problems = [(error.line, error.problem)]
@@ -276,12 +278,12 @@ def verify_report(ledger: Ledger) -> VerifyReport:
     # (pydantic, loaded only here).
     from escalate.schema import line_problems
 
-    with ledger.read_log() as stream:
+    with store.reader() as stream:
         found = dict(problems)
         problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
                                         if line not in found)])
     return {
-        "run": ledger.run_id, "ok": not problems, "lines": report.lines if report else None,
+        "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
         "events": report.state.seq if report else 0,
         "torn_bytes": report.torn_bytes if report else None,
         # The last line's hash: no later line vouches for it, so keep it elsewhere to

@@ -5,6 +5,7 @@ member's — on both stores."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,69 @@ def test_an_archived_run_leaves_runs_list_unless_all(store: Location, cli: Any) 
     assert set(every) == {"done", "live"}
     assert (every["done"]["archived"], every["done"]["state"]) == (True, "archived")
     assert cli("runs", "show", "done", "--json").json()["archived"] is True
+
+
+def _pool_of_four(store: Location) -> None:
+    """Pool P with members a, b, c, d: its log's line 3 is b's join, with lines after it."""
+    Pool.init(store, "P", cap="10", actor="tester")
+    for run_id in "abcd":
+        Ledger.init(store, run_id, pool="P", actor="tester")
+    Ledger.open(store, "a").reserve("warm", "1")  # the books exist and are current
+
+
+def _edit_line_3(store: Location) -> None:
+    """Change b's join on the pool's line 3 to x's: the same size, the chain broken after it."""
+    if isinstance(store, Path):
+        log = store / "P" / "events.ndjson"
+        info = log.stat()
+        log.write_bytes(log.read_bytes().replace(b'"run":"b"', b'"run":"x"'))
+        # As an editor's save does, whatever the clock's steps: a later modification time.
+        os.utime(log, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+        return
+    with psycopg.connect(store, autocommit=True) as connection:  # the table's owner, past its trigger
+        connection.execute("ALTER TABLE escalate_events DISABLE TRIGGER escalate_events_append_only")
+        edited = connection.execute(
+            "UPDATE escalate_events SET line = "
+            "convert_to(replace(convert_from(line, 'UTF8'), %s, %s), 'UTF8') WHERE ledger = 'P' AND seq = 3", ('"run":"b"', '"run":"x"'))
+        assert edited.rowcount == 1
+        connection.execute("ALTER TABLE escalate_events ENABLE TRIGGER escalate_events_append_only")
+
+
+def test_pools_verify_finds_an_edit_of_the_pool_log_at_the_same_size(store: Location, cli: Any) -> None:
+    _pool_of_four(store)
+    assert cli("pools", "verify", "P").exit_code == 0
+    _edit_line_3(store)
+    verified = cli("pools", "verify", "P", "--json")
+    assert verified.exit_code == 6 and verified.json()["error"] == "corrupt_ledger"
+    assert verified.json()["problems"][0]["line"] == 4
+    assert "line 3 was changed after this line was written" in verified.json()["problems"][0]["problem"]
+    assert {member["run"]: member["ok"] for member in verified.json()["members"]} == {
+        "a": True, "x": False, "c": True, "d": True}  # the folded log names x, which has no log
+    for args in (["pools", "show", "P"], ["gate", "--pool", "P"]):
+        refused = cli(*args)
+        assert refused.exit_code == 6, args
+        assert "inspect with 'escalate pools verify P'" in refused.stderr
+    runs_verify = cli("runs", "verify", "P", "--json")
+    assert runs_verify.exit_code == 2 and runs_verify.json()["error"] == "is_a_pool"
+    assert "escalate pools verify P" in runs_verify.stderr
+
+
+@pytest.mark.parametrize("settled", [False, True], ids=["just-written", "settled"])
+def test_writers_notice_an_edit_of_the_pool_log_at_the_same_size(runs_dir: Path, cli: Any, settled: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a rebuild of the books: a log changed since they were saved is checked whole.
+    ``settled``: its times were recorded (just written: they could not tell a change yet)."""
+    from escalate import file_store
+
+    if settled:
+        monkeypatch.setattr(file_store, "_SETTLED_NS", 0)
+    _pool_of_four(runs_dir)
+    assert Ledger.open(runs_dir, "c").reserve("t", "1")["status"] == "reserved"
+    books = runs_dir / "P" / "events.ndjson.derived.sqlite"
+    kept = books.stat().st_ino
+    _edit_line_3(runs_dir)
+    for args in (["reserve", "c", "u", "--estimate", "1"], ["release", "a", "warm", "--actual", "1"]):
+        refused = cli(*args)
+        assert refused.exit_code == 6, (args, refused.stderr)
+        assert "line 4" in refused.stderr and "inspect with 'escalate pools verify P'" in refused.stderr
+    assert books.stat().st_ino == kept  # nothing was rebuilt: the writers checked the log itself
