@@ -173,7 +173,8 @@ def _edit_line_3(store: Location) -> None:
         connection.execute("ALTER TABLE escalate_events DISABLE TRIGGER escalate_events_append_only")
         edited = connection.execute(
             "UPDATE escalate_events SET line = "
-            "convert_to(replace(convert_from(line, 'UTF8'), %s, %s), 'UTF8') WHERE ledger = 'P' AND seq = 3", ('"run":"b"', '"run":"x"'))
+            "convert_to(replace(convert_from(line, 'UTF8'), %s, %s), 'UTF8') WHERE ledger = 'P' AND seq = 3",
+            ('"run":"b"', '"run":"x"'))
         assert edited.rowcount == 1
         connection.execute("ALTER TABLE escalate_events ENABLE TRIGGER escalate_events_append_only")
 
