@@ -29,8 +29,9 @@ from escalate.store import RecoveredFirstLines
 
 # A pool's derived totals (escalate.store.Transaction.derived), beside its log.
 DERIVED_NAME = "events.ndjson.derived.sqlite"
-# How long after a log's last change its times tell every later change (FileLedger.stamp).
-_SETTLED_NS = 2_000_000_000
+# How long after a log's last change its times tell every later change (FileLedger.stamp):
+# many clock ticks (Linux keeps file times in steps of a tick, at most 10 ms).
+_SETTLED_NS = 100_000_000
 
 
 class FileStore:
@@ -127,9 +128,9 @@ class FileLedger:
 
     def stamp(self) -> str | None:
         """The log's file and its modification and change times: any write changes them,
-        and nobody can set a change time back. Times are kept in coarse steps (a clock tick;
-        2 s on some file systems), so while the last change is that recent, a change after
-        it might leave them as they are: None until then."""
+        and nobody can set a change time back. Times are kept in coarse steps (a clock tick),
+        so while the last change is that recent, a change after
+        it might leave them as they are: None until then (then the log is read whole)."""
         info = self.log.stat()
         if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) < _SETTLED_NS:
             return None
