@@ -337,8 +337,7 @@ class PgLedger:
         return int(row[0]) if row is not None else 0
 
     def stamp(self) -> str:
-        """Nothing beyond the size: the events table refuses UPDATE and DELETE (a trigger),
-        so stored lines never change in place."""
+        """Empty: the events table refuses UPDATE and DELETE (a trigger), so lines never change."""
         return ""
 
     def sync(self) -> None:
