@@ -10,6 +10,11 @@ and never trusted blindly:
 - it names the format, the machine's boot and the pool log's size it was built at; any
   difference (a pool write it missed, a machine crash that lost unsynced values) means a
   rebuild from the logs of every member;
+- it names the pool log's stamp (:meth:`LedgerStore.stamp`) and last line's hash: a log of
+  the same size with another stamp is read whole before the book is trusted (an edit in
+  place: a broken chain is refused, another last line is a rebuild);
+- a member whose log cannot be read (gone, damaged) is refused, never counted as nothing
+  (:func:`escalate.pool_member.member_unreadable`);
 - before a writer appends to a member run it records the run as its *intent*; after the
   append it folds the new lines into the book and clears the intent, in one save. A writer
   killed in between leaves the intent: the next writer refolds that run from its log;
@@ -207,12 +212,12 @@ class PoolBook:
         return fold_member(store, self.pool_id, self.key_at, stop=stop)
 
 
-def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
-              loaded: RunState | None = None) -> PoolBook:
+def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,
+              lock_timeout: float) -> PoolBook:
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
     book = _current_book(transaction, pool_store, runs, lock_timeout)
     if book is None:
-        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+        return _rebuild(transaction, pool_store, runs, lock_timeout)
     intent = book.intent
     if intent is not None:  # a writer was killed between a member's append and the book
         run_id = intent.decode()
@@ -246,16 +251,13 @@ def _current_book(transaction: Transaction, pool_store: LedgerStore, runs: Store
     return book
 
 
-def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float,
-             loaded: RunState | None) -> PoolBook:
+def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float) -> PoolBook:
     """Fold the pool's log and every member's, and save them as the whole book."""
     stamp = pool_store.stamp()  # (before the log is read: a change after it shows next time)
-    state = loaded
-    if state is None:
-        replayed = transaction.load()
-        if replayed.problem is not None:
-            raise replayed.problem
-        state = replayed.state
+    replayed = transaction.load()
+    if replayed.problem is not None:
+        raise replayed.problem
+    state = replayed.state
     facts = facts_of(state)
     meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch(), stamp)
     book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)

@@ -113,10 +113,11 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
             number += 1
             try:
                 event = orjson.loads(line)
-                # The chain, as the run's own fold checks it: an edited line counts nothing.
+                # The chain, as the run's own fold checks it: an edited line is refused.
                 if event["seq"] != number or event["prev"] != prev:
-                    raise ValueError(f"line {number} breaks the seq or prev chain (a line was "
-                                     "changed, removed or inserted)")
+                    raise member_unreadable(store, pool_id, f"line {number} breaks the seq or prev "
+                                            "chain: a line was changed, removed or inserted",
+                                            missing=False, line=number)
                 prev = line_hash(line)
                 group.append(event)
                 if event.get("more"):
@@ -126,9 +127,9 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
             except orjson.JSONDecodeError:
                 raise member_unreadable(store, pool_id, f"line {number} does not parse", missing=False,
                                         line=number) from None
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                why = str(exc) if isinstance(exc, ValueError) else f"line {number} is damaged"
-                raise member_unreadable(store, pool_id, why, missing=False, line=number) from None
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise member_unreadable(store, pool_id, f"line {number} is not what a writer wrote",
+                                        missing=False, line=number) from None
             group = []
             member.offset = end
     return member

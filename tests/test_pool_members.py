@@ -68,17 +68,19 @@ def test_a_member_moved_away_frees_no_money(store: Location, cli: Any) -> None:
     assert cli("gate", "--pool", "P", "--allow-halts").exit_code == 0
 
 
-def test_a_damaged_member_log_fails_closed(runs_dir: Path, cli: Any) -> None:
-    _pool_of_a(runs_dir)
+@pytest.mark.parametrize(("edited", "why"), [(b'"amount_micros":00000000', "line 2 does not parse"),
+                                             (b'"amount_micros":20000000', "line 3 breaks the seq or prev")])
+def test_a_damaged_member_log_fails_closed(runs_dir: Path, cli: Any, edited: bytes, why: str) -> None:
+    _pool_of_a(runs_dir).reserve("nothing", "0")  # a line after the reservation: it vouches for it
     Ledger.init(runs_dir, "b", pool="P", actor="tester")
     log = runs_dir / "a" / "events.ndjson"
     data = log.read_bytes()
-    log.write_bytes(data.replace(b'"amount_micros":10000000', b'"amount_micros":00000000'))
+    log.write_bytes(data.replace(b'"amount_micros":10000000', edited))
     _rebuild_books(runs_dir)
     reserve = cli("reserve", "b", "t", "--estimate", "10", "--json")
     assert reserve.exit_code == 6, reserve.stderr
     assert reserve.json()["error"] == "member_unreadable"
-    assert "escalate runs verify a" in reserve.stderr
+    assert why in reserve.stderr and "escalate runs verify a" in reserve.stderr
     assert cli("gate", "--pool", "P").exit_code == 6
     log.write_bytes(data)
     assert cli("reserve", "b", "t", "--estimate", "10").exit_code == 3
