@@ -152,6 +152,7 @@ def test_an_archived_run_leaves_runs_list_unless_all(store: Location, cli: Any) 
     assert set(every) == {"done", "live"}
     assert (every["done"]["archived"], every["done"]["state"]) == (True, "archived")
     assert cli("runs", "show", "done", "--json").json()["archived"] is True
+    assert "done (archived)" in cli("runs", "show", "done").stdout
 
 
 def _pool_of_four(store: Location) -> None:
