@@ -29,6 +29,9 @@ from escalate.store import RecoveredFirstLines
 
 # A pool's derived totals (escalate.store.Transaction.derived), beside its log.
 DERIVED_NAME = "events.ndjson.derived.sqlite"
+# How long after a log's last change its times tell every later change (FileLedger.stamp):
+# many clock ticks (Linux keeps file times in steps of a tick, at most 10 ms).
+_SETTLED_NS = 100_000_000
 
 
 class FileStore:
@@ -122,6 +125,16 @@ class FileLedger:
 
     def size(self) -> int:
         return self.log.size()
+
+    def stamp(self) -> str | None:
+        """The log's file and its modification and change times: any write changes them,
+        and nobody can set a change time back. Times are kept in coarse steps (a clock tick),
+        so while the last change is that recent, a change after
+        it might leave them as they are: None until then (then the log is read whole)."""
+        info = self.log.stat()
+        if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) < _SETTLED_NS:
+            return None
+        return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
     def sync(self) -> None:
         self.log.sync()

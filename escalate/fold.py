@@ -108,6 +108,8 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
         raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
     if seq != state.seq + 1 or type(seq) is not int:
         raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
+    if state.archived:
+        raise RuleViolation(f"{shown_value(kind)} after the run was archived (it takes no more lines)")
     if prev != state.last_hash:
         raise RuleViolation(
             f"prev {prev!r} does not match the previous line's hash "
@@ -281,6 +283,15 @@ def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
         state.pool.cap_micros = int_field(event, "cap_micros")
 
 
+def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
+    if state.pool is not None:
+        raise RuleViolation("run_archived may only be in a run's log")
+    held = [task_id for task_id, task in state.tasks.items() if task.holding]
+    if held or state.open_escalations:
+        raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
+    state.archived = True
+
+
 def _apply_opened_again(state: RunState, event: Mapping[str, Any]) -> None:
     raise RuleViolation(f"{event.get('type')} may only be the first line")
 
@@ -298,6 +309,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "escalation_notified": apply_notified,
     "pool_opened": _apply_opened_again,
     "run_joined": _apply_joined,
+    "run_archived": _apply_archived,
 }
 
 

@@ -135,9 +135,13 @@ class FileLog(RunFolder):
         return os.fdopen(fd, "rb", buffering=0)
 
     def size(self) -> int:
+        return self.stat().st_size
+
+    def stat(self) -> os.stat_result:
+        """The log's ``stat`` (through the run folder's handle, never following a link)."""
         try:
             with self._folder() as dir_fd:
-                return os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False).st_size
+                return os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
 

@@ -337,6 +337,10 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return int(row[0]) if row is not None else 0
 
+    def stamp(self) -> str:
+        """Empty: the events table refuses UPDATE and DELETE (a trigger), so lines never change."""
+        return ""
+
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from escalate.errors import InputError
-from escalate.events import Event, iter_lines
+from escalate.errors import CorruptLedger, InputError
+from escalate.events import Event, iter_lines, line_hash
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
 from escalate.store import LedgerStore, first_event, pool_of
@@ -71,29 +71,65 @@ class Member:
                    {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()})
 
 
+def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
+                      line: int = 1) -> CorruptLedger:
+    """The error of a member whose log cannot be read (exit 6): its pool cannot count its
+    money, so money writes in the pool and ``gate --pool`` refuse until it is back."""
+    run_id = store.run_id
+    remedy = (f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
+              f"'escalate runs archive {run_id}' instead), or run 'escalate runs init {run_id} --pool "
+              f"{pool_id}' again if that was cut short" if missing else
+              f"inspect it with 'escalate runs verify {run_id}' and restore its log from a copy")
+    return CorruptLedger(f"run {run_id} of pool {pool_id} cannot be read ({why}): the pool cannot count "
+                         f"its money, so money writes in the pool are refused — {remedy}",
+                         code="member_unreadable", run=run_id, pool=pool_id, line=line, problem=why,
+                         first_suspect_line=line)
+
+
 def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
                 stop: int | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
     a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A run
     that does not name the pool in its first line counts nothing (a join whose ``runs
-    init`` found the id taken)."""
+    init`` found the id taken). A member with no log (moved away, deleted, its creation cut
+    short) or a damaged one (a line that does not parse, a broken chain) is
+    :func:`member_unreadable`: never counted as nothing."""
     member, ignored = Member(), {}  # type: ignore[var-annotated]
-    if not store.exists() or pool_of(first_event(store)) != pool_id:
-        return member  # joined, not created yet, or not this pool's
+    try:
+        first = first_event(store)
+    except InputError as error:  # the folder is a link, the log no file
+        raise member_unreadable(store, pool_id, error.message, missing=True) from None
+    if first is None:
+        raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
+                                missing=True)
+    if pool_of(first) != pool_id:
+        return member  # not this pool's: the id was another ledger's when it joined
     group: list[Event] = []
+    number, prev = 0, ""
     with store.reader() as stream:
         for line, end in iter_lines(stream, 0):
             if stop is not None and end > stop:
                 break
+            number += 1
             try:
                 event = orjson.loads(line)
+                # The chain, as the run's own fold checks it: an edited line is refused.
+                if event["seq"] != number or event["prev"] != prev:
+                    raise member_unreadable(store, pool_id, f"line {number} breaks the seq or prev "
+                                            "chain: a line was changed, removed or inserted",
+                                            missing=False, line=number)
+                prev = line_hash(line)
                 group.append(event)
                 if event.get("more"):
                     continue  # more lines of the same write follow
                 for each in group:
                     member.fold(each, key_at, ignored)
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-                break  # a damaged log: its run refuses every write until it is repaired
+            except orjson.JSONDecodeError:
+                raise member_unreadable(store, pool_id, f"line {number} does not parse", missing=False,
+                                        line=number) from None
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise member_unreadable(store, pool_id, f"line {number} is not what a writer wrote",
+                                        missing=False, line=number) from None
             group = []
             member.offset = end
     return member

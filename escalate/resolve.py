@@ -236,3 +236,21 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None,
     if role is not None:
         changed["role"] = role
     return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})
+
+
+def decide_archive(state: RunState) -> Decision:
+    """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
+    holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
+    if state.archived:
+        return Decision(result={"status": "exists", "archived": True})
+    held = sorted(task_id for task_id, task in state.tasks.items() if task.holding)
+    waiting = sorted(state.open_escalations)
+    if held or waiting:
+        what = "; ".join(part for part in (
+            held and f"tasks holding reservations: {', '.join(held[:5])}" + (" …" if len(held) > 5 else ""),
+            waiting and f"open escalations: {', '.join(waiting[:5])}" + (" …" if len(waiting) > 5 else ""))
+            if part)
+        return fail(Conflict(f"run {state.run_id} is not finished ({what}); release its tasks and resolve "
+                             "its escalations, then archive it", code="not_finished", state="unfinished",
+                             held=held, escalations=waiting))
+    return Decision(events=[{"type": "run_archived"}], result={"status": "archived", "archived": True})

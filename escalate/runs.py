@@ -18,9 +18,9 @@ from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
 from escalate.state import RunState
-from escalate.store import Store, is_store_url, open_store
+from escalate.store import LedgerStore, Store, is_store_url, open_store
 
-RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle"]
+RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
 
 @final  # no further keys: `"error" in row` tells the two kinds of row apart
@@ -40,6 +40,7 @@ class RunRow(TypedDict):
     events: int
     halts: int
     escalation: dict[str, Any]
+    archived: bool  # retired by 'runs archive': listed only with every_run
     opened_at: str
     state: RunWord
     pool: str | None  # the pool the run belongs to (None: none)
@@ -172,9 +173,10 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
     return root
 
 
-def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenRun]:
+def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
+              every_run: bool = False) -> list[RunRow | BrokenRun]:
     """Every run under ``runs_dir`` with its totals and state, newest first; a run that
-    cannot be read is a :class:`BrokenRun` row."""
+    cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     root = runs_root(runs_dir)
     rows: list[RunRow | BrokenRun] = []
     for run_id in iter_run_ids(root):
@@ -184,6 +186,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
         except EscalateError as error:
             rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
             continue
+        if state.archived and not every_run:
+            continue
         rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
                                   "state": run_word(state), "pool": ledger.pool_id()}))
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
@@ -192,6 +196,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
 
 def run_word(state: RunState) -> RunWord:
     """The one word ``runs list`` shows for a run, the most urgent first."""
+    if state.archived:  # finished for good: nothing open, nothing held
+        return "archived"
     if state.open_escalations:
         return "escalation open"
     if state.remaining_micros < 0:
@@ -266,11 +272,13 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
             "failures": failures}
 
 
-def verify_report(ledger: Ledger) -> VerifyReport:
-    """Check every line of ``ledger``'s log: the JSON, the seq run, the prev chain, the
-    ledger rules and the event schema. Problems are reported, not raised."""
+def verify_report(ledger: Ledger | LedgerStore) -> VerifyReport:
+    """Check every line of ``ledger``'s log (a run's, or any ledger's in a store): the JSON,
+    the seq run, the prev chain, the ledger rules and the event schema. Problems are
+    reported, not raised."""
+    store = ledger.store if isinstance(ledger, Ledger) else ledger
     try:
-        replayed = ledger.verify()
+        replayed = store.verify()
     except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
         report = None
         problems = [(error.line, error.problem)]
@@ -281,12 +289,12 @@ def verify_report(ledger: Ledger) -> VerifyReport:
     # (pydantic, loaded only here).
     from escalate.schema import line_problems
 
-    with ledger.read_log() as stream:
+    with store.reader() as stream:
         found = dict(problems)
         problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
                                         if line not in found)])
     return {
-        "run": ledger.run_id, "ok": not problems, "lines": report.lines if report else None,
+        "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
         "events": report.state.seq if report else 0,
         "torn_bytes": report.torn_bytes if report else None,
         # The last line's hash: no later line vouches for it, so keep it elsewhere to

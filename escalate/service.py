@@ -201,6 +201,10 @@ class Ledger:
         return cast(TaskResult, self._mutate(
             lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
 
+    def archive(self) -> dict[str, Any]:
+        """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
+        return self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))
+
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
         return self._resolve(escalation_id, "extend", by)

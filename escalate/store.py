@@ -143,6 +143,12 @@ class LedgerStore(Protocol):
         """The bytes of lines stored so far: it grows with every write."""
         ...
 
+    def stamp(self) -> str | None:
+        """What tells a change of the stored lines that leaves their :meth:`size` (an edit
+        in place), without reading them; None while a later change could still leave it
+        as it is. A pool's books trust the pool's log only at the stamp they were saved at."""
+        ...
+
     def sync(self) -> None:
         """Make every line written so far durable (called after the critical section)."""
         ...
@@ -263,5 +269,6 @@ def pool_of(event: dict[str, Any] | None) -> str | None:
 
 def is_a_pool(ledger_id: str) -> InputError:
     """The error for a run command given a pool's id."""
-    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
-                      "or give a run id", code="is_a_pool", run=ledger_id)
+    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}' "
+                      f"(check it with 'escalate pools verify {ledger_id}'), or give a run id",
+                      code="is_a_pool", run=ledger_id)

@@ -139,6 +139,9 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
                           None if inside is None else inside.view(now))
         if isinstance(decision.error, InputError):
             raise decision.error  # bad input changes nothing on disk
+        if state.archived and (decision.events or expiries):
+            raise Conflict(f"run {state.run_id} is archived: it takes no more writes; use a new run",
+                           code="run_archived", run=state.run_id, state="archived")
         first_seq = state.seq + 1
         lines += seal_into(state, decision.events, now, actor)
         if len(lines) > 1:

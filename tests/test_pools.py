@@ -150,7 +150,8 @@ def test_ids_of_pools_and_runs_never_cross(runs_dir: Path, evening: FakeClock, c
                  ["pools", "show", "team", "--period", "2026-13-01"], ["pools", "set", "team"],
                  ["pools", "set", "team", "--cap", "0"], ["pools", "set", "team", "--escalation", "maybe"],
                  ["pools", "set", "team", "--max-extension", "-1"], ["pools", "init", "p", "--cap", "1e3"],
-                 ["pools", "init", "../p", "--cap", "5"]):
+                 ["pools", "init", "../p", "--cap", "5"], ["pools", "verify", "a"],
+                 ["pools", "verify", "nobody"], ["runs", "archive", "team"], ["runs", "archive", "nobody"]):
         result = cli(*args, "--json")
         assert result.exit_code == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("escalate: ")

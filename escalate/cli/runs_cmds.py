@@ -21,6 +21,7 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.archive_cmds import archive
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.money import format_usd as usd
@@ -250,6 +251,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
 
 @runs_app.command("list")
 def list_runs(
+    every_run: Annotated[bool, typer.Option("--all", help="Archived runs too.")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -258,7 +260,7 @@ def list_runs(
     def action() -> dict[str, list[RunRow | BrokenRun]]:
         from escalate.runs import list_runs as rows_of
 
-        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"])}
+        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"], every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:
         from escalate.render import print_whole, runs_table
@@ -388,6 +390,7 @@ def verify(
 # ``runs watch`` lives in its own module (it alone needs signals and a live view).
 runs_app.command("watch")(watch)
 add_runs_commands(runs_app)  # runs export, runs import
+runs_app.command("archive")(archive)
 
 
 def register(app: typer.Typer) -> None:
