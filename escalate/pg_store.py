@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
 
+from escalate.config import Clock
 from escalate.durations import format_duration
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
 from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction, parse_url
@@ -52,6 +55,13 @@ if TYPE_CHECKING:
 # Called with each step of a writing command's transaction ("connected", "locked", "loaded",
 # "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
 STEP_HOOK: Callable[[str], None] | None = None
+
+# Tests that move time by hand on both stores set this, so that the writer's clock (a
+# Ledger's ``clock=``) stands in for the server's; nothing else may: on this store a
+# writer's clock never moves money (DESIGN §10, "one clock for a fleet").
+WRITERS_CLOCK_STANDS_IN = False
+# A writer whose own clock is further than this from the server's is warned (once per store).
+CLOCK_SKEW_WARNING_S = 60
 
 # How much longer than its own wait a waiter asks commits to notify: a waiter that waits
 # again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
@@ -88,6 +98,7 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
+        self._skew_warned = False
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -117,6 +128,32 @@ class PgStore:
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> PgLedger:
         return PgLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def now(self, clock: Clock) -> datetime:
+        """The server's clock (one query; inside a write, its transaction's)."""
+        if WRITERS_CLOCK_STANDS_IN:
+            return clock()
+        with self.connection() as connection:
+            row = connection.execute("SELECT clock_timestamp()").fetchone()
+        assert row is not None
+        return self.server_time(row[0], clock)
+
+    def server_time(self, moment: datetime, clock: Clock) -> datetime:
+        """``moment``, read from the server, which every line's time is; a writer whose own
+        ``clock`` is far off it is warned on stderr (once), and nothing else changes."""
+        if WRITERS_CLOCK_STANDS_IN:
+            return clock()
+        if not self._skew_warned:
+            with contextlib.suppress(Exception):  # a clock that fails only loses the warning
+                skew = (clock() - moment).total_seconds()
+                if abs(skew) > CLOCK_SKEW_WARNING_S:
+                    self._skew_warned = True
+                    off = format_duration(abs(skew), exact=False)
+                    print(f"escalate: warning: this machine's clock is {off} "
+                          f"{'ahead of' if skew > 0 else 'behind'} the clock of {self.where}; the "
+                          "server's clock times every line, so nothing changes — synchronise this "
+                          "machine's clock (NTP)", file=sys.stderr)
+        return moment
 
     def run_ids(self) -> Iterator[str]:
         with self.connection() as connection:
@@ -276,9 +313,12 @@ class PgLedger:
                 # Literals are written with standard_conforming_strings on: see _text.
                 row = last_row(connection, f"{begin}SET LOCAL standard_conforming_strings = on; "
                                 f"SET LOCAL lock_timeout = '{lock_timeout}'; "
-                                "SELECT size, lines, checkpoint, checkpoint_lines, "
-                                "listened_until > now() FROM escalate_ledgers "
-                                f"WHERE ledger = {text_literal(self.run_id)} FOR UPDATE")
+                                # The server's clock is read once the lock is held, in the
+                                # same round trip: the time of this write's lines.
+                                "SELECT locked.*, clock_timestamp() FROM (SELECT size, lines, "
+                                "checkpoint, checkpoint_lines, listened_until > now() AS listened "
+                                f"FROM escalate_ledgers WHERE ledger = {text_literal(self.run_id)} "
+                                "FOR UPDATE) AS locked")
                 if row is None or not row[1]:
                     raise self._unknown()
                 _step("locked")

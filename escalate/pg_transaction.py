@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from escalate.cache import run_blob
 from escalate.cache_rows import encode_escalation, encode_task
+from escalate.config import Clock
 from escalate.events import Event
 from escalate.pg_rows import PgRows
 from escalate.replay import Replayed
@@ -54,6 +56,9 @@ class PgTransaction:
                                       use_cache=self._use_cache)
         self._step("loaded")
         return replayed
+
+    def now(self, clock: Clock) -> datetime:
+        return self._ledger._store.server_time(self._row[5], clock)  # read with the row lock
 
     def recovery(self, replayed: Replayed) -> Event | None:
         return None  # a transaction leaves no torn tail behind
