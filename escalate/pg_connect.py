@@ -7,7 +7,7 @@ import logging
 import os
 import re
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -40,15 +40,66 @@ _DEFAULTS = {
 }
 
 
+class NotConnected(psycopg.OperationalError):
+    """No connection could be opened: nothing was sent, so nothing was written."""
+
+
 def connect(url: str) -> Connection:
     """A new connection in autocommit mode (each command opens its own transaction), with
     bounded waits: 10 s to connect, and a server gone silent noticed within about a minute
     (TCP keepalives, ``tcp_user_timeout``), unless the URL (or ``PGCONNECT_TIMEOUT``) says
-    otherwise."""
+    otherwise. A URL whose options the driver rejects is :class:`InputError` (exit 2); a
+    connection that could not be opened, :class:`NotConnected`."""
     given = conninfo_to_dict(url)
     options = {name: value for name, (value, variable) in _DEFAULTS.items()
                if name not in given and not (variable and os.environ.get(variable))}
-    return psycopg.connect(make_conninfo(url, **options), autocommit=True)
+    try:
+        return psycopg.connect(make_conninfo(url, **options), autocommit=True)
+    except psycopg.ProgrammingError as exc:  # such as connect_timeout=abc
+        raise invalid_url(exc, str(given.get("password") or "")) from None
+    except psycopg.OperationalError as exc:
+        raise NotConnected(str(exc)) from None
+
+
+def invalid_url(exc: Exception, password: str) -> InputError:
+    """exit 2 for a URL the driver or the server refuses as written (an option's value),
+    quoting what it says without the password."""
+    cause = first_line(exc)
+    if password:
+        cause = cause.replace(password, "***")
+    return InputError(f"invalid store URL ({cause}); fix the option in the URL, written as "
+                      "postgresql://user@host:port/database?option=value", code="invalid_store")
+
+
+class Refusal(NamedTuple):
+    """Why no connection could be opened: a stable code, and what to do next."""
+
+    code: str
+    advice: str
+
+
+# What a server says when it refuses a connection, in its words (its messages are English
+# unless its lc_messages says otherwise: then the refusal is reported as connection_failed).
+_REFUSALS = (
+    (re.compile(r'database "[^"]*" does not exist'),
+     Refusal(code="unknown_database", advice="create the database, or fix its name in the URL")),
+    (re.compile(r'role "[^"]*" does not exist'),
+     Refusal(code="unknown_role", advice="create the role, or fix the user name in the URL")),
+)
+_NO_CONNECTION = Refusal(code="connection_failed",
+                         advice="check that the server runs and the host, port and login in the URL")
+_REFUSED_OPTION = re.compile(r"configuration parameter|invalid value for parameter")
+
+
+def refusal(exc: NotConnected) -> Refusal:
+    """Why a connection could not be opened."""
+    text = str(exc)
+    return next((found for pattern, found in _REFUSALS if pattern.search(text)), _NO_CONNECTION)
+
+
+def refused_option(exc: NotConnected) -> bool:
+    """True when the server refused an ``options`` setting of the URL (``-c name=value``)."""
+    return bool(_REFUSED_OPTION.search(str(exc)))
 
 
 def in_transaction(connection: Connection) -> bool:

@@ -33,7 +33,18 @@ import psycopg
 from escalate.config import Clock
 from escalate.durations import format_duration
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction, parse_url
+from escalate.pg_connect import (
+    ConnectionPool,
+    NotConnected,
+    connect,
+    describe,
+    first_line,
+    in_transaction,
+    invalid_url,
+    parse_url,
+    refusal,
+    refused_option,
+)
 from escalate.pg_fold import fetch_lines, fold, lines_of
 from escalate.pg_rows import LineStream
 from escalate.pg_schema import ensure_schema
@@ -99,6 +110,10 @@ class PgStore:
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
         self._skew_warned = False
+        # Set while a write's commit is out and not yet confirmed (PgTransaction.commit), and
+        # once it is confirmed (until the next write begins): what a failure leaves behind.
+        self.commit_sent = False
+        self.confirmed = False
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -232,30 +247,57 @@ class PgStore:
 
     @contextmanager
     def translated(self) -> Iterator[None]:
-        """psycopg's errors as escalate's: the connection is gone or refused → exit 8."""
+        """psycopg's errors as escalate's: the connection is gone or refused, the database
+        read-only → exit 8; a URL the server refuses as written → exit 2."""
         try:
             yield
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise self.unavailable(exc, code="permission_denied",
-                                   advice="grant the role its rights (see docs/scale-out.md)") from None
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            if self._kept is not None and self._kept.broken:
-                self._kept = None
-            if self._listener is not None and self._listener.broken:
-                self._listener = None
-            raise self.unavailable(exc) from None
+        except BaseException as exc:
+            # Whether this command's commit went out unconfirmed: only then may its outcome
+            # be unknown.
+            sent, self.commit_sent = self.commit_sent, False
+            # An option of the URL the server refuses (-c bogus=1), or a search_path naming no
+            # schema (-c search_path=nowhere): the URL is wrong as written.
+            if isinstance(exc, psycopg.errors.InvalidSchemaName) or \
+                    (isinstance(exc, NotConnected) and refused_option(exc)):
+                raise invalid_url(exc, self._password) from None
+            if isinstance(exc, NotConnected):
+                code, advice = refusal(exc)
+                raise self.unavailable(exc, code=code, advice=advice) from None
+            if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+                raise self.unavailable(exc, code="read_only", state="is read-only (a hot standby, or "
+                                       "default_transaction_read_only is on)", advice="give --store "
+                                       "the primary server; commands that only read work here") from None
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                raise self.unavailable(exc, code="permission_denied",
+                                       advice="grant the role its rights (see docs/scale-out.md)") from None
+            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                if self._kept is not None and self._kept.broken:
+                    self._kept = None
+                if self._listener is not None and self._listener.broken:
+                    self._listener = None
+                raise self.unavailable(exc, commit_sent=sent) from None
+            raise
 
     def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
-                    advice: str = "") -> StoreUnavailable:
-        """exit 8, one line: where, why, and that a retry is safe."""
+                    advice: str = "", state: str = "is unavailable",
+                    commit_sent: bool = False) -> StoreUnavailable:
+        """exit 8, one line: where, why, whether anything may have been written, and that a
+        retry is safe."""
         cause = first_line(exc)
         if self._password:
             cause = cause.replace(self._password, "***")
-        next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
+        next_step = advice or "check the server and the URL"
+        if commit_sent:
+            return StoreUnavailable(
+                f"the PostgreSQL store {self.where} was lost before it confirmed this command's "
+                f"commit ({cause}); the outcome of this command may be unknown: {next_step}, then "
+                "retry — repeating the same command is safe", code=code, path=self.where, errno=None,
+                commit_sent=True)
+        written = "what it confirmed before stands, nothing more was written" if self.confirmed \
+            else "nothing was written"
         return StoreUnavailable(
-            f"the PostgreSQL store {self.where} is unavailable ({cause}); the outcome of this "
-            f"command may be unknown: {next_step} — repeating the same command is safe",
-            code=code, path=self.where, errno=None)
+            f"the PostgreSQL store {self.where} {state} ({cause}); {written}: {next_step}, then "
+            "retry", code=code, path=self.where, errno=None, commit_sent=False)
 
 
 class PgLedger:
@@ -273,6 +315,7 @@ class PgLedger:
         return self._store.where
 
     def command(self) -> AbstractContextManager[None]:
+        self._store.confirmed = False  # a new write: nothing of it is committed yet
         return nullcontext()
 
     def exists(self) -> bool:
@@ -285,14 +328,17 @@ class PgLedger:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
         is for a torn first write, which a transaction never leaves.)"""
         lines = first_lines.splitlines(keepends=True)
-        with self._store.connection() as connection, connection.transaction():
-            made = connection.execute(
-                "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
-                "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
-                (self.run_id, len(first_lines), len(lines))).fetchone()
-            if made is None:
-                return False
-            insert_first_lines(connection, self.run_id, lines)
+        with self._store.connection() as connection:
+            with connection.transaction():
+                made = connection.execute(
+                    "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
+                    (self.run_id, len(first_lines), len(lines))).fetchone()
+                if made is None:
+                    return False
+                insert_first_lines(connection, self.run_id, lines)
+                self._store.commit_sent = True  # the commit goes out as this block ends
+            self._store.commit_sent, self._store.confirmed = False, True
         return True
 
     @contextmanager

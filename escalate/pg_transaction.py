@@ -121,7 +121,12 @@ class PgTransaction:
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         end = "COMMIT" if self._savepoint is None else f"RELEASE SAVEPOINT {self._savepoint}"
+        store = self._ledger._store
+        # From here until the server confirms, the writes may or may not be committed.
+        store.commit_sent = self._savepoint is None and bool(self._writes)
         self._connection.execute("; ".join([*self._writes, end]).encode())
+        if store.commit_sent:
+            store.commit_sent, store.confirmed = False, True
 
     # A pool's books (escalate.pool_book), in escalate_derived: written at once, in this
     # transaction, so they commit with the write they follow or not at all.
