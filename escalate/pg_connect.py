@@ -7,13 +7,15 @@ import logging
 import os
 import re
 from contextlib import AbstractContextManager
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from escalate.errors import InputError
-from escalate.pg_transaction import Connection
+
+if TYPE_CHECKING:
+    from escalate.pg_transaction import Connection
 
 
 class ConnectionPool(Protocol):
@@ -69,37 +71,6 @@ def invalid_url(exc: Exception, password: str) -> InputError:
         cause = cause.replace(password, "***")
     return InputError(f"invalid store URL ({cause}); fix the option in the URL, written as "
                       "postgresql://user@host:port/database?option=value", code="invalid_store")
-
-
-class Refusal(NamedTuple):
-    """Why no connection could be opened: a stable code, and what to do next."""
-
-    code: str
-    advice: str
-
-
-# What a server says when it refuses a connection, in its words (its messages are English
-# unless its lc_messages says otherwise: then the refusal is reported as connection_failed).
-_REFUSALS = (
-    (re.compile(r'database "[^"]*" does not exist'),
-     Refusal(code="unknown_database", advice="create the database, or fix its name in the URL")),
-    (re.compile(r'role "[^"]*" does not exist'),
-     Refusal(code="unknown_role", advice="create the role, or fix the user name in the URL")),
-)
-_NO_CONNECTION = Refusal(code="connection_failed",
-                         advice="check that the server runs and the host, port and login in the URL")
-_REFUSED_OPTION = re.compile(r"configuration parameter|invalid value for parameter")
-
-
-def refusal(exc: NotConnected) -> Refusal:
-    """Why a connection could not be opened."""
-    text = str(exc)
-    return next((found for pattern, found in _REFUSALS if pattern.search(text)), _NO_CONNECTION)
-
-
-def refused_option(exc: NotConnected) -> bool:
-    """True when the server refused an ``options`` setting of the URL (``-c name=value``)."""
-    return bool(_REFUSED_OPTION.search(str(exc)))
 
 
 def in_transaction(connection: Connection) -> bool:

@@ -8,20 +8,17 @@ means committed, so :meth:`PgLedger.sync` has nothing left to do. The tables are
 in :mod:`escalate.pg_schema`; the lines are the file store's NDJSON bytes, folded by the
 same :func:`escalate.replay.replay`.
 
-psycopg 3 is imported only here (and in the modules beside this one), when a store of this
-kind is opened: the file store's start-up does not change.
+psycopg 3 is imported only by the pg_ modules, when such a store is opened.
 
 Failures: a lock wait over the timeout is :class:`~escalate.errors.LockTimeout` (exit 7);
-no connection, a refused login, a connection lost before the commit was confirmed are
-:class:`~escalate.errors.StoreUnavailable` (exit 8), naming the host and the database,
-never the password.
+the rest are in :mod:`escalate.pg_failures`. The time of every line is the server's
+(:mod:`escalate.pg_clock`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -32,19 +29,10 @@ import psycopg
 
 from escalate.config import Clock
 from escalate.durations import format_duration
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.pg_connect import (
-    ConnectionPool,
-    NotConnected,
-    connect,
-    describe,
-    first_line,
-    in_transaction,
-    invalid_url,
-    parse_url,
-    refusal,
-    refused_option,
-)
+from escalate.errors import InputError, LockTimeout, UnknownRun
+from escalate.pg_clock import ServerClock
+from escalate.pg_connect import ConnectionPool, connect, describe, in_transaction, parse_url
+from escalate.pg_failures import Outcome, failure
 from escalate.pg_fold import fetch_lines, fold, lines_of
 from escalate.pg_rows import LineStream
 from escalate.pg_schema import ensure_schema
@@ -66,13 +54,6 @@ if TYPE_CHECKING:
 # Called with each step of a writing command's transaction ("connected", "locked", "loaded",
 # "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
 STEP_HOOK: Callable[[str], None] | None = None
-
-# Tests that move time by hand on both stores set this, so that the writer's clock (a
-# Ledger's ``clock=``) stands in for the server's; nothing else may: on this store a
-# writer's clock never moves money (DESIGN §10, "one clock for a fleet").
-WRITERS_CLOCK_STANDS_IN = False
-# A writer whose own clock is further than this from the server's is warned (once per store).
-CLOCK_SKEW_WARNING_S = 60
 
 # How much longer than its own wait a waiter asks commits to notify: a waiter that waits
 # again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
@@ -109,11 +90,8 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
-        self._skew_warned = False
-        # Set while a write's commit is out and not yet confirmed (PgTransaction.commit), and
-        # once it is confirmed (until the next write begins): what a failure leaves behind.
-        self.commit_sent = False
-        self.confirmed = False
+        self.server_clock = ServerClock()
+        self.outcome = Outcome(commit_sent=False, confirmed=False)  # of this command's write
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -145,30 +123,7 @@ class PgStore:
         return PgLedger(self, run_id, lock_timeout=lock_timeout)
 
     def now(self, clock: Clock) -> datetime:
-        """The server's clock (one query; inside a write, its transaction's)."""
-        if WRITERS_CLOCK_STANDS_IN:
-            return clock()
-        with self.connection() as connection:
-            row = connection.execute("SELECT clock_timestamp()").fetchone()
-        assert row is not None
-        return self.server_time(row[0], clock)
-
-    def server_time(self, moment: datetime, clock: Clock) -> datetime:
-        """``moment``, read from the server, which every line's time is; a writer whose own
-        ``clock`` is far off it is warned on stderr (once), and nothing else changes."""
-        if WRITERS_CLOCK_STANDS_IN:
-            return clock()
-        if not self._skew_warned:
-            with contextlib.suppress(Exception):  # a clock that fails only loses the warning
-                skew = (clock() - moment).total_seconds()
-                if abs(skew) > CLOCK_SKEW_WARNING_S:
-                    self._skew_warned = True
-                    off = format_duration(abs(skew), exact=False)
-                    print(f"escalate: warning: this machine's clock is {off} "
-                          f"{'ahead of' if skew > 0 else 'behind'} the clock of {self.where}; the "
-                          "server's clock times every line, so nothing changes — synchronise this "
-                          "machine's clock (NTP)", file=sys.stderr)
-        return moment
+        return self.server_clock.now(self, clock)
 
     def run_ids(self) -> Iterator[str]:
         with self.connection() as connection:
@@ -247,57 +202,21 @@ class PgStore:
 
     @contextmanager
     def translated(self) -> Iterator[None]:
-        """psycopg's errors as escalate's: the connection is gone or refused, the database
-        read-only → exit 8; a URL the server refuses as written → exit 2."""
+        """psycopg's errors as escalate's (:mod:`escalate.pg_failures`); a connection that
+        broke is opened again by the next command."""
         try:
             yield
         except BaseException as exc:
-            # Whether this command's commit went out unconfirmed: only then may its outcome
-            # be unknown.
-            sent, self.commit_sent = self.commit_sent, False
-            # An option of the URL the server refuses (-c bogus=1), or a search_path naming no
-            # schema (-c search_path=nowhere): the URL is wrong as written.
-            if isinstance(exc, psycopg.errors.InvalidSchemaName) or \
-                    (isinstance(exc, NotConnected) and refused_option(exc)):
-                raise invalid_url(exc, self._password) from None
-            if isinstance(exc, NotConnected):
-                code, advice = refusal(exc)
-                raise self.unavailable(exc, code=code, advice=advice) from None
-            if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
-                raise self.unavailable(exc, code="read_only", state="is read-only (a hot standby, or "
-                                       "default_transaction_read_only is on)", advice="give --store "
-                                       "the primary server; commands that only read work here") from None
-            if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-                raise self.unavailable(exc, code="permission_denied",
-                                       advice="grant the role its rights (see docs/scale-out.md)") from None
-            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-                if self._kept is not None and self._kept.broken:
-                    self._kept = None
-                if self._listener is not None and self._listener.broken:
-                    self._listener = None
-                raise self.unavailable(exc, commit_sent=sent) from None
-            raise
-
-    def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
-                    advice: str = "", state: str = "is unavailable",
-                    commit_sent: bool = False) -> StoreUnavailable:
-        """exit 8, one line: where, why, whether anything may have been written, and that a
-        retry is safe."""
-        cause = first_line(exc)
-        if self._password:
-            cause = cause.replace(self._password, "***")
-        next_step = advice or "check the server and the URL"
-        if commit_sent:
-            return StoreUnavailable(
-                f"the PostgreSQL store {self.where} was lost before it confirmed this command's "
-                f"commit ({cause}); the outcome of this command may be unknown: {next_step}, then "
-                "retry — repeating the same command is safe", code=code, path=self.where, errno=None,
-                commit_sent=True)
-        written = "what it confirmed before stands, nothing more was written" if self.confirmed \
-            else "nothing was written"
-        return StoreUnavailable(
-            f"the PostgreSQL store {self.where} {state} ({cause}); {written}: {next_step}, then "
-            "retry", code=code, path=self.where, errno=None, commit_sent=False)
+            # (Only a commit that went out unconfirmed may have an unknown outcome.)
+            outcome, self.outcome = self.outcome, self.outcome._replace(commit_sent=False)
+            if self._kept is not None and self._kept.broken:
+                self._kept = None
+            if self._listener is not None and self._listener.broken:
+                self._listener = None
+            error = failure(exc, self.where, self._password, outcome)
+            if error is None:
+                raise
+            raise error from None
 
 
 class PgLedger:
@@ -315,7 +234,7 @@ class PgLedger:
         return self._store.where
 
     def command(self) -> AbstractContextManager[None]:
-        self._store.confirmed = False  # a new write: nothing of it is committed yet
+        self._store.outcome = Outcome(commit_sent=False, confirmed=False)  # a new write
         return nullcontext()
 
     def exists(self) -> bool:
@@ -337,8 +256,8 @@ class PgLedger:
                 if made is None:
                     return False
                 insert_first_lines(connection, self.run_id, lines)
-                self._store.commit_sent = True  # the commit goes out as this block ends
-            self._store.commit_sent, self._store.confirmed = False, True
+                self._store.outcome = Outcome(commit_sent=True, confirmed=False)  # goes out now
+            self._store.outcome = Outcome(commit_sent=False, confirmed=True)
         return True
 
     @contextmanager
@@ -359,8 +278,7 @@ class PgLedger:
                 # Literals are written with standard_conforming_strings on: see _text.
                 row = last_row(connection, f"{begin}SET LOCAL standard_conforming_strings = on; "
                                 f"SET LOCAL lock_timeout = '{lock_timeout}'; "
-                                # The server's clock is read once the lock is held, in the
-                                # same round trip: the time of this write's lines.
+                                # The server's clock once the lock is held: this write's time.
                                 "SELECT locked.*, clock_timestamp() FROM (SELECT size, lines, "
                                 "checkpoint, checkpoint_lines, listened_until > now() AS listened "
                                 f"FROM escalate_ledgers WHERE ledger = {text_literal(self.run_id)} "

@@ -15,6 +15,7 @@ from escalate.cache import run_blob
 from escalate.cache_rows import encode_escalation, encode_task
 from escalate.config import Clock
 from escalate.events import Event
+from escalate.pg_failures import Outcome
 from escalate.pg_rows import PgRows
 from escalate.replay import Replayed
 from escalate.state import RunState
@@ -58,7 +59,8 @@ class PgTransaction:
         return replayed
 
     def now(self, clock: Clock) -> datetime:
-        return self._ledger._store.server_time(self._row[5], clock)  # read with the row lock
+        store = self._ledger._store
+        return store.server_clock.time(self._row[5], clock, store.where)  # read with the row lock
 
     def recovery(self, replayed: Replayed) -> Event | None:
         return None  # a transaction leaves no torn tail behind
@@ -121,12 +123,12 @@ class PgTransaction:
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         end = "COMMIT" if self._savepoint is None else f"RELEASE SAVEPOINT {self._savepoint}"
-        store = self._ledger._store
-        # From here until the server confirms, the writes may or may not be committed.
-        store.commit_sent = self._savepoint is None and bool(self._writes)
+        store, sent = self._ledger._store, self._savepoint is None and bool(self._writes)
+        if sent:  # from here until the server confirms, the writes may or may not be committed
+            store.outcome = Outcome(commit_sent=True, confirmed=False)
         self._connection.execute("; ".join([*self._writes, end]).encode())
-        if store.commit_sent:
-            store.commit_sent, store.confirmed = False, True
+        if sent:
+            store.outcome = Outcome(commit_sent=False, confirmed=True)
 
     # A pool's books (escalate.pool_book), in escalate_derived: written at once, in this
     # transaction, so they commit with the write they follow or not at all.

@@ -113,7 +113,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     """A fresh empty database of its own for this test. A test's clock (``clock=``, moved by
     hand) stands in for the server's, as on the file store; the tests of the server's own
     clock take :func:`server_clock_url`."""
-    monkeypatch.setattr("escalate.pg_store.WRITERS_CLOCK_STANDS_IN", True)
+    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
     with pg_server.fresh() as url:
         yield url
 
@@ -122,7 +122,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 def server_clock_url(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """:func:`pg_url`, whose store times every line by its server's clock, as in production:
     a writer's ``clock=`` is only its own (wrong) clock."""
-    monkeypatch.setattr("escalate.pg_store.WRITERS_CLOCK_STANDS_IN", False)
+    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", False)
     return pg_url
 
 
