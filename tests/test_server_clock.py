@@ -96,6 +96,9 @@ def test_deadlines_and_timeouts_follow_the_servers_clock(server_clock_url: str) 
     assert expires_at > before
     # A writer two hours ahead does not time it out: the server says it has 58 minutes left.
     assert Ledger.open(pg_url, "r", clock=ahead(2 / 24)).sweep()["expired"] == []
+    with pytest.raises(Pending) as still_open:  # nor does its wait, which follows the server
+        Ledger.open(pg_url, "r", clock=ahead(2 / 24)).wait(escalation_id, timeout_s=0.2)
+    assert still_open.value.code == "escalation_open"
     assert run.state().escalations[escalation_id].state == "open"
 
 
