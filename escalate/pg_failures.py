@@ -40,10 +40,12 @@ _READ_ONLY = ("is read-only (a hot standby, or default_transaction_read_only is 
 
 class Outcome(NamedTuple):
     """Where a command stood when it failed: whether its write's commit was sent and not
-    confirmed, and whether a write of it was confirmed before."""
+    confirmed, whether a write of it was confirmed before, and whether writes wait in its
+    open transaction (a member run's, inside its pool's) for the commit."""
 
-    commit_sent: bool
-    confirmed: bool
+    commit_sent: bool = False
+    confirmed: bool = False
+    held: bool = False
 
 
 def failure(exc: BaseException, where: str, password: str, outcome: Outcome) -> EscalateError | None:
@@ -55,7 +57,7 @@ def failure(exc: BaseException, where: str, password: str, outcome: Outcome) -> 
     if isinstance(exc, NotConnected):
         text = str(exc)
         found = next((refusal for pattern, refusal in _REFUSALS if pattern.search(text)), _NO_CONNECTION)
-        return unavailable(exc, where, password, Outcome(False, False), code=found.code, advice=found.advice)
+        return unavailable(exc, where, password, Outcome(), code=found.code, advice=found.advice)
     answered = outcome._replace(commit_sent=False)  # the server said no: nothing was written
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         state, advice = _READ_ONLY

@@ -91,7 +91,7 @@ class PgStore:
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
         self.server_clock = ServerClock()
-        self.outcome = Outcome(commit_sent=False, confirmed=False)  # of this command's write
+        self.outcome = Outcome()  # of its writes: what a failure leaves behind
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -234,7 +234,6 @@ class PgLedger:
         return self._store.where
 
     def command(self) -> AbstractContextManager[None]:
-        self._store.outcome = Outcome(commit_sent=False, confirmed=False)  # a new write
         return nullcontext()
 
     def exists(self) -> bool:
@@ -256,8 +255,8 @@ class PgLedger:
                 if made is None:
                     return False
                 insert_first_lines(connection, self.run_id, lines)
-                self._store.outcome = Outcome(commit_sent=True, confirmed=False)  # goes out now
-            self._store.outcome = Outcome(commit_sent=False, confirmed=True)
+                self._store.outcome = Outcome(commit_sent=True)  # goes out now
+            self._store.outcome = Outcome(confirmed=True)  # (for the life of this store)
         return True
 
     @contextmanager

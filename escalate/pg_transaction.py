@@ -51,6 +51,8 @@ class PgTransaction:
         # Inside another ledger's transaction: the end releases this savepoint, and the
         # outer transaction commits both.
         self._savepoint = savepoint
+        if savepoint is None:  # no writes of another transaction wait for this one's commit
+            ledger._store.outcome = ledger._store.outcome._replace(held=False)
 
     def load(self) -> Replayed:
         replayed = self._ledger.fold(self._connection, self._row, writable=True,
@@ -123,12 +125,16 @@ class PgTransaction:
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         end = "COMMIT" if self._savepoint is None else f"RELEASE SAVEPOINT {self._savepoint}"
-        store, sent = self._ledger._store, self._savepoint is None and bool(self._writes)
+        store = self._ledger._store
+        if self._savepoint is not None:  # these writes go out with the outer commit
+            self._connection.execute("; ".join([*self._writes, end]).encode())
+            store.outcome = store.outcome._replace(held=store.outcome.held or bool(self._writes))
+            return
+        sent = bool(self._writes) or store.outcome.held
         if sent:  # from here until the server confirms, the writes may or may not be committed
-            store.outcome = Outcome(commit_sent=True, confirmed=False)
+            store.outcome = Outcome(commit_sent=True)
         self._connection.execute("; ".join([*self._writes, end]).encode())
-        if sent:
-            store.outcome = Outcome(commit_sent=False, confirmed=True)
+        store.outcome = Outcome(confirmed=sent or store.outcome.confirmed)
 
     # A pool's books (escalate.pool_book), in escalate_derived: written at once, in this
     # transaction, so they commit with the write they follow or not at all.

@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from escalate import Ledger, StoreUnavailable
+from escalate import pg_store as pg_store_module
+from escalate.pools import Pool
 from tests.conftest import log_bytes
 from tests.pg_server import admin, pg_url, url_of
 from tests.test_pg_store import _database, _escalate
@@ -113,3 +115,27 @@ def test_a_read_cut_off_never_says_the_outcome_may_be_unknown(pg_url: str) -> No
     assert "may be unknown" not in after_a_write.value.message
     assert writer.state().reserved_micros == 1_000_000
 
+
+
+def test_a_member_runs_write_cut_at_its_pools_commit_may_be_unknown(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member run's lines are written in a savepoint of its pool's transaction and go out
+    with the pool's commit: lost there, the outcome may be unknown (never "nothing was
+    written"), and the retry records the reservation once."""
+    Pool.init(pg_url, "team", cap="10")
+    member = Ledger.init(pg_url, "r", pool="team", cap="10", actor="tester")
+    commits: list[str] = []
+
+    def cut(step: str) -> None:
+        if step == "before_commit":
+            commits.append(step)
+            if len(commits) == 2:  # the pool's, after the member run's savepoint
+                _cut_every_connection(pg_url)
+
+    monkeypatch.setattr(pg_store_module, "STEP_HOOK", cut)
+    with pytest.raises(StoreUnavailable) as lost:
+        member.reserve("t", "1")
+    monkeypatch.setattr(pg_store_module, "STEP_HOOK", None)
+    assert lost.value.commit_sent is True and "may be unknown" in lost.value.message
+    assert member.reserve("t", "1")["status"] in ("reserved", "exists")
+    assert Ledger.open(pg_url, "r").state().reserved_micros == 1_000_000
