@@ -139,6 +139,9 @@ class StoreUnavailable(EscalateError):
     default_code = "store_unavailable"
     path: str
     errno: int | None
+    # PostgreSQL store: True when the connection was lost after a write's commit was sent
+    # (its outcome may be unknown until read back); False when nothing was written.
+    commit_sent: bool | None = None
 
 
 # errno → (stable code, what it means, what to do next)

@@ -15,10 +15,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
+from escalate.config import Clock
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
@@ -62,6 +64,9 @@ class FileStore:
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
         return FileLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def now(self, clock: Clock) -> datetime:
+        return clock()  # the machine's clock: a runs folder has no other
 
     def run_ids(self) -> Iterator[str]:
         """The ids of runs here (folders with a log), sorted."""
@@ -228,6 +233,9 @@ class FileTransaction:
 
     def load(self) -> Replayed:
         return self._ledger._fold(writable=True, use_cache=self._use_cache)
+
+    def now(self, clock: Clock) -> datetime:
+        return clock()
 
     def recovery(self, replayed: Replayed) -> Event | None:
         # A torn tail is recorded first and only moved aside when this write happens, so

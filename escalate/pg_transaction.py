@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 
 from escalate.cache import run_blob
 from escalate.cache_rows import encode_escalation, encode_task
+from escalate.config import Clock
 from escalate.events import Event
+from escalate.pg_failures import Outcome
 from escalate.pg_rows import PgRows
 from escalate.replay import Replayed
 from escalate.state import RunState
@@ -48,12 +51,18 @@ class PgTransaction:
         # Inside another ledger's transaction: the end releases this savepoint, and the
         # outer transaction commits both.
         self._savepoint = savepoint
+        if savepoint is None:  # no writes of another transaction wait for this one's commit
+            ledger._store.outcome = ledger._store.outcome._replace(held=False)
 
     def load(self) -> Replayed:
         replayed = self._ledger.fold(self._connection, self._row, writable=True,
                                       use_cache=self._use_cache)
         self._step("loaded")
         return replayed
+
+    def now(self, clock: Clock) -> datetime:
+        store = self._ledger._store
+        return store.server_clock.time(self._row[5], clock, store.where)  # read with the row lock
 
     def recovery(self, replayed: Replayed) -> Event | None:
         return None  # a transaction leaves no torn tail behind
@@ -116,7 +125,16 @@ class PgTransaction:
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         end = "COMMIT" if self._savepoint is None else f"RELEASE SAVEPOINT {self._savepoint}"
+        store = self._ledger._store
+        if self._savepoint is not None:  # these writes go out with the outer commit
+            self._connection.execute("; ".join([*self._writes, end]).encode())
+            store.outcome = store.outcome._replace(held=store.outcome.held or bool(self._writes))
+            return
+        sent = bool(self._writes) or store.outcome.held
+        if sent:  # from here until the server confirms, the writes may or may not be committed
+            store.outcome = Outcome(commit_sent=True)
         self._connection.execute("; ".join([*self._writes, end]).encode())
+        store.outcome = Outcome(confirmed=sent or store.outcome.confirmed)
 
     # A pool's books (escalate.pool_book), in escalate_derived: written at once, in this
     # transaction, so they commit with the write they follow or not at all.

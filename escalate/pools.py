@@ -111,7 +111,7 @@ class Pool:
                                     approvers=approvers)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
-        line, recovery = first_lines(payload, format_ts(pool.clock()), pool.actor)
+        line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
         if pool.store.create(line, recovery):
             pool.created = True
             return pool
@@ -170,7 +170,7 @@ class Pool:
         state = self.state()
         facts = state.pool
         assert facts is not None
-        current = period_key(facts.period, facts.tz, format_ts(self.clock()))
+        current = period_key(facts.period, facts.tz, format_ts(self.runs_store.now(self.clock)))
         key = current if period is None else key_of_date(facts.period, period)
         if key > current:  # keys sort as text; a period to come holds nothing yet
             raise InputError(f"invalid period {period!r}: the {facts.period} {key} has not begun (the "

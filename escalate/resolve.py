@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def expire(state: RunState, now: str) -> list[Event]:
     """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
-    by ``now``, the writer's own clock."""
+    by ``now``, the write's time (the store's clock: the machine's, or the database server's)."""
     return [
         {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
          "extension_micros": 0}
@@ -34,7 +34,7 @@ def expire(state: RunState, now: str) -> list[Event]:
 
 
 def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
+    """True when ``escalation`` is past ``expires_at`` by ``now`` (the store's clock), or
     when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
     ran ahead sets such a deadline, and it must not keep the escalation open for as long as
     it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""

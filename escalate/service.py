@@ -136,7 +136,7 @@ class Ledger:
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
-        line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
+        line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
         if joining is None or first_event(run.store) is not None:
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)

@@ -23,10 +23,12 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any, BinaryIO, Protocol, cast
 
 import orjson
 
+from escalate.config import Clock
 from escalate.errors import InputError, UnknownRun
 from escalate.events import Event
 from escalate.ids import valid_id
@@ -52,6 +54,12 @@ class Transaction(Protocol):
     def load(self) -> Replayed:
         """The state as of the last complete write: the checkpoint plus the lines after
         it. A problem (a bad line) is in :attr:`Replayed.problem`, never raised here."""
+        ...
+
+    def now(self, clock: Clock) -> datetime:
+        """The time of this write, read under its lock: the file store's is the machine's
+        (``clock``, the writer's own); a database's is its server's, read in this transaction,
+        so a writer's clock never moves money there."""
         ...
 
     def recovery(self, replayed: Replayed) -> Event | None:
@@ -191,6 +199,12 @@ class Store(Protocol):
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:
         """The ledger ``run_id`` (which may not exist yet)."""
+        ...
+
+    def now(self, clock: Clock) -> datetime:
+        """The time now as this store's lines tell it (a new ledger's first line, a pool's
+        current period, a wait's deadline): the machine's (``clock``) for a runs folder, the
+        server's for a database (:meth:`Transaction.now`)."""
         ...
 
     def run_ids(self) -> Iterator[str]:

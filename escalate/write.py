@@ -125,9 +125,10 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
         if inside is not None:
             inside.loaded(transaction, replayed)
         state = replayed.state
-        # Deadlines follow this writer's clock; the lines' timestamps never go back: the
-        # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
-        clock_now = format_ts(clock())
+        # Deadlines follow the store's clock (the machine's, or the database server's); the
+        # lines' timestamps never go back: the log's last one is their floor
+        # (docs/escalation.md: what a wrong clock can do).
+        clock_now = format_ts(transaction.now(clock))
         now = max(clock_now, floor_ts(store, state))
         seq, prev = state.seq, state.last_hash
         recovery = transaction.recovery(replayed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -112,19 +113,25 @@ def escalations(
 ) -> None:
     """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
 
-    def action() -> dict[str, list[InboxRow]]:
-        from escalate.runs import inbox
+    moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
-        found = inbox(open_options(runs_dir, None)["runs_dir"], run=run, open_only=only_open)
+    def action() -> dict[str, list[InboxRow]]:
+        from escalate.config import utc_now
+        from escalate.runs import inbox, runs_root
+
+        root = runs_root(open_options(runs_dir, None)["runs_dir"])
+        found = inbox(root, run=run, open_only=only_open)
         # One broken run must not hide every other run's escalations from the approver.
         for skipped in found["skipped"]:
             print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
+        if not json_out:
+            moment.append(utc_now() if isinstance(root, Path) else root.now(utc_now))
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
         from escalate.render import escalation_table, print_whole
 
-        print_whole(escalation_table(result["escalations"],
+        print_whole(escalation_table(result["escalations"], now=moment[0],
                                      title="open escalations" if only_open else "escalations"))
 
     respond(json_out, action, human)
