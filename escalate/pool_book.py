@@ -17,7 +17,7 @@ and never trusted blindly:
   run whose entry is behind refolds that run first.
 
 So a stale book never lets a reservation past the pool's cap (``tests/test_pools_faults.py``).
-Money stays in the run logs; a task counts in the period of its first reservation.
+Money stays in the run logs; it counts in the period it is added in (:mod:`escalate.pool_member`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
-FORMAT = 3
+FORMAT = 4  # 4: a task holds money from each period it was added in (books of 3 are rebuilt)
 # Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
 # edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
 # rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
@@ -151,14 +151,11 @@ class PoolBook:
             return {}
         return found
 
-    def view(self, run_id: str, now: str) -> PoolView:
-        """What a decision on member ``run_id`` at ``now`` knows of the pool."""
-        member = self.member(run_id)
+    def view(self, now: str) -> PoolView:
+        """What a decision on a member run at ``now`` knows of the pool."""
         current = self.key_at(now)
-        task_periods = {task: held[0] for task, held in member.holding.items()}
         return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
-                        period=self.meta["period"], current=current,
-                        totals=self.totals([current, *task_periods.values()]), task_periods=task_periods)
+                        period=self.meta["period"], current=current, totals=self.totals([current]))
 
     def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
         """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
@@ -268,7 +265,7 @@ class MemberWrite:
             self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
 
     def view(self, now: str) -> PoolView:
-        return self.book.view(self.run_id, now)
+        return self.book.view(now)
 
     def before_append(self) -> None:
         self.book.save({"intent": self.run_id.encode()})
