@@ -8,12 +8,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import FakeClock, Location
 
 from escalate import Ledger
 from escalate.errors import Pending, Refused
 from escalate.gate import check_pool_gate
+from escalate.pool_book import _seal
 from escalate.pools import Pool
 from escalate.store import open_store
 
@@ -148,3 +150,32 @@ def test_an_old_log_that_saved_up_a_daily_cap_fails_the_pool_gate(store: Locatio
     assert over.value.facts["remaining_micros"] == -20_000_000
     run.release("placeholder-2", "1")  # $9 freed from Wednesday
     assert _money(pool, "2026-11-25") == (20_000_000, 1_000_000)
+
+
+def test_books_of_the_earlier_format_are_rebuilt_not_trusted(store: Location) -> None:
+    """The books an earlier version kept of the golden pool (each task in its first
+    period: $10 a day) are sealed and current, but of format 3: never trusted."""
+    _load_golden_pool(store)
+    runs = open_store(store)
+    pool_store = runs.ledger("banked-pool", lock_timeout=5)
+    policy = Pool.open(store, "banked-pool").state().policy.to_json()
+    ten = 10_000_000
+    days = ("2026-11-23", "2026-11-24", "2026-11-25")
+    with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
+        books: dict[str, object] = {
+            "meta": {"format": 3, "epoch": transaction.derived_epoch(), "log_size": pool_store.size(),
+                     "cap": ten, "policy": policy, "period": "day", "tz": "UTC"},
+            "member:banked-run": {
+                "offset": runs.ledger("banked-run", lock_timeout=5).size(),
+                "holding": {task: [day, ten] for task, day in zip(("placeholder-1", "placeholder-2", "today"),
+                                                                  days, strict=True)},
+                "periods": {day: [ten, 0, 0] for day in days}},
+            **{f"period:{day}": [ten, 0, 0] for day in days}}
+        sealed = {key: _seal(key, orjson.dumps(value)) for key, value in books.items()}
+        assert transaction.save_derived(sealed, replace=True)
+    run = Ledger.open(store, "banked-run", clock=FakeClock(datetime(2026, 11, 25, 15, 0, tzinfo=UTC)))
+    with pytest.raises(Refused) as over:
+        run.reserve("more", "0")
+    assert over.value.facts["remaining_micros"] == -20_000_000
+    run.release("placeholder-1", "10")
+    assert Pool.open(store, "banked-pool").show("2026-11-25")["spent_micros"] == ten
