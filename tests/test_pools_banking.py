@@ -5,8 +5,9 @@ period first. Every test runs on both stores."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -179,3 +180,23 @@ def test_books_of_the_earlier_format_are_rebuilt_not_trusted(store: Location) ->
     assert over.value.facts["remaining_micros"] == -20_000_000
     run.release("placeholder-1", "10")
     assert Pool.open(store, "banked-pool").show("2026-11-25")["spent_micros"] == ten
+
+
+def test_the_banking_sequence_through_the_cli(store: Location, cli: Any) -> None:
+    """The issue's sequence, today's part through the CLI (its clock is the real one): the
+    placeholders are made two and one days ago, in a zone where it is about noon now."""
+    now = datetime.now(UTC)
+    ahead = 12 - now.hour  # hours: a zone whose midnight is far from now
+    zone = f"Etc/GMT-{ahead}" if ahead >= 0 else f"Etc/GMT+{-ahead}"
+    clock = FakeClock(now - timedelta(days=2))
+    Pool.init(store, "daily", cap="10", period="day", tz=zone, clock=clock)
+    run = Ledger.init(store, "r", pool="daily", cap="100", clock=clock)
+    run.reserve("placeholder-1", "0")
+    clock.advance(DAY)
+    run.reserve("placeholder-2", "0")
+    assert cli("reserve", "r", "today", "--estimate", "10").exit_code == 0
+    for placeholder in ("placeholder-1", "placeholder-2"):
+        refused = cli("increase", "r", placeholder, "--to", "10", "--json")
+        assert (refused.exit_code, refused.json()["error"]) == (3, "over_pool_budget")
+    gate = cli("gate", "--pool", "daily", "--allow-halts", "--json")
+    assert (gate.exit_code, gate.json()["committed_micros"]) == (0, 10_000_000)
