@@ -124,9 +124,11 @@ def test_an_old_task_can_be_extended_today(store: Location) -> None:
 
 
 def _load_golden_pool(store: Location) -> None:
-    """The pool and run of ``pool_banked*.ndjson``, written by an earlier version (increases
-    then counted in their task's first period): placeholders of $0 on Monday and Tuesday,
-    $10 reserved on Wednesday, then both placeholders increased to $10 on Wednesday."""
+    """The pool and run of ``pool_banked*.ndjson``, written once through the library of an
+    earlier version (increases then counted in their task's first period), with a clock
+    from Monday 2026-11-23 14:00 UTC: a day pool of $10 (UTC) and a run of $100 in it;
+    placeholders of $0 on Monday and Tuesday, $10 reserved on Wednesday, then both
+    placeholders increased to $10 on Wednesday — every call accepted then."""
     runs = open_store(store)
     for ledger_id, name in (("banked-pool", "pool_banked"), ("banked-run", "pool_banked_run")):
         def refuse(torn_bytes: int, saved_to: str) -> bytes:
