@@ -252,7 +252,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         status = "increased"
     extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
     if pool is not None:
-        extra["pool_remaining_micros"] = pool.remaining(pool.period_of(task_id)) - delta
+        extra["pool_remaining_micros"] = pool.remaining(pool.current) - delta
     return Decision(events=events, result={
         "status": status, "task": task_id, "reserved_micros": to,
         "remaining_micros": remaining - delta, **extra})
@@ -272,10 +272,10 @@ class Request:
 
 
 def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: list[Event]) -> Decision | None:
-    """The pool's checks, once the run's passed: over what is left of the pool in the task's
+    """The pool's checks, once the run's passed: over what is left of the pool in this
     period, or over the pool's approval threshold, the pool's policy decides (reason
     ``pool_cap``). None: it fits. One escalation per write: a run's shadow one comes first."""
-    key = pool.period_of(request.task)
+    key = pool.current
     left = pool.remaining(key)
     delta = request.to - request.before
     policy = pool.policy
@@ -283,7 +283,7 @@ def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: lis
     threshold = policy.approval_threshold_micros
     over_threshold = threshold is not None and request.to > threshold
     if policy.mode != "off" and (over or over_threshold) and not events:
-        needed, grantable = pool.grantable(request.task, delta)
+        needed, grantable = pool.grantable(delta)
         escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy)
         escalation["pool"] = pool.pool_id
         events.append(escalation)

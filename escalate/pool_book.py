@@ -22,7 +22,7 @@ and never trusted blindly:
   run whose entry is behind refolds that run first.
 
 So a stale book never lets a reservation past the pool's cap (``tests/test_pools_faults.py``).
-Money stays in the run logs; a task counts in the period of its first reservation.
+Money stays in the run logs; it counts in the period it is added in (:mod:`escalate.pool_member`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
-# 4: the pool log's stamp and last line's hash (an edit in place at the same size).
-FORMAT = 4
+# 5: a task holds money from each period it was added in; the pool log's stamp and last
+# line's hash (an edit in place at the same size). Books of an earlier format are rebuilt.
+FORMAT = 5
 # Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
 # edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
 # rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
@@ -158,17 +159,14 @@ class PoolBook:
             return {}
         return found
 
-    def view(self, run_id: str, now: str) -> PoolView:
-        """What a decision on member ``run_id`` at ``now`` knows of the pool."""
-        member = self.member(run_id)
+    def view(self, now: str) -> PoolView:
+        """What a decision on a member run at ``now`` knows of the pool."""
         current = self.key_at(now)
-        task_periods = {task: held[0] for task, held in member.holding.items()}
-        totals = self.totals([current, *task_periods.values()])
+        totals = self.totals([current])
         for key, period in totals.items():
             check_total_limit(self.pool_id, key, period)
         return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
-                        period=self.meta["period"], current=current, totals=totals,
-                        task_periods=task_periods)
+                        period=self.meta["period"], current=current, totals=totals)
 
     def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
         """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
@@ -301,7 +299,7 @@ class MemberWrite:
             self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
 
     def view(self, now: str) -> PoolView:
-        return self.book.view(self.run_id, now)
+        return self.book.view(now)
 
     def before_append(self) -> None:
         self.book.save({"intent": self.run_id.encode()})

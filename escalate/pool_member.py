@@ -2,7 +2,10 @@
 ledger's first line says (a run or a pool, and a run's pool: it never changes).
 
 The lines were checked by the run's own fold when they were written; this fold only sums
-them by period. A task counts in the period of its first reservation.
+them by period. Money counts in the period it is added in (a reservation, the delta of an
+increase, the part of a release above its reservation), and a release below its
+reservation frees the task's money from its most recent period first (``docs/pools.md``:
+which period money counts in).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ def facts_of(state: RunState) -> PoolFacts:
 @dataclass(slots=True)
 class Member:
     """One run's money in its pool, by period, as of byte ``offset`` of its log: the tasks
-    it holds (with their period) and each period's totals."""
+    it holds (what each holds from each period it added money in) and each period's totals."""
 
     offset: int = 0
-    holding: dict[str, list[Any]] = field(default_factory=dict)  # task -> [period, amount]
+    # task -> [[period, amount], ...]: oldest first, one entry per period money was added in
+    holding: dict[str, list[list[Any]]] = field(default_factory=dict)
     periods: dict[str, PeriodTotals] = field(default_factory=dict)
 
     def fold(self, event: Event, key_at: Callable[[str], str], deltas: dict[str, PeriodTotals]) -> None:
@@ -42,15 +46,28 @@ class Member:
         kind = event["type"]
         if kind == "budget_reserved":
             key, amount = key_at(event["ts"]), event["amount_micros"]
-            self.holding[event["task"]] = [key, amount]
+            self.holding[event["task"]] = [[key, amount]]
             self._change(deltas, key, reserved=amount)
         elif kind == "budget_increased":
-            held = self.holding[event["task"]]
-            self._change(deltas, held[0], reserved=event["to_micros"] - held[1])
-            held[1] = event["to_micros"]
+            # The delta counts now, never in the task's first period: a $0 placeholder
+            # reserved days ago must not spend today's cap in an earlier day's name.
+            key, held = key_at(event["ts"]), self.holding[event["task"]]
+            delta = event["to_micros"] - sum(amount for _, amount in held)
+            if held[-1][0] == key:
+                held[-1][1] += delta
+            else:
+                held.append([key, delta])
+            self._change(deltas, key, reserved=delta)
         elif kind == "released":
-            key, amount = self.holding.pop(event["task"])
-            self._change(deltas, key, reserved=-amount, spent=event["actual_micros"])
+            held = self.holding.pop(event["task"])
+            above = event["actual_micros"] - sum(amount for _, amount in held)
+            freed = max(-above, 0)
+            for key, amount in reversed(held):  # a release frees the latest period's money first
+                taken = min(freed, amount)
+                freed -= taken
+                self._change(deltas, key, reserved=-amount, spent=amount - taken)
+            if above > 0:  # spent above the reservation: it counts when released (never refused)
+                self._change(deltas, key_at(event["ts"]), spent=above)
         elif kind == "escalation_resolved" and event.get("pool_extension_micros"):
             self._change(deltas, key_at(event["ts"]), extended=event["pool_extension_micros"])
 

@@ -31,8 +31,9 @@ class PoolFacts:
 
 @dataclass(slots=True)
 class PeriodTotals:
-    """The pool's money in one period, summed over its members: what their tasks that
-    began in the period hold and spent, and the pool extensions granted in it."""
+    """The pool's money in one period, summed over its members: what their tasks hold and
+    spent of the money added in the period (``docs/pools.md``: which period money counts
+    in), and the pool extensions granted in it."""
 
     reserved_micros: int = 0
     spent_micros: int = 0
@@ -74,8 +75,8 @@ def check_total_limit(pool_id: str, key: str, totals: PeriodTotals) -> None:
 @dataclass(frozen=True, slots=True)
 class PoolView:
     """What a decision on a member run knows of its pool: the settings, the period the
-    write falls in, the totals of the periods it may touch, and the periods of the tasks
-    this run holds (a task counts in the period of its first reservation)."""
+    write falls in and its totals. Money a write adds counts in that period, whatever the
+    age of its task (no banking: ``docs/pools.md``)."""
 
     pool_id: str
     cap_micros: int
@@ -83,11 +84,6 @@ class PoolView:
     period: Period
     current: str  # the key of the period this write falls in
     totals: Mapping[str, PeriodTotals]
-    task_periods: Mapping[str, str]
-
-    def period_of(self, task_id: str) -> str:
-        """The period ``task_id`` counts in: that of its first reservation, else this one."""
-        return self.task_periods.get(task_id, self.current)
 
     def of(self, key: str) -> PeriodTotals:
         return self.totals.get(key) or PeriodTotals()
@@ -105,11 +101,7 @@ class PoolView:
         """What the max extension still allows in this period (negative if lowered)."""
         return self.policy.max_extension_micros - self.of(self.current).extended_micros
 
-    def grantable(self, task_id: str, delta: int) -> tuple[int, int]:
-        """``(needed, left)``: the pool extension ``delta`` more for ``task_id`` needs, and
-        what may still be granted. Only a task of this period can be helped: an extension
-        counts in the period it is granted in."""
-        key = self.period_of(task_id)
-        needed = needed_extension(delta, self.remaining(key))
-        left = self.extension_left() if key == self.current else 0
-        return needed, left
+    def grantable(self, delta: int) -> tuple[int, int]:
+        """``(needed, left)``: the pool extension ``delta`` more needs in this period, and
+        what may still be granted in it."""
+        return needed_extension(delta, self.remaining(self.current)), self.extension_left()

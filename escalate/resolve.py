@@ -184,12 +184,13 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
 
 def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
                 facts: dict[str, Any]) -> Decision | None:
-    """A grant on a member run: it must fit the pool in the task's period; approving a
-    ``pool_cap`` escalation may extend the pool by what this period's max extension has left."""
-    needed, left = pool.grantable(escalation.task, delta)
+    """A grant on a member run: it must fit the pool in this period (where the money
+    counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
+    max extension has left."""
+    needed, left = pool.grantable(delta)
     if escalation.reason != "pool_cap":
         left = 0  # a run's escalation extends the run only
-    key = pool.period_of(escalation.task)
+    key = pool.current
     if needed > left:
         return fail(Refused(
             f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(pool.remaining(key))} left in "

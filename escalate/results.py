@@ -24,7 +24,7 @@ class TaskResult(TypedDict):
     actual_micros: NotRequired[int | None]
     shadow_escalation_id: NotRequired[str]
     withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
-    pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in the task's period
+    pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in this period
 
 
 class ResolutionResult(TypedDict):
