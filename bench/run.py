@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import os
 import platform
 import random
@@ -39,6 +38,11 @@ from escalate.service import Ledger
 from escalate.state import Policy
 
 BENCH_DIR = Path(__file__).resolve().parent
+# driver.py holds the measurements that also run in another tree's Python (--against).
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+from driver import CONTENTION_WORST, TaskIds, contention_round, ledger_cycle  # noqa: E402
+
 OUT_DIR = BENCH_DIR / "out"
 RUN_ID = "bench"
 ACTOR = "bench"
@@ -330,33 +334,6 @@ def timed_process(argv: list[str], *, env: dict[str, str] | None = None) -> floa
     return elapsed
 
 
-class TaskIds:
-    """Fresh, single-use task ids for every measured cycle."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.count = 0
-
-    def __call__(self) -> str:
-        self.count += 1
-        return f"{self.prefix}-{self.count}"
-
-
-def ledger_cycle(location: Path | str, run_id: str, ids: TaskIds) -> Callable[[], float]:
-    """One reserve + release through the library, timed, on a run of a runs folder or of a
-    PostgreSQL database."""
-    handle = Ledger.open(location, run_id, actor=ACTOR)
-
-    def cycle() -> float:
-        task = ids()
-        started = time.perf_counter()
-        handle.reserve(task, "1.00")
-        handle.release(task, "0.90")
-        return time.perf_counter() - started
-
-    return cycle
-
-
 def cli_cycle(run: BuiltRun, ids: TaskIds) -> Callable[[], float]:
     """``escalate reserve`` then ``escalate release``, each a whole process, timed together."""
     base = [*escalate_cmd()]
@@ -413,13 +390,14 @@ def target_startup(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
     _progress(rows[-1])
 
 
-def measure_verify(run: BuiltRun) -> tuple[float, int, dict[str, Any]]:
-    """``Ledger.verify()`` in a fresh child: (seconds, peak RSS in KiB, its report).
+def measure_verify(run: BuiltRun, python: str = sys.executable) -> tuple[float, int, dict[str, Any]]:
+    """``Ledger.verify()`` in a fresh child of ``python`` (a tree's interpreter): (seconds,
+    peak RSS in KiB, its report).
 
     The peak comes from ``getrusage(RUSAGE_CHILDREN)`` in a small wrapper process whose only
     child is the replay, so earlier children of this script do not mask it.
     """
-    child = [sys.executable, str(Path(__file__).resolve()), "--child-verify", str(run.runs_dir), run.run_id]
+    child = [python, str(BENCH_DIR / "driver.py"), "verify", str(run.runs_dir), run.run_id]
     done = subprocess.run([sys.executable, "-c", RUSAGE_WRAPPER, *child], capture_output=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"verify child failed: {done.stderr.decode()[-1000:]}")
@@ -429,16 +407,6 @@ def measure_verify(run: BuiltRun) -> tuple[float, int, dict[str, Any]]:
     if report["problems"]:
         raise AssertionError(f"{run.log_path} does not verify: {report['problems'][:3]}")
     return report["seconds"], int(rss_line.split()[1]), report
-
-
-def child_verify(runs_dir: str, run_id: str) -> None:
-    """In the child: time one full replay with the chain checked, print its report."""
-    started = time.perf_counter()
-    report = Ledger.open(runs_dir, run_id).verify()
-    seconds = time.perf_counter() - started
-    print(orjson.dumps({"seconds": seconds, "lines": report.lines, "totals": report.state.totals(),
-                        "tasks": len(report.state.tasks), "problems": report.problems[:3]}).decode(),
-          flush=True)
 
 
 def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, rows: list[Row]) -> None:
@@ -467,69 +435,6 @@ def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, 
     _progress(rows[-1])
 
 
-def _contention_worker(where: str, run_id: str, worker: int, cycles: int, barrier: Any,
-                       results: Any) -> None:
-    handle = Ledger.open(where, run_id, actor=f"worker-{worker}")
-    barrier.wait()
-    started = time.monotonic()
-    worst_wait = worst_op = 0.0
-    for cycle in range(cycles):
-        task = f"w{worker}-{cycle}"
-        for operation, amount in ((handle.reserve, "1.00"), (handle.release, "0.75")):
-            began = time.perf_counter()
-            operation(task, amount)
-            worst_op = max(worst_op, time.perf_counter() - began)
-            worst_wait = max(worst_wait, getattr(getattr(handle.store, "log", None), "lock_wait_s", 0.0))
-    results.put((started, time.monotonic(), worst_wait, worst_op))
-
-
-# The longest lock wait and the longest single operation seen by any contention worker.
-_CONTENTION_WORST: list[tuple[float, float]] = []
-
-
-def contention_round(workers: int, cycles: int, tag: str, where: str | None = None, *,
-                     one_run: bool = True) -> float:
-    """``workers`` processes doing reserve/release cycles: durable ops/s. On one fresh run
-    (``one_run``), or each process on a run of its own; in a runs folder, or in the store
-    ``where`` (a ``postgresql://`` URL).
-
-    Afterwards every run must verify clean with exact totals.
-    """
-    if where is None:
-        where = str(OUT_DIR / "copies" / "contention")
-        shutil.rmtree(Path(where) / f"contention-{tag}", ignore_errors=True)
-        for worker in range(workers):
-            shutil.rmtree(Path(where) / f"contention-{tag}-{worker}", ignore_errors=True)
-    run_ids = [f"contention-{tag}" if one_run else f"contention-{tag}-{worker}" for worker in range(workers)]
-    for run_id in set(run_ids):
-        Ledger.init(where, run_id, cap="1000000", actor=ACTOR)
-    context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(workers)
-    results = context.Queue()
-    processes = [context.Process(target=_contention_worker,
-                                 args=(where, run_ids[n], n, cycles, barrier, results))
-                 for n in range(workers)]
-    for process in processes:
-        process.start()
-    spans: list[tuple[float, float, float, float]] = [results.get(timeout=600) for _ in processes]
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"a contention worker exited {process.exitcode}")
-    elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
-    _CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
-    for run_id in set(run_ids):
-        report = Ledger.open(where, run_id).verify()
-        totals = report.state.totals()
-        writers = run_ids.count(run_id)
-        want = (1 + writers * cycles * 2, writers * cycles * 750_000, 0)
-        got = (totals["events"], totals["spent_micros"], totals["reserved_micros"])
-        if report.problems or got != want:
-            raise AssertionError(f"contention run {run_id}: problems {report.problems[:3]}, "
-                                 f"(events, spent, reserved) {got}, expected {want}")
-    return workers * cycles * 2 / elapsed
-
-
 def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> None:
     """Target 4: fsynced reserve-or-release operations per second with 8 processes on one run."""
     cases = {"current": lambda: contention_round(workers, settings.contention_cycles, "current")}
@@ -541,8 +446,8 @@ def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> 
                     f"{rate:,.0f} ops/s (n={len(samples['current'])})", "≥ 1,500 ops/s",
                     verdict(rate >= 1_500)))
     _progress(rows[-1])
-    worst_wait = max(wait for wait, _ in _CONTENTION_WORST)
-    worst_op = max(op for _, op in _CONTENTION_WORST)
+    worst_wait = max(wait for wait, _ in CONTENTION_WORST)
+    worst_op = max(op for _, op in CONTENTION_WORST)
     rows.append(Row(f"4 worst lock wait / worst single operation in those rounds ({workers} processes)",
                     f"{fmt_s(worst_wait)} / {fmt_s(worst_op)}", "—", "info"))
     _progress(rows[-1])
@@ -780,15 +685,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "(the smallest and largest are compared)")
     parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
                         "PostgreSQL store beside the file store); default all")
-    parser.add_argument("--child-verify", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child_verify:
-        child_verify(*args.child_verify)
-        return 0
     started = time.monotonic()
     quick = args.quick
     default_sizes = "1k,20k" if quick else "1k,100k,1M"
