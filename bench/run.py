@@ -303,13 +303,17 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None) -> Row:
+def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None, *,
+              unit: Callable[[float], str] = fmt_s, higher_is_better: bool = False) -> Row:
     """Two medians compared, as a row: ``measured / base`` against ``limit`` (None: shown for
-    information only)."""
+    information only): at most ``limit`` for times, at least ``limit`` for rates
+    (``higher_is_better``). ``unit`` formats a median."""
     ratio = median(measured) / median(base)
-    return Row(target, f"{fmt_s(median(measured))} vs {fmt_s(median(base))} (n={len(measured)})",
-               f"{ratio:.2f}" + ("" if limit is None else f" (≤ {limit:g})"),
-               "info" if limit is None else verdict(ratio <= limit))
+    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)})"
+    if limit is None:
+        return Row(target, shown, f"{ratio:.2f}", "info")
+    ok = ratio >= limit if higher_is_better else ratio <= limit
+    return Row(target, shown, f"{ratio:.2f} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
 
 
 def escalate_cmd() -> list[str]:
@@ -661,11 +665,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[Row], command: str, took_s: float) -> str:
+def markdown(rows: list[Row], command: str, took_s: float, heading: Sequence[str] = ()) -> str:
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     out = [
         f"Measured {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}` "
-        f"in {took_s / 60:.1f} min on {machine()}.",
+        f"in {took_s / 60:.1f} min on {machine()}; load average {load} (1, 5, 15 min) at the end.",
         "",
+        *[f"{line}  " for line in heading],
+        *([""] if heading else []),
         "| target | measured (median) | ratio / threshold | result |",
         "|---|---|---|---|",
     ]
@@ -685,6 +692,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "(the smallest and largest are compared)")
     parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
                         "PostgreSQL store beside the file store); default all")
+    parser.add_argument("--against", metavar="REV", help="measure the working tree and git revision "
+                        "REV side by side (REV installed under .bench/); exit 1 when a hot path is "
+                        "more than 10%% slower than REV; sizes default to 1k,1M")
+    parser.add_argument("--baseline", action="store_true",
+                        help="--against the revision recorded in bench/baseline.txt (make bench)")
     return parser.parse_args(argv)
 
 
@@ -692,6 +704,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     quick = args.quick
+    if args.against or args.baseline:
+        import against
+
+        rows: list[Row] = []
+        sizes = sorted({parse_size(s) for s in (args.sizes or ("1k,20k" if quick else "1k,1M")).split(",")})
+        print(f"escalate bench on {machine()}", flush=True)
+        rev, name = (args.against, None) if args.against else against.baseline_revision()
+        heading = against.run_against(rev, name, sizes, quick, rows)
+        return _finish(rows, argv, started, heading)
     default_sizes = "1k,20k" if quick else "1k,100k,1M"
     settings = Settings(
         sizes=sorted({parse_size(s) for s in (args.sizes or default_sizes).split(",")}),
@@ -709,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = set((args.only or "1,2,3,4,5,6,7").split(","))
     built_root = OUT_DIR / "built"
     print(f"escalate bench on {machine()}", flush=True)
-    rows: list[Row] = []
+    rows = []
     if only <= {"4", "6"}:  # contention and pools make their own runs
         if "4" in only:
             target_contention(settings, rows)
@@ -741,18 +762,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _finish(rows, argv, started)
 
 
-def _finish(rows: list[Row], argv: Sequence[str] | None, started: float) -> int:
+def _finish(rows: list[Row], argv: Sequence[str] | None, started: float, heading: Sequence[str] = ()) -> int:
     """Print the table, write ``bench/out/results.md``; 1 if a target failed."""
     took = time.monotonic() - started
-    command = "make bench" if argv is None and len(sys.argv) == 1 else \
-        "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = "make bench" if given == ["--baseline"] else " ".join(["bench/run.py", *given])
     print()
     print(table(rows))
     OUT_DIR.mkdir(exist_ok=True)
-    (OUT_DIR / "results.md").write_text(markdown(rows, command, took))
+    (OUT_DIR / "results.md").write_text(markdown(rows, command, took, heading))
     print(f"\nwritten to {OUT_DIR / 'results.md'} ({took / 60:.1f} min)")
     return 1 if any(r.verdict == "FAIL" for r in rows) else 0
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("run", sys.modules[__name__])  # against.py imports this module as run
     sys.exit(main())
