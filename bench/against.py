@@ -17,6 +17,7 @@ eight processes on one run) more than 10 % slower than REV fails, and the exit s
 
 from __future__ import annotations
 
+import compileall
 import json
 import shutil
 import subprocess
@@ -45,6 +46,8 @@ from run import (
     verify_built,
     work_copy,
 )
+
+import escalate
 
 REPO = BENCH_DIR.parent
 TREES_DIR = REPO / ".bench"
@@ -106,7 +109,10 @@ def _quiet(argv: list[str], log: Path) -> None:
 
 
 def working_tree() -> Tree:
-    """This checkout, as installed in the virtual environment running the bench."""
+    """This checkout, as installed in the virtual environment running the bench. Its
+    bytecode is compiled first, as an installed package (REV's) has it: where Python may not
+    write bytecode, every process would compile the sources again."""
+    compileall.compile_dir(str(Path(escalate.__file__).parent), quiet=1)
     described = _git("describe", "--always", "--dirty")
     return Tree(f"working tree ({described})", "working", sys.executable, escalate_cmd())
 
