@@ -18,7 +18,6 @@ fails, and the exit status is 1.
 
 from __future__ import annotations
 
-import compileall
 import json
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from run import (
     _progress,
     build_run,
     cli_env,
+    compile_tree,
     escalate_cmd,
     fmt_s,
     interleaved,
@@ -47,8 +47,6 @@ from run import (
     verify_built,
     work_copy,
 )
-
-import escalate
 
 REPO = BENCH_DIR.parent
 TREES_DIR = REPO / ".bench"
@@ -110,10 +108,9 @@ def _quiet(argv: list[str], log: Path) -> None:
 
 
 def working_tree() -> Tree:
-    """This checkout, as installed in the virtual environment running the bench. Its
-    bytecode is compiled first, as an installed package (REV's) has it: where Python may not
-    write bytecode, every process would compile the sources again."""
-    compileall.compile_dir(str(Path(escalate.__file__).parent), quiet=1)
+    """This checkout, as installed in the virtual environment running the bench, its
+    bytecode compiled as REV's install has it."""
+    compile_tree()
     described = _git("describe", "--always", "--dirty")
     return Tree(f"working tree ({described})", "working", sys.executable, escalate_cmd())
 
