@@ -330,12 +330,21 @@ def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, r
     _progress(rows[-1])
 
 
-def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows: list[Row]) -> list[str]:
-    """Measure every target in the working tree and in ``rev`` (called ``name``) side by
-    side; the rows are appended to ``rows``. Returns the lines that head the table (what was
-    compared)."""
+# What --only may name in a comparison, in the order they run.
+TARGETS = ("replay", "calls", "cycles", "startup", "contention", "show")
+
+
+def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows: list[Row],
+                only: set[str] | None = None) -> list[str]:
+    """Measure every target (or those in ``only``, of :data:`TARGETS`) in the working tree
+    and in ``rev`` (called ``name``) side by side; the rows are appended to ``rows``.
+    Returns the lines that head the table (what was compared)."""
+    wanted = set(TARGETS) if only is None else only
+    if unknown := wanted - set(TARGETS):
+        raise SystemExit(f"bench: no target {', '.join(sorted(unknown))} to compare; "
+                         f"choose from {', '.join(TARGETS)}")
     rounds = Rounds(cycles=15 if quick else 101, startup=3 if quick else 21, show=2 if quick else 7,
-                    replay=1 if quick else 3, contention=1 if quick else 5,
+                    replay=1 if quick else 3, contention=1 if quick else 9,
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
     heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
@@ -343,6 +352,9 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
                f"more than {SLOWER_LIMIT - 1:.0%} slower"]
     for line in heading:
         print(line, flush=True)
+    if wanted <= {"contention"}:  # it makes its own runs
+        compare_contention(trees, rounds, rows)
+        return heading
     built = {}
     for size in sizes:
         started = time.monotonic()
@@ -351,15 +363,22 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
     verify_built(built[sizes[0]])
     copies = {size: {t.key: work_copy(built[size], f"{t.key}-{size_label(size)}") for t in trees}
               for size in sizes}
-    compare_replay(trees, copies[sizes[-1]], rounds, rows)  # first: it checks the generator's totals
-    drivers = [Driver(tree) for tree in trees]
-    try:
-        compare_calls(drivers, copies[sizes[0]], rows)
-        compare_cycles(drivers, copies, rounds, rows)
-    finally:
-        for driver in drivers:
-            driver.close()
-    compare_startup(trees, copies[sizes[0]], rounds, rows)
-    compare_contention(trees, rounds, rows)
-    compare_show(trees, copies[sizes[-1]], rounds, rows)
+    if "replay" in wanted:
+        compare_replay(trees, copies[sizes[-1]], rounds, rows)  # first: it checks the generator's totals
+    if wanted & {"calls", "cycles"}:
+        drivers = [Driver(tree) for tree in trees]
+        try:
+            if "calls" in wanted:
+                compare_calls(drivers, copies[sizes[0]], rows)
+            if "cycles" in wanted:
+                compare_cycles(drivers, copies, rounds, rows)
+        finally:
+            for driver in drivers:
+                driver.close()
+    if "startup" in wanted:
+        compare_startup(trees, copies[sizes[0]], rounds, rows)
+    if "contention" in wanted:
+        compare_contention(trees, rounds, rows)
+    if "show" in wanted:
+        compare_show(trees, copies[sizes[-1]], rounds, rows)
     return heading

@@ -700,7 +700,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", help="comma-separated run sizes in events, e.g. 1k,100k,1M "
                         "(the smallest and largest are compared)")
     parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
-                        "PostgreSQL store beside the file store); default all")
+                        "PostgreSQL store beside the file store; with --against: replay, calls, "
+                        "cycles, startup, contention, show); default all")
     parser.add_argument("--against", metavar="REV", help="measure the working tree and git revision "
                         "REV side by side (REV installed under .bench/); exit 1 when a hot path is "
                         "more than 10%% slower than REV; sizes default to 1k,1M")
@@ -720,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = sorted({parse_size(s) for s in (args.sizes or ("1k,20k" if quick else "1k,1M")).split(",")})
         print(f"escalate bench on {machine()}", flush=True)
         rev, name = (args.against, None) if args.against else against.baseline_revision()
-        heading = against.run_against(rev, name, sizes, quick, rows)
+        heading = against.run_against(rev, name, sizes, quick, rows,
+                                      set(args.only.split(",")) if args.only else None)
         return _finish(rows, argv, started, heading)
     default_sizes = "1k,20k" if quick else "1k,100k,1M"
     settings = Settings(
