@@ -33,4 +33,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --baseline
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench
+	-git worktree prune 2>/dev/null

@@ -98,13 +98,15 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def _quiet(argv: list[str], log: Path) -> None:
-    """Run a setup step with its chatter in ``log``, shown only when it fails."""
+def _quiet(argv: list[str], log: Path, *, may_fail: bool = False) -> bool:
+    """Run a setup step with its chatter in ``log``, shown only when it fails (then the
+    bench stops, unless ``may_fail``: False is returned)."""
     with log.open("ab") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
+    if done.returncode != 0 and not may_fail:
         sys.stderr.write(log.read_text()[-3000:])
         raise SystemExit(f"bench: {' '.join(argv)} exited {done.returncode} (log: {log})")
+    return done.returncode == 0
 
 
 def working_tree() -> Tree:
@@ -141,8 +143,12 @@ def prepare(rev: str, name: str | None = None) -> Tree:
     constraints = home / "constraints.txt"
     constraints.write_text("".join(line + "\n" for line in frozen.splitlines()
                                    if not line.lower().startswith(("escalate", "-e "))))
-    _quiet([str(venv_bin / "python"), "-m", "pip", "install", "--quiet", "-c", str(constraints),
-            str(home / "src")], log)
+    install = [str(venv_bin / "python"), "-m", "pip", "install", "--quiet", str(home / "src")]
+    if not _quiet([*install, "-c", str(constraints)], log, may_fail=True):
+        # An older revision may require other versions: measured with its own, as installed.
+        print(f"  {rev} does not install with this environment's versions; installing its own "
+              f"(see {log})", flush=True)
+        _quiet(install, log)
     stamp.write_text(commit + "\n")
     return tree
 

@@ -158,3 +158,28 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
     hot = [row for row in rows if row.verdict != "info"]
     assert len(hot) == 6  # wall and CPU time at both sizes, whole process, contention
     assert all(row.verdict in ("PASS", "FAIL") for row in hot)
+
+
+def test_a_revision_that_does_not_install_with_these_versions_gets_its_own(
+        against: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dependencies are pinned to this environment's versions; a revision that refuses
+    them is installed with its own instead of stopping the bench (the installs are
+    recorded here, not run)."""
+    steps: list[list[str]] = []
+
+    def step(argv: list[str], log: Path, *, may_fail: bool = False) -> bool:
+        steps.append(argv)
+        return "-c" not in argv  # the pinned install fails
+
+    monkeypatch.setattr(against, "_quiet", step)
+    try:
+        tree = against.prepare("HEAD")
+    finally:
+        for checkout in (tmp_path / "trees").glob("*/src"):
+            against._git("worktree", "remove", "--force", str(checkout))
+    installs = [argv for argv in steps if "install" in argv]
+    assert len(installs) == 2
+    assert "-c" in installs[0] and "-c" not in installs[1]
+    assert installs[1][-1].endswith("/src")
+    assert tree.python.endswith("/venv/bin/python")
+    assert (Path(tree.python).parents[2] / "installed").is_file()
