@@ -56,14 +56,16 @@ def past_total_limit(total_micros: int) -> bool:
 def release_refusal(state: RunState, task_id: str, held: int, actual: int,
                     pool: PoolView | None) -> TotalLimit | None:
     """The refusal of releasing ``task_id`` (which holds ``held``) at ``actual`` when that
-    carries what the run, or (``pool``) its pool in the task's period, committed past the
+    carries what the run, or (``pool``) its pool in the release's period, committed past the
     limit; None otherwise."""
     committed = state.committed_micros - held + actual
     if past_total_limit(committed):
         return _past_limit(task_id, actual, f"run {state.run_id}", committed)
-    if pool is not None:
-        key = pool.period_of(task_id)
-        committed = pool.of(key).committed_micros - held + actual
+    if pool is not None and actual > held:
+        # What a release frees comes off the periods the task was counted in; only the part
+        # above its reservation is added, to the period of the release (docs/pools.md).
+        key = pool.current
+        committed = pool.of(key).committed_micros + actual - held
         if past_total_limit(committed):
             from escalate.decide import period_name  # (decide imports this module)
 
