@@ -1,7 +1,6 @@
 """The sessions docs/escalation.md calls real output are replayed command by command in real
 processes (all but the steps that must wait a second or a minute): each prints what the guide
-shows, times and ages aside, so the guide cannot drift
-from the tables and messages people actually see."""
+shows, times and ages aside, so the guide cannot drift from what people actually see."""
 
 from __future__ import annotations
 
