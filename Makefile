@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 
 .PHONY: demo test lint bench clean
 
@@ -19,9 +20,10 @@ demo: $(STAMP)
 	@PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# The command is shown, not the shell around it that reads its exit status.
 test: $(STAMP)
-	@echo "$(BIN)/python -m pytest -q -p no:cacheprovider"
-	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	@echo "$(PYTEST)"
+	@$(PYTEST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
