@@ -42,7 +42,8 @@ def test_no_runs_folder_yet_is_an_empty_answer(cli: Any, runs_dir: Path, command
     as_json = cli(*command, "--json")
     assert as_json.exit_code == 0
     assert {"runs list": {"runs": []}, "escalations": {"escalations": []},
-            "sweep": {"status": "swept", "runs": 0, "expired": [], "notified": [], "failures": []}}[
+            "sweep": {"status": "swept", "runs": 0, "expired": [], "notified": [], "deferred": [],
+                      "failures": []}}[
         " ".join(command[:2]) if command[0] == "runs" else command[0]] == as_json.json()
     assert not runs_dir.exists()  # looking creates nothing
 
