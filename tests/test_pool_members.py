@@ -11,10 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Location
+from conftest import Location, log_bytes
 
 from escalate import Ledger
-from escalate.errors import CorruptLedger
+from escalate.errors import CorruptLedger, Refused
 from escalate.pools import Pool
 
 
@@ -50,8 +50,10 @@ def test_a_member_moved_away_frees_no_money(store: Location, cli: Any) -> None:
     b = Ledger.init(store, "b", pool="P", actor="tester")
     _move(store, "a", "a-archived")
     _rebuild_books(store)
+    before = log_bytes(store, "b")
     reserve = cli("reserve", "b", "t", "--estimate", "10", "--json")
     assert reserve.exit_code == 6, reserve.stderr
+    assert log_bytes(store, "b") == before  # nothing written
     assert reserve.json()["error"] == "member_unreadable" and reserve.json()["run"] == "a"
     assert "run a of pool P cannot be read" in reserve.stderr and "put it back as a" in reserve.stderr
     gate = cli("gate", "--pool", "P", "--json")
@@ -61,9 +63,9 @@ def test_a_member_moved_away_frees_no_money(store: Location, cli: Any) -> None:
     assert [member["run"] for member in shown.json()["unreadable"]] == ["a"]
     assert "warning: the totals leave out run a" in shown.stderr
     _move(store, "a-archived", "a")
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(Refused) as refused:
         b.reserve("t", "10")
-    assert getattr(refused.value, "code", "") == "over_pool_budget"
+    assert refused.value.code == "over_pool_budget"
     assert Pool.open(store, "P").show()["committed_micros"] == 10_000_000
     assert cli("gate", "--pool", "P", "--allow-halts").exit_code == 0
 
@@ -111,9 +113,9 @@ def test_an_archived_member_keeps_its_money_in_the_pool(store: Location, cli: An
     assert archived.json()["status"] == "archived"
     assert cli("runs", "archive", "a", "--json").json()["status"] == "exists"  # a repeat is fine
     _rebuild_books(store)
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(Refused) as refused:
         b.reserve("t", "3.01")  # a's $7 still counts, after the books were rebuilt too
-    assert getattr(refused.value, "code", "") == "over_pool_budget"
+    assert refused.value.code == "over_pool_budget"
     assert b.reserve("u", "3")["pool_remaining_micros"] == 0
     assert Pool.open(store, "P").show()["runs"][0] == {"run": "a", "committed_micros": 7_000_000}
     assert cli("gate", "--pool", "P", "--allow-halts").exit_code == 0
