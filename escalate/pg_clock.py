@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -40,15 +41,17 @@ class ServerClock:
         assert row is not None
         return self.time(row[0], clock, store.where)
 
-    def time(self, moment: datetime, clock: Clock, where: str) -> datetime:
-        """``moment``, read from the server ``where``, which every line's time is; a writer
-        whose own ``clock`` is far off it is warned on stderr (once), and nothing else
-        changes."""
+    def time(self, moment: datetime, clock: Clock, where: str, read_at: float | None = None) -> datetime:
+        """``moment``, read from the server ``where`` (at ``read_at`` on the monotonic clock,
+        if not just now), which every line's time is; a writer whose own ``clock`` is far off
+        it is warned on stderr (once), and nothing else changes."""
         if WRITERS_CLOCK_STANDS_IN:
             return clock()
         if not self._warned:
             with contextlib.suppress(Exception):  # a clock that fails only loses the warning
-                skew = (clock() - moment).total_seconds()
+                # (A long fold since the row was read is no skew.)
+                since = 0.0 if read_at is None else time.monotonic() - read_at
+                skew = (clock() - moment).total_seconds() - since
                 if abs(skew) > SKEW_WARNING_S:
                     self._warned = True
                     print(f"escalate: warning: this machine's clock is "

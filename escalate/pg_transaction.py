@@ -5,6 +5,7 @@ first lines (:func:`insert_first_lines`)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -42,6 +43,7 @@ class PgTransaction:
         self._step = step  # pg_store.STEP_HOOK's caller
         self._connection = connection
         self._row = row
+        self._read_at = time.monotonic()  # when the row (and the server's time) arrived
         self._use_cache = use_cache
         self._ledger_text = text_literal(ledger.run_id)
         self._size, self._lines = int(row[0]), int(row[1])
@@ -62,7 +64,7 @@ class PgTransaction:
 
     def now(self, clock: Clock) -> datetime:
         store = self._ledger._store
-        return store.server_clock.time(self._row[5], clock, store.where)  # read with the row lock
+        return store.server_clock.time(self._row[5], clock, store.where, self._read_at)  # with the lock
 
     def recovery(self, replayed: Replayed) -> Event | None:
         return None  # a transaction leaves no torn tail behind
