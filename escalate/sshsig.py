@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -231,7 +232,7 @@ def _check_signature(key: PublicKey, signature: bytes, signed: bytes) -> None:
         raise SignatureError(f"the signature does not match (key {key.fingerprint})") from None
 
 
-def sign(message: bytes, keyfile: str | Path) -> str:
+def sign(message: bytes, keyfile: str | os.PathLike[str]) -> str:
     """An armored SSHSIG signature of ``message`` made by ``ssh-keygen -Y sign`` with
     ``keyfile``: a private key, or the public half of a key held by ssh-agent
     (``SSH_AUTH_SOCK``). :class:`InputError` saying what went wrong otherwise."""
