@@ -156,8 +156,9 @@ def check_signed(state: RunState, escalation: EscalationState, event: Mapping[st
         return  # checked at write time against the keys of whoever pinned them (the pool)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
                                        escalation.line_hash)
+    name = event.get("role") or by  # on PostgreSQL the role, as approver lists name it
     try:
-        signer = sshsig.verify(signature, message, state.policy.approver_keys.get(by, ()))
+        signer = sshsig.verify(signature, message, state.policy.approver_keys.get(name, ()))
     except sshsig.SignatureError as exc:
         raise RuleViolation(f"the signature of {by}'s {mode} of escalation {escalation.id} does not "
                             f"check out against the keys the run pins: {exc}") from None

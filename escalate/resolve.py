@@ -87,7 +87,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
             "nothing to do", **facts))
     resolved = resolved_event(escalation_id, mode, by, role)
     if mode != "withdraw":
-        signed = signed_fields(state, escalation, mode, by, pool, signature)
+        signed = signed_fields(state, escalation, mode, role or by, pool, signature)
         if isinstance(signed, Refused):
             return fail(signed)
         resolved.update(signed)
@@ -149,7 +149,8 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
                   signature: str | None) -> dict[str, str] | Refused:
     """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
     deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
-    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md)."""
+    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
+    given, or on PostgreSQL the database role, as approver lists name them."""
     policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
     if not policy.approver_keys:
         return {}
