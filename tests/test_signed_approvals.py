@@ -24,7 +24,8 @@ from tests.conftest import log_bytes, snapshot_store
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 
-KINDS = {"ed25519": ["-t", "ed25519"], "ecdsa": ["-t", "ecdsa", "-b", "384"], "rsa": ["-t", "rsa", "-b", "2048"]}
+KINDS = {"ed25519": ["-t", "ed25519"], "ecdsa": ["-t", "ecdsa", "-b", "384"],
+         "rsa": ["-t", "rsa", "-b", "2048"]}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def rechained(lines: list[dict[str, Any]]) -> bytes:
 def test_a_signed_approval_checks_out_in_escalate_and_in_ssh_keygen(
         cli: Any, keys: dict[str, Path], runs_dir: Path, tmp_path: Path, kind: str) -> None:
     escalation_id = escalated(cli, keys, kind)
-    approved = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys[f"alice-{kind}"]), "--json")
+    approved = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys[f"alice-{kind}"]),
+                   "--json")
     assert approved.exit_code == 0, approved.stderr
     assert cli("runs", "verify", "r").exit_code == 0
     lines = events((runs_dir / "r" / "events.ndjson").read_bytes())
@@ -100,7 +102,8 @@ def test_a_signed_approval_checks_out_in_escalate_and_in_ssh_keygen(
     assert checked.returncode == 0, checked.stderr
     # The same content changed by one byte is refused by both.
     assert subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(tmp_path / "allowed"), "-I", "alice",
-                           "-n", "escalate", "-s", str(tmp_path / "sig")], input=content.replace(b'"r"', b'"s"'),
+                           "-n", "escalate", "-s", str(tmp_path / "sig")],
+                          input=content.replace(b'"r"', b'"s"'),
                           capture_output=True, check=False).returncode != 0
     with pytest.raises(sshsig.SignatureError, match="does not match"):
         sshsig.verify(resolved["signature"], content.replace(b'"r"', b'"s"'), [pub(keys[f"alice-{kind}"])])
@@ -111,7 +114,8 @@ def test_a_signature_ssh_keygen_made_verifies_in_escalate(keys: dict[str, Path],
     message = b'{"any":"bytes"}'
     made = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "escalate", "-f", str(keys[f"alice-{kind}"])],
                           input=message, capture_output=True, check=True).stdout.decode()
-    assert sshsig.verify(made, message, [pub(keys[f"alice-{kind}"])]).kind == pub(keys[f"alice-{kind}"]).split()[0]
+    alice = pub(keys[f"alice-{kind}"])
+    assert sshsig.verify(made, message, [alice]).kind == alice.split()[0]
     with pytest.raises(sshsig.SignatureError, match="not pinned"):
         sshsig.verify(made, message, [pub(keys["mallory"])])
     other = subprocess.run(["ssh-keygen", "-Y", "sign", "-n", "file", "-f", str(keys[f"alice-{kind}"])],
@@ -159,7 +163,7 @@ def _forgeries(data: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
     resolved = lines[at]
     escalation = next(e for e in lines if e["type"] == "escalation")
-    content = sshsig.canonical_content(escalation["run"] if "run" in escalation else "r", escalation["id"],
+    content = sshsig.canonical_content("r", escalation["id"],
                                        resolved["mode"], escalation["requested_micros"], lines[at]["prev"])
     mallory = sshsig.sign(content, keys["mallory"])
 
@@ -183,7 +187,8 @@ def _forgeries(data: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
 def test_a_forged_signature_in_a_rechained_log_fails_verify_gate_and_import(
         cli: Any, keys: dict[str, Path], runs_dir: Path, tmp_path: Path, pg_url: str) -> None:
     escalation_id = escalated(cli, keys)
-    assert cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ed25519"])).exit_code == 0
+    signed = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ed25519"]))
+    assert signed.exit_code == 0, signed.stderr
     signed = (runs_dir / "r" / "events.ndjson").read_bytes()
     assert rechained(events(signed)) == signed  # the forger's tool rebuilds a good chain
     for name, forged in _forgeries(signed, keys).items():
@@ -206,7 +211,8 @@ def test_a_forged_signature_in_a_rechained_log_fails_verify_gate_and_import(
         assert Ledger.open(target, "moved").verify().problems == []
 
 
-def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[str, Path], store: Any) -> None:
+def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[str, Path],
+                                                           store: Any) -> None:
     if isinstance(store, Path):
         escalated(cli, keys)
     else:  # a key pinned for another role: this role may not change the policy
@@ -232,14 +238,16 @@ def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[
 
 def test_a_bad_key_creates_nothing(cli: Any, store: Any) -> None:
     before = snapshot_store(store)
-    for value in ["alice", "alice=", "alice=ssh-dss AAAAB3NzaC1kc3M=", "=ssh-ed25519 AAAA", "alice=ssh-ed25519 AAAA"]:
+    for value in ["alice", "alice=", "alice=ssh-dss AAAAB3NzaC1kc3M=", "=ssh-ed25519 AAAA",
+                  "alice=ssh-ed25519 AAAA"]:
         refused = cli("runs", "init", "r", "--cap", "1", "--approver-key", value, "--json")
         assert refused.exit_code == 2, value
         assert refused.stderr.count("\n") == 1
     assert snapshot_store(store) == before
 
 
-def test_a_pool_cap_escalation_needs_the_pools_pinned_key(cli: Any, keys: dict[str, Path], store: Any) -> None:
+def test_a_pool_cap_escalation_needs_the_pools_pinned_key(cli: Any, keys: dict[str, Path],
+                                                          store: Any) -> None:
     assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
                "--approver-key", f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
     assert cli("runs", "init", "r", "--cap", "10", "--pool", "team", "--escalation", "enforce").exit_code == 0
@@ -255,15 +263,17 @@ def test_a_pool_cap_escalation_needs_the_pools_pinned_key(cli: Any, keys: dict[s
         refused = cli("approve", "r", escalation_id, "--by", "alice", *args, "--json")
         assert (refused.exit_code, refused.json()["error"]) == (3, code)
     assert logs() == before
-    approved = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ecdsa"]), "--json")
+    approved = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ecdsa"]),
+                   "--json")
     assert approved.exit_code == 0, approved.stderr
     resolved = [e for e in events(log_bytes(store, "r")) if e["type"] == "escalation_resolved"]
     assert resolved[0]["key"] == sshsig.parse_key(pub(keys["alice-ecdsa"])).fingerprint
     assert Ledger.open(store, "r").verify().problems == []
 
 
-def test_signing_through_ssh_agent_with_the_public_half(cli: Any, keys: dict[str, Path], runs_dir: Path,
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_signing_through_ssh_agent_with_the_public_half(
+        cli: Any, keys: dict[str, Path], runs_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("ssh-agent") is None or shutil.which("ssh-add") is None:
         pytest.skip("needs ssh-agent")
     escalation_id = escalated(cli, keys)
@@ -287,7 +297,8 @@ def test_signing_through_ssh_agent_with_the_public_half(cli: Any, keys: dict[str
 def test_without_the_signing_extra_a_pinned_log_fails_closed(cli: Any, keys: dict[str, Path],
                                                             runs_dir: Path) -> None:
     escalation_id = escalated(cli, keys)
-    assert cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ed25519"])).exit_code == 0
+    signed = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ed25519"]))
+    assert signed.exit_code == 0, signed.stderr
     before = (runs_dir / "r" / "events.ndjson").read_bytes()
     for cache in runs_dir.glob("r/*.sqlite*"):
         cache.unlink()

@@ -18,9 +18,9 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
-    ApproverKeyOption,
     ApproversOption,
     EscalationTimeoutOption,
     ModeOption,

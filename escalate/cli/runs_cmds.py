@@ -22,6 +22,7 @@ from escalate.cli import (
     respond,
 )
 from escalate.cli.archive_cmds import archive
+from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.money import format_usd as usd
@@ -51,11 +52,6 @@ ApproversOption = Annotated[str | None, typer.Option(
     "--approvers", metavar="NAMES",
     help="Comma-separated names that may approve, pause or cancel escalations; never the "
     "requester [default: anyone].")]
-ApproverKeyOption = Annotated[list[str] | None, typer.Option(
-    "--approver-key", metavar="NAME=KEY",
-    help="Pin an approver's public SSH key, e.g. 'alice=ssh-ed25519 AAAA… alice@host' (repeatable; on "
-    "set, the keys given replace the pinned ones); every approve, pause and cancel must then be signed "
-    "(--sign) by a key pinned for its --by.", show_default=False)]
 RenotifyOption = Annotated[str | None, typer.Option(
     "--renotify-every", metavar="DURATION",
     help="'escalate sweep' sends an open escalation's notice again this often, e.g. 30m; "
@@ -255,8 +251,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "timeout_s": ("escalation timeout", _timeout_text),
     "max_extension_micros": ("max extension", usd),
     "approvers": ("approvers", lambda names: ", ".join(names or ()) or "anyone"),
-    "approver_keys": ("pinned keys", lambda keys: ", ".join(
-        f"{name} ({len(lines)})" for name, lines in (keys or {}).items()) or "none"),
+    "approver_keys": ("pinned keys of", lambda keys: ", ".join(keys or {}) or "nobody"),
     "renotify_every_s": ("renotify every", _timeout_text),
 }
 
