@@ -168,7 +168,6 @@ class EscalationState:
             "request_reason": self.request_reason,
             "priority": self.priority,
             "needed_extension_micros": self.needed_extension_micros,
-            "line_hash": self.line_hash,
             "notify_attempts": self.notify_attempts,
             "notified_at": self.notified_at,
             "notified_ok": self.notified_ok,
