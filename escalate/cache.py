@@ -89,7 +89,7 @@ class Checkpoint:
         self._guard = threading.RLock()
 
     @property
-    def path(self) -> Path:
+    def path(self) -> str:
         """The cache file in this command's run folder."""
         return via_folder(self._folder(), self._run_dir, CACHE_NAME)
 
@@ -98,10 +98,15 @@ class Checkpoint:
         (where present) are checked to be plain files with one link each. SQLite opens them
         by name and follows links, which could lead its writes out of the run folder; a
         folder or a device is no cache either. :class:`CacheInvalid` otherwise."""
-        identity = _plain(self.path)
+        folder = self._folder()
+        if folder is None:
+            path, folder = os.path.join(self._run_dir, CACHE_NAME), None
+        else:
+            path = CACHE_NAME  # (relative to the run folder's handle: no path to build or walk)
+        identity = _plain(path, folder)
         for suffix in _SIDE_SUFFIXES:
             with contextlib.suppress(FileNotFoundError):
-                _plain(Path(f"{self.path}{suffix}"))
+                _plain(path + suffix, folder)
         return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
@@ -137,7 +142,7 @@ class Checkpoint:
                 os.close(self._writer_dir)
         self._writer, self._writer_dir = None, None
 
-    def _connect(self, path: Path, *, writable: bool, create: bool = False) -> sqlite3.Connection:
+    def _connect(self, path: str, *, writable: bool, create: bool = False) -> sqlite3.Connection:
         connection = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True,
                                      isolation_level=None, check_same_thread=False)
         try:
@@ -166,7 +171,7 @@ class Checkpoint:
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
-    def load(self, log_path: Path, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+    def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
         at its offset, else ``None``.
 
@@ -202,7 +207,7 @@ class Checkpoint:
         finally:
             connection.close()
 
-    def _load(self, connection: sqlite3.Connection, log_path: Path,
+    def _load(self, connection: sqlite3.Connection, log_path: str,
               writable: bool) -> tuple[RunState, int, int, int]:
         row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
         if row is None:
@@ -220,7 +225,7 @@ class Checkpoint:
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-             log_path: Path) -> None:
+             log_path: str) -> None:
         """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
         the append and before its fsync, and the cache only ever costs speed: any failure is
         swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
@@ -234,7 +239,7 @@ class Checkpoint:
                 self.discard()
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-              log_path: Path) -> None:
+              log_path: str) -> None:
         tasks, escalations = state.tasks, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
@@ -296,15 +301,16 @@ def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
     return state
 
 
-def _plain(path: Path) -> tuple[int, int]:
-    """``(st_dev, st_ino)`` of ``path`` if it is a plain file with one link (not followed)."""
-    info = os.lstat(path)
+def _plain(path: str, dir_fd: int | None = None) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``path`` (relative to ``dir_fd``, if given) if it is a plain
+    file with one link (not followed)."""
+    info = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         raise CacheInvalid(f"{path} is not a plain file with one link")
     return info.st_dev, info.st_ino
 
 
-def _check_log_at(log_path: Path, identity: list[int], start: int, offset: int, expected: str,
+def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, expected: str,
                   *, appended_ok: bool) -> None:
     """The log is the file the cache was saved beside, untouched since (same size and times),
     and its line ``[start, offset)`` still hashes to ``expected``.

@@ -307,9 +307,9 @@ class FileTransaction:
     def _discard_derived(self) -> None:
         _DERIVED.drop()
         path = self._ledger.log.bound_path(DERIVED_NAME)
-        for name in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        for name in (path, f"{path}-journal", f"{path}-wal", f"{path}-shm"):
             try:
-                name.unlink(missing_ok=True)
+                Path(name).unlink(missing_ok=True)
             except OSError as exc:
                 raise storage_error(exc, self._ledger.log.run_dir / DERIVED_NAME) from exc
 

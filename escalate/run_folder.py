@@ -13,7 +13,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from escalate.errors import InputError, storage_error
@@ -44,21 +44,54 @@ def symlink_error(path: Path) -> InputError:
                       "files (replace the link with what it points to)", code="symlink", path=str(path))
 
 
-_PROC_FD = Path("/proc/self/fd")
+_PROC_FD = "/proc/self/fd"
 _HAS_PROC_FD: list[bool] = []  # asked once per process
 
 
-def via_folder(dir_fd: int | None, run_dir: Path, name: str) -> Path:
+def via_folder(dir_fd: int | None, run_dir: str | os.PathLike[str], name: str) -> str:
     """A path to ``name`` in the run folder held open as ``dir_fd``, for code that can only
     open by name (SQLite): through ``/proc/self/fd/<dir_fd>/`` where the system offers it, so
     that a run folder swapped for a link after the command resolved it leads nowhere else.
-    Without a handle, or without ``/proc``, the plain path."""
+    Without a handle, or without ``/proc``, the plain path. (A string: the hot path parses
+    no ``Path``.)"""
     if dir_fd is not None:
         if not _HAS_PROC_FD:
-            _HAS_PROC_FD.append(_PROC_FD.is_dir())
+            _HAS_PROC_FD.append(os.path.isdir(_PROC_FD))
         if _HAS_PROC_FD[0]:
-            return _PROC_FD / str(dir_fd) / name
-    return run_dir / name
+            return f"{_PROC_FD}/{dir_fd}/{name}"
+    return os.path.join(run_dir, name)
+
+
+class _Held:
+    """A handle already open for this command, as a context manager that leaves it open
+    (cheaper than a generator-based one: this is on every command's path)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+class _Nested:
+    """One more level of an already resolved command (see :meth:`RunFolder.resolved`)."""
+
+    __slots__ = ("_command",)
+
+    def __init__(self, command: threading.local) -> None:
+        self._command = command
+        command.depth += 1
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self._command.depth -= 1
 
 
 class RunFolder:
@@ -75,21 +108,19 @@ class RunFolder:
         fd: int | None = getattr(self._command, "fd", None)
         return fd
 
-    def bound_path(self, name: str) -> Path:
+    def bound_path(self, name: str) -> str:
         """``name`` in this command's run folder, for opens by name (:func:`via_folder`)."""
         return via_folder(self.dir_fd, self.run_dir, name)
 
-    @contextmanager
-    def resolved(self) -> Iterator[None]:
+    def resolved(self) -> AbstractContextManager[None]:
         """Resolve the run folder once for everything inside (one command); nests. A run
         folder that does not exist yet is resolved by whatever first needs it."""
         if getattr(self._command, "depth", 0):
-            self._command.depth += 1
-            try:
-                yield
-            finally:
-                self._command.depth -= 1
-            return
+            return _Nested(self._command)
+        return self._resolve()
+
+    @contextmanager
+    def _resolve(self) -> Iterator[None]:
         try:
             self._command.fd = self._open_run_dir()
         except FileNotFoundError:
@@ -103,13 +134,14 @@ class RunFolder:
             if fd is not None:
                 os.close(fd)
 
-    @contextmanager
-    def _folder(self) -> Iterator[int]:
+    def _folder(self) -> AbstractContextManager[int]:
         """The run folder's handle: this command's, else one opened for this call only.
         ``FileNotFoundError`` when there is no such folder."""
-        if self.dir_fd is not None:
-            yield self.dir_fd
-            return
+        fd: int | None = getattr(self._command, "fd", None)
+        return _Held(fd) if fd is not None else self._folder_once()
+
+    @contextmanager
+    def _folder_once(self) -> Iterator[int]:
         fd = self._open_run_dir()
         if getattr(self._command, "depth", 0):
             self._command.fd = fd  # the folder appeared during the command: keep this one
@@ -159,12 +191,12 @@ class RunFolder:
     def _open(self, dir_fd: int, name: str, flags: int, *, writing: bool) -> int:
         """Open ``name`` in the run folder: a regular file, never a link; a file a writer
         uses must have no second hard link (a write through it would change another file)."""
-        path = self.run_dir / name
         try:
             fd = os.open(name, flags | _FILE_FLAGS, 0o644, dir_fd=dir_fd)
         except FileNotFoundError:
             raise
         except OSError as exc:
+            path = self.run_dir / name
             if exc.errno == errno.ELOOP:  # (O_NOFOLLOW met a link)
                 raise symlink_error(path) from None
             if exc.errno not in (errno.EISDIR, errno.ENXIO):
@@ -174,8 +206,9 @@ class RunFolder:
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise self._not_a_file(path, info.st_mode)
+                raise self._not_a_file(self.run_dir / name, info.st_mode)
             if writing and info.st_nlink > 1:
+                path = self.run_dir / name
                 raise InputError(
                     f"{path} has {info.st_nlink} hard links; escalate refuses to write a log or lock file "
                     "that is also another file — replace it with a copy of itself", code="hard_link",
