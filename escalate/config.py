@@ -143,7 +143,7 @@ def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
     """The pinned keys of ``--approver-key NAME=KEY`` (repeatable; a name may have several),
     or a mapping of names to key lines: each name checked as an actor, each key as an
     OpenSSH public key line (ed25519, ecdsa or rsa); empty pins nothing."""
-    from escalate.sshsig import KEY_TYPES, SignatureError, parse_key
+    from escalate.core.sshsig import KEY_TYPES, SignatureError, parse_key
 
     pairs: list[tuple[Any, Any]]
     if isinstance(keys, Mapping):

@@ -239,8 +239,8 @@ class Ledger:
 
     def signing_content(self, escalation_id: str, mode: str) -> bytes:
         """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
-        ``pause`` or ``cancel``) covers: :func:`escalate.sshsig.canonical_content`."""
-        from escalate import sshsig
+        ``pause`` or ``cancel``) covers: :func:`escalate.core.sshsig.canonical_content`."""
+        from escalate.core import sshsig
 
         check_id(escalation_id, what="escalation id")
         escalation = self.state().escalations.get(escalation_id)
@@ -385,11 +385,11 @@ class Ledger:
         resolver = config.check_actor(by or self.actor)
         role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
         if sign is not None and signature is None:
-            from escalate import sshsig
+            from escalate.escalation.signing import sign as ssh_sign
 
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
-            signature = sshsig.sign(self.signing_content(escalation_id, mode), sign)
+            signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
                                                                   pool, role, signature)))

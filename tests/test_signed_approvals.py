@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from escalate import Ledger, sshsig
-from escalate.events import line_hash
+from escalate import Ledger
+from escalate.core import sshsig
+from escalate.core.events import line_hash
+from escalate.escalation import signing
 from escalate.transfer import import_log
 from tests.conftest import log_bytes, snapshot_store
 
@@ -148,7 +150,7 @@ def test_a_signature_made_for_another_resolution_is_refused(cli: Any, keys: dict
                                                             runs_dir: Path) -> None:
     escalation_id = escalated(cli, keys)
     run = Ledger.open(runs_dir, "r")
-    for_pause = sshsig.sign(run.signing_content(escalation_id, "pause"), keys["alice-ed25519"])
+    for_pause = signing.sign(run.signing_content(escalation_id, "pause"), keys["alice-ed25519"])
     before = (runs_dir / "r" / "events.ndjson").read_bytes()
     with pytest.raises(Exception, match="does not match") as refused:
         run.approve(escalation_id, by="alice", signature=for_pause)
@@ -165,7 +167,7 @@ def _forgeries(data: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     escalation = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", escalation["id"],
                                        resolved["mode"], escalation["requested_micros"], lines[at]["prev"])
-    mallory = sshsig.sign(content, keys["mallory"])
+    mallory = signing.sign(content, keys["mallory"])
 
     def edited(**changes: Any) -> bytes:
         copy = [dict(e) for e in lines]

@@ -178,9 +178,8 @@ def set_policy(
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD approvals may add per period "
         "[default: unchanged].", show_default=False)] = None,
-    approvers: Annotated[str | None, typer.Option(
-        "--approvers", metavar="NAMES", help="New comma-separated approvers of pool_cap escalations "
-        "[default: unchanged].", show_default=False)] = None,
+    approvers: Annotated[str | None, typer.Option("--approvers", metavar="NAMES", help="New comma-separated "
+        "approvers of pool_cap escalations [default: unchanged].", show_default=False)] = None,
     approver_key: ApproverKeyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,

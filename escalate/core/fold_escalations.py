@@ -140,9 +140,9 @@ def check_signed(state: RunState, escalation: EscalationState, event: Mapping[st
                  by: str) -> None:
     """While the run pins approvers' keys, a person's approve, pause or cancel carries an
     SSHSIG signature by a key pinned for ``by`` over the escalation's canonical content
-    (:func:`escalate.sshsig.canonical_content`). A ``pool_cap`` escalation is the pool's
+    (:func:`escalate.core.sshsig.canonical_content`). A ``pool_cap`` escalation is the pool's
     to decide: its signature is checked against the pool's keys when it is written."""
-    from escalate import sshsig  # (only a run that pins keys, or a signed line, loads it)
+    from escalate.core import sshsig  # (only a run that pins keys, or a signed line, loads it)
 
     signature, key = event.get("signature"), event.get("key")
     if signature is None and key is None:

@@ -118,7 +118,7 @@ def _approvers(raw: dict[str, Any]) -> tuple[str, ...]:
 
 def _approver_keys(raw: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     """``escalation.approver_keys``: approver names, each with a list of OpenSSH key lines."""
-    from escalate.sshsig import SignatureError, parse_key  # (only a policy that pins keys)
+    from escalate.core.sshsig import SignatureError, parse_key  # (only a policy that pins keys)
 
     pinned = raw["approver_keys"]
     if type(pinned) is not dict or not pinned:

@@ -154,7 +154,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
     policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
     if not policy.approver_keys:
         return {}
-    from escalate import sshsig  # (only a policy that pins keys loads it)
+    from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by}
     pinned = policy.approver_keys.get(by, ())

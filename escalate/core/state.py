@@ -137,7 +137,7 @@ class EscalationState:
     request_reason: str = ""
     priority: Priority = "normal"
     needed_extension_micros: int = 0
-    # The hash of the escalation's line: a signed resolution covers it (escalate.sshsig).
+    # The hash of the escalation's line: a signed resolution covers it (escalate.core.sshsig).
     line_hash: str = ""
     # Delivery of its notice (escalation_notified): what sweep needs to re-deliver it.
     notify_attempts: int = 0

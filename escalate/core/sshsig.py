@@ -1,11 +1,11 @@
 """Signed approvals: OpenSSH public key lines and SSHSIG signatures (namespace ``escalate``).
 
-Pure but for :func:`sign`, which runs ``ssh-keygen -Y sign``: a key line or a signature
-comes in as text, a verdict goes out. The SSHSIG format is OpenSSH's (PROTOCOL.sshsig), so
-``ssh-keygen -Y verify`` checks what escalate stores, and escalate checks what
-``ssh-keygen -Y sign`` makes. Checking a signature needs the ``cryptography`` package (the
-``signing`` extra); it is imported only when a signature must be checked, and its absence
-is an error, never a pass. Parsing key lines needs nothing.
+Pure: a key line or a signature comes in as text, a verdict goes out (the signer, which
+runs ``ssh-keygen -Y sign``, is :mod:`escalate.escalation.signing`). The SSHSIG format is
+OpenSSH's (PROTOCOL.sshsig), so ``ssh-keygen -Y verify`` checks what escalate stores, and
+escalate checks what ``ssh-keygen -Y sign`` makes. Checking a signature needs the
+``cryptography`` package (the ``signing`` extra); it is imported only when a signature
+must be checked, and its absence is an error, never a pass. Parsing key lines needs nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
-import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,7 +23,7 @@ from escalate.errors import InputError
 
 NAMESPACE = "escalate"
 MAGIC = b"SSHSIG"
-_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+BEGIN = "-----BEGIN SSH SIGNATURE-----"
 _END = "-----END SSH SIGNATURE-----"
 MAX_KEY_LINE = 16384  # an RSA key of 16384 bits is about 2.8 kB in base64
 MAX_SIGNATURE = 16384
@@ -144,7 +141,7 @@ def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: in
 def armor(blob: bytes) -> str:
     """The SSHSIG blob as ``ssh-keygen`` writes it: base64 in lines of 70, between the markers."""
     text = base64.b64encode(blob).decode()
-    return "\n".join([_BEGIN, *(text[i:i + 70] for i in range(0, len(text), 70)), _END]) + "\n"
+    return "\n".join([BEGIN, *(text[i:i + 70] for i in range(0, len(text), 70)), _END]) + "\n"
 
 
 def dearmor(text: str) -> bytes:
@@ -152,8 +149,8 @@ def dearmor(text: str) -> bytes:
     if not isinstance(text, str) or len(text) > MAX_SIGNATURE:
         raise SignatureError("not an SSH signature")
     lines = [line.strip() for line in text.strip().splitlines()]
-    if len(lines) < 3 or lines[0] != _BEGIN or lines[-1] != _END:
-        raise SignatureError(f"not an SSH signature (it starts with {_BEGIN})")
+    if len(lines) < 3 or lines[0] != BEGIN or lines[-1] != _END:
+        raise SignatureError(f"not an SSH signature (it starts with {BEGIN})")
     try:
         return base64.b64decode("".join(lines[1:-1]), validate=True)
     except binascii.Error:
@@ -230,27 +227,3 @@ def _check_signature(key: PublicKey, signature: bytes, signed: bytes) -> None:
             raise SignatureError(f"a {sig_kind[:40]!r} signature from a {key.kind} key")
     except InvalidSignature:
         raise SignatureError(f"the signature does not match (key {key.fingerprint})") from None
-
-
-def sign(message: bytes, keyfile: str | os.PathLike[str]) -> str:
-    """An armored SSHSIG signature of ``message`` made by ``ssh-keygen -Y sign`` with
-    ``keyfile``: a private key, or the public half of a key held by ssh-agent
-    (``SSH_AUTH_SOCK``). :class:`InputError` saying what went wrong otherwise."""
-    path = Path(keyfile)
-    if not path.is_file():
-        raise InputError(f"no key file {str(keyfile)[:200]}: give --sign a private key file, or the .pub "
-                         "of a key in ssh-agent", code="invalid_key", value=str(keyfile)[:200])
-    try:
-        done = subprocess.run(["ssh-keygen", "-Y", "sign", "-q", "-n", NAMESPACE, "-f", str(path)],
-                              input=message, capture_output=True, timeout=300, check=False)
-    except FileNotFoundError:
-        raise InputError("signing needs ssh-keygen (OpenSSH 8.1 or later) on the PATH",
-                         code="invalid_key") from None
-    except subprocess.TimeoutExpired:
-        raise InputError("ssh-keygen did not sign within 5 minutes", code="invalid_key") from None
-    text = done.stdout.decode(errors="replace")
-    if done.returncode != 0 or _BEGIN not in text:
-        said = " ".join(done.stderr.decode(errors="replace").split())[:300]
-        raise InputError(f"ssh-keygen could not sign with {str(keyfile)[:200]}: {said or 'no signature'}",
-                         code="invalid_key", value=str(keyfile)[:200])
-    return text
