@@ -40,7 +40,7 @@ from escalate.results import (
     TaskResult,
 )
 from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
-from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write_run
+from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
@@ -48,6 +48,17 @@ if TYPE_CHECKING:
 _WAIT_POLL_S = 0.05
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
+
+
+def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
+              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+    """A write to a run, under its pool's critical section first when it names one (the
+    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
+    if pool_id is None:
+        return write(store, decide, actor=actor, clock=clock)
+    from escalate.pools.book import write_member  # (a run without a pool never loads it)
+
+    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
 
 
 class Ledger:
@@ -408,12 +419,12 @@ class Ledger:
                     raise UnknownRun(f"no run {self.run_id} under {self.runs_store.where}; see "
                                      "'escalate runs list'", run=self.run_id)
             try:
-                first_seq, decision = write_run(self.runs_store, pool_id, self.store, decide,
+                first_seq, decision = _write_run(self.runs_store, pool_id, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
                                                 lock_timeout=self.lock_timeout)
             except MembershipChanged as changed:  # this Ledger read the run before it was made again
                 self._pool = (changed.pool,)
-                first_seq, decision = write_run(self.runs_store, changed.pool, self.store, decide,
+                first_seq, decision = _write_run(self.runs_store, changed.pool, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
                                                 lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)

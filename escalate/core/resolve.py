@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from escalate.core.decide import Decision, fail, period_name, resolved_event
+from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap
+from escalate.core.rules import extension_left, needed_extension, over_cap, period_name
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import Conflict, InputError, Refused
 
