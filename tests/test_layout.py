@@ -6,7 +6,6 @@ every module where it lives."""
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import escalate
