@@ -187,7 +187,7 @@ def test_a_waiter_sleeps_in_the_kernels_queue_and_is_woken_when_the_holder_lets_
         runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """One try without blocking, then no polling: the kernel hands the lock over when its
     holder (another process) dies."""
-    from escalate import lock
+    from escalate.stores.file import lock
 
     Ledger.init(runs_dir, "r", cap="10")
     tries: list[dict[str, Any]] = []
@@ -249,7 +249,7 @@ def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path
     caller holds the lock exactly when it was told so, and nothing else holds it."""
     import fcntl
 
-    from escalate.lock import Waiter
+    from escalate.stores.file.lock import Waiter
 
     lock_path = tmp_path / "lock"
     lock_path.touch()
