@@ -26,8 +26,9 @@ V = TypeVar("V")
 
 # 5: escalations keep their requester, reason, priority, needed extension and delivery (with
 # the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
-# 7: whether the run is archived. 8: the blob derived from RunState's fields.
-FORMAT = 8
+# 7: whether the run is archived. 8: the hash of each escalation's line (signed approvals).
+# 9: the blob derived from RunState's fields.
+FORMAT = 9
 
 # RunState's fields the blob does not hold, and why: tasks and escalations are rows of their
 # own; last_actor only spares the fold a check (the next line is checked anyway); a pool's
@@ -95,7 +96,8 @@ def _decode_task(key: str, data: bytes) -> Task:
 
 
 def encode_escalation(key: str, escalation: EscalationState) -> bytes:
-    return orjson.dumps(escalation.to_json())
+    # The line's hash is kept for signed resolutions, not shown: it is not in to_json.
+    return orjson.dumps({**escalation.to_json(), "line_hash": escalation.line_hash})
 
 
 def _decode_escalation(key: str, data: bytes) -> EscalationState:
