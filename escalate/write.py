@@ -21,7 +21,8 @@ from escalate.core.events import Event, format_ts, parse_ts, seal
 from escalate.core.replay import Replayed
 from escalate.core.state import RuleViolation, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
-from escalate.stores.seam import CacheInvalid, LedgerStore, RecoveredFirstLines, Store, Transaction
+from escalate.stores.checkpoint import CheckpointInvalid
+from escalate.stores.seam import LedgerStore, RecoveredFirstLines, Transaction
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
@@ -80,17 +81,6 @@ class MembershipChanged(Conflict):
                          code="run_changed", run=run_id, pool=pool)
 
 
-def write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
-    """A write to a run, under its pool's critical section first when it names one (the
-    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
-    if pool_id is None:
-        return write(store, decide, actor=actor, clock=clock)
-    from escalate.pools.book import write_member  # (a run without a pool never loads it)
-
-    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
-
-
 def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
           inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision]:
     """Decide and append in one critical section of ``store``; returns the seq of the first
@@ -102,7 +92,7 @@ def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, check
         try:
             return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
                                inside=inside, member_of=member_of)
-        except CacheInvalid:
+        except CheckpointInvalid:
             # A cache row failed its checksum, or SQLite a read, before anything was
             # written: decide again from the log alone. That write replaces the cache under
             # the lock (removing it here, unlocked, would pull it from under another
