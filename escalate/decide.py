@@ -1,8 +1,8 @@
 """The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
 
 Reserve, increase and release (with the escalations a refusal opens), for a member run its
-pool's checks too, and delivery records; resolving an escalation (and expiry) and changing
-the policy are in :mod:`escalate.resolve`.
+pool's checks too. Recording a delivery is in :mod:`escalate.delivery`; resolving an
+escalation (and expiry) and changing the policy are in :mod:`escalate.resolve`.
 No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
 error to raise *after* those events are durable (a halt is written, then reported). What
 fits and what an extension needs come from :mod:`escalate.rules`, as in the fold.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from escalate.errors import Conflict, EscalateError, Pending, Refused
-from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
+from escalate.events import Event, add_seconds
 from escalate.money import format_usd as usd
 from escalate.rules import extension_left, needed_extension, over_cap
 from escalate.state import EscalationState, Policy, RunState, Task
@@ -43,53 +43,6 @@ def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: 
         "task_cap_micros": run_cap if task_cap is None else task_cap,
         "escalation": policy.to_json(),
     }
-
-
-# Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
-RETRY_FIRST_S = 60
-RETRY_MAX_S = 3600
-
-
-def retry_delay_s(failures: int) -> int:
-    """How long after its ``failures``-th failed delivery a notice is sent again."""
-    return min(RETRY_FIRST_S << min(max(failures - 1, 0), 16), RETRY_MAX_S)
-
-
-def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """Whether ``sweep`` should send an open escalation's notice again by ``now``: after a
-    failed attempt when its backoff has passed; after a delivered one every
-    ``renotify_every_s`` (when the policy sets it); never attempted (no hook was set, or
-    its writer died first) a minute after it opened, so a request being delivered right
-    now is not sent twice."""
-    if escalation.shadow or escalation.state != "open":
-        return False
-    if escalation.notified_at is None:
-        last, delay = escalation.opened_at, RETRY_FIRST_S
-    elif escalation.notified_ok:
-        if policy.renotify_every_s is None:
-            return False
-        last, delay = escalation.notified_at, policy.renotify_every_s
-    else:
-        # Counted from the last delivery: reminders that went through are no failures.
-        last, delay = escalation.notified_at, retry_delay_s(escalation.failed_in_a_row)
-    try:
-        return add_seconds(last, delay) <= now
-    except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
-        return True
-
-
-def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision:
-    """Record one delivery attempt of an escalation's notice, after the hook ran; it
-    changes no money and no escalation state."""
-    escalation = state.escalations.get(escalation_id)
-    if escalation is None or escalation.shadow:
-        return Decision(result={"status": "unknown"})
-    attempt = escalation.notify_attempts + 1
-    return Decision(
-        events=[{"type": "escalation_notified", "id": escalation_id, "attempt": attempt, "ok": ok,
-                 "detail": detail[:MAX_DETAIL_LENGTH]}],
-        result={"status": "recorded", "escalation_id": escalation_id, "attempt": attempt, "ok": ok,
-                "detail": detail[:MAX_DETAIL_LENGTH]})
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",

@@ -17,7 +17,7 @@ from escalate import config, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
-from escalate.delivery import deliver, new_notices, notice_again
+from escalate.delivery import decide_notified, deliver, delivery_due, new_notices, notice_again
 from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
@@ -244,7 +244,7 @@ class Ledger:
         """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids.
 
         With a notify hook, then send again the notice of each open escalation that is due
-        (:func:`escalate.decide.delivery_due`: a failed delivery after its backoff, or every
+        (:func:`escalate.delivery.delivery_due`: a failed delivery after its backoff, or every
         ``renotify_every_s``); ``notified`` lists those attempts."""
         due: list[EscalationState] = []
 
@@ -254,7 +254,7 @@ class Ledger:
             due.clear()
             if redeliver and self.notify_cmd:
                 due.extend(e for e in state.open_escalations.values()
-                           if decisions.delivery_due(e, state.policy, now))
+                           if delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
@@ -390,7 +390,7 @@ class Ledger:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
-            lambda state, now, _, pool: decisions.decide_notified(state, escalation_id, ok, detail)))
+            lambda state, now, _, pool: decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from escalate import Ledger, Pending
-from escalate.decide import retry_delay_s
+from escalate.delivery import retry_delay_s
 from tests.conftest import FakeClock
 
 
