@@ -151,9 +151,10 @@ class PoolBook:
             return {}
         return found
 
-    def view(self, run_id: str, now: str) -> PoolView:
-        """What a decision on member ``run_id`` at ``now`` knows of the pool."""
-        member = self.member(run_id)
+    def view(self, run_id: str | None, now: str) -> PoolView:
+        """What a decision on member ``run_id`` (None: on the pool's own log) at ``now``
+        knows of the pool."""
+        member = Member() if run_id is None else self.member(run_id)
         current = self.key_at(now)
         task_periods = {task: held[0] for task, held in member.holding.items()}
         return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
@@ -298,8 +299,8 @@ class PoolLogWrite:
         self.book = open_book(transaction, self.pool_store, self.runs, lock_timeout=self.lock_timeout,
                               loaded=replayed.state)
 
-    def view(self, now: str) -> None:
-        return None
+    def view(self, now: str) -> PoolView | None:
+        return None if self.book is None else self.book.view(None, now)
 
     def before_append(self) -> None:
         pass  # the book's log size tells a missed write of the pool's own log

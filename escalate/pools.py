@@ -196,7 +196,7 @@ class Pool:
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor, role)
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role, pool)
 
         role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
 
@@ -217,20 +217,24 @@ def _pool_cap(cap: Amount) -> int:
 
 
 class RunPool(TypedDict):
-    """The pool of a run, as ``runs show --json`` reports it (both None: no pool)."""
+    """The pool of a run, as ``runs show --json`` reports it (all None: no pool)."""
 
     pool: str | None
     pool_remaining_micros: int | None  # what is left of the pool in the current period
+    pool_escalation: dict[str, Any] | None  # the pool's policy: it binds the run besides its own
 
 
 def pool_of_run(ledger: Ledger) -> RunPool:
-    """The pool ``ledger``'s run belongs to and what is left of it now: a run's own
-    ``remaining`` says nothing of the money its pool has left."""
+    """The pool ``ledger``'s run belongs to, what is left of it now (a run's own ``remaining``
+    says nothing of the money its pool has left) and the pool's policy, which binds the run
+    whatever its own says."""
     pool_id = ledger.pool_id()
     if pool_id is None:
-        return {"pool": None, "pool_remaining_micros": None}
+        return {"pool": None, "pool_remaining_micros": None, "pool_escalation": None}
     pool = Pool.open(ledger.runs_store, pool_id, lock_timeout=ledger.lock_timeout, clock=ledger.clock)
-    return {"pool": pool_id, "pool_remaining_micros": pool.show()["remaining_micros"]}
+    shown = pool.show()
+    return {"pool": pool_id, "pool_remaining_micros": shown["remaining_micros"],
+            "pool_escalation": shown["escalation"]}
 
 
 class PoolRow(TypedDict):

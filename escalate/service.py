@@ -236,7 +236,10 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s)
-            return resolve.decide_policy(state, policy, self.actor, role)
+            decision = resolve.decide_policy(state, policy, self.actor, role)
+            if pool is not None:  # its own settings never lift its pool's: say which binds it too
+                decision.result.update(pool=pool.pool_id, pool_escalation=pool.policy.to_json())
+            return decision
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 

@@ -177,6 +177,11 @@ def set_policy(
             echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
         else:
             echo_line(f"run {result['run']}: {', '.join(changed)}")
+        if "pool_escalation" in result:
+            from escalate.report import policy_line
+
+            echo_line(f"pool {result['pool']}'s escalation binds run {result['run']} too, whatever its "
+                      f"own: {policy_line(result['pool_escalation'])}")
 
     respond(json_out, action, human)
 
