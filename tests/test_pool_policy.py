@@ -83,16 +83,16 @@ def test_a_members_own_shadow_mode_does_not_silence_its_pools_enforce(store: Loc
     loosened = cli("runs", "set", "r1", "--escalation", "shadow", "--approval-threshold", "0.01",
                    "--by", WORKER)
     assert loosened.exit_code == 0, loosened.stderr
-    assert ("pool team's escalation binds run r1 too, whatever its own: enforce, threshold $10.00, "
-            f"approvers {LEAD}") in loosened.stdout
     asked = cli("reserve", "r1", "t1", "--estimate", "500", "--by", WORKER, "--json")
     assert asked.exit_code == 4, asked.stdout
-    assert (asked.json()["pool"], asked.json()["approvers"]) == ("team", [LEAD])
     state = Ledger.open(store, "r1").state()
     assert state.reserved_micros == 0
     [escalation] = state.escalations.values()
     assert (escalation.reason, escalation.shadow) == ("pool_cap", False)  # no shadow record took its place
     assert cli("gate", "--pool", "team").exit_code == 3  # nothing committed the pool did not approve
+    assert (asked.json()["pool"], asked.json()["approvers"]) == ("team", [LEAD])
+    assert ("pool team's escalation binds run r1 too, whatever its own: enforce, threshold $10.00, "
+            f"approvers {LEAD}") in loosened.stdout
     # The worker names a friend as the run's approver: still no one but the pool's may grant.
     _as(person, WORKER, "r1").set_policy(approvers=FRIEND)
     before = log_bytes(store, "r1")
@@ -111,10 +111,10 @@ def test_what_the_pools_check_fires_on_only_the_pools_approvers_resolve(store: L
     worker = _as(person, WORKER, "r2")
     with pytest.raises(Pending) as asked:
         worker.reserve("t2", "400")  # over the run's own $1 and the pool's $10: the pool's
-    assert (asked.value.pool, asked.value.approvers) == ("team", [LEAD])
-    assert f"ask an approver of pool team ({LEAD})" in asked.value.message
     esc = asked.value.escalation_id
     assert worker.state().escalations[esc].reason == "pool_cap"
+    assert (asked.value.pool, asked.value.approvers) == ("team", [LEAD])
+    assert f"ask an approver of pool team ({LEAD})" in asked.value.message
     before = log_bytes(store, "r2")
     buddy = _as(person, BUDDY, "r2")
     for resolve in (buddy.approve, buddy.pause, buddy.cancel):
@@ -158,10 +158,10 @@ def test_a_pool_naming_no_approvers_does_not_lift_its_members_own(store: Locatio
     Ledger.init(store, "r4", pool="team", escalation="enforce", approvers=BUDDY, actor="admin")
     with pytest.raises(Pending) as asked:
         _as(person, WORKER, "r4").reserve("t", "400")  # the pool's threshold fired
-    assert (asked.value.pool, asked.value.approvers) == ("team", [BUDDY])
     esc, before = asked.value.escalation_id, log_bytes(store, "r4")
     _refused("not_an_approver", lambda: _as(person, FRIEND, "r4").approve(esc, by=FRIEND))
     assert log_bytes(store, "r4") == before
+    assert (asked.value.pool, asked.value.approvers) == ("team", [BUDDY])
     assert _as(person, BUDDY, "r4").approve(esc, by=BUDDY)["status"] == "approved"
 
 
