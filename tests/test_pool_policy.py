@@ -136,8 +136,8 @@ def test_what_the_pools_check_fires_on_only_the_pools_approvers_resolve(store: L
 def test_a_grant_over_the_pools_threshold_set_since_is_the_pools_approvers(store: Location,
                                                                            person: Person) -> None:
     """An escalation the run's own check opened, which the pool's threshold covers by the
-    time it is granted (as one opened by an earlier version of escalate may): the run's
-    approvers may pause it, not grant it."""
+    time it is granted (as one opened by an earlier version of escalate may): the pool's
+    approvers grant it, the run's may not."""
     _team(store, approval_threshold=None)
     Ledger.init(store, "r3", pool="team", escalation="enforce", approval_threshold="1", approvers=BUDDY,
                 actor="admin")
