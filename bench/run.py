@@ -15,8 +15,8 @@ pristine and re-runs are quick. The table is printed and written to
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
-import multiprocessing
 import os
 import platform
 import random
@@ -33,12 +33,18 @@ from typing import Any
 
 import orjson
 
+import escalate
 from escalate import decide
 from escalate.events import Event, format_ts, seal
 from escalate.service import Ledger
 from escalate.state import Policy
 
 BENCH_DIR = Path(__file__).resolve().parent
+# driver.py holds the measurements that also run in another tree's Python (--against).
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+from driver import CONTENTION_WORST, TaskIds, contention_round, ledger_cycle  # noqa: E402
+
 OUT_DIR = BENCH_DIR / "out"
 RUN_ID = "bench"
 ACTOR = "bench"
@@ -299,13 +305,24 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None) -> Row:
+def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None, *,
+              unit: Callable[[float], str] = fmt_s, higher_is_better: bool = False) -> Row:
     """Two medians compared, as a row: ``measured / base`` against ``limit`` (None: shown for
-    information only)."""
+    information only): at most ``limit`` for times, at least ``limit`` for rates
+    (``higher_is_better``). ``unit`` formats a median."""
     ratio = median(measured) / median(base)
-    return Row(target, f"{fmt_s(median(measured))} vs {fmt_s(median(base))} (n={len(measured)})",
-               f"{ratio:.2f}" + ("" if limit is None else f" (≤ {limit:g})"),
-               "info" if limit is None else verdict(ratio <= limit))
+    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)})"
+    if limit is None:
+        return Row(target, shown, f"{ratio:.2f}", "info")
+    ok = ratio >= limit if higher_is_better else ratio <= limit
+    return Row(target, shown, f"{ratio:.2f} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
+
+
+def compile_tree() -> None:
+    """Compile the measured package's bytecode, as an installed package has it (the working
+    tree is installed editable, and where Python may not write bytecode every process would
+    compile the sources again)."""
+    compileall.compile_dir(str(Path(escalate.__file__).parent), quiet=1)
 
 
 def escalate_cmd() -> list[str]:
@@ -328,33 +345,6 @@ def timed_process(argv: list[str], *, env: dict[str, str] | None = None) -> floa
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
     return elapsed
-
-
-class TaskIds:
-    """Fresh, single-use task ids for every measured cycle."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.count = 0
-
-    def __call__(self) -> str:
-        self.count += 1
-        return f"{self.prefix}-{self.count}"
-
-
-def ledger_cycle(location: Path | str, run_id: str, ids: TaskIds) -> Callable[[], float]:
-    """One reserve + release through the library, timed, on a run of a runs folder or of a
-    PostgreSQL database."""
-    handle = Ledger.open(location, run_id, actor=ACTOR)
-
-    def cycle() -> float:
-        task = ids()
-        started = time.perf_counter()
-        handle.reserve(task, "1.00")
-        handle.release(task, "0.90")
-        return time.perf_counter() - started
-
-    return cycle
 
 
 def cli_cycle(run: BuiltRun, ids: TaskIds) -> Callable[[], float]:
@@ -413,13 +403,14 @@ def target_startup(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
     _progress(rows[-1])
 
 
-def measure_verify(run: BuiltRun) -> tuple[float, int, dict[str, Any]]:
-    """``Ledger.verify()`` in a fresh child: (seconds, peak RSS in KiB, its report).
+def measure_verify(run: BuiltRun, python: str = sys.executable) -> tuple[float, int, dict[str, Any]]:
+    """``Ledger.verify()`` in a fresh child of ``python`` (a tree's interpreter): (seconds,
+    peak RSS in KiB, its report).
 
     The peak comes from ``getrusage(RUSAGE_CHILDREN)`` in a small wrapper process whose only
     child is the replay, so earlier children of this script do not mask it.
     """
-    child = [sys.executable, str(Path(__file__).resolve()), "--child-verify", str(run.runs_dir), run.run_id]
+    child = [python, str(BENCH_DIR / "driver.py"), "verify", str(run.runs_dir), run.run_id]
     done = subprocess.run([sys.executable, "-c", RUSAGE_WRAPPER, *child], capture_output=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"verify child failed: {done.stderr.decode()[-1000:]}")
@@ -429,16 +420,6 @@ def measure_verify(run: BuiltRun) -> tuple[float, int, dict[str, Any]]:
     if report["problems"]:
         raise AssertionError(f"{run.log_path} does not verify: {report['problems'][:3]}")
     return report["seconds"], int(rss_line.split()[1]), report
-
-
-def child_verify(runs_dir: str, run_id: str) -> None:
-    """In the child: time one full replay with the chain checked, print its report."""
-    started = time.perf_counter()
-    report = Ledger.open(runs_dir, run_id).verify()
-    seconds = time.perf_counter() - started
-    print(orjson.dumps({"seconds": seconds, "lines": report.lines, "totals": report.state.totals(),
-                        "tasks": len(report.state.tasks), "problems": report.problems[:3]}).decode(),
-          flush=True)
 
 
 def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, rows: list[Row]) -> None:
@@ -467,69 +448,6 @@ def target_replay(runs: dict[int, BuiltRun], few: BuiltRun, settings: Settings, 
     _progress(rows[-1])
 
 
-def _contention_worker(where: str, run_id: str, worker: int, cycles: int, barrier: Any,
-                       results: Any) -> None:
-    handle = Ledger.open(where, run_id, actor=f"worker-{worker}")
-    barrier.wait()
-    started = time.monotonic()
-    worst_wait = worst_op = 0.0
-    for cycle in range(cycles):
-        task = f"w{worker}-{cycle}"
-        for operation, amount in ((handle.reserve, "1.00"), (handle.release, "0.75")):
-            began = time.perf_counter()
-            operation(task, amount)
-            worst_op = max(worst_op, time.perf_counter() - began)
-            worst_wait = max(worst_wait, getattr(getattr(handle.store, "log", None), "lock_wait_s", 0.0))
-    results.put((started, time.monotonic(), worst_wait, worst_op))
-
-
-# The longest lock wait and the longest single operation seen by any contention worker.
-_CONTENTION_WORST: list[tuple[float, float]] = []
-
-
-def contention_round(workers: int, cycles: int, tag: str, where: str | None = None, *,
-                     one_run: bool = True) -> float:
-    """``workers`` processes doing reserve/release cycles: durable ops/s. On one fresh run
-    (``one_run``), or each process on a run of its own; in a runs folder, or in the store
-    ``where`` (a ``postgresql://`` URL).
-
-    Afterwards every run must verify clean with exact totals.
-    """
-    if where is None:
-        where = str(OUT_DIR / "copies" / "contention")
-        shutil.rmtree(Path(where) / f"contention-{tag}", ignore_errors=True)
-        for worker in range(workers):
-            shutil.rmtree(Path(where) / f"contention-{tag}-{worker}", ignore_errors=True)
-    run_ids = [f"contention-{tag}" if one_run else f"contention-{tag}-{worker}" for worker in range(workers)]
-    for run_id in set(run_ids):
-        Ledger.init(where, run_id, cap="1000000", actor=ACTOR)
-    context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(workers)
-    results = context.Queue()
-    processes = [context.Process(target=_contention_worker,
-                                 args=(where, run_ids[n], n, cycles, barrier, results))
-                 for n in range(workers)]
-    for process in processes:
-        process.start()
-    spans: list[tuple[float, float, float, float]] = [results.get(timeout=600) for _ in processes]
-    for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"a contention worker exited {process.exitcode}")
-    elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
-    _CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
-    for run_id in set(run_ids):
-        report = Ledger.open(where, run_id).verify()
-        totals = report.state.totals()
-        writers = run_ids.count(run_id)
-        want = (1 + writers * cycles * 2, writers * cycles * 750_000, 0)
-        got = (totals["events"], totals["spent_micros"], totals["reserved_micros"])
-        if report.problems or got != want:
-            raise AssertionError(f"contention run {run_id}: problems {report.problems[:3]}, "
-                                 f"(events, spent, reserved) {got}, expected {want}")
-    return workers * cycles * 2 / elapsed
-
-
 def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> None:
     """Target 4: fsynced reserve-or-release operations per second with 8 processes on one run."""
     cases = {"current": lambda: contention_round(workers, settings.contention_cycles, "current")}
@@ -541,8 +459,8 @@ def target_contention(settings: Settings, rows: list[Row], workers: int = 8) -> 
                     f"{rate:,.0f} ops/s (n={len(samples['current'])})", "≥ 1,500 ops/s",
                     verdict(rate >= 1_500)))
     _progress(rows[-1])
-    worst_wait = max(wait for wait, _ in _CONTENTION_WORST)
-    worst_op = max(op for _, op in _CONTENTION_WORST)
+    worst_wait = max(wait for wait, _ in CONTENTION_WORST)
+    worst_op = max(op for _, op in CONTENTION_WORST)
     rows.append(Row(f"4 worst lock wait / worst single operation in those rounds ({workers} processes)",
                     f"{fmt_s(worst_wait)} / {fmt_s(worst_op)}", "—", "info"))
     _progress(rows[-1])
@@ -756,11 +674,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[Row], command: str, took_s: float) -> str:
+def markdown(rows: list[Row], command: str, took_s: float, heading: Sequence[str] = ()) -> str:
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     out = [
         f"Measured {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}` "
-        f"in {took_s / 60:.1f} min on {machine()}.",
+        f"in {took_s / 60:.1f} min on {machine()}; load average {load} (1, 5, 15 min) at the end.",
         "",
+        *[f"{line}  " for line in heading],
+        *([""] if heading else []),
         "| target | measured (median) | ratio / threshold | result |",
         "|---|---|---|---|",
     ]
@@ -779,18 +700,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", help="comma-separated run sizes in events, e.g. 1k,100k,1M "
                         "(the smallest and largest are compared)")
     parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
-                        "PostgreSQL store beside the file store); default all")
-    parser.add_argument("--child-verify", nargs=2, help=argparse.SUPPRESS)
+                        "PostgreSQL store beside the file store; with --against: replay, calls, "
+                        "cycles, startup, contention, show); default all")
+    parser.add_argument("--against", metavar="REV", help="measure the working tree and git revision "
+                        "REV side by side (REV installed under .bench/); exit 1 when a hot path is "
+                        "more than 10%% slower than REV; sizes default to 1k,1M")
+    parser.add_argument("--baseline", action="store_true",
+                        help="--against the revision recorded in bench/baseline.txt (make bench)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.child_verify:
-        child_verify(*args.child_verify)
-        return 0
     started = time.monotonic()
     quick = args.quick
+    if args.against or args.baseline:
+        import against
+
+        rows: list[Row] = []
+        sizes = sorted({parse_size(s) for s in (args.sizes or ("1k,20k" if quick else "1k,1M")).split(",")})
+        print(f"escalate bench on {machine()}", flush=True)
+        rev, name = (args.against, None) if args.against else against.baseline_revision()
+        heading = against.run_against(rev, name, sizes, quick, rows,
+                                      set(args.only.split(",")) if args.only else None)
+        return _finish(rows, argv, started, heading)
     default_sizes = "1k,20k" if quick else "1k,100k,1M"
     settings = Settings(
         sizes=sorted({parse_size(s) for s in (args.sizes or default_sizes).split(",")}),
@@ -806,9 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: give at least two sizes to compare", file=sys.stderr)
         return 2
     only = set((args.only or "1,2,3,4,5,6,7").split(","))
+    compile_tree()
     built_root = OUT_DIR / "built"
     print(f"escalate bench on {machine()}", flush=True)
-    rows: list[Row] = []
+    rows = []
     if only <= {"4", "6"}:  # contention and pools make their own runs
         if "4" in only:
             target_contention(settings, rows)
@@ -840,18 +774,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _finish(rows, argv, started)
 
 
-def _finish(rows: list[Row], argv: Sequence[str] | None, started: float) -> int:
+def _finish(rows: list[Row], argv: Sequence[str] | None, started: float, heading: Sequence[str] = ()) -> int:
     """Print the table, write ``bench/out/results.md``; 1 if a target failed."""
     took = time.monotonic() - started
-    command = "make bench" if argv is None and len(sys.argv) == 1 else \
-        "bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = "make bench" if given == ["--baseline"] else " ".join(["bench/run.py", *given])
     print()
     print(table(rows))
     OUT_DIR.mkdir(exist_ok=True)
-    (OUT_DIR / "results.md").write_text(markdown(rows, command, took))
+    (OUT_DIR / "results.md").write_text(markdown(rows, command, took, heading))
     print(f"\nwritten to {OUT_DIR / 'results.md'} ({took / 60:.1f} min)")
     return 1 if any(r.verdict == "FAIL" for r in rows) else 0
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("run", sys.modules[__name__])  # against.py imports this module as run
     sys.exit(main())

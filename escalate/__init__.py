@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Pending,
         Refused,
         StoreUnavailable,
+        TotalLimit,
         UnknownRun,
     )
     from escalate.gate import GateResult, check_gate
@@ -44,6 +45,7 @@ __all__ = [
     "Pending",
     "Refused",
     "StoreUnavailable",
+    "TotalLimit",
     "UnknownRun",
     "__version__",
     "check_gate",

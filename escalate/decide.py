@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 from escalate.events import Event, add_seconds
 from escalate.money import format_usd as usd
-from escalate.rules import extension_left, needed_extension, over_cap
+from escalate.rules import extension_left, needed_extension, over_cap, release_refusal
 from escalate.state import EscalationState, Policy, RunState, Task
 
 if TYPE_CHECKING:
@@ -101,10 +101,10 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
     return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
-def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decision:
-    """Settle a task's reservation with what it actually cost (never refused for size).
-    An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the same
-    write: the money is spent, and nobody waits on a person to record it."""
+def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: PoolView | None) -> Decision:
+    """Settle a task's reservation with what it actually cost (refused only past the limit on
+    totals). An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the
+    same write: the money is spent, and nobody waits on a person to record it."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "released":
         if task.actual_micros == actual:
@@ -127,6 +127,8 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str) -> Decis
         return fail(Conflict(
             f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
             task=task_id, state=state_word))
+    if (refused := release_refusal(state, task_id, task.reserved_micros, actual, pool)) is not None:
+        return fail(refused)
     withdrawn: list[Event] = []
     if task.escalation_id in state.open_escalations:
         withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
@@ -205,7 +207,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         status = "increased"
     extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
     if pool is not None:
-        extra.update(pool_remaining_micros=pool.remaining(pool.period_of(task_id)) - delta, pool=pool.pool_id,
+        extra.update(pool_remaining_micros=pool.remaining(pool.current) - delta, pool=pool.pool_id,
                      pool_escalation=pool.policy.to_json())
     return Decision(events=events, result={
         "status": status, "task": task_id, "reserved_micros": to,
@@ -228,7 +230,7 @@ class Request:
 def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
                      over_run: bool) -> Event | None:
     """The escalation (reason ``pool_cap``) the pool's policy opens for ``request``: over what
-    is left of the pool in the task's period, or over the pool's approval threshold. None:
+    is left of the pool in this period, or over the pool's approval threshold. None:
     no pool, or its check does not fire (or its mode is off). The pool's policy binds its
     members: enforced, its check is its approvers' to decide whatever the run's own mode
     or threshold. ``over_run``: the request is over its run's own cap too, which approving
@@ -236,14 +238,14 @@ def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
     (nothing is asked of anyone)."""
     if pool is None or (over_run and state.policy.mode != "enforce"):
         return None
-    key = pool.period_of(request.task)
+    key = pool.current
     left = pool.remaining(key)
     delta = request.to - request.before
     policy = pool.policy
     threshold = policy.approval_threshold_micros
     if policy.mode == "off" or not (delta > left or (threshold is not None and request.to > threshold)):
         return None
-    needed, grantable = pool.grantable(request.task, delta)
+    needed, grantable = pool.grantable(delta)
     blocked = (f"it is over run {state.run_id}'s own cap, which an approval for the pool cannot extend"
                if over_run else None)
     escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy, blocked)
@@ -255,10 +257,10 @@ def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
                   pooled: Event | None) -> Decision | None:
     """The pool's checks, once the run's passed and the pool's escalation (``pooled``) is
     one only recorded (shadow, and only if this write records no other): over what is left
-    of the pool in the task's period, the task halts (reason ``pool_cap``). None: it fits."""
+    of the pool in this period, the task halts (reason ``pool_cap``). None: it fits."""
     if pooled is not None and not events:
         events.append(pooled)
-    key = pool.period_of(request.task)
+    key = pool.current
     left = pool.remaining(key)
     delta = request.to - request.before
     over = delta > left

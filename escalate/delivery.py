@@ -9,17 +9,42 @@ attempt is a second, separate write (:class:`escalate.service.Ledger` passes it 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from escalate.decide import Decision
-from escalate.events import MAX_DETAIL_LENGTH, Event, add_seconds
+from escalate.durations import MAX_SWEEP_DEADLINE_S, check_duration
+from escalate.errors import InputError
+from escalate.events import MAX_DETAIL_LENGTH, PRIORITIES, Event, add_seconds
 from escalate.notify import run_hook
 from escalate.results import DeliveryResult
 from escalate.state import EscalationState, Policy, RunState
 
 # Records one attempt (ok, detail) of an escalation's notice; returns the recorded result.
 Record = Callable[[bool, str], Mapping[str, Any]]
+MAX_PARALLEL = 32
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """How a sweep sends the notices due: ``parallel`` hooks at a time (1 to 32), none
+    started after ``deadline_s`` (at most 1h). Checked when made: an :class:`InputError`
+    comes before anything is written."""
+
+    parallel: int = 4
+    deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if type(self.parallel) is not int or not 1 <= self.parallel <= MAX_PARALLEL:
+            raise InputError(f"invalid --parallel {str(self.parallel)[:20]!r}: give a whole number from 1 "
+                             f"to {MAX_PARALLEL}", code="invalid_input", value=str(self.parallel)[:20])
+        check_duration(self.deadline_s, what="sweep deadline", maximum=MAX_SWEEP_DEADLINE_S)
+
+
+SWEEP_LIMITS = SweepLimits()  # the defaults: 4 at a time, none started after a minute
+Notice = dict[str, Any]
 
 
 # Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
@@ -104,3 +129,33 @@ def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: R
         return {"escalation_id": escalation_id, "attempt": None, "ok": ok, "detail": detail}
     return {"escalation_id": escalation_id, "attempt": recorded.get("attempt"), "ok": ok,
             "detail": detail}
+
+
+def deliver_all(notices: Sequence[Notice], send: Callable[[Notice], DeliveryResult],
+                limits: SweepLimits) -> tuple[list[tuple[Notice, DeliveryResult]], list[Notice]]:
+    """Send ``notices`` with ``send`` (which runs the hook and records the attempt),
+    ``limits.parallel`` at a time, the most urgent first (each hook is a process of its own,
+    so a hanging one holds only its thread, for at most its timeout). A notice not started
+    within ``limits.deadline_s`` is not attempted and nothing is recorded for it: it is
+    still due at the next sweep. Returns each notice sent with its attempt, and the notices
+    left, each in the given order."""
+    if not notices:
+        return [], []
+    from concurrent.futures import ThreadPoolExecutor  # (only a sweep with notices due needs it)
+
+    deadline = time.monotonic() + limits.deadline_s
+    ranked = sorted(range(len(notices)), key=lambda index: -_urgency(notices[index]))
+
+    def attempt(index: int) -> DeliveryResult | None:
+        return send(notices[index]) if time.monotonic() < deadline else None
+
+    with ThreadPoolExecutor(max_workers=min(limits.parallel, len(notices))) as pool:
+        outcomes = dict(zip(ranked, pool.map(attempt, ranked), strict=True))
+    sent = [(notice, outcomes[index]) for index, notice in enumerate(notices)]
+    return ([(notice, outcome) for notice, outcome in sent if outcome is not None],
+            [notice for notice, outcome in sent if outcome is None])
+
+
+def _urgency(notice: Mapping[str, Any]) -> int:
+    priority = notice.get("priority")
+    return PRIORITIES.index(priority) if priority in PRIORITIES else PRIORITIES.index("normal")

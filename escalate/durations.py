@@ -22,6 +22,7 @@ MAX_LOCK_TIMEOUT_S = _DAY_S
 MAX_WAIT_S = 365 * _DAY_S  # wait --timeout, reserve --wait --timeout, runs watch --timeout
 MAX_INTERVAL_S = 3_600  # runs watch --interval
 MAX_NOTIFY_TIMEOUT_S = 3_600
+MAX_SWEEP_DEADLINE_S = 3_600  # sweep --deadline
 
 _DURATION = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ms|s|m|h|d)?", re.ASCII)
 _EXAMPLES = "a number of seconds or 250ms, 30s, 15m, 1h, 2d"

@@ -50,6 +50,16 @@ class InvalidAmount(InputError):
     option_missing_for: str | None = None
 
 
+class TotalLimit(InputError):
+    """A request that would carry a total (a run's, or its pool's in a period) past
+    :data:`escalate.money.MAX_TOTAL_MICROS`; nothing is written."""
+
+    default_code = "total_limit"
+    task: str | None = None
+    total_micros: int | None = None  # the total the request would have made
+    limit_micros: int | None = None
+
+
 class InvalidId(InputError):
     default_code = "invalid_id"
 
@@ -132,6 +142,9 @@ class StoreUnavailable(EscalateError):
     default_code = "store_unavailable"
     path: str
     errno: int | None
+    # PostgreSQL store: True when the connection was lost after a write's commit was sent
+    # (its outcome may be unknown until read back); False when nothing was written.
+    commit_sent: bool | None = None
 
 
 # errno → (stable code, what it means, what to do next)

@@ -48,7 +48,7 @@ EscalationReason = Literal["run_cap", "threshold", "pool_cap"]
 Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
                     "escalation_resolved", "recovery", "policy_changed", "escalation_notified",
-                    "pool_opened", "run_joined"]
+                    "pool_opened", "run_joined", "run_archived"]
 # How a pool's cap repeats: never, per calendar day, ISO week or month in the pool's zone.
 Period = Literal["none", "day", "week", "month"]
 

@@ -15,10 +15,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from escalate.cache import Checkpoint
+from escalate.config import Clock
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
 from escalate.events import Event
 from escalate.log import LOG_NAME, FileLog
@@ -29,6 +31,9 @@ from escalate.store import RecoveredFirstLines
 
 # A pool's derived totals (escalate.store.Transaction.derived), beside its log.
 DERIVED_NAME = "events.ndjson.derived.sqlite"
+# How long after a log's last change its times tell every later change (FileLedger.stamp):
+# many clock ticks (Linux keeps file times in steps of a tick, at most 10 ms).
+_SETTLED_NS = 100_000_000
 
 
 class FileStore:
@@ -60,6 +65,9 @@ class FileStore:
     def ledger(self, run_id: str, *, lock_timeout: float) -> FileLedger:
         return FileLedger(self, run_id, lock_timeout=lock_timeout)
 
+    def now(self, clock: Clock) -> datetime:
+        return clock()  # the machine's clock: a runs folder has no other
+
     def run_ids(self) -> Iterator[str]:
         """The ids of runs here (folders with a log), sorted."""
         if not self.root.is_dir():
@@ -90,7 +98,7 @@ class FileLedger:
     def exists(self) -> bool:
         return self.log.exists()
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
     @contextmanager
@@ -122,6 +130,16 @@ class FileLedger:
 
     def size(self) -> int:
         return self.log.size()
+
+    def stamp(self) -> str | None:
+        """The log's file and its modification and change times: any write changes them,
+        and nobody can set a change time back. Times are kept in coarse steps (a clock tick),
+        so while the last change is that recent, a change after
+        it might leave them as they are: None until then (then the log is read whole)."""
+        info = self.log.stat()
+        if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) < _SETTLED_NS:
+            return None
+        return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
     def sync(self) -> None:
         self.log.sync()
@@ -215,6 +233,9 @@ class FileTransaction:
 
     def load(self) -> Replayed:
         return self._ledger._fold(writable=True, use_cache=self._use_cache)
+
+    def now(self, clock: Clock) -> datetime:
+        return clock()
 
     def recovery(self, replayed: Replayed) -> Event | None:
         # A torn tail is recorded first and only moved aside when this write happens, so

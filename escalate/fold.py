@@ -26,7 +26,7 @@ from escalate.fold_fields import (
     ts_field,
 )
 from escalate.ids import ID_PATTERN, shown_value
-from escalate.money import MAX_MICROS
+from escalate.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.rules import over_cap, task_cap_fits
 from escalate.state import RuleViolation, RunState, Task
 
@@ -108,6 +108,8 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
         raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
     if seq != state.seq + 1 or type(seq) is not int:
         raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
+    if state.archived:
+        raise RuleViolation(f"{shown_value(kind)} after the run was archived (it takes no more lines)")
     if prev != state.last_hash:
         raise RuleViolation(
             f"prev {prev!r} does not match the previous line's hash "
@@ -230,6 +232,12 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         )
     if task.escalation_id is not None and task.escalation_id in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
+    # rules.past_total_limit, inline: the one way a total grows that no cap bounds.
+    if state.spent_micros + state.reserved_micros - reserved + actual > MAX_TOTAL_MICROS:
+        raise RuleViolation(
+            f"release of task {task_id!r} takes what the run committed to "
+            f"{state.spent_micros + state.reserved_micros - reserved + actual}, past the limit of "
+            f"{MAX_TOTAL_MICROS} micros on every total")
     state.reserved_micros -= reserved
     state.spent_micros += actual
     # Only what the single-use and idempotency rules need is kept for a settled task
@@ -275,6 +283,15 @@ def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
         state.pool.cap_micros = int_field(event, "cap_micros")
 
 
+def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
+    if state.pool is not None:
+        raise RuleViolation("run_archived may only be in a run's log")
+    held = [task_id for task_id, task in state.tasks.items() if task.holding]
+    if held or state.open_escalations:
+        raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
+    state.archived = True
+
+
 def _apply_opened_again(state: RunState, event: Mapping[str, Any]) -> None:
     raise RuleViolation(f"{event.get('type')} may only be the first line")
 
@@ -292,6 +309,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "escalation_notified": apply_notified,
     "pool_opened": _apply_opened_again,
     "run_joined": _apply_joined,
+    "run_archived": _apply_archived,
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from escalate.errors import InputError, UnknownRun
+from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.report import halted_tasks, percent, pool_period_line, run_markdown, usage_level
@@ -218,6 +218,10 @@ def check_pool_gate(
 
     limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
     report = pool.show()
+    for unreadable in report["unreadable"]:  # its money is not in the totals: never a pass
+        raise CorruptLedger(unreadable["message"], code=unreadable["error"], run=unreadable["run"],
+                            pool=pool.pool_id, line=unreadable["line"], problem=unreadable["problem"],
+                            first_suspect_line=unreadable["line"])
     state = RunState(run_id=pool.pool_id, run_cap_micros=report["pool_cap_micros"],
                      task_cap_micros=report["pool_cap_micros"], policy=pool.state().policy,
                      opened_at="", spent_micros=report["spent_micros"],

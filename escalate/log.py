@@ -45,17 +45,20 @@ def _write_or_roll_back(fd: int, start: int, write: Callable[[], None]) -> None:
         raise
 
 
-def _write_over(fd: int, offset: int, data: bytes) -> None:
-    """Write ``data`` at ``offset`` and cut the file after it, then fsync.
+def _write_over(fd: int, offset: int, data: bytes | BinaryIO) -> None:
+    """Write ``data`` (bytes, or a stream read to its end a chunk at a time) at ``offset``
+    and cut the file after it, then fsync.
 
     What was there is a torn tail (no newline), so at every moment in between the file
     is complete lines plus at most a torn tail: a crash part-way leaves nothing that a
     replay misreads, only a shorter torn tail for the next writer.
     """
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    chunks = [data] if isinstance(data, bytes) else iter(lambda: data.read(_COPY_CHUNK), b"")
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
     os.ftruncate(fd, offset)
     os.fsync(fd)
 
@@ -132,9 +135,13 @@ class FileLog(RunFolder):
         return os.fdopen(fd, "rb", buffering=0)
 
     def size(self) -> int:
+        return self.stat().st_size
+
+    def stat(self) -> os.stat_result:
+        """The log's ``stat`` (through the run folder's handle, never following a link)."""
         try:
             with self._folder() as dir_fd:
-                return os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False).st_size
+                return os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             raise storage_error(exc, self.path) from exc
 
@@ -238,10 +245,11 @@ class FileLog(RunFolder):
                 os.close(side)
         return copied
 
-    def create(self, first_line: bytes, recovery: Callable[[int, str], bytes],
+    def create(self, first_line: bytes | BinaryIO, recovery: Callable[[int, str], bytes],
                has_run: Callable[[], bool]) -> bool:
-        """Create the run folder and write its first line; False if the run already exists
-        (``has_run()``, asked under the lock: the log holds a complete first write).
+        """Create the run folder and write its first line (or, from a stream, an imported
+        log); False if the run already exists (``has_run()``, asked under the lock: the log
+        holds a complete first write).
 
         A crash during an earlier create can leave an unfinished first write: those bytes are
         set aside like any torn tail, and ``recovery(torn_bytes, saved_to)`` gives the lines
@@ -267,7 +275,7 @@ class FileLog(RunFolder):
                 return False  # (also: a linked log or lock is refused before a lock file is made)
             return self._create_locked(first_line, recovery, has_run)
 
-    def _create_locked(self, first_line: bytes, recovery: Callable[[int, str], bytes],
+    def _create_locked(self, first_line: bytes | BinaryIO, recovery: Callable[[int, str], bytes],
                        has_run: Callable[[], bool]) -> bool:
         with self.locked(), self._folder() as dir_fd:
             if self.exists():

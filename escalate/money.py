@@ -15,6 +15,11 @@ MICROS_PER_USD = 1_000_000
 # 1e9 USD keeps every micro value below 2**53, exact for JSON readers that use doubles.
 MAX_USD = 1_000_000_000
 MAX_MICROS = MAX_USD * MICROS_PER_USD
+# No total (a run's spent, reserved, committed or cap with its extensions, a pool period's)
+# may pass 2**53 - 1 micros (about 9 billion USD): exact in doubles, far inside a signed
+# 64-bit integer (SQLite's INTEGER, PostgreSQL's bigint). A remaining never goes below its
+# negative either, since what is committed never passes it.
+MAX_TOTAL_MICROS = 2**53 - 1
 _ONE_MICRO_USD = Decimal("0.000001")
 
 

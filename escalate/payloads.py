@@ -232,10 +232,17 @@ class RunJoined(TypedDict):
     run: IdStr
 
 
+class RunArchived(TypedDict):
+    """A finished run was retired (escalate runs archive); no line follows; a pool still counts it."""
+
+    type: Literal["run_archived"]
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
-           | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined)
+           | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined
+           | RunArchived)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined)
+    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived)
 

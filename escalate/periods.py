@@ -34,15 +34,34 @@ def zone(name: str) -> ZoneInfo:
                          "Europe/Berlin", code="invalid_zone", value=name[:60]) from None
 
 
+# Files in the zone folder that are no IANA zone name: a placeholder zone, the machine's zone
+# and the template for POSIX TZ strings. (right/… and posix/… are never listed as names.)
+_NOT_ZONE_NAMES = frozenset({"Factory", "localtime", "posixrules"})
+
+
 def check_new_zone(name: str) -> ZoneInfo:
-    """The zone of a new pool: :func:`zone`, and refused (exit 2) when its meaning depends
-    on the machine (``localtime``, or a name the zone folder links to ``/etc/localtime``):
-    writers on two hosts would disagree about when a day starts."""
+    """The zone of a new pool: :func:`zone`, and refused (exit 2) unless ``name`` is an IANA
+    zone name exactly as the zone database lists it (a zone or a link to one, such as
+    ``Europe/Berlin``, ``UTC``, ``Etc/UTC`` or ``US/Eastern``): ``right/…`` zones carry leap
+    seconds that :mod:`zoneinfo` misreads (``right/Europe/Berlin`` is an hour off in winter),
+    ``posix/…`` and ``posixrules`` are the folder's copies and templates, ``Factory`` is a
+    placeholder, and ``localtime`` (or a name the zone folder links to ``/etc/localtime``) is
+    whatever each machine is set to."""
     found = zone(name)
     if name.lower() == "localtime" or _follows_the_machine(name):
         raise InputError(f"time zone {name[:60]!r} means whatever zone each machine is set to; give "
                          "an IANA name such as UTC or Europe/Berlin", code="invalid_zone", value=name[:60])
+    if name in _NOT_ZONE_NAMES or name not in _zone_names(tuple(zoneinfo.TZPATH)):
+        raise InputError(f"time zone {name[:60]!r} is not an IANA zone name; give one such as UTC or "
+                         "Europe/Berlin", code="invalid_zone", value=name[:60])
     return found
+
+
+@functools.cache
+def _zone_names(tzpath: tuple[str, ...]) -> frozenset[str]:
+    """The names the zone database in the folders ``tzpath`` lists (walked once per set of
+    folders: only new pools ask)."""
+    return frozenset(zoneinfo.available_timezones())
 
 
 def _follows_the_machine(name: str) -> bool:

@@ -7,13 +7,15 @@ import logging
 import os
 import re
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from escalate.errors import InputError
-from escalate.pg_transaction import Connection
+
+if TYPE_CHECKING:
+    from escalate.pg_transaction import Connection
 
 
 class ConnectionPool(Protocol):
@@ -40,15 +42,35 @@ _DEFAULTS = {
 }
 
 
+class NotConnected(psycopg.OperationalError):
+    """No connection could be opened: nothing was sent, so nothing was written."""
+
+
 def connect(url: str) -> Connection:
     """A new connection in autocommit mode (each command opens its own transaction), with
     bounded waits: 10 s to connect, and a server gone silent noticed within about a minute
     (TCP keepalives, ``tcp_user_timeout``), unless the URL (or ``PGCONNECT_TIMEOUT``) says
-    otherwise."""
+    otherwise. A URL whose options the driver rejects is :class:`InputError` (exit 2); a
+    connection that could not be opened, :class:`NotConnected`."""
     given = conninfo_to_dict(url)
     options = {name: value for name, (value, variable) in _DEFAULTS.items()
                if name not in given and not (variable and os.environ.get(variable))}
-    return psycopg.connect(make_conninfo(url, **options), autocommit=True)
+    try:
+        return psycopg.connect(make_conninfo(url, **options), autocommit=True)
+    except psycopg.ProgrammingError as exc:  # such as connect_timeout=abc
+        raise invalid_url(exc, str(given.get("password") or "")) from None
+    except psycopg.OperationalError as exc:
+        raise NotConnected(str(exc)) from None
+
+
+def invalid_url(exc: Exception, password: str) -> InputError:
+    """exit 2 for a URL the driver or the server refuses as written (an option's value),
+    quoting what it says without the password."""
+    cause = first_line(exc)
+    if password:
+        cause = cause.replace(password, "***")
+    return InputError(f"invalid store URL ({cause}); fix the option in the URL, written as "
+                      "postgresql://user@host:port/database?option=value", code="invalid_store")
 
 
 def in_transaction(connection: Connection) -> bool:

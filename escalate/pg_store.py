@@ -8,13 +8,11 @@ means committed, so :meth:`PgLedger.sync` has nothing left to do. The tables are
 in :mod:`escalate.pg_schema`; the lines are the file store's NDJSON bytes, folded by the
 same :func:`escalate.replay.replay`.
 
-psycopg 3 is imported only here (and in the modules beside this one), when a store of this
-kind is opened: the file store's start-up does not change.
+psycopg 3 is imported only by the pg_ modules, when such a store is opened.
 
 Failures: a lock wait over the timeout is :class:`~escalate.errors.LockTimeout` (exit 7);
-no connection, a refused login, a connection lost before the commit was confirmed are
-:class:`~escalate.errors.StoreUnavailable` (exit 8), naming the host and the database,
-never the password.
+the rest are in :mod:`escalate.pg_failures`. The time of every line is the server's
+(:mod:`escalate.pg_clock`).
 """
 
 from __future__ import annotations
@@ -24,13 +22,17 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import psycopg
 
+from escalate.config import Clock
 from escalate.durations import format_duration
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun
-from escalate.pg_connect import ConnectionPool, connect, describe, first_line, in_transaction, parse_url
+from escalate.errors import InputError, LockTimeout, UnknownRun
+from escalate.pg_clock import ServerClock
+from escalate.pg_connect import ConnectionPool, connect, describe, in_transaction, parse_url
+from escalate.pg_failures import Outcome, failure
 from escalate.pg_fold import fetch_lines, fold, lines_of
 from escalate.pg_rows import LineStream
 from escalate.pg_schema import ensure_schema
@@ -40,6 +42,7 @@ from escalate.pg_transaction import (
     PgTransaction,
     insert_first_lines,
     last_row,
+    measured,
     rollback,
     text_literal,
 )
@@ -88,6 +91,8 @@ class PgStore:
         self._password = ""
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
+        self.server_clock = ServerClock()
+        self.outcome = Outcome()  # of its writes: what a failure leaves behind
         if self._url is not None:
             info = parse_url(self._url)
             self._password = str(info.get("password") or "")
@@ -117,6 +122,9 @@ class PgStore:
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> PgLedger:
         return PgLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def now(self, clock: Clock) -> datetime:
+        return self.server_clock.now(self, clock)
 
     def run_ids(self) -> Iterator[str]:
         with self.connection() as connection:
@@ -195,30 +203,21 @@ class PgStore:
 
     @contextmanager
     def translated(self) -> Iterator[None]:
-        """psycopg's errors as escalate's: the connection is gone or refused → exit 8."""
+        """psycopg's errors as escalate's (:mod:`escalate.pg_failures`); a connection that
+        broke is opened again by the next command."""
         try:
             yield
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise self.unavailable(exc, code="permission_denied",
-                                   advice="grant the role its rights (see docs/scale-out.md)") from None
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except BaseException as exc:
+            # (Only a commit that went out unconfirmed may have an unknown outcome.)
+            outcome, self.outcome = self.outcome, self.outcome._replace(commit_sent=False)
             if self._kept is not None and self._kept.broken:
                 self._kept = None
             if self._listener is not None and self._listener.broken:
                 self._listener = None
-            raise self.unavailable(exc) from None
-
-    def unavailable(self, exc: psycopg.Error, *, code: str = "store_unavailable",
-                    advice: str = "") -> StoreUnavailable:
-        """exit 8, one line: where, why, and that a retry is safe."""
-        cause = first_line(exc)
-        if self._password:
-            cause = cause.replace(self._password, "***")
-        next_step = f"{advice}, then retry" if advice else "check the server and the URL, then retry"
-        return StoreUnavailable(
-            f"the PostgreSQL store {self.where} is unavailable ({cause}); the outcome of this "
-            f"command may be unknown: {next_step} — repeating the same command is safe",
-            code=code, path=self.where, errno=None)
+            error = failure(exc, self.where, self._password, outcome)
+            if error is None:
+                raise
+            raise error from None
 
 
 class PgLedger:
@@ -244,18 +243,21 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return row is not None and row[0] > 0
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
         is for a torn first write, which a transaction never leaves.)"""
-        lines = first_lines.splitlines(keepends=True)
-        with self._store.connection() as connection, connection.transaction():
-            made = connection.execute(
-                "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
-                "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
-                (self.run_id, len(first_lines), len(lines))).fetchone()
-            if made is None:
-                return False
-            insert_first_lines(connection, self.run_id, lines)
+        size, count, lines = measured(first_lines)
+        with self._store.connection() as connection:
+            with connection.transaction():
+                made = connection.execute(
+                    "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
+                    (self.run_id, size, count)).fetchone()
+                if made is None:
+                    return False
+                insert_first_lines(connection, self.run_id, lines, count)
+                self._store.outcome = Outcome(commit_sent=True)  # goes out now
+            self._store.outcome = Outcome(confirmed=True)  # (for the life of this store)
         return True
 
     @contextmanager
@@ -276,9 +278,11 @@ class PgLedger:
                 # Literals are written with standard_conforming_strings on: see _text.
                 row = last_row(connection, f"{begin}SET LOCAL standard_conforming_strings = on; "
                                 f"SET LOCAL lock_timeout = '{lock_timeout}'; "
-                                "SELECT size, lines, checkpoint, checkpoint_lines, "
-                                "listened_until > now() FROM escalate_ledgers "
-                                f"WHERE ledger = {text_literal(self.run_id)} FOR UPDATE")
+                                # The server's clock once the lock is held: this write's time.
+                                "SELECT locked.*, clock_timestamp() FROM (SELECT size, lines, "
+                                "checkpoint, checkpoint_lines, listened_until > now() AS listened "
+                                f"FROM escalate_ledgers WHERE ledger = {text_literal(self.run_id)} "
+                                "FOR UPDATE) AS locked")
                 if row is None or not row[1]:
                     raise self._unknown()
                 _step("locked")
@@ -335,6 +339,10 @@ class PgLedger:
             row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
                                      (self.run_id,)).fetchone()
         return int(row[0]) if row is not None else 0
+
+    def stamp(self) -> str:
+        """Empty: the events table refuses UPDATE and DELETE (a trigger), so lines never change."""
+        return ""
 
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""

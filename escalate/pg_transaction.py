@@ -5,14 +5,18 @@ first lines (:func:`insert_first_lines`)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 
 from escalate.cache import run_blob
 from escalate.cache_rows import encode_escalation, encode_task
+from escalate.config import Clock
 from escalate.events import Event
+from escalate.pg_failures import Outcome
 from escalate.pg_rows import PgRows
 from escalate.replay import Replayed
 from escalate.state import RunState
@@ -39,6 +43,7 @@ class PgTransaction:
         self._step = step  # pg_store.STEP_HOOK's caller
         self._connection = connection
         self._row = row
+        self._read_at = time.monotonic()  # when the row (and the server's time) arrived
         self._use_cache = use_cache
         self._ledger_text = text_literal(ledger.run_id)
         self._size, self._lines = int(row[0]), int(row[1])
@@ -48,12 +53,18 @@ class PgTransaction:
         # Inside another ledger's transaction: the end releases this savepoint, and the
         # outer transaction commits both.
         self._savepoint = savepoint
+        if savepoint is None:  # no writes of another transaction wait for this one's commit
+            ledger._store.outcome = ledger._store.outcome._replace(held=False)
 
     def load(self) -> Replayed:
         replayed = self._ledger.fold(self._connection, self._row, writable=True,
                                       use_cache=self._use_cache)
         self._step("loaded")
         return replayed
+
+    def now(self, clock: Clock) -> datetime:
+        store = self._ledger._store
+        return store.server_clock.time(self._row[5], clock, store.where, self._read_at)  # with the lock
 
     def recovery(self, replayed: Replayed) -> Event | None:
         return None  # a transaction leaves no torn tail behind
@@ -116,7 +127,16 @@ class PgTransaction:
             self._writes.append(f"SELECT pg_notify('{CHANNEL}', {self._ledger_text})")
         self._step("before_commit")
         end = "COMMIT" if self._savepoint is None else f"RELEASE SAVEPOINT {self._savepoint}"
+        store = self._ledger._store
+        if self._savepoint is not None:  # these writes go out with the outer commit
+            self._connection.execute("; ".join([*self._writes, end]).encode())
+            store.outcome = store.outcome._replace(held=store.outcome.held or bool(self._writes))
+            return
+        sent = bool(self._writes) or store.outcome.held
+        if sent:  # from here until the server confirms, the writes may or may not be committed
+            store.outcome = Outcome(commit_sent=True)
         self._connection.execute("; ".join([*self._writes, end]).encode())
+        store.outcome = Outcome(confirmed=sent or store.outcome.confirmed)
 
     # A pool's books (escalate.pool_book), in escalate_derived: written at once, in this
     # transaction, so they commit with the write they follow or not at all.
@@ -174,7 +194,19 @@ def rollback(connection: Connection) -> None:
             connection.rollback()
 
 
-def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) -> None:
+def measured(first_lines: bytes | BinaryIO) -> tuple[int, int, Iterable[bytes]]:
+    """The size, the number of lines and the lines of a new ledger's first write. A stream
+    (an import) is read twice, a chunk or a line at a time: to measure it, then the lines."""
+    if isinstance(first_lines, bytes):
+        return len(first_lines), first_lines.count(b"\n"), first_lines.splitlines(keepends=True)
+    start, size, count = first_lines.tell(), 0, 0
+    while chunk := first_lines.read(1 << 20):
+        size, count = size + len(chunk), count + chunk.count(b"\n")
+    first_lines.seek(start)
+    return size, count, first_lines  # (a binary stream iterates over its lines)
+
+
+def insert_first_lines(connection: Connection, run_id: str, lines: Iterable[bytes], count: int) -> None:
     """A new ledger's lines (one, or a whole imported log: COPY, then fresh statistics,
     without which the planner may take the big table for an empty one and scan it whole on
     every command; a role that does not own the table skips that, with a notice)."""
@@ -184,5 +216,5 @@ def insert_first_lines(connection: Connection, run_id: str, lines: list[bytes]) 
         for seq, line in enumerate(lines, start=1):
             offset += len(line)
             copy.write_row((run_id, seq, offset, line))
-    if len(lines) > MANY:
+    if count > MANY:
         connection.execute("ANALYZE escalate_events")

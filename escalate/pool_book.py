@@ -10,6 +10,11 @@ and never trusted blindly:
 - it names the format, the machine's boot and the pool log's size it was built at; any
   difference (a pool write it missed, a machine crash that lost unsynced values) means a
   rebuild from the logs of every member;
+- it names the pool log's stamp (:meth:`LedgerStore.stamp`) and last line's hash: a log of
+  the same size with another stamp is read whole before the book is trusted (an edit in
+  place: a broken chain is refused, another last line is a rebuild);
+- a member whose log cannot be read (gone, damaged) is refused, never counted as nothing
+  (:func:`escalate.pool_member.member_unreadable`);
 - before a writer appends to a member run it records the run as its *intent*; after the
   append it folds the new lines into the book and clears the intent, in one save. A writer
   killed in between leaves the intent: the next writer refolds that run from its log;
@@ -17,7 +22,7 @@ and never trusted blindly:
   run whose entry is behind refolds that run first.
 
 So a stale book never lets a reservation past the pool's cap (``tests/test_pools_faults.py``).
-Money stays in the run logs; a task counts in the period of its first reservation.
+Money stays in the run logs; it counts in the period it is added in (:mod:`escalate.pool_member`).
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from escalate.events import Event
 from escalate.ids import check_id
 from escalate.periods import period_key
 from escalate.pool_member import Member, facts_of, fold_member
-from escalate.pool_state import PeriodTotals, PoolFacts, PoolView
+from escalate.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
 from escalate.replay import Replayed
 from escalate.state import Policy, RunState
 from escalate.store import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
-FORMAT = 3
+# 5: a task holds money from each period it was added in; the pool log's stamp and last
+# line's hash (an edit in place at the same size). Books of an earlier format are rebuilt.
+FORMAT = 5
 # Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
 # edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
 # rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
@@ -111,6 +118,7 @@ class PoolBook:
         # is then zero. Otherwise what is missing is read from the store.
         self.complete = False
         self.policy = Policy(**meta["policy"])
+        self.intent: bytes | None = None  # the member a killed writer was appending to
 
     def key_at(self, ts: str) -> str:
         """The key of the period the moment ``ts`` falls in."""
@@ -151,15 +159,14 @@ class PoolBook:
             return {}
         return found
 
-    def view(self, run_id: str | None, now: str) -> PoolView:
-        """What a decision on member ``run_id`` (None: on the pool's own log) at ``now``
-        knows of the pool."""
-        member = Member() if run_id is None else self.member(run_id)
+    def view(self, now: str) -> PoolView:
+        """What a decision on a member run at ``now`` knows of the pool."""
         current = self.key_at(now)
-        task_periods = {task: held[0] for task, held in member.holding.items()}
+        totals = self.totals([current])
+        for key, period in totals.items():
+            check_total_limit(self.pool_id, key, period)
         return PoolView(pool_id=self.pool_id, cap_micros=self.meta["cap"], policy=self.policy,
-                        period=self.meta["period"], current=current,
-                        totals=self.totals([current, *task_periods.values()]), task_periods=task_periods)
+                        period=self.meta["period"], current=current, totals=totals)
 
     def replace(self, run_id: str, member: Member, **more: bytes | None) -> None:
         """Save ``member`` as ``run_id``'s entry, the totals moved by the difference, and
@@ -199,6 +206,8 @@ class PoolBook:
         for member in self.members.values():
             for key, period in member.periods.items():
                 self.periods.setdefault(key, PeriodTotals()).add(period)
+        for key, period in self.periods.items():  # before any of it is saved
+            check_total_limit(self.pool_id, key, period)
         self.complete = True
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:
@@ -206,33 +215,54 @@ class PoolBook:
         return fold_member(store, self.pool_id, self.key_at, stop=stop)
 
 
-def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *, lock_timeout: float,
-              loaded: RunState | None = None) -> PoolBook:
+def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,
+              lock_timeout: float) -> PoolBook:
     """The pool's book, checked (see the module's docstring), rebuilt if it cannot be trusted."""
+    book = _current_book(transaction, pool_store, runs, lock_timeout)
+    if book is None:
+        return _rebuild(transaction, pool_store, runs, lock_timeout)
+    intent = book.intent
+    if intent is not None:  # a writer was killed between a member's append and the book
+        run_id = intent.decode()
+        book.replace(run_id, book.fold_log(run_id), intent=None)
+        book.intent = None
+    return book
+
+
+def _current_book(transaction: Transaction, pool_store: LedgerStore, runs: Store,
+                  lock_timeout: float) -> PoolBook | None:
+    """The book as saved, if it was saved for the pool's log as it is now; else None. A log
+    of the same size whose stamp changed (or could not be told apart yet) may have been
+    edited in place: its whole chain is checked (:class:`CorruptLedger` naming the line)
+    and must end in the line the book was built to."""
     values = unsealed(transaction.derived(["meta", "intent"])) or {}
     meta = orjson.loads(values["meta"]) if "meta" in values else None
     if (meta is None or meta.get("format") != FORMAT or meta.get("epoch") != transaction.derived_epoch()
             or meta.get("log_size") != pool_store.size()):
-        return _rebuild(transaction, pool_store, runs, lock_timeout, loaded)
+        return None
     book = PoolBook(transaction, runs, pool_store.run_id, meta, lock_timeout)
-    intent = values.get("intent")
-    if intent is not None:  # a writer was killed between a member's append and the book
-        run_id = intent.decode()
-        book.replace(run_id, book.fold_log(run_id), intent=None)
-    return book
-
-
-def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float,
-             loaded: RunState | None) -> PoolBook:
-    """Fold the pool's log and every member's, and save them as the whole book."""
-    state = loaded
-    if state is None:
+    stamp = pool_store.stamp()  # (before the log is read: a change after it shows next time)
+    if meta.get("stamp") is None or meta["stamp"] != stamp:
         replayed = transaction.load()
         if replayed.problem is not None:
             raise replayed.problem
-        state = replayed.state
+        if replayed.state.last_hash != meta.get("head"):
+            return None
+        book.meta = {**meta, "stamp": stamp}
+        book.save({"meta": orjson.dumps(book.meta)})
+    book.intent = values.get("intent")
+    return book
+
+
+def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, lock_timeout: float) -> PoolBook:
+    """Fold the pool's log and every member's, and save them as the whole book."""
+    stamp = pool_store.stamp()  # (before the log is read: a change after it shows next time)
+    replayed = transaction.load()
+    if replayed.problem is not None:
+        raise replayed.problem
+    state = replayed.state
     facts = facts_of(state)
-    meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch())
+    meta = _meta(state, facts, pool_store.size(), transaction.derived_epoch(), stamp)
     book = PoolBook(transaction, runs, state.run_id, meta, lock_timeout)
     book.fill(state)
     values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
@@ -243,9 +273,9 @@ def _rebuild(transaction: Transaction, pool_store: LedgerStore, runs: Store, loc
     return book
 
 
-def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str) -> dict[str, Any]:
-    return {"format": FORMAT, "epoch": epoch, "log_size": log_size, "cap": facts.cap_micros,
-            "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
+def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str, stamp: str | None) -> dict[str, Any]:
+    return {"format": FORMAT, "epoch": epoch, "log_size": log_size, "stamp": stamp, "head": state.last_hash,
+            "cap": facts.cap_micros, "policy": state.policy.to_json(), "period": facts.period, "tz": facts.tz}
 
 
 class MemberWrite:
@@ -269,7 +299,7 @@ class MemberWrite:
             self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
 
     def view(self, now: str) -> PoolView:
-        return self.book.view(self.run_id, now)
+        return self.book.view(now)
 
     def before_append(self) -> None:
         self.book.save({"intent": self.run_id.encode()})
@@ -296,11 +326,15 @@ class PoolLogWrite:
 
     def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
         facts_of(replayed.state)  # a run's id given as a pool's
-        self.book = open_book(transaction, self.pool_store, self.runs, lock_timeout=self.lock_timeout,
-                              loaded=replayed.state)
+        # Only a current book is kept up to date; one that needs a rebuild or a refold is
+        # left to the next member write (the log grows, so it cannot pass for current): the
+        # pool's own log is written without its members' logs, so a member that cannot be
+        # read never blocks a join (the retry of an init cut short) or a policy change.
+        book = _current_book(transaction, self.pool_store, self.runs, self.lock_timeout)
+        self.book = book if book is not None and book.intent is None else None
 
-    def view(self, now: str) -> PoolView | None:
-        return None if self.book is None else self.book.view(None, now)
+    def view(self, now: str) -> None:
+        return None
 
     def before_append(self) -> None:
         pass  # the book's log size tells a missed write of the pool's own log
@@ -308,9 +342,10 @@ class PoolLogWrite:
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         book = self.book
         if book is not None and events:
-            book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch())
-            joined = {event["run"]: book.fold_log(event["run"]) for event in events
-                      if event["type"] == "run_joined"}
+            book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch(),
+                              self.pool_store.stamp())
+            # A run joins before it is created: it has no lines to count yet.
+            joined = {event["run"]: Member() for event in events if event["type"] == "run_joined"}
             book.members.update(joined)
             values: dict[str, bytes | None] = {f"member:{run_id}": member.to_bytes()
                                                for run_id, member in joined.items()}

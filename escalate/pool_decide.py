@@ -3,15 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from escalate.decide import Decision, fail, period_name
+from escalate.decide import Decision, fail
 from escalate.errors import InputError
 from escalate.resolve import extension_lowered, policy_changer_refused
 from escalate.state import Policy, RunState
-
-if TYPE_CHECKING:
-    from escalate.pool_state import PoolView
 
 
 def not_a_pool(state: RunState) -> InputError:
@@ -29,13 +24,13 @@ def decide_join(state: RunState, run_id: str) -> Decision:
 
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None, pool: PoolView | None = None) -> Decision:
+                       role: str | None = None, granted: tuple[int, str] | None = None) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
-    period (``pool``: its money now) is not, as a run's. Once the pool names approvers, only
-    they may change it (``role``: the database role acting, on PostgreSQL: recorded, and
-    checked instead of ``by``)."""
+    period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
+    pool names approvers, only they may change it (``role``: the database role acting, on
+    PostgreSQL: recorded, and checked instead of ``by``)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -45,9 +40,7 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
     if refusal is not None:
         return fail(refusal)
-    lowered = None if pool is None else extension_lowered(
-        policy, pool.of(pool.current).extended_micros,
-        "" if pool.period == "none" else f" in {period_name(pool.period, pool.current)}")
+    lowered = None if granted is None else extension_lowered(policy, *granted)
     if lowered is not None:
         return fail(lowered)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}

@@ -2,7 +2,10 @@
 ledger's first line says (a run or a pool, and a run's pool: it never changes).
 
 The lines were checked by the run's own fold when they were written; this fold only sums
-them by period. A task counts in the period of its first reservation.
+them by period. Money counts in the period it is added in (a reservation, the delta of an
+increase, the part of a release above its reservation), and a release below its
+reservation frees the task's money from its most recent period first (``docs/pools.md``:
+which period money counts in).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from escalate.errors import InputError
-from escalate.events import Event, iter_lines
+from escalate.errors import CorruptLedger, InputError
+from escalate.events import Event, iter_lines, line_hash
 from escalate.pool_state import PeriodTotals, PoolFacts
 from escalate.state import RunState
 from escalate.store import LedgerStore, first_event, pool_of
@@ -30,10 +33,11 @@ def facts_of(state: RunState) -> PoolFacts:
 @dataclass(slots=True)
 class Member:
     """One run's money in its pool, by period, as of byte ``offset`` of its log: the tasks
-    it holds (with their period) and each period's totals."""
+    it holds (what each holds from each period it added money in) and each period's totals."""
 
     offset: int = 0
-    holding: dict[str, list[Any]] = field(default_factory=dict)  # task -> [period, amount]
+    # task -> [[period, amount], ...]: oldest first, one entry per period money was added in
+    holding: dict[str, list[list[Any]]] = field(default_factory=dict)
     periods: dict[str, PeriodTotals] = field(default_factory=dict)
 
     def fold(self, event: Event, key_at: Callable[[str], str], deltas: dict[str, PeriodTotals]) -> None:
@@ -42,15 +46,28 @@ class Member:
         kind = event["type"]
         if kind == "budget_reserved":
             key, amount = key_at(event["ts"]), event["amount_micros"]
-            self.holding[event["task"]] = [key, amount]
+            self.holding[event["task"]] = [[key, amount]]
             self._change(deltas, key, reserved=amount)
         elif kind == "budget_increased":
-            held = self.holding[event["task"]]
-            self._change(deltas, held[0], reserved=event["to_micros"] - held[1])
-            held[1] = event["to_micros"]
+            # The delta counts now, never in the task's first period: a $0 placeholder
+            # reserved days ago must not spend today's cap in an earlier day's name.
+            key, held = key_at(event["ts"]), self.holding[event["task"]]
+            delta = event["to_micros"] - sum(amount for _, amount in held)
+            if held[-1][0] == key:
+                held[-1][1] += delta
+            else:
+                held.append([key, delta])
+            self._change(deltas, key, reserved=delta)
         elif kind == "released":
-            key, amount = self.holding.pop(event["task"])
-            self._change(deltas, key, reserved=-amount, spent=event["actual_micros"])
+            held = self.holding.pop(event["task"])
+            above = event["actual_micros"] - sum(amount for _, amount in held)
+            freed = max(-above, 0)
+            for key, amount in reversed(held):  # a release frees the latest period's money first
+                taken = min(freed, amount)
+                freed -= taken
+                self._change(deltas, key, reserved=-amount, spent=amount - taken)
+            if above > 0:  # spent above the reservation: it counts when released (never refused)
+                self._change(deltas, key_at(event["ts"]), spent=above)
         elif kind == "escalation_resolved" and event.get("pool_extension_micros"):
             self._change(deltas, key_at(event["ts"]), extended=event["pool_extension_micros"])
 
@@ -71,29 +88,65 @@ class Member:
                    {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()})
 
 
+def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
+                      line: int = 1) -> CorruptLedger:
+    """The error of a member whose log cannot be read (exit 6): its pool cannot count its
+    money, so money writes in the pool and ``gate --pool`` refuse until it is back."""
+    run_id = store.run_id
+    remedy = (f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
+              f"'escalate runs archive {run_id}' instead), or run 'escalate runs init {run_id} --pool "
+              f"{pool_id}' again if that was cut short" if missing else
+              f"inspect it with 'escalate runs verify {run_id}' and restore its log from a copy")
+    return CorruptLedger(f"run {run_id} of pool {pool_id} cannot be read ({why}): the pool cannot count "
+                         f"its money, so money writes in the pool are refused — {remedy}",
+                         code="member_unreadable", run=run_id, pool=pool_id, line=line, problem=why,
+                         first_suspect_line=line)
+
+
 def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
                 stop: int | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
     a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A run
     that does not name the pool in its first line counts nothing (a join whose ``runs
-    init`` found the id taken)."""
+    init`` found the id taken). A member with no log (moved away, deleted, its creation cut
+    short) or a damaged one (a line that does not parse, a broken chain) is
+    :func:`member_unreadable`: never counted as nothing."""
     member, ignored = Member(), {}  # type: ignore[var-annotated]
-    if not store.exists() or pool_of(first_event(store)) != pool_id:
-        return member  # joined, not created yet, or not this pool's
+    try:
+        first = first_event(store)
+    except InputError as error:  # the folder is a link, the log no file
+        raise member_unreadable(store, pool_id, error.message, missing=True) from None
+    if first is None:
+        raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
+                                missing=True)
+    if pool_of(first) != pool_id:
+        return member  # not this pool's: the id was another ledger's when it joined
     group: list[Event] = []
+    number, prev = 0, ""
     with store.reader() as stream:
         for line, end in iter_lines(stream, 0):
             if stop is not None and end > stop:
                 break
+            number += 1
             try:
                 event = orjson.loads(line)
+                # The chain, as the run's own fold checks it: an edited line is refused.
+                if event["seq"] != number or event["prev"] != prev:
+                    raise member_unreadable(store, pool_id, f"line {number} breaks the seq or prev "
+                                            "chain: a line was changed, removed or inserted",
+                                            missing=False, line=number)
+                prev = line_hash(line)
                 group.append(event)
                 if event.get("more"):
                     continue  # more lines of the same write follow
                 for each in group:
                     member.fold(each, key_at, ignored)
-            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-                break  # a damaged log: its run refuses every write until it is repaired
+            except orjson.JSONDecodeError:
+                raise member_unreadable(store, pool_id, f"line {number} does not parse", missing=False,
+                                        line=number) from None
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise member_unreadable(store, pool_id, f"line {number} is not what a writer wrote",
+                                        missing=False, line=number) from None
             group = []
             member.offset = end
     return member

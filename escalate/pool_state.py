@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from escalate.errors import CorruptLedger
 from escalate.events import Period
-from escalate.rules import needed_extension
+from escalate.money import MAX_TOTAL_MICROS, format_usd
+from escalate.periods import ALL
+from escalate.rules import needed_extension, past_total_limit
 from escalate.state import Policy
 
 
@@ -28,8 +31,9 @@ class PoolFacts:
 
 @dataclass(slots=True)
 class PeriodTotals:
-    """The pool's money in one period, summed over its members: what their tasks that
-    began in the period hold and spent, and the pool extensions granted in it."""
+    """The pool's money in one period, summed over its members: what their tasks hold and
+    spent of the money added in the period (``docs/pools.md``: which period money counts
+    in), and the pool extensions granted in it."""
 
     reserved_micros: int = 0
     spent_micros: int = 0
@@ -53,11 +57,26 @@ class PeriodTotals:
         return cls(reserved, spent, extended)
 
 
+def check_total_limit(pool_id: str, key: str, totals: PeriodTotals) -> None:
+    """Raise :class:`CorruptLedger` when what the pool's members committed in period ``key``
+    adds up past the limit on totals: no write checked by escalate gets there (a release
+    past it is refused), so a member's log holds money that was never checked. (The total is
+    in the message only: past 2**64 no JSON number can carry it.)"""
+    if past_total_limit(totals.committed_micros):
+        period = "all time" if key == ALL else f"the period {key}"
+        raise CorruptLedger(
+            f"pool {pool_id}: its runs together committed {format_usd(totals.committed_micros)} in "
+            f"{period}, past the limit of {format_usd(MAX_TOTAL_MICROS)} ({MAX_TOTAL_MICROS} micros) "
+            "on every total, which no write through the pool lets happen: a run's log was edited or "
+            "written outside the pool; writes are refused — restore the edited log", pool=pool_id,
+            period=key, problem="a pool's total past the limit", limit_micros=MAX_TOTAL_MICROS)
+
+
 @dataclass(frozen=True, slots=True)
 class PoolView:
     """What a decision on a member run knows of its pool: the settings, the period the
-    write falls in, the totals of the periods it may touch, and the periods of the tasks
-    this run holds (a task counts in the period of its first reservation)."""
+    write falls in and its totals. Money a write adds counts in that period, whatever the
+    age of its task (no banking: ``docs/pools.md``)."""
 
     pool_id: str
     cap_micros: int
@@ -65,11 +84,6 @@ class PoolView:
     period: Period
     current: str  # the key of the period this write falls in
     totals: Mapping[str, PeriodTotals]
-    task_periods: Mapping[str, str]
-
-    def period_of(self, task_id: str) -> str:
-        """The period ``task_id`` counts in: that of its first reservation, else this one."""
-        return self.task_periods.get(task_id, self.current)
 
     def of(self, key: str) -> PeriodTotals:
         return self.totals.get(key) or PeriodTotals()
@@ -87,11 +101,7 @@ class PoolView:
         """What the max extension still allows in this period (negative if lowered)."""
         return self.policy.max_extension_micros - self.of(self.current).extended_micros
 
-    def grantable(self, task_id: str, delta: int) -> tuple[int, int]:
-        """``(needed, left)``: the pool extension ``delta`` more for ``task_id`` needs, and
-        what may still be granted. Only a task of this period can be helped: an extension
-        counts in the period it is granted in."""
-        key = self.period_of(task_id)
-        needed = needed_extension(delta, self.remaining(key))
-        left = self.extension_left() if key == self.current else 0
-        return needed, left
+    def grantable(self, delta: int) -> tuple[int, int]:
+        """``(needed, left)``: the pool extension ``delta`` more needs in this period, and
+        what may still be granted in it."""
+        return needed_extension(delta, self.remaining(self.current)), self.extension_left()

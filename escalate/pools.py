@@ -11,29 +11,39 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from escalate import config, pool_book
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
-from escalate.errors import Conflict, InputError
+from escalate.decide import period_name
+from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.events import format_ts
 from escalate.ids import check_id
 from escalate.money import Amount, parse_micros
 from escalate.money import format_usd as usd
 from escalate.periods import bounds, check_new_zone, check_period, key_of_date, period_key
-from escalate.pool_member import Member, fold_member
-from escalate.pool_state import PeriodTotals, PoolFacts
+from escalate.pool_member import Member, fold_member, member_unreadable
+from escalate.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.state import RunState
-from escalate.store import LedgerStore, Store, open_store
+from escalate.store import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.runs import LineProblem, LineWarning, LogHead, VerifyReport
     from escalate.service import Ledger
 
 
 class PoolRun(TypedDict):
     run: str
     committed_micros: int
+
+
+class UnreadableMember(TypedDict):
+    run: str
+    error: str  # member_unreadable
+    message: str  # what is wrong, and how to bring it back
+    line: int  # the line of its log that is damaged (1 when there is no log)
+    problem: str
 
 
 class PoolReport(TypedDict):
@@ -55,6 +65,9 @@ class PoolReport(TypedDict):
     remaining_micros: int
     escalation: dict[str, Any]
     runs: list[PoolRun]
+    # Members whose logs cannot be read: the totals above leave them out (a warning; money
+    # writes in the pool and gate --pool refuse until they are back).
+    unreadable: list[UnreadableMember]
 
 
 class Pool:
@@ -99,7 +112,7 @@ class Pool:
                                     approvers=approvers)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
-        line, recovery = first_lines(payload, format_ts(pool.clock()), pool.actor)
+        line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
         if pool.store.create(line, recovery):
             pool.created = True
             return pool
@@ -131,15 +144,25 @@ class Pool:
         assert facts is not None  # state() refuses a run
         return facts
 
-    def members(self) -> dict[str, Member]:
-        """Each member run's money by period, folded from its log (no lock, no cache)."""
+    def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
+        """Each member run's money by period, folded from its log (no lock, no cache), and
+        the members whose logs cannot be read (moved away, damaged: nothing of theirs is
+        counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
 
         def key_at(ts: str) -> str:
             return period_key(facts.period, facts.tz, ts)
 
-        return {run_id: fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                    self.pool_id, key_at) for run_id in facts.members}
+        members: dict[str, Member] = {}
+        unreadable: list[UnreadableMember] = []
+        for run_id in facts.members:
+            try:
+                members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
+                                              self.pool_id, key_at)
+            except CorruptLedger as error:
+                unreadable.append({"run": run_id, "error": error.code, "message": error.message,
+                                   "line": error.line, "problem": error.problem})
+        return members, unreadable
 
     def show(self, period: str | None = None) -> PoolReport:
         """The pool's money in the period now, or in the earlier one holding ``period`` (a
@@ -148,16 +171,17 @@ class Pool:
         state = self.state()
         facts = state.pool
         assert facts is not None
-        current = period_key(facts.period, facts.tz, format_ts(self.clock()))
+        current = period_key(facts.period, facts.tz, format_ts(self.runs_store.now(self.clock)))
         key = current if period is None else key_of_date(facts.period, period)
         if key > current:  # keys sort as text; a period to come holds nothing yet
             raise InputError(f"invalid period {period!r}: the {facts.period} {key} has not begun (the "
                              f"current one is {current}); give a date up to today", code="invalid_period",
                              value=period, current=current)
-        members = self.members()
+        members, unreadable = self.members()
         totals = PeriodTotals()
         for member in members.values():
             totals.add(member.periods.get(key) or PeriodTotals())
+        check_total_limit(self.pool_id, key, totals)
         start, end = bounds(facts.period, facts.tz, key)
         cap = facts.cap_micros + totals.extended_micros
         return {
@@ -170,6 +194,7 @@ class Pool:
             "runs": [{"run": run_id,
                       "committed_micros": (member.periods.get(key) or PeriodTotals()).committed_micros}
                      for run_id, member in members.items()],
+            "unreadable": unreadable,
         }
 
     def set_policy(
@@ -196,7 +221,9 @@ class Pool:
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor, role, pool)
+            lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role,
+                                      self._granted(now) if lowered else None)
 
         role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
 
@@ -206,6 +233,18 @@ class Pool:
         if decision.error is not None:
             raise decision.error
         return {"pool": self.pool_id, **decision.result}
+
+
+    def _granted(self, now: str) -> tuple[int, str]:
+        """What approvals extended the pool by in the period ``now`` falls in, folded from
+        its members' logs (asked under the pool's lock, so no grant slips in before the
+        change; a member that cannot be read counts nothing), and `` in the day …``."""
+        facts = self.facts
+        key = period_key(facts.period, facts.tz, now)
+        members, _ = self.members()
+        granted = sum((member.periods.get(key) or PeriodTotals()).extended_micros
+                      for member in members.values())
+        return granted, "" if facts.period == "none" else f" in {period_name(facts.period, key)}"
 
 
 def _pool_cap(cap: Amount) -> int:
@@ -255,3 +294,50 @@ def list_pools(runs_dir: str | os.PathLike[str] | Store) -> list[PoolRow]:
             rows.append({"pool": ledger_id, "cap_micros": facts.cap_micros, "period": facts.period,
                          "tz": facts.tz, "runs": len(facts.members)})
     return rows
+
+
+class PoolVerifyReport(TypedDict):
+    """What ``pools verify --json`` prints: the pool's own log checked as ``runs verify``
+    checks a run's, and every member's; ``ok`` when none of them has a problem."""
+
+    pool: str
+    ok: bool
+    lines: int | None
+    events: int
+    torn_bytes: int | None
+    head: LogHead | None
+    problems: list[LineProblem]
+    warnings: list[LineWarning]
+    members: list[VerifyReport]  # each member's log, as runs verify reports it
+
+
+def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
+                lock_timeout: float | None = None) -> PoolVerifyReport:
+    """Check every line of the pool's log (the chain and the pool's rules) and of each member
+    named in it (a member with no log is a problem too). Problems are reported, not raised;
+    :class:`InputError` when there is no such pool, or it is a run."""
+    from escalate.runs import verify_report
+
+    runs = open_store(runs_dir)
+    timeout = config.lock_timeout(lock_timeout)
+    store = runs.ledger(check_id(pool_id, what="pool id"), lock_timeout=timeout)
+    first = first_event(store)
+    if first is None or first.get("type") != "pool_opened":
+        pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
+    own = verify_report(store)
+    members: list[VerifyReport] = []
+    # The members the pool's log names, as far as it folds (a damaged line is passed over).
+    facts = store.verify().state.pool if own["lines"] is not None else None
+    for run_id in facts.members if facts is not None else []:
+        member = runs.ledger(run_id, lock_timeout=timeout)
+        if first_event(member) is None:
+            problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
+                                        missing=True)
+            members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
+                            "head": None, "problems": [{"line": 1, "problem": problem.message}],
+                            "warnings": []})
+        else:
+            members.append(verify_report(member))
+    report = {key: value for key, value in own.items() if key != "run"}
+    return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
+                                   "ok": own["ok"] and all(member["ok"] for member in members)})

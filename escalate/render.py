@@ -132,7 +132,7 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column(justify="right")
-    summary.add_row("run", _plain(state.run_id))
+    summary.add_row("run", _plain(state.run_id) + (" (archived)" if state.archived else ""))
     summary.add_row("cap", usd(state.cap_micros)
                     + (f" (incl. {usd(state.extended_micros)} extension)" if state.extended_micros else ""))
     summary.add_row("spent", usd(state.spent_micros))

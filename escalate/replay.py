@@ -181,9 +181,10 @@ class _Fold:
                        "a line was removed or inserted before this one")
         self.problems.append((line_no, reason))
         if not self.tolerant or state is None:
+            check = "pools verify" if state is not None and state.pool is not None else "runs verify"
             self.problem = CorruptLedger(
                 f"{self.where} line {line_no}: {reason}; writes are refused — "
-                f"inspect with 'escalate runs verify {self.run_id}'",
+                f"inspect with 'escalate {check} {self.run_id}'",
                 run=self.run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
             return True
         _resync(state, event if type(event) is dict else None, this_hash)

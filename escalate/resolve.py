@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def expire(state: RunState, now: str) -> list[Event]:
     """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
-    by ``now``, the writer's own clock."""
+    by ``now``, the write's time (the store's clock: the machine's, or the database server's)."""
     return [
         {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
          "extension_micros": 0}
@@ -34,7 +34,7 @@ def expire(state: RunState, now: str) -> list[Event]:
 
 
 def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """True when ``escalation`` is past ``expires_at`` by ``now`` (a writer's own clock), or
+    """True when ``escalation`` is past ``expires_at`` by ``now`` (the store's clock), or
     when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
     ran ahead sets such a deadline, and it must not keep the escalation open for as long as
     it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
@@ -210,12 +210,13 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
 
 def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
                 facts: dict[str, Any]) -> Decision | None:
-    """A grant on a member run: it must fit the pool in the task's period; approving a
-    ``pool_cap`` escalation may extend the pool by what this period's max extension has left."""
-    needed, left = pool.grantable(escalation.task, delta)
+    """A grant on a member run: it must fit the pool in this period (where the money
+    counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
+    max extension has left."""
+    needed, left = pool.grantable(delta)
     if escalation.reason != "pool_cap":
         left = 0  # a run's escalation extends the run only
-    key = pool.period_of(escalation.task)
+    key = pool.current
     if needed > left:
         return fail(Refused(
             f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(pool.remaining(key))} left in "
@@ -253,12 +254,14 @@ def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Con
 
 
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
-                  role: str | None = None) -> Decision:
+                  role: str | None = None, pool: PoolView | None = None) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
     its approvers, only they may change it: otherwise anyone could add themselves (``role``:
-    the database role acting, recorded, and checked instead of ``by``)."""
+    the database role acting, recorded, and checked instead of ``by``). A member run's
+    answer names its ``pool``'s policy too: the run's own settings never lift it."""
+    binding = {} if pool is None else {"pool": pool.pool_id, "pool_escalation": pool.policy.to_json()}
     if policy == state.policy:
-        return Decision(result={"status": "exists", "escalation": policy.to_json()})
+        return Decision(result={"status": "exists", "escalation": policy.to_json(), **binding})
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
                                      "runs set")
     if refusal is not None:
@@ -269,4 +272,22 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None,
     changed: Event = {"type": "policy_changed", "escalation": policy.to_json()}
     if role is not None:
         changed["role"] = role
-    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})
+    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json(), **binding})
+
+
+def decide_archive(state: RunState) -> Decision:
+    """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
+    holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
+    if state.archived:
+        return Decision(result={"status": "exists", "archived": True})
+    held = sorted(task_id for task_id, task in state.tasks.items() if task.holding)
+    waiting = sorted(state.open_escalations)
+    if held or waiting:
+        what = "; ".join(part for part in (
+            held and f"tasks holding reservations: {', '.join(held[:5])}" + (" …" if len(held) > 5 else ""),
+            waiting and f"open escalations: {', '.join(waiting[:5])}" + (" …" if len(waiting) > 5 else ""))
+            if part)
+        return fail(Conflict(f"run {state.run_id} is not finished ({what}); release its tasks and resolve "
+                             "its escalations, then archive it", code="not_finished", state="unfinished",
+                             held=held, escalations=waiting))
+    return Decision(events=[{"type": "run_archived"}], result={"status": "archived", "archived": True})

@@ -24,7 +24,7 @@ class TaskResult(TypedDict):
     actual_micros: NotRequired[int | None]
     shadow_escalation_id: NotRequired[str]
     withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
-    pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in the task's period
+    pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in this period
     pool: NotRequired[str]  # a member run: its pool,
     pool_escalation: NotRequired[dict[str, Any]]  # and the pool's escalation policy, which binds it too
 
@@ -65,13 +65,15 @@ class DeliveryResult(TypedDict):
 
 
 class SweepResult(TypedDict):
-    """``sweep``: the escalations this call expired (paused by ``timeout``) and the notices
-    it sent again."""
+    """``sweep``: the escalations this call expired (paused by ``timeout``), the notices it
+    sent again, and the ids of those due that it left for the next sweep (its deadline
+    passed before they could start)."""
 
     run: str
     status: Literal["swept"]
     expired: list[str]
     notified: list[DeliveryResult]
+    deferred: list[str]
 
 
 def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:

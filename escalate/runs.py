@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
 from escalate.state import RunState
-from escalate.store import Store, is_store_url, open_store
+from escalate.store import LedgerStore, Store, is_store_url, open_store
 
-RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle"]
+RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
 
 @final  # no further keys: `"error" in row` tells the two kinds of row apart
@@ -39,6 +40,7 @@ class RunRow(TypedDict):
     events: int
     halts: int
     escalation: dict[str, Any]
+    archived: bool  # retired by 'runs archive': listed only with every_run
     opened_at: str
     state: RunWord
     pool: str | None  # the pool the run belongs to (None: none)
@@ -127,6 +129,7 @@ class SweepReport(TypedDict):
     runs: int
     expired: list[SweptEscalation]
     notified: list[SweptNotice]
+    deferred: list[SweptEscalation]  # due, but not started before the deadline
     failures: list[SweepFailure]
 
 
@@ -170,9 +173,10 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
     return root
 
 
-def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenRun]:
+def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
+              every_run: bool = False) -> list[RunRow | BrokenRun]:
     """Every run under ``runs_dir`` with its totals and state, newest first; a run that
-    cannot be read is a :class:`BrokenRun` row."""
+    cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     root = runs_root(runs_dir)
     rows: list[RunRow | BrokenRun] = []
     for run_id in iter_run_ids(root):
@@ -182,6 +186,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
         except EscalateError as error:
             rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
             continue
+        if state.archived and not every_run:
+            continue
         rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
                                   "state": run_word(state), "pool": ledger.pool_id()}))
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
@@ -190,6 +196,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store) -> list[RunRow | BrokenR
 
 def run_word(state: RunState) -> RunWord:
     """The one word ``runs list`` shows for a run, the most urgent first."""
+    if state.archived:  # finished for good: nothing open, nothing held
+        return "archived"
     if state.open_escalations:
         return "escalation open"
     if state.remaining_micros < 0:
@@ -231,35 +239,46 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-              **options: Any) -> SweepReport:
-    """Pause by timeout every expired escalation in every run (or in ``run`` only), and
-    send again the notices that are due (:meth:`Ledger.sweep`); ``options`` are
-    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and
-    the others are still swept; with ``run`` its error is raised."""
+              limits: SweepLimits = SWEEP_LIMITS, **options: Any) -> SweepReport:
+    """Pause by timeout every expired escalation in every run (or in ``run`` only), then
+    send again the notices that are due within ``limits`` (:meth:`Ledger.sweep`): every
+    expiry is written before any hook runs, and a notice not started by the deadline is
+    listed in ``deferred`` and due at the next sweep. ``options`` are
+    :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
+    still swept; with ``run`` its error is raised."""
     root = runs_root(runs_dir)
     run_ids = [run] if run is not None else list(iter_run_ids(root))
     expired: list[SweptEscalation] = []
-    notified: list[SweptNotice] = []
+    due: list[dict[str, Any]] = []
+    ledgers: dict[str, Ledger] = {}
     failures: list[SweepFailure] = []
     for run_id in run_ids:
         try:
-            swept = Ledger.open(root, run_id, **options).sweep()
+            ledger = Ledger.open(root, run_id, **options)
+            swept, notices = ledger.expire()
         except EscalateError as error:
             if run is not None:
                 raise
             failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
             continue
         expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
-        notified += [{"run": run_id, **notice} for notice in swept["notified"]]
-    return {"status": "swept", "runs": len(run_ids), "expired": expired, "notified": notified,
+        if notices:  # (only these ledgers are kept open until their notices are sent)
+            ledgers[run_id] = ledger
+            due += notices
+    sent, left = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice), limits)
+    return {"status": "swept", "runs": len(run_ids), "expired": expired,
+            "notified": [{"run": notice["run"], **outcome} for notice, outcome in sent],
+            "deferred": [{"run": notice["run"], "escalation_id": notice["id"]} for notice in left],
             "failures": failures}
 
 
-def verify_report(ledger: Ledger) -> VerifyReport:
-    """Check every line of ``ledger``'s log: the JSON, the seq run, the prev chain, the
-    ledger rules and the event schema. Problems are reported, not raised."""
+def verify_report(ledger: Ledger | LedgerStore) -> VerifyReport:
+    """Check every line of ``ledger``'s log (a run's, or any ledger's in a store): the JSON,
+    the seq run, the prev chain, the ledger rules and the event schema. Problems are
+    reported, not raised."""
+    store = ledger.store if isinstance(ledger, Ledger) else ledger
     try:
-        replayed = ledger.verify()
+        replayed = store.verify()
     except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
         report = None
         problems = [(error.line, error.problem)]
@@ -270,12 +289,12 @@ def verify_report(ledger: Ledger) -> VerifyReport:
     # (pydantic, loaded only here).
     from escalate.schema import line_problems
 
-    with ledger.read_log() as stream:
+    with store.reader() as stream:
         found = dict(problems)
         problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
                                         if line not in found)])
     return {
-        "run": ledger.run_id, "ok": not problems, "lines": report.lines if report else None,
+        "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
         "events": report.state.seq if report else 0,
         "torn_bytes": report.torn_bytes if report else None,
         # The last line's hash: no later line vouches for it, so keep it elsewhere to

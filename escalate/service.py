@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from escalate import config, resolve
+from escalate import config, delivery, resolve
 from escalate import decide as decisions
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
 from escalate.decide import Decision
-from escalate.delivery import decide_notified, deliver, delivery_due, new_notices, notice_again
+from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver, deliver_all, new_notices, notice_again
 from escalate.errors import CorruptLedger, InputError, UnknownRun
 from escalate.events import Event, format_ts
 from escalate.ids import check_id
@@ -136,7 +136,7 @@ class Ledger:
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
-        line, recovery = first_lines(payload, format_ts(run.clock()), run.actor)
+        line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
         if joining is None or first_event(run.store) is not None:
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
@@ -199,7 +199,11 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return cast(TaskResult, self._mutate(
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor)))
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
+
+    def archive(self) -> dict[str, Any]:
+        """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
+        return self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))
 
     def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Grant an escalation: the extension and the task's reservation in one write."""
@@ -236,19 +240,20 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s)
-            decision = resolve.decide_policy(state, policy, self.actor, role)
-            if pool is not None:  # its own settings never lift its pool's: say which binds it too
-                decision.result.update(pool=pool.pool_id, pool_escalation=pool.policy.to_json())
-            return decision
+            return resolve.decide_policy(state, policy, self.actor, role, pool)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
-    def sweep(self, *, redeliver: bool = True) -> SweepResult:
-        """Resolve expired escalations (``pause`` by ``timeout``); ``expired`` lists their ids.
+    def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
+        """Resolve expired escalations (``expired``), then send again each notice due within
+        ``limits`` (:func:`escalate.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
+        result, due = self.expire(redeliver=redeliver)
+        sent, left = deliver_all(due, self.send_notice, limits)
+        result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
+        return result
 
-        With a notify hook, then send again the notice of each open escalation that is due
-        (:func:`escalate.delivery.delivery_due`: a failed delivery after its backoff, or every
-        ``renotify_every_s``); ``notified`` lists those attempts."""
+    def expire(self, *, redeliver: bool = True) -> tuple[SweepResult, list[dict[str, Any]]]:
+        """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
         due: list[EscalationState] = []
 
         def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
@@ -257,12 +262,12 @@ class Ledger:
             due.clear()
             if redeliver and self.notify_cmd:
                 due.extend(e for e in state.open_escalations.values()
-                           if delivery_due(e, state.policy, now))
+                           if delivery.delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
-        result["notified"] = [self._deliver(notice_again(self.run_id, escalation)) for escalation in due]
-        return result
+        result["notified"], result["deferred"] = [], []
+        return result, [notice_again(self.run_id, escalation) for escalation in due]
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
         """Block until the escalation is resolved, without holding the lock.
@@ -387,13 +392,13 @@ class Ledger:
         if not self.notify_cmd:
             return
         for notice in new_notices(self.run_id, first_seq, self.actor, events):
-            self._deliver(notice)
+            self.send_notice(notice)
 
-    def _deliver(self, notice: dict[str, Any]) -> DeliveryResult:
+    def send_notice(self, notice: dict[str, Any]) -> DeliveryResult:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
-            lambda state, now, _, pool: decide_notified(state, escalation_id, ok, detail)))
+            lambda state, now, _, pool: delivery.decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs

@@ -194,6 +194,8 @@ class RunState:
     pool: PoolFacts | None = None
     # The pool a run's first line names (None: none): a write checks it under the run's lock.
     member_of: str | None = None
+    # Retired by ``runs archive`` (run_archived): no line may follow.
+    archived: bool = False
 
     @property
     def cap_micros(self) -> int:
@@ -225,6 +227,7 @@ class RunState:
             "events": self.seq,
             "halts": self.halts,
             "escalation": self.policy.to_json(),
+            "archived": self.archived,
         }
 
 

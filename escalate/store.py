@@ -23,10 +23,12 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any, BinaryIO, Protocol, cast
 
 import orjson
 
+from escalate.config import Clock
 from escalate.errors import InputError, UnknownRun
 from escalate.events import Event
 from escalate.ids import valid_id
@@ -52,6 +54,12 @@ class Transaction(Protocol):
     def load(self) -> Replayed:
         """The state as of the last complete write: the checkpoint plus the lines after
         it. A problem (a bad line) is in :attr:`Replayed.problem`, never raised here."""
+        ...
+
+    def now(self, clock: Clock) -> datetime:
+        """The time of this write, read under its lock: the file store's is the machine's
+        (``clock``, the writer's own); a database's is its server's, read in this transaction,
+        so a writer's clock never moves money there."""
         ...
 
     def recovery(self, replayed: Replayed) -> Event | None:
@@ -114,8 +122,10 @@ class LedgerStore(Protocol):
         """True when the ledger holds at least its first line."""
         ...
 
-    def create(self, first_lines: bytes, recovered: RecoveredFirstLines) -> bool:
-        """Write a new ledger's first lines; False if the ledger already exists."""
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
+        """Write a new ledger's first lines; False if the ledger already exists. A stream
+        (an imported log, already verified) is read from where it is to its end, a chunk
+        at a time."""
         ...
 
     def transaction(self, *, use_cache: bool = True) -> AbstractContextManager[Transaction]:
@@ -139,6 +149,12 @@ class LedgerStore(Protocol):
 
     def size(self) -> int:
         """The bytes of lines stored so far: it grows with every write."""
+        ...
+
+    def stamp(self) -> str | None:
+        """What tells a change of the stored lines that leaves their :meth:`size` (an edit
+        in place), without reading them; None while a later change could still leave it
+        as it is. A pool's books trust the pool's log only at the stamp they were saved at."""
         ...
 
     def sync(self) -> None:
@@ -183,6 +199,12 @@ class Store(Protocol):
 
     def ledger(self, run_id: str, *, lock_timeout: float) -> LedgerStore:
         """The ledger ``run_id`` (which may not exist yet)."""
+        ...
+
+    def now(self, clock: Clock) -> datetime:
+        """The time now as this store's lines tell it (a new ledger's first line, a pool's
+        current period, a wait's deadline): the machine's (``clock``) for a runs folder, the
+        server's for a database (:meth:`Transaction.now`)."""
         ...
 
     def run_ids(self) -> Iterator[str]:
@@ -261,5 +283,6 @@ def pool_of(event: dict[str, Any] | None) -> str | None:
 
 def is_a_pool(ledger_id: str) -> InputError:
     """The error for a run command given a pool's id."""
-    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}', "
-                      "or give a run id", code="is_a_pool", run=ledger_id)
+    return InputError(f"{ledger_id} is a pool, not a run; see it with 'escalate pools show {ledger_id}' "
+                      f"(check it with 'escalate pools verify {ledger_id}'), or give a run id",
+                      code="is_a_pool", run=ledger_id)

@@ -4,17 +4,21 @@ import`` and ``store init`` as library calls.
 A run moves as its log: the NDJSON lines, the same bytes in every store. An export is the
 log's complete lines; an import checks a log as ``runs verify`` does (every line, the seq
 run, the chain, the rules, the schema) before anything is written, and then writes it as a
-new run in one write (one transaction on the PostgreSQL store).
+new run in one write (one transaction on the PostgreSQL store). A log given as a stream
+is copied to a private temporary file and read from there a chunk at a time: memory does
+not grow with its size, and the bytes written are the bytes verified.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TypedDict
 
-from escalate.errors import Conflict, InputError
+from escalate.errors import Conflict, InputError, storage_error
 from escalate.ids import check_id
 from escalate.replay import replay
 from escalate.service import Ledger
@@ -50,25 +54,50 @@ def export_lines(location: str | os.PathLike[str] | Store, run_id: str) -> Itera
                 pending = pending[cut:]
 
 
-class _Bytes:
-    """A log held in memory, as :func:`escalate.replay.replay` reads lines."""
+class _Source:
+    """A log to import, as :func:`escalate.replay.replay` reads lines: bytes, or a file
+    read again from its start by each reader (which leaves the file open)."""
 
-    def __init__(self, where: str, data: bytes) -> None:
+    def __init__(self, where: str, data: bytes | BinaryIO) -> None:
         self.where = where
         self._data = data
 
     def reader(self) -> BinaryIO:
-        return io.BytesIO(self._data)
+        if isinstance(self._data, bytes):
+            return io.BytesIO(self._data)
+        stream = open(self._data.fileno(), "rb", closefd=False)  # noqa: SIM115 (the caller closes it)
+        stream.seek(0)
+        return stream
 
 
-def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: bytes, *,
+def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: bytes | BinaryIO, *,
                source: str = "the file", **options: Any) -> ImportResult:
     """Create run ``run_id`` from the log ``data`` after checking every line of it; an
     :class:`InputError` names the first problem and nothing is written. A run that
-    exists already is a :class:`Conflict`. ``options`` are :class:`Ledger`'s."""
+    exists already is a :class:`Conflict`. ``options`` are :class:`Ledger`'s.
+
+    ``data``: the log's bytes, or a binary stream (a file, stdin), read to its end into a
+    private temporary file (in the system's temporary folder, gone when the call returns):
+    it is never held whole in memory, and nobody can change it between the check and the
+    write."""
     check_id(run_id, what="run id")
-    _check_identity(source, run_id, data)
-    problems = _log_problems(source, run_id, data)
+    if isinstance(data, bytes):
+        return _import(location, run_id, _Source(source, data), options)
+    with tempfile.TemporaryFile() as copy:
+        try:
+            shutil.copyfileobj(data, copy, _CHUNK)
+            copy.flush()  # (the readers read the file's descriptor, not this buffer)
+        except OSError as exc:
+            raise storage_error(exc, f"{source}, copied to {tempfile.gettempdir()}") from exc
+        return _import(location, run_id, _Source(source, copy), options)
+
+
+def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
+            options: dict[str, Any]) -> ImportResult:
+    source = log.where
+    with log.reader() as stream:
+        _check_identity(source, run_id, stream.readline())
+    problems, lines = _log_problems(log, run_id)
     if problems:
         line, problem = problems[0]
         raise InputError(f"{source} line {line}: {problem}; nothing was imported — check it with "
@@ -82,7 +111,10 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
                          f"remove that run's folder, then import again", code="run_exists",
                          run=run_id)
 
-    if not ledger.store.create(data, refuse):
+    with log.reader() as stream:
+        created = ledger.store.create(stream, refuse)
+        size = stream.tell()
+    if not created:
         raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
                        "imported — remove it there first, or import into another store", code="run_exists",
                        run=run_id)
@@ -92,16 +124,16 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
         replayed = transaction.load()
         if replayed.problem is None:
             transaction.save_checkpoint(replayed, replayed.state, [])
-    return {"run": run_id, "status": "imported", "lines": data.count(b"\n"), "bytes": len(data)}
+    return {"run": run_id, "status": "imported", "lines": lines, "bytes": size}
 
 
-def _check_identity(source: str, run_id: str, data: bytes) -> None:
+def _check_identity(source: str, run_id: str, first_line: bytes) -> None:
     """A pool's member (or a pool) is counted by the pool's books, so it cannot move on its
     own; a run without a pool may move under another id."""
     import orjson
 
     try:
-        first = orjson.loads(data[:data.find(b"\n")] if b"\n" in data else data)
+        first = orjson.loads(first_line)
     except orjson.JSONDecodeError:
         return  # the checks of every line name the problem
     if not isinstance(first, dict):
@@ -119,24 +151,27 @@ def _check_identity(source: str, run_id: str, data: bytes) -> None:
                          line=1, problem="a pool member's log")
 
 
-def _log_problems(source: str, run_id: str, data: bytes) -> list[tuple[int, str]]:
-    """Every problem ``runs verify`` would report for ``data``, and a torn tail."""
+def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int]:
+    """Every problem ``runs verify`` would report for the log, and a torn tail; and its
+    number of complete lines."""
     from escalate.errors import CorruptLedger, UnknownRun
     from escalate.schema import line_problems
 
-    if not data:
-        return [(1, "the file is empty")]
+    with log.reader() as stream:
+        if not stream.read(1):
+            return [(1, "the file is empty")], 0
     try:
-        replayed = replay(_Bytes(source, data), run_id, tolerant=True)
+        replayed = replay(log, run_id, tolerant=True)
     except (CorruptLedger, UnknownRun) as error:
-        return [(getattr(error, "line", 1), getattr(error, "problem", error.message))]
+        return [(getattr(error, "line", 1), getattr(error, "problem", error.message))], 0
     problems = list(replayed.problems)
     found = {line for line, _ in problems}
-    problems += [(line, text) for line, text in line_problems(io.BytesIO(data)) if line not in found]
+    with log.reader() as stream:
+        problems += [(line, text) for line, text in line_problems(stream) if line not in found]
     if replayed.torn_bytes:
         problems.append((replayed.lines + 1, f"{replayed.torn_bytes} bytes after the last complete "
                          "line (a torn or unfinished write)"))
-    return sorted(problems)
+    return sorted(problems), replayed.lines
 
 
 def init_store(location: str | os.PathLike[str] | Store) -> StoreInitResult:

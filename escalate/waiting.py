@@ -52,8 +52,10 @@ def wait_for(ledger: Ledger, escalation_id: str, timeout_s: float | None) -> Res
             if escalation.state == "resolved":
                 return resolution_outcome(ledger.run_id, escalation)
             waiting = (escalation, state.policy)
-        # Expiry follows the clock, not the log: nobody else may ever write to this run again.
-        if waiting is not None and resolve.is_expired(*waiting, format_ts(ledger.clock())):
+        # Expiry follows the store's clock, not the log: nobody else may ever write to this
+        # run again.
+        now = format_ts(ledger.runs_store.now(ledger.clock)) if waiting is not None else ""
+        if waiting is not None and resolve.is_expired(*waiting, now):
             waiting = None
             ledger.sweep(redeliver=False)
             continue

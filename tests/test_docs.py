@@ -86,6 +86,7 @@ def drive_every_event_type(runs_dir: Path) -> None:
     off = Ledger.init(runs_dir, "off", cap="1", clock=clock)
     off.reserve("x", "1")
     off.release("x", "1.5")
+    off.archive()  # finished: retired for good
     # A pool (pool_opened, run_joined, its policy_changed with a cap) and a member run's
     # pool_cap escalation approved with a pool extension, then a pool_cap halt.
     from escalate.pools import Pool

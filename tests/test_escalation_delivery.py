@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from escalate import Ledger, Pending
 from escalate.delivery import retry_delay_s
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, Location, log_bytes, snapshot_tree
 
 
 def escalate(runs_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -195,3 +196,87 @@ def test_a_failure_after_delivered_reminders_is_retried_in_a_minute(tmp_path: Pa
     assert sweep_after(1) == [(6, False)]   # one minute after the first failure in a row
     assert sweep_after(119) == []
     assert sweep_after(1) == [(7, False)]   # then two
+
+
+def _sweep(store: Location, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """One real ``escalate sweep --json`` process on ``store``."""
+    where = ("--runs-dir", str(store)) if isinstance(store, Path) else ("--store", store)
+    environment = {key: value for key, value in os.environ.items() if key != "ESCALATE_NOTIFY_CMD"}
+    command = [sys.executable, "-m", "escalate", "sweep", *where, "--json", *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**environment, **env}, timeout=120,
+                          check=False)
+
+
+def _events(store: Location, run: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_bytes(store, run).splitlines()]
+
+
+def _open_escalations(store: Location, run: str, count: int, clock: FakeClock, **settings: Any) -> None:
+    """``count`` open escalations in a new run, written an hour ago: a first delivery
+    failed, so each is due again now."""
+    ledger = Ledger.init(store, run, cap="100", escalation="enforce", approval_threshold="1", clock=clock,
+                         actor="ci-bot", **settings)
+    for task in range(count):
+        with pytest.raises(Pending):
+            ledger.reserve(f"t{task}", "2")
+
+
+def test_sweep_expires_first_then_delivers_several_at_a_time(store: Location) -> None:
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=1))
+    for run in ("a1", "a2"):  # swept before z: a sequential sweep would expire z last
+        _open_escalations(store, run, 10, clock, notify_cmd="exit 9", escalation_timeout_s=86_400)
+    _open_escalations(store, "z", 3, clock, escalation_timeout_s=60)
+    started = time.monotonic()
+    swept = _sweep(store, "--parallel", "5", ESCALATE_NOTIFY_CMD="cat > /dev/null; sleep 30",
+                   ESCALATE_NOTIFY_TIMEOUT="1s")
+    elapsed = time.monotonic() - started
+    assert swept.returncode == 0, swept.stderr
+    report = orjson.loads(swept.stdout)
+    assert sorted((e["run"], e["escalation_id"]) for e in report["expired"]) == [
+        ("z", "esc-2"), ("z", "esc-3"), ("z", "esc-4")]
+    assert len(report["notified"]) == 20 and report["deferred"] == []
+    assert {(n["run"], n["attempt"], n["ok"], n["detail"]) for n in report["notified"]} == {
+        (run, 2, False, "timed out after 1s") for run in ("a1", "a2")}
+    # Every expiry is on record before the first hook's attempt is.
+    expiries = [e["ts"] for e in _events(store, "z") if e["type"] == "escalation_resolved"]
+    attempts = [e["ts"] for run in ("a1", "a2") for e in _events(store, run)
+                if e["type"] == "escalation_notified" and e["attempt"] == 2]
+    assert len(expiries) == 3 and len(attempts) == 20 and max(expiries) < min(attempts)
+    # Four rounds of five one-second hooks; one at a time would take more than 20 s.
+    assert elapsed < 12, elapsed
+
+
+def test_notices_not_started_by_the_deadline_are_sent_at_the_next_sweep(store: Location) -> None:
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=1))
+    _open_escalations(store, "r", 6, clock, notify_cmd="exit 9", escalation_timeout_s=86_400)
+    first = _sweep(store, "--parallel", "1", "--deadline", "1500ms",
+                   ESCALATE_NOTIFY_CMD="cat > /dev/null; sleep 30", ESCALATE_NOTIFY_TIMEOUT="1s")
+    assert first.returncode == 0, first.stderr
+    report = orjson.loads(first.stdout)
+    tried = [n["escalation_id"] for n in report["notified"]]
+    left = [d["escalation_id"] for d in report["deferred"]]
+    opened = [e["id"] for e in _events(store, "r") if e["type"] == "escalation"]
+    assert 1 <= len(tried) <= 2 and sorted(tried + left) == sorted(opened) and len(opened) == 6
+    # Only the attempts made are on record: a deferred notice is simply still due.
+    recorded = [e["id"] for e in _events(store, "r")
+                if e["type"] == "escalation_notified" and e["attempt"] == 2]
+    assert sorted(recorded) == sorted(tried)
+    second = _sweep(store, ESCALATE_NOTIFY_CMD="cat > /dev/null")
+    assert second.returncode == 0, second.stderr
+    again = orjson.loads(second.stdout)
+    # The deferred ones now; those that failed a minute ago wait for their backoff.
+    assert sorted((n["escalation_id"], n["attempt"], n["ok"]) for n in again["notified"]) == sorted(
+        (escalation_id, 2, True) for escalation_id in left)
+    assert again["deferred"] == []
+
+
+@pytest.mark.parametrize(("option", "value"), [("--parallel", "0"), ("--parallel", "33"),
+                                               ("--deadline", "2h"), ("--deadline", "soon")])
+def test_sweep_limits_are_bounded(runs_dir: Path, option: str, value: str) -> None:
+    clock = FakeClock(datetime.now(UTC) - timedelta(hours=1))
+    _open_escalations(runs_dir, "r", 1, clock, escalation_timeout_s=60)
+    before = snapshot_tree(runs_dir)
+    refused = _sweep(runs_dir, option, value, ESCALATE_NOTIFY_CMD="true")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert orjson.loads(refused.stdout)["error"] in ("invalid_input", "invalid_duration")
+    assert snapshot_tree(runs_dir) == before

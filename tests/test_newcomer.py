@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from escalate import Ledger
+from tests.conftest import Location
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +42,22 @@ def test_no_runs_folder_yet_is_an_empty_answer(cli: Any, runs_dir: Path, command
     as_json = cli(*command, "--json")
     assert as_json.exit_code == 0
     assert {"runs list": {"runs": []}, "escalations": {"escalations": []},
-            "sweep": {"status": "swept", "runs": 0, "expired": [], "notified": [], "failures": []}}[
+            "sweep": {"status": "swept", "runs": 0, "expired": [], "notified": [], "deferred": [],
+                      "failures": []}}[
         " ".join(command[:2]) if command[0] == "runs" else command[0]] == as_json.json()
     assert not runs_dir.exists()  # looking creates nothing
+
+
+def test_no_runs_is_a_hint_to_start_one_and_an_empty_list_in_json(cli: Any, store: Location) -> None:
+    if isinstance(store, Path):
+        store.mkdir()  # a runs folder that exists, empty
+    human = cli("runs", "list")
+    assert (human.exit_code, human.stdout, human.stderr) == (
+        0, "no runs; start one with 'escalate runs init RUN --cap USD'\n", "")
+    as_json = cli("runs", "list", "--json")
+    assert (as_json.exit_code, as_json.json(), as_json.stderr) == (0, {"runs": []}, "")
+    assert cli("runs", "init", "r", "--cap", "1").exit_code == 0
+    assert "no runs" not in cli("runs", "list").stdout
 
 
 # ------------------------------------------------------------------ messages

@@ -96,3 +96,42 @@ def test_a_failing_webhook_is_a_recorded_failed_delivery(tmp_path: Path, webhook
     assert "the webhook answered 500" in asked.stderr and "T0KEN" not in asked.stderr
     assert [(n["attempt"], n["ok"], n["detail"]) for n in notified(runs)] == [(1, False, "exit 1")]
     assert len(webhook.posts) == 1
+
+
+def test_what_the_requester_typed_reaches_the_chats_as_typed(tmp_path: Path, webhook: Webhook) -> None:
+    runs = tmp_path / "runs"
+    url = f"http://127.0.0.1:{webhook.server_port}/hooks/T0KEN"
+    requester = "<@U024BE7LH> @here"
+    reason = ("<!channel> see <https://evil.example|the runbook> & [docs](https://evil.example) "
+              "@everyone <@&123> **now** ||x||")
+    assert escalate(runs, "runs", "init", "r", "--cap", "10", "--escalation", "enforce",
+                    "--approval-threshold", "2").returncode == 0
+    asked = escalate(runs, "reserve", "r", "big_job", "--estimate", "3", "--reason", reason,
+                     ESCALATE_ACTOR=requester, ESCALATE_WEBHOOK_URL=url,
+                     ESCALATE_NOTIFY_CMD=f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE))}")
+    assert asked.returncode == 4 and "warning" not in asked.stderr, asked.stderr
+    [(_, body)] = webhook.posts
+    assert body["allowed_mentions"] == {"parse": []}  # Discord pings nobody, whatever the text
+    slack, discord = body["text"].splitlines(), body["content"].splitlines()
+    assert slack[0].startswith("[normal] r: &lt;@U024BE7LH&gt; @\u200bhere asks $3.00 for task big_job")
+    assert slack[1] == ("Reason: &lt;!channel&gt; see &lt;https://evil.example|the runbook&gt; &amp; "
+                        "[docs](https://evil.example) @\u200beveryone &lt;@&amp;123&gt; **now** ||x||")
+    assert discord[0].startswith(r"[normal] r: \<\@U024BE7LH\> \@here asks $3.00 for task big\_job")
+    assert discord[1] == (r"Reason: \<!channel\> see \<https://evil.example\|the runbook\> & "
+                          r"\[docs\]\(https://evil.example\) \@everyone \<\@&123\> \*\*now\*\* \|\|x\|\|")
+    # The commands to answer still name the run and the escalation as they are.
+    assert "escalate approve r esc-2 --by YOU" in body["text"]
+    assert "escalate approve r esc-2 --by YOU" in body["content"]
+
+
+def test_a_value_never_starts_a_line_of_its_own(webhook: Webhook) -> None:
+    # A hand-made event (escalate refuses such a reason): a newline must not open a heading.
+    event = {"run": "r", "id": "esc-1", "task": "t", "requested_micros": 1, "remaining_micros": 0,
+             "request_reason": "ok\n# ALL HANDS\r\n> quoted\u2028-# small", "offered": ["pause"]}
+    url = f"http://127.0.0.1:{webhook.server_port}/hooks/T0KEN"
+    posted = subprocess.run([sys.executable, str(EXAMPLE)], input=orjson.dumps(event), capture_output=True,
+                            env={**os.environ, "ESCALATE_WEBHOOK_URL": url}, timeout=60, check=False)
+    assert posted.returncode == 0, posted.stderr
+    [(_, body)] = webhook.posts
+    assert body["text"].splitlines()[1] == "Reason: ok # ALL HANDS &gt; quoted -# small"
+    assert body["content"].splitlines()[1] == r"Reason: ok # ALL HANDS \> quoted -# small"

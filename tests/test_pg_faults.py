@@ -2,10 +2,10 @@
 every step of a command's transaction: the connection cut (``pg_terminate_backend``), the
 writer killed (SIGKILL), the server stopped as if it crashed (``pg_ctl stop -m immediate``).
 
-Whatever happens, the command either answers exit 8 (the outcome may be unknown) or, cut
-after its commit, its answer; nothing partial is ever stored; and retrying the same command
-settles it exactly once (one reservation, never two), with ``runs verify`` clean and the
-independent audit of conftest passing.
+Whatever happens, the command either answers exit 8 (nothing was written; once its commit
+was sent, the outcome may be unknown) or, cut after its commit, its answer; nothing partial
+is ever stored; and retrying the same command settles it exactly once (one reservation,
+never two), with ``runs verify`` clean and the independent audit of conftest passing.
 """
 
 from __future__ import annotations
@@ -114,7 +114,14 @@ def test_a_cut_connection_answers_8_and_a_retry_settles_once(pg_run: str, cli: A
         assert (code, answer["error"]) == (8, "store_unavailable"), stderr
         assert len(stderr.splitlines()) == 1, stderr  # one line, that says what to do
         line = stderr.strip()
-        assert "may be unknown" in line and "safe" in line and "/escalate_test_" in line
+        assert "/escalate_test_" in line
+        # Cut while it still reads (no query follows the fold of this reserve but the one
+        # that carries its writes and the commit), nothing was written; once that was sent,
+        # the outcome may be unknown, and a retry is safe.
+        sent = STEPS.index(step) >= STEPS.index("loaded")
+        assert answer["commit_sent"] is sent
+        assert ("may be unknown" in line and "safe" in line) is sent
+        assert ("nothing was written" in line) is not sent
         assert log_bytes(url, "faults") == before  # nothing of the command was kept
     _retry_settles(cli, "faults", task, first_committed=committed)
     assert _reservations(url, "faults", task) == 1
@@ -182,7 +189,8 @@ def test_a_server_crash_mid_run_answers_8_then_retries_settle(
             assert code in (0, 8), stderr
         # While the server is down, every command answers 8 and says a retry is safe.
         down = cli("reserve", run_id, task, "--estimate", "1", "--json")
-        assert (down.exit_code, down.json()["error"]) == (8, "store_unavailable")
+        assert (down.exit_code, down.json()["error"]) == (8, "connection_failed")
+        assert "nothing was written" in down.json()["message"]
     finally:
         crashable_server.start()
     # After the crash recovery: what was committed is there, nothing else is.

@@ -47,7 +47,7 @@ def test_a_writer_killed_inside_the_pool_commits_nothing(pg_url: str) -> None:
     assert Ledger.open(pg_url, "r2").reserve("all", "40")["pool_remaining_micros"] == 0
     with pytest.raises(Refused):
         Ledger.open(pg_url, "r3").reserve("more", "0.01")
-    assert audit_pool(pg_url) == (0, POOL_CAP)
+    assert audit_pool(pg_url) == {"all": (0, POOL_CAP)}
 
 
 def test_the_books_are_rows_that_commit_with_the_write(pg_url: str) -> None:

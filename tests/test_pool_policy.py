@@ -91,8 +91,8 @@ def test_a_members_own_shadow_mode_does_not_silence_its_pools_enforce(store: Loc
     assert (escalation.reason, escalation.shadow) == ("pool_cap", False)  # no shadow record took its place
     assert cli("gate", "--pool", "team").exit_code == 3  # nothing committed the pool did not approve
     assert (asked.json()["pool"], asked.json()["approvers"]) == ("team", [LEAD])
-    assert ("pool team's escalation binds run r1 too, whatever its own: enforce, threshold $10.00, "
-            f"approvers {LEAD}") in loosened.stdout
+    assert ("run r1: escalation off → shadow, approval threshold none → $0.01; pool team's escalation "
+            f"binds it too, whatever its own: enforce, threshold $10.00, approvers {LEAD}") in loosened.stdout
     # The worker names a friend as the run's approver: still no one but the pool's may grant.
     _as(person, WORKER, "r1").set_policy(approvers=FRIEND)
     before = log_bytes(store, "r1")

@@ -85,25 +85,6 @@ def test_the_pool_lock_is_taken_before_the_run_lock(runs_dir: Path, evening: Fak
     assert "team" in str(waited.value)
 
 
-def test_a_task_counts_in_the_period_of_its_first_reservation(store: Location) -> None:
-    # 23:59:59 in Berlin; released after midnight, the cost is yesterday's.
-    clock = FakeClock(datetime(2026, 11, 30, 22, 59, 59, tzinfo=UTC))
-    pool = _pool(store, clock)
-    run = _run(store, clock, "a", cap="100")
-    run.reserve("late", "7")
-    clock.advance(2)  # 00:00:01 the next day
-    run.increase("late", "9")  # still yesterday's: $1 was left there, $2 more fits
-    with pytest.raises(Refused) as over:
-        run.increase("late", "12")  # yesterday has only $1 left, today's $10 cannot help
-    assert over.value.facts["period"] == "2026-11-30"
-    run.release("late", "9.5")  # a release after its period ended is never refused
-    assert run.reserve("fresh", "10")["status"] == "reserved"  # today is untouched
-    yesterday, today = pool.show("2026-11-30"), pool.show()
-    assert (yesterday["spent_micros"], yesterday["reserved_micros"]) == (9_500_000, 0)
-    assert not yesterday["current"]
-    assert (today["period"], today["reserved_micros"], today["spent_micros"]) == ("2026-12-01", 10_000_000, 0)
-
-
 def test_weeks_and_months_follow_the_calendar_of_the_zone(store: Location) -> None:
     clock = FakeClock(datetime(2026, 11, 29, 23, 30, tzinfo=UTC))  # Monday 00:30 in Berlin
     week = Pool.init(store, "weekly", cap="5", period="week", tz="Europe/Berlin", clock=clock)
@@ -150,7 +131,8 @@ def test_ids_of_pools_and_runs_never_cross(runs_dir: Path, evening: FakeClock, c
                  ["pools", "show", "team", "--period", "2026-13-01"], ["pools", "set", "team"],
                  ["pools", "set", "team", "--cap", "0"], ["pools", "set", "team", "--escalation", "maybe"],
                  ["pools", "set", "team", "--max-extension", "-1"], ["pools", "init", "p", "--cap", "1e3"],
-                 ["pools", "init", "../p", "--cap", "5"]):
+                 ["pools", "init", "../p", "--cap", "5"], ["pools", "verify", "a"],
+                 ["pools", "verify", "nobody"], ["runs", "archive", "team"], ["runs", "archive", "nobody"]):
         result = cli(*args, "--json")
         assert result.exit_code == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("escalate: ")

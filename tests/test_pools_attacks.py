@@ -156,7 +156,8 @@ def test_a_member_folder_renamed_is_refused_not_left_out_of_its_pool(runs_dir: P
     for name in (runs_dir / "P").glob("events.ndjson.derived.sqlite*"):
         name.unlink()  # a rebuild of the books changes nothing: N is still refused
     result = cli("reserve", "N", "c", "--estimate", "1", "--json")
-    assert result.exit_code == 6 and result.json()["error"] == "corrupt_ledger"
+    assert result.exit_code == 6 and result.json()["error"] == "member_unreadable"  # M is gone
+    assert result.json()["run"] == "M"
 
 
 def test_a_clock_before_year_1000_leaves_the_run_usable(runs_dir: Path) -> None:

@@ -5,18 +5,20 @@ pool gate's own keys, and the messages that name what changed."""
 from __future__ import annotations
 
 import os
+import re
 import zoneinfo
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeClock, snapshot_tree
+from conftest import FakeClock, Location, snapshot_tree
 from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
 from escalate.errors import InputError, Pending, Refused
+from escalate.periods import zone
 from escalate.pools import Pool
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday, in ISO week 2026-W49
@@ -74,6 +76,37 @@ def test_a_zone_that_follows_the_machine_is_refused(runs_dir: Path, cli: Any) ->
                     "invalid_zone")
     assert (snapshot_tree(runs_dir) if runs_dir.exists() else {}) == before
     assert cli("pools", "init", "p", "--cap", "5", "--period", "day", "--tz", "Etc/UTC").exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["right/Europe/Berlin", "posix/Europe/Berlin", "posixrules", "Factory",
+                                  "europe/berlin", "Europe/Berlin/", "./UTC", "/usr/share/zoneinfo/UTC"])
+def test_only_iana_zone_names_are_taken(runs_dir: Path, cli: Any, name: str) -> None:
+    before = snapshot_tree(runs_dir) if runs_dir.exists() else {}
+    _one_line_error(cli("pools", "init", "p", "--cap", "5", "--period", "day", "--tz", name, "--json"),
+                    "invalid_zone")
+    assert (snapshot_tree(runs_dir) if runs_dir.exists() else {}) == before
+
+
+@pytest.mark.parametrize("name", ["UTC", "Etc/UTC", "Etc/GMT+5", "EST5EDT", "US/Eastern", "Europe/Berlin"])
+def test_iana_names_and_their_links_are_taken(store: Location, name: str) -> None:
+    assert Pool.init(store, "p", cap="5", period="day", tz=name).facts.tz == name
+
+
+def test_a_pool_opened_with_a_zone_now_refused_replays_as_written(store: Location,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Written by a version that took right/ zones: its periods stay the ones it has counted in.
+    with monkeypatch.context() as old_version:
+        old_version.setattr("escalate.pools.check_new_zone", zone)
+        Pool.init(store, "p", cap="5", period="day", tz="right/Europe/Berlin", clock=FakeClock(NOON))
+    pool = Pool.open(store, "p", clock=FakeClock(NOON))
+    assert pool.facts.tz == "right/Europe/Berlin"
+    shown = pool.show()
+    assert (shown["period"], shown["period_start"]) == ("2026-11-30", "2026-11-29T22:00:00.000000Z")
+    Ledger.init(store, "member", pool="p", cap="5", clock=FakeClock(NOON)).reserve("t", "2")
+    assert pool.show()["reserved_micros"] == 2_000_000
+    with pytest.raises(InputError) as refused:
+        Pool.init(store, "q", cap="5", period="day", tz="right/Europe/Berlin")
+    assert refused.value.code == "invalid_zone"
 
 
 def test_a_zone_name_linked_to_etc_localtime_is_refused(tmp_path: Path, runs_dir: Path) -> None:
@@ -209,3 +242,16 @@ def test_runs_list_with_a_pool_column_still_fits_80_columns(runs_dir: Path,
     rows = [line for line in shown if line.startswith(("nightly-api", "plain"))]
     assert len(rows) == 2 and len(shown) == 2 + 3  # title, header, rule: no wrapped cell
     assert "team-a" in rows[0] + rows[1]
+
+
+def test_a_non_approvers_pools_set_is_refused_unless_it_changes_nothing(store: Location, cli: Any) -> None:
+    Pool.init(store, "team", cap="10", approvers="lead", actor="tester")
+    events = Pool.open(store, "team").state().seq
+    changing = cli("pools", "set", "team", "--cap", "20", "--by", "intern")
+    assert changing.exit_code == 3
+    # The one refused is --by on a runs folder, the database role on PostgreSQL.
+    assert re.fullmatch(r"escalate: cannot change pool team: \w+ is not one of its approvers \(lead\); "
+                        r"ask one of them to run 'escalate pools set'\n", changing.stderr)
+    same = cli("pools", "set", "team", "--cap", "10", "--approvers", "lead", "--by", "intern")
+    assert (same.exit_code, same.stdout) == (0, "pool team: unchanged (cap $10.00, escalation off)\n")
+    assert Pool.open(store, "team").state().seq == events  # neither wrote a line

@@ -1,6 +1,6 @@
 """Pools under real processes (docs/pools.md): writers racing on the runs of one pool never
-take it past its cap, and a writer killed between a run's append and the pool's books
-leaves no hole a later reservation could slip through.
+take any of its days past its cap, and a writer killed between a run's append and the
+pool's books leaves no hole a later reservation could slip through.
 
 Run as a script (``python tests/test_pools_processes.py ROOT SEED``), this file is one
 writer of the kill storm."""
@@ -14,6 +14,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,25 @@ RUNS = ["r0", "r1", "r2", "r3"]
 POOL_CAP = 40_000_000
 
 
-def make_pool(root: Path | str) -> None:
-    Pool.init(root, "pool", cap="40", actor="tester")
+def make_pool(root: Path | str, period: str = "none", clock: Any = None) -> None:
+    Pool.init(root, "pool", cap="40", period=period, actor="tester", clock=clock)
     for run in RUNS:
-        Ledger.init(root, run, pool="pool", cap="100", actor="tester")
+        Ledger.init(root, run, pool="pool", cap="100", actor="tester", clock=clock)
+
+
+class SharedClock:
+    """One clock for every forked writer: each reading is ``step`` after the one before, so
+    time passes over midnights during the test, and (each write reads it under the pool's
+    lock) the lines' order in time is the order they were written in."""
+
+    def __init__(self, start: datetime, step: timedelta) -> None:
+        self.start, self.step = start, step
+        self.ticks = FORK.Value("q", 0)
+
+    def __call__(self) -> datetime:
+        with self.ticks.get_lock():
+            self.ticks.value += 1
+            return self.start + self.ticks.value * self.step
 
 
 def run_logs(root: Path | str) -> dict[str, bytes]:
@@ -58,52 +75,73 @@ def merged_history(root: Path | str) -> list[dict[str, Any]]:
     return sorted(events, key=lambda event: (event["ts"], event["run"], event["seq"]))
 
 
-def audit_pool(root: Path | str, cap: int = POOL_CAP) -> tuple[int, int]:
-    """An independent fold of the merged history (stdlib only): after every reservation the
-    pool's committed money is within its cap. Returns (spent, reserved)."""
-    held: dict[tuple[str, str], int] = {}
-    spent = 0
+def audit_pool(root: Path | str, cap: int = POOL_CAP,
+               period_at: Callable[[str], str] = lambda ts: "all") -> dict[str, tuple[int, int]]:
+    """An independent fold of the merged history (stdlib only), by the rule of
+    docs/pools.md: money counts in the period (``period_at`` of a line's time) it is added
+    in; a release's cost fills the periods its task's money was added in, oldest first,
+    and the rest counts when released. After every reservation and increase, the period it
+    counts in is within the cap. Returns each period's (spent, reserved)."""
+    added: dict[tuple[str, str], list[tuple[str, int]]] = {}  # each task's money by period
+    spent: dict[str, int] = {}
+    reserved: dict[str, int] = {}
     for event in merged_history(root):
-        key = (event["run"], event.get("task", ""))
+        task, now = (event["run"], event.get("task", "")), period_at(event["ts"])
         if event["type"] == "budget_reserved":
-            assert key not in held
-            held[key] = event["amount_micros"]
+            assert task not in added
+            added[task], amount = [], event["amount_micros"]
         elif event["type"] == "budget_increased":
-            assert held[key] == event["from_micros"]
-            held[key] = event["to_micros"]
+            assert sum(held for _, held in added[task]) == event["from_micros"]
+            amount = event["to_micros"] - event["from_micros"]
         elif event["type"] == "released":
-            assert held.pop(key) == event["reserved_micros"]
-            spent += event["actual_micros"]
-        if event["type"] in ("budget_reserved", "budget_increased"):
-            assert spent + sum(held.values()) <= cap, f"over the pool's cap at {event}"
-    return spent, sum(held.values())
+            assert sum(held for _, held in added[task]) == event["reserved_micros"]
+            cost = event["actual_micros"]
+            for period, held in added.pop(task):
+                spent[period] = spent.get(period, 0) + min(cost, held)
+                reserved[period] -= held
+                cost -= min(cost, held)
+            spent[now] = spent.get(now, 0) + cost
+            continue
+        else:
+            continue
+        added[task].append((now, amount))
+        reserved[now] = reserved.get(now, 0) + amount
+        assert spent.get(now, 0) + reserved[now] <= cap, f"over the pool's cap at {event}"
+    return {period: (spent.get(period, 0), reserved.get(period, 0)) for period in {*spent, *reserved}}
 
 
-def worker(root: Path | str, number: int, start: Any, results: Any) -> None:
+def worker(root: Path | str, number: int, start: Any, results: Any, clock: SharedClock) -> None:
     rng = random.Random(number)
-    run = Ledger.open(root, RUNS[number % len(RUNS)], lock_timeout=60, actor=f"w{number}")
+    run = Ledger.open(root, RUNS[number % len(RUNS)], lock_timeout=60, actor=f"w{number}", clock=clock)
     start.wait()
     done = refused = 0
+    held: list[tuple[str, int]] = []  # this worker's tasks holding money, in tenths of a dollar
     for step in range(40):
-        task = f"w{number}-{step}"
         try:
-            tenths = rng.randint(1, 20)
-            run.reserve(task, str(tenths / 10))
-            if rng.random() < 0.3:
-                run.increase(task, str((tenths + rng.randint(1, 10)) / 10))
-            if rng.random() < 0.8:
-                run.release(task, str(rng.randint(0, 10) / 10))
+            if held and rng.random() < 0.5:  # a task of an earlier step, often of an earlier day
+                task, tenths = held.pop(rng.randrange(len(held)))
+                if rng.random() < 0.4:
+                    tenths += rng.randint(1, 10)
+                    run.increase(task, str(tenths / 10))
+                    held.append((task, tenths))
+                else:  # below or above its reservation
+                    run.release(task, str(rng.randint(0, 2 * tenths + 5) / 10))
+            else:
+                task, tenths = f"w{number}-{step}", rng.randint(0, 20)  # $0 placeholders too
+                run.reserve(task, str(tenths / 10))
+                held.append((task, tenths))
             done += 1
         except Refused:
             refused += 1
     results.put((done, refused))
 
 
-def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(store: Location) -> None:
+def test_eight_processes_on_four_runs_never_take_a_day_past_its_cap(store: Location) -> None:
     root = store  # a runs folder, or a PostgreSQL database
-    make_pool(root)
+    clock = SharedClock(datetime(2026, 11, 23, 20, 0, tzinfo=UTC), timedelta(minutes=15))
+    make_pool(root, "day", clock)
     start, results = FORK.Barrier(8), FORK.Queue()
-    workers = [FORK.Process(target=worker, args=(root, n, start, results)) for n in range(8)]
+    workers = [FORK.Process(target=worker, args=(root, n, start, results, clock)) for n in range(8)]
     for process in workers:
         process.start()
     outcomes = [results.get(timeout=300) for _ in workers]
@@ -111,9 +149,12 @@ def test_eight_processes_on_four_runs_never_take_the_pool_past_its_cap(store: Lo
         process.join(60)
         assert process.exitcode == 0
     assert sum(done for done, _ in outcomes) > 20 and sum(refused for _, refused in outcomes) > 20
-    spent, reserved = audit_pool(root)
-    shown = Pool.open(root, "pool").show()
-    assert (shown["spent_micros"], shown["reserved_micros"]) == (spent, reserved)
+    days = audit_pool(root, period_at=lambda ts: ts[:10])  # the pool's days are UTC's
+    assert len(days) >= 3  # every write reads the clock: 320 of them take 80 hours at least
+    pool = Pool.open(root, "pool", clock=clock)
+    for day, (spent, reserved) in days.items():
+        shown = pool.show(day)
+        assert (shown["spent_micros"], shown["reserved_micros"]) == (spent, reserved), day
     for run in RUNS:
         assert Ledger.open(root, run).verify().problems == []
 
@@ -179,7 +220,7 @@ def test_killed_writers_leave_pool_and_runs_consistent(tmp_path: Path) -> None:
     for run in RUNS:
         report = Ledger.open(root, run).verify()
         assert report.problems == []
-    spent, reserved = audit_pool(root)
+    [(spent, reserved)] = audit_pool(root).values()
     shown = Pool.open(root, "pool").show()
     assert (shown["spent_micros"], shown["reserved_micros"]) == (spent, reserved)
     # What the writers' books say equals the fold of the logs: a write needing exactly the

@@ -68,7 +68,7 @@ def test_each_call_returns_what_its_command_prints(store: Location, cli: Any, cl
     clock.advance(120)
     swept = sweep_all(store, clock=clock)
     assert swept == {"status": "swept", "runs": 2, "expired": [{"run": "a", "escalation_id": "esc-2"}],
-                     "notified": [], "failures": []}
+                     "notified": [], "deferred": [], "failures": []}
     assert inbox(store, open_only=True)["escalations"] == []
 
 

@@ -25,7 +25,7 @@ def test_a_postgres_url_is_the_postgres_store_and_an_unreachable_one_is_exit_8(
                  lambda: Ledger.open(url, "r", actor="tester")):
         with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1/escalate is unavailable") as refused:
             call()
-        assert refused.value.exit_code == 8 and refused.value.code == "store_unavailable"
+        assert refused.value.exit_code == 8 and refused.value.code == "connection_failed"
         assert "secret" not in str(refused.value.to_json())  # a password is never echoed
     assert list(tmp_path.iterdir()) == []  # nothing made on disk (no "postgresql:" folder)
 
@@ -37,7 +37,7 @@ def test_the_cli_reports_an_unreachable_store_in_one_line(
     monkeypatch.setenv("ESCALATE_STORE", POSTGRES)
     result = cli("runs", "init", "r", "--cap", "1", "--json")
     assert result.exit_code == 8
-    assert result.json()["error"] == "store_unavailable"
+    assert result.json()["error"] == "connection_failed"
     assert result.stderr.count("\n") == 1 and "retry" in result.stderr and "secret" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -4,11 +4,14 @@ both stores; a run without a pool may move, also under another id."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Location, has_run, snapshot_store
+from conftest import Location, has_run, log_bytes, snapshot_store
 
 from escalate import Ledger
 from escalate.pools import Pool
@@ -51,3 +54,94 @@ def test_an_import_that_would_change_whose_money_it_is_is_refused(
 def test_a_run_without_a_pool_moves(store: Location, cli: Any, logs: dict[str, Path], run_id: str) -> None:
     assert cli("runs", "import", run_id, str(logs["plain"]), "--json").exit_code == 0
     assert Ledger.open(store, run_id).state().reserved_micros == 8_000_000
+
+
+def test_export_with_json_prints_the_log_and_only_an_error_as_json(store: Location, cli: Any) -> None:
+    Ledger.init(store, "r", cap="10", actor="tester").reserve("a", "1")
+    exported = cli("runs", "export", "r", "--json")
+    assert (exported.exit_code, exported.stdout) == (0, log_bytes(store, "r").decode())
+    missing = cli("runs", "export", "nope", "--json")
+    assert (missing.exit_code, missing.json()["error"]) == (2, "unknown_run")
+    usage = " ".join(cli("runs", "export", "--help").stdout.split())
+    assert "--json Print an error as one JSON object on stdout (the log is NDJSON either way)." in usage
+    assert "errors too" not in usage and "errors only" not in usage
+
+
+# Writes a run's log to stdout as it goes (never the whole log in memory): one task raised
+# again and again with a long reason, about 1 KB a line; "broken" makes the last line's
+# chain wrong.
+_GENERATOR = r"""
+import sys
+from escalate import decide
+from escalate.events import format_ts, seal
+from escalate.state import Policy
+from datetime import UTC, datetime
+
+lines, broken = int(sys.argv[1]), sys.argv[2] == "broken"
+out, ts = sys.stdout.buffer, format_ts(datetime(2026, 11, 30, tzinfo=UTC))
+batch = [decide.run_opened_payload("big", 10**12, 10**12, Policy()),
+         {"type": "budget_reserved", "task": "t", "amount_micros": 1}]
+seq, prev, amount = 0, "", 1
+while seq < lines:
+    while len(batch) < 1000 and seq + len(batch) < lines:
+        batch.append({"type": "budget_increased", "task": "t", "from_micros": amount,
+                      "to_micros": amount + 1, "reason": "r" * 900})
+        amount += 1
+    sealed = seal(batch, seq=seq, prev=prev, ts=ts, actor="tester")
+    seq, prev, batch = seq + len(sealed), sealed[-1][2], []
+    if broken and seq == lines:
+        sealed[-1] = (sealed[-1][0], sealed[-1][1].replace(b'"prev":"', b'"prev":"0'), "")
+    out.write(b"".join(line + b"\n" for _, line, _ in sealed))
+"""
+
+
+# escalate's command line, then the peak resident memory of this process image (VmHWM:
+# counted from exec, unlike ru_maxrss, which keeps the forking test process's size).
+_MEASURED = r"""
+import runpy, sys
+peak_file = sys.argv.pop(1)
+try:
+    runpy.run_module("escalate", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status, open(peak_file, "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+"""
+
+
+def _import_from_generator(lines: int, kind: str, env: dict[str, str],
+                           peak_file: Path) -> tuple[int, str, int]:
+    """``runs import big -`` fed by a generator process: the exit code, stderr and the
+    importer's peak resident memory in MiB."""
+    generator = subprocess.Popen([sys.executable, "-c", _GENERATOR, str(lines), kind], stdout=subprocess.PIPE)
+    command = [sys.executable, "-c", _MEASURED, str(peak_file), "runs", "import", "big", "-"]
+    importer = subprocess.Popen(command, stdin=generator.stdout, stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, env={**os.environ, **env})
+    assert generator.stdout is not None and importer.stderr is not None
+    generator.stdout.close()
+    stderr = importer.stderr.read().decode()
+    assert generator.wait(timeout=120) == 0
+    return importer.wait(timeout=120), stderr, int(peak_file.read_text()) // 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc")
+def test_an_import_from_stdin_reads_in_bounded_memory(store: Location, tmp_path: Path) -> None:
+    # 120,000 lines of about 1 KB: 115 MiB through stdin; the importer stays far below it.
+    lines = 120_000
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    env = {"TMPDIR": str(spool)}  # where the importer copies stdin to
+    before = snapshot_store(store)
+    code, stderr, peak_mib = _import_from_generator(lines, "broken", env, tmp_path / "peak")
+    assert code == 2 and f"stdin line {lines}:" in stderr and "nothing was imported" in stderr, stderr
+    assert stderr.count("\n") == 1
+    assert snapshot_store(store) == before and not has_run(store, "big")
+    assert peak_mib < 100, peak_mib
+    assert list(spool.iterdir()) == []
+
+    code, stderr, peak_mib = _import_from_generator(lines, "whole", env, tmp_path / "peak")
+    assert code == 0, stderr
+    assert peak_mib < 100, peak_mib
+    assert list(spool.iterdir()) == []
+    report = Ledger.open(store, "big").verify()
+    assert report.problems == [] and report.lines == lines
+    assert report.state.tasks["t"].reserved_micros == lines - 1 == report.state.reserved_micros

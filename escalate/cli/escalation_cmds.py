@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -112,19 +113,25 @@ def escalations(
 ) -> None:
     """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
 
-    def action() -> dict[str, list[InboxRow]]:
-        from escalate.runs import inbox
+    moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
-        found = inbox(open_options(runs_dir, None)["runs_dir"], run=run, open_only=only_open)
+    def action() -> dict[str, list[InboxRow]]:
+        from escalate.config import utc_now
+        from escalate.runs import inbox, runs_root
+
+        root = runs_root(open_options(runs_dir, None)["runs_dir"])
+        found = inbox(root, run=run, open_only=only_open)
         # One broken run must not hide every other run's escalations from the approver.
         for skipped in found["skipped"]:
             print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
+        if not json_out:
+            moment.append(utc_now() if isinstance(root, Path) else root.now(utc_now))
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
         from escalate.render import escalation_table, print_whole
 
-        print_whole(escalation_table(result["escalations"],
+        print_whole(escalation_table(result["escalations"], now=moment[0],
                                      title="open escalations" if only_open else "escalations"))
 
     respond(json_out, action, human)
@@ -135,20 +142,32 @@ def sweep(
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     notify_cmd: NotifyOption = None,
+    parallel: Annotated[int | None, typer.Option("--parallel", metavar="N", help="Notify hooks run at "
+                                                 "once (1-32) [default: 4].")] = None,
+    deadline: Annotated[str | None, typer.Option("--deadline", metavar="D", help="Start no notice after "
+                                                 "this long (at most 1h); the rest are sent at the next "
+                                                 "sweep [default: 1m].")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Pause (by timeout) every open escalation past its expiry, and send again the notices
-    that failed (with backoff) or are due by --renotify-every; for a cron job."""
+    """Pause (by timeout) every open escalation past its expiry, then send again the notices
+    that failed (with backoff) or are due by --renotify-every, several at a time; for a cron
+    job."""
 
     def action() -> SweepReport:
+        from escalate.delivery import SweepLimits
+        from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
         from escalate.runs import sweep_all
 
+        given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
+        if deadline is not None:
+            given["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
         options = open_options(runs_dir, lock_timeout, None, notify_cmd)
-        return sweep_all(options.pop("runs_dir"), run=run, **options)
+        return sweep_all(options.pop("runs_dir"), run=run, limits=SweepLimits(**given), **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
         + (f", {len(r['notified'])} notice(s) sent again" if r["notified"] else "")
+        + (f", {len(r['deferred'])} left for the next sweep (--deadline)" if r["deferred"] else "")
         + (f", {len(r['failures'])} run(s) failed" if r["failures"] else "")
         + "".join(f"\n  {e['run']} {e['escalation_id']}" for e in r["expired"])
         + "".join(f"\n  {n['run']} {n['escalation_id']} notice {n['attempt'] or '?'}: "

@@ -30,7 +30,7 @@ from escalate.cli.runs_cmds import (
 from escalate.money import format_usd as usd
 
 if TYPE_CHECKING:
-    from escalate.pools import Pool, PoolReport, PoolRow
+    from escalate.pools import Pool, PoolReport, PoolRow, PoolVerifyReport
 
 pools_app = typer.Typer(help="Create, list, show and re-configure pools: one budget shared by many runs.",
                         no_args_is_help=True)
@@ -133,7 +133,12 @@ def show(
     chosen = ShowFormat.json if json_out else (output_format or ShowFormat.table)
 
     def action() -> PoolReport:
-        return _pool(pool, runs_dir).show(period)
+        report = _pool(pool, runs_dir).show(period)
+        # What can be read is shown; the totals leave out a member that cannot be, so say so.
+        for member in report["unreadable"]:
+            print(f"escalate: warning: the totals leave out run {member['run']}: {member['message']}",
+                  file=sys.stderr)
+        return report
 
     def human(report: PoolReport) -> None:
         from escalate.report import pool_markdown, pool_period_line, printable
@@ -211,6 +216,36 @@ def set_policy(
                       f"{result['escalation']['mode']})")
         else:
             echo_line(f"pool {result['pool']}: {', '.join(changed)}")
+
+    respond(json_out, action, human)
+
+
+@pools_app.command("verify")
+def verify(pool: PoolArg, runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
+    """Check every line of POOL's log (the seq run, the prev chain, the pool's rules) and of
+    every member run it names; exit 6 naming each problem."""
+
+    def action() -> PoolVerifyReport:
+        from escalate.errors import CorruptLedger
+        from escalate.pools import verify_pool
+
+        report = verify_pool(open_options(runs_dir, None)["runs_dir"], pool)
+        found = [(f"pool {pool}", problem) for problem in report["problems"]]
+        found += [(f"run {member['run']}", problem) for member in report["members"]
+                  for problem in member["problems"]]
+        if not json_out:
+            for ledger, problem in found:
+                print(f"{ledger} line {problem['line']}: {problem['problem']}", file=sys.stderr)
+        if found:
+            ledger, first = found[0]
+            facts: dict[str, Any] = {key: value for key, value in report.items() if key != "pool"}
+            raise CorruptLedger(f"pool {pool}: {len(found)} problem(s), first in {ledger} line "
+                                f"{first['line']}: {first['problem']}", pool=pool, **facts)
+        return report
+
+    def human(result: PoolVerifyReport) -> None:
+        echo_line(f"OK pool {result['pool']}: {result['lines']} lines, prev chain intact, pool rules hold; "
+                  f"{len(result['members'])} member run(s) verified")
 
     respond(json_out, action, human)
 

@@ -21,10 +21,11 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.archive_cmds import archive
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.money import format_usd as usd
-from escalate.report import printable
+from escalate.report import pool_binding, printable
 
 if TYPE_CHECKING:
     from escalate.runs import BrokenRun, RunRow, VerifyReport
@@ -173,15 +174,11 @@ def set_policy(
         changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
                    for key, (label, show) in _POLICY_FIELDS.items()
                    if before and before.get(key) != after.get(key)]
+        binding = pool_binding(result)  # a member run: its pool's policy still binds it
         if result["status"] == "exists" or not changed:
-            echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
+            echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']}){binding}")
         else:
-            echo_line(f"run {result['run']}: {', '.join(changed)}")
-        if "pool_escalation" in result:
-            from escalate.report import policy_line
-
-            echo_line(f"pool {result['pool']}'s escalation binds run {result['run']} too, whatever its "
-                      f"own: {policy_line(result['pool_escalation'])}")
+            echo_line(f"run {result['run']}: {', '.join(changed)}{binding}")
 
     respond(json_out, action, human)
 
@@ -255,6 +252,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
 
 @runs_app.command("list")
 def list_runs(
+    every_run: Annotated[bool, typer.Option("--all", help="Archived runs too.")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -263,12 +261,15 @@ def list_runs(
     def action() -> dict[str, list[RunRow | BrokenRun]]:
         from escalate.runs import list_runs as rows_of
 
-        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"])}
+        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"], every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:
         from escalate.render import print_whole, runs_table
 
         rows = result["runs"]
+        if not rows:
+            echo_line("no runs; start one with 'escalate runs init RUN --cap USD'")
+            return
         print_whole(runs_table(rows))
         for row in rows:
             if "error" in row:
@@ -390,6 +391,7 @@ def verify(
 # ``runs watch`` lives in its own module (it alone needs signals and a live view).
 runs_app.command("watch")(watch)
 add_runs_commands(runs_app)  # runs export, runs import
+runs_app.command("archive")(archive)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,6 @@ a store, and moving runs between stores (:mod:`escalate.transfer`)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -28,9 +27,13 @@ def store_init(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     respond(json_out, lambda: init_store(open_options(runs_dir, None)["runs_dir"]), say)
 
 
-def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
-    """Print RUN's log as NDJSON, byte for byte a file store's log ('runs verify' passes on it);
-    --json applies to errors only."""
+# The log is NDJSON with or without --json: only an error becomes one JSON object.
+ExportJsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print an error as one JSON object on stdout (the log is NDJSON either way).")]
+
+
+def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: ExportJsonOption = False) -> None:
+    """Print RUN's log as NDJSON, byte for byte a file store's log ('runs verify' passes on it)."""
     from escalate.transfer import export_lines
 
     out = sys.stdout.buffer
@@ -47,8 +50,8 @@ def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: JsonOption
 def import_run(
     run: RunArg,
     file: Annotated[str, typer.Argument(help="An NDJSON log (from 'runs export', or a run's "
-                                        "events.ndjson); - reads stdin.", show_default=False,
-                                        metavar="FILE")],
+                                        "events.ndjson); - reads stdin (copied to a temporary "
+                                        "file in $TMPDIR).", show_default=False, metavar="FILE")],
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -57,8 +60,10 @@ def import_run(
     from escalate.transfer import import_log
 
     def load() -> Any:
+        if file == "-":
+            return import_log(open_options(runs_dir, None)["runs_dir"], run, sys.stdin.buffer, source="stdin")
         try:
-            data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+            data = open(file, "rb")  # noqa: SIM115 (closed below, after the import)
         except FileNotFoundError:
             raise InputError(f"no file {file}: give the log to import (or - for stdin)",
                              code="no_such_file", path=file) from None
@@ -67,8 +72,8 @@ def import_run(
                              code="no_such_file", path=file) from None
         except OSError as exc:
             raise storage_error(exc, file) from exc
-        return import_log(open_options(runs_dir, None)["runs_dir"], run, data,
-                          source="stdin" if file == "-" else file)
+        with data:
+            return import_log(open_options(runs_dir, None)["runs_dir"], run, data, source=file)
 
     respond(json_out, load, lambda result: echo_line(
         f"imported run {result['run']}: {result['lines']} lines ({result['bytes']} bytes)"))

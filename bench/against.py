@@ -1,0 +1,390 @@
+"""``bench/run.py --against REV``: the working tree and revision REV measured side by side.
+
+REV is checked out in a git worktree under ``.bench/<commit>`` with a virtual environment of
+its own (its dependencies pinned to the versions installed here, so only escalate's code
+differs); both are kept and reused while the commit is the same. Every target runs in both
+trees in one run, alternating (A B, then B A, …), on copies of the same built logs, and is
+reported as the two medians and their ratio. A machine whose speed moves within the hour
+slows both sides alike, so the ratio holds where a fixed threshold would not.
+
+The library is measured through ``bench/driver.py`` run by each tree's own Python; whole
+processes run each tree's own ``escalate`` command. A hot path (the library's
+reserve+release cycle at every size, in wall time and in CPU time, ``escalate reserve`` as a
+whole process, the ops/s of eight processes on one run) more than 10 % slower than REV
+fails, and the exit status is 1.
+
+``make bench`` compares with the revision recorded in ``bench/baseline.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from run import (
+    BENCH_DIR,
+    OUT_DIR,
+    BuiltRun,
+    Row,
+    _progress,
+    build_run,
+    cli_env,
+    compile_tree,
+    escalate_cmd,
+    fmt_s,
+    interleaved,
+    measure_verify,
+    ratio_row,
+    size_label,
+    timed_process,
+    verify_built,
+    work_copy,
+)
+
+REPO = BENCH_DIR.parent
+TREES_DIR = REPO / ".bench"
+BASELINE_FILE = BENCH_DIR / "baseline.txt"
+DRIVER = BENCH_DIR / "driver.py"
+# A hot path may be at most this much slower than the revision it is compared with.
+SLOWER_LIMIT = 1.10
+IMPORT_FLOOR = "import typer, orjson, filelock"
+WORKERS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """One side of the comparison: its Python (escalate importable) and its command."""
+
+    label: str
+    key: str  # names its copies of the built runs
+    python: str
+    escalate: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Rounds:
+    """How many alternating rounds each comparison takes."""
+
+    cycles: int
+    startup: int
+    show: int
+    replay: int
+    contention: int
+    contention_cycles: int
+    budget_s: float
+
+
+def baseline_revision() -> tuple[str, str]:
+    """The revision recorded in ``bench/baseline.txt`` and its name: the first line that is
+    not a comment, ``<commit> <name>``."""
+    for line in BASELINE_FILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            rev, _, name = line.strip().partition(" ")
+            return rev, name.strip() or rev
+    raise SystemExit(f"bench: no revision in {BASELINE_FILE}")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _quiet(argv: list[str], log: Path, *, may_fail: bool = False) -> bool:
+    """Run a setup step with its chatter in ``log``, shown only when it fails (then the
+    bench stops, unless ``may_fail``: False is returned)."""
+    with log.open("ab") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0 and not may_fail:
+        sys.stderr.write(log.read_text()[-3000:])
+        raise SystemExit(f"bench: {' '.join(argv)} exited {done.returncode} (log: {log})")
+    return done.returncode == 0
+
+
+def working_tree() -> Tree:
+    """This checkout, as installed in the virtual environment running the bench, its
+    bytecode compiled as REV's install has it."""
+    compile_tree()
+    described = _git("describe", "--always", "--dirty")
+    return Tree(f"working tree ({described})", "working", sys.executable, escalate_cmd())
+
+
+def prepare(rev: str, name: str | None = None) -> Tree:
+    """REV checked out under ``.bench/<commit>`` and installed in a virtual environment of
+    its own, made once per commit. The dependencies it shares with this environment are
+    pinned to the versions installed here."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    home = TREES_DIR / commit[:12]
+    venv_bin = home / "venv" / "bin"
+    stamp = home / "installed"
+    name = name or rev
+    label = commit[:7] if commit.startswith(name) else f"{name} ({commit[:7]})"
+    tree = Tree(label, f"rev-{commit[:12]}", str(venv_bin / "python"),
+                [str(venv_bin / "escalate")])
+    if stamp.is_file() and stamp.read_text().strip() == commit:
+        return tree
+    print(f"  installing {rev} ({commit[:12]}) in {home} …", flush=True)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    _git("worktree", "prune")
+    _git("worktree", "add", "--detach", "--force", str(home / "src"), commit)
+    log = home / "install.log"
+    _quiet([sys.executable, "-m", "venv", str(home / "venv")], log)
+    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+                            capture_output=True, text=True, check=True).stdout
+    constraints = home / "constraints.txt"
+    constraints.write_text("".join(line + "\n" for line in frozen.splitlines()
+                                   if not line.lower().startswith(("escalate", "-e "))))
+    install = [str(venv_bin / "python"), "-m", "pip", "install", "--quiet", str(home / "src")]
+    if not _quiet([*install, "-c", str(constraints)], log, may_fail=True):
+        # An older revision may require other versions: measured with its own, as installed.
+        print(f"  {rev} does not install with this environment's versions; installing its own "
+              f"(see {log})", flush=True)
+        _quiet(install, log)
+    stamp.write_text(commit + "\n")
+    return tree
+
+
+class Driver:
+    """A tree's ``driver.py serve``: requests answered one JSON line at a time."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.process = subprocess.Popen([tree.python, str(DRIVER), "serve"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=cli_env())
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        """Send one request, return its answer (a driver that died is an error)."""
+        stdin: IO[str] | None = self.process.stdin
+        stdout: IO[str] | None = self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(json.dumps(request) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"the driver of {self.tree.label} exited {self.process.wait()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        """End the driver (closing its input ends its loop)."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}/s"
+
+
+def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
+    """Cold ``Ledger.verify()`` of the largest run, each in a fresh process: events/s."""
+    events = next(iter(runs.values())).expected.events
+
+    def replay(tree: Tree) -> Callable[[], float]:
+        return lambda: events / measure_verify(runs[tree.key], tree.python)[0]
+
+    samples = interleaved({t.key: replay(t) for t in trees}, rounds.replay, rounds.budget_s, min_rounds=1)
+    rows.append(ratio_row(f"cold replay: Ledger.verify() @{size_label(events)}, events/s",
+                          samples[trees[0].key], samples[trees[1].key], None, unit=_rate,
+                          higher_is_better=True))
+    _progress(rows[-1])
+
+
+def compare_calls(drivers: list[Driver], runs: dict[str, BuiltRun], rows: list[Row]) -> None:
+    """The Python calls (cProfile) of one reserve and one release, and the paths parsed."""
+    counts = [d.ask(op="calls", where=str(runs[d.tree.key].runs_dir), run_id=runs[d.tree.key].run_id,
+                    prefix="calls") for d in drivers]
+
+    def shown(c: dict[str, Any]) -> str:
+        return (f"{c['reserve'] + c['release']:,} ({c['reserve']:,} + {c['release']:,}; "
+                f"{c['reserve_pathlib'] + c['release_pathlib']} pathlib parses)")
+
+    total = [c["reserve"] + c["release"] for c in counts]
+    rows.append(Row(f"Python calls (cProfile) of one reserve+release @"
+                    f"{size_label(next(iter(runs.values())).expected.events)}",
+                    f"{shown(counts[0])} vs {shown(counts[1])}", f"{total[0] / total[1]:.2f}", "info"))
+    _progress(rows[-1])
+
+
+def compare_cycles(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]], rounds: Rounds,
+                   rows: list[Row]) -> None:
+    """One reserve+release through the library, alternating tree and size cycle by cycle:
+    its wall time, and its CPU time (which an fsync slowed by a busy disk does not blur)."""
+    cpu: dict[str, list[float]] = {}
+
+    def cycle(driver: Driver, name: str) -> Callable[[], float]:
+        def timed() -> float:
+            answer = driver.ask(op="cycle", name=name)
+            cpu.setdefault(name, []).append(float(answer["cpu_seconds"]))
+            return float(answer["seconds"])
+
+        return timed
+
+    cases: dict[str, Callable[[], float]] = {}
+    for size, runs in sizes.items():
+        for driver in drivers:
+            name = f"{driver.tree.key}@{size}"
+            run = runs[driver.tree.key]
+            print(f"  {driver.tree.label}: opening the {size_label(size)} run …", flush=True)
+            driver.ask(op="open", name=name, where=str(run.runs_dir), run_id=run.run_id, prefix="cycle")
+            cases[name] = cycle(driver, name)
+    samples = interleaved(cases, rounds.cycles, rounds.budget_s)
+    working, against = (d.tree.key for d in drivers)
+    for size in sizes:
+        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}", samples[f"{working}@{size}"],
+                              samples[f"{against}@{size}"], SLOWER_LIMIT))
+        _progress(rows[-1])
+        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}, CPU time",
+                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], SLOWER_LIMIT))
+        _progress(rows[-1])
+
+
+def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
+    """``escalate reserve`` as a whole process in each tree, and the import floor beside them."""
+    env = cli_env()
+    count = [0]
+
+    def reserve(tree: Tree) -> Callable[[], float]:
+        run = runs[tree.key]
+
+        def timed() -> float:
+            count[0] += 1
+            return timed_process([*tree.escalate, "reserve", run.run_id, f"startup-{count[0]}",
+                                  "--estimate", "0.01", "--runs-dir", str(run.runs_dir)], env=env)
+
+        return timed
+
+    cases = {t.key: reserve(t) for t in trees}
+    cases["floor"] = lambda: timed_process([sys.executable, "-c", IMPORT_FLOOR], env=env)
+    for case in cases.values():
+        case()
+    samples = interleaved(cases, rounds.startup, rounds.budget_s)
+    working, against = (t.key for t in trees)
+    rows.append(ratio_row(f"escalate reserve, whole process @{size_label(runs[working].expected.events)}",
+                          samples[working], samples[against], SLOWER_LIMIT))
+    _progress(rows[-1])
+    for tree in trees:
+        rows.append(ratio_row(f"  {tree.label}: escalate reserve vs the import floor, "
+                              f"python -c '{IMPORT_FLOOR}'",
+                              samples[tree.key], samples["floor"], None))
+        _progress(rows[-1])
+
+
+def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> None:
+    """Eight processes doing reserve+release cycles on one fresh run, in each tree: ops/s,
+    and the worst single operation of all rounds."""
+    where = OUT_DIR / "copies" / "contention"
+    where.mkdir(parents=True, exist_ok=True)
+    worst: dict[str, list[float]] = {t.key: [] for t in trees}
+    count = [0]
+
+    def contention(tree: Tree) -> Callable[[], float]:
+        def one_round() -> float:
+            count[0] += 1
+            tag = f"{tree.key}-{count[0]}"
+            done = subprocess.run([tree.python, str(DRIVER), "contention", str(where), tag, str(WORKERS),
+                                   str(rounds.contention_cycles)], capture_output=True, text=True,
+                                  env=cli_env(), check=False)
+            shutil.rmtree(where / f"contention-{tag}", ignore_errors=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"contention in {tree.label} exited {done.returncode}: "
+                                   f"{done.stderr[-800:]}")
+            result = json.loads(done.stdout.splitlines()[-1])
+            worst[tree.key].append(result["worst_op_s"])
+            return float(result["ops_s"])
+
+        return one_round
+
+    samples = interleaved({t.key: contention(t) for t in trees}, rounds.contention, rounds.budget_s,
+                          min_rounds=1)
+    working, against = (t.key for t in trees)
+    what = f"{WORKERS} processes × {rounds.contention_cycles} reserve+release cycles on one run"
+    rows.append(ratio_row(f"contention: {what}, ops/s", samples[working], samples[against],
+                          round(1 / SLOWER_LIMIT, 3), unit=lambda v: f"{v:,.0f} ops/s",
+                          higher_is_better=True))
+    _progress(rows[-1])
+    rows.append(Row(f"contention: worst single operation of those {len(worst[working])} rounds",
+                    f"{fmt_s(max(worst[working]))} vs {fmt_s(max(worst[against]))}",
+                    f"{max(worst[working]) / max(worst[against]):.2f}", "info"))
+    _progress(rows[-1])
+
+
+def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
+    """``escalate runs show --json`` on the largest run, warm cache, whole process."""
+    env = cli_env()
+
+    def show(tree: Tree) -> Callable[[], float]:
+        argv = [*tree.escalate, "runs", "show", runs[tree.key].run_id, "--json", "--runs-dir",
+                str(runs[tree.key].runs_dir)]
+        timed_process(argv, env=env)  # warms the cache
+        return lambda: timed_process(argv, env=env)
+
+    cases = {t.key: show(t) for t in trees}
+    samples = interleaved(cases, rounds.show, rounds.budget_s)
+    working, against = (t.key for t in trees)
+    rows.append(ratio_row(f"runs show --json @{size_label(runs[working].expected.events)}, warm cache",
+                          samples[working], samples[against], None))
+    _progress(rows[-1])
+
+
+# What --only may name in a comparison, in the order they run.
+TARGETS = ("replay", "calls", "cycles", "startup", "contention", "show")
+
+
+def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows: list[Row],
+                only: set[str] | None = None) -> list[str]:
+    """Measure every target (or those in ``only``, of :data:`TARGETS`) in the working tree
+    and in ``rev`` (called ``name``) side by side; the rows are appended to ``rows``.
+    Returns the lines that head the table (what was compared)."""
+    wanted = set(TARGETS) if only is None else only
+    if unknown := wanted - set(TARGETS):
+        raise SystemExit(f"bench: no target {', '.join(sorted(unknown))} to compare; "
+                         f"choose from {', '.join(TARGETS)}")
+    rounds = Rounds(cycles=15 if quick else 101, startup=3 if quick else 21, show=2 if quick else 7,
+                    replay=1 if quick else 3, contention=1 if quick else 9,
+                    contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
+    trees = [working_tree(), prepare(rev, name)]
+    heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
+               "each row: the median of A vs the median of B, ratio A/B; a hot path fails when A is "
+               f"more than {SLOWER_LIMIT - 1:.0%} slower"]
+    for line in heading:
+        print(line, flush=True)
+    if wanted <= {"contention"}:  # it makes its own runs
+        compare_contention(trees, rounds, rows)
+        return heading
+    built = {}
+    for size in sizes:
+        started = time.monotonic()
+        built[size] = build_run(OUT_DIR / "built", size)
+        print(f"  run of {size_label(size)} events ready in {time.monotonic() - started:.1f} s", flush=True)
+    verify_built(built[sizes[0]])
+    copies = {size: {t.key: work_copy(built[size], f"{t.key}-{size_label(size)}") for t in trees}
+              for size in sizes}
+    if "replay" in wanted:
+        compare_replay(trees, copies[sizes[-1]], rounds, rows)  # first: it checks the generator's totals
+    if wanted & {"calls", "cycles"}:
+        drivers = [Driver(tree) for tree in trees]
+        try:
+            if "calls" in wanted:
+                compare_calls(drivers, copies[sizes[0]], rows)
+            if "cycles" in wanted:
+                compare_cycles(drivers, copies, rounds, rows)
+        finally:
+            for driver in drivers:
+                driver.close()
+    if "startup" in wanted:
+        compare_startup(trees, copies[sizes[0]], rounds, rows)
+    if "contention" in wanted:
+        compare_contention(trees, rounds, rows)
+    if "show" in wanted:
+        compare_show(trees, copies[sizes[-1]], rounds, rows)
+    return heading
