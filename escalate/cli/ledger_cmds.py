@@ -52,7 +52,7 @@ def _say(result: dict[str, Any]) -> None:
         shadow = result.get("shadow_escalation_id")
         pool = ""
         if "pool_escalation" in result:  # a member run: which pool binds it too, and how
-            from escalate.report import policy_line
+            from escalate.reports.report import policy_line
 
             pool = (f"; pool {result['pool']}: {usd(result['pool_remaining_micros'])} left, escalation "
                     f"{policy_line(result['pool_escalation'])}")
