@@ -44,8 +44,6 @@ from escalate.write import Decide, MembershipChanged, asked_by, first_lines, wri
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
-
-_WAIT_POLL_S = 0.05
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
