@@ -341,7 +341,8 @@ class PoolLogWrite:
 
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         book = self.book
-        if book is not None and events:
+        # A void drops a member's entry and its totals: left to the next member write's rebuild.
+        if book is not None and events and events[0]["type"] != "run_join_voided":
             book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch(),
                               self.pool_store.stamp())
             # A run joins before it is created: it has no lines to count yet.
@@ -371,8 +372,9 @@ def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Deci
 def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
          lock_timeout: float, create: Callable[[], bool]) -> bool:
     """Join ``run_store``'s run to the pool and ``create`` it, in the pool's critical section:
-    ``run_joined`` first, so a crash in between leaves a harmless join (the run is created
-    by the retry), never a member the pool does not count. Returns what ``create`` did."""
+    ``run_joined`` first, so a crash in between leaves a join the retry completes, never a
+    member the pool does not count. Returns what ``create`` did; when another ledger took
+    the id, the join is voided (:mod:`escalate.pool_void`)."""
     from escalate.pool_decide import decide_join
 
     created: list[bool] = []
@@ -382,6 +384,10 @@ def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock
                                  lambda state, now, _, pool: decide_join(state, run_store.run_id),
                                  actor=actor, clock=clock, lock_timeout=lock_timeout,
                                  then=lambda: created.append(create()))
+        if decision.error is None and not created[0]:
+            from escalate.pool_void import void_taken_join
+
+            void_taken_join(runs, pool_id, run_store, actor=actor, clock=clock, lock_timeout=lock_timeout)
     if decision.error is not None:
         raise decision.error
     return created[0]

@@ -120,7 +120,7 @@ class Ledger:
         reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
         defaults to the pool's).
         """
-        from escalate import pool_book  # (a run without a pool never loads the pool modules)
+        from escalate import pool_book, pool_void  # (a run without a pool never loads the pool modules)
 
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
@@ -137,7 +137,8 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or first_event(run.store) is not None:
+        if joining is None or pool_void.void_if_taken(run.runs_store, joining, run.store, actor=run.actor,
+                                                      clock=run.clock, lock_timeout=run.lock_timeout):
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)

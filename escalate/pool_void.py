@@ -1,0 +1,51 @@
+"""A join that holds no run of the pool, voided in the pool's log (``run_join_voided``).
+
+``runs init RUN --pool POOL`` appends ``run_joined`` before it creates the run. If another
+init created a ledger under that id meanwhile (a run of no pool, a run of another pool, a
+pool: a race), the join holds no run of the pool: the losing init voids it, in the pool's
+critical section, before it reports that the id exists. A join that is not voided, but
+whose id another ledger holds, is a member that cannot be read (exit 6): the pool cannot
+tell a lost race from a member moved away and replaced, so it never counts it as nothing
+(:func:`escalate.pool_member.not_the_member`). A loser killed before its void is finished
+by running the same ``runs init`` again (:func:`void_if_taken`).
+"""
+
+from __future__ import annotations
+
+from escalate import pool_book
+from escalate.config import Clock
+from escalate.pool_decide import decide_void
+from escalate.pool_member import taken_by
+from escalate.state import RunState
+from escalate.store import LedgerStore, Store, first_event
+
+
+def void_taken_join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
+                    lock_timeout: float) -> bool:
+    """Void the pool's join of ``run_store``'s id when another ledger holds that id (read in
+    the pool's critical section: a member's first line names the pool, and only a join
+    creates one); True when it was voided."""
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    with pool_store.command():
+        _, decision = pool_book.write_pool(
+            runs, pool_store,
+            lambda state, now, _, pool: decide_void(state, run_store.run_id,
+                                                    taken_by(first_event(run_store), pool_id)),
+            actor=actor, clock=clock, lock_timeout=lock_timeout)
+    if decision.error is not None:
+        raise decision.error
+    return bool(decision.events)
+
+
+def void_if_taken(runs: Store, pool: RunState, run_store: LedgerStore, *, actor: str, clock: Clock,
+                  lock_timeout: float) -> bool:
+    """Whether ``run_store``'s ledger exists (``runs init --pool`` then joins nothing). When
+    ``pool`` lists it but another ledger holds the id (an init that lost the race was killed
+    before its void), the join is voided now: the retry does what the loser would have."""
+    first = first_event(run_store)
+    if first is None:
+        return False
+    if pool.pool is not None and run_store.run_id in pool.pool.members and \
+            taken_by(first, pool.run_id) is not None:
+        void_taken_join(runs, pool.run_id, run_store, actor=actor, clock=clock, lock_timeout=lock_timeout)
+    return True
