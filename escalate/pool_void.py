@@ -12,12 +12,17 @@ by running the same ``runs init`` again (:func:`void_if_taken`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from escalate import pool_book
 from escalate.config import Clock
 from escalate.pool_decide import decide_void
 from escalate.pool_member import taken_by
 from escalate.state import RunState
 from escalate.store import LedgerStore, Store, first_event
+
+if TYPE_CHECKING:
+    from escalate.service import Ledger
 
 
 def void_taken_join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
@@ -37,15 +42,14 @@ def void_taken_join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor:
     return bool(decision.events)
 
 
-def void_if_taken(runs: Store, pool: RunState, run_store: LedgerStore, *, actor: str, clock: Clock,
-                  lock_timeout: float) -> bool:
-    """Whether ``run_store``'s ledger exists (``runs init --pool`` then joins nothing). When
+def void_if_taken(run: Ledger, pool: RunState) -> bool:
+    """Whether ``run``'s ledger exists (``runs init --pool`` then joins nothing). When
     ``pool`` lists it but another ledger holds the id (an init that lost the race was killed
     before its void), the join is voided now: the retry does what the loser would have."""
-    first = first_event(run_store)
+    first = first_event(run.store)
     if first is None:
         return False
-    if pool.pool is not None and run_store.run_id in pool.pool.members and \
-            taken_by(first, pool.run_id) is not None:
-        void_taken_join(runs, pool.run_id, run_store, actor=actor, clock=clock, lock_timeout=lock_timeout)
+    if pool.pool is not None and run.run_id in pool.pool.members and taken_by(first, pool.run_id) is not None:
+        void_taken_join(run.runs_store, pool.run_id, run.store, actor=run.actor, clock=run.clock,
+                        lock_timeout=run.lock_timeout)
     return True

@@ -137,8 +137,7 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or pool_void.void_if_taken(run.runs_store, joining, run.store, actor=run.actor,
-                                                      clock=run.clock, lock_timeout=run.lock_timeout):
+        if joining is None or pool_void.void_if_taken(run, joining):
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)

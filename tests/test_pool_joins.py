@@ -33,8 +33,12 @@ def _pool_lines(store: Location, pool_id: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("books", ["kept", "lost"])
 @pytest.mark.parametrize("pool", [None, "Q"])
-def test_a_member_replaced_by_another_run_of_its_id_frees_no_money(store: Location, cli: Any, books: str,
+def test_a_member_replaced_by_another_run_of_its_id_frees_no_money(runs_dir: Path, cli: Any, books: str,
                                                                     pool: str | None) -> None:
+    """``mv runs/a runs/a-old; escalate runs init a ...``: the pool counts a's money still, or
+    refuses. (On PostgreSQL a ledger cannot be moved away: its lines are append-only, so
+    only the race below can put another ledger under a member's id.)"""
+    store = runs_dir
     _pool_of_a(store)  # a holds all of P's $10
     Ledger.init(store, "b", pool="P", actor="tester")
     _move(store, "a", "a-old")
