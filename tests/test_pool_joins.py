@@ -25,7 +25,7 @@ FORK = multiprocessing.get_context("fork")
 
 
 def _pool_lines(store: Location, pool_id: str) -> list[dict[str, Any]]:
-    from escalate.store import open_store
+    from escalate.stores.seam import open_store
 
     with open_store(store).ledger(pool_id, lock_timeout=5).reader() as stream:
         return [orjson.loads(line) for line in stream.read().splitlines()]
@@ -74,7 +74,8 @@ def test_a_member_replaced_by_another_run_of_its_id_frees_no_money(runs_dir: Pat
 def _lose_the_race(root: Location, run_id: str, made: Any, die: bool) -> None:
     """``runs init RUN --pool P`` that read no ledger under RUN just before a rival created
     one (it waits for ``made``), so its join loses; ``die``: killed before it voids it."""
-    from escalate import pool_void, service
+    from escalate import service
+    from escalate.pools import void as pool_void
 
     real = pool_void.first_event
 
@@ -180,7 +181,7 @@ def _init_in_a_race(worker: int, barrier: Any, root: Location, run_id: str) -> s
 
 
 def test_inits_racing_for_one_id_never_leave_a_pool_stuck_nor_money_freed(store: Location, cli: Any) -> None:
-    from escalate.store import first_event, open_store
+    from escalate.stores.seam import first_event, open_store
 
     Pool.init(store, "P", cap="10", actor="tester")
     Pool.init(store, "Q", cap="10", actor="tester")
@@ -207,7 +208,7 @@ def test_inits_racing_for_one_id_never_leave_a_pool_stuck_nor_money_freed(store:
 
 
 def test_a_void_of_a_join_that_is_not_there_is_refused_by_the_fold(runs_dir: Path, cli: Any) -> None:
-    from escalate.events import line_hash
+    from escalate.core.events import line_hash
 
     Pool.init(runs_dir, "P", cap="10", actor="tester")
     Ledger.init(runs_dir, "m", pool="P", actor="tester")

@@ -15,7 +15,7 @@ from conftest import Location
 
 from escalate import Ledger
 from escalate.errors import Refused, UnknownRun
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 
 def _full_pool(store: Location) -> None:
@@ -101,8 +101,8 @@ def test_the_pool_gate_passes_over_joins_that_hold_no_money(store: Location, cli
     run of no pool — is voided by the init that lost the race (run_join_voided), and never
     breaks the pool's gate. (Before voids, such joins stayed listed and counted as nothing;
     now a join left standing over another ledger fails closed: tests/test_pool_joins.py.)"""
-    from escalate import pool_book
     from escalate.config import utc_now
+    from escalate.pools import void
 
     Pool.init(store, "P", cap="10", actor="tester")
     Ledger.init(store, "A", pool="P", actor="tester").reserve("t", "1")
@@ -110,8 +110,8 @@ def test_the_pool_gate_passes_over_joins_that_hold_no_money(store: Location, cli
     Ledger.init(store, "solo", cap="5", actor="tester").reserve("t", "4")
     runs = Ledger.open(store, "A").runs_store
     for taken in ("Q", "solo"):  # what a 'runs init --pool P' does when it loses the race
-        created = pool_book.join(runs, "P", runs.ledger(taken, lock_timeout=5), actor="tester",
-                                 clock=utc_now, lock_timeout=5, create=lambda: False)  # the id was taken
+        created = void.join(runs, "P", runs.ledger(taken, lock_timeout=5), actor="tester",
+                             clock=utc_now, lock_timeout=5, create=lambda: False)  # the id was taken
         assert created is False
     assert Pool.open(store, "P").facts.members == ["A"]  # both joins voided
     result = cli("gate", "--pool", "P", "--json")

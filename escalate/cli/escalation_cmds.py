@@ -24,7 +24,7 @@ from escalate.cli import (
 )
 
 if TYPE_CHECKING:
-    from escalate.runs import InboxRow, SweepReport
+    from escalate.reports.runs import InboxRow, SweepReport
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
@@ -38,7 +38,7 @@ def _said(result: dict[str, Any]) -> None:
     extra = ""
     if result["status"] == "approved":
         extension = result.get("extension_micros", 0)
-        from escalate.money import format_usd as usd
+        from escalate.core.money import format_usd as usd
 
         pool_extension = result.get("pool_extension_micros", 0)
         extra = f": {usd(result['reserved_micros'])} reserved for {result['task']}" + (
@@ -47,32 +47,45 @@ def _said(result: dict[str, Any]) -> None:
     echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
 
 
+ApproverKeyOption = Annotated[list[str] | None, typer.Option(
+    "--approver-key", metavar="NAME=KEY",
+    help="Pin an approver's public SSH key, e.g. 'alice=ssh-ed25519 AAAA… alice@host' (repeatable; on "
+    "set, the keys given replace the pinned ones); every approve, pause and cancel must then be signed "
+    "(--sign) by a key pinned for its --by.", show_default=False)]
+SignOption = Annotated[Path | None, typer.Option(
+    "--sign", metavar="KEYFILE",
+    help="Sign the resolution with this private SSH key file, or with ssh-agent when KEYFILE is the "
+    "key's .pub (needed when the policy pins approvers' keys).", show_default=False)]
+
+
 def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,
-             by: str | None, json_out: bool) -> None:
+             by: str | None, json_out: bool, sign: Path | None = None) -> None:
     method = {"extend": "approve", "pause": "pause", "cancel": "cancel", "withdraw": "withdraw"}[mode]
+    signing = {} if sign is None else {"sign": sign}
     respond(json_out,
-            lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
+            lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id, **signing),
+            _said)
 
 
 def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-            lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+            lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
             json_out: JsonOption = False) -> None:
     """Approve an escalation: extend the cap as needed and reserve for its task, in one write."""
-    _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def pause(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-          lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+          lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
           json_out: JsonOption = False) -> None:
     """Pause an escalation: its task is parked and may ask again later."""
-    _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-           lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+           lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
            json_out: JsonOption = False) -> None:
     """Cancel an escalation: its task is halted for good."""
-    _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def withdraw(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
@@ -97,7 +110,7 @@ def wait(
     still open."""
 
     def action() -> Mapping[str, Any]:
-        from escalate.durations import MAX_WAIT_S, parse_duration
+        from escalate.core.durations import MAX_WAIT_S, parse_duration
 
         seconds = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         return open_ledger(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)
@@ -117,7 +130,7 @@ def escalations(
 
     def action() -> dict[str, list[InboxRow]]:
         from escalate.config import utc_now
-        from escalate.runs import inbox, runs_root
+        from escalate.reports.runs import inbox, runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         found = inbox(root, run=run, open_only=only_open)
@@ -129,7 +142,7 @@ def escalations(
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
-        from escalate.render import escalation_table, print_whole
+        from escalate.reports.render import escalation_table, print_whole
 
         print_whole(escalation_table(result["escalations"], now=moment[0],
                                      title="open escalations" if only_open else "escalations"))
@@ -154,9 +167,9 @@ def sweep(
     job."""
 
     def action() -> SweepReport:
-        from escalate.delivery import SweepLimits
-        from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
-        from escalate.runs import sweep_all
+        from escalate.core.durations import MAX_SWEEP_DEADLINE_S, parse_duration
+        from escalate.escalation.delivery import SweepLimits
+        from escalate.reports.runs import sweep_all
 
         given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
         if deadline is not None:
