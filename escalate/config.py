@@ -9,7 +9,6 @@ a Python caller gets the same defaults as the ``escalate`` command.
 from __future__ import annotations
 
 import enum
-import getpass
 import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -103,6 +102,13 @@ def _default_actor() -> str:
     name = os.environ.get("ESCALATE_ACTOR")
     if name:
         return name
+    # What getpass.getuser() reads first, without importing it (it loads termios and pwd):
+    # start-up is on every command's path.
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(variable):
+            return user
+    import getpass
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):

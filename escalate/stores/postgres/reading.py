@@ -11,11 +11,9 @@ import orjson
 
 from escalate.core.replay import Replayed, replay
 from escalate.core.state import EscalationState, Task
-from escalate.stores.file.checkpoint import FORMAT, state_from_blob
-from escalate.stores.file.checkpoint_rows import LoadedRows
+from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, state_from_blob
 from escalate.stores.postgres.rows import LineStream, PgRows
 from escalate.stores.postgres.transaction import Connection
-from escalate.stores.seam import CacheInvalid
 
 # Rows fetched per query when lines are streamed.
 BATCH = 2000
@@ -78,7 +76,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
 
     try:
         blob = orjson.loads(checkpoint)
-        if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
+        if blob["lines"] != checkpoint_lines:
             return None
         tasks: Any
         escalations: Any
@@ -90,7 +88,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
                 f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
                 (run_id,))], table) for table in ("tasks", "escalations"))
         state = state_from_blob(blob, tasks, escalations)
-    except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (CheckpointInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
                     last_line_start=blob["last_line_start"])

@@ -16,8 +16,7 @@ from escalate.config import Clock
 from escalate.core.events import Event
 from escalate.core.replay import Replayed
 from escalate.core.state import RunState
-from escalate.stores.file.checkpoint import run_blob
-from escalate.stores.file.checkpoint_rows import encode_escalation, encode_task
+from escalate.stores.checkpoint import encode_escalation, encode_task, run_blob
 from escalate.stores.postgres.failures import Outcome
 from escalate.stores.postgres.rows import PgRows
 
