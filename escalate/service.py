@@ -287,7 +287,7 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s, approver_keys=approver_keys)
-            return resolve.decide_policy(state, policy, self.actor, role)
+            return resolve.decide_policy(state, policy, self.actor, role, pool)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
