@@ -236,6 +236,12 @@ def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[
     changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice")
     assert changed.exit_code == 0, changed.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {"alice": (pub(keys["alice-rsa"]),)}
+    refused = cli("runs", "set", "r", "--approver-key", "", "--by", "mallory", "--json")
+    assert (refused.exit_code, refused.json()["error"]) == (3, "not_an_approver")
+    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice")
+    assert unpinned.exit_code == 0, unpinned.stderr
+    assert Ledger.open(store, "r").state().policy.approver_keys == {}
+    assert "approver_keys" not in Ledger.open(store, "r").state().policy.to_json()
 
 
 def test_a_bad_key_creates_nothing(cli: Any, store: Any) -> None:

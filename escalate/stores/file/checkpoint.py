@@ -175,6 +175,12 @@ class Checkpoint:
         self._writer_dir = kept
         return connection
 
+    def __del__(self) -> None:
+        # A Ledger dropped without a word still ends its kept connection, and the folder
+        # handle that goes with it (a process making many Ledgers would run out of handles).
+        with contextlib.suppress(Exception):
+            self._drop_writer()
+
     def _drop_writer(self) -> None:
         if self._writer is not None and self._writer_for[0] == os.getpid():
             with contextlib.suppress(sqlite3.Error):
