@@ -176,8 +176,12 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
-                renotify_every_s: float | None = None) -> Policy:
+                renotify_every_s: float | None = None, approvers_match: str = "claimed") -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    if approvers_match not in events.APPROVERS_MATCHES:
+        raise InputError(f"invalid approvers match {str(approvers_match)[:40]!r}: use claimed (the names "
+                         "given) or vouched (who the store vouches for)", code="usage",
+                         value=str(approvers_match)[:40])
     if renotify_every_s is not None:
         # At least a minute: sweep runs from cron, and a reminder a second is spam.
         check_duration(renotify_every_s, what="renotify interval", minimum=60,
@@ -205,6 +209,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         max_extension_micros=parse_micros(max_extension, what="max extension"),
         approvers=check_approvers(approvers),
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
+        approvers_match=approvers_match,
     )
 
 
@@ -217,6 +222,7 @@ def merge_policy(
     max_extension: Amount | Unchanged = UNCHANGED,
     approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
     renotify_every_s: float | Unchanged | None = UNCHANGED,
+    approvers_match: str | Unchanged = UNCHANGED,
 ) -> Policy:
     """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
     threshold = current.approval_threshold_micros
@@ -228,7 +234,8 @@ def merge_policy(
         Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
         approvers=current.approvers if approvers is UNCHANGED else approvers,
         renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
-                          else renotify_every_s))
+                          else renotify_every_s),
+        approvers_match=current.approvers_match if approvers_match is UNCHANGED else approvers_match)
 
 
 def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,

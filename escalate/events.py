@@ -49,6 +49,9 @@ Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
                     "escalation_resolved", "recovery", "policy_changed", "escalation_notified",
                     "pool_opened", "run_joined", "run_archived"]
+# What an approver list is matched on: the name each person gives (``--by``), or the
+# identity the store vouches for (the line's ``role``: the OS user, or the database role).
+ApproversMatch = Literal["claimed", "vouched"]
 # How a pool's cap repeats: never, per calendar day, ISO week or month in the pool's zone.
 Period = Literal["none", "day", "week", "month"]
 
@@ -63,6 +66,7 @@ ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 PERIODS: tuple[Period, ...] = get_args(Period)
+APPROVERS_MATCHES: tuple[ApproversMatch, ...] = get_args(ApproversMatch)
 
 
 _READ_CHUNK = 1 << 20

@@ -18,6 +18,7 @@ from escalate.events import (
     PRIORITIES,
     RESOLUTIONS,
     RESOLVED_MODES,
+    TIMEOUT_ACTOR,
 )
 from escalate.fold_fields import (
     choice_field,
@@ -28,7 +29,7 @@ from escalate.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.rules import extension_left, needed_extension
+from escalate.rules import extension_left, needed_extension, same_person
 from escalate.state import EscalationState, RuleViolation, RunState, Task
 
 
@@ -97,8 +98,10 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     mode = choice_field(event, "mode", RESOLVED_MODES)
     extension = int_field(event, "extension_micros")
     by = name_field(event, "by")
-    if "role" in event:  # the database role that resolved it (PostgreSQL store)
-        name_field(event, "role")
+    # Who the store vouches resolved it (the OS user, or the database role); older lines: none.
+    role = name_field(event, "role") if "role" in event else None
+    if mode != "withdraw" and by != TIMEOUT_ACTOR:
+        _check_resolver(state, escalation, by, role)
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
@@ -121,6 +124,7 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     escalation.state = "resolved"
     escalation.mode = mode
     escalation.by = by
+    escalation.resolved_role = role
     escalation.resolved_at = ts_field(event, "ts")
     escalation.extension_micros = extension
     state.extended_micros += extension
@@ -131,6 +135,21 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "paused"
     else:
         task.state = "reserved" if task.holding else "escalated"
+
+
+def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
+    """The rule the decisions apply (:func:`escalate.resolve.decide_resolution`), as far as
+    the run's own log tells: the requester never resolves their own escalation, and under
+    ``approvers_match: vouched`` the approver list names the vouched identity. A pool_cap
+    escalation is decided by its pool's policy, which this log does not hold: only two
+    lines naming the same person are refused there."""
+    policy = state.policy
+    vouched = policy.approvers_match == "vouched" and escalation.reason != "pool_cap"
+    if same_person(escalation.requested_by, escalation.requested_role, by, role, vouched):
+        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who asked for it")
+    if vouched and policy.approvers and (role or by) not in policy.approvers:
+        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who is not one "
+                            f"of the approvers ({', '.join(policy.approvers)})")
 
 
 def apply_notified(state: RunState, event: Mapping[str, Any]) -> None:

@@ -24,19 +24,19 @@ def decide_join(state: RunState, run_id: str) -> Decision:
 
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None) -> Decision:
+                       role: str | None = None, roles: bool = False) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room. Once the pool names approvers, only they may change it
-    (``role``: the database role acting, on PostgreSQL: recorded, and checked instead of
-    ``by``)."""
+    (``role``: who the store vouches is acting, recorded; ``roles``: the store's approver
+    lists name database roles; :func:`~escalate.resolve.policy_changer_refused` checks them)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
     result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
     if policy == state.policy and cap == state.pool.cap_micros:
         return Decision(result=result)
-    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
+    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:
         return fail(refusal)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}

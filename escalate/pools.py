@@ -97,6 +97,7 @@ class Pool:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
+        approvers_match: str = "claimed",
         **options: Any,
     ) -> Pool:
         """Create a pool (the same settings again is fine; different ones conflict).
@@ -108,7 +109,7 @@ class Pool:
         kind = check_period(period)
         check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers)
+                                    approvers=approvers, approvers_match=approvers_match)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -205,6 +206,7 @@ class Pool:
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
     ) -> dict[str, Any]:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
@@ -213,16 +215,18 @@ class Pool:
 
         changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
                                    "escalation_timeout_s": escalation_timeout_s,
-                                   "max_extension": max_extension, "approvers": approvers}
+                                   "max_extension": max_extension, "approvers": approvers,
+                                   "approvers_match": approvers_match}
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor, role)
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role,
+                                      self.store.approvers_are_roles)
 
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                            clock=self.clock, lock_timeout=self.lock_timeout)

@@ -15,7 +15,7 @@ from escalate.decide import Decision, fail, period_name, resolved_event
 from escalate.errors import Conflict, InputError, Refused
 from escalate.events import Event, parse_ts
 from escalate.money import format_usd as usd
-from escalate.rules import extension_left, needed_extension, over_cap
+from escalate.rules import extension_left, needed_extension, over_cap, same_person, vouched_match
 from escalate.state import EscalationState, Policy, RunState
 
 if TYPE_CHECKING:
@@ -52,12 +52,14 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
-                      pool: PoolView | None = None, role: str | None = None) -> Decision:
+                      pool: PoolView | None = None, role: str | None = None,
+                      roles: bool = False) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
-    or cancel, and never the requester. ``role``: the database role acting (PostgreSQL
-    store), recorded, and the name an approver list is checked against."""
+    or cancel, and never the requester. ``role``: who the store vouches is acting (the OS
+    user, or the database role), recorded; ``roles``: the store's approver lists name
+    database roles (PostgreSQL). :func:`vouched_match` says which name is checked."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(InputError(
@@ -68,7 +70,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
         return fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by, pool, role)
+    refusal = _not_allowed(state, escalation, mode, by, pool, role, roles)
     if refusal is not None:
         return fail(refusal)
     if escalation.state == "resolved":
@@ -95,45 +97,48 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
 
 
 def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
-                 pool: PoolView | None, role: str | None) -> Refused | None:
+                 pool: PoolView | None, role: str | None, roles: bool) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
     first-resolution-wins answer: who won tells nothing to someone who may not resolve.
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
-    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
+    names are claimed, the ``role`` is vouched by the store (docs/escalation.md)."""
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
              "requested_by": escalation.requested_by}
+    by_pool = pool is not None and escalation.reason == "pool_cap"
+    policy = pool.policy if pool is not None and by_pool else state.policy
+    vouched = vouched_match(policy, roles)
+    same = same_person(escalation.requested_by, escalation.requested_role, by, role, vouched)
     if mode == "withdraw":
-        other_role = role is not None and escalation.requested_role not in (None, role)
-        if (escalation.requested_by is not None and by != escalation.requested_by) or other_role:
+        if escalation.requested_by is not None and not same:
             return Refused(
                 f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
                 f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
                                   if escalation.kind == "increase" else ""),
                 code="not_the_requester", **facts)
         return None
-    by_pool = pool is not None and escalation.reason == "pool_cap"
-    approvers = pool.policy.approvers if pool is not None and by_pool else state.policy.approvers
+    approvers = policy.approvers
     kind, ledger_id = ("pool", pool.pool_id) if pool is not None and by_pool else ("run", state.run_id)
     who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
-    if by == escalation.requested_by:
+    if same and by == escalation.requested_by:
         return Refused(
             f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
             f"escalation ({who}); ask an approver, or take it back with "
             f"'escalate withdraw {state.run_id} {escalation.id}'",
             code="self_approval", approvers=list(approvers), **facts)
-    if approvers and (role or by) not in approvers:
+    name = role if vouched and role is not None else by
+    if approvers and name not in approvers:
         return Refused(
-            f"cannot resolve {escalation.id}: {role or by} is not an approver of {kind} {ledger_id} "
+            f"cannot resolve {escalation.id}: {name} is not an approver of {kind} {ledger_id} "
             f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
             f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
-    if approvers and role is not None and role == escalation.requested_role:
-        # (Names are chosen by the client; the role is not. Without an approver list every
-        # role may approve, and one shared role must still be able to.)
+    if same:
+        # (Names are chosen by the client; the vouched identity is not.)
         return Refused(
-            f"cannot resolve {escalation.id}: the database role {role} asked for it and may not "
-            f"resolve its own escalation under another name ({who}); ask an approver with a "
-            f"role of their own", code="self_approval", approvers=list(approvers), **facts)
+            f"cannot resolve {escalation.id}: the {'database role' if roles else 'OS user'} {role} asked "
+            f"for it and may not resolve its own "
+            f"escalation under another name ({who}); ask an approver who acts as someone else",
+            code="self_approval", approvers=list(approvers), **facts)
     return None
 
 
@@ -205,27 +210,28 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
 
 
 def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
-                           command: str) -> Refused | None:
+                           command: str, roles: bool = False) -> Refused | None:
     """Once a run (or a pool) names its approvers, only they may change its settings:
-    otherwise anyone could add themselves. ``role``, the database role acting (PostgreSQL),
-    is what is checked when there is one."""
+    otherwise anyone could add themselves. ``role``, who the store vouches is acting, is
+    what is checked when the policy matches on it (:func:`vouched_match`)."""
     approvers = state.policy.approvers
-    if approvers and (role or by) not in approvers:
-        return Refused(f"cannot change {what}: {role or by} is not one of its approvers "
+    name = role if vouched_match(state.policy, roles) and role is not None else by
+    if approvers and name not in approvers:
+        return Refused(f"cannot change {what}: {name} is not one of its approvers "
                        f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",
                        code="not_an_approver", by=by, approvers=list(approvers))
     return None
 
 
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
-                  role: str | None = None) -> Decision:
+                  role: str | None = None, roles: bool = False) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
     its approvers, only they may change it: otherwise anyone could add themselves (``role``:
-    the database role acting, recorded, and checked instead of ``by``)."""
+    who the store vouches is acting, recorded; :func:`policy_changer_refused` checks it)."""
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json()})
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
-                                     "runs set")
+                                     "runs set", roles)
     if refusal is not None:
         return fail(refusal)
     if policy.max_extension_micros < state.extended_micros:

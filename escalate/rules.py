@@ -15,7 +15,7 @@ from escalate.money import MAX_TOTAL_MICROS, format_usd
 
 if TYPE_CHECKING:
     from escalate.pool_state import PoolView
-    from escalate.state import RunState
+    from escalate.state import Policy, RunState
 
 Cap = Literal["task_cap", "run_cap"]
 
@@ -51,6 +51,28 @@ def past_total_limit(total_micros: int) -> bool:
     one there: a reservation must fit a cap (at most the 1e9 USD run or pool cap plus at
     most as much again in extensions), so what a cap bounds stays far below the limit."""
     return total_micros > MAX_TOTAL_MICROS
+
+
+def vouched_match(policy: Policy, roles: bool) -> bool:
+    """Whether ``policy``'s approvers are matched, and requester and resolver compared, on
+    the identity the store vouches for: the policy says ``approvers_match: vouched``, or the
+    store's identities are database roles and the policy names approvers (approver lists
+    there have always named roles). Otherwise on the names given (``claimed``), so that one
+    OS user may run a whole script under several ``--by`` names (docs/escalation.md)."""
+    return policy.approvers_match == "vouched" or (roles and bool(policy.approvers))
+
+
+def same_person(requested_by: str | None, requested_role: str | None, by: str | None,
+                role: str | None, vouched: bool) -> bool:
+    """Whether the resolver (``by``, vouched as ``role``) is the requester. Two different
+    vouched identities are never the same person, whatever names they give; the same one is,
+    when ``vouched``; otherwise (or where a line has no vouched identity) the names tell."""
+    if requested_role is not None and role is not None:
+        if requested_role != role:
+            return False
+        if vouched:
+            return True
+    return requested_by is not None and by == requested_by
 
 
 def release_refusal(state: RunState, task_id: str, held: int, actual: int,

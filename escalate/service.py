@@ -108,6 +108,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
+        approvers_match: str = "claimed",
         pool: str | None = None,
         **options: Any,
     ) -> Ledger:
@@ -117,8 +118,9 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
-        defaults to the pool's).
+        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers, and
+        tells the requester apart, by who the store vouches for. ``pool``: the run joins that
+        pool for good (``cap`` defaults to the pool's).
         """
         from escalate import pool_book  # (a run without a pool never loads the pool modules)
 
@@ -132,7 +134,8 @@ class Ledger:
             cap = Micros(joining.pool.cap_micros)
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, renotify_every_s=renotify_every_s)
+                                    approvers=approvers, renotify_every_s=renotify_every_s,
+                                    approvers_match=approvers_match)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -198,8 +201,8 @@ class Ledger:
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
+        return cast(TaskResult, self._mutate(asked_by(self.store,
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
 
     def archive(self) -> dict[str, Any]:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
@@ -230,6 +233,7 @@ class Ledger:
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
         renotify_every_s: float | Unchanged | None = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
@@ -239,8 +243,8 @@ class Ledger:
             policy = config.merge_policy(
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
-                approvers=approvers, renotify_every_s=renotify_every_s)
-            return resolve.decide_policy(state, policy, self.actor, role)
+                approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match)
+            return resolve.decide_policy(state, policy, self.actor, role, self.store.approvers_are_roles)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
@@ -347,10 +351,11 @@ class Ledger:
     def _resolve(self, escalation_id: str, mode: str, by: str | None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
+        roles = self.store.approvers_are_roles
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role)))
+                                                                  pool, role, roles)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.

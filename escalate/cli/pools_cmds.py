@@ -20,6 +20,7 @@ from escalate.cli import (
 )
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
+    ApproversMatchOption,
     ApproversOption,
     EscalationTimeoutOption,
     ModeOption,
@@ -62,6 +63,7 @@ def init(
         "--max-extension", metavar="USD", help="Most USD that approvals of pool_cap escalations may add "
         "per period [default: 0].")] = None,
     approvers: ApproversOption = None,
+    approvers_match: ApproversMatchOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -79,7 +81,8 @@ def init(
         created = Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                            approvers=approvers or (), **options)
+                            approvers=approvers or (), approvers_match=approvers_match or "claimed",
+                            **options)
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -179,6 +182,10 @@ def set_policy(
     approvers: Annotated[str | None, typer.Option(
         "--approvers", metavar="NAMES", help="New comma-separated approvers of pool_cap escalations "
         "[default: unchanged].", show_default=False)] = None,
+    approvers_match: Annotated[str | None, typer.Option(
+        "--approvers-match", metavar="claimed|vouched", help="New match of the pool's approvers: "
+        "the names given (claimed), or who the store vouches for (vouched) [default: unchanged].",
+        show_default=False)] = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -186,7 +193,7 @@ def set_policy(
 ) -> None:
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
-             "max_extension": max_extension, "approvers": approvers}
+             "max_extension": max_extension, "approvers": approvers, "approvers_match": approvers_match}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
@@ -195,7 +202,8 @@ def set_policy(
         changes["approval_threshold"] = None
     if not changes and escalation_timeout is None:
         bad_input("nothing to change; give --cap, --escalation, --approval-threshold, "
-                  "--no-approval-threshold, --escalation-timeout, --max-extension or --approvers", json_out,
+                  "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
+                  "--approvers-match", json_out,
                   code="usage")
     before: dict[str, Any] = {}
 
