@@ -9,6 +9,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -25,6 +26,32 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
+
+
+def tree_status(root: Path) -> set[str] | None:
+    """``git status`` of the checkout at ``root``, one line a changed or new file (ignored
+    files left out), or None when ``root`` is no git checkout (an unpacked source archive)."""
+    if not (root / ".git").exists():
+        return None
+    # safe.directory: a clone owned by another user (CI as root) must still be checked.
+    done = subprocess.run(["git", "-c", f"safe.directory={root}", "-C", str(root), "status",
+                           "--porcelain", "--untracked-files=all"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"git status failed: {done.stderr.strip()}"
+    return set(done.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_tree_stays_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The suite never writes into the repository (a run left in ``runs/``, a stray file):
+    whatever ``git status`` shows after the last test and did not before fails the session."""
+    root = request.config.rootpath
+    before = tree_status(root)
+    yield
+    if before is None:
+        return
+    appeared = sorted((tree_status(root) or set()) - before)
+    assert not appeared, f"the tests changed the repository (write under tmp_path): {'; '.join(appeared)}"
 
 
 @pytest.fixture
@@ -113,7 +140,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     """A fresh empty database of its own for this test. A test's clock (``clock=``, moved by
     hand) stands in for the server's, as on the file store; the tests of the server's own
     clock take :func:`server_clock_url`."""
-    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
+    monkeypatch.setattr("escalate.stores.postgres.clock.WRITERS_CLOCK_STANDS_IN", True)
     with pg_server.fresh() as url:
         yield url
 
@@ -122,7 +149,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 def server_clock_url(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """:func:`pg_url`, whose store times every line by its server's clock, as in production:
     a writer's ``clock=`` is only its own (wrong) clock."""
-    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", False)
+    monkeypatch.setattr("escalate.stores.postgres.clock.WRITERS_CLOCK_STANDS_IN", False)
     return pg_url
 
 
@@ -150,7 +177,7 @@ def has_run(store: Location, run_id: str) -> bool:
     counts (stricter than ``runs list``, which needs a log)."""
     if isinstance(store, Path):
         return (store / run_id).exists()
-    from escalate.runs import iter_run_ids
+    from escalate.reports.runs import iter_run_ids
 
     return run_id in iter_run_ids(store)
 
@@ -160,7 +187,7 @@ def snapshot_store(store: Location) -> dict[str, bytes]:
     (:func:`snapshot_tree`), or every run's log in a database."""
     if isinstance(store, Path):
         return snapshot_tree(store)
-    from escalate.runs import iter_run_ids
+    from escalate.reports.runs import iter_run_ids
 
     return {run_id: log_bytes(store, run_id) for run_id in iter_run_ids(store)}
 

@@ -20,10 +20,10 @@ import psycopg
 import pytest
 
 from escalate import Ledger, Pending, Refused
-from escalate import file_store as file_store_module
+from escalate.core.events import line_hash
 from escalate.errors import InputError
-from escalate.events import line_hash
-from escalate.pg_store import PgStore
+from escalate.stores.file import store as file_store_module
+from escalate.stores.postgres.store import PgStore
 from escalate.transfer import export_lines, import_log
 from tests.pg_server import admin, pg_url, url_of
 

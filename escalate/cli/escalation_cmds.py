@@ -24,7 +24,7 @@ from escalate.cli import (
 )
 
 if TYPE_CHECKING:
-    from escalate.runs import InboxRow, SweepReport
+    from escalate.reports.runs import InboxRow, SweepReport
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
@@ -38,7 +38,7 @@ def _said(result: dict[str, Any]) -> None:
     extra = ""
     if result["status"] == "approved":
         extension = result.get("extension_micros", 0)
-        from escalate.money import format_usd as usd
+        from escalate.core.money import format_usd as usd
 
         pool_extension = result.get("pool_extension_micros", 0)
         extra = f": {usd(result['reserved_micros'])} reserved for {result['task']}" + (
@@ -97,7 +97,7 @@ def wait(
     still open."""
 
     def action() -> Mapping[str, Any]:
-        from escalate.durations import MAX_WAIT_S, parse_duration
+        from escalate.core.durations import MAX_WAIT_S, parse_duration
 
         seconds = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         return open_ledger(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)
@@ -117,7 +117,7 @@ def escalations(
 
     def action() -> dict[str, list[InboxRow]]:
         from escalate.config import utc_now
-        from escalate.runs import inbox, runs_root
+        from escalate.reports.runs import inbox, runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         found = inbox(root, run=run, open_only=only_open)
@@ -129,7 +129,7 @@ def escalations(
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
-        from escalate.render import escalation_table, print_whole
+        from escalate.reports.render import escalation_table, print_whole
 
         print_whole(escalation_table(result["escalations"], now=moment[0],
                                      title="open escalations" if only_open else "escalations"))
@@ -154,9 +154,9 @@ def sweep(
     job."""
 
     def action() -> SweepReport:
-        from escalate.delivery import SweepLimits
-        from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
-        from escalate.runs import sweep_all
+        from escalate.core.durations import MAX_SWEEP_DEADLINE_S, parse_duration
+        from escalate.escalation.delivery import SweepLimits
+        from escalate.reports.runs import sweep_all
 
         given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
         if deadline is not None:

@@ -24,14 +24,15 @@ from escalate.cli.runs_cmds import (
     ApproversOption,
     EscalationTimeoutOption,
     ModeOption,
+    NewApproversMatchOption,
     ShowFormat,
     ThresholdOption,
     _escalation_timeout,
 )
-from escalate.money import format_usd as usd
+from escalate.core.money import format_usd as usd
 
 if TYPE_CHECKING:
-    from escalate.pools import Pool, PoolReport, PoolRow, PoolVerifyReport
+    from escalate.pools.pool import Pool, PoolReport, PoolRow, PoolVerifyReport
 
 pools_app = typer.Typer(help="Create, list, show and re-configure pools: one budget shared by many runs.",
                         no_args_is_help=True)
@@ -40,7 +41,7 @@ PoolArg = Annotated[str, typer.Argument(help="Pool id.", show_default=False, met
 
 
 def _pool(pool: str, runs_dir: Any, lock_timeout: str | None = None, by: str | None = None) -> Pool:
-    from escalate.pools import Pool
+    from escalate.pools.pool import Pool
 
     options = open_options(runs_dir, lock_timeout, by)
     return Pool.open(options.pop("runs_dir"), pool, **options)
@@ -73,7 +74,7 @@ def init(
 
     def action() -> dict[str, Any]:
         from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
-        from escalate.pools import Pool
+        from escalate.pools.pool import Pool
 
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
@@ -102,7 +103,7 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     """List every pool with its cap, period and number of runs."""
 
     def action() -> dict[str, list[PoolRow]]:
-        from escalate.pools import list_pools as rows_of
+        from escalate.pools.pool import list_pools as rows_of
 
         return {"pools": rows_of(open_options(runs_dir, None)["runs_dir"])}
 
@@ -144,7 +145,7 @@ def show(
         return report
 
     def human(report: PoolReport) -> None:
-        from escalate.report import pool_markdown, pool_period_line, printable
+        from escalate.reports.report import pool_markdown, pool_period_line, printable
 
         if chosen is ShowFormat.markdown:
             sys.stdout.write(pool_markdown(report))
@@ -182,10 +183,7 @@ def set_policy(
     approvers: Annotated[str | None, typer.Option(
         "--approvers", metavar="NAMES", help="New comma-separated approvers of pool_cap escalations "
         "[default: unchanged].", show_default=False)] = None,
-    approvers_match: Annotated[str | None, typer.Option(
-        "--approvers-match", metavar="claimed|vouched", help="New match of the pool's approvers: "
-        "the names given (claimed), or who the store vouches for (vouched) [default: unchanged].",
-        show_default=False)] = None,
+    approvers_match: NewApproversMatchOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -201,10 +199,7 @@ def set_policy(
     if no_threshold:
         changes["approval_threshold"] = None
     if not changes and escalation_timeout is None:
-        bad_input("nothing to change; give --cap, --escalation, --approval-threshold, "
-                  "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
-                  "--approvers-match", json_out,
-                  code="usage")
+        bad_input(_NOTHING_TO_CHANGE, json_out, code="usage")
     before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:
@@ -228,6 +223,11 @@ def set_policy(
     respond(json_out, action, human)
 
 
+_NOTHING_TO_CHANGE = ("nothing to change; give --cap, --escalation, --approval-threshold, "
+                      "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
+                      "--approvers-match")
+
+
 @pools_app.command("verify")
 def verify(pool: PoolArg, runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> None:
     """Check every line of POOL's log (the seq run, the prev chain, the pool's rules) and of
@@ -235,7 +235,7 @@ def verify(pool: PoolArg, runs_dir: RunsDirOption = None, json_out: JsonOption =
 
     def action() -> PoolVerifyReport:
         from escalate.errors import CorruptLedger
-        from escalate.pools import verify_pool
+        from escalate.pools.pool import verify_pool
 
         report = verify_pool(open_options(runs_dir, None)["runs_dir"], pool)
         found = [(f"pool {pool}", problem) for problem in report["problems"]]

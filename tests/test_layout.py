@@ -1,0 +1,128 @@
+"""The layout of the code (docs/architecture.md): folders by job, one job per module, and
+functions that stay short. A module is split when it holds two jobs, not at a line count;
+what stays checkable is the length of a function and that the architecture page names
+every module where it lives."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import escalate
+
+PACKAGE = Path(escalate.__file__).parent
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+MAX_FUNCTION_LINES = 60
+
+
+def _function_sizes() -> dict[str, int]:
+    """Lines per function (``path:name``, paths from the package), def line to last line."""
+    sizes = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                sizes[f"{name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return sizes
+
+
+def test_no_function_is_over_its_limit() -> None:
+    over = {name: lines for name, lines in _function_sizes().items() if lines > MAX_FUNCTION_LINES}
+    assert over == {}, "split these by job (docs/architecture.md says where each part goes)"
+
+
+def _tree() -> set[str]:
+    """The modules the architecture page's tree names, as paths from the package."""
+    block = ARCHITECTURE.read_text(encoding="utf-8").split("```", 2)[1]
+    named: set[str] = set()
+    folders: list[str] = []
+    for line in block.splitlines()[2:]:  # the lines under "escalate/"
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent > 8:
+            continue  # a description carried over from the line above
+        depth = indent // 2 - 1
+        del folders[depth:]
+        first = line.strip().split("  ")[0]
+        if first.endswith("/"):
+            folders.append(first)
+            continue
+        for name in first.split(", "):  # "money, durations, ids": several leaf modules
+            named.add("".join(folders) + name)
+    return named
+
+
+def test_the_architecture_page_names_every_module_where_it_lives() -> None:
+    modules = {path.relative_to(PACKAGE).with_suffix("").as_posix()
+               for path in PACKAGE.rglob("*.py")
+               if path.name not in {"__init__.py", "__main__.py", "_version.py"}
+               and not path.name.endswith("_cmds.py")}
+    named = {name for name in _tree() if not name.endswith("__init__")}
+    assert modules - named == set(), "name these in docs/architecture.md's tree"
+    assert named - modules == set(), "the tree names modules that are not there"
+
+
+# The one import that may close a circle: the store factory picks an implementation, which
+# in turn implements the seam's protocols.
+FACTORY = ("escalate.stores.seam", "open_store")
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module's imports of escalate's modules that run (at module level or inside a
+    function; not those only a type checker reads), the factory's left out."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        unread = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
+                  and "TYPE_CHECKING" in ast.unparse(branch.test)
+                  for statement in branch.body for node in ast.walk(statement)}
+        factory = {id(node) for function in ast.walk(tree) if isinstance(function, ast.FunctionDef)
+                   and (name, function.name) == FACTORY for node in ast.walk(function)}
+        for node in ast.walk(tree):
+            if id(node) in unread | factory:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                # ``from package import module``: an edge to the module. (It runs the package's
+                # __init__ first, whose module level imports only leaves such as errors; its lazy
+                # __getattr__ runs for a name it re-exports, and then the edge is to the package.)
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
+                           else node.module for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The groups of modules that import each other, directly or around a circle."""
+    reach = {name: set(targets) for name, targets in graph.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name, reached in reach.items():
+            more = set().union(*(reach[target] for target in reached)) - reached
+            if more:
+                reach[name] = reached | more
+                changed = True
+    groups: list[set[str]] = []
+    for name in sorted(graph):
+        group = {name} | {other for other in reach[name] if name in reach[other]}
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def test_no_import_circle_but_the_store_factory() -> None:
+    assert _circles(_imports()) == []
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
