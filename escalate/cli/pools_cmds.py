@@ -18,6 +18,7 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
     ApproversMatchOption,
@@ -65,6 +66,7 @@ def init(
         "per period [default: 0].")] = None,
     approvers: ApproversOption = None,
     approvers_match: ApproversMatchOption = None,
+    approver_key: ApproverKeyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -83,7 +85,7 @@ def init(
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                             approvers=approvers or (), approvers_match=approvers_match or "claimed",
-                            **options)
+                            approver_keys=approver_key or (), **options)
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -180,9 +182,9 @@ def set_policy(
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD approvals may add per period "
         "[default: unchanged].", show_default=False)] = None,
-    approvers: Annotated[str | None, typer.Option(
-        "--approvers", metavar="NAMES", help="New comma-separated approvers of pool_cap escalations "
-        "[default: unchanged].", show_default=False)] = None,
+    approvers: Annotated[str | None, typer.Option("--approvers", metavar="NAMES", help="New comma-separated "
+        "approvers of pool_cap escalations [default: unchanged].", show_default=False)] = None,
+    approver_key: ApproverKeyOption = None,
     approvers_match: NewApproversMatchOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
@@ -191,7 +193,8 @@ def set_policy(
 ) -> None:
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
-             "max_extension": max_extension, "approvers": approvers, "approvers_match": approvers_match}
+             "max_extension": max_extension, "approvers": approvers, "approvers_match": approvers_match,
+             "approver_keys": approver_key}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
@@ -224,8 +227,8 @@ def set_policy(
 
 
 _NOTHING_TO_CHANGE = ("nothing to change; give --cap, --escalation, --approval-threshold, "
-                      "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
-                      "--approvers-match")
+                      "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers, "
+                      "--approvers-match or --approver-key")
 
 
 @pools_app.command("verify")

@@ -15,6 +15,7 @@ from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import (
+    approver_name,
     extension_left,
     needed_extension,
     over_cap,
@@ -60,13 +61,15 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
                       pool: PoolView | None = None, role: str | None = None,
-                      roles: bool = False) -> Decision:
+                      roles: bool = False, signature: str | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
     or cancel, and never the requester. ``role``: who the store vouches is acting (the OS
     user, or the database role), recorded; ``roles``: the store's approver lists name
-    database roles (PostgreSQL). :func:`vouched_match` says which name is checked."""
+    database roles (PostgreSQL); :func:`approver_name` says which name is checked.
+    ``signature``: an armored SSHSIG signature of the escalation's canonical content, which
+    a policy that pins approvers' keys requires (:func:`signed_fields`)."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(InputError(
@@ -92,6 +95,13 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
     resolved = resolved_event(escalation_id, mode, by, role)
+    if mode != "withdraw":
+        deciding = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+        signed = signed_fields(state, escalation, mode, approver_name(deciding, roles, by, role) or by, pool,
+                               signature)
+        if isinstance(signed, Refused):
+            return fail(signed)
+        resolved.update(signed)
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
@@ -132,7 +142,7 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"escalation ({who}); ask an approver, or take it back with "
             f"'escalate withdraw {state.run_id} {escalation.id}'",
             code="self_approval", approvers=list(approvers), **facts)
-    name = role if vouched and role is not None else by
+    name = approver_name(policy, roles, by, role)
     if approvers and name not in approvers:
         return Refused(
             f"cannot resolve {escalation.id}: {name} is not an approver of {kind} {ledger_id} "
@@ -147,6 +157,37 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"escalation under another name ({who}); ask an approver who acts as someone else",
             code="self_approval", approvers=list(approvers), **facts)
     return None
+
+
+def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
+                  signature: str | None) -> dict[str, str] | Refused:
+    """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
+    deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
+    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
+    given, or on PostgreSQL the database role, as approver lists name them."""
+    policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+    if not policy.approver_keys:
+        return {}
+    from escalate.core import sshsig  # (only a policy that pins keys loads it)
+
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by}
+    pinned = policy.approver_keys.get(by, ())
+    if not pinned:
+        return Refused(f"cannot resolve {escalation.id}: no key is pinned for {by} (pinned: "
+                       f"{', '.join(policy.approver_keys)}); resolve under a name with a pinned key",
+                       code="not_an_approver", **facts)
+    if signature is None:
+        return Refused(f"cannot resolve {escalation.id}: the policy pins approvers' keys, so the "
+                       f"resolution must be signed; add --sign KEYFILE (your private key, or its .pub "
+                       f"with ssh-agent)", code="unsigned", **facts)
+    message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
+                                       escalation.line_hash)
+    try:
+        key = sshsig.verify(signature, message, pinned)
+    except sshsig.SignatureError as exc:
+        return Refused(f"cannot resolve {escalation.id}: the signature is not {by}'s over this "
+                       f"resolution ({exc}); sign with a key pinned for {by}", code="bad_signature", **facts)
+    return {"signature": signature, "key": key.fingerprint}
 
 
 def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
@@ -218,11 +259,11 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
 
 def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
                            command: str, roles: bool = False) -> Refused | None:
-    """Once a run (or a pool) names its approvers, only they may change its settings:
-    otherwise anyone could add themselves. ``role``, who the store vouches is acting, is
-    what is checked when the policy matches on it (:func:`vouched_match`)."""
-    approvers = state.policy.approvers
-    name = role if vouched_match(state.policy, roles) and role is not None else by
+    """Once a run (or a pool) names its approvers (or pins keys for some), only they may
+    change its settings: otherwise anyone could add themselves. ``role``, who the store
+    vouches is acting, is what is checked when the policy matches on it (:func:`approver_name`)."""
+    approvers = state.policy.approvers or tuple(state.policy.approver_keys)
+    name = approver_name(state.policy, roles, by, role)
     if approvers and name not in approvers:
         return Refused(f"cannot change {what}: {name} is not one of its approvers "
                        f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",

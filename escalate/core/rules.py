@@ -62,6 +62,14 @@ def vouched_match(policy: Policy, roles: bool) -> bool:
     return policy.approvers_match == "vouched" or (roles and bool(policy.approvers))
 
 
+def approver_name(policy: Policy, roles: bool, by: str | None, role: str | None) -> str | None:
+    """The name an approver list (and its pinned keys) is checked against: ``role``, the
+    vouched identity, under ``approvers_match: vouched`` and wherever the store's
+    identities are database roles (PostgreSQL's lists have always named roles); else
+    ``by``, the name given."""
+    return role if (roles or policy.approvers_match == "vouched") and role is not None else by
+
+
 def same_person(requested_by: str | None, requested_role: str | None, by: str | None,
                 role: str | None, vouched: bool) -> bool:
     """Whether the resolver (``by``, vouched as ``role``) is the requester. Two different
