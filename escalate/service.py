@@ -290,7 +290,8 @@ class Ledger:
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
                 approver_keys=approver_keys)
-            return resolve.decide_policy(state, policy, self.actor, role, self.store.approvers_are_roles)
+            return resolve.decide_policy(state, policy, self.actor, role, pool,
+                                         self.store.approvers_are_roles)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
@@ -408,7 +409,7 @@ class Ledger:
             signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role, roles, signature)))
+                                                                  pool, role, signature, roles)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.

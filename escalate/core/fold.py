@@ -163,7 +163,10 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
     elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
         raise not_task(task_id)
-    if over_cap(amount, amount, state.task_cap_micros, state.remaining_micros) is not None:
+    # rules.over_cap and RunState.remaining_micros, inline (once per reservation of every
+    # replay); _over names the cap with them.
+    if amount > state.task_cap_micros or amount > (state.run_cap_micros + state.extended_micros
+                                                   - state.spent_micros - state.reserved_micros):
         _over(state, task_id, amount, amount)
     tasks[task_id] = Task("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
@@ -195,8 +198,9 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
             f"but it holds {task.reserved_micros}"
         )
     delta = after - before
-    if over_cap(after, delta, state.task_cap_micros, state.remaining_micros) is not None:
-        _over(state, task_id, after, delta)
+    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
+                                                 - state.spent_micros - state.reserved_micros):
+        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
     task.state = "reserved"
     task.reserved_micros = after
     state.reserved_micros += delta

@@ -29,7 +29,7 @@ from escalate.core.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.core.rules import extension_left, needed_extension, same_person
+from escalate.core.rules import extension_left, needed_extension, pinned_keys, same_person
 from escalate.core.state import EscalationState, RuleViolation, RunState, Task
 
 
@@ -174,12 +174,7 @@ def check_signed(state: RunState, escalation: EscalationState, event: Mapping[st
         return  # checked at write time against the keys of whoever pinned them (the pool)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
                                        escalation.line_hash)
-    # The keys pinned for the name the writer checked: the vouched role under approvers_match
-    # vouched; otherwise the name given, or (PostgreSQL, where lists name roles) the role.
-    role = event.get("role")
-    names = (role,) if state.policy.approvers_match == "vouched" else (by, role)
-    pinned = tuple(key for name in dict.fromkeys(names) if isinstance(name, str)
-                   for key in state.policy.approver_keys.get(name, ()))
+    pinned = pinned_keys(state.policy, by, event.get("role"))
     try:
         signer = sshsig.verify(signature, message, pinned)
     except sshsig.SignatureError as exc:

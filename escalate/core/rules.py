@@ -70,6 +70,16 @@ def approver_name(policy: Policy, roles: bool, by: str | None, role: str | None)
     return role if (roles or policy.approvers_match == "vouched") and role is not None else by
 
 
+def pinned_keys(policy: Policy, by: object, role: object) -> tuple[str, ...]:
+    """The keys a resolution line's signature is checked against when a log is read: those
+    pinned for the name its writer checked (:func:`approver_name`), which the log alone
+    cannot always tell — the vouched ``role`` under ``approvers_match: vouched``; otherwise
+    the name given, or (PostgreSQL, where lists name roles) the role."""
+    names = (role,) if policy.approvers_match == "vouched" else (by, role)
+    return tuple(key for name in dict.fromkeys(names) if isinstance(name, str)
+                 for key in policy.approver_keys.get(name, ()))
+
+
 def same_person(requested_by: str | None, requested_role: str | None, by: str | None,
                 role: str | None, vouched: bool) -> bool:
     """Whether the resolver (``by``, vouched as ``role``) is the requester. Two different

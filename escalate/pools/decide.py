@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from escalate.core.decide import Decision, fail
-from escalate.core.resolve import policy_changer_refused
+from escalate.core.resolve import extension_lowered, policy_changer_refused
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -24,12 +24,15 @@ def decide_join(state: RunState, run_id: str) -> Decision:
 
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None, roles: bool = False) -> Decision:
+                       role: str | None = None, granted: tuple[int, str] | None = None,
+                       roles: bool = False) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
-    or the next period make room. Once the pool names approvers, only they may change it
-    (``role``: who the store vouches is acting, recorded; ``roles``: the store's approver
-    lists name database roles; :func:`~escalate.resolve.policy_changer_refused` checks them)."""
+    or the next period make room; a max extension below what was granted in the current
+    period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
+    pool names approvers, only they may change it (``role``: who the store vouches acts,
+    recorded; ``roles``: the store's approver lists name database roles;
+    :func:`~escalate.core.resolve.policy_changer_refused` checks them)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -39,6 +42,9 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:
         return fail(refusal)
+    lowered = None if granted is None else extension_lowered(policy, *granted)
+    if lowered is not None:
+        return fail(lowered)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
     if cap != state.pool.cap_micros:
         event["cap_micros"] = cap
