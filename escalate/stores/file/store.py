@@ -98,6 +98,9 @@ class FileLedger:
     def exists(self) -> bool:
         return self.log.exists()
 
+    def head(self) -> tuple[bool, bytes | None]:
+        return self.exists(), None  # (the first line is read through the log, when asked)
+
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
