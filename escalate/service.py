@@ -39,13 +39,19 @@ from escalate.results import (
     SweepResult,
     TaskResult,
 )
-from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
+from escalate.stores.seam import (
+    LedgerStore,
+    Store,
+    first_event,
+    first_event_in,
+    is_a_pool,
+    open_store,
+    pool_of,
+)
 from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
-
-_WAIT_POLL_S = 0.05
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -95,12 +101,16 @@ class Ledger:
         """The pool the run belongs to (None: none), read once from its first line;
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
-            first = first_event(self.store)
-            if first is None:
-                return None  # no run yet (or a torn first write): read again next time
-            if first.get("type") == "pool_opened":
-                raise is_a_pool(self.run_id)
-            self._pool = (pool_of(first),)
+            return self._pool_from(first_event(self.store))
+        return self._pool[0]
+
+    def _pool_from(self, first: Event | None) -> str | None:
+        """:meth:`pool_id`, from the run's first event as read."""
+        if first is None:
+            return None  # no run yet (or a torn first write): read again next time
+        if first.get("type") == "pool_opened":
+            raise is_a_pool(self.run_id)
+        self._pool = (pool_of(first),)
         return self._pool[0]
 
     @property
@@ -146,6 +156,7 @@ class Ledger:
         (or names mapped to OpenSSH public key lines) whose signatures every resolution then needs.
         """
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
+        from escalate.pools import void
 
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
@@ -163,14 +174,14 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or first_event(run.store) is not None:
+        if joining is None or void.void_if_taken(run, joining):
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)
         else:
-            run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
-                                         clock=run.clock, lock_timeout=run.lock_timeout,
-                                         create=lambda: run.store.create(line, recovery))
+            run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                    clock=run.clock, lock_timeout=run.lock_timeout,
+                                    create=lambda: run.store.create(line, recovery))
         if not run.created:
             run._check_same(run_cap, payload, policy)
         return run
@@ -189,12 +200,16 @@ class Ledger:
         """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
         is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store."""
         run = cls(runs_dir, run_id, **options)
-        if not run.store.exists():
+        exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
+        if not exists:
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
                 run=run_id)
-        run.pool_id()
+        if first_line is None:
+            run.pool_id()
+        else:
+            run._pool_from(first_event_in(first_line))
         return run
 
     # ------------------------------------------------------------------ commands

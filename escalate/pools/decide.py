@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from escalate.core.decide import Decision, fail
+from escalate.core.events import VoidReason
 from escalate.core.resolve import extension_lowered, policy_changer_refused
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
@@ -21,6 +22,18 @@ def decide_join(state: RunState, run_id: str) -> Decision:
     if run_id in state.pool.members:
         return Decision(result={"status": "exists"})
     return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
+
+
+def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decision:
+    """``run_join_voided`` for a join of ``run_id`` whose id another ledger holds (``taken``:
+    :func:`escalate.pools.member.taken_by`, read in the pool's critical section); nothing
+    when the run is the pool's member, not created yet, or not joined."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if taken is None or run_id not in state.pool.members:
+        return Decision(result={"status": "kept"})
+    return Decision(events=[{"type": "run_join_voided", "run": run_id, "reason": taken}],
+                    result={"status": "voided", "reason": taken})
 
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,

@@ -25,7 +25,7 @@ from escalate.core.rules import period_name
 from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.pools import book as pool_book
-from escalate.pools.member import Member, fold_member, member_unreadable
+from escalate.pools.member import Member, fold_member, member_unreadable, not_the_member, taken_by
 from escalate.stores.seam import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
@@ -321,7 +321,8 @@ class PoolVerifyReport(TypedDict):
 def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                 lock_timeout: float | None = None) -> PoolVerifyReport:
     """Check every line of the pool's log (the chain and the pool's rules) and of each member
-    named in it (a member with no log is a problem too). Problems are reported, not raised;
+    named in it (a member with no log, or whose id another ledger holds, is a problem too).
+    Problems are reported, not raised;
     :class:`InputError` when there is no such pool, or it is a run."""
     from escalate.reports.runs import verify_report
 
@@ -337,9 +338,14 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     facts = store.verify().state.pool if own["lines"] is not None else None
     for run_id in facts.members if facts is not None else []:
         member = runs.ledger(run_id, lock_timeout=timeout)
-        if first_event(member) is None:
+        first = first_event(member)
+        taken = taken_by(first, pool_id)
+        if first is None:
             problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
                                         missing=True)
+        elif taken is not None:
+            problem = not_the_member(member, pool_id, first, taken)
+        if first is None or taken is not None:
             members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})
