@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast, final
+from typing import Any, Literal, NotRequired, TypedDict, cast, final
 
 from escalate.core.events import PRIORITIES, Priority
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.errors import CorruptLedger, EscalateError, NoRunsFolder
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
 from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store
@@ -77,6 +77,8 @@ class InboxRow(TypedDict):
     resolved_at: str | None
     extension_micros: int
     requested_by: str | None
+    requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
+    resolved_role: NotRequired[str]  # who the store vouches resolved it
     request_reason: str
     priority: str
     needed_extension_micros: int
@@ -168,8 +170,7 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
         return open_store(runs_dir)
     root = Path(runs_dir)
     if root.exists() and not root.is_dir():
-        raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
-                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
+        raise NoRunsFolder(root)
     return root
 
 

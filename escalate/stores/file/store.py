@@ -23,7 +23,7 @@ from escalate.config import Clock
 from escalate.core.events import Event
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.core.state import RunState
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
+from escalate.errors import LockTimeout, NoRunsFolder, StoreUnavailable, UnknownRun, storage_error
 from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
@@ -49,8 +49,7 @@ class FileStore:
 
     def check_usable(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
-                             "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+            raise NoRunsFolder(self.root)
 
     def prepare(self) -> int:
         """Create the runs folder (1) if it is not there yet (0)."""
@@ -76,6 +75,21 @@ class FileStore:
         for entry in sorted(self.root.iterdir()):
             if entry.is_dir() and not entry.is_symlink() and (entry / LOG_NAME).is_file():
                 yield entry.name
+
+
+@functools.cache
+def os_user() -> str:
+    """The OS user of this process, from its effective uid (``uid:N`` without a passwd
+    entry): what a runs folder vouches for. Not ``$USER`` nor ``$LOGNAME``, which anyone
+    sets; a process without root cannot change its uid. Read once per process, so never
+    inside a critical section but the first."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
 
 
 class FileLedger:
@@ -148,9 +162,12 @@ class FileLedger:
     def sync(self) -> None:
         self.log.sync()
 
-    def role(self) -> None:
-        """A runs folder authenticates nobody: names are claimed (docs/escalation.md)."""
-        return None
+    approvers_are_roles = False  # names as given, unless a policy says approvers_match vouched
+
+    def role(self) -> str:
+        """The OS user of this process (:func:`os_user`): who wrote the line, as far as a
+        runs folder can vouch (docs/escalation.md, "Who is who")."""
+        return os_user()
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Poll the log's size (a file tells nobody it grew)."""
