@@ -1,5 +1,6 @@
-"""A member run's money in its pool, by period, folded from the run's own lines, and what a
-ledger's first line says (a run or a pool, and a run's pool: it never changes).
+"""A member run's money in its pool, by period, folded from the run's own lines (what a
+ledger's first line says — a run or a pool, and a run's pool — is read by
+:func:`escalate.stores.seam.first_event`).
 
 The lines were checked by the run's own fold when they were written; this fold only sums
 them by period. Money counts in the period it is added in (a reservation, the delta of an
