@@ -158,8 +158,8 @@ def member_first(store: LedgerStore, pool_id: str, opened: str | None) -> dict[s
     if taken is not None:
         raise not_the_member(store, pool_id, first, taken, opened=was_opened)
     if first.get("run") != store.run_id:
-        raise member_unreadable(store, pool_id, f"the log under {store.run_id} is run "
-                                f"{shown_value(first.get('run'))}'s, not this member's",
+        raise member_unreadable(store, pool_id, f"the log under {store.run_id} is the log of run "
+                                f"{shown_value(first.get('run'))}, not this member's",
                                 missing=False, opened=True)
     if opened is not None and line_hash(line) != opened:
         raise member_unreadable(store, pool_id, f"the first line of {store.run_id}'s log is not the one the "
