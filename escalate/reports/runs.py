@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast, final
+from typing import Any, Literal, NotRequired, TypedDict, cast, final
 
 from escalate.core.events import PRIORITIES, Priority
 from escalate.core.state import RunState
@@ -77,6 +77,8 @@ class InboxRow(TypedDict):
     resolved_at: str | None
     extension_micros: int
     requested_by: str | None
+    requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
+    resolved_role: NotRequired[str]  # who the store vouches resolved it
     request_reason: str
     priority: str
     needed_extension_micros: int
