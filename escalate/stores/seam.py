@@ -286,6 +286,13 @@ def first_event(store: LedgerStore) -> dict[str, Any] | None:
     yet (no ledger, or only a torn first write). It never changes, so what kind of ledger
     this is, and a run's pool, are read here — all of it, however long (a long approver
     list must not hide the pool)."""
+    line = first_line(store)
+    return None if line is None else first_event_in(line + b"\n")
+
+
+def first_line(store: LedgerStore) -> bytes | None:
+    """The ledger's complete first line without its newline (:func:`first_event`: its event),
+    or None when it has none yet."""
     try:
         with store.reader() as stream:
             head = b""
@@ -293,7 +300,8 @@ def first_event(store: LedgerStore) -> dict[str, Any] | None:
                 head += chunk
     except (FileNotFoundError, UnknownRun):
         return None  # no such ledger: the command's own checks say so
-    return first_event_in(head)
+    line, newline, _ = head.partition(b"\n")
+    return line if newline else None
 
 
 def first_event_in(head: bytes) -> dict[str, Any] | None:
