@@ -15,9 +15,10 @@ from typing import Any, Literal, NotRequired, TypedDict, cast, final
 
 from escalate.core.events import PRIORITIES, Priority
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, EscalateError, NoRunsFolder
+from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
+from escalate.stores.file.store import FileStore
 from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store, refuse_non_folder
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
@@ -170,8 +171,7 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
         return open_store(runs_dir)
     refuse_non_folder(os.fspath(runs_dir))
     root = Path(runs_dir)
-    if root.exists() and not root.is_dir():
-        raise NoRunsFolder(root)
+    FileStore(root).check_usable()
     return root
 
 

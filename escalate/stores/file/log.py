@@ -270,7 +270,7 @@ class FileLog(RunFolder):
         runs_root = self.run_dir.parent
         try:
             runs_root.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
+        except (FileExistsError, NotADirectoryError):  # a file in its place, or above it
             raise NoRunsFolder(runs_root) from None
         except OSError as exc:
             raise storage_error(exc, runs_root) from exc
