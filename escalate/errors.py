@@ -7,6 +7,7 @@ objects, so a scheduler calling in-process sees exactly what a shell script sees
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any, ClassVar
 
 
@@ -68,6 +69,29 @@ class UnknownRun(InputError):
     default_code = "unknown_run"
 
 
+class NoRunsFolder(InputError):
+    """The runs folder given is a file (``no_runs_dir``): one code and one message wherever
+    it is found."""
+
+    runs_dir: str
+
+    def __init__(self, runs_dir: object) -> None:
+        blocker = _file_above(str(runs_dir))
+        where = f"is inside {blocker}, which is a file" if blocker else "is a file"
+        super().__init__(f"the runs folder {runs_dir} {where}; give a folder with --runs-dir or "
+                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(runs_dir))
+
+
+def _file_above(path: str) -> str | None:
+    """The file among ``path``'s parents (a runs folder under a file cannot be made), if any."""
+    parent = os.path.dirname(path)
+    while parent and parent != path:
+        if os.path.isfile(parent):
+            return parent
+        path, parent = parent, os.path.dirname(parent)
+    return None
+
+
 class Refused(EscalateError):
     """The ledger said no: over a cap, halted or cancelled (exit 3)."""
 
@@ -97,6 +121,9 @@ class Pending(EscalateError):
     remaining_micros: int | None = None
     offered: list[str] | None = None
     expires_at: str | None = None
+    # A pool_cap escalation on a member run: the pool whose approvers (only) decide it.
+    pool: str | None = None
+    approvers: list[str] | None = None
 
 
 class Conflict(EscalateError):

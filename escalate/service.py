@@ -39,13 +39,19 @@ from escalate.results import (
     SweepResult,
     TaskResult,
 )
-from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
+from escalate.stores.seam import (
+    LedgerStore,
+    Store,
+    first_event,
+    first_event_in,
+    is_a_pool,
+    open_store,
+    pool_of,
+)
 from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
-
-_WAIT_POLL_S = 0.05
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -95,12 +101,16 @@ class Ledger:
         """The pool the run belongs to (None: none), read once from its first line;
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
-            first = first_event(self.store)
-            if first is None:
-                return None  # no run yet (or a torn first write): read again next time
-            if first.get("type") == "pool_opened":
-                raise is_a_pool(self.run_id)
-            self._pool = (pool_of(first),)
+            return self._pool_from(first_event(self.store))
+        return self._pool[0]
+
+    def _pool_from(self, first: Event | None) -> str | None:
+        """:meth:`pool_id`, from the run's first event as read."""
+        if first is None:
+            return None  # no run yet (or a torn first write): read again next time
+        if first.get("type") == "pool_opened":
+            raise is_a_pool(self.run_id)
+        self._pool = (pool_of(first),)
         return self._pool[0]
 
     @property
@@ -129,6 +139,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
+        approvers_match: str = "claimed",
         pool: str | None = None,
         approver_keys: config.ApproverKeys = (),
         **options: Any,
@@ -139,11 +150,13 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
-        defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings (or names mapped to
-        OpenSSH public key lines) whose signatures every resolution then needs.
+        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers, and
+        tells the requester apart, by who the store vouches for. ``pool``: the run joins that
+        pool for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings
+        (or names mapped to OpenSSH public key lines) whose signatures every resolution then needs.
         """
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
+        from escalate.pools import void
 
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
@@ -156,19 +169,19 @@ class Ledger:
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s,
-                                    approver_keys=approver_keys)
+                                    approvers_match=approvers_match, approver_keys=approver_keys)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or first_event(run.store) is not None:
+        if joining is None or void.void_if_taken(run, joining):
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)
         else:
-            run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
-                                         clock=run.clock, lock_timeout=run.lock_timeout,
-                                         create=lambda: run.store.create(line, recovery))
+            run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                    clock=run.clock, lock_timeout=run.lock_timeout,
+                                    create=lambda: run.store.create(line, recovery))
         if not run.created:
             run._check_same(run_cap, payload, policy)
         return run
@@ -183,16 +196,24 @@ class Ledger:
                               payload.get("pool"))
 
     @classmethod
-    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, **options: Any) -> Ledger:
+    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, *, lock_timeout: float | None = None,
+             actor: str | None = None, clock: Clock | None = None, notify_cmd: str | None = None,
+             notify_timeout: float | None = None) -> Ledger:
         """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
-        is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store."""
-        run = cls(runs_dir, run_id, **options)
-        if not run.store.exists():
+        is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store;
+        the keywords are those of :class:`Ledger`."""
+        run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
+                  notify_cmd=notify_cmd, notify_timeout=notify_timeout)
+        exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
+        if not exists:
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
                 run=run_id)
-        run.pool_id()
+        if first_line is None:
+            run.pool_id()
+        else:
+            run._pool_from(first_event_in(first_line))
         return run
 
     # ------------------------------------------------------------------ commands
@@ -214,7 +235,7 @@ class Ledger:
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(asked_by(self.store,
-            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
+            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
                                                                   priority, pool))))
 
     def release(self, task: str, actual: Amount) -> TaskResult:
@@ -222,8 +243,8 @@ class Ledger:
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
+        return cast(TaskResult, self._mutate(asked_by(self.store,
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
 
     def archive(self) -> dict[str, Any]:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
@@ -275,6 +296,7 @@ class Ledger:
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
         renotify_every_s: float | Unchanged | None = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
@@ -285,8 +307,10 @@ class Ledger:
             policy = config.merge_policy(
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
-                approvers=approvers, renotify_every_s=renotify_every_s, approver_keys=approver_keys)
-            return resolve.decide_policy(state, policy, self.actor, role)
+                approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
+                approver_keys=approver_keys)
+            return resolve.decide_policy(state, policy, self.actor, role, pool,
+                                         self.store.approvers_are_roles)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
@@ -394,7 +418,8 @@ class Ledger:
                  signature: str | None = None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
+        roles = self.store.approvers_are_roles
         if sign is not None and signature is None:
             from escalate.escalation.signing import sign as ssh_sign
 
@@ -403,7 +428,7 @@ class Ledger:
             signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role, signature)))
+                                                                  pool, role, signature, roles)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.

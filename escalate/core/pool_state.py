@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 from escalate.core.events import Period
 from escalate.core.money import MAX_TOTAL_MICROS, format_usd
 from escalate.core.periods import ALL
-from escalate.core.rules import needed_extension, past_total_limit
+from escalate.core.rules import extension_left, needed_extension, past_total_limit
 from escalate.core.state import Policy
 from escalate.errors import CorruptLedger
 
 
 @dataclass(slots=True)
 class PoolFacts:
-    """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``."""
+    """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``;
+    ``opened``: the chain hash of each member's first line, from ``member_opened`` (a member
+    joined before it was recorded has none)."""
 
     cap_micros: int
     period: Period
     tz: str
     members: list[str] = field(default_factory=list)
+    opened: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -99,7 +102,7 @@ class PoolView:
 
     def extension_left(self) -> int:
         """What the max extension still allows in this period (negative if lowered)."""
-        return self.policy.max_extension_micros - self.of(self.current).extended_micros
+        return extension_left(self.policy.max_extension_micros, self.of(self.current).extended_micros)
 
     def grantable(self, delta: int) -> tuple[int, int]:
         """``(needed, left)``: the pool extension ``delta`` more needs in this period, and

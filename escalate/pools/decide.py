@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from escalate.core.decide import Decision, fail
-from escalate.core.resolve import policy_changer_refused
+from escalate.core.events import VoidReason
+from escalate.core.resolve import extension_lowered, policy_changer_refused
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -23,22 +24,52 @@ def decide_join(state: RunState, run_id: str) -> Decision:
     return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
 
 
+def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decision:
+    """``run_join_voided`` for a join of ``run_id`` whose id another ledger holds (``taken``:
+    :func:`escalate.pools.member.taken_by`, read in the pool's critical section); nothing
+    when the run is the pool's member, not created yet, or not joined."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if taken is None or run_id not in state.pool.members:
+        return Decision(result={"status": "kept"})
+    return Decision(events=[{"type": "run_join_voided", "run": run_id, "reason": taken}],
+                    result={"status": "voided", "reason": taken})
+
+
+def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decision:
+    """``member_opened`` for a member whose first line is written (``first_line``: its chain
+    hash, read in the pool's critical section; None when the ledger under the id is not this
+    pool's run of that id, or not there); nothing when recorded already, or not joined."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if first_line is None or run_id not in state.pool.members or run_id in state.pool.opened:
+        return Decision(result={"status": "kept"})
+    return Decision(events=[{"type": "member_opened", "run": run_id, "first_line": first_line}],
+                    result={"status": "opened"})
+
+
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None) -> Decision:
+                       role: str | None = None, granted: tuple[int, str] | None = None,
+                       roles: bool = False) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
-    or the next period make room. Once the pool names approvers, only they may change it
-    (``role``: the database role acting, on PostgreSQL: recorded, and checked instead of
-    ``by``)."""
+    or the next period make room; a max extension below what was granted in the current
+    period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
+    pool names approvers, only they may change it (``role``: who the store vouches acts,
+    recorded; ``roles``: the store's approver lists name database roles;
+    :func:`~escalate.core.resolve.policy_changer_refused` checks them)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
     result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
     if policy == state.policy and cap == state.pool.cap_micros:
         return Decision(result=result)
-    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
+    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:
         return fail(refusal)
+    lowered = None if granted is None else extension_lowered(policy, *granted)
+    if lowered is not None:
+        return fail(lowered)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
     if cap != state.pool.cap_micros:
         event["cap_micros"] = cap

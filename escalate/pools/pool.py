@@ -21,10 +21,11 @@ from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
+from escalate.core.rules import period_name
 from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.pools import book as pool_book
-from escalate.pools.member import Member, fold_member, member_unreadable
+from escalate.pools.member import Member, fold_member, member_first
 from escalate.stores.seam import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
@@ -98,6 +99,7 @@ class Pool:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
+        approvers_match: str = "claimed",
         approver_keys: config.ApproverKeys = (),
         **options: Any,
     ) -> Pool:
@@ -110,7 +112,8 @@ class Pool:
         kind = check_period(period)
         check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, approver_keys=approver_keys)
+                                    approvers=approvers, approvers_match=approvers_match,
+                                    approver_keys=approver_keys)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -159,7 +162,7 @@ class Pool:
         for run_id in facts.members:
             try:
                 members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                              self.pool_id, key_at)
+                                              self.pool_id, key_at, opened=facts.opened.get(run_id))
             except CorruptLedger as error:
                 unreadable.append({"run": run_id, "error": error.code, "message": error.message,
                                    "line": error.line, "problem": error.problem})
@@ -207,6 +210,7 @@ class Pool:
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> dict[str, Any]:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
@@ -217,16 +221,18 @@ class Pool:
         changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
                                    "escalation_timeout_s": escalation_timeout_s,
                                    "max_extension": max_extension, "approvers": approvers,
-                                   "approver_keys": approver_keys}
+                                   "approvers_match": approvers_match, "approver_keys": approver_keys}
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor, role)
+            lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role,
+                                      self._granted(now) if lowered else None, self.store.approvers_are_roles)
 
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                            clock=self.clock, lock_timeout=self.lock_timeout)
@@ -234,6 +240,18 @@ class Pool:
         if decision.error is not None:
             raise decision.error
         return {"pool": self.pool_id, **decision.result}
+
+
+    def _granted(self, now: str) -> tuple[int, str]:
+        """What approvals extended the pool by in the period ``now`` falls in, folded from
+        its members' logs (asked under the pool's lock, so no grant slips in before the
+        change; a member that cannot be read counts nothing), and `` in the day …``."""
+        facts = self.facts
+        key = period_key(facts.period, facts.tz, now)
+        members, _ = self.members()
+        granted = sum((member.periods.get(key) or PeriodTotals()).extended_micros
+                      for member in members.values())
+        return granted, "" if facts.period == "none" else f" in {period_name(facts.period, key)}"
 
 
 def _pool_cap(cap: Amount) -> int:
@@ -245,20 +263,24 @@ def _pool_cap(cap: Amount) -> int:
 
 
 class RunPool(TypedDict):
-    """The pool of a run, as ``runs show --json`` reports it (both None: no pool)."""
+    """The pool of a run, as ``runs show --json`` reports it (all None: no pool)."""
 
     pool: str | None
     pool_remaining_micros: int | None  # what is left of the pool in the current period
+    pool_escalation: dict[str, Any] | None  # the pool's policy: it binds the run besides its own
 
 
 def pool_of_run(ledger: Ledger) -> RunPool:
-    """The pool ``ledger``'s run belongs to and what is left of it now: a run's own
-    ``remaining`` says nothing of the money its pool has left."""
+    """The pool ``ledger``'s run belongs to, what is left of it now (a run's own ``remaining``
+    says nothing of the money its pool has left) and the pool's policy, which binds the run
+    whatever its own says."""
     pool_id = ledger.pool_id()
     if pool_id is None:
-        return {"pool": None, "pool_remaining_micros": None}
+        return {"pool": None, "pool_remaining_micros": None, "pool_escalation": None}
     pool = Pool.open(ledger.runs_store, pool_id, lock_timeout=ledger.lock_timeout, clock=ledger.clock)
-    return {"pool": pool_id, "pool_remaining_micros": pool.show()["remaining_micros"]}
+    shown = pool.show()
+    return {"pool": pool_id, "pool_remaining_micros": shown["remaining_micros"],
+            "pool_escalation": shown["escalation"]}
 
 
 class PoolRow(TypedDict):
@@ -299,7 +321,8 @@ class PoolVerifyReport(TypedDict):
 def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                 lock_timeout: float | None = None) -> PoolVerifyReport:
     """Check every line of the pool's log (the chain and the pool's rules) and of each member
-    named in it (a member with no log is a problem too). Problems are reported, not raised;
+    named in it (a member with no log, or whose id another ledger holds, is a problem too).
+    Problems are reported, not raised;
     :class:`InputError` when there is no such pool, or it is a run."""
     from escalate.reports.runs import verify_report
 
@@ -313,11 +336,12 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     members: list[VerifyReport] = []
     # The members the pool's log names, as far as it folds (a damaged line is passed over).
     facts = store.verify().state.pool if own["lines"] is not None else None
+    opened = facts.opened if facts is not None else {}
     for run_id in facts.members if facts is not None else []:
         member = runs.ledger(run_id, lock_timeout=timeout)
-        if first_event(member) is None:
-            problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
-                                        missing=True)
+        try:
+            member_first(member, pool_id, opened.get(run_id))
+        except CorruptLedger as problem:
             members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})

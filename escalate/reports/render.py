@@ -23,7 +23,7 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.reports.report import bar_cells, percent, printable, usage_level
+from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level, who
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -148,6 +148,10 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
     summary.add_row("escalation", state.policy.mode
                     + (f", threshold {usd(state.policy.approval_threshold_micros)}"
                        if state.policy.approval_threshold_micros is not None else ""))
+    if pool is not None and pool.get("pool_escalation") is not None:
+        # The pool's checks bind the run whatever its own row above says (docs/pools.md).
+        binding = f"{policy_line(pool['pool_escalation'])} (binds this run too)"
+        summary.add_row("pool escalation", _plain(binding))
     summary.add_row("escalations", f"{len(state.open_escalations)} open, "
                     f"{sum(e.shadow for e in state.escalations.values())} shadow (would have fired)")
     summary.add_row("events", str(state.seq))
@@ -191,7 +195,7 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
     styles = {"halt": "red", "escalation": "yellow", "escalation_resolved": "yellow", "recovery": "magenta"}
     for event in rows:
         table.add_row(_plain(event.get("seq", "?")), Text(_short_ts(event.get("ts"))),
-                      _plain(event.get("actor", "")),
+                      _plain(who(event.get("actor", ""), event.get("role"))),
                       Text(describe_event(event), style=styles.get(str(event.get("type")), "")))
     return whole_words(table)
 
@@ -206,7 +210,7 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
                                                     "from", "reason", "state", "age", "expires", "offered"]:
         # Short values never wrap; names and the reason fold when the terminal is narrow.
         table.add_column(column, justify="right" if column in ("amount", "needed", "remaining") else "left",
-                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason"),
+                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason", "state"),
                          min_width=10 if column == "reason" else None)
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
@@ -215,13 +219,14 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
         elif row["state"] == "open":
             state = Text("open", style="yellow bold")
         else:
-            state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
+            state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
+                           f"{who(row['by'], row.get('resolved_role'))}")
         priority = row.get("priority", "normal")
         cells: list[RenderableType] = [
             _plain(row["id"]), _plain(row["task"]),
             Text(priority, style=_PRIORITY_STYLES.get(priority, "") if waiting else ""),
             usd(row["requested_micros"]), usd(row.get("needed_extension_micros", 0)),
-            usd(row["remaining_micros"]), _plain(row.get("requested_by") or "-"),
+            usd(row["remaining_micros"]), _plain(who(row.get("requested_by"), row.get("requested_role"))),
             _plain(_why(row)), state,
             format_duration(_seconds_between(row["opened_at"], moment), exact=False),
             _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast, final
+from typing import Any, Literal, NotRequired, TypedDict, cast, final
 
 from escalate.core.events import PRIORITIES, Priority
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
-from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store
+from escalate.stores.file.store import FileStore
+from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store, refuse_non_folder
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
@@ -77,6 +78,8 @@ class InboxRow(TypedDict):
     resolved_at: str | None
     extension_micros: int
     requested_by: str | None
+    requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
+    resolved_role: NotRequired[str]  # who the store vouches resolved it
     request_reason: str
     priority: str
     needed_extension_micros: int
@@ -166,10 +169,9 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
     A store URL is opened once, so every run is read through one connection."""
     if not isinstance(runs_dir, (str, os.PathLike)) or is_store_url(os.fspath(runs_dir)):
         return open_store(runs_dir)
+    refuse_non_folder(os.fspath(runs_dir))
     root = Path(runs_dir)
-    if root.exists() and not root.is_dir():
-        raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
-                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
+    FileStore(root).check_usable()
     return root
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 
 from escalate.core.money import MAX_TOTAL_MICROS
+from escalate.core.replay import LineSource, Progress, Replayed, replay
 from escalate.core.state import EscalationState, Policy, RunState, Task
 
 V = TypeVar("V")
@@ -76,6 +77,45 @@ def checked(key: str, data: bytes, crc: int) -> bytes:
     if zlib.crc32(data) != crc:
         raise CheckpointInvalid(f"row {key!r} fails its checksum")
     return data
+
+
+class Mark(NamedTuple):
+    """Where a checkpoint stands: after ``lines`` lines, at the byte ``offset``, the last of
+    them starting at ``last_line_start``."""
+
+    offset: int
+    last_line_start: int
+    lines: int
+
+
+def mark_after(replayed: Replayed, lines: list[bytes]) -> Mark | None:
+    """Where the checkpoint of a write stands once ``lines`` follow the fold ``replayed``;
+    None when there is nothing to save (no line written, and the checkpoint is current)."""
+    if not lines and replayed.checkpoint_current:
+        return None
+    offset = replayed.offset + sum(map(len, lines))
+    last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+    return Mark(offset, last_line_start, replayed.lines + len(lines))
+
+
+def fold_from(lines: LineSource, run_id: str, start: Replayed | None, *, writable: bool,
+              progress: Progress | None = None) -> Replayed:
+    """Fold a ledger's ``lines`` from the checkpoint ``start`` (then only the lines after it
+    are read), or from the first line when it is None. A problem is only ever reported from
+    the lines themselves: with one, the fold is done again without the checkpoint. What a
+    reader (not ``writable``) shows stops before the first line the problem casts doubt on
+    (with a broken chain, the line before the one that names it)."""
+    replayed = replay(lines, run_id, start=start, progress=progress)
+    replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+    if start is not None and replayed.problem is not None:
+        replayed = replay(lines, run_id, progress=progress)
+    if replayed.problem is not None and not writable:
+        trusted = replayed.problem.first_suspect_line - 1
+        if 0 < trusted < replayed.state.seq:
+            replayed.state = replay(lines, run_id, stop_after=trusted).state
+    # A ledger is what its store calls it (a copied run folder is that copy).
+    replayed.state.run_id = run_id
+    return replayed
 
 
 # A row holds the object exactly as ``runs show --json`` lists it, so a reader can hand a

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from escalate.config import Clock
 from escalate.core.events import Event
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.core.state import RunState
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
+from escalate.errors import LockTimeout, NoRunsFolder, StoreUnavailable, UnknownRun, storage_error
+from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
 from escalate.stores.file.run_folder import via_folder
@@ -47,9 +49,16 @@ class FileStore:
         return str(self.root)
 
     def check_usable(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
-                             "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+        """:class:`NoRunsFolder` (exit 2) when the runs folder is a file or lies under one: bad
+        input, never an I/O error to retry. A missing folder is made by the first write."""
+        try:
+            mode = os.stat(self.root).st_mode
+        except NotADirectoryError:  # (a file among its parents)
+            raise NoRunsFolder(self.root) from None
+        except OSError:
+            return  # missing, or unreadable: the command's own reads and writes say so
+        if not stat.S_ISDIR(mode):
+            raise NoRunsFolder(self.root)
 
     def prepare(self) -> int:
         """Create the runs folder (1) if it is not there yet (0)."""
@@ -58,6 +67,8 @@ class FileStore:
             return 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):  # a file in its place, or above it, meanwhile
+            raise NoRunsFolder(self.root) from None
         except OSError as exc:
             raise storage_error(exc, self.root) from exc
         return 1
@@ -75,6 +86,21 @@ class FileStore:
         for entry in sorted(self.root.iterdir()):
             if entry.is_dir() and not entry.is_symlink() and (entry / LOG_NAME).is_file():
                 yield entry.name
+
+
+@functools.cache
+def os_user() -> str:
+    """The OS user of this process, from its effective uid (``uid:N`` without a passwd
+    entry): what a runs folder vouches for. Not ``$USER`` nor ``$LOGNAME``, which anyone
+    sets; a process without root cannot change its uid. Read once per process, so never
+    inside a critical section but the first."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
 
 
 class FileLedger:
@@ -97,6 +123,9 @@ class FileLedger:
 
     def exists(self) -> bool:
         return self.log.exists()
+
+    def head(self) -> tuple[bool, bytes | None]:
+        return self.exists(), None  # (the first line is read through the log, when asked)
 
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
@@ -144,9 +173,12 @@ class FileLedger:
     def sync(self) -> None:
         self.log.sync()
 
-    def role(self) -> None:
-        """A runs folder authenticates nobody: names are claimed (docs/escalation.md)."""
-        return None
+    approvers_are_roles = False  # names as given, unless a policy says approvers_match vouched
+
+    def role(self) -> str:
+        """The OS user of this process (:func:`os_user`): who wrote the line, as far as a
+        runs folder can vouch (docs/escalation.md, "Who is who")."""
+        return os_user()
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Poll the log's size (a file tells nobody it grew)."""
@@ -199,20 +231,7 @@ class FileLedger:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
-        replayed = replay(self.log, self.run_id, start=start, progress=self.progress)
-        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
-        if start is not None and replayed.problem is not None:
-            # A problem is only ever reported from the log itself, never from the cache.
-            replayed = replay(self.log, self.run_id, progress=self.progress)
-        if replayed.problem is not None and not writable:
-            # What a reader shows stops before the first line the problem casts doubt on
-            # (with a broken chain, the line before the one that names it).
-            trusted = replayed.problem.first_suspect_line - 1
-            if 0 < trusted < replayed.state.seq:
-                replayed.state = replay(self.log, self.run_id, stop_after=trusted).state
-        # A run is what its folder is called (a copied run folder is that copy).
-        replayed.state.run_id = self.run_id
-        return replayed
+        return fold_from(self.log, self.run_id, start, writable=writable, progress=self.progress)
 
     def _has_first_line(self) -> bool:
         """True when the log holds a complete first write (a run exists, perhaps corrupt)."""
@@ -254,11 +273,10 @@ class FileTransaction:
 
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         checkpoint = self._ledger.checkpoint
-        if checkpoint is None or not (lines or not replayed.checkpoint_current):
+        mark = mark_after(replayed, lines)
+        if checkpoint is None or mark is None:
             return
-        offset = replayed.offset + sum(map(len, lines))
-        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
-        checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
+        checkpoint.save(state, mark.offset, mark.last_line_start, mark.lines,
                         self._ledger.log.bound_path(LOG_NAME))
 
     def derived_epoch(self) -> str:

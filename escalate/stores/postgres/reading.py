@@ -9,9 +9,9 @@ from typing import Any, BinaryIO, cast
 
 import orjson
 
-from escalate.core.replay import Replayed, replay
+from escalate.core.replay import Replayed
 from escalate.core.state import EscalationState, Task
-from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, state_from_blob
+from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, fold_from, state_from_blob
 from escalate.stores.postgres.rows import LineStream, PgRows
 from escalate.stores.postgres.transaction import Connection
 
@@ -52,18 +52,7 @@ def fold(connection: Connection, run_id: str, where: str, row: tuple[Any, ...], 
     lines = lines_of(connection, run_id, where, size)
     start = _checkpoint(connection, run_id, checkpoint, checkpoint_lines, writable) \
         if use_cache and checkpoint is not None else None
-    replayed = replay(lines, run_id, start=start)
-    replayed.checkpoint_current = start is not None and replayed.lines == start.lines
-    if start is not None and replayed.problem is not None:
-        # A problem is only ever reported from the lines themselves, never the checkpoint.
-        replayed = replay(lines, run_id)
-    if replayed.problem is not None and not writable:
-        # What a reader shows stops before the first line the problem casts doubt on.
-        trusted = replayed.problem.first_suspect_line - 1
-        if 0 < trusted < replayed.state.seq:
-            replayed.state = replay(lines, run_id, stop_after=trusted).state
-    replayed.state.run_id = run_id
-    return replayed
+    return fold_from(lines, run_id, start, writable=writable)
 
 
 def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoint_lines: int,

@@ -31,8 +31,16 @@ from escalate.config import Clock
 from escalate.core.durations import format_duration
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.errors import InputError, LockTimeout, UnknownRun
+from escalate.stores.postgres import tables
 from escalate.stores.postgres.clock import ServerClock
-from escalate.stores.postgres.connect import ConnectionPool, connect, describe, in_transaction, parse_url
+from escalate.stores.postgres.connect import (
+    ConnectionPool,
+    connect,
+    describe,
+    in_transaction,
+    parse_url,
+    quiet_psycopg_log,
+)
 from escalate.stores.postgres.failures import Outcome, failure
 from escalate.stores.postgres.reading import fetch_lines, fold, lines_of
 from escalate.stores.postgres.rows import LineStream
@@ -61,6 +69,11 @@ STEP_HOOK: Callable[[str], None] | None = None
 _LISTEN_AHEAD_S = 60
 # The savepoint of a transaction opened inside another one of the same store.
 _NESTED = "escalate_nested"
+# Opening a run (LedgerStore.head): the schema's version, the ledger's line count and its
+# first line, in one round trip.
+_HEAD = ("SELECT (SELECT max(version) FROM escalate_schema_version), "
+         "(SELECT lines FROM escalate_ledgers WHERE ledger = %s), "
+         "(SELECT line FROM escalate_events WHERE ledger = %s AND seq = 1)")
 
 
 def _step(name: str) -> None:
@@ -74,6 +87,7 @@ class PgStore:
     connection, or a pool."""
 
     def __init__(self, source: str | Connection | ConnectionPool) -> None:
+        quiet_psycopg_log()
         self._url = source if isinstance(source, str) else None
         self._given = source if isinstance(source, psycopg.Connection) else None
         self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
@@ -243,6 +257,21 @@ class PgLedger:
                                      (self.run_id,)).fetchone()
         return row is not None and row[0] > 0
 
+    def head(self) -> tuple[bool, bytes | None]:
+        """One query: the schema's version, whether the ledger exists and its first line.
+        Where the schema is missing or older, it is brought up to date first, as every
+        connection does, and the ledger is asked again the usual way."""
+        with self._store.connection(schema=False) as connection:
+            try:
+                row = connection.execute(_HEAD, (self.run_id, self.run_id)).fetchone()
+            except psycopg.errors.UndefinedTable:
+                row = None  # (no tables yet; connection() ends the failed transaction)
+        if row is None or row[0] is None or row[0] < tables.SCHEMA_VERSION:
+            return self.exists(), None
+        self._store._schema_ready = True
+        exists = row[1] is not None and row[1] > 0
+        return exists, bytes(row[2]) if exists and row[2] is not None else None
+
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
         is for a torn first write, which a transaction never leaves.)"""
@@ -346,6 +375,8 @@ class PgLedger:
 
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
+
+    approvers_are_roles = True  # approver lists name database roles
 
     def role(self) -> str:
         """The database role acting now (``current_user``), asked each time: one connection
