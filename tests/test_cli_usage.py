@@ -124,8 +124,8 @@ def test_runs_set_without_a_change_is_an_input_error(cli: Any) -> None:
     assert result.exit_code == 2
     assert one_line(result.stderr) == (
         "escalate: nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-        "--escalation-timeout, --max-extension, --approvers, --approver-key, --renotify-every "
-        "or --no-renotify")
+        "--escalation-timeout, --max-extension, --approvers, --approvers-match, --approver-key, "
+        "--renotify-every or --no-renotify")
     assert cli("runs", "set", "r", "--json").json()["error"] == "usage"
 
 
@@ -146,7 +146,7 @@ def test_runs_set_says_what_changed(cli: Any) -> None:
 def test_runs_set_help_shows_no_init_defaults(cli: Any) -> None:
     help_text = " ".join(cli("runs", "set", "--help").stdout.split())  # undo the wrapping
     assert "[default: 1h]" not in help_text and "[default: 0]" not in help_text
-    assert help_text.count("[default: unchanged]") == 5
+    assert help_text.count("[default: unchanged]") == 6
     assert "[default: 1h]" in " ".join(cli("runs", "init", "--help").stdout.split())
 
 
