@@ -57,14 +57,16 @@ KeyFile = str | os.PathLike[str]
 
 
 def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
     """A write to a run, under its pool's critical section first when it names one (the
-    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
+    first line, read again under the run's lock, must agree: :class:`MembershipChanged`).
+    ``copied``: the first line names another run (a copy of another member's folder)."""
     if pool_id is None:
         return write(store, decide, actor=actor, clock=clock)
     from escalate.pools.book import write_member  # (a run without a pool never loads it)
 
-    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
+    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout,
+                        copied=copied)
 
 
 class Ledger:
@@ -96,6 +98,7 @@ class Ledger:
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
         self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
+        self._copied = False  # a member's first line names another run (a copied folder)
 
     def pool_id(self) -> str | None:
         """The pool the run belongs to (None: none), read once from its first line;
@@ -111,6 +114,7 @@ class Ledger:
         if first.get("type") == "pool_opened":
             raise is_a_pool(self.run_id)
         self._pool = (pool_of(first),)
+        self._copied = self._pool[0] is not None and first.get("run") != self.run_id
         return self._pool[0]
 
     @property
@@ -446,7 +450,7 @@ class Ledger:
             try:
                 first_seq, decision = _write_run(self.runs_store, pool_id, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
-                                                lock_timeout=self.lock_timeout)
+                                                lock_timeout=self.lock_timeout, copied=self._copied)
             except MembershipChanged as changed:  # this Ledger read the run before it was made again
                 self._pool = (changed.pool,)
                 first_seq, decision = _write_run(self.runs_store, changed.pool, self.store, decide,
