@@ -143,7 +143,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
-        approvers_match: str = "claimed",
+        approvers_match: str = "claimed", quorum: int = 1, quorum_above: Amount | None = None,
         pool: str | None = None,
         approver_keys: config.ApproverKeys = (),
         **options: Any,
@@ -154,11 +154,11 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers, and
-        tells the requester apart, by who the store vouches for. ``pool``: the run joins that
-        pool for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings
-        (or names mapped to OpenSSH public key lines) whose signatures every resolution then needs.
-        """
+        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers on who
+        the store vouches for; ``quorum`` distinct approvers grant an escalation needing a cap
+        extension above ``quorum_above`` (USD; ``None``: any). ``pool``: the run joins that pool
+        for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings (or
+        names mapped to OpenSSH key lines) whose signatures every resolution then needs."""
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
         from escalate.pools import void
 
@@ -173,7 +173,8 @@ class Ledger:
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s,
-                                    approvers_match=approvers_match, approver_keys=approver_keys)
+                                    approvers_match=approvers_match, approver_keys=approver_keys,
+                                    quorum=quorum, quorum_above=quorum_above)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -302,6 +303,8 @@ class Ledger:
         renotify_every_s: float | Unchanged | None = UNCHANGED,
         approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
+        quorum: int | Unchanged = UNCHANGED,
+        quorum_above: Amount | Unchanged | None = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
@@ -312,7 +315,7 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
-                approver_keys=approver_keys)
+                approver_keys=approver_keys, quorum=quorum, quorum_above=quorum_above)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles)
         role = self.store.role()
