@@ -23,7 +23,15 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level, who
+from escalate.reports.report import (
+    approvals_line,
+    bar_cells,
+    percent,
+    policy_line,
+    printable,
+    usage_level,
+    who,
+)
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -217,7 +225,8 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
         if row["shadow"]:
             state = Text("shadow", style="dim")
         elif row["state"] == "open":
-            state = Text("open", style="yellow bold")
+            state = Text("open" + (f": {approvals_line([a['by'] for a in row['approvals']], row['quorum'])}"
+                                   if row.get("approvals") else ""), style="yellow bold")
         else:
             state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
                            f"{who(row['by'], row.get('resolved_role'))}")

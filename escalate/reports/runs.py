@@ -80,6 +80,8 @@ class InboxRow(TypedDict):
     requested_by: str | None
     requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
     resolved_role: NotRequired[str]  # who the store vouches resolved it
+    approvals: NotRequired[list[dict[str, str]]]  # short of its quorum: the approvals so far
+    quorum: NotRequired[int]
     request_reason: str
     priority: str
     needed_extension_micros: int
