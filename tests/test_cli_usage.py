@@ -125,7 +125,7 @@ def test_runs_set_without_a_change_is_an_input_error(cli: Any) -> None:
     assert one_line(result.stderr) == (
         "escalate: nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
         "--escalation-timeout, --max-extension, --approvers, --approvers-match, --approver-key, "
-        "--renotify-every or --no-renotify")
+        "--quorum, --quorum-above, --renotify-every or --no-renotify")
     assert cli("runs", "set", "r", "--json").json()["error"] == "usage"
 
 
