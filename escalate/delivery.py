@@ -46,11 +46,26 @@ SWEEP_LIMITS = SweepLimits()  # the defaults: 4 at a time, none started after a 
 Notice = dict[str, Any]
 
 
+# The command that answers an escalation with each resolution it may offer.
+ANSWER_COMMANDS = {"extend": "approve", "pause": "pause", "cancel": "cancel"}
+
+
+def answer_commands(run_id: str, escalation_id: str, offered: Sequence[str]) -> dict[str, str]:
+    """The exact commands that answer an open escalation, by command name (``approve``,
+    ``pause``, ``cancel``), for the resolutions it offers. Ids never need shell quoting
+    (:func:`escalate.ids.valid_id`); the approver's own name and store come from their
+    environment (``ESCALATE_ACTOR``, ``ESCALATE_RUNS_DIR`` or ``ESCALATE_STORE``)."""
+    return {ANSWER_COMMANDS[mode]: f"escalate {ANSWER_COMMANDS[mode]} {run_id} {escalation_id}"
+            for mode in offered if mode in ANSWER_COMMANDS}
+
+
 def new_notices(run_id: str, first_seq: int, actor: str, events: list[Event]) -> Iterator[dict[str, Any]]:
-    """The notice of each escalation in a write that a person must answer."""
+    """The notice of each escalation in a write that a person must answer, with the commands
+    that answer it."""
     for event in events:
         if event["type"] == "escalation" and not event["shadow"]:
-            yield {"run": run_id, "seq": first_seq, "requested_by": actor, "attempt": 1, **event}
+            yield {"run": run_id, "seq": first_seq, "requested_by": actor, "attempt": 1, **event,
+                   "commands": answer_commands(run_id, event["id"], event["offered"])}
 
 
 def notice_again(run_id: str, escalation: EscalationState) -> dict[str, Any]:
@@ -63,7 +78,8 @@ def notice_again(run_id: str, escalation: EscalationState) -> dict[str, Any]:
             **{key: fields[key] for key in (
                 "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
                 "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
-                "priority")}}
+                "priority")},
+            "commands": answer_commands(run_id, escalation.id, escalation.offered)}
 
 
 def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: Record) -> DeliveryResult:

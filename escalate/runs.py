@@ -17,7 +17,7 @@ from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.events import PRIORITIES, Priority
 from escalate.service import Ledger
-from escalate.state import RunState
+from escalate.state import EscalationState, RunState
 from escalate.store import LedgerStore, Store, is_store_url, open_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
@@ -84,6 +84,41 @@ class InboxRow(TypedDict):
     notified_at: str | None
     notified_ok: bool | None
     pool: str | None  # reason pool_cap: the pool whose approvers decide it
+    # Computed when shown, not recorded: the log's needed_extension_micros is what it needed
+    # when asked, and other tasks may have reserved or released since.
+    fired: str  # the limit it fired on: run_cap, threshold, pool_cap or pool_threshold
+    needed_now_micros: int | None  # the extension approving it needs now (None: not open)
+    run_remaining_now_micros: int  # what is left of the run now
+    run_pool: str | None  # the pool the run belongs to, whatever fired (None: none)
+    pool_remaining_micros: int | None  # what is left of run_pool in its current period
+
+
+class NoticeAttempt(TypedDict):
+    """One attempt to deliver an escalation's notice (an ``escalation_notified`` line)."""
+
+    attempt: int
+    at: str
+    ok: bool
+    detail: str
+
+
+class Approval(TypedDict):
+    by: str
+    role: str | None  # the identity the store vouched for (None: not recorded)
+    at: str
+
+
+class EscalationView(InboxRow):
+    """``escalations show``: one escalation in full, with the money of its run and pool now,
+    its approvals, every notice attempt, and the commands that answer it."""
+
+    run_money: dict[str, int]
+    pool_money: dict[str, Any] | None  # None: the run is in no pool, or it cannot be read
+    approvers: list[str]  # who may answer it (empty: anyone but the requester)
+    approvals: list[Approval]
+    quorum: int  # approvals that decide it
+    notices: list[NoticeAttempt]
+    commands: dict[str, str]  # approve / pause / cancel: empty once it is settled
 
 
 class SkippedRun(TypedDict):
@@ -216,6 +251,7 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     run_ids = [run] if run is not None else list(iter_run_ids(root))
     rows: list[InboxRow] = []
     skipped: list[SkippedRun] = []
+    pools: dict[str, int | None] = {}  # each pool's remaining, read once for all its runs
     for run_id in run_ids:
         try:
             ledger = Ledger.open(root, run_id)
@@ -226,9 +262,9 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
                 raise
             skipped.append({"run": run_id, "error": error.code, "message": error.message})
             continue
-        # A run belongs to one pool for good: its pool_cap escalations are that pool's.
-        rows += [cast(InboxRow, {"run": run_id, **item.to_json(),
-                                 "pool": pool if item.reason == "pool_cap" else None})
+        if pool is not None and pool not in pools:
+            pools[pool] = pool_remaining(root, pool)
+        rows += [escalation_row(state, item, pool, None if pool is None else pools[pool])
                  for item in state.escalations.values() if not open_only or item.state == "open"]
     # Most urgent first: what waits for a person before what is settled, then by priority,
     # then newest first (two stable sorts).
@@ -236,6 +272,101 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
         cast(Priority, row["priority"]))))
     return {"escalations": rows, "skipped": skipped}
+
+
+def pool_remaining(runs_dir: Path | Store, pool_id: str) -> int | None:
+    """What is left of pool ``pool_id`` in its current period; None when the pool cannot be
+    read (its members' escalations are still listed)."""
+    from escalate.pools import Pool
+
+    try:
+        return Pool.open(runs_dir, pool_id).show()["remaining_micros"]
+    except EscalateError:
+        return None
+
+
+def escalation_row(state: RunState, escalation: EscalationState, pool: str | None,
+                   pool_left: int | None) -> InboxRow:
+    """``escalation`` of the run ``state`` as the inbox lists it, with what it needs now:
+    the extension an approval would grant if given now, from what is left now of the run
+    (or, for a ``pool_cap`` escalation, of ``pool``, which has ``pool_left``)."""
+    from escalate.decide import fired_limit
+    from escalate.resolve import grant_delta
+    from escalate.rules import needed_extension
+
+    row = escalation.to_json()
+    needed: int | None = None
+    if escalation.state == "open" and not escalation.shadow:
+        left = pool_left if escalation.reason == "pool_cap" else state.remaining_micros
+        needed = None if left is None else needed_extension(grant_delta(state, escalation), left)
+    # A run belongs to one pool for good: its pool_cap escalations are that pool's.
+    return cast(InboxRow, {"run": state.run_id, **row,
+                           "pool": pool if escalation.reason == "pool_cap" else None,
+                           "fired": fired_limit(row), "needed_now_micros": needed,
+                           "run_remaining_now_micros": state.remaining_micros, "run_pool": pool,
+                           "pool_remaining_micros": pool_left})
+
+
+def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
+                    escalation_id: str) -> EscalationView:
+    """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
+    computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
+    from escalate.delivery import answer_commands
+    from escalate.ids import check_id
+    from escalate.resolve import unknown_escalation
+    from escalate.rules import extension_left
+
+    root = runs_root(runs_dir)
+    check_id(escalation_id, what="escalation id")
+    ledger = Ledger.open(root, run_id)
+    state = ledger.state()
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None:
+        raise unknown_escalation(state.run_id, escalation_id)
+    pool = ledger.pool_id()
+    report = None
+    if pool is not None:
+        from escalate.pools import Pool
+
+        try:
+            report = Pool.open(root, pool).show()
+        except EscalateError:
+            report = None  # the run's own money and the escalation are still shown
+    row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
+    policy = report["escalation"] if report is not None and escalation.reason == "pool_cap" else \
+        state.policy.to_json()
+    events, _ = ledger.events()
+    waiting = escalation.state == "open" and not escalation.shadow
+    return {
+        **row,
+        "run_money": {"cap_micros": state.cap_micros, "committed_micros": state.committed_micros,
+                      "remaining_micros": state.remaining_micros, "extended_micros": state.extended_micros,
+                      "extension_left_micros": extension_left(state.policy.max_extension_micros,
+                                                              state.extended_micros)},
+        "pool_money": None if report is None else {
+            "pool": report["pool"], "period": report["period"], "cap_micros": report["cap_micros"],
+            "committed_micros": report["committed_micros"], "remaining_micros": report["remaining_micros"],
+            "extended_micros": report["extended_micros"],
+            "extension_left_micros": extension_left(report["escalation"]["max_extension_micros"],
+                                                    report["extended_micros"])},
+        "approvers": list(policy.get("approvers", [])),
+        "approvals": [{"by": escalation.by, "role": _resolver_role(events, escalation_id),
+                       "at": escalation.resolved_at or ""}]
+        if escalation.mode == "extend" and escalation.by else [],
+        "quorum": 1,
+        "notices": [{"attempt": event["attempt"], "at": event["ts"], "ok": event["ok"],
+                     "detail": event.get("detail", "")}
+                    for event in events if event.get("type") == "escalation_notified"
+                    and event.get("id") == escalation_id],
+        "commands": answer_commands(state.run_id, escalation_id, escalation.offered) if waiting else {},
+    }
+
+
+def _resolver_role(events: list[Any], escalation_id: str) -> str | None:
+    """The identity the store recorded for whoever resolved ``escalation_id`` (its
+    resolution's ``role``), if any."""
+    return next((event.get("role") for event in events
+                 if event.get("type") == "escalation_resolved" and event.get("id") == escalation_id), None)
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
