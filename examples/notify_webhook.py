@@ -71,7 +71,7 @@ def discord(value: object) -> str:
 def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
     """One chat message: who asks for what and why, how urgent, and the commands to answer;
     every value from the event passed through ``quote`` (:func:`slack` or :func:`discord`)."""
-    run, escalation_id = quote(event["run"]), quote(event["id"])
+    run = quote(event["run"])
     asked = event["requested_micros"]
     lines = [
         f"[{quote(event.get('priority', 'normal'))}] {run}: {quote(event.get('requested_by') or 'someone')} "
@@ -84,10 +84,11 @@ def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
         lines.append(f"Reason: {quote(event['request_reason'])}")
     if event.get("attempt", 1) > 1:
         lines.append(f"(reminder {quote(event['attempt'])})")
-    offered = event.get("offered", [])
-    commands = {"extend": "approve", "pause": "pause", "cancel": "cancel"}
-    lines.append("Answer: " + " | ".join(f"escalate {commands[mode]} {run} {escalation_id} --by YOU"
-                                         for mode in offered if mode in commands))
+    # The exact commands that answer it, as the notice carries them (approve only when an
+    # approval is offered); the approver's name and store come from their own environment.
+    commands = event.get("commands") or {}
+    if commands:
+        lines.append("Answer: " + " | ".join(quote(command) for command in commands.values()))
     if event.get("expires_at"):
         lines.append(f"Paused by timeout at {quote(event['expires_at'])} if nobody answers.")
     return "\n".join(lines)

@@ -77,7 +77,7 @@ def test_the_example_posts_the_escalation(tmp_path: Path, webhook: Webhook) -> N
     text = body["text"]
     for part in ("[urgent] r: ci-bot asks $9.000001 for task gpu", "$8.00 left",
                  "needs a $1.000001 extension", "Reason: fine-tune run",
-                 "escalate pause r esc-3 --by YOU", "escalate cancel r esc-3 --by YOU"):
+                 "Answer: escalate pause r esc-3 | escalate cancel r esc-3"):
         assert part in text, (part, text)
     assert "approve" not in text  # extend is not offered: $1.000001 is over the $1 max extension
     assert [(n["attempt"], n["ok"]) for n in notified(runs)] == [(1, True)]
@@ -119,9 +119,9 @@ def test_what_the_requester_typed_reaches_the_chats_as_typed(tmp_path: Path, web
     assert discord[0].startswith(r"[normal] r: \<\@U024BE7LH\> \@here asks $3.00 for task big\_job")
     assert discord[1] == (r"Reason: \<!channel\> see \<https://evil.example\|the runbook\> & "
                           r"\[docs\]\(https://evil.example\) \@everyone \<\@&123\> \*\*now\*\* \|\|x\|\|")
-    # The commands to answer still name the run and the escalation as they are.
-    assert "escalate approve r esc-2 --by YOU" in body["text"]
-    assert "escalate approve r esc-2 --by YOU" in body["content"]
+    # The commands to answer, as the notice carries them, escaped as every other value.
+    assert slack[2] == "Answer: escalate approve r esc-2 | escalate pause r esc-2 | escalate cancel r esc-2"
+    assert discord[2] == slack[2]
 
 
 def test_a_value_never_starts_a_line_of_its_own(webhook: Webhook) -> None:
@@ -135,3 +135,18 @@ def test_a_value_never_starts_a_line_of_its_own(webhook: Webhook) -> None:
     [(_, body)] = webhook.posts
     assert body["text"].splitlines()[1] == "Reason: ok # ALL HANDS &gt; quoted -# small"
     assert body["content"].splitlines()[1] == r"Reason: ok # ALL HANDS \> quoted -# small"
+
+
+def test_the_commands_of_a_notice_are_escaped_as_every_value(webhook: Webhook) -> None:
+    # A hand-made notice (escalate writes no such command): markup in one must not act.
+    event = {"run": "r", "id": "esc-1", "task": "t", "requested_micros": 1, "remaining_micros": 0,
+             "offered": ["pause"], "commands": {"pause": "escalate pause r_1 esc-1\n<!channel> @here [x](y)"}}
+    url = f"http://127.0.0.1:{webhook.server_port}/hooks/T0KEN"
+    posted = subprocess.run([sys.executable, str(EXAMPLE)], input=orjson.dumps(event), capture_output=True,
+                            env={**os.environ, "ESCALATE_WEBHOOK_URL": url}, timeout=60, check=False)
+    assert posted.returncode == 0, posted.stderr
+    [(_, body)] = webhook.posts
+    assert body["text"].splitlines()[-1] == \
+        "Answer: escalate pause r_1 esc-1 &lt;!channel&gt; @\u200bhere [x](y)"
+    assert body["content"].splitlines()[-1] == \
+        r"Answer: escalate pause r\_1 esc-1 \<!channel\> \@here \[x\]\(y\)"
