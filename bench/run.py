@@ -34,10 +34,10 @@ from typing import Any
 import orjson
 
 import escalate
-from escalate import decide
-from escalate.events import Event, format_ts, seal
+from escalate.core import decide
+from escalate.core.events import Event, format_ts, seal
+from escalate.core.state import Policy
 from escalate.service import Ledger
-from escalate.state import Policy
 
 BENCH_DIR = Path(__file__).resolve().parent
 # driver.py holds the measurements that also run in another tree's Python (--against).
@@ -178,7 +178,7 @@ _SHAPES: dict[str, Callable[[int, random.Random, Expected], Iterator[Event]]] = 
 def build_run(root: Path, events: int, *, shape: str = "mixed", seed: int = 5) -> BuiltRun:
     """A valid run of exactly ``events`` lines under ``root``, written directly as NDJSON.
 
-    Lines are sealed by :func:`escalate.events.seal`, so envelopes and the ``prev`` chain
+    Lines are sealed by :func:`escalate.core.events.seal`, so envelopes and the ``prev`` chain
     are the library's own. A run already built with the same size, shape and generator is
     reused.
     """
@@ -493,7 +493,7 @@ POOL_ID = "bench-pool"
 def build_pool(root: Path, members: int) -> Path:
     """A pool of ``members`` runs (made through the library: each joins under the pool's
     lock), plus a run without a pool; kept and reused like the built runs."""
-    from escalate.pools import Pool
+    from escalate.pools.pool import Pool
 
     runs_dir = root / f"pool-{size_label(members)}"
     if (runs_dir / ".complete").exists():

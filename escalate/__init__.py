@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from escalate._version import __version__
 
 if TYPE_CHECKING:
+    from escalate.core.money import Micros
     from escalate.errors import (
         Conflict,
         CorruptLedger,
@@ -26,9 +27,8 @@ if TYPE_CHECKING:
         TotalLimit,
         UnknownRun,
     )
-    from escalate.gate import GateResult, check_gate
-    from escalate.money import Micros
-    from escalate.runs import inbox, list_runs, sweep_all, verify_report
+    from escalate.reports.gate import GateResult, check_gate
+    from escalate.reports.runs import inbox, list_runs, sweep_all, verify_report
     from escalate.service import Ledger
 
 __all__ = [
@@ -56,9 +56,10 @@ __all__ = [
 ]
 
 # Where each lazily loaded name lives (the errors are in escalate.errors).
-_HOMES = {"Ledger": "escalate.service", "Micros": "escalate.money", "GateResult": "escalate.gate",
-          "check_gate": "escalate.gate", "inbox": "escalate.runs", "list_runs": "escalate.runs",
-          "sweep_all": "escalate.runs", "verify_report": "escalate.runs"}
+_HOMES = {"Ledger": "escalate.service", "Micros": "escalate.core.money",
+          "GateResult": "escalate.reports.gate", "check_gate": "escalate.reports.gate",
+          "inbox": "escalate.reports.runs", "list_runs": "escalate.reports.runs",
+          "sweep_all": "escalate.reports.runs", "verify_report": "escalate.reports.runs"}
 
 
 def __getattr__(name: str) -> Any:

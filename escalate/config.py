@@ -17,8 +17,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
-from escalate import events
-from escalate.durations import (
+from escalate.core import events
+from escalate.core.durations import (
     MAX_ESCALATION_TIMEOUT_S,
     MAX_LOCK_TIMEOUT_S,
     MAX_NOTIFY_TIMEOUT_S,
@@ -26,10 +26,10 @@ from escalate.durations import (
     format_duration,
     parse_duration,
 )
+from escalate.core.money import Amount, Micros, parse_micros
+from escalate.core.money import format_usd as usd
+from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, InputError
-from escalate.money import Amount, Micros, parse_micros
-from escalate.money import format_usd as usd
-from escalate.state import Policy, RunState
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600

@@ -52,7 +52,7 @@ class InvalidAmount(InputError):
 
 class TotalLimit(InputError):
     """A request that would carry a total (a run's, or its pool's in a period) past
-    :data:`escalate.money.MAX_TOTAL_MICROS`; nothing is written."""
+    :data:`escalate.core.money.MAX_TOTAL_MICROS`; nothing is written."""
 
     default_code = "total_limit"
     task: str | None = None

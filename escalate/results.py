@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, NotRequired, TypedDict
 
+from escalate.core.state import EscalationState
 from escalate.errors import Pending, Refused
-from escalate.state import EscalationState
 
 
 class TaskResult(TypedDict):

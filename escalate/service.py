@@ -2,8 +2,8 @@
 
 :class:`Ledger` is what ``from escalate import Ledger`` gives a Python scheduler, and
 what the CLI calls. It only orchestrates: the settings come from :mod:`escalate.config`,
-the rules from :mod:`escalate.fold` and :mod:`escalate.decide`, the lines and the lock from a store
-(:mod:`escalate.store`), the hook from :mod:`escalate.notify`. Refusals raise
+the rules from :mod:`escalate.core.fold` and :mod:`escalate.core.decide`, the lines and the lock from a store
+(:mod:`escalate.stores.seam`), the hook from :mod:`escalate.escalation.notify`. Refusals raise
 :class:`~escalate.errors.EscalateError` subclasses after the events that record them are
 durable.
 """
@@ -13,16 +13,25 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from escalate import config, resolve
-from escalate import decide as decisions
+from escalate import config
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
-from escalate.decide import Decision
-from escalate.delivery import SWEEP_LIMITS, SweepLimits, deliver, deliver_all, new_notices, notice_again
+from escalate.core import decide as decisions
+from escalate.core import resolve
+from escalate.core.decide import Decision
+from escalate.core.events import Event, format_ts
+from escalate.core.ids import check_id
+from escalate.core.money import Amount, Micros, parse_micros
+from escalate.core.replay import Progress, Replayed, read_events
+from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, InputError, UnknownRun
-from escalate.events import Event, format_ts
-from escalate.ids import check_id
-from escalate.money import Amount, Micros, parse_micros
-from escalate.replay import Progress, Replayed, read_events
+from escalate.escalation.delivery import (
+    SWEEP_LIMITS,
+    SweepLimits,
+    deliver,
+    deliver_all,
+    new_notices,
+    notice_again,
+)
 from escalate.results import (
     DeliveryResult,
     PolicyResult,
@@ -30,12 +39,11 @@ from escalate.results import (
     SweepResult,
     TaskResult,
 )
-from escalate.state import EscalationState, Policy, RunState
-from escalate.store import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
+from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
 from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write_run
 
 if TYPE_CHECKING:
-    from escalate.pool_state import PoolView
+    from escalate.core.pool_state import PoolView
 
 _WAIT_POLL_S = 0.05
 
@@ -120,7 +128,7 @@ class Ledger:
         reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
         defaults to the pool's).
         """
-        from escalate import pool_book  # (a run without a pool never loads the pool modules)
+        from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
 
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
@@ -161,7 +169,7 @@ class Ledger:
     @classmethod
     def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, **options: Any) -> Ledger:
         """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
-        is a runs folder, a store URL (:func:`escalate.store.open_store`) or a store."""
+        is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store."""
         run = cls(runs_dir, run_id, **options)
         if not run.store.exists():
             raise UnknownRun(
@@ -246,7 +254,7 @@ class Ledger:
 
     def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
         """Resolve expired escalations (``expired``), then send again each notice due within
-        ``limits`` (:func:`escalate.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
+        ``limits`` (:func:`escalate.escalation.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
         result, due = self.expire(redeliver=redeliver)
         sent, left = deliver_all(due, self.send_notice, limits)
         result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
@@ -275,7 +283,7 @@ class Ledger:
         Returns on approval; raises :class:`Refused` on cancel and :class:`Pending` on
         pause (a timeout's too) or when ``timeout_s`` passes first.
         """
-        from escalate.waiting import wait_for
+        from escalate.escalation.waiting import wait_for
 
         return wait_for(self, escalation_id, timeout_s)
 
@@ -292,13 +300,13 @@ class Ledger:
         """The run's state from a strict fold of the whole log with every check, never from
         the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
         For verdicts such as a CI gate: the cache's key cannot see an edit in place before
-        its checkpoint when lines were appended after it (see :mod:`escalate.cache`)."""
+        its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
         replayed = self.store.read(use_cache=False)
         if replayed.problem is not None:
             raise replayed.problem
         # Fields the fold does not use are judged too, as runs verify judges them: a verdict
         # never passes a log that verify fails (pydantic, loaded only here).
-        from escalate.schema import line_problems
+        from escalate.core.schema import line_problems
 
         with self.read_log() as stream:
             for line, problem in line_problems(stream):

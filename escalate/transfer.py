@@ -18,11 +18,11 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO, TypedDict
 
+from escalate.core.ids import check_id
+from escalate.core.replay import replay
 from escalate.errors import Conflict, InputError, storage_error
-from escalate.ids import check_id
-from escalate.replay import replay
 from escalate.service import Ledger
-from escalate.store import Store, open_store
+from escalate.stores.seam import Store, open_store
 
 _CHUNK = 1 << 20
 
@@ -55,7 +55,7 @@ def export_lines(location: str | os.PathLike[str] | Store, run_id: str) -> Itera
 
 
 class _Source:
-    """A log to import, as :func:`escalate.replay.replay` reads lines: bytes, or a file
+    """A log to import, as :func:`escalate.core.replay.replay` reads lines: bytes, or a file
     read again from its start by each reader (which leaves the file open)."""
 
     def __init__(self, where: str, data: bytes | BinaryIO) -> None:
@@ -154,8 +154,8 @@ def _check_identity(source: str, run_id: str, first_line: bytes) -> None:
 def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int]:
     """Every problem ``runs verify`` would report for the log, and a torn tail; and its
     number of complete lines."""
+    from escalate.core.schema import line_problems
     from escalate.errors import CorruptLedger, UnknownRun
-    from escalate.schema import line_problems
 
     with log.reader() as stream:
         if not stream.read(1):

@@ -13,18 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from escalate import fold as folding
-from escalate import resolve
 from escalate.config import Clock
-from escalate.decide import Decision
+from escalate.core import fold as folding
+from escalate.core import resolve
+from escalate.core.decide import Decision
+from escalate.core.events import Event, format_ts, parse_ts, seal
+from escalate.core.replay import Replayed
+from escalate.core.state import RuleViolation, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
-from escalate.events import Event, format_ts, parse_ts, seal
-from escalate.replay import Replayed
-from escalate.state import RuleViolation, RunState
-from escalate.store import CacheInvalid, LedgerStore, RecoveredFirstLines, Store, Transaction
+from escalate.stores.seam import CacheInvalid, LedgerStore, RecoveredFirstLines, Store, Transaction
 
 if TYPE_CHECKING:
-    from escalate.pool_state import PoolView  # (a run without a pool never loads it)
+    from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
 
 # A decision from the state, the write's time, the escalations this write expires and,
 # for a run in a pool, what it knows of the pool.
@@ -33,7 +33,7 @@ Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision]
 
 class Inside(Protocol):
     """What else happens inside a write's critical section (a pool's books follow a write to
-    a member run, or to the pool's own log: :mod:`escalate.pool_book`)."""
+    a member run, or to the pool's own log: :mod:`escalate.pools.book`)."""
 
     def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
         """The ledger was loaded, nothing decided yet."""
@@ -86,7 +86,7 @@ def write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Deci
     first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
     if pool_id is None:
         return write(store, decide, actor=actor, clock=clock)
-    from escalate.pool_book import write_member  # (a run without a pool never loads it)
+    from escalate.pools.book import write_member  # (a run without a pool never loads it)
 
     return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
 

@@ -113,7 +113,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     """A fresh empty database of its own for this test. A test's clock (``clock=``, moved by
     hand) stands in for the server's, as on the file store; the tests of the server's own
     clock take :func:`server_clock_url`."""
-    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
+    monkeypatch.setattr("escalate.stores.postgres.clock.WRITERS_CLOCK_STANDS_IN", True)
     with pg_server.fresh() as url:
         yield url
 
@@ -122,7 +122,7 @@ def pg_url(pg_server: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
 def server_clock_url(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """:func:`pg_url`, whose store times every line by its server's clock, as in production:
     a writer's ``clock=`` is only its own (wrong) clock."""
-    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", False)
+    monkeypatch.setattr("escalate.stores.postgres.clock.WRITERS_CLOCK_STANDS_IN", False)
     return pg_url
 
 
@@ -150,7 +150,7 @@ def has_run(store: Location, run_id: str) -> bool:
     counts (stricter than ``runs list``, which needs a log)."""
     if isinstance(store, Path):
         return (store / run_id).exists()
-    from escalate.runs import iter_run_ids
+    from escalate.reports.runs import iter_run_ids
 
     return run_id in iter_run_ids(store)
 
@@ -160,7 +160,7 @@ def snapshot_store(store: Location) -> dict[str, bytes]:
     (:func:`snapshot_tree`), or every run's log in a database."""
     if isinstance(store, Path):
         return snapshot_tree(store)
-    from escalate.runs import iter_run_ids
+    from escalate.reports.runs import iter_run_ids
 
     return {run_id: log_bytes(store, run_id) for run_id in iter_run_ids(store)}
 

@@ -4,7 +4,7 @@ PostgreSQL store, for tests/test_pg_faults.py.
     python tests/pg_fault_driver.py STEP escalate-args...
 
 The store comes from ``ESCALATE_STORE``. When the command's transaction reaches ``STEP``
-(one of ``escalate.pg_store``'s steps), this prints ``at STEP`` on stdout and waits for a line
+(one of ``escalate.stores.postgres.store``'s steps), this prints ``at STEP`` on stdout and waits for a line
 on stdin: meanwhile the test cuts the connection, stops the server, or kills this process.
 Then the command goes on, and this process exits with the command's exit code.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from escalate import pg_store
 from escalate.cli import app
+from escalate.stores.postgres import store as pg_store
 
 
 def main() -> None:

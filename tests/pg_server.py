@@ -67,7 +67,7 @@ def fresh_database() -> str:
 def pg_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A new database's URL; the ESCALATE_* variables a test could inherit are cleared, and
     a test's clock stands in for the server's (as with ``tests.conftest.pg_url``)."""
-    monkeypatch.setattr("escalate.pg_clock.WRITERS_CLOCK_STANDS_IN", True)
+    monkeypatch.setattr("escalate.stores.postgres.clock.WRITERS_CLOCK_STANDS_IN", True)
     for name in ("ESCALATE_STORE", "ESCALATE_RUNS_DIR", "ESCALATE_NOTIFY_CMD", "ESCALATE_LOCK_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ESCALATE_ACTOR", "tester")

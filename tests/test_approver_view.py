@@ -19,7 +19,7 @@ from escalate import Ledger
 from escalate.cli import app
 from escalate.errors import Pending
 from escalate.pools import Pool
-from escalate.runs import inbox
+from escalate.reports.runs import inbox
 from tests.conftest import FakeClock, Location, snapshot_store
 
 REASONS = {

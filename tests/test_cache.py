@@ -17,9 +17,9 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.cache import CACHE_NAME, Rows
-from escalate.events import line_hash, seal
-from escalate.log import LOG_NAME
+from escalate.core.events import line_hash, seal
+from escalate.stores.file.checkpoint import CACHE_NAME, Rows
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock
 
 # Copies of a run leave the cache (and SQLite's -wal/-shm, which a connection closing
@@ -379,7 +379,7 @@ THREADS_CHILD = """
 import sqlite3, sys, threading
 from pathlib import Path
 from escalate import Ledger
-from escalate.cache import CACHE_NAME
+from escalate.stores.file.checkpoint import CACHE_NAME
 
 root = Path(sys.argv[1])
 TASKS, THREADS = 160, 4

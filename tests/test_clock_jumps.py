@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.events import line_hash
-from escalate.log import LOG_NAME
+from escalate.core.events import line_hash
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock
 
 HOUR = 3600

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escalate import Ledger
+from escalate.core.events import line_hash, seal
 from escalate.errors import CorruptLedger
-from escalate.events import line_hash, seal
-from escalate.log import LOG_NAME
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock
 
 Lines = list[bytes]

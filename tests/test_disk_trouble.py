@@ -20,7 +20,7 @@ import pytest
 
 from escalate import EscalateError, Ledger, StoreUnavailable
 from escalate.errors import storage_error
-from escalate.log import LOG_NAME, TORN_PREFIX
+from escalate.stores.file.log import LOG_NAME, TORN_PREFIX
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from escalate import Ledger, Pending, Refused
 from escalate.cli.reference import iter_commands, render
-from escalate.events import EVENT_TYPES
+from escalate.core.events import EVENT_TYPES
 from tests.conftest import FakeClock
 
 ROOT = Path(__file__).parent.parent
@@ -89,7 +89,7 @@ def drive_every_event_type(runs_dir: Path) -> None:
     off.archive()  # finished: retired for good
     # A pool (pool_opened, run_joined, its policy_changed with a cap) and a member run's
     # pool_cap escalation approved with a pool extension, then a pool_cap halt.
-    from escalate.pools import Pool
+    from escalate.pools.pool import Pool
 
     pool = Pool.init(runs_dir, "pool", cap="2", period="day", tz="Europe/Berlin", escalation="enforce",
                      max_extension="1", clock=clock)
@@ -107,7 +107,7 @@ def escalated_in(run: Ledger, task: str, amount: str) -> str:
 
 
 def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> None:
-    from escalate.schema import MODELS, json_schema, validate_event
+    from escalate.core.schema import MODELS, json_schema, validate_event
 
     drive_every_event_type(runs_dir)
     seen: dict[str, int] = {}
@@ -142,7 +142,7 @@ def test_every_written_event_validates_against_the_schema(runs_dir: Path) -> Non
 def test_schema_rejects_what_no_writer_produces() -> None:
     from pydantic import ValidationError
 
-    from escalate.schema import validate_event
+    from escalate.core.schema import validate_event
 
     good = {"v": 1, "seq": 2, "ts": "2026-11-23T14:00:00.000000Z", "type": "budget_reserved",
             "prev": "0123456789abcdef", "actor": "a", "task": "t", "amount_micros": 5}
@@ -156,7 +156,7 @@ def test_schema_rejects_what_no_writer_produces() -> None:
 
 
 def test_schema_command_prints_the_schema(cli: Any) -> None:
-    from escalate.schema import json_schema
+    from escalate.core.schema import json_schema
 
     result = cli("schema")
     assert result.exit_code == 0
@@ -170,9 +170,9 @@ import sys
 for argv in (['reserve', 'hot', 't', '-e', '1'], ['increase', 'hot', 't', '--to', '2'],
              ['release', 'hot', 't', '-a', '1'], ['reserve', 'hot', 'u', '-e', '99']):
     {call}
-print(sorted(m for m in ('rich', 'pydantic', 'escalate.render', 'escalate.schema', 'escalate.payloads',
-                        'escalate.gate', 'escalate.report', 'escalate.runs', 'escalate.cli.runs_cmds',
-                        'escalate.cli.escalation_cmds')
+print(sorted(m for m in ('rich', 'pydantic', 'escalate.reports.render', 'escalate.core.schema',
+                        'escalate.core.payloads', 'escalate.reports.gate', 'escalate.reports.report',
+                        'escalate.reports.runs', 'escalate.cli.runs_cmds', 'escalate.cli.escalation_cmds')
              if m in sys.modules))
 """
 
@@ -240,17 +240,17 @@ def test_library_guide_runs_as_written(runs_dir: Path, monkeypatch: pytest.Monke
 
 
 def test_the_event_tables_in_the_docs_are_generated_from_the_definitions() -> None:
-    from escalate.schema import MARKDOWN_BEGIN, MARKDOWN_END, markdown_tables
+    from escalate.core.schema import MARKDOWN_BEGIN, MARKDOWN_END, markdown_tables
 
     text = (ROOT / "docs" / "events.md").read_text()
     committed = text[text.index(MARKDOWN_BEGIN):text.index(MARKDOWN_END) + len(MARKDOWN_END)] + "\n"
-    assert committed == markdown_tables(), "paste the output of python -m escalate.schema --markdown"
+    assert committed == markdown_tables(), "paste the output of python -m escalate.core.schema --markdown"
 
 
 def test_the_constants_and_the_schema_come_from_the_payload_definitions() -> None:
     from typing import get_args, get_type_hints
 
-    from escalate import events, ids, payloads, schema
+    from escalate.core import events, ids, payloads, schema
 
     kinds = tuple(get_args(get_type_hints(payload)["type"])[0] for payload in payloads.PAYLOADS)
     assert kinds == events.EVENT_TYPES

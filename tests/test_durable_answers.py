@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.log import LOG_NAME
+from escalate.stores.file.log import LOG_NAME
 
 # The approver's fsync says so on stdout, then blocks until a line arrives on stdin.
 _SLOW_FSYNC = """

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from escalate import InputError, Ledger
-from escalate.durations import (
+from escalate.core.durations import (
     MAX_ESCALATION_TIMEOUT_S,
     MAX_LOCK_TIMEOUT_S,
     MAX_WAIT_S,

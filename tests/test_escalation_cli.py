@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from escalate import Ledger, Pending, Refused
-from escalate.render import escalation_table
+from escalate.reports.render import escalation_table
 from tests.conftest import FakeClock, Location, has_run, log_bytes, snapshot_store
 
 

@@ -142,7 +142,7 @@ def test_old_escalation_lines_replay_with_defaults(tmp_path: Path) -> None:
     for event in events:
         for key in ("request_reason", "priority", "needed_extension_micros", "kind", "from_micros"):
             event.pop(key, None)
-    from escalate.events import seal  # re-chain the edited lines as an old writer wrote them
+    from escalate.core.events import seal  # re-chain the edited lines as an old writer wrote them
     lines = []
     prev = ""
     for index, event in enumerate(events):

@@ -611,8 +611,8 @@ def test_a_policy_without_approvers_writes_the_same_bytes(store: Location, clock
 @pytest.mark.parametrize("approvers", [
     "alice", ["alice", 7], ["alice", ""], ["a" * 129], ["bell\x07"], {"alice": 1}])
 def test_the_fold_checks_the_approvers_it_reads(approvers: Any) -> None:
-    from escalate.fold import initial_state
-    from escalate.state import RuleViolation
+    from escalate.core.fold import initial_state
+    from escalate.core.state import RuleViolation
 
     line = {"v": 1, "seq": 1, "ts": "2026-11-23T14:00:00.000000Z", "type": "run_opened", "prev": "",
             "actor": "a", "run": "r", "run_cap_micros": 1, "task_cap_micros": 1,
@@ -725,8 +725,8 @@ def test_withdrawing_an_increase_keeps_what_the_task_holds(store: Location, cloc
 
 
 def test_the_fold_refuses_a_withdraw_that_grants(store: Location, clock: FakeClock) -> None:
-    from escalate.fold import apply_payload
-    from escalate.state import RuleViolation
+    from escalate.core.fold import apply_payload
+    from escalate.core.state import RuleViolation
 
     make_run(store, clock, approval_threshold="2", max_extension="5")
     worker = Ledger.open(store, "r", clock=clock, actor="wk")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from escalate import Ledger
-from escalate.gate import check_gate, evaluate, github_annotation
+from escalate.reports.gate import check_gate, evaluate, github_annotation
 from tests.conftest import Location
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -194,7 +194,7 @@ def test_annotation_data_is_escaped() -> None:
 
 def test_golden_summary_is_current(store: Location, clock: Any) -> None:
     """Regenerate with ESCALATE_UPDATE_GOLDEN=1 after an intended change of the summary."""
-    from escalate.report import run_markdown
+    from escalate.reports.report import run_markdown
 
     state = busy_run(store, clock).state()
     text = run_markdown(state, verdict=evaluate(state)) + "\n"

@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.events import line_hash, seal
-from escalate.log import LOG_NAME
+from escalate.core.events import line_hash, seal
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock
 
 USD = 1_000_000

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from escalate import Ledger
+from escalate.core.ids import check_id
 from escalate.errors import InvalidId
-from escalate.ids import check_id
-from escalate.log import LOG_NAME
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import snapshot_tree
 
 HOSTILE_IDS = [

@@ -21,7 +21,7 @@ import orjson
 # No pytest import up here: this file is also each writer's program.
 from escalate import Ledger
 from escalate.errors import Conflict, EscalateError, Pending, Refused
-from escalate.log import LOG_NAME, FileLog
+from escalate.stores.file.log import LOG_NAME, FileLog
 
 if __name__ != "__main__":  # under pytest, not as a writer
     import pytest

@@ -22,7 +22,7 @@ import orjson
 # No pytest import up here: this file is also each writer's program, and a writer that
 # starts faster is killed more often in the same time.
 from escalate import Ledger, Micros, Refused
-from escalate.log import LOG_NAME, FileLog
+from escalate.stores.file.log import LOG_NAME, FileLog
 
 if __name__ != "__main__":  # under pytest, not as a writer
     import pytest
@@ -152,7 +152,7 @@ def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None
 
 HOLDER = """
 import sys
-from escalate.log import FileLog
+from escalate.stores.file.log import FileLog
 with FileLog(__import__("pathlib").Path(sys.argv[1]), lock_timeout=5).locked():
     print("holding", flush=True)
     sys.stdin.read()

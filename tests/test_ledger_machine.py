@@ -1,6 +1,6 @@
 """A hypothesis state machine: random reserve/increase/release calls against the library,
 checked after every step against a tiny reference model written here from docs/concepts.md
-("Reservations", "Totals and caps"; not from escalate/fold.py or escalate/decide.py). It runs
+("Reservations", "Totals and caps"; not from escalate/core/fold.py or escalate/core/decide.py). It runs
 on both stores: a runs folder and a PostgreSQL database."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 )
 
 from escalate import Conflict, EscalateError, Ledger, Micros, Refused
-from escalate.money import MICROS_PER_USD
+from escalate.core.money import MICROS_PER_USD
 
 TASKS = st.sampled_from([f"t{i}" for i in range(16)])
 # Amounts are drawn as eighths of the cap (up to 10/8: over the run and task caps) plus a

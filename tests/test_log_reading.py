@@ -11,9 +11,10 @@ from unittest import mock
 from hypothesis import given
 from hypothesis import strategies as st
 
-from escalate import Ledger, events
-from escalate.events import iter_line_batches, iter_lines
-from escalate.log import LOG_NAME
+from escalate import Ledger
+from escalate.core import events
+from escalate.core.events import iter_line_batches, iter_lines
+from escalate.stores.file.log import LOG_NAME
 
 
 def _reference(data: bytes, offset: int) -> list[tuple[bytes, int]]:

@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from escalate import InvalidAmount, Ledger, Micros, Refused
-from escalate.money import MAX_MICROS, MICROS_PER_USD, format_usd, parse_micros
+from escalate.core.money import MAX_MICROS, MICROS_PER_USD, format_usd, parse_micros
 from tests.conftest import Location
 
 micros_values = st.integers(min_value=0, max_value=MAX_MICROS)

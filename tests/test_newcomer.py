@@ -280,7 +280,7 @@ def test_a_step_summary_that_cannot_be_written_changes_no_verdict(
 
 
 def test_a_bar_is_full_only_when_the_cap_is() -> None:
-    from escalate.report import text_bar
+    from escalate.reports.report import text_bar
 
     almost = text_bar(54_250_000, 54_450_000)  # 99.6 %
     assert almost.endswith(" 99%") and "░" in almost

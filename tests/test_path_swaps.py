@@ -111,7 +111,7 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
     lock is taken and the log read, before the append (in ``decide``). The append, the
     fsync and the cache (kept from the last command, or made anew) still go to the folder
     whose lock was taken."""
-    from escalate import decide
+    from escalate.core import decide
 
     runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
     run = Ledger.init(runs_dir, "r", cap="100", actor="tester")

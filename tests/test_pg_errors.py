@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from escalate import Ledger, StoreUnavailable
-from escalate import pg_store as pg_store_module
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
+from escalate.stores.postgres import store as pg_store_module
 from tests.conftest import log_bytes
 from tests.pg_server import admin, pg_url, url_of
 from tests.test_pg_store import _database, _escalate

@@ -27,7 +27,7 @@ from tests.conftest import audit_log, log_bytes
 from tests.pg_throwaway import ThrowawayServer
 
 DRIVER = Path(__file__).with_name("pg_fault_driver.py")
-# Every step escalate.pg_store reports, in the order a writing command passes them.
+# Every step escalate.stores.postgres.store reports, in the order a writing command passes them.
 STEPS = ("connected", "locked", "loaded", "appended", "checkpointed", "before_commit", "committed")
 # Who is the driver, among the server's backends (set in its URL).
 DRIVER_APP = "escalate-fault-driver"

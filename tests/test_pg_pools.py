@@ -12,7 +12,7 @@ import pytest
 
 from escalate import Ledger
 from escalate.errors import Pending, Refused
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 from tests.test_pools_processes import POOL_CAP, RUNS, audit_pool, killed_after_the_append, make_pool
 
 FORK = multiprocessing.get_context("fork")
@@ -69,7 +69,7 @@ def test_the_least_privilege_roles_of_the_docs_run_a_pool() -> None:
     from pathlib import Path
     from urllib.parse import urlsplit
 
-    from escalate.pg_store import PgStore
+    from escalate.stores.postgres.store import PgStore
     from tests.pg_server import admin, fresh_database, url_of
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()

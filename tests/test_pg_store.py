@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from escalate import Conflict, Ledger, Pending, Refused, StoreUnavailable
-from escalate import pg_store as pg_store_module
-from escalate.pg_schema import SCHEMA_VERSION
-from escalate.pg_store import PgStore
+from escalate.stores.postgres import store as pg_store_module
+from escalate.stores.postgres.store import PgStore
+from escalate.stores.postgres.tables import SCHEMA_VERSION
 from escalate.transfer import export_lines, import_log
 from tests.conftest import FakeClock
 from tests.pg_server import admin, pg_url, server, url_of
@@ -127,7 +127,7 @@ def test_the_schema_is_made_once_and_again_changes_nothing(pg_url: str) -> None:
 
 
 def test_an_older_schema_is_upgraded_on_first_use(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from escalate import pg_schema
+    from escalate.stores.postgres import tables as pg_schema
 
     steps = pg_schema._STEPS
     monkeypatch.setattr(pg_schema, "_STEPS", steps[:1])
@@ -519,7 +519,7 @@ def test_runs_watch_prints_a_commit_as_it_happens_not_at_its_interval(pg_url: st
 
 
 def test_a_server_gone_silent_is_noticed_unless_the_url_says_otherwise(pg_url: str) -> None:
-    from escalate.pg_connect import connect
+    from escalate.stores.postgres.connect import connect
 
     def options(url: str) -> dict[str, bytes | None]:
         with connect(url) as connection:

@@ -15,7 +15,7 @@ from conftest import Location, log_bytes
 
 from escalate import Ledger
 from escalate.errors import CorruptLedger, Refused
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 
 def _pool_of_a(store: Location) -> Ledger:
@@ -89,8 +89,8 @@ def test_a_damaged_member_log_fails_closed(runs_dir: Path, cli: Any, edited: byt
 
 
 def test_a_cut_short_init_blocks_the_pool_until_it_is_run_again(store: Location) -> None:
-    from escalate import pool_book
     from escalate.config import utc_now
+    from escalate.pools import book as pool_book
 
     _pool_of_a(store)
     runs = Ledger.open(store, "a").runs_store
@@ -208,7 +208,7 @@ def test_writers_notice_an_edit_of_the_pool_log_at_the_same_size(runs_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a rebuild of the books: a log changed since they were saved is checked whole.
     ``settled``: its times were recorded (just written: they could not tell a change yet)."""
-    from escalate import file_store
+    from escalate.stores.file import store as file_store
 
     if settled:
         monkeypatch.setattr(file_store, "_SETTLED_NS", 0)

@@ -13,7 +13,7 @@ from conftest import FakeClock, Location, snapshot_tree
 
 from escalate import Ledger
 from escalate.errors import Conflict, InputError, Pending, Refused
-from escalate.pools import Pool, list_pools
+from escalate.pools.pool import Pool, list_pools
 
 BERLIN_EVENING = datetime(2026, 11, 30, 20, 0, tzinfo=UTC)  # 21:00 in Berlin
 
@@ -156,7 +156,7 @@ def test_a_run_never_joins_or_leaves_a_pool_after_it_is_created(store: Location,
 
 def test_an_init_cut_between_the_join_and_the_run_is_completed_by_its_retry(
         runs_dir: Path, evening: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
-    from escalate.file_store import FileLedger
+    from escalate.stores.file.store import FileLedger
 
     _pool(runs_dir, evening)
     real_create = FileLedger.create
@@ -234,7 +234,7 @@ def test_show_json_keys_and_markdown(store: Location, evening: FakeClock, cli: A
 
 
 def test_pool_lines_validate_against_the_schema(runs_dir: Path, evening: FakeClock) -> None:
-    from escalate.schema import validate_event
+    from escalate.core.schema import validate_event
 
     _pool(runs_dir, evening, escalation="enforce", max_extension="3")
     run = _run(runs_dir, evening, "a", cap="100")

@@ -15,7 +15,7 @@ from conftest import Location
 
 from escalate import Ledger
 from escalate.errors import Refused, UnknownRun
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 
 def _full_pool(store: Location) -> None:
@@ -99,8 +99,8 @@ def test_books_edited_by_hand_are_rebuilt_not_trusted(store: Location) -> None:
 def test_the_pool_gate_passes_over_joins_that_hold_no_money(store: Location, cli: Any) -> None:
     """A join whose run id was taken meanwhile — by a pool (a race with 'pools init') or by a
     run of no pool — counts nothing and never breaks the pool's gate."""
-    from escalate import pool_book
     from escalate.config import utc_now
+    from escalate.pools import book as pool_book
 
     Pool.init(store, "P", cap="10", actor="tester")
     Ledger.init(store, "A", pool="P", actor="tester").reserve("t", "1")

@@ -15,10 +15,10 @@ from conftest import FakeClock, Location
 
 from escalate import Ledger
 from escalate.errors import Pending, Refused
-from escalate.gate import check_pool_gate
-from escalate.pool_book import _seal
-from escalate.pools import Pool
-from escalate.store import open_store
+from escalate.pools.book import _seal
+from escalate.pools.pool import Pool
+from escalate.reports.gate import check_pool_gate
+from escalate.stores.seam import open_store
 
 GOLDEN = Path(__file__).parent / "golden"
 DAY = 86_400

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
+from escalate.core.periods import zone
 from escalate.errors import InputError, Pending, Refused
-from escalate.periods import zone
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)  # a Monday, in ISO week 2026-W49
 
@@ -96,7 +96,7 @@ def test_a_pool_opened_with_a_zone_now_refused_replays_as_written(store: Locatio
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Written by a version that took right/ zones: its periods stay the ones it has counted in.
     with monkeypatch.context() as old_version:
-        old_version.setattr("escalate.pools.check_new_zone", zone)
+        old_version.setattr("escalate.pools.pool.check_new_zone", zone)
         Pool.init(store, "p", cap="5", period="day", tz="right/Europe/Berlin", clock=FakeClock(NOON))
     pool = Pool.open(store, "p", clock=FakeClock(NOON))
     assert pool.facts.tz == "right/Europe/Berlin"

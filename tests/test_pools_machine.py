@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 
 from escalate import Ledger
 from escalate.errors import Refused
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 ZONE = "America/New_York"  # daylight saving ends on 2026-11-01 at 02:00 local time
 START = datetime(2026, 10, 31, 20, 0, tzinfo=ZoneInfo(ZONE))  # a Saturday evening

@@ -24,7 +24,7 @@ from conftest import Location
 
 from escalate import Ledger
 from escalate.errors import EscalateError, Refused
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 FORK = multiprocessing.get_context("fork")
 RUNS = ["r0", "r1", "r2", "r3"]
@@ -162,7 +162,7 @@ def test_eight_processes_on_four_runs_never_take_a_day_past_its_cap(store: Locat
 def killed_after_the_append(root: Path | str) -> None:
     """Reserve on r0, and die after the run's append, before the pool's books are saved
     (on PostgreSQL: before anything is committed)."""
-    from escalate import pool_book
+    from escalate.pools import book as pool_book
 
     def die(self: Any, events: list[Any], *args: Any) -> None:
         if events:  # the run's lines are appended; the books would be saved next

@@ -6,13 +6,13 @@ from __future__ import annotations
 from hypothesis import event, example, given, settings, target
 from hypothesis import strategies as st
 
-from escalate.decide import decide_increase, decide_release, decide_reserve, run_opened_payload
+from escalate.core.decide import decide_increase, decide_release, decide_reserve, run_opened_payload
+from escalate.core.events import seal
+from escalate.core.fold import initial_state
+from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
+from escalate.core.rules import extension_left, needed_extension, over_cap, task_cap_fits
+from escalate.core.state import Policy
 from escalate.errors import TotalLimit
-from escalate.events import seal
-from escalate.fold import initial_state
-from escalate.money import MAX_MICROS, MAX_TOTAL_MICROS
-from escalate.rules import extension_left, needed_extension, over_cap, task_cap_fits
-from escalate.state import Policy
 from escalate.write import seal_into
 
 amounts = st.integers(0, 10**15)

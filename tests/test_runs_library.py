@@ -25,8 +25,8 @@ from escalate import (
     sweep_all,
     verify_report,
 )
-from escalate.gate import evaluate
-from escalate.state import Policy, RunState
+from escalate.core.state import Policy, RunState
+from escalate.reports.gate import evaluate
 from tests.conftest import FakeClock, Location
 
 
@@ -136,7 +136,7 @@ def test_check_gate_gives_the_verdict_annotations_and_summary(store: Location, c
 @given(cap=st.integers(1, 10**15), share=st.integers(0, 1000))
 def test_the_near_limit_warning_and_the_bar_colours_agree(cap: int, share: int) -> None:
     """80 % lives in one place: the gate warns exactly where a bar turns from green."""
-    from escalate.render import usage_bar
+    from escalate.reports.render import usage_bar
 
     used = cap * share // 1000
     state = RunState(run_id="r", run_cap_micros=cap, task_cap_micros=cap, policy=Policy(),

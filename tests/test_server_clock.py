@@ -15,9 +15,9 @@ import pytest
 
 from escalate import Ledger
 from escalate.config import Clock
+from escalate.core.events import format_ts
 from escalate.errors import Pending, Refused
-from escalate.events import format_ts
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 from tests.conftest import log_bytes
 
 DAY = 86_400

@@ -223,8 +223,8 @@ def test_a_large_replay_shows_a_progress_bar_on_a_terminal_only(
 
     from rich.console import Console
 
-    from escalate import events
-    from escalate.render import ReplayProgress
+    from escalate.core import events
+    from escalate.reports.render import ReplayProgress
     from escalate.service import Ledger as Run
 
     monkeypatch.setattr(events, "_READ_CHUNK", 4096)  # many reads, as a large log would take

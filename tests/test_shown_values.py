@@ -70,7 +70,7 @@ def _unescaped(markdown: str) -> str:
 
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), max_size=80))
 def test_a_markdown_cell_shows_its_value_and_nothing_else(value: str) -> None:
-    from escalate.report import _cell
+    from escalate.reports.report import _cell
 
     cell = _cell(value)
     if value.isprintable():
@@ -80,7 +80,7 @@ def test_a_markdown_cell_shows_its_value_and_nothing_else(value: str) -> None:
 
 
 def test_an_annotation_cannot_be_forged() -> None:
-    from escalate.gate import github_annotation
+    from escalate.reports.gate import github_annotation
 
     line = github_annotation("error", "run r: 100% over\n::error::forged\r%0A")
     assert line == "::error title=escalate gate::run r: 100%25 over%0A::error::forged%0D%250A"

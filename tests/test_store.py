@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from escalate import InputError, Ledger, LockTimeout, Pending, StoreUnavailable, UnknownRun
-from escalate.log import LOG_NAME, FileLog
+from escalate.stores.file.log import LOG_NAME, FileLog
 from tests.conftest import FakeClock
 
 # Nothing listens on port 1: the connection is refused at once.

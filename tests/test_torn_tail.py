@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from escalate import Ledger
+from escalate.core.replay import replay
 from escalate.errors import CorruptLedger, InputError, Refused, UnknownRun
-from escalate.log import LOG_NAME
-from escalate.replay import replay
+from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock, snapshot_tree
 
 
@@ -252,7 +252,7 @@ def test_a_reader_never_reports_a_recovery_it_saw_half_way(
     import subprocess
     import sys
 
-    from escalate.log import FileLog
+    from escalate.stores.file.log import FileLog
 
     root = tmp_path / "runs"
     run = Ledger.init(root, "r", cap="10", actor="tester")

@@ -14,7 +14,7 @@ import pytest
 from conftest import Location, has_run, log_bytes, snapshot_store
 
 from escalate import Ledger
-from escalate.pools import Pool
+from escalate.pools.pool import Pool
 
 
 def _log_file(source: Path, run_id: str, tmp_path: Path) -> Path:
@@ -72,9 +72,9 @@ def test_export_with_json_prints_the_log_and_only_an_error_as_json(store: Locati
 # chain wrong.
 _GENERATOR = r"""
 import sys
-from escalate import decide
-from escalate.events import format_ts, seal
-from escalate.state import Policy
+from escalate.core import decide
+from escalate.core.events import format_ts, seal
+from escalate.core.state import Policy
 from datetime import UTC, datetime
 
 lines, broken = int(sys.argv[1]), sys.argv[2] == "broken"

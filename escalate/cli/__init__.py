@@ -153,7 +153,7 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
                  notify_cmd: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
     from escalate.config import default_store
-    from escalate.durations import MAX_LOCK_TIMEOUT_S, parse_duration
+    from escalate.core.durations import MAX_LOCK_TIMEOUT_S, parse_duration
 
     store = given_store()
     if store is not None and runs_dir is not None:
@@ -184,7 +184,7 @@ def open_ledger(run: str, runs_dir: Path | None, lock_timeout: str | None, by: s
     options = open_options(runs_dir, lock_timeout, by, notify_cmd)
     ledger = Ledger.open(options.pop("runs_dir"), run, **options)
     if progress:
-        from escalate.render import ReplayProgress
+        from escalate.reports.render import ReplayProgress
 
         ledger.progress = ReplayProgress()
     return ledger

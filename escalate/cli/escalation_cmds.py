@@ -25,8 +25,8 @@ from escalate.cli import (
 )
 
 if TYPE_CHECKING:
-    from escalate.runs import EscalationView, InboxRow, SweepReport
-    from escalate.store import Store
+    from escalate.reports.runs import EscalationView, InboxRow, SweepReport
+    from escalate.stores.seam import Store
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
@@ -40,7 +40,7 @@ def _said(result: dict[str, Any]) -> None:
     extra = ""
     if result["status"] == "approved":
         extension = result.get("extension_micros", 0)
-        from escalate.money import format_usd as usd
+        from escalate.core.money import format_usd as usd
 
         pool_extension = result.get("pool_extension_micros", 0)
         extra = f": {usd(result['reserved_micros'])} reserved for {result['task']}" + (
@@ -99,7 +99,7 @@ def wait(
     still open."""
 
     def action() -> Mapping[str, Any]:
-        from escalate.durations import MAX_WAIT_S, parse_duration
+        from escalate.core.durations import MAX_WAIT_S, parse_duration
 
         seconds = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         return open_ledger(run, runs_dir, lock_timeout).wait(escalation_id, timeout_s=seconds)
@@ -128,7 +128,7 @@ def escalations(
     moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
     def action() -> dict[str, list[InboxRow]]:
-        from escalate.runs import inbox, runs_root
+        from escalate.reports.runs import inbox, runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         found = inbox(root, run=run, open_only=only_open)
@@ -140,7 +140,7 @@ def escalations(
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
-        from escalate.render import escalation_table, print_whole
+        from escalate.reports.render import escalation_table, print_whole
 
         print_whole(escalation_table(result["escalations"], now=moment[0], wide=wide,
                                      title="open escalations" if only_open else "escalations"))
@@ -164,7 +164,7 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
     moment: list[datetime] = []
 
     def action() -> EscalationView:
-        from escalate.runs import escalation_view, runs_root
+        from escalate.reports.runs import escalation_view, runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         view = escalation_view(root, run, escalation_id)
@@ -172,7 +172,7 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
         return view
 
     def human(view: EscalationView) -> None:
-        from escalate.render import escalation_panel, print_whole
+        from escalate.reports.render import escalation_panel, print_whole
 
         print_whole(escalation_panel(view, now=moment[0]))
 
@@ -196,9 +196,9 @@ def sweep(
     job."""
 
     def action() -> SweepReport:
-        from escalate.delivery import SweepLimits
-        from escalate.durations import MAX_SWEEP_DEADLINE_S, parse_duration
-        from escalate.runs import sweep_all
+        from escalate.core.durations import MAX_SWEEP_DEADLINE_S, parse_duration
+        from escalate.escalation.delivery import SweepLimits
+        from escalate.reports.runs import sweep_all
 
         given: dict[str, Any] = {} if parallel is None else {"parallel": parallel}
         if deadline is not None:

@@ -13,7 +13,7 @@ from escalate.cli import JsonOption, RunsDirOption, bad_input, echo_line, open_l
 from escalate.errors import EscalateError, Refused
 
 if TYPE_CHECKING:
-    from escalate.gate import GateResult
+    from escalate.reports.gate import GateResult
 
 
 def gate(
@@ -55,7 +55,7 @@ def _verdict(run: str | None, pool: str | None, name: str, runs_dir: Path | None
              max_spent: str | None, json_out: bool, **allow: bool) -> dict[str, Any]:
     """The gate's result, or :class:`Refused` when it fails; on GitHub Actions, annotations
     and the step summary as well."""
-    from escalate.gate import github_annotation
+    from escalate.reports.gate import github_annotation
 
     github = os.environ.get("GITHUB_ACTIONS") == "true"
     # Annotations go where the runner reads them without spoiling --json's one object.
@@ -79,8 +79,8 @@ def _verdict(run: str | None, pool: str | None, name: str, runs_dir: Path | None
 
 
 def _human(result: dict[str, Any]) -> None:
-    from escalate.gate import gate_subject
-    from escalate.money import format_usd as usd
+    from escalate.core.money import format_usd as usd
+    from escalate.reports.gate import gate_subject
 
     name = gate_subject("pool", result["pool"], result) if "pool" in result else f"run {result['run']}"
     echo_line(f"gate passed for {name}: committed {usd(result['committed_micros'])} "
@@ -91,13 +91,13 @@ def _human(result: dict[str, Any]) -> None:
 
 def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: str | None,
            **options: bool) -> GateResult:
-    """The gate's verdict over the run, or over the pool (library calls of escalate.gate)."""
-    from escalate.gate import check_gate, check_pool_gate
-    from escalate.money import Micros, parse_micros
+    """The gate's verdict over the run, or over the pool (library calls of escalate.reports.gate)."""
+    from escalate.core.money import Micros, parse_micros
+    from escalate.reports.gate import check_gate, check_pool_gate
 
     limit = None if max_spent is None else Micros(parse_micros(max_spent, what="--max-spent"))
     if pool is not None:
-        from escalate.pools import Pool
+        from escalate.pools.pool import Pool
 
         return check_pool_gate(Pool.open(open_options(runs_dir, None)["runs_dir"], pool), max_spent=limit,
                                **options)

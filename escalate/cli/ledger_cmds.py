@@ -17,8 +17,8 @@ from escalate.cli import (
     open_ledger,
     respond,
 )
+from escalate.core.money import format_usd as usd
 from escalate.errors import Pending
-from escalate.money import format_usd as usd
 
 RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metavar="RUN")]
 TaskArg = Annotated[str, typer.Argument(help="Task id (single-use).", show_default=False, metavar="TASK")]
@@ -78,7 +78,7 @@ def reserve(
                   json_out, code="usage")
 
     def action() -> Mapping[str, Any]:
-        from escalate.durations import MAX_WAIT_S, parse_duration
+        from escalate.core.durations import MAX_WAIT_S, parse_duration
 
         wait_s = None if timeout is None else parse_duration(timeout, what="timeout", maximum=MAX_WAIT_S)
         ledger = open_ledger(run, runs_dir, lock_timeout, by, notify_cmd)

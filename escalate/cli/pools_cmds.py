@@ -27,10 +27,10 @@ from escalate.cli.runs_cmds import (
     ThresholdOption,
     _escalation_timeout,
 )
-from escalate.money import format_usd as usd
+from escalate.core.money import format_usd as usd
 
 if TYPE_CHECKING:
-    from escalate.pools import Pool, PoolReport, PoolRow, PoolVerifyReport
+    from escalate.pools.pool import Pool, PoolReport, PoolRow, PoolVerifyReport
 
 pools_app = typer.Typer(help="Create, list, show and re-configure pools: one budget shared by many runs.",
                         no_args_is_help=True)
@@ -39,7 +39,7 @@ PoolArg = Annotated[str, typer.Argument(help="Pool id.", show_default=False, met
 
 
 def _pool(pool: str, runs_dir: Any, lock_timeout: str | None = None, by: str | None = None) -> Pool:
-    from escalate.pools import Pool
+    from escalate.pools.pool import Pool
 
     options = open_options(runs_dir, lock_timeout, by)
     return Pool.open(options.pop("runs_dir"), pool, **options)
@@ -71,7 +71,7 @@ def init(
 
     def action() -> dict[str, Any]:
         from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
-        from escalate.pools import Pool
+        from escalate.pools.pool import Pool
 
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
@@ -99,7 +99,7 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     """List every pool with its cap, period and number of runs."""
 
     def action() -> dict[str, list[PoolRow]]:
-        from escalate.pools import list_pools as rows_of
+        from escalate.pools.pool import list_pools as rows_of
 
         return {"pools": rows_of(open_options(runs_dir, None)["runs_dir"])}
 
@@ -141,7 +141,7 @@ def show(
         return report
 
     def human(report: PoolReport) -> None:
-        from escalate.report import pool_markdown, pool_period_line, printable
+        from escalate.reports.report import pool_markdown, pool_period_line, printable
 
         if chosen is ShowFormat.markdown:
             sys.stdout.write(pool_markdown(report))
@@ -227,7 +227,7 @@ def verify(pool: PoolArg, runs_dir: RunsDirOption = None, json_out: JsonOption =
 
     def action() -> PoolVerifyReport:
         from escalate.errors import CorruptLedger
-        from escalate.pools import verify_pool
+        from escalate.pools.pool import verify_pool
 
         report = verify_pool(open_options(runs_dir, None)["runs_dir"], pool)
         found = [(f"pool {pool}", problem) for problem in report["problems"]]

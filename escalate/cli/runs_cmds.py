@@ -24,11 +24,11 @@ from escalate.cli import (
 from escalate.cli.archive_cmds import archive
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
-from escalate.money import format_usd as usd
-from escalate.report import printable
+from escalate.core.money import format_usd as usd
+from escalate.reports.report import printable
 
 if TYPE_CHECKING:
-    from escalate.runs import BrokenRun, RunRow, VerifyReport
+    from escalate.reports.runs import BrokenRun, RunRow, VerifyReport
     from escalate.service import Ledger
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
@@ -117,7 +117,7 @@ def init(
 
 def _warn_over_pool(ledger: Ledger, pool_id: str) -> None:
     """A run cap above its pool's cap is allowed, but the pool refuses first: say so."""
-    from escalate.pools import Pool
+    from escalate.pools.pool import Pool
 
     pool_cap, run_cap = Pool.open(ledger.runs_store, pool_id).facts.cap_micros, ledger.state().run_cap_micros
     if run_cap > pool_cap:
@@ -220,20 +220,20 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
 
 
 def _escalation_timeout(text: str) -> float:
-    from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
+    from escalate.core.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
 
     return parse_duration(text, what="escalation timeout", minimum=1, maximum=MAX_ESCALATION_TIMEOUT_S)
 
 
 def _renotify(text: str) -> float:
-    from escalate.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
+    from escalate.core.durations import MAX_ESCALATION_TIMEOUT_S, parse_duration
 
     return parse_duration(text, what="renotify interval", minimum=60, maximum=MAX_ESCALATION_TIMEOUT_S)
 
 
 def _timeout_text(seconds: int | None) -> str:
     """Exact, unlike the rounded durations of the tables: ``90s``, ``30m``, ``1h``, ``2d``."""
-    from escalate.durations import format_duration
+    from escalate.core.durations import format_duration
 
     return "never" if seconds is None else format_duration(seconds)
 
@@ -258,12 +258,12 @@ def list_runs(
     """List every run with its cap, committed and remaining money, newest first."""
 
     def action() -> dict[str, list[RunRow | BrokenRun]]:
-        from escalate.runs import list_runs as rows_of
+        from escalate.reports.runs import list_runs as rows_of
 
         return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"], every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:
-        from escalate.render import print_whole, runs_table
+        from escalate.reports.render import print_whole, runs_table
 
         rows = result["runs"]
         if not rows:
@@ -302,7 +302,7 @@ def show(
     as_json = chosen is ShowFormat.json
 
     def action() -> Any:
-        from escalate.pools import pool_of_run
+        from escalate.pools.pool import pool_of_run
 
         ledger = open_ledger(run, runs_dir, None, progress=True)
         snapshot = ledger.replayed()
@@ -310,7 +310,7 @@ def show(
         pool = pool_of_run(ledger)
         if not as_json:
             return snapshot, recent, pool
-        from escalate.render import run_view
+        from escalate.reports.render import run_view
 
         view = {**run_view(snapshot.state), **pool}
         view["warnings"] = _warnings(snapshot)
@@ -326,11 +326,11 @@ def show(
         for warning in _warnings(snapshot):
             print(f"escalate: warning: {printable(warning, limit=1000)}", file=sys.stderr)
         if chosen is ShowFormat.markdown:
-            from escalate.report import run_markdown
+            from escalate.reports.report import run_markdown
 
             sys.stdout.write(run_markdown(snapshot.state, events=recent, pool=pool))
             return
-        from escalate.render import print_whole, show_run, timeline_table
+        from escalate.reports.render import print_whole, show_run, timeline_table
 
         show_run(snapshot.state, all_tasks=all_tasks, pool=pool)
         if recent:
@@ -361,7 +361,7 @@ def verify(
 
     def action() -> VerifyReport:
         from escalate.errors import CorruptLedger
-        from escalate.runs import verify_report
+        from escalate.reports.runs import verify_report
 
         report = verify_report(open_ledger(run, runs_dir, None, progress=True))
         if not json_out:

@@ -16,7 +16,7 @@ def schema(json_out: JsonOption = False) -> None:
     """
 
     def action() -> dict[str, Any]:
-        from escalate.schema import json_schema
+        from escalate.core.schema import json_schema
 
         return json_schema()
 

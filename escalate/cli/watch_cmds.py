@@ -40,8 +40,8 @@ def watch(
     --json: one JSON object per event line).
     """
     try:
-        from escalate.durations import MAX_INTERVAL_S, MAX_WAIT_S, parse_duration
-        from escalate.render import console
+        from escalate.core.durations import MAX_INTERVAL_S, MAX_WAIT_S, parse_duration
+        from escalate.reports.render import console
 
         pause = max(parse_duration(interval, what="interval", maximum=MAX_INTERVAL_S), 0.01)
         deadline = None if timeout is None else \
@@ -72,7 +72,7 @@ def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: flo
     from rich.live import Live
     from rich.text import Text
 
-    from escalate.render import run_panel, timeline_table
+    from escalate.reports.render import run_panel, timeline_table
 
     def view() -> Group:
         snapshot = ledger.replayed()
@@ -101,7 +101,7 @@ def _redraw(ledger: Ledger, out: Console, last: int, pause: float, deadline: flo
 
 def _follow(ledger: Ledger, last: int, pause: float, deadline: float | None, json_out: bool) -> None:
     """Print the last ``last`` events, then each event as it is appended (like ``tail -f``)."""
-    from escalate.report import timeline_line
+    from escalate.reports.report import timeline_line
 
     size = ledger.log_size()
     batch, offset = ledger.events(last=last)

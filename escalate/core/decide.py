@@ -1,0 +1,408 @@
+"""The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
+
+Reserve, increase and release (with the escalations a refusal opens), for a member run its
+pool's checks too, and delivery records; resolving an escalation (and expiry) and changing
+the policy are in :mod:`escalate.core.resolve`.
+No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
+error to raise *after* those events are durable (a halt is written, then reported). What
+fits and what an extension needs come from :mod:`escalate.core.rules`, as in the fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from escalate.core.events import MAX_DETAIL_LENGTH, Event, add_seconds
+from escalate.core.money import format_usd as usd
+from escalate.core.rules import extension_left, needed_extension, over_cap, release_refusal
+from escalate.core.state import EscalationState, Policy, RunState, Task
+from escalate.errors import Conflict, EscalateError, Pending, Refused
+
+if TYPE_CHECKING:
+    from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a request does: events to append (payloads with ``type``), the answer, and an
+    error to raise once those events are durable."""
+
+    events: list[Event] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: EscalateError | None = None
+
+
+def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: Policy) -> Event:
+    """The first line of a run."""
+    return {
+        "type": "run_opened",
+        "run": run_id,
+        "run_cap_micros": run_cap,
+        "task_cap_micros": run_cap if task_cap is None else task_cap,
+        "escalation": policy.to_json(),
+    }
+
+
+# Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
+RETRY_FIRST_S = 60
+RETRY_MAX_S = 3600
+
+
+def retry_delay_s(failures: int) -> int:
+    """How long after its ``failures``-th failed delivery a notice is sent again."""
+    return min(RETRY_FIRST_S << min(max(failures - 1, 0), 16), RETRY_MAX_S)
+
+
+def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
+    """Whether ``sweep`` should send an open escalation's notice again by ``now``: after a
+    failed attempt when its backoff has passed; after a delivered one every
+    ``renotify_every_s`` (when the policy sets it); never attempted (no hook was set, or
+    its writer died first) a minute after it opened, so a request being delivered right
+    now is not sent twice."""
+    if escalation.shadow or escalation.state != "open":
+        return False
+    if escalation.notified_at is None:
+        last, delay = escalation.opened_at, RETRY_FIRST_S
+    elif escalation.notified_ok:
+        if policy.renotify_every_s is None:
+            return False
+        last, delay = escalation.notified_at, policy.renotify_every_s
+    else:
+        # Counted from the last delivery: reminders that went through are no failures.
+        last, delay = escalation.notified_at, retry_delay_s(escalation.failed_in_a_row)
+    try:
+        return add_seconds(last, delay) <= now
+    except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
+        return True
+
+
+def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision:
+    """Record one delivery attempt of an escalation's notice, after the hook ran; it
+    changes no money and no escalation state."""
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None or escalation.shadow:
+        return Decision(result={"status": "unknown"})
+    attempt = escalation.notify_attempts + 1
+    return Decision(
+        events=[{"type": "escalation_notified", "id": escalation_id, "attempt": attempt, "ok": ok,
+                 "detail": detail[:MAX_DETAIL_LENGTH]}],
+        result={"status": "recorded", "escalation_id": escalation_id, "attempt": attempt, "ok": ok,
+                "detail": detail[:MAX_DETAIL_LENGTH]})
+
+
+def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
+                   priority: str = "normal", pool: PoolView | None = None) -> Decision:
+    """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
+    and ``priority`` are for the person an escalation puts it in front of."""
+    task = state.tasks.get(task_id)
+    if task is not None:
+        if task.state == "released":
+            return fail(Conflict(
+                f"task {task_id} was already released ({usd(task.actual_micros or 0)} actual); "
+                "task ids are single-use — reserve under a new task id",
+                task=task_id, state="released", actual_micros=task.actual_micros))
+        if task.state == "halted":
+            return fail(_halted(task_id, task))
+        if task.holding and task.escalation_id not in state.open_escalations:
+            if task.reserved_micros == amount:
+                return Decision(result=_task_result(state, task_id, "exists"))
+            return fail(Conflict(
+                f"task {task_id} already holds {usd(task.reserved_micros)}, "
+                f"not {usd(amount)}; use 'escalate increase' to raise it",
+                task=task_id, state=task.state, reserved_micros=task.reserved_micros,
+                requested_micros=amount))
+        open_escalation = state.open_escalations.get(task.escalation_id or "")
+        if open_escalation is not None:
+            return _repeat_while_open(state, open_escalation, "reserve", amount)
+    return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority, pool)
+
+
+def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
+                    priority: str = "normal", pool: PoolView | None = None) -> Decision:
+    """Raise a task's reservation to the absolute amount ``to``."""
+    task = state.tasks.get(task_id)
+    if task is not None and task.state == "halted":
+        return fail(_halted(task_id, task))
+    if task is not None and task.state == "released":
+        return fail(Conflict(
+            f"task {task_id} was already released; a released task cannot be increased — "
+            "reserve under a new task id",
+            task=task_id, state="released", actual_micros=task.actual_micros))
+    open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
+    if open_escalation is not None and open_escalation.kind == "increase":
+        return _repeat_while_open(state, open_escalation, "increase", to)
+    if task is None or not task.holding:
+        state_word = task.state if task else "unknown"
+        return fail(Conflict(
+            f"task {task_id} holds no reservation (state: {state_word}); reserve it first",
+            task=task_id, state=state_word))
+    if to < task.reserved_micros:
+        return fail(Conflict(
+            f"task {task_id} holds {usd(task.reserved_micros)}; an increase to "
+            f"{usd(to)} would lower it (--to is the new absolute amount)",
+            task=task_id, state=task.state, reserved_micros=task.reserved_micros, requested_micros=to))
+    if to == task.reserved_micros:
+        return Decision(result=_task_result(state, task_id, "exists"))
+    return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
+
+
+def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: PoolView | None) -> Decision:
+    """Settle a task's reservation with what it actually cost (refused only past the limit on
+    totals). An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the
+    same write: the money is spent, and nobody waits on a person to record it."""
+    task = state.tasks.get(task_id)
+    if task is not None and task.state == "released":
+        if task.actual_micros == actual:
+            return Decision(result=_task_result(state, task_id, "exists"))
+        return fail(Conflict(
+            f"task {task_id} was already released with {usd(task.actual_micros or 0)} "
+            f"actual, not {usd(actual)}; the first release stands — check the task id",
+            task=task_id, state="released", actual_micros=task.actual_micros, requested_micros=actual))
+    if task is None or not task.holding:
+        state_word = task.state if task else "unknown"
+        open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
+        if open_escalation is not None:
+            hint = (f"it is waiting on escalation {open_escalation.id}: wait for it with "
+                    f"'escalate wait {state.run_id} {open_escalation.id}', or take the request "
+                    f"back with 'escalate withdraw {state.run_id} {open_escalation.id}'")
+        elif task is None:
+            hint = f"reserve it first, or check the task id with 'escalate runs show {state.run_id}'"
+        else:
+            hint = "nothing was reserved for it, so there is nothing to release"
+        return fail(Conflict(
+            f"task {task_id} holds no reservation to release (state: {state_word}); {hint}",
+            task=task_id, state=state_word))
+    if (refused := release_refusal(state, task_id, task.reserved_micros, actual, pool)) is not None:
+        return fail(refused)
+    withdrawn: list[Event] = []
+    if task.escalation_id in state.open_escalations:
+        withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
+    event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+             "actual_micros": actual}
+    result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+              "actual_micros": actual,
+              "remaining_micros": state.remaining_micros + task.reserved_micros - actual}
+    if withdrawn:
+        result["withdrawn_escalation_id"] = task.escalation_id
+    return Decision(events=[*withdrawn, event], result=result)
+
+
+def resolved_event(escalation_id: str, mode: str, by: str, role: str | None = None) -> Event:
+    """An ``escalation_resolved`` line that grants nothing (``role``: the database role
+    acting, on the PostgreSQL store)."""
+    event: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+                    "extension_micros": 0}
+    if role is not None:
+        event["role"] = role
+    return event
+
+
+def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
+              now: str, priority: str, pool: PoolView | None = None) -> Decision:
+    """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held):
+    the run's first, then, for a member run, its pool's."""
+    delta = to - before
+    remaining = state.remaining_micros
+    cap = over_cap(to, delta, state.task_cap_micros, remaining)
+    settle = " — release it to settle what it holds" if kind == "increase" else ""
+    if cap == "task_cap":
+        halt = {"type": "halt", "task": task_id, "requested_micros": to,
+                "remaining_micros": remaining, "reason": "task_cap"}
+        return Decision(events=[halt], error=Refused(
+            f"halted {task_id}: {usd(to)} is over the task cap "
+            f"{usd(state.task_cap_micros)}; the task is halted for good"
+            + (settle or f" — ask for at most {usd(state.task_cap_micros)} under a new task id"),
+            code="over_task_cap", task=task_id, requested_micros=to,
+            task_cap_micros=state.task_cap_micros, remaining_micros=remaining))
+    policy = state.policy
+    over_remaining = cap == "run_cap"
+    over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
+    events: list[Event] = []
+    request = Request(task_id, kind, before, to, reason, priority, now)
+    if policy.mode != "off" and (over_remaining or over_threshold):
+        needed = needed_extension(delta, remaining)
+        left = extension_left(policy.max_extension_micros, state.extended_micros)
+        escalation = _escalation_event(state, request, remaining,
+                                       "run_cap" if over_remaining else "threshold", needed, left, policy)
+        events.append(escalation)
+        if policy.mode == "enforce":
+            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+    if over_remaining:
+        events.append({"type": "halt", "task": task_id, "requested_micros": to,
+                       "remaining_micros": remaining, "reason": "run_cap"})
+        return Decision(events=events, error=Refused(
+            f"halted {task_id}: asked for {usd(delta)} with {usd(remaining)} "
+            f"left of the {usd(state.cap_micros)} cap; the task is halted for good"
+            + (settle or " — ask for less under a new task id"),
+            code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
+            cap_micros=state.cap_micros,
+            **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+    if pool is not None:
+        refused = _pool_refusal(state, pool, request, events)
+        if refused is not None:
+            return refused
+    if kind == "reserve":
+        events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
+        status = "reserved"
+    else:
+        events.append({"type": "budget_increased", "task": task_id, "from_micros": before,
+                       "to_micros": to, "reason": reason})
+        status = "increased"
+    extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
+    if pool is not None:
+        extra["pool_remaining_micros"] = pool.remaining(pool.current) - delta
+    return Decision(events=events, result={
+        "status": status, "task": task_id, "reserved_micros": to,
+        "remaining_micros": remaining - delta, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
+
+    task: str
+    kind: str
+    before: int
+    to: int
+    reason: str
+    priority: str
+    now: str
+
+
+def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: list[Event]) -> Decision | None:
+    """The pool's checks, once the run's passed: over what is left of the pool in this
+    period, or over the pool's approval threshold, the pool's policy decides (reason
+    ``pool_cap``). None: it fits. One escalation per write: a run's shadow one comes first."""
+    key = pool.current
+    left = pool.remaining(key)
+    delta = request.to - request.before
+    policy = pool.policy
+    over = delta > left
+    threshold = policy.approval_threshold_micros
+    over_threshold = threshold is not None and request.to > threshold
+    if policy.mode != "off" and (over or over_threshold) and not events:
+        needed, grantable = pool.grantable(delta)
+        escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy)
+        escalation["pool"] = pool.pool_id
+        events.append(escalation)
+        if policy.mode == "enforce":
+            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+    if not over:
+        return None
+    events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
+                   "remaining_micros": left, "reason": "pool_cap"})
+    settle = (" — release it to settle what it holds" if request.kind == "increase"
+              else " — ask for less under a new task id")
+    return Decision(events=events, error=Refused(
+        f"halted {request.task}: asked for {usd(delta)} with {usd(left)} left of pool {pool.pool_id}'s "
+        f"{usd(pool.cap_in(key))} cap in {period_name(pool.period, key)}; the task is halted for "
+        f"good{settle}",
+        code="over_pool_budget", task=request.task, requested_micros=request.to, remaining_micros=left,
+        pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key),
+        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+
+
+def period_name(period: str, key: str) -> str:
+    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
+    return "all time" if period == "none" else f"the {period} {key}"
+
+
+def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,
+                      left: int, policy: Policy) -> Event:
+    """The ``escalation`` line for ``request``: the extension it needs, what of the max
+    extension is ``left``, and the deadline of the ``policy`` that governs it."""
+    shadow = policy.mode == "shadow"
+    offered = ["extend", "pause", "cancel"] if needed <= left else ["pause", "cancel"]
+    timeout = policy.timeout_s
+    event: Event = {
+        "type": "escalation",
+        # An escalation is always the first event of its decision, so its id names the line
+        # it is written on and is unique in the run.
+        "id": f"esc-{state.seq + 1}",
+        "task": request.task,
+        "kind": request.kind,
+        "from_micros": request.before,
+        "requested_micros": request.to,
+        "remaining_micros": remaining,
+        "reason": reason,
+        "offered": offered,
+        "needed_extension_micros": needed,
+        "expires_at": None if shadow or timeout is None else add_seconds(request.now, timeout),
+        "shadow": shadow,
+    }
+    if needed > left:
+        event["note"] = (f"extend not offered: needs {usd(needed)} but only {usd(max(left, 0))} "
+                         "of the max extension is left"
+                         + (" in this period" if reason == "pool_cap" else ""))
+    event["request_reason"] = request.reason
+    event["priority"] = request.priority
+    return event
+
+
+_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold",
+        "pool_threshold": "over the pool's approval threshold"}
+
+
+def fired_limit(data: Mapping[str, Any]) -> str:
+    """Which limit an escalation fired on: its ``reason``, except that a ``pool_cap`` one
+    needing no extension when asked fired on the pool's approval threshold
+    (``pool_threshold``), not on what the pool had left."""
+    if data["reason"] == "pool_cap" and not data.get("needed_extension_micros", 0):
+        return "pool_threshold"
+    return str(data["reason"])
+
+
+def _why(data: Mapping[str, Any]) -> str:
+    """Why a person is asked (:func:`fired_limit` in words)."""
+    fired = fired_limit(data)
+    if fired == "pool_cap":
+        return f"over the pool's remaining budget: {usd(data['remaining_micros'])} left"
+    return _WHY.get(fired, fired)
+
+
+def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> Pending:
+    data = escalation if isinstance(escalation, dict) else escalation.to_json()
+    note = data.get("note") or ""
+    verb = "escalated" if new else "still waiting on"
+    return Pending(
+        f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
+        f"({_why(data)}); "
+        f"escalation {data['id']} offers {'/'.join(data['offered'])}"
+        + (f" ({note})" if note else "")
+        + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",
+        code="escalation_open", escalation_id=data["id"], task=data["task"],
+        requested_micros=data["requested_micros"], remaining_micros=data["remaining_micros"],
+        offered=list(data["offered"]), expires_at=data["expires_at"])
+
+
+def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int) -> Decision:
+    if escalation.kind == kind and escalation.requested_micros == amount:
+        return fail(_pending(state.run_id, escalation, new=False))
+    return fail(Conflict(
+        f"task {escalation.task} has open escalation {escalation.id} for "
+        f"{usd(escalation.requested_micros)}, not {usd(amount)}; "
+        "wait for its resolution", task=escalation.task, escalation_id=escalation.id,
+        requested_micros=amount, escalated_micros=escalation.requested_micros))
+
+
+def _halted(task_id: str, task: Task) -> Refused:
+    code = "cancelled" if task.halt_reason == "cancelled" else "halted"
+    hint = " — release it to settle what it holds" if task.holding else ""
+    return Refused(f"task {task_id} was halted ({task.halt_reason}) and is terminal; "
+                   f"use a new task id{hint}", code=code, task=task_id, state="halted",
+                   reason=task.halt_reason)
+
+
+def fail(error: EscalateError) -> Decision:
+    """A decision that writes nothing and raises ``error``."""
+    return Decision(error=error)
+
+
+def _task_result(state: RunState, task_id: str, status: str) -> dict[str, Any]:
+    task = state.tasks[task_id]
+    return {"status": status, "task": task_id, "reserved_micros": task.reserved_micros,
+            "actual_micros": task.actual_micros, "remaining_micros": state.remaining_micros}
+
+

@@ -1,0 +1,315 @@
+"""The fold: a run's log, line by line, into a :class:`~escalate.core.state.RunState`.
+
+No I/O here. :func:`apply` folds one event and fails closed (raises :class:`RuleViolation`)
+on anything a correct writer could not have produced; the budget it re-checks through
+:mod:`escalate.core.rules`, the same functions the decisions use, as a safety net. Here: the
+envelope of every line and the lines that move money; the escalation lines are folded in
+:mod:`escalate.core.fold_escalations`, and every field check lives in :mod:`escalate.core.fold_fields`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from escalate.core.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, PERIODS, SCHEMA_VERSION
+from escalate.core.fold_escalations import apply_escalation, apply_notified, apply_resolved
+from escalate.core.fold_fields import (
+    choice_field,
+    id_field,
+    int_field,
+    name_field,
+    not_int,
+    not_task,
+    policy_field,
+    signed_field,
+    ts_field,
+)
+from escalate.core.ids import ID_PATTERN, shown_value
+from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
+from escalate.core.rules import over_cap, task_cap_fits
+from escalate.core.state import RuleViolation, RunState, Task
+
+_id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
+
+
+def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
+    """Start a state from the first line of a log, which must be ``run_opened``."""
+    if event.get("v") != SCHEMA_VERSION or type(event.get("v")) is not int:
+        raise RuleViolation(f"unknown schema version {event.get('v')!r} (this escalate reads v1)")
+    if event.get("type") not in ("run_opened", "pool_opened"):
+        raise RuleViolation(f"the first event must be run_opened, got {event.get('type')!r}")
+    if event.get("seq") != 1 or type(event.get("seq")) is not int or event.get("prev") != "":
+        raise RuleViolation(f"{event['type']} must have seq 1 and an empty prev")
+    if event["type"] == "pool_opened":
+        return _pool_opened(event, this_hash)
+    run_cap = int_field(event, "run_cap_micros")
+    task_cap = int_field(event, "task_cap_micros")
+    if not task_cap_fits(task_cap, run_cap):
+        raise RuleViolation(f"task cap {task_cap} is above the run cap {run_cap}")
+    ts = ts_field(event, "ts")
+    state = RunState(
+        run_id=id_field(event, "run"),
+        run_cap_micros=run_cap,
+        task_cap_micros=task_cap,
+        policy=policy_field(event.get("escalation")),
+        opened_at=ts,
+        seq=1,
+        last_hash=this_hash,
+        last_ts=ts,
+        last_actor=name_field(event, "actor"),
+        member_of=id_field(event, "pool") if "pool" in event else None,
+    )
+    return state
+
+
+def _pool_opened(event: Mapping[str, Any], this_hash: str) -> RunState:
+    """A pool's first line. Its state holds no money (caps 0: a reservation in a pool's log
+    cannot fold); its settings are in ``pool``."""
+    from escalate.core.periods import zone
+    from escalate.core.pool_state import PoolFacts  # (a run's fold never loads the pool modules)
+
+    tz = event.get("tz")
+    try:
+        zone(tz)  # checks any value
+    except ValueError:
+        raise RuleViolation(f"field 'tz' must be a known time zone, got {shown_value(tz)}") from None
+    ts = ts_field(event, "ts")
+    return RunState(
+        run_id=id_field(event, "pool"), run_cap_micros=0, task_cap_micros=0,
+        policy=policy_field(event.get("escalation")), opened_at=ts, seq=1, last_hash=this_hash, last_ts=ts,
+        last_actor=name_field(event, "actor"),
+        pool=PoolFacts(cap_micros=int_field(event, "cap_micros"),
+                       period=choice_field(event, "period", PERIODS), tz=str(tz)))
+
+
+def _apply_joined(state: RunState, event: Mapping[str, Any]) -> None:
+    run_id = id_field(event, "run")
+    if state.pool is None:
+        raise RuleViolation("run_joined may only be in a pool's log")
+    if run_id in state.pool.members:
+        raise RuleViolation(f"run {run_id!r} joined twice")
+    state.pool.members.append(run_id)
+
+
+def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
+    """Fold one event (after the first) into ``state``; raise :class:`RuleViolation` if it is
+    not what a correct writer appends next."""
+    # This runs once per line of every replay: subscripts on the fast path (a missing key
+    # reads as None, as ``get`` would), one dict lookup to dispatch, no helper calls.
+    try:
+        version, seq, prev, kind, ts, actor = (event["v"], event["seq"], event["prev"], event["type"],
+                                               event["ts"], event["actor"])
+    except KeyError:
+        version, seq, prev, kind = event.get("v"), event.get("seq"), event.get("prev"), event.get("type")
+        ts, actor = event.get("ts"), event.get("actor")
+    # ``type(...) is int`` too: 1.0 and True compare equal to 1, and would be copied forward.
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
+    if seq != state.seq + 1 or type(seq) is not int:
+        raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
+    if state.archived:
+        raise RuleViolation(f"{shown_value(kind)} after the run was archived (it takes no more lines)")
+    if prev != state.last_hash:
+        raise RuleViolation(
+            f"prev {prev!r} does not match the previous line's hash "
+            f"{state.last_hash!r} (a line was edited, removed or inserted)"
+        )
+    try:
+        handler = _APPLY[kind]
+    except (KeyError, TypeError):  # TypeError: an unhashable type, such as a list
+        raise RuleViolation(f"unknown event type {shown_value(kind)}") from None
+    # Consecutive lines mostly share their actor: check it only when it changes. A line's
+    # ts is checked where the fold keeps it (run_opened, escalation, escalation_resolved);
+    # on other lines nothing reads it, and runs verify checks it against the schema.
+    if actor != state.last_actor:
+        state.last_actor = name_field(event, "actor")
+    handler(state, event)
+    state.seq = seq
+    state.last_hash = this_hash
+    state.last_ts = ts
+
+
+def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
+    """Fold an event's payload, without the envelope checks of :func:`apply`."""
+    kind = event.get("type")
+    handler = _APPLY.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        raise RuleViolation(f"unknown event type {kind!r}")
+    handler(state, event)
+
+
+def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
+    try:
+        task_id, amount = event["task"], event["amount_micros"]
+    except KeyError:
+        task_id, amount = event.get("task"), event.get("amount_micros")
+    if type(task_id) is not str:
+        raise not_task(task_id)
+    if type(amount) is not int or amount < 0:
+        raise not_int("amount_micros", amount)
+    tasks = state.tasks
+    task = tasks.get(task_id)
+    escalation_id = None
+    if task is not None:
+        if task.holding:
+            raise RuleViolation(f"duplicate reservation of task {task_id!r}")
+        if task.state in ("halted", "released"):
+            raise RuleViolation(f"reservation of task {task_id!r} after it was {task.state}")
+        escalation_id = task.escalation_id
+        if escalation_id in state.open_escalations:
+            raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
+    elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
+        raise not_task(task_id)
+    if over_cap(amount, amount, state.task_cap_micros, state.remaining_micros) is not None:
+        _over(state, task_id, amount, amount)
+    tasks[task_id] = Task("reserved", amount, True, None, None, escalation_id)
+    state.reserved_micros += amount
+
+
+def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
+    try:
+        task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
+    except KeyError:
+        task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
+    # Signs need no check here: ``from`` must equal what the task holds and ``to`` exceed it.
+    if type(before) is not int:
+        raise not_int("from_micros", before)
+    if type(after) is not int:
+        raise not_int("to_micros", after)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise not_task(task_id) from None
+    if task is None or not task.holding or task.state == "released":
+        raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
+    if task.state == "halted":
+        raise RuleViolation(f"increase of task {task_id!r} after it was halted")
+    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
+    if before != task.reserved_micros or after <= before:
+        raise RuleViolation(
+            f"increase of task {task_id!r} from {before} to {after}, "
+            f"but it holds {task.reserved_micros}"
+        )
+    delta = after - before
+    if over_cap(after, delta, state.task_cap_micros, state.remaining_micros) is not None:
+        _over(state, task_id, after, delta)
+    task.state = "reserved"
+    task.reserved_micros = after
+    state.reserved_micros += delta
+
+
+def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
+    """Raise for a reservation of ``total`` (``delta`` of it new) that does not fit."""
+    if over_cap(total, delta, state.task_cap_micros, state.remaining_micros) == "task_cap":
+        raise RuleViolation(f"task {task_id!r} reserved {total}, over the task cap {state.task_cap_micros}")
+    raise RuleViolation(
+        f"task {task_id!r} took {delta} with only {state.remaining_micros} remaining (over the cap)"
+    )
+
+
+def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
+    try:
+        task_id, reserved, actual = event["task"], event["reserved_micros"], event["actual_micros"]
+    except KeyError:
+        task_id, reserved = event.get("task"), event.get("reserved_micros")
+        actual = event.get("actual_micros")
+    # ``reserved`` must equal what the task holds, so only its type needs a check.
+    if type(reserved) is not int:
+        raise not_int("reserved_micros", reserved)
+    if type(actual) is not int or not 0 <= actual <= MAX_MICROS:
+        raise not_int("actual_micros", actual)
+    try:  # a known key is a checked id; any other value (a number, null) finds nothing
+        task = state.tasks.get(task_id)
+    except TypeError:  # an unhashable value, such as a list
+        raise not_task(task_id) from None
+    if task is None or not task.holding:
+        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
+    if reserved != task.reserved_micros:
+        raise RuleViolation(
+            f"release of task {task_id!r} names {reserved} reserved, but it holds {task.reserved_micros}"
+        )
+    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
+    # rules.past_total_limit, inline: the one way a total grows that no cap bounds.
+    if state.spent_micros + state.reserved_micros - reserved + actual > MAX_TOTAL_MICROS:
+        raise RuleViolation(
+            f"release of task {task_id!r} takes what the run committed to "
+            f"{state.spent_micros + state.reserved_micros - reserved + actual}, past the limit of "
+            f"{MAX_TOTAL_MICROS} micros on every total")
+    state.reserved_micros -= reserved
+    state.spent_micros += actual
+    # Only what the single-use and idempotency rules need is kept for a settled task
+    # (settled in place: no new object per release).
+    task.state = "released"
+    task.holding = False
+    task.actual_micros = actual
+    if task.escalation_id is not None:
+        task.escalation_id = None
+
+
+def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
+    task_id = id_field(event, "task")
+    int_field(event, "requested_micros")
+    signed_field(event, "remaining_micros")
+    reason = choice_field(event, "reason", HALT_REASONS)
+    task = state.tasks.get(task_id)
+    if task is not None and task.state in ("halted", "released"):
+        raise RuleViolation(f"halt of task {task_id!r}, which is already {task.state}")
+    if task is not None and task.escalation_id in state.open_escalations:
+        raise RuleViolation(f"halt of task {task_id!r} while its escalation is open")
+    if task is None:
+        state.tasks[task_id] = Task(state="halted", halt_reason=reason)
+    else:
+        task.state = "halted"
+        task.halt_reason = reason
+    state.halts += 1
+
+
+def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
+    int_field(event, "torn_bytes", limit=2**63)
+    name_field(event, "saved_to", limit=MAX_FILE_NAME_LENGTH)
+    state.recoveries += 1
+
+
+def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
+    if "role" in event:  # the database role that changed it (PostgreSQL store)
+        name_field(event, "role")
+    state.policy = policy_field(event.get("escalation"))
+    if "cap_micros" in event:
+        if state.pool is None:
+            raise RuleViolation("field 'cap_micros' may only change a pool's cap")
+        state.pool.cap_micros = int_field(event, "cap_micros")
+
+
+def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
+    if state.pool is not None:
+        raise RuleViolation("run_archived may only be in a run's log")
+    held = [task_id for task_id, task in state.tasks.items() if task.holding]
+    if held or state.open_escalations:
+        raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
+    state.archived = True
+
+
+def _apply_opened_again(state: RunState, event: Mapping[str, Any]) -> None:
+    raise RuleViolation(f"{event.get('type')} may only be the first line")
+
+
+_APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
+    "run_opened": _apply_opened_again,
+    "budget_reserved": _apply_reserved,
+    "budget_increased": _apply_increased,
+    "released": _apply_released,
+    "halt": _apply_halt,
+    "escalation": apply_escalation,
+    "escalation_resolved": apply_resolved,
+    "recovery": _apply_recovery,
+    "policy_changed": _apply_policy,
+    "escalation_notified": apply_notified,
+    "pool_opened": _apply_opened_again,
+    "run_joined": _apply_joined,
+    "run_archived": _apply_archived,
+}
+
+

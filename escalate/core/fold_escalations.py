@@ -1,0 +1,155 @@
+"""The fold of escalation lines: an escalation opened, resolved, and its notice delivered.
+
+Part of the fold (:mod:`escalate.core.fold` dispatches here): no I/O, and a line no correct
+writer could append raises :class:`~escalate.core.state.RuleViolation`. The extension an
+approval may grant is re-checked through :mod:`escalate.core.rules`, as the decisions check it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from escalate.core.events import (
+    ESCALATION_KINDS,
+    ESCALATION_REASONS,
+    MAX_DETAIL_LENGTH,
+    MAX_REASON_LENGTH,
+    PRIORITIES,
+    RESOLUTIONS,
+    RESOLVED_MODES,
+)
+from escalate.core.fold_fields import (
+    choice_field,
+    id_field,
+    int_field,
+    name_field,
+    signed_field,
+    text_field,
+    ts_field,
+)
+from escalate.core.rules import extension_left, needed_extension
+from escalate.core.state import EscalationState, RuleViolation, RunState, Task
+
+
+def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
+    """``escalation``: a request put in front of a person (or only recorded: ``shadow``)."""
+    escalation_id = id_field(event, "id")
+    task_id = id_field(event, "task")
+    if escalation_id in state.escalations:
+        raise RuleViolation(f"escalation id {escalation_id!r} used twice")
+    shadow = event.get("shadow")
+    if not isinstance(shadow, bool):
+        raise RuleViolation("field 'shadow' must be true or false")
+    offered = event.get("offered")
+    if not isinstance(offered, list) or not all(type(mode) is str and mode in RESOLUTIONS
+                                                for mode in offered):
+        raise RuleViolation(f"field 'offered' must list modes from {', '.join(RESOLUTIONS)}")
+    task = state.tasks.get(task_id)
+    # Logs written before escalations named their kind: what the task held tells.
+    kind = choice_field(event, "kind", ESCALATION_KINDS,
+                   "increase" if task is not None and task.holding else "reserve")
+    from_micros = int_field(event, "from_micros") if "from_micros" in event else 0
+    requested = int_field(event, "requested_micros")
+    remaining = signed_field(event, "remaining_micros")
+    escalation = EscalationState(
+        id=escalation_id,
+        task=task_id,
+        kind=kind,
+        from_micros=from_micros,
+        requested_micros=requested,
+        remaining_micros=remaining,
+        reason=choice_field(event, "reason", ESCALATION_REASONS),
+        offered=offered,
+        expires_at=ts_field(event, "expires_at", nullable=True),
+        shadow=shadow,
+        opened_at=ts_field(event, "ts"),
+        requested_by=event.get("actor"),  # checked by apply, as every line's actor
+        requested_role=name_field(event, "role") if "role" in event else None,
+        request_reason=text_field(event, "request_reason", limit=MAX_REASON_LENGTH),
+        priority=choice_field(event, "priority", PRIORITIES, "normal"),
+        # Older lines did not record it: the snapshot they did record tells.
+        needed_extension_micros=(int_field(event, "needed_extension_micros")
+                                 if "needed_extension_micros" in event
+                                 else needed_extension(requested - from_micros, remaining)),
+    )
+    state.escalations[escalation_id] = escalation
+    if shadow:
+        escalation.state = "resolved"
+        return
+    if task is not None and (task.state in ("halted", "released")
+                             or task.escalation_id in state.open_escalations):
+        raise RuleViolation(f"escalation of task {task_id!r}, which is {task.state}")
+    state.open_escalations[escalation_id] = escalation
+    if task is None:
+        state.tasks[task_id] = Task(state="escalated", escalation_id=escalation_id)
+    else:
+        task.state = "escalated"
+        task.escalation_id = escalation_id
+
+
+def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
+    """``escalation_resolved``: an open escalation granted, paused, cancelled or withdrawn."""
+    escalation_id = id_field(event, "id")
+    escalation = state.open_escalations.pop(escalation_id, None)
+    if escalation is None:
+        raise RuleViolation(f"resolution of escalation {escalation_id!r}, which is not open")
+    mode = choice_field(event, "mode", RESOLVED_MODES)
+    extension = int_field(event, "extension_micros")
+    by = name_field(event, "by")
+    if "role" in event:  # the database role that resolved it (PostgreSQL store)
+        name_field(event, "role")
+    if extension and mode != "extend":
+        raise RuleViolation(f"a {mode} resolution cannot grant an extension")
+    # The pool's extension: its bound is the pool's to check (it needs the other runs).
+    if "pool_extension_micros" in event and int_field(event, "pool_extension_micros") and (
+            mode != "extend" or escalation.reason != "pool_cap"):
+        raise RuleViolation("only approving a pool_cap escalation can extend a pool")
+    task = state.tasks[escalation.task]
+    # An approval extends the cap by what the request needs beyond the remaining budget
+    # now (decide_resolution), never more: more would be free money for other tasks.
+    held = task.reserved_micros if task.holding else 0
+    needed = needed_extension(escalation.requested_micros - held, state.remaining_micros)
+    if extension > needed:
+        raise RuleViolation(f"extension {extension} is more than the {needed} that escalation "
+                            f"{escalation_id} needed")
+    if extension > extension_left(state.policy.max_extension_micros, state.extended_micros):
+        raise RuleViolation(
+            f"extension {extension} takes the run past its max extension "
+            f"{state.policy.max_extension_micros}"
+        )
+    escalation.state = "resolved"
+    escalation.mode = mode
+    escalation.by = by
+    escalation.resolved_at = ts_field(event, "ts")
+    escalation.extension_micros = extension
+    state.extended_micros += extension
+    # extend: the reservation line that follows moves the task on; pause parks it;
+    # cancel is followed by its halt. withdraw: the task keeps what it holds (a release may
+    # follow) or, asking for a first reservation, holds nothing and may ask again.
+    if mode == "pause" or (mode == "withdraw" and not task.holding):
+        task.state = "paused"
+    else:
+        task.state = "reserved" if task.holding else "escalated"
+
+
+def apply_notified(state: RunState, event: Mapping[str, Any]) -> None:
+    """``escalation_notified``: one delivery attempt of an escalation's notice."""
+    # A delivery record changes no money and no escalation state: only what a sweep needs to
+    # decide whether to deliver again. Attempts are counted in order, one by one.
+    escalation_id = id_field(event, "id")
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None or escalation.shadow:
+        raise RuleViolation(f"delivery of escalation {escalation_id!r}, which needs nobody or does not exist")
+    attempt = int_field(event, "attempt", limit=escalation.notify_attempts + 1)
+    if attempt != escalation.notify_attempts + 1:
+        raise RuleViolation(f"delivery attempt {attempt} of {escalation_id!r} after attempt "
+                            f"{escalation.notify_attempts}")
+    ok = event.get("ok")
+    if not isinstance(ok, bool):
+        raise RuleViolation("field 'ok' must be true or false")
+    text_field(event, "detail", limit=MAX_DETAIL_LENGTH)
+    escalation.notify_attempts = attempt
+    escalation.notified_at = ts_field(event, "ts")
+    escalation.notified_ok = ok
+    escalation.failed_in_a_row = 0 if ok else escalation.failed_in_a_row + 1

@@ -1,0 +1,249 @@
+"""The replay engine: fold a ledger's lines into its state, checking every line.
+
+Each line is parsed, its envelope and chain checked and its event folded by
+:func:`escalate.core.fold.apply`; a write of several lines counts whole or not at all
+(the ``more`` markers); what follows the last complete line is a torn tail. A store
+hands the engine its lines as a byte stream (:class:`LineSource`), so the same checks
+run on every store.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+import orjson
+
+from escalate.core import fold
+from escalate.core.events import iter_line_batches, iter_lines
+from escalate.core.state import RuleViolation, RunState
+from escalate.errors import CorruptLedger, UnknownRun
+
+
+class LineSource(Protocol):
+    """Where a ledger's lines are read from: its bytes as one stream of NDJSON lines."""
+
+    @property
+    def where(self) -> str:
+        """What to call the lines in a message (the file store: the log's path)."""
+        ...
+
+    def reader(self) -> BinaryIO:
+        """The lines, from byte 0, as a binary stream the caller closes."""
+        ...
+
+
+@dataclass(slots=True)
+class Replayed:
+    """A folded log: the state, where the last folded line ends, and what follows it."""
+
+    state: RunState
+    offset: int
+    torn_bytes: int
+    problem: CorruptLedger | None = None
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)  # tolerant replays only
+    lines: int = 0
+    last_line_start: int = 0
+    checkpoint_current: bool = False  # the checkpoint already holds everything folded
+
+
+
+Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
+
+
+def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
+           start: Replayed | None = None, progress: Progress | None = None,
+           stop_after: int | None = None) -> Replayed:
+    """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
+    the first problem (``problem``); tolerant: note every problem and go on (``problems``),
+    for ``runs verify``.
+
+    A write of several lines is atomic as a unit (:func:`~escalate.core.events.seal`, grouped):
+    when the complete lines end inside one, the fold is redone up to the line before it
+    (``stop_after``, a line count) and its bytes count as the torn tail.
+    """
+    fold = _Fold(run_id, log.where, tolerant, start.state if start else None,
+                 start.lines if start else 0)
+    offset = start.offset if start else 0
+    last_line_start = start.last_line_start if start else 0
+    complete_end = offset
+    with log.reader() as stream:
+        total = os.fstat(stream.fileno()).st_size if progress is not None else 0
+        # A chunk of lines at a time: offsets are worked out per chunk, and per line only
+        # where the fold stops.
+        for batch, batch_start in iter_line_batches(stream, offset):
+            lines = batch if stop_after is None else batch[:stop_after - fold.line_no]
+            folded = lines[:fold.lines(lines)]
+            if folded:
+                offset = batch_start + sum(map(len, folded)) + len(folded)
+                last_line_start = offset - len(folded[-1]) - 1
+            complete_end = offset + (len(lines[len(folded)]) + 1 if fold.problem is not None else 0)
+            if fold.problem is not None or fold.line_no == stop_after:
+                break
+            if progress is not None:
+                progress(offset, total)
+        if progress is not None:
+            progress(total, total)  # done (also when a problem stopped the fold early)
+        # After a problem, count the lines that were not folded, so that only bytes after
+        # the last newline are reported as a torn tail.
+        for _, end in iter_lines(stream, complete_end) if fold.problem is not None else ():
+            fold.line_no += 1
+            complete_end = end
+        size = stream.seek(0, os.SEEK_END)
+    if fold.group_due and fold.problem is None:
+        # Rare (a cut write, or one still being written): fold again without the group
+        # rather than buffer every group's lines in the hot loop.
+        before = fold.group_first - 1
+        return replay(log, run_id, tolerant=tolerant, stop_after=before,
+                      start=start if start is not None and start.lines <= before else None)
+    if fold.state is None:
+        if fold.problem is not None:
+            raise fold.problem
+        raise UnknownRun(
+            f"run {run_id} has no complete first line ({size} bytes of an unfinished one, left by "
+            f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
+            "to set them aside and create it", run=run_id, torn_bytes=size)
+    return Replayed(state=fold.state, offset=offset, torn_bytes=size - complete_end,
+                    problem=fold.problem, problems=fold.problems, warnings=fold.warnings,
+                    lines=fold.line_no, last_line_start=last_line_start)
+
+
+@dataclass(slots=True)
+class _Fold:
+    """A fold in progress: what the hot loop carries from one chunk of lines to the next."""
+
+    run_id: str
+    where: str
+    tolerant: bool
+    state: RunState | None
+    line_no: int  # lines folded so far
+    group_due: int = 0  # lines still due in the open multi-line write, which began on group_first
+    group_first: int = 0
+    problem: CorruptLedger | None = None
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+
+    def lines(self, lines: list[bytes]) -> int:
+        """Fold ``lines`` (complete, without their newlines); returns how many were folded:
+        all, or those before the line that stopped a strict fold (:attr:`problem`)."""
+        # The hot loop: names bound locally, line_hash inlined (it is the same text), the
+        # tolerant fold's clock check inlined.
+        loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, fold.apply
+        state, line_no, tolerant = self.state, self.line_no, self.tolerant
+        group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
+        first_line_no = line_no
+        for line in lines:
+            line_no += 1
+            this_hash = sha256(line).digest()[:8].hex()
+            event: Any = None
+            try:
+                event = loads(line)
+                if type(event) is not dict:
+                    raise RuleViolation("the line is not a JSON object")
+                if group_due or "more" in event:
+                    group_first = group_first if group_due else line_no
+                    group_due = _group_due(event, group_due, group_first)
+                if state is None:
+                    state = fold.initial_state(event, this_hash)
+                    continue
+                if tolerant:
+                    ts, last_ts = event.get("ts"), state.last_ts
+                    if type(ts) is str and type(last_ts) is str and ts < last_ts:
+                        warnings.append((line_no, _clock_warning(ts, last_ts)))
+                apply(state, event, this_hash)
+            except (json_error, RuleViolation) as exc:
+                if self._stops(exc, state, event, line_no, this_hash):
+                    line_no -= 1
+                    break
+                group_due = 0  # one bad marker is reported once, not on every line after it
+        self.state, self.line_no, self.group_due, self.group_first = state, line_no, group_due, group_first
+        if self.problem is not None:
+            self.line_no += 1  # the line that stopped the fold is counted, not folded
+        return line_no - first_line_no
+
+    def _stops(self, exc: Exception, state: RunState | None, event: Any, line_no: int,
+               this_hash: str) -> bool:
+        """Note the problem ``exc`` on line ``line_no``; True when it stops the fold (strict,
+        or no first line yet), else the fold goes on past the line (tolerant)."""
+        is_json_error = isinstance(exc, orjson.JSONDecodeError)
+        reason = f"unparsable JSON ({exc})" if is_json_error else str(exc)
+        # A broken chain vouches for nothing from the line before it on.
+        first_suspect = line_no
+        if not is_json_error and state is not None and _only_chain_broken(state, event):
+            first_suspect = line_no - 1
+            reason += (f": line {line_no - 1} was changed after this line was written, or "
+                       "a line was removed or inserted before this one")
+        self.problems.append((line_no, reason))
+        if not self.tolerant or state is None:
+            check = "pools verify" if state is not None and state.pool is not None else "runs verify"
+            self.problem = CorruptLedger(
+                f"{self.where} line {line_no}: {reason}; writes are refused — "
+                f"inspect with 'escalate {check} {self.run_id}'",
+                run=self.run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
+            return True
+        _resync(state, event if type(event) is dict else None, this_hash)
+        return False
+
+
+def _group_due(event: dict[str, Any], due: int, first: int) -> int:
+    """The lines still due in a multi-line write after ``event``: its ``more`` marker, which
+    must be what the write's earlier lines announced (``due`` − 1, counting down to none)."""
+    more = event.get("more", 0)
+    if type(more) is not int or more < ("more" in event):  # written only as 1 or more
+        raise RuleViolation(f"field 'more' must be a positive integer, got {more!r}")
+    if due and more != due - 1:
+        raise RuleViolation(f"the write that began on line {first} needs {due - 1} more line(s) "
+                            f"after this one, but this line says {more}")
+    return more
+
+
+def _clock_warning(ts: str, last_ts: str) -> str:
+    """The warning for a timestamp earlier than the line before it. Not corruption: the
+    ledger's rules do not depend on timestamps, and logs written before writers floored them
+    at the last line's may hold a clock that went back; refusing those would fail runs for
+    nothing."""
+    return (f"timestamp {ts} is earlier than the line before it ({last_ts}): a writer's clock "
+            "was behind")
+
+
+def _only_chain_broken(state: RunState, event: Any) -> bool:
+    """True when a line has the expected seq but not the previous line's hash."""
+    return isinstance(event, dict) and event.get("v") == 1 and event.get("seq") == state.seq + 1 \
+        and event.get("prev") != state.last_hash
+
+
+def _resync(state: RunState, event: dict[str, Any] | None, this_hash: str) -> None:
+    """After a bad line in tolerant mode: keep what the payload says if it folds, and
+    continue the chain from this line so one bad line is reported once. A line that is no
+    event at all is passed over, as if inserted: a line it replaced shows up as a seq gap."""
+    if event is None:
+        return
+    with contextlib.suppress(RuleViolation, KeyError, TypeError):
+        fold.apply_payload(state, event)
+    seq = event.get("seq")
+    state.seq = seq if type(seq) is int else state.seq + 1
+    state.last_hash = this_hash
+
+
+def read_events(stream: BinaryIO, *, last: int | None, after_offset: int) -> tuple[list[Any], int]:
+    """The complete lines of ``stream`` from byte ``after_offset`` as events (the ``last``
+    ones only, if given), with the offset to read on from. Nothing is checked: an unparsable
+    line is skipped here, and ``runs verify`` is the place that names it."""
+    kept: collections.deque[bytes] = collections.deque(maxlen=last)
+    offset = after_offset
+    for line, end in iter_lines(stream, after_offset):
+        kept.append(line)
+        offset = end
+    parsed = []
+    for line in kept:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            event = orjson.loads(line)
+            if isinstance(event, dict):
+                parsed.append(event)
+    return parsed, offset

@@ -1,0 +1,268 @@
+"""The decisions of a person: resolving an escalation (grant, pause, cancel, withdraw; and
+the pause by ``timeout`` when nobody did in time) and changing a run's escalation policy.
+Pure, as :mod:`escalate.core.decide`, whose :class:`~escalate.core.decide.Decision` they return.
+
+One action, three words: a person *approves* an escalation (the command), which writes
+the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
+In code names it is a *grant*.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from escalate.core.decide import Decision, fail, period_name, resolved_event
+from escalate.core.events import Event, parse_ts
+from escalate.core.money import format_usd as usd
+from escalate.core.rules import extension_left, needed_extension, over_cap
+from escalate.core.state import EscalationState, Policy, RunState
+from escalate.errors import Conflict, InputError, Refused
+
+if TYPE_CHECKING:
+    from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
+
+
+def expire(state: RunState, now: str) -> list[Event]:
+    """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
+    by ``now``, the write's time (the store's clock: the machine's, or the database server's)."""
+    return [
+        {"type": "escalation_resolved", "id": e.id, "mode": "pause", "by": "timeout",
+         "extension_micros": 0}
+        for e in state.open_escalations.values()
+        if is_expired(e, state.policy, now)
+    ]
+
+
+def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
+    """True when ``escalation`` is past ``expires_at`` by ``now`` (the store's clock), or
+    when its deadline lies more than twice its timeout ahead of ``now``: only a clock that
+    ran ahead sets such a deadline, and it must not keep the escalation open for as long as
+    it ran ahead (a year, say). Pausing is the safe answer: nothing is granted."""
+    deadline = escalation.expires_at
+    if deadline is None:
+        return False
+    if deadline <= now:
+        return True
+    try:
+        due = parse_ts(deadline)
+        timeout = max(policy.timeout_s or 0, (due - parse_ts(escalation.opened_at)).total_seconds())
+        return (due - parse_ts(now)).total_seconds() > 2 * timeout
+    except ValueError:  # a timestamp no escalate wrote: only the deadline itself counts
+        return False
+
+
+def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
+                      pool: PoolView | None = None, role: str | None = None) -> Decision:
+    """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
+    or withdraw it (its requester only); the first resolution wins. Only the run's approvers
+    (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
+    or cancel, and never the requester. ``role``: the database role acting (PostgreSQL
+    store), recorded, and the name an approver list is checked against."""
+    escalation = state.escalations.get(escalation_id)
+    if escalation is None:
+        return fail(unknown_escalation(state.run_id, escalation_id))
+    if escalation.shadow:
+        return fail(Conflict(
+            f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
+            escalation_id=escalation_id, state="resolved", mode=None))
+    refusal = _not_allowed(state, escalation, mode, by, pool, role)
+    if refusal is not None:
+        return fail(refusal)
+    if escalation.state == "resolved":
+        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
+                 "by": escalation.by, "resolved_at": escalation.resolved_at}
+        if escalation.mode == mode and escalation.by == by:
+            return Decision(result={"status": "exists", **facts, "task": escalation.task})
+        expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
+                   if escalation.by == "timeout" else "")
+        return fail(Conflict(
+            f"escalation {escalation_id} was already resolved: {escalation.mode} by "
+            f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
+            "nothing to do", **facts))
+    resolved = resolved_event(escalation_id, mode, by, role)
+    facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
+    if mode in ("pause", "withdraw"):
+        status = "paused" if mode == "pause" else "withdrawn"
+        return Decision(events=[resolved], result={"status": status, **facts})
+    if mode == "cancel":
+        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
+                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
+        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
+    return _grant(state, escalation, resolved, facts, pool)
+
+
+def unknown_escalation(run_id: str, escalation_id: str) -> InputError:
+    """The error for an escalation id that run ``run_id`` does not have (exit 2)."""
+    return InputError(f"no escalation {escalation_id} in run {run_id}; list them with "
+                      f"'escalate escalations --run {run_id}'",
+                      code="unknown_escalation", escalation_id=escalation_id)
+
+
+def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
+                 pool: PoolView | None, role: str | None) -> Refused | None:
+    """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
+    first-resolution-wins answer: who won tells nothing to someone who may not resolve.
+    ``by`` is who resolves (a library caller may resolve for a person under its own actor);
+    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+             "requested_by": escalation.requested_by}
+    if mode == "withdraw":
+        other_role = role is not None and escalation.requested_role not in (None, role)
+        if (escalation.requested_by is not None and by != escalation.requested_by) or other_role:
+            return Refused(
+                f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
+                f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
+                                  if escalation.kind == "increase" else ""),
+                code="not_the_requester", **facts)
+        return None
+    by_pool = pool is not None and escalation.reason == "pool_cap"
+    approvers = pool.policy.approvers if pool is not None and by_pool else state.policy.approvers
+    kind, ledger_id = ("pool", pool.pool_id) if pool is not None and by_pool else ("run", state.run_id)
+    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
+    if by == escalation.requested_by:
+        return Refused(
+            f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
+            f"escalation ({who}); ask an approver, or take it back with "
+            f"'escalate withdraw {state.run_id} {escalation.id}'",
+            code="self_approval", approvers=list(approvers), **facts)
+    if approvers and (role or by) not in approvers:
+        return Refused(
+            f"cannot resolve {escalation.id}: {role or by} is not an approver of {kind} {ledger_id} "
+            f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
+            f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
+            **facts)
+    if approvers and role is not None and role == escalation.requested_role:
+        # (Names are chosen by the client; the role is not. Without an approver list every
+        # role may approve, and one shared role must still be able to.)
+        return Refused(
+            f"cannot resolve {escalation.id}: the database role {role} asked for it and may not "
+            f"resolve its own escalation under another name ({who}); ask an approver with a "
+            f"role of their own", code="self_approval", approvers=list(approvers), **facts)
+    return None
+
+
+def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
+           pool: PoolView | None) -> Decision:
+    """``extend``: re-check the ceilings now; the reservation goes in the same write. A
+    ``pool_cap`` escalation extends the pool (for this period), any other the run; a member
+    run's grant must fit its pool too."""
+    task = state.tasks[escalation.task]
+    escalation_id = escalation.id
+    before = task.reserved_micros if task.holding else 0
+    delta = grant_delta(state, escalation)
+    remaining = state.remaining_micros
+    if over_cap(escalation.requested_micros, delta, state.task_cap_micros, remaining) == "task_cap":
+        return fail(Refused(
+            f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
+            f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
+    needed = needed_extension(delta, remaining)
+    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
+    if escalation.reason == "pool_cap":
+        left = 0  # the pool is extended, never the run: the run must still have room
+    if needed > left:
+        return fail(Refused(
+            f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "
+            f"{usd(max(left, 0))} of the max extension is left; pause or cancel it, or raise "
+            "--max-extension with 'escalate runs set'",
+            code="extension_limit", needed_micros=needed, extension_left_micros=left, **facts))
+    if pool is not None:
+        refused = _pool_grant(pool, escalation, delta, resolved, facts)
+        if refused is not None:
+            return refused
+    elif escalation.reason == "pool_cap":
+        return fail(Refused(f"cannot approve {escalation_id}: its run is in no pool to extend; pause or "
+                            "cancel it", code="extension_limit", **facts))
+    resolved["extension_micros"] = needed
+    if escalation.kind == "increase" and task.holding:
+        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
+                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
+    else:
+        grant = {"type": "budget_reserved", "task": escalation.task,
+                 "amount_micros": escalation.requested_micros}
+    return Decision(events=[resolved, grant],
+                    result={"status": "approved", "extension_micros": needed,
+                            "reserved_micros": escalation.requested_micros, **facts,
+                            **({"pool_extension_micros": resolved["pool_extension_micros"]}
+                               if "pool_extension_micros" in resolved else {})})
+
+
+def grant_delta(state: RunState, escalation: EscalationState) -> int:
+    """What approving ``escalation`` now adds to what its task holds: the money an approval
+    must find room for, in the run and (for a member run) in its pool."""
+    task = state.tasks.get(escalation.task)
+    return escalation.requested_micros - (task.reserved_micros if task is not None and task.holding else 0)
+
+
+def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
+                facts: dict[str, Any]) -> Decision | None:
+    """A grant on a member run: it must fit the pool in this period (where the money
+    counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
+    max extension has left."""
+    needed, left = pool.grantable(delta)
+    if escalation.reason != "pool_cap":
+        left = 0  # a run's escalation extends the run only
+    key = pool.current
+    if needed > left:
+        return fail(Refused(
+            f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(pool.remaining(key))} left in "
+            f"{period_name(pool.period, key)} and it needs an extension of {usd(needed)}, but only "
+            f"{usd(max(left, 0))} of the pool's max extension is left for it; pause or cancel it, or "
+            f"raise --max-extension with 'escalate pools set {pool.pool_id}'",
+            code="extension_limit", needed_micros=needed, extension_left_micros=left, pool=pool.pool_id,
+            period=key, **facts))
+    if needed:
+        resolved["pool_extension_micros"] = needed
+    return None
+
+
+def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
+                           command: str) -> Refused | None:
+    """Once a run (or a pool) names its approvers, only they may change its settings:
+    otherwise anyone could add themselves. ``role``, the database role acting (PostgreSQL),
+    is what is checked when there is one."""
+    approvers = state.policy.approvers
+    if approvers and (role or by) not in approvers:
+        return Refused(f"cannot change {what}: {role or by} is not one of its approvers "
+                       f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",
+                       code="not_an_approver", by=by, approvers=list(approvers))
+    return None
+
+
+def decide_policy(state: RunState, policy: Policy, by: str | None = None,
+                  role: str | None = None) -> Decision:
+    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
+    its approvers, only they may change it: otherwise anyone could add themselves (``role``:
+    the database role acting, recorded, and checked instead of ``by``)."""
+    if policy == state.policy:
+        return Decision(result={"status": "exists", "escalation": policy.to_json()})
+    refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
+                                     "runs set")
+    if refusal is not None:
+        return fail(refusal)
+    if policy.max_extension_micros < state.extended_micros:
+        return fail(Conflict(
+            f"max extension {usd(policy.max_extension_micros)} is below the "
+            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
+            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
+    changed: Event = {"type": "policy_changed", "escalation": policy.to_json()}
+    if role is not None:
+        changed["role"] = role
+    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})
+
+
+def decide_archive(state: RunState) -> Decision:
+    """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
+    holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
+    if state.archived:
+        return Decision(result={"status": "exists", "archived": True})
+    held = sorted(task_id for task_id, task in state.tasks.items() if task.holding)
+    waiting = sorted(state.open_escalations)
+    if held or waiting:
+        what = "; ".join(part for part in (
+            held and f"tasks holding reservations: {', '.join(held[:5])}" + (" …" if len(held) > 5 else ""),
+            waiting and f"open escalations: {', '.join(waiting[:5])}" + (" …" if len(waiting) > 5 else ""))
+            if part)
+        return fail(Conflict(f"run {state.run_id} is not finished ({what}); release its tasks and resolve "
+                             "its escalations, then archive it", code="not_finished", state="unfinished",
+                             held=held, escalations=waiting))
+    return Decision(events=[{"type": "run_archived"}], result={"status": "archived", "archived": True})

@@ -1,0 +1,82 @@
+"""The budget rules, as pure arithmetic on integer micros: what fits, what extension a
+request needs, when a release would carry a total past the limit on totals. What remains
+is :attr:`escalate.core.state.RunState.remaining_micros`, the one place it is computed. The
+decisions (:mod:`escalate.core.decide`) ask them before they write; the fold
+(:mod:`escalate.core.fold`) asks them again for every line it reads, as a safety net, so a rule
+is written once and both sides agree by construction.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from escalate.core.money import MAX_TOTAL_MICROS, format_usd
+from escalate.errors import TotalLimit
+
+if TYPE_CHECKING:
+    from escalate.core.pool_state import PoolView
+    from escalate.core.state import RunState
+
+Cap = Literal["task_cap", "run_cap"]
+
+
+def over_cap(total_micros: int, new_micros: int, task_cap_micros: int, remaining: int) -> Cap | None:
+    """The cap a reservation of ``total_micros`` breaks (``new_micros`` of it not yet held),
+    or None when it fits. The task cap is named first: no extension lifts it."""
+    if total_micros > task_cap_micros:
+        return "task_cap"
+    if new_micros > remaining:
+        return "run_cap"
+    return None
+
+
+def needed_extension(new_micros: int, remaining: int) -> int:
+    """How far the cap must be extended for ``new_micros`` more to fit: 0 when it fits."""
+    return max(0, new_micros - remaining)
+
+
+def extension_left(max_extension_micros: int, extended_micros: int) -> int:
+    """What the run's max extension still allows (negative if a policy lowered it)."""
+    return max_extension_micros - extended_micros
+
+
+def task_cap_fits(task_cap_micros: int, run_cap_micros: int) -> bool:
+    """A run's task cap is never above its run cap."""
+    return task_cap_micros <= run_cap_micros
+
+
+def past_total_limit(total_micros: int) -> bool:
+    """Whether a total (what a run, or its pool in a period, has committed) would pass
+    :data:`~escalate.core.money.MAX_TOTAL_MICROS`. Only a release above its reservation can carry
+    one there: a reservation must fit a cap (at most the 1e9 USD run or pool cap plus at
+    most as much again in extensions), so what a cap bounds stays far below the limit."""
+    return total_micros > MAX_TOTAL_MICROS
+
+
+def release_refusal(state: RunState, task_id: str, held: int, actual: int,
+                    pool: PoolView | None) -> TotalLimit | None:
+    """The refusal of releasing ``task_id`` (which holds ``held``) at ``actual`` when that
+    carries what the run, or (``pool``) its pool in the release's period, committed past the
+    limit; None otherwise."""
+    committed = state.committed_micros - held + actual
+    if past_total_limit(committed):
+        return _past_limit(task_id, actual, f"run {state.run_id}", committed)
+    if pool is not None and actual > held:
+        # What a release frees comes off the periods the task was counted in; only the part
+        # above its reservation is added, to the period of the release (docs/pools.md).
+        key = pool.current
+        committed = pool.of(key).committed_micros + actual - held
+        if past_total_limit(committed):
+            from escalate.core.decide import period_name  # (decide imports this module)
+
+            return _past_limit(task_id, actual, f"pool {pool.pool_id} in {period_name(pool.period, key)}",
+                               committed)
+    return None
+
+
+def _past_limit(task_id: str, actual: int, whose: str, total: int) -> TotalLimit:
+    return TotalLimit(
+        f"refused to release {task_id} with {format_usd(actual)} actual: the committed total of "
+        f"{whose} would be {format_usd(total)}, past the limit of {format_usd(MAX_TOTAL_MICROS)} "
+        f"({MAX_TOTAL_MICROS} micros) on every total; nothing was written — check the actual amount",
+        task=task_id, total_micros=total, limit_micros=MAX_TOTAL_MICROS)

@@ -1,0 +1,233 @@
+"""The state a run's log folds into: its totals, its tasks and its escalations.
+
+Plain slotted dataclasses, no I/O: :mod:`escalate.core.fold` builds them line by line, the
+decisions (:mod:`escalate.core.decide`) read them, the checkpoint (:mod:`escalate.stores.file.checkpoint`)
+stores them. Task and escalation states are written to JSON as the strings below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from escalate.core.events import (
+    EscalationKind,
+    EscalationReason,
+    HaltReason,
+    Mode,
+    Priority,
+    Resolution,
+    ResolvedMode,
+)
+
+if TYPE_CHECKING:
+    from escalate.core.pool_state import PoolFacts
+
+# reserved: holds money; released: settled; halted: refused for good; escalated: waits on
+# a person; paused: a person paused its escalation (it may ask again).
+TaskState = Literal["reserved", "released", "halted", "escalated", "paused"]
+EscalationStatus = Literal["open", "resolved"]
+
+class RuleViolation(Exception):
+    """An event that no correct writer produces; the reader names its line."""
+
+
+@dataclass(slots=True)
+class Policy:
+    """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""
+
+    mode: Mode = "off"
+    approval_threshold_micros: int | None = None
+    timeout_s: int | None = 3600
+    max_extension_micros: int = 0
+    renotify_every_s: int | None = None  # None: an open escalation's notice is sent once
+    # Who may approve, pause or cancel; empty: anyone but the requester.
+    approvers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A tuple whatever came in (the checkpoint hands in a JSON list): policies compare equal
+        # by value in ``runs init``'s idempotency check.
+        self.approvers = tuple(self.approvers)
+
+    # dict, not the EscalationPolicy TypedDict: callers compare two policies key by key.
+    def to_json(self) -> dict[str, Any]:
+        """The policy as ``run_opened`` and ``policy_changed`` write it; ``approvers`` only when
+        set, so a policy without them writes the same bytes as before they existed."""
+        data: dict[str, Any] = {
+            "mode": self.mode,
+            "approval_threshold_micros": self.approval_threshold_micros,
+            "timeout_s": self.timeout_s,
+            "max_extension_micros": self.max_extension_micros,
+        }
+        if self.approvers:
+            data["approvers"] = list(self.approvers)
+        # Written only when set, so runs without it write (and compare) as they always did.
+        if self.renotify_every_s is not None:
+            data["renotify_every_s"] = self.renotify_every_s
+        return data
+
+
+@dataclass(slots=True)
+class Task:
+    """One task id's life. ``holding`` says whether ``reserved_micros`` is in flight."""
+
+    state: TaskState
+    reserved_micros: int = 0
+    holding: bool = False
+    actual_micros: int | None = None
+    halt_reason: HaltReason | None = None
+    escalation_id: str | None = None
+
+    def to_json(self, task_id: str) -> dict[str, Any]:
+        """The task as ``runs show --json`` lists it (and as the checkpoint stores it).
+
+        ``reserved_micros`` is what the task holds or, once settled, what it had reserved;
+        ``holding`` says whether that money still counts as reserved.
+        """
+        return {
+            "task": task_id,
+            "state": self.state,
+            "reserved_micros": self.reserved_micros,
+            "holding": self.holding,
+            "actual_micros": self.actual_micros,
+            "halt_reason": self.halt_reason,
+            "escalation_id": self.escalation_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Inverse of :meth:`to_json`."""
+        return cls(data["state"], data["reserved_micros"], data["holding"], data["actual_micros"],
+                   data["halt_reason"], data["escalation_id"])
+
+
+@dataclass(slots=True)
+class EscalationState:
+    """A request put in front of a person (or, with ``shadow``, only recorded)."""
+
+    id: str
+    task: str
+    kind: EscalationKind
+    from_micros: int
+    requested_micros: int  # the absolute reservation asked for
+    remaining_micros: int
+    reason: EscalationReason
+    offered: list[Resolution]
+    expires_at: str | None
+    shadow: bool
+    opened_at: str
+    # The actor of the escalation's line: who may withdraw it, and who may never resolve it.
+    requested_by: str | None = None
+    # The database role that asked (PostgreSQL store; None on the file store).
+    requested_role: str | None = None
+    state: EscalationStatus = "open"
+    mode: ResolvedMode | None = None
+    by: str | None = None
+    resolved_at: str | None = None
+    extension_micros: int = 0
+    # What the approver is shown besides who asked: why and how urgently, and the cap
+    # extension an approval needs. Older lines have no reason or priority: "", normal.
+    request_reason: str = ""
+    priority: Priority = "normal"
+    needed_extension_micros: int = 0
+    # Delivery of its notice (escalation_notified): what sweep needs to re-deliver it.
+    notify_attempts: int = 0
+    notified_at: str | None = None
+    notified_ok: bool | None = None
+    failed_in_a_row: int = 0  # failed attempts since the last delivery: the retry backoff
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "task": self.task,
+            "kind": self.kind,
+            "from_micros": self.from_micros,
+            "requested_micros": self.requested_micros,
+            "remaining_micros": self.remaining_micros,
+            "reason": self.reason,
+            "offered": list(self.offered),
+            "opened_at": self.opened_at,
+            "requested_by": self.requested_by,
+            **({"requested_role": self.requested_role} if self.requested_role is not None else {}),
+            "expires_at": self.expires_at,
+            "shadow": self.shadow,
+            "state": self.state,
+            "mode": self.mode,
+            "by": self.by,
+            "resolved_at": self.resolved_at,
+            "extension_micros": self.extension_micros,
+            "request_reason": self.request_reason,
+            "priority": self.priority,
+            "needed_extension_micros": self.needed_extension_micros,
+            "notify_attempts": self.notify_attempts,
+            "notified_at": self.notified_at,
+            "notified_ok": self.notified_ok,
+            "failed_in_a_row": self.failed_in_a_row,
+        }
+
+
+@dataclass(slots=True)
+class RunState:
+    """Totals and per-task facts folded from one run's log."""
+
+    run_id: str
+    run_cap_micros: int
+    task_cap_micros: int
+    policy: Policy
+    opened_at: str
+    tasks: MutableMapping[str, Task] = field(default_factory=dict)
+    # Every escalation, by id: a mapping, so the checkpoint can hand in one read from SQLite.
+    escalations: MutableMapping[str, EscalationState] = field(default_factory=dict)
+    open_escalations: dict[str, EscalationState] = field(default_factory=dict)
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    extended_micros: int = 0
+    seq: int = 0
+    last_hash: str = ""
+    last_ts: str = ""
+    halts: int = 0
+    recoveries: int = 0
+    # The last actor the fold checked: the next line by the same actor needs no new check.
+    last_actor: str | None = None
+    # A pool's log folds into a state too: its settings and members (no money: caps 0).
+    pool: PoolFacts | None = None
+    # The pool a run's first line names (None: none): a write checks it under the run's lock.
+    member_of: str | None = None
+    # Retired by ``runs archive`` (run_archived): no line may follow.
+    archived: bool = False
+
+    @property
+    def cap_micros(self) -> int:
+        return self.run_cap_micros + self.extended_micros
+
+    @property
+    def committed_micros(self) -> int:
+        return self.spent_micros + self.reserved_micros
+
+    @property
+    def remaining_micros(self) -> int:
+        """What is left of the cap, extensions included (negative after an over-run): the
+        one place it is computed. Spelled out rather than through the two properties above:
+        the fold reads it on every reservation."""
+        return self.run_cap_micros + self.extended_micros - self.spent_micros - self.reserved_micros
+
+    def totals(self) -> dict[str, Any]:
+        """The run's money, exact, as ``runs show --json`` reports it."""
+        return {
+            "run": self.run_id,
+            "cap_micros": self.cap_micros,
+            "run_cap_micros": self.run_cap_micros,
+            "task_cap_micros": self.task_cap_micros,
+            "spent_micros": self.spent_micros,
+            "reserved_micros": self.reserved_micros,
+            "committed_micros": self.committed_micros,
+            "remaining_micros": self.remaining_micros,
+            "extended_micros": self.extended_micros,
+            "events": self.seq,
+            "halts": self.halts,
+            "escalation": self.policy.to_json(),
+            "archived": self.archived,
+        }
+
+

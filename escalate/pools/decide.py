@@ -1,0 +1,47 @@
+"""The decisions on a pool's own log: a run joins, the policy or the cap changes. Pure, as
+:mod:`escalate.core.decide`; the money of a pool is decided with its member runs' writes."""
+
+from __future__ import annotations
+
+from escalate.core.decide import Decision, fail
+from escalate.core.resolve import policy_changer_refused
+from escalate.core.state import Policy, RunState
+from escalate.errors import InputError
+
+
+def not_a_pool(state: RunState) -> InputError:
+    return InputError(f"{state.run_id} is a run, not a pool; see 'escalate pools list', or use "
+                      f"'escalate runs show {state.run_id}'", code="not_a_pool", pool=state.run_id)
+
+
+def decide_join(state: RunState, run_id: str) -> Decision:
+    """``run_joined`` for a new member (a repeat writes nothing: a retried ``runs init``)."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if run_id in state.pool.members:
+        return Decision(result={"status": "exists"})
+    return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
+
+
+def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
+                       role: str | None = None) -> Decision:
+    """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
+    A cap below what is committed is allowed: new reservations are refused until releases
+    or the next period make room. Once the pool names approvers, only they may change it
+    (``role``: the database role acting, on PostgreSQL: recorded, and checked instead of
+    ``by``)."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    cap = state.pool.cap_micros if cap_micros is None else cap_micros
+    result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
+    if policy == state.policy and cap == state.pool.cap_micros:
+        return Decision(result=result)
+    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
+    if refusal is not None:
+        return fail(refusal)
+    event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
+    if cap != state.pool.cap_micros:
+        event["cap_micros"] = cap
+    if role is not None:
+        event["role"] = role
+    return Decision(events=[event], result={**result, "status": "changed"})

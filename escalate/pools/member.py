@@ -1,0 +1,152 @@
+"""A member run's money in its pool, by period, folded from the run's own lines, and what a
+ledger's first line says (a run or a pool, and a run's pool: it never changes).
+
+The lines were checked by the run's own fold when they were written; this fold only sums
+them by period. Money counts in the period it is added in (a reservation, the delta of an
+increase, the part of a release above its reservation), and a release below its
+reservation frees the task's money from its most recent period first (``docs/pools.md``:
+which period money counts in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from escalate.core.events import Event, iter_lines, line_hash
+from escalate.core.pool_state import PeriodTotals, PoolFacts
+from escalate.core.state import RunState
+from escalate.errors import CorruptLedger, InputError
+from escalate.stores.seam import LedgerStore, first_event, pool_of
+
+
+def facts_of(state: RunState) -> PoolFacts:
+    if state.pool is None:
+        raise InputError(f"{state.run_id} is a run, not a pool; see 'escalate pools list'",
+                         code="not_a_pool", pool=state.run_id)
+    return state.pool
+
+
+@dataclass(slots=True)
+class Member:
+    """One run's money in its pool, by period, as of byte ``offset`` of its log: the tasks
+    it holds (what each holds from each period it added money in) and each period's totals."""
+
+    offset: int = 0
+    # task -> [[period, amount], ...]: oldest first, one entry per period money was added in
+    holding: dict[str, list[list[Any]]] = field(default_factory=dict)
+    periods: dict[str, PeriodTotals] = field(default_factory=dict)
+
+    def fold(self, event: Event, key_at: Callable[[str], str], deltas: dict[str, PeriodTotals]) -> None:
+        """Fold one line already checked by the run's own fold, noting each change in
+        ``deltas`` too (what the pool's totals must add)."""
+        kind = event["type"]
+        if kind == "budget_reserved":
+            key, amount = key_at(event["ts"]), event["amount_micros"]
+            self.holding[event["task"]] = [[key, amount]]
+            self._change(deltas, key, reserved=amount)
+        elif kind == "budget_increased":
+            # The delta counts now, never in the task's first period: a $0 placeholder
+            # reserved days ago must not spend today's cap in an earlier day's name.
+            key, held = key_at(event["ts"]), self.holding[event["task"]]
+            delta = event["to_micros"] - sum(amount for _, amount in held)
+            if held[-1][0] == key:
+                held[-1][1] += delta
+            else:
+                held.append([key, delta])
+            self._change(deltas, key, reserved=delta)
+        elif kind == "released":
+            held = self.holding.pop(event["task"])
+            above = event["actual_micros"] - sum(amount for _, amount in held)
+            freed = max(-above, 0)
+            for key, amount in reversed(held):  # a release frees the latest period's money first
+                taken = min(freed, amount)
+                freed -= taken
+                self._change(deltas, key, reserved=-amount, spent=amount - taken)
+            if above > 0:  # spent above the reservation: it counts when released (never refused)
+                self._change(deltas, key_at(event["ts"]), spent=above)
+        elif kind == "escalation_resolved" and event.get("pool_extension_micros"):
+            self._change(deltas, key_at(event["ts"]), extended=event["pool_extension_micros"])
+
+    def _change(self, deltas: dict[str, PeriodTotals], key: str, *, reserved: int = 0, spent: int = 0,
+                extended: int = 0) -> None:
+        change = PeriodTotals(reserved, spent, extended)
+        self.periods.setdefault(key, PeriodTotals()).add(change)
+        deltas.setdefault(key, PeriodTotals()).add(change)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"offset": self.offset, "holding": self.holding,
+                             "periods": {key: totals.to_list() for key, totals in self.periods.items()}})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Member:
+        raw = orjson.loads(data)
+        return cls(raw["offset"], raw["holding"],
+                   {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()})
+
+
+def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
+                      line: int = 1) -> CorruptLedger:
+    """The error of a member whose log cannot be read (exit 6): its pool cannot count its
+    money, so money writes in the pool and ``gate --pool`` refuse until it is back."""
+    run_id = store.run_id
+    remedy = (f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
+              f"'escalate runs archive {run_id}' instead), or run 'escalate runs init {run_id} --pool "
+              f"{pool_id}' again if that was cut short" if missing else
+              f"inspect it with 'escalate runs verify {run_id}' and restore its log from a copy")
+    return CorruptLedger(f"run {run_id} of pool {pool_id} cannot be read ({why}): the pool cannot count "
+                         f"its money, so money writes in the pool are refused — {remedy}",
+                         code="member_unreadable", run=run_id, pool=pool_id, line=line, problem=why,
+                         first_suspect_line=line)
+
+
+def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
+                stop: int | None = None) -> Member:
+    """A member's entry folded from its log: complete writes only (a write cut part-way, or
+    a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A run
+    that does not name the pool in its first line counts nothing (a join whose ``runs
+    init`` found the id taken). A member with no log (moved away, deleted, its creation cut
+    short) or a damaged one (a line that does not parse, a broken chain) is
+    :func:`member_unreadable`: never counted as nothing."""
+    member, ignored = Member(), {}  # type: ignore[var-annotated]
+    try:
+        first = first_event(store)
+    except InputError as error:  # the folder is a link, the log no file
+        raise member_unreadable(store, pool_id, error.message, missing=True) from None
+    if first is None:
+        raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
+                                missing=True)
+    if pool_of(first) != pool_id:
+        return member  # not this pool's: the id was another ledger's when it joined
+    group: list[Event] = []
+    number, prev = 0, ""
+    with store.reader() as stream:
+        for line, end in iter_lines(stream, 0):
+            if stop is not None and end > stop:
+                break
+            number += 1
+            try:
+                event = orjson.loads(line)
+                # The chain, as the run's own fold checks it: an edited line is refused.
+                if event["seq"] != number or event["prev"] != prev:
+                    raise member_unreadable(store, pool_id, f"line {number} breaks the seq or prev "
+                                            "chain: a line was changed, removed or inserted",
+                                            missing=False, line=number)
+                prev = line_hash(line)
+                group.append(event)
+                if event.get("more"):
+                    continue  # more lines of the same write follow
+                for each in group:
+                    member.fold(each, key_at, ignored)
+            except orjson.JSONDecodeError:
+                raise member_unreadable(store, pool_id, f"line {number} does not parse", missing=False,
+                                        line=number) from None
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise member_unreadable(store, pool_id, f"line {number} is not what a writer wrote",
+                                        missing=False, line=number) from None
+            group = []
+            member.offset = end
+    return member

@@ -1,0 +1,337 @@
+"""A derived, disposable checkpoint of a run's fold, so a command costs the same at a
+million events as at a thousand.
+
+``events.ndjson.cache.sqlite`` beside the log holds the fold as of a byte offset: the
+small run-wide state as one blob, and tasks and escalations as rows looked up by id (a
+command reads only the rows it touches). It is keyed by the offset, the start and the
+hash of the last folded line: before use, that line is read back from the log and hashed,
+so a log that was truncated, replaced or rewritten at that point is noticed and the cache
+is rebuilt from the log. Blob and rows carry CRCs; a cache that is missing, stale,
+truncated or garbage changes no answer, only speed. The log stays the only truth.
+
+Only a writer holding the run's lock saves or removes the cache; readers use it read-only.
+Any error from the cache — a failed CRC, a damaged SQLite page, a file that cannot be
+opened, written or removed, a path that is not a plain file — means: bypass the cache and
+fold the log. Nothing the cache does after an append can change a command's answer.
+
+What the key cannot see is an edit in place *before* the cached offset combined with an
+append after it: the log grew, so its size and times changed as an append changes them,
+and the last folded line is intact. Writers refuse any log that changed behind the cache
+(they rebuild from the whole log, and find the edit); readers accept a grown log, so a
+reader through the cache does not see such an edit — ``runs verify`` and ``gate`` never
+use the cache. Catching it here would mean re-reading every byte before the offset,
+which is the cost of the fold the cache exists to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import threading
+import zlib
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from escalate.core.events import line_hash
+from escalate.core.money import MAX_TOTAL_MICROS
+from escalate.core.state import EscalationState, Policy, RunState, Task
+from escalate.stores.file.checkpoint_rows import Rows, checked, encode_escalation, encode_task
+from escalate.stores.file.run_folder import via_folder
+from escalate.stores.seam import CacheInvalid
+
+CACHE_NAME = "events.ndjson.cache.sqlite"
+# 5: escalations keep their requester, reason, priority, needed extension and delivery (with
+# the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
+# 7: whether the run is archived.
+FORMAT = 7
+# SQLite opens these beside the database by name.
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+
+def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
+             identity: list[int]) -> bytes:
+    """The run-wide part of a checkpoint (the PostgreSQL store keeps the same blob)."""
+    return orjson.dumps({
+        "format": FORMAT, "identity": identity, "offset": offset,
+        "last_line_start": last_line_start, "lines": lines,
+        "run_id": state.run_id, "run_cap_micros": state.run_cap_micros,
+        "task_cap_micros": state.task_cap_micros, "policy": state.policy.to_json(),
+        "opened_at": state.opened_at, "spent_micros": state.spent_micros,
+        "reserved_micros": state.reserved_micros, "extended_micros": state.extended_micros,
+        "seq": state.seq, "last_hash": state.last_hash, "last_ts": state.last_ts,
+        "halts": state.halts, "recoveries": state.recoveries,
+        "open_escalations": sorted(state.open_escalations), "member_of": state.member_of,
+        "archived": state.archived,
+    })
+
+
+class Checkpoint:
+    """The cache file of one run."""
+
+    def __init__(self, run_dir: Path, folder: Callable[[], int | None] = lambda: None) -> None:
+        self._run_dir = run_dir
+        # The run folder's handle for the current command: every open by name goes through
+        # it (see escalate.stores.file.run_folder.via_folder), never through a path that may
+        # have been swapped.
+        self._folder = folder
+        self._writer_dir: int | None = None  # the handle the kept connection's path goes through
+        # A writer keeps its connection for its next command: opening one costs more than
+        # the rest of the cache's work. It is only used under the run's lock, and dropped
+        # after a fork or when the file at the path is no longer the one it opened.
+        self._writer: sqlite3.Connection | None = None
+        self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
+        # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
+        # one thread from closing the kept connection while another runs a statement on it
+        # (which crashes inside SQLite), whatever the lock does.
+        self._guard = threading.RLock()
+
+    @property
+    def path(self) -> str:
+        """The cache file in this command's run folder."""
+        return via_folder(self._folder(), self._run_dir, CACHE_NAME)
+
+    def _plain_file(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the cache file, once it and SQLite's side files beside it
+        (where present) are checked to be plain files with one link each. SQLite opens them
+        by name and follows links, which could lead its writes out of the run folder; a
+        folder or a device is no cache either. :class:`CacheInvalid` otherwise."""
+        folder = self._folder()
+        if folder is None:
+            path, folder = os.path.join(self._run_dir, CACHE_NAME), None
+        else:
+            path = CACHE_NAME  # (relative to the run folder's handle: no path to build or walk)
+        identity = _plain(path, folder)
+        for suffix in _SIDE_SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                _plain(path + suffix, folder)
+        return identity
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        dev, ino = self._plain_file()
+        key = (os.getpid(), dev, ino)
+        if self._writer is None or self._writer_for != key:
+            self._drop_writer()
+            self._writer = self._connect_writer()
+            self._writer_for = key
+        return self._writer
+
+    def _connect_writer(self, *, create: bool = False) -> sqlite3.Connection:
+        """The connection a writer keeps across commands. SQLite reopens and removes its side
+        files by the name it was given, so that name goes through a handle of the run folder
+        kept as long as the connection (the command's own is closed when it ends)."""
+        folder = self._folder()
+        kept = os.dup(folder) if folder is not None else None
+        try:
+            connection = self._connect(via_folder(kept, self._run_dir, CACHE_NAME), writable=True,
+                                       create=create)
+        except BaseException:
+            if kept is not None:
+                os.close(kept)
+            raise
+        self._writer_dir = kept
+        return connection
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None and self._writer_for[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+            if self._writer_dir is not None:
+                os.close(self._writer_dir)
+        self._writer, self._writer_dir = None, None
+
+    def _connect(self, path: str, *, writable: bool, create: bool = False) -> sqlite3.Connection:
+        connection = sqlite3.connect(f"file:{path}?mode={'rw' if writable else 'ro'}", uri=True,
+                                     isolation_level=None, check_same_thread=False)
+        try:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            if create:
+                # WAL (recorded in the file) lets a reader keep one consistent snapshot while a
+                # writer commits, and keeps a transaction all-or-nothing if a process dies.
+                connection.execute("PRAGMA journal_mode = WAL")
+            if writable:
+                connection.execute("PRAGMA synchronous = OFF")  # disposable: never worth an fsync
+            else:
+                # Every lazy row read of this state comes from the same snapshot as its totals.
+                connection.execute("BEGIN")
+        except sqlite3.Error:
+            connection.close()
+            raise
+        return connection
+
+    def _create(self) -> sqlite3.Connection:
+        """A new, empty cache file made here (never through a link), kept as the writer's."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        os.close(fd)
+        dev, ino = self._plain_file()
+        self._writer = self._connect_writer(create=True)  # SQLite takes an empty file as new
+        self._writer_for = (os.getpid(), dev, ino)
+        return self._writer
+
+    def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+        """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
+        at its offset, else ``None``.
+
+        A writer's state reads rows lazily (a row that fails its checksum, or a read that
+        SQLite fails, then raises :class:`CacheInvalid` mid-command, before anything is
+        written, and the command is redone from the log); a reader's state is read whole,
+        and checked, right here.
+        """
+        if writable:
+            with self._guard:
+                try:
+                    return self._load(self._writer_connection(), log_path, writable)
+                except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
+                        ValueError, OSError):
+                    self._drop_writer()
+                    return None
+        try:
+            self._plain_file()
+            connection = self._connect(self.path, writable=False)
+        except (CacheInvalid, sqlite3.Error, OSError):
+            return None
+        try:
+            loaded = self._load(connection, log_path, writable)
+            state = loaded[0]
+            assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
+            state.tasks = state.tasks.read_all()
+            state.escalations = state.escalations.read_all()
+            state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
+            return loaded
+        except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
+                OSError):
+            return None
+        finally:
+            connection.close()
+
+    def _load(self, connection: sqlite3.Connection, log_path: str,
+              writable: bool) -> tuple[RunState, int, int, int]:
+        row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
+        if row is None:
+            raise CacheInvalid("empty")
+        blob = orjson.loads(checked("run", row[0], row[1]))
+        if blob["format"] != FORMAT:
+            raise CacheInvalid("another format")
+        offset, start = blob["offset"], blob["last_line_start"]
+        _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
+                      appended_ok=not writable)
+        # A reader's rows need no guard: its connection is its own.
+        guard = self._guard if writable else threading.RLock()
+        state = state_from_blob(blob, Rows[Task](connection, "tasks", guard),
+                                Rows[EscalationState](connection, "escalations", guard))
+        return state, offset, start, blob["lines"]
+
+    def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
+             log_path: str) -> None:
+        """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
+        the append and before its fsync, and the cache only ever costs speed: any failure is
+        swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
+        with self._guard:
+            try:
+                self._save(state, offset, last_line_start, lines, log_path)
+            except Exception:  # nothing here may change the answer or skip the fsync
+                if self._writer is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._writer.rollback()
+                self.discard()
+
+    def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
+              log_path: str) -> None:
+        tasks, escalations = state.tasks, state.escalations
+        incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
+        connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
+        if connection is None:
+            self.discard()
+            connection = self._create()
+        connection.execute("BEGIN IMMEDIATE")
+        if not incremental:
+            for table in ("tasks", "escalations"):
+                connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
+                                   "NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL)")
+            connection.execute("CREATE TABLE run (key TEXT PRIMARY KEY, data BLOB, crc INTEGER)")
+        rows: dict[str, Any] = {
+            "tasks": tasks.dirty() if isinstance(tasks, Rows) else
+            ((key, encode_task(key, task)) for key, task in tasks.items()),
+            "escalations": escalations.dirty() if isinstance(escalations, Rows) else
+            ((key, encode_escalation(key, e)) for key, e in escalations.items()),
+        }
+        for table, pairs in rows.items():
+            connection.executemany(
+                f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
+                ((key, data, zlib.crc32(data)) for key, data in pairs))
+        log_info = os.stat(log_path)
+        identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
+                    log_info.st_ctime_ns]
+        blob = run_blob(state, offset, last_line_start, lines, identity)
+        connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
+                           (blob, zlib.crc32(blob)))
+        connection.execute("COMMIT")
+
+    def discard(self) -> None:
+        """Remove the cache (and SQLite's side files); the next writer rebuilds it. What
+        cannot be removed (a folder, another user's file) is left, and bypassed."""
+        with self._guard:
+            self._drop_writer()
+            for suffix in ("", *_SIDE_SUFFIXES):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.path}{suffix}")
+
+
+def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
+                    escalations: MutableMapping[str, EscalationState]) -> RunState:
+    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
+    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+    if blob["spent_micros"] + blob["reserved_micros"] > MAX_TOTAL_MICROS:
+        # Saved by a version without the limit: the fold of the log names the line past it.
+        raise CacheInvalid("a checkpoint past the limit on totals")
+    state = RunState(
+        run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
+        task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
+        opened_at=blob["opened_at"], tasks=tasks,
+        spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
+        extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
+        last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"],
+        member_of=blob["member_of"], archived=blob["archived"])
+    state.escalations = escalations
+    state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
+    return state
+
+
+def _plain(path: str, dir_fd: int | None = None) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of ``path`` (relative to ``dir_fd``, if given) if it is a plain
+    file with one link (not followed)."""
+    info = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise CacheInvalid(f"{path} is not a plain file with one link")
+    return info.st_dev, info.st_ino
+
+
+def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, expected: str,
+                  *, appended_ok: bool) -> None:
+    """The log is the file the cache was saved beside, untouched since (same size and times),
+    and its line ``[start, offset)`` still hashes to ``expected``.
+
+    A log that grew since is accepted only for reading (``appended_ok``): readers fold the
+    new lines while a writer is between its append and its cache save. A writer that finds
+    the log changed behind the cache rebuilds from the log, so an edit in place before the
+    checkpoint can never be written after.
+    """
+    fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        dev, ino, size, mtime_ns, ctime_ns = identity
+        if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+            raise CacheInvalid("the log is another file")
+        untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
+        if not untouched and not (appended_ok and info.st_size > size):
+            raise CacheInvalid("the log changed since the cache was saved")
+        line = os.pread(fd, offset - start, start)
+    finally:
+        os.close(fd)
+    if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
+        raise CacheInvalid("the log's line at the cached offset is not the one folded")

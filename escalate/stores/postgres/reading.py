@@ -1,0 +1,96 @@
+"""The PostgreSQL store's reading side: a ledger's lines streamed from its rows, and its
+fold from the checkpoint in tables (or from the first line), by the same
+:func:`escalate.core.replay.replay` the file store uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, BinaryIO, cast
+
+import orjson
+
+from escalate.core.replay import Replayed, replay
+from escalate.core.state import EscalationState, Task
+from escalate.stores.file.checkpoint import FORMAT, state_from_blob
+from escalate.stores.file.checkpoint_rows import LoadedRows
+from escalate.stores.postgres.rows import LineStream, PgRows
+from escalate.stores.postgres.transaction import Connection
+from escalate.stores.seam import CacheInvalid
+
+# Rows fetched per query when lines are streamed.
+BATCH = 2000
+
+
+def fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) -> list[tuple[bytes, int]]:
+    """The lines ending after byte ``after`` and at most at ``up_to``, at most :data:`BATCH`."""
+    return connection.execute(
+        "SELECT line, end_offset FROM escalate_events WHERE ledger = %s AND end_offset > %s "
+        "AND end_offset <= %s ORDER BY end_offset LIMIT %s", (run_id, after, up_to, BATCH)).fetchall()
+
+
+class Lines:
+    """A ledger's lines as :func:`replay` reads them (:class:`escalate.core.replay.LineSource`)."""
+
+    def __init__(self, where: str, open_stream: Callable[[], LineStream]) -> None:
+        self.where = where
+        self._open = open_stream
+
+    def reader(self) -> BinaryIO:
+        return cast(BinaryIO, self._open())
+
+
+def lines_of(connection: Connection, run_id: str, where: str, size: int) -> Lines:
+    """The first ``size`` bytes of lines of ``run_id``, read in ``connection``'s transaction."""
+    return Lines(where, lambda: LineStream(
+        lambda after, up_to: fetch_lines(connection, run_id, after, up_to), size))
+
+
+def fold(connection: Connection, run_id: str, where: str, row: tuple[Any, ...], *, writable: bool,
+         use_cache: bool) -> Replayed:
+    """Fold the ledger from its checkpoint (then only the lines after it are read), or
+    from its first line when there is none, ``use_cache`` is off or it cannot be read.
+    ``row``: the ledger's (size, lines, checkpoint, checkpoint_lines)."""
+    size, _, checkpoint, checkpoint_lines = row[:4]
+    lines = lines_of(connection, run_id, where, size)
+    start = _checkpoint(connection, run_id, checkpoint, checkpoint_lines, writable) \
+        if use_cache and checkpoint is not None else None
+    replayed = replay(lines, run_id, start=start)
+    replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+    if start is not None and replayed.problem is not None:
+        # A problem is only ever reported from the lines themselves, never the checkpoint.
+        replayed = replay(lines, run_id)
+    if replayed.problem is not None and not writable:
+        # What a reader shows stops before the first line the problem casts doubt on.
+        trusted = replayed.problem.first_suspect_line - 1
+        if 0 < trusted < replayed.state.seq:
+            replayed.state = replay(lines, run_id, stop_after=trusted).state
+    replayed.state.run_id = run_id
+    return replayed
+
+
+def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoint_lines: int,
+                writable: bool) -> Replayed | None:
+    """The checkpoint as a start for :func:`replay`, or None when it cannot be used. A
+    writer's tasks and escalations are read as the fold asks for them; a reader's all
+    at once, in its snapshot."""
+    def query(sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return connection.execute(sql.encode(), parameters).fetchall()
+
+    try:
+        blob = orjson.loads(checkpoint)
+        if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
+            return None
+        tasks: Any
+        escalations: Any
+        if writable:
+            tasks = PgRows[Task](query, "tasks", run_id)
+            escalations = PgRows[EscalationState](query, "escalations", run_id)
+        else:
+            tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(
+                f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
+                (run_id,))], table) for table in ("tasks", "escalations"))
+        state = state_from_blob(blob, tasks, escalations)
+    except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
+                    last_line_start=blob["last_line_start"])

@@ -1,0 +1,405 @@
+"""The PostgreSQL store: ledgers as rows of a database server many machines share.
+
+Behind the seam of :mod:`escalate.stores.seam`, as the file store is. Each command is one
+database transaction: ``SET LOCAL lock_timeout``, the ledger's row locked with ``SELECT …
+FOR UPDATE`` (no advisory lock), the checkpoint and the lines after it loaded, the new
+lines inserted, the checkpoint updated, a ``pg_notify`` for waiters, commit. Acknowledged
+means committed, so :meth:`PgLedger.sync` has nothing left to do. The tables are described
+in :mod:`escalate.stores.postgres.tables`; the lines are the file store's NDJSON bytes, folded by the
+same :func:`escalate.core.replay.replay`.
+
+psycopg 3 is imported only by the pg_ modules, when such a store is opened.
+
+Failures: a lock wait over the timeout is :class:`~escalate.errors.LockTimeout` (exit 7);
+the rest are in :mod:`escalate.stores.postgres.failures`. The time of every line is the server's
+(:mod:`escalate.stores.postgres.clock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+import psycopg
+
+from escalate.config import Clock
+from escalate.core.durations import format_duration
+from escalate.core.replay import Progress, Replayed, replay
+from escalate.errors import InputError, LockTimeout, UnknownRun
+from escalate.stores.postgres.clock import ServerClock
+from escalate.stores.postgres.connect import ConnectionPool, connect, describe, in_transaction, parse_url
+from escalate.stores.postgres.failures import Outcome, failure
+from escalate.stores.postgres.reading import fetch_lines, fold, lines_of
+from escalate.stores.postgres.rows import LineStream
+from escalate.stores.postgres.tables import ensure_schema
+from escalate.stores.postgres.transaction import (
+    CHANNEL,
+    Connection,
+    PgTransaction,
+    insert_first_lines,
+    last_row,
+    measured,
+    rollback,
+    text_literal,
+)
+from escalate.stores.seam import RecoveredFirstLines
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+# Called with each step of a writing command's transaction ("connected", "locked", "loaded",
+# "appended", "checkpointed", "before_commit", "committed"): tests cut the connection there.
+STEP_HOOK: Callable[[str], None] | None = None
+
+# How much longer than its own wait a waiter asks commits to notify: a waiter that waits
+# again soon (runs watch, Ledger.wait) then writes its row about once a minute, not per wake.
+_LISTEN_AHEAD_S = 60
+# The savepoint of a transaction opened inside another one of the same store.
+_NESTED = "escalate_nested"
+
+
+def _step(name: str) -> None:
+    if STEP_HOOK is not None:
+        STEP_HOOK(name)
+
+
+class PgStore:
+    """A PostgreSQL database holding ledgers (:class:`escalate.stores.seam.Store`), reached by a
+    URL (one connection, kept for the life of the store in this process), an open
+    connection, or a pool."""
+
+    def __init__(self, source: str | Connection | ConnectionPool) -> None:
+        self._url = source if isinstance(source, str) else None
+        self._given = source if isinstance(source, psycopg.Connection) else None
+        self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
+        self._kept: Connection | None = None
+        self._kept_pid = 0
+        self._listener: Connection | None = None  # LISTENs, for waits (a URL's store only)
+        self._listener_pid = 0
+        self._listener_guard = threading.Lock()
+        self._schema_ready = False
+        # Threads sharing one connection take turns: a transaction is the connection's.
+        self._guard = threading.RLock()
+        # The connection of the transaction open in this process (a pool's, while a member
+        # run is written): a nested transaction joins it, so both commit together.
+        self._active: Connection | None = None
+        self._password = ""
+        self._where = "a PostgreSQL database"
+        self._described = False  # a pool's database is named by its first connection
+        self.server_clock = ServerClock()
+        self.outcome = Outcome()  # of its writes: what a failure leaves behind
+        if self._url is not None:
+            info = parse_url(self._url)
+            self._password = str(info.get("password") or "")
+            self._where = describe(info)
+        elif self._given is not None:
+            self._where = describe(self._given.info.get_parameters())
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def close(self) -> None:
+        """Close the connections this store opened itself (from a URL; in this process)."""
+        for connection, pid in ((self._kept, self._kept_pid), (self._listener, self._listener_pid)):
+            if connection is not None and pid == os.getpid():
+                connection.close()
+        self._kept = self._listener = None
+
+    def __del__(self) -> None:
+        # A Ledger opened from a URL owns its store: its connections end with it.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def check_usable(self) -> None:
+        with self.connection():
+            pass
+
+    def ledger(self, run_id: str, *, lock_timeout: float) -> PgLedger:
+        return PgLedger(self, run_id, lock_timeout=lock_timeout)
+
+    def now(self, clock: Clock) -> datetime:
+        return self.server_clock.now(self, clock)
+
+    def run_ids(self) -> Iterator[str]:
+        with self.connection() as connection:
+            rows = connection.execute("SELECT ledger FROM escalate_ledgers WHERE lines > 0 "
+                                      "ORDER BY ledger").fetchall()
+        for (run_id,) in rows:
+            yield run_id
+
+    def prepare(self) -> int:
+        """Create or upgrade the tables (``escalate store init``); the steps applied."""
+        with self.connection(schema=False) as connection:
+            applied = ensure_schema(connection)
+            self._schema_ready = True
+            return applied
+
+    @contextmanager
+    def connection(self, *, schema: bool = True) -> Iterator[Connection]:
+        """A connection outside any transaction, the schema in place (``schema``); every
+        psycopg error inside is reported as escalate's."""
+        with self._guard, self.translated():
+            if self._active is not None:  # inside this store's open transaction: join it
+                yield self._active
+                return
+            lent = self._pool.connection() if self._pool is not None else nullcontext(self._own())
+            with lent as connection:
+                if self._pool is not None and not self._described:
+                    self._where, self._described = describe(connection.info.get_parameters()), True
+                if in_transaction(connection):
+                    raise InputError("the PostgreSQL connection given to escalate is inside a "
+                                     "transaction: commit or roll it back first (escalate commits "
+                                     "each command itself)", code="connection_busy")
+                try:
+                    if schema and not self._schema_ready:
+                        ensure_schema(connection)
+                        self._schema_ready = True
+                    yield connection
+                finally:
+                    # Outside autocommit mode, psycopg opened a transaction for a read: end it,
+                    # so the connection is as idle as it was given.
+                    if not connection.autocommit and not connection.broken and in_transaction(connection):
+                        connection.rollback()
+
+    @contextmanager
+    def listening(self) -> Iterator[Connection]:
+        """A connection that listens on :data:`CHANNEL`: one kept for it when the store was
+        given a URL, else a connection of the pool (or the one given) for as long as this
+        lasts."""
+        if self._url is None:
+            with self.connection() as connection:
+                # Notices arrive between transactions only: the wait runs in autocommit mode.
+                autocommit, connection.autocommit = connection.autocommit, True
+                connection.execute(f"LISTEN {CHANNEL}")
+                try:
+                    yield connection
+                finally:
+                    if not connection.broken:
+                        connection.execute(f"UNLISTEN {CHANNEL}")
+                        connection.autocommit = autocommit
+            return
+        with self._listener_guard, self.translated():
+            if self._listener is None or self._listener.closed or self._listener_pid != os.getpid():
+                self._listener = connect(self._url)
+                self._listener_pid = os.getpid()
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            yield self._listener
+
+    def _own(self) -> Connection:
+        """The connection this store keeps (a new one after a fork, or after it broke)."""
+        if self._given is not None:
+            return self._given
+        if self._kept is None or self._kept.closed or self._kept_pid != os.getpid():
+            assert self._url is not None
+            self._kept = connect(self._url)
+            self._kept_pid = os.getpid()
+        return self._kept
+
+    @contextmanager
+    def translated(self) -> Iterator[None]:
+        """psycopg's errors as escalate's (:mod:`escalate.stores.postgres.failures`); a connection that
+        broke is opened again by the next command."""
+        try:
+            yield
+        except BaseException as exc:
+            # (Only a commit that went out unconfirmed may have an unknown outcome.)
+            outcome, self.outcome = self.outcome, self.outcome._replace(commit_sent=False)
+            if self._kept is not None and self._kept.broken:
+                self._kept = None
+            if self._listener is not None and self._listener.broken:
+                self._listener = None
+            error = failure(exc, self.where, self._password, outcome)
+            if error is None:
+                raise
+            raise error from None
+
+
+class PgLedger:
+    """One ledger's rows (:class:`escalate.stores.seam.LedgerStore`)."""
+
+    def __init__(self, store: PgStore, run_id: str, *, lock_timeout: float) -> None:
+        self.run_id = run_id
+        # A progress bar reads the size of a file; these lines are fetched by query.
+        self.progress: Progress | None = None
+        self._store = store
+        self.lock_timeout = lock_timeout
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def command(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def exists(self) -> bool:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT lines FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return row is not None and row[0] > 0
+
+    def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
+        """Insert the ledger's row and its first lines; False if it exists. (``recovered``
+        is for a torn first write, which a transaction never leaves.)"""
+        size, count, lines = measured(first_lines)
+        with self._store.connection() as connection:
+            with connection.transaction():
+                made = connection.execute(
+                    "INSERT INTO escalate_ledgers (ledger, size, lines) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (ledger) DO NOTHING RETURNING ledger",
+                    (self.run_id, size, count)).fetchone()
+                if made is None:
+                    return False
+                insert_first_lines(connection, self.run_id, lines, count)
+                self._store.outcome = Outcome(commit_sent=True)  # goes out now
+            self._store.outcome = Outcome(confirmed=True)  # (for the life of this store)
+        return True
+
+    @contextmanager
+    def transaction(self, *, use_cache: bool = True) -> Iterator[PgTransaction]:
+        """One round trip opens the transaction, bounds the lock wait and locks the row; the
+        rows the fold asks for are read; one more sends every write and the commit. Opened
+        inside another ledger's transaction of this store (a member run inside its pool's),
+        it is a savepoint of that one: both commit together, or neither."""
+        store = self._store
+        with store.connection() as connection:
+            outer = store._active is None
+            _step("connected")
+            # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
+            lock_timeout = f"{max(1, round(self.lock_timeout * 1000))}ms"
+            # (A connection that is not in autocommit mode opens the transaction itself.)
+            begin = ("BEGIN; " if connection.autocommit else "") if outer else f"SAVEPOINT {_NESTED}; "
+            try:
+                # Literals are written with standard_conforming_strings on: see _text.
+                row = last_row(connection, f"{begin}SET LOCAL standard_conforming_strings = on; "
+                                f"SET LOCAL lock_timeout = '{lock_timeout}'; "
+                                # The server's clock once the lock is held: this write's time.
+                                "SELECT locked.*, clock_timestamp() FROM (SELECT size, lines, "
+                                "checkpoint, checkpoint_lines, listened_until > now() AS listened "
+                                f"FROM escalate_ledgers WHERE ledger = {text_literal(self.run_id)} "
+                                "FOR UPDATE) AS locked")
+                if row is None or not row[1]:
+                    raise self._unknown()
+                _step("locked")
+                transaction = PgTransaction(self, connection, row, use_cache=use_cache, step=_step,
+                                            savepoint=None if outer else _NESTED)
+                if outer:
+                    store._active = connection
+                try:
+                    yield transaction
+                finally:
+                    if outer:
+                        store._active = None
+                transaction.commit()
+            except psycopg.errors.LockNotAvailable:
+                self._undo(connection, outer)
+                raise LockTimeout(
+                    f"run {self.run_id} is locked by another command on {self.where} after "
+                    f"{format_duration(self.lock_timeout)}; retry, or raise --lock-timeout",
+                    lock_file=f"{self.where} ledger {self.run_id}",
+                    timeout_s=self.lock_timeout) from None
+            except BaseException:
+                self._undo(connection, outer)
+                raise
+            _step("committed" if outer else "released")
+
+    @staticmethod
+    def _undo(connection: Connection, outer: bool) -> None:
+        """Roll back a transaction that will not commit, or a nested one's savepoint."""
+        if outer:
+            rollback(connection)
+        elif not connection.broken and not connection.closed:
+            with contextlib.suppress(psycopg.Error):
+                connection.execute(f"ROLLBACK TO SAVEPOINT {_NESTED}")
+
+    def read(self, *, use_cache: bool = True) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return self.fold(connection, row, writable=False, use_cache=use_cache)
+
+    def verify(self) -> Replayed:
+        with self._snapshot() as (connection, row):
+            return replay(lines_of(connection, self.run_id, self.where, row[0]), self.run_id, tolerant=True)
+
+    def reader(self) -> BinaryIO:
+        size = self.size()
+
+        def fetch(after: int, up_to: int) -> list[tuple[bytes, int]]:
+            with self._store.connection() as connection:
+                return fetch_lines(connection, self.run_id, after, up_to)
+
+        return cast(BinaryIO, LineStream(fetch, size))
+
+    def size(self) -> int:
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT size FROM escalate_ledgers WHERE ledger = %s",
+                                     (self.run_id,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def stamp(self) -> str:
+        """Empty: the events table refuses UPDATE and DELETE (a trigger), so lines never change."""
+        return ""
+
+    def sync(self) -> None:
+        """Nothing to do: the commit made the lines durable before the command answered."""
+
+    def role(self) -> str:
+        """The database role acting now (``current_user``), asked each time: one connection
+        may serve several people with ``SET ROLE``. Inside a command's transaction it is
+        asked in that transaction."""
+        with self._store.connection() as connection:
+            row = connection.execute("SELECT current_user").fetchone()
+        return str(row[0]) if row is not None else ""
+
+    def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
+        """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).
+
+        A commit notifies only while the ledger's ``listened_until`` is ahead: a notice
+        makes concurrent commits queue on one lock of the server, so runs nobody waits on
+        do without. A waiter moves it ahead (a write, about once a minute) after it listens
+        and before it looks at the size, so every commit it does not see is notified.
+        """
+        with self._store.listening() as connection:
+            row = connection.execute(
+                "SELECT size, listened_until > now() + make_interval(secs => %s) FROM escalate_ledgers "
+                "WHERE ledger = %s", (timeout_s, self.run_id)).fetchone()
+            if row is not None and not row[1]:
+                # (The row lock waits for a writer that did not see the old value to commit:
+                # the size returned includes its lines.)
+                row = connection.execute(
+                    "UPDATE escalate_ledgers SET listened_until = now() + make_interval(secs => %s) "
+                    "WHERE ledger = %s RETURNING size", (timeout_s + _LISTEN_AHEAD_S, self.run_id)).fetchone()
+            if (int(row[0]) if row is not None else 0) != seen_size:
+                return True
+            return any(notice.payload == self.run_id
+                       for notice in connection.notifies(timeout=timeout_s))
+
+    # ------------------------------------------------------------------ internals
+
+    def _unknown(self) -> UnknownRun:
+        return UnknownRun(f"no run {self.run_id} in {self.where}; check the run id with "
+                          "'escalate runs list'", run=self.run_id)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[tuple[Connection, tuple[Any, ...]]]:
+        """A read-only transaction that sees one moment: the checkpoint, the lines and the
+        rows agree however many queries it takes."""
+        with self._store.connection() as connection, \
+                nullcontext() if self._store._active is not None else connection.transaction():
+            if self._store._active is None:  # (inside a write, its transaction is the moment)
+                connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = connection.execute("SELECT size, lines, checkpoint, checkpoint_lines FROM "
+                                     "escalate_ledgers WHERE ledger = %s", (self.run_id,)).fetchone()
+            if row is None or not row[1]:
+                raise self._unknown()
+            yield connection, row
+
+    def fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
+             use_cache: bool) -> Replayed:
+        """The ledger folded in ``connection``'s transaction
+        (:func:`escalate.stores.postgres.reading.fold`)."""
+        return fold(connection, self.run_id, self.where, row, writable=writable, use_cache=use_cache)
