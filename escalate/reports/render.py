@@ -174,9 +174,12 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
         parts.append(Text(f"… {len(task_ids) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
     if escalations:
-        parts.append(escalation_table(
-            [{"run": state.run_id, **e.to_json()} for e in escalations], title="escalations",
-            with_run=False))
+        from escalate.reports.runs import escalation_row  # what each needs now, as the inbox shows it
+
+        pool_id = None if pool is None else pool["pool"]
+        pool_left = None if pool is None else pool["pool_remaining_micros"]
+        parts.append(escalation_table([escalation_row(state, e, pool_id, pool_left) for e in escalations],
+                                      title="escalations", with_run=False))
     return Group(*parts)
 
 
@@ -211,7 +214,7 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
                   show_edge=False, pad_edge=False, leading=1)
     table.add_column("run\nid" if with_run else "id", no_wrap=True)
     table.add_column("task\nfrom", overflow="fold")
-    table.add_column("amount\nneeded now", justify="right", no_wrap=True)
+    table.add_column("amount\nneeded", justify="right", no_wrap=True)
     table.add_column("priority\nstate", overflow="fold")
     # The reason takes what is left of the width and wraps: it is what an approver needs most.
     table.add_column("reason", overflow="fold", min_width=20, ratio=1)
@@ -315,7 +318,7 @@ def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) ->
     asked = f"claimed {view.get('requested_by') or '-'}"
     if view.get("requested_role"):
         asked += f", vouched {view['requested_role']}"
-    grid.add_row("who asked", _plain(f"{asked}, {_short_ts(view['opened_at'])}"))
+    grid.add_row("who asked", _plain(f"{asked}, {_ago(view['opened_at'], moment)}"))
     grid.add_row("needs now", _plain(_needs_now(view)))
     run = view["run_money"]
     grid.add_row("run", _plain(f"cap {usd(run['cap_micros'])}, committed {usd(run['committed_micros'])}, "
@@ -333,15 +336,15 @@ def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) ->
     approvals = view.get("approvals") or []
     grid.add_row("approvals", _plain(
         f"{len(approvals)} of {view.get('quorum', 1)}"
-        + (" (" + ", ".join(f"{a['by']} at {_short_ts(a['at'])}" for a in approvals) + ")"
+        + (" (" + ", ".join(f"{a['by']} {_ago(a['at'], moment)}" for a in approvals) + ")"
            if approvals else "")
         + "; approvers: " + (", ".join(approvers) if approvers else "anyone but the requester")))
     if view["state"] != "open" or view["shadow"]:
-        grid.add_row("settled", _state(view) + (f" at {_short_ts(view['resolved_at'])}"
+        grid.add_row("settled", _state(view) + (f", {_ago(view['resolved_at'], moment)}"
                                                 if view.get("resolved_at") else ""))
     notices = view.get("notices") or []
     grid.add_row("notices", _lines([
-        f"{n['attempt']}: {'delivered' if n['ok'] else 'failed'} at {_short_ts(n['at'])} ({n['detail']})"
+        f"{n['attempt']}: {'delivered' if n['ok'] else 'failed'} {_ago(n['at'], moment)} ({n['detail']})"
         for n in notices] or ["none sent"]))
     commands = view.get("commands") or {}
     grid.add_row("answer", _lines(list(commands.values()) or ["nothing to answer"]))
@@ -367,6 +370,11 @@ def _needs_now(view: Mapping[str, Any]) -> str:
 
 _RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled", "withdraw": "withdrawn"}
 _PRIORITY_STYLES = {"urgent": "red bold", "high": "yellow", "low": "dim"}
+
+
+def _ago(ts: str, moment: datetime) -> str:
+    """``3m ago``: how long before ``moment`` the instant ``ts`` was."""
+    return f"{format_duration(_seconds_between(ts, moment), exact=False)} ago"
 
 
 def _seconds_between(ts: str, moment: datetime) -> float:
