@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import getpass
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -136,6 +136,41 @@ def check_approvers(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(dict.fromkeys(check_actor(name) for name in names))
 
 
+ApproverKeys = list[str] | tuple[str, ...] | Mapping[str, str | list[str] | tuple[str, ...]]
+
+
+def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
+    """The pinned keys of ``--approver-key NAME=KEY`` (repeatable; a name may have several),
+    or a mapping of names to key lines: each name checked as an actor, each key as an
+    OpenSSH public key line (ed25519, ecdsa or rsa); empty pins nothing."""
+    from escalate.core.sshsig import KEY_TYPES, SignatureError, parse_key
+
+    pairs: list[tuple[Any, Any]]
+    if isinstance(keys, Mapping):
+        pairs = [(name, line) for name, lines in keys.items()
+                 for line in ([lines] if isinstance(lines, str) else lines)]
+    elif isinstance(keys, (list, tuple)):
+        pairs = [(item.split("=", 1)[0], item.split("=", 1)[1]) if isinstance(item, str) and "=" in item
+                 else (item, None) for item in keys]
+    else:
+        raise InputError(f"invalid approver keys {keys!r}: give NAME=KEY", code="invalid_key",
+                         value=repr(keys)[:40])
+    pinned: dict[str, tuple[str, ...]] = {}
+    for given, line in pairs:
+        if not isinstance(line, str) or not isinstance(given, str):
+            raise InputError(f"invalid approver key {str(given)[:40]!r}: give NAME=KEY, e.g. "
+                             "--approver-key 'alice=ssh-ed25519 AAAA… alice@host'", code="invalid_key",
+                             value=str(given)[:40])
+        name = check_actor(given.strip())
+        try:
+            key = parse_key(line).line
+        except SignatureError as exc:
+            raise InputError(f"invalid approver key for {name}: {exc}; give one line of a .pub file "
+                             f"({', '.join(KEY_TYPES)})", code="invalid_key", value=line[:40]) from None
+        pinned[name] = tuple(dict.fromkeys((*pinned.get(name, ()), key)))
+    return pinned
+
+
 def check_request(reason: Any, priority: Any) -> None:
     """What a requester tells an approver: a printable reason and a known priority."""
     if not isinstance(reason, str) or len(reason) > events.MAX_REASON_LENGTH or not reason.isprintable():
@@ -176,7 +211,7 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
-                renotify_every_s: float | None = None) -> Policy:
+                renotify_every_s: float | None = None, approver_keys: ApproverKeys = ()) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
     if renotify_every_s is not None:
         # At least a minute: sweep runs from cron, and a reminder a second is spam.
@@ -205,6 +240,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         max_extension_micros=parse_micros(max_extension, what="max extension"),
         approvers=check_approvers(approvers),
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
+        approver_keys=check_approver_keys(approver_keys) if approver_keys else {},
     )
 
 
@@ -217,6 +253,7 @@ def merge_policy(
     max_extension: Amount | Unchanged = UNCHANGED,
     approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
     renotify_every_s: float | Unchanged | None = UNCHANGED,
+    approver_keys: ApproverKeys | Unchanged = UNCHANGED,
 ) -> Policy:
     """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
     threshold = current.approval_threshold_micros
@@ -228,7 +265,8 @@ def merge_policy(
         Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
         approvers=current.approvers if approvers is UNCHANGED else approvers,
         renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
-                          else renotify_every_s))
+                          else renotify_every_s),
+        approver_keys=current.approver_keys if approver_keys is UNCHANGED else approver_keys)
 
 
 def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,

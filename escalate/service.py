@@ -40,12 +40,25 @@ from escalate.results import (
     TaskResult,
 )
 from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
-from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write_run
+from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
 
 _WAIT_POLL_S = 0.05
+# A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
+KeyFile = str | os.PathLike[str]
+
+
+def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
+              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+    """A write to a run, under its pool's critical section first when it names one (the
+    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
+    if pool_id is None:
+        return write(store, decide, actor=actor, clock=clock)
+    from escalate.pools.book import write_member  # (a run without a pool never loads it)
+
+    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
 
 
 class Ledger:
@@ -117,6 +130,7 @@ class Ledger:
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
         pool: str | None = None,
+        approver_keys: config.ApproverKeys = (),
         **options: Any,
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
@@ -126,7 +140,8 @@ class Ledger:
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
         reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
-        defaults to the pool's).
+        defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings (or names mapped to
+        OpenSSH public key lines) whose signatures every resolution then needs.
         """
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
 
@@ -140,7 +155,8 @@ class Ledger:
             cap = Micros(joining.pool.cap_micros)
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, renotify_every_s=renotify_every_s)
+                                    approvers=approvers, renotify_every_s=renotify_every_s,
+                                    approver_keys=approver_keys)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -213,17 +229,38 @@ class Ledger:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
         return self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))
 
-    def approve(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
-        """Grant an escalation: the extension and the task's reservation in one write."""
-        return self._resolve(escalation_id, "extend", by)
+    def approve(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
+                signature: str | None = None) -> ResolutionResult:
+        """Grant an escalation: the extension and the task's reservation in one write.
+        ``sign``: a private key file (or the .pub of a key in ssh-agent) to sign with, as a
+        policy that pins approvers' keys requires; ``signature``: one made elsewhere
+        (:meth:`signing_content` says what it covers)."""
+        return self._resolve(escalation_id, "extend", by, sign, signature)
 
-    def pause(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
-        """Park the task; it may ask again later."""
-        return self._resolve(escalation_id, "pause", by)
+    def pause(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
+              signature: str | None = None) -> ResolutionResult:
+        """Park the task; it may ask again later (``sign``, ``signature``: as :meth:`approve`)."""
+        return self._resolve(escalation_id, "pause", by, sign, signature)
 
-    def cancel(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
-        """End the task for good (``halt`` with reason ``cancelled``)."""
-        return self._resolve(escalation_id, "cancel", by)
+    def cancel(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
+               signature: str | None = None) -> ResolutionResult:
+        """End the task for good (``halt`` with reason ``cancelled``; ``sign``, ``signature``:
+        as :meth:`approve`)."""
+        return self._resolve(escalation_id, "cancel", by, sign, signature)
+
+    def signing_content(self, escalation_id: str, mode: str) -> bytes:
+        """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
+        ``pause`` or ``cancel``) covers: :func:`escalate.core.sshsig.canonical_content`."""
+        from escalate.core import sshsig
+
+        check_id(escalation_id, what="escalation id")
+        escalation = self.state().escalations.get(escalation_id)
+        if escalation is None:
+            raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them with "
+                             f"'escalate escalations --run {self.run_id}'", code="unknown_escalation",
+                             escalation_id=escalation_id)
+        return sshsig.canonical_content(self.run_id, escalation_id, mode, escalation.requested_micros,
+                                        escalation.line_hash)
 
     def withdraw(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Take back an open escalation (its requester only); the task keeps what it holds."""
@@ -238,16 +275,17 @@ class Ledger:
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
         renotify_every_s: float | Unchanged | None = UNCHANGED,
+        approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
-        ``renotify_every_s=None`` stops reminders)."""
+        ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys)."""
         def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
             policy = config.merge_policy(
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
-                approvers=approvers, renotify_every_s=renotify_every_s)
+                approvers=approvers, renotify_every_s=renotify_every_s, approver_keys=approver_keys)
             return resolve.decide_policy(state, policy, self.actor, role)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
@@ -352,13 +390,20 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing
 
-    def _resolve(self, escalation_id: str, mode: str, by: str | None) -> ResolutionResult:
+    def _resolve(self, escalation_id: str, mode: str, by: str | None, sign: KeyFile | None = None,
+                 signature: str | None = None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
         role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        if sign is not None and signature is None:
+            from escalate.escalation.signing import sign as ssh_sign
+
+            # Signed before the lock is taken (a passphrase or the agent may ask a person):
+            # what it covers is fixed once the escalation's line is written.
+            signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role)))
+                                                                  pool, role, signature)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.
@@ -374,12 +419,12 @@ class Ledger:
                     raise UnknownRun(f"no run {self.run_id} under {self.runs_store.where}; see "
                                      "'escalate runs list'", run=self.run_id)
             try:
-                first_seq, decision = write_run(self.runs_store, pool_id, self.store, decide,
+                first_seq, decision = _write_run(self.runs_store, pool_id, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
                                                 lock_timeout=self.lock_timeout)
             except MembershipChanged as changed:  # this Ledger read the run before it was made again
                 self._pool = (changed.pool,)
-                first_seq, decision = write_run(self.runs_store, changed.pool, self.store, decide,
+                first_seq, decision = _write_run(self.runs_store, changed.pool, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
                                                 lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)

@@ -21,7 +21,7 @@ from escalate.core.events import Event, format_ts, parse_ts, seal
 from escalate.core.replay import Replayed
 from escalate.core.state import RuleViolation, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
-from escalate.stores.seam import CacheInvalid, LedgerStore, RecoveredFirstLines, Store, Transaction
+from escalate.stores.seam import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
@@ -78,17 +78,6 @@ class MembershipChanged(Conflict):
         super().__init__(f"run {run_id} changed while this command ran (its pool is now "
                          f"{pool or 'none'}); nothing was written — retry the command",
                          code="run_changed", run=run_id, pool=pool)
-
-
-def write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
-    """A write to a run, under its pool's critical section first when it names one (the
-    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
-    if pool_id is None:
-        return write(store, decide, actor=actor, clock=clock)
-    from escalate.pools.book import write_member  # (a run without a pool never loads it)
-
-    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
 
 
 def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,

@@ -9,6 +9,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -25,6 +26,32 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
+
+
+def tree_status(root: Path) -> set[str] | None:
+    """``git status`` of the checkout at ``root``, one line a changed or new file (ignored
+    files left out), or None when ``root`` is no git checkout (an unpacked source archive)."""
+    if not (root / ".git").exists():
+        return None
+    # safe.directory: a clone owned by another user (CI as root) must still be checked.
+    done = subprocess.run(["git", "-c", f"safe.directory={root}", "-C", str(root), "status",
+                           "--porcelain", "--untracked-files=all"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"git status failed: {done.stderr.strip()}"
+    return set(done.stdout.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_tree_stays_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The suite never writes into the repository (a run left in ``runs/``, a stray file):
+    whatever ``git status`` shows after the last test and did not before fails the session."""
+    root = request.config.rootpath
+    before = tree_status(root)
+    yield
+    if before is None:
+        return
+    appeared = sorted((tree_status(root) or set()) - before)
+    assert not appeared, f"the tests changed the repository (write under tmp_path): {'; '.join(appeared)}"
 
 
 @pytest.fixture

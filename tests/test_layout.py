@@ -60,3 +60,69 @@ def test_the_architecture_page_names_every_module_where_it_lives() -> None:
     named = {name for name in _tree() if not name.endswith("__init__")}
     assert modules - named == set(), "name these in docs/architecture.md's tree"
     assert named - modules == set(), "the tree names modules that are not there"
+
+
+# The one import that may close a circle: the store factory picks an implementation, which
+# in turn implements the seam's protocols.
+FACTORY = ("escalate.stores.seam", "open_store")
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module's imports of escalate's modules that run (at module level or inside a
+    function; not those only a type checker reads), the factory's left out."""
+    modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        unread = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
+                  and "TYPE_CHECKING" in ast.unparse(branch.test)
+                  for statement in branch.body for node in ast.walk(statement)}
+        factory = {id(node) for function in ast.walk(tree) if isinstance(function, ast.FunctionDef)
+                   and (name, function.name) == FACTORY for node in ast.walk(function)}
+        for node in ast.walk(tree):
+            if id(node) in unread | factory:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                # ``from package import module``: an edge to the module. (It runs the package's
+                # __init__ first, whose module level imports only leaves such as errors; its lazy
+                # __getattr__ runs for a name it re-exports, and then the edge is to the package.)
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
+                           else node.module for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The groups of modules that import each other, directly or around a circle."""
+    reach = {name: set(targets) for name, targets in graph.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name, reached in reach.items():
+            more = set().union(*(reach[target] for target in reached)) - reached
+            if more:
+                reach[name] = reached | more
+                changed = True
+    groups: list[set[str]] = []
+    for name in sorted(graph):
+        group = {name} | {other for other in reach[name] if name in reach[other]}
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def test_no_import_circle_but_the_store_factory() -> None:
+    assert _circles(_imports()) == []
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]

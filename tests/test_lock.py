@@ -1,4 +1,4 @@
-"""The run lock: filelock's OS lock on the sidecar, waited for by polling with a deadline.
+"""The run lock: filelock's OS lock on the sidecar, waited for in the kernel's queue with a deadline.
 
 The library installs no signal handler and no timer and never pauses the garbage collector,
 so a host program that blocks or uses SIGALRM, or counts on its collector, is not disturbed.
@@ -172,3 +172,137 @@ def test_threads_sharing_one_ledger_take_turns(runs_dir: Path) -> None:
     report = Ledger.open(runs_dir, "r").verify()
     assert report.problems == [] and report.lines == 101
     assert report.state.reserved_micros == 50_000_000
+
+
+# ---------------------------------------------------------------------- waiting in the kernel's queue
+
+
+def _lock_descriptors(lock_path: Path) -> int:
+    """This process's open descriptors on ``lock_path``."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(lock_path.resolve()))
+
+
+def test_a_waiter_sleeps_in_the_kernels_queue_and_is_woken_when_the_holder_lets_go(
+        runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One try without blocking, then no polling: the kernel hands the lock over when its
+    holder (another process) dies."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    tries: list[dict[str, Any]] = []
+    real = lock.lock_descriptor
+
+    def counted(fd: int, **options: Any) -> bool:
+        tries.append(options)
+        return real(fd, **options)
+
+    monkeypatch.setattr(lock, "lock_descriptor", counted)
+    run = Ledger.open(runs_dir, "r", lock_timeout=60)
+    with lock_holder(runs_dir / "r" / "events.ndjson.lock") as holder:
+        killer = threading.Timer(0.5, holder.kill)
+        killer.start()
+        started = time.monotonic()
+        assert run.reserve("t", "1")["status"] == "reserved"
+        took = time.monotonic() - started
+        killer.join()
+    assert tries == [{"blocking": False}]  # (a polling wait tried about a thousand times here)
+    assert 0.5 <= took < 30, took
+    assert Ledger.open(runs_dir, "r").verify().lines == 2
+
+
+@pytest.mark.parametrize("gives_up", ["deadline", "KeyboardInterrupt"])
+def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
+        runs_dir: Path, lock_holder: Any, gives_up: str) -> None:
+    """The helper thread still queued after the caller gave up takes the lock when the
+    holder lets go and releases it at once: no lock held, no descriptor left open, no
+    thread left running, and the run takes the next write without waiting."""
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+    with lock_holder(lock_path):
+        if gives_up == "deadline":
+            with pytest.raises(LockTimeout):
+                Ledger.open(runs_dir, "r", lock_timeout=0.2).reserve("t", "1")
+        else:  # Ctrl-C in the host while its main thread waits
+            interrupt = threading.Timer(0.3, signal.pthread_kill,
+                                        (threading.main_thread().ident, signal.SIGINT))
+            interrupt.start()
+            with pytest.raises(KeyboardInterrupt):
+                Ledger.open(runs_dir, "r", lock_timeout=60).reserve("t", "1")
+            interrupt.join()
+        waiters = [t for t in threading.enumerate() if t.name == "escalate-lock-waiter"]
+        assert len(waiters) == 1 and waiters[0].daemon  # queued still: the lock is held
+        assert _lock_descriptors(lock_path) == 1  # the helper's, and only while it waits
+    waiters[0].join(30)
+    assert not waiters[0].is_alive()
+    assert _lock_descriptors(lock_path) == 0
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'rb') as f:\n"
+             "    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n")
+    free = subprocess.run([sys.executable, "-c", probe, str(lock_path)], check=False, timeout=60)
+    assert free.returncode == 0
+    assert Ledger.open(runs_dir, "r", lock_timeout=0).reserve("t", "1")["status"] == "reserved"
+    assert Ledger.open(runs_dir, "r").state().tasks["t"].reserved_micros == 1_000_000
+
+
+def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path: Path) -> None:
+    """The caller giving up and the kernel granting the helper race; whichever wins, the
+    caller holds the lock exactly when it was told so, and nothing else holds it."""
+    import fcntl
+
+    from escalate.stores.file.lock import Waiter
+
+    lock_path = tmp_path / "lock"
+    lock_path.touch()
+    outcomes = set()
+    for _ in range(200):
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            waiter = Waiter(fd)
+            granted = waiter.wait(time.monotonic())  # the deadline has passed: a race
+            waiter.thread.join(30)
+            assert not waiter.thread.is_alive()
+            with open(lock_path, "rb") as other:  # another open file: it conflicts with fd's
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    free = True
+                except BlockingIOError:
+                    free = False
+            assert free is not granted, "the lock must be held exactly when it was granted"
+            outcomes.add(granted)
+        finally:
+            os.close(fd)
+    assert _lock_descriptors(lock_path) == 0
+    assert outcomes  # (which outcomes occur is the scheduler's choice)
+
+
+def test_a_child_forked_while_a_waiter_is_queued_does_not_keep_the_lock(runs_dir: Path,
+                                                                         lock_holder: Any) -> None:
+    """A host thread forks while another thread waits for the run lock: the child (alive
+    long after) holds no copy of the wait's descriptors, so the lock is free once the
+    waiter has written."""
+    import multiprocessing
+
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+    outcome: list[str] = []
+    writer = threading.Thread(target=lambda: outcome.append(
+        Ledger.open(runs_dir, "r", lock_timeout=60).reserve("t", "1")["status"]))
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+    with lock_holder(lock_path):
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not any(t.name == "escalate-lock-waiter" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the writer never queued for the lock"
+            time.sleep(0.01)
+        child.start()  # forked while the writer is queued
+    try:
+        writer.join(30)
+        assert outcome == ["reserved"]
+        probe = ("import fcntl, sys\nwith open(sys.argv[1], 'rb') as f:\n"
+                 "    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n")
+        free = subprocess.run([sys.executable, "-c", probe, str(lock_path)], check=False, timeout=60)
+        assert child.is_alive()
+        assert free.returncode == 0, "the forked child keeps the lock"
+    finally:
+        child.kill()
+        child.join(30)

@@ -49,32 +49,45 @@ def _said(result: dict[str, Any]) -> None:
     echo_line(f"{result['escalation_id']} {result['status']} by {result['by']}{extra}")
 
 
+ApproverKeyOption = Annotated[list[str] | None, typer.Option(
+    "--approver-key", metavar="NAME=KEY",
+    help="Pin an approver's public SSH key, e.g. 'alice=ssh-ed25519 AAAA… alice@host' (repeatable; on "
+    "set, the keys given replace the pinned ones); every approve, pause and cancel must then be signed "
+    "(--sign) by a key pinned for its --by.", show_default=False)]
+SignOption = Annotated[Path | None, typer.Option(
+    "--sign", metavar="KEYFILE",
+    help="Sign the resolution with this private SSH key file, or with ssh-agent when KEYFILE is the "
+    "key's .pub (needed when the policy pins approvers' keys).", show_default=False)]
+
+
 def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,
-             by: str | None, json_out: bool) -> None:
+             by: str | None, json_out: bool, sign: Path | None = None) -> None:
     method = {"extend": "approve", "pause": "pause", "cancel": "cancel", "withdraw": "withdraw"}[mode]
+    signing = {} if sign is None else {"sign": sign}
     respond(json_out,
-            lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id), _said)
+            lambda: getattr(open_ledger(run, runs_dir, lock_timeout, by), method)(escalation_id, **signing),
+            _said)
 
 
 def approve(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-            lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+            lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
             json_out: JsonOption = False) -> None:
     """Approve an escalation: extend the cap as needed and reserve for its task, in one write."""
-    _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("extend", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def pause(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-          lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+          lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
           json_out: JsonOption = False) -> None:
     """Pause an escalation: its task is parked and may ask again later."""
-    _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("pause", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def cancel(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
-           lock_timeout: LockTimeoutOption = None, by: ByOption = None,
+           lock_timeout: LockTimeoutOption = None, by: ByOption = None, sign: SignOption = None,
            json_out: JsonOption = False) -> None:
     """Cancel an escalation: its task is halted for good."""
-    _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out)
+    _resolve("cancel", run, escalation_id, runs_dir, lock_timeout, by, json_out, sign)
 
 
 def withdraw(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,

@@ -18,6 +18,7 @@ from escalate.cli import (
     open_options,
     respond,
 )
+from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
     ApproversOption,
@@ -62,6 +63,7 @@ def init(
         "--max-extension", metavar="USD", help="Most USD that approvals of pool_cap escalations may add "
         "per period [default: 0].")] = None,
     approvers: ApproversOption = None,
+    approver_key: ApproverKeyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -79,7 +81,7 @@ def init(
         created = Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                            approvers=approvers or (), **options)
+                            approvers=approvers or (), approver_keys=approver_key or (), **options)
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -176,9 +178,9 @@ def set_policy(
     max_extension: Annotated[str | None, typer.Option(
         "--max-extension", metavar="USD", help="New most USD approvals may add per period "
         "[default: unchanged].", show_default=False)] = None,
-    approvers: Annotated[str | None, typer.Option(
-        "--approvers", metavar="NAMES", help="New comma-separated approvers of pool_cap escalations "
-        "[default: unchanged].", show_default=False)] = None,
+    approvers: Annotated[str | None, typer.Option("--approvers", metavar="NAMES", help="New comma-separated "
+        "approvers of pool_cap escalations [default: unchanged].", show_default=False)] = None,
+    approver_key: ApproverKeyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -186,7 +188,7 @@ def set_policy(
 ) -> None:
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
-             "max_extension": max_extension, "approvers": approvers}
+             "max_extension": max_extension, "approvers": approvers, "approver_keys": approver_key}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
@@ -195,8 +197,8 @@ def set_policy(
         changes["approval_threshold"] = None
     if not changes and escalation_timeout is None:
         bad_input("nothing to change; give --cap, --escalation, --approval-threshold, "
-                  "--no-approval-threshold, --escalation-timeout, --max-extension or --approvers", json_out,
-                  code="usage")
+                  "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
+                  "--approver-key", json_out, code="usage")
     before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from escalate.cli import (
     respond,
 )
 from escalate.cli.archive_cmds import archive
+from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.core.money import format_usd as usd
@@ -70,6 +71,7 @@ def init(
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
+    approver_key: ApproverKeyOption = None,
     renotify_every: RenotifyOption = None,
     pool: Annotated[str | None, typer.Option(
         "--pool", metavar="POOL", help="Join POOL for good: every reservation must also fit the pool; "
@@ -95,7 +97,7 @@ def init(
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                             approvers=approvers or (),
+                             approvers=approvers or (), approver_keys=approver_key or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              pool=pool, **options)
         if pool is not None and cap is not None:
@@ -148,6 +150,7 @@ def set_policy(
         "--approvers", metavar="NAMES", help="New comma-separated names that may approve, pause or "
         "cancel escalations; \"\" lets anyone but the requester [default: unchanged].",
         show_default=False)] = None,
+    approver_key: ApproverKeyOption = None,
     renotify_every: RenotifyOption = None,
     no_renotify: Annotated[bool, typer.Option("--no-renotify",
                                               help="Stop sending open escalations' notices again.")] = False,
@@ -160,7 +163,8 @@ def set_policy(
     changes = policy_changes(json_out, escalation=escalation, approval_threshold=approval_threshold,
                              no_threshold=no_threshold, escalation_timeout=escalation_timeout,
                              max_extension=max_extension, approvers=approvers,
-                             renotify_every=renotify_every, no_renotify=no_renotify)
+                             renotify_every=renotify_every, no_renotify=no_renotify,
+                             approver_keys=approver_key)
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -185,7 +189,7 @@ def set_policy(
 def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold: str | None,
                    no_threshold: bool, escalation_timeout: str | None, max_extension: str | None,
                    approvers: str | None, renotify_every: str | None,
-                   no_renotify: bool) -> Callable[[], dict[str, Any]]:
+                   no_renotify: bool, approver_keys: list[str] | None = None) -> Callable[[], dict[str, Any]]:
     """The options of ``runs set`` checked for usage (exit 2 before anything is opened),
     and a call that turns them into ``set_policy``'s keyword arguments (durations parsed
     then, inside the command, so a bad one is reported as its error)."""
@@ -195,10 +199,10 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
     if renotify_every is not None and no_renotify:
         bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
     if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
-            renotify_every) == (None,) * 6 and not no_threshold and not no_renotify:
+            renotify_every, approver_keys) == (None,) * 7 and not no_threshold and not no_renotify:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout, --max-extension, --approvers, --renotify-every or "
-                  "--no-renotify", json_out, code="usage")
+                  "--escalation-timeout, --max-extension, --approvers, --approver-key, --renotify-every "
+                  "or --no-renotify", json_out, code="usage")
 
     def changes() -> dict[str, Any]:
         given: dict[str, Any] = {}
@@ -212,6 +216,8 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
             given["max_extension"] = max_extension
         if approvers is not None:
             given["approvers"] = approvers
+        if approver_keys is not None:
+            given["approver_keys"] = approver_keys
         if renotify_every is not None or no_renotify:
             given["renotify_every_s"] = None if renotify_every is None else _renotify(renotify_every)
         return given
@@ -245,6 +251,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "timeout_s": ("escalation timeout", _timeout_text),
     "max_extension_micros": ("max extension", usd),
     "approvers": ("approvers", lambda names: ", ".join(names or ()) or "anyone"),
+    "approver_keys": ("pinned keys of", lambda keys: ", ".join(keys or {}) or "nobody"),
     "renotify_every_s": ("renotify every", _timeout_text),
 }
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from escalate.core.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap, release_refusal
+from escalate.core.rules import extension_left, needed_extension, over_cap, period_name, release_refusal
 from escalate.core.state import EscalationState, Policy, RunState, Task
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 
@@ -302,11 +302,6 @@ def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: lis
         code="over_pool_budget", task=request.task, requested_micros=request.to, remaining_micros=left,
         pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key),
         **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
-
-
-def period_name(period: str, key: str) -> str:
-    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
-    return "all time" if period == "none" else f"the {period} {key}"
 
 
 def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,

@@ -125,6 +125,8 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     if actor != state.last_actor:
         state.last_actor = name_field(event, "actor")
     handler(state, event)
+    if kind == "escalation":  # a signed resolution covers the hash of its escalation's line
+        state.escalations[event["id"]].line_hash = this_hash
     state.seq = seq
     state.last_hash = this_hash
     state.last_ts = ts

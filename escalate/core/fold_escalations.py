@@ -18,6 +18,7 @@ from escalate.core.events import (
     PRIORITIES,
     RESOLUTIONS,
     RESOLVED_MODES,
+    TIMEOUT_ACTOR,
 )
 from escalate.core.fold_fields import (
     choice_field,
@@ -118,6 +119,8 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
             f"extension {extension} takes the run past its max extension "
             f"{state.policy.max_extension_micros}"
         )
+    if "signature" in event or (state.policy.approver_keys and escalation.reason != "pool_cap"):
+        check_signed(state, escalation, event, mode, by)
     escalation.state = "resolved"
     escalation.mode = mode
     escalation.by = by
@@ -131,6 +134,36 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "paused"
     else:
         task.state = "reserved" if task.holding else "escalated"
+
+
+def check_signed(state: RunState, escalation: EscalationState, event: Mapping[str, Any], mode: str,
+                 by: str) -> None:
+    """While the run pins approvers' keys, a person's approve, pause or cancel carries an
+    SSHSIG signature by a key pinned for ``by`` over the escalation's canonical content
+    (:func:`escalate.core.sshsig.canonical_content`). A ``pool_cap`` escalation is the pool's
+    to decide: its signature is checked against the pool's keys when it is written."""
+    from escalate.core import sshsig  # (only a run that pins keys, or a signed line, loads it)
+
+    signature, key = event.get("signature"), event.get("key")
+    if signature is None and key is None:
+        if mode in ("withdraw", "pause") and (mode == "withdraw" or by == TIMEOUT_ACTOR):
+            return  # the requester's withdrawal, or the expiry: no approver decided it
+        raise RuleViolation(f"{mode} of escalation {escalation.id} by {by} is not signed, but the run "
+                            f"pins approvers' keys")
+    if type(signature) is not str or type(key) is not str:
+        raise RuleViolation("fields 'signature' and 'key' must both be text")
+    if escalation.reason == "pool_cap" or not state.policy.approver_keys:
+        return  # checked at write time against the keys of whoever pinned them (the pool)
+    message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
+                                       escalation.line_hash)
+    name = event.get("role") or by  # on PostgreSQL the role, as approver lists name it
+    try:
+        signer = sshsig.verify(signature, message, state.policy.approver_keys.get(name, ()))
+    except sshsig.SignatureError as exc:
+        raise RuleViolation(f"the signature of {by}'s {mode} of escalation {escalation.id} does not "
+                            f"check out against the keys the run pins: {exc}") from None
+    if signer.fingerprint != key:
+        raise RuleViolation(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
 
 
 def apply_notified(state: RunState, event: Mapping[str, Any]) -> None:

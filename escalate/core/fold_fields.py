@@ -102,6 +102,7 @@ def policy_field(raw: Any) -> Policy:
         timeout_s=int_field(raw, "timeout_s", nullable=True, limit=MAX_TIMEOUT_S),
         max_extension_micros=int_field(raw, "max_extension_micros"),
         approvers=_approvers(raw),
+        approver_keys=_approver_keys(raw) if "approver_keys" in raw else {},
         # Absent in runs made before it existed, and in runs that never re-deliver.
         renotify_every_s=int_field(raw, "renotify_every_s", nullable=True, limit=MAX_TIMEOUT_S),
     )
@@ -113,6 +114,26 @@ def _approvers(raw: dict[str, Any]) -> tuple[str, ...]:
     if type(names) is not list:
         raise RuleViolation(f"field 'approvers' must be a list of names, got {shown_value(names)}")
     return tuple(name_field({"approvers": name}, "approvers") for name in names)
+
+
+def _approver_keys(raw: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """``escalation.approver_keys``: approver names, each with a list of OpenSSH key lines."""
+    from escalate.core.sshsig import SignatureError, parse_key  # (only a policy that pins keys)
+
+    pinned = raw["approver_keys"]
+    if type(pinned) is not dict or not pinned:
+        raise RuleViolation(f"field 'approver_keys' must map names to key lines, got {shown_value(pinned)}")
+    keys = {}
+    for name, lines in pinned.items():
+        name_field({"approver_keys": name}, "approver_keys")
+        if type(lines) is not list or not lines or not all(type(line) is str for line in lines):
+            raise RuleViolation(f"field 'approver_keys' must list key lines for {name!r}")
+        try:
+            keys[name] = tuple(parse_key(line).line for line in lines)
+        except SignatureError as exc:
+            raise RuleViolation(f"field 'approver_keys': a key of {name!r} is not an OpenSSH public key "
+                                f"line ({exc})") from None
+    return keys
 
 
 # The hot handlers of the fold check their fields inline (``type(x) is int``), in the order

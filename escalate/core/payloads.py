@@ -77,6 +77,9 @@ class EscalationPolicy(TypedDict):
         "Who may approve, pause or cancel; absent or empty: anyone (never the requester).")]]
     renotify_every_s: NotRequired[Annotated[Annotated[int, Check.TIMEOUT], Doc(
         "Re-deliver an open escalation's notice this often (escalate sweep); absent: never.")]]
+    approver_keys: NotRequired[Annotated[dict[NameStr, list[str]], Doc(
+        "Pinned OpenSSH public key lines by approver name; while present, every approve, pause and "
+        "cancel carries a signature by one of its approver's keys. Absent: nothing pinned.")]]
 
 
 class Envelope(TypedDict):
@@ -181,6 +184,10 @@ class EscalationResolved(TypedDict):
     pool_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
         "Approving a pool_cap escalation: the pool's extension, for the period it is granted in.")]]
     role: NotRequired[WriterRole]
+    signature: NotRequired[Annotated[str, Doc(
+        "Under a policy that pins approvers' keys: the armored OpenSSH SSHSIG signature (namespace "
+        "escalate) of the escalation's canonical content (docs/escalation.md).")]]
+    key: NotRequired[Annotated[str, Doc("With signature: the SHA256 fingerprint of the key that made it.")]]
 
 
 class Recovery(TypedDict):

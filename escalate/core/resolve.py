@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from escalate.core.decide import Decision, fail, period_name, resolved_event
+from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap
+from escalate.core.rules import extension_left, needed_extension, over_cap, period_name
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import Conflict, InputError, Refused
 
@@ -52,12 +52,15 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
-                      pool: PoolView | None = None, role: str | None = None) -> Decision:
+                      pool: PoolView | None = None, role: str | None = None,
+                      signature: str | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
     or cancel, and never the requester. ``role``: the database role acting (PostgreSQL
-    store), recorded, and the name an approver list is checked against."""
+    store), recorded, and the name an approver list is checked against. ``signature``: an
+    armored SSHSIG signature of the escalation's canonical content, which a policy that
+    pins approvers' keys requires (:func:`signed_fields`)."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(unknown_escalation(state.run_id, escalation_id))
@@ -80,6 +83,11 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
     resolved = resolved_event(escalation_id, mode, by, role)
+    if mode != "withdraw":
+        signed = signed_fields(state, escalation, mode, role or by, pool, signature)
+        if isinstance(signed, Refused):
+            return fail(signed)
+        resolved.update(signed)
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
@@ -139,6 +147,37 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
             f"resolve its own escalation under another name ({who}); ask an approver with a "
             f"role of their own", code="self_approval", approvers=list(approvers), **facts)
     return None
+
+
+def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
+                  signature: str | None) -> dict[str, str] | Refused:
+    """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
+    deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
+    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
+    given, or on PostgreSQL the database role, as approver lists name them."""
+    policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+    if not policy.approver_keys:
+        return {}
+    from escalate.core import sshsig  # (only a policy that pins keys loads it)
+
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by}
+    pinned = policy.approver_keys.get(by, ())
+    if not pinned:
+        return Refused(f"cannot resolve {escalation.id}: no key is pinned for {by} (pinned: "
+                       f"{', '.join(policy.approver_keys)}); resolve under a name with a pinned key",
+                       code="not_an_approver", **facts)
+    if signature is None:
+        return Refused(f"cannot resolve {escalation.id}: the policy pins approvers' keys, so the "
+                       f"resolution must be signed; add --sign KEYFILE (your private key, or its .pub "
+                       f"with ssh-agent)", code="unsigned", **facts)
+    message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
+                                       escalation.line_hash)
+    try:
+        key = sshsig.verify(signature, message, pinned)
+    except sshsig.SignatureError as exc:
+        return Refused(f"cannot resolve {escalation.id}: the signature is not {by}'s over this "
+                       f"resolution ({exc}); sign with a key pinned for {by}", code="bad_signature", **facts)
+    return {"signature": signature, "key": key.fingerprint}
 
 
 def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
@@ -217,10 +256,10 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
 
 def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
                            command: str) -> Refused | None:
-    """Once a run (or a pool) names its approvers, only they may change its settings:
+    """Once a run (or a pool) names its approvers (or pins keys for some), only they may change its settings:
     otherwise anyone could add themselves. ``role``, the database role acting (PostgreSQL),
     is what is checked when there is one."""
-    approvers = state.policy.approvers
+    approvers = state.policy.approvers or tuple(state.policy.approver_keys)
     if approvers and (role or by) not in approvers:
         return Refused(f"cannot change {what}: {role or by} is not one of its approvers "
                        f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",

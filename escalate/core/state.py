@@ -44,11 +44,15 @@ class Policy:
     renotify_every_s: int | None = None  # None: an open escalation's notice is sent once
     # Who may approve, pause or cancel; empty: anyone but the requester.
     approvers: tuple[str, ...] = ()
+    # Pinned public keys (OpenSSH lines) by approver name: while any are pinned, every
+    # approve, pause and cancel carries an SSHSIG signature by one of its approver's keys.
+    approver_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A tuple whatever came in (the checkpoint hands in a JSON list): policies compare equal
         # by value in ``runs init``'s idempotency check.
         self.approvers = tuple(self.approvers)
+        self.approver_keys = {name: tuple(keys) for name, keys in self.approver_keys.items()}
 
     # dict, not the EscalationPolicy TypedDict: callers compare two policies key by key.
     def to_json(self) -> dict[str, Any]:
@@ -62,6 +66,8 @@ class Policy:
         }
         if self.approvers:
             data["approvers"] = list(self.approvers)
+        if self.approver_keys:
+            data["approver_keys"] = {name: list(keys) for name, keys in self.approver_keys.items()}
         # Written only when set, so runs without it write (and compare) as they always did.
         if self.renotify_every_s is not None:
             data["renotify_every_s"] = self.renotify_every_s
@@ -131,6 +137,8 @@ class EscalationState:
     request_reason: str = ""
     priority: Priority = "normal"
     needed_extension_micros: int = 0
+    # The hash of the escalation's line: a signed resolution covers it (escalate.core.sshsig).
+    line_hash: str = ""
     # Delivery of its notice (escalation_notified): what sweep needs to re-deliver it.
     notify_attempts: int = 0
     notified_at: str | None = None

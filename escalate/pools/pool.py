@@ -98,6 +98,7 @@ class Pool:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
+        approver_keys: config.ApproverKeys = (),
         **options: Any,
     ) -> Pool:
         """Create a pool (the same settings again is fine; different ones conflict).
@@ -109,7 +110,7 @@ class Pool:
         kind = check_period(period)
         check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers)
+                                    approvers=approvers, approver_keys=approver_keys)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -206,6 +207,7 @@ class Pool:
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+        approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> dict[str, Any]:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
@@ -214,7 +216,8 @@ class Pool:
 
         changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
                                    "escalation_timeout_s": escalation_timeout_s,
-                                   "max_extension": max_extension, "approvers": approvers}
+                                   "max_extension": max_extension, "approvers": approvers,
+                                   "approver_keys": approver_keys}
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)

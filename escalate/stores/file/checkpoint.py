@@ -47,8 +47,8 @@ from escalate.stores.seam import CacheInvalid
 CACHE_NAME = "events.ndjson.cache.sqlite"
 # 5: escalations keep their requester, reason, priority, needed extension and delivery (with
 # the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
-# 7: whether the run is archived.
-FORMAT = 7
+# 7: whether the run is archived. 8: the hash of each escalation's line (signed approvals).
+FORMAT = 8
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 

@@ -46,7 +46,8 @@ def _decode_task(key: str, data: bytes) -> Task:
 
 
 def encode_escalation(key: str, escalation: EscalationState) -> bytes:
-    return orjson.dumps(escalation.to_json())
+    # The line's hash is kept for signed resolutions, not shown: it is not in to_json.
+    return orjson.dumps({**escalation.to_json(), "line_hash": escalation.line_hash})
 
 
 def _decode_escalation(key: str, data: bytes) -> EscalationState:

@@ -3,9 +3,16 @@
 The sidecar is opened by the caller relative to the run folder's directory handle (never
 through a symbolic link, never truncated, never deleted); this module only locks and waits.
 The lock is ``filelock``'s native primitive on that descriptor (``flock`` on Unix,
-``LockFileEx`` on Windows), which the kernel releases when the process dies. The wait polls
-with a short back-off and a deadline from the monotonic clock, so the library installs no
-signal handler and no timer, and a host that blocks or uses SIGALRM is not disturbed.
+``LockFileEx`` on Windows), which the kernel releases when the process dies.
+
+A waiter sleeps in the kernel's queue for the lock: a helper thread makes the blocking
+``flock`` call (the primitive ``filelock`` takes without blocking), and the caller's thread
+waits for it with its deadline from the monotonic clock. The kernel wakes a waiter when
+the holder lets go, so the lock changes hands at once and a waiter spends no CPU (a polling
+waiter looked again up to 0.5 ms later, and eight of them took the holder's CPU). The
+library installs no signal handler and no timer, and a host that blocks or uses SIGALRM is
+not disturbed. Where there is no ``flock`` (Windows) the wait polls ``filelock`` with a
+short back-off instead.
 
 ``filelock`` costs a few tens of milliseconds to import, so this module is imported only
 by commands that lock (the read-only ones never do).
@@ -13,18 +20,23 @@ by commands that lock (the read-only ones never do).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from contextlib import suppress
 
 from filelock import lock_descriptor
 
 from escalate.core.durations import format_duration
 from escalate.errors import LockTimeout
 
-# The wait backs off from 50 µs to 0.5 ms: a holder keeps the lock for about half a
-# millisecond, so a waiter looks about as often as the lock can change hands, while eight
-# waiters on two cores still leave the holder most of the CPU. (Measured with bench target 4
-# against 20 µs–0.2 ms, 0.1–1 ms and 0.1–2 ms: all within the machine's noise, this a little
-# ahead; see docs/performance.md.)
+try:
+    import fcntl
+except ImportError:  # Windows: the polling wait
+    fcntl = None  # type: ignore[assignment]
+
+# Where the wait polls: it backs off from 50 µs to 0.5 ms, about as often as the lock can
+# change hands, while eight waiters on two cores still leave the holder most of the CPU.
 FIRST_POLL_S = 0.00005
 MAX_POLL_S = 0.0005
 
@@ -37,12 +49,97 @@ def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
         return 0.0
     started = time.monotonic()
     deadline = started + timeout_s
+    if timeout_s > 0 and (Waiter(fd).wait(deadline) if fcntl is not None else _poll(fd, deadline)):
+        return time.monotonic() - started
+    raise LockTimeout(f"lock {lock_file} is held by another process after "
+                      f"{format_duration(timeout_s)}; retry, or raise --lock-timeout",
+                      lock_file=lock_file, timeout_s=timeout_s)
+
+
+# The descriptors of waits under way: each caller's and its helper's duplicate. A child
+# forked meanwhile (by another thread) has neither the caller nor the helper to close its
+# copies, which would keep the lock's open file, and so a granted lock, alive for as long
+# as the child lives: it closes them at once.
+_QUEUED: set[int] = set()
+
+
+def _close_queued_in_child() -> None:
+    for fd in _QUEUED:
+        with suppress(OSError):
+            os.close(fd)
+    _QUEUED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_queued_in_child)
+
+
+class Waiter:
+    """A blocking ``flock`` on a duplicate of the caller's descriptor, on a daemon thread.
+
+    The duplicate shares the caller's open file, so the lock the helper is granted is the
+    caller's. If the caller gave up first (its deadline, or an exception such as
+    KeyboardInterrupt), the helper unlocks and closes the duplicate as soon as the kernel
+    grants it the lock: the lock is let go at once and no descriptor is left open. A helper
+    still queued when the process exits does not keep it alive (a daemon thread).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.caller_fd = fd
+        self.fd = os.dup(fd)
+        self.granted = threading.Event()  # set when the helper is done and the caller still waits
+        self.decided = threading.Lock()  # orders the helper's grant and the caller's giving up
+        self.abandoned = False
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="escalate-lock-waiter", daemon=True)
+        _QUEUED.update((fd, self.fd))
+        try:
+            self.thread.start()
+        except BaseException:
+            _QUEUED.difference_update((fd, self.fd))
+            os.close(self.fd)
+            raise
+
+    def _run(self) -> None:
+        error = None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue until granted
+        except OSError as exc:
+            error = exc
+        with self.decided:
+            if self.abandoned and error is None:
+                # Unlocks the open file the caller shares, even before it closes its descriptor.
+                with suppress(OSError):
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+            _QUEUED.discard(self.fd)
+            os.close(self.fd)  # else the caller's descriptor keeps the lock
+            self.error = error
+            if not self.abandoned:
+                self.granted.set()
+
+    def wait(self, deadline: float) -> bool:
+        """True once the lock is the caller's; False, and given up, at ``deadline`` (on the
+        monotonic clock). An error of the ``flock`` call is raised here."""
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if self.granted.wait(min(left, threading.TIMEOUT_MAX)):
+                    break
+        finally:
+            with self.decided:
+                _QUEUED.discard(self.caller_fd)
+                if not self.granted.is_set():
+                    self.abandoned = True
+        if self.granted.is_set() and self.error is not None:
+            raise self.error
+        return self.granted.is_set()
+
+
+def _poll(fd: int, deadline: float) -> bool:
+    """Where there is no ``flock`` to sleep on: try again after 50 µs, backing off to 0.5 ms."""
     pause = FIRST_POLL_S
     while (now := time.monotonic()) < deadline:
         time.sleep(min(pause, deadline - now))
         pause = min(pause * 2, MAX_POLL_S)
         if lock_descriptor(fd, blocking=False):
-            return time.monotonic() - started
-    raise LockTimeout(f"lock {lock_file} is held by another process after "
-                      f"{format_duration(timeout_s)}; retry, or raise --lock-timeout",
-                      lock_file=lock_file, timeout_s=timeout_s)
+            return True
+    return False
