@@ -19,7 +19,7 @@ from escalate import Ledger
 from escalate.cli import app
 from escalate.errors import Pending
 from escalate.pools import Pool
-from escalate.reports.runs import inbox
+from escalate.reports.inbox import inbox
 from tests.conftest import FakeClock, Location, snapshot_store
 
 REASONS = {

@@ -25,7 +25,8 @@ from escalate.cli import (
 )
 
 if TYPE_CHECKING:
-    from escalate.reports.runs import EscalationView, InboxRow, SweepReport
+    from escalate.reports.inbox import EscalationView, InboxRow
+    from escalate.reports.runs import SweepReport
     from escalate.stores.seam import Store
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
@@ -141,7 +142,8 @@ def escalations(
     moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
     def action() -> dict[str, list[InboxRow]]:
-        from escalate.reports.runs import inbox, runs_root
+        from escalate.reports.inbox import inbox
+        from escalate.reports.runs import runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         found = inbox(root, run=run, open_only=only_open)
@@ -177,7 +179,8 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
     moment: list[datetime] = []
 
     def action() -> EscalationView:
-        from escalate.reports.runs import escalation_view, runs_root
+        from escalate.reports.inbox import escalation_view
+        from escalate.reports.runs import runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         view = escalation_view(root, run, escalation_id)

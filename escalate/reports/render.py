@@ -174,7 +174,7 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
         parts.append(Text(f"… {len(task_ids) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
     if escalations:
-        from escalate.reports.runs import escalation_row  # what each needs now, as the inbox shows it
+        from escalate.reports.inbox import escalation_row  # what each needs now, as the inbox shows it
 
         pool_id = None if pool is None else pool["pool"]
         pool_left = None if pool is None else pool["pool_remaining_micros"]

@@ -1,5 +1,6 @@
-"""Library calls over many runs, and the verify report: what ``runs list``, ``escalations``,
-``sweep`` and ``runs verify`` compute, for Python callers as for the CLI.
+"""Library calls over many runs, and the verify report: what ``runs list``, ``sweep`` and
+``runs verify`` compute, for Python callers as for the CLI (``escalations``:
+:mod:`escalate.reports.inbox`).
 
 A runs folder that does not exist yet holds no runs (an empty answer, as on a fresh
 checkout); a file in its place is bad input. One run that cannot be read never hides the
@@ -13,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
-from escalate.core.events import PRIORITIES, Priority
-from escalate.core.state import EscalationState, RunState
+from escalate.core.state import RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
@@ -54,84 +54,6 @@ class BrokenRun(TypedDict):
     error: str
     message: str
     opened_at: str  # empty: listed after the runs that say when they were opened
-
-
-class InboxRow(TypedDict):
-    """One escalation of :func:`inbox`: its run and ``Escalation.to_json()``."""
-
-    run: str
-    id: str
-    task: str
-    kind: str
-    from_micros: int
-    requested_micros: int
-    remaining_micros: int
-    reason: str
-    offered: list[str]
-    opened_at: str
-    expires_at: str | None
-    shadow: bool
-    state: str
-    mode: str | None
-    by: str | None
-    resolved_at: str | None
-    extension_micros: int
-    requested_by: str | None
-    request_reason: str
-    priority: str
-    needed_extension_micros: int
-    notify_attempts: int
-    notified_at: str | None
-    notified_ok: bool | None
-    pool: str | None  # reason pool_cap: the pool whose approvers decide it
-    # Computed when shown, not recorded: the log's needed_extension_micros is what it needed
-    # when asked, and other tasks may have reserved or released since.
-    fired: str  # the limit it fired on: run_cap, threshold, pool_cap or pool_threshold
-    needed_now_micros: int | None  # the extension approving it needs now (None: not open)
-    run_remaining_now_micros: int  # what is left of the run now
-    run_pool: str | None  # the pool the run belongs to, whatever fired (None: none)
-    pool_remaining_micros: int | None  # what is left of run_pool in its current period
-
-
-class NoticeAttempt(TypedDict):
-    """One attempt to deliver an escalation's notice (an ``escalation_notified`` line)."""
-
-    attempt: int
-    at: str
-    ok: bool
-    detail: str
-
-
-class Approval(TypedDict):
-    by: str
-    role: str | None  # the identity the store vouched for (None: not recorded)
-    at: str
-
-
-class EscalationView(InboxRow):
-    """``escalations show``: one escalation in full, with the money of its run and pool now,
-    its approvals, every notice attempt, and the commands that answer it."""
-
-    run_money: dict[str, int]
-    pool_money: dict[str, Any] | None  # None: the run is in no pool, or it cannot be read
-    approvers: list[str]  # who may answer it (empty: anyone but the requester)
-    approvals: list[Approval]
-    quorum: int  # approvals that decide it
-    notices: list[NoticeAttempt]
-    commands: dict[str, str]  # approve / pause / cancel: empty once it is settled
-
-
-class SkippedRun(TypedDict):
-    run: str
-    error: str
-    message: str
-
-
-class Inbox(TypedDict):
-    """The approver's inbox: escalations most urgent first, and the runs that could not be read."""
-
-    escalations: list[InboxRow]
-    skipped: list[SkippedRun]
 
 
 class SweptEscalation(TypedDict):
@@ -240,133 +162,6 @@ def run_word(state: RunState) -> RunWord:
     if state.halts:
         return "halted tasks"
     return "active" if state.reserved_micros else "idle"
-
-
-def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-          open_only: bool = False) -> Inbox:
-    """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
-    then by priority, then newest first; ``open_only`` keeps those waiting for a person.
-    An unreadable run is skipped and listed, unless it is ``run``."""
-    root = runs_root(runs_dir)
-    run_ids = [run] if run is not None else list(iter_run_ids(root))
-    rows: list[InboxRow] = []
-    skipped: list[SkippedRun] = []
-    pools: dict[str, int | None] = {}  # each pool's remaining, read once for all its runs
-    for run_id in run_ids:
-        try:
-            ledger = Ledger.open(root, run_id)
-            state = ledger.state()
-            pool = ledger.pool_id()
-        except EscalateError as error:
-            if run is not None:
-                raise
-            skipped.append({"run": run_id, "error": error.code, "message": error.message})
-            continue
-        if pool is not None and pool not in pools:
-            pools[pool] = pool_remaining(root, pool)
-        rows += [escalation_row(state, item, pool, None if pool is None else pools[pool])
-                 for item in state.escalations.values() if not open_only or item.state == "open"]
-    # Most urgent first: what waits for a person before what is settled, then by priority,
-    # then newest first (two stable sorts).
-    rows.sort(key=lambda row: row["opened_at"], reverse=True)
-    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
-        cast(Priority, row["priority"]))))
-    return {"escalations": rows, "skipped": skipped}
-
-
-def pool_remaining(runs_dir: Path | Store, pool_id: str) -> int | None:
-    """What is left of pool ``pool_id`` in its current period; None when the pool cannot be
-    read (its members' escalations are still listed)."""
-    from escalate.pools.pool import Pool
-
-    try:
-        return Pool.open(runs_dir, pool_id).show()["remaining_micros"]
-    except EscalateError:
-        return None
-
-
-def escalation_row(state: RunState, escalation: EscalationState, pool: str | None,
-                   pool_left: int | None) -> InboxRow:
-    """``escalation`` of the run ``state`` as the inbox lists it, with what it needs now:
-    the extension an approval would grant if given now, from what is left now of the run
-    (or, for a ``pool_cap`` escalation, of ``pool``, which has ``pool_left``)."""
-    from escalate.core.decide import fired_limit
-    from escalate.core.resolve import grant_delta
-    from escalate.core.rules import needed_extension
-
-    row = escalation.to_json()
-    needed: int | None = None
-    if escalation.state == "open" and not escalation.shadow:
-        left = pool_left if escalation.reason == "pool_cap" else state.remaining_micros
-        needed = None if left is None else needed_extension(grant_delta(state, escalation), left)
-    # A run belongs to one pool for good: its pool_cap escalations are that pool's.
-    return cast(InboxRow, {"run": state.run_id, **row,
-                           "pool": pool if escalation.reason == "pool_cap" else None,
-                           "fired": fired_limit(row), "needed_now_micros": needed,
-                           "run_remaining_now_micros": state.remaining_micros, "run_pool": pool,
-                           "pool_remaining_micros": pool_left})
-
-
-def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
-                    escalation_id: str) -> EscalationView:
-    """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
-    computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
-    from escalate.core.ids import check_id
-    from escalate.core.resolve import unknown_escalation
-    from escalate.core.rules import extension_left
-    from escalate.escalation.delivery import answer_commands
-
-    root = runs_root(runs_dir)
-    check_id(escalation_id, what="escalation id")
-    ledger = Ledger.open(root, run_id)
-    state = ledger.state()
-    escalation = state.escalations.get(escalation_id)
-    if escalation is None:
-        raise unknown_escalation(state.run_id, escalation_id)
-    pool = ledger.pool_id()
-    report = None
-    if pool is not None:
-        from escalate.pools.pool import Pool
-
-        try:
-            report = Pool.open(root, pool).show()
-        except EscalateError:
-            report = None  # the run's own money and the escalation are still shown
-    row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
-    policy = report["escalation"] if report is not None and escalation.reason == "pool_cap" else \
-        state.policy.to_json()
-    events, _ = ledger.events()
-    waiting = escalation.state == "open" and not escalation.shadow
-    return {
-        **row,
-        "run_money": {"cap_micros": state.cap_micros, "committed_micros": state.committed_micros,
-                      "remaining_micros": state.remaining_micros, "extended_micros": state.extended_micros,
-                      "extension_left_micros": extension_left(state.policy.max_extension_micros,
-                                                              state.extended_micros)},
-        "pool_money": None if report is None else {
-            "pool": report["pool"], "period": report["period"], "cap_micros": report["cap_micros"],
-            "committed_micros": report["committed_micros"], "remaining_micros": report["remaining_micros"],
-            "extended_micros": report["extended_micros"],
-            "extension_left_micros": extension_left(report["escalation"]["max_extension_micros"],
-                                                    report["extended_micros"])},
-        "approvers": list(policy.get("approvers", [])),
-        "approvals": [{"by": escalation.by, "role": _resolver_role(events, escalation_id),
-                       "at": escalation.resolved_at or ""}]
-        if escalation.mode == "extend" and escalation.by else [],
-        "quorum": 1,
-        "notices": [{"attempt": event["attempt"], "at": event["ts"], "ok": event["ok"],
-                     "detail": event.get("detail", "")}
-                    for event in events if event.get("type") == "escalation_notified"
-                    and event.get("id") == escalation_id],
-        "commands": answer_commands(state.run_id, escalation_id, escalation.offered) if waiting else {},
-    }
-
-
-def _resolver_role(events: list[Any], escalation_id: str) -> str | None:
-    """The identity the store recorded for whoever resolved ``escalation_id`` (its
-    resolution's ``role``), if any."""
-    return next((event.get("role") for event in events
-                 if event.get("type") == "escalation_resolved" and event.get("id") == escalation_id), None)
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
