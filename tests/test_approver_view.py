@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +239,30 @@ def test_every_notice_carries_the_commands_that_answer_it(runs_dir: Path, cli: A
     Ledger.open(runs_dir, "r", notify_cmd=hook, clock=clock).sweep()
     again = {notice["id"]: notice["commands"] for notice in notices()}
     assert again == {notice["id"]: notice["commands"] for notice in first}
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
+def test_where_keys_are_pinned_the_commands_sign(runs_dir: Path, cli: Any, tmp_path: Path) -> None:
+    key = tmp_path / "alice"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pinned = f"alice={Path(f'{key}.pub').read_text().strip()}"
+    received = tmp_path / "notices"
+    received.mkdir()
+    hook = f"cat > $(mktemp -p {shlex.quote(str(received))})"
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approver-key", pinned).exit_code == 0
+    for run, pin in (("signed", ["--approver-key", pinned]), ("pooled", ["--pool", "team"])):
+        assert cli("runs", "init", run, "--cap", "10", "--escalation", "enforce", "--approval-threshold", "5",
+                   *pin).exit_code == 0
+    asked = {run: cli("reserve", run, "t", "--estimate", "4" if run == "pooled" else "6", "--by", "bob",
+                      "--notify-cmd", hook, "--json").json()["escalation_id"] for run in ("signed", "pooled")}
+    notices = {notice["run"]: notice["commands"]
+               for notice in (orjson.loads(path.read_bytes()) for path in received.iterdir())}
+    for run, escalation_id in asked.items():
+        commands = {command: f"escalate {command} {run} {escalation_id} --sign KEYFILE"
+                    for command in ("approve", "pause", "cancel")}
+        assert notices[run] == commands
+        assert cli("escalations", "show", run, escalation_id, "--json").json()["commands"] == commands
+        # Exact: with the approver's own key file in place of KEYFILE, it answers.
+        done = cli(*shlex.split(commands["approve"].replace("KEYFILE", str(key)))[1:], "--by", "alice")
+        assert done.exit_code == 0, done.stderr

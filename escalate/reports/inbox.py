@@ -210,7 +210,8 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
                      "detail": event.get("detail", "")}
                     for event in events if event.get("type") == "escalation_notified"
                     and event.get("id") == escalation_id],
-        "commands": answer_commands(state.run_id, escalation_id, escalation.offered) if waiting else {},
+        "commands": answer_commands(state.run_id, escalation_id, escalation.offered,
+                                    signed=bool(policy.get("approver_keys"))) if waiting else {},
     }
 
 
