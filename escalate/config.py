@@ -9,7 +9,6 @@ a Python caller gets the same defaults as the ``escalate`` command.
 from __future__ import annotations
 
 import enum
-import getpass
 import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -103,6 +102,13 @@ def _default_actor() -> str:
     name = os.environ.get("ESCALATE_ACTOR")
     if name:
         return name
+    # What getpass.getuser() reads first, without importing it (it loads termios and pwd):
+    # start-up is on every command's path.
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if user := os.environ.get(variable):
+            return user
+    import getpass
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -142,7 +148,7 @@ ApproverKeys = list[str] | tuple[str, ...] | Mapping[str, str | list[str] | tupl
 def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
     """The pinned keys of ``--approver-key NAME=KEY`` (repeatable; a name may have several),
     or a mapping of names to key lines: each name checked as an actor, each key as an
-    OpenSSH public key line (ed25519, ecdsa or rsa); empty pins nothing."""
+    OpenSSH public key line (ed25519, ecdsa or rsa); empty (or ``""`` only) pins nothing."""
     from escalate.core.sshsig import KEY_TYPES, SignatureError, parse_key
 
     pairs: list[tuple[Any, Any]]
@@ -150,8 +156,9 @@ def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
         pairs = [(name, line) for name, lines in keys.items()
                  for line in ([lines] if isinstance(lines, str) else lines)]
     elif isinstance(keys, (list, tuple)):
+        # ``--approver-key ""`` pins nothing: on ``set``, it unpins every key.
         pairs = [(item.split("=", 1)[0], item.split("=", 1)[1]) if isinstance(item, str) and "=" in item
-                 else (item, None) for item in keys]
+                 else (item, None) for item in keys if item != ""]
     else:
         raise InputError(f"invalid approver keys {keys!r}: give NAME=KEY", code="invalid_key",
                          value=repr(keys)[:40])

@@ -97,6 +97,9 @@ class Pending(EscalateError):
     remaining_micros: int | None = None
     offered: list[str] | None = None
     expires_at: str | None = None
+    # A pool_cap escalation on a member run: the pool whose approvers (only) decide it.
+    pool: str | None = None
+    approvers: list[str] | None = None
 
 
 class Conflict(EscalateError):

@@ -25,6 +25,8 @@ class TaskResult(TypedDict):
     shadow_escalation_id: NotRequired[str]
     withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
     pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in this period
+    pool: NotRequired[str]  # a member run: its pool,
+    pool_escalation: NotRequired[dict[str, Any]]  # and the pool's escalation policy, which binds it too
 
 
 class ResolutionResult(TypedDict):
@@ -49,6 +51,8 @@ class PolicyResult(TypedDict):
     run: str
     status: Literal["changed", "exists"]
     escalation: dict[str, Any]
+    pool: NotRequired[str]  # a member run: its pool,
+    pool_escalation: NotRequired[dict[str, Any]]  # whose policy binds it too, whatever its own says
 
 
 class DeliveryResult(TypedDict):

@@ -144,6 +144,7 @@ class Ledger:
         OpenSSH public key lines) whose signatures every resolution then needs.
         """
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
+        from escalate.pools import void
 
         run = cls(runs_dir, run_id, **options)
         run.runs_store.check_usable()
@@ -161,14 +162,14 @@ class Ledger:
         if joining is not None:
             payload["pool"] = joining.run_id
         line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or first_event(run.store) is not None:
+        if joining is None or void.void_if_taken(run, joining):
             # (An existing run is never joined: it is the same init again, or a conflict. A
             # torn first write is no run: the join comes first, then the create sets it aside.)
             run.created = run.store.create(line, recovery)
         else:
-            run.created = pool_book.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
-                                         clock=run.clock, lock_timeout=run.lock_timeout,
-                                         create=lambda: run.store.create(line, recovery))
+            run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                    clock=run.clock, lock_timeout=run.lock_timeout,
+                                    create=lambda: run.store.create(line, recovery))
         if not run.created:
             run._check_same(run_cap, payload, policy)
         return run
@@ -286,7 +287,7 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s, approver_keys=approver_keys)
-            return resolve.decide_policy(state, policy, self.actor, role)
+            return resolve.decide_policy(state, policy, self.actor, role, pool)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 

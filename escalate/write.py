@@ -21,7 +21,8 @@ from escalate.core.events import Event, format_ts, parse_ts, seal
 from escalate.core.replay import Replayed
 from escalate.core.state import RuleViolation, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
-from escalate.stores.seam import CacheInvalid, LedgerStore, RecoveredFirstLines, Transaction
+from escalate.stores.checkpoint import CheckpointInvalid
+from escalate.stores.seam import LedgerStore, RecoveredFirstLines, Transaction
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
@@ -91,7 +92,7 @@ def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, check
         try:
             return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
                                inside=inside, member_of=member_of)
-        except CacheInvalid:
+        except CheckpointInvalid:
             # A cache row failed its checksum, or SQLite a read, before anything was
             # written: decide again from the log alone. That write replaces the cache under
             # the lock (removing it here, unlocked, would pull it from under another

@@ -455,3 +455,27 @@ def test_the_gate_never_passes_a_log_verify_fails(cli: Any, runs_dir: Path) -> N
     gate = cli("gate", "r", "--json")
     assert gate.exit_code == 6, gate.stdout
     assert gate.json()["error"] == "corrupt_ledger" and gate.json()["line"] == 4
+
+
+def _handles_on(folder: Path) -> int:
+    """How many of this process's open handles are the folder ``folder`` itself."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            count += os.readlink(fds / fd) == str(folder)
+    return count
+
+
+def test_a_dropped_ledger_closes_its_kept_connection_and_folder_handle(tmp_path: Path) -> None:
+    """A writer keeps its cache connection (and a handle of the run folder for it) across
+    commands; a Ledger let go must give both back, or a long-lived process that makes a
+    Ledger per job runs out of handles."""
+    import gc
+
+    Ledger.init(tmp_path, "r", cap="100", actor="tester")
+    before = _handles_on(tmp_path / "r")
+    for job in range(20):
+        Ledger.open(tmp_path, "r", actor="tester").reserve(f"job-{job}", "1")
+    gc.collect()
+    assert _handles_on(tmp_path / "r") == before

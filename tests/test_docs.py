@@ -98,6 +98,11 @@ def drive_every_event_type(runs_dir: Path) -> None:
     pool.set_policy(escalation="off", cap="2.5")
     with pytest.raises(Refused):
         member.reserve("p2", "1")
+    # A 'runs init off --pool pool' that lost the race for the id: its join is voided.
+    from escalate.pools import void
+
+    void.join(member.runs_store, "pool", off.store, actor="tester", clock=clock, lock_timeout=5,
+              create=lambda: False)
 
 
 def escalated_in(run: Ledger, task: str, amount: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -329,9 +330,23 @@ def test_float_boundary_cli(cli: Any, store: Location) -> None:
 CLI_REFUSED = ["", "NaN", "inf", "-1", "1e3", "1,000", "0.0000001", "\u0661", "1000000001", "abc"]
 
 
+# Amounts are parsed before any store is opened: the file store runs every bad value, and the
+# PostgreSQL store one per command (test_store_conformance.py holds what the stores differ in).
 @pytest.mark.parametrize("bad", CLI_REFUSED)
 @pytest.mark.parametrize("command", ["reserve", "increase", "release", "init"])
-def test_cli_refuses_bad_amount_with_one_line(cli: Any, store: Location, bad: str, command: str) -> None:
+def test_cli_refuses_bad_amount_with_one_line(cli: Any, runs_dir: Path, bad: str, command: str) -> None:
+    _refuses_bad_amount(cli, bad, command)
+
+
+@pytest.mark.parametrize("command", ["reserve", "increase", "release", "init"])
+def test_cli_refuses_bad_amount_on_postgresql(cli: Any, pg_url: str, monkeypatch: pytest.MonkeyPatch,
+                                              command: str) -> None:
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    monkeypatch.setenv("ESCALATE_STORE", pg_url)
+    _refuses_bad_amount(cli, "1e3", command)
+
+
+def _refuses_bad_amount(cli: Any, bad: str, command: str) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     assert cli("reserve", "r", "held", "--estimate", "1").exit_code == 0
     args = {

@@ -49,7 +49,8 @@ def test_an_install_from_the_package_index_is_marked_for_after_the_first_release
         text = " ".join(document.read_text(encoding="utf-8").split())
         if re.search(rf"\b(?:pipx|pip) install '?{DISTRIBUTION}\b", text):
             assert "after the first release" in text, document.name
-            from_a_checkout = r"\bpipx? install (?:'\.\[(?:postgres|signing)\]'|\.|[\w/]*escalate_ledger-\*\.whl)"
+            from_a_checkout = (r"\bpipx? install "
+                               r"(?:'\.\[(?:postgres|signing)\]'|\.|[\w/]*escalate_ledger-\*\.whl)")
             assert re.search(from_a_checkout, text), document.name
 
 

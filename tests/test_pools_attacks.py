@@ -98,20 +98,22 @@ def test_books_edited_by_hand_are_rebuilt_not_trusted(store: Location) -> None:
 
 def test_the_pool_gate_passes_over_joins_that_hold_no_money(store: Location, cli: Any) -> None:
     """A join whose run id was taken meanwhile — by a pool (a race with 'pools init') or by a
-    run of no pool — counts nothing and never breaks the pool's gate."""
+    run of no pool — is voided by the init that lost the race (run_join_voided), and never
+    breaks the pool's gate. (Before voids, such joins stayed listed and counted as nothing;
+    now a join left standing over another ledger fails closed: tests/test_pool_joins.py.)"""
     from escalate.config import utc_now
-    from escalate.pools import book as pool_book
+    from escalate.pools import void
 
     Pool.init(store, "P", cap="10", actor="tester")
     Ledger.init(store, "A", pool="P", actor="tester").reserve("t", "1")
     Pool.init(store, "Q", cap="5", actor="tester")
     Ledger.init(store, "solo", cap="5", actor="tester").reserve("t", "4")
     runs = Ledger.open(store, "A").runs_store
-    for taken in ("Q", "solo"):  # what a cut-short 'runs init --pool P' leaves when it loses the race
-        created = pool_book.join(runs, "P", runs.ledger(taken, lock_timeout=5), actor="tester",
-                                 clock=utc_now, lock_timeout=5, create=lambda: False)  # the id was taken
+    for taken in ("Q", "solo"):  # what a 'runs init --pool P' does when it loses the race
+        created = void.join(runs, "P", runs.ledger(taken, lock_timeout=5), actor="tester",
+                             clock=utc_now, lock_timeout=5, create=lambda: False)  # the id was taken
         assert created is False
-    assert {"Q", "solo"} <= set(Pool.open(store, "P").facts.members)
+    assert Pool.open(store, "P").facts.members == ["A"]  # both joins voided
     result = cli("gate", "--pool", "P", "--json")
     assert result.exit_code == 0, result.stderr
     assert Pool.open(store, "P").show()["committed_micros"] == 1_000_000

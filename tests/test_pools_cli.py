@@ -150,9 +150,9 @@ def test_runs_show_and_list_name_the_pool_and_what_it_has_left(runs_dir: Path, c
 
 def test_the_inbox_names_the_reason_and_the_pool_of_an_escalation(runs_dir: Path, cli: Any) -> None:
     Pool.init(runs_dir, "team", cap="5", escalation="enforce")
-    run = Ledger.init(runs_dir, "a", pool="team", cap="100", escalation="enforce", approval_threshold="50")
+    run = Ledger.init(runs_dir, "a", pool="team", cap="100", escalation="enforce", approval_threshold="2")
     assert cli("reserve", "a", "big", "--estimate", "6", "--reason", "the e2e suite").exit_code == 4
-    assert cli("reserve", "a", "huge", "--estimate", "60").exit_code == 4  # the run's own threshold
+    assert cli("reserve", "a", "huge", "--estimate", "3").exit_code == 4  # the run's own threshold only
     rows = {row["task"]: row for row in cli("escalations", "--json").json()["escalations"]}
     assert (rows["big"]["reason"], rows["big"]["pool"]) == ("pool_cap", "team")
     assert (rows["huge"]["reason"], rows["huge"]["pool"]) == ("threshold", None)

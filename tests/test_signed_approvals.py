@@ -236,6 +236,12 @@ def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[
     changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice")
     assert changed.exit_code == 0, changed.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {"alice": (pub(keys["alice-rsa"]),)}
+    refused = cli("runs", "set", "r", "--approver-key", "", "--by", "mallory", "--json")
+    assert (refused.exit_code, refused.json()["error"]) == (3, "not_an_approver")
+    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice")
+    assert unpinned.exit_code == 0, unpinned.stderr
+    assert Ledger.open(store, "r").state().policy.approver_keys == {}
+    assert "approver_keys" not in Ledger.open(store, "r").state().policy.to_json()
 
 
 def test_a_bad_key_creates_nothing(cli: Any, store: Any) -> None:
@@ -271,6 +277,32 @@ def test_a_pool_cap_escalation_needs_the_pools_pinned_key(cli: Any, keys: dict[s
     resolved = [e for e in events(log_bytes(store, "r")) if e["type"] == "escalation_resolved"]
     assert resolved[0]["key"] == sshsig.parse_key(pub(keys["alice-ecdsa"])).fingerprint
     assert Ledger.open(store, "r").verify().problems == []
+    assert cli("pools", "verify", "team").exit_code == 0
+
+
+def test_pools_verify_finds_a_forged_pool_cap_signature_in_a_member_log(
+        cli: Any, keys: dict[str, Path], runs_dir: Path) -> None:
+    # The pool pins the keys; the resolution is in the member run's log, whose own fold
+    # cannot see them: pools verify checks it against the pool's log.
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approver-key", f"alice={pub(keys['alice-ecdsa'])}").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "10", "--pool", "team", "--escalation", "enforce").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json")
+    approved = cli("approve", "r", asked.json()["escalation_id"], "--by", "alice",
+                   "--sign", str(keys["alice-ecdsa"]))
+    assert approved.exit_code == 0, approved.stderr
+    log = runs_dir / "r" / "events.ndjson"
+    signed = log.read_bytes()
+    assert cli("pools", "verify", "team").exit_code == 0
+    for name, forged in _forgeries(signed, keys).items():
+        if name == "a wrong key field":
+            continue  # the fingerprint is a label; the signature is what is checked
+        log.write_bytes(forged)
+        for cache in runs_dir.glob("r/*.sqlite*"):
+            cache.unlink()
+        verified = cli("pools", "verify", "team", "--json")
+        assert verified.exit_code == 6, (name, verified.stdout)
+        assert "pool_cap escalation" in verified.stdout, name
 
 
 def test_signing_through_ssh_agent_with_the_public_half(

@@ -53,8 +53,8 @@ def _said(result: dict[str, Any]) -> None:
 ApproverKeyOption = Annotated[list[str] | None, typer.Option(
     "--approver-key", metavar="NAME=KEY",
     help="Pin an approver's public SSH key, e.g. 'alice=ssh-ed25519 AAAA… alice@host' (repeatable; on "
-    "set, the keys given replace the pinned ones); every approve, pause and cancel must then be signed "
-    "(--sign) by a key pinned for its --by.", show_default=False)]
+    "set, the keys given replace the pinned ones, \"\" unpins all); every approve, pause and cancel must "
+    "then be signed (--sign) by a key pinned for its --by.", show_default=False)]
 SignOption = Annotated[Path | None, typer.Option(
     "--sign", metavar="KEYFILE",
     help="Sign the resolution with this private SSH key file, or with ssh-agent when KEYFILE is the "

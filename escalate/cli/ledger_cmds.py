@@ -50,7 +50,13 @@ def _say(result: dict[str, Any]) -> None:
         echo_line(f"{task}: approved by {result.get('by')}, {usd(result['reserved_micros'])} reserved")
     else:
         shadow = result.get("shadow_escalation_id")
-        echo_line(f"{status} {task}: {usd(result['reserved_micros'])} (remaining {remaining})"
+        pool = ""
+        if "pool_escalation" in result:  # a member run: which pool binds it too, and how
+            from escalate.reports.report import policy_line
+
+            pool = (f"; pool {result['pool']}: {usd(result['pool_remaining_micros'])} left, escalation "
+                    f"{policy_line(result['pool_escalation'])}")
+        echo_line(f"{status} {task}: {usd(result['reserved_micros'])} (remaining {remaining}{pool})"
                   + (f"; would have escalated (shadow {shadow})" if shadow else ""))
 
 

@@ -26,7 +26,7 @@ from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.core.money import format_usd as usd
-from escalate.reports.report import printable
+from escalate.reports.report import pool_binding, printable
 
 if TYPE_CHECKING:
     from escalate.reports.runs import BrokenRun, RunRow, VerifyReport
@@ -178,10 +178,11 @@ def set_policy(
         changed = [f"{label} {show(before.get(key))} → {show(after.get(key))}"
                    for key, (label, show) in _POLICY_FIELDS.items()
                    if before and before.get(key) != after.get(key)]
+        binding = pool_binding(result)  # a member run: its pool's policy still binds it
         if result["status"] == "exists" or not changed:
-            echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']})")
+            echo_line(f"run {result['run']}: escalation policy unchanged ({after['mode']}){binding}")
         else:
-            echo_line(f"run {result['run']}: {', '.join(changed)}")
+            echo_line(f"run {result['run']}: {', '.join(changed)}{binding}")
 
     respond(json_out, action, human)
 

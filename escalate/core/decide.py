@@ -115,7 +115,7 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
                 requested_micros=amount))
         open_escalation = state.open_escalations.get(task.escalation_id or "")
         if open_escalation is not None:
-            return _repeat_while_open(state, open_escalation, "reserve", amount)
+            return _repeat_while_open(state, open_escalation, "reserve", amount, pool)
     return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority, pool)
 
 
@@ -132,7 +132,7 @@ def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: st
             task=task_id, state="released", actual_micros=task.actual_micros))
     open_escalation = state.open_escalations.get(task.escalation_id or "") if task else None
     if open_escalation is not None and open_escalation.kind == "increase":
-        return _repeat_while_open(state, open_escalation, "increase", to)
+        return _repeat_while_open(state, open_escalation, "increase", to, pool)
     if task is None or not task.holding:
         state_word = task.state if task else "unknown"
         return fail(Conflict(
@@ -221,6 +221,9 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
     events: list[Event] = []
     request = Request(task_id, kind, before, to, reason, priority, now)
+    pooled = _pool_escalation(state, pool, request, over_remaining)
+    if pooled is not None and not pooled["shadow"]:  # the pool's check binds the run: its approvers decide
+        return Decision(events=[pooled], error=_pending(state, pooled, new=True, pool=pool))
     if policy.mode != "off" and (over_remaining or over_threshold):
         needed = needed_extension(delta, remaining)
         left = extension_left(policy.max_extension_micros, state.extended_micros)
@@ -228,7 +231,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
                                        "run_cap" if over_remaining else "threshold", needed, left, policy)
         events.append(escalation)
         if policy.mode == "enforce":
-            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+            return Decision(events=events, error=_pending(state, escalation, new=True))
     if over_remaining:
         events.append({"type": "halt", "task": task_id, "requested_micros": to,
                        "remaining_micros": remaining, "reason": "run_cap"})
@@ -239,10 +242,9 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
             cap_micros=state.cap_micros,
             **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
-    if pool is not None:
-        refused = _pool_refusal(state, pool, request, events)
-        if refused is not None:
-            return refused
+    refused = None if pool is None else _pool_refusal(pool, request, events, pooled)
+    if refused is not None:
+        return refused
     if kind == "reserve":
         events.append({"type": "budget_reserved", "task": task_id, "amount_micros": to})
         status = "reserved"
@@ -252,7 +254,8 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         status = "increased"
     extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
     if pool is not None:
-        extra["pool_remaining_micros"] = pool.remaining(pool.current) - delta
+        extra.update(pool_remaining_micros=pool.remaining(pool.current) - delta, pool=pool.pool_id,
+                     pool_escalation=pool.policy.to_json())
     return Decision(events=events, result={
         "status": status, "task": task_id, "reserved_micros": to,
         "remaining_micros": remaining - delta, **extra})
@@ -271,24 +274,43 @@ class Request:
     now: str
 
 
-def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: list[Event]) -> Decision | None:
-    """The pool's checks, once the run's passed: over what is left of the pool in this
-    period, or over the pool's approval threshold, the pool's policy decides (reason
-    ``pool_cap``). None: it fits. One escalation per write: a run's shadow one comes first."""
+def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
+                     over_run: bool) -> Event | None:
+    """The escalation (reason ``pool_cap``) the pool's policy opens for ``request``: over what
+    is left of the pool in this period, or over the pool's approval threshold. None:
+    no pool, or its check does not fire (or its mode is off). The pool's policy binds its
+    members: enforced, its check is its approvers' to decide whatever the run's own mode
+    or threshold. ``over_run``: the request is over its run's own cap too, which approving
+    a ``pool_cap`` escalation never extends; a run that does not escalate then halts first
+    (nothing is asked of anyone)."""
+    if pool is None or (over_run and state.policy.mode != "enforce"):
+        return None
     key = pool.current
     left = pool.remaining(key)
     delta = request.to - request.before
     policy = pool.policy
-    over = delta > left
     threshold = policy.approval_threshold_micros
-    over_threshold = threshold is not None and request.to > threshold
-    if policy.mode != "off" and (over or over_threshold) and not events:
-        needed, grantable = pool.grantable(delta)
-        escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy)
-        escalation["pool"] = pool.pool_id
-        events.append(escalation)
-        if policy.mode == "enforce":
-            return Decision(events=events, error=_pending(state.run_id, escalation, new=True))
+    if policy.mode == "off" or not (delta > left or (threshold is not None and request.to > threshold)):
+        return None
+    needed, grantable = pool.grantable(delta)
+    blocked = (f"it is over run {state.run_id}'s own cap, which an approval for the pool cannot extend"
+               if over_run else None)
+    escalation = _escalation_event(state, request, left, "pool_cap", needed, grantable, policy, blocked)
+    escalation["pool"] = pool.pool_id
+    return escalation
+
+
+def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
+                  pooled: Event | None) -> Decision | None:
+    """The pool's checks, once the run's passed and the pool's escalation (``pooled``) is
+    one only recorded (shadow, and only if this write records no other): over what is left
+    of the pool in this period, the task halts (reason ``pool_cap``). None: it fits."""
+    if pooled is not None and not events:
+        events.append(pooled)
+    key = pool.current
+    left = pool.remaining(key)
+    delta = request.to - request.before
+    over = delta > left
     if not over:
         return None
     events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
@@ -305,11 +327,12 @@ def _pool_refusal(state: RunState, pool: PoolView, request: Request, events: lis
 
 
 def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,
-                      left: int, policy: Policy) -> Event:
+                      left: int, policy: Policy, blocked: str | None = None) -> Event:
     """The ``escalation`` line for ``request``: the extension it needs, what of the max
-    extension is ``left``, and the deadline of the ``policy`` that governs it."""
+    extension is ``left``, and the deadline of the ``policy`` that governs it; ``blocked``:
+    why no approval can grant it (``extend`` is then not offered)."""
     shadow = policy.mode == "shadow"
-    offered = ["extend", "pause", "cancel"] if needed <= left else ["pause", "cancel"]
+    offered = ["extend", "pause", "cancel"] if needed <= left and blocked is None else ["pause", "cancel"]
     timeout = policy.timeout_s
     event: Event = {
         "type": "escalation",
@@ -327,7 +350,9 @@ def _escalation_event(state: RunState, request: Request, remaining: int, reason:
         "expires_at": None if shadow or timeout is None else add_seconds(request.now, timeout),
         "shadow": shadow,
     }
-    if needed > left:
+    if blocked is not None:
+        event["note"] = f"extend not offered: {blocked}"
+    elif needed > left:
         event["note"] = (f"extend not offered: needs {usd(needed)} but only {usd(max(left, 0))} "
                          "of the max extension is left"
                          + (" in this period" if reason == "pool_cap" else ""))
@@ -357,24 +382,34 @@ def _why(data: Mapping[str, Any]) -> str:
     return _WHY.get(fired, fired)
 
 
-def _pending(run_id: str, escalation: Event | EscalationState, *, new: bool) -> Pending:
+def _pending(state: RunState, escalation: Event | EscalationState, *, new: bool,
+             pool: PoolView | None = None) -> Pending:
+    """The answer to a request that waits on ``escalation``; ``pool``: the run's, whose
+    approvers decide a ``pool_cap`` escalation (the run's own, when it names none): the
+    answer names them."""
     data = escalation if isinstance(escalation, dict) else escalation.to_json()
     note = data.get("note") or ""
     verb = "escalated" if new else "still waiting on"
+    deciders: dict[str, Any] = {}
+    if pool is not None and data["reason"] == "pool_cap":
+        deciders = {"pool": pool.pool_id, "approvers": list(pool.policy.approvers or state.policy.approvers)}
     return Pending(
         f"{verb} {data['task']}: {usd(data['requested_micros'])} needs a person "
         f"({_why(data)}); "
         f"escalation {data['id']} offers {'/'.join(data['offered'])}"
         + (f" ({note})" if note else "")
-        + f" — run 'escalate wait {run_id} {data['id']}' or ask an approver",
+        + f" — run 'escalate wait {state.run_id} {data['id']}' or ask an approver"
+        + (f" of pool {deciders['pool']} ({', '.join(deciders['approvers']) or 'anyone but the requester'})"
+           if deciders else ""),
         code="escalation_open", escalation_id=data["id"], task=data["task"],
         requested_micros=data["requested_micros"], remaining_micros=data["remaining_micros"],
-        offered=list(data["offered"]), expires_at=data["expires_at"])
+        offered=list(data["offered"]), expires_at=data["expires_at"], **deciders)
 
 
-def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int) -> Decision:
+def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int,
+                       pool: PoolView | None) -> Decision:
     if escalation.kind == kind and escalation.requested_micros == amount:
-        return fail(_pending(state.run_id, escalation, new=False))
+        return fail(_pending(state, escalation, new=False, pool=pool))
     return fail(Conflict(
         f"task {escalation.task} has open escalation {escalation.id} for "
         f"{usd(escalation.requested_micros)}, not {usd(amount)}; "

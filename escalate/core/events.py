@@ -48,7 +48,10 @@ EscalationReason = Literal["run_cap", "threshold", "pool_cap"]
 Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
                     "escalation_resolved", "recovery", "policy_changed", "escalation_notified",
-                    "pool_opened", "run_joined", "run_archived"]
+                    "pool_opened", "run_joined", "run_archived", "run_join_voided"]
+# Why a pool's join was voided: its 'runs init --pool' found the id taken by a run of no
+# pool, a run of another pool, or a pool.
+VoidReason = Literal["run_of_no_pool", "run_of_another_pool", "a_pool"]
 # How a pool's cap repeats: never, per calendar day, ISO week or month in the pool's zone.
 Period = Literal["none", "day", "week", "month"]
 
@@ -58,6 +61,7 @@ RESOLVED_MODES: tuple[ResolvedMode, ...] = get_args(ResolvedMode)
 # The actor name expiry writes as ``by``: no person or process may act under it.
 TIMEOUT_ACTOR = "timeout"
 HALT_REASONS: tuple[HaltReason, ...] = get_args(HaltReason)
+VOID_REASONS: tuple[VoidReason, ...] = get_args(VoidReason)
 ESCALATION_KINDS: tuple[EscalationKind, ...] = get_args(EscalationKind)
 ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)

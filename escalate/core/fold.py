@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from escalate.core.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, PERIODS, SCHEMA_VERSION
+from escalate.core.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, PERIODS, SCHEMA_VERSION, VOID_REASONS
 from escalate.core.fold_escalations import apply_escalation, apply_notified, apply_resolved
 from escalate.core.fold_fields import (
     choice_field,
@@ -92,6 +92,16 @@ def _apply_joined(state: RunState, event: Mapping[str, Any]) -> None:
     state.pool.members.append(run_id)
 
 
+def _apply_join_voided(state: RunState, event: Mapping[str, Any]) -> None:
+    run_id = id_field(event, "run")
+    choice_field(event, "reason", VOID_REASONS)
+    if state.pool is None:
+        raise RuleViolation("run_join_voided may only be in a pool's log")
+    if run_id not in state.pool.members:
+        raise RuleViolation(f"run {run_id!r} voided, but it has no join")
+    state.pool.members.remove(run_id)  # never a member: the id may join again
+
+
 def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     """Fold one event (after the first) into ``state``; raise :class:`RuleViolation` if it is
     not what a correct writer appends next."""
@@ -163,7 +173,10 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
     elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
         raise not_task(task_id)
-    if over_cap(amount, amount, state.task_cap_micros, state.remaining_micros) is not None:
+    # rules.over_cap and RunState.remaining_micros, inline (once per reservation of every
+    # replay); _over names the cap with them.
+    if amount > state.task_cap_micros or amount > (state.run_cap_micros + state.extended_micros
+                                                   - state.spent_micros - state.reserved_micros):
         _over(state, task_id, amount, amount)
     tasks[task_id] = Task("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
@@ -195,8 +208,9 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
             f"but it holds {task.reserved_micros}"
         )
     delta = after - before
-    if over_cap(after, delta, state.task_cap_micros, state.remaining_micros) is not None:
-        _over(state, task_id, after, delta)
+    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
+                                                 - state.spent_micros - state.reserved_micros):
+        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
     task.state = "reserved"
     task.reserved_micros = after
     state.reserved_micros += delta
@@ -312,6 +326,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "pool_opened": _apply_opened_again,
     "run_joined": _apply_joined,
     "run_archived": _apply_archived,
+    "run_join_voided": _apply_join_voided,
 }
 
 

@@ -25,6 +25,7 @@ from escalate.core.events import (
     Priority,
     Resolution,
     ResolvedMode,
+    VoidReason,
 )
 
 
@@ -245,11 +246,19 @@ class RunArchived(TypedDict):
     type: Literal["run_archived"]
 
 
+class RunJoinVoided(TypedDict):
+    """A join whose runs init found the id taken by another ledger: the run was never the pool's member."""
+
+    type: Literal["run_join_voided"]
+    run: IdStr
+    reason: Annotated[VoidReason, Doc("What holds the id: a run of no pool, of another pool, or a pool.")]
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
            | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined
-           | RunArchived)
+           | RunArchived | RunJoinVoided)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived)
+    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived, RunJoinVoided)
 

@@ -56,11 +56,12 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
                       signature: str | None = None) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
-    (the pool's, for a ``pool_cap`` escalation; anyone, when it names none) may grant, pause
-    or cancel, and never the requester. ``role``: the database role acting (PostgreSQL
-    store), recorded, and the name an approver list is checked against. ``signature``: an
-    armored SSHSIG signature of the escalation's canonical content, which a policy that
-    pins approvers' keys requires (:func:`signed_fields`)."""
+    (the pool's, when its check opened it or a grant is over its threshold: :func:`_the_pools`;
+    anyone, when neither names any) may grant, pause or cancel, and never the requester.
+    ``role``: the database role acting (PostgreSQL store), recorded, and the name an
+    approver list is checked against. ``signature``: an armored SSHSIG signature of the
+    escalation's canonical content, which a policy that pins approvers' keys requires
+    (:func:`signed_fields`)."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(unknown_escalation(state.run_id, escalation_id))
@@ -123,10 +124,35 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
                                   if escalation.kind == "increase" else ""),
                 code="not_the_requester", **facts)
         return None
-    by_pool = pool is not None and escalation.reason == "pool_cap"
-    approvers = pool.policy.approvers if pool is not None and by_pool else state.policy.approvers
-    kind, ledger_id = ("pool", pool.pool_id) if pool is not None and by_pool else ("run", state.run_id)
-    who = f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may"
+    if pool is not None and pool.policy.approvers and _the_pools(pool, escalation, mode):
+        threshold = usd(pool.policy.approval_threshold_micros or 0)
+        why = "" if escalation.reason == "pool_cap" else \
+            f"over pool {pool.pool_id}'s approval threshold {threshold}; "
+        return _not_an_approver(state, escalation, by, role, pool.policy.approvers, "pool", pool.pool_id, why)
+    # (A pool that names no approvers lets anyone decide its checks, but not lift its member's
+    # own list: the stricter of the two holds.)
+    return _not_an_approver(state, escalation, by, role, state.policy.approvers, "run", state.run_id)
+
+
+def _the_pools(pool: PoolView, escalation: EscalationState, mode: str) -> bool:
+    """Whether ``escalation`` on a member run is its pool's approvers' to resolve as ``mode``:
+    the pool's check opened it, or, for a grant, the pool's enforced threshold is under what
+    it asks now (a threshold set or lowered since, or a log from before a pool's policy bound
+    its members: granting it is then theirs, as if the pool's check had opened it)."""
+    threshold = pool.policy.approval_threshold_micros
+    return escalation.reason == "pool_cap" or (
+        mode == "extend" and pool.policy.mode == "enforce" and threshold is not None
+        and escalation.requested_micros > threshold)
+
+
+def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role: str | None,
+                     approvers: tuple[str, ...], kind: str, ledger_id: str, why: str = "") -> Refused | None:
+    """Why ``by`` (acting as ``role``) may not resolve ``escalation`` as one of the
+    ``approvers`` of ``kind`` (run, pool) ``ledger_id``, or None; ``why``: what makes it
+    theirs, when that is not plain."""
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+             "requested_by": escalation.requested_by}
+    who = why + (f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may")
     if by == escalation.requested_by:
         return Refused(
             f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
@@ -267,26 +293,36 @@ def policy_changer_refused(state: RunState, by: str | None, role: str | None, wh
     return None
 
 
+def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Conflict | None:
+    """A max extension may not be lowered below what approvals already granted (a run's in
+    all, a pool's ``granted_in`` its current period): the ceiling would already be broken."""
+    if policy.max_extension_micros >= granted:
+        return None
+    return Conflict(f"max extension {usd(policy.max_extension_micros)} is below the {usd(granted)} already "
+                    f"granted{granted_in}; set --max-extension to at least {usd(granted)}",
+                    extended_micros=granted, max_extension_micros=policy.max_extension_micros)
+
+
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
-                  role: str | None = None) -> Decision:
+                  role: str | None = None, pool: PoolView | None = None) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
     its approvers, only they may change it: otherwise anyone could add themselves (``role``:
-    the database role acting, recorded, and checked instead of ``by``)."""
+    the database role acting, recorded, and checked instead of ``by``). A member run's
+    answer names its ``pool``'s policy too: the run's own settings never lift it."""
+    binding = {} if pool is None else {"pool": pool.pool_id, "pool_escalation": pool.policy.to_json()}
     if policy == state.policy:
-        return Decision(result={"status": "exists", "escalation": policy.to_json()})
+        return Decision(result={"status": "exists", "escalation": policy.to_json(), **binding})
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
                                      "runs set")
     if refusal is not None:
         return fail(refusal)
-    if policy.max_extension_micros < state.extended_micros:
-        return fail(Conflict(
-            f"max extension {usd(policy.max_extension_micros)} is below the "
-            f"{usd(state.extended_micros)} already granted; set --max-extension to at least "
-            f"{usd(state.extended_micros)}", extended_micros=state.extended_micros))
+    lowered = extension_lowered(policy, state.extended_micros)
+    if lowered is not None:
+        return fail(lowered)
     changed: Event = {"type": "policy_changed", "escalation": policy.to_json()}
     if role is not None:
         changed["role"] = role
-    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json()})
+    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json(), **binding})
 
 
 def decide_archive(state: RunState) -> Decision:

@@ -18,7 +18,6 @@ from escalate.core.durations import MAX_SWEEP_DEADLINE_S, check_duration
 from escalate.core.events import PRIORITIES, Event
 from escalate.core.state import EscalationState
 from escalate.errors import InputError
-from escalate.escalation.notify import run_hook
 from escalate.results import DeliveryResult
 
 # Records one attempt (ok, detail) of an escalation's notice; returns the recorded result.
@@ -95,6 +94,8 @@ def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: R
     already durable and answered, so a failure to record is only a warning: it never
     reaches the caller or its exit code."""
     escalation_id = notice["id"]
+    from escalate.escalation.notify import run_hook  # (a command that notifies nobody never loads it)
+
     ok, detail = run_hook(notify_cmd, notice, timeout_s=timeout_s)
     try:
         recorded = record(ok, detail)

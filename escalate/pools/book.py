@@ -341,7 +341,8 @@ class PoolLogWrite:
 
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         book = self.book
-        if book is not None and events:
+        # A void drops a member's entry and its totals: left to the next member write's rebuild.
+        if book is not None and events and events[0]["type"] != "run_join_voided":
             book.meta = _meta(state, facts_of(state), offset, book.transaction.derived_epoch(),
                               self.pool_store.stamp())
             # A run joins before it is created: it has no lines to count yet.

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from escalate.core.decide import Decision, fail
-from escalate.core.resolve import policy_changer_refused
+from escalate.core.events import VoidReason
+from escalate.core.resolve import extension_lowered, policy_changer_refused
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -23,13 +24,26 @@ def decide_join(state: RunState, run_id: str) -> Decision:
     return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
 
 
+def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decision:
+    """``run_join_voided`` for a join of ``run_id`` whose id another ledger holds (``taken``:
+    :func:`escalate.pools.member.taken_by`, read in the pool's critical section); nothing
+    when the run is the pool's member, not created yet, or not joined."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if taken is None or run_id not in state.pool.members:
+        return Decision(result={"status": "kept"})
+    return Decision(events=[{"type": "run_join_voided", "run": run_id, "reason": taken}],
+                    result={"status": "voided", "reason": taken})
+
+
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None) -> Decision:
+                       role: str | None = None, granted: tuple[int, str] | None = None) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
-    or the next period make room. Once the pool names approvers, only they may change it
-    (``role``: the database role acting, on PostgreSQL: recorded, and checked instead of
-    ``by``)."""
+    or the next period make room; a max extension below what was granted in the current
+    period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
+    pool names approvers, only they may change it (``role``: the database role acting, on
+    PostgreSQL: recorded, and checked instead of ``by``)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -39,6 +53,9 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
     if refusal is not None:
         return fail(refusal)
+    lowered = None if granted is None else extension_lowered(policy, *granted)
+    if lowered is not None:
+        return fail(lowered)
     event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
     if cap != state.pool.cap_micros:
         event["cap_micros"] = cap

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from escalate.core.events import Event, iter_lines, line_hash
+from escalate.core.events import Event, VoidReason, iter_lines, line_hash
 from escalate.core.pool_state import PeriodTotals, PoolFacts
 from escalate.core.state import RunState
 from escalate.errors import CorruptLedger, InputError
@@ -89,13 +89,18 @@ class Member:
 
 
 def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
-                      line: int = 1) -> CorruptLedger:
+                      line: int = 1, taken: bool = False) -> CorruptLedger:
     """The error of a member whose log cannot be read (exit 6): its pool cannot count its
-    money, so money writes in the pool and ``gate --pool`` refuse until it is back."""
+    money, so money writes in the pool and ``gate --pool`` refuse until it is back.
+    ``taken``: another ledger holds the member's id (:func:`taken_by`)."""
     run_id = store.run_id
     remedy = (f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
               f"'escalate runs archive {run_id}' instead), or run 'escalate runs init {run_id} --pool "
               f"{pool_id}' again if that was cut short" if missing else
+              f"put the member back as {run_id} under {store.where} (the other ledger aside first); "
+              f"only if {run_id} never was this pool's (its 'escalate runs init {run_id} --pool {pool_id}' "
+              "lost a race to another init of that id) run that command again: it voids the join"
+              if taken else
               f"inspect it with 'escalate runs verify {run_id}' and restore its log from a copy")
     return CorruptLedger(f"run {run_id} of pool {pool_id} cannot be read ({why}): the pool cannot count "
                          f"its money, so money writes in the pool are refused — {remedy}",
@@ -103,13 +108,37 @@ def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bo
                          first_suspect_line=line)
 
 
+def taken_by(first: dict[str, Any] | None, pool_id: str) -> VoidReason | None:
+    """What other ledger holds a member's id, from the first line ``first`` of the ledger
+    under that id: a run of no pool, a run of another pool, a pool; None when it is the
+    pool's member (or there is no ledger yet)."""
+    if first is None:
+        return None
+    if first.get("type") != "run_opened":
+        return "a_pool"
+    named = pool_of(first)
+    return None if named == pool_id else "run_of_no_pool" if named is None else "run_of_another_pool"
+
+
+def not_the_member(store: LedgerStore, pool_id: str, first: dict[str, Any],
+                   reason: VoidReason) -> CorruptLedger:
+    """:func:`member_unreadable` for a member whose id another ledger holds (``first``, its
+    first line; ``reason``: :func:`taken_by`): moved away and replaced, or a join whose init
+    lost a race and was never voided. Never counted as nothing: the pool cannot tell the two
+    apart."""
+    holder = {"a_pool": "a pool", "run_of_no_pool": "a run of no pool",
+              "run_of_another_pool": f"a run of pool {pool_of(first)}"}[reason]
+    return member_unreadable(store, pool_id, f"{store.run_id} under {store.where} is {holder}, not this "
+                             "pool's member", missing=False, taken=True)
+
+
 def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
                 stop: int | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
-    a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A run
-    that does not name the pool in its first line counts nothing (a join whose ``runs
-    init`` found the id taken). A member with no log (moved away, deleted, its creation cut
-    short) or a damaged one (a line that does not parse, a broken chain) is
+    a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A member
+    with no log (moved away, deleted, its creation cut short), a damaged one (a line that does
+    not parse, a broken chain), or one whose id another ledger holds (:func:`not_the_member`:
+    a join that lost a race is voided in the pool's log, and is then no member) is
     :func:`member_unreadable`: never counted as nothing."""
     member, ignored = Member(), {}  # type: ignore[var-annotated]
     try:
@@ -119,8 +148,9 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
     if first is None:
         raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
                                 missing=True)
-    if pool_of(first) != pool_id:
-        return member  # not this pool's: the id was another ledger's when it joined
+    taken = taken_by(first, pool_id)
+    if taken is not None:
+        raise not_the_member(store, pool_id, first, taken)
     group: list[Event] = []
     number, prev = 0, ""
     with store.reader() as stream:

@@ -21,10 +21,11 @@ from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
+from escalate.core.rules import period_name
 from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.pools import book as pool_book
-from escalate.pools.member import Member, fold_member, member_unreadable
+from escalate.pools.member import Member, fold_member, member_unreadable, not_the_member, taken_by
 from escalate.stores.seam import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
@@ -224,7 +225,9 @@ class Pool:
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
             policy = config.merge_policy(state.policy, **changes)
-            return decide_pool_policy(state, policy, cap_micros, self.actor, role)
+            lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            return decide_pool_policy(state, policy, cap_micros, self.actor, role,
+                                      self._granted(now) if lowered else None)
 
         role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
 
@@ -236,6 +239,18 @@ class Pool:
         return {"pool": self.pool_id, **decision.result}
 
 
+    def _granted(self, now: str) -> tuple[int, str]:
+        """What approvals extended the pool by in the period ``now`` falls in, folded from
+        its members' logs (asked under the pool's lock, so no grant slips in before the
+        change; a member that cannot be read counts nothing), and `` in the day …``."""
+        facts = self.facts
+        key = period_key(facts.period, facts.tz, now)
+        members, _ = self.members()
+        granted = sum((member.periods.get(key) or PeriodTotals()).extended_micros
+                      for member in members.values())
+        return granted, "" if facts.period == "none" else f" in {period_name(facts.period, key)}"
+
+
 def _pool_cap(cap: Amount) -> int:
     micros = parse_micros(cap, what="cap")
     if micros == 0:
@@ -245,20 +260,24 @@ def _pool_cap(cap: Amount) -> int:
 
 
 class RunPool(TypedDict):
-    """The pool of a run, as ``runs show --json`` reports it (both None: no pool)."""
+    """The pool of a run, as ``runs show --json`` reports it (all None: no pool)."""
 
     pool: str | None
     pool_remaining_micros: int | None  # what is left of the pool in the current period
+    pool_escalation: dict[str, Any] | None  # the pool's policy: it binds the run besides its own
 
 
 def pool_of_run(ledger: Ledger) -> RunPool:
-    """The pool ``ledger``'s run belongs to and what is left of it now: a run's own
-    ``remaining`` says nothing of the money its pool has left."""
+    """The pool ``ledger``'s run belongs to, what is left of it now (a run's own ``remaining``
+    says nothing of the money its pool has left) and the pool's policy, which binds the run
+    whatever its own says."""
     pool_id = ledger.pool_id()
     if pool_id is None:
-        return {"pool": None, "pool_remaining_micros": None}
+        return {"pool": None, "pool_remaining_micros": None, "pool_escalation": None}
     pool = Pool.open(ledger.runs_store, pool_id, lock_timeout=ledger.lock_timeout, clock=ledger.clock)
-    return {"pool": pool_id, "pool_remaining_micros": pool.show()["remaining_micros"]}
+    shown = pool.show()
+    return {"pool": pool_id, "pool_remaining_micros": shown["remaining_micros"],
+            "pool_escalation": shown["escalation"]}
 
 
 class PoolRow(TypedDict):
@@ -299,7 +318,8 @@ class PoolVerifyReport(TypedDict):
 def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                 lock_timeout: float | None = None) -> PoolVerifyReport:
     """Check every line of the pool's log (the chain and the pool's rules) and of each member
-    named in it (a member with no log is a problem too). Problems are reported, not raised;
+    named in it (a member with no log, or whose id another ledger holds, is a problem too).
+    Problems are reported, not raised;
     :class:`InputError` when there is no such pool, or it is a run."""
     from escalate.reports.runs import verify_report
 
@@ -315,14 +335,38 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     facts = store.verify().state.pool if own["lines"] is not None else None
     for run_id in facts.members if facts is not None else []:
         member = runs.ledger(run_id, lock_timeout=timeout)
-        if first_event(member) is None:
+        first = first_event(member)
+        taken = taken_by(first, pool_id)
+        if first is None:
             problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
                                         missing=True)
+        elif taken is not None:
+            problem = not_the_member(member, pool_id, first, taken)
+        if first is None or taken is not None:
             members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})
         else:
             members.append(verify_report(member))
+            _check_pool_signatures(store, member, members[-1])
     report = {key: value for key, value in own.items() if key != "run"}
     return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
                                    "ok": own["ok"] and all(member["ok"] for member in members)})
+
+
+def _check_pool_signatures(pool: Any, member: Any, report: VerifyReport) -> None:
+    """Add to a member's report the ``pool_cap`` resolutions the pool's pinned keys do not
+    vouch for (:mod:`escalate.pools.signatures`); a pool that never pinned keys costs a read."""
+    from escalate.core.replay import read_events
+    from escalate.pools.signatures import pool_cap_problems
+
+    with pool.reader() as stream:
+        pool_events, _ = read_events(stream, last=None, after_offset=0)
+    if not any(isinstance(e, dict) and isinstance(e.get("escalation"), dict)
+               and "approver_keys" in e["escalation"] for e in pool_events):
+        return
+    with member.reader() as stream:
+        member_events, _ = read_events(stream, last=None, after_offset=0)
+    for line, problem in pool_cap_problems(pool_events, member_events):
+        report["problems"].append({"line": line, "problem": problem})
+        report["ok"] = False

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, InputError, UnknownRun
+from escalate.errors import CorruptLedger
 from escalate.reports.report import halted_tasks, percent, pool_period_line, run_markdown, usage_level
 
 if TYPE_CHECKING:
@@ -214,7 +214,9 @@ def check_pool_gate(
     """The CI gate over a pool: its money in the period now (spent or committed over
     ``max_spent``, default the pool's cap in the period, fails), and every member run's own
     gate (each folded strictly), its findings named by run."""
+    from escalate.pools.member import member_unreadable, taken_by
     from escalate.service import Ledger
+    from escalate.stores.seam import first_event
 
     limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
     report = pool.show()
@@ -230,16 +232,13 @@ def check_pool_gate(
     failures, warnings = list(money.failures), list(money.warnings)
     failed_runs: list[str] = []
     for member in report["runs"]:
-        try:
-            run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
-        except UnknownRun:
-            continue  # joined, never created (its runs init was cut short)
-        except InputError as error:
-            if error.code != "is_a_pool":
-                raise
-            continue  # a pool's id, joined in a race with its 'pools init': it holds no money
-        if run.pool_id() != pool.pool_id:
-            continue  # joined, but the id was another run's: its money is not this pool's
+        # show() counted it as the pool's member; a ledger moved in since fails as it would there.
+        store = pool.runs_store.ledger(member["run"], lock_timeout=pool.lock_timeout)
+        first = first_event(store)
+        if first is None or taken_by(first, pool.pool_id) is not None:
+            raise member_unreadable(store, pool.pool_id, f"{member['run']} changed under the gate",
+                                    missing=first is None, taken=first is not None)
+        run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
         verdict = evaluate(run.verified_state(), allow_halts=allow_halts,
                            allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)
         failed_runs += [member["run"]] if verdict.failures else []

@@ -23,7 +23,7 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.reports.report import bar_cells, percent, printable, usage_level
+from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -148,6 +148,10 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
     summary.add_row("escalation", state.policy.mode
                     + (f", threshold {usd(state.policy.approval_threshold_micros)}"
                        if state.policy.approval_threshold_micros is not None else ""))
+    if pool is not None and pool.get("pool_escalation") is not None:
+        # The pool's checks bind the run whatever its own row above says (docs/pools.md).
+        binding = f"{policy_line(pool['pool_escalation'])} (binds this run too)"
+        summary.add_row("pool escalation", _plain(binding))
     summary.add_row("escalations", f"{len(state.open_escalations)} open, "
                     f"{sum(e.shadow for e in state.escalations.values())} shadow (would have fired)")
     summary.add_row("events", str(state.seq))

@@ -134,6 +134,24 @@ def describe_event(event: Mapping[str, Any]) -> str:
     return f"{printable(kind)} (unknown to this version)"
 
 
+def policy_line(policy: Mapping[str, Any]) -> str:
+    """An escalation policy (``escalation`` of a run or a pool) in a few words, who decides
+    included: ``enforce, threshold $10.00, approvers lead``."""
+    threshold = "" if policy.get("approval_threshold_micros") is None else \
+        f", threshold {_usd(policy, 'approval_threshold_micros')}"
+    approvers = printable(", ".join(map(str, policy.get("approvers") or ()))) or "anyone"
+    return f"{_text(policy, 'mode')}{threshold}, approvers {approvers}"
+
+
+def pool_binding(result: Mapping[str, Any]) -> str:
+    """``; pool team's escalation binds it too, whatever its own: enforce, …`` for an answer
+    about a member run (one that names its ``pool_escalation``); ``""`` for any other."""
+    if result.get("pool_escalation") is None:
+        return ""
+    return (f"; pool {printable(result['pool'])}'s escalation binds it too, whatever its own: "
+            f"{policy_line(result['pool_escalation'])}")
+
+
 def timeline_line(event: Mapping[str, Any]) -> str:
     """``#3  2026-11-23 14:00:00  alice  reserved t1: $2.50``: one event on one line."""
     return (f"#{_text(event, 'seq')}  {printable(str(event.get('ts', ''))[:19].replace('T', ' '))}  "

@@ -43,11 +43,6 @@ _POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 _OTHER_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
-class CacheInvalid(Exception):
-    """A checkpoint turned out not to match the lines (or to be damaged) part-way through a
-    command, before anything was written: the command is decided again without it."""
-
-
 class Transaction(Protocol):
     """One command's critical section on one ledger: no other writer runs in between."""
 
@@ -130,7 +125,7 @@ class LedgerStore(Protocol):
 
     def transaction(self, *, use_cache: bool = True) -> AbstractContextManager[Transaction]:
         """The critical section of one command (``use_cache=False``: load without the
-        checkpoint, after :class:`CacheInvalid`)."""
+        checkpoint, after :class:`CheckpointInvalid`)."""
         ...
 
     def read(self, *, use_cache: bool = True) -> Replayed:

@@ -26,47 +26,87 @@ which is the cost of the fold the cache exists to avoid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import stat
 import threading
 import zlib
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 
 from escalate.core.events import line_hash
-from escalate.core.money import MAX_TOTAL_MICROS
-from escalate.core.state import EscalationState, Policy, RunState, Task
-from escalate.stores.file.checkpoint_rows import Rows, checked, encode_escalation, encode_task
+from escalate.core.state import EscalationState, RunState, Task
+from escalate.stores.checkpoint import (
+    CODECS,
+    CheckpointInvalid,
+    LazyRows,
+    LoadedRows,
+    checked,
+    encode_escalation,
+    encode_task,
+    run_blob,
+    state_from_blob,
+)
 from escalate.stores.file.run_folder import via_folder
-from escalate.stores.seam import CacheInvalid
+
+V = TypeVar("V")
 
 CACHE_NAME = "events.ndjson.cache.sqlite"
-# 5: escalations keep their requester, reason, priority, needed extension and delivery (with
-# the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
-# 7: whether the run is archived. 8: the hash of each escalation's line (signed approvals).
-FORMAT = 8
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
-def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
-             identity: list[int]) -> bytes:
-    """The run-wide part of a checkpoint (the PostgreSQL store keeps the same blob)."""
-    return orjson.dumps({
-        "format": FORMAT, "identity": identity, "offset": offset,
-        "last_line_start": last_line_start, "lines": lines,
-        "run_id": state.run_id, "run_cap_micros": state.run_cap_micros,
-        "task_cap_micros": state.task_cap_micros, "policy": state.policy.to_json(),
-        "opened_at": state.opened_at, "spent_micros": state.spent_micros,
-        "reserved_micros": state.reserved_micros, "extended_micros": state.extended_micros,
-        "seq": state.seq, "last_hash": state.last_hash, "last_ts": state.last_ts,
-        "halts": state.halts, "recoveries": state.recoveries,
-        "open_escalations": sorted(state.open_escalations), "member_of": state.member_of,
-        "archived": state.archived,
-    })
+
+class Rows(LazyRows[V]):
+    """A table of the SQLite cache (every row checked against its CRC)."""
+
+    def __init__(self, connection: sqlite3.Connection, table: str,
+                 guard: threading.RLock) -> None:
+        super().__init__(table)
+        self._connection = connection
+        self._guard = guard
+
+    def _read_one(self, key: str) -> V | None:
+        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
+        return None if row is None else self._checked_row(key, row[0], row[1])
+
+    def _stored(self, key: str) -> bool:
+        return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
+
+    def _stored_count(self) -> int:
+        return int(self._fetch_all(f"SELECT count(*) FROM {self._table}")[0][0])
+
+    def _stored_rows(self) -> Iterator[tuple[str, Callable[[], V]]]:
+        for key, data, crc in self._fetch_all(f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
+            yield key, functools.partial(self._checked_row, key, data, crc)
+
+    def _checked_row(self, key: str, data: bytes, crc: int) -> V:
+        return cast(V, self._decode(key, checked(key, data, crc)))
+
+    def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
+        """Run one query on the shared connection, under the guard that keeps a thread from
+        closing it meanwhile; a damaged file (any SQLite error) is :class:`CheckpointInvalid`."""
+        with self._guard:
+            try:
+                return self._connection.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise CheckpointInvalid(f"the cache cannot be read ({exc})") from exc
+
+    def _fetch(self, sql: str, parameters: tuple[str, ...]) -> Any:
+        rows = self._fetch_all(sql, parameters)
+        return rows[0] if rows else None
+
+    def read_all(self) -> LoadedRows[V]:
+        """Every row, checked, read now (for readers, inside their read transaction)."""
+        rows = self._fetch_all(f"SELECT data, crc FROM {self._table} ORDER BY n")
+        crc32, prefix = zlib.crc32, CODECS[self._table][2]
+        for number, (data, crc) in enumerate(rows):  # _checked, inlined: once per task of the run
+            if crc32(data) != crc or not data.startswith(prefix):
+                raise CheckpointInvalid(f"row {number + 1} of {self._table} fails its checksum")
+        return LoadedRows([row[0] for row in rows], self._table)
 
 
 class Checkpoint:
@@ -98,7 +138,7 @@ class Checkpoint:
         """``(st_dev, st_ino)`` of the cache file, once it and SQLite's side files beside it
         (where present) are checked to be plain files with one link each. SQLite opens them
         by name and follows links, which could lead its writes out of the run folder; a
-        folder or a device is no cache either. :class:`CacheInvalid` otherwise."""
+        folder or a device is no cache either. :class:`CheckpointInvalid` otherwise."""
         folder = self._folder()
         if folder is None:
             path, folder = os.path.join(self._run_dir, CACHE_NAME), None
@@ -134,6 +174,12 @@ class Checkpoint:
             raise
         self._writer_dir = kept
         return connection
+
+    def __del__(self) -> None:
+        # A Ledger dropped without a word still ends its kept connection, and the folder
+        # handle that goes with it (a process making many Ledgers would run out of handles).
+        with contextlib.suppress(Exception):
+            self._drop_writer()
 
     def _drop_writer(self) -> None:
         if self._writer is not None and self._writer_for[0] == os.getpid():
@@ -177,7 +223,7 @@ class Checkpoint:
         at its offset, else ``None``.
 
         A writer's state reads rows lazily (a row that fails its checksum, or a read that
-        SQLite fails, then raises :class:`CacheInvalid` mid-command, before anything is
+        SQLite fails, then raises :class:`CheckpointInvalid` mid-command, before anything is
         written, and the command is redone from the log); a reader's state is read whole,
         and checked, right here.
         """
@@ -185,14 +231,14 @@ class Checkpoint:
             with self._guard:
                 try:
                     return self._load(self._writer_connection(), log_path, writable)
-                except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
+                except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
                     return None
         try:
             self._plain_file()
             connection = self._connect(self.path, writable=False)
-        except (CacheInvalid, sqlite3.Error, OSError):
+        except (CheckpointInvalid, sqlite3.Error, OSError):
             return None
         try:
             loaded = self._load(connection, log_path, writable)
@@ -202,7 +248,7 @@ class Checkpoint:
             state.escalations = state.escalations.read_all()
             state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
             return loaded
-        except (CacheInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
+        except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError,
                 OSError):
             return None
         finally:
@@ -212,10 +258,8 @@ class Checkpoint:
               writable: bool) -> tuple[RunState, int, int, int]:
         row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
         if row is None:
-            raise CacheInvalid("empty")
+            raise CheckpointInvalid("empty")
         blob = orjson.loads(checked("run", row[0], row[1]))
-        if blob["format"] != FORMAT:
-            raise CacheInvalid("another format")
         offset, start = blob["offset"], blob["last_line_start"]
         _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
@@ -282,32 +326,12 @@ class Checkpoint:
                     os.unlink(f"{self.path}{suffix}")
 
 
-def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
-                    escalations: MutableMapping[str, EscalationState]) -> RunState:
-    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
-    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
-    if blob["spent_micros"] + blob["reserved_micros"] > MAX_TOTAL_MICROS:
-        # Saved by a version without the limit: the fold of the log names the line past it.
-        raise CacheInvalid("a checkpoint past the limit on totals")
-    state = RunState(
-        run_id=blob["run_id"], run_cap_micros=blob["run_cap_micros"],
-        task_cap_micros=blob["task_cap_micros"], policy=Policy(**blob["policy"]),
-        opened_at=blob["opened_at"], tasks=tasks,
-        spent_micros=blob["spent_micros"], reserved_micros=blob["reserved_micros"],
-        extended_micros=blob["extended_micros"], seq=blob["seq"], last_hash=blob["last_hash"],
-        last_ts=blob["last_ts"], halts=blob["halts"], recoveries=blob["recoveries"],
-        member_of=blob["member_of"], archived=blob["archived"])
-    state.escalations = escalations
-    state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
-    return state
-
-
 def _plain(path: str, dir_fd: int | None = None) -> tuple[int, int]:
     """``(st_dev, st_ino)`` of ``path`` (relative to ``dir_fd``, if given) if it is a plain
     file with one link (not followed)."""
     info = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        raise CacheInvalid(f"{path} is not a plain file with one link")
+        raise CheckpointInvalid(f"{path} is not a plain file with one link")
     return info.st_dev, info.st_ino
 
 
@@ -326,12 +350,12 @@ def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, e
         info = os.fstat(fd)
         dev, ino, size, mtime_ns, ctime_ns = identity
         if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
-            raise CacheInvalid("the log is another file")
+            raise CheckpointInvalid("the log is another file")
         untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
         if not untouched and not (appended_ok and info.st_size > size):
-            raise CacheInvalid("the log changed since the cache was saved")
+            raise CheckpointInvalid("the log changed since the cache was saved")
         line = os.pread(fd, offset - start, start)
     finally:
         os.close(fd)
     if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
-        raise CacheInvalid("the log's line at the cached offset is not the one folded")
+        raise CheckpointInvalid("the log's line at the cached offset is not the one folded")

@@ -24,6 +24,7 @@ from escalate.core.events import Event
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.core.state import RunState
 from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
+from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
 from escalate.stores.file.run_folder import via_folder
@@ -199,20 +200,7 @@ class FileLedger:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
-        replayed = replay(self.log, self.run_id, start=start, progress=self.progress)
-        replayed.checkpoint_current = start is not None and replayed.lines == start.lines
-        if start is not None and replayed.problem is not None:
-            # A problem is only ever reported from the log itself, never from the cache.
-            replayed = replay(self.log, self.run_id, progress=self.progress)
-        if replayed.problem is not None and not writable:
-            # What a reader shows stops before the first line the problem casts doubt on
-            # (with a broken chain, the line before the one that names it).
-            trusted = replayed.problem.first_suspect_line - 1
-            if 0 < trusted < replayed.state.seq:
-                replayed.state = replay(self.log, self.run_id, stop_after=trusted).state
-        # A run is what its folder is called (a copied run folder is that copy).
-        replayed.state.run_id = self.run_id
-        return replayed
+        return fold_from(self.log, self.run_id, start, writable=writable, progress=self.progress)
 
     def _has_first_line(self) -> bool:
         """True when the log holds a complete first write (a run exists, perhaps corrupt)."""
@@ -254,11 +242,10 @@ class FileTransaction:
 
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
         checkpoint = self._ledger.checkpoint
-        if checkpoint is None or not (lines or not replayed.checkpoint_current):
+        mark = mark_after(replayed, lines)
+        if checkpoint is None or mark is None:
             return
-        offset = replayed.offset + sum(map(len, lines))
-        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
-        checkpoint.save(state, offset, last_line_start, replayed.lines + len(lines),
+        checkpoint.save(state, mark.offset, mark.last_line_start, mark.lines,
                         self._ledger.log.bound_path(LOG_NAME))
 
     def derived_epoch(self) -> str:

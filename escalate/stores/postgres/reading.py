@@ -9,13 +9,11 @@ from typing import Any, BinaryIO, cast
 
 import orjson
 
-from escalate.core.replay import Replayed, replay
+from escalate.core.replay import Replayed
 from escalate.core.state import EscalationState, Task
-from escalate.stores.file.checkpoint import FORMAT, state_from_blob
-from escalate.stores.file.checkpoint_rows import LoadedRows
+from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, fold_from, state_from_blob
 from escalate.stores.postgres.rows import LineStream, PgRows
 from escalate.stores.postgres.transaction import Connection
-from escalate.stores.seam import CacheInvalid
 
 # Rows fetched per query when lines are streamed.
 BATCH = 2000
@@ -54,18 +52,7 @@ def fold(connection: Connection, run_id: str, where: str, row: tuple[Any, ...], 
     lines = lines_of(connection, run_id, where, size)
     start = _checkpoint(connection, run_id, checkpoint, checkpoint_lines, writable) \
         if use_cache and checkpoint is not None else None
-    replayed = replay(lines, run_id, start=start)
-    replayed.checkpoint_current = start is not None and replayed.lines == start.lines
-    if start is not None and replayed.problem is not None:
-        # A problem is only ever reported from the lines themselves, never the checkpoint.
-        replayed = replay(lines, run_id)
-    if replayed.problem is not None and not writable:
-        # What a reader shows stops before the first line the problem casts doubt on.
-        trusted = replayed.problem.first_suspect_line - 1
-        if 0 < trusted < replayed.state.seq:
-            replayed.state = replay(lines, run_id, stop_after=trusted).state
-    replayed.state.run_id = run_id
-    return replayed
+    return fold_from(lines, run_id, start, writable=writable)
 
 
 def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoint_lines: int,
@@ -78,7 +65,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
 
     try:
         blob = orjson.loads(checkpoint)
-        if blob["format"] != FORMAT or blob["lines"] != checkpoint_lines:
+        if blob["lines"] != checkpoint_lines:
             return None
         tasks: Any
         escalations: Any
@@ -90,7 +77,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
                 f"SELECT data FROM escalate_{table} WHERE ledger = %s ORDER BY n",
                 (run_id,))], table) for table in ("tasks", "escalations"))
         state = state_from_blob(blob, tasks, escalations)
-    except (CacheInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (CheckpointInvalid, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return Replayed(state=state, offset=blob["offset"], torn_bytes=0, lines=blob["lines"],
                     last_line_start=blob["last_line_start"])

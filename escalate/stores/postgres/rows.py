@@ -11,8 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from escalate.stores.file.checkpoint_rows import LazyRows
-from escalate.stores.seam import CacheInvalid
+from escalate.stores.checkpoint import CheckpointInvalid, LazyRows
 
 V = TypeVar("V")
 
@@ -22,7 +21,7 @@ Query = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
 
 class PgRows(LazyRows[V]):
     """``escalate_tasks`` or ``escalate_escalations`` of one ledger
-    (:class:`escalate.stores.file.checkpoint_rows.LazyRows`), read in the caller's transaction."""
+    (:class:`escalate.stores.checkpoint.LazyRows`), read in the caller's transaction."""
 
     def __init__(self, query: Query, table: str, ledger: str) -> None:
         super().__init__(table)
@@ -37,7 +36,7 @@ class PgRows(LazyRows[V]):
         try:
             value: V = self._decode(key, bytes(data))
         except (ValueError, TypeError, KeyError) as exc:  # orjson's error is a ValueError
-            raise CacheInvalid(f"row {key!r} of {self._table} cannot be read ({exc})") from exc
+            raise CheckpointInvalid(f"row {key!r} of {self._table} cannot be read ({exc})") from exc
         return value
 
     def _read_one(self, key: str) -> V | None:

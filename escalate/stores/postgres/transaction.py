@@ -16,8 +16,7 @@ from escalate.config import Clock
 from escalate.core.events import Event
 from escalate.core.replay import Replayed
 from escalate.core.state import RunState
-from escalate.stores.file.checkpoint import run_blob
-from escalate.stores.file.checkpoint_rows import encode_escalation, encode_task
+from escalate.stores.checkpoint import encode_escalation, encode_task, mark_after, run_blob
 from escalate.stores.postgres.failures import Outcome
 from escalate.stores.postgres.rows import PgRows
 
@@ -85,7 +84,8 @@ class PgTransaction:
         self._step("appended")
 
     def save_checkpoint(self, replayed: Replayed, state: RunState, lines: list[bytes]) -> None:
-        if not (lines or not replayed.checkpoint_current):
+        mark = mark_after(replayed, lines)
+        if mark is None:
             return
         tasks, escalations = state.tasks, state.escalations
         rows: dict[str, Iterable[tuple[str, bytes]]]
@@ -108,10 +108,7 @@ class PgTransaction:
                 # Fresh statistics: with the old ones the planner may take the big table for an
                 # empty one and scan it whole, every command.
                 self._writes.append(f"ANALYZE escalate_{table}")
-        offset = replayed.offset + sum(map(len, lines))
-        last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
-        count = replayed.lines + len(lines)
-        self._checkpoint = (run_blob(state, offset, last_line_start, count, []), count)
+        self._checkpoint = (run_blob(state, *mark, []), mark.lines)
         self._step("checkpointed")
 
     def commit(self) -> None:

@@ -1,31 +1,121 @@
-"""The checkpoint's tables of tasks and escalations as mappings, for the fold to use as
-``RunState.tasks`` and ``RunState.escalations`` (see :mod:`escalate.stores.file.checkpoint`).
+"""The checkpoint every store keeps, as bytes: one codec for all of them.
 
-A writer's :class:`Rows` reads a row only when the fold asks for it and hands back what
-changed; a reader's :class:`LoadedRows` holds every row, checked, read in one go.
+A checkpoint is the fold of a ledger as of a byte offset: the run-wide state as one blob
+(:func:`run_blob`, derived from :class:`~escalate.core.state.RunState`'s fields, so a new
+field is kept without a change here) and tasks and escalations as rows looked up by id (a
+command reads only the rows it touches). A store keeps the bytes (the file store in SQLite
+beside the log, :mod:`escalate.stores.file.checkpoint`; PostgreSQL in its tables) and says
+how a row is read: a writer's :class:`LazyRows` reads a row only when the fold asks for it
+and hands back what changed; a reader's :class:`LoadedRows` holds every row, checked, read
+in one go. Any doubt about a checkpoint is :class:`CheckpointInvalid`: fold the log instead.
 """
 
 from __future__ import annotations
 
-import functools
-import sqlite3
-import threading
+import dataclasses
 import zlib
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 
-from escalate.core.state import EscalationState, Task
-from escalate.stores.seam import CacheInvalid
+from escalate.core.money import MAX_TOTAL_MICROS
+from escalate.core.replay import LineSource, Progress, Replayed, replay
+from escalate.core.state import EscalationState, Policy, RunState, Task
 
 V = TypeVar("V")
+
+# 5: escalations keep their requester, reason, priority, needed extension and delivery (with
+# the failures in a row); a checkpoint of an older format lacks them, so it is rebuilt.
+# 7: whether the run is archived. 8: the hash of each escalation's line (signed approvals).
+# 9: the blob derived from RunState's fields.
+FORMAT = 9
+
+# RunState's fields the blob does not hold, and why: tasks and escalations are rows of their
+# own; last_actor only spares the fold a check (the next line is checked anyway); a pool's
+# log is never checkpointed. Every other field is kept as it is, but these two: the policy
+# as its JSON, the open escalations as their ids.
+_NOT_IN_BLOB = frozenset({"tasks", "escalations", "last_actor", "pool"})
+BLOB_FIELDS = tuple(field.name for field in dataclasses.fields(RunState) if field.name not in _NOT_IN_BLOB)
+_PLAIN_FIELDS = tuple(name for name in BLOB_FIELDS if name not in {"policy", "open_escalations"})
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint turned out not to match the lines (or to be damaged) part-way through a
+    command, before anything was written: the command is decided again without it."""
+
+
+def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
+             identity: list[int]) -> bytes:
+    """The run-wide part of a checkpoint, as of the byte ``offset`` after ``lines`` lines
+    (``identity``: what the store knows of the log it was folded from)."""
+    kept = {name: getattr(state, name) for name in _PLAIN_FIELDS}
+    return orjson.dumps({
+        "format": FORMAT, "identity": identity, "offset": offset,
+        "last_line_start": last_line_start, "lines": lines, **kept,
+        "policy": state.policy.to_json(), "open_escalations": sorted(state.open_escalations),
+    })
+
+
+def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
+                    escalations: MutableMapping[str, EscalationState]) -> RunState:
+    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
+    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+    if blob["format"] != FORMAT:
+        raise CheckpointInvalid("another format")
+    if blob["spent_micros"] + blob["reserved_micros"] > MAX_TOTAL_MICROS:
+        # Saved by a version without the limit: the fold of the log names the line past it.
+        raise CheckpointInvalid("a checkpoint past the limit on totals")
+    state = RunState(**{name: blob[name] for name in _PLAIN_FIELDS}, policy=Policy(**blob["policy"]),
+                     tasks=tasks)
+    state.escalations = escalations
+    state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
+    return state
 
 
 def checked(key: str, data: bytes, crc: int) -> bytes:
     if zlib.crc32(data) != crc:
-        raise CacheInvalid(f"row {key!r} fails its checksum")
+        raise CheckpointInvalid(f"row {key!r} fails its checksum")
     return data
+
+
+class Mark(NamedTuple):
+    """Where a checkpoint stands: after ``lines`` lines, at the byte ``offset``, the last of
+    them starting at ``last_line_start``."""
+
+    offset: int
+    last_line_start: int
+    lines: int
+
+
+def mark_after(replayed: Replayed, lines: list[bytes]) -> Mark | None:
+    """Where the checkpoint of a write stands once ``lines`` follow the fold ``replayed``;
+    None when there is nothing to save (no line written, and the checkpoint is current)."""
+    if not lines and replayed.checkpoint_current:
+        return None
+    offset = replayed.offset + sum(map(len, lines))
+    last_line_start = offset - len(lines[-1]) if lines else replayed.last_line_start
+    return Mark(offset, last_line_start, replayed.lines + len(lines))
+
+
+def fold_from(lines: LineSource, run_id: str, start: Replayed | None, *, writable: bool,
+              progress: Progress | None = None) -> Replayed:
+    """Fold a ledger's ``lines`` from the checkpoint ``start`` (then only the lines after it
+    are read), or from the first line when it is None. A problem is only ever reported from
+    the lines themselves: with one, the fold is done again without the checkpoint. What a
+    reader (not ``writable``) shows stops before the first line the problem casts doubt on
+    (with a broken chain, the line before the one that names it)."""
+    replayed = replay(lines, run_id, start=start, progress=progress)
+    replayed.checkpoint_current = start is not None and replayed.lines == start.lines
+    if start is not None and replayed.problem is not None:
+        replayed = replay(lines, run_id, progress=progress)
+    if replayed.problem is not None and not writable:
+        trusted = replayed.problem.first_suspect_line - 1
+        if 0 < trusted < replayed.state.seq:
+            replayed.state = replay(lines, run_id, stop_after=trusted).state
+    # A ledger is what its store calls it (a copied run folder is that copy).
+    replayed.state.run_id = run_id
+    return replayed
 
 
 # A row holds the object exactly as ``runs show --json`` lists it, so a reader can hand a
@@ -41,7 +131,7 @@ def encode_task(key: str, task: Task) -> bytes:
 def _decode_task(key: str, data: bytes) -> Task:
     fields = orjson.loads(data)
     if fields.get("task") != key:
-        raise CacheInvalid(f"row {key!r} holds task {fields.get('task')!r}")
+        raise CheckpointInvalid(f"row {key!r} holds task {fields.get('task')!r}")
     return Task.from_json(fields)
 
 
@@ -53,12 +143,12 @@ def encode_escalation(key: str, escalation: EscalationState) -> bytes:
 def _decode_escalation(key: str, data: bytes) -> EscalationState:
     fields = orjson.loads(data)
     if fields.get("id") != key:
-        raise CacheInvalid(f"row {key!r} holds escalation {fields.get('id')!r}")
+        raise CheckpointInvalid(f"row {key!r} holds escalation {fields.get('id')!r}")
     return EscalationState(**fields)
 
 
 # Per table: (encode, decode, how a stored row starts, before its id).
-_CODECS: dict[str, tuple[Any, Any, bytes]] = {
+CODECS: dict[str, tuple[Any, Any, bytes]] = {
     "tasks": (encode_task, _decode_task, b'{"task":"'),
     "escalations": (encode_escalation, _decode_escalation, b'{"id":"'),
 }
@@ -68,11 +158,12 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
     """A checkpoint table as a mapping, with this command's reads and writes in memory: a
     row is read when the fold asks for it and kept, because the fold changes objects in
     place; :meth:`dirty` hands every row read or added back to be written. A store says
-    how its rows are read (the SQLite cache: :class:`Rows`; PostgreSQL: ``pg_rows.PgRows``)."""
+    how its rows are read (the file store's SQLite: ``stores.file.checkpoint.Rows``;
+    PostgreSQL: ``stores.postgres.rows.PgRows``)."""
 
     def __init__(self, table: str) -> None:
         self._table = table
-        self._encode, self._decode, _ = _CODECS[table]
+        self._encode, self._decode, _ = CODECS[table]
         self._touched: dict[str, V] = {}
         self._known_missing: set[str] = set()
         self._new: dict[str, None] = {}  # keys this command added, in order
@@ -138,55 +229,6 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
             yield key, self._encode(key, value)
 
 
-class Rows(LazyRows[V]):
-    """A table of the SQLite cache (every row checked against its CRC)."""
-
-    def __init__(self, connection: sqlite3.Connection, table: str,
-                 guard: threading.RLock) -> None:
-        super().__init__(table)
-        self._connection = connection
-        self._guard = guard
-
-    def _read_one(self, key: str) -> V | None:
-        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
-        return None if row is None else self._checked_row(key, row[0], row[1])
-
-    def _stored(self, key: str) -> bool:
-        return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
-
-    def _stored_count(self) -> int:
-        return int(self._fetch_all(f"SELECT count(*) FROM {self._table}")[0][0])
-
-    def _stored_rows(self) -> Iterator[tuple[str, Callable[[], V]]]:
-        for key, data, crc in self._fetch_all(f"SELECT key, data, crc FROM {self._table} ORDER BY n"):
-            yield key, functools.partial(self._checked_row, key, data, crc)
-
-    def _checked_row(self, key: str, data: bytes, crc: int) -> V:
-        return cast(V, self._decode(key, checked(key, data, crc)))
-
-    def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
-        """Run one query on the shared connection, under the guard that keeps a thread from
-        closing it meanwhile; a damaged file (any SQLite error) is :class:`CacheInvalid`."""
-        with self._guard:
-            try:
-                return self._connection.execute(sql, parameters).fetchall()
-            except sqlite3.Error as exc:
-                raise CacheInvalid(f"the cache cannot be read ({exc})") from exc
-
-    def _fetch(self, sql: str, parameters: tuple[str, ...]) -> Any:
-        rows = self._fetch_all(sql, parameters)
-        return rows[0] if rows else None
-
-    def read_all(self) -> LoadedRows[V]:
-        """Every row, checked, read now (for readers, inside their read transaction)."""
-        rows = self._fetch_all(f"SELECT data, crc FROM {self._table} ORDER BY n")
-        crc32, prefix = zlib.crc32, _CODECS[self._table][2]
-        for number, (data, crc) in enumerate(rows):  # _checked, inlined: once per task of the run
-            if crc32(data) != crc or not data.startswith(prefix):
-                raise CacheInvalid(f"row {number + 1} of {self._table} fails its checksum")
-        return LoadedRows([row[0] for row in rows], self._table)
-
-
 class LoadedRows(MutableMapping[str, V], Generic[V]):
     """A reader's table: every row checked and in memory, each decoded only when used.
 
@@ -196,7 +238,7 @@ class LoadedRows(MutableMapping[str, V], Generic[V]):
 
     def __init__(self, stored: list[bytes], table: str) -> None:
         self._stored = stored
-        self._encode, self._decode, self._prefix = _CODECS[table]
+        self._encode, self._decode, self._prefix = CODECS[table]
         self._ids: list[str] | None = None  # read from the rows on first need
         self._position: dict[str, int] | None = None  # built on the first lookup by key
         self._live: dict[str, V] = {}  # decoded (and maybe changed since) or added
