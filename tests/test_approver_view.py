@@ -106,23 +106,24 @@ def test_needed_is_computed_when_shown(store: Location, cli: Any) -> None:
 
 def test_a_pool_members_escalation_shows_the_pools_money_and_the_limit(store: Location, cli: Any) -> None:
     Pool.init(store, "team", cap="5", escalation="enforce", max_extension="5", approval_threshold="4")
-    a = Ledger.init(store, "a", pool="team", cap="100", escalation="enforce", approval_threshold="50",
-                    actor="bot")
+    a = Ledger.init(store, "a", pool="team", cap="100", actor="bot")
     b = Ledger.init(store, "b", pool="team", cap="100", actor="bot")
     with pytest.raises(Pending):
         a.reserve("big", "6", reason="the e2e suite")  # over the pool's $5.00: pool_cap
     with pytest.raises(Pending):
         a.reserve("mid", "4.5")  # within the pool, over its $4.00 threshold
+    c = Ledger.init(store, "c", pool="team", cap="1", escalation="enforce", max_extension="1", actor="bot")
+    c.reserve("first", "0.5")
     with pytest.raises(Pending):
-        a.reserve("huge", "60")  # over the run's own threshold
-    b.reserve("fill", "2")  # the pool has $3.00 left now
+        c.reserve("huge", "0.75")  # over the $0.50 the run has left, within the pool
+    b.reserve("fill", "1.5")  # the pool has $3.00 left now
 
     rows = {row["task"]: row for row in inbox(store)["escalations"]}
     assert {task: (row["fired"], row["pool"], row["run_pool"], row["pool_remaining_micros"])
             for task, row in rows.items()} == {
         "big": ("pool_cap", "team", "team", 3_000_000),
         "mid": ("pool_threshold", "team", "team", 3_000_000),
-        "huge": ("threshold", None, "team", 3_000_000)}
+        "huge": ("run_cap", None, "team", 3_000_000)}
     big = rows["big"]
     assert (big["needed_extension_micros"], big["needed_now_micros"]) == (1_000_000, 3_000_000)
     assert (rows["mid"]["needed_extension_micros"], rows["mid"]["needed_now_micros"]) == (0, 1_500_000)
@@ -130,7 +131,7 @@ def test_a_pool_members_escalation_shows_the_pools_money_and_the_limit(store: Lo
     whole = reason_column(table)
     assert "pool_cap of pool team: the e2e suite pool team: $3.00 left" in whole, table
     assert "pool_threshold of pool team pool team: $3.00 left" in whole, table
-    assert "threshold pool team: $3.00 left" in whole, table
+    assert "run_cap pool team: $3.00 left" in whole, table
 
     view = cli("escalations", "show", "a", rows["big"]["id"], "--json").json()
     assert view["pool_money"]["remaining_micros"] == 3_000_000 and view["fired"] == "pool_cap"
