@@ -68,6 +68,17 @@ class UnknownRun(InputError):
     default_code = "unknown_run"
 
 
+class NoRunsFolder(InputError):
+    """The runs folder given is a file (``no_runs_dir``): one code and one message wherever
+    it is found."""
+
+    runs_dir: str
+
+    def __init__(self, runs_dir: object) -> None:
+        super().__init__(f"the runs folder {runs_dir} is a file; give a folder with --runs-dir or "
+                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(runs_dir))
+
+
 class Refused(EscalateError):
     """The ledger said no: over a cap, halted or cancelled (exit 3)."""
 

@@ -39,13 +39,19 @@ from escalate.results import (
     SweepResult,
     TaskResult,
 )
-from escalate.stores.seam import LedgerStore, Store, first_event, is_a_pool, open_store, pool_of
+from escalate.stores.seam import (
+    LedgerStore,
+    Store,
+    first_event,
+    first_event_in,
+    is_a_pool,
+    open_store,
+    pool_of,
+)
 from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
-
-_WAIT_POLL_S = 0.05
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -95,12 +101,16 @@ class Ledger:
         """The pool the run belongs to (None: none), read once from its first line;
         :class:`InputError` (exit 2) when the id is a pool's."""
         if self._pool is None:
-            first = first_event(self.store)
-            if first is None:
-                return None  # no run yet (or a torn first write): read again next time
-            if first.get("type") == "pool_opened":
-                raise is_a_pool(self.run_id)
-            self._pool = (pool_of(first),)
+            return self._pool_from(first_event(self.store))
+        return self._pool[0]
+
+    def _pool_from(self, first: Event | None) -> str | None:
+        """:meth:`pool_id`, from the run's first event as read."""
+        if first is None:
+            return None  # no run yet (or a torn first write): read again next time
+        if first.get("type") == "pool_opened":
+            raise is_a_pool(self.run_id)
+        self._pool = (pool_of(first),)
         return self._pool[0]
 
     @property
@@ -188,12 +198,16 @@ class Ledger:
         """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
         is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store."""
         run = cls(runs_dir, run_id, **options)
-        if not run.store.exists():
+        exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
+        if not exists:
             raise UnknownRun(
                 f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
                 f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
                 run=run_id)
-        run.pool_id()
+        if first_line is None:
+            run.pool_id()
+        else:
+            run._pool_from(first_event_in(first_line))
         return run
 
     # ------------------------------------------------------------------ commands

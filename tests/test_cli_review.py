@@ -124,7 +124,8 @@ def test_runs_set_without_a_change_is_an_input_error(cli: Any) -> None:
     assert result.exit_code == 2
     assert one_line(result.stderr) == (
         "escalate: nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-        "--escalation-timeout, --max-extension, --approvers, --approver-key, --renotify-every or --no-renotify")
+        "--escalation-timeout, --max-extension, --approvers, --approver-key, --renotify-every "
+        "or --no-renotify")
     assert cli("runs", "set", "r", "--json").json()["error"] == "usage"
 
 

@@ -210,3 +210,15 @@ def test_a_hard_linked_log_or_lock_is_not_written(runs_dir: Path, tmp_path: Path
         assert (raised.value.code, raised.value.exit_code) == ("hard_link", 2)
         assert str(runs_dir / run_id / name) in raised.value.message
         assert elsewhere.read_bytes() == before
+
+
+def test_a_runs_dir_that_is_a_file_has_one_code_and_one_message(cli: Any, runs_dir: Path) -> None:
+    runs_dir.parent.mkdir(exist_ok=True)
+    runs_dir.write_text("not a folder")
+    expected = {"error": "no_runs_dir", "exit_code": 2, "runs_dir": str(runs_dir),
+                "message": f"the runs folder {runs_dir} is a file; give a folder with --runs-dir or "
+                           "ESCALATE_RUNS_DIR"}
+    for args in (("reserve", "r", "t", "--estimate", "1"), ("runs", "show", "r"),
+                 ("runs", "init", "r", "--cap", "1"), ("runs", "list"), ("sweep",)):
+        assert cli(*args, "--json").json() == expected, args
+    assert runs_dir.read_text() == "not a folder"

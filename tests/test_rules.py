@@ -10,7 +10,14 @@ from escalate.core.decide import decide_increase, decide_release, decide_reserve
 from escalate.core.events import seal
 from escalate.core.fold import initial_state
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
-from escalate.core.rules import extension_left, needed_extension, over_cap, task_cap_fits
+from escalate.core.rules import (
+    extension_left,
+    needed_extension,
+    over_cap,
+    over_left,
+    over_threshold,
+    task_cap_fits,
+)
 from escalate.core.state import Policy
 from escalate.errors import TotalLimit
 from escalate.write import seal_into
@@ -79,3 +86,9 @@ def test_no_accepted_request_takes_a_total_past_the_limit(cap: int, holds: list[
         assert 0 <= state.cap_micros <= MAX_TOTAL_MICROS
         assert -MAX_TOTAL_MICROS <= state.remaining_micros <= MAX_TOTAL_MICROS
     target(state.committed_micros / MAX_TOTAL_MICROS)
+
+
+def test_the_threshold_and_what_is_left_are_rules_of_their_own() -> None:
+    # Both the run's and the pool's checks ask these (docs/architecture.md: a rule is in rules).
+    assert not over_threshold(None, 10**12) and not over_threshold(5, 5) and over_threshold(5, 6)
+    assert not over_left(5, 5) and over_left(6, 5) and over_left(1, -1)

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from escalate.core.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap, period_name, release_refusal
+from escalate.core.rules import (
+    extension_left,
+    needed_extension,
+    over_cap,
+    over_left,
+    over_threshold,
+    period_name,
+    release_refusal,
+)
 from escalate.core.state import EscalationState, Policy, RunState, Task
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 
@@ -218,13 +226,13 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
             task_cap_micros=state.task_cap_micros, remaining_micros=remaining))
     policy = state.policy
     over_remaining = cap == "run_cap"
-    over_threshold = policy.approval_threshold_micros is not None and to > policy.approval_threshold_micros
+    over_approval = over_threshold(policy.approval_threshold_micros, to)
     events: list[Event] = []
     request = Request(task_id, kind, before, to, reason, priority, now)
     pooled = _pool_escalation(state, pool, request, over_remaining)
     if pooled is not None and not pooled["shadow"]:  # the pool's check binds the run: its approvers decide
         return Decision(events=[pooled], error=_pending(state, pooled, new=True, pool=pool))
-    if policy.mode != "off" and (over_remaining or over_threshold):
+    if policy.mode != "off" and (over_remaining or over_approval):
         needed = needed_extension(delta, remaining)
         left = extension_left(policy.max_extension_micros, state.extended_micros)
         escalation = _escalation_event(state, request, remaining,
@@ -289,8 +297,8 @@ def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
     left = pool.remaining(key)
     delta = request.to - request.before
     policy = pool.policy
-    threshold = policy.approval_threshold_micros
-    if policy.mode == "off" or not (delta > left or (threshold is not None and request.to > threshold)):
+    if policy.mode == "off" or not (over_left(delta, left) or over_threshold(policy.approval_threshold_micros,
+                                                                           request.to)):
         return None
     needed, grantable = pool.grantable(delta)
     blocked = (f"it is over run {state.run_id}'s own cap, which an approval for the pool cannot extend"
@@ -310,8 +318,7 @@ def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
     key = pool.current
     left = pool.remaining(key)
     delta = request.to - request.before
-    over = delta > left
-    if not over:
+    if not over_left(delta, left):
         return None
     events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
                    "remaining_micros": left, "reason": "pool_cap"})

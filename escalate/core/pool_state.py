@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from escalate.core.events import Period
 from escalate.core.money import MAX_TOTAL_MICROS, format_usd
 from escalate.core.periods import ALL
-from escalate.core.rules import needed_extension, past_total_limit
+from escalate.core.rules import extension_left, needed_extension, past_total_limit
 from escalate.core.state import Policy
 from escalate.errors import CorruptLedger
 
@@ -99,7 +99,7 @@ class PoolView:
 
     def extension_left(self) -> int:
         """What the max extension still allows in this period (negative if lowered)."""
-        return self.policy.max_extension_micros - self.of(self.current).extended_micros
+        return extension_left(self.policy.max_extension_micros, self.of(self.current).extended_micros)
 
     def grantable(self, delta: int) -> tuple[int, int]:
         """``(needed, left)``: the pool extension ``delta`` more needs in this period, and

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap, period_name
+from escalate.core.rules import extension_left, needed_extension, over_cap, over_threshold, period_name
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import Conflict, InputError, Refused
 
@@ -139,10 +139,9 @@ def _the_pools(pool: PoolView, escalation: EscalationState, mode: str) -> bool:
     the pool's check opened it, or, for a grant, the pool's enforced threshold is under what
     it asks now (a threshold set or lowered since, or a log from before a pool's policy bound
     its members: granting it is then theirs, as if the pool's check had opened it)."""
-    threshold = pool.policy.approval_threshold_micros
     return escalation.reason == "pool_cap" or (
-        mode == "extend" and pool.policy.mode == "enforce" and threshold is not None
-        and escalation.requested_micros > threshold)
+        mode == "extend" and pool.policy.mode == "enforce"
+        and over_threshold(pool.policy.approval_threshold_micros, escalation.requested_micros))
 
 
 def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role: str | None,

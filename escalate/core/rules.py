@@ -25,9 +25,21 @@ def over_cap(total_micros: int, new_micros: int, task_cap_micros: int, remaining
     or None when it fits. The task cap is named first: no extension lifts it."""
     if total_micros > task_cap_micros:
         return "task_cap"
-    if new_micros > remaining:
+    if over_left(new_micros, remaining):
         return "run_cap"
     return None
+
+
+def over_left(new_micros: int, left_micros: int) -> bool:
+    """Whether ``new_micros`` more is over what is left (of a run's cap, or of its pool's in
+    the period of the write)."""
+    return new_micros > left_micros
+
+
+def over_threshold(approval_threshold_micros: int | None, to_micros: int) -> bool:
+    """Whether a reservation of ``to_micros`` needs a person under the approval threshold
+    (None: no threshold)."""
+    return approval_threshold_micros is not None and to_micros > approval_threshold_micros
 
 
 def needed_extension(new_micros: int, remaining: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, EscalateError, InputError
+from escalate.errors import CorruptLedger, EscalateError, NoRunsFolder
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
 from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store
@@ -125,8 +125,7 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
         return open_store(runs_dir)
     root = Path(runs_dir)
     if root.exists() and not root.is_dir():
-        raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
-                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(root))
+        raise NoRunsFolder(root)
     return root
 
 

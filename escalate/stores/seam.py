@@ -117,6 +117,12 @@ class LedgerStore(Protocol):
         """True when the ledger holds at least its first line."""
         ...
 
+    def head(self) -> tuple[bool, bytes | None]:
+        """:meth:`exists`, and the ledger's first line where the store reads it on the same
+        trip (PostgreSQL: one round trip to open a run), else None (:func:`first_event`
+        reads it)."""
+        ...
+
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Write a new ledger's first lines; False if the ledger already exists. A stream
         (an imported log, already verified) is read from where it is to its end, a chunk
@@ -260,6 +266,12 @@ def first_event(store: LedgerStore) -> dict[str, Any] | None:
                 head += chunk
     except (FileNotFoundError, UnknownRun):
         return None  # no such ledger: the command's own checks say so
+    return first_event_in(head)
+
+
+def first_event_in(head: bytes) -> dict[str, Any] | None:
+    """The event of the complete first line that ``head`` (a ledger's first bytes) starts
+    with; None when there is none (or it is no JSON object)."""
     line, newline, _ = head.partition(b"\n")
     if not newline:
         return None

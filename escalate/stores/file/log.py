@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-from escalate.errors import EscalateError, InputError, StoreUnavailable, storage_error
+from escalate.errors import EscalateError, NoRunsFolder, StoreUnavailable, storage_error
 from escalate.stores.file.run_folder import RunFolder, symlink_error
 
 LOG_NAME = "events.ndjson"
@@ -259,8 +259,7 @@ class FileLog(RunFolder):
         try:
             runs_root.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            raise InputError(f"the runs folder {runs_root} is a file; give a folder with --runs-dir or "
-                             "ESCALATE_RUNS_DIR", code="not_a_folder", path=str(runs_root)) from None
+            raise NoRunsFolder(runs_root) from None
         except OSError as exc:
             raise storage_error(exc, runs_root) from exc
         root_fd = self._open_runs_root()

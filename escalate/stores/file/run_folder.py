@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from escalate.errors import InputError, storage_error
+from escalate.errors import InputError, NoRunsFolder, storage_error
 
 # Every file is opened relative to the run folder's handle and never through a symbolic
 # link; O_NONBLOCK keeps a FIFO planted as the log from blocking the open (a regular file
@@ -157,8 +157,7 @@ class RunFolder:
         try:
             return os.open(root, _DIR_FLAGS)
         except NotADirectoryError:
-            raise InputError(f"the runs folder {root} is a file; give a folder with --runs-dir or "
-                             "ESCALATE_RUNS_DIR", code="not_a_folder", path=str(root)) from None
+            raise NoRunsFolder(root) from None
         except FileNotFoundError:
             raise
         except OSError as exc:

@@ -23,7 +23,7 @@ from escalate.config import Clock
 from escalate.core.events import Event
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.core.state import RunState
-from escalate.errors import InputError, LockTimeout, StoreUnavailable, UnknownRun, storage_error
+from escalate.errors import LockTimeout, NoRunsFolder, StoreUnavailable, UnknownRun, storage_error
 from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
@@ -49,8 +49,7 @@ class FileStore:
 
     def check_usable(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise InputError(f"the runs folder {self.root} is a file; give a folder with --runs-dir "
-                             "or ESCALATE_RUNS_DIR", code="not_a_folder", path=str(self.root))
+            raise NoRunsFolder(self.root)
 
     def prepare(self) -> int:
         """Create the runs folder (1) if it is not there yet (0)."""
@@ -98,6 +97,9 @@ class FileLedger:
 
     def exists(self) -> bool:
         return self.log.exists()
+
+    def head(self) -> tuple[bool, bytes | None]:
+        return self.exists(), None  # (the first line is read through the log, when asked)
 
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)

@@ -31,6 +31,7 @@ from escalate.config import Clock
 from escalate.core.durations import format_duration
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.errors import InputError, LockTimeout, UnknownRun
+from escalate.stores.postgres import tables
 from escalate.stores.postgres.clock import ServerClock
 from escalate.stores.postgres.connect import ConnectionPool, connect, describe, in_transaction, parse_url
 from escalate.stores.postgres.failures import Outcome, failure
@@ -61,6 +62,11 @@ STEP_HOOK: Callable[[str], None] | None = None
 _LISTEN_AHEAD_S = 60
 # The savepoint of a transaction opened inside another one of the same store.
 _NESTED = "escalate_nested"
+# Opening a run (LedgerStore.head): the schema's version, the ledger's line count and its
+# first line, in one round trip.
+_HEAD = ("SELECT (SELECT max(version) FROM escalate_schema_version), "
+         "(SELECT lines FROM escalate_ledgers WHERE ledger = %s), "
+         "(SELECT line FROM escalate_events WHERE ledger = %s AND seq = 1)")
 
 
 def _step(name: str) -> None:
@@ -242,6 +248,21 @@ class PgLedger:
             row = connection.execute("SELECT lines FROM escalate_ledgers WHERE ledger = %s",
                                      (self.run_id,)).fetchone()
         return row is not None and row[0] > 0
+
+    def head(self) -> tuple[bool, bytes | None]:
+        """One query: the schema's version, whether the ledger exists and its first line.
+        Where the schema is missing or older, it is brought up to date first, as every
+        connection does, and the ledger is asked again the usual way."""
+        with self._store.connection(schema=False) as connection:
+            try:
+                row = connection.execute(_HEAD, (self.run_id, self.run_id)).fetchone()
+            except psycopg.errors.UndefinedTable:
+                row = None  # (no tables yet; connection() ends the failed transaction)
+        if row is None or row[0] is None or row[0] < tables.SCHEMA_VERSION:
+            return self.exists(), None
+        self._store._schema_ready = True
+        exists = row[1] is not None and row[1] > 0
+        return exists, bytes(row[2]) if exists and row[2] is not None else None
 
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         """Insert the ledger's row and its first lines; False if it exists. (``recovered``
