@@ -218,8 +218,13 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
-                renotify_every_s: float | None = None, approver_keys: ApproverKeys = ()) -> Policy:
+                renotify_every_s: float | None = None, approvers_match: str = "claimed",
+                approver_keys: ApproverKeys = ()) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    if approvers_match not in events.APPROVERS_MATCHES:
+        raise InputError(f"invalid approvers match {str(approvers_match)[:40]!r}: use claimed (the names "
+                         "given) or vouched (who the store vouches for)", code="usage",
+                         value=str(approvers_match)[:40])
     if renotify_every_s is not None:
         # At least a minute: sweep runs from cron, and a reminder a second is spam.
         check_duration(renotify_every_s, what="renotify interval", minimum=60,
@@ -247,6 +252,7 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         max_extension_micros=parse_micros(max_extension, what="max extension"),
         approvers=check_approvers(approvers),
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
+        approvers_match=approvers_match,
         approver_keys=check_approver_keys(approver_keys) if approver_keys else {},
     )
 
@@ -260,6 +266,7 @@ def merge_policy(
     max_extension: Amount | Unchanged = UNCHANGED,
     approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
     renotify_every_s: float | Unchanged | None = UNCHANGED,
+    approvers_match: str | Unchanged = UNCHANGED,
     approver_keys: ApproverKeys | Unchanged = UNCHANGED,
 ) -> Policy:
     """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
@@ -273,6 +280,7 @@ def merge_policy(
         approvers=current.approvers if approvers is UNCHANGED else approvers,
         renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
                           else renotify_every_s),
+        approvers_match=current.approvers_match if approvers_match is UNCHANGED else approvers_match,
         approver_keys=current.approver_keys if approver_keys is UNCHANGED else approver_keys)
 
 

@@ -139,6 +139,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
+        approvers_match: str = "claimed",
         pool: str | None = None,
         approver_keys: config.ApproverKeys = (),
         **options: Any,
@@ -149,9 +150,10 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation. ``pool``: the run joins that pool for good (``cap``
-        defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings (or names mapped to
-        OpenSSH public key lines) whose signatures every resolution then needs.
+        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers, and
+        tells the requester apart, by who the store vouches for. ``pool``: the run joins that
+        pool for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings
+        (or names mapped to OpenSSH public key lines) whose signatures every resolution then needs.
         """
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
         from escalate.pools import void
@@ -167,7 +169,7 @@ class Ledger:
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s,
-                                    approver_keys=approver_keys)
+                                    approvers_match=approvers_match, approver_keys=approver_keys)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -237,8 +239,8 @@ class Ledger:
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))
+        return cast(TaskResult, self._mutate(asked_by(self.store,
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
 
     def archive(self) -> dict[str, Any]:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
@@ -290,6 +292,7 @@ class Ledger:
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
         renotify_every_s: float | Unchanged | None = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
@@ -300,8 +303,10 @@ class Ledger:
             policy = config.merge_policy(
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
-                approvers=approvers, renotify_every_s=renotify_every_s, approver_keys=approver_keys)
-            return resolve.decide_policy(state, policy, self.actor, role, pool)
+                approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
+                approver_keys=approver_keys)
+            return resolve.decide_policy(state, policy, self.actor, role, pool,
+                                         self.store.approvers_are_roles)
         role = self.store.role()
         return cast(PolicyResult, self._mutate(decide))
 
@@ -412,7 +417,8 @@ class Ledger:
                  signature: str | None = None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
+        roles = self.store.approvers_are_roles
         if sign is not None and signature is None:
             from escalate.escalation.signing import sign as ssh_sign
 
@@ -421,7 +427,7 @@ class Ledger:
             signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
         return cast(ResolutionResult, self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role, signature)))
+                                                                  pool, role, signature, roles)))
 
     def _mutate(self, decide: Decide) -> dict[str, Any]:
         # One command: the answer's sync goes through the run folder the write resolved.

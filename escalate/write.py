@@ -17,7 +17,7 @@ from escalate.config import Clock
 from escalate.core import fold as folding
 from escalate.core import resolve
 from escalate.core.decide import Decision
-from escalate.core.events import Event, format_ts, parse_ts, seal
+from escalate.core.events import TIMEOUT_ACTOR, Event, format_ts, parse_ts, seal
 from escalate.core.replay import Replayed
 from escalate.core.state import RuleViolation, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
@@ -55,12 +55,15 @@ class Inside(Protocol):
 
 
 def asked_by(store: LedgerStore, decide: Decide) -> Decide:
-    """``decide``, with the database role (PostgreSQL store) on the escalations it opens,
-    asked inside the write: with an approver list, a role that asked may not approve its own
-    request under another ``--by`` name. (A runs folder has no role: names only.)"""
+    """``decide``, with who the store vouches is acting (``role``: the OS user, or the
+    database role, asked inside the write) on the escalations it opens and on those a
+    release withdraws: the vouched identity of the requester is what self-approval compares
+    (:func:`escalate.resolve.same_person`)."""
     def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
         decision = decide(state, now, expired, pool)
-        opened = [event for event in decision.events if event["type"] == "escalation"]
+        opened = [event for event in decision.events if event["type"] == "escalation" or (
+            event["type"] == "escalation_resolved" and event.get("by") != TIMEOUT_ACTOR
+            and "role" not in event)]
         role = store.role() if opened else None
         for event in opened if role is not None else []:
             event["role"] = role

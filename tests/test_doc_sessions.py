@@ -43,16 +43,37 @@ def _without_times(lines: list[str]) -> list[str]:
     return out
 
 
-def replay(blocks: list[str], runs_dir: Path) -> None:
-    """Run every command of ``blocks`` in order as the guide says (``COLUMNS=100``,
-    ``ESCALATE_ACTOR=ci``) and compare what it prints, stdout and stderr as a terminal
-    shows them, with the guide. A command ending in ``&`` runs in the background: the lines
-    under it are what it prints before it waits, and a later block without commands is
-    what it prints when it ends (exit 0)."""
+# The guide's sessions run in the OS account ``ci``, whatever account runs the tests: what
+# the file store vouches for (``alice [ci]``) is then the same everywhere.
+_AS_CI = '''import pwd, os
+_real = pwd.getpwuid
+def getpwuid(uid):
+    return _real(uid) if uid != os.geteuid() else pwd.struct_passwd(("ci", *_real(uid)[1:]))
+pwd.getpwuid = getpwuid
+'''
+
+
+def session_env(runs_dir: Path) -> dict[str, str]:
+    """The environment of the guide's sessions: ``COLUMNS=100``, ``ESCALATE_ACTOR=ci``, the
+    OS account ``ci`` (:data:`_AS_CI`), ``runs_dir``."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("ESCALATE_") and key not in ("NO_COLOR", "FORCE_COLOR")}
+    shim = runs_dir.parent / "as-ci"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(_AS_CI)
     env.update(COLUMNS="100", ESCALATE_ACTOR="ci", ESCALATE_RUNS_DIR=str(runs_dir),
+               PYTHONPATH=str(shim),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    return env
+
+
+def replay(blocks: list[str], runs_dir: Path) -> None:
+    """Run every command of ``blocks`` in order as the guide says (:func:`session_env`)
+    and compare what it prints, stdout and stderr as a terminal shows them, with the
+    guide. A command ending in ``&`` runs in the background: the lines under it are what it
+    prints before it waits, and a later block without commands is what it prints when it
+    ends (exit 0)."""
+    env = session_env(runs_dir)
     background: subprocess.Popen[str] | None = None
     for block in blocks:
         if not block.startswith("$ "):

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from rich.console import Console
 
-from escalate import Ledger, Pending, Refused
+from escalate import Ledger, Pending
 from escalate.reports.render import escalation_table
 from tests.conftest import FakeClock, Location, has_run, log_bytes, snapshot_store
 
@@ -405,31 +405,3 @@ def test_names_that_pass_for_another_are_refused(cli: Any, runs_dir: Path, name:
     refused = cli("pause", "r", "esc-2", "--by", name, "--json")
     assert refused.exit_code == 2 and refused.json()["error"] in ("invalid_actor", "reserved_actor")
     assert (runs_dir / "r" / "events.ndjson").read_bytes() == log
-
-
-def test_what_each_store_vouches_for_when_the_requester_approves_under_another_name(store: Location) -> None:
-    """docs/reliability.md, "Only an approver resolves": on the file store names are claimed,
-    so the requester approves as anyone it names; on PostgreSQL, with an approver list, the
-    database role that asked is refused whatever name it gives; without one, only names are
-    compared on both stores (one shared role must still work)."""
-    def ask(run_id: str, approvers: str) -> str:
-        ledger = Ledger.init(store, run_id, cap="10", escalation="enforce", approval_threshold="1",
-                             approvers=approvers, actor="worker")
-        with pytest.raises(Pending) as pending:
-            ledger.reserve("t", "2")
-        return pending.value.escalation_id
-
-    role = Ledger.init(store, "probe", cap="1").store.role()  # None: a runs folder vouches for nobody
-    unlisted = ask("unlisted", "")
-    assert Ledger.open(store, "unlisted", actor="lead").approve(unlisted)["status"] == "approved"
-    listed = ask("listed", role or "lead")  # the approver list names what the store checks
-    if role is None:
-        assert Ledger.open(store, "listed", actor="lead").approve(listed)["status"] == "approved"
-        resolved = [e for e in log_lines(store, "listed") if e["type"] == "escalation_resolved"]
-        assert [(e["by"], "role" in e) for e in resolved] == [("lead", False)]
-    else:
-        before = log_bytes(store, "listed")
-        with pytest.raises(Refused) as refused:
-            Ledger.open(store, "listed", actor="lead").approve(listed)
-        assert refused.value.code == "self_approval" and f"database role {role}" in refused.value.message
-        assert log_bytes(store, "listed") == before

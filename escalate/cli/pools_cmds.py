@@ -21,9 +21,11 @@ from escalate.cli import (
 from escalate.cli.escalation_cmds import ApproverKeyOption
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
+    ApproversMatchOption,
     ApproversOption,
     EscalationTimeoutOption,
     ModeOption,
+    NewApproversMatchOption,
     ShowFormat,
     ThresholdOption,
     _escalation_timeout,
@@ -63,6 +65,7 @@ def init(
         "--max-extension", metavar="USD", help="Most USD that approvals of pool_cap escalations may add "
         "per period [default: 0].")] = None,
     approvers: ApproversOption = None,
+    approvers_match: ApproversMatchOption = None,
     approver_key: ApproverKeyOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
@@ -81,7 +84,8 @@ def init(
         created = Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                            approvers=approvers or (), approver_keys=approver_key or (), **options)
+                            approvers=approvers or (), approvers_match=approvers_match or "claimed",
+                            approver_keys=approver_key or (), **options)
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -181,6 +185,7 @@ def set_policy(
     approvers: Annotated[str | None, typer.Option("--approvers", metavar="NAMES", help="New comma-separated "
         "approvers of pool_cap escalations [default: unchanged].", show_default=False)] = None,
     approver_key: ApproverKeyOption = None,
+    approvers_match: NewApproversMatchOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -188,7 +193,8 @@ def set_policy(
 ) -> None:
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
-             "max_extension": max_extension, "approvers": approvers, "approver_keys": approver_key}
+             "max_extension": max_extension, "approvers": approvers, "approvers_match": approvers_match,
+             "approver_keys": approver_key}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
@@ -196,9 +202,7 @@ def set_policy(
     if no_threshold:
         changes["approval_threshold"] = None
     if not changes and escalation_timeout is None:
-        bad_input("nothing to change; give --cap, --escalation, --approval-threshold, "
-                  "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers or "
-                  "--approver-key", json_out, code="usage")
+        bad_input(_NOTHING_TO_CHANGE, json_out, code="usage")
     before: dict[str, Any] = {}
 
     def action() -> dict[str, Any]:
@@ -220,6 +224,11 @@ def set_policy(
             echo_line(f"pool {result['pool']}: {', '.join(changed)}")
 
     respond(json_out, action, human)
+
+
+_NOTHING_TO_CHANGE = ("nothing to change; give --cap, --escalation, --approval-threshold, "
+                      "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers, "
+                      "--approvers-match or --approver-key")
 
 
 @pools_app.command("verify")

@@ -52,6 +52,14 @@ ApproversOption = Annotated[str | None, typer.Option(
     "--approvers", metavar="NAMES",
     help="Comma-separated names that may approve, pause or cancel escalations; never the "
     "requester [default: anyone].")]
+ApproversMatchOption = Annotated[str | None, typer.Option(
+    "--approvers-match", metavar="claimed|vouched",
+    help="What approvers are matched, and the requester told apart, on: the names given "
+    "(claimed), or who the store vouches for, the OS user or the database role (vouched) "
+    "[default: claimed].", show_default=False)]
+NewApproversMatchOption = Annotated[str | None, typer.Option(
+    "--approvers-match", metavar="claimed|vouched", help="New match of approvers: the names given "
+    "(claimed), or who the store vouches for (vouched) [default: unchanged].", show_default=False)]
 RenotifyOption = Annotated[str | None, typer.Option(
     "--renotify-every", metavar="DURATION",
     help="'escalate sweep' sends an open escalation's notice again this often, e.g. 30m; "
@@ -71,6 +79,7 @@ def init(
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
+    approvers_match: ApproversMatchOption = None,
     approver_key: ApproverKeyOption = None,
     renotify_every: RenotifyOption = None,
     pool: Annotated[str | None, typer.Option(
@@ -97,7 +106,8 @@ def init(
         ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                             approvers=approvers or (), approver_keys=approver_key or (),
+                             approvers=approvers or (), approvers_match=approvers_match or "claimed",
+                             approver_keys=approver_key or (),
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              pool=pool, **options)
         if pool is not None and cap is not None:
@@ -150,6 +160,7 @@ def set_policy(
         "--approvers", metavar="NAMES", help="New comma-separated names that may approve, pause or "
         "cancel escalations; \"\" lets anyone but the requester [default: unchanged].",
         show_default=False)] = None,
+    approvers_match: NewApproversMatchOption = None,
     approver_key: ApproverKeyOption = None,
     renotify_every: RenotifyOption = None,
     no_renotify: Annotated[bool, typer.Option("--no-renotify",
@@ -164,7 +175,7 @@ def set_policy(
                              no_threshold=no_threshold, escalation_timeout=escalation_timeout,
                              max_extension=max_extension, approvers=approvers,
                              renotify_every=renotify_every, no_renotify=no_renotify,
-                             approver_keys=approver_key)
+                             approvers_match=approvers_match, approver_keys=approver_key)
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -190,7 +201,8 @@ def set_policy(
 def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold: str | None,
                    no_threshold: bool, escalation_timeout: str | None, max_extension: str | None,
                    approvers: str | None, renotify_every: str | None,
-                   no_renotify: bool, approver_keys: list[str] | None = None) -> Callable[[], dict[str, Any]]:
+                   no_renotify: bool, approvers_match: str | None = None,
+                   approver_keys: list[str] | None = None) -> Callable[[], dict[str, Any]]:
     """The options of ``runs set`` checked for usage (exit 2 before anything is opened),
     and a call that turns them into ``set_policy``'s keyword arguments (durations parsed
     then, inside the command, so a bad one is reported as its error)."""
@@ -200,10 +212,11 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
     if renotify_every is not None and no_renotify:
         bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
     if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
-            renotify_every, approver_keys) == (None,) * 7 and not no_threshold and not no_renotify:
+            renotify_every, approvers_match, approver_keys) == (None,) * 8 and not no_threshold \
+            and not no_renotify:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
-                  "--escalation-timeout, --max-extension, --approvers, --approver-key, --renotify-every "
-                  "or --no-renotify", json_out, code="usage")
+                  "--escalation-timeout, --max-extension, --approvers, --approvers-match, --approver-key, "
+                  "--renotify-every or --no-renotify", json_out, code="usage")
 
     def changes() -> dict[str, Any]:
         given: dict[str, Any] = {}
@@ -217,6 +230,8 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
             given["max_extension"] = max_extension
         if approvers is not None:
             given["approvers"] = approvers
+        if approvers_match is not None:
+            given["approvers_match"] = approvers_match
         if approver_keys is not None:
             given["approver_keys"] = approver_keys
         if renotify_every is not None or no_renotify:
@@ -254,6 +269,7 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "approvers": ("approvers", lambda names: ", ".join(names or ()) or "anyone"),
     "approver_keys": ("pinned keys of", lambda keys: ", ".join(keys or {}) or "nobody"),
     "renotify_every_s": ("renotify every", _timeout_text),
+    "approvers_match": ("approvers match", lambda match: match or "claimed"),
 }
 
 

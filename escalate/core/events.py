@@ -52,6 +52,9 @@ EventType = Literal["run_opened", "budget_reserved", "budget_increased", "releas
 # Why a pool's join was voided: its 'runs init --pool' found the id taken by a run of no
 # pool, a run of another pool, or a pool.
 VoidReason = Literal["run_of_no_pool", "run_of_another_pool", "a_pool"]
+# What an approver list is matched on: the name each person gives (``--by``), or the
+# identity the store vouches for (the line's ``role``: the OS user, or the database role).
+ApproversMatch = Literal["claimed", "vouched"]
 # How a pool's cap repeats: never, per calendar day, ISO week or month in the pool's zone.
 Period = Literal["none", "day", "week", "month"]
 
@@ -67,6 +70,7 @@ ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 PERIODS: tuple[Period, ...] = get_args(Period)
+APPROVERS_MATCHES: tuple[ApproversMatch, ...] = get_args(ApproversMatch)
 
 
 _READ_CHUNK = 1 << 20

@@ -29,7 +29,7 @@ from escalate.core.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.core.rules import extension_left, needed_extension
+from escalate.core.rules import extension_left, needed_extension, pinned_keys, same_person
 from escalate.core.state import EscalationState, RuleViolation, RunState, Task
 
 
@@ -98,8 +98,10 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     mode = choice_field(event, "mode", RESOLVED_MODES)
     extension = int_field(event, "extension_micros")
     by = name_field(event, "by")
-    if "role" in event:  # the database role that resolved it (PostgreSQL store)
-        name_field(event, "role")
+    # Who the store vouches resolved it (the OS user, or the database role); older lines: none.
+    role = name_field(event, "role") if "role" in event else None
+    if mode != "withdraw" and by != TIMEOUT_ACTOR:
+        _check_resolver(state, escalation, by, role)
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
@@ -124,6 +126,7 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     escalation.state = "resolved"
     escalation.mode = mode
     escalation.by = by
+    escalation.resolved_role = role
     escalation.resolved_at = ts_field(event, "ts")
     escalation.extension_micros = extension
     state.extended_micros += extension
@@ -134,6 +137,21 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "paused"
     else:
         task.state = "reserved" if task.holding else "escalated"
+
+
+def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
+    """The rule the decisions apply (:func:`escalate.resolve.decide_resolution`), as far as
+    the run's own log tells: the requester never resolves their own escalation, and under
+    ``approvers_match: vouched`` the approver list names the vouched identity. A pool_cap
+    escalation is decided by its pool's policy, which this log does not hold: only two
+    lines naming the same person are refused there."""
+    policy = state.policy
+    vouched = policy.approvers_match == "vouched" and escalation.reason != "pool_cap"
+    if same_person(escalation.requested_by, escalation.requested_role, by, role, vouched):
+        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who asked for it")
+    if vouched and policy.approvers and (role or by) not in policy.approvers:
+        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who is not one "
+                            f"of the approvers ({', '.join(policy.approvers)})")
 
 
 def check_signed(state: RunState, escalation: EscalationState, event: Mapping[str, Any], mode: str,
@@ -156,9 +174,9 @@ def check_signed(state: RunState, escalation: EscalationState, event: Mapping[st
         return  # checked at write time against the keys of whoever pinned them (the pool)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
                                        escalation.line_hash)
-    name = event.get("role") or by  # on PostgreSQL the role, as approver lists name it
+    pinned = pinned_keys(state.policy, by, event.get("role"))
     try:
-        signer = sshsig.verify(signature, message, state.policy.approver_keys.get(name, ()))
+        signer = sshsig.verify(signature, message, pinned)
     except sshsig.SignatureError as exc:
         raise RuleViolation(f"the signature of {by}'s {mode} of escalation {escalation.id} does not "
                             f"check out against the keys the run pins: {exc}") from None

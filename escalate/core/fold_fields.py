@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from escalate.core.events import (
+    APPROVERS_MATCHES,
     MAX_ACTOR_LENGTH,
     MAX_TIMEOUT_S,
     MODES,
@@ -105,6 +106,8 @@ def policy_field(raw: Any) -> Policy:
         approver_keys=_approver_keys(raw) if "approver_keys" in raw else {},
         # Absent in runs made before it existed, and in runs that never re-deliver.
         renotify_every_s=int_field(raw, "renotify_every_s", nullable=True, limit=MAX_TIMEOUT_S),
+        # Absent in runs made before it existed: names as given.
+        approvers_match=choice_field(raw, "approvers_match", APPROVERS_MATCHES, "claimed"),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from escalate.core.events import (
     SCHEMA_VERSION,
+    ApproversMatch,
     EscalationKind,
     EscalationReason,
     HaltReason,
@@ -62,10 +63,11 @@ SignedMicrosInt = Annotated[int, Check.SIGNED_MICROS]
 IdStr = Annotated[str, Check.ID]
 TimestampStr = Annotated[str, Check.TIMESTAMP]
 NameStr = Annotated[str, Check.NAME]
-# Who wrote a resolution or a policy change, as the database knows it.
+# Who wrote a resolution or a policy change, as the store vouches for it.
 WriterRole = Annotated[NameStr, Doc(
-    "On the PostgreSQL store: the database role that wrote it (current_user, which a client "
-    "cannot choose); approver lists there name roles. Absent on the file store.")]
+    "Who the store vouches wrote it, beside the claimed by: the database role on PostgreSQL "
+    "(current_user, which a client cannot choose; approver lists there name roles), the OS "
+    "user of the writing process on the file store (from its uid). Absent on older lines.")]
 
 class EscalationPolicy(TypedDict):
     """A run's escalation settings (``run_opened.escalation``, ``policy_changed.escalation``)."""
@@ -78,6 +80,9 @@ class EscalationPolicy(TypedDict):
         "Who may approve, pause or cancel; absent or empty: anyone (never the requester).")]]
     renotify_every_s: NotRequired[Annotated[Annotated[int, Check.TIMEOUT], Doc(
         "Re-deliver an open escalation's notice this often (escalate sweep); absent: never.")]]
+    approvers_match: NotRequired[Annotated[ApproversMatch, Doc(
+        "vouched: approvers are matched, and the requester told apart, on role (who the store "
+        "vouches for); absent or claimed: on the names given (docs/escalation.md, Who is who).")]]
     approver_keys: NotRequired[Annotated[dict[NameStr, list[str]], Doc(
         "Pinned OpenSSH public key lines by approver name; while present, every approve, pause and "
         "cancel carries a signature by one of its approver's keys. Absent: nothing pinned.")]]
@@ -170,8 +175,9 @@ class Escalation(TypedDict):
     pool: NotRequired[Annotated[IdStr, Doc(
         "reason pool_cap: the pool whose policy decides it (its approvers, its max extension).")]]
     role: NotRequired[Annotated[NameStr, Doc(
-        "On the PostgreSQL store: the database role that asked (current_user); with an approver "
-        "list, that role may not resolve it. Absent on the file store.")]]
+        "Who the store vouches asked: the database role (current_user) on PostgreSQL, the OS "
+        "user of the writing process on the file store. Self-approval compares it (docs/"
+        "escalation.md, Who is who). Absent on older lines.")]]
 
 
 class EscalationResolved(TypedDict):

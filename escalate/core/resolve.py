@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import extension_left, needed_extension, over_cap, over_threshold, period_name
+from escalate.core.rules import (
+    approver_name,
+    extension_left,
+    needed_extension,
+    over_cap,
+    over_threshold,
+    period_name,
+    same_person,
+    vouched_match,
+)
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import Conflict, InputError, Refused
 
@@ -53,15 +62,16 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
                       pool: PoolView | None = None, role: str | None = None,
-                      signature: str | None = None) -> Decision:
+                      signature: str | None = None, roles: bool = False) -> Decision:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, when its check opened it or a grant is over its threshold: :func:`_the_pools`;
     anyone, when neither names any) may grant, pause or cancel, and never the requester.
-    ``role``: the database role acting (PostgreSQL store), recorded, and the name an
-    approver list is checked against. ``signature``: an armored SSHSIG signature of the
-    escalation's canonical content, which a policy that pins approvers' keys requires
-    (:func:`signed_fields`)."""
+    ``role``: who the store vouches is acting (the OS user, or the database role),
+    recorded; ``roles``: the store's approver lists name database roles (PostgreSQL);
+    :func:`~escalate.core.rules.approver_name` says which name a list is checked against.
+    ``signature``: an armored SSHSIG signature of the escalation's canonical content, which
+    a policy that pins approvers' keys requires (:func:`signed_fields`)."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
         return fail(unknown_escalation(state.run_id, escalation_id))
@@ -69,7 +79,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
         return fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
             escalation_id=escalation_id, state="resolved", mode=None))
-    refusal = _not_allowed(state, escalation, mode, by, pool, role)
+    refusal = _not_allowed(state, escalation, mode, by, pool, role, roles)
     if refusal is not None:
         return fail(refusal)
     if escalation.state == "resolved":
@@ -85,7 +95,9 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
             "nothing to do", **facts))
     resolved = resolved_event(escalation_id, mode, by, role)
     if mode != "withdraw":
-        signed = signed_fields(state, escalation, mode, role or by, pool, signature)
+        keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+        signed = signed_fields(state, escalation, mode, approver_name(keyed, roles, by, role) or by, pool,
+                               signature)
         if isinstance(signed, Refused):
             return fail(signed)
         resolved.update(signed)
@@ -108,16 +120,18 @@ def unknown_escalation(run_id: str, escalation_id: str) -> InputError:
 
 
 def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
-                 pool: PoolView | None, role: str | None) -> Refused | None:
+                 pool: PoolView | None, role: str | None, roles: bool) -> Refused | None:
     """Why ``by`` may not resolve ``escalation`` as ``mode``, or None. Asked before the
     first-resolution-wins answer: who won tells nothing to someone who may not resolve.
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
-    names are claimed, not authenticated, on the file store (docs/escalation.md)."""
+    names are claimed, the ``role`` is vouched for by the store (docs/escalation.md, "Who
+    is who")."""
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
              "requested_by": escalation.requested_by}
     if mode == "withdraw":
-        other_role = role is not None and escalation.requested_role not in (None, role)
-        if (escalation.requested_by is not None and by != escalation.requested_by) or other_role:
+        same = same_person(escalation.requested_by, escalation.requested_role, by, role,
+                           vouched_match(state.policy, roles))
+        if escalation.requested_by is not None and not same:
             return Refused(
                 f"cannot withdraw {escalation.id}: only {escalation.requested_by}, who asked, may "
                 f"withdraw it" + (f" (a release of task {escalation.task} settles it too)"
@@ -128,10 +142,10 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
         threshold = usd(pool.policy.approval_threshold_micros or 0)
         why = "" if escalation.reason == "pool_cap" else \
             f"over pool {pool.pool_id}'s approval threshold {threshold}; "
-        return _not_an_approver(state, escalation, by, role, pool.policy.approvers, "pool", pool.pool_id, why)
+        return _not_an_approver(state, escalation, by, role, (pool.policy, roles), "pool", pool.pool_id, why)
     # (A pool that names no approvers lets anyone decide its checks, but not lift its member's
     # own list: the stricter of the two holds.)
-    return _not_an_approver(state, escalation, by, role, state.policy.approvers, "run", state.run_id)
+    return _not_an_approver(state, escalation, by, role, (state.policy, roles), "run", state.run_id)
 
 
 def _the_pools(pool: PoolView, escalation: EscalationState, mode: str) -> bool:
@@ -145,32 +159,38 @@ def _the_pools(pool: PoolView, escalation: EscalationState, mode: str) -> bool:
 
 
 def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role: str | None,
-                     approvers: tuple[str, ...], kind: str, ledger_id: str, why: str = "") -> Refused | None:
-    """Why ``by`` (acting as ``role``) may not resolve ``escalation`` as one of the
-    ``approvers`` of ``kind`` (run, pool) ``ledger_id``, or None; ``why``: what makes it
-    theirs, when that is not plain."""
+                     deciding: tuple[Policy, bool], kind: str, ledger_id: str,
+                     why: str = "") -> Refused | None:
+    """Why ``by`` (acting as ``role``) may not resolve ``escalation`` as one of the approvers
+    of ``kind`` (run, pool) ``ledger_id``, or None. ``deciding``: that ledger's policy, and
+    whether the store's approver lists name database roles; ``why``: what makes it theirs,
+    when that is not plain. Who is the requester: :func:`~escalate.core.rules.same_person`."""
     facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
              "requested_by": escalation.requested_by}
+    policy, roles = deciding
+    approvers = policy.approvers
+    same = same_person(escalation.requested_by, escalation.requested_role, by, role,
+                       vouched_match(policy, roles))
     who = why + (f"approvers: {', '.join(approvers)}" if approvers else "anyone but the requester may")
-    if by == escalation.requested_by:
+    if same and by == escalation.requested_by:
         return Refused(
             f"cannot resolve {escalation.id}: {by} asked for it and may not resolve their own "
             f"escalation ({who}); ask an approver, or take it back with "
             f"'escalate withdraw {state.run_id} {escalation.id}'",
             code="self_approval", approvers=list(approvers), **facts)
-    if approvers and (role or by) not in approvers:
+    name = approver_name(policy, roles, by, role)
+    if approvers and name not in approvers:
         return Refused(
-            f"cannot resolve {escalation.id}: {role or by} is not an approver of {kind} {ledger_id} "
+            f"cannot resolve {escalation.id}: {name} is not an approver of {kind} {ledger_id} "
             f"({who}); ask one of them, or change the list with 'escalate {kind}s set "
             f"{ledger_id} --approvers'", code="not_an_approver", approvers=list(approvers),
             **facts)
-    if approvers and role is not None and role == escalation.requested_role:
-        # (Names are chosen by the client; the role is not. Without an approver list every
-        # role may approve, and one shared role must still be able to.)
+    if same:
+        # (Names are chosen by the client; the vouched identity is not.)
         return Refused(
-            f"cannot resolve {escalation.id}: the database role {role} asked for it and may not "
-            f"resolve its own escalation under another name ({who}); ask an approver with a "
-            f"role of their own", code="self_approval", approvers=list(approvers), **facts)
+            f"cannot resolve {escalation.id}: the {'database role' if roles else 'OS user'} {role} asked "
+            f"for it and may not resolve its own escalation under another name ({who}); ask an "
+            f"approver who acts as someone else", code="self_approval", approvers=list(approvers), **facts)
     return None
 
 
@@ -280,13 +300,14 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
 
 
 def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
-                           command: str) -> Refused | None:
-    """Once a run (or a pool) names its approvers (or pins keys for some), only they may change its settings:
-    otherwise anyone could add themselves. ``role``, the database role acting (PostgreSQL),
-    is what is checked when there is one."""
+                           command: str, roles: bool = False) -> Refused | None:
+    """Once a run (or a pool) names its approvers (or pins keys for some), only they may
+    change its settings: otherwise anyone could add themselves. The name checked is
+    :func:`~escalate.core.rules.approver_name`'s (``role``: who the store vouches acts)."""
     approvers = state.policy.approvers or tuple(state.policy.approver_keys)
-    if approvers and (role or by) not in approvers:
-        return Refused(f"cannot change {what}: {role or by} is not one of its approvers "
+    name = approver_name(state.policy, roles, by, role)
+    if approvers and name not in approvers:
+        return Refused(f"cannot change {what}: {name} is not one of its approvers "
                        f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",
                        code="not_an_approver", by=by, approvers=list(approvers))
     return None
@@ -303,16 +324,16 @@ def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Con
 
 
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
-                  role: str | None = None, pool: PoolView | None = None) -> Decision:
+                  role: str | None = None, pool: PoolView | None = None, roles: bool = False) -> Decision:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
     its approvers, only they may change it: otherwise anyone could add themselves (``role``:
-    the database role acting, recorded, and checked instead of ``by``). A member run's
-    answer names its ``pool``'s policy too: the run's own settings never lift it."""
+    who the store vouches acts, recorded; ``roles``: :func:`policy_changer_refused`). A
+    member run's answer names its ``pool``'s policy too: the run's own settings never lift it."""
     binding = {} if pool is None else {"pool": pool.pool_id, "pool_escalation": pool.policy.to_json()}
     if policy == state.policy:
         return Decision(result={"status": "exists", "escalation": policy.to_json(), **binding})
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
-                                     "runs set")
+                                     "runs set", roles)
     if refusal is not None:
         return fail(refusal)
     lowered = extension_lowered(policy, state.extended_micros)

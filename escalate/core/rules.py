@@ -15,7 +15,7 @@ from escalate.errors import TotalLimit
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
-    from escalate.core.state import RunState
+    from escalate.core.state import Policy, RunState
 
 Cap = Literal["task_cap", "run_cap"]
 
@@ -63,6 +63,46 @@ def past_total_limit(total_micros: int) -> bool:
     one there: a reservation must fit a cap (at most the 1e9 USD run or pool cap plus at
     most as much again in extensions), so what a cap bounds stays far below the limit."""
     return total_micros > MAX_TOTAL_MICROS
+
+
+def vouched_match(policy: Policy, roles: bool) -> bool:
+    """Whether ``policy``'s approvers are matched, and requester and resolver compared, on
+    the identity the store vouches for: the policy says ``approvers_match: vouched``, or the
+    store's identities are database roles and the policy names approvers (approver lists
+    there have always named roles). Otherwise on the names given (``claimed``), so that one
+    OS user may run a whole script under several ``--by`` names (docs/escalation.md)."""
+    return policy.approvers_match == "vouched" or (roles and bool(policy.approvers))
+
+
+def approver_name(policy: Policy, roles: bool, by: str | None, role: str | None) -> str | None:
+    """The name an approver list (and its pinned keys) is checked against: ``role``, the
+    vouched identity, under ``approvers_match: vouched`` and wherever the store's
+    identities are database roles (PostgreSQL's lists have always named roles); else
+    ``by``, the name given."""
+    return role if (roles or policy.approvers_match == "vouched") and role is not None else by
+
+
+def pinned_keys(policy: Policy, by: object, role: object) -> tuple[str, ...]:
+    """The keys a resolution line's signature is checked against when a log is read: those
+    pinned for the name its writer checked (:func:`approver_name`), which the log alone
+    cannot always tell — the vouched ``role`` under ``approvers_match: vouched``; otherwise
+    the name given, or (PostgreSQL, where lists name roles) the role."""
+    names = (role,) if policy.approvers_match == "vouched" else (by, role)
+    return tuple(key for name in dict.fromkeys(names) if isinstance(name, str)
+                 for key in policy.approver_keys.get(name, ()))
+
+
+def same_person(requested_by: str | None, requested_role: str | None, by: str | None,
+                role: str | None, vouched: bool) -> bool:
+    """Whether the resolver (``by``, vouched as ``role``) is the requester. Two different
+    vouched identities are never the same person, whatever names they give; the same one is,
+    when ``vouched``; otherwise (or where a line has no vouched identity) the names tell."""
+    if requested_role is not None and role is not None:
+        if requested_role != role:
+            return False
+        if vouched:
+            return True
+    return requested_by is not None and by == requested_by
 
 
 def release_refusal(state: RunState, task_id: str, held: int, actual: int,

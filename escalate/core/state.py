@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from escalate.core.events import (
+    ApproversMatch,
     EscalationKind,
     EscalationReason,
     HaltReason,
@@ -44,6 +45,9 @@ class Policy:
     renotify_every_s: int | None = None  # None: an open escalation's notice is sent once
     # Who may approve, pause or cancel; empty: anyone but the requester.
     approvers: tuple[str, ...] = ()
+    # "vouched": approvers are matched, and requester and resolver compared, on the identity
+    # the store vouches for (docs/escalation.md, "Who is who"); "claimed": on the names given.
+    approvers_match: ApproversMatch = "claimed"
     # Pinned public keys (OpenSSH lines) by approver name: while any are pinned, every
     # approve, pause and cancel carries an SSHSIG signature by one of its approver's keys.
     approver_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class Policy:
         # Written only when set, so runs without it write (and compare) as they always did.
         if self.renotify_every_s is not None:
             data["renotify_every_s"] = self.renotify_every_s
+        if self.approvers_match != "claimed":
+            data["approvers_match"] = self.approvers_match
         return data
 
 
@@ -125,11 +131,14 @@ class EscalationState:
     opened_at: str
     # The actor of the escalation's line: who may withdraw it, and who may never resolve it.
     requested_by: str | None = None
-    # The database role that asked (PostgreSQL store; None on the file store).
+    # Who the store vouches asked (the line's ``role``: the OS user on the file store, the
+    # database role on PostgreSQL; None on lines written before it was recorded).
     requested_role: str | None = None
     state: EscalationStatus = "open"
     mode: ResolvedMode | None = None
     by: str | None = None
+    # Who the store vouches resolved it (the resolution's ``role``; None: not recorded).
+    resolved_role: str | None = None
     resolved_at: str | None = None
     extension_micros: int = 0
     # What the approver is shown besides who asked: why and how urgently, and the cap
@@ -163,6 +172,7 @@ class EscalationState:
             "state": self.state,
             "mode": self.mode,
             "by": self.by,
+            **({"resolved_role": self.resolved_role} if self.resolved_role is not None else {}),
             "resolved_at": self.resolved_at,
             "extension_micros": self.extension_micros,
             "request_reason": self.request_reason,

@@ -37,20 +37,22 @@ def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decis
 
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
-                       role: str | None = None, granted: tuple[int, str] | None = None) -> Decision:
+                       role: str | None = None, granted: tuple[int, str] | None = None,
+                       roles: bool = False) -> Decision:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
     period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
-    pool names approvers, only they may change it (``role``: the database role acting, on
-    PostgreSQL: recorded, and checked instead of ``by``)."""
+    pool names approvers, only they may change it (``role``: who the store vouches acts,
+    recorded; ``roles``: the store's approver lists name database roles;
+    :func:`~escalate.core.resolve.policy_changer_refused` checks them)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
     result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
     if policy == state.policy and cap == state.pool.cap_micros:
         return Decision(result=result)
-    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set")
+    refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:
         return fail(refusal)
     lowered = None if granted is None else extension_lowered(policy, *granted)

@@ -99,6 +99,7 @@ class Pool:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
+        approvers_match: str = "claimed",
         approver_keys: config.ApproverKeys = (),
         **options: Any,
     ) -> Pool:
@@ -111,7 +112,8 @@ class Pool:
         kind = check_period(period)
         check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, approver_keys=approver_keys)
+                                    approvers=approvers, approvers_match=approvers_match,
+                                    approver_keys=approver_keys)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -208,6 +210,7 @@ class Pool:
         escalation_timeout_s: float | Unchanged | None = UNCHANGED,
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
+        approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> dict[str, Any]:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
@@ -218,7 +221,7 @@ class Pool:
         changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
                                    "escalation_timeout_s": escalation_timeout_s,
                                    "max_extension": max_extension, "approvers": approvers,
-                                   "approver_keys": approver_keys}
+                                   "approvers_match": approvers_match, "approver_keys": approver_keys}
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
@@ -227,9 +230,9 @@ class Pool:
             policy = config.merge_policy(state.policy, **changes)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
-                                      self._granted(now) if lowered else None)
+                                      self._granted(now) if lowered else None, self.store.approvers_are_roles)
 
-        role = self.store.role()  # who acts, as the database knows it (None: a runs folder)
+        role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                            clock=self.clock, lock_timeout=self.lock_timeout)

@@ -10,6 +10,7 @@ from typing import Any
 from escalate.core import sshsig
 from escalate.core.events import TIMEOUT_ACTOR
 from escalate.core.fold_fields import policy_field
+from escalate.core.rules import pinned_keys
 from escalate.core.state import Policy, RuleViolation
 
 
@@ -44,11 +45,14 @@ def pool_cap_problems(pool_events: list[Any], member_events: list[Any]) -> list[
         if mode not in ("extend", "pause", "cancel") or (mode == "pause" and by == TIMEOUT_ACTOR):
             continue
         ts = str(event.get("ts"))
-        keys = next((policy.approver_keys for since, policy in reversed(timeline) if since <= ts), {})
-        if not keys:
+        deciding = next((policy for since, policy in reversed(timeline) if since <= ts), None)
+        keys = deciding.approver_keys if deciding is not None else {}
+        if deciding is None or not keys:
             continue
         escalation, line_hash = asked[event.get("id")]
-        name = event.get("role") or by
+        role = event.get("role")
+        pinned = pinned_keys(deciding, by, role)
+        name = role if deciding.approvers_match == "vouched" or not isinstance(by, str) else by
         signature = event.get("signature")
         seq = event.get("seq")
         line = seq if isinstance(seq, int) else at + 1
@@ -59,7 +63,7 @@ def pool_cap_problems(pool_events: list[Any], member_events: list[Any]) -> list[
         content = sshsig.canonical_content(run_id, str(event.get("id")), str(mode),
                                            escalation.get("requested_micros", -1), line_hash)
         try:
-            sshsig.verify(signature, content, keys.get(str(name), ()))
+            sshsig.verify(signature, content, pinned)
         except sshsig.SignatureError as exc:
             problems.append((line, f"the signature of {name}'s {mode} of pool_cap escalation "
                                    f"{event.get('id')} does not check out against the keys the pool "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 from escalate.core.decide import fired_limit
 from escalate.core.events import PRIORITIES, Priority
@@ -48,6 +48,8 @@ class InboxRow(TypedDict):
     resolved_at: str | None
     extension_micros: int
     requested_by: str | None
+    requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
+    resolved_role: NotRequired[str]  # who the store vouches resolved it
     request_reason: str
     priority: str
     needed_extension_micros: int
@@ -202,7 +204,7 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
             "extension_left_micros": extension_left(report["escalation"]["max_extension_micros"],
                                                     report["extended_micros"])},
         "approvers": list(policy.get("approvers", [])),
-        "approvals": [{"by": escalation.by, "role": _resolver_role(events, escalation_id),
+        "approvals": [{"by": escalation.by, "role": escalation.resolved_role,
                        "at": escalation.resolved_at or ""}]
         if escalation.mode == "extend" and escalation.by else [],
         "quorum": 1,
@@ -213,10 +215,3 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
         "commands": answer_commands(state.run_id, escalation_id, escalation.offered,
                                     signed=bool(policy.get("approver_keys"))) if waiting else {},
     }
-
-
-def _resolver_role(events: list[Any], escalation_id: str) -> str | None:
-    """The identity the store recorded for whoever resolved ``escalation_id`` (its
-    resolution's ``role``), if any."""
-    return next((event.get("role") for event in events
-                 if event.get("type") == "escalation_resolved" and event.get("id") == escalation_id), None)

@@ -23,7 +23,7 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level
+from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level, who
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -198,7 +198,7 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
     styles = {"halt": "red", "escalation": "yellow", "escalation_resolved": "yellow", "recovery": "magenta"}
     for event in rows:
         table.add_row(_plain(event.get("seq", "?")), Text(_short_ts(event.get("ts"))),
-                      _plain(event.get("actor", "")),
+                      _plain(who(event.get("actor", ""), event.get("role"))),
                       Text(describe_event(event), style=styles.get(str(event.get("type")), "")))
     return whole_words(table)
 
@@ -221,11 +221,11 @@ def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run:
     table.add_column("amount\nneeded", justify="right", no_wrap=True)
     table.add_column("priority\nstate", overflow="fold")
     # The reason takes what is left of the width and wraps: it is what an approver needs most.
-    table.add_column("reason", overflow="fold", min_width=20, ratio=1)
+    table.add_column("reason", overflow="fold")
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
         ids = Text("\n").join([_plain(row["run"]), _plain(row["id"])] if with_run else [_plain(row["id"])])
-        asked = Text("\n").join([_plain(row["task"]), _plain(row.get("requested_by") or "-")])
+        asked = Text("\n").join([_plain(row["task"]), _plain(_asker(row))])
         money = "\n".join([usd(row["requested_micros"]), *_needed(row).split(" ", 1)])
         status = Text("\n").join([_priority(row, waiting), _state(row)
                                   + (f", {_expires(row, moment)}" if waiting else "")])
@@ -244,7 +244,8 @@ def _wide_escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, wit
                                                     "offered"]:
         # Short values never wrap; names and the reason fold when the terminal is narrow.
         table.add_column(column, justify="right" if column in money else "left",
-                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason", "needed"),
+                         overflow="fold",
+                         no_wrap=column not in ("run", "task", "from", "reason", "needed", "state"),
                          min_width=10 if column == "reason" else None)
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
@@ -252,7 +253,7 @@ def _wide_escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, wit
         cells: list[RenderableType] = [
             _plain(row["id"]), _plain(row["task"]), _priority(row, waiting),
             usd(row["requested_micros"]), _needed(row), usd(row["remaining_micros"]),
-            "-" if left is None else usd(left), _plain(row.get("requested_by") or "-"),
+            "-" if left is None else usd(left), _plain(_asker(row)),
             _plain(_why(row)), _state(row),
             format_duration(_seconds_between(row["opened_at"], moment), exact=False),
             _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
@@ -270,7 +271,13 @@ def _state(row: Mapping[str, Any]) -> Text:
         return Text("shadow", style="dim")
     if row["state"] == "open":
         return Text("open", style="yellow bold")
-    return _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by {row['by']}")
+    return _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
+                  f"{who(row['by'], row.get('resolved_role'))}")
+
+
+def _asker(row: Mapping[str, Any]) -> str:
+    """Who asked: the name given, and who the store vouches for where that differs."""
+    return who(row.get("requested_by"), row.get("requested_role"))
 
 
 def _needed(row: Mapping[str, Any]) -> str:
@@ -340,7 +347,7 @@ def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) ->
     approvals = view.get("approvals") or []
     grid.add_row("approvals", _plain(
         f"{len(approvals)} of {view.get('quorum', 1)}"
-        + (" (" + ", ".join(f"{a['by']} {_ago(a['at'], moment)}" for a in approvals) + ")"
+        + (" (" + ", ".join(f"{who(a['by'], a['role'])} {_ago(a['at'], moment)}" for a in approvals) + ")"
            if approvals else "")
         + "; approvers: " + (", ".join(approvers) if approvers else "anyone but the requester")))
     if view["state"] != "open" or view["shadow"]:

@@ -118,7 +118,8 @@ def describe_event(event: Mapping[str, Any]) -> str:
                 f"with {_usd(event, 'remaining_micros')} remaining; offers {printable(offers)}")
     if kind == "escalation_resolved":
         extension = event.get("extension_micros")
-        return (f"escalation {_text(event, 'id')} resolved: {_text(event, 'mode')} by {_text(event, 'by')}"
+        return (f"escalation {_text(event, 'id')} resolved: {_text(event, 'mode')} by "
+                f"{who(event.get('by'), event.get('role'))}"
                 + (f", cap extended by {_usd(event, 'extension_micros')}" if extension else ""))
     if kind == "recovery":
         return (f"recovered a torn tail: {_text(event, 'torn_bytes')} bytes set aside in "
@@ -155,7 +156,14 @@ def pool_binding(result: Mapping[str, Any]) -> str:
 def timeline_line(event: Mapping[str, Any]) -> str:
     """``#3  2026-11-23 14:00:00  alice  reserved t1: $2.50``: one event on one line."""
     return (f"#{_text(event, 'seq')}  {printable(str(event.get('ts', ''))[:19].replace('T', ' '))}  "
-            f"{_text(event, 'actor')}  {describe_event(event)}")
+            f"{who(event.get('actor'), event.get('role'))}  {describe_event(event)}")
+
+
+def who(name: object, vouched: object) -> str:
+    """A person as shown: the name they gave, and in brackets who the store vouches for
+    (the OS user, or the database role) when that differs: ``lead [alice]``."""
+    shown = printable(name if name is not None else "-")
+    return shown if vouched is None or vouched == name else f"{shown} [{printable(vouched)}]"
 
 
 def _text(event: Mapping[str, Any], key: str) -> str:

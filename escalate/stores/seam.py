@@ -162,9 +162,15 @@ class LedgerStore(Protocol):
         """Make every line written so far durable (called after the critical section)."""
         ...
 
+    # True where approver lists name what :meth:`role` answers whatever the policy says
+    # (PostgreSQL's database roles); a runs folder matches them only under ``approvers_match:
+    # vouched``, so that one OS user may run a whole script under several names.
+    approvers_are_roles: bool
+
     def role(self) -> str | None:
-        """Who is acting as the store itself knows it (PostgreSQL: ``current_user``, which
-        a client cannot choose), or None where nobody is authenticated (a runs folder)."""
+        """Who the store vouches is acting (recorded as ``role`` beside the claimed ``by``):
+        on PostgreSQL ``current_user``, which a client cannot choose; in a runs folder the OS
+        user of this process, from its effective uid. None: the store vouches for nobody."""
         ...
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:

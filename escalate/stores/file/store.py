@@ -77,6 +77,21 @@ class FileStore:
                 yield entry.name
 
 
+@functools.cache
+def os_user() -> str:
+    """The OS user of this process, from its effective uid (``uid:N`` without a passwd
+    entry): what a runs folder vouches for. Not ``$USER`` nor ``$LOGNAME``, which anyone
+    sets; a process without root cannot change its uid. Read once per process, so never
+    inside a critical section but the first."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
 class FileLedger:
     """One run folder (:class:`escalate.stores.seam.LedgerStore`)."""
 
@@ -147,9 +162,12 @@ class FileLedger:
     def sync(self) -> None:
         self.log.sync()
 
-    def role(self) -> None:
-        """A runs folder authenticates nobody: names are claimed (docs/escalation.md)."""
-        return None
+    approvers_are_roles = False  # names as given, unless a policy says approvers_match vouched
+
+    def role(self) -> str:
+        """The OS user of this process (:func:`os_user`): who wrote the line, as far as a
+        runs folder can vouch (docs/escalation.md, "Who is who")."""
+        return os_user()
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Poll the log's size (a file tells nobody it grew)."""

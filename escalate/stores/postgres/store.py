@@ -368,6 +368,8 @@ class PgLedger:
     def sync(self) -> None:
         """Nothing to do: the commit made the lines durable before the command answered."""
 
+    approvers_are_roles = True  # approver lists name database roles
+
     def role(self) -> str:
         """The database role acting now (``current_user``), asked each time: one connection
         may serve several people with ``SET ROLE``. Inside a command's transaction it is
