@@ -7,6 +7,7 @@ objects, so a scheduler calling in-process sees exactly what a shell script sees
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any, ClassVar
 
 
@@ -75,8 +76,20 @@ class NoRunsFolder(InputError):
     runs_dir: str
 
     def __init__(self, runs_dir: object) -> None:
-        super().__init__(f"the runs folder {runs_dir} is a file; give a folder with --runs-dir or "
+        blocker = _file_above(str(runs_dir))
+        where = f"is inside {blocker}, which is a file" if blocker else "is a file"
+        super().__init__(f"the runs folder {runs_dir} {where}; give a folder with --runs-dir or "
                          "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(runs_dir))
+
+
+def _file_above(path: str) -> str | None:
+    """The file among ``path``'s parents (a runs folder under a file cannot be made), if any."""
+    parent = os.path.dirname(path)
+    while parent and parent != path:
+        if os.path.isfile(parent):
+            return parent
+        path, parent = parent, os.path.dirname(parent)
+    return None
 
 
 class Refused(EscalateError):

@@ -196,10 +196,14 @@ class Ledger:
                               payload.get("pool"))
 
     @classmethod
-    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, **options: Any) -> Ledger:
+    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, *, lock_timeout: float | None = None,
+             actor: str | None = None, clock: Clock | None = None, notify_cmd: str | None = None,
+             notify_timeout: float | None = None) -> Ledger:
         """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
-        is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store."""
-        run = cls(runs_dir, run_id, **options)
+        is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store;
+        the keywords are those of :class:`Ledger`."""
+        run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
+                  notify_cmd=notify_cmd, notify_timeout=notify_timeout)
         exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
         if not exists:
             raise UnknownRun(
@@ -231,7 +235,7 @@ class Ledger:
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
         return cast(TaskResult, self._mutate(asked_by(self.store,
-            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, reason, now,
+            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
                                                                   priority, pool))))
 
     def release(self, task: str, actual: Amount) -> TaskResult:

@@ -163,6 +163,9 @@ def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int
     try:
         replayed = replay(log, run_id, tolerant=True)
     except (CorruptLedger, UnknownRun) as error:
+        if "torn_bytes" in error.facts:  # (replay's advice is for a crashed 'runs init', not an import)
+            return [(1, f"the first line is not a complete line ({error.facts['torn_bytes']} bytes with "
+                        "no newline), so it is not a run_opened line")], 0
         return [(getattr(error, "line", 1), getattr(error, "problem", error.message))], 0
     problems = list(replayed.problems)
     found = {line for line, _ in problems}

@@ -13,8 +13,10 @@ the URL: it holds a token.
 
 Reasons, names and ids are whatever the requester typed: each chat gets them escaped so that
 they show as typed and never act as markup — no ``<!channel>`` or ``@everyone`` ping, no
-``<https://…|text>`` or ``[text](https://…)`` link under other words, no formatting, and
-newlines folded into spaces so no value starts a line of its own.
+``<https://…|text>`` or ``[text](https://…)`` link under other words, no formatting
+(``*bold*``, ``_italic_``, ``~strike~``, backquotes) and no ``:emoji:``, and newlines folded
+into spaces so no value starts a line of its own. The commands to answer are code spans,
+to copy as they are.
 """
 
 from __future__ import annotations
@@ -52,25 +54,42 @@ SLACK_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # [text](url) links, <@user>, <@&role>, <#channel>, <t:…> and @everyone; a backslash shows
 # each as typed.
 DISCORD_MARKUP = re.compile(r"([\\*_~`|<>\[\]()@])")
+# Slack's formatting (*bold*, _italic_, ~strike~, `code`) and both chats' :emoji: codes: a
+# zero-width space after each of these characters keeps it as typed (a backslash does not:
+# Slack shows it, and Discord still draws the emoji).
+SLACK_MARKUP = re.compile(r"([*_~`:])")
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 def slack(value: object) -> str:
     """``value`` for Slack's ``text``: ``&``, ``<`` and ``>`` as the entities Slack asks for
-    (so ``<!channel>``, ``<@U…>`` and ``<https://…|text>`` stay plain text), and a mass
-    mention broken by a zero-width space."""
+    (so ``<!channel>``, ``<@U…>`` and ``<https://…|text>`` stay plain text); a mass mention,
+    formatting (``*``, ``_``, ``~``, backquotes) and ``:emoji:`` broken by a zero-width space."""
     text = "".join(SLACK_ENTITIES.get(char, char) for char in one_line(value))
-    return MASS_MENTION.sub("@\u200b", text)
+    return SLACK_MARKUP.sub(r"\1" + ZERO_WIDTH_SPACE, MASS_MENTION.sub("@" + ZERO_WIDTH_SPACE, text))
 
 
 def discord(value: object) -> str:
     """``value`` for Discord's ``content``: every markdown and mention character after a
-    backslash, which Discord shows as the character itself."""
-    return DISCORD_MARKUP.sub(r"\\\1", one_line(value))
+    backslash, which Discord shows as the character itself; ``:emoji:`` broken by a
+    zero-width space."""
+    return DISCORD_MARKUP.sub(r"\\\1", one_line(value)).replace(":", ":" + ZERO_WIDTH_SPACE)
+
+
+def command(text: str, quote: Callable[[object], str]) -> str:
+    """A command to copy, in a code span: shown as typed in both chats (no formatting, no
+    emoji) with nothing invisible added. Ids hold no backquote; a hand-made event's is
+    replaced, so the span cannot close early."""
+    text = one_line(text).replace("`", "'")
+    if quote is slack:
+        text = "".join(SLACK_ENTITIES.get(char, char) for char in text)
+    return f"`{text}`"
 
 
 def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
     """One chat message: who asks for what and why, how urgent, and the commands to answer;
-    every value from the event passed through ``quote`` (:func:`slack` or :func:`discord`)."""
+    every value from the event passed through ``quote`` (:func:`slack` or :func:`discord`),
+    the commands in code spans (:func:`command`)."""
     run = quote(event["run"])
     asked = event["requested_micros"]
     lines = [
@@ -88,7 +107,7 @@ def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
     # approval is offered); the approver's name and store come from their own environment.
     commands = event.get("commands") or {}
     if commands:
-        lines.append("Answer: " + " | ".join(quote(command) for command in commands.values()))
+        lines.append("Answer: " + " | ".join(command(text, quote) for text in commands.values()))
     if event.get("expires_at"):
         lines.append(f"Paused by timeout at {quote(event['expires_at'])} if nobody answers.")
     return "\n".join(lines)

@@ -212,6 +212,24 @@ def test_a_hard_linked_log_or_lock_is_not_written(runs_dir: Path, tmp_path: Path
         assert elsewhere.read_bytes() == before
 
 
+def test_a_runs_dir_under_a_file_is_exit_2_and_writes_nothing(
+        cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    runs = blocker / "x"
+    monkeypatch.setenv("ESCALATE_RUNS_DIR", str(runs))
+    expected = {"error": "no_runs_dir", "exit_code": 2, "runs_dir": str(runs),
+                "message": f"the runs folder {runs} is inside {blocker}, which is a file; give a folder "
+                           "with --runs-dir or ESCALATE_RUNS_DIR"}
+    for args in (("runs", "init", "q", "--cap", "1"), ("reserve", "q", "t", "--estimate", "1"),
+                 ("runs", "show", "q"), ("runs", "list"), ("sweep",), ("store", "init"),
+                 ("pools", "init", "p", "--cap", "1")):
+        result = cli(*args, "--json")
+        assert result.json() == expected, args
+        assert result.stderr == f"escalate: {expected['message']}\n"  # one line
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
+
+
 def test_a_runs_dir_that_is_a_file_has_one_code_and_one_message(cli: Any, runs_dir: Path) -> None:
     runs_dir.parent.mkdir(exist_ok=True)
     runs_dir.write_text("not a folder")

@@ -5,6 +5,7 @@ webhook answering 500 is a recorded, failed delivery."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_the_example_posts_the_escalation(tmp_path: Path, webhook: Webhook) -> N
     text = body["text"]
     for part in ("[urgent] r: ci-bot asks $9.000001 for task gpu", "$8.00 left",
                  "needs a $1.000001 extension", "Reason: fine-tune run",
-                 "Answer: escalate pause r esc-3 | escalate cancel r esc-3"):
+                 "Answer: `escalate pause r esc-3` | `escalate cancel r esc-3`"):
         assert part in text, (part, text)
     assert "approve" not in text  # extend is not offered: $1.000001 is over the $1 max extension
     assert [(n["attempt"], n["ok"]) for n in notified(runs)] == [(1, True)]
@@ -113,14 +114,19 @@ def test_what_the_requester_typed_reaches_the_chats_as_typed(tmp_path: Path, web
     [(_, body)] = webhook.posts
     assert body["allowed_mentions"] == {"parse": []}  # Discord pings nobody, whatever the text
     slack, discord = body["text"].splitlines(), body["content"].splitlines()
-    assert slack[0].startswith("[normal] r: &lt;@U024BE7LH&gt; @\u200bhere asks $3.00 for task big_job")
-    assert slack[1] == ("Reason: &lt;!channel&gt; see &lt;https://evil.example|the runbook&gt; &amp; "
-                        "[docs](https://evil.example) @\u200beveryone &lt;@&amp;123&gt; **now** ||x||")
+    zwsp = "\u200b"  # after formatting characters and colons (see the test below)
+    assert slack[0].startswith(f"[normal] r: &lt;@U024BE7LH&gt; @{zwsp}here asks $3.00 for task "
+                               f"big_{zwsp}job")
+    assert slack[1] == (f"Reason: &lt;!channel&gt; see &lt;https:{zwsp}//evil.example|the runbook&gt; &amp; "
+                        f"[docs](https:{zwsp}//evil.example) @{zwsp}everyone &lt;@&amp;123&gt; "
+                        f"*{zwsp}*{zwsp}now*{zwsp}*{zwsp} ||x||")
     assert discord[0].startswith(r"[normal] r: \<\@U024BE7LH\> \@here asks $3.00 for task big\_job")
-    assert discord[1] == (r"Reason: \<!channel\> see \<https://evil.example\|the runbook\> & "
-                          r"\[docs\]\(https://evil.example\) \@everyone \<\@&123\> \*\*now\*\* \|\|x\|\|")
-    # The commands to answer, as the notice carries them, escaped as every other value.
-    assert slack[2] == "Answer: escalate approve r esc-2 | escalate pause r esc-2 | escalate cancel r esc-2"
+    assert discord[1] == (rf"Reason: \<!channel\> see \<https:{zwsp}//evil.example\|the runbook\> & "
+                          rf"\[docs\]\(https:{zwsp}//evil.example\) \@everyone \<\@&123\> "
+                          r"\*\*now\*\* \|\|x\|\|")
+    # The commands to answer, as the notice carries them, in code spans.
+    assert slack[2] == ("Answer: `escalate approve r esc-2` | `escalate pause r esc-2` | "
+                        "`escalate cancel r esc-2`")
     assert discord[2] == slack[2]
 
 
@@ -137,16 +143,49 @@ def test_a_value_never_starts_a_line_of_its_own(webhook: Webhook) -> None:
     assert body["content"].splitlines()[1] == r"Reason: ok # ALL HANDS \> quoted -# small"
 
 
-def test_the_commands_of_a_notice_are_escaped_as_every_value(webhook: Webhook) -> None:
-    # A hand-made notice (escalate writes no such command): markup in one must not act.
-    event = {"run": "r", "id": "esc-1", "task": "t", "requested_micros": 1, "remaining_micros": 0,
-             "offered": ["pause"], "commands": {"pause": "escalate pause r_1 esc-1\n<!channel> @here [x](y)"}}
+def _post(webhook: Webhook, event: dict[str, Any]) -> dict[str, Any]:
+    """What the example posts for a hand-made ``event``."""
     url = f"http://127.0.0.1:{webhook.server_port}/hooks/T0KEN"
     posted = subprocess.run([sys.executable, str(EXAMPLE)], input=orjson.dumps(event), capture_output=True,
                             env={**os.environ, "ESCALATE_WEBHOOK_URL": url}, timeout=60, check=False)
     assert posted.returncode == 0, posted.stderr
     [(_, body)] = webhook.posts
-    assert body["text"].splitlines()[-1] == \
-        "Answer: escalate pause r_1 esc-1 &lt;!channel&gt; @\u200bhere [x](y)"
-    assert body["content"].splitlines()[-1] == \
-        r"Answer: escalate pause r\_1 esc-1 \<!channel\> \@here \[x\]\(y\)"
+    return body
+
+
+def test_formatting_and_emoji_codes_reach_the_chats_as_typed(webhook: Webhook) -> None:
+    reason = "*APPROVE NOW* _boss said_ ~ok~ `code` :tada:"
+    event = {"run": "r:tada:", "id": "esc-1", "task": "t_1:fire:", "requested_by": "~boss~",
+             "requested_micros": 1, "remaining_micros": 0, "request_reason": reason,
+             "offered": ["extend", "pause"],
+             "commands": {"approve": "escalate approve r:tada: esc-1",
+                          "pause": "escalate pause r:tada: esc-1"}}
+    body = _post(webhook, event)
+    slack, discord = body["text"].splitlines(), body["content"].splitlines()
+    zwsp = "\u200b"
+    # Every formatting character, and every colon, of what was typed followed by a zero-width
+    # space (Discord: markup behind a backslash too).
+    assert re.search(f"[*_~`:](?!{zwsp})", slack[1].removeprefix("Reason: ")) is None, slack[1]
+    rest = discord[1].removeprefix("Reason: ")
+    assert re.search(f":(?!{zwsp})", rest) is None and re.search(r"(?<!\\)[*_~`]", rest) is None, rest
+    for part in (f"r:{zwsp}tada:{zwsp}", f"t_{zwsp}1:{zwsp}fire:{zwsp}", f"~{zwsp}boss~{zwsp}"):
+        assert part in slack[0], (part, slack[0])
+    for part in (f"r:{zwsp}tada:{zwsp}", rf"t\_1:{zwsp}fire:{zwsp}", r"\~boss\~"):
+        assert part in discord[0], (part, discord[0])
+    # Take the zero-width spaces (and Discord's backslashes) away: what was typed, nothing else.
+    assert slack[1].replace(zwsp, "") == f"Reason: {reason}"
+    assert re.sub(r"\\(.)", r"\1", discord[1].replace(zwsp, "")) == f"Reason: {reason}"
+    assert slack[0].replace(zwsp, "").startswith("[normal] r:tada:: ~boss~ asks $0.000001 for task t_1:fire:")
+    # The commands to answer are code spans, to copy as they are: no invisible character in them.
+    for text in (slack[2], discord[2]):
+        assert text == "Answer: `escalate approve r:tada: esc-1` | `escalate pause r:tada: esc-1`"
+
+
+def test_the_commands_of_a_notice_reach_the_chats_as_code(webhook: Webhook) -> None:
+    # A hand-made notice (escalate writes no such command): markup in one must not act, and
+    # it stays on one line.
+    event = {"run": "r", "id": "esc-1", "task": "t", "requested_micros": 1, "remaining_micros": 0,
+             "offered": ["pause"], "commands": {"pause": "escalate pause r_1 esc-1\n<!channel> `x` [x](y)"}}
+    body = _post(webhook, event)
+    assert body["text"].splitlines()[-1] == "Answer: `escalate pause r_1 esc-1 &lt;!channel&gt; 'x' [x](y)`"
+    assert body["content"].splitlines()[-1] == "Answer: `escalate pause r_1 esc-1 <!channel> 'x' [x](y)`"

@@ -442,6 +442,23 @@ def test_an_invalid_url_is_bad_input_without_the_password(url: str) -> None:
     assert result.stderr.count("\n") == 1 and "hunter2" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("url", [
+    *(f"postgresql://ledger:hunter2@/db?host=/nonexist&{option}=bogus" for option in
+      ("sslmode", "target_session_attrs", "gssencmode", "load_balance_hosts", "channel_binding")),
+    "postgresql://ledger:hunter2@/db?host=/nonexist&connect_timeout=abc",
+    "postgresql://ledger:hunter2@127.0.0.1:99999/db"])
+def test_an_option_value_libpq_rejects_is_exit_2_never_retry(url: str, tmp_path: Path) -> None:
+    # libpq checks these values only when it connects: the failure is the URL's, and a
+    # script retrying on exit 8 would loop for ever.
+    for command in (("runs", "list"), ("runs", "init", "r", "--cap", "1"),
+                    ("reserve", "r", "t", "--estimate", "1")):
+        result = _escalate(*command, "--store", url, "--json", env={"PGPASSWORD": ""})
+        answer = orjson.loads(result.stdout)
+        assert (result.returncode, answer["error"]) == (2, "invalid_store"), (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and "invalid store URL" in result.stderr
+        assert "retry" not in result.stderr and "hunter2" not in result.stdout + result.stderr
+
+
 def test_two_places_for_the_runs_are_refused(tmp_path: Path) -> None:
     both = _escalate("runs", "list", "--store", str(tmp_path / "a"), "--runs-dir", str(tmp_path / "b"))
     assert both.returncode == 2 and "--store and --runs-dir" in both.stderr

@@ -55,7 +55,8 @@ def test_a_member_moved_away_frees_no_money(store: Location, cli: Any) -> None:
     assert reserve.exit_code == 6, reserve.stderr
     assert log_bytes(store, "b") == before  # nothing written
     assert reserve.json()["error"] == "member_unreadable" and reserve.json()["run"] == "a"
-    assert "run a of pool P cannot be read" in reserve.stderr and "put it back as a" in reserve.stderr
+    assert "run a of pool P cannot be read" in reserve.stderr and "put the member back as a" in reserve.stderr
+    assert "runs init" not in reserve.stderr  # the pool recorded its first line: no new run takes its place
     gate = cli("gate", "--pool", "P", "--json")
     assert gate.exit_code == 6 and gate.json()["run"] == "a"
     shown = cli("pools", "show", "P", "--json")  # a reader shows what it can, and warns
@@ -158,19 +159,20 @@ def test_an_archived_run_leaves_runs_list_unless_all(store: Location, cli: Any) 
 
 
 def _pool_of_four(store: Location) -> None:
-    """Pool P with members a, b, c, d: its log's line 3 is b's join, with lines after it."""
+    """Pool P with members a, b, c, d: its log's line 4 is b's join (after a's join and its
+    member_opened), with lines after it."""
     Pool.init(store, "P", cap="10", actor="tester")
     for run_id in "abcd":
         Ledger.init(store, run_id, pool="P", actor="tester")
     Ledger.open(store, "a").reserve("warm", "1")  # the books exist and are current
 
 
-def _edit_line_3(store: Location) -> None:
-    """Change b's join on the pool's line 3 to x's: the same size, the chain broken after it."""
+def _edit_line_4(store: Location) -> None:
+    """Change b's join on the pool's line 4 to x's: the same size, the chain broken after it."""
     if isinstance(store, Path):
         log = store / "P" / "events.ndjson"
         info = log.stat()
-        log.write_bytes(log.read_bytes().replace(b'"run":"b"', b'"run":"x"'))
+        log.write_bytes(log.read_bytes().replace(b'"run":"b"', b'"run":"x"', 1))
         # As an editor's save does, whatever the clock's steps: a later modification time.
         os.utime(log, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
         return
@@ -178,7 +180,7 @@ def _edit_line_3(store: Location) -> None:
         connection.execute("ALTER TABLE escalate_events DISABLE TRIGGER escalate_events_append_only")
         edited = connection.execute(
             "UPDATE escalate_events SET line = "
-            "convert_to(replace(convert_from(line, 'UTF8'), %s, %s), 'UTF8') WHERE ledger = 'P' AND seq = 3",
+            "convert_to(replace(convert_from(line, 'UTF8'), %s, %s), 'UTF8') WHERE ledger = 'P' AND seq = 4",
             ('"run":"b"', '"run":"x"'))
         assert edited.rowcount == 1
         connection.execute("ALTER TABLE escalate_events ENABLE TRIGGER escalate_events_append_only")
@@ -187,11 +189,11 @@ def _edit_line_3(store: Location) -> None:
 def test_pools_verify_finds_an_edit_of_the_pool_log_at_the_same_size(store: Location, cli: Any) -> None:
     _pool_of_four(store)
     assert cli("pools", "verify", "P").exit_code == 0
-    _edit_line_3(store)
+    _edit_line_4(store)
     verified = cli("pools", "verify", "P", "--json")
     assert verified.exit_code == 6 and verified.json()["error"] == "corrupt_ledger"
-    assert verified.json()["problems"][0]["line"] == 4
-    assert "line 3 was changed after this line was written" in verified.json()["problems"][0]["problem"]
+    assert verified.json()["problems"][0]["line"] == 5
+    assert "line 4 was changed after this line was written" in verified.json()["problems"][0]["problem"]
     assert {member["run"]: member["ok"] for member in verified.json()["members"]} == {
         "a": True, "x": False, "c": True, "d": True}  # the folded log names x, which has no log
     for args in (["pools", "show", "P"], ["gate", "--pool", "P"]):
@@ -216,9 +218,9 @@ def test_writers_notice_an_edit_of_the_pool_log_at_the_same_size(runs_dir: Path,
     assert Ledger.open(runs_dir, "c").reserve("t", "1")["status"] == "reserved"
     books = runs_dir / "P" / "events.ndjson.derived.sqlite"
     kept = books.stat().st_ino
-    _edit_line_3(runs_dir)
+    _edit_line_4(runs_dir)
     for args in (["reserve", "c", "u", "--estimate", "1"], ["release", "a", "warm", "--actual", "1"]):
         refused = cli(*args)
         assert refused.exit_code == 6, (args, refused.stderr)
-        assert "line 4" in refused.stderr and "inspect with 'escalate pools verify P'" in refused.stderr
+        assert "line 5" in refused.stderr and "inspect with 'escalate pools verify P'" in refused.stderr
     assert books.stat().st_ino == kept  # nothing was rebuilt: the writers checked the log itself

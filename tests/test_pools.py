@@ -201,6 +201,25 @@ def test_a_run_escalation_approved_must_fit_the_pool(store: Location, evening: F
     assert refused.value.code == "extension_limit" and "pool team" in refused.value.message
 
 
+def test_a_run_escalation_the_pool_cannot_fit_says_what_is_short(store: Location, evening: FakeClock) -> None:
+    _pool(store, evening, max_extension="5")  # none of its $5 granted: still not the run's to give
+    other = _run(store, evening, "other")
+    run = _run(store, evening, "a", cap="5", escalation="enforce", approval_threshold="1")
+    with pytest.raises(Pending) as asked:
+        run.reserve("big", "4")
+    other.reserve("t", "7")
+    with pytest.raises(Refused) as refused:
+        run.approve(asked.value.escalation_id, by="lead")  # the run's escalation, approved for the run
+    message = refused.value.message
+    assert refused.value.code == "extension_limit"
+    assert "pool team has $3.00 left in the day 2026-11-30 and this grant needs $4.00 of it ($1.00 short)" \
+        in message, message
+    assert "approving the run's escalation cannot extend the pool" in message
+    assert "max extension is left" not in message
+    assert refused.value.facts["pool_remaining_micros"] == 3_000_000
+    assert "extension_left_micros" not in refused.value.facts
+
+
 def test_the_gate_for_a_pool(runs_dir: Path, evening: FakeClock, cli: Any, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     _pool(runs_dir, evening, period="none")

@@ -73,7 +73,7 @@ def test_no_accepted_request_takes_a_total_past_the_limit(cap: int, holds: list[
         if op == "reserve":
             decision = decide_reserve(state, task, amount, now)
         elif op == "increase":
-            decision = decide_increase(state, task, amount, "", now)
+            decision = decide_increase(state, task, amount, now)
         else:
             decision = decide_release(state, task, amount, "p", None)
         if isinstance(decision.error, TotalLimit):

@@ -57,6 +57,24 @@ def test_a_url_of_another_kind_is_bad_input_never_a_folder(
     assert list(tmp_path.iterdir()) == []  # no folder named after the typo
 
 
+@pytest.mark.parametrize("store", ["host=db.example password=s3cretPW dbname=x", "dbname=budgets",
+                                   "postgresql:", "postgres:", "mysql:"])
+@pytest.mark.parametrize("option", ["--store", "--runs-dir"])
+def test_a_keyword_dsn_or_a_bare_scheme_is_bad_input_never_a_folder(
+        store: str, option: str, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ESCALATE_RUNS_DIR")
+    for args in (("runs", "init", "r", "--cap", "1"), ("runs", "list"),
+                 ("reserve", "r", "t", "--estimate", "1")):
+        result = cli(*args, option, store, "--json")
+        assert result.exit_code == 2, (args, result.stdout)
+        assert result.json()["error"] == "invalid_store" and result.stderr.count("\n") == 1
+        assert "s3cretPW" not in result.stderr + result.stdout  # a password is never echoed
+    with pytest.raises(InputError):
+        Ledger.init(store, "r", cap="1", actor="tester")
+    assert list(tmp_path.iterdir()) == []  # no folder named after it (nor a password in a path)
+
+
 def _escalated(runs_dir: Path, clock: FakeClock) -> Ledger:
     run = Ledger.init(runs_dir, "r", cap="10", escalation="enforce", approval_threshold="2",
                       escalation_timeout_s=1800, actor="tester", clock=clock)

@@ -145,3 +145,16 @@ def test_an_import_from_stdin_reads_in_bounded_memory(store: Location, tmp_path:
     report = Ledger.open(store, "big").verify()
     assert report.problems == [] and report.lines == lines
     assert report.state.tasks["t"].reserved_micros == lines - 1 == report.state.reserved_micros
+
+
+@pytest.mark.parametrize("head", [b"a" * 60_000, b'{"type":"run_opened"'])
+def test_an_import_whose_first_line_is_not_complete_says_so_and_imports_nothing(
+        store: Location, cli: Any, head: bytes) -> None:
+    before = snapshot_store(store)
+    result = cli("runs", "import", "x", "-", "--json", input=head.decode())
+    assert result.exit_code == 2, result.stdout
+    assert result.json()["error"] == "invalid_log" and result.stderr.count("\n") == 1
+    assert f"stdin line 1: the first line is not a complete line ({len(head)} bytes" in result.stderr
+    assert "nothing was imported" in result.stderr
+    assert "runs init" not in result.stderr and "crash" not in result.stderr  # (advice for another command)
+    assert snapshot_store(store) == before and not has_run(store, "x")

@@ -127,7 +127,7 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
     return _evaluate(state, task_id, "reserve", 0, amount, reason, now, priority, pool)
 
 
-def decide_increase(state: RunState, task_id: str, to: int, reason: str, now: str,
+def decide_increase(state: RunState, task_id: str, to: int, now: str, reason: str = "",
                     priority: str = "normal", pool: PoolView | None = None) -> Decision:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from escalate.core.events import HALT_REASONS, MAX_FILE_NAME_LENGTH, PERIODS, SCHEMA_VERSION, VOID_REASONS
+from escalate.core.events import (
+    HALT_REASONS,
+    HASH_PATTERN,
+    MAX_FILE_NAME_LENGTH,
+    PERIODS,
+    SCHEMA_VERSION,
+    VOID_REASONS,
+)
 from escalate.core.fold_escalations import apply_escalation, apply_notified, apply_resolved
 from escalate.core.fold_fields import (
     choice_field,
@@ -99,7 +106,23 @@ def _apply_join_voided(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation("run_join_voided may only be in a pool's log")
     if run_id not in state.pool.members:
         raise RuleViolation(f"run {run_id!r} voided, but it has no join")
+    if run_id in state.pool.opened:
+        raise RuleViolation(f"run {run_id!r} voided, but its first line was recorded")
     state.pool.members.remove(run_id)  # never a member: the id may join again
+
+
+def _apply_member_opened(state: RunState, event: Mapping[str, Any]) -> None:
+    run_id = id_field(event, "run")
+    first_line = event.get("first_line")
+    if not isinstance(first_line, str) or not first_line or not HASH_PATTERN.fullmatch(first_line):
+        raise RuleViolation(f"field 'first_line' must be 16 hex characters, got {shown_value(first_line)}")
+    if state.pool is None:
+        raise RuleViolation("member_opened may only be in a pool's log")
+    if run_id not in state.pool.members:
+        raise RuleViolation(f"run {run_id!r} opened, but it has no join")
+    if run_id in state.pool.opened:
+        raise RuleViolation(f"run {run_id!r} opened twice")
+    state.pool.opened[run_id] = first_line
 
 
 def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
@@ -327,6 +350,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "run_joined": _apply_joined,
     "run_archived": _apply_archived,
     "run_join_voided": _apply_join_voided,
+    "member_opened": _apply_member_opened,
 }
 
 

@@ -260,11 +260,21 @@ class RunJoinVoided(TypedDict):
     reason: Annotated[VoidReason, Doc("What holds the id: a run of no pool, of another pool, or a pool.")]
 
 
+class MemberOpened(TypedDict):
+    """A member's first line is written: its log is this one for good (the pool checks it on every read)."""
+
+    type: Literal["member_opened"]
+    run: IdStr
+    first_line: Annotated[str, Check.HASH, Doc(
+        "The chain hash of the member's first line (what its line 2's prev holds); never empty.")]
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
            | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined
-           | RunArchived | RunJoinVoided)
+           | RunArchived | RunJoinVoided | MemberOpened)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
-    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived, RunJoinVoided)
+    Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived, RunJoinVoided,
+    MemberOpened)
 

@@ -21,12 +21,15 @@ from escalate.errors import CorruptLedger
 
 @dataclass(slots=True)
 class PoolFacts:
-    """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``."""
+    """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``;
+    ``opened``: the chain hash of each member's first line, from ``member_opened`` (a member
+    joined before it was recorded has none)."""
 
     cap_micros: int
     period: Period
     tz: str
     members: list[str] = field(default_factory=list)
+    opened: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -283,9 +283,17 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
     counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
     max extension has left."""
     needed, left = pool.grantable(delta)
-    if escalation.reason != "pool_cap":
-        left = 0  # a run's escalation extends the run only
     key = pool.current
+    if needed and escalation.reason != "pool_cap":
+        # A run's escalation extends the run only: the pool's max extension is not its to grant.
+        remaining = pool.remaining(key)
+        return fail(Refused(
+            f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(max(remaining, 0))} left in "
+            f"{period_name(pool.period, key)} and this grant needs {usd(delta)} of it ({usd(needed)} "
+            "short); approving the run's escalation cannot extend the pool — pause or cancel it, or ask "
+            f"the pool's approvers to raise its cap with 'escalate pools set {pool.pool_id}'",
+            code="extension_limit", needed_micros=needed, pool_remaining_micros=remaining,
+            pool=pool.pool_id, period=key, **facts))
     if needed > left:
         return fail(Refused(
             f"cannot approve {escalation.id}: pool {pool.pool_id} has {usd(pool.remaining(key))} left in "

@@ -42,7 +42,7 @@ from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_to
 from escalate.core.replay import Replayed
 from escalate.core.state import Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
-from escalate.pools.member import Member, facts_of, fold_member
+from escalate.pools.member import Member, facts_of, fold_member, member_unreadable, own_first_line
 from escalate.stores.seam import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, write
 
@@ -119,6 +119,7 @@ class PoolBook:
         self.complete = False
         self.policy = Policy(**meta["policy"])
         self.intent: bytes | None = None  # the member a killed writer was appending to
+        self._facts: PoolFacts | None = None  # the pool's log folded, once a member is (re)read
 
     def key_at(self, ts: str) -> str:
         """The key of the period the moment ``ts`` falls in."""
@@ -199,9 +200,20 @@ class PoolBook:
         if not self.transaction.save_derived(sealed, replace=replace) and not self.complete:
             self.fill(self.transaction.load().state)
 
+    def facts(self) -> PoolFacts:
+        """The pool's settings and members as its log says (folded once per write, when a
+        member is (re)read: the first line each member's log must have)."""
+        if self._facts is None:
+            replayed = self.transaction.load()
+            if replayed.problem is not None:
+                raise replayed.problem
+            self._facts = facts_of(replayed.state)
+        return self._facts
+
     def fill(self, state: RunState) -> None:
         """Every member folded from its log, and the totals summed: the whole book in memory."""
-        self.members = {run_id: self.fold_log(run_id) for run_id in facts_of(state).members}
+        self._facts = facts_of(state)
+        self.members = {run_id: self.fold_log(run_id) for run_id in self._facts.members}
         self.periods = {}
         for member in self.members.values():
             for key, period in member.periods.items():
@@ -212,7 +224,8 @@ class PoolBook:
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:
         store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
-        return fold_member(store, self.pool_id, self.key_at, stop=stop)
+        return fold_member(store, self.pool_id, self.key_at, stop=stop,
+                           opened=self.facts().opened.get(run_id))
 
 
 def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,
@@ -373,19 +386,53 @@ def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock
          lock_timeout: float, create: Callable[[], bool]) -> bool:
     """Join ``run_store``'s run to the pool and ``create`` it, in the pool's critical section:
     ``run_joined`` first, so a crash in between leaves a harmless join (the run is created
-    by the retry), never a member the pool does not count. Returns what ``create`` did."""
+    by the retry), never a member the pool does not count. Returns what ``create`` did. A
+    member whose first line the pool recorded (``member_opened``) and whose log is gone is
+    never created again (:func:`escalate.pools.member.member_unreadable`): nothing is written."""
     from escalate.pools.decide import decide_join
 
     created: list[bool] = []
+    opened: list[str] = []
+
+    def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision:
+        if state.pool is not None and run_store.run_id in state.pool.opened:
+            opened.append(state.pool.opened[run_store.run_id])
+        return decide_join(state, run_store.run_id)
+
+    def then() -> None:
+        if not opened or first_event(run_store) is not None:
+            created.append(create())
+
     pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
     with pool_store.command():
-        _, decision = write_pool(runs, pool_store,
-                                 lambda state, now, _, pool: decide_join(state, run_store.run_id),
-                                 actor=actor, clock=clock, lock_timeout=lock_timeout,
-                                 then=lambda: created.append(create()))
+        _, decision = write_pool(runs, pool_store, decide, actor=actor, clock=clock,
+                                 lock_timeout=lock_timeout, then=then)
     if decision.error is not None:
         raise decision.error
+    if not created:
+        raise member_unreadable(run_store, pool_id, "the pool recorded the first line of run "
+                                f"{run_store.run_id}, but its log is gone from {runs.where}", missing=True,
+                                opened=True)
     return created[0]
+
+
+def open_member(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,
+                lock_timeout: float) -> None:
+    """Record the member's first line in the pool's log (``member_opened``), read in the
+    pool's critical section, once it is durable: from then on the member's log is that one
+    for good. Nothing when it is recorded already, or the ledger under the id is not this
+    pool's run (a lost race: :mod:`escalate.pools.void`)."""
+    from escalate.pools.decide import decide_opened
+
+    pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
+    with pool_store.command():
+        _, decision = write_pool(
+            runs, pool_store,
+            lambda state, now, _, pool: decide_opened(state, run_store.run_id,
+                                                      own_first_line(run_store, pool_id)),
+            actor=actor, clock=clock, lock_timeout=lock_timeout)
+    if decision.error is not None:
+        raise decision.error
 
 
 def write_pool(runs: Store, pool_store: LedgerStore, decide: Decide, *, actor: str, clock: Clock,

@@ -36,6 +36,18 @@ def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decis
                     result={"status": "voided", "reason": taken})
 
 
+def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decision:
+    """``member_opened`` for a member whose first line is written (``first_line``: its chain
+    hash, read in the pool's critical section; None when the ledger under the id is not this
+    pool's run of that id, or not there); nothing when recorded already, or not joined."""
+    if state.pool is None:
+        return fail(not_a_pool(state))
+    if first_line is None or run_id not in state.pool.members or run_id in state.pool.opened:
+        return Decision(result={"status": "kept"})
+    return Decision(events=[{"type": "member_opened", "run": run_id, "first_line": first_line}],
+                    result={"status": "opened"})
+
+
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
                        role: str | None = None, granted: tuple[int, str] | None = None,
                        roles: bool = False) -> Decision:

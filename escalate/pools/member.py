@@ -1,5 +1,6 @@
-"""A member run's money in its pool, by period, folded from the run's own lines, and what a
-ledger's first line says (a run or a pool, and a run's pool: it never changes).
+"""A member run's money in its pool, by period, folded from the run's own lines (what a
+ledger's first line says — a run or a pool, and a run's pool — is read by
+:func:`escalate.stores.seam.first_event`).
 
 The lines were checked by the run's own fold when they were written; this fold only sums
 them by period. Money counts in the period it is added in (a reservation, the delta of an
@@ -17,10 +18,11 @@ from typing import Any
 import orjson
 
 from escalate.core.events import Event, VoidReason, iter_lines, line_hash
+from escalate.core.ids import shown_value
 from escalate.core.pool_state import PeriodTotals, PoolFacts
 from escalate.core.state import RunState
 from escalate.errors import CorruptLedger, InputError
-from escalate.stores.seam import LedgerStore, first_event, pool_of
+from escalate.stores.seam import LedgerStore, first_event_in, first_line, pool_of
 
 
 def facts_of(state: RunState) -> PoolFacts:
@@ -89,12 +91,17 @@ class Member:
 
 
 def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
-                      line: int = 1, taken: bool = False) -> CorruptLedger:
+                      line: int = 1, taken: bool = False, opened: bool = False) -> CorruptLedger:
     """The error of a member whose log cannot be read (exit 6): its pool cannot count its
     money, so money writes in the pool and ``gate --pool`` refuse until it is back.
-    ``taken``: another ledger holds the member's id (:func:`taken_by`)."""
+    ``taken``: another ledger holds the member's id (:func:`taken_by`); ``opened``: the pool
+    recorded the member's first line (``member_opened``), so no new run may take its place."""
     run_id = store.run_id
-    remedy = (f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
+    remedy = (f"put the member back as {run_id} under {store.where} (its own folder: the pool recorded its "
+              f"first line, so no new run can take its place; retire a run with 'escalate runs archive "
+              f"{run_id}' instead)"
+              if opened else
+              f"put it back as {run_id} under {store.where} if it was moved (retire a run with "
               f"'escalate runs archive {run_id}' instead), or run 'escalate runs init {run_id} --pool "
               f"{pool_id}' again if that was cut short" if missing else
               f"put the member back as {run_id} under {store.where} (the other ledger aside first); "
@@ -121,7 +128,7 @@ def taken_by(first: dict[str, Any] | None, pool_id: str) -> VoidReason | None:
 
 
 def not_the_member(store: LedgerStore, pool_id: str, first: dict[str, Any],
-                   reason: VoidReason) -> CorruptLedger:
+                   reason: VoidReason, *, opened: bool = False) -> CorruptLedger:
     """:func:`member_unreadable` for a member whose id another ledger holds (``first``, its
     first line; ``reason``: :func:`taken_by`): moved away and replaced, or a join whose init
     lost a race and was never voided. Never counted as nothing: the pool cannot tell the two
@@ -129,28 +136,61 @@ def not_the_member(store: LedgerStore, pool_id: str, first: dict[str, Any],
     holder = {"a_pool": "a pool", "run_of_no_pool": "a run of no pool",
               "run_of_another_pool": f"a run of pool {pool_of(first)}"}[reason]
     return member_unreadable(store, pool_id, f"{store.run_id} under {store.where} is {holder}, not this "
-                             "pool's member", missing=False, taken=True)
+                             "pool's member", missing=False, taken=True, opened=opened)
+
+
+def member_first(store: LedgerStore, pool_id: str, opened: str | None) -> dict[str, Any]:
+    """The first event of the pool's member ``store``, checked to be the member's own log
+    (``docs/pools.md``: a member's identity): it exists, names this pool (:func:`taken_by`)
+    and this run, and its first line has the chain hash ``opened`` the pool recorded in
+    ``member_opened`` (None: a member joined before the pool recorded first lines, checked
+    without it). Else :func:`member_unreadable`: a member moved away and replaced (by a new
+    run of the same id, or a copy of another member) is never read as the member."""
+    was_opened = opened is not None
+    try:
+        line = first_line(store)
+    except InputError as error:  # the folder is a link, the log no file
+        raise member_unreadable(store, pool_id, error.message, missing=True, opened=was_opened) from None
+    first = None if line is None else first_event_in(line + b"\n")
+    if line is None or first is None:
+        raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
+                                missing=True, opened=was_opened)
+    taken = taken_by(first, pool_id)
+    if taken is not None:
+        raise not_the_member(store, pool_id, first, taken, opened=was_opened)
+    if first.get("run") != store.run_id:
+        raise member_unreadable(store, pool_id, f"the log under {store.run_id} is the log of run "
+                                f"{shown_value(first.get('run'))}, not this member's",
+                                missing=False, opened=True)
+    if opened is not None and line_hash(line) != opened:
+        raise member_unreadable(store, pool_id, f"the first line of {store.run_id}'s log is not the one the "
+                                "pool recorded: the log was replaced", missing=False, opened=True)
+    return first
+
+
+def own_first_line(store: LedgerStore, pool_id: str) -> str | None:
+    """The chain hash of ``store``'s first line when it is a run of pool ``pool_id`` under its
+    own id (what ``member_opened`` records); None otherwise, or when there is none yet."""
+    line = first_line(store)
+    first = None if line is None else first_event_in(line + b"\n")
+    if line is None or first is None or taken_by(first, pool_id) is not None:
+        return None
+    if first.get("run") != store.run_id:
+        return None
+    return line_hash(line)
 
 
 def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
-                stop: int | None = None) -> Member:
+                stop: int | None = None, opened: str | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
     a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A member
     with no log (moved away, deleted, its creation cut short), a damaged one (a line that does
-    not parse, a broken chain), or one whose id another ledger holds (:func:`not_the_member`:
-    a join that lost a race is voided in the pool's log, and is then no member) is
-    :func:`member_unreadable`: never counted as nothing."""
+    not parse, a broken chain), one whose id another ledger holds (:func:`not_the_member`:
+    a join that lost a race is voided in the pool's log, and is then no member), or not the
+    log the pool recorded (``opened``: :func:`member_first`) is :func:`member_unreadable`:
+    never counted as nothing."""
     member, ignored = Member(), {}  # type: ignore[var-annotated]
-    try:
-        first = first_event(store)
-    except InputError as error:  # the folder is a link, the log no file
-        raise member_unreadable(store, pool_id, error.message, missing=True) from None
-    if first is None:
-        raise member_unreadable(store, pool_id, f"no log of run {store.run_id} under {store.where}",
-                                missing=True)
-    taken = taken_by(first, pool_id)
-    if taken is not None:
-        raise not_the_member(store, pool_id, first, taken)
+    member_first(store, pool_id, opened)
     group: list[Event] = []
     number, prev = 0, ""
     with store.reader() as stream:
@@ -166,6 +206,9 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                                             "chain: a line was changed, removed or inserted",
                                             missing=False, line=number)
                 prev = line_hash(line)
+                if number == 1 and opened is not None and prev != opened:  # swapped since member_first
+                    raise member_unreadable(store, pool_id, "its first line changed while it was read",
+                                            missing=False, opened=True)
                 group.append(event)
                 if event.get("more"):
                     continue  # more lines of the same write follow

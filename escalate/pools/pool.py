@@ -25,7 +25,7 @@ from escalate.core.rules import period_name
 from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, InputError
 from escalate.pools import book as pool_book
-from escalate.pools.member import Member, fold_member, member_unreadable, not_the_member, taken_by
+from escalate.pools.member import Member, fold_member, member_first
 from escalate.stores.seam import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
@@ -162,7 +162,7 @@ class Pool:
         for run_id in facts.members:
             try:
                 members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                              self.pool_id, key_at)
+                                              self.pool_id, key_at, opened=facts.opened.get(run_id))
             except CorruptLedger as error:
                 unreadable.append({"run": run_id, "error": error.code, "message": error.message,
                                    "line": error.line, "problem": error.problem})
@@ -336,16 +336,12 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     members: list[VerifyReport] = []
     # The members the pool's log names, as far as it folds (a damaged line is passed over).
     facts = store.verify().state.pool if own["lines"] is not None else None
+    opened = facts.opened if facts is not None else {}
     for run_id in facts.members if facts is not None else []:
         member = runs.ledger(run_id, lock_timeout=timeout)
-        first = first_event(member)
-        taken = taken_by(first, pool_id)
-        if first is None:
-            problem = member_unreadable(member, pool_id, f"no log of run {run_id} under {runs.where}",
-                                        missing=True)
-        elif taken is not None:
-            problem = not_the_member(member, pool_id, first, taken)
-        if first is None or taken is not None:
+        try:
+            member_first(member, pool_id, opened.get(run_id))
+        except CorruptLedger as problem:
             members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})

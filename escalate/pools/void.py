@@ -34,6 +34,8 @@ def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock
                         create=create)
     if not created:
         void_taken_join(runs, pool_id, run_store, actor=actor, clock=clock, lock_timeout=lock_timeout)
+    # The run's first line is durable now (or another init's is): the pool records it.
+    book.open_member(runs, pool_id, run_store, actor=actor, clock=clock, lock_timeout=lock_timeout)
     return created
 
 
@@ -57,11 +59,17 @@ def void_taken_join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor:
 def void_if_taken(run: Ledger, pool: RunState) -> bool:
     """Whether ``run``'s ledger exists (``runs init --pool`` then joins nothing). When
     ``pool`` lists it but another ledger holds the id (an init that lost the race was killed
-    before its void), the join is voided now: the retry does what the loser would have."""
+    before its void), the join is voided now: the retry does what the loser would have; when
+    it is the pool's run whose first line the pool has not recorded (an init cut before its
+    ``member_opened``), it is recorded now."""
     first = first_event(run.store)
     if first is None:
         return False
     if pool.pool is not None and run.run_id in pool.pool.members and taken_by(first, pool.run_id) is not None:
         void_taken_join(run.runs_store, pool.run_id, run.store, actor=run.actor, clock=run.clock,
                         lock_timeout=run.lock_timeout)
+    elif pool.pool is not None and run.run_id in pool.pool.members and run.run_id not in pool.pool.opened:
+        # An init cut between the run's first line and ``member_opened``: the retry records it.
+        book.open_member(run.runs_store, pool.run_id, run.store, actor=run.actor, clock=run.clock,
+                         lock_timeout=run.lock_timeout)
     return True

@@ -214,12 +214,12 @@ def check_pool_gate(
     """The CI gate over a pool: its money in the period now (spent or committed over
     ``max_spent``, default the pool's cap in the period, fails), and every member run's own
     gate (each folded strictly), its findings named by run."""
-    from escalate.pools.member import member_unreadable, taken_by
+    from escalate.pools.member import member_first
     from escalate.service import Ledger
-    from escalate.stores.seam import first_event
 
     limit = None if max_spent is None else parse_micros(max_spent, what="max_spent")
     report = pool.show()
+    opened = pool.facts.opened
     for unreadable in report["unreadable"]:  # its money is not in the totals: never a pass
         raise CorruptLedger(unreadable["message"], code=unreadable["error"], run=unreadable["run"],
                             pool=pool.pool_id, line=unreadable["line"], problem=unreadable["problem"],
@@ -234,10 +234,7 @@ def check_pool_gate(
     for member in report["runs"]:
         # show() counted it as the pool's member; a ledger moved in since fails as it would there.
         store = pool.runs_store.ledger(member["run"], lock_timeout=pool.lock_timeout)
-        first = first_event(store)
-        if first is None or taken_by(first, pool.pool_id) is not None:
-            raise member_unreadable(store, pool.pool_id, f"{member['run']} changed under the gate",
-                                    missing=first is None, taken=first is not None)
+        member_first(store, pool.pool_id, opened.get(member["run"]))
         run = Ledger.open(pool.runs_store, member["run"], lock_timeout=pool.lock_timeout)
         verdict = evaluate(run.verified_state(), allow_halts=allow_halts,
                            allow_open_escalations=allow_open_escalations, fail_on_held=fail_on_held)

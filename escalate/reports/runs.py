@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast, final
 
 from escalate.core.state import RunState
-from escalate.errors import CorruptLedger, EscalateError, NoRunsFolder
+from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
-from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store
+from escalate.stores.file.store import FileStore
+from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store, refuse_non_folder
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
@@ -123,9 +124,9 @@ def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
     A store URL is opened once, so every run is read through one connection."""
     if not isinstance(runs_dir, (str, os.PathLike)) or is_store_url(os.fspath(runs_dir)):
         return open_store(runs_dir)
+    refuse_non_folder(os.fspath(runs_dir))
     root = Path(runs_dir)
-    if root.exists() and not root.is_dir():
-        raise NoRunsFolder(root)
+    FileStore(root).check_usable()
     return root
 
 

@@ -41,6 +41,12 @@ _POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
 # Any other ``scheme:/…`` is a URL escalate cannot open (a typo such as ``postgressql://``),
 # never a folder to create: a fleet would quietly stop sharing its budget.
 _OTHER_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+# ``postgresql:`` or ``mysql:`` with nothing after it is a URL cut short, never a folder name.
+_BARE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")
+# libpq's keyword form (``host=db password=… dbname=x``): a store escalate cannot open, and a
+# folder named after it would write its password into a path on disk.
+_KEYWORD_DSN = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|service|"
+                          r"sslmode|options|connect_timeout|application_name)\s*=", re.IGNORECASE)
 
 
 class Transaction(Protocol):
@@ -247,13 +253,28 @@ def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
             raise InputError("the PostgreSQL store needs psycopg: pip install "
                              "'escalate-ledger[postgres]'", code="store_not_supported") from None
         return PgStore(text)
-    if _OTHER_URL.match(text):
-        scheme = text.split(":", 1)[0]
-        raise InputError(f"unknown store {scheme}:// — give a runs folder, or a PostgreSQL URL "
-                         "(postgresql://user@host/database)", code="invalid_store", scheme=scheme[:40])
+    refuse_non_folder(text)
     from escalate.stores.file.store import FileStore
 
     return FileStore(text)
+
+
+def refuse_non_folder(text: str) -> None:
+    """:class:`InputError` (``invalid_store``, exit 2) when ``text``, given as a runs folder,
+    is a URL escalate cannot open or a keyword connection string: it is never created as a
+    folder (a fleet would quietly stop sharing its budget), and never quoted (it may hold a
+    password)."""
+    if _OTHER_URL.match(text) or _BARE_SCHEME.match(text):
+        scheme = text.split(":", 1)[0]
+        if _POSTGRES_URL.match(scheme + ":/"):
+            raise InputError(f"invalid store URL {scheme}: (nothing after it); write it as "
+                             "postgresql://user@host/database", code="invalid_store")
+        raise InputError(f"unknown store {scheme:.40}:// — give a runs folder, or a PostgreSQL URL "
+                         "(postgresql://user@host/database)", code="invalid_store", scheme=scheme[:40])
+    if _KEYWORD_DSN.search(text):
+        raise InputError("a keyword connection string (host=… dbname=…) is not a store: write it as a "
+                         "URL, postgresql://user@host/database, or give a runs folder; nothing was created",
+                         code="invalid_store")
 
 
 # A ledger's first line is read in chunks of this many bytes (it may be long).
@@ -265,6 +286,13 @@ def first_event(store: LedgerStore) -> dict[str, Any] | None:
     yet (no ledger, or only a torn first write). It never changes, so what kind of ledger
     this is, and a run's pool, are read here — all of it, however long (a long approver
     list must not hide the pool)."""
+    line = first_line(store)
+    return None if line is None else first_event_in(line + b"\n")
+
+
+def first_line(store: LedgerStore) -> bytes | None:
+    """The ledger's complete first line without its newline (:func:`first_event`: its event),
+    or None when it has none yet."""
     try:
         with store.reader() as stream:
             head = b""
@@ -272,7 +300,8 @@ def first_event(store: LedgerStore) -> dict[str, Any] | None:
                 head += chunk
     except (FileNotFoundError, UnknownRun):
         return None  # no such ledger: the command's own checks say so
-    return first_event_in(head)
+    line, newline, _ = head.partition(b"\n")
+    return line if newline else None
 
 
 def first_event_in(head: bytes) -> dict[str, Any] | None:

@@ -146,8 +146,7 @@ class Checkpoint:
             path = CACHE_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
         for suffix in _SIDE_SUFFIXES:
-            with contextlib.suppress(FileNotFoundError):
-                _plain(path + suffix, folder)
+            _plain(path + suffix, folder, missing_ok=True)
         return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
@@ -326,10 +325,15 @@ class Checkpoint:
                     os.unlink(f"{self.path}{suffix}")
 
 
-def _plain(path: str, dir_fd: int | None = None) -> tuple[int, int]:
+def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) -> tuple[int, int]:
     """``(st_dev, st_ino)`` of ``path`` (relative to ``dir_fd``, if given) if it is a plain
-    file with one link (not followed)."""
-    info = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    file with one link (not followed); ``missing_ok``: ``(0, 0)`` when there is none."""
+    try:
+        info = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        if missing_ok:
+            return 0, 0
+        raise
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         raise CheckpointInvalid(f"{path} is not a plain file with one link")
     return info.st_dev, info.st_ino

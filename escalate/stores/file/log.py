@@ -63,6 +63,22 @@ def _write_over(fd: int, offset: int, data: bytes | BinaryIO) -> None:
     os.fsync(fd)
 
 
+class _Naming:
+    """:meth:`FileLog._naming` (a class, not a generator: it is on every write's path)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, EscalateError):
+            raise storage_error(exc, self.path) from exc
+
+
 class FileLog(RunFolder):
     """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar, opened through
     the run folder's handle (:class:`~escalate.stores.file.run_folder.RunFolder`)."""
@@ -86,9 +102,11 @@ class FileLog(RunFolder):
         try:
             with self._folder() as dir_fd:
                 # A linked lock file is refused by readers too, so it is found at once.
-                with suppress(FileNotFoundError):
+                try:
                     if stat.S_ISLNK(os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                         raise symlink_error(self.lock_path)
+                except FileNotFoundError:
+                    pass
                 info = os.stat(LOG_NAME, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
@@ -182,15 +200,9 @@ class FileLog(RunFolder):
                 os.close(fd)
 
     @staticmethod
-    @contextmanager
-    def _naming(path: Path) -> Iterator[None]:
+    def _naming(path: Path) -> _Naming:
         """Report an ``OSError`` as the error that names ``path`` and the cause."""
-        try:
-            yield
-        except EscalateError:
-            raise
-        except OSError as exc:
-            raise storage_error(exc, path) from exc
+        return _Naming(path)
 
     def side_file_name(self, offset: int) -> str:
         """A name in the run folder for the torn tail that starts at ``offset``.
@@ -258,7 +270,7 @@ class FileLog(RunFolder):
         runs_root = self.run_dir.parent
         try:
             runs_root.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
+        except (FileExistsError, NotADirectoryError):  # a file in its place, or above it
             raise NoRunsFolder(runs_root) from None
         except OSError as exc:
             raise storage_error(exc, runs_root) from exc

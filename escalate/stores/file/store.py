@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -48,7 +49,15 @@ class FileStore:
         return str(self.root)
 
     def check_usable(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
+        """:class:`NoRunsFolder` (exit 2) when the runs folder is a file or lies under one: bad
+        input, never an I/O error to retry. A missing folder is made by the first write."""
+        try:
+            mode = os.stat(self.root).st_mode
+        except NotADirectoryError:  # (a file among its parents)
+            raise NoRunsFolder(self.root) from None
+        except OSError:
+            return  # missing, or unreadable: the command's own reads and writes say so
+        if not stat.S_ISDIR(mode):
             raise NoRunsFolder(self.root)
 
     def prepare(self) -> int:
@@ -58,6 +67,8 @@ class FileStore:
             return 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):  # a file in its place, or above it, meanwhile
+            raise NoRunsFolder(self.root) from None
         except OSError as exc:
             raise storage_error(exc, self.root) from exc
         return 1

@@ -3,6 +3,7 @@ a connection are named in a message (never with the password)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -25,10 +26,6 @@ class ConnectionPool(Protocol):
     def connection(self) -> AbstractContextManager[Connection]: ...
 
 
-# psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
-# handler Python prints it on stderr, a second line beside the one-line exit 8.
-logging.getLogger("psycopg").addHandler(logging.NullHandler())
-
 # Without these, a server that vanishes from the network (a partition, a dead host) leaves
 # a command waiting on TCP's own timeouts, for many minutes. (libpq option: value; the
 # environment variable that, when set, is left to say it instead.)
@@ -44,6 +41,14 @@ _DEFAULTS = {
 
 class NotConnected(psycopg.OperationalError):
     """No connection could be opened: nothing was sent, so nothing was written."""
+
+
+@functools.cache
+def quiet_psycopg_log() -> None:
+    """psycopg logs an error it ignores while closing a pipeline on a lost connection; with no
+    handler Python prints it on stderr, a second line beside the one-line exit 8. Done once,
+    when the first store is made (importing this module changes nothing)."""
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 def connect(url: str) -> Connection:

@@ -32,8 +32,11 @@ _REFUSALS = (
 )
 _NO_CONNECTION = Refusal(code="connection_failed",
                          advice="check that the server runs and the host, port and login in the URL")
-# An option of the URL the server refuses (-c bogus=1, -c statement_timeout=abc).
-_REFUSED_OPTION = re.compile(r"configuration parameter|invalid value for parameter")
+# An option of the URL the server refuses (-c bogus=1, -c statement_timeout=abc), or whose
+# value libpq refuses before connecting (sslmode=bogus, a port past 65535): the URL is wrong,
+# and exit 8's "retry" would send a script round for ever.
+_REFUSED_OPTION = re.compile(r"configuration parameter|invalid value for parameter|invalid \w+ value|"
+                             r"invalid port number|invalid integer value .* for connection option")
 _READ_ONLY = ("is read-only (a hot standby, or default_transaction_read_only is on)",
               "give --store the primary server; commands that only read work here")
 

@@ -33,7 +33,14 @@ from escalate.core.replay import Progress, Replayed, replay
 from escalate.errors import InputError, LockTimeout, UnknownRun
 from escalate.stores.postgres import tables
 from escalate.stores.postgres.clock import ServerClock
-from escalate.stores.postgres.connect import ConnectionPool, connect, describe, in_transaction, parse_url
+from escalate.stores.postgres.connect import (
+    ConnectionPool,
+    connect,
+    describe,
+    in_transaction,
+    parse_url,
+    quiet_psycopg_log,
+)
 from escalate.stores.postgres.failures import Outcome, failure
 from escalate.stores.postgres.reading import fetch_lines, fold, lines_of
 from escalate.stores.postgres.rows import LineStream
@@ -80,6 +87,7 @@ class PgStore:
     connection, or a pool."""
 
     def __init__(self, source: str | Connection | ConnectionPool) -> None:
+        quiet_psycopg_log()
         self._url = source if isinstance(source, str) else None
         self._given = source if isinstance(source, psycopg.Connection) else None
         self._pool = None if isinstance(source, (str, psycopg.Connection)) else source
