@@ -219,7 +219,8 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
 def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
                 max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
                 renotify_every_s: float | None = None, approvers_match: str = "claimed",
-                approver_keys: ApproverKeys = ()) -> Policy:
+                approver_keys: ApproverKeys = (), quorum: int = 1,
+                quorum_above: Amount | None = None) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
     if approvers_match not in events.APPROVERS_MATCHES:
         raise InputError(f"invalid approvers match {str(approvers_match)[:40]!r}: use claimed (the names "
@@ -254,7 +255,24 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
         approvers_match=approvers_match,
         approver_keys=check_approver_keys(approver_keys) if approver_keys else {},
+        **_quorum(quorum, quorum_above, approvers),
     )
+
+
+def _quorum(quorum: int, above: Amount | None,
+            approvers: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``--quorum N --quorum-above USD``, checked: 1 to 100 approvers, no more than the
+    approver list names (a quorum nobody could reach would leave every escalation open)."""
+    if type(quorum) is not int or not 1 <= quorum <= events.MAX_QUORUM:
+        raise InputError(f"invalid quorum {str(quorum)[:40]!r}: give 1 to {events.MAX_QUORUM} approvers",
+                         code="invalid_quorum", value=str(quorum)[:40])
+    listed = check_approvers(approvers)
+    if listed and len(listed) < quorum:
+        raise InputError(f"invalid quorum {quorum}: only {len(listed)} approvers are listed "
+                         f"({', '.join(listed)}); name more with --approvers, or ask for fewer",
+                         code="invalid_quorum", value=str(quorum))
+    above_micros = None if above is None else parse_micros(above, what="quorum threshold")
+    return {"quorum": quorum, "quorum_above_micros": above_micros if quorum > 1 else None}
 
 
 def merge_policy(
@@ -268,6 +286,8 @@ def merge_policy(
     renotify_every_s: float | Unchanged | None = UNCHANGED,
     approvers_match: str | Unchanged = UNCHANGED,
     approver_keys: ApproverKeys | Unchanged = UNCHANGED,
+    quorum: int | Unchanged = UNCHANGED,
+    quorum_above: Amount | Unchanged | None = UNCHANGED,
 ) -> Policy:
     """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
     threshold = current.approval_threshold_micros
@@ -281,7 +301,10 @@ def merge_policy(
         renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
                           else renotify_every_s),
         approvers_match=current.approvers_match if approvers_match is UNCHANGED else approvers_match,
-        approver_keys=current.approver_keys if approver_keys is UNCHANGED else approver_keys)
+        approver_keys=current.approver_keys if approver_keys is UNCHANGED else approver_keys,
+        quorum=current.quorum if quorum is UNCHANGED else quorum,
+        quorum_above=((None if current.quorum_above_micros is None else Micros(current.quorum_above_micros))
+                      if quorum_above is UNCHANGED else quorum_above))
 
 
 def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,

@@ -33,7 +33,7 @@ class ResolutionResult(TypedDict):
     """``approve``, ``pause``, ``cancel`` and ``withdraw`` (and ``wait`` on an approval)."""
 
     run: str
-    status: str  # approved, paused, cancelled, withdrawn, or exists for the same resolution again
+    status: str  # approved, paused, cancelled, withdrawn, recorded (short of a quorum), or exists
     escalation_id: str
     task: str
     mode: str | None
@@ -43,6 +43,10 @@ class ResolutionResult(TypedDict):
     reserved_micros: NotRequired[int]
     extension_micros: NotRequired[int]
     pool_extension_micros: NotRequired[int]  # approving a pool_cap escalation
+    # An approval short of a quorum (status recorded, or exists; state open): who approved
+    # so far, and how many must.
+    approvals: NotRequired[list[str]]
+    quorum: NotRequired[int]
 
 
 class PolicyResult(TypedDict):

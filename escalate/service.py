@@ -57,14 +57,16 @@ KeyFile = str | os.PathLike[str]
 
 
 def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
+              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
     """A write to a run, under its pool's critical section first when it names one (the
-    first line, read again under the run's lock, must agree: :class:`MembershipChanged`)."""
+    first line, read again under the run's lock, must agree: :class:`MembershipChanged`).
+    ``copied``: the first line names another run (a copy of another member's folder)."""
     if pool_id is None:
         return write(store, decide, actor=actor, clock=clock)
     from escalate.pools.book import write_member  # (a run without a pool never loads it)
 
-    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout)
+    return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout,
+                        copied=copied)
 
 
 class Ledger:
@@ -96,6 +98,7 @@ class Ledger:
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
         self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
+        self._copied = False  # a member's first line names another run (a copied folder)
 
     def pool_id(self) -> str | None:
         """The pool the run belongs to (None: none), read once from its first line;
@@ -111,6 +114,7 @@ class Ledger:
         if first.get("type") == "pool_opened":
             raise is_a_pool(self.run_id)
         self._pool = (pool_of(first),)
+        self._copied = self._pool[0] is not None and first.get("run") != self.run_id
         return self._pool[0]
 
     @property
@@ -139,7 +143,7 @@ class Ledger:
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
         renotify_every_s: float | None = None,
-        approvers_match: str = "claimed",
+        approvers_match: str = "claimed", quorum: int = 1, quorum_above: Amount | None = None,
         pool: str | None = None,
         approver_keys: config.ApproverKeys = (),
         **options: Any,
@@ -150,11 +154,11 @@ class Ledger:
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
-        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers, and
-        tells the requester apart, by who the store vouches for. ``pool``: the run joins that
-        pool for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings
-        (or names mapped to OpenSSH public key lines) whose signatures every resolution then needs.
-        """
+        reminds of an open escalation; ``approvers_match="vouched"`` matches approvers on who
+        the store vouches for; ``quorum`` distinct approvers grant an escalation needing a cap
+        extension above ``quorum_above`` (USD; ``None``: any). ``pool``: the run joins that pool
+        for good (``cap`` defaults to the pool's). ``approver_keys``: ``NAME=KEY`` strings (or
+        names mapped to OpenSSH key lines) whose signatures every resolution then needs."""
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
         from escalate.pools import void
 
@@ -169,7 +173,8 @@ class Ledger:
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, renotify_every_s=renotify_every_s,
-                                    approvers_match=approvers_match, approver_keys=approver_keys)
+                                    approvers_match=approvers_match, approver_keys=approver_keys,
+                                    quorum=quorum, quorum_above=quorum_above)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -298,6 +303,8 @@ class Ledger:
         renotify_every_s: float | Unchanged | None = UNCHANGED,
         approvers_match: str | Unchanged = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
+        quorum: int | Unchanged = UNCHANGED,
+        quorum_above: Amount | Unchanged | None = UNCHANGED,
     ) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
@@ -308,7 +315,7 @@ class Ledger:
                 state.policy, escalation=escalation, approval_threshold=approval_threshold,
                 escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
                 approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
-                approver_keys=approver_keys)
+                approver_keys=approver_keys, quorum=quorum, quorum_above=quorum_above)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles)
         role = self.store.role()
@@ -449,7 +456,7 @@ class Ledger:
             try:
                 first_seq, decision = _write_run(self.runs_store, pool_id, self.store, decide,
                                                 actor=self.actor, clock=self.clock,
-                                                lock_timeout=self.lock_timeout)
+                                                lock_timeout=self.lock_timeout, copied=self._copied)
             except MembershipChanged as changed:  # this Ledger read the run before it was made again
                 self._pool = (changed.pool,)
                 first_seq, decision = _write_run(self.runs_store, changed.pool, self.store, decide,

@@ -174,7 +174,8 @@ def test_escalations_show_gives_one_escalation_in_full(store: Location, cli: Any
     human = shown("escalations", "show", "r", escalation_id, columns=80)
     for part in ("$3.00 for task gpu (reserve)", "fine-tune run", "urgent", "claimed agent-7",
                  "no extension: it fits", "cap $10.00, committed $0.00, $10.00 left; extension left $5.00",
-                 "0 of 1; approvers: anyone but the requester", "1: failed ", "(exit 7)", "2: delivered ",
+                 "0 of 1 approvals; approvers: anyone but the requester", "1: failed ", "(exit 7)",
+                 "2: delivered ",
                  *commands.values()):
         assert part in human, (part, human)
     assert max(cell_len(line.rstrip()) for line in human.splitlines()) <= 80
@@ -188,7 +189,7 @@ def test_escalations_show_gives_one_escalation_in_full(store: Location, cli: Any
     done = cli("escalations", "show", "r", escalation_id, "--json").json()
     assert (done["commands"], [a["by"] for a in done["approvals"]]) == ({}, ["alice"])
     assert done["needed_now_micros"] is None
-    assert "1 of 1 (alice " in shown("escalations", "show", "r", escalation_id, columns=80)
+    assert "1 of 1 approvals (alice " in shown("escalations", "show", "r", escalation_id, columns=80)
 
 
 @pytest.mark.parametrize(("args", "code"), [
@@ -268,3 +269,17 @@ def test_where_keys_are_pinned_the_commands_sign(runs_dir: Path, cli: Any, tmp_p
         # Exact: with the approver's own key file in place of KEYFILE, it answers.
         done = cli(*shlex.split(commands["approve"].replace("KEYFILE", str(key)))[1:], "--by", "alice")
         assert done.exit_code == 0, done.stderr
+
+
+def test_the_approvals_so_far_against_the_quorum(store: Location, cli: Any) -> None:
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="2", quorum=2,
+                      actor="bot")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "3", reason="two keys")
+    escalation_id = pending.value.escalation_id
+    assert cli("escalations", "show", "r", escalation_id, "--json").json()["quorum"] == 2
+    assert cli("approve", "r", escalation_id, "--by", "alice").exit_code == 0  # one of two
+    view = cli("escalations", "show", "r", escalation_id, "--json").json()
+    assert (view["state"], [a["by"] for a in view["approvals"]], view["quorum"]) == ("open", ["alice"], 2)
+    assert "1 of 2 approvals (alice" in shown("escalations", "show", "r", escalation_id, columns=80)
+    assert "open: 1 of 2 approvals (alice)" in " ".join(shown("escalations", columns=200).split())

@@ -103,6 +103,12 @@ def drive_every_event_type(runs_dir: Path) -> None:
 
     void.join(member.runs_store, "pool", off.store, actor="tester", clock=clock, lock_timeout=5,
               create=lambda: False)
+    # A quorum of two: the first approval is recorded short of it (escalation_approved).
+    quorate = Ledger.init(runs_dir, "quorate", cap="1", escalation="enforce", approval_threshold="0.5",
+                          quorum=2, clock=clock)
+    asked = escalated_in(quorate, "q", "0.75")
+    quorate.approve(asked, by="alice")
+    quorate.approve(asked, by="bob")
 
 
 def escalated_in(run: Ledger, task: str, amount: str) -> str:

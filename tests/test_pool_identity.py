@@ -207,3 +207,23 @@ def test_a_pool_of_an_earlier_version_keeps_working_and_records_its_member_on_a_
     assert again.exit_code == 0, again.stderr
     assert list(Pool.open(store, "banked-pool").facts.opened) == ["banked-run"]
     assert cli("pools", "verify", "banked-pool").exit_code == 0
+
+
+def test_variant_c_a_copy_of_the_same_size_is_refused_by_the_writer_with_current_books(
+        runs_dir: Path, cli: Any) -> None:
+    """Two members whose logs have the same size, the books current for both: a write to
+    ``a`` whose folder is now a copy of ``b``'s is refused by the writer itself (its first
+    line names run b), not only at the next rebuild; nothing is written."""
+    assert cli("pools", "init", "P", "--cap", "10").exit_code == 0
+    for run_id in "ab":
+        assert cli("runs", "init", run_id, "--pool", "P").exit_code == 0
+        assert cli("reserve", run_id, "warm", "--estimate", "0").exit_code == 0  # the books hold its entry
+    sizes = {(runs_dir / run_id / "events.ndjson").stat().st_size for run_id in "ab"}
+    assert len(sizes) == 1
+    shutil.rmtree(runs_dir / "a")
+    shutil.copytree(runs_dir / "b", runs_dir / "a")
+    before = log_bytes(runs_dir, "a")
+    refused = cli("reserve", "a", "x", "--estimate", "1", "--json")
+    assert refused.exit_code == 6 and refused.json()["run"] == "a", refused.stdout
+    assert "not this member's" in refused.stderr and "runs init" not in refused.stderr
+    assert log_bytes(runs_dir, "a") == before

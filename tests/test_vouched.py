@@ -59,9 +59,7 @@ def person(request: pytest.FixtureRequest, tmp_path: Path,
                 connection.execute(f"DROP ROLE IF EXISTS {name}")
                 connection.execute(f"CREATE ROLE {name} LOGIN")
             with psycopg.connect(url, autocommit=True) as connection:
-                connection.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON escalate_ledgers, "
-                                   f"escalate_tasks, escalate_escalations TO {name}")
-                connection.execute(f"GRANT SELECT, INSERT ON escalate_events, escalate_schema_version "
+                connection.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public "
                                    f"TO {name}")
                 connection.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {name}")
             made.append(name)

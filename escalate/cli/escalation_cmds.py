@@ -34,6 +34,14 @@ EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12."
 
 
 def _said(result: dict[str, Any]) -> None:
+    if result.get("state") == "open":  # an approval short of its quorum: recorded, or again
+        from escalate.reports.report import approvals_line
+
+        again = "already counted; " if result["status"] == "exists" else ""
+        names, quorum = result["approvals"], result["quorum"]
+        echo_line(f"{result['escalation_id']}: {again}{approvals_line(names, quorum)}; it stays open "
+                  f"until {quorum - len(names)} more approve")
+        return
     if result["status"] == "exists":
         echo_line(f"{result['escalation_id']}: already resolved {result['mode']} by {result['by']}; "
                   "nothing changed")

@@ -26,6 +26,8 @@ from escalate.cli.runs_cmds import (
     EscalationTimeoutOption,
     ModeOption,
     NewApproversMatchOption,
+    QuorumAboveOption,
+    QuorumOption,
     ShowFormat,
     ThresholdOption,
     _escalation_timeout,
@@ -65,8 +67,8 @@ def init(
         "--max-extension", metavar="USD", help="Most USD that approvals of pool_cap escalations may add "
         "per period [default: 0].")] = None,
     approvers: ApproversOption = None,
-    approvers_match: ApproversMatchOption = None,
-    approver_key: ApproverKeyOption = None,
+    approvers_match: ApproversMatchOption = None, approver_key: ApproverKeyOption = None,
+    quorum: QuorumOption = None, quorum_above: QuorumAboveOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -85,7 +87,9 @@ def init(
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                             approvers=approvers or (), approvers_match=approvers_match or "claimed",
-                            approver_keys=approver_key or (), **options)
+                            approver_keys=approver_key or (),
+                            quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
+                            **options)
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -184,8 +188,8 @@ def set_policy(
         "[default: unchanged].", show_default=False)] = None,
     approvers: Annotated[str | None, typer.Option("--approvers", metavar="NAMES", help="New comma-separated "
         "approvers of pool_cap escalations [default: unchanged].", show_default=False)] = None,
-    approver_key: ApproverKeyOption = None,
-    approvers_match: NewApproversMatchOption = None,
+    approver_key: ApproverKeyOption = None, approvers_match: NewApproversMatchOption = None,
+    quorum: QuorumOption = None, quorum_above: QuorumAboveOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
@@ -194,7 +198,7 @@ def set_policy(
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
     given = {"cap": cap, "escalation": escalation, "approval_threshold": approval_threshold,
              "max_extension": max_extension, "approvers": approvers, "approvers_match": approvers_match,
-             "approver_keys": approver_key}
+             "approver_keys": approver_key, "quorum": quorum, "quorum_above": quorum_above}
     changes: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if approval_threshold is not None and no_threshold:
         bad_input("--approval-threshold and --no-approval-threshold disagree; give one of them",
@@ -228,7 +232,7 @@ def set_policy(
 
 _NOTHING_TO_CHANGE = ("nothing to change; give --cap, --escalation, --approval-threshold, "
                       "--no-approval-threshold, --escalation-timeout, --max-extension, --approvers, "
-                      "--approvers-match or --approver-key")
+                      "--approvers-match, --approver-key, --quorum or --quorum-above")
 
 
 @pools_app.command("verify")

@@ -57,6 +57,12 @@ ApproversMatchOption = Annotated[str | None, typer.Option(
     help="What approvers are matched, and the requester told apart, on: the names given "
     "(claimed), or who the store vouches for, the OS user or the database role (vouched) "
     "[default: claimed].", show_default=False)]
+QuorumOption = Annotated[int | None, typer.Option(
+    "--quorum", metavar="N", help="Distinct approvers an approval needs (above --quorum-above); the "
+    "escalation stays open until the N-th [default: 1; on set: unchanged].", show_default=False)]
+QuorumAboveOption = Annotated[str | None, typer.Option(
+    "--quorum-above", metavar="USD", help="The quorum applies to escalations needing a cap extension "
+    "above this [default: every escalation; on set: unchanged].", show_default=False)]
 NewApproversMatchOption = Annotated[str | None, typer.Option(
     "--approvers-match", metavar="claimed|vouched", help="New match of approvers: the names given "
     "(claimed), or who the store vouches for (vouched) [default: unchanged].", show_default=False)]
@@ -79,8 +85,8 @@ def init(
     escalation_timeout: EscalationTimeoutOption = None,
     max_extension: MaxExtensionOption = None,
     approvers: ApproversOption = None,
-    approvers_match: ApproversMatchOption = None,
-    approver_key: ApproverKeyOption = None,
+    approvers_match: ApproversMatchOption = None, approver_key: ApproverKeyOption = None,
+    quorum: QuorumOption = None, quorum_above: QuorumAboveOption = None,
     renotify_every: RenotifyOption = None,
     pool: Annotated[str | None, typer.Option(
         "--pool", metavar="POOL", help="Join POOL for good: every reservation must also fit the pool; "
@@ -108,6 +114,7 @@ def init(
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              approvers=approvers or (), approvers_match=approvers_match or "claimed",
                              approver_keys=approver_key or (),
+                             quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
                              pool=pool, **options)
         if pool is not None and cap is not None:
@@ -160,8 +167,8 @@ def set_policy(
         "--approvers", metavar="NAMES", help="New comma-separated names that may approve, pause or "
         "cancel escalations; \"\" lets anyone but the requester [default: unchanged].",
         show_default=False)] = None,
-    approvers_match: NewApproversMatchOption = None,
-    approver_key: ApproverKeyOption = None,
+    approvers_match: NewApproversMatchOption = None, approver_key: ApproverKeyOption = None,
+    quorum: QuorumOption = None, quorum_above: QuorumAboveOption = None,
     renotify_every: RenotifyOption = None,
     no_renotify: Annotated[bool, typer.Option("--no-renotify",
                                               help="Stop sending open escalations' notices again.")] = False,
@@ -175,7 +182,8 @@ def set_policy(
                              no_threshold=no_threshold, escalation_timeout=escalation_timeout,
                              max_extension=max_extension, approvers=approvers,
                              renotify_every=renotify_every, no_renotify=no_renotify,
-                             approvers_match=approvers_match, approver_keys=approver_key)
+                             approvers_match=approvers_match, approver_keys=approver_key,
+                             quorum=(quorum, quorum_above))
     before: dict[str, Any] = {}
 
     def action() -> Mapping[str, Any]:
@@ -202,7 +210,8 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
                    no_threshold: bool, escalation_timeout: str | None, max_extension: str | None,
                    approvers: str | None, renotify_every: str | None,
                    no_renotify: bool, approvers_match: str | None = None,
-                   approver_keys: list[str] | None = None) -> Callable[[], dict[str, Any]]:
+                   approver_keys: list[str] | None = None,
+                   quorum: tuple[int | None, str | None] = (None, None)) -> Callable[[], dict[str, Any]]:
     """The options of ``runs set`` checked for usage (exit 2 before anything is opened),
     and a call that turns them into ``set_policy``'s keyword arguments (durations parsed
     then, inside the command, so a bad one is reported as its error)."""
@@ -212,11 +221,11 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
     if renotify_every is not None and no_renotify:
         bad_input("--renotify-every and --no-renotify disagree; give one of them", json_out, code="usage")
     if (escalation, approval_threshold, escalation_timeout, max_extension, approvers,
-            renotify_every, approvers_match, approver_keys) == (None,) * 8 and not no_threshold \
+            renotify_every, approvers_match, approver_keys, *quorum) == (None,) * 10 and not no_threshold \
             and not no_renotify:
         bad_input("nothing to change; give --escalation, --approval-threshold, --no-approval-threshold, "
                   "--escalation-timeout, --max-extension, --approvers, --approvers-match, --approver-key, "
-                  "--renotify-every or --no-renotify", json_out, code="usage")
+                  "--quorum, --quorum-above, --renotify-every or --no-renotify", json_out, code="usage")
 
     def changes() -> dict[str, Any]:
         given: dict[str, Any] = {}
@@ -234,6 +243,8 @@ def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold
             given["approvers_match"] = approvers_match
         if approver_keys is not None:
             given["approver_keys"] = approver_keys
+        given.update({key: value for key, value in zip(("quorum", "quorum_above"), quorum, strict=True)
+                      if value is not None})
         if renotify_every is not None or no_renotify:
             given["renotify_every_s"] = None if renotify_every is None else _renotify(renotify_every)
         return given
@@ -270,6 +281,8 @@ _POLICY_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "approver_keys": ("pinned keys of", lambda keys: ", ".join(keys or {}) or "nobody"),
     "renotify_every_s": ("renotify every", _timeout_text),
     "approvers_match": ("approvers match", lambda match: match or "claimed"),
+    "quorum": ("quorum", lambda quorum: str(quorum or 1)),
+    "quorum_above_micros": ("quorum above", lambda micros: "any" if micros is None else usd(micros)),
 }
 
 

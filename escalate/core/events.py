@@ -48,7 +48,8 @@ EscalationReason = Literal["run_cap", "threshold", "pool_cap"]
 Priority = Literal["low", "normal", "high", "urgent"]
 EventType = Literal["run_opened", "budget_reserved", "budget_increased", "released", "halt", "escalation",
                     "escalation_resolved", "recovery", "policy_changed", "escalation_notified",
-                    "pool_opened", "run_joined", "run_archived", "run_join_voided", "member_opened"]
+                    "pool_opened", "run_joined", "run_archived", "run_join_voided", "member_opened",
+                    "escalation_approved"]
 # Why a pool's join was voided: its 'runs init --pool' found the id taken by a run of no
 # pool, a run of another pool, or a pool.
 VoidReason = Literal["run_of_no_pool", "run_of_another_pool", "a_pool"]
@@ -70,6 +71,8 @@ ESCALATION_REASONS: tuple[EscalationReason, ...] = get_args(EscalationReason)
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 PERIODS: tuple[Period, ...] = get_args(Period)
+# Most approvers a quorum may ask for.
+MAX_QUORUM = 100
 APPROVERS_MATCHES: tuple[ApproversMatch, ...] = get_args(ApproversMatch)
 
 

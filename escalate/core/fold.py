@@ -20,7 +20,7 @@ from escalate.core.events import (
     SCHEMA_VERSION,
     VOID_REASONS,
 )
-from escalate.core.fold_escalations import apply_escalation, apply_notified, apply_resolved
+from escalate.core.fold_escalations import apply_approved, apply_escalation, apply_notified, apply_resolved
 from escalate.core.fold_fields import (
     choice_field,
     id_field,
@@ -346,6 +346,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
     "recovery": _apply_recovery,
     "policy_changed": _apply_policy,
     "escalation_notified": apply_notified,
+    "escalation_approved": apply_approved,
     "pool_opened": _apply_opened_again,
     "run_joined": _apply_joined,
     "run_archived": _apply_archived,

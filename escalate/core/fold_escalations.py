@@ -14,6 +14,7 @@ from escalate.core.events import (
     ESCALATION_KINDS,
     ESCALATION_REASONS,
     MAX_DETAIL_LENGTH,
+    MAX_QUORUM,
     MAX_REASON_LENGTH,
     PRIORITIES,
     RESOLUTIONS,
@@ -29,7 +30,7 @@ from escalate.core.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.core.rules import extension_left, needed_extension, pinned_keys, same_person
+from escalate.core.rules import extension_left, needed_extension, pinned_keys, quorum_needed, same_person
 from escalate.core.state import EscalationState, RuleViolation, RunState, Task
 
 
@@ -102,6 +103,8 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     role = name_field(event, "role") if "role" in event else None
     if mode != "withdraw" and by != TIMEOUT_ACTOR:
         _check_resolver(state, escalation, by, role)
+    if mode == "extend":
+        _check_quorum(state, escalation, by, role)
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
@@ -139,14 +142,45 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "reserved" if task.holding else "escalated"
 
 
+def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
+    """``escalation_approved``: one approval of an open escalation short of its quorum."""
+    escalation_id = id_field(event, "id")
+    escalation = state.open_escalations.get(escalation_id)
+    if escalation is None:
+        raise RuleViolation(f"approval of escalation {escalation_id!r}, which is not open")
+    by = name_field(event, "by")
+    role = name_field(event, "role") if "role" in event else None
+    quorum = int_field(event, "quorum", limit=MAX_QUORUM)
+    if quorum < 2:
+        raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
+    _check_resolver(state, escalation, by, role)
+    _check_quorum(state, escalation, by, role, counted=False)
+    escalation.approvals.append({"by": by, **({"role": role} if role is not None else {})})
+    escalation.quorum = quorum
+
+
+def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None, *,
+                  counted: bool = True) -> None:
+    """An approver counts once: ``by`` (vouched as ``role``) approved it before is a line no
+    writer appends. ``counted``: this approval grants, so the approvals so far and it must
+    make the run's quorum (a pool's, which this log does not hold, was checked when written)."""
+    if any(same_person(approval["by"], approval.get("role"), by, role, False)
+           for approval in escalation.approvals):
+        raise RuleViolation(f"escalation {escalation.id!r} approved twice by {role or by!r}")
+    needed = quorum_needed(state.policy, escalation.needed_extension_micros)
+    if counted and len(escalation.approvals) + 1 < needed:
+        raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
+                            f"of the {needed} approvals its run's quorum needs")
+
+
 def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
     """The rule the decisions apply (:func:`escalate.resolve.decide_resolution`), as far as
     the run's own log tells: the requester never resolves their own escalation, and under
-    ``approvers_match: vouched`` the approver list names the vouched identity. A pool_cap
-    escalation is decided by its pool's policy, which this log does not hold: only two
-    lines naming the same person are refused there."""
+    ``approvers_match: vouched`` the approver list names the vouched identity. A member
+    run's escalation may be its pool's to decide, by a policy this log does not hold: only
+    two lines naming the same person are refused there."""
     policy = state.policy
-    vouched = policy.approvers_match == "vouched" and escalation.reason != "pool_cap"
+    vouched = policy.approvers_match == "vouched" and state.member_of is None
     if same_person(escalation.requested_by, escalation.requested_role, by, role, vouched):
         raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who asked for it")
     if vouched and policy.approvers and (role or by) not in policy.approvers:

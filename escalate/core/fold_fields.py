@@ -11,6 +11,7 @@ from typing import Any
 from escalate.core.events import (
     APPROVERS_MATCHES,
     MAX_ACTOR_LENGTH,
+    MAX_QUORUM,
     MAX_TIMEOUT_S,
     MODES,
     TIMESTAMP_PATTERN,
@@ -108,6 +109,8 @@ def policy_field(raw: Any) -> Policy:
         renotify_every_s=int_field(raw, "renotify_every_s", nullable=True, limit=MAX_TIMEOUT_S),
         # Absent in runs made before it existed: names as given.
         approvers_match=choice_field(raw, "approvers_match", APPROVERS_MATCHES, "claimed"),
+        quorum=max(1, int_field(raw, "quorum", limit=MAX_QUORUM)) if "quorum" in raw else 1,
+        quorum_above_micros=int_field(raw, "quorum_above_micros", nullable=True),
     )
 
 

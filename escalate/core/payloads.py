@@ -80,6 +80,10 @@ class EscalationPolicy(TypedDict):
         "Who may approve, pause or cancel; absent or empty: anyone (never the requester).")]]
     renotify_every_s: NotRequired[Annotated[Annotated[int, Check.TIMEOUT], Doc(
         "Re-deliver an open escalation's notice this often (escalate sweep); absent: never.")]]
+    quorum: NotRequired[Annotated[Annotated[int, Check.MORE], Doc(
+        "Distinct approvers an approval needs (above quorum_above_micros, when set); absent: 1.")]]
+    quorum_above_micros: NotRequired[Annotated[MicrosInt, Doc(
+        "The quorum applies to escalations needing a cap extension above this; absent: to all.")]]
     approvers_match: NotRequired[Annotated[ApproversMatch, Doc(
         "vouched: approvers are matched, and the requester told apart, on role (who the store "
         "vouches for); absent or claimed: on the names given (docs/escalation.md, Who is who).")]]
@@ -269,12 +273,24 @@ class MemberOpened(TypedDict):
         "The chain hash of the member's first line (what its line 2's prev holds); never empty.")]
 
 
+class EscalationApproved(TypedDict):
+    """One approval of an escalation that needs a quorum, short of the last: the escalation
+    stays open; the approval that completes the quorum is its ``escalation_resolved``."""
+
+    type: Literal["escalation_approved"]
+    id: IdStr
+    by: NameStr
+    role: NotRequired[WriterRole]
+    quorum: Annotated[Annotated[int, Check.MORE], Doc(
+        "How many distinct approvers the policy asked for when this approval was written.")]
+
+
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation
            | EscalationResolved | Recovery | PolicyChanged | EscalationNotified | PoolOpened | RunJoined
-           | RunArchived | RunJoinVoided | MemberOpened)
+           | RunArchived | RunJoinVoided | MemberOpened | EscalationApproved)
 # Every payload definition, in EVENT_TYPES order (a test holds the two together).
 PAYLOADS: tuple[type[Any], ...] = (
     RunOpened, BudgetReserved, BudgetIncreased, Released, Halt, Escalation, EscalationResolved,
     Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived, RunJoinVoided,
-    MemberOpened)
+    MemberOpened, EscalationApproved)
 

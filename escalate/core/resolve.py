@@ -21,6 +21,7 @@ from escalate.core.rules import (
     over_cap,
     over_threshold,
     period_name,
+    quorum_needed,
     same_person,
     vouched_match,
 )
@@ -109,7 +110,46 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
         halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
                 "remaining_micros": state.remaining_micros, "reason": "cancelled"}
         return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
-    return _grant(state, escalation, resolved, facts, pool)
+    granted = _grant(state, escalation, resolved, facts, pool)
+    if granted.error is not None:
+        return granted  # (an approval the grant could not follow is refused now, not at the last)
+    return _short_of_quorum(state, escalation, by, role, pool, roles) or granted
+
+
+def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
+    """Distinct approvers ``escalation`` needs: the run's quorum and, where the pool decides
+    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool."""
+    needed = quorum_needed(state.policy, escalation.needed_extension_micros)
+    if pool is not None and _the_pools(pool, escalation, "extend"):
+        needed = max(needed, quorum_needed(pool.policy, escalation.needed_extension_micros))
+    return needed
+
+
+def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
+                     pool: PoolView | None, roles: bool) -> Decision | None:
+    """An approval that leaves ``escalation`` short of its quorum: recorded as
+    ``escalation_approved`` (the escalation stays open), or, by someone who approved it
+    already, nothing (``exists``). None: this approval completes it (or none is needed).
+    Approvers are told apart by who the store vouches for where it has that (PostgreSQL's
+    roles always; the file store's OS users under ``approvers_match: vouched``)."""
+    needed = quorum_of(state, escalation, pool)
+    if needed <= 1:
+        return None
+    deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
+    vouched = roles or vouched_match(deciding, roles)
+    names = [approval["by"] for approval in escalation.approvals]
+    facts = {"escalation_id": escalation.id, "task": escalation.task, "mode": "extend", "by": by,
+             "quorum": needed}
+    if any(same_person(approval["by"], approval.get("role"), by, role, vouched)
+           for approval in escalation.approvals):
+        return Decision(result={"status": "exists", "state": "open", **facts, "approvals": names})
+    if len(escalation.approvals) + 1 >= needed:
+        return None
+    approved: Event = {"type": "escalation_approved", "id": escalation.id, "by": by, "quorum": needed}
+    if role is not None:
+        approved["role"] = role
+    return Decision(events=[approved],
+                    result={"status": "recorded", "state": "open", **facts, "approvals": [*names, by]})
 
 
 def unknown_escalation(run_id: str, escalation_id: str) -> InputError:

@@ -92,6 +92,13 @@ def pinned_keys(policy: Policy, by: object, role: object) -> tuple[str, ...]:
                  for key in policy.approver_keys.get(name, ()))
 
 
+def quorum_needed(policy: Policy, needed_extension_micros: int) -> int:
+    """Distinct approvers an approval of an escalation needing this cap extension must have
+    (``policy.quorum`` above ``quorum_above_micros``, or for every escalation without one)."""
+    above = policy.quorum_above_micros
+    return policy.quorum if above is None or needed_extension_micros > above else 1
+
+
 def same_person(requested_by: str | None, requested_role: str | None, by: str | None,
                 role: str | None, vouched: bool) -> bool:
     """Whether the resolver (``by``, vouched as ``role``) is the requester. Two different

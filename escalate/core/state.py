@@ -48,6 +48,10 @@ class Policy:
     # "vouched": approvers are matched, and requester and resolver compared, on the identity
     # the store vouches for (docs/escalation.md, "Who is who"); "claimed": on the names given.
     approvers_match: ApproversMatch = "claimed"
+    # Distinct approvers an approval needs (1: one), for escalations that need a cap
+    # extension above ``quorum_above_micros`` (None: for every escalation).
+    quorum: int = 1
+    quorum_above_micros: int | None = None
     # Pinned public keys (OpenSSH lines) by approver name: while any are pinned, every
     # approve, pause and cancel carries an SSHSIG signature by one of its approver's keys.
     approver_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -77,6 +81,10 @@ class Policy:
             data["renotify_every_s"] = self.renotify_every_s
         if self.approvers_match != "claimed":
             data["approvers_match"] = self.approvers_match
+        if self.quorum != 1:
+            data["quorum"] = self.quorum
+            if self.quorum_above_micros is not None:
+                data["quorum_above_micros"] = self.quorum_above_micros
         return data
 
 
@@ -139,6 +147,10 @@ class EscalationState:
     by: str | None = None
     # Who the store vouches resolved it (the resolution's ``role``; None: not recorded).
     resolved_role: str | None = None
+    # The approvals so far of an escalation that needs a quorum ({"by", "role"?} each), and
+    # how many its last one said the policy needs.
+    approvals: list[dict[str, str]] = field(default_factory=list)
+    quorum: int = 1
     resolved_at: str | None = None
     extension_micros: int = 0
     # What the approver is shown besides who asked: why and how urgently, and the cap
@@ -173,6 +185,7 @@ class EscalationState:
             "mode": self.mode,
             "by": self.by,
             **({"resolved_role": self.resolved_role} if self.resolved_role is not None else {}),
+            **({"approvals": self.approvals, "quorum": self.quorum} if self.approvals else {}),
             "resolved_at": self.resolved_at,
             "extension_micros": self.extension_micros,
             "request_reason": self.request_reason,

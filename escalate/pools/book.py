@@ -294,9 +294,10 @@ def _meta(state: RunState, facts: PoolFacts, log_size: int, epoch: str, stamp: s
 class MemberWrite:
     """A write to a member run, inside the pool's critical section (:class:`escalate.write.Inside`)."""
 
-    def __init__(self, book: PoolBook, run_id: str) -> None:
+    def __init__(self, book: PoolBook, run_id: str, copied: bool = False) -> None:
         self.book = book
         self.run_id = run_id
+        self.copied = copied  # the run's first line, as its Ledger read it, names another run
 
     def loaded(self, transaction: Transaction, replayed: Replayed) -> None:
         if not self.book.has_entry(self.run_id) and \
@@ -306,9 +307,10 @@ class MemberWrite:
                 "does not list it (was a run folder renamed or copied?); give the folder its name "
                 "back — its writes are refused until then", run=self.run_id, line=1,
                 problem="a run its pool does not list", first_suspect_line=1)
-        if self.book.member(self.run_id).offset != replayed.offset:
+        if self.book.member(self.run_id).offset != replayed.offset or self.copied:
             # The entry is behind the log (a new member, or a book rebuilt around a torn
-            # tail): fold the run to where this write starts.
+            # tail): fold the run to where this write starts. A copy of another member's
+            # folder under this id is refolded too, whatever its size: the fold refuses it.
             self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
 
     def view(self, now: str) -> PoolView:
@@ -370,16 +372,17 @@ class PoolLogWrite:
 
 
 def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Decide, *, actor: str,
-                 clock: Clock, lock_timeout: float) -> tuple[int, Decision]:
-    """A write to a member run: the pool's critical section, then the run's."""
+                 clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
+    """A write to a member run: the pool's critical section, then the run's (``copied``:
+    :class:`MemberWrite`)."""
     pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
     if not pool_store.exists():
         raise UnknownRun(f"run {run_store.run_id} belongs to pool {pool_id}, which is gone from "
                          f"{runs.where}; restore the pool's folder", run=run_store.run_id, pool=pool_id)
     with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
         book = open_book(transaction, pool_store, runs, lock_timeout=lock_timeout)
-        return write(run_store, decide, actor=actor, clock=clock, inside=MemberWrite(book, run_store.run_id),
-                     member_of=pool_id)
+        return write(run_store, decide, actor=actor, clock=clock,
+                     inside=MemberWrite(book, run_store.run_id, copied), member_of=pool_id)
 
 
 def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock: Clock,

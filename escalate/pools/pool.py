@@ -99,7 +99,7 @@ class Pool:
         escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
         max_extension: Amount = "0",
         approvers: str | list[str] | tuple[str, ...] = (),
-        approvers_match: str = "claimed",
+        approvers_match: str = "claimed", quorum: int = 1, quorum_above: Amount | None = None,
         approver_keys: config.ApproverKeys = (),
         **options: Any,
     ) -> Pool:
@@ -113,7 +113,7 @@ class Pool:
         check_new_zone(tz)
         policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
                                     approvers=approvers, approvers_match=approvers_match,
-                                    approver_keys=approver_keys)
+                                    approver_keys=approver_keys, quorum=quorum, quorum_above=quorum_above)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -211,6 +211,8 @@ class Pool:
         max_extension: Amount | Unchanged = UNCHANGED,
         approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
         approvers_match: str | Unchanged = UNCHANGED,
+        quorum: int | Unchanged = UNCHANGED,
+        quorum_above: Amount | Unchanged | None = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
     ) -> dict[str, Any]:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
@@ -221,7 +223,8 @@ class Pool:
         changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
                                    "escalation_timeout_s": escalation_timeout_s,
                                    "max_extension": max_extension, "approvers": approvers,
-                                   "approvers_match": approvers_match, "approver_keys": approver_keys}
+                                   "approvers_match": approvers_match, "approver_keys": approver_keys,
+                                   "quorum": quorum, "quorum_above": quorum_above}
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)

@@ -17,11 +17,11 @@ from escalate.core.decide import fired_limit
 from escalate.core.events import PRIORITIES, Priority
 from escalate.core.ids import check_id
 from escalate.core.resolve import grant_delta, unknown_escalation
-from escalate.core.rules import extension_left, needed_extension
-from escalate.core.state import EscalationState, RunState
+from escalate.core.rules import extension_left, needed_extension, quorum_needed
+from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import EscalateError
 from escalate.escalation.delivery import answer_commands
-from escalate.pools.pool import Pool
+from escalate.pools.pool import Pool, PoolReport
 from escalate.reports.runs import iter_run_ids, runs_root
 from escalate.service import Ledger
 from escalate.stores.seam import Store
@@ -50,6 +50,8 @@ class InboxRow(TypedDict):
     requested_by: str | None
     requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
     resolved_role: NotRequired[str]  # who the store vouches resolved it
+    approvals: NotRequired[list[dict[str, str]]]  # short of its quorum: the approvals so far
+    quorum: NotRequired[int]
     request_reason: str
     priority: str
     needed_extension_micros: int
@@ -75,12 +77,6 @@ class NoticeAttempt(TypedDict):
     detail: str
 
 
-class Approval(TypedDict):
-    by: str
-    role: str | None  # the identity the store vouched for (None: not recorded)
-    at: str
-
-
 class EscalationView(InboxRow):
     """``escalations show``: one escalation in full, with the money of its run and pool now,
     its approvals, every notice attempt, and the commands that answer it."""
@@ -88,8 +84,8 @@ class EscalationView(InboxRow):
     run_money: dict[str, int]
     pool_money: dict[str, Any] | None  # None: the run is in no pool, or it cannot be read
     approvers: list[str]  # who may answer it (empty: anyone but the requester)
-    approvals: list[Approval]
-    quorum: int  # approvals that decide it
+    # (and, always here: ``approvals``, each ``by``, ``role`` where vouched, ``at`` for the
+    # one that granted it; ``quorum``, the distinct approvals that decide it)
     notices: list[NoticeAttempt]
     commands: dict[str, str]  # approve / pause / cancel: empty once it is settled
 
@@ -171,7 +167,6 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
                     escalation_id: str) -> EscalationView:
     """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
     computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
-
     root = runs_root(runs_dir)
     check_id(escalation_id, what="escalation id")
     ledger = Ledger.open(root, run_id)
@@ -180,15 +175,10 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
     if escalation is None:
         raise unknown_escalation(state.run_id, escalation_id)
     pool = ledger.pool_id()
-    report = None
-    if pool is not None:
-        try:
-            report = Pool.open(root, pool).show()
-        except EscalateError:
-            report = None  # the run's own money and the escalation are still shown
+    report, pool_policy = _pool_now(root, pool) if pool is not None else (None, None)
     row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
-    policy = report["escalation"] if report is not None and escalation.reason == "pool_cap" else \
-        state.policy.to_json()
+    # Who decides it: the pool's policy for a pool_cap escalation, the run's otherwise.
+    policy = pool_policy if pool_policy is not None and escalation.reason == "pool_cap" else state.policy
     events, _ = ledger.events()
     waiting = escalation.state == "open" and not escalation.shadow
     return {
@@ -197,21 +187,38 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
                       "remaining_micros": state.remaining_micros, "extended_micros": state.extended_micros,
                       "extension_left_micros": extension_left(state.policy.max_extension_micros,
                                                               state.extended_micros)},
-        "pool_money": None if report is None else {
+        "pool_money": None if report is None or pool_policy is None else {
             "pool": report["pool"], "period": report["period"], "cap_micros": report["cap_micros"],
             "committed_micros": report["committed_micros"], "remaining_micros": report["remaining_micros"],
             "extended_micros": report["extended_micros"],
-            "extension_left_micros": extension_left(report["escalation"]["max_extension_micros"],
+            "extension_left_micros": extension_left(pool_policy.max_extension_micros,
                                                     report["extended_micros"])},
-        "approvers": list(policy.get("approvers", [])),
-        "approvals": [{"by": escalation.by, "role": escalation.resolved_role,
-                       "at": escalation.resolved_at or ""}]
-        if escalation.mode == "extend" and escalation.by else [],
-        "quorum": 1,
+        "approvers": list(policy.approvers),
+        "approvals": _approvals(escalation),
+        "quorum": escalation.quorum if escalation.approvals else
+        quorum_needed(policy, escalation.needed_extension_micros),
         "notices": [{"attempt": event["attempt"], "at": event["ts"], "ok": event["ok"],
                      "detail": event.get("detail", "")}
                     for event in events if event.get("type") == "escalation_notified"
                     and event.get("id") == escalation_id],
         "commands": answer_commands(state.run_id, escalation_id, escalation.offered,
-                                    signed=bool(policy.get("approver_keys"))) if waiting else {},
+                                    signed=bool(policy.approver_keys)) if waiting else {},
     }
+
+
+def _pool_now(runs_dir: Path | Store, pool_id: str) -> tuple[PoolReport | None, Policy | None]:
+    """The pool's money now and its policy; both None when it cannot be read (the run's own
+    money and the escalation are still shown)."""
+    try:
+        pool = Pool.open(runs_dir, pool_id)
+        return pool.show(), pool.state().policy
+    except EscalateError:
+        return None, None
+
+
+def _approvals(escalation: EscalationState) -> list[dict[str, str]]:
+    """The approvals so far (short of a quorum), then the one that granted it, if any."""
+    role = {"role": escalation.resolved_role} if escalation.resolved_role else {}
+    granted = [{"by": escalation.by, **role, "at": escalation.resolved_at or ""}] \
+        if escalation.mode == "extend" and escalation.by else []
+    return [*escalation.approvals, *granted]

@@ -23,7 +23,15 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
-from escalate.reports.report import bar_cells, percent, policy_line, printable, usage_level, who
+from escalate.reports.report import (
+    approvals_line,
+    bar_cells,
+    percent,
+    policy_line,
+    printable,
+    usage_level,
+    who,
+)
 
 TASK_ROWS = 50
 BAR_WIDTH = 30
@@ -269,8 +277,9 @@ def _priority(row: Mapping[str, Any], waiting: bool) -> Text:
 def _state(row: Mapping[str, Any]) -> Text:
     if row["shadow"]:
         return Text("shadow", style="dim")
-    if row["state"] == "open":
-        return Text("open", style="yellow bold")
+    if row["state"] == "open":  # and, short of a quorum, where it stands
+        return Text("open" + (f": {approvals_line([a['by'] for a in row['approvals']], row['quorum'])}"
+                              if row.get("approvals") else ""), style="yellow bold")
     return _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
                   f"{who(row['by'], row.get('resolved_role'))}")
 
@@ -345,10 +354,10 @@ def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) ->
         grid.add_row("pool", _plain(f"{view['run_pool']}: cannot be read"))
     approvers = view.get("approvers") or []
     approvals = view.get("approvals") or []
+    names = [who(a["by"], a.get("role")) + (f" {_ago(a['at'], moment)}" if a.get("at") else "")
+             for a in approvals]
     grid.add_row("approvals", _plain(
-        f"{len(approvals)} of {view.get('quorum', 1)}"
-        + (" (" + ", ".join(f"{who(a['by'], a['role'])} {_ago(a['at'], moment)}" for a in approvals) + ")"
-           if approvals else "")
+        (approvals_line(names, view.get("quorum", 1)) if names else f"0 of {view.get('quorum', 1)} approvals")
         + "; approvers: " + (", ".join(approvers) if approvers else "anyone but the requester")))
     if view["state"] != "open" or view["shadow"]:
         grid.add_row("settled", _state(view) + (f", {_ago(view['resolved_at'], moment)}"

@@ -121,6 +121,9 @@ def describe_event(event: Mapping[str, Any]) -> str:
         return (f"escalation {_text(event, 'id')} resolved: {_text(event, 'mode')} by "
                 f"{who(event.get('by'), event.get('role'))}"
                 + (f", cap extended by {_usd(event, 'extension_micros')}" if extension else ""))
+    if kind == "escalation_approved":
+        return (f"escalation {_text(event, 'id')} approved by {who(event.get('by'), event.get('role'))}, "
+                f"short of its quorum of {_text(event, 'quorum')}")
     if kind == "recovery":
         return (f"recovered a torn tail: {_text(event, 'torn_bytes')} bytes set aside in "
                 f"{_text(event, 'saved_to')}")
@@ -157,6 +160,11 @@ def timeline_line(event: Mapping[str, Any]) -> str:
     """``#3  2026-11-23 14:00:00  alice  reserved t1: $2.50``: one event on one line."""
     return (f"#{_text(event, 'seq')}  {printable(str(event.get('ts', ''))[:19].replace('T', ' '))}  "
             f"{who(event.get('actor'), event.get('role'))}  {describe_event(event)}")
+
+
+def approvals_line(names: list[str], quorum: int) -> str:
+    """``1 of 2 approvals (alice)``: where an escalation that needs a quorum stands."""
+    return f"{len(names)} of {quorum} approvals ({', '.join(printable(name) for name in names)})"
 
 
 def who(name: object, vouched: object) -> str:
