@@ -28,7 +28,8 @@ if TYPE_CHECKING:
         UnknownRun,
     )
     from escalate.reports.gate import GateResult, check_gate
-    from escalate.reports.runs import inbox, list_runs, sweep_all, verify_report
+    from escalate.reports.inbox import inbox
+    from escalate.reports.runs import list_runs, sweep_all, verify_report
     from escalate.service import Ledger
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 # Where each lazily loaded name lives (the errors are in escalate.errors).
 _HOMES = {"Ledger": "escalate.service", "Micros": "escalate.core.money",
           "GateResult": "escalate.reports.gate", "check_gate": "escalate.reports.gate",
-          "inbox": "escalate.reports.runs", "list_runs": "escalate.reports.runs",
+          "inbox": "escalate.reports.inbox", "list_runs": "escalate.reports.runs",
           "sweep_all": "escalate.reports.runs", "verify_report": "escalate.reports.runs"}
 
 

@@ -23,7 +23,7 @@ from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
-from escalate.errors import CorruptLedger, InputError, UnknownRun
+from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
 from escalate.escalation.delivery import (
     SWEEP_LIMITS,
     SweepLimits,
@@ -331,20 +331,23 @@ class Ledger:
 
     def expire(self, *, redeliver: bool = True) -> tuple[SweepResult, list[dict[str, Any]]]:
         """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
-        due: list[EscalationState] = []
+        due: list[tuple[EscalationState, bool]] = []
 
         def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
             # Every write expires what is due before it decides; a sweep is a write that only
-            # that, and it notes (under the lock) which notices are due again.
+            # that, and it notes (under the lock) which notices are due again, and whether the
+            # policy that decides each pins approvers' keys (its answers are signed).
             due.clear()
             if redeliver and self.notify_cmd:
-                due.extend(e for e in state.open_escalations.values()
+                due.extend((e, bool((pool.policy if pool is not None and e.reason == "pool_cap"
+                                     else state.policy).approver_keys))
+                           for e in state.open_escalations.values()
                            if decisions.delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
 
         result = cast(SweepResult, self._mutate(decide))
         result["notified"], result["deferred"] = [], []
-        return result, [notice_again(self.run_id, escalation) for escalation in due]
+        return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
         """Block until the escalation is resolved, without holding the lock.
@@ -476,8 +479,22 @@ class Ledger:
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
-        for notice in new_notices(self.run_id, first_seq, self.actor, events):
+        for notice in new_notices(self.run_id, first_seq, self.actor, events, self._answers_signed):
             self.send_notice(notice)
+
+    def _answers_signed(self, reason: str) -> bool:
+        """Whether the policy deciding an escalation that fired for ``reason`` (the pool's for
+        ``pool_cap``) pins approvers' keys, so that its notice's commands take ``--sign``. Read
+        after the write, only for a notice; unreadable, the commands go without it."""
+        try:
+            pool_id = self.pool_id() if reason == "pool_cap" else None
+            if pool_id is None:
+                return bool(self.state().policy.approver_keys)
+            from escalate.pools import book as pool_book
+
+            return bool(pool_book.read_pool(self.runs_store, pool_id, self.lock_timeout).policy.approver_keys)
+        except EscalateError:
+            return False
 
     def send_notice(self, notice: dict[str, Any]) -> DeliveryResult:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""

@@ -103,11 +103,11 @@ def message(event: dict[str, Any], quote: Callable[[object], str]) -> str:
         lines.append(f"Reason: {quote(event['request_reason'])}")
     if event.get("attempt", 1) > 1:
         lines.append(f"(reminder {quote(event['attempt'])})")
-    offered = event.get("offered", [])
-    commands = {"extend": "approve", "pause": "pause", "cancel": "cancel"}
-    lines.append("Answer: " + " | ".join(
-        command(f"escalate {commands[mode]} {event['run']} {event['id']} --by YOU", quote)
-        for mode in offered if mode in commands))
+    # The exact commands that answer it, as the notice carries them (approve only when an
+    # approval is offered); the approver's name and store come from their own environment.
+    commands = event.get("commands") or {}
+    if commands:
+        lines.append("Answer: " + " | ".join(command(text, quote) for text in commands.values()))
     if event.get("expires_at"):
         lines.append(f"Paused by timeout at {quote(event['expires_at'])} if nobody answers.")
     return "\n".join(lines)

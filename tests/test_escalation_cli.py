@@ -249,7 +249,7 @@ def test_inbox(cli: Any, runs_dir: Path) -> None:
     assert sorted((r["run"], r["id"]) for r in open_only) == [("alpha", "esc-3"), ("beta", "esc-2")]
     assert [r["task"] for r in cli("escalations", "--run", "beta", "--json").json()["escalations"]] == ["b1"]
 
-    table = cli("escalations", "--open")
+    table = cli("escalations", "--open", "--wide")
     assert table.exit_code == 0
     header = next(line for line in table.stdout.splitlines() if "task" in line)
     for column in ("run", "id", "task", "amount", "remaining", "state", "age", "expires", "offered"):
@@ -298,7 +298,7 @@ def test_inbox_relative_times() -> None:
         row(timedelta(minutes=1), None, shadow=True, state="resolved"),
     ]
     out = Console(width=160, no_color=True, record=True)
-    out.print(escalation_table(rows, title="escalations", now=now))
+    out.print(escalation_table(rows, title="escalations", now=now, wide=True))
     lines = [line for line in out.export_text().splitlines() if "esc-2" in line]
     assert "12m" in lines[0] and "in 48m" in lines[0]
     assert "2h05m" in lines[1] and "overdue 5m" in lines[1]

@@ -90,7 +90,7 @@ def test_inbox_lists_the_most_urgent_first_with_what_the_approver_needs(tmp_path
     assert rows[2]["priority"] == "normal" and rows[2]["request_reason"] == ""
     assert all(row["opened_at"] and "expires_at" in row and "offered" in row for row in rows)
 
-    table = escalate(runs, "escalations").stdout
+    table = escalate(runs, "escalations", "--wide").stdout
     lines = [line for line in table.splitlines() if "t-" in line]
     assert [next(word for word in line.split() if word.startswith("t-")) for line in lines] == \
         ["t-urgent", "t-high", "t-normal", "t-low", "t-done"]

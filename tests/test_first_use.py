@@ -142,9 +142,11 @@ def wide_ids(runs_dir: Path) -> Ledger:
 @pytest.mark.parametrize(("command", "ids", "headers"), [
     (["runs", "list"], [LONG_RUN], ["run", "cap", "committed", "remaining", "used", "state", "opened"]),
     (["escalations"], [LONG_RUN, "esc-3", LONG_TASKS[1]],
+     ["run", "id", "task", "from", "amount", "needed", "priority", "state", "reason"]),
+    (["escalations", "--wide"], [LONG_RUN, "esc-3", LONG_TASKS[1]],
      ["run", "id", "task", "amount", "remaining", "state", "age", "expires", "offered"]),
     (["runs", "show", LONG_RUN, "-n", "5"], [LONG_RUN, "esc-3", *LONG_TASKS],
-     ["task", "state", "reserved", "actual", "note", "remaining", "offered", "seq", "actor", "event"]),
+     ["task", "state", "reserved", "actual", "note", "remaining", "reason", "seq", "actor", "event"]),
 ])
 def test_tables_in_an_80_column_pipe_keep_ids_and_headers_whole(
         wide_ids: Ledger, runs_dir: Path, command: list[str], ids: list[str], headers: list[str]) -> None:

@@ -78,7 +78,7 @@ def test_the_example_posts_the_escalation(tmp_path: Path, webhook: Webhook) -> N
     text = body["text"]
     for part in ("[urgent] r: ci-bot asks $9.000001 for task gpu", "$8.00 left",
                  "needs a $1.000001 extension", "Reason: fine-tune run",
-                 "escalate pause r esc-3 --by YOU", "escalate cancel r esc-3 --by YOU"):
+                 "Answer: `escalate pause r esc-3` | `escalate cancel r esc-3`"):
         assert part in text, (part, text)
     assert "approve" not in text  # extend is not offered: $1.000001 is over the $1 max extension
     assert [(n["attempt"], n["ok"]) for n in notified(runs)] == [(1, True)]
@@ -124,9 +124,10 @@ def test_what_the_requester_typed_reaches_the_chats_as_typed(tmp_path: Path, web
     assert discord[1] == (rf"Reason: \<!channel\> see \<https:{zwsp}//evil.example\|the runbook\> & "
                           rf"\[docs\]\(https:{zwsp}//evil.example\) \@everyone \<\@&123\> "
                           r"\*\*now\*\* \|\|x\|\|")
-    # The commands to answer still name the run and the escalation as they are.
-    assert "escalate approve r esc-2 --by YOU" in body["text"]
-    assert "escalate approve r esc-2 --by YOU" in body["content"]
+    # The commands to answer, as the notice carries them, in code spans.
+    assert slack[2] == ("Answer: `escalate approve r esc-2` | `escalate pause r esc-2` | "
+                        "`escalate cancel r esc-2`")
+    assert discord[2] == slack[2]
 
 
 def test_a_value_never_starts_a_line_of_its_own(webhook: Webhook) -> None:
@@ -156,7 +157,9 @@ def test_formatting_and_emoji_codes_reach_the_chats_as_typed(webhook: Webhook) -
     reason = "*APPROVE NOW* _boss said_ ~ok~ `code` :tada:"
     event = {"run": "r:tada:", "id": "esc-1", "task": "t_1:fire:", "requested_by": "~boss~",
              "requested_micros": 1, "remaining_micros": 0, "request_reason": reason,
-             "offered": ["extend", "pause"]}
+             "offered": ["extend", "pause"],
+             "commands": {"approve": "escalate approve r:tada: esc-1",
+                          "pause": "escalate pause r:tada: esc-1"}}
     body = _post(webhook, event)
     slack, discord = body["text"].splitlines(), body["content"].splitlines()
     zwsp = "\u200b"
@@ -175,5 +178,14 @@ def test_formatting_and_emoji_codes_reach_the_chats_as_typed(webhook: Webhook) -
     assert slack[0].replace(zwsp, "").startswith("[normal] r:tada:: ~boss~ asks $0.000001 for task t_1:fire:")
     # The commands to answer are code spans, to copy as they are: no invisible character in them.
     for text in (slack[2], discord[2]):
-        assert text == ("Answer: `escalate approve r:tada: esc-1 --by YOU` | "
-                        "`escalate pause r:tada: esc-1 --by YOU`")
+        assert text == "Answer: `escalate approve r:tada: esc-1` | `escalate pause r:tada: esc-1`"
+
+
+def test_the_commands_of_a_notice_reach_the_chats_as_code(webhook: Webhook) -> None:
+    # A hand-made notice (escalate writes no such command): markup in one must not act, and
+    # it stays on one line.
+    event = {"run": "r", "id": "esc-1", "task": "t", "requested_micros": 1, "remaining_micros": 0,
+             "offered": ["pause"], "commands": {"pause": "escalate pause r_1 esc-1\n<!channel> `x` [x](y)"}}
+    body = _post(webhook, event)
+    assert body["text"].splitlines()[-1] == "Answer: `escalate pause r_1 esc-1 &lt;!channel&gt; 'x' [x](y)`"
+    assert body["content"].splitlines()[-1] == "Answer: `escalate pause r_1 esc-1 <!channel> 'x' [x](y)`"

@@ -156,7 +156,7 @@ def test_the_inbox_names_the_reason_and_the_pool_of_an_escalation(runs_dir: Path
     rows = {row["task"]: row for row in cli("escalations", "--json").json()["escalations"]}
     assert (rows["big"]["reason"], rows["big"]["pool"]) == ("pool_cap", "team")
     assert (rows["huge"]["reason"], rows["huge"]["pool"]) == ("threshold", None)
-    wide = CliRunner().invoke(app, ["escalations"], env={"COLUMNS": "250"}).stdout
+    wide = CliRunner().invoke(app, ["escalations", "--wide"], env={"COLUMNS": "250"}).stdout
     assert "pool_cap of pool team: the e2e suite" in wide and "│ threshold" in wide
     assert run.state().open_escalations
 

@@ -19,7 +19,7 @@ from escalate import Conflict, Ledger, Pending, Refused
 from escalate.cli import app
 from escalate.core.events import line_hash
 from escalate.errors import EscalateError, InputError
-from escalate.reports.runs import inbox
+from escalate.reports.inbox import inbox
 from escalate.transfer import export_lines, import_log
 from tests.test_vouched import Person, person, pg_url
 

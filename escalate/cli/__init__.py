@@ -64,13 +64,26 @@ class _PlainUsage(TyperCommand):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        names = [param.name for param in self.params]
-        if "runs_dir" in names:
-            self.params.insert(names.index("runs_dir"), _store_option())
+        _add_store_option(self.params)
 
     def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
                 for piece in super().collect_usage_pieces(ctx)]
+
+
+class StoreGroup(TyperGroup):
+    """A group of commands that is a command itself (``escalate escalations``): its own
+    ``--runs-dir`` gets ``--store`` beside it, as every command's does."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_store_option(self.params)
+
+
+def _add_store_option(params: list[Any]) -> None:
+    names = [param.name for param in params]
+    if "runs_dir" in names:
+        params.insert(names.index("runs_dir"), _store_option())
 
 
 def _use_plain_usage(app: typer.Typer) -> None:

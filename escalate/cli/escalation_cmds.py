@@ -17,6 +17,7 @@ from escalate.cli import (
     NotifyOption,
     RunArg,
     RunsDirOption,
+    StoreGroup,
     echo_line,
     open_ledger,
     open_options,
@@ -24,7 +25,9 @@ from escalate.cli import (
 )
 
 if TYPE_CHECKING:
-    from escalate.reports.runs import InboxRow, SweepReport
+    from escalate.reports.inbox import EscalationView, InboxRow
+    from escalate.reports.runs import SweepReport
+    from escalate.stores.seam import Store
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
@@ -126,19 +129,29 @@ def wait(
     respond(json_out, action, _said)
 
 
+escalations_app = typer.Typer(invoke_without_command=True)
+
+
+@escalations_app.callback(cls=StoreGroup)
 def escalations(
+    context: typer.Context,
     run: Annotated[str | None, typer.Option("--run", help="Only this run.", metavar="RUN")] = None,
     only_open: Annotated[bool, typer.Option("--open", help="Only escalations waiting for a person.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="One column per fact (age, what remained when asked, "
+                                       "what is offered …), as wide as it takes.")] = False,
     runs_dir: RunsDirOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """The approver's inbox: escalations across runs (shadow ones included unless --open)."""
+    """The approver's inbox: escalations across runs (shadow ones included unless --open),
+    what each needs now, and the whole reason; 'escalations show RUN ID' shows one in full."""
+    if context.invoked_subcommand is not None:
+        return
 
     moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
     def action() -> dict[str, list[InboxRow]]:
-        from escalate.config import utc_now
-        from escalate.reports.runs import inbox, runs_root
+        from escalate.reports.inbox import inbox
+        from escalate.reports.runs import runs_root
 
         root = runs_root(open_options(runs_dir, None)["runs_dir"])
         found = inbox(root, run=run, open_only=only_open)
@@ -146,14 +159,46 @@ def escalations(
         for skipped in found["skipped"]:
             print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
         if not json_out:
-            moment.append(utc_now() if isinstance(root, Path) else root.now(utc_now))
+            moment.append(_now(root))
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
         from escalate.reports.render import escalation_table, print_whole
 
-        print_whole(escalation_table(result["escalations"], now=moment[0],
+        print_whole(escalation_table(result["escalations"], now=moment[0], wide=wide,
                                      title="open escalations" if only_open else "escalations"))
+
+    respond(json_out, action, human)
+
+
+def _now(root: Path | Store) -> datetime:
+    """Now by the store's clock: the ages and deadlines shown."""
+    from escalate.config import utc_now
+
+    return utc_now() if isinstance(root, Path) else root.now(utc_now)
+
+
+@escalations_app.command("show")
+def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
+         json_out: JsonOption = False) -> None:
+    """One escalation in full: the request, its reason and priority; who asked; what it needs
+    now with the run's and the pool's money; its approvals; every notice attempt; and the
+    commands that answer it."""
+    moment: list[datetime] = []
+
+    def action() -> EscalationView:
+        from escalate.reports.inbox import escalation_view
+        from escalate.reports.runs import runs_root
+
+        root = runs_root(open_options(runs_dir, None)["runs_dir"])
+        view = escalation_view(root, run, escalation_id)
+        moment.append(_now(root))
+        return view
+
+    def human(view: EscalationView) -> None:
+        from escalate.reports.render import escalation_panel, print_whole
+
+        print_whole(escalation_panel(view, now=moment[0]))
 
     respond(json_out, action, human)
 
@@ -203,5 +248,7 @@ def sweep(
 
 def register(app: typer.Typer) -> None:
     """Add the approver's commands to ``app``."""
-    for command in (approve, pause, cancel, withdraw, wait, escalations, sweep):
+    for command in (approve, pause, cancel, withdraw, wait):
         app.command()(command)
+    app.add_typer(escalations_app, name="escalations")
+    app.command()(sweep)

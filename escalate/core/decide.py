@@ -368,17 +368,25 @@ def _escalation_event(state: RunState, request: Request, remaining: int, reason:
     return event
 
 
-_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold"}
+_WHY = {"run_cap": "over the remaining budget", "threshold": "over the approval threshold",
+        "pool_threshold": "over the pool's approval threshold"}
+
+
+def fired_limit(data: Mapping[str, Any]) -> str:
+    """Which limit an escalation fired on: its ``reason``, except that a ``pool_cap`` one
+    needing no extension when asked fired on the pool's approval threshold
+    (``pool_threshold``), not on what the pool had left."""
+    if data["reason"] == "pool_cap" and not data.get("needed_extension_micros", 0):
+        return "pool_threshold"
+    return str(data["reason"])
 
 
 def _why(data: Mapping[str, Any]) -> str:
-    """Why a person is asked. A pool_cap escalation needs an extension only when it is over
-    what the pool has left; needing none, it fired on the pool's approval threshold."""
-    if data["reason"] == "pool_cap":
-        over = data.get("needed_extension_micros", 0) > 0
-        return (f"over the pool's remaining budget: {usd(data['remaining_micros'])} left" if over
-                else "over the pool's approval threshold")
-    return _WHY.get(data["reason"], str(data["reason"]))
+    """Why a person is asked (:func:`fired_limit` in words)."""
+    fired = fired_limit(data)
+    if fired == "pool_cap":
+        return f"over the pool's remaining budget: {usd(data['remaining_micros'])} left"
+    return _WHY.get(fired, fired)
 
 
 def _pending(state: RunState, escalation: Event | EscalationState, *, new: bool,

@@ -75,10 +75,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
     a policy that pins approvers' keys requires (:func:`signed_fields`)."""
     escalation = state.escalations.get(escalation_id)
     if escalation is None:
-        return fail(InputError(
-            f"no escalation {escalation_id} in run {state.run_id}; list them with "
-            f"'escalate escalations --run {state.run_id}'",
-            code="unknown_escalation", escalation_id=escalation_id))
+        return fail(unknown_escalation(state.run_id, escalation_id))
     if escalation.shadow:
         return fail(Conflict(
             f"escalation {escalation_id} was recorded in shadow mode and needs no resolution",
@@ -153,6 +150,13 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
         approved["role"] = role
     return Decision(events=[approved],
                     result={"status": "recorded", "state": "open", **facts, "approvals": [*names, by]})
+
+
+def unknown_escalation(run_id: str, escalation_id: str) -> InputError:
+    """The error for an escalation id that run ``run_id`` does not have (exit 2)."""
+    return InputError(f"no escalation {escalation_id} in run {run_id}; list them with "
+                      f"'escalate escalations --run {run_id}'",
+                      code="unknown_escalation", escalation_id=escalation_id)
 
 
 def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: str,
@@ -269,7 +273,7 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
     task = state.tasks[escalation.task]
     escalation_id = escalation.id
     before = task.reserved_micros if task.holding else 0
-    delta = escalation.requested_micros - before
+    delta = grant_delta(state, escalation)
     remaining = state.remaining_micros
     if over_cap(escalation.requested_micros, delta, state.task_cap_micros, remaining) == "task_cap":
         return fail(Refused(
@@ -304,6 +308,13 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
                             "reserved_micros": escalation.requested_micros, **facts,
                             **({"pool_extension_micros": resolved["pool_extension_micros"]}
                                if "pool_extension_micros" in resolved else {})})
+
+
+def grant_delta(state: RunState, escalation: EscalationState) -> int:
+    """What approving ``escalation`` now adds to what its task holds: the money an approval
+    must find room for, in the run and (for a member run) in its pool."""
+    task = state.tasks.get(escalation.task)
+    return escalation.requested_micros - (task.reserved_micros if task is not None and task.holding else 0)
 
 
 def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,

@@ -45,16 +45,39 @@ SWEEP_LIMITS = SweepLimits()  # the defaults: 4 at a time, none started after a 
 Notice = dict[str, Any]
 
 
-def new_notices(run_id: str, first_seq: int, actor: str, events: list[Event]) -> Iterator[dict[str, Any]]:
-    """The notice of each escalation in a write that a person must answer."""
+# The command that answers an escalation with each resolution it may offer.
+ANSWER_COMMANDS = {"extend": "approve", "pause": "pause", "cancel": "cancel"}
+
+
+def answer_commands(run_id: str, escalation_id: str, offered: Sequence[str], *,
+                    signed: bool = False) -> dict[str, str]:
+    """The exact commands that answer an open escalation, by command name (``approve``,
+    ``pause``, ``cancel``), for the resolutions it offers; ``signed``: the policy that
+    decides it pins approvers' keys, so each takes ``--sign KEYFILE`` (the approver's own
+    key). Ids never need shell quoting (:func:`escalate.core.ids.valid_id`); the approver's
+    name and store come from their environment (``ESCALATE_ACTOR``, ``ESCALATE_RUNS_DIR`` or
+    ``ESCALATE_STORE``)."""
+    sign = " --sign KEYFILE" if signed else ""
+    return {ANSWER_COMMANDS[mode]: f"escalate {ANSWER_COMMANDS[mode]} {run_id} {escalation_id}{sign}"
+            for mode in offered if mode in ANSWER_COMMANDS}
+
+
+def new_notices(run_id: str, first_seq: int, actor: str, events: list[Event],
+                signed: Callable[[str], bool] = lambda reason: False) -> Iterator[dict[str, Any]]:
+    """The notice of each escalation in a write that a person must answer, with the commands
+    that answer it (``signed(reason)``: whether the policy deciding an escalation fired for
+    ``reason`` pins approvers' keys; asked only when there is a notice)."""
     for event in events:
         if event["type"] == "escalation" and not event["shadow"]:
-            yield {"run": run_id, "seq": first_seq, "requested_by": actor, "attempt": 1, **event}
+            yield {"run": run_id, "seq": first_seq, "requested_by": actor, "attempt": 1, **event,
+                   "commands": answer_commands(run_id, event["id"], event["offered"],
+                                               signed=signed(event["reason"]))}
 
 
-def notice_again(run_id: str, escalation: EscalationState) -> dict[str, Any]:
+def notice_again(run_id: str, escalation: EscalationState, *, signed: bool = False) -> dict[str, Any]:
     """An open escalation's notice sent again, with the fields of its ``escalation``
-    line (its ``seq`` is in its id) and the attempt this is."""
+    line (its ``seq`` is in its id), the attempt this is, and the commands that answer it
+    (``signed``: as :func:`answer_commands`)."""
     fields = escalation.to_json()
     return {"run": run_id, "seq": int(escalation.id.rpartition("-")[2] or 0),
             "requested_by": escalation.requested_by, "attempt": escalation.notify_attempts + 1,
@@ -62,7 +85,8 @@ def notice_again(run_id: str, escalation: EscalationState) -> dict[str, Any]:
             **{key: fields[key] for key in (
                 "id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
                 "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
-                "priority")}}
+                "priority")},
+            "commands": answer_commands(run_id, escalation.id, escalation.offered, signed=signed)}
 
 
 def deliver(notify_cmd: str, timeout_s: float, notice: dict[str, Any], record: Record) -> DeliveryResult:

@@ -186,9 +186,12 @@ def run_panel(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, An
         parts.append(Text(f"… {len(task_ids) - len(shown)} earlier tasks not shown (use --all or --json)"))
     escalations = list(state.escalations.values())
     if escalations:
-        parts.append(escalation_table(
-            [{"run": state.run_id, **e.to_json()} for e in escalations], title="escalations",
-            with_run=False))
+        from escalate.reports.inbox import escalation_row  # what each needs now, as the inbox shows it
+
+        pool_id = None if pool is None else pool["pool"]
+        pool_left = None if pool is None else pool["pool_remaining_micros"]
+        parts.append(escalation_table([escalation_row(state, e, pool_id, pool_left) for e in escalations],
+                                      title="escalations", with_run=False))
     return Group(*parts)
 
 
@@ -209,49 +212,189 @@ def timeline_table(events: Iterable[Mapping[str, Any]]) -> Table:
 
 
 def escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run: bool = True,
-                     now: datetime | None = None) -> Table:
-    """Escalations for an approver: what is asked, what is left, how old, when it times out,
-    and what can be done (``now`` is for tests; it defaults to the clock)."""
+                     now: datetime | None = None, wide: bool = False) -> Table:
+    """Escalations for an approver (``now`` is for tests; it defaults to the clock). Two
+    lines or more per row, to hold 80 columns: what is asked and what it needs now, who
+    asked, how urgent and until when, and the whole reason, wrapped; ``wide``: one column
+    per fact, as wide as it takes (age, what remained when asked, what is offered)."""
+    if wide:
+        return _wide_escalation_table(rows, title=title, with_run=with_run, now=now)
+    from rich import box
+
+    moment = now or datetime.now(UTC)
+    table = Table(title=f"{title} ({len(rows)})", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, leading=1)
+    table.add_column("run\nid" if with_run else "id", no_wrap=True)
+    table.add_column("task\nfrom", overflow="fold")
+    table.add_column("amount\nneeded", justify="right", no_wrap=True)
+    table.add_column("priority\nstate", overflow="fold")
+    # The reason takes what is left of the width and wraps: it is what an approver needs most.
+    table.add_column("reason", overflow="fold")
+    for row in rows:
+        waiting = row["state"] == "open" and not row["shadow"]
+        ids = Text("\n").join([_plain(row["run"]), _plain(row["id"])] if with_run else [_plain(row["id"])])
+        asked = Text("\n").join([_plain(row["task"]), _plain(_asker(row))])
+        money = "\n".join([usd(row["requested_micros"]), *_needed(row).split(" ", 1)])
+        status = Text("\n").join([_priority(row, waiting), _state(row)
+                                  + (f", {_expires(row, moment)}" if waiting else "")])
+        table.add_row(ids, asked, money, status, _lines(_reason_lines(row)))
+    return whole_words(table)
+
+
+def _wide_escalation_table(rows: Sequence[Mapping[str, Any]], *, title: str, with_run: bool,
+                           now: datetime | None) -> Table:
+    """``escalations --wide``: one column per fact."""
     moment = now or datetime.now(UTC)
     table = Table(title=f"{title} ({len(rows)})", title_justify="left")
+    money = ("amount", "needed", "remaining", "pool left")
     for column in (["run"] if with_run else []) + ["id", "task", "priority", "amount", "needed", "remaining",
-                                                    "from", "reason", "state", "age", "expires", "offered"]:
+                                                    "pool left", "from", "reason", "state", "age", "expires",
+                                                    "offered"]:
         # Short values never wrap; names and the reason fold when the terminal is narrow.
-        table.add_column(column, justify="right" if column in ("amount", "needed", "remaining") else "left",
-                         overflow="fold", no_wrap=column not in ("run", "task", "from", "reason", "state"),
+        table.add_column(column, justify="right" if column in money else "left",
+                         overflow="fold",
+                         no_wrap=column not in ("run", "task", "from", "reason", "needed", "state"),
                          min_width=10 if column == "reason" else None)
     for row in rows:
         waiting = row["state"] == "open" and not row["shadow"]
-        if row["shadow"]:
-            state = Text("shadow", style="dim")
-        elif row["state"] == "open":
-            state = Text("open" + (f": {approvals_line([a['by'] for a in row['approvals']], row['quorum'])}"
-                                   if row.get("approvals") else ""), style="yellow bold")
-        else:
-            state = _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
-                           f"{who(row['by'], row.get('resolved_role'))}")
-        priority = row.get("priority", "normal")
+        left = row.get("pool_remaining_micros")
         cells: list[RenderableType] = [
-            _plain(row["id"]), _plain(row["task"]),
-            Text(priority, style=_PRIORITY_STYLES.get(priority, "") if waiting else ""),
-            usd(row["requested_micros"]), usd(row.get("needed_extension_micros", 0)),
-            usd(row["remaining_micros"]), _plain(who(row.get("requested_by"), row.get("requested_role"))),
-            _plain(_why(row)), state,
+            _plain(row["id"]), _plain(row["task"]), _priority(row, waiting),
+            usd(row["requested_micros"]), _needed(row), usd(row["remaining_micros"]),
+            "-" if left is None else usd(left), _plain(_asker(row)),
+            _plain(_why(row)), _state(row),
             format_duration(_seconds_between(row["opened_at"], moment), exact=False),
             _expires(row, moment), _plain("/".join(row["offered"])) if waiting else "-"]
         table.add_row(*([_plain(row["run"])] if with_run else []), *cells)
     return whole_words(table)
 
 
+def _priority(row: Mapping[str, Any], waiting: bool) -> Text:
+    priority = row.get("priority", "normal")
+    return Text(priority, style=_PRIORITY_STYLES.get(priority, "") if waiting else "")
+
+
+def _state(row: Mapping[str, Any]) -> Text:
+    if row["shadow"]:
+        return Text("shadow", style="dim")
+    if row["state"] == "open":  # and, short of a quorum, where it stands
+        return Text("open" + (f": {approvals_line([a['by'] for a in row['approvals']], row['quorum'])}"
+                              if row.get("approvals") else ""), style="yellow bold")
+    return _plain(f"{_RESOLVED_AS.get(row['mode'], row['mode'])} by "
+                  f"{who(row['by'], row.get('resolved_role'))}")
+
+
+def _asker(row: Mapping[str, Any]) -> str:
+    """Who asked: the name given, and who the store vouches for where that differs."""
+    return who(row.get("requested_by"), row.get("requested_role"))
+
+
+def _needed(row: Mapping[str, Any]) -> str:
+    """The extension an approval needs: computed now (``needed_now_micros``) where the row
+    has it, and what it needed when asked beside it when that differs: ``$2.00 (was $1.00)``."""
+    asked = row.get("needed_extension_micros", 0)
+    now = row.get("needed_now_micros")
+    if now is None or now == asked:
+        return usd(asked)
+    return f"{usd(now)} (was {usd(asked)})"
+
+
+def _reason_lines(row: Mapping[str, Any]) -> list[str]:
+    """The reason cell: what fired and why it was asked, then, for a pool member, what its
+    pool has left now."""
+    lines = [_why(row)]
+    if row.get("run_pool"):
+        left = row.get("pool_remaining_micros")
+        lines.append(f"pool {row['run_pool']}: " + ("unreadable" if left is None else f"{usd(left)} left"))
+    return lines
+
+
 def _why(row: Mapping[str, Any]) -> str:
     """The reason column: what fired (``pool_cap of pool team-a`` says whose approvers must
     act), then the requester's reason."""
-    fired = str(row.get("reason") or "-") + (f" of pool {row['pool']}" if row.get("pool") else "")
+    fired = str(row.get("fired") or row.get("reason") or "-")
+    fired += f" of pool {row['pool']}" if row.get("pool") else ""
     return fired + (f": {row['request_reason']}" if row.get("request_reason") else "")
+
+
+def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) -> Table:
+    """``escalations show``: one escalation in full (:class:`escalate.runs.EscalationView`),
+    one fact a line; long values wrap."""
+    moment = now or datetime.now(UTC)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    waiting = view["state"] == "open" and not view["shadow"]
+    kind = view.get("kind", "reserve")
+    ask = (f"{usd(view['requested_micros'])} for task " if kind == "reserve" else
+           f"{usd(view['from_micros'])} to {usd(view['requested_micros'])} for task ")
+    grid.add_row("escalation", _plain(f"{view['id']} of run {view['run']}"))
+    grid.add_row("state", _state(view) + (Text(", expires ") + _expires(view, moment) if waiting else ""))
+    grid.add_row("asks", _plain(f"{ask}{view['task']} ({kind})"))
+    grid.add_row("reason", _plain(view.get("request_reason") or "-"))
+    grid.add_row("priority", _priority(view, waiting))
+    grid.add_row("fired", _plain(_FIRED.get(view.get("fired", ""), view.get("fired") or "-")
+                                 + (f" (pool {view['pool']})" if view.get("pool") else "")))
+    asked = f"claimed {view.get('requested_by') or '-'}"
+    if view.get("requested_role"):
+        asked += f", vouched {view['requested_role']}"
+    grid.add_row("who asked", _plain(f"{asked}, {_ago(view['opened_at'], moment)}"))
+    grid.add_row("needs now", _plain(_needs_now(view)))
+    run = view["run_money"]
+    grid.add_row("run", _plain(f"cap {usd(run['cap_micros'])}, committed {usd(run['committed_micros'])}, "
+                               f"{usd(run['remaining_micros'])} left; extension left "
+                               f"{usd(max(run['extension_left_micros'], 0))}"))
+    pool = view.get("pool_money")
+    if pool is not None:
+        grid.add_row("pool", _plain(f"{pool['pool']} ({pool['period']}): cap {usd(pool['cap_micros'])}, "
+                                    f"committed {usd(pool['committed_micros'])}, "
+                                    f"{usd(pool['remaining_micros'])} left; extension left "
+                                    f"{usd(max(pool['extension_left_micros'], 0))}"))
+    elif view.get("run_pool"):
+        grid.add_row("pool", _plain(f"{view['run_pool']}: cannot be read"))
+    approvers = view.get("approvers") or []
+    approvals = view.get("approvals") or []
+    names = [who(a["by"], a.get("role")) + (f" {_ago(a['at'], moment)}" if a.get("at") else "")
+             for a in approvals]
+    grid.add_row("approvals", _plain(
+        (approvals_line(names, view.get("quorum", 1)) if names else f"0 of {view.get('quorum', 1)} approvals")
+        + "; approvers: " + (", ".join(approvers) if approvers else "anyone but the requester")))
+    if view["state"] != "open" or view["shadow"]:
+        grid.add_row("settled", _state(view) + (f", {_ago(view['resolved_at'], moment)}"
+                                                if view.get("resolved_at") else ""))
+    notices = view.get("notices") or []
+    grid.add_row("notices", _lines([
+        f"{n['attempt']}: {'delivered' if n['ok'] else 'failed'} {_ago(n['at'], moment)} ({n['detail']})"
+        for n in notices] or ["none sent"]))
+    commands = view.get("commands") or {}
+    grid.add_row("answer", _lines(list(commands.values()) or ["nothing to answer"]))
+    return grid
+
+
+_FIRED = {"run_cap": "run_cap: over what the run had left", "threshold": "threshold: over the run's "
+          "approval threshold", "pool_cap": "pool_cap: over what the pool had left",
+          "pool_threshold": "pool_threshold: over the pool's approval threshold"}
+
+
+def _needs_now(view: Mapping[str, Any]) -> str:
+    """``needs $2.00 now (was $1.00)``: the extension approving it needs now, from what the
+    run (or, for a pool_cap escalation, the pool) has left now."""
+    asked = view.get("needed_extension_micros", 0)
+    now = view.get("needed_now_micros")
+    whose = "the pool" if view.get("reason") == "pool_cap" else "the run"
+    if now is None:
+        return f"nothing now (it needed {usd(asked)} when asked)"
+    text = f"{usd(now)} extension of {whose}" if now else "no extension: it fits"
+    return text + (f" (was {usd(asked)} when asked)" if now != asked else "")
 
 
 _RESOLVED_AS = {"extend": "approved", "pause": "paused", "cancel": "cancelled", "withdraw": "withdrawn"}
 _PRIORITY_STYLES = {"urgent": "red bold", "high": "yellow", "low": "dim"}
+
+
+def _ago(ts: str, moment: datetime) -> str:
+    """``3m ago``: how long before ``moment`` the instant ``ts`` was."""
+    return f"{format_duration(_seconds_between(ts, moment), exact=False)} ago"
 
 
 def _seconds_between(ts: str, moment: datetime) -> float:
@@ -302,6 +445,11 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
 
 def _short_ts(ts: object) -> str:
     return "-" if not ts else printable(str(ts)[:19].replace("T", " "))
+
+
+def _lines(values: Sequence[object]) -> Text:
+    """Values from a log as one cell, one a line (each printable, none markup)."""
+    return Text("\n").join(_plain(value) for value in values)
 
 
 def _plain(value: object) -> Text:

@@ -1,5 +1,6 @@
-"""Library calls over many runs, and the verify report: what ``runs list``, ``escalations``,
-``sweep`` and ``runs verify`` compute, for Python callers as for the CLI.
+"""Library calls over many runs, and the verify report: what ``runs list``, ``sweep`` and
+``runs verify`` compute, for Python callers as for the CLI (``escalations``:
+:mod:`escalate.reports.inbox`).
 
 A runs folder that does not exist yet holds no runs (an empty answer, as on a fresh
 checkout); a file in its place is bad input. One run that cannot be read never hides the
@@ -11,9 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, NotRequired, TypedDict, cast, final
+from typing import Any, Literal, TypedDict, cast, final
 
-from escalate.core.events import PRIORITIES, Priority
 from escalate.core.state import RunState
 from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
@@ -55,53 +55,6 @@ class BrokenRun(TypedDict):
     error: str
     message: str
     opened_at: str  # empty: listed after the runs that say when they were opened
-
-
-class InboxRow(TypedDict):
-    """One escalation of :func:`inbox`: its run and ``Escalation.to_json()``."""
-
-    run: str
-    id: str
-    task: str
-    kind: str
-    from_micros: int
-    requested_micros: int
-    remaining_micros: int
-    reason: str
-    offered: list[str]
-    opened_at: str
-    expires_at: str | None
-    shadow: bool
-    state: str
-    mode: str | None
-    by: str | None
-    resolved_at: str | None
-    extension_micros: int
-    requested_by: str | None
-    requested_role: NotRequired[str]  # who the store vouches asked (absent: not recorded)
-    resolved_role: NotRequired[str]  # who the store vouches resolved it
-    approvals: NotRequired[list[dict[str, str]]]  # short of its quorum: the approvals so far
-    quorum: NotRequired[int]
-    request_reason: str
-    priority: str
-    needed_extension_micros: int
-    notify_attempts: int
-    notified_at: str | None
-    notified_ok: bool | None
-    pool: str | None  # reason pool_cap: the pool whose approvers decide it
-
-
-class SkippedRun(TypedDict):
-    run: str
-    error: str
-    message: str
-
-
-class Inbox(TypedDict):
-    """The approver's inbox: escalations most urgent first, and the runs that could not be read."""
-
-    escalations: list[InboxRow]
-    skipped: list[SkippedRun]
 
 
 class SweptEscalation(TypedDict):
@@ -209,37 +162,6 @@ def run_word(state: RunState) -> RunWord:
     if state.halts:
         return "halted tasks"
     return "active" if state.reserved_micros else "idle"
-
-
-def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-          open_only: bool = False) -> Inbox:
-    """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
-    then by priority, then newest first; ``open_only`` keeps those waiting for a person.
-    An unreadable run is skipped and listed, unless it is ``run``."""
-    root = runs_root(runs_dir)
-    run_ids = [run] if run is not None else list(iter_run_ids(root))
-    rows: list[InboxRow] = []
-    skipped: list[SkippedRun] = []
-    for run_id in run_ids:
-        try:
-            ledger = Ledger.open(root, run_id)
-            state = ledger.state()
-            pool = ledger.pool_id()
-        except EscalateError as error:
-            if run is not None:
-                raise
-            skipped.append({"run": run_id, "error": error.code, "message": error.message})
-            continue
-        # A run belongs to one pool for good: its pool_cap escalations are that pool's.
-        rows += [cast(InboxRow, {"run": run_id, **item.to_json(),
-                                 "pool": pool if item.reason == "pool_cap" else None})
-                 for item in state.escalations.values() if not open_only or item.state == "open"]
-    # Most urgent first: what waits for a person before what is settled, then by priority,
-    # then newest first (two stable sorts).
-    rows.sort(key=lambda row: row["opened_at"], reverse=True)
-    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
-        cast(Priority, row["priority"]))))
-    return {"escalations": rows, "skipped": skipped}
 
 
 def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
