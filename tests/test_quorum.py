@@ -7,6 +7,8 @@ with real processes too."""
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import subprocess
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,15 @@ from typer.testing import CliRunner
 
 from escalate import Conflict, Ledger, Pending, Refused
 from escalate.cli import app
+from escalate.core import sshsig
 from escalate.core.events import line_hash
 from escalate.errors import EscalateError, InputError
 from escalate.reports.inbox import inbox
 from escalate.transfer import export_lines, import_log
+from tests.test_signed_approvals import keys, pub, quorum_of_two
 from tests.test_vouched import Person, person, pg_url
 
-__all__ = ["person", "pg_url"]  # the fixtures, imported for the tests below
+__all__ = ["keys", "person", "pg_url"]  # the fixtures, imported for the tests below
 
 CONTEXT = multiprocessing.get_context("fork")
 
@@ -188,4 +192,33 @@ def test_six_racing_approvers_with_quorum_two_give_one_resolution_by_two_people(
     assert outcomes[approval["by"]] == "recorded" and outcomes[resolution["by"]] == "approved"
     assert (approval["by"] != resolution["by"] and approval["role"] != resolution["role"]) or \
         isinstance(where, Path)  # (one OS user on the file store: the names tell them apart)
+    assert Ledger.open(where, "r").verify().problems == []
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
+def test_a_partial_approval_under_pinned_keys_is_signed_and_checks_out_in_ssh_keygen(
+        person: Person, keys: dict[str, Path], tmp_path: Path) -> None:
+    escalation_id, signers = quorum_of_two(person, keys)
+    where, _ = person("alice")
+    first = Ledger.open(where, "r", actor="alice").approve(escalation_id, sign=signers["alice"])
+    assert first["status"] == "recorded"
+    lines = _log(where)
+    [approved] = [e for e in lines if e["type"] == "escalation_approved"]
+    assert approved["key"] == sshsig.parse_key(pub(signers["alice"])).fingerprint
+    # The content an auditor rebuilds from the log alone (the resolution's, mode extend) …
+    position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
+    content = sshsig.canonical_content("r", escalation_id, "extend", lines[position]["requested_micros"],
+                                       lines[position + 1]["prev"])
+    # … is what OpenSSH's own tool accepts alice's stored signature over.
+    (tmp_path / "allowed").write_text(f"alice {pub(signers['alice'])}\n")
+    (tmp_path / "sig").write_text(approved["signature"])
+    checked = subprocess.run(["ssh-keygen", "-Y", "verify", "-f", str(tmp_path / "allowed"), "-I", "alice",
+                              "-n", "escalate", "-s", str(tmp_path / "sig")], input=content,
+                             capture_output=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    where, _ = person("bob")
+    second = Ledger.open(where, "r", actor="bob").approve(escalation_id, sign=signers["bob"])
+    assert second["status"] == "approved"
+    [resolved] = [e for e in _log(where) if e["type"] == "escalation_resolved"]
+    assert resolved["key"] == sshsig.parse_key(pub(signers["bob"])).fingerprint
     assert Ledger.open(where, "r").verify().problems == []

@@ -17,12 +17,13 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from escalate import Ledger
+from escalate import Ledger, Pending
 from escalate.core import sshsig
 from escalate.core.events import line_hash
 from escalate.escalation import signing
 from escalate.transfer import import_log
 from tests.conftest import log_bytes, snapshot_store
+from tests.test_vouched import Person
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 
@@ -345,3 +346,66 @@ def test_without_the_signing_extra_a_pinned_log_fails_closed(cli: Any, keys: dic
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert "pip install 'escalate-ledger[signing]'" in done.stderr and done.stderr.count("\n") == 1
     assert (runs_dir / "r" / "events.ndjson").read_bytes() == before
+
+
+def quorum_of_two(person: Person, keys: dict[str, Path]) -> tuple[str, dict[str, Path]]:
+    """Run r pinning alice's ed25519 key and bob's (alice's ecdsa file) under quorum 2, with
+    worker's reservation waiting on two approvers; its escalation id, and each approver's key."""
+    names = {who: person(who)[1] for who in ("alice", "bob")}
+    signers = {"alice": keys["alice-ed25519"], "bob": keys["alice-ecdsa"]}
+    where, _ = person("worker")
+    pinned = [f"{names[who]}={pub(key)}" for who, key in signers.items()]
+    run = Ledger.init(where, "r", cap="10", escalation="enforce", max_extension="5", quorum=2,
+                      actor="worker", approver_keys=pinned)
+    run.reserve("held", "7")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "4")
+    return pending.value.escalation_id, signers
+
+
+def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_import(
+        cli: Any, keys: dict[str, Path], runs_dir: Path, tmp_path: Path, pg_url: str) -> None:
+    # (On the file store under claimed names, each approver is who --by names.)
+    escalation_id, signers = quorum_of_two(lambda who: (runs_dir, who), keys)
+    for who in ("alice", "bob"):
+        Ledger.open(runs_dir, "r", actor=who).approve(escalation_id, sign=signers[who])
+    signed = (runs_dir / "r" / "events.ndjson").read_bytes()
+    assert cli("runs", "verify", "r").exit_code == 0
+    lines = events(signed)
+    at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_approved")
+    resolved = next(e for e in lines if e["type"] == "escalation_resolved")
+    position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
+    mallory = signing.sign(sshsig.canonical_content("r", escalation_id, "extend",
+                                                    lines[position]["requested_micros"],
+                                                    lines[position + 1]["prev"]), keys["mallory"])
+
+    def edited(**changes: Any) -> bytes:
+        copy = [dict(e) for e in lines]
+        copy[at].update({k: v for k, v in changes.items() if v is not None})
+        for key in [k for k, v in changes.items() if v is None]:
+            del copy[at][key]
+        return rechained(copy)
+
+    forgeries = {
+        "no signature": edited(signature=None, key=None),
+        "bob's signature on alice's approval": edited(signature=resolved["signature"], key=resolved["key"]),
+        "mallory's signature": edited(signature=mallory,
+                                      key=sshsig.parse_key(pub(keys["mallory"])).fingerprint),
+        "a wrong key field": edited(key=resolved["key"]),
+    }
+    for name, forged in forgeries.items():
+        (runs_dir / "r" / "events.ndjson").write_bytes(forged)
+        for cache in runs_dir.glob("r/*.sqlite*"):
+            cache.unlink()
+        verified = cli("runs", "verify", "r", "--json")
+        assert verified.exit_code == 6, (name, verified.stdout)
+        assert "sign" in verified.stdout, (name, verified.stdout)
+        assert cli("gate", "r").exit_code == 6, name
+        for target in (tmp_path / f"copy-{len(name)}", pg_url):
+            with pytest.raises(Exception, match="nothing was imported") as refused:
+                import_log(target, "moved", forged)
+            assert getattr(refused.value, "code", None) == "invalid_log", name
+        assert not (tmp_path / f"copy-{len(name)}" / "moved").exists(), name
+    for target in (tmp_path / "good", pg_url):
+        import_log(target, "moved", signed)
+        assert Ledger.open(target, "moved").verify().problems == []

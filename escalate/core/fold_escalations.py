@@ -124,8 +124,7 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
             f"extension {extension} takes the run past its max extension "
             f"{state.policy.max_extension_micros}"
         )
-    if "signature" in event or (state.policy.approver_keys and escalation.reason != "pool_cap"):
-        check_signed(state, escalation, event, mode, by)
+    check_signed(state, escalation, event, mode, by)
     escalation.state = "resolved"
     escalation.mode = mode
     escalation.by = by
@@ -155,6 +154,7 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
     _check_resolver(state, escalation, by, role)
     _check_quorum(state, escalation, by, role, counted=False)
+    check_signed(state, escalation, event, "extend", by)  # (older lines, and unpinned runs: none)
     escalation.approvals.append({"by": by, **({"role": role} if role is not None else {})})
     escalation.quorum = quorum
 
@@ -190,10 +190,14 @@ def _check_resolver(state: RunState, escalation: EscalationState, by: str, role:
 
 def check_signed(state: RunState, escalation: EscalationState, event: Mapping[str, Any], mode: str,
                  by: str) -> None:
-    """While the run pins approvers' keys, a person's approve, pause or cancel carries an
-    SSHSIG signature by a key pinned for ``by`` over the escalation's canonical content
-    (:func:`escalate.core.sshsig.canonical_content`). A ``pool_cap`` escalation is the pool's
-    to decide: its signature is checked against the pool's keys when it is written."""
+    """While the run pins approvers' keys, a person's approve (a partial approval of a
+    quorum too), pause or cancel carries an SSHSIG signature by a key pinned for ``by`` over
+    the escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`). A
+    ``pool_cap`` escalation is the pool's to decide: its signature is checked against the
+    pool's keys when it is written. A line with no signature in a run that pins no keys (or
+    of a ``pool_cap`` escalation) passes."""
+    if "signature" not in event and (not state.policy.approver_keys or escalation.reason == "pool_cap"):
+        return
     from escalate.core import sshsig  # (only a run that pins keys, or a signed line, loads it)
 
     signature, key = event.get("signature"), event.get("key")

@@ -283,6 +283,10 @@ class EscalationApproved(TypedDict):
     role: NotRequired[WriterRole]
     quorum: Annotated[Annotated[int, Check.MORE], Doc(
         "How many distinct approvers the policy asked for when this approval was written.")]
+    signature: NotRequired[Annotated[str, Doc(
+        "Under a policy that pins approvers' keys: this approver's signature, as escalation_resolved's "
+        "(the same canonical content, mode extend).")]]
+    key: NotRequired[Annotated[str, Doc("With signature: the SHA256 fingerprint of the key that made it.")]]
 
 
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation

@@ -113,7 +113,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
     granted = _grant(state, escalation, resolved, facts, pool)
     if granted.error is not None:
         return granted  # (an approval the grant could not follow is refused now, not at the last)
-    return _short_of_quorum(state, escalation, by, role, pool, roles) or granted
+    return _short_of_quorum(state, escalation, by, role, pool, roles, resolved) or granted
 
 
 def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
@@ -126,9 +126,11 @@ def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | Non
 
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
-                     pool: PoolView | None, roles: bool) -> Decision | None:
+                     pool: PoolView | None, roles: bool, resolved: Event) -> Decision | None:
     """An approval that leaves ``escalation`` short of its quorum: recorded as
-    ``escalation_approved`` (the escalation stays open), or, by someone who approved it
+    ``escalation_approved`` (the escalation stays open), carrying the ``signature`` and
+    ``key`` of the would-be resolution ``resolved`` (under pinned keys, so replay checks
+    every counted approver's signature), or, by someone who approved it
     already, nothing (``exists``). None: this approval completes it (or none is needed).
     Approvers are told apart by who the store vouches for where it has that (PostgreSQL's
     roles always; the file store's OS users under ``approvers_match: vouched``)."""
@@ -148,6 +150,7 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     approved: Event = {"type": "escalation_approved", "id": escalation.id, "by": by, "quorum": needed}
     if role is not None:
         approved["role"] = role
+    approved.update({field: resolved[field] for field in ("signature", "key") if field in resolved})
     return Decision(events=[approved],
                     result={"status": "recorded", "state": "open", **facts, "approvals": [*names, by]})
 
