@@ -222,3 +222,19 @@ def test_a_partial_approval_under_pinned_keys_is_signed_and_checks_out_in_ssh_ke
     [resolved] = [e for e in _log(where) if e["type"] == "escalation_resolved"]
     assert resolved["key"] == sshsig.parse_key(pub(signers["bob"])).fingerprint
     assert Ledger.open(where, "r").verify().problems == []
+
+
+def test_a_quorum_lowered_after_an_approval_still_binds_that_escalation(person: Person) -> None:
+    """An approval counted against a quorum fixes it for that escalation: lowering the
+    policy afterwards lets nobody grant it alone, and the same approver again is answered
+    \"exists\" with nothing written (it was an internal error)."""
+    esc, where = _asked(person)
+    _approve(person, "alice", esc)
+    alice_where, _ = person("alice")
+    Ledger.open(alice_where, "r", actor="alice").set_policy(quorum=1)
+    before = _log(where)
+    again = _approve(person, "alice", esc)
+    assert (again["status"], again["state"], again["quorum"]) == ("exists", "open", 2)
+    assert _log(where) == before
+    assert _approve(person, "bob", esc)["status"] == "approved"
+    assert Ledger.open(where, "r").verify().problems == []

@@ -167,7 +167,7 @@ def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: s
     if any(same_person(approval["by"], approval.get("role"), by, role, False)
            for approval in escalation.approvals):
         raise RuleViolation(f"escalation {escalation.id!r} approved twice by {role or by!r}")
-    needed = quorum_needed(state.policy, escalation.needed_extension_micros)
+    needed = max(quorum_needed(state.policy, escalation.needed_extension_micros), escalation.quorum)
     if counted and len(escalation.approvals) + 1 < needed:
         raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
                             f"of the {needed} approvals its run's quorum needs")

@@ -118,8 +118,10 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
 
 def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
     """Distinct approvers ``escalation`` needs: the run's quorum and, where the pool decides
-    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool."""
-    needed = quorum_needed(state.policy, escalation.needed_extension_micros)
+    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool.
+    An approval already counted fixes the quorum it was counted against (``escalation.quorum``):
+    a policy lowered afterwards lets nobody grant that escalation alone."""
+    needed = max(quorum_needed(state.policy, escalation.needed_extension_micros), escalation.quorum)
     if pool is not None and _the_pools(pool, escalation, "extend"):
         needed = max(needed, quorum_needed(pool.policy, escalation.needed_extension_micros))
     return needed
