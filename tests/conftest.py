@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
+from escalate.core.events import line_hash
 
 
 def tree_status(root: Path) -> set[str] | None:
@@ -386,3 +387,14 @@ def audit() -> Callable[[Path | bytes], Audit]:
     """:func:`audit_log` as a fixture."""
     return audit_log
 
+
+
+def rechained(lines: list[dict[str, Any]]) -> bytes:
+    """Events written out with a valid chain: a hand edit (or a forger) that recomputes
+    every ``prev`` hash."""
+    out, prev = [], ""
+    for event in lines:
+        line = orjson.dumps({**event, "prev": prev})
+        prev = line_hash(line)
+        out.append(line + b"\n")
+    return b"".join(out)

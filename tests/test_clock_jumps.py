@@ -11,9 +11,8 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.core.events import line_hash
 from escalate.stores.file.log import LOG_NAME
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, rechained
 
 HOUR = 3600
 YEAR = 365 * 24 * HOUR
@@ -91,12 +90,7 @@ def test_verify_warns_of_a_clock_that_went_back_and_writes_go_on(
     run.reserve("b", "1")
     events = _events(tmp_path)
     events[2]["ts"] = "2026-11-23T13:00:00.000000Z"  # as an older escalate wrote it
-    out, prev = [], ""
-    for event in events:
-        line = orjson.dumps({**event, "prev": prev})
-        prev = line_hash(line)
-        out.append(line + b"\n")
-    (tmp_path / "r" / LOG_NAME).write_bytes(b"".join(out))
+    (tmp_path / "r" / LOG_NAME).write_bytes(rechained(events))
     report = run.verify()
     assert report.problems == []
     assert [line for line, _ in report.warnings] == [3]

@@ -19,9 +19,9 @@ import orjson
 import pytest
 
 from escalate import EscalateError, Ledger
-from escalate.core.events import line_hash, seal
+from escalate.core.events import seal
 from escalate.stores.file.log import LOG_NAME
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, rechained
 
 USD = 1_000_000
 
@@ -127,16 +127,6 @@ def test_a_short_write_is_rolled_back_by_its_writer(tmp_path: Path, clock: FakeC
     assert run.verify().problems == []
 
 
-def _rechained(lines: list[dict[str, Any]]) -> bytes:
-    """Events written out with a valid chain (a hand edit that recomputes the hashes)."""
-    out, prev = [], ""
-    for event in lines:
-        line = orjson.dumps({**event, "prev": prev})
-        prev = line_hash(line)
-        out.append(line + b"\n")
-    return b"".join(out)
-
-
 def test_verify_names_a_group_marker_a_later_line_contradicts(tmp_path: Path, clock: FakeClock) -> None:
     run, escalation_id = _escalated_run(tmp_path, clock)
     run.approve(escalation_id, by="boss")
@@ -144,11 +134,11 @@ def test_verify_names_a_group_marker_a_later_line_contradicts(tmp_path: Path, cl
     events = _events(tmp_path)
     log = tmp_path / "r" / LOG_NAME
     events[-1]["more"] = 1  # a marker on the last line: the write looks unfinished (torn)
-    log.write_bytes(_rechained(events))
+    log.write_bytes(rechained(events))
     assert run.verify().problems == [] and run.verify().torn_bytes > 0
     del events[-1]["more"]
     events[-3]["more"] = 2  # the approval now claims a third line, but its second ends it
-    log.write_bytes(_rechained(events))
+    log.write_bytes(rechained(events))
     report = run.verify()
     assert [line for line, _ in report.problems] == [len(events) - 1]
     assert "began on line 4 needs 1 more line(s) after this one, but this line says 0" \

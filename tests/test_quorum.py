@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from escalate import Conflict, Ledger, Pending, Refused
 from escalate.cli import app
 from escalate.core import sshsig
-from escalate.core.events import line_hash
 from escalate.errors import EscalateError, InputError
 from escalate.reports.inbox import inbox
 from escalate.transfer import export_lines, import_log
+from tests.conftest import rechained
 from tests.test_signed_approvals import keys, pub, quorum_of_two
 from tests.test_vouched import Person, person, pg_url
 
@@ -133,15 +133,6 @@ def test_a_quorum_nobody_could_reach_is_refused_and_nothing_is_written(tmp_path:
     assert done.exit_code == 2 and (root / "r" / "events.ndjson").read_bytes() == before
 
 
-def _rechained(lines: list[dict[str, Any]]) -> bytes:
-    out, prev = [], ""
-    for line in lines:
-        encoded = orjson.dumps({**line, "prev": prev})
-        prev = line_hash(encoded)
-        out.append(encoded + b"\n")
-    return b"".join(out)
-
-
 def test_verify_refuses_a_grant_short_of_the_quorum_and_an_approver_counted_twice(person: Person) -> None:
     esc, where = _asked(person)
     _approve(person, "alice", esc)
@@ -151,12 +142,12 @@ def test_verify_refuses_a_grant_short_of_the_quorum_and_an_approver_counted_twic
     for seq, line in enumerate(short, start=1):
         line["seq"] = seq
     with pytest.raises(InputError) as refused:
-        import_log(where, "short", _rechained(short))
+        import_log(where, "short", rechained(short))
     assert "of the 2 approvals" in refused.value.message
     twice = [dict(line, by="alice", **({"role": lines[-3].get("role")} if "role" in line else {}))
              if line["type"] == "escalation_resolved" else line for line in lines]
     with pytest.raises(InputError) as counted:
-        import_log(where, "twice", _rechained(twice))
+        import_log(where, "twice", rechained(twice))
     assert "approved twice" in counted.value.message
 
 

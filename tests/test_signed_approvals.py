@@ -19,10 +19,9 @@ import pytest
 
 from escalate import Ledger, Pending
 from escalate.core import sshsig
-from escalate.core.events import line_hash
 from escalate.escalation import signing
 from escalate.transfer import import_log
-from tests.conftest import log_bytes, snapshot_store
+from tests.conftest import log_bytes, rechained, snapshot_store
 from tests.test_vouched import Person
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
@@ -67,16 +66,6 @@ def escalated(cli: Any, keys: dict[str, Path], kind: str = "ed25519", run: str =
 
 def events(data: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in data.splitlines()]
-
-
-def rechained(lines: list[dict[str, Any]]) -> bytes:
-    """Events written out with a valid chain (a hand edit that recomputes the hashes)."""
-    out, prev = [], ""
-    for event in lines:
-        line = orjson.dumps({**event, "prev": prev})
-        prev = line_hash(line)
-        out.append(line + b"\n")
-    return b"".join(out)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -20,11 +20,11 @@ import psycopg
 import pytest
 
 from escalate import Ledger, Pending, Refused
-from escalate.core.events import line_hash
 from escalate.errors import InputError
 from escalate.stores.file import store as file_store_module
 from escalate.stores.postgres.store import PgStore
 from escalate.transfer import export_lines, import_log
+from tests.conftest import rechained
 from tests.pg_server import admin, pg_url, url_of
 
 __all__ = ["pg_url"]  # the fixture, imported for the tests below
@@ -206,25 +206,17 @@ def _forged(where: Any, change: Callable[[dict[str, Any]], None], *, drop_roles:
     """The run's log with its resolution edited by ``change`` and the chain fixed up, as
     someone with write access to the file could write it (``drop_roles``: as lines from
     before ``role`` was recorded)."""
-    out, prev = [], ""
-    for line in _log(where):
+    lines = _log(where)
+    for line in lines:
         if drop_roles:
             line.pop("role", None)
         if line["type"] == "escalation_resolved":
             change(line)
-        encoded = orjson.dumps({**line, "prev": prev})
-        prev = line_hash(encoded)
-        out.append(encoded + b"\n")
-    return b"".join(out)
+    return rechained(lines)
 
 
 def _rechained(log: bytes) -> bytes:
-    out, prev = [], ""
-    for raw in log.splitlines():
-        encoded = orjson.dumps({**orjson.loads(raw), "prev": prev})
-        prev = line_hash(encoded)
-        out.append(encoded + b"\n")
-    return b"".join(out)
+    return rechained([orjson.loads(raw) for raw in log.splitlines()])
 
 
 def test_verify_and_import_refuse_a_log_where_the_requester_approved(person: Person) -> None:
