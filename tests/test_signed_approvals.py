@@ -223,12 +223,14 @@ def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[
     bad = cli("runs", "set", "r", "--approver-key", "alice=ssh-ed25519 notbase64!", "--by", "alice", "--json")
     assert (bad.exit_code, bad.json()["error"]) == (2, "invalid_key")
     assert bad.stderr.count("\n") == 1 and snapshot_store(store) == before
-    changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice")
+    changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice",
+                  "--sign", str(keys["alice-ed25519"]))  # (a change to a policy that pins keys is signed)
     assert changed.exit_code == 0, changed.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {"alice": (pub(keys["alice-rsa"]),)}
     refused = cli("runs", "set", "r", "--approver-key", "", "--by", "mallory", "--json")
     assert (refused.exit_code, refused.json()["error"]) == (3, "not_an_approver")
-    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice")
+    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice",
+                   "--sign", str(keys["alice-rsa"]))
     assert unpinned.exit_code == 0, unpinned.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {}
     assert "approver_keys" not in Ledger.open(store, "r").state().policy.to_json()

@@ -229,6 +229,9 @@ class RunState:
     member_of: str | None = None
     # Retired by ``runs archive`` (run_archived): no line may follow.
     archived: bool = False
+    # The hash of the line that set the policy (run_opened, pool_opened, the last
+    # policy_changed): a signed policy change covers it, so it cannot be replayed.
+    policy_line: str = ""
 
     @property
     def cap_micros(self) -> int:
