@@ -21,7 +21,7 @@ from escalate.core.rules import (
     over_cap,
     over_threshold,
     period_name,
-    quorum_needed,
+    quorum_required,
     same_person,
     vouched_match,
 )
@@ -118,13 +118,14 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
 
 def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
     """Distinct approvers ``escalation`` needs: the run's quorum and, where the pool decides
-    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool.
-    An approval already counted fixes the quorum it was counted against (``escalation.quorum``):
-    a policy lowered afterwards lets nobody grant that escalation alone."""
-    needed = max(quorum_needed(state.policy, escalation.needed_extension_micros), escalation.quorum)
+    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool —
+    and never fewer than the quorum recorded when it fired (``escalation.quorum``;
+    :func:`~escalate.core.rules.quorum_required`): a policy lowered afterwards lets nobody
+    grant it alone."""
+    policies = [state.policy]
     if pool is not None and _the_pools(pool, escalation, "extend"):
-        needed = max(needed, quorum_needed(pool.policy, escalation.needed_extension_micros))
-    return needed
+        policies.append(pool.policy)
+    return quorum_required(policies, escalation.needed_extension_micros, escalation.quorum)
 
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
