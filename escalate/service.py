@@ -233,7 +233,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store,
+        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
                                                                  priority, pool))))
 
@@ -243,7 +243,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store,
+        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
                                                                   priority, pool))))
 
@@ -252,7 +252,7 @@ class Ledger:
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(asked_by(self.store,
+        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
 
     def archive(self) -> dict[str, Any]:
@@ -380,7 +380,7 @@ class Ledger:
         the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
         For verdicts such as a CI gate: the cache's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
-        replayed = self.store.read(use_cache=False)
+        replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:
             raise replayed.problem
         # Fields the fold does not use are judged too, as runs verify judges them: a verdict

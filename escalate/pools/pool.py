@@ -232,9 +232,10 @@ class Pool:
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
-        _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
-                                           clock=self.clock, lock_timeout=self.lock_timeout)
-        self.store.sync()
+        with self.store.command():
+            _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
+                                               clock=self.clock, lock_timeout=self.lock_timeout)
+            self.store.sync()
         if decision.error is not None:
             raise decision.error
         return {"pool": self.pool_id, **decision.result}
