@@ -399,7 +399,7 @@ def policy_signed(state: RunState, event: Event, by: str | None, role: str | Non
     command = f"escalate {'pools' if state.pool is not None else 'runs'} set {state.run_id}"
     name = approver_name(state.policy, roles, by, role)
     pinned = state.policy.approver_keys.get(name or "", ())
-    facts = {"by": by, "approvers": list(state.policy.approver_keys)}
+    facts: RefusedFacts = {"by": by, "approvers": list(state.policy.approver_keys)}
     if not pinned:
         return Refused(f"cannot change the policy of {what}: no key is pinned for {name} (pinned: "
                        f"{', '.join(state.policy.approver_keys)}); a change must be signed by one of them "
