@@ -104,7 +104,7 @@ def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
         raise CorruptLedger(f"{source} line {line}: {problem}; a signature the log requires is missing or "
                             "forged, so nothing was imported — check it with 'escalate runs verify' on a "
                             "runs folder holding it", code="forged_signature", line=line, problem=problem,
-                            first_suspect_line=line, problems=len(problems))
+                            first_suspect_line=line)
     if problems:
         line, problem = problems[0]
         raise InputError(f"{source} line {line}: {problem}; nothing was imported — check it with "

@@ -190,8 +190,8 @@ class _Fold:
             self.problem = CorruptLedger(
                 f"{self.where} line {line_no}: {reason}; writes are refused — "
                 f"inspect with 'escalate {check} {self.run_id}'",
-                run=self.run_id, line=line_no, problem=reason, first_suspect_line=first_suspect,
-                **({"code": "forged_signature"} if forged else {}))
+                code="forged_signature" if forged else None, run=self.run_id, line=line_no,
+                problem=reason, first_suspect_line=first_suspect)
             return True
         _resync(state, event if type(event) is dict else None, this_hash)
         return False
