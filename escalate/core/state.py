@@ -34,6 +34,11 @@ class RuleViolation(Exception):
     """An event that no correct writer produces; the reader names its line."""
 
 
+class ForgedSignature(RuleViolation):
+    """A signature the log requires that is missing, or that does not check out against the
+    keys pinned for its signer: a forgery (an import refuses it as such, exit 6)."""
+
+
 @dataclass(slots=True)
 class Policy:
     """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""

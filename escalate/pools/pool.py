@@ -166,7 +166,8 @@ class Pool:
         for run_id in facts.members:
             try:
                 members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                              self.pool_id, key_at, opened=facts.opened.get(run_id))
+                                              self.pool_id, key_at, self.runs_store,
+                                              opened=facts.opened.get(run_id))
             except CorruptLedger as error:
                 unreadable.append({"run": run_id, "error": error.code, "message": error.message,
                                    "line": error.line, "problem": error.problem})
@@ -356,26 +357,8 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})
         else:
-            members.append(verify_report(member))
-            _check_pool_signatures(store, member, members[-1])
+            members.append(verify_report(member, runs=runs))
     report = {key: value for key, value in own.items() if key != "run"}
     return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
                                    "ok": own["ok"] and all(member["ok"] for member in members)})
 
-
-def _check_pool_signatures(pool: Any, member: Any, report: VerifyReport) -> None:
-    """Add to a member's report the ``pool_cap`` resolutions the pool's pinned keys do not
-    vouch for (:mod:`escalate.pools.signatures`); a pool that never pinned keys costs a read."""
-    from escalate.core.replay import read_events
-    from escalate.pools.signatures import pool_cap_problems
-
-    with pool.reader() as stream:
-        pool_events, _ = read_events(stream, last=None, after_offset=0)
-    if not any(isinstance(e, dict) and isinstance(e.get("escalation"), dict)
-               and "approver_keys" in e["escalation"] for e in pool_events):
-        return
-    with member.reader() as stream:
-        member_events, _ = read_events(stream, last=None, after_offset=0)
-    for line, problem in pool_cap_problems(pool_events, member_events):
-        report["problems"].append({"line": line, "problem": problem})
-        report["ok"] = False
