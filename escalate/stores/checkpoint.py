@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import orjson
 
@@ -154,6 +154,9 @@ CODECS: dict[str, tuple[Any, Any, bytes]] = {
 }
 
 
+_MISSING: Any = object()  # (LazyRows.get: no row under the key)
+
+
 class LazyRows(MutableMapping[str, V], Generic[V]):
     """A checkpoint table as a mapping, with this command's reads and writes in memory: a
     row is read when the fold asks for it and kept, because the fold changes objects in
@@ -183,17 +186,29 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         """Every stored row's key, in the order first written, and how to decode it."""
         raise NotImplementedError
 
-    def __getitem__(self, key: str) -> V:
-        if key in self._touched:
-            return self._touched[key]
+    def get(self, key: str, default: Any = None) -> Any:
+        """The row ``key`` (read once, then kept), else ``default``; a missing row raises
+        nothing (a new task's id is looked up by every reserve)."""
+        touched = self._touched
+        if key in touched:
+            return touched[key]
         if key in self._known_missing:
-            raise KeyError(key)
+            return default
         value = self._read_one(key)
         if value is None:
             self._known_missing.add(key)
-            raise KeyError(key)
-        self._touched[key] = value
+            return default
+        touched[key] = value
         return value
+
+    def __getitem__(self, key: str) -> V:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return cast(V, value)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
 
     def __setitem__(self, key: str, value: V) -> None:
         if key not in self._touched and (key in self._known_missing or not self._stored(key)):

@@ -219,7 +219,8 @@ class Checkpoint:
 
     def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
-        at its offset, else ``None``.
+        at its offset, else ``None``. For a writer, the log then ends at ``offset``: it is
+        the same file, untouched since the save (:func:`_check_log_at`).
 
         A writer's state reads rows lazily (a row that fails its checksum, or a read that
         SQLite fails, then raises :class:`CheckpointInvalid` mid-command, before anything is

@@ -231,6 +231,14 @@ class FileLedger:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
                                  last_line_start=last_line_start)
+                if writable:
+                    # A writer's checkpoint matched the log to its last byte (Checkpoint.load),
+                    # and the lock keeps every other writer out: no line follows it to fold.
+                    state.run_id = self.run_id  # (a copied run folder is that copy)
+                    start.checkpoint_current = True
+                    if self.progress is not None:
+                        self.progress(offset, offset)  # done, as a fold reports it
+                    return start
         return fold_from(self.log, self.run_id, start, writable=writable, progress=self.progress)
 
     def _has_first_line(self) -> bool:
