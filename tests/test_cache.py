@@ -277,7 +277,7 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     checkpoint = run.store.checkpoint
     loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
     assert loaded is not None
-    tasks = loaded[0].tasks
+    tasks = loaded[0].tasks.rows
     assert isinstance(tasks, Rows)
     assert len(tasks) == len(_view(run)["tasks"])
     assert "a" in tasks and "nope" not in tasks

@@ -39,7 +39,7 @@ from typing import Any, TypeVar, cast
 import orjson
 
 from escalate.core.events import line_hash
-from escalate.core.state import EscalationState, RunState, Task
+from escalate.core.state import EscalationState, RunState, TaskRow, TaskTable
 from escalate.stores.checkpoint import (
     CODECS,
     CheckpointInvalid,
@@ -243,8 +243,8 @@ class Checkpoint:
         try:
             loaded = self._load(connection, log_path, writable)
             state = loaded[0]
-            assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
-            state.tasks = state.tasks.read_all()
+            assert isinstance(state.tasks.rows, Rows) and isinstance(state.escalations, Rows)
+            state.tasks = TaskTable(state.tasks.rows.read_all())
             state.escalations = state.escalations.read_all()
             state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
             return loaded
@@ -265,7 +265,7 @@ class Checkpoint:
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = state_from_blob(blob, Rows[Task](connection, "tasks", guard),
+        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard),
                                 Rows[EscalationState](connection, "escalations", guard))
         return state, offset, start, blob["lines"]
 
@@ -285,7 +285,7 @@ class Checkpoint:
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
               log_path: str) -> None:
-        tasks, escalations = state.tasks, state.escalations
+        tasks, escalations = state.tasks.rows, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
         if connection is None:
