@@ -174,9 +174,17 @@ class Checkpoint:
         self._writer_dir = kept
         return connection
 
+    def close(self) -> None:
+        """End the kept connection and the folder handle that goes with it (the next
+        writing command opens them again)."""
+        with self._guard:
+            self._drop_writer()
+
     def __del__(self) -> None:
-        # A Ledger dropped without a word still ends its kept connection, and the folder
-        # handle that goes with it (a process making many Ledgers would run out of handles).
+        # A safety net, kept for a reason: the library never asked callers to close a Ledger
+        # before ``close()`` existed, and the folder handle is a bare descriptor that nothing
+        # else would ever close, so a scheduler opening a Ledger per task would run out of
+        # handles. Everything in escalate closes what it opens.
         with contextlib.suppress(Exception):
             self._drop_writer()
 
