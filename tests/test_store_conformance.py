@@ -7,6 +7,7 @@ derived, save_derived) and read back through the same seam."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -147,6 +148,34 @@ class StoreContract:
         assert seen == ["role", "command"]
         escalation = run.state().escalations[pending.value.escalation_id]
         assert escalation.requested_role == role()
+
+    def test_closing_releases_every_handle_a_write_kept(self, location: Location) -> None:
+        Ledger.init(location, "r", cap="10").close()
+        before = _handles()
+        run = Ledger.open(location, "r")
+        with run:
+            run.reserve("a", "1")
+            # Kept for the next command: the checkpoint's connection and folder handle, or
+            # the database connection of a store opened from a URL.
+            assert _handles() > before
+        assert _handles() == before  # released at once, while the Ledger is still referenced
+        run.reserve("b", "1")  # a closed Ledger opens what it needs again
+        assert run.state().reserved_micros == 2_000_000
+        run.close()
+        assert _handles() == before
+
+    def test_a_store_given_stays_open_when_the_ledger_closes(self, runs: Store) -> None:
+        with Ledger.open(runs, "r") as run:
+            run.reserve("a", "1")
+        held = _handles()
+        assert runs.ledger("r", lock_timeout=5).read().state.reserved_micros == 1_000_000
+        assert _handles() == held  # (the store's connection, if any, was not closed: the caller's)
+        runs.close()
+
+
+def _handles() -> int:
+    """The file descriptors this process holds open (files, folders, sockets)."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 class TestFileStore(StoreContract):
