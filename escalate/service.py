@@ -394,8 +394,8 @@ class Ledger(Closing):
 
     def verified_state(self) -> RunState:
         """The run's state from a strict fold of the whole log with every check, never from
-        the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
-        For verdicts such as a CI gate: the cache's key cannot see an edit in place before
+        the checkpoint; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
+        For verdicts such as a CI gate: the checkpoint's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
         replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:

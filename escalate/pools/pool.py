@@ -165,7 +165,7 @@ class Pool(Closing):
         return facts
 
     def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
-        """Each member run's money by period, folded from its log (no lock, no cache), and
+        """Each member run's money by period, folded from its log (no lock, no checkpoint), and
         the members whose logs cannot be read (moved away, damaged: nothing of theirs is
         counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
