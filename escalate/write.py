@@ -11,7 +11,7 @@ returns the decision; making it durable and answering it is the caller's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from escalate.config import Clock
 from escalate.core import fold as folding
@@ -27,9 +27,10 @@ from escalate.stores.seam import LedgerStore, RecoveredFirstLines, Transaction
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
 
+R = TypeVar("R")  # what the decision answers (an ``*Answer`` of :mod:`escalate.results`)
 # A decision from the state, the write's time, the escalations this write expires and,
 # for a run in a pool, what it knows of the pool.
-Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision]
+Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision[R]]
 
 
 class Inside(Protocol):
@@ -54,12 +55,12 @@ class Inside(Protocol):
         ...
 
 
-def asked_by(store: LedgerStore, decide: Decide) -> Decide:
+def asked_by(store: LedgerStore, decide: Decide[R]) -> Decide[R]:
     """``decide``, with who the store vouches is acting (``role``: the OS user, or the
     database role, asked inside the write) on the escalations it opens and on those a
     release withdraws: the vouched identity of the requester is what self-approval compares
     (:func:`escalate.resolve.same_person`)."""
-    def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+    def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision[R]:
         decision = decide(state, now, expired, pool)
         opened = [event for event in decision.events if event["type"] == "escalation" or (
             event["type"] == "escalation_resolved" and event.get("by") != TIMEOUT_ACTOR
@@ -84,8 +85,8 @@ class MembershipChanged(Conflict):
                          code="run_changed", run=run_id, pool=pool)
 
 
-def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
-          inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision]:
+def write(store: LedgerStore, decide: Decide[R], *, actor: str, clock: Clock, checkpoint: bool = True,
+          inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision[R]]:
     """Decide and append in one critical section of ``store``; returns the seq of the first
     line the decision wrote (or would have) and the decision. Not yet synced.
     ``checkpoint=False``: never use or keep the store's checkpoint (a pool's log, whose
@@ -104,9 +105,9 @@ def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, check
                                inside=inside, member_of=member_of)
 
 
-def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
+def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock, *,
                 use_cache: bool, checkpoint: bool, inside: Inside | None,
-                member_of: str | None) -> tuple[int, Decision]:
+                member_of: str | None) -> tuple[int, Decision[R]]:
     with store.transaction(use_cache=use_cache) as transaction:
         replayed = transaction.load()
         if replayed.problem is not None:

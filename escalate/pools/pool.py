@@ -30,7 +30,9 @@ from escalate.stores.seam import LedgerStore, Store, first_event, open_store
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.core.decide import Decision
     from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
 
@@ -214,7 +216,7 @@ class Pool:
         quorum: int | Unchanged = UNCHANGED,
         quorum_above: Amount | Unchanged | None = UNCHANGED,
         approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
-    ) -> dict[str, Any]:
+    ) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again."""
@@ -229,7 +231,7 @@ class Pool:
         config.merge_policy(self.state().policy, **changes)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
+        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, **changes)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
@@ -240,9 +242,7 @@ class Pool:
         _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                            clock=self.clock, lock_timeout=self.lock_timeout)
         self.store.sync()
-        if decision.error is not None:
-            raise decision.error
-        return {"pool": self.pool_id, **decision.result}
+        return {"pool": self.pool_id, **decision.answer()}
 
 
     def _granted(self, now: str) -> tuple[int, str]:
