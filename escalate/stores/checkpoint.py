@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
@@ -205,28 +205,60 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         raise TypeError("the ledger never forgets a task or an escalation")
 
     def __iter__(self) -> Iterator[str]:
-        for key, _ in self.items():
+        for key, _ in self._each_row():
             yield key
 
     def __len__(self) -> int:
         return self._stored_count() + len(self._new)
 
-    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
+    def items(self) -> ItemsView[str, V]:
         """All rows in the order they were first written, with this command's changes."""
+        return _RowItems(self)
+
+    def values(self) -> ValuesView[V]:
+        """The rows' values, as :meth:`items`."""
+        return _RowValues(self)
+
+    def _each_row(self) -> Iterator[tuple[str, V]]:
+        """``(key, value)`` of every row in the order first written, in one pass over the
+        stored rows (a row not read yet is decoded from that pass, not fetched again by key)."""
         touched = self._touched
         for key, decode in self._stored_rows():
             yield key, touched[key] if key in touched else decode()
         for key in self._new:
             yield key, touched[key]
 
-    def values(self) -> Iterator[V]:  # type: ignore[override]
-        for _, value in self.items():
-            yield value
-
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         """``(key, row)`` of every row read or added by this command."""
         for key, value in self._touched.items():
             yield key, self._encode(key, value)
+
+
+class _RowItems(ItemsView[str, V]):
+    """:meth:`LazyRows.items`: a view as every mapping's, iterated in one pass over the rows."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: LazyRows[V]) -> None:
+        super().__init__(rows)
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[tuple[str, V]]:
+        return self._rows._each_row()
+
+
+class _RowValues(ValuesView[V]):
+    """:meth:`LazyRows.values`: a view as every mapping's, iterated in one pass over the rows."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: LazyRows[V]) -> None:
+        super().__init__(rows)
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[V]:
+        for _, value in self._rows._each_row():
+            yield value
 
 
 class LoadedRows(MutableMapping[str, V], Generic[V]):
