@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from escalate.core.events import (
     ApproversMatch,
@@ -198,6 +198,24 @@ class EscalationState:
         }
 
 
+class Totals(TypedDict):
+    """A run's money, exact, as ``runs show --json`` reports it (:meth:`RunState.totals`)."""
+
+    run: str
+    cap_micros: int
+    run_cap_micros: int
+    task_cap_micros: int
+    spent_micros: int
+    reserved_micros: int
+    committed_micros: int
+    remaining_micros: int
+    extended_micros: int
+    events: int
+    halts: int
+    escalation: dict[str, Any]
+    archived: bool  # retired by 'runs archive'
+
+
 @dataclass(slots=True)
 class RunState:
     """Totals and per-task facts folded from one run's log."""
@@ -243,7 +261,7 @@ class RunState:
         the fold reads it on every reservation."""
         return self.run_cap_micros + self.extended_micros - self.spent_micros - self.reserved_micros
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """The run's money, exact, as ``runs show --json`` reports it."""
         return {
             "run": self.run_id,

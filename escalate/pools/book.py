@@ -325,7 +325,7 @@ class MemberWrite:
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         if not events:
             return
-        member, deltas = self.book.member(self.run_id), {}  # type: ignore[var-annotated]
+        member, deltas = self.book.member(self.run_id), dict[str, PeriodTotals]()
         for event in events:
             member.fold({**event, "ts": now}, self.book.key_at, deltas)
         member.offset = offset

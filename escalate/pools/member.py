@@ -189,7 +189,7 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
     a join that lost a race is voided in the pool's log, and is then no member), or not the
     log the pool recorded (``opened``: :func:`member_first`) is :func:`member_unreadable`:
     never counted as nothing."""
-    member, ignored = Member(), {}  # type: ignore[var-annotated]
+    member, ignored = Member(), dict[str, PeriodTotals]()
     member_first(store, pool_id, opened)
     group: list[Event] = []
     number, prev = 0, ""

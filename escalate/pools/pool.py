@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from escalate import config
 from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
@@ -351,9 +351,9 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
         else:
             members.append(verify_report(member))
             _check_pool_signatures(store, member, members[-1])
-    report = {key: value for key, value in own.items() if key != "run"}
-    return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
-                                   "ok": own["ok"] and all(member["ok"] for member in members)})
+    return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
+            "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
+            "head": own["head"], "problems": own["problems"], "warnings": own["warnings"], "members": members}
 
 
 def _check_pool_signatures(pool: Any, member: Any, report: VerifyReport) -> None:
