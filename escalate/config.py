@@ -8,13 +8,15 @@ a Python caller gets the same defaults as the ``escalate`` command.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from escalate.core import events
 from escalate.core.durations import (
@@ -131,7 +133,10 @@ def check_actor(name: str) -> str:
     return name
 
 
-def check_approvers(names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+Approvers = str | list[str] | tuple[str, ...]
+
+
+def check_approvers(names: Approvers) -> tuple[str, ...]:
     """The approvers of ``runs init``/``runs set --approvers a,b``: each name checked as an
     actor, duplicates dropped, order kept; empty means anyone may approve."""
     if isinstance(names, str):
@@ -216,12 +221,79 @@ def run_caps(cap: Amount, task_cap: Amount | None) -> tuple[int, int | None]:
     return run_cap, task_cap_micros
 
 
-def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
-                max_extension: Amount, *, approvers: str | list[str] | tuple[str, ...] = (),
-                renotify_every_s: float | None = None, approvers_match: str = "claimed",
-                approver_keys: ApproverKeys = (), quorum: int = 1,
-                quorum_above: Amount | None = None) -> Policy:
+class PolicyOptions(TypedDict, total=False):
+    """The escalation settings a caller names as keywords (``Pool.init``, ``Pool.set_policy``):
+    :class:`PolicySettings`' fields. One left out takes its default on ``init`` and keeps its
+    value on ``set_policy``."""
+
+    escalation: str
+    approval_threshold: Amount | None
+    escalation_timeout_s: float | None
+    max_extension: Amount
+    approvers: Approvers
+    approvers_match: str
+    approver_keys: ApproverKeys
+    quorum: int
+    quorum_above: Amount | None
+
+
+class RunPolicyOptions(PolicyOptions, total=False):
+    """A run's escalation settings as keywords (``Ledger.init``, ``Ledger.set_policy``): a
+    pool's, and how often open escalations are notified again."""
+
+    renotify_every_s: float | None
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """A run's (or pool's) escalation settings as given, before they are checked: the one
+    object the keywords of ``init`` and ``set_policy`` become, passed through to
+    :meth:`policy`. The defaults are those of ``runs init``."""
+
+    escalation: str = "off"
+    approval_threshold: Amount | None = None
+    escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S
+    max_extension: Amount = "0"
+    approvers: Approvers = ()
+    renotify_every_s: float | None = None
+    approvers_match: str = "claimed"
+    approver_keys: ApproverKeys = ()
+    quorum: int = 1
+    quorum_above: Amount | None = None
+
+    @classmethod
+    def of(cls, policy: Policy) -> PolicySettings:
+        """The settings ``policy`` was made from (amounts as :class:`Micros`)."""
+        def micros(value: int | None) -> Micros | None:
+            return None if value is None else Micros(value)
+
+        return cls(escalation=policy.mode, approval_threshold=micros(policy.approval_threshold_micros),
+                   escalation_timeout_s=policy.timeout_s, max_extension=Micros(policy.max_extension_micros),
+                   approvers=policy.approvers, renotify_every_s=policy.renotify_every_s,
+                   approvers_match=policy.approvers_match, approver_keys=policy.approver_keys,
+                   quorum=policy.quorum, quorum_above=micros(policy.quorum_above_micros))
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any],
+              names: frozenset[str]) -> tuple[PolicySettings, dict[str, Any]]:
+        """``options`` as the settings among ``names`` (a TypedDict's keys: what the caller
+        may set) and the other keywords, left for the caller's constructor."""
+        return (cls(**{key: value for key, value in options.items() if key in names}),
+                {key: value for key, value in options.items() if key not in names})
+
+    def changed(self, changes: Mapping[str, Any], names: frozenset[str]) -> PolicySettings:
+        """These settings with ``changes`` (keys among ``names``) applied; an unknown
+        setting is a :class:`TypeError`, as an unknown keyword is."""
+        unknown = sorted(changes.keys() - names)
+        if unknown:
+            raise TypeError(f"set_policy() got an unexpected keyword argument {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+
+def make_policy(settings: PolicySettings) -> Policy:
     """Validate the escalation settings of ``runs init`` / ``runs set``."""
+    approvers_match, renotify_every_s = settings.approvers_match, settings.renotify_every_s
+    mode, timeout_s = settings.escalation, settings.escalation_timeout_s
     if approvers_match not in events.APPROVERS_MATCHES:
         raise InputError(f"invalid approvers match {str(approvers_match)[:40]!r}: use claimed (the names "
                          "given) or vouched (who the store vouches for)", code="usage",
@@ -245,22 +317,22 @@ def make_policy(mode: str, threshold: Amount | None, timeout_s: float | None,
             raise InputError(f"invalid escalation timeout {format_duration(timeout_s)}: give whole "
                              "seconds, e.g. 90s, 30m or 1h", code="invalid_duration",
                              value=format_duration(timeout_s))
+    threshold = settings.approval_threshold
     return Policy(
         mode=mode,
         approval_threshold_micros=(None if threshold is None
                                    else parse_micros(threshold, what="approval threshold")),
         timeout_s=None if timeout_s is None else int(timeout_s),
-        max_extension_micros=parse_micros(max_extension, what="max extension"),
-        approvers=check_approvers(approvers),
+        max_extension_micros=parse_micros(settings.max_extension, what="max extension"),
+        approvers=check_approvers(settings.approvers),
         renotify_every_s=None if renotify_every_s is None else int(renotify_every_s),
         approvers_match=approvers_match,
-        approver_keys=check_approver_keys(approver_keys) if approver_keys else {},
-        **_quorum(quorum, quorum_above, approvers),
+        approver_keys=check_approver_keys(settings.approver_keys) if settings.approver_keys else {},
+        **_quorum(settings.quorum, settings.quorum_above, settings.approvers),
     )
 
 
-def _quorum(quorum: int, above: Amount | None,
-            approvers: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
+def _quorum(quorum: int, above: Amount | None, approvers: Approvers) -> dict[str, Any]:
     """``--quorum N --quorum-above USD``, checked: 1 to 100 approvers, no more than the
     approver list names (a quorum nobody could reach would leave every escalation open)."""
     if type(quorum) is not int or not 1 <= quorum <= events.MAX_QUORUM:
@@ -275,36 +347,11 @@ def _quorum(quorum: int, above: Amount | None,
     return {"quorum": quorum, "quorum_above_micros": above_micros if quorum > 1 else None}
 
 
-def merge_policy(
-    current: Policy,
-    *,
-    escalation: str | Unchanged = UNCHANGED,
-    approval_threshold: Amount | Unchanged | None = UNCHANGED,
-    escalation_timeout_s: float | Unchanged | None = UNCHANGED,
-    max_extension: Amount | Unchanged = UNCHANGED,
-    approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
-    renotify_every_s: float | Unchanged | None = UNCHANGED,
-    approvers_match: str | Unchanged = UNCHANGED,
-    approver_keys: ApproverKeys | Unchanged = UNCHANGED,
-    quorum: int | Unchanged = UNCHANGED,
-    quorum_above: Amount | Unchanged | None = UNCHANGED,
-) -> Policy:
-    """``current`` with the settings given changed, checked as :func:`make_policy` checks them."""
-    threshold = current.approval_threshold_micros
-    return make_policy(
-        current.mode if escalation is UNCHANGED else escalation,
-        (None if threshold is None else Micros(threshold)) if approval_threshold is UNCHANGED
-        else approval_threshold,
-        current.timeout_s if escalation_timeout_s is UNCHANGED else escalation_timeout_s,
-        Micros(current.max_extension_micros) if max_extension is UNCHANGED else max_extension,
-        approvers=current.approvers if approvers is UNCHANGED else approvers,
-        renotify_every_s=(current.renotify_every_s if renotify_every_s is UNCHANGED
-                          else renotify_every_s),
-        approvers_match=current.approvers_match if approvers_match is UNCHANGED else approvers_match,
-        approver_keys=current.approver_keys if approver_keys is UNCHANGED else approver_keys,
-        quorum=current.quorum if quorum is UNCHANGED else quorum,
-        quorum_above=((None if current.quorum_above_micros is None else Micros(current.quorum_above_micros))
-                      if quorum_above is UNCHANGED else quorum_above))
+def merge_policy(current: Policy, changes: Mapping[str, Any],
+                 names: frozenset[str] = RunPolicyOptions.__optional_keys__) -> Policy:
+    """``current`` with the settings ``changes`` names changed (keys among ``names``),
+    checked as :func:`make_policy` checks them."""
+    return make_policy(PolicySettings.of(current).changed(changes, names))
 
 
 def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap: int, policy: Policy,

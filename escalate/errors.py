@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypedDict, Unpack
+
+
+class Facts(TypedDict, total=False):
+    """The facts every error may carry: the run it concerns (the service adds it)."""
+
+    run: str
 
 
 class EscalateError(Exception):
@@ -16,18 +23,26 @@ class EscalateError(Exception):
 
     ``code`` is a stable machine word (``over_budget``, ``conflict`` …), ``exit_code``
     the CLI's exit status, ``facts`` the values a caller needs to decide what to do. Every
-    fact is also an attribute (``error.task``, as filelock's ``Timeout.lock_file``); the
-    subclasses declare the ones they carry, so a caller reads them typed.
+    fact is also an attribute (``error.task``, as filelock's ``Timeout.lock_file``); each
+    subclass declares the ones it carries, as attributes (so a caller reads them typed) and
+    as the keywords of its constructor (a TypedDict, so mypy refuses a fact it does not
+    declare). The facts keep the order they were given in (``to_json``).
     """
 
     exit_code: ClassVar[int] = 1
     default_code: ClassVar[str] = "internal"
+    run: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None, **facts: Any) -> None:
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[Facts]) -> None:
+        self._setup(message, code, facts)
+
+    def _setup(self, message: str, code: str | None, facts: Mapping[str, Any]) -> None:
+        """What every constructor does: the message, the code and the facts (each also an
+        attribute)."""
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
-        self.facts: dict[str, Any] = facts
+        self.facts: dict[str, Any] = dict(facts)
         for name, value in facts.items():
             setattr(self, name, value)
 
@@ -36,12 +51,37 @@ class EscalateError(Exception):
         return {"error": self.code, "message": self.message, "exit_code": self.exit_code, **self.facts}
 
 
+class InputFacts(Facts, total=False):
+    """:class:`InputError`'s facts."""
+
+    value: str | None
+    escalation_id: str
+    pool: str | None
+    path: str
+    scheme: str
+    current: str | None
+    line: int
+    problem: str
+    problems: int
+
+
 class InputError(EscalateError, ValueError):
     """Bad input: usage, an invalid amount or id, an unknown run (exit 2)."""
 
     exit_code = 2
     default_code = "invalid_input"
     value: str | None = None  # the bad input, quoted and cut to a readable length
+    escalation_id: str | None = None
+    pool: str | None = None
+    path: str | None = None  # a file named in the input (a key, a log to import)
+    scheme: str | None = None  # a store URL's scheme that names no store
+    current: str | None = None
+    line: int | None = None  # a line of an input file that breaks a rule, and how
+    problem: str | None = None
+    problems: int | None = None  # how many lines break a rule
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[InputFacts]) -> None:
+        self._setup(message, code, facts)
 
 
 class InvalidAmount(InputError):
@@ -49,6 +89,14 @@ class InvalidAmount(InputError):
     # The name of the amount (``new amount``) when an option stood where its value belongs:
     # the CLI names the option that gives it. Not a fact: the CLI's message carries it.
     option_missing_for: str | None = None
+
+
+class TotalLimitFacts(InputFacts, total=False):
+    """:class:`TotalLimit`'s facts."""
+
+    task: str | None
+    total_micros: int
+    limit_micros: int
 
 
 class TotalLimit(InputError):
@@ -60,13 +108,26 @@ class TotalLimit(InputError):
     total_micros: int | None = None  # the total the request would have made
     limit_micros: int | None = None
 
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[TotalLimitFacts]) -> None:
+        self._setup(message, code, facts)
+
 
 class InvalidId(InputError):
     default_code = "invalid_id"
 
 
+class UnknownRunFacts(InputFacts, total=False):
+    """:class:`UnknownRun`'s facts."""
+
+    torn_bytes: int
+
+
 class UnknownRun(InputError):
     default_code = "unknown_run"
+    torn_bytes: int | None = None  # a first line torn as it was written: its length
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[UnknownRunFacts]) -> None:
+        self._setup(message, code, facts)
 
 
 class NoRunsFolder(InputError):
@@ -78,8 +139,8 @@ class NoRunsFolder(InputError):
     def __init__(self, runs_dir: object) -> None:
         blocker = _file_above(str(runs_dir))
         where = f"is inside {blocker}, which is a file" if blocker else "is a file"
-        super().__init__(f"the runs folder {runs_dir} {where}; give a folder with --runs-dir or "
-                         "ESCALATE_RUNS_DIR", code="no_runs_dir", runs_dir=str(runs_dir))
+        self._setup(f"the runs folder {runs_dir} {where}; give a folder with --runs-dir or "
+                    "ESCALATE_RUNS_DIR", "no_runs_dir", {"runs_dir": str(runs_dir)})
 
 
 def _file_above(path: str) -> str | None:
@@ -92,21 +153,77 @@ def _file_above(path: str) -> str | None:
     return None
 
 
+class RefusedFacts(Facts, total=False):
+    """:class:`Refused`'s facts (a failed gate's carry its verdict too)."""
+
+    task: str | None
+    state: str
+    reason: str | None
+    requested_micros: int
+    remaining_micros: int
+    task_cap_micros: int | None
+    cap_micros: int
+    escalation_id: str
+    shadow_escalation_id: str
+    by: str | None
+    requested_by: str | None
+    approvers: list[str]
+    mode: str
+    resolved_at: str | None
+    quorum: int
+    pool: str
+    period: str
+    needed_micros: int
+    extension_left_micros: int
+    pool_remaining_micros: int
+
+
 class Refused(EscalateError):
     """The ledger said no: over a cap, halted or cancelled (exit 3)."""
 
     exit_code = 3
     default_code = "refused"
     task: str | None = None
+    state: str | None = None
+    reason: str | None = None
     requested_micros: int | None = None
     remaining_micros: int | None = None
     task_cap_micros: int | None = None
     cap_micros: int | None = None
     escalation_id: str | None = None
+    shadow_escalation_id: str | None = None  # the escalation shadow mode recorded instead
     # not_an_approver, self_approval, not_the_requester: who tried, who asked, who may.
     by: str | None = None
     requested_by: str | None = None
     approvers: list[str] | None = None
+    mode: str | None = None  # an escalation resolved: how, and when
+    resolved_at: str | None = None
+    quorum: int | None = None
+    # A pool's cap or extension limit: in which period, what is needed and what is left.
+    pool: str | None = None
+    period: str | None = None
+    needed_micros: int | None = None
+    extension_left_micros: int | None = None
+    pool_remaining_micros: int | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[RefusedFacts]) -> None:
+        self._setup(message, code, facts)
+
+
+class PendingFacts(Facts, total=False):
+    """:class:`Pending`'s facts."""
+
+    escalation_id: str
+    task: str | None
+    by: str | None
+    mode: str | None
+    resolved_at: str | None
+    requested_micros: int
+    remaining_micros: int
+    offered: list[str]
+    expires_at: str | None
+    pool: str
+    approvers: list[str]
 
 
 class Pending(EscalateError):
@@ -117,6 +234,8 @@ class Pending(EscalateError):
     escalation_id: str  # always: the escalation to wait for
     task: str | None = None
     by: str | None = None  # who paused it (``timeout`` on expiry)
+    mode: str | None = None  # a resolved escalation: how, and when
+    resolved_at: str | None = None
     requested_micros: int | None = None
     remaining_micros: int | None = None
     offered: list[str] | None = None
@@ -124,6 +243,34 @@ class Pending(EscalateError):
     # A pool_cap escalation on a member run: the pool whose approvers (only) decide it.
     pool: str | None = None
     approvers: list[str] | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[PendingFacts]) -> None:
+        self._setup(message, code, facts)
+
+
+class ConflictFacts(Facts, total=False):
+    """:class:`Conflict`'s facts."""
+
+    task: str | None
+    state: str
+    escalation_id: str
+    mode: str | None
+    by: str | None
+    resolved_at: str | None
+    pool: str | None
+    cap_micros: int
+    task_cap_micros: int | None
+    escalation: dict[str, Any]
+    requested_micros: int
+    escalated_micros: int
+    actual_micros: int | None
+    reserved_micros: int
+    extended_micros: int
+    max_extension_micros: int
+    held: list[str]
+    escalations: list[str]
+    period: str
+    tz: str
 
 
 class Conflict(EscalateError):
@@ -136,6 +283,38 @@ class Conflict(EscalateError):
     escalation_id: str | None = None
     mode: str | None = None
     by: str | None = None
+    resolved_at: str | None = None
+    pool: str | None = None
+    # ``runs init`` / ``pools init`` of an existing one with other settings: what it has.
+    cap_micros: int | None = None
+    task_cap_micros: int | None = None
+    escalation: dict[str, Any] | None = None
+    period: str | None = None
+    tz: str | None = None
+    # The amounts the request and the state disagree on.
+    requested_micros: int | None = None
+    escalated_micros: int | None = None
+    actual_micros: int | None = None
+    reserved_micros: int | None = None
+    extended_micros: int | None = None
+    max_extension_micros: int | None = None
+    held: list[str] | None = None  # what a run still holds when it cannot be archived
+    escalations: list[str] | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[ConflictFacts]) -> None:
+        self._setup(message, code, facts)
+
+
+class CorruptFacts(Facts, total=False):
+    """:class:`CorruptLedger`'s facts (``runs verify``'s and ``pools verify``'s failures
+    carry their report too)."""
+
+    line: int
+    problem: str
+    first_suspect_line: int
+    pool: str
+    period: str
+    limit_micros: int
 
 
 class CorruptLedger(EscalateError):
@@ -146,6 +325,12 @@ class CorruptLedger(EscalateError):
     line: int  # the first line that breaks a rule (1-based)
     problem: str
     first_suspect_line: int  # the first line the problem casts doubt on
+    pool: str | None = None
+    period: str | None = None  # a pool's period whose total passes the limit
+    limit_micros: int | None = None
+
+    def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[CorruptFacts]) -> None:
+        self._setup(message, code, facts)
 
 
 class LockTimeout(EscalateError, TimeoutError):
@@ -155,6 +340,17 @@ class LockTimeout(EscalateError, TimeoutError):
     default_code = "lock_timeout"
     lock_file: str
     timeout_s: float
+
+    def __init__(self, message: str, *, lock_file: str, timeout_s: float) -> None:
+        self._setup(message, None, {"lock_file": lock_file, "timeout_s": timeout_s})
+
+
+class StorageFacts(Facts, total=False):
+    """:class:`StoreUnavailable`'s facts."""
+
+    path: str
+    errno: int | None
+    commit_sent: bool
 
 
 class StoreUnavailable(EscalateError):
@@ -169,6 +365,10 @@ class StoreUnavailable(EscalateError):
     # PostgreSQL store: True when the connection was lost after a write's commit was sent
     # (its outcome may be unknown until read back); False when nothing was written.
     commit_sent: bool | None = None
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 **facts: Unpack[StorageFacts]) -> None:
+        self._setup(message, code, facts)
 
 
 # errno → (stable code, what it means, what to do next)

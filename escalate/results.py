@@ -151,8 +151,9 @@ class PoolPolicyResult(PoolPolicyAnswer):
 
 def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:
     """What ``wait`` answers for a resolved escalation: the approval, or the refusal to raise."""
-    facts = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
-             "mode": escalation.mode, "by": escalation.by, "resolved_at": escalation.resolved_at}
+    facts: dict[str, Any] = {"run": run_id, "escalation_id": escalation.id, "task": escalation.task,
+                             "mode": escalation.mode, "by": escalation.by,
+                             "resolved_at": escalation.resolved_at}
     if escalation.mode == "extend":
         return {"status": "approved", "reserved_micros": escalation.requested_micros,
                 "extension_micros": escalation.extension_micros, "run": run_id,

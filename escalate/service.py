@@ -11,10 +11,10 @@ durable.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 from escalate import config
-from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
+from escalate.config import Clock
 from escalate.core import decide as decisions
 from escalate.core import resolve
 from escalate.core.decide import Decision
@@ -70,6 +70,17 @@ def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Dec
 
     return write_member(runs, pool_id, store, decide, actor=actor, clock=clock, lock_timeout=lock_timeout,
                         copied=copied)
+
+
+class InitOptions(config.RunPolicyOptions, total=False):
+    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
+    settings, and :class:`Ledger`'s own options."""
+
+    lock_timeout: float | None
+    actor: str | None
+    clock: Clock | None
+    notify_cmd: str | None
+    notify_timeout: float | None
 
 
 class Ledger:
@@ -140,20 +151,14 @@ class Ledger:
         *,
         cap: Amount | None = None,
         task_cap: Amount | None = None,
-        escalation: str = "off",
-        approval_threshold: Amount | None = None,
-        escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
-        max_extension: Amount = "0",
-        approvers: str | list[str] | tuple[str, ...] = (),
-        renotify_every_s: float | None = None,
-        approvers_match: str = "claimed", quorum: int = 1, quorum_above: Amount | None = None,
         pool: str | None = None,
-        approver_keys: config.ApproverKeys = (),
-        **options: Any,
+        **options: Unpack[InitOptions],
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
 
-        Amounts are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
+        ``options``: the run's escalation settings (:class:`escalate.config.PolicySettings`'
+        fields, its defaults for those left out) and :class:`Ledger`'s own options. Amounts
+        are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
         may resolve escalations (a list, or ``"a,b"``; empty: anyone but the requester);
         ``renotify_every_s`` (1 minute to 365 days, ``None``: never) is how often ``sweep``
@@ -165,7 +170,9 @@ class Ledger:
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
         from escalate.pools import void
 
-        run = cls(runs_dir, run_id, **options)
+        settings, ledger_options = config.PolicySettings.split(options,
+                                                               config.RunPolicyOptions.__optional_keys__)
+        run = cls(runs_dir, run_id, **ledger_options)
         run.runs_store.check_usable()
         joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
         if cap is None:
@@ -174,10 +181,7 @@ class Ledger:
                                  code="invalid_amount")
             cap = Micros(joining.pool.cap_micros)
         run_cap, task_cap_micros = config.run_caps(cap, task_cap)
-        policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, renotify_every_s=renotify_every_s,
-                                    approvers_match=approvers_match, approver_keys=approver_keys,
-                                    quorum=quorum, quorum_above=quorum_above)
+        policy = config.make_policy(settings)
         payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
         if joining is not None:
             payload["pool"] = joining.run_id
@@ -232,7 +236,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return {"run": self.run_id, **self._mutate(asked_by(self.store,
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
                                                                  priority, pool)))}
 
@@ -242,7 +246,7 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return {"run": self.run_id, **self._mutate(asked_by(self.store,
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
                                                                   priority, pool)))}
 
@@ -251,7 +255,7 @@ class Ledger:
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return {"run": self.run_id, **self._mutate(asked_by(self.store,
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))}
 
     def archive(self) -> ArchiveResult:
@@ -295,31 +299,17 @@ class Ledger:
         """Take back an open escalation (its requester only); the task keeps what it holds."""
         return self._resolve(escalation_id, "withdraw", by)
 
-    def set_policy(
-        self,
-        *,
-        escalation: str | Unchanged = UNCHANGED,
-        approval_threshold: Amount | Unchanged | None = UNCHANGED,
-        escalation_timeout_s: float | Unchanged | None = UNCHANGED,
-        max_extension: Amount | Unchanged = UNCHANGED,
-        approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
-        renotify_every_s: float | Unchanged | None = UNCHANGED,
-        approvers_match: str | Unchanged = UNCHANGED,
-        approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
-        quorum: int | Unchanged = UNCHANGED,
-        quorum_above: Amount | Unchanged | None = UNCHANGED,
-    ) -> PolicyResult:
+    def set_policy(self, **changes: Unpack[config.RunPolicyOptions]) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
         ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys)."""
+        # An unknown setting is a TypeError before anything is opened for writing.
+        config.PolicySettings().changed(changes, config.RunPolicyOptions.__optional_keys__)
+
         def decide(state: RunState, now: str, expired: list[str],
                    pool: PoolView | None) -> Decision[PolicyAnswer]:
-            policy = config.merge_policy(
-                state.policy, escalation=escalation, approval_threshold=approval_threshold,
-                escalation_timeout_s=escalation_timeout_s, max_extension=max_extension,
-                approvers=approvers, renotify_every_s=renotify_every_s, approvers_match=approvers_match,
-                approver_keys=approver_keys, quorum=quorum, quorum_above=quorum_above)
+            policy = config.merge_policy(state.policy, changes)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles)
         role = self.store.role()
@@ -377,7 +367,7 @@ class Ledger:
         the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
         For verdicts such as a CI gate: the cache's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
-        replayed = self.store.read(use_cache=False)
+        replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:
             raise replayed.problem
         # Fields the fold does not use are judged too, as runs verify judges them: a verdict

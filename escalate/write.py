@@ -55,19 +55,20 @@ class Inside(Protocol):
         ...
 
 
-def asked_by(store: LedgerStore, decide: Decide[R]) -> Decide[R]:
-    """``decide``, with who the store vouches is acting (``role``: the OS user, or the
-    database role, asked inside the write) on the escalations it opens and on those a
-    release withdraws: the vouched identity of the requester is what self-approval compares
-    (:func:`escalate.resolve.same_person`)."""
+def asked_by(role: str | None, decide: Decide[R]) -> Decide[R]:
+    """``decide``, with ``role`` — who the store vouches is acting (:meth:`LedgerStore.role`:
+    the OS user, or the database role, asked by the caller before the write) — on the
+    escalations it opens and on those a release withdraws: the vouched identity of the
+    requester is what self-approval compares (:func:`escalate.resolve.same_person`)."""
     def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision[R]:
         decision = decide(state, now, expired, pool)
-        opened = [event for event in decision.events if event["type"] == "escalation" or (
-            event["type"] == "escalation_resolved" and event.get("by") != TIMEOUT_ACTOR
-            and "role" not in event)]
-        role = store.role() if opened else None
-        for event in opened if role is not None else []:
-            event["role"] = role
+        if role is None:
+            return decision
+        for event in decision.events:
+            if event["type"] == "escalation" or (
+                    event["type"] == "escalation_resolved" and event.get("by") != TIMEOUT_ACTOR
+                    and "role" not in event):
+                event["role"] = role
         return decision
 
     return with_role
@@ -87,28 +88,28 @@ class MembershipChanged(Conflict):
 
 def write(store: LedgerStore, decide: Decide[R], *, actor: str, clock: Clock, checkpoint: bool = True,
           inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision[R]]:
-    """Decide and append in one critical section of ``store``; returns the seq of the first
-    line the decision wrote (or would have) and the decision. Not yet synced.
-    ``checkpoint=False``: never use or keep the store's checkpoint (a pool's log, whose
-    state it does not hold). ``member_of``: the pool whose lock the caller holds for this
-    run (:class:`MembershipChanged` when the run's first line names another)."""
-    with store.command():
-        try:
-            return _write_once(store, decide, actor, clock, use_cache=checkpoint, checkpoint=checkpoint,
-                               inside=inside, member_of=member_of)
-        except CheckpointInvalid:
-            # A cache row failed its checksum, or SQLite a read, before anything was
-            # written: decide again from the log alone. That write replaces the cache under
-            # the lock (removing it here, unlocked, would pull it from under another
-            # thread's command).
-            return _write_once(store, decide, actor, clock, use_cache=False, checkpoint=checkpoint,
-                               inside=inside, member_of=member_of)
+    """Decide and append in one critical section of ``store``, inside the caller's
+    ``store.command()``; returns the seq of the first line the decision wrote (or would
+    have) and the decision. Not yet synced. ``checkpoint=False``: never use or keep the
+    store's checkpoint (a pool's log, whose state it does not hold). ``member_of``: the
+    pool whose lock the caller holds for this run (:class:`MembershipChanged` when the
+    run's first line names another)."""
+    try:
+        return _write_once(store, decide, actor, clock, checkpoint=checkpoint, keep_checkpoint=checkpoint,
+                           inside=inside, member_of=member_of)
+    except CheckpointInvalid:
+        # A checkpoint row failed its checksum, or SQLite a read, before anything was
+        # written: decide again from the log alone. That write replaces the checkpoint under
+        # the lock (removing it here, unlocked, would pull it from under another thread's
+        # command).
+        return _write_once(store, decide, actor, clock, checkpoint=False, keep_checkpoint=checkpoint,
+                           inside=inside, member_of=member_of)
 
 
 def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock, *,
-                use_cache: bool, checkpoint: bool, inside: Inside | None,
+                checkpoint: bool, keep_checkpoint: bool, inside: Inside | None,
                 member_of: str | None) -> tuple[int, Decision[R]]:
-    with store.transaction(use_cache=use_cache) as transaction:
+    with store.transaction(checkpoint=checkpoint) as transaction:
         replayed = transaction.load()
         if replayed.problem is not None:
             raise replayed.problem
@@ -161,7 +162,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
         if inside is not None:
             inside.finish(payloads + decision.events if lines else [], now,
                           replayed.offset + sum(map(len, lines)), state)
-        if checkpoint:
+        if keep_checkpoint:
             transaction.save_checkpoint(replayed, state, lines)
     return first_seq, decision
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
 
-from escalate import Ledger
+from escalate import Ledger, errors
 from escalate.errors import Conflict, EscalateError, LockTimeout, Pending, Refused
 
 
@@ -31,3 +33,32 @@ def test_library_refusals_name_their_facts(runs_dir: Path) -> None:
         run.reserve("t2", "4.5")
     assert (refused.value.code, refused.value.task_cap_micros) == ("over_task_cap", 4_000_000)
     assert isinstance(refused.value, EscalateError)
+
+
+def _error_classes() -> list[type[EscalateError]]:
+    from escalate.core.sshsig import SigningUnavailable
+    from escalate.write import MembershipChanged
+
+    found = [value for value in vars(errors).values()
+             if isinstance(value, type) and issubclass(value, EscalateError)]
+    return [*found, MembershipChanged, SigningUnavailable]
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_declares_the_facts_its_constructor_takes(cls: type[EscalateError]) -> None:
+    # An explicit constructor: its keywords are typed (mypy refuses a fact the class does not
+    # declare), and each is an attribute the class declares, so a caller reads it typed.
+    hints = typing.get_type_hints(cls.__init__, vars(errors), include_extras=True)
+    keywords = [parameter for parameter in inspect.signature(cls.__init__).parameters.values()
+                if parameter.kind in (parameter.KEYWORD_ONLY, parameter.VAR_KEYWORD)]
+    declared = typing.get_type_hints(cls)
+    for parameter in keywords:
+        hint = hints[parameter.name]
+        if parameter.kind is parameter.VAR_KEYWORD:
+            assert typing.get_origin(hint) is typing.Unpack, (cls, parameter)
+            (facts,) = typing.get_args(hint)
+            names = facts.__required_keys__ | facts.__optional_keys__
+        else:
+            assert hint is not typing.Any, (cls, parameter)
+            names = frozenset() if parameter.name == "code" else {parameter.name}
+        assert names <= declared.keys(), (cls, names - declared.keys())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 
 import escalate
 from escalate import InvalidAmount, Ledger, Micros
+from escalate.config import PolicyOptions, PolicySettings, RunPolicyOptions, make_policy
+from escalate.pools.pool import Pool
 from tests.conftest import Location, has_run, log_bytes, snapshot_store
 
 
@@ -70,6 +73,23 @@ def test_set_policy_refuses_an_unknown_setting(store: Location) -> None:
     with pytest.raises(TypeError):
         run.set_policy("shadow")  # type: ignore[misc]
     assert snapshot_store(store) == before
+
+
+def test_policy_settings_are_one_frozen_object_the_keywords_become(store: Location) -> None:
+    # One declaration of the settings: the keywords init and set_policy take are its fields,
+    # a pool's are the same but the reminders, and the object cannot be edited in place.
+    names = {field.name for field in dataclasses.fields(PolicySettings)}
+    assert RunPolicyOptions.__optional_keys__ == names
+    assert PolicyOptions.__optional_keys__ == names - {"renotify_every_s"}
+    settings = PolicySettings(escalation="enforce", approval_threshold="2")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.quorum = 2  # type: ignore[misc]
+    run = Ledger.init(store, "r", cap="10", escalation="enforce", approval_threshold="2")
+    assert run.state().policy == make_policy(settings)
+    assert make_policy(PolicySettings.of(run.state().policy)) == run.state().policy
+    with pytest.raises(TypeError, match="renotify_every_s"):
+        Pool.init(store, "p", cap="10", renotify_every_s=600)  # type: ignore[call-arg]
+    assert not has_run(store, "p")
 
 
 def test_set_policy_changes_only_what_it_names(store: Location) -> None:

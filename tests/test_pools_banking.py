@@ -164,7 +164,7 @@ def test_books_of_the_earlier_format_are_rebuilt_not_trusted(store: Location) ->
     policy = Pool.open(store, "banked-pool").state().policy.to_json()
     ten = 10_000_000
     days = ("2026-11-23", "2026-11-24", "2026-11-25")
-    with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
+    with pool_store.command(), pool_store.transaction(checkpoint=False) as transaction:
         books: dict[str, object] = {
             "meta": {"format": 3, "epoch": transaction.derived_epoch(), "log_size": pool_store.size(),
                      "cap": ten, "policy": policy, "period": "day", "tz": "UTC"},

@@ -229,3 +229,53 @@ def test_a_quorum_lowered_after_an_approval_still_binds_that_escalation(person: 
     assert _log(where) == before
     assert _approve(person, "bob", esc)["status"] == "approved"
     assert Ledger.open(where, "r").verify().problems == []
+
+
+def test_a_quorum_lowered_before_any_approval_still_binds_the_open_escalation(person: Person) -> None:
+    """The quorum that applied when an escalation fired is recorded on its line: lowering
+    the policy before anyone approved lets nobody grant it alone; raising it applies too."""
+    esc, where = _asked(person)
+    alice_where, _ = person("alice")
+    Ledger.open(alice_where, "r", actor="alice").set_policy(quorum=1)
+    alone = _approve(person, "alice", esc)
+    assert (alone["status"], alone["state"], alone["quorum"]) == ("recorded", "open", 2)
+    assert _approve(person, "bob", esc)["status"] == "approved"
+    assert Ledger.open(where, "r").verify().problems == []
+    assert [line["quorum"] for line in _log(where) if line["type"] == "escalation"] == [2]
+    # A log where it was granted alone after the quorum was lowered is refused on replay.
+    lines = [line for line in _log(where) if line["type"] != "escalation_approved"]
+    for seq, line in enumerate(lines, start=1):
+        line["seq"] = seq
+    with pytest.raises(InputError) as refused:
+        import_log(where, "alone", rechained(lines))
+    assert "of the 2 approvals" in refused.value.message
+
+
+def test_a_pools_quorum_lowered_before_any_approval_still_binds_its_open_escalation(person: Person) -> None:
+    from escalate.pools.pool import Pool
+
+    where, _ = person("worker")
+    Pool.init(where, "team", cap="3", escalation="enforce", max_extension="5", quorum=2, actor="worker")
+    run = Ledger.init(where, "r", cap="10", pool="team", actor="worker")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "4")
+    alice_where, _ = person("alice")
+    Pool.open(alice_where, "team", actor="alice").set_policy(quorum=1)
+    assert _approve(person, "alice", pending.value.escalation_id)["status"] == "recorded"
+    assert _approve(person, "bob", pending.value.escalation_id)["status"] == "approved"
+
+
+def test_an_escalation_without_a_recorded_quorum_follows_the_policy(tmp_path: Path) -> None:
+    """Logs written before the escalation line recorded its quorum replay by the policy."""
+    where = tmp_path / "runs"
+    esc, _ = _asked(lambda who: (where, who))
+    lines = [{key: value for key, value in line.items() if key != "quorum" or line["type"] != "escalation"}
+             for line in _log(where)]
+    lines.append({**lines[-1], "seq": len(lines) + 1, "type": "policy_changed",
+                  "escalation": {**lines[0]["escalation"], "quorum": 1}})
+    for key in ("id", "task", "kind", "from_micros", "requested_micros", "remaining_micros", "reason",
+                "offered", "needed_extension_micros", "expires_at", "shadow", "request_reason",
+                "priority"):
+        lines[-1].pop(key, None)
+    import_log(where, "old", rechained(lines))
+    assert Ledger.open(where, "old", actor="alice").approve(esc)["status"] == "approved"

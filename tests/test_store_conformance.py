@@ -7,7 +7,8 @@ derived, save_derived) and read back through the same seam."""
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, ValuesView
+from collections.abc import ItemsView, Iterator, ValuesView
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from escalate.config import utc_now
 from escalate.core import fold
 from escalate.core.events import format_ts, seal
 from escalate.core.replay import Replayed
+from escalate.errors import Pending
 from escalate.stores.checkpoint import LazyRows
-from escalate.stores.seam import LedgerStore, Store, open_store
+from escalate.stores.seam import LedgerStore, Store, Transaction, open_store
 from tests.conftest import Location
 
 
@@ -74,7 +76,7 @@ class StoreContract:
                 lines = _lines(replayed, task)
                 transaction.append(replayed, lines)
                 transaction.save_checkpoint(replayed, replayed.state, lines)
-        from_checkpoint, from_lines = ledger.read(), ledger.read(use_cache=False)
+        from_checkpoint, from_lines = ledger.read(), ledger.read(checkpoint=False)
         assert from_checkpoint.state.reserved_micros == from_lines.state.reserved_micros == 3_000_000
         assert dict(from_checkpoint.state.tasks) == dict(from_lines.state.tasks)
         assert (from_checkpoint.offset, from_checkpoint.lines, from_checkpoint.last_line_start) == \
@@ -126,6 +128,43 @@ class StoreContract:
         assert sorted(runs.run_ids()) == ["r", "s"]
         assert runs.ledger("s", lock_timeout=5).exists()
         assert not runs.ledger("t", lock_timeout=5).exists()
+
+    def test_a_command_is_one_pass_and_the_role_is_asked_before_its_lock(
+            self, location: Location, monkeypatch: pytest.MonkeyPatch) -> None:
+        """One reserve that escalates: the store's command is entered once, and who the store
+        vouches for is asked before its critical section, never inside it."""
+        Ledger.init(location, "e", cap="10", escalation="enforce", approval_threshold="1")
+        run = Ledger.open(location, "e")
+        store = run.store
+        seen: list[str] = []
+        inside = [False]
+        command, transaction, role = store.command, store.transaction, store.role
+
+        def counted_command() -> AbstractContextManager[None]:
+            seen.append("command")
+            return command()
+
+        @contextmanager
+        def watched_transaction(**options: bool) -> Iterator[Transaction]:
+            with transaction(**options) as opened:
+                inside[0] = True
+                try:
+                    yield opened
+                finally:
+                    inside[0] = False
+
+        def watched_role() -> str | None:
+            seen.append("role inside" if inside[0] else "role")
+            return role()
+
+        monkeypatch.setattr(store, "command", counted_command)
+        monkeypatch.setattr(store, "transaction", watched_transaction)
+        monkeypatch.setattr(store, "role", watched_role)
+        with pytest.raises(Pending) as pending:
+            run.reserve("t", "2")
+        assert seen == ["role", "command"]
+        escalation = run.state().escalations[pending.value.escalation_id]
+        assert escalation.requested_role == role()
 
 
 class TestFileStore(StoreContract):

@@ -86,7 +86,7 @@ def test_nothing_crashes_at_the_limit(store: Location, cli: Any) -> None:
 def _append_unchecked(run: Ledger, *payloads: dict[str, Any]) -> None:
     """Append correctly chained lines through the store, past the fold's checks (and outside
     any pool's lock): what a buggy writer, an edit, or a version without the limit leaves."""
-    with run.store.command(), run.store.transaction(use_cache=False) as transaction:
+    with run.store.command(), run.store.transaction(checkpoint=False) as transaction:
         replayed = transaction.load()
         state = replayed.state
         sealed = seal(payloads, seq=state.seq, prev=state.last_hash, ts=state.last_ts, actor="forger")

@@ -23,6 +23,7 @@ from escalate.core.rules import (
     over_left,
     over_threshold,
     period_name,
+    quorum_required,
     release_refusal,
 )
 from escalate.core.state import EscalationState, Policy, RunState, Task
@@ -389,6 +390,11 @@ def _escalation_event(state: RunState, request: Request, remaining: int, reason:
                          + (" in this period" if reason == "pool_cap" else ""))
     event["request_reason"] = request.reason
     event["priority"] = request.priority
+    # The quorum that applies as it fires binds it (docs/escalation.md, "Quorum"): lowering
+    # the policy afterwards lets nobody grant it alone. A pool's escalation needs the run's too.
+    quorum = quorum_required((state.policy, policy), needed)
+    if quorum > 1 and not shadow:
+        event["quorum"] = quorum
     return event
 
 

@@ -30,7 +30,7 @@ from escalate.core.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.core.rules import extension_left, needed_extension, pinned_keys, quorum_needed, same_person
+from escalate.core.rules import extension_left, needed_extension, pinned_keys, quorum_required, same_person
 from escalate.core.state import EscalationState, RuleViolation, RunState, Task
 
 
@@ -74,6 +74,8 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         needed_extension_micros=(int_field(event, "needed_extension_micros")
                                  if "needed_extension_micros" in event
                                  else needed_extension(requested - from_micros, remaining)),
+        # The quorum that applied when it fired (older lines, and a quorum of 1: none).
+        quorum=max(1, int_field(event, "quorum", limit=MAX_QUORUM)) if "quorum" in event else 1,
     )
     state.escalations[escalation_id] = escalation
     if shadow:
@@ -156,7 +158,7 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
     _check_quorum(state, escalation, by, role, counted=False)
     check_signed(state, escalation, event, "extend", by)  # (older lines, and unpinned runs: none)
     escalation.approvals.append({"by": by, **({"role": role} if role is not None else {})})
-    escalation.quorum = quorum
+    escalation.quorum = max(escalation.quorum, quorum)
 
 
 def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None, *,
@@ -167,7 +169,7 @@ def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: s
     if any(same_person(approval["by"], approval.get("role"), by, role, False)
            for approval in escalation.approvals):
         raise RuleViolation(f"escalation {escalation.id!r} approved twice by {role or by!r}")
-    needed = max(quorum_needed(state.policy, escalation.needed_extension_micros), escalation.quorum)
+    needed = quorum_required([state.policy], escalation.needed_extension_micros, escalation.quorum)
     if counted and len(escalation.approvals) + 1 < needed:
         raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
                             f"of the {needed} approvals its run's quorum needs")

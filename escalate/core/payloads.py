@@ -178,6 +178,10 @@ class Escalation(TypedDict):
     priority: NotRequired[Annotated[Priority, Doc("How urgent the requester says it is (--priority).")]]
     pool: NotRequired[Annotated[IdStr, Doc(
         "reason pool_cap: the pool whose policy decides it (its approvers, its max extension).")]]
+    quorum: NotRequired[Annotated[Annotated[int, Check.MORE], Doc(
+        "The distinct approvers the policy asked for when it fired (the run's, and a pool_cap "
+        "escalation's pool's): it binds the escalation though the policy is lowered later. "
+        "Absent: 1, or an older line, which follows the policy.")]]
     role: NotRequired[Annotated[NameStr, Doc(
         "Who the store vouches asked: the database role (current_user) on PostgreSQL, the OS "
         "user of the writing process on the file store. Self-approval compares it (docs/"

@@ -21,12 +21,12 @@ from escalate.core.rules import (
     over_cap,
     over_threshold,
     period_name,
-    quorum_needed,
+    quorum_required,
     same_person,
     vouched_match,
 )
 from escalate.core.state import EscalationState, Policy, RunState
-from escalate.errors import Conflict, InputError, Refused
+from escalate.errors import Conflict, InputError, Refused, RefusedFacts
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
@@ -85,7 +85,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
     if refusal is not None:
         return fail(refusal)
     if escalation.state == "resolved":
-        facts = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
+        facts: dict[str, Any] = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
                  "by": escalation.by, "resolved_at": escalation.resolved_at}
         if escalation.mode == mode and escalation.by == by:
             return Decision(result={"status": "exists", "escalation_id": escalation_id, "state": "resolved",
@@ -124,13 +124,14 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
 
 def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
     """Distinct approvers ``escalation`` needs: the run's quorum and, where the pool decides
-    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool.
-    An approval already counted fixes the quorum it was counted against (``escalation.quorum``):
-    a policy lowered afterwards lets nobody grant that escalation alone."""
-    needed = max(quorum_needed(state.policy, escalation.needed_extension_micros), escalation.quorum)
+    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool —
+    and never fewer than the quorum recorded when it fired (``escalation.quorum``;
+    :func:`~escalate.core.rules.quorum_required`): a policy lowered afterwards lets nobody
+    grant it alone."""
+    policies = [state.policy]
     if pool is not None and _the_pools(pool, escalation, "extend"):
-        needed = max(needed, quorum_needed(pool.policy, escalation.needed_extension_micros))
-    return needed
+        policies.append(pool.policy)
+    return quorum_required(policies, escalation.needed_extension_micros, escalation.quorum)
 
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
@@ -180,8 +181,8 @@ def _not_allowed(state: RunState, escalation: EscalationState, mode: str, by: st
     ``by`` is who resolves (a library caller may resolve for a person under its own actor);
     names are claimed, the ``role`` is vouched for by the store (docs/escalation.md, "Who
     is who")."""
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
-             "requested_by": escalation.requested_by}
+    facts: dict[str, Any] = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+                             "requested_by": escalation.requested_by}
     if mode == "withdraw":
         same = same_person(escalation.requested_by, escalation.requested_role, by, role,
                            vouched_match(state.policy, roles))
@@ -219,8 +220,8 @@ def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role
     of ``kind`` (run, pool) ``ledger_id``, or None. ``deciding``: that ledger's policy, and
     whether the store's approver lists name database roles; ``why``: what makes it theirs,
     when that is not plain. Who is the requester: :func:`~escalate.core.rules.same_person`."""
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
-             "requested_by": escalation.requested_by}
+    facts: dict[str, Any] = {"escalation_id": escalation.id, "task": escalation.task, "by": by,
+                             "requested_by": escalation.requested_by}
     policy, roles = deciding
     approvers = policy.approvers
     same = same_person(escalation.requested_by, escalation.requested_role, by, role,
@@ -259,7 +260,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
         return {}
     from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "by": by}
+    facts: RefusedFacts = {"escalation_id": escalation.id, "task": escalation.task, "by": by}
     pinned = policy.approver_keys.get(by, ())
     if not pinned:
         return Refused(f"cannot resolve {escalation.id}: no key is pinned for {by} (pinned: "

@@ -8,6 +8,7 @@ is written once and both sides agree by construction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 from escalate.core.money import MAX_TOTAL_MICROS, format_usd
@@ -97,6 +98,15 @@ def quorum_needed(policy: Policy, needed_extension_micros: int) -> int:
     (``policy.quorum`` above ``quorum_above_micros``, or for every escalation without one)."""
     above = policy.quorum_above_micros
     return policy.quorum if above is None or needed_extension_micros > above else 1
+
+
+def quorum_required(policies: Iterable[Policy], needed_extension_micros: int, floor: int = 1) -> int:
+    """Distinct approvers an open escalation needing this cap extension must have: the
+    stricter of each deciding policy's quorum now (a run's, and its pool's where the pool
+    decides it) and ``floor``, the quorum its line recorded when it fired (or an approval
+    was counted against). One rule for the decisions, the fold and the inbox: a quorum
+    lowered after an escalation fired never applies to it; one raised does."""
+    return max(floor, *(quorum_needed(policy, needed_extension_micros) for policy in policies))
 
 
 def same_person(requested_by: str | None, requested_role: str | None, by: str | None,

@@ -148,7 +148,8 @@ class EscalationState:
     # Who the store vouches resolved it (the resolution's ``role``; None: not recorded).
     resolved_role: str | None = None
     # The approvals so far of an escalation that needs a quorum ({"by", "role"?} each), and
-    # how many its last one said the policy needs.
+    # the quorum that binds it whatever the policy says later: what its line recorded when it
+    # fired, or the most an approval was counted against (escalate.core.rules.quorum_required).
     approvals: list[dict[str, str]] = field(default_factory=list)
     quorum: int = 1
     resolved_at: str | None = None
@@ -185,7 +186,8 @@ class EscalationState:
             "mode": self.mode,
             "by": self.by,
             **({"resolved_role": self.resolved_role} if self.resolved_role is not None else {}),
-            **({"approvals": self.approvals, "quorum": self.quorum} if self.approvals else {}),
+            **({"approvals": self.approvals} if self.approvals else {}),
+            **({"quorum": self.quorum} if self.approvals or self.quorum > 1 else {}),
             "resolved_at": self.resolved_at,
             "extension_micros": self.extension_micros,
             "request_reason": self.request_reason,

@@ -97,7 +97,7 @@ def read_pool(runs: Store, pool_id: str, lock_timeout: float) -> RunState:
         raise InputError(f"no pool {pool_id} under {runs.where}; see 'escalate pools list', or create "
                          f"it with 'escalate pools init {pool_id} --cap USD'", code="unknown_pool",
                          pool=pool_id)
-    replayed = store.read(use_cache=False)
+    replayed = store.read(checkpoint=False)
     if replayed.problem is not None:
         raise replayed.problem
     facts_of(replayed.state)
@@ -382,7 +382,7 @@ def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Deci
     if not pool_store.exists():
         raise UnknownRun(f"run {run_store.run_id} belongs to pool {pool_id}, which is gone from "
                          f"{runs.where}; restore the pool's folder", run=run_store.run_id, pool=pool_id)
-    with pool_store.command(), pool_store.transaction(use_cache=False) as transaction:
+    with pool_store.command(), pool_store.transaction(checkpoint=False) as transaction:
         book = open_book(transaction, pool_store, runs, lock_timeout=lock_timeout)
         return write(run_store, decide, actor=actor, clock=clock,
                      inside=MemberWrite(book, run_store.run_id, copied), member_of=pool_id)

@@ -11,10 +11,10 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
-from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S, UNCHANGED, Clock, Unchanged
+from escalate.config import UNCHANGED, Clock, Unchanged
 from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
@@ -73,6 +73,15 @@ class PoolReport(TypedDict):
     unreadable: list[UnreadableMember]
 
 
+class PoolInitOptions(config.PolicyOptions, total=False):
+    """:meth:`Pool.init`'s keywords besides the cap and the period: the pool's escalation
+    settings, and :class:`Pool`'s own options."""
+
+    lock_timeout: float | None
+    actor: str | None
+    clock: Clock | None
+
+
 class Pool:
     """One pool in a store (a runs folder)."""
 
@@ -96,26 +105,20 @@ class Pool:
         cap: Amount,
         period: str = "none",
         tz: str = "UTC",
-        escalation: str = "off",
-        approval_threshold: Amount | None = None,
-        escalation_timeout_s: float | None = DEFAULT_ESCALATION_TIMEOUT_S,
-        max_extension: Amount = "0",
-        approvers: str | list[str] | tuple[str, ...] = (),
-        approvers_match: str = "claimed", quorum: int = 1, quorum_above: Amount | None = None,
-        approver_keys: config.ApproverKeys = (),
-        **options: Any,
+        **options: Unpack[PoolInitOptions],
     ) -> Pool:
         """Create a pool (the same settings again is fine; different ones conflict).
-        ``period``: none, day, week or month, in the IANA zone ``tz``; ``max_extension`` is
-        what approvals of ``pool_cap`` escalations may add per period."""
-        pool = cls(runs_dir, pool_id, **options)
+        ``period``: none, day, week or month, in the IANA zone ``tz``; ``options``: the
+        escalation settings (:class:`escalate.config.PolicyOptions`) and :class:`Pool`'s own
+        options; ``max_extension`` is what approvals of ``pool_cap`` escalations may add per
+        period."""
+        settings, pool_options = config.PolicySettings.split(options, config.PolicyOptions.__optional_keys__)
+        pool = cls(runs_dir, pool_id, **pool_options)
         pool.runs_store.check_usable()
         cap_micros, _ = config.run_caps(cap, None)
         kind = check_period(period)
         check_new_zone(tz)
-        policy = config.make_policy(escalation, approval_threshold, escalation_timeout_s, max_extension,
-                                    approvers=approvers, approvers_match=approvers_match,
-                                    approver_keys=approver_keys, quorum=quorum, quorum_above=quorum_above)
+        policy = config.make_policy(settings)
         payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
                    "tz": tz, "escalation": policy.to_json()}
         line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -203,45 +206,30 @@ class Pool:
             "unreadable": unreadable,
         }
 
-    def set_policy(
-        self,
-        *,
-        cap: Amount | Unchanged = UNCHANGED,
-        escalation: str | Unchanged = UNCHANGED,
-        approval_threshold: Amount | Unchanged | None = UNCHANGED,
-        escalation_timeout_s: float | Unchanged | None = UNCHANGED,
-        max_extension: Amount | Unchanged = UNCHANGED,
-        approvers: str | list[str] | tuple[str, ...] | Unchanged = UNCHANGED,
-        approvers_match: str | Unchanged = UNCHANGED,
-        quorum: int | Unchanged = UNCHANGED,
-        quorum_above: Amount | Unchanged | None = UNCHANGED,
-        approver_keys: config.ApproverKeys | Unchanged = UNCHANGED,
-    ) -> PoolPolicyResult:
+    def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED,
+                   **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again."""
         from escalate.pools.decide import decide_pool_policy
 
-        changes: dict[str, Any] = {"escalation": escalation, "approval_threshold": approval_threshold,
-                                   "escalation_timeout_s": escalation_timeout_s,
-                                   "max_extension": max_extension, "approvers": approvers,
-                                   "approvers_match": approvers_match, "approver_keys": approver_keys,
-                                   "quorum": quorum, "quorum_above": quorum_above}
+        names = config.PolicyOptions.__optional_keys__
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
-        config.merge_policy(self.state().policy, **changes)
+        config.merge_policy(self.state().policy, changes, names)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
-            policy = config.merge_policy(state.policy, **changes)
+            policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
                                       self._granted(now) if lowered else None, self.store.approvers_are_roles)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
-        _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
-                                           clock=self.clock, lock_timeout=self.lock_timeout)
-        self.store.sync()
+        with self.store.command():
+            _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
+                                               clock=self.clock, lock_timeout=self.lock_timeout)
+            self.store.sync()
         return {"pool": self.pool_id, **decision.answer()}
 
 

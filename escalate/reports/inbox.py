@@ -17,7 +17,7 @@ from escalate.core.decide import fired_limit
 from escalate.core.events import PRIORITIES
 from escalate.core.ids import check_id
 from escalate.core.resolve import grant_delta, unknown_escalation
-from escalate.core.rules import extension_left, needed_extension, quorum_needed
+from escalate.core.rules import extension_left, needed_extension, quorum_required
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import EscalateError
 from escalate.escalation.delivery import answer_commands
@@ -195,8 +195,7 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
                                                     report["extended_micros"])},
         "approvers": list(policy.approvers),
         "approvals": _approvals(escalation),
-        "quorum": escalation.quorum if escalation.approvals else
-        quorum_needed(policy, escalation.needed_extension_micros),
+        "quorum": quorum_required([policy], escalation.needed_extension_micros, escalation.quorum),
         "notices": [{"attempt": event["attempt"], "at": event["ts"], "ok": event["ok"],
                      "detail": event.get("detail", "")}
                     for event in events if event.get("type") == "escalation_notified"

@@ -141,15 +141,15 @@ class LedgerStore(Protocol):
         at a time."""
         ...
 
-    def transaction(self, *, use_cache: bool = True) -> AbstractContextManager[Transaction]:
-        """The critical section of one command (``use_cache=False``: load without the
+    def transaction(self, *, checkpoint: bool = True) -> AbstractContextManager[Transaction]:
+        """The critical section of one command (``checkpoint=False``: load without the
         checkpoint, after :class:`CheckpointInvalid`)."""
         ...
 
-    def read(self, *, use_cache: bool = True) -> Replayed:
+    def read(self, *, checkpoint: bool = True) -> Replayed:
         """The fold as a reader sees it, without the writers' lock. A problem is reported
         only if a fold under the lock confirms it, and the state then stops before the
-        first line it casts doubt on. ``use_cache=False``: every line, never a checkpoint."""
+        first line it casts doubt on. ``checkpoint=False``: every line, never a checkpoint."""
         ...
 
     def verify(self) -> Replayed:

@@ -131,20 +131,20 @@ class FileLedger:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
     @contextmanager
-    def transaction(self, *, use_cache: bool = True) -> Iterator[FileTransaction]:
-        with self._present(), self.log.resolved(), self.log.locked():
-            transaction = FileTransaction(self, use_cache=use_cache)
+    def transaction(self, *, checkpoint: bool = True) -> Iterator[FileTransaction]:
+        with self._present(), self.log.locked():
+            transaction = FileTransaction(self, checkpoint=checkpoint)
             try:
                 yield transaction
             finally:
                 transaction.close()
 
-    def read(self, *, use_cache: bool = True) -> Replayed:
+    def read(self, *, checkpoint: bool = True) -> Replayed:
         with self._present(), self.log.resolved():
-            replayed = self._fold(writable=False, use_cache=use_cache)
+            replayed = self.fold(writable=False, checkpoint=checkpoint)
             if replayed.problem is None:
                 return replayed
-            return self._confirmed(replayed, lambda: self._fold(writable=False, use_cache=use_cache))
+            return self._confirmed(replayed, lambda: self.fold(writable=False, checkpoint=checkpoint))
 
     def verify(self) -> Replayed:
         def fold() -> Replayed:
@@ -218,14 +218,14 @@ class FileLedger:
         except (LockTimeout, StoreUnavailable, OSError):
             return replayed
 
-    def _fold(self, *, writable: bool, use_cache: bool) -> Replayed:
+    def fold(self, *, writable: bool, checkpoint: bool) -> Replayed:
         """Fold the log, from the checkpoint when it still matches the log (then only the
-        lines after it are read) and ``use_cache``. Only a writer holding the lock may build
-        the checkpoint."""
+        lines after it are read) and ``checkpoint``. Only a writer holding the lock may build
+        the checkpoint (``writable``: :meth:`FileTransaction.load`)."""
         if not self.log.exists():
             raise self._unknown()
         start = None
-        if self.checkpoint is not None and use_cache:
+        if self.checkpoint is not None and checkpoint:
             loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
@@ -244,14 +244,14 @@ class FileLedger:
 class FileTransaction:
     """A command's critical section: the run's lock is held (:class:`escalate.stores.seam.Transaction`)."""
 
-    def __init__(self, ledger: FileLedger, *, use_cache: bool) -> None:
+    def __init__(self, ledger: FileLedger, *, checkpoint: bool) -> None:
         self._ledger = ledger
-        self._use_cache = use_cache
+        self._from_checkpoint = checkpoint
         self._saved_to = ""
         self._db: sqlite3.Connection | None = None  # the derived values, opened on first use
 
     def load(self) -> Replayed:
-        return self._ledger._fold(writable=True, use_cache=self._use_cache)
+        return self._ledger.fold(writable=True, checkpoint=self._from_checkpoint)
 
     def now(self, clock: Clock) -> datetime:
         return clock()

@@ -44,14 +44,14 @@ def lines_of(connection: Connection, run_id: str, where: str, size: int) -> Line
 
 
 def fold(connection: Connection, run_id: str, where: str, row: tuple[Any, ...], *, writable: bool,
-         use_cache: bool) -> Replayed:
+         checkpoint: bool) -> Replayed:
     """Fold the ledger from its checkpoint (then only the lines after it are read), or
-    from its first line when there is none, ``use_cache`` is off or it cannot be read.
+    from its first line when there is none, ``checkpoint`` is off or it cannot be read.
     ``row``: the ledger's (size, lines, checkpoint, checkpoint_lines)."""
-    size, _, checkpoint, checkpoint_lines = row[:4]
+    size, _, saved, checkpoint_lines = row[:4]
     lines = lines_of(connection, run_id, where, size)
-    start = _checkpoint(connection, run_id, checkpoint, checkpoint_lines, writable) \
-        if use_cache and checkpoint is not None else None
+    start = _checkpoint(connection, run_id, saved, checkpoint_lines, writable) \
+        if checkpoint and saved is not None else None
     return fold_from(lines, run_id, start, writable=writable)
 
 

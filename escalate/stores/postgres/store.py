@@ -181,6 +181,27 @@ class PgStore:
                     if not connection.autocommit and not connection.broken and in_transaction(connection):
                         connection.rollback()
 
+    @property
+    def in_transaction(self) -> bool:
+        """True inside a ledger's transaction of this store, in this process (:meth:`joined`)."""
+        return self._active is not None
+
+    @contextmanager
+    def joined(self, connection: Connection) -> Iterator[None]:
+        """Inside, ``connection`` is in a ledger's transaction: every connection asked of
+        this store is that one (a member run's transaction inside its pool's is a savepoint
+        of it, and both commit together)."""
+        self._active = connection
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def schema_checked(self) -> None:
+        """The schema was found up to date (by a query that asked for its version): no
+        connection needs to check it again."""
+        self._schema_ready = True
+
     @contextmanager
     def listening(self) -> Iterator[Connection]:
         """A connection that listens on :data:`CHANNEL`: one kept for it when the store was
@@ -268,7 +289,7 @@ class PgLedger:
                 row = None  # (no tables yet; connection() ends the failed transaction)
         if row is None or row[0] is None or row[0] < tables.SCHEMA_VERSION:
             return self.exists(), None
-        self._store._schema_ready = True
+        self._store.schema_checked()
         exists = row[1] is not None and row[1] > 0
         return exists, bytes(row[2]) if exists and row[2] is not None else None
 
@@ -290,14 +311,14 @@ class PgLedger:
         return True
 
     @contextmanager
-    def transaction(self, *, use_cache: bool = True) -> Iterator[PgTransaction]:
+    def transaction(self, *, checkpoint: bool = True) -> Iterator[PgTransaction]:
         """One round trip opens the transaction, bounds the lock wait and locks the row; the
         rows the fold asks for are read; one more sends every write and the commit. Opened
         inside another ledger's transaction of this store (a member run inside its pool's),
         it is a savepoint of that one: both commit together, or neither."""
         store = self._store
         with store.connection() as connection:
-            outer = store._active is None
+            outer = not store.in_transaction
             _step("connected")
             # At least a millisecond: 0 would mean "wait for ever" to PostgreSQL.
             lock_timeout = f"{max(1, round(self.lock_timeout * 1000))}ms"
@@ -315,15 +336,10 @@ class PgLedger:
                 if row is None or not row[1]:
                     raise self._unknown()
                 _step("locked")
-                transaction = PgTransaction(self, connection, row, use_cache=use_cache, step=_step,
+                transaction = PgTransaction(self, connection, row, checkpoint=checkpoint, step=_step,
                                             savepoint=None if outer else _NESTED)
-                if outer:
-                    store._active = connection
-                try:
+                with store.joined(connection) if outer else nullcontext():
                     yield transaction
-                finally:
-                    if outer:
-                        store._active = None
                 transaction.commit()
             except psycopg.errors.LockNotAvailable:
                 self._undo(connection, outer)
@@ -346,9 +362,9 @@ class PgLedger:
             with contextlib.suppress(psycopg.Error):
                 connection.execute(f"ROLLBACK TO SAVEPOINT {_NESTED}")
 
-    def read(self, *, use_cache: bool = True) -> Replayed:
+    def read(self, *, checkpoint: bool = True) -> Replayed:
         with self._snapshot() as (connection, row):
-            return self.fold(connection, row, writable=False, use_cache=use_cache)
+            return self.fold(connection, row, writable=False, checkpoint=checkpoint)
 
     def verify(self) -> Replayed:
         with self._snapshot() as (connection, row):
@@ -420,8 +436,8 @@ class PgLedger:
         """A read-only transaction that sees one moment: the checkpoint, the lines and the
         rows agree however many queries it takes."""
         with self._store.connection() as connection, \
-                nullcontext() if self._store._active is not None else connection.transaction():
-            if self._store._active is None:  # (inside a write, its transaction is the moment)
+                nullcontext() if self._store.in_transaction else connection.transaction():
+            if not self._store.in_transaction:  # (inside a write, its transaction is the moment)
                 connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = connection.execute("SELECT size, lines, checkpoint, checkpoint_lines FROM "
                                      "escalate_ledgers WHERE ledger = %s", (self.run_id,)).fetchone()
@@ -430,7 +446,7 @@ class PgLedger:
             yield connection, row
 
     def fold(self, connection: Connection, row: tuple[Any, ...], *, writable: bool,
-             use_cache: bool) -> Replayed:
+             checkpoint: bool) -> Replayed:
         """The ledger folded in ``connection``'s transaction
         (:func:`escalate.stores.postgres.reading.fold`)."""
-        return fold(connection, self.run_id, self.where, row, writable=writable, use_cache=use_cache)
+        return fold(connection, self.run_id, self.where, row, writable=writable, checkpoint=checkpoint)

@@ -37,13 +37,13 @@ class PgTransaction:
     literals (:func:`text_literal`, :func:`bytes_literal`; the values are ids, numbers and bytes)."""
 
     def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
-                 use_cache: bool, step: Callable[[str], None], savepoint: str | None = None) -> None:
+                 checkpoint: bool, step: Callable[[str], None], savepoint: str | None = None) -> None:
         self._ledger = ledger
         self._step = step  # pg_store.STEP_HOOK's caller
         self._connection = connection
         self._row = row
         self._read_at = time.monotonic()  # when the row (and the server's time) arrived
-        self._use_cache = use_cache
+        self._from_checkpoint = checkpoint
         self._ledger_text = text_literal(ledger.run_id)
         self._size, self._lines = int(row[0]), int(row[1])
         self._writes: list[str] = []
@@ -57,7 +57,7 @@ class PgTransaction:
 
     def load(self) -> Replayed:
         replayed = self._ledger.fold(self._connection, self._row, writable=True,
-                                      use_cache=self._use_cache)
+                                      checkpoint=self._from_checkpoint)
         self._step("loaded")
         return replayed
 
