@@ -299,21 +299,38 @@ class Ledger:
         """Take back an open escalation (its requester only); the task keeps what it holds."""
         return self._resolve(escalation_id, "withdraw", by)
 
-    def set_policy(self, **changes: Unpack[config.RunPolicyOptions]) -> PolicyResult:
+    def set_policy(self, *, sign: KeyFile | None = None, signature: str | None = None,
+                   **changes: Unpack[config.RunPolicyOptions]) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
-        ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys)."""
+        ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys).
+        While keys are pinned the change must be signed: ``sign`` and ``signature`` as for
+        :meth:`approve` (:meth:`policy_signing_content` says what it covers)."""
         # An unknown setting is a TypeError before anything is opened for writing.
         config.PolicySettings().changed(changes, config.RunPolicyOptions.__optional_keys__)
+        if sign is not None and signature is None:
+            from escalate.escalation.signing import sign_change
+
+            signature = sign_change(self.policy_signing_content(**changes), sign)
 
         def decide(state: RunState, now: str, expired: list[str],
                    pool: PoolView | None) -> Decision[PolicyAnswer]:
             policy = config.merge_policy(state.policy, changes)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
-                                         self.store.approvers_are_roles)
+                                         self.store.approvers_are_roles, signature)
         role = self.store.role()
         return {"run": self.run_id, **self._mutate(decide)}
+
+    def policy_signing_content(self, **changes: Unpack[config.RunPolicyOptions]) -> bytes | None:
+        """The bytes a signature of this policy change covers now
+        (:func:`escalate.core.sshsig.policy_content`); None while no keys are pinned (the
+        first pinning is not signed). Another change written first makes it stale."""
+        state = self.state()
+        if not state.policy.approver_keys:
+            return None
+        policy = config.merge_policy(state.policy, changes)
+        return resolve.policy_signing_content(state, resolve.policy_change(state, policy))
 
     def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
         """Resolve expired escalations (``expired``), then send again each notice due within
@@ -380,6 +397,14 @@ class Ledger:
                     f"{self.store.where} line {line}: {problem}; inspect with "
                     f"'escalate runs verify {self.run_id}'", run=self.run_id, line=line,
                     problem=problem, first_suspect_line=line)
+        if replayed.state.member_of is not None:  # its pool decides some of its approvals
+            from escalate.pools.signatures import member_problems
+
+            for line, problem in member_problems(self.runs_store, self.store)[:1]:
+                raise CorruptLedger(
+                    f"{self.store.where} line {line}: {problem}; inspect with "
+                    f"'escalate runs verify {self.run_id}'", code="forged_signature", run=self.run_id,
+                    line=line, problem=problem, first_suspect_line=line)
         return replayed.state
 
     def replayed(self) -> Replayed:

@@ -147,7 +147,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
             sealed = seal(payloads + decision.events, seq=seq, prev=prev, ts=now,
                           actor=actor, grouped=True)
             lines = [line + b"\n" for _, line, _ in sealed]
-            state.last_hash = sealed[-1][2]
+            rehash(state, sealed)
         if recovery is not None and not expiries and not decision.events:
             # Only the torn tail would be written: an answer that needs no write (an
             # idempotent repeat, a refusal already on record) leaves it for the next
@@ -196,6 +196,19 @@ def floor_ts(store: LedgerStore, state: RunState) -> str:
         f"2026-11-23T14:00:00.123456Z; writes are refused — inspect with "
         f"'escalate runs verify {state.run_id}'", run=state.run_id, line=state.seq,
         problem="invalid ts", first_suspect_line=state.seq)
+
+
+def rehash(state: RunState, sealed: list[tuple[Event, bytes, str]]) -> None:
+    """The hashes ``state`` keeps, as of ``sealed``: lines sealed again as one group (their
+    ``more`` markers, and so every hash after the first, changed since they were folded). A
+    signature covers an escalation's line and the line that set the policy: a stale hash in
+    the checkpoint would make a signature that the next replay refuses."""
+    for event, _, this_hash in sealed:
+        if event["type"] == "escalation":
+            state.escalations[event["id"]].line_hash = this_hash
+        elif event["type"] == "policy_changed":
+            state.policy_line = this_hash
+    state.last_hash = sealed[-1][2]
 
 
 def seal_into(state: RunState, payloads: Iterable[Event], now: str, actor: str) -> list[bytes]:

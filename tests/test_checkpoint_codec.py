@@ -20,7 +20,7 @@ UNUSUAL = {
                      renotify_every_s=60, approvers=("ann", "bo")),
     "opened_at": "2026-01-02T03:04:05.000006Z", "spent_micros": 11, "reserved_micros": 12,
     "extended_micros": 13, "seq": 14, "last_hash": "ab" * 32, "last_ts": "2026-01-02T03:04:06.000000Z",
-    "halts": 2, "recoveries": 1, "member_of": "P", "archived": True,
+    "halts": 2, "recoveries": 1, "member_of": "P", "archived": True, "policy_line": "cd" * 8,
 }
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from escalate import Ledger, Pending
 from escalate.core import sshsig
+from escalate.errors import CorruptLedger, InputError
 from escalate.escalation import signing
 from escalate.transfer import import_log
 from tests.conftest import log_bytes, rechained, snapshot_store
@@ -192,11 +193,23 @@ def test_a_forged_signature_in_a_rechained_log_fails_verify_gate_and_import(
         assert "escalation_resolved" in verified.stdout or "sign" in verified.stdout, name
         assert cli("gate", "r").exit_code == 6, name
         for target in (tmp_path / f"copy-{len(name)}", pg_url):
-            with pytest.raises(Exception, match="nothing was imported") as refused:
+            with pytest.raises(CorruptLedger, match="nothing was imported") as refused:
                 import_log(target, "moved", forged)
-            assert getattr(refused.value, "code", None) == "invalid_log", name
+            assert (refused.value.code, refused.value.exit_code) == ("forged_signature", 6), name
         assert cli("runs", "list", "--runs-dir", str(tmp_path / f"copy-{len(name)}"), "--json").json() == {
             "runs": []} or not (tmp_path / f"copy-{len(name)}" / "moved").exists()
+        (tmp_path / "forged.ndjson").write_bytes(forged)
+        imported = cli("runs", "import", "moved", str(tmp_path / "forged.ndjson"), "--json")
+        assert (imported.exit_code, imported.json()["error"]) == (6, "forged_signature"), name
+        assert imported.stderr.count("\n") == 1 and "signature" in imported.stderr, name
+    assert not (runs_dir / "moved").exists()
+    # Other damage is still bad input (exit 2): a line changed without its chain rebuilt.
+    damaged = signed.replace(b'"run_cap_micros":10000000', b'"run_cap_micros":90000000', 1)
+    assert damaged != signed
+    for target in (tmp_path / "damaged", pg_url):
+        with pytest.raises(InputError, match="nothing was imported") as bad:
+            import_log(target, "moved", damaged)
+        assert (bad.value.code, bad.value.exit_code) == ("invalid_log", 2)
     # The genuine log imports into both stores and verifies there.
     for target in (tmp_path / "good", pg_url):
         import_log(target, "moved", signed)
@@ -223,12 +236,14 @@ def test_pinned_keys_are_changed_only_by_a_pinned_approver(cli: Any, keys: dict[
     bad = cli("runs", "set", "r", "--approver-key", "alice=ssh-ed25519 notbase64!", "--by", "alice", "--json")
     assert (bad.exit_code, bad.json()["error"]) == (2, "invalid_key")
     assert bad.stderr.count("\n") == 1 and snapshot_store(store) == before
-    changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice")
+    changed = cli("runs", "set", "r", "--approver-key", f"alice={pub(keys['alice-rsa'])}", "--by", "alice",
+                  "--sign", str(keys["alice-ed25519"]))  # (a change to a policy that pins keys is signed)
     assert changed.exit_code == 0, changed.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {"alice": (pub(keys["alice-rsa"]),)}
     refused = cli("runs", "set", "r", "--approver-key", "", "--by", "mallory", "--json")
     assert (refused.exit_code, refused.json()["error"]) == (3, "not_an_approver")
-    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice")
+    unpinned = cli("runs", "set", "r", "--approver-key", "", "--by", "alice",
+                   "--sign", str(keys["alice-rsa"]))
     assert unpinned.exit_code == 0, unpinned.stderr
     assert Ledger.open(store, "r").state().policy.approver_keys == {}
     assert "approver_keys" not in Ledger.open(store, "r").state().policy.to_json()
@@ -391,9 +406,9 @@ def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_impo
         assert "sign" in verified.stdout, (name, verified.stdout)
         assert cli("gate", "r").exit_code == 6, name
         for target in (tmp_path / f"copy-{len(name)}", pg_url):
-            with pytest.raises(Exception, match="nothing was imported") as refused:
+            with pytest.raises(CorruptLedger, match="nothing was imported") as refused:
                 import_log(target, "moved", forged)
-            assert getattr(refused.value, "code", None) == "invalid_log", name
+            assert (refused.value.code, refused.value.exit_code) == ("forged_signature", 6), name
         assert not (tmp_path / f"copy-{len(name)}" / "moved").exists(), name
     for target in (tmp_path / "good", pg_url):
         import_log(target, "moved", signed)

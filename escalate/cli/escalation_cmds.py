@@ -67,6 +67,10 @@ SignOption = Annotated[Path | None, typer.Option(
     "--sign", metavar="KEYFILE",
     help="Sign the resolution with this private SSH key file, or with ssh-agent when KEYFILE is the "
     "key's .pub (needed when the policy pins approvers' keys).", show_default=False)]
+ChangeSignOption = Annotated[Path | None, typer.Option(
+    "--sign", metavar="KEYFILE",
+    help="Sign the change with this private SSH key file, or with ssh-agent when KEYFILE is the key's "
+    ".pub (needed while the policy pins approvers' keys: a key pinned for --by).", show_default=False)]
 
 
 def _resolve(mode: str, run: str, escalation_id: str, runs_dir: Path | None, lock_timeout: str | None,

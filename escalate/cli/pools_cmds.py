@@ -18,7 +18,7 @@ from escalate.cli import (
     open_options,
     respond,
 )
-from escalate.cli.escalation_cmds import ApproverKeyOption
+from escalate.cli.escalation_cmds import ApproverKeyOption, ChangeSignOption
 from escalate.cli.runs_cmds import (
     _POLICY_FIELDS,
     ApproversMatchOption,
@@ -192,7 +192,7 @@ def set_policy(
     quorum: QuorumOption = None, quorum_above: QuorumAboveOption = None,
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
-    by: ByOption = None,
+    by: ByOption = None, sign: ChangeSignOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Change POOL's cap or escalation policy (recorded as a policy_changed event)."""
@@ -214,7 +214,7 @@ def set_policy(
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         target = _pool(pool, runs_dir, lock_timeout, by)
         before.update(target.state().policy.to_json(), cap_micros=target.facts.cap_micros)
-        return target.set_policy(**changes)
+        return target.set_policy(sign=sign, **changes)
 
     def human(result: dict[str, Any]) -> None:
         after = {**result["escalation"], "cap_micros": result["cap_micros"]}

@@ -22,7 +22,7 @@ from escalate.cli import (
     respond,
 )
 from escalate.cli.archive_cmds import archive
-from escalate.cli.escalation_cmds import ApproverKeyOption
+from escalate.cli.escalation_cmds import ApproverKeyOption, ChangeSignOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.core.money import format_usd as usd
@@ -175,6 +175,7 @@ def set_policy(
     runs_dir: RunsDirOption = None,
     lock_timeout: LockTimeoutOption = None,
     by: ByOption = None,
+    sign: ChangeSignOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Change RUN's escalation policy (recorded as a policy_changed event)."""
@@ -190,7 +191,7 @@ def set_policy(
         ledger = open_ledger(run, runs_dir, lock_timeout, by)
         if not json_out:
             before.update(ledger.state().policy.to_json())
-        return ledger.set_policy(**changes())
+        return ledger.set_policy(sign=sign, **changes())
 
     def human(result: dict[str, Any]) -> None:
         after = result["escalation"]

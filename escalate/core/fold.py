@@ -34,7 +34,7 @@ from escalate.core.fold_fields import (
 )
 from escalate.core.ids import ID_PATTERN, shown_value
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
-from escalate.core.rules import over_cap, task_cap_fits
+from escalate.core.rules import over_cap, pinned_keys, task_cap_fits
 from escalate.core.state import RuleViolation, RunState, Task
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
@@ -66,6 +66,7 @@ def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
         last_ts=ts,
         last_actor=name_field(event, "actor"),
         member_of=id_field(event, "pool") if "pool" in event else None,
+        policy_line=this_hash,
     )
     return state
 
@@ -85,7 +86,7 @@ def _pool_opened(event: Mapping[str, Any], this_hash: str) -> RunState:
     return RunState(
         run_id=id_field(event, "pool"), run_cap_micros=0, task_cap_micros=0,
         policy=policy_field(event.get("escalation")), opened_at=ts, seq=1, last_hash=this_hash, last_ts=ts,
-        last_actor=name_field(event, "actor"),
+        last_actor=name_field(event, "actor"), policy_line=this_hash,
         pool=PoolFacts(cap_micros=int_field(event, "cap_micros"),
                        period=choice_field(event, "period", PERIODS), tz=str(tz)))
 
@@ -160,6 +161,8 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     handler(state, event)
     if kind == "escalation":  # a signed resolution covers the hash of its escalation's line
         state.escalations[event["id"]].line_hash = this_hash
+    elif kind == "policy_changed":  # and a signed policy change the hash of the policy's line
+        state.policy_line = this_hash
     state.seq = seq
     state.last_hash = this_hash
     state.last_ts = ts
@@ -315,11 +318,37 @@ def _apply_recovery(state: RunState, event: Mapping[str, Any]) -> None:
 def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
     if "role" in event:  # the database role that changed it (PostgreSQL store)
         name_field(event, "role")
-    state.policy = policy_field(event.get("escalation"))
+    policy = policy_field(event.get("escalation"))
+    if state.policy.approver_keys:
+        _check_policy_signed(state, event)
+    state.policy = policy
     if "cap_micros" in event:
         if state.pool is None:
             raise RuleViolation("field 'cap_micros' may only change a pool's cap")
         state.pool.cap_micros = int_field(event, "cap_micros")
+
+
+def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:
+    """While keys are pinned (before this line), a policy change carries an SSHSIG signature
+    by a key pinned for its writer (``actor``; the ``role`` under ``approvers_match:
+    vouched`` or where lists name roles: :func:`~escalate.core.rules.pinned_keys`) over
+    :func:`~escalate.core.sshsig.policy_content`. The first pinning is trusted on first use."""
+    from escalate.core import sshsig  # (only a ledger that pins keys, or a signed line, loads it)
+
+    signature, key, actor = event.get("signature"), event.get("key"), event.get("actor")
+    if type(signature) is not str or type(key) is not str:
+        raise RuleViolation(f"policy change by {actor} is not signed, but the "
+                            f"{'pool' if state.pool is not None else 'run'} pins approvers' keys")
+    cap = int_field(event, "cap_micros") if "cap_micros" in event else None
+    message = sshsig.policy_content("pool" if state.pool is not None else "run", state.run_id,
+                                    event.get("escalation"), cap, state.policy_line)
+    try:
+        signer = sshsig.verify(signature, message, pinned_keys(state.policy, actor, event.get("role")))
+    except sshsig.SignatureError as exc:
+        raise RuleViolation(f"the signature of {actor}'s policy change does not check out against the "
+                            f"keys pinned before it: {exc}") from None
+    if signer.fingerprint != key:
+        raise RuleViolation(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
 
 
 def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:

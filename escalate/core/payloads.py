@@ -220,6 +220,10 @@ class PolicyChanged(TypedDict):
     escalation: EscalationPolicy
     cap_micros: NotRequired[Annotated[MicrosInt, Doc("A pool's new cap (pools only).")]]
     role: NotRequired[WriterRole]
+    signature: NotRequired[Annotated[str, Doc(
+        "While the policy before it pins approvers' keys: the armored OpenSSH SSHSIG signature "
+        "(namespace escalate) of the change's canonical content by a key pinned for its actor.")]]
+    key: NotRequired[Annotated[str, Doc("With signature: the SHA256 fingerprint of the key that made it.")]]
 
 
 class EscalationNotified(TypedDict):

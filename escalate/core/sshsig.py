@@ -138,6 +138,20 @@ def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: in
                         option=orjson.OPT_SORT_KEYS)
 
 
+def policy_content(kind: str, ledger_id: str, escalation: object, cap_micros: int | None,
+                   policy_line: str) -> bytes:
+    """What a policy change's signature covers, made the same way (docs/escalation.md): the
+    ``kind`` of ledger (``run`` or ``pool``) and its id, the new ``escalation`` object as the
+    ``policy_changed`` line writes it, a pool's new ``cap_micros`` when the line changes it,
+    and ``policy_line``, the hash of the line that set the policy it changes (so a signed
+    change applies once, to that policy, and cannot be replayed later or elsewhere)."""
+    content: dict[str, object] = {"change": "policy", kind: ledger_id, "escalation": escalation,
+                                  "policy_line": policy_line}
+    if cap_micros is not None:
+        content["cap_micros"] = cap_micros
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+
+
 def armor(blob: bytes) -> str:
     """The SSHSIG blob as ``ssh-keygen`` writes it: base64 in lines of 70, between the markers."""
     text = base64.b64encode(blob).decode()

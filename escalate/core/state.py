@@ -34,6 +34,11 @@ class RuleViolation(Exception):
     """An event that no correct writer produces; the reader names its line."""
 
 
+class ForgedSignature(RuleViolation):
+    """A signature the log requires that is missing, or that does not check out against the
+    keys pinned for its signer: a forgery (an import refuses it as such, exit 6)."""
+
+
 @dataclass(slots=True)
 class Policy:
     """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""
@@ -247,6 +252,9 @@ class RunState:
     member_of: str | None = None
     # Retired by ``runs archive`` (run_archived): no line may follow.
     archived: bool = False
+    # The hash of the line that set the policy (run_opened, pool_opened, the last
+    # policy_changed): a signed policy change covers it, so it cannot be replayed.
+    policy_line: str = ""
 
     @property
     def cap_micros(self) -> int:

@@ -34,3 +34,9 @@ def sign(message: bytes, keyfile: str | os.PathLike[str]) -> str:
         raise InputError(f"ssh-keygen could not sign with {str(keyfile)[:200]}: {said or 'no signature'}",
                          code="invalid_key", value=str(keyfile)[:200])
     return text
+
+
+def sign_change(content: bytes | None, keyfile: str | os.PathLike[str]) -> str | None:
+    """:func:`sign` a policy change's ``content``; None when it has none (no keys are pinned,
+    so the change is not signed: the first pinning is trusted on first use)."""
+    return None if content is None else sign(content, keyfile)

@@ -227,7 +227,7 @@ class PoolBook:
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:
         store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
-        return fold_member(store, self.pool_id, self.key_at, stop=stop,
+        return fold_member(store, self.pool_id, self.key_at, self.runs, stop=stop,
                            opened=self.facts().opened.get(run_id))
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
 from escalate.core.events import VoidReason
-from escalate.core.resolve import extension_lowered, policy_changer_refused
+from escalate.core.resolve import extension_lowered, policy_change, policy_changer_refused, policy_signed
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -55,14 +55,15 @@ def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decis
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
                        role: str | None = None, granted: tuple[int, str] | None = None,
-                       roles: bool = False) -> Decision[PoolPolicyAnswer]:
+                       roles: bool = False, signature: str | None = None) -> Decision[PoolPolicyAnswer]:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
     period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
     pool names approvers, only they may change it (``role``: who the store vouches acts,
     recorded; ``roles``: the store's approver lists name database roles;
-    :func:`~escalate.core.resolve.policy_changer_refused` checks them)."""
+    :func:`~escalate.core.resolve.policy_changer_refused` checks them); while it pins keys, only
+    with a ``signature`` by one (:func:`~escalate.core.resolve.policy_signed`)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -75,9 +76,10 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     lowered = None if granted is None else extension_lowered(policy, *granted)
     if lowered is not None:
         return fail(lowered)
-    event: dict[str, object] = {"type": "policy_changed", "escalation": policy.to_json()}
-    if cap != state.pool.cap_micros:
-        event["cap_micros"] = cap
+    event = policy_change(state, policy, cap)
+    unsigned = policy_signed(state, event, by, role, roles, signature)
+    if unsigned is not None:
+        return fail(unsigned)
     if role is not None:
         event["role"] = role
     return Decision(events=[event], result={**result, "status": "changed"})

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
+from escalate.core import resolve
 from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
@@ -167,7 +168,8 @@ class Pool:
         for run_id in facts.members:
             try:
                 members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
-                                              self.pool_id, key_at, opened=facts.opened.get(run_id))
+                                              self.pool_id, key_at, self.runs_store,
+                                              opened=facts.opened.get(run_id))
             except CorruptLedger as error:
                 unreadable.append({"run": run_id, "error": error.code, "message": error.message,
                                    "line": error.line, "problem": error.problem})
@@ -206,23 +208,30 @@ class Pool:
             "unreadable": unreadable,
         }
 
-    def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED,
-                   **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
+    def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED, sign: str | os.PathLike[str] | None = None,
+                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
-        reservations are refused until there is room again."""
+        reservations are refused until there is room again. While the pool pins keys the
+        change must be signed: ``sign`` (a key file) or ``signature``, as for a run's
+        (:meth:`policy_signing_content`)."""
         from escalate.pools.decide import decide_pool_policy
 
         names = config.PolicyOptions.__optional_keys__
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
         config.merge_policy(self.state().policy, changes, names)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
+        if sign is not None and signature is None:
+            from escalate.escalation.signing import sign_change
+
+            signature = sign_change(self.policy_signing_content(cap=cap, **changes), sign)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
-                                      self._granted(now) if lowered else None, self.store.approvers_are_roles)
+                                      self._granted(now) if lowered else None, self.store.approvers_are_roles,
+                                      signature)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
@@ -232,6 +241,17 @@ class Pool:
             self.store.sync()
         return {"pool": self.pool_id, **decision.answer()}
 
+
+    def policy_signing_content(self, *, cap: Amount | Unchanged = UNCHANGED,
+                               **changes: Unpack[config.PolicyOptions]) -> bytes | None:
+        """The bytes a signature of this change covers now (as
+        :meth:`escalate.service.Ledger.policy_signing_content`); None while no keys are pinned."""
+        state = self.state()
+        if not state.policy.approver_keys:
+            return None
+        policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
+        change = resolve.policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
+        return resolve.policy_signing_content(state, change)
 
     def _granted(self, now: str) -> tuple[int, str]:
         """What approvals extended the pool by in the period ``now`` falls in, folded from
@@ -337,26 +357,8 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                             "head": None, "problems": [{"line": 1, "problem": problem.message}],
                             "warnings": []})
         else:
-            members.append(verify_report(member))
-            _check_pool_signatures(store, member, members[-1])
+            members.append(verify_report(member, runs=runs))
     return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
             "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
             "head": own["head"], "problems": own["problems"], "warnings": own["warnings"], "members": members}
 
-
-def _check_pool_signatures(pool: Any, member: Any, report: VerifyReport) -> None:
-    """Add to a member's report the ``pool_cap`` resolutions the pool's pinned keys do not
-    vouch for (:mod:`escalate.pools.signatures`); a pool that never pinned keys costs a read."""
-    from escalate.core.replay import read_events
-    from escalate.pools.signatures import pool_cap_problems
-
-    with pool.reader() as stream:
-        pool_events, _ = read_events(stream, last=None, after_offset=0)
-    if not any(isinstance(e, dict) and isinstance(e.get("escalation"), dict)
-               and "approver_keys" in e["escalation"] for e in pool_events):
-        return
-    with member.reader() as stream:
-        member_events, _ = read_events(stream, last=None, after_offset=0)
-    for line, problem in pool_cap_problems(pool_events, member_events):
-        report["problems"].append({"line": line, "problem": problem})
-        report["ok"] = False

@@ -186,11 +186,14 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
             "failures": failures}
 
 
-def verify_report(ledger: Ledger | LedgerStore) -> VerifyReport:
+def verify_report(ledger: Ledger | LedgerStore, *, runs: Store | None = None) -> VerifyReport:
     """Check every line of ``ledger``'s log (a run's, or any ledger's in a store): the JSON,
-    the seq run, the prev chain, the ledger rules and the event schema. Problems are
-    reported, not raised."""
+    the seq run, the prev chain, the ledger rules and the event schema, and for a pool's
+    member the approvals its pool decides against the keys the pool pins (in ``runs``, the
+    store holding the pool: a :class:`Ledger`'s own, unless given). Problems are reported,
+    not raised."""
     store = ledger.store if isinstance(ledger, Ledger) else ledger
+    runs = ledger.runs_store if runs is None and isinstance(ledger, Ledger) else runs
     try:
         replayed = store.verify()
     except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
@@ -206,6 +209,12 @@ def verify_report(ledger: Ledger | LedgerStore) -> VerifyReport:
     with store.reader() as stream:
         found = dict(problems)
         problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
+                                        if line not in found)])
+    if runs is not None and report is not None:
+        from escalate.pools.signatures import member_problems
+
+        found = dict(problems)
+        problems = sorted([*problems, *((line, text) for line, text in member_problems(runs, store)
                                         if line not in found)])
     return {
         "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
