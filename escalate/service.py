@@ -43,6 +43,7 @@ from escalate.results import (
     TaskResult,
 )
 from escalate.stores.seam import (
+    Closing,
     LedgerStore,
     Store,
     first_event,
@@ -83,8 +84,12 @@ class InitOptions(config.RunPolicyOptions, total=False):
     notify_timeout: float | None
 
 
-class Ledger:
-    """One run's budget ledger: the library API the CLI is a thin layer over."""
+class Ledger(Closing):
+    """One run's budget ledger: the library API the CLI is a thin layer over.
+
+    It keeps handles open between commands (the run's checkpoint; a store's connections
+    when it opened the store from a URL): :meth:`close` releases them, and ``with
+    Ledger.open(...) as run:`` closes it on the way out."""
 
     def __init__(
         self,
@@ -107,12 +112,22 @@ class Ledger:
         self.notify_timeout = config.notify_timeout(notify_timeout)
         # The store holding every run (a runs folder), and this run in it.
         self.runs_store = open_store(runs_dir)
+        # A store opened here (from a path or a URL) is this Ledger's to close; one given is the caller's.
+        self._owns_store = self.runs_store is not runs_dir
         # Set by :meth:`init`: whether this call created the run, or found it with the same
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
         self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
         self._copied = False  # a member's first line names another run (a copied folder)
+
+    def close(self) -> None:
+        """Release what this Ledger holds open: its run's kept checkpoint connection, and the
+        store's connections when it opened the store itself. A closed Ledger still works:
+        its next command opens what it needs again."""
+        self.store.close()
+        if self._owns_store:
+            self.runs_store.close()
 
     def pool_id(self) -> str | None:
         """The pool the run belongs to (None: none), read once from its first line;
@@ -173,29 +188,30 @@ class Ledger:
         settings, ledger_options = config.PolicySettings.split(options,
                                                                config.RunPolicyOptions.__optional_keys__)
         run = cls(runs_dir, run_id, **ledger_options)
-        run.runs_store.check_usable()
-        joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
-        if cap is None:
-            if joining is None or joining.pool is None:
-                raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
-                                 code="invalid_amount")
-            cap = Micros(joining.pool.cap_micros)
-        run_cap, task_cap_micros = config.run_caps(cap, task_cap)
-        policy = config.make_policy(settings)
-        payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
-        if joining is not None:
-            payload["pool"] = joining.run_id
-        line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or void.void_if_taken(run, joining):
-            # (An existing run is never joined: it is the same init again, or a conflict. A
-            # torn first write is no run: the join comes first, then the create sets it aside.)
-            run.created = run.store.create(line, recovery)
-        else:
-            run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
-                                    clock=run.clock, lock_timeout=run.lock_timeout,
-                                    create=lambda: run.store.create(line, recovery))
-        if not run.created:
-            run._check_same(run_cap, payload, policy)
+        with run.closed_on_error():  # (a run that fails to open is closed, not left to the collector)
+            run.runs_store.check_usable()
+            joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
+            if cap is None:
+                if joining is None or joining.pool is None:
+                    raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
+                                     code="invalid_amount")
+                cap = Micros(joining.pool.cap_micros)
+            run_cap, task_cap_micros = config.run_caps(cap, task_cap)
+            policy = config.make_policy(settings)
+            payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+            if joining is not None:
+                payload["pool"] = joining.run_id
+            line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
+            if joining is None or void.void_if_taken(run, joining):
+                # (An existing run is never joined: it is the same init again, or a conflict. A
+                # torn first write is no run: the join comes first, then the create sets it aside.)
+                run.created = run.store.create(line, recovery)
+            else:
+                run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                        clock=run.clock, lock_timeout=run.lock_timeout,
+                                        create=lambda: run.store.create(line, recovery))
+            if not run.created:
+                run._check_same(run_cap, payload, policy)
         return run
 
     def _check_same(self, run_cap: int, payload: Event, policy: Policy) -> None:
@@ -216,16 +232,17 @@ class Ledger:
         the keywords are those of :class:`Ledger`."""
         run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
                   notify_cmd=notify_cmd, notify_timeout=notify_timeout)
-        exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
-        if not exists:
-            raise UnknownRun(
-                f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
-                f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
-                run=run_id)
-        if first_line is None:
-            run.pool_id()
-        else:
-            run._pool_from(first_event_in(first_line))
+        with run.closed_on_error():
+            exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
+            if not exists:
+                raise UnknownRun(
+                    f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
+                    f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
+                    run=run_id)
+            if first_line is None:
+                run.pool_id()
+            else:
+                run._pool_from(first_event_in(first_line))
         return run
 
     # ------------------------------------------------------------------ commands

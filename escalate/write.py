@@ -182,13 +182,22 @@ def first_lines(payload: Event, now: str, actor: str) -> tuple[bytes, RecoveredF
     return line + b"\n", recovery
 
 
+# The last floor found to be a timestamp exactly as escalate writes them (floor_ts).
+_FLOORS_CHECKED: list[str] = []
+
+
 def floor_ts(store: LedgerStore, state: RunState) -> str:
     """The last line's ``ts``, which the next line's may not go below. The fold checks a
     ``ts`` only where it keeps one for itself; this one it now uses, so it must be a
     timestamp exactly as escalate writes them (checked once per command, not per line)."""
+    last_ts = state.last_ts
+    if last_ts in _FLOORS_CHECKED:
+        return last_ts
     try:
-        if format_ts(parse_ts(state.last_ts)) == state.last_ts:
-            return state.last_ts
+        if format_ts(parse_ts(last_ts)) == last_ts:
+            # (Kept for the next command: most start from the last one's own timestamp.)
+            _FLOORS_CHECKED[:] = [last_ts]
+            return last_ts
     except (TypeError, ValueError, AttributeError):
         pass
     raise CorruptLedger(

@@ -7,6 +7,7 @@ derived, save_derived) and read back through the same seam."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import ItemsView, Iterator, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -91,13 +92,14 @@ class StoreContract:
         ledger.sync()
         with ledger.transaction() as transaction:
             tasks = transaction.load().state.tasks
-            assert isinstance(tasks, LazyRows)  # a writer's rows, read from the checkpoint as asked
-            items, values = tasks.items(), tasks.values()
-            assert isinstance(items, ItemsView) and isinstance(values, ValuesView)
-            assert len(items) == len(values) == len(tasks) == 2
-            assert ("a", tasks["a"]) in items and tasks["b"] in values
-            assert [key for key, _ in items] == list(tasks) == ["a", "b"]
-            assert list(values) == [tasks["a"], tasks["b"]]
+            assert isinstance(tasks.rows, LazyRows)  # a writer's rows, read from the checkpoint as asked
+            for table in (tasks, tasks.rows):
+                items, values = table.items(), table.values()
+                assert isinstance(items, ItemsView) and isinstance(values, ValuesView)
+                assert len(items) == len(values) == len(table) == 2
+                assert ("a", table["a"]) in items and table["b"] in values
+                assert [key for key, _ in items] == list(table) == ["a", "b"]
+                assert list(values) == [table["a"], table["b"]]
 
     def test_a_transaction_left_by_an_error_before_its_append_writes_nothing(self,
                                                                              ledger: LedgerStore) -> None:
@@ -165,6 +167,34 @@ class StoreContract:
         assert seen == ["role", "command"]
         escalation = run.state().escalations[pending.value.escalation_id]
         assert escalation.requested_role == role()
+
+    def test_closing_releases_every_handle_a_write_kept(self, location: Location) -> None:
+        Ledger.init(location, "r", cap="10").close()
+        before = _handles()
+        run = Ledger.open(location, "r")
+        with run:
+            run.reserve("a", "1")
+            # Kept for the next command: the checkpoint's connection and folder handle, or
+            # the database connection of a store opened from a URL.
+            assert _handles() > before
+        assert _handles() == before  # released at once, while the Ledger is still referenced
+        run.reserve("b", "1")  # a closed Ledger opens what it needs again
+        assert run.state().reserved_micros == 2_000_000
+        run.close()
+        assert _handles() == before
+
+    def test_a_store_given_stays_open_when_the_ledger_closes(self, runs: Store) -> None:
+        with Ledger.open(runs, "r") as run:
+            run.reserve("a", "1")
+        held = _handles()
+        assert runs.ledger("r", lock_timeout=5).read().state.reserved_micros == 1_000_000
+        assert _handles() == held  # (the store's connection, if any, was not closed: the caller's)
+        runs.close()
+
+
+def _handles() -> int:
+    """The file descriptors this process holds open (files, folders, sockets)."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 class TestFileStore(StoreContract):

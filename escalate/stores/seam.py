@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self
 
 import orjson
 
@@ -123,6 +123,12 @@ class LedgerStore(Protocol):
     def command(self) -> AbstractContextManager[None]:
         """Everything inside is one command on one ledger (the file store resolves the run
         folder once, so a folder swapped half-way cannot split a command); nests."""
+        ...
+
+    def close(self) -> None:
+        """Release what this ledger keeps open between commands (the file store: the
+        checkpoint's connection and the folder handle that goes with it). It can be used
+        again: a later command opens what it needs."""
         ...
 
     def exists(self) -> bool:
@@ -229,6 +235,46 @@ class Store(Protocol):
     def run_ids(self) -> Iterator[str]:
         """The ids of the ledgers in the store, sorted."""
         ...
+
+    def close(self) -> None:
+        """Close what the store opened itself (a URL's connections); what it was given (a
+        connection, a pool) stays the caller's."""
+        ...
+
+
+class Closing:
+    """``with`` for what has a ``close()``: it is closed on the way out, whatever happens."""
+
+    def close(self) -> None:
+        """Release what is held open."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Inside, an error closes this object before it propagates (a constructor's
+        caller never gets it, so it could not close it)."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+
+@contextmanager
+def owned_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Iterator[Store]:
+    """:func:`open_store` for the length of a call: a store opened here (from a path or a
+    URL) is closed at the end; a store given stays open, the caller's."""
+    store = open_store(location)
+    try:
+        yield store
+    finally:
+        if store is not location:
+            store.close()
 
 
 def is_store_url(location: str) -> bool:

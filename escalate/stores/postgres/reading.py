@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from escalate.core.replay import Replayed
-from escalate.core.state import EscalationState, Task
+from escalate.core.state import EscalationState, TaskRow
 from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, fold_from, state_from_blob
 from escalate.stores.postgres.rows import PgRows, line_stream
 from escalate.stores.postgres.transaction import Connection
@@ -70,7 +70,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
         tasks: Any
         escalations: Any
         if writable:
-            tasks = PgRows[Task](query, "tasks", run_id)
+            tasks = PgRows[TaskRow](query, "tasks", run_id)
             escalations = PgRows[EscalationState](query, "escalations", run_id)
         else:
             tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(

@@ -55,7 +55,7 @@ from escalate.stores.postgres.transaction import (
     rollback,
     text_literal,
 )
-from escalate.stores.seam import RecoveredFirstLines
+from escalate.stores.seam import Closing, RecoveredFirstLines
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -81,7 +81,7 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
-class PgStore:
+class PgStore(Closing):
     """A PostgreSQL database holding ledgers (:class:`escalate.stores.seam.Store`), reached by a
     URL (one connection, kept for the life of the store in this process), an open
     connection, or a pool."""
@@ -126,7 +126,10 @@ class PgStore:
         self._kept = self._listener = None
 
     def __del__(self) -> None:
-        # A Ledger opened from a URL owns its store: its connections end with it.
+        # A safety net, kept for a reason: the library never asked callers to close a Ledger
+        # opened from a URL before ``close()`` existed; such a store's connections still end
+        # with it (psycopg would end them too, but with a ResourceWarning for each).
+        # Everything in escalate closes what it opens.
         with contextlib.suppress(Exception):
             self.close()
 
@@ -271,6 +274,9 @@ class PgLedger:
 
     def command(self) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def close(self) -> None:
+        """Nothing of its own to release: the connections are the store's."""
 
     def exists(self) -> bool:
         with self._store.connection() as connection:
