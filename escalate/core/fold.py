@@ -35,7 +35,7 @@ from escalate.core.fold_fields import (
 from escalate.core.ids import ID_PATTERN, shown_value
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.core.rules import over_cap, pinned_keys, task_cap_fits
-from escalate.core.state import RuleViolation, RunState
+from escalate.core.state import ForgedSignature, RuleViolation, RunState
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
 
@@ -331,18 +331,18 @@ def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:
 
     signature, key, actor = event.get("signature"), event.get("key"), event.get("actor")
     if type(signature) is not str or type(key) is not str:
-        raise RuleViolation(f"policy change by {actor} is not signed, but the "
-                            f"{'pool' if state.pool is not None else 'run'} pins approvers' keys")
+        raise ForgedSignature(f"policy change by {actor} is not signed, but the "
+                              f"{'pool' if state.pool is not None else 'run'} pins approvers' keys")
     cap = int_field(event, "cap_micros") if "cap_micros" in event else None
     message = sshsig.policy_content("pool" if state.pool is not None else "run", state.run_id,
                                     event.get("escalation"), cap, state.policy_line)
     try:
         signer = sshsig.verify(signature, message, pinned_keys(state.policy, actor, event.get("role")))
     except sshsig.SignatureError as exc:
-        raise RuleViolation(f"the signature of {actor}'s policy change does not check out against the "
-                            f"keys pinned before it: {exc}") from None
+        raise ForgedSignature(f"the signature of {actor}'s policy change does not check out against the "
+                              f"keys pinned before it: {exc}") from None
     if signer.fingerprint != key:
-        raise RuleViolation(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
+        raise ForgedSignature(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
 
 
 def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:

@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
@@ -31,7 +31,9 @@ from escalate.stores.seam import Closing, LedgerStore, Store, first_event, open_
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.core.decide import Decision
     from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
 
@@ -219,7 +221,7 @@ class Pool(Closing):
         }
 
     def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED, sign: str | os.PathLike[str] | None = None,
-                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> dict[str, Any]:
+                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again. While the pool pins keys the
@@ -236,7 +238,7 @@ class Pool(Closing):
 
             signature = sign_change(self.policy_signing_content(cap=cap, **changes), sign)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
+        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
@@ -249,9 +251,7 @@ class Pool(Closing):
             _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                                clock=self.clock, lock_timeout=self.lock_timeout)
             self.store.sync()
-        if decision.error is not None:
-            raise decision.error
-        return {"pool": self.pool_id, **decision.result}
+        return {"pool": self.pool_id, **decision.answer()}
 
 
     def policy_signing_content(self, *, cap: Amount | Unchanged = UNCHANGED,
@@ -370,7 +370,8 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                                 "warnings": []})
             else:
                 members.append(verify_report(member, runs=runs))
-        report = {key: value for key, value in own.items() if key != "run"}
-        return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
-                                       "ok": own["ok"] and all(member["ok"] for member in members)})
+        return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
+                "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
+                "head": own["head"], "problems": own["problems"], "warnings": own["warnings"],
+                "members": members}
 

@@ -34,7 +34,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import orjson
 
@@ -86,7 +86,8 @@ class Rows(LazyRows[V]):
             yield key, functools.partial(self._checked_row, key, data, crc)
 
     def _checked_row(self, key: str, data: bytes, crc: int) -> V:
-        return cast(V, self._decode(key, checked(key, data, crc)))
+        value: V = self._decode(key, checked(key, data, crc))  # (the table's codec: CODECS)
+        return value
 
     def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
         """Run one query on the shared connection, under the guard that keeps a thread from
