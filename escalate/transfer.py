@@ -20,9 +20,9 @@ from typing import Any, BinaryIO, TypedDict
 
 from escalate.core.ids import check_id
 from escalate.core.replay import replay
-from escalate.errors import Conflict, InputError, storage_error
+from escalate.errors import Conflict, CorruptLedger, InputError, storage_error
 from escalate.service import Ledger
-from escalate.stores.seam import Store, open_store
+from escalate.stores.seam import Store, owned_store
 
 _CHUNK = 1 << 20
 
@@ -43,8 +43,7 @@ class StoreInitResult(TypedDict):
 def export_lines(location: str | os.PathLike[str] | Store, run_id: str) -> Iterator[bytes]:
     """The complete lines of run ``run_id``'s log, in chunks (a torn tail is left out):
     byte for byte the file a file store holds for it."""
-    ledger = Ledger.open(location, run_id)
-    with ledger.read_log() as stream:
+    with Ledger.open(location, run_id) as ledger, ledger.read_log() as stream:
         pending = b""
         while chunk := stream.read(_CHUNK):
             pending += chunk
@@ -97,34 +96,41 @@ def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
     source = log.where
     with log.reader() as stream:
         _check_identity(source, run_id, stream.readline())
-    problems, lines = _log_problems(log, run_id)
+    problems, lines, forged = _log_problems(log, run_id)
+    # A forgery is the first thing wrong with the log: a line after other damage may fail
+    # its signature check only because the damage came first.
+    for line, problem in [problem for problem in problems[:1] if problem[0] in forged]:
+        raise CorruptLedger(f"{source} line {line}: {problem}; a signature the log requires is missing or "
+                            "forged, so nothing was imported — check it with 'escalate runs verify' on a "
+                            "runs folder holding it", code="forged_signature", line=line, problem=problem,
+                            first_suspect_line=line)
     if problems:
         line, problem = problems[0]
         raise InputError(f"{source} line {line}: {problem}; nothing was imported — check it with "
                          "'escalate runs verify' on a runs folder holding it", code="invalid_log",
                          line=line, problem=problem, problems=len(problems))
-    ledger = Ledger(location, run_id, **options)
-    ledger.runs_store.check_usable()
+    with Ledger(location, run_id, **options) as ledger:
+        ledger.runs_store.check_usable()
 
-    def refuse(torn_bytes: int, saved_to: str) -> bytes:
-        raise InputError(f"run {run_id} holds {torn_bytes} bytes of an unfinished create; "
-                         f"remove that run's folder, then import again", code="run_exists",
-                         run=run_id)
+        def refuse(torn_bytes: int, saved_to: str) -> bytes:
+            raise InputError(f"run {run_id} holds {torn_bytes} bytes of an unfinished create; "
+                             f"remove that run's folder, then import again", code="run_exists",
+                             run=run_id)
 
-    with log.reader() as stream:
-        created = ledger.store.create(stream, refuse)
-        size = stream.tell()
-    if not created:
-        raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
-                       "imported — remove it there first, or import into another store", code="run_exists",
-                       run=run_id)
-    # The checkpoint, so the first command on a large run does not fold every line. It only
-    # saves time: a failure here changes nothing the import did.
-    with ledger.store.transaction() as transaction:
-        replayed = transaction.load()
-        if replayed.problem is None:
-            transaction.save_checkpoint(replayed, replayed.state, [])
-    return {"run": run_id, "status": "imported", "lines": lines, "bytes": size}
+        with log.reader() as stream:
+            created = ledger.store.create(stream, refuse)
+            size = stream.tell()
+        if not created:
+            raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
+                           "imported — remove it there first, or import into another store",
+                           code="run_exists", run=run_id)
+        # The checkpoint, so the first command on a large run does not fold every line. It only
+        # saves time: a failure here changes nothing the import did.
+        with ledger.store.transaction() as transaction:
+            replayed = transaction.load()
+            if replayed.problem is None:
+                transaction.save_checkpoint(replayed, replayed.state, [])
+        return {"run": run_id, "status": "imported", "lines": lines, "bytes": size}
 
 
 def _check_identity(source: str, run_id: str, first_line: bytes) -> None:
@@ -151,22 +157,22 @@ def _check_identity(source: str, run_id: str, first_line: bytes) -> None:
                          line=1, problem="a pool member's log")
 
 
-def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int]:
-    """Every problem ``runs verify`` would report for the log, and a torn tail; and its
-    number of complete lines."""
+def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int, set[int]]:
+    """Every problem ``runs verify`` would report for the log, and a torn tail; its number
+    of complete lines; and the lines whose problem is a forged or missing signature."""
     from escalate.core.schema import line_problems
-    from escalate.errors import CorruptLedger, UnknownRun
+    from escalate.errors import UnknownRun
 
     with log.reader() as stream:
         if not stream.read(1):
-            return [(1, "the file is empty")], 0
+            return [(1, "the file is empty")], 0, set()
     try:
         replayed = replay(log, run_id, tolerant=True)
     except (CorruptLedger, UnknownRun) as error:
         if "torn_bytes" in error.facts:  # (replay's advice is for a crashed 'runs init', not an import)
             return [(1, f"the first line is not a complete line ({error.facts['torn_bytes']} bytes with "
-                        "no newline), so it is not a run_opened line")], 0
-        return [(getattr(error, "line", 1), getattr(error, "problem", error.message))], 0
+                        "no newline), so it is not a run_opened line")], 0, set()
+        return [(getattr(error, "line", 1), getattr(error, "problem", error.message))], 0, set()
     problems = list(replayed.problems)
     found = {line for line, _ in problems}
     with log.reader() as stream:
@@ -174,13 +180,13 @@ def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int
     if replayed.torn_bytes:
         problems.append((replayed.lines + 1, f"{replayed.torn_bytes} bytes after the last complete "
                          "line (a torn or unfinished write)"))
-    return sorted(problems), replayed.lines
+    return sorted(problems), replayed.lines, set(replayed.forged)
 
 
 def init_store(location: str | os.PathLike[str] | Store) -> StoreInitResult:
     """Create or upgrade what the store needs (``escalate store init``): the PostgreSQL
     store's tables (idempotent: steps already applied are skipped), a runs folder."""
-    store = open_store(location)
-    applied = store.prepare()
-    return {"store": store.where, "status": "created" if applied else "current",
-            "steps_applied": applied}
+    with owned_store(location) as store:
+        applied = store.prepare()
+        return {"store": store.where, "status": "created" if applied else "current",
+                "steps_applied": applied}

@@ -277,13 +277,44 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     checkpoint = run.store.checkpoint
     loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
     assert loaded is not None
-    tasks = loaded[0].tasks
+    tasks = loaded[0].tasks.rows
     assert isinstance(tasks, Rows)
     assert len(tasks) == len(_view(run)["tasks"])
     assert "a" in tasks and "nope" not in tasks
     tasks["new"] = tasks["a"]
     assert len(tasks) == len(_view(run)["tasks"]) + 1
 
+
+
+def test_a_writer_at_a_current_checkpoint_reads_no_line(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer whose checkpoint matches the log to its last byte (same file, untouched)
+    folds nothing more: no read of the log after it; a log grown behind it is still folded."""
+    from escalate.stores import checkpoint as codec
+
+    clock = FakeClock()
+    run = _make(tmp_path, clock)
+    folds: list[int] = []
+    replay = codec.replay
+
+    def counted(*args: Any, **options: Any) -> Any:
+        folds.append(1)
+        return replay(*args, **options)
+
+    monkeypatch.setattr(codec, "replay", counted)
+    run.reserve("fresh", "0.25")
+    assert folds == []
+    log = tmp_path / "r" / LOG_NAME
+    state = run.state()
+    [(_, line, _)] = seal([{"type": "budget_reserved", "task": "behind", "amount_micros": 1}],
+                          seq=state.seq, prev=state.last_hash, ts=state.last_ts, actor="other")
+    with log.open("ab") as out:
+        out.write(line + b"\n")
+    run.reserve("after", "0.25")
+    assert folds and run.state().tasks["behind"].reserved_micros == 1
+    truth_root = tmp_path / "truth"
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CACHE)
+    assert _view(run) == _view(_ledger(truth_root, clock))
 
 # ---------------------------------------------------------------------- a cache that cannot be used
 

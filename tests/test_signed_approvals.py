@@ -19,6 +19,7 @@ import pytest
 
 from escalate import Ledger, Pending
 from escalate.core import sshsig
+from escalate.errors import CorruptLedger, InputError
 from escalate.escalation import signing
 from escalate.transfer import import_log
 from tests.conftest import log_bytes, rechained, snapshot_store
@@ -192,11 +193,23 @@ def test_a_forged_signature_in_a_rechained_log_fails_verify_gate_and_import(
         assert "escalation_resolved" in verified.stdout or "sign" in verified.stdout, name
         assert cli("gate", "r").exit_code == 6, name
         for target in (tmp_path / f"copy-{len(name)}", pg_url):
-            with pytest.raises(Exception, match="nothing was imported") as refused:
+            with pytest.raises(CorruptLedger, match="nothing was imported") as refused:
                 import_log(target, "moved", forged)
-            assert getattr(refused.value, "code", None) == "invalid_log", name
+            assert (refused.value.code, refused.value.exit_code) == ("forged_signature", 6), name
         assert cli("runs", "list", "--runs-dir", str(tmp_path / f"copy-{len(name)}"), "--json").json() == {
             "runs": []} or not (tmp_path / f"copy-{len(name)}" / "moved").exists()
+        (tmp_path / "forged.ndjson").write_bytes(forged)
+        imported = cli("runs", "import", "moved", str(tmp_path / "forged.ndjson"), "--json")
+        assert (imported.exit_code, imported.json()["error"]) == (6, "forged_signature"), name
+        assert imported.stderr.count("\n") == 1 and "signature" in imported.stderr, name
+    assert not (runs_dir / "moved").exists()
+    # Other damage is still bad input (exit 2): a line changed without its chain rebuilt.
+    damaged = signed.replace(b'"run_cap_micros":10000000', b'"run_cap_micros":90000000', 1)
+    assert damaged != signed
+    for target in (tmp_path / "damaged", pg_url):
+        with pytest.raises(InputError, match="nothing was imported") as bad:
+            import_log(target, "moved", damaged)
+        assert (bad.value.code, bad.value.exit_code) == ("invalid_log", 2)
     # The genuine log imports into both stores and verifies there.
     for target in (tmp_path / "good", pg_url):
         import_log(target, "moved", signed)
@@ -393,9 +406,9 @@ def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_impo
         assert "sign" in verified.stdout, (name, verified.stdout)
         assert cli("gate", "r").exit_code == 6, name
         for target in (tmp_path / f"copy-{len(name)}", pg_url):
-            with pytest.raises(Exception, match="nothing was imported") as refused:
+            with pytest.raises(CorruptLedger, match="nothing was imported") as refused:
                 import_log(target, "moved", forged)
-            assert getattr(refused.value, "code", None) == "invalid_log", name
+            assert (refused.value.code, refused.value.exit_code) == ("forged_signature", 6), name
         assert not (tmp_path / f"copy-{len(name)}" / "moved").exists(), name
     for target in (tmp_path / "good", pg_url):
         import_log(target, "moved", signed)

@@ -96,7 +96,9 @@ def test_sweep_reads_the_log_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(FileLog, "reader", counted)
     assert run.sweep()["expired"] == ["esc-2"]
-    assert len(reads) == 1  # one fold, under the lock, decides and tells what it expired
+    # At most one fold, under the lock, decides and tells what it expired (none at all from a
+    # checkpoint that holds the whole log).
+    assert len(reads) <= 1
 
 
 def test_sweep_reports_only_the_expiries_it_wrote(tmp_path: Path) -> None:

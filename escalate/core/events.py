@@ -89,9 +89,9 @@ def line_hash(line: bytes) -> str:
 def format_ts(moment: datetime) -> str:
     """``2026-11-23T14:00:00.123456Z``: fixed width, UTC, so timestamps sort as text (the
     year always has four digits: ``%Y`` writes year 999 as ``999``, which sorts after 2026)."""
-    utc = moment.astimezone(UTC)
-    return (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
-            f"{utc.second:02d}.{utc.microsecond:06d}Z")
+    # (isoformat pads the year to four digits and, with this timespec, always writes the
+    # microseconds; its "+00:00" is cut: a third of the cost of formatting each field.)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_ts(text: str) -> datetime:

@@ -31,7 +31,7 @@ from escalate.core.fold_fields import (
     ts_field,
 )
 from escalate.core.rules import extension_left, needed_extension, pinned_keys, quorum_required, same_person
-from escalate.core.state import EscalationState, RuleViolation, RunState, Task
+from escalate.core.state import EscalationState, ForgedSignature, Policy, RuleViolation, RunState, Task
 
 
 def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
@@ -86,10 +86,10 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation(f"escalation of task {task_id!r}, which is {task.state}")
     state.open_escalations[escalation_id] = escalation
     if task is None:
-        state.tasks[task_id] = Task(state="escalated", escalation_id=escalation_id)
-    else:
-        task.state = "escalated"
-        task.escalation_id = escalation_id
+        task = Task(state="escalated")
+    task.state = "escalated"
+    task.escalation_id = escalation_id
+    state.tasks[task_id] = task  # (a copy was read: the table keeps rows)
 
 
 def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
@@ -141,6 +141,7 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "paused"
     else:
         task.state = "reserved" if task.holding else "escalated"
+    state.tasks[escalation.task] = task  # (a copy was read: the table keeps rows)
 
 
 def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
@@ -194,34 +195,47 @@ def check_signed(state: RunState, escalation: EscalationState, event: Mapping[st
                  by: str) -> None:
     """While the run pins approvers' keys, a person's approve (a partial approval of a
     quorum too), pause or cancel carries an SSHSIG signature by a key pinned for ``by`` over
-    the escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`). A
-    ``pool_cap`` escalation is the pool's to decide: its signature is checked against the
-    pool's keys when it is written. A line with no signature in a run that pins no keys (or
-    of a ``pool_cap`` escalation) passes."""
-    if "signature" not in event and (not state.policy.approver_keys or escalation.reason == "pool_cap"):
+    the escalation's canonical content (:func:`check_signature`). A ``pool_cap`` escalation
+    is the pool's to decide: its signature is checked against the pool's keys by whoever
+    reads the run as its pool's member (:mod:`escalate.pools.signatures`). A line with no
+    signature in a run that pins no keys (or of a ``pool_cap`` escalation) passes."""
+    deciding = None if escalation.reason == "pool_cap" else state.policy
+    if deciding is None or not deciding.approver_keys:
+        signature, key = event.get("signature"), event.get("key")
+        if "signature" in event and (type(signature) is not str or type(key) is not str):
+            raise ForgedSignature("fields 'signature' and 'key' must both be text")
         return
-    from escalate.core import sshsig  # (only a run that pins keys, or a signed line, loads it)
+    check_signature(deciding, "run", state.run_id, escalation.id, escalation.requested_micros,
+                    escalation.line_hash, event, mode, by)
+
+
+def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str, requested_micros: int,
+                    line_hash: str, event: Mapping[str, Any], mode: str, by: str) -> None:
+    """The one rule for a signed decision, whoever pins the keys (``whose``: ``run``, or
+    ``pool P``): under ``policy``, which pins approvers' keys, a person's approve (or partial
+    approval), pause or cancel of escalation ``escalation_id`` carries ``signature`` and
+    ``key``, an SSHSIG signature by a key pinned for ``by`` (:func:`pinned_keys`) over the
+    escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`) and that
+    key's fingerprint. The requester's withdraw and the expiry grant nothing and are not
+    signed. Raises :class:`ForgedSignature`."""
+    from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
     signature, key = event.get("signature"), event.get("key")
     if signature is None and key is None:
-        if mode in ("withdraw", "pause") and (mode == "withdraw" or by == TIMEOUT_ACTOR):
+        if mode == "withdraw" or (mode == "pause" and by == TIMEOUT_ACTOR):
             return  # the requester's withdrawal, or the expiry: no approver decided it
-        raise RuleViolation(f"{mode} of escalation {escalation.id} by {by} is not signed, but the run "
-                            f"pins approvers' keys")
+        raise ForgedSignature(f"{mode} of escalation {escalation_id} by {by} is not signed, but the "
+                              f"{whose} pins approvers' keys")
     if type(signature) is not str or type(key) is not str:
-        raise RuleViolation("fields 'signature' and 'key' must both be text")
-    if escalation.reason == "pool_cap" or not state.policy.approver_keys:
-        return  # checked at write time against the keys of whoever pinned them (the pool)
-    message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
-                                       escalation.line_hash)
-    pinned = pinned_keys(state.policy, by, event.get("role"))
+        raise ForgedSignature("fields 'signature' and 'key' must both be text")
+    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash)
     try:
-        signer = sshsig.verify(signature, message, pinned)
+        signer = sshsig.verify(signature, message, pinned_keys(policy, by, event.get("role")))
     except sshsig.SignatureError as exc:
-        raise RuleViolation(f"the signature of {by}'s {mode} of escalation {escalation.id} does not "
-                            f"check out against the keys the run pins: {exc}") from None
+        raise ForgedSignature(f"the signature of {by}'s {mode} of escalation {escalation_id} does not "
+                              f"check out against the keys the {whose} pins: {exc}") from None
     if signer.fingerprint != key:
-        raise RuleViolation(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
+        raise ForgedSignature(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
 
 
 def apply_notified(state: RunState, event: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ import orjson
 
 from escalate.core import fold
 from escalate.core.events import iter_line_batches, iter_lines
-from escalate.core.state import RuleViolation, RunState
+from escalate.core.state import ForgedSignature, RuleViolation, RunState
 from escalate.errors import CorruptLedger, UnknownRun
 
 
@@ -48,6 +48,7 @@ class Replayed:
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[tuple[int, str]] = field(default_factory=list)  # tolerant replays only
+    forged: list[int] = field(default_factory=list)  # the lines of problems that are forged signatures
     lines: int = 0
     last_line_start: int = 0
     checkpoint_current: bool = False  # the checkpoint already holds everything folded
@@ -111,7 +112,7 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
             "to set them aside and create it", run=run_id, torn_bytes=size)
     return Replayed(state=fold.state, offset=offset, torn_bytes=size - complete_end,
                     problem=fold.problem, problems=fold.problems, warnings=fold.warnings,
-                    lines=fold.line_no, last_line_start=last_line_start)
+                    forged=fold.forged, lines=fold.line_no, last_line_start=last_line_start)
 
 
 @dataclass(slots=True)
@@ -128,6 +129,7 @@ class _Fold:
     problem: CorruptLedger | None = None
     problems: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[tuple[int, str]] = field(default_factory=list)
+    forged: list[int] = field(default_factory=list)
 
     def lines(self, lines: list[bytes]) -> int:
         """Fold ``lines`` (complete, without their newlines); returns how many were folded:
@@ -180,12 +182,16 @@ class _Fold:
             reason += (f": line {line_no - 1} was changed after this line was written, or "
                        "a line was removed or inserted before this one")
         self.problems.append((line_no, reason))
+        forged = isinstance(exc, ForgedSignature)
+        if forged:
+            self.forged.append(line_no)
         if not self.tolerant or state is None:
             check = "pools verify" if state is not None and state.pool is not None else "runs verify"
             self.problem = CorruptLedger(
                 f"{self.where} line {line_no}: {reason}; writes are refused — "
                 f"inspect with 'escalate {check} {self.run_id}'",
-                run=self.run_id, line=line_no, problem=reason, first_suspect_line=first_suspect)
+                code="forged_signature" if forged else None, run=self.run_id, line=line_no,
+                problem=reason, first_suspect_line=first_suspect)
             return True
         _resync(state, event if type(event) is dict else None, this_hash)
         return False

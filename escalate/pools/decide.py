@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
 from escalate.core.events import VoidReason
@@ -17,13 +18,16 @@ from escalate.core.resolve import (
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
+if TYPE_CHECKING:
+    from escalate.results import PoolLogAnswer, PoolPolicyAnswer
+
 
 def not_a_pool(state: RunState) -> InputError:
     return InputError(f"{state.run_id} is a run, not a pool; see 'escalate pools list', or use "
                       f"'escalate runs show {state.run_id}'", code="not_a_pool", pool=state.run_id)
 
 
-def decide_join(state: RunState, run_id: str) -> Decision:
+def decide_join(state: RunState, run_id: str) -> Decision[PoolLogAnswer]:
     """``run_joined`` for a new member (a repeat writes nothing: a retried ``runs init``)."""
     if state.pool is None:
         return fail(not_a_pool(state))
@@ -32,7 +36,7 @@ def decide_join(state: RunState, run_id: str) -> Decision:
     return Decision(events=[{"type": "run_joined", "run": run_id}], result={"status": "joined"})
 
 
-def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decision:
+def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decision[PoolLogAnswer]:
     """``run_join_voided`` for a join of ``run_id`` whose id another ledger holds (``taken``:
     :func:`escalate.pools.member.taken_by`, read in the pool's critical section); nothing
     when the run is the pool's member, not created yet, or not joined."""
@@ -44,7 +48,7 @@ def decide_void(state: RunState, run_id: str, taken: VoidReason | None) -> Decis
                     result={"status": "voided", "reason": taken})
 
 
-def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decision:
+def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decision[PoolLogAnswer]:
     """``member_opened`` for a member whose first line is written (``first_line``: its chain
     hash, read in the pool's critical section; None when the ledger under the id is not this
     pool's run of that id, or not there); nothing when recorded already, or not joined."""
@@ -59,7 +63,7 @@ def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decis
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
                        role: str | None = None, granted: tuple[int, str] | None = None,
                        roles: bool = False, signature: str | None = None,
-                       members: Mapping[str, Policy] | None = None) -> Decision:
+                       members: Mapping[str, Policy] | None = None) -> Decision[PoolPolicyAnswer]:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
@@ -73,7 +77,7 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
-    result = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
+    result: PoolPolicyAnswer = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
     # (Asked before "unchanged": someone who may not change the pool is told so, as for a change.)
     refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:

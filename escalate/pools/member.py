@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -22,7 +22,10 @@ from escalate.core.ids import shown_value
 from escalate.core.pool_state import PeriodTotals, PoolFacts
 from escalate.core.state import RunState
 from escalate.errors import CorruptLedger, InputError
-from escalate.stores.seam import LedgerStore, first_event_in, first_line, pool_of
+from escalate.stores.seam import LedgerStore, Store, first_event_in, first_line, pool_of
+
+if TYPE_CHECKING:
+    from escalate.pools.signatures import PoolDecisions
 
 
 def facts_of(state: RunState) -> PoolFacts:
@@ -180,7 +183,7 @@ def own_first_line(store: LedgerStore, pool_id: str) -> str | None:
     return line_hash(line)
 
 
-def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], *,
+def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], runs: Store, *,
                 stop: int | None = None, opened: str | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
     a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A member
@@ -188,9 +191,14 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
     not parse, a broken chain), one whose id another ledger holds (:func:`not_the_member`:
     a join that lost a race is voided in the pool's log, and is then no member), or not the
     log the pool recorded (``opened``: :func:`member_first`) is :func:`member_unreadable`:
-    never counted as nothing."""
-    member, ignored = Member(), {}  # type: ignore[var-annotated]
+    never counted as nothing. So is one holding an approval of a ``pool_cap`` escalation that
+    the keys its pool pins (in ``runs``) do not vouch for (:mod:`escalate.pools.signatures`):
+    its grant is never counted."""
+    from escalate.pools.signatures import PoolDecisions
+
+    member, ignored = Member(), dict[str, PeriodTotals]()
     member_first(store, pool_id, opened)
+    decisions = PoolDecisions(store.run_id)
     group: list[Event] = []
     number, prev = 0, ""
     with store.reader() as stream:
@@ -209,6 +217,7 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                 if number == 1 and opened is not None and prev != opened:  # swapped since member_first
                     raise member_unreadable(store, pool_id, "its first line changed while it was read",
                                             missing=False, opened=True)
+                decisions.see(number, event, prev)
                 group.append(event)
                 if event.get("more"):
                     continue  # more lines of the same write follow
@@ -222,4 +231,14 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                                         missing=False, line=number) from None
             group = []
             member.offset = end
+    _check_decisions(store, pool_id, runs, decisions)
     return member
+
+
+def _check_decisions(store: LedgerStore, pool_id: str, runs: Store, decisions: PoolDecisions) -> None:
+    """:func:`member_unreadable` naming the first line of the member's that decides a
+    ``pool_cap`` escalation without the signature its pool's keys require."""
+    from escalate.pools.signatures import pool_problems
+
+    for line, problem in pool_problems(runs, pool_id, decisions)[:1]:
+        raise member_unreadable(store, pool_id, f"line {line}: {problem}", missing=False, line=line)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
-from escalate.core.state import RunState
+from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger
 from escalate.reports.report import halted_tasks, percent, pool_period_line, run_markdown, usage_level
 
@@ -171,7 +171,7 @@ class GateResult:
         heading, _, rest = summary.partition("\n")
         return f"{heading}\n\n{pool_period_line(self.period)}\n{rest}"
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """The run's money, as ``runs show --json`` reports it."""
         return self.state.totals()
 

@@ -34,12 +34,12 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import orjson
 
 from escalate.core.events import line_hash
-from escalate.core.state import EscalationState, RunState, Task
+from escalate.core.state import EscalationState, RunState, TaskRow, TaskTable
 from escalate.stores.checkpoint import (
     CODECS,
     CheckpointInvalid,
@@ -84,7 +84,8 @@ class Rows(LazyRows[V]):
             yield key, functools.partial(self._checked_row, key, data, crc)
 
     def _checked_row(self, key: str, data: bytes, crc: int) -> V:
-        return cast(V, self._decode(key, checked(key, data, crc)))
+        value: V = self._decode(key, checked(key, data, crc))  # (the table's codec: CODECS)
+        return value
 
     def _fetch_all(self, sql: str, parameters: tuple[str, ...] = ()) -> list[Any]:
         """Run one query on the shared connection, under the guard that keeps a thread from
@@ -174,9 +175,17 @@ class Checkpoint:
         self._writer_dir = kept
         return connection
 
+    def close(self) -> None:
+        """End the kept connection and the folder handle that goes with it (the next
+        writing command opens them again)."""
+        with self._guard:
+            self._drop_writer()
+
     def __del__(self) -> None:
-        # A Ledger dropped without a word still ends its kept connection, and the folder
-        # handle that goes with it (a process making many Ledgers would run out of handles).
+        # A safety net, kept for a reason: the library never asked callers to close a Ledger
+        # before ``close()`` existed, and the folder handle is a bare descriptor that nothing
+        # else would ever close, so a scheduler opening a Ledger per task would run out of
+        # handles. Everything in escalate closes what it opens.
         with contextlib.suppress(Exception):
             self._drop_writer()
 
@@ -219,7 +228,8 @@ class Checkpoint:
 
     def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
-        at its offset, else ``None``.
+        at its offset, else ``None``. For a writer, the log then ends at ``offset``: it is
+        the same file, untouched since the save (:func:`_check_log_at`).
 
         A writer's state reads rows lazily (a row that fails its checksum, or a read that
         SQLite fails, then raises :class:`CheckpointInvalid` mid-command, before anything is
@@ -242,8 +252,8 @@ class Checkpoint:
         try:
             loaded = self._load(connection, log_path, writable)
             state = loaded[0]
-            assert isinstance(state.tasks, Rows) and isinstance(state.escalations, Rows)
-            state.tasks = state.tasks.read_all()
+            assert isinstance(state.tasks.rows, Rows) and isinstance(state.escalations, Rows)
+            state.tasks = TaskTable(state.tasks.rows.read_all())
             state.escalations = state.escalations.read_all()
             state.open_escalations = {key: state.escalations[key] for key in state.open_escalations}
             return loaded
@@ -264,7 +274,7 @@ class Checkpoint:
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = state_from_blob(blob, Rows[Task](connection, "tasks", guard),
+        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard),
                                 Rows[EscalationState](connection, "escalations", guard))
         return state, offset, start, blob["lines"]
 
@@ -284,7 +294,7 @@ class Checkpoint:
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
               log_path: str) -> None:
-        tasks, escalations = state.tasks, state.escalations
+        tasks, escalations = state.tasks.rows, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
         if connection is None:

@@ -87,6 +87,7 @@ class FileLog(RunFolder):
         super().__init__(run_dir)
         self.path = run_dir / LOG_NAME
         self.lock_path = run_dir / LOCK_NAME
+        self._lock_file = str(self.lock_path)  # (named by every lock wait: made once)
         self.lock_timeout = lock_timeout
         self.lock_wait_s = 0.0  # how long the last lock took to get (the benchmark reads it)
 
@@ -129,7 +130,7 @@ class FileLog(RunFolder):
             fd = self._open_lock(dir_fd)
             try:
                 if fd is not None:
-                    self.lock_wait_s = lock.acquire(fd, self.lock_timeout, lock_file=str(self.lock_path))
+                    self.lock_wait_s = lock.acquire(fd, self.lock_timeout, lock_file=self._lock_file)
                 yield
             finally:
                 if fd is not None:

@@ -1,0 +1,135 @@
+"""A pool's pinned keys bind its members' logs: a ``pool_cap`` escalation is approved in the
+member run's log, signed by a key the pool pins. Every reader of a member — ``runs verify``,
+``gate`` of the run, ``gate --pool``, ``pools verify`` and the writers that count its money
+for the pool — checks those approvals against the pool's keys, on both stores, by the one
+rule a run's own keys are checked by."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from escalate import Ledger
+from escalate.core import sshsig
+from escalate.escalation import signing
+from tests.conftest import log_bytes, rechained, snapshot_store
+from tests.test_signed_approvals import approver, events, keys, pub
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
+__all__ = ["keys"]  # (the module's fixture, shared)
+
+Location = Path | str
+
+
+def put_log(store: Location, run_id: str, data: bytes) -> None:
+    """Replace ``run_id``'s log with ``data`` as someone who can write the store could: the
+    file and its checkpoint gone, or (PostgreSQL) the table's owner past its append-only trigger."""
+    if isinstance(store, Path):
+        (store / run_id / "events.ndjson").write_bytes(data)
+        for cache in (store / run_id).glob("*.sqlite*"):
+            cache.unlink()
+        return
+    lines = data.splitlines(keepends=True)
+    with psycopg.connect(store, autocommit=True) as connection:
+        connection.execute("ALTER TABLE escalate_events DISABLE TRIGGER escalate_events_append_only")
+        connection.execute("DELETE FROM escalate_events WHERE ledger = %s", (run_id,))
+        offset = 0
+        for seq, line in enumerate(lines, start=1):
+            offset += len(line)
+            connection.execute("INSERT INTO escalate_events (ledger, seq, end_offset, line) "
+                               "VALUES (%s, %s, %s, %s)", (run_id, seq, offset, line))
+        connection.execute("ALTER TABLE escalate_events ENABLE TRIGGER escalate_events_append_only")
+        for table in ("escalate_tasks", "escalate_escalations"):
+            connection.execute(f"DELETE FROM {table} WHERE ledger = %s", (run_id,))
+        connection.execute("UPDATE escalate_ledgers SET size = %s, lines = %s, checkpoint = NULL, "
+                           "checkpoint_lines = 0 WHERE ledger = %s", (offset, len(lines), run_id))
+
+
+def rebuild_books(store: Location, pool_id: str) -> None:
+    """Throw the pool's books away (a reboot may): the next writer folds every member."""
+    if isinstance(store, Path):
+        for path in (store / pool_id).glob("events.ndjson.derived.sqlite*"):
+            path.unlink()
+        return
+    with psycopg.connect(store, autocommit=True) as connection:
+        connection.execute("DELETE FROM escalate_derived WHERE ledger = %s", (pool_id,))
+
+
+def approved_member(cli: Any, keys: dict[str, Path], store: Location) -> tuple[bytes, int]:
+    """Pool team pinning alice's ecdsa key, members r and r2; r's pool_cap escalation approved
+    with alice's signature. r's log, and the line of the resolution in it."""
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approver-key", f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    for run in ("r", "r2"):
+        assert cli("runs", "init", run, "--cap", "10", "--pool", "team").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json")
+    assert asked.exit_code == 4, asked.stdout
+    approved = cli("approve", "r", asked.json()["escalation_id"], "--by", "alice",
+                   "--sign", str(keys["alice-ecdsa"]))
+    assert approved.exit_code == 0, approved.stderr
+    signed = log_bytes(store, "r")
+    line = 1 + next(i for i, e in enumerate(events(signed)) if e["type"] == "escalation_resolved")
+    return signed, line
+
+
+def forged_logs(signed: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
+    """r's log with its pool_cap approval forged, the chain rebuilt: unsigned, or signed by a
+    key the pool does not pin."""
+    lines = events(signed)
+    at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
+    asked = next(e for e in lines if e["type"] == "escalation")
+    content = sshsig.canonical_content("r", asked["id"], "extend", asked["requested_micros"],
+                                       lines[at]["prev"])
+    mallory = {"signature": signing.sign(content, keys["mallory"]),
+               "key": sshsig.parse_key(pub(keys["mallory"])).fingerprint}
+
+    def edited(change: dict[str, Any], drop: tuple[str, ...] = ()) -> bytes:
+        copy = [dict(e) for e in lines]
+        copy[at].update(change)
+        for key in drop:
+            del copy[at][key]
+        return rechained(copy)
+
+    return {"unsigned": edited({}, ("signature", "key")), "mallory's key": edited(mallory)}
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "mallory's key"])
+def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
+        cli: Any, keys: dict[str, Path], store: Location, forgery: str) -> None:
+    signed, line = approved_member(cli, keys, store)
+    put_log(store, "r", forged_logs(signed, keys)[forgery])
+    readers = (["runs", "verify", "r"], ["gate", "r"], ["gate", "--pool", "team"],
+               ["pools", "verify", "team"])
+    for args in readers:
+        refused = cli(*args, "--json")
+        assert refused.exit_code == 6, (args, refused.stdout, refused.stderr)
+        assert f"line {line}" in refused.stderr + refused.stdout or \
+            f'"line": {line}' in refused.stdout, (args, refused.stdout)
+        assert "pool_cap escalation" in refused.stderr + refused.stdout, (args, refused.stdout)
+    verified = cli("runs", "verify", "r", "--json").json()
+    assert [problem["line"] for problem in verified["problems"]] == [line]
+    # Money writes into the member, and (once the books are folded again) into its pool, are
+    # refused rather than count the forged extension; nothing is written.
+    before = snapshot_store(store)
+    for run in ("r", "r2"):
+        if run == "r2":
+            rebuild_books(store, "team")
+        refused = cli("reserve", run, "t9", "--estimate", "0.5", "--json")
+        assert refused.exit_code == 6, (run, refused.stdout, refused.stderr)
+        assert refused.json()["error"] == "member_unreadable" and refused.json()["run"] == "r"
+        assert f"line {line}" in refused.stderr and refused.stderr.count("\n") == 1
+        assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == \
+            {k: v for k, v in before.items() if "derived" not in k}
+    # The genuine log back: every reader passes, and the writes go through.
+    put_log(store, "r", signed)
+    rebuild_books(store, "team")
+    for args in (["runs", "verify", "r"], ["gate", "r"], ["pools", "verify", "team"]):
+        assert cli(*args).exit_code == 0, args
+    assert cli("gate", "--pool", "team", "--allow-halts").exit_code != 6
+    assert cli("reserve", "r2", "t9", "--estimate", "0.5").exit_code != 6
+    assert Ledger.open(store, "r").verify().problems == []
+
