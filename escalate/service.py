@@ -201,6 +201,10 @@ class Ledger(Closing):
             payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                unreachable = resolve.member_quorum_refused((run_id, policy),
+                                                            (joining.run_id, joining.policy))
+                if unreachable is not None:  # (before anything is written)
+                    raise unreachable
             line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
             if joining is None or void.void_if_taken(run, joining):
                 # (An existing run is never joined: it is the same init again, or a conflict. A
