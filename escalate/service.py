@@ -11,7 +11,7 @@ durable.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Unpack, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 from escalate import config
 from escalate.config import Clock
@@ -33,9 +33,12 @@ from escalate.escalation.delivery import (
     notice_again,
 )
 from escalate.results import (
+    ArchiveResult,
     DeliveryResult,
+    PolicyAnswer,
     PolicyResult,
     ResolutionResult,
+    SweepAnswer,
     SweepResult,
     TaskResult,
 )
@@ -49,7 +52,7 @@ from escalate.stores.seam import (
     open_store,
     pool_of,
 )
-from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
+from escalate.write import Decide, MembershipChanged, R, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
@@ -57,8 +60,8 @@ if TYPE_CHECKING:
 KeyFile = str | os.PathLike[str]
 
 
-def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
+def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide[R], *, actor: str,
+              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision[R]]:
     """A write to a run, under its pool's critical section first when it names one (the
     first line, read again under the run's lock, must agree: :class:`MembershipChanged`).
     ``copied``: the first line names another run (a copy of another member's folder)."""
@@ -198,6 +201,10 @@ class Ledger(Closing):
             payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                unreachable = resolve.member_quorum_refused((run_id, policy),
+                                                            (joining.run_id, joining.policy))
+                if unreachable is not None:  # (before anything is written)
+                    raise unreachable
             line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
             if joining is None or void.void_if_taken(run, joining):
                 # (An existing run is never joined: it is the same init again, or a conflict. A
@@ -250,9 +257,9 @@ class Ledger(Closing):
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
-                                                                 priority, pool))))
+                                                                 priority, pool)))}
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
@@ -260,21 +267,21 @@ class Ledger(Closing):
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
-                                                                  priority, pool))))
+                                                                  priority, pool)))}
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))}
 
-    def archive(self) -> dict[str, Any]:
+    def archive(self) -> ArchiveResult:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
-        return self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))
+        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))}
 
     def approve(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
                 signature: str | None = None) -> ResolutionResult:
@@ -328,12 +335,13 @@ class Ledger(Closing):
 
             signature = sign_change(self.policy_signing_content(**changes), sign)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str],
+                   pool: PoolView | None) -> Decision[PolicyAnswer]:
             policy = config.merge_policy(state.policy, changes)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles, signature)
         role = self.store.role()
-        return cast(PolicyResult, self._mutate(decide))
+        return {"run": self.run_id, **self._mutate(decide)}
 
     def policy_signing_content(self, **changes: Unpack[config.RunPolicyOptions]) -> bytes | None:
         """The bytes a signature of this policy change covers now
@@ -357,7 +365,8 @@ class Ledger(Closing):
         """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
         due: list[tuple[EscalationState, bool]] = []
 
-        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str],
+                   pool: PoolView | None) -> Decision[SweepAnswer]:
             # Every write expires what is due before it decides; a sweep is a write that only
             # that, and it notes (under the lock) which notices are due again, and whether the
             # policy that decides each pins approvers' keys (its answers are signed).
@@ -369,8 +378,7 @@ class Ledger(Closing):
                            if decisions.delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
 
-        result = cast(SweepResult, self._mutate(decide))
-        result["notified"], result["deferred"] = [], []
+        result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
         return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
@@ -394,8 +402,8 @@ class Ledger(Closing):
 
     def verified_state(self) -> RunState:
         """The run's state from a strict fold of the whole log with every check, never from
-        the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
-        For verdicts such as a CI gate: the cache's key cannot see an edit in place before
+        the checkpoint; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
+        For verdicts such as a CI gate: the checkpoint's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
         replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:
@@ -468,11 +476,13 @@ class Ledger(Closing):
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
             signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
-        return cast(ResolutionResult, self._mutate(
+        return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role, signature, roles)))
+                                                                  pool, role, signature, roles))}
 
-    def _mutate(self, decide: Decide) -> dict[str, Any]:
+    def _mutate(self, decide: Decide[R]) -> R:
+        """One write of ``decide``'s decision, through the run's pool when it has one; its
+        answer once durable (the command adds the run), or its error raised."""
         # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
             pool_id = self.pool_id()
@@ -496,7 +506,7 @@ class Ledger(Closing):
                                                 lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)
 
-    def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
+    def _answer(self, first_seq: int, decision: Decision[R]) -> R:
         """Report a decision once everything it rests on is durable."""
         # Durable before anything is reported: this sync covers our lines and every line
         # before them (an answer like "exists" may rest on another process's write).
@@ -504,8 +514,7 @@ class Ledger(Closing):
         self._notify(first_seq, decision.events)
         if decision.error is not None:
             decision.error.facts.setdefault("run", self.run_id)
-            raise decision.error
-        return {"run": self.run_id, **decision.result}
+        return decision.answer()
 
     def _notify(self, first_seq: int, events: list[Event]) -> None:
         """Run the notify hook for each escalation a person must answer, and record it."""

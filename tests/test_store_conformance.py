@@ -8,7 +8,7 @@ derived, save_derived) and read back through the same seam."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import ItemsView, Iterator, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from escalate.core import fold
 from escalate.core.events import format_ts, seal
 from escalate.core.replay import Replayed
 from escalate.errors import Pending
+from escalate.stores.checkpoint import LazyRows
 from escalate.stores.seam import LedgerStore, Store, Transaction, open_store
 from tests.conftest import Location
 
@@ -81,6 +82,24 @@ class StoreContract:
         assert dict(from_checkpoint.state.tasks) == dict(from_lines.state.tasks)
         assert (from_checkpoint.offset, from_checkpoint.lines, from_checkpoint.last_line_start) == \
             (from_lines.offset, from_lines.lines, from_lines.last_line_start)
+
+    def test_a_checkpoints_rows_are_a_mapping_with_its_views(self, ledger: LedgerStore) -> None:
+        with ledger.transaction() as transaction:
+            replayed = transaction.load()
+            lines = _lines(replayed, "a", "b")
+            transaction.append(replayed, lines)
+            transaction.save_checkpoint(replayed, replayed.state, lines)
+        ledger.sync()
+        with ledger.transaction() as transaction:
+            tasks = transaction.load().state.tasks
+            assert isinstance(tasks.rows, LazyRows)  # a writer's rows, read from the checkpoint as asked
+            for table in (tasks, tasks.rows):
+                items, values = table.items(), table.values()
+                assert isinstance(items, ItemsView) and isinstance(values, ValuesView)
+                assert len(items) == len(values) == len(table) == 2
+                assert ("a", table["a"]) in items and table["b"] in values
+                assert [key for key, _ in items] == list(table) == ["a", "b"]
+                assert list(values) == [table["a"], table["b"]]
 
     def test_a_transaction_left_by_an_error_before_its_append_writes_nothing(self,
                                                                              ledger: LedgerStore) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -210,7 +210,7 @@ def set_policy(
         bad_input(_NOTHING_TO_CHANGE, json_out, code="usage")
     before: dict[str, Any] = {}
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         if escalation_timeout is not None:
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         target = _pool(pool, runs_dir, lock_timeout, by)

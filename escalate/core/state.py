@@ -7,9 +7,9 @@ stores them. Task and escalation states are written to JSON as the strings below
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from escalate.core.events import (
     ApproversMatch,
@@ -149,6 +149,38 @@ def task_row(data: Mapping[str, Any]) -> TaskRow:
             data["halt_reason"], data["escalation_id"])
 
 
+V = TypeVar("V")
+
+
+class PassItems(ItemsView[str, V]):
+    """``items()`` of a mapping whose rows are read best in one pass (the fold's task rows, a
+    store's checkpoint rows): a view, as :class:`~collections.abc.Mapping` promises, whose
+    iteration is ``each()``."""
+
+    __slots__ = ("_each",)
+
+    def __init__(self, mapping: Mapping[str, V], each: Callable[[], Iterator[tuple[str, V]]]) -> None:
+        super().__init__(mapping)
+        self._each = each
+
+    def __iter__(self) -> Iterator[tuple[str, V]]:
+        return self._each()
+
+
+class PassValues(ValuesView[V]):
+    """``values()`` of such a mapping (:class:`PassItems`)."""
+
+    __slots__ = ("_each",)
+
+    def __init__(self, mapping: Mapping[str, V], each: Callable[[], Iterator[tuple[str, V]]]) -> None:
+        super().__init__(mapping)
+        self._each = each
+
+    def __iter__(self) -> Iterator[V]:
+        for _, value in self._each():
+            yield value
+
+
 class TaskTable(MutableMapping[str, Task]):
     """:attr:`RunState.tasks`: every task by id, in the order first seen.
 
@@ -185,14 +217,17 @@ class TaskTable(MutableMapping[str, Task]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def items(self) -> Iterator[tuple[str, Task]]:  # type: ignore[override]
+    def items(self) -> ItemsView[str, Task]:
         """Every task in the order first seen (one pass over the rows, as a store reads them)."""
+        return PassItems(self, self._each)
+
+    def values(self) -> ValuesView[Task]:
+        """The tasks, as :meth:`items`."""
+        return PassValues(self, self._each)
+
+    def _each(self) -> Iterator[tuple[str, Task]]:
         for task_id, row in self.rows.items():
             yield task_id, Task(*row)
-
-    def values(self) -> Iterator[Task]:  # type: ignore[override]
-        for _, task in self.items():
-            yield task
 
 
 @dataclass(slots=True)
@@ -273,6 +308,24 @@ class EscalationState:
         }
 
 
+class Totals(TypedDict):
+    """A run's money, exact, as ``runs show --json`` reports it (:meth:`RunState.totals`)."""
+
+    run: str
+    cap_micros: int
+    run_cap_micros: int
+    task_cap_micros: int
+    spent_micros: int
+    reserved_micros: int
+    committed_micros: int
+    remaining_micros: int
+    extended_micros: int
+    events: int
+    halts: int
+    escalation: dict[str, Any]
+    archived: bool  # retired by 'runs archive'
+
+
 @dataclass(slots=True)
 class RunState:
     """Totals and per-task facts folded from one run's log."""
@@ -321,7 +374,7 @@ class RunState:
         the fold reads it on every reservation."""
         return self.run_cap_micros + self.extended_micros - self.spent_micros - self.reserved_micros
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """The run's money, exact, as ``runs show --json`` reports it."""
         return {
             "run": self.run_id,

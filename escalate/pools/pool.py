@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
@@ -23,15 +23,17 @@ from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.core.rules import period_name
-from escalate.core.state import RunState
-from escalate.errors import Conflict, CorruptLedger, InputError
+from escalate.core.state import Policy, RunState
+from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
 from escalate.stores.seam import Closing, LedgerStore, Store, first_event, open_store, owned_store
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.core.decide import Decision
     from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
 
@@ -165,7 +167,7 @@ class Pool(Closing):
         return facts
 
     def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
-        """Each member run's money by period, folded from its log (no lock, no cache), and
+        """Each member run's money by period, folded from its log (no lock, no checkpoint), and
         the members whose logs cannot be read (moved away, damaged: nothing of theirs is
         counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
@@ -219,7 +221,7 @@ class Pool(Closing):
         }
 
     def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED, sign: str | os.PathLike[str] | None = None,
-                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> dict[str, Any]:
+                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again. While the pool pins keys the
@@ -236,12 +238,13 @@ class Pool(Closing):
 
             signature = sign_change(self.policy_signing_content(cap=cap, **changes), sign)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
+        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            counted = (policy.approvers, policy.quorum) != (state.policy.approvers, state.policy.quorum)
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
                                       self._granted(now) if lowered else None, self.store.approvers_are_roles,
-                                      signature)
+                                      signature, self._member_policies(state) if counted else None)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
@@ -249,9 +252,7 @@ class Pool(Closing):
             _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                                clock=self.clock, lock_timeout=self.lock_timeout)
             self.store.sync()
-        if decision.error is not None:
-            raise decision.error
-        return {"pool": self.pool_id, **decision.result}
+        return {"pool": self.pool_id, **decision.answer()}
 
 
     def policy_signing_content(self, *, cap: Amount | Unchanged = UNCHANGED,
@@ -264,6 +265,18 @@ class Pool(Closing):
         policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
         change = resolve.policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
         return resolve.policy_signing_content(state, change)
+
+    def _member_policies(self, state: RunState) -> dict[str, Policy]:
+        """Each member run's policy (asked under the pool's lock, which a member's policy change
+        takes first; a member that cannot be read takes no writes and is left out)."""
+        policies = {}
+        for run_id in state.pool.members if state.pool is not None else ():
+            try:
+                member = self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout)
+                policies[run_id] = member.read().state.policy
+            except EscalateError:
+                continue
+        return policies
 
     def _granted(self, now: str) -> tuple[int, str]:
         """What approvals extended the pool by in the period ``now`` falls in, folded from
@@ -370,7 +383,8 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
                                 "warnings": []})
             else:
                 members.append(verify_report(member, runs=runs))
-        report = {key: value for key, value in own.items() if key != "run"}
-        return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
-                                       "ok": own["ok"] and all(member["ok"] for member in members)})
+        return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
+                "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
+                "head": own["head"], "problems": own["problems"], "warnings": own["warnings"],
+                "members": members}
 

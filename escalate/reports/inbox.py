@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
 from escalate.core.decide import fired_limit
-from escalate.core.events import PRIORITIES, Priority
+from escalate.core.events import PRIORITIES
 from escalate.core.ids import check_id
 from escalate.core.resolve import grant_delta, unknown_escalation
 from escalate.core.rules import extension_left, needed_extension, quorum_required
@@ -129,8 +129,7 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     # Most urgent first: what waits for a person before what is settled, then by priority,
     # then newest first (two stable sorts).
     rows.sort(key=lambda row: row["opened_at"], reverse=True)
-    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
-        cast(Priority, row["priority"]))))
+    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(row["priority"])))
     return {"escalations": rows, "skipped": skipped}
 
 
@@ -154,7 +153,8 @@ def escalation_row(state: RunState, escalation: EscalationState, pool: str | Non
     if escalation.state == "open" and not escalation.shadow:
         left = pool_left if escalation.reason == "pool_cap" else state.remaining_micros
         needed = None if left is None else needed_extension(grant_delta(state, escalation), left)
-    # A run belongs to one pool for good: its pool_cap escalations are that pool's.
+    # A run belongs to one pool for good: its pool_cap escalations are that pool's. (A cast:
+    # EscalationState.to_json() is a plain dict, its optional keys set in place, in order.)
     return cast(InboxRow, {"run": state.run_id, **row,
                            "pool": pool if escalation.reason == "pool_cap" else None,
                            "fired": fired_limit(row), "needed_now_micros": needed,

@@ -118,14 +118,13 @@ def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
         tasks = [task_json(task_id, task) for task_id, task in state.tasks.rows.items()]
         tasks = tasks if all_tasks else tasks[-TASK_ROWS:]
     escalations = [e.to_json() for e in state.escalations.values()]
-    view = state.totals()
-    view.update({
+    return {
+        **state.totals(),
         "shadow_escalations": sum(1 for e in state.escalations.values() if e.shadow),
         "open_escalations": len(state.open_escalations),
         "tasks": tasks,
         "escalations": escalations,
-    })
-    return view
+    }
 
 
 def show_run(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, Any] | None = None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, TypedDict, cast, final
 
-from escalate.core.state import RunState
+from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
@@ -24,23 +24,10 @@ RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle
 
 
 @final  # no further keys: `"error" in row` tells the two kinds of row apart
-class RunRow(TypedDict):
-    """One readable run of :func:`list_runs`: ``RunState.totals()``, when it was opened and
-    one word for its state."""
+class RunRow(Totals):
+    """One readable run of :func:`list_runs`: ``RunState.totals()`` (an archived run is listed
+    only with ``every_run``), when it was opened and one word for its state."""
 
-    run: str
-    cap_micros: int
-    run_cap_micros: int
-    task_cap_micros: int
-    spent_micros: int
-    reserved_micros: int
-    committed_micros: int
-    remaining_micros: int
-    extended_micros: int
-    events: int
-    halts: int
-    escalation: dict[str, Any]
-    archived: bool  # retired by 'runs archive': listed only with every_run
     opened_at: str
     state: RunWord
     pool: str | None  # the pool the run belongs to (None: none)
@@ -143,8 +130,8 @@ def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
                 continue
             if state.archived and not every_run:
                 continue
-            rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
-                                      "state": run_word(state), "pool": pool}))
+            rows.append({**state.totals(), "opened_at": state.opened_at, "state": run_word(state),
+                         "pool": pool})
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
     return rows
 
@@ -183,6 +170,7 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
             except EscalateError as error:
                 if run is not None:
                     raise
+                # (A cast: the error's facts are further keys, which no TypedDict can list.)
                 failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
                 continue
             expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]

@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 
 from escalate.core.money import MAX_TOTAL_MICROS
 from escalate.core.replay import LineSource, Progress, Replayed, replay
-from escalate.core.state import EscalationState, Policy, RunState, TaskRow, TaskTable, task_json, task_row
+from escalate.core.state import (
+    EscalationState,
+    PassItems,
+    PassValues,
+    Policy,
+    RunState,
+    TaskRow,
+    TaskTable,
+    task_json,
+    task_row,
+)
 
 V = TypeVar("V")
 
@@ -203,10 +213,10 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         return value
 
     def __getitem__(self, key: str) -> V:
-        value = self.get(key, _MISSING)
+        value: V = self.get(key, _MISSING)  # (get answers Any: a row, or the default given)
         if value is _MISSING:
             raise KeyError(key)
-        return cast(V, value)
+        return value
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
@@ -221,23 +231,28 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         raise TypeError("the ledger never forgets a task or an escalation")
 
     def __iter__(self) -> Iterator[str]:
-        for key, _ in self.items():
+        for key, _ in self._each_row():
             yield key
 
     def __len__(self) -> int:
         return self._stored_count() + len(self._new)
 
-    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
+    def items(self) -> ItemsView[str, V]:
         """All rows in the order they were first written, with this command's changes."""
+        return PassItems(self, self._each_row)
+
+    def values(self) -> ValuesView[V]:
+        """The rows' values, as :meth:`items`."""
+        return PassValues(self, self._each_row)
+
+    def _each_row(self) -> Iterator[tuple[str, V]]:
+        """``(key, value)`` of every row in the order first written, in one pass over the
+        stored rows (a row not read yet is decoded from that pass, not fetched again by key)."""
         touched = self._touched
         for key, decode in self._stored_rows():
             yield key, touched[key] if key in touched else decode()
         for key in self._new:
             yield key, touched[key]
-
-    def values(self) -> Iterator[V]:  # type: ignore[override]
-        for _, value in self.items():
-            yield value
 
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         """``(key, row)`` of every row read or added by this command."""

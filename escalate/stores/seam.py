@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol, Self, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self
 
 import orjson
 
@@ -34,6 +34,12 @@ from escalate.core.ids import valid_id
 from escalate.core.replay import Progress, Replayed
 from escalate.core.state import RunState
 from escalate.errors import InputError, UnknownRun
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from escalate.stores.postgres.connect import ConnectionPool
+    from escalate.stores.postgres.transaction import Connection
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
@@ -260,7 +266,7 @@ class Closing:
 
 
 @contextmanager
-def owned_store(location: str | os.PathLike[str] | Store | object) -> Iterator[Store]:
+def owned_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Iterator[Store]:
     """:func:`open_store` for the length of a call: a store opened here (from a path or a
     URL) is closed at the end; a store given stays open, the caller's."""
     store = open_store(location)
@@ -276,16 +282,22 @@ def is_store_url(location: str) -> bool:
     return bool(_POSTGRES_URL.match(location))
 
 
-def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
+def is_store(location: object) -> TypeIs[Store]:
+    """Whether ``location`` is a store object (told apart as :class:`Store` is defined: by
+    what it does)."""
+    return hasattr(location, "ledger") and hasattr(location, "run_ids")
+
+
+def open_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Store:
     """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
     psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
     path is a file store (a runs root); a store is itself."""
     if not isinstance(location, (str, os.PathLike)):
-        if hasattr(location, "ledger") and hasattr(location, "run_ids"):
-            return cast(Store, location)
+        if is_store(location):
+            return location
         from escalate.stores.postgres.store import PgStore
 
-        return PgStore(cast(Any, location))
+        return PgStore(location)
     text = os.fspath(location)
     if _POSTGRES_URL.match(text):
         if not _POSTGRES_URL_WHOLE.match(text):

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 
@@ -43,7 +43,7 @@ from escalate.stores.postgres.connect import (
 )
 from escalate.stores.postgres.failures import Outcome, failure
 from escalate.stores.postgres.reading import fetch_lines, fold, lines_of
-from escalate.stores.postgres.rows import LineStream
+from escalate.stores.postgres.rows import line_stream
 from escalate.stores.postgres.tables import ensure_schema
 from escalate.stores.postgres.transaction import (
     CHANNEL,
@@ -383,7 +383,7 @@ class PgLedger:
             with self._store.connection() as connection:
                 return fetch_lines(connection, self.run_id, after, up_to)
 
-        return cast(BinaryIO, LineStream(fetch, size))
+        return line_stream(fetch, size)
 
     def size(self) -> int:
         with self._store.connection() as connection:
