@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
 from escalate.core.events import VoidReason
-from escalate.core.resolve import extension_lowered, policy_change, policy_changer_refused, policy_signed
+from escalate.core.policy import extension_lowered, policy_change, policy_changer_refused, policy_signed
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -62,8 +62,8 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
     pool names approvers, only they may change it (``role``: who the store vouches acts,
     recorded; ``roles``: the store's approver lists name database roles;
-    :func:`~escalate.core.resolve.policy_changer_refused` checks them); while it pins keys, only
-    with a ``signature`` by one (:func:`~escalate.core.resolve.policy_signed`)."""
+    :func:`~escalate.core.policy.policy_changer_refused` checks them); while it pins keys, only
+    with a ``signature`` by one (:func:`~escalate.core.policy.policy_signed`)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
