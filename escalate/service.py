@@ -29,7 +29,7 @@ from escalate.core.decide import (
 from escalate.core.events import Event, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
-from escalate.core.policy import decide_policy, policy_change, policy_signing_content
+from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
@@ -210,6 +210,9 @@ class Ledger(Closing):
             payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                unreachable = member_quorum_refused((run_id, policy), (joining.run_id, joining.policy))
+                if unreachable is not None:  # (before anything is written)
+                    raise unreachable
             line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
             if joining is None or void.void_if_taken(run, joining):
                 # (An existing run is never joined: it is the same init again, or a conflict. A

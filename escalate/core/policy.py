@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from escalate.core.decide import Decision, fail
 from escalate.core.events import Event
 from escalate.core.money import format_usd as usd
-from escalate.core.rules import approver_name
+from escalate.core.rules import approver_name, unreachable_quorum
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, Refused, RefusedFacts
 
@@ -85,6 +85,24 @@ def policy_signed(state: RunState, event: Event, by: str | None, role: str | Non
     return None
 
 
+def member_quorum_refused(run: tuple[str, Policy], pool: tuple[str, Policy]) -> Conflict | None:
+    """The escalations of member run ``run`` (id, policy) that its ``pool`` (id, policy)
+    decides are resolved by the pool's approvers (the run's own, when the pool names none)
+    and need the stricter of the two quorums: a setting of either ledger under which they
+    could never be granted is refused (:func:`~escalate.core.rules.unreachable_quorum`)."""
+    (run_id, run_policy), (pool_id, pool_policy) = run, pool
+    approvers, whose = ((pool_policy.approvers, f"pool {pool_id}") if pool_policy.approvers
+                        else (run_policy.approvers, f"run {run_id}"))
+    needed = unreachable_quorum((run_policy.quorum, pool_policy.quorum), approvers)
+    if needed is None:
+        return None
+    return Conflict(f"quorum {needed} could never be reached for the escalations pool {pool_id} decides on "
+                    f"run {run_id}: only {len(approvers)} approvers of {whose} may resolve them "
+                    f"({', '.join(approvers)}); ask for at most {len(approvers)} approvals, or name more "
+                    "approvers", code="unreachable_quorum", quorum=needed, approvers=list(approvers),
+                    pool=pool_id)
+
+
 def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Conflict | None:
     """A max extension may not be lowered below what approvals already granted (a run's in
     all, a pool's ``granted_in`` its current period): the ceiling would already be broken."""
@@ -106,13 +124,15 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None,
     result: PolicyAnswer = {"status": "exists", "escalation": policy.to_json()}
     if pool is not None:
         result["pool"], result["pool_escalation"] = pool.pool_id, pool.policy.to_json()
-    if policy == state.policy:
-        return Decision(result=result)
+    # (Asked before "unchanged": someone who may not change the policy is told so, as for a change.)
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
                                      "runs set", roles)
     if refusal is not None:
         return fail(refusal)
-    lowered = extension_lowered(policy, state.extended_micros)
+    if policy == state.policy:
+        return Decision(result=result)
+    lowered = extension_lowered(policy, state.extended_micros) or (
+        None if pool is None else member_quorum_refused((state.run_id, policy), (pool.pool_id, pool.policy)))
     if lowered is not None:
         return fail(lowered)
     changed = policy_change(state, policy)
