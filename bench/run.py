@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,7 +81,7 @@ class Expected:
     tasks: int = 0
     released: int = 0
 
-    def check(self, totals: dict[str, Any], tasks: int) -> None:
+    def check(self, totals: Mapping[str, Any], tasks: int) -> None:
         """Raise ``AssertionError`` unless a replay's totals are what the generator wrote."""
         got = (totals["events"], totals["spent_micros"], totals["reserved_micros"], totals["halts"], tasks)
         want = (self.events, self.spent_micros, self.reserved_micros, self.halts, self.tasks)

@@ -1,22 +1,24 @@
 """What :class:`escalate.Ledger`'s commands return: one JSON-ready dict per answer.
 
-Every amount is integer micros. The same dicts are what ``--json`` prints.
+Every amount is integer micros. The same dicts are what ``--json`` prints. Each ``*Answer``
+is what a decision answers (:class:`escalate.core.decide.Decision`); the ``*Result`` the
+command returns is that answer with the run (or pool) it was given for.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, NotRequired, TypedDict
 
+from escalate.core.events import VoidReason
 from escalate.core.state import EscalationState
 from escalate.errors import Pending, Refused
 
 
-class TaskResult(TypedDict):
+class TaskAnswer(TypedDict):
     """``reserve``, ``increase`` and ``release``: the task's money after the command.
     ``status`` is what happened (``reserved``, ``increased``, ``released``, ``exists``
     for a repeat, or ``escalated``/``halted`` in shadow mode, which only records)."""
 
-    run: str
     status: str
     task: str
     reserved_micros: int
@@ -29,10 +31,15 @@ class TaskResult(TypedDict):
     pool_escalation: NotRequired[dict[str, Any]]  # and the pool's escalation policy, which binds it too
 
 
-class ResolutionResult(TypedDict):
-    """``approve``, ``pause``, ``cancel`` and ``withdraw`` (and ``wait`` on an approval)."""
+class TaskResult(TaskAnswer):
+    """:class:`TaskAnswer`, for ``run``."""
 
     run: str
+
+
+class ResolutionAnswer(TypedDict):
+    """``approve``, ``pause``, ``cancel`` and ``withdraw`` (and ``wait`` on an approval)."""
+
     status: str  # approved, paused, cancelled, withdrawn, recorded (short of a quorum), or exists
     escalation_id: str
     task: str
@@ -49,14 +56,49 @@ class ResolutionResult(TypedDict):
     quorum: NotRequired[int]
 
 
-class PolicyResult(TypedDict):
-    """``set_policy``: the escalation policy now in force."""
+class ResolutionResult(ResolutionAnswer):
+    """:class:`ResolutionAnswer`, for ``run``."""
 
     run: str
+
+
+class PolicyAnswer(TypedDict):
+    """``set_policy``: the escalation policy now in force."""
+
     status: Literal["changed", "exists"]
     escalation: dict[str, Any]
     pool: NotRequired[str]  # a member run: its pool,
     pool_escalation: NotRequired[dict[str, Any]]  # whose policy binds it too, whatever its own says
+
+
+class PolicyResult(PolicyAnswer):
+    """:class:`PolicyAnswer`, for ``run``."""
+
+    run: str
+
+
+class ArchiveAnswer(TypedDict):
+    """``archive``: the run takes no more writes (``exists``: it was archived already)."""
+
+    status: Literal["archived", "exists"]
+    archived: bool
+
+
+class ArchiveResult(ArchiveAnswer):
+    """:class:`ArchiveAnswer`, for ``run``."""
+
+    run: str
+
+
+class NotifiedAnswer(TypedDict):
+    """One notify attempt recorded (``recorded``), or not (``unknown``: no such escalation
+    to notify of)."""
+
+    status: Literal["recorded", "unknown"]
+    escalation_id: NotRequired[str]
+    attempt: NotRequired[int]
+    ok: NotRequired[bool]
+    detail: NotRequired[str]
 
 
 class DeliveryResult(TypedDict):
@@ -68,16 +110,43 @@ class DeliveryResult(TypedDict):
     detail: str
 
 
-class SweepResult(TypedDict):
+class SweepAnswer(TypedDict):
+    """``sweep``'s write: the escalations it expired (paused by ``timeout``)."""
+
+    status: Literal["swept"]
+    expired: list[str]
+
+
+class SweepResult(SweepAnswer):
     """``sweep``: the escalations this call expired (paused by ``timeout``), the notices it
     sent again, and the ids of those due that it left for the next sweep (its deadline
     passed before they could start)."""
 
     run: str
-    status: Literal["swept"]
-    expired: list[str]
     notified: list[DeliveryResult]
     deferred: list[str]
+
+
+class PoolLogAnswer(TypedDict):
+    """A write to a pool's log that a command makes on the way (a run joins, its join is
+    voided, its first line recorded): what it did."""
+
+    status: Literal["exists", "joined", "kept", "voided", "opened"]
+    reason: NotRequired[VoidReason]
+
+
+class PoolPolicyAnswer(TypedDict):
+    """``pools set``: the pool's escalation policy and cap now in force."""
+
+    status: Literal["changed", "exists"]
+    escalation: dict[str, Any]
+    cap_micros: int
+
+
+class PoolPolicyResult(PoolPolicyAnswer):
+    """:class:`PoolPolicyAnswer`, for ``pool``."""
+
+    pool: str
 
 
 def resolution_outcome(run_id: str, escalation: EscalationState) -> ResolutionResult:

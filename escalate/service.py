@@ -11,7 +11,7 @@ durable.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Unpack, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 from escalate import config
 from escalate.config import Clock
@@ -25,13 +25,17 @@ from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
 from escalate.results import (
+    ArchiveResult,
     DeliveryResult,
+    PolicyAnswer,
     PolicyResult,
     ResolutionResult,
+    SweepAnswer,
     SweepResult,
     TaskResult,
 )
 from escalate.stores.seam import (
+    Closing,
     LedgerStore,
     Store,
     first_event,
@@ -40,7 +44,7 @@ from escalate.stores.seam import (
     open_store,
     pool_of,
 )
-from escalate.write import Decide, MembershipChanged, asked_by, first_lines, write
+from escalate.write import Decide, MembershipChanged, R, asked_by, first_lines, write
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
@@ -49,8 +53,8 @@ if TYPE_CHECKING:
 KeyFile = str | os.PathLike[str]
 
 
-def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide, *, actor: str,
-              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
+def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Decide[R], *, actor: str,
+              clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision[R]]:
     """A write to a run, under its pool's critical section first when it names one (the
     first line, read again under the run's lock, must agree: :class:`MembershipChanged`).
     ``copied``: the first line names another run (a copy of another member's folder)."""
@@ -73,8 +77,12 @@ class InitOptions(config.RunPolicyOptions, total=False):
     notify_timeout: float | None
 
 
-class Ledger:
-    """One run's budget ledger: the library API the CLI is a thin layer over."""
+class Ledger(Closing):
+    """One run's budget ledger: the library API the CLI is a thin layer over.
+
+    It keeps handles open between commands (the run's checkpoint; a store's connections
+    when it opened the store from a URL): :meth:`close` releases them, and ``with
+    Ledger.open(...) as run:`` closes it on the way out."""
 
     def __init__(
         self,
@@ -97,12 +105,22 @@ class Ledger:
         self.notify_timeout = config.notify_timeout(notify_timeout)
         # The store holding every run (a runs folder), and this run in it.
         self.runs_store = open_store(runs_dir)
+        # A store opened here (from a path or a URL) is this Ledger's to close; one given is the caller's.
+        self._owns_store = self.runs_store is not runs_dir
         # Set by :meth:`init`: whether this call created the run, or found it with the same
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
         self.store: LedgerStore = self.runs_store.ledger(self.run_id, lock_timeout=timeout)
         self._pool: tuple[str | None] | None = None  # (the run's pool,), once read
         self._copied = False  # a member's first line names another run (a copied folder)
+
+    def close(self) -> None:
+        """Release what this Ledger holds open: its run's kept checkpoint connection, and the
+        store's connections when it opened the store itself. A closed Ledger still works:
+        its next command opens what it needs again."""
+        self.store.close()
+        if self._owns_store:
+            self.runs_store.close()
 
     def pool_id(self) -> str | None:
         """The pool the run belongs to (None: none), read once from its first line;
@@ -163,29 +181,34 @@ class Ledger:
         settings, ledger_options = config.PolicySettings.split(options,
                                                                config.RunPolicyOptions.__optional_keys__)
         run = cls(runs_dir, run_id, **ledger_options)
-        run.runs_store.check_usable()
-        joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
-        if cap is None:
-            if joining is None or joining.pool is None:
-                raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
-                                 code="invalid_amount")
-            cap = Micros(joining.pool.cap_micros)
-        run_cap, task_cap_micros = config.run_caps(cap, task_cap)
-        policy = config.make_policy(settings)
-        payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
-        if joining is not None:
-            payload["pool"] = joining.run_id
-        line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
-        if joining is None or void.void_if_taken(run, joining):
-            # (An existing run is never joined: it is the same init again, or a conflict. A
-            # torn first write is no run: the join comes first, then the create sets it aside.)
-            run.created = run.store.create(line, recovery)
-        else:
-            run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
-                                    clock=run.clock, lock_timeout=run.lock_timeout,
-                                    create=lambda: run.store.create(line, recovery))
-        if not run.created:
-            run._check_same(run_cap, payload, policy)
+        with run.closed_on_error():  # (a run that fails to open is closed, not left to the collector)
+            run.runs_store.check_usable()
+            joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
+            if cap is None:
+                if joining is None or joining.pool is None:
+                    raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
+                                     code="invalid_amount")
+                cap = Micros(joining.pool.cap_micros)
+            run_cap, task_cap_micros = config.run_caps(cap, task_cap)
+            policy = config.make_policy(settings)
+            payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+            if joining is not None:
+                payload["pool"] = joining.run_id
+                unreachable = resolve.member_quorum_refused((run_id, policy),
+                                                            (joining.run_id, joining.policy))
+                if unreachable is not None:  # (before anything is written)
+                    raise unreachable
+            line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
+            if joining is None or void.void_if_taken(run, joining):
+                # (An existing run is never joined: it is the same init again, or a conflict. A
+                # torn first write is no run: the join comes first, then the create sets it aside.)
+                run.created = run.store.create(line, recovery)
+            else:
+                run.created = void.join(run.runs_store, joining.run_id, run.store, actor=run.actor,
+                                        clock=run.clock, lock_timeout=run.lock_timeout,
+                                        create=lambda: run.store.create(line, recovery))
+            if not run.created:
+                run._check_same(run_cap, payload, policy)
         return run
 
     def _check_same(self, run_cap: int, payload: Event, policy: Policy) -> None:
@@ -206,16 +229,17 @@ class Ledger:
         the keywords are those of :class:`Ledger`."""
         run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
                   notify_cmd=notify_cmd, notify_timeout=notify_timeout)
-        exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
-        if not exists:
-            raise UnknownRun(
-                f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
-                f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
-                run=run_id)
-        if first_line is None:
-            run.pool_id()
-        else:
-            run._pool_from(first_event_in(first_line))
+        with run.closed_on_error():
+            exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
+            if not exists:
+                raise UnknownRun(
+                    f"no run {run_id} under {run.runs_store.where}; see 'escalate runs list' (or check "
+                    f"--store or --runs-dir), or create it with 'escalate runs init {run_id} --cap USD'",
+                    run=run_id)
+            if first_line is None:
+                run.pool_id()
+            else:
+                run._pool_from(first_event_in(first_line))
         return run
 
     # ------------------------------------------------------------------ commands
@@ -226,9 +250,9 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
-                                                                 priority, pool))))
+                                                                 priority, pool)))}
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
@@ -236,21 +260,21 @@ class Ledger:
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
-                                                                  priority, pool))))
+                                                                  priority, pool)))}
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
         escalation of the task is withdrawn in the same write."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
-        return cast(TaskResult, self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool))))
+        return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
+            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))}
 
-    def archive(self) -> dict[str, Any]:
+    def archive(self) -> ArchiveResult:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
-        return self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))
+        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))}
 
     def approve(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
                 signature: str | None = None) -> ResolutionResult:
@@ -304,12 +328,13 @@ class Ledger:
 
             signature = sign_change(self.policy_signing_content(**changes), sign)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str],
+                   pool: PoolView | None) -> Decision[PolicyAnswer]:
             policy = config.merge_policy(state.policy, changes)
             return resolve.decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles, signature)
         role = self.store.role()
-        return cast(PolicyResult, self._mutate(decide))
+        return {"run": self.run_id, **self._mutate(decide)}
 
     def policy_signing_content(self, **changes: Unpack[config.RunPolicyOptions]) -> bytes | None:
         """The bytes a signature of this policy change covers now
@@ -336,7 +361,8 @@ class Ledger:
         """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
         due: list[tuple[EscalationState, bool]] = []
 
-        def decide(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+        def decide(state: RunState, now: str, expired: list[str],
+                   pool: PoolView | None) -> Decision[SweepAnswer]:
             # Every write expires what is due before it decides; a sweep is a write that only
             # that, and it notes (under the lock) which notices are due again, and whether the
             # policy that decides each pins approvers' keys (its answers are signed).
@@ -350,8 +376,7 @@ class Ledger:
 
         from escalate.escalation.delivery import notice_again
 
-        result = cast(SweepResult, self._mutate(decide))
-        result["notified"], result["deferred"] = [], []
+        result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
         return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]
 
     def wait(self, escalation_id: str, *, timeout_s: float | None = None) -> ResolutionResult:
@@ -375,8 +400,8 @@ class Ledger:
 
     def verified_state(self) -> RunState:
         """The run's state from a strict fold of the whole log with every check, never from
-        the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
-        For verdicts such as a CI gate: the cache's key cannot see an edit in place before
+        the checkpoint; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
+        For verdicts such as a CI gate: the checkpoint's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
         replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:
@@ -449,11 +474,13 @@ class Ledger:
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
             signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
-        return cast(ResolutionResult, self._mutate(
+        return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
-                                                                  pool, role, signature, roles)))
+                                                                  pool, role, signature, roles))}
 
-    def _mutate(self, decide: Decide) -> dict[str, Any]:
+    def _mutate(self, decide: Decide[R]) -> R:
+        """One write of ``decide``'s decision, through the run's pool when it has one; its
+        answer once durable (the command adds the run), or its error raised."""
         # One command: the answer's sync goes through the run folder the write resolved.
         with self.store.command():
             pool_id = self.pool_id()
@@ -477,7 +504,7 @@ class Ledger:
                                                 lock_timeout=self.lock_timeout)
             return self._answer(first_seq, decision)
 
-    def _answer(self, first_seq: int, decision: Decision) -> dict[str, Any]:
+    def _answer(self, first_seq: int, decision: Decision[R]) -> R:
         """Report a decision once everything it rests on is durable."""
         # Durable before anything is reported: this sync covers our lines and every line
         # before them (an answer like "exists" may rest on another process's write).
@@ -485,8 +512,7 @@ class Ledger:
         self._notify(first_seq, decision.events)
         if decision.error is not None:
             decision.error.facts.setdefault("run", self.run_id)
-            raise decision.error
-        return {"run": self.run_id, **decision.result}
+        return decision.answer()
 
     def _notify(self, first_seq: int, events: list[Event]) -> None:
         """Run the notify hook for each escalation a person must answer, and record it."""

@@ -22,7 +22,7 @@ from escalate.core.ids import check_id
 from escalate.core.replay import replay
 from escalate.errors import Conflict, CorruptLedger, InputError, storage_error
 from escalate.service import Ledger
-from escalate.stores.seam import Store, open_store
+from escalate.stores.seam import Store, owned_store
 
 _CHUNK = 1 << 20
 
@@ -43,8 +43,7 @@ class StoreInitResult(TypedDict):
 def export_lines(location: str | os.PathLike[str] | Store, run_id: str) -> Iterator[bytes]:
     """The complete lines of run ``run_id``'s log, in chunks (a torn tail is left out):
     byte for byte the file a file store holds for it."""
-    ledger = Ledger.open(location, run_id)
-    with ledger.read_log() as stream:
+    with Ledger.open(location, run_id) as ledger, ledger.read_log() as stream:
         pending = b""
         while chunk := stream.read(_CHUNK):
             pending += chunk
@@ -110,28 +109,28 @@ def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
         raise InputError(f"{source} line {line}: {problem}; nothing was imported — check it with "
                          "'escalate runs verify' on a runs folder holding it", code="invalid_log",
                          line=line, problem=problem, problems=len(problems))
-    ledger = Ledger(location, run_id, **options)
-    ledger.runs_store.check_usable()
+    with Ledger(location, run_id, **options) as ledger:
+        ledger.runs_store.check_usable()
 
-    def refuse(torn_bytes: int, saved_to: str) -> bytes:
-        raise InputError(f"run {run_id} holds {torn_bytes} bytes of an unfinished create; "
-                         f"remove that run's folder, then import again", code="run_exists",
-                         run=run_id)
+        def refuse(torn_bytes: int, saved_to: str) -> bytes:
+            raise InputError(f"run {run_id} holds {torn_bytes} bytes of an unfinished create; "
+                             f"remove that run's folder, then import again", code="run_exists",
+                             run=run_id)
 
-    with log.reader() as stream:
-        created = ledger.store.create(stream, refuse)
-        size = stream.tell()
-    if not created:
-        raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
-                       "imported — remove it there first, or import into another store", code="run_exists",
-                       run=run_id)
-    # The checkpoint, so the first command on a large run does not fold every line. It only
-    # saves time: a failure here changes nothing the import did.
-    with ledger.store.transaction() as transaction:
-        replayed = transaction.load()
-        if replayed.problem is None:
-            transaction.save_checkpoint(replayed, replayed.state, [])
-    return {"run": run_id, "status": "imported", "lines": lines, "bytes": size}
+        with log.reader() as stream:
+            created = ledger.store.create(stream, refuse)
+            size = stream.tell()
+        if not created:
+            raise Conflict(f"run {run_id} already exists in {ledger.runs_store.where}; nothing was "
+                           "imported — remove it there first, or import into another store",
+                           code="run_exists", run=run_id)
+        # The checkpoint, so the first command on a large run does not fold every line. It only
+        # saves time: a failure here changes nothing the import did.
+        with ledger.store.transaction() as transaction:
+            replayed = transaction.load()
+            if replayed.problem is None:
+                transaction.save_checkpoint(replayed, replayed.state, [])
+        return {"run": run_id, "status": "imported", "lines": lines, "bytes": size}
 
 
 def _check_identity(source: str, run_id: str, first_line: bytes) -> None:
@@ -187,7 +186,7 @@ def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int
 def init_store(location: str | os.PathLike[str] | Store) -> StoreInitResult:
     """Create or upgrade what the store needs (``escalate store init``): the PostgreSQL
     store's tables (idempotent: steps already applied are skipped), a runs folder."""
-    store = open_store(location)
-    applied = store.prepare()
-    return {"store": store.where, "status": "created" if applied else "current",
-            "steps_applied": applied}
+    with owned_store(location) as store:
+        applied = store.prepare()
+        return {"store": store.where, "status": "created" if applied else "current",
+                "steps_applied": applied}

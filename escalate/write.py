@@ -11,7 +11,7 @@ returns the decision; making it durable and answering it is the caller's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from escalate.config import Clock
 from escalate.core import fold as folding
@@ -27,9 +27,10 @@ from escalate.stores.seam import LedgerStore, RecoveredFirstLines, Transaction
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
 
+R = TypeVar("R")  # what the decision answers (an ``*Answer`` of :mod:`escalate.results`)
 # A decision from the state, the write's time, the escalations this write expires and,
 # for a run in a pool, what it knows of the pool.
-Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision]
+Decide = Callable[[RunState, str, list[str], "PoolView | None"], Decision[R]]
 
 
 class Inside(Protocol):
@@ -54,12 +55,12 @@ class Inside(Protocol):
         ...
 
 
-def asked_by(role: str | None, decide: Decide) -> Decide:
+def asked_by(role: str | None, decide: Decide[R]) -> Decide[R]:
     """``decide``, with ``role`` — who the store vouches is acting (:meth:`LedgerStore.role`:
     the OS user, or the database role, asked by the caller before the write) — on the
     escalations it opens and on those a release withdraws: the vouched identity of the
     requester is what self-approval compares (:func:`escalate.resolve.same_person`)."""
-    def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision:
+    def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision[R]:
         decision = decide(state, now, expired, pool)
         if role is None:
             return decision
@@ -85,8 +86,8 @@ class MembershipChanged(Conflict):
                          code="run_changed", run=run_id, pool=pool)
 
 
-def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, checkpoint: bool = True,
-          inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision]:
+def write(store: LedgerStore, decide: Decide[R], *, actor: str, clock: Clock, checkpoint: bool = True,
+          inside: Inside | None = None, member_of: str | None = None) -> tuple[int, Decision[R]]:
     """Decide and append in one critical section of ``store``, inside the caller's
     ``store.command()``; returns the seq of the first line the decision wrote (or would
     have) and the decision. Not yet synced. ``checkpoint=False``: never use or keep the
@@ -105,9 +106,9 @@ def write(store: LedgerStore, decide: Decide, *, actor: str, clock: Clock, check
                            inside=inside, member_of=member_of)
 
 
-def _write_once(store: LedgerStore, decide: Decide, actor: str, clock: Clock, *,
+def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock, *,
                 checkpoint: bool, keep_checkpoint: bool, inside: Inside | None,
-                member_of: str | None) -> tuple[int, Decision]:
+                member_of: str | None) -> tuple[int, Decision[R]]:
     with store.transaction(checkpoint=checkpoint) as transaction:
         replayed = transaction.load()
         if replayed.problem is not None:

@@ -155,8 +155,8 @@ def test_a_forged_policy_change_in_a_rechained_log_fails_verify_gate_and_import(
     assert rechained(events(signed)) == signed
     for name, forged in _policy_forgeries(signed, keys).items():
         log.write_bytes(forged)
-        for cache in runs_dir.glob("r/*.sqlite*"):
-            cache.unlink()
+        for checkpoint in runs_dir.glob("r/*.sqlite*"):
+            checkpoint.unlink()
         verified = cli("runs", "verify", "r", "--json")
         assert verified.exit_code == 6, (name, verified.stdout)
         assert "policy change" in verified.stdout, (name, verified.stdout)
@@ -164,7 +164,8 @@ def test_a_forged_policy_change_in_a_rechained_log_fails_verify_gate_and_import(
         for target in (tmp_path / "copy", pg_url):
             with pytest.raises(Exception, match="nothing was imported") as refused:
                 import_log(target, "moved", forged)
-            assert getattr(refused.value, "code", None) == "invalid_log", name
+            assert (getattr(refused.value, "code", None), getattr(refused.value, "exit_code", None)) == (
+                "forged_signature", 6), name
     for target in (tmp_path / "good", pg_url):  # the genuine log imports into both stores
         import_log(target, "moved", signed)
         assert Ledger.open(target, "moved").verify().problems == []

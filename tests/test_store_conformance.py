@@ -7,7 +7,8 @@ derived, save_derived) and read back through the same seam."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import ItemsView, Iterator, ValuesView
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from escalate.core import fold
 from escalate.core.events import format_ts, seal
 from escalate.core.replay import Replayed
 from escalate.errors import Pending
+from escalate.stores.checkpoint import LazyRows
 from escalate.stores.seam import LedgerStore, Store, Transaction, open_store
 from tests.conftest import Location
 
@@ -80,6 +82,24 @@ class StoreContract:
         assert dict(from_checkpoint.state.tasks) == dict(from_lines.state.tasks)
         assert (from_checkpoint.offset, from_checkpoint.lines, from_checkpoint.last_line_start) == \
             (from_lines.offset, from_lines.lines, from_lines.last_line_start)
+
+    def test_a_checkpoints_rows_are_a_mapping_with_its_views(self, ledger: LedgerStore) -> None:
+        with ledger.transaction() as transaction:
+            replayed = transaction.load()
+            lines = _lines(replayed, "a", "b")
+            transaction.append(replayed, lines)
+            transaction.save_checkpoint(replayed, replayed.state, lines)
+        ledger.sync()
+        with ledger.transaction() as transaction:
+            tasks = transaction.load().state.tasks
+            assert isinstance(tasks.rows, LazyRows)  # a writer's rows, read from the checkpoint as asked
+            for table in (tasks, tasks.rows):
+                items, values = table.items(), table.values()
+                assert isinstance(items, ItemsView) and isinstance(values, ValuesView)
+                assert len(items) == len(values) == len(table) == 2
+                assert ("a", table["a"]) in items and table["b"] in values
+                assert [key for key, _ in items] == list(table) == ["a", "b"]
+                assert list(values) == [table["a"], table["b"]]
 
     def test_a_transaction_left_by_an_error_before_its_append_writes_nothing(self,
                                                                              ledger: LedgerStore) -> None:
@@ -147,6 +167,34 @@ class StoreContract:
         assert seen == ["role", "command"]
         escalation = run.state().escalations[pending.value.escalation_id]
         assert escalation.requested_role == role()
+
+    def test_closing_releases_every_handle_a_write_kept(self, location: Location) -> None:
+        Ledger.init(location, "r", cap="10").close()
+        before = _handles()
+        run = Ledger.open(location, "r")
+        with run:
+            run.reserve("a", "1")
+            # Kept for the next command: the checkpoint's connection and folder handle, or
+            # the database connection of a store opened from a URL.
+            assert _handles() > before
+        assert _handles() == before  # released at once, while the Ledger is still referenced
+        run.reserve("b", "1")  # a closed Ledger opens what it needs again
+        assert run.state().reserved_micros == 2_000_000
+        run.close()
+        assert _handles() == before
+
+    def test_a_store_given_stays_open_when_the_ledger_closes(self, runs: Store) -> None:
+        with Ledger.open(runs, "r") as run:
+            run.reserve("a", "1")
+        held = _handles()
+        assert runs.ledger("r", lock_timeout=5).read().state.reserved_micros == 1_000_000
+        assert _handles() == held  # (the store's connection, if any, was not closed: the caller's)
+        runs.close()
+
+
+def _handles() -> int:
+    """The file descriptors this process holds open (files, folders, sockets)."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 class TestFileStore(StoreContract):

@@ -10,12 +10,13 @@ so a shell loop does not pay for building every command; everything else, and ``
 here, is the full app.
 """
 
+import contextlib
 import functools
 import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Protocol, TypeVar
 
 import orjson
 import typer
@@ -175,6 +176,21 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     return options
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closable)
+# What the command opened (ledgers, pools, their stores): closed when it ends (respond).
+_OPENED = contextlib.ExitStack()
+
+
+def opened(thing: _C) -> _C:
+    """``thing``, to be closed when the command ends (:func:`respond`), whatever happens."""
+    _OPENED.callback(thing.close)
+    return thing
+
+
 def open_ledger(run: str, runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
                 notify_cmd: str | None = None, *, progress: bool = False) -> "Ledger":
     """The :class:`escalate.Ledger` for an existing run; ``progress``: a reading command
@@ -182,7 +198,7 @@ def open_ledger(run: str, runs_dir: Path | None, lock_timeout: str | None, by: s
     from escalate.service import Ledger
 
     options = open_options(runs_dir, lock_timeout, by, notify_cmd)
-    ledger = Ledger.open(options.pop("runs_dir"), run, **options)
+    ledger = opened(Ledger.open(options.pop("runs_dir"), run, **options))
     if progress:
         from escalate.reports.render import ReplayProgress
 
@@ -225,19 +241,21 @@ def _naming_the_option(error: InvalidAmount, what: str) -> InvalidAmount:
 
 
 def respond(json_out: bool, action: Callable[[], Any], human: Callable[[Any], None]) -> Any:
-    """Run ``action``; render its result for people or as JSON; map every error to its exit."""
-    try:
-        result = action()
-    except EscalateError as error:
-        fail(error, json_out)
-    except OSError as exc:
-        # The log layer names its files itself; this catches any other file a command touches.
-        fail(storage_error(exc, exc.filename if isinstance(exc.filename, str) else "a file"), json_out)
-    if json_out:
-        print_json(result)
-    else:
-        human(result)
-    return result
+    """Run ``action``; render its result for people or as JSON; map every error to its exit.
+    What the command opened (:func:`opened`) is closed at the end."""
+    with _OPENED:
+        try:
+            result = action()
+        except EscalateError as error:
+            fail(error, json_out)
+        except OSError as exc:
+            # The log layer names its files itself; this catches any other file a command touches.
+            fail(storage_error(exc, exc.filename if isinstance(exc.filename, str) else "a file"), json_out)
+        if json_out:
+            print_json(result)
+        else:
+            human(result)
+        return result
 
 
 def echo_line(text: str) -> None:

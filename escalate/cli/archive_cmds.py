@@ -3,6 +3,7 @@ stays in its pool's count)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from escalate.cli import (
@@ -28,7 +29,7 @@ def archive(
     leaves 'runs list' (see it with --all), its log stays readable and verifiable, it takes no
     more writes, and in a pool its money stays counted. Never move a run folder away instead."""
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         return open_ledger(run, runs_dir, lock_timeout, by).archive()
 
     def human(result: dict[str, Any]) -> None:

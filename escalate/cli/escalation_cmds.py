@@ -27,7 +27,6 @@ from escalate.cli import (
 if TYPE_CHECKING:
     from escalate.reports.inbox import EscalationView, InboxRow
     from escalate.reports.runs import SweepReport
-    from escalate.stores.seam import Store
 
 EscalationArg = Annotated[str, typer.Argument(help="Escalation id, e.g. esc-12.", show_default=False,
                                               metavar="ESCALATION_ID")]
@@ -154,16 +153,17 @@ def escalations(
     moment: list[datetime] = []  # now, by the store's clock: the ages and deadlines shown
 
     def action() -> dict[str, list[InboxRow]]:
+        from escalate.config import utc_now
         from escalate.reports.inbox import inbox
         from escalate.reports.runs import runs_root
 
-        root = runs_root(open_options(runs_dir, None)["runs_dir"])
-        found = inbox(root, run=run, open_only=only_open)
-        # One broken run must not hide every other run's escalations from the approver.
-        for skipped in found["skipped"]:
-            print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
-        if not json_out:
-            moment.append(_now(root))
+        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
+            found = inbox(root, run=run, open_only=only_open)
+            # One broken run must not hide every other run's escalations from the approver.
+            for skipped in found["skipped"]:
+                print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
+            if not json_out:
+                moment.append(root.now(utc_now))
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
@@ -175,13 +175,6 @@ def escalations(
     respond(json_out, action, human)
 
 
-def _now(root: Path | Store) -> datetime:
-    """Now by the store's clock: the ages and deadlines shown."""
-    from escalate.config import utc_now
-
-    return utc_now() if isinstance(root, Path) else root.now(utc_now)
-
-
 @escalations_app.command("show")
 def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = None,
          json_out: JsonOption = False) -> None:
@@ -191,12 +184,13 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
     moment: list[datetime] = []
 
     def action() -> EscalationView:
+        from escalate.config import utc_now
         from escalate.reports.inbox import escalation_view
         from escalate.reports.runs import runs_root
 
-        root = runs_root(open_options(runs_dir, None)["runs_dir"])
-        view = escalation_view(root, run, escalation_id)
-        moment.append(_now(root))
+        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
+            view = escalation_view(root, run, escalation_id)
+            moment.append(root.now(utc_now))
         return view
 
     def human(view: EscalationView) -> None:

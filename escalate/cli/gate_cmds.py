@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from escalate.cli import JsonOption, RunsDirOption, bad_input, echo_line, open_ledger, open_options, respond
+from escalate.cli import (
+    JsonOption,
+    RunsDirOption,
+    bad_input,
+    echo_line,
+    open_ledger,
+    open_options,
+    opened,
+    respond,
+)
 from escalate.errors import EscalateError, Refused
 
 if TYPE_CHECKING:
@@ -99,8 +108,8 @@ def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: 
     if pool is not None:
         from escalate.pools.pool import Pool
 
-        return check_pool_gate(Pool.open(open_options(runs_dir, None)["runs_dir"], pool), max_spent=limit,
-                               **options)
+        chosen = opened(Pool.open(open_options(runs_dir, None)["runs_dir"], pool))
+        return check_pool_gate(chosen, max_spent=limit, **options)
     return check_gate(open_ledger(run or "", runs_dir, None, progress=True), max_spent=limit, **options)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -16,6 +16,7 @@ from escalate.cli import (
     bad_input,
     echo_line,
     open_options,
+    opened,
     respond,
 )
 from escalate.cli.escalation_cmds import ApproverKeyOption, ChangeSignOption
@@ -47,7 +48,7 @@ def _pool(pool: str, runs_dir: Any, lock_timeout: str | None = None, by: str | N
     from escalate.pools.pool import Pool
 
     options = open_options(runs_dir, lock_timeout, by)
-    return Pool.open(options.pop("runs_dir"), pool, **options)
+    return opened(Pool.open(options.pop("runs_dir"), pool, **options))
 
 
 @pools_app.command("init")
@@ -83,13 +84,13 @@ def init(
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
                      else _escalation_timeout(escalation_timeout))
-        created = Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
+        created = opened(Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
                             escalation=escalation or "off", approval_threshold=approval_threshold,
                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                             approvers=approvers or (), approvers_match=approvers_match or "claimed",
                             approver_keys=approver_key or (),
                             quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
-                            **options)
+                            **options))
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:
@@ -209,7 +210,7 @@ def set_policy(
         bad_input(_NOTHING_TO_CHANGE, json_out, code="usage")
     before: dict[str, Any] = {}
 
-    def action() -> dict[str, Any]:
+    def action() -> Mapping[str, Any]:
         if escalation_timeout is not None:
             changes["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
         target = _pool(pool, runs_dir, lock_timeout, by)

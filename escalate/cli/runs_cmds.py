@@ -19,6 +19,7 @@ from escalate.cli import (
     echo_line,
     open_ledger,
     open_options,
+    opened,
     respond,
 )
 from escalate.cli.archive_cmds import archive
@@ -109,14 +110,14 @@ def init(
         options = open_options(runs_dir, lock_timeout, by)
         timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
                      else _escalation_timeout(escalation_timeout))
-        ledger = Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
+        ledger = opened(Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
                              escalation=escalation or "off", approval_threshold=approval_threshold,
                              escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
                              approvers=approvers or (), approvers_match=approvers_match or "claimed",
                              approver_keys=approver_key or (),
                              quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
                              renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
-                             pool=pool, **options)
+                             pool=pool, **options))
         if pool is not None and cap is not None:
             _warn_over_pool(ledger, pool)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",

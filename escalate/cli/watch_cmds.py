@@ -58,6 +58,8 @@ def watch(
                 _follow(ledger, events, pause, deadline, json_out)
         except KeyboardInterrupt:  # Ctrl-C is how a watch ends
             return
+        finally:
+            ledger.close()
     except EscalateError as error:
         fail(error, json_out)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Never, TypeVar
 
 from escalate.core.events import MAX_DETAIL_LENGTH, Event, add_seconds
 from escalate.core.money import format_usd as usd
@@ -31,16 +31,29 @@ from escalate.errors import Conflict, EscalateError, Pending, Refused
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
+    from escalate.results import NotifiedAnswer, TaskAnswer
+
+# What a decision answers: one of the ``*Answer`` TypedDicts of :mod:`escalate.results`.
+# Covariant, so that a refusal (``Decision[Never]``, :func:`fail`) is any command's decision.
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass(slots=True)
-class Decision:
-    """What a request does: events to append (payloads with ``type``), the answer, and an
-    error to raise once those events are durable."""
+class Decision(Generic[R_co]):
+    """What a request does: events to append (payloads with ``type``), and either the answer
+    or an error to raise once those events are durable."""
 
     events: list[Event] = field(default_factory=list)
-    result: dict[str, Any] = field(default_factory=dict)
+    result: R_co | None = None
     error: EscalateError | None = None
+
+    def answer(self) -> R_co:
+        """The answer, once the events are durable; or the error, raised."""
+        if self.error is not None:
+            raise self.error
+        if self.result is None:  # (no decide function returns neither)
+            raise EscalateError("internal error: a decision with neither an answer nor an error")
+        return self.result
 
 
 def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: Policy) -> Event:
@@ -87,7 +100,7 @@ def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
         return True
 
 
-def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision:
+def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision[NotifiedAnswer]:
     """Record one delivery attempt of an escalation's notice, after the hook ran; it
     changes no money and no escalation state."""
     escalation = state.escalations.get(escalation_id)
@@ -102,7 +115,7 @@ def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) 
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
-                   priority: str = "normal", pool: PoolView | None = None) -> Decision:
+                   priority: str = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
     and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
@@ -129,7 +142,7 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
 
 
 def decide_increase(state: RunState, task_id: str, to: int, now: str, reason: str = "",
-                    priority: str = "normal", pool: PoolView | None = None) -> Decision:
+                    priority: str = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
@@ -157,7 +170,8 @@ def decide_increase(state: RunState, task_id: str, to: int, now: str, reason: st
     return _evaluate(state, task_id, "increase", task.reserved_micros, to, reason, now, priority, pool)
 
 
-def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: PoolView | None) -> Decision:
+def decide_release(state: RunState, task_id: str, actual: int, by: str,
+                   pool: PoolView | None) -> Decision[TaskAnswer]:
     """Settle a task's reservation with what it actually cost (refused only past the limit on
     totals). An open escalation of the task is closed first, as ``withdraw`` by ``by``, in the
     same write: the money is spent, and nobody waits on a person to record it."""
@@ -190,10 +204,10 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str, pool: Po
         withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
     event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}
-    result = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+    result: TaskAnswer = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
               "actual_micros": actual,
               "remaining_micros": state.remaining_micros + task.reserved_micros - actual}
-    if withdrawn:
+    if task.escalation_id is not None and withdrawn:
         result["withdrawn_escalation_id"] = task.escalation_id
     return Decision(events=[*withdrawn, event], result=result)
 
@@ -209,7 +223,7 @@ def resolved_event(escalation_id: str, mode: str, by: str, role: str | None = No
 
 
 def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str, priority: str, pool: PoolView | None = None) -> Decision:
+              now: str, priority: str, pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held):
     the run's first, then, for a member run, its pool's."""
     delta = to - before
@@ -261,13 +275,23 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
         events.append({"type": "budget_increased", "task": task_id, "from_micros": before,
                        "to_micros": to, "reason": reason})
         status = "increased"
-    extra: dict[str, Any] = {"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {}
+    return Decision(events=events, result=_fitted(status, request, remaining, events, pool))
+
+
+def _fitted(status: str, request: Request, remaining: int, events: list[Event],
+            pool: PoolView | None) -> TaskAnswer:
+    """The answer to ``request`` when it fits (``remaining``: the run's before it): the shadow
+    escalation it recorded, if any, and for a member run what is left of its pool."""
+    delta = request.to - request.before
+    result: TaskAnswer = {"status": status, "task": request.task, "reserved_micros": request.to,
+                          "remaining_micros": remaining - delta}
+    if len(events) > 1:
+        result["shadow_escalation_id"] = events[0]["id"]
     if pool is not None:
-        extra.update(pool_remaining_micros=pool.remaining(pool.current) - delta, pool=pool.pool_id,
-                     pool_escalation=pool.policy.to_json())
-    return Decision(events=events, result={
-        "status": status, "task": task_id, "reserved_micros": to,
-        "remaining_micros": remaining - delta, **extra})
+        result["pool_remaining_micros"] = pool.remaining(pool.current) - delta
+        result["pool"] = pool.pool_id
+        result["pool_escalation"] = pool.policy.to_json()
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +334,7 @@ def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
 
 
 def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
-                  pooled: Event | None) -> Decision | None:
+                  pooled: Event | None) -> Decision[Never] | None:
     """The pool's checks, once the run's passed and the pool's escalation (``pooled``) is
     one only recorded (shadow, and only if this write records no other): over what is left
     of the pool in this period, the task halts (reason ``pool_cap``). None: it fits."""
@@ -420,7 +444,7 @@ def _pending(state: RunState, escalation: Event | EscalationState, *, new: bool,
 
 
 def _repeat_while_open(state: RunState, escalation: EscalationState, kind: str, amount: int,
-                       pool: PoolView | None) -> Decision:
+                       pool: PoolView | None) -> Decision[Never]:
     if escalation.kind == kind and escalation.requested_micros == amount:
         return fail(_pending(state, escalation, new=False, pool=pool))
     return fail(Conflict(
@@ -438,12 +462,12 @@ def _halted(task_id: str, task: Task) -> Refused:
                    reason=task.halt_reason)
 
 
-def fail(error: EscalateError) -> Decision:
+def fail(error: EscalateError) -> Decision[Never]:
     """A decision that writes nothing and raises ``error``."""
     return Decision(error=error)
 
 
-def _task_result(state: RunState, task_id: str, status: str) -> dict[str, Any]:
+def _task_result(state: RunState, task_id: str, status: str) -> TaskAnswer:
     task = state.tasks[task_id]
     return {"status": status, "task": task_id, "reserved_micros": task.reserved_micros,
             "actual_micros": task.actual_micros, "remaining_micros": state.remaining_micros}

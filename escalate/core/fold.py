@@ -35,7 +35,7 @@ from escalate.core.fold_fields import (
 from escalate.core.ids import ID_PATTERN, shown_value
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.core.rules import over_cap, pinned_keys, task_cap_fits
-from escalate.core.state import RuleViolation, RunState, Task
+from escalate.core.state import ForgedSignature, RuleViolation, RunState
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
 
@@ -186,15 +186,15 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
         raise not_task(task_id)
     if type(amount) is not int or amount < 0:
         raise not_int("amount_micros", amount)
-    tasks = state.tasks
-    task = tasks.get(task_id)
+    rows = state.tasks.rows  # (state, reserved_micros, holding, actual_micros, halt_reason, escalation_id)
+    task = rows.get(task_id)
     escalation_id = None
     if task is not None:
-        if task.holding:
+        if task[2]:
             raise RuleViolation(f"duplicate reservation of task {task_id!r}")
-        if task.state in ("halted", "released"):
-            raise RuleViolation(f"reservation of task {task_id!r} after it was {task.state}")
-        escalation_id = task.escalation_id
+        if task[0] in ("halted", "released"):
+            raise RuleViolation(f"reservation of task {task_id!r} after it was {task[0]}")
+        escalation_id = task[5]
         if escalation_id in state.open_escalations:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
     elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
@@ -204,7 +204,7 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     if amount > state.task_cap_micros or amount > (state.run_cap_micros + state.extended_micros
                                                    - state.spent_micros - state.reserved_micros):
         _over(state, task_id, amount, amount)
-    tasks[task_id] = Task("reserved", amount, True, None, None, escalation_id)
+    rows[task_id] = ("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
 
 
@@ -218,27 +218,27 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
         raise not_int("from_micros", before)
     if type(after) is not int:
         raise not_int("to_micros", after)
+    rows = state.tasks.rows
     try:  # a known key is a checked id; any other value (a number, null) finds nothing
-        task = state.tasks.get(task_id)
+        task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
-    if task is None or not task.holding or task.state == "released":
+    if task is None or not task[2] or task[0] == "released":
         raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
-    if task.state == "halted":
+    if task[0] == "halted":
         raise RuleViolation(f"increase of task {task_id!r} after it was halted")
-    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
+    if task[5] is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
-    if before != task.reserved_micros or after <= before:
+    if before != task[1] or after <= before:
         raise RuleViolation(
             f"increase of task {task_id!r} from {before} to {after}, "
-            f"but it holds {task.reserved_micros}"
+            f"but it holds {task[1]}"
         )
     delta = after - before
     if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
                                                  - state.spent_micros - state.reserved_micros):
         _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
-    task.state = "reserved"
-    task.reserved_micros = after
+    rows[task_id] = ("reserved", after, True, task[3], task[4], task[5])
     state.reserved_micros += delta
 
 
@@ -262,17 +262,18 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         raise not_int("reserved_micros", reserved)
     if type(actual) is not int or not 0 <= actual <= MAX_MICROS:
         raise not_int("actual_micros", actual)
+    rows = state.tasks.rows
     try:  # a known key is a checked id; any other value (a number, null) finds nothing
-        task = state.tasks.get(task_id)
+        task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
-    if task is None or not task.holding:
+    if task is None or not task[2]:
         raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
-    if reserved != task.reserved_micros:
+    if reserved != task[1]:
         raise RuleViolation(
-            f"release of task {task_id!r} names {reserved} reserved, but it holds {task.reserved_micros}"
+            f"release of task {task_id!r} names {reserved} reserved, but it holds {task[1]}"
         )
-    if task.escalation_id is not None and task.escalation_id in state.open_escalations:
+    if task[5] is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
     # rules.past_total_limit, inline: the one way a total grows that no cap bounds.
     if state.spent_micros + state.reserved_micros - reserved + actual > MAX_TOTAL_MICROS:
@@ -282,13 +283,8 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
             f"{MAX_TOTAL_MICROS} micros on every total")
     state.reserved_micros -= reserved
     state.spent_micros += actual
-    # Only what the single-use and idempotency rules need is kept for a settled task
-    # (settled in place: no new object per release).
-    task.state = "released"
-    task.holding = False
-    task.actual_micros = actual
-    if task.escalation_id is not None:
-        task.escalation_id = None
+    # Only what the single-use and idempotency rules need is kept for a settled task.
+    rows[task_id] = ("released", reserved, False, actual, task[4], None)
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
@@ -296,16 +292,14 @@ def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
     int_field(event, "requested_micros")
     signed_field(event, "remaining_micros")
     reason = choice_field(event, "reason", HALT_REASONS)
-    task = state.tasks.get(task_id)
-    if task is not None and task.state in ("halted", "released"):
-        raise RuleViolation(f"halt of task {task_id!r}, which is already {task.state}")
-    if task is not None and task.escalation_id in state.open_escalations:
+    rows = state.tasks.rows
+    task = rows.get(task_id)
+    if task is not None and task[0] in ("halted", "released"):
+        raise RuleViolation(f"halt of task {task_id!r}, which is already {task[0]}")
+    if task is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"halt of task {task_id!r} while its escalation is open")
-    if task is None:
-        state.tasks[task_id] = Task(state="halted", halt_reason=reason)
-    else:
-        task.state = "halted"
-        task.halt_reason = reason
+    rows[task_id] = ("halted", 0, False, None, reason, None) if task is None else \
+        ("halted", task[1], task[2], task[3], reason, task[5])
     state.halts += 1
 
 
@@ -337,24 +331,24 @@ def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:
 
     signature, key, actor = event.get("signature"), event.get("key"), event.get("actor")
     if type(signature) is not str or type(key) is not str:
-        raise RuleViolation(f"policy change by {actor} is not signed, but the "
-                            f"{'pool' if state.pool is not None else 'run'} pins approvers' keys")
+        raise ForgedSignature(f"policy change by {actor} is not signed, but the "
+                              f"{'pool' if state.pool is not None else 'run'} pins approvers' keys")
     cap = int_field(event, "cap_micros") if "cap_micros" in event else None
     message = sshsig.policy_content("pool" if state.pool is not None else "run", state.run_id,
                                     event.get("escalation"), cap, state.policy_line)
     try:
         signer = sshsig.verify(signature, message, pinned_keys(state.policy, actor, event.get("role")))
     except sshsig.SignatureError as exc:
-        raise RuleViolation(f"the signature of {actor}'s policy change does not check out against the "
-                            f"keys pinned before it: {exc}") from None
+        raise ForgedSignature(f"the signature of {actor}'s policy change does not check out against the "
+                              f"keys pinned before it: {exc}") from None
     if signer.fingerprint != key:
-        raise RuleViolation(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
+        raise ForgedSignature(f"field 'key' names {key[:60]!r}, but {signer.fingerprint} signed")
 
 
 def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
     if state.pool is not None:
         raise RuleViolation("run_archived may only be in a run's log")
-    held = [task_id for task_id, task in state.tasks.items() if task.holding]
+    held = [task_id for task_id, task in state.tasks.rows.items() if task[2]]
     if held or state.open_escalations:
         raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
     state.archived = True

@@ -86,10 +86,10 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         raise RuleViolation(f"escalation of task {task_id!r}, which is {task.state}")
     state.open_escalations[escalation_id] = escalation
     if task is None:
-        state.tasks[task_id] = Task(state="escalated", escalation_id=escalation_id)
-    else:
-        task.state = "escalated"
-        task.escalation_id = escalation_id
+        task = Task(state="escalated")
+    task.state = "escalated"
+    task.escalation_id = escalation_id
+    state.tasks[task_id] = task  # (a copy was read: the table keeps rows)
 
 
 def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
@@ -141,6 +141,7 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         task.state = "paused"
     else:
         task.state = "reserved" if task.holding else "escalated"
+    state.tasks[escalation.task] = task  # (a copy was read: the table keeps rows)
 
 
 def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:

@@ -9,7 +9,7 @@ In code names it is a *grant*.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Never
 
 from escalate.core.decide import Decision, fail, resolved_event
 from escalate.core.events import Event, parse_ts
@@ -23,6 +23,7 @@ from escalate.core.rules import (
     period_name,
     quorum_required,
     same_person,
+    unreachable_quorum,
     vouched_match,
 )
 from escalate.core.state import EscalationState, Policy, RunState
@@ -30,6 +31,7 @@ from escalate.errors import Conflict, InputError, Refused, RefusedFacts
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
+    from escalate.results import ArchiveAnswer, PolicyAnswer, ResolutionAnswer
 
 
 def expire(state: RunState, now: str) -> list[Event]:
@@ -63,7 +65,7 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
 
 def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
                       pool: PoolView | None = None, role: str | None = None,
-                      signature: str | None = None, roles: bool = False) -> Decision:
+                      signature: str | None = None, roles: bool = False) -> Decision[ResolutionAnswer]:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
     or withdraw it (its requester only); the first resolution wins. Only the run's approvers
     (the pool's, when its check opened it or a grant is over its threshold: :func:`_the_pools`;
@@ -87,7 +89,9 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
         facts: dict[str, Any] = {"escalation_id": escalation_id, "state": "resolved", "mode": escalation.mode,
                  "by": escalation.by, "resolved_at": escalation.resolved_at}
         if escalation.mode == mode and escalation.by == by:
-            return Decision(result={"status": "exists", **facts, "task": escalation.task})
+            return Decision(result={"status": "exists", "escalation_id": escalation_id, "state": "resolved",
+                                    "mode": escalation.mode, "by": escalation.by,
+                                    "resolved_at": escalation.resolved_at, "task": escalation.task})
         expired = (f" (it expired at {escalation.expires_at}; task {escalation.task} may ask again)"
                    if escalation.by == "timeout" else "")
         return fail(Conflict(
@@ -105,11 +109,14 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
-        return Decision(events=[resolved], result={"status": status, **facts})
+        return Decision(events=[resolved], result={"status": status, "escalation_id": escalation_id,
+                                                   "task": escalation.task, "mode": mode, "by": by})
     if mode == "cancel":
         halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
                 "remaining_micros": state.remaining_micros, "reason": "cancelled"}
-        return Decision(events=[resolved, halt], result={"status": "cancelled", **facts})
+        return Decision(events=[resolved, halt], result={
+            "status": "cancelled", "escalation_id": escalation_id, "task": escalation.task, "mode": mode,
+            "by": by})
     granted = _grant(state, escalation, resolved, facts, pool)
     if granted.error is not None:
         return granted  # (an approval the grant could not follow is refused now, not at the last)
@@ -129,7 +136,8 @@ def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | Non
 
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
-                     pool: PoolView | None, roles: bool, resolved: Event) -> Decision | None:
+                     pool: PoolView | None, roles: bool,
+                     resolved: Event) -> Decision[ResolutionAnswer] | None:
     """An approval that leaves ``escalation`` short of its quorum: recorded as
     ``escalation_approved`` (the escalation stays open), carrying the ``signature`` and
     ``key`` of the would-be resolution ``resolved`` (under pinned keys, so replay checks
@@ -143,11 +151,11 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
     vouched = roles or vouched_match(deciding, roles)
     names = [approval["by"] for approval in escalation.approvals]
-    facts = {"escalation_id": escalation.id, "task": escalation.task, "mode": "extend", "by": by,
-             "quorum": needed}
     if any(same_person(approval["by"], approval.get("role"), by, role, vouched)
            for approval in escalation.approvals):
-        return Decision(result={"status": "exists", "state": "open", **facts, "approvals": names})
+        return Decision(result={"status": "exists", "state": "open", "escalation_id": escalation.id,
+                                "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
+                                "approvals": names})
     if len(escalation.approvals) + 1 >= needed:
         return None
     approved: Event = {"type": "escalation_approved", "id": escalation.id, "by": by, "quorum": needed}
@@ -155,7 +163,9 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
         approved["role"] = role
     approved.update({field: resolved[field] for field in ("signature", "key") if field in resolved})
     return Decision(events=[approved],
-                    result={"status": "recorded", "state": "open", **facts, "approvals": [*names, by]})
+                    result={"status": "recorded", "state": "open", "escalation_id": escalation.id,
+                            "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
+                            "approvals": [*names, by]})
 
 
 def unknown_escalation(run_id: str, escalation_id: str) -> InputError:
@@ -272,7 +282,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
 
 
 def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
-           pool: PoolView | None) -> Decision:
+           pool: PoolView | None) -> Decision[ResolutionAnswer]:
     """``extend``: re-check the ceilings now; the reservation goes in the same write. A
     ``pool_cap`` escalation extends the pool (for this period), any other the run; a member
     run's grant must fit its pool too."""
@@ -309,11 +319,13 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
     else:
         grant = {"type": "budget_reserved", "task": escalation.task,
                  "amount_micros": escalation.requested_micros}
-    return Decision(events=[resolved, grant],
-                    result={"status": "approved", "extension_micros": needed,
-                            "reserved_micros": escalation.requested_micros, **facts,
-                            **({"pool_extension_micros": resolved["pool_extension_micros"]}
-                               if "pool_extension_micros" in resolved else {})})
+    result: ResolutionAnswer = {"status": "approved", "extension_micros": needed,
+                                "reserved_micros": escalation.requested_micros,
+                                "escalation_id": escalation_id, "task": escalation.task, "mode": "extend",
+                                "by": facts["by"]}
+    if "pool_extension_micros" in resolved:
+        result["pool_extension_micros"] = resolved["pool_extension_micros"]
+    return Decision(events=[resolved, grant], result=result)
 
 
 def grant_delta(state: RunState, escalation: EscalationState) -> int:
@@ -324,7 +336,7 @@ def grant_delta(state: RunState, escalation: EscalationState) -> int:
 
 
 def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
-                facts: dict[str, Any]) -> Decision | None:
+                facts: dict[str, Any]) -> Decision[Never] | None:
     """A grant on a member run: it must fit the pool in this period (where the money
     counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
     max extension has left."""
@@ -418,6 +430,24 @@ def policy_signed(state: RunState, event: Event, by: str | None, role: str | Non
     return None
 
 
+def member_quorum_refused(run: tuple[str, Policy], pool: tuple[str, Policy]) -> Conflict | None:
+    """The escalations of member run ``run`` (id, policy) that its ``pool`` (id, policy)
+    decides are resolved by the pool's approvers (the run's own, when the pool names none)
+    and need the stricter of the two quorums: a setting of either ledger under which they
+    could never be granted is refused (:func:`~escalate.core.rules.unreachable_quorum`)."""
+    (run_id, run_policy), (pool_id, pool_policy) = run, pool
+    approvers, whose = ((pool_policy.approvers, f"pool {pool_id}") if pool_policy.approvers
+                        else (run_policy.approvers, f"run {run_id}"))
+    needed = unreachable_quorum((run_policy.quorum, pool_policy.quorum), approvers)
+    if needed is None:
+        return None
+    return Conflict(f"quorum {needed} could never be reached for the escalations pool {pool_id} decides on "
+                    f"run {run_id}: only {len(approvers)} approvers of {whose} may resolve them "
+                    f"({', '.join(approvers)}); ask for at most {len(approvers)} approvals, or name more "
+                    "approvers", code="unreachable_quorum", quorum=needed, approvers=list(approvers),
+                    pool=pool_id)
+
+
 def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Conflict | None:
     """A max extension may not be lowered below what approvals already granted (a run's in
     all, a pool's ``granted_in`` its current period): the ceiling would already be broken."""
@@ -430,20 +460,24 @@ def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Con
 
 def decide_policy(state: RunState, policy: Policy, by: str | None = None,
                   role: str | None = None, pool: PoolView | None = None, roles: bool = False,
-                  signature: str | None = None) -> Decision:
+                  signature: str | None = None) -> Decision[PolicyAnswer]:
     """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
     its approvers, only they may change it: otherwise anyone could add themselves (``role``:
     who the store vouches acts, recorded; ``roles``: :func:`policy_changer_refused`); while
     it pins keys, only with a ``signature`` by one (:func:`policy_signed`). A member run's
     answer names its ``pool``'s policy too: the run's own settings never lift it."""
-    binding = {} if pool is None else {"pool": pool.pool_id, "pool_escalation": pool.policy.to_json()}
-    if policy == state.policy:
-        return Decision(result={"status": "exists", "escalation": policy.to_json(), **binding})
+    result: PolicyAnswer = {"status": "exists", "escalation": policy.to_json()}
+    if pool is not None:
+        result["pool"], result["pool_escalation"] = pool.pool_id, pool.policy.to_json()
+    # (Asked before "unchanged": someone who may not change the policy is told so, as for a change.)
     refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
                                      "runs set", roles)
     if refusal is not None:
         return fail(refusal)
-    lowered = extension_lowered(policy, state.extended_micros)
+    if policy == state.policy:
+        return Decision(result=result)
+    lowered = extension_lowered(policy, state.extended_micros) or (
+        None if pool is None else member_quorum_refused((state.run_id, policy), (pool.pool_id, pool.policy)))
     if lowered is not None:
         return fail(lowered)
     changed = policy_change(state, policy)
@@ -452,10 +486,10 @@ def decide_policy(state: RunState, policy: Policy, by: str | None = None,
         return fail(unsigned)
     if role is not None:
         changed["role"] = role
-    return Decision(events=[changed], result={"status": "changed", "escalation": policy.to_json(), **binding})
+    return Decision(events=[changed], result={**result, "status": "changed"})
 
 
-def decide_archive(state: RunState) -> Decision:
+def decide_archive(state: RunState) -> Decision[ArchiveAnswer]:
     """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
     holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
     if state.archived:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -44,7 +44,10 @@ from escalate.core.state import Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
 from escalate.pools.member import Member, facts_of, fold_member, member_unreadable, own_first_line
 from escalate.stores.seam import LedgerStore, Store, Transaction, first_event
-from escalate.write import Decide, write
+from escalate.write import Decide, R, write
+
+if TYPE_CHECKING:
+    from escalate.results import PoolLogAnswer
 
 # 5: a task holds money from each period it was added in; the pool log's stamp and last
 # line's hash (an edit in place at the same size). Books of an earlier format are rebuilt.
@@ -322,7 +325,7 @@ class MemberWrite:
     def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
         if not events:
             return
-        member, deltas = self.book.member(self.run_id), {}  # type: ignore[var-annotated]
+        member, deltas = self.book.member(self.run_id), dict[str, PeriodTotals]()
         for event in events:
             member.fold({**event, "ts": now}, self.book.key_at, deltas)
         member.offset = offset
@@ -371,8 +374,8 @@ class PoolLogWrite:
             self.then()
 
 
-def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Decide, *, actor: str,
-                 clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision]:
+def write_member(runs: Store, pool_id: str, run_store: LedgerStore, decide: Decide[R], *, actor: str,
+                 clock: Clock, lock_timeout: float, copied: bool = False) -> tuple[int, Decision[R]]:
     """A write to a member run: the pool's critical section, then the run's (``copied``:
     :class:`MemberWrite`)."""
     pool_store = runs.ledger(pool_id, lock_timeout=lock_timeout)
@@ -397,7 +400,7 @@ def join(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str, clock
     created: list[bool] = []
     opened: list[str] = []
 
-    def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision:
+    def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolLogAnswer]:
         if state.pool is not None and run_store.run_id in state.pool.opened:
             opened.append(state.pool.opened[run_store.run_id])
         return decide_join(state, run_store.run_id)
@@ -438,8 +441,8 @@ def open_member(runs: Store, pool_id: str, run_store: LedgerStore, *, actor: str
         raise decision.error
 
 
-def write_pool(runs: Store, pool_store: LedgerStore, decide: Decide, *, actor: str, clock: Clock,
-               lock_timeout: float, then: Callable[[], None] | None = None) -> tuple[int, Decision]:
+def write_pool(runs: Store, pool_store: LedgerStore, decide: Decide[R], *, actor: str, clock: Clock,
+               lock_timeout: float, then: Callable[[], None] | None = None) -> tuple[int, Decision[R]]:
     """A write to the pool's own log, its book kept with it."""
     return write(pool_store, decide, actor=actor, clock=clock, checkpoint=False,
                  inside=PoolLogWrite(runs, pool_store, lock_timeout, then))

@@ -196,7 +196,7 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
     its grant is never counted."""
     from escalate.pools.signatures import PoolDecisions
 
-    member, ignored = Member(), {}  # type: ignore[var-annotated]
+    member, ignored = Member(), dict[str, PeriodTotals]()
     member_first(store, pool_id, opened)
     decisions = PoolDecisions(store.run_id)
     group: list[Event] = []

@@ -11,7 +11,7 @@ runs' logs, never from the writers' books.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
@@ -23,15 +23,17 @@ from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.core.rules import period_name
-from escalate.core.state import RunState
-from escalate.errors import Conflict, CorruptLedger, InputError
+from escalate.core.state import Policy, RunState
+from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
-from escalate.stores.seam import LedgerStore, Store, first_event, open_store
+from escalate.stores.seam import Closing, LedgerStore, Store, first_event, open_store, owned_store
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
+    from escalate.core.decide import Decision
     from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
 
@@ -81,7 +83,7 @@ class PoolInitOptions(config.PolicyOptions, total=False):
     clock: Clock | None
 
 
-class Pool:
+class Pool(Closing):
     """One pool in a store (a runs folder)."""
 
     def __init__(self, runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
@@ -92,8 +94,17 @@ class Pool:
         self.actor = config.actor(actor)
         self.clock = clock or config.utc_now
         self.runs_store = open_store(runs_dir)
+        # A store opened here (from a path or a URL) is this Pool's to close; one given is the caller's.
+        self._owns_store = self.runs_store is not runs_dir
         self.store: LedgerStore = self.runs_store.ledger(self.pool_id, lock_timeout=self.lock_timeout)
         self.created = False
+
+    def close(self) -> None:
+        """Release what this Pool holds open (the store's connections when it opened the
+        store itself); ``with Pool.open(...) as pool:`` closes it on the way out."""
+        self.store.close()
+        if self._owns_store:
+            self.runs_store.close()
 
     @classmethod
     def init(
@@ -113,33 +124,36 @@ class Pool:
         period."""
         settings, pool_options = config.PolicySettings.split(options, config.PolicyOptions.__optional_keys__)
         pool = cls(runs_dir, pool_id, **pool_options)
-        pool.runs_store.check_usable()
-        cap_micros, _ = config.run_caps(cap, None)
-        kind = check_period(period)
-        check_new_zone(tz)
-        policy = config.make_policy(settings)
-        payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
-                   "tz": tz, "escalation": policy.to_json()}
-        line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
-        if pool.store.create(line, recovery):
-            pool.created = True
+        with pool.closed_on_error():  # (a pool that fails to open is closed, not left to the collector)
+            pool.runs_store.check_usable()
+            cap_micros, _ = config.run_caps(cap, None)
+            kind = check_period(period)
+            check_new_zone(tz)
+            policy = config.make_policy(settings)
+            payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
+                       "tz": tz, "escalation": policy.to_json()}
+            line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
+            if pool.store.create(line, recovery):
+                pool.created = True
+                return pool
+            existing = pool.state()
+            facts = existing.pool
+            assert facts is not None  # state() refuses a run
+            if (facts.cap_micros, facts.period, facts.tz, existing.policy) != (cap_micros, kind, tz, policy):
+                raise Conflict(f"pool {pool.pool_id} already exists with other settings (cap "
+                               f"{usd(facts.cap_micros)}, period {facts.period}, tz {facts.tz}); pick a new "
+                               f"pool id, or change its cap or policy with 'escalate pools set'",
+                               pool=pool.pool_id, cap_micros=facts.cap_micros, period=facts.period,
+                               tz=facts.tz)
             return pool
-        existing = pool.state()
-        facts = existing.pool
-        assert facts is not None  # state() refuses a run
-        if (facts.cap_micros, facts.period, facts.tz, existing.policy) != (cap_micros, kind, tz, policy):
-            raise Conflict(f"pool {pool.pool_id} already exists with other settings (cap "
-                           f"{usd(facts.cap_micros)}, period {facts.period}, tz {facts.tz}); pick a new "
-                           f"pool id, or change its cap or policy with 'escalate pools set'",
-                           pool=pool.pool_id, cap_micros=facts.cap_micros, period=facts.period, tz=facts.tz)
-        return pool
 
     @classmethod
     def open(cls, runs_dir: str | os.PathLike[str] | Store, pool_id: str, **options: Any) -> Pool:
         """Open an existing pool; :class:`InputError` (exit 2) if there is none, or the id
         is a run's."""
         pool = cls(runs_dir, pool_id, **options)
-        pool.state()
+        with pool.closed_on_error():
+            pool.state()
         return pool
 
     def state(self) -> RunState:
@@ -153,7 +167,7 @@ class Pool:
         return facts
 
     def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
-        """Each member run's money by period, folded from its log (no lock, no cache), and
+        """Each member run's money by period, folded from its log (no lock, no checkpoint), and
         the members whose logs cannot be read (moved away, damaged: nothing of theirs is
         counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
@@ -207,7 +221,7 @@ class Pool:
         }
 
     def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED, sign: str | os.PathLike[str] | None = None,
-                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> dict[str, Any]:
+                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again. While the pool pins keys the
@@ -224,12 +238,13 @@ class Pool:
 
             signature = sign_change(self.policy_signing_content(cap=cap, **changes), sign)
 
-        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Any:
+        def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            counted = (policy.approvers, policy.quorum) != (state.policy.approvers, state.policy.quorum)
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
                                       self._granted(now) if lowered else None, self.store.approvers_are_roles,
-                                      signature)
+                                      signature, self._member_policies(state) if counted else None)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
@@ -237,9 +252,7 @@ class Pool:
             _, decision = pool_book.write_pool(self.runs_store, self.store, decide, actor=self.actor,
                                                clock=self.clock, lock_timeout=self.lock_timeout)
             self.store.sync()
-        if decision.error is not None:
-            raise decision.error
-        return {"pool": self.pool_id, **decision.result}
+        return {"pool": self.pool_id, **decision.answer()}
 
 
     def policy_signing_content(self, *, cap: Amount | Unchanged = UNCHANGED,
@@ -252,6 +265,18 @@ class Pool:
         policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
         change = resolve.policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
         return resolve.policy_signing_content(state, change)
+
+    def _member_policies(self, state: RunState) -> dict[str, Policy]:
+        """Each member run's policy (asked under the pool's lock, which a member's policy change
+        takes first; a member that cannot be read takes no writes and is left out)."""
+        policies = {}
+        for run_id in state.pool.members if state.pool is not None else ():
+            try:
+                member = self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout)
+                policies[run_id] = member.read().state.policy
+            except EscalateError:
+                continue
+        return policies
 
     def _granted(self, now: str) -> tuple[int, str]:
         """What approvals extended the pool by in the period ``now`` falls in, folded from
@@ -304,13 +329,13 @@ class PoolRow(TypedDict):
 
 def list_pools(runs_dir: str | os.PathLike[str] | Store) -> list[PoolRow]:
     """Every pool in the store, by id, with its settings and how many runs it has."""
-    store = open_store(runs_dir)
     rows: list[PoolRow] = []
-    for ledger_id, kind in pool_book.ledger_kinds(store):
-        if kind == "pool_opened":
-            facts = Pool.open(store, ledger_id).facts
-            rows.append({"pool": ledger_id, "cap_micros": facts.cap_micros, "period": facts.period,
-                         "tz": facts.tz, "runs": len(facts.members)})
+    with owned_store(runs_dir) as store:
+        for ledger_id, kind in pool_book.ledger_kinds(store):
+            if kind == "pool_opened":
+                facts = Pool.open(store, ledger_id).facts
+                rows.append({"pool": ledger_id, "cap_micros": facts.cap_micros, "period": facts.period,
+                             "tz": facts.tz, "runs": len(facts.members)})
     return rows
 
 
@@ -337,28 +362,29 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     :class:`InputError` when there is no such pool, or it is a run."""
     from escalate.reports.runs import verify_report
 
-    runs = open_store(runs_dir)
-    timeout = config.lock_timeout(lock_timeout)
-    store = runs.ledger(check_id(pool_id, what="pool id"), lock_timeout=timeout)
-    first = first_event(store)
-    if first is None or first.get("type") != "pool_opened":
-        pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
-    own = verify_report(store)
-    members: list[VerifyReport] = []
-    # The members the pool's log names, as far as it folds (a damaged line is passed over).
-    facts = store.verify().state.pool if own["lines"] is not None else None
-    opened = facts.opened if facts is not None else {}
-    for run_id in facts.members if facts is not None else []:
-        member = runs.ledger(run_id, lock_timeout=timeout)
-        try:
-            member_first(member, pool_id, opened.get(run_id))
-        except CorruptLedger as problem:
-            members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
-                            "head": None, "problems": [{"line": 1, "problem": problem.message}],
-                            "warnings": []})
-        else:
-            members.append(verify_report(member, runs=runs))
-    report = {key: value for key, value in own.items() if key != "run"}
-    return cast(PoolVerifyReport, {"pool": pool_id, **report, "members": members,
-                                   "ok": own["ok"] and all(member["ok"] for member in members)})
+    with owned_store(runs_dir) as runs:
+        timeout = config.lock_timeout(lock_timeout)
+        store = runs.ledger(check_id(pool_id, what="pool id"), lock_timeout=timeout)
+        first = first_event(store)
+        if first is None or first.get("type") != "pool_opened":
+            pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
+        own = verify_report(store)
+        members: list[VerifyReport] = []
+        # The members the pool's log names, as far as it folds (a damaged line is passed over).
+        facts = store.verify().state.pool if own["lines"] is not None else None
+        opened = facts.opened if facts is not None else {}
+        for run_id in facts.members if facts is not None else []:
+            member = runs.ledger(run_id, lock_timeout=timeout)
+            try:
+                member_first(member, pool_id, opened.get(run_id))
+            except CorruptLedger as problem:
+                members.append({"run": run_id, "ok": False, "lines": None, "events": 0, "torn_bytes": None,
+                                "head": None, "problems": [{"line": 1, "problem": problem.message}],
+                                "warnings": []})
+            else:
+                members.append(verify_report(member, runs=runs))
+        return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
+                "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
+                "head": own["head"], "problems": own["problems"], "warnings": own["warnings"],
+                "members": members}
 

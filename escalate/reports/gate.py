@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
-from escalate.core.state import RunState
+from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger
 from escalate.reports.report import halted_tasks, percent, pool_period_line, run_markdown, usage_level
 
@@ -171,7 +171,7 @@ class GateResult:
         heading, _, rest = summary.partition("\n")
         return f"{heading}\n\n{pool_period_line(self.period)}\n{rest}"
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> Totals:
         """The run's money, as ``runs show --json`` reports it."""
         return self.state.totals()
 
@@ -192,7 +192,7 @@ def check_gate(
     fail_on_held: bool = False,
 ) -> GateResult:
     """Run the CI gate over ``source``: a :class:`~escalate.Ledger` is folded strictly first
-    (every check, never the cache: :meth:`~escalate.Ledger.verified_state`), a ``RunState``
+    (every check, never the checkpoint: :meth:`~escalate.Ledger.verified_state`), a ``RunState``
     is taken as it is. ``max_spent`` is an amount (USD ``str``/``Decimal`` or ``Micros``).
     Raises what reading the run raises (``UnknownRun``, ``CorruptLedger`` …); a failed gate
     is not an error here: see :attr:`GateResult.passed`."""

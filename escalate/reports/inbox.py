@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
 from escalate.core.decide import fired_limit
-from escalate.core.events import PRIORITIES, Priority
+from escalate.core.events import PRIORITIES
 from escalate.core.ids import check_id
 from escalate.core.resolve import grant_delta, unknown_escalation
 from escalate.core.rules import extension_left, needed_extension, quorum_required
@@ -108,30 +108,28 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
     then by priority, then newest first; ``open_only`` keeps those waiting for a person.
     An unreadable run is skipped and listed, unless it is ``run``."""
-    root = runs_root(runs_dir)
-    run_ids = [run] if run is not None else list(iter_run_ids(root))
-    rows: list[InboxRow] = []
-    skipped: list[SkippedRun] = []
-    pools: dict[str, int | None] = {}  # each pool's remaining, read once for all its runs
-    for run_id in run_ids:
-        try:
-            ledger = Ledger.open(root, run_id)
-            state = ledger.state()
-            pool = ledger.pool_id()
-        except EscalateError as error:
-            if run is not None:
-                raise
-            skipped.append({"run": run_id, "error": error.code, "message": error.message})
-            continue
-        if pool is not None and pool not in pools:
-            pools[pool] = pool_remaining(root, pool)
-        rows += [escalation_row(state, item, pool, None if pool is None else pools[pool])
-                 for item in state.escalations.values() if not open_only or item.state == "open"]
+    with runs_root(runs_dir) as root:
+        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        rows: list[InboxRow] = []
+        skipped: list[SkippedRun] = []
+        pools: dict[str, int | None] = {}  # each pool's remaining, read once for all its runs
+        for run_id in run_ids:
+            try:
+                with Ledger.open(root, run_id) as ledger:
+                    state, pool = ledger.state(), ledger.pool_id()
+            except EscalateError as error:
+                if run is not None:
+                    raise
+                skipped.append({"run": run_id, "error": error.code, "message": error.message})
+                continue
+            if pool is not None and pool not in pools:
+                pools[pool] = pool_remaining(root, pool)
+            rows += [escalation_row(state, item, pool, None if pool is None else pools[pool])
+                     for item in state.escalations.values() if not open_only or item.state == "open"]
     # Most urgent first: what waits for a person before what is settled, then by priority,
     # then newest first (two stable sorts).
     rows.sort(key=lambda row: row["opened_at"], reverse=True)
-    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(
-        cast(Priority, row["priority"]))))
+    rows.sort(key=lambda row: (row["state"] != "open" or row["shadow"], -PRIORITIES.index(row["priority"])))
     return {"escalations": rows, "skipped": skipped}
 
 
@@ -155,7 +153,8 @@ def escalation_row(state: RunState, escalation: EscalationState, pool: str | Non
     if escalation.state == "open" and not escalation.shadow:
         left = pool_left if escalation.reason == "pool_cap" else state.remaining_micros
         needed = None if left is None else needed_extension(grant_delta(state, escalation), left)
-    # A run belongs to one pool for good: its pool_cap escalations are that pool's.
+    # A run belongs to one pool for good: its pool_cap escalations are that pool's. (A cast:
+    # EscalationState.to_json() is a plain dict, its optional keys set in place, in order.)
     return cast(InboxRow, {"run": state.run_id, **row,
                            "pool": pool if escalation.reason == "pool_cap" else None,
                            "fired": fired_limit(row), "needed_now_micros": needed,
@@ -167,19 +166,18 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
                     escalation_id: str) -> EscalationView:
     """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
     computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
-    root = runs_root(runs_dir)
-    check_id(escalation_id, what="escalation id")
-    ledger = Ledger.open(root, run_id)
-    state = ledger.state()
-    escalation = state.escalations.get(escalation_id)
-    if escalation is None:
-        raise unknown_escalation(state.run_id, escalation_id)
-    pool = ledger.pool_id()
-    report, pool_policy = _pool_now(root, pool) if pool is not None else (None, None)
-    row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
+    with runs_root(runs_dir) as root:
+        check_id(escalation_id, what="escalation id")
+        with Ledger.open(root, run_id) as ledger:
+            state, events = ledger.state(), ledger.events()[0]
+            pool = ledger.pool_id()
+        escalation = state.escalations.get(escalation_id)
+        if escalation is None:
+            raise unknown_escalation(state.run_id, escalation_id)
+        report, pool_policy = _pool_now(root, pool) if pool is not None else (None, None)
+        row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
     # Who decides it: the pool's policy for a pool_cap escalation, the run's otherwise.
     policy = pool_policy if pool_policy is not None and escalation.reason == "pool_cap" else state.policy
-    events, _ = ledger.events()
     waiting = escalation.state == "open" and not escalation.shadow
     return {
         **row,

@@ -22,7 +22,7 @@ from rich.text import Text
 from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
-from escalate.core.state import RunState
+from escalate.core.state import RunState, task_json
 from escalate.reports.report import (
     approvals_line,
     bar_cells,
@@ -110,22 +110,21 @@ def usage_bar(used: int, cap: int, width: int = BAR_WIDTH) -> Text:
 
 def run_view(state: RunState, *, all_tasks: bool = True) -> dict[str, Any]:
     """``runs show --json``: the totals, every task and every escalation, in exact micros."""
-    stored = getattr(state.tasks, "json_array", None)
+    stored = getattr(state.tasks.rows, "json_array", None)
     if all_tasks and stored is not None:
         # A reader's snapshot of the checkpoint hands over its rows as they are stored.
         tasks: Any = orjson.Fragment(stored())
     else:
-        tasks = [task.to_json(task_id) for task_id, task in state.tasks.items()]
+        tasks = [task_json(task_id, task) for task_id, task in state.tasks.rows.items()]
         tasks = tasks if all_tasks else tasks[-TASK_ROWS:]
     escalations = [e.to_json() for e in state.escalations.values()]
-    view = state.totals()
-    view.update({
+    return {
+        **state.totals(),
         "shadow_escalations": sum(1 for e in state.escalations.values() if e.shadow),
         "open_escalations": len(state.open_escalations),
         "tasks": tasks,
         "escalations": escalations,
-    })
-    return view
+    }
 
 
 def show_run(state: RunState, *, all_tasks: bool = False, pool: Mapping[str, Any] | None = None) -> None:

@@ -11,37 +11,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, TypedDict, cast, final
 
-from escalate.core.state import RunState
+from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
 from escalate.service import Ledger
-from escalate.stores.file.store import FileStore
-from escalate.stores.seam import LedgerStore, Store, is_store_url, open_store, refuse_non_folder
+from escalate.stores.seam import LedgerStore, Store, owned_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
 
 @final  # no further keys: `"error" in row` tells the two kinds of row apart
-class RunRow(TypedDict):
-    """One readable run of :func:`list_runs`: ``RunState.totals()``, when it was opened and
-    one word for its state."""
+class RunRow(Totals):
+    """One readable run of :func:`list_runs`: ``RunState.totals()`` (an archived run is listed
+    only with ``every_run``), when it was opened and one word for its state."""
 
-    run: str
-    cap_micros: int
-    run_cap_micros: int
-    task_cap_micros: int
-    spent_micros: int
-    reserved_micros: int
-    committed_micros: int
-    remaining_micros: int
-    extended_micros: int
-    events: int
-    halts: int
-    escalation: dict[str, Any]
-    archived: bool  # retired by 'runs archive': listed only with every_run
     opened_at: str
     state: RunWord
     pool: str | None  # the pool the run belongs to (None: none)
@@ -119,34 +105,33 @@ class VerifyReport(TypedDict):
     warnings: list[LineWarning]
 
 
-def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Path | Store:
-    """``runs_dir`` for the calls that look at every run; a file there is a wrong folder.
-    A store URL is opened once, so every run is read through one connection."""
-    if not isinstance(runs_dir, (str, os.PathLike)) or is_store_url(os.fspath(runs_dir)):
-        return open_store(runs_dir)
-    refuse_non_folder(os.fspath(runs_dir))
-    root = Path(runs_dir)
-    FileStore(root).check_usable()
-    return root
+@contextmanager
+def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Iterator[Store]:
+    """The store at ``runs_dir`` for the calls that look at every run, opened once (so every
+    run is read through one connection) and closed at the end if opened here; a file there
+    is a wrong folder."""
+    with owned_store(runs_dir) as store:
+        store.check_usable()
+        yield store
 
 
 def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
               every_run: bool = False) -> list[RunRow | BrokenRun]:
     """Every run under ``runs_dir`` with its totals and state, newest first; a run that
     cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
-    root = runs_root(runs_dir)
     rows: list[RunRow | BrokenRun] = []
-    for run_id in iter_run_ids(root):
-        try:
-            ledger = Ledger.open(root, run_id)
-            state = ledger.state()
-        except EscalateError as error:
-            rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
-            continue
-        if state.archived and not every_run:
-            continue
-        rows.append(cast(RunRow, {**state.totals(), "opened_at": state.opened_at,
-                                  "state": run_word(state), "pool": ledger.pool_id()}))
+    with runs_root(runs_dir) as root:
+        for run_id in iter_run_ids(root):
+            try:
+                with Ledger.open(root, run_id) as ledger:
+                    state, pool = ledger.state(), ledger.pool_id()
+            except EscalateError as error:
+                rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
+                continue
+            if state.archived and not every_run:
+                continue
+            rows.append({**state.totals(), "opened_at": state.opened_at, "state": run_word(state),
+                         "pool": pool})
     rows.sort(key=lambda row: (row["opened_at"], row["run"]), reverse=True)
     return rows
 
@@ -172,26 +157,29 @@ def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = Non
     listed in ``deferred`` and due at the next sweep. ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
     still swept; with ``run`` its error is raised."""
-    root = runs_root(runs_dir)
-    run_ids = [run] if run is not None else list(iter_run_ids(root))
-    expired: list[SweptEscalation] = []
-    due: list[dict[str, Any]] = []
-    ledgers: dict[str, Ledger] = {}
-    failures: list[SweepFailure] = []
-    for run_id in run_ids:
-        try:
-            ledger = Ledger.open(root, run_id, **options)
-            swept, notices = ledger.expire()
-        except EscalateError as error:
-            if run is not None:
-                raise
-            failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
-            continue
-        expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
-        if notices:  # (only these ledgers are kept open until their notices are sent)
-            ledgers[run_id] = ledger
-            due += notices
-    sent, left = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice), limits)
+    with runs_root(runs_dir) as root, ExitStack() as opened:
+        run_ids = [run] if run is not None else list(iter_run_ids(root))
+        expired: list[SweptEscalation] = []
+        due: list[dict[str, Any]] = []
+        ledgers: dict[str, Ledger] = {}
+        failures: list[SweepFailure] = []
+        for run_id in run_ids:
+            try:
+                ledger = opened.enter_context(Ledger.open(root, run_id, **options))
+                swept, notices = ledger.expire()
+            except EscalateError as error:
+                if run is not None:
+                    raise
+                # (A cast: the error's facts are further keys, which no TypedDict can list.)
+                failures.append(cast(SweepFailure, {"run": run_id, **error.to_json()}))
+                continue
+            expired += [{"run": run_id, "escalation_id": escalation_id} for escalation_id in swept["expired"]]
+            if notices:  # (only these ledgers are used again, until their notices are sent)
+                ledgers[run_id] = ledger
+                due += notices
+            else:
+                ledger.close()  # (a sweep of many runs keeps none of their handles open)
+        sent, left = deliver_all(due, lambda notice: ledgers[notice["run"]].send_notice(notice), limits)
     return {"status": "swept", "runs": len(run_ids), "expired": expired,
             "notified": [{"run": notice["run"], **outcome} for notice, outcome in sent],
             "deferred": [{"run": notice["run"], "escalation_id": notice["id"]} for notice in left],
@@ -245,5 +233,5 @@ def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
     ledger is no run."""
     from escalate.pools.book import ledger_kinds
 
-    store = open_store(runs_dir)
-    return (ledger_id for ledger_id, kind in ledger_kinds(store) if kind != "pool_opened")
+    with owned_store(runs_dir) as store:
+        yield from (ledger_id for ledger_id, kind in ledger_kinds(store) if kind != "pool_opened")

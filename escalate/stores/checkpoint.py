@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import orjson
 
 from escalate.core.money import MAX_TOTAL_MICROS
 from escalate.core.replay import LineSource, Progress, Replayed, replay
-from escalate.core.state import EscalationState, Policy, RunState, Task
+from escalate.core.state import (
+    EscalationState,
+    PassItems,
+    PassValues,
+    Policy,
+    RunState,
+    TaskRow,
+    TaskTable,
+    task_json,
+    task_row,
+)
 
 V = TypeVar("V")
 
@@ -58,7 +68,7 @@ def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
     })
 
 
-def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
+def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
                     escalations: MutableMapping[str, EscalationState]) -> RunState:
     """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
     ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
@@ -68,7 +78,7 @@ def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, Task],
         # Saved by a version without the limit: the fold of the log names the line past it.
         raise CheckpointInvalid("a checkpoint past the limit on totals")
     state = RunState(**{name: blob[name] for name in _PLAIN_FIELDS}, policy=Policy(**blob["policy"]),
-                     tasks=tasks)
+                     tasks=TaskTable(tasks))
     state.escalations = escalations
     state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
     return state
@@ -125,15 +135,15 @@ def fold_from(lines: LineSource, run_id: str, start: Replayed | None, *, writabl
 # row found under a key that is not its own id is damage.
 
 
-def encode_task(key: str, task: Task) -> bytes:
-    return orjson.dumps(task.to_json(key))
+def encode_task(key: str, task: TaskRow) -> bytes:
+    return orjson.dumps(task_json(key, task))
 
 
-def _decode_task(key: str, data: bytes) -> Task:
+def _decode_task(key: str, data: bytes) -> TaskRow:
     fields = orjson.loads(data)
     if fields.get("task") != key:
         raise CheckpointInvalid(f"row {key!r} holds task {fields.get('task')!r}")
-    return Task.from_json(fields)
+    return task_row(fields)
 
 
 def encode_escalation(key: str, escalation: EscalationState) -> bytes:
@@ -203,10 +213,10 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         return value
 
     def __getitem__(self, key: str) -> V:
-        value = self.get(key, _MISSING)
+        value: V = self.get(key, _MISSING)  # (get answers Any: a row, or the default given)
         if value is _MISSING:
             raise KeyError(key)
-        return cast(V, value)
+        return value
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
@@ -221,23 +231,28 @@ class LazyRows(MutableMapping[str, V], Generic[V]):
         raise TypeError("the ledger never forgets a task or an escalation")
 
     def __iter__(self) -> Iterator[str]:
-        for key, _ in self.items():
+        for key, _ in self._each_row():
             yield key
 
     def __len__(self) -> int:
         return self._stored_count() + len(self._new)
 
-    def items(self) -> Iterator[tuple[str, V]]:  # type: ignore[override]
+    def items(self) -> ItemsView[str, V]:
         """All rows in the order they were first written, with this command's changes."""
+        return PassItems(self, self._each_row)
+
+    def values(self) -> ValuesView[V]:
+        """The rows' values, as :meth:`items`."""
+        return PassValues(self, self._each_row)
+
+    def _each_row(self) -> Iterator[tuple[str, V]]:
+        """``(key, value)`` of every row in the order first written, in one pass over the
+        stored rows (a row not read yet is decoded from that pass, not fetched again by key)."""
         touched = self._touched
         for key, decode in self._stored_rows():
             yield key, touched[key] if key in touched else decode()
         for key in self._new:
             yield key, touched[key]
-
-    def values(self) -> Iterator[V]:  # type: ignore[override]
-        for _, value in self.items():
-            yield value
 
     def dirty(self) -> Iterator[tuple[str, bytes]]:
         """``(key, row)`` of every row read or added by this command."""

@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self
 
 import orjson
 
@@ -34,6 +34,12 @@ from escalate.core.ids import valid_id
 from escalate.core.replay import Progress, Replayed
 from escalate.core.state import RunState
 from escalate.errors import InputError, UnknownRun
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from escalate.stores.postgres.connect import ConnectionPool
+    from escalate.stores.postgres.transaction import Connection
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
@@ -117,6 +123,12 @@ class LedgerStore(Protocol):
     def command(self) -> AbstractContextManager[None]:
         """Everything inside is one command on one ledger (the file store resolves the run
         folder once, so a folder swapped half-way cannot split a command); nests."""
+        ...
+
+    def close(self) -> None:
+        """Release what this ledger keeps open between commands (the file store: the
+        checkpoint's connection and the folder handle that goes with it). It can be used
+        again: a later command opens what it needs."""
         ...
 
     def exists(self) -> bool:
@@ -224,22 +236,68 @@ class Store(Protocol):
         """The ids of the ledgers in the store, sorted."""
         ...
 
+    def close(self) -> None:
+        """Close what the store opened itself (a URL's connections); what it was given (a
+        connection, a pool) stays the caller's."""
+        ...
+
+
+class Closing:
+    """``with`` for what has a ``close()``: it is closed on the way out, whatever happens."""
+
+    def close(self) -> None:
+        """Release what is held open."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Inside, an error closes this object before it propagates (a constructor's
+        caller never gets it, so it could not close it)."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
+
+@contextmanager
+def owned_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Iterator[Store]:
+    """:func:`open_store` for the length of a call: a store opened here (from a path or a
+    URL) is closed at the end; a store given stays open, the caller's."""
+    store = open_store(location)
+    try:
+        yield store
+    finally:
+        if store is not location:
+            store.close()
+
 
 def is_store_url(location: str) -> bool:
     """True when ``location`` names a database store, not a runs folder."""
     return bool(_POSTGRES_URL.match(location))
 
 
-def open_store(location: str | os.PathLike[str] | Store | object) -> Store:
+def is_store(location: object) -> TypeIs[Store]:
+    """Whether ``location`` is a store object (told apart as :class:`Store` is defined: by
+    what it does)."""
+    return hasattr(location, "ledger") and hasattr(location, "run_ids")
+
+
+def open_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Store:
     """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
     psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
     path is a file store (a runs root); a store is itself."""
     if not isinstance(location, (str, os.PathLike)):
-        if hasattr(location, "ledger") and hasattr(location, "run_ids"):
-            return cast(Store, location)
+        if is_store(location):
+            return location
         from escalate.stores.postgres.store import PgStore
 
-        return PgStore(cast(Any, location))
+        return PgStore(location)
     text = os.fspath(location)
     if _POSTGRES_URL.match(text):
         if not _POSTGRES_URL_WHOLE.match(text):

@@ -33,7 +33,7 @@ from escalate.errors import LockTimeout
 try:
     import fcntl
 except ImportError:  # Windows: the polling wait
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # (mypy knows fcntl only as the module)
 
 # Where the wait polls: it backs off from 50 µs to 0.5 ms, about as often as the lock can
 # change hands, while eight waiters on two cores still leave the holder most of the CPU.

@@ -29,7 +29,7 @@ from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
 from escalate.stores.file.run_folder import via_folder
-from escalate.stores.seam import RecoveredFirstLines
+from escalate.stores.seam import Closing, RecoveredFirstLines
 
 # A pool's derived totals (escalate.stores.seam.Transaction.derived), beside its log.
 DERIVED_NAME = "events.ndjson.derived.sqlite"
@@ -38,8 +38,9 @@ DERIVED_NAME = "events.ndjson.derived.sqlite"
 _SETTLED_NS = 100_000_000
 
 
-class FileStore:
-    """A runs root folder (:class:`escalate.stores.seam.Store`)."""
+class FileStore(Closing):
+    """A runs root folder (:class:`escalate.stores.seam.Store`). It keeps nothing open:
+    ``close()`` has nothing to do (each of its ledgers closes its own checkpoint)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -120,6 +121,10 @@ class FileLedger:
 
     def command(self) -> contextlib.AbstractContextManager[None]:
         return self.log.resolved()
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
 
     def exists(self) -> bool:
         return self.log.exists()

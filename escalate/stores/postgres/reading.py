@@ -5,14 +5,14 @@ fold from the checkpoint in tables (or from the first line), by the same
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import orjson
 
 from escalate.core.replay import Replayed
-from escalate.core.state import EscalationState, Task
+from escalate.core.state import EscalationState, TaskRow
 from escalate.stores.checkpoint import CheckpointInvalid, LoadedRows, fold_from, state_from_blob
-from escalate.stores.postgres.rows import LineStream, PgRows
+from escalate.stores.postgres.rows import PgRows, line_stream
 from escalate.stores.postgres.transaction import Connection
 
 # Rows fetched per query when lines are streamed.
@@ -29,17 +29,17 @@ def fetch_lines(connection: Connection, run_id: str, after: int, up_to: int) -> 
 class Lines:
     """A ledger's lines as :func:`replay` reads them (:class:`escalate.core.replay.LineSource`)."""
 
-    def __init__(self, where: str, open_stream: Callable[[], LineStream]) -> None:
+    def __init__(self, where: str, open_stream: Callable[[], BinaryIO]) -> None:
         self.where = where
         self._open = open_stream
 
     def reader(self) -> BinaryIO:
-        return cast(BinaryIO, self._open())
+        return self._open()
 
 
 def lines_of(connection: Connection, run_id: str, where: str, size: int) -> Lines:
     """The first ``size`` bytes of lines of ``run_id``, read in ``connection``'s transaction."""
-    return Lines(where, lambda: LineStream(
+    return Lines(where, lambda: line_stream(
         lambda after, up_to: fetch_lines(connection, run_id, after, up_to), size))
 
 
@@ -70,7 +70,7 @@ def _checkpoint(connection: Connection, run_id: str, checkpoint: bytes, checkpoi
         tasks: Any
         escalations: Any
         if writable:
-            tasks = PgRows[Task](query, "tasks", run_id)
+            tasks = PgRows[TaskRow](query, "tasks", run_id)
             escalations = PgRows[EscalationState](query, "escalations", run_id)
         else:
             tasks, escalations = (LoadedRows([bytes(data) for (data,) in query(

@@ -9,7 +9,7 @@ import functools
 import io
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from escalate.stores.checkpoint import CheckpointInvalid, LazyRows
 
@@ -104,3 +104,10 @@ class LineStream(io.RawIOBase):
         view[:len(piece)] = piece
         self._position += len(piece)
         return len(piece)
+
+
+def line_stream(fetch: Fetch, size: int) -> BinaryIO:
+    """A :class:`LineStream`, as the seam's readers are typed."""
+    # (A RawIOBase reads as a binary file does; typeshed types only the file and buffered
+    # classes as BinaryIO, so this is the one place it is said.)
+    return cast(BinaryIO, LineStream(fetch, size))

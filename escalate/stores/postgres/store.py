@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 
@@ -43,7 +43,7 @@ from escalate.stores.postgres.connect import (
 )
 from escalate.stores.postgres.failures import Outcome, failure
 from escalate.stores.postgres.reading import fetch_lines, fold, lines_of
-from escalate.stores.postgres.rows import LineStream
+from escalate.stores.postgres.rows import line_stream
 from escalate.stores.postgres.tables import ensure_schema
 from escalate.stores.postgres.transaction import (
     CHANNEL,
@@ -55,7 +55,7 @@ from escalate.stores.postgres.transaction import (
     rollback,
     text_literal,
 )
-from escalate.stores.seam import RecoveredFirstLines
+from escalate.stores.seam import Closing, RecoveredFirstLines
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -81,7 +81,7 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
-class PgStore:
+class PgStore(Closing):
     """A PostgreSQL database holding ledgers (:class:`escalate.stores.seam.Store`), reached by a
     URL (one connection, kept for the life of the store in this process), an open
     connection, or a pool."""
@@ -126,7 +126,10 @@ class PgStore:
         self._kept = self._listener = None
 
     def __del__(self) -> None:
-        # A Ledger opened from a URL owns its store: its connections end with it.
+        # A safety net, kept for a reason: the library never asked callers to close a Ledger
+        # opened from a URL before ``close()`` existed; such a store's connections still end
+        # with it (psycopg would end them too, but with a ResourceWarning for each).
+        # Everything in escalate closes what it opens.
         with contextlib.suppress(Exception):
             self.close()
 
@@ -272,6 +275,9 @@ class PgLedger:
     def command(self) -> AbstractContextManager[None]:
         return nullcontext()
 
+    def close(self) -> None:
+        """Nothing of its own to release: the connections are the store's."""
+
     def exists(self) -> bool:
         with self._store.connection() as connection:
             row = connection.execute("SELECT lines FROM escalate_ledgers WHERE ledger = %s",
@@ -377,7 +383,7 @@ class PgLedger:
             with self._store.connection() as connection:
                 return fetch_lines(connection, self.run_id, after, up_to)
 
-        return cast(BinaryIO, LineStream(fetch, size))
+        return line_stream(fetch, size)
 
     def size(self) -> int:
         with self._store.connection() as connection:

@@ -87,7 +87,7 @@ class PgTransaction:
         mark = mark_after(replayed, lines)
         if mark is None:
             return
-        tasks, escalations = state.tasks, state.escalations
+        tasks, escalations = state.tasks.rows, state.escalations
         rows: dict[str, Iterable[tuple[str, bytes]]]
         if isinstance(tasks, PgRows) and isinstance(escalations, PgRows):
             rows = {"tasks": tasks.dirty(), "escalations": escalations.dirty()}
