@@ -15,23 +15,24 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 from escalate import config
 from escalate.config import Clock
-from escalate.core import decide as decisions
 from escalate.core import resolve
-from escalate.core.decide import Decision
+from escalate.core.decide import (
+    Decision,
+    decide_archive,
+    decide_increase,
+    decide_notified,
+    decide_release,
+    decide_reserve,
+    delivery_due,
+    run_opened_payload,
+)
 from escalate.core.events import Event, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
+from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
-from escalate.escalation.delivery import (
-    SWEEP_LIMITS,
-    SweepLimits,
-    deliver,
-    deliver_all,
-    new_notices,
-    notice_again,
-)
 from escalate.results import (
     ArchiveResult,
     DeliveryResult,
@@ -56,6 +57,7 @@ from escalate.write import Decide, MembershipChanged, R, asked_by, first_lines, 
 
 if TYPE_CHECKING:
     from escalate.core.pool_state import PoolView
+    from escalate.escalation.delivery import SweepLimits
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -198,11 +200,10 @@ class Ledger(Closing):
                 cap = Micros(joining.pool.cap_micros)
             run_cap, task_cap_micros = config.run_caps(cap, task_cap)
             policy = config.make_policy(settings)
-            payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+            payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
-                unreachable = resolve.member_quorum_refused((run_id, policy),
-                                                            (joining.run_id, joining.policy))
+                unreachable = member_quorum_refused((run_id, policy), (joining.run_id, joining.policy))
                 if unreachable is not None:  # (before anything is written)
                     raise unreachable
             line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
@@ -258,7 +259,7 @@ class Ledger(Closing):
         micros = parse_micros(amount, what="estimate")
         config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
+            lambda state, now, _, pool: decide_reserve(state, task_id, micros, now, reason,
                                                                  priority, pool)))}
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
@@ -268,7 +269,7 @@ class Ledger(Closing):
         micros = parse_micros(to, what="new amount")
         config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
+            lambda state, now, _, pool: decide_increase(state, task_id, micros, now, reason,
                                                                   priority, pool)))}
 
     def release(self, task: str, actual: Amount) -> TaskResult:
@@ -277,11 +278,11 @@ class Ledger(Closing):
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))}
+            lambda state, now, _, pool: decide_release(state, task_id, micros, self.actor, pool)))}
 
     def archive(self) -> ArchiveResult:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
-        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))}
+        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: decide_archive(state))}
 
     def approve(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
                 signature: str | None = None) -> ResolutionResult:
@@ -338,7 +339,7 @@ class Ledger(Closing):
         def decide(state: RunState, now: str, expired: list[str],
                    pool: PoolView | None) -> Decision[PolicyAnswer]:
             policy = config.merge_policy(state.policy, changes)
-            return resolve.decide_policy(state, policy, self.actor, role, pool,
+            return decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles, signature)
         role = self.store.role()
         return {"run": self.run_id, **self._mutate(decide)}
@@ -351,13 +352,16 @@ class Ledger(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes)
-        return resolve.policy_signing_content(state, resolve.policy_change(state, policy))
+        return policy_signing_content(state, policy_change(state, policy))
 
-    def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
+    def sweep(self, *, redeliver: bool = True, limits: SweepLimits | None = None) -> SweepResult:
         """Resolve expired escalations (``expired``), then send again each notice due within
-        ``limits`` (:func:`escalate.escalation.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
+        ``limits`` (:func:`escalate.escalation.delivery.deliver_all`; None: its
+        ``SWEEP_LIMITS``; ``notified``; ``deferred``: left)."""
+        from escalate.escalation.delivery import SWEEP_LIMITS, deliver_all
+
         result, due = self.expire(redeliver=redeliver)
-        sent, left = deliver_all(due, self.send_notice, limits)
+        sent, left = deliver_all(due, self.send_notice, SWEEP_LIMITS if limits is None else limits)
         result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
         return result
 
@@ -375,8 +379,10 @@ class Ledger(Closing):
                 due.extend((e, bool((pool.policy if pool is not None and e.reason == "pool_cap"
                                      else state.policy).approver_keys))
                            for e in state.open_escalations.values()
-                           if decisions.delivery_due(e, state.policy, now))
+                           if delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
+
+        from escalate.escalation.delivery import notice_again
 
         result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
         return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]
@@ -520,6 +526,8 @@ class Ledger(Closing):
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
+        from escalate.escalation.delivery import new_notices  # (only where a hook is set)
+
         for notice in new_notices(self.run_id, first_seq, self.actor, events, self._answers_signed):
             self.send_notice(notice)
 
@@ -539,9 +547,11 @@ class Ledger(Closing):
 
     def send_notice(self, notice: dict[str, Any]) -> DeliveryResult:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
+        from escalate.escalation.delivery import deliver
+
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
-            lambda state, now, _, pool: decisions.decide_notified(state, escalation_id, ok, detail)))
+            lambda state, now, _, pool: decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs

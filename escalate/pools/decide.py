@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
 from escalate.core.events import VoidReason
-from escalate.core.resolve import (
+from escalate.core.policy import (
     extension_lowered,
     member_quorum_refused,
     policy_change,
@@ -70,10 +70,10 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
     pool names approvers, only they may change it (``role``: who the store vouches acts,
     recorded; ``roles``: the store's approver lists name database roles;
-    :func:`~escalate.core.resolve.policy_changer_refused` checks them); while it pins keys, only
-    with a ``signature`` by one (:func:`~escalate.core.resolve.policy_signed`). ``members``:
+    :func:`~escalate.core.policy.policy_changer_refused` checks them); while it pins keys, only
+    with a ``signature`` by one (:func:`~escalate.core.policy.policy_signed`). ``members``:
     the member runs' policies, read when the approvers or the quorum change: none may be
-    left with escalations nobody could grant (:func:`~escalate.core.resolve.member_quorum_refused`)."""
+    left with escalations nobody could grant (:func:`~escalate.core.policy.member_quorum_refused`)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros

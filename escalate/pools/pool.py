@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
-from escalate.core import resolve
 from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
+from escalate.core.policy import policy_change, policy_signing_content
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.core.rules import period_name
 from escalate.core.state import Policy, RunState
@@ -263,8 +263,8 @@ class Pool(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
-        change = resolve.policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
-        return resolve.policy_signing_content(state, change)
+        change = policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
+        return policy_signing_content(state, change)
 
     def _member_policies(self, state: RunState) -> dict[str, Policy]:
         """Each member run's policy (asked under the pool's lock, which a member's policy change
