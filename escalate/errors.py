@@ -271,6 +271,8 @@ class ConflictFacts(Facts, total=False):
     escalations: list[str]
     period: str
     tz: str
+    quorum: int
+    approvers: list[str]
 
 
 class Conflict(EscalateError):
@@ -300,6 +302,9 @@ class Conflict(EscalateError):
     max_extension_micros: int | None = None
     held: list[str] | None = None  # what a run still holds when it cannot be archived
     escalations: list[str] | None = None
+    # unreachable_quorum: the approvals asked for, and the approvers who may give them.
+    quorum: int | None = None
+    approvers: list[str] | None = None
 
     def __init__(self, message: str, *, code: str | None = None, **facts: Unpack[ConflictFacts]) -> None:
         self._setup(message, code, facts)

@@ -15,12 +15,21 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
 
 from escalate import config
 from escalate.config import Clock
-from escalate.core import decide as decisions
 from escalate.core import resolve
-from escalate.core.decide import Decision
+from escalate.core.decide import (
+    Decision,
+    decide_archive,
+    decide_increase,
+    decide_notified,
+    decide_release,
+    decide_reserve,
+    delivery_due,
+    run_opened_payload,
+)
 from escalate.core.events import Event, ResolvedMode, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
+from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
@@ -199,9 +208,12 @@ class Ledger(Closing):
                 cap = Micros(joining.pool.cap_micros)
             run_cap, task_cap_micros = config.run_caps(cap, task_cap)
             policy = config.make_policy(settings)
-            payload = decisions.run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
+            payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                unreachable = member_quorum_refused((run_id, policy), (joining.run_id, joining.policy))
+                if unreachable is not None:  # (before anything is written)
+                    raise unreachable
             line, recovery = first_lines(payload, format_ts(run.runs_store.now(run.clock)), run.actor)
             if joining is None or void.void_if_taken(run, joining):
                 # (An existing run is never joined: it is the same init again, or a conflict. A
@@ -255,7 +267,7 @@ class Ledger(Closing):
         micros = parse_micros(amount, what="estimate")
         level = config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_reserve(state, task_id, micros, now, reason,
+            lambda state, now, _, pool: decide_reserve(state, task_id, micros, now, reason,
                                                                  level, pool)))}
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
@@ -265,7 +277,7 @@ class Ledger(Closing):
         micros = parse_micros(to, what="new amount")
         level = config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_increase(state, task_id, micros, now, reason,
+            lambda state, now, _, pool: decide_increase(state, task_id, micros, now, reason,
                                                                   level, pool)))}
 
     def release(self, task: str, actual: Amount) -> TaskResult:
@@ -274,11 +286,11 @@ class Ledger(Closing):
         task_id = check_id(task, what="task id")
         micros = parse_micros(actual, what="actual")
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
-            lambda state, now, _, pool: decisions.decide_release(state, task_id, micros, self.actor, pool)))}
+            lambda state, now, _, pool: decide_release(state, task_id, micros, self.actor, pool)))}
 
     def archive(self) -> ArchiveResult:
         """Retire a finished run (``runs archive``: no holds, no open escalation; docs/pools.md)."""
-        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: resolve.decide_archive(state))}
+        return {"run": self.run_id, **self._mutate(lambda state, now, _, pool: decide_archive(state))}
 
     def approve(self, escalation_id: str, *, by: str | None = None, sign: KeyFile | None = None,
                 signature: str | None = None) -> ResolutionResult:
@@ -335,7 +347,7 @@ class Ledger(Closing):
         def decide(state: RunState, now: str, expired: list[str],
                    pool: PoolView | None) -> Decision[PolicyAnswer]:
             policy = config.merge_policy(state.policy, changes)
-            return resolve.decide_policy(state, policy, self.actor, role, pool,
+            return decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles, signature)
         role = self.store.role()
         return {"run": self.run_id, **self._mutate(decide)}
@@ -348,7 +360,7 @@ class Ledger(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes)
-        return resolve.policy_signing_content(state, resolve.policy_change(state, policy))
+        return policy_signing_content(state, policy_change(state, policy))
 
     def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
         """Resolve expired escalations (``expired``), then send again each notice due within
@@ -372,7 +384,7 @@ class Ledger(Closing):
                 due.extend((e, bool((pool.policy if pool is not None and e.reason == "pool_cap"
                                      else state.policy).approver_keys))
                            for e in state.open_escalations.values()
-                           if decisions.delivery_due(e, state.policy, now))
+                           if delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
 
         result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
@@ -399,8 +411,8 @@ class Ledger(Closing):
 
     def verified_state(self) -> RunState:
         """The run's state from a strict fold of the whole log with every check, never from
-        the cache; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
-        For verdicts such as a CI gate: the cache's key cannot see an edit in place before
+        the checkpoint; :class:`CorruptLedger` on the first problem ``runs verify`` would report.
+        For verdicts such as a CI gate: the checkpoint's key cannot see an edit in place before
         its checkpoint when lines were appended after it (see :mod:`escalate.stores.file.checkpoint`)."""
         replayed = self.store.read(checkpoint=False)
         if replayed.problem is not None:
@@ -538,7 +550,7 @@ class Ledger(Closing):
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
-            lambda state, now, _, pool: decisions.decide_notified(state, escalation_id, ok, detail)))
+            lambda state, now, _, pool: decide_notified(state, escalation_id, ok, detail)))
 
 
 # ---------------------------------------------------------------------- many runs

@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from escalate.config import Clock
-from escalate.core import fold as folding
-from escalate.core import resolve
+from escalate.core import fold, resolve
 from escalate.core.decide import Decision
 from escalate.core.events import TIMEOUT_ACTOR, Event, format_ts, parse_ts, seal
 from escalate.core.replay import Replayed
@@ -228,7 +227,7 @@ def seal_into(state: RunState, payloads: Iterable[Payload], now: str, actor: str
     for event, line, this_hash in seal(payloads, seq=state.seq, prev=state.last_hash, ts=now,
                                        actor=actor):
         try:
-            folding.apply(state, event, this_hash)
+            fold.apply(state, event, this_hash)
         except RuleViolation as exc:  # a bug: refuse to write it
             raise EscalateError(f"internal error: refusing to write an invalid event ({exc}); "
                                 "nothing was written — please report this bug") from exc

@@ -236,7 +236,7 @@ def clock() -> FakeClock:
 def snapshot_tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` with its bytes, to assert that nothing changed.
 
-    The checkpoint cache (``events.ndjson.cache.sqlite`` and SQLite's ``-wal``/``-shm``
+    The checkpoint (``events.ndjson.cache.sqlite`` and SQLite's ``-wal``/``-shm``
     beside it) is left out: docs/performance.md calls it derived and disposable, and SQLite may fold
     its journal into the file whenever a connection closes. The log, the lock and every
     other file must stay byte for byte.

@@ -39,7 +39,7 @@ def populated(template: Path, runs_dir: Path) -> Path:
 
 
 def everything(root: Path) -> tuple[dict[str, bytes], list[str]]:
-    """Every file's bytes (but the disposable cache, see ``snapshot_tree``) and every
+    """Every file's bytes (but the disposable checkpoint, see ``snapshot_tree``) and every
     folder under ``root``: nothing may appear or change."""
     return snapshot_tree(root), sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir())
 

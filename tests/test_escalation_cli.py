@@ -21,7 +21,7 @@ def log_lines(store: Location, run: str = "r") -> list[dict[str, Any]]:
 
 
 def logs(store: Location) -> dict[str, bytes]:
-    """Every run's log (in a runs folder: leaving out the caches and locks beside them)."""
+    """Every run's log (in a runs folder: leaving out the checkpoints and locks beside them)."""
     return {k: v for k, v in snapshot_store(store).items()
             if not isinstance(store, Path) or k.endswith("/events.ndjson")}
 

@@ -26,7 +26,7 @@ def events(store: Location, run: str = "r") -> list[dict[str, Any]]:
 
 
 def ledger_files(store: Location) -> dict[str, bytes]:
-    """The logs and their side files: what "nothing appended" is about (a cache may change)."""
+    """The logs and their side files: what "nothing appended" is about (a checkpoint may change)."""
     return {name: data for name, data in snapshot_store(store).items()
             if not isinstance(store, Path) or name.endswith("/events.ndjson")
             or "/events.ndjson.torn-" in name}

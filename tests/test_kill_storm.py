@@ -1,6 +1,6 @@
 """A kill storm: writers and an approver share task ids on one enforce-mode run while a
 killer SIGKILLs them at random moments, and between kills leaves torn lines, torn
-multi-line writes and a damaged checkpoint cache behind.
+multi-line writes and a damaged checkpoint behind.
 
 Afterwards, folded by the independent audit in ``tests/conftest.py`` (not escalate's
 code): the log verifies, committed money never passed the cap plus granted extensions at
@@ -33,7 +33,7 @@ WORKERS = 5
 KILLING_S = 20.0
 SEED = 20261201
 SHARED_TASKS = 300
-CACHE_NAME = LOG_NAME + ".cache.sqlite"
+CHECKPOINT_NAME = LOG_NAME + ".cache.sqlite"
 
 
 def _ack_file(path: str) -> int:
@@ -135,18 +135,18 @@ def _tear(root: Path, rng: random.Random) -> None:
             os.fsync(handle.fileno())
 
 
-def _damage_cache(root: Path, rng: random.Random) -> None:
+def _damage_checkpoint(root: Path, rng: random.Random) -> None:
     """Delete, truncate or scribble over the disposable checkpoint (under the run's lock)."""
-    cache = root / "r" / CACHE_NAME
+    checkpoint = root / "r" / CHECKPOINT_NAME
     with FileLog(root / "r", lock_timeout=60).locked():
-        if not cache.exists():
+        if not checkpoint.exists():
             return
         how = rng.choice(["delete", "truncate", "scribble"])
-        size = cache.stat().st_size
+        size = checkpoint.stat().st_size
         if how == "delete" or size == 0:
-            cache.unlink()
+            checkpoint.unlink()
             return
-        with cache.open("r+b") as handle:
+        with checkpoint.open("r+b") as handle:
             if how == "truncate":
                 handle.truncate(rng.randrange(size))
             else:
@@ -172,12 +172,12 @@ def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
             _tear(root, rng)
             tears += 1
         if rng.random() < 0.2:
-            _damage_cache(root, rng)
+            _damage_checkpoint(root, rng)
             damages += 1
 
     kills = kill_storm(lambda slot: _spawn(roles[slot], root, acks[slot], rng.randrange(2**32)),
                        len(roles), KILLING_S, rng, damage)
-    print(f"{kills} processes killed, {tears} torn writes, {damages} cache damages in {KILLING_S:g}s")
+    print(f"{kills} processes killed, {tears} torn writes, {damages} checkpoint damages in {KILLING_S:g}s")
     assert kills >= 30 and tears >= 5 and damages >= 3
 
     run = Ledger.open(root, "r", actor="tester")

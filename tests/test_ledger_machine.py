@@ -238,7 +238,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         model = self.model
         live = self.run.state()
-        # Replay the log alone from scratch: a copy in an empty runs root has no cache to start
+        # Replay the log alone from scratch: a copy in an empty runs root has no checkpoint to start
         # from; the store's own fold of every line (never its checkpoint) must agree too.
         log = log_bytes(self.store, self.run_id)
         scratch = self.root / "scratch"

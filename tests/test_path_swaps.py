@@ -75,8 +75,8 @@ def test_swapping_the_run_folder_for_a_link_never_writes_outside(tmp_path: Path,
     outside.mkdir()
     decoy = outside / "r"
     shutil.copytree(runs_dir / "r", decoy)  # a valid run a link-follower would write into
-    for cache in decoy.glob("*.cache.sqlite*"):
-        cache.unlink()
+    for checkpoint in decoy.glob("*.cache.sqlite*"):
+        checkpoint.unlink()
     (runs_dir / "r" / "events.ndjson.cache.sqlite").unlink(missing_ok=True)
     before_outside = _tree(outside)
 
@@ -104,12 +104,12 @@ def test_swapping_the_run_folder_for_a_link_never_writes_outside(tmp_path: Path,
     assert Ledger.open(runs_dir, "r").verify().problems == []
 
 
-@pytest.mark.parametrize("cache", ["kept", "rebuilt"])
+@pytest.mark.parametrize("checkpoint", ["kept", "rebuilt"])
 def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkeypatch: Any,
-                                                          cache: str) -> None:
+                                                          checkpoint: str) -> None:
     """The run folder is swapped for a link to a decoy run at the worst moment: after the
     lock is taken and the log read, before the append (in ``decide``). The append, the
-    fsync and the cache (kept from the last command, or made anew) still go to the folder
+    fsync and the checkpoint (kept from the last command, or made anew) still go to the folder
     whose lock was taken."""
     from escalate.core import decide
 
@@ -119,7 +119,7 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
     outside.mkdir()
     decoy = outside / "r"
     shutil.copytree(runs_dir / "r", decoy)
-    if cache == "rebuilt":
+    if checkpoint == "rebuilt":
         for path in (runs_dir / "r").glob("*.cache.sqlite*"):
             path.unlink()
         run = Ledger.open(runs_dir, "r", actor="tester")

@@ -30,8 +30,8 @@ def put_log(store: Location, run_id: str, data: bytes) -> None:
     file and its checkpoint gone, or (PostgreSQL) the table's owner past its append-only trigger."""
     if isinstance(store, Path):
         (store / run_id / "events.ndjson").write_bytes(data)
-        for cache in (store / run_id).glob("*.sqlite*"):
-            cache.unlink()
+        for checkpoint in (store / run_id).glob("*.sqlite*"):
+            checkpoint.unlink()
         return
     lines = data.splitlines(keepends=True)
     with psycopg.connect(store, autocommit=True) as connection:

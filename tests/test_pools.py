@@ -111,7 +111,7 @@ def test_lowering_the_cap_below_what_is_committed_refuses_new_money(store: Locat
 
 
 def _files(runs_dir: Path) -> dict[str, bytes]:
-    """Every file but the caches: the run checkpoints and the pool's books (SQLite's index
+    """Every file but the checkpoints: the run checkpoints and the pool's books (SQLite's index
     of its write-ahead log changes as it is read) are derived and disposable."""
     return {name: data for name, data in snapshot_tree(runs_dir).items() if ".derived.sqlite" not in name}
 

@@ -186,8 +186,8 @@ def test_a_forged_signature_in_a_rechained_log_fails_verify_gate_and_import(
     assert rechained(events(signed)) == signed  # the forger's tool rebuilds a good chain
     for name, forged in _forgeries(signed, keys).items():
         (runs_dir / "r" / "events.ndjson").write_bytes(forged)
-        for cache in runs_dir.glob("r/*.sqlite*"):
-            cache.unlink()
+        for checkpoint in runs_dir.glob("r/*.sqlite*"):
+            checkpoint.unlink()
         verified = cli("runs", "verify", "r", "--json")
         assert verified.exit_code == 6, (name, verified.stdout)
         assert "escalation_resolved" in verified.stdout or "sign" in verified.stdout, name
@@ -303,8 +303,8 @@ def test_pools_verify_finds_a_forged_pool_cap_signature_in_a_member_log(
         if name == "a wrong key field":
             continue  # the fingerprint is a label; the signature is what is checked
         log.write_bytes(forged)
-        for cache in runs_dir.glob("r/*.sqlite*"):
-            cache.unlink()
+        for checkpoint in runs_dir.glob("r/*.sqlite*"):
+            checkpoint.unlink()
         verified = cli("pools", "verify", "team", "--json")
         assert verified.exit_code == 6, (name, verified.stdout)
         assert "pool_cap escalation" in verified.stdout, name
@@ -339,8 +339,8 @@ def test_without_the_signing_extra_a_pinned_log_fails_closed(cli: Any, keys: dic
     signed = cli("approve", "r", escalation_id, "--by", "alice", "--sign", str(keys["alice-ed25519"]))
     assert signed.exit_code == 0, signed.stderr
     before = (runs_dir / "r" / "events.ndjson").read_bytes()
-    for cache in runs_dir.glob("r/*.sqlite*"):
-        cache.unlink()
+    for checkpoint in runs_dir.glob("r/*.sqlite*"):
+        checkpoint.unlink()
     # cryptography made unimportable, as on a machine without the extra.
     code = ("import sys; sys.modules['cryptography'] = None; from escalate.cli import main; "
             "sys.argv = ['escalate', *sys.argv[1:]]; main()")
@@ -399,8 +399,8 @@ def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_impo
     }
     for name, forged in forgeries.items():
         (runs_dir / "r" / "events.ndjson").write_bytes(forged)
-        for cache in runs_dir.glob("r/*.sqlite*"):
-            cache.unlink()
+        for checkpoint in runs_dir.glob("r/*.sqlite*"):
+            checkpoint.unlink()
         verified = cli("runs", "verify", "r", "--json")
         assert verified.exit_code == 6, (name, verified.stdout)
         assert "sign" in verified.stdout, (name, verified.stdout)

@@ -155,8 +155,8 @@ def test_a_forged_policy_change_in_a_rechained_log_fails_verify_gate_and_import(
     assert rechained(events(signed)) == signed
     for name, forged in _policy_forgeries(signed, keys).items():
         log.write_bytes(forged)
-        for cache in runs_dir.glob("r/*.sqlite*"):
-            cache.unlink()
+        for checkpoint in runs_dir.glob("r/*.sqlite*"):
+            checkpoint.unlink()
         verified = cli("runs", "verify", "r", "--json")
         assert verified.exit_code == 6, (name, verified.stdout)
         assert "policy change" in verified.stdout, (name, verified.stdout)

@@ -23,7 +23,7 @@ from tests.conftest import FakeClock, snapshot_tree
 
 
 def _log_files(root: Path) -> dict[str, bytes]:
-    """The log and its side files (the lock file and any cache may come and go)."""
+    """The log and its side files (the lock file and any checkpoint may come and go)."""
     return {name: data for name, data in snapshot_tree(root).items()
             if not name.endswith(".lock") and ".cache" not in name}
 

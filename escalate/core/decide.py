@@ -1,8 +1,8 @@
 """The decisions of a run's budget: a state and a request in, a :class:`Decision` out.
 
 Reserve, increase and release (with the escalations a refusal opens), for a member run its
-pool's checks too, and delivery records; resolving an escalation (and expiry) and changing
-the policy are in :mod:`escalate.core.resolve`.
+pool's checks too, delivery records and archiving a finished run; resolving an escalation
+(and expiry) is in :mod:`escalate.core.resolve`, changing the policy in :mod:`escalate.core.policy`.
 No I/O here. Each ``decide_*`` function returns the events to append, the answer, and the
 error to raise *after* those events are durable (a halt is written, then reported). What
 fits and what an extension needs come from :mod:`escalate.core.rules`, as in the fold.
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
         RunOpened,
     )
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
-    from escalate.results import NotifiedAnswer, TaskAnswer
+    from escalate.results import ArchiveAnswer, NotifiedAnswer, TaskAnswer
 
     class Shadow(TypedDict, total=False):
         """A refusal's fact: the escalation its write only recorded (shadow mode)."""
@@ -503,3 +503,19 @@ def _task_result(state: RunState, task_id: str, status: str) -> TaskAnswer:
             "actual_micros": task.actual_micros, "remaining_micros": state.remaining_micros}
 
 
+def decide_archive(state: RunState) -> Decision[ArchiveAnswer]:
+    """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
+    holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
+    if state.archived:
+        return Decision(result={"status": "exists", "archived": True})
+    held = sorted(task_id for task_id, task in state.tasks.items() if task.holding)
+    waiting = sorted(state.open_escalations)
+    if held or waiting:
+        what = "; ".join(part for part in (
+            held and f"tasks holding reservations: {', '.join(held[:5])}" + (" …" if len(held) > 5 else ""),
+            waiting and f"open escalations: {', '.join(waiting[:5])}" + (" …" if len(waiting) > 5 else ""))
+            if part)
+        return fail(Conflict(f"run {state.run_id} is not finished ({what}); release its tasks and resolve "
+                             "its escalations, then archive it", code="not_finished", state="unfinished",
+                             held=held, escalations=waiting))
+    return Decision(events=[{"type": "run_archived"}], result={"status": "archived", "archived": True})

@@ -69,8 +69,8 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
     when the complete lines end inside one, the fold is redone up to the line before it
     (``stop_after``, a line count) and its bytes count as the torn tail.
     """
-    fold = _Fold(run_id, log.where, tolerant, start.state if start else None,
-                 start.lines if start else 0)
+    folding = _Fold(run_id, log.where, tolerant, start.state if start else None,
+                    start.lines if start else 0)
     offset = start.offset if start else 0
     last_line_start = start.last_line_start if start else 0
     complete_end = offset
@@ -79,13 +79,13 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
         # A chunk of lines at a time: offsets are worked out per chunk, and per line only
         # where the fold stops.
         for batch, batch_start in iter_line_batches(stream, offset):
-            lines = batch if stop_after is None else batch[:stop_after - fold.line_no]
-            folded = lines[:fold.lines(lines)]
+            lines = batch if stop_after is None else batch[:stop_after - folding.line_no]
+            folded = lines[:folding.lines(lines)]
             if folded:
                 offset = batch_start + sum(map(len, folded)) + len(folded)
                 last_line_start = offset - len(folded[-1]) - 1
-            complete_end = offset + (len(lines[len(folded)]) + 1 if fold.problem is not None else 0)
-            if fold.problem is not None or fold.line_no == stop_after:
+            complete_end = offset + (len(lines[len(folded)]) + 1 if folding.problem is not None else 0)
+            if folding.problem is not None or folding.line_no == stop_after:
                 break
             if progress is not None:
                 progress(offset, total)
@@ -93,26 +93,26 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
             progress(total, total)  # done (also when a problem stopped the fold early)
         # After a problem, count the lines that were not folded, so that only bytes after
         # the last newline are reported as a torn tail.
-        for _, end in iter_lines(stream, complete_end) if fold.problem is not None else ():
-            fold.line_no += 1
+        for _, end in iter_lines(stream, complete_end) if folding.problem is not None else ():
+            folding.line_no += 1
             complete_end = end
         size = stream.seek(0, os.SEEK_END)
-    if fold.group_due and fold.problem is None:
+    if folding.group_due and folding.problem is None:
         # Rare (a cut write, or one still being written): fold again without the group
         # rather than buffer every group's lines in the hot loop.
-        before = fold.group_first - 1
+        before = folding.group_first - 1
         return replay(log, run_id, tolerant=tolerant, stop_after=before,
                       start=start if start is not None and start.lines <= before else None)
-    if fold.state is None:
-        if fold.problem is not None:
-            raise fold.problem
+    if folding.state is None:
+        if folding.problem is not None:
+            raise folding.problem
         raise UnknownRun(
             f"run {run_id} has no complete first line ({size} bytes of an unfinished one, left by "
             f"a crash during 'escalate runs init'); run 'escalate runs init {run_id} --cap USD' again "
             "to set them aside and create it", run=run_id, torn_bytes=size)
-    return Replayed(state=fold.state, offset=offset, torn_bytes=size - complete_end,
-                    problem=fold.problem, problems=fold.problems, warnings=fold.warnings,
-                    forged=fold.forged, lines=fold.line_no, last_line_start=last_line_start)
+    return Replayed(state=folding.state, offset=offset, torn_bytes=size - complete_end,
+                    problem=folding.problem, problems=folding.problems, warnings=folding.warnings,
+                    forged=folding.forged, lines=folding.line_no, last_line_start=last_line_start)
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
-"""The decisions of a person: resolving an escalation (grant, pause, cancel, withdraw; and
-the pause by ``timeout`` when nobody did in time) and changing a run's escalation policy.
-Pure, as :mod:`escalate.core.decide`, whose :class:`~escalate.core.decide.Decision` they return.
+"""The decisions of a person resolving an escalation (grant, pause, cancel, withdraw; and
+the pause by ``timeout`` when nobody did in time); changing a policy is in
+:mod:`escalate.core.policy`. Pure, as :mod:`escalate.core.decide`, whose
+:class:`~escalate.core.decide.Decision` they return.
 
 One action, three words: a person *approves* an escalation (the command), which writes
 the resolution mode ``extend`` (the wire format) and answers ``approved`` (the result).
@@ -35,10 +36,9 @@ if TYPE_CHECKING:
         EscalationApproved,
         EscalationResolved,
         Halt,
-        PolicyChanged,
     )
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
-    from escalate.results import ArchiveAnswer, PolicyAnswer, ResolutionAnswer
+    from escalate.results import ResolutionAnswer
 
     class Signed(TypedDict, total=False):
         """A resolution's ``signature`` and ``key`` (none where no key is pinned)."""
@@ -383,125 +383,3 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
     if needed:
         resolved["pool_extension_micros"] = needed
     return None
-
-
-def policy_changer_refused(state: RunState, by: str | None, role: str | None, what: str,
-                           command: str, roles: bool = False) -> Refused | None:
-    """Once a run (or a pool) names its approvers (or pins keys for some), only they may
-    change its settings: otherwise anyone could add themselves. The name checked is
-    :func:`~escalate.core.rules.approver_name`'s (``role``: who the store vouches acts)."""
-    approvers = state.policy.approvers or tuple(state.policy.approver_keys)
-    name = approver_name(state.policy, roles, by, role)
-    if approvers and name not in approvers:
-        return Refused(f"cannot change {what}: {name} is not one of its approvers "
-                       f"({', '.join(approvers)}); ask one of them to run 'escalate {command}'",
-                       code="not_an_approver", by=by, approvers=list(approvers))
-    return None
-
-
-def policy_change(state: RunState, policy: Policy, cap_micros: int | None = None) -> PolicyChanged:
-    """The ``policy_changed`` line that sets ``policy`` (and, on a pool, ``cap_micros`` when
-    it differs), before its ``role`` and signature are added."""
-    event: PolicyChanged = {"type": "policy_changed", "escalation": policy.to_json()}
-    if state.pool is not None and cap_micros is not None and cap_micros != state.pool.cap_micros:
-        event["cap_micros"] = cap_micros
-    return event
-
-
-def policy_signing_content(state: RunState, event: PolicyChanged) -> bytes:
-    """What a signature of the policy change ``event`` covers
-    (:func:`~escalate.core.sshsig.policy_content`)."""
-    from escalate.core import sshsig  # (only a ledger that pins keys loads it)
-
-    return sshsig.policy_content("pool" if state.pool is not None else "run", state.run_id,
-                                 event["escalation"], event.get("cap_micros"), state.policy_line)
-
-
-def policy_signed(state: RunState, event: PolicyChanged, by: str | None, role: str | None, roles: bool,
-                  signature: str | None) -> Refused | None:
-    """While ``state``'s policy pins approvers' keys, every change to it must be signed by a
-    key pinned (before the change) for the name approver lists check (:func:`approver_name`):
-    the signature and the key's fingerprint go on ``event``; otherwise why it is refused.
-    With no key pinned the change is not signed: the first pinning is trusted on first use."""
-    if not state.policy.approver_keys:
-        return None
-    from escalate.core import sshsig
-
-    what = f"{'pool' if state.pool is not None else 'run'} {state.run_id}"
-    command = f"escalate {'pools' if state.pool is not None else 'runs'} set {state.run_id}"
-    name = approver_name(state.policy, roles, by, role)
-    pinned = state.policy.approver_keys.get(name or "", ())
-    facts: RefusedFacts = {"by": by, "approvers": list(state.policy.approver_keys)}
-    if not pinned:
-        return Refused(f"cannot change the policy of {what}: no key is pinned for {name} (pinned: "
-                       f"{', '.join(state.policy.approver_keys)}); a change must be signed by one of them "
-                       f"with '{command} --by NAME --sign KEYFILE'", code="not_an_approver", **facts)
-    if signature is None:
-        return Refused(f"cannot change the policy of {what}: it pins approvers' keys, so a change must be "
-                       "signed; add --sign KEYFILE (your private key, or its .pub with ssh-agent)",
-                       code="unsigned", **facts)
-    try:
-        key = sshsig.verify(signature, policy_signing_content(state, event), pinned)
-    except sshsig.SignatureError as exc:
-        return Refused(f"cannot change the policy of {what}: the signature is not {name}'s over this change "
-                       f"({exc}); sign it with a key pinned for {name} (after another change, sign again)",
-                       code="bad_signature", **facts)
-    event["signature"], event["key"] = signature, key.fingerprint
-    return None
-
-
-def extension_lowered(policy: Policy, granted: int, granted_in: str = "") -> Conflict | None:
-    """A max extension may not be lowered below what approvals already granted (a run's in
-    all, a pool's ``granted_in`` its current period): the ceiling would already be broken."""
-    if policy.max_extension_micros >= granted:
-        return None
-    return Conflict(f"max extension {usd(policy.max_extension_micros)} is below the {usd(granted)} already "
-                    f"granted{granted_in}; set --max-extension to at least {usd(granted)}",
-                    extended_micros=granted, max_extension_micros=policy.max_extension_micros)
-
-
-def decide_policy(state: RunState, policy: Policy, by: str | None = None,
-                  role: str | None = None, pool: PoolView | None = None, roles: bool = False,
-                  signature: str | None = None) -> Decision[PolicyAnswer]:
-    """Change the run's escalation policy (recorded as ``policy_changed``). Once a run names
-    its approvers, only they may change it: otherwise anyone could add themselves (``role``:
-    who the store vouches acts, recorded; ``roles``: :func:`policy_changer_refused`); while
-    it pins keys, only with a ``signature`` by one (:func:`policy_signed`). A member run's
-    answer names its ``pool``'s policy too: the run's own settings never lift it."""
-    result: PolicyAnswer = {"status": "exists", "escalation": policy.to_json()}
-    if pool is not None:
-        result["pool"], result["pool_escalation"] = pool.pool_id, pool.policy.to_json()
-    if policy == state.policy:
-        return Decision(result=result)
-    refusal = policy_changer_refused(state, by, role, f"the escalation policy of run {state.run_id}",
-                                     "runs set", roles)
-    if refusal is not None:
-        return fail(refusal)
-    lowered = extension_lowered(policy, state.extended_micros)
-    if lowered is not None:
-        return fail(lowered)
-    changed = policy_change(state, policy)
-    unsigned = policy_signed(state, changed, by, role, roles, signature)
-    if unsigned is not None:
-        return fail(unsigned)
-    if role is not None:
-        changed["role"] = role
-    return Decision(events=[changed], result={**result, "status": "changed"})
-
-
-def decide_archive(state: RunState) -> Decision[ArchiveAnswer]:
-    """Retire a finished run (``run_archived``; a repeat writes nothing). A run that still
-    holds reservations or has an escalation open is not finished: :class:`Conflict` naming them."""
-    if state.archived:
-        return Decision(result={"status": "exists", "archived": True})
-    held = sorted(task_id for task_id, task in state.tasks.items() if task.holding)
-    waiting = sorted(state.open_escalations)
-    if held or waiting:
-        what = "; ".join(part for part in (
-            held and f"tasks holding reservations: {', '.join(held[:5])}" + (" …" if len(held) > 5 else ""),
-            waiting and f"open escalations: {', '.join(waiting[:5])}" + (" …" if len(waiting) > 5 else ""))
-            if part)
-        return fail(Conflict(f"run {state.run_id} is not finished ({what}); release its tasks and resolve "
-                             "its escalations, then archive it", code="not_finished", state="unfinished",
-                             held=held, escalations=waiting))
-    return Decision(events=[{"type": "run_archived"}], result={"status": "archived", "archived": True})

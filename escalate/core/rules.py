@@ -8,7 +8,7 @@ is written once and both sides agree by construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from escalate.core.money import MAX_TOTAL_MICROS, format_usd
@@ -107,6 +107,14 @@ def quorum_required(policies: Iterable[Policy], needed_extension_micros: int, fl
     was counted against). One rule for the decisions, the fold and the inbox: a quorum
     lowered after an escalation fired never applies to it; one raised does."""
     return max(floor, *(quorum_needed(policy, needed_extension_micros) for policy in policies))
+
+
+def unreachable_quorum(quorums: Iterable[int], approvers: Sequence[str]) -> int | None:
+    """The largest of ``quorums`` when it asks for more distinct approvals than ``approvers``
+    names, or None: every quorum can be reached, or nobody is named (anyone may approve,
+    so there is nothing to count)."""
+    most = max(quorums, default=1)
+    return most if approvers and most > len(approvers) else None
 
 
 def same_person(requested_by: str | None, requested_role: str | None, by: str | None,

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
 from escalate.core.events import VoidReason
-from escalate.core.resolve import extension_lowered, policy_change, policy_changer_refused, policy_signed
+from escalate.core.policy import (
+    extension_lowered,
+    member_quorum_refused,
+    policy_change,
+    policy_changer_refused,
+    policy_signed,
+)
 from escalate.core.state import Policy, RunState
 from escalate.errors import InputError
 
@@ -55,25 +62,31 @@ def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decis
 
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
                        role: str | None = None, granted: tuple[int, str] | None = None,
-                       roles: bool = False, signature: str | None = None) -> Decision[PoolPolicyAnswer]:
+                       roles: bool = False, signature: str | None = None,
+                       members: Mapping[str, Policy] | None = None) -> Decision[PoolPolicyAnswer]:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
     period (``granted``: the amount, and `` in the day …``) is not, as a run's. Once the
     pool names approvers, only they may change it (``role``: who the store vouches acts,
     recorded; ``roles``: the store's approver lists name database roles;
-    :func:`~escalate.core.resolve.policy_changer_refused` checks them); while it pins keys, only
-    with a ``signature`` by one (:func:`~escalate.core.resolve.policy_signed`)."""
+    :func:`~escalate.core.policy.policy_changer_refused` checks them); while it pins keys, only
+    with a ``signature`` by one (:func:`~escalate.core.policy.policy_signed`). ``members``:
+    the member runs' policies, read when the approvers or the quorum change: none may be
+    left with escalations nobody could grant (:func:`~escalate.core.policy.member_quorum_refused`)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
     result: PoolPolicyAnswer = {"status": "exists", "escalation": policy.to_json(), "cap_micros": cap}
-    if policy == state.policy and cap == state.pool.cap_micros:
-        return Decision(result=result)
+    # (Asked before "unchanged": someone who may not change the pool is told so, as for a change.)
     refusal = policy_changer_refused(state, by, role, f"pool {state.run_id}", "pools set", roles)
     if refusal is not None:
         return fail(refusal)
+    if policy == state.policy and cap == state.pool.cap_micros:
+        return Decision(result=result)
     lowered = None if granted is None else extension_lowered(policy, *granted)
+    for run_id, run_policy in (members or {}).items():
+        lowered = lowered or member_quorum_refused((run_id, run_policy), (state.run_id, policy))
     if lowered is not None:
         return fail(lowered)
     event = policy_change(state, policy, cap)

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import UNCHANGED, Clock, Unchanged
-from escalate.core import resolve
 from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
+from escalate.core.policy import policy_change, policy_signing_content
 from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
 from escalate.core.rules import period_name
-from escalate.core.state import RunState
-from escalate.errors import Conflict, CorruptLedger, InputError
+from escalate.core.state import Policy, RunState
+from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
 from escalate.stores.seam import Closing, LedgerStore, Store, first_event, open_store, owned_store
@@ -168,7 +168,7 @@ class Pool(Closing):
         return facts
 
     def members(self) -> tuple[dict[str, Member], list[UnreadableMember]]:
-        """Each member run's money by period, folded from its log (no lock, no cache), and
+        """Each member run's money by period, folded from its log (no lock, no checkpoint), and
         the members whose logs cannot be read (moved away, damaged: nothing of theirs is
         counted, so their pool's writers and ``gate --pool`` refuse)."""
         facts = self.facts
@@ -242,9 +242,10 @@ class Pool(Closing):
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
+            counted = (policy.approvers, policy.quorum) != (state.policy.approvers, state.policy.quorum)
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
                                       self._granted(now) if lowered else None, self.store.approvers_are_roles,
-                                      signature)
+                                      signature, self._member_policies(state) if counted else None)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
@@ -263,8 +264,20 @@ class Pool(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
-        change = resolve.policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
-        return resolve.policy_signing_content(state, change)
+        change = policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
+        return policy_signing_content(state, change)
+
+    def _member_policies(self, state: RunState) -> dict[str, Policy]:
+        """Each member run's policy (asked under the pool's lock, which a member's policy change
+        takes first; a member that cannot be read takes no writes and is left out)."""
+        policies = {}
+        for run_id in state.pool.members if state.pool is not None else ():
+            try:
+                member = self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout)
+                policies[run_id] = member.read().state.policy
+            except EscalateError:
+                continue
+        return policies
 
     def _granted(self, now: str) -> tuple[int, str]:
         """What approvals extended the pool by in the period ``now`` falls in, folded from

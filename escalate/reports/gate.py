@@ -192,7 +192,7 @@ def check_gate(
     fail_on_held: bool = False,
 ) -> GateResult:
     """Run the CI gate over ``source``: a :class:`~escalate.Ledger` is folded strictly first
-    (every check, never the cache: :meth:`~escalate.Ledger.verified_state`), a ``RunState``
+    (every check, never the checkpoint: :meth:`~escalate.Ledger.verified_state`), a ``RunState``
     is taken as it is. ``max_spent`` is an amount (USD ``str``/``Decimal`` or ``Micros``).
     Raises what reading the run raises (``UnknownRun``, ``CorruptLedger`` …); a failed gate
     is not an error here: see :attr:`GateResult.passed`."""

@@ -5,22 +5,22 @@ million events as at a thousand.
 small run-wide state as one blob, and tasks and escalations as rows looked up by id (a
 command reads only the rows it touches). It is keyed by the offset, the start and the
 hash of the last folded line: before use, that line is read back from the log and hashed,
-so a log that was truncated, replaced or rewritten at that point is noticed and the cache
-is rebuilt from the log. Blob and rows carry CRCs; a cache that is missing, stale,
+so a log that was truncated, replaced or rewritten at that point is noticed and the checkpoint
+is rebuilt from the log. Blob and rows carry CRCs; a checkpoint that is missing, stale,
 truncated or garbage changes no answer, only speed. The log stays the only truth.
 
-Only a writer holding the run's lock saves or removes the cache; readers use it read-only.
-Any error from the cache — a failed CRC, a damaged SQLite page, a file that cannot be
-opened, written or removed, a path that is not a plain file — means: bypass the cache and
-fold the log. Nothing the cache does after an append can change a command's answer.
+Only a writer holding the run's lock saves or removes the checkpoint; readers use it read-only.
+Any error from the checkpoint — a failed CRC, a damaged SQLite page, a file that cannot be
+opened, written or removed, a path that is not a plain file — means: bypass the checkpoint and
+fold the log. Nothing the checkpoint does after an append can change a command's answer.
 
-What the key cannot see is an edit in place *before* the cached offset combined with an
+What the key cannot see is an edit in place *before* the checkpointed offset combined with an
 append after it: the log grew, so its size and times changed as an append changes them,
-and the last folded line is intact. Writers refuse any log that changed behind the cache
+and the last folded line is intact. Writers refuse any log that changed behind the checkpoint
 (they rebuild from the whole log, and find the edit); readers accept a grown log, so a
-reader through the cache does not see such an edit — ``runs verify`` and ``gate`` never
-use the cache. Catching it here would mean re-reading every byte before the offset,
-which is the cost of the fold the cache exists to avoid.
+reader through the checkpoint does not see such an edit — ``runs verify`` and ``gate`` never
+use the checkpoint. Catching it here would mean re-reading every byte before the offset,
+which is the cost of the fold the checkpoint exists to avoid.
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ from escalate.stores.file.run_folder import via_folder
 
 V = TypeVar("V")
 
-CACHE_NAME = "events.ndjson.cache.sqlite"
+# The file keeps the name it had when the checkpoint was called a cache: run folders made by
+# earlier versions keep theirs.
+CHECKPOINT_NAME = "events.ndjson.cache.sqlite"
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 
 class Rows(LazyRows[V]):
-    """A table of the SQLite cache (every row checked against its CRC)."""
+    """A table of the SQLite checkpoint (every row checked against its CRC)."""
 
     def __init__(self, connection: sqlite3.Connection, table: str,
                  guard: threading.RLock) -> None:
@@ -94,7 +96,7 @@ class Rows(LazyRows[V]):
             try:
                 return self._connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
-                raise CheckpointInvalid(f"the cache cannot be read ({exc})") from exc
+                raise CheckpointInvalid(f"the checkpoint cannot be read ({exc})") from exc
 
     def _fetch(self, sql: str, parameters: tuple[str, ...]) -> Any:
         rows = self._fetch_all(sql, parameters)
@@ -111,7 +113,7 @@ class Rows(LazyRows[V]):
 
 
 class Checkpoint:
-    """The cache file of one run."""
+    """The checkpoint file of one run."""
 
     def __init__(self, run_dir: Path, folder: Callable[[], int | None] = lambda: None) -> None:
         self._run_dir = run_dir
@@ -121,7 +123,7 @@ class Checkpoint:
         self._folder = folder
         self._writer_dir: int | None = None  # the handle the kept connection's path goes through
         # A writer keeps its connection for its next command: opening one costs more than
-        # the rest of the cache's work. It is only used under the run's lock, and dropped
+        # the rest of the checkpoint's work. It is only used under the run's lock, and dropped
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
@@ -132,19 +134,19 @@ class Checkpoint:
 
     @property
     def path(self) -> str:
-        """The cache file in this command's run folder."""
-        return via_folder(self._folder(), self._run_dir, CACHE_NAME)
+        """The checkpoint file in this command's run folder."""
+        return via_folder(self._folder(), self._run_dir, CHECKPOINT_NAME)
 
     def _plain_file(self) -> tuple[int, int]:
-        """``(st_dev, st_ino)`` of the cache file, once it and SQLite's side files beside it
+        """``(st_dev, st_ino)`` of the checkpoint file, once it and SQLite's side files beside it
         (where present) are checked to be plain files with one link each. SQLite opens them
         by name and follows links, which could lead its writes out of the run folder; a
-        folder or a device is no cache either. :class:`CheckpointInvalid` otherwise."""
+        folder or a device is no checkpoint either. :class:`CheckpointInvalid` otherwise."""
         folder = self._folder()
         if folder is None:
-            path, folder = os.path.join(self._run_dir, CACHE_NAME), None
+            path, folder = os.path.join(self._run_dir, CHECKPOINT_NAME), None
         else:
-            path = CACHE_NAME  # (relative to the run folder's handle: no path to build or walk)
+            path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
         for suffix in _SIDE_SUFFIXES:
             _plain(path + suffix, folder, missing_ok=True)
@@ -166,7 +168,7 @@ class Checkpoint:
         folder = self._folder()
         kept = os.dup(folder) if folder is not None else None
         try:
-            connection = self._connect(via_folder(kept, self._run_dir, CACHE_NAME), writable=True,
+            connection = self._connect(via_folder(kept, self._run_dir, CHECKPOINT_NAME), writable=True,
                                        create=create)
         except BaseException:
             if kept is not None:
@@ -217,7 +219,7 @@ class Checkpoint:
         return connection
 
     def _create(self) -> sqlite3.Connection:
-        """A new, empty cache file made here (never through a link), kept as the writer's."""
+        """A new, empty checkpoint file made here (never through a link), kept as the writer's."""
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644)
         os.close(fd)
@@ -227,7 +229,7 @@ class Checkpoint:
         return self._writer
 
     def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
-        """``(state, offset, last_line_start, lines)`` from the cache if it matches the log
+        """``(state, offset, last_line_start, lines)`` from the checkpoint if it matches the log
         at its offset, else ``None``. For a writer, the log then ends at ``offset``: it is
         the same file, untouched since the save (:func:`_check_log_at`).
 
@@ -281,7 +283,7 @@ class Checkpoint:
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
              log_path: str) -> None:
         """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
-        the append and before its fsync, and the cache only ever costs speed: any failure is
+        the append and before its fsync, and the checkpoint only ever costs speed: any failure is
         swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
         with self._guard:
             try:
@@ -326,7 +328,7 @@ class Checkpoint:
         connection.execute("COMMIT")
 
     def discard(self) -> None:
-        """Remove the cache (and SQLite's side files); the next writer rebuilds it. What
+        """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What
         cannot be removed (a folder, another user's file) is left, and bypassed."""
         with self._guard:
             self._drop_writer()
@@ -351,12 +353,12 @@ def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) ->
 
 def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, expected: str,
                   *, appended_ok: bool) -> None:
-    """The log is the file the cache was saved beside, untouched since (same size and times),
+    """The log is the file the checkpoint was saved beside, untouched since (same size and times),
     and its line ``[start, offset)`` still hashes to ``expected``.
 
     A log that grew since is accepted only for reading (``appended_ok``): readers fold the
-    new lines while a writer is between its append and its cache save. A writer that finds
-    the log changed behind the cache rebuilds from the log, so an edit in place before the
+    new lines while a writer is between its append and its checkpoint save. A writer that finds
+    the log changed behind the checkpoint rebuilds from the log, so an edit in place before the
     checkpoint can never be written after.
     """
     fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -367,9 +369,9 @@ def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, e
             raise CheckpointInvalid("the log is another file")
         untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
         if not untouched and not (appended_ok and info.st_size > size):
-            raise CheckpointInvalid("the log changed since the cache was saved")
+            raise CheckpointInvalid("the log changed since the checkpoint was saved")
         line = os.pread(fd, offset - start, start)
     finally:
         os.close(fd)
     if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
-        raise CheckpointInvalid("the log's line at the cached offset is not the one folded")
+        raise CheckpointInvalid("the log's line at the checkpointed offset is not the one folded")

@@ -104,7 +104,7 @@ class RunFolder:
     @property
     def dir_fd(self) -> int | None:
         """The run folder's handle for this command (inside :meth:`resolved`), else None.
-        A file beside the log (the cache) is opened relative to it, like the log."""
+        A file beside the log (the checkpoint) is opened relative to it, like the log."""
         fd: int | None = getattr(self._command, "fd", None)
         return fd
 

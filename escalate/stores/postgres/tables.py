@@ -10,7 +10,7 @@ Tables (every name starts with ``escalate_``):
 
 - ``escalate_ledgers``: one row per ledger (a run), the row a writer locks. ``size`` and
   ``lines`` count what is stored; ``checkpoint`` is the fold's run-wide part as of
-  ``checkpoint_lines`` lines (``NULL``: none yet), disposable like the file store's cache;
+  ``checkpoint_lines`` lines (``NULL``: none yet), disposable like the file store's checkpoint;
   ``listened_until``: commits send a notice until then (someone waits).
 - ``escalate_derived``: a pool's books, ``(ledger, key)`` → bytes, disposable.
 - ``escalate_events``: ``(ledger, seq)`` → the exact NDJSON line bytes (with the newline)

@@ -1,4 +1,4 @@
-"""The checkpoint cache is derived and disposable: whatever happens to it, every answer is
+"""The checkpoint is derived and disposable: whatever happens to it, every answer is
 the one a replay of the log alone gives, byte for byte in the log too."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import pytest
 
 from escalate import EscalateError, Ledger
 from escalate.core.events import line_hash, seal
-from escalate.stores.file.checkpoint import CACHE_NAME, Rows
+from escalate.stores.file.checkpoint import CHECKPOINT_NAME, Rows
 from escalate.stores.file.log import LOG_NAME
 from tests.conftest import FakeClock
 
-# Copies of a run leave the cache (and SQLite's -wal/-shm, which a connection closing
+# Copies of a run leave the checkpoint (and SQLite's -wal/-shm, which a connection closing
 # elsewhere may remove mid-copy) behind: the copy is the log alone.
-NO_CACHE = shutil.ignore_patterns("*.cache.sqlite*")
+NO_CHECKPOINT = shutil.ignore_patterns("*.cache.sqlite*")
 
 # A workload that touches every kind of event: reserves, an increase, halts, an escalation
 # that is approved, releases (one over its reservation), and idempotent repeats.
@@ -82,40 +82,40 @@ def _view(run: Ledger) -> dict[str, Any]:
     }
 
 
-def _delete(cache: Path) -> None:
-    cache.unlink()
+def _delete(checkpoint: Path) -> None:
+    checkpoint.unlink()
 
 
-def _truncate(cache: Path) -> None:
-    with open(cache, "r+b") as handle:
-        handle.truncate(os.path.getsize(cache) // 2)
+def _truncate(checkpoint: Path) -> None:
+    with open(checkpoint, "r+b") as handle:
+        handle.truncate(os.path.getsize(checkpoint) // 2)
 
 
-def _garbage_middle(cache: Path) -> None:
-    size = os.path.getsize(cache)
-    with open(cache, "r+b") as handle:
+def _garbage_middle(checkpoint: Path) -> None:
+    size = os.path.getsize(checkpoint)
+    with open(checkpoint, "r+b") as handle:
         handle.seek(size // 3)
         handle.write(os.urandom(size // 3))
 
 
-def _garbage_file(cache: Path) -> None:
-    cache.write_bytes(b"not a database at all\n" * 100)
+def _garbage_file(checkpoint: Path) -> None:
+    checkpoint.write_bytes(b"not a database at all\n" * 100)
 
 
-def _empty(cache: Path) -> None:
-    cache.write_bytes(b"")
+def _empty(checkpoint: Path) -> None:
+    checkpoint.write_bytes(b"")
 
 
-def _flip_row(cache: Path) -> None:
+def _flip_row(checkpoint: Path) -> None:
     # A valid SQLite file whose task row says something else: its checksum no longer matches.
-    with sqlite3.connect(cache) as connection:
+    with sqlite3.connect(checkpoint) as connection:
         connection.execute("UPDATE tasks SET data = ? WHERE key = 'b'",
                            (b'["reserved",2000000,true,null,null,null]',))
 
 
-def _swap_rows(cache: Path) -> None:
+def _swap_rows(checkpoint: Path) -> None:
     # Two rows that each pass their checksum, filed under each other's ids.
-    with sqlite3.connect(cache) as connection:
+    with sqlite3.connect(checkpoint) as connection:
         connection.execute("UPDATE tasks SET key = CASE key WHEN 'a' THEN '~' ELSE key END")
         connection.execute("UPDATE tasks SET key = 'a' WHERE key = 'b'")
         connection.execute("UPDATE tasks SET key = 'b' WHERE key = '~'")
@@ -124,13 +124,13 @@ def _swap_rows(cache: Path) -> None:
 def _zero_page(table: str) -> Callable[[Path], None]:
     """Zero the first page of ``table`` (or index): SQLite then fails every read through it."""
 
-    def damage(cache: Path) -> None:
-        with contextlib.closing(sqlite3.connect(cache)) as connection:
+    def damage(checkpoint: Path) -> None:
+        with contextlib.closing(sqlite3.connect(checkpoint)) as connection:
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
             page_size = connection.execute("PRAGMA page_size").fetchone()[0]
             [root] = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
                                         (table,)).fetchone()
-        with open(cache, "r+b") as handle:
+        with open(checkpoint, "r+b") as handle:
             handle.seek((root - 1) * page_size)
             handle.write(bytes(page_size))
 
@@ -151,49 +151,49 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_a_damaged_cache_changes_no_answer(tmp_path: Path, damage: str) -> None:
-    with_cache, without = tmp_path / "with", tmp_path / "without"
+def test_a_damaged_checkpoint_changes_no_answer(tmp_path: Path, damage: str) -> None:
+    with_checkpoint, without = tmp_path / "with", tmp_path / "without"
     clock_a, clock_b = FakeClock(), FakeClock()
-    _make(with_cache, clock_a)
-    shutil.copytree(with_cache, without, ignore=NO_CACHE)
-    assert (with_cache / "r" / CACHE_NAME).exists()
+    _make(with_checkpoint, clock_a)
+    shutil.copytree(with_checkpoint, without, ignore=NO_CHECKPOINT)
+    assert (with_checkpoint / "r" / CHECKPOINT_NAME).exists()
 
-    DAMAGES[damage](with_cache / "r" / CACHE_NAME)
+    DAMAGES[damage](with_checkpoint / "r" / CHECKPOINT_NAME)
 
-    a, b = _ledger(with_cache, clock_a), _ledger(without, clock_b)
+    a, b = _ledger(with_checkpoint, clock_a), _ledger(without, clock_b)
     assert _view(a) == _view(b)
     assert _play(a, MORE) == _play(b, MORE)
     assert _view(a) == _view(b)
-    assert (with_cache / "r" / LOG_NAME).read_bytes() == (without / "r" / LOG_NAME).read_bytes()
+    assert (with_checkpoint / "r" / LOG_NAME).read_bytes() == (without / "r" / LOG_NAME).read_bytes()
 
 
 def test_rows_newer_than_the_run_blob_fall_back_to_the_log(tmp_path: Path) -> None:
-    # What a cache write cut short could leave: rows from a later fold under an older blob.
+    # What a checkpoint write cut short could leave: rows from a later fold under an older blob.
     clock = FakeClock()
     run = _make(tmp_path, clock)
-    cache = tmp_path / "r" / CACHE_NAME
-    with sqlite3.connect(cache) as connection:
+    checkpoint = tmp_path / "r" / CHECKPOINT_NAME
+    with sqlite3.connect(checkpoint) as connection:
         older = connection.execute("SELECT data, crc FROM run").fetchone()
     _play(run, MORE[:6])  # the rows move on ...
-    with sqlite3.connect(cache) as connection:  # ... but the run blob goes back
+    with sqlite3.connect(checkpoint) as connection:  # ... but the run blob goes back
         connection.execute("UPDATE run SET data = ?, crc = ?", older)
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "r", copy / "r", ignore=NO_CACHE)
+    shutil.copytree(tmp_path / "r", copy / "r", ignore=NO_CHECKPOINT)
     assert _view(run) == _view(_ledger(copy, FakeClock(clock.now)))
     assert _play(run, MORE[6:]) == _play(_ledger(copy, FakeClock(clock.now)), MORE[6:])
     assert (tmp_path / "r" / LOG_NAME).read_bytes() == (copy / "r" / LOG_NAME).read_bytes()
 
 
-def test_a_log_appended_behind_the_caches_back_is_folded(tmp_path: Path) -> None:
+def test_a_log_appended_behind_the_checkpoints_back_is_folded(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
-    stale = (tmp_path / "r" / CACHE_NAME).read_bytes()
-    _play(run, MORE)  # the cache moves on ...
-    (tmp_path / "r" / CACHE_NAME).write_bytes(stale)  # ... and is put back as it was
+    stale = (tmp_path / "r" / CHECKPOINT_NAME).read_bytes()
+    _play(run, MORE)  # the checkpoint moves on ...
+    (tmp_path / "r" / CHECKPOINT_NAME).write_bytes(stale)  # ... and is put back as it was
     truth_root = tmp_path / "truth"
-    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CACHE)
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
     assert _view(_ledger(tmp_path, clock)) == _view(_ledger(truth_root, FakeClock(clock.now)))
-    # Another writer that keeps no cache appends; the cache is now behind the log.
+    # Another writer that keeps no checkpoint appends; the checkpoint is now behind the log.
     other = _ledger(tmp_path, clock)
     other.store.checkpoint = None
     other.reserve("from-elsewhere", "0.10")
@@ -205,12 +205,12 @@ def test_a_log_appended_behind_the_caches_back_is_folded(tmp_path: Path) -> None
 def test_a_log_replaced_by_another_is_noticed(tmp_path: Path) -> None:
     clock = FakeClock()
     _make(tmp_path, clock)
-    cache = tmp_path / "r" / CACHE_NAME
-    kept = cache.read_bytes()
-    # Recreate the run from scratch (a new file, a different history), then restore the old cache.
+    checkpoint = tmp_path / "r" / CHECKPOINT_NAME
+    kept = checkpoint.read_bytes()
+    # Recreate the run from scratch (a new file, a different history), then restore the old checkpoint.
     shutil.rmtree(tmp_path / "r")
     Ledger.init(tmp_path, "r", cap="10", clock=clock, actor="tester")
-    cache.write_bytes(kept)
+    checkpoint.write_bytes(kept)
     run = _ledger(tmp_path, clock)
     assert run.state().seq == 1
     assert run.reserve("a", "1")["status"] == "reserved"  # "a" is new in this history
@@ -245,30 +245,30 @@ def _read_through_checkpoint(run: Ledger) -> tuple[Any, bool]:
         del checkpoint.load
 
 
-def test_readers_use_the_cache_and_never_write_it(tmp_path: Path) -> None:
+def test_readers_use_the_checkpoint_and_never_write_it(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
-    cache = tmp_path / "r" / CACHE_NAME
-    before = cache.read_bytes()
+    checkpoint = tmp_path / "r" / CHECKPOINT_NAME
+    before = checkpoint.read_bytes()
     assert _read_through_checkpoint(run)[1]  # the read came from the checkpoint
-    assert cache.read_bytes() == before
-    cache.unlink()
+    assert checkpoint.read_bytes() == before
+    checkpoint.unlink()
     assert not _read_through_checkpoint(run)[1]  # a read without it replays the log ...
-    assert not cache.exists()  # ... and does not build it; the next writer does
+    assert not checkpoint.exists()  # ... and does not build it; the next writer does
     run.reserve("next", "0.01")
-    assert cache.exists()
+    assert checkpoint.exists()
 
 
 def test_rows_keep_first_seen_order_and_count(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
     _play(run, MORE)
-    from_cache, through_checkpoint = _read_through_checkpoint(run)
+    from_checkpoint, through_checkpoint = _read_through_checkpoint(run)
     assert through_checkpoint
-    (tmp_path / "r" / CACHE_NAME).unlink()
+    (tmp_path / "r" / CHECKPOINT_NAME).unlink()
     from_log = run.replayed()
-    assert list(from_cache.state.tasks) == list(from_log.state.tasks)
-    assert from_cache.state.totals() == from_log.state.totals()
+    assert list(from_checkpoint.state.tasks) == list(from_log.state.tasks)
+    assert from_checkpoint.state.totals() == from_log.state.totals()
 
 
 def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
@@ -313,54 +313,54 @@ def test_a_writer_at_a_current_checkpoint_reads_no_line(tmp_path: Path,
     run.reserve("after", "0.25")
     assert folds and run.state().tasks["behind"].reserved_micros == 1
     truth_root = tmp_path / "truth"
-    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CACHE)
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
     assert _view(run) == _view(_ledger(truth_root, clock))
 
-# ---------------------------------------------------------------------- a cache that cannot be used
+# ---------------------------------------------------------------------- a checkpoint that cannot be used
 
 
-def _cache_is_folder(cache: Path, outside: Path) -> None:
-    for name in (cache, Path(f"{cache}-wal"), Path(f"{cache}-shm")):
+def _checkpoint_is_folder(checkpoint: Path, outside: Path) -> None:
+    for name in (checkpoint, Path(f"{checkpoint}-wal"), Path(f"{checkpoint}-shm")):
         name.unlink(missing_ok=True)
-    cache.mkdir()
+    checkpoint.mkdir()
 
 
-def _cache_links_outside(cache: Path, outside: Path) -> None:
-    # A valid cache, moved out of the run folder: SQLite would follow the link and use it.
-    cache.rename(outside)
-    cache.symlink_to(outside)
+def _checkpoint_links_outside(checkpoint: Path, outside: Path) -> None:
+    # A valid checkpoint, moved out of the run folder: SQLite would follow the link and use it.
+    checkpoint.rename(outside)
+    checkpoint.symlink_to(outside)
 
 
-def _wal_links_outside(cache: Path, outside: Path) -> None:
+def _wal_links_outside(checkpoint: Path, outside: Path) -> None:
     outside.write_bytes(b"not escalate's\n")
-    Path(f"{cache}-wal").unlink(missing_ok=True)  # empty since the checkpoint
-    Path(f"{cache}-wal").symlink_to(outside)
+    Path(f"{checkpoint}-wal").unlink(missing_ok=True)  # empty since the checkpoint
+    Path(f"{checkpoint}-wal").symlink_to(outside)
 
 
-def _cache_hard_linked(cache: Path, outside: Path) -> None:
-    os.link(cache, outside)
+def _checkpoint_hard_linked(checkpoint: Path, outside: Path) -> None:
+    os.link(checkpoint, outside)
 
 
-# Each leaves the cache in a state SQLite could use, at the cost of writing outside the run
+# Each leaves the checkpoint in a state SQLite could use, at the cost of writing outside the run
 # folder, or that it cannot use at all.
 UNUSABLE: dict[str, Callable[[Path, Path], None]] = {
-    "cache is a folder": _cache_is_folder,
-    "cache is a symlink": _cache_links_outside,
+    "checkpoint is a folder": _checkpoint_is_folder,
+    "checkpoint is a symlink": _checkpoint_links_outside,
     "-wal is a symlink": _wal_links_outside,
-    "cache is hard-linked": _cache_hard_linked,
+    "checkpoint is hard-linked": _checkpoint_hard_linked,
 }
 
 
 @pytest.mark.parametrize("unusable", list(UNUSABLE))
-def test_a_cache_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_path: Path,
+def test_a_checkpoint_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, unusable: str) -> None:
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     assert cli("reserve", "r", "a", "--estimate", "1").exit_code == 0
     run_dir = runs_dir / "r"
-    with contextlib.closing(sqlite3.connect(run_dir / CACHE_NAME)) as connection:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the cache is one file now
+    with contextlib.closing(sqlite3.connect(run_dir / CHECKPOINT_NAME)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the checkpoint is one file now
     outside = tmp_path / "outside"
-    UNUSABLE[unusable](run_dir / CACHE_NAME, outside)
+    UNUSABLE[unusable](run_dir / CHECKPOINT_NAME, outside)
     outside_before = outside.read_bytes() if outside.exists() else None
     log = run_dir / LOG_NAME
     synced: list[int] = []
@@ -385,12 +385,12 @@ def test_a_cache_that_cannot_be_used_is_bypassed(cli: Any, runs_dir: Path, tmp_p
         assert outside.read_bytes() == outside_before  # never written through a link
 
 
-def test_an_immutable_cache_is_bypassed(cli: Any, runs_dir: Path) -> None:
-    # What a second user meets in a shared run folder: a cache it can neither write nor remove.
+def test_an_immutable_checkpoint_is_bypassed(cli: Any, runs_dir: Path) -> None:
+    # What a second user meets in a shared run folder: a checkpoint it can neither write nor remove.
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     assert cli("reserve", "r", "a", "--estimate", "1").exit_code == 0
-    cache = runs_dir / "r" / CACHE_NAME
-    if subprocess.run(["chattr", "+i", str(cache)], capture_output=True, check=False).returncode:
+    checkpoint = runs_dir / "r" / CHECKPOINT_NAME
+    if subprocess.run(["chattr", "+i", str(checkpoint)], capture_output=True, check=False).returncode:
         pytest.skip("chattr +i is not available here")
     try:
         for attempt in range(2):
@@ -399,7 +399,7 @@ def test_an_immutable_cache_is_bypassed(cli: Any, runs_dir: Path) -> None:
             assert done.json()["status"] == ("reserved", "exists")[attempt]
         assert cli("runs", "show", "r", "--json").json()["reserved_micros"] == 3_000_000
     finally:
-        subprocess.run(["chattr", "-i", str(cache)], check=True)
+        subprocess.run(["chattr", "-i", str(checkpoint)], check=True)
     assert cli("runs", "verify", "r").exit_code == 0
 
 
@@ -410,7 +410,7 @@ THREADS_CHILD = """
 import sqlite3, sys, threading
 from pathlib import Path
 from escalate import Ledger
-from escalate.stores.file.checkpoint import CACHE_NAME
+from escalate.stores.file.checkpoint import CHECKPOINT_NAME
 
 root = Path(sys.argv[1])
 TASKS, THREADS = 160, 4
@@ -423,8 +423,9 @@ shared = Ledger.open(root, "r", actor="tester")
 
 def break_every_row() -> None:
     # Under the run's lock, as a writer would: every task row now fails its CRC.
-    with Ledger.open(root, "r").store.log.locked(), sqlite3.connect(root / "r" / CACHE_NAME) as cache:
-        cache.execute("UPDATE tasks SET crc = crc + 1")
+    with Ledger.open(root, "r").store.log.locked(), \
+            sqlite3.connect(root / "r" / CHECKPOINT_NAME) as checkpoint:
+        checkpoint.execute("UPDATE tasks SET crc = crc + 1")
 
 
 start = threading.Barrier(THREADS)
@@ -451,7 +452,7 @@ print(sorted(set(outcomes)), len(outcomes))
 """
 
 
-def test_threads_sharing_a_ledger_survive_a_damaged_cache(tmp_path: Path) -> None:
+def test_threads_sharing_a_ledger_survive_a_damaged_checkpoint(tmp_path: Path) -> None:
     # Run in a child: the failure this guards against is a crash inside SQLite (SIGSEGV).
     done = subprocess.run([sys.executable, "-c", THREADS_CHILD, str(tmp_path)], capture_output=True,
                           text=True, timeout=120, check=False)
@@ -465,8 +466,8 @@ def test_threads_sharing_a_ledger_survive_a_damaged_cache(tmp_path: Path) -> Non
 
 
 def test_the_gate_never_passes_a_log_verify_fails(cli: Any, runs_dir: Path) -> None:
-    # An edit in place before the cached offset, plus a correctly chained line after it: the
-    # log grew, so a reader through the cache folds only the new line and sees no problem.
+    # An edit in place before the checkpointed offset, plus a correctly chained line after it: the
+    # log grew, so a reader through the checkpoint folds only the new line and sees no problem.
     assert cli("runs", "init", "r", "--cap", "10").exit_code == 0
     for task in ("a", "b", "c"):
         assert cli("reserve", "r", task, "--estimate", "1").exit_code == 0
@@ -499,7 +500,7 @@ def _handles_on(folder: Path) -> int:
 
 
 def test_a_dropped_ledger_closes_its_kept_connection_and_folder_handle(tmp_path: Path) -> None:
-    """A writer keeps its cache connection (and a handle of the run folder for it) across
+    """A writer keeps its checkpoint connection (and a handle of the run folder for it) across
     commands; a Ledger let go must give both back, or a long-lived process that makes a
     Ledger per job runs out of handles."""
     import gc
