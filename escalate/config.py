@@ -107,15 +107,15 @@ def _default_actor() -> str:
     name = os.environ.get("ESCALATE_ACTOR")
     if name:
         return name
-    # What getpass.getuser() reads first, without importing it (it loads termios and pwd):
-    # start-up is on every command's path.
+    # What getpass.getuser() reads, without importing it (it loads termios too): start-up
+    # is on every command's path.
     for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
         if user := os.environ.get(variable):
             return user
-    import getpass
+    import pwd
 
     try:
-        return getpass.getuser()
+        return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, OSError):
         return f"uid-{os.getuid()}"
 

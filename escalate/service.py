@@ -33,14 +33,6 @@ from escalate.core.policy import decide_policy, member_quorum_refused, policy_ch
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
-from escalate.escalation.delivery import (
-    SWEEP_LIMITS,
-    SweepLimits,
-    deliver,
-    deliver_all,
-    new_notices,
-    notice_again,
-)
 from escalate.results import (
     ArchiveResult,
     DeliveryResult,
@@ -66,6 +58,7 @@ from escalate.write import Decide, MembershipChanged, R, asked_by, first_lines, 
 if TYPE_CHECKING:
     from escalate.core.payloads import Payload, RunOpened
     from escalate.core.pool_state import PoolView
+    from escalate.escalation.delivery import SweepLimits
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -362,11 +355,14 @@ class Ledger(Closing):
         policy = config.merge_policy(state.policy, changes)
         return policy_signing_content(state, policy_change(state, policy))
 
-    def sweep(self, *, redeliver: bool = True, limits: SweepLimits = SWEEP_LIMITS) -> SweepResult:
+    def sweep(self, *, redeliver: bool = True, limits: SweepLimits | None = None) -> SweepResult:
         """Resolve expired escalations (``expired``), then send again each notice due within
-        ``limits`` (:func:`escalate.escalation.delivery.deliver_all`; ``notified``; ``deferred``: left)."""
+        ``limits`` (:func:`escalate.escalation.delivery.deliver_all`; None: its
+        ``SWEEP_LIMITS``; ``notified``; ``deferred``: left)."""
+        from escalate.escalation.delivery import SWEEP_LIMITS, deliver_all
+
         result, due = self.expire(redeliver=redeliver)
-        sent, left = deliver_all(due, self.send_notice, limits)
+        sent, left = deliver_all(due, self.send_notice, SWEEP_LIMITS if limits is None else limits)
         result["notified"], result["deferred"] = [outcome for _, outcome in sent], [n["id"] for n in left]
         return result
 
@@ -386,6 +382,8 @@ class Ledger(Closing):
                            for e in state.open_escalations.values()
                            if delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
+
+        from escalate.escalation.delivery import notice_again
 
         result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
         return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]
@@ -529,6 +527,8 @@ class Ledger(Closing):
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return
+        from escalate.escalation.delivery import new_notices  # (only where a hook is set)
+
         for notice in new_notices(self.run_id, first_seq, self.actor, events, self._answers_signed):
             self.send_notice(notice)
 
@@ -548,6 +548,8 @@ class Ledger(Closing):
 
     def send_notice(self, notice: dict[str, Any]) -> DeliveryResult:
         """Send ``notice`` with the hook; the attempt is recorded in a write of its own."""
+        from escalate.escalation.delivery import deliver
+
         escalation_id = notice["id"]
         return deliver(self.notify_cmd or "", self.notify_timeout, notice, lambda ok, detail: self._mutate(
             lambda state, now, _, pool: decide_notified(state, escalation_id, ok, detail)))

@@ -378,3 +378,41 @@ def test_installed_entry_point(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=60, check=False)
     assert module.returncode == 0
     assert one_json_object(module.stdout)["spent_micros"] == 1_500_000
+
+
+# What a hot command loads: a shell loop pays each process's start-up.
+_HOT_START = """
+import sys
+from escalate.cli import main
+sys.argv = ["escalate", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in {
+        "getpass", "termios", "rich", "pydantic", "psycopg", "escalate"})
+    print(" ".join(loaded), exit.code)
+"""
+
+
+def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> None:
+    """``escalate reserve`` (and increase, release) loads no notice delivery, no pool, report
+    or PostgreSQL module, no rich, pydantic, getpass or termios (the OS user is read without
+    them), and typer builds its one command only."""
+    from escalate.cli import build_app
+
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"LOGNAME", "USER", "LNAME", "USERNAME", "ESCALATE_ACTOR"}}
+    run = [sys.executable, "-c", _HOT_START]
+    assert subprocess.run([*run, "runs", "init", "r", "--cap", "10", "--runs-dir", str(runs_dir)],
+                          env=env, capture_output=True, text=True, check=True).stdout.endswith(" 0\n")
+    for command in (["reserve", "r", "t", "-e", "1"], ["increase", "r", "t", "--to", "2"],
+                    ["release", "r", "t", "-a", "1"]):
+        done = subprocess.run([*run, *command, "--runs-dir", str(runs_dir)], env=env,
+                              capture_output=True, text=True, check=True)
+        *loaded, code = done.stdout.splitlines()[-1].split()
+        assert code == "0", done.stderr
+        assert not {"getpass", "termios", "rich", "pydantic", "psycopg"} & set(loaded), loaded
+        unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres")
+        assert not [name for name in loaded if name.startswith(unused)], loaded
+        app = build_app(["ledger_cmds"], only=command[0])
+        assert [info.callback.__name__ for info in app.registered_commands if info.callback] == [command[0]]

@@ -286,8 +286,9 @@ COMMAND_MODULES = ("escalation_cmds", "gate_cmds", "ledger_cmds", "pools_cmds", 
 _HOT_COMMANDS = {"reserve": "ledger_cmds", "increase": "ledger_cmds", "release": "ledger_cmds"}
 
 
-def build_app(modules: Sequence[str] = COMMAND_MODULES) -> typer.Typer:
-    """The ``escalate`` app with the commands of ``modules`` (module names in this package)."""
+def build_app(modules: Sequence[str] = COMMAND_MODULES, *, only: str | None = None) -> typer.Typer:
+    """The ``escalate`` app with the commands of ``modules`` (module names in this package;
+    ``only``: of those, the one command of that name, which a hot command's module offers)."""
     app = typer.Typer(
         cls=_OneLineErrors,
         name="escalate",
@@ -301,7 +302,11 @@ def build_app(modules: Sequence[str] = COMMAND_MODULES) -> typer.Typer:
     )
     app.callback()(_root)
     for module in modules:
-        importlib.import_module(f"{__name__}.{module}").register(app)
+        commands = importlib.import_module(f"{__name__}.{module}")
+        if only is None:
+            commands.register(app)
+        else:
+            commands.register(app, only=only)
     _use_plain_usage(app)
     return app
 
@@ -328,4 +333,4 @@ def __getattr__(name: str) -> Any:
 def main() -> None:
     """Entry point of the ``escalate`` console script."""
     hot_module = _HOT_COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
-    (full_app() if hot_module is None else build_app([hot_module]))()
+    (full_app() if hot_module is None else build_app([hot_module], only=sys.argv[1]))()

@@ -138,7 +138,9 @@ def release(
     respond(json_out, lambda: open_ledger(run, runs_dir, lock_timeout, by).release(task, actual), _say)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``reserve``, ``increase`` and ``release`` commands to ``app``."""
+def register(app: typer.Typer, only: str | None = None) -> None:
+    """Add the ``reserve``, ``increase`` and ``release`` commands to ``app`` (``only``: that
+    one alone, for a process that runs it: each command costs typer a build at start-up)."""
     for command in (reserve, increase, release):
-        app.command()(command)
+        if only is None or command.__name__ == only:
+            app.command()(command)
