@@ -143,6 +143,8 @@ def member_problems(runs: Store, store: LedgerStore) -> list[tuple[int, str]]:
     decisions = PoolDecisions(str(first.get("run")) if first is not None else store.run_id)
     with store.reader() as stream:
         for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
+            if b'"escalation' not in line:
+                continue  # (no escalation line, nor a decision of one: not parsed)
             try:
                 event = orjson.loads(line)
             except orjson.JSONDecodeError:
