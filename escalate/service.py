@@ -47,6 +47,7 @@ from escalate.stores.seam import (
     Closing,
     LedgerStore,
     Store,
+    StoreLocation,
     first_event,
     first_event_in,
     is_a_pool,
@@ -95,7 +96,7 @@ class Ledger(Closing):
 
     def __init__(
         self,
-        runs_dir: str | os.PathLike[str] | Store,
+        location: StoreLocation,
         run_id: str,
         *,
         lock_timeout: float | None = None,
@@ -113,9 +114,9 @@ class Ledger(Closing):
         self.notify_cmd = config.notify_cmd(notify_cmd)
         self.notify_timeout = config.notify_timeout(notify_timeout)
         # The store holding every run (a runs folder), and this run in it.
-        self.runs_store = open_store(runs_dir)
+        self.runs_store = open_store(location)
         # A store opened here (from a path or a URL) is this Ledger's to close; one given is the caller's.
-        self._owns_store = self.runs_store is not runs_dir
+        self._owns_store = self.runs_store is not location
         # Set by :meth:`init`: whether this call created the run, or found it with the same
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
@@ -163,7 +164,7 @@ class Ledger(Closing):
     @classmethod
     def init(
         cls,
-        runs_dir: str | os.PathLike[str] | Store,
+        location: StoreLocation,
         run_id: str,
         *,
         cap: Amount | None = None,
@@ -189,7 +190,7 @@ class Ledger(Closing):
 
         settings, ledger_options = config.PolicySettings.split(options,
                                                                config.RunPolicyOptions.__optional_keys__)
-        run = cls(runs_dir, run_id, **ledger_options)
+        run = cls(location, run_id, **ledger_options)
         with run.closed_on_error():  # (a run that fails to open is closed, not left to the collector)
             run.runs_store.check_usable()
             joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
@@ -229,13 +230,13 @@ class Ledger(Closing):
                               payload.get("pool"))
 
     @classmethod
-    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, *, lock_timeout: float | None = None,
+    def open(cls, location: StoreLocation, run_id: str, *, lock_timeout: float | None = None,
              actor: str | None = None, clock: Clock | None = None, notify_cmd: str | None = None,
              notify_timeout: float | None = None) -> Ledger:
-        """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
+        """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``location``
         is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store;
         the keywords are those of :class:`Ledger`."""
-        run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
+        run = cls(location, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
                   notify_cmd=notify_cmd, notify_timeout=notify_timeout)
         with run.closed_on_error():
             exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)
