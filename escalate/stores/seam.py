@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self, TypeAlias
 import orjson
 
 from escalate.config import Clock
-from escalate.core.events import Event
 from escalate.core.ids import valid_id
 from escalate.core.replay import Progress, Replayed
 from escalate.core.state import RunState
@@ -38,6 +37,7 @@ from escalate.errors import InputError, UnknownRun
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
+    from escalate.core.payloads import Recovery
     from escalate.stores.postgres.connect import ConnectionPool
     from escalate.stores.postgres.transaction import Connection
 
@@ -73,7 +73,7 @@ class Transaction(Protocol):
         so a writer's clock never moves money there."""
         ...
 
-    def recovery(self, replayed: Replayed) -> Event | None:
+    def recovery(self, replayed: Replayed) -> Recovery | None:
         """The ``recovery`` payload to record before this command's events when the store
         found what a crashed writer left (the file store: a torn tail), else ``None``."""
         ...
