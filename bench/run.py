@@ -198,7 +198,7 @@ def build_run(root: Path, events: int, *, shape: str = "mixed", seed: int = 5) -
     payloads = _SHAPES[shape](events - 1, random.Random(seed), expected)
     seq, prev, moment = 0, "", _START
     with log_path.open("wb") as out:
-        batch: list[Event] = [opened]
+        batch: list[Event] = [dict(opened)]
         for payload in payloads:
             batch.append(payload)
             if len(batch) == _SEAL_BATCH:

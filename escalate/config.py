@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from escalate.core import events
 from escalate.core.durations import (
@@ -31,6 +31,9 @@ from escalate.core.money import Amount, Micros, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, InputError
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
@@ -183,15 +186,21 @@ def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
     return pinned
 
 
-def check_request(reason: Any, priority: Any) -> None:
-    """What a requester tells an approver: a printable reason and a known priority."""
+def _known_priority(value: object) -> TypeIs[events.Priority]:
+    return value in events.PRIORITIES
+
+
+def check_request(reason: Any, priority: Any) -> events.Priority:
+    """What a requester tells an approver: a printable reason and a known priority (returned,
+    as its type)."""
     if not isinstance(reason, str) or len(reason) > events.MAX_REASON_LENGTH or not reason.isprintable():
         shown = reason if isinstance(reason, str) else repr(reason)
         raise InputError(f"invalid reason {shown[:40]!r}: use up to {events.MAX_REASON_LENGTH} printable "
                          "characters", code="invalid_reason", value=shown[:40])
-    if priority not in events.PRIORITIES:
+    if not _known_priority(priority):
         raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of "
                          f"{', '.join(events.PRIORITIES)}", code="invalid_priority", value=str(priority)[:40])
+    return priority
 
 
 # ---------------------------------------------------------------------- a run's settings
@@ -371,7 +380,7 @@ def check_same_run(existing: RunState, pool: str | None, run_cap: int, task_cap:
         f"run {run_id} already exists with {'; '.join(differences)}; pick a new run id"
         + (", or change the escalation policy with 'escalate runs set'" if only_policy else ""),
         run=run_id, cap_micros=existing.run_cap_micros,
-        task_cap_micros=existing.task_cap_micros, escalation=existing.policy.to_json())
+        task_cap_micros=existing.task_cap_micros, escalation=dict(existing.policy.to_json()))
 
 
 def setting_differences(existing: RunState, run_cap: int, task_cap: int, policy: Policy) -> list[str]:

@@ -7,11 +7,14 @@ command returns is that answer with the run (or pool) it was given for.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 from escalate.core.events import VoidReason
 from escalate.core.state import EscalationState
 from escalate.errors import Pending, Refused
+
+if TYPE_CHECKING:
+    from escalate.core.payloads import EscalationPolicy  # (types only: kept off the hot path)
 
 
 class TaskAnswer(TypedDict):
@@ -28,7 +31,7 @@ class TaskAnswer(TypedDict):
     withdrawn_escalation_id: NotRequired[str]  # a release closed the task's open escalation
     pool_remaining_micros: NotRequired[int]  # a member run: what is left of its pool in this period
     pool: NotRequired[str]  # a member run: its pool,
-    pool_escalation: NotRequired[dict[str, Any]]  # and the pool's escalation policy, which binds it too
+    pool_escalation: NotRequired[EscalationPolicy]  # and the pool's escalation policy, which binds it too
 
 
 class TaskResult(TaskAnswer):
@@ -66,9 +69,9 @@ class PolicyAnswer(TypedDict):
     """``set_policy``: the escalation policy now in force."""
 
     status: Literal["changed", "exists"]
-    escalation: dict[str, Any]
+    escalation: EscalationPolicy
     pool: NotRequired[str]  # a member run: its pool,
-    pool_escalation: NotRequired[dict[str, Any]]  # whose policy binds it too, whatever its own says
+    pool_escalation: NotRequired[EscalationPolicy]  # whose policy binds it too, whatever its own says
 
 
 class PolicyResult(PolicyAnswer):
@@ -139,7 +142,7 @@ class PoolPolicyAnswer(TypedDict):
     """``pools set``: the pool's escalation policy and cap now in force."""
 
     status: Literal["changed", "exists"]
-    escalation: dict[str, Any]
+    escalation: EscalationPolicy
     cap_micros: int
 
 

@@ -26,7 +26,7 @@ from escalate.core.decide import (
     delivery_due,
     run_opened_payload,
 )
-from escalate.core.events import Event, format_ts
+from escalate.core.events import Event, ResolvedMode, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
 from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
@@ -56,6 +56,7 @@ from escalate.stores.seam import (
 from escalate.write import Decide, MembershipChanged, R, asked_by, first_lines, write
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import Payload, RunOpened
     from escalate.core.pool_state import PoolView
     from escalate.escalation.delivery import SweepLimits
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
@@ -219,7 +220,7 @@ class Ledger(Closing):
                 run._check_same(run_cap, payload, policy)
         return run
 
-    def _check_same(self, run_cap: int, payload: Event, policy: Policy) -> None:
+    def _check_same(self, run_cap: int, payload: RunOpened, policy: Policy) -> None:
         """``init`` of an existing run: the same settings are fine (``created`` stays False,
         so a script can tell a reused run id); others conflict."""
         existing = self.store.read().state
@@ -257,20 +258,20 @@ class Ledger(Closing):
         (low, normal, high, urgent) are shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(amount, what="estimate")
-        config.check_request(reason, priority)
+        level = config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decide_reserve(state, task_id, micros, now, reason,
-                                                                 priority, pool)))}
+                                                                 level, pool)))}
 
     def increase(self, task: str, to: Amount, *, reason: str = "", priority: str = "normal") -> TaskResult:
         """Raise ``task``'s reservation to the absolute amount ``to``; ``reason`` is recorded,
         and with ``priority`` shown to an approver if it escalates."""
         task_id = check_id(task, what="task id")
         micros = parse_micros(to, what="new amount")
-        config.check_request(reason, priority)
+        level = config.check_request(reason, priority)
         return {"run": self.run_id, **self._mutate(asked_by(self.store.role(),
             lambda state, now, _, pool: decide_increase(state, task_id, micros, now, reason,
-                                                                  priority, pool)))}
+                                                                  level, pool)))}
 
     def release(self, task: str, actual: Amount) -> TaskResult:
         """Settle ``task`` with what it actually cost (may exceed the reservation); an open
@@ -470,7 +471,7 @@ class Ledger(Closing):
 
     # ------------------------------------------------------------------ writing
 
-    def _resolve(self, escalation_id: str, mode: str, by: str | None, sign: KeyFile | None = None,
+    def _resolve(self, escalation_id: str, mode: ResolvedMode, by: str | None, sign: KeyFile | None = None,
                  signature: str | None = None) -> ResolutionResult:
         check_id(escalation_id, what="escalation id")
         resolver = config.check_actor(by or self.actor)
@@ -522,7 +523,7 @@ class Ledger(Closing):
             decision.error.facts.setdefault("run", self.run_id)
         return decision.answer()
 
-    def _notify(self, first_seq: int, events: list[Event]) -> None:
+    def _notify(self, first_seq: int, events: list[Payload]) -> None:
         """Run the notify hook for each escalation a person must answer, and record it."""
         if not self.notify_cmd:
             return

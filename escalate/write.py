@@ -24,6 +24,7 @@ from escalate.stores.checkpoint import CheckpointInvalid
 from escalate.stores.seam import LedgerStore, RecoveredFirstLines, Transaction
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import Payload
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
 
 R = TypeVar("R")  # what the decision answers (an ``*Answer`` of :mod:`escalate.results`)
@@ -48,7 +49,7 @@ class Inside(Protocol):
         """Lines are about to be appended."""
         ...
 
-    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+    def finish(self, events: list[Payload], now: str, offset: int, state: RunState) -> None:
         """Last, still inside: ``events`` were appended at ``now`` (none, when nothing was
         written), the log's complete lines end at ``offset``, ``state`` is after them."""
         ...
@@ -127,7 +128,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
         _FLOORS_CHECKED[:] = [now]  # (the next command's floor, when this one writes)
         seq, prev = state.seq, state.last_hash
         recovery = transaction.recovery(replayed)
-        payloads: list[Event] = [recovery] if recovery is not None else []
+        payloads: list[Payload] = [recovery] if recovery is not None else []
         expiries = resolve.expire(state, clock_now)
         payloads += expiries
         lines = seal_into(state, payloads, now, actor)
@@ -167,7 +168,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
     return first_seq, decision
 
 
-def first_lines(payload: Event, now: str, actor: str) -> tuple[bytes, RecoveredFirstLines]:
+def first_lines(payload: Payload, now: str, actor: str) -> tuple[bytes, RecoveredFirstLines]:
     """A new ledger's first line (``run_opened``, ``pool_opened``), and the lines to write
     instead where a crashed create left a torn first line (``LedgerStore.create``)."""
     [(_, line, _)] = seal([payload], seq=0, prev="", ts=now, actor=actor)
@@ -219,7 +220,7 @@ def rehash(state: RunState, sealed: list[tuple[Event, bytes, str]]) -> None:
     state.last_hash = sealed[-1][2]
 
 
-def seal_into(state: RunState, payloads: Iterable[Event], now: str, actor: str) -> list[bytes]:
+def seal_into(state: RunState, payloads: Iterable[Payload], now: str, actor: str) -> list[bytes]:
     """Envelope the payloads after ``state`` and fold them in, so nothing is written that
     a replay would refuse."""
     lines = []

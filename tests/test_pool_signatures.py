@@ -133,3 +133,4 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     assert cli("reserve", "r2", "t9", "--estimate", "0.5").exit_code != 6
     assert Ledger.open(store, "r").verify().problems == []
 
+

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Never, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Never, TypedDict, TypeVar
 
-from escalate.core.events import MAX_DETAIL_LENGTH, Event, add_seconds
+from escalate.core.events import (
+    MAX_DETAIL_LENGTH,
+    EscalationKind,
+    EscalationReason,
+    Priority,
+    Resolution,
+    ResolvedMode,
+    add_seconds,
+)
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import (
     extension_left,
@@ -30,8 +38,21 @@ from escalate.core.state import EscalationState, Policy, RunState, Task
 from escalate.errors import Conflict, EscalateError, Pending, Refused
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import (  # (types only: building the TypedDicts is the schema's)
+        Escalation,
+        EscalationResolved,
+        Halt,
+        Payload,
+        Released,
+        RunOpened,
+    )
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
     from escalate.results import ArchiveAnswer, NotifiedAnswer, TaskAnswer
+
+    class Shadow(TypedDict, total=False):
+        """A refusal's fact: the escalation its write only recorded (shadow mode)."""
+
+        shadow_escalation_id: str
 
 # What a decision answers: one of the ``*Answer`` TypedDicts of :mod:`escalate.results`.
 # Covariant, so that a refusal (``Decision[Never]``, :func:`fail`) is any command's decision.
@@ -40,10 +61,11 @@ R_co = TypeVar("R_co", covariant=True)
 
 @dataclass(slots=True)
 class Decision(Generic[R_co]):
-    """What a request does: events to append (payloads with ``type``), and either the answer
-    or an error to raise once those events are durable."""
+    """What a request does: events to append (payloads with ``type``, as
+    :mod:`escalate.core.payloads` defines them), and either the answer or an error to raise
+    once those events are durable."""
 
-    events: list[Event] = field(default_factory=list)
+    events: list[Payload] = field(default_factory=list)
     result: R_co | None = None
     error: EscalateError | None = None
 
@@ -56,7 +78,7 @@ class Decision(Generic[R_co]):
         return self.result
 
 
-def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: Policy) -> Event:
+def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: Policy) -> RunOpened:
     """The first line of a run."""
     return {
         "type": "run_opened",
@@ -115,7 +137,7 @@ def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) 
 
 
 def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason: str = "",
-                   priority: str = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
+                   priority: Priority = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """Reserve ``amount`` for a new task id (or answer a repeat of the same call); ``reason``
     and ``priority`` are for the person an escalation puts it in front of."""
     task = state.tasks.get(task_id)
@@ -142,7 +164,7 @@ def decide_reserve(state: RunState, task_id: str, amount: int, now: str, reason:
 
 
 def decide_increase(state: RunState, task_id: str, to: int, now: str, reason: str = "",
-                    priority: str = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
+                    priority: Priority = "normal", pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """Raise a task's reservation to the absolute amount ``to``."""
     task = state.tasks.get(task_id)
     if task is not None and task.state == "halted":
@@ -199,10 +221,10 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str,
             task=task_id, state=state_word))
     if (refused := release_refusal(state, task_id, task.reserved_micros, actual, pool)) is not None:
         return fail(refused)
-    withdrawn: list[Event] = []
+    withdrawn: list[Payload] = []
     if task.escalation_id in state.open_escalations:
         withdrawn = [resolved_event(task.escalation_id, "withdraw", by)]
-    event = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
+    event: Released = {"type": "released", "task": task_id, "reserved_micros": task.reserved_micros,
              "actual_micros": actual}
     result: TaskAnswer = {"status": "released", "task": task_id, "reserved_micros": task.reserved_micros,
               "actual_micros": actual,
@@ -212,18 +234,19 @@ def decide_release(state: RunState, task_id: str, actual: int, by: str,
     return Decision(events=[*withdrawn, event], result=result)
 
 
-def resolved_event(escalation_id: str, mode: str, by: str, role: str | None = None) -> Event:
+def resolved_event(escalation_id: str, mode: ResolvedMode, by: str,
+                   role: str | None = None) -> EscalationResolved:
     """An ``escalation_resolved`` line that grants nothing (``role``: the database role
     acting, on the PostgreSQL store)."""
-    event: Event = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
+    event: EscalationResolved = {"type": "escalation_resolved", "id": escalation_id, "mode": mode, "by": by,
                     "extension_micros": 0}
     if role is not None:
         event["role"] = role
     return event
 
 
-def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, reason: str,
-              now: str, priority: str, pool: PoolView | None = None) -> Decision[TaskAnswer]:
+def _evaluate(state: RunState, task_id: str, kind: EscalationKind, before: int, to: int, reason: str,
+              now: str, priority: Priority, pool: PoolView | None = None) -> Decision[TaskAnswer]:
     """The cap checks and the fire rule for a reservation of ``to`` (``before`` already held):
     the run's first, then, for a member run, its pool's."""
     delta = to - before
@@ -231,7 +254,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     cap = over_cap(to, delta, state.task_cap_micros, remaining)
     settle = " — release it to settle what it holds" if kind == "increase" else ""
     if cap == "task_cap":
-        halt = {"type": "halt", "task": task_id, "requested_micros": to,
+        halt: Halt = {"type": "halt", "task": task_id, "requested_micros": to,
                 "remaining_micros": remaining, "reason": "task_cap"}
         return Decision(events=[halt], error=Refused(
             f"halted {task_id}: {usd(to)} is over the task cap "
@@ -242,7 +265,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     policy = state.policy
     over_remaining = cap == "run_cap"
     over_approval = over_threshold(policy.approval_threshold_micros, to)
-    events: list[Event] = []
+    events: list[Payload] = []
     request = Request(task_id, kind, before, to, reason, priority, now)
     pooled = _pool_escalation(state, pool, request, over_remaining)
     if pooled is not None and not pooled["shadow"]:  # the pool's check binds the run: its approvers decide
@@ -263,8 +286,7 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
             f"left of the {usd(state.cap_micros)} cap; the task is halted for good"
             + (settle or " — ask for less under a new task id"),
             code="over_budget", task=task_id, requested_micros=to, remaining_micros=remaining,
-            cap_micros=state.cap_micros,
-            **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+            cap_micros=state.cap_micros, **_shadow(events)))
     refused = None if pool is None else _pool_refusal(pool, request, events, pooled)
     if refused is not None:
         return refused
@@ -278,15 +300,16 @@ def _evaluate(state: RunState, task_id: str, kind: str, before: int, to: int, re
     return Decision(events=events, result=_fitted(status, request, remaining, events, pool))
 
 
-def _fitted(status: str, request: Request, remaining: int, events: list[Event],
+def _fitted(status: str, request: Request, remaining: int, events: list[Payload],
             pool: PoolView | None) -> TaskAnswer:
     """The answer to ``request`` when it fits (``remaining``: the run's before it): the shadow
     escalation it recorded, if any, and for a member run what is left of its pool."""
     delta = request.to - request.before
     result: TaskAnswer = {"status": status, "task": request.task, "reserved_micros": request.to,
                           "remaining_micros": remaining - delta}
-    if len(events) > 1:
-        result["shadow_escalation_id"] = events[0]["id"]
+    first = events[0]
+    if len(events) > 1 and first["type"] == "escalation":  # one only recorded (shadow)
+        result["shadow_escalation_id"] = first["id"]
     if pool is not None:
         result["pool_remaining_micros"] = pool.remaining(pool.current) - delta
         result["pool"] = pool.pool_id
@@ -299,16 +322,23 @@ class Request:
     """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
 
     task: str
-    kind: str
+    kind: EscalationKind
     before: int
     to: int
     reason: str
-    priority: str
+    priority: Priority
     now: str
 
 
+def _shadow(events: list[Payload]) -> Shadow:
+    """The refusal's fact naming the escalation this write only recorded (shadow), if any:
+    then it is the first of more than one line."""
+    first = events[0]
+    return {"shadow_escalation_id": first["id"]} if len(events) > 1 and first["type"] == "escalation" else {}
+
+
 def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
-                     over_run: bool) -> Event | None:
+                     over_run: bool) -> Escalation | None:
     """The escalation (reason ``pool_cap``) the pool's policy opens for ``request``: over what
     is left of the pool in this period, or over the pool's approval threshold. None:
     no pool, or its check does not fire (or its mode is off). The pool's policy binds its
@@ -333,8 +363,8 @@ def _pool_escalation(state: RunState, pool: PoolView | None, request: Request,
     return escalation
 
 
-def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
-                  pooled: Event | None) -> Decision[Never] | None:
+def _pool_refusal(pool: PoolView, request: Request, events: list[Payload],
+                  pooled: Escalation | None) -> Decision[Never] | None:
     """The pool's checks, once the run's passed and the pool's escalation (``pooled``) is
     one only recorded (shadow, and only if this write records no other): over what is left
     of the pool in this period, the task halts (reason ``pool_cap``). None: it fits."""
@@ -354,19 +384,19 @@ def _pool_refusal(pool: PoolView, request: Request, events: list[Event],
         f"{usd(pool.cap_in(key))} cap in {period_name(pool.period, key)}; the task is halted for "
         f"good{settle}",
         code="over_pool_budget", task=request.task, requested_micros=request.to, remaining_micros=left,
-        pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key),
-        **({"shadow_escalation_id": events[0]["id"]} if len(events) > 1 else {})))
+        pool=pool.pool_id, period=key, cap_micros=pool.cap_in(key), **_shadow(events)))
 
 
-def _escalation_event(state: RunState, request: Request, remaining: int, reason: str, needed: int,
-                      left: int, policy: Policy, blocked: str | None = None) -> Event:
+def _escalation_event(state: RunState, request: Request, remaining: int, reason: EscalationReason,
+                      needed: int, left: int, policy: Policy, blocked: str | None = None) -> Escalation:
     """The ``escalation`` line for ``request``: the extension it needs, what of the max
     extension is ``left``, and the deadline of the ``policy`` that governs it; ``blocked``:
     why no approval can grant it (``extend`` is then not offered)."""
     shadow = policy.mode == "shadow"
-    offered = ["extend", "pause", "cancel"] if needed <= left and blocked is None else ["pause", "cancel"]
+    offered: list[Resolution] = (["extend", "pause", "cancel"] if needed <= left and blocked is None
+                                 else ["pause", "cancel"])
     timeout = policy.timeout_s
-    event: Event = {
+    event: Escalation = {
         "type": "escalation",
         # An escalation is always the first event of its decision, so its id names the line
         # it is written on and is unique in the run.
@@ -419,12 +449,12 @@ def _why(data: Mapping[str, Any]) -> str:
     return _WHY.get(fired, fired)
 
 
-def _pending(state: RunState, escalation: Event | EscalationState, *, new: bool,
+def _pending(state: RunState, escalation: Escalation | EscalationState, *, new: bool,
              pool: PoolView | None = None) -> Pending:
     """The answer to a request that waits on ``escalation``; ``pool``: the run's, whose
     approvers decide a ``pool_cap`` escalation (the run's own, when it names none): the
     answer names them."""
-    data = escalation if isinstance(escalation, dict) else escalation.to_json()
+    data = escalation.to_json() if isinstance(escalation, EscalationState) else escalation
     note = data.get("note") or ""
     verb = "escalated" if new else "still waiting on"
     deciders: dict[str, Any] = {}

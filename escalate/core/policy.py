@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from escalate.core.decide import Decision, fail
-from escalate.core.events import Event
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import approver_name, unreachable_quorum
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, Refused, RefusedFacts
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import PolicyChanged  # (types only: building the TypedDicts is the schema's)
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
     from escalate.results import PolicyAnswer
 
@@ -34,16 +34,16 @@ def policy_changer_refused(state: RunState, by: str | None, role: str | None, wh
     return None
 
 
-def policy_change(state: RunState, policy: Policy, cap_micros: int | None = None) -> Event:
+def policy_change(state: RunState, policy: Policy, cap_micros: int | None = None) -> PolicyChanged:
     """The ``policy_changed`` line that sets ``policy`` (and, on a pool, ``cap_micros`` when
     it differs), before its ``role`` and signature are added."""
-    event: Event = {"type": "policy_changed", "escalation": policy.to_json()}
+    event: PolicyChanged = {"type": "policy_changed", "escalation": policy.to_json()}
     if state.pool is not None and cap_micros is not None and cap_micros != state.pool.cap_micros:
         event["cap_micros"] = cap_micros
     return event
 
 
-def policy_signing_content(state: RunState, event: Event) -> bytes:
+def policy_signing_content(state: RunState, event: PolicyChanged) -> bytes:
     """What a signature of the policy change ``event`` covers
     (:func:`~escalate.core.sshsig.policy_content`)."""
     from escalate.core import sshsig  # (only a ledger that pins keys loads it)
@@ -52,7 +52,7 @@ def policy_signing_content(state: RunState, event: Event) -> bytes:
                                  event["escalation"], event.get("cap_micros"), state.policy_line)
 
 
-def policy_signed(state: RunState, event: Event, by: str | None, role: str | None, roles: bool,
+def policy_signed(state: RunState, event: PolicyChanged, by: str | None, role: str | None, roles: bool,
                   signature: str | None) -> Refused | None:
     """While ``state``'s policy pins approvers' keys, every change to it must be signed by a
     key pinned (before the change) for the name approver lists check (:func:`approver_name`):
@@ -81,7 +81,7 @@ def policy_signed(state: RunState, event: Event, by: str | None, role: str | Non
         return Refused(f"cannot change the policy of {what}: the signature is not {name}'s over this change "
                        f"({exc}); sign it with a key pinned for {name} (after another change, sign again)",
                        code="bad_signature", **facts)
-    event.update(signature=signature, key=key.fingerprint)
+    event["signature"], event["key"] = signature, key.fingerprint
     return None
 
 

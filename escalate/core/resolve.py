@@ -10,10 +10,10 @@ In code names it is a *grant*.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Never
+from typing import TYPE_CHECKING, Any, Never, TypedDict
 
 from escalate.core.decide import Decision, fail, resolved_event
-from escalate.core.events import Event, parse_ts
+from escalate.core.events import ResolvedMode, parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import (
     approver_name,
@@ -30,11 +30,24 @@ from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import Conflict, InputError, Refused, RefusedFacts
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import (  # (types only: building the TypedDicts is the schema's)
+        BudgetIncreased,
+        BudgetReserved,
+        EscalationApproved,
+        EscalationResolved,
+        Halt,
+    )
     from escalate.core.pool_state import PoolView  # (a run without a pool never loads it)
     from escalate.results import ResolutionAnswer
 
+    class Signed(TypedDict, total=False):
+        """A resolution's ``signature`` and ``key`` (none where no key is pinned)."""
 
-def expire(state: RunState, now: str) -> list[Event]:
+        signature: str
+        key: str
+
+
+def expire(state: RunState, now: str) -> list[EscalationResolved]:
     """Resolutions (``pause`` by ``timeout``) for open escalations that :func:`is_expired`
     by ``now``, the write's time (the store's clock: the machine's, or the database server's)."""
     return [
@@ -63,7 +76,7 @@ def is_expired(escalation: EscalationState, policy: Policy, now: str) -> bool:
         return False
 
 
-def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
+def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, by: str,
                       pool: PoolView | None = None, role: str | None = None,
                       signature: str | None = None, roles: bool = False) -> Decision[ResolutionAnswer]:
     """Grant (mode ``extend``, the ``approve`` command), pause or cancel an open escalation,
@@ -105,15 +118,17 @@ def decide_resolution(state: RunState, escalation_id: str, mode: str, by: str,
                                signature)
         if isinstance(signed, Refused):
             return fail(signed)
-        resolved.update(signed)
+        if "signature" in signed:
+            resolved["signature"], resolved["key"] = signed["signature"], signed["key"]
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
         return Decision(events=[resolved], result={"status": status, "escalation_id": escalation_id,
                                                    "task": escalation.task, "mode": mode, "by": by})
     if mode == "cancel":
-        halt = {"type": "halt", "task": escalation.task, "requested_micros": escalation.requested_micros,
-                "remaining_micros": state.remaining_micros, "reason": "cancelled"}
+        halt: Halt = {"type": "halt", "task": escalation.task,
+                      "requested_micros": escalation.requested_micros,
+                      "remaining_micros": state.remaining_micros, "reason": "cancelled"}
         return Decision(events=[resolved, halt], result={
             "status": "cancelled", "escalation_id": escalation_id, "task": escalation.task, "mode": mode,
             "by": by})
@@ -137,7 +152,7 @@ def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | Non
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
                      pool: PoolView | None, roles: bool,
-                     resolved: Event) -> Decision[ResolutionAnswer] | None:
+                     resolved: EscalationResolved) -> Decision[ResolutionAnswer] | None:
     """An approval that leaves ``escalation`` short of its quorum: recorded as
     ``escalation_approved`` (the escalation stays open), carrying the ``signature`` and
     ``key`` of the would-be resolution ``resolved`` (under pinned keys, so replay checks
@@ -158,10 +173,14 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
                                 "approvals": names})
     if len(escalation.approvals) + 1 >= needed:
         return None
-    approved: Event = {"type": "escalation_approved", "id": escalation.id, "by": by, "quorum": needed}
+    approved: EscalationApproved = {"type": "escalation_approved", "id": escalation.id, "by": by,
+                                    "quorum": needed}
     if role is not None:
         approved["role"] = role
-    approved.update({field: resolved[field] for field in ("signature", "key") if field in resolved})
+    if "signature" in resolved:
+        approved["signature"] = resolved["signature"]
+    if "key" in resolved:
+        approved["key"] = resolved["key"]
     return Decision(events=[approved],
                     result={"status": "recorded", "state": "open", "escalation_id": escalation.id,
                             "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
@@ -251,7 +270,7 @@ def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role
 
 
 def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
-                  signature: str | None) -> dict[str, str] | Refused:
+                  signature: str | None) -> Signed | Refused:
     """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
     deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
     resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
@@ -281,7 +300,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
     return {"signature": signature, "key": key.fingerprint}
 
 
-def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts: dict[str, Any],
+def _grant(state: RunState, escalation: EscalationState, resolved: EscalationResolved, facts: dict[str, Any],
            pool: PoolView | None) -> Decision[ResolutionAnswer]:
     """``extend``: re-check the ceilings now; the reservation goes in the same write. A
     ``pool_cap`` escalation extends the pool (for this period), any other the run; a member
@@ -314,8 +333,9 @@ def _grant(state: RunState, escalation: EscalationState, resolved: Event, facts:
                             "cancel it", code="extension_limit", **facts))
     resolved["extension_micros"] = needed
     if escalation.kind == "increase" and task.holding:
-        grant: Event = {"type": "budget_increased", "task": escalation.task, "from_micros": before,
-                        "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
+        grant: BudgetIncreased | BudgetReserved = {
+            "type": "budget_increased", "task": escalation.task, "from_micros": before,
+            "to_micros": escalation.requested_micros, "reason": f"approved {escalation_id}"}
     else:
         grant = {"type": "budget_reserved", "task": escalation.task,
                  "amount_micros": escalation.requested_micros}
@@ -335,7 +355,7 @@ def grant_delta(state: RunState, escalation: EscalationState) -> int:
     return escalation.requested_micros - (task.reserved_micros if task is not None and task.holding else 0)
 
 
-def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: Event,
+def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolved: EscalationResolved,
                 facts: dict[str, Any]) -> Decision[Never] | None:
     """A grant on a member run: it must fit the pool in this period (where the money
     counts); approving a ``pool_cap`` escalation may extend the pool by what this period's

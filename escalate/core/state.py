@@ -23,6 +23,7 @@ from escalate.core.events import (
 )
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import EscalationPolicy
     from escalate.core.pool_state import PoolFacts
 
 # reserved: holds money; released: settled; halted: refused for good; escalated: waits on
@@ -67,11 +68,10 @@ class Policy:
         self.approvers = tuple(self.approvers)
         self.approver_keys = {name: tuple(keys) for name, keys in self.approver_keys.items()}
 
-    # dict, not the EscalationPolicy TypedDict: callers compare two policies key by key.
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> EscalationPolicy:
         """The policy as ``run_opened`` and ``policy_changed`` write it; ``approvers`` only when
         set, so a policy without them writes the same bytes as before they existed."""
-        data: dict[str, Any] = {
+        data: EscalationPolicy = {
             "mode": self.mode,
             "approval_threshold_micros": self.approval_threshold_micros,
             "timeout_s": self.timeout_s,
@@ -322,7 +322,7 @@ class Totals(TypedDict):
     extended_micros: int
     events: int
     halts: int
-    escalation: dict[str, Any]
+    escalation: EscalationPolicy
     archived: bool  # retired by 'runs archive'
 
 

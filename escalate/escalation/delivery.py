@@ -12,13 +12,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from escalate.core.durations import MAX_SWEEP_DEADLINE_S, check_duration
-from escalate.core.events import PRIORITIES, Event
+from escalate.core.events import PRIORITIES
 from escalate.core.state import EscalationState
 from escalate.errors import InputError
 from escalate.results import DeliveryResult
+
+if TYPE_CHECKING:
+    from escalate.core.payloads import Payload
 
 # Records one attempt (ok, detail) of an escalation's notice; returns the recorded result.
 Record = Callable[[bool, str], Mapping[str, Any]]
@@ -62,7 +65,7 @@ def answer_commands(run_id: str, escalation_id: str, offered: Sequence[str], *,
             for mode in offered if mode in ANSWER_COMMANDS}
 
 
-def new_notices(run_id: str, first_seq: int, actor: str, events: list[Event],
+def new_notices(run_id: str, first_seq: int, actor: str, events: list[Payload],
                 signed: Callable[[str], bool] = lambda reason: False) -> Iterator[dict[str, Any]]:
     """The notice of each escalation in a write that a person must answer, with the commands
     that answer it (``signed(reason)``: whether the policy deciding an escalation fired for

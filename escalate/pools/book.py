@@ -35,7 +35,6 @@ import orjson
 
 from escalate.config import Clock
 from escalate.core.decide import Decision
-from escalate.core.events import Event
 from escalate.core.ids import check_id
 from escalate.core.periods import period_key
 from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
@@ -47,6 +46,7 @@ from escalate.stores.seam import LedgerStore, Store, Transaction, first_event
 from escalate.write import Decide, R, write
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import Payload
     from escalate.results import PoolLogAnswer
 
 # 5: a task holds money from each period it was added in; the pool log's stamp and last
@@ -322,7 +322,7 @@ class MemberWrite:
     def before_append(self) -> None:
         self.book.save({"intent": self.run_id.encode()})
 
-    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+    def finish(self, events: list[Payload], now: str, offset: int, state: RunState) -> None:
         if not events:
             return
         member, deltas = self.book.member(self.run_id), dict[str, PeriodTotals]()
@@ -357,7 +357,7 @@ class PoolLogWrite:
     def before_append(self) -> None:
         pass  # the book's log size tells a missed write of the pool's own log
 
-    def finish(self, events: list[Event], now: str, offset: int, state: RunState) -> None:
+    def finish(self, events: list[Payload], now: str, offset: int, state: RunState) -> None:
         book = self.book
         # A void drops a member's entry and its totals: left to the next member write's rebuild.
         if book is not None and events and events[0]["type"] != "run_join_voided":

@@ -32,6 +32,7 @@ from escalate.write import first_lines
 
 if TYPE_CHECKING:
     from escalate.core.decide import Decision
+    from escalate.core.payloads import EscalationPolicy, PoolOpened
     from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
     from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
@@ -67,7 +68,7 @@ class PoolReport(TypedDict):
     reserved_micros: int
     committed_micros: int
     remaining_micros: int
-    escalation: dict[str, Any]
+    escalation: EscalationPolicy
     runs: list[PoolRun]
     # Members whose logs cannot be read: the totals above leave them out (a warning; money
     # writes in the pool and gate --pool refuse until they are back).
@@ -130,8 +131,8 @@ class Pool(Closing):
             kind = check_period(period)
             check_new_zone(tz)
             policy = config.make_policy(settings)
-            payload = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros, "period": kind,
-                       "tz": tz, "escalation": policy.to_json()}
+            payload: PoolOpened = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros,
+                                   "period": kind, "tz": tz, "escalation": policy.to_json()}
             line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
             if pool.store.create(line, recovery):
                 pool.created = True
@@ -303,7 +304,7 @@ class RunPool(TypedDict):
 
     pool: str | None
     pool_remaining_micros: int | None  # what is left of the pool in the current period
-    pool_escalation: dict[str, Any] | None  # the pool's policy: it binds the run besides its own
+    pool_escalation: EscalationPolicy | None  # the pool's policy: it binds the run besides its own
 
 
 def pool_of_run(ledger: Ledger) -> RunPool:

@@ -1,9 +1,10 @@
-"""The signatures on a pool's decisions: a ``pool_cap`` escalation is approved and resolved in
-its member run's log, but the keys that may sign it are pinned in the pool's log. A run's
-own fold cannot see them, so whoever reads a run as its pool's member checks each such
-decision here against the keys the pool pinned when it was written (its policy as of the
-line's time), by the rule a run's own keys are checked by
-(:func:`escalate.core.fold_escalations.check_signature`): ``runs verify``, ``gate``,
+"""The pool's rules on its decisions: a ``pool_cap`` escalation is approved and resolved in its
+member run's log, but the policy that decides it — its pinned keys, its quorum — is in the
+pool's log. A run's own fold cannot see it, so whoever reads a run as its pool's member
+checks each such decision here against the pool's policy when it was written (as of the
+line's time), by the rules a run's own policy is checked by
+(:func:`escalate.core.fold_escalations.check_signature`,
+:func:`escalate.core.rules.quorum_required`): ``runs verify``, ``gate``,
 ``pools verify`` and ``gate --pool``, and every fold of a member's money for its pool
 (:func:`escalate.pools.member.fold_member`: a pool's books, ``pools show``)."""
 
@@ -18,6 +19,7 @@ from escalate.core.events import iter_lines, line_hash
 from escalate.core.fold_escalations import check_signature
 from escalate.core.fold_fields import policy_field
 from escalate.core.replay import read_events
+from escalate.core.rules import needed_extension, quorum_required
 from escalate.core.state import Policy, RuleViolation
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
 
@@ -48,26 +50,59 @@ class PoolDecisions:
             self.decided.append((number, event))
 
     def problems(self, pool_events: list[Any], pool_id: str) -> list[tuple[int, str]]:
-        """``(line, problem)`` for each decision the pool's pinned keys (as of the line's
-        time, from ``pool_events``, the pool's log) do not vouch for: unsigned, or not
-        signed by a key the pool pinned for its approver."""
+        """``(line, problem)`` for each decision that breaks the pool's policy as of the
+        line's time (from ``pool_events``, the pool's log): :func:`check_decision`."""
         timeline = _policies(pool_events)
         found = []
+        approvals: dict[Any, int] = {}
         for number, event in self.decided:
-            mode = "extend" if event.get("type") == "escalation_approved" else event.get("mode")
             ts = str(event.get("ts"))
             deciding = next((policy for since, policy in reversed(timeline) if since <= ts), None)
-            if deciding is None or not deciding.approver_keys or mode not in ("extend", "pause", "cancel"):
+            if deciding is None:
                 continue
             escalation, asked_hash = self.asked[event.get("id")]
-            requested = escalation.get("requested_micros")
             try:
-                check_signature(deciding, f"pool {pool_id}", self.run_id, str(event.get("id")),
-                                requested if type(requested) is int else -1, asked_hash, event,
-                                str(mode), str(event.get("by")))
+                check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
+                               approvals)
             except RuleViolation as exc:
                 found.append((number, f"pool_cap escalation: {exc}"))
         return found
+
+
+def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[str, Any], asked_hash: str,
+                   event: Mapping[str, Any], approvals: dict[Any, int]) -> None:
+    """The rules a run's fold applies to its own escalations' decisions, applied under the
+    pool's ``policy``: while it pins keys, each is signed by a key pinned for its approver
+    (:func:`check_signature`); a grant has the approvals its quorum needs
+    (:func:`~escalate.core.rules.quorum_required`). ``approvals`` counts each escalation's
+    approvals so far (the run's fold has checked they are distinct)."""
+    escalation_id = event.get("id")
+    approving = event.get("type") == "escalation_approved"
+    mode = "extend" if approving else str(event.get("mode"))
+    if policy.approver_keys:
+        requested = escalation.get("requested_micros")
+        amount = requested if type(requested) is int else -1
+        check_signature(policy, whose, run_id, str(escalation_id), amount, asked_hash, event, mode,
+                        str(event.get("by")))
+    if mode != "extend":
+        return
+    approvals[escalation_id] = count = approvals.get(escalation_id, 0) + 1
+    needed = quorum_required([policy], _needed_extension(escalation))
+    if not approving and count < needed:
+        raise RuleViolation(f"escalation {escalation_id} granted with {count} of the {needed} approvals "
+                            f"the {whose}'s quorum needs")
+
+
+def _needed_extension(escalation: Mapping[str, Any]) -> int:
+    """The cap extension an escalation line says it needed (older lines: from its snapshot,
+    as the run's fold reads them)."""
+    recorded = escalation.get("needed_extension_micros")
+    if type(recorded) is int:
+        return recorded
+    values = [escalation.get(key, 0) for key in ("requested_micros", "from_micros", "remaining_micros")]
+    if not all(type(value) is int for value in values):
+        return 0
+    return needed_extension(values[0] - values[1], values[2])
 
 
 def _policies(pool_events: list[Any]) -> list[tuple[str, Policy]]:

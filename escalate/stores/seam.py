@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self
 import orjson
 
 from escalate.config import Clock
-from escalate.core.events import Event
 from escalate.core.ids import valid_id
 from escalate.core.replay import Progress, Replayed
 from escalate.core.state import RunState
@@ -38,6 +37,7 @@ from escalate.errors import InputError, UnknownRun
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
+    from escalate.core.payloads import Recovery
     from escalate.stores.postgres.connect import ConnectionPool
     from escalate.stores.postgres.transaction import Connection
 
@@ -69,7 +69,7 @@ class Transaction(Protocol):
         so a writer's clock never moves money there."""
         ...
 
-    def recovery(self, replayed: Replayed) -> Event | None:
+    def recovery(self, replayed: Replayed) -> Recovery | None:
         """The ``recovery`` payload to record before this command's events when the store
         found what a crashed writer left (the file store: a torn tail), else ``None``."""
         ...
@@ -278,7 +278,8 @@ def owned_store(location: str | os.PathLike[str] | Store | Connection | Connecti
 
 
 def is_store_url(location: str) -> bool:
-    """True when ``location`` names a database store, not a runs folder."""
+    """True when ``location`` names a database store, not a runs folder: the one place that
+    tells a store's URL (``postgresql://``, also as ``Path`` folds it) from a folder."""
     return bool(_POSTGRES_URL.match(location))
 
 
@@ -299,7 +300,7 @@ def open_store(location: str | os.PathLike[str] | Store | Connection | Connectio
 
         return PgStore(location)
     text = os.fspath(location)
-    if _POSTGRES_URL.match(text):
+    if is_store_url(text):
         if not _POSTGRES_URL_WHOLE.match(text):
             # ``Path("postgresql://h/db")`` is "postgresql:/h/db": the URL was lost on the way.
             raise InputError(f"invalid store URL {text.split('@')[-1][:80]!r}: give it with --store "
@@ -324,7 +325,7 @@ def refuse_non_folder(text: str) -> None:
     password)."""
     if _OTHER_URL.match(text) or _BARE_SCHEME.match(text):
         scheme = text.split(":", 1)[0]
-        if _POSTGRES_URL.match(scheme + ":/"):
+        if is_store_url(scheme + ":/"):
             raise InputError(f"invalid store URL {scheme}: (nothing after it); write it as "
                              "postgresql://user@host/database", code="invalid_store")
         raise InputError(f"unknown store {scheme:.40}:// — give a runs folder, or a PostgreSQL URL "

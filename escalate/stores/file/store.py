@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from escalate.config import Clock
-from escalate.core.events import Event
 from escalate.core.replay import Progress, Replayed, replay
 from escalate.core.state import RunState
 from escalate.errors import LockTimeout, NoRunsFolder, StoreUnavailable, UnknownRun, storage_error
@@ -30,6 +29,9 @@ from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
 from escalate.stores.file.run_folder import via_folder
 from escalate.stores.seam import Closing, RecoveredFirstLines
+
+if TYPE_CHECKING:
+    from escalate.core.payloads import Recovery
 
 # A pool's derived totals (escalate.stores.seam.Transaction.derived), beside its log.
 DERIVED_NAME = "events.ndjson.derived.sqlite"
@@ -269,7 +271,7 @@ class FileTransaction:
     def now(self, clock: Clock) -> datetime:
         return clock()
 
-    def recovery(self, replayed: Replayed) -> Event | None:
+    def recovery(self, replayed: Replayed) -> Recovery | None:
         # A torn tail is recorded first and only moved aside when this write happens, so
         # a command refused after this leaves the log as it found it.
         if not replayed.torn_bytes:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import psycopg
 
 from escalate.config import Clock
-from escalate.core.events import Event
 from escalate.core.replay import Replayed
 from escalate.core.state import RunState
 from escalate.stores.checkpoint import encode_escalation, encode_task, mark_after, run_blob
@@ -21,6 +20,7 @@ from escalate.stores.postgres.failures import Outcome
 from escalate.stores.postgres.rows import PgRows
 
 if TYPE_CHECKING:
+    from escalate.core.payloads import Recovery
     from escalate.stores.postgres.store import PgLedger
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -65,7 +65,7 @@ class PgTransaction:
         store = self._ledger._store
         return store.server_clock.time(self._row[5], clock, store.where, self._read_at)  # with the lock
 
-    def recovery(self, replayed: Replayed) -> Event | None:
+    def recovery(self, replayed: Replayed) -> Recovery | None:
         return None  # a transaction leaves no torn tail behind
 
     def append(self, replayed: Replayed, lines: list[bytes]) -> None:
