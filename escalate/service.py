@@ -11,7 +11,7 @@ durable.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
+from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import Clock
@@ -77,15 +77,20 @@ def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Dec
                         copied=copied)
 
 
-class InitOptions(config.RunPolicyOptions, total=False):
-    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
-    settings, and :class:`Ledger`'s own options."""
+class LedgerOptions(TypedDict, total=False):
+    """:class:`Ledger`'s own options (what :meth:`Ledger.open` takes besides the run), as
+    keywords passed on by the calls over many runs."""
 
     lock_timeout: float | None
     actor: str | None
     clock: Clock | None
     notify_cmd: str | None
     notify_timeout: float | None
+
+
+class InitOptions(config.RunPolicyOptions, LedgerOptions, total=False):
+    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
+    settings, and :class:`Ledger`'s own options."""
 
 
 class Ledger(Closing):

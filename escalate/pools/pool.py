@@ -156,10 +156,11 @@ class Pool(Closing):
             return pool
 
     @classmethod
-    def open(cls, location: StoreLocation, pool_id: str, **options: Any) -> Pool:
+    def open(cls, location: StoreLocation, pool_id: str, *, lock_timeout: float | None = None,
+             actor: str | None = None, clock: Clock | None = None) -> Pool:
         """Open an existing pool; :class:`InputError` (exit 2) if there is none, or the id
         is a run's."""
-        pool = cls(location, pool_id, **options)
+        pool = cls(location, pool_id, lock_timeout=lock_timeout, actor=actor, clock=clock)
         with pool.closed_on_error():
             pool.state()
         return pool

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Literal, TypedDict, cast, final
+from typing import Any, Literal, TypedDict, Unpack, cast, final
 
 from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
-from escalate.service import Ledger
+from escalate.service import Ledger, LedgerOptions
 from escalate.stores.seam import LedgerStore, Store, StoreLocation, owned_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
@@ -149,7 +149,7 @@ def run_word(state: RunState) -> RunWord:
 
 
 def sweep_all(location: StoreLocation, *, run: str | None = None,
-              limits: SweepLimits = SWEEP_LIMITS, **options: Any) -> SweepReport:
+              limits: SweepLimits = SWEEP_LIMITS, **options: Unpack[LedgerOptions]) -> SweepReport:
     """Pause by timeout every expired escalation in every run (or in ``run`` only), then
     send again the notices that are due within ``limits`` (:meth:`Ledger.sweep`): every
     expiry is written before any hook runs, and a notice not started by the deadline is
