@@ -7,12 +7,12 @@ The lock is ``filelock``'s native primitive on that descriptor (``flock`` on Uni
 
 A waiter sleeps in the kernel's queue for the lock: a helper thread (kept for the next
 wait) makes the blocking ``flock`` call (the primitive ``filelock`` takes without
-blocking), and the caller's thread waits for it with its deadline from the monotonic clock. The kernel wakes a waiter when
-the holder lets go, so the lock changes hands at once and a waiter spends no CPU (a polling
-waiter looked again up to 0.5 ms later, and eight of them took the holder's CPU). The
-library installs no signal handler and no timer, and a host that blocks or uses SIGALRM is
-not disturbed. Where there is no ``flock`` (Windows) the wait polls ``filelock`` with a
-short back-off instead.
+blocking), and the caller's thread waits for it with its deadline from the monotonic
+clock. The kernel wakes a waiter when the holder lets go, so the lock changes hands at
+once and a waiter spends no CPU (a polling waiter looked again up to 0.5 ms later, and
+eight of them took the holder's CPU). The library installs no signal handler and no
+timer, and a host that blocks or uses SIGALRM is not disturbed. Where there is no
+``flock`` (Windows) the wait polls ``filelock`` with a short back-off instead.
 
 ``filelock`` costs a few tens of milliseconds to import, so this module is imported only
 by commands that lock (the read-only ones never do).
