@@ -33,16 +33,6 @@ from escalate.core.policy import decide_policy, member_quorum_refused, policy_ch
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
-from escalate.results import (
-    ArchiveResult,
-    DeliveryResult,
-    PolicyAnswer,
-    PolicyResult,
-    ResolutionResult,
-    SweepAnswer,
-    SweepResult,
-    TaskResult,
-)
 from escalate.stores.seam import (
     Closing,
     LedgerStore,
@@ -60,6 +50,16 @@ if TYPE_CHECKING:
     from escalate.core.payloads import Payload, RunOpened
     from escalate.core.pool_state import PoolView
     from escalate.escalation.delivery import SweepLimits
+    from escalate.results import (  # (types only: the answers are the decisions' dicts)
+        ArchiveResult,
+        DeliveryResult,
+        PolicyAnswer,
+        PolicyResult,
+        ResolutionResult,
+        SweepAnswer,
+        SweepResult,
+        TaskResult,
+    )
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
