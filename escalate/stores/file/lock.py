@@ -119,7 +119,8 @@ class Waiter:
         self.caller_fd = fd
         self.fd = os.dup(fd)
         self.granted = threading.Event()  # set when the helper is done and the caller still waits
-        self.finished = threading.Event()  # set when the helper is done, whoever waits
+        self.finished = threading.Lock()  # released when the helper is done, whoever waits
+        self.finished.acquire()
         self.decided = threading.Lock()  # orders the helper's grant and the caller's giving up
         self.abandoned = False
         self.error: OSError | None = None
@@ -147,7 +148,7 @@ class Waiter:
             self.error = error
             if not self.abandoned:
                 self.granted.set()
-        self.finished.set()
+        self.finished.release()
 
     def wait(self, deadline: float) -> bool:
         """True once the lock is the caller's; False, and given up, at ``deadline`` (on the
