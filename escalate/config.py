@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypedDict
+from typing import Any, Final, TypedDict
 
 from escalate.core import events
 from escalate.core.durations import (
@@ -31,9 +31,6 @@ from escalate.core.money import Amount, Micros, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, InputError
-
-if TYPE_CHECKING:
-    from typing_extensions import TypeIs
 
 DEFAULT_LOCK_TIMEOUT_S = 30.0
 DEFAULT_ESCALATION_TIMEOUT_S = 3600
@@ -186,10 +183,6 @@ def check_approver_keys(keys: ApproverKeys) -> dict[str, tuple[str, ...]]:
     return pinned
 
 
-def _known_priority(value: object) -> TypeIs[events.Priority]:
-    return value in events.PRIORITIES
-
-
 def check_request(reason: Any, priority: Any) -> events.Priority:
     """What a requester tells an approver: a printable reason and a known priority (returned,
     as its type)."""
@@ -197,10 +190,11 @@ def check_request(reason: Any, priority: Any) -> events.Priority:
         shown = reason if isinstance(reason, str) else repr(reason)
         raise InputError(f"invalid reason {shown[:40]!r}: use up to {events.MAX_REASON_LENGTH} printable "
                          "characters", code="invalid_reason", value=shown[:40])
-    if not _known_priority(priority):
+    if priority not in events.PRIORITIES:
         raise InputError(f"invalid priority {str(priority)[:40]!r}: use one of "
                          f"{', '.join(events.PRIORITIES)}", code="invalid_priority", value=str(priority)[:40])
-    return priority
+    known: events.Priority = priority  # (one of them: checked above)
+    return known
 
 
 # ---------------------------------------------------------------------- a run's settings

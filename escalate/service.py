@@ -11,7 +11,7 @@ durable.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO, Unpack
+from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict, Unpack
 
 from escalate import config
 from escalate.config import Clock
@@ -33,20 +33,11 @@ from escalate.core.policy import decide_policy, member_quorum_refused, policy_ch
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
-from escalate.results import (
-    ArchiveResult,
-    DeliveryResult,
-    PolicyAnswer,
-    PolicyResult,
-    ResolutionResult,
-    SweepAnswer,
-    SweepResult,
-    TaskResult,
-)
 from escalate.stores.seam import (
     Closing,
     LedgerStore,
     Store,
+    StoreLocation,
     first_event,
     first_event_in,
     is_a_pool,
@@ -59,6 +50,16 @@ if TYPE_CHECKING:
     from escalate.core.payloads import Payload, RunOpened
     from escalate.core.pool_state import PoolView
     from escalate.escalation.delivery import SweepLimits
+    from escalate.results import (  # (types only: the answers are the decisions' dicts)
+        ArchiveResult,
+        DeliveryResult,
+        PolicyAnswer,
+        PolicyResult,
+        ResolutionResult,
+        SweepAnswer,
+        SweepResult,
+        TaskResult,
+    )
 # A key file to sign a resolution with (a private key, or the .pub of a key in ssh-agent).
 KeyFile = str | os.PathLike[str]
 
@@ -76,15 +77,20 @@ def _write_run(runs: Store, pool_id: str | None, store: LedgerStore, decide: Dec
                         copied=copied)
 
 
-class InitOptions(config.RunPolicyOptions, total=False):
-    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
-    settings, and :class:`Ledger`'s own options."""
+class LedgerOptions(TypedDict, total=False):
+    """:class:`Ledger`'s own options (what :meth:`Ledger.open` takes besides the run), as
+    keywords passed on by the calls over many runs."""
 
     lock_timeout: float | None
     actor: str | None
     clock: Clock | None
     notify_cmd: str | None
     notify_timeout: float | None
+
+
+class InitOptions(config.RunPolicyOptions, LedgerOptions, total=False):
+    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
+    settings, and :class:`Ledger`'s own options."""
 
 
 class Ledger(Closing):
@@ -96,7 +102,7 @@ class Ledger(Closing):
 
     def __init__(
         self,
-        runs_dir: str | os.PathLike[str] | Store,
+        location: StoreLocation,
         run_id: str,
         *,
         lock_timeout: float | None = None,
@@ -114,9 +120,9 @@ class Ledger(Closing):
         self.notify_cmd = config.notify_cmd(notify_cmd)
         self.notify_timeout = config.notify_timeout(notify_timeout)
         # The store holding every run (a runs folder), and this run in it.
-        self.runs_store = open_store(runs_dir)
+        self.runs_store = open_store(location)
         # A store opened here (from a path or a URL) is this Ledger's to close; one given is the caller's.
-        self._owns_store = self.runs_store is not runs_dir
+        self._owns_store = self.runs_store is not location
         # Set by :meth:`init`: whether this call created the run, or found it with the same
         # settings (two pipelines that picked the same run id should be able to tell).
         self.created = False
@@ -164,7 +170,7 @@ class Ledger(Closing):
     @classmethod
     def init(
         cls,
-        runs_dir: str | os.PathLike[str] | Store,
+        location: StoreLocation,
         run_id: str,
         *,
         cap: Amount | None = None,
@@ -190,7 +196,7 @@ class Ledger(Closing):
 
         settings, ledger_options = config.PolicySettings.split(options,
                                                                config.RunPolicyOptions.__optional_keys__)
-        run = cls(runs_dir, run_id, **ledger_options)
+        run = cls(location, run_id, **ledger_options)
         with run.closed_on_error():  # (a run that fails to open is closed, not left to the collector)
             run.runs_store.check_usable()
             joining = None if pool is None else pool_book.read_pool(run.runs_store, pool, run.lock_timeout)
@@ -230,13 +236,13 @@ class Ledger(Closing):
                               payload.get("pool"))
 
     @classmethod
-    def open(cls, runs_dir: str | os.PathLike[str] | Store, run_id: str, *, lock_timeout: float | None = None,
+    def open(cls, location: StoreLocation, run_id: str, *, lock_timeout: float | None = None,
              actor: str | None = None, clock: Clock | None = None, notify_cmd: str | None = None,
              notify_timeout: float | None = None) -> Ledger:
-        """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``runs_dir``
+        """Open an existing run; :class:`UnknownRun` (exit 2) if there is none. ``location``
         is a runs folder, a store URL (:func:`escalate.stores.seam.open_store`) or a store;
         the keywords are those of :class:`Ledger`."""
-        run = cls(runs_dir, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
+        run = cls(location, run_id, lock_timeout=lock_timeout, actor=actor, clock=clock,
                   notify_cmd=notify_cmd, notify_timeout=notify_timeout)
         with run.closed_on_error():
             exists, first_line = run.store.head()  # (PostgreSQL: one round trip, the first line too)

@@ -16,12 +16,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any, BinaryIO, TypedDict
+from typing import BinaryIO, TypedDict, Unpack
 
 from escalate.core.ids import check_id
 from escalate.core.replay import replay
 from escalate.errors import Conflict, CorruptLedger, InputError, storage_error
-from escalate.service import Ledger
+from escalate.service import Ledger, LedgerOptions
 from escalate.stores.seam import Store, owned_store
 
 _CHUNK = 1 << 20
@@ -70,7 +70,7 @@ class _Source:
 
 
 def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: bytes | BinaryIO, *,
-               source: str = "the file", **options: Any) -> ImportResult:
+               source: str = "the file", **options: Unpack[LedgerOptions]) -> ImportResult:
     """Create run ``run_id`` from the log ``data`` after checking every line of it; an
     :class:`InputError` names the first problem and nothing is written. A run that
     exists already is a :class:`Conflict`. ``options`` are :class:`Ledger`'s.
@@ -92,7 +92,7 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
 
 
 def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
-            options: dict[str, Any]) -> ImportResult:
+            options: LedgerOptions) -> ImportResult:
     source = log.where
     with log.reader() as stream:
         _check_identity(source, run_id, stream.readline())

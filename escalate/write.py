@@ -125,6 +125,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
         # (docs/escalation.md: what a wrong clock can do).
         clock_now = format_ts(transaction.now(clock))
         now = max(clock_now, floor_ts(store, state))
+        _FLOORS_CHECKED[:] = [now]  # (the next command's floor, when this one writes)
         seq, prev = state.seq, state.last_hash
         recovery = transaction.recovery(replayed)
         payloads: list[Payload] = [recovery] if recovery is not None else []
@@ -182,7 +183,8 @@ def first_lines(payload: Payload, now: str, actor: str) -> tuple[bytes, Recovere
     return line + b"\n", recovery
 
 
-# The last floor found to be a timestamp exactly as escalate writes them (floor_ts).
+# The last timestamp known to be one exactly as escalate writes them (floor_ts): the last
+# write's own, or the last floor checked.
 _FLOORS_CHECKED: list[str] = []
 
 
@@ -195,8 +197,6 @@ def floor_ts(store: LedgerStore, state: RunState) -> str:
         return last_ts
     try:
         if format_ts(parse_ts(last_ts)) == last_ts:
-            # (Kept for the next command: most start from the last one's own timestamp.)
-            _FLOORS_CHECKED[:] = [last_ts]
             return last_ts
     except (TypeError, ValueError, AttributeError):
         pass

@@ -345,6 +345,19 @@ class Audit:
         return [event for event in self.events if event["type"] == kind]
 
 
+# What audit_log folds, written out here on its own (never read from escalate): per event
+# type, each money field it counts and into what (the cap, what tasks hold, what was spent).
+# tests/test_money_events.py holds it to escalate.core.payloads.MONEY: an event type that
+# moves a run's money fails there until audit_log folds it too, and this says so.
+AUDITED_MONEY: dict[str, dict[str, str]] = {
+    "run_opened": {"run_cap_micros": "cap"},
+    "budget_reserved": {"amount_micros": "held"},
+    "budget_increased": {"from_micros": "held", "to_micros": "held"},
+    "released": {"reserved_micros": "held", "actual_micros": "spent"},
+    "escalation_resolved": {"extension_micros": "cap"},
+}
+
+
 def audit_log(log: Path | bytes) -> Audit:
     """Check a log (a file, or its bytes) line by line with the stdlib only: every line ends
     in a newline, seq is 1..N, the prev chain holds, and after every reservation the committed

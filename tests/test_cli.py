@@ -412,7 +412,8 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
         *loaded, code = done.stdout.splitlines()[-1].split()
         assert code == "0", done.stderr
         assert not {"getpass", "termios", "rich", "pydantic", "psycopg"} & set(loaded), loaded
-        unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres")
+        unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres",
+                  "escalate.results")
         assert not [name for name in loaded if name.startswith(unused)], loaded
         app = build_app(["ledger_cmds"], only=command[0])
         assert [info.callback.__name__ for info in app.registered_commands if info.callback] == [command[0]]

@@ -119,3 +119,30 @@ def test_a_last_line_whose_ts_is_no_timestamp_is_refused_not_used_as_a_floor(
         run.reserve("b", "0.5")
     assert refused.value.exit_code == 6 and "line 2" in refused.value.message
     assert log.read_bytes() == before
+
+
+def test_a_writes_own_timestamp_is_its_next_floor_unparsed(tmp_path: Path, clock: FakeClock,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor a write leaves is its own timestamp, as escalate writes them: the next command
+    takes it without parsing it again; any other last timestamp is still checked."""
+    from escalate import write
+
+    run = _run(tmp_path, clock)
+    clock.advance(1)
+    run.reserve("a", "0.5")  # (after its first line's time: the floor it leaves is its own)
+    parsed: list[str] = []
+    parse = write.parse_ts
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(write, "parse_ts", counted)
+    clock.advance(1)
+    run.reserve("b", "0.5")
+    assert parsed == []
+    other = tmp_path / "other"
+    other.mkdir()
+    clock.advance(1)
+    fresh = _run(other, clock)  # (a new run: its first line is its floor, checked once)
+    assert fresh.reserve("c", "0.5")["status"] == "reserved" and len(parsed) == 1

@@ -62,3 +62,18 @@ def test_every_error_declares_the_facts_its_constructor_takes(cls: type[Escalate
             assert hint is not typing.Any, (cls, parameter)
             names = frozenset() if parameter.name == "code" else {parameter.name}
         assert names <= declared.keys(), (cls, names - declared.keys())
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_reports_the_code_it_declares(cls: type[EscalateError]) -> None:
+    # A class's code is its ``default_code``: a class attribute named ``code`` is shadowed by
+    # the instance's, so the error would report its parent's code instead.
+    assert "code" not in vars(cls)
+
+
+def test_a_missing_signing_package_is_signing_unavailable() -> None:
+    from escalate.core.sshsig import SigningUnavailable
+
+    error = SigningUnavailable("checking signatures needs the cryptography package")
+    assert (error.code, error.exit_code, error.to_json()["error"]) == ("signing_unavailable", 2,
+                                                                       "signing_unavailable")

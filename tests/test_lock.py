@@ -216,7 +216,10 @@ def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
         runs_dir: Path, lock_holder: Any, gives_up: str) -> None:
     """The helper thread still queued after the caller gave up takes the lock when the
     holder lets go and releases it at once: no lock held, no descriptor left open, no
-    thread left running, and the run takes the next write without waiting."""
+    ``flock`` call left waiting (the helper is idle again, kept for the next wait), and the
+    run takes the next write without waiting."""
+    from escalate.stores.file import lock
+
     Ledger.init(runs_dir, "r", cap="10")
     lock_path = runs_dir / "r" / "events.ndjson.lock"
     with lock_holder(lock_path):
@@ -230,11 +233,15 @@ def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
             with pytest.raises(KeyboardInterrupt):
                 Ledger.open(runs_dir, "r", lock_timeout=60).reserve("t", "1")
             interrupt.join()
-        waiters = [t for t in threading.enumerate() if t.name == "escalate-lock-waiter"]
-        assert len(waiters) == 1 and waiters[0].daemon  # queued still: the lock is held
+        helpers = [t for t in threading.enumerate() if t.name == "escalate-lock-waiter"]
+        assert helpers and all(t.daemon for t in helpers)
+        assert len(lock._IDLE) == len(helpers) - 1  # one queued still: the lock is held
         assert _lock_descriptors(lock_path) == 1  # the helper's, and only while it waits
-    waiters[0].join(30)
-    assert not waiters[0].is_alive()
+    deadline = time.monotonic() + 30
+    while len(lock._IDLE) < len(helpers):  # the queued one is granted, lets go, goes idle
+        assert time.monotonic() < deadline, "the helper never got the lock it was queued for"
+        time.sleep(0.01)
+    assert all(t.is_alive() for t in helpers)
     assert _lock_descriptors(lock_path) == 0
     probe = ("import fcntl, sys\nwith open(sys.argv[1], 'rb') as f:\n"
              "    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n")
@@ -259,8 +266,7 @@ def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path
         try:
             waiter = Waiter(fd)
             granted = waiter.wait(time.monotonic())  # the deadline has passed: a race
-            waiter.thread.join(30)
-            assert not waiter.thread.is_alive()
+            assert waiter.finished.acquire(timeout=30)
             with open(lock_path, "rb") as other:  # another open file: it conflicts with fd's
                 try:
                     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -282,6 +288,8 @@ def test_a_child_forked_while_a_waiter_is_queued_does_not_keep_the_lock(runs_dir
     waiter has written."""
     import multiprocessing
 
+    from escalate.stores.file import lock
+
     Ledger.init(runs_dir, "r", cap="10")
     lock_path = runs_dir / "r" / "events.ndjson.lock"
     outcome: list[str] = []
@@ -291,7 +299,7 @@ def test_a_child_forked_while_a_waiter_is_queued_does_not_keep_the_lock(runs_dir
     with lock_holder(lock_path):
         writer.start()
         deadline = time.monotonic() + 30
-        while not any(t.name == "escalate-lock-waiter" for t in threading.enumerate()):
+        while not lock._QUEUED:  # (the descriptors of a wait under way)
             assert time.monotonic() < deadline, "the writer never queued for the lock"
             time.sleep(0.01)
         child.start()  # forked while the writer is queued
@@ -306,3 +314,25 @@ def test_a_child_forked_while_a_waiter_is_queued_does_not_keep_the_lock(runs_dir
     finally:
         child.kill()
         child.join(30)
+
+
+def test_a_process_keeps_its_helper_thread_for_the_next_wait(runs_dir: Path, lock_holder: Any) -> None:
+    """Waits one after another in one process are made by the same helper thread, not by a
+    thread started for each (starting one cost more CPU than the rest of a wait)."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+    seen = []
+    for attempt in range(3):
+        with lock_holder(lock_path), pytest.raises(LockTimeout):
+            Ledger.open(runs_dir, "r", lock_timeout=0.2).reserve(f"t{attempt}", "1")
+        deadline = time.monotonic() + 30
+        while True:  # until its wait let go of the lock it was granted, and every helper is idle
+            helpers = {t for t in threading.enumerate() if t.name == "escalate-lock-waiter"}
+            if not lock._QUEUED and len(getattr(lock, "_IDLE", ())) == len(helpers):
+                break
+            assert time.monotonic() < deadline, "the helper never finished its wait"
+            time.sleep(0.01)
+        seen.append(helpers)  # (the Thread objects: an ident may be reused by a new thread)
+    assert len(seen[0]) >= 1 and seen[0] == seen[1] == seen[2]

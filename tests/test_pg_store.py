@@ -580,3 +580,28 @@ def test_opening_a_run_is_one_round_trip(pg_url: str, tmp_path: Path, pool: str 
         with pytest.raises(UnknownRun):
             Ledger.open(connection, "nope", actor="tester")
     assert Ledger.open(pg_url, "r", actor="tester").reserve("t", "1")["status"] == "reserved"
+
+
+def test_a_url_stores_role_is_asked_once_per_connection(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the connection a store opened from its URL (nobody else's, and escalate sets no
+    role on it), who acts is asked once, not in a round trip per command; escalations still
+    record it."""
+    Ledger.init(pg_url, "r", cap="10", escalation="enforce", approval_threshold="1")
+    run = Ledger.open(pg_url, "r")
+    run.reserve("a", "0.5")
+    sent: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def counted(self: psycopg.Connection[Any], query: Any, *args: Any, **options: Any) -> Any:
+        sent.append(str(query))
+        return execute(self, query, *args, **options)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    run.reserve("b", "0.5")
+    run.release("b", "0.5")
+    with pytest.raises(Pending) as pending:
+        run.reserve("c", "2")
+    assert sent and not [query for query in sent if "current_user" in query]
+    with psycopg.connect(pg_url) as connection:
+        user = connection.execute("SELECT current_user").fetchone()
+    assert user is not None and run.state().escalations[pending.value.escalation_id].requested_role == user[0]

@@ -7,6 +7,7 @@ derived, save_derived) and read back through the same seam."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import ItemsView, Iterator, ValuesView
 from contextlib import AbstractContextManager, contextmanager
@@ -168,7 +169,8 @@ class StoreContract:
         escalation = run.state().escalations[pending.value.escalation_id]
         assert escalation.requested_role == role()
 
-    def test_closing_releases_every_handle_a_write_kept(self, location: Location) -> None:
+    def test_closing_releases_every_handle_a_write_kept(self, location: Location,
+                                                         no_collector: None) -> None:
         Ledger.init(location, "r", cap="10").close()
         before = _handles()
         run = Ledger.open(location, "r")
@@ -190,6 +192,18 @@ class StoreContract:
         assert runs.ledger("r", lock_timeout=5).read().state.reserved_micros == 1_000_000
         assert _handles() == held  # (the store's connection, if any, was not closed: the caller's)
         runs.close()
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """What earlier tests left to the garbage collector is collected first, and nothing is
+    collected meanwhile: the count of handles moves only with what the test does."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _handles() -> int:

@@ -32,6 +32,7 @@ from escalate.cli.runs_cmds import (
     ShowFormat,
     ThresholdOption,
     _escalation_timeout,
+    init_settings,
 )
 from escalate.core.money import format_usd as usd
 
@@ -78,19 +79,15 @@ def init(
     """Create POOL, a cap over the runs that join it (the same settings again is a no-op)."""
 
     def action() -> dict[str, Any]:
-        from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
         from escalate.pools.pool import Pool
 
         options = open_options(runs_dir, lock_timeout, by)
-        timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
-                     else _escalation_timeout(escalation_timeout))
+        settings = init_settings(escalation=escalation, approval_threshold=approval_threshold,
+                                 escalation_timeout=escalation_timeout, max_extension=max_extension,
+                                 approvers=approvers, approvers_match=approvers_match,
+                                 approver_keys=approver_key, quorum=(quorum, quorum_above))
         created = opened(Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
-                            escalation=escalation or "off", approval_threshold=approval_threshold,
-                            escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                            approvers=approvers or (), approvers_match=approvers_match or "claimed",
-                            approver_keys=approver_key or (),
-                            quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
-                            **options))
+                                   **settings, **options))
         return {**created.show(), "status": "created" if created.created else "exists"}
 
     def human(result: dict[str, Any]) -> None:

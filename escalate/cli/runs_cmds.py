@@ -30,6 +30,7 @@ from escalate.core.money import format_usd as usd
 from escalate.reports.report import pool_binding, printable
 
 if TYPE_CHECKING:
+    from escalate.config import PolicyOptions, RunPolicyOptions
     from escalate.reports.runs import BrokenRun, RunRow, VerifyReport
     from escalate.service import Ledger
 
@@ -104,20 +105,16 @@ def init(
               "add --escalation enforce (or shadow) to use it", file=sys.stderr)
 
     def action() -> dict[str, Any]:
-        from escalate.config import DEFAULT_ESCALATION_TIMEOUT_S
         from escalate.service import Ledger
 
         options = open_options(runs_dir, lock_timeout, by)
-        timeout_s = (DEFAULT_ESCALATION_TIMEOUT_S if escalation_timeout is None
-                     else _escalation_timeout(escalation_timeout))
-        ledger = opened(Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap,
-                             escalation=escalation or "off", approval_threshold=approval_threshold,
-                             escalation_timeout_s=timeout_s, max_extension=max_extension or "0",
-                             approvers=approvers or (), approvers_match=approvers_match or "claimed",
-                             approver_keys=approver_key or (),
-                             quorum=1 if quorum is None else quorum, quorum_above=quorum_above,
-                             renotify_every_s=None if renotify_every is None else _renotify(renotify_every),
-                             pool=pool, **options))
+        settings: RunPolicyOptions = {**init_settings(
+            escalation=escalation, approval_threshold=approval_threshold,
+            escalation_timeout=escalation_timeout, max_extension=max_extension, approvers=approvers,
+            approvers_match=approvers_match, approver_keys=approver_key, quorum=(quorum, quorum_above)),
+            "renotify_every_s": None if renotify_every is None else _renotify(renotify_every)}
+        ledger = opened(Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap, pool=pool,
+                                    **settings, **options))
         if pool is not None and cap is not None:
             _warn_over_pool(ledger, pool)
         return {**ledger.state().totals(), "status": "created" if ledger.created else "exists",
@@ -206,6 +203,32 @@ def set_policy(
             echo_line(f"run {result['run']}: {', '.join(changed)}{binding}")
 
     respond(json_out, action, human)
+
+
+def init_settings(*, escalation: str | None, approval_threshold: str | None, escalation_timeout: str | None,
+                  max_extension: str | None, approvers: str | None, approvers_match: str | None,
+                  approver_keys: list[str] | None,
+                  quorum: tuple[int | None, str | None]) -> PolicyOptions:
+    """The escalation settings ``runs init`` and ``pools init`` were given, as the keywords of
+    ``init``: one left out (or empty) takes its default
+    (:class:`escalate.config.PolicySettings`); a duration is parsed here, inside the command,
+    so a bad one is reported as its error."""
+    given: PolicyOptions = {"approval_threshold": approval_threshold, "quorum_above": quorum[1]}
+    if escalation:
+        given["escalation"] = escalation
+    if escalation_timeout is not None:
+        given["escalation_timeout_s"] = _escalation_timeout(escalation_timeout)
+    if max_extension:
+        given["max_extension"] = max_extension
+    if approvers:
+        given["approvers"] = approvers
+    if approvers_match:
+        given["approvers_match"] = approvers_match
+    if approver_keys:
+        given["approver_keys"] = approver_keys
+    if quorum[0] is not None:
+        given["quorum"] = quorum[0]
+    return given
 
 
 def policy_changes(json_out: bool, *, escalation: str | None, approval_threshold: str | None,

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired, TypedDict
 
 from escalate.core.events import (
     SCHEMA_VERSION,
     ApproversMatch,
     EscalationKind,
     EscalationReason,
+    EventType,
     HaltReason,
     Mode,
     Period,
@@ -306,3 +307,42 @@ PAYLOADS: tuple[type[Any], ...] = (
     Recovery, PolicyChanged, EscalationNotified, PoolOpened, RunJoined, RunArchived, RunJoinVoided,
     MemberOpened, EscalationApproved)
 
+
+class Total(Enum):
+    """A sum that money fields move (:data:`MONEY`)."""
+
+    CAP = "the run's cap"
+    RESERVED = "what the run's tasks hold"
+    SPENT = "what the run spent"
+    POOL_CAP = "a pool's cap (in the pool's own log)"
+    POOL_EXTENDED = "a pool's extension in the period of the line (in a member's log)"
+
+
+class Move(NamedTuple):
+    """How a money field moves a :class:`Total`: ``sets`` it to the value, ``adds`` or
+    ``takes`` the value."""
+
+    total: Total
+    how: Literal["sets", "adds", "takes"]
+
+
+# Every money field (micros) of every event, and how it moves the totals; None: it only
+# reports (what was asked, what was left, a limit). An event type that moves money gets its
+# row here with its payload: tests/test_money_events.py holds every payload's money fields,
+# escalate's fold, a pool's member fold (escalate.pools.member), runs show --events
+# (escalate.reports.report.describe_event) and the tests' own audit fold to this table.
+MONEY: dict[EventType, dict[str, Move | None]] = {
+    "run_opened": {"run_cap_micros": Move(Total.CAP, "sets"), "task_cap_micros": None},
+    "budget_reserved": {"amount_micros": Move(Total.RESERVED, "adds")},
+    "budget_increased": {"from_micros": Move(Total.RESERVED, "takes"),
+                         "to_micros": Move(Total.RESERVED, "adds")},
+    "released": {"reserved_micros": Move(Total.RESERVED, "takes"),
+                 "actual_micros": Move(Total.SPENT, "adds")},
+    "halt": {"requested_micros": None, "remaining_micros": None},
+    "escalation": {"from_micros": None, "requested_micros": None, "remaining_micros": None,
+                   "needed_extension_micros": None},
+    "escalation_resolved": {"extension_micros": Move(Total.CAP, "adds"),
+                            "pool_extension_micros": Move(Total.POOL_EXTENDED, "adds")},
+    "policy_changed": {"cap_micros": Move(Total.POOL_CAP, "sets")},
+    "pool_opened": {"cap_micros": Move(Total.POOL_CAP, "sets")},
+}

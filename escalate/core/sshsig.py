@@ -41,7 +41,7 @@ class SignatureError(Exception):
 class SigningUnavailable(InputError):
     """A signature must be checked and the ``cryptography`` package is missing (exit 2)."""
 
-    code = "signing_unavailable"
+    default_code = "signing_unavailable"
 
 
 @dataclass(frozen=True, slots=True)

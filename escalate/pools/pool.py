@@ -27,7 +27,14 @@ from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
-from escalate.stores.seam import Closing, LedgerStore, Store, first_event, open_store, owned_store
+from escalate.stores.seam import (
+    Closing,
+    LedgerStore,
+    StoreLocation,
+    first_event,
+    open_store,
+    owned_store,
+)
 from escalate.write import first_lines
 
 if TYPE_CHECKING:
@@ -87,16 +94,16 @@ class PoolInitOptions(config.PolicyOptions, total=False):
 class Pool(Closing):
     """One pool in a store (a runs folder)."""
 
-    def __init__(self, runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
+    def __init__(self, location: StoreLocation, pool_id: str, *,
                  lock_timeout: float | None = None, actor: str | None = None,
                  clock: Clock | None = None) -> None:
         self.pool_id = check_id(pool_id, what="pool id")
         self.lock_timeout = config.lock_timeout(lock_timeout)
         self.actor = config.actor(actor)
         self.clock = clock or config.utc_now
-        self.runs_store = open_store(runs_dir)
+        self.runs_store = open_store(location)
         # A store opened here (from a path or a URL) is this Pool's to close; one given is the caller's.
-        self._owns_store = self.runs_store is not runs_dir
+        self._owns_store = self.runs_store is not location
         self.store: LedgerStore = self.runs_store.ledger(self.pool_id, lock_timeout=self.lock_timeout)
         self.created = False
 
@@ -110,7 +117,7 @@ class Pool(Closing):
     @classmethod
     def init(
         cls,
-        runs_dir: str | os.PathLike[str] | Store,
+        location: StoreLocation,
         pool_id: str,
         *,
         cap: Amount,
@@ -124,7 +131,7 @@ class Pool(Closing):
         options; ``max_extension`` is what approvals of ``pool_cap`` escalations may add per
         period."""
         settings, pool_options = config.PolicySettings.split(options, config.PolicyOptions.__optional_keys__)
-        pool = cls(runs_dir, pool_id, **pool_options)
+        pool = cls(location, pool_id, **pool_options)
         with pool.closed_on_error():  # (a pool that fails to open is closed, not left to the collector)
             pool.runs_store.check_usable()
             cap_micros, _ = config.run_caps(cap, None)
@@ -149,10 +156,11 @@ class Pool(Closing):
             return pool
 
     @classmethod
-    def open(cls, runs_dir: str | os.PathLike[str] | Store, pool_id: str, **options: Any) -> Pool:
+    def open(cls, location: StoreLocation, pool_id: str, *, lock_timeout: float | None = None,
+             actor: str | None = None, clock: Clock | None = None) -> Pool:
         """Open an existing pool; :class:`InputError` (exit 2) if there is none, or the id
         is a run's."""
-        pool = cls(runs_dir, pool_id, **options)
+        pool = cls(location, pool_id, lock_timeout=lock_timeout, actor=actor, clock=clock)
         with pool.closed_on_error():
             pool.state()
         return pool
@@ -328,10 +336,10 @@ class PoolRow(TypedDict):
     runs: int
 
 
-def list_pools(runs_dir: str | os.PathLike[str] | Store) -> list[PoolRow]:
+def list_pools(location: StoreLocation) -> list[PoolRow]:
     """Every pool in the store, by id, with its settings and how many runs it has."""
     rows: list[PoolRow] = []
-    with owned_store(runs_dir) as store:
+    with owned_store(location) as store:
         for ledger_id, kind in pool_book.ledger_kinds(store):
             if kind == "pool_opened":
                 facts = Pool.open(store, ledger_id).facts
@@ -355,7 +363,7 @@ class PoolVerifyReport(TypedDict):
     members: list[VerifyReport]  # each member's log, as runs verify reports it
 
 
-def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
+def verify_pool(location: StoreLocation, pool_id: str, *,
                 lock_timeout: float | None = None) -> PoolVerifyReport:
     """Check every line of the pool's log (the chain and the pool's rules) and of each member
     named in it (a member with no log, or whose id another ledger holds, is a problem too).
@@ -363,7 +371,7 @@ def verify_pool(runs_dir: str | os.PathLike[str] | Store, pool_id: str, *,
     :class:`InputError` when there is no such pool, or it is a run."""
     from escalate.reports.runs import verify_report
 
-    with owned_store(runs_dir) as runs:
+    with owned_store(location) as runs:
         timeout = config.lock_timeout(lock_timeout)
         store = runs.ledger(check_id(pool_id, what="pool id"), lock_timeout=timeout)
         first = first_event(store)

@@ -9,8 +9,6 @@ period) has left now: other tasks may have reserved or released since.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
 from escalate.core.decide import fired_limit
@@ -24,7 +22,7 @@ from escalate.escalation.delivery import answer_commands
 from escalate.pools.pool import Pool, PoolReport
 from escalate.reports.runs import iter_run_ids, runs_root
 from escalate.service import Ledger
-from escalate.stores.seam import Store
+from escalate.stores.seam import Store, StoreLocation
 
 
 class InboxRow(TypedDict):
@@ -103,12 +101,12 @@ class Inbox(TypedDict):
     skipped: list[SkippedRun]
 
 
-def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
+def inbox(location: StoreLocation, *, run: str | None = None,
           open_only: bool = False) -> Inbox:
     """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
     then by priority, then newest first; ``open_only`` keeps those waiting for a person.
     An unreadable run is skipped and listed, unless it is ``run``."""
-    with runs_root(runs_dir) as root:
+    with runs_root(location) as root:
         run_ids = [run] if run is not None else list(iter_run_ids(root))
         rows: list[InboxRow] = []
         skipped: list[SkippedRun] = []
@@ -133,11 +131,11 @@ def inbox(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
     return {"escalations": rows, "skipped": skipped}
 
 
-def pool_remaining(runs_dir: Path | Store, pool_id: str) -> int | None:
+def pool_remaining(location: Store, pool_id: str) -> int | None:
     """What is left of pool ``pool_id`` in its current period; None when the pool cannot be
     read (its members' escalations are still listed)."""
     try:
-        return Pool.open(runs_dir, pool_id).show()["remaining_micros"]
+        return Pool.open(location, pool_id).show()["remaining_micros"]
     except EscalateError:
         return None
 
@@ -162,11 +160,11 @@ def escalation_row(state: RunState, escalation: EscalationState, pool: str | Non
                            "pool_remaining_micros": pool_left})
 
 
-def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
+def escalation_view(location: StoreLocation, run_id: str,
                     escalation_id: str) -> EscalationView:
     """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
     computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
-    with runs_root(runs_dir) as root:
+    with runs_root(location) as root:
         check_id(escalation_id, what="escalation id")
         with Ledger.open(root, run_id) as ledger:
             state, events = ledger.state(), ledger.events()[0]
@@ -203,11 +201,11 @@ def escalation_view(runs_dir: str | os.PathLike[str] | Store, run_id: str,
     }
 
 
-def _pool_now(runs_dir: Path | Store, pool_id: str) -> tuple[PoolReport | None, Policy | None]:
+def _pool_now(location: Store, pool_id: str) -> tuple[PoolReport | None, Policy | None]:
     """The pool's money now and its policy; both None when it cannot be read (the run's own
     money and the escalation are still shown)."""
     try:
-        pool = Pool.open(runs_dir, pool_id)
+        pool = Pool.open(location, pool_id)
         return pool.show(), pool.state().policy
     except EscalateError:
         return None, None

@@ -9,16 +9,15 @@ others: it is reported beside them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Literal, TypedDict, cast, final
+from typing import Any, Literal, TypedDict, Unpack, cast, final
 
 from escalate.core.state import RunState, Totals
 from escalate.errors import CorruptLedger, EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
-from escalate.service import Ledger
-from escalate.stores.seam import LedgerStore, Store, owned_store
+from escalate.service import Ledger, LedgerOptions
+from escalate.stores.seam import LedgerStore, Store, StoreLocation, owned_store
 
 RunWord = Literal["escalation open", "over cap", "halted tasks", "active", "idle", "archived"]
 
@@ -106,21 +105,21 @@ class VerifyReport(TypedDict):
 
 
 @contextmanager
-def runs_root(runs_dir: str | os.PathLike[str] | Store) -> Iterator[Store]:
-    """The store at ``runs_dir`` for the calls that look at every run, opened once (so every
+def runs_root(location: StoreLocation) -> Iterator[Store]:
+    """The store at ``location`` for the calls that look at every run, opened once (so every
     run is read through one connection) and closed at the end if opened here; a file there
     is a wrong folder."""
-    with owned_store(runs_dir) as store:
+    with owned_store(location) as store:
         store.check_usable()
         yield store
 
 
-def list_runs(runs_dir: str | os.PathLike[str] | Store, *,
+def list_runs(location: StoreLocation, *,
               every_run: bool = False) -> list[RunRow | BrokenRun]:
-    """Every run under ``runs_dir`` with its totals and state, newest first; a run that
+    """Every run under ``location`` with its totals and state, newest first; a run that
     cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     rows: list[RunRow | BrokenRun] = []
-    with runs_root(runs_dir) as root:
+    with runs_root(location) as root:
         for run_id in iter_run_ids(root):
             try:
                 with Ledger.open(root, run_id) as ledger:
@@ -149,15 +148,15 @@ def run_word(state: RunState) -> RunWord:
     return "active" if state.reserved_micros else "idle"
 
 
-def sweep_all(runs_dir: str | os.PathLike[str] | Store, *, run: str | None = None,
-              limits: SweepLimits = SWEEP_LIMITS, **options: Any) -> SweepReport:
+def sweep_all(location: StoreLocation, *, run: str | None = None,
+              limits: SweepLimits = SWEEP_LIMITS, **options: Unpack[LedgerOptions]) -> SweepReport:
     """Pause by timeout every expired escalation in every run (or in ``run`` only), then
     send again the notices that are due within ``limits`` (:meth:`Ledger.sweep`): every
     expiry is written before any hook runs, and a notice not started by the deadline is
     listed in ``deferred`` and due at the next sweep. ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
     still swept; with ``run`` its error is raised."""
-    with runs_root(runs_dir) as root, ExitStack() as opened:
+    with runs_root(location) as root, ExitStack() as opened:
         run_ids = [run] if run is not None else list(iter_run_ids(root))
         expired: list[SweptEscalation] = []
         due: list[dict[str, Any]] = []
@@ -228,10 +227,10 @@ def verify_report(ledger: Ledger | LedgerStore, *, runs: Store | None = None) ->
     }
 
 
-def iter_run_ids(runs_dir: str | os.PathLike[str] | Store) -> Iterator[str]:
+def iter_run_ids(location: StoreLocation) -> Iterator[str]:
     """The ids of the runs in a store (a runs folder: folders with a log), sorted; a pool's
     ledger is no run."""
     from escalate.pools.book import ledger_kinds
 
-    with owned_store(runs_dir) as store:
+    with owned_store(location) as store:
         yield from (ledger_id for ledger_id, kind in ledger_kinds(store) if kind != "pool_opened")

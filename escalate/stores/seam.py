@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, Self, TypeAlias
 
 import orjson
 
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from escalate.core.payloads import Recovery
     from escalate.stores.postgres.connect import ConnectionPool
     from escalate.stores.postgres.transaction import Connection
+
+# Where ledgers live, as a caller names it: a runs folder, a store's URL, an open psycopg
+# connection or pool, or a store (:func:`open_store` opens each).
+StoreLocation: TypeAlias = "str | os.PathLike[str] | Store | Connection | ConnectionPool"
 
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
 _POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
@@ -266,7 +270,7 @@ class Closing:
 
 
 @contextmanager
-def owned_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Iterator[Store]:
+def owned_store(location: StoreLocation) -> Iterator[Store]:
     """:func:`open_store` for the length of a call: a store opened here (from a path or a
     URL) is closed at the end; a store given stays open, the caller's."""
     store = open_store(location)
@@ -289,7 +293,7 @@ def is_store(location: object) -> TypeIs[Store]:
     return hasattr(location, "ledger") and hasattr(location, "run_ids")
 
 
-def open_store(location: str | os.PathLike[str] | Store | Connection | ConnectionPool) -> Store:
+def open_store(location: StoreLocation) -> Store:
     """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
     psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
     path is a file store (a runs root); a store is itself."""

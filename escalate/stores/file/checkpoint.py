@@ -315,6 +315,8 @@ class Checkpoint:
             ((key, encode_escalation(key, e)) for key, e in escalations.items()),
         }
         for table, pairs in rows.items():
+            if incremental and not (pairs := list(pairs)):
+                continue  # (no row of this table was read or added: most writes touch no escalation)
             connection.executemany(
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",

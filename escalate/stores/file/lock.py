@@ -5,14 +5,14 @@ through a symbolic link, never truncated, never deleted); this module only locks
 The lock is ``filelock``'s native primitive on that descriptor (``flock`` on Unix,
 ``LockFileEx`` on Windows), which the kernel releases when the process dies.
 
-A waiter sleeps in the kernel's queue for the lock: a helper thread makes the blocking
-``flock`` call (the primitive ``filelock`` takes without blocking), and the caller's thread
-waits for it with its deadline from the monotonic clock. The kernel wakes a waiter when
-the holder lets go, so the lock changes hands at once and a waiter spends no CPU (a polling
-waiter looked again up to 0.5 ms later, and eight of them took the holder's CPU). The
-library installs no signal handler and no timer, and a host that blocks or uses SIGALRM is
-not disturbed. Where there is no ``flock`` (Windows) the wait polls ``filelock`` with a
-short back-off instead.
+A waiter sleeps in the kernel's queue for the lock: a helper thread (kept for the next
+wait) makes the blocking ``flock`` call (the primitive ``filelock`` takes without
+blocking), and the caller's thread waits for it with its deadline from the monotonic
+clock. The kernel wakes a waiter when the holder lets go, so the lock changes hands at
+once and a waiter spends no CPU (a polling waiter looked again up to 0.5 ms later, and
+eight of them took the holder's CPU). The library installs no signal handler and no
+timer, and a host that blocks or uses SIGALRM is not disturbed. Where there is no
+``flock`` (Windows) the wait polls ``filelock`` with a short back-off instead.
 
 ``filelock`` costs a few tens of milliseconds to import, so this module is imported only
 by commands that lock (the read-only ones never do).
@@ -21,6 +21,7 @@ by commands that lock (the read-only ones never do).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from contextlib import suppress
@@ -68,33 +69,64 @@ def _close_queued_in_child() -> None:
         with suppress(OSError):
             os.close(fd)
     _QUEUED.clear()
+    _IDLE.clear()  # (their threads are the parent's: a child starts its own)
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_queued_in_child)
 
 
+class _Helper:
+    """A daemon thread that makes the blocking ``flock`` calls of waits, one wait at a time,
+    and sleeps between them: kept for the process's next wait (starting a thread for every
+    wait cost more CPU than the rest of it, with eight processes taking turns on two cores).
+    A process has as many as it ever had waits under way at once. One still queued when the
+    process exits does not keep it alive (a daemon thread)."""
+
+    def __init__(self) -> None:
+        self.requests: queue.SimpleQueue[Waiter] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="escalate-lock-waiter", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            self.requests.get()._run()
+            _IDLE.append(self)
+
+    @staticmethod
+    def take() -> _Helper:
+        """An idle helper, or a new one."""
+        try:
+            return _IDLE.pop()
+        except IndexError:
+            return _Helper()
+
+
+_IDLE: list[_Helper] = []  # helpers waiting for a wait
+
+
 class Waiter:
-    """A blocking ``flock`` on a duplicate of the caller's descriptor, on a daemon thread.
+    """A blocking ``flock`` on a duplicate of the caller's descriptor, made by a helper
+    thread (:class:`_Helper`).
 
     The duplicate shares the caller's open file, so the lock the helper is granted is the
     caller's. If the caller gave up first (its deadline, or an exception such as
     KeyboardInterrupt), the helper unlocks and closes the duplicate as soon as the kernel
-    grants it the lock: the lock is let go at once and no descriptor is left open. A helper
-    still queued when the process exits does not keep it alive (a daemon thread).
+    grants it the lock: the lock is let go at once and no descriptor is left open.
     """
 
     def __init__(self, fd: int) -> None:
         self.caller_fd = fd
         self.fd = os.dup(fd)
         self.granted = threading.Event()  # set when the helper is done and the caller still waits
+        self.finished = threading.Lock()  # released when the helper is done, whoever waits
+        self.finished.acquire()
         self.decided = threading.Lock()  # orders the helper's grant and the caller's giving up
         self.abandoned = False
         self.error: OSError | None = None
-        self.thread = threading.Thread(target=self._run, name="escalate-lock-waiter", daemon=True)
         _QUEUED.update((fd, self.fd))
         try:
-            self.thread.start()
+            _Helper.take().requests.put(self)
         except BaseException:
             _QUEUED.difference_update((fd, self.fd))
             os.close(self.fd)
@@ -116,6 +148,7 @@ class Waiter:
             self.error = error
             if not self.abandoned:
                 self.granted.set()
+        self.finished.release()
 
     def wait(self, deadline: float) -> bool:
         """True once the lock is the caller's; False, and given up, at ``deadline`` (on the

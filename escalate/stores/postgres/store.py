@@ -102,6 +102,7 @@ class PgStore(Closing):
         # The connection of the transaction open in this process (a pool's, while a member
         # run is written): a nested transaction joins it, so both commit together.
         self._active: Connection | None = None
+        self._role: tuple[Connection, str] | None = None  # current_user of _kept, once asked
         self._password = ""
         self._where = "a PostgreSQL database"
         self._described = False  # a pool's database is named by its first connection
@@ -199,6 +200,22 @@ class PgStore(Closing):
             yield
         finally:
             self._active = None
+
+    def current_role(self) -> str:
+        """``current_user`` on this store's connection. On a connection or pool it was given,
+        asked each time: one connection may serve several people with ``SET ROLE`` between
+        commands. On the connection it opened itself from a URL, which nothing but escalate
+        uses and escalate never sets a role on, asked once per connection (not a round trip
+        per command)."""
+        with self.connection() as connection:
+            known = self._role
+            if known is not None and known[0] is connection:
+                return known[1]
+            row = connection.execute("SELECT current_user").fetchone()
+            role = str(row[0]) if row is not None else ""
+            if connection is self._kept:
+                self._role = (connection, role)
+            return role
 
     def schema_checked(self) -> None:
         """The schema was found up to date (by a query that asked for its version): no
@@ -401,12 +418,8 @@ class PgLedger:
     approvers_are_roles = True  # approver lists name database roles
 
     def role(self) -> str:
-        """The database role acting now (``current_user``), asked each time: one connection
-        may serve several people with ``SET ROLE``. Inside a command's transaction it is
-        asked in that transaction."""
-        with self._store.connection() as connection:
-            row = connection.execute("SELECT current_user").fetchone()
-        return str(row[0]) if row is not None else ""
+        """The database role acting now (``current_user``): :meth:`PgStore.current_role`."""
+        return self._store.current_role()
 
     def wait_for_change(self, seen_size: int, timeout_s: float, *, poll_s: float) -> bool:
         """Wait for a commit's notice for this ledger (LISTEN/NOTIFY, no polling).
