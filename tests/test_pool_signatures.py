@@ -135,3 +135,25 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     assert Ledger.open(store, "r").verify().problems == []
 
 
+
+
+def test_a_member_log_forged_in_place_at_the_same_size_is_refused_by_its_next_write(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # The pool's books counted r up to the byte where its log ends; an edit that keeps the
+    # size (one character of the signature, the chain rebuilt) ends the log in another line.
+    signed, line = approved_member(cli, keys, store)
+    assert cli("reserve", "r", "t2", "--estimate", "0.5").exit_code in (0, 3, 4)  # the books are current
+    signed = log_bytes(store, "r")
+    lines = events(signed)
+    at = line - 1
+    lines[at] = {**lines[at], "signature": lines[at]["signature"].replace("A", "B", 1)}
+    forged = rechained(lines)
+    assert len(forged) == len(signed) and forged != signed
+    put_log(store, "r", forged)
+    before = {k: v for k, v in snapshot_store(store).items() if "derived" not in k}
+    refused = cli("reserve", "r", "t3", "--estimate", "0.5", "--json")
+    assert refused.exit_code == 6, (refused.stdout, refused.stderr)
+    assert refused.json()["error"] == "member_unreadable" and f"line {line}" in refused.stderr
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == before
+    put_log(store, "r", signed)
+    assert cli("reserve", "r", "t3", "--estimate", "0.5").exit_code != 6
