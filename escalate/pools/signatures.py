@@ -11,7 +11,7 @@ line's time), by the rules a run's own policy is checked by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -20,8 +20,18 @@ from escalate.core.fold_escalations import check_resolver, check_signature
 from escalate.core.fold_fields import policy_field
 from escalate.core.replay import read_events
 from escalate.core.rules import needed_extension, quorum_required
-from escalate.core.state import Policy, RuleViolation
+from escalate.core.state import ForgedSignature, Policy, RuleViolation
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
+
+
+class PoolProblem(NamedTuple):
+    """A line of a member's log that breaks its pool's policy, and whether it is a forged or
+    missing signature (``forged_signature``) rather than another broken rule."""
+
+    line: int
+    problem: str
+    forged: bool
+
 
 # The lines of a member's log that decide a pool_cap escalation (the escalation_approved
 # lines of a quorum, and its escalation_resolved).
@@ -49,7 +59,7 @@ class PoolDecisions:
         elif kind in _DECISIONS and event.get("id") in self.asked:
             self.decided.append((number, event))
 
-    def problems(self, pool_events: list[Any], pool_id: str) -> list[tuple[int, str]]:
+    def problems(self, pool_events: list[Any], pool_id: str) -> list[PoolProblem]:
         """``(line, problem)`` for each decision that breaks the pool's policy as of the
         line's time (from ``pool_events``, the pool's log): :func:`check_decision`."""
         timeline = _policies(pool_events)
@@ -65,7 +75,8 @@ class PoolDecisions:
                 check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
                                approvals)
             except RuleViolation as exc:
-                found.append((number, f"pool_cap escalation: {exc}"))
+                found.append(PoolProblem(number, f"pool_cap escalation: {exc}",
+                                         isinstance(exc, ForgedSignature)))
         return found
 
 
@@ -123,7 +134,7 @@ def _policies(pool_events: list[Any]) -> list[tuple[str, Policy]]:
     return timeline
 
 
-def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[tuple[int, str]]:
+def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
     """The problems of ``decisions`` (a member's, of pool ``pool_id`` in ``runs``) against the
     keys the pool pinned; a member that holds no pool decision costs nothing (the pool's log
     is read only for one that does). A pool that is gone vouches for none of them."""
@@ -131,15 +142,15 @@ def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[t
         return []
     pool = runs.ledger(pool_id, lock_timeout=0)  # (only read: no lock is taken)
     if not pool.exists():
-        return [(number, f"pool_cap escalation {event.get('id')}: its pool {pool_id} is gone from "
-                         f"{runs.where}, so its approvals cannot be checked")
+        return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: its pool {pool_id} is gone "
+                                    f"from {runs.where}, so its approvals cannot be checked", False)
                 for number, event in decisions.decided]
     with pool.reader() as stream:
         pool_events, _ = read_events(stream, last=None, after_offset=0)
     return decisions.problems(pool_events, pool_id)
 
 
-def member_problems(runs: Store, store: LedgerStore) -> list[tuple[int, str]]:
+def member_problems(runs: Store, store: LedgerStore) -> list[PoolProblem]:
     """For a run of a pool (``store``, in ``runs``): :func:`pool_problems` of its whole log,
     read once more (``runs verify``, ``gate``); nothing, and no read, for a run of no pool."""
     first = first_event(store)
