@@ -6,6 +6,7 @@ every module where it lives."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -186,3 +187,31 @@ def test_the_imports_run_down_the_architecture_page_but_where_it_says() -> None:
 def test_the_layer_check_finds_an_import_that_goes_up() -> None:
     graph = {"escalate.core.x": {"escalate.service"}, "escalate.service": {"escalate.core.x"}}
     assert _upward(graph, ["service", "core"]) == {("escalate.core.x", "escalate.service")}
+
+
+_CROSS_REFERENCE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):`~?(escalate(?:\.\w+)+)(?:\(\))?`")
+
+
+def _names_something(dotted: str) -> bool:
+    """Whether ``dotted`` names a module of escalate, or something defined in one."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_every_cross_reference_in_the_code_names_what_is_there() -> None:
+    """A docstring that points at code that moved leads a reader nowhere."""
+    stale = [f"{path.relative_to(PACKAGE)}:{number}: {match}"
+             for path in sorted(PACKAGE.rglob("*.py"))
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             for match in _CROSS_REFERENCE.findall(line) if not _names_something(match)]
+    assert stale == []
