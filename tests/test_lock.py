@@ -266,7 +266,7 @@ def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path
         try:
             waiter = Waiter(fd)
             granted = waiter.wait(time.monotonic())  # the deadline has passed: a race
-            assert waiter.finished.wait(30)
+            assert waiter.finished.acquire(timeout=30)
             with open(lock_path, "rb") as other:  # another open file: it conflicts with fd's
                 try:
                     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,14 +27,15 @@ pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="need
 __all__ = ["keys", "person", "pg_url"]  # the fixtures, imported for the tests below
 
 
-def _quorum_member(person: Person, keys: dict[str, Path] | None) -> Any:
-    """Pool team (quorum 2; with ``keys``, alice's and bob's pinned) and its member r, whose
-    pool_cap escalation alice approved first and bob granted (each signing under keys)."""
+def _quorum_member(person: Person, keys: dict[str, Path] | None, **policy: Any) -> Any:
+    """Pool team (quorum 2; with ``keys``, alice's and bob's pinned; ``policy``: more of its
+    settings) and its member r, whose pool_cap escalation alice approved first and bob
+    granted (each signing under keys)."""
     signers = {"alice": keys["alice-ed25519"], "bob": keys["alice-ecdsa"]} if keys else {}
     names = {who: person(who)[1] for who in ("alice", "bob")}
     where, _ = person("worker")
     Pool.init(where, "team", cap="3", escalation="enforce", max_extension="5", quorum=2, actor="worker",
-              approver_keys=[f"{names[who]}={pub(key)}" for who, key in signers.items()])
+              approver_keys=[f"{names[who]}={pub(key)}" for who, key in signers.items()], **policy)
     run = Ledger.init(where, "r", cap="10", pool="team", actor="worker")
     Ledger.init(where, "r2", cap="10", pool="team", actor="worker")
     with pytest.raises(Pending) as pending:
@@ -117,3 +118,20 @@ def test_a_forged_partial_approval_of_a_pool_cap_escalation_fails_every_reader(
     _forged_member(where, owner, unsigned)
     _every_reader_refuses(where, owner, _line_of(where, "escalation_approved"),
                           "is not signed, but the pool team pins approvers' keys")
+
+
+def test_a_pool_cap_grant_by_an_identity_off_a_vouched_pool_list_fails_every_reader(
+        person: Person, request: pytest.FixtureRequest) -> None:
+    # Under the pool's --approvers-match vouched, its list names vouched identities; a member's
+    # own fold cannot hold a pool's list, so the readers of the member check it.
+    names = [person(who)[1] for who in ("alice", "bob")]
+    where = _quorum_member(person, None, approvers=names, approvers_match="vouched")
+    owner = request.getfixturevalue("pg_url") if isinstance(where, str) else where
+    carol = person("carol")[1]
+
+    def by_carol(lines: Lines) -> Lines:
+        return [dict(line, role=carol) if line["type"] == "escalation_resolved" else line for line in lines]
+
+    _forged_member(where, owner, by_carol)
+    _every_reader_refuses(where, owner, _line_of(where, "escalation_resolved"),
+                          f"resolved by '{carol}', who is not one of the approvers")

@@ -178,16 +178,24 @@ def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: s
 
 def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
     """The rule the decisions apply (:func:`escalate.resolve.decide_resolution`), as far as
-    the run's own log tells: the requester never resolves their own escalation, and under
-    ``approvers_match: vouched`` the approver list names the vouched identity. A member
-    run's escalation may be its pool's to decide, by a policy this log does not hold: only
-    two lines naming the same person are refused there."""
-    policy = state.policy
-    vouched = policy.approvers_match == "vouched" and state.member_of is None
-    if same_person(escalation.requested_by, escalation.requested_role, by, role, vouched):
-        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who asked for it")
+    the run's own log tells (:func:`check_resolver`). A member run's escalation may be its
+    pool's to decide, by a policy this log does not hold: only two lines naming the same
+    person are refused there (its pool's rule is :mod:`escalate.pools.signatures`')."""
+    check_resolver(state.policy, state.member_of is None, escalation.id, escalation.requested_by,
+                   escalation.requested_role, by, role)
+
+
+def check_resolver(policy: Policy, deciding: bool, escalation_id: str, requested_by: str | None,
+                   requested_role: str | None, by: str, role: str | None) -> None:
+    """The requester never resolves (or approves) their own escalation, and under
+    ``approvers_match: vouched`` the approver list names the vouched identity; ``deciding``:
+    ``policy`` is the one that decides the escalation (else only two lines naming the same
+    person are refused). Raises :class:`RuleViolation`."""
+    vouched = policy.approvers_match == "vouched" and deciding
+    if same_person(requested_by, requested_role, by, role, vouched):
+        raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who asked for it")
     if vouched and policy.approvers and (role or by) not in policy.approvers:
-        raise RuleViolation(f"escalation {escalation.id!r} resolved by {role or by!r}, who is not one "
+        raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who is not one "
                             f"of the approvers ({', '.join(policy.approvers)})")
 
 

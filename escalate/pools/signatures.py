@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from escalate.core.events import iter_lines, line_hash
-from escalate.core.fold_escalations import check_signature
+from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
+from escalate.core.fold_escalations import check_resolver, check_signature
 from escalate.core.fold_fields import policy_field
 from escalate.core.replay import read_events
 from escalate.core.rules import needed_extension, quorum_required
@@ -72,18 +72,24 @@ class PoolDecisions:
 def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[str, Any], asked_hash: str,
                    event: Mapping[str, Any], approvals: dict[Any, int]) -> None:
     """The rules a run's fold applies to its own escalations' decisions, applied under the
-    pool's ``policy``: while it pins keys, each is signed by a key pinned for its approver
-    (:func:`check_signature`); a grant has the approvals its quorum needs
+    pool's ``policy``: the requester never decides, and under ``vouched`` only a listed
+    identity does (:func:`check_resolver`); while it pins keys, each is signed by a key
+    pinned for its approver (:func:`check_signature`); a grant has the approvals its quorum needs
     (:func:`~escalate.core.rules.quorum_required`). ``approvals`` counts each escalation's
     approvals so far (the run's fold has checked they are distinct)."""
     escalation_id = event.get("id")
     approving = event.get("type") == "escalation_approved"
     mode = "extend" if approving else str(event.get("mode"))
+    by, role = str(event.get("by")), event.get("role")
+    if mode != "withdraw" and by != TIMEOUT_ACTOR:
+        asker, asker_role = escalation.get("actor"), escalation.get("role")
+        check_resolver(policy, True, str(escalation_id), asker if isinstance(asker, str) else None,
+                       asker_role if isinstance(asker_role, str) else None, by,
+                       role if isinstance(role, str) else None)
     if policy.approver_keys:
         requested = escalation.get("requested_micros")
         amount = requested if type(requested) is int else -1
-        check_signature(policy, whose, run_id, str(escalation_id), amount, asked_hash, event, mode,
-                        str(event.get("by")))
+        check_signature(policy, whose, run_id, str(escalation_id), amount, asked_hash, event, mode, by)
     if mode != "extend":
         return
     approvals[escalation_id] = count = approvals.get(escalation_id, 0) + 1
@@ -143,6 +149,8 @@ def member_problems(runs: Store, store: LedgerStore) -> list[tuple[int, str]]:
     decisions = PoolDecisions(str(first.get("run")) if first is not None else store.run_id)
     with store.reader() as stream:
         for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
+            if b'"escalation' not in line:
+                continue  # (no escalation line, nor a decision of one: not parsed)
             try:
                 event = orjson.loads(line)
             except orjson.JSONDecodeError:
