@@ -176,7 +176,8 @@ def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
             damages += 1
 
     kills = kill_storm(lambda slot: _spawn(roles[slot], root, acks[slot], rng.randrange(2**32)),
-                       len(roles), KILLING_S, rng, damage)
+                       len(roles), KILLING_S, rng, damage,
+                       enough=lambda kills: kills >= 30 and tears >= 5 and damages >= 3)
     print(f"{kills} processes killed, {tears} torn writes, {damages} checkpoint damages in {KILLING_S:g}s")
     assert kills >= 30 and tears >= 5 and damages >= 3
 

@@ -107,7 +107,7 @@ def test_killed_writers_lose_nothing_and_never_overspend(tmp_path: Path) -> None
             tears += 1
 
     kills = kill_storm(lambda slot: _spawn(root, acks[slot], rng.randrange(2**32)), WRITERS, KILLING_S,
-                       rng, tear)
+                       rng, tear, enough=lambda kills: kills >= 30)
     print(f"{kills} writers killed, {tears} torn lines left, in {KILLING_S:g}s")
     assert kills >= 30
 

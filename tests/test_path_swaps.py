@@ -111,6 +111,7 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
     lock is taken and the log read, before the append (in ``decide``). The append, the
     fsync and the checkpoint (kept from the last command, or made anew) still go to the folder
     whose lock was taken."""
+    from escalate import service
     from escalate.core import decide
 
     runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
@@ -131,7 +132,7 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
         os.symlink(decoy, runs_dir / "r", target_is_directory=True)
         return decide_reserve(*args)
 
-    monkeypatch.setattr(decide, "decide_reserve", swap_then_decide)
+    monkeypatch.setattr(service, "decide_reserve", swap_then_decide)  # (where Ledger.reserve looks it up)
     assert run.reserve("second", "1")["status"] == "reserved"
     assert _tree(outside) == before_outside
     moved = runs_dir / "r.moved" / "events.ndjson"
