@@ -434,11 +434,11 @@ class Ledger(Closing):
         if replayed.state.member_of is not None:  # its pool decides some of its approvals
             from escalate.pools.signatures import member_problems
 
-            for line, problem in member_problems(self.runs_store, self.store)[:1]:
+            for line, problem, forged in member_problems(self.runs_store, self.store)[:1]:
                 raise CorruptLedger(
                     f"{self.store.where} line {line}: {problem}; inspect with "
-                    f"'escalate runs verify {self.run_id}'", code="forged_signature", run=self.run_id,
-                    line=line, problem=problem, first_suspect_line=line)
+                    f"'escalate runs verify {self.run_id}'", code="forged_signature" if forged else None,
+                    run=self.run_id, line=line, problem=problem, first_suspect_line=line)
         return replayed.state
 
     def replayed(self) -> Replayed:

@@ -111,6 +111,7 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
         assert f"line {line}" in refused.stderr + refused.stdout or \
             f'"line": {line}' in refused.stdout, (args, refused.stdout)
         assert "pool_cap escalation" in refused.stderr + refused.stdout, (args, refused.stdout)
+    assert cli("gate", "r", "--json").json()["error"] == "forged_signature"
     verified = cli("runs", "verify", "r", "--json").json()
     assert [problem["line"] for problem in verified["problems"]] == [line]
     # Money writes into the member, and (once the books are folded again) into its pool, are

@@ -240,5 +240,5 @@ def _check_decisions(store: LedgerStore, pool_id: str, runs: Store, decisions: P
     ``pool_cap`` escalation without the signature its pool's keys require."""
     from escalate.pools.signatures import pool_problems
 
-    for line, problem in pool_problems(runs, pool_id, decisions)[:1]:
+    for line, problem, _ in pool_problems(runs, pool_id, decisions)[:1]:
         raise member_unreadable(store, pool_id, f"line {line}: {problem}", missing=False, line=line)

@@ -12,15 +12,24 @@ own policy is checked by
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
 from escalate.core.fold_escalations import check_resolver, check_signature
 from escalate.core.rules import needed_extension, quorum_required
-from escalate.core.state import Policy, RuleViolation, RunState
+from escalate.core.state import ForgedSignature, Policy, RuleViolation, RunState
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
+
+
+class PoolProblem(NamedTuple):
+    """A line of a member's log that breaks its pool's policy, and whether it is a forged or
+    missing signature (``forged_signature``) rather than another broken rule."""
+
+    line: int
+    problem: str
+    forged: bool
 
 # The lines of a member's log that decide a pool_cap escalation (the escalation_approved
 # lines of a quorum, and its escalation_resolved).
@@ -48,7 +57,7 @@ class PoolDecisions:
         elif kind in _DECISIONS and event.get("id") in self.asked:
             self.decided.append((number, event))
 
-    def problems(self, timeline: PoolTimeline, pool_id: str) -> list[tuple[int, str]]:
+    def problems(self, timeline: PoolTimeline, pool_id: str) -> list[PoolProblem]:
         """``(line, problem)`` for each decision that breaks the pool policy that governs it
         (:meth:`PoolTimeline.governing`): :func:`check_decision`. None is passed over: one
         that no policy of the pool can govern is a problem itself."""
@@ -61,7 +70,8 @@ class PoolDecisions:
                 check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
                                approvals)
             except RuleViolation as exc:
-                found.append((number, f"pool_cap escalation: {exc}"))
+                found.append(PoolProblem(number, f"pool_cap escalation: {exc}",
+                                         isinstance(exc, ForgedSignature)))
         return found
 
 
@@ -133,8 +143,10 @@ class PoolTimeline:
                     else:
                         fold.apply(state, event, line_hash(line))
                 except (orjson.JSONDecodeError, RuleViolation) as exc:
-                    raise RuleViolation(f"its pool's log fails at line {number} ({exc}), so the "
-                                        "pool's policy that decides it cannot be trusted") from None
+                    # (a forged signature there is one here: it would lift the pool's keys)
+                    damage = ForgedSignature if isinstance(exc, ForgedSignature) else RuleViolation
+                    raise damage(f"its pool's log fails at line {number} ({exc}), so the pool's "
+                                 "policy that decides it cannot be trusted") from None
                 kind = event.get("type")
                 if kind in ("pool_opened", "policy_changed"):
                     self.policies.append((str(event.get("ts")), state.policy))
@@ -159,7 +171,7 @@ class PoolTimeline:
         return self.policies[max(at, self.joined)][1]
 
 
-def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[tuple[int, str]]:
+def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
     """The problems of ``decisions`` (a member's, of pool ``pool_id`` in ``runs``) against the
     keys the pool pinned; a member that holds no pool decision costs nothing (the pool's log
     is read only for one that does). A pool that is gone vouches for none of them."""
@@ -167,18 +179,19 @@ def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[t
         return []
     pool = runs.ledger(pool_id, lock_timeout=0)  # (only read: no lock is taken)
     if not pool.exists():
-        return [(number, f"pool_cap escalation {event.get('id')}: its pool {pool_id} is gone from "
-                         f"{runs.where}, so its approvals cannot be checked")
+        return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: its pool {pool_id} is gone "
+                                    f"from {runs.where}, so its approvals cannot be checked", False)
                 for number, event in decisions.decided]
     try:
         timeline = PoolTimeline(pool, decisions.run_id)
     except RuleViolation as exc:
-        return [(number, f"pool_cap escalation {event.get('id')}: {exc}")
+        return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: {exc}",
+                            isinstance(exc, ForgedSignature))
                 for number, event in decisions.decided]
     return decisions.problems(timeline, pool_id)
 
 
-def member_problems(runs: Store, store: LedgerStore) -> list[tuple[int, str]]:
+def member_problems(runs: Store, store: LedgerStore) -> list[PoolProblem]:
     """For a run of a pool (``store``, in ``runs``): :func:`pool_problems` of its whole log,
     read once more (``runs verify``, ``gate``); nothing, and no read, for a run of no pool."""
     first = first_event(store)
