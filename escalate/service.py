@@ -435,11 +435,11 @@ class Ledger(Closing):
         if replayed.state.member_of is not None:  # its pool decides some of its approvals
             from escalate.pools.signatures import member_problems
 
-            for line, problem in member_problems(self.runs_store, self.store)[:1]:
+            for line, problem, forged in member_problems(self.runs_store, self.store)[:1]:
                 raise CorruptLedger(
                     f"{self.store.where} line {line}: {problem}; inspect with "
-                    f"'escalate runs verify {self.run_id}'", code="forged_signature", run=self.run_id,
-                    line=line, problem=problem, first_suspect_line=line)
+                    f"'escalate runs verify {self.run_id}'", code="forged_signature" if forged else None,
+                    run=self.run_id, line=line, problem=problem, first_suspect_line=line)
         return replayed.state
 
     def replayed(self) -> Replayed:
@@ -456,10 +456,9 @@ class Ledger(Closing):
             from escalate.pools.signatures import member_problems
 
             found = {line for line, _ in replayed.problems}
-            more = [(line, problem) for line, problem in member_problems(self.runs_store, self.store)
-                    if line not in found]
-            replayed.problems = sorted([*replayed.problems, *more])
-            replayed.forged += [line for line, _ in more]
+            more = [each for each in member_problems(self.runs_store, self.store) if each.line not in found]
+            replayed.problems = sorted([*replayed.problems, *((each.line, each.problem) for each in more)])
+            replayed.forged += [each.line for each in more if each.forged]
         return replayed
 
     def log_size(self) -> int:
@@ -496,11 +495,11 @@ class Ledger(Closing):
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
         roles = self.store.approvers_are_roles
         if sign is not None and signature is None:
-            from escalate.escalation.signing import sign as ssh_sign
+            from escalate.escalation import signing
 
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
-            signature = ssh_sign(self.signing_content(escalation_id, mode, resolver), sign)
+            signature = signing.sign(self.signing_content(escalation_id, mode, resolver), sign)
         return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
                                                                   pool, role, signature, roles))}

@@ -59,7 +59,7 @@ def asked_by(role: str | None, decide: Decide[R]) -> Decide[R]:
     """``decide``, with ``role`` — who the store vouches is acting (:meth:`LedgerStore.role`:
     the OS user, or the database role, asked by the caller before the write) — on the
     escalations it opens and on those a release withdraws: the vouched identity of the
-    requester is what self-approval compares (:func:`escalate.resolve.same_person`)."""
+    requester is what self-approval compares (:func:`escalate.core.rules.same_person`)."""
     def with_role(state: RunState, now: str, expired: list[str], pool: PoolView | None) -> Decision[R]:
         decision = decide(state, now, expired, pool)
         if role is None:

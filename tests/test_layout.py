@@ -6,6 +6,7 @@ every module where it lives."""
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -153,3 +154,88 @@ def test_no_import_circle_but_the_store_factory() -> None:
 
 def test_the_circle_check_finds_a_circle() -> None:
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+# The imports that go up the architecture page's tree, as the page names them (lazy, each
+# inside one function).
+UPWARD = {("escalate.pools.pool", "escalate.reports.runs"),
+          ("escalate.escalation.notify", "escalate.reports.report")}
+
+
+def _layers() -> list[str]:
+    """The top-level entries of the architecture page's tree (folders and modules), in order."""
+    block = ARCHITECTURE.read_text(encoding="utf-8").split("```", 2)[1]
+    return [line.strip().split("  ")[0].rstrip("/") for line in block.splitlines()[2:]
+            if line.startswith("  ") and not line.startswith("   ")]
+
+
+def _upward(graph: dict[str, set[str]], layers: list[str]) -> set[tuple[str, str]]:
+    """The imports from a module to one in a layer above its own on the page."""
+    def layer(module: str) -> int | None:
+        parts = module.split(".")
+        return layers.index(parts[1]) if len(parts) > 1 and parts[1] in layers else None
+
+    return {(name, target) for name, targets in graph.items() for target in targets
+            if (mine := layer(name)) is not None and (theirs := layer(target)) is not None and theirs < mine}
+
+
+def test_the_imports_run_down_the_architecture_page_but_where_it_says() -> None:
+    assert _upward(_imports(), _layers()) == UPWARD, \
+        "docs/architecture.md: reorder its tree, or name the import there and here"
+
+
+def test_the_layer_check_finds_an_import_that_goes_up() -> None:
+    graph = {"escalate.core.x": {"escalate.service"}, "escalate.service": {"escalate.core.x"}}
+    assert _upward(graph, ["service", "core"]) == {("escalate.core.x", "escalate.service")}
+
+
+_CROSS_REFERENCE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):`~?(escalate(?:\.\w+)+)(?:\(\))?`")
+
+
+def _names_something(dotted: str) -> bool:
+    """Whether ``dotted`` names a module of escalate, or something defined in one."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_every_cross_reference_in_the_code_names_what_is_there() -> None:
+    """A docstring that points at code that moved leads a reader nowhere."""
+    stale = [f"{path.relative_to(PACKAGE)}:{number}: {match}"
+             for path in sorted(PACKAGE.rglob("*.py"))
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             for match in _CROSS_REFERENCE.findall(line) if not _names_something(match)]
+    assert stale == []
+
+
+def _dodges(source: str) -> list[str]:
+    """The names imported from escalate under another name while the module binds the
+    imported name itself (a function, an argument, a variable): the clash the page forbids."""
+    tree = ast.parse(source)
+    bound = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    bound |= {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}
+    bound |= {node.id for node in ast.walk(tree)
+              if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    return [f"{alias.name} as {alias.asname}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("escalate")
+            for alias in node.names if alias.asname and alias.name in bound]
+
+
+def test_no_module_is_imported_under_another_name_to_dodge_a_local_one() -> None:
+    dodges = {path.relative_to(PACKAGE).as_posix(): found for path in sorted(PACKAGE.rglob("*.py"))
+              if (found := _dodges(path.read_text(encoding="utf-8")))}
+    assert dodges == {}, "name the local apart, or import the module (docs/architecture.md: Names)"
+
+
+def test_the_dodge_check_finds_a_dodge() -> None:
+    assert _dodges("def f(sign):\n    from escalate.x import sign as s\n") == ["sign as s"]
+    assert _dodges("from escalate.x import format_usd as usd\n") == []

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -55,10 +56,11 @@ def _line_of(where: Any, kind: str) -> int:
 
 
 
-def _every_reader_refuses(where: Any, owner: Any, line: int, said: str) -> None:
+def _every_reader_refuses(where: Any, owner: Any, line: int, said: str, code: str) -> None:
     """runs verify and gate of r, gate --pool and pools verify: exit 6 naming ``line``; money
     writes into r and (its pool's books folded again) into r2: refused, nothing written.
-    ``owner``: where the store's owner acts (the runs folder, or the database as its owner)."""
+    ``owner``: where the store's owner acts (the runs folder, or the database as its owner);
+    ``code``: what ``gate`` of r answers (a forged signature, or another broken rule)."""
     readers = (["runs", "verify", "r"], ["gate", "r"], ["gate", "--pool", "team"],
                ["pools", "verify", "team"])
     for args in readers:
@@ -66,6 +68,8 @@ def _every_reader_refuses(where: Any, owner: Any, line: int, said: str) -> None:
         assert refused.exit_code == 6, (args, refused.stdout)
         assert f"line {line}" in refused.stdout.replace('"line": ', "line "), (args, refused.stdout)
         assert said in refused.stdout, (args, refused.stdout)
+        if args == ["gate", "r"]:
+            assert orjson.loads(refused.stdout)["error"] == code
     for run in ("r", "r2"):
         rebuild_books(owner, "team")  # (r's entry is behind its log anyway)
         before = log_bytes(where, run)
@@ -102,7 +106,7 @@ def test_a_member_log_short_of_its_pools_quorum_fails_every_reader(
 
     _forged_member(where, owner, one_approver)
     _every_reader_refuses(where, owner, _line_of(where, "escalation_resolved"),
-                          "granted with 1 of the 2 approvals the pool team's quorum needs")
+                          "granted with 1 of the 2 approvals the pool team's quorum needs", "corrupt_ledger")
 
 
 def test_a_forged_partial_approval_of_a_pool_cap_escalation_fails_every_reader(
@@ -117,7 +121,7 @@ def test_a_forged_partial_approval_of_a_pool_cap_escalation_fails_every_reader(
 
     _forged_member(where, owner, unsigned)
     _every_reader_refuses(where, owner, _line_of(where, "escalation_approved"),
-                          "is not signed, but the pool team pins approvers' keys")
+                          "is not signed, but the pool team pins approvers' keys", "forged_signature")
 
 
 def test_a_pool_cap_grant_by_an_identity_off_a_vouched_pool_list_fails_every_reader(
@@ -134,4 +138,4 @@ def test_a_pool_cap_grant_by_an_identity_off_a_vouched_pool_list_fails_every_rea
 
     _forged_member(where, owner, by_carol)
     _every_reader_refuses(where, owner, _line_of(where, "escalation_resolved"),
-                          f"resolved by '{carol}', who is not one of the approvers")
+                          f"resolved by '{carol}', who is not one of the approvers", "corrupt_ledger")

@@ -223,7 +223,7 @@ def _damage(state: RunState, problem: str) -> RuleViolation:
 
 
 def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
-    """The rule the decisions apply (:func:`escalate.resolve.decide_resolution`), as far as
+    """The rule the decisions apply (:func:`escalate.core.resolve.decide_resolution`), as far as
     the run's own log tells (:func:`check_resolver`). A member run's escalation may be its
     pool's to decide, by a policy this log does not hold: only two lines naming the same
     person are refused there (its pool's rule is :mod:`escalate.pools.signatures`')."""

@@ -1,7 +1,7 @@
 """Identifiers for runs, tasks and escalations.
 
 An id is checked before any file is opened, so no id can name a path outside the
-runs root: no separators, no ``..``, no leading dot, no control or non-ASCII characters.
+runs folder: no separators, no ``..``, no leading dot, no control or non-ASCII characters.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def markdown_tables() -> str:
 
 
 def _meaning(hint: Any) -> str:
-    """A field's meaning: its :class:`~escalate.core.events.Doc`, else what its rule says."""
+    """A field's meaning: its :class:`~escalate.core.payloads.Doc`, else what its rule says."""
     marks = _marks(hint)
     docs = [mark.text for mark in marks if isinstance(mark, Doc)]
     checks = [mark.value for mark in marks if isinstance(mark, Check)]

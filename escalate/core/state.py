@@ -1,7 +1,7 @@
 """The state a run's log folds into: its totals, its tasks and its escalations.
 
 Plain slotted dataclasses, no I/O: :mod:`escalate.core.fold` builds them line by line, the
-decisions (:mod:`escalate.core.decide`) read them, the checkpoint (:mod:`escalate.stores.file.checkpoint`)
+decisions (:mod:`escalate.core.decide`) read them, the checkpoint (:mod:`escalate.stores.checkpoint`)
 stores them. Task and escalation states are written to JSON as the strings below.
 """
 

@@ -317,7 +317,7 @@ def _why(row: Mapping[str, Any]) -> str:
 
 
 def escalation_panel(view: Mapping[str, Any], *, now: datetime | None = None) -> Table:
-    """``escalations show``: one escalation in full (:class:`escalate.runs.EscalationView`),
+    """``escalations show``: one escalation in full (:class:`escalate.reports.inbox.EscalationView`),
     one fact a line; long values wrap."""
     moment = now or datetime.now(UTC)
     grid = Table.grid(padding=(0, 2))

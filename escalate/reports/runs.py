@@ -213,7 +213,7 @@ def verify_report(ledger: Ledger | LedgerStore, *, runs: Store | None = None) ->
         from escalate.pools.signatures import member_problems
 
         found = dict(problems)
-        problems = sorted([*problems, *((line, text) for line, text in member_problems(runs, store)
+        problems = sorted([*problems, *((line, text) for line, text, _ in member_problems(runs, store)
                                         if line not in found)])
     return {
         "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,

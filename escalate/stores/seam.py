@@ -13,8 +13,9 @@ asks its :class:`LedgerStore` for three things only:
 
 The lines are the NDJSON bytes the file store writes, in every store, and they are
 folded by the same :func:`escalate.core.replay.replay`. The file store
-(:mod:`escalate.stores.file.store`) is the first implementation; a second store is a new
-module that implements these protocols and a branch in :func:`open_store`.
+(:mod:`escalate.stores.file.store`) and the PostgreSQL store
+(:mod:`escalate.stores.postgres.store`) implement them; another store is a folder of
+``escalate/stores`` that implements these protocols, and its branch in :func:`open_store`.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def is_store(location: object) -> TypeIs[Store]:
 def open_store(location: StoreLocation) -> Store:
     """The store at ``location``: a ``postgresql://`` (or ``postgres://``) URL, an open
     psycopg connection or a pool with ``.connection()`` is the PostgreSQL store; a folder
-    path is a file store (a runs root); a store is itself."""
+    path is a file store (a runs folder); a store is itself."""
     if not isinstance(location, (str, os.PathLike)):
         if is_store(location):
             return location

@@ -41,7 +41,7 @@ _SETTLED_NS = 100_000_000
 
 
 class FileStore(Closing):
-    """A runs root folder (:class:`escalate.stores.seam.Store`). It keeps nothing open:
+    """A runs folder (:class:`escalate.stores.seam.Store`). It keeps nothing open:
     ``close()`` has nothing to do (each of its ledgers closes its own checkpoint)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

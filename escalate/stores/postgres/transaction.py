@@ -39,7 +39,7 @@ class PgTransaction:
     def __init__(self, ledger: PgLedger, connection: Connection, row: tuple[Any, ...], *,
                  checkpoint: bool, step: Callable[[str], None], savepoint: str | None = None) -> None:
         self._ledger = ledger
-        self._step = step  # pg_store.STEP_HOOK's caller
+        self._step = step  # store.STEP_HOOK's caller (escalate.stores.postgres.store)
         self._connection = connection
         self._row = row
         self._read_at = time.monotonic()  # when the row (and the server's time) arrived
