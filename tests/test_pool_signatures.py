@@ -84,7 +84,7 @@ def forged_logs(signed: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
     asked = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", asked["id"], "extend", asked["requested_micros"],
-                                       lines[at]["prev"])
+                                       lines[at]["prev"], lines[at]["by"])
     mallory = {"signature": signing.sign(content, keys["mallory"]),
                "key": sshsig.parse_key(pub(keys["mallory"])).fingerprint}
 

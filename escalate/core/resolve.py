@@ -23,6 +23,7 @@ from escalate.core.rules import (
     over_threshold,
     period_name,
     quorum_required,
+    same_approver,
     same_person,
     vouched_match,
 )
@@ -114,8 +115,8 @@ def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, b
     resolved = resolved_event(escalation_id, mode, by, role)
     if mode != "withdraw":
         keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
-        signed = signed_fields(state, escalation, mode, approver_name(keyed, roles, by, role) or by, pool,
-                               signature)
+        signed = signed_fields(state, escalation, mode, (by, approver_name(keyed, roles, by, role) or by),
+                               pool, signature)
         if isinstance(signed, Refused):
             return fail(signed)
         if "signature" in signed:
@@ -164,9 +165,8 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     if needed <= 1:
         return None
     deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
-    vouched = roles or vouched_match(deciding, roles)
     names = [approval["by"] for approval in escalation.approvals]
-    if any(same_person(approval["by"], approval.get("role"), by, role, vouched)
+    if any(same_approver(deciding, roles, approval, by, role, resolved.get("key"))
            for approval in escalation.approvals):
         return Decision(result={"status": "exists", "state": "open", "escalation_id": escalation.id,
                                 "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
@@ -269,12 +269,15 @@ def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role
     return None
 
 
-def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
-                  signature: str | None) -> Signed | Refused:
+def signed_fields(state: RunState, escalation: EscalationState, mode: str, names: tuple[str, str],
+                  pool: PoolView | None, signature: str | None) -> Signed | Refused:
     """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
     deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
-    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
-    given, or on PostgreSQL the database role, as approver lists name them."""
+    resolution by ``line_by`` (``names``: the name its line records, and the name keys are
+    pinned for) needs a signature, naming ``line_by``, by a key pinned for ``by``
+    (docs/escalation.md): the name given, or on PostgreSQL the database role, as approver
+    lists name them."""
+    line_by, by = names
     policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
     if not policy.approver_keys:
         return {}
@@ -291,7 +294,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
                        f"resolution must be signed; add --sign KEYFILE (your private key, or its .pub "
                        f"with ssh-agent)", code="unsigned", **facts)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
-                                       escalation.line_hash)
+                                       escalation.line_hash, line_by)
     try:
         key = sshsig.verify(signature, message, pinned)
     except sshsig.SignatureError as exc:

@@ -129,12 +129,14 @@ def parse_key(line: str) -> PublicKey:
     return PublicKey(parts[0], blob, parts[2].strip() if len(parts) > 2 else "")
 
 
-def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: int, line_hash: str) -> bytes:
+def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: int, line_hash: str,
+                      by: str) -> bytes:
     """What a resolution's signature covers: JSON with sorted keys and no spaces (docs/escalation.md,
     "How to pin keys and sign"). ``amount_micros`` is the reservation the escalation asked for,
-    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it)."""
+    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it), ``by``
+    the approver the line names: a signature cannot be moved to another approver's line."""
     return orjson.dumps({"run": run, "escalation_id": escalation_id, "mode": mode,
-                         "amount_micros": amount_micros, "escalation_line": line_hash},
+                         "amount_micros": amount_micros, "escalation_line": line_hash, "by": by},
                         option=orjson.OPT_SORT_KEYS)
 
 
