@@ -484,11 +484,11 @@ class Ledger(Closing):
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
         roles = self.store.approvers_are_roles
         if sign is not None and signature is None:
-            from escalate.escalation.signing import sign as ssh_sign
+            from escalate.escalation import signing
 
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
-            signature = ssh_sign(self.signing_content(escalation_id, mode), sign)
+            signature = signing.sign(self.signing_content(escalation_id, mode), sign)
         return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
                                                                   pool, role, signature, roles))}

@@ -215,3 +215,27 @@ def test_every_cross_reference_in_the_code_names_what_is_there() -> None:
              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
              for match in _CROSS_REFERENCE.findall(line) if not _names_something(match)]
     assert stale == []
+
+
+def _dodges(source: str) -> list[str]:
+    """The names imported from escalate under another name while the module binds the
+    imported name itself (a function, an argument, a variable): the clash the page forbids."""
+    tree = ast.parse(source)
+    bound = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    bound |= {node.arg for node in ast.walk(tree) if isinstance(node, ast.arg)}
+    bound |= {node.id for node in ast.walk(tree)
+              if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    return [f"{alias.name} as {alias.asname}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("escalate")
+            for alias in node.names if alias.asname and alias.name in bound]
+
+
+def test_no_module_is_imported_under_another_name_to_dodge_a_local_one() -> None:
+    dodges = {path.relative_to(PACKAGE).as_posix(): found for path in sorted(PACKAGE.rglob("*.py"))
+              if (found := _dodges(path.read_text(encoding="utf-8")))}
+    assert dodges == {}, "name the local apart, or import the module (docs/architecture.md: Names)"
+
+
+def test_the_dodge_check_finds_a_dodge() -> None:
+    assert _dodges("def f(sign):\n    from escalate.x import sign as s\n") == ["sign as s"]
+    assert _dodges("from escalate.x import format_usd as usd\n") == []

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -135,3 +136,118 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     assert Ledger.open(store, "r").verify().problems == []
 
 
+def pool_log(store: Location, pool_id: str) -> bytes:
+    """The pool's log as the store holds it: the file, or the rows of the database."""
+    if isinstance(store, Path):
+        return (store / pool_id / "events.ndjson").read_bytes()
+    with psycopg.connect(store, autocommit=True) as connection:
+        rows = connection.execute("SELECT line FROM escalate_events WHERE ledger = %s ORDER BY seq",
+                                  (pool_id,)).fetchall()
+    return b"".join(bytes(row[0]) if not isinstance(row[0], str) else row[0].encode() for row in rows)
+
+
+def refused_by_every_reader(cli: Any, line: int) -> None:
+    """``runs verify`` and ``gate`` of member r, ``gate --pool`` and ``pools verify`` of its
+    pool all exit 6 naming r's line ``line``."""
+    for args in (["runs", "verify", "r"], ["gate", "r"], ["gate", "--pool", "team"],
+                 ["pools", "verify", "team"]):
+        refused = cli(*args, "--json")
+        assert refused.exit_code == 6, (args, refused.stdout, refused.stderr)
+        assert f"line {line}" in refused.stderr + refused.stdout or \
+            f'"line": {line}' in refused.stdout, (args, refused.stdout)
+
+
+@pytest.mark.parametrize("backdated", ["the decision", "the escalation and its decision"])
+def test_a_backdated_pool_cap_decision_is_held_to_the_pools_keys(
+        cli: Any, keys: dict[str, Path], store: Location, backdated: str) -> None:
+    # A pool_cap approval stripped of its signature, dated before the pool existed: the
+    # pool's policy that governs it is never chosen by the line's own time alone.
+    signed, line = approved_member(cli, keys, store)
+    lines = events(signed)
+    for event in lines[line - 1:]:
+        event.update(ts="1999-12-31T23:59:59.000000Z")
+        event.pop("signature", None)
+        event.pop("key", None)
+    if backdated != "the decision":
+        next(e for e in lines if e["type"] == "escalation").update(ts="1999-12-31T23:59:58.000000Z")
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, line)
+    verified = cli("runs", "verify", "r", "--json")
+    assert "pool_cap escalation" in verified.stdout
+    if backdated != "the decision":
+        assert "before its pool team was opened" in verified.stdout
+
+
+def test_a_decision_dated_before_its_member_joined_is_held_to_the_pools_policy_since(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # The pool pins keys after it opened, then r joins: a forged unsigned approval dated
+    # between the pool's opening and the pinning still needs the key.
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation",
+               "enforce").exit_code == 0
+    opened = events(pool_log(store, "team"))[0]["ts"]
+    assert cli("pools", "set", "team", "--approver-key",
+               f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "10", "--pool", "team").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json").json()["escalation_id"]
+    assert cli("approve", "r", asked, "--by", "alice", "--sign", str(keys["alice-ecdsa"])).exit_code == 0
+    signed = log_bytes(store, "r")
+    lines = events(signed)
+    line = 1 + next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
+    for event in lines[line - 2:]:
+        event.update(ts=opened)
+        event.pop("signature", None)
+        event.pop("key", None)
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, line)
+    put_log(store, "r", signed)
+    assert cli("runs", "verify", "r").exit_code == 0
+
+
+@pytest.mark.parametrize("forgery", ["an appended unchained line", "a rechained unsigned change"])
+def test_a_members_readers_trust_no_pool_policy_its_pools_log_does_not_vouch_for(
+        cli: Any, keys: dict[str, Path], store: Location, forgery: str) -> None:
+    # r's unsigned pool_cap approval is refused while the pool pins keys; a policy change
+    # lifting them that the pool's own fold refuses (off the chain, or unsigned while keys
+    # are pinned) lifts nothing for the readers of r.
+    signed, line = approved_member(cli, keys, store)
+    lines = events(signed)
+    lines[line - 1].pop("signature")
+    lines[line - 1].pop("key")
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, line)
+    pool = events(pool_log(store, "team"))
+    lifted = {"v": 1, "seq": len(pool) + 1, "ts": pool[-1]["ts"], "type": "policy_changed",
+              "actor": "mallory",
+              "escalation": {**pool[0]["escalation"], "approver_keys": {}}}
+    if forgery == "an appended unchained line":
+        put_log(store, "team", pool_log(store, "team") + orjson.dumps(lifted) + b"\n")
+    else:
+        put_log(store, "team", rechained([*pool, lifted]))
+    for args in (["runs", "verify", "r"], ["gate", "r"]):
+        refused = cli(*args, "--json")
+        assert refused.exit_code == 6, (args, refused.stdout, refused.stderr)
+        assert "pool's log fails at line" in refused.stdout + refused.stderr, (args, refused.stdout)
+    for args in (["gate", "--pool", "team"], ["pools", "verify", "team"]):
+        assert cli(*args).exit_code == 6, args
+
+
+def test_a_member_log_forged_in_place_at_the_same_size_is_refused_by_its_next_write(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # The pool's books counted r up to the byte where its log ends; an edit that keeps the
+    # size (one character of the signature, the chain rebuilt) ends the log in another line.
+    signed, line = approved_member(cli, keys, store)
+    assert cli("reserve", "r", "t2", "--estimate", "0.5").exit_code in (0, 3, 4)  # the books are current
+    signed = log_bytes(store, "r")
+    lines = events(signed)
+    at = line - 1
+    lines[at] = {**lines[at], "signature": lines[at]["signature"].replace("A", "B", 1)}
+    forged = rechained(lines)
+    assert len(forged) == len(signed) and forged != signed
+    put_log(store, "r", forged)
+    before = {k: v for k, v in snapshot_store(store).items() if "derived" not in k}
+    refused = cli("reserve", "r", "t3", "--estimate", "0.5", "--json")
+    assert refused.exit_code == 6, (refused.stdout, refused.stderr)
+    assert refused.json()["error"] == "member_unreadable" and f"line {line}" in refused.stderr
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == before
+    put_log(store, "r", signed)
+    assert cli("reserve", "r", "t3", "--estimate", "0.5").exit_code != 6

@@ -107,9 +107,9 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     """List every pool with its cap, period and number of runs."""
 
     def action() -> dict[str, list[PoolRow]]:
-        from escalate.pools.pool import list_pools as rows_of
+        import escalate.pools.pool  # (this command is list_pools too)
 
-        return {"pools": rows_of(open_options(runs_dir, None)["runs_dir"])}
+        return {"pools": escalate.pools.pool.list_pools(open_options(runs_dir, None)["runs_dir"])}
 
     def human(result: dict[str, list[PoolRow]]) -> None:
         rows = result["pools"]

@@ -320,9 +320,10 @@ def list_runs(
     """List every run with its cap, committed and remaining money, newest first."""
 
     def action() -> dict[str, list[RunRow | BrokenRun]]:
-        from escalate.reports.runs import list_runs as rows_of
+        import escalate.reports.runs  # (this command is list_runs too)
 
-        return {"runs": rows_of(open_options(runs_dir, None)["runs_dir"], every_run=every_run)}
+        return {"runs": escalate.reports.runs.list_runs(open_options(runs_dir, None)["runs_dir"],
+                                                        every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:
         from escalate.reports.render import print_whole, runs_table

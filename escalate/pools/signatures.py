@@ -1,8 +1,9 @@
 """The pool's rules on its decisions: a ``pool_cap`` escalation is approved and resolved in its
 member run's log, but the policy that decides it — its pinned keys, its quorum — is in the
 pool's log. A run's own fold cannot see it, so whoever reads a run as its pool's member
-checks each such decision here against the pool's policy when it was written (as of the
-line's time), by the rules a run's own policy is checked by
+checks each such decision here against the pool's policy that governs it (read from the
+pool's log only once the fold has checked it: :class:`PoolTimeline`), by the rules a run's
+own policy is checked by
 (:func:`escalate.core.fold_escalations.check_signature`,
 :func:`escalate.core.rules.quorum_required`): ``runs verify``, ``gate``,
 ``pools verify`` and ``gate --pool``, and every fold of a member's money for its pool
@@ -17,10 +18,8 @@ import orjson
 
 from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
 from escalate.core.fold_escalations import check_resolver, check_signature
-from escalate.core.fold_fields import policy_field
-from escalate.core.replay import read_events
 from escalate.core.rules import needed_extension, quorum_required
-from escalate.core.state import ForgedSignature, Policy, RuleViolation
+from escalate.core.state import ForgedSignature, Policy, RuleViolation, RunState
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
 
 
@@ -31,7 +30,6 @@ class PoolProblem(NamedTuple):
     line: int
     problem: str
     forged: bool
-
 
 # The lines of a member's log that decide a pool_cap escalation (the escalation_approved
 # lines of a quorum, and its escalation_resolved).
@@ -59,19 +57,16 @@ class PoolDecisions:
         elif kind in _DECISIONS and event.get("id") in self.asked:
             self.decided.append((number, event))
 
-    def problems(self, pool_events: list[Any], pool_id: str) -> list[PoolProblem]:
-        """``(line, problem)`` for each decision that breaks the pool's policy as of the
-        line's time (from ``pool_events``, the pool's log): :func:`check_decision`."""
-        timeline = _policies(pool_events)
+    def problems(self, timeline: PoolTimeline, pool_id: str) -> list[PoolProblem]:
+        """``(line, problem)`` for each decision that breaks the pool policy that governs it
+        (:meth:`PoolTimeline.governing`): :func:`check_decision`. None is passed over: one
+        that no policy of the pool can govern is a problem itself."""
         found = []
         approvals: dict[Any, int] = {}
         for number, event in self.decided:
-            ts = str(event.get("ts"))
-            deciding = next((policy for since, policy in reversed(timeline) if since <= ts), None)
-            if deciding is None:
-                continue
             escalation, asked_hash = self.asked[event.get("id")]
             try:
+                deciding = timeline.governing(pool_id, escalation, event)
                 check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
                                approvals)
             except RuleViolation as exc:
@@ -122,16 +117,58 @@ def _needed_extension(escalation: Mapping[str, Any]) -> int:
     return needed_extension(values[0] - values[1], values[2])
 
 
-def _policies(pool_events: list[Any]) -> list[tuple[str, Policy]]:
-    """The pool's policy over time: ``(ts, policy)`` from its first line and each change."""
-    timeline = []
-    for event in pool_events:
-        if isinstance(event, dict) and event.get("type") in ("pool_opened", "policy_changed"):
-            try:
-                timeline.append((str(event.get("ts")), policy_field(event.get("escalation"))))
-            except RuleViolation:
-                continue  # ``pools verify`` names that line in the pool's own report
-    return timeline
+class PoolTimeline:
+    """The pool's policy over time, from its log checked line by line by the fold every
+    reader of a ledger uses (its chain, and each signed policy change against the keys then
+    pinned): ``(ts, policy)`` from its first line and each change, in the log's order, and
+    the index of the one in force when the member joined (``run_joined``, 0 when the log
+    names no join of it). A pool log that fails the fold vouches for no decision."""
+
+    __slots__ = ("joined", "policies")
+
+    def __init__(self, pool: LedgerStore, run_id: str) -> None:
+        from escalate.core import fold  # (only a member holding a pool decision loads the pool's fold)
+
+        self.policies: list[tuple[str, Policy]] = []
+        self.joined = 0
+        state: RunState | None = None
+        with pool.reader() as stream:
+            for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
+                try:
+                    event = orjson.loads(line)
+                    if type(event) is not dict:
+                        raise RuleViolation("the line is not a JSON object")
+                    if state is None:
+                        state = fold.initial_state(event, line_hash(line))
+                    else:
+                        fold.apply(state, event, line_hash(line))
+                except (orjson.JSONDecodeError, RuleViolation) as exc:
+                    # (a forged signature there is one here: it would lift the pool's keys)
+                    damage = ForgedSignature if isinstance(exc, ForgedSignature) else RuleViolation
+                    raise damage(f"its pool's log fails at line {number} ({exc}), so the pool's "
+                                 "policy that decides it cannot be trusted") from None
+                kind = event.get("type")
+                if kind in ("pool_opened", "policy_changed"):
+                    self.policies.append((str(event.get("ts")), state.policy))
+                elif kind == "run_joined" and event.get("run") == run_id:
+                    self.joined = len(self.policies) - 1
+
+    def governing(self, pool_id: str, escalation: Mapping[str, Any], event: Mapping[str, Any]) -> Policy:
+        """The pool policy that decides ``event`` (an approval or resolution of the pool_cap
+        ``escalation``): the last one in force at its time, never one set before the member
+        joined, nor before the escalation fired (both times are read: backdating a decision
+        never reaches an older, laxer policy than its escalation's). A decision dated before
+        the pool's first line is one no writer wrote: :class:`RuleViolation`."""
+        times = [value for value in (escalation.get("ts"), event.get("ts")) if type(value) is str]
+        if len(times) != 2:
+            raise RuleViolation(f"escalation {event.get('id')} is decided at no time")
+        when = max(times)
+        at = next((index for index, (since, _) in reversed(list(enumerate(self.policies)))
+                   if since <= when), None)
+        if at is None:
+            raise RuleViolation(f"escalation {event.get('id')} is decided at {when}, before its pool "
+                                f"{pool_id} was opened")
+        return self.policies[max(at, self.joined)][1]
 
 
 def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
@@ -145,9 +182,13 @@ def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[P
         return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: its pool {pool_id} is gone "
                                     f"from {runs.where}, so its approvals cannot be checked", False)
                 for number, event in decisions.decided]
-    with pool.reader() as stream:
-        pool_events, _ = read_events(stream, last=None, after_offset=0)
-    return decisions.problems(pool_events, pool_id)
+    try:
+        timeline = PoolTimeline(pool, decisions.run_id)
+    except RuleViolation as exc:
+        return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: {exc}",
+                            isinstance(exc, ForgedSignature))
+                for number, event in decisions.decided]
+    return decisions.problems(timeline, pool_id)
 
 
 def member_problems(runs: Store, store: LedgerStore) -> list[PoolProblem]:
