@@ -209,3 +209,20 @@ def test_a_timeout_before_the_escalation_expires_is_damage(
         checkpoint.unlink()
     assert cli("runs", "verify", "r").exit_code == 0
 
+
+
+def test_a_resolution_by_a_name_off_the_approver_list_is_damage(
+        cli: Any, runs_dir: Path, tmp_path: Path, pg_url: str) -> None:
+    """Under claimed names too, a reader holds a resolver to the run's approver list by the
+    name a writer checks (``rules.listed``: ``by``, or the role where lists name roles)."""
+    assert cli("runs", "init", "r", "--cap", "10", "--escalation", "enforce", "--approval-threshold", "1",
+               "--approvers", "alice,bob").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "2", "--by", "worker", "--json")
+    assert asked.exit_code == 4
+    log = (runs_dir / "r" / "events.ndjson").read_bytes()
+    forged = _appended(log, {"type": "escalation_resolved", "actor": "mallory", "more": 1, "mode": "extend",
+                             "id": asked.json()["escalation_id"], "by": "mallory", "role": "mallory",
+                             "extension_micros": 0},
+                       {"type": "budget_reserved", "actor": "mallory", "task": "t1",
+                        "amount_micros": 2_000_000})
+    _refused(cli, runs_dir, tmp_path, pg_url, forged, "not one of the approvers", keyed=False)

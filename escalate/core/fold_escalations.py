@@ -33,6 +33,7 @@ from escalate.core.fold_fields import (
 from escalate.core.resolve import is_expired
 from escalate.core.rules import (
     extension_left,
+    listed,
     needed_extension,
     pinned_keys,
     quorum_required,
@@ -233,14 +234,15 @@ def _check_resolver(state: RunState, escalation: EscalationState, by: str, role:
 
 def check_resolver(policy: Policy, deciding: bool, escalation_id: str, requested_by: str | None,
                    requested_role: str | None, by: str, role: str | None) -> None:
-    """The requester never resolves (or approves) their own escalation, and under
-    ``approvers_match: vouched`` the approver list names the vouched identity; ``deciding``:
-    ``policy`` is the one that decides the escalation (else only two lines naming the same
-    person are refused). Raises :class:`RuleViolation`."""
+    """The requester never resolves (or approves) their own escalation, and the approver
+    list names whoever does, by the name the writer checks (:func:`listed`: the vouched
+    identity under ``approvers_match: vouched``); ``deciding``: ``policy`` is the one that
+    decides the escalation (else only two lines naming the same person are refused). Raises
+    :class:`RuleViolation`."""
     vouched = policy.approvers_match == "vouched" and deciding
     if same_person(requested_by, requested_role, by, role, vouched):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who asked for it")
-    if vouched and policy.approvers and (role or by) not in policy.approvers:
+    if deciding and policy.approvers and not listed(policy, by, role):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who is not one "
                             f"of the approvers ({', '.join(policy.approvers)})")
 
