@@ -313,8 +313,10 @@ class Ledger(Closing):
     def signing_content(self, escalation_id: str, mode: str) -> bytes:
         """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
         ``pause`` or ``cancel``) covers: :func:`escalate.core.sshsig.canonical_content` — for
-        an approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`; if
-        that moves before the approval is written, the approval is refused: sign again)."""
+        an approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`,
+        from what a write sees now: asked as one, which appends only what any write does,
+        an expiry that is due; if the grant moves before the approval is written, the
+        approval is refused: sign again)."""
         from escalate.core import sshsig
 
         check_id(escalation_id, what="escalation id")
@@ -324,15 +326,9 @@ class Ledger(Closing):
             raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them with "
                              f"'escalate escalations --run {self.run_id}'", code="unknown_escalation",
                              escalation_id=escalation_id)
-        grant = None
-        if mode == "extend":
-            pool_id = self.pool_id() if escalation.reason == "pool_cap" else None
-            pool_left = None
-            if pool_id is not None:
-                from escalate.pools.pool import Pool
-
-                pool_left = Pool.open(self.runs_store, pool_id).show()["remaining_micros"]
-            grant = resolve.grant_of(state, escalation, pool_left)
+        grant = self._mutate(lambda current, _, __, pool: Decision(result=resolve.grant_of(
+            current, current.escalations[escalation_id],
+            None if pool is None else pool.remaining(pool.current)))) if mode == "extend" else None
         return sshsig.canonical_content(self.run_id, escalation_id, mode, escalation.requested_micros,
                                         escalation.line_hash, grant)
 

@@ -117,14 +117,9 @@ def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, b
     granted = _grant(state, escalation, resolved, facts, pool) if mode == "extend" else None
     if granted is not None and granted.error is not None:
         return granted  # (an approval the grant could not follow is refused now, not at the last)
-    if mode != "withdraw":
-        keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
-        signed = signed_fields(state, escalation, mode, approver_name(keyed, roles, by, role) or by, pool,
-                               signature, resolved)
-        if isinstance(signed, Refused):
-            return fail(signed)
-        if "signature" in signed:
-            resolved["signature"], resolved["key"] = signed["signature"], signed["key"]
+    refused = None if mode == "withdraw" else _sign(state, escalation, resolved, pool, roles, signature)
+    if refused is not None:
+        return fail(refused)
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
         return Decision(events=[resolved], result={"status": status, "escalation_id": escalation_id,
@@ -271,6 +266,20 @@ def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role
             f"cannot resolve {escalation.id}: the {'database role' if roles else 'OS user'} {role} asked "
             f"for it and may not resolve its own escalation under another name ({who}); ask an "
             f"approver who acts as someone else", code="self_approval", approvers=list(approvers), **facts)
+    return None
+
+
+def _sign(state: RunState, escalation: EscalationState, resolved: EscalationResolved, pool: PoolView | None,
+          roles: bool, signature: str | None) -> Refused | None:
+    """Put :func:`signed_fields` on ``resolved`` (a person's decision), or why it is refused."""
+    by, role = resolved["by"], resolved.get("role")
+    keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+    signed = signed_fields(state, escalation, resolved["mode"], approver_name(keyed, roles, by, role) or by,
+                           pool, signature, resolved)
+    if isinstance(signed, Refused):
+        return signed
+    if "signature" in signed:
+        resolved["signature"], resolved["key"] = signed["signature"], signed["key"]
     return None
 
 
