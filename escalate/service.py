@@ -310,10 +310,11 @@ class Ledger(Closing):
         as :meth:`approve`)."""
         return self._resolve(escalation_id, "cancel", by, sign, signature)
 
-    def signing_content(self, escalation_id: str, mode: str) -> bytes:
+    def signing_content(self, escalation_id: str, mode: str, by: str | None = None) -> bytes:
         """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
-        ``pause`` or ``cancel``) covers: :func:`escalate.core.sshsig.canonical_content` — for
-        an approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`,
+        ``pause`` or ``cancel``) by ``by`` (default: the ledger's actor) covers:
+        :func:`escalate.core.sshsig.canonical_content`, which names the approver and, for an
+        approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`,
         from what a write sees now: asked as one, which appends only what any write does,
         an expiry that is due; if the grant moves before the approval is written, the
         approval is refused: sign again)."""
@@ -330,7 +331,7 @@ class Ledger(Closing):
             current, current.escalations[escalation_id],
             None if pool is None else pool.remaining(pool.current)))) if mode == "extend" else None
         return sshsig.canonical_content(self.run_id, escalation_id, mode, escalation.requested_micros,
-                                        escalation.line_hash, grant)
+                                        escalation.line_hash, config.check_actor(by or self.actor), grant)
 
     def withdraw(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Take back an open escalation (its requester only); the task keeps what it holds."""
@@ -455,8 +456,18 @@ class Ledger(Closing):
         return self.store.read()
 
     def verify(self) -> Replayed:
-        """Fold every line, noting each problem with its line (``runs verify``)."""
-        return self.store.verify()
+        """Fold every line, noting each problem with its line (``runs verify``); for a pool's
+        member, its pool's decisions too, against the pool's policy (a ``pool_cap``
+        escalation's approvals are the pool's to check: its own fold cannot see that policy)."""
+        replayed = self.store.verify()
+        if replayed.state.member_of is not None:
+            from escalate.pools.signatures import member_problems
+
+            found = {line for line, _ in replayed.problems}
+            more = [each for each in member_problems(self.runs_store, self.store) if each.line not in found]
+            replayed.problems = sorted([*replayed.problems, *((each.line, each.problem) for each in more)])
+            replayed.forged += [each.line for each in more if each.forged]
+        return replayed
 
     def log_size(self) -> int:
         """The bytes in the log so far: it grows with every write (``runs watch`` polls it)."""
@@ -496,7 +507,7 @@ class Ledger(Closing):
 
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
-            signature = signing.sign(self.signing_content(escalation_id, mode), sign)
+            signature = signing.sign(self.signing_content(escalation_id, mode, resolver), sign)
         return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
                                                                   pool, role, signature, roles))}

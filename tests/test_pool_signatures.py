@@ -85,7 +85,8 @@ def forged_logs(signed: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
     asked = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", asked["id"], "extend", asked["requested_micros"],
-                                       lines[at]["prev"], sshsig.line_grant("extend", lines[at]))
+                                       lines[at]["prev"], lines[at]["by"],
+                                       sshsig.line_grant("extend", lines[at]))
     mallory = {"signature": signing.sign(content, keys["mallory"]),
                "key": sshsig.parse_key(pub(keys["mallory"])).fingerprint}
 
@@ -135,8 +136,6 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     assert cli("gate", "--pool", "team", "--allow-halts").exit_code != 6
     assert cli("reserve", "r2", "t9", "--estimate", "0.5").exit_code != 6
     assert Ledger.open(store, "r").verify().problems == []
-
-
 
 
 def pool_log(store: Location, pool_id: str) -> bytes:
@@ -232,6 +231,28 @@ def test_a_members_readers_trust_no_pool_policy_its_pools_log_does_not_vouch_for
         assert "pool's log fails at line" in refused.stdout + refused.stderr, (args, refused.stdout)
     for args in (["gate", "--pool", "team"], ["pools", "verify", "team"]):
         assert cli(*args).exit_code == 6, args
+
+
+def test_a_member_log_forged_in_place_at_the_same_size_is_refused_by_its_next_write(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # The pool's books counted r up to the byte where its log ends; an edit that keeps the
+    # size (one character of the signature, the chain rebuilt) ends the log in another line.
+    signed, line = approved_member(cli, keys, store)
+    assert cli("reserve", "r", "t2", "--estimate", "0.5").exit_code in (0, 3, 4)  # the books are current
+    signed = log_bytes(store, "r")
+    lines = events(signed)
+    at = line - 1
+    lines[at] = {**lines[at], "signature": lines[at]["signature"].replace("A", "B", 1)}
+    forged = rechained(lines)
+    assert len(forged) == len(signed) and forged != signed
+    put_log(store, "r", forged)
+    before = {k: v for k, v in snapshot_store(store).items() if "derived" not in k}
+    refused = cli("reserve", "r", "t3", "--estimate", "0.5", "--json")
+    assert refused.exit_code == 6, (refused.stdout, refused.stderr)
+    assert refused.json()["error"] == "member_unreadable" and f"line {line}" in refused.stderr
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == before
+    put_log(store, "r", signed)
+    assert cli("reserve", "r", "t3", "--estimate", "0.5").exit_code != 6
 
 
 def test_a_signed_pool_approval_cannot_be_made_to_grant_more(cli: Any, keys: dict[str, Path],

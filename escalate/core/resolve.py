@@ -23,6 +23,7 @@ from escalate.core.rules import (
     over_threshold,
     period_name,
     quorum_required,
+    same_approver,
     same_person,
     vouched_match,
 )
@@ -161,9 +162,8 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     if needed <= 1:
         return None
     deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
-    vouched = roles or vouched_match(deciding, roles)
     names = [approval["by"] for approval in escalation.approvals]
-    if any(same_person(approval["by"], approval.get("role"), by, role, vouched)
+    if any(same_approver(deciding, roles, approval, by, role, resolved.get("key"))
            for approval in escalation.approvals):
         return Decision(result={"status": "exists", "state": "open", "escalation_id": escalation.id,
                                 "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
@@ -274,8 +274,8 @@ def _sign(state: RunState, escalation: EscalationState, resolved: EscalationReso
     """Put :func:`signed_fields` on ``resolved`` (a person's decision), or why it is refused."""
     by, role = resolved["by"], resolved.get("role")
     keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
-    signed = signed_fields(state, escalation, resolved["mode"], approver_name(keyed, roles, by, role) or by,
-                           pool, signature, resolved)
+    named = approver_name(keyed, roles, by, role) or by
+    signed = signed_fields(state, escalation, resolved["mode"], (by, named), pool, signature, resolved)
     if isinstance(signed, Refused):
         return signed
     if "signature" in signed:
@@ -283,13 +283,17 @@ def _sign(state: RunState, escalation: EscalationState, resolved: EscalationReso
     return None
 
 
-def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
-                  signature: str | None, resolved: EscalationResolved) -> Signed | Refused:
+def signed_fields(state: RunState, escalation: EscalationState, mode: str, names: tuple[str, str],
+                  pool: PoolView | None, signature: str | None,
+                  resolved: EscalationResolved) -> Signed | Refused:
     """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
     deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
-    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
-    given, or on PostgreSQL the database role, as approver lists name them. An approval's
-    signature covers the grant ``resolved`` makes (:func:`~escalate.core.sshsig.line_grant`)."""
+    resolution by ``line_by`` (``names``: the name its line records, and the name keys are
+    pinned for) needs a signature, naming ``line_by``, by a key pinned for ``by``
+    (docs/escalation.md): the name given, or on PostgreSQL the database role, as approver
+    lists name them. An approval's signature covers the grant ``resolved`` makes
+    (:func:`~escalate.core.sshsig.line_grant`)."""
+    line_by, by = names
     policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
     if not policy.approver_keys:
         return {}
@@ -306,7 +310,7 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
                        f"resolution must be signed; add --sign KEYFILE (your private key, or its .pub "
                        f"with ssh-agent)", code="unsigned", **facts)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
-                                       escalation.line_hash, sshsig.line_grant(mode, resolved))
+                                       escalation.line_hash, line_by, sshsig.line_grant(mode, resolved))
     try:
         key = sshsig.verify(signature, message, pinned)
     except sshsig.SignatureError as exc:

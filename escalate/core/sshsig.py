@@ -130,14 +130,15 @@ def parse_key(line: str) -> PublicKey:
 
 
 def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: int, line_hash: str,
-                      grant: tuple[object, object] | None = None) -> bytes:
+                      by: str, grant: tuple[object, object] | None = None) -> bytes:
     """What a resolution's signature covers: JSON with sorted keys and no spaces (docs/escalation.md,
     "How to pin keys and sign"). ``amount_micros`` is the reservation the escalation asked for,
-    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it);
+    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it), ``by``
+    the approver the line names: a signature cannot be moved to another approver's line;
     ``grant``, for an approval, the run's and the pool's extension it grants
     (:func:`line_grant`): a signed approval cannot be made to grant more."""
     content: dict[str, object] = {"run": run, "escalation_id": escalation_id, "mode": mode,
-                                  "amount_micros": amount_micros, "escalation_line": line_hash}
+                                  "amount_micros": amount_micros, "escalation_line": line_hash, "by": by}
     if grant is not None:
         content["extension_micros"], content["pool_extension_micros"] = grant
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
