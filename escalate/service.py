@@ -29,7 +29,6 @@ from escalate.core.decide import (
 from escalate.core.events import Event, ResolvedMode, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
-from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
@@ -210,6 +209,8 @@ class Ledger(Closing):
             payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                from escalate.core.policy import member_quorum_refused  # (a policy's rules: loaded when used)
+
                 unreachable = member_quorum_refused((run_id, policy), (joining.run_id, joining.policy))
                 if unreachable is not None:  # (before anything is written)
                     raise unreachable
@@ -345,6 +346,8 @@ class Ledger(Closing):
         ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys).
         While keys are pinned the change must be signed: ``sign`` and ``signature`` as for
         :meth:`approve` (:meth:`policy_signing_content` says what it covers)."""
+        from escalate.core.policy import decide_policy  # (a policy's rules: loaded when used)
+
         # An unknown setting is a TypeError before anything is opened for writing.
         config.PolicySettings().changed(changes, config.RunPolicyOptions.__optional_keys__)
         if sign is not None and signature is None:
@@ -368,6 +371,8 @@ class Ledger(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes)
+        from escalate.core.policy import policy_change, policy_signing_content
+
         return policy_signing_content(state, policy_change(state, policy))
 
     def sweep(self, *, redeliver: bool = True, limits: SweepLimits | None = None) -> SweepResult:

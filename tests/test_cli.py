@@ -396,8 +396,8 @@ except SystemExit as exit:
 
 def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> None:
     """``escalate reserve`` (and increase, release) loads no notice delivery, no pool, report
-    or PostgreSQL module, no rich, pydantic, getpass or termios (the OS user is read without
-    them), and typer builds its one command only."""
+    or PostgreSQL module, no policy change's rules, no rich, pydantic, getpass or termios (the
+    OS user is read without them), and typer builds its one command only."""
     from escalate.cli import build_app
 
     env = {key: value for key, value in os.environ.items()
@@ -413,7 +413,7 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
         assert code == "0", done.stderr
         assert not {"getpass", "termios", "rich", "pydantic", "psycopg"} & set(loaded), loaded
         unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres",
-                  "escalate.results")
+                  "escalate.results", "escalate.core.policy")
         assert not [name for name in loaded if name.startswith(unused)], loaded
         app = build_app(["ledger_cmds"], only=command[0])
         assert [info.callback.__name__ for info in app.registered_commands if info.callback] == [command[0]]
