@@ -120,7 +120,8 @@ def test_a_partial_approvals_signature_copied_onto_another_approvers_grant_is_re
 
     def fresh() -> str:
         content = sshsig.canonical_content("r", escalation_id, "extend", asked["requested_micros"],
-                                           line_hash(log.splitlines()[-2]), "bob")
+                                           line_hash(log.splitlines()[-2]), "bob",
+                                           (asked["needed_extension_micros"], 0))  # (the grant below)
         return signing.sign(content, signers["alice"])
 
     for signature in (lambda: approved["signature"], fresh):
@@ -171,7 +172,8 @@ def test_under_vouched_one_identity_under_two_names_fills_no_quorum(
     def signed(by: str) -> dict[str, str]:
         if not keyed:
             return {}
-        content = sshsig.canonical_content("r", escalation_id, "extend", 5_000_000, hashed, by)
+        content = sshsig.canonical_content("r", escalation_id, "extend", 5_000_000, hashed, by,
+                                           (0, 0))  # (the lines below grant no extension)
         return {"signature": signing.sign(content, keys["alice-ed25519"]),
                 "key": sshsig.parse_key(pub(keys["alice-ed25519"])).fingerprint}
 

@@ -176,6 +176,9 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
     quorum = int_field(event, "quorum", limit=MAX_QUORUM)
     if quorum < 2:
         raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
+    for granting in ("extension_micros", "pool_extension_micros"):  # what its signature covers
+        if granting in event:
+            int_field(event, granting)
     _check_resolver(state, escalation, by, role)
     key = _key(event)
     _check_quorum(state, escalation, by, role, key, counted=False)
@@ -273,7 +276,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
     ``key``, an SSHSIG signature by a key pinned for ``by`` (:func:`pinned_keys`) over the
     escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`) and that
     key's fingerprint. The requester's withdraw and the expiry grant nothing and are not
-    signed. Raises :class:`ForgedSignature`."""
+    signed. An approval's signature covers the grant its line records too
+    (:func:`~escalate.core.sshsig.line_grant`). Raises :class:`ForgedSignature`."""
     from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
     signature, key = event.get("signature"), event.get("key")
@@ -284,7 +288,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
                               f"{whose} pins approvers' keys")
     if type(signature) is not str or type(key) is not str:
         raise ForgedSignature("fields 'signature' and 'key' must both be text")
-    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash, by)
+    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash, by,
+                                       sshsig.line_grant(mode, event))
     try:
         signer = sshsig.verify(signature, message, pinned_keys(policy, by, event.get("role")))
     except sshsig.SignatureError as exc:
