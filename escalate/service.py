@@ -314,17 +314,25 @@ class Ledger(Closing):
     def signing_content(self, escalation_id: str, mode: str, by: str | None = None) -> bytes:
         """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
         ``pause`` or ``cancel``) by ``by`` (default: the ledger's actor) covers:
-        :func:`escalate.core.sshsig.canonical_content`, which names the approver."""
+        :func:`escalate.core.sshsig.canonical_content`, which names the approver and, for an
+        approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`,
+        from what a write sees now: asked as one, which appends only what any write does,
+        an expiry that is due; if the grant moves before the approval is written, the
+        approval is refused: sign again)."""
         from escalate.core import sshsig
 
         check_id(escalation_id, what="escalation id")
-        escalation = self.state().escalations.get(escalation_id)
+        state = self.state()
+        escalation = state.escalations.get(escalation_id)
         if escalation is None:
             raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them with "
                              f"'escalate escalations --run {self.run_id}'", code="unknown_escalation",
                              escalation_id=escalation_id)
+        grant = self._mutate(lambda current, _, __, pool: Decision(result=resolve.grant_of(
+            current, current.escalations[escalation_id],
+            None if pool is None else pool.remaining(pool.current)))) if mode == "extend" else None
         return sshsig.canonical_content(self.run_id, escalation_id, mode, escalation.requested_micros,
-                                        escalation.line_hash, config.check_actor(by or self.actor))
+                                        escalation.line_hash, config.check_actor(by or self.actor), grant)
 
     def withdraw(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Take back an open escalation (its requester only); the task keeps what it holds."""

@@ -120,7 +120,8 @@ def test_a_partial_approvals_signature_copied_onto_another_approvers_grant_is_re
 
     def fresh() -> str:
         content = sshsig.canonical_content("r", escalation_id, "extend", asked["requested_micros"],
-                                           line_hash(log.splitlines()[-2]), "bob")
+                                           line_hash(log.splitlines()[-2]), "bob",
+                                           (asked["needed_extension_micros"], 0))  # (the grant below)
         return signing.sign(content, signers["alice"])
 
     for signature in (lambda: approved["signature"], fresh):
@@ -171,7 +172,8 @@ def test_under_vouched_one_identity_under_two_names_fills_no_quorum(
     def signed(by: str) -> dict[str, str]:
         if not keyed:
             return {}
-        content = sshsig.canonical_content("r", escalation_id, "extend", 5_000_000, hashed, by)
+        content = sshsig.canonical_content("r", escalation_id, "extend", 5_000_000, hashed, by,
+                                           (0, 0))  # (the lines below grant no extension)
         return {"signature": signing.sign(content, keys["alice-ed25519"]),
                 "key": sshsig.parse_key(pub(keys["alice-ed25519"])).fingerprint}
 
@@ -209,3 +211,20 @@ def test_a_timeout_before_the_escalation_expires_is_damage(
         checkpoint.unlink()
     assert cli("runs", "verify", "r").exit_code == 0
 
+
+
+def test_a_resolution_by_a_name_off_the_approver_list_is_damage(
+        cli: Any, runs_dir: Path, tmp_path: Path, pg_url: str) -> None:
+    """Under claimed names too, a reader holds a resolver to the run's approver list by the
+    name a writer checks (``rules.listed``: ``by``, or the role where lists name roles)."""
+    assert cli("runs", "init", "r", "--cap", "10", "--escalation", "enforce", "--approval-threshold", "1",
+               "--approvers", "alice,bob").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "2", "--by", "worker", "--json")
+    assert asked.exit_code == 4
+    log = (runs_dir / "r" / "events.ndjson").read_bytes()
+    forged = _appended(log, {"type": "escalation_resolved", "actor": "mallory", "more": 1, "mode": "extend",
+                             "id": asked.json()["escalation_id"], "by": "mallory", "role": "mallory",
+                             "extension_micros": 0},
+                       {"type": "budget_reserved", "actor": "mallory", "task": "t1",
+                        "amount_micros": 2_000_000})
+    _refused(cli, runs_dir, tmp_path, pg_url, forged, "not one of the approvers", keyed=False)

@@ -199,7 +199,8 @@ def test_a_partial_approval_under_pinned_keys_is_signed_and_checks_out_in_ssh_ke
     # The content an auditor rebuilds from the log alone (the resolution's, mode extend) …
     position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
     content = sshsig.canonical_content("r", escalation_id, "extend", lines[position]["requested_micros"],
-                                       lines[position + 1]["prev"], "alice")
+                                       lines[position + 1]["prev"], "alice",
+                                       sshsig.line_grant("extend", approved))
     # … is what OpenSSH's own tool accepts alice's stored signature over.
     (tmp_path / "allowed").write_text(f"alice {pub(signers['alice'])}\n")
     (tmp_path / "sig").write_text(approved["signature"])

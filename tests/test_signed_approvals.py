@@ -85,7 +85,10 @@ def test_a_signed_approval_checks_out_in_escalate_and_in_ssh_keygen(
     asked = lines[position]
     content = orjson.dumps({"run": "r", "escalation_id": asked["id"], "mode": resolved["mode"],
                             "amount_micros": asked["requested_micros"],
-                            "escalation_line": lines[position + 1]["prev"], "by": resolved["by"]},
+                            "escalation_line": lines[position + 1]["prev"], "by": resolved["by"],
+                            # an approval's grant, as its line records it
+                            "extension_micros": resolved["extension_micros"],
+                            "pool_extension_micros": resolved.get("pool_extension_micros", 0)},
                            option=orjson.OPT_SORT_KEYS)
     # … and OpenSSH's own tool accepts the stored signature for alice in namespace escalate.
     (tmp_path / "allowed").write_text(f"alice {pub(keys[f'alice-{kind}'])}\n")
@@ -159,7 +162,7 @@ def _forgeries(data: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     escalation = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", escalation["id"],
                                        resolved["mode"], escalation["requested_micros"], lines[at]["prev"],
-                                       resolved["by"])
+                                       resolved["by"], sshsig.line_grant(resolved["mode"], resolved))
     mallory = signing.sign(content, keys["mallory"])
 
     def edited(**changes: Any) -> bytes:
@@ -383,7 +386,8 @@ def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_impo
     position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
     mallory = signing.sign(sshsig.canonical_content("r", escalation_id, "extend",
                                                     lines[position]["requested_micros"],
-                                                    lines[position + 1]["prev"], lines[at]["by"]),
+                                                    lines[position + 1]["prev"], lines[at]["by"],
+                                                    sshsig.line_grant("extend", lines[at])),
                              keys["mallory"])
 
     def edited(**changes: Any) -> bytes:

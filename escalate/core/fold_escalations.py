@@ -33,6 +33,7 @@ from escalate.core.fold_fields import (
 from escalate.core.resolve import is_expired
 from escalate.core.rules import (
     extension_left,
+    listed,
     needed_extension,
     pinned_keys,
     quorum_required,
@@ -175,6 +176,9 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
     quorum = int_field(event, "quorum", limit=MAX_QUORUM)
     if quorum < 2:
         raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
+    for granting in ("extension_micros", "pool_extension_micros"):  # what its signature covers
+        if granting in event:
+            int_field(event, granting)
     _check_resolver(state, escalation, by, role)
     key = _key(event)
     _check_quorum(state, escalation, by, role, key, counted=False)
@@ -233,14 +237,15 @@ def _check_resolver(state: RunState, escalation: EscalationState, by: str, role:
 
 def check_resolver(policy: Policy, deciding: bool, escalation_id: str, requested_by: str | None,
                    requested_role: str | None, by: str, role: str | None) -> None:
-    """The requester never resolves (or approves) their own escalation, and under
-    ``approvers_match: vouched`` the approver list names the vouched identity; ``deciding``:
-    ``policy`` is the one that decides the escalation (else only two lines naming the same
-    person are refused). Raises :class:`RuleViolation`."""
+    """The requester never resolves (or approves) their own escalation, and the approver
+    list names whoever does, by the name the writer checks (:func:`listed`: the vouched
+    identity under ``approvers_match: vouched``); ``deciding``: ``policy`` is the one that
+    decides the escalation (else only two lines naming the same person are refused). Raises
+    :class:`RuleViolation`."""
     vouched = policy.approvers_match == "vouched" and deciding
     if same_person(requested_by, requested_role, by, role, vouched):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who asked for it")
-    if vouched and policy.approvers and (role or by) not in policy.approvers:
+    if deciding and policy.approvers and not listed(policy, by, role):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who is not one "
                             f"of the approvers ({', '.join(policy.approvers)})")
 
@@ -271,7 +276,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
     ``key``, an SSHSIG signature by a key pinned for ``by`` (:func:`pinned_keys`) over the
     escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`) and that
     key's fingerprint. The requester's withdraw and the expiry grant nothing and are not
-    signed. Raises :class:`ForgedSignature`."""
+    signed. An approval's signature covers the grant its line records too
+    (:func:`~escalate.core.sshsig.line_grant`). Raises :class:`ForgedSignature`."""
     from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
     signature, key = event.get("signature"), event.get("key")
@@ -282,7 +288,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
                               f"{whose} pins approvers' keys")
     if type(signature) is not str or type(key) is not str:
         raise ForgedSignature("fields 'signature' and 'key' must both be text")
-    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash, by)
+    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash, by,
+                                       sshsig.line_grant(mode, event))
     try:
         signer = sshsig.verify(signature, message, pinned_keys(policy, by, event.get("role")))
     except sshsig.SignatureError as exc:

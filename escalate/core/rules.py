@@ -83,6 +83,13 @@ def approver_name(policy: Policy, roles: bool, by: str | None, role: str | None)
     return role if (roles or policy.approvers_match == "vouched") and role is not None else by
 
 
+def listed(policy: Policy, by: str, role: str | None) -> bool:
+    """Whether ``policy``'s approver list names the resolver of a line read from a log
+    (``by``, vouched as ``role``) by the name a writer checked it on (:func:`approver_name`)
+    — on either store, as the log does not say which store wrote it."""
+    return any(approver_name(policy, roles, by, role) in policy.approvers for roles in (False, True))
+
+
 def pinned_keys(policy: Policy, by: object, role: object) -> tuple[str, ...]:
     """The keys a resolution line's signature is checked against when a log is read: those
     pinned for the name its writer checked, :func:`approver_name` — on either store, as the
