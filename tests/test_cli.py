@@ -389,7 +389,7 @@ try:
     main()
 except SystemExit as exit:
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in {
-        "getpass", "termios", "rich", "pydantic", "psycopg", "escalate"})
+        "getpass", "termios", "rich", "pydantic", "psycopg", "queue", "escalate"})
     print(" ".join(loaded), exit.code)
 """
 
@@ -397,7 +397,8 @@ except SystemExit as exit:
 def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> None:
     """``escalate reserve`` (and increase, release) loads no notice delivery, no pool, report
     or PostgreSQL module, no policy change's rules, no rich, pydantic, getpass or termios (the
-    OS user is read without them), and typer builds its one command only."""
+    OS user is read without them), no ``queue`` (only a wait for the lock needs it), and typer
+    builds its one command only."""
     from escalate.cli import build_app
 
     env = {key: value for key, value in os.environ.items()
@@ -411,7 +412,7 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
                               capture_output=True, text=True, check=True)
         *loaded, code = done.stdout.splitlines()[-1].split()
         assert code == "0", done.stderr
-        assert not {"getpass", "termios", "rich", "pydantic", "psycopg"} & set(loaded), loaded
+        assert not {"getpass", "termios", "rich", "pydantic", "psycopg", "queue"} & set(loaded), loaded
         unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres",
                   "escalate.results", "escalate.core.policy")
         assert not [name for name in loaded if name.startswith(unused)], loaded
