@@ -350,6 +350,8 @@ MONEY: dict[EventType, dict[str, Move | None]] = {
                    "needed_extension_micros": None},
     "escalation_resolved": {"extension_micros": Move(Total.CAP, "adds"),
                             "pool_extension_micros": Move(Total.POOL_EXTENDED, "adds")},
+    # (what a partial approval's signer signed to grant: the resolution grants it)
+    "escalation_approved": {"extension_micros": None, "pool_extension_micros": None},
     "policy_changed": {"cap_micros": Move(Total.POOL_CAP, "sets")},
     "pool_opened": {"cap_micros": Move(Total.POOL_CAP, "sets")},
 }
