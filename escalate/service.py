@@ -29,7 +29,6 @@ from escalate.core.decide import (
 from escalate.core.events import Event, ResolvedMode, format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, Micros, parse_micros
-from escalate.core.policy import decide_policy, member_quorum_refused, policy_change, policy_signing_content
 from escalate.core.replay import Progress, Replayed, read_events
 from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import CorruptLedger, EscalateError, InputError, UnknownRun
@@ -210,6 +209,8 @@ class Ledger(Closing):
             payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
+                from escalate.core.policy import member_quorum_refused  # (a policy's rules: loaded when used)
+
                 unreachable = member_quorum_refused((run_id, policy), (joining.run_id, joining.policy))
                 if unreachable is not None:  # (before anything is written)
                     raise unreachable
@@ -310,19 +311,28 @@ class Ledger(Closing):
         as :meth:`approve`)."""
         return self._resolve(escalation_id, "cancel", by, sign, signature)
 
-    def signing_content(self, escalation_id: str, mode: str) -> bytes:
+    def signing_content(self, escalation_id: str, mode: str, by: str | None = None) -> bytes:
         """The bytes a signature of resolving ``escalation_id`` as ``mode`` (``extend``,
-        ``pause`` or ``cancel``) covers: :func:`escalate.core.sshsig.canonical_content`."""
+        ``pause`` or ``cancel``) by ``by`` (default: the ledger's actor) covers:
+        :func:`escalate.core.sshsig.canonical_content`, which names the approver and, for an
+        approval, the extension it grants now (:func:`escalate.core.resolve.grant_of`,
+        from what a write sees now: asked as one, which appends only what any write does,
+        an expiry that is due; if the grant moves before the approval is written, the
+        approval is refused: sign again)."""
         from escalate.core import sshsig
 
         check_id(escalation_id, what="escalation id")
-        escalation = self.state().escalations.get(escalation_id)
+        state = self.state()
+        escalation = state.escalations.get(escalation_id)
         if escalation is None:
             raise InputError(f"no escalation {escalation_id} in run {self.run_id}; list them with "
                              f"'escalate escalations --run {self.run_id}'", code="unknown_escalation",
                              escalation_id=escalation_id)
+        grant = self._mutate(lambda current, _, __, pool: Decision(result=resolve.grant_of(
+            current, current.escalations[escalation_id],
+            None if pool is None else pool.remaining(pool.current)))) if mode == "extend" else None
         return sshsig.canonical_content(self.run_id, escalation_id, mode, escalation.requested_micros,
-                                        escalation.line_hash)
+                                        escalation.line_hash, config.check_actor(by or self.actor), grant)
 
     def withdraw(self, escalation_id: str, *, by: str | None = None) -> ResolutionResult:
         """Take back an open escalation (its requester only); the task keeps what it holds."""
@@ -336,6 +346,8 @@ class Ledger(Closing):
         ``renotify_every_s=None`` stops reminders; ``approver_keys`` replaces the pinned keys).
         While keys are pinned the change must be signed: ``sign`` and ``signature`` as for
         :meth:`approve` (:meth:`policy_signing_content` says what it covers)."""
+        from escalate.core.policy import decide_policy  # (a policy's rules: loaded when used)
+
         # An unknown setting is a TypeError before anything is opened for writing.
         config.PolicySettings().changed(changes, config.RunPolicyOptions.__optional_keys__)
         if sign is not None and signature is None:
@@ -359,6 +371,8 @@ class Ledger(Closing):
         if not state.policy.approver_keys:
             return None
         policy = config.merge_policy(state.policy, changes)
+        from escalate.core.policy import policy_change, policy_signing_content
+
         return policy_signing_content(state, policy_change(state, policy))
 
     def sweep(self, *, redeliver: bool = True, limits: SweepLimits | None = None) -> SweepResult:
@@ -447,8 +461,18 @@ class Ledger(Closing):
         return self.store.read()
 
     def verify(self) -> Replayed:
-        """Fold every line, noting each problem with its line (``runs verify``)."""
-        return self.store.verify()
+        """Fold every line, noting each problem with its line (``runs verify``); for a pool's
+        member, its pool's decisions too, against the pool's policy (a ``pool_cap``
+        escalation's approvals are the pool's to check: its own fold cannot see that policy)."""
+        replayed = self.store.verify()
+        if replayed.state.member_of is not None:
+            from escalate.pools.signatures import member_problems
+
+            found = {line for line, _ in replayed.problems}
+            more = [each for each in member_problems(self.runs_store, self.store) if each.line not in found]
+            replayed.problems = sorted([*replayed.problems, *((each.line, each.problem) for each in more)])
+            replayed.forged += [each.line for each in more if each.forged]
+        return replayed
 
     def log_size(self) -> int:
         """The bytes in the log so far: it grows with every write (``runs watch`` polls it)."""
@@ -488,7 +512,7 @@ class Ledger(Closing):
 
             # Signed before the lock is taken (a passphrase or the agent may ask a person):
             # what it covers is fixed once the escalation's line is written.
-            signature = signing.sign(self.signing_content(escalation_id, mode), sign)
+            signature = signing.sign(self.signing_content(escalation_id, mode, resolver), sign)
         return {"run": self.run_id, **self._mutate(
             lambda state, now, _, pool: resolve.decide_resolution(state, escalation_id, mode, resolver,
                                                                   pool, role, signature, roles))}

@@ -16,6 +16,7 @@ import pytest
 
 from escalate import Ledger
 from escalate.core import sshsig
+from escalate.errors import Refused
 from escalate.escalation import signing
 from tests.conftest import log_bytes, rechained, snapshot_store
 from tests.test_signed_approvals import approver, events, keys, pub
@@ -84,7 +85,8 @@ def forged_logs(signed: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     at = next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
     asked = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", asked["id"], "extend", asked["requested_micros"],
-                                       lines[at]["prev"])
+                                       lines[at]["prev"], lines[at]["by"],
+                                       sshsig.line_grant("extend", lines[at]))
     mallory = {"signature": signing.sign(content, keys["mallory"]),
                "key": sshsig.parse_key(pub(keys["mallory"])).fingerprint}
 
@@ -134,8 +136,6 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     assert cli("gate", "--pool", "team", "--allow-halts").exit_code != 6
     assert cli("reserve", "r2", "t9", "--estimate", "0.5").exit_code != 6
     assert Ledger.open(store, "r").verify().problems == []
-
-
 
 
 def pool_log(store: Location, pool_id: str) -> bytes:
@@ -231,3 +231,69 @@ def test_a_members_readers_trust_no_pool_policy_its_pools_log_does_not_vouch_for
         assert "pool's log fails at line" in refused.stdout + refused.stderr, (args, refused.stdout)
     for args in (["gate", "--pool", "team"], ["pools", "verify", "team"]):
         assert cli(*args).exit_code == 6, args
+
+
+def test_a_member_log_forged_in_place_at_the_same_size_is_refused_by_its_next_write(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # The pool's books counted r up to the byte where its log ends; an edit that keeps the
+    # size (one character of the signature, the chain rebuilt) ends the log in another line.
+    signed, line = approved_member(cli, keys, store)
+    assert cli("reserve", "r", "t2", "--estimate", "0.5").exit_code in (0, 3, 4)  # the books are current
+    signed = log_bytes(store, "r")
+    lines = events(signed)
+    at = line - 1
+    lines[at] = {**lines[at], "signature": lines[at]["signature"].replace("A", "B", 1)}
+    forged = rechained(lines)
+    assert len(forged) == len(signed) and forged != signed
+    put_log(store, "r", forged)
+    before = {k: v for k, v in snapshot_store(store).items() if "derived" not in k}
+    refused = cli("reserve", "r", "t3", "--estimate", "0.5", "--json")
+    assert refused.exit_code == 6, (refused.stdout, refused.stderr)
+    assert refused.json()["error"] == "member_unreadable" and f"line {line}" in refused.stderr
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == before
+    put_log(store, "r", signed)
+    assert cli("reserve", "r", "t3", "--estimate", "0.5").exit_code != 6
+
+
+def test_a_signed_pool_approval_cannot_be_made_to_grant_more(cli: Any, keys: dict[str, Path],
+                                                             store: Location) -> None:
+    # alice signed a pool extension of $1; the same line re-chained to extend the pool by the
+    # whole max extension no longer checks out: her signature covers the grant.
+    signed, line = approved_member(cli, keys, store)
+    lines = events(signed)
+    assert lines[line - 1]["pool_extension_micros"] == 1_000_000
+    lines[line - 1]["pool_extension_micros"] = 5_000_000
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, line)
+    rebuild_books(store, "team")  # (the books counted r up to the same byte: fold it again)
+    before = snapshot_store(store)
+    refused = cli("reserve", "r2", "t9", "--estimate", "3", "--json")
+    assert refused.exit_code == 6, refused.stdout
+    assert refused.json()["error"] == "member_unreadable" and refused.json()["run"] == "r"
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == \
+        {k: v for k, v in before.items() if "derived" not in k}
+
+
+def test_an_approval_signed_before_its_grant_grew_is_refused(keys: dict[str, Path], store: Location,
+                                                             cli: Any) -> None:
+    # alice signs a $1 pool extension; r2 then takes more of the pool, so approving now would
+    # extend it by $2: her signature does not cover that, and nothing is written.
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approver-key", f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    for run in ("r", "r2"):
+        assert cli("runs", "init", run, "--cap", "10", "--pool", "team").exit_code == 0
+    asked = cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json").json()["escalation_id"]
+    content = Ledger.open(store, "r").signing_content(asked, "extend")
+    assert b'"pool_extension_micros":1000000' in content
+    early = signing.sign(content, keys["alice-ecdsa"])
+    assert cli("reserve", "r2", "t1", "--estimate", "1").exit_code == 0
+    before = snapshot_store(store)
+    with pytest.raises(Refused) as error:
+        Ledger.open(store, "r").approve(asked, by="alice", signature=early)
+    assert error.value.code == "bad_signature", error.value
+    assert "pool $2.00" in str(error.value)
+    assert {k: v for k, v in snapshot_store(store).items() if "derived" not in k} == \
+        {k: v for k, v in before.items() if "derived" not in k}
+    again = Ledger.open(store, "r").approve(asked, by="alice", sign=keys["alice-ecdsa"])
+    assert again["status"] == "approved" and again.get("pool_extension_micros") == 2_000_000
+    assert cli("runs", "verify", "r").exit_code == 0 and cli("pools", "verify", "team").exit_code == 0

@@ -199,7 +199,8 @@ def test_a_partial_approval_under_pinned_keys_is_signed_and_checks_out_in_ssh_ke
     # The content an auditor rebuilds from the log alone (the resolution's, mode extend) …
     position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
     content = sshsig.canonical_content("r", escalation_id, "extend", lines[position]["requested_micros"],
-                                       lines[position + 1]["prev"])
+                                       lines[position + 1]["prev"], "alice",
+                                       sshsig.line_grant("extend", approved))
     # … is what OpenSSH's own tool accepts alice's stored signature over.
     (tmp_path / "allowed").write_text(f"alice {pub(signers['alice'])}\n")
     (tmp_path / "sig").write_text(approved["signature"])
@@ -279,3 +280,24 @@ def test_an_escalation_without_a_recorded_quorum_follows_the_policy(tmp_path: Pa
         lines[-1].pop(key, None)
     import_log(where, "old", rechained(lines))
     assert Ledger.open(where, "old", actor="alice").approve(esc)["status"] == "approved"
+
+
+def test_one_key_pinned_for_two_names_approves_once(person: Person, keys: dict[str, Path]) -> None:
+    """A live write counts an approver by the same rule as a reader: the second approval
+    signed with a key that already approved, under another name, is ``exists``, nothing
+    written (both stores)."""
+    names = {who: person(who)[1] for who in ("alice", "carol")}
+    where, _ = person("worker")
+    run = Ledger.init(where, "r", cap="10", escalation="enforce", max_extension="5", quorum=2, actor="worker",
+                      approver_keys=[f"{names[who]}={pub(keys['alice-ed25519'])}" for who in names])
+    run.reserve("held", "7")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "4")
+    logs = []
+    for who, status in (("alice", "recorded"), ("carol", "exists")):
+        at, _ = person(who)
+        approved = Ledger.open(at, "r", actor=who).approve(pending.value.escalation_id,
+                                                           sign=keys["alice-ed25519"])
+        assert approved["status"] == status, who
+        logs.append(_log(where))
+    assert logs[0] == logs[1] and logs[1][-1]["type"] == "escalation_approved"

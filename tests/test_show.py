@@ -253,3 +253,21 @@ def test_a_large_replay_shows_a_progress_bar_on_a_terminal_only(
     run.progress = ReplayProgress(Console(file=small, force_terminal=True, width=80), threshold=size + 1)
     run.verify()
     assert small.getvalue() == ""
+
+
+def test_runs_show_events_describes_every_line_a_run_holds(runs_dir: Path) -> None:
+    """Every event type of a run's log has its line in ``runs show --events`` and ``runs
+    watch`` (an event type added without one would show as unknown to this version)."""
+    from escalate.reports.report import describe_event
+    from tests.test_docs import drive_every_event_type
+
+    drive_every_event_type(runs_dir)
+    unknown, seen = set(), set()
+    for folder in sorted(runs_dir.iterdir()):
+        events = [orjson.loads(line) for line in (folder / "events.ndjson").read_bytes().splitlines()]
+        if events[0]["type"] != "run_opened":
+            continue  # a pool's log: never shown as a run's timeline
+        seen |= {event["type"] for event in events}
+        unknown |= {event["type"] for event in events if "unknown to this version" in describe_event(event)}
+    assert "run_archived" in seen
+    assert unknown == set()

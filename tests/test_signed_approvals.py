@@ -85,7 +85,11 @@ def test_a_signed_approval_checks_out_in_escalate_and_in_ssh_keygen(
     asked = lines[position]
     content = orjson.dumps({"run": "r", "escalation_id": asked["id"], "mode": resolved["mode"],
                             "amount_micros": asked["requested_micros"],
-                            "escalation_line": lines[position + 1]["prev"]}, option=orjson.OPT_SORT_KEYS)
+                            "escalation_line": lines[position + 1]["prev"], "by": resolved["by"],
+                            # an approval's grant, as its line records it
+                            "extension_micros": resolved["extension_micros"],
+                            "pool_extension_micros": resolved.get("pool_extension_micros", 0)},
+                           option=orjson.OPT_SORT_KEYS)
     # … and OpenSSH's own tool accepts the stored signature for alice in namespace escalate.
     (tmp_path / "allowed").write_text(f"alice {pub(keys[f'alice-{kind}'])}\n")
     (tmp_path / "sig").write_text(resolved["signature"])
@@ -141,7 +145,7 @@ def test_a_signature_made_for_another_resolution_is_refused(cli: Any, keys: dict
                                                             runs_dir: Path) -> None:
     escalation_id = escalated(cli, keys)
     run = Ledger.open(runs_dir, "r")
-    for_pause = signing.sign(run.signing_content(escalation_id, "pause"), keys["alice-ed25519"])
+    for_pause = signing.sign(run.signing_content(escalation_id, "pause", "alice"), keys["alice-ed25519"])
     before = (runs_dir / "r" / "events.ndjson").read_bytes()
     with pytest.raises(Exception, match="does not match") as refused:
         run.approve(escalation_id, by="alice", signature=for_pause)
@@ -157,7 +161,8 @@ def _forgeries(data: bytes, keys: dict[str, Path]) -> dict[str, bytes]:
     resolved = lines[at]
     escalation = next(e for e in lines if e["type"] == "escalation")
     content = sshsig.canonical_content("r", escalation["id"],
-                                       resolved["mode"], escalation["requested_micros"], lines[at]["prev"])
+                                       resolved["mode"], escalation["requested_micros"], lines[at]["prev"],
+                                       resolved["by"], sshsig.line_grant(resolved["mode"], resolved))
     mallory = signing.sign(content, keys["mallory"])
 
     def edited(**changes: Any) -> bytes:
@@ -381,7 +386,9 @@ def test_a_forged_partial_approval_in_a_rechained_log_fails_verify_gate_and_impo
     position = next(i for i, e in enumerate(lines) if e["type"] == "escalation")
     mallory = signing.sign(sshsig.canonical_content("r", escalation_id, "extend",
                                                     lines[position]["requested_micros"],
-                                                    lines[position + 1]["prev"]), keys["mallory"])
+                                                    lines[position + 1]["prev"], lines[at]["by"],
+                                                    sshsig.line_grant("extend", lines[at])),
+                             keys["mallory"])
 
     def edited(**changes: Any) -> bytes:
         copy = [dict(e) for e in lines]

@@ -11,8 +11,7 @@ fits and what an extension needs come from :mod:`escalate.core.rules`, as in the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Never, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Never, TypedDict, TypeVar
 
 from escalate.core.events import (
     MAX_DETAIL_LENGTH,
@@ -59,15 +58,20 @@ if TYPE_CHECKING:
 R_co = TypeVar("R_co", covariant=True)
 
 
-@dataclass(slots=True)
 class Decision(Generic[R_co]):
     """What a request does: events to append (payloads with ``type``, as
     :mod:`escalate.core.payloads` defines them), and either the answer or an error to raise
     once those events are durable."""
 
-    events: list[Payload] = field(default_factory=list)
-    result: R_co | None = None
-    error: EscalateError | None = None
+    # A plain slotted class, not a dataclass: every command imports it, and a dataclass is
+    # built (its methods compiled) on import.
+    __slots__ = ("error", "events", "result")
+
+    def __init__(self, events: list[Payload] | None = None, result: R_co | None = None,
+                 error: EscalateError | None = None) -> None:
+        self.events: list[Payload] = [] if events is None else events
+        self.result = result
+        self.error = error
 
     def answer(self) -> R_co:
         """The answer, once the events are durable; or the error, raised."""
@@ -317,8 +321,7 @@ def _fitted(status: str, request: Request, remaining: int, events: list[Payload]
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
 
     task: str

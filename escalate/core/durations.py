@@ -24,7 +24,8 @@ MAX_INTERVAL_S = 3_600  # runs watch --interval
 MAX_NOTIFY_TIMEOUT_S = 3_600
 MAX_SWEEP_DEADLINE_S = 3_600  # sweep --deadline
 
-_DURATION = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ms|s|m|h|d)?", re.ASCII)
+# Text, compiled by ``re`` (and kept in its cache) when first used: most commands parse no duration.
+_DURATION = r"(?a)([0-9]*)(?:\.([0-9]*))?(ms|s|m|h|d)?"
 _EXAMPLES = "a number of seconds or 250ms, 30s, 15m, 1h, 2d"
 
 
@@ -35,7 +36,7 @@ def parse_duration(text: str, *, what: str, maximum: float, minimum: float = 0) 
     a finer unit than 1ms, or a value outside ``minimum`` … ``maximum`` seconds.
     """
     raw = text.strip().lower()
-    match = _DURATION.fullmatch(raw)
+    match = re.fullmatch(_DURATION, raw)
     whole, fraction, unit = match.groups() if match else ("", None, None)
     if match is None or not (whole or fraction):
         raise _invalid(what, repr(text), f"use {_EXAMPLES}")

@@ -30,7 +30,16 @@ from escalate.core.fold_fields import (
     text_field,
     ts_field,
 )
-from escalate.core.rules import extension_left, needed_extension, pinned_keys, quorum_required, same_person
+from escalate.core.resolve import is_expired
+from escalate.core.rules import (
+    extension_left,
+    listed,
+    needed_extension,
+    pinned_keys,
+    quorum_required,
+    same_approver,
+    same_person,
+)
 from escalate.core.state import EscalationState, ForgedSignature, Policy, RuleViolation, RunState, Task
 
 
@@ -77,6 +86,7 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
         # The quorum that applied when it fired (older lines, and a quorum of 1: none).
         quorum=max(1, int_field(event, "quorum", limit=MAX_QUORUM)) if "quorum" in event else 1,
     )
+    _check_pool_cap(state, escalation)
     state.escalations[escalation_id] = escalation
     if shadow:
         escalation.state = "resolved"
@@ -92,6 +102,15 @@ def apply_escalation(state: RunState, event: Mapping[str, Any]) -> None:
     state.tasks[task_id] = task  # (a copy was read: the table keeps rows)
 
 
+def _check_pool_cap(state: RunState, escalation: EscalationState) -> None:
+    """``pool_cap`` hands an escalation's decision to a pool (its keys, approvers, quorum,
+    checked by its member's readers: :mod:`escalate.pools.signatures`): in a run of no pool
+    it would waive the run's own rules, and no writer gives it there."""
+    if escalation.reason == "pool_cap" and state.member_of is None:
+        raise _damage(state, f"escalation {escalation.id} names its pool's cap, but run "
+                             f"{state.run_id} is in no pool")
+
+
 def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     """``escalation_resolved``: an open escalation granted, paused, cancelled or withdrawn."""
     escalation_id = id_field(event, "id")
@@ -103,10 +122,12 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     by = name_field(event, "by")
     # Who the store vouches resolved it (the OS user, or the database role); older lines: none.
     role = name_field(event, "role") if "role" in event else None
-    if mode != "withdraw" and by != TIMEOUT_ACTOR:
+    if by == TIMEOUT_ACTOR:
+        _check_expired(state, escalation, mode, ts_field(event, "ts"))
+    elif mode != "withdraw":
         _check_resolver(state, escalation, by, role)
     if mode == "extend":
-        _check_quorum(state, escalation, by, role)
+        _check_quorum(state, escalation, by, role, _key(event))
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
@@ -155,25 +176,54 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
     quorum = int_field(event, "quorum", limit=MAX_QUORUM)
     if quorum < 2:
         raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
+    for granting in ("extension_micros", "pool_extension_micros"):  # what its signature covers
+        if granting in event:
+            int_field(event, granting)
     _check_resolver(state, escalation, by, role)
-    _check_quorum(state, escalation, by, role, counted=False)
+    key = _key(event)
+    _check_quorum(state, escalation, by, role, key, counted=False)
     check_signed(state, escalation, event, "extend", by)  # (older lines, and unpinned runs: none)
-    escalation.approvals.append({"by": by, **({"role": role} if role is not None else {})})
+    escalation.approvals.append({"by": by, **({"role": role} if role is not None else {}),
+                                 **({"key": key} if key is not None else {})})
     escalation.quorum = max(escalation.quorum, quorum)
 
 
-def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None, *,
-                  counted: bool = True) -> None:
-    """An approver counts once: ``by`` (vouched as ``role``) approved it before is a line no
-    writer appends. ``counted``: this approval grants, so the approvals so far and it must
-    make the run's quorum (a pool's, which this log does not hold, was checked when written)."""
-    if any(same_person(approval["by"], approval.get("role"), by, role, False)
-           for approval in escalation.approvals):
-        raise RuleViolation(f"escalation {escalation.id!r} approved twice by {role or by!r}")
+def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
+                  key: str | None, *, counted: bool = True) -> None:
+    """An approver counts once: ``by`` (vouched as ``role``, signing with ``key``) approved
+    it before, by the decisions' own rule (:func:`~escalate.core.rules.same_approver`; the
+    log does not say which store wrote it: the file store's), is a line no writer appends.
+    ``counted``: this approval grants, so the approvals so far and it must make the run's
+    quorum (a pool's, which this log does not hold, was checked when written)."""
+    if any(same_approver(state.policy, False, approval, by, role, key) for approval in escalation.approvals):
+        raise _damage(state, f"escalation {escalation.id!r} approved twice by {role or by!r}")
     needed = quorum_required([state.policy], escalation.needed_extension_micros, escalation.quorum)
     if counted and len(escalation.approvals) + 1 < needed:
         raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
                             f"of the {needed} approvals its run's quorum needs")
+
+
+def _check_expired(state: RunState, escalation: EscalationState, mode: str, ts: str) -> None:
+    """The expiry's resolution is a pause written once the escalation expired
+    (:func:`~escalate.core.resolve.is_expired`, the rule that writes it, at the line's time):
+    one before is a decision nobody signed, in a name no person may take. A write whose
+    clock was behind the log stamps the log's last timestamp (``state.last_ts``) and may have
+    expired it by the far-ahead rule at a reading the log does not hold: that one passes."""
+    if mode != "pause" or not (is_expired(escalation, state.policy, ts) or ts == state.last_ts):
+        raise _damage(state, f"escalation {escalation.id} resolved as {mode} by {TIMEOUT_ACTOR} at {ts}, "
+                             f"before it expired (expires_at {escalation.expires_at})")
+
+
+def _key(event: Mapping[str, Any]) -> str | None:
+    """The fingerprint of the key that signed a decision line (checked by :func:`check_signed`)."""
+    key = event.get("key")
+    return key if isinstance(key, str) else None
+
+
+def _damage(state: RunState, problem: str) -> RuleViolation:
+    """A line no writer appends: in a run that pins approvers' keys, one that would pass
+    a decision off without the signatures they require, so a forgery (exit 6 on import too)."""
+    return ForgedSignature(problem) if state.policy.approver_keys else RuleViolation(problem)
 
 
 def _check_resolver(state: RunState, escalation: EscalationState, by: str, role: str | None) -> None:
@@ -187,14 +237,15 @@ def _check_resolver(state: RunState, escalation: EscalationState, by: str, role:
 
 def check_resolver(policy: Policy, deciding: bool, escalation_id: str, requested_by: str | None,
                    requested_role: str | None, by: str, role: str | None) -> None:
-    """The requester never resolves (or approves) their own escalation, and under
-    ``approvers_match: vouched`` the approver list names the vouched identity; ``deciding``:
-    ``policy`` is the one that decides the escalation (else only two lines naming the same
-    person are refused). Raises :class:`RuleViolation`."""
+    """The requester never resolves (or approves) their own escalation, and the approver
+    list names whoever does, by the name the writer checks (:func:`listed`: the vouched
+    identity under ``approvers_match: vouched``); ``deciding``: ``policy`` is the one that
+    decides the escalation (else only two lines naming the same person are refused). Raises
+    :class:`RuleViolation`."""
     vouched = policy.approvers_match == "vouched" and deciding
     if same_person(requested_by, requested_role, by, role, vouched):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who asked for it")
-    if vouched and policy.approvers and (role or by) not in policy.approvers:
+    if deciding and policy.approvers and not listed(policy, by, role):
         raise RuleViolation(f"escalation {escalation_id!r} resolved by {role or by!r}, who is not one "
                             f"of the approvers ({', '.join(policy.approvers)})")
 
@@ -225,7 +276,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
     ``key``, an SSHSIG signature by a key pinned for ``by`` (:func:`pinned_keys`) over the
     escalation's canonical content (:func:`escalate.core.sshsig.canonical_content`) and that
     key's fingerprint. The requester's withdraw and the expiry grant nothing and are not
-    signed. Raises :class:`ForgedSignature`."""
+    signed. An approval's signature covers the grant its line records too
+    (:func:`~escalate.core.sshsig.line_grant`). Raises :class:`ForgedSignature`."""
     from escalate.core import sshsig  # (only a policy that pins keys loads it)
 
     signature, key = event.get("signature"), event.get("key")
@@ -236,7 +288,8 @@ def check_signature(policy: Policy, whose: str, run_id: str, escalation_id: str,
                               f"{whose} pins approvers' keys")
     if type(signature) is not str or type(key) is not str:
         raise ForgedSignature("fields 'signature' and 'key' must both be text")
-    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash)
+    message = sshsig.canonical_content(run_id, escalation_id, mode, requested_micros, line_hash, by,
+                                       sshsig.line_grant(mode, event))
     try:
         signer = sshsig.verify(signature, message, pinned_keys(policy, by, event.get("role")))
     except sshsig.SignatureError as exc:

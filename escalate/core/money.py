@@ -48,10 +48,13 @@ class Micros(int):
 Amount = str | Decimal | Micros
 
 _USD_TEXT = re.compile(r"\$?([0-9]*)(?:\.([0-9]*))?", re.ASCII)
+# The two below are text, compiled by ``re`` (and kept in its cache) when first needed: every
+# command imports this module, and a plain amount needs neither.
 # "1,000", "$12,500.50", "1 000", "1_000", "1'000": groups of three behind one separator.
-_GROUPED = re.compile(r"\$?[0-9]{1,3}([,_' ])[0-9]{3}(?:\1[0-9]{3})*(?:\.[0-9]*)?", re.ASCII)
+_GROUPED = r"(?a)\$?[0-9]{1,3}([,_' ])[0-9]{3}(?:\1[0-9]{3})*(?:\.[0-9]*)?"
+_SEPARATORS = frozenset(",_' ")
 # "-0", "-0.00", "-$0" and "-" alone name no negative value: refused as malformed, not as negative.
-_MINUS_NOTHING = re.compile(r"-\$?0*\.?0*", re.ASCII)
+_MINUS_NOTHING = r"(?a)-\$?0*\.?0*"
 
 
 def parse_micros(value: Amount, *, what: str = "amount") -> int:
@@ -97,10 +100,10 @@ def _text_to_micros(text: str, what: str) -> int:
                               f"value{after}", value=shown)
         error.option_missing_for = None if after else what
         raise error
-    if stripped.startswith("-") and not _MINUS_NOTHING.fullmatch(stripped):
+    if stripped.startswith("-") and not re.fullmatch(_MINUS_NOTHING, stripped):
         raise InvalidAmount(f"invalid {what} {text[:40]!r}: must not be negative; give 0 or more",
                             value=text[:40])
-    if _GROUPED.fullmatch(text.strip(" \t")):
+    if not _SEPARATORS.isdisjoint(text) and re.fullmatch(_GROUPED, text.strip(" \t")):
         shown = _shown(text)
         raise InvalidAmount(
             f"invalid {what} {shown!r}: remove the thousands separator, e.g. "

@@ -296,6 +296,10 @@ class EscalationApproved(TypedDict):
         "Under a policy that pins approvers' keys: this approver's signature, as escalation_resolved's "
         "(the same canonical content, mode extend).")]]
     key: NotRequired[Annotated[str, Doc("With signature: the SHA256 fingerprint of the key that made it.")]]
+    extension_micros: NotRequired[Annotated[MicrosInt, Doc(
+        "With signature: the run's extension this approver signed to grant (its signature covers it).")]]
+    pool_extension_micros: NotRequired[Annotated[MicrosInt, Doc(
+        "With signature: the pool's extension this approver signed to grant (its signature covers it).")]]
 
 
 Payload = (RunOpened | BudgetReserved | BudgetIncreased | Released | Halt | Escalation

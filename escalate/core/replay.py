@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 import orjson
@@ -38,21 +37,38 @@ class LineSource(Protocol):
         ...
 
 
-@dataclass(slots=True)
 class Replayed:
     """A folded log: the state, where the last folded line ends, and what follows it."""
 
-    state: RunState
-    offset: int
-    torn_bytes: int
-    problem: CorruptLedger | None = None
-    problems: list[tuple[int, str]] = field(default_factory=list)
-    warnings: list[tuple[int, str]] = field(default_factory=list)  # tolerant replays only
-    forged: list[int] = field(default_factory=list)  # the lines of problems that are forged signatures
-    lines: int = 0
-    last_line_start: int = 0
-    checkpoint_current: bool = False  # the checkpoint already holds everything folded
+    # A plain slotted class, not a dataclass: every command imports it, and a dataclass is
+    # built (its methods compiled) on import.
+    __slots__ = (
+        "checkpoint_current",
+        "forged",
+        "last_line_start",
+        "lines",
+        "offset",
+        "problem",
+        "problems",
+        "state",
+        "torn_bytes",
+        "warnings",
+    )
 
+    def __init__(self, state: RunState, offset: int, torn_bytes: int, problem: CorruptLedger | None = None,
+                 problems: list[tuple[int, str]] | None = None, warnings: list[tuple[int, str]] | None = None,
+                 forged: list[int] | None = None, lines: int = 0, last_line_start: int = 0,
+                 checkpoint_current: bool = False) -> None:
+        self.state = state
+        self.offset = offset
+        self.torn_bytes = torn_bytes
+        self.problem = problem
+        self.problems = [] if problems is None else problems
+        self.warnings = [] if warnings is None else warnings  # tolerant replays only
+        self.forged = [] if forged is None else forged  # the lines of problems that are forged signatures
+        self.lines = lines
+        self.last_line_start = last_line_start
+        self.checkpoint_current = checkpoint_current  # the checkpoint already holds everything folded
 
 
 Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
@@ -115,21 +131,35 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
                     forged=folding.forged, lines=folding.line_no, last_line_start=last_line_start)
 
 
-@dataclass(slots=True)
 class _Fold:
     """A fold in progress: what the hot loop carries from one chunk of lines to the next."""
 
-    run_id: str
-    where: str
-    tolerant: bool
-    state: RunState | None
-    line_no: int  # lines folded so far
-    group_due: int = 0  # lines still due in the open multi-line write, which began on group_first
-    group_first: int = 0
-    problem: CorruptLedger | None = None
-    problems: list[tuple[int, str]] = field(default_factory=list)
-    warnings: list[tuple[int, str]] = field(default_factory=list)
-    forged: list[int] = field(default_factory=list)
+    __slots__ = (
+        "forged",
+        "group_due",
+        "group_first",
+        "line_no",
+        "problem",
+        "problems",
+        "run_id",
+        "state",
+        "tolerant",
+        "warnings",
+        "where",
+    )
+
+    def __init__(self, run_id: str, where: str, tolerant: bool, state: RunState | None, line_no: int) -> None:
+        self.run_id = run_id
+        self.where = where
+        self.tolerant = tolerant
+        self.state = state
+        self.line_no = line_no  # lines folded so far
+        self.group_due = 0  # lines still due in the open multi-line write, which began on group_first
+        self.group_first = 0
+        self.problem: CorruptLedger | None = None
+        self.problems: list[tuple[int, str]] = []
+        self.warnings: list[tuple[int, str]] = []
+        self.forged: list[int] = []
 
     def lines(self, lines: list[bytes]) -> int:
         """Fold ``lines`` (complete, without their newlines); returns how many were folded:

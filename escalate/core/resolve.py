@@ -23,6 +23,7 @@ from escalate.core.rules import (
     over_threshold,
     period_name,
     quorum_required,
+    same_approver,
     same_person,
     vouched_match,
 )
@@ -112,15 +113,14 @@ def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, b
             f"{escalation.by} at {escalation.resolved_at}{expired}; the first resolution wins — "
             "nothing to do", **facts))
     resolved = resolved_event(escalation_id, mode, by, role)
-    if mode != "withdraw":
-        keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
-        signed = signed_fields(state, escalation, mode, approver_name(keyed, roles, by, role) or by, pool,
-                               signature)
-        if isinstance(signed, Refused):
-            return fail(signed)
-        if "signature" in signed:
-            resolved["signature"], resolved["key"] = signed["signature"], signed["key"]
     facts = {"escalation_id": escalation_id, "task": escalation.task, "mode": mode, "by": by}
+    # An approval's grant is worked out first: its signature covers it.
+    granted = _grant(state, escalation, resolved, facts, pool) if mode == "extend" else None
+    if granted is not None and granted.error is not None:
+        return granted  # (an approval the grant could not follow is refused now, not at the last)
+    refused = None if mode == "withdraw" else _sign(state, escalation, resolved, pool, roles, signature)
+    if refused is not None:
+        return fail(refused)
     if mode in ("pause", "withdraw"):
         status = "paused" if mode == "pause" else "withdrawn"
         return Decision(events=[resolved], result={"status": status, "escalation_id": escalation_id,
@@ -132,9 +132,7 @@ def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, b
         return Decision(events=[resolved, halt], result={
             "status": "cancelled", "escalation_id": escalation_id, "task": escalation.task, "mode": mode,
             "by": by})
-    granted = _grant(state, escalation, resolved, facts, pool)
-    if granted.error is not None:
-        return granted  # (an approval the grant could not follow is refused now, not at the last)
+    assert granted is not None  # (mode extend)
     return _short_of_quorum(state, escalation, by, role, pool, roles, resolved) or granted
 
 
@@ -164,9 +162,8 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     if needed <= 1:
         return None
     deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
-    vouched = roles or vouched_match(deciding, roles)
     names = [approval["by"] for approval in escalation.approvals]
-    if any(same_person(approval["by"], approval.get("role"), by, role, vouched)
+    if any(same_approver(deciding, roles, approval, by, role, resolved.get("key"))
            for approval in escalation.approvals):
         return Decision(result={"status": "exists", "state": "open", "escalation_id": escalation.id,
                                 "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
@@ -181,6 +178,9 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
         approved["signature"] = resolved["signature"]
     if "key" in resolved:
         approved["key"] = resolved["key"]
+        # What this approver signed to grant (sshsig.line_grant), as the resolution would record it.
+        approved["extension_micros"] = resolved.get("extension_micros", 0)
+        approved["pool_extension_micros"] = resolved.get("pool_extension_micros", 0)
     return Decision(events=[approved],
                     result={"status": "recorded", "state": "open", "escalation_id": escalation.id,
                             "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
@@ -269,12 +269,31 @@ def _not_an_approver(state: RunState, escalation: EscalationState, by: str, role
     return None
 
 
-def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: str, pool: PoolView | None,
-                  signature: str | None) -> Signed | Refused:
+def _sign(state: RunState, escalation: EscalationState, resolved: EscalationResolved, pool: PoolView | None,
+          roles: bool, signature: str | None) -> Refused | None:
+    """Put :func:`signed_fields` on ``resolved`` (a person's decision), or why it is refused."""
+    by, role = resolved["by"], resolved.get("role")
+    keyed = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
+    named = approver_name(keyed, roles, by, role) or by
+    signed = signed_fields(state, escalation, resolved["mode"], (by, named), pool, signature, resolved)
+    if isinstance(signed, Refused):
+        return signed
+    if "signature" in signed:
+        resolved["signature"], resolved["key"] = signed["signature"], signed["key"]
+    return None
+
+
+def signed_fields(state: RunState, escalation: EscalationState, mode: str, names: tuple[str, str],
+                  pool: PoolView | None, signature: str | None,
+                  resolved: EscalationResolved) -> Signed | Refused:
     """The ``signature`` and ``key`` of a resolution line, or why it is refused: while the
     deciding policy (the pool's, for a ``pool_cap`` escalation) pins approvers' keys, a
-    resolution needs a signature by a key pinned for ``by`` (docs/escalation.md): the name
-    given, or on PostgreSQL the database role, as approver lists name them."""
+    resolution by ``line_by`` (``names``: the name its line records, and the name keys are
+    pinned for) needs a signature, naming ``line_by``, by a key pinned for ``by``
+    (docs/escalation.md): the name given, or on PostgreSQL the database role, as approver
+    lists name them. An approval's signature covers the grant ``resolved`` makes
+    (:func:`~escalate.core.sshsig.line_grant`)."""
+    line_by, by = names
     policy = pool.policy if pool is not None and escalation.reason == "pool_cap" else state.policy
     if not policy.approver_keys:
         return {}
@@ -291,13 +310,22 @@ def signed_fields(state: RunState, escalation: EscalationState, mode: str, by: s
                        f"resolution must be signed; add --sign KEYFILE (your private key, or its .pub "
                        f"with ssh-agent)", code="unsigned", **facts)
     message = sshsig.canonical_content(state.run_id, escalation.id, mode, escalation.requested_micros,
-                                       escalation.line_hash)
+                                       escalation.line_hash, line_by, sshsig.line_grant(mode, resolved))
     try:
         key = sshsig.verify(signature, message, pinned)
     except sshsig.SignatureError as exc:
         return Refused(f"cannot resolve {escalation.id}: the signature is not {by}'s over this "
-                       f"resolution ({exc}); sign with a key pinned for {by}", code="bad_signature", **facts)
+                       f"resolution ({exc}); sign with a key pinned for {by} (an approval's signature covers "
+                       f"the extension it grants now{_granting(resolved)})", code="bad_signature", **facts)
     return {"signature": signature, "key": key.fingerprint}
+
+
+def _granting(resolved: EscalationResolved) -> str:
+    """``: run $X, pool $Y``, what an approval grants (nothing for a pause or cancel)."""
+    if resolved["mode"] != "extend":
+        return ""
+    return (f": run {usd(resolved.get('extension_micros', 0))}, pool "
+            f"{usd(resolved.get('pool_extension_micros', 0))}")
 
 
 def _grant(state: RunState, escalation: EscalationState, resolved: EscalationResolved, facts: dict[str, Any],
@@ -346,6 +374,15 @@ def _grant(state: RunState, escalation: EscalationState, resolved: EscalationRes
     if "pool_extension_micros" in resolved:
         result["pool_extension_micros"] = resolved["pool_extension_micros"]
     return Decision(events=[resolved, grant], result=result)
+
+
+def grant_of(state: RunState, escalation: EscalationState, pool_left: int | None) -> tuple[int, int]:
+    """The run's and the pool's extension approving ``escalation`` grants now, as
+    :func:`_grant` works them out (``pool_left``: what its pool has left in this period, for
+    a ``pool_cap`` escalation): what an approver signs (``Ledger.signing_content``)."""
+    delta = grant_delta(state, escalation)
+    pooled = 0 if pool_left is None or escalation.reason != "pool_cap" else needed_extension(delta, pool_left)
+    return needed_extension(delta, state.remaining_micros), pooled
 
 
 def grant_delta(state: RunState, escalation: EscalationState) -> int:

@@ -8,7 +8,7 @@ is written once and both sides agree by construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from escalate.core.money import MAX_TOTAL_MICROS, format_usd
@@ -83,14 +83,40 @@ def approver_name(policy: Policy, roles: bool, by: str | None, role: str | None)
     return role if (roles or policy.approvers_match == "vouched") and role is not None else by
 
 
+def listed(policy: Policy, by: str, role: str | None) -> bool:
+    """Whether ``policy``'s approver list names the resolver of a line read from a log
+    (``by``, vouched as ``role``) by the name a writer checked it on (:func:`approver_name`)
+    — on either store, as the log does not say which store wrote it."""
+    return any(approver_name(policy, roles, by, role) in policy.approvers for roles in (False, True))
+
+
 def pinned_keys(policy: Policy, by: object, role: object) -> tuple[str, ...]:
     """The keys a resolution line's signature is checked against when a log is read: those
-    pinned for the name its writer checked (:func:`approver_name`), which the log alone
-    cannot always tell — the vouched ``role`` under ``approvers_match: vouched``; otherwise
-    the name given, or (PostgreSQL, where lists name roles) the role."""
-    names = (role,) if policy.approvers_match == "vouched" else (by, role)
-    return tuple(key for name in dict.fromkeys(names) if isinstance(name, str)
+    pinned for the name its writer checked, :func:`approver_name` — on either store, as the
+    log does not say which store wrote it: the vouched ``role`` under ``approvers_match:
+    vouched``; otherwise the name given (the file store), or the role (PostgreSQL, where
+    lists name roles). Who signed is then told apart by the key (:func:`same_approver`), and
+    the signature names ``by`` (:func:`escalate.core.sshsig.canonical_content`)."""
+    if policy.approvers_match == "vouched" and not isinstance(role, str):
+        return ()  # (vouched lines always record the role: one without names no signer)
+    names = (approver_name(policy, roles, by if isinstance(by, str) else None,
+                           role if isinstance(role, str) else None) for roles in (False, True))
+    return tuple(key for name in dict.fromkeys(names) if name is not None
                  for key in policy.approver_keys.get(name, ()))
+
+
+def same_approver(policy: Policy, roles: bool, earlier: Mapping[str, str], by: str, role: str | None,
+                  key: str | None) -> bool:
+    """Whether an approval by ``by`` (vouched as ``role``, signed with ``key``, a fingerprint)
+    is by the approver of ``earlier`` (an approval so far: ``by``, ``role``, ``key``), who
+    counts once toward a quorum. The one rule of the decisions and of every reader of a log:
+    the same vouched identity where the store has one that counts (:func:`same_person`,
+    under ``approvers_match: vouched``, and always on PostgreSQL, ``roles``); the same name
+    otherwise; and whatever the names, the same signing key."""
+    if key is not None and earlier.get("key") == key:
+        return True
+    return same_person(earlier["by"], earlier.get("role"), by, role,
+                       roles or vouched_match(policy, roles))
 
 
 def quorum_needed(policy: Policy, needed_extension_micros: int) -> int:

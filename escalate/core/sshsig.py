@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,13 +129,30 @@ def parse_key(line: str) -> PublicKey:
     return PublicKey(parts[0], blob, parts[2].strip() if len(parts) > 2 else "")
 
 
-def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: int, line_hash: str) -> bytes:
+def canonical_content(run: str, escalation_id: str, mode: str, amount_micros: int, line_hash: str,
+                      by: str, grant: tuple[object, object] | None = None) -> bytes:
     """What a resolution's signature covers: JSON with sorted keys and no spaces (docs/escalation.md,
     "How to pin keys and sign"). ``amount_micros`` is the reservation the escalation asked for,
-    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it)."""
-    return orjson.dumps({"run": run, "escalation_id": escalation_id, "mode": mode,
-                         "amount_micros": amount_micros, "escalation_line": line_hash},
-                        option=orjson.OPT_SORT_KEYS)
+    ``line_hash`` the hash of the escalation's line (the ``prev`` of the line after it), ``by``
+    the approver the line names: a signature cannot be moved to another approver's line;
+    ``grant``, for an approval, the run's and the pool's extension it grants
+    (:func:`line_grant`): a signed approval cannot be made to grant more."""
+    content: dict[str, object] = {"run": run, "escalation_id": escalation_id, "mode": mode,
+                                  "amount_micros": amount_micros, "escalation_line": line_hash, "by": by}
+    if grant is not None:
+        content["extension_micros"], content["pool_extension_micros"] = grant
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+
+
+def line_grant(mode: str, line: Mapping[str, Any]) -> tuple[object, object] | None:
+    """The grant a decision ``line``'s signature covers, as the line records it: for an
+    approval (``mode`` ``extend``: a resolution, or a partial approval of a quorum), its
+    ``extension_micros`` and ``pool_extension_micros`` (0 where left out); None for a pause
+    or cancel, which grant nothing. The writer signs what it writes and every reader checks
+    what it reads by this one function."""
+    if mode != "extend":
+        return None
+    return line.get("extension_micros", 0), line.get("pool_extension_micros", 0)
 
 
 def policy_content(kind: str, ledger_id: str, escalation: object, cap_micros: int | None,

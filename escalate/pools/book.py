@@ -50,8 +50,9 @@ if TYPE_CHECKING:
     from escalate.results import PoolLogAnswer
 
 # 5: a task holds money from each period it was added in; the pool log's stamp and last
-# line's hash (an edit in place at the same size). Books of an earlier format are rebuilt.
-FORMAT = 5
+# line's hash (an edit in place at the same size). 6: each member's last line's hash (an
+# edit in place of a member's log at the same size). Books of an earlier format are rebuilt.
+FORMAT = 6
 # Each value of the books is saved behind a digest of its key and bytes: a value damaged, or
 # edited by hand (a cap raised in the SQLite file), no longer matches, and the books are
 # rebuilt from the logs. (It catches damage, not a forger who recomputes it: see
@@ -310,10 +311,13 @@ class MemberWrite:
                 "does not list it (was a run folder renamed or copied?); give the folder its name "
                 "back — its writes are refused until then", run=self.run_id, line=1,
                 problem="a run its pool does not list", first_suspect_line=1)
-        if self.book.member(self.run_id).offset != replayed.offset or self.copied:
+        entry = self.book.member(self.run_id)
+        if entry.offset != replayed.offset or entry.head != replayed.state.last_hash or self.copied:
             # The entry is behind the log (a new member, or a book rebuilt around a torn
-            # tail): fold the run to where this write starts. A copy of another member's
-            # folder under this id is refolded too, whatever its size: the fold refuses it.
+            # tail), or the log ends in another line than the one it was folded to (edited
+            # in place, its chain rebuilt): fold the run to where this write starts. A copy
+            # of another member's folder under this id is refolded too, whatever its size:
+            # the fold refuses it.
             self.book.replace(self.run_id, self.book.fold_log(self.run_id, stop=replayed.offset))
 
     def view(self, now: str) -> PoolView:
@@ -328,7 +332,7 @@ class MemberWrite:
         member, deltas = self.book.member(self.run_id), dict[str, PeriodTotals]()
         for event in events:
             member.fold({**event, "ts": now}, self.book.key_at, deltas)
-        member.offset = offset
+        member.offset, member.head = offset, state.last_hash
         self.book.save_changes(self.run_id, deltas, intent=None)
 
 

@@ -37,13 +37,17 @@ def facts_of(state: RunState) -> PoolFacts:
 
 @dataclass(slots=True)
 class Member:
-    """One run's money in its pool, by period, as of byte ``offset`` of its log: the tasks
-    it holds (what each holds from each period it added money in) and each period's totals."""
+    """One run's money in its pool, by period, as of byte ``offset`` of its log (whose line
+    before it hashes to ``head``): the tasks it holds (what each holds from each period it
+    added money in) and each period's totals."""
 
     offset: int = 0
     # task -> [[period, amount], ...]: oldest first, one entry per period money was added in
     holding: dict[str, list[list[Any]]] = field(default_factory=dict)
     periods: dict[str, PeriodTotals] = field(default_factory=dict)
+    # The hash of the last line folded: a log edited in place to the same size (its chain
+    # rebuilt) ends in another line, so the writer folds it again ("" for none yet).
+    head: str = ""
 
     def fold(self, event: Event, key_at: Callable[[str], str], deltas: dict[str, PeriodTotals]) -> None:
         """Fold one line already checked by the run's own fold, noting each change in
@@ -83,14 +87,14 @@ class Member:
         deltas.setdefault(key, PeriodTotals()).add(change)
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"offset": self.offset, "holding": self.holding,
+        return orjson.dumps({"offset": self.offset, "holding": self.holding, "head": self.head,
                              "periods": {key: totals.to_list() for key, totals in self.periods.items()}})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Member:
         raw = orjson.loads(data)
-        return cls(raw["offset"], raw["holding"],
-                   {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()})
+        periods = {key: PeriodTotals.from_list(values) for key, values in raw["periods"].items()}
+        return cls(raw["offset"], raw["holding"], periods, raw["head"])
 
 
 def member_unreadable(store: LedgerStore, pool_id: str, why: str, *, missing: bool,
@@ -230,7 +234,7 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                 raise member_unreadable(store, pool_id, f"line {number} is not what a writer wrote",
                                         missing=False, line=number) from None
             group = []
-            member.offset = end
+            member.offset, member.head = end, prev
     _check_decisions(store, pool_id, runs, decisions)
     return member
 

@@ -135,6 +135,8 @@ def describe_event(event: Mapping[str, Any]) -> str:
     if kind == "escalation_notified":
         return (f"escalation {_text(event, 'id')} notice {_text(event, 'attempt')}: "
                 f"{'delivered' if event.get('ok') is True else 'failed'} ({_text(event, 'detail')})")
+    if kind == "run_archived":
+        return "archived the run: no line may follow"
     return f"{printable(kind)} (unknown to this version)"
 
 

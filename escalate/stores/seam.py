@@ -46,18 +46,20 @@ if TYPE_CHECKING:
 # connection or pool, or a store (:func:`open_store` opens each).
 StoreLocation: TypeAlias = "str | os.PathLike[str] | Store | Connection | ConnectionPool"
 
+# The patterns are text, compiled by ``re`` (and kept in its cache) when first used: every
+# command imports this module, and a runs folder's name, with no ":" or "=" in it, needs none.
 # ``postgresql://…`` as a URL; also what ``Path`` makes of one (it folds ``//`` into ``/``).
-_POSTGRES_URL = re.compile(r"^postgres(ql)?:/", re.IGNORECASE)
-_POSTGRES_URL_WHOLE = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+_POSTGRES_URL = r"(?i)^postgres(ql)?:/"
+_POSTGRES_URL_WHOLE = r"(?i)^postgres(ql)?://"
 # Any other ``scheme:/…`` is a URL escalate cannot open (a typo such as ``postgressql://``),
 # never a folder to create: a fleet would quietly stop sharing its budget.
-_OTHER_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+_OTHER_URL = r"^[A-Za-z][A-Za-z0-9+.-]*:/"
 # ``postgresql:`` or ``mysql:`` with nothing after it is a URL cut short, never a folder name.
-_BARE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")
+_BARE_SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]+:$"
 # libpq's keyword form (``host=db password=… dbname=x``): a store escalate cannot open, and a
 # folder named after it would write its password into a path on disk.
-_KEYWORD_DSN = re.compile(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|service|"
-                          r"sslmode|options|connect_timeout|application_name)\s*=", re.IGNORECASE)
+_KEYWORD_DSN = (r"(?i)(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|service|"
+                r"sslmode|options|connect_timeout|application_name)\s*=")
 
 
 class Transaction(Protocol):
@@ -285,7 +287,7 @@ def owned_store(location: StoreLocation) -> Iterator[Store]:
 def is_store_url(location: str) -> bool:
     """True when ``location`` names a database store, not a runs folder: the one place that
     tells a store's URL (``postgresql://``, also as ``Path`` folds it) from a folder."""
-    return bool(_POSTGRES_URL.match(location))
+    return ":" in location and re.match(_POSTGRES_URL, location) is not None
 
 
 def is_store(location: object) -> TypeIs[Store]:
@@ -306,7 +308,7 @@ def open_store(location: StoreLocation) -> Store:
         return PgStore(location)
     text = os.fspath(location)
     if is_store_url(text):
-        if not _POSTGRES_URL_WHOLE.match(text):
+        if not re.match(_POSTGRES_URL_WHOLE, text):
             # ``Path("postgresql://h/db")`` is "postgresql:/h/db": the URL was lost on the way.
             raise InputError(f"invalid store URL {text.split('@')[-1][:80]!r}: give it with --store "
                              "or ESCALATE_STORE, as postgresql://user@host/database",
@@ -328,14 +330,14 @@ def refuse_non_folder(text: str) -> None:
     is a URL escalate cannot open or a keyword connection string: it is never created as a
     folder (a fleet would quietly stop sharing its budget), and never quoted (it may hold a
     password)."""
-    if _OTHER_URL.match(text) or _BARE_SCHEME.match(text):
+    if ":" in text and (re.match(_OTHER_URL, text) or re.match(_BARE_SCHEME, text)):
         scheme = text.split(":", 1)[0]
         if is_store_url(scheme + ":/"):
             raise InputError(f"invalid store URL {scheme}: (nothing after it); write it as "
                              "postgresql://user@host/database", code="invalid_store")
         raise InputError(f"unknown store {scheme:.40}:// — give a runs folder, or a PostgreSQL URL "
                          "(postgresql://user@host/database)", code="invalid_store", scheme=scheme[:40])
-    if _KEYWORD_DSN.search(text):
+    if "=" in text and re.search(_KEYWORD_DSN, text):
         raise InputError("a keyword connection string (host=… dbname=…) is not a store: write it as a "
                          "URL, postgresql://user@host/database, or give a runs folder; nothing was created",
                          code="invalid_store")

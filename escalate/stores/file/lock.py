@@ -21,15 +21,18 @@ by commands that lock (the read-only ones never do).
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from filelock import lock_descriptor
 
 from escalate.core.durations import format_duration
 from escalate.errors import LockTimeout
+
+if TYPE_CHECKING:
+    import queue
 
 try:
     import fcntl
@@ -84,6 +87,8 @@ class _Helper:
     process exits does not keep it alive (a daemon thread)."""
 
     def __init__(self) -> None:
+        import queue  # (only a process that ever waits needs it: an uncontended command does not load it)
+
         self.requests: queue.SimpleQueue[Waiter] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._serve, name="escalate-lock-waiter", daemon=True)
         self.thread.start()
