@@ -21,7 +21,7 @@ from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
 from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
 from escalate.core.policy import policy_change, policy_signing_content
-from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
+from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
 from escalate.core.rules import period_name
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
@@ -215,14 +215,16 @@ class Pool(Closing):
             totals.add(member.periods.get(key) or PeriodTotals())
         check_total_limit(self.pool_id, key, totals)
         start, end = bounds(facts.period, facts.tz, key)
-        cap = facts.cap_micros + totals.extended_micros
+        view = PoolView(pool_id=self.pool_id, cap_micros=facts.cap_micros, policy=state.policy,
+                        period=facts.period, current=key, totals={key: totals})
+        cap = view.cap_in(key)
         return {
             "pool": self.pool_id, "period": key, "period_kind": facts.period, "tz": facts.tz,
             "current": key == current, "period_start": start, "period_end": end,
             "cap_micros": cap, "pool_cap_micros": facts.cap_micros,
             "extended_micros": totals.extended_micros, "spent_micros": totals.spent_micros,
             "reserved_micros": totals.reserved_micros, "committed_micros": totals.committed_micros,
-            "remaining_micros": cap - totals.committed_micros, "escalation": state.policy.to_json(),
+            "remaining_micros": view.remaining(key), "escalation": state.policy.to_json(),
             "runs": [{"run": run_id,
                       "committed_micros": (member.periods.get(key) or PeriodTotals()).committed_micros}
                      for run_id, member in members.items()],
