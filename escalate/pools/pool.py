@@ -19,10 +19,9 @@ from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
-from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
+from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key, period_name
 from escalate.core.policy import policy_change, policy_signing_content
 from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
-from escalate.core.rules import period_name
 from escalate.core.state import Policy, RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
