@@ -157,7 +157,7 @@ def escalations(
         from escalate.reports.inbox import inbox
         from escalate.reports.runs import runs_root
 
-        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
+        with runs_root(open_options(runs_dir, None)["location"]) as root:
             found = inbox(root, run=run, open_only=only_open)
             # One broken run must not hide every other run's escalations from the approver.
             for skipped in found["skipped"]:
@@ -188,7 +188,7 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
         from escalate.reports.inbox import escalation_view
         from escalate.reports.runs import runs_root
 
-        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
+        with runs_root(open_options(runs_dir, None)["location"]) as root:
             view = escalation_view(root, run, escalation_id)
             moment.append(root.now(utc_now))
         return view
@@ -226,7 +226,7 @@ def sweep(
         if deadline is not None:
             given["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
         options = open_options(runs_dir, lock_timeout, None, notify_cmd)
-        return sweep_all(options.pop("runs_dir"), run=run, limits=SweepLimits(**given), **options)
+        return sweep_all(options.pop("location"), run=run, limits=SweepLimits(**given), **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"
