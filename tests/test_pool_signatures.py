@@ -332,3 +332,27 @@ def test_a_decision_backdated_before_the_pool_pinned_keys_is_held_to_its_place_i
     assert verified.exit_code == 6 and "it was rewritten since" in verified.stdout
     put_log(store, "r", signed)
     assert cli("runs", "verify", "r").exit_code == 0
+
+
+def test_one_identity_under_two_names_fills_no_pools_quorum(cli: Any, store: Location) -> None:
+    # The pool tells approvers apart by vouched identity; its member's own policy does not.
+    # Two approvals vouched as the same role are one approver of the pool's quorum of two,
+    # whatever names they give, for every reader of the member (the writer's rule).
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approvers", "alice,bob", "--approvers-match", "vouched", "--quorum", "2").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "10", "--pool", "team").exit_code == 0
+    assert cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json").exit_code == 4
+    lines = events(log_bytes(store, "r"))
+    asked = lines[-1]
+    assert (asked["reason"], asked["quorum"]) == ("pool_cap", 2)
+    common = {"v": 1, "ts": asked["ts"], "id": asked["id"], "role": "alice"}
+    lines += [{**common, "seq": len(lines) + 1, "type": "escalation_approved", "actor": "x", "by": "x",
+               "quorum": 2},
+              {**common, "seq": len(lines) + 2, "type": "escalation_resolved", "actor": "y", "by": "y",
+               "more": 1, "mode": "extend", "extension_micros": 0,
+               "pool_extension_micros": asked["needed_extension_micros"]},
+              {"v": 1, "ts": asked["ts"], "seq": len(lines) + 3, "type": "budget_reserved", "actor": "y",
+               "task": "t1", "amount_micros": asked["requested_micros"]}]
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, len(lines) - 1)
+    assert "approved twice by 'alice'" in cli("runs", "verify", "r", "--json").stdout

@@ -18,7 +18,7 @@ import orjson
 
 from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
 from escalate.core.fold_escalations import check_resolver, check_signature
-from escalate.core.rules import needed_extension, quorum_required
+from escalate.core.rules import needed_extension, quorum_required, same_approver
 from escalate.core.state import ForgedSignature, Policy, RuleViolation, RunState
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
 
@@ -62,7 +62,7 @@ class PoolDecisions:
         (:meth:`PoolTimeline.governing`): :func:`check_decision`. None is passed over: one
         that no policy of the pool can govern is a problem itself."""
         found = []
-        approvals: dict[Any, int] = {}
+        approvals: dict[Any, list[dict[str, str]]] = {}
         for number, event in self.decided:
             escalation, asked_hash = self.asked[event.get("id")]
             try:
@@ -76,13 +76,14 @@ class PoolDecisions:
 
 
 def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[str, Any], asked_hash: str,
-                   event: Mapping[str, Any], approvals: dict[Any, int]) -> None:
+                   event: Mapping[str, Any], approvals: dict[Any, list[dict[str, str]]]) -> None:
     """The rules a run's fold applies to its own escalations' decisions, applied under the
     pool's ``policy``: the requester never decides, and under ``vouched`` only a listed
     identity does (:func:`check_resolver`); while it pins keys, each is signed by a key
     pinned for its approver (:func:`check_signature`); a grant has the approvals its quorum needs
-    (:func:`~escalate.core.rules.quorum_required`). ``approvals`` counts each escalation's
-    approvals so far (the run's fold has checked they are distinct)."""
+    (:func:`~escalate.core.rules.quorum_required`) of distinct approvers, told apart by the
+    pool's policy (:func:`~escalate.core.rules.same_approver`). ``approvals``: each
+    escalation's approvals so far."""
     escalation_id = event.get("id")
     approving = event.get("type") == "escalation_approved"
     mode = "extend" if approving else str(event.get("mode"))
@@ -98,7 +99,15 @@ def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[
         check_signature(policy, whose, run_id, str(escalation_id), amount, asked_hash, event, mode, by)
     if mode != "extend":
         return
-    approvals[escalation_id] = count = approvals.get(escalation_id, 0) + 1
+    # Approvers count once, told apart by the pool's policy as its writer tells them apart.
+    key, vouched = event.get("key"), role if isinstance(role, str) else None
+    signer = key if isinstance(key, str) else None
+    so_far = approvals.setdefault(escalation_id, [])
+    if any(same_approver(policy, False, earlier, by, vouched, signer) for earlier in so_far):
+        damage = ForgedSignature if policy.approver_keys else RuleViolation
+        raise damage(f"escalation {escalation_id!r} approved twice by {vouched or by!r}")
+    so_far.append({"by": by, **({"role": vouched} if vouched else {}), **({"key": signer} if signer else {})})
+    count = len(so_far)
     needed = quorum_required([policy], _needed_extension(escalation))
     if not approving and count < needed:
         raise RuleViolation(f"escalation {escalation_id} granted with {count} of the {needed} approvals "
