@@ -16,6 +16,7 @@ import pytest
 
 from escalate import Ledger
 from escalate.core import sshsig
+from escalate.core.events import line_hash
 from escalate.errors import Refused
 from escalate.escalation import signing
 from tests.conftest import log_bytes, rechained, snapshot_store
@@ -297,3 +298,61 @@ def test_an_approval_signed_before_its_grant_grew_is_refused(keys: dict[str, Pat
     again = Ledger.open(store, "r").approve(asked, by="alice", sign=keys["alice-ecdsa"])
     assert again["status"] == "approved" and again.get("pool_extension_micros") == 2_000_000
     assert cli("runs", "verify", "r").exit_code == 0 and cli("pools", "verify", "team").exit_code == 0
+
+
+def test_a_decision_backdated_before_the_pool_pinned_keys_is_held_to_its_place_in_the_log(
+        cli: Any, keys: dict[str, Path], store: Location) -> None:
+    # r joined before the pool pinned keys; the pinning records where r's log ended, so a
+    # forged unsigned approval written after it, dated before it, still needs the key.
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation",
+               "enforce").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "10", "--pool", "team").exit_code == 0
+    opened = events(pool_log(store, "team"))[0]["ts"]
+    assert cli("pools", "set", "team", "--approver-key",
+               f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    pinned = events(pool_log(store, "team"))[-1]
+    assert pinned["members_at"] == {"r": [1, line_hash(log_bytes(store, "r").splitlines()[0])]}
+    asked = cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json").json()["escalation_id"]
+    assert cli("approve", "r", asked, "--by", "alice", "--sign", str(keys["alice-ecdsa"])).exit_code == 0
+    signed = log_bytes(store, "r")
+    assert cli("runs", "verify", "r").exit_code == 0
+    lines = events(signed)
+    line = 1 + next(i for i, e in enumerate(lines) if e["type"] == "escalation_resolved")
+    for event in lines[1:]:
+        event.update(ts=opened)
+    for event in lines[line - 1:]:
+        event.pop("signature", None)
+        event.pop("key", None)
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, line)
+    # r's first line rewritten too: the log is not the one the pool recorded.
+    lines[0]["ts"] = opened
+    put_log(store, "r", rechained(lines))
+    verified = cli("runs", "verify", "r", "--json")
+    assert verified.exit_code == 6 and "it was rewritten since" in verified.stdout
+    put_log(store, "r", signed)
+    assert cli("runs", "verify", "r").exit_code == 0
+
+
+def test_one_identity_under_two_names_fills_no_pools_quorum(cli: Any, store: Location) -> None:
+    # The pool tells approvers apart by vouched identity; its member's own policy does not.
+    # Two approvals vouched as the same role are one approver of the pool's quorum of two,
+    # whatever names they give, for every reader of the member (the writer's rule).
+    assert cli("pools", "init", "team", "--cap", "3", "--max-extension", "5", "--escalation", "enforce",
+               "--approvers", "alice,bob", "--approvers-match", "vouched", "--quorum", "2").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "10", "--pool", "team").exit_code == 0
+    assert cli("reserve", "r", "t1", "--estimate", "4", "--by", "bob", "--json").exit_code == 4
+    lines = events(log_bytes(store, "r"))
+    asked = lines[-1]
+    assert (asked["reason"], asked["quorum"]) == ("pool_cap", 2)
+    common = {"v": 1, "ts": asked["ts"], "id": asked["id"], "role": "alice"}
+    lines += [{**common, "seq": len(lines) + 1, "type": "escalation_approved", "actor": "x", "by": "x",
+               "quorum": 2},
+              {**common, "seq": len(lines) + 2, "type": "escalation_resolved", "actor": "y", "by": "y",
+               "more": 1, "mode": "extend", "extension_micros": 0,
+               "pool_extension_micros": asked["needed_extension_micros"]},
+              {"v": 1, "ts": asked["ts"], "seq": len(lines) + 3, "type": "budget_reserved", "actor": "y",
+               "task": "t1", "amount_micros": asked["requested_micros"]}]
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, len(lines) - 1)
+    assert "approved twice by 'alice'" in cli("runs", "verify", "r", "--json").stdout

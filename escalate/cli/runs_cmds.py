@@ -113,7 +113,7 @@ def init(
             escalation_timeout=escalation_timeout, max_extension=max_extension, approvers=approvers,
             approvers_match=approvers_match, approver_keys=approver_key, quorum=(quorum, quorum_above)),
             "renotify_every_s": None if renotify_every is None else _renotify(renotify_every)}
-        ledger = opened(Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap, pool=pool,
+        ledger = opened(Ledger.init(options.pop("location"), run, cap=cap, task_cap=task_cap, pool=pool,
                                     **settings, **options))
         if pool is not None and cap is not None:
             _warn_over_pool(ledger, pool)
@@ -322,7 +322,7 @@ def list_runs(
     def action() -> dict[str, list[RunRow | BrokenRun]]:
         import escalate.reports.runs  # (this command is list_runs too)
 
-        return {"runs": escalate.reports.runs.list_runs(open_options(runs_dir, None)["runs_dir"],
+        return {"runs": escalate.reports.runs.list_runs(open_options(runs_dir, None)["location"],
                                                         every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:

@@ -29,7 +29,6 @@ from escalate.core.rules import (
     over_cap,
     over_left,
     over_threshold,
-    period_name,
     quorum_required,
     release_refusal,
 )
@@ -380,6 +379,8 @@ def _pool_refusal(pool: PoolView, request: Request, events: list[Payload],
         return None
     events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
                    "remaining_micros": left, "reason": "pool_cap"})
+    from escalate.core.periods import period_name  # (loaded with the pool's modules; a run never loads it)
+
     settle = (" — release it to settle what it holds" if request.kind == "increase"
               else " — ask for less under a new task id")
     return Decision(events=events, error=Refused(

@@ -327,6 +327,19 @@ def _apply_policy(state: RunState, event: Mapping[str, Any]) -> None:
         if state.pool is None:
             raise RuleViolation("field 'cap_micros' may only change a pool's cap")
         state.pool.cap_micros = int_field(event, "cap_micros")
+    if "members_at" in event:
+        _members_at(state, event.get("members_at"))
+
+
+def _members_at(state: RunState, heads: object) -> None:
+    """A pool's record of where its members' logs ended (``pools set``, when who decides its
+    escalations changes): each member's line count and its last line's hash."""
+    if state.pool is None or not isinstance(heads, dict) or not all(
+            run_id in state.pool.members and isinstance(head, list) and len(head) == 2
+            and type(head[0]) is int and head[0] > 0
+            and isinstance(head[1], str) and HASH_PATTERN.fullmatch(head[1])
+            for run_id, head in heads.items()):
+        raise RuleViolation("field 'members_at' must map a pool's members to [lines, hash of the last line]")
 
 
 def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:

@@ -225,6 +225,9 @@ class PolicyChanged(TypedDict):
         "While the policy before it pins approvers' keys: the armored OpenSSH SSHSIG signature "
         "(namespace escalate) of the change's canonical content by a key pinned for its actor.")]]
     key: NotRequired[Annotated[str, Doc("With signature: the SHA256 fingerprint of the key that made it.")]]
+    members_at: NotRequired[Annotated[dict[IdStr, list[int | str]], Doc(
+        "A pool's change of who decides its escalations (keys, approvers, quorum): each member run's "
+        "line count and last line's hash then; its decisions after that line follow this policy.")]]
 
 
 class EscalationNotified(TypedDict):

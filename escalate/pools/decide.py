@@ -63,7 +63,8 @@ def decide_opened(state: RunState, run_id: str, first_line: str | None) -> Decis
 def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, by: str,
                        role: str | None = None, granted: tuple[int, str] | None = None,
                        roles: bool = False, signature: str | None = None,
-                       members: Mapping[str, Policy] | None = None) -> Decision[PoolPolicyAnswer]:
+                       members: Mapping[str, Policy] | None = None,
+                       heads: Mapping[str, RunState] | None = None) -> Decision[PoolPolicyAnswer]:
     """Change a pool's escalation policy and (``cap_micros``) its cap, as ``policy_changed``.
     A cap below what is committed is allowed: new reservations are refused until releases
     or the next period make room; a max extension below what was granted in the current
@@ -73,7 +74,11 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
     :func:`~escalate.core.policy.policy_changer_refused` checks them); while it pins keys, only
     with a ``signature`` by one (:func:`~escalate.core.policy.policy_signed`). ``members``:
     the member runs' policies, read when the approvers or the quorum change: none may be
-    left with escalations nobody could grant (:func:`~escalate.core.policy.member_quorum_refused`)."""
+    left with escalations nobody could grant (:func:`~escalate.core.policy.member_quorum_refused`).
+    ``heads``: the member runs' states, read when what decides a ``pool_cap`` escalation
+    changes (:func:`deciders`): the line records where each member's log ends
+    (``members_at``), so a reader holds each decision to the policy of its place in the
+    log, whatever time the line gives (:class:`escalate.pools.signatures.PoolTimeline`)."""
     if state.pool is None:
         return fail(not_a_pool(state))
     cap = state.pool.cap_micros if cap_micros is None else cap_micros
@@ -95,4 +100,13 @@ def decide_pool_policy(state: RunState, policy: Policy, cap_micros: int | None, 
         return fail(unsigned)
     if role is not None:
         event["role"] = role
+    if heads and deciders(policy) != deciders(state.policy):
+        event["members_at"] = {run_id: [member.seq, member.last_hash] for run_id, member in heads.items()}
     return Decision(events=[event], result={**result, "status": "changed"})
+
+
+def deciders(policy: Policy) -> tuple[object, ...]:
+    """What of a pool's policy decides a ``pool_cap`` escalation's approvals: its keys, its
+    approvers and how they are matched, its quorum."""
+    return (policy.approver_keys, policy.approvers, policy.approvers_match, policy.quorum,
+            policy.quorum_above_micros)

@@ -19,11 +19,10 @@ from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
-from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
+from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key, period_name
 from escalate.core.policy import policy_change, policy_signing_content
-from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
-from escalate.core.rules import period_name
-from escalate.core.state import Policy, RunState
+from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
+from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
@@ -215,14 +214,16 @@ class Pool(Closing):
             totals.add(member.periods.get(key) or PeriodTotals())
         check_total_limit(self.pool_id, key, totals)
         start, end = bounds(facts.period, facts.tz, key)
-        cap = facts.cap_micros + totals.extended_micros
+        view = PoolView(pool_id=self.pool_id, cap_micros=facts.cap_micros, policy=state.policy,
+                        period=facts.period, current=key, totals={key: totals})
+        cap = view.cap_in(key)
         return {
             "pool": self.pool_id, "period": key, "period_kind": facts.period, "tz": facts.tz,
             "current": key == current, "period_start": start, "period_end": end,
             "cap_micros": cap, "pool_cap_micros": facts.cap_micros,
             "extended_micros": totals.extended_micros, "spent_micros": totals.spent_micros,
             "reserved_micros": totals.reserved_micros, "committed_micros": totals.committed_micros,
-            "remaining_micros": cap - totals.committed_micros, "escalation": state.policy.to_json(),
+            "remaining_micros": view.remaining(key), "escalation": state.policy.to_json(),
             "runs": [{"run": run_id,
                       "committed_micros": (member.periods.get(key) or PeriodTotals()).committed_micros}
                      for run_id, member in members.items()],
@@ -236,7 +237,7 @@ class Pool(Closing):
         reservations are refused until there is room again. While the pool pins keys the
         change must be signed: ``sign`` (a key file) or ``signature``, as for a run's
         (:meth:`policy_signing_content`)."""
-        from escalate.pools.decide import decide_pool_policy
+        from escalate.pools.decide import decide_pool_policy, deciders
 
         names = config.PolicyOptions.__optional_keys__
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
@@ -251,9 +252,11 @@ class Pool(Closing):
             policy = config.merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             counted = (policy.approvers, policy.quorum) != (state.policy.approvers, state.policy.quorum)
+            members = self._members(state) if counted or deciders(policy) != deciders(state.policy) else {}
             return decide_pool_policy(state, policy, cap_micros, self.actor, role,
                                       self._granted(now) if lowered else None, self.store.approvers_are_roles,
-                                      signature, self._member_policies(state) if counted else None)
+                                      signature, {run: member.policy for run, member in members.items()}
+                                      if counted else None, members)
 
         role = self.store.role()  # who the store vouches acts: the OS user, or the database role
 
@@ -275,17 +278,18 @@ class Pool(Closing):
         change = policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
         return policy_signing_content(state, change)
 
-    def _member_policies(self, state: RunState) -> dict[str, Policy]:
-        """Each member run's policy (asked under the pool's lock, which a member's policy change
-        takes first; a member that cannot be read takes no writes and is left out)."""
-        policies = {}
+    def _members(self, state: RunState) -> dict[str, RunState]:
+        """Each member run's state: its policy, its last line (asked under the pool's lock,
+        which a member's policy change takes first, and every member's write; a member that
+        cannot be read takes no writes and is left out)."""
+        members = {}
         for run_id in state.pool.members if state.pool is not None else ():
             try:
                 member = self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout)
-                policies[run_id] = member.read().state.policy
+                members[run_id] = member.read().state
             except EscalateError:
                 continue
-        return policies
+        return members
 
     def _granted(self, now: str) -> tuple[int, str]:
         """What approvals extended the pool by in the period ``now`` falls in, folded from

@@ -18,7 +18,7 @@ import orjson
 
 from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
 from escalate.core.fold_escalations import check_resolver, check_signature
-from escalate.core.rules import needed_extension, quorum_required
+from escalate.core.rules import needed_extension, quorum_required, same_approver
 from escalate.core.state import ForgedSignature, Policy, RuleViolation, RunState
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
 
@@ -62,11 +62,11 @@ class PoolDecisions:
         (:meth:`PoolTimeline.governing`): :func:`check_decision`. None is passed over: one
         that no policy of the pool can govern is a problem itself."""
         found = []
-        approvals: dict[Any, int] = {}
+        approvals: dict[Any, list[dict[str, str]]] = {}
         for number, event in self.decided:
             escalation, asked_hash = self.asked[event.get("id")]
             try:
-                deciding = timeline.governing(pool_id, escalation, event)
+                deciding = timeline.governing(pool_id, number, escalation, event)
                 check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
                                approvals)
             except RuleViolation as exc:
@@ -76,13 +76,14 @@ class PoolDecisions:
 
 
 def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[str, Any], asked_hash: str,
-                   event: Mapping[str, Any], approvals: dict[Any, int]) -> None:
+                   event: Mapping[str, Any], approvals: dict[Any, list[dict[str, str]]]) -> None:
     """The rules a run's fold applies to its own escalations' decisions, applied under the
     pool's ``policy``: the requester never decides, and under ``vouched`` only a listed
     identity does (:func:`check_resolver`); while it pins keys, each is signed by a key
     pinned for its approver (:func:`check_signature`); a grant has the approvals its quorum needs
-    (:func:`~escalate.core.rules.quorum_required`). ``approvals`` counts each escalation's
-    approvals so far (the run's fold has checked they are distinct)."""
+    (:func:`~escalate.core.rules.quorum_required`) of distinct approvers, told apart by the
+    pool's policy (:func:`~escalate.core.rules.same_approver`). ``approvals``: each
+    escalation's approvals so far."""
     escalation_id = event.get("id")
     approving = event.get("type") == "escalation_approved"
     mode = "extend" if approving else str(event.get("mode"))
@@ -98,7 +99,15 @@ def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[
         check_signature(policy, whose, run_id, str(escalation_id), amount, asked_hash, event, mode, by)
     if mode != "extend":
         return
-    approvals[escalation_id] = count = approvals.get(escalation_id, 0) + 1
+    # Approvers count once, told apart by the pool's policy as its writer tells them apart.
+    key, vouched = event.get("key"), role if isinstance(role, str) else None
+    signer = key if isinstance(key, str) else None
+    so_far = approvals.setdefault(escalation_id, [])
+    if any(same_approver(policy, False, earlier, by, vouched, signer) for earlier in so_far):
+        damage = ForgedSignature if policy.approver_keys else RuleViolation
+        raise damage(f"escalation {escalation_id!r} approved twice by {vouched or by!r}")
+    so_far.append({"by": by, **({"role": vouched} if vouched else {}), **({"key": signer} if signer else {})})
+    count = len(so_far)
     needed = quorum_required([policy], _needed_extension(escalation))
     if not approving and count < needed:
         raise RuleViolation(f"escalation {escalation_id} granted with {count} of the {needed} approvals "
@@ -122,14 +131,18 @@ class PoolTimeline:
     reader of a ledger uses (its chain, and each signed policy change against the keys then
     pinned): ``(ts, policy)`` from its first line and each change, in the log's order, and
     the index of the one in force when the member joined (``run_joined``, 0 when the log
-    names no join of it). A pool log that fails the fold vouches for no decision."""
+    names no join of it). A pool log that fails the fold vouches for no decision. ``anchors``:
+    where the member's log ended when a change of who decides was written (``members_at``:
+    ``(policy index, lines, hash of the last line)``), which ties a decision to a policy by
+    its place in the log rather than by the time it gives."""
 
-    __slots__ = ("joined", "policies")
+    __slots__ = ("anchors", "joined", "policies")
 
     def __init__(self, pool: LedgerStore, run_id: str) -> None:
         from escalate.core import fold  # (only a member holding a pool decision loads the pool's fold)
 
         self.policies: list[tuple[str, Policy]] = []
+        self.anchors: list[tuple[int, int, str]] = []
         self.joined = 0
         state: RunState | None = None
         with pool.reader() as stream:
@@ -150,15 +163,21 @@ class PoolTimeline:
                 kind = event.get("type")
                 if kind in ("pool_opened", "policy_changed"):
                     self.policies.append((str(event.get("ts")), state.policy))
+                    head = (event.get("members_at") or {}).get(run_id)  # (the fold checked its shape)
+                    if head is not None:
+                        self.anchors.append((len(self.policies) - 1, head[0], head[1]))
                 elif kind == "run_joined" and event.get("run") == run_id:
                     self.joined = len(self.policies) - 1
 
-    def governing(self, pool_id: str, escalation: Mapping[str, Any], event: Mapping[str, Any]) -> Policy:
-        """The pool policy that decides ``event`` (an approval or resolution of the pool_cap
-        ``escalation``): the last one in force at its time, never one set before the member
-        joined, nor before the escalation fired (both times are read: backdating a decision
-        never reaches an older, laxer policy than its escalation's). A decision dated before
-        the pool's first line is one no writer wrote: :class:`RuleViolation`."""
+    def governing(self, pool_id: str, number: int, escalation: Mapping[str, Any],
+                  event: Mapping[str, Any]) -> Policy:
+        """The pool policy that decides ``event`` (line ``number``, an approval or resolution
+        of the pool_cap ``escalation``): the last one in force at its time, never one set
+        before the member joined, nor before the escalation fired (both times are read:
+        backdating a decision never reaches an older, laxer policy than its escalation's),
+        and where the pool recorded the member's log (:attr:`anchors`), the one of its place
+        in the log, whatever its time. A decision dated before the pool's first line is one
+        no writer wrote: :class:`RuleViolation`."""
         times = [value for value in (escalation.get("ts"), event.get("ts")) if type(value) is str]
         if len(times) != 2:
             raise RuleViolation(f"escalation {event.get('id')} is decided at no time")
@@ -168,7 +187,26 @@ class PoolTimeline:
         if at is None:
             raise RuleViolation(f"escalation {event.get('id')} is decided at {when}, before its pool "
                                 f"{pool_id} was opened")
-        return self.policies[max(at, self.joined)][1]
+        low = max((index for index, lines, _ in self.anchors if lines < number), default=self.joined)
+        high = min((index for index, lines, _ in self.anchors if lines >= number), default=len(self.policies))
+        return self.policies[min(max(at, self.joined, low), high - 1)][1]
+
+    def unanchored(self, member: LedgerStore) -> str | None:
+        """Why ``member``'s log is not the one the pool recorded (:attr:`anchors`: a line
+        whose hash is not the recorded one, or missing), or None."""
+        wanted = {lines: hashed for _, lines, hashed in self.anchors}
+        if not wanted:
+            return None
+        broken = None
+        with member.reader() as stream:
+            for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
+                if number in wanted and line_hash(line) != wanted.pop(number):
+                    broken = number
+                    break
+                if not wanted:
+                    return None
+        return (f"its log is not the one its pool recorded when its policy changed (line "
+                f"{broken or min(wanted)}): it was rewritten since")
 
 
 def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
@@ -184,6 +222,9 @@ def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[P
                 for number, event in decisions.decided]
     try:
         timeline = PoolTimeline(pool, decisions.run_id)
+        rewritten = timeline.unanchored(runs.ledger(decisions.run_id, lock_timeout=0))
+        if rewritten is not None:
+            raise ForgedSignature(rewritten)  # (it would pass decisions off under a laxer policy)
     except RuleViolation as exc:
         return [PoolProblem(number, f"pool_cap escalation {event.get('id')}: {exc}",
                             isinstance(exc, ForgedSignature))

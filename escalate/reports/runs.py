@@ -105,7 +105,7 @@ class VerifyReport(TypedDict):
 
 
 @contextmanager
-def runs_root(location: StoreLocation) -> Iterator[Store]:
+def opened_store(location: StoreLocation) -> Iterator[Store]:
     """The store at ``location`` for the calls that look at every run, opened once (so every
     run is read through one connection) and closed at the end if opened here; a file there
     is a wrong folder."""
@@ -119,10 +119,10 @@ def list_runs(location: StoreLocation, *,
     """Every run under ``location`` with its totals and state, newest first; a run that
     cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     rows: list[RunRow | BrokenRun] = []
-    with runs_root(location) as root:
-        for run_id in iter_run_ids(root):
+    with opened_store(location) as store:
+        for run_id in iter_run_ids(store):
             try:
-                with Ledger.open(root, run_id) as ledger:
+                with Ledger.open(store, run_id) as ledger:
                     state, pool = ledger.state(), ledger.pool_id()
             except EscalateError as error:
                 rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
@@ -156,15 +156,15 @@ def sweep_all(location: StoreLocation, *, run: str | None = None,
     listed in ``deferred`` and due at the next sweep. ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
     still swept; with ``run`` its error is raised."""
-    with runs_root(location) as root, ExitStack() as opened:
-        run_ids = [run] if run is not None else list(iter_run_ids(root))
+    with opened_store(location) as store, ExitStack() as opened:
+        run_ids = [run] if run is not None else list(iter_run_ids(store))
         expired: list[SweptEscalation] = []
         due: list[dict[str, Any]] = []
         ledgers: dict[str, Ledger] = {}
         failures: list[SweepFailure] = []
         for run_id in run_ids:
             try:
-                ledger = opened.enter_context(Ledger.open(root, run_id, **options))
+                ledger = opened.enter_context(Ledger.open(store, run_id, **options))
                 swept, notices = ledger.expire()
             except EscalateError as error:
                 if run is not None:
