@@ -149,7 +149,8 @@ def show(
         return report
 
     def human(report: PoolReport) -> None:
-        from escalate.reports.report import pool_markdown, pool_period_line, printable
+        from escalate.core.text import printable
+        from escalate.reports.report import pool_markdown, pool_period_line
 
         if chosen is ShowFormat.markdown:
             sys.stdout.write(pool_markdown(report))

@@ -27,11 +27,13 @@ from escalate.cli.escalation_cmds import ApproverKeyOption, ChangeSignOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.core.money import format_usd as usd
-from escalate.reports.report import pool_binding, printable
+from escalate.core.text import printable
+from escalate.reports.report import pool_binding
 
 if TYPE_CHECKING:
     from escalate.config import PolicyOptions, RunPolicyOptions
-    from escalate.reports.runs import BrokenRun, RunRow, VerifyReport
+    from escalate.pools.verify import VerifyReport
+    from escalate.reports.runs import BrokenRun, RunRow
     from escalate.service import Ledger
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)

@@ -39,7 +39,7 @@ from escalate.write import first_lines
 if TYPE_CHECKING:
     from escalate.core.decide import Decision
     from escalate.core.payloads import EscalationPolicy, PoolOpened
-    from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.pools.verify import LineProblem, LineWarning, LogHead, VerifyReport
     from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
@@ -373,7 +373,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
     named in it (a member with no log, or whose id another ledger holds, is a problem too).
     Problems are reported, not raised;
     :class:`InputError` when there is no such pool, or it is a run."""
-    from escalate.reports.runs import verify_report
+    from escalate.pools.verify import verify_ledger
 
     with owned_store(location) as runs:
         timeout = config.lock_timeout(lock_timeout)
@@ -381,7 +381,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
         first = first_event(store)
         if first is None or first.get("type") != "pool_opened":
             pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
-        own = verify_report(store)
+        own = verify_ledger(store)
         members: list[VerifyReport] = []
         # The members the pool's log names, as far as it folds (a damaged line is passed over).
         facts = store.verify().state.pool if own["lines"] is not None else None
@@ -395,7 +395,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
                                 "head": None, "problems": [{"line": 1, "problem": problem.message}],
                                 "warnings": []})
             else:
-                members.append(verify_report(member, runs=runs))
+                members.append(verify_ledger(member, runs))
         return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
                 "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
                 "head": own["head"], "problems": own["problems"], "warnings": own["warnings"],

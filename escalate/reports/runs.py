@@ -14,8 +14,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, TypedDict, Unpack, cast, final
 
 from escalate.core.state import RunState, Totals
-from escalate.errors import CorruptLedger, EscalateError
+from escalate.errors import EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
+from escalate.pools.verify import VerifyReport, verify_ledger
 from escalate.service import Ledger, LedgerOptions
 from escalate.stores.seam import LedgerStore, Store, StoreLocation, owned_store
 
@@ -74,34 +75,6 @@ class SweepReport(TypedDict):
     notified: list[SweptNotice]
     deferred: list[SweptEscalation]  # due, but not started before the deadline
     failures: list[SweepFailure]
-
-
-class LogHead(TypedDict):
-    seq: int
-    hash: str
-
-
-class LineProblem(TypedDict):
-    line: int
-    problem: str
-
-
-class LineWarning(TypedDict):
-    line: int
-    warning: str
-
-
-class VerifyReport(TypedDict):
-    """What ``runs verify --json`` prints: ``ok`` when no line has a problem."""
-
-    run: str
-    ok: bool
-    lines: int | None  # None when the first line is unreadable: nothing could be folded
-    events: int
-    torn_bytes: int | None
-    head: LogHead | None
-    problems: list[LineProblem]
-    warnings: list[LineWarning]
 
 
 @contextmanager
@@ -193,38 +166,7 @@ def verify_report(ledger: Ledger | LedgerStore, *, runs: Store | None = None) ->
     not raised."""
     store = ledger.store if isinstance(ledger, Ledger) else ledger
     runs = ledger.runs_store if runs is None and isinstance(ledger, Ledger) else runs
-    try:
-        replayed = store.verify()
-    except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
-        report = None
-        problems = [(error.line, error.problem)]
-    else:
-        report = replayed
-        problems = replayed.problems
-    # Fields the fold does not use are checked too: every line against the event schema
-    # (pydantic, loaded only here).
-    from escalate.core.schema import line_problems
-
-    with store.reader() as stream:
-        found = dict(problems)
-        problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
-                                        if line not in found)])
-    if runs is not None and report is not None:
-        from escalate.pools.signatures import member_problems
-
-        found = dict(problems)
-        problems = sorted([*problems, *((line, text) for line, text, _ in member_problems(runs, store)
-                                        if line not in found)])
-    return {
-        "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
-        "events": report.state.seq if report else 0,
-        "torn_bytes": report.torn_bytes if report else None,
-        # The last line's hash: no later line vouches for it, so keep it elsewhere to
-        # notice an edit of the last line later (see docs/reliability.md).
-        "head": {"seq": report.state.seq, "hash": report.state.last_hash} if report else None,
-        "problems": [{"line": line, "problem": text} for line, text in problems],
-        "warnings": [{"line": line, "warning": text} for line, text in (report.warnings if report else [])],
-    }
+    return verify_ledger(store, runs)
 
 
 def iter_run_ids(location: StoreLocation) -> Iterator[str]:
