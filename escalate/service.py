@@ -23,7 +23,6 @@ from escalate.core.decide import (
     decide_notified,
     decide_release,
     decide_reserve,
-    delivery_due,
     run_opened_payload,
 )
 from escalate.core.events import Event, ResolvedMode, format_ts
@@ -388,6 +387,8 @@ class Ledger(Closing):
 
     def expire(self, *, redeliver: bool = True) -> tuple[SweepResult, list[dict[str, Any]]]:
         """:meth:`sweep`'s write: the expiries, and the notices due again (unsent)."""
+        from escalate.escalation.delivery import delivery_due, notice_again
+
         due: list[tuple[EscalationState, bool]] = []
 
         def decide(state: RunState, now: str, expired: list[str],
@@ -402,8 +403,6 @@ class Ledger(Closing):
                            for e in state.open_escalations.values()
                            if delivery_due(e, state.policy, now))
             return Decision(result={"status": "swept", "expired": expired})
-
-        from escalate.escalation.delivery import notice_again
 
         result: SweepResult = {"run": self.run_id, **self._mutate(decide), "notified": [], "deferred": []}
         return result, [notice_again(self.run_id, escalation, signed=signed) for escalation, signed in due]

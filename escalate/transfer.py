@@ -12,7 +12,6 @@ not grow with its size, and the bytes written are the bytes verified.
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from escalate.core.ids import check_id
 from escalate.core.replay import replay
 from escalate.errors import Conflict, CorruptLedger, InputError, storage_error
 from escalate.service import Ledger, LedgerOptions
-from escalate.stores.seam import Store, owned_store
+from escalate.stores.seam import StoreLocation, owned_store
 
 _CHUNK = 1 << 20
 
@@ -40,7 +39,7 @@ class StoreInitResult(TypedDict):
     steps_applied: int
 
 
-def export_lines(location: str | os.PathLike[str] | Store, run_id: str) -> Iterator[bytes]:
+def export_lines(location: StoreLocation, run_id: str) -> Iterator[bytes]:
     """The complete lines of run ``run_id``'s log, in chunks (a torn tail is left out):
     byte for byte the file a file store holds for it."""
     with Ledger.open(location, run_id) as ledger, ledger.read_log() as stream:
@@ -69,7 +68,7 @@ class _Source:
         return stream
 
 
-def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: bytes | BinaryIO, *,
+def import_log(location: StoreLocation, run_id: str, data: bytes | BinaryIO, *,
                source: str = "the file", **options: Unpack[LedgerOptions]) -> ImportResult:
     """Create run ``run_id`` from the log ``data`` after checking every line of it; an
     :class:`InputError` names the first problem and nothing is written. A run that
@@ -91,7 +90,7 @@ def import_log(location: str | os.PathLike[str] | Store, run_id: str, data: byte
         return _import(location, run_id, _Source(source, copy), options)
 
 
-def _import(location: str | os.PathLike[str] | Store, run_id: str, log: _Source,
+def _import(location: StoreLocation, run_id: str, log: _Source,
             options: LedgerOptions) -> ImportResult:
     source = log.where
     with log.reader() as stream:
@@ -183,7 +182,7 @@ def _log_problems(log: _Source, run_id: str) -> tuple[list[tuple[int, str]], int
     return sorted(problems), replayed.lines, set(replayed.forged)
 
 
-def init_store(location: str | os.PathLike[str] | Store) -> StoreInitResult:
+def init_store(location: StoreLocation) -> StoreInitResult:
     """Create or upgrade what the store needs (``escalate store init``): the PostgreSQL
     store's tables (idempotent: steps already applied are skipped), a runs folder."""
     with owned_store(location) as store:

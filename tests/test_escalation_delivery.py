@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from escalate import Ledger, Pending
-from escalate.core.decide import retry_delay_s
+from escalate.escalation.delivery import retry_delay_s
 from tests.conftest import FakeClock, Location, log_bytes, snapshot_tree
 
 

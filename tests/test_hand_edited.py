@@ -169,7 +169,7 @@ def test_the_approval_grants_exactly_what_was_needed(runs_dir: Path, clock: Fake
 
 
 def test_a_shown_value_is_cut_and_escaped() -> None:
-    from escalate.reports.report import printable
+    from escalate.core.text import printable
 
     assert printable("a\x1b[2Jb\u202e\n") == "a\\x1b[2Jb\\u202e\\n"
     assert len(printable("x" * 100_000)) == 200

@@ -152,7 +152,8 @@ RunArg = Annotated[str, typer.Argument(help="Run id.", show_default=False, metav
 
 def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None = None,
                  notify_cmd: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for :class:`escalate.Ledger` from the shared options."""
+    """Keyword arguments for :class:`escalate.Ledger` from the shared options; ``location``
+    is where runs live (``--store``, ``--runs-dir`` or the default): a folder or a URL."""
     from escalate.config import default_store
     from escalate.core.durations import MAX_LOCK_TIMEOUT_S, parse_duration
 
@@ -160,7 +161,7 @@ def open_options(runs_dir: Path | None, lock_timeout: str | None, by: str | None
     if store is not None and runs_dir is not None:
         raise InputError("--store and --runs-dir both say where runs live: give one",
                          code="usage")
-    options: dict[str, Any] = {"runs_dir": store or runs_dir or default_store()}
+    options: dict[str, Any] = {"location": store or runs_dir or default_store()}
     if lock_timeout is not None:
         options["lock_timeout"] = parse_duration(lock_timeout, what="lock timeout",
                                                  maximum=MAX_LOCK_TIMEOUT_S)
@@ -198,7 +199,7 @@ def open_ledger(run: str, runs_dir: Path | None, lock_timeout: str | None, by: s
     from escalate.service import Ledger
 
     options = open_options(runs_dir, lock_timeout, by, notify_cmd)
-    ledger = opened(Ledger.open(options.pop("runs_dir"), run, **options))
+    ledger = opened(Ledger.open(options.pop("location"), run, **options))
     if progress:
         from escalate.reports.render import ReplayProgress
 

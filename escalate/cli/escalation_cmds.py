@@ -155,15 +155,15 @@ def escalations(
     def action() -> dict[str, list[InboxRow]]:
         from escalate.config import utc_now
         from escalate.reports.inbox import inbox
-        from escalate.reports.runs import runs_root
+        from escalate.reports.runs import opened_store
 
-        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
-            found = inbox(root, run=run, open_only=only_open)
+        with opened_store(open_options(runs_dir, None)["location"]) as store:
+            found = inbox(store, run=run, open_only=only_open)
             # One broken run must not hide every other run's escalations from the approver.
             for skipped in found["skipped"]:
                 print(f"escalate: warning: skipped {skipped['run']}: {skipped['message']}", file=sys.stderr)
             if not json_out:
-                moment.append(root.now(utc_now))
+                moment.append(store.now(utc_now))
         return {"escalations": found["escalations"]}
 
     def human(result: dict[str, list[InboxRow]]) -> None:
@@ -186,11 +186,11 @@ def show(run: RunArg, escalation_id: EscalationArg, runs_dir: RunsDirOption = No
     def action() -> EscalationView:
         from escalate.config import utc_now
         from escalate.reports.inbox import escalation_view
-        from escalate.reports.runs import runs_root
+        from escalate.reports.runs import opened_store
 
-        with runs_root(open_options(runs_dir, None)["runs_dir"]) as root:
-            view = escalation_view(root, run, escalation_id)
-            moment.append(root.now(utc_now))
+        with opened_store(open_options(runs_dir, None)["location"]) as store:
+            view = escalation_view(store, run, escalation_id)
+            moment.append(store.now(utc_now))
         return view
 
     def human(view: EscalationView) -> None:
@@ -226,7 +226,7 @@ def sweep(
         if deadline is not None:
             given["deadline_s"] = parse_duration(deadline, what="deadline", maximum=MAX_SWEEP_DEADLINE_S)
         options = open_options(runs_dir, lock_timeout, None, notify_cmd)
-        return sweep_all(options.pop("runs_dir"), run=run, limits=SweepLimits(**given), **options)
+        return sweep_all(options.pop("location"), run=run, limits=SweepLimits(**given), **options)
 
     result = respond(json_out, action, lambda r: echo_line(
         f"swept {r['runs']} run(s): {len(r['expired'])} escalation(s) paused by timeout"

@@ -108,7 +108,7 @@ def _check(run: str | None, pool: str | None, runs_dir: Path | None, max_spent: 
     if pool is not None:
         from escalate.pools.pool import Pool
 
-        chosen = opened(Pool.open(open_options(runs_dir, None)["runs_dir"], pool))
+        chosen = opened(Pool.open(open_options(runs_dir, None)["location"], pool))
         return check_pool_gate(chosen, max_spent=limit, **options)
     return check_gate(open_ledger(run or "", runs_dir, None, progress=True), max_spent=limit, **options)
 

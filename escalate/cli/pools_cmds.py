@@ -49,7 +49,7 @@ def _pool(pool: str, runs_dir: Any, lock_timeout: str | None = None, by: str | N
     from escalate.pools.pool import Pool
 
     options = open_options(runs_dir, lock_timeout, by)
-    return opened(Pool.open(options.pop("runs_dir"), pool, **options))
+    return opened(Pool.open(options.pop("location"), pool, **options))
 
 
 @pools_app.command("init")
@@ -86,7 +86,7 @@ def init(
                                  escalation_timeout=escalation_timeout, max_extension=max_extension,
                                  approvers=approvers, approvers_match=approvers_match,
                                  approver_keys=approver_key, quorum=(quorum, quorum_above))
-        created = opened(Pool.init(options.pop("runs_dir"), pool, cap=cap, period=period, tz=tz,
+        created = opened(Pool.init(options.pop("location"), pool, cap=cap, period=period, tz=tz,
                                    **settings, **options))
         return {**created.show(), "status": "created" if created.created else "exists"}
 
@@ -109,7 +109,7 @@ def list_pools(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
     def action() -> dict[str, list[PoolRow]]:
         import escalate.pools.pool  # (this command is list_pools too)
 
-        return {"pools": escalate.pools.pool.list_pools(open_options(runs_dir, None)["runs_dir"])}
+        return {"pools": escalate.pools.pool.list_pools(open_options(runs_dir, None)["location"])}
 
     def human(result: dict[str, list[PoolRow]]) -> None:
         rows = result["pools"]
@@ -149,7 +149,8 @@ def show(
         return report
 
     def human(report: PoolReport) -> None:
-        from escalate.reports.report import pool_markdown, pool_period_line, printable
+        from escalate.core.text import printable
+        from escalate.reports.report import pool_markdown, pool_period_line
 
         if chosen is ShowFormat.markdown:
             sys.stdout.write(pool_markdown(report))
@@ -242,7 +243,7 @@ def verify(pool: PoolArg, runs_dir: RunsDirOption = None, json_out: JsonOption =
         from escalate.errors import CorruptLedger
         from escalate.pools.pool import verify_pool
 
-        report = verify_pool(open_options(runs_dir, None)["runs_dir"], pool)
+        report = verify_pool(open_options(runs_dir, None)["location"], pool)
         found = [(f"pool {pool}", problem) for problem in report["problems"]]
         found += [(f"run {member['run']}", problem) for member in report["members"]
                   for problem in member["problems"]]

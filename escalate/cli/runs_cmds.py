@@ -27,11 +27,13 @@ from escalate.cli.escalation_cmds import ApproverKeyOption, ChangeSignOption
 from escalate.cli.store_cmds import add_runs_commands
 from escalate.cli.watch_cmds import watch
 from escalate.core.money import format_usd as usd
-from escalate.reports.report import pool_binding, printable
+from escalate.core.text import printable
+from escalate.reports.report import pool_binding
 
 if TYPE_CHECKING:
     from escalate.config import PolicyOptions, RunPolicyOptions
-    from escalate.reports.runs import BrokenRun, RunRow, VerifyReport
+    from escalate.pools.verify import VerifyReport
+    from escalate.reports.runs import BrokenRun, RunRow
     from escalate.service import Ledger
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
@@ -113,7 +115,7 @@ def init(
             escalation_timeout=escalation_timeout, max_extension=max_extension, approvers=approvers,
             approvers_match=approvers_match, approver_keys=approver_key, quorum=(quorum, quorum_above)),
             "renotify_every_s": None if renotify_every is None else _renotify(renotify_every)}
-        ledger = opened(Ledger.init(options.pop("runs_dir"), run, cap=cap, task_cap=task_cap, pool=pool,
+        ledger = opened(Ledger.init(options.pop("location"), run, cap=cap, task_cap=task_cap, pool=pool,
                                     **settings, **options))
         if pool is not None and cap is not None:
             _warn_over_pool(ledger, pool)
@@ -322,7 +324,7 @@ def list_runs(
     def action() -> dict[str, list[RunRow | BrokenRun]]:
         import escalate.reports.runs  # (this command is list_runs too)
 
-        return {"runs": escalate.reports.runs.list_runs(open_options(runs_dir, None)["runs_dir"],
+        return {"runs": escalate.reports.runs.list_runs(open_options(runs_dir, None)["location"],
                                                         every_run=every_run)}
 
     def human(result: dict[str, list[RunRow | BrokenRun]]) -> None:

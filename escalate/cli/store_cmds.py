@@ -24,7 +24,7 @@ def store_init(runs_dir: RunsDirOption = None, json_out: JsonOption = False) -> 
         done = f"{result['steps_applied']} step(s) applied" if result["steps_applied"] else "up to date"
         echo_line(f"store {result['store']}: {done}")
 
-    respond(json_out, lambda: init_store(open_options(runs_dir, None)["runs_dir"]), say)
+    respond(json_out, lambda: init_store(open_options(runs_dir, None)["location"]), say)
 
 
 # The log is NDJSON with or without --json: only an error becomes one JSON object.
@@ -38,7 +38,7 @@ def export_run(run: RunArg, runs_dir: RunsDirOption = None, json_out: ExportJson
 
     out = sys.stdout.buffer
     try:
-        for chunk in export_lines(open_options(runs_dir, None)["runs_dir"], run):
+        for chunk in export_lines(open_options(runs_dir, None)["location"], run):
             out.write(chunk)
         out.flush()
     except EscalateError as error:
@@ -61,7 +61,7 @@ def import_run(
 
     def load() -> Any:
         if file == "-":
-            return import_log(open_options(runs_dir, None)["runs_dir"], run, sys.stdin.buffer, source="stdin")
+            return import_log(open_options(runs_dir, None)["location"], run, sys.stdin.buffer, source="stdin")
         try:
             data = open(file, "rb")  # noqa: SIM115 (closed below, after the import)
         except FileNotFoundError:
@@ -73,7 +73,7 @@ def import_run(
         except OSError as exc:
             raise storage_error(exc, file) from exc
         with data:
-            return import_log(open_options(runs_dir, None)["runs_dir"], run, data, source=file)
+            return import_log(open_options(runs_dir, None)["location"], run, data, source=file)
 
     respond(json_out, load, lambda result: echo_line(
         f"imported run {result['run']}: {result['lines']} lines ({result['bytes']} bytes)"))

@@ -29,7 +29,6 @@ from escalate.core.rules import (
     over_cap,
     over_left,
     over_threshold,
-    period_name,
     quorum_required,
     release_refusal,
 )
@@ -91,39 +90,6 @@ def run_opened_payload(run_id: str, run_cap: int, task_cap: int | None, policy: 
         "task_cap_micros": run_cap if task_cap is None else task_cap,
         "escalation": policy.to_json(),
     }
-
-
-# Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
-RETRY_FIRST_S = 60
-RETRY_MAX_S = 3600
-
-
-def retry_delay_s(failures: int) -> int:
-    """How long after its ``failures``-th failed delivery a notice is sent again."""
-    return min(RETRY_FIRST_S << min(max(failures - 1, 0), 16), RETRY_MAX_S)
-
-
-def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
-    """Whether ``sweep`` should send an open escalation's notice again by ``now``: after a
-    failed attempt when its backoff has passed; after a delivered one every
-    ``renotify_every_s`` (when the policy sets it); never attempted (no hook was set, or
-    its writer died first) a minute after it opened, so a request being delivered right
-    now is not sent twice."""
-    if escalation.shadow or escalation.state != "open":
-        return False
-    if escalation.notified_at is None:
-        last, delay = escalation.opened_at, RETRY_FIRST_S
-    elif escalation.notified_ok:
-        if policy.renotify_every_s is None:
-            return False
-        last, delay = escalation.notified_at, policy.renotify_every_s
-    else:
-        # Counted from the last delivery: reminders that went through are no failures.
-        last, delay = escalation.notified_at, retry_delay_s(escalation.failed_in_a_row)
-    try:
-        return add_seconds(last, delay) <= now
-    except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
-        return True
 
 
 def decide_notified(state: RunState, escalation_id: str, ok: bool, detail: str) -> Decision[NotifiedAnswer]:
@@ -380,6 +346,8 @@ def _pool_refusal(pool: PoolView, request: Request, events: list[Payload],
         return None
     events.append({"type": "halt", "task": request.task, "requested_micros": request.to,
                    "remaining_micros": left, "reason": "pool_cap"})
+    from escalate.core.periods import period_name  # (loaded with the pool's modules; a run never loads it)
+
     settle = (" — release it to settle what it holds" if request.kind == "increase"
               else " — ask for less under a new task id")
     return Decision(events=events, error=Refused(

@@ -172,10 +172,15 @@ def iter_line_batches(stream: BinaryIO, offset: int) -> Iterator[tuple[list[byte
             yield [line], start
             start, pending = end + 1, b""
             continue
-        lines = (pending + chunk[:cut]).split(b"\n") if pending else chunk[:cut].split(b"\n")
+        # The chunk split as it is (no copy of it first); the piece after its last newline
+        # waits for the next chunk, and the piece before its first joins what waited.
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if pending:
+            lines[0] = pending + lines[0]
         yield lines, start
         start += len(pending) + cut + 1
-        pending = chunk[cut + 1:]
+        pending = rest
 
 
 def _next_newline(stream: BinaryIO, position: int) -> int | None:

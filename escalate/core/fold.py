@@ -131,14 +131,20 @@ def apply(state: RunState, event: Mapping[str, Any], this_hash: str) -> None:
     not what a correct writer appends next."""
     # This runs once per line of every replay: subscripts on the fast path (a missing key
     # reads as None, as ``get`` would), one dict lookup to dispatch, no helper calls.
-    try:
-        version, seq, prev, kind, ts, actor = (event["v"], event["seq"], event["prev"], event["type"],
-                                               event["ts"], event["actor"])
+    try:  # one name at a time: no tuple built and taken apart per line
+        version = event["v"]
+        seq = event["seq"]
+        prev = event["prev"]
+        kind = event["type"]
+        ts = event["ts"]
+        actor = event["actor"]
     except KeyError:
         version, seq, prev, kind = event.get("v"), event.get("seq"), event.get("prev"), event.get("type")
         ts, actor = event.get("ts"), event.get("actor")
     # ``type(...) is int`` too: 1.0 and True compare equal to 1, and would be copied forward.
-    if version != SCHEMA_VERSION or type(version) is not int:
+    # A parsed 1 is the interpreter's one small int 1, so ``is`` passes the common line with
+    # one test; anything else takes the full check.
+    if version is not SCHEMA_VERSION and (version != SCHEMA_VERSION or type(version) is not int):
         raise RuleViolation(f"unknown schema version {version!r} (this escalate reads v1)")
     if seq != state.seq + 1 or type(seq) is not int:
         raise RuleViolation(f"seq {seq!r} where {state.seq + 1} was expected")
@@ -275,14 +281,15 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         )
     if task[5] is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
-    # rules.past_total_limit, inline: the one way a total grows that no cap bounds.
-    if state.spent_micros + state.reserved_micros - reserved + actual > MAX_TOTAL_MICROS:
+    # rules.past_total_limit, inline: the one way a total grows that no cap bounds (the new
+    # totals worked out once, checked, then stored).
+    spent, still_reserved = state.spent_micros + actual, state.reserved_micros - reserved
+    if spent + still_reserved > MAX_TOTAL_MICROS:
         raise RuleViolation(
             f"release of task {task_id!r} takes what the run committed to "
-            f"{state.spent_micros + state.reserved_micros - reserved + actual}, past the limit of "
-            f"{MAX_TOTAL_MICROS} micros on every total")
-    state.reserved_micros -= reserved
-    state.spent_micros += actual
+            f"{spent + still_reserved}, past the limit of {MAX_TOTAL_MICROS} micros on every total")
+    state.reserved_micros = still_reserved
+    state.spent_micros = spent
     # Only what the single-use and idempotency rules need is kept for a settled task.
     rows[task_id] = ("released", reserved, False, actual, task[4], None)
 

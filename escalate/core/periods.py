@@ -20,6 +20,11 @@ from escalate.errors import InputError
 ALL = "all"  # the one period of a pool whose cap never repeats
 
 
+def period_name(period: str, key: str) -> str:
+    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
+    return "all time" if period == "none" else f"the {period} {key}"
+
+
 @functools.cache
 def zone(name: str) -> ZoneInfo:
     """The time zone ``name`` (an IANA name such as ``Europe/Berlin``); :class:`InputError`

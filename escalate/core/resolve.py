@@ -21,7 +21,6 @@ from escalate.core.rules import (
     needed_extension,
     over_cap,
     over_threshold,
-    period_name,
     quorum_required,
     same_approver,
     same_person,
@@ -397,6 +396,8 @@ def _pool_grant(pool: PoolView, escalation: EscalationState, delta: int, resolve
     """A grant on a member run: it must fit the pool in this period (where the money
     counts); approving a ``pool_cap`` escalation may extend the pool by what this period's
     max extension has left."""
+    from escalate.core.periods import period_name  # (loaded with the pool's modules; a run never loads it)
+
     needed, left = pool.grantable(delta)
     key = pool.current
     if needed and escalation.reason != "pool_cap":

@@ -170,14 +170,12 @@ def release_refusal(state: RunState, task_id: str, held: int, actual: int,
         key = pool.current
         committed = pool.of(key).committed_micros + actual - held
         if past_total_limit(committed):
+            # (periods is loaded with the pool's modules; a run's write never loads it)
+            from escalate.core.periods import period_name
+
             return _past_limit(task_id, actual, f"pool {pool.pool_id} in {period_name(pool.period, key)}",
                                committed)
     return None
-
-
-def period_name(period: str, key: str) -> str:
-    """``the day 2026-11-30``, ``the week 2026-W48`` …; ``all time`` for a pool without one."""
-    return "all time" if period == "none" else f"the {period} {key}"
 
 
 def _past_limit(task_id: str, actual: int, whose: str, total: int) -> TotalLimit:

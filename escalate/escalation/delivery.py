@@ -15,17 +15,50 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from escalate.core.durations import MAX_SWEEP_DEADLINE_S, check_duration
-from escalate.core.events import PRIORITIES
+from escalate.core.events import PRIORITIES, add_seconds
 from escalate.core.state import EscalationState
 from escalate.errors import InputError
 from escalate.results import DeliveryResult
 
 if TYPE_CHECKING:
     from escalate.core.payloads import Payload
+    from escalate.core.state import Policy
 
 # Records one attempt (ok, detail) of an escalation's notice; returns the recorded result.
 Record = Callable[[bool, str], Mapping[str, Any]]
 MAX_PARALLEL = 32
+
+# Re-delivering a failed notice: 1 min after the failure, then 2, 4 … at most 1 h apart.
+RETRY_FIRST_S = 60
+RETRY_MAX_S = 3600
+
+
+def retry_delay_s(failures: int) -> int:
+    """How long after its ``failures``-th failed delivery a notice is sent again."""
+    return min(RETRY_FIRST_S << min(max(failures - 1, 0), 16), RETRY_MAX_S)
+
+
+def delivery_due(escalation: EscalationState, policy: Policy, now: str) -> bool:
+    """Whether ``sweep`` should send an open escalation's notice again by ``now``: after a
+    failed attempt when its backoff has passed; after a delivered one every
+    ``renotify_every_s`` (when the policy sets it); never attempted (no hook was set, or
+    its writer died first) a minute after it opened, so a request being delivered right
+    now is not sent twice."""
+    if escalation.shadow or escalation.state != "open":
+        return False
+    if escalation.notified_at is None:
+        last, delay = escalation.opened_at, RETRY_FIRST_S
+    elif escalation.notified_ok:
+        if policy.renotify_every_s is None:
+            return False
+        last, delay = escalation.notified_at, policy.renotify_every_s
+    else:
+        # Counted from the last delivery: reminders that went through are no failures.
+        last, delay = escalation.notified_at, retry_delay_s(escalation.failed_in_a_row)
+    try:
+        return add_seconds(last, delay) <= now
+    except ValueError:  # a timestamp no escalate wrote: deliver rather than stay silent
+        return True
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def run_hook(command: str, event: Mapping[str, Any], *, timeout_s: float) -> tup
             _warn(f"notify command {detail} and was killed")
             return False, detail
         if hook.returncode != 0:
-            from escalate.reports.report import printable  # (only on this path: off the hot import path)
+            from escalate.core.text import printable  # (only on this path: off the hot import path)
 
             last = _last_line(errors)
             _warn(f"notify command exited {hook.returncode}" + (f" ({printable(last, 200)})" if last else ""))

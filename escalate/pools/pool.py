@@ -19,10 +19,9 @@ from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
 from escalate.core.money import format_usd as usd
-from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key
+from escalate.core.periods import bounds, check_new_zone, check_period, key_of_date, period_key, period_name
 from escalate.core.policy import policy_change, policy_signing_content
-from escalate.core.pool_state import PeriodTotals, PoolFacts, check_total_limit
-from escalate.core.rules import period_name
+from escalate.core.pool_state import PeriodTotals, PoolFacts, PoolView, check_total_limit
 from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
@@ -40,7 +39,7 @@ from escalate.write import first_lines
 if TYPE_CHECKING:
     from escalate.core.decide import Decision
     from escalate.core.payloads import EscalationPolicy, PoolOpened
-    from escalate.reports.runs import LineProblem, LineWarning, LogHead, VerifyReport
+    from escalate.pools.verify import LineProblem, LineWarning, LogHead, VerifyReport
     from escalate.results import PoolPolicyAnswer, PoolPolicyResult
     from escalate.service import Ledger
 
@@ -215,14 +214,16 @@ class Pool(Closing):
             totals.add(member.periods.get(key) or PeriodTotals())
         check_total_limit(self.pool_id, key, totals)
         start, end = bounds(facts.period, facts.tz, key)
-        cap = facts.cap_micros + totals.extended_micros
+        view = PoolView(pool_id=self.pool_id, cap_micros=facts.cap_micros, policy=state.policy,
+                        period=facts.period, current=key, totals={key: totals})
+        cap = view.cap_in(key)
         return {
             "pool": self.pool_id, "period": key, "period_kind": facts.period, "tz": facts.tz,
             "current": key == current, "period_start": start, "period_end": end,
             "cap_micros": cap, "pool_cap_micros": facts.cap_micros,
             "extended_micros": totals.extended_micros, "spent_micros": totals.spent_micros,
             "reserved_micros": totals.reserved_micros, "committed_micros": totals.committed_micros,
-            "remaining_micros": cap - totals.committed_micros, "escalation": state.policy.to_json(),
+            "remaining_micros": view.remaining(key), "escalation": state.policy.to_json(),
             "runs": [{"run": run_id,
                       "committed_micros": (member.periods.get(key) or PeriodTotals()).committed_micros}
                      for run_id, member in members.items()],
@@ -372,7 +373,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
     named in it (a member with no log, or whose id another ledger holds, is a problem too).
     Problems are reported, not raised;
     :class:`InputError` when there is no such pool, or it is a run."""
-    from escalate.reports.runs import verify_report
+    from escalate.pools.verify import verify_ledger
 
     with owned_store(location) as runs:
         timeout = config.lock_timeout(lock_timeout)
@@ -380,7 +381,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
         first = first_event(store)
         if first is None or first.get("type") != "pool_opened":
             pool_book.read_pool(runs, pool_id, timeout)  # says why: no such pool, or a run
-        own = verify_report(store)
+        own = verify_ledger(store)
         members: list[VerifyReport] = []
         # The members the pool's log names, as far as it folds (a damaged line is passed over).
         facts = store.verify().state.pool if own["lines"] is not None else None
@@ -394,7 +395,7 @@ def verify_pool(location: StoreLocation, pool_id: str, *,
                                 "head": None, "problems": [{"line": 1, "problem": problem.message}],
                                 "warnings": []})
             else:
-                members.append(verify_report(member, runs=runs))
+                members.append(verify_ledger(member, runs))
         return {"pool": pool_id, "ok": own["ok"] and all(member["ok"] for member in members),
                 "lines": own["lines"], "events": own["events"], "torn_bytes": own["torn_bytes"],
                 "head": own["head"], "problems": own["problems"], "warnings": own["warnings"],

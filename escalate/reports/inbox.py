@@ -20,7 +20,7 @@ from escalate.core.state import EscalationState, Policy, RunState
 from escalate.errors import EscalateError
 from escalate.escalation.delivery import answer_commands
 from escalate.pools.pool import Pool, PoolReport
-from escalate.reports.runs import iter_run_ids, runs_root
+from escalate.reports.runs import iter_run_ids, opened_store
 from escalate.service import Ledger
 from escalate.stores.seam import Store, StoreLocation
 
@@ -106,14 +106,14 @@ def inbox(location: StoreLocation, *, run: str | None = None,
     """Escalations across runs (or of ``run`` only), most urgent first: open before settled,
     then by priority, then newest first; ``open_only`` keeps those waiting for a person.
     An unreadable run is skipped and listed, unless it is ``run``."""
-    with runs_root(location) as root:
-        run_ids = [run] if run is not None else list(iter_run_ids(root))
+    with opened_store(location) as store:
+        run_ids = [run] if run is not None else list(iter_run_ids(store))
         rows: list[InboxRow] = []
         skipped: list[SkippedRun] = []
         pools: dict[str, int | None] = {}  # each pool's remaining, read once for all its runs
         for run_id in run_ids:
             try:
-                with Ledger.open(root, run_id) as ledger:
+                with Ledger.open(store, run_id) as ledger:
                     state, pool = ledger.state(), ledger.pool_id()
             except EscalateError as error:
                 if run is not None:
@@ -121,7 +121,7 @@ def inbox(location: StoreLocation, *, run: str | None = None,
                 skipped.append({"run": run_id, "error": error.code, "message": error.message})
                 continue
             if pool is not None and pool not in pools:
-                pools[pool] = pool_remaining(root, pool)
+                pools[pool] = pool_remaining(store, pool)
             rows += [escalation_row(state, item, pool, None if pool is None else pools[pool])
                      for item in state.escalations.values() if not open_only or item.state == "open"]
     # Most urgent first: what waits for a person before what is settled, then by priority,
@@ -164,15 +164,15 @@ def escalation_view(location: StoreLocation, run_id: str,
                     escalation_id: str) -> EscalationView:
     """Escalation ``escalation_id`` of run ``run_id`` in full (:class:`EscalationView`),
     computed now from the run's log and its pool's; an unknown id is :class:`InputError`."""
-    with runs_root(location) as root:
+    with opened_store(location) as store:
         check_id(escalation_id, what="escalation id")
-        with Ledger.open(root, run_id) as ledger:
+        with Ledger.open(store, run_id) as ledger:
             state, events = ledger.state(), ledger.events()[0]
             pool = ledger.pool_id()
         escalation = state.escalations.get(escalation_id)
         if escalation is None:
             raise unknown_escalation(state.run_id, escalation_id)
-        report, pool_policy = _pool_now(root, pool) if pool is not None else (None, None)
+        report, pool_policy = _pool_now(store, pool) if pool is not None else (None, None)
         row = escalation_row(state, escalation, pool, None if report is None else report["remaining_micros"])
     # Who decides it: the pool's policy for a pool_cap escalation, the run's otherwise.
     policy = pool_policy if pool_policy is not None and escalation.reason == "pool_cap" else state.policy

@@ -23,12 +23,12 @@ from escalate.core.durations import format_duration
 from escalate.core.events import parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState, task_json
+from escalate.core.text import printable
 from escalate.reports.report import (
     approvals_line,
     bar_cells,
     percent,
     policy_line,
-    printable,
     usage_level,
     who,
 )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from escalate.core.money import format_usd as usd
 from escalate.core.state import RunState
+from escalate.core.text import printable
 
 if TYPE_CHECKING:
     from escalate.pools.pool import PoolReport
@@ -19,24 +20,10 @@ if TYPE_CHECKING:
 
 TOP_TASKS = 10
 BAR_WIDTH = 20
-# A value from a log is shown to people cut to this many characters.
-SHOWN_CHARS = 200
 # Markdown and HTML syntax: escaped in every value a summary shows, so a name or reason from
 # the log cannot render as emphasis, a link, an image, a tag, math or a new table cell
 # (with "[" escaped, "(", "!" and ")" make no link; "#" and "+" only act at a line start).
 _MARKDOWN_SYNTAX = str.maketrans({char: "\\" + char for char in "\\`*_[]<>|~&$"})
-
-
-def printable(value: object, limit: int = SHOWN_CHARS) -> str:
-    """``value`` as text that is safe on a terminal: control and other non-printable
-    characters shown as escapes (``\\x1b``, ``\\n``, ``\\u202e``), cut to ``limit`` characters."""
-    text = value if type(value) is str else str(value)
-    if len(text) > limit:
-        text = text[:limit - 1] + "…"
-    if not text.isprintable():
-        text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-                       for char in text)
-    return text
 
 
 UsageLevel = Literal["low", "near", "full"]

@@ -14,8 +14,9 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, TypedDict, Unpack, cast, final
 
 from escalate.core.state import RunState, Totals
-from escalate.errors import CorruptLedger, EscalateError
+from escalate.errors import EscalateError
 from escalate.escalation.delivery import SWEEP_LIMITS, SweepLimits, deliver_all
+from escalate.pools.verify import VerifyReport, verify_ledger
 from escalate.service import Ledger, LedgerOptions
 from escalate.stores.seam import LedgerStore, Store, StoreLocation, owned_store
 
@@ -76,36 +77,8 @@ class SweepReport(TypedDict):
     failures: list[SweepFailure]
 
 
-class LogHead(TypedDict):
-    seq: int
-    hash: str
-
-
-class LineProblem(TypedDict):
-    line: int
-    problem: str
-
-
-class LineWarning(TypedDict):
-    line: int
-    warning: str
-
-
-class VerifyReport(TypedDict):
-    """What ``runs verify --json`` prints: ``ok`` when no line has a problem."""
-
-    run: str
-    ok: bool
-    lines: int | None  # None when the first line is unreadable: nothing could be folded
-    events: int
-    torn_bytes: int | None
-    head: LogHead | None
-    problems: list[LineProblem]
-    warnings: list[LineWarning]
-
-
 @contextmanager
-def runs_root(location: StoreLocation) -> Iterator[Store]:
+def opened_store(location: StoreLocation) -> Iterator[Store]:
     """The store at ``location`` for the calls that look at every run, opened once (so every
     run is read through one connection) and closed at the end if opened here; a file there
     is a wrong folder."""
@@ -119,10 +92,10 @@ def list_runs(location: StoreLocation, *,
     """Every run under ``location`` with its totals and state, newest first; a run that
     cannot be read is a :class:`BrokenRun` row. Archived runs only with ``every_run``."""
     rows: list[RunRow | BrokenRun] = []
-    with runs_root(location) as root:
-        for run_id in iter_run_ids(root):
+    with opened_store(location) as store:
+        for run_id in iter_run_ids(store):
             try:
-                with Ledger.open(root, run_id) as ledger:
+                with Ledger.open(store, run_id) as ledger:
                     state, pool = ledger.state(), ledger.pool_id()
             except EscalateError as error:
                 rows.append({"run": run_id, "error": error.code, "message": error.message, "opened_at": ""})
@@ -156,15 +129,15 @@ def sweep_all(location: StoreLocation, *, run: str | None = None,
     listed in ``deferred`` and due at the next sweep. ``options`` are
     :meth:`Ledger.open`'s. A run that fails is listed in ``failures`` and the others are
     still swept; with ``run`` its error is raised."""
-    with runs_root(location) as root, ExitStack() as opened:
-        run_ids = [run] if run is not None else list(iter_run_ids(root))
+    with opened_store(location) as store, ExitStack() as opened:
+        run_ids = [run] if run is not None else list(iter_run_ids(store))
         expired: list[SweptEscalation] = []
         due: list[dict[str, Any]] = []
         ledgers: dict[str, Ledger] = {}
         failures: list[SweepFailure] = []
         for run_id in run_ids:
             try:
-                ledger = opened.enter_context(Ledger.open(root, run_id, **options))
+                ledger = opened.enter_context(Ledger.open(store, run_id, **options))
                 swept, notices = ledger.expire()
             except EscalateError as error:
                 if run is not None:
@@ -193,38 +166,7 @@ def verify_report(ledger: Ledger | LedgerStore, *, runs: Store | None = None) ->
     not raised."""
     store = ledger.store if isinstance(ledger, Ledger) else ledger
     runs = ledger.runs_store if runs is None and isinstance(ledger, Ledger) else runs
-    try:
-        replayed = store.verify()
-    except CorruptLedger as error:  # the first line itself is bad: there is nothing to fold
-        report = None
-        problems = [(error.line, error.problem)]
-    else:
-        report = replayed
-        problems = replayed.problems
-    # Fields the fold does not use are checked too: every line against the event schema
-    # (pydantic, loaded only here).
-    from escalate.core.schema import line_problems
-
-    with store.reader() as stream:
-        found = dict(problems)
-        problems = sorted([*problems, *((line, text) for line, text in line_problems(stream)
-                                        if line not in found)])
-    if runs is not None and report is not None:
-        from escalate.pools.signatures import member_problems
-
-        found = dict(problems)
-        problems = sorted([*problems, *((line, text) for line, text, _ in member_problems(runs, store)
-                                        if line not in found)])
-    return {
-        "run": store.run_id, "ok": not problems, "lines": report.lines if report else None,
-        "events": report.state.seq if report else 0,
-        "torn_bytes": report.torn_bytes if report else None,
-        # The last line's hash: no later line vouches for it, so keep it elsewhere to
-        # notice an edit of the last line later (see docs/reliability.md).
-        "head": {"seq": report.state.seq, "hash": report.state.last_hash} if report else None,
-        "problems": [{"line": line, "problem": text} for line, text in problems],
-        "warnings": [{"line": line, "warning": text} for line, text in (report.warnings if report else [])],
-    }
+    return verify_ledger(store, runs)
 
 
 def iter_run_ids(location: StoreLocation) -> Iterator[str]:
