@@ -356,3 +356,29 @@ def test_one_identity_under_two_names_fills_no_pools_quorum(cli: Any, store: Loc
     put_log(store, "r", rechained(lines))
     refused_by_every_reader(cli, len(lines) - 1)
     assert "approved twice by 'alice'" in cli("runs", "verify", "r", "--json").stdout
+
+
+def test_a_run_cap_escalation_relabelled_pool_cap_extends_no_run(cli: Any, keys: dict[str, Path],
+                                                                  store: Location) -> None:
+    # r pins its own key, its pool none: its run_cap escalation relabelled pool_cap (the
+    # pool's to decide) and granted unsigned, extending the run, is a line no writer appends —
+    # approving a pool_cap escalation extends the pool, never the run.
+    assert cli("pools", "init", "team", "--cap", "1000", "--max-extension", "50", "--escalation",
+               "enforce").exit_code == 0
+    assert cli("runs", "init", "r", "--pool", "team", "--cap", "10", "--escalation", "enforce",
+               "--max-extension", "50", "--approver-key",
+               f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    assert cli("reserve", "r", "t1", "--estimate", "8", "--by", "worker").exit_code == 0
+    assert cli("reserve", "r", "t2", "--estimate", "8", "--by", "worker").exit_code == 4
+    lines = events(log_bytes(store, "r"))
+    asked = lines[-1]
+    assert asked["reason"] == "run_cap"
+    asked.update(reason="pool_cap", pool="team")
+    common = {"v": 1, "ts": asked["ts"], "actor": "mallory"}
+    lines += [{**common, "seq": len(lines) + 1, "type": "escalation_resolved", "more": 1, "id": asked["id"],
+               "mode": "extend", "by": "mallory", "extension_micros": asked["needed_extension_micros"]},
+              {**common, "seq": len(lines) + 2, "type": "budget_reserved", "task": asked["task"],
+               "amount_micros": asked["requested_micros"]}]
+    put_log(store, "r", rechained(lines))
+    refused_by_every_reader(cli, len(lines) - 1)
+    assert "extends the pool, never the run" in cli("runs", "verify", "r", "--json").stdout

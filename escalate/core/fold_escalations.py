@@ -32,11 +32,11 @@ from escalate.core.fold_fields import (
 )
 from escalate.core.resolve import is_expired
 from escalate.core.rules import (
-    extension_left,
     listed,
     needed_extension,
     pinned_keys,
     quorum_required,
+    run_extension_left,
     same_approver,
     same_person,
 )
@@ -142,11 +142,11 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
     if extension > needed:
         raise RuleViolation(f"extension {extension} is more than the {needed} that escalation "
                             f"{escalation_id} needed")
-    if extension > extension_left(state.policy.max_extension_micros, state.extended_micros):
+    if extension > run_extension_left(state.policy, state.extended_micros, escalation.reason):
         raise RuleViolation(
-            f"extension {extension} takes the run past its max extension "
-            f"{state.policy.max_extension_micros}"
-        )
+            f"extension {extension} of {escalation_id}: approving a pool_cap escalation extends the pool, "
+            "never the run" if escalation.reason == "pool_cap" else
+            f"extension {extension} takes the run past its max extension {state.policy.max_extension_micros}")
     check_signed(state, escalation, event, mode, by)
     escalation.state = "resolved"
     escalation.mode = mode

@@ -17,11 +17,11 @@ from escalate.core.events import ResolvedMode, parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import (
     approver_name,
-    extension_left,
     needed_extension,
     over_cap,
     over_threshold,
     quorum_required,
+    run_extension_left,
     same_approver,
     same_person,
     vouched_match,
@@ -342,9 +342,7 @@ def _grant(state: RunState, escalation: EscalationState, resolved: EscalationRes
             f"cannot approve {escalation_id}: {usd(escalation.requested_micros)} is over the task cap "
             f"{usd(state.task_cap_micros)}; pause or cancel it", code="over_task_cap", **facts))
     needed = needed_extension(delta, remaining)
-    left = extension_left(state.policy.max_extension_micros, state.extended_micros)
-    if escalation.reason == "pool_cap":
-        left = 0  # the pool is extended, never the run: the run must still have room
+    left = run_extension_left(state.policy, state.extended_micros, escalation.reason)
     if needed > left:
         return fail(Refused(
             f"cannot approve {escalation_id}: it needs an extension of {usd(needed)} but only "

@@ -53,6 +53,13 @@ def extension_left(max_extension_micros: int, extended_micros: int) -> int:
     return max_extension_micros - extended_micros
 
 
+def run_extension_left(policy: Policy, extended_micros: int, reason: str) -> int:
+    """What approving an escalation that fired for ``reason`` may still extend the run by:
+    what its max extension has left (:func:`extension_left`), and nothing for a ``pool_cap``
+    escalation, which extends the pool, never the run. One rule for the decision and the fold."""
+    return 0 if reason == "pool_cap" else extension_left(policy.max_extension_micros, extended_micros)
+
+
 def task_cap_fits(task_cap_micros: int, run_cap_micros: int) -> bool:
     """A run's task cap is never above its run cap."""
     return task_cap_micros <= run_cap_micros
