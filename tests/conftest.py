@@ -173,6 +173,19 @@ def log_bytes(store: Location, run_id: str) -> bytes:
         return stream.read()
 
 
+def drop_books(store: Location, pool_id: str) -> None:
+    """Throw a pool's books away (disposable, as after a reboot): the next writer folds every
+    member's log again."""
+    if isinstance(store, Path):
+        for path in (store / pool_id).glob("events.ndjson.derived.sqlite*"):
+            path.unlink()
+        return
+    import psycopg
+
+    with psycopg.connect(store, autocommit=True) as connection:
+        connection.execute("DELETE FROM escalate_derived WHERE ledger = %s", (pool_id,))
+
+
 def has_run(store: Location, run_id: str) -> bool:
     """Whether the store holds anything of ``run_id``: in a runs folder, even an empty folder
     counts (stricter than ``runs list``, which needs a log)."""

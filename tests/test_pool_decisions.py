@@ -19,8 +19,8 @@ from escalate import Ledger, Pending
 from escalate.cli import app
 from escalate.errors import CorruptLedger
 from escalate.pools.pool import Pool
-from tests.conftest import log_bytes, rechained
-from tests.test_pool_signatures import put_log, rebuild_books
+from tests.conftest import drop_books, log_bytes, rechained
+from tests.test_pool_signatures import put_log
 from tests.test_signed_approvals import events, keys, pub
 from tests.test_vouched import Person, person, pg_url
 
@@ -71,7 +71,7 @@ def _every_reader_refuses(where: Any, owner: Any, line: int, said: str, code: st
         if args == ["gate", "r"]:
             assert orjson.loads(refused.stdout)["error"] == code
     for run in ("r", "r2"):
-        rebuild_books(owner, "team")  # (r's entry is behind its log anyway)
+        drop_books(owner, "team")  # (r's entry is behind its log anyway)
         before = log_bytes(where, run)
         with pytest.raises(CorruptLedger) as refused:
             Ledger.open(where, run, actor="worker").reserve("more", "0.5")

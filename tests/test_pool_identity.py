@@ -15,9 +15,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import RESULT_TIMEOUT_S, Location, has_run, log_bytes
+from conftest import RESULT_TIMEOUT_S, Location, drop_books, has_run, log_bytes
 from test_pool_joins import _pool_lines
-from test_pool_members import _rebuild_books
 from test_pools_banking import _load_golden_pool
 
 from escalate import Ledger
@@ -58,7 +57,7 @@ def test_variant_a_deleted_member_is_not_created_again(runs_dir: Path, cli: Any)
     assert _raw(runs_dir, "P") == pool_log and not has_run(runs_dir, "a")  # nothing written
     refused = cli("reserve", "b", "t2", "--estimate", "8", "--json")
     assert refused.exit_code == 3 and refused.json()["error"] == "over_pool_budget"  # a's $8 still count
-    _rebuild_books(runs_dir)
+    drop_books(runs_dir, "P")
     for args in (["reserve", "b", "t2", "--estimate", "8"], ["gate", "--pool", "P"]):
         lost = cli(*args, "--json")
         assert lost.exit_code == 6 and lost.json()["run"] == "a", (args, lost.stderr)
@@ -79,7 +78,7 @@ def test_variant_a_a_new_log_under_the_member_id_fails_closed(runs_dir: Path, cl
     Pool.init(scratch, "P", cap="10", period="day", actor="tester")
     Ledger.init(scratch, "a", pool="P", actor="tester")
     shutil.copytree(scratch / "a", runs_dir / "a")  # a's log, but not the one P recorded
-    _rebuild_books(runs_dir)
+    drop_books(runs_dir, "P")
     before = log_bytes(runs_dir, "a")
     for args in (["reserve", "a", "x", "--estimate", "0.01"], ["reserve", "b", "t2", "--estimate", "8"],
                  ["gate", "--pool", "P"]):
@@ -103,7 +102,7 @@ def test_variant_c_a_member_replaced_by_a_copy_of_another_fails_closed(runs_dir:
     shutil.rmtree(runs_dir / "a")
     shutil.copytree(runs_dir / "b", runs_dir / "a")
     if books == "lost":
-        _rebuild_books(runs_dir)
+        drop_books(runs_dir, "P")
     for args in (["reserve", "a", "x", "--estimate", "0.01"], ["reserve", "b", "t2", "--estimate", "8"],
                  ["gate", "--pool", "P"]):
         refused = cli(*args, "--json")
@@ -153,7 +152,7 @@ def test_variant_d_a_join_swapped_on_the_last_line_names_a_run_that_is_not_the_m
     lines = lines[:joins[-1] + 1]  # as if b's member_opened was never written
     lines[-1] = lines[-1].replace(b'"run":"b"', b'"run":"u"')
     log.write_bytes(b"".join(lines))
-    _rebuild_books(runs_dir)
+    drop_books(runs_dir, "P")
     refused = cli("reserve", "a", "x", "--estimate", "1", "--json")
     assert refused.exit_code == 6 and refused.json()["run"] == "u"
     assert "is a run of no pool" in refused.stderr

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import RESULT_TIMEOUT_S, Location, log_bytes, race_processes
-from test_pool_members import _move, _pool_of_a, _rebuild_books
+from conftest import RESULT_TIMEOUT_S, Location, drop_books, log_bytes, race_processes
+from test_pool_members import _move, _pool_of_a
 
 from escalate import Ledger
 from escalate.errors import EscalateError
@@ -47,7 +47,7 @@ def test_a_member_replaced_by_another_run_of_its_id_frees_no_money(runs_dir: Pat
     made = cli("runs", "init", "a", "--cap", "100", *(["--pool", pool] if pool else []))
     assert made.exit_code == 0, made.stderr  # a new run a: no member of P
     if books == "lost":
-        _rebuild_books(store)  # a reboot may lose them: the next writer folds every member
+        drop_books(store, "P")  # a reboot may lose them: the next writer folds every member
     before = log_bytes(store, "b")
     reserve = cli("reserve", "b", "t2", "--estimate", "10", "--json")
     if books == "lost":
@@ -144,7 +144,7 @@ def test_a_loser_killed_before_its_void_fails_closed_until_its_init_runs_again(
     Pool.init(store, "Q", cap="10", actor="tester")
     assert _race(store, "x", rival, die=True) == 9
     assert _pool_lines(store, "P")[-1]["type"] == "run_joined"  # the join stands, not voided
-    _rebuild_books(store)
+    drop_books(store, "P")
     before = log_bytes(store, "a")
     reserve = cli("reserve", "a", "t", "--estimate", "0", "--json")
     assert reserve.exit_code == 6 and reserve.json()["run"] == "x"

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Location, log_bytes
+from conftest import Location, drop_books, log_bytes
 
 from escalate import Ledger
 from escalate.errors import CorruptLedger, Refused
@@ -24,16 +24,6 @@ def _pool_of_a(store: Location) -> Ledger:
     run = Ledger.init(store, "a", pool="P", actor="tester")
     run.reserve("all", "10")
     return run
-
-
-def _rebuild_books(store: Location) -> None:
-    """Throw the pool's books away (a reboot does as much): the next writer rebuilds them."""
-    if isinstance(store, Path):
-        for path in (store / "P").glob("events.ndjson.derived.sqlite*"):
-            path.unlink()
-        return
-    with psycopg.connect(store, autocommit=True) as connection:
-        connection.execute("DELETE FROM escalate_derived WHERE ledger = 'P'")
 
 
 def _move(store: Location, run_id: str, to: str) -> None:
@@ -49,7 +39,7 @@ def test_a_member_moved_away_frees_no_money(store: Location, cli: Any) -> None:
     _pool_of_a(store)
     b = Ledger.init(store, "b", pool="P", actor="tester")
     _move(store, "a", "a-archived")
-    _rebuild_books(store)
+    drop_books(store, "P")
     before = log_bytes(store, "b")
     reserve = cli("reserve", "b", "t", "--estimate", "10", "--json")
     assert reserve.exit_code == 6, reserve.stderr
@@ -79,7 +69,7 @@ def test_a_damaged_member_log_fails_closed(runs_dir: Path, cli: Any, edited: byt
     log = runs_dir / "a" / "events.ndjson"
     data = log.read_bytes()
     log.write_bytes(data.replace(b'"amount_micros":10000000', edited))
-    _rebuild_books(runs_dir)
+    drop_books(runs_dir, "P")
     reserve = cli("reserve", "b", "t", "--estimate", "10", "--json")
     assert reserve.exit_code == 6, reserve.stderr
     assert reserve.json()["error"] == "member_unreadable"
@@ -97,7 +87,7 @@ def test_a_cut_short_init_blocks_the_pool_until_it_is_run_again(store: Location)
     runs = Ledger.open(store, "a").runs_store
     pool_book.join(runs, "P", runs.ledger("c", lock_timeout=5), actor="tester", clock=utc_now,
                    lock_timeout=5, create=lambda: False)  # killed before the run was made
-    _rebuild_books(store)
+    drop_books(store, "P")
     with pytest.raises(CorruptLedger, match="runs init c --pool P' again"):
         Ledger.open(store, "a").release("all", "1")
     Ledger.init(store, "c", pool="P", actor="tester")  # the retry makes it: the pool counts it again
@@ -113,7 +103,7 @@ def test_an_archived_member_keeps_its_money_in_the_pool(store: Location, cli: An
     assert archived.exit_code == 0, archived.stderr
     assert archived.json()["status"] == "archived"
     assert cli("runs", "archive", "a", "--json").json()["status"] == "exists"  # a repeat is fine
-    _rebuild_books(store)
+    drop_books(store, "P")
     with pytest.raises(Refused) as refused:
         b.reserve("t", "3.01")  # a's $7 still counts, after the books were rebuilt too
     assert refused.value.code == "over_pool_budget"

@@ -19,7 +19,7 @@ from escalate.core import sshsig
 from escalate.core.events import line_hash
 from escalate.errors import Refused
 from escalate.escalation import signing
-from tests.conftest import log_bytes, rechained, snapshot_store
+from tests.conftest import drop_books, log_bytes, rechained, snapshot_store
 from tests.test_signed_approvals import approver, events, keys, pub
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
@@ -50,16 +50,6 @@ def put_log(store: Location, run_id: str, data: bytes) -> None:
             connection.execute(f"DELETE FROM {table} WHERE ledger = %s", (run_id,))
         connection.execute("UPDATE escalate_ledgers SET size = %s, lines = %s, checkpoint = NULL, "
                            "checkpoint_lines = 0 WHERE ledger = %s", (offset, len(lines), run_id))
-
-
-def rebuild_books(store: Location, pool_id: str) -> None:
-    """Throw the pool's books away (a reboot may): the next writer folds every member."""
-    if isinstance(store, Path):
-        for path in (store / pool_id).glob("events.ndjson.derived.sqlite*"):
-            path.unlink()
-        return
-    with psycopg.connect(store, autocommit=True) as connection:
-        connection.execute("DELETE FROM escalate_derived WHERE ledger = %s", (pool_id,))
 
 
 def approved_member(cli: Any, keys: dict[str, Path], store: Location) -> tuple[bytes, int]:
@@ -122,7 +112,7 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
     before = snapshot_store(store)
     for run in ("r", "r2"):
         if run == "r2":
-            rebuild_books(store, "team")
+            drop_books(store, "team")
         refused = cli("reserve", run, "t9", "--estimate", "0.5", "--json")
         assert refused.exit_code == 6, (run, refused.stdout, refused.stderr)
         assert refused.json()["error"] == "member_unreadable" and refused.json()["run"] == "r"
@@ -131,7 +121,7 @@ def test_a_forged_pool_cap_approval_fails_every_reader_of_the_member(
             {k: v for k, v in before.items() if "derived" not in k}
     # The genuine log back: every reader passes, and the writes go through.
     put_log(store, "r", signed)
-    rebuild_books(store, "team")
+    drop_books(store, "team")
     for args in (["runs", "verify", "r"], ["gate", "r"], ["pools", "verify", "team"]):
         assert cli(*args).exit_code == 0, args
     assert cli("gate", "--pool", "team", "--allow-halts").exit_code != 6
@@ -266,7 +256,7 @@ def test_a_signed_pool_approval_cannot_be_made_to_grant_more(cli: Any, keys: dic
     lines[line - 1]["pool_extension_micros"] = 5_000_000
     put_log(store, "r", rechained(lines))
     refused_by_every_reader(cli, line)
-    rebuild_books(store, "team")  # (the books counted r up to the same byte: fold it again)
+    drop_books(store, "team")  # (the books counted r up to the same byte: fold it again)
     before = snapshot_store(store)
     refused = cli("reserve", "r2", "t9", "--estimate", "3", "--json")
     assert refused.exit_code == 6, refused.stdout

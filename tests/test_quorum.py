@@ -49,6 +49,19 @@ def _asked(person: Person, quorum: int = 2, above: str | None = None, estimate: 
     return pending.value.escalation_id, where
 
 
+def _asked_of_pool(person: Person) -> str:
+    """Run r in pool team (cap $3, quorum 2, max extension $5) asked by worker for $4: the
+    pool's escalation, needing $1 more."""
+    from escalate.pools.pool import Pool
+
+    where, _ = person("worker")
+    Pool.init(where, "team", cap="3", escalation="enforce", max_extension="5", quorum=2, actor="worker")
+    run = Ledger.init(where, "r", cap="10", pool="team", actor="worker")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "4")
+    return pending.value.escalation_id
+
+
 def _approve(person: Person, who: str, escalation_id: str) -> dict[str, Any]:
     where, _ = person(who)
     return dict(Ledger.open(where, "r", actor=who).approve(escalation_id))
@@ -107,15 +120,9 @@ def test_an_extension_at_or_below_quorum_above_needs_one_approver(person: Person
 
 
 def test_a_pool_cap_escalation_needs_the_pools_quorum(person: Person) -> None:
-    from escalate.pools.pool import Pool
-
-    where, _ = person("worker")
-    Pool.init(where, "team", cap="3", escalation="enforce", max_extension="5", quorum=2, actor="worker")
-    run = Ledger.init(where, "r", cap="10", pool="team", actor="worker")
-    with pytest.raises(Pending) as pending:
-        run.reserve("t", "4")
-    assert _approve(person, "alice", pending.value.escalation_id)["status"] == "recorded"
-    assert _approve(person, "bob", pending.value.escalation_id)["status"] == "approved"
+    escalation_id = _asked_of_pool(person)
+    assert _approve(person, "alice", escalation_id)["status"] == "recorded"
+    assert _approve(person, "bob", escalation_id)["status"] == "approved"
 
 
 def test_a_quorum_nobody_could_reach_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -255,15 +262,11 @@ def test_a_quorum_lowered_before_any_approval_still_binds_the_open_escalation(pe
 def test_a_pools_quorum_lowered_before_any_approval_still_binds_its_open_escalation(person: Person) -> None:
     from escalate.pools.pool import Pool
 
-    where, _ = person("worker")
-    Pool.init(where, "team", cap="3", escalation="enforce", max_extension="5", quorum=2, actor="worker")
-    run = Ledger.init(where, "r", cap="10", pool="team", actor="worker")
-    with pytest.raises(Pending) as pending:
-        run.reserve("t", "4")
+    escalation_id = _asked_of_pool(person)
     alice_where, _ = person("alice")
     Pool.open(alice_where, "team", actor="alice").set_policy(quorum=1)
-    assert _approve(person, "alice", pending.value.escalation_id)["status"] == "recorded"
-    assert _approve(person, "bob", pending.value.escalation_id)["status"] == "approved"
+    assert _approve(person, "alice", escalation_id)["status"] == "recorded"
+    assert _approve(person, "bob", escalation_id)["status"] == "approved"
 
 
 def test_an_escalation_without_a_recorded_quorum_follows_the_policy(tmp_path: Path) -> None:

@@ -9,10 +9,8 @@ cap: the money is gone)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from escalate import Ledger, Micros
@@ -20,7 +18,7 @@ from escalate.core.events import seal
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.errors import CorruptLedger, TotalLimit
 from escalate.pools.pool import Pool
-from tests.conftest import Location, log_bytes, snapshot_store
+from tests.conftest import Location, drop_books, log_bytes, snapshot_store
 
 LIMIT_USD = "$9,007,199,254.740991"  # MAX_TOTAL_MICROS, as every message shows it
 ONE_BILLION = "1000000000"
@@ -154,16 +152,6 @@ def test_a_pool_whose_runs_add_up_past_the_limit_is_corrupt(store: Location, cli
     assert {run_id: log_bytes(store, run_id) for run_id in "ab"} == before
 
 
-def _drop_books(store: Location, pool_id: str) -> None:
-    """Delete a pool's books (disposable: the next writer rebuilds them from the logs)."""
-    if isinstance(store, Path):
-        for path in (store / pool_id).glob("events.ndjson.derived.sqlite*"):
-            path.unlink()
-        return
-    with psycopg.connect(store, autocommit=True) as connection:
-        connection.execute("DELETE FROM escalate_derived WHERE ledger = %s", (pool_id,))
-
-
 def test_a_pool_run_far_past_64_bits_is_no_crash(store: Location, cli: Any) -> None:
     """The totals of the report: 18,500 tasks at $0 released at $1B each, in a log written
     outside the pool, take a pool's money past what 64 bits hold; every command answers."""
@@ -174,7 +162,7 @@ def test_a_pool_run_far_past_64_bits_is_no_crash(store: Location, cli: Any) -> N
     _append_unchecked(b, *({"type": "budget_reserved", "task": task, "amount_micros": 0} for task in tasks),
                       *({"type": "released", "task": task, "reserved_micros": 0, "actual_micros": MAX_MICROS}
                         for task in tasks))
-    _drop_books(store, "P")  # the next writer rebuilds them from the logs
+    drop_books(store, "P")  # the next writer rebuilds them from the logs
     outcomes = {command: cli(*command.split()) for command in (
         "release a held --actual 0", "pools set P --escalation shadow", "pools show P --json",
         "gate --pool P --json", "runs show b --json")}
