@@ -32,10 +32,12 @@ from escalate.core.fold_fields import (
 )
 from escalate.core.resolve import is_expired
 from escalate.core.rules import (
+    beyond_signed,
+    grant_quorum,
+    least_signed,
     listed,
     needed_extension,
     pinned_keys,
-    quorum_required,
     run_extension_left,
     same_approver,
     same_person,
@@ -126,13 +128,13 @@ def apply_resolved(state: RunState, event: Mapping[str, Any]) -> None:
         _check_expired(state, escalation, mode, ts_field(event, "ts"))
     elif mode != "withdraw":
         _check_resolver(state, escalation, by, role)
+    pooled = int_field(event, "pool_extension_micros") if "pool_extension_micros" in event else 0
     if mode == "extend":
-        _check_quorum(state, escalation, by, role, _key(event))
+        _check_quorum(state, escalation, by, role, _key(event), (extension, pooled))
     if extension and mode != "extend":
         raise RuleViolation(f"a {mode} resolution cannot grant an extension")
     # The pool's extension: its bound is the pool's to check (it needs the other runs).
-    if "pool_extension_micros" in event and int_field(event, "pool_extension_micros") and (
-            mode != "extend" or escalation.reason != "pool_cap"):
+    if pooled and (mode != "extend" or escalation.reason != "pool_cap"):
         raise RuleViolation("only approving a pool_cap escalation can extend a pool")
     task = state.tasks[escalation.task]
     # An approval extends the cap by what the request needs beyond the remaining budget
@@ -176,29 +178,39 @@ def apply_approved(state: RunState, event: Mapping[str, Any]) -> None:
     quorum = int_field(event, "quorum", limit=MAX_QUORUM)
     if quorum < 2:
         raise RuleViolation(f"an approval short of a quorum names quorum {quorum}")
-    for granting in ("extension_micros", "pool_extension_micros"):  # what its signature covers
-        if granting in event:
-            int_field(event, granting)
+    # What its signature covers, and what a grant may not exceed (older lines: not recorded).
+    signed = (int_field(event, "extension_micros") if "extension_micros" in event else None,
+              int_field(event, "pool_extension_micros") if "pool_extension_micros" in event else None)
     _check_resolver(state, escalation, by, role)
     key = _key(event)
-    _check_quorum(state, escalation, by, role, key, counted=False)
+    _check_quorum(state, escalation, by, role, key, (0, 0), counted=False)
     check_signed(state, escalation, event, "extend", by)  # (older lines, and unpinned runs: none)
     escalation.approvals.append({"by": by, **({"role": role} if role is not None else {}),
                                  **({"key": key} if key is not None else {})})
     escalation.quorum = max(escalation.quorum, quorum)
+    if signed[0] is not None:
+        escalation.signed_grant = least_signed(escalation.signed_grant, (signed[0], signed[1] or 0))
 
 
 def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
-                  key: str | None, *, counted: bool = True) -> None:
+                  key: str | None, granted: tuple[int, int], *, counted: bool = True) -> None:
     """An approver counts once: ``by`` (vouched as ``role``, signing with ``key``) approved
     it before, by the decisions' own rule (:func:`~escalate.core.rules.same_approver`; the
     log does not say which store wrote it: the file store's), is a line no writer appends.
-    ``counted``: this approval grants, so the approvals so far and it must make the run's
-    quorum (a pool's, which this log does not hold, was checked when written)."""
+    ``counted``: this approval grants ``granted`` (the run's and the pool's extension), so
+    the approvals so far and it must make the run's quorum for that grant
+    (:func:`~escalate.core.rules.grant_quorum`; a pool's, which this log does not hold, is
+    checked by its readers), and it may not grant more than an earlier approval signed for
+    (:func:`~escalate.core.rules.beyond_signed`)."""
     if any(same_approver(state.policy, False, approval, by, role, key) for approval in escalation.approvals):
         raise _damage(state, f"escalation {escalation.id!r} approved twice by {role or by!r}")
-    needed = quorum_required([state.policy], escalation.needed_extension_micros, escalation.quorum)
-    if counted and len(escalation.approvals) + 1 < needed:
+    if not counted:
+        return
+    if beyond_signed(granted, escalation.signed_grant):
+        raise _damage(state, f"escalation {escalation.id!r} grants {granted[0]} (pool {granted[1]}), more "
+                             f"than an earlier approval signed for ({escalation.signed_grant})")
+    needed = grant_quorum([state.policy], escalation.needed_extension_micros, granted, escalation.quorum)
+    if len(escalation.approvals) + 1 < needed:
         raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
                             f"of the {needed} approvals its run's quorum needs")
 

@@ -17,10 +17,11 @@ from escalate.core.events import ResolvedMode, parse_ts
 from escalate.core.money import format_usd as usd
 from escalate.core.rules import (
     approver_name,
+    beyond_signed,
+    grant_quorum,
     needed_extension,
     over_cap,
     over_threshold,
-    quorum_required,
     run_extension_left,
     same_approver,
     same_person,
@@ -135,16 +136,18 @@ def decide_resolution(state: RunState, escalation_id: str, mode: ResolvedMode, b
     return _short_of_quorum(state, escalation, by, role, pool, roles, resolved) or granted
 
 
-def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None) -> int:
-    """Distinct approvers ``escalation`` needs: the run's quorum and, where the pool decides
-    it (:func:`_the_pools`), the pool's — the stricter holds, as for every check of a pool —
-    and never fewer than the quorum recorded when it fired (``escalation.quorum``;
-    :func:`~escalate.core.rules.quorum_required`): a policy lowered afterwards lets nobody
-    grant it alone."""
+def quorum_of(state: RunState, escalation: EscalationState, pool: PoolView | None,
+              granted: tuple[int, int] = (0, 0)) -> int:
+    """Distinct approvers ``escalation`` needs to grant ``granted`` (the run's and the pool's
+    extension): the run's quorum and, where the pool decides it (:func:`_the_pools`), the
+    pool's — the stricter holds, as for every check of a pool — on the larger of what it
+    needed when it fired and what is granted, and never fewer than the quorum recorded when
+    it fired (``escalation.quorum``; :func:`~escalate.core.rules.grant_quorum`): a policy
+    lowered afterwards lets nobody grant it alone, nor a grant grown since."""
     policies = [state.policy]
     if pool is not None and _the_pools(pool, escalation, "extend"):
         policies.append(pool.policy)
-    return quorum_required(policies, escalation.needed_extension_micros, escalation.quorum)
+    return grant_quorum(policies, escalation.needed_extension_micros, granted, escalation.quorum)
 
 
 def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role: str | None,
@@ -157,7 +160,8 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
     already, nothing (``exists``). None: this approval completes it (or none is needed).
     Approvers are told apart by who the store vouches for where it has that (PostgreSQL's
     roles always; the file store's OS users under ``approvers_match: vouched``)."""
-    needed = quorum_of(state, escalation, pool)
+    granted = (resolved.get("extension_micros", 0), resolved.get("pool_extension_micros", 0))
+    needed = quorum_of(state, escalation, pool, granted)
     if needed <= 1:
         return None
     deciding = pool.policy if pool is not None and _the_pools(pool, escalation, "extend") else state.policy
@@ -168,7 +172,7 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
                                 "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
                                 "approvals": names})
     if len(escalation.approvals) + 1 >= needed:
-        return None
+        return _beyond_signed(state, escalation, granted, by)
     approved: EscalationApproved = {"type": "escalation_approved", "id": escalation.id, "by": by,
                                     "quorum": needed}
     if role is not None:
@@ -177,13 +181,29 @@ def _short_of_quorum(state: RunState, escalation: EscalationState, by: str, role
         approved["signature"] = resolved["signature"]
     if "key" in resolved:
         approved["key"] = resolved["key"]
-        # What this approver signed to grant (sshsig.line_grant), as the resolution would record it.
-        approved["extension_micros"] = resolved.get("extension_micros", 0)
-        approved["pool_extension_micros"] = resolved.get("pool_extension_micros", 0)
+    # What this approver approved (and signed: sshsig.line_grant), as the resolution would
+    # record it: the grant may not grow past it without them (_beyond_signed).
+    approved["extension_micros"], approved["pool_extension_micros"] = granted
     return Decision(events=[approved],
                     result={"status": "recorded", "state": "open", "escalation_id": escalation.id,
                             "task": escalation.task, "mode": "extend", "by": by, "quorum": needed,
                             "approvals": [*names, by]})
+
+
+def _beyond_signed(state: RunState, escalation: EscalationState, granted: tuple[int, int],
+                   by: str) -> Decision[ResolutionAnswer] | None:
+    """The refusal of a final approval granting more than an earlier approval signed for
+    (:func:`~escalate.core.rules.beyond_signed`: the money spent since grew the grant), or None."""
+    signed = escalation.signed_grant
+    if signed is None or not beyond_signed(granted, signed):
+        return None
+    return fail(Conflict(
+        f"cannot approve {escalation.id}: it now grants {usd(granted[0])} (pool {usd(granted[1])}), more "
+        f"than the earlier approvals signed for ({usd(signed[0])}, pool {usd(signed[1])}); nothing was "
+        f"written — the earlier approvers must approve the larger amount: the requester withdraws it "
+        f"('escalate withdraw {state.run_id} {escalation.id}') and asks again, for as much or less",
+        code="grant_beyond_approvals", escalation_id=escalation.id, task=escalation.task, by=by,
+        state="open"))
 
 
 def unknown_escalation(run_id: str, escalation_id: str) -> InputError:

@@ -142,6 +142,29 @@ def quorum_required(policies: Iterable[Policy], needed_extension_micros: int, fl
     return max(floor, *(quorum_needed(policy, needed_extension_micros) for policy in policies))
 
 
+def grant_quorum(policies: Iterable[Policy], needed_extension_micros: int, granted: tuple[int, int],
+                 floor: int = 1) -> int:
+    """Distinct approvers a grant of ``granted`` (the run's and the pool's extension it
+    makes) must have: :func:`quorum_required` on the larger of what the escalation needed
+    when it fired and what is granted now. A grant that grew past a ``quorum_above`` since
+    the escalation fired needs the quorum, whatever its line recorded. One rule for the
+    writer and every reader of a log."""
+    return quorum_required(policies, max(needed_extension_micros, *granted), floor)
+
+
+def beyond_signed(granted: tuple[int, int], signed: Sequence[int] | None) -> bool:
+    """Whether ``granted`` (the run's and the pool's extension a grant makes) is more than
+    ``signed``, the least each counted partial approval signed for (None: none recorded an
+    amount, as older lines and unsigned approvals do): an earlier approver never approved
+    the part above. The writer refuses such a grant; a reader finds it damage."""
+    return signed is not None and (granted[0] > signed[0] or granted[1] > signed[1])
+
+
+def least_signed(signed: Sequence[int] | None, grant: tuple[int, int]) -> list[int]:
+    """``signed`` (see :func:`beyond_signed`) with one more approval's ``grant`` counted."""
+    return list(grant) if signed is None else [min(signed[0], grant[0]), min(signed[1], grant[1])]
+
+
 def unreachable_quorum(quorums: Iterable[int], approvers: Sequence[str]) -> int | None:
     """The largest of ``quorums`` when it asks for more distinct approvals than ``approvers``
     names, or None: every quorum can be reached, or nobody is named (anyone may approve,

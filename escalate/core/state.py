@@ -260,6 +260,9 @@ class EscalationState:
     # fired, or the most an approval was counted against (escalate.core.rules.quorum_required).
     approvals: list[dict[str, str]] = field(default_factory=list)
     quorum: int = 1
+    # The least run and pool extension the approvals so far signed for (their lines record
+    # it); None: none recorded one. A grant above it is refused (escalate.core.rules.beyond_signed).
+    signed_grant: list[int] | None = None
     resolved_at: str | None = None
     extension_micros: int = 0
     # What the approver is shown besides who asked: why and how urgently, and the cap
@@ -296,6 +299,7 @@ class EscalationState:
             **({"resolved_role": self.resolved_role} if self.resolved_role is not None else {}),
             **({"approvals": self.approvals} if self.approvals else {}),
             **({"quorum": self.quorum} if self.approvals or self.quorum > 1 else {}),
+            **({"signed_grant": self.signed_grant} if self.signed_grant is not None else {}),
             "resolved_at": self.resolved_at,
             "extension_micros": self.extension_micros,
             "request_reason": self.request_reason,

@@ -18,7 +18,7 @@ import orjson
 
 from escalate.core.events import TIMEOUT_ACTOR, iter_lines, line_hash
 from escalate.core.fold_escalations import check_resolver, check_signature
-from escalate.core.rules import needed_extension, quorum_required, same_approver
+from escalate.core.rules import beyond_signed, grant_quorum, least_signed, needed_extension, same_approver
 from escalate.core.state import ForgedSignature, Policy, RuleViolation, RunState
 from escalate.stores.seam import LedgerStore, Store, first_event, pool_of
 
@@ -63,12 +63,13 @@ class PoolDecisions:
         that no policy of the pool can govern is a problem itself."""
         found = []
         approvals: dict[Any, list[dict[str, str]]] = {}
+        signed: dict[Any, list[int] | None] = {}
         for number, event in self.decided:
             escalation, asked_hash = self.asked[event.get("id")]
             try:
                 deciding = timeline.governing(pool_id, number, escalation, event)
                 check_decision(deciding, f"pool {pool_id}", self.run_id, escalation, asked_hash, event,
-                               approvals)
+                               approvals, signed)
             except RuleViolation as exc:
                 found.append(PoolProblem(number, f"pool_cap escalation: {exc}",
                                          isinstance(exc, ForgedSignature)))
@@ -76,14 +77,17 @@ class PoolDecisions:
 
 
 def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[str, Any], asked_hash: str,
-                   event: Mapping[str, Any], approvals: dict[Any, list[dict[str, str]]]) -> None:
+                   event: Mapping[str, Any], approvals: dict[Any, list[dict[str, str]]],
+                   signed_grants: dict[Any, list[int] | None]) -> None:
     """The rules a run's fold applies to its own escalations' decisions, applied under the
     pool's ``policy``: the requester never decides, and under ``vouched`` only a listed
     identity does (:func:`check_resolver`); while it pins keys, each is signed by a key
     pinned for its approver (:func:`check_signature`); a grant has the approvals its quorum needs
     (:func:`~escalate.core.rules.quorum_required`) of distinct approvers, told apart by the
-    pool's policy (:func:`~escalate.core.rules.same_approver`). ``approvals``: each
-    escalation's approvals so far."""
+    pool's policy (:func:`~escalate.core.rules.same_approver`), for what it grants
+    (:func:`~escalate.core.rules.grant_quorum`), and never more than an earlier approval
+    signed for (:func:`~escalate.core.rules.beyond_signed`). ``approvals``: each
+    escalation's approvals so far; ``signed_grants``: the least grant they signed for."""
     escalation_id = event.get("id")
     approving = event.get("type") == "escalation_approved"
     mode = "extend" if approving else str(event.get("mode"))
@@ -103,15 +107,30 @@ def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[
     key, vouched = event.get("key"), role if isinstance(role, str) else None
     signer = key if isinstance(key, str) else None
     so_far = approvals.setdefault(escalation_id, [])
+    damage = ForgedSignature if policy.approver_keys else RuleViolation
     if any(same_approver(policy, False, earlier, by, vouched, signer) for earlier in so_far):
-        damage = ForgedSignature if policy.approver_keys else RuleViolation
         raise damage(f"escalation {escalation_id!r} approved twice by {vouched or by!r}")
+    granted = _grant(event)
+    if approving:
+        # (the least grant the approvals so far signed for: its own entry, not an approver's)
+        signed = signed_grants.get(escalation_id)
+        signed_grants[escalation_id] = signed if "extension_micros" not in event else least_signed(signed, granted)
+    elif beyond_signed(granted, signed_grants.get(escalation_id)):
+        raise damage(f"escalation {escalation_id} grants {granted[0]} (pool {granted[1]}), more than an "
+                     f"earlier approval signed for ({signed_grants[escalation_id]})")
     so_far.append({"by": by, **({"role": vouched} if vouched else {}), **({"key": signer} if signer else {})})
     count = len(so_far)
-    needed = quorum_required([policy], _needed_extension(escalation))
+    needed = grant_quorum([policy], _needed_extension(escalation), (0, 0) if approving else granted)
     if not approving and count < needed:
         raise RuleViolation(f"escalation {escalation_id} granted with {count} of the {needed} approvals "
                             f"the {whose}'s quorum needs")
+
+
+def _grant(event: Mapping[str, Any]) -> tuple[int, int]:
+    """The run's and the pool's extension a decision line records (0 where left out, or not
+    a number: the fold names such a line)."""
+    values = [event.get(key, 0) for key in ("extension_micros", "pool_extension_micros")]
+    return (values[0] if type(values[0]) is int else 0, values[1] if type(values[1]) is int else 0)
 
 
 def _needed_extension(escalation: Mapping[str, Any]) -> int:

@@ -40,8 +40,9 @@ V = TypeVar("V")
 # 7: whether the run is archived. 8: the hash of each escalation's line (signed approvals).
 # 9: the blob derived from RunState's fields. 10: an escalation's quorum as it fired.
 # 11: the hash of the line that set the policy (signed policy changes). 12: the key that
-# signed each approval so far (an approver counts once, whatever name it gives).
-FORMAT = 12
+# signed each approval so far (an approver counts once, whatever name it gives). 13: the
+# least grant the approvals so far signed for (a grant above it is refused).
+FORMAT = 13
 
 # RunState's fields the blob does not hold, and why: tasks and escalations are rows of their
 # own; last_actor only spares the fold a check (the next line is checked anyway); a pool's
