@@ -207,8 +207,11 @@ def _check_quorum(state: RunState, escalation: EscalationState, by: str, role: s
     if not counted:
         return
     if beyond_signed(granted, escalation.signed_grant):
-        raise _damage(state, f"escalation {escalation.id!r} grants {granted[0]} (pool {granted[1]}), more "
-                             f"than an earlier approval signed for ({escalation.signed_grant})")
+        # (signed approvals, the pool's keys included, were passed off as approving more: a forgery)
+        problem = (f"escalation {escalation.id!r} grants {granted[0]} (pool {granted[1]}), more than an "
+                   f"earlier approval signed for ({escalation.signed_grant})")
+        raise (ForgedSignature(problem) if any("key" in approval for approval in escalation.approvals)
+               else _damage(state, problem))
     needed = grant_quorum([state.policy], escalation.needed_extension_micros, granted, escalation.quorum)
     if len(escalation.approvals) + 1 < needed:
         raise RuleViolation(f"escalation {escalation.id!r} granted with {len(escalation.approvals) + 1} "
