@@ -111,10 +111,8 @@ def check_decision(policy: Policy, whose: str, run_id: str, escalation: Mapping[
     if any(same_approver(policy, False, earlier, by, vouched, signer) for earlier in so_far):
         raise damage(f"escalation {escalation_id!r} approved twice by {vouched or by!r}")
     granted = _grant(event)
-    if approving:
-        # (the least grant the approvals so far signed for: its own entry, not an approver's)
-        signed = signed_grants.get(escalation_id)
-        signed_grants[escalation_id] = signed if "extension_micros" not in event else least_signed(signed, granted)
+    if approving and "extension_micros" in event:  # (older lines record no amount)
+        signed_grants[escalation_id] = least_signed(signed_grants.get(escalation_id), granted)
     elif beyond_signed(granted, signed_grants.get(escalation_id)):
         raise damage(f"escalation {escalation_id} grants {granted[0]} (pool {granted[1]}), more than an "
                      f"earlier approval signed for ({signed_grants[escalation_id]})")
