@@ -210,7 +210,7 @@ def unanchored(member: LedgerStore, wanted: dict[int, str]) -> str | None:
             if not wanted:
                 return None
     return (f"its log is not the one its pool recorded when its policy changed (line "
-            f"{broken or min(wanted)}): it was cut or rewritten since")
+            f"{broken or min(wanted)}): it was rewritten since")
 
 
 def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
