@@ -372,3 +372,45 @@ def test_a_run_cap_escalation_relabelled_pool_cap_extends_no_run(cli: Any, keys:
     put_log(store, "r", rechained(lines))
     refused_by_every_reader(cli, len(lines) - 1)
     assert "extends the pool, never the run" in cli("runs", "verify", "r", "--json").stdout
+
+
+@pytest.mark.parametrize("edit", ["cut", "rewritten"])
+def test_a_member_log_cut_behind_its_pools_members_at_fails_every_reader_and_the_pools_writes(
+        cli: Any, keys: dict[str, Path], store: Location, edit: str) -> None:
+    # r holds no pool decision; the pool recorded where r's log ended when it pinned a key.
+    # r's log cut (or its reservation rewritten) behind that point, the books thrown away:
+    # the $8 the pool counted there is never read as nothing, by any reader or writer.
+    assert cli("pools", "init", "team", "--cap", "10", "--max-extension", "50", "--escalation",
+               "enforce").exit_code == 0
+    assert cli("runs", "init", "r", "--cap", "100", "--pool", "team").exit_code == 0
+    assert cli("reserve", "r", "t1", "--estimate", "8", "--by", "bob").exit_code == 0
+    assert cli("pools", "set", "team", "--approver-key",
+               f"{approver(store)}={pub(keys['alice-ecdsa'])}").exit_code == 0
+    assert events(pool_log(store, "team"))[-1]["members_at"]["r"][0] == 2
+    assert cli("runs", "init", "r2", "--cap", "100", "--pool", "team").exit_code == 0
+    kept = log_bytes(store, "r")
+    lines = events(kept)
+    if edit == "cut":
+        put_log(store, "r", kept.splitlines(keepends=True)[0])
+    else:
+        lines[1]["amount_micros"] = 1_000_000
+        put_log(store, "r", rechained(lines))
+    drop_books(store, "team")
+    refused_by_every_reader(cli, 2)
+    assert "its log is not the one its pool recorded" in cli("runs", "verify", "r").stderr
+    shown = cli("pools", "show", "team", "--json")
+    assert [each["run"] for each in shown.json()["unreadable"]] == ["r"], shown.stdout
+    before = logs(store)
+    for args in (["reserve", "r2", "t2", "--estimate", "9"], ["reserve", "r", "t3", "--estimate", "1"]):
+        refused = cli(*args, "--by", "bob")
+        assert refused.exit_code == 6 and "its log is not the one its pool recorded" in refused.stderr, args
+    assert logs(store) == before
+    put_log(store, "r", kept)  # the log back as the pool recorded it: read again, and counted
+    for args in (["runs", "verify", "r"], ["pools", "verify", "team"], ["gate", "--pool", "team"]):
+        assert cli(*args).exit_code == 0, args
+    assert cli("reserve", "r2", "t2", "--estimate", "9", "--by", "bob").exit_code == 4
+
+
+def logs(store: Location) -> dict[str, bytes]:
+    """:func:`snapshot_store` but the pool's books (disposable: a refused write may rebuild them)."""
+    return {name: data for name, data in snapshot_store(store).items() if ".derived." not in name}

@@ -340,6 +340,7 @@ def _members_at(state: RunState, heads: object) -> None:
             and isinstance(head[1], str) and HASH_PATTERN.fullmatch(head[1])
             for run_id, head in heads.items()):
         raise RuleViolation("field 'members_at' must map a pool's members to [lines, hash of the last line]")
+    state.pool.at.update((run_id, (head[0], head[1])) for run_id, head in heads.items())
 
 
 def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:

@@ -23,13 +23,15 @@ from escalate.errors import CorruptLedger
 class PoolFacts:
     """A pool's settings and members, from ``pool_opened``, ``run_joined`` and ``policy_changed``;
     ``opened``: the chain hash of each member's first line, from ``member_opened`` (a member
-    joined before it was recorded has none)."""
+    joined before it was recorded has none); ``at``: where each member's log ended as the
+    pool's newest ``members_at`` records it (its lines, the hash of its last line)."""
 
     cap_micros: int
     period: Period
     tz: str
     members: list[str] = field(default_factory=list)
     opened: dict[str, str] = field(default_factory=dict)
+    at: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

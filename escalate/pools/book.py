@@ -228,8 +228,9 @@ class PoolBook:
 
     def fold_log(self, run_id: str, stop: int | None = None) -> Member:
         store = self.runs.ledger(run_id, lock_timeout=self.lock_timeout)
+        facts = self.facts()
         return fold_member(store, self.pool_id, self.key_at, self.runs, stop=stop,
-                           opened=self.facts().opened.get(run_id))
+                           opened=facts.opened.get(run_id), at=facts.at.get(run_id))
 
 
 def open_book(transaction: Transaction, pool_store: LedgerStore, runs: Store, *,

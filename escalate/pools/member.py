@@ -188,7 +188,8 @@ def own_first_line(store: LedgerStore, pool_id: str) -> str | None:
 
 
 def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], runs: Store, *,
-                stop: int | None = None, opened: str | None = None) -> Member:
+                stop: int | None = None, opened: str | None = None,
+                at: tuple[int, str] | None = None) -> Member:
     """A member's entry folded from its log: complete writes only (a write cut part-way, or
     a torn tail, counts as nothing, as in the run's own replay), up to byte ``stop``. A member
     with no log (moved away, deleted, its creation cut short), a damaged one (a line that does
@@ -197,7 +198,9 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
     log the pool recorded (``opened``: :func:`member_first`) is :func:`member_unreadable`:
     never counted as nothing. So is one holding an approval of a ``pool_cap`` escalation that
     the keys its pool pins (in ``runs``) do not vouch for (:mod:`escalate.pools.signatures`):
-    its grant is never counted."""
+    its grant is never counted. ``at``: where the pool's newest ``members_at`` says the log
+    ended (its lines, the hash of the last): a log shorter than that, or whose line there
+    hashes otherwise, was cut or rewritten since, and is :func:`member_unreadable` too."""
     from escalate.pools.signatures import PoolDecisions
 
     member, ignored = Member(), dict[str, PeriodTotals]()
@@ -218,6 +221,8 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                                             "chain: a line was changed, removed or inserted",
                                             missing=False, line=number)
                 prev = line_hash(line)
+                if at is not None and number == at[0] and prev != at[1]:
+                    raise not_as_recorded(store, pool_id, number)
                 if number == 1 and opened is not None and prev != opened:  # swapped since member_first
                     raise member_unreadable(store, pool_id, "its first line changed while it was read",
                                             missing=False, opened=True)
@@ -235,8 +240,17 @@ def fold_member(store: LedgerStore, pool_id: str, key_at: Callable[[str], str], 
                                         missing=False, line=number) from None
             group = []
             member.offset, member.head = end, prev
+    if at is not None and number < at[0]:
+        raise not_as_recorded(store, pool_id, at[0])
     _check_decisions(store, pool_id, runs, decisions)
     return member
+
+
+def not_as_recorded(store: LedgerStore, pool_id: str, line: int) -> CorruptLedger:
+    """:func:`member_unreadable` for a member whose log was cut or rewritten behind where
+    its pool recorded it (``members_at``): what it held there is no longer counted."""
+    return member_unreadable(store, pool_id, f"its log is not the one its pool recorded (line {line} is "
+                             "missing or changed): it was cut or rewritten since", missing=False, line=line)
 
 
 def _check_decisions(store: LedgerStore, pool_id: str, runs: Store, decisions: PoolDecisions) -> None:

@@ -189,7 +189,7 @@ class Pool(Closing):
             try:
                 members[run_id] = fold_member(self.runs_store.ledger(run_id, lock_timeout=self.lock_timeout),
                                               self.pool_id, key_at, self.runs_store,
-                                              opened=facts.opened.get(run_id))
+                                              opened=facts.opened.get(run_id), at=facts.at.get(run_id))
             except CorruptLedger as error:
                 unreadable.append({"run": run_id, "error": error.code, "message": error.message,
                                    "line": error.line, "problem": error.problem})

@@ -209,21 +209,25 @@ class PoolTimeline:
         return self.policies[min(max(at, self.joined, low), high - 1)][1]
 
     def unanchored(self, member: LedgerStore) -> str | None:
-        """Why ``member``'s log is not the one the pool recorded (:attr:`anchors`: a line
-        whose hash is not the recorded one, or missing), or None."""
-        wanted = {lines: hashed for _, lines, hashed in self.anchors}
-        if not wanted:
-            return None
-        broken = None
-        with member.reader() as stream:
-            for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
-                if number in wanted and line_hash(line) != wanted.pop(number):
-                    broken = number
-                    break
-                if not wanted:
-                    return None
-        return (f"its log is not the one its pool recorded when its policy changed (line "
-                f"{broken or min(wanted)}): it was rewritten since")
+        """Why ``member``'s log is not the one the pool recorded (:attr:`anchors`), or None."""
+        return unanchored(member, {lines: hashed for _, lines, hashed in self.anchors})
+
+
+def unanchored(member: LedgerStore, wanted: dict[int, str]) -> str | None:
+    """Why ``member``'s log is not the one its pool recorded (``wanted``: line number -> the
+    hash that line had; one whose hash is another, or missing), or None."""
+    if not wanted:
+        return None
+    broken = None
+    with member.reader() as stream:
+        for number, (line, _) in enumerate(iter_lines(stream, 0), start=1):
+            if number in wanted and line_hash(line) != wanted.pop(number):
+                broken = number
+                break
+            if not wanted:
+                return None
+    return (f"its log is not the one its pool recorded when its policy changed (line "
+            f"{broken or min(wanted)}): it was rewritten since")
 
 
 def pool_problems(runs: Store, pool_id: str, decisions: PoolDecisions) -> list[PoolProblem]:
@@ -267,4 +271,20 @@ def member_problems(runs: Store, store: LedgerStore) -> list[PoolProblem]:
                 continue  # the fold names that line
             if isinstance(event, dict):
                 decisions.see(number, event, line_hash(line))
+    if not decisions.decided:  # (pool_problems checks a log holding decisions against every record)
+        return _unrecorded(runs, pool_id, store)
     return pool_problems(runs, pool_id, decisions)
+
+
+def _unrecorded(runs: Store, pool_id: str, store: LedgerStore) -> list[PoolProblem]:
+    """A member's log (``store``, of pool ``pool_id`` in ``runs``) against where the pool's
+    newest ``members_at`` says it ended: cut or rewritten behind it, the money the pool
+    counted there is gone from it. A pool that cannot be read records nothing here (its own
+    verify names it)."""
+    pool = runs.ledger(pool_id, lock_timeout=0)  # (only read: no lock is taken)
+    if not pool.exists():
+        return []
+    facts = pool.read().state.pool
+    at = facts.at.get(store.run_id) if facts is not None else None
+    why = None if at is None else unanchored(store, {at[0]: at[1]})
+    return [] if why is None or at is None else [PoolProblem(at[0], why, False)]
