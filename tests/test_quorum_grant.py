@@ -142,3 +142,23 @@ def test_a_rechained_log_that_breaks_the_rule_fails_every_reader(
         assert gate.json()["error"] == "forged_signature", gate.stdout
     if pooled:
         assert cli("pools", "verify", "team", "--store", store).exit_code == 6
+
+
+def test_without_pinned_keys_a_grant_past_an_earlier_approval_is_refused_too(person: Person) -> None:
+    """Unsigned partial approvals record what their approver approved as well: bob alone
+    cannot grant the $2 spent since alice approved $6 (both stores)."""
+    where, _ = person("worker")
+    run = Ledger.init(where, "r", cap="10", escalation="enforce", max_extension="50", quorum=2, actor="worker")
+    run.reserve("held", "8")
+    with pytest.raises(Pending) as pending:
+        run.reserve("t", "8")
+    at, _ = person("alice")
+    assert Ledger.open(at, "r", actor="alice").approve(pending.value.escalation_id)["status"] == "recorded"
+    assert _granted(events(log_bytes(where, "r"))[-1]) == 6_000_000
+    run.reserve("other", "2")
+    before = log_bytes(where, "r")
+    at, _ = person("bob")
+    with pytest.raises(Conflict) as refused:
+        Ledger.open(at, "r", actor="bob").approve(pending.value.escalation_id)
+    assert refused.value.code == "grant_beyond_approvals"
+    assert log_bytes(where, "r") == before
