@@ -148,7 +148,8 @@ def test_without_pinned_keys_a_grant_past_an_earlier_approval_is_refused_too(per
     """Unsigned partial approvals record what their approver approved as well: bob alone
     cannot grant the $2 spent since alice approved $6 (both stores)."""
     where, _ = person("worker")
-    run = Ledger.init(where, "r", cap="10", escalation="enforce", max_extension="50", quorum=2, actor="worker")
+    run = Ledger.init(where, "r", cap="10", escalation="enforce", max_extension="50", quorum=2,
+                      actor="worker")
     run.reserve("held", "8")
     with pytest.raises(Pending) as pending:
         run.reserve("t", "8")
