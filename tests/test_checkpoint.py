@@ -275,7 +275,11 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
     checkpoint = run.store.checkpoint
-    loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
+    log = os.open(tmp_path / "r" / LOG_NAME, os.O_RDONLY)
+    try:
+        loaded = checkpoint.load(log, writable=True) if checkpoint else None
+    finally:
+        os.close(log)
     assert loaded is not None
     tasks = loaded[0].tasks.rows
     assert isinstance(tasks, Rows)

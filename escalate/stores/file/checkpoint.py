@@ -228,10 +228,11 @@ class Checkpoint:
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
-    def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+    def load(self, log: int, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the checkpoint if it matches the log
-        at its offset, else ``None``. For a writer, the log then ends at ``offset``: it is
-        the same file, untouched since the save (:func:`_check_log_at`).
+        (``log``: the command's handle on it) at its offset, else ``None``. For a writer, the
+        log then ends at ``offset``: it is the same file, untouched since the save
+        (:func:`_check_log_at`).
 
         A writer's state reads rows lazily (a row that fails its checksum, or a read that
         SQLite fails, then raises :class:`CheckpointInvalid` mid-command, before anything is
@@ -241,7 +242,7 @@ class Checkpoint:
         if writable:
             with self._guard:
                 try:
-                    return self._load(self._writer_connection(), log_path, writable)
+                    return self._load(self._writer_connection(), log, writable)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -252,7 +253,7 @@ class Checkpoint:
         except (CheckpointInvalid, sqlite3.Error, OSError):
             return None
         try:
-            loaded = self._load(connection, log_path, writable)
+            loaded = self._load(connection, log, writable)
             state = loaded[0]
             assert isinstance(state.tasks.rows, Rows) and isinstance(state.escalations, Rows)
             state.tasks = TaskTable(state.tasks.rows.read_all())
@@ -265,14 +266,14 @@ class Checkpoint:
         finally:
             connection.close()
 
-    def _load(self, connection: sqlite3.Connection, log_path: str,
+    def _load(self, connection: sqlite3.Connection, log: int,
               writable: bool) -> tuple[RunState, int, int, int]:
         row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
         if row is None:
             raise CheckpointInvalid("empty")
         blob = orjson.loads(checked("run", row[0], row[1]))
         offset, start = blob["offset"], blob["last_line_start"]
-        _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
+        _check_log_at(log, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
@@ -281,13 +282,14 @@ class Checkpoint:
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-             log_path: str) -> None:
-        """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
+             log: int) -> None:
+        """Write the fold as of ``offset`` of the log (``log``: the command's handle on it; the
+        caller holds the run's lock). This runs after
         the append and before its fsync, and the checkpoint only ever costs speed: any failure is
         swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
         with self._guard:
             try:
-                self._save(state, offset, last_line_start, lines, log_path)
+                self._save(state, offset, last_line_start, lines, log)
             except Exception:  # nothing here may change the answer or skip the fsync
                 if self._writer is not None:
                     with contextlib.suppress(sqlite3.Error):
@@ -295,7 +297,7 @@ class Checkpoint:
                 self.discard()
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-              log_path: str) -> None:
+              log: int) -> None:
         tasks, escalations = state.tasks.rows, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
@@ -321,12 +323,14 @@ class Checkpoint:
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
                 ((key, data, zlib.crc32(data)) for key, data in pairs))
-        log_info = os.stat(log_path)
+        log_info = os.fstat(log)
         identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
                     log_info.st_ctime_ns]
         blob = run_blob(state, offset, last_line_start, lines, identity)
-        connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
-                           (blob, zlib.crc32(blob)))
+        # The row is there once the checkpoint was loaded: changed in place (a replace would
+        # delete it and insert it again, writing its index too).
+        connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
+                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
 
     def discard(self) -> None:
@@ -353,7 +357,7 @@ def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) ->
     return info.st_dev, info.st_ino
 
 
-def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, expected: str,
+def _check_log_at(log: int, identity: list[int], start: int, offset: int, expected: str,
                   *, appended_ok: bool) -> None:
     """The log is the file the checkpoint was saved beside, untouched since (same size and times),
     and its line ``[start, offset)`` still hashes to ``expected``.
@@ -363,17 +367,13 @@ def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, e
     the log changed behind the checkpoint rebuilds from the log, so an edit in place before the
     checkpoint can never be written after.
     """
-    fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        info = os.fstat(fd)
-        dev, ino, size, mtime_ns, ctime_ns = identity
-        if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
-            raise CheckpointInvalid("the log is another file")
-        untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
-        if not untouched and not (appended_ok and info.st_size > size):
-            raise CheckpointInvalid("the log changed since the checkpoint was saved")
-        line = os.pread(fd, offset - start, start)
-    finally:
-        os.close(fd)
+    info = os.fstat(log)
+    dev, ino, size, mtime_ns, ctime_ns = identity
+    if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+        raise CheckpointInvalid("the log is another file")
+    untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
+    if not untouched and not (appended_ok and info.st_size > size):
+        raise CheckpointInvalid("the log changed since the checkpoint was saved")
+    line = os.pread(log, offset - start, start)
     if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
         raise CheckpointInvalid("the log's line at the checkpointed offset is not the one folded")
