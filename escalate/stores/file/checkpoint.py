@@ -48,7 +48,7 @@ from escalate.stores.checkpoint import (
     checked,
     encode_escalation,
     encode_task,
-    run_blob,
+    run_fields,
     state_from_blob,
 )
 from escalate.stores.file.run_folder import via_folder
@@ -127,6 +127,11 @@ class Checkpoint:
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
+        # The run-wide part this process saved last, and the kept connection it went through.
+        # While that connection is still the kept one and the log is as it was at the save
+        # (checked as for any load), the file holds exactly this (only a writer holding the
+        # run's lock changes it, and only with the log or as a new file): it is not read back.
+        self._saved: tuple[sqlite3.Connection, dict[str, Any]] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -192,6 +197,7 @@ class Checkpoint:
             self._drop_writer()
 
     def _drop_writer(self) -> None:
+        self._saved = None
         if self._writer is not None and self._writer_for[0] == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 self._writer.close()
@@ -268,12 +274,17 @@ class Checkpoint:
 
     def _load(self, connection: sqlite3.Connection, log: int,
               writable: bool) -> tuple[RunState, int, int, int]:
-        row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
-        if row is None:
-            raise CheckpointInvalid("empty")
-        blob = orjson.loads(checked("run", row[0], row[1]))
+        log_info = os.fstat(log)
+        saved = self._saved if writable else None
+        if saved is not None and saved[0] is connection and saved[1]["identity"] == _identity(log_info):
+            blob = saved[1]  # (the log is checked below as for a row read back)
+        else:
+            row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
+            if row is None:
+                raise CheckpointInvalid("empty")
+            blob = orjson.loads(checked("run", row[0], row[1]))
         offset, start = blob["offset"], blob["last_line_start"]
-        _check_log_at(log, blob["identity"], start, offset, blob["last_hash"],
+        _check_log_at(log, log_info, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
@@ -298,6 +309,7 @@ class Checkpoint:
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
               log: int) -> None:
+        self._saved = None
         tasks, escalations = state.tasks.rows, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
@@ -323,15 +335,15 @@ class Checkpoint:
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
                 ((key, data, zlib.crc32(data)) for key, data in pairs))
-        log_info = os.fstat(log)
-        identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
-                    log_info.st_ctime_ns]
-        blob = run_blob(state, offset, last_line_start, lines, identity)
+        fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
+        blob = orjson.dumps(fields)
         # The row is there once the checkpoint was loaded: changed in place (a replace would
         # delete it and insert it again, writing its index too).
         connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
                            "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
+        if connection is self._writer:
+            self._saved = (connection, fields)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What
@@ -357,8 +369,13 @@ def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) ->
     return info.st_dev, info.st_ino
 
 
-def _check_log_at(log: int, identity: list[int], start: int, offset: int, expected: str,
-                  *, appended_ok: bool) -> None:
+def _identity(info: os.stat_result) -> list[int]:
+    """What the checkpoint keeps of the log it was folded from: its file, size and times."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _check_log_at(log: int, info: os.stat_result, identity: list[int], start: int, offset: int,
+                  expected: str, *, appended_ok: bool) -> None:
     """The log is the file the checkpoint was saved beside, untouched since (same size and times),
     and its line ``[start, offset)`` still hashes to ``expected``.
 
@@ -367,7 +384,6 @@ def _check_log_at(log: int, identity: list[int], start: int, offset: int, expect
     the log changed behind the checkpoint rebuilds from the log, so an edit in place before the
     checkpoint can never be written after.
     """
-    info = os.fstat(log)
     dev, ino, size, mtime_ns, ctime_ns = identity
     if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
         raise CheckpointInvalid("the log is another file")

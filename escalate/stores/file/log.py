@@ -226,7 +226,8 @@ class FileLog(RunFolder):
         if torn_from is None and kept is not None and kept.can_write:
             with self._naming(self.path):
                 info = os.fstat(kept.fd)
-                self._check_links(self.path, info)
+                if info.st_nlink > 1:
+                    raise self._hard_linked(self.path, info.st_nlink)
                 _write_or_roll_back(kept.fd, info.st_size, lambda: _write_all(kept.fd, data))
             return
         with self._folder() as dir_fd, self._naming(self.path):

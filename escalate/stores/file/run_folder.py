@@ -229,22 +229,21 @@ class RunFolder:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise self._not_a_file(self.run_dir / name, info.st_mode)
-            if writing:
-                self._check_links(self.run_dir / name, info)
+            if writing and info.st_nlink > 1:
+                raise self._hard_linked(self.run_dir / name, info.st_nlink)
         except BaseException:
             os.close(fd)
             raise
         return fd
 
     @staticmethod
-    def _check_links(path: Path, info: os.stat_result) -> None:
-        """A file a writer uses must have no second hard link (a write through it would
-        change another file)."""
-        if info.st_nlink > 1:
-            raise InputError(
-                f"{path} has {info.st_nlink} hard links; escalate refuses to write a log or lock file "
-                "that is also another file — replace it with a copy of itself", code="hard_link",
-                path=str(path))
+    def _hard_linked(path: Path, links: int) -> InputError:
+        """The error for a file a writer would use that has ``links`` hard links: a write
+        through it would change another file."""
+        return InputError(
+            f"{path} has {links} hard links; escalate refuses to write a log or lock file "
+            "that is also another file — replace it with a copy of itself", code="hard_link",
+            path=str(path))
 
     @staticmethod
     def _not_a_file(path: Path, mode: int) -> InputError:
