@@ -420,6 +420,30 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
         assert [info.callback.__name__ for info in app.registered_commands if info.callback] == [command[0]]
 
 
+_COLLECTOR = """
+import gc, sys
+from escalate.cli import main
+sys.argv = ["escalate", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    print(gc.isenabled(), gc.get_freeze_count(), exit.code)
+"""
+
+
+def test_a_command_keeps_what_start_up_loaded_out_of_the_collectors_walks(runs_dir: Path) -> None:
+    """What a command loaded before it runs (typer, click, the CLI) lives until the process
+    exits: it is frozen out of the collector's walks (each full collection's, and the last
+    one at exit), and the collector stays on for everything the command makes."""
+    run = [sys.executable, "-c", _COLLECTOR]
+    for command in (["runs", "init", "r", "--cap", "10"], ["reserve", "r", "t", "-e", "1"]):
+        done = subprocess.run([*run, *command, "--runs-dir", str(runs_dir)], capture_output=True,
+                              text=True, check=True)
+        enabled, frozen, code = done.stdout.splitlines()[-1].split()
+        assert (enabled, code) == ("True", "0"), done.stderr
+        assert int(frozen) > 10_000  # typer and click alone make tens of thousands
+
+
 _BUILT_ON_IMPORT = """
 import dataclasses, sys
 from escalate.cli import main
