@@ -320,10 +320,11 @@ def test_a_writer_at_a_current_checkpoint_reads_no_line(tmp_path: Path,
     shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
     assert _view(run) == _view(_ledger(truth_root, clock))
 
-def test_a_writer_reads_back_no_run_row_it_saved_itself_and_every_other_writers(tmp_path: Path) -> None:
+def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp_path: Path) -> None:
     """A writer whose last save is still the checkpoint (the same file through its kept
-    connection, the log untouched since) does not read the run-wide row back; after another
-    writer's write it reads what that one saved, and every answer is the log's."""
+    connection, the log untouched since) does not read back the run-wide row or the rows it
+    wrote then; after another writer's write it reads what that one saved, and every answer
+    is the log's."""
     clock = FakeClock()
     run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
     run.reserve("t1", "1")
@@ -333,6 +334,9 @@ def test_a_writer_reads_back_no_run_row_it_saved_itself_and_every_other_writers(
     checkpoint._writer.set_trace_callback(statements.append)
     run.reserve("t2", "1")
     assert [s for s in statements if "FROM run" in s] == []
+    statements.clear()
+    run.release("t2", "0.5")  # (the row of t2 it saved too)
+    assert [s for s in statements if "FROM run" in s or "FROM tasks" in s] == []
     other.reserve("t3", "1")
     other.release("t1", "0.5")
     statements.clear()

@@ -66,16 +66,23 @@ class Rows(LazyRows[V]):
     """A table of the SQLite checkpoint (every row checked against its CRC)."""
 
     def __init__(self, connection: sqlite3.Connection, table: str,
-                 guard: threading.RLock) -> None:
+                 guard: threading.RLock, saved: dict[str, bytes] | None = None) -> None:
         super().__init__(table)
         self._connection = connection
         self._guard = guard
+        # Rows this process saved last, as the file holds them (Checkpoint._saved): not read back.
+        self._saved = saved or {}
 
     def _read_one(self, key: str) -> V | None:
+        if key in self._saved:
+            value: V = self._decode(key, self._saved[key])
+            return value
         row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
         return None if row is None else self._checked_row(key, row[0], row[1])
 
     def _stored(self, key: str) -> bool:
+        if key in self._saved:
+            return True
         return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
 
     def _stored_count(self) -> int:
@@ -127,11 +134,12 @@ class Checkpoint:
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
-        # The run-wide part this process saved last, and the kept connection it went through.
-        # While that connection is still the kept one and the log is as it was at the save
-        # (checked as for any load), the file holds exactly this (only a writer holding the
-        # run's lock changes it, and only with the log or as a new file): it is not read back.
-        self._saved: tuple[sqlite3.Connection, dict[str, Any]] | None = None
+        # The run-wide part this process saved last, the rows it wrote then (by table), and
+        # the kept connection it went through. While that connection is still the kept one and
+        # the log is as it was at the save (checked as for any load), the file holds exactly
+        # this (only a writer holding the run's lock changes it, and only with the log or as a
+        # new file): it is not read back.
+        self._saved: tuple[sqlite3.Connection, dict[str, Any], dict[str, dict[str, bytes]]] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -276,8 +284,9 @@ class Checkpoint:
               writable: bool) -> tuple[RunState, int, int, int]:
         log_info = os.fstat(log)
         saved = self._saved if writable else None
+        rows: dict[str, dict[str, bytes]] = {}
         if saved is not None and saved[0] is connection and saved[1]["identity"] == _identity(log_info):
-            blob = saved[1]  # (the log is checked below as for a row read back)
+            blob, rows = saved[1], saved[2]  # (the log is checked below as for a row read back)
         else:
             row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
             if row is None:
@@ -288,8 +297,9 @@ class Checkpoint:
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard),
-                                Rows[EscalationState](connection, "escalations", guard))
+        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard, rows.get("tasks")),
+                                Rows[EscalationState](connection, "escalations", guard,
+                                                      rows.get("escalations")))
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
@@ -328,9 +338,12 @@ class Checkpoint:
             "escalations": escalations.dirty() if isinstance(escalations, Rows) else
             ((key, encode_escalation(key, e)) for key, e in escalations.items()),
         }
+        written: dict[str, dict[str, bytes]] = {}
         for table, pairs in rows.items():
-            if incremental and not (pairs := list(pairs)):
-                continue  # (no row of this table was read or added: most writes touch no escalation)
+            if incremental:
+                if not (pairs := list(pairs)):
+                    continue  # (no row of this table was read or added: most writes touch no escalation)
+                written[table] = dict(pairs)
             connection.executemany(
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
@@ -343,7 +356,7 @@ class Checkpoint:
                            "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
-            self._saved = (connection, fields)
+            self._saved = (connection, fields, written)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What

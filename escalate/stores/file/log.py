@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,6 +77,39 @@ class _Naming:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, EscalateError):
             raise storage_error(exc, self.path) from exc
+
+
+class _Locked:
+    """:meth:`FileLog.locked` (a class, not a generator: on every write's path)."""
+
+    __slots__ = ("_fd", "_log", "_resolved")
+
+    def __init__(self, log: FileLog) -> None:
+        self._log = log
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        from escalate.stores.file import lock
+
+        log = self._log
+        self._resolved = resolved = log.resolved()
+        resolved.__enter__()
+        try:
+            with log._folder() as dir_fd:  # (inside the command: left open for it)
+                self._fd = fd = log._open_lock(dir_fd)
+            if fd is not None:
+                log.lock_wait_s = lock.acquire(fd, log.lock_timeout, lock_file=log._lock_file)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._fd is not None:
+                os.close(self._fd)  # closing the descriptor releases the lock
+        finally:
+            self._fd = None
+            self._resolved.__exit__(None, None, None)
 
 
 class _Handle:
@@ -166,22 +199,11 @@ class FileLog(RunFolder):
             raise self._not_a_file(self.path, info.st_mode)
         return info.st_size > 0
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold the run's exclusive lock (:mod:`escalate.stores.file.lock`) on the sidecar file, which
         is never deleted or replaced. On read-only media the sidecar is locked read-only (a
         command that only answers still works; a write then fails as ``read_only``)."""
-        from escalate.stores.file import lock
-
-        with self.resolved(), self._folder() as dir_fd:
-            fd = self._open_lock(dir_fd)
-            try:
-                if fd is not None:
-                    self.lock_wait_s = lock.acquire(fd, self.lock_timeout, lock_file=self._lock_file)
-                yield
-            finally:
-                if fd is not None:
-                    os.close(fd)  # closing the descriptor releases the lock
+        return _Locked(self)
 
     def _open_lock(self, dir_fd: int) -> int | None:
         try:

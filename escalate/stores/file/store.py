@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
 from escalate.config import Clock
@@ -137,14 +138,8 @@ class FileLedger:
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
-    @contextmanager
-    def transaction(self, *, checkpoint: bool = True) -> Iterator[FileTransaction]:
-        with self._present(), self.log.locked():
-            transaction = FileTransaction(self, checkpoint=checkpoint)
-            try:
-                yield transaction
-            finally:
-                transaction.close()
+    def transaction(self, *, checkpoint: bool = True) -> contextlib.AbstractContextManager[FileTransaction]:
+        return _Critical(self, checkpoint)
 
     def read(self, *, checkpoint: bool = True) -> Replayed:
         with self._present(), self.log.resolved():
@@ -261,6 +256,38 @@ class FileLedger:
             replay(self.log, self.run_id, stop_after=1)
             return True
         return False
+
+
+class _Critical:
+    """:meth:`FileLedger.transaction`: the run's lock held around a :class:`FileTransaction`,
+    and a run folder or log that disappears meanwhile reported as no run, as
+    :meth:`FileLedger._present` does (a class, not a generator: on every write's path)."""
+
+    __slots__ = ("_checkpoint", "_ledger", "_locked", "_transaction")
+
+    def __init__(self, ledger: FileLedger, checkpoint: bool) -> None:
+        self._ledger, self._checkpoint = ledger, checkpoint
+
+    def __enter__(self) -> FileTransaction:
+        self._locked = locked = self._ledger.log.locked()
+        try:
+            locked.__enter__()
+        except FileNotFoundError:
+            raise self._ledger._unknown() from None
+        self._transaction = FileTransaction(self._ledger, checkpoint=self._checkpoint)
+        return self._transaction
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self._transaction.close()
+        finally:
+            try:
+                self._locked.__exit__(kind, exc, traceback)
+            except FileNotFoundError:
+                raise self._ledger._unknown() from None
+        if isinstance(exc, FileNotFoundError):
+            raise self._ledger._unknown() from None
 
 
 class FileTransaction:
