@@ -297,7 +297,9 @@ def build_app(modules: Sequence[str] = COMMAND_MODULES, *, only: str | None = No
         help="Keep the money of concurrent work honest: reserve, raise and release slices of a "
         "run's budget; refusals halt or escalate to a person.",
         no_args_is_help=True,
-        add_completion=True,
+        # A hot command's process takes no root option (its first word is the command's
+        # name), so it builds none of the completion options either.
+        add_completion=only is None,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
