@@ -79,6 +79,16 @@ class _Naming:
             raise storage_error(exc, self.path) from exc
 
 
+class _Handle:
+    """:meth:`FileLog.handle`: the descriptor, whether it was asked for appending, and
+    whether it can append."""
+
+    __slots__ = ("asked_writable", "can_write", "fd")
+
+    def __init__(self, fd: int, asked_writable: bool, can_write: bool) -> None:
+        self.fd, self.asked_writable, self.can_write = fd, asked_writable, can_write
+
+
 class FileLog(RunFolder):
     """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar, opened through
     the run folder's handle (:class:`~escalate.stores.file.run_folder.RunFolder`)."""
@@ -95,6 +105,43 @@ class FileLog(RunFolder):
     def where(self) -> str:
         """The log's path, as messages name it."""
         return str(self.path)
+
+    def handle(self, *, writable: bool) -> int:
+        """This command's one handle on the log (inside :meth:`resolved`; the command's end
+        closes it): the fold's checks, the checkpoint's, the append and the sync go through it,
+        one open instead of one per step, and all on the file that was checked. ``writable``:
+        open it for appending too, where this user may write it (else it is opened for
+        reading, and :meth:`append` says why it cannot write). ``FileNotFoundError`` when there
+        is no log."""
+        command = self._command
+        kept: _Handle | None = getattr(command, "log", None)
+        if kept is not None and (kept.asked_writable or not writable):
+            return kept.fd
+        if kept is not None:
+            command.log = None
+            os.close(kept.fd)
+        with self._folder() as dir_fd:
+            can_write = writable
+            try:
+                fd = self._open(dir_fd, LOG_NAME, (os.O_RDWR | os.O_APPEND) if writable else os.O_RDONLY,
+                                writing=False)
+            except StoreUnavailable as error:
+                if error.code not in ("read_only", "permission_denied"):
+                    raise
+                fd, can_write = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False), False
+        if getattr(command, "depth", 0):
+            command.log = _Handle(fd, writable, can_write)
+        else:  # (no command to close it: kept by nobody)
+            os.close(fd)
+            raise RuntimeError("FileLog.handle outside a command")
+        return fd
+
+    def _end_command(self) -> None:
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if kept is not None:
+            self._command.log = None
+            os.close(kept.fd)
+        super()._end_command()
 
     # ------------------------------------------------------------------ the interface
 
@@ -175,6 +222,14 @@ class FileLog(RunFolder):
         over a torn tail, to ``torn_from``: its bytes are in the side file) before the error
         is raised.
         """
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if torn_from is None and kept is not None and kept.can_write:
+            with self._naming(self.path):
+                info = os.fstat(kept.fd)
+                if info.st_nlink > 1:
+                    raise self._hard_linked(self.path, info.st_nlink)
+                _write_or_roll_back(kept.fd, info.st_size, lambda: _write_all(kept.fd, data))
+            return
         with self._folder() as dir_fd, self._naming(self.path):
             if torn_from is None:
                 fd = self._open(dir_fd, LOG_NAME, os.O_WRONLY | os.O_APPEND, writing=True)
@@ -193,6 +248,11 @@ class FileLog(RunFolder):
         """fsync the log: every line written so far, by this process or any before it, is
         durable when this returns. Called after the lock is released, so the fsyncs of
         processes queued on the lock overlap instead of following one another."""
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if kept is not None:  # (the file this command wrote: the one to make durable)
+            with self._naming(self.path):
+                os.fsync(kept.fd)
+            return
         with self._folder() as dir_fd, self._naming(self.path):
             fd = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False)
             try:

@@ -229,11 +229,18 @@ class FileLedger:
         """Fold the log, from the checkpoint when it still matches the log (then only the
         lines after it are read) and ``checkpoint``. Only a writer holding the lock may build
         the checkpoint (``writable``: :meth:`FileTransaction.load`)."""
-        if not self.log.exists():
+        # A writer's lock file was opened without following a link; a reader checks it here.
+        if not writable and not self.log.exists():
             raise self._unknown()
+        try:
+            log_fd = self.log.handle(writable=writable)
+            if writable and os.fstat(log_fd).st_size == 0:
+                raise self._unknown()
+        except FileNotFoundError:
+            raise self._unknown() from None
         start = None
         if self.checkpoint is not None and checkpoint:
-            loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)
+            loaded = self.checkpoint.load(log_fd, writable=writable)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
@@ -292,7 +299,7 @@ class FileTransaction:
         if checkpoint is None or mark is None:
             return
         checkpoint.save(state, mark.offset, mark.last_line_start, mark.lines,
-                        self._ledger.log.bound_path(LOG_NAME))
+                        self._ledger.log.handle(writable=True))
 
     def derived_epoch(self) -> str:
         return _boot_id()  # not synced: values do not outlive this boot of the machine
