@@ -297,7 +297,9 @@ def build_app(modules: Sequence[str] = COMMAND_MODULES, *, only: str | None = No
         help="Keep the money of concurrent work honest: reserve, raise and release slices of a "
         "run's budget; refusals halt or escalate to a person.",
         no_args_is_help=True,
-        add_completion=True,
+        # A hot command's process takes no root option (its first word is the command's
+        # name), so it builds none of the completion options either.
+        add_completion=only is None,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
@@ -334,9 +336,12 @@ def __getattr__(name: str) -> Any:
 
 def main() -> None:
     """Entry point of the ``escalate`` console script."""
-    # What is loaded by now (typer, click, this module) lives until the process exits: kept
-    # out of the collector's walks, every full collection's and the last one at exit, which
-    # otherwise cost a short command a tenth of its time.
-    gc.freeze()
     hot_module = _HOT_COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
-    (full_app() if hot_module is None else build_app([hot_module], only=sys.argv[1]))()
+    app = full_app() if hot_module is None else build_app([hot_module], only=sys.argv[1])
+    if hot_module is not None:
+        importlib.import_module("escalate.service")  # it opens a ledger: loaded before the freeze
+    # What is loaded by now (typer, click, the app, a hot command's library) lives until the
+    # process exits: kept out of the collector's walks, every full collection's and the last
+    # one at exit, which otherwise cost a short command a tenth of its time.
+    gc.freeze()
+    app()
