@@ -161,8 +161,13 @@ class Checkpoint:
         else:
             path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
-        for suffix in _SIDE_SUFFIXES:
-            _plain(path + suffix, folder, missing_ok=True)
+        for suffix in _SIDE_SUFFIXES:  # (_plain with missing_ok, inlined: on every write's path)
+            try:
+                info = os.stat(path + suffix, dir_fd=folder, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise CheckpointInvalid(f"{path + suffix} is not a plain file with one link")
         return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
