@@ -62,12 +62,19 @@ def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
              identity: list[int]) -> bytes:
     """The run-wide part of a checkpoint, as of the byte ``offset`` after ``lines`` lines
     (``identity``: what the store knows of the log it was folded from)."""
+    return orjson.dumps(run_fields(state, offset, last_line_start, lines, identity))
+
+
+def run_fields(state: RunState, offset: int, last_line_start: int, lines: int,
+               identity: list[int]) -> dict[str, Any]:
+    """:func:`run_blob` before it is encoded: what :func:`state_from_blob` takes (plain JSON
+    values, none shared with ``state``)."""
     kept = {name: getattr(state, name) for name in _PLAIN_FIELDS}
-    return orjson.dumps({
+    return {
         "format": FORMAT, "identity": identity, "offset": offset,
         "last_line_start": last_line_start, "lines": lines, **kept,
         "policy": state.policy.to_json(), "open_escalations": sorted(state.open_escalations),
-    })
+    }
 
 
 def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
