@@ -26,7 +26,6 @@ from typer._click.exceptions import NoArgsIsHelpError  # typer 0.28 (pinned) ven
 from typer._click.globals import get_current_context
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from escalate._version import __version__
 from escalate.errors import EscalateError, InputError, InvalidAmount, storage_error
 
 
@@ -270,6 +269,8 @@ def bad_input(message: str, json_out: bool, code: str = "invalid_input") -> NoRe
 
 def _version_callback(value: bool) -> None:
     if value:
+        from escalate._version import __version__
+
         echo_line(f"escalate {__version__}")
         raise typer.Exit(0)
 
@@ -278,6 +279,10 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
+    """Keep the money of concurrent work honest."""
+
+
+def _hot_root() -> None:
     """Keep the money of concurrent work honest."""
 
 
@@ -298,13 +303,13 @@ def build_app(modules: Sequence[str] = COMMAND_MODULES, *, only: str | None = No
         "run's budget; refusals halt or escalate to a person.",
         no_args_is_help=True,
         # A hot command's process takes no root option (its first word is the command's
-        # name), so it builds none of the completion options either.
+        # name), so it builds none: neither the completion's nor --version (_hot_root).
         add_completion=only is None,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-    app.callback()(_root)
+    app.callback()(_root if only is None else _hot_root)
     for module in modules:
         commands = importlib.import_module(f"{__name__}.{module}")
         if only is None:
