@@ -195,6 +195,15 @@ class Checkpoint:
         self._writer_dir = kept
         return connection
 
+    def end(self) -> None:
+        """The writer's command ends: a transaction it began and did not save is let go."""
+        with self._guard:
+            if self._writer is not None and self._writer.in_transaction:
+                try:
+                    self._writer.rollback()
+                except sqlite3.Error:
+                    self._drop_writer()
+
     def close(self) -> None:
         """End the kept connection and the folder handle that goes with it (the next
         writing command opens them again)."""
@@ -261,7 +270,11 @@ class Checkpoint:
         if writable:
             with self._guard:
                 try:
-                    return self._load(self._writer_connection(), log, writable)
+                    connection = self._writer_connection()
+                    # One SQLite transaction for the whole command (its reads, then the save),
+                    # not one per statement: the run's lock keeps every other writer out anyway.
+                    connection.execute("BEGIN IMMEDIATE")
+                    return self._load(connection, log, writable)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -331,7 +344,8 @@ class Checkpoint:
         if connection is None:
             self.discard()
             connection = self._create()
-        connection.execute("BEGIN IMMEDIATE")
+        if not connection.in_transaction:  # (begun by the load: Checkpoint.load)
+            connection.execute("BEGIN IMMEDIATE")
         if not incremental:
             for table in ("tasks", "escalations"):
                 connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
