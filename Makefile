@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 # The command is shown, not the shell around it that reads its exit status.
+# The tests' temporary folders (tmp_path, the throwaway PostgreSQL servers) go in memory
+# where the machine has a writable /dev/shm: escalate fsyncs every write, and on a shared
+# disk those waits were most of the suite's time (a process killed mid-write loses nothing
+# either way; the disk-trouble tests mount file systems of their own). A TMPDIR given wins.
+test: export TMPDIR := $(or $(TMPDIR),$(shell [ -d /dev/shm ] && [ -w /dev/shm ] && echo /dev/shm))
 test: $(STAMP)
 	@echo "$(PYTEST)"
 	@$(PYTEST); rc=$$?; \

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from escalate._version import __version__
-
 if TYPE_CHECKING:
+    from escalate._version import __version__
     from escalate.core.money import Micros
     from escalate.errors import (
         Conflict,
@@ -57,7 +56,7 @@ __all__ = [
 ]
 
 # Where each lazily loaded name lives (the errors are in escalate.errors).
-_HOMES = {"Ledger": "escalate.service", "Micros": "escalate.core.money",
+_HOMES = {"__version__": "escalate._version", "Ledger": "escalate.service", "Micros": "escalate.core.money",
           "GateResult": "escalate.reports.gate", "check_gate": "escalate.reports.gate",
           "inbox": "escalate.reports.inbox", "list_runs": "escalate.reports.runs",
           "sweep_all": "escalate.reports.runs", "verify_report": "escalate.reports.runs"}

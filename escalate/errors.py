@@ -4,8 +4,8 @@ The CLI maps these to exit codes and JSON in one place; the library raises the s
 objects, so a scheduler calling in-process sees exactly what a shell script sees.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: a TypedDict compiles each annotation it
+# is given as text (a ForwardRef), on every start-up, where an evaluated one costs far less.
 import errno
 import os
 from collections.abc import Mapping

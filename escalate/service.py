@@ -86,9 +86,12 @@ class LedgerOptions(TypedDict, total=False):
     notify_timeout: float | None
 
 
-class InitOptions(config.RunPolicyOptions, LedgerOptions, total=False):
-    """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
-    settings, and :class:`Ledger`'s own options."""
+if TYPE_CHECKING:  # (the settings' module is loaded by the commands that set them)
+    from escalate.settings import RunPolicyOptions
+
+    class InitOptions(RunPolicyOptions, LedgerOptions, total=False):
+        """:meth:`Ledger.init`'s keywords besides the cap and the pool: the run's escalation
+        settings, and :class:`Ledger`'s own options."""
 
 
 class Ledger(Closing):
@@ -178,7 +181,7 @@ class Ledger(Closing):
     ) -> Ledger:
         """Create a run (idempotent: the same settings again is fine; different ones conflict).
 
-        ``options``: the run's escalation settings (:class:`escalate.config.PolicySettings`'
+        ``options``: the run's escalation settings (:class:`escalate.settings.PolicySettings`'
         fields, its defaults for those left out) and :class:`Ledger`'s own options. Amounts
         are USD as ``str`` or ``Decimal``, or ``Micros``; ``escalation_timeout_s`` is
         whole seconds, 1 to 365 days, or ``None`` for never; ``approvers`` are the names that
@@ -191,9 +194,9 @@ class Ledger(Closing):
         names mapped to OpenSSH key lines) whose signatures every resolution then needs."""
         from escalate.pools import book as pool_book  # (a run without a pool never loads the pool modules)
         from escalate.pools import void
+        from escalate.settings import PolicySettings, RunPolicyOptions, make_policy, run_caps
 
-        settings, ledger_options = config.PolicySettings.split(options,
-                                                               config.RunPolicyOptions.__optional_keys__)
+        settings, ledger_options = PolicySettings.split(options, RunPolicyOptions.__optional_keys__)
         run = cls(location, run_id, **ledger_options)
         with run.closed_on_error():  # (a run that fails to open is closed, not left to the collector)
             run.runs_store.check_usable()
@@ -203,8 +206,8 @@ class Ledger(Closing):
                     raise InputError("give the run's cap, e.g. --cap 10 (or --pool POOL to take the pool's)",
                                      code="invalid_amount")
                 cap = Micros(joining.pool.cap_micros)
-            run_cap, task_cap_micros = config.run_caps(cap, task_cap)
-            policy = config.make_policy(settings)
+            run_cap, task_cap_micros = run_caps(cap, task_cap)
+            policy = make_policy(settings)
             payload = run_opened_payload(run.run_id, run_cap, task_cap_micros, policy)
             if joining is not None:
                 payload["pool"] = joining.run_id
@@ -229,11 +232,13 @@ class Ledger(Closing):
     def _check_same(self, run_cap: int, payload: RunOpened, policy: Policy) -> None:
         """``init`` of an existing run: the same settings are fine (``created`` stays False,
         so a script can tell a reused run id); others conflict."""
+        from escalate.settings import check_same_run
+
         existing = self.store.read().state
         if existing.pool is not None:
             raise is_a_pool(self.run_id)
-        config.check_same_run(existing, self.pool_id(), run_cap, payload["task_cap_micros"], policy,
-                              payload.get("pool"))
+        check_same_run(existing, self.pool_id(), run_cap, payload["task_cap_micros"], policy,
+                       payload.get("pool"))
 
     @classmethod
     def open(cls, location: StoreLocation, run_id: str, *, lock_timeout: float | None = None,
@@ -338,7 +343,7 @@ class Ledger(Closing):
         return self._resolve(escalation_id, "withdraw", by)
 
     def set_policy(self, *, sign: KeyFile | None = None, signature: str | None = None,
-                   **changes: Unpack[config.RunPolicyOptions]) -> PolicyResult:
+                   **changes: Unpack[RunPolicyOptions]) -> PolicyResult:
         """Change the escalation policy; settings left out keep their current value
         (``approval_threshold=None`` removes the threshold, ``escalation_timeout_s=None``
         makes escalations never time out, ``approvers=()`` lets anyone approve,
@@ -346,9 +351,10 @@ class Ledger(Closing):
         While keys are pinned the change must be signed: ``sign`` and ``signature`` as for
         :meth:`approve` (:meth:`policy_signing_content` says what it covers)."""
         from escalate.core.policy import decide_policy  # (a policy's rules: loaded when used)
+        from escalate.settings import PolicySettings, RunPolicyOptions, merge_policy
 
         # An unknown setting is a TypeError before anything is opened for writing.
-        config.PolicySettings().changed(changes, config.RunPolicyOptions.__optional_keys__)
+        PolicySettings().changed(changes, RunPolicyOptions.__optional_keys__)
         if sign is not None and signature is None:
             from escalate.escalation.signing import sign_change
 
@@ -356,20 +362,22 @@ class Ledger(Closing):
 
         def decide(state: RunState, now: str, expired: list[str],
                    pool: PoolView | None) -> Decision[PolicyAnswer]:
-            policy = config.merge_policy(state.policy, changes)
+            policy = merge_policy(state.policy, changes)
             return decide_policy(state, policy, self.actor, role, pool,
                                          self.store.approvers_are_roles, signature)
         role = self.store.role()
         return {"run": self.run_id, **self._mutate(decide)}
 
-    def policy_signing_content(self, **changes: Unpack[config.RunPolicyOptions]) -> bytes | None:
+    def policy_signing_content(self, **changes: Unpack[RunPolicyOptions]) -> bytes | None:
         """The bytes a signature of this policy change covers now
         (:func:`escalate.core.sshsig.policy_content`); None while no keys are pinned (the
         first pinning is not signed). Another change written first makes it stale."""
+        from escalate.settings import merge_policy
+
         state = self.state()
         if not state.policy.approver_keys:
             return None
-        policy = config.merge_policy(state.policy, changes)
+        policy = merge_policy(state.policy, changes)
         from escalate.core.policy import policy_change, policy_signing_content
 
         return policy_signing_content(state, policy_change(state, policy))

@@ -275,7 +275,11 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     clock = FakeClock()
     run = _make(tmp_path, clock)
     checkpoint = run.store.checkpoint
-    loaded = checkpoint.load(tmp_path / "r" / LOG_NAME, writable=True) if checkpoint else None
+    log = os.open(tmp_path / "r" / LOG_NAME, os.O_RDONLY)
+    try:
+        loaded = checkpoint.load(log, writable=True) if checkpoint else None
+    finally:
+        os.close(log)
     assert loaded is not None
     tasks = loaded[0].tasks.rows
     assert isinstance(tasks, Rows)
@@ -315,6 +319,57 @@ def test_a_writer_at_a_current_checkpoint_reads_no_line(tmp_path: Path,
     truth_root = tmp_path / "truth"
     shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
     assert _view(run) == _view(_ledger(truth_root, clock))
+
+def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp_path: Path) -> None:
+    """A writer whose last save is still the checkpoint (the same file through its kept
+    connection, the log untouched since) does not read back the run-wide row or the rows it
+    wrote then; after another writer's write it reads what that one saved, and every answer
+    is the log's."""
+    clock = FakeClock()
+    run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
+    run.reserve("t1", "1")
+    statements: list[str] = []
+    checkpoint = run.store.checkpoint
+    assert checkpoint is not None and checkpoint._writer is not None
+    checkpoint._writer.set_trace_callback(statements.append)
+    run.reserve("t2", "1")
+    assert [s for s in statements if "FROM run" in s] == []
+    statements.clear()
+    run.release("t2", "0.5")  # (the row of t2 it saved too)
+    assert [s for s in statements if "FROM run" in s or "FROM tasks" in s] == []
+    other.reserve("t3", "1")
+    other.release("t1", "0.5")
+    statements.clear()
+    run.reserve("t4", "1")
+    assert [s for s in statements if "FROM run" in s] != []
+    assert run.reserve("t3", "1")["status"] == "exists"
+    truth_root = tmp_path / "truth"
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
+    assert _view(run) == _view(_ledger(truth_root, clock))
+    assert run.verify().problems == []
+
+
+def test_a_writers_command_is_one_sqlite_transaction(tmp_path: Path) -> None:
+    """A writer's reads of the checkpoint and its save are one SQLite transaction, and a
+    command that writes nothing lets it go: no connection is left inside one."""
+    clock = FakeClock()
+    run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
+    run.reserve("t1", "1")
+    checkpoint = run.store.checkpoint
+    assert checkpoint is not None and checkpoint._writer is not None
+    connection = checkpoint._writer
+    statements: list[str] = []
+    connection.set_trace_callback(statements.append)
+    other.reserve("t2", "1")  # (so that the run-wide row is read back)
+    run.release("t1", "0.5")
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT", statements
+    assert statements.count("BEGIN IMMEDIATE") == 1 and any("FROM run" in s for s in statements)
+    statements.clear()
+    assert run.release("t1", "0.5")["status"] == "exists"  # nothing written
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "ROLLBACK", statements
+    assert not connection.in_transaction
+    assert run.verify().problems == []
+
 
 # ---------------------------------------------------------------------- a checkpoint that cannot be used
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+import typer.main
 
 from tests.conftest import Location, log_bytes
 
@@ -396,9 +397,9 @@ except SystemExit as exit:
 
 def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> None:
     """``escalate reserve`` (and increase, release) loads no notice delivery, no pool, report
-    or PostgreSQL module, no policy change's rules, no rich, pydantic, getpass or termios (the
-    OS user is read without them), no ``queue`` (only a wait for the lock needs it), and typer
-    builds its one command only."""
+    or PostgreSQL module, no policy change's rules or settings, no rich, pydantic, getpass or
+    termios (the OS user is read without them), no ``queue`` (only a wait for the lock needs
+    it), and typer builds its one command only, with no shell completion's options."""
     from escalate.cli import build_app
 
     env = {key: value for key, value in os.environ.items()
@@ -414,37 +415,97 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
         assert code == "0", done.stderr
         assert not {"getpass", "termios", "rich", "pydantic", "psycopg", "queue"} & set(loaded), loaded
         unused = ("escalate.escalation.", "escalate.pools", "escalate.reports", "escalate.stores.postgres",
-                  "escalate.results", "escalate.core.policy")
+                  "escalate.results", "escalate.core.policy", "escalate.settings", "escalate._version")
         assert not [name for name in loaded if name.startswith(unused)], loaded
         app = build_app(["ledger_cmds"], only=command[0])
         assert [info.callback.__name__ for info in app.registered_commands if info.callback] == [command[0]]
+        # Its first word is the command's name: it builds no root option (--version, completion).
+        assert [param.name for param in typer.main.get_command(app).params] == []
 
 
-_BUILT_ON_IMPORT = """
-import dataclasses, sys
+_COLLECTOR = """
+import gc, sys
 from escalate.cli import main
 sys.argv = ["escalate", *sys.argv[1:]]
 try:
     main()
 except SystemExit as exit:
+    from escalate.service import Ledger
+    walked = any(thing is Ledger.reserve for thing in gc.get_objects())  # the frozen are not listed
+    print(gc.isenabled(), gc.get_freeze_count(), walked, exit.code)
+"""
+
+
+def test_a_command_keeps_what_start_up_loaded_out_of_the_collectors_walks(runs_dir: Path) -> None:
+    """What a command loaded before it runs (typer, click, the CLI; for a hot command, the
+    library too) lives until the process exits: it is frozen out of the collector's walks
+    (each full collection's, and the last one at exit), and the collector stays on for
+    everything the command makes."""
+    run = [sys.executable, "-c", _COLLECTOR]
+    for command, library in ((["runs", "init", "r", "--cap", "10"], "True"),
+                             (["reserve", "r", "t", "-e", "1"], "False")):
+        done = subprocess.run([*run, *command, "--runs-dir", str(runs_dir)], capture_output=True,
+                              text=True, check=True)
+        enabled, frozen, walked, code = done.stdout.splitlines()[-1].split()
+        assert (enabled, code) == ("True", "0"), done.stderr
+        assert int(frozen) > 10_000  # typer and click alone make tens of thousands
+        assert walked == library, command
+
+
+_BUILT_ON_IMPORT = """
+import dataclasses, sys, typing
+from escalate.cli import main
+kind = {"dataclass": dataclasses.is_dataclass, "typeddict": typing.is_typeddict,
+        "namedtuple": lambda value: issubclass(value, tuple) and hasattr(value, "_fields")}[sys.argv[1]]
+sys.argv = ["escalate", *sys.argv[2:]]
+try:
+    main()
+except SystemExit as exit:
     built = sorted(f"{module.__name__}.{name}" for module in list(sys.modules.values())
                    if module.__name__.startswith("escalate") for name, value in vars(module).items()
-                   if isinstance(value, type) and value.__module__ == module.__name__
-                   and dataclasses.is_dataclass(value))
+                   if isinstance(value, type) and value.__module__ == module.__name__ and kind(value))
     print(" ".join(built), exit.code)
 """
 
 
-def test_a_reserve_process_builds_only_the_fold_states_dataclasses(runs_dir: Path) -> None:
-    """A dataclass is built on import (its methods compiled, about 0.3–1 ms each): a reserve
-    builds only those of the fold's state and of the policy settings, not the decision's,
-    the request's or the replay's."""
-    run = [sys.executable, "-c", _BUILT_ON_IMPORT]
+def _built_by_a_reserve(runs_dir: Path, kind: str) -> list[str]:
+    """The classes of ``kind`` (dataclass, typeddict) a reserve process has built."""
+    run = [sys.executable, "-c", _BUILT_ON_IMPORT, kind]
     subprocess.run([*run, "runs", "init", "r", "--cap", "10", "--runs-dir", str(runs_dir)], check=True,
                    capture_output=True)
     done = subprocess.run([*run, "reserve", "r", "t", "-e", "1", "--runs-dir", str(runs_dir)],
                           capture_output=True, text=True, check=True)
     *built, code = done.stdout.splitlines()[-1].split()
     assert code == "0", done.stderr
-    assert [name for name in built if not name.startswith("escalate.core.state.")] \
-        == ["escalate.config.PolicySettings"], built
+    return built
+
+
+def test_a_reserve_process_builds_only_the_fold_states_dataclasses(runs_dir: Path) -> None:
+    """A dataclass is built on import (its methods compiled, about 0.3–1 ms each): a reserve
+    builds only those of the fold's state, not the policy settings', the decision's, the
+    request's or the replay's."""
+    built = _built_by_a_reserve(runs_dir, "dataclass")
+    assert built and [name for name in built if not name.startswith("escalate.core.state.")] == [], built
+
+
+def test_a_reserve_process_builds_no_named_tuple_of_the_pure_core(runs_dir: Path) -> None:
+    """A ``NamedTuple`` is built on import (each annotation compiled from its text, its
+    methods generated, about 0.2 ms): the core's request is a plain slotted class."""
+    built = _built_by_a_reserve(runs_dir, "namedtuple")
+    assert [name for name in built if name.startswith("escalate.core.")] == [], built
+
+
+def test_the_errors_facts_are_built_from_evaluated_annotations(runs_dir: Path) -> None:
+    """A TypedDict is built on import: one whose annotations are text compiles each of them
+    (a ``ForwardRef``). Every command loads the errors' facts (one per error class that takes
+    facts), so they are built from evaluated annotations."""
+    import typing
+
+    from escalate import errors
+
+    facts = [name.removeprefix("escalate.errors.") for name in _built_by_a_reserve(runs_dir, "typeddict")
+             if name.startswith("escalate.errors.")]
+    assert len(facts) >= 8, facts
+    texts = {name: hint for name in facts for hint in vars(errors)[name].__annotations__.values()
+             if isinstance(hint, typing.ForwardRef)}
+    assert texts == {}

@@ -30,7 +30,8 @@ if __name__ != "__main__":  # under pytest, not as a writer
     pytestmark = pytest.mark.slow
 
 WORKERS = 5
-KILLING_S = 20.0
+# The storm ends once it has done what the test needs; this only bounds a machine far too slow.
+LIMIT_S = 120.0
 SEED = 20261201
 SHARED_TASKS = 300
 CHECKPOINT_NAME = LOG_NAME + ".cache.sqlite"
@@ -179,13 +180,13 @@ def test_kill_storm_loses_nothing_and_never_overspends(tmp_path: Path) -> None:
         return {tuple(line.split(" ")) for path in acks if path.exists()
                 for line in path.read_text().splitlines()}
 
-    def enough(kills: int) -> bool:  # the storm goes on until it has done all it must
+    def enough(kills: int) -> bool:  # the storm goes on until it has done all it must, no longer
         done = acknowledged()
         return (kills >= 30 and tears >= 5 and damages >= 3 and len(done) > 100
                 and any(kind == "escalation_resolved" for kind, *_ in done))
 
     kills = kill_storm(lambda slot: _spawn(roles[slot], root, acks[slot], rng.randrange(2**32)),
-                       len(roles), KILLING_S, rng, damage, enough=enough)
+                       len(roles), LIMIT_S, rng, damage, enough=enough)
     print(f"{kills} processes killed, {tears} torn writes, {damages} checkpoint damages")
     assert kills >= 30 and tears >= 5 and damages >= 3
 

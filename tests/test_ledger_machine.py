@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 
 from escalate import Conflict, EscalateError, Ledger, Micros, Refused
 from escalate.core.money import MICROS_PER_USD
+from escalate.stores.seam import Store, open_store
 
 TASKS = st.sampled_from([f"t{i}" for i in range(16)])
 # Amounts are drawn as eighths of the cap (up to 10/8: over the run and task caps) plus a
@@ -129,6 +130,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self, store: Location, run_id: str) -> None:
         super().__init__()
         self.store = store
+        # What the checks read through: a database is reached by one store (one connection)
+        # for the example, not by three new connections after every step; each check still
+        # opens a new Ledger, which folds what the database holds.
+        self.reads: Location | Store = store if isinstance(store, Path) else open_store(store)
         self.run_id = run_id
         self.root = Path(tempfile.mkdtemp(prefix="escalate-machine-"))
         self.model: Model | None = None
@@ -240,14 +245,14 @@ class LedgerMachine(RuleBasedStateMachine):
         live = self.run.state()
         # Replay the log alone from scratch: a copy in an empty runs root has no checkpoint to start
         # from; the store's own fold of every line (never its checkpoint) must agree too.
-        log = log_bytes(self.store, self.run_id)
+        log = log_bytes(self.reads, self.run_id)
         scratch = self.root / "scratch"
         shutil.rmtree(scratch, ignore_errors=True)
         (scratch / self.run_id).mkdir(parents=True)
         (scratch / self.run_id / "events.ndjson").write_bytes(log)
         fresh = Ledger.open(scratch, self.run_id).state()
-        reopened = Ledger.open(self.store, self.run_id).state()
-        every_line = Ledger.open(self.store, self.run_id).verified_state()
+        reopened = Ledger.open(self.reads, self.run_id).state()
+        every_line = Ledger.open(self.reads, self.run_id).verified_state()
         audited = audit_log(log)  # folded without escalate's code
         assert (audited.spent_micros, audited.reserved_micros) == (model.spent, model.reserved)
         for state in (live, fresh, reopened, every_line):
@@ -264,6 +269,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if not isinstance(self.reads, Path):
+            self.reads.close()
 
 
 def test_ledger_machine(store: Location) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 import escalate
 from escalate import InvalidAmount, Ledger, Micros
-from escalate.config import PolicyOptions, PolicySettings, RunPolicyOptions, make_policy
 from escalate.pools.pool import Pool
+from escalate.settings import PolicyOptions, PolicySettings, RunPolicyOptions, make_policy
 from tests.conftest import Location, has_run, log_bytes, snapshot_store
 
 

@@ -137,3 +137,38 @@ def test_a_swap_inside_a_command_moves_none_of_its_writes(tmp_path: Path, monkey
     assert _tree(outside) == before_outside
     moved = runs_dir / "r.moved" / "events.ndjson"
     assert [line.count(b'"task":"second"') for line in moved.read_bytes().splitlines()][-1] == 1
+
+
+def test_a_write_opens_its_log_once_and_makes_that_file_durable(tmp_path: Path, monkeypatch: Any) -> None:
+    """A command opens the log once, under the lock: the fold's checks, the checkpoint's,
+    the append and the fsync after the lock is let go all go through that one descriptor, so
+    the file made durable is the file that was checked and written."""
+    runs_dir = tmp_path / "runs"
+    run = Ledger.init(runs_dir, "r", cap="100", actor="tester")
+    run.reserve("first", "1")  # (a Ledger reads its run's first line once: not counted)
+    opened: list[int] = []
+    synced: list[int] = []
+    real_open, real_fsync = os.open, os.fsync
+
+    def recorded_open(path: Any, flags: int, *args: Any, **options: Any) -> int:
+        fd = real_open(path, flags, *args, **options)
+        if os.fspath(path).endswith("events.ndjson"):
+            opened.append(fd)
+        return fd
+
+    def recorded_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", recorded_open)
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    log = runs_dir / "r" / "events.ndjson"
+    for command in (lambda: run.reserve("second", "1"), lambda: run.release("second", "0.5"),
+                    lambda: run.release("second", "0.5")):  # (the last: answered, nothing written)
+        size = log.stat().st_size
+        opened.clear()
+        synced.clear()
+        command()
+        assert len(opened) == 1 and synced == opened, (opened, synced)
+    assert log.stat().st_size == size
+    assert Ledger.open(runs_dir, "r").verify().problems == []

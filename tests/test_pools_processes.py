@@ -212,7 +212,7 @@ def test_killed_writers_leave_pool_and_runs_consistent(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     make_pool(root)
     rng = random.Random(13)
-    kills = kill_storm(lambda slot: _spawn(root, rng.randrange(2**32)), 4, 6.0, rng, lambda: None,
+    kills = kill_storm(lambda slot: _spawn(root, rng.randrange(2**32)), 4, 60.0, rng, lambda: None,
                        enough=lambda kills: kills >= 8)
     assert kills >= 8
     after = Ledger.open(root, "r0", actor="tester")

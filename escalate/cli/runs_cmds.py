@@ -31,10 +31,10 @@ from escalate.core.text import printable
 from escalate.reports.report import pool_binding
 
 if TYPE_CHECKING:
-    from escalate.config import PolicyOptions, RunPolicyOptions
     from escalate.pools.verify import VerifyReport
     from escalate.reports.runs import BrokenRun, RunRow
     from escalate.service import Ledger
+    from escalate.settings import PolicyOptions, RunPolicyOptions
 
 runs_app = typer.Typer(help="Create, list, show, verify and re-configure runs.", no_args_is_help=True)
 
@@ -213,7 +213,7 @@ def init_settings(*, escalation: str | None, approval_threshold: str | None, esc
                   quorum: tuple[int | None, str | None]) -> PolicyOptions:
     """The escalation settings ``runs init`` and ``pools init`` were given, as the keywords of
     ``init``: one left out (or empty) takes its default
-    (:class:`escalate.config.PolicySettings`); a duration is parsed here, inside the command,
+    (:class:`escalate.settings.PolicySettings`); a duration is parsed here, inside the command,
     so a bad one is reported as its error."""
     given: PolicyOptions = {"approval_threshold": approval_threshold, "quorum_above": quorum[1]}
     if escalation:

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from escalate import config
-from escalate.config import UNCHANGED, Clock, Unchanged
+from escalate.config import Clock
 from escalate.core.events import format_ts
 from escalate.core.ids import check_id
 from escalate.core.money import Amount, parse_micros
@@ -26,6 +26,15 @@ from escalate.core.state import RunState
 from escalate.errors import Conflict, CorruptLedger, EscalateError, InputError
 from escalate.pools import book as pool_book
 from escalate.pools.member import Member, fold_member, member_first
+from escalate.settings import (
+    UNCHANGED,
+    PolicyOptions,
+    PolicySettings,
+    Unchanged,
+    make_policy,
+    merge_policy,
+    run_caps,
+)
 from escalate.stores.seam import (
     Closing,
     LedgerStore,
@@ -81,7 +90,7 @@ class PoolReport(TypedDict):
     unreadable: list[UnreadableMember]
 
 
-class PoolInitOptions(config.PolicyOptions, total=False):
+class PoolInitOptions(PolicyOptions, total=False):
     """:meth:`Pool.init`'s keywords besides the cap and the period: the pool's escalation
     settings, and :class:`Pool`'s own options."""
 
@@ -126,17 +135,17 @@ class Pool(Closing):
     ) -> Pool:
         """Create a pool (the same settings again is fine; different ones conflict).
         ``period``: none, day, week or month, in the IANA zone ``tz``; ``options``: the
-        escalation settings (:class:`escalate.config.PolicyOptions`) and :class:`Pool`'s own
+        escalation settings (:class:`escalate.settings.PolicyOptions`) and :class:`Pool`'s own
         options; ``max_extension`` is what approvals of ``pool_cap`` escalations may add per
         period."""
-        settings, pool_options = config.PolicySettings.split(options, config.PolicyOptions.__optional_keys__)
+        settings, pool_options = PolicySettings.split(options, PolicyOptions.__optional_keys__)
         pool = cls(location, pool_id, **pool_options)
         with pool.closed_on_error():  # (a pool that fails to open is closed, not left to the collector)
             pool.runs_store.check_usable()
-            cap_micros, _ = config.run_caps(cap, None)
+            cap_micros, _ = run_caps(cap, None)
             kind = check_period(period)
             check_new_zone(tz)
-            policy = config.make_policy(settings)
+            policy = make_policy(settings)
             payload: PoolOpened = {"type": "pool_opened", "pool": pool.pool_id, "cap_micros": cap_micros,
                                    "period": kind, "tz": tz, "escalation": policy.to_json()}
             line, recovery = first_lines(payload, format_ts(pool.runs_store.now(pool.clock)), pool.actor)
@@ -231,7 +240,7 @@ class Pool(Closing):
         }
 
     def set_policy(self, *, cap: Amount | Unchanged = UNCHANGED, sign: str | os.PathLike[str] | None = None,
-                   signature: str | None = None, **changes: Unpack[config.PolicyOptions]) -> PoolPolicyResult:
+                   signature: str | None = None, **changes: Unpack[PolicyOptions]) -> PoolPolicyResult:
         """Change the pool's cap or escalation policy (recorded as ``policy_changed``);
         settings left out keep their value. A cap below what is committed is allowed: new
         reservations are refused until there is room again. While the pool pins keys the
@@ -239,9 +248,9 @@ class Pool(Closing):
         (:meth:`policy_signing_content`)."""
         from escalate.pools.decide import decide_pool_policy, deciders
 
-        names = config.PolicyOptions.__optional_keys__
+        names = PolicyOptions.__optional_keys__
         # Checked before the lock too: a bad value is refused with nothing opened for writing.
-        config.merge_policy(self.state().policy, changes, names)
+        merge_policy(self.state().policy, changes, names)
         cap_micros = None if cap is UNCHANGED else _pool_cap(cap)
         if sign is not None and signature is None:
             from escalate.escalation.signing import sign_change
@@ -249,7 +258,7 @@ class Pool(Closing):
             signature = sign_change(self.policy_signing_content(cap=cap, **changes), sign)
 
         def decide(state: RunState, now: str, expired: list[str], pool: Any) -> Decision[PoolPolicyAnswer]:
-            policy = config.merge_policy(state.policy, changes, names)
+            policy = merge_policy(state.policy, changes, names)
             lowered = policy.max_extension_micros < state.policy.max_extension_micros
             counted = (policy.approvers, policy.quorum) != (state.policy.approvers, state.policy.quorum)
             members = self._members(state) if counted or deciders(policy) != deciders(state.policy) else {}
@@ -268,13 +277,13 @@ class Pool(Closing):
 
 
     def policy_signing_content(self, *, cap: Amount | Unchanged = UNCHANGED,
-                               **changes: Unpack[config.PolicyOptions]) -> bytes | None:
+                               **changes: Unpack[PolicyOptions]) -> bytes | None:
         """The bytes a signature of this change covers now (as
         :meth:`escalate.service.Ledger.policy_signing_content`); None while no keys are pinned."""
         state = self.state()
         if not state.policy.approver_keys:
             return None
-        policy = config.merge_policy(state.policy, changes, config.PolicyOptions.__optional_keys__)
+        policy = merge_policy(state.policy, changes, PolicyOptions.__optional_keys__)
         change = policy_change(state, policy, None if cap is UNCHANGED else _pool_cap(cap))
         return policy_signing_content(state, change)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -62,12 +62,19 @@ def run_blob(state: RunState, offset: int, last_line_start: int, lines: int,
              identity: list[int]) -> bytes:
     """The run-wide part of a checkpoint, as of the byte ``offset`` after ``lines`` lines
     (``identity``: what the store knows of the log it was folded from)."""
+    return orjson.dumps(run_fields(state, offset, last_line_start, lines, identity))
+
+
+def run_fields(state: RunState, offset: int, last_line_start: int, lines: int,
+               identity: list[int]) -> dict[str, Any]:
+    """:func:`run_blob` before it is encoded: what :func:`state_from_blob` takes (plain JSON
+    values, none shared with ``state``)."""
     kept = {name: getattr(state, name) for name in _PLAIN_FIELDS}
-    return orjson.dumps({
+    return {
         "format": FORMAT, "identity": identity, "offset": offset,
         "last_line_start": last_line_start, "lines": lines, **kept,
         "policy": state.policy.to_json(), "open_escalations": sorted(state.open_escalations),
-    })
+    }
 
 
 def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
@@ -92,13 +99,15 @@ def checked(key: str, data: bytes, crc: int) -> bytes:
     return data
 
 
-class Mark(NamedTuple):
+class Mark:
     """Where a checkpoint stands: after ``lines`` lines, at the byte ``offset``, the last of
-    them starting at ``last_line_start``."""
+    them starting at ``last_line_start``. (A plain slotted class: every command imports this
+    module, and a ``NamedTuple`` is built on import.)"""
 
-    offset: int
-    last_line_start: int
-    lines: int
+    __slots__ = ("last_line_start", "lines", "offset")
+
+    def __init__(self, offset: int, last_line_start: int, lines: int) -> None:
+        self.offset, self.last_line_start, self.lines = offset, last_line_start, lines
 
 
 def mark_after(replayed: Replayed, lines: list[bytes]) -> Mark | None:

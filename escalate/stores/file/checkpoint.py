@@ -48,7 +48,7 @@ from escalate.stores.checkpoint import (
     checked,
     encode_escalation,
     encode_task,
-    run_blob,
+    run_fields,
     state_from_blob,
 )
 from escalate.stores.file.run_folder import via_folder
@@ -66,16 +66,23 @@ class Rows(LazyRows[V]):
     """A table of the SQLite checkpoint (every row checked against its CRC)."""
 
     def __init__(self, connection: sqlite3.Connection, table: str,
-                 guard: threading.RLock) -> None:
+                 guard: threading.RLock, saved: dict[str, bytes] | None = None) -> None:
         super().__init__(table)
         self._connection = connection
         self._guard = guard
+        # Rows this process saved last, as the file holds them (Checkpoint._saved): not read back.
+        self._saved = saved or {}
 
     def _read_one(self, key: str) -> V | None:
+        if key in self._saved:
+            value: V = self._decode(key, self._saved[key])
+            return value
         row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
         return None if row is None else self._checked_row(key, row[0], row[1])
 
     def _stored(self, key: str) -> bool:
+        if key in self._saved:
+            return True
         return self._fetch(f"SELECT 1 FROM {self._table} WHERE key = ?", (key,)) is not None
 
     def _stored_count(self) -> int:
@@ -127,6 +134,12 @@ class Checkpoint:
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
+        # The run-wide part this process saved last, the rows it wrote then (by table), and
+        # the kept connection it went through. While that connection is still the kept one and
+        # the log is as it was at the save (checked as for any load), the file holds exactly
+        # this (only a writer holding the run's lock changes it, and only with the log or as a
+        # new file): it is not read back.
+        self._saved: tuple[sqlite3.Connection, dict[str, Any], dict[str, dict[str, bytes]]] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -148,8 +161,13 @@ class Checkpoint:
         else:
             path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
-        for suffix in _SIDE_SUFFIXES:
-            _plain(path + suffix, folder, missing_ok=True)
+        for suffix in _SIDE_SUFFIXES:  # (_plain with missing_ok, inlined: on every write's path)
+            try:
+                info = os.stat(path + suffix, dir_fd=folder, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise CheckpointInvalid(f"{path + suffix} is not a plain file with one link")
         return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
@@ -177,6 +195,15 @@ class Checkpoint:
         self._writer_dir = kept
         return connection
 
+    def end(self) -> None:
+        """The writer's command ends: a transaction it began and did not save is let go."""
+        with self._guard:
+            if self._writer is not None and self._writer.in_transaction:
+                try:
+                    self._writer.rollback()
+                except sqlite3.Error:
+                    self._drop_writer()
+
     def close(self) -> None:
         """End the kept connection and the folder handle that goes with it (the next
         writing command opens them again)."""
@@ -192,6 +219,7 @@ class Checkpoint:
             self._drop_writer()
 
     def _drop_writer(self) -> None:
+        self._saved = None
         if self._writer is not None and self._writer_for[0] == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 self._writer.close()
@@ -228,10 +256,11 @@ class Checkpoint:
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
-    def load(self, log_path: str, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+    def load(self, log: int, *, writable: bool) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the checkpoint if it matches the log
-        at its offset, else ``None``. For a writer, the log then ends at ``offset``: it is
-        the same file, untouched since the save (:func:`_check_log_at`).
+        (``log``: the command's handle on it) at its offset, else ``None``. For a writer, the
+        log then ends at ``offset``: it is the same file, untouched since the save
+        (:func:`_check_log_at`).
 
         A writer's state reads rows lazily (a row that fails its checksum, or a read that
         SQLite fails, then raises :class:`CheckpointInvalid` mid-command, before anything is
@@ -241,7 +270,11 @@ class Checkpoint:
         if writable:
             with self._guard:
                 try:
-                    return self._load(self._writer_connection(), log_path, writable)
+                    connection = self._writer_connection()
+                    # One SQLite transaction for the whole command (its reads, then the save),
+                    # not one per statement: the run's lock keeps every other writer out anyway.
+                    connection.execute("BEGIN IMMEDIATE")
+                    return self._load(connection, log, writable)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -252,7 +285,7 @@ class Checkpoint:
         except (CheckpointInvalid, sqlite3.Error, OSError):
             return None
         try:
-            loaded = self._load(connection, log_path, writable)
+            loaded = self._load(connection, log, writable)
             state = loaded[0]
             assert isinstance(state.tasks.rows, Rows) and isinstance(state.escalations, Rows)
             state.tasks = TaskTable(state.tasks.rows.read_all())
@@ -265,29 +298,37 @@ class Checkpoint:
         finally:
             connection.close()
 
-    def _load(self, connection: sqlite3.Connection, log_path: str,
+    def _load(self, connection: sqlite3.Connection, log: int,
               writable: bool) -> tuple[RunState, int, int, int]:
-        row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
-        if row is None:
-            raise CheckpointInvalid("empty")
-        blob = orjson.loads(checked("run", row[0], row[1]))
+        log_info = os.fstat(log)
+        saved = self._saved if writable else None
+        rows: dict[str, dict[str, bytes]] = {}
+        if saved is not None and saved[0] is connection and saved[1]["identity"] == _identity(log_info):
+            blob, rows = saved[1], saved[2]  # (the log is checked below as for a row read back)
+        else:
+            row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
+            if row is None:
+                raise CheckpointInvalid("empty")
+            blob = orjson.loads(checked("run", row[0], row[1]))
         offset, start = blob["offset"], blob["last_line_start"]
-        _check_log_at(log_path, blob["identity"], start, offset, blob["last_hash"],
+        _check_log_at(log, log_info, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard),
-                                Rows[EscalationState](connection, "escalations", guard))
+        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard, rows.get("tasks")),
+                                Rows[EscalationState](connection, "escalations", guard,
+                                                      rows.get("escalations")))
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-             log_path: str) -> None:
-        """Write the fold as of ``offset`` (the caller holds the run's lock). This runs after
+             log: int) -> None:
+        """Write the fold as of ``offset`` of the log (``log``: the command's handle on it; the
+        caller holds the run's lock). This runs after
         the append and before its fsync, and the checkpoint only ever costs speed: any failure is
         swallowed after removing the file (or, if even that fails, leaving it to be bypassed)."""
         with self._guard:
             try:
-                self._save(state, offset, last_line_start, lines, log_path)
+                self._save(state, offset, last_line_start, lines, log)
             except Exception:  # nothing here may change the answer or skip the fsync
                 if self._writer is not None:
                     with contextlib.suppress(sqlite3.Error):
@@ -295,14 +336,16 @@ class Checkpoint:
                 self.discard()
 
     def _save(self, state: RunState, offset: int, last_line_start: int, lines: int,
-              log_path: str) -> None:
+              log: int) -> None:
+        self._saved = None
         tasks, escalations = state.tasks.rows, state.escalations
         incremental = isinstance(tasks, Rows) and isinstance(escalations, Rows)
         connection = tasks._connection if isinstance(tasks, Rows) and incremental else None
         if connection is None:
             self.discard()
             connection = self._create()
-        connection.execute("BEGIN IMMEDIATE")
+        if not connection.in_transaction:  # (begun by the load: Checkpoint.load)
+            connection.execute("BEGIN IMMEDIATE")
         if not incremental:
             for table in ("tasks", "escalations"):
                 connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "
@@ -314,20 +357,25 @@ class Checkpoint:
             "escalations": escalations.dirty() if isinstance(escalations, Rows) else
             ((key, encode_escalation(key, e)) for key, e in escalations.items()),
         }
+        written: dict[str, dict[str, bytes]] = {}
         for table, pairs in rows.items():
-            if incremental and not (pairs := list(pairs)):
-                continue  # (no row of this table was read or added: most writes touch no escalation)
+            if incremental:
+                if not (pairs := list(pairs)):
+                    continue  # (no row of this table was read or added: most writes touch no escalation)
+                written[table] = dict(pairs)
             connection.executemany(
                 f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
                 ((key, data, zlib.crc32(data)) for key, data in pairs))
-        log_info = os.stat(log_path)
-        identity = [log_info.st_dev, log_info.st_ino, log_info.st_size, log_info.st_mtime_ns,
-                    log_info.st_ctime_ns]
-        blob = run_blob(state, offset, last_line_start, lines, identity)
-        connection.execute("INSERT OR REPLACE INTO run (key, data, crc) VALUES ('run', ?, ?)",
-                           (blob, zlib.crc32(blob)))
+        fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
+        blob = orjson.dumps(fields)
+        # The row is there once the checkpoint was loaded: changed in place (a replace would
+        # delete it and insert it again, writing its index too).
+        connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
+                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
+        if connection is self._writer:
+            self._saved = (connection, fields, written)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What
@@ -353,8 +401,13 @@ def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) ->
     return info.st_dev, info.st_ino
 
 
-def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, expected: str,
-                  *, appended_ok: bool) -> None:
+def _identity(info: os.stat_result) -> list[int]:
+    """What the checkpoint keeps of the log it was folded from: its file, size and times."""
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _check_log_at(log: int, info: os.stat_result, identity: list[int], start: int, offset: int,
+                  expected: str, *, appended_ok: bool) -> None:
     """The log is the file the checkpoint was saved beside, untouched since (same size and times),
     and its line ``[start, offset)`` still hashes to ``expected``.
 
@@ -363,17 +416,12 @@ def _check_log_at(log_path: str, identity: list[int], start: int, offset: int, e
     the log changed behind the checkpoint rebuilds from the log, so an edit in place before the
     checkpoint can never be written after.
     """
-    fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        info = os.fstat(fd)
-        dev, ino, size, mtime_ns, ctime_ns = identity
-        if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
-            raise CheckpointInvalid("the log is another file")
-        untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
-        if not untouched and not (appended_ok and info.st_size > size):
-            raise CheckpointInvalid("the log changed since the checkpoint was saved")
-        line = os.pread(fd, offset - start, start)
-    finally:
-        os.close(fd)
+    dev, ino, size, mtime_ns, ctime_ns = identity
+    if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+        raise CheckpointInvalid("the log is another file")
+    untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
+    if not untouched and not (appended_ok and info.st_size > size):
+        raise CheckpointInvalid("the log changed since the checkpoint was saved")
+    line = os.pread(log, offset - start, start)
     if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
         raise CheckpointInvalid("the log's line at the checkpointed offset is not the one folded")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -79,6 +79,52 @@ class _Naming:
             raise storage_error(exc, self.path) from exc
 
 
+class _Locked:
+    """:meth:`FileLog.locked` (a class, not a generator: on every write's path)."""
+
+    __slots__ = ("_fd", "_log", "_resolved")
+
+    def __init__(self, log: FileLog) -> None:
+        self._log = log
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        from escalate.stores.file import lock
+
+        log = self._log
+        self._resolved = resolved = log.resolved()
+        resolved.__enter__()
+        try:
+            dir_fd = log.dir_fd
+            if dir_fd is None:
+                with log._folder() as dir_fd:  # (inside the command: left open for it)
+                    pass
+            self._fd = fd = log._open_lock(dir_fd)
+            if fd is not None:
+                log.lock_wait_s = lock.acquire(fd, log.lock_timeout, lock_file=log._lock_file)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._fd is not None:
+                os.close(self._fd)  # closing the descriptor releases the lock
+        finally:
+            self._fd = None
+            self._resolved.__exit__(None, None, None)
+
+
+class _Handle:
+    """:meth:`FileLog.handle`: the descriptor, whether it was asked for appending, and
+    whether it can append."""
+
+    __slots__ = ("asked_writable", "can_write", "fd")
+
+    def __init__(self, fd: int, asked_writable: bool, can_write: bool) -> None:
+        self.fd, self.asked_writable, self.can_write = fd, asked_writable, can_write
+
+
 class FileLog(RunFolder):
     """``RUNS/<run>/events.ndjson`` with its ``events.ndjson.lock`` sidecar, opened through
     the run folder's handle (:class:`~escalate.stores.file.run_folder.RunFolder`)."""
@@ -95,6 +141,43 @@ class FileLog(RunFolder):
     def where(self) -> str:
         """The log's path, as messages name it."""
         return str(self.path)
+
+    def handle(self, *, writable: bool) -> int:
+        """This command's one handle on the log (inside :meth:`resolved`; the command's end
+        closes it): the fold's checks, the checkpoint's, the append and the sync go through it,
+        one open instead of one per step, and all on the file that was checked. ``writable``:
+        open it for appending too, where this user may write it (else it is opened for
+        reading, and :meth:`append` says why it cannot write). ``FileNotFoundError`` when there
+        is no log."""
+        command = self._command
+        kept: _Handle | None = getattr(command, "log", None)
+        if kept is not None and (kept.asked_writable or not writable):
+            return kept.fd
+        if kept is not None:
+            command.log = None
+            os.close(kept.fd)
+        with self._folder() as dir_fd:
+            can_write = writable
+            try:
+                fd = self._open(dir_fd, LOG_NAME, (os.O_RDWR | os.O_APPEND) if writable else os.O_RDONLY,
+                                writing=False)
+            except StoreUnavailable as error:
+                if error.code not in ("read_only", "permission_denied"):
+                    raise
+                fd, can_write = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False), False
+        if getattr(command, "depth", 0):
+            command.log = _Handle(fd, writable, can_write)
+        else:  # (no command to close it: kept by nobody)
+            os.close(fd)
+            raise RuntimeError("FileLog.handle outside a command")
+        return fd
+
+    def _end_command(self) -> None:
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if kept is not None:
+            self._command.log = None
+            os.close(kept.fd)
+        super()._end_command()
 
     # ------------------------------------------------------------------ the interface
 
@@ -119,22 +202,11 @@ class FileLog(RunFolder):
             raise self._not_a_file(self.path, info.st_mode)
         return info.st_size > 0
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """Hold the run's exclusive lock (:mod:`escalate.stores.file.lock`) on the sidecar file, which
         is never deleted or replaced. On read-only media the sidecar is locked read-only (a
         command that only answers still works; a write then fails as ``read_only``)."""
-        from escalate.stores.file import lock
-
-        with self.resolved(), self._folder() as dir_fd:
-            fd = self._open_lock(dir_fd)
-            try:
-                if fd is not None:
-                    self.lock_wait_s = lock.acquire(fd, self.lock_timeout, lock_file=self._lock_file)
-                yield
-            finally:
-                if fd is not None:
-                    os.close(fd)  # closing the descriptor releases the lock
+        return _Locked(self)
 
     def _open_lock(self, dir_fd: int) -> int | None:
         try:
@@ -175,6 +247,16 @@ class FileLog(RunFolder):
         over a torn tail, to ``torn_from``: its bytes are in the side file) before the error
         is raised.
         """
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if torn_from is None and kept is not None and kept.can_write:
+            try:
+                info = os.fstat(kept.fd)
+                if info.st_nlink > 1:
+                    raise self._hard_linked(self.path, info.st_nlink)
+                _write_or_roll_back(kept.fd, info.st_size, lambda: _write_all(kept.fd, data))
+            except OSError as exc:  # (_naming, inlined)
+                raise storage_error(exc, self.path) from exc
+            return
         with self._folder() as dir_fd, self._naming(self.path):
             if torn_from is None:
                 fd = self._open(dir_fd, LOG_NAME, os.O_WRONLY | os.O_APPEND, writing=True)
@@ -193,6 +275,13 @@ class FileLog(RunFolder):
         """fsync the log: every line written so far, by this process or any before it, is
         durable when this returns. Called after the lock is released, so the fsyncs of
         processes queued on the lock overlap instead of following one another."""
+        kept: _Handle | None = getattr(self._command, "log", None)
+        if kept is not None:  # (the file this command wrote: the one to make durable)
+            try:
+                os.fsync(kept.fd)
+            except OSError as exc:  # (_naming, inlined)
+                raise storage_error(exc, self.path) from exc
+            return
         with self._folder() as dir_fd, self._naming(self.path):
             fd = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False)
             try:

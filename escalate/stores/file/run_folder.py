@@ -94,11 +94,37 @@ class _Nested:
         self._command.depth -= 1
 
 
+class _Resolved:
+    """:meth:`RunFolder.resolved` at the outer level: the run folder opened on the way in,
+    and everything the command kept open closed on the way out (a class, not a generator:
+    this is on every command's path)."""
+
+    __slots__ = ("_folder",)
+
+    def __init__(self, folder: RunFolder) -> None:
+        self._folder = folder
+
+    def __enter__(self) -> None:
+        folder = self._folder
+        command = folder._command
+        try:
+            command.fd = folder._open_run_dir()
+        except FileNotFoundError:
+            command.fd = None
+        command.depth = 1
+
+    def __exit__(self, *_: object) -> None:
+        command = self._folder._command
+        command.depth = 0
+        self._folder._end_command()
+
+
 class RunFolder:
     """``RUNS/<run>``: its handle for the current command, and safe opens inside it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self._run_dir_path = str(run_dir)  # (opened by every command: made once)
         self._command = threading.local()  # each thread's resolved run folder
 
     @property
@@ -117,22 +143,13 @@ class RunFolder:
         folder that does not exist yet is resolved by whatever first needs it."""
         if getattr(self._command, "depth", 0):
             return _Nested(self._command)
-        return self._resolve()
+        return _Resolved(self)
 
-    @contextmanager
-    def _resolve(self) -> Iterator[None]:
-        try:
-            self._command.fd = self._open_run_dir()
-        except FileNotFoundError:
-            self._command.fd = None
-        self._command.depth = 1
-        try:
-            yield
-        finally:
-            self._command.depth = 0
-            fd, self._command.fd = self._command.fd, None
-            if fd is not None:
-                os.close(fd)
+    def _end_command(self) -> None:
+        """Close what the command that ends kept open: the run folder's handle."""
+        fd, self._command.fd = self._command.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _folder(self) -> AbstractContextManager[int]:
         """The run folder's handle: this command's, else one opened for this call only.
@@ -164,7 +181,13 @@ class RunFolder:
             raise storage_error(exc, root) from exc
 
     def _open_run_dir(self) -> int:
-        # The runs root is the user's choice and may be a link; the run folder may not.
+        # The runs root is the user's choice and may be a link; the run folder may not. In one
+        # call where all is well (O_NOFOLLOW holds for the last part of the path only, the run
+        # folder); anything else is looked at again part by part, to say what is wrong.
+        try:
+            return os.open(self._run_dir_path, _DIR_FLAGS | _NOFOLLOW)
+        except OSError:
+            pass
         root_fd = self._open_runs_root()
         try:
             for _ in range(3):  # (the entry may change between the open and the lstat)
@@ -207,15 +230,20 @@ class RunFolder:
             if not stat.S_ISREG(info.st_mode):
                 raise self._not_a_file(self.run_dir / name, info.st_mode)
             if writing and info.st_nlink > 1:
-                path = self.run_dir / name
-                raise InputError(
-                    f"{path} has {info.st_nlink} hard links; escalate refuses to write a log or lock file "
-                    "that is also another file — replace it with a copy of itself", code="hard_link",
-                    path=str(path))
+                raise self._hard_linked(self.run_dir / name, info.st_nlink)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    @staticmethod
+    def _hard_linked(path: Path, links: int) -> InputError:
+        """The error for a file a writer would use that has ``links`` hard links: a write
+        through it would change another file."""
+        return InputError(
+            f"{path} has {links} hard links; escalate refuses to write a log or lock file "
+            "that is also another file — replace it with a copy of itself", code="hard_link",
+            path=str(path))
 
     @staticmethod
     def _not_a_file(path: Path, mode: int) -> InputError:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
 from escalate.config import Clock
@@ -137,14 +138,8 @@ class FileLedger:
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
 
-    @contextmanager
-    def transaction(self, *, checkpoint: bool = True) -> Iterator[FileTransaction]:
-        with self._present(), self.log.locked():
-            transaction = FileTransaction(self, checkpoint=checkpoint)
-            try:
-                yield transaction
-            finally:
-                transaction.close()
+    def transaction(self, *, checkpoint: bool = True) -> contextlib.AbstractContextManager[FileTransaction]:
+        return _Critical(self, checkpoint)
 
     def read(self, *, checkpoint: bool = True) -> Replayed:
         with self._present(), self.log.resolved():
@@ -229,11 +224,18 @@ class FileLedger:
         """Fold the log, from the checkpoint when it still matches the log (then only the
         lines after it are read) and ``checkpoint``. Only a writer holding the lock may build
         the checkpoint (``writable``: :meth:`FileTransaction.load`)."""
-        if not self.log.exists():
+        # A writer's lock file was opened without following a link; a reader checks it here.
+        if not writable and not self.log.exists():
             raise self._unknown()
+        try:
+            log_fd = self.log.handle(writable=writable)
+            if writable and os.fstat(log_fd).st_size == 0:
+                raise self._unknown()
+        except FileNotFoundError:
+            raise self._unknown() from None
         start = None
         if self.checkpoint is not None and checkpoint:
-            loaded = self.checkpoint.load(self.log.bound_path(LOG_NAME), writable=writable)
+            loaded = self.checkpoint.load(log_fd, writable=writable)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
@@ -254,6 +256,38 @@ class FileLedger:
             replay(self.log, self.run_id, stop_after=1)
             return True
         return False
+
+
+class _Critical:
+    """:meth:`FileLedger.transaction`: the run's lock held around a :class:`FileTransaction`,
+    and a run folder or log that disappears meanwhile reported as no run, as
+    :meth:`FileLedger._present` does (a class, not a generator: on every write's path)."""
+
+    __slots__ = ("_checkpoint", "_ledger", "_locked", "_transaction")
+
+    def __init__(self, ledger: FileLedger, checkpoint: bool) -> None:
+        self._ledger, self._checkpoint = ledger, checkpoint
+
+    def __enter__(self) -> FileTransaction:
+        self._locked = locked = self._ledger.log.locked()
+        try:
+            locked.__enter__()
+        except FileNotFoundError:
+            raise self._ledger._unknown() from None
+        self._transaction = FileTransaction(self._ledger, checkpoint=self._checkpoint)
+        return self._transaction
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self._transaction.close()
+        finally:
+            try:
+                self._locked.__exit__(kind, exc, traceback)
+            except FileNotFoundError:
+                raise self._ledger._unknown() from None
+        if isinstance(exc, FileNotFoundError):
+            raise self._ledger._unknown() from None
 
 
 class FileTransaction:
@@ -292,7 +326,7 @@ class FileTransaction:
         if checkpoint is None or mark is None:
             return
         checkpoint.save(state, mark.offset, mark.last_line_start, mark.lines,
-                        self._ledger.log.bound_path(LOG_NAME))
+                        self._ledger.log.handle(writable=True))
 
     def derived_epoch(self) -> str:
         return _boot_id()  # not synced: values do not outlive this boot of the machine
@@ -324,8 +358,10 @@ class FileTransaction:
         return True
 
     def close(self) -> None:
-        """End of the critical section (the connection is kept for the next one)."""
+        """End of the critical section (the connections are kept for the next one)."""
         self._db = None
+        if self._ledger.checkpoint is not None:
+            self._ledger.checkpoint.end()
 
     def _derived_db(self) -> sqlite3.Connection:
         """The pool's derived store (see escalate.pools.book). Not synced: it is rebuilt after
