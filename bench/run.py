@@ -332,7 +332,11 @@ def escalate_cmd() -> list[str]:
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCALATE_")}
+    # Without PYTHONDONTWRITEBYTECODE: the working tree, installed in place, keeps its modules'
+    # bytecode only if a process may write it (a revision compared with was compiled when it
+    # was installed), or every process it starts compiles escalate again (half the import floor).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ESCALATE_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(ESCALATE_ACTOR=ACTOR, NO_COLOR="1")
     return env
 

@@ -183,3 +183,15 @@ def test_a_revision_that_does_not_install_with_these_versions_gets_its_own(
     assert installs[1][-1].endswith("/src")
     assert tree.python.endswith("/venv/bin/python")
     assert (Path(tree.python).parents[2] / "installed").is_file()
+
+
+def test_the_processes_it_times_may_keep_their_bytecode(bench: ModuleType,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A working tree installed in place compiles its modules in every process it starts
+    when bytecode may not be written, and the revision it is compared with does not: the
+    processes the bench times may write it."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("ESCALATE_RUNS_DIR", "elsewhere")
+    env = bench.cli_env()
+    assert "PYTHONDONTWRITEBYTECODE" not in env and "ESCALATE_RUNS_DIR" not in env
+    assert env["ESCALATE_ACTOR"] == bench.ACTOR

@@ -349,6 +349,28 @@ def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp
     assert run.verify().problems == []
 
 
+def test_a_writers_command_is_one_sqlite_transaction(tmp_path: Path) -> None:
+    """A writer's reads of the checkpoint and its save are one SQLite transaction, and a
+    command that writes nothing lets it go: no connection is left inside one."""
+    clock = FakeClock()
+    run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
+    run.reserve("t1", "1")
+    checkpoint = run.store.checkpoint
+    assert checkpoint is not None and checkpoint._writer is not None
+    connection = checkpoint._writer
+    statements: list[str] = []
+    connection.set_trace_callback(statements.append)
+    other.reserve("t2", "1")  # (so that the run-wide row is read back)
+    run.release("t1", "0.5")
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT", statements
+    assert statements.count("BEGIN IMMEDIATE") == 1 and any("FROM run" in s for s in statements)
+    statements.clear()
+    assert run.release("t1", "0.5")["status"] == "exists"  # nothing written
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "ROLLBACK", statements
+    assert not connection.in_transaction
+    assert run.verify().problems == []
+
+
 # ---------------------------------------------------------------------- a checkpoint that cannot be used
 
 

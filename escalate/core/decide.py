@@ -11,7 +11,7 @@ fits and what an extension needs come from :mod:`escalate.core.rules`, as in the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Never, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Never, TypedDict, TypeVar
 
 from escalate.core.events import (
     MAX_DETAIL_LENGTH,
@@ -287,16 +287,22 @@ def _fitted(status: str, request: Request, remaining: int, events: list[Payload]
     return result
 
 
-class Request(NamedTuple):
+class Request:
     """A reservation asked for: ``to`` in all for ``task``, ``before`` of it already held."""
 
-    task: str
-    kind: EscalationKind
-    before: int
-    to: int
-    reason: str
-    priority: Priority
-    now: str
+    # A plain slotted class, not a NamedTuple: every command imports it, and a NamedTuple is
+    # built on import (each annotation compiled from its text, its methods generated).
+    __slots__ = ("before", "kind", "now", "priority", "reason", "task", "to")
+
+    def __init__(self, task: str, kind: EscalationKind, before: int, to: int, reason: str,
+                 priority: Priority, now: str) -> None:
+        self.task = task
+        self.kind = kind
+        self.before = before
+        self.to = to
+        self.reason = reason
+        self.priority = priority
+        self.now = now
 
 
 def _shadow(events: list[Payload]) -> Shadow:

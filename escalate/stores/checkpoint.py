@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -99,13 +99,15 @@ def checked(key: str, data: bytes, crc: int) -> bytes:
     return data
 
 
-class Mark(NamedTuple):
+class Mark:
     """Where a checkpoint stands: after ``lines`` lines, at the byte ``offset``, the last of
-    them starting at ``last_line_start``."""
+    them starting at ``last_line_start``. (A plain slotted class: every command imports this
+    module, and a ``NamedTuple`` is built on import.)"""
 
-    offset: int
-    last_line_start: int
-    lines: int
+    __slots__ = ("last_line_start", "lines", "offset")
+
+    def __init__(self, offset: int, last_line_start: int, lines: int) -> None:
+        self.offset, self.last_line_start, self.lines = offset, last_line_start, lines
 
 
 def mark_after(replayed: Replayed, lines: list[bytes]) -> Mark | None:

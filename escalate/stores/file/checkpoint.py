@@ -161,8 +161,13 @@ class Checkpoint:
         else:
             path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
-        for suffix in _SIDE_SUFFIXES:
-            _plain(path + suffix, folder, missing_ok=True)
+        for suffix in _SIDE_SUFFIXES:  # (_plain with missing_ok, inlined: on every write's path)
+            try:
+                info = os.stat(path + suffix, dir_fd=folder, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise CheckpointInvalid(f"{path + suffix} is not a plain file with one link")
         return identity
 
     def _writer_connection(self) -> sqlite3.Connection:
@@ -189,6 +194,15 @@ class Checkpoint:
             raise
         self._writer_dir = kept
         return connection
+
+    def end(self) -> None:
+        """The writer's command ends: a transaction it began and did not save is let go."""
+        with self._guard:
+            if self._writer is not None and self._writer.in_transaction:
+                try:
+                    self._writer.rollback()
+                except sqlite3.Error:
+                    self._drop_writer()
 
     def close(self) -> None:
         """End the kept connection and the folder handle that goes with it (the next
@@ -256,7 +270,11 @@ class Checkpoint:
         if writable:
             with self._guard:
                 try:
-                    return self._load(self._writer_connection(), log, writable)
+                    connection = self._writer_connection()
+                    # One SQLite transaction for the whole command (its reads, then the save),
+                    # not one per statement: the run's lock keeps every other writer out anyway.
+                    connection.execute("BEGIN IMMEDIATE")
+                    return self._load(connection, log, writable)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -326,7 +344,8 @@ class Checkpoint:
         if connection is None:
             self.discard()
             connection = self._create()
-        connection.execute("BEGIN IMMEDIATE")
+        if not connection.in_transaction:  # (begun by the load: Checkpoint.load)
+            connection.execute("BEGIN IMMEDIATE")
         if not incremental:
             for table in ("tasks", "escalations"):
                 connection.execute(f"CREATE TABLE {table} (n INTEGER PRIMARY KEY, key TEXT UNIQUE "

@@ -95,8 +95,11 @@ class _Locked:
         self._resolved = resolved = log.resolved()
         resolved.__enter__()
         try:
-            with log._folder() as dir_fd:  # (inside the command: left open for it)
-                self._fd = fd = log._open_lock(dir_fd)
+            dir_fd = log.dir_fd
+            if dir_fd is None:
+                with log._folder() as dir_fd:  # (inside the command: left open for it)
+                    pass
+            self._fd = fd = log._open_lock(dir_fd)
             if fd is not None:
                 log.lock_wait_s = lock.acquire(fd, log.lock_timeout, lock_file=log._lock_file)
         except BaseException:
@@ -246,11 +249,13 @@ class FileLog(RunFolder):
         """
         kept: _Handle | None = getattr(self._command, "log", None)
         if torn_from is None and kept is not None and kept.can_write:
-            with self._naming(self.path):
+            try:
                 info = os.fstat(kept.fd)
                 if info.st_nlink > 1:
                     raise self._hard_linked(self.path, info.st_nlink)
                 _write_or_roll_back(kept.fd, info.st_size, lambda: _write_all(kept.fd, data))
+            except OSError as exc:  # (_naming, inlined)
+                raise storage_error(exc, self.path) from exc
             return
         with self._folder() as dir_fd, self._naming(self.path):
             if torn_from is None:
@@ -272,8 +277,10 @@ class FileLog(RunFolder):
         processes queued on the lock overlap instead of following one another."""
         kept: _Handle | None = getattr(self._command, "log", None)
         if kept is not None:  # (the file this command wrote: the one to make durable)
-            with self._naming(self.path):
+            try:
                 os.fsync(kept.fd)
+            except OSError as exc:  # (_naming, inlined)
+                raise storage_error(exc, self.path) from exc
             return
         with self._folder() as dir_fd, self._naming(self.path):
             fd = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False)

@@ -358,8 +358,10 @@ class FileTransaction:
         return True
 
     def close(self) -> None:
-        """End of the critical section (the connection is kept for the next one)."""
+        """End of the critical section (the connections are kept for the next one)."""
         self._db = None
+        if self._ledger.checkpoint is not None:
+            self._ledger.checkpoint.end()
 
     def _derived_db(self) -> sqlite3.Connection:
         """The pool's derived store (see escalate.pools.book). Not synced: it is rebuilt after

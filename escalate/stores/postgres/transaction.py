@@ -108,7 +108,7 @@ class PgTransaction:
                 # Fresh statistics: with the old ones the planner may take the big table for an
                 # empty one and scan it whole, every command.
                 self._writes.append(f"ANALYZE escalate_{table}")
-        self._checkpoint = (run_blob(state, *mark, []), mark.lines)
+        self._checkpoint = (run_blob(state, mark.offset, mark.last_line_start, mark.lines, []), mark.lines)
         self._step("checkpointed")
 
     def commit(self) -> None:
