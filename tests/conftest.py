@@ -22,11 +22,29 @@ from uuid import uuid4
 
 import orjson
 import pytest
+import typer.main
+import typer.testing
 from typer.testing import CliRunner
 
 from escalate import Ledger
 from escalate.cli import app
 from escalate.core.events import line_hash
+
+# typer's CliRunner builds the click command tree of the app on every invoke (about 50 ms,
+# more than most tests take in all); an app does not change once built, so each is built
+# once here, as the ``escalate`` process builds its own once. (typer 0.28, pinned: invoke
+# looks up ``typer.testing._get_command`` on every call.)
+_BUILT: dict[typer.Typer, Any] = {}
+
+
+def _command_of(app: typer.Typer) -> Any:
+    if app not in _BUILT:
+        _BUILT[app] = typer.main.get_command(app)
+    return _BUILT[app]
+
+
+if typer.testing._get_command is typer.main.get_command:  # (this file is imported twice:
+    typer.testing._get_command = _command_of              # as conftest and tests.conftest)
 
 
 def tree_status(root: Path) -> set[str] | None:

@@ -108,37 +108,52 @@ finally:
 """
 
 
-def _import_from_generator(lines: int, kind: str, env: dict[str, str],
-                           peak_file: Path) -> tuple[int, str, int]:
-    """``runs import big -`` fed by a generator process: the exit code, stderr and the
-    importer's peak resident memory in MiB."""
-    generator = subprocess.Popen([sys.executable, "-c", _GENERATOR, str(lines), kind], stdout=subprocess.PIPE)
+# 120,000 lines of about 1 KB: 115 MiB through stdin.
+BIG_LINES = 120_000
+
+
+@pytest.fixture(scope="module")
+def big_logs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The generator's two logs ("whole", and "broken" in its last line), written once for
+    both stores."""
+    folder = tmp_path_factory.mktemp("big-logs")
+    for kind in ("whole", "broken"):
+        with (folder / kind).open("wb") as out:
+            subprocess.run([sys.executable, "-c", _GENERATOR, str(BIG_LINES), kind], stdout=out, check=True)
+    return {kind: folder / kind for kind in ("whole", "broken")}
+
+
+def _import_through_a_pipe(log: Path, env: dict[str, str], peak_file: Path) -> tuple[int, str, int]:
+    """``runs import big -`` fed ``log`` through a pipe by another process: the exit code,
+    stderr and the importer's peak resident memory in MiB."""
+    feeder = subprocess.Popen(["cat", str(log)], stdout=subprocess.PIPE)
     command = [sys.executable, "-c", _MEASURED, str(peak_file), "runs", "import", "big", "-"]
-    importer = subprocess.Popen(command, stdin=generator.stdout, stderr=subprocess.PIPE,
+    importer = subprocess.Popen(command, stdin=feeder.stdout, stderr=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, env={**os.environ, **env})
-    assert generator.stdout is not None and importer.stderr is not None
-    generator.stdout.close()
+    assert feeder.stdout is not None and importer.stderr is not None
+    feeder.stdout.close()
     stderr = importer.stderr.read().decode()
-    assert generator.wait(timeout=120) == 0
+    assert feeder.wait(timeout=120) == 0
     return importer.wait(timeout=120), stderr, int(peak_file.read_text()) // 1024
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak memory from /proc")
-def test_an_import_from_stdin_reads_in_bounded_memory(store: Location, tmp_path: Path) -> None:
-    # 120,000 lines of about 1 KB: 115 MiB through stdin; the importer stays far below it.
-    lines = 120_000
+def test_an_import_from_stdin_reads_in_bounded_memory(store: Location, tmp_path: Path,
+                                                     big_logs: dict[str, Path]) -> None:
+    # The importer stays far below the 115 MiB it reads.
+    lines = BIG_LINES
     spool = tmp_path / "spool"
     spool.mkdir()
     env = {"TMPDIR": str(spool)}  # where the importer copies stdin to
     before = snapshot_store(store)
-    code, stderr, peak_mib = _import_from_generator(lines, "broken", env, tmp_path / "peak")
+    code, stderr, peak_mib = _import_through_a_pipe(big_logs["broken"], env, tmp_path / "peak")
     assert code == 2 and f"stdin line {lines}:" in stderr and "nothing was imported" in stderr, stderr
     assert stderr.count("\n") == 1
     assert snapshot_store(store) == before and not has_run(store, "big")
     assert peak_mib < 100, peak_mib
     assert list(spool.iterdir()) == []
 
-    code, stderr, peak_mib = _import_from_generator(lines, "whole", env, tmp_path / "peak")
+    code, stderr, peak_mib = _import_through_a_pipe(big_logs["whole"], env, tmp_path / "peak")
     assert code == 0, stderr
     assert peak_mib < 100, peak_mib
     assert list(spool.iterdir()) == []
