@@ -278,6 +278,8 @@ def test_writer_rows_are_lazy_and_counted(tmp_path: Path) -> None:
     log = os.open(tmp_path / "r" / LOG_NAME, os.O_RDONLY)
     try:
         loaded = checkpoint.load(log, writable=True) if checkpoint else None
+        # A second load in the same transaction is the same checkpoint, not a fall-back to the log.
+        assert checkpoint is not None and checkpoint.load(log, writable=True) is not None
     finally:
         os.close(log)
     assert loaded is not None

@@ -273,7 +273,8 @@ class Checkpoint:
                     connection = self._writer_connection()
                     # One SQLite transaction for the whole command (its reads, then the save),
                     # not one per statement: the run's lock keeps every other writer out anyway.
-                    connection.execute("BEGIN IMMEDIATE")
+                    if not connection.in_transaction:  # (a load again in the same command)
+                        connection.execute("BEGIN IMMEDIATE")
                     return self._load(connection, log, writable)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
