@@ -134,12 +134,14 @@ class Checkpoint:
         # after a fork or when the file at the path is no longer the one it opened.
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
-        # The run-wide part this process saved last, the rows it wrote then (by table), and
-        # the kept connection it went through. While that connection is still the kept one and
-        # the log is as it was at the save (checked as for any load), the file holds exactly
-        # this (only a writer holding the run's lock changes it, and only with the log or as a
-        # new file): it is not read back.
-        self._saved: tuple[sqlite3.Connection, dict[str, Any], dict[str, dict[str, bytes]]] | None = None
+        # The run-wide part this process saved last (decoded, and as the bytes written, which
+        # hold a random token of that save), the rows it wrote then (by table), and the kept
+        # connection it went through. The run row is always read back; only where it is these
+        # very bytes (the file is this save, not a copy put back in place nor another file)
+        # and the log is as it was at the save (checked as for any load) are they not decoded,
+        # nor those rows read back.
+        self._saved: tuple[sqlite3.Connection, dict[str, Any], bytes,
+                           dict[str, dict[str, bytes]]] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -304,12 +306,12 @@ class Checkpoint:
         log_info = os.fstat(log)
         saved = self._saved if writable else None
         rows: dict[str, dict[str, bytes]] = {}
-        if saved is not None and saved[0] is connection and saved[1]["identity"] == _identity(log_info):
-            blob, rows = saved[1], saved[2]  # (the log is checked below as for a row read back)
+        row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
+        if row is None:
+            raise CheckpointInvalid("empty")
+        if saved is not None and saved[0] is connection and row[0] == saved[2]:
+            blob, rows = saved[1], saved[3]  # (the log is checked below as for a row read back)
         else:
-            row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
-            if row is None:
-                raise CheckpointInvalid("empty")
             blob = orjson.loads(checked("run", row[0], row[1]))
         offset, start = blob["offset"], blob["last_line_start"]
         _check_log_at(log, log_info, blob["identity"], start, offset, blob["last_hash"],
@@ -369,14 +371,16 @@ class Checkpoint:
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
                 ((key, data, zlib.crc32(data)) for key, data in pairs))
         fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
-        blob = orjson.dumps(fields)
+        # This save's own token: the next load trusts what it kept of this save only where the
+        # file's run row is still these bytes (Checkpoint._load).
+        blob = orjson.dumps({**fields, "save": os.urandom(8).hex()})
         # The row is there once the checkpoint was loaded: changed in place (a replace would
         # delete it and insert it again, writing its index too).
         connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
                            "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
-            self._saved = (connection, fields, written)
+            self._saved = (connection, fields, blob, written)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What

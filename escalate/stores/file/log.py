@@ -102,6 +102,10 @@ class _Locked:
             self._fd = fd = log._open_lock(dir_fd)
             if fd is not None:
                 log.lock_wait_s = lock.acquire(fd, log.lock_timeout, lock_file=log._lock_file)
+            # A handle kept from before this lock (a read, or an attempt retried in the same
+            # command) may be on a file another process has since moved away: under this lock
+            # the log is opened again, by name, and checked again.
+            log._drop_handle()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -145,7 +149,9 @@ class FileLog(RunFolder):
     def handle(self, *, writable: bool) -> int:
         """This command's one handle on the log (inside :meth:`resolved`; the command's end
         closes it): the fold's checks, the checkpoint's, the append and the sync go through it,
-        one open instead of one per step, and all on the file that was checked. ``writable``:
+        one open instead of one per step, and all on the file that was checked. Taking the run's
+        lock closes a handle kept from before it (:meth:`locked`): one never outlives the lock
+        it was opened under into the next. ``writable``:
         open it for appending too, where this user may write it (else it is opened for
         reading, and :meth:`append` says why it cannot write). ``FileNotFoundError`` when there
         is no log."""
@@ -154,8 +160,7 @@ class FileLog(RunFolder):
         if kept is not None and (kept.asked_writable or not writable):
             return kept.fd
         if kept is not None:
-            command.log = None
-            os.close(kept.fd)
+            self._drop_handle()
         with self._folder() as dir_fd:
             can_write = writable
             try:
@@ -172,11 +177,16 @@ class FileLog(RunFolder):
             raise RuntimeError("FileLog.handle outside a command")
         return fd
 
-    def _end_command(self) -> None:
+    def _drop_handle(self) -> None:
+        """Close the command's kept handle on the log, if any (the next :meth:`handle` opens
+        one again)."""
         kept: _Handle | None = getattr(self._command, "log", None)
         if kept is not None:
             self._command.log = None
             os.close(kept.fd)
+
+    def _end_command(self) -> None:
+        self._drop_handle()
         super()._end_command()
 
     # ------------------------------------------------------------------ the interface
