@@ -324,9 +324,9 @@ def test_a_writer_at_a_current_checkpoint_reads_no_line(tmp_path: Path,
 
 def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp_path: Path) -> None:
     """A writer whose last save is still the checkpoint (the same file through its kept
-    connection, the log untouched since) does not read back the run-wide row or the rows it
-    wrote then; after another writer's write it reads what that one saved, and every answer
-    is the log's."""
+    connection, its run-wide row still the bytes of that save, the log untouched since) reads
+    that row back once and decodes nothing, nor reads back the rows it wrote then; after
+    another writer's write it reads what that one saved, and every answer is the log's."""
     clock = FakeClock()
     run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
     run.reserve("t1", "1")
@@ -335,10 +335,11 @@ def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp
     assert checkpoint is not None and checkpoint._writer is not None
     checkpoint._writer.set_trace_callback(statements.append)
     run.reserve("t2", "1")
-    assert [s for s in statements if "FROM run" in s] == []
+    assert len([s for s in statements if "FROM run" in s]) == 1
     statements.clear()
     run.release("t2", "0.5")  # (the row of t2 it saved too)
-    assert [s for s in statements if "FROM run" in s or "FROM tasks" in s] == []
+    assert len([s for s in statements if "FROM run" in s]) == 1
+    assert [s for s in statements if "FROM tasks" in s] == []
     other.reserve("t3", "1")
     other.release("t1", "0.5")
     statements.clear()
@@ -349,6 +350,61 @@ def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp
     shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
     assert _view(run) == _view(_ledger(truth_root, clock))
     assert run.verify().problems == []
+
+
+# Another process folds SQLite's write-ahead log into the checkpoint (as any sqlite3 client
+# may), then copies it to ``argv[2]`` (a backup) or from ``argv[2]`` over it in place (same
+# file: `cp backup cache.sqlite`, `rsync --inplace`).
+_BACKUP_OR_RESTORE = """
+import sqlite3, sys
+checkpoint, backup, restore = sys.argv[1], sys.argv[2], sys.argv[3] == "restore"
+connection = sqlite3.connect(checkpoint)
+connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+connection.close()
+if restore:
+    with open(backup, "rb") as source, open(checkpoint, "r+b") as target:
+        target.write(source.read())
+        target.truncate()
+else:
+    with open(checkpoint, "rb") as source, open(backup, "wb") as target:
+        target.write(source.read())
+"""
+
+
+def _backup_or_restore(checkpoint: Path, backup: Path, what: str) -> None:
+    subprocess.run([sys.executable, "-c", _BACKUP_OR_RESTORE, str(checkpoint), str(backup), what],
+                   check=True)
+
+
+def test_an_older_checkpoint_put_back_in_place_is_never_taken_for_a_writers_own_save(
+        tmp_path: Path) -> None:
+    """A long-lived writer's save is the checkpoint; another process then puts an older copy
+    of the checkpoint back over the same file (the log untouched since that save). The writer
+    finds its run-wide row is no longer its save's (a random token in each save), so it
+    trusts nothing it kept: the older copy names another state of the log and is bypassed.
+    A task released before is not released twice, and no later writer passes the cap."""
+    clock = FakeClock()
+    Ledger.init(tmp_path, "r", cap="10", clock=clock, actor="tester")
+    checkpoint, backup = tmp_path / "r" / CHECKPOINT_NAME, tmp_path / "backup.sqlite"
+    other = _ledger(tmp_path, clock)
+    other.reserve("t5", "3")
+    _backup_or_restore(checkpoint, backup, "backup")  # (t5 holds $3 in it)
+    other.release("t5", "1")
+    other.close()
+    run = _ledger(tmp_path, clock)
+    run.reserve("a1", "1")  # (its save is now the checkpoint)
+    _backup_or_restore(checkpoint, backup, "restore")
+    assert run.release("t5", "1")["status"] == "exists"
+    with pytest.raises(EscalateError, match="already released"):
+        run.reserve("t5", "3")
+    run.reserve("b1", "4")
+    with pytest.raises(EscalateError):
+        run.reserve("b2", "5")  # ($4 left of the cap: halted)
+    truth_root = tmp_path / "truth"
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
+    assert _view(run) == _view(_ledger(truth_root, clock))
+    assert run.verify().problems == []
+    run.close()
 
 
 def test_a_writers_command_is_one_sqlite_transaction(tmp_path: Path) -> None:
