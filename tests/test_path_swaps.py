@@ -8,6 +8,7 @@ made in another cannot happen.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -172,3 +173,92 @@ def test_a_write_opens_its_log_once_and_makes_that_file_durable(tmp_path: Path, 
         assert len(opened) == 1 and synced == opened, (opened, synced)
     assert log.stat().st_size == size
     assert Ledger.open(runs_dir, "r").verify().problems == []
+
+
+# Another process takes the run's lock as any writer does, replaces the log with a copy of
+# itself (cp + rename: what a backup restore or an editor does), and lets the lock go; it
+# waits for a line on stdin and answers one when done.
+_REPLACE_LOG = """
+import fcntl, os, shutil, sys
+run = sys.argv[1]
+sys.stdin.readline()
+fd = os.open(os.path.join(run, "events.ndjson.lock"), os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+shutil.copyfile(os.path.join(run, "events.ndjson"), os.path.join(run, "copy"))
+os.replace(os.path.join(run, "copy"), os.path.join(run, "events.ndjson"))
+os.close(fd)
+print("replaced", flush=True)
+"""
+
+
+def _log_replacer(run_dir: Path) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _REPLACE_LOG, str(run_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _replaced_now(replacer: Any) -> None:
+    replacer.stdin.write("go\n")
+    replacer.stdin.flush()
+    assert replacer.stdout.readline() == "replaced\n"
+
+
+def test_a_write_retried_in_its_command_appends_to_the_log_that_is_there_then(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A write whose checkpoint row fails its checksum is decided again from the log in the
+    same command, under the run's lock taken again. If another process replaced the log in
+    between, the retry opens the log again under that lock: the acknowledged line is in the
+    log that is there, never only in the file moved away."""
+    import sqlite3
+
+    import escalate.write as write_module
+    from escalate.stores.file.checkpoint import CHECKPOINT_NAME
+
+    runs_dir = tmp_path / "runs"
+    Ledger.init(runs_dir, "r", cap="10", actor="tester")
+    run = Ledger.open(runs_dir, "r", actor="tester")
+    run.reserve("t1", "2")
+    run.reserve("t2", "3")
+    run.close()
+    with contextlib.closing(sqlite3.connect(runs_dir / "r" / CHECKPOINT_NAME)) as db, db:
+        assert db.execute("UPDATE tasks SET crc = crc + 1 WHERE key = 't2'").rowcount == 1
+    replacer = _log_replacer(runs_dir / "r")
+    real, attempts = write_module._write_once, []
+
+    def replaced_before_the_retry(*args: Any, **options: Any) -> Any:
+        attempts.append(options["checkpoint"])
+        if len(attempts) == 2:  # (the run's lock is free between the attempts)
+            _replaced_now(replacer)
+        return real(*args, **options)
+
+    monkeypatch.setattr(write_module, "_write_once", replaced_before_the_retry)
+    run = Ledger.open(runs_dir, "r", actor="tester")
+    assert run.release("t2", "0.5")["status"] == "released"
+    assert attempts == [True, False] and replacer.wait() == 0
+    monkeypatch.undo()
+    fresh = Ledger.open(runs_dir, "r")
+    assert fresh.state().tasks["t2"].actual_micros == 500_000
+    assert fresh.verify().problems == []
+
+
+def test_a_log_handle_kept_from_before_the_lock_is_not_used_under_it(tmp_path: Path) -> None:
+    """Within one command, a handle on the log opened before the run's lock (a read, or an
+    attempt retried under the lock taken again: a damaged checkpoint row, a run whose pool
+    changed) is closed when the lock is taken: under it the log is opened again, and is the
+    file another process put there in between."""
+    runs_dir = tmp_path / "runs"
+    Ledger.init(runs_dir, "r", cap="10", actor="tester")
+    store = Ledger.open(runs_dir, "r").store
+    log_path = runs_dir / "r" / "events.ndjson"
+    replacer = _log_replacer(runs_dir / "r")
+    log = store.log  # type: ignore[attr-defined]
+    with store.command():
+        with log.locked():
+            before = os.fstat(log.handle(writable=True)).st_ino
+        _replaced_now(replacer)
+        with log.locked():
+            after = os.fstat(log.handle(writable=True)).st_ino
+    assert replacer.wait() == 0
+    assert before != after == log_path.stat().st_ino
