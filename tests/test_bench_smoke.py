@@ -160,6 +160,17 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
     assert all(row.verdict in ("PASS", "FAIL") for row in hot)
 
 
+def test_the_whole_process_is_held_to_the_baseline_or_the_import_floor_whichever_is_slower(
+        against: ModuleType) -> None:
+    """A baseline that ran below the import floor (0.1.0 locked without ``filelock``) is no
+    bar a version keeping the design's lock can meet: the floor stands in for it; a
+    baseline at or above the floor is the bar itself."""
+    floor = [100.0, 101.0, 99.0]
+    assert against.startup_base({"b": [90.0, 91.0, 89.0], "floor": floor}, "b") == "floor"
+    assert against.startup_base({"b": [100.0, 120.0, 80.0], "floor": floor}, "b") == "b"
+    assert against.startup_base({"b": [110.0, 111.0, 109.0], "floor": floor}, "b") == "b"
+
+
 def test_a_revision_that_does_not_install_with_these_versions_gets_its_own(
         against: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dependencies are pinned to this environment's versions; a revision that refuses

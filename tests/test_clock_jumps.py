@@ -146,3 +146,35 @@ def test_a_writes_own_timestamp_is_its_next_floor_unparsed(tmp_path: Path, clock
     clock.advance(1)
     fresh = _run(other, clock)  # (a new run: its first line is its floor, checked once)
     assert fresh.reserve("c", "0.5")["status"] == "reserved" and len(parsed) == 1
+
+
+@pytest.mark.parametrize("earlier, later", [
+    (20, 10),  # ints that go back: no timestamps, so no clock went back
+    ([2], [1]),
+    ("2026-11-23T14:00:00.000000Z", 5),
+    (5, "2026-11-23T13:00:00.000000Z"),
+    ({"a": 1}, {"a": 0}),
+    ("deep", "deep"),  # lists nested deeper than a comparison may recurse
+])
+def test_verify_names_no_clock_for_timestamps_that_are_no_strings(
+        tmp_path: Path, clock: FakeClock, earlier: Any, later: Any) -> None:
+    """The clock warning compares timestamps only: any other values in ``ts`` (which the
+    schema check names) give none, and never stop the fold."""
+    from escalate.core.events import line_hash
+
+    run = _run(tmp_path, clock)
+    run.reserve("a", "1")
+    run.reserve("b", "1")
+    events = _events(tmp_path)
+    out, prev = [], ""
+    for index, event in enumerate(events):
+        value = {1: earlier, 2: later}.get(index, event["ts"])
+        text = orjson.dumps({**event, "ts": "TS", "prev": prev}).decode()
+        ts = "[" * 900 + "]" * 900 if value == "deep" else orjson.dumps(value).decode()
+        line = text.replace('"TS"', ts, 1).encode()
+        prev = line_hash(line)
+        out.append(line + b"\n")
+    (tmp_path / "r" / LOG_NAME).write_bytes(b"".join(out))
+    report = run.verify()
+    assert report.warnings == [] and report.problems == []
+    assert report.state.seq == 3
