@@ -5,7 +5,9 @@ by ``sweep`` with backoff (driven by a fake clock: no sleeping), reminders follo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shlex
 import subprocess
 import sys
@@ -72,7 +74,8 @@ def test_a_recording_that_fails_only_warns(tmp_path: Path) -> None:
     init_cli(runs)
     lock, held, release = runs / "r" / "events.ndjson.lock", tmp_path / "held", tmp_path / "release"
     holder = (f"import fcntl, os, time; f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-              f"open({str(held)!r}, 'w').close()\n"
+              f"open({str(held) + '.new'!r}, 'w').write(str(os.getpid())); "
+              f"os.rename({str(held) + '.new'!r}, {str(held)!r})\n"
               f"while not os.path.exists({str(release)!r}): time.sleep(0.01)")
     hook = (f"cat > /dev/null; {shlex.quote(sys.executable)} -c {shlex.quote(holder)} >/dev/null 2>&1 & "
             f"while [ ! -e {shlex.quote(str(held))} ]; do sleep 0.01; done")
@@ -81,6 +84,13 @@ def test_a_recording_that_fails_only_warns(tmp_path: Path) -> None:
                          "--lock-timeout", "0.3")
     finally:
         release.touch()
+        if held.exists():  # the holder is the hook's child, not ours: wait for its exit here
+            with contextlib.suppress(ProcessLookupError):
+                waited = os.pidfd_open(int(held.read_text()))
+                try:
+                    select.select([waited], [], [], 30)
+                finally:
+                    os.close(waited)
     assert asked.returncode == 4, asked.stderr
     assert orjson.loads(asked.stdout)["error"] == "escalation_open"
     assert "warning: the notify attempt for esc-2 was not recorded" in asked.stderr
