@@ -270,7 +270,7 @@ def test_a_write_redispatched_under_the_runs_new_pool_appends_to_the_log_that_is
     pool under the run's lock and writes again under the pool's lock and the run's, in the
     same command. If another process replaced the log in between, the second attempt opens
     the log again: the acknowledged reservation is in the log that is there."""
-    import escalate.service as service
+    from escalate import service
     from escalate.pools.pool import Pool
 
     runs_dir = tmp_path / "runs"
