@@ -264,17 +264,45 @@ class Settings:
     budget_s: float
 
 
+def balanced_order(count: int) -> list[int]:
+    """One period of the order ``interleaved`` runs ``count`` cases in: each case ``count``
+    times, and every ordered pair of cases (a case after itself too) next to each other
+    exactly once, the last wrapping to the first (a de Bruijn sequence). For two cases it is
+    A B B A. Why: a case that runs right after a case of its own process runs faster (its
+    caches are warm), so each case must follow every case equally often; alternating A B C D
+    with D C B A lets only the first and the last case follow themselves."""
+    sequence: list[int] = []
+    digits = [0] * (2 * count + 1)
+
+    def extend(t: int, p: int) -> None:  # Fredricksen–Kessler–Maiorana: Lyndon words in order
+        if t > 2:
+            if 2 % p == 0:
+                sequence.extend(digits[1:p + 1])
+            return
+        digits[t] = digits[t - p]
+        extend(t + 1, p)
+        for digit in range(digits[t - p] + 1, count):
+            digits[t] = digit
+            extend(t + 1, t)
+
+    extend(1, 1)
+    return sequence[1:] + sequence[:1]  # begins with the first case, then the second
+
+
 def interleaved(cases: dict[str, Callable[[], float]], rounds: int, budget_s: float,
                 min_rounds: int = 3) -> dict[str, list[float]]:
-    """Run each case once per round, alternating the order, until ``rounds`` rounds or the
-    time budget (after at least ``min_rounds``). Each case returns its own elapsed time."""
+    """Run the cases in the :func:`balanced_order`, period after period, until each has run
+    ``rounds`` times or the time budget is spent (after at least ``min_rounds`` each); a
+    period runs whole, so all cases have as many samples (with n cases, a multiple of n). Each
+    case returns its own elapsed time."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
+    order = [names[index] for index in balanced_order(len(names))]
     started = time.monotonic()
-    for round_no in range(rounds):
-        for name in names if round_no % 2 == 0 else reversed(names):
+    while len(samples[names[0]]) < rounds:
+        for name in order:
             samples[name].append(cases[name]())
-        if round_no + 1 >= min_rounds and time.monotonic() - started > budget_s:
+        if len(samples[names[0]]) >= min_rounds and time.monotonic() - started > budget_s:
             break
     return samples
 

@@ -106,6 +106,28 @@ def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: Module
     assert "load average" in written
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
+def test_interleaved_cases_follow_every_case_equally_often(bench: ModuleType, count: int) -> None:
+    """Two trees at two sizes are four cases, and a case run right after one of its own
+    process's is faster: each case must follow every case (itself too) equally often, and
+    all cases get as many samples. Forward-then-reversed rounds let only the first and the
+    last case follow themselves (the working tree's 1M cycle never did, the revision's
+    did every other round)."""
+    ran: list[str] = []
+    names = [f"case-{n}" for n in range(count)]
+
+    def case(name: str) -> Any:
+        return lambda: ran.append(name) or 1.0
+
+    samples = bench.interleaved({name: case(name) for name in names}, 3 * count, 60.0)
+    assert {name: len(values) for name, values in samples.items()} == dict.fromkeys(names, 3 * count)
+    assert len(ran) == 3 * count * count
+    follows: dict[tuple[str, str], int] = {}
+    for before, after in zip(ran, ran[1:] + ran[:1], strict=True):  # the last wraps to the first
+        follows[before, after] = follows.get((before, after), 0) + 1
+    assert follows == {(a, b): 3 for a in names for b in names}
+
+
 def test_the_recorded_baseline_is_a_commit_of_the_repository(against: ModuleType) -> None:
     rev, name = against.baseline_revision()
     assert name == "0.1.0"
