@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -155,6 +156,21 @@ def test_the_driver_answers_cycles_and_call_counts_in_its_own_python(against: Mo
     assert counts["reserve_pathlib"] >= 0
     # the warm-up cycle, the timed one, and the warm-up and counted cycles of "calls"
     assert Ledger.open(run.runs_dir, run.run_id).state().seq == 1_000 + 4 * 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_both_trees_drivers_run_on_one_and_the_same_cpu(against: ModuleType) -> None:
+    """Each CPU of a shared machine has its own neighbours and caches: the two sides'
+    drivers are pinned to a single CPU, the same one, so neither keeps a luckier one."""
+    drivers = [against.Driver(against.working_tree()) for _ in range(2)]
+    try:
+        cpus = [os.sched_getaffinity(driver.process.pid) for driver in drivers]
+    finally:
+        for driver in drivers:
+            driver.close()
+    assert len(cpus[0]) == 1
+    assert cpus[0] == cpus[1]
+    assert cpus[0] <= os.sched_getaffinity(0)
 
 
 @pytest.mark.slow
