@@ -262,3 +262,37 @@ def test_a_log_handle_kept_from_before_the_lock_is_not_used_under_it(tmp_path: P
             after = os.fstat(log.handle(writable=True)).st_ino
     assert replacer.wait() == 0
     assert before != after == log_path.stat().st_ino
+
+
+def test_a_write_redispatched_under_the_runs_new_pool_appends_to_the_log_that_is_there_then(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A Ledger that read its run before the run was made again in a pool writes, finds the
+    pool under the run's lock and writes again under the pool's lock and the run's, in the
+    same command. If another process replaced the log in between, the second attempt opens
+    the log again: the acknowledged reservation is in the log that is there."""
+    from escalate import service
+    from escalate.pools.pool import Pool
+
+    runs_dir = tmp_path / "runs"
+    Ledger.init(runs_dir, "r", cap="10", actor="tester")
+    run = Ledger.open(runs_dir, "r", actor="tester")
+    run.reserve("t1", "1")  # (it knows the run as one without a pool)
+    shutil.rmtree(runs_dir / "r")
+    Pool.init(runs_dir, "team", cap="100", period="day", actor="owner")
+    Ledger.init(runs_dir, "r", cap="10", pool="team", actor="tester")
+    replacer = _log_replacer(runs_dir / "r")
+    real, pools = service._write_run, []
+
+    def replaced_before_the_second(runs: Any, pool_id: Any, *args: Any, **options: Any) -> Any:
+        pools.append(pool_id)
+        if len(pools) == 2:  # (no lock is held between the attempts)
+            _replaced_now(replacer)
+        return real(runs, pool_id, *args, **options)
+
+    monkeypatch.setattr(service, "_write_run", replaced_before_the_second)
+    assert run.reserve("t2", "2")["status"] == "reserved"
+    assert pools == [None, "team"] and replacer.wait() == 0
+    monkeypatch.undo()
+    fresh = Ledger.open(runs_dir, "r")
+    assert fresh.state().tasks["t2"].reserved_micros == 2_000_000
+    assert fresh.verify().problems == []
