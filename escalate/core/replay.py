@@ -164,13 +164,12 @@ class _Fold:
     def lines(self, lines: list[bytes]) -> int:
         """Fold ``lines`` (complete, without their newlines); returns how many were folded:
         all, or those before the line that stopped a strict fold (:attr:`problem`)."""
-        # The hot loop, line_hash and the clock check inlined. A money line with the envelope the chain
+        # The hot loop (line_hash, the clock check inlined): a money line with the envelope the chain
         # asks for (the same actor) goes to its handler directly; any other through fold.apply.
         loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, fold.apply
-        fast_handlers, first_8 = fold.MONEY_HANDLERS, slice(8)  # (a slice built once, not per line)
-        state, line_no, tolerant = self.state, self.line_no, self.tolerant
+        (reserve, increase, release), first_8 = fold.MONEY_HANDLERS, slice(8)  # (a slice built once)
+        state, line_no, first_line_no, tolerant = self.state, self.line_no, self.line_no, self.tolerant
         group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
-        first_line_no = line_no
         event: Any = None
         for line in lines:
             line_no += 1
@@ -183,8 +182,10 @@ class _Fold:
                     prev = event["prev"]
                     actor = event["actor"]
                     version = event["v"]
-                    handler = fast_handlers[event["type"]]
-                except (KeyError, TypeError):  # TypeError: not an object, or an unhashable type
+                    kind = event["type"]  # compared, not hashed for a dict: a new str on every line
+                    handler = reserve if kind == "budget_reserved" else release if kind == "released" \
+                        else increase if kind == "budget_increased" else None
+                except (KeyError, TypeError):  # TypeError: not an object
                     if type(event) is not dict:
                         raise RuleViolation("the line is not a JSON object") from None
                     ts, handler = event.get("ts"), None
@@ -208,9 +209,7 @@ class _Fold:
                     apply(state, event, this_hash)
                     continue
                 handler(state, event)
-                state.seq = seq
-                state.last_hash = this_hash
-                state.last_ts = ts
+                state.seq, state.last_hash, state.last_ts = seq, this_hash, ts  # (no tuple built)
             except (json_error, RuleViolation) as exc:
                 event = None if isinstance(exc, json_error) else event  # (not the line before's)
                 if self._stops(exc, state, event, line_no, this_hash):
