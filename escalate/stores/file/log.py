@@ -95,11 +95,7 @@ class _Locked:
         self._resolved = resolved = log.resolved()
         resolved.__enter__()
         try:
-            dir_fd = log.dir_fd
-            if dir_fd is None:
-                with log._folder() as dir_fd:  # (inside the command: left open for it)
-                    pass
-            self._fd = fd = log._open_lock(dir_fd)
+            self._fd = fd = log._open_lock(log.kept_folder())
             if fd is not None:
                 log.lock_wait_s = lock.acquire(fd, log.lock_timeout, lock_file=log._lock_file)
             # A handle kept from before this lock (a read, or an attempt retried in the same
@@ -156,6 +152,8 @@ class FileLog(RunFolder):
         reading, and :meth:`append` says why it cannot write). ``FileNotFoundError`` when there
         is no log."""
         command = self._command
+        if not getattr(command, "depth", 0):  # (no command to close it: kept by nobody)
+            raise RuntimeError("FileLog.handle outside a command")
         kept: _Handle | None = getattr(command, "log", None)
         if kept is not None and (kept.asked_writable or not writable):
             return kept.fd
@@ -170,11 +168,7 @@ class FileLog(RunFolder):
                 if error.code not in ("read_only", "permission_denied"):
                     raise
                 fd, can_write = self._open(dir_fd, LOG_NAME, os.O_RDONLY, writing=False), False
-        if getattr(command, "depth", 0):
-            command.log = _Handle(fd, writable, can_write)
-        else:  # (no command to close it: kept by nobody)
-            os.close(fd)
-            raise RuntimeError("FileLog.handle outside a command")
+        command.log = _Handle(fd, writable, can_write)
         return fd
 
     def _drop_handle(self) -> None:

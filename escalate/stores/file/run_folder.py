@@ -134,6 +134,15 @@ class RunFolder:
         fd: int | None = getattr(self._command, "fd", None)
         return fd
 
+    def kept_folder(self) -> int:
+        """The run folder's handle for this command (inside :meth:`resolved`), opened now and
+        kept for the rest of the command if it has none yet (the folder appeared meanwhile).
+        ``FileNotFoundError`` when there is no such folder."""
+        fd: int | None = getattr(self._command, "fd", None)
+        if fd is None:
+            fd = self._command.fd = self._open_run_dir()
+        return fd
+
     def bound_path(self, name: str) -> str:
         """``name`` in this command's run folder, for opens by name (:func:`via_folder`)."""
         return via_folder(self.dir_fd, self.run_dir, name)
@@ -154,16 +163,13 @@ class RunFolder:
     def _folder(self) -> AbstractContextManager[int]:
         """The run folder's handle: this command's, else one opened for this call only.
         ``FileNotFoundError`` when there is no such folder."""
-        fd: int | None = getattr(self._command, "fd", None)
-        return _Held(fd) if fd is not None else self._folder_once()
+        if getattr(self._command, "depth", 0):
+            return _Held(self.kept_folder())  # (the folder appeared during the command: kept)
+        return self._folder_once()
 
     @contextmanager
     def _folder_once(self) -> Iterator[int]:
         fd = self._open_run_dir()
-        if getattr(self._command, "depth", 0):
-            self._command.fd = fd  # the folder appeared during the command: keep this one
-            yield fd
-            return
         try:
             yield fd
         finally:
