@@ -35,7 +35,15 @@ from escalate.core.fold_fields import (
 from escalate.core.ids import ID_PATTERN, shown_value
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.core.rules import over_cap, pinned_keys, task_cap_fits
-from escalate.core.state import ForgedSignature, RuleViolation, RunState
+from escalate.core.state import (
+    ForgedSignature,
+    RuleViolation,
+    RunState,
+    TaskFacts,
+    TaskRow,
+    released_row,
+    task_facts,
+)
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
 
@@ -196,6 +204,7 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     task = rows.get(task_id)
     escalation_id = None
     if task is not None:
+        task = task_facts(task)
         if task[2]:
             raise RuleViolation(f"duplicate reservation of task {task_id!r}")
         if task[0] in ("halted", "released"):
@@ -210,7 +219,8 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     if amount > state.task_cap_micros or amount > (state.run_cap_micros + state.extended_micros
                                                    - state.spent_micros - state.reserved_micros):
         _over(state, task_id, amount, amount)
-    rows[task_id] = ("reserved", amount, True, None, None, escalation_id)
+    # A row of facts only for a task that keeps its escalation's id (state.TaskRow).
+    rows[task_id] = amount if escalation_id is None else ("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
 
 
@@ -229,23 +239,36 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
         task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
+    # An int >= 0 holds that much and nothing else (state.TaskRow): none of the checks of a
+    # row of facts applies to it.
+    if type(task) is int and task >= 0:
+        held, facts = task, None
+    else:
+        facts = _increasable(state, task_id, task)
+        held = facts[1]
+    if before != held or after <= before:
+        raise RuleViolation(
+            f"increase of task {task_id!r} from {before} to {after}, "
+            f"but it holds {held}"
+        )
+    delta = after - before
+    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
+                                                 - state.spent_micros - state.reserved_micros):
+        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
+    rows[task_id] = after if facts is None else ("reserved", after, True, facts[3], facts[4], facts[5])
+    state.reserved_micros += delta
+
+
+def _increasable(state: RunState, task_id: Any, row: TaskRow | None) -> TaskFacts:
+    """The facts of a task kept as a row of facts (or no task), if an increase may take it."""
+    task = None if row is None else task_facts(row)
     if task is None or not task[2] or task[0] == "released":
         raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
     if task[0] == "halted":
         raise RuleViolation(f"increase of task {task_id!r} after it was halted")
     if task[5] is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
-    if before != task[1] or after <= before:
-        raise RuleViolation(
-            f"increase of task {task_id!r} from {before} to {after}, "
-            f"but it holds {task[1]}"
-        )
-    delta = after - before
-    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
-                                                 - state.spent_micros - state.reserved_micros):
-        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
-    rows[task_id] = ("reserved", after, True, task[3], task[4], task[5])
-    state.reserved_micros += delta
+    return task
 
 
 def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
@@ -273,13 +296,16 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
-    if task is None or not task[2]:
-        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
-    if reserved != task[1]:
+    if type(task) is int and task >= 0:  # holds that much, and nothing else (state.TaskRow)
+        held, halt_reason, escalation_id = task, None, None
+    else:
+        facts = _holding(task_id, task)
+        held, halt_reason, escalation_id = facts[1], facts[4], facts[5]
+    if reserved != held:
         raise RuleViolation(
-            f"release of task {task_id!r} names {reserved} reserved, but it holds {task[1]}"
+            f"release of task {task_id!r} names {reserved} reserved, but it holds {held}"
         )
-    if task[5] is not None and task[5] in state.open_escalations:
+    if escalation_id is not None and escalation_id in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
     # rules.past_total_limit, inline: the one way a total grows that no cap bounds (the new
     # totals worked out once, checked, then stored).
@@ -291,7 +317,15 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     state.reserved_micros = still_reserved
     state.spent_micros = spent
     # Only what the single-use and idempotency rules need is kept for a settled task.
-    rows[task_id] = ("released", reserved, False, actual, task[4], None)
+    rows[task_id] = released_row(reserved, actual, halt_reason)
+
+
+def _holding(task_id: Any, row: TaskRow | None) -> TaskFacts:
+    """The facts of a task kept as a row of facts (or none), if it holds a reservation."""
+    task = None if row is None else task_facts(row)
+    if task is None or not task[2]:
+        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
+    return task
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
@@ -300,7 +334,8 @@ def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
     signed_field(event, "remaining_micros")
     reason = choice_field(event, "reason", HALT_REASONS)
     rows = state.tasks.rows
-    task = rows.get(task_id)
+    row = rows.get(task_id)
+    task = None if row is None else task_facts(row)
     if task is not None and task[0] in ("halted", "released"):
         raise RuleViolation(f"halt of task {task_id!r}, which is already {task[0]}")
     if task is not None and task[5] in state.open_escalations:
@@ -369,7 +404,7 @@ def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:
 def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
     if state.pool is not None:
         raise RuleViolation("run_archived may only be in a run's log")
-    held = [task_id for task_id, task in state.tasks.rows.items() if task[2]]
+    held = [task_id for task_id, row in state.tasks.rows.items() if task_facts(row)[2]]
     if held or state.open_escalations:
         raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
     state.archived = True
