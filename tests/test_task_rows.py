@@ -20,7 +20,8 @@ from tests.conftest import Location
 AMOUNTS = st.integers(0, 2**70)  # past any total the fold lets through: the shape holds anyway
 
 
-@given(reserved=AMOUNTS, actual=st.integers(0, MAX_MICROS), halt_reason=st.sampled_from([None, *HALT_REASONS]))
+@given(reserved=AMOUNTS, actual=st.integers(0, MAX_MICROS),
+       halt_reason=st.sampled_from([None, *HALT_REASONS]))
 def test_a_released_task_reads_back_as_it_was_released(reserved: int, actual: int,
                                                        halt_reason: str | None) -> None:
     assert MAX_MICROS < 2**64  # an actual fits below the reserved part of a released row
