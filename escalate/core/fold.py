@@ -19,6 +19,7 @@ from escalate.core.events import (
     PERIODS,
     SCHEMA_VERSION,
     VOID_REASONS,
+    parsed_keys,
 )
 from escalate.core.fold_escalations import apply_approved, apply_escalation, apply_notified, apply_resolved
 from escalate.core.fold_fields import (
@@ -46,6 +47,9 @@ from escalate.core.state import (
 )
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
+# The fields the money lines' handlers read on every line, as orjson's own key objects.
+_TASK, _AMOUNT, _FROM, _TO, _RESERVED, _ACTUAL = parsed_keys(
+    "task", "amount_micros", "from_micros", "to_micros", "reserved_micros", "actual_micros")
 
 
 def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
@@ -193,7 +197,7 @@ def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
 
 def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, amount = event["task"], event["amount_micros"]
+        task_id, amount = event[_TASK], event[_AMOUNT]
     except KeyError:
         task_id, amount = event.get("task"), event.get("amount_micros")
     if type(task_id) is not str:
@@ -226,7 +230,7 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
 
 def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
+        task_id, before, after = event[_TASK], event[_FROM], event[_TO]
     except KeyError:
         task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
     # Signs need no check here: ``from`` must equal what the task holds and ``to`` exceed it.
@@ -282,7 +286,7 @@ def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
 
 def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, reserved, actual = event["task"], event["reserved_micros"], event["actual_micros"]
+        task_id, reserved, actual = event[_TASK], event[_RESERVED], event[_ACTUAL]
     except KeyError:
         task_id, reserved = event.get("task"), event.get("reserved_micros")
         actual = event.get("actual_micros")

@@ -19,9 +19,12 @@ from typing import Any, BinaryIO, Protocol
 import orjson
 
 from escalate.core import fold
-from escalate.core.events import SCHEMA_VERSION, iter_line_batches, iter_lines
+from escalate.core.events import SCHEMA_VERSION, iter_line_batches, iter_lines, parsed_keys
 from escalate.core.state import ForgedSignature, RuleViolation, RunState
 from escalate.errors import CorruptLedger, UnknownRun
+
+# The envelope's keys every line is read by, as orjson's own objects (events.parsed_keys).
+_ENVELOPE = parsed_keys("ts", "seq", "prev", "actor", "v", "type", "more")
 
 
 class LineSource(Protocol):
@@ -162,13 +165,13 @@ class _Fold:
         self.forged: list[int] = []
 
     def lines(self, lines: list[bytes]) -> int:
-        """Fold ``lines`` (complete, without their newlines); returns how many were folded:
-        all, or those before the line that stopped a strict fold (:attr:`problem`)."""
+        """Fold ``lines`` (complete, no newlines): how many folded (all, or those before :attr:`problem`)."""
         # The hot loop (line_hash, the clock check inlined): a money line with the envelope the chain asks
         # for (the same actor) goes to its handler directly; any other through fold.apply. The chain
         # (_chain) is kept in locals, written to the state before anything else reads it (_keep_chain).
         loads, json_error, sha256, v1 = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, SCHEMA_VERSION
         (reserve, increase, release), first_8 = fold.MONEY_HANDLERS, slice(8)  # (a slice built once)
+        k_ts, k_seq, k_prev, k_actor, k_v, k_type, k_more = _ENVELOPE
         state, line_no, first_line_no, tolerant = self.state, self.line_no, self.line_no, self.tolerant
         group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
         (seq_now, last_hash, last_ts, last_actor, closed), event = _chain(state), None
@@ -178,19 +181,19 @@ class _Fold:
             try:
                 event = loads(line)
                 try:  # one name at a time: no tuple built and taken apart per line
-                    ts = event["ts"]
-                    seq = event["seq"]
-                    prev = event["prev"]
-                    actor = event["actor"]
-                    version = event["v"]
-                    kind = event["type"]  # compared, not hashed for a dict: a new str on every line
+                    ts = event[k_ts]
+                    seq = event[k_seq]
+                    prev = event[k_prev]
+                    actor = event[k_actor]
+                    version = event[k_v]
+                    kind = event[k_type]  # compared, not hashed for a dict: a new str on every line
                     handler = reserve if kind == "budget_reserved" else release if kind == "released" \
                         else increase if kind == "budget_increased" else None
                 except (KeyError, TypeError):  # TypeError: not an object
                     if type(event) is not dict:
                         raise RuleViolation("the line is not a JSON object") from None
                     ts, handler = event.get("ts"), None
-                if group_due or "more" in event:
+                if group_due or k_more in event:
                     group_first = group_first if group_due else line_no
                     group_due = _group_due(event, group_due, group_first)
                 if tolerant:  # (no state yet: last_ts is "", and no line is earlier)
