@@ -205,9 +205,11 @@ def _rate(value: float) -> str:
 def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
     """Cold ``Ledger.verify()`` of the largest run, each in a fresh process: events/s, and
     events per second of the replay's CPU time (a busy machine stretches the wall time of
-    either side by more than a change in the fold moves it)."""
+    either side by more than a change in the fold moves it). A bare replay of the same log
+    (:func:`bare`) runs interleaved with them, and the working tree's ratio to it is shown."""
     events = next(iter(runs.values())).expected.events
     cpu: dict[str, list[float]] = {tree.key: [] for tree in trees}
+    cpu[BARE] = []
 
     def replay(tree: Tree) -> Callable[[], float]:
         def once() -> float:
@@ -216,12 +218,38 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
             return events / float(report["seconds"])
         return once
 
-    samples = interleaved({t.key: replay(t) for t in trees}, rounds.replay, rounds.budget_s, min_rounds=1)
+    def bare_once() -> float:
+        seconds, cpu_seconds = bare(runs[trees[0].key])
+        cpu[BARE].append(events / cpu_seconds)
+        return events / seconds
+
+    cases = {t.key: replay(t) for t in trees}
+    cases[BARE] = bare_once
+    samples = interleaved(cases, rounds.replay, rounds.budget_s, min_rounds=1)
     for what, rates in ((f"cold replay: Ledger.verify() @{size_label(events)}, events/s", samples),
                         (f"cold replay @{size_label(events)}, events per second of CPU time", cpu)):
         rows.append(ratio_row(what, rates[trees[0].key], rates[trees[1].key], None, unit=_rate,
                               higher_is_better=True))
         _progress(rows[-1])
+    what = f"cold replay @{size_label(events)}, A vs a bare replay (orjson.loads, a sum per line), events/s"
+    rows.append(ratio_row(what, samples[trees[0].key], samples[BARE], None, unit=_rate,
+                          higher_is_better=True))
+    _progress(rows[-1])
+
+
+BARE = "bare"  # the bare replay's samples in compare_replay
+
+
+def bare(run: BuiltRun) -> tuple[float, float]:
+    """A bare replay of ``run``'s log in a fresh process of this Python (``driver.py bare``):
+    its seconds, wall and CPU. The floor under any replay; the amounts it adds must be the
+    generator's."""
+    done = subprocess.run([sys.executable, str(DRIVER), "bare", str(run.log_path)], capture_output=True,
+                          check=True)
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    if (report["lines"], report["spent_micros"]) != (run.expected.events, run.expected.spent_micros):
+        raise AssertionError(f"bare replay of {run.log_path}: {report}, expected {run.expected}")
+    return report["seconds"], report["cpu_seconds"]
 
 
 def compare_calls(drivers: list[Driver], runs: dict[str, BuiltRun], rows: list[Row]) -> None:

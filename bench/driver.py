@@ -9,6 +9,7 @@ version. So this file uses only the library API every measured version has:
 
     python bench/driver.py serve                                # cycles on request (JSON lines)
     python bench/driver.py verify RUNS_DIR RUN_ID               # one cold replay, as JSON
+    python bench/driver.py bare LOG                             # the bare replay of a log, as JSON
     python bench/driver.py contention WHERE TAG WORKERS CYCLES  # one contention round, as JSON
 """
 
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from escalate import Ledger
 
@@ -160,6 +163,20 @@ def verify_report(runs_dir: str, run_id: str) -> dict[str, Any]:
             "problems": report.problems[:3]}
 
 
+def bare_replay(log: str) -> dict[str, Any]:
+    """The floor under any replay, timed: each line of ``log`` parsed (``orjson.loads``) and
+    its amount spent added up, nothing checked, nothing hashed (what issue #20 calls the
+    peer's bare replay, written here: none of the peer's code)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    loads, lines, spent = orjson.loads, 0, 0
+    with open(log, "rb") as stream:
+        for line in stream:
+            spent += loads(line).get("actual_micros", 0)
+            lines += 1
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+            "lines": lines, "spent_micros": spent}
+
+
 def serve() -> None:
     """Answer one JSON request per line on stdin with one JSON line on stdout, keeping the
     opened runs between requests, so cycles of two trees can alternate one by one."""
@@ -190,6 +207,8 @@ def main(argv: Sequence[str]) -> int:
             serve()
         case ["verify", runs_dir, run_id]:
             print(json.dumps(verify_report(runs_dir, run_id), default=str), flush=True)
+        case ["bare", log]:
+            print(json.dumps(bare_replay(log)), flush=True)
         case ["contention", where, tag, workers, cycles]:
             ops_s = contention_round(int(workers), int(cycles), tag, where)
             wait_s, op_s = CONTENTION_WORST[-1]

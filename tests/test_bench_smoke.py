@@ -86,6 +86,18 @@ def against(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return module
 
 
+def test_the_bare_replay_reads_every_line_and_adds_up_what_was_spent(bench: ModuleType, against: ModuleType,
+                                                                      tmp_path: Path) -> None:
+    """The floor the cold replay is shown against: every line parsed, the amounts spent summed
+    to the generator's total; a total that differs stops the bench."""
+    run = bench.build_run(tmp_path, 1_000)
+    seconds, cpu_seconds = against.bare(run)
+    assert seconds > 0 and cpu_seconds > 0
+    run.expected.spent_micros += 1
+    with pytest.raises(AssertionError, match="bare replay"):
+        against.bare(run)
+
+
 def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: ModuleType, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The rule make bench applies, on made-up timings: times at most 1.1 times the
@@ -189,9 +201,10 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
             against._git("worktree", "remove", "--force", str(tree))
     assert heading[0].startswith("A: working tree")
     targets = [row.target for row in rows]
-    for wanted in ("cold replay", "Python calls", "library: reserve+release @200",
-                   "library: reserve+release @400", "escalate reserve, whole process",
-                   "contention:", "contention: worst single operation", "runs show --json"):
+    for wanted in ("cold replay", "cold replay @400, A vs a bare replay", "Python calls",
+                   "library: reserve+release @200", "library: reserve+release @400",
+                   "escalate reserve, whole process", "contention:", "contention: worst single operation",
+                   "runs show --json"):
         assert any(target.startswith(wanted) for target in targets), wanted
     hot = [row for row in rows if row.verdict != "info"]
     assert len(hot) == 6  # wall and CPU time at both sizes, whole process, contention
