@@ -107,6 +107,27 @@ def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: Module
     assert "load average" in written
 
 
+def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_a_median(
+        against: ModuleType) -> None:
+    """Under contention the ops/s must reach 0.9 of the revision's, and the worst single
+    operation of each round, the median over rounds, at most twice the revision's: one
+    unlucky round fails nothing, a worst operation that is long in most rounds does. The
+    worst of all rounds is shown beside them, for information."""
+    ops = {"a": [1_800.0, 1_700.0, 1_900.0], "b": [2_000.0, 1_900.0, 2_100.0]}
+    one_bad_round = {"a": [0.030, 0.200, 0.031], "b": [0.020, 0.021, 0.019]}
+    rows = against.contention_rows("8 processes", ops, one_bad_round, "a", "b")
+    assert [row.verdict for row in rows] == ["PASS", "PASS", "info"]
+    assert rows[1].ratio == "1.55 (≤ 2)" and rows[2].ratio == "9.52"
+    assert "200.0 ms vs 21.0 ms" in rows[2].measured
+    often_long = {"a": [0.045, 0.043, 0.031], "b": [0.020, 0.021, 0.019]}
+    assert against.contention_rows("8", ops, often_long, "a", "b")[1].verdict == "FAIL"
+    fewer = {"a": [1_790.0], "b": [2_000.0]}
+    assert [row.verdict for row in against.contention_rows("8", fewer, {"a": [0.02], "b": [0.02]},
+                                                           "a", "b")] == ["FAIL", "PASS", "info"]
+    assert against.contention_rows("8", {"a": [1_800.0], "b": [2_000.0]}, {"a": [0.02], "b": [0.02]},
+                                   "a", "b")[0].verdict == "PASS"
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
 def test_interleaved_cases_follow_every_case_equally_often(bench: ModuleType, count: int) -> None:
     """Two trees at two sizes are four cases, and a case run right after one of its own
@@ -194,7 +215,7 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
                    "contention:", "contention: worst single operation", "runs show --json"):
         assert any(target.startswith(wanted) for target in targets), wanted
     hot = [row for row in rows if row.verdict != "info"]
-    assert len(hot) == 6  # wall and CPU time at both sizes, whole process, contention
+    assert len(hot) == 7  # wall and CPU time at both sizes, whole process, contention (ops/s, worst op)
     assert all(row.verdict in ("PASS", "FAIL") for row in hot)
 
 
