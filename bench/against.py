@@ -68,6 +68,10 @@ PG_OPEN_ROUND_TRIPS = 1  # Ledger.open on PostgreSQL, at most
 IMPORT_FLOOR = "import typer, orjson, filelock"
 PG_IMPORT_FLOOR = "import typer, orjson, filelock, psycopg"
 WORKERS = 8
+# Eight processes on one run: at least this share of the other tree's ops/s, and each
+# round's worst single operation (the median over rounds) at most this many times its.
+CONTENTION_LIMIT = 0.9
+CONTENTION_WORST_LIMIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +338,7 @@ def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds
 
 def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> None:
     """Eight processes doing reserve+release cycles on one fresh run, in each tree: ops/s,
-    and the worst single operation of all rounds."""
+    and each round's worst single operation (:func:`contention_rows`)."""
     where = OUT_DIR / "copies" / "contention"
     where.mkdir(parents=True, exist_ok=True)
     worst: dict[str, list[float]] = {t.key: [] for t in trees}
@@ -359,16 +363,30 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
 
     samples = interleaved({t.key: contention(t) for t in trees}, rounds.contention, rounds.budget_s,
                           min_rounds=1)
-    working, against = (t.key for t in trees)
     what = f"{WORKERS} processes × {rounds.contention_cycles} reserve+release cycles on one run"
-    rows.append(ratio_row(f"contention: {what}, ops/s", samples[working], samples[against],
-                          round(1 / SLOWER_LIMIT, 3), unit=lambda v: f"{v:,.0f} ops/s",
-                          higher_is_better=True))
-    _progress(rows[-1])
-    rows.append(Row(f"contention: worst single operation of those {len(worst[working])} rounds",
-                    f"{fmt_s(max(worst[working]))} vs {fmt_s(max(worst[against]))}",
-                    f"{max(worst[working]) / max(worst[against]):.2f}", "info"))
-    _progress(rows[-1])
+    for row in contention_rows(what, samples, worst, *(t.key for t in trees)):
+        rows.append(row)
+        _progress(row)
+
+
+def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[str, list[float]],
+                    working: str, against: str) -> list[Row]:
+    """The contention rows from each round's ops/s and worst single operation, per tree.
+
+    The worst operation is held to :data:`CONTENTION_WORST_LIMIT` times the other tree's as
+    the median over rounds of each round's worst, like every other row: the worst of all
+    rounds together is one sample in some 8,000, and moved from 1.06 to 2.83 times 0.1.0's
+    between runs of the same code. That worst of all rounds is shown beside it."""
+    worst_all = {key: max(worst_op_s[key]) for key in (working, against)}
+    return [
+        ratio_row(f"contention: {what}, ops/s", ops_s[working], ops_s[against], CONTENTION_LIMIT,
+                  unit=lambda v: f"{v:,.0f} ops/s", higher_is_better=True),
+        ratio_row("contention: worst single operation of a round, median over rounds",
+                  worst_op_s[working], worst_op_s[against], CONTENTION_WORST_LIMIT),
+        Row(f"contention: worst single operation of all {len(worst_op_s[working])} rounds",
+            f"{fmt_s(worst_all[working])} vs {fmt_s(worst_all[against])}",
+            f"{worst_all[working] / worst_all[against]:.2f}", "info"),
+    ]
 
 
 def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:

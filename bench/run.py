@@ -343,11 +343,9 @@ def ratio_row(target: str, measured: list[float], base: list[float], limit: floa
     if limit is None:
         return Row(target, shown, f"{ratio:.2f}", "info")
     ok = ratio >= limit if higher_is_better else ratio <= limit
-    limit_shown = f"{limit:.3g}" if "." in f"{limit:.3g}" else f"{limit:.1f}"
     # A ratio that rounds to its limit is shown with one more digit, so the verdict reads.
     ratio_shown = f"{ratio:.3f}" if f"{ratio:.2f}" == f"{limit:.2f}" and ratio != limit else f"{ratio:.2f}"
-    return Row(target, shown, f"{ratio_shown} ({'≥' if higher_is_better else '≤'} {limit_shown})",
-               verdict(ok))
+    return Row(target, shown, f"{ratio_shown} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
 
 
 def count_row(target: str, shown: str, count: int, limit: int) -> Row:
