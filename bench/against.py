@@ -44,6 +44,7 @@ from run import (
     fmt_s,
     interleaved,
     measure_verify,
+    pg_startup_row,
     ratio_row,
     size_label,
     timed_process,
@@ -63,10 +64,9 @@ CYCLE_LIMIT = 1.0  # the library's reserve+release, wall and CPU time, at every 
 CALLS_LIMIT = 600  # the Python calls (cProfile) of one reserve, at most; and no pathlib parse
 STARTUP_LIMIT = 1.1  # escalate reserve, whole process: A / the import floor, at most
 REPLAY_LIMIT = 1.0  # cold Ledger.verify(), events/s, the collector on: A/B at least
-PG_STARTUP_LIMIT = 1.15  # escalate reserve --store postgresql://…: A / the psycopg import floor, at most
+# (escalate reserve --store postgresql://…: run.PG_STARTUP_LIMIT times the psycopg import floor)
 PG_OPEN_ROUND_TRIPS = 1  # Ledger.open on PostgreSQL, at most
 IMPORT_FLOOR = "import typer, orjson, filelock"
-PG_IMPORT_FLOOR = "import typer, orjson, filelock, psycopg"
 WORKERS = 8
 # Eight processes on one run: at least this share of the other tree's ops/s, and each
 # round's worst single operation (the median over rounds) at most this many times its.
@@ -429,7 +429,7 @@ def compare_postgres(tree: Tree, run: BuiltRun, rounds: Rounds, rows: list[Row])
     trips of ``Ledger.open`` (at most :data:`PG_OPEN_ROUND_TRIPS`), and ``escalate reserve
     --store postgresql://…`` as a whole process against the import floor
     ``python -c 'import typer, orjson, filelock, psycopg'``, interleaved (at most
-    :data:`PG_STARTUP_LIMIT` times it)."""
+    :data:`run.PG_STARTUP_LIMIT` times it, :func:`run.pg_startup_row`)."""
     started = time.monotonic()
     pg = PgBench()
     try:
@@ -440,25 +440,11 @@ def compare_postgres(tree: Tree, run: BuiltRun, rounds: Rounds, rows: list[Row])
         rows.append(count_row("PostgreSQL: round trips of Ledger.open", f"{trips}", trips,
                               PG_OPEN_ROUND_TRIPS))
         _progress(rows[-1])
-        env = cli_env()
-        count = [0]
-
-        def reserve() -> float:
-            count[0] += 1
-            return timed_process([*tree.escalate, "reserve", run.run_id, f"pg-startup-{count[0]}",
-                                  "--estimate", "0.01", "--store", url], env=env)
-
-        cases: dict[str, Callable[[], float]] = {
-            "reserve": reserve, "floor": lambda: timed_process([tree.python, "-c", PG_IMPORT_FLOOR], env=env)}
-        for case in cases.values():
-            case()
-        samples = interleaved(cases, rounds.startup, rounds.budget_s)
+        rows.append(pg_startup_row(url, run, rounds.startup, rounds.budget_s, escalate=tree.escalate,
+                                   python=tree.python))
+        _progress(rows[-1])
     finally:
         pg.close()
-    rows.append(ratio_row(f"PostgreSQL: escalate reserve, whole process @{size_label(run.expected.events)}, "
-                          f"against the import floor python -c '{PG_IMPORT_FLOOR}'",
-                          samples["reserve"], samples["floor"], PG_STARTUP_LIMIT))
-    _progress(rows[-1])
 
 
 # What --only may name in a comparison, in the order they run.

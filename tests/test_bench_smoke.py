@@ -323,8 +323,8 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
 
         monkeypatch.setattr(against, "PgBench", Server)
         monkeypatch.setattr(against, "open_round_trips", lambda url, run_id: int(b))
-        monkeypatch.setattr(against, "timed_process",
-                            lambda argv, env=None: a if "reserve" in argv else 1.0)
+        monkeypatch.setattr(sys.modules["run"], "timed_process",  # (the module against.py imports)
+                            lambda argv, env=None: a if argv[0] == "escalate-a" else 1.0)
         against.compare_postgres(trees[0], run, rounds, rows)
     return rows
 
