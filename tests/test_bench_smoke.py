@@ -323,6 +323,7 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
             return seconds, 0, {"seconds": seconds, "cpu_seconds": seconds}
 
         monkeypatch.setattr(against, "measure_verify", verify)
+        monkeypatch.setattr(against, "bare", lambda built: (1_000 / b, 1_000 / b))  # (an info row)
         against.compare_replay(trees, runs, rounds, rows)
     elif target == "show":
         against.compare_show(trees, runs, rounds, rows)
