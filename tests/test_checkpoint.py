@@ -384,6 +384,23 @@ def test_a_writer_builds_no_state_from_its_own_save(tmp_path: Path,
     assert _view(run) == _view(_ledger(truth_root, clock))
 
 
+def test_a_writer_that_rebuilt_the_checkpoint_keeps_no_whole_fold(tmp_path: Path) -> None:
+    """A writer that folded the whole log (no checkpoint to start from) keeps nothing of that
+    fold past its command: its state holds every task, and a long-lived handle would hold it
+    between commands. The next command builds its state from the checkpoint just saved."""
+    clock = FakeClock()
+    run = _make(tmp_path, clock)
+    run.close()
+    (tmp_path / "r" / CHECKPOINT_NAME).unlink()
+    run.reserve("t1", "1")
+    checkpoint = run.store.checkpoint
+    assert checkpoint is not None and checkpoint._saved is not None
+    assert checkpoint._saved[4] is None
+    run.reserve("t2", "1")
+    assert checkpoint._saved is not None and checkpoint._saved[4] is not None
+    assert run.verify().problems == []
+
+
 def test_a_command_refused_after_its_fold_leaves_no_state_kept(tmp_path: Path) -> None:
     """The state a writer saved is folded into in place by its next command: when that
     command is refused after folding lines it then does not write (an escalation's expiry,

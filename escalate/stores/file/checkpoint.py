@@ -142,7 +142,7 @@ class Checkpoint:
         # they not decoded, nor those rows read back. The state is handed to one command only
         # (it folds into it in place): a command that fails or saves nothing leaves none kept.
         self._saved: tuple[sqlite3.Connection, dict[str, Any], bytes,
-                           dict[str, dict[str, bytes]], RunState] | None = None
+                           dict[str, dict[str, bytes]], RunState | None] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -323,7 +323,7 @@ class Checkpoint:
         guard = self._guard if writable else threading.RLock()
         tasks = Rows[TaskRow](connection, "tasks", guard, rows.get("tasks"))
         escalations = Rows[EscalationState](connection, "escalations", guard, rows.get("escalations"))
-        if saved is None:
+        if saved is None or saved[4] is None:
             return state_from_blob(blob, tasks, escalations), offset, start, blob["lines"]
         # The state this writer saved is the blob's, field for field (run_fields read them from
         # it): it is not built again, only given this command's rows, as state_from_blob does.
@@ -390,7 +390,8 @@ class Checkpoint:
                            "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
-            self._saved = (connection, fields, blob, written, state)
+            # (A state folded from the whole log holds every task: not kept past its command.)
+            self._saved = (connection, fields, blob, written, state if incremental else None)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What
