@@ -8,10 +8,10 @@ reported as the two medians and their ratio. A machine whose speed moves within 
 slows both sides alike, so the ratio holds where a fixed threshold would not.
 
 The library is measured through ``bench/driver.py`` run by each tree's own Python; whole
-processes run each tree's own ``escalate`` command. A hot path (the library's
-reserve+release cycle at every size, in wall time and in CPU time, ``escalate reserve`` as a
-whole process, the ops/s of eight processes on one run) more than 10 % slower than REV
-fails, and the exit status is 1.
+processes run each tree's own ``escalate`` command. Each target of issue #20 is a gate with
+its own limit, shown in its row (:data:`CYCLE_LIMIT` and the rest below); a row over its
+limit fails, and the exit status is 1. The PostgreSQL target (REV may have no such store)
+measures the working tree alone, against the import floor, on a throwaway server.
 
 ``make bench`` compares with the revision recorded in ``bench/baseline.txt``.
 """
@@ -33,16 +33,18 @@ from run import (
     BENCH_DIR,
     OUT_DIR,
     BuiltRun,
+    PgBench,
     Row,
     _progress,
     build_run,
     cli_env,
     compile_tree,
+    count_row,
     escalate_cmd,
     fmt_s,
     interleaved,
     measure_verify,
-    median,
+    pg_startup_row,
     ratio_row,
     size_label,
     timed_process,
@@ -54,10 +56,22 @@ REPO = BENCH_DIR.parent
 TREES_DIR = REPO / ".bench"
 BASELINE_FILE = BENCH_DIR / "baseline.txt"
 DRIVER = BENCH_DIR / "driver.py"
-# A hot path may be at most this much slower than the revision it is compared with.
+# A hot path may be at most this much slower than the revision it is compared with (the
+# rule for a row without a limit of its own below: runs show --json).
 SLOWER_LIMIT = 1.10
+# The targets of issue #20, each its own gate (A: the working tree, B: the revision).
+CYCLE_LIMIT = 1.0  # the library's reserve+release, wall and CPU time, at every size: A/B at most
+CALLS_LIMIT = 600  # the Python calls (cProfile) of one reserve, at most; and no pathlib parse
+STARTUP_LIMIT = 1.1  # escalate reserve, whole process: A / the import floor, at most
+REPLAY_LIMIT = 1.0  # cold Ledger.verify(), events/s, the collector on: A/B at least
+# (escalate reserve --store postgresql://…: run.PG_STARTUP_LIMIT times the psycopg import floor)
+PG_OPEN_ROUND_TRIPS = 1  # Ledger.open on PostgreSQL, at most
 IMPORT_FLOOR = "import typer, orjson, filelock"
 WORKERS = 8
+# Eight processes on one run: at least this share of the other tree's ops/s, and each
+# round's worst single operation (the median over rounds) at most this many times its.
+CONTENTION_LIMIT = 0.9
+CONTENTION_WORST_LIMIT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,26 +231,38 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
         return once
 
     samples = interleaved({t.key: replay(t) for t in trees}, rounds.replay, rounds.budget_s, min_rounds=1)
-    for what, rates in ((f"cold replay: Ledger.verify() @{size_label(events)}, events/s", samples),
-                        (f"cold replay @{size_label(events)}, events per second of CPU time", cpu)):
-        rows.append(ratio_row(what, rates[trees[0].key], rates[trees[1].key], None, unit=_rate,
+    # The issue's target is events/s (a replay waits on no fsync: its wall time is its work);
+    # the CPU time's rate is shown beside it.
+    for what, rates, limit in ((f"cold replay: Ledger.verify() @{size_label(events)}, events/s", samples,
+                                REPLAY_LIMIT),
+                               (f"cold replay @{size_label(events)}, events per second of CPU time", cpu,
+                                None)):
+        rows.append(ratio_row(what, rates[trees[0].key], rates[trees[1].key], limit, unit=_rate,
                               higher_is_better=True))
         _progress(rows[-1])
 
 
 def compare_calls(drivers: list[Driver], runs: dict[str, BuiltRun], rows: list[Row]) -> None:
-    """The Python calls (cProfile) of one reserve and one release, and the paths parsed."""
+    """The Python calls (cProfile) of one reserve, at most :data:`CALLS_LIMIT`, and the paths
+    parsed by ``pathlib`` in one reserve and the release after it, none; each tree's count of
+    the whole cycle beside them."""
     counts = [d.ask(op="calls", where=str(runs[d.tree.key].runs_dir), run_id=runs[d.tree.key].run_id,
                     prefix="calls") for d in drivers]
 
-    def shown(c: dict[str, Any]) -> str:
-        return (f"{c['reserve'] + c['release']:,} ({c['reserve']:,} + {c['release']:,}; "
-                f"{c['reserve_pathlib'] + c['release_pathlib']} pathlib parses)")
+    def cycle(c: dict[str, Any]) -> str:
+        return f"{c['reserve'] + c['release']:,} ({c['reserve']:,} + {c['release']:,})"
 
-    total = [c["reserve"] + c["release"] for c in counts]
-    rows.append(Row(f"Python calls (cProfile) of one reserve+release @"
-                    f"{size_label(next(iter(runs.values())).expected.events)}",
-                    f"{shown(counts[0])} vs {shown(counts[1])}", f"{total[0] / total[1]:.2f}", "info"))
+    def parses(c: dict[str, Any]) -> int:
+        return int(c["reserve_pathlib"] + c["release_pathlib"])
+
+    size = size_label(next(iter(runs.values())).expected.events)
+    working, against = counts
+    rows.append(count_row(f"Python calls (cProfile) of one reserve @{size}",
+                          f"{working['reserve']:,} vs {against['reserve']:,}; reserve+release "
+                          f"{cycle(working)} vs {cycle(against)}", working["reserve"], CALLS_LIMIT))
+    _progress(rows[-1])
+    rows.append(count_row(f"pathlib parses in one reserve+release @{size}",
+                          f"{parses(working)} vs {parses(against)}", parses(working), 0))
     _progress(rows[-1])
 
 
@@ -266,23 +292,19 @@ def compare_cycles(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]],
     working, against = (d.tree.key for d in drivers)
     for size in sizes:
         rows.append(ratio_row(f"library: reserve+release @{size_label(size)}", samples[f"{working}@{size}"],
-                              samples[f"{against}@{size}"], SLOWER_LIMIT))
+                              samples[f"{against}@{size}"], CYCLE_LIMIT))
         _progress(rows[-1])
         rows.append(ratio_row(f"library: reserve+release @{size_label(size)}, CPU time",
-                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], SLOWER_LIMIT))
+                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], CYCLE_LIMIT))
         _progress(rows[-1])
-
-
-def startup_base(samples: dict[str, list[float]], against: str) -> str:
-    """Which samples the whole process is held to: the baseline's, or the import floor's
-    when the baseline ran below the floor. The design makes ``filelock`` the lock, and the
-    floor is the least a process that imports it can take; 0.1.0 locked with ``fcntl``
-    itself and so ran below the floor, which no version keeping the design's lock can."""
-    return against if median(samples[against]) >= median(samples["floor"]) else "floor"
 
 
 def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
-    """``escalate reserve`` as a whole process in each tree, and the import floor beside them."""
+    """``escalate reserve`` as a whole process in each tree, and the import floor beside them.
+    The working tree is held to the floor (at most :data:`STARTUP_LIMIT` times it): the design
+    makes ``filelock`` the lock, and the floor is the least a process that imports it can
+    take (0.1.0 locked with ``fcntl`` itself and ran below it). Against a revision at or
+    above the floor, this is at least as strict as the 10 % rule; A/B is shown beside it."""
     env = cli_env()
     count = [0]
 
@@ -302,24 +324,21 @@ def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds
         case()
     samples = interleaved(cases, rounds.startup, rounds.budget_s)
     working, against = (t.key for t in trees)
-    rows.append(ratio_row(f"escalate reserve, whole process @{size_label(runs[working].expected.events)}",
-                          samples[working], samples[against], None))
+    size = size_label(runs[working].expected.events)
+    rows.append(ratio_row(f"escalate reserve, whole process @{size}, against the import floor "
+                          f"python -c '{IMPORT_FLOOR}'", samples[working], samples["floor"], STARTUP_LIMIT))
     _progress(rows[-1])
-    base = startup_base(samples, against)
-    rows.append(ratio_row(f"escalate reserve, whole process, against "
-                          f"{'B' if base == against else 'the import floor (B ran below it)'}",
-                          samples[working], samples[base], SLOWER_LIMIT))
+    rows.append(ratio_row(f"escalate reserve, whole process @{size}, A vs B", samples[working],
+                          samples[against], None))
     _progress(rows[-1])
-    for tree in trees:
-        rows.append(ratio_row(f"  {tree.label}: escalate reserve vs the import floor, "
-                              f"python -c '{IMPORT_FLOOR}'",
-                              samples[tree.key], samples["floor"], None))
-        _progress(rows[-1])
+    rows.append(ratio_row(f"  {trees[1].label}: escalate reserve vs the import floor",
+                          samples[against], samples["floor"], None))
+    _progress(rows[-1])
 
 
 def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> None:
     """Eight processes doing reserve+release cycles on one fresh run, in each tree: ops/s,
-    and the worst single operation of all rounds."""
+    and each round's worst single operation (:func:`contention_rows`)."""
     where = OUT_DIR / "copies" / "contention"
     where.mkdir(parents=True, exist_ok=True)
     worst: dict[str, list[float]] = {t.key: [] for t in trees}
@@ -344,16 +363,30 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
 
     samples = interleaved({t.key: contention(t) for t in trees}, rounds.contention, rounds.budget_s,
                           min_rounds=1)
-    working, against = (t.key for t in trees)
     what = f"{WORKERS} processes × {rounds.contention_cycles} reserve+release cycles on one run"
-    rows.append(ratio_row(f"contention: {what}, ops/s", samples[working], samples[against],
-                          round(1 / SLOWER_LIMIT, 3), unit=lambda v: f"{v:,.0f} ops/s",
-                          higher_is_better=True))
-    _progress(rows[-1])
-    rows.append(Row(f"contention: worst single operation of those {len(worst[working])} rounds",
-                    f"{fmt_s(max(worst[working]))} vs {fmt_s(max(worst[against]))}",
-                    f"{max(worst[working]) / max(worst[against]):.2f}", "info"))
-    _progress(rows[-1])
+    for row in contention_rows(what, samples, worst, *(t.key for t in trees)):
+        rows.append(row)
+        _progress(row)
+
+
+def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[str, list[float]],
+                    working: str, against: str) -> list[Row]:
+    """The contention rows from each round's ops/s and worst single operation, per tree.
+
+    The worst operation is held to :data:`CONTENTION_WORST_LIMIT` times the other tree's as
+    the median over rounds of each round's worst, like every other row: the worst of all
+    rounds together is one sample in some 8,000, and moved from 1.06 to 2.83 times 0.1.0's
+    between runs of the same code. That worst of all rounds is shown beside it."""
+    worst_all = {key: max(worst_op_s[key]) for key in (working, against)}
+    return [
+        ratio_row(f"contention: {what}, ops/s", ops_s[working], ops_s[against], CONTENTION_LIMIT,
+                  unit=lambda v: f"{v:,.0f} ops/s", higher_is_better=True),
+        ratio_row("contention: worst single operation of a round, median over rounds",
+                  worst_op_s[working], worst_op_s[against], CONTENTION_WORST_LIMIT),
+        Row(f"contention: worst single operation of all {len(worst_op_s[working])} rounds",
+            f"{fmt_s(worst_all[working])} vs {fmt_s(worst_all[against])}",
+            f"{worst_all[working] / worst_all[against]:.2f}", "info"),
+    ]
 
 
 def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
@@ -370,12 +403,52 @@ def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, r
     samples = interleaved(cases, rounds.show, rounds.budget_s)
     working, against = (t.key for t in trees)
     rows.append(ratio_row(f"runs show --json @{size_label(runs[working].expected.events)}, warm cache",
-                          samples[working], samples[against], None))
+                          samples[working], samples[against], SLOWER_LIMIT))
     _progress(rows[-1])
 
 
+def open_round_trips(url: str, run_id: str) -> int:
+    """The round trips of ``Ledger.open`` on a store opened from ``url``, as a command opens
+    it: its own connection, made first (connecting sends no query), traced by libpq while the
+    run is opened (:class:`tests.pg_throwaway.RoundTrips`)."""
+    from escalate import Ledger
+    from escalate.stores.postgres.store import PgStore
+    from tests.pg_throwaway import RoundTrips  # (PgBench put the checkout on the path)
+
+    with PgStore(url) as store:
+        with store.connection(schema=False) as connection:
+            pass
+        with RoundTrips(connection) as trips:
+            Ledger.open(store, run_id, actor="bench").close()
+    return trips.count
+
+
+def compare_postgres(tree: Tree, run: BuiltRun, rounds: Rounds, rows: list[Row]) -> None:
+    """The PostgreSQL store in the working tree alone (a revision may have no such store):
+    on a throwaway durable server holding a copy of ``run`` (:class:`run.PgBench`), the round
+    trips of ``Ledger.open`` (at most :data:`PG_OPEN_ROUND_TRIPS`), and ``escalate reserve
+    --store postgresql://…`` as a whole process against the import floor
+    ``python -c 'import typer, orjson, filelock, psycopg'``, interleaved (at most
+    :data:`run.PG_STARTUP_LIMIT` times it, :func:`run.pg_startup_row`)."""
+    started = time.monotonic()
+    pg = PgBench()
+    try:
+        url = pg.imported(run)
+        print(f"  PostgreSQL: a throwaway server, the {size_label(run.expected.events)} run imported "
+              f"in {time.monotonic() - started:.1f} s", flush=True)
+        trips = open_round_trips(url, run.run_id)
+        rows.append(count_row("PostgreSQL: round trips of Ledger.open", f"{trips}", trips,
+                              PG_OPEN_ROUND_TRIPS))
+        _progress(rows[-1])
+        rows.append(pg_startup_row(url, run, rounds.startup, rounds.budget_s, escalate=tree.escalate,
+                                   python=tree.python))
+        _progress(rows[-1])
+    finally:
+        pg.close()
+
+
 # What --only may name in a comparison, in the order they run.
-TARGETS = ("replay", "calls", "cycles", "startup", "contention", "show")
+TARGETS = ("replay", "calls", "cycles", "startup", "contention", "show", "postgres")
 
 
 def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows: list[Row],
@@ -392,8 +465,9 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
     heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
-               "each row: the median of A vs the median of B, ratio A/B; a hot path fails when A is "
-               f"more than {SLOWER_LIMIT - 1:.0%} slower"]
+               "each row: the median of A vs the median of B (or the import floor), their ratio; "
+               "a row with a limit fails beyond it (issue #20's targets; other hot paths: at most "
+               f"{SLOWER_LIMIT - 1:.0%} slower than B)"]
     for line in heading:
         print(line, flush=True)
     if wanted <= {"contention"}:  # it makes its own runs
@@ -425,4 +499,6 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
         compare_contention(trees, rounds, rows)
     if "show" in wanted:
         compare_show(trees, copies[sizes[-1]], rounds, rows)
+    if "postgres" in wanted:
+        compare_postgres(trees[0], built[sizes[0]], rounds, rows)
     return heading

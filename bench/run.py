@@ -343,7 +343,14 @@ def ratio_row(target: str, measured: list[float], base: list[float], limit: floa
     if limit is None:
         return Row(target, shown, f"{ratio:.2f}", "info")
     ok = ratio >= limit if higher_is_better else ratio <= limit
-    return Row(target, shown, f"{ratio:.2f} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
+    # A ratio that rounds to its limit is shown with one more digit, so the verdict reads.
+    ratio_shown = f"{ratio:.3f}" if f"{ratio:.2f}" == f"{limit:.2f}" and ratio != limit else f"{ratio:.2f}"
+    return Row(target, shown, f"{ratio_shown} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
+
+
+def count_row(target: str, shown: str, count: int, limit: int) -> Row:
+    """A counted measure (calls, round trips) as a row: at most ``limit``, which the row shows."""
+    return Row(target, shown, f"{count:,} (≤ {limit:,})", verdict(count <= limit))
 
 
 def compile_tree() -> None:
@@ -642,22 +649,38 @@ def _pg_flat_cost(pg: PgBench, runs: dict[int, BuiltRun], settings: Settings, ro
         _progress(rows[-1])
 
 
-def _pg_startup(pg: PgBench, run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
-    """``escalate reserve`` as a whole process on each store, side by side."""
-    url = pg.imported(run)
+# escalate reserve on PostgreSQL, whole process, against importing what it needs: at most
+# this many times it (issue #20; the earlier bar, 1.5 times the file store, was withdrawn:
+# importing psycopg is the floor there).
+PG_IMPORT_FLOOR = "import typer, orjson, filelock, psycopg"
+PG_STARTUP_LIMIT = 1.15
+
+
+def pg_startup_row(url: str, run: BuiltRun, rounds: int, budget_s: float, *,
+                   escalate: Sequence[str] | None = None, python: str = sys.executable) -> Row:
+    """``escalate reserve --store url`` on ``run`` as a whole process (``escalate``: a tree's
+    command) against the import floor ``python -c 'import typer, orjson, filelock,
+    psycopg'``, interleaved: at most :data:`PG_STARTUP_LIMIT` times it."""
     ids = TaskIds("pg-startup")
     env = cli_env()
-
-    def reserve(*where: str) -> Callable[[], float]:
-        return lambda: timed_process([*escalate_cmd(), "reserve", run.run_id, ids(), "--estimate", "0.01",
-                                      *where], env=env)
-
-    cases = {"pg": reserve("--store", url), "file": reserve("--runs-dir", str(run.runs_dir))}
+    command = list(escalate or escalate_cmd())
+    cases: dict[str, Callable[[], float]] = {
+        "reserve": lambda: timed_process([*command, "reserve", run.run_id, ids(), "--estimate", "0.01",
+                                          "--store", url], env=env),
+        "floor": lambda: timed_process([python, "-c", PG_IMPORT_FLOOR], env=env),
+    }
     for case in cases.values():
         case()
-    samples = interleaved(cases, settings.startup_rounds, settings.budget_s)
-    rows.append(ratio_row(f"7 escalate reserve as a whole process @{size_label(run.expected.events)}: "
-                          "PostgreSQL vs file store", samples["pg"], samples["file"], 1.5))
+    samples = interleaved(cases, rounds, budget_s)
+    return ratio_row(f"PostgreSQL: escalate reserve, whole process @{size_label(run.expected.events)}, "
+                     f"against the import floor python -c '{PG_IMPORT_FLOOR}'",
+                     samples["reserve"], samples["floor"], PG_STARTUP_LIMIT)
+
+
+def _pg_startup(pg: PgBench, run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
+    """``escalate reserve`` as a whole process on PostgreSQL against its import floor."""
+    row = pg_startup_row(pg.imported(run), run, settings.startup_rounds, settings.budget_s)
+    rows.append(dataclasses.replace(row, target=f"7 {row.target}"))
     _progress(rows[-1])
 
 
@@ -733,10 +756,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "(the smallest and largest are compared)")
     parser.add_argument("--only", help="comma-separated targets to run (1-7; 6: pools, 7: the "
                         "PostgreSQL store beside the file store; with --against: replay, calls, "
-                        "cycles, startup, contention, show); default all")
+                        "cycles, startup, contention, show, postgres); default all")
     parser.add_argument("--against", metavar="REV", help="measure the working tree and git revision "
-                        "REV side by side (REV installed under .bench/); exit 1 when a hot path is "
-                        "more than 10%% slower than REV; sizes default to 1k,1M")
+                        "REV side by side (REV installed under .bench/); exit 1 when a target is "
+                        "beyond its limit (issue #20's, shown in each row); sizes default to 1k,1M")
     parser.add_argument("--baseline", action="store_true",
                         help="--against the revision recorded in bench/baseline.txt (make bench)")
     return parser.parse_args(argv)

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 # What a test server may skip: it is thrown away, so a crash of the machine loses nothing
@@ -134,3 +136,31 @@ class ThrowawayServer:
         if (self.pgdata / "postmaster.pid").exists():
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RoundTrips:
+    """The round trips a psycopg connection makes inside ``with RoundTrips(connection) as
+    trips:`` (``trips.count`` once the block ends), read from libpq's trace of the protocol:
+    each simple ``Query``, and each ``Sync`` that ends an extended one, waits for the server's
+    answer. The tests and the bench count ``Ledger.open`` with it."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.count = 0
+        self._sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the block ends)
+
+    def __enter__(self) -> RoundTrips:
+        from psycopg import pq
+
+        self.connection.pgconn.trace(self._sink.fileno())
+        self.connection.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.connection.pgconn.untrace()
+        with self._sink:
+            self._sink.seek(0)
+            sent = [line.split(b"\t") for line in self._sink.read().splitlines()]
+        self.count = sum(1 for fields in sent
+                         if len(fields) > 2 and fields[0] == b"F" and fields[2] in (b"Query", b"Sync"))

@@ -107,6 +107,27 @@ def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: Module
     assert "load average" in written
 
 
+def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_a_median(
+        against: ModuleType) -> None:
+    """Under contention the ops/s must reach 0.9 of the revision's, and the worst single
+    operation of each round, the median over rounds, at most twice the revision's: one
+    unlucky round fails nothing, a worst operation that is long in most rounds does. The
+    worst of all rounds is shown beside them, for information."""
+    ops = {"a": [1_800.0, 1_700.0, 1_900.0], "b": [2_000.0, 1_900.0, 2_100.0]}
+    one_bad_round = {"a": [0.030, 0.200, 0.031], "b": [0.020, 0.021, 0.019]}
+    rows = against.contention_rows("8 processes", ops, one_bad_round, "a", "b")
+    assert [row.verdict for row in rows] == ["PASS", "PASS", "info"]
+    assert rows[1].ratio == "1.55 (≤ 2)" and rows[2].ratio == "9.52"
+    assert "200.0 ms vs 21.0 ms" in rows[2].measured
+    often_long = {"a": [0.045, 0.043, 0.031], "b": [0.020, 0.021, 0.019]}
+    assert against.contention_rows("8", ops, often_long, "a", "b")[1].verdict == "FAIL"
+    fewer = {"a": [1_790.0], "b": [2_000.0]}
+    assert [row.verdict for row in against.contention_rows("8", fewer, {"a": [0.02], "b": [0.02]},
+                                                           "a", "b")] == ["FAIL", "PASS", "info"]
+    assert against.contention_rows("8", {"a": [1_800.0], "b": [2_000.0]}, {"a": [0.02], "b": [0.02]},
+                                   "a", "b")[0].verdict == "PASS"
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
 def test_interleaved_cases_follow_every_case_equally_often(bench: ModuleType, count: int) -> None:
     """Two trees at two sizes are four cases, and a case run right after one of its own
@@ -189,24 +210,16 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
             against._git("worktree", "remove", "--force", str(tree))
     assert heading[0].startswith("A: working tree")
     targets = [row.target for row in rows]
-    for wanted in ("cold replay", "Python calls", "library: reserve+release @200",
+    for wanted in ("cold replay", "Python calls", "pathlib parses", "library: reserve+release @200",
                    "library: reserve+release @400", "escalate reserve, whole process",
-                   "contention:", "contention: worst single operation", "runs show --json"):
+                   "contention:", "contention: worst single operation", "runs show --json",
+                   "PostgreSQL: round trips of Ledger.open", "PostgreSQL: escalate reserve"):
         assert any(target.startswith(wanted) for target in targets), wanted
     hot = [row for row in rows if row.verdict != "info"]
-    assert len(hot) == 6  # wall and CPU time at both sizes, whole process, contention
+    # cold replay; calls and pathlib; wall and CPU time at both sizes; whole process;
+    # contention (ops/s, worst op); runs show; PostgreSQL's round trips and whole process
+    assert len(hot) == 13
     assert all(row.verdict in ("PASS", "FAIL") for row in hot)
-
-
-def test_the_whole_process_is_held_to_the_baseline_or_the_import_floor_whichever_is_slower(
-        against: ModuleType) -> None:
-    """A baseline that ran below the import floor (0.1.0 locked without ``filelock``) is no
-    bar a version keeping the design's lock can meet: the floor stands in for it; a
-    baseline at or above the floor is the bar itself."""
-    floor = [100.0, 101.0, 99.0]
-    assert against.startup_base({"b": [90.0, 91.0, 89.0], "floor": floor}, "b") == "floor"
-    assert against.startup_base({"b": [100.0, 120.0, 80.0], "floor": floor}, "b") == "b"
-    assert against.startup_base({"b": [110.0, 111.0, 109.0], "floor": floor}, "b") == "b"
 
 
 def test_a_revision_that_does_not_install_with_these_versions_gets_its_own(
@@ -244,3 +257,127 @@ def test_the_processes_it_times_may_keep_their_bytecode(bench: ModuleType,
     env = bench.cli_env()
     assert "PYTHONDONTWRITEBYTECODE" not in env and "ESCALATE_RUNS_DIR" not in env
     assert env["ESCALATE_ACTOR"] == bench.ACTOR
+
+
+# ---------------------------------------------------------------------- make bench's gates
+
+
+class _FakeDriver:
+    """A tree's driver answering with made-up measurements: each cycle takes ``seconds`` (wall
+    and CPU alike), one reserve ``calls`` Python calls."""
+
+    def __init__(self, tree: Any, seconds: float, calls: int, pathlib: int = 0) -> None:
+        self.tree, self.seconds, self.calls, self.pathlib = tree, seconds, calls, pathlib
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        if request["op"] == "open":
+            return {"ok": True}
+        if request["op"] == "cycle":
+            return {"seconds": self.seconds, "cpu_seconds": self.seconds}
+        return {"reserve": self.calls, "release": 270, "reserve_pathlib": self.pathlib, "release_pathlib": 0}
+
+
+def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPatch, target: str,
+           a: float, b: float) -> list[Any]:
+    """The rows of ``target``'s comparison when the working tree (A) measures ``a`` and the
+    revision (B), the import floor or the limit's other side ``b`` (times in seconds, rates
+    in events/s, counts): every measurement made up, the gating real."""
+    trees = [against.Tree("A", "working", "python-a", ["escalate-a"]),
+             against.Tree("B", "rev", "python-b", ["escalate-b"])]
+    run = bench.BuiltRun(Path("runs"), "r", bench.Expected(events=1_000), "mixed")
+    runs = {tree.key: run for tree in trees}
+    rounds = against.Rounds(cycles=3, startup=3, show=3, replay=3, contention=1, contention_cycles=1,
+                            budget_s=60)
+    rows: list[Any] = []
+
+    def process(argv: list[str], *, env: Any = None) -> float:  # A's command takes a, all else b
+        return a if argv[0] == "escalate-a" else b
+
+    monkeypatch.setattr(against, "timed_process", process)
+    if target == "cycles":
+        drivers = [_FakeDriver(trees[0], a, 1), _FakeDriver(trees[1], b, 1)]
+        against.compare_cycles(drivers, {1_000: runs, 1_000_000: runs}, rounds, rows)
+    elif target == "calls":
+        against.compare_calls([_FakeDriver(trees[0], 1, int(a), int(b)), _FakeDriver(trees[1], 1, 239)],
+                              runs, rows)
+    elif target == "startup":  # the floor takes b; B takes 1.2 b (a revision above the floor)
+        monkeypatch.setattr(against, "timed_process",
+                            lambda argv, env=None: {"escalate-a": a, "escalate-b": 1.2 * b}.get(argv[0], b))
+        against.compare_startup(trees, runs, rounds, rows)
+    elif target == "replay":
+        def verify(built: Any, python: str) -> tuple[float, int, dict[str, float]]:
+            seconds = 1_000 / (a if python == "python-a" else b)
+            return seconds, 0, {"seconds": seconds, "cpu_seconds": seconds}
+
+        monkeypatch.setattr(against, "measure_verify", verify)
+        against.compare_replay(trees, runs, rounds, rows)
+    elif target == "show":
+        against.compare_show(trees, runs, rounds, rows)
+    else:  # postgres: a's reserve against the floor's b; Ledger.open's round trips: b
+        class Server:
+            def imported(self, built: Any) -> str:
+                return "postgresql:///made-up"
+
+            def close(self) -> None:
+                pass
+
+        monkeypatch.setattr(against, "PgBench", Server)
+        monkeypatch.setattr(against, "open_round_trips", lambda url, run_id: int(b))
+        monkeypatch.setattr(sys.modules["run"], "timed_process",  # (the module against.py imports)
+                            lambda argv, env=None: a if argv[0] == "escalate-a" else 1.0)
+        against.compare_postgres(trees[0], run, rounds, rows)
+    return rows
+
+
+# target, A's measure within the limit, A's measure over it, B's (or the floor's), the rows
+# gated, and the limit each of them shows.
+GATES = [
+    ("cycles", 1.0, 1.01, 1.0, 4, "≤ 1"),  # wall and CPU time at 1k and at 1M: no slower than B
+    ("calls", 600, 601, 0, 1, "≤ 600"),  # the calls of one reserve (B's pathlib parses: none)
+    ("startup", 1.1, 1.11, 1.0, 1, "≤ 1.1"),  # against the import floor, though B is above it
+    ("replay", 1.0, 0.99, 1.0, 1, "≥ 1"),  # cold verify, events/s
+    ("show", 1.1, 1.11, 1.0, 1, "≤ 1.1"),  # runs show --json: the 10 % rule
+    ("postgres", 1.15, 1.16, 1, 1, "≤ 1.15"),  # whole process against the psycopg floor (1 round trip)
+]
+
+
+@pytest.mark.parametrize(("target", "within", "over", "other", "gated", "limit"), GATES,
+                         ids=[gate[0] for gate in GATES])
+def test_each_target_is_a_gate_with_its_own_limit_and_one_row_over_it_exits_1(
+        bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPatch, target: str,
+        within: float, over: float, other: float, gated: int, limit: str) -> None:
+    """make bench holds each of issue #20's targets to its own limit, shown in its row: a
+    measure at its limit passes, one just over it fails and make bench exits 1."""
+    passing = _gated(bench, against, monkeypatch, target, within, other)
+    failing = _gated(bench, against, monkeypatch, target, over, other)
+    for rows in (passing, failing):
+        assert len([row for row in rows if row.verdict != "info"]) >= gated
+    assert all(row.verdict in ("PASS", "info") for row in passing), [(r.target, r.ratio) for r in passing]
+    failed = [row for row in failing if row.verdict == "FAIL"]
+    assert len(failed) == gated, [(r.target, r.ratio, r.verdict) for r in failing]
+    assert all(f"({limit})" in row.ratio for row in failed)
+    assert bench._finish(passing, ["--baseline"], 0.0) == 0
+    assert bench._finish(failing, ["--baseline"], 0.0) == 1
+
+
+def test_a_pathlib_parse_on_the_hot_path_fails(bench: ModuleType, against: ModuleType,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pathlib on the hot path (issue #20): one parse in a reserve+release fails its row."""
+    rows = _gated(bench, against, monkeypatch, "calls", 500, 1)
+    parses = [(row.ratio, row.verdict) for row in rows if row.target.startswith("pathlib")]
+    assert parses == [("1 (≤ 0)", "FAIL")]
+
+
+def test_postgresql_counts_the_round_trips_of_ledger_open(bench: ModuleType, against: ModuleType,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two round trips to open a run fail make bench, however fast the process."""
+    rows = _gated(bench, against, monkeypatch, "postgres", 1.0, 2)
+    assert [(row.ratio, row.verdict) for row in rows if "round trips" in row.target] == [("2 (≤ 1)", "FAIL")]
+
+
+def test_the_bench_counts_one_round_trip_to_open_a_run_on_postgresql(bench: ModuleType, against: ModuleType,
+                                                                     pg_url: str) -> None:
+    """The count make bench gates on is libpq's, of the store's own connection: one round
+    trip for Ledger.open on a run that exists."""
+    Ledger.init(pg_url, "r", cap="10", actor="tester")
+    assert against.open_round_trips(pg_url, "r") == 1

@@ -23,6 +23,7 @@ from escalate.stores.postgres.tables import SCHEMA_VERSION
 from escalate.transfer import export_lines, import_log
 from tests.conftest import FakeClock
 from tests.pg_server import admin, pg_url, server, url_of
+from tests.pg_throwaway import RoundTrips
 
 __all__ = ["pg_url"]  # the fixture, imported for the tests below
 
@@ -548,37 +549,33 @@ def test_a_server_gone_silent_is_noticed_unless_the_url_says_otherwise(pg_url: s
     assert options(f"{pg_url}{'&' if '?' in pg_url else '?'}keepalives_idle=5")["keepalives_idle"] == b"5"
 
 
-def _round_trips(trace: Path) -> int:
-    """The queries a client sent (libpq's trace of the protocol): each simple ``Query`` and
-    each ``Sync`` that ends an extended one waits for the server's answer."""
-    sent = [line.split("\t") for line in trace.read_text().splitlines()]
-    return sum(1 for fields in sent
-               if len(fields) > 2 and fields[0] == "F" and fields[2] in ("Query", "Sync"))
-
-
-@pytest.mark.parametrize("pool", [None, "pool", "pool_opened"])
-def test_opening_a_run_is_one_round_trip(pg_url: str, tmp_path: Path, pool: str | None) -> None:
+@pytest.mark.parametrize("pool", [None, "pool", "pool_opened", "url"])
+def test_opening_a_run_is_one_round_trip(pg_url: str, pool: str | None) -> None:
     """Ledger.open asks the schema's version, whether the run exists and its first line (its
-    pool) in one query; a pool's id is still refused as a run, and an unknown run named."""
+    pool) in one query, on a connection given to it and on the one a store opens from its
+    URL (as a command does); a pool's id is still refused as a run, and an unknown run
+    named. Counted in libpq's trace: round trips, not statements."""
     from escalate.errors import InputError, UnknownRun
     from escalate.pools.pool import Pool
 
     Pool.init(pg_url, "p", cap="100", period="day", actor="tester")
     Ledger.init(pg_url, "r", cap="10", actor="tester", pool="p" if pool == "pool" else None)
-    trace = tmp_path / "trace"
-    with psycopg.connect(pg_url, autocommit=True) as connection, trace.open("w") as sink:
-        connection.pgconn.trace(sink.fileno())
-        connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-        if pool == "pool_opened":
-            with pytest.raises(InputError, match="pool"):
-                Ledger.open(connection, "p", actor="tester")
+    with PgStore(pg_url) if pool == "url" else psycopg.connect(pg_url, autocommit=True) as where:
+        if isinstance(where, PgStore):
+            with where.connection(schema=False) as connection:  # connected: no query sent yet
+                pass
         else:
-            run = Ledger.open(connection, "r", actor="tester")
-            assert run.pool_id() == ("p" if pool == "pool" else None)
-        connection.pgconn.untrace()
-        assert _round_trips(trace) == 1
+            connection = where
+        with RoundTrips(connection) as trips:
+            if pool == "pool_opened":
+                with pytest.raises(InputError, match="pool"):
+                    Ledger.open(where, "p", actor="tester")
+            else:
+                run = Ledger.open(where, "r", actor="tester")
+                assert run.pool_id() == ("p" if pool == "pool" else None)
+        assert trips.count == 1
         with pytest.raises(UnknownRun):
-            Ledger.open(connection, "nope", actor="tester")
+            Ledger.open(where, "nope", actor="tester")
     assert Ledger.open(pg_url, "r", actor="tester").reserve("t", "1")["status"] == "reserved"
 
 
