@@ -352,6 +352,77 @@ def test_a_writer_reads_back_nothing_it_saved_itself_and_every_other_writers(tmp
     assert run.verify().problems == []
 
 
+def test_a_writer_builds_no_state_from_its_own_save(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer whose last save is still the checkpoint takes the state it saved as it is (no
+    state built again from the run-wide row); after another writer's write it builds the one
+    that writer saved, and every answer is the log's."""
+    from escalate.stores.file import checkpoint as file_checkpoint
+
+    built: list[int] = []
+    state_from_blob = file_checkpoint.state_from_blob
+
+    def counted(*args: Any) -> Any:
+        built.append(1)
+        return state_from_blob(*args)
+
+    monkeypatch.setattr(file_checkpoint, "state_from_blob", counted)
+    clock = FakeClock()
+    run, other = _make(tmp_path, clock), _ledger(tmp_path, clock)
+    run.reserve("t1", "1")
+    built.clear()
+    run.reserve("t2", "1")
+    run.release("t2", "0.5")
+    assert built == []
+    other.reserve("t3", "1")
+    assert built == [1]
+    built.clear()
+    assert run.reserve("t3", "1")["status"] == "exists"
+    assert built == [1]
+    truth_root = tmp_path / "truth"
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
+    assert _view(run) == _view(_ledger(truth_root, clock))
+
+
+def test_a_writer_that_rebuilt_the_checkpoint_keeps_no_whole_fold(tmp_path: Path) -> None:
+    """A writer that folded the whole log (no checkpoint to start from) keeps nothing of that
+    fold past its command: its state holds every task, and a long-lived handle would hold it
+    between commands. The next command builds its state from the checkpoint just saved."""
+    clock = FakeClock()
+    run = _make(tmp_path, clock)
+    run.close()
+    (tmp_path / "r" / CHECKPOINT_NAME).unlink()
+    run.reserve("t1", "1")
+    checkpoint = run.store.checkpoint
+    assert checkpoint is not None and checkpoint._saved is not None
+    assert checkpoint._saved[4] is None
+    run.reserve("t2", "1")
+    assert checkpoint._saved is not None and checkpoint._saved[4] is not None
+    assert run.verify().problems == []
+
+
+def test_a_command_refused_after_its_fold_leaves_no_state_kept(tmp_path: Path) -> None:
+    """The state a writer saved is folded into in place by its next command: when that
+    command is refused after folding lines it then does not write (an escalation's expiry,
+    before an approval of an unknown id), nothing of it is kept, and the command after it
+    decides from the checkpoint as the file holds it: it writes the expiry itself."""
+    clock = FakeClock()
+    run = _make(tmp_path, clock)  # (esc-7 is open, and expires in an hour)
+    run.reserve("t1", "1")
+    clock.advance(2 * 3600)
+    lines = (tmp_path / "r" / LOG_NAME).read_bytes()
+    with pytest.raises(EscalateError, match="no escalation nope"):
+        run.approve("nope", by="boss")
+    assert (tmp_path / "r" / LOG_NAME).read_bytes() == lines
+    assert run.reserve("t2", "1")["status"] == "reserved"
+    written = [orjson.loads(line) for line in (tmp_path / "r" / LOG_NAME).read_bytes().splitlines()]
+    assert [event["type"] for event in written[-2:]] == ["escalation_resolved", "budget_reserved"]
+    truth_root = tmp_path / "truth"
+    shutil.copytree(tmp_path / "r", truth_root / "r", ignore=NO_CHECKPOINT)
+    assert _view(run) == _view(_ledger(truth_root, clock))
+    assert run.verify().problems == []
+
+
 # Another process folds SQLite's write-ahead log into the checkpoint (as any sqlite3 client
 # may), then copies it to ``argv[2]`` (a backup) or from ``argv[2]`` over it in place (same
 # file: `cp backup cache.sqlite`, `rsync --inplace`).

@@ -135,13 +135,14 @@ class Checkpoint:
         self._writer: sqlite3.Connection | None = None
         self._writer_for = (0, 0, 0)  # (pid, st_dev, st_ino)
         # The run-wide part this process saved last (decoded, and as the bytes written, which
-        # hold a random token of that save), the rows it wrote then (by table), and the kept
-        # connection it went through. The run row is always read back; only where it is these
-        # very bytes (the file is this save, not a copy put back in place nor another file)
-        # and the log is as it was at the save (checked as for any load) are they not decoded,
-        # nor those rows read back.
+        # hold a random token of that save), the rows it wrote then (by table), the kept
+        # connection it went through, and the state it saved. The run row is always read back;
+        # only where it is these very bytes (the file is this save, not a copy put back in place
+        # nor another file) and the log is as it was at the save (checked as for any load) are
+        # they not decoded, nor those rows read back. The state is handed to one command only
+        # (it folds into it in place): a command that fails or saves nothing leaves none kept.
         self._saved: tuple[sqlite3.Connection, dict[str, Any], bytes,
-                           dict[str, dict[str, bytes]]] | None = None
+                           dict[str, dict[str, bytes]], RunState | None] | None = None
         # Threads sharing a Ledger take turns under the run's lock; this guard also keeps
         # one thread from closing the kept connection while another runs a statement on it
         # (which crashes inside SQLite), whatever the lock does.
@@ -304,7 +305,9 @@ class Checkpoint:
     def _load(self, connection: sqlite3.Connection, log: int,
               writable: bool) -> tuple[RunState, int, int, int]:
         log_info = os.fstat(log)
-        saved = self._saved if writable else None
+        saved = None
+        if writable:
+            saved, self._saved = self._saved, None  # (for this command only: its save keeps one again)
         rows: dict[str, dict[str, bytes]] = {}
         row = connection.execute("SELECT data, crc FROM run WHERE key = 'run'").fetchone()
         if row is None:
@@ -312,15 +315,21 @@ class Checkpoint:
         if saved is not None and saved[0] is connection and row[0] == saved[2]:
             blob, rows = saved[1], saved[3]  # (the log is checked below as for a row read back)
         else:
-            blob = orjson.loads(checked("run", row[0], row[1]))
+            blob, saved = orjson.loads(checked("run", row[0], row[1])), None
         offset, start = blob["offset"], blob["last_line_start"]
         _check_log_at(log, log_info, blob["identity"], start, offset, blob["last_hash"],
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        state = state_from_blob(blob, Rows[TaskRow](connection, "tasks", guard, rows.get("tasks")),
-                                Rows[EscalationState](connection, "escalations", guard,
-                                                      rows.get("escalations")))
+        tasks = Rows[TaskRow](connection, "tasks", guard, rows.get("tasks"))
+        escalations = Rows[EscalationState](connection, "escalations", guard, rows.get("escalations"))
+        if saved is None or saved[4] is None:
+            return state_from_blob(blob, tasks, escalations), offset, start, blob["lines"]
+        # The state this writer saved is the blob's, field for field (run_fields read them from
+        # it): it is not built again, only given this command's rows, as state_from_blob does.
+        state = saved[4]
+        state.tasks, state.escalations, state.last_actor = TaskTable(tasks), escalations, None
+        state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
         return state, offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
@@ -373,14 +382,16 @@ class Checkpoint:
         fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
         # This save's own token: the next load trusts what it kept of this save only where the
         # file's run row is still these bytes (Checkpoint._load).
-        blob = orjson.dumps({**fields, "save": os.urandom(8).hex()})
+        fields["save"] = os.urandom(8).hex()
+        blob = orjson.dumps(fields)
         # The row is there once the checkpoint was loaded: changed in place (a replace would
         # delete it and insert it again, writing its index too).
         connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
                            "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
-            self._saved = (connection, fields, blob, written)
+            # (A state folded from the whole log holds every task: not kept past its command.)
+            self._saved = (connection, fields, blob, written, state if incremental else None)
 
     def discard(self) -> None:
         """Remove the checkpoint (and SQLite's side files); the next writer rebuilds it. What
