@@ -442,5 +442,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
 # The lines that move money, which make up most of a log: the replay's hot loop folds one of
 # these with its handler directly when its envelope is what the chain asks for (see
 # escalate.core.replay), and through apply otherwise. The handlers of budget_reserved,
-# budget_increased and released, in that order.
-MONEY_HANDLERS = (_apply_reserved, _apply_increased, _apply_released)
+# budget_increased and released, in that order. (Typed to take the loop's state as it keeps
+# it, None before the first line, which never reaches them: its first line goes to initial_state.)
+MONEY_HANDLERS: tuple[Callable[[Any, Mapping[str, Any]], None], ...] = (
+    _apply_reserved, _apply_increased, _apply_released)

@@ -209,7 +209,7 @@ class _Fold:
                     state = _apply(state, event, this_hash, seq_now, last_hash, last_ts)
                     seq_now, last_hash, last_ts, last_actor, closed = _chain(state)
                     continue
-                handler(state, event)  # type: ignore[arg-type]  # (closed while there is no state)
+                handler(state, event)
                 seq_now, last_hash, last_ts = seq, this_hash, ts  # (no tuple built)
             except (json_error, RuleViolation) as exc:
                 event = None if isinstance(exc, json_error) else event  # (not the line before's)
