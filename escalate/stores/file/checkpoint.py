@@ -60,6 +60,12 @@ V = TypeVar("V")
 CHECKPOINT_NAME = "events.ndjson.cache.sqlite"
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+# The statements of every write, by table: made once (a new string per command would be
+# hashed again to find its compiled statement in the connection's cache).
+_SELECT_ROW = {table: f"SELECT data, crc FROM {table} WHERE key = ?" for table in CODECS}
+_UPSERT = {table: f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
+                  "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc"
+           for table in CODECS}
 
 
 class Rows(LazyRows[V]):
@@ -77,7 +83,7 @@ class Rows(LazyRows[V]):
         if key in self._saved:
             value: V = self._decode(key, self._saved[key])
             return value
-        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
+        row = self._fetch(_SELECT_ROW[self._table], (key,))
         return None if row is None else self._checked_row(key, row[0], row[1])
 
     def _stored(self, key: str) -> bool:
@@ -259,9 +265,11 @@ class Checkpoint:
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
-    def load(self, log: int, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+    def load(self, log: int, *, writable: bool,
+             info: os.stat_result | None = None) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the checkpoint if it matches the log
-        (``log``: the command's handle on it) at its offset, else ``None``. For a writer, the
+        (``log``: the command's handle on it; ``info``: its ``fstat``, if the caller just took
+        it) at its offset, else ``None``. For a writer, the
         log then ends at ``offset``: it is the same file, untouched since the save
         (:func:`_check_log_at`).
 
@@ -278,7 +286,7 @@ class Checkpoint:
                     # not one per statement: the run's lock keeps every other writer out anyway.
                     if not connection.in_transaction:  # (a load again in the same command)
                         connection.execute("BEGIN IMMEDIATE")
-                    return self._load(connection, log, writable)
+                    return self._load(connection, log, writable, info)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -302,9 +310,9 @@ class Checkpoint:
         finally:
             connection.close()
 
-    def _load(self, connection: sqlite3.Connection, log: int,
-              writable: bool) -> tuple[RunState, int, int, int]:
-        log_info = os.fstat(log)
+    def _load(self, connection: sqlite3.Connection, log: int, writable: bool,
+              info: os.stat_result | None = None) -> tuple[RunState, int, int, int]:
+        log_info = os.fstat(log) if info is None else info
         saved = None
         if writable:
             saved, self._saved = self._saved, None  # (for this command only: its save keeps one again)
@@ -375,10 +383,11 @@ class Checkpoint:
                 if not (pairs := list(pairs)):
                     continue  # (no row of this table was read or added: most writes touch no escalation)
                 written[table] = dict(pairs)
-            connection.executemany(
-                f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
-                ((key, data, zlib.crc32(data)) for key, data in pairs))
+                if len(pairs) == 1:  # (most writes: one task's row, one statement)
+                    [(key, data)] = pairs
+                    connection.execute(_UPSERT[table], (key, data, zlib.crc32(data)))
+                    continue
+            connection.executemany(_UPSERT[table], ((key, data, zlib.crc32(data)) for key, data in pairs))
         fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
         # This save's own token: the next load trusts what it kept of this save only where the
         # file's run row is still these bytes (Checkpoint._load).
