@@ -171,6 +171,11 @@ class Checkpoint:
             path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
         for suffix in _SIDE_SUFFIXES:  # (_plain with missing_ok, inlined: on every write's path)
+            # A journal is there only outside WAL mode: asked first whether the name exists
+            # (no link followed), which raises nothing where it does not, as a stat would.
+            if suffix == "-journal" and not os.access(path + suffix, os.F_OK, dir_fd=folder,
+                                                      follow_symlinks=False):
+                continue
             try:
                 info = os.stat(path + suffix, dir_fd=folder, follow_symlinks=False)
             except FileNotFoundError:
@@ -385,7 +390,7 @@ class Checkpoint:
                 written[table] = dict(pairs)
                 if len(pairs) == 1:  # (most writes: one task's row, one statement)
                     [(key, data)] = pairs
-                    connection.execute(_UPSERT[table], (key, data, zlib.crc32(data)))
+                    connection.execute(_UPSERT[table], (key, _blob(data), zlib.crc32(data)))
                     continue
             connection.executemany(_UPSERT[table], ((key, data, zlib.crc32(data)) for key, data in pairs))
         fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
@@ -396,7 +401,8 @@ class Checkpoint:
         # The row is there once the checkpoint was loaded: changed in place (a replace would
         # delete it and insert it again, writing its index too).
         connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
-                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
+                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)",
+                           (_blob(blob), zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
             # (A state folded from the whole log holds every task: not kept past its command.)
@@ -410,6 +416,13 @@ class Checkpoint:
             for suffix in ("", *_SIDE_SUFFIXES):
                 with contextlib.suppress(OSError):
                     os.unlink(f"{self.path}{suffix}")
+
+
+def _blob(data: bytes) -> bytearray:
+    """``data`` as sqlite3 binds it without looking for an adapter: a ``bytes`` parameter is
+    looked up as adaptable first, which makes and drops an error per parameter; a
+    ``bytearray`` is bound as it is (the same BLOB is stored, and read back as ``bytes``)."""
+    return bytearray(data)
 
 
 def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) -> tuple[int, int]:
@@ -448,5 +461,6 @@ def _check_log_at(log: int, info: os.stat_result, identity: list[int], start: in
     if not untouched and not (appended_ok and info.st_size > size):
         raise CheckpointInvalid("the log changed since the checkpoint was saved")
     line = os.pread(log, offset - start, start)
-    if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
+    # (find, not "in": a bytes needle "in" bytes is first tried as an int, an error made and dropped)
+    if not line.endswith(b"\n") or line.find(b"\n") != len(line) - 1 or line_hash(line[:-1]) != expected:
         raise CheckpointInvalid("the log's line at the checkpointed offset is not the one folded")
