@@ -4,12 +4,10 @@ and a checkpoint of another format is never trusted (it is rebuilt from the log)
 
 from __future__ import annotations
 
-import dataclasses
-
 import orjson
 import pytest
 
-from escalate.core.state import EscalationState, Policy, RunState
+from escalate.core.state import EscalationState, Policy, RunState, Task
 from escalate.stores.checkpoint import BLOB_FIELDS, FORMAT, CheckpointInvalid, run_blob, state_from_blob
 
 # A value unlike the default for every field the blob keeps; a new field of RunState needs
@@ -36,10 +34,10 @@ def test_every_field_a_checkpoint_keeps_comes_back_unchanged() -> None:
     state = RunState(**UNUSUAL, escalations=escalations)
     state.open_escalations = dict(escalations)
     back = state_from_blob(orjson.loads(run_blob(state, 100, 90, 14, [1, 2, 3, 4, 5])), {}, escalations)
-    for field in dataclasses.fields(RunState):
-        if field.name in BLOB_FIELDS:
-            assert getattr(back, field.name) == getattr(state, field.name), field.name
-    assert set(BLOB_FIELDS) == {f.name for f in dataclasses.fields(RunState)} - {
+    for name in RunState.__slots__:
+        if name in BLOB_FIELDS:
+            assert getattr(back, name) == getattr(state, name), name
+    assert set(BLOB_FIELDS) == set(RunState.__slots__) - {
         "tasks", "escalations", "last_actor", "pool"}
 
 
@@ -48,3 +46,24 @@ def test_a_checkpoint_of_another_format_or_past_the_limit_is_not_trusted(change:
     blob = {**orjson.loads(run_blob(RunState(**UNUSUAL), 100, 90, 14, [])), **change}
     with pytest.raises(CheckpointInvalid):
         state_from_blob(blob, {}, {})
+
+
+def test_a_state_is_equal_to_another_by_its_fields_and_shown_with_them() -> None:
+    """The state's classes compare and show as the dataclasses they were: a checkpoint's
+    policy (its approvers a JSON list) equals the fold's, a field that differs makes two
+    unequal, another class is never equal, and a mutable state has no hash."""
+    policy = UNUSUAL["policy"]
+    assert isinstance(policy, Policy)
+    back = Policy(**orjson.loads(orjson.dumps(policy.to_json())))
+    assert back == policy and back.approvers == ("ann", "bo")
+    assert Policy(**{**policy.to_json(), "timeout_s": 1}) != policy
+    assert _escalation() == _escalation() and _escalation() != policy
+    changed = _escalation()
+    changed.notify_attempts = 1
+    assert changed != _escalation()
+    assert repr(Task("reserved", 5, True)) == (
+        "Task(actual_micros=None, escalation_id=None, halt_reason=None, holding=True, reserved_micros=5, "
+        "state='reserved')")
+    for state in (policy, _escalation(), Task("released"), RunState(**UNUSUAL)):
+        with pytest.raises(TypeError):
+            hash(state)

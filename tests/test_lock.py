@@ -185,7 +185,7 @@ def _lock_descriptors(lock_path: Path) -> int:
 
 def test_a_waiter_sleeps_in_the_kernels_queue_and_is_woken_when_the_holder_lets_go(
         runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One try without blocking, then no polling: the kernel hands the lock over when its
+    """Two tries without blocking, then no polling: the kernel hands the lock over when its
     holder (another process) dies."""
     from escalate.stores.file import lock
 
@@ -206,9 +206,75 @@ def test_a_waiter_sleeps_in_the_kernels_queue_and_is_woken_when_the_holder_lets_
         assert run.reserve("t", "1")["status"] == "reserved"
         took = time.monotonic() - started
         killer.join()
-    assert tries == [{"blocking": False}]  # (a polling wait tried about a thousand times here)
+    # One try, and one more after giving up the CPU, however long the wait (a polling wait
+    # tried about a thousand times here).
+    assert tries == [{"blocking": False}] * 2
     assert 0.5 <= took < 30, took
     assert Ledger.open(runs_dir, "r").verify().lines == 2
+
+
+def test_a_lock_let_go_while_the_waiter_gave_up_the_cpu_is_taken_without_queueing(
+        runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter gives up the CPU once and tries again before it queues on a helper thread: a
+    holder that let go meanwhile (here it dies while the waiter yields) hands the lock over
+    with no thread in between."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    run = Ledger.open(runs_dir, "r", lock_timeout=60)
+    yields: list[int] = []
+
+    def queued(fd: int) -> Any:
+        raise AssertionError("the waiter queued on a helper thread")
+
+    monkeypatch.setattr(lock, "Waiter", queued)
+    with lock_holder(runs_dir / "r" / "events.ndjson.lock") as holder:
+        def holder_lets_go() -> None:
+            yields.append(1)
+            holder.kill()
+            holder.join()  # (the kernel has released its lock: the process is gone)
+
+        monkeypatch.setattr(lock.os, "sched_yield", holder_lets_go)
+        assert run.reserve("t", "1")["status"] == "reserved"
+    assert yields == [1]
+    assert Ledger.open(runs_dir, "r").verify().lines == 2
+
+
+def test_the_caller_is_woken_only_once_its_helper_is_idle_again(
+        runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper granted the lock wakes its caller as the last thing it does before it
+    sleeps again, kept for the next wait: the woken caller never waits for the helper to let
+    go of the interpreter while the lock is held."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+    seen: list[bool] = []
+
+    class Wake:  # the caller's wake-up, watched
+        def __init__(self, real: Any, holder: Any) -> None:
+            self.real, self.holder = real, holder
+
+        def acquire(self, **options: Any) -> bool:
+            if self.holder.is_alive():  # the caller is queued: the holder lets go now
+                self.holder.kill()
+                self.holder.join()
+            return bool(self.real.acquire(**options))
+
+        def release(self) -> None:  # (called on the helper's thread)
+            seen.append(any(helper.thread is threading.current_thread() for helper in lock._IDLE))
+            self.real.release()
+
+    class Watched(lock.Waiter):
+        def __init__(self, fd: int) -> None:
+            super().__init__(fd)
+            self.wake = Wake(self.wake, holder)  # type: ignore[assignment]
+
+    monkeypatch.setattr(lock, "Waiter", Watched)
+    monkeypatch.setattr(lock, "_tried_after_yield", lambda fd: False, raising=False)
+    with lock_holder(lock_path) as holder:
+        assert Ledger.open(runs_dir, "r", lock_timeout=60).reserve("t", "1")["status"] == "reserved"
+    assert seen == [True]
 
 
 @pytest.mark.parametrize("gives_up", ["deadline", "KeyboardInterrupt"])

@@ -1,15 +1,14 @@
 """The state a run's log folds into: its totals, its tasks and its escalations.
 
-Plain slotted dataclasses, no I/O: :mod:`escalate.core.fold` builds them line by line, the
+Plain slotted classes, no I/O: :mod:`escalate.core.fold` builds them line by line, the
 decisions (:mod:`escalate.core.decide`) read them, the checkpoint (:mod:`escalate.stores.checkpoint`)
 stores them. Task and escalation states are written to JSON as the strings below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, ValuesView
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, MutableMapping, ValuesView
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
 
 from escalate.core.events import (
     ApproversMatch,
@@ -40,33 +39,78 @@ class ForgedSignature(RuleViolation):
     keys pinned for its signer: a forgery (an import refuses it as such, exit 6)."""
 
 
-@dataclass(slots=True)
-class Policy:
+class _Fields:
+    """Equal when of the same class with equal fields (``__slots__``, in order), shown with
+    them, and unhashable, as a dataclass is. The state's classes are plain slotted classes,
+    not dataclasses: every command imports them, and a dataclass is built on import (its
+    ``__init__``, ``__repr__`` and ``__eq__`` compiled from generated source: about a fifth of
+    what escalate's own modules cost a reserve's process)."""
+
+    __slots__: ClassVar[tuple[str, ...]] = ()
+    __hash__ = None  # type: ignore[assignment]  # (mutable: equal by value, so no hash)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{self.__class__.__qualname__}({shown})"
+
+
+class Policy(_Fields):
     """Per-run escalation policy, as in the ``escalation`` object of ``run_opened``."""
 
-    mode: Mode = "off"
-    approval_threshold_micros: int | None = None
-    timeout_s: int | None = 3600
-    max_extension_micros: int = 0
-    renotify_every_s: int | None = None  # None: an open escalation's notice is sent once
+    __slots__ = (
+        "approval_threshold_micros",
+        "approver_keys",
+        "approvers",
+        "approvers_match",
+        "max_extension_micros",
+        "mode",
+        "quorum",
+        "quorum_above_micros",
+        "renotify_every_s",
+        "timeout_s",
+    )
+    mode: Mode
+    approval_threshold_micros: int | None
+    timeout_s: int | None
+    max_extension_micros: int
+    renotify_every_s: int | None  # None: an open escalation's notice is sent once
     # Who may approve, pause or cancel; empty: anyone but the requester.
-    approvers: tuple[str, ...] = ()
+    approvers: tuple[str, ...]
     # "vouched": approvers are matched, and requester and resolver compared, on the identity
     # the store vouches for (docs/escalation.md, "Who is who"); "claimed": on the names given.
-    approvers_match: ApproversMatch = "claimed"
+    approvers_match: ApproversMatch
     # Distinct approvers an approval needs (1: one), for escalations that need a cap
     # extension above ``quorum_above_micros`` (None: for every escalation).
-    quorum: int = 1
-    quorum_above_micros: int | None = None
+    quorum: int
+    quorum_above_micros: int | None
     # Pinned public keys (OpenSSH lines) by approver name: while any are pinned, every
     # approve, pause and cancel carries an SSHSIG signature by one of its approver's keys.
-    approver_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    approver_keys: dict[str, tuple[str, ...]]
 
-    def __post_init__(self) -> None:
+    def __init__(self, mode: Mode = "off", approval_threshold_micros: int | None = None,
+                 timeout_s: int | None = 3600, max_extension_micros: int = 0,
+                 renotify_every_s: int | None = None, approvers: Iterable[str] = (),
+                 approvers_match: ApproversMatch = "claimed", quorum: int = 1,
+                 quorum_above_micros: int | None = None,
+                 approver_keys: Mapping[str, Iterable[str]] | None = None) -> None:
+        self.mode = mode
+        self.approval_threshold_micros = approval_threshold_micros
+        self.timeout_s = timeout_s
+        self.max_extension_micros = max_extension_micros
+        self.renotify_every_s = renotify_every_s
         # A tuple whatever came in (the checkpoint hands in a JSON list): policies compare equal
         # by value in ``runs init``'s idempotency check.
-        self.approvers = tuple(self.approvers)
-        self.approver_keys = {name: tuple(keys) for name, keys in self.approver_keys.items()}
+        self.approvers = tuple(approvers)
+        self.approvers_match = approvers_match
+        self.quorum = quorum
+        self.quorum_above_micros = quorum_above_micros
+        self.approver_keys = {} if approver_keys is None else {
+            name: tuple(keys) for name, keys in approver_keys.items()}
 
     def to_json(self) -> EscalationPolicy:
         """The policy as ``run_opened`` and ``policy_changed`` write it; ``approvers`` only when
@@ -100,16 +144,20 @@ class Policy:
 TaskRow = tuple[TaskState, int, bool, int | None, HaltReason | None, str | None]
 
 
-@dataclass(slots=True)
-class Task:
+class Task(_Fields):
     """One task id's life. ``holding`` says whether ``reserved_micros`` is in flight."""
 
-    state: TaskState
-    reserved_micros: int = 0
-    holding: bool = False
-    actual_micros: int | None = None
-    halt_reason: HaltReason | None = None
-    escalation_id: str | None = None
+    __slots__ = ("actual_micros", "escalation_id", "halt_reason", "holding", "reserved_micros", "state")
+
+    def __init__(self, state: TaskState, reserved_micros: int = 0, holding: bool = False,
+                 actual_micros: int | None = None, halt_reason: HaltReason | None = None,
+                 escalation_id: str | None = None) -> None:
+        self.state = state
+        self.reserved_micros = reserved_micros
+        self.holding = holding
+        self.actual_micros = actual_micros
+        self.halt_reason = halt_reason
+        self.escalation_id = escalation_id
 
     def row(self) -> TaskRow:
         """The task as the fold keeps it (:class:`TaskTable`)."""
@@ -230,10 +278,41 @@ class TaskTable(MutableMapping[str, Task]):
             yield task_id, Task(*row)
 
 
-@dataclass(slots=True)
-class EscalationState:
+class EscalationState(_Fields):
     """A request put in front of a person (or, with ``shadow``, only recorded)."""
 
+    __slots__ = (
+        "approvals",
+        "by",
+        "expires_at",
+        "extension_micros",
+        "failed_in_a_row",
+        "from_micros",
+        "id",
+        "kind",
+        "line_hash",
+        "mode",
+        "needed_extension_micros",
+        "notified_at",
+        "notified_ok",
+        "notify_attempts",
+        "offered",
+        "opened_at",
+        "priority",
+        "quorum",
+        "reason",
+        "remaining_micros",
+        "request_reason",
+        "requested_by",
+        "requested_micros",
+        "requested_role",
+        "resolved_at",
+        "resolved_role",
+        "shadow",
+        "signed_grant",
+        "state",
+        "task",
+    )
     id: str
     task: str
     kind: EscalationKind
@@ -246,37 +325,79 @@ class EscalationState:
     shadow: bool
     opened_at: str
     # The actor of the escalation's line: who may withdraw it, and who may never resolve it.
-    requested_by: str | None = None
+    requested_by: str | None
     # Who the store vouches asked (the line's ``role``: the OS user on the file store, the
     # database role on PostgreSQL; None on lines written before it was recorded).
-    requested_role: str | None = None
-    state: EscalationStatus = "open"
-    mode: ResolvedMode | None = None
-    by: str | None = None
+    requested_role: str | None
+    state: EscalationStatus
+    mode: ResolvedMode | None
+    by: str | None
     # Who the store vouches resolved it (the resolution's ``role``; None: not recorded).
-    resolved_role: str | None = None
+    resolved_role: str | None
     # The approvals so far of an escalation that needs a quorum ({"by", "role"?} each), and
     # the quorum that binds it whatever the policy says later: what its line recorded when it
     # fired, or the most an approval was counted against (escalate.core.rules.quorum_required).
-    approvals: list[dict[str, str]] = field(default_factory=list)
-    quorum: int = 1
+    approvals: list[dict[str, str]]
+    quorum: int
     # The least run and pool extension the approvals so far signed for (their lines record
     # it); None: none recorded one. A grant above it is refused (escalate.core.rules.beyond_signed).
-    signed_grant: list[int] | None = None
-    resolved_at: str | None = None
-    extension_micros: int = 0
+    signed_grant: list[int] | None
+    resolved_at: str | None
+    extension_micros: int
     # What the approver is shown besides who asked: why and how urgently, and the cap
     # extension an approval needs. Older lines have no reason or priority: "", normal.
-    request_reason: str = ""
-    priority: Priority = "normal"
-    needed_extension_micros: int = 0
+    request_reason: str
+    priority: Priority
+    needed_extension_micros: int
     # The hash of the escalation's line: a signed resolution covers it (escalate.core.sshsig).
-    line_hash: str = ""
+    line_hash: str
     # Delivery of its notice (escalation_notified): what sweep needs to re-deliver it.
-    notify_attempts: int = 0
-    notified_at: str | None = None
-    notified_ok: bool | None = None
-    failed_in_a_row: int = 0  # failed attempts since the last delivery: the retry backoff
+    notify_attempts: int
+    notified_at: str | None
+    notified_ok: bool | None
+    failed_in_a_row: int  # failed attempts since the last delivery: the retry backoff
+
+    def __init__(self, id: str, task: str, kind: EscalationKind, from_micros: int, requested_micros: int,
+                 remaining_micros: int, reason: EscalationReason, offered: list[Resolution],
+                 expires_at: str | None, shadow: bool, opened_at: str, requested_by: str | None = None,
+                 requested_role: str | None = None, state: EscalationStatus = "open",
+                 mode: ResolvedMode | None = None, by: str | None = None, resolved_role: str | None = None,
+                 approvals: list[dict[str, str]] | None = None, quorum: int = 1,
+                 signed_grant: list[int] | None = None, resolved_at: str | None = None,
+                 extension_micros: int = 0, request_reason: str = "", priority: Priority = "normal",
+                 needed_extension_micros: int = 0, line_hash: str = "", notify_attempts: int = 0,
+                 notified_at: str | None = None, notified_ok: bool | None = None,
+                 failed_in_a_row: int = 0) -> None:
+        self.id = id
+        self.task = task
+        self.kind = kind
+        self.from_micros = from_micros
+        self.requested_micros = requested_micros
+        self.remaining_micros = remaining_micros
+        self.reason = reason
+        self.offered = offered
+        self.expires_at = expires_at
+        self.shadow = shadow
+        self.opened_at = opened_at
+        self.requested_by = requested_by
+        self.requested_role = requested_role
+        self.state = state
+        self.mode = mode
+        self.by = by
+        self.resolved_role = resolved_role
+        self.approvals = [] if approvals is None else approvals
+        self.quorum = quorum
+        self.signed_grant = signed_grant
+        self.resolved_at = resolved_at
+        self.extension_micros = extension_micros
+        self.request_reason = request_reason
+        self.priority = priority
+        self.needed_extension_micros = needed_extension_micros
+        self.line_hash = line_hash
+        self.notify_attempts = notify_attempts
+        self.notified_at = notified_at
+        self.notified_ok = notified_ok
+        self.failed_in_a_row = failed_in_a_row
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -330,38 +451,90 @@ class Totals(TypedDict):
     archived: bool  # retired by 'runs archive'
 
 
-@dataclass(slots=True)
-class RunState:
+class RunState(_Fields):
     """Totals and per-task facts folded from one run's log."""
 
+    __slots__ = (
+        "archived",
+        "escalations",
+        "extended_micros",
+        "halts",
+        "last_actor",
+        "last_hash",
+        "last_ts",
+        "member_of",
+        "open_escalations",
+        "opened_at",
+        "policy",
+        "policy_line",
+        "pool",
+        "recoveries",
+        "reserved_micros",
+        "run_cap_micros",
+        "run_id",
+        "seq",
+        "spent_micros",
+        "task_cap_micros",
+        "tasks",
+    )
     run_id: str
     run_cap_micros: int
     task_cap_micros: int
     policy: Policy
     opened_at: str
-    tasks: TaskTable = field(default_factory=TaskTable)
+    tasks: TaskTable
     # Every escalation, by id: a mapping, so the checkpoint can hand in one read from SQLite.
-    escalations: MutableMapping[str, EscalationState] = field(default_factory=dict)
-    open_escalations: dict[str, EscalationState] = field(default_factory=dict)
-    spent_micros: int = 0
-    reserved_micros: int = 0
-    extended_micros: int = 0
-    seq: int = 0
-    last_hash: str = ""
-    last_ts: str = ""
-    halts: int = 0
-    recoveries: int = 0
+    escalations: MutableMapping[str, EscalationState]
+    open_escalations: dict[str, EscalationState]
+    spent_micros: int
+    reserved_micros: int
+    extended_micros: int
+    seq: int
+    last_hash: str
+    last_ts: str
+    halts: int
+    recoveries: int
     # The last actor the fold checked: the next line by the same actor needs no new check.
-    last_actor: str | None = None
+    last_actor: str | None
     # A pool's log folds into a state too: its settings and members (no money: caps 0).
-    pool: PoolFacts | None = None
+    pool: PoolFacts | None
     # The pool a run's first line names (None: none): a write checks it under the run's lock.
-    member_of: str | None = None
+    member_of: str | None
     # Retired by ``runs archive`` (run_archived): no line may follow.
-    archived: bool = False
+    archived: bool
     # The hash of the line that set the policy (run_opened, pool_opened, the last
     # policy_changed): a signed policy change covers it, so it cannot be replayed.
-    policy_line: str = ""
+    policy_line: str
+
+    def __init__(self, run_id: str, run_cap_micros: int, task_cap_micros: int, policy: Policy, opened_at: str,
+                 tasks: TaskTable | None = None,
+                 escalations: MutableMapping[str, EscalationState] | None = None,
+                 open_escalations: dict[str, EscalationState] | None = None, spent_micros: int = 0,
+                 reserved_micros: int = 0, extended_micros: int = 0, seq: int = 0, last_hash: str = "",
+                 last_ts: str = "", halts: int = 0, recoveries: int = 0, last_actor: str | None = None,
+                 pool: PoolFacts | None = None, member_of: str | None = None, archived: bool = False,
+                 policy_line: str = "") -> None:
+        self.run_id = run_id
+        self.run_cap_micros = run_cap_micros
+        self.task_cap_micros = task_cap_micros
+        self.policy = policy
+        self.opened_at = opened_at
+        self.tasks = TaskTable() if tasks is None else tasks
+        self.escalations = {} if escalations is None else escalations
+        self.open_escalations = {} if open_escalations is None else open_escalations
+        self.spent_micros = spent_micros
+        self.reserved_micros = reserved_micros
+        self.extended_micros = extended_micros
+        self.seq = seq
+        self.last_hash = last_hash
+        self.last_ts = last_ts
+        self.halts = halts
+        self.recoveries = recoveries
+        self.last_actor = last_actor
+        self.pool = pool
+        self.member_of = member_of
+        self.archived = archived
+        self.policy_line = policy_line
 
     @property
     def cap_micros(self) -> int:

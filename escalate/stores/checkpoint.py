@@ -12,7 +12,6 @@ in one go. Any doubt about a checkpoint is :class:`CheckpointInvalid`: fold the 
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 import zlib
 from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
@@ -50,7 +49,7 @@ FORMAT = 13
 # log is never checkpointed. Every other field is kept as it is, but these two: the policy
 # as its JSON, the open escalations as their ids.
 _NOT_IN_BLOB = frozenset({"tasks", "escalations", "last_actor", "pool"})
-BLOB_FIELDS = tuple(field.name for field in dataclasses.fields(RunState) if field.name not in _NOT_IN_BLOB)
+BLOB_FIELDS = tuple(name for name in RunState.__slots__ if name not in _NOT_IN_BLOB)
 _PLAIN_FIELDS = tuple(name for name in BLOB_FIELDS if name not in {"policy", "open_escalations"})
 _plain_values = operator.attrgetter(*_PLAIN_FIELDS)  # (every save reads them: in one call)
 

@@ -5,8 +5,9 @@ through a symbolic link, never truncated, never deleted); this module only locks
 The lock is ``filelock``'s native primitive on that descriptor (``flock`` on Unix,
 ``LockFileEx`` on Windows), which the kernel releases when the process dies.
 
-A waiter sleeps in the kernel's queue for the lock: a helper thread (kept for the next
-wait) makes the blocking ``flock`` call (the primitive ``filelock`` takes without
+A waiter first gives up the CPU once and tries again (a holder preempted on its CPU
+usually finishes meanwhile). Then it sleeps in the kernel's queue for the lock: a helper
+thread (kept for the next wait) makes the blocking ``flock`` call (the primitive ``filelock`` takes without
 blocking), and the caller's thread waits for it with its deadline from the monotonic
 clock. The kernel wakes a waiter when the holder lets go, so the lock changes hands at
 once and a waiter spends no CPU (a polling waiter looked again up to 0.5 ms later, and
@@ -52,12 +53,25 @@ def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
     if lock_descriptor(fd, blocking=False):
         return 0.0
     started = time.monotonic()
+    if timeout_s > 0 and _tried_after_yield(fd):
+        return time.monotonic() - started
     deadline = started + timeout_s
     if timeout_s > 0 and (Waiter(fd).wait(deadline) if fcntl is not None else _poll(fd, deadline)):
         return time.monotonic() - started
     raise LockTimeout(f"lock {lock_file} is held by another process after "
                       f"{format_duration(timeout_s)}; retry, or raise --lock-timeout",
                       lock_file=lock_file, timeout_s=timeout_s)
+
+
+def _tried_after_yield(fd: int) -> bool:
+    """Give up the CPU once, then try once more, before queueing on a helper thread: a
+    critical section lasts a fraction of a millisecond, and a holder preempted on this CPU
+    finishes first; a lock taken here is the caller's at once, without the helper's two
+    wake-ups. One try, however long the wait: nobody polls behind the kernel's queue."""
+    if not hasattr(os, "sched_yield"):
+        return False
+    os.sched_yield()
+    return lock_descriptor(fd, blocking=False)
 
 
 # The descriptors of waits under way: each caller's and its helper's duplicate. A child
@@ -95,8 +109,14 @@ class _Helper:
 
     def _serve(self) -> None:
         while True:
-            self.requests.get()._run()
+            waiter = self.requests.get()
+            granted = waiter._run()
             _IDLE.append(self)
+            if granted:
+                # The caller is woken last, just before this thread sleeps in get() again: it
+                # then finds the interpreter free instead of waiting for it (an extra sleep and
+                # wake-up while the lock is held and nobody works under it).
+                waiter.wake.release()
 
     @staticmethod
     def take() -> _Helper:
@@ -134,14 +154,10 @@ class Waiter:
         self.abandoned = False
         self.error: OSError | None = None
         _QUEUED.update((fd, self.fd))
-        try:
-            _Helper.take().requests.put(self)
-        except BaseException:
-            _QUEUED.difference_update((fd, self.fd))
-            os.close(self.fd)
-            raise
 
-    def _run(self) -> None:
+    def _run(self) -> bool:
+        """Wait in the kernel's queue; True when the caller still waits and is to be woken
+        (:meth:`_Helper._serve` wakes it, as the last thing it does)."""
         error = None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue until granted
@@ -155,14 +171,22 @@ class Waiter:
             _QUEUED.discard(self.fd)
             os.close(self.fd)  # else the caller's descriptor keeps the lock
             self.error = error
-            if not self.abandoned:
-                self.granted = True
-                self.wake.release()
+            # (From here a caller giving up finds the lock granted, and takes it.)
+            self.granted = granted = not self.abandoned
         self.finished.release()
+        return granted
 
     def wait(self, deadline: float) -> bool:
         """True once the lock is the caller's; False, and given up, at ``deadline`` (on the
         monotonic clock). An error of the ``flock`` call is raised here."""
+        # The helper is handed the wait only now, just before the caller sleeps: woken, it
+        # finds the interpreter free rather than waiting for this thread to let go of it.
+        try:
+            _Helper.take().requests.put(self)
+        except BaseException:
+            _QUEUED.difference_update((self.caller_fd, self.fd))
+            os.close(self.fd)
+            raise
         try:
             while (left := deadline - time.monotonic()) > 0:
                 if self.wake.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
