@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -370,6 +371,7 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
     where = OUT_DIR / "copies" / "contention"
     where.mkdir(parents=True, exist_ok=True)
     worst: dict[str, list[float]] = {t.key: [] for t in trees}
+    spread: dict[str, list[float]] = {t.key: [] for t in trees}
     count = [0]
 
     def contention(tree: Tree) -> Callable[[], float]:
@@ -385,6 +387,7 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
                                    f"{done.stderr[-800:]}")
             result = json.loads(done.stdout.splitlines()[-1])
             worst[tree.key].append(result["worst_op_s"])
+            spread[tree.key].append(worst_spread(result["worst_op_by_worker_s"]))
             return float(result["ops_s"])
 
         return one_round
@@ -392,9 +395,21 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
     samples = interleaved({t.key: contention(t) for t in trees}, rounds.contention, rounds.budget_s,
                           min_rounds=1)
     what = f"{WORKERS} processes × {rounds.contention_cycles} reserve+release cycles on one run"
-    for row in contention_rows(what, samples, worst, *(t.key for t in trees)):
+    working, against = (t.key for t in trees)
+    for row in contention_rows(what, samples, worst, working, against):
         rows.append(row)
         _progress(row)
+    rows.append(ratio_row("contention: the slowest process's worst operation over the median "
+                          "process's, median over rounds", spread[working], spread[against], None,
+                          unit=lambda v: f"{v:.2f}"))
+    _progress(rows[-1])
+
+
+def worst_spread(by_worker: list[float]) -> float:
+    """How far one process's worst operation stands out from the others': the longest over
+    the median process's. A waiter left behind while the others take turns shows here, where
+    every process's operations are slow alike on a busy machine does not."""
+    return max(by_worker) / statistics.median(by_worker)
 
 
 def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[str, list[float]],

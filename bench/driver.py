@@ -101,11 +101,14 @@ def _contention_worker(where: str, run_id: str, worker: int, cycles: int, barrie
             # The wait the file store noted (a version or store without the note: 0).
             log = getattr(getattr(handle, "store", None), "log", None)
             worst_wait = max(worst_wait, getattr(log, "lock_wait_s", 0.0))
-    results.put((started, time.monotonic(), worst_wait, worst_op))
+    results.put((started, time.monotonic(), worst_wait, worst_op, worker))
 
 
 # The longest lock wait and the longest single operation seen by any contention worker.
 CONTENTION_WORST: list[tuple[float, float]] = []
+# Each round's longest single operation of each worker, in worker order: a process left
+# waiting while the others take turns stands out from the rest.
+CONTENTION_BY_WORKER: list[list[float]] = []
 
 
 def contention_round(workers: int, cycles: int, tag: str, where: str | None = None, *,
@@ -133,13 +136,14 @@ def contention_round(workers: int, cycles: int, tag: str, where: str | None = No
                  for n in range(workers)]
     for process in processes:
         process.start()
-    spans: list[tuple[float, float, float, float]] = [results.get(timeout=600) for _ in processes]
+    spans: list[tuple[float, float, float, float, int]] = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"a contention worker exited {process.exitcode}")
     elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
     CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
+    CONTENTION_BY_WORKER.append([span[3] for span in sorted(spans, key=lambda span: span[4])])
     for run_id in set(run_ids):
         report = Ledger.open(where, run_id).verify()
         totals = report.state.totals()
@@ -212,7 +216,8 @@ def main(argv: Sequence[str]) -> int:
         case ["contention", where, tag, workers, cycles]:
             ops_s = contention_round(int(workers), int(cycles), tag, where)
             wait_s, op_s = CONTENTION_WORST[-1]
-            print(json.dumps({"ops_s": ops_s, "worst_wait_s": wait_s, "worst_op_s": op_s}), flush=True)
+            print(json.dumps({"ops_s": ops_s, "worst_wait_s": wait_s, "worst_op_s": op_s,
+                              "worst_op_by_worker_s": CONTENTION_BY_WORKER[-1]}), flush=True)
         case _:
             print(__doc__, file=sys.stderr)
             return 2

@@ -119,6 +119,20 @@ def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: Module
     assert "load average" in written
 
 
+def test_a_contention_round_reports_each_processs_worst_operation(tmp_path: Path) -> None:
+    """The driver's round, as another tree's Python runs it: every process's worst operation,
+    in worker order, beside the round's worst."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH.with_name("driver.py")), "contention", str(tmp_path),
+                           "t", "3", "2"], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert len(result["worst_op_by_worker_s"]) == 3
+    assert max(result["worst_op_by_worker_s"]) == result["worst_op_s"] > 0
+    assert Ledger.open(tmp_path, "contention-t").state().seq == 1 + 3 * 2 * 2
+
+
 def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_a_median(
         against: ModuleType) -> None:
     """Under contention the ops/s must reach 0.9 of the revision's, and the worst single
@@ -138,6 +152,10 @@ def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_
                                                            "a", "b")] == ["FAIL", "PASS", "info"]
     assert against.contention_rows("8", {"a": [1_800.0], "b": [2_000.0]}, {"a": [0.02], "b": [0.02]},
                                    "a", "b")[0].verdict == "PASS"
+    # A process left waiting while the others take turns stands out from the rest; a round
+    # where every process is slow alike does not.
+    assert against.worst_spread([0.010, 0.011, 0.080, 0.009, 0.010]) == pytest.approx(8.0)
+    assert against.worst_spread([0.050, 0.055, 0.050, 0.045]) == pytest.approx(1.1)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
