@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -219,9 +220,11 @@ def _rate(value: float) -> str:
 def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
     """Cold ``Ledger.verify()`` of the largest run, each in a fresh process: events/s, and
     events per second of the replay's CPU time (a busy machine stretches the wall time of
-    either side by more than a change in the fold moves it)."""
+    either side by more than a change in the fold moves it). A bare replay of the same log
+    (:func:`bare`) runs interleaved with them, and the working tree's ratio to it is shown."""
     events = next(iter(runs.values())).expected.events
     cpu: dict[str, list[float]] = {tree.key: [] for tree in trees}
+    cpu[BARE] = []
 
     def replay(tree: Tree) -> Callable[[], float]:
         def once() -> float:
@@ -230,7 +233,14 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
             return events / float(report["seconds"])
         return once
 
-    samples = interleaved({t.key: replay(t) for t in trees}, rounds.replay, rounds.budget_s, min_rounds=1)
+    def bare_once() -> float:
+        seconds, cpu_seconds = bare(runs[trees[0].key])
+        cpu[BARE].append(events / cpu_seconds)
+        return events / seconds
+
+    cases = {t.key: replay(t) for t in trees}
+    cases[BARE] = bare_once
+    samples = interleaved(cases, rounds.replay, rounds.budget_s, min_rounds=1)
     # The issue's target is events/s (a replay waits on no fsync: its wall time is its work);
     # the CPU time's rate is shown beside it.
     for what, rates, limit in ((f"cold replay: Ledger.verify() @{size_label(events)}, events/s", samples,
@@ -240,6 +250,25 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
         rows.append(ratio_row(what, rates[trees[0].key], rates[trees[1].key], limit, unit=_rate,
                               higher_is_better=True))
         _progress(rows[-1])
+    what = f"cold replay @{size_label(events)}, A vs a bare replay (orjson.loads, a sum per line), events/s"
+    rows.append(ratio_row(what, samples[trees[0].key], samples[BARE], None, unit=_rate,
+                          higher_is_better=True))
+    _progress(rows[-1])
+
+
+BARE = "bare"  # the bare replay's samples in compare_replay
+
+
+def bare(run: BuiltRun) -> tuple[float, float]:
+    """A bare replay of ``run``'s log in a fresh process of this Python (``driver.py bare``):
+    its seconds, wall and CPU. The floor under any replay; the amounts it adds must be the
+    generator's."""
+    done = subprocess.run([sys.executable, str(DRIVER), "bare", str(run.log_path)], capture_output=True,
+                          check=True)
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    if (report["lines"], report["spent_micros"]) != (run.expected.events, run.expected.spent_micros):
+        raise AssertionError(f"bare replay of {run.log_path}: {report}, expected {run.expected}")
+    return report["seconds"], report["cpu_seconds"]
 
 
 def compare_calls(drivers: list[Driver], runs: dict[str, BuiltRun], rows: list[Row]) -> None:
@@ -342,6 +371,7 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
     where = OUT_DIR / "copies" / "contention"
     where.mkdir(parents=True, exist_ok=True)
     worst: dict[str, list[float]] = {t.key: [] for t in trees}
+    spread: dict[str, list[float]] = {t.key: [] for t in trees}
     count = [0]
 
     def contention(tree: Tree) -> Callable[[], float]:
@@ -357,6 +387,7 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
                                    f"{done.stderr[-800:]}")
             result = json.loads(done.stdout.splitlines()[-1])
             worst[tree.key].append(result["worst_op_s"])
+            spread[tree.key].append(worst_spread(result["worst_op_by_worker_s"]))
             return float(result["ops_s"])
 
         return one_round
@@ -364,9 +395,21 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
     samples = interleaved({t.key: contention(t) for t in trees}, rounds.contention, rounds.budget_s,
                           min_rounds=1)
     what = f"{WORKERS} processes × {rounds.contention_cycles} reserve+release cycles on one run"
-    for row in contention_rows(what, samples, worst, *(t.key for t in trees)):
+    working, against = (t.key for t in trees)
+    for row in contention_rows(what, samples, worst, working, against):
         rows.append(row)
         _progress(row)
+    rows.append(ratio_row("contention: the slowest process's worst operation over the median "
+                          "process's, median over rounds", spread[working], spread[against], None,
+                          unit=lambda v: f"{v:.2f}"))
+    _progress(rows[-1])
+
+
+def worst_spread(by_worker: list[float]) -> float:
+    """How far one process's worst operation stands out from the others': the longest over
+    the median process's. A waiter left behind while the others take turns shows here, where
+    every process's operations are slow alike on a busy machine does not."""
+    return max(by_worker) / statistics.median(by_worker)
 
 
 def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[str, list[float]],

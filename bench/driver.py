@@ -9,6 +9,7 @@ version. So this file uses only the library API every measured version has:
 
     python bench/driver.py serve                                # cycles on request (JSON lines)
     python bench/driver.py verify RUNS_DIR RUN_ID               # one cold replay, as JSON
+    python bench/driver.py bare LOG                             # the bare replay of a log, as JSON
     python bench/driver.py contention WHERE TAG WORKERS CYCLES  # one contention round, as JSON
 """
 
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from escalate import Ledger
 
@@ -98,11 +101,14 @@ def _contention_worker(where: str, run_id: str, worker: int, cycles: int, barrie
             # The wait the file store noted (a version or store without the note: 0).
             log = getattr(getattr(handle, "store", None), "log", None)
             worst_wait = max(worst_wait, getattr(log, "lock_wait_s", 0.0))
-    results.put((started, time.monotonic(), worst_wait, worst_op))
+    results.put((started, time.monotonic(), worst_wait, worst_op, worker))
 
 
 # The longest lock wait and the longest single operation seen by any contention worker.
 CONTENTION_WORST: list[tuple[float, float]] = []
+# Each round's longest single operation of each worker, in worker order: a process left
+# waiting while the others take turns stands out from the rest.
+CONTENTION_BY_WORKER: list[list[float]] = []
 
 
 def contention_round(workers: int, cycles: int, tag: str, where: str | None = None, *,
@@ -130,13 +136,14 @@ def contention_round(workers: int, cycles: int, tag: str, where: str | None = No
                  for n in range(workers)]
     for process in processes:
         process.start()
-    spans: list[tuple[float, float, float, float]] = [results.get(timeout=600) for _ in processes]
+    spans: list[tuple[float, float, float, float, int]] = [results.get(timeout=600) for _ in processes]
     for process in processes:
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"a contention worker exited {process.exitcode}")
     elapsed = max(span[1] for span in spans) - min(span[0] for span in spans)
     CONTENTION_WORST.append((max(span[2] for span in spans), max(span[3] for span in spans)))
+    CONTENTION_BY_WORKER.append([span[3] for span in sorted(spans, key=lambda span: span[4])])
     for run_id in set(run_ids):
         report = Ledger.open(where, run_id).verify()
         totals = report.state.totals()
@@ -158,6 +165,20 @@ def verify_report(runs_dir: str, run_id: str) -> dict[str, Any]:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "lines": report.lines,
             "totals": report.state.totals(), "tasks": len(report.state.tasks),
             "problems": report.problems[:3]}
+
+
+def bare_replay(log: str) -> dict[str, Any]:
+    """The floor under any replay, timed: each line of ``log`` parsed (``orjson.loads``) and
+    its amount spent added up, nothing checked, nothing hashed (what issue #20 calls the
+    peer's bare replay, written here: none of the peer's code)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    loads, lines, spent = orjson.loads, 0, 0
+    with open(log, "rb") as stream:
+        for line in stream:
+            spent += loads(line).get("actual_micros", 0)
+            lines += 1
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+            "lines": lines, "spent_micros": spent}
 
 
 def serve() -> None:
@@ -190,10 +211,13 @@ def main(argv: Sequence[str]) -> int:
             serve()
         case ["verify", runs_dir, run_id]:
             print(json.dumps(verify_report(runs_dir, run_id), default=str), flush=True)
+        case ["bare", log]:
+            print(json.dumps(bare_replay(log)), flush=True)
         case ["contention", where, tag, workers, cycles]:
             ops_s = contention_round(int(workers), int(cycles), tag, where)
             wait_s, op_s = CONTENTION_WORST[-1]
-            print(json.dumps({"ops_s": ops_s, "worst_wait_s": wait_s, "worst_op_s": op_s}), flush=True)
+            print(json.dumps({"ops_s": ops_s, "worst_wait_s": wait_s, "worst_op_s": op_s,
+                              "worst_op_by_worker_s": CONTENTION_BY_WORKER[-1]}), flush=True)
         case _:
             print(__doc__, file=sys.stderr)
             return 2

@@ -131,7 +131,7 @@ def _write_once(store: LedgerStore, decide: Decide[R], actor: str, clock: Clock,
         payloads: list[Payload] = [recovery] if recovery is not None else []
         expiries = resolve.expire(state, clock_now)
         payloads += expiries
-        lines = seal_into(state, payloads, now, actor)
+        lines = seal_into(state, payloads, now, actor) if payloads else []
         decision = decide(state, clock_now, [event["id"] for event in expiries],
                           None if inside is None else inside.view(now))
         if isinstance(decision.error, InputError):

@@ -86,6 +86,18 @@ def against(bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return module
 
 
+def test_the_bare_replay_reads_every_line_and_adds_up_what_was_spent(bench: ModuleType, against: ModuleType,
+                                                                      tmp_path: Path) -> None:
+    """The floor the cold replay is shown against: every line parsed, the amounts spent summed
+    to the generator's total; a total that differs stops the bench."""
+    run = bench.build_run(tmp_path, 1_000)
+    seconds, cpu_seconds = against.bare(run)
+    assert seconds > 0 and cpu_seconds > 0
+    run.expected.spent_micros += 1
+    with pytest.raises(AssertionError, match="bare replay"):
+        against.bare(run)
+
+
 def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: ModuleType, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The rule make bench applies, on made-up timings: times at most 1.1 times the
@@ -107,6 +119,20 @@ def test_a_hot_path_more_than_ten_percent_slower_fails_and_exits_1(bench: Module
     assert "load average" in written
 
 
+def test_a_contention_round_reports_each_processs_worst_operation(tmp_path: Path) -> None:
+    """The driver's round, as another tree's Python runs it: every process's worst operation,
+    in worker order, beside the round's worst."""
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH.with_name("driver.py")), "contention", str(tmp_path),
+                           "t", "3", "2"], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert len(result["worst_op_by_worker_s"]) == 3
+    assert max(result["worst_op_by_worker_s"]) == result["worst_op_s"] > 0
+    assert Ledger.open(tmp_path, "contention-t").state().seq == 1 + 3 * 2 * 2
+
+
 def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_a_median(
         against: ModuleType) -> None:
     """Under contention the ops/s must reach 0.9 of the revision's, and the worst single
@@ -126,6 +152,10 @@ def test_contention_holds_each_rounds_worst_operation_to_twice_the_revisions_as_
                                                            "a", "b")] == ["FAIL", "PASS", "info"]
     assert against.contention_rows("8", {"a": [1_800.0], "b": [2_000.0]}, {"a": [0.02], "b": [0.02]},
                                    "a", "b")[0].verdict == "PASS"
+    # A process left waiting while the others take turns stands out from the rest; a round
+    # where every process is slow alike does not.
+    assert against.worst_spread([0.010, 0.011, 0.080, 0.009, 0.010]) == pytest.approx(8.0)
+    assert against.worst_spread([0.050, 0.055, 0.050, 0.045]) == pytest.approx(1.1)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
@@ -210,10 +240,11 @@ def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_
             against._git("worktree", "remove", "--force", str(tree))
     assert heading[0].startswith("A: working tree")
     targets = [row.target for row in rows]
-    for wanted in ("cold replay", "Python calls", "pathlib parses", "library: reserve+release @200",
-                   "library: reserve+release @400", "escalate reserve, whole process",
-                   "contention:", "contention: worst single operation", "runs show --json",
-                   "PostgreSQL: round trips of Ledger.open", "PostgreSQL: escalate reserve"):
+    for wanted in ("cold replay", "cold replay @400, A vs a bare replay", "Python calls", "pathlib parses",
+                   "library: reserve+release @200", "library: reserve+release @400",
+                   "escalate reserve, whole process", "contention:", "contention: worst single operation",
+                   "runs show --json", "PostgreSQL: round trips of Ledger.open",
+                   "PostgreSQL: escalate reserve"):
         assert any(target.startswith(wanted) for target in targets), wanted
     hot = [row for row in rows if row.verdict != "info"]
     # cold replay; calls and pathlib; wall and CPU time at both sizes; whole process;
@@ -310,6 +341,7 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
             return seconds, 0, {"seconds": seconds, "cpu_seconds": seconds}
 
         monkeypatch.setattr(against, "measure_verify", verify)
+        monkeypatch.setattr(against, "bare", lambda built: (1_000 / b, 1_000 / b))  # (an info row)
         against.compare_replay(trees, runs, rounds, rows)
     elif target == "show":
         against.compare_show(trees, runs, rounds, rows)

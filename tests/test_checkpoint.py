@@ -521,6 +521,11 @@ def _wal_links_outside(checkpoint: Path, outside: Path) -> None:
     Path(f"{checkpoint}-wal").symlink_to(outside)
 
 
+def _journal_links_outside(checkpoint: Path, outside: Path) -> None:
+    outside.write_bytes(b"not escalate's\n")
+    Path(f"{checkpoint}-journal").symlink_to(outside)
+
+
 def _checkpoint_hard_linked(checkpoint: Path, outside: Path) -> None:
     os.link(checkpoint, outside)
 
@@ -531,6 +536,7 @@ UNUSABLE: dict[str, Callable[[Path, Path], None]] = {
     "checkpoint is a folder": _checkpoint_is_folder,
     "checkpoint is a symlink": _checkpoint_links_outside,
     "-wal is a symlink": _wal_links_outside,
+    "-journal is a symlink": _journal_links_outside,
     "checkpoint is hard-linked": _checkpoint_hard_linked,
 }
 

@@ -77,3 +77,16 @@ def test_a_long_complete_line_is_read_whole(tmp_path: Path) -> None:
     path.write_bytes(data)
     with path.open("rb") as stream:
         assert list(iter_lines(stream, 0)) == _reference(data, 0)
+
+
+def test_the_fold_reads_a_lines_fields_by_the_key_objects_orjson_makes_for_every_line() -> None:
+    """``events.parsed_keys``: the names given, as the very objects ``orjson.loads`` puts in
+    each line's dict (so a lookup finds them by identity), whatever the order of the line."""
+    import orjson
+
+    keys = events.parsed_keys("ts", "task", "seq")
+    assert keys == ("ts", "task", "seq")
+    for line in (b'{"seq":2,"ts":"x","task":"t"}', b'{"task":"u","seq":3,"ts":"y","other":1}'):
+        parsed = list(orjson.loads(line))
+        for key in keys:
+            assert any(found is key for found in parsed), key

@@ -19,6 +19,7 @@ from escalate.core.events import (
     PERIODS,
     SCHEMA_VERSION,
     VOID_REASONS,
+    parsed_keys,
 )
 from escalate.core.fold_escalations import apply_approved, apply_escalation, apply_notified, apply_resolved
 from escalate.core.fold_fields import (
@@ -35,9 +36,20 @@ from escalate.core.fold_fields import (
 from escalate.core.ids import ID_PATTERN, shown_value
 from escalate.core.money import MAX_MICROS, MAX_TOTAL_MICROS
 from escalate.core.rules import over_cap, pinned_keys, task_cap_fits
-from escalate.core.state import ForgedSignature, RuleViolation, RunState
+from escalate.core.state import (
+    ForgedSignature,
+    RuleViolation,
+    RunState,
+    TaskFacts,
+    TaskRow,
+    released_row,
+    task_facts,
+)
 
 _id_match = ID_PATTERN.fullmatch  # bound once: the fold checks every new task id
+# The fields the money lines' handlers read on every line, as orjson's own key objects.
+_TASK, _AMOUNT, _FROM, _TO, _RESERVED, _ACTUAL = parsed_keys(
+    "task", "amount_micros", "from_micros", "to_micros", "reserved_micros", "actual_micros")
 
 
 def initial_state(event: Mapping[str, Any], this_hash: str) -> RunState:
@@ -185,7 +197,7 @@ def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
 
 def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, amount = event["task"], event["amount_micros"]
+        task_id, amount = event[_TASK], event[_AMOUNT]
     except KeyError:
         task_id, amount = event.get("task"), event.get("amount_micros")
     if type(task_id) is not str:
@@ -196,6 +208,7 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     task = rows.get(task_id)
     escalation_id = None
     if task is not None:
+        task = task_facts(task)
         if task[2]:
             raise RuleViolation(f"duplicate reservation of task {task_id!r}")
         if task[0] in ("halted", "released"):
@@ -210,13 +223,14 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     if amount > state.task_cap_micros or amount > (state.run_cap_micros + state.extended_micros
                                                    - state.spent_micros - state.reserved_micros):
         _over(state, task_id, amount, amount)
-    rows[task_id] = ("reserved", amount, True, None, None, escalation_id)
+    # A row of facts only for a task that keeps its escalation's id (state.TaskRow).
+    rows[task_id] = amount if escalation_id is None else ("reserved", amount, True, None, None, escalation_id)
     state.reserved_micros += amount
 
 
 def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, before, after = event["task"], event["from_micros"], event["to_micros"]
+        task_id, before, after = event[_TASK], event[_FROM], event[_TO]
     except KeyError:
         task_id, before, after = event.get("task"), event.get("from_micros"), event.get("to_micros")
     # Signs need no check here: ``from`` must equal what the task holds and ``to`` exceed it.
@@ -229,23 +243,36 @@ def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
         task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
+    # An int >= 0 holds that much and nothing else (state.TaskRow): none of the checks of a
+    # row of facts applies to it.
+    if type(task) is int and task >= 0:
+        held, facts = task, None
+    else:
+        facts = _increasable(state, task_id, task)
+        held = facts[1]
+    if before != held or after <= before:
+        raise RuleViolation(
+            f"increase of task {task_id!r} from {before} to {after}, "
+            f"but it holds {held}"
+        )
+    delta = after - before
+    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
+                                                 - state.spent_micros - state.reserved_micros):
+        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
+    rows[task_id] = after if facts is None else ("reserved", after, True, facts[3], facts[4], facts[5])
+    state.reserved_micros += delta
+
+
+def _increasable(state: RunState, task_id: Any, row: TaskRow | None) -> TaskFacts:
+    """The facts of a task kept as a row of facts (or no task), if an increase may take it."""
+    task = None if row is None else task_facts(row)
     if task is None or not task[2] or task[0] == "released":
         raise RuleViolation(f"increase of task {shown_value(task_id)}, which holds no reservation")
     if task[0] == "halted":
         raise RuleViolation(f"increase of task {task_id!r} after it was halted")
     if task[5] is not None and task[5] in state.open_escalations:
         raise RuleViolation(f"increase of task {task_id!r} while its escalation is open")
-    if before != task[1] or after <= before:
-        raise RuleViolation(
-            f"increase of task {task_id!r} from {before} to {after}, "
-            f"but it holds {task[1]}"
-        )
-    delta = after - before
-    if after > state.task_cap_micros or delta > (state.run_cap_micros + state.extended_micros
-                                                 - state.spent_micros - state.reserved_micros):
-        _over(state, task_id, after, delta)  # (rules.over_cap, inline as above)
-    rows[task_id] = ("reserved", after, True, task[3], task[4], task[5])
-    state.reserved_micros += delta
+    return task
 
 
 def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
@@ -259,7 +286,7 @@ def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
 
 def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     try:
-        task_id, reserved, actual = event["task"], event["reserved_micros"], event["actual_micros"]
+        task_id, reserved, actual = event[_TASK], event[_RESERVED], event[_ACTUAL]
     except KeyError:
         task_id, reserved = event.get("task"), event.get("reserved_micros")
         actual = event.get("actual_micros")
@@ -273,13 +300,16 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
         task = rows.get(task_id)
     except TypeError:  # an unhashable value, such as a list
         raise not_task(task_id) from None
-    if task is None or not task[2]:
-        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
-    if reserved != task[1]:
+    if type(task) is int and task >= 0:  # holds that much, and nothing else (state.TaskRow)
+        held, halt_reason, escalation_id = task, None, None
+    else:
+        facts = _holding(task_id, task)
+        held, halt_reason, escalation_id = facts[1], facts[4], facts[5]
+    if reserved != held:
         raise RuleViolation(
-            f"release of task {task_id!r} names {reserved} reserved, but it holds {task[1]}"
+            f"release of task {task_id!r} names {reserved} reserved, but it holds {held}"
         )
-    if task[5] is not None and task[5] in state.open_escalations:
+    if escalation_id is not None and escalation_id in state.open_escalations:
         raise RuleViolation(f"release of task {task_id!r} while its escalation is open")
     # rules.past_total_limit, inline: the one way a total grows that no cap bounds (the new
     # totals worked out once, checked, then stored).
@@ -291,7 +321,15 @@ def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
     state.reserved_micros = still_reserved
     state.spent_micros = spent
     # Only what the single-use and idempotency rules need is kept for a settled task.
-    rows[task_id] = ("released", reserved, False, actual, task[4], None)
+    rows[task_id] = released_row(reserved, actual, halt_reason)
+
+
+def _holding(task_id: Any, row: TaskRow | None) -> TaskFacts:
+    """The facts of a task kept as a row of facts (or none), if it holds a reservation."""
+    task = None if row is None else task_facts(row)
+    if task is None or not task[2]:
+        raise RuleViolation(f"release of task {shown_value(task_id)}, which holds no reservation")
+    return task
 
 
 def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
@@ -300,7 +338,8 @@ def _apply_halt(state: RunState, event: Mapping[str, Any]) -> None:
     signed_field(event, "remaining_micros")
     reason = choice_field(event, "reason", HALT_REASONS)
     rows = state.tasks.rows
-    task = rows.get(task_id)
+    row = rows.get(task_id)
+    task = None if row is None else task_facts(row)
     if task is not None and task[0] in ("halted", "released"):
         raise RuleViolation(f"halt of task {task_id!r}, which is already {task[0]}")
     if task is not None and task[5] in state.open_escalations:
@@ -369,7 +408,7 @@ def _check_policy_signed(state: RunState, event: Mapping[str, Any]) -> None:
 def _apply_archived(state: RunState, event: Mapping[str, Any]) -> None:
     if state.pool is not None:
         raise RuleViolation("run_archived may only be in a run's log")
-    held = [task_id for task_id, task in state.tasks.rows.items() if task[2]]
+    held = [task_id for task_id, row in state.tasks.rows.items() if task_facts(row)[2]]
     if held or state.open_escalations:
         raise RuleViolation("run_archived while the run holds reservations or has an escalation open")
     state.archived = True
@@ -403,5 +442,7 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
 # The lines that move money, which make up most of a log: the replay's hot loop folds one of
 # these with its handler directly when its envelope is what the chain asks for (see
 # escalate.core.replay), and through apply otherwise. The handlers of budget_reserved,
-# budget_increased and released, in that order.
-MONEY_HANDLERS = (_apply_reserved, _apply_increased, _apply_released)
+# budget_increased and released, in that order. (Typed to take the loop's state as it keeps
+# it, None before the first line, which never reaches them: its first line goes to initial_state.)
+MONEY_HANDLERS: tuple[Callable[[Any, Mapping[str, Any]], None], ...] = (
+    _apply_reserved, _apply_increased, _apply_released)

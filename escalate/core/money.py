@@ -89,6 +89,12 @@ def parse_micros(value: Amount, *, what: str = "amount") -> int:
 
 
 def _text_to_micros(text: str, what: str) -> int:
+    usd, point, decimals = text.partition(".")
+    if usd.isascii() and usd.isdigit() and len(usd) <= 16 and (not point or (
+            decimals.isascii() and decimals.isdigit() and len(decimals) <= 6)):
+        # ASCII digits with up to 6 decimals and nothing else (the usual amount): nothing to
+        # refuse here, and the value the checks below give (the caller checks the limit).
+        return int(usd) * MICROS_PER_USD + (int(decimals.ljust(6, "0")) if point else 0)
     stripped = text.strip()
     if stripped.startswith("--"):
         # A missing value makes the parser take the next option as the amount. Which option

@@ -19,9 +19,12 @@ from typing import Any, BinaryIO, Protocol
 import orjson
 
 from escalate.core import fold
-from escalate.core.events import SCHEMA_VERSION, iter_line_batches, iter_lines
+from escalate.core.events import SCHEMA_VERSION, iter_line_batches, iter_lines, parsed_keys
 from escalate.core.state import ForgedSignature, RuleViolation, RunState
 from escalate.errors import CorruptLedger, UnknownRun
+
+# The envelope's keys every line is read by, as orjson's own objects (events.parsed_keys).
+_ENVELOPE = parsed_keys("ts", "seq", "prev", "actor", "v", "type", "more")
 
 
 class LineSource(Protocol):
@@ -162,61 +165,62 @@ class _Fold:
         self.forged: list[int] = []
 
     def lines(self, lines: list[bytes]) -> int:
-        """Fold ``lines`` (complete, without their newlines); returns how many were folded:
-        all, or those before the line that stopped a strict fold (:attr:`problem`)."""
-        # The hot loop (line_hash, the clock check inlined): a money line with the envelope the chain
-        # asks for (the same actor) goes to its handler directly; any other through fold.apply.
-        loads, json_error, sha256, apply = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, fold.apply
+        """Fold ``lines`` (complete, no newlines): how many folded (all, or those before :attr:`problem`)."""
+        # The hot loop (line_hash, the clock check inlined): a money line with the envelope the chain asks
+        # for (the same actor) goes to its handler directly; any other through fold.apply. The chain
+        # (_chain) is kept in locals, written to the state before anything else reads it (_keep_chain).
+        loads, json_error, sha256, v1 = orjson.loads, orjson.JSONDecodeError, hashlib.sha256, SCHEMA_VERSION
         (reserve, increase, release), first_8 = fold.MONEY_HANDLERS, slice(8)  # (a slice built once)
+        k_ts, k_seq, k_prev, k_actor, k_v, k_type, k_more = _ENVELOPE
         state, line_no, first_line_no, tolerant = self.state, self.line_no, self.line_no, self.tolerant
         group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
-        event: Any = None
+        (seq_now, last_hash, last_ts, last_actor, closed), event = _chain(state), None
         for line in lines:
             line_no += 1
             this_hash = sha256(line).digest()[first_8].hex()
             try:
                 event = loads(line)
                 try:  # one name at a time: no tuple built and taken apart per line
-                    ts = event["ts"]
-                    seq = event["seq"]
-                    prev = event["prev"]
-                    actor = event["actor"]
-                    version = event["v"]
-                    kind = event["type"]  # compared, not hashed for a dict: a new str on every line
+                    ts = event[k_ts]
+                    seq = event[k_seq]
+                    prev = event[k_prev]
+                    actor = event[k_actor]
+                    version = event[k_v]
+                    kind = event[k_type]  # compared, not hashed for a dict: a new str on every line
                     handler = reserve if kind == "budget_reserved" else release if kind == "released" \
                         else increase if kind == "budget_increased" else None
                 except (KeyError, TypeError):  # TypeError: not an object
                     if type(event) is not dict:
                         raise RuleViolation("the line is not a JSON object") from None
                     ts, handler = event.get("ts"), None
-                if group_due or "more" in event:
+                if group_due or k_more in event:
                     group_first = group_first if group_due else line_no
                     group_due = _group_due(event, group_due, group_first)
-                if state is None:
-                    state = fold.initial_state(event, this_hash)
-                    continue
-                if tolerant:
+                if tolerant:  # (no state yet: last_ts is "", and no line is earlier)
                     try:  # both str on a line a writer wrote: no type() call per line
-                        back = ts < state.last_ts
+                        back = ts < last_ts
                     except (TypeError, RecursionError):  # other types (deeply nested lists): no clock
                         back = False
-                    if back and type(ts) is str and type(state.last_ts) is str:
-                        warnings.append((line_no, _clock_warning(ts, state.last_ts)))
+                    if back and type(ts) is str and type(last_ts) is str:
+                        warnings.append((line_no, _clock_warning(ts, last_ts)))
                 # ``type(seq) is int`` too: 2.0 equals 2, and would be copied forward (see fold.apply).
-                if handler is None or seq != state.seq + 1 or type(seq) is not int \
-                        or prev != state.last_hash or actor != state.last_actor \
-                        or version is not SCHEMA_VERSION or state.archived:
-                    apply(state, event, this_hash)
+                if handler is None or seq != seq_now + 1 or type(seq) is not int or prev != last_hash \
+                        or actor != last_actor or version is not v1 or closed:  # (closed with no state yet)
+                    state = _apply(state, event, this_hash, seq_now, last_hash, last_ts)
+                    seq_now, last_hash, last_ts, last_actor, closed = _chain(state)
                     continue
                 handler(state, event)
-                state.seq, state.last_hash, state.last_ts = seq, this_hash, ts  # (no tuple built)
+                seq_now, last_hash, last_ts = seq, this_hash, ts  # (no tuple built)
             except (json_error, RuleViolation) as exc:
                 event = None if isinstance(exc, json_error) else event  # (not the line before's)
+                _keep_chain(state, seq_now, last_hash, last_ts)
                 if self._stops(exc, state, event, line_no, this_hash):
                     line_no -= 1
                     break
+                seq_now, last_hash, last_ts, last_actor, closed = _chain(state)
                 group_due = 0  # one bad marker is reported once, not on every line after it
         self.state, self.line_no, self.group_due, self.group_first = state, line_no, group_due, group_first
+        _keep_chain(state, seq_now, last_hash, last_ts)
         if self.problem is not None:
             self.line_no += 1  # the line that stopped the fold is counted, not folded
         return line_no - first_line_no
@@ -247,6 +251,32 @@ class _Fold:
             return True
         _resync(state, event if type(event) is dict else None, this_hash)
         return False
+
+
+def _chain(state: RunState | None) -> tuple[int, str, Any, str | None, bool]:
+    """The chain as of ``state``'s last line, as the hot loop keeps it: seq, hash, time,
+    actor, and whether the run is archived (no state yet: closed, so the first line goes to
+    :func:`_apply`)."""
+    if state is None:
+        return 0, "", "", None, True
+    return state.seq, state.last_hash, state.last_ts, state.last_actor, state.archived
+
+
+def _keep_chain(state: RunState | None, seq: int, last_hash: str, last_ts: Any) -> None:
+    """Write the chain the hot loop kept in locals back to ``state``."""
+    if state is not None:
+        state.seq, state.last_hash, state.last_ts = seq, last_hash, last_ts
+
+
+def _apply(state: RunState | None, event: Any, this_hash: str, seq: int, last_hash: str,
+           last_ts: Any) -> RunState:
+    """A line the hot loop does not fold itself: the first (the state starts), or any
+    other through :func:`fold.apply`, with the chain written back first."""
+    if state is None:
+        return fold.initial_state(event, this_hash)
+    _keep_chain(state, seq, last_hash, last_ts)
+    fold.apply(state, event, this_hash)
+    return state
 
 
 def _group_due(event: dict[str, Any], due: int, first: int) -> int:

@@ -137,11 +137,38 @@ class Policy(_Fields):
         return data
 
 
-# A task's facts as the fold keeps them, in Task's field order. A tuple of strings, ints,
-# bools and None is dropped from the collector's watch the first time it sees it, where a
-# Task object would be walked again by every full collection (a run keeps one per task id
-# it ever saw: 444,392 in the bench's run of a million lines).
-TaskRow = tuple[TaskState, int, bool, int | None, HaltReason | None, str | None]
+# A task's facts in Task's field order.
+TaskFacts = tuple[TaskState, int, bool, int | None, HaltReason | None, str | None]
+# A task as the fold keeps it: its facts, or, for the two shapes nearly every task has, one
+# int (a run keeps a row per task id it ever saw: 444,392 in the bench's run of a million
+# lines; an int is no object the collector watches, and one made per line costs no more
+# than storing the amount the line already holds):
+#   n >= 0  reserved, holding n micros, no halt reason, no escalation;
+#   n < 0   released, no halt reason, no escalation: ~n is reserved << 64 | actual (an
+#           actual is at most MAX_MICROS, below 2**64; what it had reserved is >= 0).
+# Every other task (halted, escalated, paused, or a row read back from a checkpoint) is its
+# facts. task_facts reads either.
+TaskRow = TaskFacts | int
+_ACTUAL_BITS = 64
+_ACTUAL_MASK = (1 << _ACTUAL_BITS) - 1
+
+
+def task_facts(row: TaskRow) -> TaskFacts:
+    """A task's facts from its row, whichever shape it is kept in (:data:`TaskRow`)."""
+    if isinstance(row, tuple):
+        return row
+    if row >= 0:
+        return ("reserved", row, True, None, None, None)
+    packed = ~row
+    return ("released", packed >> _ACTUAL_BITS, False, packed & _ACTUAL_MASK, None, None)
+
+
+def released_row(reserved: int, actual: int, halt_reason: HaltReason | None) -> TaskRow:
+    """The row of a task released with ``actual`` micros after holding ``reserved``
+    (``actual`` from 0 to MAX_MICROS, as the fold checks it)."""
+    if halt_reason is None and reserved >= 0:
+        return ~(reserved << _ACTUAL_BITS | actual)
+    return ("released", reserved, False, actual, halt_reason, None)
 
 
 class Task(_Fields):
@@ -159,8 +186,8 @@ class Task(_Fields):
         self.halt_reason = halt_reason
         self.escalation_id = escalation_id
 
-    def row(self) -> TaskRow:
-        """The task as the fold keeps it (:class:`TaskTable`)."""
+    def row(self) -> TaskFacts:
+        """The task's facts, as the fold keeps them (:class:`TaskTable`)."""
         return (self.state, self.reserved_micros, self.holding, self.actual_micros, self.halt_reason,
                 self.escalation_id)
 
@@ -180,6 +207,7 @@ class Task(_Fields):
 
 def task_json(task_id: str, row: TaskRow) -> dict[str, Any]:
     """A task's row as ``runs show --json`` lists it (:meth:`Task.to_json`)."""
+    row = task_facts(row)
     return {
         "task": task_id,
         "state": row[0],
@@ -191,7 +219,7 @@ def task_json(task_id: str, row: TaskRow) -> dict[str, Any]:
     }
 
 
-def task_row(data: Mapping[str, Any]) -> TaskRow:
+def task_row(data: Mapping[str, Any]) -> TaskFacts:
     """Inverse of :func:`task_json`."""
     return (data["state"], data["reserved_micros"], data["holding"], data["actual_micros"],
             data["halt_reason"], data["escalation_id"])
@@ -234,7 +262,8 @@ class TaskTable(MutableMapping[str, Task]):
 
     The fold keeps each task as a :data:`TaskRow` in :attr:`rows` (a dict, or a store's
     checkpoint rows read as the fold asks for them) and changes a task by writing its row
-    again. Read through this mapping, a task is a :class:`Task` made from its row: a copy,
+    again. Read through this mapping, a task is a :class:`Task` made from its row's facts
+    (:func:`task_facts`): a copy,
     so changing it changes nothing until it is stored back (``tasks[task_id] = task``).
     """
 
@@ -244,11 +273,11 @@ class TaskTable(MutableMapping[str, Task]):
         self.rows: MutableMapping[str, TaskRow] = {} if rows is None else rows
 
     def __getitem__(self, task_id: str) -> Task:
-        return Task(*self.rows[task_id])
+        return Task(*task_facts(self.rows[task_id]))
 
     def get(self, task_id: str, default: Any = None) -> Any:
         row = self.rows.get(task_id)
-        return default if row is None else Task(*row)
+        return default if row is None else Task(*task_facts(row))
 
     def __contains__(self, task_id: object) -> bool:
         return task_id in self.rows
@@ -275,7 +304,7 @@ class TaskTable(MutableMapping[str, Task]):
 
     def _each(self) -> Iterator[tuple[str, Task]]:
         for task_id, row in self.rows.items():
-            yield task_id, Task(*row)
+            yield task_id, Task(*task_facts(row))
 
 
 class EscalationState(_Fields):

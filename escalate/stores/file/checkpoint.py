@@ -60,6 +60,12 @@ V = TypeVar("V")
 CHECKPOINT_NAME = "events.ndjson.cache.sqlite"
 # SQLite opens these beside the database by name.
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+# The statements of every write, by table: made once (a new string per command would be
+# hashed again to find its compiled statement in the connection's cache).
+_SELECT_ROW = {table: f"SELECT data, crc FROM {table} WHERE key = ?" for table in CODECS}
+_UPSERT = {table: f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
+                  "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc"
+           for table in CODECS}
 
 
 class Rows(LazyRows[V]):
@@ -77,7 +83,7 @@ class Rows(LazyRows[V]):
         if key in self._saved:
             value: V = self._decode(key, self._saved[key])
             return value
-        row = self._fetch(f"SELECT data, crc FROM {self._table} WHERE key = ?", (key,))
+        row = self._fetch(_SELECT_ROW[self._table], (key,))
         return None if row is None else self._checked_row(key, row[0], row[1])
 
     def _stored(self, key: str) -> bool:
@@ -165,6 +171,11 @@ class Checkpoint:
             path = CHECKPOINT_NAME  # (relative to the run folder's handle: no path to build or walk)
         identity = _plain(path, folder)
         for suffix in _SIDE_SUFFIXES:  # (_plain with missing_ok, inlined: on every write's path)
+            # A journal is there only outside WAL mode: asked first whether the name exists
+            # (no link followed), which raises nothing where it does not, as a stat would.
+            if suffix == "-journal" and not os.access(path + suffix, os.F_OK, dir_fd=folder,
+                                                      follow_symlinks=False):
+                continue
             try:
                 info = os.stat(path + suffix, dir_fd=folder, follow_symlinks=False)
             except FileNotFoundError:
@@ -259,9 +270,11 @@ class Checkpoint:
         self._writer_for = (os.getpid(), dev, ino)
         return self._writer
 
-    def load(self, log: int, *, writable: bool) -> tuple[RunState, int, int, int] | None:
+    def load(self, log: int, *, writable: bool,
+             info: os.stat_result | None = None) -> tuple[RunState, int, int, int] | None:
         """``(state, offset, last_line_start, lines)`` from the checkpoint if it matches the log
-        (``log``: the command's handle on it) at its offset, else ``None``. For a writer, the
+        (``log``: the command's handle on it; ``info``: its ``fstat``, if the caller just took
+        it) at its offset, else ``None``. For a writer, the
         log then ends at ``offset``: it is the same file, untouched since the save
         (:func:`_check_log_at`).
 
@@ -278,7 +291,7 @@ class Checkpoint:
                     # not one per statement: the run's lock keeps every other writer out anyway.
                     if not connection.in_transaction:  # (a load again in the same command)
                         connection.execute("BEGIN IMMEDIATE")
-                    return self._load(connection, log, writable)
+                    return self._load(connection, log, writable, info)
                 except (CheckpointInvalid, sqlite3.Error, orjson.JSONDecodeError, KeyError, TypeError,
                         ValueError, OSError):
                     self._drop_writer()
@@ -302,9 +315,9 @@ class Checkpoint:
         finally:
             connection.close()
 
-    def _load(self, connection: sqlite3.Connection, log: int,
-              writable: bool) -> tuple[RunState, int, int, int]:
-        log_info = os.fstat(log)
+    def _load(self, connection: sqlite3.Connection, log: int, writable: bool,
+              info: os.stat_result | None = None) -> tuple[RunState, int, int, int]:
+        log_info = os.fstat(log) if info is None else info
         saved = None
         if writable:
             saved, self._saved = self._saved, None  # (for this command only: its save keeps one again)
@@ -375,10 +388,11 @@ class Checkpoint:
                 if not (pairs := list(pairs)):
                     continue  # (no row of this table was read or added: most writes touch no escalation)
                 written[table] = dict(pairs)
-            connection.executemany(
-                f"INSERT INTO {table} (key, data, crc) VALUES (?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET data = excluded.data, crc = excluded.crc",
-                ((key, data, zlib.crc32(data)) for key, data in pairs))
+                if len(pairs) == 1:  # (most writes: one task's row, one statement)
+                    [(key, data)] = pairs
+                    connection.execute(_UPSERT[table], (key, _blob(data), zlib.crc32(data)))
+                    continue
+            connection.executemany(_UPSERT[table], ((key, data, zlib.crc32(data)) for key, data in pairs))
         fields = run_fields(state, offset, last_line_start, lines, _identity(os.fstat(log)))
         # This save's own token: the next load trusts what it kept of this save only where the
         # file's run row is still these bytes (Checkpoint._load).
@@ -387,7 +401,8 @@ class Checkpoint:
         # The row is there once the checkpoint was loaded: changed in place (a replace would
         # delete it and insert it again, writing its index too).
         connection.execute("UPDATE run SET data = ?, crc = ? WHERE key = 'run'" if incremental else
-                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)", (blob, zlib.crc32(blob)))
+                           "INSERT INTO run (key, data, crc) VALUES ('run', ?, ?)",
+                           (_blob(blob), zlib.crc32(blob)))
         connection.execute("COMMIT")
         if connection is self._writer:
             # (A state folded from the whole log holds every task: not kept past its command.)
@@ -401,6 +416,13 @@ class Checkpoint:
             for suffix in ("", *_SIDE_SUFFIXES):
                 with contextlib.suppress(OSError):
                     os.unlink(f"{self.path}{suffix}")
+
+
+def _blob(data: bytes) -> bytearray:
+    """``data`` as sqlite3 binds it without looking for an adapter: a ``bytes`` parameter is
+    looked up as adaptable first, which makes and drops an error per parameter; a
+    ``bytearray`` is bound as it is (the same BLOB is stored, and read back as ``bytes``)."""
+    return bytearray(data)
 
 
 def _plain(path: str, dir_fd: int | None = None, *, missing_ok: bool = False) -> tuple[int, int]:
@@ -439,5 +461,6 @@ def _check_log_at(log: int, info: os.stat_result, identity: list[int], start: in
     if not untouched and not (appended_ok and info.st_size > size):
         raise CheckpointInvalid("the log changed since the checkpoint was saved")
     line = os.pread(log, offset - start, start)
-    if not line.endswith(b"\n") or b"\n" in line[:-1] or line_hash(line[:-1]) != expected:
+    # (find, not "in": a bytes needle "in" bytes is first tried as an int, an error made and dropped)
+    if not line.endswith(b"\n") or line.find(b"\n") != len(line) - 1 or line_hash(line[:-1]) != expected:
         raise CheckpointInvalid("the log's line at the checkpointed offset is not the one folded")

@@ -227,15 +227,16 @@ class FileLedger:
         # A writer's lock file was opened without following a link; a reader checks it here.
         if not writable and not self.log.exists():
             raise self._unknown()
+        info = None  # (a writer's: what the checkpoint is checked against, under the lock)
         try:
             log_fd = self.log.handle(writable=writable)
-            if writable and os.fstat(log_fd).st_size == 0:
+            if writable and (info := os.fstat(log_fd)).st_size == 0:
                 raise self._unknown()
         except FileNotFoundError:
             raise self._unknown() from None
         start = None
         if self.checkpoint is not None and checkpoint:
-            loaded = self.checkpoint.load(log_fd, writable=writable)
+            loaded = self.checkpoint.load(log_fd, writable=writable, info=info)
             if loaded is not None:
                 state, offset, last_line_start, lines = loaded
                 start = Replayed(state=state, offset=offset, torn_bytes=0, lines=lines,
