@@ -7,9 +7,13 @@ layer over it. Names load lazily so the CLI's hot commands import only what they
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+# Not typing's TYPE_CHECKING: the console script imports this package before anything else,
+# while the collector still runs (escalate.__main__ pauses it), and loading typing then costs
+# a command its collections; type checkers read this constant as typing's.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from escalate._version import __version__
     from escalate.core.money import Micros
     from escalate.errors import (

@@ -423,33 +423,57 @@ def test_a_reserve_process_loads_only_what_a_reserve_uses(runs_dir: Path) -> Non
         assert [param.name for param in typer.main.get_command(app).params] == []
 
 
+# As the console script starts (escalate.__main__.main), counting the collections that ran
+# before anything was frozen.
 _COLLECTOR = """
 import gc, sys
-from escalate.cli import main
+unfrozen = []  # per collection: whether nothing was frozen yet
+gc.callbacks.append(lambda phase, info: phase == "start" and unfrozen.append(gc.get_freeze_count() == 0))
+from escalate.__main__ import main
 sys.argv = ["escalate", *sys.argv[1:]]
 try:
     main()
 except SystemExit as exit:
     from escalate.service import Ledger
-    walked = any(thing is Ledger.reserve for thing in gc.get_objects())  # the frozen are not listed
-    print(gc.isenabled(), gc.get_freeze_count(), walked, exit.code)
+    listed = {id(thing) for thing in gc.get_objects()}  # the frozen are not listed
+    lock = sys.modules.get("escalate.stores.file.lock")
+    walked = [id(Ledger.reserve) in listed, lock is None or id(vars(lock)) in listed]
+    print(gc.isenabled(), gc.get_freeze_count(), sum(unfrozen), *walked, exit.code)
 """
 
 
 def test_a_command_keeps_what_start_up_loaded_out_of_the_collectors_walks(runs_dir: Path) -> None:
     """What a command loaded before it runs (typer, click, the CLI; for a hot command, the
-    library too) lives until the process exits: it is frozen out of the collector's walks
-    (each full collection's, and the last one at exit), and the collector stays on for
-    everything the command makes."""
+    library too, and on a runs folder the file store and its lock) lives until the process
+    exits: no collection walks it while it loads (the collector is paused from the console
+    script's first import), it is frozen out of the collector's walks (each full
+    collection's, and the last one at exit), and the collector is on for everything the
+    command makes."""
     run = [sys.executable, "-c", _COLLECTOR]
     for command, library in ((["runs", "init", "r", "--cap", "10"], "True"),
                              (["reserve", "r", "t", "-e", "1"], "False")):
         done = subprocess.run([*run, *command, "--runs-dir", str(runs_dir)], capture_output=True,
                               text=True, check=True)
-        enabled, frozen, walked, code = done.stdout.splitlines()[-1].split()
+        enabled, frozen, collected, *walked, code = done.stdout.splitlines()[-1].split()
         assert (enabled, code) == ("True", "0"), done.stderr
         assert int(frozen) > 10_000  # typer and click alone make tens of thousands
-        assert walked == library, command
+        assert collected == "0", command
+        assert walked == [library, library], command
+
+
+def test_a_reserve_on_postgresql_loads_no_file_store_before_it_runs(runs_dir: Path) -> None:
+    """A hot command whose store is a URL (given, or ESCALATE_STORE) does not load the file
+    store and ``filelock`` with its start-up: nothing there would use them."""
+    probe = ("import sys\nfrom escalate.__main__ import main\nsys.argv = ['escalate', *sys.argv[1:]]\n"
+             "try:\n    main()\nfinally:\n    print('filelock' in sys.modules, file=sys.stderr)\n")
+    url = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ESCALATE_")}
+    for given, environment in ((["--store", url], {}), ([], {"ESCALATE_STORE": url})):
+        done = subprocess.run([sys.executable, "-c", probe, "reserve", "r", "t", "-e", "1", *given],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**env, **environment})
+        assert done.returncode != 0 and "escalate: " in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
 
 
 _BUILT_ON_IMPORT = """

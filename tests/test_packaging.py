@@ -22,7 +22,7 @@ DISTRIBUTION = "escalate-ledger"
 def test_the_distribution_has_a_name_of_its_own() -> None:
     # `escalate` on the package index is someone else's project with its own `escalate` command.
     assert PROJECT["name"] == DISTRIBUTION
-    assert PROJECT["scripts"] == {"escalate": "escalate.cli:main"}
+    assert PROJECT["scripts"] == {"escalate": "escalate.__main__:main"}
 
 
 def test_every_install_line_installs_this_project() -> None:

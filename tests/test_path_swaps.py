@@ -175,6 +175,28 @@ def test_a_write_opens_its_log_once_and_makes_that_file_durable(tmp_path: Path, 
     assert Ledger.open(runs_dir, "r").verify().problems == []
 
 
+def test_opening_a_run_resolves_its_folder_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """``Ledger.open`` checks that the run is there and reads its first line (its pool)
+    through one handle of the run folder: what it found there is what it read; a command
+    then resolves the folder once more, for all it does."""
+    from escalate.stores.file.run_folder import RunFolder
+
+    runs_dir = tmp_path / "runs"
+    Ledger.init(runs_dir, "r", cap="100", actor="tester").close()
+    resolved: list[str] = []
+    real_open_run_dir = RunFolder._open_run_dir
+
+    def recorded(folder: RunFolder) -> int:
+        resolved.append(folder.run_dir.name)
+        return real_open_run_dir(folder)
+
+    monkeypatch.setattr(RunFolder, "_open_run_dir", recorded)
+    with Ledger.open(runs_dir, "r", actor="tester") as run:
+        assert resolved == ["r"] and run.pool_id() is None
+        run.reserve("t", "1")
+    assert resolved == ["r", "r"]
+
+
 # Another process takes the run's lock as any writer does, replaces the log with a copy of
 # itself (cp + rename: what a backup restore or an editor does), and lets the lock go; it
 # waits for a line on stdin and answers one when done.

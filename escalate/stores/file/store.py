@@ -29,7 +29,7 @@ from escalate.stores.checkpoint import fold_from, mark_after
 from escalate.stores.file.checkpoint import Checkpoint
 from escalate.stores.file.log import LOG_NAME, FileLog
 from escalate.stores.file.run_folder import via_folder
-from escalate.stores.seam import Closing, RecoveredFirstLines
+from escalate.stores.seam import Closing, RecoveredFirstLines, first_line
 
 if TYPE_CHECKING:
     from escalate.core.payloads import Recovery
@@ -133,7 +133,12 @@ class FileLedger:
         return self.log.exists()
 
     def head(self) -> tuple[bool, bytes | None]:
-        return self.exists(), None  # (the first line is read through the log, when asked)
+        # The run folder opened once for both: whether the log is there, and its first line.
+        with self.log.resolved():
+            if not self.exists():
+                return False, None
+            line = first_line(self)
+        return True, None if line is None else line + b"\n"
 
     def create(self, first_lines: bytes | BinaryIO, recovered: RecoveredFirstLines) -> bool:
         return self.log.create(first_lines, recovered, self._has_first_line)
