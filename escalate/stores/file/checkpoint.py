@@ -334,8 +334,10 @@ class Checkpoint:
                       appended_ok=not writable)
         # A reader's rows need no guard: its connection is its own.
         guard = self._guard if writable else threading.RLock()
-        tasks = Rows[TaskRow](connection, "tasks", guard, rows.get("tasks"))
-        escalations = Rows[EscalationState](connection, "escalations", guard, rows.get("escalations"))
+        # (Typed by annotation, not by Rows[...](...): calling a subscripted class makes an alias
+        # and stores it on each instance.)
+        tasks: Rows[TaskRow] = Rows(connection, "tasks", guard, rows.get("tasks"))
+        escalations: Rows[EscalationState] = Rows(connection, "escalations", guard, rows.get("escalations"))
         if saved is None or saved[4] is None:
             return state_from_blob(blob, tasks, escalations), offset, start, blob["lines"]
         # The state this writer saved is the blob's, field for field (run_fields read them from
@@ -455,9 +457,9 @@ def _check_log_at(log: int, info: os.stat_result, identity: list[int], start: in
     checkpoint can never be written after.
     """
     dev, ino, size, mtime_ns, ctime_ns = identity
-    if [info.st_dev, info.st_ino] != [dev, ino] or not 0 <= start < offset <= size:
+    if info.st_ino != ino or info.st_dev != dev or not 0 <= start < offset <= size:
         raise CheckpointInvalid("the log is another file")
-    untouched = info.st_size == size and [info.st_mtime_ns, info.st_ctime_ns] == [mtime_ns, ctime_ns]
+    untouched = info.st_size == size and info.st_mtime_ns == mtime_ns and info.st_ctime_ns == ctime_ns
     if not untouched and not (appended_ok and info.st_size > size):
         raise CheckpointInvalid("the log changed since the checkpoint was saved")
     line = os.pread(log, offset - start, start)

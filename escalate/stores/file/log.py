@@ -12,6 +12,7 @@ import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO
 
 from escalate.errors import EscalateError, NoRunsFolder, StoreUnavailable, storage_error
@@ -79,6 +80,18 @@ class _Naming:
             raise storage_error(exc, self.path) from exc
 
 
+# escalate.stores.file.lock (and filelock), imported by the first lock a process takes: a
+# command that only reads never loads them; kept here, so that a lock is no import statement.
+_LOCK: list[ModuleType] = []
+
+
+def _import_lock() -> ModuleType:
+    from escalate.stores.file import lock
+
+    _LOCK.append(lock)
+    return lock
+
+
 class _Locked:
     """:meth:`FileLog.locked` (a class, not a generator: on every write's path)."""
 
@@ -89,8 +102,7 @@ class _Locked:
         self._fd: int | None = None
 
     def __enter__(self) -> None:
-        from escalate.stores.file import lock
-
+        lock = _LOCK[0] if _LOCK else _import_lock()
         log = self._log
         self._resolved = resolved = log.resolved()
         resolved.__enter__()
