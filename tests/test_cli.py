@@ -461,6 +461,14 @@ def test_a_command_keeps_what_start_up_loaded_out_of_the_collectors_walks(runs_d
         assert walked == [library, library], command
 
 
+def test_importing_the_package_loads_no_typing() -> None:
+    """The console script imports ``escalate`` before its entry pauses the collector:
+    ``typing`` (which typer loads later, while the collector is paused) is not loaded then."""
+    code = "import sys; import escalate; print('typing' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False"]
+
+
 def test_a_reserve_on_postgresql_loads_no_file_store_before_it_runs(runs_dir: Path) -> None:
     """A hot command whose store is a URL (given, or ESCALATE_STORE) does not load the file
     store and ``filelock`` with its start-up: nothing there would use them."""
