@@ -488,6 +488,19 @@ def test_a_reserve_on_postgresql_loads_its_store_not_the_file_stores_before_it_r
         assert done.stderr.strip().splitlines()[-1] == "False False", (given, done.stderr)
 
 
+def test_a_reserve_on_postgresql_without_psycopg_says_which_extra_to_install(runs_dir: Path) -> None:
+    """Start-up loads a URL's store before the command runs; without psycopg that fails
+    quietly there, and the command reports it as ever: one line, exit 2."""
+    code = ("import sys; sys.modules['psycopg'] = None\nfrom escalate.__main__ import main\n"
+            "sys.argv = ['escalate', *sys.argv[1:]]\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", code, "reserve", "r", "t", "-e", "1", "--store",
+                           "postgresql://nobody@127.0.0.1:1/none"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "escalate: the PostgreSQL store needs psycopg: pip install 'escalate-ledger[postgres]'"]
+
+
 _BUILT_ON_IMPORT = """
 import dataclasses, sys, typing
 from escalate.cli import main
