@@ -195,7 +195,7 @@ def apply_payload(state: RunState, event: Mapping[str, Any]) -> None:
     handler(state, event)
 
 
-def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
+def _apply_reserved(state: RunState, event: Mapping[str, Any], new_ids: list[str] | None = None) -> None:
     try:
         task_id, amount = event[_TASK], event[_AMOUNT]
     except KeyError:
@@ -216,6 +216,8 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
         escalation_id = task[5]
         if escalation_id in state.open_escalations:
             raise RuleViolation(f"reservation of task {task_id!r} while its escalation is open")
+    elif new_ids is not None:  # the replay checks it with the others of its chunk (ids.all_ids)
+        new_ids.append(task_id)
     elif _id_match(task_id) is None or ".." in task_id:  # once, when a task id first appears
         raise not_task(task_id)
     # rules.over_cap and RunState.remaining_micros, inline (once per reservation of every
@@ -228,7 +230,7 @@ def _apply_reserved(state: RunState, event: Mapping[str, Any]) -> None:
     state.reserved_micros += amount
 
 
-def _apply_increased(state: RunState, event: Mapping[str, Any]) -> None:
+def _apply_increased(state: RunState, event: Mapping[str, Any], new_ids: list[str] | None = None) -> None:
     try:
         task_id, before, after = event[_TASK], event[_FROM], event[_TO]
     except KeyError:
@@ -284,7 +286,7 @@ def _over(state: RunState, task_id: str, total: int, delta: int) -> None:
     )
 
 
-def _apply_released(state: RunState, event: Mapping[str, Any]) -> None:
+def _apply_released(state: RunState, event: Mapping[str, Any], new_ids: list[str] | None = None) -> None:
     try:
         task_id, reserved, actual = event[_TASK], event[_RESERVED], event[_ACTUAL]
     except KeyError:
@@ -442,7 +444,9 @@ _APPLY: dict[str, Callable[[RunState, Mapping[str, Any]], None]] = {
 # The lines that move money, which make up most of a log: the replay's hot loop folds one of
 # these with its handler directly when its envelope is what the chain asks for (see
 # escalate.core.replay), and through apply otherwise. The handlers of budget_reserved,
-# budget_increased and released, in that order. (Typed to take the loop's state as it keeps
-# it, None before the first line, which never reaches them: its first line goes to initial_state.)
-MONEY_HANDLERS: tuple[Callable[[Any, Mapping[str, Any]], None], ...] = (
+# budget_increased and released, in that order; new_ids (given to all three, used by the
+# first): where a reservation leaves a task id it has not seen to the replay, which checks
+# them together (ids.all_ids). (Typed to take the loop's state as it keeps it, None before the
+# first line, which never reaches them: its first line goes to initial_state.)
+MONEY_HANDLERS: tuple[Callable[[Any, Mapping[str, Any], list[str] | None], None], ...] = (
     _apply_reserved, _apply_increased, _apply_released)

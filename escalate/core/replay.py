@@ -20,6 +20,7 @@ import orjson
 
 from escalate.core import fold
 from escalate.core.events import SCHEMA_VERSION, iter_line_batches, iter_lines, parsed_keys
+from escalate.core.ids import all_ids
 from escalate.core.state import ForgedSignature, RuleViolation, RunState
 from escalate.errors import CorruptLedger, UnknownRun
 
@@ -79,17 +80,19 @@ Progress = Callable[[int, int], None]  # (bytes folded so far, bytes in the log)
 
 def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
            start: Replayed | None = None, progress: Progress | None = None,
-           stop_after: int | None = None) -> Replayed:
+           stop_after: int | None = None, each_id: bool = False) -> Replayed:
     """Fold the whole log, or only what follows ``start`` (a checkpoint). Strict: stop at
     the first problem (``problem``); tolerant: note every problem and go on (``problems``),
     for ``runs verify``.
 
     A write of several lines is atomic as a unit (:func:`~escalate.core.events.seal`, grouped):
     when the complete lines end inside one, the fold is redone up to the line before it
-    (``stop_after``, a line count) and its bytes count as the torn tail.
+    (``stop_after``, a line count) and its bytes count as the torn tail. A task id first seen
+    is checked with the others of its chunk; when one is not an id, the whole log is folded
+    again with each checked on its line (``each_id``), which names it there.
     """
     folding = _Fold(run_id, log.where, tolerant, start.state if start else None,
-                    start.lines if start else 0)
+                    start.lines if start else 0, each_id)
     offset = start.offset if start else 0
     last_line_start = start.last_line_start if start else 0
     complete_end = offset
@@ -100,6 +103,9 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
         for batch, batch_start in iter_line_batches(stream, offset):
             lines = batch if stop_after is None else batch[:stop_after - folding.line_no]
             folded = lines[:folding.lines(lines)]
+            if not folding.ids_hold():  # (the state is the first fold's: start from the first line)
+                return replay(log, run_id, tolerant=tolerant, progress=progress, stop_after=stop_after,
+                              each_id=True)
             if folded:
                 offset = batch_start + sum(map(len, folded)) + len(folded)
                 last_line_start = offset - len(folded[-1]) - 1
@@ -120,7 +126,7 @@ def replay(log: LineSource, run_id: str, *, tolerant: bool = False,
         # Rare (a cut write, or one still being written): fold again without the group
         # rather than buffer every group's lines in the hot loop.
         before = folding.group_first - 1
-        return replay(log, run_id, tolerant=tolerant, stop_after=before,
+        return replay(log, run_id, tolerant=tolerant, stop_after=before, each_id=each_id,
                       start=start if start is not None and start.lines <= before else None)
     if folding.state is None:
         if folding.problem is not None:
@@ -142,6 +148,7 @@ class _Fold:
         "group_due",
         "group_first",
         "line_no",
+        "new_ids",
         "problem",
         "problems",
         "run_id",
@@ -151,7 +158,8 @@ class _Fold:
         "where",
     )
 
-    def __init__(self, run_id: str, where: str, tolerant: bool, state: RunState | None, line_no: int) -> None:
+    def __init__(self, run_id: str, where: str, tolerant: bool, state: RunState | None, line_no: int,
+                 each_id: bool) -> None:
         self.run_id = run_id
         self.where = where
         self.tolerant = tolerant
@@ -163,6 +171,17 @@ class _Fold:
         self.problems: list[tuple[int, str]] = []
         self.warnings: list[tuple[int, str]] = []
         self.forged: list[int] = []
+        self.new_ids: list[str] | None = None if each_id else []  # task ids first seen, to check
+
+    def ids_hold(self) -> bool:
+        """Whether every task id first seen in the chunk just folded follows the id rule (a
+        reservation leaves them to the replay: fold.MONEY_HANDLERS)."""
+        new_ids = self.new_ids
+        if not new_ids:
+            return True
+        held = all_ids(new_ids)
+        new_ids.clear()
+        return held
 
     def lines(self, lines: list[bytes]) -> int:
         """Fold ``lines`` (complete, no newlines): how many folded (all, or those before :attr:`problem`)."""
@@ -174,7 +193,7 @@ class _Fold:
         k_ts, k_seq, k_prev, k_actor, k_v, k_type, k_more = _ENVELOPE
         state, line_no, first_line_no, tolerant = self.state, self.line_no, self.line_no, self.tolerant
         group_due, group_first, warnings = self.group_due, self.group_first, self.warnings
-        (seq_now, last_hash, last_ts, last_actor, closed), event = _chain(state), None
+        (seq_now, last_hash, last_ts, last_actor, closed), event, new_ids = _chain(state), None, self.new_ids
         for line in lines:
             line_no += 1
             this_hash = sha256(line).digest()[first_8].hex()
@@ -209,7 +228,7 @@ class _Fold:
                     state = _apply(state, event, this_hash, seq_now, last_hash, last_ts)
                     seq_now, last_hash, last_ts, last_actor, closed = _chain(state)
                     continue
-                handler(state, event)
+                handler(state, event, new_ids)
                 seq_now, last_hash, last_ts = seq, this_hash, ts  # (no tuple built)
             except (json_error, RuleViolation) as exc:
                 event = None if isinstance(exc, json_error) else event  # (not the line before's)
