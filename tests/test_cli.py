@@ -469,19 +469,36 @@ def test_importing_the_package_loads_no_typing() -> None:
     assert done.stdout.split() == ["False"]
 
 
-def test_a_reserve_on_postgresql_loads_no_file_store_before_it_runs(runs_dir: Path) -> None:
-    """A hot command whose store is a URL (given, or ESCALATE_STORE) does not load the file
-    store and ``filelock`` with its start-up: nothing there would use them."""
-    probe = ("import sys\nfrom escalate.__main__ import main\nsys.argv = ['escalate', *sys.argv[1:]]\n"
-             "try:\n    main()\nfinally:\n    print('filelock' in sys.modules, file=sys.stderr)\n")
+def test_a_reserve_on_postgresql_loads_its_store_not_the_file_stores_before_it_runs(runs_dir: Path) -> None:
+    """A hot command whose store is a URL (given, or ESCALATE_STORE) loads the PostgreSQL
+    store (and psycopg) with its start-up, frozen out of the collector's walks with it, and
+    not the file store and ``filelock``: nothing there would use them."""
+    probe = ("import gc, sys\nfrom escalate.__main__ import main\nsys.argv = ['escalate', *sys.argv[1:]]\n"
+             "try:\n    main()\nfinally:\n    listed = {id(thing) for thing in gc.get_objects()}\n"
+             "    walked = id(vars(sys.modules['psycopg'])) in listed\n"
+             "    print('filelock' in sys.modules, walked, file=sys.stderr)\n")
     url = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"
     env = {key: value for key, value in os.environ.items() if not key.startswith("ESCALATE_")}
-    for given, environment in ((["--store", url], {}), ([], {"ESCALATE_STORE": url})):
+    for given, environment in ((["--store", url], {}), ([f"--store={url}"], {}),
+                               ([], {"ESCALATE_STORE": url})):
         done = subprocess.run([sys.executable, "-c", probe, "reserve", "r", "t", "-e", "1", *given],
                               capture_output=True, text=True, timeout=60, check=False,
                               env={**env, **environment})
         assert done.returncode != 0 and "escalate: " in done.stderr, done.stderr
-        assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+        assert done.stderr.strip().splitlines()[-1] == "False False", (given, done.stderr)
+
+
+def test_a_reserve_on_postgresql_without_psycopg_says_which_extra_to_install(runs_dir: Path) -> None:
+    """Start-up loads a URL's store before the command runs; without psycopg that fails
+    quietly there, and the command reports it as ever: one line, exit 2."""
+    code = ("import sys; sys.modules['psycopg'] = None\nfrom escalate.__main__ import main\n"
+            "sys.argv = ['escalate', *sys.argv[1:]]\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", code, "reserve", "r", "t", "-e", "1", "--store",
+                           "postgresql://nobody@127.0.0.1:1/none"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "escalate: the PostgreSQL store needs psycopg: pip install 'escalate-ledger[postgres]'"]
 
 
 _BUILT_ON_IMPORT = """

@@ -292,8 +292,10 @@ COMMAND_MODULES = ("escalation_cmds", "gate_cmds", "ledger_cmds", "pools_cmds", 
                    "store_cmds")
 # The commands shell scripts call in loops, and the one module each needs.
 _HOT_COMMANDS = {"reserve": "ledger_cmds", "increase": "ledger_cmds", "release": "ledger_cmds"}
-# What a hot command on a runs folder loads besides: the ledger, the file store, its lock.
-_HOT_LIBRARY = ("escalate.service", "escalate.stores.file.store", "escalate.stores.file.lock")
+# What a hot command loads besides the ledger (escalate.service), by where its runs are: a
+# runs folder's store and its lock (filelock), or the PostgreSQL store (psycopg).
+_HOT_STORES = {False: ("escalate.stores.file.store", "escalate.stores.file.lock"),
+               True: ("escalate.stores.postgres.store",)}
 
 
 def build_app(modules: Sequence[str] = COMMAND_MODULES, *, only: str | None = None) -> typer.Typer:
@@ -351,8 +353,7 @@ def main() -> None:
     hot_module = _HOT_COMMANDS.get(sys.argv[1]) if len(sys.argv) > 1 else None
     app = full_app() if hot_module is None else build_app([hot_module], only=sys.argv[1])
     if hot_module is not None:
-        for module in _HOT_LIBRARY if _on_a_folder(sys.argv[2:]) else _HOT_LIBRARY[:1]:
-            importlib.import_module(module)
+        _load_hot_library(sys.argv[2:])
     # What is loaded by now (typer, click, the app, a hot command's library) lives until the
     # process exits: kept out of the collector's walks, every full collection's and the last
     # one at exit, which otherwise cost a short command a tenth of its time. The collector
@@ -362,15 +363,32 @@ def main() -> None:
     app()
 
 
-def _on_a_folder(args: Sequence[str]) -> bool:
-    """Whether a hot command's runs are in a folder: no argument is a URL, nor is
-    ``ESCALATE_STORE``. A guess that decides only what is loaded before the freeze (the file
-    store and ``filelock``, which a command on PostgreSQL never loads): a wrong one costs
-    time, never a different outcome."""
+def _load_hot_library(args: Sequence[str]) -> None:
+    """Load what a hot command given ``args`` will use: the ledger, and the store its runs
+    are in (:func:`_where_runs_are`); a store that cannot be loaded is the command's to report."""
+    from escalate.stores.seam import is_store_url
+
+    importlib.import_module("escalate.service")
+    try:
+        modules = _HOT_STORES[is_store_url(_where_runs_are(args))]
+    except EscalateError:  # (ESCALATE_STORE and ESCALATE_RUNS_DIR both set: the command says so)
+        return
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # (psycopg missing: the command says which extra to install)
+            return
+
+
+def _where_runs_are(args: Sequence[str]) -> str:
+    """Where a hot command's runs are, as ``--store``, ``--runs-dir`` or the environment
+    name it: a guess (another option's value may read ``--store``), which decides only what
+    is loaded before the freeze; a wrong one costs time, never a different outcome."""
     from escalate.config import default_store
 
-    try:
-        store = os.fspath(default_store())
-    except EscalateError:  # (both variables set: the command says so, unless given --store)
-        return False
-    return not any("://" in text for text in (*args, store))
+    for at, arg in enumerate(args):
+        if arg.startswith(("--store=", "--runs-dir=")):
+            return arg.partition("=")[2]
+        if arg in {"--store", "--runs-dir"} and at + 1 < len(args):
+            return args[at + 1]
+    return os.fspath(default_store())

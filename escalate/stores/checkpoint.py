@@ -78,15 +78,22 @@ def run_fields(state: RunState, offset: int, last_line_start: int, lines: int,
     return fields
 
 
-def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
-                    escalations: MutableMapping[str, EscalationState]) -> RunState:
-    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
-    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+def check_blob(blob: dict[str, Any]) -> None:
+    """:class:`CheckpointInvalid` unless the run-wide part ``blob`` (what :func:`run_fields`
+    gives) is of this format and within the limit on totals: the checks of every state taken
+    from a checkpoint, built from it or kept by the writer that saved it."""
     if blob["format"] != FORMAT:
         raise CheckpointInvalid("another format")
     if blob["spent_micros"] + blob["reserved_micros"] > MAX_TOTAL_MICROS:
         # Saved by a version without the limit: the fold of the log names the line past it.
         raise CheckpointInvalid("a checkpoint past the limit on totals")
+
+
+def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
+                    escalations: MutableMapping[str, EscalationState]) -> RunState:
+    """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
+    ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
+    check_blob(blob)
     state = RunState(**{name: blob[name] for name in _PLAIN_FIELDS}, policy=Policy(**blob["policy"]),
                      tasks=TaskTable(tasks))
     state.escalations = escalations

@@ -45,6 +45,7 @@ from escalate.stores.checkpoint import (
     CheckpointInvalid,
     LazyRows,
     LoadedRows,
+    check_blob,
     checked,
     encode_escalation,
     encode_task,
@@ -341,7 +342,9 @@ class Checkpoint:
         if saved is None or saved[4] is None:
             return state_from_blob(blob, tasks, escalations), offset, start, blob["lines"]
         # The state this writer saved is the blob's, field for field (run_fields read them from
-        # it): it is not built again, only given this command's rows, as state_from_blob does.
+        # it): it is not built again, only checked and given this command's rows, as
+        # state_from_blob does.
+        check_blob(blob)
         state = saved[4]
         state.tasks, state.escalations, state.last_actor = TaskTable(tasks), escalations, None
         state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
