@@ -61,9 +61,12 @@ def test_a_state_is_equal_to_another_by_its_fields_and_shown_with_them() -> None
     changed = _escalation()
     changed.notify_attempts = 1
     assert changed != _escalation()
+    # Shown field by field in the order each class declares them, as the dataclasses were.
     assert repr(Task("reserved", 5, True)) == (
-        "Task(actual_micros=None, escalation_id=None, halt_reason=None, holding=True, reserved_micros=5, "
-        "state='reserved')")
+        "Task(state='reserved', reserved_micros=5, holding=True, actual_micros=None, halt_reason=None, "
+        "escalation_id=None)")
+    assert repr(RunState(**UNUSUAL)).startswith(f"RunState(run_id={UNUSUAL['run_id']!r}, run_cap_micros=")
+    assert repr(policy).startswith(f"Policy(mode={policy.mode!r}, approval_threshold_micros=")
     for state in (policy, _escalation(), Task("released"), RunState(**UNUSUAL)):
         with pytest.raises(TypeError):
             hash(state)

@@ -48,14 +48,22 @@ class _Fields:
 
     __slots__: ClassVar[tuple[str, ...]] = ()
     __hash__ = None  # type: ignore[assignment]  # (mutable: equal by value, so no hash)
+    # The fields in the order the class declares them (its annotations), as a dataclass
+    # shows them: ``__slots__`` is kept sorted.
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        declared = tuple(name for name in cls.__annotations__ if name in cls.__slots__)
+        cls._fields = declared + tuple(name for name in cls.__slots__ if name not in declared)
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+        return all(getattr(self, name) == getattr(other, name) for name in self._fields)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"{self.__class__.__qualname__}({shown})"
 
 
@@ -175,6 +183,12 @@ class Task(_Fields):
     """One task id's life. ``holding`` says whether ``reserved_micros`` is in flight."""
 
     __slots__ = ("actual_micros", "escalation_id", "halt_reason", "holding", "reserved_micros", "state")
+    state: TaskState
+    reserved_micros: int
+    holding: bool
+    actual_micros: int | None
+    halt_reason: HaltReason | None
+    escalation_id: str | None
 
     def __init__(self, state: TaskState, reserved_micros: int = 0, holding: bool = False,
                  actual_micros: int | None = None, halt_reason: HaltReason | None = None,
