@@ -40,8 +40,8 @@ class ForgedSignature(RuleViolation):
 
 
 class _Fields:
-    """Equal when of the same class with equal fields (``__slots__``, in order), shown with
-    them, and unhashable, as a dataclass is. The state's classes are plain slotted classes,
+    """Equal when of the same class with equal fields, shown with them in the order the class
+    declares them, and unhashable, as a dataclass is. The state's classes are plain slotted classes,
     not dataclasses: every command imports them, and a dataclass is built on import (its
     ``__init__``, ``__repr__`` and ``__eq__`` compiled from generated source: about a fifth of
     what escalate's own modules cost a reserve's process)."""

@@ -94,9 +94,17 @@ def state_from_blob(blob: dict[str, Any], tasks: MutableMapping[str, TaskRow],
     """The state a :func:`run_blob` holds, with its tasks and escalations in ``tasks`` and
     ``escalations`` (read lazily by a writer); a missing key is ``KeyError``."""
     check_blob(blob)
+    table = TaskTable(tasks)
     state = RunState(**{name: blob[name] for name in _PLAIN_FIELDS}, policy=Policy(**blob["policy"]),
-                     tasks=TaskTable(tasks))
-    state.escalations = escalations
+                     tasks=table)
+    return with_rows(state, blob, table, escalations)
+
+
+def with_rows(state: RunState, blob: dict[str, Any], tasks: TaskTable,
+              escalations: MutableMapping[str, EscalationState]) -> RunState:
+    """``state`` (the run-wide part ``blob`` holds) given a command's rows: its tasks, its
+    escalations, and the open ones ``blob`` names; no actor (a checkpoint keeps none)."""
+    state.tasks, state.escalations, state.last_actor = tasks, escalations, None
     state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
     return state
 

@@ -51,6 +51,7 @@ from escalate.stores.checkpoint import (
     encode_task,
     run_fields,
     state_from_blob,
+    with_rows,
 )
 from escalate.stores.file.run_folder import via_folder
 
@@ -345,10 +346,7 @@ class Checkpoint:
         # it): it is not built again, only checked and given this command's rows, as
         # state_from_blob does.
         check_blob(blob)
-        state = saved[4]
-        state.tasks, state.escalations, state.last_actor = TaskTable(tasks), escalations, None
-        state.open_escalations = {key: escalations[key] for key in blob["open_escalations"]}
-        return state, offset, start, blob["lines"]
+        return with_rows(saved[4], blob, TaskTable(tasks), escalations), offset, start, blob["lines"]
 
     def save(self, state: RunState, offset: int, last_line_start: int, lines: int,
              log: int) -> None:
