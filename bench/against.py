@@ -45,6 +45,7 @@ from run import (
     fmt_s,
     interleaved,
     measure_verify,
+    on_cpus,
     pg_startup_row,
     ratio_row,
     size_label,
@@ -228,7 +229,7 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
 
     def replay(tree: Tree) -> Callable[[], float]:
         def once() -> float:
-            _, _, report = measure_verify(runs[tree.key], tree.python)
+            _, _, report = measure_verify(runs[tree.key], tree.python, driver_cpu())
             cpu[tree.key].append(events / float(report["cpu_seconds"]))
             return events / float(report["seconds"])
         return once
@@ -264,7 +265,7 @@ def bare(run: BuiltRun) -> tuple[float, float]:
     its seconds, wall and CPU. The floor under any replay; the amounts it adds must be the
     generator's."""
     done = subprocess.run([sys.executable, str(DRIVER), "bare", str(run.log_path)], capture_output=True,
-                          check=True)
+                          check=True, preexec_fn=on_cpus(driver_cpu()))
     report = json.loads(done.stdout.decode().strip().splitlines()[-1])
     if (report["lines"], report["spent_micros"]) != (run.expected.events, run.expected.spent_micros):
         raise AssertionError(f"bare replay of {run.log_path}: {report}, expected {run.expected}")
@@ -343,12 +344,13 @@ def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds
         def timed() -> float:
             count[0] += 1
             return timed_process([*tree.escalate, "reserve", run.run_id, f"startup-{count[0]}",
-                                  "--estimate", "0.01", "--runs-dir", str(run.runs_dir)], env=env)
+                                  "--estimate", "0.01", "--runs-dir", str(run.runs_dir)], env=env,
+                                 cpus=driver_cpu())
 
         return timed
 
     cases = {t.key: reserve(t) for t in trees}
-    cases["floor"] = lambda: timed_process([sys.executable, "-c", IMPORT_FLOOR], env=env)
+    cases["floor"] = lambda: timed_process([sys.executable, "-c", IMPORT_FLOOR], env=env, cpus=driver_cpu())
     for case in cases.values():
         case()
     samples = interleaved(cases, rounds.startup, rounds.budget_s)
@@ -439,8 +441,8 @@ def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, r
     def show(tree: Tree) -> Callable[[], float]:
         argv = [*tree.escalate, "runs", "show", runs[tree.key].run_id, "--json", "--runs-dir",
                 str(runs[tree.key].runs_dir)]
-        timed_process(argv, env=env)  # warms the cache
-        return lambda: timed_process(argv, env=env)
+        timed_process(argv, env=env, cpus=driver_cpu())  # warms the cache
+        return lambda: timed_process(argv, env=env, cpus=driver_cpu())
 
     cases = {t.key: show(t) for t in trees}
     samples = interleaved(cases, rounds.show, rounds.budget_s)
@@ -484,7 +486,7 @@ def compare_postgres(tree: Tree, run: BuiltRun, rounds: Rounds, rows: list[Row])
                               PG_OPEN_ROUND_TRIPS))
         _progress(rows[-1])
         rows.append(pg_startup_row(url, run, rounds.startup, rounds.budget_s, escalate=tree.escalate,
-                                   python=tree.python))
+                                   python=tree.python, cpus=driver_cpu()))
         _progress(rows[-1])
     finally:
         pg.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import dataclasses
+import functools
 import os
 import platform
 import random
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -376,10 +377,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def timed_process(argv: list[str], *, env: dict[str, str] | None = None) -> float:
-    """Wall time of one whole process; it must exit 0."""
+def on_cpus(cpus: Collection[int]) -> Callable[[], None] | None:
+    """What a child runs before it starts, to keep it to ``cpus`` (none: where the scheduler
+    puts it). Two sides compared in one run are timed on the same CPU: on a shared machine
+    one CPU can run a third slower than the other for minutes at a time (a neighbour on its
+    core), and a side placed there more often than the other would lose by the placement."""
+    return functools.partial(os.sched_setaffinity, 0, cpus) if cpus else None
+
+
+def timed_process(argv: list[str], *, env: dict[str, str] | None = None, cpus: Collection[int] = ()) -> float:
+    """Wall time of one whole process, on ``cpus`` (:func:`on_cpus`); it must exit 0."""
     started = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+                          preexec_fn=on_cpus(cpus))
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
@@ -442,15 +452,17 @@ def target_startup(run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
     _progress(rows[-1])
 
 
-def measure_verify(run: BuiltRun, python: str = sys.executable) -> tuple[float, int, dict[str, Any]]:
-    """``Ledger.verify()`` in a fresh child of ``python`` (a tree's interpreter): (seconds,
-    peak RSS in KiB, its report).
+def measure_verify(run: BuiltRun, python: str = sys.executable,
+                   cpus: Collection[int] = ()) -> tuple[float, int, dict[str, Any]]:
+    """``Ledger.verify()`` in a fresh child of ``python`` (a tree's interpreter), on ``cpus``
+    (:func:`on_cpus`): (seconds, peak RSS in KiB, its report).
 
     The peak comes from ``getrusage(RUSAGE_CHILDREN)`` in a small wrapper process whose only
     child is the replay, so earlier children of this script do not mask it.
     """
     child = [python, str(BENCH_DIR / "driver.py"), "verify", str(run.runs_dir), run.run_id]
-    done = subprocess.run([sys.executable, "-c", RUSAGE_WRAPPER, *child], capture_output=True, check=False)
+    done = subprocess.run([sys.executable, "-c", RUSAGE_WRAPPER, *child], capture_output=True, check=False,
+                          preexec_fn=on_cpus(cpus))
     if done.returncode != 0:
         raise RuntimeError(f"verify child failed: {done.stderr.decode()[-1000:]}")
     report_line, rss_line = done.stdout.decode().strip().splitlines()[-2:]
@@ -657,7 +669,8 @@ PG_STARTUP_LIMIT = 1.15
 
 
 def pg_startup_row(url: str, run: BuiltRun, rounds: int, budget_s: float, *,
-                   escalate: Sequence[str] | None = None, python: str = sys.executable) -> Row:
+                   escalate: Sequence[str] | None = None, python: str = sys.executable,
+                   cpus: Collection[int] = ()) -> Row:
     """``escalate reserve --store url`` on ``run`` as a whole process (``escalate``: a tree's
     command) against the import floor ``python -c 'import typer, orjson, filelock,
     psycopg'``, interleaved: at most :data:`PG_STARTUP_LIMIT` times it."""
@@ -666,8 +679,8 @@ def pg_startup_row(url: str, run: BuiltRun, rounds: int, budget_s: float, *,
     command = list(escalate or escalate_cmd())
     cases: dict[str, Callable[[], float]] = {
         "reserve": lambda: timed_process([*command, "reserve", run.run_id, ids(), "--estimate", "0.01",
-                                          "--store", url], env=env),
-        "floor": lambda: timed_process([python, "-c", PG_IMPORT_FLOOR], env=env),
+                                          "--store", url], env=env, cpus=cpus),
+        "floor": lambda: timed_process([python, "-c", PG_IMPORT_FLOOR], env=env, cpus=cpus),
     }
     for case in cases.values():
         case()

@@ -224,6 +224,30 @@ def test_both_trees_drivers_run_on_one_and_the_same_cpu(against: ModuleType) -> 
     assert cpus[0] <= os.sched_getaffinity(0)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_the_processes_both_sides_time_run_on_the_drivers_cpu(bench: ModuleType, against: ModuleType,
+                                                              tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold replay, the bare replay beside it and every whole process a comparison times
+    run on the drivers' one CPU, so a side is never timed on a slower CPU than the other."""
+    cpu = against.driver_cpu()
+    assert len(cpu) == 1
+    shows = tmp_path / "cpus"
+    probe = [sys.executable, "-c", f"import os; open({str(shows)!r}, 'a').write(f'{{os.sched_getaffinity(0)}}\\n')"]
+    bench.timed_process(probe, cpus=cpu)
+    seen: list[Any] = []
+    real_run = against.subprocess.run
+
+    def run(argv: list[str], **kwargs: Any) -> Any:  # the bare replay's child, then its own report
+        seen.append(kwargs.get("preexec_fn"))
+        return real_run(probe, **{k: v for k, v in kwargs.items() if k != "check"})
+
+    monkeypatch.setattr(against.subprocess, "run", run)
+    with pytest.raises(Exception):  # (the probe prints no report: only where it ran is looked at)
+        against.bare(bench.BuiltRun(tmp_path, "r", bench.Expected(events=1), "mixed"))
+    assert seen and seen[0] is not None
+    assert shows.read_text().splitlines() == [str(cpu)] * 2
+
 @pytest.mark.slow
 def test_against_head_measures_both_trees_side_by_side(against: ModuleType, tmp_path: Path) -> None:
     """The whole --against path on tiny runs: HEAD checked out and installed in a worktree
@@ -321,7 +345,7 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
                             budget_s=60)
     rows: list[Any] = []
 
-    def process(argv: list[str], *, env: Any = None) -> float:  # A's command takes a, all else b
+    def process(argv: list[str], *, env: Any = None, cpus: Any = ()) -> float:  # A's takes a, all else b
         return a if argv[0] == "escalate-a" else b
 
     monkeypatch.setattr(against, "timed_process", process)
@@ -333,10 +357,11 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
                               runs, rows)
     elif target == "startup":  # the floor takes b; B takes 1.2 b (a revision above the floor)
         monkeypatch.setattr(against, "timed_process",
-                            lambda argv, env=None: {"escalate-a": a, "escalate-b": 1.2 * b}.get(argv[0], b))
+                            lambda argv, env=None, cpus=(): {"escalate-a": a, "escalate-b": 1.2 * b}.get(
+                                argv[0], b))
         against.compare_startup(trees, runs, rounds, rows)
     elif target == "replay":
-        def verify(built: Any, python: str) -> tuple[float, int, dict[str, float]]:
+        def verify(built: Any, python: str, cpus: Any = ()) -> tuple[float, int, dict[str, float]]:
             seconds = 1_000 / (a if python == "python-a" else b)
             return seconds, 0, {"seconds": seconds, "cpu_seconds": seconds}
 
@@ -356,7 +381,7 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(against, "PgBench", Server)
         monkeypatch.setattr(against, "open_round_trips", lambda url, run_id: int(b))
         monkeypatch.setattr(sys.modules["run"], "timed_process",  # (the module against.py imports)
-                            lambda argv, env=None: a if argv[0] == "escalate-a" else 1.0)
+                            lambda argv, env=None, cpus=(): a if argv[0] == "escalate-a" else 1.0)
         against.compare_postgres(trees[0], run, rounds, rows)
     return rows
 
