@@ -241,7 +241,8 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
 
     cases = {t.key: replay(t) for t in trees}
     cases[BARE] = bare_once
-    samples = interleaved(cases, rounds.replay, rounds.budget_s, min_rounds=1)
+    # Every round, however slow the machine: the gated ratio is only as good as its pairs.
+    samples = interleaved(cases, rounds.replay, rounds.budget_s, min_rounds=rounds.replay)
     # The issue's target is events/s (a replay waits on no fsync: its wall time is its work);
     # the CPU time's rate is shown beside it.
     for what, rates, limit in ((f"cold replay: Ledger.verify() @{size_label(events)}, events/s", samples,
@@ -249,11 +250,11 @@ def compare_replay(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds,
                                (f"cold replay @{size_label(events)}, events per second of CPU time", cpu,
                                 None)):
         rows.append(ratio_row(what, rates[trees[0].key], rates[trees[1].key], limit, unit=_rate,
-                              higher_is_better=True))
+                              higher_is_better=True, paired=True))
         _progress(rows[-1])
     what = f"cold replay @{size_label(events)}, A vs a bare replay (orjson.loads, a sum per line), events/s"
     rows.append(ratio_row(what, samples[trees[0].key], samples[BARE], None, unit=_rate,
-                          higher_is_better=True))
+                          higher_is_better=True, paired=True))
     _progress(rows[-1])
 
 
@@ -322,10 +323,10 @@ def compare_cycles(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]],
     working, against = (d.tree.key for d in drivers)
     for size in sizes:
         rows.append(ratio_row(f"library: reserve+release @{size_label(size)}", samples[f"{working}@{size}"],
-                              samples[f"{against}@{size}"], CYCLE_LIMIT))
+                              samples[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
         _progress(rows[-1])
         rows.append(ratio_row(f"library: reserve+release @{size_label(size)}, CPU time",
-                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], CYCLE_LIMIT))
+                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
         _progress(rows[-1])
 
 
@@ -357,13 +358,14 @@ def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds
     working, against = (t.key for t in trees)
     size = size_label(runs[working].expected.events)
     rows.append(ratio_row(f"escalate reserve, whole process @{size}, against the import floor "
-                          f"python -c '{IMPORT_FLOOR}'", samples[working], samples["floor"], STARTUP_LIMIT))
+                          f"python -c '{IMPORT_FLOOR}'", samples[working], samples["floor"], STARTUP_LIMIT,
+                          paired=True))
     _progress(rows[-1])
     rows.append(ratio_row(f"escalate reserve, whole process @{size}, A vs B", samples[working],
-                          samples[against], None))
+                          samples[against], None, paired=True))
     _progress(rows[-1])
     rows.append(ratio_row(f"  {trees[1].label}: escalate reserve vs the import floor",
-                          samples[against], samples["floor"], None))
+                          samples[against], samples["floor"], None, paired=True))
     _progress(rows[-1])
 
 
@@ -403,7 +405,7 @@ def compare_contention(trees: list[Tree], rounds: Rounds, rows: list[Row]) -> No
         _progress(row)
     rows.append(ratio_row("contention: the slowest process's worst operation over the median "
                           "process's, median over rounds", spread[working], spread[against], None,
-                          unit=lambda v: f"{v:.2f}"))
+                          unit=lambda v: f"{v:.2f}", paired=True))
     _progress(rows[-1])
 
 
@@ -419,15 +421,16 @@ def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[s
     """The contention rows from each round's ops/s and worst single operation, per tree.
 
     The worst operation is held to :data:`CONTENTION_WORST_LIMIT` times the other tree's as
-    the median over rounds of each round's worst, like every other row: the worst of all
+    the median over rounds of each round's worst over the other tree's worst in the same
+    period (:func:`~run.paired_ratio`), like every other row: the worst of all
     rounds together is one sample in some 8,000, and moved from 1.06 to 2.83 times 0.1.0's
     between runs of the same code. That worst of all rounds is shown beside it."""
     worst_all = {key: max(worst_op_s[key]) for key in (working, against)}
     return [
         ratio_row(f"contention: {what}, ops/s", ops_s[working], ops_s[against], CONTENTION_LIMIT,
-                  unit=lambda v: f"{v:,.0f} ops/s", higher_is_better=True),
+                  unit=lambda v: f"{v:,.0f} ops/s", higher_is_better=True, paired=True),
         ratio_row("contention: worst single operation of a round, median over rounds",
-                  worst_op_s[working], worst_op_s[against], CONTENTION_WORST_LIMIT),
+                  worst_op_s[working], worst_op_s[against], CONTENTION_WORST_LIMIT, paired=True),
         Row(f"contention: worst single operation of all {len(worst_op_s[working])} rounds",
             f"{fmt_s(worst_all[working])} vs {fmt_s(worst_all[against])}",
             f"{worst_all[working] / worst_all[against]:.2f}", "info"),
@@ -448,7 +451,7 @@ def compare_show(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, r
     samples = interleaved(cases, rounds.show, rounds.budget_s)
     working, against = (t.key for t in trees)
     rows.append(ratio_row(f"runs show --json @{size_label(runs[working].expected.events)}, warm cache",
-                          samples[working], samples[against], SLOWER_LIMIT))
+                          samples[working], samples[against], SLOWER_LIMIT, paired=True))
     _progress(rows[-1])
 
 

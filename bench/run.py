@@ -313,6 +313,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def fmt_s(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1e6:,.0f} µs"
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
@@ -335,18 +337,33 @@ def verdict(ok: bool) -> str:
 
 
 def ratio_row(target: str, measured: list[float], base: list[float], limit: float | None, *,
-              unit: Callable[[float], str] = fmt_s, higher_is_better: bool = False) -> Row:
-    """Two medians compared, as a row: ``measured / base`` against ``limit`` (None: shown for
+              unit: Callable[[float], str] = fmt_s, higher_is_better: bool = False,
+              paired: bool = False) -> Row:
+    """Two sides compared, as a row: ``measured / base`` against ``limit`` (None: shown for
     information only): at most ``limit`` for times, at least ``limit`` for rates
-    (``higher_is_better``). ``unit`` formats a median."""
-    ratio = median(measured) / median(base)
-    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)})"
+    (``higher_is_better``). ``unit`` formats a median. The ratio is that of the two medians,
+    or with ``paired`` the :func:`paired_ratio` (the ratio of the medians shown beside it)."""
+    ratio = paired_ratio(measured, base) if paired else median(measured) / median(base)
+    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)}"
+    shown += f"; ratio of medians {median(measured) / median(base):.2f})" if paired else ")"
     if limit is None:
         return Row(target, shown, f"{ratio:.2f}", "info")
     ok = ratio >= limit if higher_is_better else ratio <= limit
     # A ratio that rounds to its limit is shown with one more digit, so the verdict reads.
     ratio_shown = f"{ratio:.3f}" if f"{ratio:.2f}" == f"{limit:.2f}" and ratio != limit else f"{ratio:.2f}"
     return Row(target, shown, f"{ratio_shown} ({'≥' if higher_is_better else '≤'} {limit:.3g})", verdict(ok))
+
+
+def paired_ratio(measured: Sequence[float], base: Sequence[float]) -> float:
+    """The median of the ratios of the samples taken side by side: the i-th of one side with
+    the i-th of the other, which :func:`interleaved` ran in the same period of its order, a
+    few seconds apart at most. A shared machine's speed drifts over minutes, and a slow
+    minute then slows both members of a pair; the two medians compared instead take their
+    samples from different minutes. (The same code against itself: see docs/performance.md,
+    "Paired ratios".)"""
+    if len(measured) != len(base) or not measured:
+        raise ValueError(f"paired samples must come in pairs: {len(measured)} and {len(base)}")
+    return median([a / b for a, b in zip(measured, base, strict=True)])
 
 
 def count_row(target: str, shown: str, count: int, limit: int) -> Row:
@@ -687,7 +704,7 @@ def pg_startup_row(url: str, run: BuiltRun, rounds: int, budget_s: float, *,
     samples = interleaved(cases, rounds, budget_s)
     return ratio_row(f"PostgreSQL: escalate reserve, whole process @{size_label(run.expected.events)}, "
                      f"against the import floor python -c '{PG_IMPORT_FLOOR}'",
-                     samples["reserve"], samples["floor"], PG_STARTUP_LIMIT)
+                     samples["reserve"], samples["floor"], PG_STARTUP_LIMIT, paired=True)
 
 
 def _pg_startup(pg: PgBench, run: BuiltRun, settings: Settings, rows: list[Row]) -> None:
