@@ -297,11 +297,45 @@ def compare_calls(drivers: list[Driver], runs: dict[str, BuiltRun], rows: list[R
     _progress(rows[-1])
 
 
-def compare_cycles(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]], rounds: Rounds,
-                   rows: list[Row]) -> None:
+CYCLE_GENERATIONS = 8  # fresh pairs of drivers the library cycles are spread over (2 with --quick)
+
+
+def compare_cycles(make_drivers: Callable[[], list[Driver]], sizes: dict[int, dict[str, BuiltRun]],
+                   rounds: Rounds, rows: list[Row], generations: int = CYCLE_GENERATIONS) -> None:
     """One reserve+release through the library, alternating tree and size cycle by cycle:
-    its wall time, and its CPU time (which an fsync slowed by a busy disk does not blur)."""
+    its wall time, and its CPU time (which an fsync slowed by a busy disk does not blur).
+
+    The cycles are spread over ``generations`` pairs of drivers, one started after the other
+    (``make_drivers``: one driver per tree), each taking its share of the rounds: one
+    process's layout in memory makes all its cycles a few percent faster or slower for its
+    whole life, and with one driver a side that luck decided a run (the same code against
+    itself read 0.92–1.06). The samples of all generations are pooled, pairs kept."""
+    samples: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
+    for generation in range(generations):
+        drivers = make_drivers()
+        try:
+            for name, values in _cycle_generation(drivers, sizes, -(-rounds.cycles // generations),
+                                                  rounds.budget_s / generations, generation, cpu).items():
+                samples.setdefault(name, []).extend(values)
+        finally:
+            for driver in drivers:
+                driver.close()
+    working, against = (d.tree.key for d in drivers)
+    for size in sizes:
+        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}", samples[f"{working}@{size}"],
+                              samples[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
+        _progress(rows[-1])
+        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}, CPU time",
+                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
+        _progress(rows[-1])
+
+
+def _cycle_generation(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]], rounds: int,
+                      budget_s: float, generation: int,
+                      cpu: dict[str, list[float]]) -> dict[str, list[float]]:
+    """One generation of :func:`compare_cycles`: each driver opens each size's run (its task
+    ids new to the run) and the cases alternate; their wall times, CPU times into ``cpu``."""
 
     def cycle(driver: Driver, name: str) -> Callable[[], float]:
         def timed() -> float:
@@ -316,18 +350,12 @@ def compare_cycles(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]],
         for driver in drivers:
             name = f"{driver.tree.key}@{size}"
             run = runs[driver.tree.key]
-            print(f"  {driver.tree.label}: opening the {size_label(size)} run …", flush=True)
-            driver.ask(op="open", name=name, where=str(run.runs_dir), run_id=run.run_id, prefix="cycle")
+            if generation == 0:
+                print(f"  {driver.tree.label}: opening the {size_label(size)} run …", flush=True)
+            driver.ask(op="open", name=name, where=str(run.runs_dir), run_id=run.run_id,
+                       prefix=f"cycle-g{generation}")
             cases[name] = cycle(driver, name)
-    samples = interleaved(cases, rounds.cycles, rounds.budget_s)
-    working, against = (d.tree.key for d in drivers)
-    for size in sizes:
-        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}", samples[f"{working}@{size}"],
-                              samples[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
-        _progress(rows[-1])
-        rows.append(ratio_row(f"library: reserve+release @{size_label(size)}, CPU time",
-                              cpu[f"{working}@{size}"], cpu[f"{against}@{size}"], CYCLE_LIMIT, paired=True))
-        _progress(rows[-1])
+    return interleaved(cases, rounds, budget_s, min_rounds=rounds)
 
 
 def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
@@ -508,8 +536,8 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
     if unknown := wanted - set(TARGETS):
         raise SystemExit(f"bench: no target {', '.join(sorted(unknown))} to compare; "
                          f"choose from {', '.join(TARGETS)}")
-    rounds = Rounds(cycles=15 if quick else 101, startup=3 if quick else 21, show=2 if quick else 7,
-                    replay=1 if quick else 7, contention=1 if quick else 9,
+    rounds = Rounds(cycles=15 if quick else 201, startup=3 if quick else 21, show=2 if quick else 7,
+                    replay=1 if quick else 15, contention=1 if quick else 9,
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
     heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
@@ -531,16 +559,16 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
               for size in sizes}
     if "replay" in wanted:
         compare_replay(trees, copies[sizes[-1]], rounds, rows)  # first: it checks the generator's totals
-    if wanted & {"calls", "cycles"}:
+    if "calls" in wanted:
         drivers = [Driver(tree) for tree in trees]
         try:
-            if "calls" in wanted:
-                compare_calls(drivers, copies[sizes[0]], rows)
-            if "cycles" in wanted:
-                compare_cycles(drivers, copies, rounds, rows)
+            compare_calls(drivers, copies[sizes[0]], rows)
         finally:
             for driver in drivers:
                 driver.close()
+    if "cycles" in wanted:
+        compare_cycles(lambda: [Driver(tree) for tree in trees], copies, rounds, rows,
+                       generations=2 if quick else CYCLE_GENERATIONS)
     if "startup" in wanted:
         compare_startup(trees, copies[sizes[0]], rounds, rows)
     if "contention" in wanted:

@@ -335,9 +335,15 @@ class _FakeDriver:
 
     def __init__(self, tree: Any, seconds: float, calls: int, pathlib: int = 0) -> None:
         self.tree, self.seconds, self.calls, self.pathlib = tree, seconds, calls, pathlib
+        self.prefixes: list[str] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def ask(self, **request: Any) -> dict[str, Any]:
         if request["op"] == "open":
+            self.prefixes.append(request["prefix"])
             return {"ok": True}
         if request["op"] == "cycle":
             return {"seconds": self.seconds, "cpu_seconds": self.seconds}
@@ -362,8 +368,16 @@ def _gated(bench: ModuleType, against: ModuleType, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(against, "timed_process", process)
     if target == "cycles":
-        drivers = [_FakeDriver(trees[0], a, 1), _FakeDriver(trees[1], b, 1)]
-        against.compare_cycles(drivers, {1_000: runs, 1_000_000: runs}, rounds, rows)
+        made: list[Any] = []
+
+        def make_drivers() -> list[Any]:
+            made.append([_FakeDriver(trees[0], a, 1), _FakeDriver(trees[1], b, 1)])
+            return made[-1]
+
+        against.compare_cycles(make_drivers, {1_000: runs, 1_000_000: runs}, rounds, rows, generations=3)
+        # Three fresh pairs of drivers, each closed, each opening the runs with task ids of its own.
+        assert len(made) == 3 and all(d.closed for pair in made for d in pair)
+        assert len({d.prefixes[0] for pair in made for d in pair[:1]}) == 3
     elif target == "calls":
         against.compare_calls([_FakeDriver(trees[0], 1, int(a), int(b)), _FakeDriver(trees[1], 1, 239)],
                               runs, rows)
