@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check escalate tests bench
 	$(BIN)/mypy
 
-# Side by side with the revision in bench/baseline.txt: exit 1 when a target is beyond its
+# Side by side with the revision in bench/baseline.txt: fails when a target is beyond its
 # limit (each row shows it; docs/performance.md lists them), the PostgreSQL store on a
 # throwaway server it starts. `bench/run.py` alone checks the fixed thresholds of docs/performance.md.
 bench: $(STAMP)
