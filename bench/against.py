@@ -549,9 +549,10 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
     heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
-               "each row: the median of A vs the median of B (or the import floor), their ratio; "
-               "a row with a limit fails beyond it (issue #20's targets; other hot paths: at most "
-               f"{SLOWER_LIMIT - 1:.0%} slower than B)"]
+               "each row: the median of A vs the median of B (or the import floor), and the median "
+               "of the ratios of their pairs (samples taken side by side; the ratio of the medians "
+               "beside it); a row with a limit fails beyond it (issue #20's targets; other hot "
+               f"paths: at most {SLOWER_LIMIT - 1:.0%} slower than B)"]
     for line in heading:
         print(line, flush=True)
     if wanted <= {"contention"}:  # it makes its own runs
