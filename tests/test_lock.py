@@ -317,6 +317,39 @@ def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
     assert Ledger.open(runs_dir, "r").state().tasks["t"].reserved_micros == 1_000_000
 
 
+def test_a_ctrl_c_that_lands_before_the_caller_sleeps_is_acted_on_at_once_not_at_the_deadline(
+        runs_dir: Path, lock_holder: Any) -> None:
+    """A SIGINT whose handler runs without waking the caller's sleep (it lands just before
+    the caller goes to sleep on its lock; here it is sent to the helper thread, so the
+    caller's sleep is not interrupted, deterministically) raises KeyboardInterrupt within a
+    slice of the wait (SIGNAL_SLICE_S), not when the lock timeout runs out; the helper
+    still lets the lock go when it is granted."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+
+    def interrupt_the_helper() -> None:  # once the caller waits on its queued helper
+        deadline = time.monotonic() + 30
+        while not (queued := [t for t in threading.enumerate()
+                              if t.name == "escalate-lock-waiter" and t not in
+                              {helper.thread for helper in lock._IDLE}]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        signal.pthread_kill(queued[0].ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    with lock_holder(lock_path):
+        sender = threading.Thread(target=interrupt_the_helper)
+        started = time.monotonic()
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            Ledger.open(runs_dir, "r", lock_timeout=20).reserve("t", "1")
+        waited = time.monotonic() - started
+        sender.join()
+    assert waited < 10, f"the caller slept {waited:.1f} s on a Ctrl-C"
+    assert Ledger.open(runs_dir, "r", lock_timeout=30).reserve("t", "1")["status"] == "reserved"
+
+
 def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path: Path) -> None:
     """The caller giving up and the kernel granting the helper race; whichever wins, the
     caller holds the lock exactly when it was told so, and nothing else holds it."""

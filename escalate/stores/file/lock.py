@@ -44,6 +44,10 @@ except ImportError:  # Windows: the polling wait
 # change hands, while eight waiters on two cores still leave the holder most of the CPU.
 FIRST_POLL_S = 0.00005
 MAX_POLL_S = 0.0005
+# The longest a waiting caller sleeps at once. A signal (Ctrl-C) that lands just before the
+# caller goes to sleep on its lock runs its handler only when the sleep ends: in slices, the
+# caller acts on it within this long, not at the deadline.
+SIGNAL_SLICE_S = 0.1
 
 
 def acquire(fd: int, timeout_s: float, *, lock_file: str) -> float:
@@ -189,7 +193,7 @@ class Waiter:
             raise
         try:
             while (left := deadline - time.monotonic()) > 0:
-                if self.wake.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
+                if self.wake.acquire(timeout=min(left, SIGNAL_SLICE_S)):
                     break
         finally:
             with self.decided:
