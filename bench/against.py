@@ -182,6 +182,19 @@ def driver_cpu() -> set[int]:
     return {max(os.sched_getaffinity(0))}
 
 
+def drivers_of(trees: list[Tree]) -> list[Driver]:
+    """One :class:`Driver` per tree; those started are closed if a later one fails to start."""
+    drivers: list[Driver] = []
+    try:
+        for tree in trees:
+            drivers.append(Driver(tree))
+    except BaseException:
+        for driver in drivers:
+            driver.close()
+        raise
+    return drivers
+
+
 class Driver:
     """A tree's ``driver.py serve``: requests answered one JSON line at a time.
 
@@ -211,10 +224,15 @@ class Driver:
         return answer
 
     def close(self) -> None:
-        """End the driver (closing its input ends its loop)."""
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        self.process.wait(timeout=60)
+        """End the driver (closing its input ends its loop; one that does not end within a
+        minute is killed)."""
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            self.process.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
 
 
 def _rate(value: float) -> str:
@@ -322,7 +340,7 @@ def compare_cycles(make_drivers: Callable[[], list[Driver]], sizes: dict[int, di
                                                   rounds.budget_s / generations, generation, cpu).items():
                 samples.setdefault(name, []).extend(values)
         finally:
-            for driver in drivers:
+            for driver in drivers:  # (close() kills a driver that does not end: never raises)
                 driver.close()
     working, against = (d.tree.key for d in drivers)
     for size in sizes:
@@ -549,10 +567,10 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
     heading = [f"A: {trees[0].label}", f"B: {trees[1].label}",
-               "each row: the median of A vs the median of B (or the import floor), and the median "
-               "of the ratios of their pairs (samples taken side by side; the ratio of the medians "
-               "beside it); a row with a limit fails beyond it (issue #20's targets; other hot "
-               f"paths: at most {SLOWER_LIMIT - 1:.0%} slower than B)"]
+               "each row: the median of A vs the median of B (or the import floor); its ratio the "
+               "worse for A of the median of the ratios of their pairs (samples taken side by side) "
+               "and the ratio of the medians, both shown; a row with a limit fails beyond it (issue "
+               f"#20's targets; other hot paths: at most {SLOWER_LIMIT - 1:.0%} slower than B)"]
     for line in heading:
         print(line, flush=True)
     if wanted <= {"contention"}:  # it makes its own runs
@@ -569,14 +587,14 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
     if "replay" in wanted:
         compare_replay(trees, copies[sizes[-1]], rounds, rows)  # first: it checks the generator's totals
     if "calls" in wanted:
-        drivers = [Driver(tree) for tree in trees]
+        drivers = drivers_of(trees)
         try:
             compare_calls(drivers, copies[sizes[0]], rows)
         finally:
             for driver in drivers:
                 driver.close()
     if "cycles" in wanted:
-        compare_cycles(lambda: [Driver(tree) for tree in trees], copies, rounds, rows,
+        compare_cycles(lambda: drivers_of(trees), copies, rounds, rows,
                        generations=2 if quick else CYCLE_GENERATIONS)
     if "startup" in wanted:
         compare_startup(trees, copies[sizes[0]], rounds, rows)

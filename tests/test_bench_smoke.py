@@ -99,14 +99,17 @@ def test_the_bare_replay_reads_every_line_and_adds_up_what_was_spent(bench: Modu
 
 
 def test_a_paired_row_compares_the_samples_taken_side_by_side(bench: ModuleType) -> None:
-    """The gated ratio is the median of the pairs' ratios (the i-th sample of each side,
-    taken in the same period), not the ratio of the two medians: B slowed in two periods
-    where A was not does not make A faster; a side slower in every pair fails."""
+    """A paired row gates on the worse for A of the median of the pairs' ratios (the i-th
+    sample of each side, taken in the same period) and the ratio of the two medians: B slowed
+    in two periods where A was not does not make A faster, nor does the pairing forgive A its
+    own slow periods; a side slower in every pair fails."""
     a, b = [1.0, 1.6, 1.6, 1.0, 1.0], [1.0, 1.6, 1.6, 1.6, 1.6]  # the same but for B's last two
     assert bench.median(a) / bench.median(b) == 0.625
     assert bench.paired_ratio(a, b) == 1.0
     assert bench.ratio_row("t", a, b, 0.9).verdict == "PASS"
     assert bench.ratio_row("t", a, b, 0.9, paired=True).verdict == "FAIL"
+    assert bench.paired_ratio(b, a) == 1.0 and bench.median(b) / bench.median(a) == 1.6
+    assert bench.ratio_row("t", b, a, 1.1, paired=True).verdict == "FAIL"  # A slow where B was not
     slower = [1.11 * x for x in b]  # 11 % slower in every pair
     assert bench.ratio_row("t", slower, b, 1.1, paired=True).verdict == "FAIL"
     assert bench.ratio_row("t", slower, b, 1.12, paired=True).verdict == "PASS"
