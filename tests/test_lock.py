@@ -177,6 +177,16 @@ def test_threads_sharing_one_ledger_take_turns(runs_dir: Path) -> None:
 # ---------------------------------------------------------------------- waiting in the kernel's queue
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Any:
+    """SIGINT raising KeyboardInterrupt in this process, as in a terminal, for the test: a
+    suite started in the background by a shell inherits SIGINT ignored, and Python then
+    installs no handler for it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _lock_descriptors(lock_path: Path) -> int:
     """This process's open descriptors on ``lock_path``."""
     fds = Path("/proc/self/fd")
@@ -279,7 +289,7 @@ def test_the_caller_is_woken_only_once_its_helper_is_idle_again(
 
 @pytest.mark.parametrize("gives_up", ["deadline", "KeyboardInterrupt"])
 def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
-        runs_dir: Path, lock_holder: Any, gives_up: str) -> None:
+        runs_dir: Path, lock_holder: Any, gives_up: str, ctrl_c_raises: None) -> None:
     """The helper thread still queued after the caller gave up takes the lock when the
     holder lets go and releases it at once: no lock held, no descriptor left open, no
     ``flock`` call left waiting (the helper is idle again, kept for the next wait), and the
@@ -318,36 +328,109 @@ def test_a_waiter_that_gave_up_lets_the_lock_go_as_soon_as_it_is_granted(
 
 
 def test_a_ctrl_c_that_lands_before_the_caller_sleeps_is_acted_on_at_once_not_at_the_deadline(
-        runs_dir: Path, lock_holder: Any) -> None:
+        runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch, ctrl_c_raises: None) -> None:
     """A SIGINT whose handler runs without waking the caller's sleep (it lands just before
-    the caller goes to sleep on its lock; here it is sent to the helper thread, so the
-    caller's sleep is not interrupted, deterministically) raises KeyboardInterrupt within a
-    slice of the wait (SIGNAL_SLICE_S), not when the lock timeout runs out; the helper
-    still lets the lock go when it is granted."""
+    the caller goes to sleep on its lock; here it is sent to the helper thread once the
+    caller sleeps, so the caller's sleep is not interrupted, deterministically) raises
+    KeyboardInterrupt within a slice of the wait (SIGNAL_SLICE_S), not when the lock timeout
+    runs out; the helper still lets the lock go when it is granted."""
+    from escalate.stores.file import lock
+
+    Ledger.init(runs_dir, "r", cap="10")
+    lock_path = runs_dir / "r" / "events.ndjson.lock"
+    asleep, handed = threading.Event(), []
+
+    class Wake:  # the caller's wake-up, watched: set once the caller goes to sleep on it
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def acquire(self, **options: Any) -> bool:
+            asleep.set()
+            return bool(self.real.acquire(**options))
+
+        def release(self) -> None:
+            self.real.release()
+
+    class Watched(lock.Waiter):
+        def __init__(self, fd: int) -> None:
+            super().__init__(fd)
+            self.wake = Wake(self.wake)  # type: ignore[assignment]
+
+    real_take = lock._Helper.take
+
+    def take() -> Any:
+        handed.append(real_take())
+        return handed[-1]
+
+    def interrupt_the_helper() -> None:
+        assert asleep.wait(30)
+        signal.pthread_kill(handed[0].thread.ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lock, "Waiter", Watched)
+    monkeypatch.setattr(lock._Helper, "take", staticmethod(take))
+    with lock_holder(lock_path):
+        sender = threading.Thread(target=interrupt_the_helper)
+        started = time.monotonic()
+        sender.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                Ledger.open(runs_dir, "r", lock_timeout=20).reserve("t", "1")
+            waited = time.monotonic() - started
+        finally:
+            sender.join()
+    monkeypatch.undo()
+    assert waited < 10, f"the caller slept {waited:.1f} s on a Ctrl-C"
+    assert Ledger.open(runs_dir, "r", lock_timeout=30).reserve("t", "1")["status"] == "reserved"
+
+
+def test_a_ctrl_c_right_after_the_wait_is_handed_over_leaves_the_helper_its_descriptor(
+        runs_dir: Path, lock_holder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt raised the moment the hand-over to the helper returns (a Ctrl-C
+    landing during it) gives the wait up like one raised while the caller sleeps: the
+    helper, not the caller, closes the duplicate descriptor it was handed, lets the lock go
+    when granted and goes idle again; no descriptor is closed twice."""
     from escalate.stores.file import lock
 
     Ledger.init(runs_dir, "r", cap="10")
     lock_path = runs_dir / "r" / "events.ndjson.lock"
 
-    def interrupt_the_helper() -> None:  # once the caller waits on its queued helper
-        deadline = time.monotonic() + 30
-        while not (queued := [t for t in threading.enumerate()
-                              if t.name == "escalate-lock-waiter" and t not in
-                              {helper.thread for helper in lock._IDLE}]):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        signal.pthread_kill(queued[0].ident, signal.SIGINT)  # type: ignore[arg-type]
+    class Interrupted:  # a helper's request queue whose put is followed by a Ctrl-C
+        def __init__(self, real: Any) -> None:
+            self.real = real
 
-    with lock_holder(lock_path):
-        sender = threading.Thread(target=interrupt_the_helper)
-        started = time.monotonic()
-        sender.start()
-        with pytest.raises(KeyboardInterrupt):
-            Ledger.open(runs_dir, "r", lock_timeout=20).reserve("t", "1")
-        waited = time.monotonic() - started
-        sender.join()
-    assert waited < 10, f"the caller slept {waited:.1f} s on a Ctrl-C"
-    assert Ledger.open(runs_dir, "r", lock_timeout=30).reserve("t", "1")["status"] == "reserved"
+        def put(self, waiter: Any) -> None:
+            self.real.put(waiter)
+            raise KeyboardInterrupt
+
+        def get(self) -> Any:
+            return self.real.get()
+
+    real_take = lock._Helper.take
+
+    def take() -> Any:
+        helper = real_take()
+        if not isinstance(helper.requests, Interrupted):
+            helper.requests = Interrupted(helper.requests)
+        return helper
+
+    try:
+        with lock_holder(lock_path):
+            monkeypatch.setattr(lock._Helper, "take", staticmethod(take))
+            with pytest.raises(KeyboardInterrupt):
+                Ledger.open(runs_dir, "r", lock_timeout=20).reserve("t", "1")
+            monkeypatch.undo()
+            helpers = [t for t in threading.enumerate() if t.name == "escalate-lock-waiter"]
+        deadline = time.monotonic() + 30
+        while len(lock._IDLE) < len(helpers):  # the queued one is granted, lets go, goes idle
+            assert time.monotonic() < deadline, "the helper never came back from the wait it was handed"
+            time.sleep(0.01)
+    finally:
+        for helper in lock._IDLE:  # (the next tests' waits are handed over plainly)
+            if isinstance(helper.requests, Interrupted):
+                helper.requests = helper.requests.real
+    assert all(t.is_alive() for t in helpers)
+    assert _lock_descriptors(lock_path) == 0
+    assert Ledger.open(runs_dir, "r", lock_timeout=0).reserve("t", "1")["status"] == "reserved"
 
 
 def test_a_grant_at_the_deadline_is_either_the_callers_lock_or_released(tmp_path: Path) -> None:

@@ -186,12 +186,15 @@ class Waiter:
         # The helper is handed the wait only now, just before the caller sleeps: woken, it
         # finds the interpreter free rather than waiting for this thread to let go of it.
         try:
-            _Helper.take().requests.put(self)
-        except BaseException:
+            helper = _Helper.take()
+        except BaseException:  # (the wait not handed over: the duplicate is this thread's to close)
             _QUEUED.difference_update((self.caller_fd, self.fd))
             os.close(self.fd)
             raise
         try:
+            # Handed over first thing in here: an exception raised as soon as the put returns
+            # (a Ctrl-C landing during it) finds the wait the helper's, given up below.
+            helper.requests.put(self)
             while (left := deadline - time.monotonic()) > 0:
                 if self.wake.acquire(timeout=min(left, SIGNAL_SLICE_S)):
                     break
