@@ -562,7 +562,7 @@ def run_against(rev: str, name: str | None, sizes: list[int], quick: bool, rows:
     if unknown := wanted - set(TARGETS):
         raise SystemExit(f"bench: no target {', '.join(sorted(unknown))} to compare; "
                          f"choose from {', '.join(TARGETS)}")
-    rounds = Rounds(cycles=15 if quick else 201, startup=3 if quick else 21, show=2 if quick else 7,
+    rounds = Rounds(cycles=15 if quick else 401, startup=3 if quick else 21, show=2 if quick else 7,
                     replay=1 if quick else 15, contention=1 if quick else 9,
                     contention_cycles=10 if quick else 50, budget_s=20 if quick else 90)
     trees = [working_tree(), prepare(rev, name)]
