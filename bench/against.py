@@ -337,7 +337,7 @@ def compare_cycles(make_drivers: Callable[[], list[Driver]], sizes: dict[int, di
         drivers = make_drivers()
         try:
             for name, values in _cycle_generation(drivers, sizes, -(-rounds.cycles // generations),
-                                                  rounds.budget_s / generations, generation, cpu).items():
+                                                  generation, cpu).items():
                 samples.setdefault(name, []).extend(values)
         finally:
             for driver in drivers:  # (close() kills a driver that does not end: never raises)
@@ -353,10 +353,10 @@ def compare_cycles(make_drivers: Callable[[], list[Driver]], sizes: dict[int, di
 
 
 def _cycle_generation(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun]], rounds: int,
-                      budget_s: float, generation: int,
-                      cpu: dict[str, list[float]]) -> dict[str, list[float]]:
+                      generation: int, cpu: dict[str, list[float]]) -> dict[str, list[float]]:
     """One generation of :func:`compare_cycles`: each driver opens each size's run (its task
-    ids new to the run) and the cases alternate; their wall times, CPU times into ``cpu``."""
+    ids new to the run) and the cases alternate, all ``rounds`` of them (no time budget: each
+    generation takes its full share); their wall times, CPU times into ``cpu``."""
 
     def cycle(driver: Driver, name: str) -> Callable[[], float]:
         def timed() -> float:
@@ -376,7 +376,7 @@ def _cycle_generation(drivers: list[Driver], sizes: dict[int, dict[str, BuiltRun
             driver.ask(op="open", name=name, where=str(run.runs_dir), run_id=run.run_id,
                        prefix=f"cycle-g{generation}")
             cases[name] = cycle(driver, name)
-    return interleaved(cases, rounds, budget_s, min_rounds=rounds)
+    return interleaved(cases, rounds, 0.0, min_rounds=rounds)
 
 
 def compare_startup(trees: list[Tree], runs: dict[str, BuiltRun], rounds: Rounds, rows: list[Row]) -> None:
@@ -475,8 +475,8 @@ def contention_rows(what: str, ops_s: dict[str, list[float]], worst_op_s: dict[s
     """The contention rows from each round's ops/s and worst single operation, per tree.
 
     The worst operation is held to :data:`CONTENTION_WORST_LIMIT` times the other tree's as
-    the median over rounds of each round's worst over the other tree's worst in the same
-    period (:func:`~run.paired_ratio`), like every other row: the worst of all
+    the median over rounds of each round's worst (the worse for A of the pairs' and the
+    medians' ratio, :func:`~run.ratio_row`), like every other row: the worst of all
     rounds together is one sample in some 8,000, and moved from 1.06 to 2.83 times 0.1.0's
     between runs of the same code. That worst of all rounds is shown beside it."""
     worst_all = {key: max(worst_op_s[key]) for key in (working, against)}

@@ -346,14 +346,13 @@ def ratio_row(target: str, measured: list[float], base: list[float], limit: floa
     pair's two samples ran after different cases, which can favour either side, and a median
     of ratios barely moves when only some of A's operations slow down; the worse of the two
     statistics is never kinder to A than the ratio of the medians alone."""
-    of_medians = median(measured) / median(base)
-    ratio = of_medians
-    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)})"
+    ratio = of_medians = median(measured) / median(base)
+    shown = f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)}"
     if paired:
         pairs = paired_ratio(measured, base)
         ratio = min(pairs, of_medians) if higher_is_better else max(pairs, of_medians)
-        shown = (f"{unit(median(measured))} vs {unit(median(base))} (n={len(measured)}; "
-                 f"pairs {pairs:.2f}, medians {of_medians:.2f})")
+        shown += f"; pairs {pairs:.2f}, medians {of_medians:.2f}"
+    shown += ")"
     if limit is None:
         return Row(target, shown, f"{ratio:.2f}", "info")
     ok = ratio >= limit if higher_is_better else ratio <= limit
